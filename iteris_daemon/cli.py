@@ -1,0 +1,200 @@
+"""Command line: ``iteris-daemon merge``, ``plugins`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import IterisError
+
+log = logging.getLogger("iteris_daemon")
+
+MERGE_EPILOG = """\
+examples:
+  iteris-daemon merge --base-model ./minilm --adapter loras/sst2 --adapter loras/news=news.jsonl --out merged
+  iteris-daemon merge --base-model gpt2 --adapter a --adapter b --strategy ties --param density=0.3 --out m
+
+calibration data (JSON Lines, one {"text": ...} object per line, optional "target" for
+encoder-decoder models) comes from DIR=FILE when given, else DIR/calibration.jsonl.
+Strategy parameters: `iteris-daemon plugins --params STRATEGY`.
+The merged adapter is a standard PEFT LoRA folder (load it with PeftModel.from_pretrained);
+merge_report.json beside it records inputs, parameters, timings and per-task quality."""
+
+
+def _adapter_spec(value: str):
+    from .merge import AdapterSpec
+
+    path, sep, calibration = value.rpartition("=")
+    if sep and path and calibration:
+        return AdapterSpec(Path(path), Path(calibration))
+    return AdapterSpec(Path(value))
+
+
+def _param(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        parsed = raw  # a bare string
+    return key.strip(), parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iteris-daemon",
+        description="Merge many task LoRA adapters into one unified adapter with IterIS.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge adapters once and write a PEFT adapter folder",
+        description="Merge LoRA adapters of one base model into one PEFT LoRA adapter.",
+        epilog=MERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("--base-model", required=True, metavar="PATH_OR_ID", help="base model folder or Hub id")
+    merge.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        type=_adapter_spec,
+        metavar="DIR[=CALIBRATION.jsonl]",
+        help="a PEFT LoRA folder (safetensors), optionally with its calibration file; repeat per adapter",
+    )
+    merge.add_argument("--strategy", default="iteris", help="merge strategy (default: iteris; see `plugins`)")
+    merge.add_argument(
+        "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
+        help="strategy parameter; VALUE is JSON when it parses (3, 0.1, true, [1,2]) else a string",
+    )
+    merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output adapter folder")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
+    merge.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    merge.add_argument(
+        "--modules-to-save-rule", default="agree", metavar="RULE",
+        help="adapters with modules_to_save (heads): 'agree' (must be identical, default), 'average', or an adapter name",
+    )
+    merge.add_argument("--no-eval", action="store_true", help="skip the per-task alignment loss / fidelity evaluation")
+    merge.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
+    )
+    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    plugins = commands.add_parser("plugins", help="list loaded plugins, strategies and their parameters")
+    plugins.add_argument("--params", metavar="STRATEGY", help="show one strategy's parameters")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train three small task adapters on all-MiniLM-L6-v2 and merge them (offline, a few minutes)",
+        description="Build demo task adapters (cached) and merge them with IterIS and task arithmetic.",
+    )
+    demo.add_argument("--workdir", type=Path, default=Path("demo"), help="where adapters and merges go (default: ./demo)")
+    demo.add_argument("--strategy", default="iteris", help="strategy to demo (default: iteris)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return {"merge": _merge, "plugins": _plugins, "demo": _demo}[args.command](args)
+    except IterisError as exc:
+        print(f"iteris-daemon: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _merge(args) -> int:
+    from .merge import MergeRequest, run_merge
+
+    params = dict(args.param)
+    report = run_merge(
+        MergeRequest(
+            base_model=args.base_model,
+            adapters=args.adapter,
+            out=args.out,
+            strategy=args.strategy,
+            params=params,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            modules_to_save_rule=args.modules_to_save_rule,
+            overwrite=args.overwrite,
+            evaluate=not args.no_eval,
+            quiet=args.quiet,
+        )
+    )
+    print(summarize(report, args.out))
+    return 0
+
+
+def summarize(report: dict, out: Path) -> str:
+    lines = [
+        f"merged {len(report['inputs'])} adapters with {report['strategy']} in {report['merge_seconds']:.1f}s "
+        f"({report['iterations_run']} iterations, peak RSS {report['peak_memory_mb']:.0f} MB) -> {out}",
+    ]
+    if report["tasks"]:
+        lines.append(f"{'task':24} {'alignment loss (first -> last)':>32} {'fidelity gap':>13}")
+        for name, figures in report["tasks"].items():
+            loss = figures["alignment_loss"]
+            trend = f"{loss[0]:.4f} -> {loss[-1]:.4f}" if len(loss) > 1 else f"{loss[-1]:.4f}"
+            lines.append(f"{name:24} {trend:>32} {figures['fidelity_gap']:>13.4f}")
+    return "\n".join(lines)
+
+
+def _plugins(args) -> int:
+    from .plugin_manager import get_strategy, plugin_names, strategies
+
+    if args.params:
+        strategy = get_strategy(args.params)
+        fields = strategy.Params.model_fields
+        rows = [
+            {"name": n, "type": _type_name(f.annotation), "default": f.default, "help": f.description or ""}
+            for n, f in fields.items()
+        ]
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+        else:
+            print(f"{strategy.name}: {strategy.description}")
+            for row in rows:
+                print(f"  {row['name']:20} {row['type']:22} default={row['default']!r:10} {row['help']}")
+        return 0
+    loaded = plugin_names()
+    found = strategies()
+    if args.json:
+        print(json.dumps({
+            "plugins": [{"name": n, "origin": o} for n, o in loaded],
+            "strategies": [{"name": s.name, "description": s.description, "needs_calibration": s.needs_calibration} for s in found.values()],
+        }, indent=2))
+        return 0
+    print("plugins:")
+    for name, origin in loaded:
+        print(f"  {name:24} {origin}")
+    print("strategies:")
+    for strategy in found.values():
+        print(f"  {strategy.name:24} {strategy.description}")
+    return 0
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, args.strategy)

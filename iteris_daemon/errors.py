@@ -1,0 +1,54 @@
+"""Typed errors. Each names the file, adapter or field at fault, so the CLI can print
+one clear line and exit non-zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class IterisError(Exception):
+    """Base class for every error the user can fix by changing their input."""
+
+
+class AdapterError(IterisError):
+    """An adapter folder is missing, unreadable, pickled, or inconsistent."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class CalibrationError(IterisError):
+    """Calibration data is missing, malformed or empty."""
+
+    def __init__(self, path: str | Path, reason: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+class IncompatibleAdaptersError(IterisError):
+    """Adapters that cannot be merged together (different base models, task types, heads)."""
+
+
+class ParameterError(IterisError):
+    """A strategy parameter is unknown or out of range."""
+
+
+class UnknownStrategyError(IterisError):
+    """No loaded plugin provides the requested strategy."""
+
+
+class MergeError(IterisError):
+    """The merge ran but produced something unusable (e.g. non-finite weights)."""
+
+
+class OutputExistsError(IterisError):
+    """The output folder already holds something and overwriting was not asked for."""
+
+
+class BaseModelError(IterisError):
+    """The base model cannot be loaded (missing folder, unknown id, offline)."""

@@ -1,0 +1,212 @@
+"""PEFT LoRA adapter I/O: read and validate an adapter folder, write a merged one.
+
+Only ``adapter_model.safetensors`` is ever read: a pickled ``adapter_model.bin`` is
+refused before anything touches it, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin")
+KEY_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+# Config features whose weights are not a plain ``B @ A`` delta on a linear layer.
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA adapters (use_dora=true) are not plain low-rank deltas",
+    "lora_bias": "adapters with trained LoRA biases (lora_bias=true) are not supported",
+    "layer_replication": "layer_replication changes the model's structure",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
+    "megatron_config": "Megatron-parallel LoRA layers are not supported",
+    "use_qalora": "QA-LoRA adapters are not supported",
+}
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear layer: ``delta W = scaling * B @ A`` with A (r, d_in), B (d_out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.B.double() @ self.A.double())
+
+
+@dataclass
+class LoraAdapter:
+    """A loaded, self-consistent PEFT LoRA adapter (not yet checked against a base model)."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]
+    modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
+    content_sha256: str = ""
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
+    """The rank and the scaling PEFT applies to ``module`` under ``config``."""
+    rank = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    if rank <= 0:
+        raise ValueError(f"rank of {module} must be positive, got {rank}")
+    denominator = math.sqrt(rank) if config.get("use_rslora") else rank
+    return rank, alpha / denominator
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(path, f"no {CONFIG_NAME} (not a PEFT adapter folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(config_path, f"invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(config_path, "must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(config_path, f"peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(config_path, f"{key} must be a positive number, got {value!r}")
+    for flag, reason in _UNSUPPORTED_FLAGS.items():
+        if config.get(flag):
+            raise AdapterError(config_path, reason)
+    return config
+
+
+def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Read and check a PEFT LoRA folder; raise :class:`AdapterError` naming what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(path, "adapter folder does not exist")
+    config = read_adapter_config(path)
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickled = [n for n in PICKLED_NAMES if (path / n).exists()]
+        if pickled:
+            raise AdapterError(
+                path / pickled[0],
+                "pickled weights are refused (never loaded); convert the adapter to safetensors",
+            )
+        raise AdapterError(path, f"no {WEIGHTS_NAME}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except Exception as exc:  # safetensors raises several untyped errors for bad files
+        raise AdapterError(weights_path, f"unreadable safetensors file: {exc}") from None
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    modules_to_save: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["part"]] = tensor
+        elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
+            modules_to_save[key[len(KEY_PREFIX):]] = tensor
+        else:
+            raise AdapterError(weights_path, f"unexpected tensor {key!r}")
+    if not parts:
+        raise AdapterError(weights_path, "holds no LoRA tensors")
+
+    modules: dict[str, LoraModule] = {}
+    for module, pair in sorted(parts.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(weights_path, f"{module} has lora_{'A' if 'A' not in pair else 'B'} missing")
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                weights_path,
+                f"{module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a (r, d_in) / (d_out, r) pair",
+            )
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise AdapterError(weights_path, f"{module}: LoRA weights must be floating point")
+        rank, scaling = module_scaling(config, module)
+        if A.shape[0] != rank:
+            raise AdapterError(
+                weights_path, f"{module}: lora_A has rank {A.shape[0]} but the config says r={rank}"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(weights_path, f"{module}: weights contain NaN or Inf")
+        modules[module] = LoraModule(A=A.float(), B=B.float(), scaling=scaling)
+
+    return LoraAdapter(
+        name=name or path.name,
+        path=path,
+        config=config,
+        modules=modules,
+        modules_to_save=modules_to_save,
+        content_sha256=sha256_file(weights_path),
+    )
+
+
+def save_adapter(
+    out: Path,
+    config: dict[str, Any],
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    modules_to_save: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a PEFT LoRA folder. ``modules`` maps module path to (B, A) with scaling 1
+    as encoded in ``config`` (``lora_alpha == r`` per module)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (B, A) in modules.items():
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = A.contiguous()
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = B.contiguous()
+    for key, tensor in (modules_to_save or {}).items():
+        tensors[f"{KEY_PREFIX}{key}"] = tensor.contiguous()
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

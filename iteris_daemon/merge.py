@@ -1,0 +1,247 @@
+"""One merge, start to finish: load and check inputs, run a strategy, evaluate, and
+write a PEFT adapter folder plus ``merge_report.json``.
+
+Everything that can be wrong with the input is checked before the (slow) model
+load, and the output is written to a temporary folder that is renamed into place
+only once complete: bad input never leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationSet
+from .errors import CalibrationError, IncompatibleAdaptersError, MergeError, OutputExistsError
+from .evaluation import evaluate
+from .lora import LoraAdapter, load_adapter, save_adapter
+from .lowrank import refactor
+from .model import BaseModel
+from .plugin_manager import get_plugin_manager, get_strategy
+from .strategy import MergeInputs, parse_params
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "merge_report.json"
+
+
+@dataclass
+class AdapterSpec:
+    path: Path
+    calibration: Path | None = None
+
+
+@dataclass
+class MergeRequest:
+    base_model: str
+    adapters: list[AdapterSpec]
+    out: Path
+    strategy: str = "iteris"
+    params: dict[str, Any] | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    modules_to_save_rule: str = "agree"
+    overwrite: bool = False
+    evaluate: bool = True
+    eval_batch_size: int = 16
+    eval_max_length: int = 128
+    quiet: bool = False
+
+
+def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
+    adapters = [load_adapter(spec.path) for spec in specs]
+    counts = Counter(a.name for a in adapters)
+    for index, adapter in enumerate(adapters):
+        if counts[adapter.name] > 1:  # two folders with the same name: keep reports unambiguous
+            adapter.name = f"{adapter.name}#{index}"
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        listing = ", ".join(f"{a.name}: {a.base_model}" for a in adapters)
+        raise IncompatibleAdaptersError(f"adapters were trained on different base models ({listing})")
+    return adapters
+
+
+def gather_calibration(adapters: list[LoraAdapter], specs: list[AdapterSpec], required: bool) -> list[CalibrationSet | None]:
+    """Ask the calibration-source plugins, in order, for each adapter's inputs."""
+    hook = get_plugin_manager().hook
+    files = {a.name: spec.calibration for a, spec in zip(adapters, specs) if spec.calibration}
+    found = []
+    for adapter in adapters:
+        data = hook.calibration_for(adapter=adapter, options={"files": files})
+        if data is None and required:
+            raise CalibrationError(
+                adapter.path,
+                f"no calibration data for adapter {adapter.name}: add calibration.jsonl to the folder "
+                "or pass --adapter DIR=FILE.jsonl",
+            )
+        found.append(data)
+    return found
+
+
+def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tensor]:
+    """Resolve ``modules_to_save`` (heads, embeddings) across adapters.
+
+    ``agree``: all adapters carry identical tensors (or none); ``average``: the mean;
+    any other value names the adapter whose modules are taken.
+    """
+    heads = [a.modules_to_save for a in adapters]
+    if not any(heads):
+        return {}
+    names = {a.name: a for a in adapters}
+    if rule == "average":
+        keys = set(heads[0])
+        if any(set(h) != keys for h in heads):
+            raise IncompatibleAdaptersError("cannot average modules_to_save: adapters save different modules")
+        return {k: torch.stack([h[k].float() for h in heads]).mean(0).to(heads[0][k].dtype) for k in keys}
+    if rule in names:
+        return dict(names[rule].modules_to_save)
+    if rule != "agree":
+        raise IncompatibleAdaptersError(
+            f"unknown modules_to_save rule {rule!r}: use agree, average, or an adapter name ({', '.join(names)})"
+        )
+    first = heads[0]
+    agree = all(set(h) == set(first) and all(torch.equal(h[k], first[k]) for k in first) for h in heads)
+    if not agree:
+        raise IncompatibleAdaptersError(
+            "adapters carry different modules_to_save (e.g. classifier heads); choose a rule with "
+            "--modules-to-save-rule average|ADAPTER_NAME"
+        )
+    return dict(first)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise OutputExistsError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
+
+
+def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict) -> dict:
+    """A config under which PEFT applies each (B, A) with scaling exactly 1."""
+    from peft import LoraConfig
+
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {_escape(p): r for p, r in ranks.items() if r != rank}
+    first = adapters[0].config
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern=pattern,
+        alpha_pattern={k: v for k, v in pattern.items()},
+        target_modules=sorted(ranks),
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+        lora_dropout=0.0,
+        bias="none",
+        task_type=first.get("task_type"),
+        modules_to_save=first.get("modules_to_save") if head else None,
+        base_model_name_or_path=request.base_model,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        return json.loads((Path(tmp) / "adapter_config.json").read_text())
+
+
+def _escape(path: str) -> str:
+    return path.replace(".", r"\.")
+
+
+def run_merge(request: MergeRequest) -> dict[str, Any]:
+    """Merge ``request.adapters`` into ``request.out``; return the report that is also written."""
+    started = time.perf_counter()
+    progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
+    strategy = get_strategy(request.strategy)
+    params = parse_params(strategy, request.params or {})
+    _prepare_out(request.out, request.overwrite)
+    adapters = load_adapters(request.adapters)
+    calibration = gather_calibration(adapters, request.adapters, required=strategy.needs_calibration)
+    samples = getattr(params, "samples_per_task", None)
+    calibration = [c.head(samples) if c is not None else None for c in calibration]
+    head = merged_head(adapters, request.modules_to_save_rule)
+
+    log.info("loading base model %s", request.base_model)
+    base = BaseModel(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code)
+    for adapter in adapters:
+        base.check_adapter(adapter)
+
+    log.info("merging %d adapters with %s", len(adapters), strategy.name)
+    merge_started = time.perf_counter()
+    result = strategy.merge(MergeInputs(base, adapters, calibration, request.device), params, progress)
+    merge_seconds = time.perf_counter() - merge_started
+
+    modules, ranks, truncation = {}, {}, {}
+    for path, (B, A) in result.modules.items():
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
+        d_out, d_in = B.shape[0], A.shape[1]
+        if A.shape[0] > min(d_out, d_in):  # the same delta fits in a smaller rank, exactly
+            B, A, truncation[path] = refactor(B, A, min(d_out, d_in))
+        modules[path] = (B.float().cpu(), A.float().cpu())
+        ranks[path] = A.shape[0]
+
+    per_task: dict[str, dict[str, Any]] = {}
+    if request.evaluate and all(c is not None for c in calibration):
+        batch_size = getattr(params, "batch_size", request.eval_batch_size)
+        max_length = getattr(params, "max_length", request.eval_max_length)
+        per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress)
+    history = result.metrics.pop("alignment_loss", {})
+    for name, figures in per_task.items():
+        figures["alignment_loss"] = [*history.get(name, []), figures["alignment_loss"]]
+
+    report = {
+        "strategy": strategy.name,
+        "params": params.model_dump(mode="json"),
+        "base_model": request.base_model,
+        "inputs": [
+            {
+                "name": a.name,
+                "path": str(a.path),
+                "sha256": a.content_sha256,
+                "ranks": sorted({m.rank for m in a.modules.values()}),
+                "calibration": None if c is None else {"source": c.source, "samples": len(c.samples), "sha256": c.fingerprint()},
+            }
+            for a, c in zip(adapters, calibration)
+        ],
+        "iterations_run": result.metrics.get("iterations_run", 0),
+        "merge_seconds": round(merge_seconds, 3),
+        "total_seconds": None,
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks)},
+        "rank_cap_error": max(truncation.values(), default=0.0),
+        "tasks": per_task,
+        "metrics": result.metrics,
+    }
+    config = _peft_config(request, adapters, ranks, head)
+    _write_atomically(request.out, config, modules, head, report, started)
+    return report
+
+
+def _write_atomically(out: Path, config, modules, head, report, started) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_adapter(staging, config, modules, head)
+        report["total_seconds"] = round(time.perf_counter() - started, 3)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(out, trash)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

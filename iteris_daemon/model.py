@@ -1,0 +1,280 @@
+"""The base model at run time: loading, shape checks, and a hook-based LoRA runtime.
+
+Instead of stacking N adapters in PEFT, one forward hook per targeted layer adds
+whichever low-rank delta is active (task i's own, or the current merge) and, when
+asked, hands the layer's input rows to a recorder. Swapping the active delta is a
+dict assignment, so the same loaded model serves every task and every iteration.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationSet
+from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError
+from .lora import LoraAdapter
+
+try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _auto_class(task_type: str | None):
+    import transformers as tf
+
+    classes = {
+        None: tf.AutoModel,
+        "FEATURE_EXTRACTION": tf.AutoModel,
+        "SEQ_CLS": tf.AutoModelForSequenceClassification,
+        "TOKEN_CLS": tf.AutoModelForTokenClassification,
+        "QUESTION_ANS": tf.AutoModelForQuestionAnswering,
+        "CAUSAL_LM": tf.AutoModelForCausalLM,
+        "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
+    }
+    if task_type not in classes:
+        raise IncompatibleAdaptersError(f"unsupported PEFT task_type {task_type!r}")
+    return classes[task_type]
+
+
+def _head_labels(adapters: list[LoraAdapter]) -> int | None:
+    """Classifier heads travel as ``modules_to_save``; their output width is the label count."""
+    widths = [t.shape[0] for a in adapters for k, t in a.modules_to_save.items() if t.ndim == 2]
+    return min(widths) if widths else None
+
+
+@dataclass
+class Delta:
+    """A low-rank delta ``scaling * B @ A`` installed on one layer."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float = 1.0
+
+
+Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real (non-padding) rows of a layer input or output, as (n, features).
+
+    Token-level tensors (batch, seq, d) are masked; tensors with one vector per
+    sequence (a BERT pooler's (batch, d)) have no padding and are kept whole.
+    """
+    if mask is not None:
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.bool()]
+        if x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
+            return x[mask.reshape(-1).bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+class BaseModel:
+    """A loaded base model plus the runtime that applies LoRA deltas to it."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        adapters: list[LoraAdapter],
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoTokenizer
+
+        task_types = {a.task_type for a in adapters}
+        if len(task_types) > 1:
+            raise IncompatibleAdaptersError(f"adapters have different task types: {sorted(map(str, task_types))}")
+        self.task_type = task_types.pop() if task_types else None
+        kwargs: dict = {"trust_remote_code": trust_remote_code}
+        labels = _head_labels(adapters)
+        if labels is not None and self.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+            kwargs["num_labels"] = labels
+        self.name_or_path = name_or_path
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        try:
+            self.model = _auto_class(self.task_type).from_pretrained(name_or_path, dtype=self.dtype, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
+        self.model.to(self.device).eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "right"
+        self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        self._forward_args = set(inspect.signature(self.model.forward).parameters)
+        self._modules = dict(self.model.named_modules())
+        self._base_params = {}
+        self.deltas: dict[str, Delta] = {}
+        self.recorder: Recorder | None = None
+        self._mask: torch.Tensor | None = None
+        self._masks: dict[str, torch.Tensor | None] = {}
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ layers
+    def layer(self, path: str) -> nn.Module:
+        module = self._modules.get(path)
+        if module is None:
+            raise KeyError(path)
+        return module
+
+    def weight(self, path: str) -> torch.Tensor:
+        """The base weight as (d_out, d_in), whatever the layer's storage convention."""
+        module = self.layer(path)
+        if isinstance(module, nn.Linear):
+            return module.weight.detach()
+        if Conv1D and isinstance(module, Conv1D):
+            return module.weight.detach().T
+        raise TypeError(f"{path} is a {type(module).__name__}, not a linear layer")
+
+    def check_adapter(self, adapter: LoraAdapter) -> None:
+        """Every LoRA tensor must sit on a linear layer of this model with matching shapes."""
+        where = adapter.path / "adapter_model.safetensors"
+        for path, module in adapter.modules.items():
+            layer = self._modules.get(path)
+            if layer is None:
+                raise AdapterError(where, f"targets {path}, which this base model ({self.name_or_path}) does not have")
+            is_conv1d = bool(Conv1D) and isinstance(layer, Conv1D)
+            if not isinstance(layer, nn.Linear) and not is_conv1d:
+                raise AdapterError(where, f"{path} is a {type(layer).__name__}; only Linear/Conv1D LoRA can be merged")
+            d_out, d_in = self.weight(path).shape
+            if module.A.shape[1] != d_in or module.B.shape[0] != d_out:
+                raise AdapterError(
+                    where,
+                    f"{path}: LoRA delta is {module.B.shape[0]}x{module.A.shape[1]} but the base layer is {d_out}x{d_in}",
+                )
+            if is_conv1d != adapter.fan_in_fan_out:
+                raise AdapterError(where, f"fan_in_fan_out={adapter.fan_in_fan_out} does not match {path}")
+        for key, tensor in adapter.modules_to_save.items():
+            try:
+                param = self.model.get_parameter(key)
+            except AttributeError:
+                raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model") from None
+            if param.shape != tensor.shape:
+                raise AdapterError(where, f"{key} is {tuple(tensor.shape)}, base model has {tuple(param.shape)}")
+
+    # ----------------------------------------------------------------- runtime
+    def attach(self, paths: Iterable[str]) -> None:
+        """Install one forward hook per targeted layer (idempotent per call)."""
+        self.detach()
+        for path in sorted(set(paths)):
+            self._hooks.append(self.layer(path).register_forward_hook(self._hook(path)))
+        for stack_name in ("get_encoder", "get_decoder"):
+            if self.is_encoder_decoder and hasattr(self.model, stack_name):
+                stack = getattr(self.model, stack_name)()
+                key = "encoder" if stack_name == "get_encoder" else "decoder"
+                self._hooks.append(stack.register_forward_pre_hook(self._stack_hook(key)))
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _stack_hook(self, key: str):
+        def hook(_module, _args):
+            self._mask = self._masks.get(key)
+
+        return hook
+
+    def _hook(self, path: str):
+        def hook(_module, args, output):
+            x = args[0]
+            delta = self.deltas.get(path)
+            if delta is not None:
+                h = x.to(delta.A.dtype) @ delta.A.T
+                output = output + (delta.scaling * (h @ delta.B.T)).to(output.dtype)
+            if self.recorder is not None:
+                self.recorder(path, token_rows(x, self._mask), token_rows(output, self._mask))
+            return output
+
+        return hook
+
+    def set_deltas(self, deltas: dict[str, Delta]) -> None:
+        self.deltas = {
+            path: Delta(d.A.to(self.device, self.dtype), d.B.to(self.device, self.dtype), d.scaling)
+            for path, d in deltas.items()
+        }
+
+    def set_head(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load ``modules_to_save`` tensors (task heads); missing keys go back to the base."""
+        with torch.no_grad():
+            for key in set(tensors) | set(self._base_params):
+                param = self.model.get_parameter(key)
+                if key not in self._base_params:
+                    self._base_params[key] = param.detach().clone()
+                param.copy_(tensors.get(key, self._base_params[key]))
+
+    # ------------------------------------------------------------------ inputs
+    def batches(self, data: CalibrationSet, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+        """Tokenised, right-padded batches, sorted by length to waste little on padding.
+
+        The order is deterministic, so rows of every pass over the same data line up:
+        the same token sits at the same row for the task model and for the merge.
+        """
+        order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
+        batches = []
+        for start in range(0, len(order), batch_size):
+            chunk = [data.samples[i] for i in order[start : start + batch_size]]
+            batches.append(self._encode(chunk, max_length))
+        return batches
+
+    def _encode(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            [s.text for s in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        batch = {k: v for k, v in encoded.items() if k in self._forward_args}
+        if "token_type_ids" in batch and not getattr(self.model.config, "type_vocab_size", 0):
+            del batch["token_type_ids"]
+        if self.is_encoder_decoder:
+            batch.update(self._decoder_inputs(chunk, max_length))
+        return batch
+
+    def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
+        """Teacher forcing: the decoder reads ``<start> + target[:-1]`` (start token only without a target)."""
+        start = self.model.config.decoder_start_token_id
+        if start is None:
+            start = self.tokenizer.pad_token_id
+        targets = [s.target or "" for s in chunk]
+        labels = self.tokenizer(targets, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = labels["input_ids"], labels["attention_mask"]
+        width = max(1, ids.shape[1])
+        decoder_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        decoder_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        decoder_ids[:, 0] = start
+        decoder_mask[:, 0] = 1
+        if ids.shape[1] > 1:
+            decoder_ids[:, 1:] = ids[:, :-1]
+            decoder_mask[:, 1:] = mask[:, :-1]
+        decoder_ids[decoder_mask == 0] = self.tokenizer.pad_token_id
+        return {"decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
+
+    def output_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return batch.get("decoder_attention_mask") if self.is_encoder_decoder else batch.get("attention_mask")
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run one batch (teacher-forced) and return the model's first output (hidden states or logits)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        self._masks = {
+            "encoder": batch.get("attention_mask"),
+            "decoder": batch.get("decoder_attention_mask"),
+        }
+        self._mask = self.output_mask(batch) if not self.is_encoder_decoder else self._masks["encoder"]
+        out = self.model(**batch, use_cache=False) if "use_cache" in self._forward_args else self.model(**batch)
+        return out[0]
+
+    def run(self, batches: list[dict[str, torch.Tensor]], recorder: Recorder | None = None) -> Iterator[torch.Tensor]:
+        self.recorder = recorder
+        try:
+            for batch in batches:
+                yield self.forward(batch)
+        finally:
+            self.recorder = None

@@ -1,0 +1,55 @@
+"""The one place the plugin manager is built. Built-in plugins arrive through the
+``iteris_daemon`` entry-point group like any third-party package's."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pluggy
+
+from . import hookspecs
+from .errors import UnknownStrategyError
+from .strategy import MergeStrategy
+
+
+@cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    return manager
+
+
+def strategies(manager: pluggy.PluginManager | None = None) -> dict[str, MergeStrategy]:
+    """All registered strategies by name; a later plugin may not silently replace a name."""
+    manager = manager or get_plugin_manager()
+    found: dict[str, MergeStrategy] = {}
+
+    def register(strategy: MergeStrategy) -> None:
+        if strategy.name in found:
+            raise ValueError(f"two plugins register a strategy named {strategy.name!r}")
+        found[strategy.name] = strategy
+
+    manager.hook.register_strategies(register=register)
+    return found
+
+
+def get_strategy(name: str, manager: pluggy.PluginManager | None = None) -> MergeStrategy:
+    available = strategies(manager)
+    if name not in available:
+        raise UnknownStrategyError(f"unknown strategy {name!r}; available: {', '.join(sorted(available))}")
+    return available[name]
+
+
+def plugin_names(manager: pluggy.PluginManager | None = None) -> list[tuple[str, str]]:
+    """(name, origin) of every loaded plugin, for ``iteris-daemon plugins``."""
+    manager = manager or get_plugin_manager()
+    dists = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
+    rows = []
+    for name, plugin in manager.list_name_plugin():
+        if plugin is hookspecs or name is None:
+            continue
+        dist = dists.get(id(plugin))
+        origin = f"{dist.project_name} {dist.version}" if dist else "registered at run time"
+        rows.append((name, origin))
+    return rows

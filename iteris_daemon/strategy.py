@@ -1,0 +1,80 @@
+"""What a merge strategy receives and returns. Strategies are registered by plugins
+through the ``register_strategies`` hook (see :mod:`iteris_daemon.hookspecs`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .calibration import CalibrationSet
+from .errors import ParameterError
+from .lora import LoraAdapter
+from .model import BaseModel as LoadedModel
+
+Progress = Callable[..., Any]
+"""A ``tqdm``-like factory: ``progress(total=n, desc=...)`` returns a bar with ``update()``."""
+
+
+class StrategyParams(BaseModel):
+    """Base for strategy parameter models: unknown keys are an error, not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class MergeInputs:
+    """Everything a strategy may use. ``calibration[i]`` belongs to ``adapters[i]``."""
+
+    base: LoadedModel
+    adapters: list[LoraAdapter]
+    calibration: list[CalibrationSet]
+    device: str = "cpu"
+
+
+@dataclass
+class MergedAdapter:
+    """The result: per layer a (B, A) pair whose product is the merged delta (scaling 1)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class MergeStrategy(Protocol):
+    name: ClassVar[str] | str
+    description: ClassVar[str] | str
+    Params: ClassVar[type[StrategyParams]]
+    needs_calibration: ClassVar[bool] | bool
+
+    def merge(self, inputs: MergeInputs, params: StrategyParams, progress: Progress) -> MergedAdapter: ...
+
+
+def parse_params(strategy: MergeStrategy, raw: dict[str, Any]) -> StrategyParams:
+    """Validate ``raw`` against the strategy's parameter model, with a one-line error."""
+    try:
+        return strategy.Params(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ParameterError(f"strategy {strategy.name!r}: {problems}") from None
+
+
+def task_arithmetic_factors(
+    adapters: list[LoraAdapter], weights: list[float]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact ``sum_i w_i s_i B_i A_i`` as one LoRA: B and A concatenated along the rank."""
+    paths = sorted({p for a in adapters for p in a.modules})
+    out = {}
+    for path in paths:
+        Bs, As = [], []
+        for adapter, weight in zip(adapters, weights):
+            module = adapter.modules.get(path)
+            if module is not None:
+                Bs.append(module.B * (weight * module.scaling))
+                As.append(module.A)
+        out[path] = (torch.cat(Bs, dim=1), torch.cat(As, dim=0))
+    return out

