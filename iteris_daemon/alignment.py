@@ -192,25 +192,35 @@ def align(
 
 
 def _fold_task(i, recorder, layers, paths, base_weights, options, user_weight, first, M, rhs) -> None:
-    """Add task i's Gram (weighted, regularised) to M and its rows to the right-hand side."""
+    """Add task i's pass to every layer's running system (then its Gram can be dropped)."""
     for p in paths:
         info = layers[p][i]
         G = recorder.G.get(p)
         if G is None:
             continue
-        G = G.double()
         if first:
             info.weight = user_weight * (_adaptive_weight(info, base_weights[p]) if options.adaptive_weights else 1.0)
-        norm = float(torch.linalg.matrix_norm(G))
-        if options.offdiag_scale != 1.0:
-            G = options.offdiag_scale * G + (1 - options.offdiag_scale) * torch.diag(torch.diagonal(G))
-        term = info.weight * G
-        term.diagonal().add_(info.weight * options.a2 * norm)
-        M[p] = term if M[p] is None else M[p] + term
-        if info.module is not None:
-            Q = recorder.Q[p].double()
-            A = info.module.A.double()
-            rhs[p].append(info.weight * info.module.scaling * (Q + options.a1 * norm * A))
+        Q = recorder.Q[p] if info.module is not None else None
+        M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight, options.a1, options.a2, options.offdiag_scale)
+
+
+def fold(M, rhs, G, Q, module, weight: float, a1: float, a2: float, offdiag_scale: float = 1.0) -> torch.Tensor:
+    """One task's share of one layer's normal equations, in float64.
+
+    ``M += c (G + l2 I)`` and, when the task adapts the layer, appends the rows
+    ``c s (Q + l1 A)`` = ``c s A (C + l1 I)`` to ``rhs``; returns the new ``M``.
+    With l1 = a1 ||G||_F, l2 = a2 ||G||_F, the solution of ``A_merged M = rhs``
+    stacked over tasks is the IterIS update in low-rank form.
+    """
+    G = G.double()
+    norm = float(torch.linalg.matrix_norm(G))
+    if offdiag_scale != 1.0:
+        G = offdiag_scale * G + (1 - offdiag_scale) * torch.diag(torch.diagonal(G))
+    term = weight * G
+    term.diagonal().add_(weight * a2 * norm)
+    if module is not None:
+        rhs.append(weight * module.scaling * (Q.double() + a1 * norm * module.A.double()))
+    return term if M is None else M + term
 
 
 def _adaptive_weight(info: TaskLayer, W0: torch.Tensor) -> float:

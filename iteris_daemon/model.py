@@ -117,6 +117,7 @@ class BaseModel:
         self.recorder: Recorder | None = None
         self._mask: torch.Tensor | None = None
         self._masks: dict[str, torch.Tensor | None] = {}
+        self._encoder_output: torch.Tensor | None = None
         self._hooks: list = []
 
     # ------------------------------------------------------------------ layers
@@ -167,11 +168,11 @@ class BaseModel:
         self.detach()
         for path in sorted(set(paths)):
             self._hooks.append(self.layer(path).register_forward_hook(self._hook(path)))
-        for stack_name in ("get_encoder", "get_decoder"):
-            if self.is_encoder_decoder and hasattr(self.model, stack_name):
-                stack = getattr(self.model, stack_name)()
-                key = "encoder" if stack_name == "get_encoder" else "decoder"
-                self._hooks.append(stack.register_forward_pre_hook(self._stack_hook(key)))
+        if self.is_encoder_decoder:
+            encoder, decoder = self.model.get_encoder(), self.model.get_decoder()
+            self._hooks.append(encoder.register_forward_pre_hook(self._stack_hook("encoder")))
+            self._hooks.append(encoder.register_forward_hook(self._encoder_done))
+            self._hooks.append(decoder.register_forward_pre_hook(self._stack_hook("decoder")))
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -184,6 +185,17 @@ class BaseModel:
 
         return hook
 
+    def _encoder_done(self, _module, _args, output):
+        self._encoder_output = output[0]
+
+    def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Padding mask for a layer input: the current stack's, except for cross-attention
+        keys/values in the decoder, which read the encoder's output (encoder padding)."""
+        encoder_output = self._encoder_output
+        if encoder_output is not None and x.data_ptr() == encoder_output.data_ptr() and x.shape == encoder_output.shape:
+            return self._masks.get("encoder")
+        return self._mask
+
     def _hook(self, path: str):
         def hook(_module, args, output):
             x = args[0]
@@ -192,7 +204,8 @@ class BaseModel:
                 h = x.to(delta.A.dtype) @ delta.A.T
                 output = output + (delta.scaling * (h @ delta.B.T)).to(output.dtype)
             if self.recorder is not None:
-                self.recorder(path, token_rows(x, self._mask), token_rows(output, self._mask))
+                mask = self._mask_for(x)
+                self.recorder(path, token_rows(x, mask), token_rows(output, mask))
             return output
 
         return hook
@@ -238,21 +251,22 @@ class BaseModel:
         return batch
 
     def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
-        """Teacher forcing: the decoder reads ``<start> + target[:-1]`` (start token only without a target)."""
+        """Teacher forcing: row by row the decoder reads ``<start> + target[:-1]``, as many
+        tokens as the target has (the start token alone when there is no target)."""
         start = self.model.config.decoder_start_token_id
         if start is None:
             start = self.tokenizer.pad_token_id
         targets = [s.target or "" for s in chunk]
         labels = self.tokenizer(targets, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids, mask = labels["input_ids"], labels["attention_mask"]
-        width = max(1, ids.shape[1])
-        decoder_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        decoder_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        if ids.shape[1] == 0:
+            ids = torch.full((len(chunk), 1), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.ones_like(ids)
+        decoder_ids = torch.full_like(ids, self.tokenizer.pad_token_id)
         decoder_ids[:, 0] = start
+        decoder_ids[:, 1:] = ids[:, :-1]
+        decoder_mask = mask.clone()
         decoder_mask[:, 0] = 1
-        if ids.shape[1] > 1:
-            decoder_ids[:, 1:] = ids[:, :-1]
-            decoder_mask[:, 1:] = mask[:, :-1]
         decoder_ids[decoder_mask == 0] = self.tokenizer.pad_token_id
         return {"decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
 
@@ -267,7 +281,8 @@ class BaseModel:
             "encoder": batch.get("attention_mask"),
             "decoder": batch.get("decoder_attention_mask"),
         }
-        self._mask = self.output_mask(batch) if not self.is_encoder_decoder else self._masks["encoder"]
+        self._mask = self._masks["encoder"]
+        self._encoder_output = None
         out = self.model(**batch, use_cache=False) if "use_cache" in self._forward_args else self.model(**batch)
         return out[0]
 

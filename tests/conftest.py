@@ -1,0 +1,33 @@
+import os
+import pytest
+
+# The Hub is unreachable here: anything that tries it must fail fast, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from builders import FAMILIES, build_adapter, build_tiny_model  # noqa: E402
+
+TASK_TYPES = {"bert": None, "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Per family: a tiny base model and three adapters of different ranks (one rsLoRA)."""
+    root = tmp_path_factory.mktemp("tiny")
+    built = {}
+    for family in FAMILIES:
+        task_type = TASK_TYPES[family]
+        base = build_tiny_model(family, root / f"{family}-base", task_type)
+        adapters = [
+            build_adapter(base, root / f"{family}-a{seed}", seed=seed, family=family, task_type=task_type,
+                          r=2 + seed, alpha=4 + 2 * seed, use_rslora=(seed == 2))
+            for seed in range(3)
+        ]
+        built[family] = (base, adapters)
+    return built
+
+
+@pytest.fixture(scope="session")
+def bert(tiny):
+    return tiny["bert"]

@@ -1,0 +1,116 @@
+"""The closed-form solve and the low-rank algebra on random problems, against
+independent float64 references (lstsq, dense formulas, autograd)."""
+
+import pytest
+import torch
+
+from iteris_daemon.alignment import fold
+from iteris_daemon.lora import LoraModule
+from iteris_daemon.lowrank import dense_to_lowrank, refactor, solve_spd
+
+
+def _problem(seed: int, tasks=3, d_in=24, d_out=16, ranks=(2, 3, 4), tokens=(40, 7, 60)):
+    """Random features; the second task has fewer tokens than d_in (rank-deficient Gram)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(tasks):
+        r, n = ranks[i], tokens[i]
+        scale = 10.0 ** (i - 1)  # tasks whose features differ in scale by 100x
+        X = torch.randn(n, d_in, generator=g, dtype=torch.float64) * scale
+        Xt = X + 0.1 * scale * torch.randn(n, d_in, generator=g, dtype=torch.float64)
+        module = LoraModule(
+            A=torch.randn(r, d_in, generator=g, dtype=torch.float64),
+            B=torch.randn(d_out, r, generator=g, dtype=torch.float64),
+            scaling=0.5 + i,
+        )
+        c = float(torch.rand(1, generator=g, dtype=torch.float64)) + 0.5
+        out.append((X, Xt, module, c))
+    return out
+
+
+def _lowrank_solution(problem, a1, a2):
+    M, rhs = None, []
+    for X, Xt, module, c in problem:
+        G = Xt.T @ Xt
+        Q = (X @ module.A.T).T @ Xt
+        M = fold(M, rhs, G, Q, module, c, a1, a2)
+    A = solve_spd(M, torch.cat(rhs))
+    B = torch.cat([module.B for _, _, module, _ in problem], dim=1)
+    return B, A
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_lstsq_when_a1_equals_a2(seed):
+    problem = _problem(seed)
+    a = 1e-3
+    B, A = _lowrank_solution(problem, a, a)
+    lhs, rhs = [], []
+    for X, Xt, module, c in problem:
+        D = module.delta()
+        lam = a * float(torch.linalg.matrix_norm(Xt.T @ Xt))
+        lhs += [c**0.5 * Xt, (c * lam) ** 0.5 * torch.eye(X.shape[1], dtype=torch.float64)]
+        rhs += [c**0.5 * X @ D.T, (c * lam) ** 0.5 * D.T]
+    expected = torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution.T
+    assert float((B @ A - expected).norm() / expected.norm()) < 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_lowrank_equals_dense_formula_and_is_stationary(seed):
+    """a1 != a2: the exact low-rank form equals the dense closed form, and the
+    gradient of the brute-force objective vanishes there."""
+    problem = _problem(seed)
+    a1, a2 = 2e-3, 5e-3
+    B, A = _lowrank_solution(problem, a1, a2)
+    d_in = problem[0][0].shape[1]
+    eye = torch.eye(d_in, dtype=torch.float64)
+    numerator = 0
+    denominator = 0
+    for X, Xt, module, c in problem:
+        G = Xt.T @ Xt
+        norm = float(torch.linalg.matrix_norm(G))
+        numerator = numerator + c * module.delta() @ (X.T @ Xt + a1 * norm * eye)
+        denominator = denominator + c * (G + a2 * norm * eye)
+    dense = torch.linalg.solve(denominator.T, numerator.T).T
+    assert float((B @ A - dense).norm() / dense.norm()) < 1e-6
+
+    D = (B @ A).clone().requires_grad_(True)
+    objective = 0
+    for X, Xt, module, c in problem:
+        norm = float(torch.linalg.matrix_norm(Xt.T @ Xt))
+        Di = module.delta()
+        objective = objective + c * (
+            (Xt @ D.T - X @ Di.T).pow(2).sum() + a2 * norm * D.pow(2).sum() - 2 * a1 * norm * (D * Di).sum()
+        )
+    objective.backward()
+    scale = max(float(abs(objective)), 1.0)
+    assert float(D.grad.norm()) / scale < 1e-9
+
+
+def test_singular_system_falls_back_to_minimum_norm():
+    """No regularisation and fewer tokens than features: still a finite least-squares answer."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    M = X.T @ X
+    rhs = torch.randn(3, 12, generator=g, dtype=torch.float64) @ M  # consistent right-hand side
+    solution = solve_spd(M, rhs)
+    assert torch.isfinite(solution).all()
+    assert torch.allclose(solution @ M, rhs, atol=1e-8)
+
+
+def test_refactor_is_exact_at_full_rank_and_optimal_when_truncated():
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    A = torch.randn(10, 20, generator=g, dtype=torch.float64)
+    D = B @ A
+    B2, A2, error = refactor(B, A)
+    assert error == 0.0 and A2.shape[0] == 10
+    assert float((B2 @ A2 - D).norm() / D.norm()) < 1e-12
+
+    B3, A3, error = refactor(B, A, rank=4)
+    S = torch.linalg.svdvals(D)
+    best = float(S[4:].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())  # Eckart-Young
+    assert abs(float((B3 @ A3 - D).norm() / D.norm()) - best) < 1e-10
+    assert abs(error - best) < 1e-10
+
+    B4, A4, error = dense_to_lowrank(D, 4)
+    assert abs(float((B4.double() @ A4.double() - D).norm() / D.norm()) - best) < 1e-6
