@@ -93,15 +93,17 @@ class GramPass:
         if info.module is None:
             return
         if self.first:
+            # Xt = X on the task's own pass, so Q = A_i G needs no accumulation here
+            # (and computing it from G keeps Q and G consistent to the last bit).
             P = x @ info.module.A.to(x).T
             info.projections.append(P)
             info.PtP = P.T @ P if info.PtP is None else info.PtP + P.T @ P
-        else:
-            call = self.calls.get(path, 0)
-            self.calls[path] = call + 1
-            P = info.projections[call]
-            if self.release:
-                info.projections[call] = None
+            return
+        call = self.calls.get(path, 0)
+        self.calls[path] = call + 1
+        P = info.projections[call]
+        if self.release:
+            info.projections[call] = None
         Q = P.T @ x
         self.Q[path] = Q if path not in self.Q else self.Q[path] + Q
 
@@ -200,7 +202,9 @@ def _fold_task(i, recorder, layers, paths, base_weights, options, user_weight, f
             continue
         if first:
             info.weight = user_weight * (_adaptive_weight(info, base_weights[p]) if options.adaptive_weights else 1.0)
-        Q = recorder.Q[p] if info.module is not None else None
+        Q = None
+        if info.module is not None:
+            Q = info.module.A.double() @ G.double() if first else recorder.Q[p]
         M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight, options.a1, options.a2, options.offdiag_scale)
 
 

@@ -6,12 +6,13 @@ The real ``huggingface_hub`` client talks to it exactly as it talks to huggingfa
 branches, git tags and a linear history of commits per branch, each commit a full snapshot of
 the files (bytes) under a 40-hex sha.
 
-Typical use::
+Typical use, in a pytest fixture::
 
     with HubServer(token="hf_test") as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
         sha = hub.create_repo_direct("alice/lora-a", {"adapter_config.json": b"{}"})
-        hub.inject(r"HEAD /alice/lora-a/resolve/", ("status", 503))   # next HEAD fails once
-        HfApi(endpoint=hub.endpoint, token="hf_test").model_info("alice/lora-a").sha == sha
+        hub.inject(r"^GET /api/models/alice/lora-a$", ("status", 503))  # the next model_info gets a 503
+        ...  # HfApi(endpoint=hub.endpoint, token="hf_test").model_info("alice/lora-a") raises, then returns sha
 
 What is served (the routes huggingface_hub 2.4 uses; models and datasets):
 
@@ -56,10 +57,14 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import parse_qs, unquote, urlencode
 
 import yaml
+from huggingface_hub import constants, hf_api
+
+if TYPE_CHECKING:
+    import pytest
 
 #: What ``create_repo`` over HTTP puts in the initial commit, like the Hub does (shortened list).
 DEFAULT_GITATTRIBUTES = (
@@ -146,6 +151,9 @@ class _Response:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+
+
+_Route = Callable[..., _Response]  # an unbound HubServer method: (self, request, **path_groups)
 
 
 @dataclass
@@ -332,15 +340,13 @@ class HubServer:
 
         Rules are consumed in the order they were injected; once spent, requests behave normally again.
         """
-        kind, *args = fault
-        valid = {
-            "status": lambda: len(args) in (1, 2) and isinstance(args[0], int) and isinstance(args[-1], (int, dict)),
-            "delay": lambda: len(args) == 1 and isinstance(args[0], (int, float)),
-            "drop": lambda: not args,
-            "truncate": lambda: len(args) == 1 and isinstance(args[0], int),
-        }
-        if kind not in valid or not valid[kind]():
-            raise ValueError(f"Unknown fault {fault!r}")
+        match fault:
+            case ("status", int()) | ("status", int(), dict()) | ("delay", int() | float()):
+                pass
+            case ("drop",) | ("truncate", int()):
+                pass
+            case _:
+                raise ValueError(f"Unknown fault {fault!r}")
         with self._lock:
             self._faults.append(_FaultRule(re.compile(pattern), tuple(fault), times))
 
@@ -395,7 +401,9 @@ class HubServer:
             repo.branches[branch] = self._resolve(repo, revision).oid
             return repo.branches[branch]
 
-    def create_tag_direct(self, repo_id: str, tag: str, revision: str = "main", *, repo_type: str = "model") -> str:
+    def create_tag_direct(
+        self, repo_id: str, tag: str, revision: str = "main", *, repo_type: str = "model"
+    ) -> str:
         """Create the git tag ``tag`` at ``revision``; return the commit sha it points at."""
         with self._lock:
             repo = self._repo(repo_id, repo_type)
@@ -718,7 +726,10 @@ class HubServer:
         found = self._readable(request, type, repo)
 
         def refs(names: Mapping[str, str], kind: str) -> list[dict[str, str]]:
-            return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": oid} for n, oid in sorted(names.items())]
+            return [
+                {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}
+                for name, oid in sorted(names.items())
+            ]
 
         return _json_response(
             {
@@ -884,7 +895,6 @@ class HubServer:
         headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
         return _Response(206, content[start : end + 1], headers)
 
-    _Route = Callable[..., _Response]
     _routes: list[tuple[str, re.Pattern[str], _Route]] = [
         (method, re.compile(pattern), route)
         for method, pattern, route in [
@@ -909,7 +919,9 @@ class HubServer:
     ]
 
 
-def isolate_hub_client(monkeypatch: Any, endpoint: str, home: Path, *, timeout: float = 5.0) -> None:
+def isolate_hub_client(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *, timeout: float = 5.0
+) -> None:
     """Point the real ``huggingface_hub`` client at ``endpoint`` alone, with its cache and token under ``home``.
 
     For a pytest fixture: ``monkeypatch`` undoes it all. The client reads its environment once, at import,
@@ -918,9 +930,9 @@ def isolate_hub_client(monkeypatch: Any, endpoint: str, home: Path, *, timeout: 
     leaks in. ``timeout`` bounds the metadata (HEAD) and download requests (``HF_HUB_ETAG_TIMEOUT`` and
     ``HF_HUB_DOWNLOAD_TIMEOUT``); ``HfApi`` calls have no timeout unless one is passed.
     """
-    from huggingface_hub import constants, hf_api
-
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    # Offline mode, or a token from the machine, would get in the way.
+    unwanted = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    for name in unwanted:
         monkeypatch.delenv(name, raising=False)
     whole_seconds = str(math.ceil(timeout))  # the client parses these two with int()
     env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}

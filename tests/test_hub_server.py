@@ -48,6 +48,7 @@ from huggingface_hub.utils import get_session
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "hf_test_token"
+CARD = b"---\nlibrary_name: peft\ntags:\n- iteris\n---\n# Merged adapter\n"
 ADAPTER = {
     "adapter_config.json": b'{"r": 8}',
     "adapter_model.safetensors": b"\x00" * 2048,
@@ -89,9 +90,10 @@ def test_create_repo_commit_and_model_info_sha(hub: HubServer, api: HfApi) -> No
     assert url.repo_id == "test-user/lora-a"
     assert api.model_info("test-user/lora-a").siblings[0].rfilename == ".gitattributes"  # like the Hub
 
-    info = api.create_commit(
+    files = {**ADAPTER, "README.md": CARD}
+    info = api.create_commit(  # README.md makes the client validate its metadata first (/api/validate-yaml)
         "test-user/lora-a",
-        [CommitOperationAdd(path, content) for path, content in ADAPTER.items()],
+        [CommitOperationAdd(path, content) for path, content in files.items()],
         commit_message="Add adapter",
     )
 
@@ -99,14 +101,18 @@ def test_create_repo_commit_and_model_info_sha(hub: HubServer, api: HfApi) -> No
     assert model.sha == info.oid == hub.head("test-user/lora-a")
     assert {s.rfilename: s.size for s in model.siblings} == {
         ".gitattributes": len(hub.files("test-user/lora-a")[".gitattributes"]),
-        **{path: len(content) for path, content in ADAPTER.items()},
+        **{path: len(content) for path, content in files.items()},
     }
+    assert model.library_name == "peft" and model.tags == ["peft", "iteris"] and model.card_data.tags == ["iteris"]
     assert hub.files("test-user/lora-a", info.oid)["calibration/nested/task_b.jsonl"] == b'{"text": "b"}\n'
     assert model.author == "test-user" and model.private is False and model.last_modified is not None
     assert [c.title for c in api.list_repo_commits("test-user/lora-a")] == ["Add adapter", "initial commit"]
+    brief = api.model_info("test-user/lora-a", expand=["sha", "lastModified"])
+    assert brief.sha == info.oid and brief.last_modified == model.last_modified and brief.siblings is None
 
     # An unchanged file is skipped client-side (preupload returns its git oid): nothing to commit, same sha.
-    again = api.create_commit("test-user/lora-a", [CommitOperationAdd("adapter_config.json", b'{"r": 8}')], commit_message="noop")
+    unchanged = CommitOperationAdd("adapter_config.json", b'{"r": 8}')
+    again = api.create_commit("test-user/lora-a", [unchanged], commit_message="noop")
     assert again.oid == info.oid
 
     with pytest.raises(HfHubHTTPError) as conflict:
@@ -134,7 +140,10 @@ def test_parent_commit_mismatch_raises_412(hub: HubServer, api: HfApi) -> None:
 
     with pytest.raises(HfHubHTTPError) as stale:
         api.create_commit(
-            "alice/lora", [CommitOperationAdd("merged.safetensors", b"1")], commit_message="merge", parent_commit=base
+            "alice/lora",
+            [CommitOperationAdd("merged.safetensors", b"1")],
+            commit_message="merge",
+            parent_commit=base,
         )
     assert stale.value.response.status_code == 412
     assert "merged.safetensors" not in hub.files("alice/lora")
@@ -187,6 +196,10 @@ def test_branches_and_tags(hub: HubServer, api: HfApi) -> None:
     refs = api.list_repo_refs("alice/lora")
     assert [b.name for b in refs.branches] == ["main"] and refs.tags == []
 
+    hub.create_branch_direct("alice/lora", "pushed-elsewhere", revision=first)  # as another client would
+    hub.create_tag_direct("alice/lora", "v2", revision="pushed-elsewhere")
+    assert api.model_info("alice/lora", revision="v2").sha == first
+
 
 # ------------------------------------------------------------------------------------------------------ reading
 
@@ -197,23 +210,28 @@ def test_list_models_by_author_search_filter_with_pagination(hub: HubServer, api
         hub.create_repo_direct(f"alice/{name}", ADAPTER, tags=["lora"] if name != "other" else [])
     hub.create_repo_direct("alice/secret-lora", ADAPTER, private=True, tags=["lora"])
     hub.create_repo_direct("bob/lora-c", ADAPTER, tags=["lora"])
-    card = b"---\nlibrary_name: peft\ntags:\n- iteris\n---\n# Card\n"
-    hub.commit_direct("alice/other", {"README.md": card})
+    hub.commit_direct("alice/other", {"README.md": CARD})
 
     full = list(api.list_models(author="alice", full=True))
     assert [m.id for m in full] == ["alice/lora-a", "alice/lora-b", "alice/other", "alice/secret-lora"]
     assert all(m.sha == hub.head(m.id) and m.siblings for m in full)
     assert len(hub.requests_matching(r"^GET /api/models$")) == 2  # two pages
 
-    assert [m.id for m in api.list_models(author="alice", filter="lora")] == ["alice/lora-a", "alice/lora-b", "alice/secret-lora"]
-    assert [m.id for m in api.list_models(search="lora-")] == ["alice/lora-a", "alice/lora-b", "bob/lora-c"]
-    assert [m.id for m in api.list_models(filter=["peft", "iteris"])] == ["alice/other"]
-    brief = next(iter(api.list_models(author="bob")))
-    assert brief.tags == ["lora"] and brief.sha is None and brief.siblings is None  # like the Hub without full=True
-    assert [m.id for m in HfApi(endpoint=hub.endpoint, token=False).list_models(author="alice", filter="lora")] == [
+    assert [m.id for m in api.list_models(author="alice", filter="lora")] == [
         "alice/lora-a",
         "alice/lora-b",
+        "alice/secret-lora",
     ]
+    assert [m.id for m in api.list_models(search="lora-")] == ["alice/lora-a", "alice/lora-b", "bob/lora-c"]
+    assert [m.id for m in api.list_models(filter=["peft", "iteris"])] == ["alice/other"]
+    assert [m.id for m in api.list_models(author="alice", sort="last_modified", limit=2)] == [
+        "alice/other",
+        "alice/secret-lora",
+    ]
+    brief = next(iter(api.list_models(author="bob")))
+    assert brief.tags == ["lora"] and brief.sha is None and brief.siblings is None  # the Hub's, without full=True
+    anonymous = HfApi(endpoint=hub.endpoint, token=False)
+    assert [m.id for m in anonymous.list_models(author="alice", filter="lora")] == ["alice/lora-a", "alice/lora-b"]
 
 
 def test_list_repo_tree_is_recursive_with_subfolders(hub: HubServer, api: HfApi) -> None:
@@ -238,7 +256,11 @@ def test_snapshot_download_allow_patterns_fetches_only_matching_files(hub: HubSe
 
     folder = Path(
         snapshot_download(
-            "alice/lora", allow_patterns=["*.json", "calibration/*"], endpoint=hub.endpoint, cache_dir=tmp_path, token=TOKEN
+            "alice/lora",
+            allow_patterns=["*.json", "calibration/*"],
+            endpoint=hub.endpoint,
+            cache_dir=tmp_path,
+            token=TOKEN,
         )
     )
 
@@ -246,8 +268,8 @@ def test_snapshot_download_allow_patterns_fetches_only_matching_files(hub: HubSe
     assert folder.name == sha
     assert {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} == wanted
     assert (folder / "calibration/nested/task_b.jsonl").read_bytes() == ADAPTER["calibration/nested/task_b.jsonl"]
-    downloaded = {r.path.removeprefix(f"/alice/lora/resolve/{sha}/") for r in hub.requests_matching(r"^GET /alice/lora/resolve/")}
-    assert downloaded == wanted
+    fetched = hub.requests_matching(r"^GET /alice/lora/resolve/")
+    assert {r.path.removeprefix(f"/alice/lora/resolve/{sha}/") for r in fetched} == wanted
 
 
 def test_download_pinned_to_an_older_commit_gets_the_old_content(hub: HubServer, tmp_path: Path) -> None:
@@ -265,7 +287,7 @@ def test_download_pinned_to_an_older_commit_gets_the_old_content(hub: HubServer,
     assert head.headers["Content-Length"] == str(len(new_config))
 
 
-def test_range_requests_are_honoured(hub: HubServer) -> None:
+def test_range_requests_are_honoured_and_bodies_need_a_length(hub: HubServer) -> None:
     hub.create_repo_direct("alice/lora", {"w.bin": bytes(range(10))})
     url = f"{hub.endpoint}/alice/lora/resolve/main/w.bin"
 
@@ -274,6 +296,8 @@ def test_range_requests_are_honoured(hub: HubServer) -> None:
     assert partial.status_code == 206 and partial.content == bytes(range(4, 10))
     assert partial.headers["Content-Range"] == "bytes 4-9/10"
     assert get_session().get(url, headers={"Range": "bytes=20-"}).status_code == 416
+    chunked = get_session().post(f"{hub.endpoint}/api/validate-yaml", content=iter([b"{}"]))
+    assert chunked.status_code == 411
 
 
 def test_typed_errors_for_missing_repo_revision_and_file(hub: HubServer, api: HfApi, tmp_path: Path) -> None:
@@ -302,7 +326,9 @@ def test_private_repo_is_invisible_without_the_token(hub: HubServer, tmp_path: P
         anonymous.model_info("alice/secret")
     assert hidden.value.response.status_code == 401
     with pytest.raises(RepositoryNotFoundError):
-        hf_hub_download("alice/secret", "adapter_config.json", endpoint=hub.endpoint, cache_dir=tmp_path, token=False)
+        hf_hub_download(
+            "alice/secret", "adapter_config.json", endpoint=hub.endpoint, cache_dir=tmp_path, token=False
+        )
     assert list(anonymous.list_models(author="alice")) == []
 
     with pytest.raises(HfHubHTTPError) as wrong:  # a bad token is refused outright, even on public repos
@@ -405,7 +431,8 @@ def test_truncated_commit_response_still_commits(hub: HubServer, api: HfApi) -> 
     with pytest.raises(httpx2.RemoteProtocolError):
         api.create_commit("alice/lora", [CommitOperationAdd("merged.bin", b"m")], commit_message="merge")
 
-    assert hub.head("alice/lora") != before and hub.files("alice/lora")["merged.bin"] == b"m"  # the response was lost
+    assert hub.head("alice/lora") != before  # the commit happened, only its response was lost
+    assert hub.files("alice/lora")["merged.bin"] == b"m"
 
 
 def test_delay_trips_client_timeouts(hub: HubServer, api: HfApi, tmp_path: Path) -> None:
@@ -415,10 +442,19 @@ def test_delay_trips_client_timeouts(hub: HubServer, api: HfApi, tmp_path: Path)
     with pytest.raises(httpx2.TimeoutException):
         api.model_info("alice/lora", timeout=0.3)
 
-    hub.inject(r"^HEAD /alice/lora/resolve/", ("delay", 1.5))  # > the 1 s HF_HUB_ETAG_TIMEOUT of the fixture
+    hub.inject(r"^HEAD /alice/lora/resolve/", ("delay", 3.0))  # > the 1 s HF_HUB_ETAG_TIMEOUT of the fixture
     started = time.monotonic()
-    assert download(hub, tmp_path, "adapter_config.json") == b'{"r": 8}'  # HEAD retried once, at once
-    assert time.monotonic() - started < 1.5
+    assert download(hub, tmp_path, "adapter_config.json") == b'{"r": 8}'  # the HEAD timed out, was retried at once
+    assert time.monotonic() - started < 2.5
+    assert [r.status for r in hub.requests_matching(r"^HEAD ")] == [200]  # the delayed one was never answered
+
+
+def test_requests_the_server_cannot_handle_fail_the_test(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="KeyError: 'name'"):
+        with HubServer() as server:  # no token: every request is authenticated
+            isolate_hub_client(monkeypatch, server.endpoint, tmp_path)
+            assert HfApi().whoami(token="anything")["name"] == "test-user"  # HfApi() finds the server on its own
+            assert get_session().post(f"{server.endpoint}/api/repos/create", json={}).status_code == 500
 
 
 def test_inject_rejects_unknown_faults(hub: HubServer) -> None:
