@@ -1,0 +1,172 @@
+"""Bad input: a one-line error naming the culprit, exit status 2, nothing written."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+
+import transformers as tf
+
+from builders import build_adapter, build_tiny_model, tiny_config, tokenizer
+from iteris_daemon.cli import main
+from iteris_daemon.lora import load_adapter
+
+
+class _Payload:
+    """Unpickling this would create a marker file: proof that a .bin was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def workspace(bert, tmp_path):
+    base_dir, adapters = bert
+    copies = []
+    for adapter in adapters[:2]:
+        copies.append(tmp_path / adapter.name)
+        shutil.copytree(adapter, copies[-1])
+    return base_dir, copies, tmp_path
+
+
+def _merge(capsys, base, adapters, out, *extra):
+    args = ["merge", "--base-model", str(base), "--out", str(out), "-q"]
+    for adapter in adapters:
+        args += ["--adapter", str(adapter)]
+    code = main([*args, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def _assert_refused(code, message, out, *fragments):
+    assert code == 2
+    assert message.startswith("iteris-daemon: error: ")
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not out.exists()
+
+
+def test_missing_adapter_folder(workspace, capsys):
+    base, adapters, tmp = workspace
+    missing = tmp / "nope"
+    code, message = _merge(capsys, base, [adapters[0], missing], tmp / "out")
+    _assert_refused(code, message, tmp / "out", str(missing), "does not exist")
+
+
+def test_missing_base_model(workspace, capsys):
+    _, adapters, tmp = workspace
+    code, message = _merge(capsys, tmp / "no-such-model", adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", "no-such-model")
+
+
+def test_adapters_for_different_base_models(workspace, capsys):
+    base, adapters, tmp = workspace
+    config_path = adapters[1] / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "some-org/another-model"
+    config_path.write_text(json.dumps(config))
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", "different base models", "some-org/another-model")
+
+
+def test_pickled_weights_are_refused_never_loaded(workspace, capsys):
+    base, adapters, tmp = workspace
+    marker = tmp / "unpickled"
+    (adapters[1] / "adapter_model.safetensors").unlink()
+    (adapters[1] / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", "adapter_model.bin", "pickled")
+    assert not marker.exists()
+
+
+def test_truncated_safetensors(workspace, capsys):
+    base, adapters, tmp = workspace
+    weights = adapters[0] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", str(weights))
+
+
+def test_shape_mismatch_with_base_model(workspace, capsys):
+    base, _, tmp = workspace
+    config = tiny_config("bert")
+    config.intermediate_size = 48  # same module names, different shapes
+    other = tmp / "other-base"
+    tf.AutoModel.from_config(config).save_pretrained(other)
+    tokenizer().save_pretrained(other)
+    adapter = build_adapter(other, tmp / "mismatched", seed=7, family="bert", targets=["dense"])
+    code, message = _merge(capsys, base, [adapter], tmp / "out")
+    _assert_refused(code, message, tmp / "out", "mismatched", "intermediate.dense", "48")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1")],
+)
+def test_bad_calibration_file(workspace, capsys, content, fragment):
+    base, adapters, tmp = workspace
+    calibration = adapters[0] / "calibration.jsonl"
+    calibration.write_bytes(content)
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", "calibration.jsonl", fragment)
+
+
+def test_no_calibration_for_iteris(workspace, capsys):
+    base, adapters, tmp = workspace
+    (adapters[1] / "calibration.jsonl").unlink()
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", "no calibration data", adapters[1].name)
+
+
+def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
+    base, adapters, tmp = workspace
+    missing = tmp / "missing.jsonl"
+    code, message = _merge(capsys, base, [f"{adapters[0]}={missing}", adapters[1]], tmp / "out")
+    _assert_refused(code, message, tmp / "out", str(missing))
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--strategy", "nonesuch"], "unknown strategy 'nonesuch'"),
+        (["--param", "iterationz=3"], "iterationz"),
+        (["--param", "iterations=0"], "iterations"),
+        (["--param", "a1=-1"], "a1"),
+        (["--param", "task_weights=[1]"], "task_weights has 1 entries for 2 adapters"),
+    ],
+)
+def test_bad_strategy_or_parameters(workspace, capsys, extra, fragment):
+    base, adapters, tmp = workspace
+    code, message = _merge(capsys, base, adapters, tmp / "out", *extra)
+    _assert_refused(code, message, tmp / "out", fragment)
+
+
+def test_existing_output_is_kept(workspace, capsys):
+    base, adapters, tmp = workspace
+    out = tmp / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, message = _merge(capsys, base, adapters, out)
+    assert code == 2 and "--overwrite" in message
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_different_heads_need_a_rule(tmp_path, capsys):
+    """Adapters whose modules_to_save (classifier heads) differ are not silently merged."""
+    base = build_tiny_model("bert", tmp_path / "cls-base", "SEQ_CLS")
+    adapters = [
+        build_adapter(base, tmp_path / f"cls{seed}", seed=seed, family="bert", task_type="SEQ_CLS", targets=["query"])
+        for seed in range(2)
+    ]
+    code, message = _merge(capsys, base, adapters, tmp_path / "out")
+    _assert_refused(code, message, tmp_path / "out", "modules_to_save", "--modules-to-save-rule")
+
+    code, _ = _merge(capsys, base, adapters, tmp_path / "out", "--modules-to-save-rule", "average")
+    assert code == 0
+    merged, first, second = (load_adapter(p) for p in (tmp_path / "out", *adapters))
+    for key, tensor in merged.modules_to_save.items():
+        assert (tensor - (first.modules_to_save[key] + second.modules_to_save[key]) / 2).abs().max() < 1e-6

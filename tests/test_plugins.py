@@ -1,0 +1,115 @@
+"""Third-party plugins add strategies the same way the built-ins do."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from iteris_daemon import hookimpl
+from iteris_daemon.cli import main
+from iteris_daemon.lora import load_adapter
+from iteris_daemon.plugin_manager import get_plugin_manager
+from iteris_daemon.strategy import MergedAdapter, StrategyParams, task_arithmetic_factors
+
+PLUGIN_SOURCE = textwrap.dedent(
+    '''
+    from iteris_daemon import hookimpl
+    from iteris_daemon.strategy import MergedAdapter, StrategyParams, task_arithmetic_factors
+
+
+    class Params(StrategyParams):
+        factor: float = 0.5
+
+
+    class Scaled:
+        name = "scaled_sum"
+        description = "factor * sum of deltas (third-party test plugin)"
+        Params = Params
+        needs_calibration = False
+
+        def merge(self, inputs, params, progress):
+            weights = [params.factor] * len(inputs.adapters)
+            return MergedAdapter(task_arithmetic_factors(inputs.adapters, weights))
+
+
+    @hookimpl
+    def register_strategies(register):
+        register(Scaled())
+    '''
+)
+
+
+class Mean:
+    name = "mean_of_deltas"
+    description = "average of the task deltas (registered object in a test)"
+    Params = StrategyParams
+    needs_calibration = False
+
+    def merge(self, inputs, params, progress):
+        n = len(inputs.adapters)
+        return MergedAdapter(task_arithmetic_factors(inputs.adapters, [1 / n] * n))
+
+
+class MeanPlugin:
+    @hookimpl
+    def register_strategies(self, register):
+        register(Mean())
+
+
+def test_registered_plugin_object(bert, tmp_path, capsys):
+    base_dir, adapters = bert
+    manager = get_plugin_manager()
+    plugin = MeanPlugin()
+    manager.register(plugin, name="mean-plugin")
+    try:
+        assert main(["plugins"]) == 0
+        listing = capsys.readouterr().out
+        assert "mean-plugin" in listing and "mean_of_deltas" in listing
+        args = ["merge", "--base-model", str(base_dir), "--strategy", "mean_of_deltas", "--out", str(tmp_path / "m"), "-q"]
+        for adapter in adapters:
+            args += ["--adapter", str(adapter)]
+        assert main(args) == 0
+    finally:
+        manager.unregister(plugin)
+    merged = load_adapter(tmp_path / "m")
+    inputs = [load_adapter(a) for a in adapters]
+    for path, module in merged.modules.items():
+        expected = sum(a.modules[path].delta() for a in inputs if path in a.modules) / 3
+        assert torch.allclose(module.delta(), expected, atol=1e-6)
+
+
+def test_entry_point_plugin_in_a_fresh_process(bert, tmp_path):
+    """An installed distribution with an ``iteris_daemon`` entry point is picked up."""
+    base_dir, adapters = bert
+    site = tmp_path / "site"
+    (site / "thirdparty_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "thirdparty_plugin.py").write_text(PLUGIN_SOURCE)
+    (site / "thirdparty_plugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: thirdparty-plugin\nVersion: 0.1\n"
+    )
+    (site / "thirdparty_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        "[iteris_daemon]\nthirdparty = thirdparty_plugin\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "iteris_daemon", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    data = json.loads(listing.stdout)
+    assert {"name": "thirdparty", "origin": "thirdparty-plugin 0.1"} in data["plugins"]
+    assert "scaled_sum" in {s["name"] for s in data["strategies"]}
+
+    cmd = [sys.executable, "-m", "iteris_daemon", "merge", "--base-model", str(base_dir), "-q",
+           "--strategy", "scaled_sum", "--param", "factor=0.25", "--out", str(tmp_path / "m")]
+    for adapter in adapters[:2]:
+        cmd += ["--adapter", str(adapter)]
+    subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    merged = load_adapter(tmp_path / "m")
+    inputs = [load_adapter(a) for a in adapters[:2]]
+    path = next(iter(merged.modules))
+    expected = 0.25 * sum(a.modules[path].delta() for a in inputs if path in a.modules)
+    assert torch.allclose(merged.modules[path].delta(), expected, atol=1e-6)
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert report["strategy"] == "scaled_sum" and report["params"] == {"factor": 0.25}
