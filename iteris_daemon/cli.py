@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("merge", "demo"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own bars say what is happening
     try:
         return {"merge": _merge, "plugins": _plugins, "demo": _demo}[args.command](args)
     except IterisError as exc:

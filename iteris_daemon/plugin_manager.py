@@ -11,6 +11,8 @@ from . import hookspecs
 from .errors import UnknownStrategyError
 from .strategy import MergeStrategy
 
+DEFAULT_STRATEGY = "iteris"
+
 
 @cache
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -31,7 +33,7 @@ def strategies(manager: pluggy.PluginManager | None = None) -> dict[str, MergeSt
         found[strategy.name] = strategy
 
     manager.hook.register_strategies(register=register)
-    return found
+    return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_STRATEGY, item[0])))
 
 
 def get_strategy(name: str, manager: pluggy.PluginManager | None = None) -> MergeStrategy:
