@@ -22,6 +22,7 @@ at the first iteration C_i = G_i, so the two agree there.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .lowrank import solve_spd
 from .model import BaseModel, Delta
 from .strategy import Progress
 
+log = logging.getLogger(__name__)
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -135,6 +137,7 @@ def align(
     timings = {"inference_s": 0.0, "solve_s": 0.0}
     losses: list[list[float]] = [[] for _ in range(n_tasks)]
     changes: list[float] = []
+    unused: set[str] = set()
     merged: dict[str, torch.Tensor] | None = None  # path -> A (float64); B is B_cat
     try:
         for iteration in range(options.iterations):
@@ -167,7 +170,11 @@ def align(
             started = time.perf_counter()
             new = {}
             for p in progress(paths, desc=f"solve {iteration}", leave=False):
-                new[p] = solve_spd(M[p], torch.cat(rhs[p], 0))
+                if M[p] is None:  # the forward pass never reached this layer: nothing to align
+                    unused.add(p)
+                    new[p] = torch.cat([t.module.scaling * t.module.A.double() for t in layers[p].values() if t.module is not None])
+                else:
+                    new[p] = solve_spd(M[p], torch.cat(rhs[p], 0))
             timings["solve_s"] += time.perf_counter() - started
             changes.append(_relative_change(B_cat, merged, new))
             merged = new
@@ -190,6 +197,9 @@ def align(
         "task_weights": {a.name: _mean_weight(layers, i) for i, a in enumerate(adapters)},
         "timings": timings,
     }
+    if unused:
+        log.warning("%d layers saw no calibration inputs and keep the sum of deltas: %s", len(unused), sorted(unused))
+        metrics["layers_without_inputs"] = sorted(unused)
     return factors, metrics
 
 

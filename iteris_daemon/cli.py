@@ -1,4 +1,4 @@
-"""Command line: ``iteris-daemon merge``, ``plugins`` and ``demo``."""
+"""Command line: ``iteris-daemon merge`` and ``iteris-daemon plugins``."""
 
 from __future__ import annotations
 
@@ -92,13 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--params", metavar="STRATEGY", help="show one strategy's parameters")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
 
-    demo = commands.add_parser(
-        "demo",
-        help="train three small task adapters on all-MiniLM-L6-v2 and merge them (offline, a few minutes)",
-        description="Build demo task adapters (cached) and merge them with IterIS and task arithmetic.",
-    )
-    demo.add_argument("--workdir", type=Path, default=Path("demo"), help="where adapters and merges go (default: ./demo)")
-    demo.add_argument("--strategy", default="iteris", help="strategy to demo (default: iteris)")
     return parser
 
 
@@ -111,12 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("merge", "demo"):
+    if args.command == "merge":
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bars say what is happening
     try:
-        return {"merge": _merge, "plugins": _plugins, "demo": _demo}[args.command](args)
+        return {"merge": _merge, "plugins": _plugins}[args.command](args)
     except IterisError as exc:
         print(f"iteris-daemon: error: {exc}", file=sys.stderr)
         return 2
@@ -195,10 +188,4 @@ def _plugins(args) -> int:
 
 
 def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(args.workdir, args.strategy)
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")

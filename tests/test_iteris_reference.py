@@ -10,6 +10,7 @@ from iteris_daemon.alignment import AlignmentOptions, align
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel
+from builders import build_adapter
 from reference import reference_iteris
 
 quiet = partial(tqdm, disable=True)
@@ -69,3 +70,21 @@ def test_float32_accumulation_is_close(bert):
         B32, A32 = results["float32"][path]
         B64, A64 = results["float64"][path]
         assert _relative(B32 @ A32, B64.double() @ A64.double()) < 1e-4
+
+
+def test_adapters_with_different_target_modules(bert, tmp_path):
+    """A layer only some adapters adapt still merges; the others ask it to keep the base behaviour."""
+    base_dir, _ = bert
+    adapter_dirs = [
+        build_adapter(base_dir, tmp_path / f"a{i}", seed=10 + i, family="bert", targets=targets, r=2 + i)
+        for i, targets in enumerate((["query"], ["query", "value"], ["dense"]))
+    ]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    data = [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+    base = BaseModel(str(base_dir), adapters)
+    options = AlignmentOptions(iterations=2, a1=1e-3, a2=1e-3, adaptive_weights=True, accumulate_dtype="float64")
+    factors, _ = align(base, adapters, data, options, quiet)
+    expected = reference_iteris(base.model, base.tokenizer, adapter_dirs, 2, 1e-3)
+    assert set(factors) == set(expected) == {p for a in adapters for p in a.modules}
+    for path, (B, A) in factors.items():
+        assert _relative(B.double() @ A.double(), expected[path]) < 2e-4, path
