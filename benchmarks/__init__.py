@@ -5,3 +5,7 @@ linear head per task trained on all-MiniLM-L6-v2 (see ``tasks``, ``train``, ``ev
 Not installed with the project: run it from the repository root, e.g.
 ``python -m benchmarks.train --out /tmp/bench-adapters``.
 """
+
+from transformers.utils import logging as _hf_logging
+
+_hf_logging.disable_progress_bar()  # scoring loads the encoder many times; our own bars say enough

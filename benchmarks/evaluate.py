@@ -142,15 +142,18 @@ def accuracy(
     split: str = "test",
     lora_state: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     batch_size: int = 64,
+    limit: int | None = None,
 ) -> float:
     """Accuracy on ``split`` of ``task`` of the encoder (see :func:`load_encoder`) read
-    out through the head saved in ``head_dir``, at the head's training ``max_length``."""
+    out through the head saved in ``head_dir``, at the head's training ``max_length``.
+    ``limit`` scores only the first examples of the length-sorted split (smoke tests)."""
     head = load_head(head_dir)
     expected = load_task(task).labels
     if head.labels != expected:
         raise ValueError(f"head in {head_dir} is for labels {head.labels}, task {task!r} has {expected}")
     model = load_encoder(model_path, adapter_dir, lora_state)
     ids, labels = _encoded_split(str(model_path), task, split, head.max_length)
+    ids, labels = ids[:limit], labels[:limit]
     pad_token_id = tokenizer_for(str(model_path)).pad_token_id
     correct = 0
     with torch.inference_mode():

@@ -35,14 +35,15 @@ SAMPLE_SWEEP = (5, 10, 20, 50, 100, 200)
 ITERATION_SWEEP = (0, 1, 2, 5, 10)  # 0 = the first (RegMean-like) solve only
 
 
-def merge_and_score(model: str, adapters: dict[str, Path], strategy: str, params: dict, out: Path) -> dict:
+def merge_and_score(model: str, adapters: dict[str, Path], strategy: str, params: dict, out: Path,
+                    limit: int | None = None) -> dict:
     """Merge all adapters with ``strategy`` and return per-task test accuracy plus timing."""
     report = run_merge(MergeRequest(
         base_model=model,
         adapters=[AdapterSpec(folder) for folder in adapters.values()],
         out=out, strategy=strategy, params=params, overwrite=True, evaluate=False, quiet=True,
     ))
-    scores = {task: accuracy(model, out, folder, task) for task, folder in adapters.items()}
+    scores = {task: accuracy(model, out, folder, task, limit=limit) for task, folder in adapters.items()}
     return {"accuracy": scores, "merge_seconds": report["merge_seconds"], "iterations_run": report["iterations_run"]}
 
 
@@ -50,8 +51,12 @@ def normalized(scores: dict[str, float], own: dict[str, float]) -> float:
     return sum(scores[t] / own[t] for t in scores) / len(scores)
 
 
-def run(workdir: Path, tasks: tuple[str, ...], strategies: tuple[str, ...], train_config: TrainConfig,
-        sample_sweep=SAMPLE_SWEEP, iteration_sweep=ITERATION_SWEEP) -> dict:
+def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ...] = STRATEGIES,
+        train_config: TrainConfig = TrainConfig(), sample_sweep=SAMPLE_SWEEP, iteration_sweep=ITERATION_SWEEP,
+        test_limit: int | None = None, iteris_params: dict | None = None) -> dict:
+    """Train (or reuse) the adapters, then run the strategy table and both IterIS sweeps.
+    ``iteris_params`` overrides IterIS defaults everywhere (smoke tests shrink the work)."""
+    base_params = dict(iteris_params or {})
     model = default_model_path()
     adapters = train_all(workdir / "adapters", model, train_config, tasks)
     merges = workdir / "merges"
@@ -59,20 +64,21 @@ def run(workdir: Path, tasks: tuple[str, ...], strategies: tuple[str, ...], trai
     for task, folder in tqdm(adapters.items(), desc="references"):
         results["baselines"][task] = {
             "majority": majority_accuracy(task),
-            "base+head": accuracy(model, None, folder, task),
-            "own adapter": accuracy(model, folder, folder, task),
+            "base+head": accuracy(model, None, folder, task, limit=test_limit),
+            "own adapter": accuracy(model, folder, folder, task, limit=test_limit),
         }
     own = {t: results["baselines"][t]["own adapter"] for t in tasks}
     for strategy in tqdm(strategies, desc="strategies"):
-        entry = merge_and_score(model, adapters, strategy, {}, merges / strategy)
+        params = base_params if strategy == "iteris" else {}
+        entry = merge_and_score(model, adapters, strategy, params, merges / strategy, test_limit)
         entry["normalized"] = normalized(entry["accuracy"], own)
         results["strategies"][strategy] = entry
     for samples in tqdm(sample_sweep, desc="sample sweep"):
-        entry = merge_and_score(model, adapters, "iteris", {"samples_per_task": samples}, merges / f"samples-{samples}")
+        entry = merge_and_score(model, adapters, "iteris", {**base_params, "samples_per_task": samples}, merges / f"samples-{samples}", test_limit)
         results["samples"][samples] = normalized(entry["accuracy"], own)
     for iterations in tqdm(iteration_sweep, desc="iteration sweep"):
-        params = {"iterations": iterations + 1, "tolerance": 0.0}
-        entry = merge_and_score(model, adapters, "iteris", params, merges / f"iterations-{iterations}")
+        params = {**base_params, "iterations": iterations + 1, "tolerance": 0.0}
+        entry = merge_and_score(model, adapters, "iteris", params, merges / f"iterations-{iterations}", test_limit)
         results["iterations"][iterations] = normalized(entry["accuracy"], own)
     return results
 
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.workdir, tuple(args.tasks), tuple(args.strategies), TrainConfig())
+    results = run(args.workdir, tuple(args.tasks), tuple(args.strategies))
     (args.workdir / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for path in plot(results, args.workdir):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 
 from iteris_daemon.calibration import Sample, read_jsonl, write_jsonl
 
-from .tasks import load_task
+from .tasks import TASKS, load_task
 from .train import TrainConfig, default_model_path, train_all
 
 STRATEGIES = ("iteris", "regmean", "task_arithmetic", "ties", "dare", "peft_cat", "peft_svd", "peft_ties_svd")
@@ -116,28 +115,33 @@ def synthetic_setup(folder: Path, width: int, n_adapters: int, samples: int = 32
     return str(base), adapters
 
 
-def run(workdir: Path, scaling_adapters=(2, 4, 8, 16), scaling_widths=(256, 512, 1024, 2048)) -> dict:
+def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ...] = STRATEGIES,
+        train_config: TrainConfig = TrainConfig(), memory_samples=(50, 500),
+        scaling_adapters=(2, 4, 8, 16), scaling_widths=(256, 512, 1024, 2048), iteris_params: dict | None = None) -> dict:
+    """Strategy timings, the floor, memory against a token-storing implementation, scaling.
+    ``iteris_params`` overrides IterIS defaults (smoke tests shrink the work)."""
+    base_params = dict(iteris_params or {})
     model = default_model_path()
-    adapters = train_all(workdir / "adapters", model, TrainConfig())
+    adapters = train_all(workdir / "adapters", model, train_config, tasks)
     out = workdir / "speed-merges"
     results: dict = {"machine": _machine(), "strategies": {}, "memory": {}, "scaling": {"adapters": {}, "width": {}}}
 
     specs50 = calibration_files(adapters, 50, workdir / "calibration")
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         specs = specs50 if strategy in ("iteris", "regmean") else [str(a) for a in adapters.values()]
-        report = _merge_process(model, specs, out / strategy, strategy, {})
+        report = _merge_process(model, specs, out / strategy, strategy, base_params if strategy == "iteris" else {})
         results["strategies"][strategy] = {
             "seconds": report["merge_seconds"], "peak_rss_mb": report["peak_memory_mb"],
             **({"timings": report["metrics"]["timings"], "iterations_run": report["iterations_run"]}
                if strategy == "iteris" else {}),
         }
     iteris = results["strategies"]["iteris"]
-    floor = floor_seconds(model, specs50, iteris["iterations_run"], 16, 128)
+    floor = floor_seconds(model, specs50, iteris["iterations_run"], 16, base_params.get("max_length", 128))
     results["floor"] = {"seconds": floor, "passes": iteris["iterations_run"], "ratio": iteris["seconds"] / floor}
 
-    for samples in (50, 500):
+    for samples in memory_samples:
         specs = calibration_files(adapters, samples, workdir / "calibration")
-        params = {"samples_per_task": samples, "iterations": 3, "tolerance": 0.0}
+        params = {**base_params, "samples_per_task": samples, "iterations": 3, "tolerance": 0.0}
         report = _merge_process(model, specs, out / f"mem-{samples}", "iteris", params)
         results["memory"][samples] = {
             "iteris_peak_rss_mb": report["peak_memory_mb"],
@@ -148,11 +152,11 @@ def run(workdir: Path, scaling_adapters=(2, 4, 8, 16), scaling_widths=(256, 512,
     synthetic = workdir / "synthetic"
     for n in scaling_adapters:
         base, specs = synthetic_setup(synthetic, 512, n)
-        report = _merge_process(base, specs, out / f"adapters-{n}", "iteris", {"iterations": 2, "tolerance": 0.0})
+        report = _merge_process(base, specs, out / f"adapters-{n}", "iteris", {**base_params, "iterations": 2, "tolerance": 0.0})
         results["scaling"]["adapters"][n] = report["metrics"]["timings"]
     for width in scaling_widths:
         base, specs = synthetic_setup(synthetic, width, 4)
-        report = _merge_process(base, specs, out / f"width-{width}", "iteris", {"iterations": 2, "tolerance": 0.0})
+        report = _merge_process(base, specs, out / f"width-{width}", "iteris", {**base_params, "iterations": 2, "tolerance": 0.0})
         results["scaling"]["width"][width] = report["metrics"]["timings"]
     return results
 

@@ -57,6 +57,7 @@ class MergeRequest:
     overwrite: bool = False
     evaluate: bool = True
     eval_batch_size: int = 16
+    eval_samples: int = 50
     eval_max_length: int = 128
     quiet: bool = False
 
@@ -166,7 +167,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     _prepare_out(request.out, request.overwrite)
     adapters = load_adapters(request.adapters)
     calibration = gather_calibration(adapters, request.adapters, required=strategy.needs_calibration)
-    samples = getattr(params, "samples_per_task", None)
+    # Strategies that read calibration data are evaluated on the samples they used;
+    # data-free ones on the first ``eval_samples`` of each set.
+    samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples
     calibration = [c.head(samples) if c is not None else None for c in calibration]
     head = merged_head(adapters, request.modules_to_save_rule)
 
