@@ -54,19 +54,23 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-def build_tiny_model(family: str, out: Path, task_type: str | None = None) -> Path:
-    """Save a randomly initialised tiny model of ``family`` with the MiniLM tokenizer."""
+def model_class(task_type: str | None):
+    """The transformers auto class PEFT uses for ``task_type``."""
     import transformers as tf
 
-    torch.manual_seed(0)
-    config = tiny_config(family)
-    model_class = {
+    return {
         None: tf.AutoModel,
         "CAUSAL_LM": tf.AutoModelForCausalLM,
         "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
         "SEQ_CLS": tf.AutoModelForSequenceClassification,
     }[task_type]
-    model = model_class.from_config(config)
+
+
+def build_tiny_model(family: str, out: Path, task_type: str | None = None) -> Path:
+    """Save a randomly initialised tiny model of ``family`` with the MiniLM tokenizer."""
+
+    torch.manual_seed(0)
+    model = model_class(task_type).from_config(tiny_config(family))
     model.save_pretrained(out)
     tokenizer().save_pretrained(out)
     return out
@@ -101,16 +105,9 @@ def build_adapter(
     modules_to_save: list[str] | None = None,
 ) -> Path:
     """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl."""
-    import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    model_class = {
-        None: tf.AutoModel,
-        "CAUSAL_LM": tf.AutoModelForCausalLM,
-        "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
-        "SEQ_CLS": tf.AutoModelForSequenceClassification,
-    }[task_type]
-    model = model_class.from_pretrained(model_dir)
+    model = model_class(task_type).from_pretrained(model_dir)
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family], task_type=task_type,
         use_rslora=use_rslora, init_lora_weights=False, fan_in_fan_out=(family == "gpt2"),
