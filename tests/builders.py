@@ -68,7 +68,6 @@ def model_class(task_type: str | None):
 
 def build_tiny_model(family: str, out: Path, task_type: str | None = None) -> Path:
     """Save a randomly initialised tiny model of ``family`` with the MiniLM tokenizer."""
-
     torch.manual_seed(0)
     model = model_class(task_type).from_config(tiny_config(family))
     model.save_pretrained(out)
