@@ -17,11 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"), help="outputs and caches (default: bench-out)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {"machine": platform.platform(), "quality": quality.run(args.workdir), "speed": speed.run(args.workdir)}
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(quality.table(results["quality"]))
+    # Each part is saved as soon as it ends, so a long run interrupted later keeps it.
+    results = {"machine": platform.platform(), "quality": quality.run(args.workdir)}
+    (args.workdir / "quality.json").write_text(json.dumps(results["quality"], indent=2) + "\n")
+    print(quality.table(results["quality"]), flush=True)
     for path in quality.plot(results["quality"], args.workdir):
-        print(f"wrote {path}")
+        print(f"wrote {path}", flush=True)
+    results["speed"] = speed.run(args.workdir)
+    (args.workdir / "speed.json").write_text(json.dumps(results["speed"], indent=2) + "\n")
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(speed.tables(results["speed"]))
     return 0
 

@@ -132,6 +132,7 @@ def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ..
         report = _merge_process(model, specs, out / strategy, strategy, base_params if strategy == "iteris" else {})
         results["strategies"][strategy] = {
             "seconds": report["merge_seconds"], "peak_rss_mb": report["peak_memory_mb"],
+            "merge_memory_mb": report["merge_memory_mb"],
             **({"timings": report["metrics"]["timings"], "iterations_run": report["iterations_run"]}
                if strategy == "iteris" else {}),
         }
@@ -145,6 +146,7 @@ def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ..
         report = _merge_process(model, specs, out / f"mem-{samples}", "iteris", params)
         results["memory"][samples] = {
             "iteris_peak_rss_mb": report["peak_memory_mb"],
+            "iteris_merge_memory_mb": report["merge_memory_mb"],
             "iteris_seconds": report["merge_seconds"],
             "token_storing": token_storing_peak(model, specs, 3),
         }
@@ -170,23 +172,32 @@ def _machine() -> dict:
 
 
 def tables(results: dict) -> str:
-    lines = ["| strategy | seconds | peak RSS (MB) |", "|---|---|---|"]
+    lines = ["| strategy | seconds | process peak RSS (MB) | RSS at merge start (MB) | peak during merge (MB) |",
+             "|---|---|---|---|---|"]
     for name, entry in results["strategies"].items():
-        lines.append(f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb']:.0f} |")
+        mem = entry["merge_memory_mb"]
+        lines.append(f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb']:.0f} | {_mb(mem['before'])} | {_mb(mem['peak'])} |")
     it = results["strategies"]["iteris"]
     floor = results["floor"]
     lines += ["", f"IterIS: {it['seconds']:.2f}s = inference {it['timings']['inference_s']:.2f}s + solve "
               f"{it['timings']['solve_s']:.2f}s over {it['iterations_run']} iterations; floor "
               f"({floor['passes']} plain forward passes over all calibration sets) {floor['seconds']:.2f}s; "
               f"ratio **{floor['ratio']:.2f}x**", "",
-              "| samples/task | IterIS peak RSS (MB) | token-storing peak RSS (MB) |", "|---|---|---|"]
+              "| samples/task | IterIS process peak RSS (MB) | IterIS peak during merge (MB) | IterIS seconds | "
+              "token-storing process peak (MB) | token-storing peak during merge (MB) |", "|---|---|---|---|---|---|"]
     for samples, entry in results["memory"].items():
-        lines.append(f"| {samples} | {entry['iteris_peak_rss_mb']:.0f} | {entry['token_storing']['peak_rss_mb']:.0f} |")
+        lines.append(f"| {samples} | {entry['iteris_peak_rss_mb']:.0f} | {_mb(entry['iteris_merge_memory_mb']['peak'])} | "
+                     f"{entry['iteris_seconds']:.1f} | {entry['token_storing']['peak_rss_mb']:.0f} | "
+                     f"{_mb(entry['token_storing'].get('merge_peak_mb'))} |")
     lines += ["", "| synthetic | inference s | solve s |", "|---|---|---|"]
     for key, label in (("adapters", "adapters (d=512)"), ("width", "width (4 adapters)")):
         for value, timing in results["scaling"][key].items():
             lines.append(f"| {label} = {value} | {timing['inference_s']:.2f} | {timing['solve_s']:.2f} |")
     return "\n".join(lines)
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:

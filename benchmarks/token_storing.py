@@ -5,11 +5,11 @@ implementation; it solves the same equations (dense, float64; task weights left 
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
 
+from iteris_daemon import memory
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel, Delta
@@ -20,6 +20,7 @@ def main(model: str, specs: list[str], iterations: int, a: float = 1e-3) -> dict
     adapters = [load_adapter(spec.split("=")[0]) for spec in specs]
     data = [read_jsonl(spec.split("=")[1]) for spec in specs]
     base = BaseModel(model, adapters)
+    window = memory.reset_peak()  # measure the merge, not the model load
     paths = sorted({p for ad in adapters for p in ad.modules})
     batches = [base.batches(d, 16, 128) for d in data]
     base.attach(paths)
@@ -49,5 +50,5 @@ def main(model: str, specs: list[str], iterations: int, a: float = 1e-3) -> dict
         deltas = {p: Delta(torch.eye(D.shape[1]), D.float()) for p, D in merged.items()}
         Xt = [capture(i, deltas) for i in range(len(adapters))]
     base.detach()
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_rss_mb": memory.process_peak_mb(), "merge_peak_mb": memory.window_peak_mb() if window else None,
             "seconds": time.perf_counter() - started}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import memory
 from .calibration import CalibrationSet
 from .errors import CalibrationError, IncompatibleAdaptersError, MergeError, OutputExistsError
 from .evaluation import evaluate
@@ -179,9 +179,12 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         base.check_adapter(adapter)
 
     log.info("merging %d adapters with %s", len(adapters), strategy.name)
+    rss_before = memory.current_rss_mb()
+    window = memory.reset_peak()
     merge_started = time.perf_counter()
     result = strategy.merge(MergeInputs(base, adapters, calibration, request.device), params, progress)
     merge_seconds = time.perf_counter() - merge_started
+    merge_peak = memory.window_peak_mb() if window else None
 
     modules, ranks, truncation = {}, {}, {}
     for path, (B, A) in result.modules.items():
@@ -219,7 +222,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         "iterations_run": result.metrics.get("iterations_run", 0),
         "merge_seconds": round(merge_seconds, 3),
         "total_seconds": None,
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_mb": round(memory.process_peak_mb(), 1),
+        # The strategy's own footprint: RSS when it started and its peak (None off Linux).
+        "merge_memory_mb": {"before": _round(rss_before), "peak": _round(merge_peak)},
         "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks)},
         "rank_cap_error": max(truncation.values(), default=0.0),
         "tasks": per_task,
@@ -228,6 +233,10 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     config = _peft_config(request, adapters, ranks, head)
     _write_atomically(request.out, config, modules, head, report, started)
     return report
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _write_atomically(out: Path, config, modules, head, report, started) -> None:

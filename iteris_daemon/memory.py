@@ -1,0 +1,47 @@
+"""Resident memory of this process, for merge reports and benchmarks.
+
+A merge's process peak is usually the model load, which hides what the merge
+itself needs. On Linux the peak (VmHWM) can be reset before the merge starts
+(``/proc/self/clear_refs``), so the peak read afterwards is the merge's own.
+Elsewhere the figures fall back to ``getrusage`` and the merge peak is None.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    return _status_mb("VmRSS")
+
+
+def process_peak_mb() -> float:
+    """Peak RSS since the process started (never reset)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Make the next :func:`window_peak_mb` measure from now; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_mb() -> float | None:
+    """Peak RSS since the last :func:`reset_peak` (Linux VmHWM)."""
+    return _status_mb("VmHWM")
