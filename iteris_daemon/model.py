@@ -76,6 +76,66 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _linear_weight_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a Linear or GPT-2 Conv1D layer, else None."""
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)  # type: ignore[return-value]
+    if Conv1D and isinstance(module, Conv1D):
+        return tuple(module.weight.shape[::-1])  # type: ignore[return-value]
+    return None
+
+
+def check_adapter_shapes(model: nn.Module, adapter: LoraAdapter, model_name: str) -> None:
+    """Every LoRA tensor must sit on a linear layer of ``model`` with matching shapes.
+
+    Works on a real model and on a weightless skeleton (see :func:`load_skeleton`).
+    """
+    where = adapter.path / "adapter_model.safetensors"
+    modules = dict(model.named_modules())
+    for path, module in adapter.modules.items():
+        layer = modules.get(path)
+        if layer is None:
+            raise AdapterError(where, f"targets {path}, which the base model ({model_name}) does not have")
+        shape = _linear_weight_shape(layer)
+        if shape is None:
+            raise AdapterError(where, f"{path} is a {type(layer).__name__}; only Linear/Conv1D LoRA can be merged")
+        d_out, d_in = shape
+        if module.A.shape[1] != d_in or module.B.shape[0] != d_out:
+            raise AdapterError(
+                where, f"{path}: LoRA delta is {module.B.shape[0]}x{module.A.shape[1]} but the base layer is {d_out}x{d_in}"
+            )
+        is_conv1d = not isinstance(layer, nn.Linear)
+        if is_conv1d != adapter.fan_in_fan_out:
+            raise AdapterError(where, f"fan_in_fan_out={adapter.fan_in_fan_out} does not match {path}")
+    for key, tensor in adapter.modules_to_save.items():
+        try:
+            param = model.get_parameter(key)
+        except AttributeError:
+            raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model") from None
+        if param.shape != tensor.shape:
+            raise AdapterError(where, f"{key} is {tuple(tensor.shape)}, base model has {tuple(param.shape)}")
+
+
+def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bool = False) -> nn.Module:
+    """The base model's module tree on the meta device: shapes without weights or RAM.
+
+    Only the config is read, so checking an adapter against its base model costs
+    milliseconds and no download of the weights.
+    """
+    from transformers import AutoConfig
+
+    kwargs: dict = {}
+    labels = _head_labels([adapter])
+    if labels is not None and adapter.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        kwargs["num_labels"] = labels
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
+    with torch.device("meta"):
+        return _auto_class(adapter.task_type).from_config(config, trust_remote_code=trust_remote_code)
+
+
 class BaseModel:
     """A loaded base model plus the runtime that applies LoRA deltas to it."""
 
@@ -132,35 +192,12 @@ class BaseModel:
         module = self.layer(path)
         if isinstance(module, nn.Linear):
             return module.weight.detach()
-        if Conv1D and isinstance(module, Conv1D):
+        if _linear_weight_shape(module) is not None:
             return module.weight.detach().T
         raise TypeError(f"{path} is a {type(module).__name__}, not a linear layer")
 
     def check_adapter(self, adapter: LoraAdapter) -> None:
-        """Every LoRA tensor must sit on a linear layer of this model with matching shapes."""
-        where = adapter.path / "adapter_model.safetensors"
-        for path, module in adapter.modules.items():
-            layer = self._modules.get(path)
-            if layer is None:
-                raise AdapterError(where, f"targets {path}, which this base model ({self.name_or_path}) does not have")
-            is_conv1d = bool(Conv1D) and isinstance(layer, Conv1D)
-            if not isinstance(layer, nn.Linear) and not is_conv1d:
-                raise AdapterError(where, f"{path} is a {type(layer).__name__}; only Linear/Conv1D LoRA can be merged")
-            d_out, d_in = self.weight(path).shape
-            if module.A.shape[1] != d_in or module.B.shape[0] != d_out:
-                raise AdapterError(
-                    where,
-                    f"{path}: LoRA delta is {module.B.shape[0]}x{module.A.shape[1]} but the base layer is {d_out}x{d_in}",
-                )
-            if is_conv1d != adapter.fan_in_fan_out:
-                raise AdapterError(where, f"fan_in_fan_out={adapter.fan_in_fan_out} does not match {path}")
-        for key, tensor in adapter.modules_to_save.items():
-            try:
-                param = self.model.get_parameter(key)
-            except AttributeError:
-                raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model") from None
-            if param.shape != tensor.shape:
-                raise AdapterError(where, f"{key} is {tuple(tensor.shape)}, base model has {tuple(param.shape)}")
+        check_adapter_shapes(self.model, adapter, self.name_or_path)
 
     # ----------------------------------------------------------------- runtime
     def attach(self, paths: Iterable[str]) -> None:

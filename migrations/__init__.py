@@ -1,4 +1,6 @@
 """Catalog migrations (Alembic), installed as ``iteris_daemon.migrations``.
 
-The catalog arrives with the adapter-catalog work; this package exists so the
-layout and the install mapping are in place from the start."""
+They run programmatically (``iteris_daemon.catalog.db.upgrade``; ``iteris-daemon db
+upgrade`` by hand). A new one: change ``iteris_daemon/catalog/models.py``, then
+``python -m iteris_daemon.catalog.revision "what changed"`` writes the script here.
+"""

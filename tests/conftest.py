@@ -31,3 +31,12 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bert(tiny):
     return tiny["bert"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request, tmp_path):
+    """A real, empty catalog database: a SQLite file, then the PostgreSQL test server."""
+    from databases import database
+
+    with database(request.param, tmp_path) as url:
+        yield url

@@ -1,0 +1,180 @@
+"""The catalog's tables (SQLAlchemy 2). Alembic migrations in ``migrations/`` create
+them; a test checks that the two agree.
+
+- ``sources``: where adapters come from (local folders, Hub users/orgs or repo lists)
+  and whether polling them currently works.
+- ``adapters``: one row per adapter location (a folder, a Hub repo); its ``status``
+  follows its newest revision, or is ``removed`` once the location is gone.
+- ``adapter_revisions``: every distinct content seen at that location, with what
+  validation found, or why it was rejected.
+- ``merge_groups`` / ``merge_runs`` / ``merge_run_inputs``: what the daemon merges,
+  and every run with the exact revisions it used.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names, so migrations can alter them on every backend
+# (SQLite's batch mode needs names to drop or recreate a constraint).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class SourceKind(str, enum.Enum):
+    local = "local"
+    hub = "hub"
+
+
+class AdapterStatus(str, enum.Enum):
+    registered = "registered"
+    rejected = "rejected"
+    removed = "removed"
+
+
+class RunStatus(str, enum.Enum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK, so adding a value later is a simple migration.
+    return Enum(cls, name=name, native_enum=False, create_constraint=True, length=16)
+
+
+class Source(Base):
+    __tablename__ = "sources"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[SourceKind] = mapped_column(_enum(SourceKind, "source_kind"))
+    # Kind-specific settings (folders, repo ids, endpoint, interval, ...): see sources/.
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    healthy: Mapped[bool] = mapped_column(default=True)
+    last_poll_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    adapters: Mapped[list[Adapter]] = relationship(back_populates="source", cascade="all, delete-orphan")
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("source_id", "locator"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), index=True)
+    # Absolute folder path (local) or repo id, plus "@branch" when not the default (hub).
+    locator: Mapped[str] = mapped_column(String(1024))
+    name: Mapped[str] = mapped_column(String(512))
+    status: Mapped[AdapterStatus] = mapped_column(_enum(AdapterStatus, "adapter_status"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    source: Mapped[Source] = relationship(back_populates="adapters")
+    revisions: Mapped[list[AdapterRevision]] = relationship(
+        back_populates="adapter", cascade="all, delete-orphan", order_by="AdapterRevision.id"
+    )
+
+    @property
+    def current(self) -> AdapterRevision | None:
+        """The revision the location holds now: the one seen most recently."""
+        return max(self.revisions, key=lambda r: (r.last_seen_at, r.id), default=None)
+
+
+class AdapterRevision(Base):
+    __tablename__ = "adapter_revisions"
+    __table_args__ = (UniqueConstraint("adapter_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
+    # Hub: the commit sha. Local: the content fingerprint (config + weights).
+    revision: Mapped[str] = mapped_column(String(64))
+    content_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Where the files of this revision are (the folder, or the daemon's Hub cache).
+    files_path: Mapped[str | None] = mapped_column(String(1024))
+    base_model: Mapped[str | None] = mapped_column(String(512), index=True)
+    task_type: Mapped[str | None] = mapped_column(String(32))
+    rank: Mapped[int | None] = mapped_column(Integer)
+    alpha: Mapped[float | None]
+    target_modules: Mapped[list[str] | None] = mapped_column(JSON)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    has_calibration: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[AdapterStatus] = mapped_column(_enum(AdapterStatus, "revision_status"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    discovered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    validated_at: Mapped[datetime | None]
+    # Updated only when the location switches back to this content (a revert).
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    adapter: Mapped[Adapter] = relationship(back_populates="revisions")
+
+
+class MergeGroup(Base):
+    __tablename__ = "merge_groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    base_model: Mapped[str] = mapped_column(String(512))
+    selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    strategy: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    destinations: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # A daemon that is merging this group holds the claim; others skip it (multi-daemon safety).
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claimed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    runs: Mapped[list[MergeRun]] = relationship(back_populates="group", cascade="all, delete-orphan")
+
+
+class MergeRun(Base):
+    __tablename__ = "merge_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("merge_groups.id", ondelete="CASCADE"), index=True)
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), index=True)
+    input_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    output_location: Mapped[str | None] = mapped_column(String(1024))
+    output_commit: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    group: Mapped[MergeGroup] = relationship(back_populates="runs")
+    inputs: Mapped[list[MergeRunInput]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class MergeRunInput(Base):
+    __tablename__ = "merge_run_inputs"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("merge_runs.id", ondelete="CASCADE"), primary_key=True)
+    revision_id: Mapped[int] = mapped_column(ForeignKey("adapter_revisions.id", ondelete="RESTRICT"), primary_key=True)
+    calibration_source: Mapped[str | None] = mapped_column(String(1024))
+    calibration_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    run: Mapped[MergeRun] = relationship(back_populates="inputs")
+    revision: Mapped[AdapterRevision] = relationship()

@@ -1,0 +1,1 @@
+"""Where adapters come from: local folders (watchdog events) and Hub repositories (polling)."""

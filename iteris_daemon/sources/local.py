@@ -1,0 +1,324 @@
+"""Local folder source: watchdog events, debounced, plus a full rescan at start.
+
+An adapter folder is any non-hidden folder under a watched root holding an
+``adapter_config.json`` or weights. Writers are not atomic (config first, weights
+later, slow copies), so an event only marks a folder *dirty*; it is examined once
+no event has touched it for ``settle_seconds`` and two looks at its files (names,
+sizes, mtimes) agree. Folders whose name starts with "." are ignored, so a writer
+can stage an adapter in ``.tmp-x/`` and rename it into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from ..catalog import Catalog
+from ..catalog.models import Adapter, AdapterStatus, Source, utcnow
+from ..catalog.registry import Observation, record
+from ..errors import AdapterError, BaseModelError
+from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
+from ..validation import Limits, folder_fingerprint, validate_adapter
+
+log = logging.getLogger(__name__)
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES)
+CALIBRATION_NAME = "calibration.jsonl"
+
+
+class LocalSettings(BaseModel):
+    """Settings of a local folder source (stored in the catalog as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paths: list[Path] = Field(min_length=1, description="folders to watch, recursively")
+    base_model: str | None = Field(None, description="check shapes against this base model (default: the adapter's own)")
+    settle_seconds: float = Field(2.0, gt=0, description="quiet time before a changed folder is examined")
+    polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
+    poll_interval_seconds: float = Field(5.0, gt=0, description="polling period when polling=true")
+    trust_remote_code: bool = False
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, paths: list[Path]) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in paths]
+
+
+@dataclass
+class ScanReport:
+    registered: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    waiting: list[str] = field(default_factory=list)  # incomplete, or the base model is unreadable
+
+    def __str__(self) -> str:
+        return (f"{len(self.registered)} registered, {len(self.rejected)} rejected, {len(self.removed)} removed, "
+                f"{self.unchanged} unchanged, {len(self.waiting)} waiting")
+
+
+def _snapshot(folder: Path) -> tuple | None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        return tuple((e.name, e.stat(follow_symlinks=False).st_size, e.stat(follow_symlinks=False).st_mtime_ns)
+                     for e in entries if e.is_file(follow_symlinks=False) or e.is_symlink())
+    except OSError:
+        return None
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+class LocalFolderSource:
+    """Keeps the catalog in step with adapter folders under the source's paths."""
+
+    def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits()):
+        self.catalog = catalog
+        self.name = source_name
+        with catalog.session() as session:
+            source = session.scalar(select(Source).where(Source.name == source_name))
+            if source is None:
+                raise ValueError(f"no source named {source_name!r}")
+            self.source_id = source.id
+            self.settings = LocalSettings.model_validate(source.settings)
+        self.limits = limits
+        self._lock = threading.Lock()  # one examination at a time (scan, events)
+        # path -> (time of the last event, snapshot of its files then, examine subfolders too)
+        self._dirty: dict[Path, tuple[float, tuple | None, bool]] = {}
+        self._dirty_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._observer = None
+        self._worker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ discovery
+    def _root_of(self, path: Path) -> Path | None:
+        for root in self.settings.paths:
+            if path == root or root in path.parents:
+                return root
+        return None
+
+    def adapter_folders(self) -> list[Path]:
+        """Every candidate adapter folder under the roots (symlinked folders are not followed)."""
+        found = []
+        for root in self.settings.paths:
+            if not root.is_dir():
+                log.warning("source %s: folder %s does not exist (yet)", self.name, root)
+                continue
+            for folder, dirs, files in os.walk(root):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                if any(name in files for name in ADAPTER_FILES):
+                    found.append(Path(folder))
+        return found
+
+    def _name(self, folder: Path) -> str:
+        root = self._root_of(folder) or folder.parent
+        relative = folder.relative_to(root).as_posix()
+        return folder.name if relative == "." else relative
+
+    # ------------------------------------------------------------------ examination
+    def scan(self) -> ScanReport:
+        """Full rescan: register what is new or changed, mark vanished folders removed."""
+        report = ScanReport()
+        with self._lock:
+            folders = self.adapter_folders()
+            for folder in folders:
+                if self._recently_written(folder):  # maybe mid-copy: examine once it settles
+                    self._mark_dirty(folder)
+                    report.waiting.append(str(folder))
+                else:
+                    self._examine(folder, report)
+            present = {str(f) for f in folders}
+            self._mark_removed(lambda locator: locator not in present, report)
+            self._set_health(None)
+        log.info("source %s: scan: %s", self.name, report)
+        return report
+
+    def _recently_written(self, folder: Path) -> bool:
+        snapshot = _snapshot(folder) or ()
+        newest = max((mtime for _, _, mtime in snapshot), default=0) / 1e9
+        return time.time() - newest < self.settings.settle_seconds
+
+    def _examine(self, folder: Path, report: ScanReport) -> None:
+        if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
+            report.waiting.append(str(folder))  # config first, weights still to come
+            return
+        fingerprint = folder_fingerprint(folder)
+        with self.catalog.session() as session:
+            adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == str(folder)))
+            current = adapter.current if adapter else None
+            if current is not None and current.revision == fingerprint and adapter.status is not AdapterStatus.removed:
+                report.unchanged += 1
+                return
+        reason, info = None, None
+        try:
+            self._check_containment(folder)
+            info = validate_adapter(folder, self.settings.base_model, self.limits, self.settings.trust_remote_code)
+        except AdapterError as exc:
+            reason = str(exc)
+        except BaseModelError as exc:
+            log.warning("source %s: %s waits: %s", self.name, folder, exc)
+            self._set_health(str(exc))
+            report.waiting.append(str(folder))
+            return
+        seen = Observation(
+            locator=str(folder), name=self._name(folder), revision=fingerprint, files_path=str(folder),
+            info=info, reason=reason, has_calibration=(folder / CALIBRATION_NAME).is_file(),
+        )
+        with self.catalog.session() as session:
+            revision, new = record(session, self.source_id, seen)
+            status = revision.status
+        if info is None:
+            report.rejected.append(str(folder))
+            log.warning("source %s: rejected %s: %s", self.name, folder, reason)
+        elif new:
+            report.registered.append(str(folder))
+            log.info("source %s: registered %s (revision %s, rank %d, base %s)",
+                     self.name, seen.name, fingerprint[:12], info.rank, info.base_model)
+        elif status is AdapterStatus.registered:
+            report.registered.append(str(folder))
+            log.info("source %s: %s is back at an earlier revision %s", self.name, seen.name, fingerprint[:12])
+
+    def _check_containment(self, folder: Path) -> None:
+        """Adapter files must be regular files inside the watched root (no symlink escapes)."""
+        root = self._root_of(folder)
+        for name in ADAPTER_FILES + (CALIBRATION_NAME,):
+            path = folder / name
+            if path.is_symlink():
+                target = path.resolve()
+                if root is None or not (target == root or root in target.parents):
+                    raise AdapterError(path, "is a symlink pointing outside the watched folder")
+
+    def _mark_removed(self, gone, report: ScanReport) -> None:
+        with self.catalog.session() as session:
+            adapters = session.scalars(select(Adapter).where(
+                Adapter.source_id == self.source_id, Adapter.status != AdapterStatus.removed))
+            for adapter in adapters:
+                if gone(adapter.locator):
+                    adapter.status = AdapterStatus.removed
+                    report.removed.append(adapter.locator)
+                    log.info("source %s: %s removed", self.name, adapter.name)
+
+    def _set_health(self, error: str | None) -> None:
+        with self.catalog.session() as session:
+            source = session.get(Source, self.source_id)
+            source.healthy = error is None
+            source.last_error = error
+            source.last_poll_at = utcnow()
+
+    # ------------------------------------------------------------------ watching
+    def start(self) -> None:
+        """Watch the roots, then rescan (events during the scan are not lost: they queue)."""
+        observer_class = PollingObserver if self.settings.polling else Observer
+        self._observer = (observer_class(timeout=self.settings.poll_interval_seconds)
+                          if self.settings.polling else observer_class())
+        handler = _Handler(self._mark_dirty)
+        for root in self.settings.paths:
+            root.mkdir(parents=True, exist_ok=True)
+            self._observer.schedule(handler, str(root), recursive=True)
+        self._observer.start()
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+        if self._worker is not None:
+            self._worker.join()
+
+    def _mark_dirty(self, path: Path, deep: bool = False) -> None:
+        """An event touched ``path``; ``deep`` when a whole folder arrived (copied or moved in)."""
+        root = self._root_of(path)
+        if root is None or _hidden(path, root):
+            return
+        with self._dirty_lock:
+            deep = deep or self._dirty.get(path, (0, None, False))[2]
+            self._dirty[path] = (time.monotonic(), _snapshot(path) if path.is_dir() else None, deep)
+
+    def _run(self) -> None:
+        try:
+            self.scan()
+        except Exception:  # keep watching; the next event or restart retries
+            log.exception("source %s: initial scan failed", self.name)
+        tick = min(0.25, self.settings.settle_seconds / 4)
+        while not self._stop.wait(tick):
+            due = self._take_due()
+            if due:
+                try:
+                    self._settle(due)
+                except Exception:
+                    log.exception("source %s: examining %s failed", self.name, [str(p) for p, _ in due])
+
+    def _take_due(self) -> list[tuple[Path, bool]]:
+        now = time.monotonic()
+        with self._dirty_lock:
+            due = [p for p, (t, _, _) in self._dirty.items() if now - t >= self.settings.settle_seconds]
+            ready = []
+            for path in due:
+                _, seen, deep = self._dirty.pop(path)
+                current = _snapshot(path) if path.is_dir() else None
+                if current != seen:  # still changing without telling us: look again later
+                    self._dirty[path] = (now, current, deep)
+                else:
+                    ready.append((path, deep))
+            return ready
+
+    def _settle(self, paths: list[tuple[Path, bool]]) -> None:
+        report = ScanReport()
+        with self._lock:
+            for path, deep in paths:
+                if path.is_dir():
+                    for folder in [path, *(self._subfolders(path) if deep else [])]:
+                        if any((folder / n).exists() for n in ADAPTER_FILES):
+                            self._examine(folder, report)
+                prefix = str(path)
+
+                def gone(locator: str, prefix=prefix) -> bool:
+                    under = locator == prefix or locator.startswith(prefix + os.sep)
+                    return under and not any((Path(locator) / n).exists() for n in ADAPTER_FILES)
+
+                self._mark_removed(gone, report)
+        if report.registered or report.rejected or report.removed:
+            log.debug("source %s: events: %s", self.name, report)
+
+    @staticmethod
+    def _subfolders(path: Path) -> list[Path]:
+        found = []
+        for folder, dirs, _ in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found.extend(Path(folder) / d for d in dirs)
+        return found
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns every event into "this folder may have changed"."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if not raw:
+                continue
+            path = Path(os.fsdecode(raw))
+            if not event.is_directory:
+                self.mark(path.parent)
+            elif event.event_type in ("deleted", "moved") and raw == event.src_path:
+                self.mark(path)  # gone: its adapters are marked removed
+                self.mark(path.parent)
+            else:
+                self.mark(path, deep=event.event_type in ("created", "moved"))

@@ -1,0 +1,172 @@
+"""Checks an adapter folder must pass before the catalog registers it.
+
+Order matters: cheap, structural checks that need no trust in the file come
+first (config JSON, refusal of pickled weights, the safetensors header against
+the file's real size), and only then are tensors read and compared with the
+base model's module shapes (from its config alone, on the meta device).
+Every failure is an :class:`AdapterError` whose reason the catalog records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterError
+from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config, sha256_file
+from .model import check_adapter_shapes, load_skeleton
+
+# Bytes per element of every dtype the safetensors format defines.
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds that keep a hostile adapter from costing unbounded memory or time."""
+
+    max_weights_bytes: int = 2 << 30
+    max_header_bytes: int = 16 << 20
+    max_tensors: int = 20_000
+    max_rank: int = 4096
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the catalog records about a valid adapter."""
+
+    base_model: str | None
+    task_type: str | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    content_sha256: str
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Identity of a folder's adapter content (config + weights, pickled or not).
+
+    Two scans of unchanged files give the same value, so registering twice is a
+    no-op; any byte change in the config or the weights gives a new revision.
+    """
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES):
+        path = folder / name
+        if path.is_file():
+            digest.update(f"{name}\0{sha256_file(path)}\0".encode())
+    return digest.hexdigest()
+
+
+def check_safetensors_header(path: Path, limits: Limits) -> dict[str, Any]:
+    """Parse the header without trusting it: offsets, dtypes and shapes must describe
+    exactly the bytes the file holds. Returns the tensor entries."""
+    size = path.stat().st_size
+    if size > limits.max_weights_bytes:
+        raise AdapterError(path, f"file is {size} bytes, above the limit of {limits.max_weights_bytes}")
+    if size < 8:
+        raise AdapterError(path, "truncated safetensors file (no header)")
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > min(limits.max_header_bytes, size - 8):
+            raise AdapterError(path, f"safetensors header claims {header_len} bytes; the file is truncated or corrupt")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(path, "safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise AdapterError(path, "safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    if len(header) > limits.max_tensors:
+        raise AdapterError(path, f"{len(header)} tensors, above the limit of {limits.max_tensors}")
+    data_size = size - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            width = _DTYPE_BYTES[dtype]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(start, int) and isinstance(end, int)):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise AdapterError(path, f"tensor {name!r} has a malformed header entry") from None
+        if not 0 <= start <= end <= data_size:
+            raise AdapterError(path, f"tensor {name!r} lies outside the file (truncated or corrupt)")
+        if end - start != width * math.prod(shape):
+            raise AdapterError(path, f"tensor {name!r}: {dtype}{shape} does not fill its {end - start} bytes")
+        spans.append((start, end))
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise AdapterError(path, "tensor data overlaps or leaves gaps (corrupt file)")
+        position = end
+    if position != data_size:
+        raise AdapterError(path, f"{data_size - position} bytes after the last tensor (corrupt file)")
+    return header
+
+
+def validate_adapter(
+    folder: Path,
+    base_model: str | None = None,
+    limits: Limits = Limits(),
+    trust_remote_code: bool = False,
+) -> AdapterInfo:
+    """Check ``folder`` fully; raise :class:`AdapterError` with the reason, or describe it.
+
+    ``base_model`` (the source's) wins over the adapter's own
+    ``base_model_name_or_path``; when neither is given the shape check against a
+    base model is skipped. A base model that cannot be read raises
+    :class:`~iteris_daemon.errors.BaseModelError` (a problem of the setup, not of the adapter).
+    """
+    config = read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        load_adapter(folder)  # raises the precise reason (pickled, missing)
+    if config["r"] > limits.max_rank:
+        raise AdapterError(folder / CONFIG_NAME, f"r={config['r']} is above the limit of {limits.max_rank}")
+    check_safetensors_header(weights, limits)
+    adapter = load_adapter(folder)
+    _check_targets(adapter.config, list(adapter.modules), folder / CONFIG_NAME)
+    base = base_model or adapter.base_model
+    if base:
+        check_adapter_shapes(_cached_skeleton(base, adapter, trust_remote_code), adapter, base)
+    targets = config.get("target_modules")
+    return AdapterInfo(
+        base_model=base,
+        task_type=adapter.task_type,
+        rank=max(m.rank for m in adapter.modules.values()),
+        alpha=float(config["lora_alpha"]),
+        target_modules=sorted(targets) if isinstance(targets, list) else sorted({p.rsplit(".", 1)[-1] for p in adapter.modules}),
+        size_bytes=weights.stat().st_size,
+        content_sha256=adapter.content_sha256,
+    )
+
+
+def _check_targets(config: dict[str, Any], modules: list[str], where: Path) -> None:
+    """Every adapted module must be one the config's ``target_modules`` names."""
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and targets:
+        stray = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
+        if stray:
+            raise AdapterError(where, f"weights adapt {stray[0]}, which target_modules {sorted(targets)} does not name")
+
+
+_SKELETONS: dict[tuple, Any] = {}
+
+
+def _cached_skeleton(base: str, adapter, trust_remote_code: bool):
+    """Skeletons are cheap but not free; a scan of many adapters of one base reuses one."""
+    labels = tuple(sorted((k, tuple(t.shape)) for k, t in adapter.modules_to_save.items()))
+    key = (base, adapter.task_type, labels, trust_remote_code)
+    if key not in _SKELETONS:
+        if len(_SKELETONS) >= 16:
+            _SKELETONS.pop(next(iter(_SKELETONS)))
+        _SKELETONS[key] = load_skeleton(base, adapter, trust_remote_code)
+    return _SKELETONS[key]

@@ -1,0 +1,46 @@
+"""Catalog databases for tests: a real SQLite file, and a real PostgreSQL server when
+``ITERIS_TEST_POSTGRES_URL`` names one (``.ci/run`` starts Debian's and sets it)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+POSTGRES_ENV = "ITERIS_TEST_POSTGRES_URL"
+SKIP_REASON = (
+    f"no PostgreSQL server: set {POSTGRES_ENV}=postgresql+psycopg://USER:PASSWORD@127.0.0.1:5432/postgres "
+    "to run the catalog tests against one (.ci/run does)"
+)
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty database on the test server; dropped afterwards."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(SKIP_REASON)
+    name = f"iteris_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def database(kind: str, tmp_path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+    else:
+        with postgres_database() as url:
+            yield url

@@ -1,0 +1,107 @@
+"""The catalog on real databases: migrations, model/migration agreement, registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, select
+
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog import db as catalog_db
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Base, SourceKind
+from iteris_daemon.catalog.registry import DuplicateError, Observation, add_source, record, remove_source
+from iteris_daemon.validation import AdapterInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _diff(engine) -> list:
+    with engine.connect() as connection:
+        return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+
+
+def _revisions() -> list[str]:
+    script = ScriptDirectory.from_config(catalog_db._alembic_config(None))
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def test_migrations_from_empty_match_the_models(catalog_url):
+    engine = catalog_db.make_engine(catalog_url)
+    assert inspect(engine).get_table_names() == []
+    catalog_db.upgrade(engine)
+    assert catalog_db.current_revision(engine) == catalog_db.head_revision()
+    assert set(inspect(engine).get_table_names()) >= {"sources", "adapters", "adapter_revisions", "merge_runs"}
+    assert _diff(engine) == []
+    engine.dispose()
+
+
+@pytest.mark.parametrize("start", _revisions())
+def test_upgrade_from_every_earlier_revision(catalog_url, start):
+    engine = catalog_db.make_engine(catalog_url)
+    catalog_db.upgrade(engine, start)
+    assert catalog_db.current_revision(engine) == start
+    catalog_db.upgrade(engine)
+    assert _diff(engine) == []
+    catalog_db.downgrade(engine, "base")  # and back down cleanly
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    engine.dispose()
+
+
+def test_the_wheel_ships_the_migrations(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("iteris_daemon-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for revision in (ROOT / "migrations" / "versions").glob("*.py"):
+        assert f"iteris_daemon/migrations/versions/{revision.name}" in names
+    assert {"iteris_daemon/migrations/env.py", "iteris_daemon/migrations/script.py.mako"} <= names
+
+
+def _info(sha: str) -> AdapterInfo:
+    return AdapterInfo(base_model="base", task_type=None, rank=4, alpha=8.0, target_modules=["query"],
+                       size_bytes=10, content_sha256=sha)
+
+
+def test_registration_is_idempotent_and_tracks_revisions(catalog_url):
+    catalog = Catalog(catalog_url)
+    with catalog.session() as session:
+        source = add_source(session, "team", SourceKind.local, {"paths": ["/x"]})
+        first, new = record(session, source.id, Observation("/x/a", "a", "r1", "/x/a", info=_info("s1")))
+        assert new
+        again, new = record(session, source.id, Observation("/x/a", "a", "r1", "/x/a", info=_info("s1")))
+        assert not new and again.id == first.id
+        second, new = record(session, source.id, Observation("/x/a", "a", "r2", "/x/a", reason="bad header"))
+        assert new
+    with catalog.session() as session:
+        adapter = session.scalar(select(Adapter))
+        assert [r.revision for r in adapter.revisions] == ["r1", "r2"]
+        assert adapter.status is AdapterStatus.rejected and adapter.current.reason == "bad header"
+        # Reverting to the earlier content makes it current again, without a new row.
+        back, new = record(session, adapter.source_id, Observation("/x/a", "a", "r1", "/x/a", info=_info("s1")))
+        assert not new and back.id == first.id
+    with catalog.session() as session:
+        adapter = session.scalar(select(Adapter))
+        assert adapter.status is AdapterStatus.registered and adapter.current.revision == "r1"
+        assert session.query(AdapterRevision).count() == 2
+    with catalog.session() as session, pytest.raises(DuplicateError):
+        add_source(session, "team", SourceKind.local, {})
+    with catalog.session() as session:
+        remove_source(session, "team")
+    with catalog.session() as session:
+        assert session.query(Adapter).count() == 0 and session.query(AdapterRevision).count() == 0
+    catalog.close()
+
+
+def test_sqlite_catalog_is_private_and_in_wal_mode(tmp_path):
+    catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
+    assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+    with catalog.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    catalog.close()

@@ -1,0 +1,216 @@
+"""Local folder source on a real SQLite file with real filesystem events (inotify, and
+the polling fallback): debounced registration, rejection reasons, revisions, removal,
+and the rescan at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from sqlalchemy import select
+
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import Adapter, AdapterStatus, SourceKind
+from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.lora import sha256_file
+from iteris_daemon.sources.local import LocalFolderSource
+
+SETTLE = 0.5
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local-src")
+    base = build_tiny_model("bert", root / "base")
+    adapters = [build_adapter(base, root / f"lora{i}", seed=i, family="bert", r=2 + i, alpha=4 + i) for i in range(2)]
+    return base, adapters
+
+
+@pytest.fixture
+def setup(tmp_path, made):
+    base, adapters = made
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    yield catalog, watched, base, adapters
+    catalog.close()
+
+
+def _source(catalog, watched, base, polling=False) -> LocalFolderSource:
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {
+            "paths": [str(watched)], "base_model": str(base), "settle_seconds": SETTLE,
+            "polling": polling, "poll_interval_seconds": 0.2,
+        })
+    return LocalFolderSource(catalog, "team")
+
+
+def _adapters(catalog) -> dict[str, Adapter]:
+    with catalog.session() as session:
+        rows = session.scalars(select(Adapter)).all()
+        for row in rows:
+            _ = row.revisions  # load while the session is open
+        return {row.name: row for row in rows}
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    """Poll until ``predicate()`` is truthy; a deadline only so a broken watcher cannot hang the suite."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _slow_copy(src: Path, dst: Path, chunks: int = 5, pause: float = 0.2) -> None:
+    """Config first, weights last and slowly, as a network copy would."""
+    dst.mkdir()
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    shutil.copy(src / "calibration.jsonl", dst / "calibration.jsonl")
+    data = (src / "adapter_model.safetensors").read_bytes()
+    step = len(data) // chunks + 1
+    with open(dst / "adapter_model.safetensors", "wb") as handle:
+        for start in range(0, len(data), step):
+            handle.write(data[start:start + step])
+            handle.flush()
+            os.fsync(handle.fileno())
+            time.sleep(pause)
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_slow_copy_is_registered_once_with_its_metadata(setup, polling):
+    catalog, watched, base, (lora, _) = setup
+    source = _source(catalog, watched, base, polling)
+    source.start()
+    try:
+        _slow_copy(lora, watched / "sentiment")
+        adapter = wait_for(lambda: _adapters(catalog).get("sentiment"), "registration")
+        time.sleep(3 * SETTLE)  # nothing else may arrive for it
+    finally:
+        source.stop()
+    adapters = _adapters(catalog)
+    assert list(adapters) == ["sentiment"]
+    adapter = adapters["sentiment"]
+    assert adapter.status is AdapterStatus.registered
+    (revision,) = adapter.revisions
+    assert revision.content_sha256 == sha256_file(lora / "adapter_model.safetensors")
+    assert (revision.rank, revision.alpha, revision.base_model) == (2, 4.0, str(base))
+    assert revision.target_modules == ["dense", "query", "value"]
+    assert revision.has_calibration and revision.files_path == str(watched / "sentiment")
+    assert revision.size_bytes == (lora / "adapter_model.safetensors").stat().st_size
+
+
+class _Payload:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _broken_copies(lora: Path, watched: Path, marker: Path) -> dict[str, str]:
+    """Four broken adapters; returns name -> a word their rejection reason must contain."""
+    def copy(name):
+        shutil.copytree(lora, watched / f".{name}")  # staged hidden, then renamed into place
+        return watched / f".{name}"
+
+    weights = "adapter_model.safetensors"
+    corrupted = copy("corrupted")
+    data = bytearray((corrupted / weights).read_bytes())
+    data[8:20] = b"\xff" * 12
+    (corrupted / weights).write_bytes(bytes(data))
+    truncated = copy("truncated")
+    (truncated / weights).write_bytes((lora / weights).read_bytes()[:-100])
+    pickled = copy("pickled")
+    (pickled / weights).unlink()
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    mismatched = copy("mismatched")
+    tensors = load_file(mismatched / weights)
+    key = next(k for k in tensors if k.endswith("query.lora_A.weight"))
+    tensors[key] = torch_cat_column(tensors[key])
+    save_file(tensors, mismatched / weights)
+    for name in ("corrupted", "truncated", "pickled", "mismatched"):
+        os.rename(watched / f".{name}", watched / name)
+    return {"corrupted": "header", "truncated": "truncated", "pickled": "pickled", "mismatched": "base layer"}
+
+
+def torch_cat_column(tensor):
+    import torch
+
+    return torch.cat([tensor, tensor[:, :1]], 1)
+
+
+def test_broken_adapters_are_rejected_with_their_reason(setup, tmp_path):
+    catalog, watched, base, (lora, _) = setup
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        marker = tmp_path / "unpickled"
+        expected = _broken_copies(lora, watched, marker)
+        wait_for(lambda: len(_adapters(catalog)) == 4, "four rejections")
+    finally:
+        source.stop()
+    adapters = _adapters(catalog)
+    for name, word in expected.items():
+        assert adapters[name].status is AdapterStatus.rejected
+        (revision,) = adapters[name].revisions
+        assert word in revision.reason, (name, revision.reason)
+        assert revision.content_sha256 is None
+    assert not marker.exists()
+
+
+def test_changed_weights_make_a_new_revision_and_a_deleted_folder_is_removed(setup):
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "task")
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        wait_for(lambda: "task" in _adapters(catalog), "registration")
+        # New weights of the same shapes (rank 3 LoRA of the second adapter would not fit r=2):
+        tensors = load_file(first / "adapter_model.safetensors")
+        save_file({k: v * 2 for k, v in tensors.items()}, watched / "task" / ".new.safetensors")
+        os.replace(watched / "task" / ".new.safetensors", watched / "task" / "adapter_model.safetensors")
+        wait_for(lambda: len(_adapters(catalog)["task"].revisions) == 2, "a second revision")
+        shutil.rmtree(watched / "task")
+        wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.removed, "removal")
+    finally:
+        source.stop()
+    adapter = _adapters(catalog)["task"]
+    assert [r.status for r in adapter.revisions] == [AdapterStatus.registered] * 2
+    assert adapter.revisions[1].content_sha256 != adapter.revisions[0].content_sha256
+
+
+def test_changes_while_stopped_are_found_at_start(setup):
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "old")
+    source = _source(catalog, watched, base)
+    report = source.scan()
+    assert len(report.registered) == 1
+    assert source.scan().unchanged == 1  # a second scan changes nothing
+    # The daemon is down: one adapter arrives, one goes.
+    shutil.copytree(second, watched / "nested" / "new")
+    shutil.rmtree(watched / "old")
+    (watched / "half").mkdir()
+    (watched / "half" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))  # weights yet to come
+    restarted = LocalFolderSource(catalog, "team")
+    restarted.start()
+    try:
+        wait_for(lambda: "nested/new" in _adapters(catalog), "the new adapter")
+        wait_for(lambda: _adapters(catalog)["old"].status is AdapterStatus.removed, "the removal")
+    finally:
+        restarted.stop()
+    adapters = _adapters(catalog)
+    assert adapters["nested/new"].status is AdapterStatus.registered
+    assert adapters["nested/new"].current.rank == 3
+    assert "half" not in adapters  # incomplete folders wait, they are not rejected
