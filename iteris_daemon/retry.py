@@ -1,0 +1,75 @@
+"""Retrying Hub calls: which failures are worth another try, and how long to wait.
+
+The Hub client retries some calls itself (listings, downloads) and not others
+(``model_info``, commits, refs). Every Hub call of the daemon goes through
+:func:`hub_retrying`, which retries rate limits (429, honouring ``Retry-After``),
+server errors (5xx) and transport failures (dropped connections, timeouts) with
+exponential backoff, and nothing else: a 401/404 will not get better by waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx2
+from huggingface_hub.errors import HfHubHTTPError
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+
+log = logging.getLogger(__name__)
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that another attempt may not meet."""
+    if isinstance(exc, httpx2.TransportError):
+        return True
+    if isinstance(exc, HfHubHTTPError):
+        status = _status(exc)
+        return status is not None and (status == 429 or status == 408 or status >= 500)
+    return False
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    if exc is None or _status(exc) != 429:
+        return None
+    try:
+        return float(exc.response.headers.get("Retry-After", ""))  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+
+
+class _Backoff:
+    """``base * 2**n`` capped at ``cap``; a 429's Retry-After wins (also capped)."""
+
+    def __init__(self, base: float, cap: float):
+        self.base, self.cap = base, cap
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = _retry_after(exc)
+        delay = hinted if hinted is not None else self.base * 2 ** (state.attempt_number - 1)
+        return max(0.0, min(delay, self.cap))
+
+
+def _log_retry(what: str):
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        status = _status(exc) if exc else None
+        reason = f"HTTP {status}" if status else type(exc).__name__
+        log.warning("%s: %s, retry %d in %.1fs", what, reason, state.attempt_number, state.next_action.sleep)
+    return before_sleep
+
+
+def hub_retrying(what: str, attempts: int = 6, base_seconds: float = 1.0, cap_seconds: float = 60.0) -> Retrying:
+    """A tenacity ``Retrying`` for one Hub operation, e.g. ``hub_retrying("model_info a/b")(api.model_info, "a/b")``."""
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(attempts),
+        wait=_Backoff(base_seconds, cap_seconds),
+        before_sleep=_log_retry(what),
+        reraise=True,
+    )

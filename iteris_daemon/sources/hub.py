@@ -1,0 +1,259 @@
+"""Hub source: polls repos (an explicit list, or every adapter repo of a user/org)
+through ``huggingface_hub``, and registers each new head commit.
+
+Per repo and poll: one ``model_info`` (the head sha and the file listing). An
+unchanged sha costs nothing more. For a new sha only the adapter files
+(config, safetensors weights, and ``calibration.jsonl`` when present) are
+downloaded, pinned to that sha, into the daemon's own cache; then validated and
+recorded like a local adapter, with the commit sha as its revision. A listing
+that names a file outside the repo (``../``, absolute paths) is refused before
+anything is downloaded. Transient failures are retried with backoff (see
+:mod:`iteris_daemon.retry`); a repo that still fails marks the source unhealthy
+and the rest of the poll goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from sqlalchemy import select
+
+from ..catalog import Catalog
+from ..catalog.models import Adapter, AdapterStatus, Source, utcnow
+from ..catalog.registry import Observation, record
+from ..errors import AdapterError, BaseModelError
+from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
+from ..retry import hub_retrying, is_transient
+from ..validation import Limits, validate_adapter
+from .local import CALIBRATION_NAME, ScanReport
+
+log = logging.getLogger(__name__)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubSettings(BaseModel):
+    """Settings of a Hub source (stored in the catalog as JSON; never the token itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
+    author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
+    base_model: str | None = Field(None, description="only adapters of this base model; shapes are checked against it")
+    endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
+    token_file: Path | None = Field(None, description="file holding the token (default: $HF_TOKEN)")
+    interval_seconds: float = Field(300.0, gt=0, description="poll period")
+    retry_attempts: int = Field(6, ge=1)
+    retry_base_seconds: float = Field(1.0, ge=0)
+    retry_cap_seconds: float = Field(60.0, ge=0)
+    trust_remote_code: bool = False
+
+    @field_validator("repos")
+    @classmethod
+    def _repo_ids(cls, repos: list[str]) -> list[str]:
+        for spec in repos:
+            if not _REPO_ID.match(spec.partition("@")[0]):
+                raise ValueError(f"{spec!r} is not a repo id (OWNER/NAME[@BRANCH])")
+        return repos
+
+    @model_validator(mode="after")
+    def _something_to_poll(self) -> HubSettings:
+        if not self.repos and not self.author:
+            raise ValueError("give repos or an author to poll")
+        return self
+
+    def token(self) -> SecretStr | None:
+        if self.token_file is not None:
+            try:
+                value = self.token_file.read_text().strip()
+            except OSError as exc:
+                raise BaseModelError(f"cannot read the token file {self.token_file}: {exc.strerror}") from None
+            return SecretStr(value) if value else None
+        value = os.environ.get("HF_TOKEN")
+        return SecretStr(value) if value else None
+
+
+def unsafe_path(name: str) -> bool:
+    """A repo file name that could land outside the download folder, or that no repo can hold."""
+    if not name or name.startswith(("/", "\\")) or "\\" in name or re.match(r"^[A-Za-z]:", name):
+        return True
+    if any(ord(c) < 32 for c in name):
+        return True
+    return any(part in ("", ".", "..") for part in name.split("/"))
+
+
+class HubSource:
+    """Keeps the catalog in step with the head commits of the source's Hub repos."""
+
+    def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits()):
+        self.catalog = catalog
+        self.name = source_name
+        with catalog.session() as session:
+            source = session.scalar(select(Source).where(Source.name == source_name))
+            if source is None:
+                raise ValueError(f"no source named {source_name!r}")
+            self.source_id = source.id
+            self.settings = HubSettings.model_validate(source.settings)
+        self.cache_dir = Path(cache_dir).resolve()
+        self.limits = limits
+
+    def _retrying(self, what: str):
+        s = self.settings
+        return hub_retrying(f"source {self.name}: {what}", s.retry_attempts, s.retry_base_seconds, s.retry_cap_seconds)
+
+    def poll(self) -> ScanReport:
+        """One pass over the repos; the source's health records how it went."""
+        report = ScanReport()
+        token = self.settings.token()
+        api = HfApi(endpoint=self.settings.endpoint, token=token.get_secret_value() if token else False)
+        errors: list[str] = []
+        try:
+            targets, listed = self._targets(api)
+        except Exception as exc:  # the listing itself failed: nothing else to do this round
+            self._set_health(_describe(exc, "listing repos"))
+            log.error("source %s: %s", self.name, _describe(exc, "listing repos"))
+            return report
+        seen: set[str] = set()
+        for repo_id, branch in targets:
+            locator = repo_id if branch is None else f"{repo_id}@{branch}"
+            try:
+                if self._poll_repo(api, token, repo_id, branch, locator, listed, report):
+                    seen.add(locator)
+            except Exception as exc:
+                message = _describe(exc, locator)
+                errors.append(message)
+                seen.add(locator)  # a failing repo is not a removed one
+                log.error("source %s: %s", self.name, message)
+        self._mark_removed(seen, report)
+        self._set_health(errors[0] if errors else None)
+        log.info("source %s: poll: %s%s", self.name, report, f", {len(errors)} failed" if errors else "")
+        return report
+
+    def _targets(self, api: HfApi) -> tuple[list[tuple[str, str | None]], bool]:
+        """(repo, branch) pairs, and whether they came from a listing (non-adapters skipped silently)."""
+        targets = []
+        for spec in self.settings.repos:
+            repo, _, branch = spec.partition("@")
+            targets.append((repo, branch or None))
+        if not self.settings.author:
+            return targets, False
+        models = self._retrying(f"list {self.settings.author}")(
+            lambda: list(api.list_models(author=self.settings.author, expand=["siblings"]))
+        )
+        for model in models:
+            names = {s.rfilename for s in model.siblings or []}
+            if CONFIG_NAME in names and (model.id, None) not in targets:
+                targets.append((model.id, None))
+        return targets, True
+
+    def _poll_repo(self, api, token, repo_id, branch, locator, listed, report) -> bool:
+        """Register the repo's head if new; False when the repo is gone (or not an adapter)."""
+        try:
+            info = self._retrying(f"model_info {locator}")(api.model_info, repo_id, revision=branch, files_metadata=True)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return False
+        sha = info.sha
+        with self.catalog.session() as session:
+            adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
+            current = adapter.current if adapter else None
+            if current is not None and current.revision == sha and adapter.status is not AdapterStatus.removed:
+                report.unchanged += 1
+                return True
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        snapshot = self.cache_dir / repo_id.replace("/", "--") / sha
+        reason, adapter_info = None, None
+        try:
+            adapter_info = self._fetch_and_validate(api, token, repo_id, sha, siblings, snapshot, listed)
+        except _NotForUs as skip:
+            log.debug("source %s: %s skipped: %s", self.name, locator, skip)
+            return False
+        except AdapterError as exc:
+            reason = str(exc)
+        seen = Observation(
+            locator=locator, name=locator, revision=sha, files_path=str(snapshot) if adapter_info else None,
+            info=adapter_info, reason=reason, has_calibration=(snapshot / CALIBRATION_NAME).is_file(),
+        )
+        with self.catalog.session() as session:
+            _, new = record(session, self.source_id, seen)
+        if adapter_info is None:
+            report.rejected.append(locator)
+            log.warning("source %s: rejected %s@%s: %s", self.name, locator, sha[:12], reason)
+        elif new:
+            report.registered.append(locator)
+            log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], adapter_info.rank)
+        return True
+
+    def _fetch_and_validate(self, api, token, repo_id, sha, siblings, snapshot: Path, listed: bool):
+        where = f"{repo_id}@{sha[:12]}"
+        bad = sorted(n for n in siblings if unsafe_path(n))
+        if bad:
+            raise AdapterError(where, f"the repo listing holds an unsafe file path {bad[0]!r}; nothing was downloaded")
+        if CONFIG_NAME not in siblings:
+            if listed:
+                raise _NotForUs("no adapter_config.json")
+            raise AdapterError(where, f"no {CONFIG_NAME} (not a PEFT adapter repo)")
+        if WEIGHTS_NAME not in siblings:
+            pickled = [n for n in PICKLED_NAMES if n in siblings]
+            raise AdapterError(where, f"pickled weights ({pickled[0]}) are refused, never downloaded" if pickled
+                               else f"no {WEIGHTS_NAME}")
+        size = siblings[WEIGHTS_NAME].size
+        if size is not None and size > self.limits.max_weights_bytes:
+            raise AdapterError(where, f"{WEIGHTS_NAME} is {size} bytes, above the limit of {self.limits.max_weights_bytes}")
+        self._download(token, repo_id, sha, CONFIG_NAME, snapshot)
+        config = read_adapter_config(snapshot)
+        wanted = self.settings.base_model
+        if listed and wanted and config.get("base_model_name_or_path") not in (None, wanted):
+            raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
+        self._download(token, repo_id, sha, WEIGHTS_NAME, snapshot)
+        if CALIBRATION_NAME in siblings:
+            self._download(token, repo_id, sha, CALIBRATION_NAME, snapshot)
+        return validate_adapter(snapshot, wanted, self.limits, self.settings.trust_remote_code)
+
+    def _download(self, token, repo_id: str, sha: str, filename: str, snapshot: Path) -> Path:
+        """One file, pinned to ``sha``, into the daemon's folder for that commit (written
+        complete or not at all: the client downloads to a temporary file, then renames)."""
+        snapshot.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._retrying(f"download {repo_id}/{filename}")(
+            hf_hub_download, repo_id, filename, revision=sha, local_dir=snapshot,
+            endpoint=self.settings.endpoint, token=token.get_secret_value() if token else False,
+        )
+        resolved = Path(path).resolve()
+        if resolved.parent != snapshot.resolve():
+            raise AdapterError(f"{repo_id}@{sha[:12]}", f"download of {filename!r} landed outside its folder")
+        return resolved
+
+    def _mark_removed(self, seen: set[str], report: ScanReport) -> None:
+        with self.catalog.session() as session:
+            for adapter in session.scalars(select(Adapter).where(
+                    Adapter.source_id == self.source_id, Adapter.status != AdapterStatus.removed)):
+                if adapter.locator not in seen:
+                    adapter.status = AdapterStatus.removed
+                    report.removed.append(adapter.locator)
+                    log.info("source %s: %s removed", self.name, adapter.locator)
+
+    def _set_health(self, error: str | None) -> None:
+        with self.catalog.session() as session:
+            source = session.get(Source, self.source_id)
+            source.healthy = error is None
+            source.last_error = error
+            source.last_poll_at = utcnow()
+
+
+class _NotForUs(Exception):
+    """A listed repo that is not an adapter of this source's base model."""
+
+
+def _describe(exc: BaseException, what: str) -> str:
+    """One line for logs and the catalog; built from status codes, never from headers (tokens)."""
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        detail = f"HTTP {exc.response.status_code}"
+    else:
+        detail = type(exc).__name__
+    transient = " (gave up after retries)" if is_transient(exc) else ""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{what}: {detail}{transient}{': ' + text if text and detail not in text else ''}"[:500]

@@ -1,0 +1,191 @@
+"""Hub source against the Hub-compatible test server, through the real huggingface_hub
+client over HTTP: registration by commit sha, adapter files only, fault storms, and
+hostile listings. The catalog is a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hub_server import HubServer, isolate_hub_client
+from sqlalchemy import select
+
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
+from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.sources.hub import HubSource, unsafe_path
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "hf_secret_source_token"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub-src")
+    base = build_tiny_model("bert", root / "base")
+    adapters = [build_adapter(base, root / f"lora{i}", seed=i, family="bert", r=2 + i) for i in range(2)]
+    return base, adapters
+
+
+def adapter_files(folder: Path, extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    files = {name: (folder / name).read_bytes()
+             for name in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
+    return {**files, "README.md": b"---\nlibrary_name: peft\n---\n# a LoRA\n", **(extra or {})}
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, made):
+    base, adapters = made
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home", timeout=2.0)
+        catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+
+        def source(**settings) -> HubSource:
+            with catalog.session() as session:
+                add_source(session, "hub", SourceKind.hub, {
+                    "endpoint": hub.endpoint, "token_file": str(token_file), "base_model": str(base),
+                    "retry_base_seconds": 0.05, "retry_cap_seconds": 0.5, **settings})
+            return HubSource(catalog, "hub", tmp_path / "cache")
+
+        yield hub, catalog, source, adapters, tmp_path
+        catalog.close()
+
+
+def _adapters(catalog) -> dict[str, Adapter]:
+    with catalog.session() as session:
+        rows = session.scalars(select(Adapter)).all()
+        for row in rows:
+            _ = row.revisions
+        return {row.locator: row for row in rows}
+
+
+def _source_row(catalog) -> Source:
+    with catalog.session() as session:
+        return session.scalar(select(Source))
+
+
+def test_new_repo_and_new_commit_are_registered_with_their_sha(env):
+    hub, catalog, source, (first, second), tmp = env
+    sha1 = hub.create_repo_direct("alice/sentiment", adapter_files(first, {"notes/big.bin": b"x" * 5000}))
+    hub.create_repo_direct("alice/not-an-adapter", {"model.safetensors": b"\x00" * 16})
+    poller = source(author="alice")
+    report = poller.poll()
+    assert report.registered == ["alice/sentiment"] and not report.rejected
+    revision = _adapters(catalog)["alice/sentiment"].current
+    assert revision.revision == sha1 and revision.status is AdapterStatus.registered
+    assert revision.rank == 2 and revision.has_calibration
+    # Only the adapter's own files were fetched, pinned to the commit.
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.requests_matching(r"^GET /alice/sentiment/resolve/")}
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors", "calibration.jsonl"}
+    assert all(f"/resolve/{sha1}/" in r.path for r in hub.requests_matching(r"/resolve/"))
+    assert not hub.requests_matching(r"^(GET|HEAD) /alice/not-an-adapter/resolve/")
+
+    assert poller.poll().unchanged == 1  # same head: no download, no new row
+    assert len(hub.requests_matching(r"^GET /alice/sentiment/resolve/")) == 3
+
+    # A new commit (someone retrained the LoRA) and a new repo.
+    sha2 = hub.commit_direct("alice/sentiment", {"adapter_model.safetensors": (second / "adapter_model.safetensors").read_bytes(),
+                                                 "adapter_config.json": (second / "adapter_config.json").read_bytes()})
+    hub.create_repo_direct("alice/topic", adapter_files(first))
+    report = poller.poll()
+    assert sorted(report.registered) == ["alice/sentiment", "alice/topic"]
+    adapter = _adapters(catalog)["alice/sentiment"]
+    assert [r.revision for r in adapter.revisions] == [sha1, sha2] and adapter.current.rank == 3
+    assert _source_row(catalog).healthy
+
+
+def test_explicit_repo_list_with_branch_and_removal(env):
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("bob/a", adapter_files(first))
+    dev = hub.create_branch_direct("bob/a", "dev")
+    poller = source(repos=["bob/a@dev"])
+    assert poller.poll().registered == ["bob/a@dev"]
+    assert _adapters(catalog)["bob/a@dev"].current.revision == dev
+    hub.commit_direct("bob/a", {}, ["adapter_model.safetensors", "adapter_config.json", "calibration.jsonl"],
+                      branch="dev")
+    report = poller.poll()
+    assert report.rejected == ["bob/a@dev"]
+    assert "adapter_config.json" in _adapters(catalog)["bob/a@dev"].current.reason
+
+
+def test_a_429_and_500_storm_is_survived_with_backoff(env, monkeypatch):
+    hub, catalog, source, (first, _), tmp = env
+    sha = hub.create_repo_direct("carol/lora", adapter_files(first))
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # record the back-off instead of waiting
+    hub.inject(r"^GET /api/models/carol/lora", ("status", 429, {"Retry-After": "0.3"}), times=2)
+    hub.inject(r"^GET /api/models/carol/lora", ("status", 500), times=2)
+    hub.inject(r"^GET /carol/lora/resolve/", ("status", 503), times=2)
+    hub.inject(r"^HEAD /carol/lora/resolve/", ("drop",), times=1)
+    poller = source(repos=["carol/lora"])
+    report = poller.poll()
+    assert report.registered == ["carol/lora"]
+    assert _adapters(catalog)["carol/lora"].current.revision == sha
+    assert 0.3 in slept  # Retry-After honoured
+    assert len(hub.requests_matching(r"^GET /api/models/carol/lora")) == 5  # 4 faults, then success
+    assert _source_row(catalog).healthy
+
+
+def test_a_source_that_keeps_failing_is_unhealthy_then_recovers(env, monkeypatch):
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("dave/lora", adapter_files(first))
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    poller = source(repos=["dave/lora"], retry_attempts=3)
+    hub.inject(r"^GET /api/models/dave/lora", ("status", 503), times=3)
+    report = poller.poll()
+    assert not report.registered
+    row = _source_row(catalog)
+    assert not row.healthy and "503" in row.last_error and TOKEN not in row.last_error
+    assert not _adapters(catalog)  # a failing repo is neither registered nor removed
+    assert poller.poll().registered == ["dave/lora"]
+    assert _source_row(catalog).healthy and _source_row(catalog).last_error is None
+
+
+def test_a_malicious_path_in_a_listing_is_refused(env):
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("eve/lora", adapter_files(first, {"../../escape.txt": b"pwned"}))
+    poller = source(repos=["eve/lora"])
+    report = poller.poll()
+    assert report.rejected == ["eve/lora"]
+    assert "unsafe file path" in _adapters(catalog)["eve/lora"].current.reason
+    assert not hub.requests_matching(r"/resolve/")  # nothing was downloaded
+    assert not list(tmp.rglob("escape.txt"))
+
+
+def test_pickled_only_repo_is_rejected_without_download(env):
+    hub, catalog, source, (first, _), tmp = env
+    files = adapter_files(first)
+    files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
+    hub.create_repo_direct("mallory/lora", files)
+    report = source(repos=["mallory/lora"]).poll()
+    assert report.rejected == ["mallory/lora"]
+    assert "pickled" in _adapters(catalog)["mallory/lora"].current.reason
+    assert not hub.requests_matching(r"adapter_model\.bin")
+
+
+@pytest.mark.parametrize("name,unsafe", [
+    ("adapter_config.json", False), ("sub/dir/file.json", False), ("../x", True), ("/etc/passwd", True),
+    ("a/../../b", True), ("a\\b", True), ("C:/x", True), ("a//b", True), ("ok\x00", True), ("", True),
+])
+def test_unsafe_path(name, unsafe):
+    assert unsafe_path(name) is unsafe
+
+
+def test_token_never_reaches_logs_or_catalog(env, caplog, monkeypatch):
+    hub, catalog, source, (first, _), tmp = env
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    hub.create_repo_direct("frank/lora", adapter_files(first))
+    hub.inject(r"^GET /api/models/frank/lora", ("status", 500), times=10)
+    with caplog.at_level("DEBUG"):
+        poller = source(repos=["frank/lora"], retry_attempts=2)
+        poller.poll()
+        poller.poll()
+    assert TOKEN not in caplog.text
+    for path in tmp.glob("catalog.db*"):  # the database and its WAL
+        assert TOKEN not in path.read_bytes().decode("latin-1")
+    assert json.dumps(_source_row(catalog).settings).find(TOKEN) == -1
