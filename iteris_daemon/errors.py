@@ -52,3 +52,16 @@ class OutputExistsError(IterisError):
 
 class BaseModelError(IterisError):
     """The base model cannot be loaded (missing folder, unknown id, offline)."""
+
+
+class ConfigError(IterisError):
+    """A setting (command line, config file, stored source settings) is invalid."""
+
+    @classmethod
+    def from_validation(cls, where: str, error) -> ConfigError:
+        """One line per problem from a pydantic ``ValidationError``, naming each field."""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        )
+        return cls(f"{where}: {problems}")

@@ -8,17 +8,17 @@ can use it at once. Migrations ship inside the package and run programmatically.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IterisError
+from ..paths import private_dir, state_dir
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -26,14 +26,6 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 class CatalogError(IterisError):
     """The catalog database cannot be opened or migrated."""
-
-
-def state_dir() -> Path:
-    """systemd's ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/iteris-daemon``, else ~/.local/state."""
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "iteris-daemon"
 
 
 def default_url() -> str:
@@ -55,9 +47,11 @@ def make_engine(url: str) -> Engine:
     except ArgumentError:
         raise CatalogError(f"invalid database URL {url!r}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().resolve().parent
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # the catalog is private state
-    engine = create_engine(parsed)
+        private_dir(Path(parsed.database).expanduser().resolve().parent)  # the catalog is private state
+    try:
+        engine = create_engine(parsed)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise CatalogError(f"cannot use database URL {parsed.render_as_string()}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -114,7 +108,7 @@ class Catalog:
             except Exception as exc:
                 if isinstance(exc, IterisError):
                     raise
-                raise CatalogError(f"cannot migrate the catalog at {self.safe_url}: {exc}".splitlines()[0]) from exc
+                raise CatalogError(f"cannot open or migrate the catalog at {self.safe_url}: {exc}".splitlines()[0]) from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

@@ -128,3 +128,20 @@ def record(session: Session, source_id: int, seen: Observation) -> tuple[Adapter
     adapter.status = revision.status
     adapter.name = seen.name
     return revision, True
+
+
+def list_adapters(session: Session, statuses: list[AdapterStatus] | None = None, source: str | None = None) -> list[Adapter]:
+    """Adapters with their source and revisions loaded (two extra queries, not one per row)."""
+    query = select(Adapter).options(selectinload(Adapter.revisions), selectinload(Adapter.source)).order_by(Adapter.id)
+    if statuses:
+        query = query.where(Adapter.status.in_(statuses))
+    if source:
+        query = query.join(Source).where(Source.name == source)
+    return list(session.scalars(query))
+
+
+def get_adapter(session: Session, adapter_id: int) -> Adapter:
+    adapter = session.get(Adapter, adapter_id, options=[selectinload(Adapter.revisions), selectinload(Adapter.source)])
+    if adapter is None:
+        raise NotFoundError(f"no adapter with id {adapter_id} (see `iteris-daemon adapters list`)")
+    return adapter

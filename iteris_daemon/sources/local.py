@@ -131,17 +131,31 @@ class LocalFolderSource:
         report = ScanReport()
         with self._lock:
             folders = self.adapter_folders()
+            recent = []
             for folder in folders:
                 if self._recently_written(folder):  # maybe mid-copy: examine once it settles
-                    self._mark_dirty(folder)
-                    report.waiting.append(str(folder))
+                    recent.append((folder, _snapshot(folder)))
                 else:
                     self._examine(folder, report)
+            if recent and self._watching():
+                for folder, _ in recent:
+                    self._mark_dirty(folder)
+                    report.waiting.append(str(folder))
+            elif recent:  # a one-shot scan: wait one settle period, then look again
+                time.sleep(self.settings.settle_seconds)
+                for folder, before in recent:
+                    if _snapshot(folder) == before:
+                        self._examine(folder, report)
+                    else:
+                        report.waiting.append(str(folder))
             present = {str(f) for f in folders}
             self._mark_removed(lambda locator: locator not in present, report)
             self._set_health(None)
         log.info("source %s: scan: %s", self.name, report)
         return report
+
+    def _watching(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
 
     def _recently_written(self, folder: Path) -> bool:
         snapshot = _snapshot(folder) or ()

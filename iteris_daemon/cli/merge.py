@@ -1,17 +1,12 @@
-"""Command line: ``iteris-daemon merge`` and ``iteris-daemon plugins``."""
+"""``iteris-daemon merge`` (one merge, no daemon) and ``iteris-daemon plugins``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .errors import IterisError
-
-log = logging.getLogger("iteris_daemon")
 
 MERGE_EPILOG = """\
 examples:
@@ -26,7 +21,7 @@ merge_report.json beside it records inputs, parameters, timings and per-task qua
 
 
 def _adapter_spec(value: str):
-    from .merge import AdapterSpec
+    from ..merge import AdapterSpec
 
     path, sep, calibration = value.rpartition("=")
     if sep and path and calibration:
@@ -45,13 +40,7 @@ def _param(value: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="iteris-daemon",
-        description="Merge many task LoRA adapters into one unified adapter with IterIS.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def register(commands) -> None:
 
     merge = commands.add_parser(
         "merge",
@@ -87,37 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
     )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    merge.set_defaults(handler=_merge)
 
     plugins = commands.add_parser("plugins", help="list loaded plugins, strategies and their parameters")
     plugins.add_argument("--params", metavar="STRATEGY", help="show one strategy's parameters")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
-
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "merge":
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our own bars say what is happening
-    try:
-        return {"merge": _merge, "plugins": _plugins}[args.command](args)
-    except IterisError as exc:
-        print(f"iteris-daemon: error: {exc}", file=sys.stderr)
-        return 2
+    plugins.set_defaults(handler=_plugins)
 
 
 def _merge(args) -> int:
-    from .merge import MergeRequest, run_merge
+    from transformers.utils import logging as hf_logging
 
+    from ..merge import MergeRequest, run_merge
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
     params = dict(args.param)
     report = run_merge(
         MergeRequest(
@@ -154,7 +126,7 @@ def summarize(report: dict, out: Path) -> str:
 
 
 def _plugins(args) -> int:
-    from .plugin_manager import get_strategy, plugin_names, strategies
+    from ..plugin_manager import get_strategy, plugin_names, strategies
 
     if args.params:
         strategy = get_strategy(args.params)

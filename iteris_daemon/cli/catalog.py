@@ -1,0 +1,260 @@
+"""``iteris-daemon db``, ``sources`` and ``adapters``: the catalog from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ConfigError
+from ..paths import cache_dir
+
+DB_ENV = "ITERIS_DAEMON_DB"
+
+
+def _db_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--db", metavar="URL", default=os.environ.get(DB_ENV),
+        help=f"catalog database (SQLAlchemy URL; default: ${DB_ENV}, else a SQLite file in the state directory)",
+    )
+    return parent
+
+
+def register(commands) -> None:
+    db_options = _db_options()
+
+    db = commands.add_parser("db", help="catalog database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", parents=[db_options], help="create or migrate the catalog to the current schema")
+    upgrade.set_defaults(handler=_db_upgrade)
+
+    sources = commands.add_parser("sources", help="where adapters come from: local folders, Hub repos")
+    source_commands = sources.add_subparsers(dest="sources_command", required=True, metavar="ACTION")
+    add = source_commands.add_parser(
+        "add", parents=[db_options], help="add a local folder or Hub source",
+        description="Add a source. Exactly one of --folder, --hub-repo, --hub-author.",
+        epilog="examples:\n  iteris-daemon sources add team-loras --folder /srv/loras --base-model ./minilm\n"
+               "  iteris-daemon sources add acme --hub-author acme --base-model acme/base --interval 600\n"
+               "  iteris-daemon sources add two --hub-repo acme/sst2-lora --hub-repo acme/news-lora@v2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("name", help="a unique name for the source")
+    kind = add.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--folder", action="append", type=Path, metavar="DIR", help="watch DIR recursively (repeatable)")
+    kind.add_argument("--hub-repo", action="append", metavar="REPO[@BRANCH]", help="poll this Hub repo (repeatable)")
+    kind.add_argument("--hub-author", metavar="USER_OR_ORG", help="poll every adapter repo of this user or organisation")
+    add.add_argument("--base-model", metavar="PATH_OR_ID", help="only adapters of this base model; shapes are checked against it")
+    add.add_argument("--settle", type=float, metavar="SECONDS", help="folder: quiet time before a changed adapter is examined (default 2)")
+    add.add_argument("--polling", action="store_true", help="folder: poll instead of inotify (network filesystems)")
+    add.add_argument("--endpoint", metavar="URL", help="hub: Hub URL (default: huggingface_hub's)")
+    add.add_argument("--token-file", type=Path, metavar="FILE", help="hub: file holding the token (default: $HF_TOKEN)")
+    add.add_argument("--interval", type=float, metavar="SECONDS", help="hub: poll period (default 300)")
+    add.set_defaults(handler=_sources_add)
+
+    listing = source_commands.add_parser("list", parents=[db_options], help="list sources and their health")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_sources_list)
+
+    remove = source_commands.add_parser("remove", parents=[db_options], help="remove a source and its adapters")
+    remove.add_argument("name")
+    remove.set_defaults(handler=_sources_remove)
+
+    scan = source_commands.add_parser(
+        "scan", parents=[db_options], help="rescan folders / poll Hub repos once, now",
+        description="Rescan local folders and poll Hub sources once (the daemon does this on its own).",
+    )
+    scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
+    scan.add_argument("--cache-dir", type=Path, default=None, help="where Hub adapters are downloaded (default: the cache directory)")
+    scan.set_defaults(handler=_sources_scan)
+
+    adapters = commands.add_parser("adapters", help="adapters in the catalog")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    listing = adapter_commands.add_parser("list", parents=[db_options], help="list adapters")
+    listing.add_argument("--status", action="append", choices=["registered", "rejected", "removed"],
+                         help="only these statuses (repeatable)")
+    listing.add_argument("--source", metavar="NAME", help="only this source's adapters")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_adapters_list)
+    show = adapter_commands.add_parser("show", parents=[db_options], help="one adapter with every revision seen")
+    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=_adapters_show)
+
+
+def _open(args):
+    from ..catalog import Catalog
+
+    return Catalog(args.db)
+
+
+def _db_upgrade(args) -> int:
+    from ..catalog.db import current_revision
+
+    catalog = _open(args)
+    print(f"catalog {catalog.safe_url} is at revision {current_revision(catalog.engine)}")
+    return 0
+
+
+def _settings(model: type[BaseModel], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate, then keep only what was given (later defaults apply to stored sources)."""
+    try:
+        settings = model.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError.from_validation(where, exc) from None
+    return settings.model_dump(mode="json", exclude_unset=True)
+
+
+def _sources_add(args) -> int:
+    from ..catalog.models import SourceKind
+    from ..catalog.registry import add_source
+    from ..sources.hub import HubSettings
+    from ..sources.local import LocalSettings
+
+    if args.folder:
+        missing = [str(f) for f in args.folder if not f.is_dir()]
+        if missing:
+            raise ConfigError(f"--folder {missing[0]}: no such directory")
+        kind = SourceKind.local
+        settings = _settings(LocalSettings, {"paths": args.folder, "base_model": args.base_model,
+                                             "settle_seconds": args.settle, "polling": args.polling or None},
+                             f"source {args.name}")
+    else:
+        if args.token_file is not None and not args.token_file.is_file():
+            raise ConfigError(f"--token-file {args.token_file}: no such file")
+        kind = SourceKind.hub
+        settings = _settings(HubSettings, {
+            "repos": args.hub_repo, "author": args.hub_author, "base_model": args.base_model,
+            "endpoint": args.endpoint, "token_file": args.token_file.resolve() if args.token_file else None,
+            "interval_seconds": args.interval,
+        }, f"source {args.name}")
+    catalog = _open(args)
+    with catalog.session() as session:
+        add_source(session, args.name, kind, settings)
+    print(f"added {kind.value} source {args.name}; `iteris-daemon sources scan {args.name}` registers what it holds now")
+    return 0
+
+
+def _source_row(source) -> dict[str, Any]:
+    return {
+        "name": source.name, "kind": source.kind.value, "enabled": source.enabled, "healthy": source.healthy,
+        "last_poll_at": source.last_poll_at.isoformat() if source.last_poll_at else None,
+        "last_error": source.last_error, "settings": source.settings,
+    }
+
+
+def _sources_list(args) -> int:
+    from ..catalog.registry import list_sources
+
+    with _open(args).session() as session:
+        rows = [_source_row(s) for s in list_sources(session)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no sources; add one with `iteris-daemon sources add`")
+    for row in rows:
+        health = "ok" if row["healthy"] else f"UNHEALTHY: {row['last_error']}"
+        where = row["settings"].get("paths") or row["settings"].get("repos") or row["settings"].get("author")
+        print(f"{row['name']:20} {row['kind']:6} {'enabled' if row['enabled'] else 'disabled':9} {health:12} {where}")
+    return 0
+
+
+def _sources_remove(args) -> int:
+    from ..catalog.registry import remove_source
+
+    with _open(args).session() as session:
+        remove_source(session, args.name)
+    print(f"removed source {args.name}")
+    return 0
+
+
+def _sources_scan(args) -> int:
+    from ..catalog.models import SourceKind
+    from ..catalog.registry import get_source, list_sources
+    from ..sources.hub import HubSource
+    from ..sources.local import LocalFolderSource
+
+    catalog = _open(args)
+    with catalog.session() as session:
+        sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
+        targets = [(s.name, s.kind) for s in sources]
+    for name, kind in targets:
+        try:
+            if kind is SourceKind.local:
+                report = LocalFolderSource(catalog, name).scan()
+            else:
+                report = HubSource(catalog, name, args.cache_dir or cache_dir() / "hub").poll()
+        except ValidationError as exc:
+            raise ConfigError.from_validation(f"source {name} settings", exc) from None
+        print(f"{name}: {report}")
+    return 0
+
+
+def _adapter_row(adapter) -> dict[str, Any]:
+    current = adapter.current
+    return {
+        "id": adapter.id, "name": adapter.name, "status": adapter.status.value, "source": adapter.source.name,
+        "locator": adapter.locator, "revision": current.revision if current else None,
+        "base_model": current.base_model if current else None, "rank": current.rank if current else None,
+        "reason": current.reason if current else None,
+        "updated_at": adapter.updated_at.isoformat(),
+    }
+
+
+def _revision_row(revision) -> dict[str, Any]:
+    fields = ("revision", "status", "reason", "content_sha256", "files_path", "base_model", "task_type", "rank",
+              "alpha", "target_modules", "size_bytes", "has_calibration")
+    row = {f: getattr(revision, f) for f in fields}
+    row["status"] = revision.status.value
+    row["discovered_at"] = revision.discovered_at.isoformat()
+    return row
+
+
+def _adapters_list(args) -> int:
+    from ..catalog.models import AdapterStatus
+    from ..catalog.registry import list_adapters
+
+    statuses = [AdapterStatus(s) for s in args.status] if args.status else None
+    with _open(args).session() as session:
+        rows = [_adapter_row(a) for a in list_adapters(session, statuses, args.source)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no adapters")
+        return 0
+    print(f"{'ID':>5} {'STATUS':10} {'SOURCE':14} {'NAME':32} {'RANK':>4} {'REVISION':12} NOTE")
+    for row in rows:
+        note = row["reason"] if row["status"] == "rejected" else (row["base_model"] or "")
+        print(f"{row['id']:>5} {row['status']:10} {row['source'][:14]:14} {row['name'][:32]:32} "
+              f"{row['rank'] or '-':>4} {(row['revision'] or '')[:12]:12} {note}")
+    return 0
+
+
+def _adapters_show(args) -> int:
+    from ..catalog.registry import get_adapter
+
+    with _open(args).session() as session:
+        adapter = get_adapter(session, args.id)
+        row = _adapter_row(adapter)
+        row["revisions"] = [_revision_row(r) for r in adapter.revisions]
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return 0
+    print(f"adapter {row['id']}: {row['name']} ({row['status']}) from source {row['source']}")
+    print(f"  location: {row['locator']}")
+    for revision in row["revisions"]:
+        current = " (current)" if revision["revision"] == row["revision"] else ""
+        print(f"  revision {revision['revision'][:12]}{current}: {revision['status']}, seen {revision['discovered_at']}")
+        if revision["reason"]:
+            print(f"    reason: {revision['reason']}")
+        else:
+            print(f"    base {revision['base_model']}, rank {revision['rank']}, alpha {revision['alpha']}, "
+                  f"targets {revision['target_modules']}, {revision['size_bytes']} bytes, "
+                  f"sha256 {revision['content_sha256']}, calibration {'yes' if revision['has_calibration'] else 'no'}")
+    return 0

@@ -1,0 +1,30 @@
+"""Where the daemon keeps its files, following systemd's directories when it runs
+as a service (``StateDirectory=``/``CacheDirectory=``) and the XDG base directories
+otherwise. Both are created private (0700)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _first(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value.split(":")[0]) if value else None
+
+
+def state_dir() -> Path:
+    """The catalog lives here: ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/iteris-daemon``."""
+    xdg = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return _first("STATE_DIRECTORY") or xdg / "iteris-daemon"
+
+
+def cache_dir() -> Path:
+    """Downloaded Hub adapters: ``$CACHE_DIRECTORY``, else ``$XDG_CACHE_HOME/iteris-daemon``."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return _first("CACHE_DIRECTORY") or xdg / "iteris-daemon"
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
