@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from .errors import CalibrationError
 
@@ -25,6 +26,7 @@ class CalibrationSet:
 
     samples: tuple[Sample, ...]
     source: str
+    generated: bool = False  # made up by a data-free fallback, not real task inputs
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -33,7 +35,7 @@ class CalibrationSet:
         return digest.hexdigest()
 
     def head(self, n: int | None) -> "CalibrationSet":
-        return self if n is None else CalibrationSet(self.samples[:n], self.source)
+        return self if n is None else CalibrationSet(self.samples[:n], self.source, self.generated)
 
 
 def read_jsonl(path: str | Path) -> CalibrationSet:
@@ -71,3 +73,34 @@ def write_jsonl(path: str | Path, samples: list[Sample] | tuple[Sample, ...]) ->
             if sample.target is not None:
                 record["target"] = sample.target
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+DEFAULT_ORDER = ("files", "adapter", "hub_dataset")
+
+
+@dataclass
+class CalibrationOptions:
+    """What calibration sources may use; each source reads the part it understands.
+
+    ``order`` names the sources to ask, first match wins. A data-free fallback
+    (``generate``) is only asked when listed: merging on made-up inputs must be a choice.
+    """
+
+    order: tuple[str, ...] = DEFAULT_ORDER
+    files: dict[str, Path] = field(default_factory=dict)  # adapter name -> JSON Lines file
+    base_model: str | None = None
+    samples: int = 50  # how many samples a generating source should make
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> its settings
+
+
+@runtime_checkable
+class CalibrationSource(Protocol):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def load(self, adapter: Any, options: CalibrationOptions) -> CalibrationSet | None:
+        """Inputs for ``adapter`` (a :class:`~iteris_daemon.lora.LoraAdapter`), or None to pass.
+
+        Raise :class:`~iteris_daemon.errors.CalibrationError` when data exists but is
+        malformed: silently passing would merge on the wrong data.
+        """

@@ -1,5 +1,5 @@
-"""The hooks a plugin can implement. Built-in strategies and calibration sources use
-exactly these hooks, registered through the ``iteris_daemon`` entry-point group.
+"""The hooks a plugin can implement. Built-in strategies, calibration sources and
+publishers use exactly these hooks, registered through the ``iteris_daemon`` entry-point group.
 
 A plugin is any module or object with functions decorated by :data:`hookimpl`::
 
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .calibration import CalibrationSet
-    from .lora import LoraAdapter
+    from .calibration import CalibrationSource
+    from .publish import Publisher
     from .strategy import MergeStrategy
 
 PROJECT = "iteris_daemon"
@@ -37,12 +37,22 @@ def register_strategies(register: Callable[["MergeStrategy"], None]) -> None:
     """
 
 
-@hookspec(firstresult=True)
-def calibration_for(adapter: "LoraAdapter", options: dict) -> "CalibrationSet | None":
-    """Return unlabelled calibration inputs for ``adapter``, or ``None`` to let the next
-    source answer. The first non-``None`` answer wins.
+@hookspec
+def register_calibration_sources(register: Callable[["CalibrationSource"], None]) -> None:
+    """Register calibration sources by calling ``register(source)`` once per source.
 
-    ``options`` carries the caller's configuration, e.g. ``{"files": {adapter_name: path}}``
-    for files given on the command line. Raise :class:`~iteris_daemon.errors.CalibrationError`
-    when data exists but is malformed: silently skipping it would merge on the wrong data.
+    A source satisfies :class:`iteris_daemon.calibration.CalibrationSource`: a unique
+    ``name`` (what ``CalibrationOptions.order`` lists) and ``load(adapter, options)``
+    returning a :class:`~iteris_daemon.calibration.CalibrationSet` or ``None`` to let
+    the next source in the configured order answer.
+    """
+
+
+@hookspec
+def register_publishers(register: Callable[["Publisher"], None]) -> None:
+    """Register publishers by calling ``register(publisher)`` once per publisher.
+
+    A publisher satisfies :class:`iteris_daemon.publish.Publisher`: a unique ``kind``
+    (what a destination names in the config), a pydantic ``Settings`` model, and
+    ``publish(request, settings)`` / ``current_version(settings)``.
     """

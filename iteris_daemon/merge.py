@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory
-from .calibration import CalibrationSet
+from .calibration import CalibrationOptions, CalibrationSet
 from .errors import CalibrationError, IncompatibleAdaptersError, MergeError, OutputExistsError
 from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import BaseModel
-from .plugin_manager import get_plugin_manager, get_strategy
+from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergeInputs, parse_params
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class MergeRequest:
     eval_samples: int = 50
     eval_max_length: int = 128
     quiet: bool = False
+    calibration: CalibrationOptions | None = None  # default: files from the specs, then the folders
 
 
 def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
@@ -75,18 +76,22 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
     return adapters
 
 
-def gather_calibration(adapters: list[LoraAdapter], specs: list[AdapterSpec], required: bool) -> list[CalibrationSet | None]:
-    """Ask the calibration-source plugins, in order, for each adapter's inputs."""
-    hook = get_plugin_manager().hook
-    files = {a.name: spec.calibration for a, spec in zip(adapters, specs) if spec.calibration}
+def gather_calibration(
+    adapters: list[LoraAdapter], options: CalibrationOptions, required: bool
+) -> list[CalibrationSet | None]:
+    """Ask the calibration sources in ``options.order`` for each adapter's inputs."""
+    available = calibration_sources()
+    unknown = [name for name in options.order if name not in available]
+    if unknown:
+        raise CalibrationError(unknown[0], f"unknown calibration source; available: {', '.join(sorted(available))}")
     found = []
     for adapter in adapters:
-        data = hook.calibration_for(adapter=adapter, options={"files": files})
+        data = next((d for d in (available[n].load(adapter, options) for n in options.order) if d is not None), None)
         if data is None and required:
             raise CalibrationError(
                 adapter.path,
-                f"no calibration data for adapter {adapter.name}: add calibration.jsonl to the folder "
-                "or pass --adapter DIR=FILE.jsonl",
+                f"no calibration data for adapter {adapter.name} (asked: {', '.join(options.order)}): add "
+                "calibration.jsonl to the folder or pass --adapter DIR=FILE.jsonl",
             )
         found.append(data)
     return found
@@ -166,7 +171,10 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     params = parse_params(strategy, request.params or {})
     _prepare_out(request.out, request.overwrite)
     adapters = load_adapters(request.adapters)
-    calibration = gather_calibration(adapters, request.adapters, required=strategy.needs_calibration)
+    options = request.calibration or CalibrationOptions()
+    options.files = {**options.files, **{a.name: spec.calibration for a, spec in zip(adapters, request.adapters) if spec.calibration}}
+    options.base_model = options.base_model or request.base_model
+    calibration = gather_calibration(adapters, options, required=strategy.needs_calibration)
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.
     samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples
@@ -215,7 +223,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
                 "path": str(a.path),
                 "sha256": a.content_sha256,
                 "ranks": sorted({m.rank for m in a.modules.values()}),
-                "calibration": None if c is None else {"source": c.source, "samples": len(c.samples), "sha256": c.fingerprint()},
+                "calibration": None if c is None else {
+                    "source": c.source, "samples": len(c.samples), "sha256": c.fingerprint(), "generated": c.generated,
+                },
             }
             for a, c in zip(adapters, calibration)
         ],

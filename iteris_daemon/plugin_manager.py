@@ -8,7 +8,9 @@ from functools import cache
 import pluggy
 
 from . import hookspecs
-from .errors import UnknownStrategyError
+from .errors import ConfigError, UnknownStrategyError
+from .calibration import CalibrationSource
+from .publish import Publisher
 from .strategy import MergeStrategy
 
 DEFAULT_STRATEGY = "iteris"
@@ -41,6 +43,41 @@ def get_strategy(name: str, manager: pluggy.PluginManager | None = None) -> Merg
     if name not in available:
         raise UnknownStrategyError(f"unknown strategy {name!r}; available: {', '.join(sorted(available))}")
     return available[name]
+
+
+def calibration_sources(manager: pluggy.PluginManager | None = None) -> dict[str, CalibrationSource]:
+    """All registered calibration sources by name."""
+    manager = manager or get_plugin_manager()
+    found: dict[str, CalibrationSource] = {}
+
+    def register(source: CalibrationSource) -> None:
+        if source.name in found:
+            raise ValueError(f"two plugins register a calibration source named {source.name!r}")
+        found[source.name] = source
+
+    manager.hook.register_calibration_sources(register=register)
+    return found
+
+
+def publishers(manager: pluggy.PluginManager | None = None) -> dict[str, Publisher]:
+    """All registered publishers by kind."""
+    manager = manager or get_plugin_manager()
+    found: dict[str, Publisher] = {}
+
+    def register(publisher: Publisher) -> None:
+        if publisher.kind in found:
+            raise ValueError(f"two plugins register a publisher of kind {publisher.kind!r}")
+        found[publisher.kind] = publisher
+
+    manager.hook.register_publishers(register=register)
+    return dict(sorted(found.items()))
+
+
+def get_publisher(kind: str, manager: pluggy.PluginManager | None = None) -> Publisher:
+    available = publishers(manager)
+    if kind not in available:
+        raise ConfigError(f"unknown destination kind {kind!r}; available: {', '.join(available) or 'none'}")
+    return available[kind]
 
 
 def plugin_names(manager: pluggy.PluginManager | None = None) -> list[tuple[str, str]]:

@@ -1,20 +1,32 @@
-"""Built-in calibration sources: a file named for the adapter on the command line or in
-the config, then the adapter's own ``calibration.jsonl``."""
+"""Built-in calibration sources that read JSON Lines files: ``files`` (a file mapped to
+the adapter on the command line or in the config) and ``adapter`` (the adapter's own
+``calibration.jsonl``, local or downloaded with it from its Hub repo)."""
 
 from __future__ import annotations
 
 from iteris_daemon import hookimpl
-from iteris_daemon.calibration import CALIBRATION_NAME, CalibrationSet, read_jsonl
+from iteris_daemon.calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, read_jsonl
 
 
-@hookimpl(tryfirst=True)
-def calibration_for(adapter, options) -> CalibrationSet | None:
-    """An explicit mapping wins over whatever the adapter folder holds."""
-    path = (options.get("files") or {}).get(adapter.name)
-    return read_jsonl(path) if path else None
+class MappedFiles:
+    name = "files"
+    description = "a JSON Lines file mapped to the adapter (--adapter DIR=FILE, or the config)"
+
+    def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
+        path = options.files.get(adapter.name)
+        return read_jsonl(path) if path else None
 
 
-@hookimpl(specname="calibration_for", trylast=True)
-def adapter_folder_calibration(adapter, options) -> CalibrationSet | None:
-    path = adapter.path / CALIBRATION_NAME
-    return read_jsonl(path) if path.is_file() else None
+class AdapterFolder:
+    name = "adapter"
+    description = "calibration.jsonl inside the adapter folder (or its Hub repo)"
+
+    def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
+        path = adapter.path / CALIBRATION_NAME
+        return read_jsonl(path) if path.is_file() else None
+
+
+@hookimpl
+def register_calibration_sources(register) -> None:
+    register(MappedFiles())
+    register(AdapterFolder())

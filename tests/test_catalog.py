@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -55,8 +56,13 @@ def test_upgrade_from_every_earlier_revision(catalog_url, start):
 
 
 def test_the_wheel_ships_the_migrations(tmp_path):
+    source = tmp_path / "src"  # a copy, so no build/ folder lands in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "iteris_daemon", "plugins", "migrations"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("iteris_daemon-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for revision in (ROOT / "migrations" / "versions").glob("*.py"):

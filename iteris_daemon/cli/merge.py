@@ -71,6 +71,11 @@ def register(commands) -> None:
         "--modules-to-save-rule", default="agree", metavar="RULE",
         help="adapters with modules_to_save (heads): 'agree' (must be identical, default), 'average', or an adapter name",
     )
+    merge.add_argument(
+        "--calibration-order", default="files,adapter", metavar="NAMES",
+        help="calibration sources to ask, in order (default: files,adapter; add 'generate' for a data-free "
+             "fallback; see `plugins`)",
+    )
     merge.add_argument("--no-eval", action="store_true", help="skip the per-task alignment loss / fidelity evaluation")
     merge.add_argument(
         "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
@@ -90,7 +95,10 @@ def _merge(args) -> int:
     from ..merge import MergeRequest, run_merge
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening
+    from ..calibration import CalibrationOptions
+
     params = dict(args.param)
+    order = tuple(name.strip() for name in args.calibration_order.split(",") if name.strip())
     report = run_merge(
         MergeRequest(
             base_model=args.base_model,
@@ -105,6 +113,7 @@ def _merge(args) -> int:
             overwrite=args.overwrite,
             evaluate=not args.no_eval,
             quiet=args.quiet,
+            calibration=CalibrationOptions(order=order),
         )
     )
     print(summarize(report, args.out))
@@ -126,7 +135,7 @@ def summarize(report: dict, out: Path) -> str:
 
 
 def _plugins(args) -> int:
-    from ..plugin_manager import get_strategy, plugin_names, strategies
+    from ..plugin_manager import calibration_sources, get_strategy, plugin_names, publishers, strategies
 
     if args.params:
         strategy = get_strategy(args.params)
@@ -144,18 +153,27 @@ def _plugins(args) -> int:
         return 0
     loaded = plugin_names()
     found = strategies()
+    sources = calibration_sources()
+    destinations = publishers()
     if args.json:
         print(json.dumps({
             "plugins": [{"name": n, "origin": o} for n, o in loaded],
             "strategies": [{"name": s.name, "description": s.description, "needs_calibration": s.needs_calibration} for s in found.values()],
+            "calibration_sources": [{"name": c.name, "description": c.description} for c in sources.values()],
+            "publishers": [{"kind": p.kind, "description": p.description} for p in destinations.values()],
         }, indent=2))
         return 0
     print("plugins:")
     for name, origin in loaded:
         print(f"  {name:24} {origin}")
-    print("strategies:")
-    for strategy in found.values():
-        print(f"  {strategy.name:24} {strategy.description}")
+    for title, rows in (
+        ("strategies", [(s.name, s.description) for s in found.values()]),
+        ("calibration sources", [(c.name, c.description) for c in sources.values()]),
+        ("publishers (destination kinds)", [(p.kind, p.description) for p in destinations.values()]),
+    ):
+        print(f"{title}:")
+        for name, description in rows:
+            print(f"  {name:24} {description}")
     return 0
 
 

@@ -1,0 +1,66 @@
+"""What a publisher receives and returns. Publishers are plugins, like strategies:
+a plugin implements ``register_publishers(register)`` and calls ``register(publisher)``.
+
+The daemon calls ``publish`` once per destination after a successful merge, with a
+complete merged PEFT folder. A publisher must leave its destination either at the
+previous version or at the new one, complete, whatever happens (crash, full disk,
+lost connection), and must not create a new version when the adapter it would
+publish equals the one already there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class PublishedInput:
+    """One input adapter of the merge, as the model card and report list it."""
+
+    name: str
+    source: str
+    locator: str
+    revision: str
+    content_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    adapter_dir: Path  # adapter_config.json, adapter_model.safetensors, merge_report.json
+    group: str
+    run_id: int
+    base_model: str
+    strategy: str
+    params: dict[str, Any]
+    inputs: list[PublishedInput]
+    metrics: dict[str, Any] = field(default_factory=dict)  # merge_report.json's per-task figures
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    location: str  # a folder, or REPO@BRANCH
+    version: str | None  # the version folder name, or the commit sha
+    changed: bool  # False: the same adapter was already published; nothing was written
+
+
+class PublisherSettings(BaseModel):
+    """Base class of a publisher's settings (one ``[[groups.destinations]]`` table)."""
+
+    model_config = {"extra": "forbid"}
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    kind: ClassVar[str]  # the ``kind`` a destination names in the config, e.g. "folder", "hub"
+    description: ClassVar[str]
+    Settings: ClassVar[type[PublisherSettings]]
+
+    def publish(self, request: PublishRequest, settings: PublisherSettings) -> PublishResult:
+        """Publish ``request.adapter_dir``; raise on failure (the run is then not successful)."""
+
+    def current_version(self, settings: PublisherSettings) -> str | None:
+        """The version published now (for ``iteris-daemon status``), or None."""
