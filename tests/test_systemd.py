@@ -1,0 +1,402 @@
+"""systemd integration: sd_notify over real AF_UNIX datagram sockets, the watchdog
+thread, the log formats journald and log shippers read, and the service unit."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from iteris_daemon.logs import FORMATS, NOISY, setup_logging
+from iteris_daemon.systemd import Notifier
+
+UNIT = Path(__file__).resolve().parents[1] / "config" / "iteris-daemon.service"
+TOKEN = "hf_" + "AbCdEf0123456789" * 2
+
+
+# --------------------------------------------------------------------- sd_notify
+
+
+@pytest.fixture
+def listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A bound datagram socket standing in for systemd, named in NOTIFY_SOCKET."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        yield sock
+
+
+def receive(sock: socket.socket) -> dict[str, str]:
+    data = sock.recv(4096).decode()
+    assert data.endswith("\n")
+    return dict(line.split("=", 1) for line in data.splitlines())
+
+
+def drain(sock: socket.socket) -> list[dict[str, str]]:
+    """Every datagram already queued, without waiting."""
+    sock.setblocking(False)
+    messages = []
+    try:
+        while True:
+            messages.append(receive(sock))
+    except BlockingIOError:
+        return messages
+    finally:
+        sock.settimeout(2)
+
+
+def test_ready_status_stopping_reloading(listener: socket.socket) -> None:
+    notifier = Notifier.from_env()
+    assert notifier.enabled
+    assert notifier.ready("catalog migrated")
+    assert receive(listener) == {"READY": "1", "STATUS": "catalog migrated"}
+    assert notifier.ready()
+    assert receive(listener) == {"READY": "1"}
+    notifier.status("merging 3 adapters")
+    assert receive(listener) == {"STATUS": "merging 3 adapters"}
+    notifier.stopping()
+    assert receive(listener) == {"STOPPING": "1"}
+    notifier.stopping("waiting for the merge")
+    assert receive(listener) == {"STOPPING": "1", "STATUS": "waiting for the merge"}
+
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    message = receive(listener)
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert message.keys() == {"RELOADING", "MONOTONIC_USEC"} and message["RELOADING"] == "1"
+    assert before <= int(message["MONOTONIC_USEC"]) <= after
+
+
+def test_notify_text_and_fields_in_one_datagram(listener: socket.socket) -> None:
+    notifier = Notifier.from_env()
+    assert notifier.notify("READY=1\nSTATUS=raw", MAINPID=os.getpid())
+    assert listener.recv(4096).decode() == f"READY=1\nSTATUS=raw\nMAINPID={os.getpid()}\n"
+    notifier.status("two\nlines")
+    assert receive(listener) == {"STATUS": "two lines"}
+
+
+def test_abstract_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"iteris-daemon-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert Notifier.from_env().ready("abstract")
+        assert receive(sock) == {"READY": "1", "STATUS": "abstract"}
+
+
+def test_noop_without_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    notifier = Notifier.from_env()
+    assert not notifier.enabled
+    assert notifier.watchdog_interval is None
+    assert not notifier.ready("x") and not notifier.status("x") and not notifier.reloading()
+    assert not notifier.stopping() and not notifier.notify(WATCHDOG=1)
+    calls = []
+    notifier.start_watchdog(lambda: calls.append(1) or True)
+    time.sleep(0.1)
+    notifier.stop()
+    assert calls == []
+
+
+def test_vanished_socket_does_not_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "gone"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))  # bound, then closed: connection refused
+    notifier = Notifier.from_env()
+    assert not notifier.ready()
+    path.unlink()  # and now not even the file
+    assert not notifier.status("still alive")
+    assert not notifier.stopping()
+
+
+@pytest.mark.parametrize("pid", [None, "self"])
+def test_watchdog_interval(listener: socket.socket, monkeypatch: pytest.MonkeyPatch, pid: str | None) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    if pid:
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert Notifier.from_env().watchdog_interval == pytest.approx(0.05)
+
+
+def test_watchdog_for_another_pid_is_ignored(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    notifier = Notifier.from_env()
+    assert notifier.enabled and notifier.watchdog_interval is None
+    notifier.start_watchdog(lambda: True)
+    time.sleep(0.15)
+    notifier.stop()
+    assert drain(listener) == []
+
+
+def test_watchdog_pings_only_while_healthy(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    healthy = threading.Event()
+    healthy.set()
+    notifier = Notifier.from_env()
+    caplog.set_level(logging.INFO, logger="iteris_daemon.systemd")
+    notifier.start_watchdog(healthy.is_set)
+    try:
+        time.sleep(0.3)
+        pings = drain(listener)
+        assert len(pings) >= 3 and all(p == {"WATCHDOG": "1"} for p in pings)
+
+        healthy.clear()
+        time.sleep(0.1)  # a ping decided before the switch may still arrive
+        drain(listener)
+        time.sleep(0.3)
+        assert drain(listener) == []
+        warnings = [r for r in caplog.records if r.name == "iteris_daemon.systemd" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "watchdog" in warnings[0].getMessage()
+
+        healthy.set()
+        assert receive(listener) == {"WATCHDOG": "1"}
+    finally:
+        notifier.stop()
+    drain(listener)
+    time.sleep(0.15)
+    assert drain(listener) == []  # stopped
+
+
+def test_watchdog_check_that_raises_is_unhealthy(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+
+    def broken() -> bool:
+        raise RuntimeError("database gone")
+
+    notifier = Notifier.from_env()
+    notifier.start_watchdog(broken)
+    time.sleep(0.2)
+    notifier.stop()
+    assert drain(listener) == []
+
+
+# ----------------------------------------------------------------------- logging
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """setup_logging changes process-wide state; put it back for the other tests."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in NOISY}
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, noisy_level in noisy.items():
+        logging.getLogger(name).setLevel(noisy_level)
+
+
+def emit(fmt: str, verbose: bool = False) -> str:
+    """What a few records look like in ``fmt``."""
+    stream = io.StringIO()
+    setup_logging(verbose, fmt, stream=stream)
+    log = logging.getLogger("iteris_daemon.test")
+    log.debug("details")
+    log.info("merged %d adapters", 3)
+    log.warning("slow\nsecond line")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.exception("merge failed")
+    return stream.getvalue()
+
+
+def test_text_format() -> None:
+    lines = emit("text").splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.fullmatch(stamp + r" INFO iteris_daemon\.test: merged 3 adapters", lines[0])
+    assert re.fullmatch(stamp + r" WARNING iteris_daemon\.test: slow", lines[1]) and lines[2] == "second line"
+    assert re.fullmatch(stamp + r" ERROR iteris_daemon\.test: merge failed", lines[3])
+    assert lines[4] == "Traceback (most recent call last):" and lines[-1].startswith("ZeroDivisionError")
+    assert "details" not in "\n".join(lines)
+
+
+def test_journal_format_prefixes_every_line() -> None:
+    lines = emit("journal", verbose=True).splitlines()
+    assert lines[:4] == [
+        "<7>iteris_daemon.test: details",
+        "<6>iteris_daemon.test: merged 3 adapters",
+        "<4>iteris_daemon.test: slow",
+        "<4>second line",
+    ]
+    assert lines[4] == "<3>iteris_daemon.test: merge failed"
+    assert lines[5] == "<3>Traceback (most recent call last):" and lines[-1].startswith("<3>ZeroDivisionError")
+    assert all(re.match(r"<[3467]>", line) for line in lines)
+
+    stream = io.StringIO()
+    setup_logging(fmt="journal", stream=stream)
+    logging.getLogger("x").critical("down")
+    assert stream.getvalue() == "<3>x: down\n"
+
+
+def test_json_format() -> None:
+    records = [json.loads(line) for line in emit("json").splitlines()]
+    assert [r["level"] for r in records] == ["INFO", "WARNING", "ERROR"]
+    info, warning, error = records
+    assert info.keys() == {"time", "level", "logger", "message"}
+    assert info["logger"] == "iteris_daemon.test" and info["message"] == "merged 3 adapters"
+    stamp = datetime.fromisoformat(info["time"])
+    assert stamp.utcoffset() == timezone.utc.utcoffset(None)
+    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 60
+    assert warning["message"] == "slow\nsecond line"
+    assert error["exception"].startswith("Traceback") and "ZeroDivisionError" in error["exception"]
+
+
+def test_auto_is_text_off_the_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert emit("auto").startswith(tuple("0123456789"))
+
+
+def test_auto_detects_journal_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open(tmp_path / "stderr", "w") as stream, open(tmp_path / "other", "w") as other:
+        stat = os.fstat(other.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+        setup_logging(stream=stream)  # stderr redirected elsewhere: not the journal
+        logging.getLogger("a").info("one")
+        stat = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+        setup_logging(stream=stream)
+        logging.getLogger("a").info("two")
+    first, second = (tmp_path / "stderr").read_text().splitlines()
+    assert first.endswith(" INFO a: one") and second == "<6>a: two"
+
+
+def test_auto_detects_journal_on_stderr(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    stat = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    setup_logging()
+    logging.getLogger("iteris_daemon").warning("on the journal")
+    assert "<4>iteris_daemon: on the journal\n" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["journal", "text", "json"])
+def test_tokens_are_redacted(fmt: str) -> None:
+    stream = io.StringIO()
+    setup_logging(fmt=fmt, stream=stream)
+    log = logging.getLogger("iteris_daemon.hub")
+    log.info("argument %s", TOKEN)
+    log.info(f"f-string Authorization: Bearer {TOKEN}")
+    log.info("in a mapping %(token)s", {"token": TOKEN})
+    try:
+        raise PermissionError(f"401 for token {TOKEN}")
+    except PermissionError:
+        log.exception("upload failed")
+    log.info("too short to be a token: hf_abc")
+    out = stream.getvalue()
+    assert TOKEN not in out and TOKEN[3:] not in out
+    assert out.count("hf_***") == 4
+    assert "hf_abc" in out
+
+
+def test_setup_logging_is_idempotent() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    setup_logging(fmt="text", stream=first)
+    setup_logging(fmt="journal", stream=second)
+    setup_logging(fmt="journal", stream=second)
+    ours = [h for h in logging.getLogger().handlers if h.get_name() == "iteris-daemon"]
+    assert len(ours) == 1
+    logging.getLogger("iteris_daemon").info("once")
+    assert first.getvalue() == "" and second.getvalue() == "<6>iteris_daemon: once\n"
+
+
+def test_levels_and_noisy_loggers() -> None:
+    setup_logging(stream=io.StringIO())
+    assert logging.getLogger().level == logging.INFO
+    assert {logging.getLogger(name).level for name in NOISY} == {logging.WARNING}
+    assert {"transformers", "httpx", "urllib3", "huggingface_hub", "apscheduler"} <= set(NOISY)
+    setup_logging(verbose=True, stream=io.StringIO())
+    assert logging.getLogger().level == logging.DEBUG
+    assert {logging.getLogger(name).getEffectiveLevel() for name in NOISY} == {logging.DEBUG}
+
+
+def test_unknown_format() -> None:
+    assert FORMATS == ("auto", "journal", "text", "json")
+    with pytest.raises(ValueError, match="syslog"):
+        setup_logging(fmt="syslog")
+
+
+# ------------------------------------------------------------------ service unit
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """Sections of ``KEY=VALUE`` lines; a key may repeat (Environment=)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, value = line.split("=", 1)
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_service_unit_directives() -> None:
+    unit = parse_unit(UNIT.read_text())
+    service = {key: values[-1] for key, values in unit["Service"].items()}
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert service["ExecStart"].endswith("iteris-daemon run --config /etc/iteris-daemon/config.toml")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert int(service["WatchdogSec"]) > 0
+    assert service["Restart"] == "on-failure" and "RestartSec" in service
+    assert int(service["TimeoutStopSec"]) > 60  # the daemon's default grace period
+    assert service["DynamicUser"] == "yes"
+    for directory in ("StateDirectory", "CacheDirectory", "ConfigurationDirectory"):
+        assert service[directory] == "iteris-daemon"
+    assert service["LoadCredential"] == "hf-token:/etc/iteris-daemon/hf-token"
+    assert "HF_HUB_DISABLE_TELEMETRY=1" in unit["Service"]["Environment"]
+    assert service["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
+    assert service["ProtectSystem"] == "strict" and service["ProtectHome"] == "read-only"
+    assert service["UMask"] == "0077"
+    for hardening in ("NoNewPrivileges", "PrivateTmp", "ProtectKernelTunables", "ProtectKernelModules",
+                      "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces", "RestrictRealtime",
+                      "LockPersonality"):
+        assert service[hardening] == "yes", hardening
+    # These would hide or break the GPU.
+    for breaks_gpu in ("PrivateDevices", "MemoryDenyWriteExecute", "ProtectClock"):
+        assert service.get(breaks_gpu, "no") == "no", breaks_gpu
+    assert "DeviceAllow" not in service and "DevicePolicy" not in service
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_service_unit_verifies(tmp_path: Path) -> None:
+    # verify insists that ExecStart's binary exists; any executable stands in.
+    text = UNIT.read_text().replace("/usr/local/bin/iteris-daemon", sys.executable)
+    assert text != UNIT.read_text()
+    (tmp_path / UNIT.name).write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / UNIT.name)],
+        capture_output=True, text=True, timeout=120,
+    )
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if UNIT.name in line]
+    assert result.returncode == 0 and complaints == [], result.stdout + result.stderr
