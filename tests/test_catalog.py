@@ -111,3 +111,31 @@ def test_sqlite_catalog_is_private_and_in_wal_mode(tmp_path):
     with catalog.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     catalog.close()
+
+
+def test_cancelled_status_is_accepted_after_0002_and_data_survives(catalog_url):
+    """Rows written under 0001 survive the upgrade; the new status value is allowed."""
+    from sqlalchemy import text
+
+    engine = catalog_db.make_engine(catalog_url)
+    catalog_db.upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO merge_groups (id, name, base_model, selection, strategy, params, destinations, created_at) "
+            "VALUES (1, 'g', 'b', '{}', 'iteris', '{}', '[]', CURRENT_TIMESTAMP)"))
+        connection.execute(text(
+            "INSERT INTO merge_runs (group_id, status, input_fingerprint, started_at) "
+            "VALUES (1, 'succeeded', 'f', CURRENT_TIMESTAMP)"))
+    catalog_db.upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO merge_runs (group_id, status, input_fingerprint, started_at) "
+            "VALUES (1, 'cancelled', 'g', CURRENT_TIMESTAMP)"))
+        statuses = sorted(connection.execute(text("SELECT status FROM merge_runs")).scalars())
+        assert statuses == ["cancelled", "succeeded"]
+        with pytest.raises(Exception):  # the CHECK constraint still guards the column
+            with connection.begin_nested():
+                connection.execute(text(
+                    "INSERT INTO merge_runs (group_id, status, input_fingerprint, started_at) "
+                    "VALUES (1, 'bogus', 'h', CURRENT_TIMESTAMP)"))
+    engine.dispose()

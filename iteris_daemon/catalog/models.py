@@ -54,7 +54,8 @@ class RunStatus(str, enum.Enum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
-    skipped = "skipped"
+    skipped = "skipped"  # inputs unchanged since the last success, or nothing to merge
+    cancelled = "cancelled"  # the daemon was asked to stop mid-merge
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -141,6 +142,11 @@ class MergeGroup(Base):
     strategy: Mapped[str] = mapped_column(String(100))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     destinations: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    calibration: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    schedule: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # `iteris-daemon merge-now` sets this; the running daemon picks it up.
+    requested_at: Mapped[datetime | None]
+    next_run_at: Mapped[datetime | None]  # written by the scheduler, read by `status`
     # A daemon that is merging this group holds the claim; others skip it (multi-daemon safety).
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     claimed_at: Mapped[datetime | None]
