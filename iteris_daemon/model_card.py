@@ -1,0 +1,78 @@
+"""The README.md model card published with a merged adapter.
+
+The YAML front matter is what the Hub indexes (``base_model_relation: merge`` puts the
+adapter in the base model's "merges" tree; ``library_name: peft`` gives it the PEFT
+loading snippet); the body tells a reader what went in and how well it merged. Only
+what the publish request holds is shown: names, locators, revisions, parameters and
+figures, never settings of the destination (tokens, endpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from huggingface_hub import ModelCardData
+
+from .publish import PublishRequest
+
+_REVISION_CHARS = 12
+
+
+def render_model_card(request: PublishRequest) -> str:
+    """README.md text for ``request``'s merged adapter: YAML front matter, then Markdown."""
+    data = ModelCardData(
+        base_model=request.base_model,
+        library_name="peft",
+        tags=["iteris-daemon", "lora", "merge", request.strategy],
+        base_model_relation="merge",
+    )
+    sections = [
+        f"# {request.group}: merged LoRA adapter",
+        f"Merged by iteris-daemon with the `{_code(request.strategy)}` strategy from "
+        f"{len(request.inputs)} LoRA adapter{'s' if len(request.inputs) != 1 else ''} of "
+        f"`{_code(request.base_model)}` (group `{_code(request.group)}`, run {request.run_id}).",
+        "## Input adapters\n\n" + _table(
+            ["name", "source", "locator", "revision"],
+            [[i.name, i.source, i.locator, i.revision[:_REVISION_CHARS]] for i in request.inputs],
+        ),
+        "## Strategy parameters\n\n```json\n" + json.dumps(request.params, indent=2, sort_keys=True, default=str)
+        + "\n```",
+    ]
+    metrics = _metrics_rows(request.metrics)
+    if metrics:
+        sections.append("## Per-task metrics\n\n" + _table(["task", "alignment loss (last)", "fidelity gap"], metrics))
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _metrics_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row per task that has figures; the alignment loss is a per-iteration history, show its end."""
+    rows = []
+    for task, figures in metrics.items():
+        if not isinstance(figures, dict):
+            continue
+        loss = figures.get("alignment_loss")
+        if isinstance(loss, list):
+            loss = loss[-1] if loss else None
+        rows.append([task, _number(loss), _number(figures.get("fidelity_gap"))])
+    return rows
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: str) -> str:
+    """A table cell cannot hold a pipe or a line break."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _code(value: str) -> str:
+    """Inline code cannot hold a backtick or a line break."""
+    return str(value).replace("`", "'").replace("\n", " ")

@@ -1,0 +1,38 @@
+"""The Hugging Face token: where it comes from, and never where it goes.
+
+Looked up in order: a configured ``token_file``; systemd's credential
+``$CREDENTIALS_DIRECTORY/hf-token`` (``LoadCredential=hf-token:...`` in the unit);
+``$HF_TOKEN``. Returned as a pydantic ``SecretStr`` so a stray ``repr`` or log
+line shows ``**********``, not the token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from .errors import ConfigError
+
+CREDENTIAL_NAME = "hf-token"
+
+
+def hub_token(token_file: Path | None = None) -> SecretStr | None:
+    if token_file is None and os.environ.get("CREDENTIALS_DIRECTORY"):
+        credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+        if credential.is_file():
+            token_file = credential
+    if token_file is not None:
+        try:
+            value = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        return SecretStr(value) if value else None
+    value = os.environ.get("HF_TOKEN", "").strip()
+    return SecretStr(value) if value else None
+
+
+def plain(token: SecretStr | None) -> str | bool:
+    """What huggingface_hub expects: the token, or False for "anonymous, do not look elsewhere"."""
+    return token.get_secret_value() if token is not None else False

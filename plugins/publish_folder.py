@@ -1,0 +1,182 @@
+"""Folder publisher: versioned copies of the merged adapter and a ``current`` symlink.
+
+Layout under the destination ``path``::
+
+    versions/run-7-20250101T120000.000000Z/   a complete PEFT folder per published version
+    current -> versions/run-7-...             what consumers load: PeftModel.from_pretrained("<path>/current")
+
+A version is copied into ``versions/.staging-*`` and flushed to disk, renamed into place,
+and only then is ``current`` swapped, by renaming a fresh symlink over it (one atomic
+``rename``). Whenever the process dies, ``current`` points at a complete version: the old
+one or the new one. Leftovers of a crashed publish (staging folders, temporary links)
+are removed by the next publish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import Field
+
+from iteris_daemon import hookimpl
+from iteris_daemon.errors import AdapterError, OutputExistsError
+from iteris_daemon.lora import CONFIG_NAME, WEIGHTS_NAME
+from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+VERSIONS = "versions"
+_STAGING = ".staging-"
+_TEMP_LINK = ".current-"
+_STAMP = "%Y%m%dT%H%M%S.%fZ"
+_VERSION = re.compile(r"^run-\d+-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
+#: The files that make two adapters the same adapter (a new report alone is not a new version).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+
+class FolderPublishSettings(PublisherSettings):
+    path: Path = Field(description="destination folder; consumers load <path>/current")
+    keep: int = Field(3, ge=0, description="how many previous versions to keep besides the current one")
+
+
+class FolderPublisher:
+    kind = "folder"
+    description = "Versioned copies in a local folder, with an atomically swapped 'current' symlink"
+    Settings = FolderPublishSettings
+
+    def publish(self, request: PublishRequest, settings: FolderPublishSettings) -> PublishResult:
+        root = settings.path
+        _check_adapter(request.adapter_dir)
+        _check_destination(root)
+        versions = root / VERSIONS
+        current = _current_name(root)
+        if current is not None and _same_adapter(request.adapter_dir, versions / current):
+            log.info("folder %s: adapter unchanged, still %s", root, current)
+            return PublishResult(str(root), current, changed=False)
+
+        versions.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        version = f"run-{request.run_id}-{datetime.now(timezone.utc).strftime(_STAMP)}"
+        staging = versions / f"{_STAGING}{secrets.token_hex(4)}"
+        staging.mkdir()
+        _copy_flushed(request.adapter_dir, staging)
+        os.rename(staging, versions / version)
+        _fsync_dir(versions)
+        _point_current(root, version)
+        log.info("folder %s: current -> %s", root, version)
+        _prune(versions, version, settings.keep)
+        return PublishResult(str(root), version, changed=True)
+
+    def current_version(self, settings: FolderPublishSettings) -> str | None:
+        return _current_name(settings.path)
+
+
+def _check_adapter(folder: Path) -> None:
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise AdapterError(folder, f"no {missing[0]}: not a complete adapter, nothing was published")
+
+
+def _check_destination(root: Path) -> None:
+    """Refuse to publish over anything this publisher did not make."""
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"publish destination {root} exists and is not a folder; refusing to replace it")
+    link = root / CURRENT
+    if link.exists() and not link.is_symlink():
+        raise OutputExistsError(
+            f"{link} exists and is not a symlink (not made by iteris-daemon); refusing to replace it"
+        )
+
+
+def _current_name(root: Path) -> str | None:
+    """The version folder name ``current`` points at, or None before the first publish."""
+    link = root / CURRENT
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_adapter(new: Path, published: Path) -> bool:
+    """Compare contents, not dates or names: a re-run that merges to the same bytes is not a new version."""
+    return all(_sha256(published / name) == _sha256(new / name) for name in ADAPTER_FILES)
+
+
+def _copy_flushed(source: Path, target: Path) -> None:
+    """Copy the folder ``source`` into the existing ``target``, every file and folder on disk before returning."""
+    folders = [target]
+    for item in sorted(source.rglob("*")):
+        destination = target / item.relative_to(source)
+        if item.is_dir():
+            destination.mkdir()
+            folders.append(destination)
+        elif item.is_file():
+            shutil.copyfile(item, destination)
+            with open(destination, "rb+") as handle:
+                os.fsync(handle.fileno())
+    for folder in reversed(folders):
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a renamed file is not, until its folder is flushed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _point_current(root: Path, version: str) -> None:
+    """Swap ``current`` to ``versions/<version>`` in one rename: readers see the old or the new target, never none."""
+    temp = root / f"{_TEMP_LINK}{secrets.token_hex(4)}"
+    os.symlink(f"{VERSIONS}/{version}", temp)
+    try:
+        os.replace(temp, root / CURRENT)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(root)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging folders and temporary links of a publish that crashed (never complete, never current)."""
+    for link in root.glob(f"{_TEMP_LINK}*"):
+        if link.is_symlink():
+            link.unlink()
+    for staging in (root / VERSIONS).glob(f"{_STAGING}*"):
+        if staging.is_dir() and not staging.is_symlink():
+            log.info("folder %s: removing %s left by an interrupted publish", root, staging.name)
+            shutil.rmtree(staging)
+
+
+def _prune(versions: Path, current: str, keep: int) -> None:
+    """Delete the oldest versions beyond ``keep``; folders not named like a version are not ours, left alone."""
+    previous = [
+        (match["stamp"], entry.name)
+        for entry in versions.iterdir()
+        if entry.name != current and (match := _VERSION.match(entry.name)) and entry.is_dir() and not entry.is_symlink()
+    ]
+    for _, name in sorted(previous, reverse=True)[keep:]:
+        log.info("folder %s: pruning old version %s", versions.parent, name)
+        shutil.rmtree(versions / name)
+
+
+@hookimpl
+def register_publishers(register):
+    register(FolderPublisher())

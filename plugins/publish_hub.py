@@ -1,0 +1,262 @@
+"""Hub publisher: one commit per new merged adapter on a branch of a Hub model repo.
+
+Each publish is a single ``create_commit`` holding every file of the adapter folder and
+a generated model card, made against the branch head read just before
+(``parent_commit``), so a commit is never duplicated nor silently stacked on someone
+else's push. After a failed attempt the head is read again: if it already holds our
+adapter files, the attempt landed and only its answer was lost; if someone else pushed,
+the commit is made again on top of their head (a bounded number of times). When the
+branch already holds the same adapter files, nothing is committed. Every Hub call is
+retried on rate limits, server errors and dropped connections
+(:mod:`iteris_daemon.retry`). The token comes from :mod:`iteris_daemon.tokens` and is
+never logged nor put in an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.hf_api import ModelInfo
+from pydantic import Field, field_validator
+from tenacity import Retrying, retry_if_exception
+
+from iteris_daemon import hookimpl
+from iteris_daemon.errors import AdapterError
+from iteris_daemon.lora import CONFIG_NAME, WEIGHTS_NAME
+from iteris_daemon.model_card import render_model_card
+from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
+from iteris_daemon.retry import hub_retrying, is_transient
+from iteris_daemon.tokens import hub_token, plain
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+#: The files that make two adapters the same adapter (a new report or card alone is not a new version).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubPublishSettings(PublisherSettings):
+    repo_id: str = Field(description="target model repo, OWNER/NAME (created if missing)")
+    branch: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
+    private: bool = Field(True, description="visibility of the repo when this publisher creates it")
+    endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
+    token_file: Path | None = Field(
+        None, description="file holding a write token (default: the hf-token credential, else $HF_TOKEN)"
+    )
+    tag_runs: bool = Field(True, description="tag each new commit <group>-run-<run id>")
+    retry_attempts: int = Field(
+        6, ge=1, description="tries per Hub call (for the commit, including tries after the branch moved)"
+    )
+    retry_base_seconds: float = Field(1.0, ge=0, description="first back-off delay, doubled after each failure")
+    retry_cap_seconds: float = Field(60.0, ge=0, description="longest back-off delay (also caps Retry-After)")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, repo_id: str) -> str:
+        if not _REPO_ID.match(repo_id):
+            raise ValueError(f"{repo_id!r} is not a repo id (OWNER/NAME)")
+        return repo_id
+
+
+
+@dataclass(frozen=True)
+class _Digest:
+    """How the Hub identifies a file: git blob sha1 for regular files, sha256 for LFS ones."""
+
+    git_sha1: str
+    sha256: str
+
+
+class HubPublisher:
+    kind = "hub"
+    description = "One commit per new adapter on a Hub model repo branch, with a model card and a run tag"
+    Settings = HubPublishSettings
+
+    def publish(self, request: PublishRequest, settings: HubPublishSettings) -> PublishResult:
+        where = f"{settings.repo_id}@{settings.branch}"
+        files = _adapter_files(request.adapter_dir)
+        local = {name: _digest(files[name]) for name in ADAPTER_FILES}
+        card = render_model_card(request).encode()
+        api = _api(settings)
+
+        _retrying(settings, f"create repo {settings.repo_id}")(
+            api.create_repo, settings.repo_id, private=settings.private, exist_ok=True
+        )
+        head = _branch_head(api, settings)
+        if settings.private and head.private is False:
+            log.warning("hub %s: the repo is public; private=true only applies when the repo is created", where)
+        if _holds(head, local):
+            log.info("hub %s: adapter unchanged, still %s", where, head.sha)
+            return PublishResult(where, head.sha, changed=False)
+
+        def operations() -> list[CommitOperationAdd]:  # fresh objects per attempt: the client mutates them
+            adds = [CommitOperationAdd(name, path) for name, path in sorted(files.items())]
+            return [*adds, CommitOperationAdd(CARD_NAME, card)]
+
+        title = f"{request.group}: run {request.run_id} ({request.strategy} merge of {len(request.inputs)} adapters)"
+        sha = _commit(api, settings, operations, title, head.sha, local)
+        log.info("hub %s: published run %d as %s", where, request.run_id, sha)
+        if settings.tag_runs:
+            tag = f"{request.group}-run-{request.run_id}"
+            try:
+                _tag(api, settings, tag, sha)
+            except (HfHubHTTPError, httpx2.TransportError) as exc:
+                # Not raised: the adapter is published, and a failed run would be retried only
+                # to find it unchanged and leave it untagged anyway.
+                log.warning("hub %s: %s is published but could not be tagged %s: %s", where, sha, tag, _reason(exc))
+        return PublishResult(where, sha, changed=True)
+
+    def current_version(self, settings: HubPublishSettings) -> str | None:
+        try:
+            return _read_head(_api(settings), settings).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+
+
+def _api(settings: HubPublishSettings) -> HfApi:
+    """A client with exactly the configured token (``False``: never a token saved on the machine)."""
+    return HfApi(endpoint=settings.endpoint, token=plain(hub_token(settings.token_file)))
+
+
+def _retrying(settings: HubPublishSettings, what: str) -> Retrying:
+    return hub_retrying(
+        f"publish: {what}", settings.retry_attempts, settings.retry_base_seconds, settings.retry_cap_seconds
+    )
+
+
+def _read_head(api: HfApi, settings: HubPublishSettings) -> ModelInfo:
+    """The branch head with its files' blob ids (and LFS sha256s)."""
+    return _retrying(settings, f"model_info {settings.repo_id}@{settings.branch}")(
+        api.model_info, settings.repo_id, revision=settings.branch, files_metadata=True
+    )
+
+
+def _branch_head(api: HfApi, settings: HubPublishSettings) -> ModelInfo:
+    """The branch head, after creating the branch (from main) if the repo does not have it yet."""
+    try:
+        return _read_head(api, settings)
+    except RevisionNotFoundError:
+        log.info("hub %s: creating branch %s", settings.repo_id, settings.branch)
+        _retrying(settings, f"create branch {settings.repo_id}@{settings.branch}")(
+            api.create_branch, settings.repo_id, branch=settings.branch, exist_ok=True
+        )
+        return _read_head(api, settings)
+
+
+def _commit(
+    api: HfApi,
+    settings: HubPublishSettings,
+    operations: Callable[[], list[CommitOperationAdd]],
+    title: str,
+    parent: str,
+    local: dict[str, _Digest],
+) -> str:
+    """Commit on top of ``parent``; return the sha of the commit that holds the adapter.
+
+    After a failed attempt the head is read again before anything else: an attempt whose
+    answer was lost may have landed (our adapter is there: done, no second commit), or
+    someone else pushed (HTTP 412 against ``parent_commit``: commit again on top of theirs).
+    ``parent_commit`` also guarantees that no attempt ever lands on a head we did not check.
+    """
+    where = f"{settings.repo_id}@{settings.branch}"
+    failed = False
+
+    def attempt() -> str:
+        nonlocal parent, failed
+        if failed:
+            head = api.model_info(settings.repo_id, revision=settings.branch, files_metadata=True)
+            if _holds(head, local):
+                log.info("hub %s: %s already holds this adapter (an earlier attempt's commit)", where, head.sha)
+                return head.sha
+            parent = head.sha
+        failed = True
+        return api.create_commit(
+            settings.repo_id, operations(), commit_message=title, commit_description="Published by iteris-daemon.",
+            revision=settings.branch, parent_commit=parent,
+        ).oid
+
+    retrying = _retrying(settings, f"commit to {where}").copy(
+        retry=retry_if_exception(lambda exc: is_transient(exc) or _status(exc) == 412)
+    )
+    try:
+        return retrying(attempt)
+    except HfHubHTTPError as exc:
+        if _status(exc) != 412:
+            raise
+        raise RuntimeError(
+            f"hub {where}: the branch kept moving during {settings.retry_attempts} commit attempts; gave up"
+        ) from exc
+
+
+def _adapter_files(folder: Path) -> dict[str, Path]:
+    """Every file of the adapter folder by its path in the repo; the generated card replaces any README.md."""
+    files = {
+        path.relative_to(folder).as_posix(): path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    if missing:
+        raise AdapterError(folder, f"no {missing[0]}: not a complete adapter, nothing was published")
+    files.pop(CARD_NAME, None)
+    return files
+
+
+def _digest(path: Path) -> _Digest:
+    size = path.stat().st_size
+    git, sha256 = hashlib.sha1(b"blob %d\0" % size), hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            git.update(chunk)
+            sha256.update(chunk)
+    return _Digest(git.hexdigest(), sha256.hexdigest())
+
+
+def _holds(info: ModelInfo, local: dict[str, _Digest]) -> bool:
+    """Whether the commit ``info`` describes has exactly these adapter files."""
+    remote = {sibling.rfilename: sibling for sibling in info.siblings or []}
+    for name, digest in local.items():
+        sibling = remote.get(name)
+        if sibling is None:
+            return False
+        same = sibling.lfs.sha256 == digest.sha256 if sibling.lfs else sibling.blob_id == digest.git_sha1
+        if not same:
+            return False
+    return True
+
+
+def _tag(api: HfApi, settings: HubPublishSettings, tag: str, sha: str) -> None:
+    try:
+        _retrying(settings, f"tag {settings.repo_id} {tag}")(api.create_tag, settings.repo_id, tag=tag, revision=sha)
+    except HfHubHTTPError as exc:
+        if _status(exc) != 409:
+            raise
+        # Already there: ours if an earlier attempt's answer was lost, else someone else's, left alone.
+        refs = _retrying(settings, f"refs {settings.repo_id}")(api.list_repo_refs, settings.repo_id)
+        target = next((ref.target_commit for ref in refs.tags if ref.name == tag), None)
+        if target != sha:
+            log.warning("hub %s: tag %s already points at %s, not %s; left as is", settings.repo_id, tag, target, sha)
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _reason(exc: BaseException) -> str:
+    """A failure in a few words, from the status code or the error type (never from headers)."""
+    status = _status(exc)
+    return f"HTTP {status}" if status else type(exc).__name__
+
+
+@hookimpl
+def register_publishers(register):
+    register(HubPublisher())

@@ -1,0 +1,459 @@
+"""The built-in publishers on real PEFT adapter folders: the folder publisher on the local
+disk (versions, atomic ``current`` swap, pruning, crashes, refusals) and the Hub publisher
+against the Hub-compatible test server through the real huggingface_hub client (one commit
+per new adapter, model card, run tags, faults, lost answers, concurrent pushes, secrecy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import HubServer, isolate_hub_client
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+from pydantic import ValidationError
+
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.errors import ConfigError, OutputExistsError
+from iteris_daemon.model_card import render_model_card
+from iteris_daemon.plugin_manager import get_publisher
+from iteris_daemon.publish import PublishedInput, Publisher, PublishRequest
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "hf_publisher_secret_token_123"
+REPO = "team/merged-news"
+COMMITS = r"^POST /api/models/team/merged-news/commit/"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny BERT and two merged-adapter folders as the merge leaves them (PEFT files plus a report)."""
+    root = tmp_path_factory.mktemp("publish")
+    base = build_tiny_model("bert", root / "base")
+    merged = []
+    for seed in (0, 1):
+        folder = build_adapter(base, root / f"merged{seed}", seed=seed, family="bert", r=2 + seed)
+        (folder / "calibration.jsonl").unlink()
+        (folder / "merge_report.json").write_text(json.dumps({"strategy": "iteris", "seed": seed}))
+        merged.append(folder)
+    return base, merged[0], merged[1]
+
+
+def request(adapter_dir: Path, base: Path, run_id: int = 1, group: str = "news") -> PublishRequest:
+    return PublishRequest(
+        adapter_dir=adapter_dir,
+        group=group,
+        run_id=run_id,
+        base_model=str(base),
+        strategy="iteris",
+        params={"alpha": 0.5, "max_iterations": 3},
+        inputs=[
+            PublishedInput("sentiment", "hub", "alice/sentiment", "a" * 40),
+            PublishedInput("topic", "local", "/data/topic|v2", "b" * 40),
+        ],
+        metrics={
+            "sentiment": {"alignment_loss": [0.5, 0.125], "fidelity_gap": 0.0312},
+            "topic": {"alignment_loss": [0.25], "fidelity_gap": 0.01},
+        },
+    )
+
+
+def tree(root: Path) -> dict[str, tuple[int, int | str]]:
+    """Every entry under ``root`` with its modification time and size or link target: any write shows."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        detail = os.readlink(path) if path.is_symlink() else stat.st_size
+        found[str(path.relative_to(root))] = (stat.st_mtime_ns, detail)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------- folder
+
+
+@pytest.fixture
+def folder() -> Publisher:
+    return get_publisher("folder")
+
+
+def test_both_publishers_are_registered_plugins():
+    for kind in ("folder", "hub"):
+        publisher = get_publisher(kind)
+        assert isinstance(publisher, Publisher) and publisher.kind == kind and publisher.description
+        assert publisher.Settings.model_config["extra"] == "forbid"
+        assert all(f.description for f in publisher.Settings.model_fields.values())
+
+
+def test_folder_settings_are_validated(folder, tmp_path):
+    with pytest.raises(ValidationError):
+        folder.Settings.model_validate({"path": str(tmp_path), "keep": -1})
+    with pytest.raises(ValidationError):
+        folder.Settings.model_validate({"path": str(tmp_path), "kept": 2})
+    assert folder.Settings.model_validate({"path": str(tmp_path)}).keep == 3
+
+
+def test_folder_publish_creates_a_version_and_current_that_peft_loads(folder, made, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    base, first, _ = made
+    dest = tmp_path / "out" / "news"
+    settings = folder.Settings(path=dest)
+    assert folder.current_version(settings) is None
+
+    result = folder.publish(request(first, base, run_id=7), settings)
+
+    assert result.changed and result.location == str(dest) and result.version.startswith("run-7-")
+    assert os.readlink(dest / "current") == f"versions/{result.version}"  # relative: the folder can move
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == [result.version]
+    published = dest / "versions" / result.version
+    assert {p.name for p in published.iterdir()} == {p.name for p in first.iterdir()}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "merge_report.json"):
+        assert (published / name).read_bytes() == (first / name).read_bytes()
+    assert folder.current_version(settings) == result.version
+
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(dest / "current"))
+    expected = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(first))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert loaded and all(torch.equal(v, expected.state_dict()[k]) for k, v in loaded.items())
+
+
+def test_identical_adapter_writes_nothing_and_a_new_one_moves_current(folder, made, tmp_path):
+    base, first, second = made
+    settings = folder.Settings(path=tmp_path / "dest")
+    v1 = folder.publish(request(first, base, run_id=1), settings).version
+    before = tree(tmp_path / "dest")
+
+    again = folder.publish(request(first, base, run_id=2), settings)  # a new run, the same adapter
+    assert not again.changed and again.version == v1
+    assert tree(tmp_path / "dest") == before
+
+    v3 = folder.publish(request(second, base, run_id=3), settings)
+    assert v3.changed and v3.version.startswith("run-3-")
+    assert folder.current_version(settings) == v3.version
+    current = tmp_path / "dest" / "current"
+    assert (current / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "dest" / "versions" / v1).is_dir()  # the previous version is kept (keep=3)
+
+
+def test_keep_prunes_the_oldest_versions_never_the_current_one(folder, made, tmp_path):
+    base, first, second = made
+    dest = tmp_path / "dest"
+    settings = folder.Settings(path=dest, keep=1)
+    versions = [folder.publish(request(adapter, base, run_id=run), settings).version
+                for run, adapter in enumerate([first, second, first, second], start=1)]
+    assert len(set(versions)) == 4
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == versions[2:]
+    (dest / "versions" / "notes").mkdir()  # not named like a version: not ours to prune
+
+    settings = folder.Settings(path=dest, keep=0)
+    last = folder.publish(request(first, base, run_id=5), settings).version
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == ["notes", last]
+
+
+def test_a_crash_leaves_current_on_the_old_complete_version(folder, made, tmp_path, monkeypatch):
+    base, first, second = made
+    dest = tmp_path / "dest"
+    settings = folder.Settings(path=dest)
+    old = folder.publish(request(first, base, run_id=1), settings).version
+
+    # Killed while copying: a partial staging folder stays behind.
+    real_copy = shutil.copyfile
+    copied: list[str] = []
+
+    def copy_then_die(src, dst, *args, **kwargs):
+        if copied:
+            raise OSError(28, "No space left on device")
+        copied.append(str(src))
+        return real_copy(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "copyfile", copy_then_die)
+        with pytest.raises(OSError, match="No space left"):
+            folder.publish(request(second, base, run_id=2), settings)
+    assert [p.name for p in (dest / "versions").glob(".staging-*")]
+
+    # Killed at the swap: the new version is complete but `current` never moved.
+    def no_replace(src, dst):
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", no_replace)
+        with pytest.raises(OSError, match="Input/output"):
+            folder.publish(request(second, base, run_id=3), settings)
+
+    assert folder.current_version(settings) == old
+    current = dest / "current"
+    assert (current / "adapter_model.safetensors").read_bytes() == (first / "adapter_model.safetensors").read_bytes()
+    assert not list(dest.glob(".current-*"))
+
+    new = folder.publish(request(second, base, run_id=4), settings)
+    assert new.changed and folder.current_version(settings) == new.version
+    assert not list((dest / "versions").glob(".staging-*"))
+    assert (current / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
+
+
+def test_foreign_destinations_are_refused_untouched(folder, made, tmp_path):
+    base, first, _ = made
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(OutputExistsError, match="notes.txt"):
+        folder.publish(request(first, base), folder.Settings(path=a_file))
+    assert a_file.read_text() == "mine"
+
+    user_dir = tmp_path / "user"
+    (user_dir / "current").mkdir(parents=True)
+    (user_dir / "current" / "weights.bin").write_bytes(b"precious")
+    before = tree(user_dir)
+    with pytest.raises(OutputExistsError, match=r"user/current"):
+        folder.publish(request(first, base), folder.Settings(path=user_dir))
+    assert tree(user_dir) == before
+
+
+# ------------------------------------------------------------------------------------------------------ hub
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    with HubServer(token=TOKEN) as server:
+        isolate_hub_client(monkeypatch, server.endpoint, tmp_path / "hf-home", timeout=2.0)
+        yield server
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """Back-off sleeps, recorded instead of slept."""
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    return slept
+
+
+@pytest.fixture
+def hub_settings(hub, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+
+    def make(**overrides):
+        values = {"repo_id": REPO, "endpoint": hub.endpoint, "token_file": str(token_file),
+                  "retry_base_seconds": 0.01, "retry_cap_seconds": 10.0, **overrides}
+        return get_publisher("hub").Settings.model_validate(values)
+
+    return make
+
+
+def api(hub: HubServer) -> HfApi:
+    return HfApi(endpoint=hub.endpoint, token=TOKEN)
+
+
+def successful_commits(hub: HubServer) -> int:
+    return sum(r.status == 200 for r in hub.requests_matching(COMMITS))
+
+
+def history(hub: HubServer, branch: str = "main") -> list[str]:
+    return [c.title for c in api(hub).list_repo_commits(REPO, revision=branch)]
+
+
+def test_hub_settings_are_validated(hub_settings):
+    with pytest.raises(ValidationError, match="OWNER/NAME"):
+        hub_settings(repo_id="no-namespace")
+    with pytest.raises(ValidationError):
+        hub_settings(token="hf_inline")  # tokens live in a file or $HF_TOKEN, never in the config
+    settings = hub_settings()
+    assert settings.branch == "main" and settings.private and settings.tag_runs
+
+
+def test_hub_publish_is_one_commit_with_card_and_run_tag(hub, hub_settings, made):
+    base, first, _ = made
+    publisher, settings = get_publisher("hub"), hub_settings()
+    assert publisher.current_version(settings) is None
+
+    result = publisher.publish(request(first, base, run_id=7), settings)
+
+    assert result.changed and result.location == f"{REPO}@main" and result.version == hub.head(REPO)
+    assert api(hub).model_info(REPO).private  # private unless asked otherwise
+    assert successful_commits(hub) == 1 and len(hub.requests_matching(COMMITS)) == 1
+    files = hub.files(REPO)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "merge_report.json"):
+        assert files[name] == (first / name).read_bytes()
+    card = ModelCard(files["README.md"].decode())  # ours, not the README PEFT wrote
+    assert card.data.base_model_relation == "merge" and card.data.library_name == "peft"
+    assert card.data.base_model == str(base)
+    assert {"iteris-daemon", "lora", "merge", "iteris"} <= set(card.data.tags)
+    refs = api(hub).list_repo_refs(REPO)
+    assert {t.name: t.target_commit for t in refs.tags} == {"news-run-7": result.version}
+    assert publisher.current_version(settings) == result.version
+
+
+def test_same_adapter_is_not_committed_again_a_new_one_is(hub, hub_settings, made):
+    base, first, second = made
+    publisher, settings = get_publisher("hub"), hub_settings()
+    v1 = publisher.publish(request(first, base, run_id=1), settings)
+
+    again = publisher.publish(request(first, base, run_id=2), settings)
+    assert not again.changed and again.version == v1.version
+    assert len(hub.requests_matching(COMMITS)) == 1
+    assert [t.name for t in api(hub).list_repo_refs(REPO).tags] == ["news-run-1"]
+
+    v3 = publisher.publish(request(second, base, run_id=3), settings)
+    assert v3.changed and v3.version == hub.head(REPO) != v1.version
+    assert hub.files(REPO)["adapter_model.safetensors"] == (second / "adapter_model.safetensors").read_bytes()
+    assert successful_commits(hub) == 2
+
+
+def test_a_missing_branch_is_created_and_main_left_alone(hub, hub_settings, made):
+    base, first, _ = made
+    publisher, settings = get_publisher("hub"), hub_settings(branch="merged", tag_runs=False)
+    result = publisher.publish(request(first, base), settings)
+    assert result.location == f"{REPO}@merged" and result.version == hub.head(REPO, "merged")
+    assert set(hub.files(REPO, "main")) == {".gitattributes"}
+    assert not api(hub).list_repo_refs(REPO).tags
+
+
+def test_token_comes_from_the_environment_by_default(hub, hub_settings, made, monkeypatch, tmp_path):
+    base, first, _ = made
+    publisher = get_publisher("hub")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    settings = hub_settings(token_file=None)
+    assert publisher.current_version(settings) is None  # no repo yet (and no token: it looks missing)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert publisher.publish(request(first, base), settings).version == hub.head(REPO)
+
+    missing = tmp_path / "no-such-token"
+    with pytest.raises(ConfigError, match="no-such-token") as unreadable:
+        publisher.publish(request(first, base), hub_settings(token_file=str(missing)))
+    assert TOKEN not in str(unreadable.value)
+
+
+def test_rate_limit_and_server_error_on_the_commit_are_survived(hub, hub_settings, made, sleeps):
+    base, first, _ = made
+    hub.create_repo_direct(REPO, {"notes.md": b"existing"}, private=True)
+    hub.inject(COMMITS, ("status", 429, {"Retry-After": "3"}))
+    hub.inject(COMMITS, ("status", 500))
+
+    result = get_publisher("hub").publish(request(first, base), hub_settings())
+
+    assert [r.status for r in hub.requests_matching(COMMITS)] == [429, 500, 200]
+    assert 3.0 in sleeps  # Retry-After honoured
+    assert result.version == hub.head(REPO) and len(history(hub)) == 2
+    assert hub.files(REPO)["notes.md"] == b"existing"
+
+
+def test_a_lost_commit_answer_does_not_duplicate_the_commit(hub, hub_settings, made, sleeps):
+    base, first, _ = made
+    hub.inject(COMMITS, ("truncate", 0))  # the server commits, the client sees a broken answer
+
+    result = get_publisher("hub").publish(request(first, base, run_id=4), hub_settings())
+
+    # The head, read again, showed the commit landed: nothing was sent again.
+    assert len(hub.requests_matching(COMMITS)) == 1 and len(hub.requests_matching(r"^POST .*/preupload/")) == 1
+    assert len(history(hub)) == 2  # create_repo's initial commit and ours, once
+    assert result.changed and result.version == hub.head(REPO)
+    assert {t.name: t.target_commit for t in api(hub).list_repo_refs(REPO).tags} == {"news-run-4": result.version}
+
+
+def test_a_concurrent_push_is_kept_and_the_commit_made_on_top(hub, hub_settings, made, monkeypatch):
+    base, first, _ = made
+    publisher, settings = get_publisher("hub"), hub_settings()
+    real_commit = HfApi.create_commit
+    pushed: list[str] = []
+
+    def someone_pushes_first(self, *args, **kwargs):
+        if not pushed:  # between our head read and our commit
+            pushed.append(hub.commit_direct(REPO, {"notes.md": b"pushed by a colleague"}, message="colleague"))
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", someone_pushes_first)
+    result = publisher.publish(request(first, base), settings)
+
+    assert [r.status for r in hub.requests_matching(COMMITS)] == [412, 200]
+    assert result.version == hub.head(REPO) and len(history(hub)) == 3
+    assert history(hub)[1] == "colleague"  # newest first: ours, then theirs
+    files = hub.files(REPO)
+    assert files["notes.md"] == b"pushed by a colleague" and "merge_report.json" in files
+
+
+def test_a_branch_that_never_stops_moving_is_given_up(hub, hub_settings, made, monkeypatch):
+    base, first, _ = made
+    real_commit = HfApi.create_commit
+    count = iter(range(100))
+
+    def always_someone_first(self, *args, **kwargs):
+        hub.commit_direct(REPO, {"notes.md": f"push {next(count)}".encode()})
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", always_someone_first)
+    with pytest.raises(RuntimeError, match=f"{REPO}@main.*kept moving"):
+        get_publisher("hub").publish(request(first, base), hub_settings(retry_attempts=2))
+    assert successful_commits(hub) == 0
+
+
+def test_tag_troubles_never_fail_a_published_commit(hub, hub_settings, made, sleeps, caplog):
+    base, first, second = made
+    publisher, settings = get_publisher("hub"), hub_settings()
+    tags = r"^POST /api/models/team/merged-news/tag/"
+    hub.inject(tags, ("truncate", 0))  # the tag is made, its answer lost: the retry finds it there
+    v1 = publisher.publish(request(first, base, run_id=1), settings).version
+    assert {t.name: t.target_commit for t in api(hub).list_repo_refs(REPO).tags} == {"news-run-1": v1}
+    assert "already points at" not in caplog.text and "could not be tagged" not in caplog.text
+
+    hub.create_tag_direct(REPO, "news-run-2", v1)  # e.g. run ids reused after a catalog reset
+    v2 = publisher.publish(request(second, base, run_id=2), settings)
+    assert v2.changed and hub.head(REPO) == v2.version
+    tagged = {t.name: t.target_commit for t in api(hub).list_repo_refs(REPO).tags}
+    assert tagged["news-run-2"] == v1  # someone else's tag is left alone
+    assert "news-run-2 already points at" in caplog.text
+
+    hub.inject(tags, ("status", 403))
+    v3 = publisher.publish(request(first, base, run_id=3), settings)
+    assert v3.changed and hub.head(REPO) == v3.version
+    assert "could not be tagged news-run-3: HTTP 403" in caplog.text
+
+
+def test_the_token_never_leaks(hub, hub_settings, made, sleeps, caplog):
+    base, first, _ = made
+    caplog.set_level(logging.DEBUG)
+    publisher = get_publisher("hub")
+    hub.inject(COMMITS, ("status", 503))
+    publisher.publish(request(first, base), hub_settings())
+    card = hub.files(REPO)["README.md"].decode()
+    assert TOKEN not in card
+
+    raised = []
+    hub.inject(r"^GET /api/models/team/merged-news/revision/", ("status", 500), times=2)
+    with pytest.raises(HfHubHTTPError) as gave_up:
+        publisher.publish(request(made[2], base, run_id=2), hub_settings(retry_attempts=2))
+    raised.append(gave_up.value)
+    hub.inject(COMMITS, ("status", 403))
+    with pytest.raises(HfHubHTTPError) as forbidden:
+        publisher.publish(request(made[2], base, run_id=3), hub_settings())
+    raised.append(forbidden.value)
+
+    for exc in raised:
+        chain = exc
+        while chain is not None:
+            assert TOKEN not in str(chain) and TOKEN not in repr(chain)
+            chain = chain.__cause__ or chain.__context__
+    assert "retry" in caplog.text and TOKEN not in caplog.text
+
+
+def test_model_card_lists_inputs_parameters_and_metrics(made):
+    base, first, _ = made
+    text = render_model_card(request(first, base, run_id=9))
+    data = ModelCard(text).data
+    assert data.base_model == str(base) and data.base_model_relation == "merge" and data.library_name == "peft"
+    assert data.tags == ["iteris-daemon", "lora", "merge", "iteris"]
+    body = text.split("\n---\n", 1)[1]
+    assert "run 9" in body and "`news`" in body and "iteris" in body
+    assert "| sentiment | hub | alice/sentiment | aaaaaaaaaaaa |" in body and "a" * 13 not in body
+    assert r"/data/topic\|v2" in body  # a pipe cannot break the table
+    assert '"max_iterations": 3' in body
+    assert "| sentiment | 0.125 | 0.0312 |" in body and "| topic | 0.25 | 0.01 |" in body
+    no_metrics = dataclasses.replace(request(first, base), metrics={})
+    assert "metrics" not in render_model_card(no_metrics).split("\n---\n", 1)[1].lower()
