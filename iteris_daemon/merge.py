@@ -18,14 +18,14 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import memory
 from .calibration import CalibrationOptions, CalibrationSet
-from .errors import CalibrationError, IncompatibleAdaptersError, MergeError, OutputExistsError
+from .errors import CalibrationError, IncompatibleAdaptersError, IterisError, MergeError, OutputExistsError
 from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
@@ -41,6 +41,33 @@ REPORT_NAME = "merge_report.json"
 class AdapterSpec:
     path: Path
     calibration: Path | None = None
+    name: str | None = None  # default: the folder name
+
+
+class MergeCancelled(IterisError):
+    """``should_stop`` said so; nothing was written."""
+
+
+class _StoppableBar(tqdm):
+    """A progress bar that doubles as the cancellation point: strategies report
+    progress batch by batch, so a stop request takes effect within one batch."""
+
+    def __init__(self, *args, should_stop: Callable[[], bool], **kwargs):
+        self._should_stop = should_stop
+        super().__init__(*args, **kwargs)
+
+    def _check(self) -> None:
+        if self._should_stop():
+            raise MergeCancelled("merge cancelled at a safe point; nothing was written")
+
+    def update(self, n=1):
+        self._check()
+        return super().update(n)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            self._check()
+            yield item
 
 
 @dataclass
@@ -61,10 +88,12 @@ class MergeRequest:
     eval_max_length: int = 128
     quiet: bool = False
     calibration: CalibrationOptions | None = None  # default: files from the specs, then the folders
+    calibration_sets: list[CalibrationSet | None] | None = None  # already gathered (the daemon does)
+    should_stop: Callable[[], bool] | None = None
 
 
 def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
-    adapters = [load_adapter(spec.path) for spec in specs]
+    adapters = [load_adapter(spec.path, spec.name) for spec in specs]
     counts = Counter(a.name for a in adapters)
     for index, adapter in enumerate(adapters):
         if counts[adapter.name] > 1:  # two folders with the same name: keep reports unambiguous
@@ -167,14 +196,19 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     """Merge ``request.adapters`` into ``request.out``; return the report that is also written."""
     started = time.perf_counter()
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
+    if request.should_stop is not None:
+        progress = partial(_StoppableBar, should_stop=request.should_stop, disable=request.quiet, dynamic_ncols=True)
     strategy = get_strategy(request.strategy)
     params = parse_params(strategy, request.params or {})
     _prepare_out(request.out, request.overwrite)
     adapters = load_adapters(request.adapters)
-    options = request.calibration or CalibrationOptions()
-    options.files = {**options.files, **{a.name: spec.calibration for a, spec in zip(adapters, request.adapters) if spec.calibration}}
-    options.base_model = options.base_model or request.base_model
-    calibration = gather_calibration(adapters, options, required=strategy.needs_calibration)
+    if request.calibration_sets is not None:
+        calibration = list(request.calibration_sets)
+    else:
+        options = request.calibration or CalibrationOptions()
+        options.files = {**options.files, **{a.name: s.calibration for a, s in zip(adapters, request.adapters) if s.calibration}}
+        options.base_model = options.base_model or request.base_model
+        calibration = gather_calibration(adapters, options, required=strategy.needs_calibration)
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.
     samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples

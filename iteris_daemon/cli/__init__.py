@@ -5,14 +5,12 @@ and turns every :class:`~iteris_daemon.errors.IterisError` into one line and exi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from ..errors import IterisError
-from . import catalog, merge
-
-NOISY = ("transformers", "httpx", "httpx2", "urllib3", "huggingface_hub", "alembic", "watchdog")
+from ..logs import FORMATS, setup_logging
+from . import catalog, daemon, merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,21 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep one unified LoRA adapter up to date: catalog task LoRAs, merge them with IterIS.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--log-format", choices=FORMATS, default="auto",
+                        help="auto: journald style under systemd, else text with timestamps (default: auto)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     merge.register(commands)
     catalog.register(commands)
+    daemon.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in NOISY:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose, args.log_format)
     try:
         return args.handler(args)
     except IterisError as exc:

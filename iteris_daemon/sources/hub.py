@@ -15,9 +15,9 @@ and the rest of the poll goes on.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -27,9 +27,10 @@ from sqlalchemy import select
 from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterStatus, Source, utcnow
 from ..catalog.registry import Observation, record
-from ..errors import AdapterError, BaseModelError
+from ..errors import AdapterError
 from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import hub_retrying, is_transient
+from ..tokens import hub_token, plain
 from ..validation import Limits, validate_adapter
 from .local import CALIBRATION_NAME, ScanReport
 
@@ -46,7 +47,7 @@ class HubSettings(BaseModel):
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
     base_model: str | None = Field(None, description="only adapters of this base model; shapes are checked against it")
     endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
-    token_file: Path | None = Field(None, description="file holding the token (default: $HF_TOKEN)")
+    token_file: Path | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
     interval_seconds: float = Field(300.0, gt=0, description="poll period")
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0)
@@ -68,14 +69,7 @@ class HubSettings(BaseModel):
         return self
 
     def token(self) -> SecretStr | None:
-        if self.token_file is not None:
-            try:
-                value = self.token_file.read_text().strip()
-            except OSError as exc:
-                raise BaseModelError(f"cannot read the token file {self.token_file}: {exc.strerror}") from None
-            return SecretStr(value) if value else None
-        value = os.environ.get("HF_TOKEN")
-        return SecretStr(value) if value else None
+        return hub_token(self.token_file)
 
 
 def unsafe_path(name: str) -> bool:
@@ -90,8 +84,10 @@ def unsafe_path(name: str) -> bool:
 class HubSource:
     """Keeps the catalog in step with the head commits of the source's Hub repos."""
 
-    def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits()):
+    def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits(),
+                 on_change: Callable[[ScanReport], None] | None = None):
         self.catalog = catalog
+        self.on_change = on_change  # called after a poll that registered or removed something
         self.name = source_name
         with catalog.session() as session:
             source = session.scalar(select(Source).where(Source.name == source_name))
@@ -110,7 +106,7 @@ class HubSource:
         """One pass over the repos; the source's health records how it went."""
         report = ScanReport()
         token = self.settings.token()
-        api = HfApi(endpoint=self.settings.endpoint, token=token.get_secret_value() if token else False)
+        api = HfApi(endpoint=self.settings.endpoint, token=plain(token))
         errors: list[str] = []
         try:
             targets, listed = self._targets(api)
@@ -132,6 +128,8 @@ class HubSource:
         self._mark_removed(seen, report)
         self._set_health(errors[0] if errors else None)
         log.info("source %s: poll: %s%s", self.name, report, f", {len(errors)} failed" if errors else "")
+        if self.on_change and report.changed:
+            self.on_change(report)
         return report
 
     def _targets(self, api: HfApi) -> tuple[list[tuple[str, str | None]], bool]:
@@ -220,7 +218,7 @@ class HubSource:
         snapshot.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._retrying(f"download {repo_id}/{filename}")(
             hf_hub_download, repo_id, filename, revision=sha, local_dir=snapshot,
-            endpoint=self.settings.endpoint, token=token.get_secret_value() if token else False,
+            endpoint=self.settings.endpoint, token=plain(token),
         )
         resolved = Path(path).resolve()
         if resolved.parent != snapshot.resolve():

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -61,6 +62,11 @@ class ScanReport:
     unchanged: int = 0
     waiting: list[str] = field(default_factory=list)  # incomplete, or the base model is unreadable
 
+    @property
+    def changed(self) -> bool:
+        """Something a merge group could care about happened."""
+        return bool(self.registered or self.removed)
+
     def __str__(self) -> str:
         return (f"{len(self.registered)} registered, {len(self.rejected)} rejected, {len(self.removed)} removed, "
                 f"{self.unchanged} unchanged, {len(self.waiting)} waiting")
@@ -82,8 +88,10 @@ def _hidden(path: Path, root: Path) -> bool:
 class LocalFolderSource:
     """Keeps the catalog in step with adapter folders under the source's paths."""
 
-    def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits()):
+    def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits(),
+                 on_change: Callable[[ScanReport], None] | None = None):
         self.catalog = catalog
+        self.on_change = on_change  # called after a scan or event that registered or removed something
         self.name = source_name
         with catalog.session() as session:
             source = session.scalar(select(Source).where(Source.name == source_name))
@@ -152,6 +160,8 @@ class LocalFolderSource:
             self._mark_removed(lambda locator: locator not in present, report)
             self._set_health(None)
         log.info("source %s: scan: %s", self.name, report)
+        if self.on_change and report.changed:
+            self.on_change(report)
         return report
 
     def _watching(self) -> bool:
@@ -306,6 +316,8 @@ class LocalFolderSource:
                 self._mark_removed(gone, report)
         if report.registered or report.rejected or report.removed:
             log.debug("source %s: events: %s", self.name, report)
+        if self.on_change and report.changed:
+            self.on_change(report)
 
     @staticmethod
     def _subfolders(path: Path) -> list[Path]:

@@ -1,0 +1,91 @@
+"""``iteris-daemon run``, ``status`` and ``merge-now``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from ..errors import ConfigError
+from .catalog import DB_ENV
+
+
+def register(commands) -> None:
+    run = commands.add_parser(
+        "run", help="run the daemon in the foreground (what the systemd unit starts)",
+        description="Watch sources, re-merge groups on schedule and on change, publish. Stops cleanly on "
+                    "SIGTERM/SIGINT (a running merge gets the grace period, then is cancelled); SIGHUP reloads the config.",
+    )
+    run.add_argument("--config", required=True, type=Path, metavar="FILE", help="daemon configuration (TOML)")
+    run.set_defaults(handler=_run)
+
+    config_options = argparse.ArgumentParser(add_help=False)
+    config_options.add_argument("--config", type=Path, metavar="FILE", help="read the catalog location from this config")
+    config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV} or the state directory)")
+
+    status = commands.add_parser("status", parents=[config_options], help="sources, groups and waiting adapters, from the catalog")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    now = commands.add_parser("merge-now", parents=[config_options], help="ask the running daemon to merge a group now")
+    now.add_argument("group")
+    now.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for the run to finish and show it")
+    now.set_defaults(handler=_merge_now)
+
+
+def _run(args) -> int:
+    from ..daemon import Daemon
+
+    return Daemon(args.config).run()
+
+
+def _catalog(args):
+    import os
+
+    from ..catalog import Catalog
+    from ..config import load_config
+    from ..paths import state_dir
+
+    url = args.db or os.environ.get(DB_ENV)
+    if url is None and args.config is not None:
+        daemon = load_config(args.config).daemon
+        url = daemon.database or f"sqlite:///{(daemon.state_dir or state_dir()) / 'catalog.db'}"
+    return Catalog(url)
+
+
+def _status(args) -> int:
+    from ..status import collect, render
+
+    report = collect(_catalog(args))
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
+def _merge_now(args) -> int:
+    from ..catalog.models import MergeGroup, MergeRun, RunStatus, utcnow
+
+    catalog = _catalog(args)
+    with catalog.session() as session:
+        group = session.scalar(select(MergeGroup).where(MergeGroup.name == args.group))
+        if group is None:
+            raise ConfigError(f"no merge group named {args.group!r} (groups come from the daemon's config)")
+        group.requested_at = utcnow()
+        last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0
+        group_id = group.id
+    print(f"requested a run of {args.group}; the running daemon starts it within seconds")
+    if args.wait is None:
+        return 0
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        with catalog.session() as session:
+            run = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id, MergeRun.id > last,
+                                                        MergeRun.status != RunStatus.running).order_by(MergeRun.id).limit(1))
+            if run is not None:
+                print(f"run {run.id}: {run.status.value}" + (f" ({run.error})" if run.error else ""))
+                return 0 if run.status in (RunStatus.succeeded, RunStatus.skipped) else 1
+        time.sleep(1)
+    print(f"no finished run after {args.wait:.0f}s (is the daemon running?)")
+    return 1

@@ -1,0 +1,172 @@
+"""The daemon's configuration file (TOML), validated with pydantic.
+
+Every error names the file and the field (``groups.0.destinations.1.kind: ...``).
+Sources and groups declared here are written into the catalog when the daemon
+starts or reloads (SIGHUP); sources added with ``iteris-daemon sources add`` live
+beside them. See ``config/iteris-daemon.example.toml``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .calibration import DEFAULT_ORDER
+from .errors import ConfigError, IterisError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DaemonSettings(_Strict):
+    database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
+    state_dir: Path | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
+    cache_dir: Path | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
+    grace_seconds: float = Field(60.0, ge=0, description="on SIGTERM, how long a running merge may take to stop")
+    claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
+    device: str = "cpu"
+    trust_remote_code: list[str] = Field(default_factory=list, description="base models allowed to run their own code")
+    rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
+
+
+class SourceConfig(_Strict):
+    """One ``[[sources]]`` table: ``name``, ``kind`` and the kind's settings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=200)
+    kind: Literal["local", "hub"]
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Selection(_Strict):
+    """Which registered adapters a group merges (all filters must hold)."""
+
+    sources: list[str] | None = Field(None, description="only adapters of these sources (default: all)")
+    names: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns on adapter names")
+    ids: list[int] | None = Field(None, description="only these adapter ids")
+
+    def matches(self, source: str, name: str, adapter_id: int) -> bool:
+        if self.sources is not None and source not in self.sources:
+            return False
+        if self.ids is not None and adapter_id not in self.ids:
+            return False
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names)
+
+
+class CalibrationConfig(_Strict):
+    """Calibration sources, asked in ``order``; the rest are each source's settings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    order: list[str] = Field(default_factory=lambda: list(DEFAULT_ORDER))
+    files: dict[str, Path] = Field(default_factory=dict, description="adapter name -> JSON Lines file")
+
+    def source_settings(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
+
+
+class GroupConfig(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    base_model: str
+    strategy: str = "iteris"
+    params: dict[str, Any] = Field(default_factory=dict)
+    select: Selection = Field(default_factory=Selection)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    interval_seconds: float | None = Field(None, gt=0, description="re-merge period")
+    cron: str | None = Field(None, description="crontab expression for re-merges, e.g. '0 3 * * *'")
+    debounce_seconds: float = Field(30.0, ge=0, description="merge this long after the last input change")
+    min_adapters: int = Field(1, ge=1, description="do not merge fewer adapters than this")
+    destinations: list[dict[str, Any]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> GroupConfig:
+        if self.interval_seconds is not None and self.cron is not None:
+            raise ValueError("give interval_seconds or cron, not both")
+        if self.cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(self.cron)
+            except ValueError as exc:
+                raise ValueError(f"cron {self.cron!r}: {exc}") from None
+        return self
+
+    @field_validator("destinations")
+    @classmethod
+    def _kinds(cls, destinations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for destination in destinations:
+            if not isinstance(destination.get("kind"), str):
+                raise ValueError("every destination needs a kind (e.g. 'folder', 'hub')")
+        return destinations
+
+
+class DaemonConfig(_Strict):
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    groups: list[GroupConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DaemonConfig:
+        for what, items in (("source", self.sources), ("group", self.groups)):
+            names = [item.name for item in items]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{what} name {duplicates[0]!r} is used twice")
+        return self
+
+
+def load_config(path: Path) -> DaemonConfig:
+    """Read and validate ``path``; every problem is a :class:`ConfigError` naming it."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        config = DaemonConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError.from_validation(str(path), exc) from None
+    _check_plugins(config, path)
+    return config
+
+
+def _check_plugins(config: DaemonConfig, path: Path) -> None:
+    """Strategies, parameters, destinations and source settings must be valid before anything runs."""
+    from .plugin_manager import calibration_sources, get_publisher, get_strategy
+    from .sources.hub import HubSettings
+    from .sources.local import LocalSettings
+    from .strategy import parse_params
+
+    for index, source in enumerate(config.sources):
+        model = LocalSettings if source.kind == "local" else HubSettings
+        try:
+            model.model_validate(source.settings())
+        except ValidationError as exc:
+            raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
+    available = calibration_sources()
+    for index, group in enumerate(config.groups):
+        where = f"{path}: groups.{index} ({group.name})"
+        try:
+            parse_params(get_strategy(group.strategy), group.params)
+            unknown = [n for n in group.calibration.order if n not in available]
+            if unknown:
+                raise ConfigError(f"unknown calibration source {unknown[0]!r}; available: {', '.join(sorted(available))}")
+            for number, destination in enumerate(group.destinations):
+                publisher = get_publisher(destination["kind"])
+                try:
+                    publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+                except ValidationError as exc:
+                    raise ConfigError.from_validation(f"destinations.{number}", exc) from None
+        except IterisError as exc:  # unknown strategy or source, bad parameters or settings
+            raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,230 @@
+"""``iteris-daemon run``: sources, scheduler and merge runs in one long-lived process.
+
+Threads: watchdog observers (local folders), APScheduler's pools ("default" for
+polls and housekeeping, "merge" with one worker so merges queue), and the main
+thread, which only waits for signals and reloads. Jobs have fixed ids and are
+added with ``replace_existing``, so a reload (SIGHUP) replaces them instead of
+adding copies; the job store is in memory (APScheduler's SQL store would pickle
+jobs into the catalog).
+
+Stopping (SIGTERM/SIGINT): sources and schedules stop at once; a running merge
+gets ``grace_seconds`` to finish, then is cancelled at its next batch (recorded
+``cancelled``). Publishing is never interrupted: a destination always holds a
+complete version. The process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import select
+
+from .catalog import Catalog
+from .catalog.models import MergeGroup, Source, SourceKind
+from .catalog.registry import add_source
+from .config import DaemonConfig, GroupConfig, load_config
+from .errors import IterisError
+from .paths import cache_dir, private_dir, state_dir
+from .runner import recover_interrupted, run_group, sync_group, worker_id
+from .sources.hub import HubSource
+from .sources.local import LocalFolderSource, ScanReport
+from .systemd import Notifier
+
+log = logging.getLogger(__name__)
+TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
+
+
+def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
+    """Configured sources are written into the catalog (the config wins); others stay."""
+    with catalog.session() as session:
+        for source in config.sources:
+            row = session.scalar(select(Source).where(Source.name == source.name))
+            if row is None:
+                add_source(session, source.name, SourceKind(source.kind), source.settings())
+            else:
+                row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
+
+
+class Daemon:
+    def __init__(self, config_path: Path):
+        self.config_path = Path(config_path)
+        self.config = load_config(self.config_path)
+        self.notifier = Notifier.from_env()
+        self.holder = worker_id()
+        self._stopping = threading.Event()  # no new work; merges may finish within the grace period
+        self._cancel = threading.Event()  # running merges stop at their next batch
+        self._reload = threading.Event()
+        self._beat = time.monotonic()
+        self._local: dict[str, LocalFolderSource] = {}
+        self._polled: list[str] = []  # hub sources
+        self._groups: dict[str, GroupConfig] = {}
+        self.catalog: Catalog | None = None
+        self.scheduler: BackgroundScheduler | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        self._install_signals()
+        settings = self.config.daemon
+        self.state = private_dir(settings.state_dir or state_dir())
+        self.cache = private_dir(settings.cache_dir or cache_dir())
+        self.work = private_dir(self.state / "runs")
+        url = settings.database or f"sqlite:///{self.state / 'catalog.db'}"
+        self.notifier.status("migrating the catalog")
+        self.catalog = Catalog(url)
+        log.info("catalog %s ready", self.catalog.safe_url)
+        for run_id in recover_interrupted(self.catalog):
+            log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+            timezone=timezone.utc,
+        )
+        self.scheduler.start()
+        self._apply(self.config)
+        self.scheduler.add_job(self._tick, IntervalTrigger(seconds=TICK_SECONDS), id="tick", replace_existing=True)
+        self.notifier.ready(self._summary())
+        self.notifier.start_watchdog(self.healthy)
+        log.info("daemon %s running: %s", self.holder, self._summary())
+        while not self._stopping.wait(0.5):
+            self._beat = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        self._shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def _on_stop(self, signum, _frame) -> None:
+        if self._stopping.is_set():  # a second signal: do not wait for the grace period
+            self._cancel.set()
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self._stopping.set()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping("stopping: finishing or cancelling the running merge")
+        for source in self._local.values():
+            source.stop()
+        for job in self.scheduler.get_jobs():  # pending work is dropped; a running merge continues
+            job.remove()
+        grace = self.config.daemon.grace_seconds
+        timer = threading.Timer(grace, self._cancel.set)
+        timer.daemon = True
+        timer.start()
+        log.info("waiting up to %.0fs for a running merge before cancelling it", grace)
+        self.scheduler.shutdown(wait=True)
+        timer.cancel()
+        self.notifier.stop()
+        self.catalog.close()
+        log.info("stopped")
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the main loop and the scheduler are alive."""
+        return time.monotonic() - self._beat < 30 and self.scheduler is not None and self.scheduler.running
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; a broken file keeps the running one."""
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except IterisError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        else:
+            self.config = config
+            self._apply(config)
+            log.info("configuration reloaded: %s", self._summary())
+        self.notifier.ready(self._summary())
+
+    # ------------------------------------------------------------------ wiring
+    def _apply(self, config: DaemonConfig) -> None:
+        """Bring sources, groups and jobs in line with ``config`` (start, or reload)."""
+        sync_sources(self.catalog, config)
+        for group in config.groups:
+            sync_group(self.catalog, group)
+        for source in self._local.values():
+            source.stop()
+        self._local.clear()
+        self._polled.clear()
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith(("poll:", "rescan:", "schedule:")):
+                job.remove()
+        with self.catalog.session() as session:
+            sources = [(s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))]
+        for name, kind, settings in sources:
+            try:
+                if kind is SourceKind.local:
+                    source = LocalFolderSource(self.catalog, name, on_change=self._inputs_changed)
+                    source.start()
+                    self._local[name] = source
+                    self.scheduler.add_job(source.scan, IntervalTrigger(seconds=self.config.daemon.rescan_seconds),
+                                           id=f"rescan:{name}", replace_existing=True)
+                else:
+                    hub = HubSource(self.catalog, name, self.cache / "hub", on_change=self._inputs_changed)
+                    self.scheduler.add_job(hub.poll, IntervalTrigger(seconds=hub.settings.interval_seconds),
+                                           id=f"poll:{name}", replace_existing=True,
+                                           next_run_time=datetime.now(timezone.utc))
+                    self._polled.append(name)
+            except Exception as exc:  # one broken source must not stop the others
+                log.error("source %s not started: %s", name, exc)
+        self._groups = {group.name: group for group in config.groups}
+        for group in config.groups:
+            trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
+                       else IntervalTrigger(seconds=group.interval_seconds) if group.interval_seconds else None)
+            if trigger is not None:
+                self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
+                                       executor="merge", replace_existing=True)
+            self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _inputs_changed(self, report: ScanReport) -> None:
+        for group in self._groups.values():
+            self.trigger(group.name, delay=group.debounce_seconds)
+
+    def trigger(self, group: str, delay: float) -> None:
+        """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one (debounce)."""
+        if self._stopping.is_set() or group not in self._groups:
+            return
+        when = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        self.scheduler.add_job(self._run, "date", run_date=when, args=[group], id=f"trigger:{group}",
+                               executor="merge", replace_existing=True)
+
+    def _run(self, name: str) -> None:
+        group = self._groups.get(name)
+        if group is None or self._stopping.is_set():
+            return
+        settings = self.config.daemon
+        self.notifier.status(f"merging group {name}")
+        outcome = run_group(
+            self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
+            should_stop=self._cancel.is_set, device=settings.device,
+            trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
+        )
+        self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
+
+    def _tick(self) -> None:
+        """Pick up `merge-now` requests; record next run times for `status`."""
+        with self.catalog.session() as session:
+            for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
+                pending = self.scheduler.get_job(f"trigger:{row.name}")
+                soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
+                if row.requested_at is not None and (pending is None or pending.next_run_time > soon):
+                    self.trigger(row.name, delay=0)
+                times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{row.name}"),
+                                                       self.scheduler.get_job(f"schedule:{row.name}")) if job]
+                upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
+                if row.next_run_at != upcoming:
+                    row.next_run_at = upcoming
+
+    def _summary(self) -> str:
+        return f"watching {len(self._local)} folder and {len(self._polled)} hub sources, {len(self._groups)} merge groups"

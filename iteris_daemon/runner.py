@@ -1,0 +1,349 @@
+"""One run of one merge group: claim, select, calibrate, merge, publish, record.
+
+- **Claim.** A run first claims its group with one conditional ``UPDATE`` on
+  ``merge_groups`` (free, stale, or already ours), so two daemons sharing a
+  catalog (SQLite or PostgreSQL) never merge the same group at once. The claim
+  is refreshed while the run lasts and released at the end; a claim whose
+  holder died goes stale after ``claim_ttl_seconds`` (at once, when the holder
+  was a process on this host that no longer exists).
+- **Skip.** The input fingerprint covers adapter revisions, calibration data,
+  strategy and parameters; equal to the last successful run's means nothing to do.
+- **Publish.** Only after the merge is complete, to every destination; a run is
+  ``succeeded`` only if every destination published.
+- Every run is a ``merge_runs`` row: running, then succeeded/failed/cancelled/skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import or_, select, update
+
+from .calibration import CalibrationOptions, CalibrationSet
+from .catalog import Catalog
+from .catalog.models import Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
+from .catalog.registry import list_adapters
+from .config import GroupConfig
+from .errors import IterisError
+from .lora import load_adapter
+from .merge import AdapterSpec, MergeCancelled, MergeRequest, run_merge
+from .plugin_manager import calibration_sources, get_publisher, get_strategy
+from .publish import PublishedInput, PublishRequest
+from .strategy import parse_params
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """Who holds a claim: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_is_dead(holder: str | None) -> bool:
+    """A claim by a process of this host that no longer exists can be taken at once."""
+    if not holder:
+        return True
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) != os.getpid() and _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def sync_group(catalog: Catalog, group: GroupConfig) -> None:
+    """Write a configured group into the catalog (the config wins)."""
+    values = {
+        "base_model": group.base_model, "strategy": group.strategy, "params": group.params,
+        "selection": group.select.model_dump(mode="json"), "destinations": group.destinations,
+        "calibration": group.calibration.model_dump(mode="json"),
+        "schedule": {"interval_seconds": group.interval_seconds, "cron": group.cron,
+                     "debounce_seconds": group.debounce_seconds, "min_adapters": group.min_adapters},
+    }
+    with catalog.session() as session:
+        row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
+        if row is None:
+            session.add(MergeGroup(name=group.name, **values))
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+
+
+class Claim:
+    """The group's claim row, refreshed by a background thread while held."""
+
+    def __init__(self, catalog: Catalog, group: str, holder: str, ttl: float):
+        self.catalog, self.group, self.holder, self.ttl = catalog, group, holder, ttl
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        now = utcnow()
+        with self.catalog.session() as session:
+            current = session.scalar(select(MergeGroup.claimed_by).where(MergeGroup.name == self.group))
+            free = [MergeGroup.claimed_by.is_(None), MergeGroup.claimed_by == self.holder,
+                    MergeGroup.claimed_at < now - timedelta(seconds=self.ttl)]
+            if current and holder_is_dead(current):
+                free.append(MergeGroup.claimed_by == current)
+            taken = session.execute(
+                update(MergeGroup).where(MergeGroup.name == self.group, or_(*free))
+                .values(claimed_by=self.holder, claimed_at=now)
+            ).rowcount
+        if taken != 1:
+            return False
+        self._thread = threading.Thread(target=self._refresh, name=f"claim-{self.group}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                with self.catalog.session() as session:
+                    session.execute(update(MergeGroup).where(MergeGroup.name == self.group, MergeGroup.claimed_by == self.holder)
+                                    .values(claimed_at=utcnow()))
+            except Exception:  # the next refresh retries; a stale claim only lets another daemon in
+                log.exception("group %s: refreshing the claim failed", self.group)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self.catalog.session() as session:
+            session.execute(update(MergeGroup).where(MergeGroup.name == self.group, MergeGroup.claimed_by == self.holder)
+                            .values(claimed_by=None, claimed_at=None))
+
+
+@dataclass
+class Inputs:
+    """The adapters a run merges, with their calibration; and those held back, with why."""
+
+    revisions: list[tuple[Adapter, AdapterRevision]] = field(default_factory=list)
+    calibration: list[CalibrationSet | None] = field(default_factory=list)
+    held_back: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
+        payload = {
+            "strategy": strategy, "params": params,
+            "inputs": sorted(
+                [a.locator, r.revision, c.fingerprint() if c else None]
+                for (a, r), c in zip(self.revisions, self.calibration)
+            ),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
+    with catalog.session() as session:
+        chosen = []
+        for adapter in list_adapters(session, [AdapterStatus.registered]):
+            current = adapter.current
+            if current is None or current.status is not AdapterStatus.registered or current.files_path is None:
+                continue
+            if current.base_model not in (None, group.base_model):
+                continue
+            if group.select.matches(adapter.source.name, adapter.name, adapter.id):
+                chosen.append((adapter, current))
+        return chosen
+
+
+def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None) -> Inputs:
+    """Load each selected adapter's calibration; an adapter without any is held back, not fatal."""
+    sources = calibration_sources()
+    options = CalibrationOptions(
+        order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
+        samples=samples or 50, settings=group.calibration.source_settings(),
+    )
+    inputs = Inputs()
+    for adapter, revision in select_inputs(catalog, group):
+        try:
+            loaded = load_adapter(revision.files_path, adapter.name)
+            data = None
+            if needs_calibration:
+                data = next((d for d in (sources[n].load(loaded, options) for n in options.order) if d is not None), None)
+                if data is None:
+                    inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
+                    continue
+                data = data.head(samples)
+        except IterisError as exc:
+            inputs.held_back[adapter.name] = str(exc)
+            continue
+        inputs.revisions.append((adapter, revision))
+        inputs.calibration.append(data)
+    return inputs
+
+
+@dataclass
+class RunOutcome:
+    status: RunStatus
+    run_id: int | None
+    detail: str = ""
+
+
+def _last_success(catalog: Catalog, group_id: int) -> MergeRun | None:
+    with catalog.session() as session:
+        return session.scalar(select(MergeRun).where(MergeRun.group_id == group_id, MergeRun.status == RunStatus.succeeded)
+                              .order_by(MergeRun.id.desc()).limit(1))
+
+
+def run_group(
+    catalog: Catalog,
+    group: GroupConfig,
+    work_dir: Path,
+    holder: str,
+    claim_ttl: float = 120.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    force: bool = False,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    on_status: Callable[[str], None] = lambda text: None,
+) -> RunOutcome:
+    """Run ``group`` once (see the module docstring). Never raises for a failed merge or
+    publish: the outcome and the run row say what happened."""
+    claim = Claim(catalog, group.name, holder, claim_ttl)
+    if not claim.acquire():
+        log.info("group %s: another daemon is merging it; skipped", group.name)
+        return RunOutcome(RunStatus.skipped, None, "claimed by another daemon")
+    try:
+        return _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_remote_code, on_status)
+    finally:
+        claim.release()
+
+
+def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_remote_code, on_status) -> RunOutcome:
+    with catalog.session() as session:
+        group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
+        group_id = group_row.id
+        group_row.requested_at = None
+    strategy = get_strategy(group.strategy)
+    samples = getattr(parse_params(strategy, group.params), "samples_per_task", None)
+    on_status(f"group {group.name}: gathering inputs")
+    inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples)
+    fingerprint = inputs.fingerprint(group.strategy, group.params)
+    for name, reason in inputs.held_back.items():
+        log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
+    last = _last_success(catalog, group_id)
+    skip = None
+    if len(inputs.revisions) < group.min_adapters:
+        skip = f"{len(inputs.revisions)} adapters ready, the group needs {group.min_adapters}"
+    elif not force and last is not None and last.input_fingerprint == fingerprint:
+        skip = "inputs unchanged since the last successful run"
+    if skip:
+        log.info("group %s: skipped: %s", group.name, skip)
+        run_id = _record(catalog, group_id, RunStatus.skipped, fingerprint, inputs, error=skip, finished=True)
+        return RunOutcome(RunStatus.skipped, run_id, skip)
+
+    run_id = _record(catalog, group_id, RunStatus.running, fingerprint, inputs)
+    log.info("group %s: run %d merges %d adapters with %s", group.name, run_id, len(inputs.revisions), group.strategy)
+    on_status(f"group {group.name}: run {run_id} merging {len(inputs.revisions)} adapters")
+    out = work_dir / f"run-{run_id}"
+    started = time.perf_counter()
+    try:
+        report = run_merge(MergeRequest(
+            base_model=group.base_model,
+            adapters=[AdapterSpec(Path(r.files_path), name=a.name) for a, r in inputs.revisions],
+            out=out, strategy=group.strategy, params=group.params, device=device, overwrite=True, quiet=True,
+            trust_remote_code=trust_remote_code, calibration_sets=inputs.calibration, should_stop=should_stop,
+        ))
+        merged_at = time.perf_counter()
+        on_status(f"group {group.name}: run {run_id} publishing")
+        published = publish_all(group, run_id, out, report, inputs)
+    except MergeCancelled as exc:
+        _finish(catalog, run_id, RunStatus.cancelled, error=str(exc))
+        log.warning("group %s: run %d cancelled", group.name, run_id)
+        return RunOutcome(RunStatus.cancelled, run_id, str(exc))
+    except Exception as exc:  # a failed run is recorded, never fatal to the daemon
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, IterisError) else str(exc)
+        _finish(catalog, run_id, RunStatus.failed, error=message[:2000])
+        log.error("group %s: run %d failed: %s", group.name, run_id, message)
+        return RunOutcome(RunStatus.failed, run_id, message)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
+               **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
+    metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"),
+               "held_back": inputs.held_back, "published": published}
+    first = published[0] if published else {}
+    _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics,
+            output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))
+    log.info("group %s: run %d succeeded: %s", group.name, run_id,
+             ", ".join(f"{p['kind']} {p['location']} {'-> ' + str(p['version']) if p['changed'] else 'unchanged'}" for p in published))
+    return RunOutcome(RunStatus.succeeded, run_id)
+
+
+def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs) -> list[dict]:
+    """Every destination, in order; the first failure fails the run (published ones stay)."""
+    request = PublishRequest(
+        adapter_dir=folder, group=group.name, run_id=run_id, base_model=group.base_model,
+        strategy=group.strategy, params=report.get("params", group.params),
+        inputs=[PublishedInput(a.name, a.source.name, a.locator, r.revision, r.content_sha256) for a, r in inputs.revisions],
+        metrics=report.get("tasks", {}),
+    )
+    published = []
+    for destination in group.destinations:
+        publisher = get_publisher(destination["kind"])
+        settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+        result = publisher.publish(request, settings)
+        published.append({"kind": publisher.kind, "location": result.location, "version": result.version,
+                          "changed": result.changed})
+    return published
+
+
+def _record(catalog, group_id, status, fingerprint, inputs: Inputs, error=None, finished=False) -> int:
+    with catalog.session() as session:
+        run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
+                       finished_at=utcnow() if finished else None,
+                       metrics={"held_back": inputs.held_back} if inputs.held_back else None)
+        session.add(run)
+        session.flush()
+        for (adapter, revision), data in zip(inputs.revisions, inputs.calibration):
+            session.add(MergeRunInput(run_id=run.id, revision_id=revision.id,
+                                      calibration_source=data.source if data else None,
+                                      calibration_sha256=data.fingerprint() if data else None))
+        return run.id
+
+
+def _finish(catalog, run_id: int, status: RunStatus, **values) -> None:
+    with catalog.session() as session:
+        run = session.get(MergeRun, run_id)
+        run.status = status
+        run.finished_at = utcnow()
+        for key, value in values.items():
+            setattr(run, key, value)
+
+
+def recover_interrupted(catalog: Catalog) -> list[int]:
+    """Runs left ``running`` by a daemon that died: mark them failed so the group runs again."""
+    recovered = []
+    with catalog.session() as session:
+        for run in session.scalars(select(MergeRun).where(MergeRun.status == RunStatus.running)):
+            group = session.get(MergeGroup, run.group_id)
+            if group.claimed_by is None or holder_is_dead(group.claimed_by):
+                run.status = RunStatus.failed
+                run.finished_at = utcnow()
+                run.error = "interrupted: the daemon running it stopped; the group runs again"
+                recovered.append(run.id)
+    return recovered

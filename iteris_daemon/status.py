@@ -1,0 +1,67 @@
+"""What ``iteris-daemon status`` shows, read from the catalog (so it works whether or
+not the daemon runs, and on any host sharing the catalog)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from .catalog import Catalog
+from .catalog.models import AdapterStatus, MergeGroup, MergeRun, RunStatus
+from .catalog.registry import list_adapters, list_sources
+
+
+def _time(value) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def collect(catalog: Catalog) -> dict[str, Any]:
+    with catalog.session() as session:
+        sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
+                    "last_poll_at": _time(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
+        registered = list_adapters(session, [AdapterStatus.registered])
+        groups = []
+        for group in session.scalars(select(MergeGroup).order_by(MergeGroup.name)):
+            runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(50)).all()
+            last = next((r for r in runs if r.status is not RunStatus.skipped), runs[0] if runs else None)
+            success = next((r for r in runs if r.status is RunStatus.succeeded), None)
+            merged = {i.revision_id for i in success.inputs} if success else set()
+            held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
+            new = sorted(a.name for a in registered if a.current and a.current.id not in merged
+                         and a.current.base_model in (None, group.base_model) and a.name not in held_back)
+            groups.append({
+                "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
+                "last_run": None if last is None else {
+                    "id": last.id, "status": last.status.value, "started_at": _time(last.started_at),
+                    "finished_at": _time(last.finished_at), "error": last.error},
+                "next_run_at": _time(group.next_run_at),
+                "merging_now": group.claimed_by,
+                "published": (success.metrics or {}).get("published", []) if success else [],
+                "waiting": {"held_back": held_back, "not_yet_merged": new},
+            })
+    return {"sources": sources, "groups": groups}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = ["sources:"]
+    for s in report["sources"] or [{"name": "(none)", "kind": "", "healthy": True, "last_poll_at": None, "last_error": None, "enabled": True}]:
+        health = "ok" if s["healthy"] else f"UNHEALTHY ({s['last_error']})"
+        lines.append(f"  {s['name']:20} {s['kind']:6} {health}  last poll {s['last_poll_at'] or '-'}")
+    lines.append("groups:")
+    if not report["groups"]:
+        lines.append("  (none)")
+    for g in report["groups"]:
+        last = g["last_run"]
+        lines.append(f"  {g['name']} ({g['strategy']}, base {g['base_model']})")
+        lines.append("    last run: " + ("-" if last is None else
+                     f"#{last['id']} {last['status']} at {last['finished_at'] or last['started_at']}"
+                     + (f": {last['error']}" if last["error"] else "")))
+        lines.append(f"    next run: {g['next_run_at'] or '-'}" + (f"; merging now ({g['merging_now']})" if g["merging_now"] else ""))
+        for p in g["published"]:
+            lines.append(f"    published: {p['kind']} {p['location']} @ {p['version']}")
+        for name, reason in g["waiting"]["held_back"].items():
+            lines.append(f"    waiting: {name}: {reason}")
+        if g["waiting"]["not_yet_merged"]:
+            lines.append(f"    not yet merged: {', '.join(g['waiting']['not_yet_merged'])}")
+    return "\n".join(lines)
