@@ -9,7 +9,6 @@ Settings (``CalibrationOptions.settings["hub_dataset"]``): ``repo_id``, ``filena
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +18,7 @@ from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, read_j
 from iteris_daemon.errors import CalibrationError, ConfigError
 from iteris_daemon.paths import cache_dir
 from iteris_daemon.retry import hub_retrying
+from iteris_daemon.tokens import hub_token, plain
 
 
 class HubDatasetSettings(BaseModel):
@@ -52,11 +52,10 @@ class HubDataset:
         filename = settings.filename.format(name=adapter.name)
         if unsafe_path(filename):
             raise CalibrationError(filename, f"unsafe calibration file name for adapter {adapter.name}")
-        token = settings.token_file.read_text().strip() if settings.token_file else os.environ.get("HF_TOKEN")
         try:
             path = hub_retrying(f"calibration {settings.repo_id}/{filename}")(
                 hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=settings.revision,
-                endpoint=settings.endpoint, token=token or False,
+                endpoint=settings.endpoint, token=plain(hub_token(settings.token_file)),
                 cache_dir=settings.cache_dir or cache_dir() / "calibration",
             )
         except EntryNotFoundError:
