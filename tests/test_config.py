@@ -1,0 +1,52 @@
+"""The daemon's TOML config: the shipped example is valid; every mistake is one line
+naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iteris_daemon.cli import main
+from iteris_daemon.config import load_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "iteris-daemon.example.toml"
+GROUP = '[[groups]]\nname = "g"\nbase_model = "b"\n'
+FOLDER = '[[groups.destinations]]\nkind = "folder"\npath = "/tmp/x"\n'
+
+
+def test_the_example_config_is_valid():
+    config = load_config(EXAMPLE)
+    assert [s.kind for s in config.sources] == ["local", "hub"]
+    group = config.groups[0]
+    assert group.strategy == "iteris" and [d["kind"] for d in group.destinations] == ["folder", "hub"]
+    assert group.calibration.source_settings()["hub_dataset"]["repo_id"] == "acme/calibration"
+    assert group.select.matches("team-folder", "sentiment", 1) and not group.select.matches("other", "sentiment", 1)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[[groups]\n", "invalid TOML"),
+    ('[daemon]\ngrace_seconds = -1\n', "daemon.grace_seconds"),
+    ('[daemon]\nbogus = 1\n', "daemon.bogus: Extra inputs are not permitted"),
+    (GROUP + 'params = { iterationz = 3 }\n' + FOLDER, "groups.0 (g): strategy 'iteris': iterationz"),
+    (GROUP + 'strategy = "nonesuch"\n' + FOLDER, "unknown strategy 'nonesuch'"),
+    (GROUP + '[[groups.destinations]]\nkind = "ftp"\n', "unknown destination kind 'ftp'"),
+    (GROUP + '[[groups.destinations]]\nkind = "folder"\n', "destinations.0: path: Field required"),
+    (GROUP + 'cron = "61 * * * *"\n' + FOLDER, "cron '61 * * * *'"),
+    (GROUP + 'cron = "0 3 * * *"\ninterval_seconds = 60\n' + FOLDER, "not both"),
+    (GROUP + FOLDER + GROUP + FOLDER, "group name 'g' is used twice"),
+    (GROUP + '[groups.calibration]\norder = ["adapter", "nope"]\n' + FOLDER, "unknown calibration source 'nope'"),
+    ('[[sources]]\nname = "s"\nkind = "hub"\n', "sources.0 (s): settings: Value error, give repos or an author"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = []\n', "sources.0 (s): paths"),
+])
+def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message.replace("Value error, ", "") in err and err.count("\n") == 1
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file does not exist" in capsys.readouterr().err
