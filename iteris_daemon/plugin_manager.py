@@ -24,17 +24,23 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return manager
 
 
+def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) -> dict:
+    """Call a ``register_*`` hook; a second plugin may not silently take a name."""
+    found: dict = {}
+
+    def register(item) -> None:
+        name = getattr(item, key)
+        if name in found:
+            raise ValueError(f"two plugins register a {what} named {name!r}")
+        found[name] = item
+
+    getattr((manager or get_plugin_manager()).hook, hook)(register=register)
+    return found
+
+
 def strategies(manager: pluggy.PluginManager | None = None) -> dict[str, MergeStrategy]:
-    """All registered strategies by name; a later plugin may not silently replace a name."""
-    manager = manager or get_plugin_manager()
-    found: dict[str, MergeStrategy] = {}
-
-    def register(strategy: MergeStrategy) -> None:
-        if strategy.name in found:
-            raise ValueError(f"two plugins register a strategy named {strategy.name!r}")
-        found[strategy.name] = strategy
-
-    manager.hook.register_strategies(register=register)
+    """All registered strategies by name, the default first."""
+    found = _collect("register_strategies", "name", "strategy", manager)
     return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_STRATEGY, item[0])))
 
 
@@ -47,30 +53,12 @@ def get_strategy(name: str, manager: pluggy.PluginManager | None = None) -> Merg
 
 def calibration_sources(manager: pluggy.PluginManager | None = None) -> dict[str, CalibrationSource]:
     """All registered calibration sources by name."""
-    manager = manager or get_plugin_manager()
-    found: dict[str, CalibrationSource] = {}
-
-    def register(source: CalibrationSource) -> None:
-        if source.name in found:
-            raise ValueError(f"two plugins register a calibration source named {source.name!r}")
-        found[source.name] = source
-
-    manager.hook.register_calibration_sources(register=register)
-    return found
+    return _collect("register_calibration_sources", "name", "calibration source", manager)
 
 
 def publishers(manager: pluggy.PluginManager | None = None) -> dict[str, Publisher]:
     """All registered publishers by kind."""
-    manager = manager or get_plugin_manager()
-    found: dict[str, Publisher] = {}
-
-    def register(publisher: Publisher) -> None:
-        if publisher.kind in found:
-            raise ValueError(f"two plugins register a publisher of kind {publisher.kind!r}")
-        found[publisher.kind] = publisher
-
-    manager.hook.register_publishers(register=register)
-    return dict(sorted(found.items()))
+    return dict(sorted(_collect("register_publishers", "kind", "publisher", manager).items()))
 
 
 def get_publisher(kind: str, manager: pluggy.PluginManager | None = None) -> Publisher:

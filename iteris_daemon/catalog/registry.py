@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -145,3 +145,21 @@ def get_adapter(session: Session, adapter_id: int) -> Adapter:
     if adapter is None:
         raise NotFoundError(f"no adapter with id {adapter_id} (see `iteris-daemon adapters list`)")
     return adapter
+
+
+def mark_removed(session: Session, source_id: int, gone: Callable[[str], bool]) -> list[Adapter]:
+    """Mark the source's adapters whose locator is ``gone`` as removed; return them."""
+    removed = []
+    for adapter in session.scalars(select(Adapter).where(Adapter.source_id == source_id, Adapter.status != AdapterStatus.removed)):
+        if gone(adapter.locator):
+            adapter.status = AdapterStatus.removed
+            removed.append(adapter)
+    return removed
+
+
+def set_health(session: Session, source_id: int, error: str | None) -> None:
+    """After a scan or poll: healthy when it went through, else the (token-free) error."""
+    source = session.get(Source, source_id)
+    source.healthy = error is None
+    source.last_error = error
+    source.last_poll_at = utcnow()

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from sqlalchemy import select
 
 from ..catalog import Catalog
-from ..catalog.models import Adapter, AdapterStatus, Source, utcnow
-from ..catalog.registry import Observation, record
+from ..catalog.models import Adapter, AdapterStatus, Source
+from ..catalog.registry import Observation, mark_removed, record, set_health
 from ..errors import AdapterError
 from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import hub_retrying, is_transient
@@ -227,19 +227,13 @@ class HubSource:
 
     def _mark_removed(self, seen: set[str], report: ScanReport) -> None:
         with self.catalog.session() as session:
-            for adapter in session.scalars(select(Adapter).where(
-                    Adapter.source_id == self.source_id, Adapter.status != AdapterStatus.removed)):
-                if adapter.locator not in seen:
-                    adapter.status = AdapterStatus.removed
-                    report.removed.append(adapter.locator)
-                    log.info("source %s: %s removed", self.name, adapter.locator)
+            for adapter in mark_removed(session, self.source_id, lambda locator: locator not in seen):
+                report.removed.append(adapter.locator)
+                log.info("source %s: %s removed", self.name, adapter.locator)
 
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
-            source = session.get(Source, self.source_id)
-            source.healthy = error is None
-            source.last_error = error
-            source.last_poll_at = utcnow()
+            set_health(session, self.source_id, error)
 
 
 class _NotForUs(Exception):

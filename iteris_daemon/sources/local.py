@@ -25,8 +25,8 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
-from ..catalog.models import Adapter, AdapterStatus, Source, utcnow
-from ..catalog.registry import Observation, record
+from ..catalog.models import Adapter, AdapterStatus, Source
+from ..catalog.registry import Observation, mark_removed, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..validation import Limits, folder_fingerprint, validate_adapter
@@ -224,20 +224,14 @@ class LocalFolderSource:
 
     def _mark_removed(self, gone, report: ScanReport) -> None:
         with self.catalog.session() as session:
-            adapters = session.scalars(select(Adapter).where(
-                Adapter.source_id == self.source_id, Adapter.status != AdapterStatus.removed))
-            for adapter in adapters:
-                if gone(adapter.locator):
-                    adapter.status = AdapterStatus.removed
-                    report.removed.append(adapter.locator)
-                    log.info("source %s: %s removed", self.name, adapter.name)
+            for adapter in mark_removed(session, self.source_id, gone):
+                report.removed.append(adapter.locator)
+                log.info("source %s: %s removed", self.name, adapter.name)
 
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
-            source = session.get(Source, self.source_id)
-            source.healthy = error is None
-            source.last_error = error
-            source.last_poll_at = utcnow()
+            set_health(session, self.source_id, error)
+
 
     # ------------------------------------------------------------------ watching
     def start(self) -> None:
