@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from ..errors import IterisError
-from ..validation import AdapterInfo
 from .models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
+
+if TYPE_CHECKING:  # validation pulls in torch; listing the catalog should not
+    from ..validation import AdapterInfo
 
 log = logging.getLogger(__name__)
 
