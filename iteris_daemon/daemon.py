@@ -16,6 +16,7 @@ complete version. The process exits 0.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -83,6 +84,8 @@ class Daemon:
         log.info("catalog %s ready", self.catalog.safe_url)
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
+            for leftover in (self.work / f"run-{run_id}", *self.work.glob(f".run-{run_id}.*")):
+                shutil.rmtree(leftover, ignore_errors=True)  # its half-written or unpublished merge
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
@@ -119,6 +122,9 @@ class Daemon:
             source.stop()
         for job in self.scheduler.get_jobs():  # pending work is dropped; a running merge continues
             job.remove()
+        with self.catalog.session() as session:  # nothing is scheduled any more (for `status`)
+            for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
+                row.next_run_at = None
         grace = self.config.daemon.grace_seconds
         timer = threading.Timer(grace, self._cancel.set)
         timer.daemon = True
@@ -196,8 +202,10 @@ class Daemon:
         if self._stopping.is_set() or group not in self._groups:
             return
         when = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        # max_instances=2: a trigger that fires while this group's previous trigger still merges
+        # (older inputs) must queue behind it on the one merge worker, not be dropped.
         self.scheduler.add_job(self._run, "date", run_date=when, args=[group], id=f"trigger:{group}",
-                               executor="merge", replace_existing=True)
+                               executor="merge", replace_existing=True, max_instances=2)
 
     def _run(self, name: str) -> None:
         group = self._groups.get(name)

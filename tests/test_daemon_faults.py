@@ -1,0 +1,588 @@
+"""Faults of the real daemon process: SIGKILL mid-merge and mid-publish, and two daemons
+sharing one catalog.
+
+- **SIGKILL**, repeated 5 times at seeded random points: the daemon (a real
+  ``python -m iteris_daemon run`` subprocess) is killed while it merges, while it
+  publishes, or right after a run; the group's parameters or adapters change before
+  every restart, so each start has a new merge to do. After every kill the published ``current`` is a complete,
+  loadable version, and the SQLite catalog passes ``PRAGMA integrity_check``. A last
+  start, not killed, finishes: interrupted runs are marked failed and ``current`` is
+  the merge of the final inputs.
+- **Two daemons** on one catalog (SQLite, and PostgreSQL where
+  ``ITERIS_TEST_POSTGRES_URL`` is set), same folder, same destination, each with its
+  own state directory: no two runs of the group overlap in time.
+- **Claims**, lower level: of two concurrent ``Claim.acquire`` calls exactly one wins;
+  a stale claim is taken over after ``claim_ttl``; a claim held by a dead process of
+  this host is taken at once, one held by a live one is not.
+
+The kill points come from the daemon's own signals: its log lines on stderr and the
+``STATUS=`` datagrams it sends to ``NOTIFY_SOCKET`` (``run N merging``, ``run N
+publishing``), which the test receives on a socket of its own. Deadlines only bound
+waits; nothing asserts on speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sqlalchemy import select, update
+
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
+from iteris_daemon.lora import sha256_file
+from iteris_daemon.runner import Claim
+
+pytestmark = pytest.mark.timeout(600)
+
+# Where each SIGKILL lands: after "merging N adapters" (+0-1 s; the first at once), after
+# "run N publishing" (+0-0.15 s: before, during or after the swap of `current`), or at once
+# after a run succeeded (which also makes sure later kills have a `current` to break).
+PHASES = ("merge", "succeeded", "publish", "merge", "publish")
+SEED = 20250101
+GROUP = "unified"
+START_TIMEOUT = 180.0  # a bound for waits, generous for a loaded 2-core machine
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.1):
+    """Poll until ``predicate()`` is truthy; the deadline only keeps a broken daemon from hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class DaemonProcess:
+    """``python -m iteris_daemon run`` with its stderr lines and sd_notify STATUS messages collected."""
+
+    def __init__(self, config: Path, log_path: Path, name: str = "daemon"):
+        self.name = name
+        self.events: list[tuple[str, str]] = []  # ("log", line) or ("status", text), in arrival order
+        self._changed = threading.Condition()
+        self._socket_name = f"iteris-faults-{uuid.uuid4().hex}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + self._socket_name)
+        self._sock.settimeout(0.2)
+        self._log = open(log_path, "a", encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
+        env.update(NOTIFY_SOCKET="@" + self._socket_name, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONUNBUFFERED="1",
+                   # One thread per merge: two busy cores, and several daemons at once in one test.
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "iteris_daemon", "--log-format", "text", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            cwd=config.parent, text=True, errors="replace",
+        )
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._read_log, daemon=True),
+                         threading.Thread(target=self._read_status, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _add(self, kind: str, text: str) -> None:
+        with self._changed:
+            self.events.append((kind, text))
+            self._changed.notify_all()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self._log.write(line)
+            self._log.flush()
+            self._add("log", line.rstrip("\n"))
+        with self._changed:
+            self._changed.notify_all()
+
+    def _read_status(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self._sock.recv(65536).decode(errors="replace")
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for line in data.splitlines():
+                if line.startswith("STATUS="):
+                    self._add("status", line[len("STATUS="):])
+
+    def wait_event(self, kind: str, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
+        """The first event of ``kind`` ("log" or "status") matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        start = 0
+        with self._changed:
+            while True:
+                for found_kind, text in self.events[start:]:
+                    if found_kind == kind and (match := regex.search(text)):
+                        return match
+                start = len(self.events)
+                if self.proc.poll() is not None and not self._threads[0].is_alive():
+                    raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before {kind} {pattern!r}:\n"
+                                         + self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: timed out waiting for {kind} {pattern!r}:\n" + self.tail())
+                self._changed.wait(min(left, 0.5))
+
+    def logs(self, pattern: str) -> list[re.Match]:
+        regex = re.compile(pattern)
+        with self._changed:
+            return [m for kind, text in self.events if kind == "log" and (m := regex.search(text))]
+
+    def tail(self) -> str:
+        with self._changed:
+            return "\n".join(text for kind, text in self.events if kind == "log")[-6000:]
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        return self.wait(60)
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM, and the exit status (the daemon exits 0 after a clean stop)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._threads[0].join(10)  # every line of the dead process read
+        self._closed.set()
+        self._sock.close()
+        self._log.close()
+
+
+@pytest.fixture
+def daemons():
+    """Starts daemons; whatever is still running at teardown is killed."""
+    started: list[DaemonProcess] = []
+
+    def start(config: Path, log_path: Path, name: str = "daemon") -> DaemonProcess:
+        daemon = DaemonProcess(config, log_path, name)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        try:
+            daemon.close()
+        except Exception:  # teardown must reach every process
+            pass
+
+
+def write_config(path: Path, *, state: Path, watched: Path, dest: Path, base: Path, params: dict,
+                 database: str | None = None, interval: float | None = None, debounce: float = 0,
+                 claim_ttl: float = 120.0, grace: float = 5.0, keep: int = 1) -> Path:
+    q = json.dumps  # a JSON string is a TOML basic string
+    params_toml = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
+    lines = [
+        "[daemon]",
+        *([f"database = {q(database)}"] if database else []),
+        f"state_dir = {q(str(state))}",
+        f"cache_dir = {q(str(state / 'cache'))}",
+        f"grace_seconds = {grace}",
+        f"claim_ttl_seconds = {claim_ttl}",
+        "",
+        "[[sources]]",
+        'name = "team"',
+        'kind = "local"',
+        f"paths = [{q(str(watched))}]",
+        f"base_model = {q(str(base))}",
+        "settle_seconds = 0.3",
+        "",
+        "[[groups]]",
+        f"name = {q(GROUP)}",
+        f"base_model = {q(str(base))}",
+        f"params = {{ {params_toml} }}",
+        f"debounce_seconds = {debounce}",
+        *([f"interval_seconds = {interval}"] if interval else []),
+        "",
+        "[[groups.destinations]]",
+        'kind = "folder"',
+        f"path = {q(str(dest))}",
+        f"keep = {keep}",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def rewrite_weights(folder: Path, original: Path, factor: float) -> None:
+    """New weights of the same shapes, swapped in atomically (a new revision of the same adapter)."""
+    tensors = load_file(original / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, folder / ".new.safetensors")
+    os.replace(folder / ".new.safetensors", folder / "adapter_model.safetensors")
+
+
+VERSION_LINK = re.compile(r"^versions/run-\d+-\d{8}T\d{6}\.\d{6}Z$")
+
+
+class PublishedChecker:
+    """What a consumer of ``<dest>/current`` sees must always be a complete adapter."""
+
+    def __init__(self, dest: Path, base: Path):
+        self.dest, self.base = dest, base
+        self.loaded: set[str] = set()  # versions already loaded with peft (a version never changes)
+        self.ever_published = False
+
+    def check(self) -> str | None:
+        link = self.dest / "current"
+        if not link.is_symlink():
+            assert not link.exists(), f"{link} is not a symlink"
+            assert not self.ever_published, "current vanished after a version had been published"
+            return None
+        self.ever_published = True
+        target = os.readlink(link)
+        assert VERSION_LINK.match(target), f"current -> {target}: not a published version folder"
+        folder = self.dest / target
+        assert folder.is_dir(), f"current -> {target}, which does not exist"
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA"
+        tensors = load_file(folder / "adapter_model.safetensors")
+        assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+        report = json.loads((folder / "merge_report.json").read_text())
+        assert report["strategy"] == "iteris"
+        name = folder.name
+        if name not in self.loaded:
+            self._load_with_peft(folder, tensors)
+            self.loaded.add(name)
+        return name
+
+    def _load_with_peft(self, folder: Path, tensors: dict) -> None:
+        from peft import PeftModel, get_peft_model_state_dict
+        from transformers import AutoModel
+
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(self.base), str(folder))
+        state = get_peft_model_state_dict(model)
+        assert set(state) == set(tensors), f"{folder}: peft did not load every tensor"
+        for key, value in tensors.items():
+            assert torch.equal(state[key].cpu(), value), key
+
+
+def sqlite_integrity(db: Path) -> None:
+    connection = sqlite3.connect(db)
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+    finally:
+        connection.close()
+
+
+def group_runs(url: str) -> list[MergeRun]:
+    catalog = Catalog(url, migrate=False)
+    try:
+        with catalog.session() as session:
+            return list(session.scalars(select(MergeRun).join(MergeGroup).where(MergeGroup.name == GROUP)
+                                        .order_by(MergeRun.id)))
+    finally:
+        catalog.close()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny BERT and three adapters (ranks 2, 3, 4) with calibration.jsonl."""
+    root = tmp_path_factory.mktemp("faults")
+    base = build_tiny_model("bert", root / "base")
+    adapters = [build_adapter(base, root / f"lora{i}", seed=i, family="bert", r=2 + i, alpha=4 + i) for i in range(3)]
+    return base, adapters
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tmp_path, made, daemons):
+    """SIGKILL repeated 5 times (PHASES), at seeded random delays after the daemon says it
+    merges or publishes; then one clean start must finish the work."""
+    base, (lora0, lora1, lora2) = made
+    rng = random.Random(SEED)
+    watched, dest, state = tmp_path / "watched", tmp_path / "published", tmp_path / "state"
+    watched.mkdir()
+    shutil.copytree(lora0, watched / "a0")
+    shutil.copytree(lora1, watched / "a1")
+    config = tmp_path / "daemon.toml"
+    # 30 full iterations (tolerance 0): a merge long enough to be hit, short enough to repeat.
+    params = {"iterations": 30, "samples_per_task": 8, "tolerance": 0.0}
+    checker = PublishedChecker(dest, base)
+    db = state / "catalog.db"
+    url = f"sqlite:///{db}"
+    killed_runs: set[int] = set()
+    landed: list[str] = []
+
+    for round_, phase in enumerate(PHASES):
+        # A new merge for every start: other group parameters, and now and then new weights.
+        params["a1"] = round(1e-3 * (1 + round_ / 10), 6)
+        if round_ % 3 == 1:
+            rewrite_weights(watched / "a0", lora0, 1.0 + 0.1 * round_)
+        write_config(config, state=state, watched=watched, dest=dest, base=base, params=params)
+        before = checker.check()
+        daemon = daemons(config, tmp_path / "daemon.log", f"daemon round {round_}")
+        if phase == "merge":
+            daemon.wait_event("log", r"merging \d+ adapters with iteris")
+            delay = 0.0 if round_ == 0 else rng.uniform(0.0, 1.0)
+        elif phase == "publish":
+            daemon.wait_event("status", r"run \d+ publishing")
+            delay = rng.uniform(0.0, 0.15)
+        else:
+            daemon.wait_event("log", r"run \d+ succeeded")
+            delay = 0.0
+        time.sleep(delay)
+        assert daemon.kill() == -signal.SIGKILL
+        killed_runs.update(int(m[1]) for m in daemon.logs(r"run (\d+) merges"))
+
+        after = checker.check()
+        sqlite_integrity(db)
+        staging = [p.name for p in (dest / "versions").glob(".staging-*")] if dest.is_dir() else []
+        landed.append(f"{phase}+{delay:.3f}s:{'new current' if after != before else 'same current'}"
+                      f"{', staging left' if staging else ''}")
+
+    # The final inputs: another adapter, new weights for a0, other parameters.
+    shutil.copytree(lora2, watched / "a2")
+    rewrite_weights(watched / "a0", lora0, 0.5)
+    params["a1"] = 0.005
+    write_config(config, state=state, watched=watched, dest=dest, base=base, params=params)
+    final_sha = {name: sha256_file(watched / name / "adapter_model.safetensors") for name in ("a0", "a1", "a2")}
+    daemon = daemons(config, tmp_path / "daemon.log", "daemon (final)")
+
+    def finished() -> bool:
+        report = dest / "current" / "merge_report.json"
+        if not report.is_file():
+            return False
+        data = json.loads(report.read_text())
+        if {i["name"]: i["sha256"] for i in data["inputs"]} != final_sha or data["params"]["a1"] != 0.005:
+            return False
+        runs = [r for r in group_runs(url) if r.status is not RunStatus.skipped]
+        return runs[-1].status is RunStatus.succeeded
+
+    wait_for(finished, "the final merge to be published", timeout=START_TIMEOUT, interval=0.5)
+    assert daemon.stop() == 0, daemon.tail()
+
+    assert checker.check() is not None
+    sqlite_integrity(db)
+    runs = group_runs(url)
+    by_id = {run.id: run for run in runs}
+    real = [r for r in runs if r.status is not RunStatus.skipped]
+    assert real[-1].status is RunStatus.succeeded
+    assert not [r.id for r in runs if r.status is RunStatus.running], "a run was left running"
+    interrupted = [r for r in runs if r.status is RunStatus.failed]
+    assert interrupted, "no kill interrupted a run"  # the first kill lands mid-merge
+    for run in interrupted:
+        assert run.id in killed_runs and "interrupted" in run.error, (run.id, run.error)
+    for run_id in killed_runs:
+        assert by_id[run_id].status in (RunStatus.succeeded, RunStatus.failed), (run_id, by_id[run_id].status)
+        assert by_id[run_id].finished_at is not None
+
+    # The last run used the final revisions, and published exactly them.
+    catalog = Catalog(url, migrate=False)
+    try:
+        with catalog.session() as session:
+            inputs = session.scalars(select(MergeRunInput).where(MergeRunInput.run_id == real[-1].id)).all()
+            used = {i.revision.adapter.name: i.revision.content_sha256 for i in inputs}
+    finally:
+        catalog.close()
+    assert used == final_sha
+    report = json.loads((dest / "current" / "merge_report.json").read_text())
+    assert sorted(i["name"] for i in report["inputs"]) == ["a0", "a1", "a2"]
+    assert os.readlink(dest / "current").startswith(f"versions/run-{real[-1].id}-")  # new inputs, a new version
+
+    # The final publish cleaned up after the killed ones and kept current + `keep` (1) older versions.
+    versions = dest / "versions"
+    assert not list(versions.glob(".staging-*")), sorted(p.name for p in versions.iterdir())
+    assert not list(dest.glob(".current-*"))
+    assert len([p for p in versions.iterdir() if VERSION_LINK.match(f"versions/{p.name}")]) <= 2
+    # Merges the kills interrupted left their work folders; the restarts removed them.
+    assert not list((state / "runs").iterdir()), sorted(p.name for p in (state / "runs").iterdir())
+    print(f"kills: {'; '.join(landed)}. Runs {len(runs)} ({len(interrupted)} interrupted); "
+          f"versions loaded with peft: {len(checker.loaded)}")
+
+
+# ----------------------------------------------------------------------------- two daemons
+
+
+def test_two_daemons_never_merge_the_same_group_at_once(tmp_path, made, daemons, catalog_url):
+    """Two daemons, one catalog, one folder, one destination, a 2-second schedule and
+    merges of a few seconds; the inputs change while both run (at least 12 s together). A long debounce
+    leaves the merges to the two schedules, so either daemon may win a change."""
+    base, (lora0, lora1, _) = made
+    watched, dest = tmp_path / "watched", tmp_path / "published"
+    watched.mkdir()
+    shutil.copytree(lora0, watched / "a0")
+    shutil.copytree(lora1, watched / "a1")
+    params = {"iterations": 40, "samples_per_task": 8, "tolerance": 0.0}
+    configs = [
+        write_config(tmp_path / f"daemon-{name}.toml", state=tmp_path / f"state-{name}", watched=watched, dest=dest,
+                     base=base, params=params, database=catalog_url, interval=2, debounce=600, grace=2)
+        for name in ("a", "b")
+    ]
+    # The first daemon creates the catalog (two first-time migrations at once collide) and
+    # writes the configured source into it before the second starts.
+    first = daemons(configs[0], tmp_path / "daemon-a.log", "daemon a")
+    first.wait_event("log", r"daemon \S+ running")
+    second = daemons(configs[1], tmp_path / "daemon-b.log", "daemon b")
+    second.wait_event("log", r"daemon \S+ running")
+    started = time.monotonic()
+
+    def successes() -> list[MergeRun]:
+        return [r for r in group_runs(catalog_url) if r.status is RunStatus.succeeded]
+
+    wait_for(successes, "a first merge", timeout=START_TIMEOUT, interval=0.5)
+    count = len(successes())
+    rewrite_weights(watched / "a0", lora0, 1.5)
+    wait_for(lambda: len(successes()) > count, "a merge of the new weights", timeout=START_TIMEOUT, interval=0.5)
+    while time.monotonic() - started < 12:  # both keep trying on their schedules meanwhile
+        time.sleep(0.5)
+    assert first.stop() == 0, first.tail()
+    assert second.stop() == 0, second.tail()
+
+    runs = group_runs(catalog_url)
+    real = sorted((r for r in runs if r.status is not RunStatus.skipped), key=lambda r: r.started_at)
+    assert not [r.id for r in real if r.status is RunStatus.running or r.finished_at is None]
+    assert len([r for r in real if r.status is RunStatus.succeeded]) >= 2
+    for earlier, later in zip(real, real[1:]):
+        assert earlier.finished_at <= later.started_at, (
+            f"runs {earlier.id} ({earlier.started_at}..{earlier.finished_at}) and "
+            f"{later.id} ({later.started_at}..{later.finished_at}) overlap")
+    # Whichever daemon published last, consumers see the merge of the new weights.
+    assert PublishedChecker(dest, base).check() is not None
+    report = json.loads((dest / "current" / "merge_report.json").read_text())
+    assert {i["name"]: i["sha256"] for i in report["inputs"]} == {
+        name: sha256_file(watched / name / "adapter_model.safetensors") for name in ("a0", "a1")}
+    # Runs skipped for unchanged inputs are made under the claim too: none falls inside a merge.
+    for run in runs:
+        if run.status is RunStatus.skipped:
+            assert not [r.id for r in real if r.started_at < run.started_at < r.finished_at], run.id
+    merged_by = {d.name: [int(m[1]) for m in d.logs(r"run (\d+) merges")] for d in (first, second)}
+    turned_away = {d.name: len(d.logs(r"another daemon is merging it")) for d in (first, second)}
+    print(f"merges by daemon: {merged_by}; claims refused: {turned_away}")
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+@pytest.fixture
+def claim_catalog(catalog_url):
+    catalog = Catalog(catalog_url)
+    with catalog.session() as session:
+        session.add(MergeGroup(name=GROUP, base_model="base", strategy="iteris"))
+    yield catalog
+    catalog.close()
+
+
+def claim_row(catalog: Catalog) -> tuple[str | None, object]:
+    with catalog.session() as session:
+        row = session.scalar(select(MergeGroup).where(MergeGroup.name == GROUP))
+        return row.claimed_by, row.claimed_at
+
+
+def set_claim(catalog: Catalog, holder: str | None, age: float = 0.0) -> None:
+    with catalog.session() as session:
+        session.execute(update(MergeGroup).where(MergeGroup.name == GROUP)
+                        .values(claimed_by=holder, claimed_at=utcnow() - timedelta(seconds=age) if holder else None))
+
+
+def test_concurrent_claims_have_exactly_one_winner(claim_catalog, catalog_url):
+    """Two catalogs (engines), two threads, one barrier: repeated 15 times."""
+    other = Catalog(catalog_url, migrate=False)
+    try:
+        for attempt in range(15):
+            barrier = threading.Barrier(2)
+            claims = [Claim(c, GROUP, f"host-{i}:{1000 + i}:{attempt:08x}", ttl=60.0)
+                      for i, c in enumerate((claim_catalog, other))]
+            results: list[bool | BaseException] = [False, False]
+
+            def contend(i: int) -> None:
+                barrier.wait()
+                try:
+                    results[i] = claims[i].acquire()
+                except BaseException as exc:  # reported below, not lost in the thread
+                    results[i] = exc
+
+            threads = [threading.Thread(target=contend, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert sorted(map(repr, results)) == ["False", "True"], results
+            winner = claims[results.index(True)]
+            assert claim_row(claim_catalog)[0] == winner.holder
+            winner.release()
+            assert claim_row(claim_catalog) == (None, None)
+    finally:
+        other.close()
+
+
+def test_claim_is_refreshed_and_a_stale_one_is_taken_over(claim_catalog):
+    holder = Claim(claim_catalog, GROUP, "elsewhere:4242:aaaaaaaa", ttl=0.4)
+    assert holder.acquire()
+    _, first = claim_row(claim_catalog)
+    wait_for(lambda: claim_row(claim_catalog)[1] > first, "the claim to be refreshed", timeout=30)
+    holder._stop.set()  # the holder (another host) dies: nobody refreshes the claim any more
+    holder._thread.join()
+    rival = Claim(claim_catalog, GROUP, "here:1:bbbbbbbb", ttl=3600)
+    assert not rival.acquire()  # not stale for a one-hour TTL
+    wait_for(lambda: (utcnow() - claim_row(claim_catalog)[1]).total_seconds() > 0.5, "the claim to age", timeout=30)
+    late = Claim(claim_catalog, GROUP, "here:1:cccccccc", ttl=0.4)
+    assert late.acquire()  # stale after claim_ttl: taken over
+    assert claim_row(claim_catalog)[0] == late.holder
+    holder.release()  # the old holder coming back must not drop the new claim
+    assert claim_row(claim_catalog)[0] == late.holder
+    late.release()
+    assert claim_row(claim_catalog) == (None, None)
+
+
+def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
+    host = socket.gethostname()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                            check=True)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        wait_for(lambda: Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1].startswith("Z"),
+                 "the child to exit (a zombie until reaped)", timeout=60)
+        cases = [
+            (f"{host}:{int(exited.stdout)}:deadbeef", True),  # gone
+            (f"{host}:{zombie.pid}:deadbeef", True),  # exited, not yet reaped
+            (f"{host}:{sleeper.pid}:deadbeef", False),  # alive
+            (f"{host}:{os.getpid()}:deadbeef", False),  # this process, another daemon instance
+            (f"elsewhere-{uuid.uuid4().hex[:6]}:{int(exited.stdout)}:deadbeef", False),  # cannot tell: wait for the TTL
+        ]
+        for holder, taken in cases:
+            set_claim(claim_catalog, holder)  # claimed just now: never stale for a one-hour TTL
+            claim = Claim(claim_catalog, GROUP, f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}", ttl=3600)
+            assert claim.acquire() is taken, holder
+            assert claim_row(claim_catalog)[0] == (claim.holder if taken else holder)
+            if taken:
+                claim.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        zombie.wait()
