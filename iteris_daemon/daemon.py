@@ -28,6 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from .catalog import Catalog
 from .catalog.models import MergeGroup, Source, SourceKind
@@ -46,13 +47,19 @@ TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
     """Configured sources are written into the catalog (the config wins); others stay."""
-    with catalog.session() as session:
-        for source in config.sources:
-            row = session.scalar(select(Source).where(Source.name == source.name))
-            if row is None:
-                add_source(session, source.name, SourceKind(source.kind), source.settings())
-            else:
-                row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
+    for source in config.sources:
+        for attempt in range(2):  # a second daemon may insert the same new source at the same moment
+            try:
+                with catalog.session() as session:
+                    row = session.scalar(select(Source).where(Source.name == source.name))
+                    if row is None:
+                        add_source(session, source.name, SourceKind(source.kind), source.settings())
+                    else:
+                        row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
+                break
+            except IntegrityError:
+                if attempt:
+                    raise
 
 
 class Daemon:

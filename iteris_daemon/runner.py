@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from .calibration import CalibrationOptions, CalibrationSet
 from .catalog import Catalog
@@ -84,13 +85,19 @@ def sync_group(catalog: Catalog, group: GroupConfig) -> None:
         "schedule": {"interval_seconds": group.interval_seconds, "cron": group.cron,
                      "debounce_seconds": group.debounce_seconds, "min_adapters": group.min_adapters},
     }
-    with catalog.session() as session:
-        row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
-        if row is None:
-            session.add(MergeGroup(name=group.name, **values))
-        else:
-            for key, value in values.items():
-                setattr(row, key, value)
+    for attempt in range(2):  # a second daemon may insert the same new group at the same moment
+        try:
+            with catalog.session() as session:
+                row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
+                if row is None:
+                    session.add(MergeGroup(name=group.name, **values))
+                else:
+                    for key, value in values.items():
+                        setattr(row, key, value)
+            return
+        except IntegrityError:
+            if attempt:
+                raise
 
 
 class Claim:

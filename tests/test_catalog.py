@@ -139,3 +139,16 @@ def test_cancelled_status_is_accepted_after_0002_and_data_survives(catalog_url):
                     "INSERT INTO merge_runs (group_id, status, input_fingerprint, started_at) "
                     "VALUES (1, 'bogus', 'h', CURRENT_TIMESTAMP)"))
     engine.dispose()
+
+
+def test_two_processes_migrating_a_fresh_catalog_at_once(catalog_url):
+    """Daemons started together on a new shared catalog: both migrations succeed (serialized)."""
+    code = ("import sys; from iteris_daemon.catalog import Catalog; Catalog(sys.argv[1]).close()")
+    processes = [subprocess.Popen([sys.executable, "-c", code, catalog_url], stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    engine = catalog_db.make_engine(catalog_url)
+    assert catalog_db.current_revision(engine) == catalog_db.head_revision() and _diff(engine) == []
+    engine.dispose()

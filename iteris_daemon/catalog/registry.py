@@ -89,13 +89,23 @@ def _used_revision_ids():
     return select(MergeRunInput.revision_id)
 
 
+def _adapter_row(session: Session, source_id: int, seen: Observation) -> Adapter:
+    """The location's row, created if new (another daemon may create it at the same moment)."""
+    query = select(Adapter).where(Adapter.source_id == source_id, Adapter.locator == seen.locator)
+    adapter = session.scalar(query)
+    if adapter is None:
+        try:
+            with session.begin_nested():
+                adapter = Adapter(source_id=source_id, locator=seen.locator, name=seen.name, status=AdapterStatus.rejected)
+                session.add(adapter)
+        except IntegrityError:
+            adapter = session.scalar(query)
+    return adapter
+
+
 def record(session: Session, source_id: int, seen: Observation) -> tuple[AdapterRevision, bool]:
     """Record what a source saw; return the revision row and whether it is new."""
-    adapter = session.scalar(select(Adapter).where(Adapter.source_id == source_id, Adapter.locator == seen.locator))
-    if adapter is None:
-        adapter = Adapter(source_id=source_id, locator=seen.locator, name=seen.name, status=AdapterStatus.rejected)
-        session.add(adapter)
-        session.flush()
+    adapter = _adapter_row(session, source_id, seen)
     existing = session.scalar(
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
     )

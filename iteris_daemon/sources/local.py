@@ -210,7 +210,7 @@ class LocalFolderSource:
                      self.name, seen.name, fingerprint[:12], info.rank, info.base_model)
         elif status is AdapterStatus.registered:
             report.registered.append(str(folder))
-            log.info("source %s: %s is back at an earlier revision %s", self.name, seen.name, fingerprint[:12])
+            log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
 
     def _check_containment(self, folder: Path) -> None:
         """Adapter files must be regular files inside the watched root (no symlink escapes)."""
