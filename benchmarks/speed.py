@@ -33,6 +33,7 @@ from iteris_daemon.calibration import Sample, read_jsonl, write_jsonl
 from .tasks import TASKS, load_task
 from .train import TrainConfig, default_model_path, train_all
 
+PARTS = ("strategies", "memory", "scaling")
 STRATEGIES = ("iteris", "regmean", "task_arithmetic", "ties", "dare", "peft_cat", "peft_svd", "peft_ties_svd")
 
 
@@ -117,9 +118,11 @@ def synthetic_setup(folder: Path, width: int, n_adapters: int, samples: int = 32
 
 def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ...] = STRATEGIES,
         train_config: TrainConfig = TrainConfig(), memory_samples=(50, 500),
-        scaling_adapters=(2, 4, 8, 16), scaling_widths=(256, 512, 1024, 2048), iteris_params: dict | None = None) -> dict:
+        scaling_adapters=(2, 4, 8, 16), scaling_widths=(256, 512, 1024, 2048), iteris_params: dict | None = None,
+        parts: tuple[str, ...] = PARTS) -> dict:
     """Strategy timings, the floor, memory against a token-storing implementation, scaling.
-    ``iteris_params`` overrides IterIS defaults (smoke tests shrink the work)."""
+    ``iteris_params`` overrides IterIS defaults (smoke tests shrink the work); ``parts``
+    picks what to measure (a rerun of one part keeps the others in speed.json)."""
     base_params = dict(iteris_params or {})
     model = default_model_path()
     adapters = train_all(workdir / "adapters", model, train_config, tasks)
@@ -127,6 +130,8 @@ def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ..
     results: dict = {"machine": _machine(), "strategies": {}, "memory": {}, "scaling": {"adapters": {}, "width": {}}}
 
     specs50 = calibration_files(adapters, 50, workdir / "calibration")
+    if "strategies" not in parts:
+        strategies = ()
     for strategy in strategies:
         specs = specs50 if strategy in ("iteris", "regmean") else [str(a) for a in adapters.values()]
         report = _merge_process(model, specs, out / strategy, strategy, base_params if strategy == "iteris" else {})
@@ -136,11 +141,12 @@ def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ..
             **({"timings": report["metrics"]["timings"], "iterations_run": report["iterations_run"]}
                if strategy == "iteris" else {}),
         }
-    iteris = results["strategies"]["iteris"]
-    floor = floor_seconds(model, specs50, iteris["iterations_run"], 16, base_params.get("max_length", 128))
-    results["floor"] = {"seconds": floor, "passes": iteris["iterations_run"], "ratio": iteris["seconds"] / floor}
+    if "iteris" in results["strategies"]:
+        iteris = results["strategies"]["iteris"]
+        floor = floor_seconds(model, specs50, iteris["iterations_run"], 16, base_params.get("max_length", 128))
+        results["floor"] = {"seconds": floor, "passes": iteris["iterations_run"], "ratio": iteris["seconds"] / floor}
 
-    for samples in memory_samples:
+    for samples in memory_samples if "memory" in parts else ():
         specs = calibration_files(adapters, samples, workdir / "calibration")
         params = {**base_params, "samples_per_task": samples, "iterations": 3, "tolerance": 0.0}
         report = _merge_process(model, specs, out / f"mem-{samples}", "iteris", params)
@@ -152,6 +158,8 @@ def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ..
         }
 
     synthetic = workdir / "synthetic"
+    if "scaling" not in parts:
+        scaling_adapters = scaling_widths = ()
     for n in scaling_adapters:
         base, specs = synthetic_setup(synthetic, 512, n)
         report = _merge_process(base, specs, out / f"adapters-{n}", "iteris", {**base_params, "iterations": 2, "tolerance": 0.0})
@@ -203,10 +211,19 @@ def _mb(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.workdir)
-    (args.workdir / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = run(args.workdir, parts=tuple(args.parts))
+    previous = args.workdir / "speed.json"
+    if set(args.parts) != set(PARTS) and previous.exists():  # keep the parts not rerun
+        kept = json.loads(previous.read_text())
+        for part in args.parts:
+            kept[part] = results[part]
+        if "strategies" in args.parts:
+            kept["floor"] = results["floor"]
+        results = {**kept, "machine": results["machine"]}
+    previous.write_text(json.dumps(results, indent=2) + "\n")
     print(tables(results))
     return 0
 

@@ -45,3 +45,27 @@ def reset_peak() -> bool:
 def window_peak_mb() -> float | None:
     """Peak RSS since the last :func:`reset_peak` (Linux VmHWM)."""
     return _status_mb("VmHWM")
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def keep_large_blocks_in_mmap(threshold: int = 64 * 1024) -> bool:
+    """Stop glibc from raising its mmap threshold as large blocks are freed.
+
+    By default glibc serves a freed-then-reallocated large block from the heap
+    next time; with batches of varying shapes the heap fragments and resident
+    memory grows with the number of batches (measured: 767 -> 1975 MB peak going
+    from 50 to 500 samples per task). With a fixed threshold every tensor-sized
+    block is its own mapping, returned to the OS when freed: the merge's peak stays
+    flat in the sample count, and a long-running daemon stays flat across merges.
+    Returns False where the C library has no ``mallopt`` (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
