@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from sqlalchemy import select
 
 from ..catalog import Catalog
-from ..catalog.models import Adapter, AdapterStatus, Source
-from ..catalog.registry import Observation, mark_removed, record, set_health
+from ..catalog.models import Adapter, AdapterStatus
+from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
 from ..errors import AdapterError
 from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import hub_retrying, is_transient
@@ -90,11 +90,8 @@ class HubSource:
         self.on_change = on_change  # called after a poll that registered or removed something
         self.name = source_name
         with catalog.session() as session:
-            source = session.scalar(select(Source).where(Source.name == source_name))
-            if source is None:
-                raise ValueError(f"no source named {source_name!r}")
-            self.source_id = source.id
-            self.settings = HubSettings.model_validate(source.settings)
+            source = get_source(session, source_name)
+            self.source_id, self.settings = source.id, HubSettings.model_validate(source.settings)
         self.cache_dir = Path(cache_dir).resolve()
         self.limits = limits
 

@@ -25,8 +25,8 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
-from ..catalog.models import Adapter, AdapterStatus, Source
-from ..catalog.registry import Observation, mark_removed, record, set_health
+from ..catalog.models import Adapter, AdapterStatus
+from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..validation import Limits, folder_fingerprint, validate_adapter
@@ -94,11 +94,8 @@ class LocalFolderSource:
         self.on_change = on_change  # called after a scan or event that registered or removed something
         self.name = source_name
         with catalog.session() as session:
-            source = session.scalar(select(Source).where(Source.name == source_name))
-            if source is None:
-                raise ValueError(f"no source named {source_name!r}")
-            self.source_id = source.id
-            self.settings = LocalSettings.model_validate(source.settings)
+            source = get_source(session, source_name)
+            self.source_id, self.settings = source.id, LocalSettings.model_validate(source.settings)
         self.limits = limits
         self._lock = threading.Lock()  # one examination at a time (scan, events)
         # path -> (time of the last event, snapshot of its files then, examine subfolders too)
