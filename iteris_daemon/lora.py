@@ -12,9 +12,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -35,6 +36,21 @@ _UNSUPPORTED_FLAGS = {
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "use_qalora": "QA-LoRA adapters are not supported",
 }
+
+
+class _TypedFields(BaseModel):
+    """Types of the config fields this project reads (PEFT writes these; a hostile file may not)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    target_modules: list[str] | str | None = None
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    use_rslora: bool | None = None
+    fan_in_fan_out: bool | None = None
 
 
 @dataclass
@@ -117,8 +133,14 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         raise AdapterError(config_path, f"peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
             raise AdapterError(config_path, f"{key} must be a positive number, got {value!r}")
+    try:
+        _TypedFields.model_validate(config)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        raise AdapterError(config_path, f"{field}: {error['msg']}") from None
     for flag, reason in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise AdapterError(config_path, reason)

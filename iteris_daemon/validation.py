@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterError
+from .errors import AdapterError, IncompatibleAdaptersError
 from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config, sha256_file
 from .model import check_adapter_shapes, load_skeleton
 
@@ -136,7 +136,11 @@ def validate_adapter(
     _check_targets(adapter.config, list(adapter.modules), folder / CONFIG_NAME)
     base = base_model or adapter.base_model
     if base:
-        check_adapter_shapes(_cached_skeleton(base, adapter, trust_remote_code), adapter, base)
+        try:
+            skeleton = _cached_skeleton(base, adapter, trust_remote_code)
+        except IncompatibleAdaptersError as exc:  # e.g. a task_type no auto class serves
+            raise AdapterError(folder / CONFIG_NAME, str(exc)) from None
+        check_adapter_shapes(skeleton, adapter, base)
     targets = config.get("target_modules")
     return AdapterInfo(
         base_model=base,
