@@ -28,7 +28,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from .catalog import Catalog
 from .catalog.models import MergeGroup, Source, SourceKind
@@ -48,18 +47,14 @@ TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
     """Configured sources are written into the catalog (the config wins); others stay."""
     for source in config.sources:
-        for attempt in range(2):  # a second daemon may insert the same new source at the same moment
-            try:
-                with catalog.session() as session:
-                    row = session.scalar(select(Source).where(Source.name == source.name))
-                    if row is None:
-                        add_source(session, source.name, SourceKind(source.kind), source.settings())
-                    else:
-                        row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
-                break
-            except IntegrityError:
-                if attempt:
-                    raise
+        def upsert(session, source=source) -> None:
+            row = session.scalar(select(Source).where(Source.name == source.name))
+            if row is None:
+                add_source(session, source.name, SourceKind(source.kind), source.settings())
+            else:
+                row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
+
+        catalog.write_retrying_conflict(upsert)
 
 
 class Daemon:

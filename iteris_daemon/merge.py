@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory
-from .calibration import CalibrationOptions, CalibrationSet
+from .calibration import CalibrationOptions, CalibrationSet, CalibrationSource
 from .errors import CalibrationError, IncompatibleAdaptersError, IterisError, MergeError, OutputExistsError
 from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
@@ -105,6 +105,13 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
     return adapters
 
 
+def first_calibration(
+    adapter: LoraAdapter, options: CalibrationOptions, available: dict[str, CalibrationSource]
+) -> CalibrationSet | None:
+    """The first answer of the sources in ``options.order`` (None: none had data)."""
+    return next((d for d in (available[n].load(adapter, options) for n in options.order) if d is not None), None)
+
+
 def gather_calibration(
     adapters: list[LoraAdapter], options: CalibrationOptions, required: bool
 ) -> list[CalibrationSet | None]:
@@ -115,7 +122,7 @@ def gather_calibration(
         raise CalibrationError(unknown[0], f"unknown calibration source; available: {', '.join(sorted(available))}")
     found = []
     for adapter in adapters:
-        data = next((d for d in (available[n].load(adapter, options) for n in options.order) if d is not None), None)
+        data = first_calibration(adapter, options, available)
         if data is None and required:
             raise CalibrationError(
                 adapter.path,

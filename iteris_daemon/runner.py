@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.exc import IntegrityError
 
 from .calibration import CalibrationOptions, CalibrationSet
 from .catalog import Catalog
@@ -39,7 +38,7 @@ from .catalog.registry import list_adapters
 from .config import GroupConfig
 from .errors import IterisError
 from .lora import load_adapter
-from .merge import AdapterSpec, MergeCancelled, MergeRequest, run_merge
+from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest
 from .strategy import parse_params
@@ -85,19 +84,15 @@ def sync_group(catalog: Catalog, group: GroupConfig) -> None:
         "schedule": {"interval_seconds": group.interval_seconds, "cron": group.cron,
                      "debounce_seconds": group.debounce_seconds, "min_adapters": group.min_adapters},
     }
-    for attempt in range(2):  # a second daemon may insert the same new group at the same moment
-        try:
-            with catalog.session() as session:
-                row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
-                if row is None:
-                    session.add(MergeGroup(name=group.name, **values))
-                else:
-                    for key, value in values.items():
-                        setattr(row, key, value)
-            return
-        except IntegrityError:
-            if attempt:
-                raise
+    def upsert(session) -> None:
+        row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
+        if row is None:
+            session.add(MergeGroup(name=group.name, **values))
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+
+    catalog.write_retrying_conflict(upsert)
 
 
 class Claim:
@@ -190,7 +185,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             loaded = load_adapter(revision.files_path, adapter.name)
             data = None
             if needs_calibration:
-                data = next((d for d in (sources[n].load(loaded, options) for n in options.order) if d is not None), None)
+                data = first_calibration(loaded, options, sources)
                 if data is None:
                     inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
                     continue

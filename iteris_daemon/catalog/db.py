@@ -8,13 +8,13 @@ can use it at once. Migrations ship inside the package and run programmatically.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IterisError
@@ -138,6 +138,16 @@ class Catalog:
         """A transaction: committed when the block ends, rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def write_retrying_conflict(self, work: Callable[[Session], None]) -> None:
+        """Run ``work`` in a transaction, once more if a unique constraint failed: another
+        daemon inserted the same new row at the same moment, and the retry sees it."""
+        try:
+            with self.session() as session:
+                work(session)
+        except IntegrityError:
+            with self.session() as session:
+                work(session)
 
     def close(self) -> None:
         self.engine.dispose()
