@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,7 @@ import yaml
 from hub_server import HubServer
 from sqlalchemy import func, select
 
+import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus
@@ -57,17 +58,8 @@ SLOW = "{ iterations = 1000, tolerance = 0.0, samples_per_task = 12, batch_size 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = DEADLINE, proc=None):
-    """Poll until ``predicate()`` is truthy; fail early if the daemon died meanwhile."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the daemon exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+# This file's default deadline for polling.wait_for.
+wait_for = partial(polling.wait_for, timeout=DEADLINE)
 
 
 @pytest.fixture(scope="module")

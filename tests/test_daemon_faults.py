@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select, update
 
+import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
@@ -64,15 +66,8 @@ START_TIMEOUT = 180.0  # a bound for waits, generous for a loaded 2-core machine
 # ----------------------------------------------------------------------------- helpers
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.1):
-    """Poll until ``predicate()`` is truthy; the deadline only keeps a broken daemon from hanging the suite."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
+# This file's default deadline for polling.wait_for.
+wait_for = partial(polling.wait_for, timeout=120.0)
 
 
 class DaemonProcess:

@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
+from polling import wait_for
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, SourceKind
@@ -58,17 +59,6 @@ def _adapters(catalog) -> dict[str, Adapter]:
         for row in rows:
             _ = row.revisions  # load while the session is open
         return {row.name: row for row in rows}
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    """Poll until ``predicate()`` is truthy; a deadline only so a broken watcher cannot hang the suite."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _slow_copy(src: Path, dst: Path, chunks: int = 5, pause: float = 0.2) -> None:
