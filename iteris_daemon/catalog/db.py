@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -83,20 +83,45 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A transaction to migrate in, with SQLite's foreign keys off while it lasts.
+
+    Batch mode rebuilds a SQLite table (copy, DROP, rename); with foreign keys on, the
+    DROP of a parent table (merge_groups) would cascade-delete its children's rows
+    (merge_runs). The pragma cannot change inside a transaction, so it is set before
+    one begins, and every reference is checked before the migration commits.
+    """
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(74837201)"))  # any fixed key
+                yield connection
+                if sqlite and (dangling := connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
+                    raise CatalogError(f"migration would leave rows pointing nowhere (table, row, parent): {dangling[:3]}")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database to ``revision`` (creating it when empty)."""
     from alembic import command
 
-    with _migration_lock(engine), engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(74837201)"))  # any fixed key
+    with _migration_lock(engine), _migrating(engine) as connection:
         command.upgrade(_alembic_config(connection), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
-    with engine.begin() as connection:
+    with _migration_lock(engine), _migrating(engine) as connection:
         command.downgrade(_alembic_config(connection), revision)
 
 
