@@ -73,6 +73,21 @@ class CalibrationConfig(_Strict):
         return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
 
 
+class Gates(_Strict):
+    """What a merge must show before it is published (measured on the calibration data).
+
+    The fidelity gap of a task is ``||y_merged - y_task|| / ||y_task - y_base||`` on
+    its calibration inputs: 0 behaves like the task's own adapter, 1 like the base model.
+    """
+
+    max_fidelity_gap: float | None = Field(
+        1.5, gt=0, description="refuse the merge when a task's fidelity gap exceeds this (None: no limit); "
+                               "above 1 the merge is farther from the task's behaviour than the base model is")
+    max_regression: float | None = Field(
+        0.05, ge=0, description="refuse the merge when its mean fidelity gap is worse than the published merge's "
+                                "by more than this, unless forced (None: never compare)")
+
+
 class GroupConfig(_Strict):
     name: str = Field(min_length=1, max_length=200)
     base_model: str
@@ -84,6 +99,7 @@ class GroupConfig(_Strict):
     cron: str | None = Field(None, description="crontab expression for re-merges, e.g. '0 3 * * *'")
     debounce_seconds: float = Field(30.0, ge=0, description="merge this long after the last input change")
     min_adapters: int = Field(1, ge=1, description="do not merge fewer adapters than this")
+    gates: Gates = Field(default_factory=Gates)
     destinations: list[dict[str, Any]] = Field(min_length=1)
 
     @model_validator(mode="after")

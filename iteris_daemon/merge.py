@@ -90,6 +90,8 @@ class MergeRequest:
     calibration: CalibrationOptions | None = None  # default: files from the specs, then the folders
     calibration_sets: list[CalibrationSet | None] | None = None  # already gathered (the daemon does)
     should_stop: Callable[[], bool] | None = None
+    # A previously merged adapter to score on the same calibration data (the quality gate's baseline).
+    reference: Path | None = None
 
 
 def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
@@ -247,10 +249,12 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         ranks[path] = A.shape[0]
 
     per_task: dict[str, dict[str, Any]] = {}
+    reference, reference_note = _load_reference(request.reference, base)
     if request.evaluate and all(c is not None for c in calibration):
         batch_size = getattr(params, "batch_size", request.eval_batch_size)
         max_length = getattr(params, "max_length", request.eval_max_length)
-        per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress)
+        per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
+                            reference=reference)
     history = result.metrics.pop("alignment_loss", {})
     for name, figures in per_task.items():
         figures["alignment_loss"] = [*history.get(name, []), figures["alignment_loss"]]
@@ -282,9 +286,26 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         "tasks": per_task,
         "metrics": result.metrics,
     }
+    if request.reference is not None:
+        report["reference"] = {"path": str(request.reference), "sha256": reference.content_sha256 if reference else None,
+                               "note": reference_note}
     config = _peft_config(request, adapters, ranks, head)
     _write_atomically(request.out, config, modules, head, report, started)
     return report
+
+
+def _load_reference(path: Path | None, base: BaseModel) -> tuple[LoraAdapter | None, str | None]:
+    """The adapter to compare with, or None and why it cannot be (never fatal: the merge
+    itself is fine; only the comparison is lost)."""
+    if path is None:
+        return None, None
+    try:
+        reference = load_adapter(path, "reference")
+        base.check_adapter(reference)
+    except IterisError as exc:
+        log.warning("cannot compare with %s: %s", path, exc)
+        return None, f"not comparable: {exc}"
+    return reference, None
 
 
 def _round(value: float | None) -> float | None:

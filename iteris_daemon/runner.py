@@ -7,10 +7,14 @@
   holder died goes stale after ``claim_ttl_seconds`` (at once, when the holder
   was a process on this host that no longer exists).
 - **Skip.** The input fingerprint covers adapter revisions, calibration data,
-  strategy and parameters; equal to the last successful run's means nothing to do.
-- **Publish.** Only after the merge is complete, to every destination; a run is
-  ``succeeded`` only if every destination published.
-- Every run is a ``merge_runs`` row: running, then succeeded/failed/cancelled/skipped.
+  strategy and parameters; equal to the last published (or refused) run's means
+  nothing to do, unless forced.
+- **Gate.** The finished merge is judged (:mod:`iteris_daemon.gates`) against the
+  adapter this group last published, kept in ``<work>/published/group-<id>``; a
+  refused merge is recorded ``refused`` with the reason and published nowhere.
+- **Publish.** Only after the merge is complete and passed the gates, to every
+  destination; a run is ``succeeded`` only if every destination published.
+- Every run is a ``merge_runs`` row: running, then succeeded/failed/refused/cancelled/skipped.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .catalog.models import Adapter, AdapterRevision, AdapterStatus, MergeGroup,
 from .catalog.registry import list_adapters
 from .config import GroupConfig
 from .errors import IterisError
+from .gates import judge
 from .lora import load_adapter
 from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
@@ -183,12 +188,12 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     for adapter, revision in select_inputs(catalog, group):
         try:
             loaded = load_adapter(revision.files_path, adapter.name)
-            data = None
-            if needs_calibration:
-                data = first_calibration(loaded, options, sources)
-                if data is None:
-                    inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
-                    continue
+            # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
+            data = first_calibration(loaded, options, sources)
+            if data is None and needs_calibration:
+                inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
+                continue
+            if data is not None:
                 data = data.head(samples)
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
@@ -205,10 +210,28 @@ class RunOutcome:
     detail: str = ""
 
 
-def _last_success(catalog: Catalog, group_id: int) -> MergeRun | None:
+def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
+    """The last run that published, or was refused: its inputs need no new merge."""
     with catalog.session() as session:
-        return session.scalar(select(MergeRun).where(MergeRun.group_id == group_id, MergeRun.status == RunStatus.succeeded)
+        return session.scalar(select(MergeRun).where(MergeRun.group_id == group_id,
+                                                     MergeRun.status.in_([RunStatus.succeeded, RunStatus.refused]))
                               .order_by(MergeRun.id.desc()).limit(1))
+
+
+def published_copy(work_dir: Path, group_id: int) -> Path:
+    """Where a group's last published adapter is kept, as the quality gate's baseline."""
+    return work_dir / "published" / f"group-{group_id}"
+
+
+def _keep_published(folder: Path, target: Path) -> None:
+    """Make ``folder`` the group's baseline; an interrupted swap only loses the baseline."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(folder, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_group(
@@ -239,7 +262,8 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
-        group_row.requested_at = None
+        force = force or group_row.force_requested
+        group_row.requested_at, group_row.force_requested = None, False
     strategy = get_strategy(group.strategy)
     samples = getattr(parse_params(strategy, group.params), "samples_per_task", None)
     on_status(f"group {group.name}: gathering inputs")
@@ -247,12 +271,13 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
     fingerprint = inputs.fingerprint(group.strategy, group.params)
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
-    last = _last_success(catalog, group_id)
+    last = _last_decided(catalog, group_id)
     skip = None
     if len(inputs.revisions) < group.min_adapters:
         skip = f"{len(inputs.revisions)} adapters ready, the group needs {group.min_adapters}"
     elif not force and last is not None and last.input_fingerprint == fingerprint:
-        skip = "inputs unchanged since the last successful run"
+        skip = (f"inputs unchanged since run {last.id}, which was refused: {last.error}" if last.status is RunStatus.refused
+                else "inputs unchanged since the last successful run")
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record(catalog, group_id, RunStatus.skipped, fingerprint, inputs, error=skip, finished=True)
@@ -262,6 +287,7 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
     log.info("group %s: run %d merges %d adapters with %s", group.name, run_id, len(inputs.revisions), group.strategy)
     on_status(f"group {group.name}: run {run_id} merging {len(inputs.revisions)} adapters")
     out = work_dir / f"run-{run_id}"
+    baseline = published_copy(work_dir, group_id)
     started = time.perf_counter()
     try:
         report = run_merge(MergeRequest(
@@ -269,10 +295,20 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
             adapters=[AdapterSpec(Path(r.files_path), name=a.name) for a, r in inputs.revisions],
             out=out, strategy=group.strategy, params=group.params, device=device, overwrite=True, quiet=True,
             trust_remote_code=trust_remote_code, calibration_sets=inputs.calibration, should_stop=should_stop,
+            reference=baseline if baseline.is_dir() and group.gates.max_regression is not None else None,
         ))
         merged_at = time.perf_counter()
+        verdict = judge(report, group.gates, forced=force)
+        for note in verdict.notes:
+            log.warning("group %s: run %d: %s", group.name, run_id, note)
+        if verdict.refused:
+            _finish(catalog, run_id, RunStatus.refused, error=f"not published: {verdict.refused}",
+                    metrics={"tasks": report.get("tasks", {}), "held_back": inputs.held_back})
+            log.error("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
+            return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
         published = publish_all(group, run_id, out, report, inputs)
+        _keep_published(out, baseline)
     except MergeCancelled as exc:
         _finish(catalog, run_id, RunStatus.cancelled, error=str(exc))
         log.warning("group %s: run %d cancelled", group.name, run_id)
@@ -287,7 +323,7 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
     timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
                **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
     metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"),
-               "held_back": inputs.held_back, "published": published}
+               "held_back": inputs.held_back, "published": published, "gate_notes": verdict.notes}
     first = published[0] if published else {}
     _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics,
             output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))

@@ -113,8 +113,9 @@ def test_sqlite_catalog_is_private_and_in_wal_mode(tmp_path):
     catalog.close()
 
 
-def test_cancelled_status_is_accepted_after_0002_and_data_survives(catalog_url):
-    """Rows written under 0001 survive the upgrade; the new status value is allowed."""
+def test_new_statuses_are_accepted_after_upgrade_and_data_survives(catalog_url):
+    """Rows written under 0001 survive the upgrades; the status values added later
+    (0002 'cancelled', 0003 'refused') are allowed, and old groups are not forced."""
     from sqlalchemy import text
 
     engine = catalog_db.make_engine(catalog_url)
@@ -128,11 +129,13 @@ def test_cancelled_status_is_accepted_after_0002_and_data_survives(catalog_url):
             "VALUES (1, 'succeeded', 'f', CURRENT_TIMESTAMP)"))
     catalog_db.upgrade(engine)
     with engine.begin() as connection:
-        connection.execute(text(
-            "INSERT INTO merge_runs (group_id, status, input_fingerprint, started_at) "
-            "VALUES (1, 'cancelled', 'g', CURRENT_TIMESTAMP)"))
+        for status in ("cancelled", "refused"):
+            connection.execute(text(
+                "INSERT INTO merge_runs (group_id, status, input_fingerprint, started_at) "
+                f"VALUES (1, '{status}', 'g', CURRENT_TIMESTAMP)"))
         statuses = sorted(connection.execute(text("SELECT status FROM merge_runs")).scalars())
-        assert statuses == ["cancelled", "succeeded"]
+        assert statuses == ["cancelled", "refused", "succeeded"]
+        assert connection.execute(text("SELECT force_requested FROM merge_groups")).scalar() in (False, 0)
         with pytest.raises(Exception):  # the CHECK constraint still guards the column
             with connection.begin_nested():
                 connection.execute(text(

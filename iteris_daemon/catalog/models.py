@@ -17,7 +17,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Stable constraint names, so migrations can alter them on every backend
@@ -56,6 +56,7 @@ class RunStatus(str, enum.Enum):
     failed = "failed"
     skipped = "skipped"  # inputs unchanged since the last success, or nothing to merge
     cancelled = "cancelled"  # the daemon was asked to stop mid-merge
+    refused = "refused"  # merged, but a publish gate said no (the run's error says why)
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -146,6 +147,8 @@ class MergeGroup(Base):
     schedule: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # `iteris-daemon merge-now` sets this; the running daemon picks it up.
     requested_at: Mapped[datetime | None]
+    # `merge-now --force`: the requested run merges even unchanged inputs and passes the quality gate.
+    force_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
     next_run_at: Mapped[datetime | None]  # written by the scheduler, read by `status`
     # A daemon that is merging this group holds the claim; others skip it (multi-daemon safety).
     claimed_by: Mapped[str | None] = mapped_column(String(200))

@@ -33,6 +33,9 @@ def register(commands) -> None:
     now = commands.add_parser("merge-now", parents=[config_options], help="ask the running daemon to merge a group now")
     now.add_argument("group")
     now.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for the run to finish and show it")
+    now.add_argument("--force", action="store_true",
+                     help="merge even if the inputs are unchanged, and publish even if the result is worse than the "
+                          "published merge (the quality gate); the NaN/Inf and fidelity-gap checks still apply")
     now.set_defaults(handler=_merge_now)
 
 
@@ -73,9 +76,10 @@ def _merge_now(args) -> int:
         if group is None:
             raise ConfigError(f"no merge group named {args.group!r} (groups come from the daemon's config)")
         group.requested_at = utcnow()
+        group.force_requested = group.force_requested or args.force
         last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0
         group_id = group.id
-    print(f"requested a run of {args.group}; the running daemon starts it within seconds")
+    print(f"requested a{' forced' if args.force else ''} run of {args.group}; the running daemon starts it within seconds")
     if args.wait is None:
         return 0
     deadline = time.monotonic() + args.wait

@@ -1,0 +1,66 @@
+"""Publish gates: what a finished merge must show before the daemon publishes it.
+
+Judged on the merge report's per-task figures, which the merge measured on the
+calibration data (see :mod:`iteris_daemon.evaluation`):
+
+1. every figure is finite (non-finite *weights* never get this far: the merge refuses them);
+2. no task's fidelity gap exceeds ``max_fidelity_gap`` (1.0 = no better than the base model);
+3. the mean fidelity gap is not worse than the published merge's, measured on the same
+   batches, by more than ``max_regression``; only this one can be forced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Gates
+
+
+@dataclass
+class Verdict:
+    refused: str | None = None  # why the merge must not be published
+    notes: list[str] = field(default_factory=list)  # what was not checked, or was forced past
+
+
+def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict:
+    tasks: dict[str, dict[str, Any]] = report.get("tasks") or {}
+    if not tasks:
+        return Verdict(notes=["not evaluated (some adapter has no calibration data): gates not applied"])
+    for name, figures in tasks.items():
+        broken = [key for key, value in figures.items() if not _finite(value)]
+        if broken:
+            return Verdict(f"task {name}: {', '.join(broken)} is not finite")
+    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
+    worst = max(gaps, key=gaps.__getitem__)
+    if gates.max_fidelity_gap is not None and gaps[worst] > gates.max_fidelity_gap:
+        return Verdict(f"task {worst}: fidelity gap {gaps[worst]:.3f} exceeds max_fidelity_gap "
+                       f"{gates.max_fidelity_gap} (1.0 means no better than the base model)")
+    verdict = Verdict()
+    references = [figures.get("reference_fidelity_gap") for figures in tasks.values()]
+    if gates.max_regression is None:
+        return verdict
+    if any(value is None for value in references):
+        note = (report.get("reference") or {}).get("note") or "nothing published yet"
+        verdict.notes.append(f"quality gate: no comparison ({note})")
+        return verdict
+    new, old = _mean(gaps.values()), _mean(references)
+    if new - old > gates.max_regression:
+        reason = (f"quality gate: mean fidelity gap {new:.3f} is worse than the published merge's {old:.3f} "
+                  f"by more than max_regression {gates.max_regression}")
+        if not forced:
+            return Verdict(reason + " (merge-now --force publishes it anyway)")
+        verdict.notes.append(f"forced past the {reason}")
+    return verdict
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)

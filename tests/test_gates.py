@@ -1,0 +1,201 @@
+"""Publish gates: a merge that is not finite, fails a task, or is worse than the published
+one never reaches a destination; the run says why, and ``--force`` passes only the
+quality gate.
+
+The runner is driven directly (``run_group``) on a real SQLite catalog filled by the
+real folder source, a tiny BERT and real PEFT adapters, with the folder publisher as
+the destination. Regressions are made with task arithmetic's ``scale`` on a group of
+one adapter: at scale 1 the merge *is* the adapter (fidelity gap 0), at scale 3 it
+overshoots (a gap of about 0.1 here; LayerNorm damps it), whatever the random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import MergeGroup, MergeRun, RunStatus, SourceKind
+from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.config import Gates, GroupConfig
+from iteris_daemon.gates import judge
+from iteris_daemon.lora import load_adapter, sha256_file
+from iteris_daemon.runner import published_copy, run_group, sync_group
+from iteris_daemon.sources.local import LocalFolderSource
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+def _report(gaps: dict[str, float], references: dict[str, float] | None = None) -> dict:
+    tasks = {name: {"alignment_loss": [0.1], "fidelity_gap": gap} for name, gap in gaps.items()}
+    for name, value in (references or {}).items():
+        tasks[name]["reference_fidelity_gap"] = value
+    return {"tasks": tasks}
+
+
+def test_judge_passes_a_good_merge_and_says_what_it_did_not_check():
+    verdict = judge(_report({"a": 0.3, "b": 0.5}), Gates())
+    assert verdict.refused is None and "no comparison" in verdict.notes[0]
+    assert judge(_report({"a": 0.3}, {"a": 0.29}), Gates()).refused is None
+    assert "gates not applied" in judge({"tasks": {}}, Gates()).notes[0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_judge_refuses_non_finite_figures(bad):
+    assert "fidelity_gap is not finite" in judge(_report({"a": 0.2, "b": bad}), Gates(max_fidelity_gap=None)).refused
+    report = _report({"a": 0.2})
+    report["tasks"]["a"]["alignment_loss"] = [0.5, bad]
+    assert "task a: alignment_loss is not finite" == judge(report, Gates()).refused
+
+
+def test_judge_refuses_a_task_beyond_the_fidelity_limit_even_when_forced():
+    verdict = judge(_report({"a": 0.2, "b": 1.4}), Gates(max_fidelity_gap=1.0), forced=True)
+    assert verdict.refused.startswith("task b: fidelity gap 1.400 exceeds max_fidelity_gap 1.0")
+    assert judge(_report({"a": 0.2, "b": 1.4}), Gates(max_fidelity_gap=None)).refused is None
+
+
+def test_judge_refuses_a_regression_unless_forced():
+    report = _report({"a": 0.40, "b": 0.40}, {"a": 0.30, "b": 0.30})
+    refused = judge(report, Gates(max_regression=0.05)).refused
+    assert "mean fidelity gap 0.400 is worse than the published merge's 0.300" in refused and "--force" in refused
+    forced = judge(report, Gates(max_regression=0.05), forced=True)
+    assert forced.refused is None and forced.notes[0].startswith("forced past the quality gate")
+    assert judge(report, Gates(max_regression=0.2)).refused is None
+    assert judge(report, Gates(max_regression=None)).refused is None
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gates")
+    base = build_tiny_model("bert", root / "base")
+    adapters = [build_adapter(base, root / f"task{i}", seed=10 + i, family="bert", r=2 + i) for i in range(2)]
+    return base, adapters
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, base: Path, adapters: list[Path]):
+        self.base = base
+        self.work = tmp_path / "work"
+        self.published = tmp_path / "published"
+        self.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        watched = tmp_path / "watched"
+        watched.mkdir()
+        for adapter in adapters:
+            shutil.copytree(adapter, watched / adapter.name)
+        with self.catalog.session() as session:
+            add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
+        LocalFolderSource(self.catalog, "team").scan()
+
+    def group(self, strategy: str = "task_arithmetic", names: tuple[str, ...] = ("task0",), **fields) -> GroupConfig:
+        group = GroupConfig(name="unified", base_model=str(self.base), strategy=strategy, select={"names": list(names)},
+                            destinations=[{"kind": "folder", "path": str(self.published)}], **fields)
+        sync_group(self.catalog, group)
+        return group
+
+    def run(self, group: GroupConfig, force: bool = False):
+        return run_group(self.catalog, group, self.work, "tester", force=force)
+
+    def current(self) -> str | None:
+        current = self.published / "current"
+        return sha256_file(current / "adapter_model.safetensors") if current.exists() else None
+
+    def run_row(self, run_id: int) -> MergeRun:
+        with self.catalog.session() as session:
+            return session.get(MergeRun, run_id)
+
+
+@pytest.fixture
+def setup(tmp_path, made):
+    base, adapters = made
+    s = Setup(tmp_path, base, adapters)
+    yield s
+    s.catalog.close()
+
+
+def test_a_regression_is_refused_kept_out_of_every_destination_and_published_when_forced(setup):
+    first = setup.run(setup.group(params={"scale": 1.0}))
+    assert first.status is RunStatus.succeeded
+    published = setup.current()
+    baseline = published_copy(setup.work, 1)
+    assert sha256_file(baseline / "adapter_model.safetensors") == published
+
+    worse = setup.group(params={"scale": 3.0}, gates={"max_fidelity_gap": None, "max_regression": 0.01})
+    refused = setup.run(worse)
+    row = setup.run_row(refused.run_id)
+    assert refused.status is RunStatus.refused and row.status is RunStatus.refused
+    assert row.error.startswith("not published: quality gate: mean fidelity gap")
+    figures = row.metrics["tasks"]["task0"]
+    assert figures["reference_fidelity_gap"] < 1e-3 and figures["fidelity_gap"] > 0.01
+    assert setup.current() == published  # nothing reached the destination
+    assert [p.name.split("-")[:2] for p in (setup.published / "versions").iterdir()] == [["run", "1"]]
+    assert not (setup.work / f"run-{refused.run_id}").exists()
+
+    again = setup.run(worse)  # the same inputs are not merged again just to be refused again
+    assert again.status is RunStatus.skipped and f"since run {refused.run_id}, which was refused" in again.detail
+
+    forced = setup.run(worse, force=True)
+    assert forced.status is RunStatus.succeeded and setup.current() != published
+    assert any(n.startswith("forced past the quality gate") for n in setup.run_row(forced.run_id).metrics["gate_notes"])
+    assert sha256_file(baseline / "adapter_model.safetensors") == setup.current()
+
+
+def test_merge_now_force_is_read_once_from_the_catalog(setup):
+    group = setup.group(params={"scale": 1.0})
+    assert setup.run(group).status is RunStatus.succeeded
+    with setup.catalog.session() as session:
+        session.scalar(select(MergeGroup)).force_requested = True
+    assert setup.run(group).status is RunStatus.succeeded  # forced: unchanged inputs merged again
+    with setup.catalog.session() as session:
+        assert session.scalar(select(MergeGroup)).force_requested is False
+    assert setup.run(group).status is RunStatus.skipped
+
+
+def test_a_task_beyond_the_fidelity_limit_is_refused_even_when_forced(setup):
+    group = setup.group(params={"scale": 3.0}, gates={"max_fidelity_gap": 0.01})
+    outcome = setup.run(group, force=True)
+    assert outcome.status is RunStatus.refused and "exceeds max_fidelity_gap 0.01" in outcome.detail
+    assert setup.current() is None and not published_copy(setup.work, 1).exists()
+
+
+def test_non_finite_weights_and_non_finite_outputs_are_never_published(setup):
+    assert setup.run(setup.group(params={"scale": 1.0})).status is RunStatus.succeeded
+    published = setup.current()
+    # 1e39 overflows float32: the merged weights hold Inf, the merge refuses to write them.
+    overflow = setup.run(setup.group(params={"scale": 1e39}), force=True)
+    assert overflow.status is RunStatus.failed and "NaN/Inf" in setup.run_row(overflow.run_id).error
+    # 1e30 fits float32 but the model's outputs overflow: the figures are not finite.
+    huge = setup.run(setup.group(params={"scale": 1e30}, gates={"max_fidelity_gap": None}), force=True)
+    assert huge.status is RunStatus.refused and "is not finite" in huge.detail
+    assert setup.current() == published
+    load_adapter(setup.published / "current")  # still a complete, loadable adapter
+
+
+def test_the_reference_is_scored_on_the_same_batches_as_the_merge(setup):
+    """An independent check of the baseline evaluation: the published merge, scored as the
+    reference by the next run on unchanged data, has the fidelity gaps it had as the merge."""
+    both = ("task0", "task1")
+    first = setup.run(setup.group(strategy="iteris", names=both, params={"iterations": 1, "samples_per_task": 8}))
+    # Forced: on these random adapters the second iteration may well be refused as a regression.
+    second = setup.run(setup.group(strategy="iteris", names=both, params={"iterations": 2, "samples_per_task": 8}),
+                       force=True)
+    assert first.status is second.status is RunStatus.succeeded
+    before = setup.run_row(first.run_id).metrics["tasks"]
+    after = setup.run_row(second.run_id).metrics["tasks"]
+    assert "reference_fidelity_gap" not in next(iter(before.values()))
+    for name, figures in after.items():
+        assert figures["reference_fidelity_gap"] == pytest.approx(before[name]["fidelity_gap"], rel=1e-4, abs=1e-6)
+    report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+    run_one = next((setup.published / "versions").glob(f"run-{first.run_id}-*")) / "adapter_model.safetensors"
+    assert report["reference"]["sha256"] == sha256_file(run_one)
