@@ -268,12 +268,16 @@ class BaseModel:
 
         The order is deterministic, so rows of every pass over the same data line up:
         the same token sits at the same row for the task model and for the merge.
+        A batch of texts that tokenize to nothing (no special tokens, empty text) is
+        dropped: no token of it would reach any layer, and models reject length 0.
         """
         order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
         batches = []
         for start in range(0, len(order), batch_size):
             chunk = [data.samples[i] for i in order[start : start + batch_size]]
-            batches.append(self._encode(chunk, max_length))
+            batch = self._encode(chunk, max_length)
+            if all(v.shape[-1] > 0 for v in batch.values()):
+                batches.append(batch)
         return batches
 
     def _encode(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
