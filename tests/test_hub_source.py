@@ -16,6 +16,7 @@ from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.lora import sha256_file
 from iteris_daemon.sources.hub import HubSource, unsafe_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -129,6 +130,21 @@ def test_a_429_and_500_storm_is_survived_with_backoff(env, monkeypatch):
     assert 0.3 in slept  # Retry-After honoured
     assert len(hub.requests_matching(r"^GET /api/models/carol/lora")) == 5  # 4 faults, then success
     assert _source_row(catalog).healthy
+
+
+@pytest.mark.parametrize("fault", [("delay", 3.0), ("truncate", 100), ("drop",)], ids=["timeout", "truncated", "dropped"])
+def test_a_broken_weights_download_is_retried_never_recorded_as_a_bad_adapter(env, fault):
+    """The client's read timeout is 2 s; the weights' download stalls for 3 s, stops after
+    100 bytes, or loses its connection, once. The retry fetches the whole file: the
+    revision is registered with the right content, not rejected as truncated."""
+    hub, catalog, source, (first, _), tmp = env
+    sha = hub.create_repo_direct("dave/lora", adapter_files(first))
+    hub.inject(r"^GET /dave/lora/resolve/[0-9a-f]+/adapter_model\.safetensors", fault, times=1)
+    report = source(repos=["dave/lora"]).poll()
+    assert report.registered == ["dave/lora"] and not report.rejected
+    current = _adapters(catalog)["dave/lora"].current
+    assert current.revision == sha and current.content_sha256 == sha256_file(first / "adapter_model.safetensors")
+    assert len(hub.requests_matching(r"^GET /dave/lora/resolve/[0-9a-f]+/adapter_model")) == 2
 
 
 def test_a_source_that_keeps_failing_is_unhealthy_then_recovers(env, monkeypatch):

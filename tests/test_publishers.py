@@ -345,6 +345,20 @@ def test_rate_limit_and_server_error_on_the_commit_are_survived(hub, hub_setting
     assert hub.files(REPO)["notes.md"] == b"existing"
 
 
+def test_a_commit_that_times_out_but_lands_later_is_not_duplicated(hub, hub_settings, made):
+    """The client gives up after 2 s; the server commits at 3 s, while the publisher retries.
+    Its retry carries the head it saw as parent, so the server refuses it or finds nothing new:
+    the adapter is committed once and the result names that commit."""
+    base, first, _ = made
+    hub.inject(COMMITS, ("delay", 3.0), times=1)
+
+    result = get_publisher("hub").publish(request(first, base, run_id=5), hub_settings())
+
+    assert len(history(hub)) == 2, history(hub)  # create_repo's initial commit and ours, once
+    assert result.version == hub.head(REPO)
+    assert hub.files(REPO)["adapter_model.safetensors"] == (first / "adapter_model.safetensors").read_bytes()
+
+
 def test_a_lost_commit_answer_does_not_duplicate_the_commit(hub, hub_settings, made, sleeps):
     base, first, _ = made
     hub.inject(COMMITS, ("truncate", 0))  # the server commits, the client sees a broken answer
