@@ -4,8 +4,11 @@ otherwise. Both are created private (0700)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _first(variable: str) -> Path | None:
@@ -26,5 +29,11 @@ def cache_dir() -> Path:
 
 
 def private_dir(path: Path) -> Path:
+    """Create ``path`` readable by its owner only; an existing one is left as it is,
+    with a warning when others can read it (it may be shared on purpose)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s is open to other users (mode %o); the daemon's state belongs in a private folder: chmod 700 %s",
+                    path, mode, path)
     return path

@@ -107,10 +107,22 @@ def test_registration_is_idempotent_and_tracks_revisions(catalog_url):
 
 def test_sqlite_catalog_is_private_and_in_wal_mode(tmp_path):
     catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
-    assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     with catalog.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        files = sorted((tmp_path / "state").iterdir())
+        assert [f.name for f in files] == ["catalog.db", "catalog.db-shm", "catalog.db-wal", "catalog.db.migrate-lock"]
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     catalog.close()
+
+
+def test_a_state_folder_open_to_others_is_reported_not_changed(tmp_path, caplog):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    Catalog(f"sqlite:///{shared / 'catalog.db'}").close()
+    assert shared.stat().st_mode & 0o777 == 0o755
+    assert f"chmod 700 {shared}" in caplog.text
 
 
 def test_new_statuses_are_accepted_after_upgrade_and_data_survives(catalog_url):

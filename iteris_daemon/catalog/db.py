@@ -8,13 +8,15 @@ can use it at once. Migrations ship inside the package and run programmatically.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IterisError
@@ -28,33 +30,49 @@ class CatalogError(IterisError):
     """The catalog database cannot be opened or migrated."""
 
 
+class CatalogLockedError(CatalogError):
+    """Another process held the SQLite catalog's write lock for longer than the busy timeout."""
+
+
 def default_url() -> str:
     return f"sqlite:///{state_dir() / 'catalog.db'}"
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a crash loses at most the last commit
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
+    """``busy_timeout``: seconds a SQLite write waits for another process's lock
+    (default ``SQLITE_BUSY_TIMEOUT_MS``); ignored for other databases."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise CatalogError(f"invalid database URL {url!r}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        private_dir(Path(parsed.database).expanduser().resolve().parent)  # the catalog is private state
+        database = Path(parsed.database).expanduser().resolve()
+        private_dir(database.parent)  # the catalog is private state
+        # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
+        os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
     try:
         engine = create_engine(parsed)
     except (NoSuchModuleError, ImportError) as exc:
         raise CatalogError(f"cannot use database URL {parsed.render_as_string()}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        busy_ms = SQLITE_BUSY_TIMEOUT_MS if busy_timeout is None else int(busy_timeout * 1000)
+        event.listen(engine, "connect", partial(_sqlite_pragmas, busy_timeout_ms=busy_ms))
     return engine
+
+
+def _is_sqlite_busy(exc: OperationalError) -> bool:
+    """SQLITE_BUSY (any extended code): the busy timeout ran out behind another connection's lock."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return (code & 0xFF) == 5 if isinstance(code, int) else "database is locked" in str(exc.orig)
 
 
 def _alembic_config(connection):
@@ -76,9 +94,12 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     if engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:"):
         import fcntl
 
-        with open(f"{database}.migrate-lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        descriptor = os.open(f"{database}.migrate-lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
     else:
         yield
 
@@ -141,9 +162,13 @@ def head_revision() -> str:
 class Catalog:
     """The catalog: an engine plus a session factory, migrated on open."""
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True):
+    def __init__(self, url: str | None = None, *, migrate: bool = True, busy_timeout: float | None = None):
+        """``busy_timeout``: seconds a SQLite write waits for a lock held by another process
+        before failing with :class:`CatalogLockedError` (default 30)."""
         self.url = url or default_url()
-        self.engine = make_engine(self.url)
+        self.busy_timeout = SQLITE_BUSY_TIMEOUT_MS / 1000 if busy_timeout is None else busy_timeout
+        self.engine = make_engine(self.url, busy_timeout=self.busy_timeout)
+        self._sqlite = self.engine.url.get_backend_name() == "sqlite"
         if migrate:
             try:
                 upgrade(self.engine)
@@ -160,9 +185,33 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed when the block ends, rolled back on error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        """A transaction: committed when the block ends, rolled back on error.
+
+        On SQLite the transaction is opened explicitly with ``BEGIN IMMEDIATE``. The
+        pysqlite driver otherwise opens none before a ``SAVEPOINT`` (it only does before
+        INSERT/UPDATE/DELETE), so SQLite ran each ``session.begin_nested()`` block as a
+        transaction of its own that its RELEASE committed: ``registry.record`` wrote the
+        adapter row, its revision and the row's status in three commits, and a process
+        killed in between left an adapter with no revision. IMMEDIATE (the write lock
+        taken up front, waiting up to the busy timeout) rather than a deferred BEGIN:
+        a WAL transaction that has read and then writes after another process committed
+        fails at once with SQLITE_BUSY, without waiting.
+
+        A lock held by another process beyond the busy timeout raises
+        :class:`CatalogLockedError`, naming the database, instead of a raw driver error.
+        """
+        try:
+            with self._sessions() as session, session.begin():
+                if self._sqlite:
+                    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                yield session
+        except OperationalError as exc:
+            if self._sqlite and _is_sqlite_busy(exc):
+                raise CatalogLockedError(
+                    f"the catalog {self.safe_url} is locked by another process (still locked after waiting "
+                    f"{self.busy_timeout:g} s); nothing was written, try again once it is released"
+                ) from exc
+            raise
 
     def write_retrying_conflict(self, work: Callable[[Session], None]) -> None:
         """Run ``work`` in a transaction, once more if a unique constraint failed: another
