@@ -17,10 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .calibration import DEFAULT_ORDER
 from .errors import ConfigError, IterisError
+from .validation import Limits
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class AdapterLimits(_Strict):
+    """What an adapter may cost before it is even read (hostile or broken files)."""
+
+    max_weights_bytes: int = Field(Limits.max_weights_bytes, gt=0, description="size of adapter_model.safetensors")
+    max_header_bytes: int = Field(Limits.max_header_bytes, gt=0, description="size of its JSON header")
+    max_tensors: int = Field(Limits.max_tensors, gt=0, description="tensors in the file")
+    max_rank: int = Field(Limits.max_rank, gt=0, description="LoRA rank r")
+
+    def limits(self) -> Limits:
+        return Limits(**self.model_dump())
 
 
 class DaemonSettings(_Strict):
@@ -30,7 +43,9 @@ class DaemonSettings(_Strict):
     grace_seconds: float = Field(60.0, ge=0, description="on SIGTERM, how long a running merge may take to stop")
     claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
     device: str = "cpu"
-    trust_remote_code: list[str] = Field(default_factory=list, description="base models allowed to run their own code")
+    trust_remote_code: list[str] = Field(
+        default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
+    limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
 
 
@@ -81,11 +96,18 @@ class Gates(_Strict):
     """
 
     max_fidelity_gap: float | None = Field(
-        1.5, gt=0, description="refuse the merge when a task's fidelity gap exceeds this (None: no limit); "
+        1.5, gt=0, description="refuse the merge when a task's fidelity gap exceeds this (None/false: no limit); "
                                "above 1 the merge is farther from the task's behaviour than the base model is")
     max_regression: float | None = Field(
         0.05, ge=0, description="refuse the merge when its mean fidelity gap is worse than the published merge's "
-                                "by more than this, unless forced (None: never compare)")
+                                "by more than this, unless forced (None/false: never compare)")
+
+    @field_validator("max_fidelity_gap", "max_regression", mode="before")
+    @classmethod
+    def _false_disables(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError("give a number, or false to turn the gate off")
+        return None if value is False else value  # TOML has no null: `= false` turns a gate off
 
 
 class GroupConfig(_Strict):

@@ -172,14 +172,16 @@ class Daemon:
             sources = [(s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))]
         for name, kind, settings in sources:
             try:
+                guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
+                           "on_change": self._inputs_changed}
                 if kind is SourceKind.local:
-                    source = LocalFolderSource(self.catalog, name, on_change=self._inputs_changed)
+                    source = LocalFolderSource(self.catalog, name, **guarded)
                     source.start()
                     self._local[name] = source
                     self.scheduler.add_job(source.scan, IntervalTrigger(seconds=self.config.daemon.rescan_seconds),
                                            id=f"rescan:{name}", replace_existing=True)
                 else:
-                    hub = HubSource(self.catalog, name, self.cache / "hub", on_change=self._inputs_changed)
+                    hub = HubSource(self.catalog, name, self.cache / "hub", **guarded)
                     self.scheduler.add_job(hub.poll, IntervalTrigger(seconds=hub.settings.interval_seconds),
                                            id=f"poll:{name}", replace_existing=True,
                                            next_run_time=datetime.now(timezone.utc))

@@ -130,10 +130,10 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
         kwargs["num_labels"] = labels
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:
+        with torch.device("meta"):
+            return _auto_class(adapter.task_type).from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
         raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
-    with torch.device("meta"):
-        return _auto_class(adapter.task_type).from_config(config, trust_remote_code=trust_remote_code)
 
 
 class BaseModel:

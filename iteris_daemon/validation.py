@@ -13,11 +13,12 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterError, IncompatibleAdaptersError
+from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError
 from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config, sha256_file
 from .model import check_adapter_shapes, load_skeleton
 
@@ -30,7 +31,8 @@ _DTYPE_BYTES = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds that keep a hostile adapter from costing unbounded memory or time."""
+    """Upper bounds that keep a hostile adapter from costing unbounded memory or time
+    (set in the daemon config's ``[daemon.limits]``)."""
 
     max_weights_bytes: int = 2 << 30
     max_header_bytes: int = 16 << 20
@@ -116,7 +118,7 @@ def validate_adapter(
     folder: Path,
     base_model: str | None = None,
     limits: Limits = Limits(),
-    trust_remote_code: bool = False,
+    trusted_models: Collection[str] = (),
 ) -> AdapterInfo:
     """Check ``folder`` fully; raise :class:`AdapterError` with the reason, or describe it.
 
@@ -124,6 +126,8 @@ def validate_adapter(
     ``base_model_name_or_path``; when neither is given the shape check against a
     base model is skipped. A base model that cannot be read raises
     :class:`~iteris_daemon.errors.BaseModelError` (a problem of the setup, not of the adapter).
+    Only a base model named in ``trusted_models`` may run its own code: an adapter
+    choosing its base model must not choose what runs.
     """
     config = read_adapter_config(folder)
     weights = folder / WEIGHTS_NAME
@@ -137,9 +141,13 @@ def validate_adapter(
     base = base_model or adapter.base_model
     if base:
         try:
-            skeleton = _cached_skeleton(base, adapter, trust_remote_code)
+            skeleton = _cached_skeleton(base, adapter, base in trusted_models)
         except IncompatibleAdaptersError as exc:  # e.g. a task_type no auto class serves
             raise AdapterError(folder / CONFIG_NAME, str(exc)) from None
+        except BaseModelError as exc:
+            if base_model:  # the source's own setting: a problem of the setup, the adapter waits
+                raise
+            raise AdapterError(folder / CONFIG_NAME, f"its base model cannot be used: {exc}") from None
         check_adapter_shapes(skeleton, adapter, base)
     targets = config.get("target_modules")
     return AdapterInfo(

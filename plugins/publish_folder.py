@@ -10,10 +10,15 @@ and only then is ``current`` swapped, by renaming a fresh symlink over it (one a
 ``rename``). Whenever the process dies, ``current`` points at a complete version: the old
 one or the new one. Leftovers of a crashed publish (staging folders, temporary links)
 are removed by the next publish.
+
+A full disk (``ENOSPC``, or ``EDQUOT`` past a quota) anywhere in that sequence raises
+:class:`DestinationFullError`, which names the destination; ``current`` is untouched and
+the partial copy stays hidden in ``versions/.staging-*`` until the next publish removes it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -26,7 +31,7 @@ from pathlib import Path
 from pydantic import Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.errors import AdapterError, OutputExistsError
+from iteris_daemon.errors import AdapterError, IterisError, OutputExistsError
 from iteris_daemon.lora import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 
@@ -40,6 +45,26 @@ _STAMP = "%Y%m%dT%H%M%S.%fZ"
 _VERSION = re.compile(r"^run-\d+-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
 #: The files that make two adapters the same adapter (a new report alone is not a new version).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+
+class DestinationFullError(IterisError, OSError):
+    """The destination's filesystem is full (or its quota exceeded) mid-publish.
+
+    An ``IterisError`` so that the run records, and the CLI prints, one line naming the
+    destination instead of a bare ``[Errno 28]``; still an ``OSError`` (with ``errno``)
+    for callers that handle OS errors."""
+
+    def __init__(self, root: Path, cause: OSError, current: str | None):
+        still = f"`current` still points at {current}" if current else "nothing was published"
+        super().__init__(cause.errno, f"cannot publish to {root}: {os.strerror(cause.errno)} (the disk is full); "
+                                      f"{still}; free space and the next run publishes again")
+        self.path = str(root)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class FolderPublishSettings(PublisherSettings):
@@ -62,15 +87,20 @@ class FolderPublisher:
             log.info("folder %s: adapter unchanged, still %s", root, current)
             return PublishResult(str(root), current, changed=False)
 
-        versions.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(root)
         version = f"run-{request.run_id}-{datetime.now(timezone.utc).strftime(_STAMP)}"
-        staging = versions / f"{_STAGING}{secrets.token_hex(4)}"
-        staging.mkdir()
-        _copy_flushed(request.adapter_dir, staging)
-        os.rename(staging, versions / version)
-        _fsync_dir(versions)
-        _point_current(root, version)
+        try:
+            versions.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            staging = versions / f"{_STAGING}{secrets.token_hex(4)}"
+            staging.mkdir()
+            _copy_flushed(request.adapter_dir, staging)
+            os.rename(staging, versions / version)
+            _fsync_dir(versions)
+            _point_current(root, version)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            raise DestinationFullError(root, exc, current) from exc
         log.info("folder %s: current -> %s", root, version)
         _prune(versions, version, settings.keep)
         return PublishResult(str(root), version, changed=True)

@@ -22,12 +22,19 @@ def test_the_example_config_is_valid():
     assert group.strategy == "iteris" and [d["kind"] for d in group.destinations] == ["folder", "hub"]
     assert group.calibration.source_settings()["hub_dataset"]["repo_id"] == "acme/calibration"
     assert group.select.matches("team-folder", "sentiment", 1) and not group.select.matches("other", "sentiment", 1)
+    assert group.gates.max_fidelity_gap == 1.5 and group.gates.max_regression == 0.05
+    assert config.daemon.limits.limits().max_rank == 4096 and config.daemon.trust_remote_code == []
 
 
 @pytest.mark.parametrize("text,message", [
     ("[[groups]\n", "invalid TOML"),
     ('[daemon]\ngrace_seconds = -1\n', "daemon.grace_seconds"),
     ('[daemon]\nbogus = 1\n', "daemon.bogus: Extra inputs are not permitted"),
+    ('[daemon.limits]\nmax_rank = 0\n', "daemon.limits.max_rank: Input should be greater than 0"),
+    (GROUP + '[groups.gates]\nmax_regression = -1\n' + FOLDER, "groups.0.gates.max_regression"),
+    (GROUP + '[groups.gates]\nmax_regression = true\n' + FOLDER, "groups.0.gates.max_regression"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\ntrust_remote_code = true\n',
+     "sources.0 (s): trust_remote_code: Extra inputs"),
     (GROUP + 'params = { iterationz = 3 }\n' + FOLDER, "groups.0 (g): strategy 'iteris': iterationz"),
     (GROUP + 'strategy = "nonesuch"\n' + FOLDER, "unknown strategy 'nonesuch'"),
     (GROUP + '[[groups.destinations]]\nkind = "ftp"\n', "unknown destination kind 'ftp'"),
@@ -45,6 +52,13 @@ def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message)
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message.replace("Value error, ", "") in err and err.count("\n") == 1
+
+
+def test_false_turns_a_gate_off(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(GROUP + '[groups.gates]\nmax_regression = false\nmax_fidelity_gap = 2\n' + FOLDER)
+    gates = load_config(path).groups[0].gates
+    assert gates.max_regression is None and gates.max_fidelity_gap == 2.0
 
 
 def test_missing_config_file(tmp_path, capsys):

@@ -405,7 +405,8 @@ def test_daemon_end_to_end(env: Env, made):
 
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(e.dest / "current"))
     assert sum("lora_" in name for name, _ in model.named_parameters()) > 0
-    assert not list((e.tmp / "state" / "runs").iterdir())  # the cancelled run's work folder is gone
+    # The cancelled run's work folder is gone; what is left is the last published merge (the quality gate's baseline).
+    assert [p.name for p in (e.tmp / "state" / "runs").iterdir()] == ["published"]
 
     # ---- status, from the catalog, with the daemon stopped
     stdout, stderr = status.communicate(timeout=DEADLINE)
@@ -431,3 +432,9 @@ def test_daemon_end_to_end(env: Env, made):
     for sha in commits:
         for name, content in e.hub.files(DEST_REPO, sha).items():
             assert TOKEN.encode() not in content, (sha, name)
+
+    # ---- the daemon's own files are private: its folders 0700, the catalog's files 0600
+    for folder in ("state", "cache"):
+        assert (e.tmp / folder).stat().st_mode & 0o777 == 0o700, folder
+    catalog_files = list((e.tmp / "state").glob("catalog.db*"))
+    assert catalog_files and all(p.stat().st_mode & 0o777 == 0o600 for p in catalog_files)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Collection
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -52,7 +52,6 @@ class HubSettings(BaseModel):
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0)
     retry_cap_seconds: float = Field(60.0, ge=0)
-    trust_remote_code: bool = False
 
     @field_validator("repos")
     @classmethod
@@ -85,7 +84,7 @@ class HubSource:
     """Keeps the catalog in step with the head commits of the source's Hub repos."""
 
     def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits(),
-                 on_change: Callable[[ScanReport], None] | None = None):
+                 on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = ()):
         self.catalog = catalog
         self.on_change = on_change  # called after a poll that registered or removed something
         self.name = source_name
@@ -94,6 +93,7 @@ class HubSource:
             self.source_id, self.settings = source.id, HubSettings.model_validate(source.settings)
         self.cache_dir = Path(cache_dir).resolve()
         self.limits = limits
+        self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
 
     def _retrying(self, what: str):
         s = self.settings
@@ -207,7 +207,7 @@ class HubSource:
         self._download(token, repo_id, sha, WEIGHTS_NAME, snapshot)
         if CALIBRATION_NAME in siblings:
             self._download(token, repo_id, sha, CALIBRATION_NAME, snapshot)
-        return validate_adapter(snapshot, wanted, self.limits, self.settings.trust_remote_code)
+        return validate_adapter(snapshot, wanted, self.limits, self.trusted_models)
 
     def _download(self, token, repo_id: str, sha: str, filename: str, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written

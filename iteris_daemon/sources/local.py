@@ -6,17 +6,22 @@ later, slow copies), so an event only marks a folder *dirty*; it is examined onc
 no event has touched it for ``settle_seconds`` and two looks at its files (names,
 sizes, mtimes) agree. Folders whose name starts with "." are ignored, so a writer
 can stage an adapter in ``.tmp-x/`` and rename it into place.
+
+A watched root that is deleted makes the source unhealthy and its adapters
+``removed`` (rows and revisions kept); once the root is back it is watched again
+and rescanned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Collection
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -32,6 +37,7 @@ from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..validation import Limits, folder_fingerprint, validate_adapter
 
 log = logging.getLogger(__name__)
+ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots still exist
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES)
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -46,7 +52,6 @@ class LocalSettings(BaseModel):
     settle_seconds: float = Field(2.0, gt=0, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
     poll_interval_seconds: float = Field(5.0, gt=0, description="polling period when polling=true")
-    trust_remote_code: bool = False
 
     @field_validator("paths")
     @classmethod
@@ -85,11 +90,17 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def as_text(path: Path | str) -> str:
+    """``path`` as text any database can store: undecodable bytes of a non-UTF-8 name
+    become ``\\xNN`` escapes (equal to ``str(path)`` for every UTF-8 path)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class LocalFolderSource:
     """Keeps the catalog in step with adapter folders under the source's paths."""
 
     def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits(),
-                 on_change: Callable[[ScanReport], None] | None = None):
+                 on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = ()):
         self.catalog = catalog
         self.on_change = on_change  # called after a scan or event that registered or removed something
         self.name = source_name
@@ -97,12 +108,16 @@ class LocalFolderSource:
             source = get_source(session, source_name)
             self.source_id, self.settings = source.id, LocalSettings.model_validate(source.settings)
         self.limits = limits
+        self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self._lock = threading.Lock()  # one examination at a time (scan, events)
         # path -> (time of the last event, snapshot of its files then, examine subfolders too)
         self._dirty: dict[Path, tuple[float, tuple | None, bool]] = {}
         self._dirty_lock = threading.Lock()
         self._stop = threading.Event()
         self._observer = None
+        self._handler: _Handler | None = None
+        self._watches: dict[Path, object] = {}  # root -> its watchdog ObservedWatch
+        self._missing: set[Path] = set()  # roots found deleted while watching
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery
@@ -153,9 +168,11 @@ class LocalFolderSource:
                         self._examine(folder, report)
                     else:
                         report.waiting.append(str(folder))
-            present = {str(f) for f in folders}
+            present = {as_text(f) for f in folders}
             self._mark_removed(lambda locator: locator not in present, report)
-            self._set_health(None)
+            # Healthy only if every root is there: a deleted root is an error, not an empty folder.
+            missing = [str(root) for root in self.settings.paths if not root.is_dir()]
+            self._set_health(f"watched folder {missing[0]} is gone" if missing else None)
         log.info("source %s: scan: %s", self.name, report)
         if self.on_change and report.changed:
             self.on_change(report)
@@ -174,16 +191,19 @@ class LocalFolderSource:
             report.waiting.append(str(folder))  # config first, weights still to come
             return
         fingerprint = folder_fingerprint(folder)
+        locator = as_text(folder)
         with self.catalog.session() as session:
-            adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == str(folder)))
+            adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
             if current is not None and current.revision == fingerprint and adapter.status is not AdapterStatus.removed:
                 report.unchanged += 1
                 return
         reason, info = None, None
         try:
+            if locator != str(folder):
+                raise AdapterError(locator, "the path is not valid UTF-8; rename the folder (the catalog stores paths as text)")
             self._check_containment(folder)
-            info = validate_adapter(folder, self.settings.base_model, self.limits, self.settings.trust_remote_code)
+            info = validate_adapter(folder, self.settings.base_model, self.limits, self.trusted_models)
         except AdapterError as exc:
             reason = str(exc)
         except BaseModelError as exc:
@@ -192,7 +212,8 @@ class LocalFolderSource:
             report.waiting.append(str(folder))
             return
         seen = Observation(
-            locator=str(folder), name=self._name(folder), revision=fingerprint, files_path=str(folder),
+            locator=locator, name=as_text(self._name(folder)), revision=fingerprint,
+            files_path=str(folder) if info is not None else None,
             info=info, reason=reason, has_calibration=(folder / CALIBRATION_NAME).is_file(),
         )
         with self.catalog.session() as session:
@@ -236,10 +257,11 @@ class LocalFolderSource:
         observer_class = PollingObserver if self.settings.polling else Observer
         self._observer = (observer_class(timeout=self.settings.poll_interval_seconds)
                           if self.settings.polling else observer_class())
-        handler = _Handler(self._mark_dirty)
+        self._handler = _Handler(self._mark_dirty)
+        self._missing.clear()
         for root in self.settings.paths:
             root.mkdir(parents=True, exist_ok=True)
-            self._observer.schedule(handler, str(root), recursive=True)
+            self._watch(root)
         self._observer.start()
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
@@ -247,11 +269,54 @@ class LocalFolderSource:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._worker is not None:  # first: it may be re-watching a root
+            self._worker.join()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join()
-        if self._worker is not None:
-            self._worker.join()
+
+    def _watch(self, root: Path) -> None:
+        """(Re)start the watch of ``root``: a dead watch of the same path must go first,
+        or watchdog just adds the handler to it again."""
+        old = self._watches.pop(root, None)
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                self._observer.unschedule(old)
+        self._watches[root] = self._observer.schedule(self._handler, str(root), recursive=True)
+
+    def _watch_alive(self, root: Path) -> bool:
+        watch = self._watches.get(root)
+        return any(emitter.watch == watch and emitter.is_alive() for emitter in list(self._observer.emitters))
+
+    def _check_roots(self) -> None:
+        """Notice a deleted root, and watch it again once it is back.
+
+        watchdog ends the watch of a root that is deleted (the inotify emitter stops on
+        IN_DELETE_SELF, the polling one when it cannot list the root) and never resumes
+        it: without this, a re-created folder went unwatched until the daemon restarted,
+        and the source still said it was healthy. While a root is gone the source is
+        unhealthy and the adapters under it are ``removed``; when it is there again (even
+        re-created between two checks, which the dead watch shows) it is re-watched and
+        rescanned."""
+        for root in self.settings.paths:
+            if not root.is_dir():
+                if root in self._missing:
+                    continue
+                self._missing.add(root)
+                log.warning("source %s: watched folder %s is gone; its adapters are marked removed until it is back",
+                            self.name, root)
+                report = ScanReport()
+                prefix = as_text(root)  # as the locators under it are stored
+                with self._lock:
+                    self._mark_removed(lambda loc: loc == prefix or loc.startswith(prefix + os.sep), report)
+                    self._set_health(f"watched folder {root} is gone")
+                if self.on_change and report.changed:
+                    self.on_change(report)
+            elif root in self._missing or not self._watch_alive(root):
+                self._missing.discard(root)
+                log.info("source %s: watched folder %s is back; watching it again", self.name, root)
+                self._watch(root)
+                self.scan()
 
     def _mark_dirty(self, path: Path, deep: bool = False) -> None:
         """An event touched ``path``; ``deep`` when a whole folder arrived (copied or moved in)."""
@@ -268,7 +333,14 @@ class LocalFolderSource:
         except Exception:  # keep watching; the next event or restart retries
             log.exception("source %s: initial scan failed", self.name)
         tick = min(0.25, self.settings.settle_seconds / 4)
+        next_root_check = time.monotonic() + ROOT_CHECK_SECONDS
         while not self._stop.wait(tick):
+            if time.monotonic() >= next_root_check:
+                next_root_check = time.monotonic() + ROOT_CHECK_SECONDS
+                try:
+                    self._check_roots()
+                except Exception:
+                    log.exception("source %s: checking the watched folders failed", self.name)
             due = self._take_due()
             if due:
                 try:

@@ -1,0 +1,637 @@
+"""Faults of the local machine, produced for real and survived by the real components
+(real SQLite files, real inotify/polling watches, the real folder publisher, real
+processes and signals). Deadlines only bound waits; nothing asserts on speed.
+
+- **Full disk during a publish**: the folder publisher runs out of space in the middle
+  of copying a new version's weights. On a real 512 KiB tmpfs, filled up first, when
+  this process may mount one (root with CAP_SYS_ADMIN, as in the CI container; skipped
+  otherwise); and always by an injected ``ENOSPC`` (after 8 KiB of the weights were
+  really written, or when the ``current`` link is made), so that it is covered without
+  that right. The publish raises ``DestinationFullError`` (an ``IterisError`` and an
+  ``OSError``, naming the destination and saying the disk is full); ``current`` is
+  byte-identical and loads; every visible version is complete (the partial copy stays in
+  a hidden ``.staging-*`` folder); with space again, the next publish works and removes it.
+- **Catalog locked by another process**: a real ``python`` subprocess holds the SQLite
+  catalog with ``BEGIN EXCLUSIVE`` and writes a row of its own. A registration (a scan)
+  and a run write wait (busy timeout) and succeed once it commits; if the lock outlives
+  the timeout (0.3 s here, ``Catalog(busy_timeout=...)``) they fail with a one-line
+  ``CatalogLockedError`` naming the database. Either way ``PRAGMA integrity_check`` is
+  ok and nothing already in the catalog, nor the other process's row, is lost.
+- **The watched folder disappears** (``rm -rf`` of the root under a running source,
+  inotify and polling; and deleted then re-created at once): the source keeps running
+  without spinning or flooding the log, reports itself unhealthy naming the folder,
+  marks the vanished adapters ``removed`` (rows and revisions kept); when the folder is
+  back it is watched again (a later arrival is registered from its events) and healthy.
+- **SIGKILL during registration**: ``iteris-daemon sources scan`` over 80 adapter
+  folders, each run in a real child process, is SIGKILLed 5 times at seeded random
+  moments (while it opens the catalog, or after a random number of registrations); the
+  folders change between rounds (new weights, a deleted folder). After every kill the
+  catalog passes ``integrity_check``/``foreign_key_check`` and every adapter row has
+  revisions, the current one agreeing with the row; a last, unkilled scan registers
+  every folder exactly once at its present content. A deterministic test pins the
+  defect the kills found: a registration is one transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from sqlalchemy import select
+
+import polling
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog, CatalogError
+from iteris_daemon.catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source, SourceKind
+from iteris_daemon.catalog.registry import add_source, list_adapters
+from iteris_daemon.errors import IterisError
+from iteris_daemon.plugin_manager import get_publisher
+from iteris_daemon.publish import PublishRequest
+from iteris_daemon.sources.local import LocalFolderSource
+from iteris_daemon.validation import folder_fingerprint
+
+pytestmark = pytest.mark.timeout(300)
+wait_for = partial(polling.wait_for, timeout=60.0)  # a bound for waits on a loaded 2-core machine
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SEED = 20250611
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny BERT and two rank-8 adapters (~29 KB of weights each), with a merge report
+    so that they also stand for merged outputs."""
+    root = tmp_path_factory.mktemp("faults")
+    base = build_tiny_model("bert", root / "base")
+    adapters = []
+    for seed in (0, 1):
+        folder = build_adapter(base, root / f"lora{seed}", seed=seed, family="bert", r=8, alpha=16)
+        (folder / "merge_report.json").write_text(json.dumps({"strategy": "iteris", "seed": seed}))
+        adapters.append(folder)
+    return base, adapters
+
+
+def _source(catalog: Catalog, watched: Path, base: Path, name: str = "team", **settings) -> LocalFolderSource:
+    with catalog.session() as session:
+        add_source(session, name, SourceKind.local,
+                   {"paths": [str(watched)], "base_model": str(base), "settle_seconds": 0.3, **settings})
+    return LocalFolderSource(catalog, name)
+
+
+def _adapters(catalog: Catalog) -> dict[str, Adapter]:
+    with catalog.session() as session:
+        return {a.name: a for a in list_adapters(session)}
+
+
+def _integrity(db: Path) -> None:
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+    connection.close()
+
+
+# ------------------------------------------------------------------------------------ 1. full disk
+
+
+def _publish_request(adapter_dir: Path, base: Path, run_id: int) -> PublishRequest:
+    return PublishRequest(adapter_dir=adapter_dir, group="news", run_id=run_id, base_model=str(base),
+                          strategy="iteris", params={}, inputs=[])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _mount_tmpfs(where: Path, size: int) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "iteris-test", str(where)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Write a filler file until the filesystem is full, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler
+
+
+def _assert_disk_full_survived(error, dest: Path, old_version: str, before: dict[str, bytes], adapters) -> None:
+    """What a failed publish must leave: a clear error, ``current`` untouched and loadable,
+    no incomplete version anyone could load."""
+    assert isinstance(error, IterisError), type(error)
+    assert str(dest) in str(error) and "No space left" in str(error) and "disk is full" in str(error)
+    assert os.readlink(dest / "current") == f"versions/{old_version}"
+    assert _files(dest / "current") == before
+    assert load_file(dest / "current" / "adapter_model.safetensors")  # loadable, not just equal
+    assert json.loads((dest / "current" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert not list(dest.glob(".current-*"))
+    complete = [{n: (a / n).read_bytes() for n in ADAPTER_FILES} for a in adapters]
+    for entry in (dest / "versions").iterdir():
+        if not entry.name.startswith("."):  # hidden staging folders are the publisher's scratch space
+            assert {n: (entry / n).read_bytes() for n in ADAPTER_FILES} in complete, f"{entry.name} is incomplete"
+
+
+def test_a_full_tmpfs_fails_the_publish_cleanly_and_keeps_current(made, tmp_path):
+    """A real full disk: the destination is a 512 KiB tmpfs, filled up to leave less room
+    than the new version's weights. The copy really fails with ENOSPC from the kernel."""
+    base, (first, second) = made
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, 512 << 10):
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN); the injected variant runs instead")
+    try:
+        folder = get_publisher("folder")
+        dest = disk / "news"
+        settings = folder.Settings(path=dest)
+        old = folder.publish(_publish_request(first, base, 1), settings).version
+        before = _files(dest / "current")
+
+        weights = (second / "adapter_model.safetensors").stat().st_size
+        before_weights = [p for p in sorted(second.iterdir()) if p.name < "adapter_model.safetensors"]
+        room = sum(-(-p.stat().st_size // 4096) * 4096 for p in before_weights) + 2 * 4096
+        filler = _fill(disk, leave=room)  # room for the files copied first and 8 KiB of the weights
+        assert weights > 2 * 4096
+        with pytest.raises(OSError) as raised:
+            folder.publish(_publish_request(second, base, 2), settings)
+        assert raised.value.errno == errno.ENOSPC
+        (partial,) = (dest / "versions").glob(".staging-*/adapter_model.safetensors")
+        assert 0 < partial.stat().st_size < weights  # it really ran out mid-write
+        _assert_disk_full_survived(raised.value, dest, old, before, (first, second))
+
+        filler.unlink()  # space again
+        new = folder.publish(_publish_request(second, base, 3), settings)
+        assert new.changed and os.readlink(dest / "current") == f"versions/{new.version}"
+        assert _files(dest / "current") == _files(second)
+        assert not list((dest / "versions").glob(".staging-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("where", ["copy", "link"])
+def test_an_injected_enospc_fails_the_publish_cleanly_and_keeps_current(made, tmp_path, monkeypatch, where):
+    """ENOSPC injected (so that it runs without the right to mount a small filesystem):
+    ``copy``: the weights copy writes its first 8 KiB for real, then fails as a full disk
+    does; ``link``: making the temporary ``current`` link fails (a full inode table)."""
+    base, (first, second) = made
+    folder = get_publisher("folder")
+    dest = tmp_path / "news"
+    settings = folder.Settings(path=dest)
+    old = folder.publish(_publish_request(first, base, 1), settings).version
+    before = _files(dest / "current")
+
+    def copy_until_full(src, dst, *args, **kwargs):
+        with open(src, "rb") as source, open(dst, "wb") as target:
+            data = source.read()
+            if len(data) > 8192:
+                target.write(data[:8192])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            target.write(data)
+        return dst
+
+    def no_inode(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        if where == "copy":
+            patch.setattr(shutil, "copyfile", copy_until_full)
+        else:
+            patch.setattr(os, "symlink", no_inode)
+        with pytest.raises(OSError) as raised:
+            folder.publish(_publish_request(second, base, 2), settings)
+    assert raised.value.errno == errno.ENOSPC
+    _assert_disk_full_survived(raised.value, dest, old, before, (first, second))
+
+    new = folder.publish(_publish_request(second, base, 3), settings)
+    assert new.changed and _files(dest / "current") == _files(second)
+    assert not list((dest / "versions").glob(".staging-*"))
+
+
+# ----------------------------------------------------------------------------- 2. locked database
+
+# Another process (a backup script, a sqlite3 shell, another tool) takes the write lock
+# and writes a row of its own; it commits when the test writes a line to its stdin.
+LOCK_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+db.execute("INSERT INTO sources (name, kind, settings, enabled, healthy, created_at) "
+           "VALUES ('other-process', 'local', '{\\"paths\\": [\\"/nowhere\\"]}', 0, 1, '2025-01-01 00:00:00')")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+print("committed", flush=True)
+"""
+
+
+class LockHolder:
+    def __init__(self, db: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(db)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+        assert self.proc.stdout.readline().strip() == "committed"
+        assert self.proc.wait(timeout=60) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _write_run(catalog: Catalog, group: str) -> int:
+    """What the runner writes when a run starts: the group (first time) and a run row."""
+    with catalog.session() as session:
+        row = session.scalar(select(MergeGroup).where(MergeGroup.name == group))
+        if row is None:
+            row = MergeGroup(name=group, base_model="base", strategy="iteris")
+            session.add(row)
+            session.flush()
+        run = MergeRun(group_id=row.id, status=RunStatus.running, input_fingerprint="f" * 64)
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def test_writes_wait_for_a_lock_held_by_another_process_then_succeed(made, tmp_path):
+    """Default busy timeout (30 s): the lock is released long before it; both writes wait, then land."""
+    base, (first, second) = made
+    db, watched = tmp_path / "catalog.db", tmp_path / "watched"
+    shutil.copytree(first, watched / "before")
+    catalog = Catalog(f"sqlite:///{db}")
+    source = _source(catalog, watched, base)
+    assert len(source.scan().registered) == 1
+    shutil.copytree(second, watched / "during")
+
+    holder = LockHolder(db)
+    outcome: dict[str, object] = {}
+
+    def write():
+        try:
+            outcome["report"] = source.scan()
+            outcome["run"] = _write_run(catalog, "news")
+        except BaseException as exc:  # reported below, not lost in the thread
+            outcome["error"] = exc
+
+    writer = threading.Thread(target=write)
+    try:
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and not outcome, f"wrote through another process's exclusive lock: {outcome}"
+        holder.release()
+        writer.join(60)
+    finally:
+        holder.kill()
+    assert not writer.is_alive() and "error" not in outcome, outcome.get("error")
+    assert outcome["report"].registered == [str(watched / "during")]
+    _integrity(db)
+    adapters = _adapters(catalog)
+    assert {n: a.status for n, a in adapters.items()} == {"before": AdapterStatus.registered,
+                                                          "during": AdapterStatus.registered}
+    with catalog.session() as session:
+        assert session.scalar(select(Source).where(Source.name == "other-process")) is not None
+        assert session.get(MergeRun, outcome["run"]).status is RunStatus.running
+    catalog.close()
+
+
+def test_a_lock_outliving_the_busy_timeout_fails_clearly_and_loses_nothing(made, tmp_path):
+    """Busy timeout 0.3 s, lock held until the test lets go: the writes fail with a
+    CatalogError naming the database; nothing is half-written; afterwards all works."""
+    base, (first, second) = made
+    db, watched = tmp_path / "catalog.db", tmp_path / "watched"
+    shutil.copytree(first, watched / "before")
+    catalog = Catalog(f"sqlite:///{db}", busy_timeout=0.3)
+    source = _source(catalog, watched, base)
+    source.scan()
+    first_run = _write_run(catalog, "news")
+    before = {n: (a.status, [r.revision for r in a.revisions]) for n, a in _adapters(catalog).items()}
+    shutil.copytree(second, watched / "during")
+
+    holder = LockHolder(db)
+    try:
+        with pytest.raises(CatalogError) as registering:
+            source.scan()
+        with pytest.raises(CatalogError) as running:
+            _write_run(catalog, "news")
+        holder.release()
+    finally:
+        holder.kill()
+    for error in (registering.value, running.value):
+        assert str(db) in str(error) and "locked" in str(error), str(error)
+        assert "\n" not in str(error)  # one line, not a SQL dump
+
+    _integrity(db)
+    assert {n: (a.status, [r.revision for r in a.revisions]) for n, a in _adapters(catalog).items()} == before
+    with catalog.session() as session:
+        assert [r.id for r in session.scalars(select(MergeRun))] == [first_run]
+        assert session.scalar(select(Source).where(Source.name == "other-process")) is not None
+    assert source.scan().registered == [str(watched / "during")]
+    assert _write_run(catalog, "news") > first_run
+    catalog.close()
+
+
+# --------------------------------------------------------------------- 3. the watched folder goes
+
+
+@pytest.mark.parametrize("polling_mode", [False, True], ids=["inotify", "polling"])
+def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, caplog, polling_mode):
+    """``rm -rf`` of the watched root under a running source, then the root is re-created
+    with the old adapter and a new one, and later one more arrives (seen only if the
+    re-created root is watched again)."""
+    base, (first, second) = made
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    source = _source(catalog, watched, base, polling=polling_mode, poll_interval_seconds=0.2)
+    caplog.set_level(logging.INFO, logger="iteris_daemon.sources.local")
+
+    def health():
+        with catalog.session() as session:
+            row = session.scalar(select(Source).where(Source.name == "team"))
+            return row.healthy, row.last_error
+
+    source.start()
+    try:
+        shutil.copytree(first, watched / "keep")
+        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
+                 "registration")
+
+        shutil.rmtree(watched)
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.removed, "the removal")
+        wait_for(lambda: not health()[0], "the source to report itself unhealthy")
+        assert str(watched) in health()[1]
+
+        # Gone for a while: the source idles (no busy loop, no log flood) and keeps running.
+        cpu, records = time.process_time(), len(caplog.records)
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.6, "the source spins while its folder is gone"
+        assert len(caplog.records) - records <= 2, [r.getMessage() for r in caplog.records[records:]]
+        assert source._watching()
+
+        watched.mkdir()
+        shutil.copytree(first, watched / "keep")
+        shutil.copytree(second, watched / "new")
+        wait_for(lambda: getattr(_adapters(catalog).get("new"), "status", None) is AdapterStatus.registered,
+                 "the new adapter in the re-created folder")
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.registered, "the old adapter back")
+        wait_for(lambda: health()[0], "the source to report itself healthy again")
+        # Watched again, not just rescanned once: a later arrival is seen through events.
+        shutil.copytree(second, watched / "later")
+        wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
+                 "an adapter added after the recovery")
+    finally:
+        source.stop()
+    adapters = _adapters(catalog)
+    assert sorted(adapters) == ["keep", "later", "new"]
+    assert len(adapters["keep"].revisions) == 1  # the revision was kept through the removal, not re-made
+    assert adapters["keep"].current.revision == folder_fingerprint(watched / "keep")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(str(watched) in m and "gone" in m for m in warnings), warnings
+    catalog.close()
+
+
+def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
+    """The same fault, faster than the source looks: the root is re-created right after
+    the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""
+    base, (first, second) = made
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        shutil.copytree(first, watched / "keep")
+        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
+                 "registration")
+        shutil.rmtree(watched)
+        shutil.copytree(second, watched / "quick")
+        wait_for(lambda: getattr(_adapters(catalog).get("quick"), "status", None) is AdapterStatus.registered,
+                 "the adapter of the re-created folder")
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.removed, "the removal")
+        shutil.copytree(first, watched / "later")
+        wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
+                 "an adapter added after the recovery")
+    finally:
+        source.stop()
+    catalog.close()
+
+
+# ----------------------------------------------------------------- 4. SIGKILL during registration
+
+
+def test_a_registration_is_one_transaction(made, tmp_path):
+    """The defect the kills found, shown deterministically: a registration that fails
+    after ``record`` (the process dies, an error) must leave no adapter row behind. On
+    SQLite the savepoints in ``record`` used to commit the row on their own."""
+    from iteris_daemon.catalog.registry import Observation, record
+    from iteris_daemon.validation import validate_adapter
+
+    base, (first, _) = made
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        source_id = add_source(session, "team", SourceKind.local, {"paths": [str(first.parent)]}).id
+    seen = Observation(locator=str(first), name="lora0", revision=folder_fingerprint(first), files_path=str(first),
+                       info=validate_adapter(first, str(base)))
+    with pytest.raises(RuntimeError):
+        with catalog.session() as session:
+            record(session, source_id, seen)
+            raise RuntimeError("dies before the commit")
+    assert _adapters(catalog) == {}
+    with catalog.session() as session:
+        record(session, source_id, seen)
+    (adapter,) = _adapters(catalog).values()
+    assert adapter.status is AdapterStatus.registered and len(adapter.revisions) == 1
+    catalog.close()
+
+# A parent that has already imported torch/transformers and read the base model's config,
+# and forks one child per scan: the child runs ``python -m iteris_daemon ARGS`` (runpy,
+# the same entry point) without paying ~10 s of imports on every one of the rounds.
+# Protocol: one JSON line [log_path, *args] in; "pid N" and then "exit N STATUS" out.
+ZYGOTE = """
+import json, os, runpy, sys
+from pathlib import Path
+import alembic.command, iteris_daemon.cli, iteris_daemon.sources.local
+from iteris_daemon.validation import validate_adapter
+validate_adapter(Path(sys.argv[1]), sys.argv[2])
+print("ready", flush=True)
+for line in sys.stdin:
+    log_path, *args = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.argv = ["iteris-daemon", *args]
+        code = 1
+        try:
+            runpy.run_module("iteris_daemon", run_name="__main__", alter_sys=True)
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print("pid", pid, flush=True)
+    print("exit", pid, os.waitpid(pid, 0)[1], flush=True)
+"""
+KILLS = 5
+FOLDERS = 80
+
+
+def _revisions(db: Path) -> int:
+    connection = sqlite3.connect(db)
+    try:
+        return connection.execute("SELECT count(*) FROM adapter_revisions").fetchone()[0]
+    except sqlite3.OperationalError:  # a writer is checkpointing: ask again
+        return -1
+    finally:
+        connection.close()
+
+
+def _check_consistent(url: str, db: Path) -> dict[str, Adapter]:
+    """After a kill: a sound database; every adapter row has revisions, and the current one
+    agrees with the row (its status, its folder)."""
+    _integrity(db)
+    catalog = Catalog(url, migrate=False)
+    try:
+        adapters = {a.locator: a for a in _list(catalog)}
+    finally:
+        catalog.close()
+    for locator, adapter in adapters.items():
+        assert adapter.revisions, f"{locator}: adapter row without a revision"
+        assert len({r.revision for r in adapter.revisions}) == len(adapter.revisions)
+        current = adapter.current
+        assert current.files_path == locator
+        if adapter.status is not AdapterStatus.removed:
+            assert adapter.status is current.status, (locator, adapter.status, current.status)
+    return adapters
+
+
+def _list(catalog: Catalog) -> list[Adapter]:
+    with catalog.session() as session:
+        return list_adapters(session)
+
+
+def _new_weights(folder: Path, factor: float) -> None:
+    """Different weights of the same shapes, written beside and renamed in (as a trainer would)."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, folder / ".new.safetensors")
+    os.replace(folder / ".new.safetensors", folder / "adapter_model.safetensors")
+
+
+def test_sigkill_during_registration_never_corrupts_the_catalog(made, tmp_path):
+    base, (first, _) = made
+    rng = random.Random(SEED)
+    db, watched = tmp_path / "catalog.db", tmp_path / "watched"
+    url = f"sqlite:///{db}"
+    for i in range(FOLDERS):
+        shutil.copytree(first, watched / f"task{i:02d}")
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local,
+                   {"paths": [str(watched)], "base_model": str(base), "settle_seconds": 0.05})
+    catalog.close()
+    history: dict[str, set[str]] = {str(f): {folder_fingerprint(f)} for f in watched.iterdir()}
+
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(first), str(base)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert zygote.stdout.readline().strip() == "ready"
+
+        def scan(log: Path) -> int:
+            zygote.stdin.write(json.dumps([str(log), "sources", "scan", "team", "--db", url]) + "\n")
+            zygote.stdin.flush()
+            word, pid = zygote.stdout.readline().split()
+            assert word == "pid"
+            return int(pid)
+
+        def reaped(pid: int) -> int:
+            word, child, status = zygote.stdout.readline().split()
+            assert (word, int(child)) == ("exit", pid)
+            return int(status)
+
+        killed = 0
+        for round_ in range(KILLS):
+            # The moment: 0 -> 0-100 ms after the fork (opening the catalog); k -> once k new
+            # revisions are committed, plus 0-20 ms (in the middle of the next ones).
+            after = rng.randint(0, 8)
+            start = _revisions(db)
+            pid = scan(tmp_path / f"scan{round_}.log")
+            if after == 0:
+                time.sleep(rng.uniform(0, 0.1))
+            else:
+                wait_for(lambda: _revisions(db) >= start + after or not _alive(pid), f"{after} registrations")
+                time.sleep(rng.uniform(0, 0.02))
+            assert _alive(pid), f"round {round_}: the scan finished before the kill: " + \
+                (tmp_path / f"scan{round_}.log").read_text()[-2000:]
+            os.kill(pid, signal.SIGKILL)
+            status = reaped(pid)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            killed += 1
+            _check_consistent(url, db)
+
+            # Between rounds the folders change: two get new weights, one is deleted.
+            for folder in rng.sample(sorted(watched.iterdir()), 2):
+                _new_weights(folder, 2 + round_)
+                history[str(folder)].add(folder_fingerprint(folder))
+            gone = rng.choice(sorted(watched.iterdir()))
+            shutil.rmtree(gone)
+
+        pid = scan(tmp_path / "final.log")
+        assert reaped(pid) == 0, (tmp_path / "final.log").read_text()[-2000:]
+    finally:
+        zygote.stdin.close()
+        zygote.kill()
+        zygote.wait()
+    assert killed == KILLS
+
+    adapters = _check_consistent(url, db)
+    present = {str(f): folder_fingerprint(f) for f in watched.iterdir()}
+    # One row per folder: every present one; a deleted one only if a scan saw it before it went.
+    assert set(present) <= set(adapters) <= set(history)
+    for locator, adapter in adapters.items():
+        assert {r.revision for r in adapter.revisions} <= history[locator]
+        if locator in present:
+            assert adapter.status is AdapterStatus.registered
+            assert adapter.current.revision == present[locator]
+        else:
+            assert adapter.status is AdapterStatus.removed and adapter.revisions  # history kept
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT count(*) FROM adapters").fetchone()[0] == len(adapters)
+        assert connection.execute("SELECT count(*) FROM adapter_revisions").fetchone()[0] == \
+            sum(len(a.revisions) for a in adapters.values())
+    connection.close()
+
+
+def _alive(pid: int) -> bool:
+    """The child has not exited (a zombie until the parent reaps it counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
