@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
+from safetensors.torch import load_file, save_file
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -90,6 +91,19 @@ def test_a_folder_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(scan, m
         status, reason = found["caf\\xe9-\\xff"]
         assert status is AdapterStatus.rejected and "not valid UTF-8; rename the folder" in reason
         assert len(found) == 2
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_rejected(scan, made, value):
+    watched, run = scan
+    _, lora = made
+    folder = shutil.copytree(lora, watched / "poisoned")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    name = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[name][0, 0] = value
+    save_file(tensors, folder / "adapter_model.safetensors")
+    status, reason = run()["poisoned"]
+    assert status is AdapterStatus.rejected and "finite" in reason
 
 
 def test_files_past_the_limits_are_rejected_without_being_read(scan, made):

@@ -67,7 +67,7 @@ from iteris_daemon.validation import folder_fingerprint
 pytestmark = pytest.mark.timeout(300)
 wait_for = partial(polling.wait_for, timeout=60.0)  # a bound for waits on a loaded 2-core machine
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-SEED = 20250611
+SEED = int(os.environ.get("ITERIS_FAULT_SEED", "20250611"))
 
 
 @pytest.fixture(scope="module")
@@ -499,8 +499,8 @@ for line in sys.stdin:
     print("pid", pid, flush=True)
     print("exit", pid, os.waitpid(pid, 0)[1], flush=True)
 """
-KILLS = 5
-FOLDERS = 80
+KILLS = int(os.environ.get("ITERIS_FAULT_KILLS", "5"))  # more for a longer fault run (RELIABILITY.md)
+FOLDERS = 16 * KILLS  # enough unregistered folders that every round has registrations to interrupt
 
 
 def _revisions(db: Path) -> int:
