@@ -132,7 +132,14 @@ class Daemon:
         timer.daemon = True
         timer.start()
         log.info("waiting up to %.0fs for a running merge before cancelling it", grace)
-        self.scheduler.shutdown(wait=True)
+        # Not scheduler.shutdown(wait=True): it waits for running jobs while holding the job
+        # store lock, and a job that still calls get_job/add_job (a tick, a source reporting a
+        # change) would wait for it forever. Paused, nothing new is submitted; each executor
+        # is then drained on its own, and only then is the scheduler stopped.
+        self.scheduler.pause()
+        for executor in ("default", "merge"):
+            self.scheduler.remove_executor(executor, shutdown=True)
+        self.scheduler.shutdown(wait=False)
         timer.cancel()
         self.notifier.stop()
         self.catalog.close()
@@ -225,18 +232,30 @@ class Daemon:
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
 
     def _tick(self) -> None:
-        """Pick up `merge-now` requests; record next run times for `status`."""
+        """Pick up `merge-now` requests; record next run times for `status`.
+
+        The scheduler is consulted between two short transactions, never inside one: a
+        SQLite transaction holds the catalog's write lock, which other daemons wait for."""
+        if self._stopping.is_set():
+            return
         with self.catalog.session() as session:
-            for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
-                pending = self.scheduler.get_job(f"trigger:{row.name}")
-                soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
-                if row.requested_at is not None and (pending is None or pending.next_run_time > soon):
-                    self.trigger(row.name, delay=0)
-                times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{row.name}"),
-                                                       self.scheduler.get_job(f"schedule:{row.name}")) if job]
-                upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
-                if row.next_run_at != upcoming:
-                    row.next_run_at = upcoming
+            groups = session.execute(select(MergeGroup.name, MergeGroup.requested_at, MergeGroup.next_run_at)
+                                     .where(MergeGroup.name.in_(list(self._groups)))).all()
+        changed: dict[str, datetime | None] = {}
+        for name, requested_at, next_run_at in groups:
+            pending = self.scheduler.get_job(f"trigger:{name}")
+            soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
+            if requested_at is not None and (pending is None or pending.next_run_time > soon):
+                self.trigger(name, delay=0)
+            times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
+                                                   self.scheduler.get_job(f"schedule:{name}")) if job]
+            upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
+            if next_run_at != upcoming:
+                changed[name] = upcoming
+        if changed:
+            with self.catalog.session() as session:
+                for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(changed)))):
+                    row.next_run_at = changed[row.name]
 
     def _summary(self) -> str:
         return f"watching {len(self._local)} folder and {len(self._polled)} hub sources, {len(self._groups)} merge groups"

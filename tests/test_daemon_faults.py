@@ -588,3 +588,44 @@ def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
         sleeper.kill()
         sleeper.wait()
         zombie.wait()
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.timeout(120)
+def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
+    """A job still running when SIGTERM arrives (a tick, a source reporting a change) may
+    call the scheduler; stopping must wait for it, not deadlock on the scheduler's lock
+    (APScheduler's shutdown(wait=True) holds it while waiting). Runs ``Daemon.run`` in
+    this process's main thread, as the CLI does; a deadlock trips the test's timeout."""
+    from iteris_daemon.daemon import Daemon
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    daemon = Daemon(config)
+    finished: list[str] = []
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        entered = threading.Event()
+
+        def job() -> None:
+            entered.set()
+            time.sleep(1.0)  # the daemon starts stopping meanwhile
+            daemon.scheduler.get_job("tick")
+            finished.append("job")
+
+        daemon.scheduler.add_job(job, id="probe")
+        entered.wait(30)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    threading.Thread(target=probe, daemon=True).start()
+    try:
+        assert daemon.run() == 0
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert finished == ["job"]  # it was waited for, and it completed
