@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from .errors import AdapterError
@@ -127,6 +127,8 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(config_path, f"invalid JSON: {exc}") from None
+    except OSError as exc:  # vanished or unreadable since it was seen
+        raise AdapterError(config_path, f"cannot read: {exc.strerror}") from None
     if not isinstance(config, dict):
         raise AdapterError(config_path, "must hold a JSON object")
     if config.get("peft_type") != "LORA":
@@ -163,11 +165,14 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
             )
         raise AdapterError(path, f"no {WEIGHTS_NAME}")
 
-    tensors: dict[str, torch.Tensor] = {}
+    # Read once: the tensors and the content hash come from the same bytes, even when
+    # the file is replaced meanwhile.
     try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise AdapterError(weights_path, f"cannot read: {exc.strerror}") from None
+    try:
+        tensors: dict[str, torch.Tensor] = safetensors_load(data)
     except Exception as exc:  # safetensors raises several untyped errors for bad files
         raise AdapterError(weights_path, f"unreadable safetensors file: {exc}") from None
 
@@ -211,7 +216,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         config=config,
         modules=modules,
         modules_to_save=modules_to_save,
-        content_sha256=sha256_file(weights_path),
+        content_sha256=hashlib.sha256(data).hexdigest(),
     )
 
 

@@ -42,6 +42,7 @@ class AdapterSpec:
     path: Path
     calibration: Path | None = None
     name: str | None = None  # default: the folder name
+    origin: str | None = None  # where the files came from, when ``path`` is a copy (shown in the report)
 
 
 class MergeCancelled(IterisError):
@@ -266,14 +267,14 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         "inputs": [
             {
                 "name": a.name,
-                "path": str(a.path),
+                "path": spec.origin or str(a.path),
                 "sha256": a.content_sha256,
                 "ranks": sorted({m.rank for m in a.modules.values()}),
                 "calibration": None if c is None else {
                     "source": c.source, "samples": len(c.samples), "sha256": c.fingerprint(), "generated": c.generated,
                 },
             }
-            for a, c in zip(adapters, calibration)
+            for a, c, spec in zip(adapters, calibration, request.adapters)
         ],
         "iterations_run": result.metrics.get("iterations_run", 0),
         "merge_seconds": round(merge_seconds, 3),

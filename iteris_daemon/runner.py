@@ -25,30 +25,32 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
-from .calibration import CalibrationOptions, CalibrationSet
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet
 from .catalog import Catalog
 from .catalog.models import Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
 from .catalog.registry import list_adapters
 from .config import GroupConfig
-from .errors import IterisError
+from .errors import AdapterError, IterisError
 from .gates import judge
-from .lora import load_adapter
+from .lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
 from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest
 from .strategy import parse_params
 
 log = logging.getLogger(__name__)
+INPUTS_PREFIX = ".inputs-"  # a run's snapshot of its inputs, in the work folder
 
 
 def worker_id() -> str:
@@ -150,6 +152,7 @@ class Inputs:
 
     revisions: list[tuple[Adapter, AdapterRevision]] = field(default_factory=list)
     calibration: list[CalibrationSet | None] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)  # the run's own copies of the revisions
     held_back: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
@@ -177,17 +180,39 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
         return chosen
 
 
-def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None) -> Inputs:
-    """Load each selected adapter's calibration; an adapter without any is held back, not fatal."""
+def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path) -> LoraAdapter:
+    """Copy a selected revision's files into the run's own folder and check they are what
+    the catalog recorded. The merge, its calibration and the run's record then agree even
+    when the source folder changes or vanishes mid-run (the soak test caught both)."""
+    source = Path(revision.files_path)
+    into.mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
+        try:
+            shutil.copyfile(source / name, into / name)
+        except FileNotFoundError:
+            if name != CALIBRATION_NAME:
+                raise AdapterError(source / name, "vanished since it was registered") from None
+        except OSError as exc:
+            raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
+    loaded = load_adapter(into, adapter.name)
+    if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
+        raise AdapterError(source, "changed since it was registered; the next run merges the new revision")
+    return loaded
+
+
+def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
+                  into: Path) -> Inputs:
+    """Snapshot each selected adapter into ``into`` and load its calibration; an adapter that
+    cannot be read as registered, or has no calibration data, is held back, not fatal."""
     sources = calibration_sources()
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
         samples=samples or 50, settings=group.calibration.source_settings(),
     )
     inputs = Inputs()
-    for adapter, revision in select_inputs(catalog, group):
+    for index, (adapter, revision) in enumerate(select_inputs(catalog, group)):
         try:
-            loaded = load_adapter(revision.files_path, adapter.name)
+            loaded = snapshot_input(adapter, revision, into / str(index))
             # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
             data = first_calibration(loaded, options, sources)
             if data is None and needs_calibration:
@@ -195,11 +220,14 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                 continue
             if data is not None:
                 data = data.head(samples)
+                if data.source.startswith(str(loaded.path)):  # read from the snapshot: name the original
+                    data = replace(data, source=revision.files_path + data.source[len(str(loaded.path)):])
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
             continue
         inputs.revisions.append((adapter, revision))
         inputs.calibration.append(data)
+        inputs.folders.append(loaded.path)
     return inputs
 
 
@@ -252,13 +280,18 @@ def run_group(
     if not claim.acquire():
         log.info("group %s: another daemon is merging it; skipped", group.name)
         return RunOutcome(RunStatus.skipped, None, "claimed by another daemon")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
     try:
-        return _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_remote_code, on_status)
+        return _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
+                            on_status)
     finally:
+        shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
 
 
-def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_remote_code, on_status) -> RunOutcome:
+def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
+                 on_status) -> RunOutcome:
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
@@ -267,7 +300,7 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
     strategy = get_strategy(group.strategy)
     samples = getattr(parse_params(strategy, group.params), "samples_per_task", None)
     on_status(f"group {group.name}: gathering inputs")
-    inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples)
+    inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots)
     fingerprint = inputs.fingerprint(group.strategy, group.params)
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
@@ -292,7 +325,8 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
     try:
         report = run_merge(MergeRequest(
             base_model=group.base_model,
-            adapters=[AdapterSpec(Path(r.files_path), name=a.name) for a, r in inputs.revisions],
+            adapters=[AdapterSpec(folder, name=a.name, origin=r.files_path)
+                      for (a, r), folder in zip(inputs.revisions, inputs.folders)],
             out=out, strategy=group.strategy, params=group.params, device=device, overwrite=True, quiet=True,
             trust_remote_code=trust_remote_code, calibration_sets=inputs.calibration, should_stop=should_stop,
             reference=baseline if baseline.is_dir() and group.gates.max_regression is not None else None,
@@ -304,7 +338,7 @@ def _run_claimed(catalog, group, work_dir, should_stop, force, device, trust_rem
         if verdict.refused:
             _finish(catalog, run_id, RunStatus.refused, error=f"not published: {verdict.refused}",
                     metrics={"tasks": report.get("tasks", {}), "held_back": inputs.held_back})
-            log.error("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
+            log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
         published = publish_all(group, run_id, out, report, inputs)

@@ -1,0 +1,85 @@
+"""A run reads each input once: the revisions it records, the weights it merges and the
+calibration it uses are the same bytes, whatever happens to the source folders meanwhile.
+
+The soak test (``benchmarks/soak.py``) found runs that recorded one revision and merged
+the next (an adapter replaced between selection and merge), and runs that failed when
+an input vanished mid-run. Here both are made to happen deterministically, on the real
+folder source, catalog and folder publisher (fixtures shared with ``test_gates.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+from sqlalchemy import select
+
+import iteris_daemon.runner as runner
+from iteris_daemon.catalog.models import AdapterRevision, MergeRunInput, RunStatus
+from iteris_daemon.lora import sha256_file
+from test_gates import Setup, made  # noqa: F401  (the module fixture)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def setup(tmp_path, made):  # noqa: F811
+    base, adapters = made
+    s = Setup(tmp_path, base, adapters)
+    yield s
+    s.catalog.close()
+
+
+def _replace_weights(folder, factor: float) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, folder / ".new")
+    (folder / ".new").replace(folder / "adapter_model.safetensors")
+
+
+def _recorded(setup, run_id: int) -> dict[str, str]:
+    """adapter name -> content sha256 of the revision the run records."""
+    with setup.catalog.session() as session:
+        rows = session.scalars(select(AdapterRevision).join(MergeRunInput, MergeRunInput.revision_id == AdapterRevision.id)
+                               .where(MergeRunInput.run_id == run_id)).all()
+        return {r.adapter.name: r.content_sha256 for r in rows}
+
+
+def _published(setup) -> dict[str, str]:
+    report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+    return {i["name"]: i["sha256"] for i in report["inputs"]}
+
+
+def test_an_input_replaced_during_the_merge_does_not_change_what_is_merged(setup, monkeypatch):
+    watched = setup.published.parent / "watched"
+    real_merge = runner.run_merge
+
+    def merge_after_a_replacement(request):
+        _replace_weights(watched / "task0", 2.0)  # a trainer drops new weights mid-run
+        return real_merge(request)
+
+    monkeypatch.setattr(runner, "run_merge", merge_after_a_replacement)
+    outcome = setup.run(setup.group(names=("task0", "task1")))
+    assert outcome.status is RunStatus.succeeded
+    recorded = _recorded(setup, outcome.run_id)
+    assert set(recorded) == {"task0", "task1"} and _published(setup) == recorded
+    assert recorded["task0"] != sha256_file(watched / "task0" / "adapter_model.safetensors")
+
+
+def test_inputs_changed_or_gone_since_registration_are_held_back_and_the_rest_merges(setup):
+    watched = setup.published.parent / "watched"
+    _replace_weights(watched / "task0", 2.0)  # not yet seen by the source
+    outcome = setup.run(setup.group(names=("task0", "task1")))
+    assert outcome.status is RunStatus.succeeded
+    run = setup.run_row(outcome.run_id)
+    assert "changed since it was registered" in run.metrics["held_back"]["task0"]
+    assert set(_recorded(setup, outcome.run_id)) == {"task1"} == set(_published(setup))
+
+    shutil.rmtree(watched / "task1")  # deleted, not yet seen by the source
+    outcome = setup.run(setup.group(names=("task1",)))
+    assert outcome.status is RunStatus.skipped and "0 adapters ready" in outcome.detail
+    with setup.catalog.session() as session:
+        held = session.get(type(run), outcome.run_id).metrics["held_back"]
+    assert "vanished since it was registered" in held["task1"]
+    assert not list(setup.work.glob(f"{runner.INPUTS_PREFIX}*"))  # every run's snapshot is cleaned up
