@@ -35,7 +35,7 @@ from .catalog.registry import add_source
 from .config import DaemonConfig, GroupConfig, load_config
 from .errors import IterisError
 from .paths import cache_dir, private_dir, state_dir
-from .runner import recover_interrupted, run_group, sync_group, worker_id
+from .runner import INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
 from .sources.hub import HubSource
 from .sources.local import LocalFolderSource, ScanReport
 from .systemd import Notifier
@@ -88,6 +88,8 @@ class Daemon:
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
             for leftover in (self.work / f"run-{run_id}", *self.work.glob(f".run-{run_id}.*")):
                 shutil.rmtree(leftover, ignore_errors=True)  # its half-written or unpublished merge
+        for leftover in self.work.glob(f"{INPUTS_PREFIX}*"):  # input snapshots of runs that were killed
+            shutil.rmtree(leftover, ignore_errors=True)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
@@ -224,11 +226,15 @@ class Daemon:
             return
         settings = self.config.daemon
         self.notifier.status(f"merging group {name}")
-        outcome = run_group(
-            self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
-            should_stop=self._cancel.is_set, device=settings.device,
-            trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
-        )
+        try:
+            outcome = run_group(
+                self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
+                should_stop=self._cancel.is_set, device=settings.device,
+                trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
+            )
+        except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
+            log.exception("group %s: the run could not be carried out", name)
+            return
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
 
     def _tick(self) -> None:

@@ -211,6 +211,10 @@ class LocalFolderSource:
             self._set_health(str(exc))
             report.waiting.append(str(folder))
             return
+        if folder_fingerprint(folder) != fingerprint:  # written to while being examined: look again later
+            report.waiting.append(str(folder))
+            self._mark_dirty(folder)
+            return
         seen = Observation(
             locator=locator, name=as_text(self._name(folder)), revision=fingerprint,
             files_path=str(folder) if info is not None else None,
@@ -341,12 +345,12 @@ class LocalFolderSource:
                     self._check_roots()
                 except Exception:
                     log.exception("source %s: checking the watched folders failed", self.name)
-            due = self._take_due()
-            if due:
+            for path, deep in self._take_due():  # one at a time: a failure costs only that path
                 try:
-                    self._settle(due)
+                    self._settle([(path, deep)])
                 except Exception:
-                    log.exception("source %s: examining %s failed", self.name, [str(p) for p, _ in due])
+                    log.exception("source %s: examining %s failed; it is looked at again", self.name, path)
+                    self._mark_dirty(path, deep)
 
     def _take_due(self) -> list[tuple[Path, bool]]:
         now = time.monotonic()
