@@ -415,6 +415,33 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
     catalog.close()
 
 
+def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_path):
+    """``mv watched away; mv away watched`` within a second (the soak test's flapping
+    source). The events mark its adapters removed while the watch survives (inotify
+    follows the folder); the source must notice the folder is back and rescan it. The
+    soak caught a timing of this that this test does not force."""
+    base, (first, _) = made
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        shutil.copytree(first, watched / "keep")
+        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
+                 "registration")
+        watched.rename(tmp_path / "away")
+        time.sleep(0.5)  # events arrive, the folder is not checked yet
+        (tmp_path / "away").rename(watched)
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.registered, "the adapter back")
+        shutil.copytree(first, watched / "later")
+        wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
+                 "an adapter added afterwards")
+    finally:
+        source.stop()
+    catalog.close()
+
+
 def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
     """The same fault, faster than the source looks: the root is re-created right after
     the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""

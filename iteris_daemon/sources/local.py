@@ -304,23 +304,29 @@ class LocalFolderSource:
         rescanned."""
         for root in self.settings.paths:
             if not root.is_dir():
-                if root in self._missing:
-                    continue
-                self._missing.add(root)
-                log.warning("source %s: watched folder %s is gone; its adapters are marked removed until it is back",
-                            self.name, root)
-                report = ScanReport()
-                prefix = as_text(root)  # as the locators under it are stored
-                with self._lock:
-                    self._mark_removed(lambda loc: loc == prefix or loc.startswith(prefix + os.sep), report)
-                    self._set_health(f"watched folder {root} is gone")
-                if self.on_change and report.changed:
-                    self.on_change(report)
+                self._root_gone(root)
             elif root in self._missing or not self._watch_alive(root):
                 self._missing.discard(root)
                 log.info("source %s: watched folder %s is back; watching it again", self.name, root)
                 self._watch(root)
                 self.scan()
+
+    def _root_gone(self, root: Path) -> None:
+        """A watched root is not there: unhealthy, its adapters ``removed``, and the next
+        root check that finds it again re-watches and rescans it (also when it was only
+        renamed away and back, which its still-living watch would not tell)."""
+        if root in self._missing:
+            return
+        self._missing.add(root)
+        log.warning("source %s: watched folder %s is gone; its adapters are marked removed until it is back",
+                    self.name, root)
+        report = ScanReport()
+        prefix = as_text(root)  # as the locators under it are stored
+        with self._lock:
+            self._mark_removed(lambda loc: loc == prefix or loc.startswith(prefix + os.sep), report)
+            self._set_health(f"watched folder {root} is gone")
+        if self.on_change and report.changed:
+            self.on_change(report)
 
     def _mark_dirty(self, path: Path, deep: bool = False) -> None:
         """An event touched ``path``; ``deep`` when a whole folder arrived (copied or moved in)."""
@@ -367,6 +373,9 @@ class LocalFolderSource:
             return ready
 
     def _settle(self, paths: list[tuple[Path, bool]]) -> None:
+        for root in {p for p, _ in paths} & set(self.settings.paths):
+            if not root.is_dir():
+                self._root_gone(root)
         report = ScanReport()
         with self._lock:
             for path, deep in paths:
