@@ -86,6 +86,13 @@ def _snapshot(folder: Path) -> tuple | None:
         return None
 
 
+def _same_fingerprint(folder: Path, fingerprint: str) -> bool:
+    try:
+        return folder_fingerprint(folder) == fingerprint
+    except OSError:
+        return False
+
+
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -190,7 +197,12 @@ class LocalFolderSource:
         if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
             report.waiting.append(str(folder))  # config first, weights still to come
             return
-        fingerprint = folder_fingerprint(folder)
+        try:
+            fingerprint = folder_fingerprint(folder)
+        except OSError:  # a file vanished between listing and hashing: the folder is changing
+            report.waiting.append(str(folder))
+            self._mark_dirty(folder)
+            return
         locator = as_text(folder)
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
@@ -211,7 +223,12 @@ class LocalFolderSource:
             self._set_health(str(exc))
             report.waiting.append(str(folder))
             return
-        if folder_fingerprint(folder) != fingerprint:  # written to while being examined: look again later
+        except OSError as exc:  # a file vanished mid-examination (deleted or replaced): not a verdict
+            log.info("source %s: %s changed while being examined (%s); looking again", self.name, folder, exc.strerror)
+            report.waiting.append(str(folder))
+            self._mark_dirty(folder)
+            return
+        if not _same_fingerprint(folder, fingerprint):  # written to meanwhile: look again
             report.waiting.append(str(folder))
             self._mark_dirty(folder)
             return
