@@ -390,7 +390,7 @@ class LocalFolderSource:
             return ready
 
     def _settle(self, paths: list[tuple[Path, bool]]) -> None:
-        for root in {p for p, _ in paths} & set(self.settings.paths):
+        for root in {self._root_of(p) for p, _ in paths} - {None}:  # events from inside a root that left
             if not root.is_dir():
                 self._root_gone(root)
         report = ScanReport()
