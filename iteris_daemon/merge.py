@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import BaseModel
+from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergeInputs, parse_params
 
@@ -320,14 +320,7 @@ def _write_atomically(out: Path, config, modules, head, report, started) -> None
         save_adapter(staging, config, modules, head)
         report["total_seconds"] = round(time.perf_counter() - started, 3)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out, trash)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

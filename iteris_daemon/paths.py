@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,3 +38,16 @@ def private_dir(path: Path) -> Path:
         log.warning("%s is open to other users (mode %o); the daemon's state belongs in a private folder: chmod 700 %s",
                     path, mode, path)
     return path
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target`` with renames only (same filesystem);
+    the previous ``target``, if any, is deleted once it is out of the way."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    trash = target.with_name(f".{target.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(target, trash)
+    os.replace(new, target)
+    shutil.rmtree(trash, ignore_errors=True)

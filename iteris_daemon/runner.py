@@ -45,6 +45,7 @@ from .errors import AdapterError, IterisError
 from .gates import judge
 from .lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
 from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
+from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest
 from .strategy import parse_params
@@ -254,12 +255,7 @@ def published_copy(work_dir: Path, group_id: int) -> Path:
 def _keep_published(folder: Path, target: Path) -> None:
     """Make ``folder`` the group's baseline; an interrupted swap only loses the baseline."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(folder, target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(folder, target)
 
 
 def run_group(
