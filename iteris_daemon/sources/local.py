@@ -19,9 +19,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Collection
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -91,6 +91,11 @@ def _same_fingerprint(folder: Path, fingerprint: str) -> bool:
         return folder_fingerprint(folder) == fingerprint
     except OSError:
         return False
+
+
+def _under(locator: str, prefix: str) -> bool:
+    """``locator`` is the folder ``prefix`` or lies inside it."""
+    return locator == prefix or locator.startswith(prefix + os.sep)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -200,8 +205,7 @@ class LocalFolderSource:
         try:
             fingerprint = folder_fingerprint(folder)
         except OSError:  # a file vanished between listing and hashing: the folder is changing
-            report.waiting.append(str(folder))
-            self._mark_dirty(folder)
+            self._look_again(folder, report)
             return
         locator = as_text(folder)
         with self.catalog.session() as session:
@@ -225,12 +229,10 @@ class LocalFolderSource:
             return
         except OSError as exc:  # a file vanished mid-examination (deleted or replaced): not a verdict
             log.info("source %s: %s changed while being examined (%s); looking again", self.name, folder, exc.strerror)
-            report.waiting.append(str(folder))
-            self._mark_dirty(folder)
+            self._look_again(folder, report)
             return
         if not _same_fingerprint(folder, fingerprint):  # written to meanwhile: look again
-            report.waiting.append(str(folder))
-            self._mark_dirty(folder)
+            self._look_again(folder, report)
             return
         seen = Observation(
             locator=locator, name=as_text(self._name(folder)), revision=fingerprint,
@@ -250,6 +252,11 @@ class LocalFolderSource:
         elif status is AdapterStatus.registered:
             report.registered.append(str(folder))
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
+
+    def _look_again(self, folder: Path, report: ScanReport) -> None:
+        """``folder`` changed while it was examined: no verdict now, another look once it settles."""
+        report.waiting.append(str(folder))
+        self._mark_dirty(folder)
 
     def _check_containment(self, folder: Path) -> None:
         """Adapter files must be regular files inside the watched root (no symlink escapes)."""
@@ -340,7 +347,7 @@ class LocalFolderSource:
         report = ScanReport()
         prefix = as_text(root)  # as the locators under it are stored
         with self._lock:
-            self._mark_removed(lambda loc: loc == prefix or loc.startswith(prefix + os.sep), report)
+            self._mark_removed(lambda loc: _under(loc, prefix), report)
             self._set_health(f"watched folder {root} is gone")
         if self.on_change and report.changed:
             self.on_change(report)
@@ -403,8 +410,7 @@ class LocalFolderSource:
                 prefix = str(path)
 
                 def gone(locator: str, prefix=prefix) -> bool:
-                    under = locator == prefix or locator.startswith(prefix + os.sep)
-                    return under and not any((Path(locator) / n).exists() for n in ADAPTER_FILES)
+                    return _under(locator, prefix) and not any((Path(locator) / n).exists() for n in ADAPTER_FILES)
 
                 self._mark_removed(gone, report)
         if report.registered or report.rejected or report.removed:
