@@ -177,6 +177,8 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
     """A config under which PEFT applies each (B, A) with scaling exactly 1."""
     from peft import LoraConfig
 
+    from .model_class import merged_auto_mapping
+
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {_escape(p): r for p, r in ranks.items() if r != rank}
     first = adapters[0].config
@@ -194,7 +196,8 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         base_model_name_or_path=request.base_model,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
+        # Without a task_type, AutoPeftModel finds the base model's class here.
+        config.save_pretrained(tmp, auto_mapping_dict=merged_auto_mapping([a.config for a in adapters]))
         return json.loads((Path(tmp) / "adapter_config.json").read_text())
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .calibration import CalibrationSet
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError
 from .lora import LoraAdapter
+from .model_class import model_class_for
 
 try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
@@ -25,23 +26,6 @@ except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _auto_class(task_type: str | None):
-    import transformers as tf
-
-    classes = {
-        None: tf.AutoModel,
-        "FEATURE_EXTRACTION": tf.AutoModel,
-        "SEQ_CLS": tf.AutoModelForSequenceClassification,
-        "TOKEN_CLS": tf.AutoModelForTokenClassification,
-        "QUESTION_ANS": tf.AutoModelForQuestionAnswering,
-        "CAUSAL_LM": tf.AutoModelForCausalLM,
-        "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
-    }
-    if task_type not in classes:
-        raise IncompatibleAdaptersError(f"unsupported PEFT task_type {task_type!r}")
-    return classes[task_type]
 
 
 def _head_labels(adapters: list[LoraAdapter]) -> int | None:
@@ -130,8 +114,11 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
         kwargs["num_labels"] = labels
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        cls = model_class_for([adapter], config)
         with torch.device("meta"):
-            return _auto_class(adapter.task_type).from_config(config, trust_remote_code=trust_remote_code)
+            if hasattr(cls, "from_config"):  # an auto class; concrete classes have _from_config
+                return cls.from_config(config, trust_remote_code=trust_remote_code)
+            return cls._from_config(config)
     except (OSError, ValueError, KeyError) as exc:
         raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
 
@@ -147,7 +134,7 @@ class BaseModel:
         dtype: str = "float32",
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         task_types = {a.task_type for a in adapters}
         if len(task_types) > 1:
@@ -161,7 +148,9 @@ class BaseModel:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         try:
-            self.model = _auto_class(self.task_type).from_pretrained(name_or_path, dtype=self.dtype, **kwargs)
+            config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+            cls = self.model_class = model_class_for(adapters, config)
+            self.model = cls.from_pretrained(name_or_path, dtype=self.dtype, **kwargs)
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None

@@ -176,7 +176,11 @@ _SKELETONS: dict[tuple, Any] = {}
 def _cached_skeleton(base: str, adapter, trust_remote_code: bool):
     """Skeletons are cheap but not free; a scan of many adapters of one base reuses one."""
     labels = tuple(sorted((k, tuple(t.shape)) for k, t in adapter.modules_to_save.items()))
-    key = (base, adapter.task_type, labels, trust_remote_code)
+    # The class loaded depends on task_type, else auto_mapping, else the adapted paths.
+    mapping = adapter.config.get("auto_mapping")
+    wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    paths = frozenset(adapter.modules) if adapter.task_type is None and wanted is None else None
+    key = (base, adapter.task_type, repr(wanted), paths, labels, trust_remote_code)
     if key not in _SKELETONS:
         if len(_SKELETONS) >= 16:
             _SKELETONS.pop(next(iter(_SKELETONS)))

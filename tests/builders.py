@@ -60,6 +60,7 @@ def model_class(task_type: str | None):
 
     return {
         None: tf.AutoModel,
+        "FEATURE_EXTRACTION": tf.AutoModel,
         "CAUSAL_LM": tf.AutoModelForCausalLM,
         "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
         "SEQ_CLS": tf.AutoModelForSequenceClassification,
@@ -102,11 +103,16 @@ def build_adapter(
     calibration: int = 12,
     scale: float = 0.3,
     modules_to_save: list[str] | None = None,
+    base_class=None,
 ) -> Path:
-    """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl."""
+    """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl.
+
+    ``base_class`` (default: ``task_type``'s auto class) is the transformers class
+    the adapter is made on, e.g. ``GPT2LMHeadModel`` with ``task_type=None``.
+    """
     from peft import LoraConfig, get_peft_model
 
-    model = model_class(task_type).from_pretrained(model_dir)
+    model = (base_class or model_class(task_type)).from_pretrained(model_dir)
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family], task_type=task_type,
         use_rslora=use_rslora, init_lora_weights=False, fan_in_fan_out=(family == "gpt2"),
