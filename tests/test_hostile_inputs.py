@@ -68,14 +68,15 @@ def test_files_symlinked_outside_the_watched_folder_are_rejected(scan, made, tmp
         linked = folder / ("adapter_model.safetensors" if name == "weights-escape" else "adapter_config.json")
         linked.unlink()
         linked.symlink_to(target)
-    (watched / "folder-link").symlink_to(lora, target_is_directory=True)  # a linked folder is not followed
+    (watched / "folder-link").symlink_to(lora, target_is_directory=True)  # not followed: recorded as rejected
     shutil.copytree(lora, watched / "good")
     found = run()
     assert found["good"] == (AdapterStatus.registered, None)
     for name in ("weights-escape", "config-escape"):
         status, reason = found[name]
         assert status is AdapterStatus.rejected and "symlink pointing outside the watched folder" in reason
-    assert "folder-link" not in found
+    status, reason = found["folder-link"]
+    assert status is AdapterStatus.rejected and "symlinked folders are not followed" in reason
 
 
 def test_a_folder_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(scan, made):

@@ -15,6 +15,7 @@ and rescanned.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -140,7 +141,8 @@ class LocalFolderSource:
         return None
 
     def adapter_folders(self) -> list[Path]:
-        """Every candidate adapter folder under the roots (symlinked folders are not followed)."""
+        """Every candidate adapter folder under the roots. Symlinked folders are not followed;
+        one that leads to adapter files is listed, to be recorded as rejected."""
         found = []
         for root in self.settings.paths:
             if not root.is_dir():
@@ -150,6 +152,8 @@ class LocalFolderSource:
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 if any(name in files for name in ADAPTER_FILES):
                     found.append(Path(folder))
+                found.extend(link for link in (Path(folder) / d for d in dirs)
+                             if link.is_symlink() and any((link / n).exists() for n in ADAPTER_FILES))
         return found
 
     def _name(self, folder: Path) -> str:
@@ -199,6 +203,9 @@ class LocalFolderSource:
         return time.time() - newest < self.settings.settle_seconds
 
     def _examine(self, folder: Path, report: ScanReport) -> None:
+        if os.path.realpath(folder) != str(folder):  # the folder or one above it is a symlink
+            self._reject_symlinked(folder, report)
+            return
         if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
             report.waiting.append(str(folder))  # config first, weights still to come
             return
@@ -252,6 +259,19 @@ class LocalFolderSource:
         elif status is AdapterStatus.registered:
             report.registered.append(str(folder))
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
+
+    def _reject_symlinked(self, folder: Path, report: ScanReport) -> None:
+        """Record ``folder``, reached through a symlinked folder, as rejected without reading
+        its files (the link may lead anywhere; its target is the revision)."""
+        target = os.path.realpath(folder)
+        reason = f"{as_text(folder)}: is reached through a symlinked folder (to {as_text(target)}); symlinked folders are not followed"
+        seen = Observation(locator=as_text(folder), name=as_text(self._name(folder)), files_path=None, reason=reason,
+                           revision=hashlib.sha256(os.fsencode("symlinked folder\0" + target)).hexdigest())
+        with self.catalog.session() as session:
+            _, new = record(session, self.source_id, seen)
+        report.rejected.append(str(folder))
+        if new:
+            log.warning("source %s: rejected %s", self.name, reason)
 
     def _look_again(self, folder: Path, report: ScanReport) -> None:
         """``folder`` changed while it was examined: no verdict now, another look once it settles."""
