@@ -2,22 +2,34 @@
 
 For every targeted layer and task i the merged delta D should map the inputs the
 *merged* model feeds that layer (Xt_i) to what task i's own LoRA produced from its
-own inputs (X_i D_i^T). Per layer and iteration this engine
+own inputs (X_i D_i^T). The closed form per layer is
 
-1. runs each task's calibration batches through the model (teacher forced) and,
-   in forward hooks, accumulates G_i = Xt_i^T Xt_i and Q_i = (X_i A_i^T)^T Xt_i
-   batch by batch (Q_i is the only part of C_i = X_i^T Xt_i the solve needs);
-2. solves ``D* = [sum_i c_i D_i (C_i + l1_i I)] [sum_i c_i (G_i + l2_i I)]^-1``
-   in float64, directly in the exact low-rank form ``D* = [B_1..B_N] A``.
+    D* = [sum_i c_i D_i (C_i + l1_i I)] [sum_i c_i (G_i + l2_i I)]^-1,
 
-Memory does not grow with the number of samples except for the r_i-wide
-projections ``X_i A_i^T`` kept from the first pass, which give Q_i its rows.
-The per-task Gram is folded into the running sums as soon as a task's pass ends,
-so one d_in x d_in buffer per layer serves every task.
+solved in float64 directly in its exact low-rank form ``D* = [B_1..B_N] A``; only
+``G_i = Xt_i^T Xt_i`` and ``Q_i = (X_i A_i^T)^T Xt_i`` (the part of ``C_i = X_i^T Xt_i``
+the solve needs) are accumulated, batch by batch, in forward hooks.
 
-The regularisers use ||G_i||_F for both terms (l1_i = a1 ||G_i||_F, l2_i = a2
-||G_i||_F): forming ||C_i||_F would cost another d_in x d_in product per task, and
-at the first iteration C_i = G_i, so the two agree there.
+The model runs one *unit* at a time (a transformer block, then the tail; or the whole
+model when its blocks cannot be found, see :mod:`iteris_daemon.execution`): each task's
+stream passes through the unit, its sums are folded into the unit's systems, the
+unit's modules are solved, and the streams move on. Only one unit's weights, Grams and
+systems are resident. Modules that read the same input tensor (q/k/v, gate/up) share
+one Gram.
+
+Two schedules decide which merge feeds the streams:
+
+- ``joint`` (the paper's iteration): every unit of sweep t sees inputs produced by the
+  merge of sweep t-1 everywhere (the tasks' own adapters at t = 0). Identical to
+  whole-model passes;
+- ``sequential`` (Gauss-Seidel): unit k of sweep t sees inputs produced by the units
+  before it as already solved in this sweep, and the previous sweep's merge (the task's
+  own adapter at t = 0) inside itself. Each unit then re-runs the streams with its new
+  merge, one extra forward pass per unit and task.
+
+The regularisers use ||G_i||_F for both terms (l1_i = a1 ||G_i||_F, l2_i = a2 ||G_i||_F):
+forming ||C_i||_F would cost another d_in x d_in product per task, and at the first
+iteration C_i = G_i, so the two agree there.
 """
 
 from __future__ import annotations
@@ -26,15 +38,16 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .calibration import CalibrationSet
 from .errors import CalibrationError, MergeError
-from .lora import LoraAdapter
+from .execution import Executor, State, Unit, prepare
+from .lora import LoraAdapter, LoraModule
 from .lowrank import solve_spd
-from .model import BaseModel, Delta
+from .model import BaseModel, Delta, masked_rows, row_mask
 from .strategy import Progress
 
 log = logging.getLogger(__name__)
@@ -53,169 +66,92 @@ class AlignmentOptions:
     batch_size: int = 16
     max_length: int = 128
     accumulate_dtype: str = "float32"
+    schedule: Literal["joint", "sequential"] = "joint"
+    blockwise: bool = True  # False: whole-model passes even when blocks can be found
 
 
 @dataclass
 class TaskLayer:
-    """What one task contributes at one layer, fixed after the first pass."""
+    """What one task contributes at one layer, fixed after its own-adapter pass."""
 
-    module: Any  # LoraModule or None when the task does not adapt this layer
-    projections: list[torch.Tensor] = field(default_factory=list)  # X_i A_i^T per call
+    module: LoraModule | None  # None when the task does not adapt this layer
+    A: torch.Tensor | None = None  # the module's A on the device, accumulation dtype
+    projections: list[torch.Tensor | None] = field(default_factory=list)  # X_i A_i^T per batch
     PtP: torch.Tensor | None = None  # (X_i A_i^T)^T (X_i A_i^T), for ||X_i D_i^T||^2
-    out_sq: float = 0.0  # ||X_i (W0 + D_i)^T||^2, for the adaptive weight
-    weight: float = 1.0  # c_i
+    out_sq: torch.Tensor | float = 0.0  # ||X_i (W0 + D_i)^T||^2, for the adaptive weight
+    weight: float | None = None  # c_i, once known
 
 
-class GramPass:
-    """Accumulators for one task's pass over its calibration data."""
+class UnitPass:
+    """One task's sums over its batches through one unit (the forward hooks' recorder).
 
-    def __init__(self, layers: dict[str, dict[int, TaskLayer]], task: int, first: bool, dtype, biases, release=False, gram=True):
-        self.layers, self.task, self.first, self.dtype, self.biases = layers, task, first, dtype, biases
-        self.gram = gram  # False: only record the task's projections (evaluation's task pass)
-        self.release = release  # drop each projection once used (single-use evaluation passes)
-        self.G: dict[str, torch.Tensor] = {}
+    ``own``: the stream runs the task's own adapter, so its inputs are X_i: record the
+    projections X_i A_i^T and ||X_i (W0 + D_i)^T||^2 (for the adaptive weight). ``gram``:
+    accumulate G = Xt^T Xt, one per distinct input tensor; on a stream that is not the
+    task's own, also Q = (X_i A_i^T)^T Xt from the recorded projections.
+    """
+
+    def __init__(self, layers: dict[str, TaskLayer], dtype: torch.dtype, biases: dict, *, own: bool, gram: bool,
+                 release: bool = False):
+        self.layers, self.dtype, self.biases = layers, dtype, biases
+        self.own, self.gram, self.release = own, gram, release
+        self.G: dict[str, torch.Tensor] = {}  # keyed by the first module reading the input
         self.Q: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # module -> module whose Gram it shares
+        self.batch = -1
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, str]] = []
 
-    def __call__(self, path: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        if x.shape[0] == 0:
+    def new_batch(self) -> None:
+        self.batch += 1
+        self._seen = []
+
+    def gram_of(self, path: str) -> torch.Tensor | None:
+        owner = self.owner.get(path)
+        return None if owner is None else self.G.get(owner)
+
+    def _rows(self, path: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The masked rows of ``x``, computed once per input tensor; notes shared inputs."""
+        for seen, rows, owner in self._seen:
+            if seen is x:
+                break
+        else:
+            rows, owner = masked_rows(x, mask, self.dtype), path
+            self._seen.append((x, rows, owner))
+        known = self.owner.setdefault(path, owner)
+        if known != owner:
+            raise MergeError(f"{path} shared its input with {known} in one batch and not in another")
+        return rows
+
+    def __call__(self, path: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if x.numel() == 0:
             return
-        x = x.to(self.dtype)
-        info = self.layers[path][self.task]
-        if self.gram:
+        rows = self._rows(path, x, mask)
+        if self.gram and self.owner[path] == path:
             G = self.G.get(path)
             if G is None:
-                G = self.G[path] = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
-            G.addmm_(x.T, x)
-        if self.first and self.gram:
-            y = y.to(self.dtype)
-            if self.biases.get(path) is not None:
-                y = y - self.biases[path].to(y)
-            info.out_sq += float(y.pow(2).sum())
-        if info.module is None:
+                G = self.G[path] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
+            G.addmm_(rows.T, rows)
+        info = self.layers[path]
+        if self.own:
+            out = y.reshape(-1, y.shape[-1]).to(self.dtype)
+            bias = self.biases.get(path)
+            if bias is not None:
+                out = out - bias.to(out)
+            column = row_mask(y, mask)
+            if column is not None:
+                out = out * column.to(out.dtype)
+            info.out_sq = info.out_sq + out.pow(2).sum()
+            if info.A is not None:
+                P = rows @ info.A.T
+                info.projections.append(P)
+                info.PtP = P.T @ P if info.PtP is None else info.PtP + P.T @ P
             return
-        if self.first:
-            # Xt = X on the task's own pass, so Q = A_i G needs no accumulation here
-            # (and computing it from G keeps Q and G consistent to the last bit).
-            P = x @ info.module.A.to(x).T
-            info.projections.append(P)
-            info.PtP = P.T @ P if info.PtP is None else info.PtP + P.T @ P
-            return
-        call = self.calls.get(path, 0)
-        self.calls[path] = call + 1
-        P = info.projections[call]
-        if self.release:
-            info.projections[call] = None
-        Q = P.T @ x
-        self.Q[path] = Q if path not in self.Q else self.Q[path] + Q
-
-
-def align(
-    base: BaseModel,
-    adapters: list[LoraAdapter],
-    calibration: list[CalibrationSet],
-    options: AlignmentOptions,
-    progress: Progress,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
-    """Run the inference-solving loop; return per-layer (B, A) factors and metrics."""
-    n_tasks = len(adapters)
-    paths = sorted({p for a in adapters for p in a.modules})
-    dtype = ACCUMULATE[options.accumulate_dtype]
-    task_weights = options.task_weights or [1.0] * n_tasks
-    layers = {p: {i: TaskLayer(module=a.modules.get(p)) for i, a in enumerate(adapters)} for p in paths}
-    biases = {p: getattr(base.layer(p), "bias", None) for p in paths}
-    base_weights = {p: base.weight(p).double() for p in paths}
-    B_cat = {p: torch.cat([layers[p][i].module.B.double() for i in range(n_tasks) if layers[p][i].module is not None], 1) for p in paths}
-
-    batches = [base.batches(c, options.batch_size, options.max_length) for c in calibration]
-    for adapter, data, task_batches in zip(adapters, calibration, batches):
-        tokens = sum(int(base.output_mask(b).sum()) if base.output_mask(b) is not None else 1 for b in task_batches)
-        if not task_batches or tokens == 0:
-            raise CalibrationError(data.source, f"no usable tokens for adapter {adapter.name}")
-
-    base.attach(paths)
-    timings = {"inference_s": 0.0, "solve_s": 0.0}
-    losses: list[list[float]] = [[] for _ in range(n_tasks)]
-    changes: list[float] = []
-    unused: set[str] = set()
-    merged: dict[str, torch.Tensor] | None = None  # path -> A (float64); B is B_cat
-    try:
-        for iteration in range(options.iterations):
-            M = {p: None for p in paths}
-            rhs: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
-            numerators = [0.0] * n_tasks
-            denominators = [0.0] * n_tasks
-            bar = progress(total=sum(len(b) for b in batches), desc=f"iteration {iteration}")
-            started = time.perf_counter()
-            for i, adapter in enumerate(adapters):
-                first = merged is None
-                if first:
-                    base.set_deltas({p: Delta(m.A, m.B, m.scaling) for p, m in adapter.modules.items()})
-                else:
-                    base.set_deltas({p: Delta(merged[p].float(), B_cat[p].float()) for p in paths})
-                recorder = GramPass(layers, i, first, dtype, biases)
-                for _ in base.run(batches[i], recorder):
-                    bar.update(1)
-                _fold_task(i, recorder, layers, paths, base_weights, options, task_weights[i], first, M, rhs)
-                if not first:
-                    for p in paths:
-                        num, den = alignment_terms(layers[p][i], recorder, p, B_cat[p], merged[p])
-                        numerators[i] += num
-                        denominators[i] += den
-            bar.close()
-            timings["inference_s"] += time.perf_counter() - started
-            if merged is not None:
-                for i in range(n_tasks):
-                    losses[i].append(numerators[i] / denominators[i] if denominators[i] > 0 else 0.0)
-            started = time.perf_counter()
-            new = {}
-            for p in progress(paths, desc=f"solve {iteration}", leave=False):
-                if M[p] is None:  # the forward pass never reached this layer: nothing to align
-                    unused.add(p)
-                    new[p] = torch.cat([t.module.scaling * t.module.A.double() for t in layers[p].values() if t.module is not None])
-                else:
-                    new[p] = solve_spd(M[p], torch.cat(rhs[p], 0))
-            timings["solve_s"] += time.perf_counter() - started
-            changes.append(_relative_change(B_cat, merged, new))
-            merged = new
-            if not all(torch.isfinite(a).all() for a in merged.values()):
-                raise MergeError("the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
-            if changes[-1] < options.tolerance:
-                break
-    finally:
-        base.detach()
-        base.set_deltas({})
-
-    factors = {p: (B_cat[p].float(), merged[p].float()) for p in paths}
-    metrics = {
-        "iterations_run": len(changes),
-        "relative_change": changes,
-        "converged": bool(changes and changes[-1] < options.tolerance),
-        # Loss of each solution but the last, measured when it was installed; the
-        # evaluation after the merge measures the last one.
-        "alignment_loss": {a.name: losses[i] for i, a in enumerate(adapters)},
-        "task_weights": {a.name: _mean_weight(layers, i) for i, a in enumerate(adapters)},
-        "timings": timings,
-    }
-    if unused:
-        log.warning("%d layers saw no calibration inputs and keep the sum of deltas: %s", len(unused), sorted(unused))
-        metrics["layers_without_inputs"] = sorted(unused)
-    return factors, metrics
-
-
-def _fold_task(i, recorder, layers, paths, base_weights, options, user_weight, first, M, rhs) -> None:
-    """Add task i's pass to every layer's running system (then its Gram can be dropped)."""
-    for p in paths:
-        info = layers[p][i]
-        G = recorder.G.get(p)
-        if G is None:
-            continue
-        if first:
-            info.weight = user_weight * (_adaptive_weight(info, base_weights[p]) if options.adaptive_weights else 1.0)
-        Q = None
-        if info.module is not None:
-            Q = info.module.A.double() @ G.double() if first else recorder.Q[p]
-        M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight, options.a1, options.a2, options.offdiag_scale)
+        if info.A is not None and self.gram:
+            P = info.projections[self.batch]
+            if self.release:
+                info.projections[self.batch] = None
+            Q = P.T @ rows
+            self.Q[path] = Q if path not in self.Q else self.Q[path] + Q
 
 
 def fold(M, rhs, G, Q, module, weight: float, a1: float, a2: float, offdiag_scale: float = 1.0) -> torch.Tensor:
@@ -223,6 +159,8 @@ def fold(M, rhs, G, Q, module, weight: float, a1: float, a2: float, offdiag_scal
 
     ``M += c (G + l2 I)`` and, when the task adapts the layer, appends the rows
     ``c s (Q + l1 A)`` = ``c s A (C + l1 I)`` to ``rhs``; returns the new ``M``.
+    ``Q=None`` means the task's own inputs (Xt = X): then ``Q = A G``, with the same
+    off-diagonal scaling as ``M`` (RegMean's Gram, which keeps a lone adapter exact).
     With l1 = a1 ||G||_F, l2 = a2 ||G||_F, the solution of ``A_merged M = rhs``
     stacked over tasks is the IterIS update in low-rank form.
     """
@@ -233,40 +171,252 @@ def fold(M, rhs, G, Q, module, weight: float, a1: float, a2: float, offdiag_scal
     term = weight * G
     term.diagonal().add_(weight * a2 * norm)
     if module is not None:
-        rhs.append(weight * module.scaling * (Q.double() + a1 * norm * module.A.double()))
+        A = module.A.to(G.device, torch.float64)
+        Q = A @ G if Q is None else Q.to(G.device, torch.float64)
+        rhs.append(weight * module.scaling * (Q + a1 * norm * A))
     return term if M is None else M + term
 
 
-def _adaptive_weight(info: TaskLayer, W0: torch.Tensor) -> float:
-    """c_i = ||W0 + D_i||_F^2 / ||X_i (W0 + D_i)^T||_F^2 (0 when the task sent no rows)."""
-    W = W0 if info.module is None else W0 + info.module.delta()
-    return float(W.pow(2).sum()) / info.out_sq if info.out_sq > 0 else 0.0
+def adaptive_weight(module: LoraModule | None, W0: torch.Tensor, out_sq: float) -> float:
+    """c_i = ||W0 + D_i||_F^2 / ||X_i (W0 + D_i)^T||_F^2 (0 when the task sent no rows).
+
+    ``||W0 + s B A||^2 = ||W0||^2 + 2 s <B^T W0, A> + s^2 <B^T B, A A^T>``: no dense
+    delta and no float64 copy of the base weight.
+    """
+    if out_sq <= 0:
+        return 0.0
+    W = W0.float()
+    total = float(W.pow(2).sum())
+    if module is not None:
+        A, B = module.A.to(W.device, torch.float32), module.B.to(W.device, torch.float32)
+        s = module.scaling
+        total += 2 * s * float(((B.T @ W) * A).sum()) + s * s * float(((B.T @ B) * (A @ A.T)).sum())
+    return total / out_sq
 
 
-def alignment_terms(info: TaskLayer, recorder: GramPass, path: str, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
+def alignment_terms(info: TaskLayer, G: torch.Tensor | None, Q: torch.Tensor | None, B: torch.Tensor,
+                    A: torch.Tensor) -> tuple[float, float]:
     """(||Xt D^T - X D_i^T||^2, ||X D_i^T||^2) for the installed merge D = B A, from Gram sums."""
-    G = recorder.G.get(path)
     if G is None:
         return 0.0, 0.0
-    G = G.double()
+    G, B, A = G.double(), B.double().to(G.device), A.double().to(G.device)
     fit = float(torch.trace((B.T @ B) @ (A @ G @ A.T)))
     if info.module is None:
         return fit, 0.0
     s = info.module.scaling
-    Bi = info.module.B.double()
+    Bi = info.module.B.to(G.device, torch.float64)
     target = s * s * float(torch.trace(Bi @ info.PtP.double() @ Bi.T))
-    cross = s * float(((Bi.T @ B) @ A * recorder.Q[path].double()).sum())
+    cross = s * float(((Bi.T @ B) @ A * Q.double()).sum())
     return max(fit - 2 * cross + target, 0.0), target
 
 
-def _relative_change(B_cat, old, new) -> float:
-    if old is None:
-        return math.inf
-    num = sum(float(torch.trace((B_cat[p].T @ B_cat[p]) @ ((new[p] - old[p]) @ (new[p] - old[p]).T))) for p in new)
-    den = sum(float(torch.trace((B_cat[p].T @ B_cat[p]) @ (new[p] @ new[p].T))) for p in new)
-    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+class _Alignment:
+    """One run of the inference-solving loop (the state shared by its steps)."""
+
+    def __init__(self, base: BaseModel, adapters: list[LoraAdapter], calibration: list[CalibrationSet],
+                 options: AlignmentOptions, progress: Progress):
+        self.base, self.adapters, self.options, self.progress = base, adapters, options, progress
+        self.n = len(adapters)
+        self.paths = sorted({p for a in adapters for p in a.modules})
+        self.dtype = ACCUMULATE[options.accumulate_dtype]
+        self.user_weights = options.task_weights or [1.0] * self.n
+        self.layers = {p: [TaskLayer(a.modules.get(p)) for a in adapters] for p in self.paths}
+        self.batches = [base.batches(c, options.batch_size, options.max_length) for c in calibration]
+        for adapter, data, task_batches in zip(adapters, calibration, self.batches):
+            masks = [base.output_mask(b) for b in task_batches]
+            tokens = sum(int(m.sum()) if m is not None else 1 for m in masks)
+            if not task_batches or tokens == 0:
+                raise CalibrationError(data.source, f"no usable tokens for adapter {adapter.name}")
+        self.executor, self.starts = prepare(base, self.paths, self.batches, options.blockwise)
+        if not self.executor.blockwise:
+            base.make_resident()
+        self.B_cat = {
+            p: torch.cat([t.module.B for t in self.layers[p] if t.module is not None], 1) for p in self.paths
+        }
+        self.merged: dict[str, torch.Tensor] | None = None  # path -> A (float32, CPU); B is B_cat
+        self.bar = None
+        self.unused: set[str] = set()
+
+    # ---------------------------------------------------------------- passes
+    def _deltas(self, unit: Unit, task: int | None, merge: dict[str, torch.Tensor] | None) -> dict[str, Delta]:
+        """The deltas a stream runs with in ``unit``: task ``task``'s own, or ``merge``."""
+        if merge is None:
+            modules = self.adapters[task].modules
+            return {p: Delta(modules[p].A, modules[p].B, modules[p].scaling) for p in unit.paths if p in modules}
+        return {p: Delta(merge[p], self.B_cat[p]) for p in unit.paths if p in merge}
+
+    def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta], recorder: UnitPass | None) -> list[State]:
+        self.base.set_deltas(deltas)
+        self.base.recorder = recorder
+        out = []
+        try:
+            for state in states:
+                if recorder is not None:
+                    recorder.new_batch()
+                out.append(self.executor.run(unit, state))
+                self.bar.update(1)
+        finally:
+            self.base.recorder = None
+        return out
+
+    def _on_device(self, unit: Unit, task: int) -> dict[str, TaskLayer]:
+        """Task ``task``'s layers of ``unit``, with A on the device (fresh projections)."""
+        layers = {}
+        for p in unit.paths:
+            info = self.layers[p][task]
+            if info.module is not None and info.A is None:
+                info.A = info.module.A.to(self.base.device, self.dtype)
+            layers[p] = info
+        return layers
+
+    def _forget(self, unit: Unit) -> None:
+        for p in unit.paths:
+            for info in self.layers[p]:
+                info.A = None
+
+    # ----------------------------------------------------------------- sweeps
+    def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+        options = self.options
+        timings = {"inference_s": 0.0, "solve_s": 0.0}
+        losses: list[list[float]] = [[] for _ in range(self.n)]
+        changes: list[float] = []
+        units = [u for u in self.executor.units if u.paths or u.stack is not None]
+        self.base.attach(self.paths)
+        try:
+            for sweep in range(options.iterations):
+                self.timing = timings
+                self.loss_terms = [[0.0, 0.0] for _ in range(self.n)]
+                self.change = [0.0, 0.0]
+                passes = 1 if options.schedule == "joint" else (3 if sweep == 0 else 2)
+                self.bar = self.progress(total=passes * sum(len(b) for b in self.batches) * len(units),
+                                         desc=f"iteration {sweep}")
+                states = [list(s) for s in self.starts]
+                # Sequential, first sweep: the tasks' own streams (the targets X_i) part from
+                # the merged streams at the first solved unit; until then they are one.
+                own = list(states) if options.schedule == "sequential" and sweep == 0 else None
+                new: dict[str, torch.Tensor] = {}
+                for unit in units:
+                    with self.executor.loaded(unit):
+                        states, own = self._unit(unit, sweep, states, own, new)
+                    self._forget(unit)
+                self.bar.close()
+                if self.merged is not None:
+                    for i, (num, den) in enumerate(self.loss_terms):
+                        losses[i].append(num / den if den > 0 else 0.0)
+                changes.append(math.sqrt(max(self.change[0], 0.0) / self.change[1])
+                               if self.merged is not None and self.change[1] > 0 else (math.inf if self.merged is None else 0.0))
+                self.merged = new
+                if changes[-1] < options.tolerance:
+                    break
+        finally:
+            self.base.detach()
+            self.base.set_deltas({})
+        if self.unused:
+            log.warning("%d layers saw no calibration inputs and keep the sum of deltas: %s",
+                        len(self.unused), sorted(self.unused))
+        factors = {p: (self.B_cat[p].float(), self.merged[p].float()) for p in self.paths}
+        metrics = {
+            "iterations_run": len(changes),
+            "relative_change": changes,
+            "converged": bool(changes and changes[-1] < options.tolerance),
+            "schedule": options.schedule,
+            "execution": "blocks" if self.executor.blockwise else "whole model",
+            # Loss of each solution but the last, measured when it was installed; the
+            # evaluation after the merge measures the last one.
+            "alignment_loss": {a.name: losses[i] for i, a in enumerate(self.adapters)},
+            "task_weights": {a.name: self._mean_weight(i) for i, a in enumerate(self.adapters)},
+            "timings": timings,
+        }
+        if self.unused:
+            metrics["layers_without_inputs"] = sorted(self.unused)
+        return factors, metrics
+
+    def _unit(self, unit: Unit, sweep: int, states, own, new):
+        """Align one unit for every task; return the streams after it."""
+        options = self.options
+        sequential = options.schedule == "sequential"
+        previous = self.merged  # None on the first sweep: the tasks' own adapters
+        biases = {p: getattr(self.base.layer(p), "bias", None) for p in unit.paths}
+        M: dict[str, torch.Tensor | None] = {p: None for p in unit.paths}
+        rhs: dict[str, list[torch.Tensor]] = {p: [] for p in unit.paths}
+        started = time.perf_counter()
+        merged_deltas = self._deltas(unit, None, previous) if previous is not None else None
+        for i in range(self.n):
+            layers = self._on_device(unit, i)
+            own_deltas = self._deltas(unit, i, None)
+            first = previous is None and (own is None or own[i] is states[i])
+            if first:  # Xt = X: one pass gives the projections and the Gram
+                recorder = UnitPass(layers, self.dtype, biases, own=True, gram=True)
+                states[i] = self._run(unit, states[i], own_deltas, recorder)
+                if own is not None:
+                    own[i] = states[i]
+            else:
+                if own is not None:  # sequential, first sweep: the own stream moves on its own
+                    own[i] = self._run(unit, own[i], own_deltas, UnitPass(layers, self.dtype, biases, own=True, gram=False))
+                recorder = UnitPass(layers, self.dtype, biases, own=False, gram=True)
+                moved = self._run(unit, states[i], merged_deltas if merged_deltas is not None else own_deltas, recorder)
+                if not sequential or not unit.paths:
+                    states[i] = moved
+            self._fold(unit, i, recorder, layers, first, M, rhs)
+            if previous is not None:
+                for p in unit.paths:
+                    G = recorder.gram_of(p)
+                    num, den = alignment_terms(self.layers[p][i], G, recorder.Q.get(p), self.B_cat[p], previous[p])
+                    self.loss_terms[i][0] += num
+                    self.loss_terms[i][1] += den
+        self.timing["inference_s"] += time.perf_counter() - started
+        started = time.perf_counter()
+        for p in unit.paths:
+            if M[p] is None:  # the forward pass never reached this layer: nothing to align
+                self.unused.add(p)
+                new[p] = torch.cat([t.module.scaling * t.module.A for t in self.layers[p] if t.module is not None]).float()
+            else:
+                new[p] = solve_spd(M[p], torch.cat(rhs[p], 0)).float().cpu()
+            if not torch.isfinite(new[p]).all():
+                raise MergeError("the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
+            if previous is not None:
+                self._track_change(p, previous[p], new[p])
+        self.timing["solve_s"] += time.perf_counter() - started
+        if sequential and unit.paths:  # move the streams on through the unit as just solved
+            started = time.perf_counter()
+            solved = self._deltas(unit, None, new)
+            states = [self._run(unit, states[i], solved, None) for i in range(self.n)]
+            self.timing["inference_s"] += time.perf_counter() - started
+        return states, own
+
+    def _fold(self, unit: Unit, i: int, recorder: UnitPass, layers: dict[str, TaskLayer], first: bool, M, rhs) -> None:
+        """Add task i's pass to the unit's systems (then its Grams can be dropped)."""
+        options = self.options
+        for p in unit.paths:
+            G = recorder.gram_of(p)
+            if G is None:
+                continue
+            info = layers[p]
+            if info.weight is None:
+                c = 1.0
+                if options.adaptive_weights:
+                    c = adaptive_weight(info.module, self.base.weight(p), float(info.out_sq))
+                info.weight = self.user_weights[i] * c
+            Q = None if first else recorder.Q.get(p)  # first: Xt = X, so fold forms Q = A G
+            M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight, options.a1, options.a2, options.offdiag_scale)
+
+    def _track_change(self, p: str, old: torch.Tensor, new: torch.Tensor) -> None:
+        BtB = self.B_cat[p].double().T @ self.B_cat[p].double()
+        diff = new.double() - old.double()
+        self.change[0] += float(torch.trace(BtB @ (diff @ diff.T)))
+        self.change[1] += float(torch.trace(BtB @ (new.double() @ new.double().T)))
+
+    def _mean_weight(self, i: int) -> float:
+        weights = [self.layers[p][i].weight or 0.0 for p in self.paths]
+        return sum(weights) / len(weights) if weights else 0.0
 
 
-def _mean_weight(layers, i: int) -> float:
-    weights = [layers[p][i].weight for p in layers]
-    return sum(weights) / len(weights) if weights else 0.0
+def align(
+    base: BaseModel,
+    adapters: list[LoraAdapter],
+    calibration: list[CalibrationSet],
+    options: AlignmentOptions,
+    progress: Progress,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Run the inference-solving loop; return per-layer (B, A) factors and metrics."""
+    return _Alignment(base, adapters, calibration, options, progress).run()

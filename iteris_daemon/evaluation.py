@@ -11,17 +11,19 @@ on the same batches too (``reference_fidelity_gap``): the daemon's quality gate
 compares the two on identical data.
 
 Each batch runs three times (base, task, merge; four with a reference) on the
-same token sequence, so no per-token features outlive their batch.
+same token sequence. Per-token features never outlive their unit: only the streams'
+hidden states travel from one unit to the next.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .alignment import ACCUMULATE, GramPass, TaskLayer, alignment_terms
+from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms
 from .calibration import CalibrationSet
+from .execution import prepare
 from .lora import LoraAdapter
-from .model import BaseModel, Delta, token_rows
+from .model import BaseModel, Delta, row_mask
 from .strategy import Progress
 
 
@@ -36,64 +38,107 @@ def evaluate(
     progress: Progress,
     accumulate_dtype: str = "float32",
     reference: LoraAdapter | None = None,
+    blockwise: bool = True,
 ) -> dict[str, dict[str, float]]:
+    """Per task: alignment loss, fidelity gap (and the reference's fidelity gap).
+
+    Runs unit by unit like the merge (see :mod:`iteris_daemon.execution`): each task's
+    streams (base, task, merge, reference) pass through a unit before the next is loaded.
+    """
     reference_paths = set(reference.modules) if reference is not None else set()
     paths = sorted(set(factors) | {p for a in adapters for p in a.modules} | reference_paths)
-    reference_deltas = {p: Delta(m.A, m.B, m.scaling) for p, m in reference.modules.items()} if reference else {}
     dtype = ACCUMULATE[accumulate_dtype]
-    biases = {p: getattr(base.layer(p), "bias", None) for p in paths}
     merged_deltas = {p: Delta(A, B) for p, (B, A) in factors.items()}
-    zero = {p: (torch.zeros(base.weight(p).shape[0], 1), torch.zeros(1, base.weight(p).shape[1])) for p in paths}
-    B64 = {p: factors.get(p, zero[p])[0].double() for p in paths}
-    A64 = {p: factors.get(p, zero[p])[1].double() for p in paths}
-    results: dict[str, dict[str, float]] = {}
+    B64, A64 = {}, {}
+    for p in paths:
+        d_out, d_in = base.weight(p).shape
+        B, A = factors.get(p, (torch.zeros(d_out, 1), torch.zeros(1, d_in)))
+        B64[p], A64[p] = B.double(), A.double()
+    streams: dict[str, tuple[dict[str, Delta], dict[str, torch.Tensor]] | None] = {"base": ({}, {}), "merged": (merged_deltas, merged_head)}
+    if reference is not None:
+        streams["reference"] = (_deltas(reference), reference.modules_to_save)
+    batches = [base.batches(data, batch_size, max_length) for data in calibration]
+    executor, starts = prepare(base, paths, batches, blockwise)
+    if not executor.blockwise:
+        base.make_resident()
+    states = [{name: list(start) for name in [*streams, "task"]} for start in starts]
+    sums = [{"num": 0.0, "den": 0.0, "gap_num": 0.0, "gap_den": 0.0, "reference_num": 0.0} for _ in adapters]
+    bar = progress(total=len(executor.units) * sum(len(b) for b in batches), desc="evaluate", leave=False)
     base.attach(paths)
     try:
-        for i, (adapter, data) in enumerate(zip(adapters, calibration)):
-            layers = {p: {i: TaskLayer(module=adapter.modules.get(p))} for p in paths}
-            task_pass = GramPass(layers, i, True, dtype, biases, gram=False)
-            merge_pass = GramPass(layers, i, False, dtype, biases, release=True)
-            task_deltas = {p: Delta(m.A, m.B, m.scaling) for p, m in adapter.modules.items()}
-            gap_num = gap_den = reference_num = 0.0
-            batches = base.batches(data, batch_size, max_length)
-            for batch in progress(batches, desc=f"evaluate {adapter.name}", leave=False):
-                mask = base.output_mask(batch)
-                base.set_deltas({})
-                base.set_head({})
-                y_base = _rows(next(base.run([batch])), mask)
-                base.set_deltas(task_deltas)
-                base.set_head(adapter.modules_to_save)
-                y_task = _rows(next(base.run([batch], task_pass)), mask)
-                base.set_deltas(merged_deltas)
-                base.set_head(merged_head)
-                y_merged = _rows(next(base.run([batch], merge_pass)), mask)
-                gap_num += float((y_merged - y_task).pow(2).sum())
-                gap_den += float((y_task - y_base).pow(2).sum())
-                if reference is not None:
-                    base.set_deltas(reference_deltas)
-                    base.set_head(reference.modules_to_save)
-                    y_reference = _rows(next(base.run([batch])), mask)
-                    reference_num += float((y_reference - y_task).pow(2).sum())
-            num = den = 0.0
-            for p in paths:
-                n, d = alignment_terms(layers[p][i], merge_pass, p, B64[p], A64[p])
-                num, den = num + n, den + d
-            results[adapter.name] = {
-                "alignment_loss": num / den if den > 0 else 0.0,
-                "fidelity_gap": _gap(gap_num, gap_den),
-            }
-            if reference is not None:
-                results[adapter.name]["reference_fidelity_gap"] = _gap(reference_num, gap_den)
+        for unit in executor.units:
+            with executor.loaded(unit):
+                for i, adapter in enumerate(adapters):
+                    layers = {p: TaskLayer(adapter.modules.get(p)) for p in unit.paths}
+                    for info in layers.values():
+                        if info.module is not None:
+                            info.A = info.module.A.to(base.device, dtype)
+                    recorders = {"task": UnitPass(layers, dtype, {}, own=True, gram=False),
+                                 "merged": UnitPass(layers, dtype, {}, own=False, gram=True, release=True)}
+                    plan = {"task": (_deltas(adapter), adapter.modules_to_save), **streams}
+                    for name in ("task", *streams):  # the task's pass first: the merge's Q needs it
+                        deltas, head = plan[name]
+                        base.set_deltas({p: d for p, d in deltas.items() if p in unit.paths})
+                        if unit.stack is None:
+                            base.set_head(head)
+                        recorder = recorders.get(name)
+                        base.recorder = recorder
+                        try:
+                            moved = []
+                            for state in states[i][name]:
+                                if recorder is not None:
+                                    recorder.new_batch()
+                                moved.append(executor.run(unit, state))
+                        finally:
+                            base.recorder = None
+                        states[i][name] = moved
+                    merge_pass = recorders["merged"]
+                    for p in unit.paths:
+                        n, d = alignment_terms(layers[p], merge_pass.gram_of(p), merge_pass.Q.get(p), B64[p], A64[p])
+                        sums[i]["num"] += n
+                        sums[i]["den"] += d
+                    if unit.stack is None:
+                        _output_gaps(base, states[i], sums[i])
+                        states[i] = {}  # the outputs (logits, maybe) are done with
+                    bar.update(len(batches[i]))
     finally:
+        bar.close()
         base.detach()
         base.set_deltas({})
         base.set_head({})
+    results: dict[str, dict[str, float]] = {}
+    for adapter, total in zip(adapters, sums):
+        results[adapter.name] = {
+            "alignment_loss": total["num"] / total["den"] if total["den"] > 0 else 0.0,
+            "fidelity_gap": _gap(total["gap_num"], total["gap_den"]),
+        }
+        if reference is not None:
+            results[adapter.name]["reference_fidelity_gap"] = _gap(total["reference_num"], total["gap_den"])
     return results
+
+
+def _deltas(adapter: LoraAdapter) -> dict[str, Delta]:
+    return {p: Delta(m.A, m.B, m.scaling) for p, m in adapter.modules.items()}
+
+
+def _output_gaps(base: BaseModel, states: dict, sums: dict) -> None:
+    """Add one task's final-output distances, batch by batch, to ``sums``."""
+    for b, task_state in enumerate(states["task"]):
+        mask = base.output_mask(task_state.context.batch)
+        y_task = task_state.output.float()
+        column = row_mask(y_task, mask.to(y_task.device) if mask is not None else None)
+
+        def distance(other) -> float:
+            diff = (other.output.float() - y_task).reshape(-1, y_task.shape[-1])
+            if column is not None:
+                diff = diff * column.to(diff.dtype)
+            return float(diff.double().pow(2).sum())
+
+        sums["gap_num"] += distance(states["merged"][b])
+        sums["gap_den"] += distance(states["base"][b])
+        if "reference" in states:
+            sums["reference_num"] += distance(states["reference"][b])
 
 
 def _gap(num: float, den: float) -> float:
     return (num / den) ** 0.5 if den > 0 else 0.0
-
-
-def _rows(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return token_rows(y.double(), mask.to(y.device) if mask is not None else None)

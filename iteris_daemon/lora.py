@@ -79,6 +79,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
     content_sha256: str = ""
+    dtype: torch.dtype = torch.float32  # of the LoRA weights as saved (the merge is written in it by default)
 
     @property
     def task_type(self) -> str | None:
@@ -209,6 +210,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterError(weights_path, f"{module}: weights contain NaN or Inf")
         modules[module] = LoraModule(A=A.float(), B=B.float(), scaling=scaling)
+        saved_dtype = A.dtype
 
     return LoraAdapter(
         name=name or path.name,
@@ -217,6 +219,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         modules=modules,
         modules_to_save=modules_to_save,
         content_sha256=hashlib.sha256(data).hexdigest(),
+        dtype=saved_dtype,
     )
 
 

@@ -9,16 +9,17 @@ import torch
 def solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Return ``rhs @ M^-1`` for a symmetric positive (semi-)definite ``M`` (float64).
 
-    Cholesky when ``M`` is positive definite (the regularisers make it so); a
-    minimum-norm least-squares solve when it is singular (no regularisation and
-    fewer tokens than input features).
+    Cholesky when ``M`` is positive definite (the regularisers make it so); the
+    minimum-norm least-squares answer, through the symmetric pseudo-inverse, when it is
+    singular (no regularisation and fewer tokens than input features). Both run on
+    CPU and CUDA (``lstsq``'s ``gelsd`` driver is CPU-only).
     """
     M = M.double()
-    rhs = rhs.double()
+    rhs = rhs.to(M.device, torch.float64)
     factor, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0:
         return torch.cholesky_solve(rhs.T.contiguous(), factor).T
-    return torch.linalg.lstsq(M, rhs.T, driver="gelsd").solution.T
+    return rhs @ torch.linalg.pinv(M, hermitian=True)
 
 
 def refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None = None, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, float]:

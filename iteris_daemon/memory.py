@@ -69,3 +69,20 @@ def keep_large_blocks_in_mmap(threshold: int = 64 * 1024) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def reset_device_peak(device) -> None:
+    """Start a new peak-allocation window on a CUDA device (no-op elsewhere)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak_mb(device) -> float | None:
+    """Peak memory allocated by torch on a CUDA device since the last reset; None elsewhere."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20

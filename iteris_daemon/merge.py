@@ -28,7 +28,7 @@ from .errors import CalibrationError, IncompatibleAdaptersError, IterisError, Me
 from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
-from .model import BaseModel
+from .model import DTYPES, BaseModel
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergeInputs, parse_params
@@ -79,7 +79,9 @@ class MergeRequest:
     strategy: str = "iteris"
     params: dict[str, Any] | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # the base model's compute dtype
+    output_dtype: str | None = None  # the merged adapter's dtype (default: the adapters')
+    offload: str = "auto"  # where block weights wait: auto, disk, cpu, none (see weights.py)
     trust_remote_code: bool = False
     modules_to_save_rule: str = "agree"
     overwrite: bool = False
@@ -230,17 +232,21 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     head = merged_head(adapters, request.modules_to_save_rule)
 
     log.info("loading base model %s", request.base_model)
-    base = BaseModel(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code)
+    base = BaseModel(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
+                     offload=request.offload)
     for adapter in adapters:
         base.check_adapter(adapter)
 
     log.info("merging %d adapters with %s", len(adapters), strategy.name)
     rss_before = memory.current_rss_mb()
     window = memory.reset_peak()
+    memory.reset_device_peak(base.device)
     merge_started = time.perf_counter()
     result = strategy.merge(MergeInputs(base, adapters, calibration, request.device), params, progress)
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
+    device_peak = memory.device_peak_mb(base.device)
+    output_dtype = DTYPES[request.output_dtype] if request.output_dtype else adapters[0].dtype
 
     modules, ranks, truncation = {}, {}, {}
     for path, (B, A) in result.modules.items():
@@ -249,7 +255,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         d_out, d_in = B.shape[0], A.shape[1]
         if A.shape[0] > min(d_out, d_in):  # the same delta fits in a smaller rank, exactly
             B, A, truncation[path] = refactor(B, A, min(d_out, d_in))
-        modules[path] = (B.float().cpu(), A.float().cpu())
+        modules[path] = (B.to(output_dtype).cpu(), A.to(output_dtype).cpu())
         ranks[path] = A.shape[0]
 
     per_task: dict[str, dict[str, Any]] = {}
@@ -285,6 +291,11 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         "peak_memory_mb": round(memory.process_peak_mb(), 1),
         # The strategy's own footprint: RSS when it started and its peak (None off Linux).
         "merge_memory_mb": {"before": _round(rss_before), "peak": _round(merge_peak)},
+        # Peak memory allocated on the compute device during the merge (None on the CPU,
+        # where merge_memory_mb is the figure).
+        "device_memory_mb": {"device": str(base.device), "peak": _round(device_peak)},
+        "placement": base.placement.name,
+        "output_dtype": str(output_dtype).removeprefix("torch."),
         "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks)},
         "rank_cap_error": max(truncation.values(), default=0.0),
         "tasks": per_task,

@@ -9,6 +9,7 @@ dict assignment, so the same loaded model serves every task and every iteration.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -25,7 +26,23 @@ try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
 except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _move_except(model: nn.Module, keep: set[int], device: torch.device) -> None:
+    """Move every module but those in ``keep`` (by id) and their children to ``device``."""
+    for module in model.children():
+        if id(module) in keep:
+            continue
+        if any(id(m) in keep for m in module.modules()):
+            _move_except(module, keep, device)
+            for name, param in module.named_parameters(recurse=False):
+                module._parameters[name] = param.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
+        else:
+            module.to(device)
 
 
 def _head_labels(adapters: list[LoraAdapter]) -> int | None:
@@ -43,21 +60,34 @@ class Delta:
     scaling: float = 1.0
 
 
-Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
+Recorder = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+"""Called as ``recorder(path, x, y, mask)`` with a layer's raw input and output and the
+padding mask that applies to them (see :func:`row_mask`)."""
 
 
-def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The real (non-padding) rows of a layer input or output, as (n, features).
+def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (rows, 1) 0/1 column that zeroes the padding rows of ``x.reshape(-1, d)``, or None.
 
-    Token-level tensors (batch, seq, d) are masked; tensors with one vector per
-    sequence (a BERT pooler's (batch, d)) have no padding and are kept whole.
+    Token-level tensors (batch, seq, d) are masked; tensors with one vector per sequence
+    (a BERT pooler's (batch, d)) have no padding. Multiplying by a mask instead of
+    boolean indexing keeps the hot path free of host synchronisation.
     """
-    if mask is not None:
-        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            return x[mask.bool()]
-        if x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
-            return x[mask.reshape(-1).bool()]
-    return x.reshape(-1, x.shape[-1])
+    if mask is None:
+        return None
+    if (x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)) or (
+        x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1
+    ):
+        return mask.reshape(-1, 1)
+    return None
+
+
+def masked_rows(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` as (rows, features) in ``dtype``, padding rows zeroed (they add nothing to a Gram)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if dtype is not None:
+        rows = rows.to(dtype)
+    column = row_mask(x, mask)
+    return rows if column is None else rows * column.to(rows.dtype)
 
 
 def _linear_weight_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -133,6 +163,7 @@ class BaseModel:
         device: str = "cpu",
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        offload: str = "auto",
     ):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -145,16 +176,19 @@ class BaseModel:
         if labels is not None and self.task_type in ("SEQ_CLS", "TOKEN_CLS"):
             kwargs["num_labels"] = labels
         self.name_or_path = name_or_path
+        self._stack_paths: list[str] = []
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         try:
             config = AutoConfig.from_pretrained(name_or_path, **kwargs)
             cls = self.model_class = model_class_for(adapters, config)
-            self.model = cls.from_pretrained(name_or_path, dtype=self.dtype, **kwargs)
+            self.head_keys = sorted({k for a in adapters for k in a.modules_to_save})
+            paths = sorted({p for a in adapters for p in a.modules})
+            self.model, self.placement = self._load(cls, config, kwargs, offload, paths)
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
-        self.model.to(self.device).eval()
+        self.model.eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
@@ -168,6 +202,50 @@ class BaseModel:
         self._masks: dict[str, torch.Tensor | None] = {}
         self._encoder_output: torch.Tensor | None = None
         self._hooks: list = []
+
+    def _load(self, cls, config, kwargs: dict, offload: str, paths: list[str]):
+        """The model and where its block weights live (see :mod:`iteris_daemon.weights`).
+
+        ``auto``: stream blocks from the safetensors files when the checkpoint allows it,
+        else keep the model in CPU memory and visit the device block by block (GPU), else
+        load it whole onto the device.
+        """
+        from .architecture import block_plan
+        from .weights import Offloaded, Resident, WeightsUnavailable, load_streamed
+
+        if offload not in ("auto", "disk", "cpu", "none"):
+            raise ValueError(f"offload must be auto, disk, cpu or none, got {offload!r}")
+        if offload in ("auto", "disk") and not kwargs.get("trust_remote_code"):
+            def stacks(model):
+                plan = block_plan(model, paths, self.head_keys)
+                self._stack_paths = [stack.path for stack in plan.stacks] if plan.supported else []
+                return self._stack_paths
+
+            try:
+                return load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks)
+            except WeightsUnavailable as exc:
+                log.info("loading %s whole: cannot stream its blocks (%s)", self.name_or_path, exc)
+        model = cls.from_pretrained(self.name_or_path, dtype=self.dtype, **kwargs)
+        if offload in ("auto", "cpu") and self.device.type != "cpu":
+            plan = block_plan(model, paths, self.head_keys)
+            if plan.supported:
+                self._stack_paths = [stack.path for stack in plan.stacks]
+                blocks = {id(b) for stack in plan.stacks for b in stack.blocks}
+                _move_except(model, blocks, self.device)
+                return model, Offloaded(self.device)
+        return model.to(self.device), Resident()
+
+    def make_resident(self) -> None:
+        """Bring every block to the device, for whole-model passes (idempotent)."""
+        from .weights import Resident
+
+        if isinstance(self.placement, Resident):
+            return
+        for path in self._stack_paths:
+            for index, block in enumerate(self.model.get_submodule(path)):
+                self.placement.load(block, f"{path}.{index}")
+        self.placement = Resident()
+        self._modules = dict(self.model.named_modules())
 
     # ------------------------------------------------------------------ layers
     def layer(self, path: str) -> nn.Module:
@@ -222,6 +300,13 @@ class BaseModel:
             return self._masks.get("encoder")
         return self._mask
 
+    def stack_masks(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {"encoder": batch.get("attention_mask"), "decoder": batch.get("decoder_attention_mask")}
+
+    def use_masks(self, masks: dict[str, torch.Tensor | None], stack: str, encoder_output: torch.Tensor | None) -> None:
+        """Which padding masks the hooks apply (set by the block executor before each block)."""
+        self._masks, self._mask, self._encoder_output = masks, masks.get(stack), encoder_output
+
     def _hook(self, path: str):
         def hook(_module, args, output):
             x = args[0]
@@ -230,8 +315,7 @@ class BaseModel:
                 h = x.to(delta.A.dtype) @ delta.A.T
                 output = output + (delta.scaling * (h @ delta.B.T)).to(output.dtype)
             if self.recorder is not None:
-                mask = self._mask_for(x)
-                self.recorder(path, token_rows(x, mask), token_rows(output, mask))
+                self.recorder(path, x, output, self._mask_for(x))
             return output
 
         return hook
@@ -304,16 +388,12 @@ class BaseModel:
         return batch.get("decoder_attention_mask") if self.is_encoder_decoder else batch.get("attention_mask")
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], **extra) -> torch.Tensor:
         """Run one batch (teacher-forced) and return the model's first output (hidden states or logits)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        self._masks = {
-            "encoder": batch.get("attention_mask"),
-            "decoder": batch.get("decoder_attention_mask"),
-        }
-        self._mask = self._masks["encoder"]
-        self._encoder_output = None
-        out = self.model(**batch, use_cache=False) if "use_cache" in self._forward_args else self.model(**batch)
+        self.use_masks(self.stack_masks(batch), "encoder", None)
+        inputs = {**batch, **extra}
+        out = self.model(**inputs, use_cache=False) if "use_cache" in self._forward_args else self.model(**inputs)
         return out[0]
 
     def run(self, batches: list[dict[str, torch.Tensor]], recorder: Recorder | None = None) -> Iterator[torch.Tensor]:

@@ -22,6 +22,9 @@ class FeatureParams(StrategyParams):
     accumulate_dtype: Literal["float32", "float64"] = Field(
         "float32", description="precision of the per-batch Gram products (the solve is always float64)"
     )
+    blockwise: bool = Field(
+        True, description="run the model block by block (only one block resident); false: whole-model passes"
+    )
 
 
 class IterISParams(FeatureParams):
@@ -32,6 +35,10 @@ class IterISParams(FeatureParams):
     adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
     task_weights: list[float] | None = Field(None, description="manual per-task multipliers, in --adapter order")
     target_rank: int | None = Field(None, ge=1, description="truncate the exact rank-sum result to this rank (SVD)")
+    schedule: Literal["joint", "sequential"] = Field(
+        "joint", description="joint: every block fed by the previous iteration's merge (the paper); sequential: "
+        "by the blocks already merged in this sweep (Gauss-Seidel)"
+    )
 
     @model_validator(mode="after")
     def _weights_non_negative(self):
@@ -63,6 +70,8 @@ class IterIS:
             batch_size=params.batch_size,
             max_length=params.max_length,
             accumulate_dtype=params.accumulate_dtype,
+            schedule=params.schedule,
+            blockwise=params.blockwise,
         )
         factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
         return _truncate(factors, metrics, params.target_rank)
@@ -87,6 +96,7 @@ class RegMean:
             batch_size=params.batch_size,
             max_length=params.max_length,
             accumulate_dtype=params.accumulate_dtype,
+            blockwise=params.blockwise,
         )
         factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
         return MergedAdapter(factors, metrics)

@@ -51,6 +51,7 @@ class PeftCombination:
         if len(weights) != len(adapters):
             raise ParameterError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
         # PEFT rewrites the modules it wraps, so it works on a private copy of the model.
+        inputs.base.make_resident()
         model = PeftModel.from_pretrained(copy.deepcopy(inputs.base.model), str(adapters[0].path), adapter_name="t0")
         for index, adapter in enumerate(adapters[1:], start=1):
             model.load_adapter(str(adapter.path), adapter_name=f"t{index}")

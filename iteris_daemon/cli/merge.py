@@ -66,7 +66,16 @@ def register(commands) -> None:
     merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output adapter folder")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     merge.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="the base model's compute dtype (default: float32)")
+    merge.add_argument("--output-dtype", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the merged adapter's weights (default: the input adapters')")
+    merge.add_argument(
+        "--offload", default="auto", choices=["auto", "disk", "cpu", "none"],
+        help="where block weights wait while another block is computed on: disk (read from the safetensors "
+             "files block by block), cpu (CPU memory, blocks visit the device), none (all on the device); "
+             "auto: disk when the checkpoint allows it (default)",
+    )
     merge.add_argument(
         "--modules-to-save-rule", default="agree", metavar="RULE",
         help="adapters with modules_to_save (heads): 'agree' (must be identical, default), 'average', or an adapter name",
@@ -108,6 +117,8 @@ def _merge(args) -> int:
             params=params,
             device=args.device,
             dtype=args.dtype,
+            output_dtype=args.output_dtype,
+            offload=args.offload,
             trust_remote_code=args.trust_remote_code,
             modules_to_save_rule=args.modules_to_save_rule,
             overwrite=args.overwrite,

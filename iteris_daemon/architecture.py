@@ -1,0 +1,130 @@
+"""Where a transformers model keeps its blocks, and how one block hands over to the next.
+
+The block-by-block engine (:mod:`iteris_daemon.execution`) needs a few facts about an
+architecture, and this module is the only place that knows them:
+
+- the *stacks*: the ``ModuleList`` s of identical blocks, in the order the forward pass
+  runs them (decoder-only and encoder-only models have one; encoder-decoder models two,
+  the one under ``model.get_encoder()`` first);
+- which outputs of a block feed the next block's arguments. Most blocks take only the
+  hidden states from their predecessor; T5's first block computes the relative position
+  bias that the later blocks of its stack reuse (``CARRIED_OUTPUTS``);
+- whether the blocks of a stack are called alike. Models that mix attention types
+  (sliding-window and full layers) pass each block a different mask; they merge with
+  whole-model passes instead (``block_plan`` says why).
+
+Everything else (attention masks, rotary embeddings, the encoder's output for the
+decoder's cross-attention) is captured from the model's own forward pass, not known here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+# model_type -> {index of a block output: name of the next block's argument it feeds}.
+CARRIED_OUTPUTS: dict[str, dict[int, str]] = {
+    "t5": {1: "position_bias", 2: "encoder_decoder_position_bias"},
+    "mt5": {1: "position_bias", 2: "encoder_decoder_position_bias"},
+}
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or bool(Conv1D and isinstance(module, Conv1D))
+
+
+@dataclass
+class Stack:
+    """One ``ModuleList`` of blocks, e.g. ``model.layers`` or ``encoder.block``."""
+
+    path: str
+    blocks: nn.ModuleList
+    parent: nn.Module
+    attribute: str
+    is_encoder: bool = False
+
+    def block_path(self, index: int) -> str:
+        return f"{self.path}.{index}"
+
+
+@dataclass
+class BlockPlan:
+    """The stacks to stream through, or the reason the model must run whole."""
+
+    stacks: list[Stack] = field(default_factory=list)
+    carried: dict[int, str] = field(default_factory=dict)
+    reason: str | None = None  # set: no block-by-block execution for this model
+
+    @property
+    def supported(self) -> bool:
+        return self.reason is None
+
+
+def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost ModuleLists whose entries share one class and hold linear layers."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _ in found):
+            continue  # e.g. a MoE block's experts inside a stack already found
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(is_linear(m) for m in module[0].modules()):
+            continue
+        found.append((path, module))
+    return found
+
+
+def block_plan(model: nn.Module, paths: list[str], modules_to_save: list[str] = ()) -> BlockPlan:
+    """Find the stacks of ``model`` that the targeted ``paths`` live in.
+
+    ``paths`` outside every stack must come after the last block (a pooler, a head):
+    they run in the tail pass. Whether they really do is checked when the first
+    block's inputs are captured (:mod:`iteris_daemon.execution`).
+    """
+    config = getattr(model, "config", None)
+    candidates = _candidate_stacks(model)
+    if not candidates:
+        return BlockPlan(reason="no stack of identical blocks found")
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder:
+        encoder = model.get_encoder()
+        encoder_lists = {id(m) for m in encoder.modules() if isinstance(m, nn.ModuleList)}
+        ordered = sorted(candidates, key=lambda c: id(c[1]) not in encoder_lists)
+        if len(ordered) != 2 or id(ordered[0][1]) not in encoder_lists:
+            return BlockPlan(reason=f"expected one encoder and one decoder stack, found {[p for p, _ in candidates]}")
+    elif len(candidates) != 1:
+        return BlockPlan(reason=f"several block stacks ({', '.join(p for p, _ in candidates)})")
+    else:
+        ordered = candidates
+    layer_types = getattr(config, "layer_types", None) or []
+    if len(set(layer_types)) > 1:
+        return BlockPlan(reason=f"its blocks mix attention types ({', '.join(sorted(set(layer_types)))})")
+    for key in modules_to_save:
+        if any(key.startswith(f"{p}.") for p, _ in ordered):
+            return BlockPlan(reason=f"modules_to_save {key} lies inside a block")
+    stacks = []
+    modules = dict(model.named_modules())
+    for index, (path, blocks) in enumerate(ordered):
+        parent_path, _, attribute = path.rpartition(".")
+        stacks.append(Stack(path, blocks, modules[parent_path], attribute, is_encoder=encoder_decoder and index == 0))
+    model_type = getattr(config, "model_type", "")
+    return BlockPlan(stacks=stacks, carried=CARRIED_OUTPUTS.get(model_type, {}))
+
+
+def unit_of(path: str, plan: BlockPlan) -> tuple[int, int] | None:
+    """(stack index, block index) of a module path, or None when it is outside every block."""
+    for s, stack in enumerate(plan.stacks):
+        prefix = f"{stack.path}."
+        if path.startswith(prefix):
+            head = path[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                return s, int(head)
+    return None

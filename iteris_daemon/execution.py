@@ -1,0 +1,311 @@
+"""Running calibration batches through a model one *unit* at a time.
+
+A unit is either a transformer block or the *tail* (whatever follows the last block:
+final norm, pooler, heads). The engine takes one unit at a time, brings its weights to
+the device, pushes every stream (a task's own adapter, the current merge, ...) through
+it, and moves on; only one block's weights and the streams' hidden states are resident.
+This is how GPTQ and llm-compressor's sequential pipeline calibrate 100B+ models on one
+GPU, and IterIS is layer-wise in the same way.
+
+- :class:`BlockExecutor` captures what the first block of each stack receives (hidden
+  states and every keyword the model passes a block: attention mask, rotary embeddings,
+  the encoder's output) once per batch, then calls blocks directly. The tail runs the
+  model's own forward with its blocks replaced by the streamed result, so heads and
+  poolers need no architecture knowledge.
+- :class:`ModelExecutor` is the fallback for models whose blocks cannot be found: one
+  unit, the whole forward pass.
+
+Both present the same interface, so the engine has one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .architecture import BlockPlan, Stack, block_plan, unit_of
+from .model import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedForBlocks(Exception):
+    """This model cannot be run block by block (the message says why)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Unit:
+    name: str
+    paths: list[str]  # targeted modules inside this unit
+    stack: int | None = None  # None: the tail, or the whole model
+    index: int | None = None
+
+
+@dataclass
+class BatchContext:
+    """What every stream of one batch shares: the inputs and each stack's block-0 call."""
+
+    batch: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor | None]
+    calls: list[inspect.BoundArguments] = field(default_factory=list)
+    hidden_names: list[str] = field(default_factory=list)
+    encoder_argument: str | None = None  # the decoder blocks' argument for the encoder output
+
+
+@dataclass
+class State:
+    """One stream's position in the model for one batch."""
+
+    context: BatchContext
+    hidden: torch.Tensor | None = None
+    output: Any = None  # the last unit's raw output
+    carried: dict[str, Any] = field(default_factory=dict)
+    encoder: torch.Tensor | None = None  # the encoder's final output, once past the encoder
+    stack: int = 0
+
+
+class ModelExecutor:
+    """Whole-model passes: one unit holding every targeted module."""
+
+    blockwise = False
+
+    def __init__(self, base: BaseModel, paths: list[str]):
+        self.base = base
+        self.units = [Unit("model", sorted(paths))]
+
+    def begin(self, batches: list[dict[str, torch.Tensor]]) -> list[State]:
+        return [State(BatchContext(batch, {})) for batch in batches]
+
+    @contextlib.contextmanager
+    def loaded(self, unit: Unit) -> Iterator[None]:
+        yield
+
+    def run(self, unit: Unit, state: State) -> State:
+        return State(state.context, output=self.base.forward(state.context.batch))
+
+    @staticmethod
+    def result(state: State) -> torch.Tensor:
+        return state.output
+
+
+class _Replay(nn.Module):
+    """Stands in for a stack's blocks in the tail pass: returns the streamed output."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+class BlockExecutor:
+    """Block-by-block passes over the stacks found by :func:`architecture.block_plan`."""
+
+    blockwise = True
+
+    def __init__(self, base: BaseModel, paths: list[str], plan: BlockPlan):
+        self.base, self.plan = base, plan
+        self.model = base.model
+        by_unit: dict[tuple[int, int], list[str]] = {}
+        tail: list[str] = []
+        for path in sorted(paths):
+            where = unit_of(path, plan)
+            (tail if where is None else by_unit.setdefault(where, [])).append(path)
+        self.units = [
+            Unit(stack.block_path(b), by_unit.get((s, b), []), s, b)
+            for s, stack in enumerate(plan.stacks)
+            for b in range(len(stack.blocks))
+        ]
+        self.units.append(Unit("tail", tail))
+        self._outside = tail
+        self._signatures = [inspect.signature(stack.blocks[0].forward) for stack in plan.stacks]
+
+    @classmethod
+    def create(cls, base: BaseModel, paths: list[str]) -> "BlockExecutor | ModelExecutor":
+        """Block by block when the model's blocks can be found, else whole-model passes (logged)."""
+        plan = block_plan(base.model, paths, list(base.head_keys))
+        if not plan.supported:
+            log.info("running whole-model passes for %s: %s", base.name_or_path, plan.reason)
+            return ModelExecutor(base, paths)
+        return cls(base, paths, plan)
+
+    # -------------------------------------------------------------- capture
+    def begin(self, batches: list[dict[str, torch.Tensor]]) -> list[State]:
+        """Capture each stack's block-0 call for every batch (the streams' starting point)."""
+        states = []
+        for batch in batches:
+            batch = {k: v.to(self.base.device) for k, v in batch.items()}
+            context = BatchContext(batch, self.base.stack_masks(batch))
+            for s, stack in enumerate(self.plan.stacks):
+                self._capture(context, s, stack)
+            states.append(State(context, hidden=context.calls[0].arguments[context.hidden_names[0]]))
+        return states
+
+    def _capture(self, context: BatchContext, s: int, stack: Stack) -> None:
+        captured: dict[str, Any] = {}
+
+        def stop(_module, args, kwargs):
+            captured["call"] = self._signatures[s].bind(*args, **kwargs)
+            raise _StopForward
+
+        early: list[str] = []
+        hooks = [stack.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)]
+        modules = dict(self.model.named_modules())
+        hooks += [modules[p].register_forward_hook(lambda *_a, p=p: early.append(p)) for p in self._outside]
+        extra: dict[str, Any] = {}
+        dummy = None
+        if s > 0:  # a decoder: skip the encoder, its output is streamed
+            source = context.calls[0].arguments[context.hidden_names[0]]
+            dummy = torch.zeros_like(source)
+            extra["encoder_outputs"] = (dummy,)
+        try:
+            with torch.no_grad():
+                self.base.forward(context.batch, **extra)
+        except _StopForward:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if "call" not in captured:
+            raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.0")
+        if early:
+            raise UnsupportedForBlocks(f"targeted {early[0]} runs before the first block")
+        call = captured["call"]
+        context.calls.append(call)
+        context.hidden_names.append(next(iter(self._signatures[s].parameters)))
+        if dummy is not None:
+            context.encoder_argument = _argument_holding(call, dummy)
+            if context.encoder_argument is None:
+                raise UnsupportedForBlocks(f"cannot tell which argument of {stack.path}.0 takes the encoder output")
+
+    # -------------------------------------------------------------- weights
+    @contextlib.contextmanager
+    def loaded(self, unit: Unit) -> Iterator[None]:
+        if unit.stack is None:
+            yield
+            return
+        block = self.plan.stacks[unit.stack].blocks[unit.index]
+        self.base.placement.load(block, self.plan.stacks[unit.stack].block_path(unit.index))
+        try:
+            yield
+        finally:
+            self.base.placement.release(block)
+
+    # -------------------------------------------------------------- running
+    def run(self, unit: Unit, state: State) -> State:
+        """Push one batch's stream through ``unit``; the layer hooks fire as in a full pass."""
+        context = state.context
+        if unit.stack is None:
+            return State(context, output=self._tail(state), stack=state.stack)
+        if unit.stack != state.stack:  # leaving the encoder for the decoder
+            state = State(context, hidden=context.calls[unit.stack].arguments[context.hidden_names[unit.stack]],
+                          encoder=self._encoder_output(state), stack=unit.stack)
+        call = context.calls[unit.stack]
+        bound = inspect.BoundArguments(call.signature, dict(call.arguments))
+        _set_argument(bound, context.hidden_names[unit.stack], state.hidden)
+        for name, value in state.carried.items():
+            _set_argument(bound, name, value)
+        if unit.stack > 0:
+            _set_argument(bound, context.encoder_argument, state.encoder)
+        self.base.use_masks(context.masks, "decoder" if unit.stack > 0 else "encoder", state.encoder)
+        block = self.plan.stacks[unit.stack].blocks[unit.index]
+        with torch.no_grad():
+            out = block(*bound.args, **bound.kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+        carried = {name: out[i] for i, name in self.plan.carried.items() if not isinstance(out, torch.Tensor) and i < len(out)}
+        return State(context, hidden=hidden, output=out, carried=carried, encoder=state.encoder, stack=unit.stack)
+
+    def _encoder_output(self, state: State) -> torch.Tensor:
+        """The encoder's final output (after its final norm) for a stream leaving the encoder."""
+        encoder = self.model.get_encoder()
+        batch = state.context.batch
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "inputs_embeds") if k in batch}
+        self.base.use_masks(state.context.masks, "encoder", None)
+        with self._replaying({0: state.output}), torch.no_grad():
+            out = encoder(**inputs)
+        return out[0]
+
+    def _tail(self, state: State) -> torch.Tensor:
+        """The model's own forward with every stack replaced by the streamed outputs."""
+        extra = {}
+        replays = {len(self.plan.stacks) - 1: state.output}
+        if state.encoder is not None:
+            extra["encoder_outputs"] = (state.encoder,)
+        with self._replaying(replays):
+            return self.base.forward(state.context.batch, **extra)
+
+    @contextlib.contextmanager
+    def _replaying(self, outputs: dict[int, Any]) -> Iterator[None]:
+        originals = {}
+        try:
+            for s, output in outputs.items():
+                stack = self.plan.stacks[s]
+                originals[s] = getattr(stack.parent, stack.attribute)
+                # Bypass Module.__setattr__'s registration: the swap must not show up in
+                # named_modules() of a model someone else is iterating.
+                stack.parent._modules[stack.attribute] = nn.ModuleList([_Replay(output)])
+            yield
+        finally:
+            for s, original in originals.items():
+                stack = self.plan.stacks[s]
+                stack.parent._modules[stack.attribute] = original
+
+    @staticmethod
+    def result(state: State) -> torch.Tensor:
+        return state.output
+
+
+def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
+    for name, argument in call.arguments.items():
+        if argument is value:
+            return name
+        if isinstance(argument, dict):  # **kwargs
+            for key, inner in argument.items():
+                if inner is value:
+                    return key
+    return None
+
+
+def _set_argument(bound: inspect.BoundArguments, name: str, value: Any) -> None:
+    """Set a named argument, also when the block takes it through ``**kwargs``."""
+    parameters = bound.signature.parameters
+    if name in parameters and parameters[name].kind is not inspect.Parameter.VAR_KEYWORD:
+        bound.arguments[name] = value
+        return
+    var = next((p for p in parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    if var is None:
+        raise UnsupportedForBlocks(f"the block takes no argument {name!r}")
+    bound.arguments[var.name] = {**bound.arguments.get(var.name, {}), name: value}
+
+
+Executor = BlockExecutor | ModelExecutor
+
+
+def prepare(
+    base: BaseModel, paths: list[str], task_batches: list[list[dict[str, torch.Tensor]]], blockwise: bool = True
+) -> tuple[Executor, list[list[State]]]:
+    """The executor for a merge and every task's starting states.
+
+    Block by block unless ``blockwise`` is false or the model cannot be (logged once,
+    with the reason); then whole-model passes.
+    """
+    if blockwise:
+        executor = BlockExecutor.create(base, paths)
+        if executor.blockwise:
+            try:
+                return executor, [executor.begin(batches) for batches in task_batches]
+            except UnsupportedForBlocks as exc:
+                log.info("running whole-model passes for %s: %s", base.name_or_path, exc)
+    executor = ModelExecutor(base, paths)
+    return executor, [executor.begin(batches) for batches in task_batches]

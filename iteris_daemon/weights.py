@@ -1,0 +1,199 @@
+"""Where a base model's block weights live while the engine works on other blocks.
+
+Three placements, one interface (``load(block, path)`` before a block is computed on,
+``release(block)`` after):
+
+- :class:`Resident`: the whole model sits on the compute device (small models);
+- :class:`Offloaded`: the model sits in CPU memory and one block at a time is moved to
+  the (GPU) device;
+- :class:`Streamed`: only the modules outside the blocks (embeddings, final norm, heads)
+  are loaded; each block is read from the memory-mapped safetensors checkpoint when it
+  is needed and dropped afterwards, so peak memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailable(Exception):
+    """The checkpoint cannot be streamed (the message says why); load it whole instead."""
+
+
+class Resident:
+    name = "resident"
+
+    def load(self, block: nn.Module, path: str) -> None:
+        pass
+
+    def release(self, block: nn.Module) -> None:
+        pass
+
+
+class Offloaded:
+    """Blocks live in CPU memory and visit the device one at a time."""
+
+    name = "cpu"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def load(self, block: nn.Module, path: str) -> None:
+        block.to(self.device)
+
+    def release(self, block: nn.Module) -> None:
+        block.to("cpu")
+
+
+class Streamed:
+    """Blocks are read from the safetensors files when needed and dropped afterwards."""
+
+    name = "disk"
+
+    def __init__(self, checkpoint: "Checkpoint", device: torch.device, dtype: torch.dtype):
+        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+
+    def load(self, block: nn.Module, path: str) -> None:
+        self.checkpoint.load_into(block, path, self.device, self.dtype)
+
+    def release(self, block: nn.Module) -> None:
+        for name, param in list(block.named_parameters()):
+            _replace_parameter(block, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+
+def _replace_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+class Checkpoint:
+    """Tensor names of a local safetensors checkpoint, mapped onto a model's parameter names."""
+
+    def __init__(self, folder: Path, model: nn.Module):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {key: folder / name for key, name in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / "model.safetensors", framework="pt") as handle:
+                self.files = {key: folder / "model.safetensors" for key in handle.keys()}
+        else:
+            raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        self.keys: dict[str, str] = {}
+        missing = []
+        for name, _param in model.named_parameters():
+            key = _checkpoint_key(name, prefix, self.files)
+            if key is None:
+                missing.append(name)
+            else:
+                self.keys[name] = key
+        tied = {n for n in missing if _is_tied(model, n)}
+        missing = [n for n in missing if n not in tied]
+        if missing:
+            raise WeightsUnavailable(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing)")
+
+    def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype) -> None:
+        """Materialise every parameter of ``module`` (at ``path`` in the model) on ``device``."""
+        from safetensors import safe_open
+
+        wanted: dict[Path, list[tuple[str, str]]] = {}
+        for name, _param in module.named_parameters():
+            full = f"{path}.{name}" if path else name
+            if full in self.keys:
+                wanted.setdefault(self.files[self.keys[full]], []).append((name, self.keys[full]))
+        for file, names in wanted.items():
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name, key in names:
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    _replace_parameter(module, name, tensor.to(device))
+
+
+def _checkpoint_key(name: str, prefix: str, files: dict[str, Path]) -> str | None:
+    """The checkpoint's name for a parameter: the same, or with the base model's prefix
+    added or removed (a ``LlamaModel`` loaded from a ``LlamaForCausalLM`` checkpoint)."""
+    candidates = [name]
+    if prefix:
+        candidates += [f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(f"{prefix}.") else None]
+    return next((c for c in candidates if c and c in files), None)
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is an output embedding tied to the input embedding (not saved)."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return False
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return output is not None and any(p is output.weight for n, p in model.named_parameters() if n == name)
+
+
+def local_folder(name_or_path: str) -> Path | None:
+    """The folder holding the checkpoint: a local path as is, a Hub id from the local cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+    except Exception:  # not cached: let from_pretrained download it (whole-model load)
+        return None
+
+
+def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: torch.device,
+                  block_paths) -> tuple[nn.Module, Streamed]:
+    """The model with real weights outside its blocks and empty (meta) blocks.
+
+    ``block_paths(model)`` names the block stacks; parameters under them stay on the
+    meta device until :class:`Streamed` loads them block by block.
+    """
+    from accelerate import init_empty_weights
+
+    folder = local_folder(name_or_path)
+    if folder is None:
+        raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    checkpoint = Checkpoint(folder, model)
+    stacks = tuple(f"{p}." for p in block_paths(model))
+    if not stacks:
+        raise WeightsUnavailable("no block stacks to stream")
+    outside = [n for n, _ in model.named_parameters() if not n.startswith(stacks)]
+    _load_outside(model, checkpoint, outside, device, dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, buffer in model.named_buffers():
+        if buffer.device.type != "meta":
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._buffers[leaf] = buffer.to(device)
+    model.eval()
+    return model, Streamed(checkpoint, device, dtype)
+
+
+def _load_outside(model: nn.Module, checkpoint: Checkpoint, names: list[str], device, dtype) -> None:
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        if name in checkpoint.keys:
+            by_file.setdefault(checkpoint.files[checkpoint.keys[name]], []).append(name)
+    for file, group in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            for name in group:
+                tensor = handle.get_tensor(checkpoint.keys[name])
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                _replace_parameter(model, name, tensor.to(device))
