@@ -31,6 +31,7 @@ class AdapterLimits(_Strict):
     max_header_bytes: int = Field(Limits.max_header_bytes, gt=0, description="size of its JSON header")
     max_tensors: int = Field(Limits.max_tensors, gt=0, description="tensors in the file")
     max_rank: int = Field(Limits.max_rank, gt=0, description="LoRA rank r")
+    max_calibration_bytes: int = Field(Limits.max_calibration_bytes, gt=0, description="size of calibration.jsonl")
 
     def limits(self) -> Limits:
         return Limits(**self.model_dump())

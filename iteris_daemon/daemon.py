@@ -231,6 +231,7 @@ class Daemon:
                 self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
                 should_stop=self._cancel.is_set, device=settings.device,
                 trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
+                limits=settings.limits.limits(),
             )
         except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
             log.exception("group %s: the run could not be carried out", name)

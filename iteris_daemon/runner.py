@@ -38,17 +38,19 @@ from sqlalchemy import or_, select, update
 
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet
 from .catalog import Catalog
-from .catalog.models import Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
+from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
+                             SourceKind, utcnow)
 from .catalog.registry import list_adapters
 from .config import GroupConfig
 from .errors import AdapterError, IterisError
 from .gates import judge
-from .lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
+from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, LoraAdapter, load_adapter
 from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest
 from .strategy import parse_params
+from .validation import Limits, copy_adapter_file, folder_fingerprint
 
 log = logging.getLogger(__name__)
 INPUTS_PREFIX = ".inputs-"  # a run's snapshot of its inputs, in the work folder
@@ -181,28 +183,36 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
         return chosen
 
 
-def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path) -> LoraAdapter:
+def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limits: Limits = Limits()) -> LoraAdapter:
     """Copy a selected revision's files into the run's own folder and check they are what
     the catalog recorded. The merge, its calibration and the run's record then agree even
-    when the source folder changes or vanishes mid-run (the soak test caught both)."""
+    when the source folder changes or vanishes mid-run (the soak test caught both).
+
+    Only regular files within the limits are copied, the calibration file never through
+    a symlink (one to /dev/zero was copied without end). A folder source's revision is
+    the fingerprint of config, weights and calibration, so all three are checked; for
+    a Hub revision (a commit of files in the daemon's own cache) the weights' hash is."""
     source = Path(revision.files_path)
     into.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
         try:
-            shutil.copyfile(source / name, into / name)
+            copy_adapter_file(source / name, into / name, limits.file_limit(name), follow=name != CALIBRATION_NAME)
         except FileNotFoundError:
             if name != CALIBRATION_NAME:
                 raise AdapterError(source / name, "vanished since it was registered") from None
         except OSError as exc:
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
     loaded = load_adapter(into, adapter.name)
+    changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
     if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
-        raise AdapterError(source, "changed since it was registered; the next run merges the new revision")
+        raise changed
+    if adapter.source.kind is SourceKind.local and folder_fingerprint(into, limits, pickled_from=source) != revision.revision:
+        raise changed
     return loaded
 
 
 def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
-                  into: Path) -> Inputs:
+                  into: Path, limits: Limits = Limits()) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration; an adapter that
     cannot be read as registered, or has no calibration data, is held back, not fatal."""
     sources = calibration_sources()
@@ -213,7 +223,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     inputs = Inputs()
     for index, (adapter, revision) in enumerate(select_inputs(catalog, group)):
         try:
-            loaded = snapshot_input(adapter, revision, into / str(index))
+            loaded = snapshot_input(adapter, revision, into / str(index), limits)
             # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
             data = first_calibration(loaded, options, sources)
             if data is None and needs_calibration:
@@ -269,6 +279,7 @@ def run_group(
     device: str = "cpu",
     trust_remote_code: bool = False,
     on_status: Callable[[str], None] = lambda text: None,
+    limits: Limits = Limits(),
 ) -> RunOutcome:
     """Run ``group`` once (see the module docstring). Never raises for a failed merge or
     publish: the outcome and the run row say what happened."""
@@ -280,14 +291,14 @@ def run_group(
     snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
     try:
         return _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                            on_status)
+                            on_status, limits)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
 
 
 def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                 on_status) -> RunOutcome:
+                 on_status, limits) -> RunOutcome:
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
@@ -296,7 +307,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     strategy = get_strategy(group.strategy)
     samples = getattr(parse_params(strategy, group.params), "samples_per_task", None)
     on_status(f"group {group.name}: gathering inputs")
-    inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots)
+    inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits)
     fingerprint = inputs.fingerprint(group.strategy, group.params)
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)

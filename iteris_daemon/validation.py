@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError
-from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config, sha256_file
+from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config
 from .model import check_adapter_shapes, load_skeleton
 
 # Bytes per element of every dtype the safetensors format defines.
@@ -38,6 +41,11 @@ class Limits:
     max_header_bytes: int = 16 << 20
     max_tensors: int = 20_000
     max_rank: int = 4096
+    max_calibration_bytes: int = 64 << 20
+
+    def file_limit(self, name: str) -> int:
+        """The most bytes the adapter file ``name`` may hold."""
+        return self.max_calibration_bytes if name == CALIBRATION_NAME else self.max_weights_bytes
 
 
 @dataclass(frozen=True)
@@ -53,18 +61,99 @@ class AdapterInfo:
     content_sha256: str
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Identity of a folder's adapter content (config + weights, pickled or not).
+def folder_fingerprint(folder: Path, limits: Limits = Limits(), pickled_from: Path | None = None) -> str:
+    """Identity of a folder's adapter content: config, weights (pickled or not) and
+    calibration data (``pickled_from``: read the pickled files from there instead).
 
     Two scans of unchanged files give the same value, so registering twice is a
-    no-op; any byte change in the config or the weights gives a new revision.
+    no-op; any byte change in those files gives a new revision. A file past its size
+    limit, and a ``calibration.jsonl`` that is not a regular file of the folder (a
+    symlink, a device, a FIFO), is not read: what it is (type, size, mtime, link
+    target) stands for its content, so swapping one in still makes a new revision,
+    which validation then rejects.
     """
     digest = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES):
-        path = folder / name
-        if path.is_file():
-            digest.update(f"{name}\0{sha256_file(path)}\0".encode())
+    for name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES, CALIBRATION_NAME):
+        path = (pickled_from or folder) / name if name in PICKLED_NAMES else folder / name
+        identity = _file_identity(path, limits.file_limit(name), follow=name != CALIBRATION_NAME)
+        if identity is not None:
+            digest.update(f"{name}\0{identity}\0".encode())
     return digest.hexdigest()
+
+
+def _open_regular(path: Path, follow: bool):
+    """``path`` opened for reading (never blocking on a FIFO, never through a symlink
+    unless ``follow``), with its fstat: what is checked is what is read."""
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)), "rb")
+    return handle, os.fstat(handle.fileno())
+
+
+def _file_identity(path: Path, limit: int, follow: bool) -> str | None:
+    """The sha256 of a regular file of at most ``limit`` bytes, else a description that
+    changes when the file does; None when there is no such file."""
+    try:
+        handle, info = _open_regular(path, follow)
+    except FileNotFoundError:
+        return None
+    except OSError:  # a symlink not followed, a link loop, no permission
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        link = os.readlink(path) if stat.S_ISLNK(info.st_mode) else ""
+        return f"unread:{stat.S_IFMT(info.st_mode):o}:{info.st_size}:{info.st_mtime_ns}:{link}"
+    with handle:
+        if stat.S_ISREG(info.st_mode) and info.st_size <= limit:
+            digest, total = hashlib.sha256(), 0
+            while block := handle.read(min(1 << 20, limit + 1 - total)):
+                digest.update(block)
+                total += len(block)
+            if total <= limit:
+                return digest.hexdigest()
+        return f"unread:{stat.S_IFMT(info.st_mode):o}:{info.st_size}:{info.st_mtime_ns}:"
+
+
+def copy_adapter_file(source: Path, target: Path, limit: int, follow: bool = True) -> None:
+    """Copy ``source`` if it is a regular file of at most ``limit`` bytes, checked on the
+    descriptor that is read (a swap between check and copy changes nothing); never
+    through a symlink unless ``follow``. Raises :class:`AdapterError` saying what it is
+    instead; ``FileNotFoundError`` when there is nothing."""
+    try:
+        handle, info = _open_regular(source, follow)
+    except OSError as exc:
+        if not follow and source.is_symlink():
+            raise AdapterError(source, f"is a symlink; {source.name} must be a regular file of the adapter folder") from None
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise AdapterError(source, f"cannot read: {exc.strerror}") from None
+    with handle:
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterError(source, "is not a regular file")
+        if info.st_size > limit:
+            raise AdapterError(source, f"file is {info.st_size} bytes, above the limit of {limit}")
+        copied = 0
+        with open(target, "wb") as out:
+            while block := handle.read(min(1 << 20, limit + 1 - copied)):
+                out.write(block)
+                copied += len(block)
+    if copied > limit:
+        raise AdapterError(source, f"grew past the limit of {limit} bytes while being copied")
+
+
+def check_calibration_file(folder: Path, limits: Limits) -> None:
+    """``calibration.jsonl``, when there is one, must be a regular file of the folder (not
+    a symlink, device or FIFO: the run copies it) within ``limits.max_calibration_bytes``."""
+    path = folder / CALIBRATION_NAME
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise AdapterError(path, f"is a symlink; {CALIBRATION_NAME} must be a regular file of the adapter folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise AdapterError(path, "is not a regular file")
+    if info.st_size > limits.max_calibration_bytes:
+        raise AdapterError(path, f"file is {info.st_size} bytes, above the limit of {limits.max_calibration_bytes}")
 
 
 def check_safetensors_header(path: Path, limits: Limits) -> dict[str, Any]:
@@ -130,6 +219,7 @@ def validate_adapter(
     choosing its base model must not choose what runs.
     """
     config = read_adapter_config(folder)
+    check_calibration_file(folder, limits)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         load_adapter(folder)  # raises the precise reason (pickled, missing)

@@ -100,3 +100,109 @@ def test_a_symlinked_folder_moved_in_with_its_parent_is_rejected_not_followed(wa
     report = watched.scan()
     assert not report.removed and not report.registered
     assert watched.found() == found
+
+
+# ----------------------------------------------------------------------------- 2: calibration files
+
+
+def _swap_calibration(folder: Path, how: str, outside: Path) -> None:
+    calibration = folder / "calibration.jsonl"
+    calibration.unlink()
+    if how == "link-outside":
+        outside.write_text('{"text": "root:x:0:0:root:/root:/bin/bash"}\n')
+        calibration.symlink_to(outside)
+    elif how == "link-dev-zero":
+        calibration.symlink_to("/dev/zero")
+    elif how == "link-inside":  # a link within the watched folder is no better: not a file of this folder
+        (folder / "other.jsonl").write_text('{"text": "hello"}\n')
+        calibration.symlink_to(folder / "other.jsonl")
+    elif how == "fifo":
+        os.mkfifo(calibration)
+
+
+@pytest.mark.parametrize("how", ["link-outside", "link-dev-zero", "link-inside", "fifo"])
+def test_a_calibration_file_swapped_after_registration_is_seen_and_rejected(watched, made, tmp_path, how):
+    """``calibration.jsonl`` is part of the folder's fingerprint and must be a regular file
+    (no symlink, no device or FIFO) in the adapter folder. Before the fix it was not in the
+    fingerprint: swapping it for a link to a file outside (or to /dev/zero) after
+    registration left the folder "unchanged" and registered."""
+    _, lora = made
+    shutil.copytree(lora, watched.folder / "task")
+    shutil.copytree(lora, watched.folder / "zz-after")
+    watched.scan()
+    assert watched.found()["task"] == (AdapterStatus.registered, None)
+    _swap_calibration(watched.folder / "task", how, tmp_path / "passwd")
+    report = watched.scan()
+    found = watched.found()
+    _rejected(found, "task", "calibration.jsonl", "symlink" if how.startswith("link") else "not a regular file")
+    assert found["zz-after"] == (AdapterStatus.registered, None) and report.unchanged == 1
+
+
+def test_a_calibration_file_past_the_limit_is_rejected_without_being_read(watched, made):
+    _, lora = made
+    folder = shutil.copytree(lora, watched.folder / "big")
+    with open(folder / "calibration.jsonl", "r+b") as handle:  # sparse: 3 GiB on paper
+        handle.truncate(3 << 30)
+    watched.scan(Limits(max_calibration_bytes=1 << 20))
+    _rejected(watched.found(), "big", f"{3 << 30} bytes, above the limit of {1 << 20}")
+
+
+@pytest.fixture
+def runner_inputs(watched, made, tmp_path):
+    """Two registered adapters and a function gathering a run's inputs (snapshots and
+    calibration) the way the runner does."""
+    import iteris_daemon.runner as runner
+    from iteris_daemon.config import GroupConfig
+
+    base, lora = made
+    for name in ("task0", "task1"):
+        shutil.copytree(lora, watched.folder / name)
+    watched.scan()
+    group = GroupConfig(name="unified", base_model=str(base), strategy="task_arithmetic",
+                        select={"names": ["task0", "task1"]}, destinations=[{"kind": "folder", "path": "/nowhere"}])
+
+    def gather(attempt: int = 0):
+        return runner.gather_inputs(watched.catalog, group, True, None, tmp_path / f"inputs{attempt}")
+
+    return gather
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes past 64 MiB fail (EFBIG) instead of filling the disk, should a copy ever
+    follow a link to /dev/zero again."""
+    import resource
+    import signal
+
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, old_limit[1]))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_run_never_copies_a_calibration_link_swapped_in_after_registration(runner_inputs, watched, file_size_limit):
+    """The swap lands after registration and before any rescan: the run's own copy of the
+    inputs must refuse the link (before the fix ``shutil.copyfile`` followed it and copied
+    /dev/zero without end); that adapter is held back with the reason, the other merged."""
+    (watched.folder / "task0" / "calibration.jsonl").unlink()
+    (watched.folder / "task0" / "calibration.jsonl").symlink_to("/dev/zero")
+    inputs = runner_inputs()
+    assert [a.name for a, _ in inputs.revisions] == ["task1"]
+    assert "calibration.jsonl: is a symlink" in inputs.held_back["task0"]
+
+
+@pytest.mark.parametrize("what", ["calibration.jsonl", "adapter_config.json"])
+def test_a_run_holds_back_an_input_whose_calibration_or_config_changed_since_registration(runner_inputs, watched,
+                                                                                            what):
+    """Before the fix only the weights were re-checked at merge time: a run merged an
+    adapter under the catalog's revision with a config or calibration that had changed."""
+    path = watched.folder / "task0" / what
+    if what == "calibration.jsonl":
+        path.write_text('{"text": "something else entirely"}\n')
+    else:
+        path.write_text(path.read_text().replace('"lora_alpha": 8', '"lora_alpha": 80'))
+    inputs = runner_inputs()
+    assert [a.name for a, _ in inputs.revisions] == ["task1"]
+    assert "changed since it was registered" in inputs.held_back["task0"]

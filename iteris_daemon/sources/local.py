@@ -87,9 +87,9 @@ def _snapshot(folder: Path) -> tuple | None:
         return None
 
 
-def _same_fingerprint(folder: Path, fingerprint: str) -> bool:
+def _same_fingerprint(folder: Path, fingerprint: str, limits: Limits) -> bool:
     try:
-        return folder_fingerprint(folder) == fingerprint
+        return folder_fingerprint(folder, limits) == fingerprint
     except OSError:
         return False
 
@@ -210,7 +210,7 @@ class LocalFolderSource:
             report.waiting.append(str(folder))  # config first, weights still to come
             return
         try:
-            fingerprint = folder_fingerprint(folder)
+            fingerprint = folder_fingerprint(folder, self.limits)
         except OSError:  # a file vanished between listing and hashing: the folder is changing
             self._look_again(folder, report)
             return
@@ -238,7 +238,7 @@ class LocalFolderSource:
             log.info("source %s: %s changed while being examined (%s); looking again", self.name, folder, exc.strerror)
             self._look_again(folder, report)
             return
-        if not _same_fingerprint(folder, fingerprint):  # written to meanwhile: look again
+        if not _same_fingerprint(folder, fingerprint, self.limits):  # written to meanwhile: look again
             self._look_again(folder, report)
             return
         seen = Observation(
@@ -279,9 +279,10 @@ class LocalFolderSource:
         self._mark_dirty(folder)
 
     def _check_containment(self, folder: Path) -> None:
-        """Adapter files must be regular files inside the watched root (no symlink escapes)."""
+        """Adapter files must be files inside the watched root (no symlink escapes; the
+        calibration file may not be a symlink at all: see ``check_calibration_file``)."""
         root = self._root_of(folder)
-        for name in ADAPTER_FILES + (CALIBRATION_NAME,):
+        for name in ADAPTER_FILES:
             path = folder / name
             if path.is_symlink():
                 target = path.resolve()
