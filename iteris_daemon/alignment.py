@@ -68,6 +68,7 @@ class AlignmentOptions:
     accumulate_dtype: str = "float32"
     schedule: Literal["joint", "sequential"] = "joint"
     blockwise: bool = True  # False: whole-model passes even when blocks can be found
+    share_inputs: bool = True  # one Gram per distinct input tensor (False: one per module, for checks)
 
 
 @dataclass
@@ -92,9 +93,9 @@ class UnitPass:
     """
 
     def __init__(self, layers: dict[str, TaskLayer], dtype: torch.dtype, biases: dict, *, own: bool, gram: bool,
-                 release: bool = False):
+                 release: bool = False, share: bool = True):
         self.layers, self.dtype, self.biases = layers, dtype, biases
-        self.own, self.gram, self.release = own, gram, release
+        self.own, self.gram, self.release, self.share = own, gram, release, share
         self.G: dict[str, torch.Tensor] = {}  # keyed by the first module reading the input
         self.Q: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # module -> module whose Gram it shares
@@ -111,7 +112,7 @@ class UnitPass:
 
     def _rows(self, path: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The masked rows of ``x``, computed once per input tensor; notes shared inputs."""
-        for seen, rows, owner in self._seen:
+        for seen, rows, owner in self._seen if self.share else ():
             if seen is x:
                 break
         else:
@@ -236,6 +237,7 @@ class _Alignment:
         self.merged: dict[str, torch.Tensor] | None = None  # path -> A (float32, CPU); B is B_cat
         self.bar = None
         self.unused: set[str] = set()
+        self.grams = {"modules": 0, "distinct_inputs": 0}  # one task's Grams in the first sweep
 
     # ---------------------------------------------------------------- passes
     def _deltas(self, unit: Unit, task: int | None, merge: dict[str, torch.Tensor] | None) -> dict[str, Delta]:
@@ -326,6 +328,7 @@ class _Alignment:
             "alignment_loss": {a.name: losses[i] for i, a in enumerate(self.adapters)},
             "task_weights": {a.name: self._mean_weight(i) for i, a in enumerate(self.adapters)},
             "timings": timings,
+            "grams": self.grams,
         }
         if self.unused:
             metrics["layers_without_inputs"] = sorted(self.unused)
@@ -346,18 +349,23 @@ class _Alignment:
             own_deltas = self._deltas(unit, i, None)
             first = previous is None and (own is None or own[i] is states[i])
             if first:  # Xt = X: one pass gives the projections and the Gram
-                recorder = UnitPass(layers, self.dtype, biases, own=True, gram=True)
-                states[i] = self._run(unit, states[i], own_deltas, recorder)
+                recorder = UnitPass(layers, self.dtype, biases, own=True, gram=True, share=options.share_inputs)
+                out = self._run(unit, states[i], own_deltas, recorder)
                 if own is not None:
-                    own[i] = states[i]
+                    own[i] = out
+                if not sequential or not unit.paths:  # else re-run below with the unit's merge
+                    states[i] = out
             else:
                 if own is not None:  # sequential, first sweep: the own stream moves on its own
                     own[i] = self._run(unit, own[i], own_deltas, UnitPass(layers, self.dtype, biases, own=True, gram=False))
-                recorder = UnitPass(layers, self.dtype, biases, own=False, gram=True)
+                recorder = UnitPass(layers, self.dtype, biases, own=False, gram=True, share=options.share_inputs)
                 moved = self._run(unit, states[i], merged_deltas if merged_deltas is not None else own_deltas, recorder)
                 if not sequential or not unit.paths:
                     states[i] = moved
             self._fold(unit, i, recorder, layers, first, M, rhs)
+            if i == 0 and sweep == 0:
+                self.grams["modules"] += sum(recorder.gram_of(p) is not None for p in unit.paths)
+                self.grams["distinct_inputs"] += len(recorder.G)
             if previous is not None:
                 for p in unit.paths:
                     G = recorder.gram_of(p)

@@ -99,7 +99,7 @@ class Checkpoint:
                 missing.append(name)
             else:
                 self.keys[name] = key
-        tied = {n for n in missing if _is_tied(model, n)}
+        tied = _tied_names(model)
         missing = [n for n in missing if n not in tied]
         if missing:
             raise WeightsUnavailable(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing)")
@@ -131,12 +131,14 @@ def _checkpoint_key(name: str, prefix: str, files: dict[str, Path]) -> str | Non
     return next((c for c in candidates if c and c in files), None)
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is an output embedding tied to the input embedding (not saved)."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return False
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return output is not None and any(p is output.weight for n, p in model.named_parameters() if n == name)
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameters the model ties to another (T5's embed_tokens to shared, a tied LM head):
+    checkpoints do not store them, ``tie_weights()`` restores them after loading."""
+    names = set()
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None) or ()
+        names.update(f"{prefix}.{key}" if prefix else key for key in keys)
+    return names
 
 
 def local_folder(name_or_path: str) -> Path | None:

@@ -1,0 +1,174 @@
+"""The block-by-block engine: joint schedule == whole-model passes, sequential schedule ==
+a naive implementation of its definition, shared Grams == one Gram per module, the
+fallback, streamed weights, the hot path's device hygiene, output dtype, and CUDA."""
+
+import json
+import logging
+from functools import partial
+
+import pytest
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from iteris_daemon import execution
+from iteris_daemon.alignment import AlignmentOptions, TaskLayer, UnitPass, align
+from iteris_daemon.architecture import BlockPlan
+from iteris_daemon.calibration import read_jsonl
+from iteris_daemon.lora import load_adapter
+from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
+from iteris_daemon.model import BaseModel, Delta
+from reference import reference_sequential
+
+quiet = partial(tqdm, disable=True)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _inputs(tiny, family, **kwargs):
+    base_dir, adapter_dirs = tiny[family]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    data = [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+    return base_dir, adapter_dirs, adapters, data, BaseModel(str(base_dir), adapters, **kwargs)
+
+
+def _options(**overrides) -> AlignmentOptions:
+    values = dict(iterations=2, a1=1e-3, a2=1e-3, adaptive_weights=True, batch_size=5, accumulate_dtype="float64")
+    return AlignmentOptions(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
+def test_joint_blocks_equal_whole_model(tiny, family):
+    """Blocks streamed from the safetensors files, one at a time, give the whole-model result
+    (BERT's pooler runs in the tail; T5's decoder reads the streamed encoder output)."""
+    _, _, adapters, data, base = _inputs(tiny, family)
+    assert base.placement.name == "disk"
+    blocks, metrics = align(base, adapters, data, _options(), quiet)
+    assert metrics["execution"] == "blocks" and metrics["iterations_run"] == 2
+    whole, whole_metrics = align(base, adapters, data, _options(blockwise=False), quiet)
+    assert whole_metrics["execution"] == "whole model"
+    assert set(blocks) == set(whole)
+    for path, (B, A) in blocks.items():
+        Bw, Aw = whole[path]
+        assert _relative(B @ A, Bw @ Aw) < 1e-5, path
+    for name, losses in metrics["alignment_loss"].items():
+        assert losses == pytest.approx(whole_metrics["alignment_loss"][name], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_sequential_matches_naive_definition(tiny, family):
+    """Gauss-Seidel sweeps against tests/reference.py's whole-model, one-sample-at-a-time,
+    dense lstsq implementation of the same definition."""
+    _, adapter_dirs, adapters, data, base = _inputs(tiny, family)
+    factors, metrics = align(base, adapters, data, _options(schedule="sequential"), quiet)
+    assert metrics["schedule"] == "sequential" and metrics["execution"] == "blocks"
+    base.make_resident()
+    expected = reference_sequential(base.model, base.tokenizer, adapter_dirs, 2, 1e-3)
+    assert set(expected) == set(factors)
+    for path, (B, A) in factors.items():
+        assert _relative(B @ A, expected[path]) < 2e-4, path
+    joint, _ = align(base, adapters, data, _options(), quiet)
+    # Not a copy of the joint schedule: the two differ after the first block.
+    assert max(_relative(B @ A, joint[p][0] @ joint[p][1]) for p, (B, A) in factors.items()) > 1e-3
+
+
+def test_shared_grams_equal_one_gram_per_module(tiny):
+    """Llama's q_proj and v_proj read one tensor: one Gram serves both, same result."""
+    _, _, adapters, data, base = _inputs(tiny, "llama")
+    shared, metrics = align(base, adapters, data, _options(), quiet)
+    unshared, unshared_metrics = align(base, adapters, data, _options(share_inputs=False), quiet)
+    # 2 blocks x (q_proj, v_proj -> 1 input; down_proj -> 1 input)
+    assert metrics["grams"] == {"modules": 6, "distinct_inputs": 4}
+    assert unshared_metrics["grams"] == {"modules": 6, "distinct_inputs": 6}
+    for path, (B, A) in shared.items():
+        assert _relative(B @ A, unshared[path][0] @ unshared[path][1]) < 1e-12, path
+
+
+def test_unsupported_blocks_fall_back_with_a_log_line(tiny, monkeypatch, caplog):
+    _, _, adapters, data, base = _inputs(tiny, "gpt2")
+    expected, _ = align(base, adapters, data, _options(), quiet)
+    monkeypatch.setattr(execution, "block_plan", lambda *a, **k: BlockPlan(reason="no blocks in this test"))
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.execution"):
+        factors, metrics = align(base, adapters, data, _options(), quiet)
+    assert metrics["execution"] == "whole model"
+    assert any("whole-model passes" in r.message and "no blocks in this test" in r.message for r in caplog.records)
+    for path, (B, A) in factors.items():
+        assert _relative(B @ A, expected[path][0] @ expected[path][1]) < 1e-5
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu", "disk"])
+def test_placements_agree(tiny, offload):
+    _, _, adapters, data, reference_base = _inputs(tiny, "llama", offload="none")
+    expected, _ = align(reference_base, adapters, data, _options(iterations=1), quiet)
+    _, _, _, _, base = _inputs(tiny, "llama", offload=offload)
+    assert base.placement.name == {"none": "resident", "cpu": "resident", "disk": "disk"}[offload]  # cpu == device here
+    factors, _ = align(base, adapters, data, _options(iterations=1), quiet)
+    for path, (B, A) in factors.items():
+        assert _relative(B @ A, expected[path][0] @ expected[path][1]) < 1e-6
+
+
+def test_streamed_blocks_take_no_memory_between_uses(tiny):
+    _, _, adapters, _, base = _inputs(tiny, "llama")
+    blocks = base.model.get_submodule("model.layers")
+    assert all(p.device.type == "meta" for p in blocks.parameters())
+    assert base.model.get_submodule("model.embed_tokens").weight.device.type == "cpu"
+
+
+def test_hot_path_stays_on_the_device_without_host_sync(tiny):
+    """The forward hook and the Gram recorder on meta tensors: a CPU tensor mixed in, or a
+    host synchronisation (``.item()``, boolean indexing), raises on the meta device."""
+    _, _, adapters, _, base = _inputs(tiny, "llama")
+    path = "model.layers.0.self_attn.q_proj"
+    module = adapters[0].modules[path]
+    meta = torch.device("meta")
+    base.device = meta
+    base.set_deltas({path: Delta(module.A, module.B, module.scaling)})
+    layers = {path: TaskLayer(module, A=module.A.to(meta))}
+    x = torch.empty(3, 7, module.A.shape[1], device=meta)
+    y = torch.empty(3, 7, module.B.shape[0], device=meta)
+    mask = torch.empty(3, 7, dtype=torch.long, device=meta)
+    own = UnitPass(layers, torch.float32, {path: None}, own=True, gram=True)
+    base.recorder, base._masks, base._mask = own, {"encoder": mask}, mask
+    own.new_batch()
+    out = base._hook(path)(None, (x,), y)
+    assert out.device == meta and own.G[path].device == meta and layers[path].projections[0].device == meta
+    merged = UnitPass(layers, torch.float32, {path: None}, own=False, gram=True)
+    base.recorder = merged
+    merged.new_batch()
+    base._hook(path)(None, (x,), y)
+    assert merged.Q[path].device == meta
+
+
+def _merge(base_dir, adapter_dirs, out, **kwargs):
+    return run_merge(MergeRequest(base_model=str(base_dir), adapters=[AdapterSpec(d) for d in adapter_dirs], out=out,
+                                  params={"iterations": 1}, quiet=True, **kwargs))
+
+
+def test_output_dtype(tiny, tmp_path):
+    base_dir, adapter_dirs = tiny["llama"]
+    default = _merge(base_dir, adapter_dirs, tmp_path / "default")
+    assert default["output_dtype"] == "float32"  # the adapters'
+    bf16 = _merge(base_dir, adapter_dirs, tmp_path / "bf16", output_dtype="bfloat16")
+    assert bf16["output_dtype"] == "bfloat16"
+    with safe_open(tmp_path / "bf16" / "adapter_model.safetensors", framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    report = json.loads((tmp_path / "bf16" / "merge_report.json").read_text())
+    assert report["metrics"]["execution"] == "blocks" and report["placement"] == "disk"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
+def test_cuda_merge_equals_cpu(tiny, tmp_path, family):
+    base_dir, adapter_dirs = tiny[family]
+    cpu = _merge(base_dir, adapter_dirs, tmp_path / "cpu")
+    cuda = _merge(base_dir, adapter_dirs, tmp_path / "cuda", device="cuda")
+    assert cuda["device_memory_mb"]["peak"] > 0
+    with safe_open(tmp_path / "cpu" / "adapter_model.safetensors", framework="pt") as a, \
+            safe_open(tmp_path / "cuda" / "adapter_model.safetensors", framework="pt") as b:
+        for key in a.keys():
+            assert _relative(b.get_tensor(key), a.get_tensor(key)) < 1e-3, key
+    for name, figures in cpu["tasks"].items():
+        assert cuda["tasks"][name]["fidelity_gap"] == pytest.approx(figures["fidelity_gap"], rel=1e-2, abs=1e-3)
