@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from . import safe_json
 from .errors import CalibrationError
 
 CALIBRATION_NAME = "calibration.jsonl"
@@ -49,8 +50,8 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                record = safe_json.loads(raw.decode("utf-8"))
+            except ValueError as exc:  # not UTF-8, not JSON, nested too deep
                 raise CalibrationError(path, f"not valid JSON ({exc})", line=number) from None
             if not isinstance(record, dict):
                 raise CalibrationError(path, "each line must be a JSON object", line=number)

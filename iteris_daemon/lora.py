@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
+from . import safe_json
 from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -125,8 +126,8 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise AdapterError(path, f"no {CONFIG_NAME} (not a PEFT adapter folder)")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = safe_json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON, nested too deep
         raise AdapterError(config_path, f"invalid JSON: {exc}") from None
     except OSError as exc:  # vanished or unreadable since it was seen
         raise AdapterError(config_path, f"cannot read: {exc.strerror}") from None

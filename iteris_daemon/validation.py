@@ -10,7 +10,7 @@ Every failure is an :class:`AdapterError` whose reason the catalog records.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import math
 import os
 import stat
@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import safe_json
 from .calibration import CALIBRATION_NAME
-from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError
+from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
 from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config
 from .model import check_adapter_shapes, load_skeleton
+
+log = logging.getLogger(__name__)
 
 # Bytes per element of every dtype the safetensors format defines.
 _DTYPE_BYTES = {
@@ -170,8 +173,10 @@ def check_safetensors_header(path: Path, limits: Limits) -> dict[str, Any]:
             raise AdapterError(path, f"safetensors header claims {header_len} bytes; the file is truncated or corrupt")
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = safe_json.loads(raw.decode("utf-8"))
+    except safe_json.JSONLimitError as exc:
+        raise AdapterError(path, f"safetensors header: {exc}") from None
+    except ValueError:  # not UTF-8, not JSON
         raise AdapterError(path, "safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise AdapterError(path, "safetensors header is not a JSON object")
@@ -216,8 +221,19 @@ def validate_adapter(
     base model is skipped. A base model that cannot be read raises
     :class:`~iteris_daemon.errors.BaseModelError` (a problem of the setup, not of the adapter).
     Only a base model named in ``trusted_models`` may run its own code: an adapter
-    choosing its base model must not choose what runs.
+    choosing its base model must not choose what runs. A failure no check foresaw is a
+    rejection too (logged with its traceback): a hostile folder must never stop a scan.
     """
+    try:
+        return _validate(folder, base_model, limits, trusted_models)
+    except (IterisError, OSError):  # OSError: a file vanished meanwhile (the caller looks again)
+        raise
+    except Exception as exc:
+        log.exception("validating %s failed unexpectedly", folder)
+        raise AdapterError(folder, f"could not be validated ({type(exc).__name__}); the daemon's log has the details") from None
+
+
+def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_models: Collection[str]) -> AdapterInfo:
     config = read_adapter_config(folder)
     check_calibration_file(folder, limits)
     weights = folder / WEIGHTS_NAME

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,90 @@ def test_a_run_holds_back_an_input_whose_calibration_or_config_changed_since_reg
     inputs = runner_inputs()
     assert [a.name for a, _ in inputs.revisions] == ["task1"]
     assert "changed since it was registered" in inputs.held_back["task0"]
+
+
+# ----------------------------------------------------------------------------- 3: nesting bombs
+
+BOMB = "[" * 100_000 + "]" * 100_000  # past the recursion limit of json.loads
+DEEP = "[" * 100 + "]" * 100  # within it, past the limit of 64 levels
+
+
+def _config_with(folder: Path, extra: str) -> None:
+    text = (folder / "adapter_config.json").read_text()
+    (folder / "adapter_config.json").write_text(text[:text.rindex("}")] + f', "x": {extra}}}')
+
+
+def _header_with(folder: Path, entry: str) -> None:
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length].decode()
+    header = '{"x": ' + entry + ", " + header[1:]
+    weights.write_bytes(struct.pack("<Q", len(header)) + header.encode() + data[8 + length:])
+
+
+HOSTILE_JSON = {
+    "config-bomb": lambda f: _config_with(f, BOMB),
+    "config-deep": lambda f: _config_with(f, DEEP),
+    "config-long-number": lambda f: _config_with(f, "1" * 5000),
+    "header-bomb": lambda f: _header_with(f, BOMB),
+    "header-deep": lambda f: _header_with(f, DEEP),
+    "config-symlink-loop": lambda f: ((f / "adapter_config.json").unlink(),
+                                      (f / "adapter_config.json").symlink_to(f / "loop"),
+                                      (f / "loop").symlink_to(f / "adapter_config.json")),
+}
+REASONS = {"config-bomb": "nested deeper than 64 levels", "config-deep": "nested deeper than 64 levels",
+           "config-long-number": "number", "header-bomb": "nested deeper than 64 levels",
+           "header-deep": "nested deeper than 64 levels", "config-symlink-loop": "adapter_config.json"}
+
+
+def test_json_nesting_bombs_are_rejected_and_the_scan_goes_on(watched, made):
+    """Before the fix a deeply nested ``adapter_config.json`` or safetensors header (and a
+    config that is a symlink loop, a number of 5000 digits) raised RecursionError,
+    RuntimeError or ValueError out of the scan: the folders after it were never
+    registered, and the folder was tried again at every settle period."""
+    _, lora = made
+    for name, spoil in HOSTILE_JSON.items():
+        spoil(shutil.copytree(lora, watched.folder / name))
+    shutil.copytree(lora, watched.folder / "zz-good")
+    for _ in range(2):  # the second scan finds each rejection recorded: nothing changes
+        report = watched.scan()
+        found = watched.found()
+        assert found["zz-good"] == (AdapterStatus.registered, None)
+        for name, words in REASONS.items():
+            _rejected(found, name, words)
+    assert report.unchanged == len(HOSTILE_JSON) + 1
+
+
+def test_a_calibration_line_nested_too_deep_holds_back_that_adapter_only(runner_inputs, watched):
+    """Before the fix the RecursionError escaped ``gather_inputs`` and failed the whole run."""
+    with open(watched.folder / "task0" / "calibration.jsonl", "a") as handle:
+        handle.write('{"text": "ok", "extra": ' + BOMB + "}\n")
+    watched.scan()  # the new calibration is a new revision (still registered: its content is read at merge time)
+    inputs = runner_inputs()
+    assert [a.name for a, _ in inputs.revisions] == ["task1"]
+    assert "calibration.jsonl:13: not valid JSON (nested deeper than 64 levels)" in inputs.held_back["task0"]
+
+
+def test_a_failure_no_check_foresaw_is_a_recorded_rejection_not_a_stopped_scan(watched, made, monkeypatch, caplog):
+    """The safety net under every check: any other exception while validating one folder
+    (here injected into the header check) rejects that folder, with the exception's type
+    and not its text in the catalog, and the traceback in the log."""
+    import iteris_daemon.validation as validation
+
+    _, lora = made
+    for name in ("a-odd", "b-fine"):
+        shutil.copytree(lora, watched.folder / name)
+    real = validation.check_safetensors_header
+
+    def header_check(path, limits):
+        if path.parent.name == "a-odd":
+            raise ZeroDivisionError("secret-looking text")
+        return real(path, limits)
+
+    monkeypatch.setattr(validation, "check_safetensors_header", header_check)
+    watched.scan()
+    found = watched.found()
+    _rejected(found, "a-odd", "could not be validated (ZeroDivisionError)")
+    assert "secret-looking" not in found["a-odd"][1] and "secret-looking text" in caplog.text
+    assert found["b-fine"] == (AdapterStatus.registered, None)

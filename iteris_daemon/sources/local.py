@@ -285,7 +285,7 @@ class LocalFolderSource:
         for name in ADAPTER_FILES:
             path = folder / name
             if path.is_symlink():
-                target = path.resolve()
+                target = Path(os.path.realpath(path))  # Path.resolve raises on a link loop
                 if root is None or not (target == root or root in target.parents):
                     raise AdapterError(path, "is a symlink pointing outside the watched folder")
 
