@@ -10,10 +10,12 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import regex
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as safetensors_load
@@ -103,12 +105,69 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+MAX_PATTERN_KEY = 256  # characters in a rank_pattern / alpha_pattern key
+_PLAIN_KEY = re.compile(r"[\w.-]+")  # module-path characters: '.' is the only metacharacter
+_REGEX_TIMEOUT = 0.5  # seconds one match of another key may take
+_REGEX_BUDGET = 2.0  # seconds of CPU all matches of other keys of one pattern may take together
+_REGEX_SPENT: dict[int, list] = {}  # id(pattern) -> [pattern, CPU seconds its other keys took]
+
+
+def _peft_pattern(key: str) -> str:
+    """The regular expression PEFT makes of a pattern key (``peft.utils.other.get_pattern_key``)."""
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it."""
+    """PEFT's rank/alpha pattern lookup: the value of the first key ``k`` for which
+    ``re.match(rf"(.*\.)?({k})$", module)`` holds (a module path ending in it).
+
+    The keys come from an untrusted file. A key of module-path characters (nearly all
+    keys: ``q_proj``, ``layers.0.self_attn.q_proj``) is matched exactly as PEFT does:
+    with '.' its only metacharacter it cannot make the match backtrack much. Any other
+    key is a regular expression that could (``(a|a)+`` against ``aaa…a!``: hours), so
+    it is matched by the ``regex`` engine under a timeout, and such matches of one
+    pattern share a CPU budget; past either the adapter is rejected.
+    """
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _PLAIN_KEY.fullmatch(key):
+            matched = re.match(_peft_pattern(key), module)
+        else:
+            matched = _bounded_match(pattern, key, module)
+        if matched:
             return value
     return default
+
+
+def _bounded_match(pattern: dict[str, Any], key: str, module: str) -> bool:
+    spent = _REGEX_SPENT.get(id(pattern))
+    if spent is None or spent[0] is not pattern:  # holding the pattern keeps its id from being reused
+        spent = _REGEX_SPENT[id(pattern)] = [pattern, 0.0]
+        while len(_REGEX_SPENT) > 64:
+            _REGEX_SPENT.pop(next(iter(_REGEX_SPENT)))
+    if spent[1] > _REGEX_BUDGET:
+        raise AdapterError(CONFIG_NAME, f"pattern keys took too long to match the module names "
+                                        f"(over {_REGEX_BUDGET:g} s); use module paths as keys")
+    started = time.thread_time()
+    try:
+        return regex.match(_peft_pattern(key), module, timeout=_REGEX_TIMEOUT) is not None
+    except TimeoutError:
+        raise AdapterError(CONFIG_NAME, f"pattern key {key!r} took too long to match module {module[:80]!r} "
+                                        "(a regular expression that backtracks); use module paths as keys") from None
+    finally:
+        spent[1] += time.thread_time() - started
+
+
+def _pattern_key_problem(key: str) -> str | None:
+    """Why PEFT could not use ``key`` as a pattern key, or None."""
+    if len(key) > MAX_PATTERN_KEY:
+        return f"is longer than {MAX_PATTERN_KEY} characters"
+    try:
+        re.compile(_peft_pattern(key))
+        if not _PLAIN_KEY.fullmatch(key):
+            regex.compile(_peft_pattern(key))
+    except Exception as exc:  # re.error, regex.error, and whatever else a hostile pattern finds
+        return f"is not a regular expression PEFT can use ({exc})"
+    return None
 
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
@@ -145,6 +204,11 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"])
         raise AdapterError(config_path, f"{field}: {error['msg']}") from None
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(name) or {}:
+            problem = _pattern_key_problem(key)
+            if problem:
+                raise AdapterError(config_path, f"{name} key {key[:40]!r}{'…' if len(key) > 40 else ''} {problem}")
     for flag, reason in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise AdapterError(config_path, reason)

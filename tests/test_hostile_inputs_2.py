@@ -9,6 +9,7 @@ the scan of the other folders.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -294,3 +295,81 @@ def test_a_failure_no_check_foresaw_is_a_recorded_rejection_not_a_stopped_scan(w
     _rejected(found, "a-odd", "could not be validated (ZeroDivisionError)")
     assert "secret-looking" not in found["a-odd"][1] and "secret-looking text" in caplog.text
     assert found["b-fine"] == (AdapterStatus.registered, None)
+
+
+# ----------------------------------------------------------------------------- 4: rank_pattern keys
+
+
+def _set_config(folder: Path, **fields) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _rename_module(folder: Path, old_suffix: str, new_module: str) -> None:
+    """Give the LoRA pair of the module ending in ``old_suffix`` the name ``new_module``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    renamed = {}
+    for key, tensor in tensors.items():
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if module.endswith(old_suffix):
+            key = f"base_model.model.{new_module}.lora_{part}"
+        renamed[key] = tensor
+    save_file(renamed, folder / "adapter_model.safetensors")
+
+
+EVIL_KEYS = {  # key -> the reason its folder is rejected with
+    "(": "rank_pattern key '(' is not a regular expression PEFT can use",
+    "a[": "rank_pattern key 'a[' is not a regular expression PEFT can use",
+    "x" * 300: "longer than 256 characters",
+    "(a|a)+": "took too long to match",  # exponential in re and in the regex engine
+    "(a+)+": "which target_modules",  # exponential in re; the regex engine answers at once: no match
+}
+
+
+@pytest.mark.timeout(120)  # before the fix the last two keys ran for hours
+def test_rank_pattern_keys_that_break_or_stall_the_regex_engine_are_rejected(watched, made):
+    """PEFT matches ``rank_pattern``/``alpha_pattern`` keys as regular expressions
+    (``(.*\\.)?(KEY)$``). From an untrusted file, before the fix: ``(`` raised ``re.error``
+    out of the scan; ``(a+)+`` against a module named ``aaa…a!`` (from the attacker's own
+    tensor keys) backtracked for hours. Now each folder is rejected with a reason, the
+    scan goes on, and plain keys still work as in PEFT."""
+    _, lora = made
+    for number, key in enumerate(EVIL_KEYS):
+        folder = shutil.copytree(lora, watched.folder / f"evil{number}")
+        _set_config(folder, rank_pattern={key: 4})
+        _rename_module(folder, "layer.1.output.dense", "a" * 40 + "!")
+    alpha = shutil.copytree(lora, watched.folder / "evil-alpha")
+    _set_config(alpha, alpha_pattern={"(": 2.0})
+    plain = shutil.copytree(lora, watched.folder / "zz-plain")  # PEFT's own kind of key: a module path
+    _set_config(plain, rank_pattern={"layer.0.attention.self.query": 4, "value": 4}, alpha_pattern={"query": 16})
+    watched.scan()
+    found = watched.found()
+    for number, reason in enumerate(EVIL_KEYS.values()):
+        _rejected(found, f"evil{number}", reason)
+    _rejected(found, "evil-alpha", "alpha_pattern key '('")
+    assert found["zz-plain"] == (AdapterStatus.registered, None)
+
+
+@pytest.mark.parametrize("key, module, matches", [
+    ("query", "encoder.layer.0.attention.self.query", True),
+    ("self.query", "encoder.layer.0.attention.self.query", True),
+    ("elf.query", "encoder.layer.0.attention.self.query", False),  # whole '.'-separated names only
+    ("layer.0.attention.self.query", "encoder.layer.0.attention.self.query", True),
+    ("layer.1.attention.self.query", "encoder.layer.0.attention.self.query", False),
+    ("layer.0.attention", "encoder.layer.0.attention.self.query", False),  # a suffix, not a prefix
+    ("layer\\.[0-3]\\.attention\\.self\\.(query|key)", "encoder.layer.2.attention.self.key", True),
+    ("layer\\.[0-3]\\.attention\\.self\\.(query|key)", "encoder.layer.4.attention.self.key", False),
+    ("^encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.query", True),
+    (".*query", "encoder.layer.0.attention.self.query", True),
+    ("", "anything.at.all", False),  # an empty key matches no module name
+])
+def test_pattern_keys_match_as_peft_matches_them(key, module, matches):
+    from peft.utils.other import get_pattern_key
+
+    from iteris_daemon.lora import _pattern_value
+
+    assert (get_pattern_key([key], module) == key) is matches  # what PEFT does
+    assert _pattern_value({key: 7}, module, 1) == (7 if matches else 1)
