@@ -165,17 +165,21 @@ def fold(M, rhs, G, Q, module, weight: float, a1: float, a2: float, offdiag_scal
     With l1 = a1 ||G||_F, l2 = a2 ||G||_F, the solution of ``A_merged M = rhs``
     stacked over tasks is the IterIS update in low-rank form.
     """
-    G = G.double()
+    G = G.to(torch.float64, copy=True)  # the one d_in x d_in temporary: the rest is in place
     norm = float(torch.linalg.matrix_norm(G))
     if offdiag_scale != 1.0:
-        G = offdiag_scale * G + (1 - offdiag_scale) * torch.diag(torch.diagonal(G))
-    term = weight * G
-    term.diagonal().add_(weight * a2 * norm)
+        diagonal = torch.diagonal(G).clone()
+        G.mul_(offdiag_scale)
+        G.diagonal().add_((1 - offdiag_scale) * diagonal)
     if module is not None:
         A = module.A.to(G.device, torch.float64)
         Q = A @ G if Q is None else Q.to(G.device, torch.float64)
         rhs.append(weight * module.scaling * (Q + a1 * norm * A))
-    return term if M is None else M + term
+    if M is None:
+        M = torch.zeros_like(G)
+    M.add_(G, alpha=weight)
+    M.diagonal().add_(weight * a2 * norm)
+    return M
 
 
 def adaptive_weight(module: LoraModule | None, W0: torch.Tensor, out_sq: float) -> float:
@@ -262,19 +266,24 @@ class _Alignment:
         return out
 
     def _on_device(self, unit: Unit, task: int) -> dict[str, TaskLayer]:
-        """Task ``task``'s layers of ``unit``, with A on the device (fresh projections)."""
+        """Task ``task``'s layers of ``unit``, with A and the projections on the device."""
+        device = self.base.device
         layers = {}
         for p in unit.paths:
             info = self.layers[p][task]
             if info.module is not None and info.A is None:
-                info.A = info.module.A.to(self.base.device, self.dtype)
+                info.A = info.module.A.to(device, self.dtype)
+            info.projections = [P.to(device) for P in info.projections]
             layers[p] = info
         return layers
 
     def _forget(self, unit: Unit) -> None:
+        """Done with ``unit`` for this sweep: its projections wait in CPU memory (they
+        grow with depth; the device keeps one block's worth)."""
         for p in unit.paths:
             for info in self.layers[p]:
                 info.A = None
+                info.projections = [P.cpu() for P in info.projections]
 
     # ----------------------------------------------------------------- sweeps
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:

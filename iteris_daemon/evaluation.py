@@ -76,30 +76,36 @@ def evaluate(
                     recorders = {"task": UnitPass(layers, dtype, {}, own=True, gram=False),
                                  "merged": UnitPass(layers, dtype, {}, own=False, gram=True, release=True)}
                     plan = {"task": (_deltas(adapter), adapter.modules_to_save), **streams}
-                    for name in ("task", *streams):  # the task's pass first: the merge's Q needs it
-                        deltas, head = plan[name]
+                    installed = {}
+                    for name, (deltas, _head) in plan.items():  # on the device once per unit
                         base.set_deltas({p: d for p, d in deltas.items() if p in unit.paths})
-                        if unit.stack is None:
-                            base.set_head(head)
-                        recorder = recorders.get(name)
-                        base.recorder = recorder
-                        try:
-                            moved = []
-                            for state in states[i][name]:
-                                if recorder is not None:
-                                    recorder.new_batch()
-                                moved.append(executor.run(unit, state))
-                        finally:
-                            base.recorder = None
-                        states[i][name] = moved
+                        installed[name] = base.deltas
+                    # Batch by batch, so a tail's outputs (logits, maybe) are compared and dropped
+                    # at once; the task's pass first in each batch: the merge's Q needs it.
+                    for b in range(len(batches[i])):
+                        outputs = {}
+                        for name in ("task", *streams):
+                            base.set_deltas(installed[name])
+                            if unit.stack is None:
+                                base.set_head(plan[name][1])
+                            recorder = base.recorder = recorders.get(name)
+                            if recorder is not None:
+                                recorder.new_batch()
+                            try:
+                                state = executor.run(unit, states[i][name][b])
+                            finally:
+                                base.recorder = None
+                            if unit.stack is None:
+                                outputs[name] = state.output
+                            else:
+                                states[i][name][b] = state
+                        if outputs:
+                            _output_gaps(base, states[i]["task"][b].context.batch, outputs, sums[i])
                     merge_pass = recorders["merged"]
                     for p in unit.paths:
                         n, d = alignment_terms(layers[p], merge_pass.gram_of(p), merge_pass.Q.get(p), B64[p], A64[p])
                         sums[i]["num"] += n
                         sums[i]["den"] += d
-                    if unit.stack is None:
-                        _output_gaps(base, states[i], sums[i])
-                        states[i] = {}  # the outputs (logits, maybe) are done with
                     bar.update(len(batches[i]))
     finally:
         bar.close()
@@ -121,23 +127,22 @@ def _deltas(adapter: LoraAdapter) -> dict[str, Delta]:
     return {p: Delta(m.A, m.B, m.scaling) for p, m in adapter.modules.items()}
 
 
-def _output_gaps(base: BaseModel, states: dict, sums: dict) -> None:
-    """Add one task's final-output distances, batch by batch, to ``sums``."""
-    for b, task_state in enumerate(states["task"]):
-        mask = base.output_mask(task_state.context.batch)
-        y_task = task_state.output.float()
-        column = row_mask(y_task, mask.to(y_task.device) if mask is not None else None)
+def _output_gaps(base: BaseModel, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], sums: dict) -> None:
+    """Add one batch's final-output distances (merge, base, reference vs task) to ``sums``."""
+    mask = base.output_mask(batch)
+    y_task = outputs["task"].float()
+    column = row_mask(y_task, mask.to(y_task.device) if mask is not None else None)
 
-        def distance(other) -> float:
-            diff = (other.output.float() - y_task).reshape(-1, y_task.shape[-1])
-            if column is not None:
-                diff = diff * column.to(diff.dtype)
-            return float(diff.double().pow(2).sum())
+    def distance(other: torch.Tensor) -> float:
+        diff = (other.float() - y_task).reshape(-1, y_task.shape[-1])
+        if column is not None:
+            diff = diff * column.to(diff.dtype)
+        return float(torch.linalg.vector_norm(diff, dim=-1).double().pow(2).sum())  # no squared copy
 
-        sums["gap_num"] += distance(states["merged"][b])
-        sums["gap_den"] += distance(states["base"][b])
-        if "reference" in states:
-            sums["reference_num"] += distance(states["reference"][b])
+    sums["gap_num"] += distance(outputs["merged"])
+    sums["gap_den"] += distance(outputs["base"])
+    if "reference" in outputs:
+        sums["reference_num"] += distance(outputs["reference"])
 
 
 def _gap(num: float, den: float) -> float:

@@ -104,12 +104,16 @@ class Checkpoint:
         if missing:
             raise WeightsUnavailable(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing)")
 
-    def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype) -> None:
-        """Materialise every parameter of ``module`` (at ``path`` in the model) on ``device``."""
+    def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype,
+                  names: list[str] | None = None) -> None:
+        """Materialise ``names`` (default: every parameter) of ``module``, which sits at
+        ``path`` in the model, on ``device``; floating-point tensors in ``dtype``."""
         from safetensors import safe_open
 
+        if names is None:
+            names = [name for name, _param in module.named_parameters()]
         wanted: dict[Path, list[tuple[str, str]]] = {}
-        for name, _param in module.named_parameters():
+        for name in names:
             full = f"{path}.{name}" if path else name
             if full in self.keys:
                 wanted.setdefault(self.files[self.keys[full]], []).append((name, self.keys[full]))
@@ -173,7 +177,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     if not stacks:
         raise WeightsUnavailable("no block stacks to stream")
     outside = [n for n, _ in model.named_parameters() if not n.startswith(stacks)]
-    _load_outside(model, checkpoint, outside, device, dtype)
+    checkpoint.load_into(model, "", device, dtype, names=outside)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for name, buffer in model.named_buffers():
@@ -183,19 +187,3 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
             module._buffers[leaf] = buffer.to(device)
     model.eval()
     return model, Streamed(checkpoint, device, dtype)
-
-
-def _load_outside(model: nn.Module, checkpoint: Checkpoint, names: list[str], device, dtype) -> None:
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        if name in checkpoint.keys:
-            by_file.setdefault(checkpoint.files[checkpoint.keys[name]], []).append(name)
-    for file, group in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as handle:
-            for name in group:
-                tensor = handle.get_tensor(checkpoint.keys[name])
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                _replace_parameter(model, name, tensor.to(device))
