@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .calibration import DEFAULT_ORDER
 from .errors import ConfigError, IterisError
+from .lora import MAX_CONFIG_BYTES
 from .validation import Limits
 
 
@@ -32,6 +33,8 @@ class AdapterLimits(_Strict):
     max_tensors: int = Field(Limits.max_tensors, gt=0, description="tensors in the file")
     max_rank: int = Field(Limits.max_rank, gt=0, description="LoRA rank r")
     max_calibration_bytes: int = Field(Limits.max_calibration_bytes, gt=0, description="size of calibration.jsonl")
+    max_config_bytes: int = Field(Limits.max_config_bytes, gt=0, le=MAX_CONFIG_BYTES,
+                                  description="size of adapter_config.json")
 
     def limits(self) -> Limits:
         return Limits(**self.model_dump())

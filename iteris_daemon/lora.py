@@ -180,12 +180,20 @@ def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     return rank, alpha / denominator
 
 
-def read_adapter_config(path: Path) -> dict[str, Any]:
+MAX_CONFIG_BYTES = 16 << 20  # no adapter_config.json is read past this (the configured limit may be lower)
+
+
+def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterError(path, f"no {CONFIG_NAME} (not a PEFT adapter folder)")
     try:
-        config = safe_json.loads(config_path.read_text(encoding="utf-8"))
+        with open(config_path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            size = config_path.stat().st_size
+            raise AdapterError(config_path, f"file is {max(size, len(raw))} bytes, above the limit of {max_bytes}")
+        config = safe_json.loads(raw.decode("utf-8"))
     except ValueError as exc:  # not UTF-8, not JSON, nested too deep
         raise AdapterError(config_path, f"invalid JSON: {exc}") from None
     except OSError as exc:  # vanished or unreadable since it was seen

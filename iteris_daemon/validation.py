@@ -45,10 +45,12 @@ class Limits:
     max_tensors: int = 20_000
     max_rank: int = 4096
     max_calibration_bytes: int = 64 << 20
+    max_config_bytes: int = 1 << 20  # at most lora.MAX_CONFIG_BYTES
 
     def file_limit(self, name: str) -> int:
         """The most bytes the adapter file ``name`` may hold."""
-        return self.max_calibration_bytes if name == CALIBRATION_NAME else self.max_weights_bytes
+        return {CONFIG_NAME: self.max_config_bytes, CALIBRATION_NAME: self.max_calibration_bytes}.get(
+            name, self.max_weights_bytes)
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ def validate_adapter(
 
 
 def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_models: Collection[str]) -> AdapterInfo:
-    config = read_adapter_config(folder)
+    config = read_adapter_config(folder, limits.max_config_bytes)
     check_calibration_file(folder, limits)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

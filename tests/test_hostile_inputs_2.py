@@ -373,3 +373,140 @@ def test_pattern_keys_match_as_peft_matches_them(key, module, matches):
 
     assert (get_pattern_key([key], module) == key) is matches  # what PEFT does
     assert _pattern_value({key: 7}, module, 1) == (7 if matches else 1)
+
+
+# ----------------------------------------------------------------------------- 5: size limits
+
+
+def test_an_adapter_config_past_its_limit_is_rejected_without_being_read_whole(watched, made):
+    """A 2 MiB ``adapter_config.json`` (valid JSON, padded) is past the default limit of
+    1 MiB, and past a configured 4 KiB a small one is too; before the fix there was no
+    limit and the whole file was read into memory."""
+    _, lora = made
+    big = shutil.copytree(lora, watched.folder / "big")
+    text = (big / "adapter_config.json").read_text()
+    (big / "adapter_config.json").write_text(text + " " * (2 << 20))
+    shutil.copytree(lora, watched.folder / "small")
+    watched.scan()
+    found = watched.found()
+    _rejected(found, "big", "adapter_config.json", f"bytes, above the limit of {1 << 20}")
+    assert found["small"] == (AdapterStatus.registered, None)
+    from iteris_daemon.config import AdapterLimits
+
+    watched.scan(AdapterLimits.model_validate({"max_config_bytes": 100}).limits())  # as in [daemon.limits]
+    _rejected(watched.found(), "small", "adapter_config.json", "bytes, above the limit of 100")
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path, made):
+    """The Hub-compatible test server, reached by the real client, and a poll of a Hub
+    source of one repo under given limits."""
+    from hub_server import HubServer, isolate_hub_client
+
+    from iteris_daemon.sources.hub import HubSource
+
+    base, _ = made
+    with HubServer() as server:
+        isolate_hub_client(monkeypatch, server.endpoint, tmp_path / "hf-home", timeout=5.0)
+        catalog = Catalog(f"sqlite:///{tmp_path / 'hub-catalog.db'}")
+
+        def poll(repo: str, limits: Limits):
+            name = repo.replace("/", "-")
+            with catalog.session() as session:
+                add_source(session, name, SourceKind.hub, {
+                    "endpoint": server.endpoint, "repos": [repo], "base_model": str(base),
+                    "retry_attempts": 2, "retry_base_seconds": 0.05, "retry_cap_seconds": 0.1})
+            HubSource(catalog, name, tmp_path / "cache", limits=limits).poll()
+            with catalog.session() as session:
+                row = session.scalar(select(Adapter).where(Adapter.locator == repo))
+                return row.status, row.current.reason
+
+        yield server, poll, tmp_path / "cache"
+        catalog.close()
+
+
+def _repo_files(lora: Path, **replace: bytes) -> dict[str, bytes]:
+    files = {n: (lora / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
+    return {**files, **replace}
+
+
+def _lie_about_sizes(monkeypatch, server, repo: str, name: str, listed: int | None, head: bool = False,
+                     no_length: bool = False) -> None:
+    """Make the listing give ``name`` of ``repo`` the size ``listed`` (None: no size); with
+    ``head``, the HEAD request's Content-Length claim 100 bytes; with ``no_length``, the
+    download come without a Content-Length (the body ends when the connection closes)."""
+    from hub_server import HubServer, LoggedRequest, _Response
+
+    real_info, real_send = HubServer._info, HubServer._send
+
+    def info(self, found, commit, *, blobs):
+        answer = real_info(self, found, commit, blobs=blobs)
+        if found.repo_id == repo:
+            for sibling in answer["siblings"]:
+                if sibling["rfilename"] == name:
+                    sibling.pop("size", None)
+                    if listed is not None:
+                        sibling["size"] = listed
+        return answer
+
+    def send(self, handler, response, method, path, truncate_to=None):
+        ours = path.startswith(f"/{repo}/resolve/") and path.endswith("/" + name)
+        if ours and head and method == "HEAD":
+            response = _Response(response.status, response.body[:100], response.headers)
+        if not (ours and no_length and method == "GET"):
+            return real_send(self, handler, response, method, path, truncate_to)
+        self.requests.append(LoggedRequest(method, path, response.status))
+        handler.close_connection = True
+        handler.send_response(response.status)
+        for header, value in response.headers.items():
+            handler.send_header(header, value)
+        handler.end_headers()
+        try:
+            handler.wfile.write(response.body)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: what we want
+            pass
+
+    monkeypatch.setattr(HubServer, "_info", info)
+    monkeypatch.setattr(HubServer, "_send", send)
+
+
+HUGE = b"\0" * (40 << 20)  # 40 MiB: more than one 10 MiB chunk of the client's downloads
+WEIGHTS_LIMIT = Limits(max_weights_bytes=64 << 10)
+
+
+@pytest.mark.parametrize("listed, head, no_length", [(None, False, False), (100, False, False), (100, True, True)],
+                         ids=["no-size", "false-size", "false-size-head-and-no-length"])
+def test_a_hub_weights_file_past_the_limit_is_never_downloaded_whole(hub, made, monkeypatch, listed, head, no_length):
+    """The weights limit used to trust the listing's size: with no size, or a false one,
+    the whole 40 MiB file was downloaded (and only then rejected). Now a size the server
+    claims past the limit (HEAD, or the download's Content-Length) ends the download
+    before its body is read, and a body that runs past the limit whatever was claimed
+    is stopped after one chunk of the client (10 MiB); nothing past the limit is kept."""
+    server, poll, cache = hub
+    _, lora = made
+    sha = server.create_repo_direct("eve/huge", _repo_files(lora, **{"adapter_model.safetensors": HUGE}))
+    _lie_about_sizes(monkeypatch, server, "eve/huge", "adapter_model.safetensors", listed, head, no_length)
+    status, reason = poll("eve/huge", WEIGHTS_LIMIT)
+    assert status is AdapterStatus.rejected and f"above the limit of {64 << 10}" in reason
+    if no_length:
+        assert "adapter_model.safetensors is 10485760+ bytes" in reason and "the download was stopped" in reason
+    else:
+        assert f"adapter_model.safetensors is {len(HUGE)} bytes" in reason and "stopped" not in reason
+    snapshot = cache / "eve--huge" / sha
+    assert not (snapshot / "adapter_model.safetensors").exists()
+    assert not [p for p in snapshot.rglob("*") if p.is_file() and p.stat().st_size > 64 << 10]
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "calibration.jsonl"])
+def test_a_hub_config_or_calibration_past_its_limit_is_rejected(hub, made, monkeypatch, name):
+    """Before the fix neither had a limit; now both are bounded like the weights, here with
+    the listing's size missing, so the download itself is what stops them."""
+    server, poll, cache = hub
+    _, lora = made
+    padded = (lora / name).read_bytes() + b" " * (8 << 10)
+    server.create_repo_direct("eve/padded", _repo_files(lora, **{name: padded}))
+    _lie_about_sizes(monkeypatch, server, "eve/padded", name, None, head=True)
+    status, reason = poll("eve/padded", Limits(max_config_bytes=4096, max_calibration_bytes=4096))
+    assert status is AdapterStatus.rejected and f"{name} is " in reason and "above the limit of 4096" in reason
+    server.create_repo_direct("eve/fine", _repo_files(lora))
+    assert poll("eve/fine", Limits(max_config_bytes=4096, max_calibration_bytes=4096)) == (AdapterStatus.registered, None)

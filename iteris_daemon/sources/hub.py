@@ -4,7 +4,8 @@ through ``huggingface_hub``, and registers each new head commit.
 Per repo and poll: one ``model_info`` (the head sha and the file listing). An
 unchanged sha costs nothing more. For a new sha only the adapter files
 (config, safetensors weights, and ``calibration.jsonl`` when present) are
-downloaded, pinned to that sha, into the daemon's own cache; then validated and
+downloaded, pinned to that sha, into the daemon's own cache, each stopped once past its
+limit in ``[daemon.limits]`` whatever size the Hub claims; then validated and
 recorded like a local adapter, with the commit sha as its revision. A listing
 that names a file outside the repo (``../``, absolute paths) is refused before
 anything is downloaded. Transient failures are retried with backoff (see
@@ -21,6 +22,7 @@ from collections.abc import Callable, Collection
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import tqdm as hf_tqdm
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from sqlalchemy import select
 
@@ -196,30 +198,43 @@ class HubSource:
             pickled = [n for n in PICKLED_NAMES if n in siblings]
             raise AdapterError(where, f"pickled weights ({pickled[0]}) are refused, never downloaded" if pickled
                                else f"no {WEIGHTS_NAME}")
-        size = siblings[WEIGHTS_NAME].size
-        if size is not None and size > self.limits.max_weights_bytes:
-            raise AdapterError(where, f"{WEIGHTS_NAME} is {size} bytes, above the limit of {self.limits.max_weights_bytes}")
+        wanted_files = [CONFIG_NAME, WEIGHTS_NAME] + ([CALIBRATION_NAME] if CALIBRATION_NAME in siblings else [])
+        for name in wanted_files:  # the listing's sizes are a first check only: each download is bounded too
+            size, limit = siblings[name].size, self.limits.file_limit(name)
+            if size is not None and size > limit:
+                raise AdapterError(where, f"{name} is {size} bytes, above the limit of {limit}")
         self._download(token, repo_id, sha, CONFIG_NAME, snapshot)
-        config = read_adapter_config(snapshot)
+        config = read_adapter_config(snapshot, self.limits.max_config_bytes)
         wanted = self.settings.base_model
         if listed and wanted and config.get("base_model_name_or_path") not in (None, wanted):
             raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
-        self._download(token, repo_id, sha, WEIGHTS_NAME, snapshot)
-        if CALIBRATION_NAME in siblings:
-            self._download(token, repo_id, sha, CALIBRATION_NAME, snapshot)
+        for name in wanted_files[1:]:
+            self._download(token, repo_id, sha, name, snapshot)
         return validate_adapter(snapshot, wanted, self.limits, self.trusted_models)
 
     def _download(self, token, repo_id: str, sha: str, filename: str, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written
-        complete or not at all: the client downloads to a temporary file, then renames)."""
+        complete or not at all: the client downloads to a temporary file, then renames).
+        The download stops once it passes the file's limit, whatever size the listing
+        and the response headers claimed."""
+        where, limit = f"{repo_id}@{sha[:12]}", self.limits.file_limit(filename)
         snapshot.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self._retrying(f"download {repo_id}/{filename}")(
-            hf_hub_download, repo_id, filename, revision=sha, local_dir=snapshot,
-            endpoint=self.settings.endpoint, token=plain(token),
-        )
+        try:
+            path = self._retrying(f"download {repo_id}/{filename}")(
+                hf_hub_download, repo_id, filename, revision=sha, local_dir=snapshot,
+                endpoint=self.settings.endpoint, token=plain(token), tqdm_class=_bounded_progress(limit),
+            )
+        except _TooBig as exc:
+            for partial in (snapshot / ".cache").rglob(f"{Path(filename).name}*.incomplete"):
+                partial.unlink(missing_ok=True)
+            raise AdapterError(where, f"{filename} is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit "
+                                      f"of {limit}{'; the download was stopped' if exc.stopped else ''}") from None
         resolved = Path(path).resolve()
         if resolved.parent != snapshot.resolve():
-            raise AdapterError(f"{repo_id}@{sha[:12]}", f"download of {filename!r} landed outside its folder")
+            raise AdapterError(where, f"download of {filename!r} landed outside its folder")
+        size = resolved.stat().st_size  # e.g. already there from a poll under a higher limit
+        if size > limit:
+            raise AdapterError(where, f"{filename} is {size} bytes, above the limit of {limit}")
         return resolved
 
     def _mark_removed(self, seen: set[str], report: ScanReport) -> None:
@@ -235,6 +250,38 @@ class HubSource:
 
 class _NotForUs(Exception):
     """A listed repo that is not an adapter of this source's base model."""
+
+
+class _TooBig(Exception):
+    """A download past its limit: claimed so (``stopped`` False), or seen to be (True)."""
+
+    def __init__(self, size: int, stopped: bool):
+        super().__init__(size)
+        self.size, self.stopped = size, stopped
+
+
+def _bounded_progress(limit: int) -> type[hf_tqdm]:
+    """A progress bar class for ``hf_hub_download`` that ends the download past ``limit``
+    bytes: the client announces the size it was told (``total``) when it creates the
+    bar and reports every chunk it writes (``update``), so neither a listing nor a
+    Content-Length that lies can make it fetch more than ``limit`` plus one chunk."""
+
+    class Bounded(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.received = kwargs.get("initial") or 0  # a resumed download starts with what it has
+            total = kwargs.get("total")
+            if total is not None and total > limit:
+                self.close()
+                raise _TooBig(total, stopped=False)
+
+        def update(self, n=1):
+            self.received += n or 0
+            if self.received > limit:
+                raise _TooBig(self.received, stopped=True)
+            return super().update(n)
+
+    return Bounded
 
 
 def _describe(exc: BaseException, what: str) -> str:
