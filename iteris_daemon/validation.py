@@ -238,6 +238,11 @@ def validate_adapter(
 def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_models: Collection[str]) -> AdapterInfo:
     config = read_adapter_config(folder, limits.max_config_bytes)
     check_calibration_file(folder, limits)
+    named = config.get("base_model_name_or_path")
+    if named and not base_model and named not in trusted_models:
+        problem = _named_base_problem(named)
+        if problem:
+            raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {named[:100]!r} {problem}")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         load_adapter(folder)  # raises the precise reason (pickled, missing)
@@ -255,7 +260,9 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
         except BaseModelError as exc:
             if base_model:  # the source's own setting: a problem of the setup, the adapter waits
                 raise
-            raise AdapterError(folder / CONFIG_NAME, f"its base model cannot be used: {exc}") from None
+            log.warning("%s: its base model %r cannot be read: %s", folder, base, exc)  # the loader's words stay here
+            raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {base[:100]!r} cannot be read (not on "
+                                                     "the Hub, or offline); the daemon's log has the details") from None
         check_adapter_shapes(skeleton, adapter, base)
     targets = config.get("target_modules")
     return AdapterInfo(
@@ -267,6 +274,24 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
         size_bytes=weights.stat().st_size,
         content_sha256=adapter.content_sha256,
     )
+
+
+def _named_base_problem(name: str) -> str | None:
+    """Why the daemon will not look up ``name``, a base model an adapter names itself (the
+    source names none), or None. The adapter does not choose what the daemon reads: a
+    local path is refused (unless the config names it), anything else must be a Hub repo
+    id that is not also a path where the daemon runs."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isabs(name) or name.startswith(("~", ".")) or "\\" in name or os.path.lexists(name):
+        return ("is a local path; a base model an adapter names is only looked up on the Hub "
+                "(set the source's base_model to check adapters against a local model)")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "is not a Hub repo id"
+    return None
 
 
 def _check_targets(config: dict[str, Any], modules: list[str], where: Path) -> None:

@@ -144,8 +144,9 @@ class EvilConfig(BertConfig):
 
 def test_a_base_model_runs_its_own_code_only_when_named_in_trust_remote_code(made, tmp_path, monkeypatch):
     """The adapter names a base model whose config asks to run Python shipped beside it.
-    Untrusted (the default), transformers' built-in BERT code is used and the shipped
-    code never runs; it runs only when the config names that very base model."""
+    Named by the adapter alone (a local path) it is not even read; named by the source but
+    untrusted (the default), transformers' built-in BERT code is used and the shipped
+    code never runs; it runs only when trust_remote_code names that very base model."""
     base, lora = made
     marker = tmp_path / "marker"
     monkeypatch.setenv("ITERIS_REMOTE_CODE_MARKER", str(marker))
@@ -159,7 +160,10 @@ def test_a_base_model_runs_its_own_code_only_when_named_in_trust_remote_code(mad
     adapter_config["base_model_name_or_path"] = str(evil)
     (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
 
-    info = validate_adapter(adapter, None, Limits(), trusted_models=[str(base), "some/other-model"])
+    with pytest.raises(AdapterError, match="is a local path"):  # named by the adapter alone: not even read
+        validate_adapter(adapter, None, Limits(), trusted_models=[str(base), "some/other-model"])
+    assert not marker.exists()
+    info = validate_adapter(adapter, str(evil), Limits(), trusted_models=[str(base), "some/other-model"])  # the source's
     assert info.base_model == str(evil) and not marker.exists()
     with pytest.raises(AdapterError):  # trusted: the code runs (and its config fits no model class)
         validate_adapter(adapter, None, Limits(), trusted_models=[str(evil)])

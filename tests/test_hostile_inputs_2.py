@@ -510,3 +510,35 @@ def test_a_hub_config_or_calibration_past_its_limit_is_rejected(hub, made, monke
     assert status is AdapterStatus.rejected and f"{name} is " in reason and "above the limit of 4096" in reason
     server.create_repo_direct("eve/fine", _repo_files(lora))
     assert poll("eve/fine", Limits(max_config_bytes=4096, max_calibration_bytes=4096)) == (AdapterStatus.registered, None)
+
+
+# ----------------------------------------------------------------------------- 6: the base model an adapter names
+
+
+@pytest.mark.parametrize("named, reason", [
+    ("/etc", "is a local path"),
+    ("../base", "is a local path"),
+    ("~/models/base", "is a local path"),
+    ("{base}", "is a local path"),  # a real model folder, but one the config does not name
+    ("not a repo id!", "is not a Hub repo id"),
+    ("someorg/some-model", "cannot be read (not on the Hub, or offline); the daemon's log has the details"),
+])
+def test_a_base_model_an_adapter_names_is_looked_up_on_the_hub_only(tmp_path, made, named, reason):
+    """With no ``base_model`` on the source, the adapter's own ``base_model_name_or_path``
+    was resolved as given: any folder the daemon can read (``/etc``: "does not appear to
+    have a file named config.json", stored in the catalog) or a Hub download. Now a local
+    path is refused unless the config names it, and the reason never carries the
+    loader's own message (paths, URLs)."""
+    base, lora = made
+    watched = Watched(tmp_path, base, base_model=None)
+    folder = shutil.copytree(lora, watched.folder / "task")
+    _set_config(folder, base_model_name_or_path=named.format(base=base))
+    configured = shutil.copytree(base, tmp_path / "configured-base")  # a local model the config names
+    _set_config(shutil.copytree(lora, watched.folder / "zz-configured"), base_model_name_or_path=str(configured))
+    LocalFolderSource(watched.catalog, "team", trusted_models=[str(configured)]).scan()
+    found = watched.found()
+    _rejected(found, "task", f"base_model_name_or_path {named.format(base=base)[:60]!r}", reason)
+    said = found["task"][1].split("adapter_config.json: ", 1)[1]
+    assert "config.json" not in said and "huggingface.co" not in said and "Unrecognized" not in said
+    assert found["zz-configured"] == (AdapterStatus.registered, None)
+    watched.catalog.close()

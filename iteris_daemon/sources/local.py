@@ -49,7 +49,7 @@ class LocalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     paths: list[Path] = Field(min_length=1, description="folders to watch, recursively")
-    base_model: str | None = Field(None, description="check shapes against this base model (default: the adapter's own)")
+    base_model: str | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
     settle_seconds: float = Field(2.0, gt=0, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
     poll_interval_seconds: float = Field(5.0, gt=0, description="polling period when polling=true")
