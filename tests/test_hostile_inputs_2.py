@@ -421,6 +421,7 @@ def hub(monkeypatch, tmp_path, made):
                 row = session.scalar(select(Adapter).where(Adapter.locator == repo))
                 return row.status, row.current.reason
 
+        poll.catalog = catalog
         yield server, poll, tmp_path / "cache"
         catalog.close()
 
@@ -542,3 +543,88 @@ def test_a_base_model_an_adapter_names_is_looked_up_on_the_hub_only(tmp_path, ma
     assert "config.json" not in said and "huggingface.co" not in said and "Unrecognized" not in said
     assert found["zz-configured"] == (AdapterStatus.registered, None)
     watched.catalog.close()
+
+
+# ----------------------------------------------------------------------------- 7: names from the Hub in cache paths
+
+
+def _patch_info(monkeypatch, repo: str, **fields) -> None:
+    """Make the test Hub answer ``fields`` (e.g. a hostile ``sha`` or ``id``) for ``repo``, in
+    its repo info and its listing entries."""
+    from hub_server import HubServer
+
+    real_info = HubServer._info
+
+    def info(self, found, commit, *, blobs):
+        answer = real_info(self, found, commit, blobs=blobs)
+        return {**answer, **fields} if found.repo_id == repo else answer
+
+    monkeypatch.setattr(HubServer, "_info", info)
+
+
+def _source_health(catalog) -> str | None:
+    from iteris_daemon.catalog.models import Source
+
+    with catalog.session() as session:
+        return session.scalar(select(Source.last_error).where(Source.name == "eve-fine"))
+
+
+@pytest.mark.parametrize("sha", ["../../escaped", "0" * 39, "G" * 40, "a" * 64])
+def test_a_commit_sha_that_is_not_40_hex_digits_never_names_a_folder(hub, made, monkeypatch, tmp_path, sha):
+    """The commit sha the Hub answers names the repo's cache folder. Before the fix it was
+    used as given: ``../../escaped`` made a folder outside the cache (and downloads were
+    aimed into it). Now the repo fails with the reason in the source's health, nothing
+    is created or downloaded, and the other repos of the poll are registered."""
+    server, poll, cache = hub
+    _, lora = made
+    server.create_repo_direct("eve/fine", _repo_files(lora))
+    server.create_repo_direct("eve/sha", _repo_files(lora))
+    _patch_info(monkeypatch, "eve/sha", sha=sha)
+    from iteris_daemon.sources.hub import HubSource
+
+    catalog = poll.catalog
+    with catalog.session() as session:
+        add_source(session, "eve-fine", SourceKind.hub, {
+            "endpoint": server.endpoint, "repos": ["eve/sha", "eve/fine"], "base_model": str(made[0]),
+            "retry_attempts": 1})
+    report = HubSource(catalog, "eve-fine", cache).poll()
+    assert report.registered == ["eve/fine"] and not report.rejected
+    assert "not 40 hex digits; nothing downloaded" in _source_health(catalog)
+    assert not (tmp_path / "escaped").exists() and not (cache / "eve--sha").exists()
+    assert not server.requests_matching(r"^(GET|HEAD) /eve/sha/resolve/")
+
+
+@pytest.mark.parametrize("listed_id", ["eve/../../escaped", "..", "eve/x\nINJECTED", "eve/a/b", "eve--x/y"])
+def test_a_listed_name_that_is_not_a_repo_id_is_skipped_with_the_reason(hub, made, monkeypatch, tmp_path, listed_id):
+    """Repo ids from an author listing name cache folders too. huggingface_hub's own
+    argument check already stopped these at ``model_info`` (before the fix: an error,
+    source unhealthy); now they are refused before any request, the reason (escaped) in
+    the source's health, and the poll goes on."""
+    server, poll, cache = hub
+    _, lora = made
+    server.create_repo_direct("eve/fine", _repo_files(lora))
+    server.create_repo_direct("eve/evil", _repo_files(lora))
+    _patch_info(monkeypatch, "eve/evil", id=listed_id)
+    from iteris_daemon.sources.hub import HubSource
+
+    catalog = poll.catalog
+    with catalog.session() as session:
+        add_source(session, "eve-fine", SourceKind.hub, {"endpoint": server.endpoint, "author": "eve",
+                                                         "base_model": str(made[0]), "retry_attempts": 1})
+    report = HubSource(catalog, "eve-fine", cache).poll()
+    assert report.registered == ["eve/fine"]
+    health = _source_health(catalog)
+    assert f"names {listed_id!r}, which " in health and "skipped" in health and "\n" not in health
+    assert not (tmp_path / "escaped").exists() and sorted(p.name for p in cache.iterdir()) == ["eve--fine"]
+    assert not server.requests_matching(r"^GET /api/models/eve/(evil|\.\.|x)")
+
+
+def test_repo_settings_must_be_repo_ids():
+    from pydantic import ValidationError
+
+    from iteris_daemon.sources.hub import HubSettings
+
+    for spec in ("eve/..", "eve/a--b", "eve/.hidden", "eve/x.git@main"):
+        with pytest.raises(ValidationError, match="is not a repo id"):
+            HubSettings(repos=[spec])
+    assert HubSettings(repos=["eve/fine@dev"]).repos == ["eve/fine@dev"]

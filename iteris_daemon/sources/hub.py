@@ -16,13 +16,15 @@ and the rest of the poll goes on.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from collections.abc import Callable, Collection
 
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from sqlalchemy import select
 
@@ -38,6 +40,19 @@ from .local import CALIBRATION_NAME, ScanReport
 
 log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def bad_repo_id(repo_id: object) -> str | None:
+    """Why ``repo_id`` (from the settings, or a Hub listing: untrusted) is not an
+    ``OWNER/NAME`` the Hub accepts, or None. It becomes part of a cache path."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        return "is not OWNER/NAME"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return str(exc).split(":")[0].lower()
+    return None
 
 
 class HubSettings(BaseModel):
@@ -59,7 +74,7 @@ class HubSettings(BaseModel):
     @classmethod
     def _repo_ids(cls, repos: list[str]) -> list[str]:
         for spec in repos:
-            if not _REPO_ID.match(spec.partition("@")[0]):
+            if bad_repo_id(spec.partition("@")[0]):
                 raise ValueError(f"{spec!r} is not a repo id (OWNER/NAME[@BRANCH])")
         return repos
 
@@ -108,7 +123,7 @@ class HubSource:
         api = HfApi(endpoint=self.settings.endpoint, token=plain(token))
         errors: list[str] = []
         try:
-            targets, listed = self._targets(api)
+            targets, listed = self._targets(api, errors)
         except Exception as exc:  # the listing itself failed: nothing else to do this round
             self._set_health(_describe(exc, "listing repos"))
             log.error("source %s: %s", self.name, _describe(exc, "listing repos"))
@@ -131,8 +146,9 @@ class HubSource:
             self.on_change(report)
         return report
 
-    def _targets(self, api: HfApi) -> tuple[list[tuple[str, str | None]], bool]:
-        """(repo, branch) pairs, and whether they came from a listing (non-adapters skipped silently)."""
+    def _targets(self, api: HfApi, errors: list[str]) -> tuple[list[tuple[str, str | None]], bool]:
+        """(repo, branch) pairs, and whether they came from a listing (non-adapters skipped
+        silently; a listed name that is no repo id is skipped with an error in ``errors``)."""
         targets = []
         for spec in self.settings.repos:
             repo, _, branch = spec.partition("@")
@@ -145,6 +161,11 @@ class HubSource:
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
             if CONFIG_NAME in names and (model.id, None) not in targets:
+                problem = bad_repo_id(model.id)
+                if problem:
+                    errors.append(f"the listing of {self.settings.author} names {str(model.id)[:100]!r}, which {problem}; skipped")
+                    log.error("source %s: %s", self.name, errors[-1])
+                    continue
                 targets.append((model.id, None))
         return targets, True
 
@@ -155,6 +176,8 @@ class HubSource:
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return False
         sha = info.sha
+        if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):  # it names the cache folder
+            raise HubAnswerError(f"the Hub answered a commit sha {str(sha)[:60]!r}, not 40 hex digits; nothing downloaded")
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
@@ -163,6 +186,8 @@ class HubSource:
                 return True
         siblings = {s.rfilename: s for s in info.siblings or []}
         snapshot = self.cache_dir / repo_id.replace("/", "--") / sha
+        if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
+            raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
         reason, adapter_info = None, None
         try:
             adapter_info = self._fetch_and_validate(api, token, repo_id, sha, siblings, snapshot, listed)
@@ -246,6 +271,10 @@ class HubSource:
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
             set_health(session, self.source_id, error)
+
+
+class HubAnswerError(Exception):
+    """The Hub answered something no real Hub sends (e.g. a commit sha that is not 40 hex digits)."""
 
 
 class _NotForUs(Exception):
