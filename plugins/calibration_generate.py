@@ -55,10 +55,13 @@ def _random_words(tokenizer, samples: int, seed: int, length: tuple[int, int] = 
 def _sample(adapter, base_model: str, tokenizer, samples: int, max_new_tokens: int, seed: int) -> list[Sample]:
     from peft import PeftModel
 
-    from iteris_daemon.model import _auto_class
+    from transformers import AutoConfig
+
+    from iteris_daemon.model_class import model_class_for
 
     torch.manual_seed(seed)
-    model = PeftModel.from_pretrained(_auto_class(adapter.task_type).from_pretrained(base_model), str(adapter.path))
+    cls = model_class_for([adapter], AutoConfig.from_pretrained(base_model))
+    model = PeftModel.from_pretrained(cls.from_pretrained(base_model), str(adapter.path))
     model.eval()
     seq2seq = adapter.task_type == "SEQ_2_SEQ_LM"
     prompts = _random_words(tokenizer, samples, seed, (3, 8)) if seq2seq else [tokenizer.bos_token or ""] * samples
