@@ -1,6 +1,7 @@
 """Logging for a long-running service: one handler on stderr whose format suits where
 stderr goes (the journal, a terminal, a log shipper), and which never writes a Hub
-token, whatever a caller or a library puts in a message."""
+token, whatever a caller or a library puts in a message, nor a control character
+that a logged value (a folder name, a reason, an exception's message) brought in."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import logging
 import os
 import re
 import sys
-from typing import TextIO
+import traceback
+from typing import Any, TextIO
 
 FORMATS = ("auto", "journal", "text", "json")
 
@@ -24,6 +26,70 @@ def redact(text: str) -> str:
     return TOKEN.sub("hf_***", text)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a non-UTF-8 file name (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character (newlines, escape sequences, C1, line
+    separators) and undecodable file-name byte written as a backslash escape."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escaped(value: Any) -> Any:
+    """A log argument as it may be written: text (names, paths, exception messages) escaped."""
+    if isinstance(value, str):
+        return escape_controls(value)
+    if isinstance(value, (os.PathLike, BaseException)):
+        return escape_controls(str(value))
+    return value
+
+
+def format_exception(exc_info) -> str:
+    """A traceback like ``Formatter.formatException``'s, with each exception's message
+    (which may carry a file name) escaped; the traceback's own lines stay lines."""
+    exc = exc_info[1]
+    if exc is None:
+        return logging.Formatter().formatException(exc_info)
+    rendered = traceback.TracebackException(type(exc), exc, exc_info[2])
+    pending, seen = [rendered], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(getattr(current, "_str", None), str):
+            current._str = escape_controls(current._str)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        pending.extend(getattr(current, "exceptions", None) or [])
+    return "".join(rendered.format()).removesuffix("\n")
+
+
+class EscapeValues(logging.Filter):
+    """Values logged with ``%s`` come from outside (a folder name may hold a newline): with
+    their control characters escaped, one can never start a line (a journal entry) of
+    its own. Newlines in the message's format string, which the code wrote, are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict):
+            record.args = {key: _escaped(value) for key, value in record.args.items()}
+        elif isinstance(record.args, tuple):
+            record.args = tuple(_escaped(value) for value in record.args)
+        if record.exc_info:  # also when another handler already rendered it, unescaped
+            record.exc_text = format_exception(record.exc_info)
+        return True
+
+
 class RedactTokens(logging.Filter):
     """Defense in depth: renders the message, traceback and stack of each record and
     redacts tokens in them before any formatter sees them, so an f-string, a
@@ -32,7 +98,7 @@ class RedactTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redact(record.getMessage()), None
         if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = format_exception(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
@@ -113,6 +179,7 @@ def setup_logging(verbose: bool = False, fmt: str = "auto", *, stream: TextIO | 
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_formatter(fmt, stream))
+    handler.addFilter(EscapeValues())  # first: it sees the arguments before they are rendered
     handler.addFilter(RedactTokens())
     handler.set_name("iteris-daemon")
     root = logging.getLogger()

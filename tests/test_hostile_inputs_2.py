@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -628,3 +629,67 @@ def test_repo_settings_must_be_repo_ids():
         with pytest.raises(ValidationError, match="is not a repo id"):
             HubSettings(repos=[spec])
     assert HubSettings(repos=["eve/fine@dev"]).repos == ["eve/fine@dev"]
+
+
+# ----------------------------------------------------------------------------- 8: names in the log
+
+FORGED = "2026-01-01 00:00:00,000 INFO iteris_daemon: forged"
+
+
+@pytest.fixture
+def daemon_log():
+    """The daemon's own log setup, writing to a string, per format; logging put back after."""
+    import io
+    import logging
+
+    from iteris_daemon.logs import NOISY, setup_logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in NOISY}
+
+    def start(fmt: str) -> io.StringIO:
+        stream = io.StringIO()
+        setup_logging(fmt=fmt, stream=stream)
+        return stream
+
+    yield start
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, noisy_level in noisy.items():
+        logging.getLogger(name).setLevel(noisy_level)
+
+
+@pytest.mark.parametrize("fmt", ["text", "journal"])
+def test_a_folder_name_with_newlines_cannot_forge_log_entries(watched, made, daemon_log, fmt):
+    """A folder name is data: before the fix its newline went to the log raw, so the name
+    ``bad⏎<timestamp> INFO …: forged`` wrote a line (a journal entry) of its own. Now
+    control characters in logged values (and in a logged exception's message) are
+    escaped; a newline the message itself has is kept."""
+    import logging
+
+    _, lora = made
+    bad = shutil.copytree(lora, watched.folder / f"bad\n{FORGED}\r\x1b[2K")
+    (bad / "adapter_config.json").write_text("{not json")  # rejected: its name is logged with the reason
+    stream = daemon_log(fmt)
+    watched.scan()
+    try:
+        raise ValueError(f"examining {bad} failed")
+    except ValueError:
+        logging.getLogger("iteris_daemon.test").exception("a failure naming %s", "it")
+    logging.getLogger("iteris_daemon.test").warning("two lines\nof the message itself")
+    lines = stream.getvalue().splitlines()
+    prefix = r"<\d>" if fmt == "journal" else r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ "
+    if fmt == "text":  # a traceback's own lines have no prefix: from its first line to the exception's
+        first = lines.index("Traceback (most recent call last):")
+        last = next(i for i, line in enumerate(lines) if line.startswith("ValueError: "))
+        lines = lines[:first] + lines[last + 1:] + [lines[last]]
+    own = [line for line in lines if not re.match(prefix, line) and not line.startswith("ValueError: ")]
+    assert own == (["of the message itself"] if fmt == "text" else []), own
+    rejected = [line for line in lines if "rejected /" in line]
+    assert rejected and all("bad\\n2026-01-01" in line and "\\r\\x1b[2K" in line for line in rejected)
+    assert not any(line.startswith(FORGED) or line.startswith("<6>" + FORGED) for line in lines)
+    assert any(line.endswith(f"ValueError: examining {watched.folder}/bad\\n{FORGED}\\r\\x1b[2K failed")
+               for line in lines)
