@@ -242,6 +242,7 @@ class _Alignment:
         self.bar = None
         self.unused: set[str] = set()
         self.grams = {"modules": 0, "distinct_inputs": 0}  # one task's Grams in the first sweep
+        self.timing = {"inference_s": 0.0, "solve_s": 0.0}
 
     # ---------------------------------------------------------------- passes
     def _deltas(self, unit: Unit, task: int | None, merge: dict[str, torch.Tensor] | None) -> dict[str, Delta]:
@@ -288,14 +289,13 @@ class _Alignment:
     # ----------------------------------------------------------------- sweeps
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
         options = self.options
-        timings = {"inference_s": 0.0, "solve_s": 0.0}
+        timings = self.timing
         losses: list[list[float]] = [[] for _ in range(self.n)]
         changes: list[float] = []
         units = [u for u in self.executor.units if u.paths or u.stack is not None]
         self.base.attach(self.paths)
         try:
             for sweep in range(options.iterations):
-                self.timing = timings
                 self.loss_terms = [[0.0, 0.0] for _ in range(self.n)]
                 self.change = [0.0, 0.0]
                 passes = 1 if options.schedule == "joint" else (3 if sweep == 0 else 2)
@@ -314,8 +314,7 @@ class _Alignment:
                 if self.merged is not None:
                     for i, (num, den) in enumerate(self.loss_terms):
                         losses[i].append(num / den if den > 0 else 0.0)
-                changes.append(math.sqrt(max(self.change[0], 0.0) / self.change[1])
-                               if self.merged is not None and self.change[1] > 0 else (math.inf if self.merged is None else 0.0))
+                changes.append(self._relative_change())
                 self.merged = new
                 if changes[-1] < options.tolerance:
                     break
@@ -416,6 +415,13 @@ class _Alignment:
                 info.weight = self.user_weights[i] * c
             Q = None if first else recorder.Q.get(p)  # first: Xt = X, so fold forms Q = A G
             M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight, options.a1, options.a2, options.offdiag_scale)
+
+    def _relative_change(self) -> float:
+        """||D_new - D_old|| / ||D_new|| over all layers (inf after the first sweep)."""
+        if self.merged is None:
+            return math.inf
+        num, den = self.change
+        return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
     def _track_change(self, p: str, old: torch.Tensor, new: torch.Tensor) -> None:
         BtB = self.B_cat[p].double().T @ self.B_cat[p].double()
