@@ -27,7 +27,19 @@ except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
+OFFLOAD = ("auto", "disk", "cpu", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device(name: str) -> torch.device:
+    """``name`` as a torch device that exists here, or a one-line error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BaseModelError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise BaseModelError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    return device
 
 
 def _move_except(model: nn.Module, keep: set[int], device: torch.device) -> None:
@@ -167,6 +179,8 @@ class BaseModel:
     ):
         from transformers import AutoConfig, AutoTokenizer
 
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
         task_types = {a.task_type for a in adapters}
         if len(task_types) > 1:
             raise IncompatibleAdaptersError(f"adapters have different task types: {sorted(map(str, task_types))}")
@@ -177,7 +191,7 @@ class BaseModel:
             kwargs["num_labels"] = labels
         self.name_or_path = name_or_path
         self._stack_paths: list[str] = []
-        self.device = torch.device(device)
+        self.device = _device(device)
         self.dtype = DTYPES[dtype]
         try:
             config = AutoConfig.from_pretrained(name_or_path, **kwargs)
@@ -213,8 +227,6 @@ class BaseModel:
         from .architecture import block_plan
         from .weights import Offloaded, Resident, WeightsUnavailable, load_streamed
 
-        if offload not in ("auto", "disk", "cpu", "none"):
-            raise ValueError(f"offload must be auto, disk, cpu or none, got {offload!r}")
         if offload in ("auto", "disk") and not kwargs.get("trust_remote_code"):
             def stacks(model):
                 plan = block_plan(model, paths, self.head_keys)
@@ -224,7 +236,8 @@ class BaseModel:
             try:
                 return load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks)
             except WeightsUnavailable as exc:
-                log.info("loading %s whole: cannot stream its blocks (%s)", self.name_or_path, exc)
+                level = logging.WARNING if offload == "disk" else logging.INFO
+                log.log(level, "loading %s whole: cannot stream its blocks (%s)", self.name_or_path, exc)
         model = cls.from_pretrained(self.name_or_path, dtype=self.dtype, **kwargs)
         if offload in ("auto", "cpu") and self.device.type != "cpu":
             plan = block_plan(model, paths, self.head_keys)

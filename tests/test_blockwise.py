@@ -172,3 +172,17 @@ def test_cuda_merge_equals_cpu(tiny, tmp_path, family):
             assert _relative(b.get_tensor(key), a.get_tensor(key)) < 1e-3, key
     for name, figures in cpu["tasks"].items():
         assert cuda["tasks"][name]["fidelity_gap"] == pytest.approx(figures["fidelity_gap"], rel=1e-2, abs=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device, message", [("cuda", "not available here"), ("gpu", "unknown device")])
+def test_a_device_that_is_not_here_is_a_one_line_error(tiny, tmp_path, capsys, device, message):
+    from iteris_daemon.cli import main
+
+    base_dir, adapter_dirs = tiny["llama"]
+    argv = ["merge", "--base-model", str(base_dir), "--out", str(tmp_path / "out"), "--device", device, "-q"]
+    for folder in adapter_dirs:
+        argv += ["--adapter", str(folder)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
