@@ -3,12 +3,15 @@
 Looked up in order: a configured ``token_file``; systemd's credential
 ``$CREDENTIALS_DIRECTORY/hf-token`` (``LoadCredential=hf-token:...`` in the unit);
 ``$HF_TOKEN``. Returned as a pydantic ``SecretStr`` so a stray ``repr`` or log
-line shows ``**********``, not the token.
+line shows ``**********``, not the token. Like ssh with a private key, a configured
+token file that the group or others may read or write is refused (systemd's
+credentials are the service's own).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -19,13 +22,19 @@ CREDENTIAL_NAME = "hf-token"
 
 
 def hub_token(token_file: Path | None = None) -> SecretStr | None:
+    configured = token_file is not None
     if token_file is None and os.environ.get("CREDENTIALS_DIRECTORY"):
         credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
         if credential.is_file():
             token_file = credential
     if token_file is not None:
         try:
-            value = Path(token_file).read_text(encoding="utf-8").strip()
+            with open(token_file, "rb") as handle:
+                mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+                if configured and mode & 0o077:
+                    raise ConfigError(f"the token file {token_file} is open to other users (mode {mode:o}); "
+                                      f"it must be readable by its owner only: chmod 600 {token_file}")
+                value = handle.read().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
         return SecretStr(value) if value else None

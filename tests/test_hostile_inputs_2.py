@@ -693,3 +693,69 @@ def test_a_folder_name_with_newlines_cannot_forge_log_entries(watched, made, dae
     assert not any(line.startswith(FORGED) or line.startswith("<6>" + FORGED) for line in lines)
     assert any(line.endswith(f"ValueError: examining {watched.folder}/bad\\n{FORGED}\\r\\x1b[2K failed")
                for line in lines)
+
+
+# ----------------------------------------------------------------------------- 9: token file, database URL
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o606], ids=oct)
+def test_a_token_file_others_can_read_or_write_is_refused(tmp_path, mode):
+    """As ssh does with a private key: a token file open to the group or to others is not
+    used (before the fix its mode was never looked at); owner-only modes are."""
+    from iteris_daemon.errors import ConfigError
+    from iteris_daemon.tokens import hub_token
+
+    token_file = tmp_path / "token"
+    token_file.write_text("hf_ownerOnly1234\n")
+    token_file.chmod(mode)
+    with pytest.raises(ConfigError, match=rf"token file {token_file} is open to other users \(mode 0?{mode:o}\).*chmod 600"):
+        hub_token(token_file)
+    for fine in (0o600, 0o400):
+        token_file.chmod(fine)
+        assert hub_token(token_file).get_secret_value() == "hf_ownerOnly1234"
+
+
+def test_a_hub_source_with_an_open_token_file_is_unhealthy_and_sends_no_token(hub, made, tmp_path):
+    """The poll does not raise out of the scheduler job: the source says why it is unhealthy."""
+    from iteris_daemon.catalog.models import Source
+    from iteris_daemon.sources.hub import HubSource
+
+    server, poll, cache = hub
+    _, lora = made
+    server.create_repo_direct("eve/fine", _repo_files(lora))
+    token_file = tmp_path / "open-token"
+    token_file.write_text("hf_ownerOnly1234\n")
+    token_file.chmod(0o644)
+    catalog = poll.catalog
+    with catalog.session() as session:
+        add_source(session, "eve-fine", SourceKind.hub, {"endpoint": server.endpoint, "repos": ["eve/fine"],
+                                                         "token_file": str(token_file), "base_model": str(made[0])})
+    report = HubSource(catalog, "eve-fine", cache).poll()
+    assert not report.registered and not server.requests
+    with catalog.session() as session:
+        source = session.scalar(select(Source).where(Source.name == "eve-fine"))
+        assert not source.healthy and "is open to other users (mode 644)" in source.last_error
+    token_file.chmod(0o600)
+    assert HubSource(catalog, "eve-fine", cache).poll().registered == ["eve/fine"]
+
+
+@pytest.mark.parametrize("url", [
+    "postgres ql://alice:s3cret-pw@db/catalog",  # no such scheme: does not parse
+    "postgresql://alice:s3cret-pw@db:notaport/catalog",  # a port that is no number
+    "postgresql://alice:s3cret-pw@with@at@db:5432:1/catalog",
+])
+def test_a_database_url_that_does_not_parse_is_echoed_without_its_password(url, tmp_path):
+    """Before the fix the first was echoed whole (password included) and the second raised
+    a bare ValueError. Checked in the error and in what the command line prints."""
+    import subprocess
+    import sys
+
+    from iteris_daemon.catalog import CatalogError
+
+    with pytest.raises(CatalogError) as caught:
+        Catalog(url)
+    assert "s3cret" not in str(caught.value) and "alice:***@" in str(caught.value)
+    cli = subprocess.run([sys.executable, "-m", "iteris_daemon", "sources", "list", "--db", url],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode != 0 and "alice:***@" in cli.stderr
+    assert "s3cret" not in cli.stderr + cli.stdout

@@ -42,6 +42,7 @@ def env(monkeypatch, tmp_path, made):
     base, adapters = made
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # an open token file is refused, as ssh refuses an open key
     with HubServer(token=TOKEN) as hub:
         isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home", timeout=2.0)
         catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")

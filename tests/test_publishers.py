@@ -239,6 +239,7 @@ def sleeps(monkeypatch) -> list[float]:
 def hub_settings(hub, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # an open token file is refused, as ssh refuses an open key
 
     def make(**overrides):
         values = {"repo_id": REPO, "endpoint": hub.endpoint, "token_file": str(token_file),

@@ -47,13 +47,24 @@ def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUS
     cursor.close()
 
 
+def mask_password(url: str) -> str:
+    """``url`` with whatever may be its password written ``***``: from the ':' after the
+    user name to the last '@', whether or not the URL parses (a password holding '@'
+    or '/' is one reason it may not)."""
+    start = url.find("://")
+    start = start + 3 if start >= 0 else 0
+    at = url.rfind("@")
+    colon = url.find(":", start, at) if at > start else -1
+    return url if colon < 0 else f"{url[:colon + 1]}***{url[at:]}"
+
+
 def make_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
     """``busy_timeout``: seconds a SQLite write waits for another process's lock
     (default ``SQLITE_BUSY_TIMEOUT_MS``); ignored for other databases."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise CatalogError(f"invalid database URL {url!r}") from None
+    except (ArgumentError, ValueError):  # ValueError: a port that is no number
+        raise CatalogError(f"invalid database URL {mask_password(url)!r}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database).expanduser().resolve()
         private_dir(database.parent)  # the catalog is private state

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
-from ..errors import AdapterError
+from ..errors import AdapterError, ConfigError
 from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import hub_retrying, is_transient
 from ..tokens import hub_token, plain
@@ -119,7 +119,12 @@ class HubSource:
     def poll(self) -> ScanReport:
         """One pass over the repos; the source's health records how it went."""
         report = ScanReport()
-        token = self.settings.token()
+        try:
+            token = self.settings.token()
+        except ConfigError as exc:  # unreadable, or open to other users: no poll, and the source says why
+            self._set_health(str(exc))
+            log.error("source %s: %s", self.name, exc)
+            return report
         api = HfApi(endpoint=self.settings.endpoint, token=plain(token))
         errors: list[str] = []
         try:
