@@ -1,0 +1,129 @@
+"""RegMean against its dense closed form with ``alpha != 1``.
+
+RegMean (Jin et al., ICLR 2023) merges linear layers as
+
+    W* = (sum_i D_i G~_i) (sum_i G~_i)^-1,   G~ = alpha G + (1 - alpha) diag(G),   G_i = X_i^T X_i
+
+so the off-diagonal scaling enters *both* factors. The bug this file pins down scaled
+the system ``sum_i G~_i`` but formed the right-hand side from the unscaled ``Q = A G``;
+with one adapter and correlated features that returned the adapter with a large error
+instead of exactly. ``test_old_formula_is_caught`` recomputes that old formula to show
+the references here tell the two apart.
+"""
+
+import pytest
+import torch
+
+from iteris_daemon.alignment import fold
+from iteris_daemon.lora import LoraModule, load_adapter
+from iteris_daemon.lowrank import solve_spd
+from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _correlated_features(g: torch.Generator, n: int, d_in: int, scale: float) -> torch.Tensor:
+    """Rows with strongly correlated coordinates (a random mixing of independent ones)."""
+    Z = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    mixing = torch.eye(d_in, dtype=torch.float64) + 0.8 * torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    return scale * Z @ mixing
+
+
+def _problem(seed: int, ranks=(2, 3, 4), tokens=(50, 60, 70), d_in=18, d_out=13):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (r, n) in enumerate(zip(ranks, tokens)):
+        X = _correlated_features(g, n, d_in, scale=10.0 ** (i - 1))  # tasks differ in feature scale
+        module = LoraModule(
+            A=torch.randn(r, d_in, generator=g, dtype=torch.float64),
+            B=torch.randn(d_out, r, generator=g, dtype=torch.float64),
+            scaling=0.5 + i,
+        )
+        out.append((X, module))
+    return out
+
+
+def _scaled(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    return alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
+
+
+def _dense_regmean(problem, alpha: float) -> torch.Tensor:
+    """The closed form, written out with dense matrices and a plain solve."""
+    numerator, denominator = 0, 0
+    for X, module in problem:
+        Gt = _scaled(X.T @ X, alpha)
+        numerator = numerator + module.delta() @ Gt
+        denominator = denominator + Gt
+    return torch.linalg.solve(denominator.T, numerator.T).T
+
+
+def _engine(problem, alpha: float, old_bug: bool = False) -> torch.Tensor:
+    """The engine's low-rank RegMean: ``fold`` with Q=None (it forms Q = A G~ itself).
+
+    ``old_bug``: pass the unscaled ``Q = A G`` explicitly, which is what the engine
+    used to do (only the system M was scaled).
+    """
+    M, rhs = None, []
+    for X, module in problem:
+        G = X.T @ X
+        Q = module.A @ G if old_bug else None
+        M = fold(M, rhs, G, Q, module, 1.0, 0.0, 0.0, offdiag_scale=alpha)
+    A = solve_spd(M, torch.cat(rhs))
+    B = torch.cat([module.B for _, module in problem], dim=1)
+    return B @ A
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lowrank_matches_dense_closed_form(seed, alpha):
+    problem = _problem(seed)
+    expected = _dense_regmean(problem, alpha)
+    assert _relative(_engine(problem, alpha), expected) < 1e-9
+
+
+def test_alpha_one_is_plain_regmean():
+    problem = _problem(2)
+    numerator = sum(m.delta() @ (X.T @ X) for X, m in problem)
+    denominator = sum(X.T @ X for X, _ in problem)
+    expected = torch.linalg.solve(denominator.T, numerator.T).T
+    assert _relative(_engine(problem, 1.0), expected) < 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_single_adapter_is_a_fixed_point(seed):
+    """One adapter: W* = D G~ G~^-1 = D whatever alpha, when features are correlated."""
+    problem = _problem(seed)[:1]
+    X, module = problem[0]
+    G = X.T @ X
+    off = G - torch.diag(torch.diagonal(G))
+    assert float(off.norm() / G.norm()) > 0.3  # the features really are correlated
+    assert _relative(_engine(problem, 0.9), module.delta()) < 1e-9
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+def test_old_formula_is_caught(alpha):
+    """The old right-hand side (Q = A G, unscaled) is far from the reference: these
+    tests fail on it, both with one adapter and with several."""
+    single = _problem(0)[:1]
+    assert _relative(_engine(single, alpha, old_bug=True), single[0][1].delta()) > 1e-3
+    several = _problem(1)
+    assert _relative(_engine(several, alpha, old_bug=True), _dense_regmean(several, alpha)) > 1e-3
+
+
+@pytest.mark.parametrize("accumulate, tolerance", [("float64", 1e-6), ("float32", 1e-4)])
+def test_regmean_merge_of_one_adapter_returns_it(bert, tmp_path, accumulate, tolerance):
+    """End to end (default alpha = 0.9, real forward passes): RegMean of one adapter is
+    that adapter, up to float32 forward-pass rounding (and float32 Gram accumulation)."""
+    base_dir, adapter_dirs = bert
+    out = tmp_path / "regmean"
+    report = run_merge(MergeRequest(
+        base_model=str(base_dir), adapters=[AdapterSpec(adapter_dirs[0])], out=out, strategy="regmean",
+        params={"accumulate_dtype": accumulate}, quiet=True,
+    ))
+    assert report["strategy"] == "regmean" and report["params"]["alpha"] == 0.9
+    original, merged = load_adapter(adapter_dirs[0]), load_adapter(out)
+    assert set(original.modules) == set(merged.modules)
+    for path, module in original.modules.items():
+        assert _relative(merged.modules[path].delta(), module.delta()) < tolerance, path
