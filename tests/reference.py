@@ -8,6 +8,7 @@ with ``torch.linalg.lstsq`` on the stacked system::
     min_D  sum_i c_i ( ||Xt_i D^T - X_i D_i^T||^2 + l_i ||D - D_i||^2 )
 
 which is the IterIS objective when a1 = a2 (l_i = a ||Xt_i^T Xt_i||_F).
+``reference_sequential`` solves the same problems block by block, Gauss-Seidel order.
 """
 
 from __future__ import annotations
@@ -55,51 +56,63 @@ def capture(model, tokenizer, texts, targets, paths) -> dict[str, torch.Tensor]:
     return {p: torch.cat(r) for p, r in rows.items()}
 
 
+class _Problem:
+    """What both references start from: a private copy of the model, the tasks' data,
+    dense deltas, and every task's own-adapter features X_i with adaptive weights c_i."""
+
+    def __init__(self, model, tokenizer, adapter_dirs, samples: int | None = None):
+        self.model = copy.deepcopy(model).eval()
+        self.tokenizer = tokenizer
+        self.base_state = copy.deepcopy(self.model.state_dict())
+        adapters = [load_adapter(d) for d in adapter_dirs]
+        data = [read_jsonl(d / "calibration.jsonl").samples[:samples] for d in adapter_dirs]
+        self.texts = [[s.text for s in d] for d in data]
+        self.targets = [[s.target or "" for s in d] for d in data]
+        self.n = len(adapters)
+        self.paths = paths = sorted({p for ad in adapters for p in ad.modules})
+        self.deltas = [{p: m.delta() for p, m in ad.modules.items()} for ad in adapters]
+        modules = dict(self.model.named_modules())
+        self.W0 = {p: (modules[p].weight.T if isinstance(modules[p], Conv1D) else modules[p].weight).detach().double()
+                   for p in paths}
+        self.X = [self.features(i, self.deltas[i], paths) for i in range(self.n)]
+        self.c = []
+        for i in range(self.n):
+            weights = {}
+            for p in paths:
+                W = self.W0[p] + self.delta(i, p)
+                weights[p] = float(W.pow(2).sum() / (self.X[i][p] @ W.T).pow(2).sum())
+            self.c.append(weights)
+
+    def delta(self, i: int, p: str) -> torch.Tensor:
+        return self.deltas[i].get(p, torch.zeros_like(self.W0[p]))
+
+    def features(self, i: int, installed: dict[str, torch.Tensor], paths) -> dict[str, torch.Tensor]:
+        """Task i's inputs to ``paths`` with the dense deltas ``installed`` merged in."""
+        _set_delta(self.model, self.base_state, installed)
+        return capture(self.model, self.tokenizer, self.texts[i], self.targets[i], paths)
+
+    def solve(self, p: str, Xt: list[torch.Tensor], a: float) -> torch.Tensor:
+        """min_D sum_i c_i (||Xt_i D^T - X_i D_i^T||^2 + l_i ||D - D_i||^2) by lstsq."""
+        lhs, rhs = [], []
+        for i in range(self.n):
+            lam = a * float(torch.linalg.matrix_norm(Xt[i].T @ Xt[i]))
+            w = self.c[i][p] ** 0.5
+            lhs.append(w * Xt[i])
+            rhs.append(w * (self.X[i][p] @ self.delta(i, p).T))
+            if lam > 0:
+                lhs.append(w * lam**0.5 * torch.eye(self.W0[p].shape[1], dtype=torch.float64))
+                rhs.append(w * lam**0.5 * self.delta(i, p).T)
+        return torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution.T
+
+
 def reference_iteris(model, tokenizer, adapter_dirs, iterations: int, a: float, samples: int | None = None):
     """Return {path: dense merged delta} after ``iterations`` solves (float64)."""
-    model = copy.deepcopy(model).eval()
-    base_state = copy.deepcopy(model.state_dict())
-    adapters = [load_adapter(d) for d in adapter_dirs]
-    data = [read_jsonl(d / "calibration.jsonl").samples[:samples] for d in adapter_dirs]
-    texts = [[s.text for s in d] for d in data]
-    targets = [[s.target or "" for s in d] for d in data]
-    paths = sorted({p for ad in adapters for p in ad.modules})
-    deltas = [{p: m.delta() for p, m in ad.modules.items()} for ad in adapters]
-    modules = dict(model.named_modules())
-    W0 = {p: (modules[p].weight.T if isinstance(modules[p], Conv1D) else modules[p].weight).detach().double() for p in paths}
-
-    X, c = [], []
-    for i in range(len(adapters)):
-        _set_delta(model, base_state, deltas[i])
-        X.append(capture(model, tokenizer, texts[i], targets[i], paths))
-        weights = {}
-        for p in paths:
-            W = W0[p] + deltas[i].get(p, torch.zeros_like(W0[p]))
-            weights[p] = float(W.pow(2).sum() / (X[i][p] @ W.T).pow(2).sum())
-        c.append(weights)
-
-    Xt = X
+    problem = _Problem(model, tokenizer, adapter_dirs, samples)
+    Xt = problem.X
     merged = None
     for _ in range(iterations):
-        merged = {}
-        for p in paths:
-            lhs, rhs = [], []
-            for i in range(len(adapters)):
-                Di = deltas[i].get(p, torch.zeros_like(W0[p]))
-                G = Xt[i][p].T @ Xt[i][p]
-                lam = a * float(torch.linalg.matrix_norm(G))
-                w = c[i][p] ** 0.5
-                lhs.append(w * Xt[i][p])
-                rhs.append(w * (X[i][p] @ Di.T))
-                if lam > 0:
-                    lhs.append(w * lam**0.5 * torch.eye(W0[p].shape[1], dtype=torch.float64))
-                    rhs.append(w * lam**0.5 * Di.T)
-            solution = torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution
-            merged[p] = solution.T
-        Xt = []
-        for i in range(len(adapters)):
-            _set_delta(model, base_state, merged)
-            Xt.append(capture(model, tokenizer, texts[i], targets[i], paths))
+        merged = {p: problem.solve(p, [Xt[i][p] for i in range(problem.n)], a) for p in problem.paths}
+        Xt = [problem.features(i, merged, problem.paths) for i in range(problem.n)]
     return merged
 
 
@@ -129,40 +142,19 @@ def reference_sequential(model, tokenizer, adapter_dirs, sweeps: int, a: float):
     merge (task i's own adapter in sweep 0); the targets X_i come from task i's own
     adapter everywhere. Returns {path: dense merged delta} (float64).
     """
-    model = copy.deepcopy(model).eval()
-    base_state = copy.deepcopy(model.state_dict())
-    adapters = [load_adapter(d) for d in adapter_dirs]
-    data = [read_jsonl(d / "calibration.jsonl").samples for d in adapter_dirs]
-    texts = [[s.text for s in d] for d in data]
-    targets = [[s.target or "" for s in d] for d in data]
-    paths = sorted({p for ad in adapters for p in ad.modules})
-    deltas = [{p: m.delta() for p, m in ad.modules.items()} for ad in adapters]
-    modules = dict(model.named_modules())
-    W0 = {p: (modules[p].weight.T if isinstance(modules[p], Conv1D) else modules[p].weight).detach().double() for p in paths}
-    X, c = [], []
-    for i in range(len(adapters)):
-        _set_delta(model, base_state, deltas[i])
-        X.append(capture(model, tokenizer, texts[i], targets[i], paths))
-        c.append({p: float((W0[p] + deltas[i].get(p, 0)).pow(2).sum()
-                           / (X[i][p] @ (W0[p] + deltas[i].get(p, 0)).T).pow(2).sum()) for p in paths})
+    problem = _Problem(model, tokenizer, adapter_dirs)
     previous = None
     for _ in range(sweeps):
         current: dict[str, torch.Tensor] = {}
-        for block in _blocks_in_order(model, paths):
+        for block in _blocks_in_order(problem.model, problem.paths):
             solved = {}
             for p in block:
-                lhs, rhs = [], []
-                for i in range(len(adapters)):
-                    installed = dict(deltas[i]) if previous is None else dict(previous)
+                Xt = []
+                for i in range(problem.n):
+                    installed = dict(problem.deltas[i] if previous is None else previous)
                     installed.update(current)  # blocks solved earlier in this sweep
-                    _set_delta(model, base_state, installed)
-                    Xt = capture(model, tokenizer, texts[i], targets[i], [p])[p]
-                    Di = deltas[i].get(p, torch.zeros_like(W0[p]))
-                    lam = a * float(torch.linalg.matrix_norm(Xt.T @ Xt))
-                    w = c[i][p] ** 0.5
-                    lhs += [w * Xt, w * lam**0.5 * torch.eye(W0[p].shape[1], dtype=torch.float64)]
-                    rhs += [w * (X[i][p] @ Di.T), w * lam**0.5 * Di.T]
-                solved[p] = torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution.T
+                    Xt.append(problem.features(i, installed, [p])[p])
+                solved[p] = problem.solve(p, Xt, a)
             current.update(solved)
         previous = current
     return previous
