@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 from .quality import merge_and_score
-from .tasks import TASKS
+from .tasks import ORIGINAL_TASKS
 from .train import TrainConfig, default_model_path, train_all
 
 SWEEPS = (1, 2, 3)
 
 
-def run(workdir: Path, sweeps=SWEEPS, tasks: tuple[str, ...] = TASKS, test_limit: int | None = None,
+def run(workdir: Path, sweeps=SWEEPS, tasks: tuple[str, ...] = ORIGINAL_TASKS, test_limit: int | None = None,
         params: dict | None = None) -> dict:
     from .evaluate import accuracy
 
