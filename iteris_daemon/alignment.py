@@ -58,6 +58,10 @@ ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 class AlignmentOptions:
     iterations: int = 1
     tolerance: float = 0.0
+    # "change": stop when the merged delta changes by less than ``tolerance`` (relative);
+    # "objective": stop when the mean alignment loss of the installed merge improved by less
+    # than ``tolerance`` (relative) on the one before, and return the better of the two.
+    stop: Literal["change", "objective"] = "change"
     a1: float = 0.0
     a2: float = 0.0
     adaptive_weights: bool = False
@@ -293,6 +297,8 @@ class _Alignment:
         losses: list[list[float]] = [[] for _ in range(self.n)]
         changes: list[float] = []
         units = [u for u in self.executor.units if u.paths or u.stack is not None]
+        best: tuple[dict[str, torch.Tensor], float] | None = None  # stop="objective": the best merge measured
+        returned = 0
         self.base.attach(self.paths)
         try:
             for sweep in range(options.iterations):
@@ -314,9 +320,14 @@ class _Alignment:
                 if self.merged is not None:
                     for i, (num, den) in enumerate(self.loss_terms):
                         losses[i].append(num / den if den > 0 else 0.0)
+                    loss = sum(task[-1] for task in losses) / self.n
+                    if options.stop == "objective" and best is not None and loss >= best[1] * (1 - options.tolerance):
+                        self.merged, returned = best[0], sweep - 1  # the solve before the one measured
+                        break
+                    best = (self.merged, loss)
                 changes.append(self._relative_change())
-                self.merged = new
-                if changes[-1] < options.tolerance:
+                self.merged, returned = new, sweep + 1
+                if options.stop == "change" and changes[-1] < options.tolerance:
                     break
         finally:
             self.base.detach()
@@ -327,8 +338,9 @@ class _Alignment:
         factors = {p: (self.B_cat[p].float(), self.merged[p].float()) for p in self.paths}
         metrics = {
             "iterations_run": len(changes),
+            "returned_iteration": returned,  # which solve (1 = the first) the merge is
             "relative_change": changes,
-            "converged": bool(changes and changes[-1] < options.tolerance),
+            "converged": bool(changes and changes[-1] < options.tolerance) or returned < len(changes),
             "schedule": options.schedule,
             "execution": "blocks" if self.executor.blockwise else "whole model",
             # Loss of each solution but the last, measured when it was installed; the

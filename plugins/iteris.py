@@ -29,7 +29,11 @@ class FeatureParams(StrategyParams):
 
 class IterISParams(FeatureParams):
     iterations: int = Field(8, ge=1, le=1000, description="maximum number of inference-solve iterations")
-    tolerance: float = Field(1e-3, ge=0, description="stop when the relative change of the merged delta falls below this")
+    tolerance: float = Field(1e-3, ge=0, description="the stopping rule's threshold (relative)")
+    stop: Literal["change", "objective"] = Field(
+        "change", description="change: stop when the merged delta changes by less than tolerance; objective: "
+        "when the mean alignment loss improves by less than tolerance, returning the better merge"
+    )
     a1: float = Field(1e-3, ge=0, description="weight of the proximal term towards each task's delta (x ||G_i||_F)")
     a2: float = Field(1e-3, ge=0, description="ridge weight (x ||G_i||_F)")
     adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
@@ -63,6 +67,7 @@ class IterIS:
         options = AlignmentOptions(
             iterations=params.iterations,
             tolerance=params.tolerance,
+            stop=params.stop,
             a1=params.a1,
             a2=params.a2,
             adaptive_weights=params.adaptive_weights,

@@ -1,0 +1,62 @@
+"""IterIS' stopping rules: the relative change of the merge, or the alignment objective."""
+
+from functools import partial
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from iteris_daemon.alignment import AlignmentOptions, align
+from iteris_daemon.calibration import read_jsonl
+from iteris_daemon.lora import load_adapter
+from iteris_daemon.model import BaseModel
+
+quiet = partial(tqdm, disable=True)
+
+
+def _setup(tiny, family):
+    base_dir, adapter_dirs = tiny[family]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    return BaseModel(str(base_dir), adapters), adapters, [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+
+
+def _options(**kw) -> AlignmentOptions:
+    return AlignmentOptions(**{"a1": 1e-3, "a2": 1e-3, "adaptive_weights": True, **kw})
+
+
+def _mean_losses(metrics) -> list[float]:
+    losses = list(metrics["alignment_loss"].values())
+    return [sum(task[k] for task in losses) / len(losses) for k in range(len(losses[0]))]
+
+
+def _first_rise(mean: list[float]) -> int | None:
+    """The index of the first measured loss no lower than the one before (None: none)."""
+    return next((k for k in range(1, len(mean)) if mean[k] >= mean[k - 1]), None)
+
+
+@pytest.mark.parametrize("family, stops", [("gpt2", True), ("bert", False)])
+def test_objective_rule_returns_the_best_measured_merge(tiny, family, stops):
+    """The rule, checked against the loss sequence of a run that never stops: it stops
+    at the first solve whose measured loss is no better than its predecessor's and
+    returns that predecessor, bit for bit the merge of a run with that many solves.
+    On the tiny models, GPT-2's loss rises at its fifth solve and BERT's keeps falling."""
+    base, adapters, data = _setup(tiny, family)
+    _, full = align(base, adapters, data, _options(iterations=6), quiet)
+    rise = _first_rise(_mean_losses(full))
+    assert (rise is not None) == stops
+    factors, metrics = align(base, adapters, data, _options(iterations=6, stop="objective"), quiet)
+    if rise is None:
+        assert metrics["iterations_run"] == metrics["returned_iteration"] == 6
+        return
+    assert metrics["returned_iteration"] == rise and metrics["iterations_run"] == rise + 1
+    expected, _ = align(base, adapters, data, _options(iterations=rise), quiet)
+    for path, (B, A) in factors.items():
+        assert torch.equal(B @ A, expected[path][0] @ expected[path][1]), path
+
+
+def test_change_rule_stops_at_the_tolerance(tiny):
+    base, adapters, data = _setup(tiny, "llama")
+    _, metrics = align(base, adapters, data, _options(iterations=20, tolerance=0.05), quiet)
+    changes = metrics["relative_change"]
+    assert changes[-1] < 0.05 and all(c >= 0.05 for c in changes[:-1])
+    assert metrics["returned_iteration"] == metrics["iterations_run"] < 20
