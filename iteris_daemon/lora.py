@@ -47,13 +47,15 @@ class _TypedFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     target_modules: list[str] | str | None = None
-    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
-    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    # Strict: JSON's own types, as PEFT writes them and reads them (it converts nothing:
+    # a rank "4" or a flag "false" would be a string to PEFT, and "false" is true).
+    rank_pattern: dict[str, Annotated[int, Field(gt=0, strict=True)]] | None = None
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]] | None = None
     modules_to_save: list[str] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
-    use_rslora: bool | None = None
-    fan_in_fan_out: bool | None = None
+    use_rslora: Annotated[bool, Field(strict=True)] | None = None
+    fan_in_fan_out: Annotated[bool, Field(strict=True)] | None = None
 
 
 @dataclass
@@ -206,6 +208,8 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
             raise AdapterError(config_path, f"{key} must be a positive number, got {value!r}")
+    if not isinstance(config["r"], int):  # PEFT makes layers of r rows: 4.0 or 4.5 is no rank
+        raise AdapterError(config_path, f"r must be a whole number, got {config['r']!r}")
     try:
         _TypedFields.model_validate(config)
     except ValidationError as exc:
