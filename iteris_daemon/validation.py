@@ -182,7 +182,9 @@ def check_safetensors_header(path: Path, limits: Limits) -> dict[str, Any]:
         raise AdapterError(path, "safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise AdapterError(path, "safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)  # null, or a map of strings, as safetensors allows
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise AdapterError(path, "safetensors header: __metadata__ must map names to strings")
     if len(header) > limits.max_tensors:
         raise AdapterError(path, f"{len(header)} tensors, above the limit of {limits.max_tensors}")
     data_size = size - 8 - header_len
