@@ -47,7 +47,6 @@ class Stack:
     blocks: nn.ModuleList
     parent: nn.Module
     attribute: str
-    is_encoder: bool = False
 
     def block_path(self, index: int) -> str:
         return f"{self.path}.{index}"
@@ -112,9 +111,9 @@ def block_plan(model: nn.Module, paths: list[str], modules_to_save: list[str] = 
             return BlockPlan(reason=f"modules_to_save {key} lies inside a block")
     stacks = []
     modules = dict(model.named_modules())
-    for index, (path, blocks) in enumerate(ordered):
+    for path, blocks in ordered:
         parent_path, _, attribute = path.rpartition(".")
-        stacks.append(Stack(path, blocks, modules[parent_path], attribute, is_encoder=encoder_decoder and index == 0))
+        stacks.append(Stack(path, blocks, modules[parent_path], attribute))
     model_type = getattr(config, "model_type", "")
     return BlockPlan(stacks=stacks, carried=CARRIED_OUTPUTS.get(model_type, {}))
 

@@ -93,10 +93,6 @@ class ModelExecutor:
     def run(self, unit: Unit, state: State) -> State:
         return State(state.context, output=self.base.forward(state.context.batch))
 
-    @staticmethod
-    def result(state: State) -> torch.Tensor:
-        return state.output
-
 
 class _Replay(nn.Module):
     """Stands in for a stack's blocks in the tail pass: returns the streamed output."""
@@ -260,10 +256,6 @@ class BlockExecutor:
             for s, original in originals.items():
                 stack = self.plan.stacks[s]
                 stack.parent._modules[stack.attribute] = original
-
-    @staticmethod
-    def result(state: State) -> torch.Tensor:
-        return state.output
 
 
 def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
