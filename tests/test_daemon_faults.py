@@ -1,24 +1,36 @@
-"""Faults of the real daemon process: SIGKILL mid-merge and mid-publish, and two daemons
-sharing one catalog.
+"""Faults of the real daemon process: SIGKILL mid-merge and mid-publish, two daemons
+sharing one catalog, and SIGHUP with a broken config.
 
-- **SIGKILL**, repeated 5 times at seeded random points: the daemon (a real
-  ``python -m iteris_daemon run`` subprocess) is killed while it merges, while it
-  publishes, or right after a run; the group's parameters or adapters change before
-  every restart, so each start has a new merge to do. After every kill the published ``current`` is a complete,
-  loadable version, and the SQLite catalog passes ``PRAGMA integrity_check``. A last
-  start, not killed, finishes: interrupted runs are marked failed and ``current`` is
-  the merge of the final inputs.
+- **SIGKILL**, repeated 7 times (``ITERIS_FAULT_KILLS``), each at a known place: the
+  daemon (a real ``python -m iteris_daemon run``, started through
+  ``tests/faultpoints.py``) holds still at a pause point and is killed there: at a
+  seeded random step of a merge, after a run succeeded, and at each of the four steps
+  of a folder publish (a partial copy in ``versions/.staging-*``; the copy renamed
+  into ``versions/``; the new ``current`` link made under a temporary name; ``current``
+  swapped, the run not yet recorded). After every kill the test checks that the
+  daemon was where it was meant to be (the run's row, the destination's files), that
+  ``current`` is a complete version loadable by PEFT and that the SQLite catalog
+  passes ``PRAGMA integrity_check``. The group's parameters or adapters change before
+  every restart, so each start has a new merge to do. A last start, not killed,
+  finishes: interrupted runs are marked failed and ``current`` is the merge of the
+  final inputs.
 - **Two daemons** on one catalog (SQLite, and PostgreSQL where
   ``ITERIS_TEST_POSTGRES_URL`` is set), same folder, same destination, each with its
-  own state directory: no two runs of the group overlap in time.
+  own state directory. Held at pause points, the first to merge is kept publishing
+  until the other has been refused the claim, and then kept from starting another run
+  while the other merges new inputs; then both run freely through one more change.
+  Both daemons merged, at least one claim was refused, no two runs overlap in time.
 - **Claims**, lower level: of two concurrent ``Claim.acquire`` calls exactly one wins;
   a stale claim is taken over after ``claim_ttl``; a claim held by a dead process of
   this host is taken at once, one held by a live one is not.
+- **SIGHUP with a broken config** (invalid TOML, then a valid file naming an unknown
+  strategy): the reload fails with an error in the log naming the problem, the daemon
+  says READY again, and its next merge uses the running configuration (its
+  parameters, its destination); a valid config then takes effect.
 
-The kill points come from the daemon's own signals: its log lines on stderr and the
-``STATUS=`` datagrams it sends to ``NOTIFY_SOCKET`` (``run N merging``, ``run N
-publishing``), which the test receives on a socket of its own. Deadlines only bound
-waits; nothing asserts on speed.
+The daemon's signals come from its log lines on stderr and the datagrams it sends to
+``NOTIFY_SOCKET`` (``STATUS=run N publishing``, ``READY=1``), which the test receives
+on a socket of its own. Deadlines only bound waits; nothing asserts on speed.
 """
 
 from __future__ import annotations
@@ -54,12 +66,14 @@ from iteris_daemon.runner import Claim
 
 pytestmark = pytest.mark.timeout(600)
 
-# Where each SIGKILL lands: after "merging N adapters" (+0-1 s; the first at once), after
-# "run N publishing" (+0-0.15 s: before, during or after the swap of `current`), or at once
-# after a run succeeded (which also makes sure later kills have a `current` to break).
+# Where each SIGKILL lands: a pause point of tests/faultpoints.py (see its docstring).
 # More kills for a longer fault run: ITERIS_FAULT_KILLS=40 (see RELIABILITY.md); another seed: ITERIS_FAULT_SEED.
-KILLS = int(os.environ.get("ITERIS_FAULT_KILLS", "5"))
-PHASES = tuple(("merge", "succeeded", "publish", "merge", "publish")[i % 5] for i in range(KILLS))
+CYCLE = ("merge:step", "run:succeeded", "publish:copied-one", "publish:renamed", "merge:step", "publish:link",
+         "publish:swapped")
+KILLS = int(os.environ.get("ITERIS_FAULT_KILLS", str(len(CYCLE))))
+PHASES = tuple(CYCLE[i % len(CYCLE)] for i in range(KILLS))
+MERGE_STEPS = 30  # a merge of these parameters asks whether to stop at least this often
+TESTS = Path(__file__).resolve().parent
 SEED = int(os.environ.get("ITERIS_FAULT_SEED", "20250101"))
 GROUP = "unified"
 START_TIMEOUT = 180.0  # a bound for waits, generous for a loaded 2-core machine
@@ -75,8 +89,10 @@ wait_for = partial(polling.wait_for, timeout=120.0)
 class DaemonProcess:
     """``python -m iteris_daemon run`` with its stderr lines and sd_notify STATUS messages collected."""
 
-    def __init__(self, config: Path, log_path: Path, name: str = "daemon"):
+    def __init__(self, config: Path, log_path: Path, name: str = "daemon", pause: dict | None = None):
         self.name = name
+        self.gates = log_path.parent / f"gates-{uuid.uuid4().hex[:8]}"
+        self.gates.mkdir()
         self.events: list[tuple[str, str]] = []  # ("log", line) or ("status", text), in arrival order
         self._changed = threading.Condition()
         self._socket_name = f"iteris-faults-{uuid.uuid4().hex}"
@@ -88,9 +104,10 @@ class DaemonProcess:
         env.update(NOTIFY_SOCKET="@" + self._socket_name, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONUNBUFFERED="1",
                    # One thread per merge: two busy cores, and several daemons at once in one test.
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   ITERIS_TEST_FAULTPOINTS=json.dumps({"gates": str(self.gates), "pause": pause or {}}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iteris_daemon", "--log-format", "text", "run", "--config", str(config)],
+            [sys.executable, str(TESTS / "faultpoints.py"), "--log-format", "text", "run", "--config", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
             cwd=config.parent, text=True, errors="replace",
         )
@@ -124,12 +141,15 @@ class DaemonProcess:
             for line in data.splitlines():
                 if line.startswith("STATUS="):
                     self._add("status", line[len("STATUS="):])
+                else:
+                    self._add("notify", line)
 
-    def wait_event(self, kind: str, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
-        """The first event of ``kind`` ("log" or "status") matching ``pattern``."""
+    def wait_event(self, kind: str, pattern: str, timeout: float = START_TIMEOUT, after: int = 0) -> re.Match:
+        """The first event of ``kind`` ("log", "status" or "notify") matching ``pattern``,
+        among the events from index ``after`` on."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        start = 0
+        start = after
         with self._changed:
             while True:
                 for found_kind, text in self.events[start:]:
@@ -143,6 +163,23 @@ class DaemonProcess:
                 if left <= 0:
                     raise AssertionError(f"{self.name}: timed out waiting for {kind} {pattern!r}:\n" + self.tail())
                 self._changed.wait(min(left, 0.5))
+
+    def mark(self) -> int:
+        """An index for ``wait_event(after=...)``: only events from now on."""
+        with self._changed:
+            return len(self.events)
+
+    def paused(self, point: str, number: int = 1, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the daemon holds still at occurrence ``number`` of ``point``."""
+        self.wait_event("log", rf"^FAULTPOINT {re.escape(point)} {number} reached$", timeout)
+
+    def release(self, point: str, number: int = 1) -> None:
+        (self.gates / f"{point}-{number}").touch()
+
+    def seen(self, kind: str, pattern: str) -> bool:
+        regex = re.compile(pattern)
+        with self._changed:
+            return any(k == kind and regex.search(text) for k, text in self.events)
 
     def logs(self, pattern: str) -> list[re.Match]:
         regex = re.compile(pattern)
@@ -184,8 +221,8 @@ def daemons():
     """Starts daemons; whatever is still running at teardown is killed."""
     started: list[DaemonProcess] = []
 
-    def start(config: Path, log_path: Path, name: str = "daemon") -> DaemonProcess:
-        daemon = DaemonProcess(config, log_path, name)
+    def start(config: Path, log_path: Path, name: str = "daemon", pause: dict | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(config, log_path, name, pause)
         started.append(daemon)
         return daemon
 
@@ -322,8 +359,9 @@ def made(tmp_path_factory):
 
 
 def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tmp_path, made, daemons):
-    """SIGKILL repeated KILLS times (PHASES), at seeded random delays after the daemon says it
-    merges or publishes; then one clean start must finish the work."""
+    """SIGKILL repeated KILLS times (PHASES), each while the daemon holds still at a pause
+    point; what the daemon had done by then is checked for every round. Then one clean
+    start must finish the work."""
     base, (lora0, lora1, lora2) = made
     rng = random.Random(SEED)
     watched, dest, state = tmp_path / "watched", tmp_path / "published", tmp_path / "state"
@@ -337,6 +375,7 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
     db = state / "catalog.db"
     url = f"sqlite:///{db}"
     killed_runs: set[int] = set()
+    cut_short: set[int] = set()  # killed before they were recorded succeeded
     landed: list[str] = []
 
     for round_, phase in enumerate(PHASES):
@@ -346,25 +385,42 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
             rewrite_weights(watched / "a0", lora0, 1.0 + 0.1 * round_)
         write_config(config, state=state, watched=watched, dest=dest, base=base, params=params)
         before = checker.check()
-        daemon = daemons(config, tmp_path / "daemon.log", f"daemon round {round_}")
-        if phase == "merge":
-            daemon.wait_event("log", r"merging \d+ adapters with iteris")
-            delay = 0.0 if round_ == 0 else rng.uniform(0.0, 1.0)
-        elif phase == "publish":
-            daemon.wait_event("status", r"run \d+ publishing")
-            delay = rng.uniform(0.0, 0.15)
-        else:
-            daemon.wait_event("log", r"run \d+ succeeded")
-            delay = 0.0
-        time.sleep(delay)
+        step = 1 if round_ == 0 else rng.randint(1, MERGE_STEPS)
+        daemon = daemons(config, tmp_path / "daemon.log", f"daemon round {round_}",
+                         pause={phase: [step if phase == "merge:step" else 1]})
+        daemon.paused(phase, step if phase == "merge:step" else 1)
         assert daemon.kill() == -signal.SIGKILL
-        killed_runs.update(int(m[1]) for m in daemon.logs(r"run (\d+) merges"))
+        (run_id,) = {int(m[1]) for m in daemon.logs(r"run (\d+) merges")}  # one run per start
+        killed_runs.add(run_id)
+        if phase != "run:succeeded":
+            cut_short.add(run_id)
 
+        # Where the daemon was, by its catalog row and the destination's files.
+        status = {r.id: r.status for r in group_runs(url)}[run_id]
         after = checker.check()
+        versions = dest / "versions"
+        staging = [p for p in versions.glob(".staging-*")] if versions.is_dir() else []
+        mine = [p.name for p in versions.glob(f"run-{run_id}-*")] if versions.is_dir() else []
+        publishing = daemon.seen("status", rf"run {run_id} publishing")
+        if phase == "run:succeeded":
+            assert status is RunStatus.succeeded and after == mine[0], (status, after, mine)
+        else:
+            assert status is RunStatus.running, (phase, status)
+        if phase == "merge:step":
+            assert not publishing and after == before and not mine
+        elif phase == "publish:copied-one":
+            assert publishing and after == before and not mine
+            assert [len(os.listdir(p)) for p in staging] == [1], [sorted(os.listdir(p)) for p in staging]
+        elif phase == "publish:renamed":
+            assert publishing and after == before and len(mine) == 1
+        elif phase == "publish:link":
+            links = [os.readlink(p) for p in dest.glob(".current-*")]
+            assert after == before and len(mine) == 1 and links == [f"versions/{mine[0]}"], links
+        elif phase == "publish:swapped":
+            assert after != before and [after] == mine
         sqlite_integrity(db)
-        staging = [p.name for p in (dest / "versions").glob(".staging-*")] if dest.is_dir() else []
-        landed.append(f"{phase}+{delay:.3f}s:{'new current' if after != before else 'same current'}"
-                      f"{', staging left' if staging else ''}")
+        landed.append(f"{phase}{f' {step}' if phase == 'merge:step' else ''}: run {run_id} {status.value}, "
+                      f"{'new current' if after != before else 'same current'}")
 
     # The final inputs: another adapter, new weights for a0, other parameters.
     shutil.copytree(lora2, watched / "a2")
@@ -386,6 +442,8 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
 
     wait_for(finished, "the final merge to be published", timeout=START_TIMEOUT, interval=0.5)
     assert daemon.stop() == 0, daemon.tail()
+    steps = [int(m[1]) for m in daemon.logs(r"^FAULTPOINT run \d+ succeeded after (\d+) merge steps$")]
+    assert steps and min(steps) >= MERGE_STEPS, steps  # every step a merge round may pick was reachable
 
     assert checker.check() is not None
     sqlite_integrity(db)
@@ -396,8 +454,9 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
     assert not [r.id for r in runs if r.status is RunStatus.running], "a run was left running"
     interrupted = [r for r in runs if r.status is RunStatus.failed]
     assert interrupted, "no kill interrupted a run"  # the first kill lands mid-merge
+    assert {run.id for run in interrupted} == cut_short
     for run in interrupted:
-        assert run.id in killed_runs and "interrupted" in run.error, (run.id, run.error)
+        assert "interrupted" in run.error, (run.id, run.error)
     for run_id in killed_runs:
         assert by_id[run_id].status in (RunStatus.succeeded, RunStatus.failed), (run_id, by_id[run_id].status)
         assert by_id[run_id].finished_at is not None
@@ -423,6 +482,7 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
     # Merges the kills interrupted left their work folders; the restarts removed them.
     left = sorted(p.name for p in (state / "runs").iterdir())
     assert left == ["published"], left  # only the last published merge, the quality gate's baseline
+    assert len(landed) == KILLS
     print(f"kills: {'; '.join(landed)}. Runs {len(runs)} ({len(interrupted)} interrupted); "
           f"versions loaded with peft: {len(checker.loaded)}")
 
@@ -431,9 +491,18 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
 
 
 def test_two_daemons_never_merge_the_same_group_at_once(tmp_path, made, daemons, catalog_url):
-    """Two daemons, one catalog, one folder, one destination, a 2-second schedule and
-    merges of a few seconds; the inputs change while both run (at least 12 s together). A long debounce
-    leaves the merges to the two schedules, so either daemon may win a change."""
+    """Two daemons, one catalog, one folder, one destination, 2-second schedules (a long
+    debounce leaves the merges to the schedules). Both pause at their first publish and
+    after their first successful run:
+
+    1. whichever merges first (X) is held inside its publish, its claim held, until the
+       other (Y) has been refused the claim;
+    2. X then finishes and is held after its run (its one merge worker busy: it starts
+       nothing), the inputs change, and Y merges and publishes them;
+    3. both run freely through one more change.
+
+    Both daemons merged, at least one claim was refused, no two runs overlap in time,
+    and the published merge is the merge of the final inputs."""
     base, (lora0, lora1, _) = made
     watched, dest = tmp_path / "watched", tmp_path / "published"
     watched.mkdir()
@@ -445,46 +514,116 @@ def test_two_daemons_never_merge_the_same_group_at_once(tmp_path, made, daemons,
                      base=base, params=params, database=catalog_url, interval=2, debounce=600, grace=2)
         for name in ("a", "b")
     ]
+    pause = {"publish:copied-one": [1], "run:succeeded": [1]}
     # The first daemon creates the catalog (two first-time migrations at once collide) and
     # writes the configured source into it before the second starts.
-    first = daemons(configs[0], tmp_path / "daemon-a.log", "daemon a")
+    first = daemons(configs[0], tmp_path / "daemon-a.log", "daemon a", pause)
     first.wait_event("log", r"daemon \S+ running")
-    second = daemons(configs[1], tmp_path / "daemon-b.log", "daemon b")
+    second = daemons(configs[1], tmp_path / "daemon-b.log", "daemon b", pause)
     second.wait_event("log", r"daemon \S+ running")
-    started = time.monotonic()
 
     def successes() -> list[MergeRun]:
         return [r for r in group_runs(catalog_url) if r.status is RunStatus.succeeded]
 
-    wait_for(successes, "a first merge", timeout=START_TIMEOUT, interval=0.5)
-    count = len(successes())
+    # 1. X publishes (claim held) until Y is refused.
+    x = wait_for(lambda: next((d for d in (first, second) if d.seen("log", "^FAULTPOINT publish:copied-one 1 reached")),
+                              None), "a daemon to publish its first merge", timeout=START_TIMEOUT, interval=0.2)
+    y = second if x is first else first
+    y.wait_event("log", r"group unified: another daemon is merging it; skipped")
+    x.release("publish:copied-one")
+    # 2. X holds still after its run; new inputs are Y's to merge.
+    x.paused("run:succeeded")
+    assert len(successes()) == 1
     rewrite_weights(watched / "a0", lora0, 1.5)
-    wait_for(lambda: len(successes()) > count, "a merge of the new weights", timeout=START_TIMEOUT, interval=0.5)
-    while time.monotonic() - started < 12:  # both keep trying on their schedules meanwhile
-        time.sleep(0.5)
+    y.paused("publish:copied-one")
+    y.release("publish:copied-one")
+    y.paused("run:succeeded")
+    assert len(successes()) == 2
+    # 3. Free for all: one more change, merged by whichever daemon gets there first.
+    for daemon in (x, y):
+        daemon.release("run:succeeded")
+    rewrite_weights(watched / "a0", lora0, 0.5)
+    final_sha = {name: sha256_file(watched / name / "adapter_model.safetensors") for name in ("a0", "a1")}
+
+    def published_final() -> bool:
+        report = dest / "current" / "merge_report.json"
+        return report.is_file() and {i["name"]: i["sha256"] for i in json.loads(report.read_text())["inputs"]} == final_sha
+
+    wait_for(published_final, "the merge of the last change to be published", timeout=START_TIMEOUT, interval=0.5)
     assert first.stop() == 0, first.tail()
     assert second.stop() == 0, second.tail()
 
     runs = group_runs(catalog_url)
     real = sorted((r for r in runs if r.status is not RunStatus.skipped), key=lambda r: r.started_at)
     assert not [r.id for r in real if r.status is RunStatus.running or r.finished_at is None]
-    assert len([r for r in real if r.status is RunStatus.succeeded]) >= 2
+    assert len([r for r in real if r.status is RunStatus.succeeded]) >= 3
     for earlier, later in zip(real, real[1:]):
         assert earlier.finished_at <= later.started_at, (
             f"runs {earlier.id} ({earlier.started_at}..{earlier.finished_at}) and "
             f"{later.id} ({later.started_at}..{later.finished_at}) overlap")
-    # Whichever daemon published last, consumers see the merge of the new weights.
+    # Whichever daemon published last, consumers see the merge of the final weights.
     assert PublishedChecker(dest, base).check() is not None
-    report = json.loads((dest / "current" / "merge_report.json").read_text())
-    assert {i["name"]: i["sha256"] for i in report["inputs"]} == {
-        name: sha256_file(watched / name / "adapter_model.safetensors") for name in ("a0", "a1")}
     # Runs skipped for unchanged inputs are made under the claim too: none falls inside a merge.
     for run in runs:
         if run.status is RunStatus.skipped:
             assert not [r.id for r in real if r.started_at < run.started_at < r.finished_at], run.id
     merged_by = {d.name: [int(m[1]) for m in d.logs(r"run (\d+) merges")] for d in (first, second)}
     turned_away = {d.name: len(d.logs(r"another daemon is merging it")) for d in (first, second)}
+    assert all(merged_by.values()), merged_by  # both daemons merged
+    assert not set(merged_by[first.name]) & set(merged_by[second.name])  # no run merged twice
+    assert sorted(sum(merged_by.values(), [])) == sorted(r.id for r in real)  # every run is one of theirs
+    assert turned_away[y.name] >= 1 and sum(turned_away.values()) >= 1
     print(f"merges by daemon: {merged_by}; claims refused: {turned_away}")
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_one(tmp_path, made, daemons):
+    """Invalid TOML, then a valid file naming an unknown strategy (and other parameters
+    and another destination): each reload fails with an ERROR naming the problem, READY
+    follows, and the next merge still uses the running parameters and destination. A
+    valid file then takes effect at the next SIGHUP."""
+    base, (lora0, lora1, _) = made
+    watched, dest, other_dest = tmp_path / "watched", tmp_path / "published", tmp_path / "elsewhere"
+    watched.mkdir()
+    shutil.copytree(lora0, watched / "a0")
+    shutil.copytree(lora1, watched / "a1")
+    config = tmp_path / "daemon.toml"
+    running = {"iterations": 2, "samples_per_task": 8, "a1": 0.001}
+    write_config(config, state=tmp_path / "state", watched=watched, dest=dest, base=base, params=running)
+    daemon = daemons(config, tmp_path / "daemon.log")
+    daemon.wait_event("log", r"group unified: run \d+ succeeded")
+
+    def published_params() -> dict:
+        return json.loads((dest / "current" / "merge_report.json").read_text())["params"]
+
+    assert published_params()["a1"] == 0.001
+    broken_toml = "[daemon]\nstate_dir = \"unterminated\n"
+    unknown_strategy = write_config(tmp_path / "other.toml", state=tmp_path / "state", watched=watched,
+                                    dest=other_dest, base=base, params={"iterations": 2, "a1": 0.009}).read_text()
+    unknown_strategy = unknown_strategy.replace('params = {', 'strategy = "no-such-strategy"\nparams = {')
+    for text, problem in ((broken_toml, "invalid TOML"), (unknown_strategy, "no-such-strategy")):
+        config.write_text(text)
+        mark = daemon.mark()
+        daemon.proc.send_signal(signal.SIGHUP)
+        error = daemon.wait_event("log", r" ERROR iteris_daemon\.daemon: reload failed, keeping the running "
+                                         r"configuration: (.*)", after=mark)
+        assert problem in error[1] and str(config) in error[1], error[1]
+        daemon.wait_event("notify", r"^RELOADING=1$", after=mark)
+        daemon.wait_event("notify", r"^READY=1$", after=mark)
+        # The running configuration still merges: a change, merged with its parameters, to its destination.
+        rewrite_weights(watched / "a0", lora0, 1.1 if problem == "invalid TOML" else 1.2)
+        run = daemon.wait_event("log", r"group unified: run (\d+) succeeded", after=mark)
+        assert os.readlink(dest / "current").startswith(f"versions/run-{run[1]}-")
+        assert published_params()["a1"] == 0.001 and not other_dest.exists()
+    # A valid file takes effect.
+    write_config(config, state=tmp_path / "state", watched=watched, dest=dest, base=base,
+                 params={**running, "a1": 0.002})
+    mark = daemon.mark()
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_event("log", r"configuration reloaded", after=mark)
+    run = daemon.wait_event("log", r"group unified: run (\d+) succeeded", after=mark)  # new parameters: a new merge
+    assert os.readlink(dest / "current").startswith(f"versions/run-{run[1]}-") and published_params()["a1"] == 0.002
+    assert daemon.stop() == 0, daemon.tail()
+    assert not daemon.logs(r"Traceback")
 
 
 # ----------------------------------------------------------------------------- claims
