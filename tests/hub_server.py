@@ -48,6 +48,7 @@ import itertools
 import json
 import math
 import re
+import select
 import socket
 import threading
 import traceback
@@ -83,7 +84,7 @@ _REPO = r"(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)"
 _RESOLVE = r"(?:/(?P<type>datasets))?/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
 
 Fault = tuple[Any, ...]
-"""``("status", code[, headers])``, ``("delay", seconds)``, ``("drop",)`` or ``("truncate", nbytes)``."""
+"""``("status", code[, headers])``, ``("delay", seconds)``, ``("stall",)``, ``("drop",)`` or ``("truncate", nbytes)``."""
 
 
 class LoggedRequest(NamedTuple):
@@ -333,6 +334,9 @@ class HubServer:
 
         * ``("status", code)`` or ``("status", code, {"Retry-After": "1"})``: answer that status instead;
         * ``("delay", seconds)``: wait, then answer normally (to trip client timeouts);
+        * ``("stall",)``: never answer; hold the connection until the client closes it (its
+          read timeout fired, whenever that is on a loaded machine) and log the request with
+          status None;
         * ``("drop",)``: close the connection without answering; the request is not processed;
         * ``("truncate", nbytes)``: process the request, send the headers with the full ``Content-Length``
           but only ``nbytes`` of the body, then close. A truncated commit response still creates the
@@ -343,7 +347,7 @@ class HubServer:
         match fault:
             case ("status", int()) | ("status", int(), dict()) | ("delay", int() | float()):
                 pass
-            case ("drop",) | ("truncate", int()):
+            case ("drop",) | ("stall",) | ("truncate", int()):
                 pass
             case _:
                 raise ValueError(f"Unknown fault {fault!r}")
@@ -513,6 +517,11 @@ class HubServer:
             self.requests.append(LoggedRequest(method, path, None))
             self._abort(handler)
             return
+        if kind == "stall":
+            self._until_closed(handler)
+            self.requests.append(LoggedRequest(method, path, None))
+            handler.close_connection = True
+            return
         if kind == "delay" and self._stopping.wait(fault[1]):
             return  # stopped while waiting: nobody gets an answer
         if kind == "status":
@@ -542,6 +551,16 @@ class HubServer:
             handler.wfile.write(response.body if truncate_to is None else response.body[:truncate_to])
         if truncate_to is not None:
             self._abort(handler)
+
+    def _until_closed(self, handler: _Handler) -> None:
+        """Wait until the client closes the connection (or the server stops)."""
+        while not self._stopping.is_set():
+            try:
+                readable, _, _ = select.select([handler.connection], [], [], 0.05)
+                if readable and not handler.connection.recv(1, socket.MSG_PEEK):
+                    return
+            except OSError:
+                return
 
     @staticmethod
     def _abort(handler: _Handler) -> None:

@@ -61,7 +61,7 @@ from iteris_daemon.catalog.registry import add_source, list_adapters
 from iteris_daemon.errors import IterisError
 from iteris_daemon.plugin_manager import get_publisher
 from iteris_daemon.publish import PublishRequest
-from iteris_daemon.sources.local import LocalFolderSource
+from iteris_daemon.sources.local import ROOT_CHECK_SECONDS, LocalFolderSource
 from iteris_daemon.validation import folder_fingerprint
 
 pytestmark = pytest.mark.timeout(300)
@@ -358,6 +358,25 @@ def test_a_lock_outliving_the_busy_timeout_fails_clearly_and_loses_nothing(made,
 # --------------------------------------------------------------------- 3. the watched folder goes
 
 
+def _count_calls(source, method: str) -> list[int]:
+    """Counts calls of ``source.<method>`` from now on (the worker looks methods up on the instance)."""
+    calls = [0]
+    original = getattr(source, method)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(source, method, counted)
+    return calls
+
+
+def _thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds (user + system) ``thread`` has used, from /proc."""
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.mark.parametrize("polling_mode", [False, True], ids=["inotify", "polling"])
 def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, caplog, polling_mode):
     """``rm -rf`` of the watched root under a running source, then the root is re-created
@@ -387,10 +406,21 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
         assert str(watched) in health()[1]
 
         # Gone for a while: the source idles (no busy loop, no log flood) and keeps running.
-        cpu, records = time.process_time(), len(caplog.records)
-        time.sleep(1.0)
-        assert time.process_time() - cpu < 0.6, "the source spins while its folder is gone"
-        assert len(caplog.records) - records <= 2, [r.getMessage() for r in caplog.records[records:]]
+        # Counted in the worker's own steps, not in seconds: over three root checks (each at
+        # least ROOT_CHECK_SECONDS apart), its loop may turn only as often as its tick allows,
+        # nothing is rescanned, at most 2 lines are logged, and its thread uses little CPU.
+        looks, scans = _count_calls(source, "_take_due"), _count_calls(source, "scan")
+        checks: list[tuple[int, float]] = []  # (looks so far, the worker's CPU seconds) at each root check
+        check_roots = source._check_roots
+        source._check_roots = lambda: (checks.append((looks[0], _thread_cpu(source._worker))), check_roots())
+        wait_for(lambda: len(checks) >= 1, "a root check")
+        records = len(caplog.records)
+        wait_for(lambda: len(checks) >= 4, "three more root checks")
+        tick = min(0.25, source.settings.settle_seconds / 4)
+        (first_looks, first_cpu), (last_looks, last_cpu) = checks[0], checks[3]
+        assert last_looks - first_looks <= 3 * (ROOT_CHECK_SECONDS / tick + 1), "the source spins while its folder is gone"
+        assert last_cpu - first_cpu < 0.5, "the source's thread burns CPU while its folder is gone"
+        assert scans[0] == 0 and len(caplog.records) - records <= 2, [r.getMessage() for r in caplog.records[records:]]
         assert source._watching()
 
         watched.mkdir()

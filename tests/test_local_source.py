@@ -61,8 +61,32 @@ def _adapters(catalog) -> dict[str, Adapter]:
         return {row.name: row for row in rows}
 
 
-def _slow_copy(src: Path, dst: Path, chunks: int = 5, pause: float = 0.2) -> None:
-    """Config first, weights last and slowly, as a network copy would."""
+class SettleClock:
+    """The source's clock for settling (``time.monotonic`` as ``sources.local`` sees it),
+    moved only by the test: "no event for ``settle_seconds``" then means the test said so,
+    however slowly a loaded machine runs the writer. Everything else is real time."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def _weights_seen(source: LocalFolderSource, folder: Path, size: int) -> bool:
+    """The source has an event for ``folder`` since its weights reached ``size`` bytes."""
+    with source._dirty_lock:
+        entry = source._dirty.get(folder)
+    files = {name: length for name, length, _ in (entry[1] or ())} if entry else {}
+    return files.get("adapter_model.safetensors") == size
+
+
+def _slow_copy(src: Path, dst: Path, source: LocalFolderSource, clock: SettleClock, chunks: int = 5) -> None:
+    """Config first, weights last and slowly, as a network copy would: after each chunk the
+    source has seen the write, and less than the settle time passes (on its clock)."""
     dst.mkdir()
     shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
     shutil.copy(src / "calibration.jsonl", dst / "calibration.jsonl")
@@ -73,18 +97,47 @@ def _slow_copy(src: Path, dst: Path, chunks: int = 5, pause: float = 0.2) -> Non
             handle.write(data[start:start + step])
             handle.flush()
             os.fsync(handle.fileno())
-            time.sleep(pause)
+            size = min(start + step, len(data))
+            wait_for(lambda: _weights_seen(source, dst, size), f"the source to see {size} bytes of weights")
+            clock.now += 0.4 * SETTLE
+            assert not _adapters(source.catalog), "registered while still being written"
+
+
+def _count_looks(source: LocalFolderSource) -> list[int]:
+    """Counts the worker's looks at what is due (one per loop of its thread)."""
+    looks = [0]
+    take_due = source._take_due
+
+    def counted():
+        looks[0] += 1
+        return take_due()
+
+    source._take_due = counted
+    return looks
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
-def test_slow_copy_is_registered_once_with_its_metadata(setup, polling):
+def test_slow_copy_is_registered_once_with_its_metadata(setup, polling, monkeypatch):
+    """Waits on events, not on time: the source's settle clock moves only when the test
+    moves it (0.4 x the settle time per chunk written, then the settle time per look once
+    done)."""
     catalog, watched, base, (lora, _) = setup
+    clock = SettleClock()
+    monkeypatch.setattr("iteris_daemon.sources.local.time", clock)
     source = _source(catalog, watched, base, polling)
+    looks = _count_looks(source)
     source.start()
     try:
-        _slow_copy(lora, watched / "sentiment")
-        adapter = wait_for(lambda: _adapters(catalog).get("sentiment"), "registration")
-        time.sleep(3 * SETTLE)  # nothing else may arrive for it
+        _slow_copy(lora, watched / "sentiment", source, clock)
+
+        def quiet_then_registered():  # each look: the settle time passes (also after a late event, e.g. the close)
+            clock.now += SETTLE
+            return _adapters(catalog).get("sentiment")
+
+        wait_for(quiet_then_registered, "registration")
+        seen = looks[0]
+        clock.now += 10 * SETTLE
+        wait_for(lambda: looks[0] >= seen + 3, "three more looks by the source")  # nothing else may arrive for it
     finally:
         source.stop()
     adapters = _adapters(catalog)

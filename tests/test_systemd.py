@@ -138,13 +138,37 @@ def test_watchdog_interval(listener: socket.socket, monkeypatch: pytest.MonkeyPa
     assert Notifier.from_env().watchdog_interval == pytest.approx(0.05)
 
 
+class HealthProbe:
+    """A health check that counts its calls: the watchdog thread's own clock, so a test
+    waits for checks to happen instead of for time to pass."""
+
+    def __init__(self, healthy: bool = True, error: Exception | None = None):
+        self.healthy, self.error = healthy, error
+        self.calls = 0
+        self._changed = threading.Condition()
+
+    def __call__(self) -> bool:
+        with self._changed:
+            self.calls += 1
+            self._changed.notify_all()
+        if self.error is not None:
+            raise self.error
+        return self.healthy
+
+    def wait_calls(self, count: int) -> None:
+        """Until the check has been called ``count`` times in all (or 60 s, a broken thread)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.calls >= count, timeout=60), (self.calls, count)
+
+
 def test_watchdog_for_another_pid_is_ignored(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
     notifier = Notifier.from_env()
     assert notifier.enabled and notifier.watchdog_interval is None
-    notifier.start_watchdog(lambda: True)
-    time.sleep(0.15)
+    probe = HealthProbe()
+    notifier.start_watchdog(probe)
+    assert notifier._thread is None and probe.calls == 0  # no thread, nothing checked, nothing sent
     notifier.stop()
     assert drain(listener) == []
 
@@ -152,44 +176,45 @@ def test_watchdog_for_another_pid_is_ignored(listener: socket.socket, monkeypatc
 def test_watchdog_pings_only_while_healthy(
     listener: socket.socket, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Counted in health checks, not in seconds: every healthy check sends one ping; once
+    unhealthy, three checks in a row send none (and warn once); healthy again, pings
+    resume; stopped, the thread is gone."""
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-    healthy = threading.Event()
-    healthy.set()
+    probe = HealthProbe()
     notifier = Notifier.from_env()
     caplog.set_level(logging.INFO, logger="iteris_daemon.systemd")
-    notifier.start_watchdog(healthy.is_set)
+    notifier.start_watchdog(probe)
+    thread = notifier._thread
     try:
-        time.sleep(0.3)
-        pings = drain(listener)
-        assert len(pings) >= 3 and all(p == {"WATCHDOG": "1"} for p in pings)
+        for _ in range(3):
+            assert receive(listener) == {"WATCHDOG": "1"}  # blocks until the ping arrives
+        assert probe.calls >= 3
 
-        healthy.clear()
-        time.sleep(0.1)  # a ping decided before the switch may still arrive
+        probe.healthy = False
+        switched = probe.calls
+        # The check in progress may have said healthy; its ping is sent before the next check.
+        probe.wait_calls(switched + 2)
         drain(listener)
-        time.sleep(0.3)
+        probe.wait_calls(switched + 5)  # three more checks, each one unhealthy
         assert drain(listener) == []
         warnings = [r for r in caplog.records if r.name == "iteris_daemon.systemd" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "watchdog" in warnings[0].getMessage()
 
-        healthy.set()
+        probe.healthy = True
         assert receive(listener) == {"WATCHDOG": "1"}
     finally:
         notifier.stop()
+    assert not thread.is_alive()  # joined: nothing can be sent any more
     drain(listener)
-    time.sleep(0.15)
-    assert drain(listener) == []  # stopped
 
 
 def test_watchdog_check_that_raises_is_unhealthy(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
-
-    def broken() -> bool:
-        raise RuntimeError("database gone")
-
+    probe = HealthProbe(error=RuntimeError("database gone"))
     notifier = Notifier.from_env()
-    notifier.start_watchdog(broken)
-    time.sleep(0.2)
+    notifier.start_watchdog(probe)
+    probe.wait_calls(3)  # three checks, each raising: no ping
     notifier.stop()
     assert drain(listener) == []
 
