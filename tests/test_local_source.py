@@ -257,3 +257,48 @@ def test_changes_while_stopped_are_found_at_start(setup):
     assert adapters["nested/new"].status is AdapterStatus.registered
     assert adapters["nested/new"].current.rank == 3
     assert "half" not in adapters  # incomplete folders wait, they are not rejected
+
+
+def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, monkeypatch, caplog):
+    """Weights the daemon's user may not read (safetensors writes 0600 files; the tests run
+    as root, so the denial is injected where the validator opens the file): a rejection
+    with the reason, recorded once; readable again, the next scan registers it. Before the
+    fix the PermissionError counted as "changed while being examined": looked at again
+    every settle period, forever (found running the daemon as another user,
+    tests/test_sandbox.py)."""
+    import builtins
+
+    from iteris_daemon import validation
+
+    catalog, watched, base, (lora, _) = setup
+    shutil.copytree(lora, watched / "locked")
+    weights = watched / "locked" / "adapter_model.safetensors"
+    real_open = builtins.open
+
+    def denying_open(path, *args, **kwargs):
+        if Path(path) == weights:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    class DenyingOs:  # the validator's os module, as far as opening the weights goes
+        def open(self, path, *args, **kwargs):
+            if Path(path) == weights:
+                raise PermissionError(13, "Permission denied", str(path))
+            return os.open(path, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+    monkeypatch.setattr(validation, "open", denying_open, raising=False)
+    monkeypatch.setattr(validation, "os", DenyingOs())
+    source = _source(catalog, watched, base)
+    report = source.scan()
+    assert report.rejected == [str(watched / "locked")] and not report.waiting
+    adapter = _adapters(catalog)["locked"]
+    assert adapter.status is AdapterStatus.rejected
+    assert adapter.current.reason == (f"{weights}: cannot read: Permission denied; the daemon's user needs read "
+                                      "access to the adapter's files")
+    assert source.scan().unchanged == 1  # the same files: nothing new to say, nothing retried
+    monkeypatch.undo()  # its owner makes it readable: now it is hashed, a new revision
+    assert source.scan().registered == [str(watched / "locked")]
+    assert _adapters(catalog)["locked"].status is AdapterStatus.registered

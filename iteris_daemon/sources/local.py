@@ -234,6 +234,9 @@ class LocalFolderSource:
             self._set_health(str(exc))
             report.waiting.append(str(folder))
             return
+        except PermissionError as exc:  # the daemon's user may not read it: looking again changes nothing
+            reason = (f"{exc.filename or folder}: cannot read: {exc.strerror}; the daemon's user needs read access "
+                      "to the adapter's files")
         except OSError as exc:  # a file vanished mid-examination (deleted or replaced): not a verdict
             log.info("source %s: %s changed while being examined (%s); looking again", self.name, folder, exc.strerror)
             self._look_again(folder, report)
