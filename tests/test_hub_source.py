@@ -195,6 +195,7 @@ def test_pickled_only_repo_is_rejected_without_download(env):
 @pytest.mark.parametrize("name,unsafe", [
     ("adapter_config.json", False), ("sub/dir/file.json", False), ("../x", True), ("/etc/passwd", True),
     ("a/../../b", True), ("a\\b", True), ("C:/x", True), ("a//b", True), ("ok\x00", True), ("", True),
+    ("\ud800", True), ("a/\udcff.json", True), ("données/é.json", False),
 ])
 def test_unsafe_path(name, unsafe):
     assert unsafe_path(name) is unsafe

@@ -94,6 +94,10 @@ def unsafe_path(name: str) -> bool:
         return True
     if any(ord(c) < 32 for c in name):
         return True
+    try:
+        name.encode("utf-8")  # a lone surrogate (JSON may escape one) names no file a repo holds
+    except UnicodeEncodeError:
+        return True
     return any(part in ("", ".", "..") for part in name.split("/"))
 
 
