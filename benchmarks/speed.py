@@ -3,10 +3,14 @@
 - Every strategy merges the four task adapters in its own process; wall time of
   the strategy and the process's peak resident memory come from its
   ``merge_report.json``.
-- The *floor*: the forward passes IterIS cannot avoid, i.e. (iterations run) x
-  (tasks) x (calibration set) through the plain model, no hooks, same batches,
-  measured in the same run. IterIS time / floor is the overhead of everything
-  else (feature statistics, solves).
+- The *floor* per iteration: what one IterIS iteration cannot avoid, i.e. one
+  forward pass of every task's calibration batches through the plain model (no
+  hooks, the whole model in memory) plus, per task, one Gram ``G += X^T X``
+  (float32, padding rows zeroed) for every *distinct* input of the targeted layers
+  (layers reading the same tensor, query/key/value or gate/up, share one), measured
+  over the same batches in the same run. IterIS seconds per iteration / floor
+  seconds per iteration is the overhead of everything else (projections, solves,
+  moving blocks, bookkeeping).
 - Peak memory at 50 and 500 samples per task, for IterIS and for a token-storing
   implementation that keeps every token's layer inputs (as the reference code
   does), each in a fresh process.
@@ -61,23 +65,85 @@ def calibration_files(adapters: dict[str, Path], samples: int, folder: Path) -> 
     return specs
 
 
-def floor_seconds(model: str, specs: list[str], passes: int, batch_size: int, max_length: int) -> float:
-    """Plain forward passes over every task's calibration batches, ``passes`` times."""
+class _Grams:
+    """Forward pre-hooks that add one ``G += X^T X`` per distinct input tensor of the
+    targeted layers and batch (q/k/v, gate/up share theirs), timing only that work."""
+
+    def __init__(self, model: torch.nn.Module, paths: list[str]):
+        modules = dict(model.named_modules())
+        self.handles = [modules[p].register_forward_pre_hook(self._hook(p)) for p in paths]
+        self.mask: torch.Tensor | None = None
+        self.seconds = 0.0
+        self.G: dict[str, torch.Tensor] = {}  # keyed by the first layer reading the input
+        self._seen: list[torch.Tensor] = []
+
+    def new_task(self) -> None:
+        self.G = {}
+
+    def new_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask, self._seen = mask, []
+
+    def _hook(self, path: str):
+        from iteris_daemon.model import masked_rows
+
+        def hook(_module, args):
+            x = args[0]
+            if any(seen is x for seen in self._seen):  # a Gram of this tensor was formed already
+                return
+            self._seen.append(x)
+            started = time.perf_counter()
+            rows = masked_rows(x, self.mask, torch.float32)  # padding rows multiplied by 0
+            G = self.G.get(path)
+            if G is None:
+                G = self.G[path] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+            G.addmm_(rows.T, rows)
+            self.seconds += time.perf_counter() - started
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def floor_seconds(model: str, specs: list[str], passes: int, batch_size: int, max_length: int) -> dict:
+    """The per-iteration floor, measured ``passes`` times over every task's batches:
+    plain forward passes (no hooks) + one Gram per distinct targeted-layer input per task.
+
+    The whole model is in memory (``offload="none"``) and called directly; the Grams are
+    formed in forward pre-hooks during a second pass over the same batches, timing only
+    the Gram work. Returns seconds per iteration: ``forward_s``, ``gram_s`` and their sum.
+    """
     from iteris_daemon.lora import load_adapter
     from iteris_daemon.model import BaseModel
 
     adapters = [load_adapter(spec.split("=")[0]) for spec in specs]
-    base = BaseModel(model, adapters)
+    base = BaseModel(model, adapters, offload="none")
+    paths = sorted({p for a in adapters for p in a.modules})
     batches = [base.batches(read_jsonl(spec.split("=")[1]), batch_size, max_length) for spec in specs]
     with torch.no_grad():
         for batch in batches[0][:2]:  # warm-up
             base.model(**batch)
-        started = time.perf_counter()
+        forward = 0.0
         for _ in range(passes):
             for task_batches in batches:
                 for batch in task_batches:
+                    started = time.perf_counter()
                     base.model(**batch)
-    return time.perf_counter() - started
+                    forward += time.perf_counter() - started
+        grams = _Grams(base.model, paths)
+        try:
+            for _ in range(passes):
+                for task_batches in batches:
+                    grams.new_task()
+                    for batch in task_batches:
+                        grams.new_batch(base.output_mask(batch))
+                        base.model(**batch)
+        finally:
+            grams.remove()
+    forward, gram = forward / passes, grams.seconds / passes
+    return {"seconds": forward + gram, "forward_s": forward, "gram_s": gram, "passes": passes,
+            "grams_per_task": len(grams.G), "layers": len(paths)}
 
 
 def token_storing_peak(model: str, specs: list[str], iterations: int) -> dict:
@@ -143,8 +209,11 @@ def run(workdir: Path, tasks: tuple[str, ...] = TASKS, strategies: tuple[str, ..
         }
     if "iteris" in results["strategies"]:
         iteris = results["strategies"]["iteris"]
-        floor = floor_seconds(model, specs50, iteris["iterations_run"], 16, base_params.get("max_length", 128))
-        results["floor"] = {"seconds": floor, "passes": iteris["iterations_run"], "ratio": iteris["seconds"] / floor}
+        floor = floor_seconds(model, specs50, iteris["iterations_run"], base_params.get("batch_size", 16),
+                              base_params.get("max_length", 128))
+        per_iteration = iteris["seconds"] / iteris["iterations_run"]
+        results["floor"] = {**floor, "iteris_seconds_per_iteration": per_iteration,
+                            "ratio": per_iteration / floor["seconds"]}
 
     for samples in memory_samples if "memory" in parts else ():
         specs = calibration_files(adapters, samples, workdir / "calibration")
@@ -185,12 +254,15 @@ def tables(results: dict) -> str:
     for name, entry in results["strategies"].items():
         mem = entry["merge_memory_mb"]
         lines.append(f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb']:.0f} | {_mb(mem['before'])} | {_mb(mem['peak'])} |")
-    it = results["strategies"]["iteris"]
-    floor = results["floor"]
-    lines += ["", f"IterIS: {it['seconds']:.2f}s = inference {it['timings']['inference_s']:.2f}s + solve "
-              f"{it['timings']['solve_s']:.2f}s over {it['iterations_run']} iterations; floor "
-              f"({floor['passes']} plain forward passes over all calibration sets) {floor['seconds']:.2f}s; "
-              f"ratio **{floor['ratio']:.2f}x**", "",
+    if "iteris" in results["strategies"] and "forward_s" in results.get("floor", {}):
+        it, floor = results["strategies"]["iteris"], results["floor"]
+        lines += ["", f"IterIS: {it['seconds']:.2f}s = inference {it['timings']['inference_s']:.2f}s + solve "
+                  f"{it['timings']['solve_s']:.2f}s over {it['iterations_run']} iterations, "
+                  f"{floor['iteris_seconds_per_iteration']:.2f}s per iteration; floor per iteration "
+                  f"{floor['seconds']:.2f}s = plain forward passes {floor['forward_s']:.2f}s + one Gram per distinct "
+                  f"input per task {floor['gram_s']:.2f}s ({floor['grams_per_task']} Grams for {floor['layers']} "
+                  f"layers, mean of {floor['passes']} passes); ratio **{floor['ratio']:.2f}x**"]
+    lines += ["",
               "| samples/task | IterIS process peak RSS (MB) | IterIS peak during merge (MB) | IterIS seconds | "
               "token-storing process peak (MB) | token-storing peak during merge (MB) |", "|---|---|---|---|---|---|"]
     for samples, entry in results["memory"].items():
@@ -212,15 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
+                        help="strategies of the strategies part (default: all; iteris brings the floor)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                        help=f"task adapters to merge (default: all {len(TASKS)})")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.workdir, parts=tuple(args.parts))
+    results = run(args.workdir, tasks=tuple(args.tasks), strategies=tuple(args.strategies), parts=tuple(args.parts))
     previous = args.workdir / "speed.json"
     if set(args.parts) != set(PARTS) and previous.exists():  # keep the parts not rerun
         kept = json.loads(previous.read_text())
         for part in args.parts:
             kept[part] = results[part]
-        if "strategies" in args.parts:
+        if "floor" in results:
             kept["floor"] = results["floor"]
         results = {**kept, "machine": results["machine"]}
     previous.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,7 +12,14 @@ import torch
 from iteris_daemon import memory
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
-from iteris_daemon.model import BaseModel, Delta
+from iteris_daemon.model import BaseModel, Delta, row_mask
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``x`` that are real tokens (padding dropped), as a float32 copy."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    column = row_mask(x, mask)
+    return rows.clone() if column is None else rows[column.reshape(-1).bool()]
 
 
 def main(model: str, specs: list[str], iterations: int, a: float = 1e-3) -> dict:
@@ -20,7 +27,7 @@ def main(model: str, specs: list[str], iterations: int, a: float = 1e-3) -> dict
     memory.keep_large_blocks_in_mmap()  # the same allocator setting as the engine
     adapters = [load_adapter(spec.split("=")[0]) for spec in specs]
     data = [read_jsonl(spec.split("=")[1]) for spec in specs]
-    base = BaseModel(model, adapters)
+    base = BaseModel(model, adapters, offload="none")  # the whole model in memory, as the reference code has it
     window = memory.reset_peak()  # measure the merge, not the model load
     paths = sorted({p for ad in adapters for p in ad.modules})
     batches = [base.batches(d, 16, 128) for d in data]
@@ -29,7 +36,7 @@ def main(model: str, specs: list[str], iterations: int, a: float = 1e-3) -> dict
     def capture(task: int, deltas) -> dict[str, torch.Tensor]:
         rows: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
         base.set_deltas(deltas)
-        for _ in base.run(batches[task], lambda p, x, _y: rows[p].append(x.float().clone())):
+        for _ in base.run(batches[task], lambda p, x, _y, mask: rows[p].append(real_rows(x, mask))):
             pass
         return {p: torch.cat(r) for p, r in rows.items()}
 
