@@ -91,77 +91,107 @@ def choose(sweep_results: dict, settings: dict[str, tuple]) -> tuple[dict, dict]
 def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: tuple[str, ...] = STRATEGIES,
         train_config: TrainConfig = TrainConfig(), sweep: dict[str, tuple] | None = SWEEP,
         iteration_sweep=ITERATION_SWEEP,
-        sample_sweep=SAMPLE_SWEEP, test_limit: int | None = None, iteris_params: dict | None = None) -> dict:
+        sample_sweep=SAMPLE_SWEEP, test_limit: int | None = None, iteris_params: dict | None = None,
+        checkpoint: Path | None = None) -> dict:
     """Train (or reuse) the adapters, sweep IterIS on validation data, then the test tables.
-    ``iteris_params`` overrides IterIS defaults everywhere (smoke tests shrink the work)."""
+    ``iteris_params`` overrides IterIS defaults everywhere (smoke tests shrink the work);
+    ``checkpoint`` (a JSON file) is written after every entry and resumed from."""
     base_params = dict(iteris_params or {})
     model = default_model_path()
     every_task = tuple(dict.fromkeys(t for tasks in groups.values() for t in tasks))
     adapters = train_all(workdir / "adapters", model, train_config, every_task)
     merges = workdir / "merges"
-    results: dict = {"groups": {str(n): list(tasks) for n, tasks in groups.items()}, "baselines": {}, "sweep": {},
-                     "chosen": {}, "strategies": {}, "iterations": {}, "samples": {}}
+    fresh = {"groups": {str(n): list(tasks) for n, tasks in groups.items()}, "baselines": {}, "sweep": {},
+             "chosen": {}, "strategies": {}, "iterations": {}, "samples": {}}
+    saved = _Saved(checkpoint, fresh)
+    results = saved.results
     own_validation = {}
     for task in tqdm(every_task, desc="references"):
         folder = adapters[task]
-        results["baselines"][task] = {
+        saved.keep(("baselines", task), lambda: {
             "majority": majority_accuracy(task),
             "base+head": accuracy(model, None, folder, task, limit=test_limit),
             "own adapter": accuracy(model, folder, folder, task, limit=test_limit),
-        }
+        })
         if sweep:
-            own_validation[task] = accuracy(model, folder, folder, task, split="validation", limit=test_limit)
+            own_validation[task] = saved.keep(("own_validation", task), lambda: accuracy(
+                model, folder, folder, task, split="validation", limit=test_limit))
     own = {t: results["baselines"][t]["own adapter"] for t in every_task}
 
     chosen = dict(base_params)
     if sweep:
         for n, tasks in groups.items():
             group = {t: adapters[t] for t in tasks}
-            results["sweep"][n] = {}
-            done: dict[str, dict] = {}  # the defaults recur once per setting: merged once
             for setting, values in sweep.items():
-                results["sweep"][n][setting] = {}
                 for value in tqdm(values, desc=f"sweep N={n} {setting}"):
                     params = {**base_params, **_params(setting, value)}
-                    key = json.dumps(params, sort_keys=True) if value != values[0] else "defaults"
-                    if key not in done:
-                        done[key] = merge_and_score(model, group, "iteris", params,
-                                                    merges / f"sweep-{n}-{setting}-{value}", test_limit,
-                                                    split="validation")
-                    entry = done[key]
-                    results["sweep"][n][setting][str(value)] = {
-                        **summary(entry["accuracy"], {t: own_validation[t] for t in tasks}),
-                        "iterations_run": entry["iterations_run"], "merge_seconds": entry["merge_seconds"]}
+                    # The defaults recur once per setting: merged once.
+                    name = "defaults" if value == values[0] else f"{setting}-{value}"
+
+                    def measure(params=params, name=name, tasks=tasks, group=group):
+                        entry = merge_and_score(model, group, "iteris", params, merges / f"sweep-{n}-{name}",
+                                                test_limit, split="validation")
+                        return {**summary(entry["accuracy"], {t: own_validation[t] for t in tasks}),
+                                "iterations_run": entry["iterations_run"], "merge_seconds": entry["merge_seconds"]}
+
+                    figures = saved.keep(("sweep_runs", str(n), name), measure)
+                    saved.keep(("sweep", str(n), setting, str(value)), lambda figures=figures: figures)
         picked, results["chosen"] = choose(results["sweep"], sweep)
         chosen.update(picked)
 
     for n, tasks in groups.items():
         group = {t: adapters[t] for t in tasks}
         own_n = {t: own[t] for t in tasks}
-        results["strategies"][n] = {}
         for strategy in tqdm(strategies, desc=f"strategies N={n}"):
             params = chosen if strategy == "iteris" else {}
-            entry = merge_and_score(model, group, strategy, params, merges / f"{strategy}-{n}", test_limit)
-            results["strategies"][n][strategy] = {**entry, **summary(entry["accuracy"], own_n)}
-        results["iterations"][n] = {}
+
+            def score(strategy=strategy, params=params, group=group, own_n=own_n):
+                entry = merge_and_score(model, group, strategy, params, merges / f"{strategy}-{n}", test_limit)
+                return {**entry, **summary(entry["accuracy"], own_n)}
+
+            saved.keep(("strategies", str(n), strategy), score)
         for count in tqdm(iteration_sweep, desc=f"iterations N={n}"):
             params = {**chosen, "iterations": count, "tolerance": 0.0, "stop": "change"}
-            entry = merge_and_score(model, group, "iteris", params, merges / f"iterations-{n}-{count}", test_limit)
-            results["iterations"][n][count] = summary(entry["accuracy"], own_n)
+            saved.keep(("iterations", str(n), str(count)), lambda params=params, group=group, own_n=own_n, count=count:
+                       summary(merge_and_score(model, group, "iteris", params, merges / f"iterations-{n}-{count}",
+                                               test_limit)["accuracy"], own_n))
     first = min(groups)
     group = {t: adapters[t] for t in groups[first]}
     for samples in tqdm(sample_sweep, desc="sample sweep"):
-        entry = merge_and_score(model, group, "iteris", {**chosen, "samples_per_task": samples},
-                                merges / f"samples-{samples}", test_limit)
-        results["samples"][samples] = summary(entry["accuracy"], {t: own[t] for t in groups[first]})
+        saved.keep(("samples", str(samples)), lambda samples=samples: summary(merge_and_score(
+            model, group, "iteris", {**chosen, "samples_per_task": samples}, merges / f"samples-{samples}",
+            test_limit)["accuracy"], {t: own[t] for t in groups[first]}))
     return results
+
+
+class _Saved:
+    """Results written to ``path`` after every entry, and entries found there reused, so
+    an interrupted run (the whole benchmark takes hours on 2 cores) resumes where it was."""
+
+    def __init__(self, path: Path | None, fresh: dict):
+        self.path = path
+        self.results = fresh
+        if path is not None and path.is_file():
+            previous = json.loads(path.read_text())
+            if previous.get("groups") == fresh["groups"]:
+                self.results = {**fresh, **previous}
+
+    def keep(self, keys: tuple[str, ...], compute):
+        node = self.results
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if keys[-1] not in node:
+            node[keys[-1]] = compute()
+            if self.path is not None:
+                self.path.write_text(json.dumps(self.results, indent=2) + "\n")
+        return node[keys[-1]]
 
 
 def table(results: dict) -> str:
     """Per N: every strategy's per-task accuracy (normalized), mean and worst task."""
     lines = []
     for n, tasks in results["groups"].items():
-        strategies = results["strategies"][int(n)] if int(n) in results["strategies"] else results["strategies"][n]
+        strategies = results["strategies"].get(n, {})
         lines += [f"N = {n}", "", "| | " + " | ".join(tasks) + " | mean normalized | worst task |",
                   "|---" * (len(tasks) + 3) + "|"]
         own = {t: results["baselines"][t]["own adapter"] for t in tasks}
@@ -205,7 +235,7 @@ def plot(results: dict, workdir: Path) -> list[Path]:
     paths = []
     curves = [("iterations", "IterIS solves", "iteris_iterations.png", False, results["iterations"]),
               ("samples", "calibration samples per task (N = 4)", "iteris_samples.png", True,
-               {min(int(n) for n in results["groups"]): results["samples"]} if results["samples"] else {})]
+               {str(min(int(n) for n in results["groups"])): results["samples"]} if results["samples"] else {})]
     for _key, xlabel, name, log, by_n in curves:
         if not by_n:
             continue
@@ -213,7 +243,7 @@ def plot(results: dict, workdir: Path) -> list[Path]:
         for n, curve in by_n.items():
             xs = [int(x) for x in curve]
             line, = ax.plot(xs, [v["mean"] for v in curve.values()], marker="o", label=f"IterIS, N = {n}")
-            group = results["strategies"].get(int(n)) or results["strategies"].get(str(n)) or {}
+            group = results["strategies"].get(str(n), {})
             others = [e["mean"] for k, e in group.items() if k != "iteris"]
             if others:
                 ax.axhline(max(others), color=line.get_color(), linestyle="--", alpha=0.6,
@@ -239,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the validation sweep (IterIS at its defaults)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.workdir, strategies=tuple(args.strategies), sweep=None if args.no_sweep else SWEEP)
+    results = run(args.workdir, strategies=tuple(args.strategies), sweep=None if args.no_sweep else SWEEP,
+                  checkpoint=args.workdir / "quality.partial.json")
     (args.workdir / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for path in plot(results, args.workdir):

@@ -32,19 +32,25 @@ def workdir(tmp_path_factory):
 
 
 def test_quality_pipeline(workdir):
-    results = quality.run(
-        workdir, TASKS, ("iteris", "task_arithmetic", "peft_svd"), TINY,
-        sample_sweep=(5, 10), iteration_sweep=(0, 1), test_limit=24, iteris_params=FAST_ITERIS,
-    )
+    groups = {1: TASKS[:1], 2: TASKS}
+    kwargs = dict(groups=groups, strategies=("iteris", "task_arithmetic", "tsv"), train_config=TINY,
+                  sweep={"a1=a2": (1e-3, 1e-4), "stop": ("change", "objective")}, iteration_sweep=(1, 2),
+                  sample_sweep=(5,), test_limit=24, iteris_params=FAST_ITERIS, checkpoint=workdir / "partial.json")
+    results = quality.run(workdir, **kwargs)
     assert set(results["baselines"]) == set(TASKS)
-    for entry in results["strategies"].values():
-        assert set(entry["accuracy"]) == set(TASKS)
-        assert all(0.0 <= a <= 1.0 for a in entry["accuracy"].values())
-        assert entry["normalized"] > 0
-    assert set(results["samples"]) == {5, 10} and set(results["iterations"]) == {0, 1}
-    assert "| iteris |" in quality.table(results)
+    for n, tasks in groups.items():
+        for entry in results["strategies"][str(n)].values():
+            assert set(entry["accuracy"]) == set(tasks)
+            assert all(0.0 <= a <= 1.0 for a in entry["accuracy"].values())
+            assert entry["mean"] > 0 and entry["worst_task"] in tasks and entry["worst"] <= entry["mean"]
+        assert set(results["sweep"][str(n)]) == {"a1=a2", "stop"}
+        assert set(results["iterations"][str(n)]) == {"1", "2"}
+    assert set(results["chosen"]) == {"a1=a2", "stop"} and set(results["samples"]) == {"5"}
+    assert "| iteris |" in quality.table(results) and "N = 2" in quality.table(results)
     for path in quality.plot(results, workdir):
         assert path.stat().st_size > 1000
+    # Every entry was saved as it came: a second run finds them all and merges nothing.
+    assert quality.run(workdir, **{**kwargs, "strategies": ("iteris", "task_arithmetic", "tsv")}) == results
     json.dumps(results)
 
 
