@@ -358,6 +358,13 @@ def test_a_lock_outliving_the_busy_timeout_fails_clearly_and_loses_nothing(made,
 # --------------------------------------------------------------------- 3. the watched folder goes
 
 
+def _put(adapter: Path, target: Path) -> None:
+    """Copy an adapter in under a hidden name, then rename it into place: it appears whole."""
+    staging = target.with_name(f".incoming-{target.name}")
+    shutil.copytree(adapter, staging)
+    os.rename(staging, target)
+
+
 def _count_calls(source, method: str) -> list[int]:
     """Counts calls of ``source.<method>`` from now on (the worker looks methods up on the instance)."""
     calls = [0]
@@ -381,7 +388,10 @@ def _thread_cpu(thread: threading.Thread) -> float:
 def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, caplog, polling_mode):
     """``rm -rf`` of the watched root under a running source, then the root is re-created
     with the old adapter and a new one, and later one more arrives (seen only if the
-    re-created root is watched again)."""
+    re-created root is watched again). Adapters arrive whole (staged under a hidden name,
+    then renamed in, as the README asks writers to do): a copy that a loaded machine
+    pauses for longer than the settle time would otherwise be registered half done,
+    which is not what this test is about."""
     base, (first, second) = made
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -396,7 +406,7 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
 
     source.start()
     try:
-        shutil.copytree(first, watched / "keep")
+        _put(first, watched / "keep")
         wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
                  "registration")
 
@@ -424,14 +434,14 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
         assert source._watching()
 
         watched.mkdir()
-        shutil.copytree(first, watched / "keep")
-        shutil.copytree(second, watched / "new")
+        _put(first, watched / "keep")
+        _put(second, watched / "new")
         wait_for(lambda: getattr(_adapters(catalog).get("new"), "status", None) is AdapterStatus.registered,
                  "the new adapter in the re-created folder")
         wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.registered, "the old adapter back")
         wait_for(lambda: health()[0], "the source to report itself healthy again")
         # Watched again, not just rescanned once: a later arrival is seen through events.
-        shutil.copytree(second, watched / "later")
+        _put(second, watched / "later")
         wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
                  "an adapter added after the recovery")
     finally:

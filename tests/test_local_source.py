@@ -80,7 +80,7 @@ def _weights_seen(source: LocalFolderSource, folder: Path, size: int) -> bool:
     """The source has an event for ``folder`` since its weights reached ``size`` bytes."""
     with source._dirty_lock:
         entry = source._dirty.get(folder)
-    files = {name: length for name, length, _ in (entry[1] or ())} if entry else {}
+    files = {name: length for name, length, *_ in (entry[1] or ())} if entry else {}
     return files.get("adapter_model.safetensors") == size
 
 
@@ -302,3 +302,32 @@ def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, mon
     monkeypatch.undo()  # its owner makes it readable: now it is hashed, a new revision
     assert source.scan().registered == [str(watched / "locked")]
     assert _adapters(catalog)["locked"].status is AdapterStatus.registered
+
+
+def test_a_copy_that_keeps_old_mtimes_is_not_examined_half_done(setup):
+    """``shutil.copytree`` (like ``cp -p`` or ``rsync -t``) gives each copied file its
+    source's old mtime. A rescan in the middle of such a copy (config and weights there,
+    calibration still to come) must wait for the folder to settle, not register the half:
+    the ctime says the files were written just now. Before the fix the mtimes alone made
+    the folder look settled, and it got a revision without its calibration, then another
+    (found as a flaky second revision in tests/test_local_faults.py)."""
+    catalog, watched, base, (lora, _) = setup
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        wait_for(lambda: source._watching(), "the source to watch")
+        folder = watched / "copied"
+        folder.mkdir()
+        an_hour_ago = time.time() - 3600
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(lora / name, folder / name)
+            os.utime(folder / name, (an_hour_ago, an_hour_ago))  # the source's old mtime, as the copy keeps it
+        report = source.scan()  # the periodic rescan, in the middle of the copy
+        assert report.waiting == [str(folder)] and not report.registered, report
+        shutil.copy2(lora / "calibration.jsonl", folder / "calibration.jsonl")
+        wait_for(lambda: getattr(_adapters(catalog).get("copied"), "status", None) is AdapterStatus.registered,
+                 "registration of the whole copy")
+    finally:
+        source.stop()
+    (revision,) = _adapters(catalog)["copied"].revisions
+    assert revision.has_calibration

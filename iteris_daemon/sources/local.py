@@ -79,10 +79,14 @@ class ScanReport:
 
 
 def _snapshot(folder: Path) -> tuple | None:
+    """(name, size, mtime, ctime) of the folder's files. The ctime too: copies keep the
+    source's mtime (``cp -p``, ``rsync -t``, ``shutil.copytree``), but setting it moves
+    the ctime, which nothing can set back."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        return tuple((e.name, e.stat(follow_symlinks=False).st_size, e.stat(follow_symlinks=False).st_mtime_ns)
-                     for e in entries if e.is_file(follow_symlinks=False) or e.is_symlink())
+        stats = [(e.name, e.stat(follow_symlinks=False))
+                 for e in entries if e.is_file(follow_symlinks=False) or e.is_symlink()]
+        return tuple((name, info.st_size, info.st_mtime_ns, info.st_ctime_ns) for name, info in stats)
     except OSError:
         return None
 
@@ -199,7 +203,7 @@ class LocalFolderSource:
 
     def _recently_written(self, folder: Path) -> bool:
         snapshot = _snapshot(folder) or ()
-        newest = max((mtime for _, _, mtime in snapshot), default=0) / 1e9
+        newest = max((max(mtime, ctime) for _, _, mtime, ctime in snapshot), default=0) / 1e9
         return time.time() - newest < self.settings.settle_seconds
 
     def _examine(self, folder: Path, report: ScanReport) -> None:
