@@ -24,7 +24,6 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def main(model: str, specs: list[str], iterations: int, a: float = 1e-3) -> dict:
     started = time.perf_counter()
-    memory.keep_large_blocks_in_mmap()  # the same allocator setting as the engine
     adapters = [load_adapter(spec.split("=")[0]) for spec in specs]
     data = [read_jsonl(spec.split("=")[1]) for spec in specs]
     base = BaseModel(model, adapters, offload="none")  # the whole model in memory, as the reference code has it

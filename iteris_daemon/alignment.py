@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import memory
 from .calibration import CalibrationSet
 from .errors import CalibrationError, MergeError
 from .execution import Executor, State, Unit, prepare
@@ -316,6 +317,7 @@ class _Alignment:
                     with self.executor.loaded(unit):
                         states, own = self._unit(unit, sweep, states, own, new)
                     self._forget(unit)
+                    memory.release_free_heap()  # the unit's temporaries and old streams
                 self.bar.close()
                 if self.merged is not None:
                     for i, (num, den) in enumerate(self.loss_terms):

@@ -47,26 +47,23 @@ def window_peak_mb() -> float | None:
     return _status_mb("VmHWM")
 
 
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
 
-
-def keep_large_blocks_in_mmap(threshold: int = 64 * 1024) -> bool:
-    """Stop glibc from raising its mmap threshold as large blocks are freed.
-
-    By default glibc serves a freed-then-reallocated large block from the heap
-    next time; with batches of varying shapes the heap fragments and resident
-    memory grows with the number of batches (measured: 767 -> 1975 MB peak going
-    from 50 to 500 samples per task). With a fixed threshold every tensor-sized
-    block is its own mapping, returned to the OS when freed: the merge's peak stays
-    flat in the sample count, and a long-running daemon stays flat across merges.
-    Returns False where the C library has no ``mallopt`` (not glibc).
+    glibc serves tensor-sized blocks from its heap once large blocks have been freed,
+    and long-lived tensors (the hidden states kept between blocks) pin the heap's top,
+    so freed temporaries stay resident: the peak grows with the number of batches.
+    Trimming once per block returns them (measured at 100 samples per task: peak
+    870 -> 670-755 MB) at a small cost, where pinning every block in its own mapping
+    (a fixed mmap threshold) made every forward pass ~40% slower. Returns False where
+    the C library has no ``malloc_trim`` (not glibc).
     """
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

@@ -210,7 +210,6 @@ def _escape(path: str) -> str:
 def run_merge(request: MergeRequest) -> dict[str, Any]:
     """Merge ``request.adapters`` into ``request.out``; return the report that is also written."""
     started = time.perf_counter()
-    memory.keep_large_blocks_in_mmap()
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
     if request.should_stop is not None:
         progress = partial(_StoppableBar, should_stop=request.should_stop, disable=request.quiet, dynamic_ncols=True)

@@ -72,6 +72,16 @@ class Delta:
     scaling: float = 1.0
 
 
+def _add_delta(output: torch.Tensor, x: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """``output + scaling * x A^T B^T``, written into ``output`` when the dtypes allow
+    (a layer's fresh output, not yet seen by anything else): no output-sized temporaries."""
+    h = x.reshape(-1, x.shape[-1]).to(delta.A.dtype) @ delta.A.T
+    if output.dtype == delta.B.dtype and output.is_contiguous():
+        output.view(-1, output.shape[-1]).addmm_(h, delta.B.T, alpha=delta.scaling)
+        return output
+    return output + (delta.scaling * (h @ delta.B.T)).reshape(output.shape).to(output.dtype)
+
+
 Recorder = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 """Called as ``recorder(path, x, y, mask)`` with a layer's raw input and output and the
 padding mask that applies to them (see :func:`row_mask`)."""
@@ -325,8 +335,7 @@ class BaseModel:
             x = args[0]
             delta = self.deltas.get(path)
             if delta is not None:
-                h = x.to(delta.A.dtype) @ delta.A.T
-                output = output + (delta.scaling * (h @ delta.B.T)).to(output.dtype)
+                output = _add_delta(output, x, delta)
             if self.recorder is not None:
                 self.recorder(path, x, output, self._mask_for(x))
             return output
