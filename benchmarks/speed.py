@@ -106,14 +106,32 @@ class _Grams:
             handle.remove()
 
 
-def floor_seconds(model: str, specs: list[str], passes: int, batch_size: int, max_length: int) -> dict:
-    """The per-iteration floor, measured ``passes`` times over every task's batches:
-    plain forward passes (no hooks) + one Gram per distinct targeted-layer input per task.
+def floor_pass(base, paths: list[str], batches: list[list[dict]]) -> dict:
+    """One timed pass of the floor over every task's ``batches`` with ``base``'s plain model:
+    the forward passes (no hooks), then, over the same batches in a second pass, one Gram per
+    distinct targeted-layer input per task (only the Gram work is timed)."""
+    with torch.no_grad():
+        started = time.perf_counter()
+        for task_batches in batches:
+            for batch in task_batches:
+                base.model(**batch)
+        forward = time.perf_counter() - started
+        grams = _Grams(base.model, paths)
+        try:
+            for task_batches in batches:
+                grams.new_task()
+                for batch in task_batches:
+                    grams.new_batch(base.output_mask(batch))
+                    base.model(**batch)
+        finally:
+            grams.remove()
+    return {"forward_s": forward, "gram_s": grams.seconds, "grams_per_task": len(grams.G)}
 
-    The whole model is in memory (``offload="none"``) and called directly; the Grams are
-    formed in forward pre-hooks during a second pass over the same batches, timing only
-    the Gram work. Returns seconds per iteration: ``forward_s``, ``gram_s`` and their sum.
-    """
+
+def floor_seconds(model: str, specs: list[str], passes: int, batch_size: int, max_length: int) -> dict:
+    """The per-iteration floor (:func:`floor_pass`), the mean of ``passes`` passes, with
+    the whole model in memory (``offload="none"``). Returns seconds per iteration:
+    ``forward_s``, ``gram_s`` and their sum."""
     from iteris_daemon.lora import load_adapter
     from iteris_daemon.model import BaseModel
 
@@ -124,26 +142,11 @@ def floor_seconds(model: str, specs: list[str], passes: int, batch_size: int, ma
     with torch.no_grad():
         for batch in batches[0][:2]:  # warm-up
             base.model(**batch)
-        forward = 0.0
-        for _ in range(passes):
-            for task_batches in batches:
-                for batch in task_batches:
-                    started = time.perf_counter()
-                    base.model(**batch)
-                    forward += time.perf_counter() - started
-        grams = _Grams(base.model, paths)
-        try:
-            for _ in range(passes):
-                for task_batches in batches:
-                    grams.new_task()
-                    for batch in task_batches:
-                        grams.new_batch(base.output_mask(batch))
-                        base.model(**batch)
-        finally:
-            grams.remove()
-    forward, gram = forward / passes, grams.seconds / passes
+    measured = [floor_pass(base, paths, batches) for _ in range(passes)]
+    forward = sum(m["forward_s"] for m in measured) / passes
+    gram = sum(m["gram_s"] for m in measured) / passes
     return {"seconds": forward + gram, "forward_s": forward, "gram_s": gram, "passes": passes,
-            "grams_per_task": len(grams.G), "layers": len(paths)}
+            "grams_per_task": measured[0]["grams_per_task"], "layers": len(paths)}
 
 
 def token_storing_peak(model: str, specs: list[str], iterations: int) -> dict:

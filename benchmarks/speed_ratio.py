@@ -7,8 +7,8 @@ it: batching, capture, solves; divided by the iteration count), then the floor a
 the ratio of a round divides IterIS' time per iteration by the mean of the two floors
 around it. The median over rounds is reported.
 
-Run: ``OMP_NUM_THREADS=1 python -m benchmarks.speed_ratio --workdir bench-out`` (the
-four original task adapters, 50 samples each).
+Run: ``python -m benchmarks.speed_ratio --workdir bench-out`` (the four original task
+adapters, 50 samples each; ``--tasks`` for others).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from iteris_daemon.alignment import AlignmentOptions, align
@@ -28,8 +27,8 @@ from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel
 
-from .speed import _Grams
-from .tasks import ORIGINAL_TASKS
+from .speed import floor_pass
+from .tasks import ORIGINAL_TASKS, TASKS
 from .train import TrainConfig, default_model_path, train_all
 
 
@@ -39,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(ORIGINAL_TASKS),
+                        help="task adapters to merge (default: the original four)")
     args = parser.parse_args(argv)
     model = default_model_path()
-    folders = train_all(args.workdir / "adapters", model, TrainConfig(), ORIGINAL_TASKS)
+    folders = train_all(args.workdir / "adapters", model, TrainConfig(), tuple(args.tasks))
     adapters = [load_adapter(folder) for folder in folders.values()]
     data = [read_jsonl(folder / "calibration.jsonl").head(args.samples) for folder in folders.values()]
     base = BaseModel(model, adapters, offload="none")
@@ -49,23 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [base.batches(c, 16, 128) for c in data]  # IterIS' defaults: batch 16, 128 tokens
 
     def floor() -> float:
-        started = time.perf_counter()
-        with torch.no_grad():
-            for task_batches in batches:
-                for batch in task_batches:
-                    base.model(**batch)
-        forward = time.perf_counter() - started
-        grams = _Grams(base.model, paths)
-        try:
-            with torch.no_grad():
-                for task_batches in batches:
-                    grams.new_task()
-                    for batch in task_batches:
-                        grams.new_batch(base.output_mask(batch))
-                        base.model(**batch)
-        finally:
-            grams.remove()
-        return forward + grams.seconds
+        measured = floor_pass(base, paths, batches)
+        return measured["forward_s"] + measured["gram_s"]
 
     options = AlignmentOptions(iterations=args.iterations, a1=1e-3, a2=1e-3, adaptive_weights=True)
     ratios = []

@@ -317,8 +317,8 @@ class _Alignment:
                     with self.executor.loaded(unit):
                         states, own = self._unit(unit, sweep, states, own, new)
                     self._forget(unit)
-                    memory.release_free_heap()  # the unit's temporaries and old streams
                 self.bar.close()
+                memory.release_free_heap()  # the sweep's freed temporaries and streams
                 if self.merged is not None:
                     for i, (num, den) in enumerate(self.loss_terms):
                         losses[i].append(num / den if den > 0 else 0.0)
