@@ -45,7 +45,7 @@ import torch
 from . import memory
 from .calibration import CalibrationSet
 from .errors import CalibrationError, MergeError
-from .execution import Executor, State, Unit, prepare
+from .execution import State, Unit, prepare
 from .lora import LoraAdapter, LoraModule
 from .lowrank import solve_spd
 from .model import BaseModel, Delta, masked_rows, row_mask

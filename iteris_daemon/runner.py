@@ -44,7 +44,7 @@ from .catalog.registry import list_adapters
 from .config import GroupConfig
 from .errors import AdapterError, IterisError
 from .gates import judge
-from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, LoraAdapter, load_adapter
+from .lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
 from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy

@@ -139,3 +139,37 @@ def build_adapter(
                 record["target"] = random_texts(seed + 2000 + i, 1, 6)[0]
             handle.write(json.dumps(record) + "\n")
     return out
+
+
+def cli_merge(base, adapters, out, *extra) -> int:
+    """``iteris-daemon merge`` through the CLI entry point; returns its exit code."""
+    from iteris_daemon.cli import main
+
+    args = ["merge", "--base-model", str(base), "--out", str(out), "-q"]
+    for adapter in adapters:
+        args += ["--adapter", str(adapter)]
+    return main([*args, *extra])
+
+
+def sample_inputs(family: str, tokenizer) -> dict[str, torch.Tensor]:
+    """Two padded sentences (plus decoder ids for T5) to compare models' outputs on."""
+    enc = tokenizer(["the market fell late", "a bright film loved by the coach today"], padding=True, return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if family == "t5":
+        inputs["decoder_input_ids"] = torch.tensor([[0, 101, 2023], [0, 101, 2001]])
+    return inputs
+
+
+def apply_by_hand(model, adapter_dir):
+    """W0 + B A written densely into the weights, with no PEFT involved."""
+    from transformers.pytorch_utils import Conv1D
+
+    from iteris_daemon.lora import load_adapter
+
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for path, module in load_adapter(adapter_dir).modules.items():
+            layer = modules[path]
+            delta = module.delta().float()
+            layer.weight += delta.T if isinstance(layer, Conv1D) else delta
+    return model

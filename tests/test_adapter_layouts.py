@@ -17,12 +17,9 @@ import torch
 import transformers as tf
 from peft import AutoPeftModel, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers.pytorch_utils import Conv1D
 
-from builders import build_adapter, build_tiny_model, tiny_config
-from iteris_daemon.cli import main
+from builders import apply_by_hand, build_adapter, build_tiny_model, cli_merge, sample_inputs, tiny_config
 from iteris_daemon.errors import AdapterError, IncompatibleAdaptersError
-from iteris_daemon.lora import load_adapter
 from iteris_daemon.model_class import choose_model_class
 from iteris_daemon.validation import validate_adapter
 
@@ -66,30 +63,7 @@ def made(tmp_path_factory):
 
 
 def merge(base, adapters, out, *extra) -> int:
-    args = ["merge", "--base-model", str(base), "--out", str(out), "-q", *FAST]
-    for adapter in adapters:
-        args += ["--adapter", str(adapter)]
-    return main([*args, *extra])
-
-
-def _inputs(family, base_dir):
-    tokenizer = tf.AutoTokenizer.from_pretrained(base_dir)
-    enc = tokenizer(["the market fell late", "a bright film loved by the coach today"], padding=True, return_tensors="pt")
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if family == "t5":
-        inputs["decoder_input_ids"] = torch.tensor([[0, 101, 2023], [0, 101, 2001]])
-    return inputs
-
-
-def _apply_by_hand(model, adapter_dir):
-    """W0 + B A written densely into the weights, with no PEFT involved."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for path, module in load_adapter(adapter_dir).modules.items():
-            layer = modules[path]
-            delta = module.delta().float()
-            layer.weight += delta.T if isinstance(layer, Conv1D) else delta
-    return model
+    return cli_merge(base, adapters, out, *FAST, *extra)
 
 
 @pytest.mark.parametrize("family, task_type, cls", CASES, ids=[f"{f}-{t}" for f, t, _ in CASES])
@@ -109,8 +83,8 @@ def test_merges_and_loads_in_peft(made, family, task_type, cls, tmp_path):
         assert type(AutoPeftModel.from_pretrained(out).get_base_model()) is cls
 
     base = cls.from_pretrained(base_dir).eval()
-    by_hand = _apply_by_hand(copy.deepcopy(base), out).eval()
-    inputs = _inputs(family, base_dir)
+    by_hand = apply_by_hand(copy.deepcopy(base), out).eval()
+    inputs = sample_inputs(family, tf.AutoTokenizer.from_pretrained(base_dir))
     with torch.no_grad():
         before = base(**inputs)[0]
     peft_model = PeftModel.from_pretrained(base, out).eval()

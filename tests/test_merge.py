@@ -8,9 +8,8 @@ import pytest
 import torch
 import transformers as tf
 from peft import PeftModel
-from transformers.pytorch_utils import Conv1D
 
-from iteris_daemon.cli import main
+from builders import apply_by_hand, cli_merge, sample_inputs
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import strategies
 
@@ -18,38 +17,11 @@ MODEL_CLASSES = {"bert": tf.AutoModel, "gpt2": tf.AutoModelForCausalLM, "llama":
                  "t5": tf.AutoModelForSeq2SeqLM}
 
 
-def merge(base, adapters, out, *extra) -> int:
-    args = ["merge", "--base-model", str(base), "--out", str(out), "-q"]
-    for adapter in adapters:
-        args += ["--adapter", str(adapter)]
-    return main([*args, *extra])
-
-
-def _inputs(family, tokenizer):
-    enc = tokenizer(["the market fell late", "a bright film loved by the coach today"], padding=True, return_tensors="pt")
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if family == "t5":
-        inputs["decoder_input_ids"] = torch.tensor([[0, 101, 2023], [0, 101, 2001]])
-    return inputs
-
-
-def _apply_by_hand(model, adapter_dir):
-    """W0 + B A written into the weights, with no PEFT involved."""
-    merged = load_adapter(adapter_dir)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for path, module in merged.modules.items():
-            layer = modules[path]
-            delta = module.delta().float()
-            layer.weight += delta.T if isinstance(layer, Conv1D) else delta
-    return model
-
-
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
 def test_family_merges_and_peft_loads_it(tiny, family, tmp_path):
     base_dir, adapters = tiny[family]
     out = tmp_path / "merged"
-    assert merge(base_dir, adapters, out) == 0
+    assert cli_merge(base_dir, adapters, out) == 0
 
     report = json.loads((out / "merge_report.json").read_text())
     assert report["strategy"] == "iteris" and len(report["inputs"]) == 3
@@ -59,9 +31,9 @@ def test_family_merges_and_peft_loads_it(tiny, family, tmp_path):
         assert 0 <= figures["fidelity_gap"] < 1.5
 
     base = MODEL_CLASSES[family].from_pretrained(base_dir).eval()
-    by_hand = _apply_by_hand(copy.deepcopy(base), out).eval()
+    by_hand = apply_by_hand(copy.deepcopy(base), out).eval()
     peft_model = PeftModel.from_pretrained(base, out).eval()
-    inputs = _inputs(family, tf.AutoTokenizer.from_pretrained(base_dir))
+    inputs = sample_inputs(family, tf.AutoTokenizer.from_pretrained(base_dir))
     with torch.no_grad():
         expected = by_hand(**inputs)[0]
         got = peft_model(**inputs)[0]
@@ -76,14 +48,14 @@ def test_single_adapter_returns_itself(bert, tmp_path, accumulate, tolerance):
     (and, by default, float32 Gram accumulation) amplified by the layer's conditioning."""
     base_dir, adapters = bert
     out = tmp_path / "one"
-    assert merge(base_dir, adapters[:1], out, "--param", f"accumulate_dtype={accumulate}") == 0
+    assert cli_merge(base_dir, adapters[:1], out, "--param", f"accumulate_dtype={accumulate}") == 0
     original, merged = load_adapter(adapters[0]), load_adapter(out)
     assert set(original.modules) == set(merged.modules)
     for path, module in original.modules.items():
         expected = module.delta()
         assert float((merged.modules[path].delta() - expected).norm() / expected.norm()) < tolerance
 
-    inputs = _inputs("bert", tf.AutoTokenizer.from_pretrained(base_dir))
+    inputs = sample_inputs("bert", tf.AutoTokenizer.from_pretrained(base_dir))
     outputs = []
     for adapter in (adapters[0], out):
         model = PeftModel.from_pretrained(tf.AutoModel.from_pretrained(base_dir), adapter).eval()
@@ -100,22 +72,22 @@ def _final_losses(out):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_iteris_objective_no_worse_than_task_arithmetic(tiny, family, tmp_path):
     base_dir, adapters = tiny[family]
-    assert merge(base_dir, adapters, tmp_path / "iteris") == 0
-    assert merge(base_dir, adapters, tmp_path / "ta", "--strategy", "task_arithmetic") == 0
+    assert cli_merge(base_dir, adapters, tmp_path / "iteris") == 0
+    assert cli_merge(base_dir, adapters, tmp_path / "ta", "--strategy", "task_arithmetic") == 0
     iteris, arithmetic = _final_losses(tmp_path / "iteris"), _final_losses(tmp_path / "ta")
     assert sum(iteris.values()) <= sum(arithmetic.values())
 
 
 def test_iterations_stop_at_tolerance(bert, tmp_path):
     base_dir, adapters = bert
-    assert merge(base_dir, adapters, tmp_path / "all", "--param", "tolerance=0", "--param", "iterations=4") == 0
+    assert cli_merge(base_dir, adapters, tmp_path / "all", "--param", "tolerance=0", "--param", "iterations=4") == 0
     full = json.loads((tmp_path / "all" / "merge_report.json").read_text())
     assert full["iterations_run"] == 4 and not full["metrics"]["converged"]
     changes = full["metrics"]["relative_change"]
     tolerance = (changes[1] + changes[2]) / 2  # between the second and third iteration's change
     assert changes[1] > tolerance > changes[2]
 
-    assert merge(base_dir, adapters, tmp_path / "tol", "--param", f"tolerance={tolerance}", "--param", "iterations=4") == 0
+    assert cli_merge(base_dir, adapters, tmp_path / "tol", "--param", f"tolerance={tolerance}", "--param", "iterations=4") == 0
     report = json.loads((tmp_path / "tol" / "merge_report.json").read_text())
     assert report["iterations_run"] == 3 and report["metrics"]["converged"]
     assert report["metrics"]["relative_change"][-1] < tolerance
@@ -128,15 +100,15 @@ BASELINES = ["task_arithmetic", "ties", "dare", "regmean", "peft_cat", "peft_svd
 def test_baselines_write_loadable_adapters(bert, strategy, tmp_path):
     base_dir, adapters = bert
     out = tmp_path / strategy
-    assert merge(base_dir, adapters, out, "--strategy", strategy) == 0
+    assert cli_merge(base_dir, adapters, out, "--strategy", strategy) == 0
     model = PeftModel.from_pretrained(tf.AutoModel.from_pretrained(base_dir), out).eval()
     with torch.no_grad():
-        assert torch.isfinite(model(**_inputs("bert", tf.AutoTokenizer.from_pretrained(base_dir)))[0]).all()
+        assert torch.isfinite(model(**sample_inputs("bert", tf.AutoTokenizer.from_pretrained(base_dir)))[0]).all()
 
 
 def test_task_arithmetic_is_exact_sum(bert, tmp_path):
     base_dir, adapters = bert
-    assert merge(base_dir, adapters, tmp_path / "ta", "--strategy", "task_arithmetic", "--param", "weights=[1, 0.5, 2]") == 0
+    assert cli_merge(base_dir, adapters, tmp_path / "ta", "--strategy", "task_arithmetic", "--param", "weights=[1, 0.5, 2]") == 0
     merged = load_adapter(tmp_path / "ta")
     inputs = [load_adapter(a) for a in adapters]
     for path, module in merged.modules.items():
