@@ -180,6 +180,11 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     checkpoint.load_into(model, "", device, dtype, names=outside)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    # A head the class declares tiable but the config leaves untied (GPT-NeoX's lm_head,
+    # stored as embed_out and renamed by transformers on a normal load) is still empty.
+    empty = [n for n, param in model.named_parameters() if param.device.type == "meta" and not n.startswith(stacks)]
+    if empty:
+        raise WeightsUnavailable(f"the checkpoint has no tensor named {empty[0]} ({len(empty)} such)")
     for name, buffer in model.named_buffers():
         if buffer.device.type != "meta":
             owner, _, leaf = name.rpartition(".")

@@ -158,6 +158,32 @@ def test_output_dtype(tiny, tmp_path):
     assert report["metrics"]["execution"] == "blocks" and report["placement"] == "disk"
 
 
+def test_checkpoint_names_the_model_renames_load_whole(tmp_path, caplog):
+    """GPT-NeoX stores its LM head as embed_out; transformers renames it to lm_head on a
+    normal load, and the class declares it tiable while the config leaves it untied.
+    Streaming must not leave that head empty (it did: fidelity gaps came out 0 and NaN):
+    the model loads whole, with one log line, and the merge's figures are real."""
+    import transformers as tf
+
+    from builders import build_adapter, tokenizer
+
+    config = tf.GPTNeoXConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=128, pad_token_id=0,
+                              bos_token_id=101, eos_token_id=102, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base_dir = tmp_path / "neox"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="neox", targets=["query_key_value"],
+                              task_type="CAUSAL_LM", calibration=6) for seed in range(2)]
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.model"):
+        report = _merge(base_dir, adapters, tmp_path / "out")
+    assert report["placement"] == "resident"
+    assert "no tensor named lm_head.weight" in caplog.text
+    for task in report["tasks"].values():
+        assert 0 < task["fidelity_gap"] < 1.5  # finite, and the tasks' outputs differ from the base's
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
