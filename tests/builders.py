@@ -135,7 +135,7 @@ def build_adapter(
     with open(out / "calibration.jsonl", "w") as handle:
         for i, text in enumerate(texts):
             record = {"text": text}
-            if family == "t5":
+            if family == "t5" or task_type == "SEQ_2_SEQ_LM":
                 record["target"] = random_texts(seed + 2000 + i, 1, 6)[0]
             handle.write(json.dumps(record) + "\n")
     return out
