@@ -254,6 +254,11 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     except Exception as exc:  # safetensors raises several untyped errors for bad files
         raise AdapterError(weights_path, f"unreadable safetensors file: {exc}") from None
 
+    embedding = next((key for key in tensors if ".lora_embedding_" in key), None)
+    if embedding is not None:
+        module = embedding.split(".lora_embedding_")[0].removeprefix(KEY_PREFIX)
+        raise AdapterError(weights_path, f"LoRA on an embedding layer ({module}) is not supported: "
+                                         "the merge solves linear layers only")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     modules_to_save: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():

@@ -103,6 +103,16 @@ def test_shape_mismatch_with_base_model(workspace, capsys):
     _assert_refused(code, message, tmp / "out", "mismatched", "intermediate.dense", "48")
 
 
+def test_lora_on_an_embedding_layer_is_refused_by_name(workspace, capsys):
+    """PEFT saves lora_embedding_A/B (and the base embedding) for a LoRA on embeddings;
+    the merge solves linear layers only and says so, naming the layer."""
+    base, adapters, tmp = workspace
+    adapter = build_adapter(base, tmp / "embedding", seed=3, family="bert", targets=["word_embeddings", "query"])
+    code, message = _merge(capsys, base, [adapters[0], adapter], tmp / "out")
+    _assert_refused(code, message, tmp / "out", "adapter_model.safetensors", "embedding layer",
+                    "embeddings.word_embeddings")
+
+
 @pytest.mark.parametrize(
     "content, fragment",
     [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1")],
