@@ -63,6 +63,7 @@ def evaluate(
         base.make_resident()
     states = [{name: list(start) for name in [*streams, "task"]} for start in starts]
     sums = [{"num": 0.0, "den": 0.0, "gap_num": 0.0, "gap_den": 0.0, "reference_num": 0.0} for _ in adapters]
+    by_layer: list[dict[str, float]] = [{} for _ in adapters]  # where a task's alignment loss sits
     bar = progress(total=len(executor.units) * sum(len(b) for b in batches), desc="evaluate", leave=False)
     base.attach(paths)
     try:
@@ -106,6 +107,7 @@ def evaluate(
                         n, d = alignment_terms(layers[p], merge_pass.gram_of(p), merge_pass.Q.get(p), B64[p], A64[p])
                         sums[i]["num"] += n
                         sums[i]["den"] += d
+                        by_layer[i][p] = n / d if d > 0 else 0.0
                     bar.update(len(batches[i]))
     finally:
         bar.close()
@@ -113,10 +115,11 @@ def evaluate(
         base.set_deltas({})
         base.set_head({})
     results: dict[str, dict[str, float]] = {}
-    for adapter, total in zip(adapters, sums):
+    for adapter, total, layers in zip(adapters, sums, by_layer):
         results[adapter.name] = {
             "alignment_loss": total["num"] / total["den"] if total["den"] > 0 else 0.0,
             "fidelity_gap": _gap(total["gap_num"], total["gap_den"]),
+            "alignment_loss_by_layer": layers,
         }
         if reference is not None:
             results[adapter.name]["reference_fidelity_gap"] = _gap(total["reference_num"], total["gap_den"])

@@ -11,7 +11,7 @@ import json
 import pytest
 
 pytest.importorskip("matplotlib")
-from benchmarks import quality, speed  # noqa: E402
+from benchmarks import diagnose, quality, speed  # noqa: E402
 from benchmarks.tasks import missing_data_packages  # noqa: E402
 from benchmarks.train import TrainConfig  # noqa: E402
 
@@ -52,6 +52,15 @@ def test_quality_pipeline(workdir):
     # Every entry was saved as it came: a second run finds them all and merges nothing.
     assert quality.run(workdir, **{**kwargs, "strategies": ("iteris", "task_arithmetic", "tsv")}) == results
     json.dumps(results)
+
+
+def test_diagnose_pipeline(workdir):
+    results = diagnose.diagnose(workdir, TASKS, FAST_ITERIS, train_config=TINY, limit=24)
+    for row in results["tasks"].values():
+        assert 0 < row["normalized_validation"] and row["task_weight"] > 0
+        assert row["by_layer"] and set(row["worst_layers"]) <= set(row["by_layer"])
+        assert max(row["by_layer"].values()) == row["by_layer"][row["worst_layers"][0]]
+    assert all(f"| {task} |" in diagnose.table(results) for task in TASKS)
 
 
 def test_speed_pipeline(workdir):
