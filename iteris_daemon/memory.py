@@ -69,6 +69,32 @@ def release_free_heap() -> bool:
         return False
 
 
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def keep_large_blocks_in_mmap(threshold: int = 64 * 1024) -> bool:
+    """Serve every block of ``threshold`` bytes or more from its own mapping, from now on.
+
+    For merges that stream block weights from disk: each block's weights are fresh
+    allocations, freed between long-lived small ones, and glibc's heap then fragments
+    so that the resident peak grows with depth (measured on the 8- and 32-layer
+    Llama shapes of ``benchmarks.scale``: +75% of the added weights with glibc's
+    defaults and a trim per sweep, +33% with a trim per block, +23% with this). The
+    price is paid in page faults: on the CPU, forward passes ~40% slower; on a GPU
+    the activations live in CUDA memory and do not pay it. Process-wide and permanent
+    (glibc stops adapting its threshold). Returns False where the C library has no
+    ``mallopt`` (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_device_peak(device) -> None:
     """Start a new peak-allocation window on a CUDA device (no-op elsewhere)."""
     import torch
