@@ -1,8 +1,8 @@
 """Speed and memory of the merge, against the floor it cannot beat.
 
-- Every strategy merges the four task adapters in its own process; wall time of
-  the strategy and the process's peak resident memory come from its
-  ``merge_report.json``.
+- Every strategy merges the task adapters in its own process, the whole model in
+  memory (``--offload none``, as the floor has it); wall time of the strategy and
+  the process's peak resident memory come from its ``merge_report.json``.
 - The *floor* per iteration: what one IterIS iteration cannot avoid, i.e. one
   forward pass of every task's calibration batches through the plain model (no
   hooks, the whole model in memory) plus, per task, one Gram ``G += X^T X``
