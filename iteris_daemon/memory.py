@@ -47,6 +47,14 @@ def window_peak_mb() -> float | None:
     return _status_mb("VmHWM")
 
 
+def _libc():
+    """The C library, for glibc's allocator controls (OSError where it cannot be loaded)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def release_free_heap() -> bool:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
 
@@ -59,12 +67,8 @@ def release_free_heap() -> bool:
     lowest (615 / 799 MB) but made every forward pass ~40% slower. Returns False
     where the C library has no ``malloc_trim`` (not glibc).
     """
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False
 
@@ -85,12 +89,8 @@ def keep_large_blocks_in_mmap(threshold: int = 64 * 1024) -> bool:
     (glibc stops adapting its threshold). Returns False where the C library has no
     ``mallopt`` (not glibc).
     """
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
 

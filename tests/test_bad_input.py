@@ -8,8 +8,7 @@ import pytest
 
 import transformers as tf
 
-from builders import build_adapter, build_tiny_model, tiny_config, tokenizer
-from iteris_daemon.cli import main
+from builders import build_adapter, build_tiny_model, cli_merge, tiny_config, tokenizer
 from iteris_daemon.lora import load_adapter
 
 
@@ -34,10 +33,7 @@ def workspace(bert, tmp_path):
 
 
 def _merge(capsys, base, adapters, out, *extra):
-    args = ["merge", "--base-model", str(base), "--out", str(out), "-q"]
-    for adapter in adapters:
-        args += ["--adapter", str(adapter)]
-    code = main([*args, *extra])
+    code = cli_merge(base, adapters, out, *extra)
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
 
