@@ -44,13 +44,35 @@ class DaemonSettings(_Strict):
     database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
     state_dir: Path | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
     cache_dir: Path | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
-    grace_seconds: float = Field(60.0, ge=0, description="on SIGTERM, how long a running merge may take to stop")
+    grace_seconds: float = Field(60.0, ge=0, description="a cancelled merge's worker (SIGTERM) is killed after this long")
     claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
-    device: str = "cpu"
+    device: str = Field("cpu", description="where merges run, when devices is not given")
+    devices: list[str] | None = Field(
+        None, min_length=1, description='devices merges run on, one merge per device at a time (default: [device]), '
+                                        'e.g. ["cuda:0", "cuda:1"]')
+    max_concurrent_merges: int | None = Field(None, ge=1, description="default: one per device")
+    worker_memory_limit_mb: int | None = Field(
+        None, gt=0, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
+                                "the daemon goes on (default: none)")
     trust_remote_code: list[str] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct(cls, devices: list[str] | None) -> list[str] | None:
+        if devices is not None and len(set(devices)) != len(devices):
+            raise ValueError("a device is listed twice")
+        return devices
+
+    def merge_devices(self) -> list[str]:
+        """The devices merges run on, one merge each at a time."""
+        return list(self.devices or [self.device])
+
+    def merge_slots(self) -> int:
+        """How many merges may run at once."""
+        return min(self.max_concurrent_merges or len(self.merge_devices()), len(self.merge_devices()))
 
 
 class SourceConfig(_Strict):

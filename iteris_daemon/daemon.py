@@ -1,21 +1,28 @@
 """``iteris-daemon run``: sources, scheduler and merge runs in one long-lived process.
 
 Threads: watchdog observers (local folders), APScheduler's pools ("default" for
-polls and housekeeping, "merge" with one worker so merges queue), and the main
+polls and housekeeping, "merge" with one thread per merge slot), and the main
 thread, which only waits for signals and reloads. Jobs have fixed ids and are
 added with ``replace_existing``, so a reload (SIGHUP) replaces them instead of
 adding copies; the job store is in memory (APScheduler's SQL store would pickle
 jobs into the catalog).
 
-Stopping (SIGTERM/SIGINT): sources and schedules stop at once; a running merge
-gets ``grace_seconds`` to finish, then is cancelled at its next batch (recorded
-``cancelled``). Publishing is never interrupted: a destination always holds a
-complete version. The process exits 0.
+Merges run in worker processes (:mod:`iteris_daemon.supervisor`), one per run, each
+on a device of ``[daemon] devices`` that no other running merge holds; a run waits
+for a free device, and a group never merges twice at once (a lock per group here,
+the group's claim in the catalog across daemons).
+
+Stopping (SIGTERM/SIGINT): sources and schedules stop at once; a running merge's
+worker is asked to stop (SIGTERM; it stops at its next batch, recorded
+``cancelled``) and killed if it has not after ``grace_seconds``. Publishing happens
+in this process after the worker finished and is never interrupted: a destination
+always holds a complete version. The process exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
 import signal
 import threading
@@ -38,6 +45,7 @@ from .paths import cache_dir, private_dir, state_dir
 from .runner import INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
 from .sources.hub import HubSource
 from .sources.local import LocalFolderSource, ScanReport
+from .supervisor import WorkerOptions
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -63,8 +71,11 @@ class Daemon:
         self.config = load_config(self.config_path)
         self.notifier = Notifier.from_env()
         self.holder = worker_id()
-        self._stopping = threading.Event()  # no new work; merges may finish within the grace period
-        self._cancel = threading.Event()  # running merges stop at their next batch
+        self._stopping = threading.Event()  # no new work
+        self._cancel = threading.Event()  # running merges' workers are asked to stop
+        self._free_devices: queue.Queue[str] = queue.Queue()
+        self._group_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         self._reload = threading.Event()
         self._beat = time.monotonic()
         self._local: dict[str, LocalFolderSource] = {}
@@ -91,10 +102,12 @@ class Daemon:
         for leftover in self.work.glob(f"{INPUTS_PREFIX}*"):  # input snapshots of runs that were killed
             shutil.rmtree(leftover, ignore_errors=True)
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(1)},
+            executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(settings.merge_slots())},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
             timezone=timezone.utc,
         )
+        for device in settings.merge_devices()[: settings.merge_slots()]:
+            self._free_devices.put(device)
         self.scheduler.start()
         self._apply(self.config)
         self.scheduler.add_job(self._tick, IntervalTrigger(seconds=TICK_SECONDS), id="tick", replace_existing=True)
@@ -115,10 +128,9 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
 
     def _on_stop(self, signum, _frame) -> None:
-        if self._stopping.is_set():  # a second signal: do not wait for the grace period
-            self._cancel.set()
         log.info("received %s: stopping", signal.Signals(signum).name)
         self._stopping.set()
+        self._cancel.set()
 
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping: finishing or cancelling the running merge")
@@ -129,11 +141,7 @@ class Daemon:
         with self.catalog.session() as session:  # nothing is scheduled any more (for `status`)
             for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
                 row.next_run_at = None
-        grace = self.config.daemon.grace_seconds
-        timer = threading.Timer(grace, self._cancel.set)
-        timer.daemon = True
-        timer.start()
-        log.info("waiting up to %.0fs for a running merge before cancelling it", grace)
+        log.info("cancelling running merges (their workers are killed after %.0fs)", self.config.daemon.grace_seconds)
         # Not scheduler.shutdown(wait=True): it waits for running jobs while holding the job
         # store lock, and a job that still calls get_job/add_job (a tick, a source reporting a
         # change) would wait for it forever. Paused, nothing new is submitted; each executor
@@ -142,7 +150,6 @@ class Daemon:
         for executor in ("default", "merge"):
             self.scheduler.remove_executor(executor, shutdown=True)
         self.scheduler.shutdown(wait=False)
-        timer.cancel()
         self.notifier.stop()
         self.catalog.close()
         log.info("stopped")
@@ -221,17 +228,31 @@ class Daemon:
                                executor="merge", replace_existing=True, max_instances=2)
 
     def _run(self, name: str) -> None:
+        """One run of group ``name`` on a free device; runs of one group wait for each other."""
+        with self._locks_guard:
+            group_lock = self._group_locks.setdefault(name, threading.Lock())
+        with group_lock:
+            if self._stopping.is_set():
+                return
+            device = self._free_devices.get()
+            try:
+                self._run_on(name, device)
+            finally:
+                self._free_devices.put(device)
+
+    def _run_on(self, name: str, device: str) -> None:
         group = self._groups.get(name)
         if group is None or self._stopping.is_set():
             return
         settings = self.config.daemon
-        self.notifier.status(f"merging group {name}")
+        self.notifier.status(f"merging group {name} on {device}")
         try:
             outcome = run_group(
                 self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
-                should_stop=self._cancel.is_set, device=settings.device,
+                should_stop=self._cancel.is_set, device=device,
                 trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
                 limits=settings.limits.limits(),
+                worker=WorkerOptions(grace_seconds=settings.grace_seconds, memory_limit_mb=settings.worker_memory_limit_mb),
             )
         except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
             log.exception("group %s: the run could not be carried out", name)

@@ -46,6 +46,10 @@ class MergeError(IterisError):
     """The merge ran but produced something unusable (e.g. non-finite weights)."""
 
 
+class MergeCancelled(IterisError):
+    """A merge was asked to stop (``should_stop``, or its worker's SIGTERM); nothing was written."""
+
+
 class OutputExistsError(IterisError):
     """The output folder already holds something and overwriting was not asked for."""
 

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import memory
 from .calibration import CalibrationOptions, CalibrationSet, CalibrationSource
-from .errors import CalibrationError, IncompatibleAdaptersError, IterisError, MergeError, OutputExistsError
+from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
+                     OutputExistsError)
 from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
@@ -43,10 +44,6 @@ class AdapterSpec:
     calibration: Path | None = None
     name: str | None = None  # default: the folder name
     origin: str | None = None  # where the files came from, when ``path`` is a copy (shown in the report)
-
-
-class MergeCancelled(IterisError):
-    """``should_stop`` said so; nothing was written."""
 
 
 class _StoppableBar(tqdm):

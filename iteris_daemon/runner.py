@@ -42,14 +42,15 @@ from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup
                              SourceKind, utcnow)
 from .catalog.registry import list_adapters
 from .config import GroupConfig
-from .errors import AdapterError, IterisError
+from .errors import AdapterError, IterisError, MergeCancelled
 from .gates import judge
 from .lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
-from .merge import AdapterSpec, MergeCancelled, MergeRequest, first_calibration, run_merge
+from .merge import first_calibration
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest
 from .strategy import parse_params
+from .supervisor import WorkerFailed, WorkerOptions, run_in_worker
 from .validation import Limits, copy_adapter_file, folder_fingerprint
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ def run_group(
     trust_remote_code: bool = False,
     on_status: Callable[[str], None] = lambda text: None,
     limits: Limits = Limits(),
+    worker: WorkerOptions = WorkerOptions(),
+    on_worker_failure: Callable[[str], None] = lambda kind: None,
 ) -> RunOutcome:
     """Run ``group`` once (see the module docstring). Never raises for a failed merge or
     publish: the outcome and the run row say what happened."""
@@ -291,14 +294,14 @@ def run_group(
     snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
     try:
         return _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                            on_status, limits)
+                            on_status, limits, worker, on_worker_failure)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
 
 
 def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                 on_status, limits) -> RunOutcome:
+                 on_status, limits, worker, on_worker_failure) -> RunOutcome:
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
@@ -330,14 +333,9 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     baseline = published_copy(work_dir, group_id)
     started = time.perf_counter()
     try:
-        report = run_merge(MergeRequest(
-            base_model=group.base_model,
-            adapters=[AdapterSpec(folder, name=a.name, origin=r.files_path)
-                      for (a, r), folder in zip(inputs.revisions, inputs.folders)],
-            out=out, strategy=group.strategy, params=group.params, device=device, overwrite=True, quiet=True,
-            trust_remote_code=trust_remote_code, calibration_sets=inputs.calibration, should_stop=should_stop,
-            reference=baseline if baseline.is_dir() and group.gates.max_regression is not None else None,
-        ))
+        report = merge_in_worker(group, inputs, out, baseline if baseline.is_dir() and group.gates.max_regression is not None
+                                 else None, snapshots / "worker", f"group {group.name} run {run_id}", should_stop,
+                                 device, trust_remote_code, worker)
         merged_at = time.perf_counter()
         verdict = judge(report, group.gates, forced=force)
         for note in verdict.notes:
@@ -356,6 +354,8 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         return RunOutcome(RunStatus.cancelled, run_id, str(exc))
     except Exception as exc:  # a failed run is recorded, never fatal to the daemon
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, IterisError) else str(exc)
+        if isinstance(exc, WorkerFailed):
+            on_worker_failure(exc.kind)
         _finish(catalog, run_id, RunStatus.failed, error=message[:2000])
         log.error("group %s: run %d failed: %s", group.name, run_id, message)
         return RunOutcome(RunStatus.failed, run_id, message)
@@ -371,6 +371,23 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     log.info("group %s: run %d succeeded: %s", group.name, run_id,
              ", ".join(f"{p['kind']} {p['location']} {'-> ' + str(p['version']) if p['changed'] else 'unchanged'}" for p in published))
     return RunOutcome(RunStatus.succeeded, run_id)
+
+
+def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Path | None, folder: Path, label: str,
+                    should_stop: Callable[[], bool], device: str, trust_remote_code: bool,
+                    options: WorkerOptions) -> dict[str, Any]:
+    """Merge ``inputs`` into ``out`` in a worker process (see :mod:`iteris_daemon.supervisor`)."""
+    job = {
+        "request": {
+            "base_model": group.base_model, "strategy": group.strategy, "params": group.params, "out": str(out),
+            "device": device, "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
+            "adapters": [{"path": str(path), "name": a.name, "origin": r.files_path}
+                         for (a, r), path in zip(inputs.revisions, inputs.folders)],
+        },
+        "calibration": [None if c is None else {"samples": [[s.text, s.target] for s in c.samples], "source": c.source,
+                                                "generated": c.generated} for c in inputs.calibration],
+    }
+    return run_in_worker(job, folder, label, should_stop, options)
 
 
 def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs) -> list[dict]:

@@ -343,7 +343,7 @@ def test_daemon_end_to_end(env: Env, made):
     e.merge_now_skipped()  # settles the start-up (a first run may have seen only one adapter)
     assert e.current() is not None and e.hub_head() is not None
     statuses = e.notify.statuses()
-    assert f"merging group {GROUP}" in statuses
+    assert f"merging group {GROUP} on cpu" in statuses
     assert any(s.startswith(f"group {GROUP}: last run succeeded") for s in statuses)
     wait_for(lambda: any(s.startswith(f"group {GROUP}: last run skipped") for s in e.notify.statuses()),
              "STATUS: last run skipped", proc=proc)  # sent just after the run is recorded

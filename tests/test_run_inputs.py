@@ -53,13 +53,13 @@ def _published(setup) -> dict[str, str]:
 
 def test_an_input_replaced_during_the_merge_does_not_change_what_is_merged(setup, monkeypatch):
     watched = setup.published.parent / "watched"
-    real_merge = runner.run_merge
+    real_merge = runner.merge_in_worker
 
-    def merge_after_a_replacement(request):
+    def merge_after_a_replacement(*args):
         _replace_weights(watched / "task0", 2.0)  # a trainer drops new weights mid-run
-        return real_merge(request)
+        return real_merge(*args)
 
-    monkeypatch.setattr(runner, "run_merge", merge_after_a_replacement)
+    monkeypatch.setattr(runner, "merge_in_worker", merge_after_a_replacement)
     outcome = setup.run(setup.group(names=("task0", "task1")))
     assert outcome.status is RunStatus.succeeded
     recorded = _recorded(setup, outcome.run_id)

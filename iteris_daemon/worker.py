@@ -1,0 +1,112 @@
+"""The merge worker: one child process per merge, started by the daemon
+(:mod:`iteris_daemon.supervisor`), so a crash, an out-of-memory kill or a hung
+CUDA call costs one run, never the daemon, and the GPU memory and heap a merge
+used go back to the system when it exits.
+
+``python -m iteris_daemon.worker JOB.json``: the job (written by the supervisor)
+names the merge request, the calibration samples and where to write the result.
+The worker
+
+- dies with the daemon (``PR_SET_PDEATHSIG``), so a killed daemon leaves no merge running;
+- caps its own address space first when the job sets ``memory_limit_mb`` (``RLIMIT_AS``);
+- turns SIGTERM into a cancellation at the merge's next safe point;
+- logs one JSON object per line on stderr (tokens redacted), which the supervisor relays
+  with the run id;
+- writes ``result.json`` atomically and last: ``{"status": "ok", "report": ...}``,
+  ``{"status": "cancelled" | "error", "error": "..."}``. No result file (a signal, a
+  segfault) tells the supervisor the worker died.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .logs import setup_logging
+
+RESULT_NAME = "result.json"
+EXIT_ERROR = 1  # the merge failed; result.json says why
+EXIT_CANCELLED = 3
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the daemon dies (elsewhere: a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the daemon died before prctl took effect
+        os._exit(EXIT_CANCELLED)
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    if megabytes:
+        limit = megabytes << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _write_result(folder: Path, payload: dict[str, Any]) -> None:
+    partial = folder / (RESULT_NAME + ".partial")
+    partial.write_text(json.dumps(payload, default=str), encoding="utf-8")
+    os.replace(partial, folder / RESULT_NAME)
+
+
+def run_job(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+    """Carry out one merge job; return the result payload (never raises for a failed merge)."""
+    from .calibration import CalibrationSet, Sample
+    from .errors import IterisError
+    from .merge import AdapterSpec, MergeCancelled, MergeRequest, run_merge
+
+    request = job["request"]
+    calibration = [None if c is None else CalibrationSet(tuple(Sample(*s) for s in c["samples"]), c["source"],
+                                                         c.get("generated", False))
+                   for c in job["calibration"]]
+    try:
+        report = run_merge(MergeRequest(
+            base_model=request["base_model"],
+            adapters=[AdapterSpec(Path(a["path"]), name=a["name"], origin=a.get("origin")) for a in request["adapters"]],
+            out=Path(request["out"]), strategy=request["strategy"], params=request["params"],
+            device=request["device"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
+            calibration_sets=calibration, should_stop=stop.is_set,
+            reference=Path(request["reference"]) if request.get("reference") else None,
+        ))
+    except MergeCancelled as exc:
+        return {"status": "cancelled", "error": str(exc)}
+    except IterisError as exc:
+        return {"status": "error", "error": str(exc)}
+    except MemoryError:
+        return {"status": "error", "error": "out of memory (the worker's memory limit, or the host's)"}
+    except Exception as exc:
+        logging.getLogger(__name__).exception("the merge failed")
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m iteris_daemon.worker JOB.json (started by the daemon)", file=sys.stderr)
+        return 2
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text(encoding="utf-8"))
+    _die_with_parent(job["parent_pid"])
+    _limit_memory(job.get("memory_limit_mb"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    setup_logging(fmt="json")
+    result = run_job(job, stop)
+    _write_result(job_path.parent, result)
+    return {"ok": 0, "cancelled": EXIT_CANCELLED}.get(result["status"], EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""A merge strategy that misbehaves on request, for the merge-worker tests
+(tests/test_workers.py). Installed only for them: this folder goes on PYTHONPATH, and
+its dist-info's entry point registers the plugin in every worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from iteris_daemon import hookimpl
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, task_arithmetic_factors
+
+
+class FaultyParams(StrategyParams):
+    mode: Literal["ok", "sigkill", "exit", "allocate", "slow", "stubborn"] = "ok"
+    scale: float = Field(1.0, gt=0)
+
+
+class Faulty:
+    name = "faulty"
+    description = "test only: merges like task arithmetic, or crashes, allocates, or hangs as asked"
+    Params = FaultyParams
+    needs_calibration = False
+
+    def merge(self, inputs: MergeInputs, params: FaultyParams, progress: Progress) -> MergedAdapter:
+        if params.mode == "sigkill":  # what the OOM killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        if params.mode == "exit":  # a library that calls exit()
+            os._exit(7)
+        if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
+            bytearray(64 << 30)
+        if params.mode == "slow":  # cooperative: checks for a stop request every step
+            for _ in progress(range(100_000), desc="slow"):
+                time.sleep(0.05)
+        if params.mode == "stubborn":  # a hung call that never reaches a safe point
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(1)
+        return MergedAdapter(task_arithmetic_factors(inputs.adapters, [params.scale] * len(inputs.adapters)))
+
+
+@hookimpl
+def register_strategies(register):
+    register(Faulty())

@@ -1,0 +1,200 @@
+"""Merge workers: a merge that crashes, is killed, runs out of memory or hangs costs one
+run, never the process that started it.
+
+The runner is driven directly on a real SQLite catalog filled by the real folder source,
+with a tiny BERT, real PEFT adapters and the folder publisher; every merge runs in a real
+worker process. The misbehaviour comes from a strategy plugin that exists only for these
+tests (``tests/fault_plugin``: on PYTHONPATH, so each worker loads it through its entry
+point like any installed plugin); the crashes are real (SIGKILL, ``os._exit``, a 64 GiB
+allocation under ``RLIMIT_AS``, a loop that ignores SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import polling
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import MergeRun, RunStatus, SourceKind
+from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.config import GroupConfig
+from iteris_daemon.lora import sha256_file
+from iteris_daemon.plugin_manager import get_plugin_manager
+from iteris_daemon.runner import run_group, sync_group
+from iteris_daemon.sources.local import LocalFolderSource
+from iteris_daemon.supervisor import WorkerOptions
+
+pytestmark = pytest.mark.timeout(300)
+PLUGIN = Path(__file__).parent / "fault_plugin"
+MEMORY_LIMIT_MB = 8192  # far above what a tiny merge needs, far below the 64 GiB the plugin asks for
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workers")
+    base = build_tiny_model("bert", root / "base")
+    return base, build_adapter(base, root / "task0", seed=3, family="bert", r=2)
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    """The faulty strategy, registered here and in every worker."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGIN), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    import faulty_strategy
+
+    manager = get_plugin_manager()
+    added = not manager.is_registered(faulty_strategy)  # a manager built now found its entry point
+    if added:
+        manager.register(faulty_strategy)
+    yield
+    if added:
+        manager.unregister(faulty_strategy)
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, base: Path, adapter: Path):
+        self.base, self.work, self.published = base, tmp_path / "work", tmp_path / "published"
+        self.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        watched = tmp_path / "watched"
+        shutil.copytree(adapter, watched / adapter.name)
+        with self.catalog.session() as session:
+            add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
+        LocalFolderSource(self.catalog, "team").scan()
+        self.failures: list[str] = []
+
+    def run(self, mode: str = "ok", scale: float = 1.0, should_stop=lambda: False, **options):
+        group = GroupConfig(name="unified", base_model=str(self.base), strategy="faulty",
+                            params={"mode": mode, "scale": scale}, gates={"max_regression": False},
+                            destinations=[{"kind": "folder", "path": str(self.published)}])
+        sync_group(self.catalog, group)
+        return run_group(self.catalog, group, self.work, "tester", should_stop=should_stop,
+                         worker=WorkerOptions(**options), on_worker_failure=self.failures.append)
+
+    def current(self) -> str:
+        return sha256_file(self.published / "current" / "adapter_model.safetensors")
+
+    def row(self, run_id: int) -> MergeRun:
+        with self.catalog.session() as session:
+            return session.get(MergeRun, run_id)
+
+
+@pytest.fixture
+def setup(tmp_path, made, faulty):
+    return Setup(tmp_path, *made)
+
+
+@pytest.mark.parametrize("mode, reason, kind", [
+    ("sigkill", "the merge worker was killed by SIGKILL", "signal"),
+    ("exit", "the merge worker exited with status 7 without a result", "exit"),
+    ("allocate", "out of memory", "memory"),
+])
+def test_a_worker_that_dies_fails_its_run_and_the_next_run_succeeds(setup, mode, reason, kind):
+    first = setup.run()
+    assert first.status is RunStatus.succeeded
+    published = setup.current()
+
+    died = setup.run(mode, memory_limit_mb=MEMORY_LIMIT_MB)
+    assert died.status is RunStatus.failed and reason in died.detail
+    row = setup.row(died.run_id)
+    assert row.status is RunStatus.failed and reason in row.error and row.finished_at is not None
+    assert setup.current() == published  # the last published version is untouched
+    assert setup.failures == [kind]
+    assert not list(setup.work.glob("run-*"))  # the dead worker's partial output is gone
+
+    after = setup.run(scale=2.0)
+    assert after.status is RunStatus.succeeded and setup.current() != published
+
+
+def _cancel_when_merging(caplog) -> threading.Event:
+    """An event set once a worker logged that its merge began."""
+    stop = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if "merging 1 adapters with faulty" in record.getMessage():
+                stop.set()
+
+    logging.getLogger("iteris_daemon.worker").addHandler(Watch())
+    caplog.set_level(logging.INFO, logger="iteris_daemon.worker")
+    return stop
+
+
+@pytest.mark.parametrize("mode", ["slow", "stubborn"])
+def test_cancelling_ends_the_worker_within_the_grace_period(setup, caplog, mode):
+    assert setup.run().status is RunStatus.succeeded
+    published = setup.current()
+    merging = _cancel_when_merging(caplog)
+    grace = 2.0
+    asked: list[float] = []
+
+    def should_stop() -> bool:
+        if merging.is_set() and not asked:
+            asked.append(time.monotonic())
+        return bool(asked)
+
+    outcome = setup.run(mode, should_stop=should_stop, grace_seconds=grace)
+    ended = time.monotonic()
+    assert outcome.status is RunStatus.cancelled, outcome.detail
+    assert asked and ended - asked[0] < grace + 5
+    if mode == "stubborn":
+        assert "did not stop within 2 s and was killed" in outcome.detail
+    assert setup.current() == published and setup.failures == []
+
+
+def test_worker_logs_reach_the_daemon_log_with_the_run(setup, caplog):
+    caplog.set_level(logging.INFO, logger="iteris_daemon.worker")
+    outcome = setup.run()
+    relayed = [r.getMessage() for r in caplog.records if r.name == "iteris_daemon.worker"]
+    label = f"group unified run {outcome.run_id}: "
+    assert any(m.startswith(label + "merging 1 adapters with faulty") for m in relayed)
+    assert any(m.startswith(label + "merge worker ") and m.endswith(" started") for m in relayed)
+
+
+def test_the_worker_is_killed_with_the_process_that_started_it(tmp_path, made, faulty):
+    """A daemon killed mid-merge leaves no worker behind (PR_SET_PDEATHSIG)."""
+    job_folder = tmp_path / "job"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from iteris_daemon.supervisor import run_in_worker\n"
+        f"base, adapter = {str(made[0])!r}, {str(made[1])!r}\n"
+        "job = {'request': {'base_model': base, 'strategy': 'faulty', 'params': {'mode': 'stubborn'},\n"
+        f"       'out': {str(tmp_path / 'out')!r}, 'device': 'cpu', 'trust_remote_code': False,\n"
+        "       'adapters': [{'path': adapter, 'name': 'task0'}]}, 'calibration': [None]}\n"
+        f"run_in_worker(job, Path({str(job_folder)!r}), 'orphan test')\n")],
+        stderr=subprocess.PIPE, text=True)
+    worker = polling.wait_for(lambda: _child_of(parent.pid), timeout=60, what="the worker process")
+    parent.kill()
+    parent.wait()
+    polling.wait_for(lambda: not _alive(worker), timeout=30, what="the orphaned worker to die")
+
+
+def _child_of(pid: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                return int(entry.name)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
