@@ -105,3 +105,10 @@ class CalibrationSource(Protocol):
         Raise :class:`~iteris_daemon.errors.CalibrationError` when data exists but is
         malformed: silently passing would merge on the wrong data.
         """
+
+
+def first_calibration(
+    adapter, options: CalibrationOptions, available: dict[str, CalibrationSource]
+) -> CalibrationSet | None:
+    """The first answer of the sources in ``options.order`` (None: none had data)."""
+    return next((d for d in (available[n].load(adapter, options) for n in options.order) if d is not None), None)

@@ -16,8 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibration import DEFAULT_ORDER
+from .endpoints import MetricsSettings, WebhookSettings
 from .errors import ConfigError, IterisError
-from .lora import MAX_CONFIG_BYTES
+from .adapter_config import MAX_CONFIG_BYTES
 from .validation import Limits
 
 
@@ -48,8 +49,8 @@ class DaemonSettings(_Strict):
     claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
     device: str = Field("cpu", description="where merges run, when devices is not given")
     devices: list[str] | None = Field(
-        None, min_length=1, description='devices merges run on, one merge per device at a time (default: [device]), '
-                                        'e.g. ["cuda:0", "cuda:1"]')
+        None, min_length=1, description='devices merges run on, one merge per entry at a time (default: [device]), e.g. '
+                                        '["cuda:0", "cuda:1"]; a device listed twice takes two merges at once')
     max_concurrent_merges: int | None = Field(None, ge=1, description="default: one per device")
     worker_memory_limit_mb: int | None = Field(
         None, gt=0, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
@@ -58,13 +59,8 @@ class DaemonSettings(_Strict):
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
-
-    @field_validator("devices")
-    @classmethod
-    def _distinct(cls, devices: list[str] | None) -> list[str] | None:
-        if devices is not None and len(set(devices)) != len(devices):
-            raise ValueError("a device is listed twice")
-        return devices
+    metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
+    webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
 
     def merge_devices(self) -> list[str]:
         """The devices merges run on, one merge each at a time."""

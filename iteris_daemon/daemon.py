@@ -37,9 +37,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select
 
 from .catalog import Catalog
-from .catalog.models import MergeGroup, Source, SourceKind
+from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
+from .catalog.shapes import CatalogShapes
 from .config import DaemonConfig, GroupConfig, load_config
+from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
 from .paths import cache_dir, private_dir, state_dir
 from .runner import INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
@@ -83,6 +85,9 @@ class Daemon:
         self._groups: dict[str, GroupConfig] = {}
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.metrics: DaemonMetrics | None = None
+        self._servers: list[HttpServer] = []
+        self._hub: dict[str, HubSource] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -95,6 +100,7 @@ class Daemon:
         self.notifier.status("migrating the catalog")
         self.catalog = Catalog(url)
         log.info("catalog %s ready", self.catalog.safe_url)
+        self.shapes = CatalogShapes(self.catalog, self.work, self._worker_options())
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
             for leftover in (self.work / f"run-{run_id}", *self.work.glob(f".run-{run_id}.*")):
@@ -111,6 +117,7 @@ class Daemon:
         self.scheduler.start()
         self._apply(self.config)
         self.scheduler.add_job(self._tick, IntervalTrigger(seconds=TICK_SECONDS), id="tick", replace_existing=True)
+        self._serve_http(settings)
         self.notifier.ready(self._summary())
         self.notifier.start_watchdog(self.healthy)
         log.info("daemon %s running: %s", self.holder, self._summary())
@@ -121,6 +128,24 @@ class Daemon:
                 self.reload()
         self._shutdown()
         return 0
+
+    def _worker_options(self) -> WorkerOptions:
+        settings = self.config.daemon
+        return WorkerOptions(grace_seconds=settings.grace_seconds, memory_limit_mb=settings.worker_memory_limit_mb)
+
+    def _serve_http(self, settings) -> None:
+        """The opt-in endpoints: /metrics and /healthz, and the Hub webhook (a config error
+        such as a missing secret or a busy port stops the start, before READY)."""
+        self.metrics = DaemonMetrics(self.catalog)
+        if settings.metrics is not None:
+            self._servers.append(HttpServer(*settings.metrics.address(), metrics_app(self.metrics, self.health_problem),
+                                            name="metrics"))
+        if settings.webhooks is not None:
+            self._servers.append(HttpServer(*settings.webhooks.address(),
+                                            webhook_app(settings.webhooks, self.repo_changed, self.metrics),
+                                            name="webhooks"))
+        for server in self._servers:
+            server.start()
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -150,13 +175,33 @@ class Daemon:
         for executor in ("default", "merge"):
             self.scheduler.remove_executor(executor, shutdown=True)
         self.scheduler.shutdown(wait=False)
+        for server in self._servers:
+            server.stop()
         self.notifier.stop()
         self.catalog.close()
         log.info("stopped")
 
     def healthy(self) -> bool:
         """For the systemd watchdog: the main loop and the scheduler are alive."""
-        return time.monotonic() - self._beat < 30 and self.scheduler is not None and self.scheduler.running
+        return self.health_problem() is None
+
+    def health_problem(self) -> str | None:
+        """Why the daemon is unhealthy (for /healthz and the watchdog), or None."""
+        if self._stopping.is_set():
+            return "stopping"
+        if time.monotonic() - self._beat >= 30:
+            return "the main loop has not run for 30 s"
+        if self.scheduler is None or not self.scheduler.running:
+            return "the scheduler is not running"
+        return None
+
+    def repo_changed(self, repo_id: str) -> bool:
+        """A webhook said ``repo_id`` changed: poll it now in every source that watches it."""
+        watching = [hub for hub in list(self._hub.values()) if hub.watches(repo_id)]
+        for hub in watching:
+            self.scheduler.add_job(hub.poll_repo, args=[repo_id], id=f"webhook:{hub.name}:{repo_id}",
+                                   replace_existing=True)
+        return bool(watching)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; a broken file keeps the running one."""
@@ -181,6 +226,7 @@ class Daemon:
             source.stop()
         self._local.clear()
         self._polled.clear()
+        self._hub.clear()
         for job in self.scheduler.get_jobs():
             if job.id.startswith(("poll:", "rescan:", "schedule:")):
                 job.remove()
@@ -189,7 +235,7 @@ class Daemon:
         for name, kind, settings in sources:
             try:
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
-                           "on_change": self._inputs_changed}
+                           "on_change": self._inputs_changed, "shapes": self.shapes}
                 if kind is SourceKind.local:
                     source = LocalFolderSource(self.catalog, name, **guarded)
                     source.start()
@@ -202,6 +248,7 @@ class Daemon:
                                            id=f"poll:{name}", replace_existing=True,
                                            next_run_time=datetime.now(timezone.utc))
                     self._polled.append(name)
+                    self._hub[name] = hub
             except Exception as exc:  # one broken source must not stop the others
                 log.error("source %s not started: %s", name, exc)
         self._groups = {group.name: group for group in config.groups}
@@ -246,17 +293,21 @@ class Daemon:
             return
         settings = self.config.daemon
         self.notifier.status(f"merging group {name} on {device}")
+        started = time.monotonic()
         try:
             outcome = run_group(
                 self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
                 should_stop=self._cancel.is_set, device=device,
                 trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
                 limits=settings.limits.limits(),
-                worker=WorkerOptions(grace_seconds=settings.grace_seconds, memory_limit_mb=settings.worker_memory_limit_mb),
+                worker=self._worker_options(),
+                on_worker_failure=lambda kind: self.metrics.worker_failed(name, kind),
             )
         except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
             log.exception("group %s: the run could not be carried out", name)
             return
+        if outcome.status is not RunStatus.skipped:
+            self.metrics.observe_merge(name, time.monotonic() - started)
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
 
     def _tick(self) -> None:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory
-from .calibration import CalibrationOptions, CalibrationSet, CalibrationSource
+from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
                      OutputExistsError)
 from .evaluation import evaluate
@@ -105,13 +105,6 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
         listing = ", ".join(f"{a.name}: {a.base_model}" for a in adapters)
         raise IncompatibleAdaptersError(f"adapters were trained on different base models ({listing})")
     return adapters
-
-
-def first_calibration(
-    adapter: LoraAdapter, options: CalibrationOptions, available: dict[str, CalibrationSource]
-) -> CalibrationSet | None:
-    """The first answer of the sources in ``options.order`` (None: none had data)."""
-    return next((d for d in (available[n].load(adapter, options) for n in options.order) if d is not None), None)
 
 
 def gather_calibration(

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationSet
-from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError
+from .errors import BaseModelError, IncompatibleAdaptersError
 from .lora import LoraAdapter
+from .shapes import BaseShapes, check_shapes
 from .model_class import model_class_for
 
 try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
@@ -121,35 +122,30 @@ def _linear_weight_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_adapter_shapes(model: nn.Module, adapter: LoraAdapter, model_name: str) -> None:
+def base_shapes(model: nn.Module) -> BaseShapes:
+    """The shapes :func:`iteris_daemon.shapes.check_shapes` checks adapters against (a
+    skeleton from :func:`load_skeleton` gives them without weights)."""
+    layers, other = {}, {}
+    for path, module in model.named_modules():
+        shape = _linear_weight_shape(module)
+        if shape is not None:
+            layers[path] = ["linear" if isinstance(module, nn.Linear) else "conv1d", *shape]
+        elif path:
+            other[path] = type(module).__name__
+    parameters = {name: list(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    return {"layers": layers, "other": other, "parameters": parameters}
+
+
+def check_adapter_shapes(model: nn.Module | BaseShapes, adapter: LoraAdapter, model_name: str) -> None:
     """Every LoRA tensor must sit on a linear layer of ``model`` with matching shapes.
 
-    Works on a real model and on a weightless skeleton (see :func:`load_skeleton`).
+    Works on a real model, a weightless skeleton (see :func:`load_skeleton`) or their
+    :func:`base_shapes`.
     """
-    where = adapter.path / "adapter_model.safetensors"
-    modules = dict(model.named_modules())
-    for path, module in adapter.modules.items():
-        layer = modules.get(path)
-        if layer is None:
-            raise AdapterError(where, f"targets {path}, which the base model ({model_name}) does not have")
-        shape = _linear_weight_shape(layer)
-        if shape is None:
-            raise AdapterError(where, f"{path} is a {type(layer).__name__}; only Linear/Conv1D LoRA can be merged")
-        d_out, d_in = shape
-        if module.A.shape[1] != d_in or module.B.shape[0] != d_out:
-            raise AdapterError(
-                where, f"{path}: LoRA delta is {module.B.shape[0]}x{module.A.shape[1]} but the base layer is {d_out}x{d_in}"
-            )
-        is_conv1d = not isinstance(layer, nn.Linear)
-        if is_conv1d != adapter.fan_in_fan_out:
-            raise AdapterError(where, f"fan_in_fan_out={adapter.fan_in_fan_out} does not match {path}")
-    for key, tensor in adapter.modules_to_save.items():
-        try:
-            param = model.get_parameter(key)
-        except AttributeError:
-            raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model") from None
-        if param.shape != tensor.shape:
-            raise AdapterError(where, f"{key} is {tuple(tensor.shape)}, base model has {tuple(param.shape)}")
+    shapes = model if isinstance(model, dict) else base_shapes(model)
+    check_shapes(shapes, {p: (m.B.shape[0], m.A.shape[1]) for p, m in adapter.modules.items()},
+                 {k: tuple(t.shape) for k, t in adapter.modules_to_save.items()}, adapter.fan_in_fan_out,
+                 adapter.path, model_name)
 
 
 def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bool = False) -> nn.Module:

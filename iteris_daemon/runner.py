@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, first_calibration
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
@@ -44,14 +44,13 @@ from .catalog.registry import list_adapters
 from .config import GroupConfig
 from .errors import AdapterError, IterisError, MergeCancelled
 from .gates import judge
-from .lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
-from .merge import first_calibration
+from .adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest
 from .strategy import parse_params
 from .supervisor import WorkerFailed, WorkerOptions, run_in_worker
-from .validation import Limits, copy_adapter_file, folder_fingerprint
+from .validation import AdapterLayout, Limits, copy_adapter_file, folder_fingerprint, read_layout
 
 log = logging.getLogger(__name__)
 INPUTS_PREFIX = ".inputs-"  # a run's snapshot of its inputs, in the work folder
@@ -184,7 +183,7 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
         return chosen
 
 
-def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limits: Limits = Limits()) -> LoraAdapter:
+def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limits: Limits = Limits()) -> AdapterLayout:
     """Copy a selected revision's files into the run's own folder and check they are what
     the catalog recorded. The merge, its calibration and the run's record then agree even
     when the source folder changes or vanishes mid-run (the soak test caught both).
@@ -203,7 +202,7 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limi
                 raise AdapterError(source / name, "vanished since it was registered") from None
         except OSError as exc:
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
-    loaded = load_adapter(into, adapter.name)
+    loaded = read_layout(into, limits, adapter.name)
     changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
     if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
         raise changed

@@ -4,15 +4,18 @@ through the ``register_strategies`` hook (see :mod:`iteris_daemon.hookspecs`).""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .calibration import CalibrationSet
 from .errors import ParameterError
-from .lora import LoraAdapter
-from .model import BaseModel as LoadedModel
+
+if TYPE_CHECKING:  # torch stays out of the daemon: only merges (in worker processes) import it
+    import torch
+
+    from .lora import LoraAdapter
+    from .model import BaseModel as LoadedModel
 
 Progress = Callable[..., Any]
 """A ``tqdm``-like factory: ``progress(total=n, desc=...)`` returns a bar with ``update()``."""
@@ -67,6 +70,8 @@ def task_arithmetic_factors(
     adapters: list[LoraAdapter], weights: list[float]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact ``sum_i w_i s_i B_i A_i`` as one LoRA: B and A concatenated along the rank."""
+    import torch
+
     paths = sorted({p for a in adapters for p in a.modules})
     out = {}
     for path in paths:

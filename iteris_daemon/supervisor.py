@@ -41,10 +41,11 @@ TAIL_LINES = 20
 
 
 class WorkerFailed(IterisError):
-    """The merge worker failed or died; ``kind`` is a short label for metrics."""
+    """The worker failed or died; ``kind`` is a short label for metrics, ``error_type``
+    the name of the error the worker reported (None when it died)."""
 
-    def __init__(self, message: str, kind: str):
-        self.kind = kind
+    def __init__(self, message: str, kind: str, error_type: str | None = None):
+        self.kind, self.error_type = kind, error_type
         super().__init__(message)
 
 
@@ -122,7 +123,7 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
     last = f"; last output: {' | '.join(tail[-5:])}" if tail else ""
     if result is not None and result.get("status") == "error":
         kind = "memory" if "out of memory" in result.get("error", "") else "error"
-        raise WorkerFailed(str(result.get("error")), kind)
+        raise WorkerFailed(str(result.get("error")), kind, result.get("error_type"))
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
         hint = " (the kernel's OOM killer sends SIGKILL)" if code == -signal.SIGKILL else ""

@@ -2,8 +2,12 @@
 
 Order matters: cheap, structural checks that need no trust in the file come
 first (config JSON, refusal of pickled weights, the safetensors header against
-the file's real size), and only then are tensors read and compared with the
-base model's module shapes (from its config alone, on the meta device).
+the file's real size), then the tensors' layout (pairs, ranks, dtypes) and
+values (no NaN or Inf), and last the comparison with the base model's layer
+shapes (:mod:`iteris_daemon.shapes`). All of it is pure Python (numpy reads
+the values): the daemon validates without importing torch, and asks a
+:data:`ShapeSource` for the base model's shapes (the daemon's asks a worker once
+per base model and caches the answer in the catalog).
 Every failure is an :class:`AdapterError` whose reason the catalog records.
 """
 
@@ -15,16 +19,18 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import safe_json
+from .adapter_config import CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME, module_scaling, read_adapter_config
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
-from .lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, load_adapter, read_adapter_config
-from .model import check_adapter_shapes, load_skeleton
+from .shapes import BaseShapes, check_shapes, skeleton_key
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +167,32 @@ def check_calibration_file(folder: Path, limits: Limits) -> None:
         raise AdapterError(path, f"file is {info.st_size} bytes, above the limit of {limits.max_calibration_bytes}")
 
 
-def check_safetensors_header(path: Path, limits: Limits) -> dict[str, Any]:
+def read_weights(path: Path, limits: Limits) -> bytes:
+    """The weights file's bytes, refused unread past ``limits.max_weights_bytes``."""
+    with open(path, "rb") as handle:  # an OSError (no permission, vanished) is the caller's to explain
+        size = os.fstat(handle.fileno()).st_size
+        if size > limits.max_weights_bytes:
+            raise AdapterError(path, f"file is {size} bytes, above the limit of {limits.max_weights_bytes}")
+        data = handle.read(size)
+        grew = handle.read(1)
+    if grew:
+        raise AdapterError(path, "changed while being read; it is read again at the next scan")
+    return data
+
+
+def check_safetensors_header(path: Path, limits: Limits, data: bytes | None = None) -> dict[str, Any]:
     """Parse the header without trusting it: offsets, dtypes and shapes must describe
-    exactly the bytes the file holds. Returns the tensor entries."""
-    size = path.stat().st_size
-    if size > limits.max_weights_bytes:
-        raise AdapterError(path, f"file is {size} bytes, above the limit of {limits.max_weights_bytes}")
+    exactly the bytes the file holds (``data``: the file's bytes, read here if not given).
+    Returns the tensor entries."""
+    if data is None:
+        data = read_weights(path, limits)
+    size = len(data)
     if size < 8:
         raise AdapterError(path, "truncated safetensors file (no header)")
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > min(limits.max_header_bytes, size - 8):
-            raise AdapterError(path, f"safetensors header claims {header_len} bytes; the file is truncated or corrupt")
-        raw = handle.read(header_len)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(limits.max_header_bytes, size - 8):
+        raise AdapterError(path, f"safetensors header claims {header_len} bytes; the file is truncated or corrupt")
+    raw = data[8:8 + header_len]
     try:
         header = safe_json.loads(raw.decode("utf-8"))
     except safe_json.JSONLimitError as exc:
@@ -212,11 +231,107 @@ def check_safetensors_header(path: Path, limits: Limits) -> dict[str, Any]:
     return header
 
 
+# Per floating dtype: the little-endian integer view and the exponent bits that, all set,
+# mean NaN or Inf (E4M3 and E8M0 have no Inf: all value bits set is their NaN).
+_NON_FINITE = {
+    "F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F), "F8_E8M0": ("u1", 0xFF),
+}
+
+
+@dataclass
+class AdapterLayout:
+    """What an adapter's files hold, read without torch: its config, per module the LoRA
+    delta's (rank, d_out, d_in), the ``modules_to_save`` shapes, and the weights' hash."""
+
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    modules_to_save: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    content_sha256: str = ""
+    name: str = ""  # the adapter's name (calibration sources look files up by it)
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None) -> AdapterLayout:
+    """Read and check a PEFT LoRA folder's config and weights (as :func:`iteris_daemon.lora.load_adapter`
+    would, with the same reasons); raise :class:`AdapterError` naming what is wrong."""
+    folder = Path(folder)
+    config = read_adapter_config(folder, limits.max_config_bytes)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
+        if pickled:
+            raise AdapterError(folder / pickled[0], "pickled weights are refused (never loaded); convert the adapter to safetensors")
+        raise AdapterError(folder, f"no {WEIGHTS_NAME}")
+    if config["r"] > limits.max_rank:
+        raise AdapterError(folder / CONFIG_NAME, f"r={config['r']} is above the limit of {limits.max_rank}")
+    data = read_weights(weights, limits)  # read once: header, values and hash come from the same bytes
+    header = check_safetensors_header(weights, limits, data)
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    layout = AdapterLayout(folder, config, content_sha256=hashlib.sha256(data).hexdigest(), name=name or folder.name)
+    embedding = next((key for key in header if ".lora_embedding_" in key), None)
+    if embedding is not None:
+        module = embedding.split(".lora_embedding_")[0].removeprefix(KEY_PREFIX)
+        raise AdapterError(weights, f"LoRA on an embedding layer ({module}) is not supported: "
+                                    "the merge solves linear layers only")
+    parts: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, entry in header.items():
+        match = LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["part"]] = entry
+        elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
+            layout.modules_to_save[key[len(KEY_PREFIX):]] = tuple(entry["shape"])
+        else:
+            raise AdapterError(weights, f"unexpected tensor {key!r}")
+    if not parts:
+        raise AdapterError(weights, "holds no LoRA tensors")
+    for module, pair in sorted(parts.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(weights, f"{module} has lora_{'A' if 'A' not in pair else 'B'} missing")
+        A, B = pair["A"], pair["B"]
+        if len(A["shape"]) != 2 or len(B["shape"]) != 2 or A["shape"][0] != B["shape"][1]:
+            raise AdapterError(weights, f"{module}: lora_A {tuple(A['shape'])} and lora_B {tuple(B['shape'])} "
+                                        "are not a (r, d_in) / (d_out, r) pair")
+        if A["dtype"] not in _NON_FINITE or B["dtype"] not in _NON_FINITE:
+            raise AdapterError(weights, f"{module}: LoRA weights must be floating point")
+        try:
+            rank, _ = module_scaling(config, module)
+        except ValueError as exc:
+            raise AdapterError(folder / CONFIG_NAME, str(exc)) from None
+        if A["shape"][0] != rank:
+            raise AdapterError(weights, f"{module}: lora_A has rank {A['shape'][0]} but the config says r={rank}")
+        if not all(_finite(data, start, entry) for entry in (A, B)):
+            raise AdapterError(weights, f"{module}: weights contain NaN or Inf")
+        layout.modules[module] = (rank, B["shape"][0], A["shape"][1])
+    return layout
+
+
+def _finite(data: bytes, start: int, entry: dict[str, Any]) -> bool:
+    view, exponent = _NON_FINITE[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    bits = np.frombuffer(data, dtype=view, count=(end - begin) // np.dtype(view).itemsize, offset=start + begin)
+    return not np.any((bits & np.array(exponent, dtype=view)) == exponent)
+
+
+ShapeSource = Callable[[str, AdapterLayout, bool], BaseShapes]
+"""``(base model, adapter layout, trust_remote_code) -> shapes``; raises
+:class:`BaseModelError` or :class:`IncompatibleAdaptersError` when there are none."""
+
+
 def validate_adapter(
     folder: Path,
     base_model: str | None = None,
     limits: Limits = Limits(),
     trusted_models: Collection[str] = (),
+    shapes: ShapeSource | None = None,
 ) -> AdapterInfo:
     """Check ``folder`` fully; raise :class:`AdapterError` with the reason, or describe it.
 
@@ -225,11 +340,13 @@ def validate_adapter(
     base model is skipped. A base model that cannot be read raises
     :class:`~iteris_daemon.errors.BaseModelError` (a problem of the setup, not of the adapter).
     Only a base model named in ``trusted_models`` may run its own code: an adapter
-    choosing its base model must not choose what runs. A failure no check foresaw is a
-    rejection too (logged with its traceback): a hostile folder must never stop a scan.
+    choosing its base model must not choose what runs. ``shapes`` gives the base
+    model's layer shapes (default: :func:`skeleton_shapes`, in this process). A failure
+    no check foresaw is a rejection too (logged with its traceback): a hostile folder
+    must never stop a scan.
     """
     try:
-        return _validate(folder, base_model, limits, trusted_models)
+        return _validate(folder, base_model, limits, trusted_models, shapes or skeleton_shapes)
     except (IterisError, OSError):  # OSError: a file vanished meanwhile (the caller looks again)
         raise
     except Exception as exc:
@@ -237,7 +354,8 @@ def validate_adapter(
         raise AdapterError(folder, f"could not be validated ({type(exc).__name__}); the daemon's log has the details") from None
 
 
-def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_models: Collection[str]) -> AdapterInfo:
+def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_models: Collection[str],
+              shapes: ShapeSource) -> AdapterInfo:
     config = read_adapter_config(folder, limits.max_config_bytes)
     check_calibration_file(folder, limits)
     named = config.get("base_model_name_or_path")
@@ -245,18 +363,12 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
         problem = _named_base_problem(named)
         if problem:
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {named[:100]!r} {problem}")
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        load_adapter(folder)  # raises the precise reason (pickled, missing)
-    if config["r"] > limits.max_rank:
-        raise AdapterError(folder / CONFIG_NAME, f"r={config['r']} is above the limit of {limits.max_rank}")
-    check_safetensors_header(weights, limits)
-    adapter = load_adapter(folder)
-    _check_targets(adapter.config, list(adapter.modules), folder / CONFIG_NAME)
-    base = base_model or adapter.base_model
+    layout = read_layout(folder, limits)
+    _check_targets(layout.config, list(layout.modules), folder / CONFIG_NAME)
+    base = base_model or layout.base_model
     if base:
         try:
-            skeleton = _cached_skeleton(base, adapter, base in trusted_models)
+            found = shapes(base, layout, base in trusted_models)
         except IncompatibleAdaptersError as exc:  # e.g. a task_type no auto class serves
             raise AdapterError(folder / CONFIG_NAME, str(exc)) from None
         except BaseModelError as exc:
@@ -265,17 +377,40 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
             log.warning("%s: its base model %r cannot be read: %s", folder, base, exc)  # the loader's words stay here
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {base[:100]!r} cannot be read (not on "
                                                      "the Hub, or offline); the daemon's log has the details") from None
-        check_adapter_shapes(skeleton, adapter, base)
+        check_shapes(found, {p: (d_out, d_in) for p, (_, d_out, d_in) in layout.modules.items()},
+                     layout.modules_to_save, bool(config.get("fan_in_fan_out", False)), folder, base)
     targets = config.get("target_modules")
     return AdapterInfo(
         base_model=base,
-        task_type=adapter.task_type,
-        rank=max(m.rank for m in adapter.modules.values()),
+        task_type=layout.task_type,
+        rank=max(rank for rank, _, _ in layout.modules.values()),
         alpha=float(config["lora_alpha"]),
-        target_modules=sorted(targets) if isinstance(targets, list) else sorted({p.rsplit(".", 1)[-1] for p in adapter.modules}),
-        size_bytes=weights.stat().st_size,
-        content_sha256=adapter.content_sha256,
+        target_modules=sorted(targets) if isinstance(targets, list) else sorted({p.rsplit(".", 1)[-1] for p in layout.modules}),
+        size_bytes=(folder / WEIGHTS_NAME).stat().st_size,
+        content_sha256=layout.content_sha256,
     )
+
+
+def layout_key(base: str, layout: AdapterLayout, trust_remote_code: bool) -> str:
+    """Which skeleton of ``base`` ``layout`` is checked against (see :func:`skeleton_key`)."""
+    return skeleton_key(base, layout.config, list(layout.modules), layout.modules_to_save, trust_remote_code)
+
+
+_SKELETONS: dict[str, BaseShapes] = {}
+
+
+def skeleton_shapes(base: str, layout: AdapterLayout, trust_remote_code: bool) -> BaseShapes:
+    """The base model's shapes from its skeleton built in this process (imports torch and
+    transformers); a scan of many adapters of one base reuses one."""
+    from .lora import load_adapter
+    from .model import base_shapes, load_skeleton
+
+    key = layout_key(base, layout, trust_remote_code)
+    if key not in _SKELETONS:
+        if len(_SKELETONS) >= 16:
+            _SKELETONS.pop(next(iter(_SKELETONS)))
+        _SKELETONS[key] = base_shapes(load_skeleton(base, load_adapter(layout.path), trust_remote_code))
+    return _SKELETONS[key]
 
 
 def _named_base_problem(name: str) -> str | None:
@@ -303,21 +438,3 @@ def _check_targets(config: dict[str, Any], modules: list[str], where: Path) -> N
         stray = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
         if stray:
             raise AdapterError(where, f"weights adapt {stray[0]}, which target_modules {sorted(targets)} does not name")
-
-
-_SKELETONS: dict[tuple, Any] = {}
-
-
-def _cached_skeleton(base: str, adapter, trust_remote_code: bool):
-    """Skeletons are cheap but not free; a scan of many adapters of one base reuses one."""
-    labels = tuple(sorted((k, tuple(t.shape)) for k, t in adapter.modules_to_save.items()))
-    # The class loaded depends on task_type, else auto_mapping, else the adapted paths.
-    mapping = adapter.config.get("auto_mapping")
-    wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
-    paths = frozenset(adapter.modules) if adapter.task_type is None and wanted is None else None
-    key = (base, adapter.task_type, repr(wanted), paths, labels, trust_remote_code)
-    if key not in _SKELETONS:
-        if len(_SKELETONS) >= 16:
-            _SKELETONS.pop(next(iter(_SKELETONS)))
-        _SKELETONS[key] = load_skeleton(base, adapter, trust_remote_code)
-    return _SKELETONS[key]

@@ -1,10 +1,12 @@
-"""The merge worker: one child process per merge, started by the daemon
+"""The worker: one child process per merge, started by the daemon
 (:mod:`iteris_daemon.supervisor`), so a crash, an out-of-memory kill or a hung
 CUDA call costs one run, never the daemon, and the GPU memory and heap a merge
-used go back to the system when it exits.
+used go back to the system when it exits. Everything that needs torch runs here:
+merges, and (job kind ``shapes``) a base model's layer shapes for validation.
 
 ``python -m iteris_daemon.worker JOB.json``: the job (written by the supervisor)
-names the merge request, the calibration samples and where to write the result.
+names the merge request and its calibration samples (or the base model and an
+adapter, for ``shapes``); the result is written beside it.
 The worker
 
 - dies with the daemon (``PR_SET_PDEATHSIG``), so a killed daemon leaves no merge running;
@@ -13,7 +15,7 @@ The worker
 - logs one JSON object per line on stderr (tokens redacted), which the supervisor relays
   with the run id;
 - writes ``result.json`` atomically and last: ``{"status": "ok", "report": ...}``,
-  ``{"status": "cancelled" | "error", "error": "..."}``. No result file (a signal, a
+  ``{"status": "cancelled" | "error", "error": "...", "error_type": "BaseModelError"}``. No result file (a signal, a
   segfault) tells the supervisor the worker died.
 """
 
@@ -61,34 +63,46 @@ def _write_result(folder: Path, payload: dict[str, Any]) -> None:
 
 
 def run_job(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
-    """Carry out one merge job; return the result payload (never raises for a failed merge)."""
+    """Carry out one job; return the result payload (never raises for a failed job)."""
+    from .errors import IterisError, MergeCancelled
+
+    try:
+        return {"status": "ok", "report": (_shapes if job.get("kind") == "shapes" else _merge)(job, stop)}
+    except IterisError as exc:
+        name = "cancelled" if isinstance(exc, MergeCancelled) else "error"
+        return {"status": name, "error": str(exc), "error_type": type(exc).__name__}
+    except MemoryError:
+        return {"status": "error", "error": "out of memory (the worker's memory limit, or the host's)"}
+    except Exception as exc:
+        logging.getLogger(__name__).exception("the job failed")
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _shapes(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+    """A base model's layer shapes from its skeleton, for the adapter in ``job["adapter"]``."""
+    from .lora import load_adapter
+    from .model import base_shapes, load_skeleton
+
+    adapter = load_adapter(Path(job["adapter"]))
+    return base_shapes(load_skeleton(job["base_model"], adapter, job["trust_remote_code"]))
+
+
+def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     from .calibration import CalibrationSet, Sample
-    from .errors import IterisError
-    from .merge import AdapterSpec, MergeCancelled, MergeRequest, run_merge
+    from .merge import AdapterSpec, MergeRequest, run_merge
 
     request = job["request"]
     calibration = [None if c is None else CalibrationSet(tuple(Sample(*s) for s in c["samples"]), c["source"],
                                                          c.get("generated", False))
                    for c in job["calibration"]]
-    try:
-        report = run_merge(MergeRequest(
-            base_model=request["base_model"],
-            adapters=[AdapterSpec(Path(a["path"]), name=a["name"], origin=a.get("origin")) for a in request["adapters"]],
-            out=Path(request["out"]), strategy=request["strategy"], params=request["params"],
-            device=request["device"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
-            calibration_sets=calibration, should_stop=stop.is_set,
-            reference=Path(request["reference"]) if request.get("reference") else None,
-        ))
-    except MergeCancelled as exc:
-        return {"status": "cancelled", "error": str(exc)}
-    except IterisError as exc:
-        return {"status": "error", "error": str(exc)}
-    except MemoryError:
-        return {"status": "error", "error": "out of memory (the worker's memory limit, or the host's)"}
-    except Exception as exc:
-        logging.getLogger(__name__).exception("the merge failed")
-        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-    return {"status": "ok", "report": report}
+    return run_merge(MergeRequest(
+        base_model=request["base_model"],
+        adapters=[AdapterSpec(Path(a["path"]), name=a["name"], origin=a.get("origin")) for a in request["adapters"]],
+        out=Path(request["out"]), strategy=request["strategy"], params=request["params"],
+        device=request["device"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
+        calibration_sets=calibration, should_stop=stop.is_set,
+        reference=Path(request["reference"]) if request.get("reference") else None,
+    ))
 
 
 def main(argv: list[str] | None = None) -> int:

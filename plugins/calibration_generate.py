@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample
 from iteris_daemon.errors import CalibrationError
@@ -53,6 +51,7 @@ def _random_words(tokenizer, samples: int, seed: int, length: tuple[int, int] = 
 
 
 def _sample(adapter, base_model: str, tokenizer, samples: int, max_new_tokens: int, seed: int) -> list[Sample]:
+    import torch
     from peft import PeftModel
 
     from transformers import AutoConfig

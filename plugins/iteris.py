@@ -8,8 +8,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
-from iteris_daemon.alignment import AlignmentOptions, align
-from iteris_daemon.lowrank import refactor
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
 
 
@@ -58,6 +56,8 @@ class IterIS:
     needs_calibration = True
 
     def merge(self, inputs: MergeInputs, params: IterISParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.alignment import AlignmentOptions, align
+
         if params.task_weights is not None and len(params.task_weights) != len(inputs.adapters):
             from iteris_daemon.errors import ParameterError
 
@@ -95,6 +95,8 @@ class RegMean:
     needs_calibration = True
 
     def merge(self, inputs: MergeInputs, params: RegMeanParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.alignment import AlignmentOptions, align
+
         options = AlignmentOptions(
             iterations=1,
             offdiag_scale=params.alpha,
@@ -110,6 +112,8 @@ class RegMean:
 def _truncate(factors, metrics, rank: int | None) -> MergedAdapter:
     if rank is None:
         return MergedAdapter(factors, metrics)
+    from iteris_daemon.lowrank import refactor
+
     errors = {}
     out = {}
     for path, (B, A) in factors.items():

@@ -10,22 +10,9 @@ Strategies (per LoRA-targeted layer, over the adapters that adapt it; ``D_i = s_
   Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025,
   arXiv:2502.04959).
 
-How they are computed (Core Space's construction, used by all four). Every ``D_i`` lies in
-``span[B_1 .. B_N] x span[A_1^T .. A_N^T]``. Take orthonormal bases ``U`` (d_out x p) of the
-first and ``V`` (d_in x q) of the second -- QR of the stacked factors, then an SVD of the
-small triangular factor, which drops numerically dependent directions (singular values below
-``RTOL`` times the largest), so p, q <= R = sum_i r_i -- and the cores
-
-    M_i = U^T D_i V = (U^T B_i) s_i (A_i V)        (p x q)
-
-so that ``D_i = U M_i V^T`` exactly. Each rule below is built from SVDs, polar factors
-(``polar(X) = W Z^T`` for ``X = W S Z^T``), projections and sums, all of which commute with
-the isometries ``U`` and ``V`` (the SVD of ``U M V^T`` is ``(U P) S (V Q)^T``,
-``polar(U X) = U polar(X)``), so applying a rule to the cores and mapping back
-``D = U M V^T`` gives exactly what the rule gives on the dense d_out x d_in deltas, at
-O((d_out + d_in) R^2 + R^3) per layer; no d_out x d_in matrix is ever formed. The result is
-written as ``B = U P S^1/2``, ``A = S^1/2 Q^T V^T`` (rank <= min(p, q)), or capped at
-``target_rank`` (best rank-k, its relative error reported as ``truncation_error``).
+How they are computed -- exactly, in the core space of the adapters' factors, never forming a
+d_out x d_in matrix -- is stated in :mod:`iteris_daemon.plugins.lora_2025_math`, which holds
+the math and which ``merge()`` imports, so that loading this plugin does not import torch.
 
 LoRA adaptation, stated once: the papers were written for full fine-tuning, where every
 delta has full rank. A LoRA delta of rank r has min(d_out, d_in) - r zero singular values
@@ -38,168 +25,12 @@ formula. ``N`` is the number of adapters that adapt the layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.lora import LoraModule
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
-
-RTOL = 1e-10
-"""Singular values below ``RTOL`` x the largest count as zero (rank decisions, in float64)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear algebra on the cores (float64)
-
-
-def _rank(S: torch.Tensor) -> int:
-    if S.numel() == 0 or float(S[0]) <= 0:
-        return 0
-    return int((S > S[0] * RTOL).sum())
-
-
-def _svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD without the zero singular values: P (p x k), S (k), Q (q x k)."""
-    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    k = _rank(S)
-    return P[:, :k], S[:k], Qh[:k].T
-
-
-def _basis(X: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the column span of ``X`` (d x R): QR, then an SVD of the small factor."""
-    Q, R = torch.linalg.qr(X)
-    P, S, _ = torch.linalg.svd(R, full_matrices=False)
-    return Q @ P[:, : _rank(S)]
-
-
-def _polar(X: torch.Tensor) -> torch.Tensor:
-    """Orthonormal factor of ``X`` (p x K): ``W Z^T`` from ``X = W S Z^T`` (TSV's whitening).
-
-    The nearest matrix with orthonormal columns when ``X`` has full column rank; otherwise
-    the partial isometry on its non-zero singular directions.
-    """
-    W, S, Zh = torch.linalg.svd(X, full_matrices=False)
-    k = _rank(S)
-    return W[:, :k] @ Zh[:k]
-
-
-@dataclass
-class _Layer:
-    U: torch.Tensor  # d_out x p, orthonormal basis of span[B_1 .. B_N]
-    V: torch.Tensor  # d_in x q, orthonormal basis of span[A_1^T .. A_N^T]
-    cores: list[torch.Tensor]  # M_i = U^T D_i V, p x q
-
-    @property
-    def dim(self) -> int:
-        """The dimension the papers call min(shape): min(p, q)."""
-        return min(self.U.shape[1], self.V.shape[1])
-
-    def zeros(self) -> torch.Tensor:
-        return torch.zeros(self.U.shape[1], self.V.shape[1], dtype=torch.float64)
-
-
-def _layer(modules: list[LoraModule]) -> _Layer:
-    U = _basis(torch.cat([m.B.double().cpu() for m in modules], dim=1))
-    V = _basis(torch.cat([m.A.double().cpu() for m in modules], dim=0).T)
-    cores = [((U.T @ m.B.double().cpu()) * m.scaling) @ (m.A.double().cpu() @ V) for m in modules]
-    return _Layer(U, V, cores)
-
-
-def _factors(layer: _Layer, M: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B, A) with ``B @ A = U M V^T``, capped at ``rank``, and the cap's relative error."""
-    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    keep = _rank(S)
-    if rank is not None:
-        keep = min(keep, rank)
-    total = float(S.pow(2).sum())
-    error = (float(S[keep:].pow(2).sum()) / total) ** 0.5 if total > 0 and keep < _rank(S) else 0.0
-    keep = max(keep, 1)  # an all-zero merge is written as one zero direction
-    root = S[:keep].sqrt()
-    B = layer.U @ (P[:, :keep] * root)
-    A = (root[:, None] * Qh[:keep]) @ layer.V.T
-    return B, A, error
-
-
-# ---------------------------------------------------------------------------------------------
-# The merging rules, on the cores
-
-
-def task_arithmetic_core(layer: _Layer) -> torch.Tensor:
-    """sum_i M_i (Ilharco et al., 2023)."""
-    return torch.stack(layer.cores).sum(0)
-
-
-def iso_c_core(layer: _Layer) -> torch.Tensor:
-    """Iso-C: the task-arithmetic sum with its spectrum made flat at the mean singular value.
-
-    ``Delta_TA = sum_i D_i = P S Q^T``,  ``Delta_Iso-C = mean(S) P Q^T`` (mean over the
-    non-zero singular values of Delta_TA, the only ones a LoRA sum has).
-    """
-    P, S, Q = _svd(task_arithmetic_core(layer))
-    if S.numel() == 0:
-        return layer.zeros()
-    return S.mean() * P @ Q.T
-
-
-def _whitened_sum(Ps: list[torch.Tensor], Ss: list[torch.Tensor], Qs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate kept singular components and orthogonalise both sides (TSV's step)."""
-    P, S, Q = torch.cat(Ps, dim=1), torch.cat(Ss), torch.cat(Qs, dim=1)
-    return _polar(P), S, _polar(Q)
-
-
-def tsv_core(layer: _Layer, keep: list[int]) -> torch.Tensor:
-    """TSV-Merge: per task the top ``keep[i]`` singular triplets ``(u, s, v)`` of ``D_i``;
-    ``U_cat = [U_1,k .. U_N,k]``, ``V_cat`` likewise, ``S_cat`` their singular values;
-    ``U_perp = polar(U_cat)``, ``V_perp = polar(V_cat)``;  ``Delta = U_perp diag(S_cat) V_perp^T``.
-    ``keep[i]`` is capped at task i's number of non-zero singular values."""
-    Ps, Ss, Qs = [], [], []
-    for M, k in zip(layer.cores, keep):
-        P, S, Q = _svd(M)
-        k = min(k, S.numel())
-        Ps.append(P[:, :k]), Ss.append(S[:k]), Qs.append(Q[:, :k])
-    if sum(s.numel() for s in Ss) == 0:
-        return layer.zeros()
-    U, S, V = _whitened_sum(Ps, Ss, Qs)
-    return (U * S) @ V.T
-
-
-def iso_cts_sizes(dim: int, tasks: int, common_space_fraction: float) -> tuple[int, int]:
-    """(k common directions, n directions per task), as in the Iso-CTS reference code:
-    ``k = int(dim * f)``, then the remainder is rounded to a multiple of N."""
-    common = int(dim * common_space_fraction)
-    task_total = round((dim - common) / tasks) * tasks
-    common = dim - task_total
-    return common, task_total // tasks
-
-
-def iso_cts_core(layer: _Layer, common_space_fraction: float) -> torch.Tensor:
-    """Iso-CTS: common subspace = top-k singular vectors of Delta_TA; each task adds the top n
-    singular vectors of its delta with the common subspace projected out,
-    ``D_i - U_c U_c^T D_i``; all vectors concatenated and orthogonalised (polar factors),
-    every singular value set to the mean of the kept ones:
-    ``Delta = mean(S) U_perp V_perp^T``."""
-    k, n = iso_cts_sizes(layer.dim, len(layer.cores), common_space_fraction)
-    P, S, Q = _svd(task_arithmetic_core(layer))
-    k = min(k, S.numel())
-    Pc, Sc, Qc = P[:, :k], S[:k], Q[:, :k]
-    Ps, Ss, Qs = [], [], []
-    for M in layer.cores:
-        Pi, Si, Qi = _svd(M - Pc @ (Pc.T @ M))
-        m = min(n, Si.numel())
-        Ps.append(Pi[:, :m]), Ss.append(Si[:m]), Qs.append(Qi[:, :m])
-    Ps.append(Pc), Ss.append(Sc), Qs.append(Qc)
-    if sum(s.numel() for s in Ss) == 0:
-        return layer.zeros()
-    U, S, V = _whitened_sum(Ps, Ss, Qs)
-    return S.mean() * U @ V.T
-
-
-# ---------------------------------------------------------------------------------------------
-# Strategies
 
 
 class _Params(StrategyParams):
@@ -213,25 +44,6 @@ class _Params(StrategyParams):
     )
 
 
-class _CoreStrategy:
-    needs_calibration = False
-
-    def core(self, layer: _Layer, params) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def merge(self, inputs: MergeInputs, params: _Params, progress: Progress) -> MergedAdapter:
-        paths = sorted({p for a in inputs.adapters for p in a.modules})
-        modules, errors = {}, {}
-        for path in progress(paths, desc="layers", leave=False):
-            layer = _layer([a.modules[path] for a in inputs.adapters if path in a.modules])
-            B, A, error = _factors(layer, params.alpha * self.core(layer, params), params.target_rank)
-            modules[path] = (B, A)
-            if error > 0:
-                errors[path] = error
-        metrics = {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}}
-        return MergedAdapter(modules, metrics)
-
-
 class CoreSpaceParams(_Params):
     method: Literal["ta", "tsv", "iso_c", "iso_cts"] = Field(
         "tsv", description="rule applied in the core space: ta (task arithmetic), tsv (TSV-Merge, "
@@ -242,7 +54,7 @@ class CoreSpaceParams(_Params):
     )
 
 
-class CoreSpace(_CoreStrategy):
+class CoreSpace:
     """Core Space merging (Panariello et al., NeurIPS 2025).
 
     Reference bases from SVDs of the stacked factors, ``U_B`` of ``[B_1 .. B_N]`` and ``V_A``
@@ -250,23 +62,21 @@ class CoreSpace(_CoreStrategy):
     ``M = merge(M_1 .. M_N)``; ``Delta = alpha U_B M V_A^T``. Lossless: ``U_B M_i V_A^T = D_i``.
     ``merge`` is the paper's rule in the core: task arithmetic ``sum_i M_i``; TSV-Merge with
     ``int(min(p, q) / N)`` components per task (the reference code's ``1/N`` of the core's
-    singular values; at least 1); Iso-C; Iso-CTS (see :func:`tsv_core`, :func:`iso_c_core`,
-    :func:`iso_cts_core`).
+    singular values; at least 1); Iso-C; Iso-CTS (see ``tsv_core``, ``iso_c_core`` and
+    ``iso_cts_core`` in :mod:`iteris_daemon.plugins.lora_2025_math`).
     """
 
     name = "core_space"
     description = "Core Space merging (NeurIPS 2025): TSV / Iso-C / Iso-CTS / TA on the R x R cores of the LoRAs, exact"
     Params = CoreSpaceParams
+    needs_calibration = False
 
-    def core(self, layer: _Layer, params: CoreSpaceParams) -> torch.Tensor:
-        if params.method == "ta":
-            return task_arithmetic_core(layer)
-        if params.method == "iso_c":
-            return iso_c_core(layer)
-        if params.method == "iso_cts":
-            return iso_cts_core(layer, params.common_space_fraction)
-        per_task = max(1, layer.dim // len(layer.cores))
-        return tsv_core(layer, [per_task] * len(layer.cores))
+    def merge(self, inputs: MergeInputs, params: CoreSpaceParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import core_space_core, merge_cores
+
+        return merge_cores(
+            inputs, params, progress, lambda layer: core_space_core(layer, params.method, params.common_space_fraction)
+        )
 
 
 class TsvParams(_Params):
@@ -276,7 +86,7 @@ class TsvParams(_Params):
     )
 
 
-class Tsv(_CoreStrategy):
+class Tsv:
     """TSV-M (Gargiulo et al., CVPR 2025).
 
     Per task ``D_i = U_i S_i V_i^T``; keep the top ``k_i = max(1, int(fraction * r_i))``
@@ -288,14 +98,15 @@ class Tsv(_CoreStrategy):
     name = "tsv"
     description = "TSV-Merge (CVPR 2025): top 1/N of each task's singular vectors, orthogonalised, summed"
     Params = TsvParams
+    needs_calibration = False
 
-    def core(self, layer: _Layer, params: TsvParams) -> torch.Tensor:
-        fraction = params.fraction if params.fraction is not None else 1 / len(layer.cores)
-        keep = [max(1, int(fraction * _svd(M)[1].numel() + 1e-9)) for M in layer.cores]
-        return tsv_core(layer, keep)
+    def merge(self, inputs: MergeInputs, params: TsvParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import merge_cores, tsv_fraction_core
+
+        return merge_cores(inputs, params, progress, lambda layer: tsv_fraction_core(layer, params.fraction))
 
 
-class IsoC(_CoreStrategy):
+class IsoC:
     """Iso-C (Marczak et al., ICML 2025).
 
     ``Delta_TA = sum_i D_i = U S V^T``;  ``Delta = alpha mean(S) U V^T`` (isotropic spectrum).
@@ -304,9 +115,12 @@ class IsoC(_CoreStrategy):
     name = "iso_c"
     description = "Iso-C (ICML 2025): task arithmetic with a flat (isotropic) singular spectrum"
     Params = _Params
+    needs_calibration = False
 
-    def core(self, layer: _Layer, params: _Params) -> torch.Tensor:
-        return iso_c_core(layer)
+    def merge(self, inputs: MergeInputs, params: _Params, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import iso_c_core, merge_cores
+
+        return merge_cores(inputs, params, progress, iso_c_core)
 
 
 class IsoCtsParams(_Params):
@@ -315,7 +129,7 @@ class IsoCtsParams(_Params):
     )
 
 
-class IsoCts(_CoreStrategy):
+class IsoCts:
     """Iso-CTS (Marczak et al., ICML 2025).
 
     ``Delta_TA = U S V^T``; common subspace ``U_c = U[:, :k]``, ``V_c``, ``S_c``, with
@@ -329,9 +143,12 @@ class IsoCts(_CoreStrategy):
     name = "iso_cts"
     description = "Iso-CTS (ICML 2025): isotropic merge of the common subspace plus task-specific directions"
     Params = IsoCtsParams
+    needs_calibration = False
 
-    def core(self, layer: _Layer, params: IsoCtsParams) -> torch.Tensor:
-        return iso_cts_core(layer, params.common_space_fraction)
+    def merge(self, inputs: MergeInputs, params: IsoCtsParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import iso_cts_core, merge_cores
+
+        return merge_cores(inputs, params, progress, lambda layer: iso_cts_core(layer, params.common_space_fraction))
 
 
 @hookimpl

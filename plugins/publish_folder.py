@@ -31,8 +31,8 @@ from pathlib import Path
 from pydantic import Field
 
 from iteris_daemon import hookimpl
+from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.errors import AdapterError, IterisError, OutputExistsError
-from iteris_daemon.lora import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 
 log = logging.getLogger(__name__)

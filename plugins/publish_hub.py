@@ -29,8 +29,8 @@ from pydantic import Field, field_validator
 from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl
+from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.errors import AdapterError
-from iteris_daemon.lora import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import hub_retrying, is_transient

@@ -61,7 +61,7 @@ import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
-from iteris_daemon.lora import sha256_file
+from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.runner import Claim
 
 pytestmark = pytest.mark.timeout(600)

@@ -25,7 +25,8 @@ from iteris_daemon.catalog.models import MergeGroup, MergeRun, RunStatus, Source
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.config import Gates, GroupConfig
 from iteris_daemon.gates import judge
-from iteris_daemon.lora import load_adapter, sha256_file
+from iteris_daemon.adapter_config import sha256_file
+from iteris_daemon.lora import load_adapter
 from iteris_daemon.runner import published_copy, run_group, sync_group
 from iteris_daemon.sources.local import LocalFolderSource
 

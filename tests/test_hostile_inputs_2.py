@@ -285,10 +285,10 @@ def test_a_failure_no_check_foresaw_is_a_recorded_rejection_not_a_stopped_scan(w
         shutil.copytree(lora, watched.folder / name)
     real = validation.check_safetensors_header
 
-    def header_check(path, limits):
+    def header_check(path, limits, data=None):
         if path.parent.name == "a-odd":
             raise ZeroDivisionError("secret-looking text")
-        return real(path, limits)
+        return real(path, limits, data)
 
     monkeypatch.setattr(validation, "check_safetensors_header", header_check)
     watched.scan()
@@ -370,7 +370,7 @@ def test_rank_pattern_keys_that_break_or_stall_the_regex_engine_are_rejected(wat
 def test_pattern_keys_match_as_peft_matches_them(key, module, matches):
     from peft.utils.other import get_pattern_key
 
-    from iteris_daemon.lora import _pattern_value
+    from iteris_daemon.adapter_config import _pattern_value
 
     assert (get_pattern_key([key], module) == key) is matches  # what PEFT does
     assert _pattern_value({key: 7}, module, 1) == (7 if matches else 1)

@@ -16,7 +16,7 @@ from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
-from iteris_daemon.lora import sha256_file
+from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.sources.hub import HubSource, unsafe_path
 
 pytestmark = pytest.mark.timeout(120)

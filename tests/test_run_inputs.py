@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.models import AdapterRevision, MergeRunInput, RunStatus
-from iteris_daemon.lora import sha256_file
+from iteris_daemon.adapter_config import sha256_file
 from test_gates import Setup, made  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.timeout(300)

@@ -28,7 +28,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import MergeRun, RunStatus, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.config import GroupConfig
-from iteris_daemon.lora import sha256_file
+from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.plugin_manager import get_plugin_manager
 from iteris_daemon.runner import run_group, sync_group
 from iteris_daemon.sources.local import LocalFolderSource

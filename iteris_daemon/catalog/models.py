@@ -9,6 +9,8 @@ them; a test checks that the two agree.
   validation found, or why it was rejected.
 - ``merge_groups`` / ``merge_runs`` / ``merge_run_inputs``: what the daemon merges,
   and every run with the exact revisions it used.
+- ``base_model_shapes``: a base model's layer shapes, computed once by a worker, for
+  validating adapters without torch in the daemon.
 """
 
 from __future__ import annotations
@@ -187,3 +189,15 @@ class MergeRunInput(Base):
 
     run: Mapped[MergeRun] = relationship(back_populates="inputs")
     revision: Mapped[AdapterRevision] = relationship()
+
+
+class BaseModelShapes(Base):
+    """A base model's layer shapes for one kind of adapter (see :mod:`iteris_daemon.shapes`),
+    computed once by a worker process, so the daemon validates adapters without torch."""
+
+    __tablename__ = "base_model_shapes"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # shapes.skeleton_key
+    base_model: Mapped[str] = mapped_column(String(1024))
+    shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

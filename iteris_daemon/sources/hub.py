@@ -32,10 +32,10 @@ from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
 from ..errors import AdapterError, ConfigError
-from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
+from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import hub_retrying, is_transient
 from ..tokens import hub_token, plain
-from ..validation import Limits, validate_adapter
+from ..validation import Limits, ShapeSource, validate_adapter
 from .local import CALIBRATION_NAME, ScanReport
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class HubSource:
     """Keeps the catalog in step with the head commits of the source's Hub repos."""
 
     def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits(),
-                 on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = ()):
+                 on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = (),
+                 shapes: ShapeSource | None = None):
         self.catalog = catalog
         self.on_change = on_change  # called after a poll that registered or removed something
         self.name = source_name
@@ -115,6 +116,7 @@ class HubSource:
         self.cache_dir = Path(cache_dir).resolve()
         self.limits = limits
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
+        self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
 
     def _retrying(self, what: str):
         s = self.settings
@@ -122,6 +124,25 @@ class HubSource:
 
     def poll(self) -> ScanReport:
         """One pass over the repos; the source's health records how it went."""
+        return self._poll(self._targets, only=None)
+
+    def watches(self, repo_id: str) -> bool:
+        """Whether ``repo_id`` is one of this source's repos (listed, or of its author)."""
+        return (any(spec.partition("@")[0] == repo_id for spec in self.settings.repos)
+                or (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author))
+
+    def poll_repo(self, repo_id: str) -> ScanReport:
+        """Poll one repo now (a webhook said it changed); the others wait for the next poll."""
+        targets = [(repo, branch or None) for repo, _, branch in (s.partition("@") for s in self.settings.repos)
+                   if repo == repo_id]
+        listed = not targets  # watched as one of the author's repos
+        targets = targets or [(repo_id, None)]
+        locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch in targets}
+        return self._poll(lambda api, errors: (targets, listed), only=locators)
+
+    def _poll(self, find_targets, only: set[str] | None) -> ScanReport:
+        """Poll what ``find_targets`` names; only the locators in ``only`` (None: all) may be
+        marked removed, and a partial poll sets the source's health only when it fails."""
         report = ScanReport()
         try:
             token = self.settings.token()
@@ -132,7 +153,7 @@ class HubSource:
         api = HfApi(endpoint=self.settings.endpoint, token=plain(token))
         errors: list[str] = []
         try:
-            targets, listed = self._targets(api, errors)
+            targets, listed = find_targets(api, errors)
         except Exception as exc:  # the listing itself failed: nothing else to do this round
             self._set_health(_describe(exc, "listing repos"))
             log.error("source %s: %s", self.name, _describe(exc, "listing repos"))
@@ -148,9 +169,11 @@ class HubSource:
                 errors.append(message)
                 seen.add(locator)  # a failing repo is not a removed one
                 log.error("source %s: %s", self.name, message)
-        self._mark_removed(seen, report)
-        self._set_health(errors[0] if errors else None)
-        log.info("source %s: poll: %s%s", self.name, report, f", {len(errors)} failed" if errors else "")
+        self._mark_removed(seen, report, only)
+        if only is None or errors:
+            self._set_health(errors[0] if errors else None)
+        what = "poll" if only is None else f"poll of {', '.join(sorted(only))}"
+        log.info("source %s: %s: %s%s", self.name, what, report, f", {len(errors)} failed" if errors else "")
         if self.on_change and report.changed:
             self.on_change(report)
         return report
@@ -244,7 +267,7 @@ class HubSource:
             raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
         for name in wanted_files[1:]:
             self._download(token, repo_id, sha, name, snapshot)
-        return validate_adapter(snapshot, wanted, self.limits, self.trusted_models)
+        return validate_adapter(snapshot, wanted, self.limits, self.trusted_models, self.shapes)
 
     def _download(self, token, repo_id: str, sha: str, filename: str, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written
@@ -271,9 +294,10 @@ class HubSource:
             raise AdapterError(where, f"{filename} is {size} bytes, above the limit of {limit}")
         return resolved
 
-    def _mark_removed(self, seen: set[str], report: ScanReport) -> None:
+    def _mark_removed(self, seen: set[str], report: ScanReport, only: set[str] | None = None) -> None:
+        gone = lambda locator: locator not in seen and (only is None or locator in only)  # noqa: E731
         with self.catalog.session() as session:
-            for adapter in mark_removed(session, self.source_id, lambda locator: locator not in seen):
+            for adapter in mark_removed(session, self.source_id, gone):
                 report.removed.append(adapter.locator)
                 log.info("source %s: %s removed", self.name, adapter.locator)
 

@@ -34,8 +34,8 @@ from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
 from ..errors import AdapterError, BaseModelError
-from ..lora import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
-from ..validation import Limits, folder_fingerprint, validate_adapter
+from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
+from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter
 
 log = logging.getLogger(__name__)
 ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots still exist
@@ -117,7 +117,8 @@ class LocalFolderSource:
     """Keeps the catalog in step with adapter folders under the source's paths."""
 
     def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits(),
-                 on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = ()):
+                 on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = (),
+                 shapes: ShapeSource | None = None):
         self.catalog = catalog
         self.on_change = on_change  # called after a scan or event that registered or removed something
         self.name = source_name
@@ -126,6 +127,7 @@ class LocalFolderSource:
             self.source_id, self.settings = source.id, LocalSettings.model_validate(source.settings)
         self.limits = limits
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
+        self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
         self._lock = threading.Lock()  # one examination at a time (scan, events)
         # path -> (time of the last event, snapshot of its files then, examine subfolders too)
         self._dirty: dict[Path, tuple[float, tuple | None, bool]] = {}
@@ -230,7 +232,7 @@ class LocalFolderSource:
             if locator != str(folder):
                 raise AdapterError(locator, "the path is not valid UTF-8; rename the folder (the catalog stores paths as text)")
             self._check_containment(folder)
-            info = validate_adapter(folder, self.settings.base_model, self.limits, self.trusted_models)
+            info = validate_adapter(folder, self.settings.base_model, self.limits, self.trusted_models, self.shapes)
         except AdapterError as exc:
             reason = str(exc)
         except BaseModelError as exc:

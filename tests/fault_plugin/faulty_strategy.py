@@ -18,6 +18,7 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, Strateg
 class FaultyParams(StrategyParams):
     mode: Literal["ok", "sigkill", "exit", "allocate", "slow", "stubborn"] = "ok"
     scale: float = Field(1.0, gt=0)
+    seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes")
 
 
 class Faulty:
@@ -34,7 +35,7 @@ class Faulty:
         if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
             bytearray(64 << 30)
         if params.mode == "slow":  # cooperative: checks for a stop request every step
-            for _ in progress(range(100_000), desc="slow"):
+            for _ in progress(range(int(params.seconds / 0.05)), desc="slow"):
                 time.sleep(0.05)
         if params.mode == "stubborn":  # a hung call that never reaches a safe point
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,0 +1,537 @@
+"""The daemon's opt-in HTTP endpoints: Prometheus metrics, a health check, and a
+Hugging Face Hub webhook that polls a watched repo as soon as it changes.
+
+Two small WSGI apps, each served by :class:`HttpServer` (the standard library's
+``wsgiref`` with a thread per request; no HTTP parsing of our own):
+
+- :func:`metrics_app`: ``GET /metrics`` (Prometheus text format) and ``GET /healthz``
+  (200 ``ok``, or 503 with the reason the daemon is unhealthy);
+- :func:`webhook_app`: ``POST <path>`` (default ``/webhooks/hub``). The Hub sends the
+  webhook's secret in ``X-Webhook-Secret``; a request without the right one triggers
+  nothing (401). The body is read only when its ``Content-Length`` is within
+  ``max_body_bytes``. A model repo's ``repo`` or ``repo.*`` event asks the daemon to poll
+  that repo now (202 ``{"triggered": true}``) when a source watches it; anything else is
+  answered 200 ``{"triggered": false}``, so the Hub does not retry it.
+
+Metrics. Read from the catalog at every scrape, so they hold for every daemon
+sharing it and survive restarts:
+
+- ``iteris_catalog_up``: 1, or 0 when the catalog could not be read (then only the
+  in-process metrics follow);
+- ``iteris_adapters{source,status}``: adapters per source and status;
+- ``iteris_merge_runs_total{group,status}``: merge runs recorded;
+- ``iteris_last_publish_timestamp_seconds{group,destination}``: when the group's last
+  successful run finished, per destination (``kind:location``) it published to;
+- ``iteris_fidelity_gap{group,task}``: each task's fidelity gap in that run (0: as the
+  task's own adapter, 1: no better than the base model);
+- ``iteris_source_up{source}``: 1 when an enabled source's last scan or poll went
+  through, else 0 (``iteris-daemon sources list`` shows the error);
+- ``iteris_source_last_poll_timestamp_seconds{source}``: when it was last scanned or
+  polled, successfully or not.
+
+Counted in this process (they restart at 0 with it):
+
+- ``iteris_merge_duration_seconds{group}``: histogram of merge durations, 1 s to 4 h;
+- ``iteris_worker_failures_total{group,reason}``: merge workers lost, by ``reason``
+  (``signal``, ``exit``, ``memory``, ``timeout``, else ``other``);
+- ``iteris_webhook_requests_total{outcome}``: webhook requests by outcome
+  (``WEBHOOK_OUTCOMES``).
+
+Nothing here imports torch: the daemon process does not load it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import socket
+import socketserver
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from . import safe_json
+from .catalog import Catalog
+from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECRET_CREDENTIAL = "hub-webhook-secret"  # systemd: LoadCredential=hub-webhook-secret:/etc/...
+MAX_SECRET_BYTES = 4096
+MERGE_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+WORKER_FAILURE_REASONS = frozenset({"signal", "exit", "memory", "timeout"})
+WEBHOOK_OUTCOMES = ("triggered", "ignored", "unauthorized", "bad_request", "length_required", "too_large",
+                    "method_not_allowed", "not_found", "error")
+REQUEST_TIMEOUT_SECONDS = 10.0
+# Hub repo ids: "owner/name", or a bare name for the oldest models.
+_REPO_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:9464"`` for IPv6) as ``(host, port)``; ValueError says what is wrong."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ValueError(f'expected "HOST:PORT" (IPv6 in brackets: "[::1]:9464"), got {value!r}')
+    if host.startswith("[") and host.endswith("]") and ":" in host:
+        host = host[1:-1]
+    elif any(c in host for c in ":[]"):
+        raise ValueError(f'{value!r}: an IPv6 address goes in brackets, e.g. "[::1]:9464"')
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{value!r}: the host is empty or holds spaces")
+    if int(port) > 65535:
+        raise ValueError(f"{value!r}: port {int(port)} is not in 0-65535")
+    return host, int(port)
+
+
+class _Listening(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(description='"HOST:PORT" to listen on; "[::1]:PORT" for IPv6; port 0 picks a free one')
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` to bind, the host without IPv6 brackets."""
+        return parse_listen(self.listen)
+
+
+class MetricsSettings(_Listening):
+    """Serve ``/metrics`` and ``/healthz`` (off unless configured)."""
+
+
+class WebhookSettings(_Listening):
+    """Serve the Hub webhook (off unless configured)."""
+
+    path: str = Field("/webhooks/hub", description="URL path the Hub posts to")
+    secret_file: Path | None = Field(
+        None, description=f"the webhook's secret (default: $CREDENTIALS_DIRECTORY/{SECRET_CREDENTIAL})")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger requests are refused unread")
+
+    @field_validator("path")
+    @classmethod
+    def _valid_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() or c in "?#" for c in value):
+            raise ValueError(f"{value!r}: must start with / and hold no spaces, ? or #")
+        return value
+
+    def secret_path(self) -> Path:
+        """``secret_file``, else the credential systemd's ``LoadCredential`` put in place."""
+        if self.secret_file is not None:
+            return self.secret_file
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not credentials:
+            raise ConfigError(f"webhook: no secret_file set, and no $CREDENTIALS_DIRECTORY to find the systemd "
+                              f"credential {SECRET_CREDENTIAL!r} in (LoadCredential={SECRET_CREDENTIAL}:PATH)")
+        return Path(credentials) / SECRET_CREDENTIAL
+
+    def secret(self) -> bytes:
+        """The shared secret, trailing whitespace removed. Errors name the file, never its content."""
+        path = self.secret_path()
+        try:
+            with open(path, "rb") as handle:
+                secret = handle.read(MAX_SECRET_BYTES + 1)
+        except FileNotFoundError:
+            raise ConfigError(f"webhook secret file {path}: does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"webhook secret file {path}: cannot read it ({exc.strerror})") from None
+        if len(secret) > MAX_SECRET_BYTES:
+            raise ConfigError(f"webhook secret file {path}: longer than {MAX_SECRET_BYTES} bytes")
+        if not secret.rstrip():
+            raise ConfigError(f"webhook secret file {path}: is empty")
+        return secret.rstrip()
+
+
+class _Once:
+    """Remembers the last ``size`` keys, so a repeated event is logged once, in bounded memory."""
+
+    def __init__(self, size: int = 1024):
+        self._size = size
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, key: Hashable) -> bool:
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return False
+            self._seen[key] = None
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+            return True
+
+
+@contextmanager
+def _reading(catalog: Catalog) -> Iterator[Session]:
+    """A read-only transaction: one snapshot for all of a scrape's queries. Not
+    ``catalog.session()``, whose SQLite ``BEGIN IMMEDIATE`` takes the write lock and
+    would hold a scrape for up to the busy timeout (30 s) behind any writer; a deferred
+    ``BEGIN`` in WAL mode reads without waiting. Closing the session rolls it back."""
+    with Session(catalog.engine) as session:
+        connection = session.connection()
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN")  # pysqlite would open none before a SELECT
+        yield session
+
+
+def _unix(when: datetime) -> float:
+    """Catalog times are naive UTC."""
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _catalog_families() -> dict[str, Metric]:
+    return {
+        "adapters": GaugeMetricFamily("iteris_adapters", "Adapters in the catalog, by source and status.",
+                                      labels=["source", "status"]),
+        "runs": CounterMetricFamily("iteris_merge_runs", "Merge runs recorded in the catalog, by group and status.",
+                                    labels=["group", "status"]),
+        "published": GaugeMetricFamily(
+            "iteris_last_publish_timestamp_seconds",
+            "When the group's last successful run finished, per destination (kind:location) it published to.",
+            labels=["group", "destination"]),
+        "fidelity": GaugeMetricFamily(
+            "iteris_fidelity_gap",
+            "Per task, the fidelity gap of the group's last successful run (0: as the task's adapter, 1: as the base).",
+            labels=["group", "task"]),
+        "source_up": GaugeMetricFamily("iteris_source_up",
+                                       "1 when the enabled source's last scan or poll went through, else 0.",
+                                       labels=["source"]),
+        "last_poll": GaugeMetricFamily("iteris_source_last_poll_timestamp_seconds",
+                                       "When the enabled source was last scanned or polled, successfully or not.",
+                                       labels=["source"]),
+    }
+
+
+def _catalog_up(value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily("iteris_catalog_up", "1 when this scrape could read the catalog, else 0.", value=value)
+
+
+class CatalogCollector(Collector):
+    """Reads the catalog at every scrape; a database that fails makes ``iteris_catalog_up 0``,
+    logged once per outage, and the scrape still answers."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self._down = False
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples: the registry checks their names for collisions
+        without querying the catalog."""
+        return [_catalog_up(1), *_catalog_families().values()]
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            families = self._read()
+        except Exception as exc:  # whatever the database raises, the other metrics are still served
+            with self._lock:
+                first, self._down = not self._down, True
+            if first:
+                reason = (str(exc).splitlines() or [""])[0]
+                log.warning("metrics: cannot read the catalog (%s: %s); iteris_catalog_up is 0 until it can",
+                            type(exc).__name__, reason)
+            return [_catalog_up(0)]
+        with self._lock:
+            recovered, self._down = self._down, False
+        if recovered:
+            log.info("metrics: the catalog can be read again")
+        return [_catalog_up(1), *families]
+
+    def _read(self) -> list[Metric]:
+        last_success = (select(func.max(MergeRun.id)).where(MergeRun.status == RunStatus.succeeded)
+                        .group_by(MergeRun.group_id))
+        with _reading(self.catalog) as session:
+            sources = session.execute(select(Source.name, Source.enabled, Source.healthy, Source.last_poll_at)
+                                      .order_by(Source.name)).all()
+            adapters = session.execute(select(Source.name, Adapter.status, func.count()).join(Adapter.source)
+                                       .group_by(Source.name, Adapter.status)).all()
+            groups = session.scalars(select(MergeGroup.name).order_by(MergeGroup.name)).all()
+            runs = session.execute(select(MergeGroup.name, MergeRun.status, func.count()).join(MergeRun.group)
+                                   .group_by(MergeGroup.name, MergeRun.status)).all()
+            successes = session.execute(select(MergeGroup.name, MergeRun.finished_at, MergeRun.metrics)
+                                        .join(MergeRun.group).where(MergeRun.id.in_(last_success))
+                                        .order_by(MergeGroup.name)).all()
+        families = _catalog_families()
+        adapter_counts = {(source, status): count for source, status, count in adapters}
+        run_counts = {(group, status): count for group, status, count in runs}
+        for source in sources:
+            for status in AdapterStatus:  # zeros too: a series that appears only when non-zero breaks rate() and alerts
+                count = adapter_counts.get((source.name, status), 0)
+                families["adapters"].add_metric([source.name, status.value], count)
+            if source.enabled:
+                families["source_up"].add_metric([source.name], int(source.healthy))
+                if source.last_poll_at is not None:
+                    families["last_poll"].add_metric([source.name], _unix(source.last_poll_at))
+        for group in groups:
+            for status in RunStatus:
+                families["runs"].add_metric([group, status.value], run_counts.get((group, status), 0))
+        for group, finished_at, figures in successes:
+            figures = figures if isinstance(figures, dict) else {}
+            destinations = {f"{p.get('kind')}:{p.get('location')}" for p in figures.get("published") or []
+                            if isinstance(p, dict)}
+            if finished_at is not None:
+                for destination in sorted(destinations):
+                    families["published"].add_metric([group, destination], _unix(finished_at))
+            tasks = figures.get("tasks")
+            for task, task_figures in sorted(tasks.items() if isinstance(tasks, dict) else ()):
+                gap = task_figures.get("fidelity_gap") if isinstance(task_figures, dict) else None
+                if isinstance(gap, (int, float)) and not isinstance(gap, bool):
+                    families["fidelity"].add_metric([group, task], float(gap))
+        return list(families.values())
+
+
+class DaemonMetrics:
+    """Everything ``/metrics`` shows, in a registry of its own: never prometheus_client's
+    global one, so two daemons in one process (or tests) do not share counters."""
+
+    def __init__(self, catalog: Catalog):
+        self.registry = CollectorRegistry()
+        self.registry.register(CatalogCollector(catalog))
+        self._merge_duration = Histogram(
+            "iteris_merge_duration_seconds", "How long merges took (this process).", ["group"],
+            buckets=MERGE_DURATION_BUCKETS, registry=self.registry)
+        self._worker_failures = Counter(
+            "iteris_worker_failures", "Merge workers lost (this process), by reason.", ["group", "reason"],
+            registry=self.registry)
+        self._webhook_requests = Counter(
+            "iteris_webhook_requests", "Hub webhook requests (this process), by outcome.", ["outcome"],
+            registry=self.registry)
+        for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start, so rate() sees the first one
+            self._webhook_requests.labels(outcome)
+
+    def observe_merge(self, group: str, seconds: float) -> None:
+        self._merge_duration.labels(group).observe(seconds)
+
+    def worker_failed(self, group: str, reason: str) -> None:
+        """``reason``: one of ``WORKER_FAILURE_REASONS``; anything else counts as ``other``
+        (a label value per distinct message would grow without bound)."""
+        self._worker_failures.labels(group, reason if reason in WORKER_FAILURE_REASONS else "other").inc()
+
+    def webhook_request(self, outcome: str) -> None:
+        self._webhook_requests.labels(outcome).inc()
+
+
+def _respond(start_response: StartResponse, status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
+             headers: Iterable[tuple[str, str]] = (), exc_info: Any = None) -> list[bytes]:
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers], exc_info)
+    return [body]
+
+
+def metrics_app(metrics: DaemonMetrics, health: Callable[[], str | None]) -> WSGIApplication:
+    """``/metrics`` and ``/healthz``. ``health()`` returns None when healthy, else why not."""
+    exposition = make_wsgi_app(metrics.registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return exposition(environ, start_response)
+        if path == "/healthz":
+            try:
+                reason = health()
+            except Exception as exc:  # a broken check is an unhealthy daemon, not a 500
+                log.exception("healthz: the health check failed")
+                reason = f"the health check failed: {type(exc).__name__}"
+            if reason is None:
+                return _respond(start_response, "200 OK", b"ok\n")
+            return _respond(start_response, "503 Service Unavailable", f"{reason}\n".encode())
+        return _respond(start_response, "404 Not Found", b"not found\n")
+
+    return app
+
+
+class _Reply(NamedTuple):
+    outcome: str
+    status: str
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _answer(triggered: bool, reason: str | None = None) -> _Reply:
+    body = {"triggered": triggered} if reason is None else {"triggered": triggered, "reason": reason}
+    return _Reply("triggered" if triggered else "ignored", "202 Accepted" if triggered else "200 OK",
+                  json.dumps(body).encode(), "application/json")
+
+
+class _Webhook:
+    """The Hub webhook (see the module docstring); ``on_repo_event(repo)`` only schedules a
+    poll and says whether a source watches ``repo``."""
+
+    def __init__(self, settings: WebhookSettings, on_repo_event: Callable[[str], bool], metrics: DaemonMetrics):
+        self.path = settings.path
+        self.max_body_bytes = settings.max_body_bytes
+        self.secret = settings.secret()
+        self.on_repo_event = on_repo_event
+        self.metrics = metrics
+        self._once = _Once()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        reply = self._handle(environ)
+        self.metrics.webhook_request(reply.outcome)
+        return _respond(start_response, reply.status, reply.body, reply.content_type, reply.headers)
+
+    def _handle(self, environ: WSGIEnvironment) -> _Reply:
+        if environ.get("PATH_INFO") != self.path:
+            return _Reply("not_found", "404 Not Found", b"not found\n")
+        if environ["REQUEST_METHOD"] != "POST":
+            return _Reply("method_not_allowed", "405 Method Not Allowed", b"POST only\n", headers=(("Allow", "POST"),))
+        # WSGI hands headers over as latin-1 text: encoding back gives the bytes the Hub sent.
+        given = environ.get("HTTP_X_WEBHOOK_SECRET", "").encode("latin-1")
+        if not hmac.compare_digest(given, self.secret):
+            client = environ.get("REMOTE_ADDR", "?")
+            if self._once.first(("unauthorized", client)):
+                log.warning("webhook: a request from %s had a wrong or no X-Webhook-Secret; nothing triggered", client)
+            return _Reply("unauthorized", "401 Unauthorized", b"wrong or missing X-Webhook-Secret\n")
+        length = environ.get("CONTENT_LENGTH", "")
+        if not length:
+            return _Reply("length_required", "411 Length Required", b"Content-Length required\n")
+        if not (length.isascii() and length.isdigit()):
+            return _Reply("bad_request", "400 Bad Request", b"invalid Content-Length\n")
+        if int(length) > self.max_body_bytes:
+            return _Reply("too_large", "413 Content Too Large", f"larger than {self.max_body_bytes} bytes\n".encode())
+        try:
+            body = environ["wsgi.input"].read(int(length))
+        except OSError:  # the client stopped sending (REQUEST_TIMEOUT_SECONDS) or went away
+            body = b""
+        if len(body) < int(length):
+            return _Reply("bad_request", "400 Bad Request", b"the body is shorter than its Content-Length\n")
+        try:
+            payload = safe_json.loads(body)
+        except ValueError:  # also UnicodeDecodeError, and safe_json's limits
+            return _Reply("bad_request", "400 Bad Request", b"the body is not JSON\n")
+        event = _repo_event(payload)
+        if event is None:
+            return _Reply("bad_request", "400 Bad Request", b"not a Hub webhook payload\n")
+        repo_type, scope, repo = event
+        if repo_type != "model":
+            return self._ignored(repo, f"a {repo_type} repo")
+        if scope != "repo" and not scope.startswith("repo."):
+            return self._ignored(repo, f"scope {scope}")
+        try:
+            triggered = self.on_repo_event(repo)
+        except Exception:  # the daemon's bug; the Hub retries a 5xx
+            log.exception("webhook: scheduling a poll of %s failed", repo)
+            return _Reply("error", "500 Internal Server Error", b"internal error\n")
+        if not triggered:
+            return self._ignored(repo, "no source watches it")
+        log.debug("webhook: %s changed (%s); poll scheduled", repo, scope)
+        return _answer(True)
+
+    def _ignored(self, repo: str, reason: str) -> _Reply:
+        if self._once.first((repo, reason)):
+            log.info("webhook: event for %s ignored: %s", repo, reason)
+        return _answer(False, reason)
+
+
+def _repo_event(payload: Any) -> tuple[str, str, str] | None:
+    """``(repo type, event scope, repo name)`` of a Hub webhook payload, or None if it is not one."""
+    if not isinstance(payload, dict):
+        return None
+    event, repo = payload.get("event"), payload.get("repo")
+    if not isinstance(event, dict) or not isinstance(repo, dict):
+        return None
+    scope, repo_type, name = event.get("scope"), repo.get("type"), repo.get("name")
+    if not all(isinstance(v, str) for v in (scope, repo_type, name)) or len(scope) > 100 or len(repo_type) > 100:
+        return None
+    if not _REPO_NAME.fullmatch(name):
+        return None
+    return repo_type, scope, name
+
+
+def webhook_app(settings: WebhookSettings, on_repo_event: Callable[[str], bool],
+                metrics: DaemonMetrics) -> WSGIApplication:
+    """The Hub webhook at ``settings.path``. Reads the secret now: a missing one is a
+    :class:`ConfigError` at start, not a 401 for every event."""
+    return _Webhook(settings, on_repo_event, metrics)
+
+
+class _RequestHandler(WSGIRequestHandler):
+    # A client that stops sending mid-request gives its thread back after this.
+    timeout = REQUEST_TIMEOUT_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Request lines and errors, to logging (http.server writes them to stderr). No headers."""
+        log.debug("http %s: " + format, self.address_string(), *args)
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck request never keeps the daemon from exiting
+
+    def __init__(self, host: str, port: int):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _RequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's looks up the host's FQDN (DNS, which can hang) only to name itself in
+        # the WSGI environ; the address does as well.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("http: a connection from %s failed", client_address[0], exc_info=True)
+
+
+def _guarded(app: WSGIApplication) -> WSGIApplication:
+    """``app``, answering 500 and logging when it raises (wsgiref would print to stderr)."""
+
+    def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return app(environ, start_response)
+        except Exception:
+            log.exception("http: %s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return _respond(start_response, "500 Internal Server Error", b"internal error\n", exc_info=sys.exc_info())
+
+    return guarded
+
+
+class HttpServer:
+    """Serves one WSGI app on ``host:port`` from a daemon thread, a thread per request.
+    Binds at once, so a taken port fails at start; port 0 picks a free one (see ``port``)."""
+
+    def __init__(self, host: str, port: int, app: WSGIApplication, *, name: str = "http"):
+        self.name = name
+        try:
+            self._server = _Server(host, port)
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self._server.set_app(_guarded(app))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name=self.name, daemon=True)
+        self._thread.start()
+        log.info("%s: listening on %s port %d", self.name, self._server.server_address[0], self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (requests in progress finish on their own threads)."""
+        if self._thread is not None:
+            self._server.shutdown()  # waits for serve_forever, which only a started thread runs
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()

@@ -1,0 +1,64 @@
+"""A base model's layer shapes as plain data, and the check of an adapter against them.
+
+The shapes come from the model's module tree on the meta device (:func:`iteris_daemon.model.base_shapes`),
+computed once per base model and adapter kind, by a worker process in the daemon, and
+cached in the catalog; checking an adapter against them is then pure Python, so the
+daemon validates thousands of adapters without importing torch. The merge checks a
+loaded model with the same function.
+
+``BaseShapes``: ``{"layers": {path: [kind, d_out, d_in]}, "other": {path: class name},
+"parameters": {name: shape}}`` where ``kind`` is ``"linear"`` or ``"conv1d"`` (GPT-2's
+transposed linear layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .adapter_config import WEIGHTS_NAME
+from .errors import AdapterError
+
+BaseShapes = dict[str, dict[str, Any]]
+
+
+def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved: Mapping[str, tuple[int, ...]],
+                 fan_in_fan_out: bool, folder: Path, model_name: str) -> None:
+    """Every LoRA pair (``lora``: module path -> (d_out, d_in) of its delta) must sit on a
+    linear layer of the base model with matching shapes, and every ``modules_to_save``
+    tensor (``saved``: name -> shape) on a parameter of the same shape."""
+    where = folder / WEIGHTS_NAME
+    layers, other, parameters = shapes["layers"], shapes["other"], shapes["parameters"]
+    for path, (d_out, d_in) in lora.items():
+        layer = layers.get(path)
+        if layer is None:
+            if path in other:
+                raise AdapterError(where, f"{path} is a {other[path]}; only Linear/Conv1D LoRA can be merged")
+            raise AdapterError(where, f"targets {path}, which the base model ({model_name}) does not have")
+        kind, base_out, base_in = layer
+        if (d_out, d_in) != (base_out, base_in):
+            raise AdapterError(where, f"{path}: LoRA delta is {d_out}x{d_in} but the base layer is {base_out}x{base_in}")
+        if (kind == "conv1d") != fan_in_fan_out:
+            raise AdapterError(where, f"fan_in_fan_out={fan_in_fan_out} does not match {path}")
+    for key, shape in saved.items():
+        if key not in parameters:
+            raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model")
+        if tuple(parameters[key]) != tuple(shape):
+            raise AdapterError(where, f"{key} is {tuple(shape)}, base model has {tuple(parameters[key])}")
+
+
+def skeleton_key(base: str, config: Mapping[str, Any], modules: list[str], saved: Mapping[str, tuple[int, ...]],
+                 trust_remote_code: bool) -> str:
+    """What the skeleton of ``base`` depends on for this adapter, as a hash: the class loaded
+    depends on ``task_type``, else ``auto_mapping``, else the adapted paths; a classifier
+    head's width (a ``modules_to_save`` matrix) sets the label count."""
+    mapping = config.get("auto_mapping")
+    wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    task_type = config.get("task_type")
+    paths = sorted(modules) if task_type is None and wanted is None else None
+    labels = min((shape[0] for shape in saved.values() if len(shape) == 2), default=None)
+    payload = [base, task_type, repr(wanted), paths, labels, trust_remote_code]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
