@@ -39,7 +39,7 @@ from sqlalchemy import select
 from .catalog import Catalog
 from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
-from .catalog.shapes import CatalogShapes
+from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
 from .config import DaemonConfig, GroupConfig, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
@@ -105,7 +105,7 @@ class Daemon:
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
             for leftover in (self.work / f"run-{run_id}", *self.work.glob(f".run-{run_id}.*")):
                 shutil.rmtree(leftover, ignore_errors=True)  # its half-written or unpublished merge
-        for leftover in self.work.glob(f"{INPUTS_PREFIX}*"):  # input snapshots of runs that were killed
+        for leftover in (*self.work.glob(f"{INPUTS_PREFIX}*"), *self.work.glob(f"{SHAPES_PREFIX}*")):  # killed runs' and workers' files
             shutil.rmtree(leftover, ignore_errors=True)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(settings.merge_slots())},

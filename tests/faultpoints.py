@@ -9,7 +9,8 @@ exists (a test that kills the daemon there never creates it). Other occurrences 
 
 The points (nothing in the daemon changes; these wrap functions it calls):
 
-- ``merge:step``: a merge asks whether to stop (once per batch or iteration): mid-merge.
+- ``merge:step``: the daemon asks whether to stop a running merge (every 0.2 s while its
+  worker runs): mid-merge.
 - ``publish:copied-one``: the folder publisher copied its first file into
   ``versions/.staging-*`` (a partial copy, ``current`` untouched).
 - ``publish:renamed``: the complete copy is renamed to ``versions/run-N-*``; ``current``

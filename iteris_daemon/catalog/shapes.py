@@ -25,6 +25,7 @@ from .db import Catalog
 from .models import BaseModelShapes
 
 log = logging.getLogger(__name__)
+SHAPES_PREFIX = ".shapes-"  # a shapes worker's files, in the daemon's work folder
 _ERRORS = {"BaseModelError": BaseModelError, "IncompatibleAdaptersError": IncompatibleAdaptersError}
 
 
@@ -50,7 +51,7 @@ class CatalogShapes:
     def _compute(self, key: str, base: str, layout: AdapterLayout, trust_remote_code: bool) -> BaseShapes:
         log.info("computing the layer shapes of %s in a worker (once per base model and adapter kind)", base)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".shapes-", dir=self.work_dir) as folder:
+        with tempfile.TemporaryDirectory(prefix=SHAPES_PREFIX, dir=self.work_dir) as folder:
             job = {"kind": "shapes", "base_model": base, "adapter": str(layout.path), "trust_remote_code": trust_remote_code}
             try:
                 shapes = run_in_worker(job, Path(folder), f"shapes of {base}", options=self.options)
