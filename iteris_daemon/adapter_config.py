@@ -178,3 +178,22 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
         if config.get(flag):
             raise AdapterError(config_path, reason)
     return config
+
+
+class AdapterConfigView:
+    """What both views of an adapter (its tensors, :class:`iteris_daemon.lora.LoraAdapter`;
+    its layout, :class:`iteris_daemon.validation.AdapterLayout`) read from its ``config``."""
+
+    config: dict[str, Any]
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))

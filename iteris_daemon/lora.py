@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME,  # noqa: F401 (re-exported)
+from .adapter_config import (CONFIG_NAME, AdapterConfigView, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME,  # noqa: F401 (re-exported)
                              module_scaling, read_adapter_config)
 from .errors import AdapterError
 
@@ -38,7 +38,7 @@ class LoraModule:
 
 
 @dataclass
-class LoraAdapter:
+class LoraAdapter(AdapterConfigView):
     """A loaded, self-consistent PEFT LoRA adapter (not yet checked against a base model)."""
 
     name: str
@@ -48,18 +48,6 @@ class LoraAdapter:
     modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
     content_sha256: str = ""
     dtype: torch.dtype = torch.float32  # of the LoRA weights as saved (the merge is written in it by default)
-
-    @property
-    def task_type(self) -> str | None:
-        return self.config.get("task_type")
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out", False))
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:

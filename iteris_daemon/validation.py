@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from . import safe_json
-from .adapter_config import CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME, module_scaling, read_adapter_config
+from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME, AdapterConfigView,
+                             module_scaling, read_adapter_config)
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
 from .shapes import BaseShapes, check_shapes, skeleton_key
@@ -240,7 +241,7 @@ _NON_FINITE = {
 
 
 @dataclass
-class AdapterLayout:
+class AdapterLayout(AdapterConfigView):
     """What an adapter's files hold, read without torch: its config, per module the LoRA
     delta's (rank, d_out, d_in), the ``modules_to_save`` shapes, and the weights' hash."""
 
@@ -250,14 +251,6 @@ class AdapterLayout:
     modules_to_save: dict[str, tuple[int, ...]] = field(default_factory=dict)
     content_sha256: str = ""
     name: str = ""  # the adapter's name (calibration sources look files up by it)
-
-    @property
-    def task_type(self) -> str | None:
-        return self.config.get("task_type")
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
 
 
 def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None) -> AdapterLayout:
@@ -378,7 +371,7 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {base[:100]!r} cannot be read (not on "
                                                      "the Hub, or offline); the daemon's log has the details") from None
         check_shapes(found, {p: (d_out, d_in) for p, (_, d_out, d_in) in layout.modules.items()},
-                     layout.modules_to_save, bool(config.get("fan_in_fan_out", False)), folder, base)
+                     layout.modules_to_save, layout.fan_in_fan_out, folder, base)
     targets = config.get("target_modules")
     return AdapterInfo(
         base_model=base,
