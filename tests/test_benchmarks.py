@@ -110,3 +110,25 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
     assert result["host_peak_mb"] > 0 and result["device_peak_mb"] is None and result["iterations_run"] == 2
     index = json.loads((tmp_path / "tiny" / "base" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # one shard per block plus one for the rest
+
+
+def test_sweep_rule_prefers_higher_then_cheaper():
+    """A value replaces the current one only on evidence at every N: a higher mean, or
+    fewer solves at a mean within the tie margin; a cheaper value that loses more is kept out."""
+    def runs(**by_value):
+        return {n: {"tolerance": {v: {"mean": m[i][0], "iterations_run": m[i][1]} for v, m in by_value.items()}}
+                for i, n in enumerate(("4", "8"))}
+
+    values = (1e-3, 1e-2, 1e-1)
+    # 1e-1 is cheaper and within the margin at both N: chosen.
+    tie = runs(**{"0.001": [(0.985, 5), (0.973, 5)], "0.01": [(0.985, 4), (0.972, 4)],
+                  "0.1": [(0.984, 3), (0.972, 3)]})
+    assert quality.choose(tie, "tolerance", values, current=1e-3) == 1e-1
+    # 1e-1 costs accuracy beyond the margin at N = 8: 1e-2 (cheaper, within it) is kept.
+    loss = runs(**{"0.001": [(0.985, 5), (0.973, 5)], "0.01": [(0.985, 4), (0.972, 4)],
+                   "0.1": [(0.985, 3), (0.965, 3)]})
+    assert quality.choose(loss, "tolerance", values, current=1e-3) == 1e-2
+    # Higher at one N only and no cheaper: the default stays.
+    mixed = runs(**{"0.001": [(0.985, 5), (0.973, 5)], "0.01": [(0.990, 5), (0.970, 5)],
+                    "0.1": [(0.980, 5), (0.980, 5)]})
+    assert quality.choose(mixed, "tolerance", values, current=1e-3) == 1e-3
