@@ -9,6 +9,7 @@ beside them. See ``config/iteris-daemon.example.toml``.
 from __future__ import annotations
 
 import fnmatch
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibration import DEFAULT_ORDER
-from .endpoints import MetricsSettings, WebhookSettings
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .validation import Limits
@@ -39,6 +39,89 @@ class AdapterLimits(_Strict):
 
     def limits(self) -> Limits:
         return Limits(**self.model_dump())
+
+
+# The HTTP endpoints' settings (served by iteris_daemon.endpoints).
+SECRET_CREDENTIAL = "hub-webhook-secret"  # systemd: LoadCredential=hub-webhook-secret:/etc/...
+MAX_SECRET_BYTES = 4096
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:9464"`` for IPv6) as ``(host, port)``; ValueError says what is wrong."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ValueError(f'expected "HOST:PORT" (IPv6 in brackets: "[::1]:9464"), got {value!r}')
+    if host.startswith("[") and host.endswith("]") and ":" in host:
+        host = host[1:-1]
+    elif any(c in host for c in ":[]"):
+        raise ValueError(f'{value!r}: an IPv6 address goes in brackets, e.g. "[::1]:9464"')
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{value!r}: the host is empty or holds spaces")
+    if int(port) > 65535:
+        raise ValueError(f"{value!r}: port {int(port)} is not in 0-65535")
+    return host, int(port)
+
+
+class _Listening(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(description='"HOST:PORT" to listen on; "[::1]:PORT" for IPv6; port 0 picks a free one')
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` to bind, the host without IPv6 brackets."""
+        return parse_listen(self.listen)
+
+
+class MetricsSettings(_Listening):
+    """Serve ``/metrics`` and ``/healthz`` (off unless configured)."""
+
+
+class WebhookSettings(_Listening):
+    """Serve the Hub webhook (off unless configured)."""
+
+    path: str = Field("/webhooks/hub", description="URL path the Hub posts to")
+    secret_file: Path | None = Field(
+        None, description=f"the webhook's secret (default: $CREDENTIALS_DIRECTORY/{SECRET_CREDENTIAL})")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger requests are refused unread")
+
+    @field_validator("path")
+    @classmethod
+    def _valid_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() or c in "?#" for c in value):
+            raise ValueError(f"{value!r}: must start with / and hold no spaces, ? or #")
+        return value
+
+    def secret_path(self) -> Path:
+        """``secret_file``, else the credential systemd's ``LoadCredential`` put in place."""
+        if self.secret_file is not None:
+            return self.secret_file
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not credentials:
+            raise ConfigError(f"webhook: no secret_file set, and no $CREDENTIALS_DIRECTORY to find the systemd "
+                              f"credential {SECRET_CREDENTIAL!r} in (LoadCredential={SECRET_CREDENTIAL}:PATH)")
+        return Path(credentials) / SECRET_CREDENTIAL
+
+    def secret(self) -> bytes:
+        """The shared secret, trailing whitespace removed. Errors name the file, never its content."""
+        path = self.secret_path()
+        try:
+            with open(path, "rb") as handle:
+                secret = handle.read(MAX_SECRET_BYTES + 1)
+        except FileNotFoundError:
+            raise ConfigError(f"webhook secret file {path}: does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"webhook secret file {path}: cannot read it ({exc.strerror})") from None
+        if len(secret) > MAX_SECRET_BYTES:
+            raise ConfigError(f"webhook secret file {path}: longer than {MAX_SECRET_BYTES} bytes")
+        if not secret.rstrip():
+            raise ConfigError(f"webhook secret file {path}: is empty")
+        return secret.rstrip()
 
 
 class DaemonSettings(_Strict):
@@ -183,8 +266,10 @@ class DaemonConfig(_Strict):
         return self
 
 
-def load_config(path: Path) -> DaemonConfig:
-    """Read and validate ``path``; every problem is a :class:`ConfigError` naming it."""
+def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
+    """Read and validate ``path``; every problem is a :class:`ConfigError` naming it.
+    ``check_plugins=False`` skips what needs the plugins loaded (strategy parameters,
+    destination and source settings): enough for a command that only needs the catalog."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -197,7 +282,8 @@ def load_config(path: Path) -> DaemonConfig:
         config = DaemonConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError.from_validation(str(path), exc) from None
-    _check_plugins(config, path)
+    if check_plugins:
+        _check_plugins(config, path)
     return config
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import re
 import socket
 import socketserver
@@ -55,7 +54,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -63,19 +61,17 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from . import safe_json
 from .catalog import Catalog
 from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source
+from .config import WebhookSettings
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SECRET_CREDENTIAL = "hub-webhook-secret"  # systemd: LoadCredential=hub-webhook-secret:/etc/...
-MAX_SECRET_BYTES = 4096
 MERGE_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 WORKER_FAILURE_REASONS = frozenset({"signal", "exit", "memory", "timeout"})
 WEBHOOK_OUTCOMES = ("triggered", "ignored", "unauthorized", "bad_request", "length_required", "too_large",
@@ -83,84 +79,6 @@ WEBHOOK_OUTCOMES = ("triggered", "ignored", "unauthorized", "bad_request", "leng
 REQUEST_TIMEOUT_SECONDS = 10.0
 # Hub repo ids: "owner/name", or a bare name for the oldest models.
 _REPO_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` (``"[::1]:9464"`` for IPv6) as ``(host, port)``; ValueError says what is wrong."""
-    host, colon, port = value.rpartition(":")
-    if not colon or not (port.isascii() and port.isdigit() and len(port) <= 5):
-        raise ValueError(f'expected "HOST:PORT" (IPv6 in brackets: "[::1]:9464"), got {value!r}')
-    if host.startswith("[") and host.endswith("]") and ":" in host:
-        host = host[1:-1]
-    elif any(c in host for c in ":[]"):
-        raise ValueError(f'{value!r}: an IPv6 address goes in brackets, e.g. "[::1]:9464"')
-    if not host or any(c.isspace() for c in host):
-        raise ValueError(f"{value!r}: the host is empty or holds spaces")
-    if int(port) > 65535:
-        raise ValueError(f"{value!r}: port {int(port)} is not in 0-65535")
-    return host, int(port)
-
-
-class _Listening(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    listen: str = Field(description='"HOST:PORT" to listen on; "[::1]:PORT" for IPv6; port 0 picks a free one')
-
-    @field_validator("listen")
-    @classmethod
-    def _valid_listen(cls, value: str) -> str:
-        parse_listen(value)
-        return value
-
-    def address(self) -> tuple[str, int]:
-        """``(host, port)`` to bind, the host without IPv6 brackets."""
-        return parse_listen(self.listen)
-
-
-class MetricsSettings(_Listening):
-    """Serve ``/metrics`` and ``/healthz`` (off unless configured)."""
-
-
-class WebhookSettings(_Listening):
-    """Serve the Hub webhook (off unless configured)."""
-
-    path: str = Field("/webhooks/hub", description="URL path the Hub posts to")
-    secret_file: Path | None = Field(
-        None, description=f"the webhook's secret (default: $CREDENTIALS_DIRECTORY/{SECRET_CREDENTIAL})")
-    max_body_bytes: int = Field(1 << 20, gt=0, description="larger requests are refused unread")
-
-    @field_validator("path")
-    @classmethod
-    def _valid_path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() or c in "?#" for c in value):
-            raise ValueError(f"{value!r}: must start with / and hold no spaces, ? or #")
-        return value
-
-    def secret_path(self) -> Path:
-        """``secret_file``, else the credential systemd's ``LoadCredential`` put in place."""
-        if self.secret_file is not None:
-            return self.secret_file
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not credentials:
-            raise ConfigError(f"webhook: no secret_file set, and no $CREDENTIALS_DIRECTORY to find the systemd "
-                              f"credential {SECRET_CREDENTIAL!r} in (LoadCredential={SECRET_CREDENTIAL}:PATH)")
-        return Path(credentials) / SECRET_CREDENTIAL
-
-    def secret(self) -> bytes:
-        """The shared secret, trailing whitespace removed. Errors name the file, never its content."""
-        path = self.secret_path()
-        try:
-            with open(path, "rb") as handle:
-                secret = handle.read(MAX_SECRET_BYTES + 1)
-        except FileNotFoundError:
-            raise ConfigError(f"webhook secret file {path}: does not exist") from None
-        except OSError as exc:
-            raise ConfigError(f"webhook secret file {path}: cannot read it ({exc.strerror})") from None
-        if len(secret) > MAX_SECRET_BYTES:
-            raise ConfigError(f"webhook secret file {path}: longer than {MAX_SECRET_BYTES} bytes")
-        if not secret.rstrip():
-            raise ConfigError(f"webhook secret file {path}: is empty")
-        return secret.rstrip()
 
 
 class _Once:

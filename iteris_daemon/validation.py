@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import safe_json
 from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME, AdapterConfigView,
                              module_scaling, read_adapter_config)
@@ -308,6 +306,8 @@ def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None
 
 
 def _finite(data: bytes, start: int, entry: dict[str, Any]) -> bool:
+    import numpy as np  # here, not at the top: config and status import this module for its limits
+
     view, exponent = _NON_FINITE[entry["dtype"]]
     begin, end = entry["data_offsets"]
     bits = np.frombuffer(data, dtype=view, count=(end - begin) // np.dtype(view).itemsize, offset=start + begin)

@@ -43,6 +43,19 @@ def test_migrations_from_empty_match_the_models(catalog_url):
     engine.dispose()
 
 
+def test_the_fast_open_knows_the_newest_migration(catalog_url):
+    """A catalog at SCHEMA_HEAD opens without Alembic, so the constant must name the head;
+    one revision behind, opening it migrates."""
+    assert catalog_db.SCHEMA_HEAD == catalog_db.head_revision()
+    engine = catalog_db.make_engine(catalog_url)
+    assert not catalog_db.at_head(engine)  # empty: no version table
+    catalog_db.upgrade(engine, _revisions()[-2])
+    assert not catalog_db.at_head(engine)
+    Catalog(catalog_url).close()
+    assert catalog_db.at_head(engine) and _diff(engine) == []
+    engine.dispose()
+
+
 @pytest.mark.parametrize("start", _revisions())
 def test_upgrade_from_every_earlier_revision(catalog_url, start):
     engine = catalog_db.make_engine(catalog_url)

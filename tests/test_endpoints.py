@@ -23,8 +23,8 @@ from sqlalchemy import text
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source,
                                           SourceKind)
-from iteris_daemon.endpoints import (DaemonMetrics, HttpServer, MetricsSettings, WebhookSettings, metrics_app,
-                                     webhook_app)
+from iteris_daemon.config import MetricsSettings, WebhookSettings
+from iteris_daemon.endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from iteris_daemon.errors import ConfigError
 
 SECRET = "correct horse battery staple"

@@ -39,3 +39,49 @@ def test_plugins_and_parameters_load_without_torch():
     assert {"adapter", "files", "hub_dataset", "generate"} <= set(found["calibration_sources"])
     assert {"folder", "hub"} <= set(found["publishers"])
     assert found["imported"] == []
+
+
+STATUS_PROBE = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    from iteris_daemon.cli import main
+
+    code = main(["status", "--config", sys.argv[1], "--json"])
+    print(json.dumps([name for name in ("alembic", "numpy", "prometheus_client", "huggingface_hub", "watchdog",
+                                        "apscheduler", "torch") if name in sys.modules]), file=sys.stderr)
+    sys.exit(code)
+    """
+)
+
+
+def test_status_loads_only_what_it_shows(tmp_path):
+    """``iteris-daemon status`` (a command operators and scripts run often) reads a
+    migrated catalog without importing Alembic, numpy, the metrics library, the Hub
+    client, the watcher or the scheduler: their imports were most of its time."""
+    state = tmp_path / "state"
+    config = tmp_path / "daemon.toml"
+    config.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "{state}"
+        [daemon.metrics]
+        listen = "127.0.0.1:0"
+        [[sources]]
+        name = "team"
+        kind = "hub"
+        repos = ["alice/lora-a"]
+        [[groups]]
+        name = "unified"
+        base_model = "{tmp_path / 'base'}"
+        [[groups.destinations]]
+        kind = "folder"
+        path = "{tmp_path / 'published'}"
+        """))
+    first = subprocess.run([sys.executable, "-c", STATUS_PROBE, str(config)], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "alembic" in json.loads(first.stderr.splitlines()[-1])  # an empty catalog is migrated first
+    again = subprocess.run([sys.executable, "-c", STATUS_PROBE, str(config)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["groups"] == []  # the daemon writes groups into the catalog, not status
+    assert json.loads(again.stderr.splitlines()[-1]) == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IterisError
@@ -24,6 +24,10 @@ from ..paths import private_dir, state_dir
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The newest migration's revision. A catalog already there opens without Alembic, whose
+# import and checks were most of a short command's time (``status``); a new migration
+# must update it (tests/test_catalog.py compares it with the migrations' head).
+SCHEMA_HEAD = "0004"
 
 
 class CatalogError(IterisError):
@@ -157,6 +161,16 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(_alembic_config(connection), revision)
 
 
+def at_head(engine: Engine) -> bool:
+    """Whether the database is at :data:`SCHEMA_HEAD`, read without Alembic; False when
+    it has no version table yet (an empty database) or cannot say."""
+    try:
+        with engine.connect() as connection:
+            return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == [SCHEMA_HEAD]
+    except DBAPIError:
+        return False
+
+
 def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
@@ -180,7 +194,7 @@ class Catalog:
         self.busy_timeout = SQLITE_BUSY_TIMEOUT_MS / 1000 if busy_timeout is None else busy_timeout
         self.engine = make_engine(self.url, busy_timeout=self.busy_timeout)
         self._sqlite = self.engine.url.get_backend_name() == "sqlite"
-        if migrate:
+        if migrate and not at_head(self.engine):
             try:
                 upgrade(self.engine)
             except Exception as exc:

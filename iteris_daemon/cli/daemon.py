@@ -49,12 +49,13 @@ def _catalog(args):
     import os
 
     from ..catalog import Catalog
-    from ..config import load_config
-    from ..paths import state_dir
 
     url = args.db or os.environ.get(DB_ENV)
     if url is None and args.config is not None:
-        daemon = load_config(args.config).daemon
+        from ..config import load_config
+        from ..paths import state_dir
+
+        daemon = load_config(args.config, check_plugins=False).daemon  # only where the catalog is
         url = daemon.database or f"sqlite:///{(daemon.state_dir or state_dir()) / 'catalog.db'}"
     return Catalog(url)
 
