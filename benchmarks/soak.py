@@ -18,13 +18,14 @@ What it does, offline, on the CPU:
    adapters on disk, nothing running), checks every newly published version against its run
    (the weights and calibration the merge report says it read must be the revisions the run
    records), and samples the daemon: RSS, open fds, threads, catalog size, runs by status,
-   published versions, error lines in its log;
+   published versions, error lines in its log, and its child processes (each merge runs in a
+   worker process, which must be gone and reaped once the run finished);
 4. stops the daemon with SIGTERM (it must exit 0), prints a table, writes every sample to
    ``<workdir>/soak.json`` and exits 1 when anything failed: errors (ERROR lines or tracebacks in
    the daemon's log, cycles that never converged, disturbances the daemon missed, published
    versions whose provenance is wrong), failed runs, RSS grown past ``--max-rss-growth-mb`` or
    ``--max-rss-growth-pct`` from the end of warm-up to the end, or fds or threads grown past
-   their tolerance.
+   their tolerance, or a worker process still there after a cycle caught up.
 
 Run: ``python -m benchmarks.soak`` (500 cycles, about 15 minutes on 2 cores) or
 ``python -m benchmarks.soak --cycles 20`` for a quick smoke run.
@@ -163,6 +164,23 @@ def proc_figures(pid: int) -> dict[str, float]:
     return figures
 
 
+def children(pid: int) -> tuple[int, int]:
+    """(processes whose parent is ``pid``, of which zombies): workers alive, or exited and never reaped."""
+    alive = zombies = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        state, parent = stat[stat.rindex(")") + 2:].split()[:2]  # the name may hold spaces and parentheses
+        if int(parent) == pid:
+            alive += 1
+            zombies += state == "Z"
+    return alive, zombies
+
+
 def catalog_fds(pid: int, db: Path) -> int:
     """fds on the SQLite catalog: each pooled connection holds the .db and the -wal, all share the -shm."""
     count = 0
@@ -294,6 +312,8 @@ class Sample:
     fds: int
     catalog_fds: int  # of fds: the catalog's connection pool (bounded by its size, not a leak when it grows)
     threads: int
+    children: int  # child processes of the daemon once the cycle caught up (a merge worker left behind)
+    zombies: int  # of those, exited and not reaped
     catalog_bytes: int  # catalog.db
     wal_bytes: int  # catalog.db-wal (SQLite reuses it after checkpoints; it does not shrink)
     state_bytes: int  # the whole state dir (catalog, run work folders)
@@ -584,6 +604,7 @@ class Soak:
 
     def sample(self, number: int, cycle_seconds: float, ops: list[str]) -> Sample:
         figures = proc_figures(self.daemon.pid)
+        alive, zombies = children(self.daemon.pid)
         self.log.read()
         db = self.state / "catalog.db"
         wal = Path(f"{db}-wal")
@@ -592,6 +613,7 @@ class Soak:
             cycle=number, seconds=round(time.monotonic() - self.started, 1), rss_mb=round(figures["VmRSS"], 1),
             hwm_mb=round(figures["VmHWM"], 1), fds=int(figures["fds"]),
             catalog_fds=catalog_fds(self.daemon.pid, db), threads=int(figures["Threads"]),
+            children=alive, zombies=zombies,
             catalog_bytes=db.stat().st_size, wal_bytes=wal.stat().st_size if wal.exists() else 0,
             state_bytes=tree_bytes(self.state),
             work_folders=sum(p.name.startswith(("run-", ".run-")) for p in (self.state / "runs").iterdir()),
@@ -638,6 +660,8 @@ def summarize(samples: list[Sample], warmup: int, args: argparse.Namespace, driv
         "catalog_fds_start": first.catalog_fds, "catalog_fds_end": last.catalog_fds,
         "catalog_fds_max": max(s.catalog_fds for s in steady),
         "threads_start": first.threads, "threads_end": last.threads, "threads_max": max(s.threads for s in steady),
+        "children_max": max(s.children for s in samples), "zombies_max": max(s.zombies for s in samples),
+        "samples_with_children": sum(s.children > 0 for s in samples),
         "catalog_kb_start": round((first.catalog_bytes + first.wal_bytes) / 1024),
         "catalog_kb_end": round((last.catalog_bytes + last.wal_bytes) / 1024),
         "wal_kb_end": round(last.wal_bytes / 1024), "wal_kb_max": round(max(s.wal_bytes for s in samples) / 1024),
@@ -666,6 +690,9 @@ def summarize(samples: list[Sample], warmup: int, args: argparse.Namespace, driv
                       f"(at most {CATALOG_FDS_MAX})")
     if last.threads - first.threads > args.max_thread_growth:
         failed.append(f"threads grew {first.threads} -> {last.threads} (tolerance {args.max_thread_growth})")
+    if figures["samples_with_children"]:
+        failed.append(f"child processes alive after {figures['samples_with_children']} cycles had caught up "
+                      f"(at most {figures['children_max']}, {figures['zombies_max']} zombies): leaked workers")
     if last.work_folders:
         failed.append(f"{last.work_folders} run work folders left in state/runs")
     if last.published_versions > args.keep + 1:
@@ -687,6 +714,8 @@ def table(figures: dict) -> str:
         ("open fds start / end (max)", f"{f['fds_start']} / {f['fds_end']} ({f['fds_max']})"),
         ("  of which the catalog's pool, start / end", f"{f['catalog_fds_start']} / {f['catalog_fds_end']}"),
         ("threads start / end (max)", f"{f['threads_start']} / {f['threads_end']} ({f['threads_max']})"),
+        ("worker processes left after a cycle (max, zombies)",
+         f"{f['samples_with_children']} cycles ({f['children_max']}, {f['zombies_max']})"),
         ("catalog KB (db + WAL) start / end", f"{f['catalog_kb_start']} / {f['catalog_kb_end']} "
                                        f"({f['catalog_bytes_per_run']} bytes per run)"),
         ("  of which the WAL at the end (max)", f"{f['wal_kb_end']} ({f['wal_kb_max']})"),
@@ -733,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds the daemon has to notice a folder vanish or come back")
     parser.add_argument("--max-rss-growth-mb", type=float, default=20.0,
                         help="fail if RSS grows more than this after warm-up")
-    parser.add_argument("--max-rss-growth-pct", type=float, default=10.0,
+    parser.add_argument("--max-rss-growth-pct", type=float, default=5.0,
                         help="fail if RSS grows more than this %% after warm-up")
     parser.add_argument("--max-fd-growth", type=int, default=2,
                         help="fail if open fds other than the catalog's grow more than this after warm-up (the "

@@ -132,3 +132,19 @@ def test_sweep_rule_prefers_higher_then_cheaper():
     mixed = runs(**{"0.001": [(0.985, 5), (0.973, 5)], "0.01": [(0.990, 5), (0.970, 5)],
                     "0.1": [(0.980, 5), (0.980, 5)]})
     assert quality.choose(mixed, "tolerance", values, current=1e-3) == 1e-3
+
+
+def test_catalog_benchmark_tiny(tmp_path, capsys):
+    """benchmarks.catalog end to end on 6 adapters: the in-process source, then the real
+    daemon (registered, idle without libtorch, status, a webhook push and a polled push)."""
+    from benchmarks import catalog
+
+    assert catalog.main(["--workdir", str(tmp_path), "--adapters", "6", "--idle-seconds", "1", "--pushes", "1",
+                         "--poll-seconds", "2"]) == 0
+    results = json.loads((tmp_path / "catalog.json").read_text())
+    daemon = results["daemon"]
+    assert results["adapters"] == 6 and daemon["registered_seconds"] > 0
+    assert daemon["libtorch_mapped"] is False and daemon["idle_rss_mb"] > 0
+    assert len(daemon["status_seconds_all"]) == 5 and len(daemon["webhook_seconds"]) == 1
+    assert 0 < daemon["polled_seconds"][0] < 2 + 60  # the next poll, within one period plus the registration
+    assert "with a webhook" in capsys.readouterr().out

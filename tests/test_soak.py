@@ -8,7 +8,8 @@ the soak's own report (``soak.json``): 20 cycles ran, each converged; zero error
 ERROR line or traceback in the daemon's log, no problem found by the driver, e.g. a
 published version whose provenance is wrong); no failed or cancelled run; every version
 published was checked; both reloads and every kind of disturbance happened; the daemon
-exited 0 on SIGTERM. Memory, fd and thread growth are what the long soak
+exited 0 on SIGTERM; no merge worker process left (alive or zombie) once a cycle
+caught up. Memory, fd and thread growth are what the long soak
 (``python -m benchmarks.soak``, RELIABILITY.md row 25) measures: 10 cycles after
 warm-up say nothing about them, so their limits are lifted here.
 """
@@ -46,6 +47,7 @@ def test_a_short_soak_has_no_errors(tmp_path):
     assert figures["runs_succeeded"] >= CYCLES  # one merge per cycle at least
     assert figures["published_versions_checked"] >= CYCLES
     assert figures["daemon_exit"] == 0
+    assert figures["samples_with_children"] == 0 and figures["zombies_max"] == 0  # every merge worker gone and reaped
     ops = [op for sample in report["samples"] for op in sample["ops"]]
     assert sum(op.startswith("reload") for op in ops) == CYCLES // 10, ops
     for kind in ("transient", "flap-subfolder", "flap-root"):
