@@ -112,7 +112,7 @@ def _idle(source: LocalFolderSource, seconds: float) -> dict:
 
 
 def run(workdir: Path, n: int = 1000, idle_seconds: float = 30.0, pushes: int = 5, poll_seconds: float = 10.0) -> dict:
-    root = workdir / "catalog-bench"
+    root = (workdir / "catalog-bench").resolve()  # the daemon runs with its own working directory
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(mode=0o700, parents=True)  # the daemon's state goes in here: private
     base = make_base(root / "base")

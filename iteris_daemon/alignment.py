@@ -300,12 +300,14 @@ class _Alignment:
         units = [u for u in self.executor.units if u.paths or u.stack is not None]
         best: tuple[dict[str, torch.Tensor], float] | None = None  # stop="objective": the best merge measured
         returned = 0
+        passes_run = 0  # passes of the calibration data through the model (the cost of the sweeps)
         self.base.attach(self.paths)
         try:
             for sweep in range(options.iterations):
                 self.loss_terms = [[0.0, 0.0] for _ in range(self.n)]
                 self.change = [0.0, 0.0]
                 passes = 1 if options.schedule == "joint" else (3 if sweep == 0 else 2)
+                passes_run += passes
                 self.bar = self.progress(total=passes * sum(len(b) for b in self.batches) * len(units),
                                          desc=f"iteration {sweep}")
                 states = [list(s) for s in self.starts]
@@ -340,6 +342,7 @@ class _Alignment:
         factors = {p: (self.B_cat[p].float(), self.merged[p].float()) for p in self.paths}
         metrics = {
             "iterations_run": len(changes),
+            "calibration_passes": passes_run,  # with stop="objective", the sweep that measured no gain too
             "returned_iteration": returned,  # which solve (1 = the first) the merge is
             "relative_change": changes,
             "converged": bool(changes and changes[-1] < options.tolerance) or returned < len(changes),

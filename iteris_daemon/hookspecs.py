@@ -44,7 +44,10 @@ def register_calibration_sources(register: Callable[["CalibrationSource"], None]
     A source satisfies :class:`iteris_daemon.calibration.CalibrationSource`: a unique
     ``name`` (what ``CalibrationOptions.order`` lists) and ``load(adapter, options)``
     returning a :class:`~iteris_daemon.calibration.CalibrationSet` or ``None`` to let
-    the next source in the configured order answer.
+    the next source in the configured order answer. A source whose ``load`` needs torch
+    or a model sets ``runs_in_worker = True``: the daemon, which never imports torch,
+    then calls it in a worker process (the adapter it gets is read from the run's
+    snapshot; the samples come back as JSON).
     """
 
 

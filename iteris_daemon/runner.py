@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, first_calibration
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, first_calibration
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
@@ -211,11 +211,36 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limi
     return loaded
 
 
+class InWorkerCalibration:
+    """A calibration source that needs torch (``runs_in_worker``), as the daemon calls it:
+    its ``load`` runs in a worker process (``in_worker(job, label)`` returns the report),
+    on the adapter's snapshot, and the samples come back as JSON."""
+
+    def __init__(self, source, in_worker: Callable[[dict[str, Any], str], Any]):
+        self.name, self.description = source.name, source.description
+        self._in_worker = in_worker
+
+    def load(self, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationSet | None:
+        job = {"kind": "calibration", "source": self.name, "adapter": str(adapter.path), "name": adapter.name,
+               "options": {"order": list(options.order), "files": {k: str(v) for k, v in options.files.items()},
+                           "base_model": options.base_model, "samples": options.samples, "settings": options.settings}}
+        report = self._in_worker(job, f"calibration source {self.name} for {adapter.name}")
+        if report is None:
+            return None
+        return CalibrationSet(tuple(Sample(text, target) for text, target in report["samples"]), report["source"],
+                              report["generated"])
+
+
 def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
-                  into: Path, limits: Limits = Limits()) -> Inputs:
+                  into: Path, limits: Limits = Limits(),
+                  in_worker: Callable[[dict[str, Any], str], Any] | None = None) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration; an adapter that
-    cannot be read as registered, or has no calibration data, is held back, not fatal."""
+    cannot be read as registered, or has no calibration data, is held back, not fatal.
+    With ``in_worker`` (the daemon), sources that need torch are called through it."""
     sources = calibration_sources()
+    if in_worker is not None:
+        sources = {name: InWorkerCalibration(source, in_worker) if getattr(source, "runs_in_worker", False) else source
+                   for name, source in sources.items()}
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
         samples=samples or 50, settings=group.calibration.source_settings(),
@@ -233,6 +258,8 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                 data = data.head(samples)
                 if data.source.startswith(str(loaded.path)):  # read from the snapshot: name the original
                     data = replace(data, source=revision.files_path + data.source[len(str(loaded.path)):])
+        except MergeCancelled:
+            raise
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
             continue
@@ -309,7 +336,15 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     strategy = get_strategy(group.strategy)
     samples = getattr(parse_params(strategy, group.params), "samples_per_task", None)
     on_status(f"group {group.name}: gathering inputs")
-    inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits)
+
+    def in_worker(job: dict[str, Any], label: str) -> Any:
+        return run_in_worker(job, snapshots / "calibration-worker", f"group {group.name}: {label}", should_stop, worker)
+
+    try:
+        inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker)
+    except MergeCancelled as exc:
+        log.warning("group %s: cancelled while gathering inputs", group.name)
+        return RunOutcome(RunStatus.cancelled, None, str(exc))
     fingerprint = inputs.fingerprint(group.strategy, group.params)
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)

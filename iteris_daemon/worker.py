@@ -2,7 +2,8 @@
 (:mod:`iteris_daemon.supervisor`), so a crash, an out-of-memory kill or a hung
 CUDA call costs one run, never the daemon, and the GPU memory and heap a merge
 used go back to the system when it exits. Everything that needs torch runs here:
-merges, and (job kind ``shapes``) a base model's layer shapes for validation.
+merges, a base model's layer shapes for validation (job kind ``shapes``) and
+calibration data from a source that needs torch (``calibration``).
 
 ``python -m iteris_daemon.worker JOB.json``: the job (written by the supervisor)
 names the merge request and its calibration samples (or the base model and an
@@ -67,7 +68,8 @@ def run_job(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     from .errors import IterisError, MergeCancelled
 
     try:
-        return {"status": "ok", "report": (_shapes if job.get("kind") == "shapes" else _merge)(job, stop)}
+        work = {"shapes": _shapes, "calibration": _calibration}.get(job.get("kind"), _merge)
+        return {"status": "ok", "report": work(job, stop)}
     except IterisError as exc:
         name = "cancelled" if isinstance(exc, MergeCancelled) else "error"
         return {"status": name, "error": str(exc), "error_type": type(exc).__name__}
@@ -85,6 +87,22 @@ def _shapes(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
 
     adapter = load_adapter(Path(job["adapter"]))
     return base_shapes(load_skeleton(job["base_model"], adapter, job["trust_remote_code"]))
+
+
+def _calibration(job: dict[str, Any], stop: threading.Event) -> dict[str, Any] | None:
+    """Calibration samples from a source that needs torch, for the adapter in ``job["adapter"]``."""
+    from .calibration import CalibrationOptions
+    from .plugin_manager import calibration_sources
+    from .validation import read_layout
+
+    adapter = read_layout(Path(job["adapter"]), name=job["name"])
+    given = job["options"]
+    options = CalibrationOptions(order=tuple(given["order"]), files={k: Path(v) for k, v in given["files"].items()},
+                                 base_model=given["base_model"], samples=given["samples"], settings=given["settings"])
+    data = calibration_sources()[job["source"]].load(adapter, options)
+    if data is None:
+        return None
+    return {"samples": [[s.text, s.target] for s in data.samples], "source": data.source, "generated": data.generated}
 
 
 def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from iteris_daemon.errors import CalibrationError
 class Generate:
     name = "generate"
     description = "data-free fallback: text sampled from base + the adapter (random vocabulary for encoders)"
+    runs_in_worker = True  # it loads the model (torch, transformers): the daemon calls it in a worker
 
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
         if not options.base_model:

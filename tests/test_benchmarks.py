@@ -114,9 +114,9 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
 
 def test_sweep_rule_prefers_higher_then_cheaper():
     """A value replaces the current one only on evidence at every N: a higher mean, or
-    fewer solves at a mean within the tie margin; a cheaper value that loses more is kept out."""
+    fewer calibration passes at a mean within the tie margin; a cheaper value that loses more is kept out."""
     def runs(**by_value):
-        return {n: {"tolerance": {v: {"mean": m[i][0], "iterations_run": m[i][1]} for v, m in by_value.items()}}
+        return {n: {"tolerance": {v: {"mean": m[i][0], "calibration_passes": m[i][1]} for v, m in by_value.items()}}
                 for i, n in enumerate(("4", "8"))}
 
     values = (1e-3, 1e-2, 1e-1)

@@ -49,6 +49,7 @@ def test_objective_rule_returns_the_best_measured_merge(tiny, family, stops):
         assert metrics["iterations_run"] == metrics["returned_iteration"] == 6
         return
     assert metrics["returned_iteration"] == rise and metrics["iterations_run"] == rise + 1
+    assert metrics["calibration_passes"] == rise + 2  # the sweep that measured no gain ran too
     expected, _ = align(base, adapters, data, _options(iterations=rise), quiet)
     for path, (B, A) in factors.items():
         assert torch.equal(B @ A, expected[path][0] @ expected[path][1]), path
@@ -60,3 +61,4 @@ def test_change_rule_stops_at_the_tolerance(tiny):
     changes = metrics["relative_change"]
     assert changes[-1] < 0.05 and all(c >= 0.05 for c in changes[:-1])
     assert metrics["returned_iteration"] == metrics["iterations_run"] < 20
+    assert metrics["calibration_passes"] == metrics["iterations_run"]  # joint: one pass per solve
