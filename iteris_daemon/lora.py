@@ -6,7 +6,6 @@ refused before anything touches it, because unpickling runs arbitrary code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,9 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .adapter_config import (CONFIG_NAME, AdapterConfigView, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME,  # noqa: F401 (re-exported)
-                             module_scaling, read_adapter_config)
+from .adapter_config import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, AdapterConfigView, module_scaling
 from .errors import AdapterError
+from .validation import Limits, read_checked
 
 
 @dataclass
@@ -50,81 +49,38 @@ class LoraAdapter(AdapterConfigView):
     dtype: torch.dtype = torch.float32  # of the LoRA weights as saved (the merge is written in it by default)
 
 
+# The daemon's size limits guard against hostile files it finds; files a user hands to
+# a merge (and the daemon's own validated snapshots) are read whatever their size.
+NO_SIZE_LIMITS = Limits(max_weights_bytes=1 << 62, max_header_bytes=1 << 62, max_tensors=1 << 62, max_rank=1 << 62)
+
+
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
-    """Read and check a PEFT LoRA folder; raise :class:`AdapterError` naming what is wrong."""
+    """Read and check a PEFT LoRA folder (:func:`~iteris_daemon.validation.read_checked`'s
+    checks, without size limits); raise :class:`AdapterError` naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(path, "adapter folder does not exist")
-    config = read_adapter_config(path)
     weights_path = path / WEIGHTS_NAME
-    if not weights_path.is_file():
-        pickled = [n for n in PICKLED_NAMES if (path / n).exists()]
-        if pickled:
-            raise AdapterError(
-                path / pickled[0],
-                "pickled weights are refused (never loaded); convert the adapter to safetensors",
-            )
-        raise AdapterError(path, f"no {WEIGHTS_NAME}")
-
-    # Read once: the tensors and the content hash come from the same bytes, even when
-    # the file is replaced meanwhile.
     try:
-        data = weights_path.read_bytes()
+        layout, data = read_checked(path, NO_SIZE_LIMITS, name)
     except OSError as exc:
         raise AdapterError(weights_path, f"cannot read: {exc.strerror}") from None
     try:
         tensors: dict[str, torch.Tensor] = safetensors_load(data)
-    except Exception as exc:  # safetensors raises several untyped errors for bad files
+    except Exception as exc:  # the header passed read_checked; safetensors raises untyped errors
         raise AdapterError(weights_path, f"unreadable safetensors file: {exc}") from None
-
-    embedding = next((key for key in tensors if ".lora_embedding_" in key), None)
-    if embedding is not None:
-        module = embedding.split(".lora_embedding_")[0].removeprefix(KEY_PREFIX)
-        raise AdapterError(weights_path, f"LoRA on an embedding layer ({module}) is not supported: "
-                                         "the merge solves linear layers only")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    modules_to_save: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        match = LORA_KEY.match(key)
-        if match:
-            parts.setdefault(match["module"], {})[match["part"]] = tensor
-        elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
-            modules_to_save[key[len(KEY_PREFIX):]] = tensor
-        else:
-            raise AdapterError(weights_path, f"unexpected tensor {key!r}")
-    if not parts:
-        raise AdapterError(weights_path, "holds no LoRA tensors")
-
-    modules: dict[str, LoraModule] = {}
-    for module, pair in sorted(parts.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(weights_path, f"{module} has lora_{'A' if 'A' not in pair else 'B'} missing")
-        A, B = pair["A"], pair["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(
-                weights_path,
-                f"{module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a (r, d_in) / (d_out, r) pair",
-            )
-        if not (A.is_floating_point() and B.is_floating_point()):
-            raise AdapterError(weights_path, f"{module}: LoRA weights must be floating point")
-        rank, scaling = module_scaling(config, module)
-        if A.shape[0] != rank:
-            raise AdapterError(
-                weights_path, f"{module}: lora_A has rank {A.shape[0]} but the config says r={rank}"
-            )
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(weights_path, f"{module}: weights contain NaN or Inf")
-        modules[module] = LoraModule(A=A.float(), B=B.float(), scaling=scaling)
-        saved_dtype = A.dtype
-
+    modules = {}
+    for module, (a_key, b_key) in layout.tensor_keys.items():
+        A, B = tensors[a_key], tensors[b_key]
+        modules[module] = LoraModule(A=A.float(), B=B.float(), scaling=module_scaling(layout.config, module)[1])
     return LoraAdapter(
-        name=name or path.name,
+        name=layout.name,
         path=path,
-        config=config,
+        config=layout.config,
         modules=modules,
-        modules_to_save=modules_to_save,
-        content_sha256=hashlib.sha256(data).hexdigest(),
-        dtype=saved_dtype,
+        modules_to_save={key: tensors[KEY_PREFIX + key] for key in layout.modules_to_save},
+        content_sha256=layout.content_sha256,
+        dtype=A.dtype,  # the saved dtype (a file holds one per module; the last module's, as sorted)
     )
 
 

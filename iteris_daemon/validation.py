@@ -249,11 +249,19 @@ class AdapterLayout(AdapterConfigView):
     modules_to_save: dict[str, tuple[int, ...]] = field(default_factory=dict)
     content_sha256: str = ""
     name: str = ""  # the adapter's name (calibration sources look files up by it)
+    tensor_keys: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # module -> lora_A, lora_B keys
 
 
 def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None) -> AdapterLayout:
-    """Read and check a PEFT LoRA folder's config and weights (as :func:`iteris_daemon.lora.load_adapter`
-    would, with the same reasons); raise :class:`AdapterError` naming what is wrong."""
+    """Read and check a PEFT LoRA folder's config and weights; raise :class:`AdapterError`
+    naming what is wrong."""
+    return read_checked(folder, limits, name)[0]
+
+
+def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = None) -> tuple[AdapterLayout, bytes]:
+    """:func:`read_layout`, and the weights' bytes it checked: the one place an adapter's
+    structure is checked (:func:`iteris_daemon.lora.load_adapter` makes its tensors from
+    these bytes, so what was checked, hashed and loaded is one read of one file)."""
     folder = Path(folder)
     config = read_adapter_config(folder, limits.max_config_bytes)
     weights = folder / WEIGHTS_NAME
@@ -277,7 +285,7 @@ def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None
     for key, entry in header.items():
         match = LORA_KEY.match(key)
         if match:
-            parts.setdefault(match["module"], {})[match["part"]] = entry
+            parts.setdefault(match["module"], {})[match["part"]] = {**entry, "key": key}
         elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
             layout.modules_to_save[key[len(KEY_PREFIX):]] = tuple(entry["shape"])
         else:
@@ -302,7 +310,8 @@ def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None
         if not all(_finite(data, start, entry) for entry in (A, B)):
             raise AdapterError(weights, f"{module}: weights contain NaN or Inf")
         layout.modules[module] = (rank, B["shape"][0], A["shape"][1])
-    return layout
+        layout.tensor_keys[module] = (A["key"], B["key"])
+    return layout, data
 
 
 def _finite(data: bytes, start: int, entry: dict[str, Any]) -> bool:
