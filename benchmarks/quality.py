@@ -44,15 +44,16 @@ STRATEGIES = (
 # Swept in this order, each from the values chosen before it.
 SWEEP: dict[str, tuple] = {
     "a1=a2": (1e-3, 1e-4, 1e-5),
-    "tolerance": (1e-3, 1e-2, 1e-1),
+    "tolerance": (1e-3, 1e-2, 1e-1, 1.0),  # 1.0: in effect two solves (the first change is rarely 1 or more)
     "stop": ("change", "objective"),
     "schedule": ("joint", "sequential"),
+    "loss_weighting": (0.0, 0.5, 1.0),
 }
 # Validation means this close are a tie (1/300 = 0.0033 is one example of one task's
 # 300; the mean over N tasks moves in steps of 0.0033 / N).
 TIE = 0.002
 ITERATION_SWEEP = (1, 2, 3)  # solves, tolerance 0
-SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (e.g. (10, 50, 200); off by default: CPU time)
+SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (--samples 10 50 200; off by default: CPU time)
 
 
 def merge_and_score(model: str, adapters: dict[str, Path], strategy: str, params: dict, out: Path,
@@ -177,9 +178,10 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
     first = min(groups)
     group = {t: adapters[t] for t in groups[first]}
     for samples in tqdm(sample_sweep, desc="sample sweep"):
-        saved.keep(("samples", str(samples)), lambda samples=samples: summary(merge_and_score(
-            model, group, "iteris", {**chosen, "samples_per_task": samples}, merges / f"samples-{samples}",
-            test_limit)["accuracy"], {t: own[t] for t in groups[first]}))
+        params = _full({**chosen, "samples_per_task": samples})
+        saved.keep(("samples", str(samples)), lambda params=params, samples=samples: summary(merge_and_score(
+            model, group, "iteris", params, merges / f"samples-{samples}", test_limit)["accuracy"],
+            {t: own[t] for t in groups[first]}), params)
     return results
 
 
@@ -290,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--no-sweep", action="store_true", help="skip the validation sweep (IterIS at its defaults)")
+    parser.add_argument("--samples", type=int, nargs="*", default=list(SAMPLE_SWEEP), metavar="N",
+                        help="calibration samples per task for the sample curve (N = 4, test split), e.g. 10 50 200")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = run(args.workdir, strategies=tuple(args.strategies), sweep=None if args.no_sweep else SWEEP,
-                  checkpoint=args.workdir / "quality.partial.json")
+                  sample_sweep=tuple(args.samples), checkpoint=args.workdir / "quality.partial.json")
     (args.workdir / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for path in plot(results, args.workdir):

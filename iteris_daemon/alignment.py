@@ -53,6 +53,7 @@ from .strategy import Progress
 
 log = logging.getLogger(__name__)
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+LOSS_WEIGHT_FLOOR = 1e-2  # a task served (almost) exactly at a layer keeps some weight there
 
 
 @dataclass
@@ -67,6 +68,10 @@ class AlignmentOptions:
     a2: float = 0.0
     adaptive_weights: bool = False
     task_weights: list[float] | None = None
+    # gamma: from the second solve on, a task's weight at a layer is multiplied by its
+    # relative alignment loss there under the merge before, to the power gamma (at least
+    # LOSS_WEIGHT_FLOOR): the tasks that merge served worst count more. 0: the paper.
+    loss_weighting: float = 0.0
     offdiag_scale: float = 1.0  # RegMean's alpha: shrink off-diagonal Gram entries
     batch_size: int = 16
     max_length: int = 128
@@ -387,16 +392,19 @@ class _Alignment:
                 moved = self._run(unit, states[i], merged_deltas if merged_deltas is not None else own_deltas, recorder)
                 if not sequential or not unit.paths:
                     states[i] = moved
-            self._fold(unit, i, recorder, layers, first, M, rhs)
-            if i == 0 and sweep == 0:
-                self.grams["modules"] += sum(recorder.gram_of(p) is not None for p in unit.paths)
-                self.grams["distinct_inputs"] += len(recorder.G)
+            factors: dict[str, float] = {}  # loss weighting: task i's weight multipliers, by layer
             if previous is not None:
                 for p in unit.paths:
                     G = recorder.gram_of(p)
                     num, den = alignment_terms(self.layers[p][i], G, recorder.Q.get(p), self.B_cat[p], previous[p])
                     self.loss_terms[i][0] += num
                     self.loss_terms[i][1] += den
+                    if options.loss_weighting and den > 0:
+                        factors[p] = max(num / den, LOSS_WEIGHT_FLOOR) ** options.loss_weighting
+            self._fold(unit, i, recorder, layers, first, M, rhs, factors)
+            if i == 0 and sweep == 0:
+                self.grams["modules"] += sum(recorder.gram_of(p) is not None for p in unit.paths)
+                self.grams["distinct_inputs"] += len(recorder.G)
         self.timing["inference_s"] += time.perf_counter() - started
         started = time.perf_counter()
         for p in unit.paths:
@@ -417,8 +425,10 @@ class _Alignment:
             self.timing["inference_s"] += time.perf_counter() - started
         return states, own
 
-    def _fold(self, unit: Unit, i: int, recorder: UnitPass, layers: dict[str, TaskLayer], first: bool, M, rhs) -> None:
-        """Add task i's pass to the unit's systems (then its Grams can be dropped)."""
+    def _fold(self, unit: Unit, i: int, recorder: UnitPass, layers: dict[str, TaskLayer], first: bool, M, rhs,
+              factors: dict[str, float]) -> None:
+        """Add task i's pass to the unit's systems (then its Grams can be dropped); ``factors``
+        multiply its weight at some layers (loss weighting)."""
         options = self.options
         for p in unit.paths:
             G = recorder.gram_of(p)
@@ -431,7 +441,8 @@ class _Alignment:
                     c = adaptive_weight(info.module, self.base.weight(p), float(info.out_sq))
                 info.weight = self.user_weights[i] * c
             Q = None if first else recorder.Q.get(p)  # first: Xt = X, so fold forms Q = A G
-            M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight, options.a1, options.a2, options.offdiag_scale)
+            M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight * factors.get(p, 1.0), options.a1, options.a2,
+                        options.offdiag_scale)
 
     def _relative_change(self) -> float:
         """||D_new - D_old|| / ||D_new|| over all layers (inf after the first sweep)."""

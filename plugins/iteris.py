@@ -36,6 +36,10 @@ class IterISParams(FeatureParams):
     a2: float = Field(1e-3, ge=0, description="ridge weight (x ||G_i||_F)")
     adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
     task_weights: list[float] | None = Field(None, description="manual per-task multipliers, in --adapter order")
+    loss_weighting: float = Field(
+        0.0, ge=0, le=4, description="gamma: from the second solve on, weight each task at each layer by its relative "
+        "alignment loss under the previous merge to the power gamma, so the worst-served tasks count more (0: off)"
+    )
     target_rank: int | None = Field(None, ge=1, description="truncate the exact rank-sum result to this rank (SVD)")
     schedule: Literal["joint", "sequential"] = Field(
         "joint", description="joint: every block fed by the previous iteration's merge (the paper); sequential: "
@@ -72,6 +76,7 @@ class IterIS:
             a2=params.a2,
             adaptive_weights=params.adaptive_weights,
             task_weights=params.task_weights,
+            loss_weighting=params.loss_weighting,
             batch_size=params.batch_size,
             max_length=params.max_length,
             accumulate_dtype=params.accumulate_dtype,

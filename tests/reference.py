@@ -91,12 +91,12 @@ class _Problem:
         _set_delta(self.model, self.base_state, installed)
         return capture(self.model, self.tokenizer, self.texts[i], self.targets[i], paths)
 
-    def solve(self, p: str, Xt: list[torch.Tensor], a: float) -> torch.Tensor:
-        """min_D sum_i c_i (||Xt_i D^T - X_i D_i^T||^2 + l_i ||D - D_i||^2) by lstsq."""
+    def solve(self, p: str, Xt: list[torch.Tensor], a: float, factors: list[float] | None = None) -> torch.Tensor:
+        """min_D sum_i f_i c_i (||Xt_i D^T - X_i D_i^T||^2 + l_i ||D - D_i||^2) by lstsq (f_i: 1 unless given)."""
         lhs, rhs = [], []
         for i in range(self.n):
             lam = a * float(torch.linalg.matrix_norm(Xt[i].T @ Xt[i]))
-            w = self.c[i][p] ** 0.5
+            w = (self.c[i][p] * (factors[i] if factors else 1.0)) ** 0.5
             lhs.append(w * Xt[i])
             rhs.append(w * (self.X[i][p] @ self.delta(i, p).T))
             if lam > 0:
@@ -105,13 +105,25 @@ class _Problem:
         return torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution.T
 
 
-def reference_iteris(model, tokenizer, adapter_dirs, iterations: int, a: float, samples: int | None = None):
-    """Return {path: dense merged delta} after ``iterations`` solves (float64)."""
+def reference_iteris(model, tokenizer, adapter_dirs, iterations: int, a: float, samples: int | None = None,
+                     gamma: float = 0.0, floor: float = 1e-2):
+    """Return {path: dense merged delta} after ``iterations`` solves (float64). ``gamma``:
+    loss weighting, each solve after the first weighting task i at layer p by
+    max(||Xt_i D^T - X_i D_i^T||^2 / ||X_i D_i^T||^2, floor)^gamma for the merge D before
+    (1 where the task does not adapt p)."""
     problem = _Problem(model, tokenizer, adapter_dirs, samples)
     Xt = problem.X
     merged = None
     for _ in range(iterations):
-        merged = {p: problem.solve(p, [Xt[i][p] for i in range(problem.n)], a) for p in problem.paths}
+        factors = {p: [1.0] * problem.n for p in problem.paths}
+        if merged is not None and gamma:
+            for p in problem.paths:
+                for i in range(problem.n):
+                    target = problem.X[i][p] @ problem.delta(i, p).T
+                    if float(target.pow(2).sum()) > 0:
+                        loss = float((Xt[i][p] @ merged[p].T - target).pow(2).sum() / target.pow(2).sum())
+                        factors[p][i] = max(loss, floor) ** gamma
+        merged = {p: problem.solve(p, [Xt[i][p] for i in range(problem.n)], a, factors[p]) for p in problem.paths}
         Xt = [problem.features(i, merged, problem.paths) for i in range(problem.n)]
     return merged
 

@@ -57,6 +57,29 @@ def test_matches_lstsq_reference(tiny, family, iterations):
         assert _relative(B.double() @ A.double(), expected[path]) < (2e-5 if iterations == 1 else 2e-4), path
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_loss_weighting_matches_the_reference(tiny, family):
+    """loss_weighting = 1.5: the second and third solves weight each task at each layer by
+    its relative alignment loss under the merge before (the reference measures it from
+    dense features, the engine from Gram sums)."""
+    base_dir, adapter_dirs = tiny[family]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    data = [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+    base = BaseModel(str(base_dir), adapters)
+    a, gamma = 1e-3, 1.5
+    options = AlignmentOptions(iterations=3, tolerance=0.0, a1=a, a2=a, adaptive_weights=True, loss_weighting=gamma,
+                               batch_size=5, max_length=128, accumulate_dtype="float64")
+    factors, _ = align(base, adapters, data, options, quiet)
+    unweighted, _ = align(base, adapters, data, AlignmentOptions(**{**options.__dict__, "loss_weighting": 0.0}), quiet)
+    base.make_resident()
+    expected = reference_iteris(base.model, base.tokenizer, adapter_dirs, 3, a, gamma=gamma)
+    for path, (B, A) in factors.items():
+        assert _relative(B.double() @ A.double(), expected[path]) < 1e-4, path
+    moved = max(_relative(B.double() @ A.double(), unweighted[path][0].double() @ unweighted[path][1].double())
+                for path, (B, A) in factors.items())
+    assert moved > 0.1  # the weighting changed the merge: the check above is not of the paper's merge
+
+
 def test_float32_accumulation_is_close(bert):
     """The default float32 Gram accumulation costs little accuracy against float64."""
     base_dir, adapter_dirs = bert
