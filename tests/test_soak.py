@@ -55,3 +55,25 @@ def test_a_short_soak_has_no_errors(tmp_path):
     print(f"soak: {CYCLES} cycles in {figures['wall_s']} s, {figures['runs_succeeded']} runs succeeded, "
           f"{figures['published_versions_checked']} versions checked, "
           f"{sum(not op.startswith(('add', 'remove', 'replace')) for op in ops)} disturbances and reloads, 0 errors")
+
+
+def test_the_soak_sees_live_and_unreaped_children():
+    """The leak check counts what it must: a live child, then the same child exited and
+    not yet reaped (a zombie), then nothing once it is reaped."""
+    import os
+    import time
+
+    from benchmarks.soak import children
+
+    before = children(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert children(os.getpid()) == (before[0] + 1, before[1])
+        child.stdin.close()  # it exits; Popen reaps it only when asked
+        deadline = time.monotonic() + 30
+        while children(os.getpid())[1] == before[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert children(os.getpid()) == (before[0] + 1, before[1] + 1)
+    finally:
+        child.wait()
+    assert children(os.getpid()) == before
