@@ -10,8 +10,9 @@ outside the calibration candidates, see :attr:`benchmarks.tasks.Task.validation`
 never on test data: one setting at a time is varied from the values chosen so far (the
 regularisers, the stopping tolerance, the stopping rule, the schedule), and a value
 replaces the current one when, for both N, it raises the mean normalized validation
-accuracy, or makes fewer passes over the calibration data while staying within :data:`TIE`
-of it (a tie at the validation split's resolution goes to the cheaper setting). The test tables
+accuracy by more than :data:`TIE` (a tie at the validation split's resolution), raises it at
+no more passes over the calibration data, or makes fewer passes while staying within a tie
+(see :func:`better`). The test tables
 then use the chosen settings; an iteration curve (test) and a sample-count curve
 (test, N = 4) follow. Calibration texts come from the training split only.
 
@@ -89,13 +90,18 @@ def _full(params: dict) -> dict:
 
 
 def better(candidate: dict[str, dict], current: dict[str, dict]) -> bool:
-    """Whether ``candidate`` replaces ``current`` (both: validation figures by N): a higher
-    mean for every N, or less work (passes of the calibration data through the model: a
-    sequential sweep makes two or three) for every N at a mean within :data:`TIE` of it."""
-    higher = all(candidate[n]["mean"] > current[n]["mean"] for n in current)
-    cheaper = all(candidate[n]["calibration_passes"] < current[n]["calibration_passes"]
-                  and candidate[n]["mean"] >= current[n]["mean"] - TIE for n in current)
-    return higher or cheaper
+    """Whether ``candidate`` replaces ``current`` (both: validation figures by N). Work is
+    counted in passes of the calibration data through the model (a sequential sweep makes
+    two or three), and means closer than :data:`TIE` are a tie. It does when, for every N,
+    its mean is higher by more than a tie; or it is no more work and its mean is higher;
+    or it is less work and its mean is within a tie."""
+    def each(rule) -> bool:
+        return all(rule(candidate[n]["mean"], current[n]["mean"], candidate[n]["calibration_passes"],
+                        current[n]["calibration_passes"]) for n in current)
+
+    return (each(lambda mean, was, work, had: mean > was + TIE)
+            or each(lambda mean, was, work, had: mean > was and work <= had)
+            or each(lambda mean, was, work, had: mean >= was - TIE and work < had))
 
 
 def choose(sweep_results: dict, setting: str, values: tuple, current) -> object:

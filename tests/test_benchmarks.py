@@ -132,6 +132,10 @@ def test_sweep_rule_prefers_higher_then_cheaper():
     mixed = runs(**{"0.001": [(0.985, 5), (0.973, 5)], "0.01": [(0.990, 5), (0.970, 5)],
                     "0.1": [(0.980, 5), (0.980, 5)]})
     assert quality.choose(mixed, "tolerance", values, current=1e-3) == 1e-3
+    # More work buys a higher mean only beyond the tie margin.
+    slightly = runs(**{"0.001": [(0.985, 2), (0.973, 2)], "0.01": [(0.986, 5), (0.974, 5)],
+                       "0.1": [(0.988, 5), (0.976, 5)]})
+    assert quality.choose(slightly, "tolerance", values, current=1e-3) == 1e-1
 
 
 def test_catalog_benchmark_tiny(tmp_path, capsys):
