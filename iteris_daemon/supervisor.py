@@ -10,8 +10,9 @@ worker ended into an outcome:
   stop at the merge's next safe point; SIGKILL after ``grace_seconds``;
   :class:`~iteris_daemon.errors.MergeCancelled` either way;
 - an error the worker reported, a non-zero exit, or death by a signal (a
-  segfault, the OOM killer's SIGKILL): :class:`WorkerFailed` with the reason and
-  the last log lines.
+  segfault, the OOM killer's SIGKILL, told apart by its cgroup's OOM-kill count,
+  :mod:`iteris_daemon.oom`): :class:`WorkerFailed` with the reason and the last
+  log lines.
 
 Nothing here imports torch: the daemon process never does.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import IterisError, MergeCancelled
+from .oom import OomWatch
 
 log = logging.getLogger("iteris_daemon.worker")
 JOB_NAME = "job.json"
@@ -72,6 +74,7 @@ def run_in_worker(job: dict[str, Any], folder: Path, label: str, should_stop: Ca
         start_new_session=True,  # a Ctrl-C meant for the daemon reaches the worker only through us
     )
     log.info("%s: merge worker %d started", label, process.pid)
+    oom = OomWatch(process.pid)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     relay = threading.Thread(target=_relay, args=(process.stdout, label, tail), name=f"worker-log-{process.pid}",
                              daemon=True)
@@ -92,7 +95,7 @@ def run_in_worker(job: dict[str, Any], folder: Path, label: str, should_stop: Ca
             try:
                 process.wait(options.poll_seconds)
             except subprocess.TimeoutExpired:
-                pass
+                oom.refresh()
     except BaseException:  # the daemon itself is going down: never leave a worker behind
         process.kill()
         process.wait()
@@ -101,11 +104,11 @@ def run_in_worker(job: dict[str, Any], folder: Path, label: str, should_stop: Ca
         relay.join(timeout=10)
         process.stdout.close()
     return _outcome(process.returncode, folder / RESULT_NAME, list(tail), cancelled=stopped_at is not None,
-                    killed=killed, options=options)
+                    killed=killed, options=options, oom=oom)
 
 
 def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, killed: bool,
-             options: WorkerOptions) -> dict[str, Any]:
+             options: WorkerOptions, oom: OomWatch) -> dict[str, Any]:
     result = None
     if result_path.is_file():
         try:
@@ -124,6 +127,9 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
     if result is not None and result.get("status") == "error":
         kind = "memory" if "out of memory" in result.get("error", "") else "error"
         raise WorkerFailed(str(result.get("error")), kind, result.get("error_type"))
+    if code == -signal.SIGKILL and oom.killed():
+        raise WorkerFailed(f"the merge worker was killed by the kernel's OOM killer (the memory limit of cgroup "
+                           f"{oom.describe()}){last}", "memory")
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
         hint = " (the kernel's OOM killer sends SIGKILL)" if code == -signal.SIGKILL else ""

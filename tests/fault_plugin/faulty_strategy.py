@@ -16,9 +16,9 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, Strateg
 
 
 class FaultyParams(StrategyParams):
-    mode: Literal["ok", "sigkill", "exit", "allocate", "slow", "stubborn"] = "ok"
+    mode: Literal["ok", "sigkill", "exit", "allocate", "hog", "slow", "stubborn"] = "ok"
     scale: float = Field(1.0, gt=0)
-    seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes")
+    seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes, and 'hog' waits before it starts")
 
 
 class Faulty:
@@ -34,6 +34,11 @@ class Faulty:
             os._exit(7)
         if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
             bytearray(64 << 30)
+        if params.mode == "hog":  # touches memory until something stops it (a cgroup's limit: the OOM killer)
+            time.sleep(params.seconds)
+            held = []
+            while True:
+                held.append(b"\x01" * (64 << 20))  # every page written
         if params.mode == "slow":  # cooperative: checks for a stop request every step
             for _ in progress(range(int(params.seconds / 0.05)), desc="slow"):
                 time.sleep(0.05)
