@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     # Each part is saved as soon as it ends, so a long run interrupted later keeps it.
-    results = {"machine": platform.platform(), "quality": quality.run(args.workdir)}
+    results = {"machine": platform.platform(),
+               "quality": quality.run(args.workdir, sample_sweep=(10, 50, 200),
+                                      checkpoint=args.workdir / "quality.partial.json")}
     (args.workdir / "quality.json").write_text(json.dumps(results["quality"], indent=2) + "\n")
     print(quality.table(results["quality"]), flush=True)
     for path in quality.plot(results["quality"], args.workdir):
