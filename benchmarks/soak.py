@@ -27,7 +27,7 @@ What it does, offline, on the CPU:
    ``--max-rss-growth-pct`` from the end of warm-up to the end, or fds or threads grown past
    their tolerance, or a worker process still there after a cycle caught up.
 
-Run: ``python -m benchmarks.soak`` (500 cycles, about 15 minutes on 2 cores) or
+Run: ``python -m benchmarks.soak`` (500 cycles, about 40 minutes on 2 cores: a worker per merge) or
 ``python -m benchmarks.soak --cycles 20`` for a quick smoke run.
 """
 
