@@ -52,6 +52,7 @@ from .systemd import Notifier
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
+BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is asked again this much later
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
@@ -270,15 +271,21 @@ class Daemon:
             return
         when = datetime.now(timezone.utc) + timedelta(seconds=delay)
         # max_instances=2: a trigger that fires while this group's previous trigger still merges
-        # (older inputs) must queue behind it on the one merge worker, not be dropped.
+        # (older inputs) must not be dropped; it comes back once that run is over (see _run).
         self.scheduler.add_job(self._run, "date", run_date=when, args=[group], id=f"trigger:{group}",
                                executor="merge", replace_existing=True, max_instances=2)
 
     def _run(self, name: str) -> None:
-        """One run of group ``name`` on a free device; runs of one group wait for each other."""
+        """One run of group ``name`` on a free device. A group already merging is asked
+        again a little later: waiting here would hold one of the merge threads (one per
+        device), and another group's run, ready for the free device, would wait behind it."""
         with self._locks_guard:
             group_lock = self._group_locks.setdefault(name, threading.Lock())
-        with group_lock:
+        if not group_lock.acquire(blocking=False):
+            if self.scheduler.get_job(f"trigger:{name}") is None:  # else that pending trigger asks again
+                self.trigger(name, delay=BUSY_GROUP_RETRY_SECONDS)
+            return
+        try:
             if self._stopping.is_set():
                 return
             device = self._free_devices.get()
@@ -286,6 +293,8 @@ class Daemon:
                 self._run_on(name, device)
             finally:
                 self._free_devices.put(device)
+        finally:
+            group_lock.release()
 
     def _run_on(self, name: str, device: str) -> None:
         group = self._groups.get(name)

@@ -22,7 +22,7 @@ processes and signals). Deadlines only bound waits; nothing asserts on speed.
   without spinning or flooding the log, reports itself unhealthy naming the folder,
   marks the vanished adapters ``removed`` (rows and revisions kept); when the folder is
   back it is watched again (a later arrival is registered from its events) and healthy.
-- **SIGKILL during registration**: ``iteris-daemon sources scan`` over 80 adapter
+- **SIGKILL during registration**: ``iteris-daemon sources scan`` over 160 adapter
   folders, each run in a real child process, is SIGKILLed 5 times at seeded random
   moments (while it opens the catalog, or after a random number of registrations); the
   folders change between rounds (new weights, a deleted folder). After every kill the
@@ -567,7 +567,10 @@ for line in sys.stdin:
     print("exit", pid, os.waitpid(pid, 0)[1], flush=True)
 """
 KILLS = int(os.environ.get("ITERIS_FAULT_KILLS", "5"))  # more for a longer fault run (RELIABILITY.md)
-FOLDERS = 16 * KILLS  # enough unregistered folders that every round has registrations to interrupt
+# Enough unregistered folders that every round has registrations to interrupt: a round
+# registers its `after` (at most 8) plus what lands in the 0-20 ms before the kill, at about
+# 100 registrations a second.
+FOLDERS = 32 * KILLS
 
 
 def _revisions(db: Path) -> int:
@@ -652,7 +655,8 @@ def test_sigkill_during_registration_never_corrupts_the_catalog(made, tmp_path):
             if after == 0:
                 time.sleep(rng.uniform(0, 0.1))
             else:
-                wait_for(lambda: _revisions(db) >= start + after or not _alive(pid), f"{after} registrations")
+                wait_for(lambda: _revisions(db) >= start + after or not _alive(pid), f"{after} registrations",
+                         interval=0.002)  # registrations now come about every 10 ms: look often
                 time.sleep(rng.uniform(0, 0.02))
             assert _alive(pid), f"round {round_}: the scan finished before the kill: " + \
                 (tmp_path / f"scan{round_}.log").read_text()[-2000:]
