@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from sqlalchemy import func, select
 
 from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.db import at_head
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, SourceKind
 from iteris_daemon.catalog.registry import add_source, list_adapters
 from iteris_daemon.cli.catalog import _adapter_row
@@ -253,8 +254,10 @@ def daemon_run(root: Path, watched: Path, base: Path, n: int, idle_seconds: floa
             proc = subprocess.Popen([sys.executable, "-m", "iteris_daemon", "run", "--config", str(config)],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
         try:
-            catalog = _until(lambda: (root / "daemon-state" / "catalog.db").exists() and Catalog(
-                f"sqlite:///{root / 'daemon-state' / 'catalog.db'}", migrate=False), "the catalog", 120, proc, 0.2)
+            database = root / "daemon-state" / "catalog.db"
+            _until(lambda: database.exists(), "the catalog", 120, proc, 0.2)
+            catalog = Catalog(f"sqlite:///{database}", migrate=False)
+            _until(lambda: at_head(catalog.engine), "the daemon to migrate the catalog", 120, proc, 0.2)
             _until(lambda: _registered(catalog) >= n + 2, f"{n + 2} registered adapters", 60 + n, proc, 0.2)
             registered = time.monotonic() - started
             time.sleep(min(5.0, idle_seconds))  # the start-up scans' garbage, collected
