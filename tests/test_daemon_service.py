@@ -225,14 +225,17 @@ def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
                         select(MergeGroup.name, MergeRun.status, func.count()).join(MergeRun)
                         .group_by(MergeGroup.name, MergeRun.status)))
                 settled = all(status != "running" for _, status in counted)  # a running one is not timed yet
-                return settled and {k: v for k, v in runs_by.items() if v} == counted and (families, counted)
+                # A run is timed just after the catalog records its end: every recorded merge, once, eventually.
+                timed = sum(s.value for s in families["iteris_merge_duration_seconds"].samples if s.name.endswith("_count"))
+                merges = sum(n for (_, status), n in counted.items() if status != "skipped")
+                return (settled and {k: v for k, v in runs_by.items() if v} == counted and timed == merges
+                        and (families, counted))
 
-            families, counted = wait_for(agreeing, what="/metrics' run counts to match the catalog's", proc=proc)
+            families, counted = wait_for(agreeing, what="/metrics' run counts and merge timings to match the catalog's",
+                                         proc=proc)
             with catalog.session() as session:
                 registered = session.scalar(select(func.count()).select_from(Adapter).where(Adapter.status == AdapterStatus.registered))
             assert sum(s.value for s in families["iteris_adapters"].samples if s.labels["status"] == "registered") == registered == 4
-            durations = [s for s in families["iteris_merge_duration_seconds"].samples if s.name.endswith("_count")]
-            assert sum(s.value for s in durations) == sum(n for (_, status), n in counted.items() if status != "skipped")
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10) as response:
                 assert response.status == 200
 

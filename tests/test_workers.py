@@ -258,7 +258,7 @@ def _memory_cgroup(limit: int):
 
 def test_a_worker_killed_by_the_oom_killer_is_reported_as_such(setup, caplog):
     """A real cgroup OOM kill: the worker is moved into a memory cgroup limited to 256 MiB
-    once its merge began, then writes memory until the kernel kills it. The run fails
+    once its merge began, then (2 s after it sees the move) writes memory until the kernel kills it. The run fails
     as out of memory (kind ``memory``), not as an unexplained SIGKILL."""
     procs, folder = _memory_cgroup(256 << 20)
     try:
@@ -271,7 +271,7 @@ def test_a_worker_killed_by_the_oom_killer_is_reported_as_such(setup, caplog):
         assert merging.wait(120), "the worker never began its merge"
         workers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_worker_of(int(pid), os.getpid())]
         assert len(workers) == 1, workers
-        procs.write_text(workers[0])  # the hog starts 2 s after the merge began
+        procs.write_text(workers[0])  # the hog starts 2 s after it sees itself moved: 10 of the supervisor's looks
         runner.join(120)
         died = outcome["result"]
         assert died.status is RunStatus.failed, died.detail

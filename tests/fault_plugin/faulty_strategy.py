@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -18,7 +19,7 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, Strateg
 class FaultyParams(StrategyParams):
     mode: Literal["ok", "sigkill", "exit", "allocate", "hog", "slow", "stubborn"] = "ok"
     scale: float = Field(1.0, gt=0)
-    seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes, and 'hog' waits before it starts")
+    seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes; how long 'hog' waits once moved")
 
 
 class Faulty:
@@ -35,6 +36,7 @@ class Faulty:
         if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
             bytearray(64 << 30)
         if params.mode == "hog":  # touches memory until something stops it (a cgroup's limit: the OOM killer)
+            _wait_to_be_moved()  # into the test's memory cgroup, then long enough for the supervisor to notice
             time.sleep(params.seconds)
             held = []
             while True:
@@ -47,6 +49,13 @@ class Faulty:
             while True:
                 time.sleep(1)
         return MergedAdapter(task_arithmetic_factors(inputs.adapters, [params.scale] * len(inputs.adapters)))
+
+
+def _wait_to_be_moved(timeout: float = 120.0) -> None:
+    """Until this process's cgroup changes (a loaded machine may take seconds to move it)."""
+    start, deadline = Path("/proc/self/cgroup").read_text(), time.monotonic() + timeout
+    while Path("/proc/self/cgroup").read_text() == start and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @hookimpl
