@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, first_calibration
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
@@ -211,24 +211,72 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limi
     return loaded
 
 
+CalibrationAnswer = CalibrationSet | IterisError | None  # None: this source has no data for the adapter
+
+
 class InWorkerCalibration:
     """A calibration source that needs torch (``runs_in_worker``), as the daemon calls it:
-    its ``load`` runs in a worker process (``in_worker(job, label)`` returns the report),
-    on the adapter's snapshot, and the samples come back as JSON."""
+    one worker process (``in_worker(job, label)`` returns its report) answers for every
+    adapter of a run at once, on the run's snapshots, and the samples come back as JSON.
+    One worker per run, not per adapter: each start costs seconds of imports."""
 
     def __init__(self, source, in_worker: Callable[[dict[str, Any], str], Any]):
         self.name, self.description = source.name, source.description
         self._in_worker = in_worker
 
-    def load(self, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationSet | None:
-        job = {"kind": "calibration", "source": self.name, "adapter": str(adapter.path), "name": adapter.name,
+    def load_many(self, adapters: list[AdapterLayout], options: CalibrationOptions) -> list[CalibrationAnswer]:
+        job = {"kind": "calibration", "source": self.name,
+               "adapters": [{"path": str(a.path), "name": a.name} for a in adapters],
                "options": {"order": list(options.order), "files": {k: str(v) for k, v in options.files.items()},
                            "base_model": options.base_model, "samples": options.samples, "settings": options.settings}}
-        report = self._in_worker(job, f"calibration source {self.name} for {adapter.name}")
-        if report is None:
-            return None
-        return CalibrationSet(tuple(Sample(text, target) for text, target in report["samples"]), report["source"],
-                              report["generated"])
+        names = ", ".join(a.name for a in adapters)
+        answers = self._in_worker(job, f"calibration source {self.name} for {names}")
+        return [_answer(answer) for answer in answers]
+
+
+def _answer(answer: dict[str, Any] | None) -> CalibrationAnswer:
+    """One adapter's answer from a calibration worker (see ``worker._calibration``)."""
+    if answer is None:
+        return None
+    if "error" in answer:
+        return IterisError(answer["error"])
+    return CalibrationSet(tuple(Sample(text, target) for text, target in answer["samples"]), answer["source"],
+                          answer["generated"])
+
+
+def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
+                  sources: dict[str, Any]) -> list[CalibrationAnswer]:
+    """Each adapter's calibration: the first answer of the sources in ``options.order``,
+    as :func:`~iteris_daemon.calibration.first_calibration` gives it, or the error that
+    holds the adapter back. Each source is asked about every adapter still unanswered
+    in turn, so a source in a worker is asked about all of them in one worker."""
+    answers: list[CalibrationAnswer] = [None] * len(adapters)
+    for name in options.order:
+        pending = [i for i, answer in enumerate(answers) if answer is None]
+        if not pending:
+            break
+        source = sources[name]
+        if isinstance(source, InWorkerCalibration):
+            try:
+                found = source.load_many([adapters[i] for i in pending], options)
+            except MergeCancelled:
+                raise
+            except IterisError as exc:  # the worker died: every adapter it was asked about waits for the next run
+                found = [exc] * len(pending)
+        else:
+            found = [_ask(source, adapters[i], options) for i in pending]
+        for i, answer in zip(pending, found):
+            answers[i] = answer
+    return answers
+
+
+def _ask(source, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationAnswer:
+    try:
+        return source.load(adapter, options)
+    except MergeCancelled:
+        raise
+    except IterisError as exc:
+        return exc
 
 
 def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
@@ -246,23 +294,25 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         samples=samples or 50, settings=group.calibration.source_settings(),
     )
     inputs = Inputs()
+    snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout]] = []
     for index, (adapter, revision) in enumerate(select_inputs(catalog, group)):
         try:
-            loaded = snapshot_input(adapter, revision, into / str(index), limits)
-            # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
-            data = first_calibration(loaded, options, sources)
-            if data is None and needs_calibration:
-                inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
-                continue
-            if data is not None:
-                data = data.head(samples)
-                if data.source.startswith(str(loaded.path)):  # read from the snapshot: name the original
-                    data = replace(data, source=revision.files_path + data.source[len(str(loaded.path)):])
-        except MergeCancelled:
-            raise
+            snapshots.append((adapter, revision, snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
+    # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
+    answers = calibrate_all([loaded for _, _, loaded in snapshots], options, sources)
+    for (adapter, revision, loaded), data in zip(snapshots, answers):
+        if isinstance(data, IterisError):
+            inputs.held_back[adapter.name] = str(data)
             continue
+        if data is None and needs_calibration:
+            inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
+            continue
+        if data is not None:
+            data = data.head(samples)
+            if data.source.startswith(str(loaded.path)):  # read from the snapshot: name the original
+                data = replace(data, source=revision.files_path + data.source[len(str(loaded.path)):])
         inputs.revisions.append((adapter, revision))
         inputs.calibration.append(data)
         inputs.folders.append(loaded.path)
@@ -338,7 +388,12 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     on_status(f"group {group.name}: gathering inputs")
 
     def in_worker(job: dict[str, Any], label: str) -> Any:
-        return run_in_worker(job, snapshots / "calibration-worker", f"group {group.name}: {label}", should_stop, worker)
+        try:
+            return run_in_worker(job, snapshots / "calibration-worker", f"group {group.name}: {label}", should_stop,
+                                 worker)
+        except WorkerFailed as exc:  # counted like a merge worker's death; the adapters wait for the next run
+            on_worker_failure(exc.kind)
+            raise
 
     try:
         inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker)

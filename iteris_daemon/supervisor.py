@@ -73,7 +73,7 @@ def run_in_worker(job: dict[str, Any], folder: Path, label: str, should_stop: Ca
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,  # a Ctrl-C meant for the daemon reaches the worker only through us
     )
-    log.info("%s: merge worker %d started", label, process.pid)
+    log.info("%s: worker %d started", label, process.pid)
     oom = OomWatch(process.pid)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     relay = threading.Thread(target=_relay, args=(process.stdout, label, tail), name=f"worker-log-{process.pid}",
@@ -84,11 +84,11 @@ def run_in_worker(job: dict[str, Any], folder: Path, label: str, should_stop: Ca
     try:
         while process.poll() is None:
             if stopped_at is None and should_stop():
-                log.info("%s: asking merge worker %d to stop", label, process.pid)
+                log.info("%s: asking worker %d to stop", label, process.pid)
                 process.send_signal(signal.SIGTERM)
                 stopped_at = time.monotonic()
             elif stopped_at is not None and not killed and time.monotonic() - stopped_at > options.grace_seconds:
-                log.warning("%s: merge worker %d did not stop within %.0f s: killed", label, process.pid,
+                log.warning("%s: worker %d did not stop within %.0f s: killed", label, process.pid,
                             options.grace_seconds)
                 process.kill()
                 killed = True
@@ -128,13 +128,13 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
         kind = "memory" if "out of memory" in result.get("error", "") else "error"
         raise WorkerFailed(str(result.get("error")), kind, result.get("error_type"))
     if code == -signal.SIGKILL and oom.killed():
-        raise WorkerFailed(f"the merge worker was killed by the kernel's OOM killer (the memory limit of cgroup "
+        raise WorkerFailed(f"the worker was killed by the kernel's OOM killer (the memory limit of cgroup "
                            f"{oom.describe()}){last}", "memory")
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
         hint = " (the kernel's OOM killer sends SIGKILL)" if code == -signal.SIGKILL else ""
-        raise WorkerFailed(f"the merge worker was killed by {name}{hint}{last}", "signal")
-    raise WorkerFailed(f"the merge worker exited with status {code} without a result{last}", "exit")
+        raise WorkerFailed(f"the worker was killed by {name}{hint}{last}", "signal")
+    raise WorkerFailed(f"the worker exited with status {code} without a result{last}", "exit")
 
 
 def _relay(stream: IO[bytes], label: str, tail: collections.deque[str]) -> None:

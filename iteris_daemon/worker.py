@@ -89,20 +89,32 @@ def _shapes(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     return base_shapes(load_skeleton(job["base_model"], adapter, job["trust_remote_code"]))
 
 
-def _calibration(job: dict[str, Any], stop: threading.Event) -> dict[str, Any] | None:
-    """Calibration samples from a source that needs torch, for the adapter in ``job["adapter"]``."""
+def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, Any] | None]:
+    """Calibration samples from a source that needs torch, for each adapter in
+    ``job["adapters"]``: per adapter the samples, None (no data), or the error that holds
+    that adapter back (one bad adapter does not cost the others theirs)."""
     from .calibration import CalibrationOptions
+    from .errors import IterisError, MergeCancelled
     from .plugin_manager import calibration_sources
     from .validation import read_layout
 
-    adapter = read_layout(Path(job["adapter"]), name=job["name"])
     given = job["options"]
     options = CalibrationOptions(order=tuple(given["order"]), files={k: Path(v) for k, v in given["files"].items()},
                                  base_model=given["base_model"], samples=given["samples"], settings=given["settings"])
-    data = calibration_sources()[job["source"]].load(adapter, options)
-    if data is None:
-        return None
-    return {"samples": [[s.text, s.target] for s in data.samples], "source": data.source, "generated": data.generated}
+    source = calibration_sources()[job["source"]]
+    answers: list[dict[str, Any] | None] = []
+    for entry in job["adapters"]:
+        if stop.is_set():
+            raise MergeCancelled("cancelled while gathering calibration data")
+        try:
+            data = source.load(read_layout(Path(entry["path"]), name=entry["name"]), options)
+        except IterisError as exc:
+            answers.append({"error": str(exc)})
+            continue
+        answers.append(None if data is None else
+                       {"samples": [[s.text, s.target] for s in data.samples], "source": data.source,
+                        "generated": data.generated})
+    return answers
 
 
 def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:

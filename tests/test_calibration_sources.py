@@ -4,15 +4,18 @@ and the data-free fallback on generative and encoder models."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from hub_server import HubServer, isolate_hub_client
 
-from iteris_daemon.calibration import CalibrationOptions
+from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample
 from iteris_daemon.cli import main
-from iteris_daemon.errors import CalibrationError
+from iteris_daemon.errors import CalibrationError, IterisError
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.merge import gather_calibration
+from iteris_daemon.runner import InWorkerCalibration, calibrate_all
+from iteris_daemon.supervisor import WorkerFailed
 
 TOKEN = "hf_calibration_token"
 
@@ -75,3 +78,54 @@ def test_without_generate_a_missing_calibration_is_an_error(bert, tmp_path, caps
     finally:
         (adapters[0] / "calibration.jsonl.off").rename(adapters[0] / "calibration.jsonl")
     assert code == 2 and "asked: files, adapter" in capsys.readouterr().err
+
+
+class _Answering:
+    """An in-process source that has data for the adapters named in ``has``."""
+
+    def __init__(self, name: str, has: set[str]):
+        self.name, self.description, self.has, self.asked = name, "test", has, []
+
+    def load(self, adapter, options):
+        self.asked.append(adapter.name)
+        return CalibrationSet((Sample(f"{self.name} for {adapter.name}"),), self.name) if adapter.name in self.has else None
+
+
+def test_the_daemon_asks_a_worker_source_once_per_run_in_the_configured_order(tmp_path):
+    """``runner.calibrate_all``: each adapter gets the first answer in the order, as
+    ``first_calibration`` gives it; a ``runs_in_worker`` source is asked about every adapter
+    still unanswered in one worker job; one adapter's error there holds back only it, and a
+    worker that dies holds back those it was asked about (counted, not fatal)."""
+    adapters = [SimpleNamespace(name=name, path=tmp_path / name) for name in ("a", "b", "c", "d")]
+    jobs = []
+
+    def in_worker(job, label):
+        jobs.append([entry["name"] for entry in job["adapters"]])
+        answers = {"b": {"samples": [["generated for b", None]], "source": "gen", "generated": True},
+                   "c": {"error": "c: the model would not load"}, "d": None}
+        return [answers.get(name) for name in jobs[-1]]
+
+    files = _Answering("files", {"a", "d"})
+    generate = InWorkerCalibration(_Answering("generate", set()), in_worker)
+    options = CalibrationOptions(order=("files", "generate"))
+    answers = calibrate_all(adapters, options, {"files": files, "generate": generate})
+    assert jobs == [["b", "c"]] and files.asked == ["a", "b", "c", "d"]
+    assert [answers[0].samples[0].text, answers[1].samples[0].text, answers[3].samples[0].text] == [
+        "files for a", "generated for b", "files for d"]
+    assert answers[1].generated and isinstance(answers[2], IterisError) and "would not load" in str(answers[2])
+
+    # The worker first: what it has no data for falls through to the next source.
+    jobs.clear()
+    files.asked.clear()
+    options = CalibrationOptions(order=("generate", "files"))
+    answers = calibrate_all(adapters, options, {"files": files, "generate": generate})
+    assert jobs == [["a", "b", "c", "d"]] and files.asked == ["a", "d"]  # a: no answer from the worker; d: None
+    assert answers[0].samples[0].text == "files for a" and answers[3].samples[0].text == "files for d"
+
+    def dies(job, label):
+        raise WorkerFailed("the worker was killed by SIGKILL", "signal")
+
+    answers = calibrate_all(adapters, CalibrationOptions(order=("files", "generate")),
+                            {"files": files, "generate": InWorkerCalibration(_Answering("generate", set()), dies)})
+    assert answers[0].source == answers[3].source == "files"
+    assert all(isinstance(answers[i], WorkerFailed) for i in (1, 2))
