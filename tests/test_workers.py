@@ -202,6 +202,22 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def test_a_calibration_worker_that_fails_holds_its_adapters_back_and_is_counted(setup):
+    """The worker that would generate calibration data cannot load torch (a 64 MiB
+    ``RLIMIT_AS``): the run is skipped with the adapter held back for that reason, the
+    failure is counted like a merge worker's, and nothing is published."""
+    group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty",
+                        calibration={"order": ["generate"]}, gates={"max_regression": False},
+                        destinations=[{"kind": "folder", "path": str(setup.published)}])
+    sync_group(setup.catalog, group)
+    outcome = run_group(setup.catalog, group, setup.work, "tester", worker=WorkerOptions(memory_limit_mb=64),
+                        on_worker_failure=setup.failures.append)
+    assert outcome.status is RunStatus.skipped and "0 adapters ready" in outcome.detail
+    (held,) = setup.row(outcome.run_id).metrics["held_back"].values()
+    assert held.startswith(("out of memory", "ImportError", "OSError")), held
+    assert len(setup.failures) == 1 and not setup.published.exists()
+
+
 def test_a_calibration_source_that_needs_torch_runs_in_a_worker(tmp_path, made):
     """The daemon gathers inputs with ``in_worker``: a source marked ``runs_in_worker``
     (``generate``, which loads the model) is called in one worker process for all the
