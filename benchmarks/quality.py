@@ -36,11 +36,11 @@ from .tasks import ORIGINAL_TASKS, TASKS
 from .train import TrainConfig, default_model_path, train_all
 
 GROUPS: dict[int, tuple[str, ...]] = {4: ORIGINAL_TASKS, 8: TASKS}
-STRATEGIES = (
+STRATEGIES = (  # every built-in strategy, PEFT's eleven combination types included
     "iteris", "regmean", "task_arithmetic", "ties", "dare", "core_space", "tsv", "iso_c", "iso_cts",
-    "peft_ties", "peft_ties_svd", "peft_dare_ties_svd",
-)  # PEFT's other types equalled task arithmetic (cat, svd) or trailed it (linear, dare_linear,
-#   magnitude_prune_svd) in the previous four-task table; pass --strategies to run them
+    "peft_cat", "peft_linear", "peft_svd", "peft_ties", "peft_ties_svd", "peft_dare_linear", "peft_dare_linear_svd",
+    "peft_dare_ties", "peft_dare_ties_svd", "peft_magnitude_prune", "peft_magnitude_prune_svd",
+)
 # IterIS settings tried on the validation split, one at a time; the first value is the default.
 # Swept in this order, each from the values chosen before it.
 SWEEP: dict[str, tuple] = {

@@ -229,6 +229,7 @@ def _build_flags(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.workdir = args.workdir.resolve()  # build.json records paths: reusable from any working directory
     if args.build_depth is not None:
         build(args.workdir / f"llama-h{args.hidden}-d{args.build_depth}", args.build_depth, args)
         return 0

@@ -54,6 +54,14 @@ def test_quality_pipeline(workdir):
     json.dumps(results)
 
 
+def test_quality_compares_every_built_in_strategy():
+    """The README's quality tables list every strategy the package registers, PEFT's types included."""
+    from iteris_daemon.plugin_manager import strategies
+
+    built_in = {name for name, strategy in strategies().items() if type(strategy).__module__.startswith("iteris_daemon.")}
+    assert set(quality.STRATEGIES) == built_in and len(quality.STRATEGIES) == len(built_in)
+
+
 def test_diagnose_pipeline(workdir):
     results = diagnose.diagnose(workdir, TASKS, FAST_ITERIS, train_config=TINY, limit=24)
     for row in results["tasks"].values():
