@@ -40,6 +40,29 @@ CASES = {
     "distilbert": (lambda: tf.DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                                max_position_embeddings=128),
                    "FEATURE_EXTRACTION", ["q_lin", "v_lin", "lin2"], "blocks"),
+    # biases on q/k/v; PEFT's "all-linear" (every linear layer but the output head)
+    "qwen2": (lambda: tf.Qwen2Config(**DECODER), "CAUSAL_LM", "all-linear", "blocks"),
+    # query/key norms; sliding-window layers only (two layers, both before the first full one)
+    "gemma3": (lambda: tf.Gemma3TextConfig(**DECODER, head_dim=16, sliding_window=4), "CAUSAL_LM",
+               ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # fused query/key/value with parallel attention and MLP
+    "falcon": (lambda: tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **TOKENS),
+               "CAUSAL_LM", ["query_key_value", "dense_4h_to_h"], "blocks"),
+    # ALiBi position biases instead of position embeddings
+    "bloom": (lambda: tf.BloomConfig(hidden_size=32, n_layer=2, n_head=2, **TOKENS), "CAUSAL_LM",
+              ["query_key_value", "dense_4h_to_h"], "blocks"),
+    # multi-query attention
+    "gpt_bigcode": (lambda: tf.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=128, **TOKENS),
+                    "CAUSAL_LM", ["c_attn", "c_proj"], "blocks"),
+    # a mixture of experts with a shared expert
+    "qwen2_moe": (lambda: tf.Qwen2MoeConfig(**DECODER, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=32),
+                  "CAUSAL_LM", ["q_proj", "v_proj"], "blocks"),
+    # disentangled (relative-position) attention
+    "deberta_v2": (lambda: tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64, max_position_embeddings=128, vocab_size=30522,
+                                              pad_token_id=0),
+                   "FEATURE_EXTRACTION", ["query_proj", "value_proj"], "blocks"),
 }
 
 
