@@ -229,8 +229,8 @@ class InWorkerCalibration:
                "adapters": [{"path": str(a.path), "name": a.name} for a in adapters],
                "options": {"order": list(options.order), "files": {k: str(v) for k, v in options.files.items()},
                            "base_model": options.base_model, "samples": options.samples, "settings": options.settings}}
-        names = ", ".join(a.name for a in adapters)
-        answers = self._in_worker(job, f"calibration source {self.name} for {names}")
+        names = ", ".join(a.name for a in adapters) if len(adapters) <= 3 else f"{len(adapters)} adapters"
+        answers = self._in_worker(job, f"calibration source {self.name} for {names}")  # prefixes each log line
         return [_answer(answer) for answer in answers]
 
 
