@@ -44,7 +44,7 @@ STRATEGIES = (  # every built-in strategy, PEFT's eleven combination types inclu
 # IterIS settings tried on the validation split, one at a time; the first value is the default.
 # Swept in this order, each from the values chosen before it.
 SWEEP: dict[str, tuple] = {
-    "a1=a2": (1e-3, 1e-4, 1e-5),
+    "a1=a2": (1e-4, 1e-3, 1e-5),
     "tolerance": (1e-3, 1e-2, 1e-1, 1.0),  # 1.0: in effect two solves (the first change is rarely 1 or more)
     "stop": ("change", "objective"),
     "schedule": ("joint", "sequential"),

@@ -26,6 +26,7 @@ from iteris_daemon.alignment import AlignmentOptions, align
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel
+from iteris_daemon.plugins.iteris import IterISParams
 
 from .speed import floor_pass
 from .tasks import ORIGINAL_TASKS, TASKS
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed_ratio", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=2, help="default: 2, what the default stop runs")
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(ORIGINAL_TASKS),
                         help="task adapters to merge (default: the original four)")
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = floor_pass(base, paths, batches)
         return measured["forward_s"] + measured["gram_s"]
 
-    options = AlignmentOptions(iterations=args.iterations, a1=1e-3, a2=1e-3, adaptive_weights=True)
+    defaults = IterISParams()  # the strategy's shipped regularisation and task weights
+    options = AlignmentOptions(iterations=args.iterations, a1=defaults.a1, a2=defaults.a2,
+                               adaptive_weights=defaults.adaptive_weights)
     ratios = []
     for round_ in range(args.rounds):
         before = floor()
