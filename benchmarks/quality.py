@@ -44,7 +44,7 @@ STRATEGIES = (  # every built-in strategy, PEFT's eleven combination types inclu
 # IterIS settings tried on the validation split, one at a time; the first value is the default.
 # Swept in this order, each from the values chosen before it.
 SWEEP: dict[str, tuple] = {
-    "a1=a2": (1e-4, 1e-3, 1e-5),
+    "a1=a2": (1e-3, 1e-4, 1e-5),
     "tolerance": (1e-3, 1e-2, 1e-1, 1.0),  # 1.0: in effect two solves (the first change is rarely 1 or more)
     "stop": ("change", "objective"),
     "schedule": ("joint", "sequential"),
@@ -92,15 +92,14 @@ def _full(params: dict) -> dict:
 def better(candidate: dict[str, dict], current: dict[str, dict]) -> bool:
     """Whether ``candidate`` replaces ``current`` (both: validation figures by N). Work is
     counted in passes of the calibration data through the model (a sequential sweep makes
-    two or three), and means closer than :data:`TIE` are a tie. It does when, for every N,
-    its mean is higher by more than a tie; or it is no more work and its mean is higher;
-    or it is less work and its mean is within a tie."""
+    two or three), and means closer than :data:`TIE` are a tie: a difference the split
+    cannot resolve, so at equal work the current value stays. It does when, for every N,
+    its mean is higher by more than a tie; or it is less work and its mean is within a tie."""
     def each(rule) -> bool:
         return all(rule(candidate[n]["mean"], current[n]["mean"], candidate[n]["calibration_passes"],
                         current[n]["calibration_passes"]) for n in current)
 
     return (each(lambda mean, was, work, had: mean > was + TIE)
-            or each(lambda mean, was, work, had: mean > was and work <= had)
             or each(lambda mean, was, work, had: mean >= was - TIE and work < had))
 
 

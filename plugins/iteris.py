@@ -35,8 +35,8 @@ class IterISParams(FeatureParams):
         "change", description="change: stop when the merged delta changes by less than tolerance; objective: "
         "when the mean alignment loss improves by less than tolerance, returning the better merge"
     )
-    a1: float = Field(1e-4, ge=0, description="weight of the proximal term towards each task's delta (x ||G_i||_F)")
-    a2: float = Field(1e-4, ge=0, description="ridge weight (x ||G_i||_F)")
+    a1: float = Field(1e-3, ge=0, description="weight of the proximal term towards each task's delta (x ||G_i||_F)")
+    a2: float = Field(1e-3, ge=0, description="ridge weight (x ||G_i||_F)")
     adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
     task_weights: list[float] | None = Field(None, description="manual per-task multipliers, in --adapter order")
     loss_weighting: float = Field(

@@ -121,8 +121,9 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
 
 
 def test_sweep_rule_prefers_higher_then_cheaper():
-    """A value replaces the current one only on evidence at every N: a higher mean, or
-    fewer calibration passes at a mean within the tie margin; a cheaper value that loses more is kept out."""
+    """A value replaces the current one only on evidence at every N: a mean higher by more
+    than the tie margin, or fewer calibration passes at a mean within it; a cheaper value
+    that loses more is kept out, and a raise within the margin at equal work is noise."""
     def runs(**by_value):
         return {n: {"tolerance": {v: {"mean": m[i][0], "calibration_passes": m[i][1]} for v, m in by_value.items()}}
                 for i, n in enumerate(("4", "8"))}
@@ -140,6 +141,10 @@ def test_sweep_rule_prefers_higher_then_cheaper():
     mixed = runs(**{"0.001": [(0.985, 5), (0.973, 5)], "0.01": [(0.990, 5), (0.970, 5)],
                     "0.1": [(0.980, 5), (0.980, 5)]})
     assert quality.choose(mixed, "tolerance", values, current=1e-3) == 1e-3
+    # At equal work, a higher mean within the tie margin is noise: the default stays.
+    noise = runs(**{"0.001": [(0.992, 2), (0.962, 2)], "0.01": [(0.993, 2), (0.964, 2)],
+                    "0.1": [(0.992, 2), (0.964, 2)]})
+    assert quality.choose(noise, "tolerance", values, current=1e-3) == 1e-3
     # More work buys a higher mean only beyond the tie margin.
     slightly = runs(**{"0.001": [(0.985, 2), (0.973, 2)], "0.01": [(0.986, 5), (0.974, 5)],
                        "0.1": [(0.988, 5), (0.976, 5)]})

@@ -42,11 +42,10 @@ def test_family_merges_and_peft_loads_it(tiny, family, tmp_path):
     assert max(ranks) <= 2 + 3 + 4  # exact rank-sum result, capped at the layer size
 
 
-@pytest.mark.parametrize("accumulate, tolerance, atol", [("float64", 1e-6, 1e-4), ("float32", 1e-3, 1e-3)])
-def test_single_adapter_returns_itself(bert, tmp_path, accumulate, tolerance, atol):
+@pytest.mark.parametrize("accumulate, tolerance", [("float64", 1e-6), ("float32", 1e-4)])
+def test_single_adapter_returns_itself(bert, tmp_path, accumulate, tolerance):
     """One adapter is its own fixed point; what is left is float32 forward-pass rounding
-    (and, by default, float32 Gram accumulation) amplified by the layer's conditioning,
-    which the ridge a2 bounds (12 short samples: rank-deficient Grams)."""
+    (and, by default, float32 Gram accumulation) amplified by the layer's conditioning."""
     base_dir, adapters = bert
     out = tmp_path / "one"
     assert cli_merge(base_dir, adapters[:1], out, "--param", f"accumulate_dtype={accumulate}") == 0
@@ -62,7 +61,7 @@ def test_single_adapter_returns_itself(bert, tmp_path, accumulate, tolerance, at
         model = PeftModel.from_pretrained(tf.AutoModel.from_pretrained(base_dir), adapter).eval()
         with torch.no_grad():
             outputs.append(model(**inputs)[0])
-    assert torch.allclose(outputs[0], outputs[1], atol=atol)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
 
 
 def _final_losses(out):
