@@ -459,7 +459,7 @@ def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_pa
     """``mv watched away; mv away watched`` within a second (the soak test's flapping
     source). The events mark its adapters removed while the watch survives (inotify
     follows the folder); the source must notice the folder is back and rescan it. The
-    soak caught a timing of this that this test does not force."""
+    soak caught a timing of this that this test does not force; the next one forces it."""
     base, (first, _) = made
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -477,6 +477,31 @@ def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_pa
         shutil.copytree(first, watched / "later")
         wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
                  "an adapter added afterwards")
+    finally:
+        source.stop()
+    catalog.close()
+
+
+def test_a_rescan_that_finds_the_folder_gone_rescans_it_once_it_is_back(made, tmp_path):
+    """The timing the soak caught: the folder is away just while a full scan runs (a
+    reload's or the periodic rescan's), and back before the next root check. The scan
+    marks its adapters removed; the watch never died (inotify follows the folder), so
+    only the scan can tell the source to look again once the folder is back."""
+    base, (first, _) = made
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        shutil.copytree(first, watched / "keep")
+        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
+                 "registration")
+        watched.rename(tmp_path / "away")
+        source.scan()
+        assert _adapters(catalog)["keep"].status is AdapterStatus.removed
+        (tmp_path / "away").rename(watched)
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.registered, "the adapter back")
     finally:
         source.stop()
     catalog.close()

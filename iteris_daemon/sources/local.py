@@ -193,7 +193,10 @@ class LocalFolderSource:
             present = {as_text(f) for f in folders}
             self._mark_removed(lambda locator: locator not in present, report)
             # Healthy only if every root is there: a deleted root is an error, not an empty folder.
-            missing = [str(root) for root in self.settings.paths if not root.is_dir()]
+            missing = [root for root in self.settings.paths if not root.is_dir()]
+            # The next root check that finds one back re-watches and rescans it: its watch
+            # may have survived (renamed away and back), so no event would say so.
+            self._missing.update(missing)
             self._set_health(f"watched folder {missing[0]} is gone" if missing else None)
         log.info("source %s: scan: %s", self.name, report)
         if self.on_change and report.changed:
