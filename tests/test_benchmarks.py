@@ -74,7 +74,7 @@ def test_diagnose_pipeline(workdir):
 def test_speed_pipeline(workdir):
     results = speed.run(
         workdir, TASKS, ("iteris", "task_arithmetic"), TINY,
-        memory_samples=(5, 10), scaling_adapters=(2,), scaling_widths=(64,), iteris_params=FAST_ITERIS,
+        memory_samples=(5,), scaling_adapters=(2,), scaling_widths=(64,), iteris_params=FAST_ITERIS,
     )
     iteris = results["strategies"]["iteris"]
     assert iteris["seconds"] > 0 and iteris["peak_rss_mb"] > 0 and iteris["iterations_run"] >= 1
