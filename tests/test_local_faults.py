@@ -34,6 +34,7 @@ processes and signals). Deadlines only bound waits; nothing asserts on speed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -455,61 +456,9 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
     catalog.close()
 
 
-def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_path):
-    """``mv watched away; mv away watched`` within a second (the soak test's flapping
-    source). The events mark its adapters removed while the watch survives (inotify
-    follows the folder); the source must notice the folder is back and rescan it. The
-    soak caught a timing of this that this test does not force; the next one forces it."""
-    base, (first, _) = made
-    watched = tmp_path / "watched"
-    watched.mkdir()
-    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    source = _source(catalog, watched, base)
-    source.start()
-    try:
-        shutil.copytree(first, watched / "keep")
-        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
-                 "registration")
-        watched.rename(tmp_path / "away")
-        time.sleep(0.5)  # events arrive, the folder is not checked yet
-        (tmp_path / "away").rename(watched)
-        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.registered, "the adapter back")
-        shutil.copytree(first, watched / "later")
-        wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
-                 "an adapter added afterwards")
-    finally:
-        source.stop()
-    catalog.close()
-
-
-def test_a_rescan_that_finds_the_folder_gone_rescans_it_once_it_is_back(made, tmp_path):
-    """The timing the soak caught: the folder is away just while a full scan runs (a
-    reload's or the periodic rescan's), and back before the next root check. The scan
-    marks its adapters removed; the watch never died (inotify follows the folder), so
-    only the scan can tell the source to look again once the folder is back."""
-    base, (first, _) = made
-    watched = tmp_path / "watched"
-    watched.mkdir()
-    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    source = _source(catalog, watched, base)
-    source.start()
-    try:
-        shutil.copytree(first, watched / "keep")
-        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
-                 "registration")
-        watched.rename(tmp_path / "away")
-        source.scan()
-        assert _adapters(catalog)["keep"].status is AdapterStatus.removed
-        (tmp_path / "away").rename(watched)
-        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.registered, "the adapter back")
-    finally:
-        source.stop()
-    catalog.close()
-
-
-def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
-    """The same fault, faster than the source looks: the root is re-created right after
-    the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""
+@contextlib.contextmanager
+def _watching_one_adapter(made, tmp_path):
+    """A running source over ``tmp_path/watched`` with one adapter, ``keep``, registered."""
     base, (first, second) = made
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -520,17 +469,54 @@ def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, t
         shutil.copytree(first, watched / "keep")
         wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
                  "registration")
-        shutil.rmtree(watched)
-        shutil.copytree(second, watched / "quick")
-        wait_for(lambda: getattr(_adapters(catalog).get("quick"), "status", None) is AdapterStatus.registered,
-                 "the adapter of the re-created folder")
-        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.removed, "the removal")
-        shutil.copytree(first, watched / "later")
-        wait_for(lambda: getattr(_adapters(catalog).get("later"), "status", None) is AdapterStatus.registered,
-                 "an adapter added after the recovery")
+        yield source, catalog, watched
     finally:
         source.stop()
-    catalog.close()
+        catalog.close()
+
+
+def _wait_registered(catalog: Catalog, name: str, what: str) -> None:
+    wait_for(lambda: getattr(_adapters(catalog).get(name), "status", None) is AdapterStatus.registered, what)
+
+
+def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_path):
+    """``mv watched away; mv away watched`` within a second (the soak test's flapping
+    source). The events mark its adapters removed while the watch survives (inotify
+    follows the folder); the source must notice the folder is back and rescan it. The
+    soak caught a timing of this that this test does not force; the next one forces it."""
+    with _watching_one_adapter(made, tmp_path) as (_, catalog, watched):
+        watched.rename(tmp_path / "away")
+        time.sleep(0.5)  # events arrive, the folder is not checked yet
+        (tmp_path / "away").rename(watched)
+        _wait_registered(catalog, "keep", "the adapter back")
+        shutil.copytree(made[1][0], watched / "later")
+        _wait_registered(catalog, "later", "an adapter added afterwards")
+
+
+def test_a_rescan_that_finds_the_folder_gone_rescans_it_once_it_is_back(made, tmp_path):
+    """The timing the soak caught: the folder is away just while a full scan runs (a
+    reload's or the periodic rescan's), and back before the next root check. The scan
+    marks its adapters removed; the watch never died (inotify follows the folder), so
+    only the scan can tell the source to look again once the folder is back."""
+    with _watching_one_adapter(made, tmp_path) as (source, catalog, watched):
+        watched.rename(tmp_path / "away")
+        source.scan()
+        assert _adapters(catalog)["keep"].status is AdapterStatus.removed
+        (tmp_path / "away").rename(watched)
+        _wait_registered(catalog, "keep", "the adapter back")
+
+
+def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
+    """The same fault, faster than the source looks: the root is re-created right after
+    the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""
+    first, second = made[1]
+    with _watching_one_adapter(made, tmp_path) as (_, catalog, watched):
+        shutil.rmtree(watched)
+        shutil.copytree(second, watched / "quick")
+        _wait_registered(catalog, "quick", "the adapter of the re-created folder")
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.removed, "the removal")
+        shutil.copytree(first, watched / "later")
+        _wait_registered(catalog, "later", "an adapter added after the recovery")
 
 
 # ----------------------------------------------------------------- 4. SIGKILL during registration
