@@ -3,7 +3,8 @@
 Two tasks, a few training steps, small test subsets and a tiny synthetic model:
 the numbers mean nothing here; every stage (training, merging with the real
 strategies, scoring, sweeps, plots, timing, the floor, the token-storing memory
-comparison, scaling) must run and produce well-formed output.
+comparison, scaling) must run and produce well-formed output. They are ``long``: left
+out of the default run, run by ``pytest -m long`` (CI runs both).
 """
 
 import json
@@ -31,6 +32,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench")
 
 
+@pytest.mark.long
 def test_quality_pipeline(workdir):
     groups = {1: TASKS[:1], 2: TASKS}
     kwargs = dict(groups=groups, strategies=("iteris", "task_arithmetic", "tsv"), train_config=TINY,
@@ -62,6 +64,7 @@ def test_quality_compares_every_built_in_strategy():
     assert set(quality.STRATEGIES) == built_in and len(quality.STRATEGIES) == len(built_in)
 
 
+@pytest.mark.long
 def test_diagnose_pipeline(workdir):
     results = diagnose.diagnose(workdir, TASKS, FAST_ITERIS, train_config=TINY, limit=24)
     for row in results["tasks"].values():
@@ -71,6 +74,7 @@ def test_diagnose_pipeline(workdir):
     assert all(f"| {task} |" in diagnose.table(results) for task in TASKS)
 
 
+@pytest.mark.long
 def test_speed_pipeline(workdir):
     results = speed.run(
         workdir, TASKS, ("iteris", "task_arithmetic"), TINY,
@@ -85,6 +89,7 @@ def test_speed_pipeline(workdir):
     assert "ratio" in speed.tables(results)
 
 
+@pytest.mark.long
 def test_scale_benchmark_tiny(tmp_path, capsys):
     """benchmarks.scale end to end on tiny models: the table and both depths' figures."""
     from benchmarks import scale
@@ -106,6 +111,7 @@ def test_scale_benchmark_tiny(tmp_path, capsys):
     assert isinstance(results["growth"]["percent"], float)
 
 
+@pytest.mark.long
 def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
     """benchmarks.gpu's whole path (sharded checkpoint, tokenizer, LoRAs, CLI merge) on a tiny shape."""
     from benchmarks import gpu
@@ -151,6 +157,7 @@ def test_sweep_rule_prefers_higher_then_cheaper():
     assert quality.choose(slightly, "tolerance", values, current=1e-3) == 1e-1
 
 
+@pytest.mark.long
 def test_catalog_benchmark_tiny(tmp_path, capsys):
     """benchmarks.catalog end to end on 6 adapters: the in-process source, then the real
     daemon (registered, idle without libtorch, status, a webhook push and a polled push)."""

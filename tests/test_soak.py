@@ -30,6 +30,7 @@ CYCLES = 8
 RELOAD_EVERY = 4
 
 
+@pytest.mark.long
 @pytest.mark.timeout(900)
 def test_a_short_soak_has_no_errors(tmp_path):
     work = tmp_path / "soak"
