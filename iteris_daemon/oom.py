@@ -46,27 +46,39 @@ def read_kills(file: Path) -> int | None:
 
 
 class OomWatch:
-    """Follows a running process's memory cgroup (it may be moved while it runs) and says
-    whether the kernel's OOM killer killed anything there since the watch began on it."""
+    """Follows a running process's memory cgroups and says whether the kernel's OOM killer
+    killed anything in one of them since the process was first seen there.
+
+    The process may be moved while it runs, so every cgroup it is seen in stays watched:
+    on cgroup v1 a process the OOM killer is ending already shows the root cgroup while
+    its parent still sees it running, so the last cgroup seen need not be the one it was
+    killed in."""
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.file: Path | None = None
-        self.start: int | None = None
+        self.seen: dict[Path, int] = {}  # counter file -> its count when the process was first seen there
         self.refresh()
 
     def refresh(self) -> None:
         """Look again at the process's cgroup; call while it is alive."""
         file = counter_file(self.pid)
-        if file is not None and file != self.file:
-            self.file, self.start = file, read_kills(file)
+        if file is not None and file not in self.seen:
+            start = read_kills(file)
+            if start is not None:
+                self.seen[file] = start
+
+    def _killed_in(self) -> Path | None:
+        for file, start in self.seen.items():
+            now = read_kills(file)
+            if now is not None and now > start:
+                return file
+        return None
 
     def killed(self) -> bool:
-        """Whether the cgroup's OOM-kill count rose since the watch began on it."""
-        if self.file is None or self.start is None:
-            return False
-        now = read_kills(self.file)
-        return now is not None and now > self.start
+        """Whether an OOM-kill count rose in a cgroup the process was seen in."""
+        return self._killed_in() is not None
 
     def describe(self) -> str:
-        return str(self.file.parent) if self.file is not None else "?"
+        """The cgroup of the kill (else the last one seen)."""
+        file = self._killed_in() or next(reversed(self.seen), None)
+        return str(file.parent) if file is not None else "?"
