@@ -459,7 +459,7 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
 @contextlib.contextmanager
 def _watching_one_adapter(made, tmp_path):
     """A running source over ``tmp_path/watched`` with one adapter, ``keep``, registered."""
-    base, (first, second) = made
+    base, (first, _) = made
     watched = tmp_path / "watched"
     watched.mkdir()
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
@@ -467,8 +467,7 @@ def _watching_one_adapter(made, tmp_path):
     source.start()
     try:
         shutil.copytree(first, watched / "keep")
-        wait_for(lambda: getattr(_adapters(catalog).get("keep"), "status", None) is AdapterStatus.registered,
-                 "registration")
+        _wait_registered(catalog, "keep", "registration")
         yield source, catalog, watched
     finally:
         source.stop()
@@ -484,12 +483,13 @@ def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_pa
     source). The events mark its adapters removed while the watch survives (inotify
     follows the folder); the source must notice the folder is back and rescan it. The
     soak caught a timing of this that this test does not force; the next one forces it."""
+    first, _ = made[1]
     with _watching_one_adapter(made, tmp_path) as (_, catalog, watched):
         watched.rename(tmp_path / "away")
         time.sleep(0.5)  # events arrive, the folder is not checked yet
         (tmp_path / "away").rename(watched)
         _wait_registered(catalog, "keep", "the adapter back")
-        shutil.copytree(made[1][0], watched / "later")
+        shutil.copytree(first, watched / "later")
         _wait_registered(catalog, "later", "an adapter added afterwards")
 
 
