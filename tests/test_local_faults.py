@@ -506,6 +506,41 @@ def test_a_rescan_that_finds_the_folder_gone_rescans_it_once_it_is_back(made, tm
         _wait_registered(catalog, "keep", "the adapter back")
 
 
+def _away_during(method, watched: Path):
+    """Wrap ``method`` so that its first call runs with ``watched`` renamed away, and the
+    folder is back the moment it returns (sooner than any root check looks)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if calls:
+            return method(*args, **kwargs)
+        calls.append(True)
+        watched.rename(watched.with_name("away"))
+        try:
+            return method(*args, **kwargs)
+        finally:
+            watched.with_name("away").rename(watched)
+    return wrapped, calls
+
+
+@pytest.mark.parametrize("look", ["scan", "settle"])
+def test_a_folder_away_only_while_the_source_looks_is_registered_again(made, tmp_path, look):
+    """The folder is away just while a scan lists the folders, or while an event's settle
+    marks what is gone, and back before that look ends. The look marks the adapter
+    removed; the root check never saw the folder away and its watch lives on, so the
+    source must look again at what it just removed (the rare flake of the test above)."""
+    with _watching_one_adapter(made, tmp_path) as (source, catalog, watched):
+        if look == "scan":
+            source.adapter_folders, calls = _away_during(source.adapter_folders, watched)
+            source.scan()
+        else:
+            source._mark_removed, calls = _away_during(source._mark_removed, watched)
+            (watched / "keep" / "notes.txt").write_text("an event for the folder\n")
+            wait_for(lambda: calls, "a settle that marks what is gone")
+        assert watched.is_dir()
+        _wait_registered(catalog, "keep", "the adapter back")
+
+
 def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
     """The same fault, faster than the source looks: the root is re-created right after
     the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""

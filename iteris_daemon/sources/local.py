@@ -198,6 +198,7 @@ class LocalFolderSource:
             # may have survived (renamed away and back), so no event would say so.
             self._missing.update(missing)
             self._set_health(f"watched folder {missing[0]} is gone" if missing else None)
+        self._look_again_at_removed(report.removed)
         log.info("source %s: scan: %s", self.name, report)
         if self.on_change and report.changed:
             self.on_change(report)
@@ -306,6 +307,23 @@ class LocalFolderSource:
             for adapter in mark_removed(session, self.source_id, gone):
                 report.removed.append(adapter.locator)
                 log.info("source %s: %s removed", self.name, adapter.name)
+
+    def _look_again_at_removed(self, locators: list[str]) -> None:
+        """Folders just marked removed may be back already: a root renamed away and back
+        while a scan or settle looked (its watch survives, so no event tells). Each
+        is examined again if its files are there, and a root still away is recorded
+        as gone (the root check rescans it once it is back). The root is looked at
+        first, so a miss takes two flaps between these two looks."""
+        if not self._watching():  # a one-shot scan: nothing would look again
+            return
+        for locator in locators:
+            folder = Path(locator)
+            root = self._root_of(folder)
+            if root is not None and not root.is_dir():
+                self._root_gone(root)
+            elif any((folder / name).exists() for name in ADAPTER_FILES):
+                log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
+                self._mark_dirty(folder)
 
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
@@ -446,6 +464,7 @@ class LocalFolderSource:
                     return _under(locator, prefix) and not any((Path(locator) / n).exists() for n in ADAPTER_FILES)
 
                 self._mark_removed(gone, report)
+        self._look_again_at_removed(report.removed)
         if report.registered or report.rejected or report.removed:
             log.debug("source %s: events: %s", self.name, report)
         if self.on_change and report.changed:
