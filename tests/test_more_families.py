@@ -5,8 +5,10 @@ fidelity figures. Tiny models built from configs; PEFT adapters with random weig
 import json
 
 import pytest
+import torch
 import transformers as tf
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from builders import build_adapter, cli_merge, model_class, tokenizer
 from iteris_daemon.lora import load_adapter
@@ -63,17 +65,59 @@ CASES = {
                                               intermediate_size=64, max_position_embeddings=128, vocab_size=30522,
                                               pad_token_id=0),
                    "FEATURE_EXTRACTION", ["query_proj", "value_proj"], "blocks"),
+    # sliding-window attention on every layer, narrower than the calibration samples
+    "mistral": (lambda: tf.MistralConfig(**DECODER, sliding_window=4), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
+                "blocks"),
+    # query/key norms per head
+    "qwen3": (lambda: tf.Qwen3Config(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
+              "blocks"),
+    "gemma": (lambda: tf.GemmaConfig(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
+              "blocks"),
+    # partial rotary embeddings, a dense (not gated) MLP
+    "phi": (lambda: tf.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=128, **TOKENS), "CAUSAL_LM", ["q_proj", "v_proj", "fc2"],
+            "blocks"),
+    "stablelm": (lambda: tf.StableLmConfig(**DECODER), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # norms after attention and MLP instead of before
+    "olmo2": (lambda: tf.Olmo2Config(**DECODER), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # embedding, residual and attention multipliers
+    "granite": (lambda: tf.GraniteConfig(**DECODER), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # parallel attention and MLP from one layer norm
+    "cohere": (lambda: tf.CohereConfig(**DECODER), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    "starcoder2": (lambda: tf.Starcoder2Config(**DECODER), "CAUSAL_LM", ["q_proj", "v_proj", "c_proj"], "blocks"),
+    "gptj": (lambda: tf.GPTJConfig(n_embd=32, n_layer=2, n_head=2, n_positions=128, rotary_dim=8, **TOKENS),
+             "CAUSAL_LM", ["q_proj", "v_proj", "fc_out"], "blocks"),
+    # ALiBi with fused query/key/value
+    "mpt": (lambda: tf.MptConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=128, vocab_size=30522), "CAUSAL_LM",
+            ["Wqkv", "out_proj"], "blocks"),
+    # position ids that start after the padding index
+    "roberta": (lambda: tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                         max_position_embeddings=130, vocab_size=30522, pad_token_id=1),
+                "FEATURE_EXTRACTION", ["query", "value"], "blocks"),
+    # embeddings narrower than the hidden size (a projection between them)
+    "electra": (lambda: tf.ElectraConfig(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=128, vocab_size=30522),
+                "FEATURE_EXTRACTION", ["query", "value"], "blocks"),
 }
+# where a block's inputs go beyond the hidden states (position biases, windows, norms):
+# running block by block must give the whole model's merge
+BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "deberta_v2", "falcon", "gemma3", "mistral", "mpt", "qwen2_moe", "roberta"]
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_family_merges_and_loads(family, tmp_path):
-    make_config, task_type, targets, execution = CASES[family]
+def _base_and_adapters(family: str, tmp_path):
+    make_config, task_type, targets, _ = CASES[family]
     base_dir = tmp_path / "base"
     model_class(task_type).from_config(make_config()).save_pretrained(base_dir)
     tokenizer().save_pretrained(base_dir)
     adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family=family, targets=targets,
                               task_type=task_type, calibration=6) for seed in range(2)]
+    return base_dir, adapters
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_family_merges_and_loads(family, tmp_path):
+    _, task_type, _, execution = CASES[family]
+    base_dir, adapters = _base_and_adapters(family, tmp_path)
 
     assert cli_merge(base_dir, adapters, tmp_path / "out", "--param", "iterations=2") == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
@@ -82,3 +126,19 @@ def test_family_merges_and_loads(family, tmp_path):
     for task in report["tasks"].values():
         assert 0 < task["fidelity_gap"] < 1.5  # finite; the task's outputs differ from the base's
     PeftModel.from_pretrained(model_class(task_type).from_pretrained(base_dir), tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", BLOCKS_EQUAL_WHOLE)
+def test_block_by_block_equals_whole_model_passes(family, tmp_path):
+    base_dir, adapters = _base_and_adapters(family, tmp_path)
+    merged = {}
+    for blockwise in ("true", "false"):
+        out = tmp_path / f"blockwise-{blockwise}"
+        assert cli_merge(base_dir, adapters, out, "--param", "iterations=2", "--param", f"blockwise={blockwise}",
+                         "--param", "accumulate_dtype=float64") == 0
+        report = json.loads((out / "merge_report.json").read_text())
+        assert report["metrics"]["execution"] == ("blocks" if blockwise == "true" else "whole model")
+        merged[blockwise] = load_file(out / "adapter_model.safetensors")
+    assert merged["true"].keys() == merged["false"].keys()
+    for name, whole in merged["false"].items():
+        torch.testing.assert_close(merged["true"][name].double(), whole.double(), rtol=1e-5, atol=1e-7, msg=name)
