@@ -24,6 +24,11 @@ class FeatureParams(StrategyParams):
         True, description="run the model block by block (only one block resident); false: whole-model passes"
     )
 
+    def feature_options(self) -> dict:
+        """The settings that ``AlignmentOptions`` takes from these (the sample count is
+        applied when the calibration data is read)."""
+        return self.model_dump(include={"batch_size", "max_length", "accumulate_dtype", "blockwise"})
+
 
 class IterISParams(FeatureParams):
     iterations: int = Field(8, ge=1, le=1000, description="maximum number of inference-solve iterations")
@@ -80,11 +85,8 @@ class IterIS:
             adaptive_weights=params.adaptive_weights,
             task_weights=params.task_weights,
             loss_weighting=params.loss_weighting,
-            batch_size=params.batch_size,
-            max_length=params.max_length,
-            accumulate_dtype=params.accumulate_dtype,
             schedule=params.schedule,
-            blockwise=params.blockwise,
+            **params.feature_options(),
         )
         factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
         return _truncate(factors, metrics, params.target_rank)
@@ -105,14 +107,7 @@ class RegMean:
     def merge(self, inputs: MergeInputs, params: RegMeanParams, progress: Progress) -> MergedAdapter:
         from iteris_daemon.alignment import AlignmentOptions, align
 
-        options = AlignmentOptions(
-            iterations=1,
-            offdiag_scale=params.alpha,
-            batch_size=params.batch_size,
-            max_length=params.max_length,
-            accumulate_dtype=params.accumulate_dtype,
-            blockwise=params.blockwise,
-        )
+        options = AlignmentOptions(iterations=1, offdiag_scale=params.alpha, **params.feature_options())
         factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
         return MergedAdapter(factors, metrics)
 
