@@ -541,6 +541,23 @@ def test_a_folder_away_only_while_the_source_looks_is_registered_again(made, tmp
         _wait_registered(catalog, "keep", "the adapter back")
 
 
+def test_an_adapter_behind_a_folder_turned_symlink_stays_removed(made, tmp_path):
+    """Looking again at what a scan removed must agree with the scan's listing: an
+    adapter whose parent folder became a symlink is not listed (symlinked folders are
+    not followed), so it stays removed instead of coming back as rejected and flipping
+    at every rescan."""
+    first, _ = made[1]
+    with _watching_one_adapter(made, tmp_path) as (source, catalog, watched):
+        shutil.copytree(first, watched / "team" / "a")
+        _wait_registered(catalog, "team/a", "the nested adapter")
+        (watched / "team").rename(tmp_path / "elsewhere")
+        (watched / "team").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        source.scan()
+        assert _adapters(catalog)["team/a"].status is AdapterStatus.removed
+        time.sleep(10 * 0.3)  # ten settle periods: anything queued has been examined by now
+        assert _adapters(catalog)["team/a"].status is AdapterStatus.removed
+
+
 def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
     """The same fault, faster than the source looks: the root is re-created right after
     the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""

@@ -311,9 +311,10 @@ class LocalFolderSource:
     def _look_again_at_removed(self, locators: list[str]) -> None:
         """Folders just marked removed may be back already: a root renamed away and back
         while a scan or settle looked (its watch survives, so no event tells). Each
-        is examined again if its files are there, and a root still away is recorded
-        as gone (the root check rescans it once it is back). The root is looked at
-        first, so a miss takes two flaps between these two looks."""
+        is examined again if its files are there (and not behind a symlinked folder,
+        which the listing skips too), and a root still away is recorded as gone (the
+        root check rescans it once it is back). The root is looked at first, so a miss
+        takes two flaps between these two looks."""
         if not self._watching():  # a one-shot scan: nothing would look again
             return
         for locator in locators:
@@ -321,7 +322,7 @@ class LocalFolderSource:
             root = self._root_of(folder)
             if root is not None and not root.is_dir():
                 self._root_gone(root)
-            elif any((folder / name).exists() for name in ADAPTER_FILES):
+            elif os.path.realpath(folder) == str(folder) and any((folder / n).exists() for n in ADAPTER_FILES):
                 log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
                 self._mark_dirty(folder)
 
