@@ -106,6 +106,15 @@ def test_baselines_write_loadable_adapters(bert, strategy, tmp_path):
         assert torch.isfinite(model(**sample_inputs("bert", tf.AutoTokenizer.from_pretrained(base_dir)))[0]).all()
 
 
+@pytest.mark.parametrize("strategy", ["peft_linear", "peft_ties", "peft_dare_linear", "peft_dare_ties",
+                                      "peft_magnitude_prune"])
+def test_peft_types_that_need_equal_ranks_stop_with_peft_s_reason(bert, strategy, tmp_path, capsys):
+    base_dir, adapters = bert  # ranks 2, 3 and 4
+    assert cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", strategy) == 2
+    assert "same r value" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_task_arithmetic_is_exact_sum(bert, tmp_path):
     base_dir, adapters = bert
     assert cli_merge(base_dir, adapters, tmp_path / "ta", "--strategy", "task_arithmetic", "--param", "weights=[1, 0.5, 2]") == 0
