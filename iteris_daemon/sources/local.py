@@ -103,6 +103,11 @@ def _under(locator: str, prefix: str) -> bool:
     return locator == prefix or locator.startswith(prefix + os.sep)
 
 
+def _holds_adapter(folder: Path) -> bool:
+    """Whether ``folder`` has any adapter file (config or weights) in it now."""
+    return any((folder / name).exists() for name in ADAPTER_FILES)
+
+
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -159,7 +164,7 @@ class LocalFolderSource:
                 if any(name in files for name in ADAPTER_FILES):
                     found.append(Path(folder))
                 found.extend(link for link in (Path(folder) / d for d in dirs)
-                             if link.is_symlink() and any((link / n).exists() for n in ADAPTER_FILES))
+                             if link.is_symlink() and _holds_adapter(link))
         return found
 
     def _name(self, folder: Path) -> str:
@@ -322,7 +327,7 @@ class LocalFolderSource:
             root = self._root_of(folder)
             if root is not None and not root.is_dir():
                 self._root_gone(root)
-            elif os.path.realpath(folder) == str(folder) and any((folder / n).exists() for n in ADAPTER_FILES):
+            elif os.path.realpath(folder) == str(folder) and _holds_adapter(folder):
                 log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
                 self._mark_dirty(folder)
 
@@ -457,12 +462,12 @@ class LocalFolderSource:
             for path, deep in paths:
                 if path.is_dir():
                     for folder in [path, *(self._subfolders(path) if deep else [])]:
-                        if any((folder / n).exists() for n in ADAPTER_FILES):
+                        if _holds_adapter(folder):
                             self._examine(folder, report)
                 prefix = str(path)
 
                 def gone(locator: str, prefix=prefix) -> bool:
-                    return _under(locator, prefix) and not any((Path(locator) / n).exists() for n in ADAPTER_FILES)
+                    return _under(locator, prefix) and not _holds_adapter(Path(locator))
 
                 self._mark_removed(gone, report)
         self._look_again_at_removed(report.removed)
