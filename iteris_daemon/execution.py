@@ -90,7 +90,7 @@ class ModelExecutor:
     def loaded(self, unit: Unit) -> Iterator[None]:
         yield
 
-    def run(self, unit: Unit, state: State) -> State:
+    def run(self, unit: Unit, state: State, grad: bool = False) -> State:
         return State(state.context, output=self.base.forward(state.context.batch))
 
 
@@ -199,8 +199,9 @@ class BlockExecutor:
             self.base.placement.release(block)
 
     # -------------------------------------------------------------- running
-    def run(self, unit: Unit, state: State) -> State:
-        """Push one batch's stream through ``unit``; the layer hooks fire as in a full pass."""
+    def run(self, unit: Unit, state: State, grad: bool = False) -> State:
+        """Push one batch's stream through ``unit``; the layer hooks fire as in a full pass.
+        ``grad``: record the block's autograd graph (for the refinement's steps)."""
         context = state.context
         if unit.stack is None:
             return State(context, output=self._tail(state), stack=state.stack)
@@ -216,7 +217,7 @@ class BlockExecutor:
             _set_argument(bound, context.encoder_argument, state.encoder)
         self.base.use_masks(context.masks, "decoder" if unit.stack > 0 else "encoder", state.encoder)
         block = self.plan.stacks[unit.stack].blocks[unit.index]
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             out = block(*bound.args, **bound.kwargs)
         hidden = out if isinstance(out, torch.Tensor) else out[0]
         carried = {name: out[i] for i, name in self.plan.carried.items() if not isinstance(out, torch.Tensor) and i < len(out)}

@@ -208,7 +208,7 @@ class BaseModel:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
-        self.model.eval()
+        self.model.eval().requires_grad_(False)  # frozen: only a merge's own factors ever get gradients
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"

@@ -49,6 +49,12 @@ class IterISParams(FeatureParams):
         "alignment loss under the previous merge to the power gamma, so the worst-served tasks count more (0: off)"
     )
     target_rank: int | None = Field(None, ge=1, description="truncate the exact rank-sum result to this rank (SVD)")
+    refine_steps: int = Field(
+        0, ge=0, le=100_000, description="after the solves, Adam steps per block of label-free distillation of the "
+        "block outputs towards each task's own model on its calibration inputs, B and A both (0: off; see "
+        "iteris_daemon.refinement)"
+    )
+    refine_lr: float = Field(3e-2, gt=0, le=1, description="refinement step size, relative to each factor's RMS")
     schedule: Literal["joint", "sequential"] = Field(
         "joint", description="joint: every block fed by the previous iteration's merge (the paper); sequential: "
         "by the blocks already merged in this sweep (Gauss-Seidel)"
@@ -89,6 +95,13 @@ class IterIS:
             **params.feature_options(),
         )
         factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
+        if params.refine_steps:
+            from iteris_daemon.refinement import RefineOptions, refine
+
+            refine_options = RefineOptions(steps=params.refine_steps, lr=params.refine_lr, batch_size=params.batch_size,
+                                           max_length=params.max_length, blockwise=params.blockwise)
+            factors, metrics["refinement"] = refine(inputs.base, inputs.adapters, inputs.calibration, factors,
+                                                    refine_options, progress)
         return _truncate(factors, metrics, params.target_rank)
 
 

@@ -1,0 +1,180 @@
+"""Block-wise distillation of a merge towards the task models: a label-free refinement.
+
+The closed-form solve aligns each linear layer's *output* with the task's, one layer at
+a time; what the tasks' heads read is the blocks' output, after attention's softmax,
+the MLP's activation and the norms, which no per-layer least squares sees. The
+refinement takes the solved merge and, one block at a time, takes gradient steps on the
+block's merged factors ``B`` and ``A`` (so the rank stays ``sum r_i``) so that the block's
+output on the merged stream matches what task i's own model produces there, on task i's
+calibration inputs:
+
+    min_{B,A}  mean_i ||block(Xt_i; B A) - block_i(X_i)||^2 / ||block_i(X_i)||^2   (padding excluded)
+
+Block k is refined on inputs produced by the blocks before it as already refined
+(progressive layer-wise distillation, as in ProDistill: Xu et al., ICML 2025), so a block
+corrects what the ones before it left. Steps are Adam's on a relative scale: each
+factor moves by about ``lr`` times its own RMS per step, whatever the model's scale. A
+block whose objective over all its calibration tokens did not go down keeps the solve.
+Like the solve, it needs no labels: the targets are the task models' hidden states.
+Blocks only: layers outside them (a pooler, a head) keep the solve, and a model the
+engine cannot run block by block is not refined (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .calibration import CalibrationSet
+from .execution import State, Unit, prepare
+from .lora import LoraAdapter
+from .model import BaseModel, Delta, row_mask
+from .strategy import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineOptions:
+    steps: int  # Adam steps per block, each over one calibration batch of every task
+    lr: float = 3e-2  # per step, relative to each factor's RMS
+    batch_size: int = 16
+    max_length: int = 128
+    blockwise: bool = True
+    seed: int = 0  # which batch each step draws
+
+
+def block_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||out - target||^2, ||target||^2)`` over the tokens that are not padding."""
+    column = row_mask(target, mask)
+    diff = (out - target).reshape(-1, target.shape[-1]).float()
+    ref = target.reshape(-1, target.shape[-1]).float()
+    if column is not None:
+        column = column.to(diff.dtype)
+        diff, ref = diff * column, ref * column
+    return diff.pow(2).sum(), ref.pow(2).sum()
+
+
+def _ratio(num, den):
+    return num / max(float(den), torch.finfo(torch.float32).tiny)
+
+
+class _Refinement:
+    def __init__(self, base: BaseModel, adapters: list[LoraAdapter], calibration: list[CalibrationSet],
+                 factors: dict[str, tuple[torch.Tensor, torch.Tensor]], options: RefineOptions, progress: Progress):
+        self.base, self.adapters, self.options, self.progress = base, adapters, options, progress
+        self.factors = dict(factors)
+        self.batches = [base.batches(c, options.batch_size, options.max_length) for c in calibration]
+        self.executor, self.starts = prepare(base, sorted(factors), self.batches, options.blockwise)
+        self.rng = random.Random(options.seed)
+
+    def _own(self, unit: Unit, task: int) -> dict[str, Delta]:
+        modules = self.adapters[task].modules
+        return {p: Delta(modules[p].A, modules[p].B, modules[p].scaling) for p in unit.paths if p in modules}
+
+    @staticmethod
+    def _merged(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Delta]:
+        return {p: Delta(A, B) for p, (B, A) in factors.items()}
+
+    def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta]) -> list[State]:
+        self.base.set_deltas(deltas)
+        return [self.executor.run(unit, state) for state in states]
+
+    def _mask(self, state: State) -> torch.Tensor | None:
+        return state.context.masks.get("decoder" if state.stack > 0 else "encoder")
+
+    def _loss(self, unit: Unit, merged: list[list[State]], targets: list[list[State]], factors, batches) -> torch.Tensor:
+        """The mean over tasks of the relative block loss on batch ``batches[i]`` of task i."""
+        self.base.set_deltas(self._merged(factors))
+        total = torch.zeros((), device=self.base.device)
+        for i, b in enumerate(batches):
+            target = targets[i][b]
+            out = self.executor.run(unit, merged[i][b], grad=True)
+            total = total + _ratio(*block_terms(out.hidden, target.hidden, self._mask(target))) / len(batches)
+        return total
+
+    def _objective(self, unit: Unit, merged, targets, factors) -> list[float]:
+        """Per task, the relative block loss over all its calibration tokens (the report's figure)."""
+        self.base.set_deltas(self._merged(factors))
+        losses = []
+        with torch.no_grad():
+            for states, wanted in zip(merged, targets):
+                terms = [block_terms(self.executor.run(unit, s).hidden, t.hidden, self._mask(t))
+                         for s, t in zip(states, wanted)]
+                losses.append(_ratio(float(sum(n for n, _ in terms)), sum(d for _, d in terms)))
+        return losses
+
+    def _refine_unit(self, unit: Unit, merged, targets) -> dict[str, Any]:
+        """Adam on the unit's B and A; each moves in units of its own RMS (``lr`` is relative)."""
+        device = self.base.device
+        start = {p: tuple(t.to(device, torch.float32) for t in self.factors[p]) for p in unit.paths}
+        scales = {p: tuple(float(t.pow(2).mean().sqrt()) or 1.0 for t in pair) for p, pair in start.items()}
+        moves = {p: tuple(torch.zeros_like(t, requires_grad=True) for t in pair) for p, pair in start.items()}
+        optimizer = torch.optim.Adam([t for pair in moves.values() for t in pair], lr=self.options.lr)
+
+        def current() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            return {p: tuple(t + s * m for t, s, m in zip(start[p], scales[p], moves[p])) for p in unit.paths}
+
+        before = self._objective(unit, merged, targets, start)
+        for _ in range(self.options.steps):
+            optimizer.zero_grad(set_to_none=True)
+            batches = [self.rng.randrange(len(m)) for m in merged]
+            self._loss(unit, merged, targets, current(), batches).backward()
+            optimizer.step()
+            self.bar.update(1)
+        with torch.no_grad():
+            refined = current()
+        after = self._objective(unit, merged, targets, refined)
+        kept = sum(after) <= sum(before)
+        if not kept:  # the steps made it worse over all the data: keep the solve
+            refined, after = start, before
+        for p in unit.paths:
+            self.factors[p] = tuple(t.cpu() for t in refined[p])
+        names = [a.name for a in self.adapters]
+        return {"block": unit.name, "kept": kept, "loss_before": dict(zip(names, before)),
+                "loss_after": dict(zip(names, after))}
+
+    def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+        started = time.perf_counter()
+        units = [u for u in self.executor.units if u.stack is not None]
+        if not self.executor.blockwise:
+            log.warning("refinement skipped: it needs block-by-block execution, which %s does not allow",
+                        self.base.name_or_path)
+            return self.factors, {"refined_blocks": 0, "skipped": "no blocks"}
+        merged = [list(s) for s in self.starts]
+        own = [list(s) for s in self.starts]
+        report = []
+        self.bar = self.progress(total=self.options.steps * sum(bool(u.paths) for u in units), desc="refinement")
+        self.base.attach(sorted(self.factors))
+        try:
+            for unit in units:
+                with self.executor.loaded(unit):
+                    own = [self._run(unit, own[i], self._own(unit, i)) for i in range(len(own))]
+                    if unit.paths:
+                        report.append(self._refine_unit(unit, merged, own))
+                    solved = self._merged({p: self.factors[p] for p in unit.paths})
+                    merged = [self._run(unit, merged[i], solved) for i in range(len(merged))]
+        finally:
+            self.bar.close()
+            self.base.detach()
+            self.base.set_deltas({})
+        metrics = {"refined_blocks": sum(r["kept"] for r in report), "blocks": report,
+                   "refine_s": time.perf_counter() - started}
+        return self.factors, metrics
+
+
+def refine(
+    base: BaseModel,
+    adapters: list[LoraAdapter],
+    calibration: list[CalibrationSet],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    options: RefineOptions,
+    progress: Progress,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Refine a merge's ``(B, A)`` factors block by block; return them and a report."""
+    return _Refinement(base, adapters, calibration, factors, options, progress).run()
