@@ -53,6 +53,9 @@ SWEEP: dict[str, tuple] = {
 # Validation means this close are a tie (1/300 = 0.0033 is one example of one task's
 # 300; the mean over N tasks moves in steps of 0.0033 / N).
 TIE = 0.002
+# IterIS variants that are not defaults, scored beside the strategies on the validation
+# split and in the test tables (name -> parameters over the chosen ones).
+VARIANTS: dict[str, dict] = {"iteris, refine_steps=100": {"refine_steps": 100}}
 ITERATION_SWEEP = (1, 2, 3)  # solves, tolerance 0
 SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (--samples 10 50 200; off by default: CPU time)
 
@@ -117,7 +120,7 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
         train_config: TrainConfig = TrainConfig(), sweep: dict[str, tuple] | None = SWEEP,
         iteration_sweep=ITERATION_SWEEP,
         sample_sweep=SAMPLE_SWEEP, test_limit: int | None = None, iteris_params: dict | None = None,
-        checkpoint: Path | None = None) -> dict:
+        checkpoint: Path | None = None, variants: dict[str, dict] = VARIANTS) -> dict:
     """Train (or reuse) the adapters, sweep IterIS on validation data, then the test tables.
     ``iteris_params`` overrides IterIS defaults everywhere (smoke tests shrink the work);
     ``checkpoint`` (a JSON file) is written after every entry and resumed from."""
@@ -127,7 +130,7 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
     adapters = train_all(workdir / "adapters", model, train_config, every_task)
     merges = workdir / "merges"
     fresh = {"groups": {str(n): list(tasks) for n, tasks in groups.items()}, "baselines": {}, "sweep": {},
-             "chosen": {}, "strategies": {}, "iterations": {}, "samples": {}}
+             "chosen": {}, "strategies": {}, "variants_validation": {}, "iterations": {}, "samples": {}}
     saved = _Saved(checkpoint, fresh)
     results = saved.results
     own_validation = {}
@@ -175,6 +178,16 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
                 return {**entry, **summary(entry["accuracy"], own_n)}
 
             saved.keep(("strategies", str(n), strategy), score, params)
+        for name, overrides in tqdm(variants.items(), desc=f"variants N={n}"):
+            params = _full({**chosen, **overrides})
+            saved.keep(("strategies", str(n), name), lambda params=params, group=group, own_n=own_n, name=name: {
+                **(entry := merge_and_score(model, group, "iteris", params, merges / f"{name}-{n}", test_limit)),
+                **summary(entry["accuracy"], own_n)}, params)
+            if sweep:
+                saved.keep(("variants_validation", str(n), name), lambda params=params, group=group, tasks=tasks, name=name: {
+                    **(entry := merge_and_score(model, group, "iteris", params, merges / f"{name}-{n}", test_limit,
+                                                split="validation")),
+                    **summary(entry["accuracy"], {t: own_validation[t] for t in tasks})}, params)
         for count in tqdm(iteration_sweep, desc=f"iterations N={n}"):
             params = _full({**chosen, "iterations": count, "tolerance": 0.0, "stop": "change"})
             saved.keep(("iterations", str(n), str(count)), lambda params=params, group=group, own_n=own_n, count=count:
@@ -247,6 +260,10 @@ def table(results: dict) -> str:
                                  f"{e['calibration_passes']} passes)")
                 lines.append(f"| {setting} | {value} | " + " | ".join(cells) + " |")
         lines += ["", f"chosen: {results['chosen']}", ""]
+    for n, entries in results.get("variants_validation", {}).items():
+        lines.append(f"IterIS variants on the validation split, N = {n}: " + ", ".join(
+            f"{name}: {e['mean']:.3f} (worst {e['worst']:.3f}, merge {e['merge_seconds']:.0f} s)"
+            for name, e in entries.items()))
     for n, curve in results["iterations"].items():
         lines.append(f"IterIS on test, N = {n}, by solves: " +
                      ", ".join(f"{k}: {v['mean']:.3f} (worst {v['worst']:.3f})" for k, v in curve.items()))
@@ -274,7 +291,7 @@ def plot(results: dict, workdir: Path) -> list[Path]:
             xs = [int(x) for x in curve]
             line, = ax.plot(xs, [v["mean"] for v in curve.values()], marker="o", label=f"IterIS, N = {n}")
             group = results["strategies"].get(str(n), {})
-            others = [e["mean"] for k, e in group.items() if k != "iteris"]
+            others = [e["mean"] for k, e in group.items() if not k.startswith("iteris")]
             if others:
                 ax.axhline(max(others), color=line.get_color(), linestyle="--", alpha=0.6,
                            label=f"best other strategy, N = {n}")

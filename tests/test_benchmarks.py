@@ -37,7 +37,8 @@ def test_quality_pipeline(workdir):
     groups = {1: TASKS[:1], 2: TASKS}
     kwargs = dict(groups=groups, strategies=("iteris", "task_arithmetic", "tsv"), train_config=TINY,
                   sweep={"a1=a2": (1e-3, 1e-4), "stop": ("change", "objective")}, iteration_sweep=(1, 2),
-                  sample_sweep=(5,), test_limit=24, iteris_params=FAST_ITERIS, checkpoint=workdir / "partial.json")
+                  sample_sweep=(5,), test_limit=24, iteris_params=FAST_ITERIS, checkpoint=workdir / "partial.json",
+                  variants={"iteris, refined": {"refine_steps": 2}})
     results = quality.run(workdir, **kwargs)
     assert set(results["baselines"]) == set(TASKS)
     for n, tasks in groups.items():
@@ -47,8 +48,11 @@ def test_quality_pipeline(workdir):
             assert entry["mean"] > 0 and entry["worst_task"] in tasks and entry["worst"] <= entry["mean"]
         assert set(results["sweep"][str(n)]) == {"a1=a2", "stop"}
         assert set(results["iterations"][str(n)]) == {"1", "2"}
+        variant = results["strategies"][str(n)]["iteris, refined"]
+        assert variant["params"]["refine_steps"] == 2 and "iteris, refined" in results["variants_validation"][str(n)]
     assert set(results["chosen"]) == {"a1=a2", "stop"} and set(results["samples"]) == {"5"}
     assert "| iteris |" in quality.table(results) and "N = 2" in quality.table(results)
+    assert "| iteris, refined |" in quality.table(results)
     for path in quality.plot(results, workdir):
         assert path.stat().st_size > 1000
     # Every entry was saved as it came: a second run finds them all and merges nothing.

@@ -100,3 +100,13 @@ def test_refinement_without_blocks_is_skipped_and_says_so(tiny, tmp_path, caplog
         report = _merge(base_dir, adapter_dirs, tmp_path / "out", refine_steps=5, blockwise=False)
     assert report["metrics"]["refinement"]["refined_blocks"] == 0
     assert "refinement skipped: it needs block-by-block execution" in caplog.text
+
+
+def test_the_cli_turns_refinement_on_and_reports_it(tiny, tmp_path, capsys):
+    from builders import cli_merge
+
+    base_dir, adapter_dirs = tiny["llama"]
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "out", "--param", "refine_steps=5") == 0
+    assert "refinement: 2 of 2 blocks refined; last block's output distance" in capsys.readouterr().out
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "bad", "--param", "refine_lr=0") == 2
+    assert "refine_lr" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -142,6 +142,12 @@ def summarize(report: dict, out: Path) -> str:
             loss = figures["alignment_loss"]
             trend = f"{loss[0]:.4f} -> {loss[-1]:.4f}" if len(loss) > 1 else f"{loss[-1]:.4f}"
             lines.append(f"{name:24} {trend:>32} {figures['fidelity_gap']:>13.4f}")
+    refinement = report.get("metrics", {}).get("refinement")
+    if refinement and refinement.get("blocks"):
+        last = refinement["blocks"][-1]
+        before, after = (sum(last[k].values()) / len(last[k]) for k in ("loss_before", "loss_after"))
+        lines.append(f"refinement: {refinement['refined_blocks']} of {len(refinement['blocks'])} blocks refined; "
+                     f"last block's output distance to the task models {before:.4f} -> {after:.4f} (mean over tasks)")
     return "\n".join(lines)
 
 
