@@ -110,3 +110,21 @@ def test_the_cli_turns_refinement_on_and_reports_it(tiny, tmp_path, capsys):
     assert "refinement: 2 of 2 blocks refined; last block's output distance" in capsys.readouterr().out
     assert cli_merge(base_dir, adapter_dirs, tmp_path / "bad", "--param", "refine_lr=0") == 2
     assert "refine_lr" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_block_that_the_steps_made_worse_keeps_the_solve(tiny, tmp_path):
+    """Steps of a whole RMS each (refine_lr=1) overshoot on tiny Llama: such a block must
+    come back exactly as solved, and say so."""
+    base_dir, adapter_dirs = tiny["llama"]
+    _merge(base_dir, adapter_dirs, tmp_path / "solved")
+    report = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=10, refine_lr=1.0)
+    blocks = report["metrics"]["refinement"]["blocks"]
+    kept_solve = [b["block"] for b in blocks if not b["kept"]]
+    assert kept_solve, "no block overshot: the test no longer exercises the fallback"
+    for block in blocks:
+        if not block["kept"]:
+            assert block["loss_after"] == block["loss_before"]
+    solved, refined = load_adapter(tmp_path / "solved").modules, load_adapter(tmp_path / "refined").modules
+    for path in solved:
+        if any(path.startswith(name + ".") for name in kept_solve):
+            assert torch.equal(refined[path].A, solved[path].A) and torch.equal(refined[path].B, solved[path].B)
