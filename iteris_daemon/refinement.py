@@ -65,6 +65,9 @@ def _ratio(num, den):
 
 
 class _Refinement:
+    """One refinement: two sets of streams (the task models', the merge's) moved block by
+    block; each block with targeted layers is refined before the merge's streams move on."""
+
     def __init__(self, base: BaseModel, adapters: list[LoraAdapter], calibration: list[CalibrationSet],
                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]], options: RefineOptions, progress: Progress):
         self.base, self.adapters, self.options, self.progress = base, adapters, options, progress
@@ -130,13 +133,13 @@ class _Refinement:
         with torch.no_grad():
             refined = current()
         after = self._objective(unit, merged, targets, refined)
-        kept = sum(after) <= sum(before)
-        if not kept:  # the steps made it worse over all the data: keep the solve
+        improved = sum(after) <= sum(before)
+        if not improved:  # the steps made it worse over all the data: keep the solve
             refined, after = start, before
         for p in unit.paths:
             self.factors[p] = tuple(t.cpu() for t in refined[p])
         names = [a.name for a in self.adapters]
-        return {"block": unit.name, "kept": kept, "loss_before": dict(zip(names, before)),
+        return {"block": unit.name, "refined": improved, "loss_before": dict(zip(names, before)),
                 "loss_after": dict(zip(names, after))}
 
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
@@ -157,13 +160,13 @@ class _Refinement:
                     own = [self._run(unit, own[i], self._own(unit, i)) for i in range(len(own))]
                     if unit.paths:
                         report.append(self._refine_unit(unit, merged, own))
-                    solved = self._merged({p: self.factors[p] for p in unit.paths})
-                    merged = [self._run(unit, merged[i], solved) for i in range(len(merged))]
+                    installed = self._merged({p: self.factors[p] for p in unit.paths})
+                    merged = [self._run(unit, merged[i], installed) for i in range(len(merged))]
         finally:
             self.bar.close()
             self.base.detach()
             self.base.set_deltas({})
-        metrics = {"refined_blocks": sum(r["kept"] for r in report), "blocks": report,
+        metrics = {"refined_blocks": sum(r["refined"] for r in report), "blocks": report,
                    "refine_s": time.perf_counter() - started}
         return self.factors, metrics
 

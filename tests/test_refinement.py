@@ -119,10 +119,10 @@ def test_a_block_that_the_steps_made_worse_keeps_the_solve(tiny, tmp_path):
     _merge(base_dir, adapter_dirs, tmp_path / "solved")
     report = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=10, refine_lr=1.0)
     blocks = report["metrics"]["refinement"]["blocks"]
-    kept_solve = [b["block"] for b in blocks if not b["kept"]]
+    kept_solve = [b["block"] for b in blocks if not b["refined"]]
     assert kept_solve, "no block overshot: the test no longer exercises the fallback"
     for block in blocks:
-        if not block["kept"]:
+        if not block["refined"]:
             assert block["loss_after"] == block["loss_before"]
     solved, refined = load_adapter(tmp_path / "solved").modules, load_adapter(tmp_path / "refined").modules
     for path in solved:
