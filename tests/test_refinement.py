@@ -49,7 +49,7 @@ def test_refinement_lowers_the_block_distances_that_plain_models_measure(tiny, t
     weights, and the refined merge is closer to every task model than the solve alone."""
     base_dir, adapter_dirs = tiny["bert"]
     solved = _merge(base_dir, adapter_dirs, tmp_path / "solved")
-    refined = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=40)
+    refined = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=20)
     report = refined["metrics"]["refinement"]
     assert [b["block"] for b in report["blocks"]] == ["encoder.layer.0", "encoder.layer.1"]
     assert report["refined_blocks"] == 2
@@ -97,7 +97,7 @@ def test_refinement_keeps_the_rank(tiny, tmp_path, family):
 def test_refinement_without_blocks_is_skipped_and_says_so(tiny, tmp_path, caplog):
     base_dir, adapter_dirs = tiny["bert"]
     with caplog.at_level(logging.WARNING, logger="iteris_daemon.refinement"):
-        report = _merge(base_dir, adapter_dirs, tmp_path / "out", refine_steps=5, blockwise=False)
+        report = _merge(base_dir, adapter_dirs, tmp_path / "out", refine_steps=5, blockwise=False, iterations=1)
     assert report["metrics"]["refinement"]["refined_blocks"] == 0
     assert "refinement skipped: it needs block-by-block execution" in caplog.text
 
