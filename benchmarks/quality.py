@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def _params(setting: str, value) -> dict:
     return {"a1": value, "a2": value} if setting == "a1=a2" else {setting: value}
 
 
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
 def _full(params: dict) -> dict:
     """IterIS' parameters with the defaults filled in: equal settings, one key."""
     from plugins.iteris import IterISParams
@@ -130,7 +135,7 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
     adapters = train_all(workdir / "adapters", model, train_config, every_task)
     merges = workdir / "merges"
     fresh = {"groups": {str(n): list(tasks) for n, tasks in groups.items()}, "baselines": {}, "sweep": {},
-             "chosen": {}, "strategies": {}, "variants_validation": {}, "iterations": {}, "samples": {}}
+             "chosen": {}, "strategies": {}, "iterations": {}, "samples": {}}
     saved = _Saved(checkpoint, fresh)
     results = saved.results
     own_validation = {}
@@ -180,14 +185,17 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
             saved.keep(("strategies", str(n), strategy), score, params)
         for name, overrides in tqdm(variants.items(), desc=f"variants N={n}"):
             params = _full({**chosen, **overrides})
-            saved.keep(("strategies", str(n), name), lambda params=params, group=group, own_n=own_n, name=name: {
-                **(entry := merge_and_score(model, group, "iteris", params, merges / f"{name}-{n}", test_limit)),
-                **summary(entry["accuracy"], own_n)}, params)
-            if sweep:
-                saved.keep(("variants_validation", str(n), name), lambda params=params, group=group, tasks=tasks, name=name: {
-                    **(entry := merge_and_score(model, group, "iteris", params, merges / f"{name}-{n}", test_limit,
-                                                split="validation")),
-                    **summary(entry["accuracy"], {t: own_validation[t] for t in tasks})}, params)
+
+            def measure(params=params, group=group, own_n=own_n, folder=merges / f"variant-{n}-{_slug(name)}"):
+                entry = merge_and_score(model, group, "iteris", params, folder, test_limit)
+                result = {**entry, **summary(entry["accuracy"], own_n)}
+                if sweep:  # the same merge on the validation split, where defaults are chosen
+                    scores = {t: accuracy(model, folder, head, t, split="validation", limit=test_limit)
+                              for t, head in group.items()}
+                    result["validation"] = summary(scores, {t: own_validation[t] for t in group})
+                return result
+
+            saved.keep(("strategies", str(n), name), measure, params)
         for count in tqdm(iteration_sweep, desc=f"iterations N={n}"):
             params = _full({**chosen, "iterations": count, "tolerance": 0.0, "stop": "change"})
             saved.keep(("iterations", str(n), str(count)), lambda params=params, group=group, own_n=own_n, count=count:
@@ -260,10 +268,12 @@ def table(results: dict) -> str:
                                  f"{e['calibration_passes']} passes)")
                 lines.append(f"| {setting} | {value} | " + " | ".join(cells) + " |")
         lines += ["", f"chosen: {results['chosen']}", ""]
-    for n, entries in results.get("variants_validation", {}).items():
-        lines.append(f"IterIS variants on the validation split, N = {n}: " + ", ".join(
-            f"{name}: {e['mean']:.3f} (worst {e['worst']:.3f}, merge {e['merge_seconds']:.0f} s)"
-            for name, e in entries.items()))
+    for n, entries in results["strategies"].items():
+        for name, e in entries.items():
+            if "validation" in e:
+                v = e["validation"]
+                lines.append(f"IterIS variant {name}, N = {n}: validation {v['mean']:.3f} (worst {v['worst']:.3f}), "
+                             f"test {e['mean']:.3f} (worst {e['worst']:.3f}), merge {e['merge_seconds']:.0f} s")
     for n, curve in results["iterations"].items():
         lines.append(f"IterIS on test, N = {n}, by solves: " +
                      ", ".join(f"{k}: {v['mean']:.3f} (worst {v['worst']:.3f})" for k, v in curve.items()))

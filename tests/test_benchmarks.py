@@ -49,10 +49,11 @@ def test_quality_pipeline(workdir):
         assert set(results["sweep"][str(n)]) == {"a1=a2", "stop"}
         assert set(results["iterations"][str(n)]) == {"1", "2"}
         variant = results["strategies"][str(n)]["iteris, refined"]
-        assert variant["params"]["refine_steps"] == 2 and "iteris, refined" in results["variants_validation"][str(n)]
+        assert variant["params"]["refine_steps"] == 2 and set(variant["validation"]["normalized"]) == set(tasks)
     assert set(results["chosen"]) == {"a1=a2", "stop"} and set(results["samples"]) == {"5"}
     assert "| iteris |" in quality.table(results) and "N = 2" in quality.table(results)
     assert "| iteris, refined |" in quality.table(results)
+    assert "IterIS variant iteris, refined, N = 2: validation" in quality.table(results)
     for path in quality.plot(results, workdir):
         assert path.stat().st_size > 1000
     # Every entry was saved as it came: a second run finds them all and merges nothing.
