@@ -48,7 +48,7 @@ from .errors import CalibrationError, MergeError
 from .execution import State, Unit, prepare
 from .lora import LoraAdapter, LoraModule
 from .lowrank import solve_spd
-from .model import BaseModel, Delta, masked_rows, row_mask
+from .model import BaseModel, Delta, adapter_deltas, masked_rows, row_mask
 from .strategy import Progress
 
 log = logging.getLogger(__name__)
@@ -258,8 +258,7 @@ class _Alignment:
     def _deltas(self, unit: Unit, task: int | None, merge: dict[str, torch.Tensor] | None) -> dict[str, Delta]:
         """The deltas a stream runs with in ``unit``: task ``task``'s own, or ``merge``."""
         if merge is None:
-            modules = self.adapters[task].modules
-            return {p: Delta(modules[p].A, modules[p].B, modules[p].scaling) for p in unit.paths if p in modules}
+            return adapter_deltas(self.adapters[task], unit.paths)
         return {p: Delta(merge[p], self.B_cat[p]) for p in unit.paths if p in merge}
 
     def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta], recorder: UnitPass | None) -> list[State]:

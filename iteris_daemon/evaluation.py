@@ -23,7 +23,7 @@ from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms
 from .calibration import CalibrationSet
 from .execution import prepare
 from .lora import LoraAdapter
-from .model import BaseModel, Delta, row_mask
+from .model import BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
 from .strategy import Progress
 
 
@@ -48,7 +48,7 @@ def evaluate(
     reference_paths = set(reference.modules) if reference is not None else set()
     paths = sorted(set(factors) | {p for a in adapters for p in a.modules} | reference_paths)
     dtype = ACCUMULATE[accumulate_dtype]
-    merged_deltas = {p: Delta(A, B) for p, (B, A) in factors.items()}
+    merged_deltas = factor_deltas(factors)
     B64, A64 = {}, {}
     for p in paths:
         d_out, d_in = base.weight(p).shape
@@ -56,7 +56,7 @@ def evaluate(
         B64[p], A64[p] = B.double(), A.double()
     streams: dict[str, tuple[dict[str, Delta], dict[str, torch.Tensor]] | None] = {"base": ({}, {}), "merged": (merged_deltas, merged_head)}
     if reference is not None:
-        streams["reference"] = (_deltas(reference), reference.modules_to_save)
+        streams["reference"] = (adapter_deltas(reference), reference.modules_to_save)
     batches = [base.batches(data, batch_size, max_length) for data in calibration]
     executor, starts = prepare(base, paths, batches, blockwise)
     if not executor.blockwise:
@@ -76,7 +76,7 @@ def evaluate(
                             info.A = info.module.A.to(base.device, dtype)
                     recorders = {"task": UnitPass(layers, dtype, {}, own=True, gram=False),
                                  "merged": UnitPass(layers, dtype, {}, own=False, gram=True, release=True)}
-                    plan = {"task": (_deltas(adapter), adapter.modules_to_save), **streams}
+                    plan = {"task": (adapter_deltas(adapter), adapter.modules_to_save), **streams}
                     installed = {}
                     for name, (deltas, _head) in plan.items():  # on the device once per unit
                         base.set_deltas({p: d for p, d in deltas.items() if p in unit.paths})
@@ -124,10 +124,6 @@ def evaluate(
         if reference is not None:
             results[adapter.name]["reference_fidelity_gap"] = _gap(total["reference_num"], total["gap_den"])
     return results
-
-
-def _deltas(adapter: LoraAdapter) -> dict[str, Delta]:
-    return {p: Delta(m.A, m.B, m.scaling) for p, m in adapter.modules.items()}
 
 
 def _output_gaps(base: BaseModel, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], sums: dict) -> None:

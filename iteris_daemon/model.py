@@ -73,6 +73,18 @@ class Delta:
     scaling: float = 1.0
 
 
+def adapter_deltas(adapter: LoraAdapter, paths: Iterable[str] | None = None) -> dict[str, Delta]:
+    """An adapter's own deltas, at ``paths`` only when given (those it adapts)."""
+    modules = adapter.modules
+    chosen = modules if paths is None else [p for p in paths if p in modules]
+    return {p: Delta(modules[p].A, modules[p].B, modules[p].scaling) for p in chosen}
+
+
+def factor_deltas(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Delta]:
+    """A merge's ``(B, A)`` factors (scaling folded in) as installable deltas."""
+    return {p: Delta(A, B) for p, (B, A) in factors.items()}
+
+
 def _add_delta(output: torch.Tensor, x: torch.Tensor, delta: Delta) -> torch.Tensor:
     """``output + scaling * x A^T B^T``, written into ``output`` when the dtypes allow
     (a layer's fresh output, not yet seen by anything else): no output-sized temporaries."""

@@ -33,7 +33,7 @@ import torch
 from .calibration import CalibrationSet
 from .execution import State, Unit, prepare
 from .lora import LoraAdapter
-from .model import BaseModel, Delta, row_mask
+from .model import BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
 from .strategy import Progress
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,6 @@ class _Refinement:
         self.executor, self.starts = prepare(base, sorted(factors), self.batches, options.blockwise)
         self.rng = random.Random(options.seed)
 
-    def _own(self, unit: Unit, task: int) -> dict[str, Delta]:
-        modules = self.adapters[task].modules
-        return {p: Delta(modules[p].A, modules[p].B, modules[p].scaling) for p in unit.paths if p in modules}
-
-    @staticmethod
-    def _merged(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Delta]:
-        return {p: Delta(A, B) for p, (B, A) in factors.items()}
-
     def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta]) -> list[State]:
         self.base.set_deltas(deltas)
         return [self.executor.run(unit, state) for state in states]
@@ -93,7 +85,7 @@ class _Refinement:
 
     def _loss(self, unit: Unit, merged: list[list[State]], targets: list[list[State]], factors, batches) -> torch.Tensor:
         """The mean over tasks of the relative block loss on batch ``batches[i]`` of task i."""
-        self.base.set_deltas(self._merged(factors))
+        self.base.set_deltas(factor_deltas(factors))
         total = torch.zeros((), device=self.base.device)
         for i, b in enumerate(batches):
             target = targets[i][b]
@@ -103,7 +95,7 @@ class _Refinement:
 
     def _objective(self, unit: Unit, merged, targets, factors) -> list[float]:
         """Per task, the relative block loss over all its calibration tokens (the report's figure)."""
-        self.base.set_deltas(self._merged(factors))
+        self.base.set_deltas(factor_deltas(factors))
         losses = []
         with torch.no_grad():
             for states, wanted in zip(merged, targets):
@@ -157,10 +149,11 @@ class _Refinement:
         try:
             for unit in units:
                 with self.executor.loaded(unit):
-                    own = [self._run(unit, own[i], self._own(unit, i)) for i in range(len(own))]
+                    own = [self._run(unit, states, adapter_deltas(adapter, unit.paths))
+                           for states, adapter in zip(own, self.adapters)]
                     if unit.paths:
                         report.append(self._refine_unit(unit, merged, own))
-                    installed = self._merged({p: self.factors[p] for p in unit.paths})
+                    installed = factor_deltas({p: self.factors[p] for p in unit.paths})
                     merged = [self._run(unit, merged[i], installed) for i in range(len(merged))]
         finally:
             self.bar.close()
