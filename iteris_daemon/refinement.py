@@ -33,7 +33,7 @@ import torch
 from .calibration import CalibrationSet
 from .execution import State, Unit, prepare
 from .lora import LoraAdapter
-from .model import BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
+from .model import BaseModel, Delta, adapter_deltas, factor_deltas, masked_rows
 from .strategy import Progress
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,7 @@ class RefineOptions:
 
 def block_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||out - target||^2, ||target||^2)`` over the tokens that are not padding."""
-    column = row_mask(target, mask)
-    diff = (out - target).reshape(-1, target.shape[-1]).float()
-    ref = target.reshape(-1, target.shape[-1]).float()
-    if column is not None:
-        column = column.to(diff.dtype)
-        diff, ref = diff * column, ref * column
+    diff, ref = (masked_rows(x, mask, torch.float32) for x in (out - target, target))
     return diff.pow(2).sum(), ref.pow(2).sum()
 
 
