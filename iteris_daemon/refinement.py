@@ -88,19 +88,22 @@ class _Refinement:
             total = total + _ratio(*block_terms(out.hidden, target.hidden, self._mask(target))) / len(batches)
         return total
 
-    def _objective(self, unit: Unit, merged, targets, factors) -> list[float]:
-        """Per task, the relative block loss over all its calibration tokens (the report's figure)."""
+    def _objective(self, unit: Unit, merged, targets, factors) -> tuple[list[float], list[list[State]]]:
+        """Per task, the relative block loss over all its calibration tokens (the report's
+        figure), and the merge's streams moved through the unit with ``factors``."""
         self.base.set_deltas(factor_deltas(factors))
-        losses = []
+        losses, moved = [], []
         with torch.no_grad():
             for states, wanted in zip(merged, targets):
-                terms = [block_terms(self.executor.run(unit, s).hidden, t.hidden, self._mask(t))
-                         for s, t in zip(states, wanted)]
+                outs = [self.executor.run(unit, s) for s in states]
+                terms = [block_terms(o.hidden, t.hidden, self._mask(t)) for o, t in zip(outs, wanted)]
                 losses.append(_ratio(float(sum(n for n, _ in terms)), sum(d for _, d in terms)))
-        return losses
+                moved.append(outs)
+        return losses, moved
 
-    def _refine_unit(self, unit: Unit, merged, targets) -> dict[str, Any]:
-        """Adam on the unit's B and A; each moves in units of its own RMS (``lr`` is relative)."""
+    def _refine_unit(self, unit: Unit, merged, targets) -> tuple[dict[str, Any], list[list[State]]]:
+        """Adam on the unit's B and A; each moves in units of its own RMS (``lr`` is relative).
+        Returns the block's report and the merge's streams moved through it as installed."""
         device = self.base.device
         start = {p: tuple(t.to(device, torch.float32) for t in self.factors[p]) for p in unit.paths}
         scales = {p: tuple(float(t.pow(2).mean().sqrt()) or 1.0 for t in pair) for p, pair in start.items()}
@@ -110,7 +113,7 @@ class _Refinement:
         def current() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             return {p: tuple(t + s * m for t, s, m in zip(start[p], scales[p], moves[p])) for p in unit.paths}
 
-        before = self._objective(unit, merged, targets, start)
+        before, _ = self._objective(unit, merged, targets, start)
         for _ in range(self.options.steps):
             optimizer.zero_grad(set_to_none=True)
             batches = [self.rng.randrange(len(m)) for m in merged]
@@ -119,15 +122,17 @@ class _Refinement:
             self.bar.update(1)
         with torch.no_grad():
             refined = current()
-        after = self._objective(unit, merged, targets, refined)
+        after, moved = self._objective(unit, merged, targets, refined)
         improved = sum(after) <= sum(before)
         if not improved:  # the steps made it worse over all the data: keep the solve
-            refined, after = start, before
+            refined = start
+            after, moved = self._objective(unit, merged, targets, start)
         for p in unit.paths:
             self.factors[p] = tuple(t.cpu() for t in refined[p])
         names = [a.name for a in self.adapters]
-        return {"block": unit.name, "refined": improved, "loss_before": dict(zip(names, before)),
-                "loss_after": dict(zip(names, after))}
+        report = {"block": unit.name, "refined": improved, "loss_before": dict(zip(names, before)),
+                  "loss_after": dict(zip(names, after))}
+        return report, moved
 
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
         started = time.perf_counter()
@@ -147,9 +152,10 @@ class _Refinement:
                     own = [self._run(unit, states, adapter_deltas(adapter, unit.paths))
                            for states, adapter in zip(own, self.adapters)]
                     if unit.paths:
-                        report.append(self._refine_unit(unit, merged, own))
-                    installed = factor_deltas({p: self.factors[p] for p in unit.paths})
-                    merged = [self._run(unit, merged[i], installed) for i in range(len(merged))]
+                        entry, merged = self._refine_unit(unit, merged, own)
+                        report.append(entry)
+                    else:
+                        merged = [self._run(unit, states, {}) for states in merged]
         finally:
             self.bar.close()
             self.base.detach()
