@@ -13,8 +13,15 @@ calibration inputs:
 Block k is refined on inputs produced by the blocks before it as already refined
 (progressive layer-wise distillation, as in ProDistill: Xu et al., ICML 2025), so a block
 corrects what the ones before it left. Steps are Adam's on a relative scale: each
-factor moves by about ``lr`` times its own RMS per step, whatever the model's scale. A
-block whose objective over all its calibration tokens did not go down keeps the solve.
+factor moves by about ``lr`` times its own RMS per step, whatever the model's scale.
+
+How far to go is chosen without labels too. With ``holdout > 0`` that fraction of each
+task's calibration samples takes no steps; the objective on them is measured every
+``steps / CHECKS`` steps, the block keeps the iterate that scored best there (the solve
+itself included), and stops after ``PATIENCE`` checks without a better one: the steps
+fit the samples they see, and a block's held-out samples say when that stops carrying
+over. With ``holdout = 0`` every sample takes steps, and a block whose objective over
+all its calibration tokens did not go down keeps the solve.
 Like the solve, it needs no labels: the targets are the task models' hidden states.
 Blocks only: layers outside them (a pooler, a head) keep the solve, and a model the
 engine cannot run block by block is not refined (logged).
@@ -31,6 +38,7 @@ from typing import Any
 import torch
 
 from .calibration import CalibrationSet
+from .errors import CalibrationError
 from .execution import State, Unit, prepare
 from .lora import LoraAdapter
 from .model import BaseModel, Delta, adapter_deltas, factor_deltas, masked_rows
@@ -46,7 +54,24 @@ class RefineOptions:
     batch_size: int = 16
     max_length: int = 128
     blockwise: bool = True
-    seed: int = 0  # which batch each step draws
+    seed: int = 0  # which samples are held out, which batch each step draws
+    holdout: float = 0.0  # fraction of each task's samples that choose the step count instead of taking steps
+
+
+CHECKS = 10  # held-out measurements per block, evenly spaced over its steps
+PATIENCE = 3  # checks without a better held-out objective before a block stops
+
+
+def split_holdout(data: CalibrationSet, fraction: float, rng: random.Random) -> tuple[CalibrationSet, CalibrationSet]:
+    """``(steps, held out)``: a seeded random ``fraction`` of the samples held out, at least one
+    each side (files are often sorted, by label or source, so not simply the last ones)."""
+    n = len(data.samples)
+    if n < 2:
+        raise CalibrationError(data.source, f"refine_holdout needs at least 2 calibration samples, got {n}")
+    held = set(rng.sample(range(n), min(n - 1, max(1, round(fraction * n)))))
+    pick = lambda keep: CalibrationSet(tuple(s for i, s in enumerate(data.samples) if (i in held) == keep),  # noqa: E731
+                                       data.source, data.generated)
+    return pick(False), pick(True)
 
 
 def block_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +92,15 @@ class _Refinement:
                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]], options: RefineOptions, progress: Progress):
         self.base, self.adapters, self.options, self.progress = base, adapters, options, progress
         self.factors = dict(factors)
-        self.batches = [base.batches(c, options.batch_size, options.max_length) for c in calibration]
-        self.executor, self.starts = prepare(base, sorted(factors), self.batches, options.blockwise)
         self.rng = random.Random(options.seed)
+        # Per task: the batches that take steps, then those held out (none with holdout 0);
+        # the streams keep that order, so ``self.steps[i]`` counts task i's stepping batches.
+        splits = [split_holdout(c, options.holdout, self.rng) if options.holdout else (c, None) for c in calibration]
+        batches = [[base.batches(part, options.batch_size, options.max_length) for part in split if part]
+                   for split in splits]
+        self.steps = [len(parts[0]) for parts in batches]
+        self.executor, self.starts = prepare(base, sorted(factors), [sum(parts, []) for parts in batches],
+                                             options.blockwise)
 
     def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta]) -> list[State]:
         self.base.set_deltas(deltas)
@@ -88,15 +119,18 @@ class _Refinement:
             total = total + _ratio(*block_terms(out.hidden, target.hidden, self._mask(target))) / len(batches)
         return total
 
-    def _objective(self, unit: Unit, merged, targets, factors) -> tuple[list[float], list[list[State]]]:
+    def _objective(self, unit: Unit, merged, targets, factors, held_out: bool = False
+                   ) -> tuple[list[float], list[list[State]]]:
         """Per task, the relative block loss over all its calibration tokens (the report's
-        figure), and the merge's streams moved through the unit with ``factors``."""
+        figure), or over its held-out ones only, and the merge's streams moved through the
+        unit with ``factors`` (all of them; the held-out part when ``held_out``)."""
         self.base.set_deltas(factor_deltas(factors))
         losses, moved = [], []
         with torch.no_grad():
-            for states, wanted in zip(merged, targets):
-                outs = [self.executor.run(unit, s) for s in states]
-                terms = [block_terms(o.hidden, t.hidden, self._mask(t)) for o, t in zip(outs, wanted)]
+            for i, (states, wanted) in enumerate(zip(merged, targets)):
+                first = self.steps[i] if held_out else 0
+                outs = [self.executor.run(unit, s) for s in states[first:]]
+                terms = [block_terms(o.hidden, t.hidden, self._mask(t)) for o, t in zip(outs, wanted[first:])]
                 losses.append(_ratio(float(sum(n for n, _ in terms)), sum(d for _, d in terms)))
                 moved.append(outs)
         return losses, moved
@@ -104,34 +138,51 @@ class _Refinement:
     def _refine_unit(self, unit: Unit, merged, targets) -> tuple[dict[str, Any], list[list[State]]]:
         """Adam on the unit's B and A; each moves in units of its own RMS (``lr`` is relative).
         Returns the block's report and the merge's streams moved through it as installed."""
-        device = self.base.device
+        device, options = self.base.device, self.options
         start = {p: tuple(t.to(device, torch.float32) for t in self.factors[p]) for p in unit.paths}
         scales = {p: tuple(float(t.pow(2).mean().sqrt()) or 1.0 for t in pair) for p, pair in start.items()}
         moves = {p: tuple(torch.zeros_like(t, requires_grad=True) for t in pair) for p, pair in start.items()}
-        optimizer = torch.optim.Adam([t for pair in moves.values() for t in pair], lr=self.options.lr)
+        optimizer = torch.optim.Adam([t for pair in moves.values() for t in pair], lr=options.lr)
 
         def current() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             return {p: tuple(t + s * m for t, s, m in zip(start[p], scales[p], moves[p])) for p in unit.paths}
 
+        def held_out(factors) -> list[float]:
+            return self._objective(unit, merged, targets, factors, held_out=True)[0]
+
         before, _ = self._objective(unit, merged, targets, start)
-        for _ in range(self.options.steps):
+        every = max(1, options.steps // CHECKS)
+        best, best_step, taken = start, 0, 0
+        held_before = best_held = held_out(start) if options.holdout else None
+        for taken in range(1, options.steps + 1):
             optimizer.zero_grad(set_to_none=True)
-            batches = [self.rng.randrange(len(m)) for m in merged]
+            batches = [self.rng.randrange(n) for n in self.steps]
             self._loss(unit, merged, targets, current(), batches).backward()
             optimizer.step()
             self.bar.update(1)
-        with torch.no_grad():
-            refined = current()
-        after, moved = self._objective(unit, merged, targets, refined)
-        improved = sum(after) <= sum(before)
-        if not improved:  # the steps made it worse over all the data: keep the solve
-            refined = start
+            if options.holdout and taken % every == 0:
+                with torch.no_grad():
+                    candidate = current()
+                score = held_out(candidate)
+                if sum(score) < sum(best_held):
+                    best, best_step, best_held = candidate, taken, score
+                elif taken - best_step >= PATIENCE * every:
+                    break
+        self.bar.update(options.steps - taken)
+        if not options.holdout:
+            with torch.no_grad():
+                best, best_step = current(), options.steps
+        after, moved = self._objective(unit, merged, targets, best)
+        if not options.holdout and sum(after) > sum(before):  # worse over all the data: keep the solve
+            best, best_step = start, 0
             after, moved = self._objective(unit, merged, targets, start)
         for p in unit.paths:
-            self.factors[p] = tuple(t.cpu() for t in refined[p])
+            self.factors[p] = tuple(t.cpu() for t in best[p])
         names = [a.name for a in self.adapters]
-        report = {"block": unit.name, "refined": improved, "loss_before": dict(zip(names, before)),
-                  "loss_after": dict(zip(names, after))}
+        report = {"block": unit.name, "refined": best_step > 0, "steps_kept": best_step, "steps_taken": taken,
+                  "loss_before": dict(zip(names, before)), "loss_after": dict(zip(names, after))}
+        if options.holdout:  # the same figure over the held-out samples only
+            report.update(heldout_before=dict(zip(names, held_before)), heldout_after=dict(zip(names, best_held)))
         return report, moved
 
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:

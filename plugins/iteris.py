@@ -55,6 +55,10 @@ class IterISParams(FeatureParams):
         "iteris_daemon.refinement)"
     )
     refine_lr: float = Field(3e-2, gt=0, le=1, description="refinement step size, relative to each factor's RMS")
+    refine_holdout: float = Field(
+        0.0, ge=0, lt=1, description="fraction of each task's calibration samples that take no refinement steps and "
+        "choose, per block, the iterate to keep (the solve included) and when to stop; 0: every sample takes steps"
+    )
     schedule: Literal["joint", "sequential"] = Field(
         "joint", description="joint: every block fed by the previous iteration's merge (the paper); sequential: "
         "by the blocks already merged in this sweep (Gauss-Seidel)"
@@ -98,8 +102,9 @@ class IterIS:
         if params.refine_steps:
             from iteris_daemon.refinement import RefineOptions, refine
 
-            refine_options = RefineOptions(steps=params.refine_steps, lr=params.refine_lr, batch_size=params.batch_size,
-                                           max_length=params.max_length, blockwise=params.blockwise)
+            refine_options = RefineOptions(steps=params.refine_steps, lr=params.refine_lr, holdout=params.refine_holdout,
+                                           batch_size=params.batch_size, max_length=params.max_length,
+                                           blockwise=params.blockwise)
             factors, metrics["refinement"] = refine(inputs.base, inputs.adapters, inputs.calibration, factors,
                                                     refine_options, progress)
         return _truncate(factors, metrics, params.target_rank)

@@ -3,6 +3,7 @@ against hidden states that plain transformers models compute with the weights wr
 in by hand: no engine code in the reference."""
 
 import logging
+import random
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from builders import apply_by_hand
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
+from iteris_daemon.refinement import PATIENCE, split_holdout
 
 
 def _merge(base_dir, adapter_dirs, out, **params):
@@ -19,17 +21,18 @@ def _merge(base_dir, adapter_dirs, out, **params):
                                   strategy="iteris", params=params, quiet=True, evaluate=False))
 
 
-def _hidden_distances(base_dir, adapter_dirs, merged_dir) -> list[list[float]]:
+def _hidden_distances(base_dir, adapter_dirs, merged_dir, texts_of=None) -> list[list[float]]:
     """Per task and block: sum over the task's calibration samples (one at a time, so no
-    padding) of ||H_merged - H_own||^2 / the sum of ||H_own||^2, H a block's output."""
+    padding) of ||H_merged - H_own||^2 / the sum of ||H_own||^2, H a block's output.
+    ``texts_of``: per task, the texts to use instead of all its samples."""
     from builders import tokenizer
 
     tok = tokenizer()
     merged = apply_by_hand(AutoModel.from_pretrained(base_dir), merged_dir).eval()
     distances = []
-    for adapter_dir in adapter_dirs:
+    for i, adapter_dir in enumerate(adapter_dirs):
         own = apply_by_hand(AutoModel.from_pretrained(base_dir), adapter_dir).eval()
-        texts = [s.text for s in read_jsonl(adapter_dir / "calibration.jsonl").samples]
+        texts = texts_of[i] if texts_of else [s.text for s in read_jsonl(adapter_dir / "calibration.jsonl").samples]
         num = den = None
         with torch.no_grad():
             for text in texts:
@@ -110,6 +113,8 @@ def test_the_cli_turns_refinement_on_and_reports_it(tiny, tmp_path, capsys):
     assert "refinement: 2 of 2 blocks refined; last block's output distance" in capsys.readouterr().out
     assert cli_merge(base_dir, adapter_dirs, tmp_path / "bad", "--param", "refine_lr=0") == 2
     assert "refine_lr" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "bad", "--param", "refine_holdout=1") == 2
+    assert "refine_holdout" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_a_block_that_the_steps_made_worse_keeps_the_solve(tiny, tmp_path):
@@ -123,6 +128,52 @@ def test_a_block_that_the_steps_made_worse_keeps_the_solve(tiny, tmp_path):
     assert kept_solve, "no block overshot: the test no longer exercises the fallback"
     for block in blocks:
         if not block["refined"]:
+            assert block["loss_after"] == block["loss_before"]
+    solved, refined = load_adapter(tmp_path / "solved").modules, load_adapter(tmp_path / "refined").modules
+    for path in solved:
+        if any(path.startswith(name + ".") for name in kept_solve):
+            assert torch.equal(refined[path].A, solved[path].A) and torch.equal(refined[path].B, solved[path].B)
+
+
+def test_held_out_samples_choose_each_blocks_iterate(tiny, tmp_path):
+    """BERT, ``refine_holdout=0.25``: the report's held-out losses are the distances plain
+    models measure on exactly the held-out samples; the kept iterate is one that was
+    checked (every 20 / 10 = 2 steps), and it is no worse there than the solve."""
+    base_dir, adapter_dirs = tiny["bert"]
+    solved = _merge(base_dir, adapter_dirs, tmp_path / "solved")
+    refined = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=20, refine_holdout=0.25)
+    rng = random.Random(0)  # the refinement's seed; tasks draw their held-out samples in order
+    held = [[s.text for s in split_holdout(read_jsonl(d / "calibration.jsonl"), 0.25, rng)[1].samples]
+            for d in adapter_dirs]
+    assert {len(h) for h in held} == {3}  # of 12 samples each
+    names = [load_adapter(d).name for d in adapter_dirs]
+    blocks = refined["metrics"]["refinement"]["blocks"]
+    after = _hidden_distances(base_dir, adapter_dirs, tmp_path / "refined", held)
+    before_first = _hidden_distances(base_dir, adapter_dirs, tmp_path / "solved", held)
+    for k, block in enumerate(blocks):
+        for i, name in enumerate(names):
+            assert block["heldout_after"][name] == pytest.approx(after[i][k], rel=1e-3), (block["block"], name)
+        assert sum(block["heldout_after"].values()) <= sum(block["heldout_before"].values())
+        assert block["steps_kept"] % 2 == 0 and block["steps_kept"] <= block["steps_taken"] <= 20
+    for i, name in enumerate(names):  # the first block's inputs are the same for the solve
+        assert blocks[0]["heldout_before"][name] == pytest.approx(before_first[i][0], rel=1e-3)
+    assert refined["metrics"]["refinement"]["refined_blocks"] >= 1
+    assert refined["iterations_run"] == solved["iterations_run"]
+
+
+def test_held_out_samples_stop_a_block_that_does_not_improve(tiny, tmp_path):
+    """Overshooting steps (tiny Llama, refine_lr=1) with a held-out part: a block whose
+    held-out loss never improves stops after PATIENCE checks and keeps its solve bit for bit."""
+    base_dir, adapter_dirs = tiny["llama"]
+    _merge(base_dir, adapter_dirs, tmp_path / "solved")
+    report = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=30, refine_lr=1.0, refine_holdout=0.25)
+    blocks = report["metrics"]["refinement"]["blocks"]
+    kept_solve = [b["block"] for b in blocks if b["steps_kept"] == 0]
+    assert kept_solve, "no block overshot: the test no longer exercises the early stop"
+    every = 30 // 10
+    for block in blocks:
+        if block["steps_kept"] == 0:
+            assert block["steps_taken"] == PATIENCE * every and not block["refined"]
             assert block["loss_after"] == block["loss_before"]
     solved, refined = load_adapter(tmp_path / "solved").modules, load_adapter(tmp_path / "refined").modules
     for path in solved:
