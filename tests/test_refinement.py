@@ -4,6 +4,7 @@ in by hand: no engine code in the reference."""
 
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -111,6 +112,9 @@ def test_the_cli_turns_refinement_on_and_reports_it(tiny, tmp_path, capsys):
     base_dir, adapter_dirs = tiny["llama"]
     assert cli_merge(base_dir, adapter_dirs, tmp_path / "out", "--param", "refine_steps=5") == 0
     assert "refinement: 2 of 2 blocks refined; last block's output distance" in capsys.readouterr().out
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "held", "--param", "refine_steps=5",
+                     "--param", "refine_holdout=0.25") == 0
+    assert re.search(r"\(mean over tasks\), held-out samples [\d.]+ -> [\d.]+", capsys.readouterr().out)
     assert cli_merge(base_dir, adapter_dirs, tmp_path / "bad", "--param", "refine_lr=0") == 2
     assert "refine_lr" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert cli_merge(base_dir, adapter_dirs, tmp_path / "bad", "--param", "refine_holdout=1") == 2

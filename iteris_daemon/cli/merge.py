@@ -145,9 +145,13 @@ def summarize(report: dict, out: Path) -> str:
     refinement = report.get("metrics", {}).get("refinement")
     if refinement and refinement.get("blocks"):
         last = refinement["blocks"][-1]
-        before, after = (sum(last[k].values()) / len(last[k]) for k in ("loss_before", "loss_after"))
-        lines.append(f"refinement: {refinement['refined_blocks']} of {len(refinement['blocks'])} blocks refined; "
-                     f"last block's output distance to the task models {before:.4f} -> {after:.4f} (mean over tasks)")
+        mean = lambda key: sum(last[key].values()) / len(last[key])  # noqa: E731
+        line = (f"refinement: {refinement['refined_blocks']} of {len(refinement['blocks'])} blocks refined; "
+                f"last block's output distance to the task models {mean('loss_before'):.4f} -> "
+                f"{mean('loss_after'):.4f} (mean over tasks)")
+        if "heldout_after" in last:
+            line += f", held-out samples {mean('heldout_before'):.4f} -> {mean('heldout_after'):.4f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
