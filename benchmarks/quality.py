@@ -56,7 +56,11 @@ SWEEP: dict[str, tuple] = {
 TIE = 0.002
 # IterIS variants that are not defaults, scored beside the strategies on the validation
 # split and in the test tables (name -> parameters over the chosen ones).
-VARIANTS: dict[str, dict] = {"iteris, refine_steps=100": {"refine_steps": 100}}
+VARIANTS: dict[str, dict] = {
+    "iteris, refine_steps=100": {"refine_steps": 100},  # refine_holdout 0.2, the default
+    "iteris, refine_steps=100, holdout=0": {"refine_steps": 100, "refine_holdout": 0.0},
+    "iteris, refine_steps=200, lr=0.1": {"refine_steps": 200, "refine_lr": 0.1},
+}
 ITERATION_SWEEP = (1, 2, 3)  # solves, tolerance 0
 SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (--samples 10 50 200; off by default: CPU time)
 
@@ -91,10 +95,14 @@ def _slug(name: str) -> str:
 
 
 def _full(params: dict) -> dict:
-    """IterIS' parameters with the defaults filled in: equal settings, one key."""
+    """IterIS' parameters with the defaults filled in, and the refinement's settings left
+    out while it is off (they change nothing then): equal merges, one key."""
     from plugins.iteris import IterISParams
 
-    return IterISParams(**params).model_dump()
+    full = IterISParams(**params).model_dump()
+    if not full["refine_steps"]:
+        full = {k: v for k, v in full.items() if not k.startswith("refine_") or k == "refine_steps"}
+    return full
 
 
 def better(candidate: dict[str, dict], current: dict[str, dict]) -> bool:

@@ -55,7 +55,7 @@ class RefineOptions:
     max_length: int = 128
     blockwise: bool = True
     seed: int = 0  # which samples are held out, which batch each step draws
-    holdout: float = 0.0  # fraction of each task's samples that choose the step count instead of taking steps
+    holdout: float = 0.2  # fraction of each task's samples that choose the step count instead of taking steps
 
 
 CHECKS = 10  # held-out measurements per block, evenly spaced over its steps
@@ -135,11 +135,12 @@ class _Refinement:
                 moved.append(outs)
         return losses, moved
 
-    def _refine_unit(self, unit: Unit, merged, targets) -> tuple[dict[str, Any], list[list[State]]]:
-        """Adam on the unit's B and A; each moves in units of its own RMS (``lr`` is relative).
-        Returns the block's report and the merge's streams moved through it as installed."""
-        device, options = self.base.device, self.options
-        start = {p: tuple(t.to(device, torch.float32) for t in self.factors[p]) for p in unit.paths}
+    def _descend(self, unit: Unit, merged, targets, start) -> tuple[dict, int, int, list[float] | None, list[float] | None]:
+        """Adam on the unit's B and A from ``start``; each moves in units of its own RMS
+        (``lr`` is relative). Returns ``(factors, step kept, steps taken, held-out losses
+        at the start, held-out losses kept)``: with a held-out part, the best checked
+        iterate (the start included); without one, the last (held-out losses None)."""
+        options = self.options
         scales = {p: tuple(float(t.pow(2).mean().sqrt()) or 1.0 for t in pair) for p, pair in start.items()}
         moves = {p: tuple(torch.zeros_like(t, requires_grad=True) for t in pair) for p, pair in start.items()}
         optimizer = torch.optim.Adam([t for pair in moves.values() for t in pair], lr=options.lr)
@@ -150,10 +151,9 @@ class _Refinement:
         def held_out(factors) -> list[float]:
             return self._objective(unit, merged, targets, factors, held_out=True)[0]
 
-        before, _ = self._objective(unit, merged, targets, start)
         every = max(1, options.steps // CHECKS)
-        best, best_step, taken = start, 0, 0
-        held_before = best_held = held_out(start) if options.holdout else None
+        best, kept, taken = start, 0, 0
+        held_start = best_held = held_out(start) if options.holdout else None
         for taken in range(1, options.steps + 1):
             optimizer.zero_grad(set_to_none=True)
             batches = [self.rng.randrange(n) for n in self.steps]
@@ -165,24 +165,32 @@ class _Refinement:
                     candidate = current()
                 score = held_out(candidate)
                 if sum(score) < sum(best_held):
-                    best, best_step, best_held = candidate, taken, score
-                elif taken - best_step >= PATIENCE * every:
+                    best, kept, best_held = candidate, taken, score
+                elif taken - kept >= PATIENCE * every:
                     break
         self.bar.update(options.steps - taken)
         if not options.holdout:
             with torch.no_grad():
-                best, best_step = current(), options.steps
+                best, kept = current(), taken
+        return best, kept, taken, held_start, best_held
+
+    def _refine_unit(self, unit: Unit, merged, targets) -> tuple[dict[str, Any], list[list[State]]]:
+        """Refine one unit's factors; return the block's report and the merge's streams
+        moved through it as installed."""
+        start = {p: tuple(t.to(self.base.device, torch.float32) for t in self.factors[p]) for p in unit.paths}
+        before, _ = self._objective(unit, merged, targets, start)
+        best, kept, taken, held_before, held_after = self._descend(unit, merged, targets, start)
         after, moved = self._objective(unit, merged, targets, best)
-        if not options.holdout and sum(after) > sum(before):  # worse over all the data: keep the solve
-            best, best_step = start, 0
+        if held_after is None and sum(after) > sum(before):  # worse over all the data: keep the solve
+            best, kept = start, 0
             after, moved = self._objective(unit, merged, targets, start)
         for p in unit.paths:
             self.factors[p] = tuple(t.cpu() for t in best[p])
         names = [a.name for a in self.adapters]
-        report = {"block": unit.name, "refined": best_step > 0, "steps_kept": best_step, "steps_taken": taken,
+        report = {"block": unit.name, "refined": kept > 0, "steps_kept": kept, "steps_taken": taken,
                   "loss_before": dict(zip(names, before)), "loss_after": dict(zip(names, after))}
-        if options.holdout:  # the same figure over the held-out samples only
-            report.update(heldout_before=dict(zip(names, held_before)), heldout_after=dict(zip(names, best_held)))
+        if held_after is not None:  # the same figure over the held-out samples only
+            report.update(heldout_before=dict(zip(names, held_before)), heldout_after=dict(zip(names, held_after)))
         return report, moved
 
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:

@@ -56,7 +56,7 @@ class IterISParams(FeatureParams):
     )
     refine_lr: float = Field(3e-2, gt=0, le=1, description="refinement step size, relative to each factor's RMS")
     refine_holdout: float = Field(
-        0.0, ge=0, lt=1, description="fraction of each task's calibration samples that take no refinement steps and "
+        0.2, ge=0, lt=1, description="fraction of each task's calibration samples that take no refinement steps and "
         "choose, per block, the iterate to keep (the solve included) and when to stop; 0: every sample takes steps"
     )
     schedule: Literal["joint", "sequential"] = Field(

@@ -162,6 +162,18 @@ def test_sweep_rule_prefers_higher_then_cheaper():
     assert quality.choose(slightly, "tolerance", values, current=1e-3) == 1e-1
 
 
+def test_saved_results_are_keyed_without_inert_refinement_settings():
+    """With the refinement off its settings change nothing, so they are not part of an
+    entry's key (a new refinement setting leaves the saved solves valid); with it on they are."""
+    off = quality._full({"a1": 1e-4})
+    assert off["refine_steps"] == 0 and off["a1"] == 1e-4
+    assert not [k for k in off if k.startswith("refine_") and k != "refine_steps"]
+    assert quality._full({"refine_lr": 0.5}) == quality._full({})
+    on = quality._full({"refine_steps": 5})
+    assert on["refine_lr"] == 0.03 and on["refine_holdout"] == 0.2
+    assert quality._full({"refine_steps": 5, "refine_lr": 0.5}) != on
+
+
 @pytest.mark.long
 def test_catalog_benchmark_tiny(tmp_path, capsys):
     """benchmarks.catalog end to end on 6 adapters: the in-process source, then the real
