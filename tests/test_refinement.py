@@ -185,3 +185,24 @@ def test_held_out_samples_stop_a_block_that_does_not_improve(tiny, tmp_path):
     for path in solved:
         if any(path.startswith(name + ".") for name in kept_solve):
             assert torch.equal(refined[path].A, solved[path].A) and torch.equal(refined[path].B, solved[path].B)
+
+
+def test_a_held_out_part_needs_two_samples_and_says_which_file(tiny, tmp_path, capsys):
+    """One calibration sample cannot be split: the merge stops before writing anything,
+    naming the file; with the held-out part off the same sample refines."""
+    import shutil
+
+    from builders import cli_merge
+
+    base_dir, adapter_dirs = tiny["llama"]
+    single = tmp_path / "single"
+    shutil.copytree(adapter_dirs[0], single)
+    first = (single / "calibration.jsonl").read_text().splitlines()[0]
+    (single / "calibration.jsonl").write_text(first + "\n")
+    adapters = [single, *adapter_dirs[1:]]
+    assert cli_merge(base_dir, adapters, tmp_path / "bad", "--param", "refine_steps=3") == 2
+    err = capsys.readouterr().err
+    assert "refine_holdout needs at least 2 calibration samples, got 1" in err and str(single) in err
+    assert not (tmp_path / "bad").exists()
+    assert cli_merge(base_dir, adapters, tmp_path / "ok", "--param", "refine_steps=3",
+                     "--param", "refine_holdout=0") == 0
