@@ -91,7 +91,7 @@ class ModelExecutor:
         yield
 
     def run(self, unit: Unit, state: State, grad: bool = False) -> State:
-        return State(state.context, output=self.base.forward(state.context.batch))
+        return State(state.context, output=self.base.forward(state.context.batch, grad=grad))
 
 
 class _Replay(nn.Module):
@@ -204,7 +204,7 @@ class BlockExecutor:
         ``grad``: record the block's autograd graph (for the refinement's steps)."""
         context = state.context
         if unit.stack is None:
-            return State(context, output=self._tail(state), stack=state.stack)
+            return State(context, output=self._tail(state, grad), stack=state.stack)
         if unit.stack != state.stack:  # leaving the encoder for the decoder
             state = State(context, hidden=context.calls[unit.stack].arguments[context.hidden_names[unit.stack]],
                           encoder=self._encoder_output(state), stack=unit.stack)
@@ -233,14 +233,14 @@ class BlockExecutor:
             out = encoder(**inputs)
         return out[0]
 
-    def _tail(self, state: State) -> torch.Tensor:
+    def _tail(self, state: State, grad: bool) -> torch.Tensor:
         """The model's own forward with every stack replaced by the streamed outputs."""
         extra = {}
         replays = {len(self.plan.stacks) - 1: state.output}
         if state.encoder is not None:
             extra["encoder_outputs"] = (state.encoder,)
         with self._replaying(replays):
-            return self.base.forward(state.context.batch, **extra)
+            return self.base.forward(state.context.batch, grad=grad, **extra)
 
     @contextlib.contextmanager
     def _replaying(self, outputs: dict[int, Any]) -> Iterator[None]:

@@ -417,13 +417,14 @@ class BaseModel:
     def output_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch.get("decoder_attention_mask") if self.is_encoder_decoder else batch.get("attention_mask")
 
-    @torch.no_grad()
-    def forward(self, batch: dict[str, torch.Tensor], **extra) -> torch.Tensor:
-        """Run one batch (teacher-forced) and return the model's first output (hidden states or logits)."""
+    def forward(self, batch: dict[str, torch.Tensor], grad: bool = False, **extra) -> torch.Tensor:
+        """Run one batch (teacher-forced) and return the model's first output (hidden states
+        or logits); ``grad``: record the autograd graph (to the installed deltas' factors)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.use_masks(self.stack_masks(batch), "encoder", None)
         inputs = {**batch, **extra}
-        out = self.model(**inputs, use_cache=False) if "use_cache" in self._forward_args else self.model(**inputs)
+        with torch.set_grad_enabled(grad):
+            out = self.model(**inputs, use_cache=False) if "use_cache" in self._forward_args else self.model(**inputs)
         return out[0]
 
     def run(self, batches: list[dict[str, torch.Tensor]], recorder: Recorder | None = None) -> Iterator[torch.Tensor]:

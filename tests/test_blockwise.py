@@ -98,6 +98,36 @@ def test_unsupported_blocks_fall_back_with_a_log_line(tiny, monkeypatch, caplog)
         assert _relative(B @ A, expected[path][0] @ expected[path][1]) < 1e-5
 
 
+@pytest.mark.parametrize("blockwise", [True, False])
+def test_both_executors_record_a_graph_only_when_asked(tiny, blockwise):
+    """``run(..., grad=)`` means the same for blocks and whole-model passes: with a delta
+    whose factor requires grad, the output carries a graph only with ``grad=True``, and
+    it reaches the factor."""
+    _, _, adapters, data, base = _inputs(tiny, "bert")
+    paths = sorted(adapters[0].modules)
+    batches = base.batches(data[0], 4, 32)[:1]
+    executor, [states] = execution.prepare(base, paths, [batches], blockwise)
+    assert executor.blockwise is blockwise
+    if not blockwise:
+        base.make_resident()  # as alignment does for whole-model passes
+    unit = executor.units[0]
+    module = adapters[0].modules[unit.paths[0]]
+    A = module.A.clone().requires_grad_(True)
+    base.attach(paths)
+    try:
+        base.set_deltas({unit.paths[0]: Delta(A, module.B.clone())})
+        with executor.loaded(unit):
+            plain = executor.run(unit, states[0])
+            graph = executor.run(unit, states[0], grad=True)
+        out = lambda state: state.hidden if blockwise else state.output  # noqa: E731
+        assert not out(plain).requires_grad and out(graph).requires_grad
+        out(graph).sum().backward()
+        assert A.grad is not None and A.grad.abs().sum() > 0
+    finally:
+        base.detach()
+        base.set_deltas({})
+
+
 @pytest.mark.parametrize("offload", ["none", "cpu", "disk"])
 def test_placements_agree(tiny, offload):
     _, _, adapters, data, reference_base = _inputs(tiny, "llama", offload="none")
