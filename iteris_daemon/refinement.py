@@ -69,9 +69,12 @@ def split_holdout(data: CalibrationSet, fraction: float, rng: random.Random) -> 
     if n < 2:
         raise CalibrationError(data.source, f"refine_holdout needs at least 2 calibration samples, got {n}")
     held = set(rng.sample(range(n), min(n - 1, max(1, round(fraction * n)))))
-    pick = lambda keep: CalibrationSet(tuple(s for i, s in enumerate(data.samples) if (i in held) == keep),  # noqa: E731
-                                       data.source, data.generated)
-    return pick(False), pick(True)
+
+    def part(out: bool) -> CalibrationSet:
+        return CalibrationSet(tuple(s for i, s in enumerate(data.samples) if (i in held) == out), data.source,
+                              data.generated)
+
+    return part(False), part(True)
 
 
 def block_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +99,7 @@ class _Refinement:
         # Per task: the batches that take steps, then those held out (none with holdout 0);
         # the streams keep that order, so ``self.steps[i]`` counts task i's stepping batches.
         splits = [split_holdout(c, options.holdout, self.rng) if options.holdout else (c, None) for c in calibration]
-        batches = [[base.batches(part, options.batch_size, options.max_length) for part in split if part]
+        batches = [[base.batches(part, options.batch_size, options.max_length) for part in split if part is not None]
                    for split in splits]
         self.steps = [len(parts[0]) for parts in batches]
         self.executor, self.starts = prepare(base, sorted(factors), [sum(parts, []) for parts in batches],
