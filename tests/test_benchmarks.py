@@ -8,6 +8,7 @@ out of the default run, run by ``pytest -m long`` (CI runs both).
 """
 
 import json
+import re
 
 import pytest
 
@@ -129,6 +130,12 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
     assert result["host_peak_mb"] > 0 and result["device_peak_mb"] is None and result["iterations_run"] == 2
     index = json.loads((tmp_path / "tiny" / "base" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # one shard per block plus one for the rest
+    assert result["refinement"] is None and "refinement:" not in printed
+    assert gpu.main(["--shape", "tiny", "--device", "cpu", "--workdir", str(tmp_path), "--refine-steps", "3"]) == 0
+    assert re.search(r"refinement: +[\d.]+ s of the merge time, \d+ steps, \d of 2 blocks refined",
+                     capsys.readouterr().out)
+    refined = json.loads((tmp_path / "gpu-tiny-cpu-refine3.json").read_text())
+    assert refined["refinement"]["blocks"] == 2 and 0 < refined["refinement"]["steps_taken"] <= 6
 
 
 def test_sweep_rule_prefers_higher_then_cheaper():
