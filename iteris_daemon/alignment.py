@@ -243,8 +243,6 @@ class _Alignment:
             if not task_batches or tokens == 0:
                 raise CalibrationError(data.source, f"no usable tokens for adapter {adapter.name}")
         self.executor, self.starts = prepare(base, self.paths, self.batches, options.blockwise)
-        if not self.executor.blockwise:
-            base.make_resident()
         self.B_cat = {
             p: torch.cat([t.module.B for t in self.layers[p] if t.module is not None], 1) for p in self.paths
         }

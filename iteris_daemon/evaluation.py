@@ -59,8 +59,6 @@ def evaluate(
         streams["reference"] = (adapter_deltas(reference), reference.modules_to_save)
     batches = [base.batches(data, batch_size, max_length) for data in calibration]
     executor, starts = prepare(base, paths, batches, blockwise)
-    if not executor.blockwise:
-        base.make_resident()
     states = [{name: list(start) for name in [*streams, "task"]} for start in starts]
     sums = [{"num": 0.0, "den": 0.0, "gap_num": 0.0, "gap_den": 0.0, "reference_num": 0.0} for _ in adapters]
     by_layer: list[dict[str, float]] = [{} for _ in adapters]  # where a task's alignment loss sits

@@ -291,7 +291,7 @@ def prepare(
     """The executor for a merge and every task's starting states.
 
     Block by block unless ``blockwise`` is false or the model cannot be (logged once,
-    with the reason); then whole-model passes.
+    with the reason); then whole-model passes, with every block brought to the device.
     """
     if blockwise:
         executor = BlockExecutor.create(base, paths)
@@ -301,4 +301,5 @@ def prepare(
             except UnsupportedForBlocks as exc:
                 log.info("running whole-model passes for %s: %s", base.name_or_path, exc)
     executor = ModelExecutor(base, paths)
+    base.make_resident()
     return executor, [executor.begin(batches) for batches in task_batches]

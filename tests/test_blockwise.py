@@ -108,8 +108,6 @@ def test_both_executors_record_a_graph_only_when_asked(tiny, blockwise):
     batches = base.batches(data[0], 4, 32)[:1]
     executor, [states] = execution.prepare(base, paths, [batches], blockwise)
     assert executor.blockwise is blockwise
-    if not blockwise:
-        base.make_resident()  # as alignment does for whole-model passes
     unit = executor.units[0]
     module = adapters[0].modules[unit.paths[0]]
     A = module.A.clone().requires_grad_(True)
