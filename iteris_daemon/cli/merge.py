@@ -145,7 +145,10 @@ def summarize(report: dict, out: Path) -> str:
     refinement = report.get("metrics", {}).get("refinement")
     if refinement and refinement.get("blocks"):
         last = refinement["blocks"][-1]
-        mean = lambda key: sum(last[key].values()) / len(last[key])  # noqa: E731
+
+        def mean(key: str) -> float:  # over tasks
+            return sum(last[key].values()) / len(last[key])
+
         line = (f"refinement: {refinement['refined_blocks']} of {len(refinement['blocks'])} blocks refined; "
                 f"last block's output distance to the task models {mean('loss_before'):.4f} -> "
                 f"{mean('loss_after'):.4f} (mean over tasks)")
