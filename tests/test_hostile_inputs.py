@@ -79,9 +79,10 @@ def test_files_symlinked_outside_the_watched_folder_are_rejected(scan, made, tmp
     assert status is AdapterStatus.rejected and "symlinked folders are not followed" in reason
 
 
-def test_a_folder_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(scan, made):
+def test_a_folder_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(scan, made, caplog):
     """The catalog stores paths as text; a Latin-1 folder name is recorded (escaped) as a
-    rejection with the reason, every other folder is still registered, and rescans agree."""
+    rejection with the reason, every other folder is still registered, and rescans agree.
+    The log names it escaped too: a raw surrogate breaks any UTF-8 log handler."""
     watched, run = scan
     _, lora = made
     shutil.copytree(lora, watched / os.fsdecode(b"caf\xe9-\xff"))  # Latin-1 bytes on disk: not UTF-8
@@ -92,6 +93,10 @@ def test_a_folder_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(scan, m
         status, reason = found["caf\\xe9-\\xff"]
         assert status is AdapterStatus.rejected and "not valid UTF-8; rename the folder" in reason
         assert len(found) == 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("rejected" in m and "caf\\xe9-\\xff" in m for m in messages), messages
+    for message in messages:
+        message.encode("utf-8")  # raises on a surrogate
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -62,6 +62,8 @@ class LocalSettings(BaseModel):
 
 @dataclass
 class ScanReport:
+    """What one scan did, by locator (the folder's path as text, as the catalog stores it)."""
+
     registered: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -187,14 +189,14 @@ class LocalFolderSource:
             if recent and self._watching():
                 for folder, _ in recent:
                     self._mark_dirty(folder)
-                    report.waiting.append(str(folder))
+                    report.waiting.append(as_text(folder))
             elif recent:  # a one-shot scan: wait one settle period, then look again
                 time.sleep(self.settings.settle_seconds)
                 for folder, before in recent:
                     if _snapshot(folder) == before:
                         self._examine(folder, report)
                     else:
-                        report.waiting.append(str(folder))
+                        report.waiting.append(as_text(folder))
             present = {as_text(f) for f in folders}
             self._mark_removed(lambda locator: locator not in present, report)
             # Healthy only if every root is there: a deleted root is an error, not an empty folder.
@@ -222,7 +224,7 @@ class LocalFolderSource:
             self._reject_symlinked(folder, report)
             return
         if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
-            report.waiting.append(str(folder))  # config first, weights still to come
+            report.waiting.append(as_text(folder))  # config first, weights still to come
             return
         try:
             fingerprint = folder_fingerprint(folder, self.limits)
@@ -245,15 +247,15 @@ class LocalFolderSource:
         except AdapterError as exc:
             reason = str(exc)
         except BaseModelError as exc:
-            log.warning("source %s: %s waits: %s", self.name, folder, exc)
+            log.warning("source %s: %s waits: %s", self.name, locator, exc)
             self._set_health(str(exc))
-            report.waiting.append(str(folder))
+            report.waiting.append(as_text(folder))
             return
         except PermissionError as exc:  # the daemon's user may not read it: looking again changes nothing
             reason = (f"{exc.filename or folder}: cannot read: {exc.strerror}; the daemon's user needs read access "
                       "to the adapter's files")
         except OSError as exc:  # a file vanished mid-examination (deleted or replaced): not a verdict
-            log.info("source %s: %s changed while being examined (%s); looking again", self.name, folder, exc.strerror)
+            log.info("source %s: %s changed while being examined (%s); looking again", self.name, locator, exc.strerror)
             self._look_again(folder, report)
             return
         if not _same_fingerprint(folder, fingerprint, self.limits):  # written to meanwhile: look again
@@ -268,14 +270,14 @@ class LocalFolderSource:
             revision, new = record(session, self.source_id, seen)
             status = revision.status
         if info is None:
-            report.rejected.append(str(folder))
-            log.warning("source %s: rejected %s: %s", self.name, folder, reason)
+            report.rejected.append(as_text(folder))
+            log.warning("source %s: rejected %s: %s", self.name, locator, reason)
         elif new:
-            report.registered.append(str(folder))
+            report.registered.append(locator)
             log.info("source %s: registered %s (revision %s, rank %d, base %s)",
                      self.name, seen.name, fingerprint[:12], info.rank, info.base_model)
         elif status is AdapterStatus.registered:
-            report.registered.append(str(folder))
+            report.registered.append(locator)
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
 
     def _reject_symlinked(self, folder: Path, report: ScanReport) -> None:
@@ -287,13 +289,13 @@ class LocalFolderSource:
                            revision=hashlib.sha256(os.fsencode("symlinked folder\0" + target)).hexdigest())
         with self.catalog.session() as session:
             _, new = record(session, self.source_id, seen)
-        report.rejected.append(str(folder))
+        report.rejected.append(as_text(folder))
         if new:
             log.warning("source %s: rejected %s", self.name, reason)
 
     def _look_again(self, folder: Path, report: ScanReport) -> None:
         """``folder`` changed while it was examined: no verdict now, another look once it settles."""
-        report.waiting.append(str(folder))
+        report.waiting.append(as_text(folder))
         self._mark_dirty(folder)
 
     def _check_containment(self, folder: Path) -> None:
