@@ -11,7 +11,7 @@ Every generated case ends in one of two ways, and the test asserts which:
 
 The budget is ``ITERIS_FUZZ_EXAMPLES`` cases per class (150 by default, the CI run;
 ``ITERIS_FUZZ_EXAMPLES=1000`` for the long run in RELIABILITY.md), derandomized, so a
-run is repeatable. Each class prints its counts (``pytest -s`` shows them).
+run is repeatable. Each class prints its counts (``pytest -s -n 0`` shows them: in parallel workers the output is not shown).
 """
 
 from __future__ import annotations
