@@ -87,7 +87,7 @@ class TaskLayer:
 
     module: LoraModule | None  # None when the task does not adapt this layer
     A: torch.Tensor | None = None  # the module's A on the device, accumulation dtype
-    projections: list[torch.Tensor | None] = field(default_factory=list)  # X_i A_i^T per batch
+    projections: list[torch.Tensor | None] = field(default_factory=list)  # X_i A_i^T per call, in call order
     PtP: torch.Tensor | None = None  # (X_i A_i^T)^T (X_i A_i^T), for ||X_i D_i^T||^2
     out_sq: torch.Tensor | float = 0.0  # ||X_i (W0 + D_i)^T||^2, for the adaptive weight
     weight: float | None = None  # c_i, once known
@@ -109,11 +109,13 @@ class UnitPass:
         self.G: dict[str, torch.Tensor] = {}  # keyed by the first module reading the input
         self.Q: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # module -> module whose Gram it shares
-        self.batch = -1
+        # Calls of each module so far: the k-th call of a stream pairs with the k-th
+        # projection its own pass recorded (a module shared across depths, like ALBERT's
+        # one block, is called several times per batch).
+        self.calls: dict[str, int] = {}
         self._seen: list[tuple[torch.Tensor, torch.Tensor, str]] = []
 
     def new_batch(self) -> None:
-        self.batch += 1
         self._seen = []
 
     def gram_of(self, path: str) -> torch.Tensor | None:
@@ -158,9 +160,10 @@ class UnitPass:
                 info.PtP = P.T @ P if info.PtP is None else info.PtP + P.T @ P
             return
         if info.A is not None and self.gram:
-            P = info.projections[self.batch]
+            call = self.calls[path] = self.calls.get(path, -1) + 1
+            P = info.projections[call]
             if self.release:
-                info.projections[self.batch] = None
+                info.projections[call] = None
             Q = P.T @ rows
             self.Q[path] = Q if path not in self.Q else self.Q[path] + Q
 

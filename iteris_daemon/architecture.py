@@ -11,7 +11,11 @@ architecture, and this module is the only place that knows them:
   bias that the later blocks of its stack reuse (``CARRIED_OUTPUTS``);
 - whether the blocks of a stack are called alike. Models that mix attention types
   (sliding-window and full layers) pass each block a different mask; they merge with
-  whole-model passes instead (``block_plan`` says why).
+  whole-model passes instead (``block_plan`` says why);
+- whether the forward pass calls each block of a stack exactly once. ALBERT calls one
+  shared block at every depth, and a config may run fewer layers than the stack holds;
+  a stack whose length is not the depth its config declares, or that holds one module
+  twice, runs whole too.
 
 Everything else (attention masks, rotary embeddings, the encoder's output for the
 decoder's cross-attention) is captured from the model's own forward pass, not known here.
@@ -109,6 +113,12 @@ def block_plan(model: nn.Module, paths: list[str], modules_to_save: list[str] = 
     for key in modules_to_save:
         if any(key.startswith(f"{p}.") for p, _ in ordered):
             return BlockPlan(reason=f"modules_to_save {key} lies inside a block")
+    for (path, blocks), depth in zip(ordered, _declared_depths(config, encoder_decoder)):
+        if len({id(block) for block in blocks}) != len(blocks):
+            return BlockPlan(reason=f"{path} holds one block at several depths (shared weights)")
+        if depth is not None and depth != len(blocks):
+            return BlockPlan(reason=f"{path} holds {len(blocks)} blocks but the config runs {depth} layers "
+                                    "(blocks shared across depths, or some skipped)")
     stacks = []
     modules = dict(model.named_modules())
     for path, blocks in ordered:
@@ -116,6 +126,20 @@ def block_plan(model: nn.Module, paths: list[str], modules_to_save: list[str] = 
         stacks.append(Stack(path, blocks, modules[parent_path], attribute))
     model_type = getattr(config, "model_type", "")
     return BlockPlan(stacks=stacks, carried=CARRIED_OUTPUTS.get(model_type, {}))
+
+
+def _declared_depths(config, encoder_decoder: bool) -> list[int | None]:
+    """How many layers the config says each stack's forward runs (None: it does not say).
+    ``num_hidden_layers`` is the only stack's, or the encoder's (transformers maps each
+    family's own name onto it); the decoder's has one of two names."""
+    def integer(*names: str) -> int | None:
+        values = [getattr(config, name, None) for name in names]
+        return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), None)
+
+    depths = [integer("num_hidden_layers")]
+    if encoder_decoder:
+        depths.append(integer("decoder_layers", "num_decoder_layers"))
+    return depths
 
 
 def unit_of(path: str, plan: BlockPlan) -> tuple[int, int] | None:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from iteris_daemon import execution
 from iteris_daemon.alignment import AlignmentOptions, TaskLayer, UnitPass, align
-from iteris_daemon.architecture import BlockPlan
+from iteris_daemon.architecture import BlockPlan, block_plan
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
@@ -96,6 +96,37 @@ def test_unsupported_blocks_fall_back_with_a_log_line(tiny, monkeypatch, caplog)
     assert any("whole-model passes" in r.message and "no blocks in this test" in r.message for r in caplog.records)
     for path, (B, A) in factors.items():
         assert _relative(B @ A, expected[path][0] @ expected[path][1]) < 1e-5
+
+
+def _llama_with_layers_shared():
+    model = _tiny_llama()
+    model.model.layers[1] = model.model.layers[0]
+    return model
+
+
+def _llama_running_fewer_layers():
+    model = _tiny_llama()
+    model.config.num_hidden_layers = 1  # LlamaModel.forward runs layers[:1]
+    return model
+
+
+def _tiny_llama():
+    import transformers as tf
+
+    return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, vocab_size=64))
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_llama_with_layers_shared, "model.layers holds one block at several depths"),
+    (_llama_running_fewer_layers, "model.layers holds 2 blocks but the config runs 1 layers"),
+])
+def test_blocks_not_called_once_each_run_whole(make, reason):
+    """Streaming a stack runs each of its blocks once, in order: a model whose forward does
+    not (a block at two depths, a config that runs fewer layers) must not stream."""
+    plan = block_plan(make(), ["model.layers.0.self_attn.q_proj"])
+    assert not plan.supported and reason in plan.reason
+    assert block_plan(_tiny_llama(), ["model.layers.0.self_attn.q_proj"]).supported
 
 
 @pytest.mark.parametrize("blockwise", [True, False])

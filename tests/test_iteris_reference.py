@@ -113,3 +113,34 @@ def test_adapters_with_different_target_modules(bert, tmp_path):
     assert set(factors) == set(expected) == {p for a in adapters for p in a.modules}
     for path, (B, A) in factors.items():
         assert _relative(B.double() @ A.double(), expected[path]) < 2e-4, path
+
+
+def test_a_block_shared_across_depths_matches_the_reference(tmp_path):
+    """ALBERT runs one block at every depth: each of its layers is called three times per
+    batch. The merge must pair every call's inputs with the same call's own-adapter
+    projections and solve over all depths at once, as the reference (which stacks every
+    call's features) does; block by block it cannot run, so it says so and runs whole."""
+    import transformers as tf
+
+    from builders import tokenizer
+
+    base_dir = tmp_path / "albert"
+    torch.manual_seed(0)
+    tf.AlbertModel(tf.AlbertConfig(hidden_size=32, embedding_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=128, vocab_size=30522)
+                   ).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapter_dirs = [build_adapter(base_dir, tmp_path / f"a{i}", seed=20 + i, family="albert", r=2 + i,
+                                  targets=["query", "value", "ffn_output"]) for i in range(2)]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    data = [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+    base = BaseModel(str(base_dir), adapters)
+    options = AlignmentOptions(iterations=2, tolerance=0.0, a1=1e-3, a2=1e-3, adaptive_weights=True, batch_size=5,
+                               accumulate_dtype="float64")
+    factors, metrics = align(base, adapters, data, options, quiet)
+    assert metrics["execution"] == "whole model"
+    base.make_resident()
+    expected = reference_iteris(base.model, base.tokenizer, adapter_dirs, 2, 1e-3)
+    assert set(factors) == set(expected) and len(expected) == 3
+    for path, (B, A) in factors.items():
+        assert _relative(B.double() @ A.double(), expected[path]) < 2e-4, path

@@ -98,10 +98,42 @@ CASES = {
     "electra": (lambda: tf.ElectraConfig(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=2,
                                          intermediate_size=64, max_position_embeddings=128, vocab_size=30522),
                 "FEATURE_EXTRACTION", ["query", "value"], "blocks"),
+    # one block shared by every depth: its layers are called once per depth
+    "albert": (lambda: tf.AlbertConfig(hidden_size=32, embedding_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=128, vocab_size=30522),
+               "FEATURE_EXTRACTION", ["query", "value", "ffn_output"], "whole model"),
+    "xlm_roberta": (lambda: tf.XLMRobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=64, max_position_embeddings=130, vocab_size=30522,
+                                                pad_token_id=1), "FEATURE_EXTRACTION", ["query", "value"], "blocks"),
+    # experts with query/key norms
+    "qwen3_moe": (lambda: tf.Qwen3MoeConfig(**DECODER, head_dim=16, num_experts=2, num_experts_per_tok=1,
+                                            moe_intermediate_size=32), "CAUSAL_LM", ["q_proj", "v_proj", "o_proj"],
+                  "blocks"),
+    "olmoe": (lambda: tf.OlmoeConfig(**DECODER, num_experts=2, num_experts_per_tok=1), "CAUSAL_LM",
+              ["q_proj", "v_proj"], "blocks"),
+    "marian": (lambda: tf.MarianConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                       max_position_embeddings=128, decoder_start_token_id=0, vocab_size=30522,
+                                       pad_token_id=0), "SEQ_2_SEQ_LM", ["q_proj", "v_proj", "fc2"], "blocks"),
+    "glm": (lambda: tf.GlmConfig(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    "nemotron": (lambda: tf.NemotronConfig(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
+                 "blocks"),
+    # sliding-window layers only (two layers, before the first full one)
+    "cohere2": (lambda: tf.Cohere2Config(**DECODER, sliding_window=4), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
+                "blocks"),
+    # local and global attention layers alternate: whole-model passes
+    "modernbert": (lambda: tf.ModernBertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                               num_attention_heads=2, vocab_size=30522, pad_token_id=0,
+                                               global_attn_every_n_layers=2, local_attention=4),
+                   "FEATURE_EXTRACTION", ["Wqkv", "Wo"], "whole model"),
+    # a state-space model: no attention at all
+    "mamba": (lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=30522,
+                                     pad_token_id=0), "CAUSAL_LM", ["in_proj", "x_proj"], "blocks"),
 }
 # where a block's inputs go beyond the hidden states (position biases, windows, norms):
 # running block by block must give the whole model's merge
-BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "deberta_v2", "falcon", "gemma3", "mistral", "mpt", "qwen2_moe", "roberta"]
+BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma3", "mamba", "mistral", "mpt",
+                      "qwen2_moe", "qwen3_moe", "roberta"]
 
 
 def _base_and_adapters(family: str, tmp_path):
