@@ -286,6 +286,11 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
         match = LORA_KEY.match(key)
         if match:
             parts.setdefault(match["module"], {})[match["part"]] = {**entry, "key": key}
+        elif key.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers
+            module = key.removeprefix(KEY_PREFIX).removesuffix(".base_layer.weight")
+            raise AdapterError(weights, f"holds its own copy of the base layer {module} (PEFT saves one when a LoRA "
+                                        "targets an embedding or a tied output layer); a merge would drop it: save the "
+                                        "adapter with save_embedding_layers=False if the base model's layer is unchanged")
         elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
             layout.modules_to_save[key[len(KEY_PREFIX):]] = tuple(entry["shape"])
         else:

@@ -109,6 +109,23 @@ def test_lora_on_an_embedding_layer_is_refused_by_name(workspace, capsys):
                     "embeddings.word_embeddings")
 
 
+@pytest.mark.filterwarnings("ignore:Model has .tie_word_embeddings=True:UserWarning",
+                            "ignore:Setting .save_embedding_layers. to .True.:UserWarning")
+def test_a_saved_copy_of_a_base_layer_is_refused_by_name(tmp_path, capsys):
+    """A LoRA on the output layer of a model with tied embeddings: PEFT saves the layer's
+    base weight beside the factors. The merge names it instead of a bare 'unexpected tensor'."""
+    base = tmp_path / "base"
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=30522, tie_word_embeddings=True)
+                        ).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    adapters = [build_adapter(base, tmp_path / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM",
+                              targets=["q_proj", "lm_head"]) for seed in range(2)]
+    code, message = _merge(capsys, base, adapters, tmp_path / "out")
+    _assert_refused(code, message, tmp_path / "out", "adapter_model.safetensors", "copy of the base layer lm_head",
+                    "save_embedding_layers=False")
+
+
 @pytest.mark.parametrize(
     "content, fragment",
     [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1")],
