@@ -34,6 +34,10 @@ _UNSUPPORTED_FLAGS = {
     "use_qalora": "QA-LoRA adapters are not supported",
 }
 
+# init_lora_weights values whose adapters are deltas on a changed base (PEFT writes
+# init_lora_weights=true into the config of an adapter converted to a plain LoRA).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
 
 class _TypedFields(BaseModel):
     """Types of the config fields this project reads (PEFT writes these; a hostile file may not)."""
@@ -177,6 +181,15 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
     for flag, reason in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise AdapterError(config_path, reason)
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterError(config_path, f"init_lora_weights={init!r}: this initialisation subtracts its initial factors "
+                                        "from the base weights, so the adapter is a delta on a changed base model; "
+                                        "save it converted to a plain LoRA (PEFT's save_pretrained with "
+                                        "path_initial_model_for_weight_conversion; LoftQ cannot be converted)")
+    if config.get("bias") not in (None, "none"):
+        raise AdapterError(config_path, f"bias={config['bias']!r}: the adapter trains the base layers' biases too, "
+                                        "which a merge of LoRA factors would drop")
     return config
 
 

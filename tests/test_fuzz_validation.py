@@ -348,13 +348,31 @@ def test_corrupted_weights_are_rejected_cleanly(adapter, tmp_path):
     ({"alpha_pattern": {"query": "8"}}, "alpha_pattern"),
     ({"use_rslora": "false"}, "use_rslora"),
     ({"use_dora": True}, "DoRA"),
+    # unconverted PiSSA / OLoRA / CorDA / LoftQ: deltas on a base their initialisation changed
+    ({"init_lora_weights": "pissa_niter_4"}, "changed base model"),
+    ({"init_lora_weights": "olora"}, "changed base model"),
+    ({"init_lora_weights": "corda"}, "changed base model"),
+    ({"init_lora_weights": "loftq"}, "changed base model"),
+    ({"bias": "all"}, "trains the base layers' biases"),
+    ({"bias": "lora_only"}, "trains the base layers' biases"),
 ])
 def test_absurd_config_values_have_clear_reasons(adapter, tmp_path, changes, word):
+    with pytest.raises(AdapterError, match=re.escape(word)):
+        _validate_with(adapter, tmp_path, changes)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_initialisations_that_leave_the_base_alone_are_accepted(adapter, tmp_path, init):
+    """So are the converted ones: PEFT writes init_lora_weights=true when it converts."""
+    info = _validate_with(adapter, tmp_path, {"init_lora_weights": init, "bias": "none"})
+    assert info.rank > 0
+
+
+def _validate_with(adapter, tmp_path, changes: dict):
     base, lora = adapter
     folder = tmp_path / "a"
     shutil.copytree(lora, folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     config.update(changes)
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match=re.escape(word)):
-        validate_adapter(folder, str(base), LIMITS)
+    return validate_adapter(folder, str(base), LIMITS)
