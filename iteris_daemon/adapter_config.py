@@ -187,9 +187,6 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
                                         "from the base weights, so the adapter is a delta on a changed base model; "
                                         "save it converted to a plain LoRA (PEFT's save_pretrained with "
                                         "path_initial_model_for_weight_conversion; LoftQ cannot be converted)")
-    if config.get("bias") not in (None, "none"):
-        raise AdapterError(config_path, f"bias={config['bias']!r}: the adapter trains the base layers' biases too, "
-                                        "which a merge of LoRA factors would drop")
     return config
 
 

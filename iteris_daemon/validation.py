@@ -258,6 +258,13 @@ def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None
     return read_checked(folder, limits, name)[0]
 
 
+def _saved_whole(key: str, config: dict) -> bool:
+    """Whether tensor ``key`` belongs to a module listed in ``modules_to_save`` (PEFT
+    matches those names against the end of a module path)."""
+    path = key.removeprefix(KEY_PREFIX)
+    return any(f".{name}." in f".{path}" for name in config.get("modules_to_save") or ())
+
+
 def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = None) -> tuple[AdapterLayout, bytes]:
     """:func:`read_layout`, and the weights' bytes it checked: the one place an adapter's
     structure is checked (:func:`iteris_daemon.lora.load_adapter` makes its tensors from
@@ -291,6 +298,10 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
             raise AdapterError(weights, f"holds its own copy of the base layer {module} (PEFT saves one when a LoRA "
                                         "targets an embedding or a tied output layer); a merge would drop it: save the "
                                         "adapter with save_embedding_layers=False if the base model's layer is unchanged")
+        elif key.endswith(".bias") and config.get("bias") not in (None, "none") and not _saved_whole(key, config):
+            module = key.removeprefix(KEY_PREFIX).removesuffix(".bias")
+            raise AdapterError(weights, f"trains the bias of {module} (bias={config['bias']!r}): a merge of LoRA "
+                                        "factors would drop it")
         elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
             layout.modules_to_save[key[len(KEY_PREFIX):]] = tuple(entry["shape"])
         else:

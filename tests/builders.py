@@ -104,6 +104,7 @@ def build_adapter(
     scale: float = 0.3,
     modules_to_save: list[str] | None = None,
     base_class=None,
+    bias: str = "none",
 ) -> Path:
     """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl.
 
@@ -116,7 +117,7 @@ def build_adapter(
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family], task_type=task_type,
         use_rslora=use_rslora, init_lora_weights=False, fan_in_fan_out=(family == "gpt2"),
-        modules_to_save=modules_to_save,
+        modules_to_save=modules_to_save, bias=bias,
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
@@ -124,7 +125,7 @@ def build_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn_like(param) * scale)
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name or param.requires_grad:  # trained biases (bias="all")
                 param.add_(torch.randn_like(param) * 0.1)
     peft_model.save_pretrained(out)
     cfg_path = out / "adapter_config.json"

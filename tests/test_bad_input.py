@@ -126,6 +126,25 @@ def test_a_saved_copy_of_a_base_layer_is_refused_by_name(tmp_path, capsys):
                     "save_embedding_layers=False")
 
 
+def test_trained_base_biases_are_refused_by_name(workspace, tmp_path, capsys):
+    """PEFT's bias="lora_only" trains (and saves) the biases of the adapted layers; a merge
+    of B A factors would drop them. A model with no biases saves none: that adapter is
+    plain and merges."""
+    base, adapters, tmp = workspace
+    adapter = build_adapter(base, tmp / "biased", seed=3, family="bert", targets=["query"], bias="lora_only")
+    code, message = _merge(capsys, base, [adapters[0], adapter], tmp / "out")
+    _assert_refused(code, message, tmp / "out", "adapter_model.safetensors", "trains the bias of",
+                    "attention.self.query", "bias='lora_only'")
+
+    llama = tmp_path / "llama"
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=30522)).save_pretrained(llama)
+    tokenizer().save_pretrained(llama)
+    plain = [build_adapter(llama, tmp_path / f"l{seed}", seed=seed, family="llama", task_type="CAUSAL_LM",
+                           targets=["q_proj", "v_proj"], bias="all" if seed else "none") for seed in range(2)]
+    assert cli_merge(llama, plain, tmp_path / "merged", "--param", "iterations=1") == 0
+
+
 @pytest.mark.parametrize(
     "content, fragment",
     [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1")],
