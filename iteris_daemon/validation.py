@@ -259,8 +259,8 @@ def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None
 
 
 def _saved_whole(key: str, config: dict) -> bool:
-    """Whether tensor ``key`` belongs to a module listed in ``modules_to_save`` (PEFT
-    matches those names against the end of a module path)."""
+    """Whether tensor ``key`` lies under a module listed in ``modules_to_save`` (PEFT
+    matches each name against the end of a module path: ``pooler`` is ``bert.pooler``)."""
     path = key.removeprefix(KEY_PREFIX)
     return any(f".{name}." in f".{path}" for name in config.get("modules_to_save") or ())
 

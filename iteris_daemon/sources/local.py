@@ -249,7 +249,7 @@ class LocalFolderSource:
         except BaseModelError as exc:
             log.warning("source %s: %s waits: %s", self.name, locator, exc)
             self._set_health(str(exc))
-            report.waiting.append(as_text(folder))
+            report.waiting.append(locator)
             return
         except PermissionError as exc:  # the daemon's user may not read it: looking again changes nothing
             reason = (f"{exc.filename or folder}: cannot read: {exc.strerror}; the daemon's user needs read access "
@@ -270,7 +270,7 @@ class LocalFolderSource:
             revision, new = record(session, self.source_id, seen)
             status = revision.status
         if info is None:
-            report.rejected.append(as_text(folder))
+            report.rejected.append(locator)
             log.warning("source %s: rejected %s: %s", self.name, locator, reason)
         elif new:
             report.registered.append(locator)
