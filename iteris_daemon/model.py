@@ -221,6 +221,11 @@ class BaseModel:
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
         self.model.eval().requires_grad_(False)  # frozen: only a merge's own factors ever get gradients
+        # Every pass is one teacher-forced forward: no key/value cache, whether or not the
+        # model's forward takes use_cache by name (the block executor replays one captured
+        # call per block; a cache in it would grow with each replay).
+        if hasattr(self.model.config, "use_cache"):
+            self.model.config.use_cache = False
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"

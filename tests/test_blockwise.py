@@ -129,6 +129,37 @@ def test_blocks_not_called_once_each_run_whole(make, reason):
     assert block_plan(_tiny_llama(), ["model.layers.0.self_attn.q_proj"]).supported
 
 
+def test_a_block_handed_a_cache_is_not_streamed(tmp_path, caplog):
+    """GraniteMoE's forward takes use_cache only through **kwargs, so the config decides:
+    the base model turns caching off and the blocks stream. Turned back on, block 0's
+    captured call holds a DynamicCache that every replay would grow; the merge runs
+    whole-model passes instead, saying why, and still equals the streamed merge."""
+    import transformers as tf
+
+    from builders import build_adapter, tokenizer
+
+    base_dir = tmp_path / "granitemoe"
+    torch.manual_seed(0)
+    tf.GraniteMoeForCausalLM(tf.GraniteMoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=1, vocab_size=30522,
+                                                 num_local_experts=2, num_experts_per_tok=1)).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapter_dirs = [build_adapter(base_dir, tmp_path / f"a{i}", seed=i, family="llama", task_type="CAUSAL_LM",
+                                  targets=["q_proj", "v_proj"], calibration=6) for i in range(2)]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    data = [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+    base = BaseModel(str(base_dir), adapters)
+    streamed, metrics = align(base, adapters, data, _options(), quiet)
+    assert metrics["execution"] == "blocks"
+    base.model.config.use_cache = True
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.execution"):
+        whole, metrics = align(base, adapters, data, _options(), quiet)
+    assert metrics["execution"] == "whole model"
+    assert any("is handed a key/value cache" in r.message for r in caplog.records)
+    for path, (B, A) in whole.items():
+        assert _relative(B @ A, streamed[path][0] @ streamed[path][1]) < 1e-5, path
+
+
 @pytest.mark.parametrize("blockwise", [True, False])
 def test_both_executors_record_a_graph_only_when_asked(tiny, blockwise):
     """``run(..., grad=)`` means the same for blocks and whole-model passes: with a delta

@@ -126,14 +126,17 @@ CASES = {
                                                num_attention_heads=2, vocab_size=30522, pad_token_id=0,
                                                global_attn_every_n_layers=2, local_attention=4),
                    "FEATURE_EXTRACTION", ["Wqkv", "Wo"], "whole model"),
+    # use_cache reaches the model only through **kwargs: the config turns it off
+    "granitemoe": (lambda: tf.GraniteMoeConfig(**DECODER, num_local_experts=2, num_experts_per_tok=1), "CAUSAL_LM",
+                   ["q_proj", "v_proj"], "blocks"),
     # a state-space model: no attention at all
     "mamba": (lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=30522,
                                      pad_token_id=0), "CAUSAL_LM", ["in_proj", "x_proj"], "blocks"),
 }
 # where a block's inputs go beyond the hidden states (position biases, windows, norms):
 # running block by block must give the whole model's merge
-BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma3", "mamba", "mistral", "mpt",
-                      "qwen2_moe", "qwen3_moe", "roberta"]
+BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma3", "granitemoe", "mamba", "mistral",
+                      "mpt", "qwen2_moe", "qwen3_moe", "roberta"]
 
 
 def _base_and_adapters(family: str, tmp_path):
