@@ -1,5 +1,7 @@
-"""Unlabelled calibration inputs: JSON Lines with a ``"text"`` field per line and an
-optional ``"target"`` (decoder text for encoder-decoder teacher forcing)."""
+"""Unlabelled calibration inputs: JSON Lines with, per line, a ``"text"`` and an optional
+``"target"`` (decoder text for encoder-decoder teacher forcing), or a conversation,
+``"messages"``: ``[{"role": ..., "content": ...}, ...]``, which the merge renders with the
+base model's chat template (the adapter of a chat model was trained on templated text)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,30 @@ from .errors import CalibrationError
 CALIBRATION_NAME = "calibration.jsonl"
 
 
+Messages = tuple[tuple[str, str], ...]  # ((role, content), ...)
+
+
 @dataclass(frozen=True)
 class Sample:
     text: str
     target: str | None = None
+    # A conversation. ``text`` is then its plain rendering ("role: content" lines): what
+    # a base model without a chat template reads, and what sorting and reports see.
+    messages: Messages | None = None
+
+    @classmethod
+    def conversation(cls, messages: Messages) -> "Sample":
+        return cls("\n".join(f"{role}: {content}" for role, content in messages), None, tuple(messages))
+
+    def to_json(self) -> list:
+        """For worker job files: ``[text, target]`` or ``[text, target, [[role, content], ...]]``."""
+        return [self.text, self.target] if self.messages is None else [self.text, self.target, self.messages]
+
+    @classmethod
+    def from_json(cls, value: list) -> "Sample":
+        text, target, *rest = value
+        messages = tuple((role, content) for role, content in rest[0]) if rest and rest[0] is not None else None
+        return cls(text, target, messages)
 
 
 @dataclass(frozen=True)
@@ -32,7 +54,7 @@ class CalibrationSet:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for sample in self.samples:
-            digest.update(json.dumps([sample.text, sample.target]).encode())
+            digest.update(json.dumps(sample.to_json()).encode())
         return digest.hexdigest()
 
     def head(self, n: int | None) -> "CalibrationSet":
@@ -55,9 +77,12 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
                 raise CalibrationError(path, f"not valid JSON ({exc})", line=number) from None
             if not isinstance(record, dict):
                 raise CalibrationError(path, "each line must be a JSON object", line=number)
+            if "messages" in record:
+                samples.append(Sample.conversation(_messages(record, path, number)))
+                continue
             text = record.get("text")
             if not isinstance(text, str) or not text.strip():
-                raise CalibrationError(path, 'missing or empty "text" string', line=number)
+                raise CalibrationError(path, 'missing or empty "text" string (or a "messages" list)', line=number)
             target = record.get("target")
             if target is not None and not isinstance(target, str):
                 raise CalibrationError(path, '"target" must be a string', line=number)
@@ -67,9 +92,30 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
     return CalibrationSet(tuple(samples), source=str(path))
 
 
+def _messages(record: dict, path: Path, line: int) -> Messages:
+    """A line's conversation: a non-empty list of {"role": str, "content": str}, and nothing else."""
+    if set(record) - {"messages"}:
+        raise CalibrationError(path, 'a "messages" line takes no other fields', line=line)
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise CalibrationError(path, '"messages" must be a non-empty list', line=line)
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise CalibrationError(path, f'messages[{i}] must have string "role" and "content"', line=line)
+        out.append((message["role"], message["content"]))
+    if not any(content.strip() for _, content in out):
+        raise CalibrationError(path, '"messages" has no content', line=line)
+    return tuple(out)
+
+
 def write_jsonl(path: str | Path, samples: list[Sample] | tuple[Sample, ...]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for sample in samples:
+            if sample.messages is not None:
+                record = {"messages": [{"role": role, "content": content} for role, content in sample.messages]}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                continue
             record = {"text": sample.text}
             if sample.target is not None:
                 record["target"] = sample.target

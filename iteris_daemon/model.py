@@ -379,6 +379,9 @@ class BaseModel:
         A batch of texts that tokenize to nothing (no special tokens, empty text) is
         dropped: no token of it would reach any layer, and models reject length 0.
         """
+        if not self.tokenizer.chat_template and any(s.messages is not None for s in data.samples):
+            log.warning("%s: the base model's tokenizer has no chat template; its conversations are read as "
+                        "plain 'role: content' lines", data.source)
         order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
         batches = []
         for start in range(0, len(order), batch_size):
@@ -389,15 +392,28 @@ class BaseModel:
         return batches
 
     def _encode(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(
-            [s.text for s in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
+        if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
+            rows = [self._token_ids(s, max_length) for s in chunk]
+            encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        else:
+            encoded = self.tokenizer(
+                [s.text for s in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
         batch = {k: v for k, v in encoded.items() if k in self._forward_args}
         if "token_type_ids" in batch and not getattr(self.model.config, "type_vocab_size", 0):
             del batch["token_type_ids"]
         if self.is_encoder_decoder:
             batch.update(self._decoder_inputs(chunk, max_length))
         return batch
+
+    def _token_ids(self, sample, max_length: int) -> list[int]:
+        """One sample's token ids; a conversation through the chat template, whose text
+        carries its own special tokens (so none are added again, e.g. a second BOS)."""
+        if sample.messages is None:
+            return self.tokenizer(sample.text, truncation=True, max_length=max_length)["input_ids"]
+        messages = [{"role": role, "content": content} for role, content in sample.messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
 
     def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
         """Teacher forcing: row by row the decoder reads ``<start> + target[:-1]``, as many

@@ -240,7 +240,7 @@ def _answer(answer: dict[str, Any] | None) -> CalibrationAnswer:
         return None
     if "error" in answer:
         return IterisError(answer["error"])
-    return CalibrationSet(tuple(Sample(text, target) for text, target in answer["samples"]), answer["source"],
+    return CalibrationSet(tuple(Sample.from_json(s) for s in answer["samples"]), answer["source"],
                           answer["generated"])
 
 
@@ -473,7 +473,7 @@ def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Pa
             "adapters": [{"path": str(path), "name": a.name, "origin": r.files_path}
                          for (a, r), path in zip(inputs.revisions, inputs.folders)],
         },
-        "calibration": [None if c is None else {"samples": [[s.text, s.target] for s in c.samples], "source": c.source,
+        "calibration": [None if c is None else {"samples": [s.to_json() for s in c.samples], "source": c.source,
                                                 "generated": c.generated} for c in inputs.calibration],
     }
     return run_in_worker(job, folder, label, should_stop, options)

@@ -112,7 +112,7 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
             answers.append({"error": str(exc)})
             continue
         answers.append(None if data is None else
-                       {"samples": [[s.text, s.target] for s in data.samples], "source": data.source,
+                       {"samples": [s.to_json() for s in data.samples], "source": data.source,
                         "generated": data.generated})
     return answers
 
@@ -122,7 +122,7 @@ def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     from .merge import AdapterSpec, MergeRequest, run_merge
 
     request = job["request"]
-    calibration = [None if c is None else CalibrationSet(tuple(Sample(*s) for s in c["samples"]), c["source"],
+    calibration = [None if c is None else CalibrationSet(tuple(Sample.from_json(s) for s in c["samples"]), c["source"],
                                                          c.get("generated", False))
                    for c in job["calibration"]]
     return run_merge(MergeRequest(

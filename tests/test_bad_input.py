@@ -147,7 +147,11 @@ def test_trained_base_biases_are_refused_by_name(workspace, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "content, fragment",
-    [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1")],
+    [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1"),
+     (b'{"text": "ok"}\n{"messages": "hi"}\n', '2: "messages" must be a non-empty list'),
+     (b'{"messages": [{"role": "user"}]}\n', 'messages[0] must have string "role" and "content"'),
+     (b'{"messages": [{"role": "user", "content": "hi"}], "text": "x"}\n', "takes no other fields"),
+     (b'{"messages": [{"role": "user", "content": " "}]}\n', "has no content")],
 )
 def test_bad_calibration_file(workspace, capsys, content, fragment):
     base, adapters, tmp = workspace

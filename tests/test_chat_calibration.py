@@ -1,0 +1,79 @@
+"""Calibration conversations (``{"messages": [...]}`` lines): read, carried to workers,
+and tokenized with the base model's chat template, whose text holds its own special
+tokens; without a template, their plain "role: content" rendering."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from builders import build_adapter, build_tiny_model, cli_merge
+from iteris_daemon.calibration import CalibrationSet, Sample, read_jsonl, write_jsonl
+from iteris_daemon.lora import load_adapter
+from iteris_daemon.model import BaseModel
+
+CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the market fell late"},
+                {"role": "assistant", "content": "prices dropped"}]
+# A template that starts with the tokenizer's own start token, as Llama-3's and most others do.
+TEMPLATE = "[CLS]{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+
+
+def test_conversations_are_read_written_and_carried(tmp_path):
+    path = tmp_path / "calibration.jsonl"
+    path.write_text(json.dumps({"text": "plain words"}) + "\n" + json.dumps({"messages": CONVERSATION}) + "\n")
+    data = read_jsonl(path)
+    plain, chat = data.samples
+    assert plain == Sample("plain words") and plain.to_json() == ["plain words", None]  # as before conversations
+    assert chat.messages == tuple((m["role"], m["content"]) for m in CONVERSATION)
+    assert chat.text == "system: be brief\nuser: the market fell late\nassistant: prices dropped"
+    assert [Sample.from_json(json.loads(json.dumps(s.to_json()))) for s in data.samples] == list(data.samples)
+    write_jsonl(tmp_path / "again.jsonl", data.samples)
+    assert read_jsonl(tmp_path / "again.jsonl").samples == data.samples
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    base = build_tiny_model("llama", root / "base", "CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(base)
+    adapters = [build_adapter(base, root / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM")
+                for seed in range(2)]
+    return base, adapters
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, None])
+def test_a_conversation_is_tokenized_with_the_chat_template(llama, template, caplog):
+    base_dir, adapter_dirs = llama
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    assert base.tokenizer.chat_template == TEMPLATE  # saved with the base model
+    base.tokenizer.chat_template = template
+    chat = Sample.conversation(tuple((m["role"], m["content"]) for m in CONVERSATION))
+    (batch,) = base.batches(CalibrationSet((chat,), "test"), batch_size=4, max_length=128)
+    ids = batch["input_ids"][0].tolist()
+    tokenizer = base.tokenizer
+    warned = any("has no chat template" in r.message for r in caplog.records)
+    assert warned == (template is None)
+    if template is None:  # the plain rendering, with the tokenizer's own special tokens
+        assert ids == tokenizer(chat.text)["input_ids"]
+    else:
+        rendered = "[CLS]<system> be brief <user> the market fell late <assistant> prices dropped "
+        assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert ids[0] == tokenizer.cls_token_id and ids.count(tokenizer.cls_token_id) == 1  # no second start token
+    assert batch["attention_mask"][0].tolist() == [1] * len(ids)
+
+
+def test_a_merge_reads_conversations(llama, tmp_path):
+    base_dir, adapter_dirs = llama
+    files = []
+    for i, adapter in enumerate(adapter_dirs):
+        files.append(tmp_path / f"chat{i}.jsonl")
+        lines = [{"messages": [{"role": "user", "content": f"question {i} {j}"},
+                               {"role": "assistant", "content": f"answer {j} for task {i}"}]} for j in range(6)]
+        files[-1].write_text("".join(json.dumps(line) + "\n" for line in lines))
+    given = [f"{adapter}={file}" for adapter, file in zip(adapter_dirs, files)]
+    assert cli_merge(base_dir, given, tmp_path / "out", "--param", "iterations=2") == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert [i["calibration"]["source"] for i in report["inputs"]] == [str(f) for f in files]
+    assert all(t["fidelity_gap"] > 0 for t in report["tasks"].values())
