@@ -296,7 +296,7 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
         elif key.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers
             module = key.removeprefix(KEY_PREFIX).removesuffix(".base_layer.weight")
             raise AdapterError(weights, f"holds its own copy of the base layer {module} (PEFT saves one when a LoRA "
-                                        "targets an embedding or a tied output layer); a merge would drop it: save the "
+                                        "targets an embedding or the output layer, lm_head); a merge would drop it: save the "
                                         "adapter with save_embedding_layers=False if the base model's layer is unchanged")
         elif key.endswith(".bias") and config.get("bias") not in (None, "none") and not _saved_whole(key, config):
             module = key.removeprefix(KEY_PREFIX).removesuffix(".bias")

@@ -112,8 +112,9 @@ def test_lora_on_an_embedding_layer_is_refused_by_name(workspace, capsys):
 @pytest.mark.filterwarnings("ignore:Model has .tie_word_embeddings=True:UserWarning",
                             "ignore:Setting .save_embedding_layers. to .True.:UserWarning")
 def test_a_saved_copy_of_a_base_layer_is_refused_by_name(tmp_path, capsys):
-    """A LoRA on the output layer of a model with tied embeddings: PEFT saves the layer's
-    base weight beside the factors. The merge names it instead of a bare 'unexpected tensor'."""
+    """A LoRA on the output layer (here of a model with tied embeddings; untied is the
+    same): PEFT saves the layer's base weight beside the factors. The merge names it
+    instead of a bare 'unexpected tensor'."""
     base = tmp_path / "base"
     tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                        num_key_value_heads=1, vocab_size=30522, tie_word_embeddings=True)
