@@ -39,7 +39,7 @@ class Sample:
     @classmethod
     def from_json(cls, value: list) -> "Sample":
         text, target, *rest = value
-        messages = tuple((role, content) for role, content in rest[0]) if rest and rest[0] is not None else None
+        messages = tuple((role, content) for role, content in rest[0]) if rest else None
         return cls(text, target, messages)
 
 

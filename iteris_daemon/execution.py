@@ -29,6 +29,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+try:  # a key/value cache handed to a block (see BlockExecutor._capture)
+    from transformers.cache_utils import Cache
+except ImportError:  # pragma: no cover - very old transformers
+    Cache = ()  # type: ignore[assignment,misc]
+
 from .architecture import BlockPlan, Stack, block_plan, unit_of
 from .model import BaseModel
 
@@ -178,7 +183,7 @@ class BlockExecutor:
         if early:
             raise UnsupportedForBlocks(f"targeted {early[0]} runs before the first block")
         call = captured["call"]
-        cache = next((name for name, value in call.arguments.items() if _is_cache(value)), None)
+        cache = next((name for name, value in call.arguments.items() if isinstance(value, Cache)), None)
         if cache is not None:  # replaying the call would grow it: whole-model passes start afresh
             raise UnsupportedForBlocks(f"{stack.path}.0 is handed a key/value cache ({cache})")
         context.calls.append(call)
@@ -260,14 +265,6 @@ class BlockExecutor:
             for s, original in originals.items():
                 stack = self.plan.stacks[s]
                 stack.parent._modules[stack.attribute] = original
-
-
-def _is_cache(value: Any) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - very old transformers
-        return False
-    return isinstance(value, Cache)
 
 
 def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
