@@ -229,6 +229,7 @@ class BaseModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
+        self._plain_chat_warned: set[str] = set()  # sources already told they have no chat template
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         self._forward_args = set(inspect.signature(self.model.forward).parameters)
         self._modules = dict(self.model.named_modules())
@@ -379,7 +380,9 @@ class BaseModel:
         A batch of texts that tokenize to nothing (no special tokens, empty text) is
         dropped: no token of it would reach any layer, and models reject length 0.
         """
-        if not self.tokenizer.chat_template and any(s.messages is not None for s in data.samples):
+        if (not self.tokenizer.chat_template and data.source not in self._plain_chat_warned
+                and any(s.messages is not None for s in data.samples)):
+            self._plain_chat_warned.add(data.source)
             log.warning("%s: the base model's tokenizer has no chat template; its conversations are read as "
                         "plain 'role: content' lines", data.source)
         order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))

@@ -177,11 +177,11 @@ def test_both_executors_record_a_graph_only_when_asked(tiny, blockwise):
     try:
         base.set_deltas({unit.paths[0]: Delta(A, module.B.clone())})
         with executor.loaded(unit):
-            plain = executor.run(unit, states[0])
-            graph = executor.run(unit, states[0], grad=True)
-        out = lambda state: state.hidden if blockwise else state.output  # noqa: E731
-        assert not out(plain).requires_grad and out(graph).requires_grad
-        out(graph).sum().backward()
+            plain, graph = (executor.run(unit, states[0], grad=grad) for grad in (False, True))
+        # A block's result is the stream's hidden state; a whole-model pass's, the model's output.
+        plain, graph = ((s.hidden if blockwise else s.output) for s in (plain, graph))
+        assert not plain.requires_grad and graph.requires_grad
+        graph.sum().backward()
         assert A.grad is not None and A.grad.abs().sum() > 0
     finally:
         base.detach()
