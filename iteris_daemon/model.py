@@ -156,8 +156,7 @@ def check_adapter_shapes(model: nn.Module | BaseShapes, adapter: LoraAdapter, mo
     """
     shapes = model if isinstance(model, dict) else base_shapes(model)
     check_shapes(shapes, {p: (m.B.shape[0], m.A.shape[1]) for p, m in adapter.modules.items()},
-                 {k: tuple(t.shape) for k, t in adapter.modules_to_save.items()}, adapter.fan_in_fan_out,
-                 adapter.path, model_name)
+                 {k: tuple(t.shape) for k, t in adapter.modules_to_save.items()}, adapter.path, model_name)
 
 
 def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bool = False) -> nn.Module:

@@ -26,10 +26,15 @@ BaseShapes = dict[str, dict[str, Any]]
 
 
 def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved: Mapping[str, tuple[int, ...]],
-                 fan_in_fan_out: bool, folder: Path, model_name: str) -> None:
+                 folder: Path, model_name: str) -> None:
     """Every LoRA pair (``lora``: module path -> (d_out, d_in) of its delta) must sit on a
     linear layer of the base model with matching shapes, and every ``modules_to_save``
-    tensor (``saved``: name -> shape) on a parameter of the same shape."""
+    tensor (``saved``: name -> shape) on a parameter of the same shape.
+
+    The config's ``fan_in_fan_out`` is not checked: ``lora_A``/``lora_B`` have the same
+    layout on Linear and Conv1D layers, and PEFT sets the flag per layer when it loads an
+    adapter (an adapter on GPT-2's Conv1D layers and its Linear ``lm_head`` is saved with
+    one value that fits only one of the two kinds)."""
     where = folder / WEIGHTS_NAME
     layers, other, parameters = shapes["layers"], shapes["other"], shapes["parameters"]
     for path, (d_out, d_in) in lora.items():
@@ -38,11 +43,9 @@ def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved:
             if path in other:
                 raise AdapterError(where, f"{path} is a {other[path]}; only Linear/Conv1D LoRA can be merged")
             raise AdapterError(where, f"targets {path}, which the base model ({model_name}) does not have")
-        kind, base_out, base_in = layer
+        _, base_out, base_in = layer
         if (d_out, d_in) != (base_out, base_in):
             raise AdapterError(where, f"{path}: LoRA delta is {d_out}x{d_in} but the base layer is {base_out}x{base_in}")
-        if (kind == "conv1d") != fan_in_fan_out:
-            raise AdapterError(where, f"fan_in_fan_out={fan_in_fan_out} does not match {path}")
     for key, shape in saved.items():
         if key not in parameters:
             raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model")

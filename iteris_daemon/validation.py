@@ -396,7 +396,7 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {base[:100]!r} cannot be read (not on "
                                                      "the Hub, or offline); the daemon's log has the details") from None
         check_shapes(found, {p: (d_out, d_in) for p, (_, d_out, d_in) in layout.modules.items()},
-                     layout.modules_to_save, layout.fan_in_fan_out, folder, base)
+                     layout.modules_to_save, folder, base)
     targets = config.get("target_modules")
     return AdapterInfo(
         base_model=base,

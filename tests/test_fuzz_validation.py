@@ -211,6 +211,8 @@ def _harmless(field: str, value, config: dict, modules: list[str]) -> str | None
         return "scaling factors"
     if field == "use_rslora" and value is True:
         return "a scaling switch"
+    if field == "fan_in_fan_out" and value is True:
+        return "a layout flag PEFT sets per layer on loading"
     if field == "target_modules" and isinstance(value, list) and all(
             any(m == t or m.endswith("." + t) for t in value) for m in modules):
         return "names every adapted module"
@@ -233,7 +235,7 @@ def test_hostile_configs_are_rejected_cleanly(adapter, tmp_path):
     when every changed field is harmless: PEFT's default for it; ``r``/``rank_pattern``
     integers giving every module the rank its weights have (resolved with PEFT's own
     ``get_pattern_key``); positive finite ``lora_alpha``/``alpha_pattern`` and
-    ``use_rslora=true`` (scaling); ``target_modules`` naming every adapted module, or a
+    ``use_rslora=true`` (scaling); ``fan_in_fan_out=true`` (PEFT sets it per layer); ``target_modules`` naming every adapted module, or a
     string or an empty list (not matched: the weights' own module names are merged); ``modules_to_save`` naming
     tensors the weights do not have; a task type the base model has a class for;
     ``base_model_name_or_path`` (the source's base model wins). An accepted adapter

@@ -130,3 +130,45 @@ def test_every_registered_strategy_is_documented():
     assert "iteris" in found
     for strategy in found.values():
         assert strategy.description and strategy.Params.model_fields is not None
+
+
+def test_gpt2_adapter_on_conv1d_and_linear_layers(tmp_path):
+    """One GPT-2 adapter on Conv1D (``c_attn``) and Linear (``lm_head``) layers: PEFT saves a
+    single ``fan_in_fan_out`` that fits one kind only and sets it per layer on loading, so
+    the merge takes such adapters too, and PEFT applies the merge as the deltas say."""
+    from peft import LoraConfig, get_peft_model
+
+    from builders import random_texts, tiny_config, tokenizer
+
+    base_dir = tmp_path / "base"  # lm_head untied, so writing its delta by hand leaves the embedding alone
+    torch.manual_seed(0)
+    config = tiny_config("gpt2")
+    config.tie_word_embeddings = False
+    tf.GPT2LMHeadModel(config).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True,
+                            init_lora_weights=False, task_type="CAUSAL_LM")
+        model = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base_dir), config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn_like(param) * 0.3)
+        out = tmp_path / f"a{seed}"
+        model.save_pretrained(out, save_embedding_layers=False)  # no copy of lm_head, just the LoRA pair
+        saved = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**saved, "base_model_name_or_path": str(base_dir)}))
+        (out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(seed, 8)))
+        adapters.append(out)
+    merged = tmp_path / "merged"
+    assert cli_merge(base_dir, adapters, merged) == 0
+    assert {p.rsplit(".", 1)[-1] for p in load_adapter(merged).modules} == {"c_attn", "lm_head"}
+
+    base = tf.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    by_hand = apply_by_hand(copy.deepcopy(base), merged).eval()
+    peft_model = PeftModel.from_pretrained(base, merged).eval()
+    inputs = sample_inputs("gpt2", tf.AutoTokenizer.from_pretrained(base_dir))
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**inputs)[0], by_hand(**inputs)[0], atol=1e-5, rtol=1e-4)
