@@ -6,20 +6,22 @@ from __future__ import annotations
 import torch
 
 
-def solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch.float64) -> torch.Tensor:
     """Return ``rhs @ M^-1`` for a symmetric positive (semi-)definite ``M`` (float64).
 
     Cholesky when ``M`` is positive definite (the regularisers make it so); the
     minimum-norm least-squares answer, through the symmetric pseudo-inverse, when it is
-    singular (no regularisation and fewer tokens than input features). Both run on
-    CPU and CUDA (``lstsq``'s ``gelsd`` driver is CPU-only).
+    singular (no regularisation and fewer tokens than input features). ``precision`` is
+    the dtype ``M``'s Gram matrices were accumulated in: eigenvalues below its rounding
+    (``n * eps`` of the largest, NumPy's cutoff) are the null space, not directions to
+    invert. Both paths run on CPU and CUDA (``lstsq``'s ``gelsd`` driver is CPU-only).
     """
     M = M.double()
     rhs = rhs.to(M.device, torch.float64)
     factor, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0:
         return torch.cholesky_solve(rhs.T.contiguous(), factor).T
-    return rhs @ torch.linalg.pinv(M, hermitian=True)
+    return rhs @ torch.linalg.pinv(M, hermitian=True, rtol=M.shape[0] * torch.finfo(precision).eps)
 
 
 def refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None = None, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, float]:

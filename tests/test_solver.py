@@ -97,6 +97,23 @@ def test_singular_system_falls_back_to_minimum_norm():
     assert torch.allclose(solution @ M, rhs, atol=1e-8)
 
 
+def test_singular_float32_grams_give_the_minimum_norm_answer():
+    """Grams accumulated in float32 (the default) with no regularisation and fewer tokens
+    than features: the float32 rounding in the null space is cut off, not inverted, so
+    the answer is the stacked problem's minimum-norm least-squares solution (``gelsd``)."""
+    g = torch.Generator().manual_seed(7)
+    d, r, tokens = 96, 3, 30
+    Xs = [torch.randn(tokens, d, generator=g, dtype=torch.float64) * 3 for _ in range(2)]
+    As = [torch.randn(r, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    grams = [(X.float().T @ X.float()).double() for X in Xs]
+    solution = solve_spd(grams[0] + grams[1], torch.cat([A @ G for A, G in zip(As, grams)]), torch.float32)
+    # Reference: task i's rows of A_merged solve [X_1; X_2] a^T = [X_1 A_1^T; 0] (or [0; X_2 A_2^T]).
+    zeros = torch.zeros(tokens, r, dtype=torch.float64)
+    targets = [torch.cat([Xs[0] @ As[0].T, zeros]), torch.cat([zeros, Xs[1] @ As[1].T])]
+    expected = torch.cat([torch.linalg.lstsq(torch.cat(Xs), t, driver="gelsd").solution.T for t in targets])
+    assert float((solution - expected).norm() / expected.norm()) < 1e-3
+
+
 def test_refactor_is_exact_at_full_rank_and_optimal_when_truncated():
     g = torch.Generator().manual_seed(0)
     B = torch.randn(30, 10, generator=g, dtype=torch.float64)
