@@ -190,7 +190,11 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
     with tempfile.TemporaryDirectory() as tmp:
         # Without a task_type, AutoPeftModel finds the base model's class here.
         config.save_pretrained(tmp, auto_mapping_dict=merged_auto_mapping([a.config for a in adapters]))
-        return json.loads((Path(tmp) / "adapter_config.json").read_text())
+        saved = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    # PEFT holds target_modules as a set and writes it in the process's string-hash order;
+    # sorted, equal merges write equal bytes (the publishers skip a version equal to the last).
+    saved["target_modules"] = sorted(saved["target_modules"])
+    return saved
 
 
 def _escape(path: str) -> str:

@@ -172,3 +172,22 @@ def test_gpt2_adapter_on_conv1d_and_linear_layers(tmp_path):
     inputs = sample_inputs("gpt2", tf.AutoTokenizer.from_pretrained(base_dir))
     with torch.no_grad():
         assert torch.allclose(peft_model(**inputs)[0], by_hand(**inputs)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_equal_merges_write_equal_files(bert, tmp_path):
+    """Two processes with different string-hash seeds write byte-identical adapters (PEFT
+    keeps ``target_modules`` as a set), so a publisher sees an unchanged merge as unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    base_dir, adapters = bert
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        command = [sys.executable, "-m", "iteris_daemon", "merge", "--base-model", str(base_dir), "--out", str(out),
+                   "--strategy", "task_arithmetic", "--no-eval", "-q", *(f"--adapter={a}" for a in adapters)]
+        subprocess.run(command, check=True, env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True)
+        outputs.append(out)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
