@@ -44,7 +44,7 @@ from .config import DaemonConfig, GroupConfig, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
 from .paths import cache_dir, private_dir, state_dir
-from .runner import INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
+from .runner import CLAIMED_ELSEWHERE, INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
 from .sources.hub import HubSource
 from .sources.local import LocalFolderSource, ScanReport
 from .supervisor import WorkerOptions
@@ -315,6 +315,9 @@ class Daemon:
         except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
             log.exception("group %s: the run could not be carried out", name)
             return
+        if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
+            # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
+            self.trigger(name, delay=settings.claim_ttl_seconds / 2)
         if outcome.status is not RunStatus.skipped:
             self.metrics.observe_merge(name, time.monotonic() - started)
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")

@@ -54,28 +54,40 @@ from .validation import AdapterLayout, Limits, copy_adapter_file, folder_fingerp
 
 log = logging.getLogger(__name__)
 INPUTS_PREFIX = ".inputs-"  # a run's snapshot of its inputs, in the work folder
+CLAIMED_ELSEWHERE = "claimed by another daemon"  # a run's outcome when another holder has the group
+
+
+_OUR_HOLDERS: set[str] = set()  # the holders made in this process (one per daemon instance)
 
 
 def worker_id() -> str:
     """Who holds a claim: host, pid and a random part (pids are reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _OUR_HOLDERS.add(holder)
+    return holder
 
 
 def holder_is_dead(holder: str | None) -> bool:
-    """A claim by a process of this host that no longer exists can be taken at once."""
+    """A claim by a process of this host that no longer exists can be taken at once.
+
+    A holder with this process's pid that this process did not make is an earlier
+    process that had the same pid: a daemon restarted in a container runs as pid 1
+    again, on the same host name."""
     if not holder:
         return True
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return False
+    if int(pid) == os.getpid():
+        return holder not in _OUR_HOLDERS
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return int(pid) != os.getpid() and _is_zombie(int(pid))
+    return _is_zombie(int(pid))
 
 
 def _is_zombie(pid: int) -> bool:
@@ -125,6 +137,9 @@ class Claim:
                 update(MergeGroup).where(MergeGroup.name == self.group, or_(*free))
                 .values(claimed_by=self.holder, claimed_at=now)
             ).rowcount
+            if taken == 1 and current is not None and current != self.holder:
+                _fail_interrupted(session, self.group, f"interrupted: its daemon ({current}) stopped or stopped "
+                                                       "refreshing the claim; the group runs again")
         if taken != 1:
             return False
         self._thread = threading.Thread(target=self._refresh, name=f"claim-{self.group}", daemon=True)
@@ -365,7 +380,7 @@ def run_group(
     claim = Claim(catalog, group.name, holder, claim_ttl)
     if not claim.acquire():
         log.info("group %s: another daemon is merging it; skipped", group.name)
-        return RunOutcome(RunStatus.skipped, None, "claimed by another daemon")
+        return RunOutcome(RunStatus.skipped, None, CLAIMED_ELSEWHERE)
     work_dir.mkdir(parents=True, exist_ok=True)
     snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
     try:
@@ -521,14 +536,26 @@ def _finish(catalog, run_id: int, status: RunStatus, **values) -> None:
 
 
 def recover_interrupted(catalog: Catalog) -> list[int]:
-    """Runs left ``running`` by a daemon that died: mark them failed so the group runs again."""
+    """Runs left ``running`` by a daemon that died: mark them failed so the group runs again.
+    (A run of a daemon on another host is marked when its stale claim is taken over.)"""
     recovered = []
     with catalog.session() as session:
         for run in session.scalars(select(MergeRun).where(MergeRun.status == RunStatus.running)):
             group = session.get(MergeGroup, run.group_id)
             if group.claimed_by is None or holder_is_dead(group.claimed_by):
-                run.status = RunStatus.failed
-                run.finished_at = utcnow()
-                run.error = "interrupted: the daemon running it stopped; the group runs again"
+                _interrupt(run, "interrupted: the daemon running it stopped; the group runs again")
                 recovered.append(run.id)
     return recovered
+
+
+def _fail_interrupted(session, group: str, reason: str) -> None:
+    """Mark ``group``'s running runs failed: their claim was just taken from a dead holder."""
+    group_id = select(MergeGroup.id).where(MergeGroup.name == group).scalar_subquery()
+    for run in session.scalars(select(MergeRun).where(MergeRun.group_id == group_id,
+                                                      MergeRun.status == RunStatus.running)):
+        log.warning("group %s: run %d %s", group, run.id, reason)
+        _interrupt(run, reason)
+
+
+def _interrupt(run: MergeRun, reason: str) -> None:
+    run.status, run.finished_at, run.error = RunStatus.failed, utcnow(), reason

@@ -60,9 +60,10 @@ from sqlalchemy import select, update
 import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus, utcnow
+from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
+                                           utcnow)
 from iteris_daemon.adapter_config import sha256_file
-from iteris_daemon.runner import Claim
+from iteris_daemon.runner import Claim, worker_id
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -702,6 +703,63 @@ def test_claim_is_refreshed_and_a_stale_one_is_taken_over(claim_catalog):
     assert claim_row(claim_catalog) == (None, None)
 
 
+def test_taking_over_a_claim_fails_the_run_its_holder_left_running(claim_catalog):
+    """A daemon on another host died mid-merge: once its claim is stale, the next claim
+    takes the group and marks that run failed (no run stays ``running`` for ever)."""
+    with claim_catalog.session() as session:
+        group_id = session.scalar(select(MergeGroup.id).where(MergeGroup.name == GROUP))
+        session.add(MergeRun(group_id=group_id, status=RunStatus.running, input_fingerprint="0" * 64))
+    set_claim(claim_catalog, "elsewhere:4242:aaaaaaaa", age=10)
+    claim = Claim(claim_catalog, GROUP, worker_id(), ttl=5)
+    assert claim.acquire()
+    claim.release()
+    with claim_catalog.session() as session:
+        (run,) = session.scalars(select(MergeRun))
+        assert run.status is RunStatus.failed and "elsewhere:4242:aaaaaaaa" in run.error and run.finished_at
+
+
+def test_a_group_claimed_elsewhere_is_asked_again_until_the_claim_frees(tmp_path, made, daemons):
+    """A daemon on another host holds the group, then dies mid-merge. This daemon's runs
+    (at start, on registering the adapters) find the group claimed; with no schedule and no
+    further change, it still merges once the claim goes stale, and marks the dead one's run
+    failed: a claimed group is asked again every ``claim_ttl_seconds / 2``."""
+    base, (lora0, lora1, _) = made
+    watched, dest = tmp_path / "watched", tmp_path / "published"
+    watched.mkdir()
+    shutil.copytree(lora0, watched / "a0")
+    shutil.copytree(lora1, watched / "a1")
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        group = MergeGroup(name=GROUP, base_model=str(base), strategy="iteris")
+        session.add(group)
+        session.flush()
+        session.add(MergeRun(group_id=group.id, status=RunStatus.running, input_fingerprint="0" * 64))
+    elsewhere = Claim(catalog, GROUP, "elsewhere:4242:aaaaaaaa", ttl=4.0)  # refreshed every second while alive
+    assert elsewhere.acquire()
+    config = write_config(tmp_path / "daemon.toml", state=tmp_path / "state", watched=watched, dest=dest, base=base,
+                          params={"samples_per_task": 8}, database=url, claim_ttl=4.0)
+    daemon = daemons(config, tmp_path / "daemon.log")
+    try:
+        def registered() -> int:
+            with catalog.session() as session:
+                return len(session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.registered)).all())
+
+        wait_for(lambda: registered() == 2, "both adapters to be registered", timeout=START_TIMEOUT, interval=0.5)
+        daemon.wait_event("log", r"group unified: another daemon is merging it; skipped")
+        time.sleep(3)  # the triggers of the registrations come and find the group claimed too
+        assert not [r for r in group_runs(url) if r.status is RunStatus.succeeded]
+        elsewhere._stop.set()  # the other daemon dies: its claim is no longer refreshed
+        elsewhere._thread.join()
+        wait_for(lambda: any(r.status is RunStatus.succeeded for r in group_runs(url)), "the group to merge",
+                 timeout=START_TIMEOUT, interval=0.5)
+        interrupted = group_runs(url)[0]
+        assert interrupted.status is RunStatus.failed and "elsewhere:4242" in interrupted.error
+        assert daemon.stop() == 0, daemon.tail()
+    finally:
+        catalog.close()
+
+
 def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
     host = socket.gethostname()
     exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -715,7 +773,8 @@ def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
             (f"{host}:{int(exited.stdout)}:deadbeef", True),  # gone
             (f"{host}:{zombie.pid}:deadbeef", True),  # exited, not yet reaped
             (f"{host}:{sleeper.pid}:deadbeef", False),  # alive
-            (f"{host}:{os.getpid()}:deadbeef", False),  # this process, another daemon instance
+            (worker_id(), False),  # this process, another daemon instance
+            (f"{host}:{os.getpid()}:deadbeef", True),  # an earlier process with this pid (a container's pid 1)
             (f"elsewhere-{uuid.uuid4().hex[:6]}:{int(exited.stdout)}:deadbeef", False),  # cannot tell: wait for the TTL
         ]
         for holder, taken in cases:
