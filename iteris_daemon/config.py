@@ -294,12 +294,14 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
     from .sources.local import LocalSettings
     from .strategy import parse_params
 
+    watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
     for index, source in enumerate(config.sources):
         model = LocalSettings if source.kind == "local" else HubSettings
         try:
-            model.model_validate(source.settings())
+            settings = model.model_validate(source.settings())
         except ValidationError as exc:
             raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
+        watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
     available = calibration_sources()
     for index, group in enumerate(config.groups):
         where = f"{path}: groups.{index} ({group.name})"
@@ -311,8 +313,21 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             for number, destination in enumerate(group.destinations):
                 publisher = get_publisher(destination["kind"])
                 try:
-                    publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+                    settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
                 except ValidationError as exc:
                     raise ConfigError.from_validation(f"destinations.{number}", exc) from None
+                _outside_watched(getattr(settings, "path", None), watched, f"destinations.{number}.path")
         except IterisError as exc:  # unknown strategy or source, bad parameters or settings
             raise ConfigError(f"{where}: {exc}") from None
+
+
+def _outside_watched(folder: Any, watched: list[tuple[str, Path]], field: str) -> None:
+    """A destination folder inside (or holding) a watched folder would feed each merge back
+    into the next one as an adapter."""
+    if not isinstance(folder, Path):  # not a local folder destination
+        return
+    folder = folder.expanduser().resolve()
+    for name, root in watched:
+        if folder.is_relative_to(root) or root.is_relative_to(folder):
+            raise ConfigError(f"{field}: {folder} overlaps the folder {root} that source {name!r} watches; "
+                              "the daemon would register its own merges as adapters")

@@ -45,6 +45,11 @@ def test_the_example_config_is_valid():
     (GROUP + '[groups.calibration]\norder = ["adapter", "nope"]\n' + FOLDER, "unknown calibration source 'nope'"),
     ('[[sources]]\nname = "s"\nkind = "hub"\n', "sources.0 (s): settings: Value error, give repos or an author"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = []\n', "sources.0 (s): paths"),
+    # A published merge inside a watched folder would come back as an input (and the reverse).
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp"]\n' + GROUP + FOLDER,
+     "groups.0 (g): destinations.0.path: /tmp/x overlaps the folder /tmp that source 's' watches"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/x/adapters"]\n' + GROUP + FOLDER,
+     "destinations.0.path: /tmp/x overlaps the folder /tmp/x/adapters"),
 ])
 def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message):
     path = tmp_path / "config.toml"
