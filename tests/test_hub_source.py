@@ -102,6 +102,8 @@ def test_new_repo_and_new_commit_are_registered_with_their_sha(env):
     adapter = _adapters(catalog)["alice/sentiment"]
     assert [r.revision for r in adapter.revisions] == [sha1, sha2] and adapter.current.rank == 3
     assert _source_row(catalog).healthy
+    # The cache keeps the registered commit of each repo, not every commit ever polled.
+    assert sorted(p.name for p in (tmp / "cache" / "alice--sentiment").iterdir()) == [sha2]
 
 
 def test_explicit_repo_list_with_branch_and_removal(env):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from collections.abc import Callable, Collection
 
@@ -237,9 +238,11 @@ class HubSource:
         if adapter_info is None:
             report.rejected.append(locator)
             log.warning("source %s: rejected %s@%s: %s", self.name, locator, sha[:12], reason)
-        elif new:
-            report.registered.append(locator)
-            log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], adapter_info.rank)
+        else:
+            _drop_other_commits(snapshot)
+            if new:
+                report.registered.append(locator)
+                log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], adapter_info.rank)
         return True
 
     def _fetch_and_validate(self, api, token, repo_id, sha, siblings, snapshot: Path, listed: bool):
@@ -355,3 +358,11 @@ def _describe(exc: BaseException, what: str) -> str:
     transient = " (gave up after retries)" if is_transient(exc) else ""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{what}: {detail}{transient}{': ' + text if text and detail not in text else ''}"[:500]
+
+
+def _drop_other_commits(snapshot: Path) -> None:
+    """Keep one commit of a repo in the cache, the one just registered: a run copies its
+    inputs before it merges, and a commit polled again is downloaded again."""
+    for other in snapshot.parent.iterdir():
+        if other != snapshot and _COMMIT_SHA.fullmatch(other.name):
+            shutil.rmtree(other, ignore_errors=True)
