@@ -232,8 +232,9 @@ class _Alignment:
     """One run of the inference-solving loop (the state shared by its steps)."""
 
     def __init__(self, base: BaseModel, adapters: list[LoraAdapter], calibration: list[CalibrationSet],
-                 options: AlignmentOptions, progress: Progress):
+                 options: AlignmentOptions, progress: Progress, head: dict[str, torch.Tensor] | None = None):
         self.base, self.adapters, self.options, self.progress = base, adapters, options, progress
+        self.head = head or {}  # the merge's modules_to_save; a task's own model runs with the task's
         self.n = len(adapters)
         self.paths = sorted({p for a in adapters for p in a.modules})
         self.dtype = ACCUMULATE[options.accumulate_dtype]
@@ -262,8 +263,11 @@ class _Alignment:
             return adapter_deltas(self.adapters[task], unit.paths)
         return {p: Delta(merge[p], self.B_cat[p]) for p in unit.paths if p in merge}
 
-    def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta], recorder: UnitPass | None) -> list[State]:
+    def _run(self, unit: Unit, states: list[State], deltas: dict[str, Delta], recorder: UnitPass | None,
+             head: dict[str, torch.Tensor]) -> list[State]:
         self.base.set_deltas(deltas)
+        if unit.stack is None:  # the tail or the whole model: where modules_to_save (heads, embeddings) run
+            self.base.set_head(head)
         self.base.recorder = recorder
         out = []
         try:
@@ -341,6 +345,7 @@ class _Alignment:
         finally:
             self.base.detach()
             self.base.set_deltas({})
+            self.base.set_head({})
         if self.unused:
             log.warning("%d layers saw no calibration inputs and keep the sum of deltas: %s",
                         len(self.unused), sorted(self.unused))
@@ -376,20 +381,24 @@ class _Alignment:
         merged_deltas = self._deltas(unit, None, previous) if previous is not None else None
         for i in range(self.n):
             layers = self._on_device(unit, i)
-            own_deltas = self._deltas(unit, i, None)
+            own_deltas, own_head = self._deltas(unit, i, None), self.adapters[i].modules_to_save
             first = previous is None and (own is None or own[i] is states[i])
             if first:  # Xt = X: one pass gives the projections and the Gram
                 recorder = UnitPass(layers, self.dtype, biases, own=True, gram=True, share=options.share_inputs)
-                out = self._run(unit, states[i], own_deltas, recorder)
+                out = self._run(unit, states[i], own_deltas, recorder, own_head)
                 if own is not None:
                     own[i] = out
                 if not sequential or not unit.paths:  # else re-run below with the unit's merge
                     states[i] = out
             else:
                 if own is not None:  # sequential, first sweep: the own stream moves on its own
-                    own[i] = self._run(unit, own[i], own_deltas, UnitPass(layers, self.dtype, biases, own=True, gram=False))
+                    own[i] = self._run(unit, own[i], own_deltas, UnitPass(layers, self.dtype, biases, own=True, gram=False),
+                                       own_head)
                 recorder = UnitPass(layers, self.dtype, biases, own=False, gram=True, share=options.share_inputs)
-                moved = self._run(unit, states[i], merged_deltas if merged_deltas is not None else own_deltas, recorder)
+                if merged_deltas is not None:
+                    moved = self._run(unit, states[i], merged_deltas, recorder, self.head)
+                else:  # sequential, first sweep: this unit is not solved yet, the task's own runs here
+                    moved = self._run(unit, states[i], own_deltas, recorder, own_head)
                 if not sequential or not unit.paths:
                     states[i] = moved
             factors: dict[str, float] = {}  # loss weighting: task i's weight multipliers, by layer
@@ -421,7 +430,7 @@ class _Alignment:
         if sequential and unit.paths:  # move the streams on through the unit as just solved
             started = time.perf_counter()
             solved = self._deltas(unit, None, new)
-            states = [self._run(unit, states[i], solved, None) for i in range(self.n)]
+            states = [self._run(unit, states[i], solved, None, self.head) for i in range(self.n)]
             self.timing["inference_s"] += time.perf_counter() - started
         return states, own
 
@@ -468,6 +477,8 @@ def align(
     calibration: list[CalibrationSet],
     options: AlignmentOptions,
     progress: Progress,
+    head: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
-    """Run the inference-solving loop; return per-layer (B, A) factors and metrics."""
-    return _Alignment(base, adapters, calibration, options, progress).run()
+    """Run the inference-solving loop; return per-layer (B, A) factors and metrics.
+    ``head``: the ``modules_to_save`` tensors the merge carries (its streams run with them)."""
+    return _Alignment(base, adapters, calibration, options, progress, head).run()

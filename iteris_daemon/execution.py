@@ -129,7 +129,10 @@ class BlockExecutor:
             for b in range(len(stack.blocks))
         ]
         self.units.append(Unit("tail", tail))
-        self._outside = tail
+        # Modules that must run after the blocks: targeted ones outside them, and those whose
+        # weights a stream swaps (modules_to_save: a stream's embedding would change its block inputs).
+        heads = {key.rpartition(".")[0] for key in base.head_keys}
+        self._outside = sorted(set(tail) | {p for p in heads if unit_of(p, plan) is None})
         self._signatures = [inspect.signature(stack.blocks[0].forward) for stack in plan.stacks]
 
     @classmethod
@@ -181,7 +184,8 @@ class BlockExecutor:
         if "call" not in captured:
             raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.0")
         if early:
-            raise UnsupportedForBlocks(f"targeted {early[0]} runs before the first block")
+            what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
+            raise UnsupportedForBlocks(f"{what} {early[0]} runs before the first block")
         call = captured["call"]
         cache = next((name for name, value in call.arguments.items() if isinstance(value, Cache)), None)
         if cache is not None:  # replaying the call would grow it: whole-model passes start afresh

@@ -35,6 +35,7 @@ class MergeInputs:
     adapters: list[LoraAdapter]
     calibration: list[CalibrationSet]
     device: str = "cpu"
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # the modules_to_save tensors the merge carries
 
 
 @dataclass

@@ -98,7 +98,7 @@ class IterIS:
             schedule=params.schedule,
             **params.feature_options(),
         )
-        factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
+        factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress, inputs.head)
         if params.refine_steps:
             from iteris_daemon.refinement import RefineOptions, refine
 
@@ -126,7 +126,7 @@ class RegMean:
         from iteris_daemon.alignment import AlignmentOptions, align
 
         options = AlignmentOptions(iterations=1, offdiag_scale=params.alpha, **params.feature_options())
-        factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress)
+        factors, metrics = align(inputs.base, inputs.adapters, inputs.calibration, options, progress, inputs.head)
         return MergedAdapter(factors, metrics)
 
 

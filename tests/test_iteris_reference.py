@@ -144,3 +144,35 @@ def test_a_block_shared_across_depths_matches_the_reference(tmp_path):
     assert set(factors) == set(expected) and len(expected) == 3
     for path, (B, A) in factors.items():
         assert _relative(B.double() @ A.double(), expected[path]) < 2e-4, path
+
+
+def test_a_saved_embedding_is_the_one_the_streams_run_with(tiny, tmp_path):
+    """Adapters that save ``embed_tokens`` (``modules_to_save``, e.g. after adding tokens):
+    task i's features come from its own model, embedding included, and the merge's from
+    the merged model. The embedding runs before the first block, so the merge runs whole
+    (a stream's embedding changes its block inputs) and matches the reference run with
+    that embedding installed; with the base embedding it would be 80%+ off (found in review)."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir, _ = tiny["llama"]
+    adapter_dirs = [build_adapter(base_dir, tmp_path / f"a{i}", seed=30 + i, family="llama", task_type="CAUSAL_LM",
+                                  r=2 + i, modules_to_save=["embed_tokens"]) for i in range(2)]
+    embedding = None
+    for folder in adapter_dirs:  # one trained embedding both adapters carry (the "agree" rule's case)
+        tensors = load_file(folder / "adapter_model.safetensors")
+        (key,) = [k for k in tensors if "embed_tokens" in k]
+        embedding = tensors[key] if embedding is None else embedding
+        save_file({**tensors, key: embedding.clone()}, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    data = [read_jsonl(d / "calibration.jsonl") for d in adapter_dirs]
+    base = BaseModel(str(base_dir), adapters)
+    options = AlignmentOptions(iterations=2, tolerance=0.0, a1=1e-3, a2=1e-3, adaptive_weights=True, batch_size=5,
+                               accumulate_dtype="float64")
+    factors, metrics = align(base, adapters, data, options, quiet, head=adapters[0].modules_to_save)
+    assert metrics["execution"] == "whole model"
+    base.make_resident()
+    with torch.no_grad():
+        base.model.get_input_embeddings().weight.copy_(embedding)
+    expected = reference_iteris(base.model, base.tokenizer, adapter_dirs, 2, 1e-3)
+    for path, (B, A) in factors.items():
+        assert _relative(B.double() @ A.double(), expected[path]) < 2e-4, path
