@@ -235,7 +235,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     window = memory.reset_peak()
     memory.reset_device_peak(base.device)
     merge_started = time.perf_counter()
-    result = strategy.merge(MergeInputs(base, adapters, calibration, request.device), params, progress)
+    result = strategy.merge(MergeInputs(base, adapters, calibration, request.device, head), params, progress)
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
     device_peak = memory.device_peak_mb(base.device)
