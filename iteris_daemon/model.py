@@ -365,10 +365,20 @@ class BaseModel:
         """Load ``modules_to_save`` tensors (task heads); missing keys go back to the base."""
         with torch.no_grad():
             for key in set(tensors) | set(self._base_params):
-                param = self.model.get_parameter(key)
                 if key not in self._base_params:
-                    self._base_params[key] = param.detach().clone()
-                param.copy_(tensors.get(key, self._base_params[key]))
+                    self._base_params[key] = self._own_parameter(key).detach().clone()
+                self.model.get_parameter(key).copy_(tensors.get(key, self._base_params[key]))
+
+    def _own_parameter(self, key: str) -> nn.Parameter:
+        """``key``'s parameter, first given storage of its own if the model ties it to
+        another (an ``lm_head`` tied to the embedding): PEFT's ``modules_to_save`` copies
+        the module, so the other keeps the base's weights."""
+        path, _, name = key.rpartition(".")
+        module = self.model.get_submodule(path)
+        param = getattr(module, name)
+        if sum(p is param for _, p in self.model.named_parameters(remove_duplicate=False)) > 1:
+            module.register_parameter(name, nn.Parameter(param.detach().clone(), requires_grad=False))
+        return getattr(module, name)
 
     # ------------------------------------------------------------------ inputs
     def batches(self, data: CalibrationSet, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:

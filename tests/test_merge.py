@@ -191,3 +191,29 @@ def test_equal_merges_write_equal_files(bert, tmp_path):
         outputs.append(out)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
+    """With ``lm_head`` tied to the embedding, installing a task's saved ``lm_head`` must not
+    change the embedding (PEFT copies the module); it did, so every stream of a whole-model
+    merge read its inputs through that head's weights."""
+    from builders import build_adapter, tiny_config, tokenizer
+    from iteris_daemon.model import BaseModel
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapter = load_adapter(build_adapter(base_dir, tmp_path / "a", seed=1, family="llama", task_type="CAUSAL_LM",
+                                         modules_to_save=["lm_head"]))
+    base = BaseModel(str(base_dir), [adapter])
+    embedding = base.model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    assert base.model.get_output_embeddings().weight is embedding  # tied
+    base.set_head(adapter.modules_to_save)
+    assert torch.equal(embedding, before)
+    assert torch.equal(base.model.get_output_embeddings().weight, adapter.modules_to_save["lm_head.weight"])
+    base.set_head({})
+    assert torch.equal(base.model.get_output_embeddings().weight, before)
