@@ -105,6 +105,11 @@ class Checkpoint:
         missing = [n for n in missing if n not in tied]
         if missing:
             raise WeightsUnavailable(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing)")
+        # Modules transformers keeps in float32 when it loads the model in half precision
+        # (T5's ``wo``, whose activations overflow float16): the same here.
+        strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        self.float32_modules = {torch.float16: strict | set(getattr(model, "_keep_in_fp32_modules", None) or ()),
+                                torch.bfloat16: strict}
 
     def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype,
                   names: list[str] | None = None) -> None:
@@ -124,8 +129,14 @@ class Checkpoint:
                 for name, key in names:
                     tensor = handle.get_tensor(key)
                     if tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
+                        tensor = tensor.to(self.dtype_of(f"{path}.{name}" if path else name, dtype))
                     _replace_parameter(module, name, tensor.to(device))
+
+    def dtype_of(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype parameter ``name`` is loaded in when the model computes in ``dtype``."""
+        parts = f".{name}."
+        kept = self.float32_modules.get(dtype, ())
+        return torch.float32 if any(f".{module}." in parts for module in kept) else dtype
 
 
 def _checkpoint_key(name: str, prefix: str, files: dict[str, Path]) -> str | None:
