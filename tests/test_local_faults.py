@@ -478,6 +478,36 @@ def _wait_registered(catalog: Catalog, name: str, what: str) -> None:
     wait_for(lambda: getattr(_adapters(catalog).get(name), "status", None) is AdapterStatus.registered, what)
 
 
+def test_a_watched_folder_missing_at_start_is_reported_not_created(made, tmp_path, caplog):
+    """A typo, or a mount that is not there yet: the source starts unhealthy with a warning
+    naming the folder, and does not create it (an empty folder in its place looked
+    healthy, and hid the mistake); once the folder appears it is watched and scanned."""
+    base, (first, _) = made
+    watched = tmp_path / "mnt" / "loras"
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    source = _source(catalog, watched, base)
+
+    def health() -> tuple[bool, str | None]:
+        with catalog.session() as session:
+            row = session.scalar(select(Source))
+            return row.healthy, row.last_error
+
+    with caplog.at_level(logging.WARNING, logger="iteris_daemon"):
+        source.start()
+    try:
+        assert not watched.exists()
+        assert any(str(watched) in r.getMessage() and "is gone" in r.getMessage() for r in caplog.records)
+        healthy, error = health()
+        assert not healthy and str(watched) in error
+        watched.mkdir(parents=True)
+        _put(first, watched / "keep")
+        _wait_registered(catalog, "keep", "the adapter in the folder that appeared")
+        wait_for(lambda: health()[0], "the source to be healthy again")
+    finally:
+        source.stop()
+        catalog.close()
+
+
 def test_a_watched_folder_renamed_away_and_back_is_registered_again(made, tmp_path):
     """``mv watched away; mv away watched`` within a second (the soak test's flapping
     source). The events mark its adapters removed while the watch survives (inotify

@@ -7,9 +7,9 @@ no event has touched it for ``settle_seconds`` and two looks at its files (names
 sizes, mtimes) agree. Folders whose name starts with "." are ignored, so a writer
 can stage an adapter in ``.tmp-x/`` and rename it into place.
 
-A watched root that is deleted makes the source unhealthy and its adapters
-``removed`` (rows and revisions kept); once the root is back it is watched again
-and rescanned.
+A watched root that is deleted, or not there at start (a typo, a mount not yet up:
+it is not created), makes the source unhealthy and its adapters ``removed`` (rows and
+revisions kept); once the root is there it is watched and rescanned.
 """
 
 from __future__ import annotations
@@ -347,8 +347,10 @@ class LocalFolderSource:
         self._handler = _Handler(self._mark_dirty)
         self._missing.clear()
         for root in self.settings.paths:
-            root.mkdir(parents=True, exist_ok=True)
-            self._watch(root)
+            if root.is_dir():
+                self._watch(root)
+            else:  # a typo, or a mount not there yet: said, not created; watched once it appears
+                self._root_gone(root)
         self._observer.start()
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
