@@ -54,6 +54,14 @@ class OutputExistsError(IterisError):
     """The output folder already holds something and overwriting was not asked for."""
 
 
+class OutputError(IterisError):
+    """The output folder cannot be created or written where it was asked for."""
+
+
+class PluginError(IterisError):
+    """An installed plugin (an ``iteris_daemon`` entry point) cannot be loaded."""
+
+
 class BaseModelError(IterisError):
     """The base model cannot be loaded (missing folder, unknown id, offline)."""
 

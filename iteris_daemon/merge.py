@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import memory
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
-                     OutputExistsError)
+                     OutputError, OutputExistsError)
 from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
@@ -160,9 +160,25 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise OutputExistsError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
+    """Refuse an output that exists (unless ``overwrite``) or cannot be written, before
+    anything is loaded. The merge writes a staging folder in ``out.parent`` (created if
+    missing) and renames it to ``out``; this checks that both will work, leaving nothing."""
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not overwrite:
+                raise OutputExistsError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
+    except OSError as exc:  # e.g. an unreadable folder
+        raise OutputError(f"{out}: cannot use as the output folder: {exc.strerror or exc}") from None
+    # The nearest ancestor that exists; the folders below it are created by the merge.
+    existing = out.parent
+    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{out}: cannot create the output folder: {existing} is not a folder")
+    try:  # a probe, removed at once: permissions, read-only or pseudo file systems (/proc)
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing)).rmdir()
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output folder in {existing}: {exc.strerror or exc}") from None
 
 
 def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict) -> dict:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from functools import cache
+from typing import NoReturn
 
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, UnknownStrategyError
+from .errors import ConfigError, PluginError, UnknownStrategyError
 from .calibration import CalibrationSource
 from .publish import Publisher
 from .strategy import MergeStrategy
@@ -20,8 +21,42 @@ DEFAULT_STRATEGY = "iteris"
 def get_plugin_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
-    manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    try:
+        manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    except Exception as exc:
+        _raise_for_broken_plugin(manager, exc)
     return manager
+
+
+def _raise_for_broken_plugin(manager: pluggy.PluginManager, error: Exception) -> NoReturn:
+    """A plugin failed to import or register: name its entry point and distribution.
+
+    A broken plugin is a hard error, not a warning: strategies, calibration sources and
+    publishers all come from plugins, and a merge or daemon run that silently lacked one
+    could produce something other than what was asked. pluggy stops at the first failure
+    with the plugins before it registered; this repeats its loop from there (on a manager
+    that is then thrown away) to find which entry point it was."""
+    import importlib.metadata
+
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.PROJECT or manager.has_plugin(ep.name) or manager.is_blocked(ep.name):
+                continue
+            try:
+                manager.register(ep.load(), name=ep.name)
+            except Exception as exc:
+                where = f"{dist.metadata['Name']} {dist.version}: {ep.value}"
+                raise PluginError(
+                    f"plugin {ep.name!r} ({where}) cannot be loaded: {_one_line(exc)} "
+                    f"(iteris-daemon refuses to run with a broken plugin installed: fix or uninstall "
+                    f"{dist.metadata['Name']!r})"
+                ) from None
+    raise PluginError(f"the {hookspecs.PROJECT!r} plugins cannot be loaded: {_one_line(error)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, ImportError) and text else f"{type(exc).__name__}: {text}"
 
 
 def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) -> dict:

@@ -1,8 +1,10 @@
 """Bad input: a one-line error naming the culprit, exit status 2, nothing written."""
 
 import json
+import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +219,44 @@ def test_different_heads_need_a_rule(tmp_path, capsys):
     merged, first, second = (load_adapter(p) for p in (tmp_path / "out", *adapters))
     for key, tensor in merged.modules_to_save.items():
         assert (tensor - (first.modules_to_save[key] + second.modules_to_save[key]) / 2).abs().max() < 1e-6
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("below", ["sub", "sub/deeper"])
+def test_output_below_a_file_is_refused_before_merging(workspace, capsys, below):
+    """--out under an existing file: one line naming both, before anything is loaded or written."""
+    base, adapters, tmp = workspace
+    blocker = tmp / "bfile"
+    blocker.write_text("not a folder")
+    before = _tree(tmp)
+    out = blocker / below
+    code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+    _assert_refused(code, message, out, str(out), f"{blocker} is not a folder")
+    assert blocker.read_text() == "not a folder"
+    assert _tree(tmp) == before  # no staging folder, no probe left behind
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_that_cannot_be_created_is_refused_before_merging(workspace, capsys):
+    base, adapters, _ = workspace
+    out = Path("/proc/iteris-daemon-test-out")
+    code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+    _assert_refused(code, message, out, str(out), "cannot create the output folder in /proc")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_output_in_a_read_only_folder_is_refused(workspace, capsys):
+    base, adapters, tmp = workspace
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        out = locked / "new" / "out"
+        code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+        _assert_refused(code, message, out, str(out), str(locked))
+        assert not any(locked.iterdir())
+    finally:
+        locked.chmod(0o755)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from iteris_daemon import hookimpl
@@ -113,3 +114,53 @@ def test_entry_point_plugin_in_a_fresh_process(bert, tmp_path):
     assert torch.allclose(merged.modules[path].delta(), expected, atol=1e-6)
     report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
     assert report["strategy"] == "scaled_sum" and report["params"] == {"factor": 0.25}
+
+
+def _fake_distribution(site, name, entry_point, module_source=None):
+    """A dist-info folder on PYTHONPATH declaring ``entry_point`` in the iteris_daemon group."""
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[iteris_daemon]\n{entry_point}\n")
+    if module_source is not None:
+        module = entry_point.partition("=")[2].strip().partition(":")[0]
+        (site / f"{module}.py").write_text(module_source)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.parametrize(
+    "entry_point, source, expected",
+    [
+        ("broken = no_such_module_xyz", None,
+         "plugin 'broken' (broken 0.1: no_such_module_xyz) cannot be loaded: No module named 'no_such_module_xyz'"),
+        ("broken = broken_on_import", "raise RuntimeError('no GPU here')\n",
+         "plugin 'broken' (broken 0.1: broken_on_import) cannot be loaded: RuntimeError: no GPU here"),
+    ],
+)
+def test_broken_plugin_is_named_in_one_line(tmp_path, entry_point, source, expected):
+    """An installed plugin that cannot be imported: exit 2 with one line naming it, no traceback."""
+    env = _fake_distribution(tmp_path / "site", "broken", entry_point, source)
+    result = subprocess.run(
+        [sys.executable, "-m", "iteris_daemon", "plugins"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iteris-daemon: error: " + expected), result.stderr
+    assert "uninstall 'broken'" in lines[0]
+    assert result.stdout == ""
+
+
+def test_closed_stdout_pipe_exits_quietly(tmp_path):
+    """``iteris-daemon plugins --json | head -c 600``: no BrokenPipeError traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "iteris_daemon", "plugins", "--json"],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert result.stderr == ""
+    assert result.returncode == 1

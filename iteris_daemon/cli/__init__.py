@@ -5,6 +5,8 @@ and turns every :class:`~iteris_daemon.errors.IterisError` into one line and exi
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # argparse's --help / usage errors: their output too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (``iteris-daemon plugins | head``): exit quietly, as the
+        # Python docs recommend for SIGPIPE, unless the broken pipe was not stdout's.
+        if not _stdout_is_broken():
+            raise
+        try:  # Python flushes stdout again at exit: let that go nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_format)
     try:
@@ -36,3 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IterisError as exc:
         print(f"iteris-daemon: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _stdout_is_broken() -> bool:
+    """Whether stdout's reader is gone (a BrokenPipeError may also come from a socket);
+    True when this cannot be told, as the documented recipe assumes."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
