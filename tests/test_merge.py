@@ -3,6 +3,7 @@ the report, the baselines, and the properties IterIS promises."""
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -217,3 +218,17 @@ def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
     assert torch.equal(base.model.get_output_embeddings().weight, adapter.modules_to_save["lm_head.weight"])
     base.set_head({})
     assert torch.equal(base.model.get_output_embeddings().weight, before)
+
+
+def test_one_base_folder_spelled_two_ways_is_one_base(bert, tmp_path, monkeypatch):
+    """Adapters trained from ``./base`` and from ``/abs/.../base`` share their base model."""
+    base_dir, adapters = bert
+    monkeypatch.chdir(base_dir.parent)
+    copies = []
+    for i, (adapter, spelling) in enumerate(zip(adapters[:2], (str(base_dir), f"./{base_dir.name}"))):
+        copy_dir = tmp_path / f"a{i}"
+        shutil.copytree(adapter, copy_dir)
+        config = json.loads((copy_dir / "adapter_config.json").read_text())
+        (copy_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": spelling}))
+        copies.append(copy_dir)
+    assert cli_merge(base_dir, copies, tmp_path / "merged", "--strategy", "task_arithmetic", "--no-eval") == 0
