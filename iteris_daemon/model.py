@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -171,6 +173,7 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
     labels = _head_labels([adapter])
     if labels is not None and adapter.task_type in ("SEQ_CLS", "TOKEN_CLS"):
         kwargs["num_labels"] = labels
+    _check_local(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
         cls = model_class_for([adapter], config)
@@ -180,6 +183,20 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
             return cls._from_config(config)
     except (OSError, ValueError, KeyError) as exc:
         raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
+
+
+_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # "gpt2", "org/name": at most one "/"
+
+
+def _check_local(name_or_path: str) -> None:
+    """A name that can only be a local path (absolute, ``./``, ``~``, or more than one
+    ``/``) must be a folder; transformers would answer with a Hub repo id error."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or _HUB_ID.fullmatch(name_or_path):
+        return
+    if path.exists():
+        raise BaseModelError(f"base model {name_or_path} is not a folder")
+    raise BaseModelError(f"base model folder {name_or_path} does not exist")
 
 
 class BaseModel:
@@ -210,6 +227,7 @@ class BaseModel:
         self._stack_paths: list[str] = []
         self.device = _device(device)
         self.dtype = DTYPES[dtype]
+        _check_local(name_or_path)
         try:
             config = AutoConfig.from_pretrained(name_or_path, **kwargs)
             cls = self.model_class = model_class_for(adapters, config)

@@ -55,10 +55,15 @@ def test_missing_adapter_folder(workspace, capsys):
     _assert_refused(code, message, tmp / "out", str(missing), "does not exist")
 
 
-def test_missing_base_model(workspace, capsys):
+@pytest.mark.parametrize("spelling", ["absolute", "relative"])
+def test_missing_base_model(workspace, capsys, monkeypatch, spelling):
+    """A path that can only be a local folder is said to be missing (transformers would
+    answer with a Hub repo id error)."""
     _, adapters, tmp = workspace
-    code, message = _merge(capsys, tmp / "no-such-model", adapters, tmp / "out")
-    _assert_refused(code, message, tmp / "out", "no-such-model")
+    monkeypatch.chdir(tmp)
+    missing = str(tmp / "no-such-model") if spelling == "absolute" else "./models/no-such-model"
+    code, message = _merge(capsys, missing, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"base model folder {missing} does not exist")
 
 
 def test_adapters_for_different_base_models(workspace, capsys):
