@@ -172,6 +172,9 @@ class Inputs:
     calibration: list[CalibrationSet | None] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)  # the run's own copies of the revisions
     held_back: dict[str, str] = field(default_factory=dict)
+    # Held back because a folder source's files changed (or went) since registration: the
+    # source reports them again (new revision or removal), and the group waits for that.
+    changing: list[str] = field(default_factory=list)
 
     def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
         payload = {
@@ -298,7 +301,8 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                   into: Path, limits: Limits = Limits(),
                   in_worker: Callable[[dict[str, Any], str], Any] | None = None) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration; an adapter that
-    cannot be read as registered, or has no calibration data, is held back, not fatal.
+    cannot be read as registered, or has no calibration data, is held back, not fatal (one
+    of a folder source that changed since registration makes the run wait, see ``changing``).
     With ``in_worker`` (the daemon), sources that need torch are called through it."""
     sources = calibration_sources()
     if in_worker is not None:
@@ -315,6 +319,8 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             snapshots.append((adapter, revision, snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
+            if adapter.source.kind is SourceKind.local:
+                inputs.changing.append(adapter.name)
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
     answers = calibrate_all([loaded for _, _, loaded in snapshots], options, sources)
     for (adapter, revision, loaded), data in zip(snapshots, answers):
@@ -420,7 +426,10 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
     skip = None
-    if len(inputs.revisions) < group.min_adapters:
+    if inputs.changing:  # publishing now would drop them from the merge until the source reports them
+        skip = (f"waiting for {', '.join(inputs.changing)} to be registered again: "
+                f"{inputs.held_back[inputs.changing[0]]}")
+    elif len(inputs.revisions) < group.min_adapters:
         skip = f"{len(inputs.revisions)} adapters ready, the group needs {group.min_adapters}"
     elif not force and last is not None and last.input_fingerprint == fingerprint:
         skip = (f"inputs unchanged since run {last.id}, which was refused: {last.error}" if last.status is RunStatus.refused

@@ -19,6 +19,7 @@ from sqlalchemy import select
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.models import AdapterRevision, MergeRunInput, RunStatus
 from iteris_daemon.adapter_config import sha256_file
+from iteris_daemon.sources.local import LocalFolderSource
 from test_gates import Setup, made  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,19 +68,32 @@ def test_an_input_replaced_during_the_merge_does_not_change_what_is_merged(setup
     assert recorded["task0"] != sha256_file(watched / "task0" / "adapter_model.safetensors")
 
 
-def test_inputs_changed_or_gone_since_registration_are_held_back_and_the_rest_merges(setup):
+def test_a_run_waits_for_inputs_changed_or_gone_since_registration(setup):
+    """An adapter whose folder changed (or went) after it was registered, not yet seen by
+    the source: the run does not publish a merge without it over one that has it (found in
+    review: the published merge lost a task until the next run); it is skipped, saying
+    why, and the run after the source has seen the change merges the new revision."""
     watched = setup.published.parent / "watched"
+    group = setup.group(names=("task0", "task1"))
+    first = setup.run(group)
+    assert first.status is RunStatus.succeeded and set(_published(setup)) == {"task0", "task1"}
+    published = setup.current()
+
     _replace_weights(watched / "task0", 2.0)  # not yet seen by the source
-    outcome = setup.run(setup.group(names=("task0", "task1")))
+    outcome = setup.run(group)
+    assert outcome.status is RunStatus.skipped and "waiting for task0" in outcome.detail
+    assert "changed since it was registered" in setup.run_row(outcome.run_id).metrics["held_back"]["task0"]
+    assert setup.current() == published  # the merge with both tasks stays
+    LocalFolderSource(setup.catalog, "team").scan()  # the source sees the change
+    outcome = setup.run(group)
     assert outcome.status is RunStatus.succeeded
-    run = setup.run_row(outcome.run_id)
-    assert "changed since it was registered" in run.metrics["held_back"]["task0"]
-    assert set(_recorded(setup, outcome.run_id)) == {"task1"} == set(_published(setup))
+    assert _recorded(setup, outcome.run_id)["task0"] == sha256_file(watched / "task0" / "adapter_model.safetensors")
 
     shutil.rmtree(watched / "task1")  # deleted, not yet seen by the source
-    outcome = setup.run(setup.group(names=("task1",)))
-    assert outcome.status is RunStatus.skipped and "0 adapters ready" in outcome.detail
-    with setup.catalog.session() as session:
-        held = session.get(type(run), outcome.run_id).metrics["held_back"]
-    assert "vanished since it was registered" in held["task1"]
+    outcome = setup.run(group)
+    assert outcome.status is RunStatus.skipped and "waiting for task1" in outcome.detail
+    assert "vanished since it was registered" in setup.run_row(outcome.run_id).metrics["held_back"]["task1"]
+    LocalFolderSource(setup.catalog, "team").scan()  # marked removed: the rest merges
+    outcome = setup.run(group)
+    assert outcome.status is RunStatus.succeeded and set(_published(setup)) == {"task0"}
     assert not list(setup.work.glob(f"{runner.INPUTS_PREFIX}*"))  # every run's snapshot is cleaned up
