@@ -6,7 +6,8 @@
   is refreshed while the run lasts and released at the end; a claim whose
   holder died goes stale after ``claim_ttl_seconds`` (at once, when the holder
   was a process on this host that no longer exists).
-- **Skip.** The input fingerprint covers adapter revisions, calibration data,
+- **Skip.** The input fingerprint covers the adapters' contents (config, weights,
+  calibration file: not their revision names), the calibration data used,
   strategy and parameters; equal to the last published (or refused) run's means
   nothing to do, unless forced.
 - **Gate.** The finished merge is judged (:mod:`iteris_daemon.gates`) against the
@@ -171,17 +172,20 @@ class Inputs:
     revisions: list[tuple[Adapter, AdapterRevision]] = field(default_factory=list)
     calibration: list[CalibrationSet | None] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)  # the run's own copies of the revisions
+    contents: list[str] = field(default_factory=list)  # their folder fingerprints (config, weights, calibration)
     held_back: dict[str, str] = field(default_factory=dict)
     # Held back because a folder source's files changed (or went) since registration: the
     # source reports them again (new revision or removal), and the group waits for that.
     changing: list[str] = field(default_factory=list)
 
     def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
+        """What the merge depends on: each input's content, not its revision name (a Hub
+        commit that only edits the README is a new revision of the same adapter)."""
         payload = {
             "strategy": strategy, "params": params,
             "inputs": sorted(
-                [a.locator, r.revision, c.fingerprint() if c else None]
-                for (a, r), c in zip(self.revisions, self.calibration)
+                [a.locator, content, c.fingerprint() if c else None]
+                for (a, _), content, c in zip(self.revisions, self.contents, self.calibration)
             ),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -201,7 +205,8 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
         return chosen
 
 
-def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limits: Limits = Limits()) -> AdapterLayout:
+def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
+                   limits: Limits = Limits()) -> tuple[AdapterLayout, str]:
     """Copy a selected revision's files into the run's own folder and check they are what
     the catalog recorded. The merge, its calibration and the run's record then agree even
     when the source folder changes or vanishes mid-run (the soak test caught both).
@@ -209,7 +214,8 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limi
     Only regular files within the limits are copied, the calibration file never through
     a symlink (one to /dev/zero was copied without end). A folder source's revision is
     the fingerprint of config, weights and calibration, so all three are checked; for
-    a Hub revision (a commit of files in the daemon's own cache) the weights' hash is."""
+    a Hub revision (a commit of files in the daemon's own cache) the weights' hash is.
+    Returns the copy's layout and its folder fingerprint (a folder source's revision)."""
     source = Path(revision.files_path)
     into.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
@@ -224,9 +230,10 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path, limi
     changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
     if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
         raise changed
-    if adapter.source.kind is SourceKind.local and folder_fingerprint(into, limits, pickled_from=source) != revision.revision:
+    content = folder_fingerprint(into, limits, pickled_from=source)
+    if adapter.source.kind is SourceKind.local and content != revision.revision:
         raise changed
-    return loaded
+    return loaded, content
 
 
 CalibrationAnswer = CalibrationSet | IterisError | None  # None: this source has no data for the adapter
@@ -313,17 +320,17 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         samples=samples or 50, settings=group.calibration.source_settings(),
     )
     inputs = Inputs()
-    snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout]] = []
+    snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout, str]] = []
     for index, (adapter, revision) in enumerate(select_inputs(catalog, group)):
         try:
-            snapshots.append((adapter, revision, snapshot_input(adapter, revision, into / str(index), limits)))
+            snapshots.append((adapter, revision, *snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
             if adapter.source.kind is SourceKind.local:
                 inputs.changing.append(adapter.name)
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
-    answers = calibrate_all([loaded for _, _, loaded in snapshots], options, sources)
-    for (adapter, revision, loaded), data in zip(snapshots, answers):
+    answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources)
+    for (adapter, revision, loaded, content), data in zip(snapshots, answers):
         if isinstance(data, IterisError):
             inputs.held_back[adapter.name] = str(data)
             continue
@@ -337,6 +344,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         inputs.revisions.append((adapter, revision))
         inputs.calibration.append(data)
         inputs.folders.append(loaded.path)
+        inputs.contents.append(content)
     return inputs
 
 

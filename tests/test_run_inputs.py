@@ -97,3 +97,49 @@ def test_a_run_waits_for_inputs_changed_or_gone_since_registration(setup):
     outcome = setup.run(group)
     assert outcome.status is RunStatus.succeeded and set(_published(setup)) == {"task0"}
     assert not list(setup.work.glob(f"{runner.INPUTS_PREFIX}*"))  # every run's snapshot is cleaned up
+
+
+def test_the_run_fingerprint_follows_content_not_hub_commits(made, tmp_path, monkeypatch):  # noqa: F811
+    """A Hub commit that only edits the README is a new revision of the same adapter: the
+    run's input fingerprint is unchanged, so the group is not merged again (a 70B merge
+    for a model card edit; found in review). A commit that changes the config changes it."""
+    from hub_server import HubServer, isolate_hub_client
+
+    from iteris_daemon.catalog import Catalog
+    from iteris_daemon.catalog.models import SourceKind
+    from iteris_daemon.catalog.registry import add_source
+    from iteris_daemon.config import GroupConfig
+    from iteris_daemon.sources.hub import HubSource
+
+    base, (lora, _) = made
+    token_file = tmp_path / "token"
+    token_file.write_text("hf_token_for_this_test\n")
+    token_file.chmod(0o600)
+    files = {n: (lora / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
+    with HubServer(token="hf_token_for_this_test") as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        with catalog.session() as session:
+            add_source(session, "hub", SourceKind.hub, {"endpoint": hub.endpoint, "token_file": str(token_file),
+                                                               "repos": ["alice/task"], "base_model": str(base)})
+        poller = HubSource(catalog, "hub", tmp_path / "cache")
+        group = GroupConfig(name="g", base_model=str(base), destinations=[{"kind": "folder", "path": str(tmp_path)}])
+
+        runs = iter(range(3))
+
+        def fingerprint() -> str:
+            assert poller.poll().registered == ["alice/task"]  # a new revision each time
+            inputs = runner.gather_inputs(catalog, group, True, None, tmp_path / f"inputs-{next(runs)}")
+            assert len(inputs.revisions) == 1
+            return inputs.fingerprint("iteris", {})
+
+        try:
+            hub.create_repo_direct("alice/task", {**files, "README.md": b"# a LoRA\n"})
+            first = fingerprint()
+            hub.commit_direct("alice/task", {"README.md": b"# a LoRA, better described\n"})
+            assert fingerprint() == first
+            config = json.loads(files["adapter_config.json"])
+            hub.commit_direct("alice/task", {"adapter_config.json": json.dumps({**config, "lora_alpha": 80}).encode()})
+            assert fingerprint() != first
+        finally:
+            catalog.close()
