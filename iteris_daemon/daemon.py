@@ -12,7 +12,8 @@ on a device of ``[daemon] devices`` that no other running merge holds; a run wai
 for a free device, and a group never merges twice at once (a lock per group here,
 the group's claim in the catalog across daemons).
 
-Stopping (SIGTERM/SIGINT): sources and schedules stop at once; a running merge's
+Stopping (SIGTERM/SIGINT): sources and schedules stop at once (a Hub poll ends at its
+next request or backoff wait, each request bounded by the source's timeout); a running merge's
 worker is asked to stop (SIGTERM; it stops at its next batch, recorded
 ``cancelled``) and killed if it has not after ``grace_seconds``. Publishing happens
 in this process after the worker finished and is never interrupted: a destination
@@ -244,7 +245,7 @@ class Daemon:
                     self.scheduler.add_job(source.scan, IntervalTrigger(seconds=self.config.daemon.rescan_seconds),
                                            id=f"rescan:{name}", replace_existing=True)
                 else:
-                    hub = HubSource(self.catalog, name, self.cache / "hub", **guarded)
+                    hub = HubSource(self.catalog, name, self.cache / "hub", stopping=self._stopping, **guarded)
                     self.scheduler.add_job(hub.poll, IntervalTrigger(seconds=hub.settings.interval_seconds),
                                            id=f"poll:{name}", replace_existing=True,
                                            next_run_time=datetime.now(timezone.utc))

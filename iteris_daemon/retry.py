@@ -5,17 +5,27 @@ The Hub client retries some calls itself (listings, downloads) and not others
 :func:`hub_retrying`, which retries rate limits (429, honouring ``Retry-After``),
 server errors (5xx) and transport failures (dropped connections, timeouts) with
 exponential backoff, and nothing else: a 401/404 will not get better by waiting.
+
+Given the daemon's stop event, a retry stops with the daemon: no attempt starts
+once it is set (:class:`Interrupted` is raised instead), a backoff wait ends the
+moment it is set, and a failure while it is set is not retried.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import httpx2
 from huggingface_hub.errors import HfHubHTTPError
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity import (RetryCallState, Retrying, retry_if_exception, sleep_using_event, stop_after_attempt,
+                      stop_when_event_set)
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """The daemon is stopping: the operation was given up without another attempt."""
 
 
 def _status(exc: BaseException) -> int | None:
@@ -64,12 +74,29 @@ def _log_retry(what: str):
     return before_sleep
 
 
-def hub_retrying(what: str, attempts: int = 6, base_seconds: float = 1.0, cap_seconds: float = 60.0) -> Retrying:
-    """A tenacity ``Retrying`` for one Hub operation, e.g. ``hub_retrying("model_info a/b")(api.model_info, "a/b")``."""
+def _refuse_once_set(stopping: threading.Event, what: str):
+    def before(state: RetryCallState) -> None:
+        if stopping.is_set():
+            raise Interrupted(f"{what}: not attempted, the daemon is stopping")
+    return before
+
+
+def hub_retrying(what: str, attempts: int = 6, base_seconds: float = 1.0, cap_seconds: float = 60.0,
+                 stopping: threading.Event | None = None) -> Retrying:
+    """A tenacity ``Retrying`` for one Hub operation, e.g. ``hub_retrying("model_info a/b")(api.model_info, "a/b")``.
+
+    ``stopping`` (the daemon's stop event): once set, no attempt starts (:class:`Interrupted`),
+    a backoff wait ends at once, and the last failure is raised instead of being retried."""
+    stop = stop_after_attempt(attempts)
+    more = {}
+    if stopping is not None:
+        stop = stop | stop_when_event_set(stopping)
+        more = {"sleep": sleep_using_event(stopping), "before": _refuse_once_set(stopping, what)}
     return Retrying(
         retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(attempts),
+        stop=stop,
         wait=_Backoff(base_seconds, cap_seconds),
         before_sleep=_log_retry(what),
         reraise=True,
+        **more,
     )

@@ -5,9 +5,11 @@ hostile listings. The catalog is a real SQLite file."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
+import httpx2
 import pytest
 from hub_server import HubServer, isolate_hub_client
 from sqlalchemy import select
@@ -17,6 +19,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
+from iteris_daemon.retry import Interrupted, hub_retrying
 from iteris_daemon.sources.hub import HubSource, unsafe_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,12 +53,12 @@ def env(monkeypatch, tmp_path, made):
         isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home", timeout=TIMEOUT)
         catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
 
-        def source(**settings) -> HubSource:
+        def source(stopping: threading.Event | None = None, **settings) -> HubSource:
             with catalog.session() as session:
                 add_source(session, "hub", SourceKind.hub, {
                     "endpoint": hub.endpoint, "token_file": str(token_file), "base_model": str(base),
                     "retry_base_seconds": 0.05, "retry_cap_seconds": 0.5, **settings})
-            return HubSource(catalog, "hub", tmp_path / "cache")
+            return HubSource(catalog, "hub", tmp_path / "cache", stopping=stopping)
 
         yield hub, catalog, source, adapters, tmp_path
         catalog.close()
@@ -216,3 +219,85 @@ def test_token_never_reaches_logs_or_catalog(env, caplog, monkeypatch):
     for path in tmp.glob("catalog.db*"):  # the database and its WAL
         assert TOKEN not in path.read_bytes().decode("latin-1")
     assert json.dumps(_source_row(catalog).settings).find(TOKEN) == -1
+
+
+def _poll_while_stopping(poller: HubSource, stop_after: float):
+    """Poll in a thread, set the source's stop event ``stop_after`` s in (as SIGTERM
+    does in the daemon); the report, and the seconds the poll went on after the stop."""
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(report=poller.poll()), daemon=True)
+    thread.start()
+    time.sleep(stop_after)
+    poller.stopping.set()
+    stopped = time.monotonic()
+    thread.join(timeout=30)  # it went on for minutes before (retries within retries, no timeout)
+    assert not thread.is_alive(), "the poll did not end after the stop"
+    return outcome["report"], time.monotonic() - stopped
+
+
+def test_a_stop_ends_a_poll_whose_listing_keeps_failing_at_once(env):
+    """SIGTERM while every listing answers 500 (an unreachable Hub): no retry after the stop,
+    no retries of the client's own inside the daemon's (they made it 36 requests and
+    169 s of waits), and the adapters already registered stay registered."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("acme/lora", adapter_files(first))
+    poller = source(author="acme", stopping=threading.Event(), retry_base_seconds=1.0, retry_cap_seconds=60.0)
+    assert poller.poll().registered == ["acme/lora"]
+    hub.inject(r"^GET /api/models$", ("status", 500), times=1000)
+    listed = len(hub.requests_matching(r"^GET /api/models$"))
+    report, after_stop = _poll_while_stopping(poller, stop_after=1.5)
+    assert not (report.registered or report.rejected or report.removed)
+    # 1.5 s hold the first attempt and (unless slow) the one after a 1 s wait; none after the stop.
+    assert 1 <= len(hub.requests_matching(r"^GET /api/models$")) - listed <= 2
+    assert after_stop < 10  # about 0: the backoff wait (2 s) is cut short
+    assert _adapters(catalog)["acme/lora"].status is AdapterStatus.registered
+    row = _source_row(catalog)
+    assert not row.healthy and "interrupted" in row.last_error
+
+
+def test_a_stop_during_a_hanging_request_ends_the_poll_after_the_request_timeout(env):
+    """A request the Hub never answers is given up after ``timeout_seconds`` (it had no
+    timeout: a stop waited for it forever); the repos the poll did not reach are not removed."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("acme/a", adapter_files(first))
+    hub.create_repo_direct("acme/b", adapter_files(first))
+    poller = source(repos=["acme/a", "acme/b"], stopping=threading.Event(), timeout_seconds=1.0)
+    assert sorted(poller.poll().registered) == ["acme/a", "acme/b"]
+    hub.inject(r"^GET /api/models/acme/a", ("stall",), times=1000)
+    report, after_stop = _poll_while_stopping(poller, stop_after=0.5)
+    assert not (report.registered or report.rejected or report.removed)
+    # The first poll's, and the stalled one (logged once the server sees the client hang up).
+    assert len(hub.requests_matching(r"^GET /api/models/acme/a")) <= 2
+    assert not hub.requests_matching(r"^GET /api/models/acme/b")[1:]  # not polled after the stop
+    assert after_stop < 10
+    adapters = _adapters(catalog)
+    assert {adapters[name].status for name in ("acme/a", "acme/b")} == {AdapterStatus.registered}
+    assert "interrupted" in _source_row(catalog).last_error
+
+
+def test_hub_retrying_stops_waiting_and_attempting_once_stopping():
+    stopping, calls = threading.Event(), []
+
+    def failing():
+        calls.append(time.monotonic())
+        raise httpx2.ConnectError("refused")
+
+    threading.Timer(0.2, stopping.set).start()
+    started = time.monotonic()
+    with pytest.raises(Interrupted):  # no second attempt
+        hub_retrying("test", attempts=6, base_seconds=30.0, stopping=stopping)(failing)
+    assert len(calls) == 1 and time.monotonic() - started < 10  # the 30 s wait ended at the stop
+    with pytest.raises(Interrupted):  # once stopping, nothing is attempted
+        hub_retrying("test", stopping=stopping)(failing)
+    assert len(calls) == 1
+
+    stopping, calls = threading.Event(), []
+
+    def failing_while_stopping():
+        calls.append(time.monotonic())
+        stopping.set()  # the stop came during this attempt
+        raise httpx2.ConnectError("refused")
+
+    with pytest.raises(httpx2.ConnectError):  # its failure is the answer, not retried
+        hub_retrying("test", attempts=6, base_seconds=30.0, stopping=stopping)(failing_while_stopping)
+    assert len(calls) == 1

@@ -10,7 +10,13 @@ recorded like a local adapter, with the commit sha as its revision. A listing
 that names a file outside the repo (``../``, absolute paths) is refused before
 anything is downloaded. Transient failures are retried with backoff (see
 :mod:`iteris_daemon.retry`); a repo that still fails marks the source unhealthy
-and the rest of the poll goes on.
+and the rest of the poll goes on. Every request has a timeout (``timeout_seconds``;
+downloads: the client's ``HF_HUB_DOWNLOAD_TIMEOUT``), and the listing and ``model_info``
+are retried by the daemon alone, not by the client as well.
+
+Stopping (the daemon's stop event): no request starts once it is set, a backoff
+wait ends at once, and the poll ends where it is; it is recorded as interrupted
+(the source's health), and nothing is marked removed or rejected for it.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from collections.abc import Callable, Collection
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import tqdm as hf_tqdm
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from sqlalchemy import select
 
@@ -34,7 +41,7 @@ from ..catalog.models import Adapter, AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
 from ..errors import AdapterError, ConfigError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
-from ..retry import hub_retrying, is_transient
+from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
 from ..validation import Limits, ShapeSource, validate_adapter
 from .local import CALIBRATION_NAME, ScanReport
@@ -70,6 +77,8 @@ class HubSettings(BaseModel):
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0)
     retry_cap_seconds: float = Field(60.0, ge=0)
+    timeout_seconds: float = Field(20.0, gt=0, description="each Hub request (connect, and each read) is given up "
+                                   "after this long; bounds how long a stop waits for a hanging request")
 
     @field_validator("repos")
     @classmethod
@@ -107,7 +116,7 @@ class HubSource:
 
     def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits(),
                  on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = (),
-                 shapes: ShapeSource | None = None):
+                 shapes: ShapeSource | None = None, stopping: threading.Event | None = None):
         self.catalog = catalog
         self.on_change = on_change  # called after a poll that registered or removed something
         self.name = source_name
@@ -118,10 +127,15 @@ class HubSource:
         self.limits = limits
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
+        self.stopping = stopping  # the daemon's stop event: set, a poll ends where it is
+
+    def _stopping(self) -> bool:
+        return self.stopping is not None and self.stopping.is_set()
 
     def _retrying(self, what: str):
         s = self.settings
-        return hub_retrying(f"source {self.name}: {what}", s.retry_attempts, s.retry_base_seconds, s.retry_cap_seconds)
+        return hub_retrying(f"source {self.name}: {what}", s.retry_attempts, s.retry_base_seconds, s.retry_cap_seconds,
+                            stopping=self.stopping)
 
     def poll(self) -> ScanReport:
         """One pass over the repos; the source's health records how it went."""
@@ -153,19 +167,26 @@ class HubSource:
             return report
         api = HfApi(endpoint=self.settings.endpoint, token=plain(token))
         errors: list[str] = []
+        what = "poll" if only is None else f"poll of {', '.join(sorted(only))}"
         try:
             targets, listed = find_targets(api, errors)
         except Exception as exc:  # the listing itself failed: nothing else to do this round
+            if self._stopping():
+                return self._interrupted(what, report, errors)
             self._set_health(_describe(exc, "listing repos"))
             log.error("source %s: %s", self.name, _describe(exc, "listing repos"))
             return report
         seen: set[str] = set()
         for repo_id, branch in targets:
+            if self._stopping():
+                return self._interrupted(what, report, errors)
             locator = repo_id if branch is None else f"{repo_id}@{branch}"
             try:
                 if self._poll_repo(api, token, repo_id, branch, locator, listed, report):
                     seen.add(locator)
             except Exception as exc:
+                if self._stopping():  # given up because the daemon stops: no verdict on this repo
+                    return self._interrupted(what, report, errors)
                 message = _describe(exc, locator)
                 errors.append(message)
                 seen.add(locator)  # a failing repo is not a removed one
@@ -173,11 +194,35 @@ class HubSource:
         self._mark_removed(seen, report, only)
         if only is None or errors:
             self._set_health(errors[0] if errors else None)
-        what = "poll" if only is None else f"poll of {', '.join(sorted(only))}"
         log.info("source %s: %s: %s%s", self.name, what, report, f", {len(errors)} failed" if errors else "")
         if self.on_change and report.changed:
             self.on_change(report)
         return report
+
+    def _interrupted(self, what: str, report: ScanReport, errors: list[str]) -> ScanReport:
+        """The daemon stops mid-poll: the repos not polled are not removed, and the source
+        records that its poll did not finish (with the first error, if any)."""
+        message = f"{what} interrupted: the daemon is stopping" + (f" (before that, {errors[0]})" if errors else "")
+        self._set_health(message[:500])
+        log.warning("source %s: %s; so far %s", self.name, message, report)
+        return report
+
+    def _list_models(self, api: HfApi) -> list[ModelInfo]:
+        """The author's repos with their file listings, as ``api.list_models(author=..., expand=["siblings"])``
+        lists them, but with a timeout on each page and no retries of the client's own (it
+        retries listings itself, with waits no stop can end): the caller's policy retries."""
+        url: str | None = f"{api.endpoint}/api/models"
+        params: dict | None = {"author": self.settings.author, "expand": ["siblings"]}
+        headers = build_hf_headers(token=api.token)
+        models = []
+        while url is not None:
+            if self._stopping():
+                raise Interrupted(f"listing {self.settings.author}: the daemon is stopping")
+            response = get_session().get(url, params=params, headers=headers, timeout=self.settings.timeout_seconds)
+            hf_raise_for_status(response)
+            models += [ModelInfo(**{"siblings": None, **item}) for item in response.json()]
+            url, params = response.links.get("next", {}).get("url"), None  # the next link holds the query
+        return models
 
     def _targets(self, api: HfApi, errors: list[str]) -> tuple[list[tuple[str, str | None]], bool]:
         """(repo, branch) pairs, and whether they came from a listing (non-adapters skipped
@@ -188,9 +233,7 @@ class HubSource:
             targets.append((repo, branch or None))
         if not self.settings.author:
             return targets, False
-        models = self._retrying(f"list {self.settings.author}")(
-            lambda: list(api.list_models(author=self.settings.author, expand=["siblings"]))
-        )
+        models = self._retrying(f"list {self.settings.author}")(self._list_models, api)
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
             if CONFIG_NAME in names and (model.id, None) not in targets:
@@ -205,7 +248,8 @@ class HubSource:
     def _poll_repo(self, api, token, repo_id, branch, locator, listed, report) -> bool:
         """Register the repo's head if new; False when the repo is gone (or not an adapter)."""
         try:
-            info = self._retrying(f"model_info {locator}")(api.model_info, repo_id, revision=branch, files_metadata=True)
+            info = self._retrying(f"model_info {locator}")(api.model_info, repo_id, revision=branch, files_metadata=True,
+                                                           timeout=self.settings.timeout_seconds)
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return False
         sha = info.sha
@@ -283,6 +327,7 @@ class HubSource:
             path = self._retrying(f"download {repo_id}/{filename}")(
                 hf_hub_download, repo_id, filename, revision=sha, local_dir=snapshot,
                 endpoint=self.settings.endpoint, token=plain(token), tqdm_class=_bounded_progress(limit),
+                etag_timeout=self.settings.timeout_seconds,
             )
         except _TooBig as exc:
             for partial in (snapshot / ".cache").rglob(f"{Path(filename).name}*.incomplete"):
