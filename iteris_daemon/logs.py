@@ -188,5 +188,12 @@ def setup_logging(verbose: bool = False, fmt: str = "auto", *, stream: TextIO | 
         old.close()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # huggingface_hub adds a handler of its own (when its logging module is imported) and
+    # still propagates: each record was printed twice, once past the token redaction.
+    from huggingface_hub.utils import logging as _hub_logging  # noqa: F401 - its handler is in place after this
+
+    hub = logging.getLogger("huggingface_hub")
+    for own in list(hub.handlers):
+        hub.removeHandler(own)
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)

@@ -339,6 +339,16 @@ def test_tokens_are_redacted(fmt: str) -> None:
     assert "hf_abc" in out
 
 
+def test_huggingface_hub_records_are_written_once_and_redacted() -> None:
+    """huggingface_hub's own stderr handler printed each of its records a second time,
+    without the redaction. A fresh process: the handler is added when the library's
+    logging module is first imported (here after the set-up, as in the CLI)."""
+    code = ("import logging; from iteris_daemon.logs import setup_logging; setup_logging(fmt='text'); "
+            f"import huggingface_hub.file_download; logging.getLogger('huggingface_hub.file_download').warning('retrying %s', {TOKEN!r})")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.count("retrying") == 1 and TOKEN not in err and "hf_***" in err, err
+
+
 def test_setup_logging_is_idempotent() -> None:
     first, second = io.StringIO(), io.StringIO()
     setup_logging(fmt="text", stream=first)
