@@ -259,6 +259,33 @@ def test_changes_while_stopped_are_found_at_start(setup):
     assert "half" not in adapters  # incomplete folders wait, they are not rejected
 
 
+def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
+    """A rescan of unchanged adapters reads no files (its files' stat is what was hashed);
+    a change that keeps size and mtime still moves the ctime, and is hashed and registered."""
+    import iteris_daemon.sources.local as local
+
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "one")
+    shutil.copytree(second, watched / "two")
+    source = _source(catalog, watched, base)
+    assert len(source.scan().registered) == 2
+    hashed: list[Path] = []
+    real = local.folder_fingerprint
+    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: hashed.append(folder) or real(folder, *a, **k))
+    assert source.scan().unchanged == 2 and hashed == []
+
+    calibration = watched / "one" / "calibration.jsonl"
+    old = calibration.stat()
+    text = calibration.read_text()
+    calibration.write_text(text.replace("a", "b", 1) if "a" in text else text.replace("e", "f", 1))
+    os.utime(calibration, ns=(old.st_atime_ns, old.st_mtime_ns))  # same size, same mtime
+    time.sleep(SETTLE * 2)  # not "recently written" for the scan
+    report = source.scan()
+    assert report.registered == [local.as_text(watched / "one")] and report.unchanged == 1
+    assert watched / "one" in hashed and watched / "two" not in hashed
+    assert len(_adapters(catalog)["one"].revisions) == 2
+
+
 def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, monkeypatch, caplog):
     """Weights the daemon's user may not read (safetensors writes 0600 files; the tests run
     as root, so the denial is injected where the validator opens the file): a rejection

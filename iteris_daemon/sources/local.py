@@ -144,6 +144,7 @@ class LocalFolderSource:
         self._handler: _Handler | None = None
         self._watches: dict[Path, object] = {}  # root -> its watchdog ObservedWatch
         self._missing: set[Path] = set()  # roots found deleted while watching
+        self._hashed: dict[str, tuple[tuple, str]] = {}  # locator -> (its files' stat, their fingerprint)
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery
@@ -226,12 +227,12 @@ class LocalFolderSource:
         if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
             report.waiting.append(as_text(folder))  # config first, weights still to come
             return
+        locator = as_text(folder)
         try:
-            fingerprint = folder_fingerprint(folder, self.limits)
+            fingerprint = self._fingerprint(folder, locator)
         except OSError:  # a file vanished between listing and hashing: the folder is changing
             self._look_again(folder, report)
             return
-        locator = as_text(folder)
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
@@ -279,6 +280,20 @@ class LocalFolderSource:
         elif status is AdapterStatus.registered:
             report.registered.append(locator)
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
+
+    def _fingerprint(self, folder: Path, locator: str) -> str:
+        """``folder_fingerprint`` of ``folder``, hashed only when its files' stat (names,
+        sizes, mtimes, ctimes) differs from when it was last hashed: a rescan of unchanged
+        adapters reads no weights (hundreds of GB for a thousand LLM adapters). Any write
+        moves a file's ctime, which nothing can set back."""
+        before = _snapshot(folder)
+        known = self._hashed.get(locator)
+        if known is not None and before is not None and known[0] == before:
+            return known[1]
+        fingerprint = folder_fingerprint(folder, self.limits)
+        if before is not None and _snapshot(folder) == before:  # not written to while it was read
+            self._hashed[locator] = (before, fingerprint)
+        return fingerprint
 
     def _reject_symlinked(self, folder: Path, report: ScanReport) -> None:
         """Record ``folder``, reached through a symlinked folder, as rejected without reading
