@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibration import DEFAULT_ORDER
 from .errors import ConfigError, IterisError
@@ -24,6 +25,18 @@ from .validation import Limits
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_device(name: str) -> str:
+    """A merge device as the README documents it; checked here, where the config is read,
+    because the daemon does not import torch and would otherwise learn of a typo only
+    when every merge fails."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"unknown device {name!r} (use cpu, cuda or cuda:N)")
+    return name
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 
 
 class AdapterLimits(_Strict):
@@ -103,8 +116,8 @@ class WebhookSettings(_Listening):
             return self.secret_file
         credentials = os.environ.get("CREDENTIALS_DIRECTORY")
         if not credentials:
-            raise ConfigError(f"webhook: no secret_file set, and no $CREDENTIALS_DIRECTORY to find the systemd "
-                              f"credential {SECRET_CREDENTIAL!r} in (LoadCredential={SECRET_CREDENTIAL}:PATH)")
+            raise ConfigError(f"daemon.webhooks.secret_file: not set, and no $CREDENTIALS_DIRECTORY to find the "
+                              f"systemd credential {SECRET_CREDENTIAL!r} in (LoadCredential={SECRET_CREDENTIAL}:PATH)")
         return Path(credentials) / SECRET_CREDENTIAL
 
     def secret(self) -> bytes:
@@ -130,8 +143,8 @@ class DaemonSettings(_Strict):
     cache_dir: Path | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
     grace_seconds: float = Field(60.0, ge=0, description="a cancelled merge's worker (SIGTERM) is killed after this long")
     claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
-    device: str = Field("cpu", description="where merges run, when devices is not given")
-    devices: list[str] | None = Field(
+    device: Device = Field("cpu", description="where merges run, when devices is not given: cpu, cuda or cuda:N")
+    devices: list[Device] | None = Field(
         None, min_length=1, description='devices merges run on, one merge per entry at a time (default: [device]), e.g. '
                                         '["cuda:0", "cuda:1"]; a device listed twice takes two merges at once')
     max_concurrent_merges: int | None = Field(None, ge=1, description="default: one per device")
@@ -269,7 +282,8 @@ class DaemonConfig(_Strict):
 def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
     """Read and validate ``path``; every problem is a :class:`ConfigError` naming it.
     ``check_plugins=False`` skips what needs the plugins loaded (strategy parameters,
-    destination and source settings): enough for a command that only needs the catalog."""
+    destination and source settings) or the daemon's environment (where the webhook
+    secret is): enough for a command that only needs the catalog."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -284,6 +298,11 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
         raise ConfigError.from_validation(str(path), exc) from None
     if check_plugins:
         _check_plugins(config, path)
+        if config.daemon.webhooks is not None:
+            try:
+                config.daemon.webhooks.secret_path()
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     return config
 
 

@@ -33,10 +33,12 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
         if broken:
             return Verdict(f"task {name}: {', '.join(broken)} is not finite")
     gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
-    worst = max(gaps, key=gaps.__getitem__)
-    if gates.max_fidelity_gap is not None and gaps[worst] > gates.max_fidelity_gap:
-        return Verdict(f"task {worst}: fidelity gap {gaps[worst]:.3f} exceeds max_fidelity_gap "
-                       f"{gates.max_fidelity_gap} (1.0 means no better than the base model)")
+    limit = gates.max_fidelity_gap
+    beyond = [] if limit is None else sorted((n for n in gaps if gaps[n] > limit), key=gaps.__getitem__, reverse=True)
+    if beyond:  # every one, worst first: naming only the worst would hide the others
+        named = ", ".join(f"task {name}: fidelity gap {gaps[name]:.3f}" for name in beyond)
+        return Verdict(f"{named} {'exceeds' if len(beyond) == 1 else 'exceed'} max_fidelity_gap {limit} "
+                       "(1.0 means no better than the base model)")
     verdict = Verdict()
     references = [figures.get("reference_fidelity_gap") for figures in tasks.values()]
     if gates.max_regression is None:

@@ -139,12 +139,17 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
     """Resolve ``modules_to_save`` (heads, embeddings) across adapters.
 
     ``agree``: all adapters carry identical tensors (or none); ``average``: the mean;
-    any other value names the adapter whose modules are taken.
+    an adapter's name: that adapter's modules are taken. The rule is checked even when
+    no adapter has modules_to_save, so that a mistyped one never passes unnoticed.
     """
+    names = {a.name: a for a in adapters}
+    if rule not in ("agree", "average", *names):
+        raise IncompatibleAdaptersError(
+            f"unknown modules_to_save rule {rule!r}: use agree, average, or an adapter name ({', '.join(names)})"
+        )
     heads = [a.modules_to_save for a in adapters]
     if not any(heads):
         return {}
-    names = {a.name: a for a in adapters}
     if rule == "average":
         keys = set(heads[0])
         if any(set(h) != keys for h in heads):
@@ -152,10 +157,6 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
         return {k: torch.stack([h[k].float() for h in heads]).mean(0).to(heads[0][k].dtype) for k in keys}
     if rule in names:
         return dict(names[rule].modules_to_save)
-    if rule != "agree":
-        raise IncompatibleAdaptersError(
-            f"unknown modules_to_save rule {rule!r}: use agree, average, or an adapter name ({', '.join(names)})"
-        )
     first = heads[0]
     agree = all(set(h) == set(first) and all(torch.equal(h[k], first[k]) for k in first) for h in heads)
     if not agree:

@@ -226,6 +226,13 @@ def test_different_heads_need_a_rule(tmp_path, capsys):
         assert (tensor - (first.modules_to_save[key] + second.modules_to_save[key]) / 2).abs().max() < 1e-6
 
 
+def test_an_unknown_modules_to_save_rule_is_refused(workspace, capsys):
+    """Also when no adapter has modules_to_save: a typo is not silently ignored."""
+    base, adapters, tmp = workspace
+    code, message = _merge(capsys, base, adapters, tmp / "out", "--modules-to-save-rule", "zzz")
+    _assert_refused(code, message, tmp / "out", "unknown modules_to_save rule 'zzz'", adapters[0].name)
+
+
 def _tree(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 

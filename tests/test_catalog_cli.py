@@ -1,14 +1,20 @@
-"""``iteris-daemon db|sources|adapters`` end to end on a real SQLite file."""
+"""``iteris-daemon db|sources|adapters`` and ``merge-now`` end to end on a real SQLite file;
+the command line's help and global options."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
 import pytest
+from sqlalchemy import select
 
+import iteris_daemon.cli as cli
 from builders import build_adapter, build_tiny_model
-from iteris_daemon.cli import main
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import MergeGroup, MergeRun, RunStatus
+from iteris_daemon.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,82 @@ def test_sources_and_adapters_commands(made, tmp_path, capsys):
     (["sources", "remove", "ghost"], "no source named 'ghost'"),
     (["adapters", "show", "42"], "no adapter with id 42"),
     (["adapters", "list", "--db", "nosuchdialect://x"], "cannot use database URL"),
+    (["adapters", "list", "--db", "cat.db"], "a SQLite file is written sqlite:////abs/path.db"),
+    (["adapters", "list", "--source", "nosuch"], "no source named 'nosuch'"),
+    (["sources", "add", "x", "--folder", ".", "--interval", "10"], "--interval: only for Hub sources"),
+    (["sources", "add", "x", "--folder", ".", "--token-file", "t", "--endpoint", "e"],
+     "--endpoint, --token-file: only for Hub sources"),
+    (["sources", "add", "x", "--hub-author", "acme", "--settle", "0"], "--settle: only for folder sources"),
+    (["sources", "add", "x", "--hub-repo", "acme/x", "--settle", "5", "--polling"],
+     "--settle, --polling: only for folder sources"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     db = [] if "--db" in argv else ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
     code, out, err = run(capsys, *argv, *db)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_scan_that_leaves_a_source_unhealthy_fails(tmp_path, capsys):
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), *db)[0] == 0
+    watched.rmdir()
+    code, _, err = run(capsys, "sources", "scan", "team", *db)
+    assert code == 1 and err.splitlines()[-1] == f"iteris-daemon: error: source team: watched folder {watched} is gone"
+
+
+@pytest.mark.parametrize("status,code", [(RunStatus.succeeded, 0), (RunStatus.skipped, 0), (RunStatus.failed, 1),
+                                         (RunStatus.cancelled, 1), (RunStatus.refused, 3)])
+def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code):
+    """A refused run published nothing: scripts must not read it as success."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        session.add(MergeGroup(name="g", base_model="b", strategy="iteris"))
+
+    def daemon_finishes_a_run(_seconds):  # instead of waiting: the daemon's run, done
+        with catalog.session() as session:
+            group = session.scalar(select(MergeGroup))
+            session.add(MergeRun(group_id=group.id, status=status, input_fingerprint="f", error="why"))
+
+    monkeypatch.setattr(cli.daemon.time, "sleep", daemon_finishes_a_run)
+    assert run(capsys, "merge-now", "g", "--wait", "5", "--db", url)[:2] == (code, f"requested a run of g; the running "
+        f"daemon starts it within seconds\nrun 1: {status.value} (why)\n")
+    catalog.close()
+
+
+@pytest.mark.parametrize("wait", ["-3", "0", "nan", "soon"])
+def test_merge_now_wait_must_be_positive(capsys, wait):
+    with pytest.raises(SystemExit) as exited:
+        main(["merge-now", "g", "--wait", wait])
+    assert exited.value.code == 2 and "argument --wait: expected a positive number of seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["-v", "--log-format", "json", "plugins"], ["plugins", "-v", "--log-format", "json"],
+                                  ["sources", "list", "--log-format", "json", "-v", "--db", "sqlite://"]])
+def test_global_options_go_before_or_after_the_command(monkeypatch, capsys, argv):
+    seen = []
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose, log_format: seen.append((verbose, log_format)))
+    assert main(argv) == 0 and seen == [(True, "json")]
+    main(["plugins"])
+    assert seen[1] == (False, "auto")
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_argument_has_help():
+    parsers = {parser.prog: parser for parser in _parsers(build_parser())}
+    for parser in parsers.values():
+        for action in parser._actions:
+            assert action.help or isinstance(action, argparse._SubParsersAction), f"{parser.prog} {action.dest}: no help"
+    assert parsers["iteris-daemon plugins"].description
+    assert "`adapters list`" in parsers["iteris-daemon adapters show"].format_help()
+    run_help = parsers["iteris-daemon run"].format_help()  # as the README's "Signals" says
+    assert "SIGTERM at once" in run_help and "grace_seconds" in run_help and "then is cancelled" not in run_help

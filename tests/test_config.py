@@ -9,6 +9,7 @@ import pytest
 
 from iteris_daemon.cli import main
 from iteris_daemon.config import load_config
+from iteris_daemon.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "iteris-daemon.example.toml"
 GROUP = '[[groups]]\nname = "g"\nbase_model = "b"\n'
@@ -31,6 +32,8 @@ def test_the_example_config_is_valid():
     ('[daemon]\ngrace_seconds = -1\n', "daemon.grace_seconds"),
     ('[daemon]\nbogus = 1\n', "daemon.bogus: Extra inputs are not permitted"),
     ('[daemon.limits]\nmax_rank = 0\n', "daemon.limits.max_rank: Input should be greater than 0"),
+    ('[daemon]\ndevice = "gpu"\n', "daemon.device: unknown device 'gpu' (use cpu, cuda or cuda:N)"),
+    ('[daemon]\ndevices = ["cuda:0", "tpu"]\n', "daemon.devices.1: unknown device 'tpu'"),
     (GROUP + '[groups.gates]\nmax_regression = -1\n' + FOLDER, "groups.0.gates.max_regression"),
     (GROUP + '[groups.gates]\nmax_regression = true\n' + FOLDER, "groups.0.gates.max_regression"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\ntrust_remote_code = true\n',
@@ -69,3 +72,19 @@ def test_false_turns_a_gate_off(tmp_path):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "config file does not exist" in capsys.readouterr().err
+
+
+def test_valid_devices(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\ndevices = ["cpu", "cuda", "cuda:1"]\n')
+    assert load_config(path).daemon.merge_devices() == ["cpu", "cuda", "cuda:1"]
+
+
+def test_a_webhook_without_a_secret_names_the_file_and_field(tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon.webhooks]\nlisten = "127.0.0.1:0"\n')
+    with pytest.raises(ConfigError, match=f"^{path}: daemon.webhooks.secret_file: not set, and no "
+                                          r"\$CREDENTIALS_DIRECTORY"):
+        load_config(path)
+    assert load_config(path, check_plugins=False).daemon.webhooks is not None  # `status` needs no secret

@@ -64,6 +64,11 @@ def test_judge_refuses_a_task_beyond_the_fidelity_limit_even_when_forced():
     assert judge(_report({"a": 0.2, "b": 1.4}), Gates(max_fidelity_gap=None)).refused is None
 
 
+def test_judge_names_every_task_beyond_the_fidelity_limit():
+    refused = judge(_report({"a": 0.05, "b": 0.5, "c": 1.033}), Gates(max_fidelity_gap=0.1)).refused
+    assert refused.startswith("task c: fidelity gap 1.033, task b: fidelity gap 0.500 exceed max_fidelity_gap 0.1")
+
+
 def test_judge_refuses_a_regression_unless_forced():
     report = _report({"a": 0.40, "b": 0.40}, {"a": 0.30, "b": 0.30})
     refused = judge(report, Gates(max_regression=0.05)).refused

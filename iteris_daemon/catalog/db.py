@@ -68,7 +68,8 @@ def make_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is no number
-        raise CatalogError(f"invalid database URL {mask_password(url)!r}") from None
+        raise CatalogError(f"invalid database URL {mask_password(url)!r} (a SQLAlchemy URL: a SQLite file is "
+                           "written sqlite:////abs/path.db, or sqlite:///relative/path.db)") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database).expanduser().resolve()
         private_dir(database.parent)  # the catalog is private state

@@ -9,10 +9,26 @@ import os
 import select
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import IterisError
 from ..logs import FORMATS, setup_logging
 from . import catalog, daemon, merge
+
+
+def _add_global_options(parser: argparse.ArgumentParser, verbose: Any, log_format: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=verbose, help="log debug details")
+    parser.add_argument("--log-format", choices=FORMATS, default=log_format,
+                        help="auto: journald style under systemd, else text with timestamps (default: auto)")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """Every (sub)command's parser also takes the global options, after the command's name.
+    Their defaults are not set here (``SUPPRESS``): given before the command, they stay."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        _add_global_options(self, argparse.SUPPRESS, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,10 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iteris-daemon",
         description="Keep one unified LoRA adapter up to date: catalog task LoRAs, merge them with IterIS.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    parser.add_argument("--log-format", choices=FORMATS, default="auto",
-                        help="auto: journald style under systemd, else text with timestamps (default: auto)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_global_options(parser, False, "auto")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     merge.register(commands)
     catalog.register(commands)
     daemon.register(commands)

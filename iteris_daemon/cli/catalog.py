@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from ..errors import ConfigError
 from ..paths import cache_dir
 
 DB_ENV = "ITERIS_DAEMON_DB"
+# Flags of one source kind; given for the other kind they would be silently ignored.
+FOLDER_FLAGS = ("--settle", "--polling")
+HUB_FLAGS = ("--endpoint", "--token-file", "--interval")
 
 
 def _db_options() -> argparse.ArgumentParser:
@@ -50,7 +54,7 @@ def register(commands) -> None:
     kind.add_argument("--hub-author", metavar="USER_OR_ORG", help="poll every adapter repo of this user or organisation")
     add.add_argument("--base-model", metavar="PATH_OR_ID", help="only adapters of this base model; shapes are checked against it")
     add.add_argument("--settle", type=float, metavar="SECONDS", help="folder: quiet time before a changed adapter is examined (default 2)")
-    add.add_argument("--polling", action="store_true", help="folder: poll instead of inotify (network filesystems)")
+    add.add_argument("--polling", action="store_true", default=None, help="folder: poll instead of inotify (network filesystems)")
     add.add_argument("--endpoint", metavar="URL", help="hub: Hub URL (default: huggingface_hub's)")
     add.add_argument("--token-file", type=Path, metavar="FILE", help="hub: file holding the token (default: $HF_TOKEN)")
     add.add_argument("--interval", type=float, metavar="SECONDS", help="hub: poll period (default 300)")
@@ -61,12 +65,13 @@ def register(commands) -> None:
     listing.set_defaults(handler=_sources_list)
 
     remove = source_commands.add_parser("remove", parents=[db_options], help="remove a source and its adapters")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the source's name (`sources list` shows them)")
     remove.set_defaults(handler=_sources_remove)
 
     scan = source_commands.add_parser(
         "scan", parents=[db_options], help="rescan folders / poll Hub repos once, now",
-        description="Rescan local folders and poll Hub sources once (the daemon does this on its own).",
+        description="Rescan local folders and poll Hub sources once (the daemon does this on its own). "
+                    "Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
     scan.add_argument("--cache-dir", type=Path, default=None, help="where Hub adapters are downloaded (default: the cache directory)")
@@ -81,7 +86,7 @@ def register(commands) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_adapters_list)
     show = adapter_commands.add_parser("show", parents=[db_options], help="one adapter with every revision seen")
-    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("id", type=int, metavar="ID", help="the adapter's catalog id, as `adapters list` shows it")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=_adapters_show)
 
@@ -115,13 +120,17 @@ def _sources_add(args) -> int:
     from ..sources.hub import HubSettings
     from ..sources.local import LocalSettings
 
+    foreign = [f for f in (HUB_FLAGS if args.folder else FOLDER_FLAGS)
+               if getattr(args, f[2:].replace("-", "_")) is not None]
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)}: only for {'Hub' if args.folder else 'folder'} sources")
     if args.folder:
         missing = [str(f) for f in args.folder if not f.is_dir()]
         if missing:
             raise ConfigError(f"--folder {missing[0]}: no such directory")
         kind = SourceKind.local
         settings = _settings(LocalSettings, {"paths": args.folder, "base_model": args.base_model,
-                                             "settle_seconds": args.settle, "polling": args.polling or None},
+                                             "settle_seconds": args.settle, "polling": args.polling},
                              f"source {args.name}")
     else:
         if args.token_file is not None and not args.token_file.is_file():
@@ -183,6 +192,7 @@ def _sources_scan(args) -> int:
     with catalog.session() as session:
         sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
         targets = [(s.name, s.kind) for s in sources]
+    code = 0
     for name, kind in targets:
         try:
             if kind is SourceKind.local:
@@ -192,7 +202,12 @@ def _sources_scan(args) -> int:
         except ValidationError as exc:
             raise ConfigError.from_validation(f"source {name} settings", exc) from None
         print(f"{name}: {report}")
-    return 0
+        with catalog.session() as session:
+            source = get_source(session, name)
+            if not source.healthy:  # the scan failed (unreachable Hub, folder gone): the others still run
+                print(f"iteris-daemon: error: source {name}: {source.last_error}", file=sys.stderr)
+                code = 1
+    return code
 
 
 def _adapter_row(adapter) -> dict[str, Any]:
@@ -217,10 +232,12 @@ def _revision_row(revision) -> dict[str, Any]:
 
 def _adapters_list(args) -> int:
     from ..catalog.models import AdapterStatus
-    from ..catalog.registry import list_adapters
+    from ..catalog.registry import get_source, list_adapters
 
     statuses = [AdapterStatus(s) for s in args.status] if args.status else None
     with _open(args).session() as session:
+        if args.source is not None:
+            get_source(session, args.source)  # an unknown source is a mistake, not an empty listing
         rows = [_adapter_row(a) for a in list_adapters(session, statuses, args.source)]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -12,12 +13,33 @@ from sqlalchemy import select
 from ..errors import ConfigError
 from .catalog import DB_ENV
 
+REFUSED = 3  # merge-now --wait: the run was refused by a publish gate; nothing was published
+MERGE_NOW_EPILOG = f"""\
+exit status:
+  0  requested; with --wait: the run succeeded, or was skipped (inputs unchanged)
+  1  with --wait: the run failed or was cancelled, or none finished within SECONDS
+  2  bad input (e.g. no such group)
+  {REFUSED}  with --wait: a publish gate refused the run; nothing was published"""
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
 
 def register(commands) -> None:
     run = commands.add_parser(
         "run", help="run the daemon in the foreground (what the systemd unit starts)",
         description="Watch sources, re-merge groups on schedule and on change, publish. Stops cleanly on "
-                    "SIGTERM/SIGINT (a running merge gets the grace period, then is cancelled); SIGHUP reloads the config.",
+                    "SIGTERM/SIGINT: a running merge's worker gets SIGTERM at once, stops at its next batch, and is "
+                    "killed if it has not stopped after grace_seconds (the run is recorded cancelled; publishing is "
+                    "never interrupted). SIGHUP reloads the config.",
     )
     run.add_argument("--config", required=True, type=Path, metavar="FILE", help="daemon configuration (TOML)")
     run.set_defaults(handler=_run)
@@ -30,9 +52,12 @@ def register(commands) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
 
-    now = commands.add_parser("merge-now", parents=[config_options], help="ask the running daemon to merge a group now")
-    now.add_argument("group")
-    now.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for the run to finish and show it")
+    now = commands.add_parser("merge-now", parents=[config_options], help="ask the running daemon to merge a group now",
+                              description="Ask the running daemon to merge a group now.", epilog=MERGE_NOW_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    now.add_argument("group", help="a merge group's name, from the daemon's config")
+    now.add_argument("--wait", type=positive_seconds, metavar="SECONDS",
+                     help="wait up to SECONDS for the run to finish and show it; the exit status says how it ended")
     now.add_argument("--force", action="store_true",
                      help="merge even if the inputs are unchanged, and publish even if the result is worse than the "
                           "published merge (the quality gate); the NaN/Inf and fidelity-gap checks still apply")
@@ -90,6 +115,8 @@ def _merge_now(args) -> int:
                                                         MergeRun.status != RunStatus.running).order_by(MergeRun.id).limit(1))
             if run is not None:
                 print(f"run {run.id}: {run.status.value}" + (f" ({run.error})" if run.error else ""))
+                if run.status is RunStatus.refused:
+                    return REFUSED
                 return 0 if run.status in (RunStatus.succeeded, RunStatus.skipped) else 1
         time.sleep(1)
     print(f"no finished run after {args.wait:.0f}s (is the daemon running?)")

@@ -92,7 +92,11 @@ def register(commands) -> None:
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(handler=_merge)
 
-    plugins = commands.add_parser("plugins", help="list loaded plugins, strategies and their parameters")
+    plugins = commands.add_parser(
+        "plugins", help="list loaded plugins, strategies and their parameters",
+        description="List the loaded plugins and what they provide: merge strategies, calibration sources and "
+                    "publishers (destination kinds); --params STRATEGY shows one strategy's parameters.",
+    )
     plugins.add_argument("--params", metavar="STRATEGY", help="show one strategy's parameters")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(handler=_plugins)
