@@ -188,12 +188,23 @@ def setup_logging(verbose: bool = False, fmt: str = "auto", *, stream: TextIO | 
         old.close()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # huggingface_hub adds a handler of its own (when its logging module is imported) and
-    # still propagates: each record was printed twice, once past the token redaction.
-    from huggingface_hub.utils import logging as _hub_logging  # noqa: F401 - its handler is in place after this
-
-    hub = logging.getLogger("huggingface_hub")
-    for own in list(hub.handlers):
-        hub.removeHandler(own)
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    _without_own_handlers("huggingface_hub")
+
+
+class _HandlerlessLogger(logging.Logger):
+    """A library's logger that takes no handlers: its records reach the root's (ours)."""
+
+    def addHandler(self, hdlr: logging.Handler) -> None:
+        pass
+
+
+def _without_own_handlers(name: str) -> None:
+    """huggingface_hub gives its logger a stderr handler when its logging module is first
+    imported, and still propagates: each record was printed twice, once past the token
+    redaction. Its handlers go, now or when it is imported (which ``status`` never does)."""
+    logger = logging.getLogger(name)
+    for own in list(logger.handlers):
+        logger.removeHandler(own)
+    logger.__class__ = _HandlerlessLogger

@@ -261,12 +261,15 @@ def test_changes_while_stopped_are_found_at_start(setup):
 
 def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
     """A rescan of unchanged adapters reads no files (its files' stat is what was hashed);
-    a change that keeps size and mtime still moves the ctime, and is hashed and registered."""
+    a change that keeps size and mtime still moves the ctime, and is hashed and registered.
+    Files changed within ``RACY_NS`` of a look are hashed again at the next one (a write in
+    the same clock tick could leave every time as it was)."""
     import iteris_daemon.sources.local as local
 
     catalog, watched, base, (first, second) = setup
     shutil.copytree(first, watched / "one")
     shutil.copytree(second, watched / "two")
+    monkeypatch.setattr(local, "RACY_NS", 0)  # the copies are not racy: trust their times at once
     source = _source(catalog, watched, base)
     assert len(source.scan().registered) == 2
     hashed: list[Path] = []
@@ -280,10 +283,14 @@ def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
     calibration.write_text(text.replace("a", "b", 1) if "a" in text else text.replace("e", "f", 1))
     os.utime(calibration, ns=(old.st_atime_ns, old.st_mtime_ns))  # same size, same mtime
     time.sleep(SETTLE * 2)  # not "recently written" for the scan
+    monkeypatch.setattr(local, "RACY_NS", 10**12)  # from now on every file counts as "just written"
     report = source.scan()
     assert report.registered == [local.as_text(watched / "one")] and report.unchanged == 1
     assert watched / "one" in hashed and watched / "two" not in hashed
     assert len(_adapters(catalog)["one"].revisions) == 2
+    hashed.clear()
+    assert source.scan().unchanged == 2 and watched / "one" in hashed  # hashed racily: hashed again
+    assert watched / "two" not in hashed  # hashed in a calm moment: trusted
 
 
 def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, monkeypatch, caplog):
@@ -326,7 +333,8 @@ def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, mon
     assert adapter.current.reason == (f"{weights}: cannot read: Permission denied; the daemon's user needs read "
                                       "access to the adapter's files")
     assert source.scan().unchanged == 1  # the same files: nothing new to say, nothing retried
-    monkeypatch.undo()  # its owner makes it readable: now it is hashed, a new revision
+    monkeypatch.undo()
+    weights.chmod(0o644)  # its owner makes it readable (which moves its ctime): now hashed, a new revision
     assert source.scan().registered == [str(watched / "locked")]
     assert _adapters(catalog)["locked"].status is AdapterStatus.registered
 

@@ -80,6 +80,9 @@ class ScanReport:
                 f"{self.unchanged} unchanged, {len(self.waiting)} waiting")
 
 
+RACY_NS = 2_000_000_000  # file times this close to a look may hide a change (coarse clocks, NFS)
+
+
 def _snapshot(folder: Path) -> tuple | None:
     """(name, size, mtime, ctime) of the folder's files. The ctime too: copies keep the
     source's mtime (``cp -p``, ``rsync -t``, ``shutil.copytree``), but setting it moves
@@ -285,13 +288,17 @@ class LocalFolderSource:
         """``folder_fingerprint`` of ``folder``, hashed only when its files' stat (names,
         sizes, mtimes, ctimes) differs from when it was last hashed: a rescan of unchanged
         adapters reads no weights (hundreds of GB for a thousand LLM adapters). Any write
-        moves a file's ctime, which nothing can set back."""
+        moves a file's ctime, which nothing can set back; but file times are coarse, so a
+        hash is remembered only for files last changed well before it began (git's "racy"
+        rule): a write in the same tick as the look could leave every time unchanged."""
+        started = time.time_ns()
         before = _snapshot(folder)
         known = self._hashed.get(locator)
         if known is not None and before is not None and known[0] == before:
             return known[1]
         fingerprint = folder_fingerprint(folder, self.limits)
-        if before is not None and _snapshot(folder) == before:  # not written to while it was read
+        settled = before is not None and all(max(mtime, ctime) < started - RACY_NS for _, _, mtime, ctime in before)
+        if settled and _snapshot(folder) == before:  # and not written to while it was read
             self._hashed[locator] = (before, fingerprint)
         return fingerprint
 
