@@ -82,6 +82,20 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     assert code == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("mode, message", [(0o644, "is open to other users (mode 644)"),
+                                           (None, "cannot read the token file")])
+def test_a_token_file_is_checked_when_the_source_is_added(tmp_path, capsys, mode, message):
+    """Refused by `sources add`, as the first poll would refuse it (it was accepted, and
+    the source turned unhealthy only once it polled)."""
+    token = tmp_path / "token"
+    if mode is not None:
+        token.write_text("hf_token_of_this_test\n")
+        token.chmod(mode)
+    code, _, err = run(capsys, "sources", "add", "hub", "--hub-repo", "acme/x", "--token-file", str(token),
+                       "--db", f"sqlite:///{tmp_path / 'catalog.db'}")
+    assert code == 2 and str(token) in err and message in err and err.count("\n") == 1
+
+
 def test_a_scan_that_leaves_a_source_unhealthy_fails(tmp_path, capsys):
     db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
     watched = tmp_path / "watched"

@@ -119,6 +119,7 @@ def _sources_add(args) -> int:
     from ..catalog.registry import add_source
     from ..sources.hub import HubSettings
     from ..sources.local import LocalSettings
+    from ..tokens import hub_token
 
     foreign = [f for f in (HUB_FLAGS if args.folder else FOLDER_FLAGS)
                if getattr(args, f[2:].replace("-", "_")) is not None]
@@ -133,8 +134,8 @@ def _sources_add(args) -> int:
                                              "settle_seconds": args.settle, "polling": args.polling},
                              f"source {args.name}")
     else:
-        if args.token_file is not None and not args.token_file.is_file():
-            raise ConfigError(f"--token-file {args.token_file}: no such file")
+        if args.token_file is not None:
+            hub_token(args.token_file)  # readable, and by its owner only: refused now, not at the first poll
         kind = SourceKind.hub
         settings = _settings(HubSettings, {
             "repos": args.hub_repo, "author": args.hub_author, "base_model": args.base_model,
