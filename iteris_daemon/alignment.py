@@ -223,7 +223,7 @@ def alignment_terms(info: TaskLayer, G: torch.Tensor | None, Q: torch.Tensor | N
         return fit, 0.0
     s = info.module.scaling
     Bi = info.module.B.to(G.device, torch.float64)
-    target = s * s * float(torch.trace(Bi @ info.PtP.double() @ Bi.T))
+    target = s * s * float(((Bi.T @ Bi) * info.PtP.double().T).sum())  # trace(Bi PtP Bi^T), never d_out x d_out
     cross = s * float(((Bi.T @ B) @ A * Q.double()).sum())
     return max(fit - 2 * cross + target, 0.0), target
 
