@@ -38,16 +38,20 @@ RTOL = 1e-10
 # Linear algebra on the cores (float64)
 
 
-def _rank(S: torch.Tensor) -> int:
-    if S.numel() == 0 or float(S[0]) <= 0:
+def _rank(S: torch.Tensor, scale: float | None = None) -> int:
+    """Singular values above round-off: relative to ``scale`` (default: the largest of ``S``)."""
+    top = float(S[0]) if S.numel() else 0.0
+    scale = top if scale is None else scale
+    if top <= 0 or scale <= 0:
         return 0
-    return int((S > S[0] * RTOL).sum())
+    return int((S > scale * RTOL).sum())
 
 
-def _svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD without the zero singular values: P (p x k), S (k), Q (q x k)."""
+def _svd(M: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD without the zero singular values (zero relative to ``scale``, default the
+    largest): P (p x k), S (k), Q (q x k)."""
     P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    k = _rank(S)
+    k = _rank(S, scale)
     return P[:, :k], S[:k], Qh[:k].T
 
 
@@ -95,11 +99,12 @@ def _factors(layer: _Layer, M: torch.Tensor, rank: int | None) -> tuple[torch.Te
     """(B, A) with ``B @ A = U M V^T``, capped at ``rank``, and the cap's relative error."""
     P, S, Qh = torch.linalg.svd(M, full_matrices=False)
     keep = _rank(S)
+    if keep == 0:  # an all-zero merge (every B or every A zero here: an untrained layer), as one zero direction
+        return layer.U.new_zeros(layer.U.shape[0], 1), layer.V.new_zeros(1, layer.V.shape[0]), 0.0
     if rank is not None:
         keep = min(keep, rank)
     total = float(S.pow(2).sum())
-    error = (float(S[keep:].pow(2).sum()) / total) ** 0.5 if total > 0 and keep < _rank(S) else 0.0
-    keep = max(keep, 1)  # an all-zero merge is written as one zero direction
+    error = (float(S[keep:].pow(2).sum()) / total) ** 0.5 if keep < _rank(S) else 0.0
     root = S[:keep].sqrt()
     B = layer.U @ (P[:, :keep] * root)
     A = (root[:, None] * Qh[:keep]) @ layer.V.T
@@ -153,9 +158,10 @@ def iso_cts_sizes(dim: int, tasks: int, common_space_fraction: float) -> tuple[i
     """(k common directions, n directions per task), as in the Iso-CTS reference code:
     ``k = int(dim * f)``, then the remainder is rounded to a multiple of N."""
     common = int(dim * common_space_fraction)
-    task_total = round((dim - common) / tasks) * tasks
-    common = dim - task_total
-    return common, task_total // tasks
+    # Rounded up, the task share could pass ``dim`` when dim is a few LoRA ranks (7 = 0 + 2 * 4):
+    # at most dim // N per task, so that k is never negative.
+    per_task = min(round((dim - common) / tasks), dim // tasks)
+    return dim - per_task * tasks, per_task
 
 
 def iso_cts_core(layer: _Layer, common_space_fraction: float) -> torch.Tensor:
@@ -170,7 +176,8 @@ def iso_cts_core(layer: _Layer, common_space_fraction: float) -> torch.Tensor:
     Pc, Sc, Qc = P[:, :k], S[:k], Q[:, :k]
     Ps, Ss, Qs = [], [], []
     for M in layer.cores:
-        Pi, Si, Qi = _svd(M - Pc @ (Pc.T @ M))
+        # Round-off is judged against the task's own delta: its residual may be round-off alone.
+        Pi, Si, Qi = _svd(M - Pc @ (Pc.T @ M), scale=float(torch.linalg.matrix_norm(M, ord=2)))
         m = min(n, Si.numel())
         Ps.append(Pi[:, :m]), Ss.append(Si[:m]), Qs.append(Qi[:, :m])
     Ps.append(Pc), Ss.append(Sc), Qs.append(Qc)

@@ -69,9 +69,8 @@ def reference_tsv(deltas, keep, alpha=1.0):
 def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
     N, d = len(deltas), _span_dim(deltas)
     common = int(d * common_space_fraction)
-    task_total = round((d - common) / N) * N
-    common = d - task_total
-    per_task = int((d - common) / N)
+    per_task = min(round((d - common) / N), d // N)  # the reference code's rounding, never past d
+    common = d - per_task * N
     combined = sum(deltas)
     u, s, v = torch.linalg.svd(combined, full_matrices=False)
     common = min(common, _rank(combined))
@@ -80,7 +79,8 @@ def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
     for D in deltas:
         w_ts = D - u_c @ u_c.T @ D
         u_ts, s_ts, v_ts = torch.linalg.svd(w_ts, full_matrices=False)
-        k = min(per_task, _rank(w_ts))
+        # The residual's rank relative to D: a delta inside the common space leaves round-off only.
+        k = min(per_task, int(torch.linalg.matrix_rank(w_ts, atol=1e-10 * float(torch.linalg.matrix_norm(D, 2)), rtol=0)))
         us.append(u_ts[:, :k]), ss.append(s_ts[:k]), vs.append(v_ts[:k, :])
     sum_u = torch.cat([*us, u_c], dim=1)
     sum_s = torch.cat([*ss, s_c])
@@ -230,14 +230,47 @@ def test_target_rank_caps_and_reports_the_error():
     assert capped.metrics["truncation_error"]["layers"] == len(MODULES)
 
 
-def test_zero_adapters_give_a_zero_merge():
+@pytest.mark.parametrize("factor", ["B", "A"])
+def test_zero_adapters_give_a_zero_merge(factor):
+    """Every adapter zero at a layer (B = 0 is PEFT's initialisation: an untrained layer):
+    one zero direction, not rank 0, which neither PEFT nor the loader accepts (found in review)."""
     adapters = _adapters(0)
     for adapter in adapters:
         for module in adapter.modules.values():
-            module.B = torch.zeros_like(module.B)  # PEFT's own initialisation
+            setattr(module, factor, torch.zeros_like(getattr(module, factor)))
     for strategy in ("core_space", "tsv", "iso_c", "iso_cts"):
-        for B, A in _merge(strategy, adapters).modules.values():
+        for path, (B, A) in _merge(strategy, adapters).modules.items():
+            assert B.shape == (MODULES[path][0], 1) and A.shape == (1, MODULES[path][1]), (strategy, path)
             assert torch.isfinite(B).all() and torch.isfinite(A).all() and float((B @ A).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dim, tasks, fraction", [(7, 4, 0.1), (3, 4, 0.2), (5, 3, 0.1), (14, 4, 0.8), (2, 2, 0.0)])
+def test_iso_cts_sizes_never_pass_the_dimension(dim, tasks, fraction):
+    """The reference code's rounding of the task share could make k negative on a core of a
+    few LoRA ranks (7, 4 tasks, f = 0.1: k = -1, which sliced all but one column; found in review)."""
+    from plugins.lora_2025_math import iso_cts_sizes
+
+    common, per_task = iso_cts_sizes(dim, tasks, fraction)
+    assert common >= 0 and per_task >= 0 and common + per_task * tasks == dim
+    assert per_task == min(round((dim - int(dim * fraction)) / tasks), dim // tasks)
+
+
+def test_iso_cts_ignores_a_residual_that_is_round_off():
+    """A task whose delta lies inside the common space leaves a residual of round-off; its
+    rank is judged against the task's delta, so it adds no direction (the polar factor made
+    full directions of it; found in review). Two tasks on orthogonal spans, f = 0.5: the
+    common space is task 0's two directions, task 1 adds its top one."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    modules = [LoraModule(B=U[:, 0:2] * torch.tensor([10.0, 8.0], dtype=torch.float64), A=V[:, 0:2].T.clone(), scaling=1.0),
+               LoraModule(B=U[:, 2:4] * torch.tensor([1.0, 0.5], dtype=torch.float64), A=V[:, 2:4].T.clone(), scaling=1.0)]
+    adapters = [LoraAdapter(name=f"t{i}", path=Path(f"t{i}"), config={}, modules={"L": m}) for i, m in enumerate(modules)]
+    expected = (10 + 8 + 1) / 3 * (U[:, [0, 1, 2]] @ V[:, [0, 1, 2]].T)
+    assert _relative(reference_iso_cts([m.delta() for m in modules], 0.5), expected) < 1e-10
+    for strategy, raw in (("iso_cts", {}), ("core_space", {"method": "iso_cts"})):
+        B, A = _merge(strategy, adapters, common_space_fraction=0.5, **raw).modules["L"]
+        assert A.shape[0] == 3 and _relative(B @ A, expected) < 1e-10, strategy
 
 
 @pytest.mark.parametrize("bad", [{"method": "ties"}, {"alpha": 0}, {"fraction": 0.5}, {"common_space_fraction": 1.5}])
