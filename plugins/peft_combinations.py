@@ -73,7 +73,10 @@ class PeftCombination:
             if lora_A is None or "merged" not in lora_A:
                 continue
             A = layer.lora_A["merged"].weight.detach().float()
-            B = layer.lora_B["merged"].weight.detach().float() * layer.scaling["merged"]
+            # The merged adapter's scaling as PEFT means it, lora_alpha / r (= 1): PEFT 0.21
+            # copies use_rslora from the first adapter into it, which made it sqrt(r)
+            # (huggingface/peft#3449); the factors already carry each adapter's own scaling.
+            B = layer.lora_B["merged"].weight.detach().float() * (layer.lora_alpha["merged"] / layer.r["merged"])
             modules[name.removeprefix(prefix)] = (B.clone(), A.clone())
         return MergedAdapter(modules)
 

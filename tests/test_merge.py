@@ -126,6 +126,26 @@ def test_task_arithmetic_is_exact_sum(bert, tmp_path):
         assert torch.allclose(module.delta(), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["peft_cat", "peft_svd"])
+def test_peft_cat_is_the_exact_sum_when_the_first_adapter_is_rslora(bert, tmp_path, strategy):
+    """PEFT 0.21's add_weighted_adapter copies use_rslora from the first adapter into the
+    merged one, which scaled the sum by sqrt(R) (3x here; found in review)."""
+    base_dir, adapters = bert
+    ordered = [adapters[2], adapters[0], adapters[1]]  # the rsLoRA adapter first
+    assert load_adapter(ordered[0]).config.get("use_rslora")
+    assert cli_merge(base_dir, ordered, tmp_path / "m", "--strategy", strategy, "--no-eval",
+                     *(["--param", "svd_rank=9"] if strategy == "peft_svd" else [])) == 0
+    merged = load_adapter(tmp_path / "m")
+    inputs = [load_adapter(a) for a in ordered]
+    for path, module in merged.modules.items():
+        expected = sum(a.modules[path].delta() for a in inputs if path in a.modules)
+        assert _relative_error(module.delta(), expected) < 1e-5, path
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
 def test_every_registered_strategy_is_documented():
     found = strategies()
     assert "iteris" in found
