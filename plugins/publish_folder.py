@@ -42,7 +42,7 @@ VERSIONS = "versions"
 _STAGING = ".staging-"
 _TEMP_LINK = ".current-"
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
-_VERSION = re.compile(r"^run-\d+-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
+_VERSION = re.compile(r"^run-(?P<run>\d+)-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
 #: The files that make two adapters the same adapter (a new report alone is not a new version).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
@@ -102,7 +102,7 @@ class FolderPublisher:
                 raise
             raise DestinationFullError(root, exc, current) from exc
         log.info("folder %s: current -> %s", root, version)
-        _prune(versions, version, settings.keep)
+        _prune(versions, version, current, settings.keep)
         return PublishResult(str(root), version, changed=True)
 
     def current_version(self, settings: FolderPublishSettings) -> str | None:
@@ -195,14 +195,18 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(staging)
 
 
-def _prune(versions: Path, current: str, keep: int) -> None:
-    """Delete the oldest versions beyond ``keep``; folders not named like a version are not ours, left alone."""
+def _prune(versions: Path, current: str, replaced: str | None, keep: int) -> None:
+    """Delete versions beyond ``keep`` besides ``current``. The one it ``replaced`` (a
+    consumer may still be loading it) is kept first, then the newest by run id: a version
+    that was never current (left by a publish that failed before its swap, with a newer
+    run id than it deserves) or a stamp from a clock that stepped back must not push the
+    replaced one out. Folders not named like a version are not ours, left alone."""
     previous = [
-        (match["stamp"], entry.name)
+        (entry.name == replaced, int(match["run"]), match["stamp"], entry.name)
         for entry in versions.iterdir()
         if entry.name != current and (match := _VERSION.match(entry.name)) and entry.is_dir() and not entry.is_symlink()
     ]
-    for _, name in sorted(previous, reverse=True)[keep:]:
+    for *_, name in sorted(previous, reverse=True)[keep:]:
         log.info("folder %s: pruning old version %s", versions.parent, name)
         shutil.rmtree(versions / name)
 

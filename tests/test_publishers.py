@@ -158,6 +158,21 @@ def test_keep_prunes_the_oldest_versions_never_the_current_one(folder, made, tmp
     assert sorted(p.name for p in (dest / "versions").iterdir()) == ["notes", last]
 
 
+def test_pruning_keeps_the_version_current_replaced(folder, made, tmp_path):
+    """A version that was never current (a publish that failed after its copy, before its
+    swap) is newer than the current one; the next publish with keep=1 must keep the version
+    it replaces, which a consumer may still be loading, and prune the other (it pruned the
+    replaced one; found in review)."""
+    base, first, second = made
+    dest = tmp_path / "dest"
+    settings = folder.Settings(path=dest, keep=1)
+    v1 = folder.publish(request(first, base, run_id=1), settings).version
+    orphan = "run-2-29991231T000000.000000Z"  # and its clock ahead
+    shutil.copytree(dest / "versions" / v1, dest / "versions" / orphan)
+    v3 = folder.publish(request(second, base, run_id=3), settings).version
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == sorted([v1, v3])
+
+
 def test_a_crash_leaves_current_on_the_old_complete_version(folder, made, tmp_path, monkeypatch):
     base, first, second = made
     dest = tmp_path / "dest"
