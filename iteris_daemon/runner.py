@@ -45,6 +45,7 @@ from .catalog.registry import list_adapters
 from .config import GroupConfig
 from .errors import AdapterError, IterisError, MergeCancelled
 from .gates import judge
+from .logs import redact
 from .adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
@@ -544,6 +545,8 @@ def _record(catalog, group_id, status, fingerprint, inputs: Inputs, error=None, 
 
 
 def _finish(catalog, run_id: int, status: RunStatus, **values) -> None:
+    if values.get("error"):  # an error may quote a request's headers: the catalog is read by `status`
+        values["error"] = redact(values["error"])
     with catalog.session() as session:
         run = session.get(MergeRun, run_id)
         run.status = status

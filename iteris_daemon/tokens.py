@@ -37,8 +37,16 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
                 value = handle.read().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
-        return SecretStr(value) if value else None
-    value = os.environ.get("HF_TOKEN", "").strip()
+        return _one_token(value, f"the token file {token_file}")
+    return _one_token(os.environ.get("HF_TOKEN", "").strip(), "$HF_TOKEN")
+
+
+def _one_token(value: str, where: str) -> SecretStr | None:
+    """A token is one printable word: anything more (a second line, a NUL) made an HTTP
+    header the client refused with an error that quoted the whole header, token included."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(f"{where} holds more than a token (a second line, spaces or control characters); "
+                          "it must hold the token alone")
     return SecretStr(value) if value else None
 
 

@@ -221,6 +221,34 @@ def test_token_never_reaches_logs_or_catalog(env, caplog, monkeypatch):
     assert json.dumps(_source_row(catalog).settings).find(TOKEN) == -1
 
 
+@pytest.mark.parametrize("content", [TOKEN + "\n# rotated by ops\n", TOKEN + "\x00", "Bearer " + TOKEN])
+def test_a_token_file_holding_more_than_a_token_is_refused_without_quoting_it(env, content):
+    """A second line or a control character made an HTTP header the client refused with an
+    error quoting the header, token included, which went into the source's health and a
+    run's error (retried six times as a transport error; found in review)."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("frank/lora", adapter_files(first))
+    (tmp / "token").write_text(content)
+    source(repos=["frank/lora"], retry_attempts=2).poll()
+    row = _source_row(catalog)
+    assert not row.healthy and "holds more than a token" in row.last_error
+    for path in tmp.glob("catalog.db*"):
+        assert TOKEN not in path.read_bytes().decode("latin-1")
+
+
+def test_errors_are_stored_with_tokens_redacted(env):
+    """Whatever quotes a token on its way into the catalog (which `status` prints) is redacted there."""
+    from iteris_daemon.catalog.registry import set_health
+
+    _, catalog, source, _, _ = env
+    source(repos=["frank/lora"])
+    source_id = _source_row(catalog).id
+    token = "hf_AbCdEf0123456789AbCdEf0123456789"  # the Hub's token format, which the redaction knows
+    with catalog.session() as session:
+        set_health(session, source_id, f"LocalProtocolError: Illegal header value b'Bearer {token}'")
+    assert token not in _source_row(catalog).last_error and "hf_***" in _source_row(catalog).last_error
+
+
 def _poll_while_stopping(poller: HubSource, stop_after: float):
     """Poll in a thread, set the source's stop event ``stop_after`` s in (as SIGTERM
     does in the daemon); the report, and the seconds the poll went on after the stop."""

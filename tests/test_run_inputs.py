@@ -143,3 +143,11 @@ def test_the_run_fingerprint_follows_content_not_hub_commits(made, tmp_path, mon
             assert fingerprint() != first
         finally:
             catalog.close()
+
+
+def test_a_run_error_is_stored_with_tokens_redacted(setup):
+    """A failed run's error may quote a request's headers; `status` prints it from the catalog."""
+    token = "hf_AbCdEf0123456789AbCdEf0123456789"
+    outcome = setup.run(setup.group(names=("task0",)))
+    runner._finish(setup.catalog, outcome.run_id, RunStatus.failed, error=f"LocalProtocolError: b'Bearer {token}'")
+    assert setup.run_row(outcome.run_id).error == "LocalProtocolError: b'Bearer hf_***'"

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from ..errors import IterisError
+from ..logs import redact
 from .models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
 
 if TYPE_CHECKING:  # validation pulls in torch; listing the catalog should not
@@ -173,5 +174,5 @@ def set_health(session: Session, source_id: int, error: str | None) -> None:
     """After a scan or poll: healthy when it went through, else the (token-free) error."""
     source = session.get(Source, source_id)
     source.healthy = error is None
-    source.last_error = error
+    source.last_error = None if error is None else redact(error)  # an error may quote a request's headers
     source.last_poll_at = utcnow()
