@@ -322,6 +322,7 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
     available = calibration_sources()
+    published: list[tuple[str, Path]] = []  # (group name, folder) of every folder destination so far
     for index, group in enumerate(config.groups):
         where = f"{path}: groups.{index} ({group.name})"
         try:
@@ -335,18 +336,28 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
                     settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
                 except ValidationError as exc:
                     raise ConfigError.from_validation(f"destinations.{number}", exc) from None
-                _outside_watched(getattr(settings, "path", None), watched, f"destinations.{number}.path")
+                folder = getattr(settings, "path", None)
+                if isinstance(folder, Path):  # a local folder destination
+                    folder = folder.expanduser().resolve()
+                    _check_destination_folder(folder, watched, published, f"destinations.{number}.path")
+                    published.append((group.name, folder))
         except IterisError as exc:  # unknown strategy or source, bad parameters or settings
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def _outside_watched(folder: Any, watched: list[tuple[str, Path]], field: str) -> None:
-    """A destination folder inside (or holding) a watched folder would feed each merge back
-    into the next one as an adapter."""
-    if not isinstance(folder, Path):  # not a local folder destination
-        return
-    folder = folder.expanduser().resolve()
+def _check_destination_folder(folder: Path, watched: list[tuple[str, Path]], published: list[tuple[str, Path]],
+                              field: str) -> None:
+    """A destination folder must not overlap (hold, or lie in) a watched folder, which would
+    feed each merge back into the next one as an adapter, nor another destination folder,
+    whose publishes would remove each other's staging copies and versions."""
+    def overlap(a: Path, b: Path) -> bool:
+        return a.is_relative_to(b) or b.is_relative_to(a)
+
     for name, root in watched:
-        if folder.is_relative_to(root) or root.is_relative_to(folder):
+        if overlap(folder, root):
             raise ConfigError(f"{field}: {folder} overlaps the folder {root} that source {name!r} watches; "
                               "the daemon would register its own merges as adapters")
+    for name, other in published:
+        if overlap(folder, other):
+            raise ConfigError(f"{field}: {folder} overlaps the destination {other} of group {name!r}; "
+                              "give each destination a folder of its own")

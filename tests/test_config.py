@@ -53,6 +53,9 @@ def test_the_example_config_is_valid():
      "groups.0 (g): destinations.0.path: /tmp/x overlaps the folder /tmp that source 's' watches"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/x/adapters"]\n' + GROUP + FOLDER,
      "destinations.0.path: /tmp/x overlaps the folder /tmp/x/adapters"),
+    # Two destinations in one folder remove each other's staging copies and versions.
+    (GROUP + FOLDER + GROUP.replace('"g"', '"h"') + FOLDER,
+     "groups.1 (h): destinations.0.path: /tmp/x overlaps the destination /tmp/x of group 'g'"),
 ])
 def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message):
     path = tmp_path / "config.toml"
