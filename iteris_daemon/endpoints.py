@@ -52,7 +52,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -76,7 +76,9 @@ MERGE_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 720
 WORKER_FAILURE_REASONS = frozenset({"signal", "exit", "memory", "timeout"})
 WEBHOOK_OUTCOMES = ("triggered", "ignored", "unauthorized", "bad_request", "length_required", "too_large",
                     "method_not_allowed", "not_found", "error")
-REQUEST_TIMEOUT_SECONDS = 10.0
+REQUEST_TIMEOUT_SECONDS = 10.0  # between two reads of a request
+REQUEST_DEADLINE_SECONDS = 30.0  # a whole request, however slowly its bytes come
+MAX_CONNECTIONS = 32  # served at once; past it a connection is closed at once
 # Hub repo ids: "owner/name", or a bare name for the oldest models.
 _REPO_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
 
@@ -385,8 +387,23 @@ def webhook_app(settings: WebhookSettings, on_repo_event: Callable[[str], bool],
 
 
 class _RequestHandler(WSGIRequestHandler):
-    # A client that stops sending mid-request gives its thread back after this.
+    # A client that stops sending mid-request gives its thread back after this; one that
+    # sends a byte now and then, after the deadline (its socket is shut, the read ends).
     timeout = REQUEST_TIMEOUT_SECONDS
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(REQUEST_DEADLINE_SECONDS, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Request lines and errors, to logging (http.server writes them to stderr). No headers."""
@@ -398,7 +415,25 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
 
     def __init__(self, host: str, port: int):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)  # unauthenticated clients cannot take every thread
         super().__init__((host, port), _RequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("http: %d connections open; closing one from %s", MAX_CONNECTIONS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         # HTTPServer's looks up the host's FQDN (DNS, which can hang) only to name itself in

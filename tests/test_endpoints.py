@@ -462,3 +462,38 @@ def test_the_endpoints_do_not_import_torch():
     code = "import sys, iteris_daemon.endpoints; sys.exit(sorted({'torch', 'transformers'} & set(sys.modules)) or None)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_slow_clients_take_neither_every_thread_nor_forever(catalog, monkeypatch):
+    """Unauthenticated clients that send a byte now and then (found in review: 300 held 300
+    threads past the per-read timeout): at most MAX_CONNECTIONS are served at once (one
+    more is closed at once) and each is cut at the request deadline."""
+    from iteris_daemon import endpoints
+
+    monkeypatch.setattr(endpoints, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(endpoints, "REQUEST_DEADLINE_SECONDS", 1.5)
+    clients = []
+    with serving(metrics_app(DaemonMetrics(catalog), lambda: None)) as port:
+        try:
+            for _ in range(4):  # each sends a byte every 0.4 s, under the 10 s between reads
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                clients[-1].sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            time.sleep(0.3)  # all four are being served
+            extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert extra.recv(1) == b""  # closed at once: no thread for it
+            extra.close()
+            started = time.monotonic()
+            while any(c.fileno() >= 0 for c in clients) and time.monotonic() - started < 20:
+                for c in clients:
+                    if c.fileno() < 0:
+                        continue
+                    try:
+                        c.sendall(b"x")
+                    except OSError:  # cut by the server
+                        c.close()
+                time.sleep(0.4)
+            assert all(c.fileno() < 0 for c in clients) and time.monotonic() - started < 10
+            assert call(port, "GET", "/healthz")[0] == 200  # the slots are free again
+        finally:
+            for c in clients:
+                c.close()
