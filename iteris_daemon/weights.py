@@ -114,22 +114,23 @@ class Checkpoint:
     def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype,
                   names: list[str] | None = None) -> None:
         """Materialise ``names`` (default: every parameter) of ``module``, which sits at
-        ``path`` in the model, on ``device``; floating-point tensors in ``dtype``."""
+        ``path`` in the model, on ``device``; floating-point tensors in ``dtype`` (float32
+        where transformers keeps them so, see :meth:`dtype_of`)."""
         from safetensors import safe_open
 
         if names is None:
             names = [name for name, _param in module.named_parameters()]
-        wanted: dict[Path, list[tuple[str, str]]] = {}
+        wanted: dict[Path, list[tuple[str, str, torch.dtype]]] = {}
         for name in names:
             full = f"{path}.{name}" if path else name
             if full in self.keys:
-                wanted.setdefault(self.files[self.keys[full]], []).append((name, self.keys[full]))
+                wanted.setdefault(self.files[self.keys[full]], []).append((name, self.keys[full], self.dtype_of(full, dtype)))
         for file, names in wanted.items():
             with safe_open(file, framework="pt", device="cpu") as handle:
-                for name, key in names:
+                for name, key, target in names:
                     tensor = handle.get_tensor(key)
                     if tensor.is_floating_point():
-                        tensor = tensor.to(self.dtype_of(f"{path}.{name}" if path else name, dtype))
+                        tensor = tensor.to(target)
                     _replace_parameter(module, name, tensor.to(device))
 
     def dtype_of(self, name: str, dtype: torch.dtype) -> torch.dtype:
