@@ -139,9 +139,12 @@ class Claim:
                 update(MergeGroup).where(MergeGroup.name == self.group, or_(*free))
                 .values(claimed_by=self.holder, claimed_at=now)
             ).rowcount
-            if taken == 1 and current is not None and current != self.holder:
-                _fail_interrupted(session, self.group, f"interrupted: its daemon ({current}) stopped or stopped "
-                                                       "refreshing the claim; the group runs again")
+            if taken == 1:  # holding the claim, no other run of the group can be live
+                _fail_interrupted(session, self.group, (
+                    f"interrupted: its daemon ({current}) stopped or stopped refreshing the claim; the group runs again"
+                    if current not in (None, self.holder) else
+                    "its end was never recorded (the catalog refused the write); it may have published; "
+                    "the group runs again"))
         if taken != 1:
             return False
         self._thread = threading.Thread(target=self._refresh, name=f"claim-{self.group}", daemon=True)
@@ -569,7 +572,8 @@ def recover_interrupted(catalog: Catalog) -> list[int]:
 
 
 def _fail_interrupted(session, group: str, reason: str) -> None:
-    """Mark ``group``'s running runs failed: their claim was just taken from a dead holder."""
+    """Mark ``group``'s running runs failed: the claim was just taken, so none is live (its
+    holder died, or the write that would have ended it failed)."""
     group_id = select(MergeGroup.id).where(MergeGroup.name == group).scalar_subquery()
     for run in session.scalars(select(MergeRun).where(MergeRun.group_id == group_id,
                                                       MergeRun.status == RunStatus.running)):

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
 import iteris_daemon.runner as runner
-from iteris_daemon.catalog.models import AdapterRevision, MergeRunInput, RunStatus
+from iteris_daemon.catalog.db import CatalogLockedError
+from iteris_daemon.catalog.models import AdapterRevision, MergeRun, MergeRunInput, RunStatus
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.sources.local import LocalFolderSource
 from test_gates import Setup, made  # noqa: F401  (the module fixture)
@@ -151,3 +152,29 @@ def test_a_run_error_is_stored_with_tokens_redacted(setup):
     outcome = setup.run(setup.group(names=("task0",)))
     runner._finish(setup.catalog, outcome.run_id, RunStatus.failed, error=f"LocalProtocolError: b'Bearer {token}'")
     assert setup.run_row(outcome.run_id).error == "LocalProtocolError: b'Bearer hf_***'"
+
+
+def test_a_run_whose_end_was_never_recorded_is_failed_by_the_next_run(setup, monkeypatch):
+    """The catalog refused the write that records a published run ``succeeded`` (locked past
+    its timeout): the run stayed ``running`` until the daemon restarted. The next run of
+    the group, holding its claim, marks it failed and merges again."""
+    real_finish = runner._finish
+
+    def locked_when_succeeding(catalog, run_id, status, **values):
+        if status is RunStatus.succeeded:
+            raise CatalogLockedError("database is locked (test)")
+        return real_finish(catalog, run_id, status, **values)
+
+    monkeypatch.setattr(runner, "_finish", locked_when_succeeding)
+    group = setup.group(names=("task0",))
+    with pytest.raises(CatalogLockedError):
+        setup.run(group)
+    with setup.catalog.session() as session:
+        (lost,) = session.scalars(select(MergeRun)).all()
+    assert lost.status is RunStatus.running  # published, but its end is not recorded
+    monkeypatch.setattr(runner, "_finish", real_finish)
+
+    again = setup.run(group)
+    assert again.status is RunStatus.succeeded
+    lost = setup.run_row(lost.id)
+    assert lost.status is RunStatus.failed and lost.finished_at and "never recorded" in lost.error
