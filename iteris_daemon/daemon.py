@@ -29,7 +29,9 @@ import signal
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -41,7 +43,7 @@ from .catalog import Catalog
 from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
-from .config import DaemonConfig, GroupConfig, load_config
+from .config import DaemonConfig, DaemonSettings, GroupConfig, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
 from .paths import cache_dir, private_dir, state_dir
@@ -69,6 +71,57 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
         catalog.write_retrying_conflict(upsert)
 
 
+def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
+    """The daemon's scheduler: "default" pool for polls and housekeeping, "merge" with one
+    thread per merge slot; a job missed while the host slept runs once when it wakes."""
+    return BackgroundScheduler(
+        executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(settings.merge_slots())},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        timezone=timezone.utc,
+    )
+
+
+class RepoPolls:
+    """Webhook polls, at most one per repo at a time. A webhook for a repo whose poll has
+    not started yet adds nothing (that poll sees the push); one that comes while the poll
+    runs makes it poll once more when done: two pushes seconds apart, the first poll may
+    have read the head before the second landed. A flood of replays costs one extra poll."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: set[tuple[str, str]] = set()  # a poll is scheduled or running
+        self._again: set[tuple[str, str]] = set()  # asked for after the running poll started
+
+    def request(self, key: tuple[str, str]) -> bool:
+        """Note a webhook for ``key``; True when the caller must schedule :meth:`drain`."""
+        with self._lock:
+            if key in self._active:
+                self._again.add(key)
+                return False
+            self._active.add(key)
+            return True
+
+    def cancel(self, key: tuple[str, str]) -> None:
+        """The drain asked for could not be scheduled."""
+        with self._lock:
+            self._active.discard(key)
+            self._again.discard(key)
+
+    def drain(self, key: tuple[str, str], poll: Callable[[], object]) -> None:
+        """Poll until no webhook came for ``key`` while polling."""
+        while True:
+            with self._lock:
+                self._again.discard(key)  # what came before this poll starts, it sees
+            try:
+                poll()
+            except Exception:  # the source's own bug: logged, and the next webhook polls again
+                log.exception("webhook: polling %s (source %s) failed", key[1], key[0])
+            with self._lock:
+                if key not in self._again:
+                    self._active.discard(key)
+                    return
+
+
 class Daemon:
     def __init__(self, config_path: Path):
         self.config_path = Path(config_path)
@@ -90,6 +143,7 @@ class Daemon:
         self.metrics: DaemonMetrics | None = None
         self._servers: list[HttpServer] = []
         self._hub: dict[str, HubSource] = {}
+        self._repo_polls = RepoPolls()
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -109,11 +163,7 @@ class Daemon:
                 shutil.rmtree(leftover, ignore_errors=True)  # its half-written or unpublished merge
         for leftover in (*self.work.glob(f"{INPUTS_PREFIX}*"), *self.work.glob(f"{SHAPES_PREFIX}*")):  # killed runs' and workers' files
             shutil.rmtree(leftover, ignore_errors=True)
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(settings.merge_slots())},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
-            timezone=timezone.utc,
-        )
+        self.scheduler = new_scheduler(settings)
         for device in settings.merge_devices()[: settings.merge_slots()]:
             self._free_devices.put(device)
         self.scheduler.start()
@@ -201,8 +251,15 @@ class Daemon:
         """A webhook said ``repo_id`` changed: poll it now in every source that watches it."""
         watching = [hub for hub in list(self._hub.values()) if hub.watches(repo_id)]
         for hub in watching:
-            self.scheduler.add_job(hub.poll_repo, args=[repo_id], id=f"webhook:{hub.name}:{repo_id}",
-                                   replace_existing=True)
+            key = (hub.name, repo_id)
+            if not self._repo_polls.request(key):
+                continue  # the poll under way polls again when done
+            try:
+                self.scheduler.add_job(self._repo_polls.drain, args=[key, partial(hub.poll_repo, repo_id)],
+                                       id=f"webhook:{hub.name}:{repo_id}", replace_existing=True)
+            except Exception:
+                self._repo_polls.cancel(key)
+                raise
         return bool(watching)
 
     def reload(self) -> None:

@@ -10,6 +10,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from sqlalchemy import text
 
+import polling
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source,
                                           SourceKind)
@@ -497,3 +499,66 @@ def test_slow_clients_take_neither_every_thread_nor_forever(catalog, monkeypatch
         finally:
             for c in clients:
                 c.close()
+
+
+# ----------------------------------------------------------------------------- webhook polls in the daemon
+
+
+class _SlowHub:
+    """A Hub source stand-in that watches every repo and whose first poll waits to be let go.
+    (The real source's poll over HTTP is in ``test_daemon_service.py``; here only the
+    daemon's scheduling of webhook polls is under test.)"""
+
+    name = "hub"
+
+    def __init__(self):
+        self.polls: list[str] = []
+        self.polling, self.release = threading.Event(), threading.Event()
+
+    def watches(self, repo_id: str) -> bool:
+        return True
+
+    def poll_repo(self, repo_id: str) -> None:
+        self.polls.append(repo_id)
+        if len(self.polls) == 1:
+            self.polling.set()
+            assert self.release.wait(30)
+
+
+def test_webhooks_during_a_poll_of_their_repo_poll_it_once_more_after(tmp_path, caplog):
+    """Two pushes seconds apart: the first webhook's poll may read the head before the
+    second push lands. The second webhook came while that poll ran, so the repo is polled
+    again once it ends (it used to be dropped as "maximum number of running instances
+    reached", leaving the second push for the next interval poll); 50 replays of it cost
+    that one poll, and a webhook before a poll starts costs none."""
+    from iteris_daemon.daemon import Daemon, new_scheduler
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
+    daemon = Daemon(config)
+    daemon.scheduler = new_scheduler(daemon.config.daemon)
+    hub = daemon._hub["hub"] = _SlowHub()
+    daemon.scheduler.start()
+    try:
+        assert daemon.repo_changed("alice/task")
+        assert hub.polling.wait(30)
+        for _ in range(50):
+            assert daemon.repo_changed("alice/task")
+        time.sleep(0.5)  # the scheduler has handled whatever the webhooks scheduled, while the poll still runs
+        hub.release.set()
+        polling.wait_for(lambda: len(hub.polls) == 2 and daemon.scheduler.get_job("webhook:hub:alice/task") is None,
+                         "the repo's second poll")
+        time.sleep(0.5)  # nothing more comes
+        assert hub.polls == ["alice/task"] * 2
+        assert "maximum number of running instances" not in caplog.text
+
+        daemon.scheduler.pause()  # a poll scheduled but not started sees every push before it
+        for _ in range(3):
+            daemon.repo_changed("alice/task")
+        daemon.scheduler.resume()
+        polling.wait_for(lambda: len(hub.polls) == 3, "the third poll")
+        time.sleep(0.5)
+        assert len(hub.polls) == 3
+    finally:
+        hub.release.set()
+        daemon.scheduler.shutdown()
