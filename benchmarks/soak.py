@@ -222,7 +222,7 @@ class CatalogView:
         return row[0] if row else None
 
     def runs_by_status(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT status, count(*) FROM merge_runs GROUP BY status").fetchall())
+        return dict(self.db.execute("SELECT status, sum(repeats) FROM merge_runs GROUP BY status").fetchall())
 
     def registered(self, source: str | None = None) -> dict[str, str]:
         """locator -> revision of every registered adapter (its newest-seen revision, as ``Adapter.current``)."""

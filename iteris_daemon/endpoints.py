@@ -19,7 +19,8 @@ sharing it and survive restarts:
 - ``iteris_catalog_up``: 1, or 0 when the catalog could not be read (then only the
   in-process metrics follow);
 - ``iteris_adapters{source,status}``: adapters per source and status;
-- ``iteris_merge_runs_total{group,status}``: merge runs recorded;
+- ``iteris_merge_runs_total{group,status}``: merge runs recorded (a skipped run that
+  repeats the last one shares its row, and counts);
 - ``iteris_last_publish_timestamp_seconds{group,destination}``: when the group's last
   successful run finished, per destination (``kind:location``) it published to;
 - ``iteris_fidelity_gap{group,task}``: each task's fidelity gap in that run (0: as the
@@ -187,7 +188,7 @@ class CatalogCollector(Collector):
             adapters = session.execute(select(Source.name, Adapter.status, func.count()).join(Adapter.source)
                                        .group_by(Source.name, Adapter.status)).all()
             groups = session.scalars(select(MergeGroup.name).order_by(MergeGroup.name)).all()
-            runs = session.execute(select(MergeGroup.name, MergeRun.status, func.count()).join(MergeRun.group)
+            runs = session.execute(select(MergeGroup.name, MergeRun.status, func.sum(MergeRun.repeats)).join(MergeRun.group)
                                    .group_by(MergeGroup.name, MergeRun.status)).all()
             successes = session.execute(select(MergeGroup.name, MergeRun.finished_at, MergeRun.metrics)
                                         .join(MergeRun.group).where(MergeRun.id.in_(last_success))

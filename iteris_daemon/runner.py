@@ -448,7 +448,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
                 else "inputs unchanged since the last successful run")
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
-        run_id = _record(catalog, group_id, RunStatus.skipped, fingerprint, inputs, error=skip, finished=True)
+        run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
         return RunOutcome(RunStatus.skipped, run_id, skip)
 
     run_id = _record(catalog, group_id, RunStatus.running, fingerprint, inputs)
@@ -535,16 +535,34 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
 
 def _record(catalog, group_id, status, fingerprint, inputs: Inputs, error=None, finished=False) -> int:
     with catalog.session() as session:
-        run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
-                       finished_at=utcnow() if finished else None,
-                       metrics={"held_back": inputs.held_back} if inputs.held_back else None)
-        session.add(run)
-        session.flush()
-        for (adapter, revision), data in zip(inputs.revisions, inputs.calibration):
-            session.add(MergeRunInput(run_id=run.id, revision_id=revision.id,
-                                      calibration_source=data.source if data else None,
-                                      calibration_sha256=data.fingerprint() if data else None))
+        return _add_run(session, group_id, status, fingerprint, inputs, error, finished).id
+
+
+def _record_skip(catalog, group_id: int, fingerprint: str, inputs: Inputs, reason: str) -> int:
+    """Record a skipped run. One that repeats the group's last run (skipped, same inputs,
+    same reason) replaces it, counting both: ``repeats`` goes up, the catalog does not grow,
+    and the new row's id still tells ``merge-now --wait`` that its request was handled."""
+    with catalog.session() as session:
+        last = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id).order_by(MergeRun.id.desc()).limit(1))
+        run = _add_run(session, group_id, RunStatus.skipped, fingerprint, inputs, reason, finished=True)
+        if (last is not None and last.status is RunStatus.skipped and last.input_fingerprint == fingerprint
+                and last.error == reason):
+            run.repeats, run.started_at = last.repeats + 1, last.started_at
+            session.delete(last)
         return run.id
+
+
+def _add_run(session, group_id, status, fingerprint, inputs: Inputs, error, finished) -> MergeRun:
+    run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
+                   finished_at=utcnow() if finished else None,
+                   metrics={"held_back": inputs.held_back} if inputs.held_back else None)
+    session.add(run)
+    session.flush()
+    for (adapter, revision), data in zip(inputs.revisions, inputs.calibration):
+        session.add(MergeRunInput(run_id=run.id, revision_id=revision.id,
+                                  calibration_source=data.source if data else None,
+                                  calibration_sha256=data.fingerprint() if data else None))
+    return run
 
 
 def _finish(catalog, run_id: int, status: RunStatus, **values) -> None:

@@ -34,7 +34,7 @@ def collect(catalog: Catalog) -> dict[str, Any]:
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
                 "last_run": None if last is None else {
                     "id": last.id, "status": last.status.value, "started_at": _time(last.started_at),
-                    "finished_at": _time(last.finished_at), "error": last.error},
+                    "finished_at": _time(last.finished_at), "error": last.error, "repeats": last.repeats},
                 "next_run_at": _time(group.next_run_at),
                 "merging_now": group.claimed_by,
                 "published": (success.metrics or {}).get("published", []) if success else [],
@@ -56,6 +56,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {g['name']} ({g['strategy']}, base {g['base_model']})")
         lines.append("    last run: " + ("-" if last is None else
                      f"#{last['id']} {last['status']} at {last['finished_at'] or last['started_at']}"
+                     + (f" ({last['repeats']} times since {last['started_at']})" if last["repeats"] > 1 else "")
                      + (f": {last['error']}" if last["error"] else "")))
         lines.append(f"    next run: {g['next_run_at'] or '-'}" + (f"; merging now ({g['merging_now']})" if g["merging_now"] else ""))
         for p in g["published"]:

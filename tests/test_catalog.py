@@ -231,8 +231,8 @@ def test_upgrades_keep_every_row_of_every_table(catalog_url, start):
     metadata = sa.MetaData()
     metadata.reflect(engine)
     tables = [t for t in metadata.sorted_tables if t.name != "alembic_version"]
-    assert {t.name for t in tables} == {"sources", "adapters", "adapter_revisions", "merge_groups", "merge_runs",
-                                        "merge_run_inputs"}
+    assert {t.name for t in tables} - {"base_model_shapes"} == {"sources", "adapters", "adapter_revisions",
+                                                                "merge_groups", "merge_runs", "merge_run_inputs"}
     with engine.begin() as connection:
         written = {t.name: [_fill(connection, t, i) for i in (1, 2)] for t in tables}
     catalog_db.upgrade(engine)

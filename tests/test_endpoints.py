@@ -100,9 +100,10 @@ def fill(catalog: Catalog) -> None:
         session.add_all([unified, second, idle])
         session.flush()
 
-        def run(group: MergeGroup, status: str, finished_at: datetime | None = EARLIER, metrics=None) -> None:
+        def run(group: MergeGroup, status: str, finished_at: datetime | None = EARLIER, metrics=None,
+                repeats: int = 1) -> None:
             session.add(MergeRun(group_id=group.id, status=RunStatus(status), input_fingerprint="f" * 64,
-                                 finished_at=finished_at, metrics=metrics))
+                                 finished_at=finished_at, metrics=metrics, repeats=repeats))
 
         run(unified, "succeeded", metrics={"published": [{"kind": "folder", "location": "/srv/old", "version": "1",
                                                           "changed": True}],
@@ -114,7 +115,7 @@ def fill(catalog: Catalog) -> None:
             "tasks": {"sst2": {"fidelity_gap": 0.125, "alignment_loss": 0.5}, "news": {"fidelity_gap": 0.25},
                       "lang": {"alignment_loss": 0.1}},  # no fidelity gap: no series
         })
-        run(unified, "skipped")
+        run(unified, "skipped", repeats=3)  # three skips in a row, one row
         run(unified, "refused", metrics={"tasks": {"sst2": {"fidelity_gap": 3.0}}})
         run(unified, "running", None)
         run(second, "failed")
@@ -139,7 +140,7 @@ def test_metrics_equal_what_the_catalog_holds(catalog_url):
     assert series(found, "iteris_adapters") == {
         (source, status): adapters.get((source, status), 0)
         for source in ("team", "acme", "old") for status in statuses}
-    runs = {("unified", "succeeded"): 2, ("unified", "failed"): 1, ("unified", "skipped"): 1,
+    runs = {("unified", "succeeded"): 2, ("unified", "failed"): 1, ("unified", "skipped"): 3,
             ("unified", "refused"): 1, ("unified", "running"): 1, ("second", "failed"): 2, ("second", "cancelled"): 1}
     assert series(found, "iteris_merge_runs_total") == {
         (group, status.value): runs.get((group, status.value), 0)

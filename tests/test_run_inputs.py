@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.db import CatalogLockedError
@@ -178,3 +178,39 @@ def test_a_run_whose_end_was_never_recorded_is_failed_by_the_next_run(setup, mon
     assert again.status is RunStatus.succeeded
     lost = setup.run_row(lost.id)
     assert lost.status is RunStatus.failed and lost.finished_at and "never recorded" in lost.error
+
+
+def test_repeated_skips_share_one_row_and_still_count(setup):
+    """On an interval schedule with nothing new, every period records a skipped run: one
+    row and its input rows each time, for months. A skip that repeats the last run (same
+    inputs, same reason) replaces it: the catalog keeps one row that counts them all, the
+    metrics count every run, and each skip still gets a new id (``merge-now --wait``)."""
+    from iteris_daemon.endpoints import DaemonMetrics
+    from iteris_daemon.status import collect, render
+
+    waiting = setup.group(names=("task0", "task1"), min_adapters=3)
+    assert [setup.run(waiting).status for _ in range(2)] == [RunStatus.skipped] * 2
+    assert "skipped" in render(collect(setup.catalog)) and "(2 times since" in render(collect(setup.catalog))
+    with setup.catalog.session() as session:
+        session.execute(delete(MergeRun))
+
+    group = setup.group(names=("task0", "task1"))
+    assert setup.run(group).status is RunStatus.succeeded
+    ids = [setup.run(group) for _ in range(3)]
+    assert [o.status for o in ids] == [RunStatus.skipped] * 3 and ids[0].run_id < ids[1].run_id < ids[2].run_id
+    with setup.catalog.session() as session:
+        runs = session.scalars(select(MergeRun).order_by(MergeRun.id)).all()
+        assert [(r.status, r.repeats) for r in runs] == [(RunStatus.succeeded, 1), (RunStatus.skipped, 3)]
+        assert runs[1].id == ids[2].run_id and runs[1].started_at < runs[1].finished_at
+        assert len(session.scalars(select(MergeRunInput)).all()) == 4  # two per row, not two per run
+    families = {f.name: f for f in DaemonMetrics(setup.catalog).registry.collect()}
+    counted = {s.labels["status"]: s.value for s in families["iteris_merge_runs"].samples
+               if s.name == "iteris_merge_runs_total" and s.value}
+    assert counted == {"succeeded": 1, "skipped": 3}
+
+    # Another reason is another row: a forced run publishes, a skip after it starts a new count.
+    assert setup.run(group, force=True).status is RunStatus.succeeded
+    assert setup.run(group).status is RunStatus.skipped
+    with setup.catalog.session() as session:
+        assert [(r.status, r.repeats) for r in session.scalars(select(MergeRun).order_by(MergeRun.id))] == [
+            (RunStatus.succeeded, 1), (RunStatus.skipped, 3), (RunStatus.succeeded, 1), (RunStatus.skipped, 1)]

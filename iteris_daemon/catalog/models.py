@@ -174,6 +174,9 @@ class MergeRun(Base):
     output_location: Mapped[str | None] = mapped_column(String(1024))
     output_commit: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    # Skipped runs that repeat the group's last one (same inputs, same reason) are one row:
+    # on an interval schedule they would otherwise add a row and its inputs every period.
+    repeats: Mapped[int] = mapped_column(default=1, server_default="1")
 
     group: Mapped[MergeGroup] = relationship(back_populates="runs")
     inputs: Mapped[list[MergeRunInput]] = relationship(back_populates="run", cascade="all, delete-orphan")
