@@ -234,7 +234,8 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
     if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
         raise changed
-    content = folder_fingerprint(into, limits, pickled_from=source)
+    # The weights were hashed by read_layout from the bytes it checked: not read a third time.
+    content = folder_fingerprint(into, limits, pickled_from=source, weights_sha256=loaded.content_sha256)
     if adapter.source.kind is SourceKind.local and content != revision.revision:
         raise changed
     return loaded, content

@@ -71,9 +71,11 @@ class AdapterInfo:
     content_sha256: str
 
 
-def folder_fingerprint(folder: Path, limits: Limits = Limits(), pickled_from: Path | None = None) -> str:
+def folder_fingerprint(folder: Path, limits: Limits = Limits(), pickled_from: Path | None = None,
+                       weights_sha256: str | None = None) -> str:
     """Identity of a folder's adapter content: config, weights (pickled or not) and
-    calibration data (``pickled_from``: read the pickled files from there instead).
+    calibration data (``pickled_from``: read the pickled files from there instead;
+    ``weights_sha256``: the weights' hash, already taken from the bytes the caller read).
 
     Two scans of unchanged files give the same value, so registering twice is a
     no-op; any byte change in those files gives a new revision. A file past its size
@@ -85,7 +87,8 @@ def folder_fingerprint(folder: Path, limits: Limits = Limits(), pickled_from: Pa
     digest = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES, CALIBRATION_NAME):
         path = (pickled_from or folder) / name if name in PICKLED_NAMES else folder / name
-        identity = _file_identity(path, limits.file_limit(name), follow=name != CALIBRATION_NAME)
+        identity = (weights_sha256 if name == WEIGHTS_NAME and weights_sha256 else
+                    _file_identity(path, limits.file_limit(name), follow=name != CALIBRATION_NAME))
         if identity is not None:
             digest.update(f"{name}\0{identity}\0".encode())
     return digest.hexdigest()
