@@ -56,7 +56,7 @@ def register(commands) -> None:
     add.add_argument("--settle", type=float, metavar="SECONDS", help="folder: quiet time before a changed adapter is examined (default 2)")
     add.add_argument("--polling", action="store_true", default=None, help="folder: poll instead of inotify (network filesystems)")
     add.add_argument("--endpoint", metavar="URL", help="hub: Hub URL (default: huggingface_hub's)")
-    add.add_argument("--token-file", type=Path, metavar="FILE", help="hub: file holding the token (default: $HF_TOKEN)")
+    add.add_argument("--token-file", type=Path, metavar="FILE", help="hub: file holding the token (default: the systemd credential hf-token, else $HF_TOKEN)")
     add.add_argument("--interval", type=float, metavar="SECONDS", help="hub: poll period (default 300)")
     add.set_defaults(handler=_sources_add)
 
