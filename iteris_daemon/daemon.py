@@ -22,6 +22,7 @@ always holds a complete version. The process exits 0.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import shutil
@@ -296,7 +297,7 @@ class Daemon:
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
                            "on_change": self._inputs_changed, "shapes": self.shapes}
                 if kind is SourceKind.local:
-                    source = LocalFolderSource(self.catalog, name, **guarded)
+                    source = LocalFolderSource(self.catalog, name, stat_cache=self._stat_cache(name), **guarded)
                     source.start()
                     self._local[name] = source
                     self.scheduler.add_job(source.scan, IntervalTrigger(seconds=self.config.daemon.rescan_seconds),
@@ -318,6 +319,11 @@ class Daemon:
                 self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
                                        executor="merge", replace_existing=True)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _stat_cache(self, source: str) -> Path:
+        """Where a folder source keeps its files' stat and fingerprints (named by a hash:
+        source names are free text)."""
+        return self.cache / "folder-stat" / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
 
     def _inputs_changed(self, report: ScanReport) -> None:
         for group in self._groups.values():

@@ -259,6 +259,45 @@ def test_changes_while_stopped_are_found_at_start(setup):
     assert "half" not in adapters  # incomplete folders wait, they are not rejected
 
 
+def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monkeypatch):
+    """The files' stat and fingerprints are kept in a file (the daemon's cache folder): a
+    source started again (a daemon restart, a SIGHUP) reads no unchanged adapter. Before,
+    every start hashed every adapter's weights. One changed while the source was stopped
+    (same size, same mtime, new ctime) is hashed and registered; an unreadable cache file
+    costs one rehash, then is written again."""
+    import iteris_daemon.sources.local as local
+
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "one")
+    shutil.copytree(second, watched / "two")
+    monkeypatch.setattr(local, "RACY_NS", 0)  # the copies are not racy: trust their times at once
+    _source(catalog, watched, base)
+    cache = tmp_path / "cache" / "folder-stat" / "team.json"
+    assert len(LocalFolderSource(catalog, "team", stat_cache=cache).scan().registered) == 2
+    assert cache.is_file()
+    hashed: list[Path] = []
+    real = local.folder_fingerprint
+    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: hashed.append(folder) or real(folder, *a, **k))
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 2 and hashed == []
+
+    calibration = watched / "one" / "calibration.jsonl"
+    old = calibration.stat()
+    text = calibration.read_text()
+    calibration.write_text(text.replace("a", "b", 1) if "a" in text else text.replace("e", "f", 1))
+    os.utime(calibration, ns=(old.st_atime_ns, old.st_mtime_ns))  # same size, same mtime
+    time.sleep(SETTLE * 2)  # not "recently written" for the scan
+    report = LocalFolderSource(catalog, "team", stat_cache=cache).scan()
+    assert report.registered == [local.as_text(watched / "one")] and report.unchanged == 1
+    assert watched / "one" in hashed and watched / "two" not in hashed
+
+    cache.write_text("{not json")
+    hashed.clear()
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 2
+    assert sorted(hashed) == [watched / "one", watched / "two"]
+    hashed.clear()
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 2 and hashed == []
+
+
 def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
     """A rescan of unchanged adapters reads no files (its files' stat is what was hashed);
     a change that keeps size and mtime still moves the ctime, and is hashed and registered.

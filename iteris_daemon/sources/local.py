@@ -36,6 +36,7 @@ from ..catalog.registry import Observation, get_source, mark_removed, record, se
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter
+from .stat_cache import StatCache
 
 log = logging.getLogger(__name__)
 ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots still exist
@@ -96,13 +97,6 @@ def _snapshot(folder: Path) -> tuple | None:
         return None
 
 
-def _same_fingerprint(folder: Path, fingerprint: str, limits: Limits) -> bool:
-    try:
-        return folder_fingerprint(folder, limits) == fingerprint
-    except OSError:
-        return False
-
-
 def _under(locator: str, prefix: str) -> bool:
     """``locator`` is the folder ``prefix`` or lies inside it."""
     return locator == prefix or locator.startswith(prefix + os.sep)
@@ -128,7 +122,7 @@ class LocalFolderSource:
 
     def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits(),
                  on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = (),
-                 shapes: ShapeSource | None = None):
+                 shapes: ShapeSource | None = None, stat_cache: Path | None = None):
         self.catalog = catalog
         self.on_change = on_change  # called after a scan or event that registered or removed something
         self.name = source_name
@@ -147,7 +141,7 @@ class LocalFolderSource:
         self._handler: _Handler | None = None
         self._watches: dict[Path, object] = {}  # root -> its watchdog ObservedWatch
         self._missing: set[Path] = set()  # roots found deleted while watching
-        self._hashed: dict[str, tuple[tuple, str]] = {}  # locator -> (its files' stat, their fingerprint)
+        self._hashed = StatCache(stat_cache)  # folder fingerprints by their files' stat (a file: across restarts)
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery
@@ -203,6 +197,8 @@ class LocalFolderSource:
                         report.waiting.append(as_text(folder))
             present = {as_text(f) for f in folders}
             self._mark_removed(lambda locator: locator not in present, report)
+            self._hashed.keep_only(present)
+            self._hashed.save()
             # Healthy only if every root is there: a deleted root is an error, not an empty folder.
             missing = [root for root in self.settings.paths if not root.is_dir()]
             # The next root check that finds one back re-watches and rescans it: its watch
@@ -262,7 +258,7 @@ class LocalFolderSource:
             log.info("source %s: %s changed while being examined (%s); looking again", self.name, locator, exc.strerror)
             self._look_again(folder, report)
             return
-        if not _same_fingerprint(folder, fingerprint, self.limits):  # written to meanwhile: look again
+        if not self._same_fingerprint(folder, locator, fingerprint):  # written to meanwhile: look again
             self._look_again(folder, report)
             return
         seen = Observation(
@@ -293,14 +289,21 @@ class LocalFolderSource:
         rule): a write in the same tick as the look could leave every time unchanged."""
         started = time.time_ns()
         before = _snapshot(folder)
-        known = self._hashed.get(locator)
-        if known is not None and before is not None and known[0] == before:
-            return known[1]
+        known = self._hashed.get(locator, before)
+        if known is not None:
+            return known
         fingerprint = folder_fingerprint(folder, self.limits)
         settled = before is not None and all(max(mtime, ctime) < started - RACY_NS for _, _, mtime, ctime in before)
         if settled and _snapshot(folder) == before:  # and not written to while it was read
-            self._hashed[locator] = (before, fingerprint)
+            self._hashed.put(locator, before, fingerprint)
         return fingerprint
+
+    def _same_fingerprint(self, folder: Path, locator: str, fingerprint: str) -> bool:
+        """The folder still has ``fingerprint`` (hashed again only if its stat moved)."""
+        try:
+            return self._fingerprint(folder, locator) == fingerprint
+        except OSError:
+            return False
 
     def _reject_symlinked(self, folder: Path, report: ScanReport) -> None:
         """Record ``folder``, reached through a symlinked folder, as rejected without reading
@@ -496,6 +499,7 @@ class LocalFolderSource:
                     return _under(locator, prefix) and not _holds_adapter(Path(locator))
 
                 self._mark_removed(gone, report)
+            self._hashed.save()
         self._look_again_at_removed(report.removed)
         if report.registered or report.rejected or report.removed:
             log.debug("source %s: events: %s", self.name, report)

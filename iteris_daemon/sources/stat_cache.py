@@ -1,0 +1,89 @@
+"""Folder fingerprints remembered by their files' stat, across restarts and reloads.
+
+A folder source hashes an adapter folder only when its files' names, sizes, mtimes or
+ctimes moved since it was last hashed (see ``LocalFolderSource._fingerprint``). Kept in
+memory only, that knowledge was lost at every restart and SIGHUP, and the start-up
+rescan read every adapter's weights again: hundreds of GB for a thousand LLM adapters.
+This keeps it in a JSON file in the daemon's cache folder. Losing or corrupting the file
+costs one rehash, never a wrong answer that the in-memory cache would not give: an
+entry is used only when the stat it was taken with is the folder's stat now.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+Snapshot = tuple[tuple[str, int, int, int], ...]  # (name, size, mtime_ns, ctime_ns) per file
+
+
+class StatCache:
+    """locator -> (the folder's stat snapshot, its fingerprint); ``path`` None: memory only."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self._entries: dict[str, tuple[Snapshot, str]] = {}
+        self._changed = False
+        if path is not None:
+            self._entries = _load(path)
+
+    def get(self, locator: str, snapshot: Snapshot | None) -> str | None:
+        """The fingerprint hashed when the folder had exactly this ``snapshot``, if any."""
+        known = self._entries.get(locator)
+        return known[1] if known is not None and snapshot is not None and known[0] == snapshot else None
+
+    def put(self, locator: str, snapshot: Snapshot, fingerprint: str) -> None:
+        if self._entries.get(locator) != (snapshot, fingerprint):
+            self._entries[locator] = (snapshot, fingerprint)
+            self._changed = True
+
+    def keep_only(self, locators: set[str]) -> None:
+        """Forget folders that are gone (a full scan knows every folder there is)."""
+        for locator in set(self._entries) - locators:
+            del self._entries[locator]
+            self._changed = True
+
+    def save(self) -> None:
+        """Write the file if anything changed (atomically; a failure only costs a rehash later)."""
+        if self.path is None or not self._changed:
+            return
+        entries = {locator: [[list(f) for f in snapshot], fingerprint]
+                   for locator, (snapshot, fingerprint) in self._entries.items()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w") as out:
+                    json.dump({"format": FORMAT, "entries": entries}, out)
+                os.replace(temporary, self.path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            log.warning("cannot save the folder stat cache %s (%s); the next start hashes the adapters again",
+                        self.path, exc.strerror)
+            return
+        self._changed = False
+
+
+def _load(path: Path) -> dict[str, tuple[Snapshot, str]]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the folder stat cache %s (%s); adapters are hashed again", path, exc)
+        return {}
+    try:
+        if data["format"] != FORMAT:
+            raise ValueError(f"format {data['format']!r}")
+        return {str(locator): (tuple((str(n), int(s), int(m), int(c)) for n, s, m, c in snapshot), str(fingerprint))
+                for locator, (snapshot, fingerprint) in data["entries"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.warning("ignoring the folder stat cache %s (unexpected content: %s); adapters are hashed again", path, exc)
+        return {}
