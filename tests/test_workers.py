@@ -182,6 +182,99 @@ def test_the_worker_is_killed_with_the_process_that_started_it(tmp_path, made, f
     polling.wait_for(lambda: not _alive(worker), timeout=30, what="the orphaned worker to die")
 
 
+def test_the_daemon_outlives_workers_that_die(tmp_path, made):
+    """The same three deaths under a real daemon (``python -m iteris_daemon run``): each
+    run is recorded failed with the reason while the daemon keeps running and the
+    published version stays as it was; then a run succeeds. The mode changes by SIGHUP
+    (new parameters: new inputs, so the group runs again)."""
+    import json
+    import signal
+
+    from sqlalchemy import select
+
+    from iteris_daemon.catalog.models import MergeGroup
+
+    base, adapter = made
+    watched, published = tmp_path / "watched", tmp_path / "published"
+    shutil.copytree(adapter, watched / "task0")
+    config = tmp_path / "daemon.toml"
+
+    def configure(mode: str, scale: float = 1.0) -> None:
+        q = json.dumps
+        config.write_text(f"""
+[daemon]
+state_dir = {q(str(tmp_path / "state"))}
+cache_dir = {q(str(tmp_path / "cache"))}
+worker_memory_limit_mb = {MEMORY_LIMIT_MB}
+
+[[sources]]
+name = "team"
+kind = "local"
+paths = [{q(str(watched))}]
+base_model = {q(str(base))}
+settle_seconds = 0.3
+
+[[groups]]
+name = "unified"
+base_model = {q(str(base))}
+strategy = "faulty"
+params = {{ mode = "{mode}", scale = {scale} }}
+debounce_seconds = 0
+gates = {{ max_regression = false }}
+destinations = [{{ kind = "folder", path = {q(str(published))} }}]
+""")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN), env.get("PYTHONPATH")]))
+    configure("ok")
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "iteris_daemon", "run", "--config", str(config)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    catalog = None
+    try:
+        polling.wait_for(lambda: " running: " in log.read_text(errors="replace"), timeout=120,
+                         what="the daemon to start", proc=daemon)
+        catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}", migrate=False)
+
+        def next_run(after: int) -> MergeRun:
+            def finished():
+                with catalog.session() as session:
+                    return session.scalar(select(MergeRun).join(MergeGroup).where(
+                        MergeGroup.name == "unified", MergeRun.id > after, MergeRun.finished_at.is_not(None),
+                        MergeRun.status != RunStatus.skipped).order_by(MergeRun.id).limit(1))
+            return polling.wait_for(finished, timeout=180, what=f"a run after run {after}", proc=daemon)
+
+        first = next_run(0)
+        assert first.status is RunStatus.succeeded, first.error
+        current = published / "current" / "adapter_model.safetensors"
+        version = sha256_file(current)
+        last = first.id
+        for mode, reason in (("sigkill", "killed by SIGKILL"), ("exit", "exited with status 7 without a result"),
+                             ("allocate", "out of memory")):
+            configure(mode)
+            daemon.send_signal(signal.SIGHUP)
+            died = next_run(last)
+            assert died.status is RunStatus.failed and reason in died.error, (mode, died.error)
+            assert daemon.poll() is None, log.read_text(errors="replace")[-5000:]
+            assert sha256_file(current) == version
+            assert not list((tmp_path / "state" / "runs").glob("run-*"))
+            last = died.id
+        configure("ok", scale=2.0)
+        daemon.send_signal(signal.SIGHUP)
+        after = next_run(last)
+        assert after.status is RunStatus.succeeded, after.error
+        assert sha256_file(current) != version
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if catalog is not None:
+            catalog.close()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
 def _child_of(pid: int) -> int | None:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
