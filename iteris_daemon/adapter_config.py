@@ -77,7 +77,7 @@ def _peft_pattern(key: str) -> str:
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha pattern lookup: the value of the first key ``k`` for which
+    r"""PEFT's rank/alpha pattern lookup: the value of the first key ``k`` for which
     ``re.match(rf"(.*\.)?({k})$", module)`` holds (a module path ending in it).
 
     The keys come from an untrusted file. A key of module-path characters (nearly all

@@ -23,6 +23,7 @@ always holds a complete version. The process exits 0.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import queue
 import shutil
@@ -145,6 +146,7 @@ class Daemon:
         self._servers: list[HttpServer] = []
         self._hub: dict[str, HubSource] = {}
         self._repo_polls = RepoPolls()
+        self._webhook_jobs = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -255,9 +257,9 @@ class Daemon:
             key = (hub.name, repo_id)
             if not self._repo_polls.request(key):
                 continue  # the poll under way polls again when done
-            try:
+            try:  # a job of its own: the last drain of this repo may still count as running in APScheduler
                 self.scheduler.add_job(self._repo_polls.drain, args=[key, partial(hub.poll_repo, repo_id)],
-                                       id=f"webhook:{hub.name}:{repo_id}", replace_existing=True)
+                                       id=f"webhook:{hub.name}:{repo_id}:{next(self._webhook_jobs)}")
             except Exception:
                 self._repo_polls.cancel(key)
                 raise

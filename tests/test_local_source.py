@@ -298,6 +298,50 @@ def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monke
     assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 2 and hashed == []
 
 
+def test_the_stat_cache_is_not_trusted_past_what_it_saw(setup, tmp_path, monkeypatch):
+    """What the stat cache file must not hide: weights reached through a symlink whose
+    target was rewritten (the link's own stat is unchanged); a fingerprint taken under
+    other size limits (a file past its limit is not read, so the fingerprint depends on
+    them: a raised limit must re-examine an adapter it rejected); and a file whose entries
+    are not well formed (a fingerprint of ``None``)."""
+    import iteris_daemon.sources.local as local
+    from iteris_daemon.validation import Limits
+
+    catalog, watched, base, (first, second) = setup
+    monkeypatch.setattr(local, "RACY_NS", 0)
+    shared = watched / "shared"
+    shared.mkdir()
+    shutil.copy(first / "adapter_model.safetensors", shared / "weights.bin")  # not an adapter folder itself
+    shutil.copytree(first, watched / "linked")
+    (watched / "linked" / "adapter_model.safetensors").unlink()
+    (watched / "linked" / "adapter_model.safetensors").symlink_to(shared / "weights.bin")
+    _source(catalog, watched, base)
+    cache = tmp_path / "cache" / "team.json"
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().registered == [local.as_text(watched / "linked")]
+
+    save_file({k: v * 2 for k, v in load_file(shared / "weights.bin").items()}, shared / ".new")
+    os.replace(shared / ".new", shared / "weights.bin")  # the link is untouched
+    time.sleep(SETTLE * 2)
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().registered == [local.as_text(watched / "linked")]
+    assert len(_adapters(catalog)["linked"].revisions) == 2
+
+    size = (shared / "weights.bin").stat().st_size
+    small = Limits(max_weights_bytes=size - 1)
+    assert LocalFolderSource(catalog, "team", limits=small, stat_cache=cache).scan().rejected
+    assert _adapters(catalog)["linked"].status is AdapterStatus.rejected
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().registered  # limit back: examined again
+    assert _adapters(catalog)["linked"].status is AdapterStatus.registered
+
+    entries = json.loads(cache.read_text())
+    (locator,) = entries["entries"]
+    entries["entries"][locator][1] = None
+    cache.write_text(json.dumps(entries))
+    hashed: list[Path] = []
+    real = local.folder_fingerprint
+    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: hashed.append(folder) or real(folder, *a, **k))
+    assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 1 and hashed
+
+
 def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
     """A rescan of unchanged adapters reads no files (its files' stat is what was hashed);
     a change that keeps size and mtime still moves the ctime, and is hashed and registered.

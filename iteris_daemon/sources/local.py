@@ -87,11 +87,16 @@ RACY_NS = 2_000_000_000  # file times this close to a look may hide a change (co
 def _snapshot(folder: Path) -> tuple | None:
     """(name, size, mtime, ctime) of the folder's files. The ctime too: copies keep the
     source's mtime (``cp -p``, ``rsync -t``, ``shutil.copytree``), but setting it moves
-    the ctime, which nothing can set back."""
+    the ctime, which nothing can set back. A symlink counts twice, itself and what it
+    leads to (``NAME ->``): the fingerprint reads the target, which can change alone."""
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        stats = [(e.name, e.stat(follow_symlinks=False))
-                 for e in entries if e.is_file(follow_symlinks=False) or e.is_symlink()]
+        stats = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                stats.append((entry.name, entry.stat(follow_symlinks=False)))
+            if entry.is_symlink():
+                with contextlib.suppress(OSError):  # dangling or looping: the link's own stat says it all
+                    stats.append((f"{entry.name} ->", os.stat(entry.path)))
         return tuple((name, info.st_size, info.st_mtime_ns, info.st_ctime_ns) for name, info in stats)
     except OSError:
         return None
@@ -141,7 +146,12 @@ class LocalFolderSource:
         self._handler: _Handler | None = None
         self._watches: dict[Path, object] = {}  # root -> its watchdog ObservedWatch
         self._missing: set[Path] = set()  # roots found deleted while watching
-        self._hashed = StatCache(stat_cache)  # folder fingerprints by their files' stat (a file: across restarts)
+        # Folder fingerprints by their files' stat (in a file: across restarts). The limits
+        # are part of a fingerprint (a file past its limit is not read), so a cache made
+        # under other limits is not used.
+        self._hashed = StatCache(stat_cache, context={"config": limits.max_config_bytes,
+                                                      "weights": limits.max_weights_bytes,
+                                                      "calibration": limits.max_calibration_bytes})
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery

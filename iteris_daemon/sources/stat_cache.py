@@ -6,7 +6,9 @@ memory only, that knowledge was lost at every restart and SIGHUP, and the start-
 rescan read every adapter's weights again: hundreds of GB for a thousand LLM adapters.
 This keeps it in a JSON file in the daemon's cache folder. Losing or corrupting the file
 costs one rehash, never a wrong answer that the in-memory cache would not give: an
-entry is used only when the stat it was taken with is the folder's stat now.
+entry is used only when the stat it was taken with is the folder's stat now, and a file
+written under another ``context`` (the size limits, which a fingerprint depends on) or
+holding anything but well-formed entries is ignored whole.
 """
 
 from __future__ import annotations
@@ -14,23 +16,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 Snapshot = tuple[tuple[str, int, int, int], ...]  # (name, size, mtime_ns, ctime_ns) per file
 
 
 class StatCache:
-    """locator -> (the folder's stat snapshot, its fingerprint); ``path`` None: memory only."""
+    """locator -> (the folder's stat snapshot, its fingerprint); ``path`` None: memory only.
+    ``context``: what the fingerprints also depend on; a file made under another is ignored."""
 
-    def __init__(self, path: Path | None = None):
-        self.path = path
+    def __init__(self, path: Path | None = None, context: dict[str, Any] | None = None):
+        self.path, self.context = path, context or {}
         self._entries: dict[str, tuple[Snapshot, str]] = {}
         self._changed = False
         if path is not None:
-            self._entries = _load(path)
+            self._entries = _load(path, self.context)
 
     def get(self, locator: str, snapshot: Snapshot | None) -> str | None:
         """The fingerprint hashed when the folder had exactly this ``snapshot``, if any."""
@@ -59,7 +65,7 @@ class StatCache:
             fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "w") as out:
-                    json.dump({"format": FORMAT, "entries": entries}, out)
+                    json.dump({"format": FORMAT, "context": self.context, "entries": entries}, out)
                 os.replace(temporary, self.path)
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
@@ -71,19 +77,42 @@ class StatCache:
         self._changed = False
 
 
-def _load(path: Path) -> dict[str, tuple[Snapshot, str]]:
+def _load(path: Path, context: dict[str, Any]) -> dict[str, tuple[Snapshot, str]]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         log.warning("ignoring the folder stat cache %s (%s); adapters are hashed again", path, exc)
         return {}
     try:
         if data["format"] != FORMAT:
             raise ValueError(f"format {data['format']!r}")
-        return {str(locator): (tuple((str(n), int(s), int(m), int(c)) for n, s, m, c in snapshot), str(fingerprint))
-                for locator, (snapshot, fingerprint) in data["entries"].items()}
+        if data["context"] != context:
+            log.info("folder stat cache %s was made under other limits; adapters are hashed again", path)
+            return {}
+        return {locator: (tuple(_file(f) for f in snapshot), _fingerprint(fingerprint))
+                for locator, (snapshot, fingerprint) in _items(data["entries"])}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         log.warning("ignoring the folder stat cache %s (unexpected content: %s); adapters are hashed again", path, exc)
         return {}
+
+
+def _items(entries: Any) -> list[tuple[str, tuple[Any, Any]]]:
+    if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                                                 for k, v in entries.items()):
+        raise ValueError("entries")
+    return list(entries.items())
+
+
+def _file(entry: Any) -> tuple[str, int, int, int]:
+    name, *numbers = entry
+    if not isinstance(name, str) or len(numbers) != 3 or not all(type(n) is int for n in numbers):
+        raise ValueError(f"file entry {entry!r}")
+    return (name, *numbers)
+
+
+def _fingerprint(value: Any) -> str:
+    if not isinstance(value, str) or not FINGERPRINT.fullmatch(value):
+        raise ValueError(f"fingerprint {value!r}")
+    return value
