@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibration import DEFAULT_ORDER
+from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .validation import Limits
@@ -25,15 +25,6 @@ from .validation import Limits
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def check_device(name: str) -> str:
-    """A merge device as the README documents it; checked here, where the config is read,
-    because the daemon does not import torch and would otherwise learn of a typo only
-    when every merge fails."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"unknown device {name!r} (use cpu, cuda or cuda:N)")
-    return name
 
 
 Device = Annotated[str, AfterValidator(check_device)]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationSet
+from .devices import check_device
 from .errors import BaseModelError, IncompatibleAdaptersError
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes
@@ -37,9 +38,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _device(name: str) -> torch.device:
     """``name`` as a torch device that exists here, or a one-line error."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BaseModelError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+        device = torch.device(check_device(name))
+    except ValueError as exc:
+        raise BaseModelError(str(exc)) from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise BaseModelError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
     return device
