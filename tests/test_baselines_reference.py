@@ -1,0 +1,111 @@
+"""TIES and DARE (plugins/baselines_math.py) against references written here.
+
+TIES (Yadav et al., NeurIPS 2023) in numpy float64, from the paper's three steps on each
+module's dense deltas: keep each task's top-``density`` entries by magnitude, elect each
+entry's sign from the (weighted) sum, average the entries that agree with it. DARE (Yu et
+al., ICML 2024) drops entries at random, so it is checked by what must hold whatever the
+draw: no drop is task arithmetic; with one task every entry is 0 or the task's entry
+scaled by 1/(1-p), and about 1-p of them are kept; a seed gives one merge.
+
+``target_rank`` is set past every module's size, so the written LoRA is the dense result
+itself; one test keeps the default (the sum of the input ranks) and checks the written
+LoRA against the best approximation of that rank (Eckart-Young, from numpy's SVD) and the
+reported truncation error against its residual.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_lora_2025 import MODULES, _adapters, _deltas, _merge
+
+FULL = 64  # past min(d_out, d_in) of every module in MODULES: no truncation
+
+
+def reference_ties(deltas: list[np.ndarray], weights: list[float], density: float) -> np.ndarray:
+    trimmed = []
+    for D in deltas:
+        k = max(1, int(round(density * D.size)))
+        if k >= D.size:
+            trimmed.append(D)
+            continue
+        threshold = np.sort(np.abs(D), axis=None)[D.size - k]  # the k-th largest magnitude
+        trimmed.append(np.where(np.abs(D) >= threshold, D, 0.0))
+    T = np.stack(trimmed) * np.asarray(weights)[:, None, None]
+    elected = np.sign(T.sum(axis=0))
+    agree = (np.sign(T) == elected) & (T != 0)
+    return (T * agree).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
+
+
+def _weights_of(adapters, path, weights):
+    return [w for a, w in zip(adapters, weights) if path in a.modules]
+
+
+def _relative(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("density, weights", [(0.2, [1.0, 1.0, 1.0, 1.0]), (0.5, [1.0, 0.5, 2.0, 0.3]),
+                                              (1.0, [0.7, 0.7, 0.7, 0.7]), (0.01, [1.0, 1.0, 1.0, 1.0])])
+def test_ties_matches_the_dense_reference(seed, density, weights):
+    adapters = _adapters(seed)
+    result = _merge("ties", adapters, density=density, weights=weights, target_rank=FULL)
+    assert set(result.modules) == set(MODULES)
+    for path, (B, A) in result.modules.items():
+        deltas = [d.numpy() for d in _deltas(adapters, path)]
+        expected = reference_ties(deltas, _weights_of(adapters, path, weights), density)
+        assert _relative((B.double() @ A.double()).numpy(), expected) < 1e-6, path
+
+
+def test_dare_without_drops_is_task_arithmetic():
+    adapters = _adapters(2)
+    weights = [1.0, 0.5, 2.0, 0.3]
+    result = _merge("dare", adapters, drop_rate=0.0, weights=weights, target_rank=FULL)
+    for path, (B, A) in result.modules.items():
+        expected = sum(w * d for w, d in zip(_weights_of(adapters, path, weights), _deltas(adapters, path)))
+        assert _relative((B.double() @ A.double()).numpy(), expected.numpy()) < 1e-6, path
+
+
+@pytest.mark.parametrize("drop_rate", [0.3, 0.9])
+def test_dare_keeps_about_1_minus_p_of_the_entries_rescaled(drop_rate):
+    adapters = _adapters(3)[:1]
+    result = _merge("dare", adapters, drop_rate=drop_rate, weights=[2.0], target_rank=FULL)
+    kept = total = 0
+    for path, (B, A) in result.modules.items():
+        merged = (B.double() @ A.double()).numpy()
+        (delta,) = [d.numpy() for d in _deltas(adapters, path)]
+        rescaled = 2.0 * delta / (1 - drop_rate)
+        is_kept = np.abs(merged - rescaled) <= 1e-5 * np.abs(rescaled).max()
+        is_dropped = np.abs(merged) <= 1e-5 * np.abs(rescaled).max()
+        assert (is_kept | is_dropped).all(), path  # every entry is one or the other
+        kept, total = kept + int(is_kept.sum()), total + merged.size
+    # 1,212 entries: the kept fraction is within 5 standard deviations of 1 - p
+    assert abs(kept / total - (1 - drop_rate)) < 5 * (drop_rate * (1 - drop_rate) / total) ** 0.5
+
+
+def test_dare_is_reproducible_by_seed():
+    adapters = _adapters(4)
+    runs = [_merge("dare", adapters, seed=seed, target_rank=FULL) for seed in (7, 7, 8)]
+    for path in MODULES:
+        first, again, other = (r.modules[path][0] @ r.modules[path][1] for r in runs)
+        assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
+def test_the_dense_result_is_written_as_its_best_low_rank_approximation():
+    adapters = _adapters(5)
+    result = _merge("ties", adapters, density=0.3)  # target rank: the sum of the ranks present
+    worst = 0.0
+    for path, (B, A) in result.modules.items():
+        deltas = [d.numpy() for d in _deltas(adapters, path)]
+        dense = reference_ties(deltas, [1.0] * len(deltas), 0.3)
+        rank = sum(a.modules[path].rank for a in adapters if path in a.modules)
+        U, S, Vh = np.linalg.svd(dense, full_matrices=False)
+        best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        assert A.shape[0] == min(rank, *dense.shape)
+        assert _relative((B.double() @ A.double()).numpy(), best) < 1e-6, path
+        worst = max(worst, float(np.sqrt((S[rank:] ** 2).sum() / (S ** 2).sum())))
+    assert worst > 0.01  # the modules' TIES results are of higher rank than the sum: truncated
+    assert result.metrics["truncation_error"]["max"] == pytest.approx(worst, rel=1e-9)
