@@ -196,3 +196,13 @@ def test_catalog_benchmark_tiny(tmp_path, capsys):
     assert len(daemon["status_seconds_all"]) == 5 and len(daemon["webhook_seconds"]) == 1
     assert 0 < daemon["polled_seconds"][0] < 2 + 60  # the next poll, within one period plus the registration
     assert "with a webhook" in capsys.readouterr().out
+
+
+@pytest.mark.long
+def test_dense_memory_benchmark_tiny(capsys):
+    """benchmarks.dense_memory on a 64 x 32 module: a process per strategy, one table row each."""
+    from benchmarks import dense_memory
+
+    assert dense_memory.main(["--shape", "64x32", "--adapters", "2", "--rank", "2", "--strategies", "ties", "core_space"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| ties ", "| core_space "))]
+    assert len(rows) == 2 and all(int(row.split("|")[4]) > 0 for row in rows)  # a peak in MB for each
