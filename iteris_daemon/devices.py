@@ -9,6 +9,6 @@ import re
 def check_device(name: str) -> str:
     """``name`` if it is a device the README documents (cpu, cuda, cuda:N), else ValueError:
     a typo in the config is found when it is read, not when every merge fails."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
         raise ValueError(f"unknown device {name!r} (use cpu, cuda or cuda:N)")
     return name

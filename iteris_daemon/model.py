@@ -41,6 +41,8 @@ def _device(name: str) -> torch.device:
         device = torch.device(check_device(name))
     except ValueError as exc:
         raise BaseModelError(str(exc)) from None
+    except RuntimeError:  # a name torch refuses all the same (an index past its range)
+        raise BaseModelError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise BaseModelError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
     return device

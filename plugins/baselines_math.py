@@ -21,27 +21,35 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress
 CHUNK_ENTRIES = 1 << 20  # entries of one task's delta combined at once (8 MiB in float64)
 
 
+def _band(module: LoraModule, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of the module's dense delta, float64. Every use goes through this one
+    expression: a band of a matrix product need not be bit-identical to the same rows of
+    the whole product, and TIES compares entries with a threshold taken from them."""
+    return module.scaling * (module.B[rows].double() @ module.A.double())
+
+
 def _dense_merge(inputs: MergeInputs, weights: list[float], params: DenseParams, progress: Progress,
                  combine: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
-                 prepare: Callable[[list[LoraModule]], Any] = lambda modules: None) -> MergedAdapter:
-    """Combine each module's dense deltas, a band of rows at a time: ``combine(deltas,
-    weights, prepared)`` gets the band of every task (tasks x rows x d_in, float64) and what
-    ``prepare(modules)`` computed once per module from the whole deltas. Only the merged
-    matrix is whole (the SVD needs it); N dense float64 copies of an LM head were 9 GB."""
+                 prepare: Callable[[list[LoraModule], list[slice]], Any] = lambda modules, bands: None
+                 ) -> MergedAdapter:
+    """Combine each module's dense deltas a band of rows at a time: ``combine(deltas,
+    weights, prepared)`` gets the band of every task (tasks x rows x d_in, float64) and
+    what ``prepare(modules, bands)`` computed once per module. The merged matrix is whole
+    (the SVD needs it); the tasks' deltas are never all whole at once (N float64 copies
+    of an LM head's were 9 GB)."""
     paths = sorted({p for a in inputs.adapters for p in a.modules})
     modules, errors = {}, {}
     for path in progress(paths, desc="layers", leave=False):
         present = [(a.modules[path], w) for a, w in zip(inputs.adapters, weights) if path in a.modules]
         loras = [m for m, _ in present]
         task_weights = torch.tensor([w for _, w in present], dtype=torch.float64)
-        prepared = prepare(loras)
         d_out, d_in = loras[0].B.shape[0], loras[0].A.shape[1]
-        merged = torch.empty(d_out, d_in, dtype=torch.float64)
         step = max(1, CHUNK_ENTRIES // d_in)
-        for start in range(0, d_out, step):
-            rows = slice(start, start + step)
-            band = torch.stack([m.scaling * (m.B[rows].double() @ m.A.double()) for m in loras])
-            merged[rows] = combine(band, task_weights, prepared)
+        bands = [slice(start, start + step) for start in range(0, d_out, step)]
+        prepared = prepare(loras, bands)
+        merged = torch.empty(d_out, d_in, dtype=torch.float64)
+        for rows in bands:
+            merged[rows] = combine(torch.stack([_band(m, rows) for m in loras]), task_weights, prepared)
         rank = params.target_rank or sum(m.rank for m in loras)
         B, A, errors[path] = dense_to_lowrank(merged, rank)
         modules[path] = (B, A)
@@ -51,9 +59,15 @@ def _dense_merge(inputs: MergeInputs, weights: list[float], params: DenseParams,
 def ties_merge(inputs: MergeInputs, weights: list[float], params: TiesParams, progress: Progress) -> MergedAdapter:
     """TIES-merging: trim to top-density entries, elect signs, disjoint mean."""
 
-    def thresholds(loras: list[LoraModule]) -> torch.Tensor:
-        """Each task's trim threshold, from its whole delta (one at a time)."""
-        return torch.tensor([_top_threshold(m.delta(), params.density) for m in loras], dtype=torch.float64)
+    def thresholds(loras: list[LoraModule], bands: list[slice]) -> torch.Tensor:
+        """Each task's trim threshold over its whole delta, one task at a time in one buffer."""
+        magnitudes = torch.empty(loras[0].B.shape[0], loras[0].A.shape[1], dtype=torch.float64)
+        found = []
+        for m in loras:
+            for rows in bands:
+                torch.abs(_band(m, rows), out=magnitudes[rows])
+            found.append(_top_threshold(magnitudes, params.density))
+        return torch.tensor(found, dtype=torch.float64)
 
     def combine(deltas: torch.Tensor, weights: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         trimmed = torch.where(deltas.abs() >= threshold[:, None, None], deltas, 0.0)
@@ -66,12 +80,15 @@ def ties_merge(inputs: MergeInputs, weights: list[float], params: TiesParams, pr
     return _dense_merge(inputs, weights, params, progress, combine, thresholds)
 
 
-def _top_threshold(delta: torch.Tensor, density: float) -> float:
-    """The smallest magnitude among the ``density`` largest entries (0: keep them all)."""
-    k = max(1, int(round(density * delta.numel())))
-    if k >= delta.numel():
+def _top_threshold(magnitudes: torch.Tensor, density: float) -> float:
+    """The smallest of the ``density`` largest ``magnitudes`` (0: keep them all). Reorders
+    ``magnitudes`` in place (a partial sort, no copy)."""
+    k = max(1, int(round(density * magnitudes.numel())))
+    if k >= magnitudes.numel():
         return 0.0
-    return float(delta.abs().flatten().kthvalue(delta.numel() - k + 1).values)
+    flat = magnitudes.numpy().reshape(-1)
+    flat.partition(flat.size - k)
+    return float(flat[flat.size - k])
 
 
 def dare_merge(inputs: MergeInputs, weights: list[float], params: DareParams, progress: Progress) -> MergedAdapter:

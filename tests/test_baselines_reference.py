@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import iteris_daemon.plugins.baselines_math as baselines_math
+from iteris_daemon.lora import LoraAdapter
 from test_lora_2025 import MODULES, _adapters, _deltas, _merge
 
 FULL = 64  # past min(d_out, d_in) of every module in MODULES: no truncation
@@ -50,7 +52,12 @@ def _relative(a, b) -> float:
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("density, weights", [(0.2, [1.0, 1.0, 1.0, 1.0]), (0.5, [1.0, 0.5, 2.0, 0.3]),
                                               (1.0, [0.7, 0.7, 0.7, 0.7]), (0.01, [1.0, 1.0, 1.0, 1.0])])
-def test_ties_matches_the_dense_reference(seed, density, weights):
+@pytest.mark.parametrize("band", [None, 1, 7, 29])  # entries per band (None: the shipped size, one band here)
+def test_ties_matches_the_dense_reference(seed, density, weights, band, monkeypatch):
+    """Bands of one row, of a few rows with a short last band, and of one row and a bit
+    (29 > d_in for two modules) give the same merge as one band."""
+    if band is not None:
+        monkeypatch.setattr(baselines_math, "CHUNK_ENTRIES", band)
     adapters = _adapters(seed)
     result = _merge("ties", adapters, density=density, weights=weights, target_rank=FULL)
     assert set(result.modules) == set(MODULES)
@@ -60,7 +67,10 @@ def test_ties_matches_the_dense_reference(seed, density, weights):
         assert _relative((B.double() @ A.double()).numpy(), expected) < 1e-6, path
 
 
-def test_dare_without_drops_is_task_arithmetic():
+@pytest.mark.parametrize("band", [None, 7])
+def test_dare_without_drops_is_task_arithmetic(band, monkeypatch):
+    if band is not None:
+        monkeypatch.setattr(baselines_math, "CHUNK_ENTRIES", band)
     adapters = _adapters(2)
     weights = [1.0, 0.5, 2.0, 0.3]
     result = _merge("dare", adapters, drop_rate=0.0, weights=weights, target_rank=FULL)
@@ -70,7 +80,10 @@ def test_dare_without_drops_is_task_arithmetic():
 
 
 @pytest.mark.parametrize("drop_rate", [0.3, 0.9])
-def test_dare_keeps_about_1_minus_p_of_the_entries_rescaled(drop_rate):
+@pytest.mark.parametrize("band", [None, 7])
+def test_dare_keeps_about_1_minus_p_of_the_entries_rescaled(drop_rate, band, monkeypatch):
+    if band is not None:
+        monkeypatch.setattr(baselines_math, "CHUNK_ENTRIES", band)
     adapters = _adapters(3)[:1]
     result = _merge("dare", adapters, drop_rate=drop_rate, weights=[2.0], target_rank=FULL)
     kept = total = 0
@@ -84,6 +97,21 @@ def test_dare_keeps_about_1_minus_p_of_the_entries_rescaled(drop_rate):
         kept, total = kept + int(is_kept.sum()), total + merged.size
     # 1,212 entries: the kept fraction is within 5 standard deviations of 1 - p
     assert abs(kept / total - (1 - drop_rate)) < 5 * (drop_rate * (1 - drop_rate) / total) ** 0.5
+
+
+@pytest.mark.parametrize("band", [None, 7])
+def test_dare_draws_each_task_its_own_mask(band, monkeypatch):
+    """Two tasks with the same delta and opposite weights: equal masks would cancel out."""
+    if band is not None:
+        monkeypatch.setattr(baselines_math, "CHUNK_ENTRIES", band)
+    (first,) = _adapters(6)[:1]
+    twin = LoraAdapter(name="twin", path=first.path, config={}, modules=dict(first.modules))
+    result = _merge("dare", [first, twin], drop_rate=0.5, weights=[1.0, -1.0], target_rank=FULL)
+    for path, (B, A) in result.modules.items():
+        merged = (B.double() @ A.double()).numpy()
+        delta = first.modules[path].delta().numpy()
+        nonzero = np.abs(merged) > 1e-5 * np.abs(delta).max()
+        assert 0.25 < nonzero.mean() < 0.75, path  # kept by exactly one of the two: half the entries
 
 
 def test_dare_is_reproducible_by_seed():

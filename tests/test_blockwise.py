@@ -310,7 +310,8 @@ def test_cuda_merge_equals_cpu(tiny, tmp_path, family):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 @pytest.mark.parametrize("device, message", [("cuda", "not available here"), ("gpu", "unknown device"),
-                                             ("mps", "unknown device")])  # as the daemon's config says
+                                             ("mps", "unknown device"), ("cuda:\u0661", "unknown device"),
+                                             ("cuda:99999999999999999999", "unknown device")])  # as the daemon's config says
 def test_a_device_that_is_not_here_is_a_one_line_error(tiny, tmp_path, capsys, device, message):
     from iteris_daemon.cli import main
 

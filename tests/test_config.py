@@ -34,6 +34,7 @@ def test_the_example_config_is_valid():
     ('[daemon.limits]\nmax_rank = 0\n', "daemon.limits.max_rank: Input should be greater than 0"),
     ('[daemon]\ndevice = "gpu"\n', "daemon.device: unknown device 'gpu' (use cpu, cuda or cuda:N)"),
     ('[daemon]\ndevices = ["cuda:0", "tpu"]\n', "daemon.devices.1: unknown device 'tpu'"),
+    ('[daemon]\ndevice = "cuda:\u0661"\n', "daemon.device: unknown device 'cuda:\u0661'"),  # a digit, not ASCII
     (GROUP + '[groups.gates]\nmax_regression = -1\n' + FOLDER, "groups.0.gates.max_regression"),
     (GROUP + '[groups.gates]\nmax_regression = true\n' + FOLDER, "groups.0.gates.max_regression"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\ntrust_remote_code = true\n',
