@@ -121,8 +121,10 @@ def test_registration_is_idempotent_and_tracks_revisions(catalog_url):
 def test_sqlite_catalog_is_private_and_in_wal_mode(tmp_path):
     catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
-    with catalog.engine.connect() as connection:
+    with catalog.engine.connect() as connection, catalog.engine.connect() as second:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        for each in (connection, second):  # every pooled connection: its page cache stays small
+            assert each.exec_driver_sql("PRAGMA cache_size").scalar() == -catalog_db.SQLITE_CACHE_KIB
         files = sorted((tmp_path / "state").iterdir())
         assert [f.name for f in files] == ["catalog.db", "catalog.db-shm", "catalog.db-wal", "catalog.db.migrate-lock"]
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)

@@ -24,6 +24,11 @@ from ..paths import private_dir, state_dir
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Page cache per SQLite connection. SQLite's default (2 MiB) fills as the catalog grows
+# (runs are kept), so a long-running daemon's memory grew with its catalog: +6.6 MB over
+# a 500-cycle soak whose catalog grew 0.3 -> 3.1 MB, with three pooled connections. The
+# catalog's queries are point lookups and short scans; pages it evicts stay in the OS cache.
+SQLITE_CACHE_KIB = 512
 # The newest migration's revision. A catalog already there opens without Alembic, whose
 # import and checks were most of a short command's time (``status``); a new migration
 # must update it (tests/test_catalog.py compares it with the migrations' head).
@@ -48,6 +53,7 @@ def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUS
     cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a crash loses at most the last commit
+    cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cursor.close()
 
 
