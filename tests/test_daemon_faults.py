@@ -734,9 +734,11 @@ def test_a_group_claimed_elsewhere_is_asked_again_until_the_claim_frees(tmp_path
         group = MergeGroup(name=GROUP, base_model=str(base), strategy="iteris")
         session.add(group)
         session.flush()
-        session.add(MergeRun(group_id=group.id, status=RunStatus.running, input_fingerprint="0" * 64))
+        group_id = group.id
     elsewhere = Claim(catalog, GROUP, "elsewhere:4242:aaaaaaaa", ttl=4.0)  # refreshed every second while alive
     assert elsewhere.acquire()
+    with catalog.session() as session:  # its run, recorded once it holds the claim (as a daemon does)
+        session.add(MergeRun(group_id=group_id, status=RunStatus.running, input_fingerprint="0" * 64))
     config = write_config(tmp_path / "daemon.toml", state=tmp_path / "state", watched=watched, dest=dest, base=base,
                           params={"samples_per_task": 8}, database=url, claim_ttl=4.0)
     daemon = daemons(config, tmp_path / "daemon.log")
