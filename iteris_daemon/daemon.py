@@ -22,7 +22,6 @@ always holds a complete version. The process exits 0.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import queue
@@ -52,6 +51,7 @@ from .paths import cache_dir, private_dir, state_dir
 from .runner import CLAIMED_ELSEWHERE, INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
 from .sources.hub import HubSource
 from .sources.local import LocalFolderSource, ScanReport
+from .sources.stat_cache import stat_cache_file
 from .supervisor import WorkerOptions
 from .systemd import Notifier
 
@@ -299,7 +299,8 @@ class Daemon:
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
                            "on_change": self._inputs_changed, "shapes": self.shapes}
                 if kind is SourceKind.local:
-                    source = LocalFolderSource(self.catalog, name, stat_cache=self._stat_cache(name), **guarded)
+                    source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache_file(self.cache, name),
+                                               **guarded)
                     source.start()
                     self._local[name] = source
                     self.scheduler.add_job(source.scan, IntervalTrigger(seconds=self.config.daemon.rescan_seconds),
@@ -321,11 +322,6 @@ class Daemon:
                 self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
                                        executor="merge", replace_existing=True)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
-
-    def _stat_cache(self, source: str) -> Path:
-        """Where a folder source keeps its files' stat and fingerprints (named by a hash:
-        source names are free text)."""
-        return self.cache / "folder-stat" / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
 
     def _inputs_changed(self, report: ScanReport) -> None:
         for group in self._groups.values():

@@ -1,4 +1,6 @@
 import os
+from pathlib import Path
+
 import pytest
 
 # The Hub is unreachable here: anything that tries it must fail fast, not hang.
@@ -36,6 +38,17 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bert(tiny):
     return tiny["bert"]
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> list[Path]:
+    """The folders whose files are read for a fingerprint, in order (folder sources)."""
+    import iteris_daemon.sources.local as local
+
+    folders: list[Path] = []
+    real = local.folder_fingerprint
+    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: folders.append(folder) or real(folder, *a, **k))
+    return folders
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
 import iteris_daemon.cli as cli
@@ -22,6 +23,14 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-src")
     base = build_tiny_model("bert", root / "base")
     return base, build_adapter(base, root / "lora", seed=0, family="bert")
+
+
+@pytest.fixture(autouse=True)
+def cache_directory(tmp_path, monkeypatch):
+    """The commands' default cache directory, in the test's folder (not the user's)."""
+    cache = tmp_path / "default-cache"
+    monkeypatch.setenv("CACHE_DIRECTORY", str(cache))
+    return cache
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -58,6 +67,40 @@ def test_sources_and_adapters_commands(made, tmp_path, capsys):
 
     assert run(capsys, "sources", "remove", "team", *db)[0] == 0
     assert run(capsys, "adapters", "list", "--json", *db)[1].strip() == "[]"
+
+
+def test_a_scan_reads_only_what_changed_since_the_last_scan(made, tmp_path, capsys, monkeypatch, cache_directory,
+                                                             hashed):
+    """`sources scan` keeps the folder fingerprints where the daemon keeps them (its cache
+    directory, by source): a second scan of unchanged adapters hashes none of them, and
+    one with new weights is hashed and registered again."""
+    import iteris_daemon.sources.local as local
+    from iteris_daemon.sources.stat_cache import stat_cache_file
+
+    base, lora = made
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    for name in ("one", "two"):
+        shutil.copytree(lora, watched / name)
+    monkeypatch.setattr(local, "RACY_NS", 0)  # the copies are not racy: trust their times at once
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), *db)[0] == 0
+
+    assert "2 registered" in run(capsys, "sources", "scan", *db)[1]
+    assert stat_cache_file(cache_directory, "team").is_file()
+    hashed.clear()
+    assert "2 unchanged" in run(capsys, "sources", "scan", *db)[1] and hashed == []
+
+    weights = watched / "two" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 2 for k, v in tensors.items()}, weights)
+    code, out, _ = run(capsys, "sources", "scan", *db)
+    assert code == 0 and "1 registered," in out and "1 unchanged" in out and hashed == [watched / "two"]
+
+    elsewhere = tmp_path / "elsewhere"  # --cache-dir: another cache, hashed afresh
+    hashed.clear()
+    assert "2 unchanged" in run(capsys, "sources", "scan", "--cache-dir", str(elsewhere), *db)[1]
+    assert sorted(hashed) == [watched / "one", watched / "two"] and stat_cache_file(elsewhere, "team").is_file()
 
 
 @pytest.mark.parametrize("argv,message", [

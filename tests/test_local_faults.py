@@ -727,7 +727,8 @@ def test_sigkill_during_registration_never_corrupts_the_catalog(made, tmp_path):
         assert zygote.stdout.readline().strip() == "ready"
 
         def scan(log: Path) -> int:
-            zygote.stdin.write(json.dumps([str(log), "sources", "scan", "team", "--db", url]) + "\n")
+            zygote.stdin.write(json.dumps([str(log), "sources", "scan", "team", "--db", url,
+                                                "--cache-dir", str(tmp_path / "cache")]) + "\n")
             zygote.stdin.flush()
             word, pid = zygote.stdout.readline().split()
             assert word == "pid"

@@ -259,7 +259,7 @@ def test_changes_while_stopped_are_found_at_start(setup):
     assert "half" not in adapters  # incomplete folders wait, they are not rejected
 
 
-def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monkeypatch):
+def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monkeypatch, hashed):
     """The files' stat and fingerprints are kept in a file (the daemon's cache folder): a
     source started again (a daemon restart, a SIGHUP) reads no unchanged adapter. Before,
     every start hashed every adapter's weights. One changed while the source was stopped
@@ -275,9 +275,7 @@ def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monke
     cache = tmp_path / "cache" / "folder-stat" / "team.json"
     assert len(LocalFolderSource(catalog, "team", stat_cache=cache).scan().registered) == 2
     assert cache.is_file()
-    hashed: list[Path] = []
-    real = local.folder_fingerprint
-    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: hashed.append(folder) or real(folder, *a, **k))
+    hashed.clear()
     assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 2 and hashed == []
 
     calibration = watched / "one" / "calibration.jsonl"
@@ -298,7 +296,7 @@ def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monke
     assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 2 and hashed == []
 
 
-def test_the_stat_cache_is_not_trusted_past_what_it_saw(setup, tmp_path, monkeypatch):
+def test_the_stat_cache_is_not_trusted_past_what_it_saw(setup, tmp_path, monkeypatch, hashed):
     """What the stat cache file must not hide: weights reached through a symlink whose
     target was rewritten (the link's own stat is unchanged); a fingerprint taken under
     other size limits (a file past its limit is not read, so the fingerprint depends on
@@ -336,13 +334,11 @@ def test_the_stat_cache_is_not_trusted_past_what_it_saw(setup, tmp_path, monkeyp
     (locator,) = entries["entries"]
     entries["entries"][locator][1] = None
     cache.write_text(json.dumps(entries))
-    hashed: list[Path] = []
-    real = local.folder_fingerprint
-    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: hashed.append(folder) or real(folder, *a, **k))
+    hashed.clear()
     assert LocalFolderSource(catalog, "team", stat_cache=cache).scan().unchanged == 1 and hashed
 
 
-def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
+def test_a_rescan_hashes_only_what_changed(setup, monkeypatch, hashed):
     """A rescan of unchanged adapters reads no files (its files' stat is what was hashed);
     a change that keeps size and mtime still moves the ctime, and is hashed and registered.
     Files changed within ``RACY_NS`` of a look are hashed again at the next one (a write in
@@ -355,9 +351,7 @@ def test_a_rescan_hashes_only_what_changed(setup, monkeypatch):
     monkeypatch.setattr(local, "RACY_NS", 0)  # the copies are not racy: trust their times at once
     source = _source(catalog, watched, base)
     assert len(source.scan().registered) == 2
-    hashed: list[Path] = []
-    real = local.folder_fingerprint
-    monkeypatch.setattr(local, "folder_fingerprint", lambda folder, *a, **k: hashed.append(folder) or real(folder, *a, **k))
+    hashed.clear()
     assert source.scan().unchanged == 2 and hashed == []
 
     calibration = watched / "one" / "calibration.jsonl"

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
-from ..paths import cache_dir
+from ..paths import cache_dir, private_dir
 
 DB_ENV = "ITERIS_DAEMON_DB"
 # Flags of one source kind; given for the other kind they would be silently ignored.
@@ -74,7 +74,10 @@ def register(commands) -> None:
                     "Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
-    scan.add_argument("--cache-dir", type=Path, default=None, help="where Hub adapters are downloaded (default: the cache directory)")
+    scan.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                      help="the daemon's cache directory, if its config sets one: Hub downloads go to DIR/hub, and "
+                           "folder fingerprints are shared with the daemon in DIR/folder-stat, so unchanged adapters "
+                           "are not read again (default: $CACHE_DIRECTORY, else ~/.cache/iteris-daemon)")
     scan.set_defaults(handler=_sources_scan)
 
     adapters = commands.add_parser("adapters", help="adapters in the catalog")
@@ -188,18 +191,20 @@ def _sources_scan(args) -> int:
     from ..catalog.registry import get_source, list_sources
     from ..sources.hub import HubSource
     from ..sources.local import LocalFolderSource
+    from ..sources.stat_cache import stat_cache_file
 
     catalog = _open(args)
     with catalog.session() as session:
         sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
         targets = [(s.name, s.kind) for s in sources]
+    cache = private_dir(args.cache_dir or cache_dir())
     code = 0
     for name, kind in targets:
         try:
             if kind is SourceKind.local:
-                report = LocalFolderSource(catalog, name).scan()
+                report = LocalFolderSource(catalog, name, stat_cache=stat_cache_file(cache, name)).scan()
             else:
-                report = HubSource(catalog, name, args.cache_dir or cache_dir() / "hub").poll()
+                report = HubSource(catalog, name, cache / "hub").poll()
         except ValidationError as exc:
             raise ConfigError.from_validation(f"source {name} settings", exc) from None
         print(f"{name}: {report}")

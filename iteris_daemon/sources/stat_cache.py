@@ -13,6 +13,7 @@ holding anything but well-formed entries is ignored whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 Snapshot = tuple[tuple[str, int, int, int], ...]  # (name, size, mtime_ns, ctime_ns) per file
+
+
+def stat_cache_file(cache: Path, source: str) -> Path:
+    """Where folder source ``source`` keeps its stat cache under the cache directory
+    ``cache`` (the daemon and ``sources scan`` share it). Named by a hash: source names
+    are free text."""
+    return cache / "folder-stat" / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
 
 
 class StatCache:
