@@ -49,10 +49,38 @@ def refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None = None, rtol: fl
 
 
 def dense_to_lowrank(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-``rank`` factors of a dense delta (truncated SVD) and the relative error."""
-    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
-    keep = max(1, min(rank, int((S > (S[0] if S.numel() else 0) * 1e-12).sum()) or 1))
-    root = S[:keep].sqrt()
-    total = float(S.pow(2).sum())
-    error = (float(S[keep:].pow(2).sum()) / total) ** 0.5 if total > 0 else 0.0
-    return (U[:, :keep] * root).float(), (root[:, None] * Vh[:keep]).float(), error
+    """Best rank-``rank`` factors ``(B, A)`` of a dense delta and the relative error of ``B @ A``.
+
+    Through the Gram matrix of the smaller side instead of an SVD of ``D``: for a
+    d_out x d_in delta with d_out >= d_in, the top eigenvectors ``V`` of ``D^T D``
+    span the best rank-``rank`` row space (Eckart-Young), and ``B @ A = D V V^T``
+    exactly, because ``V`` is orthonormal whatever the eigenvalues' rounding. That
+    is a product, a symmetric eigendecomposition of the small side and another
+    product: 2-8 times faster than LAPACK's SVD on LLM shapes, and no d_out x d_in
+    singular-vector matrix (``python -m benchmarks.dense_memory``). Squaring ``D``
+    makes singular values below about ``sqrt(d * eps)`` of the largest (1e-6 at
+    d = 4096) indistinguishable from zero; they are dropped when the cap leaves room
+    for them, and the error reported is the residual of what is returned, computed
+    from its norm (``|D|^2 - |D V|^2``, to about 1e-8), not from the eigenvalues.
+    """
+    D = D.double()
+    total = float(D.pow(2).sum())
+    d_out, d_in = D.shape
+    if total == 0:
+        return D.new_zeros(d_out, 1).float(), D.new_zeros(1, d_in).float(), 0.0
+    tall = d_out >= d_in
+    eigenvalues, vectors = torch.linalg.eigh(D.T @ D if tall else D @ D.T)  # ascending
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    noise = eigenvalues[0] * min(d_out, d_in) * torch.finfo(torch.float64).eps
+    keep = max(1, min(rank, int((eigenvalues > noise).sum())))
+    basis = vectors[:, :keep]  # orthonormal: the row space (tall) or the column space (wide)
+    projected = D @ basis if tall else basis.T @ D  # d_out x keep, or keep x d_in
+    strength = projected.pow(2).sum(0 if tall else 1)  # squared singular values of the result
+    # What the cap drops, by difference (absolute precision ~1e-8); nothing when every direction is kept.
+    error = 0.0 if keep == min(d_out, d_in) else max(0.0, total - float(strength.sum())) / total
+    root = strength.sqrt().sqrt().clamp(min=torch.finfo(torch.float64).tiny)  # split each evenly
+    if tall:
+        B, A = projected / root, root[:, None] * basis.T
+    else:
+        B, A = basis * root, projected / root[:, None]
+    return B.float(), A.float(), error ** 0.5

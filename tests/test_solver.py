@@ -1,6 +1,7 @@
 """The closed-form solve and the low-rank algebra on random problems, against
 independent float64 references (lstsq, dense formulas, autograd)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,47 @@ def test_refactor_is_exact_at_full_rank_and_optimal_when_truncated():
 
     B4, A4, error = dense_to_lowrank(D, 4)
     assert abs(float((B4.double() @ A4.double() - D).norm() / D.norm()) - best) < 1e-6
+
+
+def _spectrum(shape, singular_values, seed):
+    """A float64 matrix with exactly these singular values (random singular vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(singular_values)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g, dtype=torch.float64))
+    return (U * torch.tensor(singular_values, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("case, D, rank", [
+    ("tall", torch.randn(60, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 5),
+    ("wide", torch.randn(20, 60, generator=torch.Generator().manual_seed(2), dtype=torch.float64), 5),
+    ("square, cap past its rank", torch.randn(24, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64), 40),
+    ("exactly rank 3 under a cap of 8", _spectrum((30, 40), [5.0, 2.0, 0.5], 4), 8),
+    ("a tail at 1e-3", _spectrum((50, 30), [10.0, 7.0, 3.0] + [1e-3] * 20, 5), 3),
+    ("a spectrum over 8 decades", _spectrum((40, 64), [10.0 ** -e for e in range(9)], 6), 6),
+    ("a tie across the cap", _spectrum((40, 25), [4.0, 3.0, 3.0, 3.0, 1.0], 7), 2),
+])
+def test_dense_to_lowrank_is_eckart_young(case, D, rank):
+    """Against numpy's float64 SVD: the product is the best rank-``rank`` approximation
+    (or, at a tie, one as good), the reported error is its relative residual (exactly 0
+    when nothing is dropped), and each singular value is split evenly between B's
+    columns and A's rows."""
+    B, A, error = dense_to_lowrank(D, rank)
+    if rank >= min(D.shape):
+        assert error == 0.0, case
+    U, S, Vh = np.linalg.svd(D.numpy(), full_matrices=False)
+    k = min(rank, int((S > S[0] * 1e-6).sum()))
+    best = (U[:, :k] * S[:k]) @ Vh[:k]
+    best_error = float(np.sqrt((S[k:] ** 2).sum() / (S ** 2).sum()))
+    product = (B.double() @ A.double()).numpy()
+    residual = float(np.linalg.norm(product - D.numpy()) / np.linalg.norm(D.numpy()))
+    assert A.shape[0] == k and B.shape[1] == k, case
+    assert abs(error - best_error) < 1e-7 and abs(residual - best_error) < 1e-6, case
+    if case != "a tie across the cap":  # the best approximation is unique
+        assert np.linalg.norm(product - best) / np.linalg.norm(best) < 1e-6, case
+    assert torch.allclose(B.double().norm(dim=0), A.double().norm(dim=1), rtol=1e-5), case
+
+
+def test_dense_to_lowrank_of_zero_is_zero():
+    B, A, error = dense_to_lowrank(torch.zeros(5, 3), 2)
+    assert error == 0.0 and not B.any() and not A.any() and (B @ A).shape == (5, 3)
