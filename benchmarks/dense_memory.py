@@ -24,10 +24,11 @@ from pathlib import Path
 DEFAULT_STRATEGIES = ["ties", "dare", "task_arithmetic", "core_space"]
 
 
-def measure(strategy: str, d_out: int, d_in: int, adapters: int, rank: int) -> dict:
+def measure(strategy: str, d_out: int, d_in: int, adapters: int, rank: int, device: str = "cpu") -> dict:
     """One merge in this process; peak RSS is this process's."""
     import torch
 
+    from iteris_daemon import memory
     from iteris_daemon.lora import LoraAdapter, LoraModule
     from iteris_daemon.plugin_manager import get_strategy
     from iteris_daemon.strategy import MergeInputs, parse_params
@@ -47,14 +48,15 @@ def measure(strategy: str, d_out: int, d_in: int, adapters: int, rank: int) -> d
                  lambda items, **_: items)
     big = loras(d_out, d_in, rank)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    memory.reset_device_peak(device)
     started = time.perf_counter()
-    merged = chosen.merge(MergeInputs(base=None, adapters=big, calibration=[None] * adapters), params,
+    merged = chosen.merge(MergeInputs(base=None, adapters=big, calibration=[None] * adapters, device=device), params,
                           lambda items, **_: items)
     seconds = time.perf_counter() - started
     B, A = merged.modules["head"]
     return {"strategy": strategy, "seconds": round(seconds, 2), "rss_before_mb": round(before),
             "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "rank_written": A.shape[0], "truncation_error": merged.metrics.get("truncation_error", {}).get("max")}
+            "device_peak_mb": memory.device_peak_mb(device), "rank_written": A.shape[0], "truncation_error": merged.metrics.get("truncation_error", {}).get("max")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,27 +66,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16, help="each adapter's LoRA rank (default: 16)")
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
                         help=f"strategies at their defaults (default: {' '.join(DEFAULT_STRATEGIES)})")
+    parser.add_argument("--device", default="cpu", help="the merge device (default: cpu); TIES and DARE use it")
     parser.add_argument("--one", metavar="STRATEGY", help=argparse.SUPPRESS)  # the child process's job
     args = parser.parse_args(argv)
     d_out, d_in = (int(x) for x in args.shape.lower().split("x"))
     if args.one:
-        print(json.dumps(measure(args.one, d_out, d_in, args.adapters, args.rank)))
+        print(json.dumps(measure(args.one, d_out, d_in, args.adapters, args.rank, args.device)))
         return 0
     rows = []
     for strategy in args.strategies:
         child = subprocess.run([sys.executable, "-m", "benchmarks.dense_memory", "--one", strategy, "--shape", args.shape,
-                                "--adapters", str(args.adapters), "--rank", str(args.rank)],
+                                "--adapters", str(args.adapters), "--rank", str(args.rank), "--device", args.device],
                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if child.returncode != 0:
             print(child.stderr, file=sys.stderr)
             return 1
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    print(f"one {d_out} x {d_in} module, {args.adapters} adapters of rank {args.rank} (one thread, a process each)\n")
-    print("| strategy | seconds | RSS before (MB) | peak (MB) | rank written | truncation error |")
-    print("|---|---|---|---|---|---|")
+    print(f"one {d_out} x {d_in} module, {args.adapters} adapters of rank {args.rank}, on {args.device} "
+          "(one CPU thread, a process each)\n")
+    print("| strategy | seconds | RSS before (MB) | peak (MB) | device peak (MB) | rank written | truncation error |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         error = "-" if row["truncation_error"] is None else f"{row['truncation_error']:.3f}"
-        print(f"| {row['strategy']} | {row['seconds']:.1f} | {row['rss_before_mb']} | {row['peak_mb']} | "
+        device_peak = "-" if row["device_peak_mb"] is None else f"{row['device_peak_mb']:.0f}"
+        print(f"| {row['strategy']} | {row['seconds']:.1f} | {row['rss_before_mb']} | {row['peak_mb']} | {device_peak} | "
               f"{row['rank_written']} | {error} |")
     return 0
 

@@ -2,7 +2,7 @@
 
 Task arithmetic is exact as a concatenated LoRA. TIES and DARE act element-wise on
 each task's dense delta, so their result is full rank; it is written back as the
-best rank-``target_rank`` LoRA (truncated SVD, default rank = sum of input ranks)
+best rank-``target_rank`` LoRA (Eckart-Young; default rank = sum of input ranks)
 and the truncation error is reported.
 
 This module only declares the strategies: their tensor math is in

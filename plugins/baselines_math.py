@@ -1,7 +1,8 @@
 """The tensor math of the TIES and DARE baselines (:mod:`iteris_daemon.plugins.baselines`).
 
 Each task's dense delta is combined element-wise with the others; the full-rank result
-is written back as the best rank-``target_rank`` LoRA (truncated SVD, default rank = sum
+is written back as the best rank-``target_rank`` LoRA (Eckart-Young, through the Gram matrix of
+its smaller side: :func:`iteris_daemon.lowrank.dense_to_lowrank`; default rank = sum
 of input ranks) and the truncation error is reported. Imported by the strategies'
 ``merge()`` only: this module imports torch.
 """
@@ -35,8 +36,9 @@ def _dense_merge(inputs: MergeInputs, weights: list[float], params: DenseParams,
     """Combine each module's dense deltas a band of rows at a time: ``combine(deltas,
     weights, prepared)`` gets the band of every task (tasks x rows x d_in, float64) and
     what ``prepare(modules, bands)`` computed once per module. The merged matrix is whole
-    (the SVD needs it); the tasks' deltas are never all whole at once (N float64 copies
-    of an LM head's were 9 GB)."""
+    (its Gram matrix needs it), on the merge device, where its low-rank factors are
+    computed (products and an eigendecomposition: what a GPU does fast); the tasks'
+    deltas are never all whole at once (N float64 copies of an LM head's were 9 GB)."""
     paths = sorted({p for a in inputs.adapters for p in a.modules})
     modules, errors = {}, {}
     for path in progress(paths, desc="layers", leave=False):
@@ -47,12 +49,12 @@ def _dense_merge(inputs: MergeInputs, weights: list[float], params: DenseParams,
         step = max(1, CHUNK_ENTRIES // d_in)
         bands = [slice(start, start + step) for start in range(0, d_out, step)]
         prepared = prepare(loras, bands)
-        merged = torch.empty(d_out, d_in, dtype=torch.float64)
+        merged = torch.empty(d_out, d_in, dtype=torch.float64, device=inputs.device)
         for rows in bands:
             merged[rows] = combine(torch.stack([_band(m, rows) for m in loras]), task_weights, prepared)
         rank = params.target_rank or sum(m.rank for m in loras)
         B, A, errors[path] = dense_to_lowrank(merged, rank)
-        modules[path] = (B, A)
+        modules[path] = (B.cpu(), A.cpu())
     return MergedAdapter(modules, {"truncation_error": {"max": max(errors.values(), default=0.0)}})
 
 

@@ -137,3 +137,23 @@ def test_the_dense_result_is_written_as_its_best_low_rank_approximation():
         worst = max(worst, float(np.sqrt((S[rank:] ** 2).sum() / (S ** 2).sum())))
     assert worst > 0.01  # the modules' TIES results are of higher rank than the sum: truncated
     assert result.metrics["truncation_error"]["max"] == pytest.approx(worst, rel=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy, raw", [("ties", {"density": 0.3}), ("dare", {"seed": 3})])
+def test_on_cuda_the_merge_is_the_cpus(strategy, raw):
+    """The merged matrix and its low-rank factors are computed on the merge device, and
+    the factors come back to the CPU."""
+    from iteris_daemon.plugin_manager import get_strategy
+    from iteris_daemon.strategy import MergeInputs, parse_params
+
+    adapters = _adapters(5)
+    chosen = get_strategy(strategy)
+    cpu, cuda = (chosen.merge(MergeInputs(base=None, adapters=adapters, calibration=[None] * len(adapters), device=device),
+                              parse_params(chosen, raw), lambda items, **_: items) for device in ("cpu", "cuda"))
+    for path, (B, A) in cpu.modules.items():
+        B_cuda, A_cuda = cuda.modules[path]
+        assert B_cuda.device.type == A_cuda.device.type == "cpu"
+        assert _relative((B_cuda.double() @ A_cuda.double()).numpy(), (B.double() @ A.double()).numpy()) < 1e-5, path
+    assert cuda.metrics["truncation_error"]["max"] == pytest.approx(cpu.metrics["truncation_error"]["max"], rel=1e-6)
