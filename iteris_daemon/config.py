@@ -20,6 +20,7 @@ from .calibration import DEFAULT_ORDER
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
+from .paths import cache_dir, state_dir
 from .validation import Limits
 
 
@@ -148,6 +149,14 @@ class DaemonSettings(_Strict):
     rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
+
+    def catalog_url(self) -> str:
+        """The catalog's SQLAlchemy URL: ``database``, else ``catalog.db`` in the state directory."""
+        return self.database or f"sqlite:///{(self.state_dir or state_dir()) / 'catalog.db'}"
+
+    def cache_path(self) -> Path:
+        """The cache directory: ``cache_dir``, else the default one."""
+        return self.cache_dir or cache_dir()
 
     def merge_devices(self) -> list[str]:
         """The devices merges run on, one merge each at a time."""

@@ -47,7 +47,7 @@ from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
 from .config import DaemonConfig, DaemonSettings, GroupConfig, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
-from .paths import cache_dir, private_dir, state_dir
+from .paths import private_dir, state_dir
 from .runner import CLAIMED_ELSEWHERE, INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
 from .sources.hub import HubSource
 from .sources.local import LocalFolderSource, ScanReport
@@ -153,9 +153,9 @@ class Daemon:
         self._install_signals()
         settings = self.config.daemon
         self.state = private_dir(settings.state_dir or state_dir())
-        self.cache = private_dir(settings.cache_dir or cache_dir())
+        self.cache = private_dir(settings.cache_path())
         self.work = private_dir(self.state / "runs")
-        url = settings.database or f"sqlite:///{self.state / 'catalog.db'}"
+        url = settings.catalog_url()
         self.notifier.status("migrating the catalog")
         self.catalog = Catalog(url)
         log.info("catalog %s ready", self.catalog.safe_url)
@@ -299,8 +299,8 @@ class Daemon:
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
                            "on_change": self._inputs_changed, "shapes": self.shapes}
                 if kind is SourceKind.local:
-                    source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache_file(self.cache, name),
-                                               **guarded)
+                    stat_cache = stat_cache_file(self.cache, name, guarded["limits"])
+                    source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache, **guarded)
                     source.start()
                     self._local[name] = source
                     self.scheduler.add_job(source.scan, IntervalTrigger(seconds=self.config.daemon.rescan_seconds),

@@ -64,7 +64,7 @@ def dense_to_lowrank(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     from its norm (``|D|^2 - |D V|^2``, to about 1e-8), not from the eigenvalues.
     """
     D = D.double()
-    total = float(D.pow(2).sum())
+    total = float(torch.linalg.vector_norm(D)) ** 2  # not D.pow(2): a copy of D
     d_out, d_in = D.shape
     if total == 0:
         return D.new_zeros(d_out, 1).float(), D.new_zeros(1, d_in).float(), 0.0

@@ -150,8 +150,16 @@ def test_on_cuda_the_merge_is_the_cpus(strategy, raw):
 
     adapters = _adapters(5)
     chosen = get_strategy(strategy)
-    cpu, cuda = (chosen.merge(MergeInputs(base=None, adapters=adapters, calibration=[None] * len(adapters), device=device),
-                              parse_params(chosen, raw), lambda items, **_: items) for device in ("cpu", "cuda"))
+
+    def merge(device: str):
+        inputs = MergeInputs(base=None, adapters=adapters, calibration=[None] * len(adapters), device=device)
+        return chosen.merge(inputs, parse_params(chosen, raw), lambda items, **_: items)
+
+    cpu = merge("cpu")
+    torch.cuda.reset_peak_memory_stats()
+    cuda = merge("cuda")
+    largest = max(B.shape[0] * A.shape[1] for B, A in cpu.modules.values())
+    assert torch.cuda.max_memory_allocated() >= largest * 8  # a float64 merged matrix was on the GPU
     for path, (B, A) in cpu.modules.items():
         B_cuda, A_cuda = cuda.modules[path]
         assert B_cuda.device.type == A_cuda.device.type == "cpu"

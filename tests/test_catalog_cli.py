@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 
 import pytest
@@ -16,6 +17,8 @@ from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import MergeGroup, MergeRun, RunStatus
 from iteris_daemon.cli import build_parser, main
+from iteris_daemon.sources.stat_cache import stat_cache_file
+from iteris_daemon.validation import Limits
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,6 @@ def test_a_scan_reads_only_what_changed_since_the_last_scan(made, tmp_path, caps
     directory, by source): a second scan of unchanged adapters hashes none of them, and
     one with new weights is hashed and registered again."""
     import iteris_daemon.sources.local as local
-    from iteris_daemon.sources.stat_cache import stat_cache_file
 
     base, lora = made
     db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
@@ -87,7 +89,7 @@ def test_a_scan_reads_only_what_changed_since_the_last_scan(made, tmp_path, caps
     assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), *db)[0] == 0
 
     assert "2 registered" in run(capsys, "sources", "scan", *db)[1]
-    assert stat_cache_file(cache_directory, "team").is_file()
+    assert stat_cache_file(cache_directory, "team", Limits()).is_file()
     hashed.clear()
     assert "2 unchanged" in run(capsys, "sources", "scan", *db)[1] and hashed == []
 
@@ -100,7 +102,65 @@ def test_a_scan_reads_only_what_changed_since_the_last_scan(made, tmp_path, caps
     elsewhere = tmp_path / "elsewhere"  # --cache-dir: another cache, hashed afresh
     hashed.clear()
     assert "2 unchanged" in run(capsys, "sources", "scan", "--cache-dir", str(elsewhere), *db)[1]
-    assert sorted(hashed) == [watched / "one", watched / "two"] and stat_cache_file(elsewhere, "team").is_file()
+    assert sorted(hashed) == [watched / "one", watched / "two"] and stat_cache_file(elsewhere, "team", Limits()).is_file()
+
+
+def test_a_scan_with_the_daemons_config_uses_its_catalog_cache_and_limits(made, tmp_path, capsys, monkeypatch,
+                                                                           cache_directory, hashed):
+    """`sources scan --config` scans as the daemon would: its catalog, its cache directory
+    and its limits, so it keeps the fingerprints in the daemon's file. A scan under other
+    limits (no --config) keeps a file of its own and leaves the daemon's as it was."""
+    import iteris_daemon.sources.local as local
+
+    base, lora = made
+    watched, cache = tmp_path / "watched", tmp_path / "daemon-cache"
+    shutil.copytree(lora, watched / "one")
+    monkeypatch.setattr(local, "RACY_NS", 0)
+    db = f"sqlite:///{tmp_path / 'daemon.db'}"
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\ncache_dir = {json.dumps(str(cache))}\n"
+                      "[daemon.limits]\nmax_weights_bytes = 1000000000\nmax_rank = 2\n")
+    daemons = Limits(max_weights_bytes=1_000_000_000, max_rank=2)
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), "--db", db)[0] == 0
+
+    code, out, _ = run(capsys, "sources", "scan", "--config", str(config))
+    assert code == 0 and "1 rejected" in out  # rank 4 past the daemon's max_rank
+    rows = json.loads(run(capsys, "adapters", "list", "--json", "--db", db)[1])
+    assert "r=4 is above the limit of 2" in rows[0]["reason"]
+    daemon_file = stat_cache_file(cache, "team", daemons)
+    assert daemon_file.is_file() and not (cache_directory / "folder-stat").exists()
+    hashed.clear()
+    assert "1 unchanged" in run(capsys, "sources", "scan", "--config", str(config))[1] and hashed == []
+
+    kept = daemon_file.read_bytes()
+    code, out, _ = run(capsys, "sources", "scan", "--db", db, "--cache-dir", str(cache))  # the default limits
+    assert code == 0 and "1 unchanged" in out and hashed == [watched / "one"]  # its own file: read again
+    assert daemon_file.read_bytes() == kept and stat_cache_file(cache, "team", Limits()).is_file()
+
+
+def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_path, capsys):
+    """A cache directory that cannot be made, or that belongs to another user (root
+    scanning with the daemon's), is not used: folders are hashed in full, with a warning;
+    nothing is written into another user's directory."""
+    base, lora = made
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    watched = tmp_path / "watched"
+    shutil.copytree(lora, watched / "one")
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), *db)[0] == 0
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    code, out, err = run(capsys, "sources", "scan", "--cache-dir", str(not_a_folder / "cache"), *db)
+    assert code == 0 and "1 registered" in out
+    assert f"cannot use the cache directory {not_a_folder / 'cache'}: Not a directory" in err
+
+    if os.geteuid() != 0:
+        return  # the rest needs to give a folder away
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    code, out, err = run(capsys, "sources", "scan", "--cache-dir", str(theirs), *db)
+    assert code == 0 and "1 unchanged" in out and "belongs to uid 65534, not this user" in err
+    assert list(theirs.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -198,4 +198,15 @@ def test_dense_to_lowrank_is_eckart_young(case, D, rank):
 
 def test_dense_to_lowrank_of_zero_is_zero():
     B, A, error = dense_to_lowrank(torch.zeros(5, 3), 2)
-    assert error == 0.0 and not B.any() and not A.any() and (B @ A).shape == (5, 3)
+    assert error == 0.0 and not B.any() and not A.any() and B.shape == (5, 1) and A.shape == (1, 3)
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50)])
+def test_dense_to_lowrank_decomposes_the_smaller_gram(shape, monkeypatch):
+    """The eigendecomposition is of the smaller side's Gram matrix (the point of the
+    method: d_in x d_in for an LM head, not vocabulary x vocabulary)."""
+    sizes = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda G, *a, **k: sizes.append(tuple(G.shape)) or real(G, *a, **k))
+    dense_to_lowrank(torch.randn(*shape, dtype=torch.float64), 3)
+    assert sizes == [(20, 20)]

@@ -74,10 +74,14 @@ def register(commands) -> None:
                     "Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
+    scan.add_argument("--config", type=Path, metavar="FILE",
+                      help="the daemon's config: scan with its catalog (unless --db), cache directory, adapter "
+                           "limits and trusted models, as the daemon would")
     scan.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                      help="the daemon's cache directory, if its config sets one: Hub downloads go to DIR/hub, and "
-                           "folder fingerprints are shared with the daemon in DIR/folder-stat, so unchanged adapters "
-                           "are not read again (default: $CACHE_DIRECTORY, else ~/.cache/iteris-daemon)")
+                      help="the cache directory: Hub downloads go to DIR/hub; folder fingerprints are kept in "
+                           "DIR/folder-stat, shared with a daemon using DIR and the same limits, so unchanged "
+                           "adapters are not read again (default: the config's cache_dir with --config, else "
+                           "$CACHE_DIRECTORY, else $XDG_CACHE_HOME/iteris-daemon or ~/.cache/iteris-daemon)")
     scan.set_defaults(handler=_sources_scan)
 
     adapters = commands.add_parser("adapters", help="adapters in the catalog")
@@ -187,24 +191,38 @@ def _sources_remove(args) -> int:
 
 
 def _sources_scan(args) -> int:
+    from ..catalog import Catalog
     from ..catalog.models import SourceKind
     from ..catalog.registry import get_source, list_sources
+    from ..config import load_config
     from ..sources.hub import HubSource
     from ..sources.local import LocalFolderSource
     from ..sources.stat_cache import stat_cache_file
+    from ..validation import Limits
 
-    catalog = _open(args)
+    settings = load_config(args.config, check_plugins=False).daemon if args.config else None
+    catalog = Catalog(args.db or (settings.catalog_url() if settings else None))
+    guarded = {"limits": settings.limits.limits() if settings else Limits(),
+               "trusted_models": settings.trust_remote_code if settings else ()}
     with catalog.session() as session:
         sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
         targets = [(s.name, s.kind) for s in sources]
-    cache = private_dir(args.cache_dir or cache_dir())
+    cache, unusable = _scan_cache(args.cache_dir or (settings.cache_path() if settings else cache_dir())) if targets else (None, None)
+    if unusable:
+        print(f"iteris-daemon: warning: {unusable}; folders are hashed in full and Hub sources cannot download",
+              file=sys.stderr)
     code = 0
     for name, kind in targets:
+        if kind is not SourceKind.local and cache is None:
+            print(f"iteris-daemon: error: source {name}: no cache directory to download into", file=sys.stderr)
+            code = 1
+            continue
         try:
             if kind is SourceKind.local:
-                report = LocalFolderSource(catalog, name, stat_cache=stat_cache_file(cache, name)).scan()
+                stat_cache = stat_cache_file(cache, name, guarded["limits"]) if cache else None
+                report = LocalFolderSource(catalog, name, stat_cache=stat_cache, **guarded).scan()
             else:
-                report = HubSource(catalog, name, cache / "hub").poll()
+                report = HubSource(catalog, name, cache / "hub", **guarded).poll()
         except ValidationError as exc:
             raise ConfigError.from_validation(f"source {name} settings", exc) from None
         print(f"{name}: {report}")
@@ -214,6 +232,25 @@ def _sources_scan(args) -> int:
                 print(f"iteris-daemon: error: source {name}: {source.last_error}", file=sys.stderr)
                 code = 1
     return code
+
+
+def _scan_cache(path: Path) -> tuple[Path | None, str | None]:
+    """The cache directory for a scan, created if need be; or None and why it cannot be
+    used. One that belongs to another user (the daemon's, and this is root) is left
+    alone: files made in it would be this user's, and the daemon could not rewrite them."""
+    try:
+        owner = path.stat().st_uid
+    except FileNotFoundError:
+        owner = os.geteuid()
+    except OSError as exc:
+        return None, f"cannot use the cache directory {path}: {exc.strerror}"
+    if owner != os.geteuid():
+        return None, (f"the cache directory {path} belongs to uid {owner}, not this user: not used "
+                      "(run the scan as its owner, e.g. sudo -u)")
+    try:
+        return private_dir(path), None
+    except OSError as exc:
+        return None, f"cannot use the cache directory {path}: {exc.strerror}"
 
 
 def _adapter_row(adapter) -> dict[str, Any]:

@@ -78,10 +78,8 @@ def _catalog(args):
     url = args.db or os.environ.get(DB_ENV)
     if url is None and args.config is not None:
         from ..config import load_config
-        from ..paths import state_dir
 
-        daemon = load_config(args.config, check_plugins=False).daemon  # only where the catalog is
-        url = daemon.database or f"sqlite:///{(daemon.state_dir or state_dir()) / 'catalog.db'}"
+        url = load_config(args.config, check_plugins=False).daemon.catalog_url()  # only where the catalog is
     return Catalog(url)
 
 

@@ -36,7 +36,7 @@ from ..catalog.registry import Observation, get_source, mark_removed, record, se
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter
-from .stat_cache import StatCache
+from .stat_cache import StatCache, stat_context
 
 log = logging.getLogger(__name__)
 ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots still exist
@@ -149,9 +149,7 @@ class LocalFolderSource:
         # Folder fingerprints by their files' stat (in a file: across restarts). The limits
         # are part of a fingerprint (a file past its limit is not read), so a cache made
         # under other limits is not used.
-        self._hashed = StatCache(stat_cache, context={"config": limits.max_config_bytes,
-                                                      "weights": limits.max_weights_bytes,
-                                                      "calibration": limits.max_calibration_bytes})
+        self._hashed = StatCache(stat_cache, context=stat_context(limits))
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery

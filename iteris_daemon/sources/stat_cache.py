@@ -20,7 +20,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..validation import Limits
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -28,11 +31,21 @@ FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 Snapshot = tuple[tuple[str, int, int, int], ...]  # (name, size, mtime_ns, ctime_ns) per file
 
 
-def stat_cache_file(cache: Path, source: str) -> Path:
-    """Where folder source ``source`` keeps its stat cache under the cache directory
-    ``cache`` (the daemon and ``sources scan`` share it). Named by a hash: source names
-    are free text."""
-    return cache / "folder-stat" / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
+def stat_context(limits: Limits) -> dict[str, int]:
+    """What a folder fingerprint depends on besides the files: the size limits (a file
+    past its limit is not read)."""
+    return {"config": limits.max_config_bytes, "weights": limits.max_weights_bytes,
+            "calibration": limits.max_calibration_bytes}
+
+
+def stat_cache_file(cache: Path, source: str, limits: Limits) -> Path:
+    """Where folder source ``source``, scanning under ``limits``, keeps its stat cache in
+    the cache directory ``cache`` (the daemon and ``sources scan`` share it). Named by a
+    hash of both: source names are free text, and a scan under other limits (``sources
+    scan`` without the daemon's config) keeps a file of its own instead of replacing the
+    daemon's."""
+    key = json.dumps([source, stat_context(limits)], sort_keys=True)
+    return cache / "folder-stat" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 class StatCache:
