@@ -195,7 +195,9 @@ def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
             assert _revision(catalog) == first
             assert _post(webhook_port, SECRET, event) == 202
             assert wait_for(lambda: _revision(catalog) == pushed, timeout=60, what="the pushed commit", proc=proc)
-            assert log.read_text(errors="replace").count(f"source hub: poll of {HUB_REPO}:") == 1  # the 401s polled nothing
+            polls = lambda: log.read_text(errors="replace").count(f"source hub: poll of {HUB_REPO}:")  # noqa: E731
+            wait_for(polls, what="the webhook poll's summary line", proc=proc)  # logged just after the commit lands
+            assert polls() == 1  # the 401s polled nothing
 
             wait_for(lambda: all(r.finished_at for r in _runs(catalog)["left"]) and len(_merged(_runs(catalog)["left"])) >= 2,
                      what="left's queued runs", proc=proc)
