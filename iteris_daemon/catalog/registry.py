@@ -105,8 +105,7 @@ def _adapter_row(session: Session, source_id: int, seen: Observation) -> Adapter
 
 
 def record(session: Session, source_id: int, seen: Observation) -> tuple[AdapterRevision, bool]:
-    """Record what a source saw; return the revision row and whether it is new (or newly
-    accepted: a revision rejected before and valid now, under the source's settings now)."""
+    """Record what a source saw; return the revision row and whether it is new."""
     adapter = _adapter_row(session, source_id, seen)
     existing = session.scalar(
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
