@@ -109,24 +109,6 @@ def test_new_repo_and_new_commit_are_registered_with_their_sha(env):
     assert sorted(p.name for p in (tmp / "cache" / "alice--sentiment").iterdir()) == [sha2]
 
 
-def test_a_rejected_head_is_reconsidered_when_the_source_starts_again(env):
-    """As for folders (tests/test_local_source.py): a head rejected under the source's
-    limits is validated again by the next source object's first poll, and registered, the
-    same revision row, once the limit is raised; the same source polls it no more."""
-    from iteris_daemon.validation import Limits
-
-    hub, catalog, source, (_, second), tmp = env
-    hub.create_repo_direct("carol/big", adapter_files(second))  # rank 3
-    source(repos=["carol/big"])  # the source's catalog row
-    strict = HubSource(catalog, "hub", tmp / "cache", limits=Limits(max_rank=2))
-    assert strict.poll().rejected == ["carol/big"]
-    assert strict.poll().unchanged == 1
-    assert HubSource(catalog, "hub", tmp / "cache", limits=Limits(max_rank=2)).poll().rejected == ["carol/big"]
-    assert HubSource(catalog, "hub", tmp / "cache").poll().registered == ["carol/big"]
-    adapter = _adapters(catalog)["carol/big"]
-    assert adapter.status is AdapterStatus.registered and len(adapter.revisions) == 1 and adapter.current.rank == 3
-
-
 def test_explicit_repo_list_with_branch_and_removal(env):
     hub, catalog, source, (first, _), tmp = env
     hub.create_repo_direct("bob/a", adapter_files(first))

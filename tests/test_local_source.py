@@ -416,38 +416,6 @@ def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, mon
     assert _adapters(catalog)["locked"].status is AdapterStatus.registered
 
 
-def test_a_rejection_is_reconsidered_when_the_source_starts_again(setup, monkeypatch):
-    """An adapter rejected under the source's settings (here ``max_rank``) is validated
-    again by the first scan of the next source object (a daemon start or SIGHUP, `sources
-    scan`): under a raised limit the same revision row is registered. Before, its
-    fingerprint was unchanged, so it stayed rejected until its files changed. Within one
-    source's life an unchanged rejected adapter is not validated again, and a registered
-    one is not judged again under stricter limits."""
-    import iteris_daemon.sources.local as local
-    from iteris_daemon.validation import Limits
-
-    catalog, watched, base, (_, second) = setup  # rank 3
-    shutil.copytree(second, watched / "big")
-    _source(catalog, watched, base)
-    validated: list[Path] = []
-    real = local.validate_adapter
-    monkeypatch.setattr(local, "validate_adapter", lambda folder, *a, **k: validated.append(folder) or real(folder, *a, **k))
-    strict = Limits(max_rank=2)
-
-    source = LocalFolderSource(catalog, "team", limits=strict)
-    assert source.scan().rejected == [str(watched / "big")]
-    assert source.scan().unchanged == 1 and len(validated) == 1
-    assert LocalFolderSource(catalog, "team", limits=strict).scan().rejected == [str(watched / "big")]
-    assert len(validated) == 2 and _adapters(catalog)["big"].current.reason.endswith("r=3 is above the limit of 2")
-
-    assert LocalFolderSource(catalog, "team").scan().registered == [str(watched / "big")]
-    adapter = _adapters(catalog)["big"]
-    assert adapter.status is AdapterStatus.registered and len(adapter.revisions) == 1
-    assert adapter.current.status is AdapterStatus.registered and adapter.current.rank == 3
-    assert adapter.current.reason is None and adapter.current.files_path == str(watched / "big")
-    assert LocalFolderSource(catalog, "team", limits=strict).scan().unchanged == 1 and len(validated) == 3
-
-
 def test_a_copy_that_keeps_old_mtimes_is_not_examined_half_done(setup):
     """``shutil.copytree`` (like ``cp -p`` or ``rsync -t``) gives each copied file its
     source's old mtime. A rescan in the middle of such a copy (config and weights there,

@@ -111,22 +111,25 @@ def record(session: Session, source_id: int, seen: Observation) -> tuple[Adapter
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
     )
     if existing is not None:
-        if existing.status is AdapterStatus.rejected and seen.info is not None:
-            # Rejected under settings since relaxed (a raised limit, a base model now trusted):
-            # the same content, accepted now.
-            _set_verdict(existing, seen)
-            existing.last_seen_at = utcnow()
-            adapter.status, adapter.name = existing.status, seen.name
-            return existing, True
-        if existing.status is AdapterStatus.rejected and seen.reason and seen.reason != existing.reason:
-            _set_verdict(existing, seen)  # still rejected, for the reason that holds now
         if adapter.status is AdapterStatus.removed or adapter.current is not existing:
             existing.last_seen_at = utcnow()  # it came back, or an older content was restored
             existing.files_path = seen.files_path or existing.files_path
             adapter.status = existing.status
         return existing, False
-    revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision)
-    _set_verdict(revision, seen)
+    info = seen.info
+    revision = AdapterRevision(
+        adapter_id=adapter.id,
+        revision=seen.revision,
+        files_path=seen.files_path,
+        status=AdapterStatus.registered if info else AdapterStatus.rejected,
+        reason=seen.reason,
+        has_calibration=seen.has_calibration,
+        validated_at=utcnow(),
+        **({} if info is None else {
+            "content_sha256": info.content_sha256, "base_model": info.base_model, "task_type": info.task_type,
+            "rank": info.rank, "alpha": info.alpha, "target_modules": info.target_modules, "size_bytes": info.size_bytes,
+        }),
+    )
     try:
         with session.begin_nested():
             session.add(revision)
@@ -138,21 +141,6 @@ def record(session: Session, source_id: int, seen: Observation) -> tuple[Adapter
     adapter.status = revision.status
     adapter.name = seen.name
     return revision, True
-
-
-def _set_verdict(revision: AdapterRevision, seen: Observation) -> None:
-    """What validating ``seen`` found, on ``revision``: registered with its metadata, or
-    rejected with the reason."""
-    info = seen.info
-    revision.files_path = seen.files_path
-    revision.status = AdapterStatus.registered if info else AdapterStatus.rejected
-    revision.reason = seen.reason
-    revision.has_calibration = seen.has_calibration
-    revision.validated_at = utcnow()
-    if info is not None:
-        revision.content_sha256, revision.base_model, revision.task_type = info.content_sha256, info.base_model, info.task_type
-        revision.rank, revision.alpha, revision.target_modules = info.rank, info.alpha, info.target_modules
-        revision.size_bytes = info.size_bytes
 
 
 def list_adapters(session: Session, statuses: list[AdapterStatus] | None = None, source: str | None = None) -> list[Adapter]:

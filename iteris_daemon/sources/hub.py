@@ -128,8 +128,6 @@ class HubSource:
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
         self.stopping = stopping  # the daemon's stop event: set, a poll ends where it is
-        # Until the first full poll ends, rejected heads are validated again (see LocalFolderSource).
-        self._recheck_rejected = True
 
     def _stopping(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()
@@ -193,8 +191,6 @@ class HubSource:
                 errors.append(message)
                 seen.add(locator)  # a failing repo is not a removed one
                 log.error("source %s: %s", self.name, message)
-        if only is None:
-            self._recheck_rejected = False
         self._mark_removed(seen, report, only)
         if only is None or errors:
             self._set_health(errors[0] if errors else None)
@@ -262,8 +258,7 @@ class HubSource:
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
-            if current is not None and current.revision == sha and adapter.status is not AdapterStatus.removed \
-                    and not (self._recheck_rejected and adapter.status is AdapterStatus.rejected):
+            if current is not None and current.revision == sha and adapter.status is not AdapterStatus.removed:
                 report.unchanged += 1
                 return True
         siblings = {s.rfilename: s for s in info.siblings or []}

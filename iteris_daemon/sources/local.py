@@ -150,10 +150,6 @@ class LocalFolderSource:
         # are part of a fingerprint (a file past its limit is not read), so a cache made
         # under other limits is not used.
         self._hashed = StatCache(stat_cache, context=stat_context(limits))
-        # Until the first full scan ends, rejected adapters are validated again: the source
-        # is new (a start, a SIGHUP, `sources scan`), and so may be the limits, trusted models
-        # or base model that rejected them. Later looks leave unchanged ones alone.
-        self._recheck_rejected = True
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery
@@ -207,7 +203,6 @@ class LocalFolderSource:
                         self._examine(folder, report)
                     else:
                         report.waiting.append(as_text(folder))
-            self._recheck_rejected = False
             present = {as_text(f) for f in folders}
             self._mark_removed(lambda locator: locator not in present, report)
             self._hashed.keep_only(present)
@@ -248,8 +243,7 @@ class LocalFolderSource:
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
-            if current is not None and current.revision == fingerprint and adapter.status is not AdapterStatus.removed \
-                    and not (self._recheck_rejected and adapter.status is AdapterStatus.rejected):
+            if current is not None and current.revision == fingerprint and adapter.status is not AdapterStatus.removed:
                 report.unchanged += 1
                 return
         reason, info = None, None
