@@ -255,9 +255,8 @@ def test_json_nesting_bombs_are_rejected_and_the_scan_goes_on(watched, made):
     for name, spoil in HOSTILE_JSON.items():
         spoil(shutil.copytree(lora, watched.folder / name))
     shutil.copytree(lora, watched.folder / "zz-good")
-    source = watched.source()
     for _ in range(2):  # the second scan finds each rejection recorded: nothing changes
-        report = source.scan()
+        report = watched.scan()
         found = watched.found()
         assert found["zz-good"] == (AdapterStatus.registered, None)
         for name, words in REASONS.items():
