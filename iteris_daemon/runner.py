@@ -209,6 +209,13 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
         return chosen
 
 
+class RefusedInput(AdapterError):
+    """The content the catalog registered is refused under this run's limits: it was
+    registered under other settings (a ``sources scan`` without the daemon's config, or
+    limits lowered since). Held back without waiting: unlike a changing folder, nothing
+    will report it again."""
+
+
 def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
                    limits: Limits = Limits()) -> tuple[AdapterLayout, str]:
     """Copy a selected revision's files into the run's own folder and check they are what
@@ -219,19 +226,32 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     a symlink (one to /dev/zero was copied without end). A folder source's revision is
     the fingerprint of config, weights and calibration, so all three are checked; for
     a Hub revision (a commit of files in the daemon's own cache) the weights' hash is.
-    Returns the copy's layout and its folder fingerprint (a folder source's revision)."""
+    Returns the copy's layout and its folder fingerprint (a folder source's revision).
+    Raises :class:`RefusedInput` when the registered content itself fails ``limits``."""
     source = Path(revision.files_path)
     into.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
+        limit = limits.file_limit(name)
         try:
-            copy_adapter_file(source / name, into / name, limits.file_limit(name), follow=name != CALIBRATION_NAME)
+            copy_adapter_file(source / name, into / name, limit, follow=name != CALIBRATION_NAME)
         except FileNotFoundError:
             if name != CALIBRATION_NAME:
                 raise AdapterError(source / name, "vanished since it was registered") from None
         except OSError as exc:
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
-    loaded = read_layout(into, limits, adapter.name)
+        except AdapterError as exc:
+            if name == WEIGHTS_NAME and revision.size_bytes is not None and revision.size_bytes > limit:
+                raise RefusedInput(source / name, f"the registered weights are {revision.size_bytes} bytes, above "
+                                                  f"this daemon's limit of {limit}") from None
+            raise
     changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
+    try:
+        loaded = read_layout(into, limits, adapter.name)
+    except AdapterError as exc:
+        if _holds_revision(adapter, revision, into, limits):
+            where = source / Path(exc.path).relative_to(into) if Path(exc.path).is_relative_to(into) else exc.path
+            raise RefusedInput(where, f"{exc.reason} (under this daemon's limits)") from None
+        raise changed from None
     if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
         raise changed
     # The weights were hashed by read_layout from the bytes it checked: not read a third time.
@@ -239,6 +259,22 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     if adapter.source.kind is SourceKind.local and content != revision.revision:
         raise changed
     return loaded, content
+
+
+def _holds_revision(adapter: Adapter, revision: AdapterRevision, copy: Path, limits: Limits) -> bool:
+    """Whether the run's ``copy`` is the registered content (the weights' hash, and for a
+    folder source the whole fingerprint), read without checking it."""
+    weights = hashlib.sha256()
+    with open(copy / WEIGHTS_NAME, "rb") as handle:
+        while block := handle.read(1 << 20):
+            weights.update(block)
+    if revision.content_sha256 is not None and weights.hexdigest() != revision.content_sha256:
+        return False
+    if adapter.source.kind is SourceKind.local:
+        fingerprint = folder_fingerprint(copy, limits, pickled_from=Path(revision.files_path),
+                                         weights_sha256=weights.hexdigest())
+        return fingerprint == revision.revision
+    return True
 
 
 CalibrationAnswer = CalibrationSet | IterisError | None  # None: this source has no data for the adapter
@@ -331,7 +367,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             snapshots.append((adapter, revision, *snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
             inputs.held_back[adapter.name] = str(exc)
-            if adapter.source.kind is SourceKind.local:
+            if adapter.source.kind is SourceKind.local and not isinstance(exc, RefusedInput):
                 inputs.changing.append(adapter.name)
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
     answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources)

@@ -14,13 +14,14 @@ Every failure is an :class:`AdapterError` whose reason the catalog records.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import stat
 import struct
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,22 @@ class Limits:
         """The most bytes the adapter file ``name`` may hold."""
         return {CONFIG_NAME: self.max_config_bytes, CALIBRATION_NAME: self.max_calibration_bytes}.get(
             name, self.max_weights_bytes)
+
+
+# Bump when a release changes what validation accepts or refuses: every verdict the
+# catalog holds is then reached again, once (see ``validation_context``).
+VALIDATION_RULES = 1
+
+
+def validation_context(limits: Limits, base_model: str | None, trusted_models: Collection[str]) -> str:
+    """A digest of everything besides an adapter's files that its verdict depends on:
+    the limits, the source's base model, the trusted base models and the rules. The
+    catalog stores it with each verdict, and a source judges a revision again when its
+    context differs: a Hub adapter refused as too big is registered once the limit is
+    raised (its commit, the revision, is the same), one past a lowered limit is withdrawn."""
+    key = {"rules": VALIDATION_RULES, "limits": asdict(limits), "base_model": base_model,
+           "trusted_models": sorted(trusted_models)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

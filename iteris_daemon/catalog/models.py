@@ -6,7 +6,7 @@ them; a test checks that the two agree.
 - ``adapters``: one row per adapter location (a folder, a Hub repo); its ``status``
   follows its newest revision, or is ``removed`` once the location is gone.
 - ``adapter_revisions``: every distinct content seen at that location, with what
-  validation found, or why it was rejected.
+  validation found, or why it was rejected, and under which settings.
 - ``merge_groups`` / ``merge_runs`` / ``merge_run_inputs``: what the daemon merges,
   and every run with the exact revisions it used.
 - ``base_model_shapes``: a base model's layer shapes, computed once by a worker, for
@@ -129,6 +129,9 @@ class AdapterRevision(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     discovered_at: Mapped[datetime] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None]
+    # validation.validation_context of the settings the verdict was reached under (None:
+    # recorded before contexts were); a source judges the revision again under others.
+    validation_context: Mapped[str | None] = mapped_column(String(64))
     # Updated only when the location switches back to this content (a revert).
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 

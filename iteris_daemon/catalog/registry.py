@@ -45,6 +45,8 @@ class Observation:
     info: AdapterInfo | None = None
     reason: str | None = None
     has_calibration: bool = False
+    # validation.validation_context of the settings behind the verdict (None: it depends on none)
+    context: str | None = None
 
 
 def add_source(session: Session, name: str, kind: SourceKind, settings: dict[str, Any]) -> Source:
@@ -104,32 +106,34 @@ def _adapter_row(session: Session, source_id: int, seen: Observation) -> Adapter
     return adapter
 
 
+def verdict_stands(revision: AdapterRevision, context: str) -> bool:
+    """Whether ``revision``'s verdict holds under the settings of ``context``: it was
+    reached under them. One from before contexts were recorded counts as the daemon's
+    own if registered (and is stamped with ``context``); a rejected one is judged again."""
+    if revision.validation_context is None and revision.status is AdapterStatus.registered:
+        revision.validation_context = context
+    return revision.validation_context == context
+
+
 def record(session: Session, source_id: int, seen: Observation) -> tuple[AdapterRevision, bool]:
-    """Record what a source saw; return the revision row and whether it is new."""
+    """Record what a source saw; return the revision row and whether it is news: a new
+    revision, or a known one whose verdict changed under other settings (``seen.context``)."""
     adapter = _adapter_row(session, source_id, seen)
     existing = session.scalar(
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
     )
     if existing is not None:
+        changed = False
+        if seen.context is not None and existing.validation_context != seen.context:
+            changed = existing.status is not _status(seen)
+            _judge(existing, seen)
         if adapter.status is AdapterStatus.removed or adapter.current is not existing:
             existing.last_seen_at = utcnow()  # it came back, or an older content was restored
             existing.files_path = seen.files_path or existing.files_path
-            adapter.status = existing.status
-        return existing, False
-    info = seen.info
-    revision = AdapterRevision(
-        adapter_id=adapter.id,
-        revision=seen.revision,
-        files_path=seen.files_path,
-        status=AdapterStatus.registered if info else AdapterStatus.rejected,
-        reason=seen.reason,
-        has_calibration=seen.has_calibration,
-        validated_at=utcnow(),
-        **({} if info is None else {
-            "content_sha256": info.content_sha256, "base_model": info.base_model, "task_type": info.task_type,
-            "rank": info.rank, "alpha": info.alpha, "target_modules": info.target_modules, "size_bytes": info.size_bytes,
-        }),
-    )
+        adapter.status = existing.status
+        return existing, changed
+    revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision)
+    _judge(revision, seen)
     try:
         with session.begin_nested():
             session.add(revision)
@@ -141,6 +145,23 @@ def record(session: Session, source_id: int, seen: Observation) -> tuple[Adapter
     adapter.status = revision.status
     adapter.name = seen.name
     return revision, True
+
+
+def _status(seen: Observation) -> AdapterStatus:
+    return AdapterStatus.registered if seen.info else AdapterStatus.rejected
+
+
+def _judge(revision: AdapterRevision, seen: Observation) -> None:
+    """Write the verdict of ``seen`` (and what validation found) into ``revision``."""
+    info = seen.info
+    revision.status, revision.reason = _status(seen), seen.reason
+    revision.files_path = seen.files_path or revision.files_path
+    revision.has_calibration = seen.has_calibration
+    revision.validated_at, revision.validation_context = utcnow(), seen.context
+    if info is not None:
+        revision.content_sha256, revision.base_model, revision.task_type = info.content_sha256, info.base_model, info.task_type
+        revision.rank, revision.alpha, revision.target_modules = info.rank, info.alpha, info.target_modules
+        revision.size_bytes = info.size_bytes
 
 
 def list_adapters(session: Session, statuses: list[AdapterStatus] | None = None, source: str | None = None) -> list[Adapter]:

@@ -71,9 +71,10 @@ def register(commands) -> None:
     scan = source_commands.add_parser(
         "scan", parents=[db_options], help="rescan folders / poll Hub repos once, now",
         description="Rescan local folders and poll Hub sources once (the daemon does this on its own). "
-                    "Give the daemon's --config: adapters are then judged by its limits and trusted models "
-                    "(without it, the defaults: an adapter they allow but the daemon's refuse is registered, and "
-                    "the daemon's merges of its groups then wait for it). "
+                    "Give the daemon's --config: adapters are then judged by its limits and trusted models. "
+                    "Without it the defaults judge them, and each adapter whose verdict was reached under other "
+                    "settings is judged again (read once more): one the daemon refuses may be registered until the "
+                    "daemon's next rescan, its merges holding it back meanwhile. "
                     "Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")

@@ -38,12 +38,12 @@ from sqlalchemy import select
 
 from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterStatus
-from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
+from ..catalog.registry import Observation, get_source, mark_removed, record, set_health, verdict_stands
 from ..errors import AdapterError, ConfigError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
-from ..validation import Limits, ShapeSource, validate_adapter
+from ..validation import Limits, ShapeSource, validate_adapter, validation_context
 from .local import CALIBRATION_NAME, ScanReport
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class HubSource:
         self.limits = limits
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
+        self.context = validation_context(limits, self.settings.base_model, self.trusted_models)
         self.stopping = stopping  # the daemon's stop event: set, a poll ends where it is
 
     def _stopping(self) -> bool:
@@ -258,9 +259,13 @@ class HubSource:
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
-            if current is not None and current.revision == sha and adapter.status is not AdapterStatus.removed:
+            known = current if current is not None and current.revision == sha else None
+            if known is not None and adapter.status is not AdapterStatus.removed and verdict_stands(known, self.context):
                 report.unchanged += 1
                 return True
+            # Only judged again (under other settings): news only if the verdict changes.
+            rejudged = known is not None and adapter.status is not AdapterStatus.removed
+            was_registered = rejudged and known.status is AdapterStatus.registered
         siblings = {s.rfilename: s for s in info.siblings or []}
         snapshot = self.cache_dir / repo_id.replace("/", "--") / sha
         if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
@@ -276,17 +281,23 @@ class HubSource:
         seen = Observation(
             locator=locator, name=locator, revision=sha, files_path=str(snapshot) if adapter_info else None,
             info=adapter_info, reason=reason, has_calibration=(snapshot / CALIBRATION_NAME).is_file(),
+            context=self.context,
         )
         with self.catalog.session() as session:
             _, new = record(session, self.source_id, seen)
         if adapter_info is None:
             report.rejected.append(locator)
+            if new and was_registered:
+                report.withdrawn.append(locator)
             log.warning("source %s: rejected %s@%s: %s", self.name, locator, sha[:12], reason)
         else:
             _drop_other_commits(snapshot)
             if new:
                 report.registered.append(locator)
                 log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], adapter_info.rank)
+            elif rejudged:
+                report.unchanged += 1
+                log.info("source %s: %s@%s is still valid under the current settings", self.name, locator, sha[:12])
         return True
 
     def _fetch_and_validate(self, api, token, repo_id, sha, siblings, snapshot: Path, listed: bool):

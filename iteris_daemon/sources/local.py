@@ -32,10 +32,10 @@ from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterStatus
-from ..catalog.registry import Observation, get_source, mark_removed, record, set_health
+from ..catalog.registry import Observation, get_source, mark_removed, record, set_health, verdict_stands
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
-from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter
+from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter, validation_context
 from .stat_cache import StatCache, stat_context
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,16 @@ class ScanReport:
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     waiting: list[str] = field(default_factory=list)  # incomplete, or the base model is unreadable
+    withdrawn: list[str] = field(default_factory=list)  # registered, rejected now under other settings (also in rejected)
 
     @property
     def changed(self) -> bool:
         """Something a merge group could care about happened."""
-        return bool(self.registered or self.removed)
+        return bool(self.registered or self.removed or self.withdrawn)
 
     def __str__(self) -> str:
-        return (f"{len(self.registered)} registered, {len(self.rejected)} rejected, {len(self.removed)} removed, "
+        withdrawn = f" ({len(self.withdrawn)} withdrawn)" if self.withdrawn else ""
+        return (f"{len(self.registered)} registered, {len(self.rejected)} rejected{withdrawn}, {len(self.removed)} removed, "
                 f"{self.unchanged} unchanged, {len(self.waiting)} waiting")
 
 
@@ -137,6 +139,7 @@ class LocalFolderSource:
         self.limits = limits
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
+        self.context = validation_context(limits, self.settings.base_model, self.trusted_models)
         self._lock = threading.Lock()  # one examination at a time (scan, events)
         # path -> (time of the last event, snapshot of its files then, examine subfolders too)
         self._dirty: dict[Path, tuple[float, tuple | None, bool]] = {}
@@ -243,9 +246,13 @@ class LocalFolderSource:
         with self.catalog.session() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
             current = adapter.current if adapter else None
-            if current is not None and current.revision == fingerprint and adapter.status is not AdapterStatus.removed:
+            known = current if current is not None and current.revision == fingerprint else None
+            if known is not None and adapter.status is not AdapterStatus.removed and verdict_stands(known, self.context):
                 report.unchanged += 1
                 return
+            # Only judged again (under other settings): news only if the verdict changes.
+            rejudged = known is not None and adapter.status is not AdapterStatus.removed
+            was_registered = rejudged and known.status is AdapterStatus.registered
         reason, info = None, None
         try:
             if locator != str(folder):
@@ -272,18 +279,23 @@ class LocalFolderSource:
         seen = Observation(
             locator=locator, name=as_text(self._name(folder)), revision=fingerprint,
             files_path=str(folder) if info is not None else None,
-            info=info, reason=reason, has_calibration=(folder / CALIBRATION_NAME).is_file(),
+            info=info, reason=reason, has_calibration=(folder / CALIBRATION_NAME).is_file(), context=self.context,
         )
         with self.catalog.session() as session:
             revision, new = record(session, self.source_id, seen)
             status = revision.status
         if info is None:
             report.rejected.append(locator)
+            if new and was_registered:
+                report.withdrawn.append(locator)
             log.warning("source %s: rejected %s: %s", self.name, locator, reason)
         elif new:
             report.registered.append(locator)
             log.info("source %s: registered %s (revision %s, rank %d, base %s)",
                      self.name, seen.name, fingerprint[:12], info.rank, info.base_model)
+        elif rejudged:
+            report.unchanged += 1
+            log.info("source %s: %s is still valid under the current settings", self.name, seen.name)
         elif status is AdapterStatus.registered:
             report.registered.append(locator)
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])

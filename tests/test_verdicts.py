@@ -1,0 +1,219 @@
+"""A verdict holds only under the settings it was reached under.
+
+The catalog stores, with each revision's verdict, a digest of the settings behind it
+(``validation.validation_context``: limits, the source's base model, trusted models,
+the rules' version). Before, a verdict was final for a revision: a Hub adapter refused
+as too big stayed refused after the limit was raised (its commit, the revision, is the
+same), an adapter refused for its rank stayed refused after ``max_rank`` was raised, and
+one registered under looser settings (a ``sources scan`` without the daemon's config)
+made every run of its group wait for a change that would never come. Real catalog
+(SQLite file), real folder source, real HTTP to the Hub-compatible test server.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import fields
+
+import pytest
+from hub_server import HubServer, isolate_hub_client
+from sqlalchemy import select, update
+
+import iteris_daemon.sources.local as local
+from builders import build_adapter, build_tiny_model
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, MergeRun, RunStatus, SourceKind
+from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.config import GroupConfig
+from iteris_daemon.errors import AdapterError
+from iteris_daemon.runner import RefusedInput, run_group, snapshot_input, sync_group
+from iteris_daemon.sources.hub import HubSource
+from iteris_daemon.sources.local import LocalFolderSource
+from iteris_daemon.validation import Limits, validation_context
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verdicts")
+    base = build_tiny_model("bert", root / "base")
+    adapters = [build_adapter(base, root / f"task{i}", seed=20 + i, family="bert", r=2 + i) for i in range(2)]
+    return base, adapters  # ranks 2 and 3
+
+
+@pytest.fixture
+def team(tmp_path, made):
+    """A catalog with a folder source "team" watching copies of both adapters."""
+    base, adapters = made
+    watched = tmp_path / "watched"
+    for adapter in adapters:
+        shutil.copytree(adapter, watched / adapter.name)
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base),
+                                                       "settle_seconds": 0.2})
+    yield catalog, watched, base
+    catalog.close()
+
+
+def _revisions(catalog) -> dict[str, AdapterRevision]:
+    with catalog.session() as session:
+        return {a.name: a.current for a in session.scalars(select(Adapter)) if a.current is not None}
+
+
+def _statuses(catalog) -> dict[str, AdapterStatus]:
+    return {name: revision.status for name, revision in _revisions(catalog).items()}
+
+
+@pytest.fixture
+def validations(monkeypatch):
+    """The folders ``validate_adapter`` was called on, by the folder source."""
+    seen = []
+    real = local.validate_adapter
+
+    def counting(folder, *args, **kwargs):
+        seen.append(folder.name)
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(local, "validate_adapter", counting)
+    return seen
+
+
+def test_the_context_changes_with_every_setting_a_verdict_depends_on():
+    plain = validation_context(Limits(), None, [])
+    for limit in fields(Limits):
+        changed = Limits(**{limit.name: getattr(Limits(), limit.name) + 1})
+        assert validation_context(changed, None, []) != plain, limit.name
+    assert validation_context(Limits(), "org/base", []) != plain
+    assert validation_context(Limits(), None, ["org/base"]) != plain
+    assert validation_context(Limits(), None, ["b", "a"]) == validation_context(Limits(), None, ["a", "b"])
+    assert validation_context(Limits(), None, []) == plain  # stable: no time, no randomness
+
+
+def test_a_folder_adapter_is_judged_again_when_the_limits_change(team, validations):
+    """max_rank does not enter the folder fingerprint (the size limits do), so before the
+    fix the rank-3 adapter stayed rejected after the limit was raised."""
+    catalog, watched, _ = team
+    report = LocalFolderSource(catalog, "team", limits=Limits(max_rank=2)).scan()
+    assert report.registered == [str(watched / "task0")] and report.rejected == [str(watched / "task1")]
+    assert _revisions(catalog)["task1"].reason.endswith("r=3 is above the limit of 2")
+
+    validations.clear()
+    report = LocalFolderSource(catalog, "team", limits=Limits(max_rank=2)).scan()  # same settings: nothing read
+    assert report.unchanged == 2 and validations == []
+
+    report = LocalFolderSource(catalog, "team").scan()  # the limit raised
+    assert report.registered == [str(watched / "task1")] and report.unchanged == 1 and report.changed
+    assert sorted(validations) == ["task0", "task1"]
+    revision = _revisions(catalog)["task1"]
+    assert revision.status is AdapterStatus.registered and revision.reason is None and revision.rank == 3
+    assert len(_revisions(catalog)) == 2  # the same revision rows, judged again
+    with catalog.session() as session:
+        assert session.query(AdapterRevision).count() == 2
+
+    report = LocalFolderSource(catalog, "team", limits=Limits(max_rank=2)).scan()  # lowered again: withdrawn
+    assert report.withdrawn == [str(watched / "task1")] and report.rejected == report.withdrawn and report.changed
+    assert "1 rejected (1 withdrawn)" in str(report)
+    assert _statuses(catalog) == {"task0": AdapterStatus.registered, "task1": AdapterStatus.rejected}
+
+
+def test_verdicts_from_before_contexts_were_recorded(team, validations):
+    """After the upgrade (migration 0006) every verdict has no context: a registered one is
+    taken as the source's own and stamped, without reading the adapter again; a rejected
+    one is judged again, once."""
+    catalog, watched, _ = team
+    LocalFolderSource(catalog, "team", limits=Limits(max_rank=2)).scan()
+    with catalog.session() as session:
+        session.execute(update(AdapterRevision).values(validation_context=None))
+    validations.clear()
+    source = LocalFolderSource(catalog, "team", limits=Limits(max_rank=2))
+    report = source.scan()
+    assert validations == ["task1"] and report.unchanged == 1 and report.rejected == [str(watched / "task1")]
+    assert {r.validation_context for r in _revisions(catalog).values()} == {source.context}
+    validations.clear()
+    assert source.scan().unchanged == 2 and validations == []
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path, made):
+    base, adapters = made
+    with HubServer() as server:
+        isolate_hub_client(monkeypatch, server.endpoint, tmp_path / "hf-home")
+        catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        with catalog.session() as session:
+            add_source(session, "hub", SourceKind.hub, {"endpoint": server.endpoint, "repos": ["alice/big"],
+                                                        "base_model": str(base), "retry_base_seconds": 0.05})
+        files = {name: (adapters[1] / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+        sha = server.create_repo_direct("alice/big", files)
+
+        def poll(limits: Limits = Limits()):
+            return HubSource(catalog, "hub", tmp_path / "cache", limits=limits).poll()
+
+        yield server, catalog, poll, sha, len(files["adapter_model.safetensors"])
+        catalog.close()
+
+
+def test_a_hub_adapter_refused_as_too_big_is_registered_once_the_limit_is_raised(hub):
+    server, catalog, poll, sha, size = hub
+    report = poll(Limits(max_weights_bytes=size - 1))
+    assert report.rejected == ["alice/big"] and "above the limit" in _revisions(catalog)["alice/big"].reason
+    assert poll(Limits(max_weights_bytes=size - 1)).unchanged == 1  # same settings: no download
+    assert not server.requests_matching(r"^GET /alice/big/resolve/.*safetensors")
+
+    report = poll()  # before the fix: "unchanged", refused for good
+    assert report.registered == ["alice/big"]
+    revision = _revisions(catalog)["alice/big"]
+    assert revision.status is AdapterStatus.registered and revision.revision == sha and revision.files_path
+    assert poll().unchanged == 1
+
+    report = poll(Limits(max_rank=2))
+    assert report.withdrawn == ["alice/big"] and _statuses(catalog) == {"alice/big": AdapterStatus.rejected}
+
+
+def _group(catalog, base, published) -> GroupConfig:
+    group = GroupConfig(name="unified", base_model=str(base), strategy="task_arithmetic",
+                        select={"names": ["task0", "task1"]}, destinations=[{"kind": "folder", "path": str(published)}])
+    sync_group(catalog, group)
+    return group
+
+
+@pytest.mark.parametrize("tight", [Limits(max_rank=2), "weights"], ids=["rank", "weights-size"])
+def test_a_run_holds_back_what_its_limits_refuse_and_merges_the_rest(team, tmp_path, tight):
+    """An adapter registered under looser settings than the daemon's: the run used to
+    count it as "changing" and wait for the source to report it again, which never
+    happens (its content is the same): every run of the group was skipped. It is held
+    back, saying why, and the rest is merged."""
+    catalog, watched, base = team
+    LocalFolderSource(catalog, "team").scan()  # e.g. `sources scan` without the daemon's --config
+    if tight == "weights":
+        tight = Limits(max_weights_bytes=(watched / "task1" / "adapter_model.safetensors").stat().st_size - 1)
+        assert (watched / "task0" / "adapter_model.safetensors").stat().st_size <= tight.max_weights_bytes
+    outcome = run_group(catalog, _group(catalog, base, tmp_path / "published"), tmp_path / "work", "tester",
+                        limits=tight)
+    assert outcome.status is RunStatus.succeeded, outcome.detail
+    with catalog.session() as session:
+        row = session.get(MergeRun, outcome.run_id)
+        held_back = row.metrics["held_back"]
+        merged = sorted(i.revision.adapter.name for i in row.inputs)
+    assert merged == ["task0"] and list(held_back) == ["task1"]
+    assert "above the limit of 2 (under this daemon's limits)" in held_back["task1"] if tight.max_rank == 2 else \
+        "the registered weights are" in held_back["task1"]
+
+
+def test_a_refusal_is_told_from_a_change(team, tmp_path):
+    """The same limit failure on content that is no longer the registered one is a change:
+    the run waits for the source to report it."""
+    catalog, watched, _ = team
+    LocalFolderSource(catalog, "team").scan()
+    with catalog.session() as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.name == "task1"))
+        revision = adapter.current
+        _ = adapter.source
+        with pytest.raises(RefusedInput, match=f"^{watched / 'task1' / 'adapter_config.json'}: r=3 is above the limit of 2"):
+            snapshot_input(adapter, revision, tmp_path / "a", Limits(max_rank=2))
+        config = watched / "task1" / "adapter_config.json"
+        config.write_text(config.read_text().replace("{", '{"note": "retrained", ', 1))
+        with pytest.raises(AdapterError, match="changed since it was registered") as caught:
+            snapshot_input(adapter, revision, tmp_path / "b", Limits(max_rank=2))
+        assert not isinstance(caught.value, RefusedInput)
