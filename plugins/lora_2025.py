@@ -81,16 +81,17 @@ class CoreSpace:
 
 class TsvParams(_Params):
     fraction: float | None = Field(
-        None, gt=0, le=1, description="fraction of each task's rank kept: max(1, int(fraction * r_i)) "
-        "singular components (default 1/N, the paper's)"
+        None, gt=0, le=1, description="share of the matrix dimension kept per task: max(1, int(fraction * "
+        "min(p, q))) singular components, at most the task's rank (default 1/N, the paper's)"
     )
 
 
 class Tsv:
     """TSV-M (Gargiulo et al., CVPR 2025).
 
-    Per task ``D_i = U_i S_i V_i^T``; keep the top ``k_i = max(1, int(fraction * r_i))``
-    (``fraction`` = 1/N by default, r_i the rank of D_i); ``U_cat = [U_1,k .. U_N,k]``,
+    Per task ``D_i = U_i S_i V_i^T``; keep the top ``k = max(1, int(fraction * min(p, q)))``,
+    at most rank(D_i) (``fraction`` = 1/N by default: the paper's 1/N of the matrix dimension,
+    which at the default equals ``core_space``'s TSV-Merge); ``U_cat = [U_1,k .. U_N,k]``,
     ``V_cat``, ``S_cat`` likewise; whitening ``U_perp = P_U Q_U^T`` from
     ``U_cat = P_U Sigma Q_U^T`` (and ``V_perp``); ``Delta = alpha U_perp diag(S_cat) V_perp^T``.
     """

@@ -198,16 +198,16 @@ def core_space_core(
         return iso_c_core(layer)
     if method == "iso_cts":
         return iso_cts_core(layer, common_space_fraction)
-    per_task = max(1, layer.dim // len(layer.cores))
-    return tsv_core(layer, [per_task] * len(layer.cores))
+    return tsv_fraction_core(layer, None)
 
 
 def tsv_fraction_core(layer: _Layer, fraction: float | None) -> torch.Tensor:
-    """TSV-M keeping ``max(1, int(fraction * r_i))`` components of task i (``fraction`` 1/N by default)."""
+    """TSV-M keeping ``max(1, int(fraction * min(p, q)))`` components per task (``fraction``
+    1/N by default, the paper's share of the matrix dimension), each capped at the task's rank."""
     if fraction is None:
         fraction = 1 / len(layer.cores)
-    keep = [max(1, int(fraction * _svd(M)[1].numel() + 1e-9)) for M in layer.cores]
-    return tsv_core(layer, keep)
+    per_task = max(1, int(fraction * layer.dim + 1e-9))
+    return tsv_core(layer, [per_task] * len(layer.cores))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,8 +90,11 @@ def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
 
 
 def reference_tsv_m(deltas, fraction=None, alpha=1.0):
+    """TSV-M's share: ``fraction`` (1/N) of the matrix dimension per task, the span's (see
+    ``_span_dim``) for LoRA deltas; reference_tsv caps it at each task's rank."""
     fraction = 1 / len(deltas) if fraction is None else fraction
-    return reference_tsv(deltas, [max(1, int(fraction * _rank(D) + 1e-9)) for D in deltas], alpha)
+    per_task = max(1, int(fraction * _span_dim(deltas) + 1e-9))
+    return reference_tsv(deltas, [per_task] * len(deltas), alpha)
 
 
 def reference_core_space(deltas, method="tsv", alpha=1.0, common_space_fraction=0.8):
@@ -153,6 +156,7 @@ CASES = [
     ("tsv", {}, lambda D: reference_tsv_m(D)),
     ("tsv", {"fraction": 0.5, "alpha": 1.3}, lambda D: reference_tsv_m(D, 0.5, 1.3)),
     ("tsv", {"fraction": 1.0}, lambda D: reference_tsv_m(D, 1.0)),
+    ("tsv", {"fraction": 0.15}, lambda D: reference_tsv_m(D, 0.15)),  # 2 per task on "wide": truncates ranks 3-5
     ("iso_c", {}, lambda D: reference_iso_c(D)),
     ("iso_c", {"alpha": 1.5}, lambda D: reference_iso_c(D, 1.5)),
     ("iso_cts", {}, lambda D: reference_iso_cts(D)),
@@ -182,13 +186,24 @@ def test_reference_sizes_are_the_interesting_ones():
     adapters = _adapters(0)
     wide = _deltas(adapters, "wide")
     assert [_rank(D) for D in wide] == list(RANKS) and _span_dim(wide) == 14
-    assert [max(1, int(_rank(D) / 4 + 1e-9)) for D in wide] == [1, 1, 1, 1]  # tsv's default 1/N of each rank
-    assert _span_dim(wide) // 4 == 3 > _rank(wide[0])  # core_space's tsv share, capped for task 0
+    assert _span_dim(wide) // 4 == 3 > _rank(wide[0])  # TSV's 1/N share, capped for task 0
+    assert int(0.5 * _span_dim(wide)) == 7 > max(RANKS)  # tsv with fraction 0.5 keeps every component
     common = int(14 * 0.8)
     assert 14 - round((14 - common) / 4) * 4 == 10  # Iso-CTS: 10 common + 1 per task
     narrow = _deltas(adapters, "narrow")
     assert _span_dim(narrow) == 9 == narrow[0].shape[0] < sum(RANKS)
     assert len(_deltas(adapters, "partial")) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tsv_at_its_defaults_is_core_spaces_tsv_merge(seed):
+    """Both follow the paper's 1/N of the matrix dimension. Before the fix ``tsv`` kept 1/N
+    of each task's rank (one component of eight at N = 8), far fewer than the paper."""
+    adapters = _adapters(seed)
+    tsv, core = _merge("tsv", adapters).modules, _merge("core_space", adapters).modules
+    assert tsv.keys() == core.keys()
+    for path in tsv:
+        assert _relative(tsv[path][0] @ tsv[path][1], core[path][0] @ core[path][1]) < 1e-12, path
 
 
 def test_the_rules_are_not_task_arithmetic():
