@@ -332,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--no-sweep", action="store_true", help="skip the validation sweep (IterIS at its defaults)")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="skip the IterIS variants and the iteration sweep (e.g. to rerun one data-free strategy)")
     parser.add_argument("--samples", type=int, nargs="*", default=list(SAMPLE_SWEEP), metavar="N",
                         help="calibration samples per task for the sample curve (N = 4, test split), e.g. 10 50 200")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = run(args.workdir, strategies=tuple(args.strategies), sweep=None if args.no_sweep else SWEEP,
-                  sample_sweep=tuple(args.samples), checkpoint=args.workdir / "quality.partial.json")
+                  sample_sweep=tuple(args.samples), checkpoint=args.workdir / "quality.partial.json",
+                  **({"variants": {}, "iteration_sweep": ()} if args.no_variants else {}))
     (args.workdir / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for path in plot(results, args.workdir):
