@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -231,18 +231,16 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     source = Path(revision.files_path)
     into.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
-        limit = limits.file_limit(name)
         try:
-            copy_adapter_file(source / name, into / name, limit, follow=name != CALIBRATION_NAME)
+            copy_adapter_file(source / name, into / name, limits.file_limit(name), follow=name != CALIBRATION_NAME)
         except FileNotFoundError:
             if name != CALIBRATION_NAME:
                 raise AdapterError(source / name, "vanished since it was registered") from None
         except OSError as exc:
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
         except AdapterError as exc:
-            if name == WEIGHTS_NAME and revision.size_bytes is not None and revision.size_bytes > limit:
-                raise RefusedInput(source / name, f"the registered weights are {revision.size_bytes} bytes, above "
-                                                  f"this daemon's limit of {limit}") from None
+            if _source_holds_revision(adapter, revision, limits):
+                raise RefusedInput(exc.path, f"{exc.reason} (under this daemon's limits)") from None
             raise
     changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
     try:
@@ -259,6 +257,20 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     if adapter.source.kind is SourceKind.local and content != revision.revision:
         raise changed
     return loaded, content
+
+
+def _source_holds_revision(adapter: Adapter, revision: AdapterRevision, limits: Limits) -> bool:
+    """Whether the source still holds the registered content, one of whose files ``limits``
+    refused: its fingerprint is the revision under limits raised to the defaults (a scan
+    without the daemon's config registers under those). A Hub revision is a commit's files
+    in the daemon's own cache: it does."""
+    if adapter.source.kind is not SourceKind.local:
+        return True
+    raised = Limits(**{f.name: max(getattr(limits, f.name), getattr(Limits(), f.name)) for f in fields(Limits)})
+    try:
+        return folder_fingerprint(Path(revision.files_path), raised) == revision.revision
+    except OSError:
+        return False
 
 
 def _holds_revision(adapter: Adapter, revision: AdapterRevision, copy: Path, limits: Limits) -> bool:

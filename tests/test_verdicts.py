@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from hub_server import HubServer, isolate_hub_client
@@ -29,6 +30,7 @@ from iteris_daemon.errors import AdapterError
 from iteris_daemon.runner import RefusedInput, run_group, snapshot_input, sync_group
 from iteris_daemon.sources.hub import HubSource
 from iteris_daemon.sources.local import LocalFolderSource
+from iteris_daemon import validation
 from iteris_daemon.validation import Limits, validation_context
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,7 +65,11 @@ def _revisions(catalog) -> dict[str, AdapterRevision]:
 
 
 def _statuses(catalog) -> dict[str, AdapterStatus]:
-    return {name: revision.status for name, revision in _revisions(catalog).items()}
+    """Each adapter's status, checked against its current revision's."""
+    with catalog.session() as session:
+        adapters = list(session.scalars(select(Adapter)))
+        assert all(a.status is a.current.status for a in adapters if a.current is not None)
+        return {a.name: a.status for a in adapters}
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ def validations(monkeypatch):
     return seen
 
 
-def test_the_context_changes_with_every_setting_a_verdict_depends_on():
+def test_the_context_changes_with_every_setting_a_verdict_depends_on(monkeypatch):
     plain = validation_context(Limits(), None, [])
     for limit in fields(Limits):
         changed = Limits(**{limit.name: getattr(Limits(), limit.name) + 1})
@@ -89,6 +95,18 @@ def test_the_context_changes_with_every_setting_a_verdict_depends_on():
     assert validation_context(Limits(), None, ["org/base"]) != plain
     assert validation_context(Limits(), None, ["b", "a"]) == validation_context(Limits(), None, ["a", "b"])
     assert validation_context(Limits(), None, []) == plain  # stable: no time, no randomness
+    monkeypatch.setattr(validation, "VALIDATION_RULES", validation.VALIDATION_RULES + 1)  # a release's new rules
+    assert validation_context(Limits(), None, []) != plain
+
+
+def test_each_source_judges_under_its_own_settings(team, hub, tmp_path):
+    catalog, _, base = team
+    limits, trusted = Limits(max_rank=7), ["org/trusted"]
+    assert LocalFolderSource(catalog, "team", limits=limits, trusted_models=trusted).context == \
+        validation_context(limits, str(base), trusted)
+    _, hub_catalog, _, _, _ = hub
+    assert HubSource(hub_catalog, "hub", tmp_path / "cache", limits=limits, trusted_models=trusted).context == \
+        validation_context(limits, str(base), trusted)
 
 
 def test_a_folder_adapter_is_judged_again_when_the_limits_change(team, validations):
@@ -116,6 +134,19 @@ def test_a_folder_adapter_is_judged_again_when_the_limits_change(team, validatio
     assert report.withdrawn == [str(watched / "task1")] and report.rejected == report.withdrawn and report.changed
     assert "1 rejected (1 withdrawn)" in str(report)
     assert _statuses(catalog) == {"task0": AdapterStatus.registered, "task1": AdapterStatus.rejected}
+
+    report = LocalFolderSource(catalog, "team", limits=Limits(max_rank=1)).scan()  # only a registered one is withdrawn
+    assert sorted(report.rejected) == [str(watched / "task0"), str(watched / "task1")]
+    assert report.withdrawn == [str(watched / "task0")]
+
+    assert len(LocalFolderSource(catalog, "team").scan().registered) == 2
+    size = (watched / "task1" / "adapter_model.safetensors").stat().st_size
+    report = LocalFolderSource(catalog, "team", limits=Limits(max_weights_bytes=size - 1)).scan()
+    # A weights file past its limit is described, not hashed: a new revision, rejected, and withdrawn all the same.
+    assert report.withdrawn == [str(watched / "task1")] and report.changed
+    assert _statuses(catalog) == {"task0": AdapterStatus.registered, "task1": AdapterStatus.rejected}
+    with catalog.session() as session:
+        assert session.query(AdapterRevision).count() == 3
 
 
 def test_verdicts_from_before_contexts_were_recorded(team, validations):
@@ -167,8 +198,28 @@ def test_a_hub_adapter_refused_as_too_big_is_registered_once_the_limit_is_raised
     assert revision.status is AdapterStatus.registered and revision.revision == sha and revision.files_path
     assert poll().unchanged == 1
 
+    report = poll(Limits(max_tensors=19_999))  # other settings, the same verdict: no news
+    assert report.unchanged == 1 and not report.registered and not report.withdrawn and not report.changed
+
     report = poll(Limits(max_rank=2))
     assert report.withdrawn == ["alice/big"] and _statuses(catalog) == {"alice/big": AdapterStatus.rejected}
+
+
+def test_a_hub_repo_reset_to_a_registered_commit_is_news(hub, made):
+    """Before, a Hub adapter back at a commit the catalog already held (a branch reset, a
+    repo back after its removal) was recorded without a word: no group was told."""
+    server, catalog, poll, sha, _ = hub
+    assert poll().registered == ["alice/big"]
+    other = made[1][0]
+    newer = server.commit_direct("alice/big", {n: (other / n).read_bytes()
+                                               for n in ("adapter_config.json", "adapter_model.safetensors")})
+    assert poll().registered == ["alice/big"] and _revisions(catalog)["alice/big"].revision == newer
+    server.create_branch_direct("alice/big", "main", sha)  # a force-push back to the first commit
+    report = poll()
+    assert report.registered == ["alice/big"] and report.changed
+    revision = _revisions(catalog)["alice/big"]
+    assert revision.revision == sha and revision.status is AdapterStatus.registered
+    assert (Path(revision.files_path) / "adapter_model.safetensors").is_file()
 
 
 def _group(catalog, base, published) -> GroupConfig:
@@ -178,42 +229,62 @@ def _group(catalog, base, published) -> GroupConfig:
     return group
 
 
-@pytest.mark.parametrize("tight", [Limits(max_rank=2), "weights"], ids=["rank", "weights-size"])
-def test_a_run_holds_back_what_its_limits_refuse_and_merges_the_rest(team, tmp_path, tight):
+def _pad(folder) -> None:
+    """Make task1's config and calibration files longer than task0's (still valid)."""
+    config = folder / "adapter_config.json"
+    config.write_text(config.read_text() + " " * 4096)
+    calibration = folder / "calibration.jsonl"
+    calibration.write_text(calibration.read_text() * 3)
+
+
+@pytest.mark.parametrize("limit", ["max_rank", "max_weights_bytes", "max_config_bytes", "max_calibration_bytes"])
+def test_a_run_holds_back_what_its_limits_refuse_and_merges_the_rest(team, tmp_path, limit):
     """An adapter registered under looser settings than the daemon's: the run used to
     count it as "changing" and wait for the source to report it again, which never
     happens (its content is the same): every run of the group was skipped. It is held
-    back, saying why, and the rest is merged."""
+    back, saying why, and the rest is merged. The limit is set just below task1's file
+    (its rank for max_rank), above task0's."""
     catalog, watched, base = team
+    _pad(watched / "task1")
     LocalFolderSource(catalog, "team").scan()  # e.g. `sources scan` without the daemon's --config
-    if tight == "weights":
-        tight = Limits(max_weights_bytes=(watched / "task1" / "adapter_model.safetensors").stat().st_size - 1)
-        assert (watched / "task0" / "adapter_model.safetensors").stat().st_size <= tight.max_weights_bytes
+    name = {"max_weights_bytes": "adapter_model.safetensors", "max_config_bytes": "adapter_config.json",
+            "max_calibration_bytes": "calibration.jsonl"}.get(limit)
+    value = 2 if name is None else (watched / "task1" / name).stat().st_size - 1
+    assert name is None or (watched / "task0" / name).stat().st_size <= value
     outcome = run_group(catalog, _group(catalog, base, tmp_path / "published"), tmp_path / "work", "tester",
-                        limits=tight)
+                        limits=Limits(**{limit: value}))
     assert outcome.status is RunStatus.succeeded, outcome.detail
     with catalog.session() as session:
         row = session.get(MergeRun, outcome.run_id)
         held_back = row.metrics["held_back"]
         merged = sorted(i.revision.adapter.name for i in row.inputs)
     assert merged == ["task0"] and list(held_back) == ["task1"]
-    assert "above the limit of 2 (under this daemon's limits)" in held_back["task1"] if tight.max_rank == 2 else \
-        "the registered weights are" in held_back["task1"]
+    assert held_back["task1"].endswith(f"above the limit of {value} (under this daemon's limits)")
+    assert held_back["task1"].startswith(str(watched / "task1" / (name or "adapter_config.json")))
 
 
 def test_a_refusal_is_told_from_a_change(team, tmp_path):
-    """The same limit failure on content that is no longer the registered one is a change:
-    the run waits for the source to report it."""
-    catalog, watched, _ = team
+    """The same limit failures on content that is no longer the registered one are a
+    change: the run waits for the source to report it (and publishes nothing meanwhile)."""
+    catalog, watched, base = team
     LocalFolderSource(catalog, "team").scan()
+    config = watched / "task1" / "adapter_config.json"
+    tight = Limits(max_rank=2, max_config_bytes=config.stat().st_size + 100)
     with catalog.session() as session:
         adapter = session.scalar(select(Adapter).where(Adapter.name == "task1"))
         revision = adapter.current
         _ = adapter.source
-        with pytest.raises(RefusedInput, match=f"^{watched / 'task1' / 'adapter_config.json'}: r=3 is above the limit of 2"):
-            snapshot_input(adapter, revision, tmp_path / "a", Limits(max_rank=2))
-        config = watched / "task1" / "adapter_config.json"
-        config.write_text(config.read_text().replace("{", '{"note": "retrained", ', 1))
+        with pytest.raises(RefusedInput, match=f"^{config}: r=3 is above the limit of 2"):
+            snapshot_input(adapter, revision, tmp_path / "a", tight)
+        config.write_text(config.read_text().replace("{", '{"note": "retrained", ', 1))  # a new revision
         with pytest.raises(AdapterError, match="changed since it was registered") as caught:
-            snapshot_input(adapter, revision, tmp_path / "b", Limits(max_rank=2))
+            snapshot_input(adapter, revision, tmp_path / "b", tight)
         assert not isinstance(caught.value, RefusedInput)
+        config.write_text(config.read_text() + " " * 200)  # now past max_config_bytes as well
+        with pytest.raises(AdapterError, match="above the limit") as caught:
+            snapshot_input(adapter, revision, tmp_path / "c", tight)
+        assert not isinstance(caught.value, RefusedInput)
+    outcome = run_group(catalog, _group(catalog, base, tmp_path / "published"), tmp_path / "work", "tester",
+                        limits=tight)
+    assert outcome.status is RunStatus.skipped and "waiting for task1" in outcome.detail
+    assert not (tmp_path / "published").exists()

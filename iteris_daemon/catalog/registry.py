@@ -106,6 +106,28 @@ def _adapter_row(session: Session, source_id: int, seen: Observation) -> Adapter
     return adapter
 
 
+@dataclass(frozen=True)
+class Prior:
+    """What the catalog held for a location before a source looked at it again."""
+
+    stands: bool = False  # the same revision, with a verdict that holds: nothing to do
+    same_revision: bool = False  # the same revision (of a location not removed)
+    registered: bool = False  # the adapter was registered: rejecting it now withdraws it
+
+
+def prior(session: Session, source_id: int, locator: str, revision: str, context: str | None) -> Prior:
+    """What the catalog holds for ``locator`` against the ``revision`` a source sees now.
+    ``context``: the source's settings, under which a verdict must have been reached to
+    stand; None takes every recorded verdict as it is."""
+    adapter = session.scalar(select(Adapter).where(Adapter.source_id == source_id, Adapter.locator == locator))
+    if adapter is None:
+        return Prior()
+    current = adapter.current
+    same = adapter.status is not AdapterStatus.removed and current is not None and current.revision == revision
+    return Prior(stands=same and (context is None or verdict_stands(current, context)), same_revision=same,
+                 registered=adapter.status is AdapterStatus.registered)
+
+
 def verdict_stands(revision: AdapterRevision, context: str) -> bool:
     """Whether ``revision``'s verdict holds under the settings of ``context``: it was
     reached under them. One from before contexts were recorded counts as the daemon's
@@ -115,16 +137,17 @@ def verdict_stands(revision: AdapterRevision, context: str) -> bool:
     return revision.validation_context == context
 
 
-def record(session: Session, source_id: int, seen: Observation) -> tuple[AdapterRevision, bool]:
+def record(session: Session, source_id: int, seen: Observation, rejudge: bool = True) -> tuple[AdapterRevision, bool]:
     """Record what a source saw; return the revision row and whether it is news: a new
-    revision, or a known one whose verdict changed under other settings (``seen.context``)."""
+    revision, or (``rejudge``) a known one whose verdict changed under other settings
+    (``seen.context``)."""
     adapter = _adapter_row(session, source_id, seen)
     existing = session.scalar(
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
     )
     if existing is not None:
         changed = False
-        if seen.context is not None and existing.validation_context != seen.context:
+        if rejudge and seen.context is not None and existing.validation_context != seen.context:
             changed = existing.status is not _status(seen)
             _judge(existing, seen)
         if adapter.status is AdapterStatus.removed or adapter.current is not existing:

@@ -71,10 +71,9 @@ def register(commands) -> None:
     scan = source_commands.add_parser(
         "scan", parents=[db_options], help="rescan folders / poll Hub repos once, now",
         description="Rescan local folders and poll Hub sources once (the daemon does this on its own). "
-                    "Give the daemon's --config: adapters are then judged by its limits and trusted models. "
-                    "Without it the defaults judge them, and each adapter whose verdict was reached under other "
-                    "settings is judged again (read once more): one the daemon refuses may be registered until the "
-                    "daemon's next rescan, its merges holding it back meanwhile. "
+                    "Give the daemon's --config: adapters are then judged by its limits and trusted models, and "
+                    "a verdict recorded under other settings is judged again, as the daemon does. Without it the "
+                    "default limits judge new content only (the daemon's next rescan judges it again under its own). "
                     "Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
@@ -206,8 +205,9 @@ def _sources_scan(args) -> int:
 
     settings = load_config(args.config, check_plugins=False).daemon if args.config else None
     catalog = Catalog(args.db or (settings.catalog_url() if settings else None))
+    # Without the daemon's settings its recorded verdicts are left alone: only new content is judged.
     guarded = {"limits": settings.limits.limits() if settings else Limits(),
-               "trusted_models": settings.trust_remote_code if settings else ()}
+               "trusted_models": settings.trust_remote_code if settings else (), "rejudge": settings is not None}
     with catalog.session() as session:
         sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
         targets = [(s.name, s.kind) for s in sources]

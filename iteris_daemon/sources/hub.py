@@ -34,11 +34,10 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, Repository
 from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from sqlalchemy import select
 
 from ..catalog import Catalog
-from ..catalog.models import Adapter, AdapterStatus
-from ..catalog.registry import Observation, get_source, mark_removed, record, set_health, verdict_stands
+from ..catalog.models import AdapterStatus
+from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, ConfigError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
@@ -116,7 +115,7 @@ class HubSource:
 
     def __init__(self, catalog: Catalog, source_name: str, cache_dir: Path, limits: Limits = Limits(),
                  on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = (),
-                 shapes: ShapeSource | None = None, stopping: threading.Event | None = None):
+                 shapes: ShapeSource | None = None, stopping: threading.Event | None = None, rejudge: bool = True):
         self.catalog = catalog
         self.on_change = on_change  # called after a poll that registered or removed something
         self.name = source_name
@@ -128,6 +127,7 @@ class HubSource:
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
         self.context = validation_context(limits, self.settings.base_model, self.trusted_models)
+        self.rejudge = rejudge  # judge recorded verdicts again if reached under other settings (the daemon's own)
         self.stopping = stopping  # the daemon's stop event: set, a poll ends where it is
 
     def _stopping(self) -> bool:
@@ -257,15 +257,10 @@ class HubSource:
         if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):  # it names the cache folder
             raise HubAnswerError(f"the Hub answered a commit sha {str(sha)[:60]!r}, not 40 hex digits; nothing downloaded")
         with self.catalog.session() as session:
-            adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
-            current = adapter.current if adapter else None
-            known = current if current is not None and current.revision == sha else None
-            if known is not None and adapter.status is not AdapterStatus.removed and verdict_stands(known, self.context):
-                report.unchanged += 1
-                return True
-            # Only judged again (under other settings): news only if the verdict changes.
-            rejudged = known is not None and adapter.status is not AdapterStatus.removed
-            was_registered = rejudged and known.status is AdapterStatus.registered
+            before = prior(session, self.source_id, locator, sha, self.context if self.rejudge else None)
+        if before.stands:
+            report.unchanged += 1
+            return True
         siblings = {s.rfilename: s for s in info.siblings or []}
         snapshot = self.cache_dir / repo_id.replace("/", "--") / sha
         if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
@@ -284,20 +279,24 @@ class HubSource:
             context=self.context,
         )
         with self.catalog.session() as session:
-            _, new = record(session, self.source_id, seen)
-        if adapter_info is None:
+            revision, new = record(session, self.source_id, seen, rejudge=self.rejudge)
+            status, reason = revision.status, revision.reason
+        if status is AdapterStatus.rejected:
             report.rejected.append(locator)
-            if new and was_registered:
+            if before.registered:
                 report.withdrawn.append(locator)
             log.warning("source %s: rejected %s@%s: %s", self.name, locator, sha[:12], reason)
-        else:
-            _drop_other_commits(snapshot)
-            if new:
-                report.registered.append(locator)
-                log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], adapter_info.rank)
-            elif rejudged:
-                report.unchanged += 1
-                log.info("source %s: %s@%s is still valid under the current settings", self.name, locator, sha[:12])
+            return True
+        _drop_other_commits(snapshot)
+        if new:
+            report.registered.append(locator)
+            log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], revision.rank)
+        elif before.same_revision:  # judged again under other settings, and still valid
+            report.unchanged += 1
+            log.info("source %s: %s@%s is still valid under the current settings", self.name, locator, sha[:12])
+        else:  # back after its removal, or an older commit restored
+            report.registered.append(locator)
+            log.info("source %s: %s is at %s again, already in the catalog", self.name, locator, sha[:12])
         return True
 
     def _fetch_and_validate(self, api, token, repo_id, sha, siblings, snapshot: Path, listed: bool):

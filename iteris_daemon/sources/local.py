@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
-from ..catalog.models import Adapter, AdapterStatus
-from ..catalog.registry import Observation, get_source, mark_removed, record, set_health, verdict_stands
+from ..catalog.models import AdapterStatus
+from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter, validation_context
@@ -129,7 +128,7 @@ class LocalFolderSource:
 
     def __init__(self, catalog: Catalog, source_name: str, limits: Limits = Limits(),
                  on_change: Callable[[ScanReport], None] | None = None, trusted_models: Collection[str] = (),
-                 shapes: ShapeSource | None = None, stat_cache: Path | None = None):
+                 shapes: ShapeSource | None = None, stat_cache: Path | None = None, rejudge: bool = True):
         self.catalog = catalog
         self.on_change = on_change  # called after a scan or event that registered or removed something
         self.name = source_name
@@ -140,6 +139,7 @@ class LocalFolderSource:
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
         self.shapes = shapes  # the base model's layer shapes (default: computed in this process)
         self.context = validation_context(limits, self.settings.base_model, self.trusted_models)
+        self.rejudge = rejudge  # judge recorded verdicts again if reached under other settings (the daemon's own)
         self._lock = threading.Lock()  # one examination at a time (scan, events)
         # path -> (time of the last event, snapshot of its files then, examine subfolders too)
         self._dirty: dict[Path, tuple[float, tuple | None, bool]] = {}
@@ -244,15 +244,10 @@ class LocalFolderSource:
             self._look_again(folder, report)
             return
         with self.catalog.session() as session:
-            adapter = session.scalar(select(Adapter).where(Adapter.source_id == self.source_id, Adapter.locator == locator))
-            current = adapter.current if adapter else None
-            known = current if current is not None and current.revision == fingerprint else None
-            if known is not None and adapter.status is not AdapterStatus.removed and verdict_stands(known, self.context):
-                report.unchanged += 1
-                return
-            # Only judged again (under other settings): news only if the verdict changes.
-            rejudged = known is not None and adapter.status is not AdapterStatus.removed
-            was_registered = rejudged and known.status is AdapterStatus.registered
+            before = prior(session, self.source_id, locator, fingerprint, self.context if self.rejudge else None)
+        if before.stands:
+            report.unchanged += 1
+            return
         reason, info = None, None
         try:
             if locator != str(folder):
@@ -282,21 +277,21 @@ class LocalFolderSource:
             info=info, reason=reason, has_calibration=(folder / CALIBRATION_NAME).is_file(), context=self.context,
         )
         with self.catalog.session() as session:
-            revision, new = record(session, self.source_id, seen)
-            status = revision.status
-        if info is None:
+            revision, new = record(session, self.source_id, seen, rejudge=self.rejudge)
+            status, reason = revision.status, revision.reason
+        if status is AdapterStatus.rejected:
             report.rejected.append(locator)
-            if new and was_registered:
+            if before.registered:
                 report.withdrawn.append(locator)
             log.warning("source %s: rejected %s: %s", self.name, locator, reason)
         elif new:
             report.registered.append(locator)
             log.info("source %s: registered %s (revision %s, rank %d, base %s)",
                      self.name, seen.name, fingerprint[:12], info.rank, info.base_model)
-        elif rejudged:
+        elif before.same_revision:  # judged again under other settings, and still valid
             report.unchanged += 1
             log.info("source %s: %s is still valid under the current settings", self.name, seen.name)
-        elif status is AdapterStatus.registered:
+        else:  # back after its removal, or an older content restored
             report.registered.append(locator)
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
 
