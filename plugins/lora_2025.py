@@ -97,7 +97,7 @@ class Tsv:
     """
 
     name = "tsv"
-    description = "TSV-Merge (CVPR 2025): top 1/N of each task's singular vectors, orthogonalised, summed"
+    description = "TSV-Merge (CVPR 2025): each task's top singular vectors (1/N of the dimension), orthogonalised, summed"
     Params = TsvParams
     needs_calibration = False
 
