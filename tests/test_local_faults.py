@@ -588,6 +588,30 @@ def test_an_adapter_behind_a_folder_turned_symlink_stays_removed(made, tmp_path)
         assert _adapters(catalog)["team/a"].status is AdapterStatus.removed
 
 
+def test_events_queued_before_a_folder_turned_symlink_agree_with_the_listing(made, tmp_path):
+    """The race behind the rare failure of the test above, made deterministic: events for
+    the adapter's folder, queued before its parent became a symlink, settle afterwards.
+    Before the fix the settle examined the folder through the link and recorded it
+    rejected (the listing never reaches it: removed); a settle of the parent alone left
+    it registered. Both now say removed, as a scan does."""
+    base, (first, _) = made
+    watched = tmp_path / "watched"
+    shutil.copytree(first, watched / "team" / "a")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
+    for settled in ([(watched / "team" / "a", True)], [(watched / "team", True)], [(watched, True)]):
+        source = LocalFolderSource(catalog, "team")
+        assert len(source.scan().registered) == 1
+        (watched / "team").rename(tmp_path / "elsewhere")
+        (watched / "team").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        source._settle(settled)
+        assert _adapters(catalog)["team/a"].status is AdapterStatus.removed, settled
+        (watched / "team").unlink()
+        (tmp_path / "elsewhere").rename(watched / "team")
+    catalog.close()
+
+
 def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
     """The same fault, faster than the source looks: the root is re-created right after
     the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""

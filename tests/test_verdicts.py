@@ -149,6 +149,21 @@ def test_a_folder_adapter_is_judged_again_when_the_limits_change(team, validatio
         assert session.query(AdapterRevision).count() == 3
 
 
+def test_a_registered_folder_replaced_by_a_symlink_is_withdrawn(team, tmp_path):
+    """A symlinked folder is rejected without being read; if the folder was registered,
+    its groups must hear of it like any other withdrawal (before, only ``rejected``)."""
+    catalog, watched, _ = team
+    source = LocalFolderSource(catalog, "team")
+    assert len(source.scan().registered) == 2
+    (watched / "task1").rename(tmp_path / "task1")
+    (watched / "task1").symlink_to(tmp_path / "task1", target_is_directory=True)
+    report = source.scan()
+    assert report.rejected == report.withdrawn == [str(watched / "task1")] and report.changed
+    assert "symlinked folder" in _revisions(catalog)["task1"].reason
+    report = source.scan()  # still a symlink: nothing new to tell
+    assert report.rejected == [str(watched / "task1")] and report.withdrawn == [] and not report.changed
+
+
 def test_verdicts_from_before_contexts_were_recorded(team, validations):
     """After the upgrade (migration 0006) every verdict has no context: a registered one is
     taken as the source's own and stamped, without reading the adapter again; a rejected
@@ -189,6 +204,7 @@ def test_a_hub_adapter_refused_as_too_big_is_registered_once_the_limit_is_raised
     server, catalog, poll, sha, size = hub
     report = poll(Limits(max_weights_bytes=size - 1))
     assert report.rejected == ["alice/big"] and "above the limit" in _revisions(catalog)["alice/big"].reason
+    assert report.withdrawn == []  # refused at first sight: nothing to withdraw
     assert poll(Limits(max_weights_bytes=size - 1)).unchanged == 1  # same settings: no download
     assert not server.requests_matching(r"^GET /alice/big/resolve/.*safetensors")
 
@@ -203,6 +219,19 @@ def test_a_hub_adapter_refused_as_too_big_is_registered_once_the_limit_is_raised
 
     report = poll(Limits(max_rank=2))
     assert report.withdrawn == ["alice/big"] and _statuses(catalog) == {"alice/big": AdapterStatus.rejected}
+
+
+def test_without_the_daemons_settings_a_hub_verdict_is_taken_as_recorded(hub, tmp_path):
+    """``sources scan`` without ``--config`` (``rejudge=False``) does not know the
+    daemon's limits: it must neither re-judge the daemon's refusal nor download the
+    weights the daemon refused to."""
+    server, catalog, poll, sha, size = hub
+    assert poll(Limits(max_weights_bytes=size - 1)).rejected == ["alice/big"]
+    _, hub_catalog, _, _, _ = hub
+    report = HubSource(hub_catalog, "hub", tmp_path / "cache", rejudge=False).poll()
+    assert report.unchanged == 1 and not report.registered and not report.rejected and not report.changed
+    assert _statuses(catalog) == {"alice/big": AdapterStatus.rejected}
+    assert not server.requests_matching(r"^GET /alice/big/resolve/.*safetensors")
 
 
 def test_a_hub_repo_reset_to_a_registered_commit_is_news(hub, made):

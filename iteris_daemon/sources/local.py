@@ -113,6 +113,12 @@ def _holds_adapter(folder: Path) -> bool:
     return any((folder / name).exists() for name in ADAPTER_FILES)
 
 
+def _behind_symlinked_folder(folder: Path) -> bool:
+    """Whether ``folder`` lies inside a symlinked folder: the listing (which does not follow
+    symlinked folders) never reaches it, so events must not either."""
+    return os.path.realpath(folder.parent) != str(folder.parent)
+
+
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -328,8 +334,11 @@ class LocalFolderSource:
         seen = Observation(locator=as_text(folder), name=as_text(self._name(folder)), files_path=None, reason=reason,
                            revision=hashlib.sha256(os.fsencode("symlinked folder\0" + target)).hexdigest())
         with self.catalog.session() as session:
+            before = prior(session, self.source_id, seen.locator, seen.revision, None)
             _, new = record(session, self.source_id, seen)
         report.rejected.append(as_text(folder))
+        if before.registered:  # a registered folder replaced by a symlink: its groups merge without it
+            report.withdrawn.append(seen.locator)
         if new:
             log.warning("source %s: rejected %s", self.name, reason)
 
@@ -369,7 +378,7 @@ class LocalFolderSource:
             root = self._root_of(folder)
             if root is not None and not root.is_dir():
                 self._root_gone(root)
-            elif os.path.realpath(folder) == str(folder) and _holds_adapter(folder):
+            elif os.path.realpath(folder) == str(folder) and _holds_adapter(folder):  # not a symlink, nor behind one
                 log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
                 self._mark_dirty(folder)
 
@@ -506,12 +515,13 @@ class LocalFolderSource:
             for path, deep in paths:
                 if path.is_dir():
                     for folder in [path, *(self._subfolders(path) if deep else [])]:
-                        if _holds_adapter(folder):
+                        if _holds_adapter(folder) and not _behind_symlinked_folder(folder):
                             self._examine(folder, report)
                 prefix = str(path)
 
                 def gone(locator: str, prefix=prefix) -> bool:
-                    return _under(locator, prefix) and not _holds_adapter(Path(locator))
+                    folder = Path(locator)
+                    return _under(locator, prefix) and (_behind_symlinked_folder(folder) or not _holds_adapter(folder))
 
                 self._mark_removed(gone, report)
             self._hashed.save()
