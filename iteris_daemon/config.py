@@ -147,6 +147,9 @@ class DaemonSettings(_Strict):
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
+    catalog_check_seconds: float = Field(
+        30.0, gt=0, description="how often groups are compared with the catalog: a change no source of this daemon "
+                                "reported (`sources scan`, `sources remove`, another daemon on the catalog) merges then")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
 

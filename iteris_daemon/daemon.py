@@ -48,7 +48,8 @@ from .config import DaemonConfig, DaemonSettings, GroupConfig, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
 from .paths import private_dir, state_dir
-from .runner import CLAIMED_ELSEWHERE, INPUTS_PREFIX, recover_interrupted, run_group, sync_group, worker_id
+from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
+                     worker_id)
 from .sources.hub import HubSource
 from .sources.local import LocalFolderSource, ScanReport
 from .sources.stat_cache import stat_cache_file
@@ -140,6 +141,7 @@ class Daemon:
         self._local: dict[str, LocalFolderSource] = {}
         self._polled: list[str] = []  # hub sources
         self._groups: dict[str, GroupConfig] = {}
+        self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: DaemonMetrics | None = None
@@ -315,6 +317,9 @@ class Daemon:
             except Exception as exc:  # one broken source must not stop the others
                 log.error("source %s not started: %s", name, exc)
         self._groups = {group.name: group for group in config.groups}
+        self._caught_up.clear()
+        self.scheduler.add_job(self._catch_up, IntervalTrigger(seconds=config.daemon.catalog_check_seconds),
+                               id="catalog-check", replace_existing=True)
         for group in config.groups:
             trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
                        else IntervalTrigger(seconds=group.interval_seconds) if group.interval_seconds else None)
@@ -326,6 +331,24 @@ class Daemon:
     def _inputs_changed(self, report: ScanReport) -> None:
         for group in self._groups.values():
             self.trigger(group.name, delay=group.debounce_seconds)
+
+    def _catch_up(self) -> None:
+        """Merge what changed in the catalog without a source of this daemon saying so: an
+        adapter registered by `sources scan`, a source removed by `sources remove`, another
+        daemon's look on a shared catalog. A group whose selection differs from what its
+        last run considered is triggered, once per selection: a run that fails before it
+        is recorded is not retried at every check."""
+        if self._stopping.is_set():
+            return
+        for name, selection in groups_behind(self.catalog, list(self._groups.values())).items():
+            lock = self._group_locks.get(name)
+            if (self.scheduler.get_job(f"trigger:{name}") is not None or (lock is not None and lock.locked())
+                    or self._caught_up.get(name) == selection):
+                continue  # a run is due or under way (it gathers its inputs anew), or this one was asked for
+            self._caught_up[name] = selection
+            log.info("group %s: its adapters changed in the catalog since its last run, not through this daemon's "
+                     "sources; merging", name)
+            self.trigger(name, delay=self._groups[name].debounce_seconds)
 
     def trigger(self, group: str, delay: float) -> None:
         """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one (debounce)."""

@@ -30,12 +30,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import selectinload
 
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample
 from .catalog import Catalog
@@ -178,9 +180,14 @@ class Inputs:
     folders: list[Path] = field(default_factory=list)  # the run's own copies of the revisions
     contents: list[str] = field(default_factory=list)  # their folder fingerprints (config, weights, calibration)
     held_back: dict[str, str] = field(default_factory=dict)
+    held_back_revisions: dict[str, int] = field(default_factory=dict)  # their revision ids, by name
     # Held back because a folder source's files changed (or went) since registration: the
     # source reports them again (new revision or removal), and the group waits for that.
     changing: list[str] = field(default_factory=list)
+
+    def hold_back(self, adapter: Adapter, revision: AdapterRevision, reason: str) -> None:
+        self.held_back[adapter.name] = reason
+        self.held_back_revisions[adapter.name] = revision.id
 
     def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
         """What the merge depends on: each input's content, not its revision name (a Hub
@@ -197,16 +204,48 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        chosen = []
-        for adapter in list_adapters(session, [AdapterStatus.registered]):
-            current = adapter.current
-            if current is None or current.status is not AdapterStatus.registered or current.files_path is None:
+        return _selected(list_adapters(session, [AdapterStatus.registered]), group)
+
+
+def _selected(adapters: list[Adapter], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
+    """The registered ``adapters`` (with their current revision) that ``group`` merges."""
+    chosen = []
+    for adapter in adapters:
+        current = adapter.current
+        if current is None or current.status is not AdapterStatus.registered or current.files_path is None:
+            continue
+        if current.base_model not in (None, group.base_model):
+            continue
+        if group.select.matches(adapter.source.name, adapter.name, adapter.id):
+            chosen.append((adapter, current))
+    return chosen
+
+
+def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str, frozenset[int]]:
+    """The groups whose selection (revision ids) differs from what their last run
+    considered, merged or held back, with that selection. Groups that never ran are left
+    out (their first run is due anyway). A run recorded before held-back revisions were
+    counts a held-back adapter by name."""
+    behind = {}
+    with catalog.session() as session:
+        adapters = list_adapters(session, [AdapterStatus.registered])
+        for group in groups:
+            last = session.scalar(select(MergeRun).join(MergeGroup).where(MergeGroup.name == group.name)
+                                  .options(selectinload(MergeRun.inputs).selectinload(MergeRunInput.revision)
+                                           .selectinload(AdapterRevision.adapter))
+                                  .order_by(MergeRun.id.desc()).limit(1))
+            if last is None:
                 continue
-            if current.base_model not in (None, group.base_model):
-                continue
-            if group.select.matches(adapter.source.name, adapter.name, adapter.id):
-                chosen.append((adapter, current))
-        return chosen
+            metrics = last.metrics or {}
+            selection = {(adapter.name, revision.id) for adapter, revision in _selected(adapters, group)}
+            considered = {(i.revision.adapter.name, i.revision_id) for i in last.inputs}
+            if "held_back_revisions" in metrics:
+                considered |= set(metrics["held_back_revisions"].items())
+            else:
+                selection = {(name, revision) for name, revision in selection if name not in metrics.get("held_back", {})}
+            if selection != considered:
+                behind[group.name] = frozenset(revision for _, revision in selection)
+    return behind
 
 
 class RefusedInput(AdapterError):
@@ -378,17 +417,17 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         try:
             snapshots.append((adapter, revision, *snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
-            inputs.held_back[adapter.name] = str(exc)
+            inputs.hold_back(adapter, revision, str(exc))
             if adapter.source.kind is SourceKind.local and not isinstance(exc, RefusedInput):
                 inputs.changing.append(adapter.name)
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
     answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources)
     for (adapter, revision, loaded, content), data in zip(snapshots, answers):
         if isinstance(data, IterisError):
-            inputs.held_back[adapter.name] = str(data)
+            inputs.hold_back(adapter, revision, str(data))
             continue
         if data is None and needs_calibration:
-            inputs.held_back[adapter.name] = f"no calibration data (asked: {', '.join(options.order)})"
+            inputs.hold_back(adapter, revision, f"no calibration data (asked: {', '.join(options.order)})")
             continue
         if data is not None:
             data = data.head(samples)
@@ -516,7 +555,8 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             log.warning("group %s: run %d: %s", group.name, run_id, note)
         if verdict.refused:
             _finish(catalog, run_id, RunStatus.refused, error=f"not published: {verdict.refused}",
-                    metrics={"tasks": report.get("tasks", {}), "held_back": inputs.held_back})
+                    metrics={"tasks": report.get("tasks", {}), "held_back": inputs.held_back,
+                             "held_back_revisions": inputs.held_back_revisions})
             log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
@@ -538,7 +578,8 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
                **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
     metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"),
-               "held_back": inputs.held_back, "published": published, "gate_notes": verdict.notes}
+               "held_back": inputs.held_back, "held_back_revisions": inputs.held_back_revisions, "published": published,
+               "gate_notes": verdict.notes}
     first = published[0] if published else {}
     _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics,
             output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))
@@ -604,7 +645,8 @@ def _record_skip(catalog, group_id: int, fingerprint: str, inputs: Inputs, reaso
 def _add_run(session, group_id, status, fingerprint, inputs: Inputs, error, finished) -> MergeRun:
     run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
                    finished_at=utcnow() if finished else None,
-                   metrics={"held_back": inputs.held_back} if inputs.held_back else None)
+                   metrics={"held_back": inputs.held_back, "held_back_revisions": inputs.held_back_revisions}
+                   if inputs.held_back else None)
     session.add(run)
     session.flush()
     for (adapter, revision), data in zip(inputs.revisions, inputs.calibration):

@@ -438,3 +438,39 @@ def test_daemon_end_to_end(env: Env, made):
         assert (e.tmp / folder).stat().st_mode & 0o777 == 0o700, folder
     catalog_files = list((e.tmp / "state").glob("catalog.db*"))
     assert catalog_files and all(p.stat().st_mode & 0o777 == 0o600 for p in catalog_files)
+
+
+def test_changes_no_source_of_the_daemon_reported_are_merged(env: Env, made):
+    """An adapter registered, then removed, by `sources scan` of a source the daemon does
+    not watch (added after it started): no source of the daemon reports either change, so
+    before the catalog check its groups merged them only at their next schedule or restart
+    (this group has no schedule: never). A reload sets the check's interval."""
+    e = env
+    base, (first, second, _, _) = made
+    _drop(first, e.tmp / "watched", "topic")
+    wait_for(lambda: e.notify.seen("READY"), "READY=1 on the notify socket", proc=e.proc)
+    wait_for(lambda: any(r[1] is RunStatus.succeeded and r[2] == 1 for r in e.runs()), "a run merging the folder's adapter",
+             proc=e.proc)
+    text = config_text(e.tmp, base, e.hub.endpoint, FAST).replace("grace_seconds = 0", "grace_seconds = 0\ncatalog_check_seconds = 0.5")
+    e.config.write_text(text)
+    e.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: e.notify.count("READY") == 2, "READY=1 again after the reload", proc=e.proc)
+    barrier = e.merge_now_skipped()
+
+    other = e.tmp / "other"
+    shutil.copytree(second, other / "extra")
+    for args in (("sources", "add", "other", "--folder", str(other), "--base-model", str(base)), ("sources", "scan", "other")):
+        result = e.cli(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 registered" in result.stdout, result.stdout
+    run = wait_for(lambda: e.finished_after(barrier), "a run after `sources scan` registered an adapter", proc=e.proc)
+    assert run[1] in (RunStatus.succeeded, RunStatus.refused) and run[2] == 2  # the gate may refuse it: still merged
+    assert "not through this daemon's sources" in e.log.read_text(errors="replace")
+    barrier = e.merge_now_skipped()  # and nothing more: the group is caught up
+
+    shutil.rmtree(other / "extra")
+    result = e.cli("sources", "scan", "other")
+    assert result.returncode == 0 and "1 removed" in result.stdout, result.stdout + result.stderr
+    run = wait_for(lambda: e.finished_after(barrier), "a run after `sources scan` removed it", proc=e.proc)
+    assert run[1] in (RunStatus.succeeded, RunStatus.refused) and run[2] == 1
+    assert e.merge_now_skipped() > run[0]

@@ -18,8 +18,10 @@ from sqlalchemy import delete, select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.db import CatalogLockedError
-from iteris_daemon.catalog.models import AdapterRevision, MergeRun, MergeRunInput, RunStatus
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, MergeRun, MergeRunInput, RunStatus
 from iteris_daemon.adapter_config import sha256_file
+from iteris_daemon.config import GroupConfig
+from iteris_daemon.runner import sync_group
 from iteris_daemon.sources.local import LocalFolderSource
 from test_gates import Setup, made  # noqa: F401  (the module fixture)
 
@@ -214,3 +216,37 @@ def test_repeated_skips_share_one_row_and_still_count(setup):
     with setup.catalog.session() as session:
         assert [(r.status, r.repeats) for r in session.scalars(select(MergeRun).order_by(MergeRun.id))] == [
             (RunStatus.succeeded, 1), (RunStatus.skipped, 3), (RunStatus.succeeded, 1), (RunStatus.skipped, 1)]
+
+
+def _current_revision_ids(setup, names) -> frozenset[int]:
+    with setup.catalog.session() as session:
+        return frozenset(a.current.id for a in session.scalars(select(Adapter)) if a.name in names)
+
+
+def test_a_group_is_behind_when_its_selection_differs_from_what_its_last_run_considered(setup):
+    """What the daemon's catalog check (``Daemon._catch_up``) triggers on. An adapter the
+    last run held back counts as considered: only its source's report of a change (a new
+    revision) puts the group behind, else a waiting group would be triggered forever."""
+    watched = setup.published.parent / "watched"
+    group = setup.group(names=("task0", "task1"))
+    source = LocalFolderSource(setup.catalog, "team")
+    assert runner.groups_behind(setup.catalog, [group]) == {}  # never ran: its first run is due anyway
+    assert setup.run(group).status is RunStatus.succeeded
+    assert runner.groups_behind(setup.catalog, [group]) == {}
+
+    shutil.rmtree(watched / "task1")
+    assert source.scan().removed == [str(watched / "task1")]
+    assert runner.groups_behind(setup.catalog, [group]) == {"unified": _current_revision_ids(setup, {"task0"})}
+    assert setup.run(group).status is RunStatus.succeeded
+    assert runner.groups_behind(setup.catalog, [group]) == {}
+
+    _replace_weights(watched / "task0", 2.0)  # changed since registration: the run holds it back and waits
+    waiting = setup.run(group)
+    assert waiting.status is RunStatus.skipped and "waiting for task0" in waiting.detail
+    assert runner.groups_behind(setup.catalog, [group]) == {}
+    assert source.scan().registered == [str(watched / "task0")]  # the new revision
+    assert runner.groups_behind(setup.catalog, [group]) == {"unified": _current_revision_ids(setup, {"task0"})}
+    other = GroupConfig(**{**group.model_dump(), "name": "other", "select": {"names": ["task1"]}})
+    sync_group(setup.catalog, other)  # a group whose selection is empty, as was its last run's
+    assert setup.run(other).status is RunStatus.skipped
+    assert set(runner.groups_behind(setup.catalog, [group, other])) == {"unified"}

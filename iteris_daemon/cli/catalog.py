@@ -74,8 +74,8 @@ def register(commands) -> None:
                     "Give the daemon's --config: adapters are then judged by its limits and trusted models, and "
                     "a verdict recorded under other settings is judged again, as the daemon does. Without it the "
                     "default limits judge new content only (the daemon's next rescan judges it again under its own). "
-                    "A running daemon merges what this registers at its groups' next schedule or restart (to it, "
-                    "the adapter is unchanged); `merge-now GROUP` merges at once. Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
+                    "A running daemon merges what this registers or removes at its next catalog check "
+                    "([daemon] catalog_check_seconds). Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
     scan.add_argument("--config", type=Path, metavar="FILE",
