@@ -6,7 +6,9 @@ Measured in one process, on a real SQLite file with real inotify events:
    moved in (staged elsewhere, as a copy tool would); time until every one is registered;
 2. *restart*: a fresh source rescans the 1,000 unchanged folders (what a daemon
    restart costs), without the folder stat cache file (every folder hashed), then with it;
-3. *query*: ``adapters list`` (the CLI's query and row building), median of 5;
+3. *query*: ``adapters list`` (the CLI's query and row building), median of 5; and the
+   daemon's catalog check (``runner.groups_behind``) of one group that selects all of
+   them and whose last run merged them all, median of 5;
 4. *idle*: CPU (process time / wall time) and resident memory while watching,
    nothing changing, for ``--idle-seconds``, with inotify and with the polling fallback.
 
@@ -47,9 +49,11 @@ from sqlalchemy import func, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.db import at_head
-from iteris_daemon.catalog.models import Adapter, AdapterStatus, SourceKind
+from iteris_daemon.catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus, SourceKind
 from iteris_daemon.catalog.registry import add_source, list_adapters
 from iteris_daemon.cli.catalog import _adapter_row
+from iteris_daemon.config import GroupConfig
+from iteris_daemon.runner import groups_behind, sync_group
 from iteris_daemon.sources.local import LocalFolderSource
 
 from .soak import proc_figures
@@ -154,6 +158,7 @@ def run(workdir: Path, n: int = 1000, idle_seconds: float = 30.0, pushes: int = 
             rows = [_adapter_row(a) for a in list_adapters(session)]
         timings.append(time.perf_counter() - started)
     assert len(rows) == n
+    check_ms = _catalog_check_ms(catalog, base, n)
 
     results = {
         "adapters": n,
@@ -162,6 +167,7 @@ def run(workdir: Path, n: int = 1000, idle_seconds: float = 30.0, pushes: int = 
         "restart_rescan_seconds": round(rescans[1], 2),
         "restart_rescan_cold_seconds": round(rescans[0], 2),
         "list_query_ms": round(1000 * statistics.median(timings), 1),
+        "catalog_check_ms": check_ms,
         "idle_inotify": _idle(LocalFolderSource(catalog, "bench"), idle_seconds),
         "idle_polling": _idle(LocalFolderSource(catalog, "bench-polling"), idle_seconds),
         "catalog_bytes": sum(p.stat().st_size for p in root.glob("catalog.db*")),
@@ -169,6 +175,27 @@ def run(workdir: Path, n: int = 1000, idle_seconds: float = 30.0, pushes: int = 
     catalog.close()
     results["daemon"] = daemon_run(root, watched, base, n, idle_seconds, pushes, poll_seconds)
     return results
+
+
+def _catalog_check_ms(catalog: Catalog, base: Path, n: int) -> float:
+    """Median ms of ``groups_behind`` for one group over the ``n`` adapters, its last run
+    (recorded here directly, nothing merged) having merged every one of them."""
+    group = GroupConfig(name="all", base_model=str(base), strategy="task_arithmetic",
+                        destinations=[{"kind": "folder", "path": str(base.parent / "unused")}])
+    sync_group(catalog, group)
+    with catalog.session() as session:
+        group_id = session.scalar(select(MergeGroup.id).where(MergeGroup.name == "all"))
+        run = MergeRun(group_id=group_id, status=RunStatus.succeeded, input_fingerprint="0" * 64)
+        session.add(run)
+        session.flush()
+        session.add_all(MergeRunInput(run_id=run.id, revision_id=a.current.id) for a in list_adapters(session))
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        behind = groups_behind(catalog, [group])
+        timings.append(time.perf_counter() - started)
+        assert behind == {}, "the group merged every adapter: it is not behind"
+    return round(1000 * statistics.median(timings), 1)
 
 
 def _daemon_config(root: Path, watched: Path, base: Path, endpoint: str, poll_seconds: float) -> str:
@@ -321,6 +348,7 @@ def table(results: dict) -> str:
         f"| restart: rescan of {n} unchanged adapters, without / with the folder stat cache file | "
         f"{results['restart_rescan_cold_seconds']:.2f} s / {results['restart_rescan_seconds']:.2f} s |",
         f"| `adapters list` query ({n} rows, median of 5) | {results['list_query_ms']:.0f} ms |",
+        f"| the daemon's catalog check, one group over the {n} (median of 5) | {results['catalog_check_ms']:.0f} ms |",
         f"| idle while watching (inotify): CPU | {results['idle_inotify']['cpu_percent']:.2f} % |",
         f"| idle while watching (polling every 5 s): CPU | {results['idle_polling']['cpu_percent']:.2f} % |",
         f"| catalog size | {results['catalog_bytes'] / 1e6:.1f} MB |",

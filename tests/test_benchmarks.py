@@ -191,7 +191,7 @@ def test_catalog_benchmark_tiny(tmp_path, capsys):
                          "--poll-seconds", "2"]) == 0
     results = json.loads((tmp_path / "catalog.json").read_text())
     daemon = results["daemon"]
-    assert results["adapters"] == 6 and daemon["registered_seconds"] > 0
+    assert results["adapters"] == 6 and daemon["registered_seconds"] > 0 and results["catalog_check_ms"] > 0
     assert daemon["libtorch_mapped"] is False and daemon["idle_rss_mb"] > 0
     assert len(daemon["status_seconds_all"]) == 5 and len(daemon["webhook_seconds"]) == 1
     assert 0 < daemon["polled_seconds"][0] < 2 + 60  # the next poll, within one period plus the registration
