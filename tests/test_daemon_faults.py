@@ -51,6 +51,7 @@ import uuid
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -831,3 +832,45 @@ def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
         for number, handler in handlers.items():
             signal.signal(number, handler)
     assert finished == ["job"]  # it was waited for, and it completed
+
+
+def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):
+    """``Daemon._catch_up``'s rules, with ``groups_behind`` (tested on a real catalog in
+    test_run_inputs.py) replaced by a stand-in: a group behind is triggered once per
+    selection (a run that fails before it is recorded must not be retried every check),
+    never while a trigger is pending (it would push a debounced run back, for ever) or
+    while the group's run is under way (that run gathers its inputs anew)."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()  # not started: jobs are only recorded
+    daemon._groups = {"g": SimpleNamespace(name="g", debounce_seconds=5.0)}
+    behind: dict[str, frozenset[int]] = {}
+    monkeypatch.setattr(daemon_module, "groups_behind", lambda catalog, groups: dict(behind))
+    triggered = []
+    monkeypatch.setattr(daemon, "trigger", lambda name, delay: triggered.append((name, delay)))
+
+    daemon._catch_up()
+    assert triggered == []  # not behind
+    behind["g"] = frozenset({1, 2})
+    daemon._catch_up()
+    daemon._catch_up()  # the same selection again (its run failed unrecorded, say): not again
+    assert triggered == [("g", 5.0)]
+    behind["g"] = frozenset({1, 3})
+    daemon._catch_up()
+    assert triggered == [("g", 5.0)] * 2
+
+    behind["g"] = frozenset({4})
+    daemon.scheduler.add_job(print, "date", id="trigger:g")  # a run is due
+    daemon._catch_up()
+    daemon.scheduler.remove_job("trigger:g")
+    daemon._group_locks["g"] = threading.Lock()
+    daemon._group_locks["g"].acquire()  # a run is under way
+    daemon._catch_up()
+    assert len(triggered) == 2
+    daemon._group_locks["g"].release()
+    daemon._catch_up()  # neither: the selection was not taken as asked for
+    assert triggered == [("g", 5.0)] * 3
