@@ -336,11 +336,16 @@ class Daemon:
         """Merge what changed in the catalog without a source of this daemon saying so: an
         adapter registered by `sources scan`, a source removed by `sources remove`, another
         daemon's look on a shared catalog. A group whose selection differs from what its
-        last run considered is triggered, once per selection: a run that fails before it
-        is recorded is not retried at every check."""
+        last run considered is triggered, once per selection while it stays behind: a run
+        that ends without a record (the catalog locked, say) is not asked for again by
+        the check, only by the group's schedule, its next change or a restart."""
         if self._stopping.is_set():
             return
-        for name, selection in groups_behind(self.catalog, list(self._groups.values())).items():
+        groups = dict(self._groups)  # a reload may replace it meanwhile
+        behind = groups_behind(self.catalog, list(groups.values()))
+        for name in set(self._caught_up) - set(behind):  # caught up: the same selection may come back
+            self._caught_up.pop(name, None)
+        for name, selection in behind.items():
             lock = self._group_locks.get(name)
             if (self.scheduler.get_job(f"trigger:{name}") is not None or (lock is not None and lock.locked())
                     or self._caught_up.get(name) == selection):
@@ -348,7 +353,7 @@ class Daemon:
             self._caught_up[name] = selection
             log.info("group %s: its adapters changed in the catalog since its last run, not through this daemon's "
                      "sources; merging", name)
-            self.trigger(name, delay=self._groups[name].debounce_seconds)
+            self.trigger(name, delay=groups[name].debounce_seconds)
 
     def trigger(self, group: str, delay: float) -> None:
         """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one (debounce)."""

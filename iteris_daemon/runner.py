@@ -36,8 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy import func, or_, select, update
 
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample
 from .catalog import Catalog
@@ -180,14 +179,14 @@ class Inputs:
     folders: list[Path] = field(default_factory=list)  # the run's own copies of the revisions
     contents: list[str] = field(default_factory=list)  # their folder fingerprints (config, weights, calibration)
     held_back: dict[str, str] = field(default_factory=dict)
-    held_back_revisions: dict[str, int] = field(default_factory=dict)  # their revision ids, by name
+    held_back_revisions: list[int] = field(default_factory=list)  # their revision ids
     # Held back because a folder source's files changed (or went) since registration: the
     # source reports them again (new revision or removal), and the group waits for that.
     changing: list[str] = field(default_factory=list)
 
     def hold_back(self, adapter: Adapter, revision: AdapterRevision, reason: str) -> None:
         self.held_back[adapter.name] = reason
-        self.held_back_revisions[adapter.name] = revision.id
+        self.held_back_revisions.append(revision.id)
 
     def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
         """What the merge depends on: each input's content, not its revision name (a Hub
@@ -204,47 +203,56 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        return _selected(list_adapters(session, [AdapterStatus.registered]), group)
+        return _selected(_mergeable(list_adapters(session, [AdapterStatus.registered])), group)
 
 
-def _selected(adapters: list[Adapter], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
-    """The registered ``adapters`` (with their current revision) that ``group`` merges."""
-    chosen = []
+def _mergeable(adapters: list[Adapter]) -> list[tuple[Adapter, AdapterRevision]]:
+    """``adapters`` whose current revision is registered and has files, with that revision."""
+    pairs = []
     for adapter in adapters:
         current = adapter.current
-        if current is None or current.status is not AdapterStatus.registered or current.files_path is None:
-            continue
-        if current.base_model not in (None, group.base_model):
-            continue
-        if group.select.matches(adapter.source.name, adapter.name, adapter.id):
-            chosen.append((adapter, current))
-    return chosen
+        if current is not None and current.status is AdapterStatus.registered and current.files_path is not None:
+            pairs.append((adapter, current))
+    return pairs
+
+
+def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
+    """The ``(adapter, current revision)`` pairs that ``group`` merges."""
+    return [(adapter, revision) for adapter, revision in pairs
+            if revision.base_model in (None, group.base_model)
+            and group.select.matches(adapter.source.name, adapter.name, adapter.id)]
 
 
 def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str, frozenset[int]]:
     """The groups whose selection (revision ids) differs from what their last run
     considered, merged or held back, with that selection. Groups that never ran are left
     out (their first run is due anyway). A run recorded before held-back revisions were
-    counts a held-back adapter by name."""
-    behind = {}
-    with catalog.session() as session:
-        adapters = list_adapters(session, [AdapterStatus.registered])
+    counts a held-back adapter by name. Read in one view without the write lock."""
+    names = [group.name for group in groups]
+    with catalog.session(write=False) as session:
+        pairs = _mergeable(list_adapters(session, [AdapterStatus.registered]))
+        last_runs = dict(session.execute(select(MergeGroup.name, func.max(MergeRun.id)).join(MergeRun)
+                                         .where(MergeGroup.name.in_(names)).group_by(MergeGroup.name)).all())
+        metrics = dict(session.execute(select(MergeRun.id, MergeRun.metrics)
+                                       .where(MergeRun.id.in_(list(last_runs.values())))).all())
+        merged: dict[int, set[int]] = {run_id: set() for run_id in last_runs.values()}
+        for run_id, revision_id in session.execute(select(MergeRunInput.run_id, MergeRunInput.revision_id)
+                                                   .where(MergeRunInput.run_id.in_(list(last_runs.values())))):
+            merged[run_id].add(revision_id)
+        behind = {}
         for group in groups:
-            last = session.scalar(select(MergeRun).join(MergeGroup).where(MergeGroup.name == group.name)
-                                  .options(selectinload(MergeRun.inputs).selectinload(MergeRunInput.revision)
-                                           .selectinload(AdapterRevision.adapter))
-                                  .order_by(MergeRun.id.desc()).limit(1))
-            if last is None:
+            run_id = last_runs.get(group.name)
+            if run_id is None:
                 continue
-            metrics = last.metrics or {}
-            selection = {(adapter.name, revision.id) for adapter, revision in _selected(adapters, group)}
-            considered = {(i.revision.adapter.name, i.revision_id) for i in last.inputs}
-            if "held_back_revisions" in metrics:
-                considered |= set(metrics["held_back_revisions"].items())
+            run_metrics = metrics[run_id] or {}
+            selection = {revision.id: adapter.name for adapter, revision in _selected(pairs, group)}
+            considered = merged[run_id]
+            if "held_back_revisions" in run_metrics:
+                considered = considered | set(run_metrics["held_back_revisions"])
             else:
-                selection = {(name, revision) for name, revision in selection if name not in metrics.get("held_back", {})}
-            if selection != considered:
-                behind[group.name] = frozenset(revision for _, revision in selection)
+                selection = {r: name for r, name in selection.items() if name not in run_metrics.get("held_back", {})}
+            if set(selection) != considered:
+                behind[group.name] = frozenset(selection)
     return behind
 
 

@@ -874,3 +874,9 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     daemon._group_locks["g"].release()
     daemon._catch_up()  # neither: the selection was not taken as asked for
     assert triggered == [("g", 5.0)] * 3
+
+    del behind["g"]
+    daemon._catch_up()  # caught up (its run merged {4})...
+    behind["g"] = frozenset({4})
+    daemon._catch_up()  # ... so {4} again later is a change again (an adapter removed twice, say)
+    assert triggered == [("g", 5.0)] * 4

@@ -588,12 +588,18 @@ def test_an_adapter_behind_a_folder_turned_symlink_stays_removed(made, tmp_path)
         assert _adapters(catalog)["team/a"].status is AdapterStatus.removed
 
 
-def test_events_queued_before_a_folder_turned_symlink_agree_with_the_listing(made, tmp_path):
+def test_events_queued_before_a_folder_turned_symlink_agree_with_the_listing(made, tmp_path, monkeypatch):
     """The race behind the rare failure of the test above, made deterministic: events for
     the adapter's folder, queued before its parent became a symlink, settle afterwards.
     Before the fix the settle examined the folder through the link and recorded it
     rejected (the listing never reaches it: removed); a settle of the parent alone left
-    it registered. Both now say removed, as a scan does."""
+    it registered. Both now say removed, as a scan does, without reading a file."""
+    import iteris_daemon.sources.local as local
+
+    read = []
+    for name in ("validate_adapter", "folder_fingerprint"):
+        monkeypatch.setattr(local, name, partial(lambda real, folder, *a, **k: read.append(folder) or real(folder, *a, **k),
+                                                 getattr(local, name)))
     base, (first, _) = made
     watched = tmp_path / "watched"
     shutil.copytree(first, watched / "team" / "a")
@@ -605,10 +611,36 @@ def test_events_queued_before_a_folder_turned_symlink_agree_with_the_listing(mad
         assert len(source.scan().registered) == 1
         (watched / "team").rename(tmp_path / "elsewhere")
         (watched / "team").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        read.clear()
         source._settle(settled)
         assert _adapters(catalog)["team/a"].status is AdapterStatus.removed, settled
+        assert read == [], settled
         (watched / "team").unlink()
         (tmp_path / "elsewhere").rename(watched / "team")
+    catalog.close()
+
+
+def test_a_root_reached_through_a_symlink_later_keeps_its_adapters(made, tmp_path):
+    """Roots are resolved when the source is made. Storage moved afterwards, with a
+    symlink left where it was (above the root), is still the root: only symlinks below
+    it count. Before, scans rejected its adapters as reached through a symlinked folder
+    while events marked them removed, flipping at every look."""
+    base, (first, _) = made
+    storage = tmp_path / "storage"
+    shutil.copytree(first, storage / "watched" / "a")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(storage / "watched")], "base_model": str(base)})
+    source = LocalFolderSource(catalog, "team")
+    assert len(source.scan().registered) == 1
+    storage.rename(tmp_path / "moved")
+    storage.symlink_to(tmp_path / "moved", target_is_directory=True)
+    looks = {"scan": source.scan, "settle of the folder": lambda: source._settle([(storage / "watched" / "a", False)]),
+             "settle of the root": lambda: source._settle([(storage / "watched", True)])}
+    for _ in range(2):
+        for name, look in looks.items():
+            look()
+            assert _adapters(catalog)["a"].status is AdapterStatus.registered, name
     catalog.close()
 
 

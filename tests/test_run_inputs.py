@@ -18,7 +18,8 @@ from sqlalchemy import delete, select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.db import CatalogLockedError
-from iteris_daemon.catalog.models import Adapter, AdapterRevision, MergeRun, MergeRunInput, RunStatus
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, MergeRun, MergeRunInput, RunStatus, SourceKind
+from iteris_daemon.catalog.registry import add_source, remove_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.runner import sync_group
@@ -250,3 +251,26 @@ def test_a_group_is_behind_when_its_selection_differs_from_what_its_last_run_con
     sync_group(setup.catalog, other)  # a group whose selection is empty, as was its last run's
     assert setup.run(other).status is RunStatus.skipped
     assert set(runner.groups_behind(setup.catalog, [group, other])) == {"unified"}
+    assert setup.run(group).status is RunStatus.succeeded
+    assert runner.groups_behind(setup.catalog, [group, other]) == {}
+
+    with setup.catalog.session() as session:  # `sources remove`: the adapters of past runs are marked removed
+        remove_source(session, "team")
+    assert runner.groups_behind(setup.catalog, [group, other]) == {"unified": frozenset()}
+
+
+def test_held_back_adapters_of_the_same_name_in_two_sources_are_both_considered(setup, tmp_path):
+    """Held-back revisions are recorded by id: by name, one of two adapters called
+    ``task0`` (in two sources) was lost and the group stayed behind for ever."""
+    watched = setup.published.parent / "watched"
+    second = tmp_path / "second"
+    shutil.copytree(watched / "task0", second / "task0")
+    with setup.catalog.session() as session:
+        add_source(session, "second", SourceKind.local, {"paths": [str(second)], "base_model": str(setup.base)})
+    LocalFolderSource(setup.catalog, "second").scan()
+    group = setup.group(names=("task0",))
+    _replace_weights(watched / "task0", 2.0)  # both changed since registration: both held back
+    _replace_weights(second / "task0", 3.0)
+    waiting = setup.run(group)
+    assert waiting.status is RunStatus.skipped and len(setup.run_row(waiting.run_id).metrics["held_back_revisions"]) == 2
+    assert runner.groups_behind(setup.catalog, [group]) == {}

@@ -216,8 +216,11 @@ class Catalog:
         return make_url(self.url).render_as_string(hide_password=True)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, write: bool = True) -> Iterator[Session]:
         """A transaction: committed when the block ends, rolled back on error.
+        ``write=False``: one consistent view for reading only, which on SQLite takes no
+        lock (a deferred ``BEGIN``; in WAL mode readers and the writer never wait for
+        each other), for long reads that must not hold sources and other daemons back.
 
         On SQLite the transaction is opened explicitly with ``BEGIN IMMEDIATE``. The
         pysqlite driver otherwise opens none before a ``SAVEPOINT`` (it only does before
@@ -235,7 +238,7 @@ class Catalog:
         try:
             with self._sessions() as session, session.begin():
                 if self._sqlite:
-                    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                    session.connection().exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
                 yield session
         except OperationalError as exc:
             if self._sqlite and _is_sqlite_busy(exc):

@@ -113,10 +113,15 @@ def _holds_adapter(folder: Path) -> bool:
     return any((folder / name).exists() for name in ADAPTER_FILES)
 
 
-def _behind_symlinked_folder(folder: Path) -> bool:
-    """Whether ``folder`` lies inside a symlinked folder: the listing (which does not follow
-    symlinked folders) never reaches it, so events must not either."""
-    return os.path.realpath(folder.parent) != str(folder.parent)
+def _first_symlink(root: Path, folder: Path) -> Path | None:
+    """The first symlink on the way from ``root`` (not itself: the listing walks a root
+    whatever leads to it) down to ``folder`` (included), or None."""
+    path = root
+    for name in folder.relative_to(root).parts:
+        path = path / name
+        if path.is_symlink():
+            return path
+    return None
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -167,6 +172,17 @@ class LocalFolderSource:
             if path == root or root in path.parents:
                 return root
         return None
+
+    def _behind_symlinked_folder(self, folder: Path) -> bool:
+        """Whether ``folder`` lies inside a symlinked folder under its root: the listing
+        (which does not follow symlinked folders) never reaches it, so events must not either."""
+        root = self._root_of(folder)
+        return root is not None and folder != root and _first_symlink(root, folder.parent) is not None
+
+    def _symlinked(self, folder: Path) -> bool:
+        """Whether ``folder`` is, or lies inside, a symlinked folder under its root."""
+        root = self._root_of(folder)
+        return root is not None and _first_symlink(root, folder) is not None
 
     def adapter_folders(self) -> list[Path]:
         """Every candidate adapter folder under the roots. Symlinked folders are not followed;
@@ -237,7 +253,7 @@ class LocalFolderSource:
         return time.time() - newest < self.settings.settle_seconds
 
     def _examine(self, folder: Path, report: ScanReport) -> None:
-        if os.path.realpath(folder) != str(folder):  # the folder or one above it is a symlink
+        if self._symlinked(folder):  # the folder or one above it (under the root) is a symlink
             self._reject_symlinked(folder, report)
             return
         if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
@@ -378,7 +394,7 @@ class LocalFolderSource:
             root = self._root_of(folder)
             if root is not None and not root.is_dir():
                 self._root_gone(root)
-            elif os.path.realpath(folder) == str(folder) and _holds_adapter(folder):  # not a symlink, nor behind one
+            elif not self._symlinked(folder) and _holds_adapter(folder):
                 log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
                 self._mark_dirty(folder)
 
@@ -515,13 +531,13 @@ class LocalFolderSource:
             for path, deep in paths:
                 if path.is_dir():
                     for folder in [path, *(self._subfolders(path) if deep else [])]:
-                        if _holds_adapter(folder) and not _behind_symlinked_folder(folder):
+                        if _holds_adapter(folder) and not self._behind_symlinked_folder(folder):
                             self._examine(folder, report)
                 prefix = str(path)
 
                 def gone(locator: str, prefix=prefix) -> bool:
                     folder = Path(locator)
-                    return _under(locator, prefix) and (_behind_symlinked_folder(folder) or not _holds_adapter(folder))
+                    return _under(locator, prefix) and (self._behind_symlinked_folder(folder) or not _holds_adapter(folder))
 
                 self._mark_removed(gone, report)
             self._hashed.save()
