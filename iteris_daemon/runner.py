@@ -229,6 +229,8 @@ def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str
     out (their first run is due anyway). A run recorded before held-back revisions were
     counts a held-back adapter by name. Read in one view without the write lock."""
     names = [group.name for group in groups]
+    if not names:
+        return {}
     with catalog.session(write=False) as session:
         pairs = _mergeable(list_adapters(session, [AdapterStatus.registered]))
         last_runs = dict(session.execute(select(MergeGroup.name, func.max(MergeRun.id)).join(MergeRun)
