@@ -36,7 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample
 from .catalog import Catalog
@@ -179,14 +179,22 @@ class Inputs:
     folders: list[Path] = field(default_factory=list)  # the run's own copies of the revisions
     contents: list[str] = field(default_factory=list)  # their folder fingerprints (config, weights, calibration)
     held_back: dict[str, str] = field(default_factory=dict)
-    held_back_revisions: list[int] = field(default_factory=list)  # their revision ids
+    # Their [revision id, locator, revision]: SQLite may give a deleted revision's id to a new one.
+    held_back_revisions: list[list] = field(default_factory=list)
     # Held back because a folder source's files changed (or went) since registration: the
     # source reports them again (new revision or removal), and the group waits for that.
     changing: list[str] = field(default_factory=list)
 
+    selection: str | None = None  # selection_key of the group's definition
+
+    def recorded(self) -> dict[str, Any]:
+        """What a run's row keeps of its inputs beyond the merged revisions (``metrics``)."""
+        return {"held_back": self.held_back, "held_back_revisions": self.held_back_revisions,
+                "selection": self.selection}
+
     def hold_back(self, adapter: Adapter, revision: AdapterRevision, reason: str) -> None:
         self.held_back[adapter.name] = reason
-        self.held_back_revisions.append(revision.id)
+        self.held_back_revisions.append([revision.id, adapter.locator, revision.revision])
 
     def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
         """What the merge depends on: each input's content, not its revision name (a Hub
@@ -223,38 +231,57 @@ def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) 
             and group.select.matches(adapter.source.name, adapter.name, adapter.id)]
 
 
+def selection_key(group: GroupConfig) -> str:
+    """A digest of what decides ``group``'s selection (its base model and ``select``).
+    Runs record it: a daemon compares its group only with runs of the same definition,
+    as another daemon on the catalog may define the group otherwise (mid-way through a
+    config change, say) and their checks would trigger each other's runs."""
+    definition = {"base_model": group.base_model, "select": group.select.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RUNS_LOOKED_AT = 20  # a group's latest runs searched for the last one of a definition
+
+
 def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str, frozenset[int]]:
-    """The groups whose selection (revision ids) differs from what their last run
-    considered, merged or held back, with that selection. Groups that never ran are left
-    out (their first run is due anyway). A run recorded before held-back revisions were
-    counts a held-back adapter by name. Read in one view without the write lock."""
-    names = [group.name for group in groups]
-    if not names:
+    """The groups whose selection (revision ids) differs from what the last run of their
+    definition (``selection_key``) considered, merged or held back, with that selection.
+    Groups without such a run are left out (after a start or reload its first run is
+    due anyway). Runs recorded before definitions were count as the group's own. Read
+    in one view without the write lock."""
+    if not groups:
         return {}
     with catalog.session(write=False) as session:
         pairs = _mergeable(list_adapters(session, [AdapterStatus.registered]))
-        last_runs = dict(session.execute(select(MergeGroup.name, func.max(MergeRun.id)).join(MergeRun)
-                                         .where(MergeGroup.name.in_(names)).group_by(MergeGroup.name)).all())
-        metrics = dict(session.execute(select(MergeRun.id, MergeRun.metrics)
-                                       .where(MergeRun.id.in_(list(last_runs.values())))).all())
-        merged: dict[int, set[int]] = {run_id: set() for run_id in last_runs.values()}
-        for run_id, revision_id in session.execute(select(MergeRunInput.run_id, MergeRunInput.revision_id)
-                                                   .where(MergeRunInput.run_id.in_(list(last_runs.values())))):
-            merged[run_id].add(revision_id)
-        behind = {}
+        last_runs: dict[str, tuple[int, dict[str, Any]]] = {}
         for group in groups:
-            run_id = last_runs.get(group.name)
-            if run_id is None:
-                continue
-            run_metrics = metrics[run_id] or {}
-            selection = {revision.id: adapter.name for adapter, revision in _selected(pairs, group)}
-            considered = merged[run_id]
-            if "held_back_revisions" in run_metrics:
-                considered = considered | set(run_metrics["held_back_revisions"])
-            else:
-                selection = {r: name for r, name in selection.items() if name not in run_metrics.get("held_back", {})}
-            if set(selection) != considered:
-                behind[group.name] = frozenset(selection)
+            key = selection_key(group)
+            recent = session.execute(select(MergeRun.id, MergeRun.metrics).join(MergeGroup)
+                                     .where(MergeGroup.name == group.name)
+                                     .order_by(MergeRun.id.desc()).limit(RUNS_LOOKED_AT)).all()
+            own = next(((i, m or {}) for i, m in recent if (m or {}).get("selection", key) == key), None)
+            if own is not None:
+                last_runs[group.name] = own
+        merged: dict[int, set[int]] = {run_id: set() for run_id, _ in last_runs.values()}
+        for run_id, revision_id in session.execute(select(MergeRunInput.run_id, MergeRunInput.revision_id)
+                                                   .where(MergeRunInput.run_id.in_(list(merged)))):
+            merged[run_id].add(revision_id)
+    behind = {}
+    for group in groups:
+        if group.name not in last_runs:
+            continue
+        run_id, run_metrics = last_runs[group.name]
+        selected = _selected(pairs, group)
+        selection = {revision.id: adapter.name for adapter, revision in selected}
+        considered = merged[run_id]
+        if "held_back_revisions" in run_metrics:
+            current = {revision.id: [adapter.locator, revision.revision] for adapter, revision in selected}
+            considered = considered | {entry[0] for entry in run_metrics["held_back_revisions"]
+                                       if current.get(entry[0], entry[1:]) == entry[1:]}
+        else:
+            selection = {r: name for r, name in selection.items() if name not in run_metrics.get("held_back", {})}
+        if set(selection) != considered:
+            behind[group.name] = frozenset(selection)
     return behind
 
 
@@ -421,7 +448,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
         samples=samples or 50, settings=group.calibration.source_settings(),
     )
-    inputs = Inputs()
+    inputs = Inputs(selection=selection_key(group))
     snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout, str]] = []
     for index, (adapter, revision) in enumerate(select_inputs(catalog, group)):
         try:
@@ -565,8 +592,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             log.warning("group %s: run %d: %s", group.name, run_id, note)
         if verdict.refused:
             _finish(catalog, run_id, RunStatus.refused, error=f"not published: {verdict.refused}",
-                    metrics={"tasks": report.get("tasks", {}), "held_back": inputs.held_back,
-                             "held_back_revisions": inputs.held_back_revisions})
+                    metrics={"tasks": report.get("tasks", {}), **inputs.recorded()})
             log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
@@ -587,9 +613,8 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         shutil.rmtree(out, ignore_errors=True)
     timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
                **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
-    metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"),
-               "held_back": inputs.held_back, "held_back_revisions": inputs.held_back_revisions, "published": published,
-               "gate_notes": verdict.notes}
+    metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"), **inputs.recorded(),
+               "published": published, "gate_notes": verdict.notes}
     first = published[0] if published else {}
     _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics,
             output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))
@@ -655,8 +680,7 @@ def _record_skip(catalog, group_id: int, fingerprint: str, inputs: Inputs, reaso
 def _add_run(session, group_id, status, fingerprint, inputs: Inputs, error, finished) -> MergeRun:
     run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
                    finished_at=utcnow() if finished else None,
-                   metrics={"held_back": inputs.held_back, "held_back_revisions": inputs.held_back_revisions}
-                   if inputs.held_back else None)
+                   metrics=inputs.recorded())
     session.add(run)
     session.flush()
     for (adapter, revision), data in zip(inputs.revisions, inputs.calibration):

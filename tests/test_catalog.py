@@ -16,7 +16,7 @@ from sqlalchemy import inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
-from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Base, SourceKind
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Base, Source, SourceKind
 from iteris_daemon.catalog.registry import DuplicateError, Observation, add_source, record, remove_source
 from iteris_daemon.validation import AdapterInfo
 
@@ -115,6 +115,25 @@ def test_registration_is_idempotent_and_tracks_revisions(catalog_url):
         remove_source(session, "team")
     with catalog.session() as session:
         assert session.query(Adapter).count() == 0 and session.query(AdapterRevision).count() == 0
+    catalog.close()
+
+
+def test_a_reading_session_sees_one_view_and_does_not_block_writers(catalog_url):
+    """``session(write=False)``, the daemon's catalog check: a writer commits while it
+    reads, at once (on SQLite a normal session holds the write lock), and the reader
+    keeps the view it began with (PostgreSQL's default READ COMMITTED would show the
+    new row at the next query)."""
+    catalog, writer = Catalog(catalog_url), Catalog(catalog_url, busy_timeout=0.5)
+    with catalog.session() as session:
+        add_source(session, "first", SourceKind.local, {"paths": ["/x"]})
+    with catalog.session(write=False) as session:
+        assert session.query(Source).count() == 1
+        with writer.session() as other:  # before the fix, on SQLite: CatalogLockedError after the busy timeout
+            add_source(other, "second", SourceKind.local, {"paths": ["/y"]})
+        assert session.query(Source).count() == 1
+    with catalog.session(write=False) as session:
+        assert session.query(Source).count() == 2
+    writer.close()
     catalog.close()
 
 

@@ -644,6 +644,55 @@ def test_a_root_reached_through_a_symlink_later_keeps_its_adapters(made, tmp_pat
     catalog.close()
 
 
+def test_nested_roots_judge_a_folder_by_its_deepest_root(made, tmp_path):
+    """Roots may nest; the inner one later swapped for a symlink (its storage moved) is
+    still a root, walked as such: its adapter stays registered at every look. Judged
+    by the outer root it was rejected by scans and removed by events, in turn."""
+    base, (first, _) = made
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    shutil.copytree(first, inner / "a")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(outer), str(inner)], "base_model": str(base)})
+    source = LocalFolderSource(catalog, "team")
+    assert source.scan().registered == [str(inner / "a")]
+    inner.rename(outer / "moved")
+    inner.symlink_to(outer / "moved", target_is_directory=True)
+    looks = {"scan": source.scan, "settle of the folder": lambda: source._settle([(inner / "a", False)]),
+             "settle of the inner root": lambda: source._settle([(inner, True)])}
+    for _ in range(2):
+        for name, look in looks.items():
+            look()
+            assert _adapters(catalog)["a"].status is AdapterStatus.registered, name
+    catalog.close()
+
+
+def test_a_moved_root_keeps_weights_symlinked_inside_it(made, tmp_path):
+    """A weights file that is a symlink to a file inside the root stays inside it after
+    the root's storage moved under a symlink: containment is checked against where the
+    root really is now, not the path it was resolved to at start."""
+    base, (first, _) = made
+    storage = tmp_path / "storage"
+    watched = storage / "watched"
+    shutil.copytree(first, watched / "a")
+    (watched / "shared").mkdir()
+    tensors = load_file(watched / "a" / "adapter_model.safetensors")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
+    source = LocalFolderSource(catalog, "team")
+    assert source.scan().registered == [str(watched / "a")]
+    storage.rename(tmp_path / "moved")
+    storage.symlink_to(tmp_path / "moved", target_is_directory=True)
+    save_file({k: 2 * v for k, v in tensors.items()}, watched / "shared" / "retrained.safetensors")
+    (watched / "a" / "adapter_model.safetensors").unlink()
+    (watched / "a" / "adapter_model.safetensors").symlink_to("../shared/retrained.safetensors")
+    report = source.scan()  # a new revision, examined
+    assert report.registered == [str(watched / "a")] and not report.rejected, _adapters(catalog)["a"].current.reason
+    catalog.close()
+
+
 def test_a_watched_folder_deleted_and_at_once_recreated_is_watched_again(made, tmp_path):
     """The same fault, faster than the source looks: the root is re-created right after
     the ``rm -rf``. Its watch died all the same (inotify saw the old folder go)."""

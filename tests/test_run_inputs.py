@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,9 @@ from sqlalchemy import delete, select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.db import CatalogLockedError
-from iteris_daemon.catalog.models import Adapter, AdapterRevision, MergeRun, MergeRunInput, RunStatus, SourceKind
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import (Adapter, AdapterRevision, MergeGroup, MergeRun, MergeRunInput, RunStatus,
+                                          SourceKind)
 from iteris_daemon.catalog.registry import add_source, remove_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.config import GroupConfig
@@ -274,3 +277,73 @@ def test_held_back_adapters_of_the_same_name_in_two_sources_are_both_considered(
     waiting = setup.run(group)
     assert waiting.status is RunStatus.skipped and len(setup.run_row(waiting.run_id).metrics["held_back_revisions"]) == 2
     assert runner.groups_behind(setup.catalog, [group]) == {}
+
+
+def _catalog_with_one_adapter(tmp_path, name: str = "team", locator: str = "/team/a", revision: str = "r1"):
+    """A catalog with one registered adapter, recorded directly (no files are read here)."""
+    from iteris_daemon.catalog.registry import Observation, record
+    from iteris_daemon.validation import AdapterInfo
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'behind.db'}")
+    info = AdapterInfo(base_model="base", task_type=None, rank=4, alpha=8, target_modules=["q"], size_bytes=1,
+                       content_sha256="0" * 64)
+
+    def register(source: str, locator: str, revision: str) -> None:
+        with catalog.session() as session:
+            source_id = add_source(session, source, SourceKind.local, {"paths": [f"/{source}"]}).id
+            record(session, source_id, Observation(locator=locator, name=Path(locator).name, revision=revision,
+                                                   files_path=locator, info=info))
+
+    register(name, locator, revision)
+    return catalog, register
+
+
+def _held_back_run(catalog, group) -> None:
+    """Record a run of ``group`` that held back every adapter it selected."""
+    inputs = runner.Inputs(selection=runner.selection_key(group))
+    for adapter, revision in runner.select_inputs(catalog, group):
+        inputs.hold_back(adapter, revision, "no calibration data")
+    with catalog.session() as session:
+        group_id = session.scalar(select(MergeGroup.id).where(MergeGroup.name == group.name))
+        runner._add_run(session, group_id, RunStatus.skipped, "0" * 64, inputs, "0 adapters ready", True)
+
+
+def test_a_revision_id_sqlite_gave_again_is_not_taken_for_the_held_back_one(tmp_path):
+    """SQLite hands the id of a deleted row to the next one: a held-back revision deleted by
+    `sources remove` (no run merged it) and a new adapter registered within one check got
+    its id, and the group looked caught up. Held-back revisions are recorded with their
+    location and revision too."""
+    catalog, register = _catalog_with_one_adapter(tmp_path)
+    group = GroupConfig(name="g", base_model="base", destinations=[{"kind": "folder", "path": str(tmp_path / "out")}])
+    sync_group(catalog, group)
+    _held_back_run(catalog, group)
+    (held,) = runner.select_inputs(catalog, group)
+    assert runner.groups_behind(catalog, [group]) == {}
+    with catalog.session() as session:
+        remove_source(session, "team")
+    register("other", "/other/b", "r2")
+    (new,) = runner.select_inputs(catalog, group)
+    assert new[1].id == held[1].id  # the id came back
+    assert runner.groups_behind(catalog, [group]) == {"g": frozenset({new[1].id})}
+    catalog.close()
+
+
+def test_each_definition_of_a_group_is_compared_with_its_own_runs(tmp_path):
+    """Two daemons on one catalog defining the group differently (one reloaded, the other
+    not yet): compared with each other's last run, each check found the group behind
+    and the two daemons triggered each other's runs, every check."""
+    catalog, register = _catalog_with_one_adapter(tmp_path)
+    register("more", "/more/b", "r2")
+    destinations = [{"kind": "folder", "path": str(tmp_path / "out")}]
+    both = GroupConfig(name="g", base_model="base", destinations=destinations)
+    only_a = GroupConfig(name="g", base_model="base", destinations=destinations, select={"names": ["a"]})
+    assert runner.selection_key(both) != runner.selection_key(only_a)
+    sync_group(catalog, both)
+    _held_back_run(catalog, both)
+    sync_group(catalog, only_a)
+    _held_back_run(catalog, only_a)  # the other daemon's run: last
+    assert runner.groups_behind(catalog, [both]) == {}
+    assert runner.groups_behind(catalog, [only_a]) == {}
+    renamed = GroupConfig(name="g", base_model="base", destinations=destinations, select={"names": ["b"]})
+    assert runner.groups_behind(catalog, [renamed]) == {}  # no run of this definition yet: its first is due anyway
+    catalog.close()

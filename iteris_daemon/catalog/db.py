@@ -218,9 +218,10 @@ class Catalog:
     @contextmanager
     def session(self, write: bool = True) -> Iterator[Session]:
         """A transaction: committed when the block ends, rolled back on error.
-        ``write=False``: one consistent view for reading only, which on SQLite takes no
-        lock (a deferred ``BEGIN``; in WAL mode readers and the writer never wait for
-        each other), for long reads that must not hold sources and other daemons back.
+        ``write=False``: for reading only, in one consistent view on SQLite and
+        PostgreSQL (a snapshot), without a lock on SQLite (a deferred ``BEGIN``; in WAL
+        mode readers and the writer never wait for each other); PostgreSQL refuses a
+        write in it. For long reads that must not hold sources and other daemons back.
 
         On SQLite the transaction is opened explicitly with ``BEGIN IMMEDIATE``. The
         pysqlite driver otherwise opens none before a ``SAVEPOINT`` (it only does before
@@ -239,6 +240,8 @@ class Catalog:
             with self._sessions() as session, session.begin():
                 if self._sqlite:
                     session.connection().exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+                elif not write and self.engine.url.get_backend_name() == "postgresql":
+                    session.connection().exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield session
         except OperationalError as exc:
             if self._sqlite and _is_sqlite_busy(exc):

@@ -168,10 +168,9 @@ class LocalFolderSource:
 
     # ------------------------------------------------------------------ discovery
     def _root_of(self, path: Path) -> Path | None:
-        for root in self.settings.paths:
-            if path == root or root in path.parents:
-                return root
-        return None
+        """The deepest root ``path`` is in (roots may nest: the listing walks each)."""
+        roots = [root for root in self.settings.paths if path == root or root in path.parents]
+        return max(roots, key=lambda root: len(root.parts), default=None)
 
     def _behind_symlinked_folder(self, folder: Path) -> bool:
         """Whether ``folder`` lies inside a symlinked folder under its root: the listing
@@ -367,11 +366,12 @@ class LocalFolderSource:
         """Adapter files must be files inside the watched root (no symlink escapes; the
         calibration file may not be a symlink at all: see ``check_calibration_file``)."""
         root = self._root_of(folder)
+        real_root = None if root is None else Path(os.path.realpath(root))  # storage may have moved under a link
         for name in ADAPTER_FILES:
             path = folder / name
             if path.is_symlink():
                 target = Path(os.path.realpath(path))  # Path.resolve raises on a link loop
-                if root is None or not (target == root or root in target.parents):
+                if real_root is None or not (target == real_root or real_root in target.parents):
                     raise AdapterError(path, "is a symlink pointing outside the watched folder")
 
     def _mark_removed(self, gone, report: ScanReport) -> None:
