@@ -647,11 +647,15 @@ def test_a_root_reached_through_a_symlink_later_keeps_its_adapters(made, tmp_pat
 def test_nested_roots_judge_a_folder_by_its_deepest_root(made, tmp_path):
     """Roots may nest; the inner one later swapped for a symlink (its storage moved) is
     still a root, walked as such: its adapter stays registered at every look. Judged
-    by the outer root it was rejected by scans and removed by events, in turn."""
+    by the outer root it was rejected by scans and removed by events, in turn. Its
+    weights, a symlink into the outer root, are inside a watched folder all along."""
     base, (first, _) = made
     outer = tmp_path / "outer"
     inner = outer / "inner"
     shutil.copytree(first, inner / "a")
+    (outer / "shared").mkdir()  # the weights live in the outer root: still inside a watched folder
+    (inner / "a" / "adapter_model.safetensors").rename(outer / "shared" / "weights.safetensors")
+    (inner / "a" / "adapter_model.safetensors").symlink_to(outer / "shared" / "weights.safetensors")
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     with catalog.session() as session:
         add_source(session, "team", SourceKind.local, {"paths": [str(outer), str(inner)], "base_model": str(base)})

@@ -365,13 +365,13 @@ class LocalFolderSource:
     def _check_containment(self, folder: Path) -> None:
         """Adapter files must be files inside the watched root (no symlink escapes; the
         calibration file may not be a symlink at all: see ``check_calibration_file``)."""
-        root = self._root_of(folder)
-        real_root = None if root is None else Path(os.path.realpath(root))  # storage may have moved under a link
+        # Where each root holding the folder really is now (its storage may have moved under a link).
+        real_roots = [Path(os.path.realpath(root)) for root in self.settings.paths if folder == root or root in folder.parents]
         for name in ADAPTER_FILES:
             path = folder / name
             if path.is_symlink():
                 target = Path(os.path.realpath(path))  # Path.resolve raises on a link loop
-                if real_root is None or not (target == real_root or real_root in target.parents):
+                if not any(target == root or root in target.parents for root in real_roots):
                     raise AdapterError(path, "is a symlink pointing outside the watched folder")
 
     def _mark_removed(self, gone, report: ScanReport) -> None:
