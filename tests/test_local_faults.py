@@ -604,8 +604,7 @@ def test_events_queued_before_a_folder_turned_symlink_agree_with_the_listing(mad
     watched = tmp_path / "watched"
     shutil.copytree(first, watched / "team" / "a")
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    with catalog.session() as session:
-        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
+    _source(catalog, watched, base)
     for settled in ([(watched / "team" / "a", True)], [(watched / "team", True)], [(watched, True)]):
         source = LocalFolderSource(catalog, "team")
         assert len(source.scan().registered) == 1
@@ -629,19 +628,23 @@ def test_a_root_reached_through_a_symlink_later_keeps_its_adapters(made, tmp_pat
     storage = tmp_path / "storage"
     shutil.copytree(first, storage / "watched" / "a")
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    with catalog.session() as session:
-        add_source(session, "team", SourceKind.local, {"paths": [str(storage / "watched")], "base_model": str(base)})
-    source = LocalFolderSource(catalog, "team")
+    source = _source(catalog, storage / "watched", base)
     assert len(source.scan().registered) == 1
     storage.rename(tmp_path / "moved")
     storage.symlink_to(tmp_path / "moved", target_is_directory=True)
-    looks = {"scan": source.scan, "settle of the folder": lambda: source._settle([(storage / "watched" / "a", False)]),
-             "settle of the root": lambda: source._settle([(storage / "watched", True)])}
+    _assert_registered_at_every_look(catalog, source, storage / "watched" / "a")
+    catalog.close()
+
+
+def _assert_registered_at_every_look(catalog: Catalog, source: LocalFolderSource, folder: Path) -> None:
+    """Twice: a scan, a settle of ``folder``, a deep settle of its root; each leaves its
+    adapter (named ``folder``'s name) registered."""
+    looks = {"scan": source.scan, "settle of the folder": lambda: source._settle([(folder, False)]),
+             "settle of the root": lambda: source._settle([(folder.parent, True)])}
     for _ in range(2):
         for name, look in looks.items():
             look()
-            assert _adapters(catalog)["a"].status is AdapterStatus.registered, name
-    catalog.close()
+            assert _adapters(catalog)[folder.name].status is AdapterStatus.registered, name
 
 
 def test_nested_roots_judge_a_folder_by_its_deepest_root(made, tmp_path):
@@ -657,18 +660,11 @@ def test_nested_roots_judge_a_folder_by_its_deepest_root(made, tmp_path):
     (inner / "a" / "adapter_model.safetensors").rename(outer / "shared" / "weights.safetensors")
     (inner / "a" / "adapter_model.safetensors").symlink_to(outer / "shared" / "weights.safetensors")
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    with catalog.session() as session:
-        add_source(session, "team", SourceKind.local, {"paths": [str(outer), str(inner)], "base_model": str(base)})
-    source = LocalFolderSource(catalog, "team")
+    source = _source(catalog, outer, base, paths=[str(outer), str(inner)])
     assert source.scan().registered == [str(inner / "a")]
     inner.rename(outer / "moved")
     inner.symlink_to(outer / "moved", target_is_directory=True)
-    looks = {"scan": source.scan, "settle of the folder": lambda: source._settle([(inner / "a", False)]),
-             "settle of the inner root": lambda: source._settle([(inner, True)])}
-    for _ in range(2):
-        for name, look in looks.items():
-            look()
-            assert _adapters(catalog)["a"].status is AdapterStatus.registered, name
+    _assert_registered_at_every_look(catalog, source, inner / "a")
     catalog.close()
 
 
@@ -683,9 +679,7 @@ def test_a_moved_root_keeps_weights_symlinked_inside_it(made, tmp_path):
     (watched / "shared").mkdir()
     tensors = load_file(watched / "a" / "adapter_model.safetensors")
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    with catalog.session() as session:
-        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
-    source = LocalFolderSource(catalog, "team")
+    source = _source(catalog, watched, base)
     assert source.scan().registered == [str(watched / "a")]
     storage.rename(tmp_path / "moved")
     storage.symlink_to(tmp_path / "moved", target_is_directory=True)

@@ -167,10 +167,13 @@ class LocalFolderSource:
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ discovery
+    def _roots_of(self, path: Path) -> list[Path]:
+        """The roots ``path`` is in (roots may nest: the listing walks each)."""
+        return [root for root in self.settings.paths if path == root or root in path.parents]
+
     def _root_of(self, path: Path) -> Path | None:
-        """The deepest root ``path`` is in (roots may nest: the listing walks each)."""
-        roots = [root for root in self.settings.paths if path == root or root in path.parents]
-        return max(roots, key=lambda root: len(root.parts), default=None)
+        """The deepest root ``path`` is in."""
+        return max(self._roots_of(path), key=lambda root: len(root.parts), default=None)
 
     def _behind_symlinked_folder(self, folder: Path) -> bool:
         """Whether ``folder`` lies inside a symlinked folder under its root: the listing
@@ -366,7 +369,7 @@ class LocalFolderSource:
         """Adapter files must be files inside the watched root (no symlink escapes; the
         calibration file may not be a symlink at all: see ``check_calibration_file``)."""
         # Where each root holding the folder really is now (its storage may have moved under a link).
-        real_roots = [Path(os.path.realpath(root)) for root in self.settings.paths if folder == root or root in folder.parents]
+        real_roots = [Path(os.path.realpath(root)) for root in self._roots_of(folder)]
         for name in ADAPTER_FILES:
             path = folder / name
             if path.is_symlink():
