@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import NoReturn
 
 import pluggy
@@ -46,12 +47,25 @@ def _raise_for_broken_plugin(manager: pluggy.PluginManager, error: Exception) ->
                 manager.register(ep.load(), name=ep.name)
             except Exception as exc:
                 where = f"{dist.metadata['Name']} {dist.version}: {ep.value}"
-                raise PluginError(
-                    f"plugin {ep.name!r} ({where}) cannot be loaded: {_one_line(exc)} "
-                    f"(iteris-daemon refuses to run with a broken plugin installed: fix or uninstall "
-                    f"{dist.metadata['Name']!r})"
-                ) from None
+                advice = _checkout_hint(exc) or (f"iteris-daemon refuses to run with a broken plugin installed: "
+                                                 f"fix or uninstall {dist.metadata['Name']!r}")
+                raise PluginError(f"plugin {ep.name!r} ({where}) cannot be loaded: {_one_line(exc)} ({advice})") from None
     raise PluginError(f"the {hookspecs.PROJECT!r} plugins cannot be loaded: {_one_line(error)}") from None
+
+
+def _checkout_hint(exc: Exception) -> str:
+    """What to do when our own plugins are missing because ``iteris_daemon`` was imported
+    from a source checkout (the current folder comes first on ``sys.path``) while the
+    installed copy is not an editable one: the checkout keeps ``plugins/`` and
+    ``migrations/`` beside the package, and only an install maps them into it."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name not in (f"{__package__}.plugins", f"{__package__}.migrations"):
+        return ""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "plugins").is_dir():
+        return ""
+    return (f"{__package__} was imported from the source checkout {checkout}, whose plugins/ folder only an "
+            f"install maps into the package: install the checkout editable (pip install -e .) or run from "
+            f"another folder")
 
 
 def _one_line(exc: Exception) -> str:

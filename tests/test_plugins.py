@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,20 @@ def test_closed_stdout_pipe_exits_quietly(tmp_path):
         os.close(writer)
     assert result.stderr == ""
     assert result.returncode == 1
+
+
+def test_a_checkout_without_an_editable_install_is_explained():
+    """Run from a source checkout while the installed copy is not editable, the checkout's
+    ``iteris_daemon`` is imported and has no ``plugins`` subpackage (the install maps the
+    top-level folder into it): the error says so and what to do. (This suite runs from an
+    editable install, where the mapping holds, so the missing module is constructed.)"""
+    import iteris_daemon
+    from iteris_daemon.plugin_manager import _checkout_hint
+
+    checkout = Path(iteris_daemon.__file__).resolve().parent.parent
+    for missing in ("iteris_daemon.plugins", "iteris_daemon.migrations"):
+        hint = _checkout_hint(ModuleNotFoundError(f"No module named {missing!r}", name=missing))
+        assert f"source checkout {checkout}" in hint and "pip install -e ." in hint
+    for other in ("iteris_daemon.plugins.no_such_plugin", "numpy_xyz"):  # a real broken plugin: no such advice
+        assert _checkout_hint(ModuleNotFoundError(f"No module named {other!r}", name=other)) == ""
+    assert _checkout_hint(RuntimeError("iteris_daemon.plugins")) == ""
