@@ -50,7 +50,7 @@ from sqlalchemy import func, select
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.db import at_head
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus, SourceKind
-from iteris_daemon.catalog.registry import add_source, list_adapters
+from iteris_daemon.catalog.registry import add_source, list_current
 from iteris_daemon.cli.catalog import _adapter_row
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.runner import groups_behind, sync_group
@@ -155,7 +155,7 @@ def run(workdir: Path, n: int = 1000, idle_seconds: float = 30.0, pushes: int = 
     for _ in range(5):
         started = time.perf_counter()
         with catalog.session() as session:
-            rows = [_adapter_row(a) for a in list_adapters(session)]
+            rows = [_adapter_row(a, current) for a, current in list_current(session)]
         timings.append(time.perf_counter() - started)
     assert len(rows) == n
     check_ms = _catalog_check_ms(catalog, base, n)
@@ -188,7 +188,7 @@ def _catalog_check_ms(catalog: Catalog, base: Path, n: int) -> float:
         run = MergeRun(group_id=group_id, status=RunStatus.succeeded, input_fingerprint="0" * 64)
         session.add(run)
         session.flush()
-        session.add_all(MergeRunInput(run_id=run.id, revision_id=a.current.id) for a in list_adapters(session))
+        session.add_all(MergeRunInput(run_id=run.id, revision_id=current.id) for _, current in list_current(session))
     timings = []
     for _ in range(5):
         started = time.perf_counter()

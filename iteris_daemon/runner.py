@@ -42,7 +42,7 @@ from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, S
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
-from .catalog.registry import list_adapters
+from .catalog.registry import list_current
 from .config import GroupConfig
 from .errors import AdapterError, IterisError, MergeCancelled
 from .gates import judge
@@ -211,17 +211,13 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        return _selected(_mergeable(list_adapters(session, [AdapterStatus.registered])), group)
+        return _selected(_mergeable(list_current(session, [AdapterStatus.registered])), group)
 
 
-def _mergeable(adapters: list[Adapter]) -> list[tuple[Adapter, AdapterRevision]]:
-    """``adapters`` whose current revision is registered and has files, with that revision."""
-    pairs = []
-    for adapter in adapters:
-        current = adapter.current
-        if current is not None and current.status is AdapterStatus.registered and current.files_path is not None:
-            pairs.append((adapter, current))
-    return pairs
+def _mergeable(adapters: list[tuple[Adapter, AdapterRevision | None]]) -> list[tuple[Adapter, AdapterRevision]]:
+    """The ``(adapter, current revision)`` pairs whose revision is registered and has files."""
+    return [(adapter, current) for adapter, current in adapters
+            if current is not None and current.status is AdapterStatus.registered and current.files_path is not None]
 
 
 def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
@@ -252,7 +248,7 @@ def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str
     if not groups:
         return {}
     with catalog.session(write=False) as session:
-        pairs = _mergeable(list_adapters(session, [AdapterStatus.registered]))
+        pairs = _mergeable(list_current(session, [AdapterStatus.registered]))
         last_runs: dict[str, tuple[int, dict[str, Any]]] = {}
         for group in groups:
             key = selection_key(group)

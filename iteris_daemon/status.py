@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from .catalog import Catalog
 from .catalog.models import AdapterStatus, MergeGroup, MergeRun, RunStatus
-from .catalog.registry import list_adapters, list_sources
+from .catalog.registry import list_current, list_sources
 
 
 def _time(value) -> str | None:
@@ -20,7 +20,7 @@ def collect(catalog: Catalog) -> dict[str, Any]:
     with catalog.session() as session:
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
                     "last_poll_at": _time(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
-        registered = list_adapters(session, [AdapterStatus.registered])
+        registered = list_current(session, [AdapterStatus.registered])
         groups = []
         for group in session.scalars(select(MergeGroup).order_by(MergeGroup.name)):
             runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(50)).all()
@@ -28,8 +28,8 @@ def collect(catalog: Catalog) -> dict[str, Any]:
             success = next((r for r in runs if r.status is RunStatus.succeeded), None)
             merged = {i.revision_id for i in success.inputs} if success else set()
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
-            new = sorted(a.name for a in registered if a.current and a.current.id not in merged
-                         and a.current.base_model in (None, group.base_model) and a.name not in held_back)
+            new = sorted(a.name for a, current in registered if current and current.id not in merged
+                         and current.base_model in (None, group.base_model) and a.name not in held_back)
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
                 "last_run": None if last is None else {

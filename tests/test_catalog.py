@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select
+from sqlalchemy import event, inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
 from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Base, Source, SourceKind
-from iteris_daemon.catalog.registry import DuplicateError, Observation, add_source, record, remove_source
+from iteris_daemon.catalog.registry import (DuplicateError, Observation, add_source, list_current, record,
+                                            remove_source)
 from iteris_daemon.validation import AdapterInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +117,57 @@ def test_registration_is_idempotent_and_tracks_revisions(catalog_url):
         remove_source(session, "team")
     with catalog.session() as session:
         assert session.query(Adapter).count() == 0 and session.query(AdapterRevision).count() == 0
+    catalog.close()
+
+
+def test_current_revisions_are_picked_by_the_database_without_loading_the_history(catalog_url):
+    """The daemon asks for every adapter's current revision every few seconds. The database
+    picks it, as ``Adapter.current`` does over the loaded history (ties on ``last_seen_at``
+    go to the newer row, a revert makes an old revision current), and no other revision
+    row is loaded, however long the history."""
+    catalog = Catalog(catalog_url)
+    rand = random.Random(20261204)
+    with catalog.session() as session:
+        sources = [add_source(session, name, SourceKind.local, {"paths": [f"/{name}"]}) for name in ("team", "other")]
+        for number in range(8):
+            source = rand.choice(sources)
+            locator = f"/{source.name}/a{number}"
+            for step in range(rand.randint(1, 40)):
+                revision = f"r{rand.randint(0, step)}"  # often an earlier one: a revert
+                seen = (Observation(locator, f"a{number}", revision, locator, info=_info(revision))
+                        if rand.random() < 0.7 else Observation(locator, f"a{number}", revision, locator, reason="bad"))
+                record(session, source.id, seen)
+        session.add(Adapter(source_id=sources[0].id, locator="/team/empty", name="empty", status=AdapterStatus.rejected))
+        session.flush()
+        tied = next(a for a in session.scalars(select(Adapter).order_by(Adapter.id)) if len(a.revisions) >= 3)
+        for row in tied.revisions:  # all seen at one time: the newest row is current
+            row.last_seen_at = tied.revisions[0].last_seen_at
+        tied_id, newest_row = tied.id, max(row.id for row in tied.revisions)
+    with catalog.session() as session:
+        adapters = session.scalars(select(Adapter).order_by(Adapter.id)).all()
+        expected = [(adapter.id, adapter.current.id if adapter.current else None) for adapter in adapters]
+        by_status = {status: [pair for pair, a in zip(expected, adapters) if a.status is status]
+                     for status in (AdapterStatus.registered, AdapterStatus.rejected)}
+        other = [pair for pair, a in zip(expected, adapters) if a.source.name == "other"]
+    assert (tied_id, newest_row) in expected
+    loaded: list[int] = []
+
+    def count(target, _context):
+        loaded.append(target.id)
+
+    event.listen(AdapterRevision, "load", count)
+    try:
+        with catalog.session(write=False) as session:
+            pairs = list_current(session)
+            assert [(a.id, r.id if r else None) for a, r in pairs] == expected
+            assert sorted(loaded) == sorted(r for _, r in expected if r is not None)
+            for status, rows in by_status.items():
+                assert [(a.id, r.id if r else None) for a, r in list_current(session, [status])] == rows
+            assert [(a.id, r.id) for a, r in list_current(session, source="other")] == other
+    finally:
+        event.remove(AdapterRevision, "load", count)
+    histories = [len(a.revisions) for a in adapters]
+    assert max(histories) >= 10 and len(expected) == 9  # long histories, and one adapter without any
     catalog.close()
 
 

@@ -53,12 +53,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog, CatalogError
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source, SourceKind
-from iteris_daemon.catalog.registry import add_source, list_adapters
+from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.errors import IterisError
 from iteris_daemon.plugin_manager import get_publisher
 from iteris_daemon.publish import PublishRequest
@@ -93,8 +94,7 @@ def _source(catalog: Catalog, watched: Path, base: Path, name: str = "team", **s
 
 
 def _adapters(catalog: Catalog) -> dict[str, Adapter]:
-    with catalog.session() as session:
-        return {a.name: a for a in list_adapters(session)}
+    return {a.name: a for a in _list(catalog)}
 
 
 def _integrity(db: Path) -> None:
@@ -799,8 +799,10 @@ def _check_consistent(url: str, db: Path) -> dict[str, Adapter]:
 
 
 def _list(catalog: Catalog) -> list[Adapter]:
+    """Every adapter with its source and whole history, usable after the session."""
     with catalog.session() as session:
-        return list_adapters(session)
+        return list(session.scalars(select(Adapter).options(selectinload(Adapter.revisions),
+                                                            selectinload(Adapter.source)).order_by(Adapter.id)))
 
 
 def _new_weights(folder: Path, factor: float) -> None:

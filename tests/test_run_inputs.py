@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.db import CatalogLockedError
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import (Adapter, AdapterRevision, MergeGroup, MergeRun, MergeRunInput, RunStatus,
-                                          SourceKind)
+from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput,
+                                          RunStatus, SourceKind)
 from iteris_daemon.catalog.registry import add_source, remove_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.config import GroupConfig
@@ -225,6 +226,34 @@ def test_repeated_skips_share_one_row_and_still_count(setup):
 def _current_revision_ids(setup, names) -> frozenset[int]:
     with setup.catalog.session() as session:
         return frozenset(a.current.id for a in session.scalars(select(Adapter)) if a.name in names)
+
+
+def test_the_catalog_check_loads_current_revisions_not_the_history(setup):
+    """The catalog check and each run's selection run every few seconds for months: they
+    load each adapter's current revision, not its history. They once loaded all of it,
+    and the soak's daemon grew with the catalog."""
+    group = setup.group(names=("task0", "task1"))
+    assert setup.run(group).status is RunStatus.succeeded
+    with setup.catalog.session() as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.name == "task0"))
+        session.add_all(AdapterRevision(adapter_id=adapter.id, revision=f"old{k}", status=adapter.status,
+                                        files_path="/gone", last_seen_at=datetime(2020, 1, 1 + k)) for k in range(25))
+    current = _current_revision_ids(setup, {"task0", "task1"})
+    loaded: list[int] = []
+
+    def count(target, _context):
+        loaded.append(target.id)
+
+    event.listen(AdapterRevision, "load", count)
+    try:
+        assert runner.groups_behind(setup.catalog, [group]) == {}
+        assert {revision.id for _, revision in runner.select_inputs(setup.catalog, group)} == current
+    finally:
+        event.remove(AdapterRevision, "load", count)
+    with setup.catalog.session() as session:
+        adapters = session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.registered))
+        registered = [adapter.current.id for adapter in adapters]
+    assert sorted(loaded) == sorted(registered * 2)  # one row per registered adapter and call
 
 
 def test_a_group_is_behind_when_its_selection_differs_from_what_its_last_run_considered(setup):

@@ -122,7 +122,7 @@ def prior(session: Session, source_id: int, locator: str, revision: str, context
     adapter = session.scalar(select(Adapter).where(Adapter.source_id == source_id, Adapter.locator == locator))
     if adapter is None:
         return Prior()
-    current = adapter.current
+    current = current_revision(session, adapter)
     same = adapter.status is not AdapterStatus.removed and current is not None and current.revision == revision
     return Prior(stands=same and (context is None or verdict_stands(current, context)), same_revision=same,
                  registered=adapter.status is AdapterStatus.registered)
@@ -150,7 +150,7 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
         if rejudge and seen.context is not None and existing.validation_context != seen.context:
             changed = existing.status is not _status(seen)
             _judge(existing, seen)
-        if adapter.status is AdapterStatus.removed or adapter.current is not existing:
+        if adapter.status is AdapterStatus.removed or current_revision(session, adapter) is not existing:
             existing.last_seen_at = utcnow()  # it came back, or an older content was restored
             existing.files_path = seen.files_path or existing.files_path
         adapter.status = existing.status
@@ -187,14 +187,30 @@ def _judge(revision: AdapterRevision, seen: Observation) -> None:
         revision.size_bytes = info.size_bytes
 
 
-def list_adapters(session: Session, statuses: list[AdapterStatus] | None = None, source: str | None = None) -> list[Adapter]:
-    """Adapters with their source and revisions loaded (two extra queries, not one per row)."""
-    query = select(Adapter).options(selectinload(Adapter.revisions), selectinload(Adapter.source)).order_by(Adapter.id)
+def _latest_first(query):
+    """Order revisions as ``Adapter.current`` picks them: the one seen most recently first."""
+    return query.order_by(AdapterRevision.last_seen_at.desc(), AdapterRevision.id.desc())
+
+
+def current_revision(session: Session, adapter: Adapter) -> AdapterRevision | None:
+    """``adapter.current``, found by the database: the revision history stays unloaded."""
+    return session.scalar(_latest_first(select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id)).limit(1))
+
+
+def list_current(session: Session, statuses: list[AdapterStatus] | None = None,
+                 source: str | None = None) -> list[tuple[Adapter, AdapterRevision | None]]:
+    """Adapters with their source and current revision. The database picks each current
+    revision, so the rows loaded do not grow with the history: the daemon asks this
+    every few seconds, and a Hub repo that has taken a commit a day for a year has 365."""
+    current_id = (_latest_first(select(AdapterRevision.id).where(AdapterRevision.adapter_id == Adapter.id))
+                  .limit(1).correlate(Adapter).scalar_subquery())
+    query = (select(Adapter, AdapterRevision).outerjoin(AdapterRevision, AdapterRevision.id == current_id)
+             .options(selectinload(Adapter.source)).order_by(Adapter.id))
     if statuses:
         query = query.where(Adapter.status.in_(statuses))
     if source:
-        query = query.join(Source).where(Source.name == source)
-    return list(session.scalars(query))
+        query = query.join(Source, Adapter.source_id == Source.id).where(Source.name == source)
+    return [(adapter, revision) for adapter, revision in session.execute(query)]
 
 
 def get_adapter(session: Session, adapter_id: int) -> Adapter:

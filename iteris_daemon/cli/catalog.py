@@ -258,8 +258,7 @@ def _scan_cache(path: Path) -> tuple[Path | None, str | None]:
         return None, f"cannot use the cache directory {path}: {exc.strerror}"
 
 
-def _adapter_row(adapter) -> dict[str, Any]:
-    current = adapter.current
+def _adapter_row(adapter, current) -> dict[str, Any]:
     return {
         "id": adapter.id, "name": adapter.name, "status": adapter.status.value, "source": adapter.source.name,
         "locator": adapter.locator, "revision": current.revision if current else None,
@@ -280,13 +279,13 @@ def _revision_row(revision) -> dict[str, Any]:
 
 def _adapters_list(args) -> int:
     from ..catalog.models import AdapterStatus
-    from ..catalog.registry import get_source, list_adapters
+    from ..catalog.registry import get_source, list_current
 
     statuses = [AdapterStatus(s) for s in args.status] if args.status else None
     with _open(args).session() as session:
         if args.source is not None:
             get_source(session, args.source)  # an unknown source is a mistake, not an empty listing
-        rows = [_adapter_row(a) for a in list_adapters(session, statuses, args.source)]
+        rows = [_adapter_row(a, current) for a, current in list_current(session, statuses, args.source)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -306,7 +305,7 @@ def _adapters_show(args) -> int:
 
     with _open(args).session() as session:
         adapter = get_adapter(session, args.id)
-        row = _adapter_row(adapter)
+        row = _adapter_row(adapter, adapter.current)
         row["revisions"] = [_revision_row(r) for r in adapter.revisions]
     if args.json:
         print(json.dumps(row, indent=2))
