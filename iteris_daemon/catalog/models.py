@@ -19,7 +19,8 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint, false
+from sqlalchemy import (JSON, BigInteger, Enum, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint,
+                        false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Stable constraint names, so migrations can alter them on every backend
@@ -109,7 +110,11 @@ class Adapter(Base):
 
 class AdapterRevision(Base):
     __tablename__ = "adapter_revisions"
-    __table_args__ = (UniqueConstraint("adapter_id", "revision"),)
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "revision"),
+        # Finds an adapter's current revision (registry.current_revision) at the index's end.
+        Index("ix_adapter_revisions_current", "adapter_id", "last_seen_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
