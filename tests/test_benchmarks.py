@@ -206,3 +206,15 @@ def test_dense_memory_benchmark_tiny(capsys):
     assert dense_memory.main(["--shape", "64x32", "--adapters", "2", "--rank", "2", "--strategies", "ties", "core_space"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| ties ", "| core_space "))]
     assert len(rows) == 2 and all(int(row.split("|")[4]) > 0 for row in rows)  # a peak in MB for each
+
+
+def test_history_benchmark_tiny(tmp_path, capsys):
+    """benchmarks.history on 20 adapters with 1 and 4 revisions each: one row per history,
+    its check finding nothing behind (the benchmark asserts it), a time and a traced peak."""
+    from benchmarks import history
+
+    assert history.main(["--workdir", str(tmp_path), "--adapters", "20", "--revisions", "1", "4"]) == 0
+    rows = json.loads((tmp_path / "history.json").read_text())
+    assert [(r["adapters"], r["revisions_each"]) for r in rows] == [(20, 1), (20, 4)]
+    assert all(r[call]["ms"] > 0 and r[call]["peak_mb"] > 0 for r in rows for call in ("catalog_check", "status"))
+    assert capsys.readouterr().out.count(" revisions: catalog check ") == 2
