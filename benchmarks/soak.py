@@ -164,6 +164,30 @@ def proc_figures(pid: int) -> dict[str, float]:
     return figures
 
 
+ARENA_ALIGNMENT = 64 << 20  # glibc puts each thread arena (heap_info) at a multiple of HEAP_MAX_SIZE, 64 MiB
+_MAPPING = re.compile(r"^([0-9a-f]+)-[0-9a-f]+ \S+ \S+ \S+ \d+\s*(.*)$")
+
+
+def memory_regions(pid: int) -> dict[str, float]:
+    """Resident MB of ``pid`` by kind of mapping (/proc/PID/smaps), to say where RSS
+    grows: ``heap`` (glibc's main arena), ``thread_arenas`` (anonymous mappings at a
+    64 MiB boundary, where glibc puts the arenas of other threads; a 1 MiB mapping can
+    land there by chance, 1 in 64), ``other_anonymous`` (pymalloc's 1 MiB arenas, large
+    blocks mapped on their own, thread stacks) and ``files`` (code, libraries, the
+    catalog's shared memory); the kernel's own ([stack], [vdso], ...) go to ``other``."""
+    regions = dict.fromkeys(("heap", "thread_arenas", "other_anonymous", "files", "other"), 0.0)
+    kind = "other"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        mapping = _MAPPING.match(line)
+        if mapping:
+            start, name = int(mapping[1], 16), mapping[2]
+            kind = ("heap" if name == "[heap]" else "other" if name.startswith("[") else "files" if name
+                    else "thread_arenas" if start % ARENA_ALIGNMENT == 0 else "other_anonymous")
+        elif line.startswith("Rss:"):
+            regions[kind] += int(line.split()[1]) / 1024
+    return {k: round(v, 2) for k, v in regions.items()}
+
+
 def children(pid: int) -> tuple[int, int]:
     """(processes whose parent is ``pid``, of which zombies): workers alive, or exited and never reaped."""
     alive = zombies = 0
@@ -323,6 +347,7 @@ class Sample:
     runs: dict[str, int]
     cycle_seconds: float
     ops: list[str]
+    regions: dict[str, float]  # resident MB by kind of mapping (memory_regions)
 
 
 @dataclass
@@ -619,7 +644,7 @@ class Soak:
             work_folders=sum(p.name.startswith(("run-", ".run-")) for p in (self.state / "runs").iterdir()),
             published_versions=sum(not p.name.startswith(".") for p in versions.iterdir()) if versions.is_dir() else 0,
             adapters_on_disk=len(self.present), runs=self.catalog.runs_by_status(),
-            cycle_seconds=round(cycle_seconds, 2), ops=ops)
+            cycle_seconds=round(cycle_seconds, 2), ops=ops, regions=memory_regions(self.daemon.pid))
 
 
 def _diff(seen: dict[str, str], expected: dict[str, str]) -> str:
@@ -671,6 +696,7 @@ def summarize(samples: list[Sample], warmup: int, args: argparse.Namespace, driv
         "published_versions_end": last.published_versions, "published_versions_checked": checked,
         "errors": driver_errors + log_errors, "driver_errors": driver_errors, "log_errors": log_errors,
         "median_cycle_s": sorted(s.cycle_seconds for s in samples)[len(samples) // 2],
+        "rss_regions_start": first.regions, "rss_regions_end": last.regions,
     }
     grew = last.rss_mb - first.rss_mb
     failed = []
@@ -711,6 +737,8 @@ def table(figures: dict) -> str:
         ("RSS MB start (after warm-up) / end", f"{f['rss_mb_start']:.1f} / {f['rss_mb_end']:.1f}"),
         ("RSS MB min / max after warm-up", f"{f['rss_mb_min']:.1f} / {f['rss_mb_max']:.1f}"),
         ("RSS slope after warm-up", f"{f['rss_slope_mb_per_100_cycles']:+.2f} MB / 100 cycles"),
+        ("RSS MB by region, start / end", ", ".join(f"{k} {f['rss_regions_start'][k]:.1f} / {v:.1f}"
+                                                    for k, v in f["rss_regions_end"].items())),
         ("open fds start / end (max)", f"{f['fds_start']} / {f['fds_end']} ({f['fds_max']})"),
         ("  of which the catalog's pool, start / end", f"{f['catalog_fds_start']} / {f['catalog_fds_end']}"),
         ("threads start / end (max)", f"{f['threads_start']} / {f['threads_end']} ({f['threads_max']})"),

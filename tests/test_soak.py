@@ -82,3 +82,23 @@ def test_the_soak_sees_live_and_unreaped_children():
     finally:
         child.wait()
     assert children(os.getpid()) == before
+
+
+def test_the_soak_splits_resident_memory_by_region():
+    """The regions add up to the process's RSS, and 32 MiB written into a new buffer
+    show up as anonymous memory, not as files."""
+    import os
+
+    from benchmarks.soak import memory_regions, proc_figures
+
+    def anonymous(regions):
+        return regions["heap"] + regions["thread_arenas"] + regions["other_anonymous"]
+
+    before = memory_regions(os.getpid())
+    assert set(before) == {"heap", "thread_arenas", "other_anonymous", "files", "other"}
+    assert abs(sum(before.values()) - proc_figures(os.getpid())["VmRSS"]) < 0.05 * sum(before.values()) + 2
+    buffer = bytearray(32 << 20)
+    buffer[::4096] = b"x" * len(buffer[::4096])  # touch every page
+    after = memory_regions(os.getpid())
+    assert anonymous(after) - anonymous(before) > 30 and abs(after["files"] - before["files"]) < 8
+    del buffer
