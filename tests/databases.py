@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 POSTGRES_ENV = "ITERIS_TEST_POSTGRES_URL"
@@ -44,3 +44,18 @@ def database(kind: str, tmp_path) -> Iterator[str]:
     else:
         with postgres_database() as url:
             yield url
+
+
+@contextmanager
+def rows_loaded(entity: type) -> Iterator[list[int]]:
+    """The ids of ``entity`` rows the ORM loads inside the block, in load order."""
+    loaded: list[int] = []
+
+    def count(target, _context) -> None:
+        loaded.append(target.id)
+
+    event.listen(entity, "load", count)
+    try:
+        yield loaded
+    finally:
+        event.remove(entity, "load", count)

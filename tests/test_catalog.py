@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, inspect, select
+from sqlalchemy import inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
@@ -21,6 +21,8 @@ from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus
 from iteris_daemon.catalog.registry import (DuplicateError, Observation, add_source, list_current, record,
                                             remove_source)
 from iteris_daemon.validation import AdapterInfo
+
+from databases import rows_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,22 +152,13 @@ def test_current_revisions_are_picked_by_the_database_without_loading_the_histor
                      for status in (AdapterStatus.registered, AdapterStatus.rejected)}
         other = [pair for pair, a in zip(expected, adapters) if a.source.name == "other"]
     assert (tied_id, newest_row) in expected
-    loaded: list[int] = []
-
-    def count(target, _context):
-        loaded.append(target.id)
-
-    event.listen(AdapterRevision, "load", count)
-    try:
-        with catalog.session(write=False) as session:
-            pairs = list_current(session)
-            assert [(a.id, r.id if r else None) for a, r in pairs] == expected
-            assert sorted(loaded) == sorted(r for _, r in expected if r is not None)
-            for status, rows in by_status.items():
-                assert [(a.id, r.id if r else None) for a, r in list_current(session, [status])] == rows
-            assert [(a.id, r.id) for a, r in list_current(session, source="other")] == other
-    finally:
-        event.remove(AdapterRevision, "load", count)
+    with rows_loaded(AdapterRevision) as loaded, catalog.session(write=False) as session:
+        pairs = list_current(session)
+        assert [(a.id, r.id if r else None) for a, r in pairs] == expected
+        assert sorted(loaded) == sorted(r for _, r in expected if r is not None)
+        for status, rows in by_status.items():
+            assert [(a.id, r.id if r else None) for a, r in list_current(session, [status])] == rows
+        assert [(a.id, r.id) for a, r in list_current(session, source="other")] == other
     histories = [len(a.revisions) for a in adapters]
     assert max(histories) >= 10 and len(expected) == 9  # long histories, and one adapter without any
     catalog.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from sqlalchemy import delete, event, select
+from sqlalchemy import delete, select
 
 import iteris_daemon.runner as runner
 from iteris_daemon.catalog.db import CatalogLockedError
@@ -29,6 +29,7 @@ from iteris_daemon.config import GroupConfig
 from iteris_daemon.runner import sync_group
 from iteris_daemon.sources.local import LocalFolderSource
 from test_gates import Setup, made  # noqa: F401  (the module fixture)
+from databases import rows_loaded
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -239,17 +240,9 @@ def test_the_catalog_check_loads_current_revisions_not_the_history(setup):
         session.add_all(AdapterRevision(adapter_id=adapter.id, revision=f"old{k}", status=adapter.status,
                                         files_path="/gone", last_seen_at=datetime(2020, 1, 1 + k)) for k in range(25))
     current = _current_revision_ids(setup, {"task0", "task1"})
-    loaded: list[int] = []
-
-    def count(target, _context):
-        loaded.append(target.id)
-
-    event.listen(AdapterRevision, "load", count)
-    try:
+    with rows_loaded(AdapterRevision) as loaded:
         assert runner.groups_behind(setup.catalog, [group]) == {}
         assert {revision.id for _, revision in runner.select_inputs(setup.catalog, group)} == current
-    finally:
-        event.remove(AdapterRevision, "load", count)
     with setup.catalog.session() as session:
         adapters = session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.registered))
         registered = [adapter.current.id for adapter in adapters]
