@@ -40,6 +40,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select
 
+from . import malloc
 from .catalog import Catalog
 from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
@@ -152,6 +153,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
+        malloc.tune()  # before any thread starts
         self._install_signals()
         settings = self.config.daemon
         self.state = private_dir(settings.state_dir or state_dir())
@@ -405,6 +407,8 @@ class Daemon:
         except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
             log.exception("group %s: the run could not be carried out", name)
             return
+        finally:
+            malloc.release_free_memory()
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)
