@@ -49,19 +49,19 @@ def tune() -> dict[str, int]:
     """
     libc = _glibc()
     if libc is None:
-        log.debug("malloc: not glibc, allocator left as it is")
+        log.debug("the C library is not glibc: its allocator is left as it is")
         return {}
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     applied = {}
     for parameter, value, env, tunable in _SETTINGS:
         if env in os.environ or f"{tunable}=" in tunables:
-            log.info("malloc: %s left to the environment", env)
+            log.info("glibc allocator: %s left to the environment", env)
         elif libc.mallopt(parameter, value) == 1:
             applied[env] = value
         else:
-            log.warning("malloc: glibc refused %s=%d", env, value)
+            log.warning("glibc allocator: mallopt refused %s=%d", env, value)
     if applied:
-        log.info("malloc: %s", ", ".join(f"{name}={value}" for name, value in applied.items()))
+        log.info("glibc allocator set for a long-running process: %s", ", ".join(f"{name}={value}" for name, value in applied.items()))
     return applied
 
 

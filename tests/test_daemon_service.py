@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -152,7 +153,8 @@ def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
     watched.mkdir()
     for name, adapter in zip(("left", "right"), adapters):
         shutil.copytree(adapter, watched / name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY", "MALLOC_", "GLIBC_TUNABLES"))}
     env |= {"PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGIN), env.get("PYTHONPATH")])),
             "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     log = tmp_path / "daemon.log"
@@ -165,6 +167,9 @@ def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
                                     stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:
             metrics_port = wait_for(lambda: _port(log, "metrics"), what="the metrics endpoint", proc=proc)
+            if platform.libc_ver()[0] == "glibc":  # iteris_daemon.malloc, applied before the threads start
+                assert "glibc allocator set for a long-running process: MALLOC_ARENA_MAX=2, " \
+                       "MALLOC_MMAP_THRESHOLD_=131072" in log.read_text()
             webhook_port = wait_for(lambda: _port(log, "webhooks"), what="the webhook endpoint", proc=proc)
             catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}", migrate=False)
             assert wait_for(lambda: _revision(catalog), what="the hub adapter's first poll", proc=proc) == first
