@@ -1,23 +1,24 @@
 """glibc malloc settings for the daemon, a process that runs for months.
 
-With glibc's defaults the daemon's memory grew slowly for as long as it ran, and
-what grew was free memory, not live memory: in a 150-cycle soak, glibc's own count
-(``mallinfo2``) showed the bytes in use flat (24.5-25.6 MB) while its free bytes grew
-5.5 -> 7.3 MB, all of it in the per-thread arenas. Two defaults cause that in a
-process whose many short-lived threads (scheduler jobs, claim refreshers, worker log
-relays, HTTP requests) each read files in 1 MiB blocks:
+With glibc's defaults the daemon's memory grew for as long as it ran, and what grew
+was free memory, not live memory: in a 150-cycle soak, glibc's own count
+(``mallinfo2``) showed the bytes in use flat (24.6-25.6 MB) while its free bytes grew
+5.5 -> 7.3 MB, in the per-thread arenas. Two defaults let that happen in a process
+whose short-lived threads (scheduler jobs, claim refreshers, worker log relays, HTTP
+requests) read files in 1 MiB blocks:
 
 - glibc gives threads up to 8 arenas per core, and free memory in one arena serves
   only the threads that use it;
-- after a large block (a 1 MiB read buffer) is freed, glibc raises its mmap threshold
+- once a large block (a 1 MiB read buffer) is freed, glibc raises its mmap threshold
   to that size, so later large blocks come from the arenas instead of being mapped
   and unmapped, and what they leave free there stays resident.
 
-:func:`tune` caps the arenas and fixes the threshold, the two settings glibc's manual
-offers for this (``mallopt``). A setting the environment already gives
+With both set (:func:`tune`: 2 arenas, the threshold fixed at 128 KiB) the same soak
+grew 1.03 instead of 2.42 MB per 100 cycles. :func:`release_free_memory` returns the
+free pages that remain between live blocks. A setting the environment already gives
 (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, or ``GLIBC_TUNABLES``) is left to
-it. Elsewhere (musl, macOS) nothing is changed. The merge workers, short-lived and
-single-purpose, keep glibc's defaults.
+it; where the C library is not glibc nothing changes. The merge workers, short-lived,
+keep glibc's defaults.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def release_free_memory() -> None:
 
     ``free`` returns memory only from the top of an arena; a long-lived block above
     a freed region keeps that region resident. The daemon calls this after each run,
-    where most of its short-lived memory is freed; it takes a few milliseconds.
+    where most of its short-lived memory is freed (it took 8 ms, median, on a heap of
+    240 MB of fragmented blocks).
     """
     libc = _glibc()
     if libc is not None:
