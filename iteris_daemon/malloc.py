@@ -2,8 +2,8 @@
 
 With glibc's defaults the daemon's memory grew for as long as it ran, and what grew
 was free memory, not live memory: in a 150-cycle soak, glibc's own count
-(``mallinfo2``) showed the bytes in use flat (24.6-25.6 MB) while its free bytes grew
-5.5 -> 7.3 MB, in the per-thread arenas. Two defaults let that happen in a process
+(``mallinfo2``) showed the bytes in use flat (24.7-25.6 MB) while its free bytes grew
+5.4 -> 7.3 MB, in the per-thread arenas. Two defaults let that happen in a process
 whose short-lived threads (scheduler jobs, claim refreshers, worker log relays, HTTP
 requests) read files in 1 MiB blocks:
 
