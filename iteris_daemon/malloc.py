@@ -62,7 +62,8 @@ def tune() -> dict[str, int]:
         else:
             log.warning("glibc allocator: mallopt refused %s=%d", env, value)
     if applied:
-        log.info("glibc allocator set for a long-running process: %s", ", ".join(f"{name}={value}" for name, value in applied.items()))
+        settings = ", ".join(f"{name}={value}" for name, value in applied.items())
+        log.info("glibc allocator set for a long-running process: %s", settings)
     return applied
 
 
