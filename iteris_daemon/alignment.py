@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import memory
+from . import malloc
 from .calibration import CalibrationSet
 from .errors import CalibrationError, MergeError
 from .execution import State, Unit, prepare
@@ -329,7 +329,7 @@ class _Alignment:
                         states, own = self._unit(unit, sweep, states, own, new)
                     self._forget(unit)
                 self.bar.close()
-                memory.release_free_heap()  # the sweep's freed temporaries and streams
+                malloc.release_free_heap()  # the sweep's freed temporaries and streams
                 if self.merged is not None:
                     for i, (num, den) in enumerate(self.loss_terms):
                         losses[i].append(num / den if den > 0 else 0.0)

@@ -408,7 +408,7 @@ class Daemon:
             log.exception("group %s: the run could not be carried out", name)
             return
         finally:
-            malloc.release_free_memory()
+            malloc.release_free_heap()
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)

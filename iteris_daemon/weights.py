@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import memory
+from . import malloc
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # Before anything is loaded (set after the skeleton, it did not help: +74% instead
     # of +23% of the added weights in benchmarks.scale): block weights read and dropped
     # block after block would otherwise fragment the heap, and the peak grow with depth.
-    memory.keep_large_blocks_in_mmap()
+    malloc.keep_large_blocks_in_mmap()
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     checkpoint = Checkpoint(folder, model)

@@ -61,40 +61,41 @@ print(json.dumps({"applied": applied, "mapped": mapped, "arenas": arenas}))
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _run(script: str, mode: str, **env: str) -> dict:
+    """``script``'s JSON line, from a fresh interpreter without the caller's malloc settings."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    result = subprocess.run([sys.executable, "-c", PROBE, mode], env={**clean, **env}, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", script, mode], env={**clean, **env}, capture_output=True,
                             text=True, check=True, timeout=60)
     return json.loads(result.stdout)
 
 
 def test_glibc_defaults_unmapped_large_blocks_and_one_arena_per_thread():
     """The control: what the settings change is there without them."""
-    default = _probe("untouched")
+    default = _run(PROBE, "untouched")
     assert default["mapped"] == 0  # the 1 MiB block came from an arena
     # The main arena and one per thread, up to glibc's limit of 8 per core.
     assert default["arenas"] >= min(9, 8 * (os.cpu_count() or 1))
 
 
 def test_tune_caps_the_arenas_and_maps_every_large_block():
-    tuned = _probe("tuned")
+    tuned = _run(PROBE, "tuned")
     assert tuned["applied"] == {"MALLOC_ARENA_MAX": 2, "MALLOC_MMAP_THRESHOLD_": 128 * 1024}
     assert tuned["mapped"] >= 1 << 20  # mapped, so freeing it returns it to the system
     assert tuned["arenas"] <= 2
 
 
 def test_a_setting_the_environment_gives_is_left_to_it():
-    chosen = _probe("tuned", MALLOC_ARENA_MAX="4")
+    chosen = _run(PROBE, "tuned", MALLOC_ARENA_MAX="4")
     assert chosen["applied"] == {"MALLOC_MMAP_THRESHOLD_": 128 * 1024}
     assert 2 < chosen["arenas"] <= 4
-    tunable = _probe("tuned", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=262144")
+    tunable = _run(PROBE, "tuned", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=262144")
     assert tunable["applied"] == {"MALLOC_ARENA_MAX": 2}
     assert tunable["mapped"] >= 1 << 20  # 1 MiB is above the environment's 256 KiB threshold too
 
 
 FRAGMENTED = r"""
 import json, sys
-from iteris_daemon.malloc import release_free_memory
+from iteris_daemon.malloc import release_free_heap
 
 def rss() -> int:
     with open("/proc/self/statm") as statm:
@@ -105,17 +106,14 @@ kept = blocks[9::10]  # every tenth stays: no freed run reaches the top of the h
 del blocks
 before = rss()
 if sys.argv[1] == "trim":
-    release_free_memory()
+    release_free_heap()
 print(json.dumps({"released": before - rss()}))
 """
 
 
 @pytest.mark.parametrize("trim", [False, True])
-def test_release_free_memory_returns_freed_pages_that_free_keeps(trim: bool):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    result = subprocess.run([sys.executable, "-c", FRAGMENTED, "trim" if trim else "keep"], env=clean,
-                            capture_output=True, text=True, check=True, timeout=60)
-    released = json.loads(result.stdout)["released"]
+def test_release_free_heap_returns_freed_pages_that_free_keeps(trim: bool):
+    released = _run(FRAGMENTED, "trim" if trim else "keep")["released"]
     if trim:
         assert released > 30 << 20  # most of the 43 MB freed between the kept blocks
     else:
