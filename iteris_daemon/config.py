@@ -135,6 +135,11 @@ class DaemonSettings(_Strict):
     cache_dir: Path | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
     grace_seconds: float = Field(60.0, ge=0, description="a cancelled merge's worker (SIGTERM) is killed after this long")
     claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
+    retry_seconds: float = Field(
+        30.0, ge=0, description="a run that could not be carried out (the catalog locked or unreachable) is tried again "
+                                "after this long, doubling after each such failure up to retry_max_seconds; 0: only "
+                                "the group's schedule, its next change or a restart try again")
+    retry_max_seconds: float = Field(900.0, gt=0, description="the longest wait between such attempts")
     device: Device = Field("cpu", description="where merges run, when devices is not given: cpu, cuda or cuda:N")
     devices: list[Device] | None = Field(
         None, min_length=1, description='devices merges run on, one merge per entry at a time (default: [device]), e.g. '

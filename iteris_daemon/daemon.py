@@ -143,6 +143,7 @@ class Daemon:
         self._polled: list[str] = []  # hub sources
         self._groups: dict[str, GroupConfig] = {}
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
+        self._failed_attempts: dict[str, int] = {}  # group -> runs in a row that could not be carried out
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: DaemonMetrics | None = None
@@ -340,7 +341,7 @@ class Daemon:
         daemon's look on a shared catalog. A group whose selection differs from what its
         last run considered is triggered, once per selection while it stays behind: a run
         that ends without a record (the catalog locked, say) is not asked for again by
-        the check, only by the group's schedule, its next change or a restart."""
+        the check but by :meth:`_retry_later`."""
         if self._stopping.is_set():
             return
         groups = dict(self._groups)  # a reload may replace it meanwhile
@@ -404,17 +405,33 @@ class Daemon:
                 worker=self._worker_options(),
                 on_worker_failure=lambda kind: self.metrics.worker_failed(name, kind),
             )
-        except Exception:  # e.g. the catalog locked past its timeout; the next trigger or schedule retries
+        except Exception:  # e.g. the catalog locked past its timeout, or its server unreachable
             log.exception("group %s: the run could not be carried out", name)
+            self._retry_later(name)
             return
         finally:
             malloc.release_free_heap()
+        self._failed_attempts.pop(name, None)
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)
         if outcome.status is not RunStatus.skipped:
             self.metrics.observe_merge(name, time.monotonic() - started)
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
+
+    def _retry_later(self, name: str) -> None:
+        """Ask again for a run that could not be carried out, ``retry_seconds`` later,
+        doubling after each such failure in a row up to ``retry_max_seconds``: a catalog
+        locked for a while or a database server restarting must not leave a group behind
+        until its next schedule, and one that stays down is not hammered. A trigger
+        already pending (a newer change) runs anyway and is left as it is."""
+        settings = self.config.daemon
+        attempts = self._failed_attempts[name] = self._failed_attempts.get(name, 0) + 1
+        if not settings.retry_seconds or self.scheduler.get_job(f"trigger:{name}") is not None:
+            return
+        delay = min(settings.retry_seconds * 2.0 ** min(attempts - 1, 40), settings.retry_max_seconds)
+        log.warning("group %s: trying the run again in %g s (%d failed in a row)", name, delay, attempts)
+        self.trigger(name, delay=delay)
 
     def _tick(self) -> None:
         """Pick up `merge-now` requests; record next run times for `status`.

@@ -21,6 +21,9 @@ The points (nothing in the daemon changes; these wrap functions it calls):
   recorded as succeeded, old versions not yet pruned.
 - ``run:succeeded``: a run succeeded and released its claim (the merge worker is held,
   so this daemon starts no other run meanwhile).
+- ``run:record-failed``: the catalog refused the write that records a run's end (locked
+  past its busy timeout, say); the run still holds its claim, and the error goes on once
+  released.
 
 After every run that merged, ``FAULTPOINT run <id> <status> after <n> merge steps`` is
 written too (a test choosing a step to pause at can check that merges get that far).
@@ -71,7 +74,7 @@ class _Proxy:
 def install() -> None:
     import shutil
 
-    from iteris_daemon import daemon
+    from iteris_daemon import daemon, runner
     from iteris_daemon.plugins import publish_folder
     from iteris_daemon.runner import RunStatus
 
@@ -125,6 +128,17 @@ def install() -> None:
         return outcome
 
     daemon.run_group = run_group
+
+    original_finish = runner._finish
+
+    def finish(*args, **kwargs):
+        try:
+            return original_finish(*args, **kwargs)
+        except Exception:
+            reached("run:record-failed")
+            raise
+
+    runner._finish = finish
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def daemons():
 
 def write_config(path: Path, *, state: Path, watched: Path, dest: Path, base: Path, params: dict,
                  database: str | None = None, interval: float | None = None, debounce: float = 0,
-                 claim_ttl: float = 120.0, grace: float = 5.0, keep: int = 1) -> Path:
+                 claim_ttl: float = 120.0, grace: float = 5.0, keep: int = 1, extra: tuple[str, ...] = ()) -> Path:
     q = json.dumps  # a JSON string is a TOML basic string
     params_toml = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
     lines = [
@@ -250,6 +250,7 @@ def write_config(path: Path, *, state: Path, watched: Path, dest: Path, base: Pa
         f"cache_dir = {q(str(state / 'cache'))}",
         f"grace_seconds = {grace}",
         f"claim_ttl_seconds = {claim_ttl}",
+        *extra,
         "",
         "[[sources]]",
         'name = "team"',
@@ -880,3 +881,114 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     behind["g"] = frozenset({4})
     daemon._catch_up()  # ... so {4} again later is a change again (an adapter removed twice, say)
     assert triggered == [("g", 5.0)] * 4
+
+
+def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_path, monkeypatch):
+    """``Daemon._run_on`` when ``run_group`` raises (the catalog locked past its timeout, its
+    server down): the group is triggered again ``retry_seconds`` later, the wait doubling
+    with each failure in a row up to ``retry_max_seconds``, and back to the first wait once
+    a run is carried out. A pending trigger (a newer change) is left alone, and
+    ``retry_seconds = 0`` leaves retries to the schedule, changes and restarts."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from iteris_daemon.catalog.db import CatalogLockedError
+    from iteris_daemon.catalog.models import RunStatus
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      "retry_seconds = 30\nretry_max_seconds = 100\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()  # not started: jobs are only recorded
+    daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
+    daemon.catalog, daemon.work = None, tmp_path / "work"
+    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None, worker_failed=lambda *a: None)
+    outcomes: list[object] = []
+
+    def run_group(*args, **kwargs):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(daemon_module, "run_group", run_group)
+    triggered: list[float] = []
+    monkeypatch.setattr(daemon, "trigger", lambda name, delay: triggered.append(delay))
+    locked = CatalogLockedError("database is locked (test)")
+    succeeded = SimpleNamespace(status=RunStatus.succeeded, detail="")
+
+    outcomes[:] = [locked, locked, locked, locked, succeeded, locked]
+    for _ in range(6):
+        daemon._run_on("g", "cpu")
+    assert triggered == [30, 60, 100, 100, 30]  # doubling, capped; after the success the first wait again
+    assert outcomes == []
+
+    triggered.clear()
+    daemon.scheduler.add_job(print, "date", id="trigger:g")  # a newer change is due: it retries anyway
+    outcomes[:] = [locked]
+    daemon._run_on("g", "cpu")
+    assert triggered == []
+    daemon.scheduler.remove_job("trigger:g")
+    outcomes[:] = [locked]
+    daemon._run_on("g", "cpu")
+    assert triggered == [100]  # the failure above counted: the third in a row since the success
+
+    daemon.config.daemon.retry_seconds = 0
+    outcomes[:] = [locked]
+    daemon._run_on("g", "cpu")
+    assert triggered == [100]
+
+
+# Takes the SQLite catalog's write lock until a line comes on stdin (a backup script, a sqlite3 shell).
+LOCK_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+
+@pytest.mark.long
+def test_a_run_whose_end_the_locked_catalog_refused_is_tried_again(tmp_path, made, daemons):
+    """Another process holds the SQLite catalog's write lock past the busy timeout (30 s)
+    just as a run publishes: the write that records the run's end fails, so the run ends
+    without a record. Nothing else would run the group (no schedule, no further change,
+    the catalog check off): the daemon tries again ``retry_seconds`` later, marks the
+    unrecorded run failed and merges and publishes again."""
+    base, (lora0, lora1, _) = made
+    watched, dest = tmp_path / "watched", tmp_path / "published"
+    watched.mkdir()
+    config = write_config(tmp_path / "daemon.toml", state=tmp_path / "state", watched=watched, dest=dest, base=base,
+                          params={"samples_per_task": 8}, debounce=2.0,
+                          extra=("retry_seconds = 1", "catalog_check_seconds = 3600"))
+    daemon = daemons(config, tmp_path / "daemon.log", pause={"publish:swapped": [1], "run:record-failed": [1]})
+    daemon.wait_event("notify", r"READY=1")
+    shutil.copytree(lora0, watched / "a0")
+    shutil.copytree(lora1, watched / "a1")
+    daemon.wait_event("log", r"FAULTPOINT publish:swapped 1 reached")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "state" / "catalog.db")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        daemon.release("publish:swapped")
+        daemon.wait_event("log", r"FAULTPOINT run:record-failed 1 reached", timeout=START_TIMEOUT)
+        holder.communicate("\n", timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode == 0
+    daemon.release("run:record-failed")
+    daemon.wait_event("log", r"group unified: the run could not be carried out")
+    daemon.wait_event("log", r"group unified: trying the run again in 1 s \(1 failed in a row\)")
+    url = f"sqlite:///{tmp_path / 'state' / 'catalog.db'}"
+    wait_for(lambda: any(r.status is RunStatus.succeeded for r in group_runs(url)), "the group to merge again",
+             timeout=START_TIMEOUT, interval=0.5)
+    lost, again = [r for r in group_runs(url) if r.status is not RunStatus.skipped]  # skipped: the start's run, with no adapters
+    assert lost.status is RunStatus.failed and "never recorded" in lost.error
+    assert again.status is RunStatus.succeeded
+    # The lost run's version stays current when the retry's merge is the same adapter (the publisher keeps it).
+    assert (dest / "current").resolve().name.startswith((f"run-{lost.id}-", f"run-{again.id}-"))
+    assert (dest / "current" / "adapter_model.safetensors").is_file()
+    assert daemon.stop() == 0, daemon.tail()
