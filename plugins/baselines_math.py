@@ -68,7 +68,7 @@ def ties_merge(inputs: MergeInputs, weights: list[float], params: TiesParams, pr
         for m in loras:
             for rows in bands:
                 torch.abs(_band(m, rows), out=magnitudes[rows])
-            found.append(_top_threshold(magnitudes, params.density))
+            found.append(top_threshold(magnitudes, params.density))
         return torch.tensor(found, dtype=torch.float64)
 
     def combine(deltas: torch.Tensor, weights: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ def ties_merge(inputs: MergeInputs, weights: list[float], params: TiesParams, pr
     return _dense_merge(inputs, weights, params, progress, combine, thresholds)
 
 
-def _top_threshold(magnitudes: torch.Tensor, density: float) -> float:
+def top_threshold(magnitudes: torch.Tensor, density: float) -> float:
     """The smallest of the ``density`` largest ``magnitudes`` (0: keep them all). Reorders
     ``magnitudes`` in place (a partial sort, no copy)."""
     k = max(1, int(round(density * magnitudes.numel())))

@@ -9,6 +9,9 @@ Strategies (per LoRA-targeted layer, over the adapters that adapt it; ``D_i = s_
 * ``iso_c`` and ``iso_cts`` -- Iso-C and Iso-CTS (Marczak et al., "No Task Left Behind:
   Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025,
   arXiv:2502.04959).
+* ``knots`` -- KnOTS (Stoica, Ramesh et al., "Model merging with SVD to tie the KnOTS",
+  ICLR 2025, arXiv:2410.19735): TIES (or DARE-TIES) on the tasks' components in the shared
+  basis of one SVD of their concatenated deltas.
 
 How they are computed -- exactly, in the core space of the adapters' factors, never forming a
 d_out x d_in matrix -- is stated in :mod:`iteris_daemon.plugins.lora_2025_math`, which holds
@@ -152,9 +155,46 @@ class IsoCts:
         return merge_cores(inputs, params, progress, lambda layer: iso_cts_core(layer, params.common_space_fraction))
 
 
+class KnotsParams(_Params):
+    density: float = Field(
+        1.0, gt=0, le=1, description="TIES' trim: fraction of each task's largest-magnitude aligned entries kept, "
+        "per layer (the reference's topK; 1.0, no trim, is its Llama-3-8B LoRA setting)"
+    )
+    drop_rate: float = Field(
+        0.0, ge=0, lt=1, description="KnOTS-DARE-TIES: drop each aligned entry with this probability and rescale "
+        "by 1/(1-p) before TIES (0: KnOTS-TIES)"
+    )
+    seed: int = Field(0, description="random seed of the drop masks (fixed: merges are reproducible)")
+
+
+class Knots:
+    """KnOTS (Stoica et al., ICLR 2025).
+
+    One SVD of the concatenated deltas ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]`` puts every
+    task in a shared basis ``U``; each task is ``U (S V_i^T)``. TIES (trim to ``density``,
+    elect signs by the sum of values, disjoint mean) merges the aligned ``S V_i^T``,
+    optionally after DARE's random drop; ``Delta = alpha U merged``. Computed from the LoRA
+    factors without forming the d_out x N d_in concatenation
+    (:func:`iteris_daemon.plugins.lora_2025_math.knots_components`). The reference code trims
+    over all layers of a task at once; here each layer is trimmed on its own (as ``ties``
+    and PEFT's TIES do), which is the same at the default ``density`` 1.0.
+    """
+
+    name = "knots"
+    description = "KnOTS (ICLR 2025): TIES on the tasks' components in the shared SVD basis of their concatenated deltas"
+    Params = KnotsParams
+    needs_calibration = False
+
+    def merge(self, inputs: MergeInputs, params: KnotsParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import knots_merge
+
+        return knots_merge(inputs, params, progress)
+
+
 @hookimpl
 def register_strategies(register):
     register(CoreSpace())
     register(Tsv())
     register(IsoC())
     register(IsoCts())
+    register(Knots())

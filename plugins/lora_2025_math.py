@@ -27,7 +27,8 @@ from typing import Callable, Literal
 import torch
 
 from iteris_daemon.lora import LoraModule
-from iteris_daemon.plugins.lora_2025 import _Params
+from iteris_daemon.plugins.baselines_math import top_threshold
+from iteris_daemon.plugins.lora_2025 import KnotsParams, _Params
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress
 
 RTOL = 1e-10
@@ -224,6 +225,75 @@ def merge_cores(
     for path in progress(paths, desc="layers", leave=False):
         layer = _layer([a.modules[path] for a in inputs.adapters if path in a.modules])
         B, A, error = _factors(layer, params.alpha * rule(layer), params.target_rank)
+        modules[path] = (B, A)
+        if error > 0:
+            errors[path] = error
+    metrics = {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}}
+    return MergedAdapter(modules, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# KnOTS: TIES in the shared basis of the concatenated deltas
+
+
+def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``U`` (d_out x k, orthonormal) and each task's aligned components ``S V_i^T``
+    (k x d_in) of the SVD ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]``, without the non-zero
+    singular values' complement.
+
+    From the factors: ``D_i = U_B K_i A_i`` with ``U_B`` a basis of ``[B_1 .. B_N]`` and
+    ``K_i = s_i U_B^T B_i``; ``A_i = R_i^T Q_i^T`` (QR of ``A_i^T``). Then
+    ``[D_1 .. D_N] = U_B [K_1 R_1^T .. K_N R_N^T] blockdiag(Q_1^T .. Q_N^T)``, whose last
+    factor has orthonormal rows, so the SVD of the small middle matrix ``P S Z^T`` gives
+    ``U = U_B P`` and ``S V_i^T = S Z_i^T Q_i^T`` (``Z_i``: task i's rows of ``Z``)."""
+    U_B = _basis(torch.cat([m.B.double().cpu() for m in modules], dim=1))
+    Qs, middle = [], []
+    for m in modules:
+        Q, R = torch.linalg.qr(m.A.double().cpu().T)
+        Qs.append(Q)
+        middle.append((U_B.T @ m.B.double().cpu()) * m.scaling @ R.T)
+    P, S, Z = _svd(torch.cat(middle, dim=1))
+    components, start = [], 0
+    for Q in Qs:
+        rows = Z[start : start + Q.shape[1]]
+        start += Q.shape[1]
+        components.append((S[:, None] * rows.T) @ Q.T)
+    return U_B @ P, components
+
+
+def knots_ties(components: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES on aligned components (as the KnOTS reference code does it): keep each task's
+    ``density`` largest magnitudes, elect each entry's sign by the sum of the kept values
+    (an entry whose sum is zero takes the layer's majority sign), and average the kept
+    values that agree with it (the disjoint mean)."""
+    trimmed = []
+    for C in components:
+        threshold = top_threshold(C.abs(), density)
+        trimmed.append(torch.where(C.abs() >= threshold, C, 0.0))
+    stacked = torch.stack(trimmed)
+    sign = torch.sign(stacked.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def knots_merge(inputs: MergeInputs, params: KnotsParams, progress: Progress) -> MergedAdapter:
+    """Per layer, over the adapters that adapt it: ``alpha U knots_ties(S V_i^T)``, with DARE's
+    drop first when ``drop_rate`` > 0 (masks drawn layer by layer in sorted order, task by
+    task, one ``k x d_in`` draw each), capped at ``target_rank``."""
+    generator = torch.Generator().manual_seed(params.seed)
+    paths = sorted({p for a in inputs.adapters for p in a.modules})
+    modules, errors = {}, {}
+    for path in progress(paths, desc="layers", leave=False):
+        U, components = knots_components([a.modules[path] for a in inputs.adapters if path in a.modules])
+        if params.drop_rate > 0:
+            components = [C * (torch.rand(C.shape, generator=generator, dtype=C.dtype) >= params.drop_rate)
+                          / (1 - params.drop_rate) for C in components]
+        merged = params.alpha * knots_ties(components, params.density) if U.shape[1] else U.new_zeros(0, 0)
+        # U merged = U M V^T with V from a QR of merged^T: the shape _factors writes and caps.
+        V, R = torch.linalg.qr(merged.T) if U.shape[1] else (U.new_zeros(components[0].shape[1], 0), merged)
+        layer = _Layer(U, V, [])
+        B, A, error = _factors(layer, R.T, params.target_rank)
         modules[path] = (B, A)
         if error > 0:
             errors[path] = error

@@ -1,4 +1,4 @@
-"""Core Space, TSV-M, Iso-C and Iso-CTS (plugins/lora_2025.py) against dense references.
+"""Core Space, TSV-M, Iso-C, Iso-CTS and KnOTS (plugins/lora_2025.py) against dense references.
 
 The references below are written independently of the plugin, in float64, on the full
 d_out x d_in deltas, following the papers' equations (and their reference code) literally:
@@ -110,6 +110,38 @@ def reference_core_space(deltas, method="tsv", alpha=1.0, common_space_fraction=
     return reference_tsv(deltas, [per_task] * len(deltas), alpha)
 
 
+def reference_knots(deltas, density=1.0, alpha=1.0, drops=None):
+    """KnOTS-TIES (Stoica et al., ICLR 2025): SVD of the concatenated deltas
+    ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]`` (non-zero singular values), tasks ``S V_i^T``;
+    ``drops`` (DARE, optional): each task's keep mask and the drop rate; TIES: each task's
+    ``round(density * size)`` largest magnitudes (the paper's top-k%; the reference code's
+    ``kthvalue`` keeps one more), signs elected by the sum of values, disjoint mean;
+    ``alpha U merged``."""
+    d_in = deltas[0].shape[1]
+    U, S, Vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
+    k = int((S > 1e-10 * S[0]).sum())
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    tasks = [S[:, None] * Vh[:, i * d_in:(i + 1) * d_in] for i in range(len(deltas))]
+    if drops is not None:
+        masks, rate = drops
+        tasks = [T * m / (1 - rate) for T, m in zip(tasks, masks)]
+    kept = []
+    for T in tasks:
+        n = T.numel()
+        keep = max(1, round(density * n))
+        mask = torch.ones_like(T, dtype=torch.bool)
+        if keep < n:
+            smallest = torch.sort(T.abs().flatten()).values[n - keep]  # the smallest magnitude kept
+            mask = T.abs() >= smallest
+        kept.append(T * mask)
+    stacked = torch.stack(kept)
+    elected = torch.sign(stacked.sum(0))
+    elected[elected == 0] = torch.sign(elected.sum())
+    agree = (torch.sign(stacked) == elected) & (stacked != 0)
+    merged = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return alpha * U @ merged
+
+
 # ---------------------------------------------------------------------------------------------
 # Random LoRA problems
 
@@ -161,6 +193,9 @@ CASES = [
     ("iso_c", {"alpha": 1.5}, lambda D: reference_iso_c(D, 1.5)),
     ("iso_cts", {}, lambda D: reference_iso_cts(D)),
     ("iso_cts", {"common_space_fraction": 0.5, "alpha": 0.8}, lambda D: reference_iso_cts(D, 0.5, 0.8)),
+    ("knots", {}, lambda D: reference_knots(D)),
+    ("knots", {"density": 0.2, "alpha": 0.6}, lambda D: reference_knots(D, 0.2, 0.6)),  # the ViT-B config's
+    ("knots", {"density": 0.5}, lambda D: reference_knots(D, 0.5)),
 ]
 
 
@@ -211,15 +246,17 @@ def test_the_rules_are_not_task_arithmetic():
     adapters = _adapters(0)
     deltas = _deltas(adapters, "wide")
     ta = reference_task_arithmetic(deltas)
-    for reference in (reference_iso_c, reference_tsv_m, reference_iso_cts, reference_core_space):
+    for reference in (reference_iso_c, reference_tsv_m, reference_iso_cts, reference_core_space, reference_knots,
+                      lambda D: reference_knots(D, 0.2)):
         assert _relative(reference(deltas), ta) > 0.05, reference.__name__
     S = torch.linalg.svdvals(reference_iso_c(deltas))[:14]
     assert float(S.max() - S.min()) < 1e-9 * float(S.max())  # isotropic
 
 
-@pytest.mark.parametrize("strategy", ["core_space", "tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("strategy", ["core_space", "tsv", "iso_c", "iso_cts", "knots"])
 def test_single_adapter(strategy):
-    """One adapter: TSV keeps all of it (fraction 1/1) and returns it; Iso-C returns its
+    """One adapter: TSV keeps all of it (fraction 1/1) and returns it, as KnOTS does (no
+    trim at its default density: every sign agrees with itself); Iso-C returns its
     singular vectors with a flat spectrum."""
     adapter = _adapters(3)[0]
     result = _merge(strategy, [adapter])
@@ -253,7 +290,7 @@ def test_zero_adapters_give_a_zero_merge(factor):
     for adapter in adapters:
         for module in adapter.modules.values():
             setattr(module, factor, torch.zeros_like(getattr(module, factor)))
-    for strategy in ("core_space", "tsv", "iso_c", "iso_cts"):
+    for strategy in ("core_space", "tsv", "iso_c", "iso_cts", "knots"):
         for path, (B, A) in _merge(strategy, adapters).modules.items():
             assert B.shape == (MODULES[path][0], 1) and A.shape == (1, MODULES[path][1]), (strategy, path)
             assert torch.isfinite(B).all() and torch.isfinite(A).all() and float((B @ A).abs().max()) == 0.0
@@ -288,6 +325,37 @@ def test_iso_cts_ignores_a_residual_that_is_round_off():
         assert A.shape[0] == 3 and _relative(B @ A, expected) < 1e-10, strategy
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_knots_dare_matches_the_reference_with_the_same_masks(seed):
+    """KnOTS-DARE-TIES: the drop masks are drawn layer by layer in sorted order, task by task,
+    one ``k x d_in`` draw each (``knots_merge``'s documented order); the reference draws the
+    same masks and applies the paper's steps to the dense deltas. A drop rate of 0 is KnOTS-TIES."""
+    adapters = _adapters(seed)
+    rate = 0.8  # the Llama-3-8B KnOTS-DARE-TIES config's
+    result = _merge("knots", adapters, drop_rate=rate, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    for path in sorted(MODULES):
+        deltas = _deltas(adapters, path)
+        k = int(torch.linalg.matrix_rank(torch.cat(deltas, dim=1)))
+        masks = [torch.rand(k, deltas[0].shape[1], generator=generator, dtype=torch.float64) >= rate for _ in deltas]
+        B, A = result.modules[path]
+        expected = reference_knots(deltas, drops=(masks, rate))
+        assert _relative(B @ A, expected) < 1e-8, path
+        assert _relative(expected, reference_knots(deltas)) > 0.05, path  # the drop did something
+    undropped = _merge("knots", adapters, drop_rate=0.0, seed=7)
+    for path, (B, A) in undropped.modules.items():
+        assert _relative(B @ A, reference_knots(_deltas(adapters, path))) < 1e-8, path
+
+
+def test_knots_of_equal_tasks_is_the_task():
+    """N copies of one delta: every component agrees, the disjoint mean is the delta itself
+    (task arithmetic would give N times it)."""
+    adapter = _adapters(4)[1]
+    copies = [LoraAdapter(name=f"c{i}", path=Path(f"c{i}"), config={}, modules=adapter.modules) for i in range(3)]
+    for path, (B, A) in _merge("knots", copies).modules.items():
+        assert _relative(B @ A, adapter.modules[path].delta()) < 1e-9, path
+
+
 @pytest.mark.parametrize("bad", [{"method": "ties"}, {"alpha": 0}, {"fraction": 0.5}, {"common_space_fraction": 1.5}])
 def test_parameters_are_validated(bad):
     from iteris_daemon.errors import ParameterError
@@ -305,6 +373,7 @@ REFERENCES = {
     "tsv": reference_tsv_m,
     "iso_c": reference_iso_c,
     "iso_cts": reference_iso_cts,
+    "knots": reference_knots,
 }
 
 

@@ -35,7 +35,7 @@ def test_plugins_and_parameters_load_without_torch():
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert {"iteris", "regmean", "task_arithmetic", "ties", "dare", "core_space", "tsv", "iso_c", "iso_cts",
-            "peft_cat"} <= set(found["strategies"])
+            "knots", "peft_cat"} <= set(found["strategies"])
     assert {"adapter", "files", "hub_dataset", "generate"} <= set(found["calibration_sources"])
     assert {"folder", "hub"} <= set(found["publishers"])
     assert found["imported"] == []
