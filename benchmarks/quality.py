@@ -61,6 +61,14 @@ VARIANTS: dict[str, dict] = {
     "iteris, refine_steps=100, holdout=0": {"refine_steps": 100, "refine_holdout": 0.0},
     "iteris, refine_steps=200, lr=0.1": {"refine_steps": 200, "refine_lr": 0.1},
 }
+# Data-free strategies also at the settings their reference code publishes (for other
+# models and tasks; not tuned here), scored beside them in the test tables when the
+# strategy is: name -> (strategy, parameters).
+PUBLISHED: dict[str, tuple[str, dict]] = {
+    "knots, alpha=0.5": ("knots", {"alpha": 0.5}),  # KnOTS-TIES, Llama-3-8B LoRA config
+    "knots, density=0.2, alpha=0.6": ("knots", {"density": 0.2, "alpha": 0.6}),  # KnOTS-TIES, ViT-B/32 LoRA config
+    "knots, drop_rate=0.8, alpha=0.4": ("knots", {"drop_rate": 0.8, "alpha": 0.4}),  # KnOTS-DARE-TIES, Llama-3-8B
+}
 ITERATION_SWEEP = (1, 2, 3)  # solves, tolerance 0
 SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (--samples 10 50 200; off by default: CPU time)
 
@@ -183,14 +191,16 @@ def run(workdir: Path, groups: dict[int, tuple[str, ...]] = GROUPS, strategies: 
     for n, tasks in groups.items():
         group = {t: adapters[t] for t in tasks}
         own_n = {t: own[t] for t in tasks}
-        for strategy in tqdm(strategies, desc=f"strategies N={n}"):
-            params = _full(chosen) if strategy == "iteris" else {}
+        published = {name: entry for name, entry in PUBLISHED.items() if entry[0] in strategies}
+        runs = [(s, s, _full(chosen) if s == "iteris" else {}) for s in strategies]
+        for name, strategy, params in tqdm(runs + [(name, *entry) for name, entry in published.items()],
+                                           desc=f"strategies N={n}"):
 
-            def score(strategy=strategy, params=params, group=group, own_n=own_n):
-                entry = merge_and_score(model, group, strategy, params, merges / f"{strategy}-{n}", test_limit)
+            def score(strategy=strategy, params=params, group=group, own_n=own_n, name=name):
+                entry = merge_and_score(model, group, strategy, params, merges / f"{_slug(name)}-{n}", test_limit)
                 return {**entry, **summary(entry["accuracy"], own_n)}
 
-            saved.keep(("strategies", str(n), strategy), score, params)
+            saved.keep(("strategies", str(n), name), score, params)
         for name, overrides in tqdm(variants.items(), desc=f"variants N={n}"):
             params = _full({**chosen, **overrides})
 
@@ -309,7 +319,7 @@ def plot(results: dict, workdir: Path) -> list[Path]:
             xs = [int(x) for x in curve]
             line, = ax.plot(xs, [v["mean"] for v in curve.values()], marker="o", label=f"IterIS, N = {n}")
             group = results["strategies"].get(str(n), {})
-            others = [e["mean"] for k, e in group.items() if not k.startswith("iteris")]
+            others = [e["mean"] for k, e in group.items() if not k.startswith("iteris") and k not in PUBLISHED]
             if others:
                 ax.axhline(max(others), color=line.get_color(), linestyle="--", alpha=0.6,
                            label=f"best other strategy, N = {n}")
