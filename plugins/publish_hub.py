@@ -14,11 +14,9 @@ never logged nor put in an error message.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -31,6 +29,7 @@ from tenacity import Retrying, retry_if_exception
 from iteris_daemon import hookimpl
 from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.errors import AdapterError
+from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import hub_retrying, is_transient
@@ -68,14 +67,6 @@ class HubPublishSettings(PublisherSettings):
 
 
 
-@dataclass(frozen=True)
-class _Digest:
-    """How the Hub identifies a file: git blob sha1 for regular files, sha256 for LFS ones."""
-
-    git_sha1: str
-    sha256: str
-
-
 class HubPublisher:
     kind = "hub"
     description = "One commit per new adapter on a Hub model repo branch, with a model card and a run tag"
@@ -84,7 +75,7 @@ class HubPublisher:
     def publish(self, request: PublishRequest, settings: HubPublishSettings) -> PublishResult:
         where = f"{settings.repo_id}@{settings.branch}"
         files = _adapter_files(request.adapter_dir)
-        local = {name: _digest(files[name]) for name in ADAPTER_FILES}
+        local = {name: file_digest(files[name]) for name in ADAPTER_FILES}
         card = render_model_card(request).encode()
         api = _api(settings)
 
@@ -158,7 +149,7 @@ def _commit(
     operations: Callable[[], list[CommitOperationAdd]],
     title: str,
     parent: str,
-    local: dict[str, _Digest],
+    local: dict[str, FileDigest],
 ) -> str:
     """Commit on top of ``parent``; return the sha of the commit that holds the adapter.
 
@@ -211,25 +202,14 @@ def _adapter_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _digest(path: Path) -> _Digest:
-    size = path.stat().st_size
-    git, sha256 = hashlib.sha1(b"blob %d\0" % size), hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            git.update(chunk)
-            sha256.update(chunk)
-    return _Digest(git.hexdigest(), sha256.hexdigest())
-
-
-def _holds(info: ModelInfo, local: dict[str, _Digest]) -> bool:
+def _holds(info: ModelInfo, local: dict[str, FileDigest]) -> bool:
     """Whether the commit ``info`` describes has exactly these adapter files."""
     remote = {sibling.rfilename: sibling for sibling in info.siblings or []}
     for name, digest in local.items():
         sibling = remote.get(name)
         if sibling is None:
             return False
-        same = sibling.lfs.sha256 == digest.sha256 if sibling.lfs else sibling.blob_id == digest.git_sha1
-        if not same:
+        if not holds(sibling, digest):
             return False
     return True
 

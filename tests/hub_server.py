@@ -43,6 +43,7 @@ With ``token=None`` every request is authenticated.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -84,7 +85,8 @@ _REPO = r"(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)"
 _RESOLVE = r"(?:/(?P<type>datasets))?/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
 
 Fault = tuple[Any, ...]
-"""``("status", code[, headers])``, ``("delay", seconds)``, ``("stall",)``, ``("drop",)`` or ``("truncate", nbytes)``."""
+"""``("status", code[, headers])``, ``("delay", seconds)``, ``("stall",)``, ``("drop",)``, ``("truncate", nbytes)``
+or ``("corrupt",)``."""
 
 
 class LoggedRequest(NamedTuple):
@@ -189,6 +191,21 @@ class _FaultRule:
 def git_blob_sha1(content: bytes) -> str:
     """The git object id of a file: what the Hub sends as ``ETag`` and as the tree ``oid``."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+#: Files the Hub keeps in Git LFS (its default ``.gitattributes``, above).
+LFS_SUFFIXES = (".bin", ".pt", ".safetensors")
+
+
+def _file_metadata(path: str, content: bytes) -> dict[str, Any]:
+    """A file's ``files_metadata`` entry, as the Hub lists it: for an LFS file git stores a
+    pointer, so ``blobId`` is the pointer's and the content's sha256 is under ``lfs``."""
+    if not path.endswith(LFS_SUFFIXES):
+        return {"size": len(content), "blobId": git_blob_sha1(content)}
+    sha256 = hashlib.sha256(content).hexdigest()
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(content)}\n".encode()
+    return {"size": len(content), "blobId": git_blob_sha1(pointer),
+            "lfs": {"sha256": sha256, "size": len(content), "pointerSize": len(pointer)}}
 
 
 def _iso(moment: datetime) -> str:
@@ -341,13 +358,15 @@ class HubServer:
         * ``("truncate", nbytes)``: process the request, send the headers with the full ``Content-Length``
           but only ``nbytes`` of the body, then close. A truncated commit response still creates the
           commit: it simulates a lost response.
+        * ``("corrupt",)``: answer normally, with the body's middle byte changed (same length):
+          bytes other than those the listing's hashes describe.
 
         Rules are consumed in the order they were injected; once spent, requests behave normally again.
         """
         match fault:
             case ("status", int()) | ("status", int(), dict()) | ("delay", int() | float()):
                 pass
-            case ("drop",) | ("stall",) | ("truncate", int()):
+            case ("drop",) | ("stall",) | ("truncate", int()) | ("corrupt",):
                 pass
             case _:
                 raise ValueError(f"Unknown fault {fault!r}")
@@ -529,6 +548,10 @@ class HubServer:
             response = _json_response({"error": f"Injected fault: HTTP {status}"}, status, headers)
         else:
             response = self._dispatch(method, raw_path, parse_qs(query_string), handler.headers, body)
+        if kind == "corrupt" and response.body:
+            middle = len(response.body) // 2
+            changed = bytes([response.body[middle] ^ 0xFF])
+            response = dataclasses.replace(response, body=response.body[:middle] + changed + response.body[middle + 1:])
         self._send(handler, response, method, path, truncate_to=fault[1] if kind == "truncate" else None)
 
     def _take_fault(self, what: str) -> Fault | None:
@@ -714,10 +737,8 @@ class HubServer:
         tags = [*([library_name] if library_name else []), *repo.extra_tags]
         tags += [card_tags] if isinstance(card_tags, str) else card_tags
         tags = list(dict.fromkeys(tags))  # the Hub lists the library among the tags, once
-        siblings = [
-            {"rfilename": path, **({"size": len(content), "blobId": git_blob_sha1(content)} if blobs else {})}
-            for path, content in sorted(commit.files.items())
-        ]
+        siblings = [{"rfilename": path, **(_file_metadata(path, content) if blobs else {})}
+                    for path, content in sorted(commit.files.items())]
         info: dict[str, Any] = {
             "_id": hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}".encode()).hexdigest()[:24],
             "id": repo.repo_id,

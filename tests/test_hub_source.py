@@ -5,6 +5,7 @@ hostile listings. The catalog is a real SQLite file."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -158,6 +159,33 @@ def test_a_broken_weights_download_is_retried_never_recorded_as_a_bad_adapter(en
     assert len(weights) == 2 and weights[1].status == 200, weights
     if fault[0] in ("stall", "drop"):
         assert weights[0].status is None
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"], ids=["lfs-sha256", "git-sha1"])
+def test_a_download_other_than_the_listing_says_is_removed_and_fetched_again(env, name):
+    """The server (or a proxy on the way) answers a file's download with other bytes of the
+    same size, once; the client checks only sizes. The source checks each download against
+    the listing's hash (the weights: their LFS sha256; the config: its git blob sha1): the
+    file is removed, the repo neither registered nor rejected (no verdict on bytes the Hub
+    did not list), the source unhealthy with the reason. The next poll fetches it again
+    and registers the listed content. Without the check the weights were registered with
+    the wrong content, and the config's revision rejected as unreadable JSON."""
+    hub, catalog, source, (first, _), tmp = env
+    sha = hub.create_repo_direct("dave/lora", adapter_files(first))
+    hub.inject(rf"^GET /dave/lora/resolve/[0-9a-f]+/{re.escape(name)}$", ("corrupt",), times=1)
+    poller = source(repos=["dave/lora"])
+    report = poller.poll()
+    assert not report.registered and not report.rejected and not _adapters(catalog)
+    row = _source_row(catalog)
+    assert not row.healthy and f"{name} as downloaded has" in row.last_error, row.last_error
+    assert "where the listing says" in row.last_error
+    assert not (tmp / "cache" / "dave--lora" / sha / name).exists()
+
+    assert poller.poll().registered == ["dave/lora"]
+    current = _adapters(catalog)["dave/lora"].current
+    assert current.revision == sha and current.content_sha256 == sha256_file(first / "adapter_model.safetensors")
+    assert _source_row(catalog).healthy
+    assert len(hub.requests_matching(rf"^GET /dave/lora/resolve/[0-9a-f]+/{re.escape(name)}$")) == 2
 
 
 def test_a_source_that_keeps_failing_is_unhealthy_then_recovers(env, monkeypatch):

@@ -5,7 +5,8 @@ Per repo and poll: one ``model_info`` (the head sha and the file listing). An
 unchanged sha costs nothing more. For a new sha only the adapter files
 (config, safetensors weights, and ``calibration.jsonl`` when present) are
 downloaded, pinned to that sha, into the daemon's own cache, each stopped once past its
-limit in ``[daemon.limits]`` whatever size the Hub claims; then validated and
+limit in ``[daemon.limits]`` whatever size the Hub claims, and checked against the
+listing's hash (:mod:`iteris_daemon.hub_files`); then validated and
 recorded like a local adapter, with the commit sha as its revision. A listing
 that names a file outside the repo (``../``, absolute paths) is refused before
 anything is downloaded. Transient failures are retried with backoff (see
@@ -30,6 +31,7 @@ from pathlib import Path
 from collections.abc import Callable, Collection
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
+from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
@@ -39,6 +41,7 @@ from ..catalog import Catalog
 from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, ConfigError
+from ..hub_files import digest_value, file_digest, listed_hash
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
@@ -317,20 +320,23 @@ class HubSource:
             size, limit = siblings[name].size, self.limits.file_limit(name)
             if size is not None and size > limit:
                 raise AdapterError(where, f"{name} is {size} bytes, above the limit of {limit}")
-        self._download(token, repo_id, sha, CONFIG_NAME, snapshot)
+        self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
         config = read_adapter_config(snapshot, self.limits.max_config_bytes)
         wanted = self.settings.base_model
         if listed and wanted and config.get("base_model_name_or_path") not in (None, wanted):
             raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
         for name in wanted_files[1:]:
-            self._download(token, repo_id, sha, name, snapshot)
+            self._download(token, repo_id, sha, siblings[name], snapshot)
         return validate_adapter(snapshot, wanted, self.limits, self.trusted_models, self.shapes)
 
-    def _download(self, token, repo_id: str, sha: str, filename: str, snapshot: Path) -> Path:
+    def _download(self, token, repo_id: str, sha: str, sibling: RepoSibling, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written
         complete or not at all: the client downloads to a temporary file, then renames).
         The download stops once it passes the file's limit, whatever size the listing
-        and the response headers claimed."""
+        and the response headers claimed. Its content must be what the listing's hash
+        says (the client checks only the size): a file that is not is removed, and the
+        repo is tried again at the next poll, not judged on bytes the Hub did not list."""
+        filename = sibling.rfilename
         where, limit = f"{repo_id}@{sha[:12]}", self.limits.file_limit(filename)
         snapshot.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
@@ -350,6 +356,13 @@ class HubSource:
         size = resolved.stat().st_size  # e.g. already there from a poll under a higher limit
         if size > limit:
             raise AdapterError(where, f"{filename} is {size} bytes, above the limit of {limit}")
+        listed = listed_hash(sibling)
+        if listed is not None:
+            found = digest_value(file_digest(resolved), listed[0])
+            if found != listed[1]:
+                resolved.unlink()
+                raise HubAnswerError(f"{where}: {filename} as downloaded has {listed[0]} {found[:12]}, where the listing "
+                                     f"says {listed[1][:12]}; removed, downloaded again at the next poll")
         return resolved
 
     def _mark_removed(self, seen: set[str], report: ScanReport, only: set[str] | None = None) -> None:

@@ -1,0 +1,53 @@
+"""How the Hub identifies a file's content, and comparing a local file with it.
+
+With ``files_metadata`` the Hub lists each file of a commit with the git blob sha1 of
+what git stores. For a file kept in Git LFS (weights, under the Hub's default
+``.gitattributes``) git stores a small pointer, so the listing's blob id is the
+pointer's and the content is identified by the LFS sha256 instead. ``huggingface_hub``
+checks a download's size, not its content: the Hub source checks each download here,
+and the Hub publisher compares what it would upload with what a branch holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.hf_api import RepoSibling
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    git_sha1: str  # of b"blob <size>\0" + content, as git names a blob
+    sha256: str
+
+
+def file_digest(path: Path) -> FileDigest:
+    """Both hashes of ``path`` in one read."""
+    git, sha256 = hashlib.sha1(b"blob %d\0" % path.stat().st_size), hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            git.update(chunk)
+            sha256.update(chunk)
+    return FileDigest(git.hexdigest(), sha256.hexdigest())
+
+
+def listed_hash(sibling: RepoSibling) -> tuple[str, str] | None:
+    """(what, hex) the listing identifies the content by: ``("sha256", ...)`` for an LFS file,
+    ``("git blob sha1", ...)`` otherwise; None when the listing carries no metadata."""
+    if sibling.lfs is not None:
+        return "sha256", sibling.lfs.sha256
+    if sibling.blob_id:
+        return "git blob sha1", sibling.blob_id
+    return None
+
+
+def digest_value(digest: FileDigest, what: str) -> str:
+    return digest.sha256 if what == "sha256" else digest.git_sha1
+
+
+def holds(sibling: RepoSibling, digest: FileDigest) -> bool:
+    """Whether the listed file is the one ``digest`` describes (False when the listing has no hash)."""
+    listed = listed_hash(sibling)
+    return listed is not None and digest_value(digest, listed[0]) == listed[1]
