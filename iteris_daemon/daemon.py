@@ -49,6 +49,7 @@ from .config import DaemonConfig, DaemonSettings, GroupConfig, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import IterisError
 from .paths import private_dir, state_dir
+from .peers import Peers, shared_settings
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
                      worker_id)
 from .sources.hub import HubSource
@@ -165,6 +166,7 @@ class Daemon:
         self.catalog = Catalog(url)
         log.info("catalog %s ready", self.catalog.safe_url)
         self.shapes = CatalogShapes(self.catalog, self.work, self._worker_options())
+        self.peers = Peers(self.catalog, self.holder)
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
             for leftover in (self.work / f"run-{run_id}", *self.work.glob(f".run-{run_id}.*")):
@@ -238,6 +240,10 @@ class Daemon:
         for server in self._servers:
             server.stop()
         self.notifier.stop()
+        try:
+            self.peers.depart()
+        except Exception:  # e.g. the catalog locked: the row is forgotten by the others in a day
+            log.exception("could not remove this daemon's row from the catalog")
         self.catalog.close()
         log.info("stopped")
 
@@ -323,6 +329,9 @@ class Daemon:
         self._caught_up.clear()
         self.scheduler.add_job(self._catch_up, IntervalTrigger(seconds=config.daemon.catalog_check_seconds),
                                id="catalog-check", replace_existing=True)
+        self.peers.settings_changed()
+        self.scheduler.add_job(self._check_peers, IntervalTrigger(seconds=config.daemon.catalog_check_seconds),
+                               id="peers", replace_existing=True, next_run_time=datetime.now(timezone.utc))
         for group in config.groups:
             trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
                        else IntervalTrigger(seconds=group.interval_seconds) if group.interval_seconds else None)
@@ -357,6 +366,18 @@ class Daemon:
             log.info("group %s: its adapters changed in the catalog since its last run, not through this daemon's "
                      "sources; merging", name)
             self.trigger(name, delay=groups[name].debounce_seconds)
+
+    def _check_peers(self) -> None:
+        """Say this daemon is here, with its shared settings; warn about live daemons on the
+        catalog whose settings differ (see :mod:`iteris_daemon.peers`)."""
+        settings = self.config.daemon
+        live = max(settings.claim_ttl_seconds, 3 * settings.catalog_check_seconds)
+        for peer, differ in self.peers.disagreements(shared_settings(settings), within=live):
+            log.warning("daemon %s, also on this catalog, has other settings: %s. Give every daemon on one catalog "
+                        "the same [daemon.limits] and trust_remote_code: under different ones each judges the other's "
+                        "adapter verdicts again at every look, and an adapter one accepts and the other refuses flips "
+                        "between registered and rejected",
+                        peer.holder, "; ".join(differ))
 
     def trigger(self, group: str, delay: float) -> None:
         """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one (debounce)."""

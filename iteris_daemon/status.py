@@ -8,8 +8,9 @@ from typing import Any
 from sqlalchemy import select
 
 from .catalog import Catalog
-from .catalog.models import AdapterStatus, MergeGroup, MergeRun, RunStatus
+from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from .catalog.registry import list_current, list_sources
+from .peers import differences
 
 
 def _time(value) -> str | None:
@@ -40,7 +41,10 @@ def collect(catalog: Catalog) -> dict[str, Any]:
                 "published": (success.metrics or {}).get("published", []) if success else [],
                 "waiting": {"held_back": held_back, "not_yet_merged": new},
             })
-    return {"sources": sources, "groups": groups}
+        daemons = [{"holder": d.holder, "started_at": _time(d.started_at), "seen_at": _time(d.seen_at),
+                    "settings": d.settings}
+                   for d in session.scalars(select(DaemonPresence).order_by(DaemonPresence.seen_at.desc()))]
+    return {"sources": sources, "groups": groups, "daemons": daemons}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -65,4 +69,12 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    waiting: {name}: {reason}")
         if g["waiting"]["not_yet_merged"]:
             lines.append(f"    not yet merged: {', '.join(g['waiting']['not_yet_merged'])}")
+    lines.append("daemons (seen in the last day):")
+    if not report["daemons"]:
+        lines.append("  (none)")
+    first = report["daemons"][0] if report["daemons"] else None
+    for d in report["daemons"]:
+        differ = differences(d["settings"], first["settings"], ("here", f"on {first['holder']}")) if d is not first else []
+        lines.append(f"  {d['holder']}  started {d['started_at']}, last seen {d['seen_at']}"
+                     + (f"; OTHER SETTINGS: {'; '.join(differ)}" if differ else ""))
     return "\n".join(lines)

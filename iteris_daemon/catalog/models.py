@@ -11,6 +11,8 @@ them; a test checks that the two agree.
   and every run with the exact revisions it used.
 - ``base_model_shapes``: a base model's layer shapes, computed once by a worker, for
   validating adapters without torch in the daemon.
+- ``daemons``: the daemons using the catalog, and the settings they must share
+  (:mod:`iteris_daemon.peers`).
 """
 
 from __future__ import annotations
@@ -212,3 +214,15 @@ class BaseModelShapes(Base):
     base_model: Mapped[str] = mapped_column(String(1024))
     shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DaemonPresence(Base):
+    """A daemon using this catalog, last seen when, with the settings that adapter verdicts
+    and merges depend on: daemons sharing a catalog must agree on them (:mod:`iteris_daemon.peers`)."""
+
+    __tablename__ = "daemons"
+
+    holder: Mapped[str] = mapped_column(String(200), primary_key=True)  # runner.worker_id(): host:pid:tag
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

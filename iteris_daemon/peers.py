@@ -1,0 +1,100 @@
+"""Daemons sharing one catalog: each says it is there, and with which shared settings.
+
+Adapter verdicts record the settings they were made under (``[daemon.limits]``,
+``trust_remote_code``), and a source judges a revision again when its own settings
+differ. Two daemons on one catalog with different settings therefore judge each other's
+verdicts again at every look, and an adapter that one accepts and the other refuses
+flips between registered and rejected, each flip triggering its groups. Neither config can see the other, so each daemon writes
+its shared settings to the catalog (the ``daemons`` table) every
+``catalog_check_seconds`` and warns, once per peer and settings, about a live peer whose
+settings differ. A daemon removes its row when it stops; the rows of daemons not seen
+for :data:`FORGET_AFTER` (killed ones) are removed by the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from .catalog import Catalog
+from .catalog.models import DaemonPresence, utcnow
+from .config import DaemonSettings
+
+FORGET_AFTER = timedelta(days=1)
+
+
+def shared_settings(settings: DaemonSettings) -> dict[str, Any]:
+    """The ``[daemon]`` settings every daemon on one catalog must agree on."""
+    return {"limits": settings.limits.model_dump(), "trust_remote_code": sorted(settings.trust_remote_code)}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any], labels: tuple[str, str] = ("here", "there"),
+                prefix: str = "") -> list[str]:
+    """``"limits.max_rank: 4096 here, 64 there"`` for each setting that differs."""
+    found = []
+    for key in sorted(set(mine) | set(theirs)):
+        here, there = mine.get(key), theirs.get(key)
+        if isinstance(here, dict) and isinstance(there, dict):
+            found += differences(here, there, labels, f"{prefix}{key}.")
+        elif here != there:
+            found.append(f"{prefix}{key}: {here!r} {labels[0]}, {there!r} {labels[1]}")
+    return found
+
+
+@dataclass(frozen=True)
+class Peer:
+    holder: str
+    seen_at: datetime
+    settings: dict[str, Any]
+
+
+class Peers:
+    """This daemon's row in ``daemons``, and the other daemons seen there."""
+
+    def __init__(self, catalog: Catalog, holder: str):
+        self.catalog, self.holder = catalog, holder
+        self._warned: set[tuple[str, str]] = set()  # (peer, its settings) already warned about
+
+    def announce(self, settings: dict[str, Any]) -> None:
+        """Write (or refresh) this daemon's row; forget daemons not seen for :data:`FORGET_AFTER`."""
+        now = utcnow()
+        with self.catalog.session() as session:
+            row = session.get(DaemonPresence, self.holder)
+            if row is None:
+                session.add(DaemonPresence(holder=self.holder, settings=settings, started_at=now, seen_at=now))
+            else:
+                row.settings, row.seen_at = settings, now
+            session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < now - FORGET_AFTER))
+
+    def others(self, within: float) -> list[Peer]:
+        """The other daemons seen in the last ``within`` seconds."""
+        since = utcnow() - timedelta(seconds=within)
+        with self.catalog.session(write=False) as session:
+            rows = session.scalars(select(DaemonPresence).where(DaemonPresence.holder != self.holder,
+                                                                DaemonPresence.seen_at >= since)
+                                   .order_by(DaemonPresence.holder))
+            return [Peer(row.holder, row.seen_at, row.settings) for row in rows]
+
+    def disagreements(self, settings: dict[str, Any], within: float) -> list[tuple[Peer, list[str]]]:
+        """Announce ``settings``; return each live peer whose settings differ and that was not
+        reported with these settings before, with what differs."""
+        self.announce(settings)
+        found = []
+        for peer in self.others(within):
+            differ = differences(settings, peer.settings)
+            key = (peer.holder, repr(sorted(peer.settings.items())))
+            if differ and key not in self._warned:
+                self._warned.add(key)
+                found.append((peer, differ))
+        return found
+
+    def settings_changed(self) -> None:
+        """This daemon's settings changed (a reload): report every disagreement afresh."""
+        self._warned.clear()
+
+    def depart(self) -> None:
+        with self.catalog.session() as session:
+            session.execute(delete(DaemonPresence).where(DaemonPresence.holder == self.holder))
