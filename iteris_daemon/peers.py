@@ -4,10 +4,10 @@ Adapter verdicts record the settings they were made under (``[daemon.limits]``,
 ``trust_remote_code``), and a source judges a revision again when its own settings
 differ. Two daemons on one catalog with different settings therefore judge each other's
 verdicts again at every look, and an adapter that one accepts and the other refuses
-flips between registered and rejected, each flip triggering its groups. Neither config can see the other, so each daemon writes
-its shared settings to the catalog (the ``daemons`` table) every
-``catalog_check_seconds`` and warns, once per peer and settings, about a live peer whose
-settings differ. A daemon removes its row when it stops; the rows of daemons not seen
+flips between registered and rejected, each flip triggering its groups. Neither config
+can see the other, so each daemon writes its shared settings to the catalog (the
+``daemons`` table) every ``catalog_check_seconds`` and warns, once per peer and
+settings, about a live peer whose settings differ. A daemon removes its row when it stops; the rows of daemons not seen
 for :data:`FORGET_AFTER` (killed ones) are removed by the others.
 """
 
