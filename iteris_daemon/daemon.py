@@ -428,6 +428,7 @@ class Daemon:
             )
         except Exception:  # e.g. the catalog locked past its timeout, or its server unreachable
             log.exception("group %s: the run could not be carried out", name)
+            self.metrics.run_not_carried_out(name)
             self._retry_later(name)
             return
         finally:

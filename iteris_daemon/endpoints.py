@@ -238,6 +238,9 @@ class DaemonMetrics:
         self._webhook_requests = Counter(
             "iteris_webhook_requests", "Hub webhook requests (this process), by outcome.", ["outcome"],
             registry=self.registry)
+        self._runs_not_carried_out = Counter(
+            "iteris_runs_not_carried_out", "Runs that ended without a record (this process): the catalog locked "
+            "or unreachable; each is tried again (retry_seconds).", ["group"], registry=self.registry)
         for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start, so rate() sees the first one
             self._webhook_requests.labels(outcome)
 
@@ -251,6 +254,9 @@ class DaemonMetrics:
 
     def webhook_request(self, outcome: str) -> None:
         self._webhook_requests.labels(outcome).inc()
+
+    def run_not_carried_out(self, group: str) -> None:
+        self._runs_not_carried_out.labels(group).inc()
 
 
 def _respond(start_response: StartResponse, status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",

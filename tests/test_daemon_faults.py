@@ -901,7 +901,9 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     daemon.scheduler = BackgroundScheduler()  # not started: jobs are only recorded
     daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
     daemon.catalog, daemon.work = None, tmp_path / "work"
-    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None, worker_failed=lambda *a: None)
+    not_carried_out: list[str] = []
+    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None, worker_failed=lambda *a: None,
+                                     run_not_carried_out=not_carried_out.append)
     outcomes: list[object] = []
 
     def run_group(*args, **kwargs):
@@ -920,7 +922,7 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     for _ in range(6):
         daemon._run_on("g", "cpu")
     assert triggered == [30, 60, 100, 100, 30]  # doubling, capped; after the success the first wait again
-    assert outcomes == []
+    assert outcomes == [] and not_carried_out == ["g"] * 5  # counted for /metrics
 
     triggered.clear()
     daemon.scheduler.add_job(print, "date", id="trigger:g")  # a newer change is due: it retries anyway

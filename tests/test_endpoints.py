@@ -163,6 +163,7 @@ def test_in_process_metrics_reflect_calls(catalog):
     metrics.worker_failed("unified", "memory")
     metrics.worker_failed("unified", "signal")
     metrics.worker_failed("second", "exit code 3 and a long message")
+    metrics.run_not_carried_out("unified")
     with serving(metrics_app(metrics, lambda: None)) as port:
         found = samples(port)
     buckets = series(found, "iteris_merge_duration_seconds_bucket")
@@ -173,6 +174,7 @@ def test_in_process_metrics_reflect_calls(catalog):
     assert series(found, "iteris_merge_duration_seconds_sum") == {("unified",): 20_042.0, ("second",): 0.5}
     assert series(found, "iteris_worker_failures_total") == {
         ("unified", "memory"): 2, ("unified", "signal"): 1, ("second", "other"): 1}
+    assert series(found, "iteris_runs_not_carried_out_total") == {("unified",): 1}
     assert set(series(found, "iteris_webhook_requests_total").values()) == {0}  # all outcomes, from the start
 
 
