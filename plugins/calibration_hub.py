@@ -4,7 +4,10 @@ dataset repo, e.g. ``acme/calibration`` holding ``sentiment.jsonl``.
 Settings (``CalibrationOptions.settings["hub_dataset"]``): ``repo_id``, ``filename``
 (a template, default ``"{name}.jsonl"``; ``{name}`` is the adapter's catalog name),
 ``revision``, ``endpoint``, ``token_file``, ``cache_dir``. A missing file means
-"no data here" (the next source answers); any other failure is an error.
+"no data here" (the next source answers); any other failure is an error. The file is
+downloaded at the commit the listing names, and must be what the listing's hash says
+(:mod:`iteris_daemon.hub_files`; ``huggingface_hub`` checks only sizes): other bytes are
+removed from the cache and the adapter gets an error, so the next run downloads again.
 """
 
 from __future__ import annotations
@@ -44,24 +47,40 @@ class HubDataset:
             settings = HubDatasetSettings.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError.from_validation("calibration hub_dataset", exc) from None
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
+        from iteris_daemon.hub_files import digest_value, file_digest, listed_hash
         from iteris_daemon.sources.hub import unsafe_path
 
         filename = settings.filename.format(name=adapter.name)
         if unsafe_path(filename):
             raise CalibrationError(filename, f"unsafe calibration file name for adapter {adapter.name}")
+        token = plain(hub_token(settings.token_file))
+        where = f"{settings.repo_id}/{filename}"
+        info = hub_retrying(f"dataset_info {settings.repo_id}")(
+            HfApi(endpoint=settings.endpoint, token=token).dataset_info, settings.repo_id, revision=settings.revision,
+            files_metadata=True)
+        sibling = next((s for s in info.siblings or [] if s.rfilename == filename), None)
+        if sibling is None:
+            return None
         try:
-            path = hub_retrying(f"calibration {settings.repo_id}/{filename}")(
-                hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=settings.revision,
-                endpoint=settings.endpoint, token=plain(hub_token(settings.token_file)),
-                cache_dir=settings.cache_dir or cache_dir() / "calibration",
-            )
+            path = Path(hub_retrying(f"calibration {where}")(
+                hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=info.sha,
+                endpoint=settings.endpoint, token=token, cache_dir=settings.cache_dir or cache_dir() / "calibration",
+            ))
         except EntryNotFoundError:
             return None
+        listed = listed_hash(sibling)
+        if listed is not None:
+            found = digest_value(file_digest(path), listed[0])
+            if found != listed[1]:
+                path.resolve().unlink()  # the cached blob, then the snapshot's link to it
+                path.unlink(missing_ok=True)
+                raise CalibrationError(where, f"as downloaded it has {listed[0]} {found[:12]}, where the listing "
+                                              f"says {listed[1][:12]}; removed, downloaded again at the next run")
         data = read_jsonl(path)
-        return CalibrationSet(data.samples, source=f"hf://datasets/{settings.repo_id}/{filename}")
+        return CalibrationSet(data.samples, source=f"hf://datasets/{where}")
 
 
 @hookimpl

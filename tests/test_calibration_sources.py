@@ -50,6 +50,29 @@ def test_hub_dataset_file_per_adapter(bert, tmp_path, monkeypatch):
         assert found.source.endswith("calibration.jsonl")
 
 
+def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_again(bert, tmp_path, monkeypatch):
+    """The file's download is answered with other bytes of the same size, once: the
+    adapter gets an error naming the file and both hashes, the bytes leave the cache,
+    and the next run reads the listed file. Without the check the changed bytes were
+    read as that adapter's calibration data."""
+    base, adapters = bert
+    adapter = load_adapter(adapters[0])
+    content = b'{"text": "hub sample"}\n{"text": "another sample"}\n'
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", {f"{adapter.name}.jsonl": content}, repo_type="dataset")
+        settings = {"hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint,
+                                    "cache_dir": str(tmp_path / "cache")}}
+        options = CalibrationOptions(order=("hub_dataset",), settings=settings)
+        hub.inject(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$", ("corrupt",), times=1)
+        with pytest.raises(CalibrationError, match="as downloaded it has git blob sha1 .* where the listing says"):
+            gather_calibration([adapter], options, True)
+        assert not list((tmp_path / "cache").rglob("blobs/*")) and not list((tmp_path / "cache").rglob("snapshots/*/*"))
+        found = gather_calibration([adapter], options, True)[0]
+        assert [s.text for s in found.samples] == ["hub sample", "another sample"]
+        assert len(hub.requests_matching(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$")) == 2
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_generated_fallback_is_used_and_marked(tiny, tmp_path, capsys, family):
     base, adapters = tiny[family]
