@@ -4,8 +4,9 @@ With ``files_metadata`` the Hub lists each file of a commit with the git blob sh
 what git stores. For a file kept in Git LFS (weights, under the Hub's default
 ``.gitattributes``) git stores a small pointer, so the listing's blob id is the
 pointer's and the content is identified by the LFS sha256 instead. ``huggingface_hub``
-checks a download's size, not its content: the Hub source checks each download here,
-and the Hub publisher compares what it would upload with what a branch holds.
+checks a download's size, not its content: the Hub source and the ``hub_dataset``
+calibration source check each download here, and the Hub publisher compares what it
+would upload with what a branch holds.
 """
 
 from __future__ import annotations
