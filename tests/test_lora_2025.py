@@ -266,10 +266,11 @@ def test_single_adapter(strategy):
         assert _relative(B @ A, expected) < 1e-9, path
 
 
-def test_target_rank_caps_and_reports_the_error():
+@pytest.mark.parametrize("strategy, raw", [("core_space", {"method": "ta"}), ("knots", {"density": 0.5})])
+def test_target_rank_caps_and_reports_the_error(strategy, raw):
     adapters = _adapters(2)
-    exact = _merge("core_space", adapters, method="ta")
-    capped = _merge("core_space", adapters, method="ta", target_rank=3)
+    exact = _merge(strategy, adapters, **raw)
+    capped = _merge(strategy, adapters, target_rank=3, **raw)
     errors = []
     for path, (B, A) in capped.modules.items():
         assert A.shape[0] == 3
