@@ -44,10 +44,10 @@ def setup(tmp_path, made):
     catalog.close()
 
 
-def _source(catalog, watched, base, polling=False) -> LocalFolderSource:
+def _source(catalog, watched, base, polling=False, settle: float = SETTLE) -> LocalFolderSource:
     with catalog.session() as session:
         add_source(session, "team", SourceKind.local, {
-            "paths": [str(watched)], "base_model": str(base), "settle_seconds": SETTLE,
+            "paths": [str(watched)], "base_model": str(base), "settle_seconds": settle,
             "polling": polling, "poll_interval_seconds": 0.2,
         })
     return LocalFolderSource(catalog, "team")
@@ -422,9 +422,11 @@ def test_a_copy_that_keeps_old_mtimes_is_not_examined_half_done(setup):
     calibration still to come) must wait for the folder to settle, not register the half:
     the ctime says the files were written just now. Before the fix the mtimes alone made
     the folder look settled, and it got a revision without its calibration, then another
-    (found as a flaky second revision in tests/test_local_faults.py)."""
+    (found as a flaky second revision in tests/test_local_faults.py). A settle time of
+    5 s: the rescan must come within it of the last write, which 0.5 s did not leave on
+    a loaded machine (the watcher settled the half copy first, 2026-12-05)."""
     catalog, watched, base, (lora, _) = setup
-    source = _source(catalog, watched, base)
+    source = _source(catalog, watched, base, settle=5.0)
     source.start()
     try:
         wait_for(lambda: source._watching(), "the source to watch")
