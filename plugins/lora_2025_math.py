@@ -238,8 +238,8 @@ def merge_cores(
 
 def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``U`` (d_out x k, orthonormal) and each task's aligned components ``S V_i^T``
-    (k x d_in) of the SVD ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]``, without the non-zero
-    singular values' complement.
+    (k x d_in) of the thin SVD ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]``, k its non-zero
+    singular values.
 
     From the factors: ``D_i = U_B K_i A_i`` with ``U_B`` a basis of ``[B_1 .. B_N]`` and
     ``K_i = s_i U_B^T B_i``; ``A_i = R_i^T Q_i^T`` (QR of ``A_i^T``). Then
@@ -289,11 +289,10 @@ def knots_merge(inputs: MergeInputs, params: KnotsParams, progress: Progress) ->
         if params.drop_rate > 0:
             components = [C * (torch.rand(C.shape, generator=generator, dtype=C.dtype) >= params.drop_rate)
                           / (1 - params.drop_rate) for C in components]
-        merged = params.alpha * knots_ties(components, params.density) if U.shape[1] else U.new_zeros(0, 0)
+        merged = params.alpha * knots_ties(components, params.density)  # k x d_in (k = 0: every delta zero)
         # U merged = U M V^T with V from a QR of merged^T: the shape _factors writes and caps.
-        V, R = torch.linalg.qr(merged.T) if U.shape[1] else (U.new_zeros(components[0].shape[1], 0), merged)
-        layer = _Layer(U, V, [])
-        B, A, error = _factors(layer, R.T, params.target_rank)
+        V, R = torch.linalg.qr(merged.T)
+        B, A, error = _factors(_Layer(U, V, []), R.T, params.target_rank)
         modules[path] = (B, A)
         if error > 0:
             errors[path] = error
