@@ -48,6 +48,17 @@ def digest_value(digest: FileDigest, what: str) -> str:
     return digest.sha256 if what == "sha256" else digest.git_sha1
 
 
+def mismatch(sibling: RepoSibling, path: Path) -> str | None:
+    """How the downloaded ``path`` differs from what the listing says, e.g. ``"has sha256
+    1f2e.., where the listing says 9a8b.."``; None when it is the listed file, or the
+    listing carries no hash to check."""
+    listed = listed_hash(sibling)
+    if listed is None:
+        return None
+    found = digest_value(file_digest(path), listed[0])
+    return None if found == listed[1] else f"has {listed[0]} {found[:12]}, where the listing says {listed[1][:12]}"
+
+
 def holds(sibling: RepoSibling, digest: FileDigest) -> bool:
     """Whether the listed file is the one ``digest`` describes (False when the listing has no hash)."""
     listed = listed_hash(sibling)

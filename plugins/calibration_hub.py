@@ -50,7 +50,7 @@ class HubDataset:
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        from iteris_daemon.hub_files import digest_value, file_digest, listed_hash
+        from iteris_daemon.hub_files import mismatch
         from iteris_daemon.sources.hub import unsafe_path
 
         filename = settings.filename.format(name=adapter.name)
@@ -71,14 +71,11 @@ class HubDataset:
             ))
         except EntryNotFoundError:
             return None
-        listed = listed_hash(sibling)
-        if listed is not None:
-            found = digest_value(file_digest(path), listed[0])
-            if found != listed[1]:
-                path.resolve().unlink()  # the cached blob, then the snapshot's link to it
-                path.unlink(missing_ok=True)
-                raise CalibrationError(where, f"as downloaded it has {listed[0]} {found[:12]}, where the listing "
-                                              f"says {listed[1][:12]}; removed, downloaded again at the next run")
+        problem = mismatch(sibling, path)
+        if problem:
+            path.resolve().unlink()  # the cached blob, then the snapshot's link to it
+            path.unlink(missing_ok=True)
+            raise CalibrationError(where, f"as downloaded it {problem}; removed, downloaded again at the next run")
         data = read_jsonl(path)
         return CalibrationSet(data.samples, source=f"hf://datasets/{where}")
 

@@ -41,7 +41,7 @@ from ..catalog import Catalog
 from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, ConfigError
-from ..hub_files import digest_value, file_digest, listed_hash
+from ..hub_files import mismatch
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
@@ -356,13 +356,10 @@ class HubSource:
         size = resolved.stat().st_size  # e.g. already there from a poll under a higher limit
         if size > limit:
             raise AdapterError(where, f"{filename} is {size} bytes, above the limit of {limit}")
-        listed = listed_hash(sibling)
-        if listed is not None:
-            found = digest_value(file_digest(resolved), listed[0])
-            if found != listed[1]:
-                resolved.unlink()
-                raise HubAnswerError(f"{where}: {filename} as downloaded has {listed[0]} {found[:12]}, where the listing "
-                                     f"says {listed[1][:12]}; removed, downloaded again at the next poll")
+        problem = mismatch(sibling, resolved)
+        if problem:
+            resolved.unlink()
+            raise HubAnswerError(f"{where}: {filename} as downloaded {problem}; removed, downloaded again at the next poll")
         return resolved
 
     def _mark_removed(self, seen: set[str], report: ScanReport, only: set[str] | None = None) -> None:
