@@ -215,21 +215,35 @@ def tsv_fraction_core(layer: _Layer, fraction: float | None) -> torch.Tensor:
 # The merge
 
 
-def merge_cores(
-    inputs: MergeInputs, params: _Params, progress: Progress, rule: Callable[[_Layer], torch.Tensor]
+def merge_layers(
+    inputs: MergeInputs, params: _Params, progress: Progress,
+    layer_merge: Callable[[list[LoraModule]], tuple[_Layer, torch.Tensor]],
 ) -> MergedAdapter:
-    """Per layer, over the adapters that adapt it: ``alpha * rule(cores)`` mapped back to LoRA
+    """Per layer, over the adapters that adapt it: ``layer_merge(modules)`` gives the bases
+    and the merged core ``M`` (``Delta = U M V^T``); ``alpha`` times it is written as LoRA
     factors, capped at ``target_rank`` (the cap's relative errors reported)."""
     paths = sorted({p for a in inputs.adapters for p in a.modules})
     modules, errors = {}, {}
     for path in progress(paths, desc="layers", leave=False):
-        layer = _layer([a.modules[path] for a in inputs.adapters if path in a.modules])
-        B, A, error = _factors(layer, params.alpha * rule(layer), params.target_rank)
+        layer, M = layer_merge([a.modules[path] for a in inputs.adapters if path in a.modules])
+        B, A, error = _factors(layer, params.alpha * M, params.target_rank)
         modules[path] = (B, A)
         if error > 0:
             errors[path] = error
     metrics = {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}}
     return MergedAdapter(modules, metrics)
+
+
+def merge_cores(
+    inputs: MergeInputs, params: _Params, progress: Progress, rule: Callable[[_Layer], torch.Tensor]
+) -> MergedAdapter:
+    """Per layer: ``alpha * rule(cores)`` mapped back to LoRA factors (:func:`merge_layers`)."""
+
+    def core(modules: list[LoraModule]) -> tuple[_Layer, torch.Tensor]:
+        layer = _layer(modules)
+        return layer, rule(layer)
+
+    return merge_layers(inputs, params, progress, core)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,19 +296,15 @@ def knots_merge(inputs: MergeInputs, params: KnotsParams, progress: Progress) ->
     drop first when ``drop_rate`` > 0 (masks drawn layer by layer in sorted order, task by
     task, one ``k x d_in`` draw each), capped at ``target_rank``."""
     generator = torch.Generator().manual_seed(params.seed)
-    paths = sorted({p for a in inputs.adapters for p in a.modules})
-    modules, errors = {}, {}
-    for path in progress(paths, desc="layers", leave=False):
-        U, components = knots_components([a.modules[path] for a in inputs.adapters if path in a.modules])
+
+    def aligned(modules: list[LoraModule]) -> tuple[_Layer, torch.Tensor]:
+        U, components = knots_components(modules)
         if params.drop_rate > 0:
             components = [C * (torch.rand(C.shape, generator=generator, dtype=C.dtype) >= params.drop_rate)
                           / (1 - params.drop_rate) for C in components]
-        merged = params.alpha * knots_ties(components, params.density)  # k x d_in (k = 0: every delta zero)
-        # U merged = U M V^T with V from a QR of merged^T: the shape _factors writes and caps.
+        merged = knots_ties(components, params.density)  # k x d_in (k = 0: every delta zero)
+        # U merged = U M V^T with V from a QR of merged^T: the core merge_layers writes and caps.
         V, R = torch.linalg.qr(merged.T)
-        B, A, error = _factors(_Layer(U, V, []), R.T, params.target_rank)
-        modules[path] = (B, A)
-        if error > 0:
-            errors[path] = error
-    metrics = {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}}
-    return MergedAdapter(modules, metrics)
+        return _Layer(U, V, []), R.T
+
+    return merge_layers(inputs, params, progress, aligned)
