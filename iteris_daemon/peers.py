@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from .catalog import Catalog
-from .catalog.models import DaemonPresence, utcnow
+from .catalog.models import DaemonPresence
 from .config import DaemonSettings
 
 FORGET_AFTER = timedelta(days=1)
@@ -60,8 +60,8 @@ class Peers:
 
     def announce(self, settings: dict[str, Any]) -> None:
         """Write (or refresh) this daemon's row; forget daemons not seen for :data:`FORGET_AFTER`."""
-        now = utcnow()
         with self.catalog.session() as session:
+            now = self.catalog.now(session)
             row = session.get(DaemonPresence, self.holder)
             if row is None:
                 session.add(DaemonPresence(holder=self.holder, settings=settings, started_at=now, seen_at=now))
@@ -71,8 +71,8 @@ class Peers:
 
     def others(self, within: float) -> list[Peer]:
         """The other daemons seen in the last ``within`` seconds."""
-        since = utcnow() - timedelta(seconds=within)
         with self.catalog.session(write=False) as session:
+            since = self.catalog.now(session) - timedelta(seconds=within)
             rows = session.scalars(select(DaemonPresence).where(DaemonPresence.holder != self.holder,
                                                                 DaemonPresence.seen_at >= since)
                                    .order_by(DaemonPresence.holder))

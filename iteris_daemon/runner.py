@@ -5,7 +5,8 @@
   catalog (SQLite or PostgreSQL) never merge the same group at once. The claim
   is refreshed while the run lasts and released at the end; a claim whose
   holder died goes stale after ``claim_ttl_seconds`` (at once, when the holder
-  was a process on this host that no longer exists).
+  was a process on this host that no longer exists), on the catalog's clock: hosts
+  whose clocks disagree agree on the server's.
 - **Skip.** The input fingerprint covers the adapters' contents (config, weights,
   calibration file: not their revision names), the calibration data used,
   strategy and parameters; equal to the last published (or refused) run's means
@@ -129,8 +130,8 @@ class Claim:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        now = utcnow()
         with self.catalog.session() as session:
+            now = self.catalog.now(session)  # claims written by other hosts: their times are the catalog's
             current = session.scalar(select(MergeGroup.claimed_by).where(MergeGroup.name == self.group))
             free = [MergeGroup.claimed_by.is_(None), MergeGroup.claimed_by == self.holder,
                     MergeGroup.claimed_at < now - timedelta(seconds=self.ttl)]
@@ -157,7 +158,7 @@ class Claim:
             try:
                 with self.catalog.session() as session:
                     session.execute(update(MergeGroup).where(MergeGroup.name == self.group, MergeGroup.claimed_by == self.holder)
-                                    .values(claimed_at=utcnow()))
+                                    .values(claimed_at=self.catalog.now(session)))
             except Exception:  # the next refresh retries; a stale claim only lets another daemon in
                 log.exception("group %s: refreshing the claim failed", self.group)
 

@@ -41,6 +41,26 @@ def bert(tiny):
 
 
 @pytest.fixture
+def host_clock_ahead(monkeypatch, catalog_url):
+    """The daemon code's clock an hour ahead of the catalog server's, as on a host whose clock
+    drifted; only where the catalog is a server (SQLite's clock is this host's, by design).
+    ``server_time()``: the real time, which the server on this host keeps."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import iteris_daemon.catalog.db as db
+    import iteris_daemon.catalog.models as models
+    import iteris_daemon.runner as runner
+
+    if catalog_url.startswith("sqlite"):
+        pytest.skip("a SQLite catalog's clock is this host's")
+    real = models.utcnow
+    for module in (db, models, runner):
+        monkeypatch.setattr(module, "utcnow", lambda: real() + timedelta(hours=1))
+    return SimpleNamespace(server_time=real)
+
+
+@pytest.fixture
 def hashed(monkeypatch) -> list[Path]:
     """The folders whose files are read for a fingerprint, in order (folder sources)."""
     import iteris_daemon.sources.local as local

@@ -705,6 +705,26 @@ def test_claim_is_refreshed_and_a_stale_one_is_taken_over(claim_catalog):
     assert claim_row(claim_catalog) == (None, None)
 
 
+def test_claims_are_judged_on_the_catalog_servers_clock(claim_catalog, host_clock_ahead):
+    """A daemon whose host clock runs an hour ahead must not take a claim another host holds
+    and refreshes (on its own clock every claim would look an hour old), and a stale claim is
+    still taken over."""
+    with claim_catalog.session() as session:
+        now = claim_catalog.now(session)
+    assert abs(now - host_clock_ahead.server_time()).total_seconds() < 60  # the server's time, not this host's
+    holder = Claim(claim_catalog, GROUP, "elsewhere:4242:aaaaaaaa", ttl=600)
+    assert holder.acquire()
+    assert abs(claim_row(claim_catalog)[1] - now).total_seconds() < 60
+    rival = Claim(claim_catalog, GROUP, "here:1:bbbbbbbb", ttl=600)
+    assert not rival.acquire()
+    with claim_catalog.session() as session:  # the holder stopped refreshing 20 minutes ago
+        session.execute(update(MergeGroup).where(MergeGroup.name == GROUP)
+                        .values(claimed_at=claim_catalog.now(session) - timedelta(minutes=20)))
+    assert rival.acquire()
+    holder._stop.set()
+    rival.release()
+
+
 def test_taking_over_a_claim_fails_the_run_its_holder_left_running(claim_catalog):
     """A daemon on another host died mid-merge: once its claim is stale, the next claim
     takes the group and marks that run failed (no run stays ``running`` for ever)."""

@@ -68,6 +68,19 @@ def test_peers_not_seen_lately_are_ignored_then_forgotten(catalog_url):
         catalog.close()
 
 
+def test_liveness_is_judged_on_the_catalog_servers_clock(catalog_url, host_clock_ahead):
+    """A daemon whose host clock runs an hour ahead still sees a peer that announced a moment
+    ago (on its own clock the peer's row would be an hour old)."""
+    catalog = Catalog(catalog_url)
+    try:
+        Peers(catalog, "host-a:1:x").announce(LOWER_RANK)
+        (peer, _), = Peers(catalog, "host-b:1:x").disagreements(DEFAULTS, within=60)
+        assert peer.holder == "host-a:1:x"
+        assert abs(peer.seen_at - host_clock_ahead.server_time()).total_seconds() < 60
+    finally:
+        catalog.close()
+
+
 def test_differences_name_each_setting():
     assert differences({"limits": {"max_rank": 8, "max_tensors": 1}, "trust_remote_code": []},
                        {"limits": {"max_rank": 8, "max_tensors": 2}, "trust_remote_code": ["x"]},

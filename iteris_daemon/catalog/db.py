@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IterisError
 from ..paths import private_dir, state_dir
+from .models import utcnow
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -33,6 +35,10 @@ SQLITE_CACHE_KIB = 512
 # import and checks were most of a short command's time (``status``); a new migration
 # must update it (tests/test_catalog.py compares it with the migrations' head).
 SCHEMA_HEAD = "0008"
+# How a database server reads its own clock, in UTC without a time zone (as the catalog's
+# columns hold times). Claims and daemon liveness compare times written by different hosts,
+# so they use the server's clock; SQLite runs in this process, its clock is this host's.
+SERVER_CLOCK = {"postgresql": "SELECT clock_timestamp() AT TIME ZONE 'UTC'"}
 
 
 class CatalogError(IterisError):
@@ -250,6 +256,14 @@ class Catalog:
                     f"{self.busy_timeout:g} s); nothing was written, try again once it is released"
                 ) from exc
             raise
+
+    def now(self, session: Session) -> datetime:
+        """The time on the catalog's clock (naive UTC). Daemons on several hosts share a server
+        catalog, and comparing the times one wrote with another's clock would let a clock
+        running ahead take a live claim or call a live daemon gone; the server's clock is the one
+        they all read. SQLite, and a server whose clock this does not know how to read: this host's."""
+        query = SERVER_CLOCK.get(self.engine.url.get_backend_name())
+        return utcnow() if query is None else session.execute(text(query)).scalar_one()
 
     def write_retrying_conflict(self, work: Callable[[Session], None]) -> None:
         """Run ``work`` in a transaction, once more if a unique constraint failed: another
