@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -59,6 +60,21 @@ class CalibrationSet:
 
     def head(self, n: int | None) -> "CalibrationSet":
         return self if n is None else CalibrationSet(self.samples[:n], self.source, self.generated)
+
+    def split(self, fraction: float, rng: random.Random, needed_by: str) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """``(kept, held out)``: a seeded random ``fraction`` of the samples held out, at least one
+        each side (files are often sorted, by label or source, so not simply the last ones).
+        ``needed_by`` names the setting that asked, for the error when there are too few."""
+        n = len(self.samples)
+        if n < 2:
+            raise CalibrationError(self.source, f"{needed_by} needs at least 2 calibration samples, got {n}")
+        held = set(rng.sample(range(n), min(n - 1, max(1, round(fraction * n)))))
+
+        def part(out: bool) -> CalibrationSet:
+            return CalibrationSet(tuple(s for i, s in enumerate(self.samples) if (i in held) == out), self.source,
+                                  self.generated)
+
+        return part(False), part(True)
 
 
 def read_jsonl(path: str | Path) -> CalibrationSet:

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from .calibration import CalibrationSet
-from .errors import CalibrationError
 from .execution import State, Unit, prepare
 from .lora import LoraAdapter
 from .model import BaseModel, Delta, adapter_deltas, factor_deltas, masked_rows
@@ -62,21 +61,6 @@ CHECKS = 10  # held-out measurements per block, evenly spaced over its steps
 PATIENCE = 3  # checks without a better held-out objective before a block stops
 
 
-def split_holdout(data: CalibrationSet, fraction: float, rng: random.Random) -> tuple[CalibrationSet, CalibrationSet]:
-    """``(steps, held out)``: a seeded random ``fraction`` of the samples held out, at least one
-    each side (files are often sorted, by label or source, so not simply the last ones)."""
-    n = len(data.samples)
-    if n < 2:
-        raise CalibrationError(data.source, f"refine_holdout needs at least 2 calibration samples, got {n}")
-    held = set(rng.sample(range(n), min(n - 1, max(1, round(fraction * n)))))
-
-    def part(out: bool) -> CalibrationSet:
-        return CalibrationSet(tuple(s for i, s in enumerate(data.samples) if (i in held) == out), data.source,
-                              data.generated)
-
-    return part(False), part(True)
-
-
 def block_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||out - target||^2, ||target||^2)`` over the tokens that are not padding."""
     diff, ref = (masked_rows(x, mask, torch.float32) for x in (out - target, target))
@@ -98,7 +82,8 @@ class _Refinement:
         self.rng = random.Random(options.seed)
         # Per task: the batches that take steps, then those held out (none with holdout 0);
         # the streams keep that order, so ``self.steps[i]`` counts task i's stepping batches.
-        splits = [split_holdout(c, options.holdout, self.rng) if options.holdout else (c, None) for c in calibration]
+        splits = [c.split(options.holdout, self.rng, "refine_holdout") if options.holdout else (c, None)
+                  for c in calibration]
         batches = [[base.batches(part, options.batch_size, options.max_length) for part in split if part is not None]
                    for split in splits]
         self.steps = [len(parts[0]) for parts in batches]

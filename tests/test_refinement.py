@@ -14,7 +14,7 @@ from builders import apply_by_hand
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
-from iteris_daemon.refinement import PATIENCE, split_holdout
+from iteris_daemon.refinement import PATIENCE
 
 
 def _merge(base_dir, adapter_dirs, out, **params):
@@ -149,7 +149,7 @@ def test_held_out_samples_choose_each_blocks_iterate(tiny, tmp_path):
     solved = _merge(base_dir, adapter_dirs, tmp_path / "solved")
     refined = _merge(base_dir, adapter_dirs, tmp_path / "refined", refine_steps=20, refine_holdout=0.25)
     rng = random.Random(0)  # the refinement's seed; tasks draw their held-out samples in order
-    held = [[s.text for s in split_holdout(read_jsonl(d / "calibration.jsonl"), 0.25, rng)[1].samples]
+    held = [[s.text for s in read_jsonl(d / "calibration.jsonl").split(0.25, rng, "refine_holdout")[1].samples]
             for d in adapter_dirs]
     assert {len(h) for h in held} == {3}  # of 12 samples each
     names = [load_adapter(d).name for d in adapter_dirs]
