@@ -135,6 +135,31 @@ def gather_calibration(
     return found
 
 
+def calibration_for(adapters: list[LoraAdapter], specs: list[AdapterSpec], options: CalibrationOptions | None,
+                    base_model: str, required: bool) -> list[CalibrationSet | None]:
+    """Each adapter's calibration set: its spec's file first, then the sources in ``options.order``."""
+    options = options or CalibrationOptions()
+    options.files = {**options.files, **{a.name: s.calibration for a, s in zip(adapters, specs) if s.calibration}}
+    options.base_model = options.base_model or base_model
+    return gather_calibration(adapters, options, required=required)
+
+
+def load_base(name: str, adapters: list[LoraAdapter], device: str, dtype: str, trust_remote_code: bool,
+              offload: str) -> BaseModel:
+    """The base model, with every adapter checked against its layers' shapes."""
+    log.info("loading base model %s", name)
+    base = BaseModel(name, adapters, device, dtype, trust_remote_code, offload=offload)
+    for adapter in adapters:
+        base.check_adapter(adapter)
+    return base
+
+
+def check_finite(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for path, (B, A) in modules.items():
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
+
+
 def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tensor]:
     """Resolve ``modules_to_save`` (heads, embeddings) across adapters.
 
@@ -238,21 +263,16 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     if request.calibration_sets is not None:
         calibration = list(request.calibration_sets)
     else:
-        options = request.calibration or CalibrationOptions()
-        options.files = {**options.files, **{a.name: s.calibration for a, s in zip(adapters, request.adapters) if s.calibration}}
-        options.base_model = options.base_model or request.base_model
-        calibration = gather_calibration(adapters, options, required=strategy.needs_calibration)
+        calibration = calibration_for(adapters, request.adapters, request.calibration, request.base_model,
+                                      required=strategy.needs_calibration)
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.
     samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples
     calibration = [c.head(samples) if c is not None else None for c in calibration]
     head = merged_head(adapters, request.modules_to_save_rule)
 
-    log.info("loading base model %s", request.base_model)
-    base = BaseModel(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
-                     offload=request.offload)
-    for adapter in adapters:
-        base.check_adapter(adapter)
+    base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
+                     request.offload)
 
     log.info("merging %d adapters with %s", len(adapters), strategy.name)
     rss_before = memory.current_rss_mb()
@@ -265,10 +285,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     device_peak = memory.device_peak_mb(base.device)
     output_dtype = DTYPES[request.output_dtype] if request.output_dtype else adapters[0].dtype
 
+    check_finite(result.modules)
     modules, ranks, truncation = {}, {}, {}
     for path, (B, A) in result.modules.items():
-        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-            raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
         d_out, d_in = B.shape[0], A.shape[1]
         if A.shape[0] > min(d_out, d_in):  # the same delta fits in a smaller rank, exactly
             B, A, truncation[path] = refactor(B, A, min(d_out, d_in))

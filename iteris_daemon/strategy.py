@@ -3,6 +3,7 @@ through the ``register_strategies`` hook (see :mod:`iteris_daemon.hookspecs`).""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
@@ -54,6 +55,17 @@ class MergeStrategy(Protocol):
     needs_calibration: ClassVar[bool] | bool
 
     def merge(self, inputs: MergeInputs, params: StrategyParams, progress: Progress) -> MergedAdapter: ...
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value); VALUE is JSON when it parses (3, 0.1, true, [1,2]), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParameterError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
 
 
 def parse_params(strategy: MergeStrategy, raw: dict[str, Any]) -> StrategyParams:

@@ -1,4 +1,5 @@
-"""``iteris-daemon merge`` (one merge, no daemon) and ``iteris-daemon plugins``."""
+"""``iteris-daemon merge`` (one merge, no daemon), ``compare`` (several strategies on the same
+adapters) and ``plugins``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ The merged adapter is a standard PEFT LoRA folder (load it with PeftModel.from_p
 merge_report.json beside it records inputs, parameters, timings and per-task quality."""
 
 
+COMPARE_EPILOG = """\
+examples:
+  iteris-daemon compare --base-model ./minilm --adapter loras/sst2 --adapter loras/news
+  iteris-daemon compare --base-model gpt2 --adapter a --adapter b --strategy iteris --strategy regmean \\
+      --strategy knots:alpha=0.5 --strategy ties:density=0.3 --json comparison.json
+
+Every adapter needs calibration data (as for `merge`). Strategies that read calibration data
+merge from the samples that are not held out; every merge is scored on the held-out ones, on
+identical batches. Fidelity gap: ||y_merged - y_task|| / ||y_base - y_task|| of the model's
+outputs on a task's held-out samples (0: the task's own adapter; 1: no better than the base
+model); lower is better. A strategy that cannot merge the adapters is listed with its error;
+the exit status is 1 only when none could."""
+
+
 def _adapter_spec(value: str):
     from ..merge import AdapterSpec
 
@@ -30,14 +45,13 @@ def _adapter_spec(value: str):
 
 
 def _param(value: str) -> tuple[str, Any]:
-    key, sep, raw = value.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    from ..errors import ParameterError
+    from ..strategy import parse_param
+
     try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError:
-        parsed = raw  # a bare string
-    return key.strip(), parsed
+        return parse_param(value)
+    except ParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(commands) -> None:
@@ -49,15 +63,7 @@ def register(commands) -> None:
         epilog=MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("--base-model", required=True, metavar="PATH_OR_ID", help="base model folder or Hub id")
-    merge.add_argument(
-        "--adapter",
-        required=True,
-        action="append",
-        type=_adapter_spec,
-        metavar="DIR[=CALIBRATION.jsonl]",
-        help="a PEFT LoRA folder (safetensors), optionally with its calibration file; repeat per adapter",
-    )
+    _add_input_arguments(merge)
     merge.add_argument("--strategy", default="iteris", help="merge strategy (default: iteris; see `plugins`)")
     merge.add_argument(
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
@@ -65,32 +71,31 @@ def register(commands) -> None:
     )
     merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output adapter folder")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
-    merge.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="the base model's compute dtype (default: float32)")
     merge.add_argument("--output-dtype", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the merged adapter's weights (default: the input adapters')")
-    merge.add_argument(
-        "--offload", default="auto", choices=["auto", "disk", "cpu", "none"],
-        help="where block weights wait while another block is computed on: disk (read from the safetensors "
-             "files block by block), cpu (CPU memory, blocks visit the device), none (all on the device); "
-             "auto: disk when the checkpoint allows it (default)",
-    )
-    merge.add_argument(
-        "--modules-to-save-rule", default="agree", metavar="RULE",
-        help="adapters with modules_to_save (heads): 'agree' (must be identical, default), 'average', or an adapter name",
-    )
-    merge.add_argument(
-        "--calibration-order", default="files,adapter", metavar="NAMES",
-        help="calibration sources to ask, in order (default: files,adapter; add 'generate' for a data-free "
-             "fallback; see `plugins`)",
-    )
     merge.add_argument("--no-eval", action="store_true", help="skip the per-task alignment loss / fidelity evaluation")
-    merge.add_argument(
-        "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
-    )
-    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(handler=_merge)
+
+    compare = commands.add_parser(
+        "compare",
+        help="merge the same adapters with several strategies and score each on held-out samples",
+        description="Merge the same adapters with several strategies and score every merge, without labels, on "
+                    "calibration samples that no strategy merged from: a seeded fraction of each task's samples "
+                    "is held out. Writes no adapter.",
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input_arguments(compare)
+    compare.add_argument(
+        "--strategy", action="append", default=[], metavar="NAME[:KEY=VALUE...]", dest="strategies",
+        help="a strategy to compare, with parameters after colons (knots:alpha=0.5:density=0.2); repeat; "
+             "default: every strategy `plugins` lists",
+    )
+    compare.add_argument("--holdout", type=float, default=0.2,
+                         help="fraction of each task's calibration samples held out for scoring (default: 0.2)")
+    compare.add_argument("--seed", type=int, default=0, help="which samples are held out (default: 0)")
+    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison here")
+    compare.set_defaults(handler=_compare)
 
     plugins = commands.add_parser(
         "plugins", help="list loaded plugins, strategies and their parameters",
@@ -102,16 +107,72 @@ def register(commands) -> None:
     plugins.set_defaults(handler=_plugins)
 
 
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The base model, the adapters and their calibration data, and where the model runs."""
+    parser.add_argument("--base-model", required=True, metavar="PATH_OR_ID", help="base model folder or Hub id")
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        type=_adapter_spec,
+        metavar="DIR[=CALIBRATION.jsonl]",
+        help="a PEFT LoRA folder (safetensors), optionally with its calibration file; repeat per adapter",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the base model's compute dtype (default: float32)")
+    parser.add_argument(
+        "--offload", default="auto", choices=["auto", "disk", "cpu", "none"],
+        help="where block weights wait while another block is computed on: disk (read from the safetensors "
+             "files block by block), cpu (CPU memory, blocks visit the device), none (all on the device); "
+             "auto: disk when the checkpoint allows it (default)",
+    )
+    parser.add_argument(
+        "--modules-to-save-rule", default="agree", metavar="RULE",
+        help="adapters with modules_to_save (heads): 'agree' (must be identical, default), 'average', or an adapter name",
+    )
+    parser.add_argument(
+        "--calibration-order", default="files,adapter", metavar="NAMES",
+        help="calibration sources to ask, in order (default: files,adapter; add 'generate' for a data-free "
+             "fallback; see `plugins`)",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _calibration_options(args):
+    from ..calibration import CalibrationOptions
+
+    return CalibrationOptions(order=tuple(name.strip() for name in args.calibration_order.split(",") if name.strip()))
+
+
+def _compare(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from ..compare import CompareRequest, render, run_compare
+
+    hf_logging.disable_progress_bar()
+    report = run_compare(CompareRequest(
+        base_model=args.base_model, adapters=args.adapter, strategies=args.strategies, holdout=args.holdout,
+        seed=args.seed, device=args.device, dtype=args.dtype, offload=args.offload,
+        trust_remote_code=args.trust_remote_code, modules_to_save_rule=args.modules_to_save_rule,
+        calibration=_calibration_options(args), quiet=args.quiet,
+    ))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    return 0 if any("error" not in row for row in report["strategies"]) else 1
+
+
 def _merge(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..merge import MergeRequest, run_merge
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening
-    from ..calibration import CalibrationOptions
-
     params = dict(args.param)
-    order = tuple(name.strip() for name in args.calibration_order.split(",") if name.strip())
     report = run_merge(
         MergeRequest(
             base_model=args.base_model,
@@ -128,7 +189,7 @@ def _merge(args) -> int:
             overwrite=args.overwrite,
             evaluate=not args.no_eval,
             quiet=args.quiet,
-            calibration=CalibrationOptions(order=order),
+            calibration=_calibration_options(args),
         )
     )
     print(summarize(report, args.out))

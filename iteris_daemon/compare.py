@@ -1,0 +1,146 @@
+"""Several strategies on the same adapters, scored on calibration samples none of them merged from.
+
+A merge report's per-task figures are measured on the samples the merge used, and a
+strategy that reads calibration data (IterIS, RegMean) fits those samples, so comparing
+reports favours it. ``compare`` holds out a seeded fraction of each task's samples, lets
+every strategy merge from the rest, and scores every merge on the held-out samples with the
+label-free figures of :mod:`iteris_daemon.evaluation` (fidelity gap: 0 behaves like the
+task's own adapter, 1 no better than the base model), all on identical batches. The base
+model is loaded once; a strategy that cannot merge these adapters gets its error in its
+row and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationOptions
+from .errors import IterisError, ParameterError
+from .evaluation import evaluate
+from .merge import AdapterSpec, calibration_for, check_finite, load_adapters, load_base, merged_head
+from .plugin_manager import get_strategy, strategies
+from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Contender:
+    """One strategy with its parameters, named as the user wrote it (``knots:alpha=0.5``)."""
+
+    label: str
+    strategy: MergeStrategy
+    params: StrategyParams
+
+
+def parse_contender(spec: str) -> Contender:
+    """``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]``, checked against the strategy's parameters."""
+    name, *assignments = spec.split(":")
+    strategy = get_strategy(name.strip())
+    if any(not a.strip() for a in assignments):
+        raise ParameterError(f"strategy {spec!r}: expected NAME:KEY=VALUE[:KEY=VALUE...]")
+    return Contender(spec, strategy, parse_params(strategy, dict(parse_param(a) for a in assignments)))
+
+
+@dataclass
+class CompareRequest:
+    base_model: str
+    adapters: list[AdapterSpec]
+    strategies: list[str] = field(default_factory=list)  # contender specs; empty: every registered strategy
+    holdout: float = 0.2  # fraction of each task's calibration samples held out for scoring
+    seed: int = 0  # which samples are held out
+    device: str = "cpu"
+    dtype: str = "float32"
+    offload: str = "auto"
+    trust_remote_code: bool = False
+    modules_to_save_rule: str = "agree"
+    calibration: CalibrationOptions | None = None
+    batch_size: int = 16  # scoring batches, the same for every strategy
+    max_length: int = 128
+    quiet: bool = False
+
+
+def run_compare(request: CompareRequest) -> dict[str, Any]:
+    """Merge with each contender, score each on the held-out samples; best mean first."""
+    if not 0 < request.holdout < 1:
+        raise ParameterError(f"holdout must be between 0 and 1 (exclusive), got {request.holdout}")
+    contenders = [parse_contender(spec) for spec in request.strategies or list(strategies())]
+    progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
+    adapters = load_adapters(request.adapters)
+    calibration = calibration_for(adapters, request.adapters, request.calibration, request.base_model, required=True)
+    rng = random.Random(request.seed)
+    kept, held = zip(*(data.split(request.holdout, rng, "holdout") for data in calibration))
+    head = merged_head(adapters, request.modules_to_save_rule)
+    base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
+                     request.offload)
+    rows = []
+    for number, contender in enumerate(contenders, start=1):
+        log.info("merging with %s (%d of %d)", contender.label, number, len(contenders))
+        samples = getattr(contender.params, "samples_per_task", None) if contender.strategy.needs_calibration else None
+        inputs = MergeInputs(base, adapters, [data.head(samples) for data in kept], request.device, head)
+        try:
+            started = time.perf_counter()
+            result = contender.strategy.merge(inputs, contender.params, progress)
+            seconds = time.perf_counter() - started
+            check_finite(result.modules)
+            tasks = evaluate(base, adapters, list(held), result.modules, head, request.batch_size,
+                             request.max_length, progress)
+        except IterisError as exc:  # these adapters are not for this strategy: say why, score the others
+            log.warning("%s: %s", contender.label, exc)
+            rows.append({"strategy": contender.label, "error": str(exc)})
+            continue
+        rows.append(_row(contender.label, seconds, tasks))
+    rows.sort(key=lambda row: (row.get("error") is not None, row.get("mean_fidelity_gap", 0.0)))
+    return {
+        "base_model": request.base_model,
+        "holdout": request.holdout,
+        "seed": request.seed,
+        "tasks": [{"name": a.name, "calibration": data.source, "merged_from": len(k.samples),
+                   "held_out": [sample.text for sample in h.samples]}
+                  for a, data, k, h in zip(adapters, calibration, kept, held)],
+        "strategies": rows,
+    }
+
+
+def _row(label: str, seconds: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
+    worst = max(gaps, key=gaps.get)
+    return {
+        "strategy": label,
+        "mean_fidelity_gap": sum(gaps.values()) / len(gaps),
+        "worst_task": worst,
+        "worst_fidelity_gap": gaps[worst],
+        "merge_seconds": round(seconds, 3),
+        "tasks": {name: {"fidelity_gap": figures["fidelity_gap"], "alignment_loss": figures["alignment_loss"]}
+                  for name, figures in tasks.items()},
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The comparison as a table, best mean fidelity gap first."""
+    names = [task["name"] for task in report["tasks"]]
+    counts = {(len(t["held_out"]), t["merged_from"]) for t in report["tasks"]}
+    held = ", ".join(f"{h} of {h + m}" for h, m in sorted(counts))
+    lines = [f"fidelity gap on held-out calibration samples ({held} per task, seed {report['seed']}): "
+             "0 = the task's own adapter, 1 = no better than the base model"]
+    label_width = max(8, *(len(row["strategy"]) for row in report["strategies"]))
+    worst_width = max(10, *(len(n) + 9 for n in names))
+    widths = [max(7, len(n)) for n in names]
+    lines.append(f"{'strategy':{label_width}}  {'mean':>7}  {'worst task':{worst_width}}  {'merge s':>8}  "
+                 + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
+    for row in report["strategies"]:
+        if "error" in row:
+            lines.append(f"{row['strategy']:{label_width}}  failed: {row['error']}")
+            continue
+        worst = f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})"
+        lines.append(f"{row['strategy']:{label_width}}  {row['mean_fidelity_gap']:>7.4f}  {worst:{worst_width}}  "
+                     f"{row['merge_seconds']:>8.2f}  "
+                     + "  ".join(f"{row['tasks'][n]['fidelity_gap']:>{w}.4f}" for n, w in zip(names, widths)))
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""``iteris-daemon compare``: several strategies on the same adapters, each scored on held-out
+calibration samples. The figures are checked against plain ``transformers`` models with the
+weights written in by hand (no PEFT, none of the engine), on the held-out texts the report
+names, for merges made by ``iteris-daemon merge`` from the other samples only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from builders import apply_by_hand, cli_merge, tokenizer
+from iteris_daemon.calibration import read_jsonl
+from iteris_daemon.cli import main
+from iteris_daemon.lora import load_adapter
+
+CONTENDERS = {  # label: (strategy, --param values for `merge`)
+    "iteris": ("iteris", []),
+    "task_arithmetic": ("task_arithmetic", []),
+    "knots:alpha=0.5:density=0.5": ("knots", ["alpha=0.5", "density=0.5"]),
+}
+
+
+def _compare(base_dir, adapters, *extra) -> int:
+    args = ["compare", "--base-model", str(base_dir), "-q"]
+    for adapter in adapters:
+        args += ["--adapter", str(adapter)]
+    return main([*args, *extra])
+
+
+def _gap_by_hand(base_dir, adapter_dir, merged_dir, texts: list[str]) -> float:
+    """sqrt(sum ||y_merged - y_task||^2 / sum ||y_base - y_task||^2) of the last hidden states,
+    one text at a time (no padding)."""
+    tok = tokenizer()
+    base = AutoModel.from_pretrained(base_dir).eval()
+    own = apply_by_hand(AutoModel.from_pretrained(base_dir), adapter_dir).eval()
+    merged = apply_by_hand(AutoModel.from_pretrained(base_dir), merged_dir).eval()
+    num = den = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, return_tensors="pt")
+            want = own(**ids)[0].double()
+            num += float((merged(**ids)[0].double() - want).pow(2).sum())
+            den += float((base(**ids)[0].double() - want).pow(2).sum())
+    return math.sqrt(num / den)
+
+
+def test_each_strategy_is_scored_on_samples_it_did_not_merge_from(tiny, tmp_path, capsys):
+    base_dir, adapter_dirs = tiny["bert"]
+    specs = [arg for label in CONTENDERS for arg in ("--strategy", label)]
+    assert _compare(base_dir, adapter_dirs, *specs, "--json", str(tmp_path / "c.json")) == 0
+    table = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    rows = {row["strategy"]: row for row in report["strategies"]}
+    assert set(rows) == set(CONTENDERS)
+    means = [row["mean_fidelity_gap"] for row in report["strategies"]]
+    assert means == sorted(means)  # best first, in the table too
+    assert [line.split()[0] for line in table.splitlines()[2:]] == [row["strategy"] for row in report["strategies"]]
+
+    names = [load_adapter(d).name for d in adapter_dirs]
+    kept_files, held = [], []
+    for k, (adapter_dir, task) in enumerate(zip(adapter_dirs, report["tasks"])):
+        samples = [s.text for s in read_jsonl(adapter_dir / "calibration.jsonl").samples]
+        held_out = task["held_out"]
+        assert task["name"] == names[k] and len(held_out) == round(0.2 * len(samples)) == 2
+        assert set(held_out) <= set(samples) and task["merged_from"] == len(samples) - 2
+        kept = [s for s in samples if s not in held_out]
+        kept_files.append(tmp_path / f"kept-{k}.jsonl")
+        kept_files[-1].write_text("".join(json.dumps({"text": s}) + "\n" for s in kept))
+        held.append(held_out)
+
+    for label, (strategy, params) in CONTENDERS.items():
+        out = tmp_path / strategy
+        extra = ["--strategy", strategy, *[arg for p in params for arg in ("--param", p)]]
+        assert cli_merge(base_dir, [f"{d}={f}" for d, f in zip(adapter_dirs, kept_files)], out, *extra) == 0
+        row = rows[label]
+        for k, (name, adapter_dir) in enumerate(zip(names, adapter_dirs)):
+            want = _gap_by_hand(base_dir, adapter_dir, out, held[k])
+            assert row["tasks"][name]["fidelity_gap"] == pytest.approx(want, rel=1e-3), (label, name)
+        gaps = {name: row["tasks"][name]["fidelity_gap"] for name in names}
+        assert row["mean_fidelity_gap"] == pytest.approx(sum(gaps.values()) / len(gaps))
+        assert row["worst_fidelity_gap"] == max(gaps.values()) and gaps[row["worst_task"]] == max(gaps.values())
+
+
+def test_a_strategy_that_cannot_merge_is_listed_with_its_error(tiny, capsys):
+    base_dir, adapter_dirs = tiny["bert"]
+    failing = "iteris:task_weights=[1]"  # one weight for three adapters: refused when the merge starts
+    assert _compare(base_dir, adapter_dirs, "--strategy", failing, "--strategy", "ties") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[0] == "ties"
+    assert table[3] == f"{failing}  failed: task_weights has 1 entries for 3 adapters"
+    assert _compare(base_dir, adapter_dirs, "--strategy", failing) == 1  # none could merge
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "nope"], "unknown strategy 'nope'; available: "),
+    (["--strategy", "knots:bogus=1"], "strategy 'knots': bogus: Extra inputs are not permitted"),
+    (["--strategy", "knots:"], "strategy 'knots:': expected NAME:KEY=VALUE"),
+    (["--strategy", "ties:density=2"], "strategy 'ties': density: "),
+    (["--holdout", "1"], "holdout must be between 0 and 1 (exclusive), got 1.0"),
+])
+def test_bad_requests_are_refused_before_the_model_loads(tiny, tmp_path, capsys, extra, message):
+    base_dir, adapter_dirs = tiny["bert"]
+    assert _compare(tmp_path / "no-model-here", adapter_dirs, *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_task_with_one_calibration_sample_cannot_hold_one_out(tiny, tmp_path, capsys):
+    base_dir, adapter_dirs = tiny["bert"]
+    single = tmp_path / "one.jsonl"
+    single.write_text('{"text": "only one sample"}\n')
+    assert _compare(base_dir, [f"{adapter_dirs[0]}={single}", adapter_dirs[1]]) == 2
+    err = capsys.readouterr().err
+    assert "holdout needs at least 2 calibration samples, got 1" in err and str(single) in err
