@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Literal
 
 from pydantic import Field
@@ -52,7 +53,9 @@ class PeftCombination:
             raise ParameterError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
         # PEFT rewrites the modules it wraps, so it works on a private copy of the model.
         inputs.base.make_resident()
-        model = PeftModel.from_pretrained(copy.deepcopy(inputs.base.model), str(adapters[0].path), adapter_name="t0")
+        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; nothing for a user to do
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PeftModel.from_pretrained(copy.deepcopy(inputs.base.model), str(adapters[0].path), adapter_name="t0")
         for index, adapter in enumerate(adapters[1:], start=1):
             model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
         names = [f"t{i}" for i in range(len(adapters))]
