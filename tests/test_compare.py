@@ -115,3 +115,18 @@ def test_a_task_with_one_calibration_sample_cannot_hold_one_out(tiny, tmp_path, 
     assert _compare(base_dir, [f"{adapter_dirs[0]}={single}", adapter_dirs[1]]) == 2
     err = capsys.readouterr().err
     assert "holdout needs at least 2 calibration samples, got 1" in err and str(single) in err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_one_adapter_is_its_own_merge_in_every_family(tiny, tmp_path, family):
+    """With one adapter, task arithmetic and IterIS return that adapter exactly, so both score
+    a fidelity gap of 0 on its held-out samples; the adapter at half strength (its parameter
+    reaches the merge) is neither the adapter nor further from it than the base model."""
+    base_dir, adapter_dirs = tiny[family]
+    out = tmp_path / "c.json"
+    assert _compare(base_dir, adapter_dirs[:1], "--strategy", "task_arithmetic", "--strategy", "iteris",
+                    "--strategy", "task_arithmetic:scale=0.5", "--json", str(out)) == 0
+    rows = {row["strategy"]: row for row in json.loads(out.read_text())["strategies"]}
+    assert rows["task_arithmetic"]["mean_fidelity_gap"] == pytest.approx(0.0, abs=1e-5)
+    assert rows["iteris"]["mean_fidelity_gap"] == pytest.approx(0.0, abs=1e-4)
+    assert 0.05 < rows["task_arithmetic:scale=0.5"]["mean_fidelity_gap"] < 1
