@@ -112,15 +112,20 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
 def _row(label: str, seconds: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
     gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
     worst = max(gaps, key=gaps.get)
-    return {
+    row = {
         "strategy": label,
         "mean_fidelity_gap": sum(gaps.values()) / len(gaps),
         "worst_task": worst,
         "worst_fidelity_gap": gaps[worst],
         "merge_seconds": round(seconds, 3),
-        "tasks": {name: {"fidelity_gap": figures["fidelity_gap"], "alignment_loss": figures["alignment_loss"]}
+        "tasks": {name: {key: figures[key] for key in ("fidelity_gap", "alignment_loss", "next_token_loss")
+                         if key in figures}
                   for name, figures in tasks.items()},
     }
+    losses = [figures["next_token_loss"] for figures in tasks.values() if "next_token_loss" in figures]
+    if len(losses) == len(tasks):  # a language model: what the merge adds to each task's loss, on average
+        row["mean_added_loss"] = sum(loss["merged"] - loss["task"] for loss in losses) / len(losses)
+    return row
 
 
 def render(report: dict[str, Any]) -> str:
@@ -130,17 +135,22 @@ def render(report: dict[str, Any]) -> str:
     held = ", ".join(f"{h} of {h + m}" for h, m in sorted(counts))
     lines = [f"fidelity gap on held-out calibration samples ({held} per task, seed {report['seed']}): "
              "0 = the task's own adapter, 1 = no better than the base model"]
+    scored = [row for row in report["strategies"] if "error" not in row]
+    added = bool(scored) and all("mean_added_loss" in row for row in scored)
+    if added:
+        lines[0] += ("; +loss: the merge's next-token loss minus the task adapter's, nats per token, "
+                     "mean over tasks")
     label_width = max(8, *(len(row["strategy"]) for row in report["strategies"]))
     worst_width = max(10, *(len(n) + 9 for n in names))
     widths = [max(7, len(n)) for n in names]
     lines.append(f"{'strategy':{label_width}}  {'mean':>7}  {'worst task':{worst_width}}  {'merge s':>8}  "
-                 + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
+                 + (f"{'+loss':>7}  " if added else "") + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for row in report["strategies"]:
         if "error" in row:
             lines.append(f"{row['strategy']:{label_width}}  failed: {row['error']}")
             continue
         worst = f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})"
         lines.append(f"{row['strategy']:{label_width}}  {row['mean_fidelity_gap']:>7.4f}  {worst:{worst_width}}  "
-                     f"{row['merge_seconds']:>8.2f}  "
+                     f"{row['merge_seconds']:>8.2f}  " + (f"{row['mean_added_loss']:>7.4f}  " if added else "")
                      + "  ".join(f"{row['tasks'][n]['fidelity_gap']:>{w}.4f}" for n, w in zip(names, widths)))
     return "\n".join(lines)

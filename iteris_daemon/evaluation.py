@@ -4,7 +4,12 @@
   the IterIS objective (unweighted, unregularised) of the merge D on task i's data;
 - *fidelity gap*: ``||y_merged - y_i|| / ||y_i - y_base||`` of the model's final
   outputs on task i's calibration inputs (0: behaves like the task's own adapter,
-  1: no better than the base model).
+  1: no better than the base model);
+- *next-token loss*, for language models that generate (causal or encoder-decoder): the
+  mean cross-entropy, in nats per token, of each real token of a sample given those before
+  it (for an encoder-decoder, the target's tokens that the teacher-forced decoder reads:
+  all but the last), under the base model, the task's own adapter and the merge: what a
+  merge costs a task in the terms its adapter was trained in.
 
 Given a *reference* (the merge published before), its fidelity gap is measured
 on the same batches too (``reference_fidelity_gap``): the daemon's quality gate
@@ -60,7 +65,8 @@ def evaluate(
     batches = [base.batches(data, batch_size, max_length) for data in calibration]
     executor, starts = prepare(base, paths, batches, blockwise)
     states = [{name: list(start) for name in [*streams, "task"]} for start in starts]
-    sums = [{"num": 0.0, "den": 0.0, "gap_num": 0.0, "gap_den": 0.0, "reference_num": 0.0} for _ in adapters]
+    sums = [{"num": 0.0, "den": 0.0, "gap_num": 0.0, "gap_den": 0.0, "reference_num": 0.0, "tokens": 0,
+             "loss": {name: 0.0 for name in ["task", *streams]}} for _ in adapters]
     by_layer: list[dict[str, float]] = [{} for _ in adapters]  # where a task's alignment loss sits
     bar = progress(total=len(executor.units) * sum(len(b) for b in batches), desc="evaluate", leave=False)
     base.attach(paths)
@@ -121,11 +127,14 @@ def evaluate(
         }
         if reference is not None:
             results[adapter.name]["reference_fidelity_gap"] = _gap(total["reference_num"], total["gap_den"])
+        if total["tokens"]:
+            results[adapter.name]["next_token_loss"] = {name: loss / total["tokens"] for name, loss in total["loss"].items()}
     return results
 
 
 def _output_gaps(base: BaseModel, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], sums: dict) -> None:
-    """Add one batch's final-output distances (merge, base, reference vs task) to ``sums``."""
+    """Add one batch's final-output distances (merge, base, reference vs task) to ``sums``, and
+    for a language model each stream's next-token losses."""
     mask = base.output_mask(batch)
     y_task = outputs["task"].float()
     column = row_mask(y_task, mask.to(y_task.device) if mask is not None else None)
@@ -140,6 +149,22 @@ def _output_gaps(base: BaseModel, batch: dict[str, torch.Tensor], outputs: dict[
     sums["gap_den"] += distance(outputs["base"])
     if "reference" in outputs:
         sums["reference_num"] += distance(outputs["reference"])
+    tokens = base.output_tokens(batch)
+    if tokens is not None:
+        _add_next_token_losses(tokens.to(y_task.device), mask, outputs, sums)
+
+
+def _add_next_token_losses(tokens: torch.Tensor, mask: torch.Tensor | None, outputs: dict[str, torch.Tensor],
+                           sums: dict) -> None:
+    """Add each stream's summed next-token cross-entropy over the batch's real tokens (a row at
+    a time: a row's logits over a large vocabulary are the biggest tensor here)."""
+    targets = tokens[:, 1:]
+    real = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].to(targets.device).bool()
+    sums["tokens"] += int(real.sum())
+    for name, logits in outputs.items():
+        for row in range(tokens.shape[0]):
+            losses = torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
+            sums["loss"][name] += float(losses[real[row]].double().sum())
 
 
 def _gap(num: float, den: float) -> float:

@@ -471,6 +471,14 @@ class BaseModel:
     def output_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch.get("decoder_attention_mask") if self.is_encoder_decoder else batch.get("attention_mask")
 
+    def output_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The token ids whose next token each output position predicts, when the model is a
+        language model that generates (causal or encoder-decoder; not a masked LM, not a
+        classifier); None otherwise."""
+        if not self.model.can_generate():
+            return None
+        return batch.get("decoder_input_ids" if self.is_encoder_decoder else "input_ids")
+
     def forward(self, batch: dict[str, torch.Tensor], grad: bool = False, **extra) -> torch.Tensor:
         """Run one batch (teacher-forced) and return the model's first output (hidden states
         or logits); ``grad``: record the autograd graph (to the installed deltas' factors)."""

@@ -202,11 +202,17 @@ def summarize(report: dict, out: Path) -> str:
         f"({report['iterations_run']} iterations, peak RSS {report['peak_memory_mb']:.0f} MB) -> {out}",
     ]
     if report["tasks"]:
-        lines.append(f"{'task':24} {'alignment loss (first -> last)':>32} {'fidelity gap':>13}")
+        language_model = all("next_token_loss" in figures for figures in report["tasks"].values())
+        lines.append(f"{'task':24} {'alignment loss (first -> last)':>32} {'fidelity gap':>13}"
+                     + (f" {'next-token loss (task -> merge)':>32}" if language_model else ""))
         for name, figures in report["tasks"].items():
             loss = figures["alignment_loss"]
             trend = f"{loss[0]:.4f} -> {loss[-1]:.4f}" if len(loss) > 1 else f"{loss[-1]:.4f}"
-            lines.append(f"{name:24} {trend:>32} {figures['fidelity_gap']:>13.4f}")
+            line = f"{name:24} {trend:>32} {figures['fidelity_gap']:>13.4f}"
+            if language_model:
+                tokens = figures["next_token_loss"]
+                line += f" {tokens['task']:>22.4f} -> {tokens['merged']:.4f}"
+            lines.append(line)
     refinement = report.get("metrics", {}).get("refinement")
     if refinement and refinement.get("blocks"):
         last = refinement["blocks"][-1]
