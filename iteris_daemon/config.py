@@ -227,8 +227,12 @@ class Gates(_Strict):
     max_regression: float | None = Field(
         0.05, ge=0, description="refuse the merge when its mean fidelity gap is worse than the published merge's "
                                 "by more than this, unless forced (None/false: never compare)")
+    max_added_loss: float | None = Field(
+        None, ge=0, description="language models that generate: refuse the merge when a task's next-token loss "
+                                "under it exceeds the task's own adapter's by more than this, in nats per token "
+                                "(None/false, the default: no limit)")
 
-    @field_validator("max_fidelity_gap", "max_regression", mode="before")
+    @field_validator("max_fidelity_gap", "max_regression", "max_added_loss", mode="before")
     @classmethod
     def _false_disables(cls, value: Any) -> Any:
         if value is True:

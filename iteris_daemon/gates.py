@@ -5,7 +5,9 @@ calibration data (see :mod:`iteris_daemon.evaluation`):
 
 1. every figure is finite (non-finite *weights* never get this far: the merge refuses them);
 2. no task's fidelity gap exceeds ``max_fidelity_gap`` (1.0 = no better than the base model);
-3. the mean fidelity gap is not worse than the published merge's, measured on the same
+3. for a language model that generates, no task's next-token loss under the merge exceeds
+   its own adapter's by more than ``max_added_loss`` nats per token (off by default);
+4. the mean fidelity gap is not worse than the published merge's, measured on the same
    batches, by more than ``max_regression``; only this one can be forced.
 """
 
@@ -33,13 +35,20 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
         if broken:
             return Verdict(f"task {name}: {', '.join(broken)} is not finite")
     gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
-    limit = gates.max_fidelity_gap
-    beyond = [] if limit is None else sorted((n for n in gaps if gaps[n] > limit), key=gaps.__getitem__, reverse=True)
-    if beyond:  # every one, worst first: naming only the worst would hide the others
-        named = ", ".join(f"task {name}: fidelity gap {gaps[name]:.3f}" for name in beyond)
-        return Verdict(f"{named} {'exceeds' if len(beyond) == 1 else 'exceed'} max_fidelity_gap {limit} "
-                       "(1.0 means no better than the base model)")
+    refused = _beyond(gaps, gates.max_fidelity_gap, "fidelity gap", "max_fidelity_gap",
+                      "1.0 means no better than the base model")
+    if refused:
+        return Verdict(refused)
     verdict = Verdict()
+    if gates.max_added_loss is not None:
+        added = {name: figures["next_token_loss"]["merged"] - figures["next_token_loss"]["task"]
+                 for name, figures in tasks.items() if "next_token_loss" in figures}
+        refused = _beyond(added, gates.max_added_loss, "added next-token loss", "max_added_loss",
+                          "nats per token over the task's own adapter")
+        if refused:
+            return Verdict(refused)
+        if not added:
+            verdict.notes.append("max_added_loss: not applied (the model is not a language model that generates)")
     references = [figures.get("reference_fidelity_gap") for figures in tasks.values()]
     if gates.max_regression is None:
         return verdict
@@ -57,7 +66,20 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
     return verdict
 
 
+def _beyond(values: dict[str, float], limit: float | None, figure: str, setting: str, meaning: str) -> str | None:
+    """Why the merge is refused when some task's ``figure`` exceeds ``limit``: every such task,
+    worst first (naming only the worst would hide the others); None when none does."""
+    beyond = [] if limit is None else sorted((n for n in values if values[n] > limit), key=values.__getitem__,
+                                             reverse=True)
+    if not beyond:
+        return None
+    named = ", ".join(f"task {name}: {figure} {values[name]:.3f}" for name in beyond)
+    return f"{named} {'exceeds' if len(beyond) == 1 else 'exceed'} {setting} {limit} ({meaning})"
+
+
 def _finite(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return all(_finite(v) for v in value)
     return not isinstance(value, float) or math.isfinite(value)

@@ -69,6 +69,30 @@ def test_judge_names_every_task_beyond_the_fidelity_limit():
     assert refused.startswith("task c: fidelity gap 1.033, task b: fidelity gap 0.500 exceed max_fidelity_gap 0.1")
 
 
+def _with_losses(report: dict, losses: dict[str, tuple[float, float]]) -> dict:
+    for name, (task, merged) in losses.items():
+        report["tasks"][name]["next_token_loss"] = {"base": 9.0, "task": task, "merged": merged}
+    return report
+
+
+def test_judge_refuses_tasks_whose_next_token_loss_the_merge_raises_too_far():
+    report = _with_losses(_report({"a": 0.2, "b": 0.3, "c": 0.3}), {"a": (2.0, 2.1), "b": (1.5, 2.3), "c": (3.0, 3.6)})
+    assert judge(report, Gates()).refused is None  # off by default
+    assert judge(report, Gates(max_added_loss=1.0)).refused is None
+    refused = judge(report, Gates(max_added_loss=0.5), forced=True).refused
+    assert refused == ("task b: added next-token loss 0.800, task c: added next-token loss 0.600 exceed "
+                       "max_added_loss 0.5 (nats per token over the task's own adapter)")
+    plain = judge(_report({"a": 0.2}), Gates(max_added_loss=0.5, max_regression=None))
+    assert plain.refused is None and plain.notes == [
+        "max_added_loss: not applied (the model is not a language model that generates)"]
+    assert Gates.model_validate({"max_added_loss": False}).max_added_loss is None
+
+
+def test_judge_refuses_a_non_finite_next_token_loss():
+    report = _with_losses(_report({"a": 0.2}), {"a": (2.0, math.nan)})
+    assert judge(report, Gates()).refused == "task a: next_token_loss is not finite"
+
+
 def test_judge_refuses_a_regression_unless_forced():
     report = _report({"a": 0.40, "b": 0.40}, {"a": 0.30, "b": 0.30})
     refused = judge(report, Gates(max_regression=0.05)).refused
