@@ -25,6 +25,9 @@ sharing it and survive restarts:
   successful run finished, per destination (``kind:location``) it published to;
 - ``iteris_fidelity_gap{group,task}``: each task's fidelity gap in that run (0: as the
   task's own adapter, 1: no better than the base model);
+- ``iteris_added_next_token_loss{group,task}``: for a language model that generates, what
+  that run's merge adds to each task's next-token loss over the task's own adapter (nats
+  per token);
 - ``iteris_source_up{source}``: 1 when an enabled source's last scan or poll went
   through, else 0 (``iteris-daemon sources list`` shows the error);
 - ``iteris_source_last_poll_timestamp_seconds{source}``: when it was last scanned or
@@ -121,6 +124,11 @@ def _unix(when: datetime) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
+def _number(value: Any) -> bool:
+    """A figure read back from a run's JSON metrics that is a real number (not a bool, not missing)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _catalog_families() -> dict[str, Metric]:
     return {
         "adapters": GaugeMetricFamily("iteris_adapters", "Adapters in the catalog, by source and status.",
@@ -134,6 +142,11 @@ def _catalog_families() -> dict[str, Metric]:
         "fidelity": GaugeMetricFamily(
             "iteris_fidelity_gap",
             "Per task, the fidelity gap of the group's last successful run (0: as the task's adapter, 1: as the base).",
+            labels=["group", "task"]),
+        "added_loss": GaugeMetricFamily(
+            "iteris_added_next_token_loss",
+            "Per task, the next-token loss the group's last successful merge adds over the task's own adapter "
+            "(nats per token; language models that generate).",
             labels=["group", "task"]),
         "source_up": GaugeMetricFamily("iteris_source_up",
                                        "1 when the enabled source's last scan or poll went through, else 0.",
@@ -216,9 +229,13 @@ class CatalogCollector(Collector):
                     families["published"].add_metric([group, destination], _unix(finished_at))
             tasks = figures.get("tasks")
             for task, task_figures in sorted(tasks.items() if isinstance(tasks, dict) else ()):
-                gap = task_figures.get("fidelity_gap") if isinstance(task_figures, dict) else None
-                if isinstance(gap, (int, float)) and not isinstance(gap, bool):
+                task_figures = task_figures if isinstance(task_figures, dict) else {}
+                gap = task_figures.get("fidelity_gap")
+                if _number(gap):
                     families["fidelity"].add_metric([group, task], float(gap))
+                losses = task_figures.get("next_token_loss")
+                if isinstance(losses, dict) and _number(losses.get("merged")) and _number(losses.get("task")):
+                    families["added_loss"].add_metric([group, task], float(losses["merged"] - losses["task"]))
         return list(families.values())
 
 

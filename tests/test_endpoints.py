@@ -112,7 +112,9 @@ def fill(catalog: Catalog) -> None:
         run(unified, "succeeded", PUBLISHED_AT, metrics={
             "published": [{"kind": "folder", "location": "/srv/unified", "version": "3", "changed": True},
                           {"kind": "hub", "location": "acme/unified", "version": "abc123", "changed": False}],
-            "tasks": {"sst2": {"fidelity_gap": 0.125, "alignment_loss": 0.5}, "news": {"fidelity_gap": 0.25},
+            "tasks": {"sst2": {"fidelity_gap": 0.125, "alignment_loss": 0.5,
+                               "next_token_loss": {"base": 3.0, "task": 2.0, "merged": 2.25}},
+                      "news": {"fidelity_gap": 0.25, "next_token_loss": {"task": 2.0}},  # no merged loss: no series
                       "lang": {"alignment_loss": 0.1}},  # no fidelity gap: no series
         })
         run(unified, "skipped", repeats=3)  # three skips in a row, one row
@@ -149,6 +151,7 @@ def test_metrics_equal_what_the_catalog_holds(catalog_url):
     assert series(found, "iteris_last_publish_timestamp_seconds") == {
         ("folder:/srv/unified", "unified"): published, ("hub:acme/unified", "unified"): published}
     assert series(found, "iteris_fidelity_gap") == {("unified", "sst2"): 0.125, ("unified", "news"): 0.25}
+    assert series(found, "iteris_added_next_token_loss") == {("unified", "sst2"): 0.25}
     assert series(found, "iteris_source_up") == {("team",): 1, ("acme",): 0}  # "old" is disabled
     assert series(found, "iteris_source_last_poll_timestamp_seconds") == {
         ("team",): published, ("acme",): EARLIER.replace(tzinfo=timezone.utc).timestamp()}
