@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationOptions
 from .errors import IterisError, ParameterError
 from .evaluation import evaluate
+from .figures import summary
 from .merge import AdapterSpec, calibration_for, check_finite, load_adapters, load_base, merged_head
 from .plugin_manager import get_strategy, strategies
 from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
@@ -110,22 +111,14 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
 
 
 def _row(label: str, seconds: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
-    worst = max(gaps, key=gaps.get)
-    row = {
+    return {
         "strategy": label,
-        "mean_fidelity_gap": sum(gaps.values()) / len(gaps),
-        "worst_task": worst,
-        "worst_fidelity_gap": gaps[worst],
+        **summary(tasks),
         "merge_seconds": round(seconds, 3),
         "tasks": {name: {key: figures[key] for key in ("fidelity_gap", "alignment_loss", "next_token_loss")
                          if key in figures}
                   for name, figures in tasks.items()},
     }
-    losses = [figures["next_token_loss"] for figures in tasks.values() if "next_token_loss" in figures]
-    if len(losses) == len(tasks):  # a language model: what the merge adds to each task's loss, on average
-        row["mean_added_loss"] = sum(loss["merged"] - loss["task"] for loss in losses) / len(losses)
-    return row
 
 
 def render(report: dict[str, Any]) -> str:

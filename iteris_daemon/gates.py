@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Gates
+from .figures import added_losses
 
 
 @dataclass
@@ -41,8 +42,7 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
         return Verdict(refused)
     verdict = Verdict()
     if gates.max_added_loss is not None:
-        added = {name: figures["next_token_loss"]["merged"] - figures["next_token_loss"]["task"]
-                 for name, figures in tasks.items() if "next_token_loss" in figures}
+        added = added_losses(tasks)
         refused = _beyond(added, gates.max_added_loss, "added next-token loss", "max_added_loss",
                           "nats per token over the task's own adapter")
         if refused:

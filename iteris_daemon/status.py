@@ -10,11 +10,17 @@ from sqlalchemy import select
 from .catalog import Catalog
 from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from .catalog.registry import list_current, list_sources
+from .figures import summary
 from .peers import differences
 
 
 def _time(value) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
+
+
+def _tasks(run: MergeRun) -> dict[str, dict[str, Any]]:
+    tasks = (run.metrics or {}).get("tasks")
+    return {n: f for n, f in tasks.items() if isinstance(f, dict)} if isinstance(tasks, dict) else {}
 
 
 def collect(catalog: Catalog) -> dict[str, Any]:
@@ -39,6 +45,8 @@ def collect(catalog: Catalog) -> dict[str, Any]:
                 "next_run_at": _time(group.next_run_at),
                 "merging_now": group.claimed_by,
                 "published": (success.metrics or {}).get("published", []) if success else [],
+                # what the published merge scored on its calibration data (iteris_daemon.figures)
+                "quality": summary(_tasks(success)) if success else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},
             })
         daemons = [{"holder": d.holder, "started_at": _time(d.started_at), "seen_at": _time(d.seen_at),
@@ -65,6 +73,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"    next run: {g['next_run_at'] or '-'}" + (f"; merging now ({g['merging_now']})" if g["merging_now"] else ""))
         for p in g["published"]:
             lines.append(f"    published: {p['kind']} {p['location']} @ {p['version']}")
+        quality = g["quality"]
+        if quality:
+            lines.append(f"    quality: mean fidelity gap {quality['mean_fidelity_gap']:.3f}, worst "
+                         f"{quality['worst_task']} {quality['worst_fidelity_gap']:.3f}"
+                         + (f"; adds {quality['mean_added_loss']:.3f} nats/token to the tasks' next-token loss"
+                            if "mean_added_loss" in quality else ""))
         for name, reason in g["waiting"]["held_back"].items():
             lines.append(f"    waiting: {name}: {reason}")
         if g["waiting"]["not_yet_merged"]:

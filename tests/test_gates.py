@@ -229,3 +229,13 @@ def test_the_reference_is_scored_on_the_same_batches_as_the_merge(setup):
     report = json.loads((setup.published / "current" / "merge_report.json").read_text())
     run_one = next((setup.published / "versions").glob(f"run-{first.run_id}-*")) / "adapter_model.safetensors"
     assert report["reference"]["sha256"] == sha256_file(run_one)
+
+
+def test_figures_summary_of_a_language_models_tasks():
+    from iteris_daemon.figures import summary
+
+    tasks = _with_losses(_report({"a": 0.2, "b": 0.6}), {"a": (2.0, 2.1), "b": (1.5, 1.8)})["tasks"]
+    assert summary(tasks) == pytest.approx({"mean_fidelity_gap": 0.4, "worst_task": "b", "worst_fidelity_gap": 0.6,
+                                            "mean_added_loss": 0.2})
+    assert "mean_added_loss" not in summary(_report({"a": 0.2})["tasks"])
+    assert summary({}) == {}

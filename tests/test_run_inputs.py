@@ -369,3 +369,20 @@ def test_each_definition_of_a_group_is_compared_with_its_own_runs(tmp_path):
     renamed = GroupConfig(name="g", base_model="base", destinations=destinations, select={"names": ["b"]})
     assert runner.groups_behind(catalog, [renamed]) == {}  # no run of this definition yet: its first is due anyway
     catalog.close()
+
+
+def test_status_shows_what_the_published_merge_scored(setup):
+    """``status`` sums up the per-task figures of the group's last successful run, as the
+    published report holds them."""
+    from iteris_daemon.status import collect, render
+
+    group = setup.group(names=("task0", "task1"))
+    assert setup.run(group).status is RunStatus.succeeded
+    tasks = json.loads((setup.published / "current" / "merge_report.json").read_text())["tasks"]
+    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
+    (shown,) = [g for g in collect(setup.catalog)["groups"] if g["name"] == group.name]
+    worst = max(gaps, key=gaps.get)
+    assert shown["quality"] == pytest.approx({"mean_fidelity_gap": sum(gaps.values()) / 2, "worst_task": worst,
+                                              "worst_fidelity_gap": gaps[worst]})
+    assert f"quality: mean fidelity gap {sum(gaps.values()) / 2:.3f}, worst {worst} {gaps[worst]:.3f}" in render(
+        collect(setup.catalog))
