@@ -97,6 +97,10 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
             log.warning("%s: %s", contender.label, exc)
             rows.append({"strategy": contender.label, "error": str(exc)})
             continue
+        except Exception as exc:  # a strategy's own bug (a plugin's, say) must not lose the other rows
+            log.exception("%s failed", contender.label)
+            rows.append({"strategy": contender.label, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         rows.append(_row(contender.label, seconds, tasks))
     rows.sort(key=lambda row: (row.get("error") is not None, row.get("mean_fidelity_gap", 0.0)))
     return {

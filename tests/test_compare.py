@@ -95,6 +95,27 @@ def test_a_strategy_that_cannot_merge_is_listed_with_its_error(tiny, capsys):
     assert _compare(base_dir, adapter_dirs, "--strategy", failing) == 1  # none could merge
 
 
+def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch, capsys):
+    import iteris_daemon.compare as compare
+    from iteris_daemon.plugin_manager import get_strategy
+
+    class Broken:
+        name, description, needs_calibration = "broken", "raises", False
+        Params = get_strategy("ties").Params
+
+        def merge(self, inputs, params, progress):
+            raise RuntimeError("a bug in a plugin")
+
+    monkeypatch.setattr(compare, "get_strategy", lambda name: Broken() if name == "broken" else get_strategy(name))
+    base_dir, adapter_dirs = tiny["bert"]
+    assert _compare(base_dir, adapter_dirs, "--strategy", "broken", "--strategy", "ties") == 0
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    assert table[2].split()[0] == "ties"
+    assert table[3].split(None, 1) == ["broken", "failed: RuntimeError: a bug in a plugin"]
+    assert "Traceback" in captured.err and "broken failed" in captured.err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--strategy", "nope"], "unknown strategy 'nope'; available: "),
     (["--strategy", "knots:bogus=1"], "strategy 'knots': bogus: Extra inputs are not permitted"),
