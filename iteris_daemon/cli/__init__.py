@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import IterisError
 from ..logs import FORMATS, setup_logging
-from . import catalog, daemon, merge
+from . import catalog, compare, daemon, merge
 
 
 def _add_global_options(parser: argparse.ArgumentParser, verbose: Any, log_format: Any) -> None:
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, False, "auto")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     merge.register(commands)
+    compare.register(commands)
     catalog.register(commands)
     daemon.register(commands)
     return parser

@@ -1,5 +1,5 @@
-"""``iteris-daemon merge`` (one merge, no daemon), ``compare`` (several strategies on the same
-adapters) and ``plugins``."""
+"""``iteris-daemon merge`` (one merge, no daemon) and ``iteris-daemon plugins``; the options
+that name a base model and its adapters (``compare`` takes them too)."""
 
 from __future__ import annotations
 
@@ -19,20 +19,6 @@ encoder-decoder models) comes from DIR=FILE when given, else DIR/calibration.jso
 Strategy parameters: `iteris-daemon plugins --params STRATEGY`.
 The merged adapter is a standard PEFT LoRA folder (load it with PeftModel.from_pretrained);
 merge_report.json beside it records inputs, parameters, timings and per-task quality."""
-
-
-COMPARE_EPILOG = """\
-examples:
-  iteris-daemon compare --base-model ./minilm --adapter loras/sst2 --adapter loras/news
-  iteris-daemon compare --base-model gpt2 --adapter a --adapter b --strategy iteris --strategy regmean \\
-      --strategy knots:alpha=0.5 --strategy ties:density=0.3 --json comparison.json
-
-Every adapter needs calibration data (as for `merge`). Strategies that read calibration data
-merge from the samples that are not held out; every merge is scored on the held-out ones, on
-identical batches. Fidelity gap: ||y_merged - y_task|| / ||y_base - y_task|| of the model's
-outputs on a task's held-out samples (0: the task's own adapter; 1: no better than the base
-model); lower is better. A strategy that cannot merge the adapters is listed with its error;
-the exit status is 1 only when none could."""
 
 
 def _adapter_spec(value: str):
@@ -63,7 +49,7 @@ def register(commands) -> None:
         epilog=MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_input_arguments(merge)
+    add_input_arguments(merge)
     merge.add_argument("--strategy", default="iteris", help="merge strategy (default: iteris; see `plugins`)")
     merge.add_argument(
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
@@ -76,27 +62,6 @@ def register(commands) -> None:
     merge.add_argument("--no-eval", action="store_true", help="skip the per-task alignment loss / fidelity evaluation")
     merge.set_defaults(handler=_merge)
 
-    compare = commands.add_parser(
-        "compare",
-        help="merge the same adapters with several strategies and score each on held-out samples",
-        description="Merge the same adapters with several strategies and score every merge, without labels, on "
-                    "calibration samples that no strategy merged from: a seeded fraction of each task's samples "
-                    "is held out. Writes no adapter.",
-        epilog=COMPARE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_input_arguments(compare)
-    compare.add_argument(
-        "--strategy", action="append", default=[], metavar="NAME[:KEY=VALUE...]", dest="strategies",
-        help="a strategy to compare, with parameters after colons (knots:alpha=0.5:density=0.2); repeat; "
-             "default: every strategy `plugins` lists",
-    )
-    compare.add_argument("--holdout", type=float, default=0.2,
-                         help="fraction of each task's calibration samples held out for scoring (default: 0.2)")
-    compare.add_argument("--seed", type=int, default=0, help="which samples are held out (default: 0)")
-    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison here")
-    compare.set_defaults(handler=_compare)
-
     plugins = commands.add_parser(
         "plugins", help="list loaded plugins, strategies and their parameters",
         description="List the loaded plugins and what they provide: merge strategies, calibration sources and "
@@ -107,7 +72,7 @@ def register(commands) -> None:
     plugins.set_defaults(handler=_plugins)
 
 
-def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The base model, the adapters and their calibration data, and where the model runs."""
     parser.add_argument("--base-model", required=True, metavar="PATH_OR_ID", help="base model folder or Hub id")
     parser.add_argument(
@@ -142,28 +107,10 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def _calibration_options(args):
+def calibration_options(args):
     from ..calibration import CalibrationOptions
 
     return CalibrationOptions(order=tuple(name.strip() for name in args.calibration_order.split(",") if name.strip()))
-
-
-def _compare(args) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from ..compare import CompareRequest, render, run_compare
-
-    hf_logging.disable_progress_bar()
-    report = run_compare(CompareRequest(
-        base_model=args.base_model, adapters=args.adapter, strategies=args.strategies, holdout=args.holdout,
-        seed=args.seed, device=args.device, dtype=args.dtype, offload=args.offload,
-        trust_remote_code=args.trust_remote_code, modules_to_save_rule=args.modules_to_save_rule,
-        calibration=_calibration_options(args), quiet=args.quiet,
-    ))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(render(report))
-    return 0 if any("error" not in row for row in report["strategies"]) else 1
 
 
 def _merge(args) -> int:
@@ -189,7 +136,7 @@ def _merge(args) -> int:
             overwrite=args.overwrite,
             evaluate=not args.no_eval,
             quiet=args.quiet,
-            calibration=_calibration_options(args),
+            calibration=calibration_options(args),
         )
     )
     print(summarize(report, args.out))

@@ -1,0 +1,65 @@
+"""``iteris-daemon compare``: several strategies on the same adapters, scored on held-out
+calibration samples (:mod:`iteris_daemon.compare`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .merge import add_input_arguments, calibration_options
+
+COMPARE_EPILOG = """\
+examples:
+  iteris-daemon compare --base-model ./minilm --adapter loras/sst2 --adapter loras/news
+  iteris-daemon compare --base-model gpt2 --adapter a --adapter b --strategy iteris --strategy regmean \\
+      --strategy knots:alpha=0.5 --strategy ties:density=0.3 --json comparison.json
+
+Every adapter needs calibration data (as for `merge`). Strategies that read calibration data
+merge from the samples that are not held out; every merge is scored on the held-out ones, on
+identical batches. Fidelity gap: ||y_merged - y_task|| / ||y_base - y_task|| of the model's
+outputs on a task's held-out samples (0: the task's own adapter; 1: no better than the base
+model); lower is better. For a language model that generates, +loss is what each merge adds
+to the tasks' next-token loss (nats per token). A strategy that cannot merge the adapters,
+or fails, is listed with its error; the exit status is 1 only when none could."""
+
+
+def register(commands) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="merge the same adapters with several strategies and score each on held-out samples",
+        description="Merge the same adapters with several strategies and score every merge, without labels, on "
+                    "calibration samples that no strategy merged from: a seeded fraction of each task's samples "
+                    "is held out. Writes no adapter.",
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_input_arguments(compare)
+    compare.add_argument(
+        "--strategy", action="append", default=[], metavar="NAME[:KEY=VALUE...]", dest="strategies",
+        help="a strategy to compare, with parameters after colons (knots:alpha=0.5:density=0.2); repeat; "
+             "default: every strategy `plugins` lists",
+    )
+    compare.add_argument("--holdout", type=float, default=0.2,
+                         help="fraction of each task's calibration samples held out for scoring (default: 0.2)")
+    compare.add_argument("--seed", type=int, default=0, help="which samples are held out (default: 0)")
+    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison here")
+    compare.set_defaults(handler=_compare)
+
+
+def _compare(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from ..compare import CompareRequest, render, run_compare
+
+    hf_logging.disable_progress_bar()
+    report = run_compare(CompareRequest(
+        base_model=args.base_model, adapters=args.adapter, strategies=args.strategies, holdout=args.holdout,
+        seed=args.seed, device=args.device, dtype=args.dtype, offload=args.offload,
+        trust_remote_code=args.trust_remote_code, modules_to_save_rule=args.modules_to_save_rule,
+        calibration=calibration_options(args), quiet=args.quiet,
+    ))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    return 0 if any("error" not in row for row in report["strategies"]) else 1
