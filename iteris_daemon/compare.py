@@ -17,16 +17,20 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationOptions
-from .errors import IterisError, ParameterError
+from .calibration import CalibrationOptions, CalibrationSet
+from .catalog import Catalog
+from .config import DaemonConfig
+from .errors import ConfigError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary
 from .merge import AdapterSpec, calibration_for, check_finite, load_adapters, load_base, merged_head
 from .plugin_manager import get_strategy, strategies
+from .runner import gather_inputs
 from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ class CompareRequest:
     trust_remote_code: bool = False
     modules_to_save_rule: str = "agree"
     calibration: CalibrationOptions | None = None
+    calibration_sets: list[CalibrationSet] | None = None  # already gathered (a daemon group's, see group_request)
+    contenders: list[Contender] = field(default_factory=list)  # compared first, before ``strategies``
     batch_size: int = 16  # scoring batches, the same for every strategy
     max_length: int = 128
     quiet: bool = False
@@ -72,10 +78,12 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     """Merge with each contender, score each on the held-out samples; best mean first."""
     if not 0 < request.holdout < 1:
         raise ParameterError(f"holdout must be between 0 and 1 (exclusive), got {request.holdout}")
-    contenders = [parse_contender(spec) for spec in request.strategies or list(strategies())]
+    specs = request.strategies or list(strategies())
+    contenders = [*request.contenders, *(parse_contender(spec) for spec in specs)]
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
     adapters = load_adapters(request.adapters)
-    calibration = calibration_for(adapters, request.adapters, request.calibration, request.base_model, required=True)
+    calibration = (list(request.calibration_sets) if request.calibration_sets is not None else
+                   calibration_for(adapters, request.adapters, request.calibration, request.base_model, required=True))
     rng = random.Random(request.seed)
     kept, held = zip(*(data.split(request.holdout, rng, "holdout") for data in calibration))
     head = merged_head(adapters, request.modules_to_save_rule)
@@ -112,6 +120,33 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
                   for a, data, k, h in zip(adapters, calibration, kept, held)],
         "strategies": rows,
     }
+
+
+def group_request(config: DaemonConfig, name: str, into: Path, **options: Any) -> CompareRequest:
+    """A comparison of a daemon group's current inputs: the adapters it would merge now, copied
+    into ``into`` as a run copies them, with the calibration its sources give; the group's own
+    strategy and parameters come first. ``options``: the other :class:`CompareRequest` fields."""
+    group = next((g for g in config.groups if g.name == name), None)
+    if group is None:
+        defined = ", ".join(g.name for g in config.groups) or "none"
+        raise ConfigError(f"no merge group named {name!r} in the config (its groups: {defined})")
+    catalog = Catalog(config.daemon.catalog_url())
+    try:
+        inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
+                               limits=config.daemon.limits.limits())
+    finally:
+        catalog.close()
+    for adapter, reason in inputs.held_back.items():
+        log.warning("group %s: adapter %s left out: %s", group.name, adapter, reason)
+    if not inputs.revisions:
+        raise ConfigError(f"group {group.name}: no adapter with calibration data to compare on (see `status`)")
+    strategy = get_strategy(group.strategy)
+    own = Contender(f"{group.strategy} (group {group.name})", strategy, parse_params(strategy, group.params))
+    adapters = [AdapterSpec(folder, name=adapter.name, origin=revision.files_path)
+                for (adapter, revision), folder in zip(inputs.revisions, inputs.folders)]
+    options.setdefault("trust_remote_code", group.base_model in config.daemon.trust_remote_code)
+    return CompareRequest(base_model=group.base_model, adapters=adapters, calibration_sets=inputs.calibration,
+                          contenders=[own], **options)
 
 
 def _row(label: str, seconds: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from builders import apply_by_hand, cli_merge, tokenizer
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
+from test_gates import Setup
 
 CONTENDERS = {  # label: (strategy, --param values for `merge`)
     "iteris": ("iteris", []),
@@ -151,3 +152,47 @@ def test_one_adapter_is_its_own_merge_in_every_family(tiny, tmp_path, family):
     assert rows["task_arithmetic"]["mean_fidelity_gap"] == pytest.approx(0.0, abs=1e-5)
     assert rows["iteris"]["mean_fidelity_gap"] == pytest.approx(0.0, abs=1e-4)
     assert 0.05 < rows["task_arithmetic:scale=0.5"]["mean_fidelity_gap"] < 1
+
+
+def test_a_daemon_group_is_compared_on_the_inputs_it_would_merge(tiny, tmp_path, capsys):
+    """``--group``: the adapters the group selects from the catalog (here two of three), with
+    their calibration, and the group's own strategy first: the same figures as the same
+    folders and specs given by hand."""
+    base, adapters = tiny["bert"]
+    setup = Setup(tmp_path, base, adapters)  # a catalog whose folder source registered the three adapters
+    setup.catalog.close()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"""
+[daemon]
+database = "sqlite:///{tmp_path / 'catalog.db'}"
+[[groups]]
+name = "unified"
+base_model = "{base}"
+strategy = "task_arithmetic"
+params = {{scale = 0.5}}
+select = {{names = ["{adapters[0].name}", "{adapters[2].name}"]}}
+[[groups.destinations]]
+kind = "folder"
+path = "{tmp_path / 'published'}"
+""")
+    assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--strategy", "ties",
+                 "--json", str(tmp_path / "group.json")]) == 0
+    by_group = json.loads((tmp_path / "group.json").read_text())
+    assert [t["name"] for t in by_group["tasks"]] == [adapters[0].name, adapters[2].name]
+    watched = [tmp_path / "watched" / adapters[i].name for i in (0, 2)]
+    assert _compare(base, watched, "--strategy", "task_arithmetic:scale=0.5", "--strategy", "ties",
+                    "--json", str(tmp_path / "hand.json")) == 0
+    by_hand = {row["strategy"]: row for row in json.loads((tmp_path / "hand.json").read_text())["strategies"]}
+    rows = {row["strategy"]: row for row in by_group["strategies"]}
+    assert set(rows) == {"task_arithmetic (group unified)", "ties"}
+    for label, hand in (("task_arithmetic (group unified)", "task_arithmetic:scale=0.5"), ("ties", "ties")):
+        for task, figures in by_hand[hand]["tasks"].items():
+            assert rows[label]["tasks"][task] == pytest.approx(figures, rel=1e-6), (label, task)
+
+    capsys.readouterr()
+    assert main(["compare", "--group", "nope", "--config", str(config)]) == 2
+    assert "no merge group named 'nope' in the config (its groups: unified)" in capsys.readouterr().err
+    assert main(["compare", "--group", "unified"]) == 2
+    assert "give --config, not --base-model or --adapter" in capsys.readouterr().err
+    assert main(["compare", "--strategy", "ties"]) == 2
+    assert "give --base-model and --adapter, or --group with --config" in capsys.readouterr().err

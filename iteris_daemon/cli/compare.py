@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from .merge import add_input_arguments, calibration_options
@@ -12,6 +13,7 @@ from .merge import add_input_arguments, calibration_options
 COMPARE_EPILOG = """\
 examples:
   iteris-daemon compare --base-model ./minilm --adapter loras/sst2 --adapter loras/news
+  iteris-daemon compare --group unified --config /etc/iteris-daemon/config.toml --strategy ties --strategy knots
   iteris-daemon compare --base-model gpt2 --adapter a --adapter b --strategy iteris --strategy regmean \\
       --strategy knots:alpha=0.5 --strategy ties:density=0.3 --json comparison.json
 
@@ -34,7 +36,12 @@ def register(commands) -> None:
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_input_arguments(compare)
+    add_input_arguments(compare, required=False)
+    compare.add_argument("--group", metavar="NAME",
+                         help="compare on a daemon group's current inputs instead of --base-model/--adapter: the "
+                              "adapters it would merge now, with the calibration data its sources give (not "
+                              "--calibration-order); its own strategy and parameters first (needs --config)")
+    compare.add_argument("--config", type=Path, metavar="FILE", help="the daemon's config, for --group")
     compare.add_argument(
         "--strategy", action="append", default=[], metavar="NAME[:KEY=VALUE...]", dest="strategies",
         help="a strategy to compare, with parameters after colons (knots:alpha=0.5:density=0.2); repeat; "
@@ -50,15 +57,28 @@ def register(commands) -> None:
 def _compare(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from ..compare import CompareRequest, render, run_compare
+    from ..compare import CompareRequest, group_request, render, run_compare
+    from ..config import load_config
+    from ..errors import ConfigError
 
     hf_logging.disable_progress_bar()
-    report = run_compare(CompareRequest(
-        base_model=args.base_model, adapters=args.adapter, strategies=args.strategies, holdout=args.holdout,
-        seed=args.seed, device=args.device, dtype=args.dtype, offload=args.offload,
-        trust_remote_code=args.trust_remote_code, modules_to_save_rule=args.modules_to_save_rule,
-        calibration=calibration_options(args), quiet=args.quiet,
-    ))
+    options = dict(strategies=args.strategies, holdout=args.holdout, seed=args.seed, device=args.device,
+                   dtype=args.dtype, offload=args.offload, modules_to_save_rule=args.modules_to_save_rule,
+                   quiet=args.quiet)
+    if args.group is None:
+        if args.base_model is None or not args.adapter:
+            raise ConfigError("give --base-model and --adapter, or --group with --config")
+        report = run_compare(CompareRequest(base_model=args.base_model, adapters=args.adapter,
+                                            trust_remote_code=args.trust_remote_code,
+                                            calibration=calibration_options(args), **options))
+    else:
+        if args.base_model is not None or args.adapter or args.config is None:
+            raise ConfigError("--group takes the base model and adapters from the daemon's catalog: give --config, "
+                              "not --base-model or --adapter")
+        if args.trust_remote_code:
+            options["trust_remote_code"] = True
+        with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
+            report = run_compare(group_request(load_config(args.config), args.group, Path(into), **options))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))

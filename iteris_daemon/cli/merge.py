@@ -72,12 +72,12 @@ def register(commands) -> None:
     plugins.set_defaults(handler=_plugins)
 
 
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+def add_input_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The base model, the adapters and their calibration data, and where the model runs."""
-    parser.add_argument("--base-model", required=True, metavar="PATH_OR_ID", help="base model folder or Hub id")
+    parser.add_argument("--base-model", required=required, metavar="PATH_OR_ID", help="base model folder or Hub id")
     parser.add_argument(
         "--adapter",
-        required=True,
+        required=required,
         action="append",
         type=_adapter_spec,
         metavar="DIR[=CALIBRATION.jsonl]",
