@@ -39,23 +39,30 @@ def render_model_card(request: PublishRequest) -> str:
         "## Strategy parameters\n\n```json\n" + json.dumps(request.params, indent=2, sort_keys=True, default=str)
         + "\n```",
     ]
-    metrics = _metrics_rows(request.metrics)
+    header, metrics = _metrics_rows(request.metrics)
     if metrics:
-        sections.append("## Per-task metrics\n\n" + _table(["task", "alignment loss (last)", "fidelity gap"], metrics))
+        sections.append("## Per-task metrics\n\n" + _table(header, metrics))
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
 
 
-def _metrics_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """One row per task that has figures; the alignment loss is a per-iteration history, show its end."""
+def _metrics_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The header, and one row per task that has figures; the alignment loss is a per-iteration
+    history, show its end. A language model's next-token losses get two columns more."""
+    tasks = {task: figures for task, figures in metrics.items() if isinstance(figures, dict)}
+    language_model = bool(tasks) and all(isinstance(f.get("next_token_loss"), dict) for f in tasks.values())
+    header = ["task", "alignment loss (last)", "fidelity gap"]
+    if language_model:
+        header += ["next-token loss, task adapter", "next-token loss, merge"]
     rows = []
-    for task, figures in metrics.items():
-        if not isinstance(figures, dict):
-            continue
+    for task, figures in tasks.items():
         loss = figures.get("alignment_loss")
         if isinstance(loss, list):
             loss = loss[-1] if loss else None
-        rows.append([task, _number(loss), _number(figures.get("fidelity_gap"))])
-    return rows
+        row = [task, _number(loss), _number(figures.get("fidelity_gap"))]
+        if language_model:
+            row += [_number(figures["next_token_loss"].get(key)) for key in ("task", "merged")]
+        rows.append(row)
+    return header, rows
 
 
 def _number(value: Any) -> str:

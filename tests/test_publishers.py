@@ -485,5 +485,12 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
     assert r"/data/topic\|v2" in body  # a pipe cannot break the table
     assert '"max_iterations": 3' in body
     assert "| sentiment | 0.125 | 0.0312 |" in body and "| topic | 0.25 | 0.01 |" in body
+    assert "next-token" not in body  # not a language model's figures
+    language_model = dataclasses.replace(request(first, base), metrics={
+        "sentiment": {"alignment_loss": [0.125], "fidelity_gap": 0.0312,
+                      "next_token_loss": {"base": 3.5, "task": 2.25, "merged": 2.375}}})
+    body = render_model_card(language_model).split("\n---\n", 1)[1]
+    assert "| task | alignment loss (last) | fidelity gap | next-token loss, task adapter | next-token loss, merge |" in body
+    assert "| sentiment | 0.125 | 0.0312 | 2.25 | 2.375 |" in body
     no_metrics = dataclasses.replace(request(first, base), metrics={})
     assert "metrics" not in render_model_card(no_metrics).split("\n---\n", 1)[1].lower()
