@@ -73,6 +73,7 @@ from .catalog import Catalog
 from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source
 from .config import WebhookSettings
 from .errors import ConfigError
+from .figures import added_losses, number
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,6 @@ def _reading(catalog: Catalog) -> Iterator[Session]:
 def _unix(when: datetime) -> float:
     """Catalog times are naive UTC."""
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _number(value: Any) -> bool:
-    """A figure read back from a run's JSON metrics that is a real number (not a bool, not missing)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _catalog_families() -> dict[str, Metric]:
@@ -231,11 +227,11 @@ class CatalogCollector(Collector):
             for task, task_figures in sorted(tasks.items() if isinstance(tasks, dict) else ()):
                 task_figures = task_figures if isinstance(task_figures, dict) else {}
                 gap = task_figures.get("fidelity_gap")
-                if _number(gap):
+                if number(gap):
                     families["fidelity"].add_metric([group, task], float(gap))
-                losses = task_figures.get("next_token_loss")
-                if isinstance(losses, dict) and _number(losses.get("merged")) and _number(losses.get("task")):
-                    families["added_loss"].add_metric([group, task], float(losses["merged"] - losses["task"]))
+                added = added_losses({task: task_figures})
+                if added:
+                    families["added_loss"].add_metric([group, task], float(added[task]))
         return list(families.values())
 
 

@@ -8,16 +8,22 @@ from __future__ import annotations
 from typing import Any
 
 
+def number(value: Any) -> bool:
+    """A figure that is a real number (read back from JSON: not a bool, not missing)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def added_losses(tasks: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Per task with a next-token loss: the merge's minus the task adapter's (nats per token)."""
-    return {name: figures["next_token_loss"]["merged"] - figures["next_token_loss"]["task"]
-            for name, figures in tasks.items() if "next_token_loss" in figures}
+    losses = {name: figures.get("next_token_loss") for name, figures in tasks.items()}
+    return {name: loss["merged"] - loss["task"] for name, loss in losses.items()
+            if isinstance(loss, dict) and number(loss.get("merged")) and number(loss.get("task"))}
 
 
 def summary(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``mean_fidelity_gap``, ``worst_task`` and ``worst_fidelity_gap``; ``mean_added_loss``
     too when every task has a next-token loss. Empty when no task has figures."""
-    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items() if "fidelity_gap" in figures}
+    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items() if number(figures.get("fidelity_gap"))}
     if not gaps:
         return {}
     worst = max(gaps, key=gaps.__getitem__)

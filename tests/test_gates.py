@@ -239,3 +239,7 @@ def test_figures_summary_of_a_language_models_tasks():
                                             "mean_added_loss": 0.2})
     assert "mean_added_loss" not in summary(_report({"a": 0.2})["tasks"])
     assert summary({}) == {}
+    # figures read back from a catalog written by anyone: what is not a number is left out
+    odd = {"a": {"fidelity_gap": 0.2, "next_token_loss": {"task": 2.0}}, "b": {"fidelity_gap": None},
+           "c": {"fidelity_gap": True, "next_token_loss": "2.0"}}
+    assert summary(odd) == {"mean_fidelity_gap": 0.2, "worst_task": "a", "worst_fidelity_gap": 0.2}
