@@ -73,7 +73,7 @@ from .catalog import Catalog
 from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source
 from .config import WebhookSettings
 from .errors import ConfigError
-from .figures import added_losses, number
+from .figures import added_losses, number, task_figures
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +223,12 @@ class CatalogCollector(Collector):
             if finished_at is not None:
                 for destination in sorted(destinations):
                     families["published"].add_metric([group, destination], _unix(finished_at))
-            tasks = figures.get("tasks")
-            for task, task_figures in sorted(tasks.items() if isinstance(tasks, dict) else ()):
-                task_figures = task_figures if isinstance(task_figures, dict) else {}
-                gap = task_figures.get("fidelity_gap")
+            tasks = task_figures(figures.get("tasks"))
+            for task, gap in sorted((task, f.get("fidelity_gap")) for task, f in tasks.items()):
                 if number(gap):
                     families["fidelity"].add_metric([group, task], float(gap))
-                added = added_losses({task: task_figures})
-                if added:
-                    families["added_loss"].add_metric([group, task], float(added[task]))
+            for task, added in sorted(added_losses(tasks).items()):
+                families["added_loss"].add_metric([group, task], float(added))
         return list(families.values())
 
 

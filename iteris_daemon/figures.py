@@ -13,6 +13,11 @@ def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def task_figures(tasks: Any) -> dict[str, dict[str, Any]]:
+    """A report's (or a recorded run's) ``tasks``, keeping the entries that are figures (dicts)."""
+    return {name: figures for name, figures in tasks.items() if isinstance(figures, dict)} if isinstance(tasks, dict) else {}
+
+
 def added_losses(tasks: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Per task with a next-token loss: the merge's minus the task adapter's (nats per token)."""
     losses = {name: figures.get("next_token_loss") for name, figures in tasks.items()}

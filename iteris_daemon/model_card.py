@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
+from .figures import number, task_figures
 from .publish import PublishRequest
 
 _REVISION_CHARS = 12
@@ -48,7 +49,7 @@ def render_model_card(request: PublishRequest) -> str:
 def _metrics_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The header, and one row per task that has figures; the alignment loss is a per-iteration
     history, show its end. A language model's next-token losses get two columns more."""
-    tasks = {task: figures for task, figures in metrics.items() if isinstance(figures, dict)}
+    tasks = task_figures(metrics)
     language_model = bool(tasks) and all(isinstance(f.get("next_token_loss"), dict) for f in tasks.values())
     header = ["task", "alignment loss (last)", "fidelity gap"]
     if language_model:
@@ -66,7 +67,7 @@ def _metrics_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+    return f"{value:.4g}" if number(value) else "n/a"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -10,17 +10,12 @@ from sqlalchemy import select
 from .catalog import Catalog
 from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from .catalog.registry import list_current, list_sources
-from .figures import summary
+from .figures import summary, task_figures
 from .peers import differences
 
 
 def _time(value) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
-
-
-def _tasks(run: MergeRun) -> dict[str, dict[str, Any]]:
-    tasks = (run.metrics or {}).get("tasks")
-    return {n: f for n, f in tasks.items() if isinstance(f, dict)} if isinstance(tasks, dict) else {}
 
 
 def collect(catalog: Catalog) -> dict[str, Any]:
@@ -46,7 +41,7 @@ def collect(catalog: Catalog) -> dict[str, Any]:
                 "merging_now": group.claimed_by,
                 "published": (success.metrics or {}).get("published", []) if success else [],
                 # what the published merge scored on its calibration data (iteris_daemon.figures)
-                "quality": summary(_tasks(success)) if success else {},
+                "quality": summary(task_figures((success.metrics or {}).get("tasks"))) if success else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},
             })
         daemons = [{"holder": d.holder, "started_at": _time(d.started_at), "seen_at": _time(d.seen_at),
