@@ -130,7 +130,7 @@ def group_request(config: DaemonConfig, name: str, into: Path, **options: Any) -
     if group is None:
         defined = ", ".join(g.name for g in config.groups) or "none"
         raise ConfigError(f"no merge group named {name!r} in the config (its groups: {defined})")
-    catalog = Catalog(config.daemon.catalog_url())
+    catalog = Catalog(config.daemon.catalog_url(), create=False)
     try:
         inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
                                limits=config.daemon.limits.limits())

@@ -20,7 +20,7 @@ from .calibration import DEFAULT_ORDER
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
-from .paths import cache_dir, state_dir
+from .paths import LocalPath, ModelLocation, cache_dir, state_dir
 from .validation import Limits
 
 
@@ -91,7 +91,7 @@ class WebhookSettings(_Listening):
     """Serve the Hub webhook (off unless configured)."""
 
     path: str = Field("/webhooks/hub", description="URL path the Hub posts to")
-    secret_file: Path | None = Field(
+    secret_file: LocalPath | None = Field(
         None, description=f"the webhook's secret (default: $CREDENTIALS_DIRECTORY/{SECRET_CREDENTIAL})")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger requests are refused unread")
 
@@ -131,8 +131,8 @@ class WebhookSettings(_Listening):
 
 class DaemonSettings(_Strict):
     database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
-    state_dir: Path | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
-    cache_dir: Path | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
+    state_dir: LocalPath | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
+    cache_dir: LocalPath | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
     grace_seconds: float = Field(60.0, ge=0, description="a cancelled merge's worker (SIGTERM) is killed after this long")
     claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
     retry_seconds: float = Field(
@@ -148,7 +148,7 @@ class DaemonSettings(_Strict):
     worker_memory_limit_mb: int | None = Field(
         None, gt=0, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
                                 "the daemon goes on (default: none)")
-    trust_remote_code: list[str] = Field(
+    trust_remote_code: list[ModelLocation] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
@@ -183,8 +183,16 @@ class SourceConfig(_Strict):
     name: str = Field(min_length=1, max_length=200)
     kind: Literal["local", "hub"]
 
+    def validated(self) -> BaseModel:
+        """The kind's settings (``LocalSettings`` or ``HubSettings``), validated."""
+        from .sources.hub import HubSettings
+        from .sources.local import LocalSettings
+
+        return (LocalSettings if self.kind == "local" else HubSettings).model_validate(self.model_extra or {})
+
     def settings(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        """What the catalog stores: the settings given, validated (paths made absolute)."""
+        return self.validated().model_dump(mode="json", exclude_unset=True)
 
 
 class Selection(_Strict):
@@ -208,7 +216,7 @@ class CalibrationConfig(_Strict):
     model_config = ConfigDict(extra="allow")
 
     order: list[str] = Field(default_factory=lambda: list(DEFAULT_ORDER))
-    files: dict[str, Path] = Field(default_factory=dict, description="adapter name -> JSON Lines file")
+    files: dict[str, LocalPath] = Field(default_factory=dict, description="adapter name -> JSON Lines file")
 
     def source_settings(self) -> dict[str, dict[str, Any]]:
         return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
@@ -242,7 +250,7 @@ class Gates(_Strict):
 
 class GroupConfig(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    base_model: str
+    base_model: ModelLocation
     strategy: str = "iteris"
     params: dict[str, Any] = Field(default_factory=dict)
     select: Selection = Field(default_factory=Selection)
@@ -321,15 +329,12 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
 def _check_plugins(config: DaemonConfig, path: Path) -> None:
     """Strategies, parameters, destinations and source settings must be valid before anything runs."""
     from .plugin_manager import calibration_sources, get_publisher, get_strategy
-    from .sources.hub import HubSettings
-    from .sources.local import LocalSettings
     from .strategy import parse_params
 
     watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
     for index, source in enumerate(config.sources):
-        model = LocalSettings if source.kind == "local" else HubSettings
         try:
-            settings = model.model_validate(source.settings())
+            settings = source.validated()
         except ValidationError as exc:
             raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]

@@ -8,6 +8,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,25 @@ def cache_dir() -> Path:
     """Downloaded Hub adapters: ``$CACHE_DIRECTORY``, else ``$XDG_CACHE_HOME/iteris-daemon``."""
     xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return _first("CACHE_DIRECTORY") or xdg / "iteris-daemon"
+
+
+def absolute(path: Path) -> Path:
+    """A configured path as it must be read from anywhere: ``~`` expanded, made absolute
+    (a service runs in ``/``, and settings stored in the catalog are read by other processes)."""
+    return Path(path).expanduser().resolve()
+
+
+def model_location(name: str) -> str:
+    """A base model as given: a local folder (``./model``, ``~/models/x``, or a relative path
+    that exists) becomes its absolute path, as :func:`absolute`; anything else is a Hub repo
+    id and stays as it is."""
+    folder = Path(name).expanduser()
+    return str(folder.resolve()) if name.startswith(("~", ".", "/")) or folder.is_dir() else name
+
+
+# Pydantic field types for settings that name files and models.
+LocalPath = Annotated[Path, AfterValidator(absolute)]
+ModelLocation = Annotated[str, AfterValidator(model_location)]
 
 
 def private_dir(path: Path) -> Path:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, read_jsonl
 from iteris_daemon.errors import CalibrationError, ConfigError
-from iteris_daemon.paths import cache_dir
+from iteris_daemon.paths import LocalPath, cache_dir
 from iteris_daemon.retry import hub_retrying
 from iteris_daemon.tokens import hub_token, plain
 
@@ -31,8 +31,8 @@ class HubDatasetSettings(BaseModel):
     filename: str = "{name}.jsonl"
     revision: str | None = None
     endpoint: str | None = None
-    token_file: Path | None = None
-    cache_dir: Path | None = None
+    token_file: LocalPath | None = None
+    cache_dir: LocalPath | None = None
 
 
 class HubDataset:

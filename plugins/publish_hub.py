@@ -31,6 +31,7 @@ from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.errors import AdapterError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
+from iteris_daemon.paths import LocalPath
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
@@ -48,7 +49,7 @@ class HubPublishSettings(PublisherSettings):
     branch: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
     private: bool = Field(True, description="visibility of the repo when this publisher creates it")
     endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
-    token_file: Path | None = Field(
+    token_file: LocalPath | None = Field(
         None, description="file holding a write token (default: the hf-token credential, else $HF_TOKEN)"
     )
     tag_runs: bool = Field(True, description="tag each new commit <group>-run-<run id>")

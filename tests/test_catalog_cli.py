@@ -183,8 +183,34 @@ def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_p
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     db = [] if "--db" in argv else ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    if db:
+        Catalog(db[1]).close()
     code, out, err = run(capsys, *argv, *db)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["status"], ["merge-now", "g"], ["adapters", "list"], ["adapters", "show", "1"],
+                                  ["sources", "list"], ["sources", "remove", "x"], ["sources", "scan"]])
+def test_commands_that_read_the_catalog_do_not_create_one(tmp_path, capsys, argv):
+    """A mistyped --db used to create an empty catalog (and its folder) and report it as
+    healthy and empty; only the daemon, `sources add` and `db upgrade` create one."""
+    missing = tmp_path / "typo" / "catalog.db"
+    code, out, err = run(capsys, *argv, "--db", f"sqlite:///{missing}")
+    assert code == 2 and f"no catalog at {missing}" in err and err.count("\n") == 1
+    assert not missing.parent.exists()
+
+
+def test_a_sqlite_path_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monkeypatch):
+    """``~`` in a SQLite URL was only expanded to create the file, so the catalog itself went
+    to a folder literally named ``~`` under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "db", "upgrade", "--db", "sqlite:///~/state/catalog.db")
+    assert code == 0 and str(tmp_path / "home" / "state" / "catalog.db") in out
+    assert (tmp_path / "home" / "state" / "catalog.db").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "~").exists()
+    code, out, _ = run(capsys, "sources", "list", "--db", "sqlite:///~/state/catalog.db")
+    assert code == 0
 
 
 @pytest.mark.parametrize("mode, message", [(0o644, "is open to other users (mode 644)"),
@@ -265,3 +291,18 @@ def test_every_argument_has_help():
     assert "`adapters list`" in parsers["iteris-daemon adapters show"].format_help()
     run_help = parsers["iteris-daemon run"].format_help()  # as the README's "Signals" says
     assert "SIGTERM at once" in run_help and "grace_seconds" in run_help and "then is cancelled" not in run_help
+
+
+def test_a_local_base_model_is_stored_as_an_absolute_path(tmp_path, capsys, monkeypatch):
+    """`sources add --base-model ./base` stored "./base", which the daemon (a service runs in
+    /) then could not find: every adapter of the source waited for ever."""
+    (tmp_path / "watched").mkdir()
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    assert run(capsys, "sources", "add", "s", "--folder", "watched", "--base-model", "./base", *db)[0] == 0
+    assert run(capsys, "sources", "add", "h", "--hub-repo", "acme/x", "--base-model", "acme/base", *db)[0] == 0
+    code, out, _ = run(capsys, "sources", "list", "--json", *db)
+    stored = {source["name"]: source["settings"] for source in json.loads(out)}
+    assert stored["s"] == {"paths": [str(tmp_path / "watched")], "base_model": str(tmp_path / "base")}
+    assert stored["h"]["base_model"] == "acme/base"

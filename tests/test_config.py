@@ -92,3 +92,32 @@ def test_a_webhook_without_a_secret_names_the_file_and_field(tmp_path, monkeypat
                                           r"\$CREDENTIALS_DIRECTORY"):
         load_config(path)
     assert load_config(path, check_plugins=False).daemon.webhooks is not None  # `status` needs no secret
+
+
+def test_paths_and_local_base_models_are_made_absolute(tmp_path, monkeypatch):
+    """``~`` was taken literally (a folder named ``~`` under the working directory held the
+    catalog, open to others), and a relative base model folder meant another folder, or
+    none, from a service's working directory (``/``). A Hub repo id stays as it is."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (work / "models" / "base").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
+                    'trust_remote_code = ["./models/base", "acme/coder"]\n'
+                    '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'
+                    '[[sources]]\nname = "h"\nkind = "hub"\nrepos = ["acme/x"]\nbase_model = "acme/base"\n'
+                    '[[groups]]\nname = "g"\nbase_model = "./models/base"\n'
+                    '[groups.calibration.files]\nx = "~/x.jsonl"\n'
+                    '[[groups.destinations]]\nkind = "folder"\npath = "~/out"\n')
+    config = load_config(path)
+    base = str(work / "models" / "base")
+    assert (config.daemon.state_dir, config.daemon.cache_dir) == (home / "state", home / "cache")
+    assert config.daemon.trust_remote_code == [base, "acme/coder"]
+    assert config.daemon.catalog_url() == f"sqlite:///{home / 'state' / 'catalog.db'}"
+    assert config.sources[0].settings() == {"paths": [str(home / "loras")], "base_model": base}  # as stored
+    assert config.sources[1].settings() == {"repos": ["acme/x"], "base_model": "acme/base"}
+    group = config.groups[0]
+    assert group.base_model == base and group.calibration.files == {"x": home / "x.jsonl"}
+    from plugins.publish_folder import FolderPublishSettings
+    assert FolderPublishSettings.model_validate({"path": group.destinations[0]["path"]}).path == home / "out"

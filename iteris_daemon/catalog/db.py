@@ -74,9 +74,11 @@ def mask_password(url: str) -> str:
     return url if colon < 0 else f"{url[:colon + 1]}***{url[at:]}"
 
 
-def make_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
+def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = True) -> Engine:
     """``busy_timeout``: seconds a SQLite write waits for another process's lock
-    (default ``SQLITE_BUSY_TIMEOUT_MS``); ignored for other databases."""
+    (default ``SQLITE_BUSY_TIMEOUT_MS``); ignored for other databases. ``create=False``:
+    a SQLite file that does not exist is an error (a mistyped path must not look like an
+    empty catalog), not a new catalog."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is no number
@@ -84,6 +86,10 @@ def make_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
                            "written sqlite:////abs/path.db, or sqlite:///relative/path.db)") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database).expanduser().resolve()
+        if not create and not database.is_file():
+            raise CatalogError(f"no catalog at {database} (the daemon, `sources add` or `db upgrade` creates one; "
+                               "--db, $ITERIS_DAEMON_DB or --config names it)")
+        parsed = parsed.set(database=str(database))  # "~" expanded for SQLite too
         private_dir(database.parent)  # the catalog is private state
         # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
         os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
@@ -200,12 +206,14 @@ def head_revision() -> str:
 class Catalog:
     """The catalog: an engine plus a session factory, migrated on open."""
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True, busy_timeout: float | None = None):
+    def __init__(self, url: str | None = None, *, migrate: bool = True, busy_timeout: float | None = None,
+                 create: bool = True):
         """``busy_timeout``: seconds a SQLite write waits for a lock held by another process
-        before failing with :class:`CatalogLockedError` (default 30)."""
+        before failing with :class:`CatalogLockedError` (default 30); ``create``: see
+        :func:`make_engine`."""
         self.url = url or default_url()
         self.busy_timeout = SQLITE_BUSY_TIMEOUT_MS / 1000 if busy_timeout is None else busy_timeout
-        self.engine = make_engine(self.url, busy_timeout=self.busy_timeout)
+        self.engine = make_engine(self.url, busy_timeout=self.busy_timeout, create=create)
         self._sqlite = self.engine.url.get_backend_name() == "sqlite"
         if migrate and not at_head(self.engine):
             try:
@@ -219,7 +227,7 @@ class Catalog:
     @property
     def safe_url(self) -> str:
         """The URL with any password hidden, for logs and errors."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        return self.engine.url.render_as_string(hide_password=True)  # a SQLite path as opened
 
     @contextmanager
     def session(self, write: bool = True) -> Iterator[Session]:

@@ -102,16 +102,17 @@ def register(commands) -> None:
     show.set_defaults(handler=_adapters_show)
 
 
-def _open(args):
+def _open(args, create: bool = False):
+    """The catalog ``--db`` names; only ``db upgrade`` and ``sources add`` create one."""
     from ..catalog import Catalog
 
-    return Catalog(args.db)
+    return Catalog(args.db, create=create)
 
 
 def _db_upgrade(args) -> int:
     from ..catalog.db import current_revision
 
-    catalog = _open(args)
+    catalog = _open(args, create=True)
     print(f"catalog {catalog.safe_url} is at revision {current_revision(catalog.engine)}")
     return 0
 
@@ -153,7 +154,7 @@ def _sources_add(args) -> int:
             "endpoint": args.endpoint, "token_file": args.token_file.resolve() if args.token_file else None,
             "interval_seconds": args.interval,
         }, f"source {args.name}")
-    catalog = _open(args)
+    catalog = _open(args, create=True)
     with catalog.session() as session:
         add_source(session, args.name, kind, settings)
     print(f"added {kind.value} source {args.name}; `iteris-daemon sources scan {args.name}` registers what it holds now")
@@ -205,7 +206,7 @@ def _sources_scan(args) -> int:
     from ..validation import Limits
 
     settings = load_config(args.config, check_plugins=False).daemon if args.config else None
-    catalog = Catalog(args.db or (settings.catalog_url() if settings else None))
+    catalog = Catalog(args.db or (settings.catalog_url() if settings else None), create=False)
     # Without the daemon's settings its recorded verdicts are left alone: only new content is judged.
     guarded = {"limits": settings.limits.limits() if settings else Limits(),
                "trusted_models": settings.trust_remote_code if settings else (), "rejudge": settings is not None}

@@ -80,7 +80,7 @@ def _catalog(args):
         from ..config import load_config
 
         url = load_config(args.config, check_plugins=False).daemon.catalog_url()  # only where the catalog is
-    return Catalog(url)
+    return Catalog(url, create=False)  # these commands read what the daemon made
 
 
 def _status(args) -> int:

@@ -42,6 +42,7 @@ from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, ConfigError
 from ..hub_files import mismatch
+from ..paths import LocalPath, ModelLocation
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
@@ -72,9 +73,9 @@ class HubSettings(BaseModel):
 
     repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
-    base_model: str | None = Field(None, description="only adapters of this base model; shapes are checked against it")
+    base_model: ModelLocation | None = Field(None, description="only adapters of this base model; shapes are checked against it")
     endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
-    token_file: Path | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
+    token_file: LocalPath | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
     interval_seconds: float = Field(300.0, gt=0, description="poll period")
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -34,6 +34,7 @@ from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
+from ..paths import LocalPath, ModelLocation
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter, validation_context
 from .stat_cache import StatCache, stat_context
 
@@ -48,16 +49,11 @@ class LocalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    paths: list[Path] = Field(min_length=1, description="folders to watch, recursively")
-    base_model: str | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
+    paths: list[LocalPath] = Field(min_length=1, description="folders to watch, recursively")
+    base_model: ModelLocation | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
     settle_seconds: float = Field(2.0, gt=0, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
     poll_interval_seconds: float = Field(5.0, gt=0, description="polling period when polling=true")
-
-    @field_validator("paths")
-    @classmethod
-    def _absolute(cls, paths: list[Path]) -> list[Path]:
-        return [Path(p).expanduser().resolve() for p in paths]
 
 
 @dataclass
