@@ -337,6 +337,11 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             settings = source.validated()
         except ValidationError as exc:
             raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
+        for folder in getattr(settings, "paths", []):
+            other = next(((name, root) for name, root in watched if overlap(folder, root)), None)
+            if other is not None:
+                raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} overlaps the folder {other[1]} "
+                                  f"that source {other[0]!r} watches; one folder belongs to one source")
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
     available = calibration_sources()
     published: list[tuple[str, Path]] = []  # (group name, folder) of every folder destination so far
@@ -362,14 +367,16 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             raise ConfigError(f"{where}: {exc}") from None
 
 
+def overlap(a: Path, b: Path) -> bool:
+    """One folder holds, or is, the other."""
+    return a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def _check_destination_folder(folder: Path, watched: list[tuple[str, Path]], published: list[tuple[str, Path]],
                               field: str) -> None:
     """A destination folder must not overlap (hold, or lie in) a watched folder, which would
     feed each merge back into the next one as an adapter, nor another destination folder,
     whose publishes would remove each other's staging copies and versions."""
-    def overlap(a: Path, b: Path) -> bool:
-        return a.is_relative_to(b) or b.is_relative_to(a)
-
     for name, root in watched:
         if overlap(folder, root):
             raise ConfigError(f"{field}: {folder} overlaps the folder {root} that source {name!r} watches; "

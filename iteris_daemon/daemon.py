@@ -64,7 +64,7 @@ BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is aske
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
-    """Configured sources are written into the catalog (the config wins); others stay."""
+    """Configured sources are written into the catalog (the config wins); others stay, said in the log."""
     for source in config.sources:
         def upsert(session, source=source) -> None:
             row = session.scalar(select(Source).where(Source.name == source.name))
@@ -74,6 +74,13 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
                 row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
 
         catalog.write_retrying_conflict(upsert)
+    configured = {source.name for source in config.sources}
+    with catalog.session(write=False) as session:
+        others = [row.name for row in session.scalars(select(Source).where(Source.enabled)) if row.name not in configured]
+    if others:  # e.g. a source renamed in the config: the old one still watches its folders
+        log.warning("also watching source%s %s from the catalog, not in the config (added with `sources add`, or "
+                    "renamed or removed in the config since); `iteris-daemon sources remove NAME` stops that",
+                    "s" if len(others) > 1 else "", ", ".join(others))
 
 
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:

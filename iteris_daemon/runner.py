@@ -212,7 +212,13 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        return _selected(_mergeable(list_current(session, [AdapterStatus.registered])), group)
+        pairs = _mergeable(list_current(session, [AdapterStatus.registered]))
+        selected = _selected(pairs, group)
+        for adapter, _ in _matching(pairs, group):
+            if all(adapter.id != kept.id for kept, _ in selected):
+                log.warning("group %s: adapter %s of source %s is the same %s as one of another source; merged once",
+                            group.name, adapter.name, adapter.source.name, adapter.locator)
+        return selected
 
 
 def _mergeable(adapters: list[tuple[Adapter, AdapterRevision | None]]) -> list[tuple[Adapter, AdapterRevision]]:
@@ -221,11 +227,24 @@ def _mergeable(adapters: list[tuple[Adapter, AdapterRevision | None]]) -> list[t
             if current is not None and current.status is AdapterStatus.registered and current.files_path is not None]
 
 
-def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
-    """The ``(adapter, current revision)`` pairs that ``group`` merges."""
+def _matching(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
+    """The pairs that ``group``'s base model and ``select`` take."""
     return [(adapter, revision) for adapter, revision in pairs
             if revision.base_model in (None, group.base_model)
             and group.select.matches(adapter.source.name, adapter.name, adapter.id)]
+
+
+def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
+    """The ``(adapter, current revision)`` pairs that ``group`` merges: those it takes, one per
+    location. Two sources may watch one folder or repo (one renamed in the config while the
+    catalog keeps the old, or one added with `sources add`); merged twice, that adapter
+    would count double. Of such pairs the newest revision is kept."""
+    matching = _matching(pairs, group)
+    newest: dict[tuple[SourceKind, str], int] = {}  # location -> revision id kept
+    for adapter, revision in matching:
+        key = (adapter.source.kind, adapter.locator)
+        newest[key] = max(newest.get(key, revision.id), revision.id)
+    return [(a, r) for a, r in matching if newest[(a.source.kind, a.locator)] == r.id]
 
 
 def selection_key(group: GroupConfig) -> str:

@@ -57,6 +57,10 @@ def test_the_example_config_is_valid():
     # Two destinations in one folder remove each other's staging copies and versions.
     (GROUP + FOLDER + GROUP.replace('"g"', '"h"') + FOLDER,
      "groups.1 (h): destinations.0.path: /tmp/x overlaps the destination /tmp/x of group 'g'"),
+    # Two sources over one folder registered each adapter twice, and groups merged it twice.
+    ('[[sources]]\nname = "a"\nkind = "local"\npaths = ["/tmp/w"]\n'
+     '[[sources]]\nname = "b"\nkind = "local"\npaths = ["/srv", "/tmp/w/team"]\n',
+     "sources.1 (b): /tmp/w/team overlaps the folder /tmp/w that source 'a' watches"),
 ])
 def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message):
     path = tmp_path / "config.toml"

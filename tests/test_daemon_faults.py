@@ -903,6 +903,27 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     assert triggered == [("g", 5.0)] * 4
 
 
+def test_sources_in_the_catalog_but_not_in_the_config_are_named_at_start(tmp_path, caplog):
+    """A source renamed in the config stays in the catalog and keeps watching its folders
+    (the config adds and updates sources; `sources add` ones must stay): the log says so."""
+    from iteris_daemon.catalog.models import SourceKind
+    from iteris_daemon.catalog.registry import add_source
+    from iteris_daemon.config import load_config
+    from iteris_daemon.daemon import sync_sources
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(tmp_path))}]\n')
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    sync_sources(catalog, load_config(config))
+    assert "also watching" not in caplog.text
+    with catalog.session() as session:
+        add_source(session, "old-name", SourceKind.local, {"paths": [str(tmp_path)]})
+    sync_sources(catalog, load_config(config))
+    assert "also watching source old-name from the catalog, not in the config" in caplog.text
+    assert "`iteris-daemon sources remove NAME`" in caplog.text
+    catalog.close()
+
+
 def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_path, monkeypatch):
     """``Daemon._run_on`` when ``run_group`` raises (the catalog locked past its timeout, its
     server down): the group is triggered again ``retry_seconds`` later, the wait doubling

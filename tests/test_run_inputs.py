@@ -301,6 +301,30 @@ def test_held_back_adapters_of_the_same_name_in_two_sources_are_both_considered(
     assert runner.groups_behind(setup.catalog, [group]) == {}
 
 
+def test_an_adapter_two_sources_watch_is_merged_once(setup, caplog):
+    """A source renamed in the config stays in the catalog, so two sources watched one folder:
+    each adapter was registered twice and merged twice (counted double in the merge).
+    Now a group takes one per location: the merge is the one of the folder's adapters."""
+    watched = setup.published.parent / "watched"
+    group = setup.group(names=("task0", "task1"))
+    assert setup.run(group).status is RunStatus.succeeded
+    once = setup.current()
+    with setup.catalog.session() as session:
+        add_source(session, "renamed", SourceKind.local, {"paths": [str(watched)], "base_model": str(setup.base)})
+    assert len(LocalFolderSource(setup.catalog, "renamed").scan().registered) == 2
+    with setup.catalog.session() as session:
+        assert len(session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.registered)).all()) == 4
+    selected = runner.select_inputs(setup.catalog, group)
+    assert sorted(a.name for a, _ in selected) == ["task0", "task1"]
+    assert {a.source.name for a, _ in selected} == {"renamed"}  # the newer revisions
+    assert caplog.text.count("is the same") == 2
+    assert runner.groups_behind(setup.catalog, [group]) == {"unified": frozenset(r.id for _, r in selected)}
+    outcome = setup.run(group, force=True)
+    assert outcome.status is RunStatus.succeeded and len(_recorded(setup, outcome.run_id)) == 2
+    assert setup.current() == once  # the same merge: nothing counted twice
+    assert runner.groups_behind(setup.catalog, [group]) == {}
+
+
 def _catalog_with_one_adapter(tmp_path, name: str = "team", locator: str = "/team/a", revision: str = "r1"):
     """A catalog with one registered adapter, recorded directly (no files are read here)."""
     from iteris_daemon.catalog.registry import Observation, record
