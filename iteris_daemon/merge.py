@@ -192,6 +192,17 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
     return dict(first)
 
 
+def head_names(adapters: list[LoraAdapter], rule: str) -> list[str] | None:
+    """The merged config's ``modules_to_save``: the names in the configs of the adapters
+    whose modules :func:`merged_head` took. Taken from the first adapter, a merge whose
+    lm_head came from another one listed none, and PEFT then loaded that head into the
+    base model's own lm_head, and through a tied one into the input embedding."""
+    named = [a for a in adapters if a.name == rule]
+    chosen = named if rule != "average" and named else [a for a in adapters if a.modules_to_save]
+    names = sorted({name for a in chosen for name in a.config.get("modules_to_save") or ()})
+    return names or None
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that exists (unless ``overwrite``) or cannot be written, before
     anything is loaded. The merge writes a staging folder in ``out.parent`` (created if
@@ -233,7 +244,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         lora_dropout=0.0,
         bias="none",
         task_type=first.get("task_type"),
-        modules_to_save=first.get("modules_to_save") if head else None,
+        modules_to_save=head_names(adapters, request.modules_to_save_rule) if head else None,
         base_model_name_or_path=request.base_model,
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -240,6 +240,37 @@ def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
     assert torch.equal(base.model.get_output_embeddings().weight, before)
 
 
+def test_the_merged_config_names_the_saved_modules_of_the_adapter_they_came_from(tmp_path):
+    """``--modules-to-save-rule ADAPTER``: the merged config listed the *first* adapter's
+    modules_to_save (here none), so PEFT loaded the saved lm_head into the base model's
+    tied lm_head, changing the input embedding as well; the task's own adapter does not."""
+    from builders import build_adapter, tiny_config, tokenizer
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    plain = build_adapter(base_dir, tmp_path / "plain", seed=1, family="llama", task_type="CAUSAL_LM")
+    headed = build_adapter(base_dir, tmp_path / "headed", seed=2, family="llama", task_type="CAUSAL_LM",
+                           modules_to_save=["lm_head"])
+    out = tmp_path / "merged"
+    assert cli_merge(base_dir, [plain, headed], out, "--strategy", "task_arithmetic", "--no-eval",
+                     "--modules-to-save-rule", "headed") == 0
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+
+    def loaded(adapter):
+        model = PeftModel.from_pretrained(tf.LlamaForCausalLM.from_pretrained(base_dir), adapter)
+        return model.get_input_embeddings().weight, model.get_output_embeddings()
+
+    embedding, head = loaded(out)
+    assert torch.equal(embedding, tf.LlamaForCausalLM.from_pretrained(base_dir).get_input_embeddings().weight)
+    own_embedding, own_head = loaded(headed)
+    assert torch.equal(embedding, own_embedding)
+    assert torch.equal(head.modules_to_save["default"].weight, own_head.modules_to_save["default"].weight)
+
+
 def test_one_base_folder_spelled_two_ways_is_one_base(bert, tmp_path, monkeypatch):
     """Adapters trained from ``./base`` and from ``/abs/.../base`` share their base model."""
     base_dir, adapters = bert
