@@ -71,6 +71,9 @@ def _sample(adapter, base_model: str, tokenizer, samples: int, max_new_tokens: i
     with torch.no_grad():
         for start in range(0, samples, 8):
             batch = tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True, add_special_tokens=not seq2seq)
+            # Only what every generating model takes: a BERT-style tokenizer on a Llama also
+            # gives token_type_ids, which generate() refuses for a model without them.
+            batch = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
             if batch["input_ids"].shape[1] == 0:  # no BOS token: start from a random token
                 batch = {"input_ids": torch.randint(0, len(tokenizer), (len(prompts[start:start + 8]), 1))}
             generated = model.generate(**batch, do_sample=True, top_k=50, max_new_tokens=max_new_tokens,

@@ -73,7 +73,7 @@ def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_a
         assert len(hub.requests_matching(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$")) == 2
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])  # llama: its tokenizer gives token_type_ids
 def test_generated_fallback_is_used_and_marked(tiny, tmp_path, capsys, family):
     base, adapters = tiny[family]
     for adapter in adapters[:2]:
