@@ -81,7 +81,8 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
     """Parse a calibration file; errors name the file and the 1-based line."""
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(path, "calibration file does not exist")
+        raise CalibrationError(path, "calibration file is a folder, not a file" if path.is_dir()
+                               else "calibration file does not exist")
     samples: list[Sample] = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):

@@ -30,7 +30,7 @@ from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
-from .paths import replace_folder
+from .paths import as_if_created, replace_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergeInputs, parse_params
 
@@ -381,6 +381,7 @@ def _write_atomically(out: Path, config, modules, head, report, started) -> None
         save_adapter(staging, config, modules, head)
         report["total_seconds"] = round(time.perf_counter() - started, 3)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        as_if_created(staging)
         replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -62,6 +62,31 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it,
+    even for an instant, would apply to files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(folder: Path) -> None:
+    """Give ``folder`` and the files in it the modes a plain ``mkdir`` and ``open`` would
+    have under the umask: a temporary folder is 0700 and safetensors writes its files 0600,
+    whatever the umask, so another account (a server's) could not read a merge."""
+    mask = umask()
+    folder.chmod(0o777 & ~mask)
+    for item in folder.iterdir():
+        if item.is_file() and not item.is_symlink():
+            item.chmod(0o666 & ~mask)
+
+
 def replace_folder(new: Path, target: Path) -> None:
     """Put the complete folder ``new`` at ``target`` with renames only (same filesystem);
     the previous ``target``, if any, is deleted once it is out of the way."""

@@ -55,6 +55,20 @@ def test_missing_adapter_folder(workspace, capsys):
     _assert_refused(code, message, tmp / "out", str(missing), "does not exist")
 
 
+def test_an_adapter_folder_named_with_an_equals_sign(workspace, capsys, tmp_path):
+    """``--adapter sweep/lr=1e-4`` was read as folder ``sweep/lr`` with calibration file
+    ``1e-4``; a folder given whole is a folder. DIR=FILE still names the calibration file,
+    and a FILE that is a folder is said to be one."""
+    base, adapters, tmp = workspace
+    swept = tmp / "sweep" / "lr=1e-4"
+    shutil.copytree(adapters[0], swept)
+    assert _merge(capsys, base, [swept, adapters[1]], tmp / "out", "--strategy", "task_arithmetic")[0] == 0
+    given = f"{swept}={swept / 'calibration.jsonl'}"
+    assert _merge(capsys, base, [given, adapters[1]], tmp / "out2", "--strategy", "task_arithmetic")[0] == 0
+    code, message = _merge(capsys, base, [f"{adapters[0]}={tmp}", adapters[1]], tmp / "out3")
+    _assert_refused(code, message, tmp / "out3", f"{tmp}: calibration file is a folder, not a file")
+
+
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
 def test_missing_base_model(workspace, capsys, monkeypatch, spelling):
     """A path that can only be a local folder is said to be missing (transformers would

@@ -214,6 +214,24 @@ def test_equal_merges_write_equal_files(bert, tmp_path):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_the_merged_folder_has_the_modes_the_umask_gives(bert, tmp_path, mask):
+    """The output was 0700 (a temporary folder renamed) with 0600 weights (safetensors'
+    own mode) whatever the umask: a serving account could not read the merge."""
+    import os
+
+    base_dir, adapters = bert
+    before = os.umask(mask)
+    try:
+        assert cli_merge(base_dir, adapters[:2], tmp_path / "merged", "--strategy", "task_arithmetic", "--no-eval") == 0
+    finally:
+        os.umask(before)
+    out = tmp_path / "merged"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {item.name: item.stat().st_mode & 0o777 for item in out.iterdir()} == {
+        name: 0o666 & ~mask for name in ("adapter_config.json", "adapter_model.safetensors", "merge_report.json")}
+
+
 def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
     """With ``lm_head`` tied to the embedding, installing a task's saved ``lm_head`` must not
     change the embedding (PEFT copies the module); it did, so every stream of a whole-model

@@ -24,7 +24,12 @@ merge_report.json beside it records inputs, parameters, timings and per-task qua
 def _adapter_spec(value: str):
     from ..merge import AdapterSpec
 
-    path, sep, calibration = value.rpartition("=")
+    if Path(value).is_dir():  # a folder whose name holds "=" (a sweep's "lr=1e-4")
+        return AdapterSpec(Path(value))
+    for at in (i for i, char in enumerate(value) if char == "="):  # the "=" after a folder that exists
+        if at + 1 < len(value) and Path(value[:at]).is_dir():
+            return AdapterSpec(Path(value[:at]), Path(value[at + 1:]))
+    path, sep, calibration = value.rpartition("=")  # neither exists: the errors name these
     if sep and path and calibration:
         return AdapterSpec(Path(path), Path(calibration))
     return AdapterSpec(Path(value))
