@@ -259,6 +259,37 @@ def test_changes_while_stopped_are_found_at_start(setup):
     assert "half" not in adapters  # incomplete folders wait, they are not rejected
 
 
+def test_a_stop_ends_a_scan_at_the_next_folder_and_removes_nothing(setup, monkeypatch):
+    """SIGTERM did not stop a scan: the daemon went on registering every folder (each can
+    take seconds) before it stopped. A stopped scan leaves the folders it did not reach as
+    the catalog had them: not removed, and found by the next start's scan."""
+    catalog, watched, base, (first, second) = setup
+    for name in ("a", "b", "c"):
+        shutil.copytree(first, watched / name)
+    source = _source(catalog, watched, base)
+    assert len(source.scan().registered) == 3
+    shutil.rmtree(watched / "c")
+    for name in ("d", "e"):
+        shutil.copytree(second, watched / name)
+    real = source._examine
+    examined = []
+
+    def examine_then_stop(folder, report):
+        examined.append(folder.name)
+        real(folder, report)
+        source._stop.set()  # SIGTERM, during the first folder
+
+    monkeypatch.setattr(source, "_examine", examine_then_stop)
+    report = source.scan()
+    assert examined == ["a"] and report.registered == [] and report.removed == []
+    adapters = _adapters(catalog)
+    assert set(adapters) == {"a", "b", "c"} and adapters["c"].status is AdapterStatus.registered
+    monkeypatch.undo()
+    source._stop.clear()  # the next start
+    report = source.scan()
+    assert sorted(Path(p).name for p in report.registered) == ["d", "e"] and report.removed == [str(watched / "c")]
+
+
 def test_a_restart_hashes_only_what_changed_while_stopped(setup, tmp_path, monkeypatch, hashed):
     """The files' stat and fingerprints are kept in a file (the daemon's cache folder): a
     source started again (a daemon restart, a SIGHUP) reads no unchanged adapter. Before,

@@ -211,6 +211,8 @@ class LocalFolderSource:
             folders = self.adapter_folders()
             recent = []
             for folder in folders:
+                if self._stop.is_set():
+                    return self._stopped(report)
                 if self._recently_written(folder):  # maybe mid-copy: examine once it settles
                     recent.append((folder, _snapshot(folder)))
                 else:
@@ -222,6 +224,8 @@ class LocalFolderSource:
             elif recent:  # a one-shot scan: wait one settle period, then look again
                 time.sleep(self.settings.settle_seconds)
                 for folder, before in recent:
+                    if self._stop.is_set():
+                        return self._stopped(report)
                     if _snapshot(folder) == before:
                         self._examine(folder, report)
                     else:
@@ -240,6 +244,13 @@ class LocalFolderSource:
         log.info("source %s: scan: %s", self.name, report)
         if self.on_change and report.changed:
             self.on_change(report)
+        return report
+
+    def _stopped(self, report: ScanReport) -> ScanReport:
+        """The daemon stops mid-scan: what was not reached waits for the next start's scan
+        (nothing is marked removed, and the source's health is left as it was)."""
+        self._hashed.save()
+        log.info("source %s: scan stopped (the daemon is stopping); so far %s", self.name, report)
         return report
 
     def _watching(self) -> bool:
