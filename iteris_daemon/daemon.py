@@ -357,8 +357,14 @@ class Daemon:
         daemon's look on a shared catalog. A group whose selection differs from what its
         last run considered is triggered, once per selection while it stays behind: a run
         that ends without a record (the catalog locked, say) is not asked for again by
-        the check but by :meth:`_retry_later`."""
+        the check but by :meth:`_retry_later`. Skipped while a source of this daemon scans:
+        the catalog then holds part of a change the source reports when done (a merge of
+        the first adapters of a long scan was published, then the merge of all)."""
         if self._stopping.is_set():
+            return
+        busy = [s.name for s in (*list(self._local.values()), *list(self._hub.values())) if s.busy]
+        if busy:  # what it registered so far is half of a change it reports when done
+            log.debug("catalog check skipped: source %s is scanning", ", ".join(busy))
             return
         groups = dict(self._groups)  # a reload may replace it meanwhile
         behind = groups_behind(self.catalog, list(groups.values()))

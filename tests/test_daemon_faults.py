@@ -902,6 +902,19 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     daemon._catch_up()  # ... so {4} again later is a change again (an adapter removed twice, say)
     assert triggered == [("g", 5.0)] * 4
 
+    behind["g"] = frozenset({5})
+    daemon._local = {"folder": SimpleNamespace(name="folder", busy=True)}  # half through a scan
+    daemon._hub = {"hub": SimpleNamespace(name="hub", busy=False)}
+    daemon._catch_up()
+    assert len(triggered) == 4  # the scan reports its change when done
+    daemon._local["folder"].busy = False
+    daemon._hub["hub"].busy = True
+    daemon._catch_up()
+    assert len(triggered) == 4
+    daemon._hub["hub"].busy = False
+    daemon._catch_up()
+    assert triggered == [("g", 5.0)] * 5
+
 
 def test_sources_in_the_catalog_but_not_in_the_config_are_named_at_start(tmp_path, caplog):
     """A source renamed in the config stays in the catalog and keeps watching its folders

@@ -357,3 +357,21 @@ def test_hub_retrying_stops_waiting_and_attempting_once_stopping():
     with pytest.raises(httpx2.ConnectError):  # its failure is the answer, not retried
         hub_retrying("test", attempts=6, base_seconds=30.0, stopping=stopping)(failing_while_stopping)
     assert len(calls) == 1
+
+
+def test_a_source_is_busy_while_it_polls(env, monkeypatch):
+    """``busy`` (the daemon's catalog check waits while a source of its own polls) holds
+    during a poll's repos, also when the poll fails, and not after."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("alice/sentiment", adapter_files(first))
+    poller = source(author="alice")
+    seen = []
+    real = poller._poll_repo
+    monkeypatch.setattr(poller, "_poll_repo", lambda *args: (seen.append(poller.busy), real(*args))[1])
+    assert not poller.busy
+    assert poller.poll().registered == ["alice/sentiment"]
+    assert seen == [True] and not poller.busy
+    monkeypatch.setattr(poller, "_mark_removed", lambda *args: 1 / 0)  # a bug of the poll's own
+    with pytest.raises(ZeroDivisionError):
+        poller.poll()
+    assert not poller.busy

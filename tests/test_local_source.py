@@ -476,3 +476,17 @@ def test_a_copy_that_keeps_old_mtimes_is_not_examined_half_done(setup):
         source.stop()
     (revision,) = _adapters(catalog)["copied"].revisions
     assert revision.has_calibration
+
+
+def test_a_source_is_busy_while_it_examines(setup, monkeypatch):
+    """``busy`` (the daemon's catalog check waits while a source of its own scans) holds
+    during a scan's examinations and not after."""
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "a")
+    source = _source(catalog, watched, base)
+    seen = []
+    real = source._examine
+    monkeypatch.setattr(source, "_examine", lambda folder, report: (seen.append(source.busy), real(folder, report)))
+    assert not source.busy
+    assert len(source.scan().registered) == 1
+    assert seen == [True] and not source.busy

@@ -133,6 +133,13 @@ class HubSource:
         self.context = validation_context(limits, self.settings.base_model, self.trusted_models)
         self.rejudge = rejudge  # judge recorded verdicts again if reached under other settings (the daemon's own)
         self.stopping = stopping  # the daemon's stop event: set, a poll ends where it is
+        self._polls = 0  # polls under way (a scheduled one and a webhook's may overlap)
+        self._polls_lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """A poll is under way: the catalog may hold part of it."""
+        return self._polls > 0
 
     def _stopping(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()
@@ -163,6 +170,15 @@ class HubSource:
     def _poll(self, find_targets, only: set[str] | None) -> ScanReport:
         """Poll what ``find_targets`` names; only the locators in ``only`` (None: all) may be
         marked removed, and a partial poll sets the source's health only when it fails."""
+        with self._polls_lock:
+            self._polls += 1
+        try:
+            return self._poll_counted(find_targets, only)
+        finally:
+            with self._polls_lock:
+                self._polls -= 1
+
+    def _poll_counted(self, find_targets, only: set[str] | None) -> ScanReport:
         report = ScanReport()
         try:
             token = self.settings.token()

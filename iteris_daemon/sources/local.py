@@ -246,6 +246,11 @@ class LocalFolderSource:
             self.on_change(report)
         return report
 
+    @property
+    def busy(self) -> bool:
+        """A scan or an event's examination is under way: the catalog may hold part of it."""
+        return self._lock.locked()
+
     def _stopped(self, report: ScanReport) -> ScanReport:
         """The daemon stops mid-scan: what was not reached waits for the next start's scan
         (nothing is marked removed, and the source's health is left as it was)."""
