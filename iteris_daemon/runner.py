@@ -476,16 +476,18 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
     answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources)
     for (adapter, revision, loaded, content), data in zip(snapshots, answers):
+        def original(text: str) -> str:  # the snapshot's path named as the adapter's own (the snapshot goes)
+            return text.replace(str(loaded.path), revision.files_path)
+
         if isinstance(data, IterisError):
-            inputs.hold_back(adapter, revision, str(data))
+            inputs.hold_back(adapter, revision, original(str(data)))
             continue
         if data is None and needs_calibration:
             inputs.hold_back(adapter, revision, f"no calibration data (asked: {', '.join(options.order)})")
             continue
         if data is not None:
             data = data.head(samples)
-            if data.source.startswith(str(loaded.path)):  # read from the snapshot: name the original
-                data = replace(data, source=revision.files_path + data.source[len(str(loaded.path)):])
+            data = replace(data, source=original(data.source))
         inputs.revisions.append((adapter, revision))
         inputs.calibration.append(data)
         inputs.folders.append(loaded.path)

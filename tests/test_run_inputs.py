@@ -325,6 +325,19 @@ def test_an_adapter_two_sources_watch_is_merged_once(setup, caplog):
     assert runner.groups_behind(setup.catalog, [group]) == {}
 
 
+def test_a_held_back_adapter_is_named_by_its_own_files_not_the_runs_copy(setup):
+    """The reason an adapter is held back named the run's copy of its files, a folder that
+    is deleted when the run ends (and another at every run): `status` showed a path no one
+    could open."""
+    watched = setup.published.parent / "watched"
+    (watched / "task1" / "calibration.jsonl").write_text('{"txt": "no text field"}\n')
+    LocalFolderSource(setup.catalog, "team").scan()  # registered with this calibration file
+    outcome = setup.run(setup.group(strategy="iteris", names=("task0", "task1")))
+    reason = setup.run_row(outcome.run_id).metrics["held_back"]["task1"]
+    assert reason.startswith(f"{watched / 'task1' / 'calibration.jsonl'}:1: "), reason
+    assert str(setup.work) not in reason
+
+
 def _catalog_with_one_adapter(tmp_path, name: str = "team", locator: str = "/team/a", revision: str = "r1"):
     """A catalog with one registered adapter, recorded directly (no files are read here)."""
     from iteris_daemon.catalog.registry import Observation, record
