@@ -25,7 +25,8 @@ from .validation import Limits
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # TOML has inf and nan; no setting here means "forever" by them (a gate is turned off with false).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Device = Annotated[str, AfterValidator(check_device)]
@@ -134,7 +135,7 @@ class DaemonSettings(_Strict):
     state_dir: LocalPath | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
     cache_dir: LocalPath | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
     grace_seconds: float = Field(60.0, ge=0, description="a cancelled merge's worker (SIGTERM) is killed after this long")
-    claim_ttl_seconds: float = Field(120.0, gt=0, description="a group claim not refreshed for this long is stale")
+    claim_ttl_seconds: float = Field(120.0, ge=1, description="a group claim not refreshed for this long is stale")
     retry_seconds: float = Field(
         30.0, ge=0, description="a run that could not be carried out (the catalog locked or unreachable) is tried again "
                                 "after this long, doubling after each such failure up to retry_max_seconds; 0: only "
@@ -157,6 +158,13 @@ class DaemonSettings(_Strict):
                                 "reported (`sources scan`, `sources remove`, another daemon on the catalog) merges then")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
+
+    @model_validator(mode="after")
+    def _retry_range(self) -> DaemonSettings:
+        if self.retry_max_seconds < self.retry_seconds:
+            raise ValueError(f"retry_max_seconds ({self.retry_max_seconds:g}) is below retry_seconds "
+                             f"({self.retry_seconds:g}), the first wait")
+        return self
 
     def catalog_url(self) -> str:
         """The catalog's SQLAlchemy URL: ``database``, else ``catalog.db`` in the state directory."""
@@ -199,7 +207,8 @@ class Selection(_Strict):
     """Which registered adapters a group merges (all filters must hold)."""
 
     sources: list[str] | None = Field(None, description="only adapters of these sources (default: all)")
-    names: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns on adapter names")
+    names: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
+                             description="fnmatch patterns on adapter names")
     ids: list[int] | None = Field(None, description="only these adapter ids")
 
     def matches(self, source: str, name: str, adapter_id: int) -> bool:

@@ -64,7 +64,8 @@ BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is aske
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
-    """Configured sources are written into the catalog (the config wins); others stay, said in the log."""
+    """Configured sources are written into the catalog (the config wins); others stay, said in
+    the log, as are groups that select sources the catalog does not have."""
     for source in config.sources:
         def upsert(session, source=source) -> None:
             row = session.scalar(select(Source).where(Source.name == source.name))
@@ -76,7 +77,13 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
         catalog.write_retrying_conflict(upsert)
     configured = {source.name for source in config.sources}
     with catalog.session(write=False) as session:
-        others = [row.name for row in session.scalars(select(Source).where(Source.enabled)) if row.name not in configured]
+        enabled = [row.name for row in session.scalars(select(Source).where(Source.enabled))]
+    for group in config.groups:
+        unknown = sorted(set(group.select.sources or ()) - set(enabled))
+        if unknown:  # a typo, or a source not added yet: the group merges none of its adapters
+            log.warning("group %s selects the adapters of source %s, which is not in the catalog (or disabled)",
+                        group.name, ", ".join(unknown))
+    others = [name for name in enabled if name not in configured]
     if others:  # e.g. a source renamed in the config: the old one still watches its folders
         log.warning("also watching source%s %s from the catalog, not in the config (added with `sources add`, or "
                     "renamed or removed in the config since); `iteris-daemon sources remove NAME` stops that",

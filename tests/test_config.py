@@ -57,6 +57,11 @@ def test_the_example_config_is_valid():
     # Two destinations in one folder remove each other's staging copies and versions.
     (GROUP + FOLDER + GROUP.replace('"g"', '"h"') + FOLDER,
      "groups.1 (h): destinations.0.path: /tmp/x overlaps the destination /tmp/x of group 'g'"),
+    ("[daemon]\ngrace_seconds = inf\n", "daemon.grace_seconds: Input should be a finite number"),
+    ("[daemon]\nclaim_ttl_seconds = 0.001\n", "daemon.claim_ttl_seconds: Input should be greater than or equal to 1"),
+    ("[daemon]\nretry_seconds = 60\nretry_max_seconds = 30\n",
+     "retry_max_seconds (30) is below retry_seconds (60), the first wait"),
+    (GROUP + "[groups.select]\nnames = []\n" + FOLDER, "groups.0.select.names: List should have at least 1 item"),
     # Two sources over one folder registered each adapter twice, and groups merged it twice.
     ('[[sources]]\nname = "a"\nkind = "local"\npaths = ["/tmp/w"]\n'
      '[[sources]]\nname = "b"\nkind = "local"\npaths = ["/srv", "/tmp/w/team"]\n',

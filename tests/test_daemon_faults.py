@@ -934,6 +934,12 @@ def test_sources_in_the_catalog_but_not_in_the_config_are_named_at_start(tmp_pat
     sync_sources(catalog, load_config(config))
     assert "also watching source old-name from the catalog, not in the config" in caplog.text
     assert "`iteris-daemon sources remove NAME`" in caplog.text
+    assert "selects" not in caplog.text
+    with config.open("a") as handle:
+        handle.write('[[groups]]\nname = "g"\nbase_model = "b"\n[groups.select]\nsources = ["team", "tema"]\n'
+                     '[[groups.destinations]]\nkind = "folder"\npath = "/srv/merged"\n')
+    sync_sources(catalog, load_config(config))
+    assert "group g selects the adapters of source tema, which is not in the catalog (or disabled)" in caplog.text
     catalog.close()
 
 
