@@ -30,7 +30,7 @@ from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
-from .paths import as_if_created, replace_folder
+from .paths import as_if_created, model_location, replace_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergeInputs, parse_params
 
@@ -245,7 +245,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         bias="none",
         task_type=first.get("task_type"),
         modules_to_save=head_names(adapters, request.modules_to_save_rule) if head else None,
-        base_model_name_or_path=request.base_model,
+        base_model_name_or_path=model_location(request.base_model),  # a folder: usable from anywhere
     )
     with tempfile.TemporaryDirectory() as tmp:
         # Without a task_type, AutoPeftModel finds the base model's class here.

@@ -301,3 +301,6 @@ def test_one_base_folder_spelled_two_ways_is_one_base(bert, tmp_path, monkeypatc
         (copy_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": spelling}))
         copies.append(copy_dir)
     assert cli_merge(base_dir, copies, tmp_path / "merged", "--strategy", "task_arithmetic", "--no-eval") == 0
+    assert cli_merge(f"./{base_dir.name}", copies, tmp_path / "again", "--strategy", "task_arithmetic", "--no-eval") == 0
+    for out in ("merged", "again"):  # the merge names its base so that it loads from any folder
+        assert json.loads((tmp_path / out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
