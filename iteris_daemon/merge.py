@@ -100,18 +100,14 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
     for index, adapter in enumerate(adapters):
         if counts[adapter.name] > 1:  # two folders with the same name: keep reports unambiguous
             adapter.name = f"{adapter.name}#{index}"
-    bases = {_base_identity(a.base_model) for a in adapters if a.base_model}
+    # One spelling per base model: ./base and /srv/base may be one folder.
+    bases = {model_location(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1:
         listing = ", ".join(f"{a.name}: {a.base_model}" for a in adapters)
-        raise IncompatibleAdaptersError(f"adapters were trained on different base models ({listing})")
+        raise IncompatibleAdaptersError(
+            f"adapters were trained on different base models ({listing}); if these name one model (a Hub id and "
+            "a local copy of it, say), give base_model_name_or_path one spelling in their adapter_config.json")
     return adapters
-
-
-def _base_identity(name: str) -> str:
-    """One spelling per base model: a local folder by its resolved path (``./base`` and
-    ``/srv/base`` may be one folder), a Hub id as written."""
-    folder = Path(name).expanduser()
-    return str(folder.resolve()) if folder.is_dir() else name
 
 
 def gather_calibration(
