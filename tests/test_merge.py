@@ -214,6 +214,18 @@ def test_equal_merges_write_equal_files(bert, tmp_path):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
 
 
+def _tied_llama(folder):
+    """A tiny Llama whose lm_head is tied to its input embedding, saved with a tokenizer."""
+    from builders import tiny_config, tokenizer
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_the_merged_folder_has_the_modes_the_umask_gives(bert, tmp_path, mask):
     """The output was 0700 (a temporary folder renamed) with 0600 weights (safetensors'
@@ -236,15 +248,10 @@ def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
     """With ``lm_head`` tied to the embedding, installing a task's saved ``lm_head`` must not
     change the embedding (PEFT copies the module); it did, so every stream of a whole-model
     merge read its inputs through that head's weights."""
-    from builders import build_adapter, tiny_config, tokenizer
+    from builders import build_adapter
     from iteris_daemon.model import BaseModel
 
-    config = tiny_config("llama")
-    config.tie_word_embeddings = True
-    base_dir = tmp_path / "base"
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(config).save_pretrained(base_dir)
-    tokenizer().save_pretrained(base_dir)
+    base_dir = _tied_llama(tmp_path / "base")
     adapter = load_adapter(build_adapter(base_dir, tmp_path / "a", seed=1, family="llama", task_type="CAUSAL_LM",
                                          modules_to_save=["lm_head"]))
     base = BaseModel(str(base_dir), [adapter])
@@ -262,14 +269,9 @@ def test_the_merged_config_names_the_saved_modules_of_the_adapter_they_came_from
     """``--modules-to-save-rule ADAPTER``: the merged config listed the *first* adapter's
     modules_to_save (here none), so PEFT loaded the saved lm_head into the base model's
     tied lm_head, changing the input embedding as well; the task's own adapter does not."""
-    from builders import build_adapter, tiny_config, tokenizer
+    from builders import build_adapter
 
-    config = tiny_config("llama")
-    config.tie_word_embeddings = True
-    base_dir = tmp_path / "base"
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(config).save_pretrained(base_dir)
-    tokenizer().save_pretrained(base_dir)
+    base_dir = _tied_llama(tmp_path / "base")
     plain = build_adapter(base_dir, tmp_path / "plain", seed=1, family="llama", task_type="CAUSAL_LM")
     headed = build_adapter(base_dir, tmp_path / "headed", seed=2, family="llama", task_type="CAUSAL_LM",
                            modules_to_save=["lm_head"])
