@@ -371,7 +371,7 @@ class Daemon:
             return
         busy = [s.name for s in (*list(self._local.values()), *list(self._hub.values())) if s.busy]
         if busy:  # what it registered so far is half of a change it reports when done
-            log.debug("catalog check skipped: source %s is scanning", ", ".join(busy))
+            log.debug("catalog check skipped: source %s is scanning or polling", ", ".join(busy))
             return
         groups = dict(self._groups)  # a reload may replace it meanwhile
         behind = groups_behind(self.catalog, list(groups.values()))
