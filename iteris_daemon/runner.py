@@ -15,7 +15,9 @@
   adapter this group last published, kept in ``<work>/published/group-<id>``; a
   refused merge is recorded ``refused`` with the reason and published nowhere.
 - **Publish.** Only after the merge is complete and passed the gates, to every
-  destination; a run is ``succeeded`` only if every destination published.
+  destination; a run is ``succeeded`` only if every destination published. A run
+  that failed after some destinations published records which; the destinations
+  then disagree, so the next run publishes to all of them, whatever its inputs.
 - Every run is a ``merge_runs`` row: running, then succeeded/failed/refused/cancelled/skipped.
 """
 
@@ -495,6 +497,17 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     return inputs
 
 
+class PartlyPublished(IterisError):
+    """A destination failed after the ones before it had published the merge."""
+
+    def __init__(self, published: list[dict], kind: str, cause: BaseException):
+        self.published = published
+        done = ", ".join(f"{p['kind']} {p['location']}" for p in published)
+        reason = str(cause) if isinstance(cause, IterisError) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"publishing to {kind} failed after {done} published this merge: {reason} "
+                         "(the next run publishes to every destination again)")
+
+
 @dataclass
 class RunOutcome:
     status: RunStatus
@@ -503,11 +516,17 @@ class RunOutcome:
 
 
 def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
-    """The last run that published, or was refused: its inputs need no new merge."""
+    """The last run that published, or was refused: its inputs need no new merge. None when
+    a failed run since then published to some destinations (:class:`PartlyPublished`):
+    they hold its merge and the others the one before, so nothing may be skipped."""
     with catalog.session() as session:
-        return session.scalar(select(MergeRun).where(MergeRun.group_id == group_id,
+        last = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id,
                                                      MergeRun.status.in_([RunStatus.succeeded, RunStatus.refused]))
                               .order_by(MergeRun.id.desc()).limit(1))
+        failed = session.scalars(select(MergeRun.metrics).where(
+            MergeRun.group_id == group_id, MergeRun.status == RunStatus.failed,
+            MergeRun.id > (last.id if last is not None else 0))).all()
+        return None if any((metrics or {}).get("published") for metrics in failed) else last
 
 
 def published_copy(work_dir: Path, group_id: int) -> Path:
@@ -624,7 +643,10 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, IterisError) else str(exc)
         if isinstance(exc, WorkerFailed):
             on_worker_failure(exc.kind)
-        _finish(catalog, run_id, RunStatus.failed, error=message[:2000])
+        partly = {}  # where it did publish (the gate's baseline stays the last run that published everywhere)
+        if isinstance(exc, PartlyPublished):
+            partly = {"metrics": {"tasks": report.get("tasks", {}), **inputs.recorded(), "published": exc.published}}
+        _finish(catalog, run_id, RunStatus.failed, error=message[:2000], **partly)
         log.error("group %s: run %d failed: %s", group.name, run_id, message)
         return RunOutcome(RunStatus.failed, run_id, message)
     finally:
@@ -659,7 +681,8 @@ def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Pa
 
 
 def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs) -> list[dict]:
-    """Every destination, in order; the first failure fails the run (published ones stay)."""
+    """Every destination, in order; the first failure fails the run (published ones stay,
+    and :class:`PartlyPublished` names them)."""
     request = PublishRequest(
         adapter_dir=folder, group=group.name, run_id=run_id, base_model=group.base_model,
         strategy=group.strategy, params=report.get("params", group.params),
@@ -670,7 +693,12 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
     for destination in group.destinations:
         publisher = get_publisher(destination["kind"])
         settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
-        result = publisher.publish(request, settings)
+        try:
+            result = publisher.publish(request, settings)
+        except Exception as exc:
+            if published:
+                raise PartlyPublished(published, publisher.kind, exc) from exc
+            raise
         published.append({"kind": publisher.kind, "location": result.location, "version": result.version,
                           "changed": result.changed})
     return published

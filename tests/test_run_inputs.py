@@ -338,6 +338,43 @@ def test_a_held_back_adapter_is_named_by_its_own_files_not_the_runs_copy(setup):
     assert str(setup.work) not in reason
 
 
+def test_after_a_run_that_published_only_partly_nothing_is_skipped(setup):
+    """Destinations: a folder, then one that fails (here a second folder whose path is a
+    file). The failed run had published to the first; the inputs then went back to what
+    the last successful run merged, and the next run was skipped as unchanged: the first
+    destination kept serving a merge of inputs no one had any more."""
+    watched = setup.published.parent / "watched"
+    second = setup.published.parent / "second"
+    group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                        select={"names": ["task0", "task1"]},
+                        destinations=[{"kind": "folder", "path": str(setup.published)},
+                                      {"kind": "folder", "path": str(second)}])
+    sync_group(setup.catalog, group)
+    source = LocalFolderSource(setup.catalog, "team")
+    assert setup.run(group).status is RunStatus.succeeded
+    first = setup.current()
+    original = (watched / "task0" / "adapter_model.safetensors").read_bytes()
+    _replace_weights(watched / "task0", 2.0)
+    source.scan()
+    shutil.rmtree(second)
+    second.write_text("not a folder")
+    failed = setup.run(group)
+    assert failed.status is RunStatus.failed and "published this merge" in failed.detail
+    assert f"folder {setup.published}" in failed.detail
+    assert setup.current() != first  # the first destination holds the failed run's merge
+    row = setup.run_row(failed.run_id)
+    assert [p["location"] for p in row.metrics["published"]] == [str(setup.published)]
+
+    (watched / "task0" / "adapter_model.safetensors").write_bytes(original)  # back to the first run's inputs
+    source.scan()
+    second.unlink()
+    again = setup.run(group)
+    assert again.status is RunStatus.succeeded  # not "skipped: inputs unchanged"
+    assert setup.current() == first
+    assert sha256_file(second / "current" / "adapter_model.safetensors") == first
+    assert setup.run(group).status is RunStatus.skipped  # all destinations agree again
+
+
 def _catalog_with_one_adapter(tmp_path, name: str = "team", locator: str = "/team/a", revision: str = "r1"):
     """A catalog with one registered adapter, recorded directly (no files are read here)."""
     from iteris_daemon.catalog.registry import Observation, record
