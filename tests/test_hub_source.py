@@ -375,3 +375,35 @@ def test_a_source_is_busy_while_it_polls(env, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         poller.poll()
     assert not poller.busy
+
+
+def test_a_listed_repo_or_branch_that_is_not_there_makes_the_source_unhealthy(env):
+    """A mistyped repo id or branch in `repos` (or a private repo the token cannot read)
+    was polled as "gone": nothing registered, no warning, and the source healthy."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("bob/a", adapter_files(first))
+    poller = source(repos=["bob/a", "bob/typo-lora", "bob/a@no-such-branch"])
+    report = poller.poll()
+    assert report.registered == ["bob/a"]
+    row = _source_row(catalog)
+    assert not row.healthy
+    assert row.last_error == "bob/typo-lora: no such repo or branch, or this source's token cannot read it"
+    hub.create_repo_direct("bob/typo-lora", adapter_files(first))
+    hub.create_branch_direct("bob/a", "no-such-branch")
+    assert sorted(poller.poll().registered) == ["bob/a@no-such-branch", "bob/typo-lora"]
+    assert _source_row(catalog).healthy
+
+
+def test_a_webhook_polls_the_authors_repo_and_its_listed_branch(env):
+    """With ``author = "dave"`` and ``repos = ["dave/x@dev"]``, a webhook for dave/x polled
+    only the dev branch: a push to main waited for the next full poll."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("dave/x", adapter_files(first))
+    hub.create_branch_direct("dave/x", "dev")
+    poller = source(author="dave", repos=["dave/x@dev"])
+    assert sorted(poller.poll().registered) == ["dave/x", "dave/x@dev"]
+    main = hub.commit_direct("dave/x", {"adapter_model.safetensors": (first / "adapter_model.safetensors").read_bytes()
+                                        [:-4] + b"\x00\x00\x80\x3f"})
+    report = poller.poll_repo("dave/x")
+    assert report.registered == ["dave/x"] and report.unchanged == 1
+    assert _adapters(catalog)["dave/x"].current.revision == main

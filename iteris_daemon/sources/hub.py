@@ -163,7 +163,8 @@ class HubSource:
         targets = [(repo, branch or None) for repo, _, branch in (s.partition("@") for s in self.settings.repos)
                    if repo == repo_id]
         listed = not targets  # watched as one of the author's repos
-        targets = targets or [(repo_id, None)]
+        if self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author:
+            targets = list(dict.fromkeys([*targets, (repo_id, None)]))  # its main branch too, as the author's
         locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch in targets}
         return self._poll(lambda api, errors: (targets, listed), only=locators)
 
@@ -205,6 +206,9 @@ class HubSource:
             try:
                 if self._poll_repo(api, token, repo_id, branch, locator, listed, report):
                     seen.add(locator)
+                elif locator in self.settings.repos:  # named in the config, so expected to be there
+                    errors.append(f"{locator}: no such repo or branch, or this source's token cannot read it")
+                    log.error("source %s: %s", self.name, errors[-1])
             except Exception as exc:
                 if self._stopping():  # given up because the daemon stops: no verdict on this repo
                     return self._interrupted(what, report, errors)
