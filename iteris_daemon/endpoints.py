@@ -129,8 +129,10 @@ def _catalog_families() -> dict[str, Metric]:
     return {
         "adapters": GaugeMetricFamily("iteris_adapters", "Adapters in the catalog, by source and status.",
                                       labels=["source", "status"]),
-        "runs": CounterMetricFamily("iteris_merge_runs", "Merge runs recorded in the catalog, by group and status.",
-                                    labels=["group", "status"]),
+        "runs": CounterMetricFamily("iteris_merge_runs", "Finished merge runs recorded in the catalog, by group and "
+                                    "status.", labels=["group", "status"]),
+        # Not a counter status: a running run becomes a finished one, and a counter never goes down.
+        "running": GaugeMetricFamily("iteris_merge_runs_running", "Merge runs under way, by group.", labels=["group"]),
         "published": GaugeMetricFamily(
             "iteris_last_publish_timestamp_seconds",
             "When the group's last successful run finished, per destination (kind:location) it published to.",
@@ -215,7 +217,9 @@ class CatalogCollector(Collector):
                     families["last_poll"].add_metric([source.name], _unix(source.last_poll_at))
         for group in groups:
             for status in RunStatus:
-                families["runs"].add_metric([group, status.value], run_counts.get((group, status), 0))
+                family, labels = ((families["running"], [group]) if status is RunStatus.running
+                                  else (families["runs"], [group, status.value]))
+                family.add_metric(labels, run_counts.get((group, status), 0))
         for group, finished_at, figures in successes:
             figures = figures if isinstance(figures, dict) else {}
             destinations = {f"{p.get('kind')}:{p.get('location')}" for p in figures.get("published") or []
