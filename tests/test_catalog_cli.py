@@ -140,6 +140,26 @@ def test_a_scan_with_the_daemons_config_uses_its_catalog_cache_and_limits(made, 
     assert json.loads(run(capsys, "adapters", "list", "--json", "--db", db)[1])[0]["status"] == "rejected"
 
 
+def test_a_scan_with_the_daemons_config_scans_the_configs_sources(made, tmp_path, capsys):
+    """The config's [[sources]] were ignored: on a catalog the daemon had not started on,
+    `sources scan --config` scanned nothing and exited 0, and a source changed in the file
+    was scanned with the catalog's old settings."""
+    base, lora = made
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(lora, first / "one")
+    shutil.copytree(lora, second / "two")
+    config = tmp_path / "daemon.toml"
+    source = '[[sources]]\nname = "team"\nkind = "local"\nbase_model = {base}\npaths = [{paths}]\n'
+    head = f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+    config.write_text(head + source.format(base=json.dumps(str(base)), paths=json.dumps(str(first))))
+    code, out, _ = run(capsys, "sources", "scan", "--config", str(config))
+    assert code == 0 and "1 registered" in out
+    config.write_text(head + source.format(base=json.dumps(str(base)),
+                                           paths=f"{json.dumps(str(first))}, {json.dumps(str(second))}"))
+    code, out, _ = run(capsys, "sources", "scan", "--config", str(config))
+    assert code == 0 and "1 registered" in out and "1 unchanged" in out
+
+
 def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_path, capsys):
     """A cache directory that cannot be made, or that belongs to another user (root
     scanning with the daemon's), is not used: folders are hashed in full, with a warning;

@@ -71,7 +71,8 @@ def register(commands) -> None:
     scan = source_commands.add_parser(
         "scan", parents=[db_options], help="rescan folders / poll Hub repos once, now",
         description="Rescan local folders and poll Hub sources once (the daemon does this on its own). "
-                    "Give the daemon's --config: adapters are then judged by its limits and trusted models, and "
+                    "Give the daemon's --config: its sources are added or updated first, as the daemon does at "
+                    "start, and adapters are judged by its limits and trusted models, and "
                     "a verdict recorded under other settings is judged again, as the daemon does. Without it the "
                     "default limits judge new content only (the daemon's next rescan judges it again under its own). "
                     "A running daemon merges what this registers or removes at its next catalog check "
@@ -79,8 +80,9 @@ def register(commands) -> None:
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
     scan.add_argument("--config", type=Path, metavar="FILE",
-                      help="the daemon's config: scan with its catalog (unless --db), cache directory, adapter "
-                           "limits and trusted models, as the daemon would")
+                      help="the daemon's config: scan its sources (added to the catalog or updated first) with "
+                           "its catalog (unless --db), cache directory, adapter limits and trusted models, as the "
+                           "daemon would")
     scan.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                       help="the cache directory: Hub downloads go to DIR/hub; folder fingerprints are kept in "
                            "DIR/folder-stat, shared with a daemon using DIR and the same limits, so unchanged "
@@ -205,8 +207,13 @@ def _sources_scan(args) -> int:
     from ..sources.stat_cache import stat_cache_file
     from ..validation import Limits
 
-    settings = load_config(args.config, check_plugins=False).daemon if args.config else None
-    catalog = Catalog(args.db or (settings.catalog_url() if settings else None), create=False)
+    config = load_config(args.config, check_plugins=False) if args.config else None
+    settings = config.daemon if config else None
+    catalog = Catalog(args.db or (settings.catalog_url() if settings else None), create=config is not None)
+    if config is not None:  # its sources as the daemon would have them, added or updated first
+        from ..daemon import sync_sources
+
+        sync_sources(catalog, config)
     # Without the daemon's settings its recorded verdicts are left alone: only new content is judged.
     guarded = {"limits": settings.limits.limits() if settings else Limits(),
                "trusted_models": settings.trust_remote_code if settings else (), "rejudge": settings is not None}
