@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import memory
+from . import memory, safe_json
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
                      OutputError, OutputExistsError)
@@ -376,7 +376,7 @@ def _write_atomically(out: Path, config, modules, head, report, started) -> None
     try:
         save_adapter(staging, config, modules, head)
         report["total_seconds"] = round(time.perf_counter() - started, 3)
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (staging / REPORT_NAME).write_text(safe_json.dumps(report, indent=2) + "\n", encoding="utf-8")
         as_if_created(staging)
         replace_folder(staging, out)
     except BaseException:

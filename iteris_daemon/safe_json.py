@@ -1,4 +1,5 @@
-"""JSON from untrusted files (adapter configs, safetensors headers, calibration lines).
+"""JSON from untrusted files (adapter configs, safetensors headers, calibration lines),
+and JSON that other programs can read (:func:`dumps`).
 
 ``json.loads`` recurses once per nesting level: a few hundred kilobytes of ``[[[[``
 raise ``RecursionError`` (not a ``ValueError``), which stopped whole scans; a value
@@ -11,6 +12,7 @@ like every other parse failure, so callers catch ``ValueError`` alone.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 MAX_DEPTH = 64  # PEFT configs nest 3 levels, safetensors headers 3, calibration lines 1
@@ -52,3 +54,20 @@ def depth(value: Any, stop: int | None = None) -> int:
             break
         pending.extend((child, level + 1) for child in children)
     return deepest
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no Infinity or NaN (Python
+    writes them anyway, and JSON.parse, Go and PostgreSQL refuse the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def dumps(value: Any, **options: Any) -> str:
+    """Standard JSON: non-finite floats written as null (see :func:`finite`)."""
+    return json.dumps(finite(value), allow_nan=False, **options)

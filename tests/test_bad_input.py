@@ -286,3 +286,14 @@ def test_output_in_a_read_only_folder_is_refused(workspace, capsys):
         assert not any(locked.iterdir())
     finally:
         locked.chmod(0o755)
+
+
+def test_reports_are_standard_json():
+    """``safe_json.dumps`` writes non-finite floats as null, at any depth."""
+    import json
+    import math
+
+    from iteris_daemon import safe_json
+
+    value = {"a": [math.inf, 1.5, {"b": -math.inf, "c": (math.nan, 2)}], "d": "Infinity"}
+    assert json.loads(safe_json.dumps(value)) == {"a": [None, 1.5, {"b": None, "c": [None, 2]}], "d": "Infinity"}

@@ -4,7 +4,6 @@ calibration samples (:mod:`iteris_daemon.compare`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def register(commands) -> None:
 def _compare(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from .. import safe_json
     from ..compare import CompareRequest, group_request, render, run_compare
     from ..config import load_config
     from ..errors import ConfigError
@@ -80,6 +80,6 @@ def _compare(args) -> int:
         with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
             report = run_compare(group_request(load_config(args.config), args.group, Path(into), **options))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(safe_json.dumps(report, indent=2) + "\n")
     print(render(report))
     return 0 if any("error" not in row for row in report["strategies"]) else 1
