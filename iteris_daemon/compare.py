@@ -28,7 +28,7 @@ from .config import DaemonConfig
 from .errors import ConfigError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary
-from .merge import AdapterSpec, calibration_for, check_finite, load_adapters, load_base, merged_head
+from .merge import AdapterSpec, calibration_for, check_result, load_adapters, load_base, merged_head
 from .plugin_manager import get_strategy, strategies
 from .runner import gather_inputs
 from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
@@ -98,7 +98,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
             started = time.perf_counter()
             result = contender.strategy.merge(inputs, contender.params, progress)
             seconds = time.perf_counter() - started
-            check_finite(result.modules)
+            check_result(contender.strategy.name, result.modules, adapters)
             tasks = evaluate(base, adapters, list(held), result.modules, head, request.batch_size,
                              request.max_length, progress)
         except IterisError as exc:  # these adapters are not for this strategy: say why, score the others

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -150,8 +151,23 @@ def load_base(name: str, adapters: list[LoraAdapter], device: str, dtype: str, t
     return base
 
 
-def check_finite(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for path, (B, A) in modules.items():
+def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 adapters: list[LoraAdapter]) -> None:
+    """What a strategy returned must be LoRA factors of the layers the adapters adapt, of
+    their shapes, and finite: a plugin's mistake is refused here, before anything is
+    written (PEFT could not load such an adapter, or silently lost a layer)."""
+    shapes = {path: (m.B.shape[0], m.A.shape[1]) for a in adapters for path, m in a.modules.items()}
+    if not modules:
+        raise MergeError(f"strategy {strategy} returned no layers; nothing was written")
+    for path, factors in modules.items():
+        if path not in shapes:
+            raise MergeError(f"strategy {strategy} returned layer {path!r}, which no adapter adapts; nothing was written")
+        B, A = factors
+        if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[0] < 1 \
+                or (B.shape[0], A.shape[1]) != shapes[path]:
+            raise MergeError(f"strategy {strategy} returned factors of shapes B {tuple(B.shape)}, A {tuple(A.shape)} "
+                             f"for {path}, which needs B (d_out, r) and A (r, d_in) with (d_out, d_in) = "
+                             f"{shapes[path]} and r >= 1; nothing was written")
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
 
@@ -197,6 +213,17 @@ def head_names(adapters: list[LoraAdapter], rule: str) -> list[str] | None:
     chosen = named if rule != "average" and named else [a for a in adapters if a.modules_to_save]
     names = sorted({name for a in chosen for name in a.config.get("modules_to_save") or ()})
     return names or None
+
+
+def _own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """``tensor``, copied if another one already written shares its memory (safetensors
+    refuses to save shared tensors)."""
+    pointer = tensor.untyped_storage().data_ptr()
+    if pointer in seen:
+        tensor = tensor.clone()
+        pointer = tensor.untyped_storage().data_ptr()
+    seen.add(pointer)
+    return tensor
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -292,13 +319,18 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     device_peak = memory.device_peak_mb(base.device)
     output_dtype = DTYPES[request.output_dtype] if request.output_dtype else adapters[0].dtype
 
-    check_finite(result.modules)
+    check_result(strategy.name, result.modules, adapters)
     modules, ranks, truncation = {}, {}, {}
+    storages: set[int] = set()
     for path, (B, A) in result.modules.items():
         d_out, d_in = B.shape[0], A.shape[1]
         if A.shape[0] > min(d_out, d_in):  # the same delta fits in a smaller rank, exactly
             B, A, truncation[path] = refactor(B, A, min(d_out, d_in))
-        modules[path] = (B.to(output_dtype).cpu(), A.to(output_dtype).cpu())
+        B, A = (_own_storage(t.to(output_dtype).cpu(), storages) for t in (B, A))
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise MergeError(f"merged weights of {path} overflow {output_dtype} (NaN/Inf once cast); nothing was written "
+                             "(write them in a wider --output-dtype)")
+        modules[path] = (B, A)
         ranks[path] = A.shape[0]
 
     per_task: dict[str, dict[str, Any]] = {}
@@ -308,6 +340,11 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         max_length = getattr(params, "max_length", request.eval_max_length)
         per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
                             reference=reference)
+    broken = [name for name, figures in per_task.items()
+              if isinstance(figures.get("fidelity_gap"), float) and not math.isfinite(figures["fidelity_gap"])]
+    if broken:  # finite factors whose product overflows, say
+        raise MergeError(f"the merged adapter's outputs on {', '.join(broken)} are not finite (NaN/Inf); "
+                         "nothing was written")
     history = result.metrics.pop("alignment_loss", {})
     for name, figures in per_task.items():
         figures["alignment_loss"] = [*history.get(name, []), figures["alignment_loss"]]

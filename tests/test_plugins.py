@@ -117,6 +117,83 @@ def test_entry_point_plugin_in_a_fresh_process(bert, tmp_path):
     assert report["strategy"] == "scaled_sum" and report["params"] == {"factor": 0.25}
 
 
+class Misbehaving:
+    """A strategy plugin with a bug: ``mistake`` says which."""
+
+    name = "misbehaving"
+    description = "returns what it should not (a test plugin)"
+    Params = StrategyParams
+    needs_calibration = False
+
+    def __init__(self, mistake: str):
+        self.mistake = mistake
+
+    def merge(self, inputs, params, progress):
+        modules = task_arithmetic_factors(inputs.adapters, [1.0] * len(inputs.adapters))
+        path, (B, A) = next((p, f) for p, f in modules.items() if f[0].shape[0] != f[1].shape[1])  # not square
+        if self.mistake == "transposed":  # B A's transpose: of a (d_in, d_out) layer
+            modules[path] = (A.T, B.T)
+        elif self.mistake == "unknown layer":
+            modules["no.such.layer"] = modules.pop(path)
+        elif self.mistake == "no layers":
+            modules = {}
+        elif self.mistake == "rank 0":
+            modules[path] = (B[:, :0], A[:0])
+        elif self.mistake == "shared":  # one tensor for every layer's B of that shape: written as copies
+            modules = {p: (B if b.shape == B.shape else b, a) for p, (b, a) in modules.items()}
+        elif self.mistake == "huge":  # finite, but not in float16
+            modules[path] = (B * 1e6, A)
+        elif self.mistake == "overflowing product":  # finite factors, an infinite delta
+            modules[path] = (B * 1e30, A * 1e30)
+        return MergedAdapter(modules)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("transposed", "returned factors of shapes B"),
+    ("unknown layer", "returned layer 'no.such.layer', which no adapter adapts"),
+    ("no layers", "returned no layers"),
+    ("rank 0", "and r >= 1"),
+    ("huge", "overflow torch.float16"),
+    ("overflowing product", "outputs on"),
+    ("shared", None),
+])
+def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_path, capsys, mistake, message):
+    """A plugin strategy's output was written unchecked: an adapter PEFT could not load (or
+    that silently lost a layer) and exit 0, or a traceback; tensors shared between layers
+    failed in safetensors after the whole merge."""
+    base_dir, adapters = bert
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(Misbehaving(mistake))
+
+    manager = get_plugin_manager()
+    plugin = Plugin()
+    manager.register(plugin, name="misbehaving-plugin")
+    out = tmp_path / "m"
+    try:
+        args = ["merge", "--base-model", str(base_dir), "--strategy", "misbehaving", "--out", str(out), "-q",
+                *(["--no-eval"] if mistake != "overflowing product" else []),
+                *(["--output-dtype", "float16"] if mistake == "huge" else [])]
+        code = main([*args, *(f"--adapter={a}" for a in adapters)])
+    finally:
+        manager.unregister(plugin)
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0, err
+        merged = load_adapter(out)
+        inputs = [load_adapter(a) for a in adapters]
+        assert len(merged.modules) == len({p for a in inputs for p in a.modules})
+        return
+    assert code == 2 and not out.exists(), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith({"huge": "iteris-daemon: error: merged weights of",
+                            "overflowing product": "iteris-daemon: error: the merged adapter's outputs"}.get(
+        mistake, "iteris-daemon: error: strategy misbehaving returned")) and message in last
+    assert "Traceback" not in err
+
+
 def _fake_distribution(site, name, entry_point, module_source=None):
     """A dist-info folder on PYTHONPATH declaring ``entry_point`` in the iteris_daemon group."""
     info = site / f"{name}-0.1.dist-info"
