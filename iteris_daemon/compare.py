@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,8 +47,10 @@ class Contender:
 
 
 def parse_contender(spec: str) -> Contender:
-    """``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]``, checked against the strategy's parameters."""
-    name, *assignments = spec.split(":")
+    """``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]``, checked against the strategy's parameters.
+    A ``:`` starts the next assignment only before ``KEY=``: a value may hold one (``label="a:b"``)."""
+    name, colon, rest = spec.partition(":")
+    assignments = re.split(r":(?=\s*[A-Za-z_]\w*\s*=)", rest) if colon else []
     strategy = get_strategy(name.strip())
     if any(not a.strip() for a in assignments):
         raise ParameterError(f"strategy {spec!r}: expected NAME:KEY=VALUE[:KEY=VALUE...]")

@@ -26,6 +26,13 @@ def get_plugin_manager() -> pluggy.PluginManager:
         manager.load_setuptools_entrypoints(hookspecs.PROJECT)
     except Exception as exc:
         _raise_for_broken_plugin(manager, exc)
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:  # a misspelt hook would silently provide nothing
+        name = manager.get_name(exc.plugin) or repr(exc.plugin)
+        hooks = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("register_")))
+        raise PluginError(f"plugin {name!r} implements a hook iteris-daemon does not have ({_one_line(exc)}); "
+                          f"its hooks: {hooks}") from None
     return manager
 
 
@@ -80,7 +87,9 @@ def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) ->
     def register(item) -> None:
         name = getattr(item, key)
         if name in found:
-            raise ValueError(f"two plugins register a {what} named {name!r}")
+            modules = sorted({type(found[name]).__module__, type(item).__module__})
+            raise PluginError(f"two plugins register a {what} named {name!r} (from {' and '.join(modules)}): "
+                              "uninstall or rename one")
         found[name] = item
 
     getattr((manager or get_plugin_manager()).hook, hook)(register=register)

@@ -23,9 +23,10 @@ Progress = Callable[..., Any]
 
 
 class StrategyParams(BaseModel):
-    """Base for strategy parameter models: unknown keys are an error, not a silent no-op."""
+    """Base for strategy parameter models: unknown keys are an error, not a silent no-op;
+    inf and nan are no parameter value (a ridge of inf turned IterIS into a no-op)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import Field
 
 from iteris_daemon import hookimpl
 from iteris_daemon.cli import main
@@ -259,3 +260,65 @@ def test_a_checkout_without_an_editable_install_is_explained():
     for other in ("iteris_daemon.plugins.no_such_plugin", "numpy_xyz"):  # a real broken plugin: no such advice
         assert _checkout_hint(ModuleNotFoundError(f"No module named {other!r}", name=other)) == ""
     assert _checkout_hint(RuntimeError("iteris_daemon.plugins")) == ""
+
+
+class _Typed:
+    """A strategy whose parameters have no default, and a default made by a factory."""
+
+    class Params(StrategyParams):
+        label: str
+        weights: list[float] = []
+        names: list[str] = Field(default_factory=lambda: ["a", "b"])
+
+    name = "typed"
+    needs_calibration = False  # and no description: optional for a third-party plugin
+
+    def merge(self, inputs, params, progress):
+        return MergedAdapter(task_arithmetic_factors(inputs.adapters, [1.0] * len(inputs.adapters)))
+
+
+def test_plugin_listing_copes_with_what_third_party_plugins_leave_out(capsys):
+    """`plugins` crashed on a plugin without a ``description``, and showed a required
+    parameter's or a factory's default as ``PydanticUndefined``. A compare spec's value
+    may hold a ``:``; inf and nan are no parameter value."""
+    from iteris_daemon.compare import parse_contender
+    from iteris_daemon.errors import ParameterError
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(_Typed())
+
+    manager = get_plugin_manager()
+    plugin = Plugin()
+    manager.register(plugin, name="typed-plugin")
+    try:
+        assert main(["plugins"]) == 0 and "typed" in capsys.readouterr().out
+        assert main(["plugins", "--json"]) == 0
+        assert {"name": "typed", "description": "", "needs_calibration": False} in json.loads(
+            capsys.readouterr().out)["strategies"]
+        assert main(["plugins", "--params", "typed", "--json"]) == 0
+        defaults = {row["name"]: row["default"] for row in json.loads(capsys.readouterr().out)}
+        assert defaults == {"label": "required", "weights": [], "names": ["a", "b"]}
+        assert parse_contender('typed:label="a:b":names=["x:y"]').params.model_dump() == {
+            "label": "a:b", "weights": [], "names": ["x:y"]}
+        with pytest.raises(ParameterError, match="finite number"):
+            parse_contender("typed:label=x:weights=[Infinity]")
+    finally:
+        manager.unregister(plugin)
+
+
+def test_two_plugins_with_one_name_and_a_misspelt_hook_are_one_line_errors(tmp_path):
+    """Both were silent or a traceback: a second strategy named ``iteris`` raised a bare
+    ValueError, and a hook spelt ``register_strategy`` loaded a plugin that provided nothing."""
+    duplicate = textwrap.dedent(PLUGIN_SOURCE).replace('name = "scaled_sum"', 'name = "iteris"')
+    misspelt = "from iteris_daemon import hookimpl\n\n@hookimpl\ndef register_strategy(register):\n    pass\n"
+    for module, source, expected in (
+            ("dup_plugin", duplicate, "two plugins register a strategy named 'iteris' (from "),
+            ("misspelt_plugin", misspelt, "plugin 'misspelt' implements a hook iteris-daemon does not have")):
+        name = module.removesuffix("_plugin")
+        env = _fake_distribution(tmp_path / module, name, f"{name} = {module}", source)
+        result = subprocess.run([sys.executable, "-m", "iteris_daemon", "plugins"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("iteris-daemon: error: " + expected), result.stderr

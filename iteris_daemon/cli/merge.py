@@ -188,13 +188,13 @@ def _plugins(args) -> int:
         strategy = get_strategy(args.params)
         fields = strategy.Params.model_fields
         rows = [
-            {"name": n, "type": _type_name(f.annotation), "default": f.default, "help": f.description or ""}
+            {"name": n, "type": _type_name(f.annotation), "default": _default(f), "help": f.description or ""}
             for n, f in fields.items()
         ]
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
         else:
-            print(f"{strategy.name}: {strategy.description}")
+            print(f"{strategy.name}: {_description(strategy)}")
             for row in rows:
                 print(f"  {row['name']:20} {row['type']:22} default={row['default']!r:10} {row['help']}")
         return 0
@@ -205,23 +205,36 @@ def _plugins(args) -> int:
     if args.json:
         print(json.dumps({
             "plugins": [{"name": n, "origin": o} for n, o in loaded],
-            "strategies": [{"name": s.name, "description": s.description, "needs_calibration": s.needs_calibration} for s in found.values()],
-            "calibration_sources": [{"name": c.name, "description": c.description} for c in sources.values()],
-            "publishers": [{"kind": p.kind, "description": p.description} for p in destinations.values()],
+            "strategies": [{"name": s.name, "description": _description(s), "needs_calibration": s.needs_calibration}
+                           for s in found.values()],
+            "calibration_sources": [{"name": c.name, "description": _description(c)} for c in sources.values()],
+            "publishers": [{"kind": p.kind, "description": _description(p)} for p in destinations.values()],
         }, indent=2))
         return 0
     print("plugins:")
     for name, origin in loaded:
         print(f"  {name:24} {origin}")
     for title, rows in (
-        ("strategies", [(s.name, s.description) for s in found.values()]),
-        ("calibration sources", [(c.name, c.description) for c in sources.values()]),
-        ("publishers (destination kinds)", [(p.kind, p.description) for p in destinations.values()]),
+        ("strategies", [(s.name, _description(s)) for s in found.values()]),
+        ("calibration sources", [(c.name, _description(c)) for c in sources.values()]),
+        ("publishers (destination kinds)", [(p.kind, _description(p)) for p in destinations.values()]),
     ):
         print(f"{title}:")
         for name, description in rows:
             print(f"  {name:24} {description}")
     return 0
+
+
+def _description(plugin) -> str:
+    """A plugin object's one-line description; optional for third-party ones."""
+    return getattr(plugin, "description", "") or ""
+
+
+def _default(field) -> object:
+    """A parameter's default as a user would write it: "required" when it has none."""
+    if field.is_required():
+        return "required"
+    return field.default_factory() if field.default_factory is not None else field.default
 
 
 def _type_name(annotation) -> str:
