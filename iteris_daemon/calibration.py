@@ -173,5 +173,16 @@ class CalibrationSource(Protocol):
 def first_calibration(
     adapter, options: CalibrationOptions, available: dict[str, CalibrationSource]
 ) -> CalibrationSet | None:
-    """The first answer of the sources in ``options.order`` (None: none had data)."""
-    return next((d for d in (available[n].load(adapter, options) for n in options.order) if d is not None), None)
+    """The first answer of the sources in ``options.order`` with samples (None: none had any).
+    A source's answer is checked: a plugin's set of no samples is no answer, and one that
+    is not a CalibrationSet of Samples is an error naming the source."""
+    for name in options.order:
+        data = available[name].load(adapter, options)
+        if data is None:
+            continue
+        if not isinstance(data, CalibrationSet) or not all(isinstance(s, Sample) for s in data.samples):
+            raise CalibrationError(name, f"calibration source answered {type(data).__name__} for adapter "
+                                         f"{adapter.name}, not a CalibrationSet of Samples")
+        if data.samples:
+            return data
+    return None

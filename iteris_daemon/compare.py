@@ -28,7 +28,7 @@ from .catalog import Catalog
 from .config import DaemonConfig
 from .errors import ConfigError, IterisError, ParameterError
 from .evaluation import evaluate
-from .figures import summary
+from .figures import summary, text
 from .merge import AdapterSpec, calibration_for, check_result, load_adapters, load_base, merged_head
 from .plugin_manager import get_strategy, strategies
 from .runner import gather_inputs
@@ -184,8 +184,8 @@ def render(report: dict[str, Any]) -> str:
         if "error" in row:
             lines.append(f"{row['strategy']:{label_width}}  failed: {row['error']}")
             continue
-        worst = f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})"
-        lines.append(f"{row['strategy']:{label_width}}  {row['mean_fidelity_gap']:>7.4f}  {worst:{worst_width}}  "
+        worst = f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})" if "worst_task" in row else "-"
+        lines.append(f"{row['strategy']:{label_width}}  {text(row.get('mean_fidelity_gap')):>7}  {worst:{worst_width}}  "
                      f"{row['merge_seconds']:>8.2f}  " + (f"{row['mean_added_loss']:>7.4f}  " if added else "")
-                     + "  ".join(f"{row['tasks'][n]['fidelity_gap']:>{w}.4f}" for n, w in zip(names, widths)))
+                     + "  ".join(f"{text(row['tasks'][n]['fidelity_gap']):>{w}}" for n, w in zip(names, widths)))
     return "\n".join(lines)

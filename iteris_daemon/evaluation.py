@@ -4,7 +4,8 @@
   the IterIS objective (unweighted, unregularised) of the merge D on task i's data;
 - *fidelity gap*: ``||y_merged - y_i|| / ||y_i - y_base||`` of the model's final
   outputs on task i's calibration inputs (0: behaves like the task's own adapter,
-  1: no better than the base model);
+  1: no better than the base model; null, as is the alignment loss, when the task's
+  adapter does not change the outputs at all and the merge does);
 - *next-token loss*, for language models that generate (causal or encoder-decoder): the
   mean cross-entropy, in nats per token, of each real token of a sample given those before
   it (for an encoder-decoder, the target's tokens that the teacher-forced decoder reads:
@@ -22,6 +23,8 @@ hidden states travel from one unit to the next.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms
@@ -30,6 +33,8 @@ from .execution import prepare
 from .lora import LoraAdapter
 from .model import BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
 from .strategy import Progress
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -121,12 +126,15 @@ def evaluate(
     results: dict[str, dict[str, float]] = {}
     for adapter, total, layers in zip(adapters, sums, by_layer):
         results[adapter.name] = {
-            "alignment_loss": total["num"] / total["den"] if total["den"] > 0 else 0.0,
+            "alignment_loss": _ratio(total["num"], total["den"]),
             "fidelity_gap": _gap(total["gap_num"], total["gap_den"]),
             "alignment_loss_by_layer": layers,
         }
         if reference is not None:
             results[adapter.name]["reference_fidelity_gap"] = _gap(total["reference_num"], total["gap_den"])
+        if results[adapter.name]["fidelity_gap"] is None:
+            log.warning("adapter %s does not change the model's outputs on its calibration inputs (a zero delta?): "
+                        "its fidelity gap and alignment loss are undefined, reported null", adapter.name)
         if total["tokens"]:
             results[adapter.name]["next_token_loss"] = {name: loss / total["tokens"] for name, loss in total["loss"].items()}
     return results
@@ -167,5 +175,14 @@ def _add_next_token_losses(tokens: torch.Tensor, mask: torch.Tensor | None, outp
             sums["loss"][name] += float(losses[real[row]].double().sum())
 
 
-def _gap(num: float, den: float) -> float:
-    return (num / den) ** 0.5 if den > 0 else 0.0
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, the same way: None when only the numerator is non-zero."""
+    return num / den if den > 0 else (0.0 if num <= 0 else None)
+
+
+def _gap(num: float, den: float) -> float | None:
+    """sqrt(num / den); None when the task's adapter does not move the outputs (den 0) and
+    the merge does: relative to no change, any change is undefined (it was reported 0,
+    "behaves like the task's adapter")."""
+    ratio = _ratio(num, den)
+    return None if ratio is None else ratio ** 0.5

@@ -38,3 +38,9 @@ def summary(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if added and len(added) == len(tasks):
         found["mean_added_loss"] = sum(added.values()) / len(added)
     return found
+
+
+def text(value: Any) -> str:
+    """A figure to 4 decimals for tables; "-" where it is undefined (null: a task whose
+    adapter does not move the outputs) or missing."""
+    return f"{value:.4f}" if number(value) else "-"

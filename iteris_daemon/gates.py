@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Gates
-from .figures import added_losses
+from .figures import added_losses, number
 
 
 @dataclass
@@ -35,7 +35,8 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
         broken = [key for key, value in figures.items() if not _finite(value)]
         if broken:
             return Verdict(f"task {name}: {', '.join(broken)} is not finite")
-    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items()}
+    # A task whose adapter does not move the outputs has no gap (null): nothing to hold it to.
+    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items() if number(figures.get("fidelity_gap"))}
     refused = _beyond(gaps, gates.max_fidelity_gap, "fidelity gap", "max_fidelity_gap",
                       "1.0 means no better than the base model")
     if refused:
@@ -49,8 +50,11 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
             return Verdict(refused)
         if not added:
             verdict.notes.append("max_added_loss: not applied (the model is not a language model that generates)")
-    references = [figures.get("reference_fidelity_gap") for figures in tasks.values()]
+    references = [tasks[name].get("reference_fidelity_gap") for name in gaps]
     if gates.max_regression is None:
+        return verdict
+    if not gaps:
+        verdict.notes.append("quality gate: no comparison (no task's adapter changes its outputs)")
         return verdict
     if any(value is None for value in references):
         note = (report.get("reference") or {}).get("note") or "nothing published yet"

@@ -297,3 +297,29 @@ def test_reports_are_standard_json():
 
     value = {"a": [math.inf, 1.5, {"b": -math.inf, "c": (math.nan, 2)}], "d": "Infinity"}
     assert json.loads(safe_json.dumps(value)) == {"a": [None, 1.5, {"b": None, "c": [None, 2]}], "d": "Infinity"}
+
+
+def test_an_adapter_that_changes_nothing_has_no_fidelity_gap(workspace, capsys):
+    """An adapter whose B is zero (PEFT's initial state) moves no output, so a gap relative to
+    its move is undefined; it was reported 0.0, "behaves like the task's own adapter", though
+    the merge moved its outputs by the other adapter's delta. Now null, and "-" in the CLI;
+    the gates judge the other tasks."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from iteris_daemon.config import Gates
+    from iteris_daemon.gates import judge
+
+    base, (zero, other), tmp = workspace
+    weights = zero / "adapter_model.safetensors"
+    save_file({k: v * 0 if ".lora_B." in k else v for k, v in load_file(weights).items()}, weights)
+    assert _merge(capsys, base, [zero, other], tmp / "out", "--strategy", "task_arithmetic")[0] == 0
+    report = json.loads((tmp / "out" / "merge_report.json").read_text())
+    assert report["tasks"][zero.name]["fidelity_gap"] is None
+    assert report["tasks"][zero.name]["alignment_loss"][-1] is None
+    assert report["tasks"][other.name]["fidelity_gap"] < 1e-3  # the other task's own delta, unchanged
+    verdict = judge(report, Gates(max_fidelity_gap=0.5))
+    assert verdict.refused is None
+    assert judge({**report, "tasks": {zero.name: report["tasks"][zero.name]}}, Gates()).notes == [
+        "quality gate: no comparison (no task's adapter changes its outputs)"]

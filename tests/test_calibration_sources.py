@@ -152,3 +152,21 @@ def test_the_daemon_asks_a_worker_source_once_per_run_in_the_configured_order(tm
                             {"files": files, "generate": InWorkerCalibration(_Answering("generate", set()), dies)})
     assert answers[0].source == answers[3].source == "files"
     assert all(isinstance(answers[i], WorkerFailed) for i in (1, 2))
+
+
+def test_a_sources_empty_or_malformed_answer(bert):
+    """A plugin source's set of no samples was taken as the adapter's data (every figure 0,
+    "samples": 0), and a list of strings ended in an AttributeError: now an empty set is no
+    answer (the next source is asked) and anything but Samples an error naming the source."""
+    from iteris_daemon.calibration import first_calibration
+    from iteris_daemon.plugin_manager import calibration_sources
+
+    adapter = load_adapter(bert[1][0])
+    answers = {"empty": CalibrationSet((), "nothing"), "strings": CalibrationSet(("a", "b"), "strings")}
+    available = {name: SimpleNamespace(load=lambda a, o, name=name: answers[name]) for name in answers}
+    available["adapter"] = calibration_sources()["adapter"]
+    found = first_calibration(adapter, CalibrationOptions(order=("empty", "adapter")), available)
+    assert found.source.endswith("calibration.jsonl") and found.samples
+    assert first_calibration(adapter, CalibrationOptions(order=("empty",)), available) is None
+    with pytest.raises(CalibrationError, match="^strings: calibration source answered CalibrationSet for adapter"):
+        first_calibration(adapter, CalibrationOptions(order=("strings", "adapter")), available)

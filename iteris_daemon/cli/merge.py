@@ -149,6 +149,8 @@ def _merge(args) -> int:
 
 
 def summarize(report: dict, out: Path) -> str:
+    from ..figures import text
+
     lines = [
         f"merged {len(report['inputs'])} adapters with {report['strategy']} in {report['merge_seconds']:.1f}s "
         f"({report['iterations_run']} iterations, peak RSS {report['peak_memory_mb']:.0f} MB) -> {out}",
@@ -158,9 +160,9 @@ def summarize(report: dict, out: Path) -> str:
         lines.append(f"{'task':24} {'alignment loss (first -> last)':>32} {'fidelity gap':>13}"
                      + (f" {'next-token loss (task -> merge)':>32}" if language_model else ""))
         for name, figures in report["tasks"].items():
-            loss = figures["alignment_loss"]
-            trend = f"{loss[0]:.4f} -> {loss[-1]:.4f}" if len(loss) > 1 else f"{loss[-1]:.4f}"
-            line = f"{name:24} {trend:>32} {figures['fidelity_gap']:>13.4f}"
+            loss = [text(value) for value in figures["alignment_loss"]]
+            trend = f"{loss[0]} -> {loss[-1]}" if len(loss) > 1 else loss[-1]
+            line = f"{name:24} {trend:>32} {text(figures['fidelity_gap']):>13}"
             if language_model:
                 tokens = figures["next_token_loss"]
                 line += f" {tokens['task']:>22.4f} -> {tokens['merged']:.4f}"
