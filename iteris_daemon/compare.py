@@ -54,7 +54,11 @@ def parse_contender(spec: str) -> Contender:
     strategy = get_strategy(name.strip())
     if any(not a.strip() for a in assignments):
         raise ParameterError(f"strategy {spec!r}: expected NAME:KEY=VALUE[:KEY=VALUE...]")
-    return Contender(spec, strategy, parse_params(strategy, dict(parse_param(a) for a in assignments)))
+    pairs = [parse_param(a) for a in assignments]
+    repeated = sorted({key for key, _ in pairs if [k for k, _ in pairs].count(key) > 1})
+    if repeated:
+        raise ParameterError(f"strategy {spec!r}: {repeated[0]} is given twice")
+    return Contender(spec, strategy, parse_params(strategy, dict(pairs)))
 
 
 @dataclass

@@ -121,6 +121,7 @@ def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch,
     (["--strategy", "nope"], "unknown strategy 'nope'; available: "),
     (["--strategy", "knots:bogus=1"], "strategy 'knots': bogus: Extra inputs are not permitted"),
     (["--strategy", "knots:"], "strategy 'knots:': expected NAME:KEY=VALUE"),
+    (["--strategy", "ties:density=0.3:density=0.5"], "strategy 'ties:density=0.3:density=0.5': density is given twice"),
     (["--strategy", "ties:density=2"], "strategy 'ties': density: "),
     (["--holdout", "1"], "holdout must be between 0 and 1 (exclusive), got 1.0"),
 ])
