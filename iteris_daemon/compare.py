@@ -16,6 +16,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,7 +56,7 @@ def parse_contender(spec: str) -> Contender:
     if any(not a.strip() for a in assignments):
         raise ParameterError(f"strategy {spec!r}: expected NAME:KEY=VALUE[:KEY=VALUE...]")
     pairs = [parse_param(a) for a in assignments]
-    repeated = sorted({key for key, _ in pairs if [k for k, _ in pairs].count(key) > 1})
+    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if repeated:
         raise ParameterError(f"strategy {spec!r}: {repeated[0]} is given twice")
     return Contender(spec, strategy, parse_params(strategy, dict(pairs)))

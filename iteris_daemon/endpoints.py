@@ -73,7 +73,7 @@ from .catalog import Catalog
 from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source
 from .config import WebhookSettings
 from .errors import ConfigError
-from .figures import added_losses, number, task_figures
+from .figures import added_losses, fidelity_gaps, task_figures
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +228,8 @@ class CatalogCollector(Collector):
                 for destination in sorted(destinations):
                     families["published"].add_metric([group, destination], _unix(finished_at))
             tasks = task_figures(figures.get("tasks"))
-            for task, gap in sorted((task, f.get("fidelity_gap")) for task, f in tasks.items()):
-                if number(gap):
-                    families["fidelity"].add_metric([group, task], float(gap))
+            for task, gap in sorted(fidelity_gaps(tasks).items()):
+                families["fidelity"].add_metric([group, task], float(gap))
             for task, added in sorted(added_losses(tasks).items()):
                 families["added_loss"].add_metric([group, task], float(added))
         return list(families.values())

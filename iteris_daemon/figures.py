@@ -18,6 +18,11 @@ def task_figures(tasks: Any) -> dict[str, dict[str, Any]]:
     return {name: figures for name, figures in tasks.items() if isinstance(figures, dict)} if isinstance(tasks, dict) else {}
 
 
+def fidelity_gaps(tasks: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per task with a fidelity gap that is a number (null: its adapter moves no output)."""
+    return {name: figures["fidelity_gap"] for name, figures in tasks.items() if number(figures.get("fidelity_gap"))}
+
+
 def added_losses(tasks: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Per task with a next-token loss: the merge's minus the task adapter's (nats per token)."""
     losses = {name: figures.get("next_token_loss") for name, figures in tasks.items()}
@@ -28,7 +33,7 @@ def added_losses(tasks: dict[str, dict[str, Any]]) -> dict[str, float]:
 def summary(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``mean_fidelity_gap``, ``worst_task`` and ``worst_fidelity_gap``; ``mean_added_loss``
     too when every task has a next-token loss. Empty when no task has figures."""
-    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items() if number(figures.get("fidelity_gap"))}
+    gaps = fidelity_gaps(tasks)
     if not gaps:
         return {}
     worst = max(gaps, key=gaps.__getitem__)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Gates
-from .figures import added_losses, number
+from .figures import added_losses, fidelity_gaps
 
 
 @dataclass
@@ -35,8 +35,7 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
         broken = [key for key, value in figures.items() if not _finite(value)]
         if broken:
             return Verdict(f"task {name}: {', '.join(broken)} is not finite")
-    # A task whose adapter does not move the outputs has no gap (null): nothing to hold it to.
-    gaps = {name: figures["fidelity_gap"] for name, figures in tasks.items() if number(figures.get("fidelity_gap"))}
+    gaps = fidelity_gaps(tasks)  # a task whose adapter moves no output has none: nothing to hold it to
     refused = _beyond(gaps, gates.max_fidelity_gap, "fidelity gap", "max_fidelity_gap",
                       "1.0 means no better than the base model")
     if refused:
