@@ -214,10 +214,11 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        pairs = _mergeable(list_current(session, [AdapterStatus.registered]))
-        selected = _selected(pairs, group)
-        for adapter, _ in _matching(pairs, group):
-            if all(adapter.id != kept.id for kept, _ in selected):
+        matching = _matching(_mergeable(list_current(session, [AdapterStatus.registered])), group)
+        selected = _one_per_location(matching)
+        kept = {adapter.id for adapter, _ in selected}
+        for adapter, _ in matching:
+            if adapter.id not in kept:
                 log.warning("group %s: adapter %s of source %s is the same %s as one of another source; merged once",
                             group.name, adapter.name, adapter.source.name, adapter.locator)
         return selected
@@ -237,11 +238,14 @@ def _matching(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) 
 
 
 def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
-    """The ``(adapter, current revision)`` pairs that ``group`` merges: those it takes, one per
-    location. Two sources may watch one folder or repo (one renamed in the config while the
-    catalog keeps the old, or one added with `sources add`); merged twice, that adapter
-    would count double. Of such pairs the newest revision is kept."""
-    matching = _matching(pairs, group)
+    """The ``(adapter, current revision)`` pairs that ``group`` merges."""
+    return _one_per_location(_matching(pairs, group))
+
+
+def _one_per_location(matching: list[tuple[Adapter, AdapterRevision]]) -> list[tuple[Adapter, AdapterRevision]]:
+    """One pair per folder or repo. Two sources may watch one (one renamed in the config
+    while the catalog keeps the old, or one added with `sources add`); merged twice, that
+    adapter would count double. Of such pairs the newest revision is kept."""
     newest: dict[tuple[SourceKind, str], int] = {}  # location -> revision id kept
     for adapter, revision in matching:
         key = (adapter.source.kind, adapter.locator)
