@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from . import safe_json
-from .errors import CalibrationError
+from .errors import CalibrationError, IterisError
 
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -173,16 +173,28 @@ class CalibrationSource(Protocol):
 def first_calibration(
     adapter, options: CalibrationOptions, available: dict[str, CalibrationSource]
 ) -> CalibrationSet | None:
-    """The first answer of the sources in ``options.order`` with samples (None: none had any).
-    A source's answer is checked: a plugin's set of no samples is no answer, and one that
-    is not a CalibrationSet of Samples is an error naming the source."""
+    """The first answer of the sources in ``options.order`` with samples (None: none had any),
+    each answer :func:`checked`. A source that raises something other than an IterisError
+    (a plugin's store unreachable, say) is an error naming it."""
     for name in options.order:
-        data = available[name].load(adapter, options)
-        if data is None:
-            continue
-        if not isinstance(data, CalibrationSet) or not all(isinstance(s, Sample) for s in data.samples):
-            raise CalibrationError(name, f"calibration source answered {type(data).__name__} for adapter "
-                                         f"{adapter.name}, not a CalibrationSet of Samples")
-        if data.samples:
+        try:
+            data = checked(name, adapter.name, available[name].load(adapter, options))
+        except IterisError:
+            raise
+        except Exception as exc:  # a plugin's failure: one line naming it; -v shows the traceback
+            raise CalibrationError(name, f"calibration source failed on adapter {adapter.name}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+        if data is not None:
             return data
     return None
+
+
+def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
+    """Source ``source``'s answer for ``adapter`` as a merge takes it: a set of no samples is
+    no answer, and anything but a CalibrationSet of Samples is an error naming the source."""
+    if data is None:
+        return None
+    if not isinstance(data, CalibrationSet) or not all(isinstance(s, Sample) for s in data.samples):
+        raise CalibrationError(source, f"calibration source answered {type(data).__name__} for adapter "
+                                       f"{adapter}, not a CalibrationSet of Samples")
+    return data if data.samples else None

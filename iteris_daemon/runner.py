@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, checked
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
@@ -440,15 +440,15 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
             except IterisError as exc:  # the worker died: every adapter it was asked about waits for the next run
                 found = [exc] * len(pending)
         else:
-            found = [_ask(source, adapters[i], options) for i in pending]
+            found = [_ask(name, source, adapters[i], options) for i in pending]
         for i, answer in zip(pending, found):
             answers[i] = answer
     return answers
 
 
-def _ask(source, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationAnswer:
+def _ask(name: str, source, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationAnswer:
     try:
-        return source.load(adapter, options)
+        return checked(name, adapter.name, source.load(adapter, options))
     except MergeCancelled:
         raise
     except IterisError as exc:

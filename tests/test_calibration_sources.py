@@ -170,3 +170,32 @@ def test_a_sources_empty_or_malformed_answer(bert):
     assert first_calibration(adapter, CalibrationOptions(order=("empty",)), available) is None
     with pytest.raises(CalibrationError, match="^strings: calibration source answered CalibrationSet for adapter"):
         first_calibration(adapter, CalibrationOptions(order=("strings", "adapter")), available)
+    # The daemon's path checks the same way: the empty set falls through, the strings hold the adapter back.
+    empty_first, strings_first = (calibrate_all([adapter], CalibrationOptions(order=(name, "adapter")), available)[0]
+                                  for name in ("empty", "strings"))
+    assert empty_first.source.endswith("calibration.jsonl") and empty_first.samples
+    assert isinstance(strings_first, CalibrationError) and str(strings_first).startswith("strings: calibration source")
+
+
+def test_a_source_that_raises_is_named(bert):
+    """A plugin source whose store is unreachable ended ``merge`` in a traceback: now its
+    failure is one CalibrationError naming the source and the adapter (the cause chained,
+    for -v), while a source's own CalibrationError passes through as it was."""
+    from iteris_daemon.calibration import first_calibration
+
+    adapter = load_adapter(bert[1][0])
+
+    def unreachable(a, o):
+        raise ConnectionError("store.example: connection refused")
+
+    def malformed(a, o):
+        raise CalibrationError("rows.jsonl", "not valid JSON", line=3)
+
+    available = {"store": SimpleNamespace(load=unreachable), "rows": SimpleNamespace(load=malformed)}
+    with pytest.raises(CalibrationError) as caught:
+        first_calibration(adapter, CalibrationOptions(order=("store",)), available)
+    assert str(caught.value) == (f"store: calibration source failed on adapter {adapter.name}: "
+                                 "ConnectionError: store.example: connection refused")
+    assert isinstance(caught.value.__cause__, ConnectionError)
+    with pytest.raises(CalibrationError, match=r"^rows.jsonl:3: not valid JSON$"):
+        first_calibration(adapter, CalibrationOptions(order=("rows", "store")), available)

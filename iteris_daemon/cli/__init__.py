@@ -5,6 +5,7 @@ and turns every :class:`~iteris_daemon.errors.IterisError` into one line and exi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import sys
@@ -14,6 +15,8 @@ from typing import Any
 from ..errors import IterisError
 from ..logs import FORMATS, setup_logging
 from . import catalog, compare, daemon, merge
+
+log = logging.getLogger(__name__)
 
 
 def _add_global_options(parser: argparse.ArgumentParser, verbose: Any, log_format: Any) -> None:
@@ -72,6 +75,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return args.handler(args)
     except IterisError as exc:
+        if exc.__cause__ is not None:  # a plugin's or a library's failure behind the one line
+            log.debug("caused by", exc_info=exc.__cause__)
         print(f"iteris-daemon: error: {exc}", file=sys.stderr)
         return 2
 
