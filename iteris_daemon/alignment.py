@@ -228,6 +228,12 @@ def alignment_terms(info: TaskLayer, G: torch.Tensor | None, Q: torch.Tensor | N
     return max(fit - 2 * cross + target, 0.0), target
 
 
+def loss_ratio(num: float, den: float) -> float | None:
+    """A task's alignment loss from its summed terms: None when only the numerator is
+    non-zero (its adapter moves nothing, so no move is relative to it)."""
+    return num / den if den > 0 else (0.0 if num <= 0 else None)
+
+
 class _Alignment:
     """One run of the inference-solving loop (the state shared by its steps)."""
 
@@ -304,7 +310,7 @@ class _Alignment:
     def run(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
         options = self.options
         timings = self.timing
-        losses: list[list[float]] = [[] for _ in range(self.n)]
+        losses: list[list[float | None]] = [[] for _ in range(self.n)]
         changes: list[float] = []
         units = [u for u in self.executor.units if u.paths or u.stack is not None]
         best: tuple[dict[str, torch.Tensor], float] | None = None  # stop="objective": the best merge measured
@@ -332,8 +338,9 @@ class _Alignment:
                 malloc.release_free_heap()  # the sweep's freed temporaries and streams
                 if self.merged is not None:
                     for i, (num, den) in enumerate(self.loss_terms):
-                        losses[i].append(num / den if den > 0 else 0.0)
-                    loss = sum(task[-1] for task in losses) / self.n
+                        losses[i].append(loss_ratio(num, den))  # None as the final evaluation: a task moving nothing
+                    defined = [task[-1] for task in losses if task[-1] is not None]
+                    loss = sum(defined) / len(defined) if defined else 0.0
                     if options.stop == "objective" and best is not None and loss >= best[1] * (1 - options.tolerance):
                         self.merged, returned = best[0], sweep - 1  # the solve before the one measured
                         break

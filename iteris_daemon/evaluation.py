@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms
+from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms, loss_ratio
 from .calibration import CalibrationSet
 from .execution import prepare
 from .lora import LoraAdapter
@@ -126,7 +126,7 @@ def evaluate(
     results: dict[str, dict[str, float]] = {}
     for adapter, total, layers in zip(adapters, sums, by_layer):
         results[adapter.name] = {
-            "alignment_loss": _ratio(total["num"], total["den"]),
+            "alignment_loss": loss_ratio(total["num"], total["den"]),
             "fidelity_gap": _gap(total["gap_num"], total["gap_den"]),
             "alignment_loss_by_layer": layers,
         }
@@ -175,14 +175,9 @@ def _add_next_token_losses(tokens: torch.Tensor, mask: torch.Tensor | None, outp
             sums["loss"][name] += float(losses[real[row]].double().sum())
 
 
-def _ratio(num: float, den: float) -> float | None:
-    """num / den, the same way: None when only the numerator is non-zero."""
-    return num / den if den > 0 else (0.0 if num <= 0 else None)
-
-
 def _gap(num: float, den: float) -> float | None:
     """sqrt(num / den); None when the task's adapter does not move the outputs (den 0) and
     the merge does: relative to no change, any change is undefined (it was reported 0,
     "behaves like the task's adapter")."""
-    ratio = _ratio(num, den)
+    ratio = loss_ratio(num, den)
     return None if ratio is None else ratio ** 0.5

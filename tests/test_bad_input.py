@@ -323,3 +323,10 @@ def test_an_adapter_that_changes_nothing_has_no_fidelity_gap(workspace, capsys):
     assert verdict.refused is None
     assert judge({**report, "tasks": {zero.name: report["tasks"][zero.name]}}, Gates()).notes == [
         "quality gate: no comparison (no task's adapter changes its outputs)"]
+
+    # IterIS's per-iteration history said 0.0 ("aligned") for the same task; now null all along.
+    assert _merge(capsys, base, [zero, other], tmp / "iteris", "--param", "iterations=3", "--param",
+                  "tolerance=0")[0] == 0
+    history = json.loads((tmp / "iteris" / "merge_report.json").read_text())["tasks"]
+    assert len(history[zero.name]["alignment_loss"]) == 3 and set(history[zero.name]["alignment_loss"]) == {None}
+    assert all(loss >= 0 for loss in history[other.name]["alignment_loss"])
