@@ -20,10 +20,14 @@ the math and which ``merge()`` imports, so that loading this plugin does not imp
 LoRA adaptation, stated once: the papers were written for full fine-tuning, where every
 delta has full rank. A LoRA delta of rank r has min(d_out, d_in) - r zero singular values
 whose singular vectors are arbitrary; wherever a paper keeps "the top k", k is capped at
-the number of non-zero singular values, and "the dimension of the matrix" (min(d_out, d_in)
-in the papers' code) is the dimension of the space the adapters span, min(p, q). With
-generic adapters whose sum of ranks is at most the layer size, that is exactly the papers'
-formula. ``N`` is the number of adapters that adapt the layer.
+the number of non-zero singular values. "The dimension of the matrix" that TSV-M and Iso-CTS
+share out among the tasks (min(d_out, d_in) in the papers' code) is Core Space's core size,
+the summed ranks R = sum_i r_i, at most min(d_out, d_in): on LoRA deltas the layer's own
+min(d_out, d_in) would keep every component of every task in TSV-M (it differs from R
+where the ranks differ: R / N truncates the larger ranks) and leave Iso-CTS no task-specific
+directions. A repeated or zero adapter takes its share of R like any other, so merging
+copies of one adapter with TSV-M gives that adapter. ``N`` is the number of adapters that
+adapt the layer.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class _Params(StrategyParams):
 class CoreSpaceParams(_Params):
     method: Literal["ta", "tsv", "iso_c", "iso_cts"] = Field(
         "tsv", description="rule applied in the core space: ta (task arithmetic), tsv (TSV-Merge, "
-        "int(min(p, q) / N) components per task), iso_c, iso_cts"
+        "int(R / N) components per task, R the summed ranks), iso_c, iso_cts"
     )
     common_space_fraction: float = Field(
         0.8, gt=0, le=1, description="iso_cts only: fraction of the core dimension given to the common subspace"
@@ -64,7 +68,7 @@ class CoreSpace:
     of ``[A_1; ..; A_N]``; cores ``M_i = U_B^T (s_i B_i A_i) V_A`` (R x R, R = sum_i r_i);
     ``M = merge(M_1 .. M_N)``; ``Delta = alpha U_B M V_A^T``. Lossless: ``U_B M_i V_A^T = D_i``.
     ``merge`` is the paper's rule in the core: task arithmetic ``sum_i M_i``; TSV-Merge with
-    ``int(min(p, q) / N)`` components per task (the reference code's ``1/N`` of the core's
+    ``int(R / N)`` components per task (the reference code's ``1/N`` of the core's
     singular values; at least 1); Iso-C; Iso-CTS (see ``tsv_core``, ``iso_c_core`` and
     ``iso_cts_core`` in :mod:`iteris_daemon.plugins.lora_2025_math`).
     """
@@ -85,14 +89,14 @@ class CoreSpace:
 class TsvParams(_Params):
     fraction: float | None = Field(
         None, gt=0, le=1, description="share of the matrix dimension kept per task: max(1, int(fraction * "
-        "min(p, q))) singular components, at most the task's rank (default 1/N, the paper's)"
+        "R))) singular components, R the summed ranks, at most the task's rank (default 1/N, the paper's)"
     )
 
 
 class Tsv:
     """TSV-M (Gargiulo et al., CVPR 2025).
 
-    Per task ``D_i = U_i S_i V_i^T``; keep the top ``k = max(1, int(fraction * min(p, q)))``,
+    Per task ``D_i = U_i S_i V_i^T``; keep the top ``k = max(1, int(fraction * R))``,
     at most rank(D_i) (``fraction`` = 1/N by default: the paper's 1/N of the matrix dimension,
     which at the default equals ``core_space``'s TSV-Merge); ``U_cat = [U_1,k .. U_N,k]``,
     ``V_cat``, ``S_cat`` likewise; whitening ``U_perp = P_U Q_U^T`` from
@@ -140,8 +144,8 @@ class IsoCts:
     ``k = int(d f)`` then ``d - k`` rounded to a multiple of N; per task the top
     ``n = (d - k) / N`` singular triplets of ``D_i - U_c U_c^T D_i``; all concatenated,
     orthogonalised (polar factors) and given the mean singular value:
-    ``Delta = alpha mean(S_kept) U_perp V_perp^T``. ``d`` = min(p, q), the dimension the
-    adapters span (the paper's min(d_out, d_in) for full-rank deltas).
+    ``Delta = alpha mean(S_kept) U_perp V_perp^T``. ``d`` = R, the summed ranks at most
+    min(d_out, d_in) (the paper's min(d_out, d_in) for full-rank deltas; see above).
     """
 
     name = "iso_cts"

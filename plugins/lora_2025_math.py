@@ -79,11 +79,10 @@ class _Layer:
     U: torch.Tensor  # d_out x p, orthonormal basis of span[B_1 .. B_N]
     V: torch.Tensor  # d_in x q, orthonormal basis of span[A_1^T .. A_N^T]
     cores: list[torch.Tensor]  # M_i = U^T D_i V, p x q
-
-    @property
-    def dim(self) -> int:
-        """The dimension the papers call min(shape): min(p, q)."""
-        return min(self.U.shape[1], self.V.shape[1])
+    # The dimension the rules share out (the papers' min(d_out, d_in)): Core Space's core
+    # size, the summed ranks R = sum_i r_i, at most min(d_out, d_in). Not min(p, q): a
+    # repeated or zero adapter adds nothing to the span, yet takes its 1/N share.
+    dim: int = 0
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.U.shape[1], self.V.shape[1], dtype=torch.float64)
@@ -93,7 +92,8 @@ def _layer(modules: list[LoraModule]) -> _Layer:
     U = _basis(torch.cat([m.B.double().cpu() for m in modules], dim=1))
     V = _basis(torch.cat([m.A.double().cpu() for m in modules], dim=0).T)
     cores = [((U.T @ m.B.double().cpu()) * m.scaling) @ (m.A.double().cpu() @ V) for m in modules]
-    return _Layer(U, V, cores)
+    dim = min(sum(m.A.shape[0] for m in modules), U.shape[0], V.shape[0])
+    return _Layer(U, V, cores, dim)
 
 
 def _factors(layer: _Layer, M: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -191,8 +191,8 @@ def iso_cts_core(layer: _Layer, common_space_fraction: float) -> torch.Tensor:
 def core_space_core(
     layer: _Layer, method: Literal["ta", "tsv", "iso_c", "iso_cts"], common_space_fraction: float
 ) -> torch.Tensor:
-    """Core Space's rule ``method`` on the cores; its TSV-Merge keeps ``int(min(p, q) / N)``
-    components per task (at least 1)."""
+    """Core Space's rule ``method`` on the cores; its TSV-Merge keeps ``int(R / N)``
+    components per task (at least 1; ``R = _Layer.dim``)."""
     if method == "ta":
         return task_arithmetic_core(layer)
     if method == "iso_c":
@@ -203,8 +203,9 @@ def core_space_core(
 
 
 def tsv_fraction_core(layer: _Layer, fraction: float | None) -> torch.Tensor:
-    """TSV-M keeping ``max(1, int(fraction * min(p, q)))`` components per task (``fraction``
-    1/N by default, the paper's share of the matrix dimension), each capped at the task's rank."""
+    """TSV-M keeping ``max(1, int(fraction * R))`` components per task (``R = _Layer.dim``;
+    ``fraction`` 1/N by default, the paper's share of the matrix dimension), each capped at
+    the task's rank."""
     if fraction is None:
         fraction = 1 / len(layer.cores)
     per_task = max(1, int(fraction * layer.dim + 1e-9))
@@ -259,7 +260,12 @@ def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torc
     ``K_i = s_i U_B^T B_i``; ``A_i = R_i^T Q_i^T`` (QR of ``A_i^T``). Then
     ``[D_1 .. D_N] = U_B [K_1 R_1^T .. K_N R_N^T] blockdiag(Q_1^T .. Q_N^T)``, whose last
     factor has orthonormal rows, so the SVD of the small middle matrix ``P S Z^T`` gives
-    ``U = U_B P`` and ``S V_i^T = S Z_i^T Q_i^T`` (``Z_i``: task i's rows of ``Z``)."""
+    ``U = U_B P`` and ``S V_i^T = S Z_i^T Q_i^T`` (``Z_i``: task i's rows of ``Z``).
+
+    Entries at round-off (at most ``RTOL`` x the largest singular value) are made exact
+    zeros: TIES' disjoint mean counts the tasks with a non-zero entry, and the round-off of
+    a task that has none there (a zero adapter, spans orthogonal to the others') would
+    halve the entry of the task that does."""
     U_B = _basis(torch.cat([m.B.double().cpu() for m in modules], dim=1))
     Qs, middle = [], []
     for m in modules:
@@ -267,11 +273,13 @@ def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torc
         Qs.append(Q)
         middle.append((U_B.T @ m.B.double().cpu()) * m.scaling @ R.T)
     P, S, Z = _svd(torch.cat(middle, dim=1))
+    floor = RTOL * float(S[0]) if S.numel() else 0.0
     components, start = [], 0
     for Q in Qs:
         rows = Z[start : start + Q.shape[1]]
         start += Q.shape[1]
-        components.append((S[:, None] * rows.T) @ Q.T)
+        C = (S[:, None] * rows.T) @ Q.T
+        components.append(torch.where(C.abs() > floor, C, 0.0))
     return U_B @ P, components
 
 

@@ -5,8 +5,9 @@ d_out x d_in deltas, following the papers' equations (and their reference code) 
 full SVDs of the dense deltas, concatenation, whitening by the SVD polar factor. The only
 LoRA-specific choices, stated in the plugin's docstring, are made here the same way from
 the dense matrices: "top k" is capped at a delta's numerical rank, and the papers'
-min(d_out, d_in) (the dimension of a full-rank delta) is the dimension the adapters span,
-min(rank [D_1 .. D_N], rank [D_1; ..; D_N]).
+min(d_out, d_in) (the dimension of a full-rank delta) is Core Space's core size, the summed
+ranks, at most min(d_out, d_in) (``_core_dim``; the random problems' ranks are their deltas'
+numerical ranks).
 """
 
 import json
@@ -35,8 +36,8 @@ def _rank(M: torch.Tensor) -> int:
     return int(torch.linalg.matrix_rank(M))
 
 
-def _span_dim(deltas: list[torch.Tensor]) -> int:
-    return min(_rank(torch.cat(deltas, dim=1)), _rank(torch.cat(deltas, dim=0)))
+def _core_dim(deltas: list[torch.Tensor]) -> int:
+    return min(sum(_rank(D) for D in deltas), *deltas[0].shape)
 
 
 def _orthogonalise(X: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def reference_tsv(deltas, keep, alpha=1.0):
 
 
 def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
-    N, d = len(deltas), _span_dim(deltas)
+    N, d = len(deltas), _core_dim(deltas)
     common = int(d * common_space_fraction)
     per_task = min(round((d - common) / N), d // N)  # the reference code's rounding, never past d
     common = d - per_task * N
@@ -90,10 +91,10 @@ def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
 
 
 def reference_tsv_m(deltas, fraction=None, alpha=1.0):
-    """TSV-M's share: ``fraction`` (1/N) of the matrix dimension per task, the span's (see
-    ``_span_dim``) for LoRA deltas; reference_tsv caps it at each task's rank."""
+    """TSV-M's share: ``fraction`` (1/N) of the matrix dimension per task, the core's (see
+    ``_core_dim``) for LoRA deltas; reference_tsv caps it at each task's rank."""
     fraction = 1 / len(deltas) if fraction is None else fraction
-    per_task = max(1, int(fraction * _span_dim(deltas) + 1e-9))
+    per_task = max(1, int(fraction * _core_dim(deltas) + 1e-9))
     return reference_tsv(deltas, [per_task] * len(deltas), alpha)
 
 
@@ -106,7 +107,7 @@ def reference_core_space(deltas, method="tsv", alpha=1.0, common_space_fraction=
         return reference_iso_c(deltas, alpha)
     if method == "iso_cts":
         return reference_iso_cts(deltas, common_space_fraction, alpha)
-    per_task = max(1, _span_dim(deltas) // len(deltas))
+    per_task = max(1, _core_dim(deltas) // len(deltas))
     return reference_tsv(deltas, [per_task] * len(deltas), alpha)
 
 
@@ -220,13 +221,13 @@ def test_reference_sizes_are_the_interesting_ones():
     has task-specific directions, and one span is all of R^d_out (summed rank 14 > 9)."""
     adapters = _adapters(0)
     wide = _deltas(adapters, "wide")
-    assert [_rank(D) for D in wide] == list(RANKS) and _span_dim(wide) == 14
-    assert _span_dim(wide) // 4 == 3 > _rank(wide[0])  # TSV's 1/N share, capped for task 0
-    assert int(0.5 * _span_dim(wide)) == 7 > max(RANKS)  # tsv with fraction 0.5 keeps every component
+    assert [_rank(D) for D in wide] == list(RANKS) and _core_dim(wide) == 14
+    assert _core_dim(wide) // 4 == 3 > _rank(wide[0])  # TSV's 1/N share, capped for task 0
+    assert int(0.5 * _core_dim(wide)) == 7 > max(RANKS)  # tsv with fraction 0.5 keeps every component
     common = int(14 * 0.8)
     assert 14 - round((14 - common) / 4) * 4 == 10  # Iso-CTS: 10 common + 1 per task
     narrow = _deltas(adapters, "narrow")
-    assert _span_dim(narrow) == 9 == narrow[0].shape[0] < sum(RANKS)
+    assert _core_dim(narrow) == 9 == narrow[0].shape[0] < sum(RANKS)
     assert len(_deltas(adapters, "partial")) == 3
 
 
@@ -355,6 +356,51 @@ def test_knots_of_equal_tasks_is_the_task():
     copies = [LoraAdapter(name=f"c{i}", path=Path(f"c{i}"), config={}, modules=adapter.modules) for i in range(3)]
     for path, (B, A) in _merge("knots", copies).modules.items():
         assert _relative(B @ A, adapter.modules[path].delta()) < 1e-9, path
+
+
+@pytest.mark.parametrize("strategy, raw", [("tsv", {}), ("core_space", {}), ("core_space", {"method": "iso_cts"})])
+def test_copies_of_one_adapter_merge_to_it_under_tsv(strategy, raw):
+    """TSV-M of N copies of D: polar([U .. U]) diag([S .. S]) polar([V .. V])^T = U S V^T = D,
+    when each copy keeps its whole rank. The share was 1/N of the span, which copies do not
+    grow: three rank-5 copies kept one component each (rank 1, most of D lost). Iso-CTS of
+    copies is their Iso-C (the common space holds all of them)."""
+    adapter = _adapters(5)[3]  # rank 5
+    copies = [LoraAdapter(name=f"c{i}", path=Path(f"c{i}"), config={}, modules=adapter.modules) for i in range(3)]
+    for path, (B, A) in _merge(strategy, copies, **raw).modules.items():
+        D = adapter.modules[path].delta()
+        expected = reference_iso_c([D, D, D]) if raw else D
+        if path == "narrow" and not raw:  # d_out 9 < 3 x 5: each copy keeps int(9 / 3) = 3, D's top 3
+            U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+            expected = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
+        assert _relative(B @ A, expected) < 1e-9, path
+
+
+def _module(d_out: int, d_in: int, rank: int, rows: slice | None, seed: int) -> LoraModule:
+    """A random rank-``rank`` module; with ``rows``, B is zero outside those output rows."""
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
+    if rows is not None:
+        B[:rows.start] = 0
+        B[rows.stop:] = 0
+    return LoraModule(A=torch.randn(rank, d_in, generator=g, dtype=torch.float64), B=B, scaling=0.5)
+
+
+def test_knots_counts_no_task_where_its_delta_is_zero():
+    """TIES' disjoint mean averages the tasks with a non-zero entry. Round-off (1e-16) in
+    the aligned components of a zero adapter, or of a task whose output rows the other does
+    not touch, counted those tasks, halving about half the entries, in one adapter order
+    only: KnOTS of {0, D} was 39% off D. Known answers: {D, 0} is D, and two tasks on
+    disjoint output rows are D_1 + D_2, in either order."""
+    D = _module(12, 10, 3, None, 0)
+    zero = LoraModule(A=_module(12, 10, 2, None, 1).A, B=torch.zeros(12, 2, dtype=torch.float64), scaling=1.0)
+    top, bottom = _module(12, 10, 3, slice(0, 5), 2), _module(12, 10, 2, slice(5, 12), 3)
+    cases = [([D, zero], D.delta()), ([zero, D], D.delta()),
+             ([top, bottom], top.delta() + bottom.delta()), ([bottom, top], top.delta() + bottom.delta())]
+    for modules, expected in cases:
+        adapters = [LoraAdapter(name=f"t{i}", path=Path(f"t{i}"), config={}, modules={"m": m})
+                    for i, m in enumerate(modules)]
+        B, A = _merge("knots", adapters).modules["m"]
+        assert _relative(B @ A, expected) < 1e-9
 
 
 @pytest.mark.parametrize("bad", [{"method": "ties"}, {"alpha": 0}, {"fraction": 0.5}, {"common_space_fraction": 1.5}])
