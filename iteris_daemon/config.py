@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +51,9 @@ class AdapterLimits(_Strict):
 # The HTTP endpoints' settings (served by iteris_daemon.endpoints).
 SECRET_CREDENTIAL = "hub-webhook-secret"  # systemd: LoadCredential=hub-webhook-secret:/etc/...
 MAX_SECRET_BYTES = 4096
+MAX_SECONDS = 10 * 365 * 86400.0
+"""The longest period or wait a setting may give (ten years): beyond it the scheduler's date
+arithmetic overflows, which crashed the daemon at start or on a reload."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -134,13 +138,13 @@ class DaemonSettings(_Strict):
     database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
     state_dir: LocalPath | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
     cache_dir: LocalPath | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
-    grace_seconds: float = Field(60.0, ge=0, description="a cancelled merge's worker (SIGTERM) is killed after this long")
-    claim_ttl_seconds: float = Field(120.0, ge=1, description="a group claim not refreshed for this long is stale")
+    grace_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS, description="a cancelled merge's worker (SIGTERM) is killed after this long")
+    claim_ttl_seconds: float = Field(120.0, ge=1, le=MAX_SECONDS, description="a group claim not refreshed for this long is stale")
     retry_seconds: float = Field(
-        30.0, ge=0, description="a run that could not be carried out (the catalog locked or unreachable) is tried again "
+        30.0, ge=0, le=MAX_SECONDS, description="a run that could not be carried out (the catalog locked or unreachable) is tried again "
                                 "after this long, doubling after each such failure up to retry_max_seconds; 0: only "
                                 "the group's schedule, its next change or a restart try again")
-    retry_max_seconds: float = Field(900.0, gt=0, description="the longest wait between such attempts")
+    retry_max_seconds: float = Field(900.0, gt=0, le=MAX_SECONDS, description="the longest wait between such attempts")
     device: Device = Field("cpu", description="where merges run, when devices is not given: cpu, cuda or cuda:N")
     devices: list[Device] | None = Field(
         None, min_length=1, description='devices merges run on, one merge per entry at a time (default: [device]), e.g. '
@@ -152,9 +156,9 @@ class DaemonSettings(_Strict):
     trust_remote_code: list[ModelLocation] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
-    rescan_seconds: float = Field(600.0, gt=0, description="full rescan of local folders (a safety net for lost events)")
+    rescan_seconds: float = Field(600.0, gt=0, le=MAX_SECONDS, description="full rescan of local folders (a safety net for lost events)")
     catalog_check_seconds: float = Field(
-        30.0, gt=0, description="how often groups are compared with the catalog: a change no source of this daemon "
+        30.0, gt=0, le=MAX_SECONDS, description="how often groups are compared with the catalog: a change no source of this daemon "
                                 "reported (`sources scan`, `sources remove`, another daemon on the catalog) merges then")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
@@ -264,9 +268,9 @@ class GroupConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     select: Selection = Field(default_factory=Selection)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    interval_seconds: float | None = Field(None, gt=0, description="re-merge period")
+    interval_seconds: float | None = Field(None, gt=0, le=MAX_SECONDS, description="re-merge period")
     cron: str | None = Field(None, description="crontab expression for re-merges, e.g. '0 3 * * *'")
-    debounce_seconds: float = Field(30.0, ge=0, description="merge this long after the last input change")
+    debounce_seconds: float = Field(30.0, ge=0, le=MAX_SECONDS, description="merge this long after the last input change")
     min_adapters: int = Field(1, ge=1, description="do not merge fewer adapters than this")
     gates: Gates = Field(default_factory=Gates)
     destinations: list[dict[str, Any]] = Field(min_length=1)
@@ -279,9 +283,11 @@ class GroupConfig(_Strict):
             from apscheduler.triggers.cron import CronTrigger
 
             try:
-                CronTrigger.from_crontab(self.cron)
+                trigger = CronTrigger.from_crontab(self.cron)
             except ValueError as exc:
                 raise ValueError(f"cron {self.cron!r}: {exc}") from None
+            if trigger.get_next_fire_time(None, datetime.now(timezone.utc)) is None:  # 30 February, say
+                raise ValueError(f"cron {self.cron!r} never fires")
         return self
 
     @field_validator("destinations")

@@ -62,6 +62,13 @@ def test_the_example_config_is_valid():
     ("[daemon]\nretry_seconds = 60\nretry_max_seconds = 30\n",
      "retry_max_seconds (30) is below retry_seconds (60), the first wait"),
     (GROUP + "[groups.select]\nnames = []\n" + FOLDER, "groups.0.select.names: List should have at least 1 item"),
+    # Periods past the scheduler's date range crashed the daemon at start (OverflowError) or on
+    # a reload; a cron that never fires broke every group's tick.
+    (GROUP + "interval_seconds = 1e14\n" + FOLDER, "groups.0.interval_seconds: Input should be less than or equal to"),
+    ("[daemon]\ncatalog_check_seconds = 1e15\n", "daemon.catalog_check_seconds: Input should be less than or equal"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\nsettle_seconds = 1e15\n',
+     "sources.0 (s): settle_seconds: Input should be less than or equal to"),
+    (GROUP + 'cron = "0 0 30 2 *"\n' + FOLDER, "cron '0 0 30 2 *' never fires"),
     # Two sources over one folder registered each adapter twice, and groups merged it twice.
     ('[[sources]]\nname = "a"\nkind = "local"\npaths = ["/tmp/w"]\n'
      '[[sources]]\nname = "b"\nkind = "local"\npaths = ["/srv", "/tmp/w/team"]\n',

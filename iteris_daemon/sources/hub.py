@@ -42,6 +42,7 @@ from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, ConfigError
 from ..hub_files import mismatch
+from ..config import MAX_SECONDS
 from ..paths import LocalPath, ModelLocation
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
@@ -76,11 +77,11 @@ class HubSettings(BaseModel):
     base_model: ModelLocation | None = Field(None, description="only adapters of this base model; shapes are checked against it")
     endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
     token_file: LocalPath | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
-    interval_seconds: float = Field(300.0, gt=0, description="poll period")
+    interval_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="poll period")
     retry_attempts: int = Field(6, ge=1)
-    retry_base_seconds: float = Field(1.0, ge=0)
-    retry_cap_seconds: float = Field(60.0, ge=0)
-    timeout_seconds: float = Field(20.0, gt=0, description="each Hub request (connect, and each read) is given up "
+    retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS)
+    retry_cap_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS)
+    timeout_seconds: float = Field(20.0, gt=0, le=MAX_SECONDS, description="each Hub request (connect, and each read) is given up "
                                    "after this long; bounds how long a stop waits for a hanging request")
 
     @field_validator("repos")

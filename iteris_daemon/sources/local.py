@@ -34,6 +34,7 @@ from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
+from ..config import MAX_SECONDS
 from ..paths import LocalPath, ModelLocation
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter, validation_context
 from .stat_cache import StatCache, stat_context
@@ -51,9 +52,9 @@ class LocalSettings(BaseModel):
 
     paths: list[LocalPath] = Field(min_length=1, description="folders to watch, recursively")
     base_model: ModelLocation | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
-    settle_seconds: float = Field(2.0, gt=0, description="quiet time before a changed folder is examined")
+    settle_seconds: float = Field(2.0, gt=0, le=MAX_SECONDS, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
-    poll_interval_seconds: float = Field(5.0, gt=0, description="polling period when polling=true")
+    poll_interval_seconds: float = Field(5.0, gt=0, le=MAX_SECONDS, description="polling period when polling=true")
 
 
 @dataclass
