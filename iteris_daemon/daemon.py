@@ -298,17 +298,25 @@ class Daemon:
         except IterisError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:
-            self.config = config
-            self._apply(config)
-            log.info("configuration reloaded: %s", self._summary())
+            try:
+                self._apply(config)
+            except Exception as exc:  # the catalog unreachable, say: nothing running was changed
+                first_line = str(exc).splitlines()[0] if str(exc) else ""  # SQLAlchemy's add the SQL and a link
+                log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__, first_line)
+            else:
+                log.info("configuration reloaded: %s", self._summary())
         self.notifier.ready(self._summary())
 
     # ------------------------------------------------------------------ wiring
     def _apply(self, config: DaemonConfig) -> None:
-        """Bring sources, groups and jobs in line with ``config`` (start, or reload)."""
+        """Bring sources, groups and jobs in line with ``config`` (start, or reload). The
+        catalog's part comes first: when it fails, the running sources and jobs are as they were."""
         sync_sources(self.catalog, config)
         for group in config.groups:
             sync_group(self.catalog, group)
+        with self.catalog.session() as session:
+            sources = [(s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))]
+        self.config = config
         for source in self._local.values():
             source.stop()
         self._local.clear()
@@ -317,8 +325,6 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             if job.id.startswith(("poll:", "rescan:", "schedule:")):
                 job.remove()
-        with self.catalog.session() as session:
-            sources = [(s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))]
         for name, kind, settings in sources:
             try:
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,

@@ -855,6 +855,51 @@ def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
     assert finished == ["job"]  # it was waited for, and it completed
 
 
+@pytest.mark.timeout(120)
+def test_a_reload_the_catalog_fails_keeps_the_running_sources(tmp_path, monkeypatch, caplog):
+    """SIGHUP while the catalog is unreachable (its PostgreSQL restarting, say) ended the
+    daemon with an OperationalError traceback, after its folder watchers had been stopped.
+    Now the reload fails with an ERROR, and the running sources and jobs stay as they were.
+    The outage is a stand-in (``sync_sources`` raising the error a lost server gives)."""
+    import iteris_daemon.daemon as daemon_module
+    from sqlalchemy.exc import OperationalError
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n')
+    daemon = daemon_module.Daemon(config)
+    seen: dict[str, object] = {}
+
+    def unreachable(catalog, config):
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
+                 "the daemon watching its folder")
+        seen["before"] = daemon._local["team"]
+        monkeypatch.setattr(daemon_module, "sync_sources", unreachable)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(lambda: any("reload failed" in r.getMessage() for r in caplog.records), "the reload's error")
+        seen["after"] = daemon._local.get("team")
+        seen["jobs"] = {job.id for job in daemon.scheduler.get_jobs()}
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    threading.Thread(target=probe, daemon=True).start()
+    try:
+        assert daemon.run() == 0
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    error = next(r.getMessage() for r in caplog.records if "reload failed" in r.getMessage())
+    assert error == ("reload failed, keeping the running configuration: OperationalError: "
+                     "(builtins.ConnectionRefusedError) connection refused"), error
+    assert seen["after"] is seen["before"] and "rescan:team" in seen["jobs"]
+
+
 def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):
     """``Daemon._catch_up``'s rules, with ``groups_behind`` (tested on a real catalog in
     test_run_inputs.py) replaced by a stand-in: a group behind is triggered once per
