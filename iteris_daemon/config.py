@@ -382,6 +382,21 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             raise ConfigError(f"{where}: {exc}") from None
 
 
+def destination_folders(config: DaemonConfig) -> list[tuple[str, Path]]:
+    """(group name, folder) of each folder destination of a checked config."""
+    from .plugin_manager import get_publisher
+
+    folders = []
+    for group in config.groups:
+        for destination in group.destinations:
+            settings = get_publisher(destination["kind"]).Settings.model_validate(
+                {k: v for k, v in destination.items() if k != "kind"})
+            folder = getattr(settings, "path", None)
+            if isinstance(folder, Path):
+                folders.append((group.name, folder.expanduser().resolve()))
+    return folders
+
+
 def overlap(a: Path, b: Path) -> bool:
     """One folder holds, or is, the other."""
     return a.is_relative_to(b) or b.is_relative_to(a)

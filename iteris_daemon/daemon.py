@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -45,9 +45,9 @@ from .catalog import Catalog
 from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
-from .config import DaemonConfig, DaemonSettings, GroupConfig, load_config
+from .config import DaemonConfig, DaemonSettings, GroupConfig, destination_folders, load_config, overlap
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
-from .errors import IterisError
+from .errors import ConfigError, IterisError
 from .paths import private_dir, state_dir
 from .peers import Peers, shared_settings
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
@@ -88,6 +88,21 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
         log.warning("also watching source%s %s from the catalog, not in the config (added with `sources add`, or "
                     "renamed or removed in the config since); `iteris-daemon sources remove NAME` stops that",
                     "s" if len(others) > 1 else "", ", ".join(others))
+
+
+def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any],
+                               published: list[tuple[str, Path]]) -> None:
+    """A catalog source (``sources add``; the config's are checked when it is read) must not
+    watch a group's destination folder: each merge would come back as an adapter, merged
+    into the next, without end."""
+    if kind is not SourceKind.local:
+        return
+    for folder in settings.get("paths", []):
+        for group, destination in published:
+            if overlap(Path(folder), destination):
+                raise ConfigError(f"its folder {folder} overlaps the destination {destination} of group {group!r}; "
+                                  f"the daemon would register its own merges as adapters (`iteris-daemon sources "
+                                  f"remove {name}`, or watch another folder)")
 
 
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
@@ -325,8 +340,10 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             if job.id.startswith(("poll:", "rescan:", "schedule:")):
                 job.remove()
+        published = destination_folders(config)
         for name, kind, settings in sources:
             try:
+                _check_not_publishing_into(name, kind, settings, published)
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
                            "on_change": self._inputs_changed, "shapes": self.shapes}
                 if kind is SourceKind.local:

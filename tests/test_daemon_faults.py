@@ -64,6 +64,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                                            utcnow)
 from iteris_daemon.adapter_config import sha256_file
+from iteris_daemon.cli import main
 from iteris_daemon.runner import Claim, worker_id
 
 pytestmark = pytest.mark.timeout(600)
@@ -817,6 +818,18 @@ def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
 # ----------------------------------------------------------------------------- stopping
 
 
+def _run_here(daemon, probe) -> int:
+    """``daemon.run()`` in this process's main thread, as the CLI runs it, with ``probe`` in a
+    thread beside it; the process's signal handlers are restored after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    threading.Thread(target=probe, daemon=True).start()
+    try:
+        return daemon.run()
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
 @pytest.mark.timeout(120)
 def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
     """A job still running when SIGTERM arrives (a tick, a source reporting a change) may
@@ -845,13 +858,7 @@ def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
         entered.wait(30)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    threading.Thread(target=probe, daemon=True).start()
-    try:
-        assert daemon.run() == 0
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    assert _run_here(daemon, probe) == 0
     assert finished == ["job"]  # it was waited for, and it completed
 
 
@@ -887,17 +894,47 @@ def test_a_reload_the_catalog_fails_keeps_the_running_sources(tmp_path, monkeypa
         seen["jobs"] = {job.id for job in daemon.scheduler.get_jobs()}
         os.kill(os.getpid(), signal.SIGTERM)
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    threading.Thread(target=probe, daemon=True).start()
-    try:
-        assert daemon.run() == 0
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    assert _run_here(daemon, probe) == 0
     error = next(r.getMessage() for r in caplog.records if "reload failed" in r.getMessage())
     assert error == ("reload failed, keeping the running configuration: OperationalError: "
                      "(builtins.ConnectionRefusedError) connection refused"), error
     assert seen["after"] is seen["before"] and "rescan:team" in seen["jobs"]
+
+
+@pytest.mark.timeout(120)
+def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog):
+    """A source added with ``sources add`` on a group's destination folder (the config refuses
+    that for its own sources, but never saw this one) registered each published merge as an
+    adapter and merged it again, rank doubling, without end. Now the daemon does not start
+    that source, with an ERROR saying why; the config's own sources run."""
+    import iteris_daemon.daemon as daemon_module
+
+    watched, published = tmp_path / "watched", tmp_path / "published"
+    watched.mkdir()
+    published.mkdir()
+    db = f"sqlite:///{tmp_path / 'catalog.db'}"
+    assert main(["sources", "add", "sneaky", "--folder", str(published), "--db", db]) == 0
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n'
+                      f'[[groups]]\nname = "g"\nbase_model = "b"\n'
+                      f'[[groups.destinations]]\nkind = "folder"\npath = {json.dumps(str(published / "unified"))}\n')
+    daemon = daemon_module.Daemon(config)
+    seen: dict[str, object] = {}
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
+                 "the daemon watching its folder")
+        seen["local"], seen["jobs"] = set(daemon._local), {job.id for job in daemon.scheduler.get_jobs()}
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert _run_here(daemon, probe) == 0
+    assert seen["local"] == {"team"} and "rescan:sneaky" not in seen["jobs"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"source sneaky not started: its folder {published} overlaps the destination "
+                      f"{published / 'unified'} of group 'g'; the daemon would register its own merges as adapters "
+                      "(`iteris-daemon sources remove sneaky`, or watch another folder)"], errors
 
 
 def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):
