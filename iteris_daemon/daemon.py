@@ -187,9 +187,13 @@ class Daemon:
         malloc.tune()  # before any thread starts
         self._install_signals()
         settings = self.config.daemon
-        self.state = private_dir(settings.state_dir or state_dir())
-        self.cache = private_dir(settings.cache_path())
-        self.work = private_dir(self.state / "runs")
+        try:
+            self.state = private_dir(settings.state_dir or state_dir())
+            self.cache = private_dir(settings.cache_path())
+            self.work = private_dir(self.state / "runs")
+        except OSError as exc:  # a read-only file system, a file in the way, no permission
+            raise ConfigError(f"cannot create the daemon's folder {exc.filename} ({exc.strerror}); [daemon] "
+                              "state_dir and cache_dir set where they go") from None
         url = settings.catalog_url()
         self.notifier.status("migrating the catalog")
         self.catalog = Catalog(url)

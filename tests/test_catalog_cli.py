@@ -220,6 +220,58 @@ def test_commands_that_read_the_catalog_do_not_create_one(tmp_path, capsys, argv
     assert not missing.parent.exists()
 
 
+def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
+    """`status` (any command that does not create a catalog) silently migrated an older
+    catalog under its daemon; a newer one (written by a newer iteris-daemon) ended in Alembic's
+    "Can't locate revision". Both are one line saying what to do, and the schema stays."""
+    from sqlalchemy import text
+
+    from iteris_daemon.catalog import db as catalog_db
+
+    path = tmp_path / "catalog.db"
+    url = f"sqlite:///{path}"
+    engine = catalog_db.make_engine(url)
+    catalog_db.upgrade(engine, "0007")
+    for argv in (["status"], ["adapters", "list"], ["sources", "list"], ["merge-now", "g"]):
+        code, out, err = run(capsys, *argv, "--db", url)
+        assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
+                                     "0007, older than this iteris-daemon's 0008: run `iteris-daemon db upgrade` (or "
+                                     "start the daemon, which migrates it)\n"), err
+    assert catalog_db.current_revision(engine) == "0007"
+    assert run(capsys, "db", "upgrade", "--db", url)[0] == 0 and catalog_db.current_revision(engine) == "0008"
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0042'"))
+    for argv in (["status"], ["db", "upgrade"], ["sources", "add", "x", "--folder", str(tmp_path)]):
+        code, out, err = run(capsys, *argv, "--db", url)
+        assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
+                                     "0042, newer than this iteris-daemon knows (its latest is 0008): upgrade "
+                                     "iteris-daemon, or use the version that wrote it\n"), err
+    engine.dispose()
+
+
+def test_an_adapter_id_past_64_bits_is_a_usage_error(tmp_path, capsys):
+    """It overflowed SQLite in a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["adapters", "show", "99999999999999999999", "--db", f"sqlite:///{tmp_path / 'catalog.db'}"])
+    assert exit_.value.code == 2
+    assert "argument ID: an id is a whole number from 1 to 2^63 - 1, not '99999999999999999999'" in capsys.readouterr().err
+
+
+def test_a_catalog_or_state_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """A catalog or state folder under a file (or on a read-only file system) ended in an
+    OSError traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, out, err = run(capsys, "db", "upgrade", "--db", f"sqlite:///{blocker / 'catalog.db'}")
+    assert code == 2 and err == (f"iteris-daemon: error: cannot open the catalog {blocker / 'catalog.db'} for "
+                                 f"writing ({blocker}: File exists)\n"), err
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(blocker / 'state'))}\n")
+    code, out, err = run(capsys, "run", "--config", str(config))
+    assert code == 2 and err.endswith(f"iteris-daemon: error: cannot create the daemon's folder {blocker / 'state'} "
+                                      "(Not a directory); [daemon] state_dir and cache_dir set where they go\n"), err
+
+
 def test_a_sqlite_path_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monkeypatch):
     """``~`` in a SQLite URL was only expanded to create the file, so the catalog itself went
     to a folder literally named ``~`` under the working directory."""

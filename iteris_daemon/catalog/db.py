@@ -90,9 +90,13 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
             raise CatalogError(f"no catalog at {database} (the daemon, `sources add` or `db upgrade` creates one; "
                                "--db, $ITERIS_DAEMON_DB or --config names it)")
         parsed = parsed.set(database=str(database))  # "~" expanded for SQLite too
-        private_dir(database.parent)  # the catalog is private state
-        # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
-        os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+        try:
+            private_dir(database.parent)  # the catalog is private state
+            # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
+            os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+        except OSError as exc:  # a read-only file system, a parent that is a file, no permission
+            where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(database) else ""
+            raise CatalogError(f"cannot open the catalog {database} for writing ({where}{exc.strerror})") from None
     try:
         engine = create_engine(parsed)
     except (NoSuchModuleError, ImportError) as exc:
@@ -197,6 +201,25 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def schema_mismatch(engine: Engine, may_migrate: bool) -> str | None:
+    """Why the catalog cannot be used as it is: a schema newer than this code knows (written
+    by a newer iteris-daemon), or an older one where ``may_migrate`` is False (a command
+    that only reads or requests must not change the schema under a running daemon)."""
+    from alembic.script import ScriptDirectory
+
+    current = current_revision(engine)
+    if current is None or current == SCHEMA_HEAD:
+        return None  # empty: created (or refused as missing) elsewhere
+    known = {script.revision for script in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()}
+    if current not in known:
+        return (f"is at schema revision {current}, newer than this iteris-daemon knows (its latest is {SCHEMA_HEAD}): "
+                "upgrade iteris-daemon, or use the version that wrote it")
+    if not may_migrate:
+        return (f"is at schema revision {current}, older than this iteris-daemon's {SCHEMA_HEAD}: run "
+                "`iteris-daemon db upgrade` (or start the daemon, which migrates it)")
+    return None
+
+
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
@@ -210,13 +233,16 @@ class Catalog:
                  create: bool = True):
         """``busy_timeout``: seconds a SQLite write waits for a lock held by another process
         before failing with :class:`CatalogLockedError` (default 30); ``create``: see
-        :func:`make_engine`."""
+        :func:`make_engine` (and False: an older schema is refused, not migrated)."""
         self.url = url or default_url()
         self.busy_timeout = SQLITE_BUSY_TIMEOUT_MS / 1000 if busy_timeout is None else busy_timeout
         self.engine = make_engine(self.url, busy_timeout=self.busy_timeout, create=create)
         self._sqlite = self.engine.url.get_backend_name() == "sqlite"
         if migrate and not at_head(self.engine):
             try:
+                problem = schema_mismatch(self.engine, may_migrate=create)
+                if problem is not None:
+                    raise CatalogError(f"the catalog at {self.safe_url} {problem}")
                 upgrade(self.engine)
             except Exception as exc:
                 if isinstance(exc, IterisError):

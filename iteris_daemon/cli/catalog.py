@@ -99,9 +99,20 @@ def register(commands) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_adapters_list)
     show = adapter_commands.add_parser("show", parents=[db_options], help="one adapter with every revision seen")
-    show.add_argument("id", type=int, metavar="ID", help="the adapter's catalog id, as `adapters list` shows it")
+    show.add_argument("id", type=_catalog_id, metavar="ID", help="the adapter's catalog id, as `adapters list` shows it")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=_adapters_show)
+
+
+def _catalog_id(text: str) -> int:
+    """A row id as the databases store it (a 64-bit integer: a longer one overflowed SQLite)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"an id is a whole number from 1 to 2^63 - 1, not {text!r}")
+    return value
 
 
 def _open(args, create: bool = False):
