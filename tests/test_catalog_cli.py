@@ -329,6 +329,23 @@ def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code)
     catalog.close()
 
 
+def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):
+    """A group renamed in the config stays in the catalog; `merge-now OLD --config` said
+    "requested", and no daemon ever ran it. With --config the group must be the config's."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        session.add(MergeGroup(name="old", base_model="b", strategy="iteris"))
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(url)}\n[[groups]]\nname = \"new\"\nbase_model = \"b\"\n"
+                      "[[groups.destinations]]\nkind = \"folder\"\npath = \"/tmp/x\"\n")
+    code, out, err = run(capsys, "merge-now", "old", "--config", str(config))
+    assert (code, out) == (2, "") and err == f"iteris-daemon: error: no merge group named 'old' in {config} (its groups: new)\n"
+    with catalog.session() as session:
+        assert session.scalar(select(MergeGroup.requested_at).where(MergeGroup.name == "old")) is None
+    catalog.close()
+
+
 @pytest.mark.parametrize("wait", ["-3", "0", "nan", "soon"])
 def test_merge_now_wait_must_be_positive(capsys, wait):
     with pytest.raises(SystemExit) as exited:

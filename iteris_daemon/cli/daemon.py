@@ -94,6 +94,13 @@ def _status(args) -> int:
 def _merge_now(args) -> int:
     from ..catalog.models import MergeGroup, MergeRun, RunStatus, utcnow
 
+    if args.config is not None:  # a group dropped from the config stays in the catalog, but no daemon runs it
+        from ..config import load_config
+
+        configured = [group.name for group in load_config(args.config, check_plugins=False).groups]
+        if args.group not in configured:
+            raise ConfigError(f"no merge group named {args.group!r} in {args.config} (its groups: "
+                              f"{', '.join(configured) or 'none'})")
     catalog = _catalog(args)
     with catalog.session() as session:
         group = session.scalar(select(MergeGroup).where(MergeGroup.name == args.group))
