@@ -249,12 +249,17 @@ def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
     engine.dispose()
 
 
-def test_an_adapter_id_past_64_bits_is_a_usage_error(tmp_path, capsys):
-    """It overflowed SQLite in a traceback."""
+@pytest.mark.parametrize("argv, message", [
+    (["adapters", "show", "99999999999999999999"],  # it overflowed SQLite in a traceback
+     "argument ID: an id is a whole number from 1 to 2^63 - 1, not '99999999999999999999'"),
+    (["sources", "add", " ", "--folder", "."],  # it was added, and logged as "source  ..."
+     "argument name: a source name has 1 to 200 characters, not only spaces: ' '"),
+])
+def test_an_id_or_name_out_of_range_is_a_usage_error(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
-        main(["adapters", "show", "99999999999999999999", "--db", f"sqlite:///{tmp_path / 'catalog.db'}"])
-    assert exit_.value.code == 2
-    assert "argument ID: an id is a whole number from 1 to 2^63 - 1, not '99999999999999999999'" in capsys.readouterr().err
+        main([*argv, "--db", f"sqlite:///{tmp_path / 'catalog.db'}"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "catalog.db").exists()
 
 
 def test_a_catalog_or_state_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):

@@ -47,7 +47,7 @@ def register(commands) -> None:
                "  iteris-daemon sources add two --hub-repo acme/sst2-lora --hub-repo acme/news-lora@v2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add.add_argument("name", help="a unique name for the source")
+    add.add_argument("name", type=_source_name, help="a unique name for the source")
     kind = add.add_mutually_exclusive_group(required=True)
     kind.add_argument("--folder", action="append", type=Path, metavar="DIR", help="watch DIR recursively (repeatable)")
     kind.add_argument("--hub-repo", action="append", metavar="REPO[@BRANCH]", help="poll this Hub repo (repeatable)")
@@ -102,6 +102,13 @@ def register(commands) -> None:
     show.add_argument("id", type=_catalog_id, metavar="ID", help="the adapter's catalog id, as `adapters list` shows it")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=_adapters_show)
+
+
+def _source_name(text: str) -> str:
+    """As the config takes it: 1 to 200 characters, and not only spaces (logs and `status` name it)."""
+    if not text.strip() or len(text) > 200:
+        raise argparse.ArgumentTypeError(f"a source name has 1 to 200 characters, not only spaces: {text!r}")
+    return text
 
 
 def _catalog_id(text: str) -> int:
