@@ -27,7 +27,8 @@ class Verdict:
     notes: list[str] = field(default_factory=list)  # what was not checked, or was forced past
 
 
-def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict:
+def judge(report: dict[str, Any], gates: Gates, forced: bool = False, no_baseline: str | None = None) -> Verdict:
+    """``no_baseline``: why the run had no published merge to compare with, when one was published."""
     tasks: dict[str, dict[str, Any]] = report.get("tasks") or {}
     if not tasks:
         return Verdict(notes=["not evaluated (some adapter has no calibration data): gates not applied"])
@@ -56,7 +57,7 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False) -> Verdict
         verdict.notes.append("quality gate: no comparison (no task's adapter changes its outputs)")
         return verdict
     if any(value is None for value in references):
-        note = (report.get("reference") or {}).get("note") or "nothing published yet"
+        note = no_baseline or (report.get("reference") or {}).get("note") or "nothing published yet"
         verdict.notes.append(f"quality gate: no comparison ({note})")
         return verdict
     new, old = _mean(gaps.values()), _mean(references)

@@ -538,10 +538,41 @@ def published_copy(work_dir: Path, group_id: int) -> Path:
     return work_dir / "published" / f"group-{group_id}"
 
 
-def _keep_published(folder: Path, target: Path) -> None:
-    """Make ``folder`` the group's baseline; an interrupted swap only loses the baseline."""
+def _copy_run(copy: Path) -> Path:
+    """The file beside the baseline copy naming the run it is."""
+    return copy.with_name(f"{copy.name}.run")
+
+
+def _keep_published(folder: Path, target: Path, run_id: int) -> None:
+    """Make ``folder`` the group's baseline; an interrupted swap only loses the baseline
+    (the run file, written after, then names the copy before)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     replace_folder(folder, target)
+    _copy_run(target).write_text(f"{run_id}\n")
+
+
+def gate_baseline(catalog: Catalog, group_id: int, copy: Path) -> tuple[Path | None, str | None]:
+    """The quality gate's baseline: this daemon's copy of the group's last merge published
+    everywhere, when it is that merge; else None and why. Another daemon on the catalog
+    may have published since (its copy is in its own state folder), or the state was lost:
+    a copy of an older merge is no baseline (the gate would compare with the wrong merge).
+    A copy kept before copies named their run (an upgrade) is taken as it was."""
+    with catalog.session(write=False) as session:
+        last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group_id,
+                                                        MergeRun.status == RunStatus.succeeded)
+                              .order_by(MergeRun.id.desc()).limit(1))
+    if last is None:
+        return None, None
+    try:
+        kept = int(_copy_run(copy).read_text())
+    except FileNotFoundError:
+        kept = last  # kept by an older version
+    except (OSError, ValueError):
+        kept = None
+    if kept == last and copy.is_dir():
+        return copy, None
+    return None, (f"the last published merge, run {last}, is not in this daemon's state folder (another daemon on "
+                  "the catalog published it, or the state folder was lost)")
 
 
 def run_group(
@@ -621,14 +652,14 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     log.info("group %s: run %d merges %d adapters with %s", group.name, run_id, len(inputs.revisions), group.strategy)
     on_status(f"group {group.name}: run {run_id} merging {len(inputs.revisions)} adapters")
     out = work_dir / f"run-{run_id}"
-    baseline = published_copy(work_dir, group_id)
+    copy = published_copy(work_dir, group_id)
+    baseline, no_baseline = gate_baseline(catalog, group_id, copy) if group.gates.max_regression is not None else (None, None)
     started = time.perf_counter()
     try:
-        report = merge_in_worker(group, inputs, out, baseline if baseline.is_dir() and group.gates.max_regression is not None
-                                 else None, snapshots / "worker", f"group {group.name} run {run_id}", should_stop,
-                                 device, trust_remote_code, worker)
+        report = merge_in_worker(group, inputs, out, baseline, snapshots / "worker", f"group {group.name} run {run_id}",
+                                 should_stop, device, trust_remote_code, worker)
         merged_at = time.perf_counter()
-        verdict = judge(report, group.gates, forced=force)
+        verdict = judge(report, group.gates, forced=force, no_baseline=no_baseline)
         for note in verdict.notes:
             log.warning("group %s: run %d: %s", group.name, run_id, note)
         if verdict.refused:
@@ -638,7 +669,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
         published = publish_all(group, run_id, out, report, inputs)
-        _keep_published(out, baseline)
+        _keep_published(out, copy, run_id)
     except MergeCancelled as exc:
         _finish(catalog, run_id, RunStatus.cancelled, error=str(exc))
         log.warning("group %s: run %d cancelled", group.name, run_id)

@@ -181,6 +181,26 @@ def test_a_regression_is_refused_kept_out_of_every_destination_and_published_whe
     assert sha256_file(baseline / "adapter_model.safetensors") == setup.current()
 
 
+def test_the_baseline_is_the_last_published_merge_not_this_daemons_last(setup, tmp_path):
+    """Each daemon keeps its baseline in its own state folder. When another daemon on the
+    catalog published since, this one compared the next merge with its own older publish
+    (or, with no copy, said "nothing published yet"). Now a copy counts only while it is
+    the catalog's last published run; otherwise the run says why it has no comparison."""
+    gated = {"max_fidelity_gap": None, "max_regression": 0.01}
+    assert setup.run(setup.group(params={"scale": 1.0}, gates=gated)).status is RunStatus.succeeded  # run 1, ours
+    other = run_group(setup.catalog, setup.group(params={"scale": 1.5}, gates=gated), tmp_path / "other-work", "other",
+                      force=True)  # another daemon publishes run 2 (forced past the gate against run 1)
+    assert other.status is RunStatus.succeeded and setup.run_row(other.run_id).metrics["gate_notes"]
+    # Ours still holds run 1's merge: a worse merge was refused against it, before.
+    worse = setup.run(setup.group(params={"scale": 2.0}, gates=gated))
+    assert worse.status is RunStatus.succeeded, worse.detail
+    assert setup.run_row(worse.run_id).metrics["gate_notes"] == [
+        f"quality gate: no comparison (the last published merge, run {other.run_id}, is not in this daemon's state "
+        "folder (another daemon on the catalog published it, or the state folder was lost))"]
+    # Having published it, ours holds the last published merge: the gate compares again.
+    assert setup.run(setup.group(params={"scale": 3.0}, gates=gated)).status is RunStatus.refused
+
+
 def test_merge_now_force_is_read_once_from_the_catalog(setup):
     group = setup.group(params={"scale": 1.0})
     assert setup.run(group).status is RunStatus.succeeded
