@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -226,14 +227,24 @@ def _own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
     return tensor
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless ``overwrite``) or cannot be written, before
-    anything is loaded. The merge writes a staging folder in ``out.parent`` (created if
-    missing) and renames it to ``out``; this checks that both will work, leaving nothing."""
+def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an output that exists (unless ``overwrite``), would replace one of ``inputs``
+    (files and folders the merge reads), or cannot be written, before anything is loaded.
+    The merge writes a staging folder in ``out.parent`` (created if missing) and renames it
+    to ``out``; this checks that both will work, leaving nothing."""
+    where = out.resolve()
+    for path in inputs:
+        if path.resolve().is_relative_to(where):
+            raise OutputError(f"{out}: the output would replace {path}, which the merge reads; choose another --out")
     try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.is_symlink() and not out.exists():
             if not overwrite:
-                raise OutputExistsError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
+                raise OutputExistsError(f"{out}: is a symlink to {os.readlink(out)}, which does not exist (use "
+                                        "--overwrite to replace the link)")
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not overwrite:
+                what = "output folder exists and is not empty" if out.is_dir() else "exists and is not a folder"
+                raise OutputExistsError(f"{out}: {what} (use --overwrite to replace it)")
     except OSError as exc:  # e.g. an unreadable folder
         raise OutputError(f"{out}: cannot use as the output folder: {exc.strerror or exc}") from None
     # The nearest ancestor that exists; the folders below it are created by the merge.
@@ -246,6 +257,16 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing)).rmdir()
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the output folder in {existing}: {exc.strerror or exc}") from None
+
+
+def _inputs(request: MergeRequest) -> list[Path]:
+    """The local files and folders a merge reads: adapters, calibration files, the base
+    model's folder and the reference adapter."""
+    paths = [p for spec in request.adapters for p in (spec.path, spec.calibration) if p is not None]
+    paths += list(request.calibration.files.values()) if request.calibration is not None else []
+    if Path(request.base_model).expanduser().exists():
+        paths.append(Path(request.base_model).expanduser())
+    return paths + ([request.reference] if request.reference is not None else [])
 
 
 def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict) -> dict:
@@ -292,7 +313,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         progress = partial(_StoppableBar, should_stop=request.should_stop, disable=request.quiet, dynamic_ncols=True)
     strategy = get_strategy(request.strategy)
     params = parse_params(strategy, request.params or {})
-    _prepare_out(request.out, request.overwrite)
+    _prepare_out(request.out, request.overwrite, _inputs(request))
     adapters = load_adapters(request.adapters)
     if request.calibration_sets is not None:
         calibration = list(request.calibration_sets)

@@ -90,11 +90,19 @@ def as_if_created(folder: Path) -> None:
 def replace_folder(new: Path, target: Path) -> None:
     """Put the complete folder ``new`` at ``target`` with renames only (same filesystem);
     the previous ``target``, if any, is deleted once it is out of the way."""
-    if not target.exists():
+    if not (target.exists() or target.is_symlink()):
         os.replace(new, target)
         return
     trash = target.with_name(f".{target.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(target, trash)
+    _remove(trash)
+    os.replace(target, trash)  # a symlink or a file at target is moved itself
     os.replace(new, target)
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder tree, a file or a symlink (not what it points to); nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -223,6 +223,49 @@ def test_existing_output_is_kept(workspace, capsys):
     assert (out / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("which", ["adapter", "parent of an adapter", "base model", "calibration file's folder"])
+def test_an_output_that_would_replace_an_input_is_refused(workspace, capsys, which):
+    """With --overwrite, --out naming an adapter (or the base model, or a folder holding an
+    input) replaced it: the adapter's weights and calibration data were gone, or the merge
+    named itself as its base. Refused before anything is loaded, and nothing changes."""
+    base, adapters, tmp = workspace
+    calibration = tmp / "calib" / "data.jsonl"
+    calibration.parent.mkdir()
+    shutil.copy(adapters[1] / "calibration.jsonl", calibration)
+    out = {"adapter": adapters[0], "parent of an adapter": tmp, "base model": Path(base),
+           "calibration file's folder": calibration.parent}[which]
+    before = _tree(out)
+    code = cli_merge(base, [adapters[0], f"{adapters[1]}={calibration}"], out, "--overwrite")
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and message.startswith(f"iteris-daemon: error: {out}: the output would replace ")
+    assert message.endswith(", which the merge reads; choose another --out") and _tree(out) == before
+
+
+@pytest.mark.parametrize("kind", ["dangling symlink", "file", "symlink to a folder"])
+def test_an_output_that_is_not_a_folder(workspace, capsys, kind):
+    """A dangling symlink as --out was taken for a free name: the whole merge ran, then the
+    rename failed in a traceback. A file or a symlink replaced with --overwrite left
+    ``.NAME.old`` beside it. Now each needs --overwrite, and is replaced cleanly."""
+    base, adapters, tmp = workspace
+    out, elsewhere = tmp / "out", tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("kept")
+    if kind == "file":
+        out.write_text("x")
+    else:
+        out.symlink_to(tmp / "nowhere" if kind == "dangling symlink" else elsewhere)
+    code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+    expected = {"dangling symlink": f"{out}: is a symlink to {tmp / 'nowhere'}, which does not exist (use --overwrite "
+                                    "to replace the link)",
+                "file": f"{out}: exists and is not a folder (use --overwrite to replace it)",
+                "symlink to a folder": f"{out}: output folder exists and is not empty (use --overwrite to replace it)"}
+    assert code == 2 and message == f"iteris-daemon: error: {expected[kind]}"
+    code, _ = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval", "--overwrite")
+    assert code == 0 and not out.is_symlink() and (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []  # no .out.old left
+    assert (elsewhere / "keep.txt").read_text() == "kept"  # a link is replaced, not what it points to
+
+
 def test_different_heads_need_a_rule(tmp_path, capsys):
     """Adapters whose modules_to_save (classifier heads) differ are not silently merged."""
     base = build_tiny_model("bert", tmp_path / "cls-base", "SEQ_CLS")
