@@ -251,6 +251,10 @@ class BaseModel:
         self.tokenizer.padding_side = "right"
         self._plain_chat_warned: set[str] = set()  # sources already told they have no chat template
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        # An encoder-decoder that generates is teacher-forced on each sample's target; one with
+        # a classification or span head (BART, T5 for sequence classification) makes its
+        # decoder inputs itself, from input_ids shifted right, and reads them at input positions.
+        self.teacher_forced = self.is_encoder_decoder and self.model.can_generate()
         self._forward_args = set(inspect.signature(self.model.forward).parameters)
         self._modules = dict(self.model.named_modules())
         self._base_params = {}
@@ -435,8 +439,11 @@ class BaseModel:
         batch = {k: v for k, v in encoded.items() if k in self._forward_args}
         if "token_type_ids" in batch and not getattr(self.model.config, "type_vocab_size", 0):
             del batch["token_type_ids"]
-        if self.is_encoder_decoder:
+        if self.teacher_forced:
             batch.update(self._decoder_inputs(chunk, max_length))
+        elif self.is_encoder_decoder and "attention_mask" in batch:  # the shifted inputs' padding
+            mask = batch["attention_mask"]
+            batch["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
         return batch
 
     def _token_ids(self, sample, max_length: int) -> list[int]:
@@ -469,7 +476,7 @@ class BaseModel:
         return {"decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
 
     def output_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return batch.get("decoder_attention_mask") if self.is_encoder_decoder else batch.get("attention_mask")
+        return batch.get("decoder_attention_mask") if self.teacher_forced else batch.get("attention_mask")
 
     def output_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The token ids whose next token each output position predicts, when the model is a

@@ -177,3 +177,43 @@ def test_block_by_block_equals_whole_model_passes(family, tmp_path):
     assert merged["true"].keys() == merged["false"].keys()
     for name, whole in merged["false"].items():
         torch.testing.assert_close(merged["true"][name].double(), whole.double(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+SEQ_CLS_ENCODER_DECODERS = {
+    "bart": lambda: tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  max_position_embeddings=128, decoder_start_token_id=0, num_labels=3, **TOKENS),
+    "t5": lambda: tf.T5Config(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0,
+                              eos_token_id=102, decoder_start_token_id=0, num_labels=3),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SEQ_CLS_ENCODER_DECODERS))
+def test_a_classifier_on_an_encoder_decoder(family, tmp_path):
+    """BART's and T5's classification heads read the decoder at the input's positions, the
+    decoder fed the inputs shifted right by the model itself. The merge fed it the
+    generation-style start token instead, and every merge ended in an IndexError. One
+    adapter merged alone is its own (gap ~0), blocks equal whole-model passes, PEFT loads it."""
+    base_dir = tmp_path / "base"
+    model_class("SEQ_CLS").from_config(SEQ_CLS_ENCODER_DECODERS[family]()).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family=family, targets=["q", "v"]
+                              if family == "t5" else ["q_proj", "v_proj"], task_type="SEQ_CLS", calibration=6)
+                for seed in range(2)]
+    assert cli_merge(base_dir, adapters[:1], tmp_path / "one", "--param", "iterations=2") == 0
+    report = json.loads((tmp_path / "one" / "merge_report.json").read_text())
+    assert report["tasks"]["a0"]["fidelity_gap"] < 1e-3
+    merged = {}
+    for blockwise in ("true", "false"):
+        out = tmp_path / f"blockwise-{blockwise}"
+        assert cli_merge(base_dir, adapters, out, "--param", "iterations=2", "--param", f"blockwise={blockwise}",
+                         "--param", "accumulate_dtype=float64", "--modules-to-save-rule", "average") == 0
+        report = json.loads((out / "merge_report.json").read_text())
+        assert report["metrics"]["execution"] == ("blocks" if blockwise == "true" else "whole model")
+        assert all(0 < task["fidelity_gap"] < 1.5 for task in report["tasks"].values())
+        merged[blockwise] = load_file(out / "adapter_model.safetensors")
+    for name, whole in merged["false"].items():
+        torch.testing.assert_close(merged["true"][name].double(), whole.double(), rtol=1e-5, atol=1e-7, msg=name)
+    model = PeftModel.from_pretrained(model_class("SEQ_CLS").from_pretrained(base_dir), tmp_path / "blockwise-true")
+    batch = tokenizer()(["the market rallied", "a calm river"], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape == (2, 3)
