@@ -22,7 +22,7 @@ from .calibration import CalibrationSet
 from .devices import check_device
 from .errors import BaseModelError, IncompatibleAdaptersError
 from .lora import LoraAdapter
-from .shapes import BaseShapes, check_shapes
+from .shapes import BaseShapes, check_shapes, head_labels
 from .model_class import model_class_for
 
 try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
@@ -64,9 +64,11 @@ def _move_except(model: nn.Module, keep: set[int], device: torch.device) -> None
 
 
 def _head_labels(adapters: list[LoraAdapter]) -> int | None:
-    """Classifier heads travel as ``modules_to_save``; their output width is the label count."""
-    widths = [t.shape[0] for a in adapters for k, t in a.modules_to_save.items() if t.ndim == 2]
-    return min(widths) if widths else None
+    """Classifier heads travel as ``modules_to_save``; their output width is the label count
+    (:func:`~iteris_daemon.shapes.head_labels`; the first adapter with a head says it, and
+    a head of another width then fails the shape check against the loaded model)."""
+    return next((labels for a in adapters
+                 if (labels := head_labels({k: tuple(t.shape) for k, t in a.modules_to_save.items()})) is not None), None)
 
 
 @dataclass
@@ -286,7 +288,10 @@ class BaseModel:
             except WeightsUnavailable as exc:
                 level = logging.WARNING if offload == "disk" else logging.INFO
                 log.log(level, "loading %s whole: cannot stream its blocks (%s)", self.name_or_path, exc)
-        model = cls.from_pretrained(self.name_or_path, dtype=self.dtype, **kwargs)
+        # With num_labels from an adapter's head: a checkpoint whose own head has another label
+        # count loads too (that head is replaced by the adapters' modules_to_save).
+        model = cls.from_pretrained(self.name_or_path, dtype=self.dtype, ignore_mismatched_sizes="num_labels" in kwargs,
+                                    **kwargs)
         if offload in ("auto", "cpu") and self.device.type != "cpu":
             plan = block_plan(model, paths, self.head_keys)
             if plan.supported:

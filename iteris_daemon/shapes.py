@@ -53,6 +53,25 @@ def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved:
             raise AdapterError(where, f"{key} is {tuple(shape)}, base model has {tuple(parameters[key])}")
 
 
+HEADS = ("classifier", "score", "classification_head", "qa_outputs")
+"""The output heads transformers' classification and span models name (``modules_to_save``)."""
+
+
+def head_labels(saved: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The label count a classifier head saved in ``modules_to_save`` (name -> shape) was
+    trained with: the rows of its output projection (``classifier.weight``, or
+    ``classifier.out_proj.weight`` behind a dense layer). Not any saved matrix's rows: a
+    saved ``token_type_embeddings`` (2 rows) set 2 labels for a 3-label head. None: no head."""
+    for name, shape in saved.items():
+        parts = name.split(".")
+        for head in HEADS:
+            if head in parts and len(shape) == 2 and parts[-1] == "weight":
+                after = parts[parts.index(head) + 1:-1]  # the module path inside the head
+                if after in ([], ["out_proj"]):
+                    return shape[0]
+    return None
+
+
 def skeleton_key(base: str, config: Mapping[str, Any], modules: list[str], saved: Mapping[str, tuple[int, ...]],
                  trust_remote_code: bool) -> str:
     """What the skeleton of ``base`` depends on for this adapter, as a hash: the class loaded
@@ -62,6 +81,6 @@ def skeleton_key(base: str, config: Mapping[str, Any], modules: list[str], saved
     wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     task_type = config.get("task_type")
     paths = sorted(modules) if task_type is None and wanted is None else None
-    labels = min((shape[0] for shape in saved.values() if len(shape) == 2), default=None)
+    labels = head_labels(saved)
     payload = [base, task_type, repr(wanted), paths, labels, trust_remote_code]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()

@@ -283,6 +283,49 @@ def test_different_heads_need_a_rule(tmp_path, capsys):
         assert (tensor - (first.modules_to_save[key] + second.modules_to_save[key]) / 2).abs().max() < 1e-6
 
 
+def test_the_label_count_comes_from_the_head(tmp_path, capsys):
+    """A 3-label classifier adapter that also saves ``token_type_embeddings`` (2 rows) loaded
+    its base with 2 labels, the smallest saved matrix: without disk offload the merge ended
+    in a traceback, and the daemon's check refused the adapter ("classifier.bias is (3,),
+    base model has (2,)"). A base checkpoint whose own head has another label count loads (the
+    adapter's head replaces it). Heads of different label counts cannot be averaged: one line."""
+    import transformers as tf
+
+    from iteris_daemon.shapes import head_labels
+    from iteris_daemon.validation import validate_adapter
+
+    assert head_labels({"bert.embeddings.token_type_embeddings.weight": (2, 32), "classifier.weight": (3, 32)}) == 3
+    assert head_labels({"classifier.dense.weight": (32, 32), "classifier.out_proj.weight": (5, 32)}) == 5
+    assert head_labels({"model.classification_head.out_proj.weight": (4, 32), "score.bias": (4,)}) == 4
+    assert head_labels({"bert.pooler.dense.weight": (32, 32)}) is None
+    base = tmp_path / "base"
+    tf.AutoModelForSequenceClassification.from_config(tf.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128)).save_pretrained(base)  # a generic base: 2 labels in its config
+    tokenizer().save_pretrained(base)
+    three, four = (_head_adapter(base, tmp_path, labels) for labels in (3, 4))
+    validate_adapter(three, base_model=str(base))
+    assert _merge(capsys, base, [three], tmp_path / "out", "--offload", "none")[0] == 0
+    code, message = _merge(capsys, base, [three, four], tmp_path / "mixed", "--modules-to-save-rule", "average")
+    _assert_refused(code, message, tmp_path / "mixed", "cannot average modules_to_save classifier.bias: its shapes differ")
+
+
+def _head_adapter(base: Path, tmp_path: Path, labels: int) -> Path:
+    """An adapter of ``base`` trained as a ``labels``-way classifier, saving its head and the
+    token type embeddings."""
+    import transformers as tf
+
+    start = tmp_path / f"base-{labels}"
+    tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels,
+                                                     ignore_mismatched_sizes=True).save_pretrained(start)
+    tokenizer().save_pretrained(start)
+    adapter = build_adapter(start, tmp_path / f"labels-{labels}", seed=labels, family="bert", task_type="SEQ_CLS",
+                            targets=["query"], modules_to_save=["classifier", "token_type_embeddings"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    return adapter
+
+
 def test_an_unknown_modules_to_save_rule_is_refused(workspace, capsys):
     """Also when no adapter has modules_to_save: a typo is not silently ignored."""
     base, adapters, tmp = workspace
