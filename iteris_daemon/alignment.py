@@ -229,9 +229,9 @@ def alignment_terms(info: TaskLayer, G: torch.Tensor | None, Q: torch.Tensor | N
 
 
 def loss_ratio(num: float, den: float) -> float | None:
-    """A task's alignment loss from its summed terms: None when only the numerator is
-    non-zero (its adapter moves nothing, so no move is relative to it)."""
-    return num / den if den > 0 else (0.0 if num <= 0 else None)
+    """A task's alignment loss from its summed terms: None when its adapter moves nothing
+    (den 0): no move is relative to that, whether or not the merge moves its outputs."""
+    return num / den if den > 0 else None
 
 
 class _Alignment:

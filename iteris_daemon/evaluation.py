@@ -5,7 +5,7 @@
 - *fidelity gap*: ``||y_merged - y_i|| / ||y_i - y_base||`` of the model's final
   outputs on task i's calibration inputs (0: behaves like the task's own adapter,
   1: no better than the base model; null, as is the alignment loss, when the task's
-  adapter does not change the outputs at all and the merge does);
+  adapter does not change the outputs at all);
 - *next-token loss*, for language models that generate (causal or encoder-decoder): the
   mean cross-entropy, in nats per token, of each real token of a sample given those before
   it (for an encoder-decoder, the target's tokens that the teacher-forced decoder reads:
@@ -176,8 +176,8 @@ def _add_next_token_losses(tokens: torch.Tensor, mask: torch.Tensor | None, outp
 
 
 def _gap(num: float, den: float) -> float | None:
-    """sqrt(num / den); None when the task's adapter does not move the outputs (den 0) and
-    the merge does: relative to no change, any change is undefined (it was reported 0,
-    "behaves like the task's adapter")."""
+    """sqrt(num / den); None when the task's adapter does not move the outputs (den 0):
+    relative to no change, any change is undefined (it was reported 0, "behaves like the
+    task's adapter", also where the merge moved them)."""
     ratio = loss_ratio(num, den)
     return None if ratio is None else ratio ** 0.5

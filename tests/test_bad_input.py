@@ -410,6 +410,10 @@ def test_an_adapter_that_changes_nothing_has_no_fidelity_gap(workspace, capsys):
     assert judge({**report, "tasks": {zero.name: report["tasks"][zero.name]}}, Gates()).notes == [
         "quality gate: no comparison (no task's adapter changes its outputs)"]
 
+    # Merged alone, the merge moves nothing either: 0 / 0 was reported 0.0, now null too.
+    assert _merge(capsys, base, [zero], tmp / "alone", "--strategy", "task_arithmetic")[0] == 0
+    alone = json.loads((tmp / "alone" / "merge_report.json").read_text())["tasks"][zero.name]
+    assert alone["fidelity_gap"] is None and alone["alignment_loss"] == [None]
     # IterIS's per-iteration history said 0.0 ("aligned") for the same task; now null all along.
     assert _merge(capsys, base, [zero, other], tmp / "iteris", "--param", "iterations=3", "--param",
                   "tolerance=0")[0] == 0
