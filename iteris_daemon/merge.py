@@ -102,6 +102,9 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
     for index, adapter in enumerate(adapters):
         if counts[adapter.name] > 1:  # two folders with the same name: keep reports unambiguous
             adapter.name = f"{adapter.name}#{index}"
+    if len({a.task_type for a in adapters}) > 1:  # before the base model loads (its class follows the task type)
+        listing = ", ".join(f"{a.name}: {a.task_type or 'none'}" for a in adapters)
+        raise IncompatibleAdaptersError(f"adapters have different task types ({listing}); one merge has one model class")
     # One spelling per base model: ./base and /srv/base may be one folder.
     bases = {model_location(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .devices import check_device
-from .errors import BaseModelError, IncompatibleAdaptersError
+from .errors import BaseModelError
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes, head_labels
 from .model_class import model_class_for
@@ -220,10 +220,7 @@ class BaseModel:
 
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
-        task_types = {a.task_type for a in adapters}
-        if len(task_types) > 1:
-            raise IncompatibleAdaptersError(f"adapters have different task types: {sorted(map(str, task_types))}")
-        self.task_type = task_types.pop() if task_types else None
+        self.task_type = adapters[0].task_type if adapters else None  # one for all: model_class_for checks
         kwargs: dict = {"trust_remote_code": trust_remote_code}
         labels = _head_labels(adapters)
         if labels is not None and self.task_type in ("SEQ_CLS", "TOKEN_CLS"):

@@ -326,6 +326,18 @@ def _head_adapter(base: Path, tmp_path: Path, labels: int) -> Path:
     return adapter
 
 
+def test_adapters_of_different_task_types_are_named_before_the_model_loads(workspace, capsys):
+    """The message listed the types only ("['CAUSAL_LM', 'None']"), after the base model
+    had started loading."""
+    base, (first, second), tmp = workspace
+    config = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**config, "task_type": "FEATURE_EXTRACTION"}))
+    code, message = _merge(capsys, tmp / "no-such-base", [first, second], tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"adapters have different task types ({first.name}: "
+                    f"{json.loads((first / 'adapter_config.json').read_text()).get('task_type') or 'none'}, "
+                    f"{second.name}: FEATURE_EXTRACTION); one merge has one model class")
+
+
 def test_an_unknown_modules_to_save_rule_is_refused(workspace, capsys):
     """Also when no adapter has modules_to_save: a typo is not silently ignored."""
     base, adapters, tmp = workspace
