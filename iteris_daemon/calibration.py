@@ -82,20 +82,23 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(path, "calibration file is a folder, not a file" if path.is_dir()
+                               else "calibration file is not a regular file" if path.exists()
+                               else "calibration file is a symlink to nothing (or a loop)" if path.is_symlink()
                                else "calibration file does not exist")
     samples: list[Sample] = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
-            try:
-                record = safe_json.loads(raw.decode("utf-8"))
+            try:  # a byte order mark, as some editors write, is not part of the first line
+                record = safe_json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
             except ValueError as exc:  # not UTF-8, not JSON, nested too deep
                 raise CalibrationError(path, f"not valid JSON ({exc})", line=number) from None
             if not isinstance(record, dict):
                 raise CalibrationError(path, "each line must be a JSON object", line=number)
             if "messages" in record:
                 samples.append(Sample.conversation(_messages(record, path, number)))
+                _check_unicode(samples[-1], path, number)
                 continue
             text = record.get("text")
             if not isinstance(text, str) or not text.strip():
@@ -104,9 +107,21 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
             if target is not None and not isinstance(target, str):
                 raise CalibrationError(path, '"target" must be a string', line=number)
             samples.append(Sample(text=text, target=target))
+            _check_unicode(samples[-1], path, number)
     if not samples:
         raise CalibrationError(path, "calibration set is empty")
     return CalibrationSet(tuple(samples), source=str(path))
+
+
+def _check_unicode(sample: Sample, path: Path, line: int) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer takes."""
+    strings = [sample.text, sample.target, *(content for _, content in sample.messages or ())]
+    for string in strings:
+        try:
+            (string or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise CalibrationError(path, "holds an unpaired surrogate escape (such as \\ud800): not Unicode text",
+                                   line=line) from None
 
 
 def _messages(record: dict, path: Path, line: int) -> Messages:

@@ -239,9 +239,9 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     (files and folders the merge reads), or cannot be written, before anything is loaded.
     The merge writes a staging folder in ``out.parent`` (created if missing) and renames it
     to ``out``; this checks that both will work, leaving nothing."""
-    where = out.resolve()
+    where = Path(os.path.realpath(out))  # realpath: a symlink loop among the inputs is left for its reader to name
     for path in inputs:
-        if path.resolve().is_relative_to(where):
+        if Path(os.path.realpath(path)).is_relative_to(where):
             raise OutputError(f"{out}: the output would replace {path}, which the merge reads; choose another --out")
     try:
         if out.is_symlink() and not out.exists():

@@ -173,7 +173,11 @@ def test_trained_base_biases_are_refused_by_name(workspace, tmp_path, capsys):
      (b'{"text": "ok"}\n{"messages": "hi"}\n', '2: "messages" must be a non-empty list'),
      (b'{"messages": [{"role": "user"}]}\n', 'messages[0] must have string "role" and "content"'),
      (b'{"messages": [{"role": "user", "content": "hi"}], "text": "x"}\n', "takes no other fields"),
-     (b'{"messages": [{"role": "user", "content": " "}]}\n', "has no content")],
+     (b'{"messages": [{"role": "user", "content": " "}]}\n', "has no content"),
+     # valid JSON, yet no tokenizer takes a lone surrogate: a TypeError after the model load
+     (b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', "calibration.jsonl:2: holds an unpaired surrogate escape"),
+     (b'{"text": "ok", "target": "\\udfff"}\n', ":1: holds an unpaired surrogate"),
+     (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}\n', ":1: holds an unpaired surrogate")],
 )
 def test_bad_calibration_file(workspace, capsys, content, fragment):
     base, adapters, tmp = workspace
@@ -181,6 +185,27 @@ def test_bad_calibration_file(workspace, capsys, content, fragment):
     calibration.write_bytes(content)
     code, message = _merge(capsys, base, adapters, tmp / "out")
     _assert_refused(code, message, tmp / "out", "calibration.jsonl", fragment)
+
+
+def test_a_calibration_file_that_is_no_regular_file_says_what_it_is(workspace, capsys, tmp_path):
+    """/dev/null and a symlink loop were "calibration file does not exist"."""
+    base, adapters, tmp = workspace
+    loop = tmp / "loop.jsonl"
+    loop.symlink_to(loop)
+    for path, says in ((Path("/dev/null"), "calibration file is not a regular file"),
+                       (loop, "calibration file is a symlink to nothing (or a loop)")):
+        code, message = _merge(capsys, base, [f"{adapters[0]}={path}", adapters[1]], tmp / "out")
+        _assert_refused(code, message, tmp / "out", f"{path}: {says}")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(workspace, capsys):
+    """Some editors start UTF-8 files with a BOM; the first line was "not valid JSON"."""
+    from iteris_daemon.calibration import read_jsonl
+
+    base, adapters, tmp = workspace
+    path = tmp / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert [s.text for s in read_jsonl(path).samples] == ["first", "second"]
 
 
 def test_no_calibration_for_iteris(workspace, capsys):
