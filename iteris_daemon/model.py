@@ -20,7 +20,7 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .devices import check_device
-from .errors import BaseModelError
+from .errors import BaseModelError, CalibrationError
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes, head_labels
 from .model_class import model_class_for
@@ -425,14 +425,14 @@ class BaseModel:
         batches = []
         for start in range(0, len(order), batch_size):
             chunk = [data.samples[i] for i in order[start : start + batch_size]]
-            batch = self._encode(chunk, max_length)
+            batch = self._encode(chunk, max_length, data.source)
             if all(v.shape[-1] > 0 for v in batch.values()):
                 batches.append(batch)
         return batches
 
-    def _encode(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
+    def _encode(self, chunk, max_length: int, source: str) -> dict[str, torch.Tensor]:
         if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
-            rows = [self._token_ids(s, max_length) for s in chunk]
+            rows = [self._token_ids(s, max_length, source) for s in chunk]
             encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         else:
             encoded = self.tokenizer(
@@ -448,13 +448,18 @@ class BaseModel:
             batch["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
         return batch
 
-    def _token_ids(self, sample, max_length: int) -> list[int]:
+    def _token_ids(self, sample, max_length: int, source: str) -> list[int]:
         """One sample's token ids; a conversation through the chat template, whose text
         carries its own special tokens (so none are added again, e.g. a second BOS)."""
         if sample.messages is None:
             return self.tokenizer(sample.text, truncation=True, max_length=max_length)["input_ids"]
         messages = [{"role": role, "content": content} for role, content in sample.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # the template's own raise_exception (jinja2): "roles must alternate", say
+            roles = ", ".join(role for role, _ in sample.messages)
+            raise CalibrationError(source, f"the base model's chat template refuses a conversation with roles "
+                                           f"[{roles}]: {exc}".splitlines()[0]) from None
         return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
 
     def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from builders import build_adapter, build_tiny_model, cli_merge
 from iteris_daemon.calibration import CalibrationSet, Sample, read_jsonl, write_jsonl
+from iteris_daemon.errors import CalibrationError
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel
 
@@ -63,6 +64,21 @@ def test_a_conversation_is_tokenized_with_the_chat_template(llama, template, cap
         assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
         assert ids[0] == tokenizer.cls_token_id and ids.count(tokenizer.cls_token_id) == 1  # no second start token
     assert batch["attention_mask"][0].tolist() == [1] * len(ids)
+
+
+def test_a_conversation_the_template_refuses_names_the_file(llama):
+    """Llama-2- and Mistral-style templates raise on roles that do not alternate (a leading
+    system message): a jinja2 traceback. Now a CalibrationError naming the set and roles."""
+    base_dir, adapter_dirs = llama
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    base.tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                                    "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+                                    "{% endif %}{{ m['content'] }}{% endfor %}")
+    chat = Sample.conversation((("system", "be brief"), ("user", "hi")))
+    with pytest.raises(CalibrationError) as caught:
+        base.batches(CalibrationSet((chat,), "tasks/chat.jsonl"), batch_size=4, max_length=128)
+    assert str(caught.value) == ("tasks/chat.jsonl: the base model's chat template refuses a conversation with roles "
+                                 "[system, user]: Conversation roles must alternate user/assistant")
 
 
 def test_a_merge_reads_conversations(llama, tmp_path):
