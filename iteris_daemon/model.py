@@ -190,6 +190,15 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
         raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
 
 
+def _max_tokens(config, tokenizer) -> int | None:
+    """The longest input the model reads: its position table's size, and its tokenizer's
+    limit where set (RoBERTa's table holds two more rows than it can use); None: no limit."""
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers say "no limit" with 1e30
+    return min(limits, default=None)
+
+
 _HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # "gpt2", "org/name": at most one "/"
 
 
@@ -249,6 +258,8 @@ class BaseModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
         self._plain_chat_warned: set[str] = set()  # sources already told they have no chat template
+        self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
+        self._cut_warned = False
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         # An encoder-decoder that generates is teacher-forced on each sample's target; one with
         # a classification or span head (BART, T5 for sequence classification) makes its
@@ -421,6 +432,12 @@ class BaseModel:
             self._plain_chat_warned.add(data.source)
             log.warning("%s: the base model's tokenizer has no chat template; its conversations are read as "
                         "plain 'role: content' lines", data.source)
+        if self.max_tokens is not None and max_length > self.max_tokens:
+            if not self._cut_warned:
+                self._cut_warned = True
+                log.warning("max_length %d is more than %s reads (%d tokens): samples are cut at %d", max_length,
+                            self.name_or_path, self.max_tokens, self.max_tokens)
+            max_length = self.max_tokens
         order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
         batches = []
         for start in range(0, len(order), batch_size):

@@ -208,6 +208,19 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(workspace, capsys):
     assert [s.text for s in read_jsonl(path).samples] == ["first", "second"]
 
 
+def test_max_length_beyond_the_models_positions_is_cut_there(workspace, capsys, caplog):
+    """``max_length`` 200 on a model with 128 positions: a 300-word sample ended in an
+    IndexError (GPT-2) or a size mismatch (BERT). Samples are cut at what the model reads."""
+    base, adapters, tmp = workspace
+    long = tmp / "long.jsonl"
+    long.write_text(json.dumps({"text": " ".join(["market"] * 300)}) + "\n")
+    code, _ = _merge(capsys, base, [f"{adapters[0]}={long}", adapters[1]], tmp / "out", "--param", "max_length=200",
+                     "--param", "iterations=1")
+    assert code == 0
+    assert any(r.getMessage() == f"max_length 200 is more than {base} reads (128 tokens): samples are cut at 128"
+               for r in caplog.records)
+
+
 def test_no_calibration_for_iteris(workspace, capsys):
     base, adapters, tmp = workspace
     (adapters[1] / "calibration.jsonl").unlink()
