@@ -137,11 +137,18 @@ def gather_calibration(
 
 
 def calibration_for(adapters: list[LoraAdapter], specs: list[AdapterSpec], options: CalibrationOptions | None,
-                    base_model: str, required: bool) -> list[CalibrationSet | None]:
-    """Each adapter's calibration set: its spec's file first, then the sources in ``options.order``."""
+                    base_model: str, required: bool, samples: int | None = None) -> list[CalibrationSet | None]:
+    """Each adapter's calibration set: its spec's file first (the ``files`` source, put
+    first in the order), then the sources in ``options.order``. ``samples``: how many a
+    generating source makes (default: ``CalibrationOptions``')."""
     options = options or CalibrationOptions()
-    options.files = {**options.files, **{a.name: s.calibration for a, s in zip(adapters, specs) if s.calibration}}
+    mapped = {a.name: s.calibration for a, s in zip(adapters, specs) if s.calibration}
+    options.files = {**options.files, **mapped}
+    if mapped:  # a file named on the command line is used, whatever the order says (it was ignored without "files")
+        options.order = ("files", *(name for name in options.order if name != "files"))
     options.base_model = options.base_model or base_model
+    if samples is not None:
+        options.samples = samples
     return gather_calibration(adapters, options, required=required)
 
 
@@ -322,14 +329,14 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     params = parse_params(strategy, request.params or {})
     _prepare_out(request.out, request.overwrite, _inputs(request))
     adapters = load_adapters(request.adapters)
+    # Strategies that read calibration data are evaluated on the samples they used;
+    # data-free ones on the first ``eval_samples`` of each set.
+    samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples
     if request.calibration_sets is not None:
         calibration = list(request.calibration_sets)
     else:
         calibration = calibration_for(adapters, request.adapters, request.calibration, request.base_model,
-                                      required=strategy.needs_calibration)
-    # Strategies that read calibration data are evaluated on the samples they used;
-    # data-free ones on the first ``eval_samples`` of each set.
-    samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples
+                                      required=strategy.needs_calibration, samples=samples)
     calibration = [c.head(samples) if c is not None else None for c in calibration]
     head = merged_head(adapters, request.modules_to_save_rule)
 

@@ -229,10 +229,18 @@ def test_no_calibration_for_iteris(workspace, capsys):
 
 
 def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
+    """Also when --calibration-order does not list ``files``: the folder's own file was used."""
     base, adapters, tmp = workspace
     missing = tmp / "missing.jsonl"
     code, message = _merge(capsys, base, [f"{adapters[0]}={missing}", adapters[1]], tmp / "out")
     _assert_refused(code, message, tmp / "out", str(missing))
+    given = tmp / "given.jsonl"
+    shutil.copy(adapters[1] / "calibration.jsonl", given)
+    code, _ = _merge(capsys, base, [f"{adapters[0]}={given}", adapters[1]], tmp / "out", "--calibration-order",
+                     "adapter", "--strategy", "task_arithmetic")
+    report = json.loads((tmp / "out" / "merge_report.json").read_text())
+    assert code == 0 and [i["calibration"]["source"] for i in report["inputs"]] == [
+        str(given), str(adapters[1] / "calibration.jsonl")]
 
 
 @pytest.mark.parametrize(
