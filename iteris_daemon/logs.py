@@ -190,20 +190,32 @@ def setup_logging(verbose: bool = False, fmt: str = "auto", *, stream: TextIO | 
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
-    _without_own_handlers("huggingface_hub")
+    for name in ("huggingface_hub", "transformers"):
+        _without_own_handlers(name)
 
 
 class _HandlerlessLogger(logging.Logger):
-    """A library's logger that takes no handlers: its records reach the root's (ours)."""
+    """A library's logger that takes no handlers and always propagates: its records reach
+    the root's handler (ours)."""
 
     def addHandler(self, hdlr: logging.Handler) -> None:
         pass
 
+    @property
+    def propagate(self) -> bool:  # type: ignore[override]
+        return True
+
+    @propagate.setter
+    def propagate(self, value: bool) -> None:
+        pass
+
 
 def _without_own_handlers(name: str) -> None:
-    """huggingface_hub gives its logger a stderr handler when its logging module is first
-    imported, and still propagates: each record was printed twice, once past the token
-    redaction. Its handlers go, now or when it is imported (which ``status`` never does)."""
+    """huggingface_hub and transformers give their loggers a stderr handler when their
+    logging modules are first imported: huggingface_hub's records were printed twice, once
+    past the token redaction; transformers', which it stops from propagating, only raw
+    (multi-line text in a ``--log-format json`` stream). Their handlers go, now or when
+    they are imported (which ``status`` never does)."""
     logger = logging.getLogger(name)
     for own in list(logger.handlers):
         logger.removeHandler(own)

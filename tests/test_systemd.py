@@ -349,6 +349,17 @@ def test_huggingface_hub_records_are_written_once_and_redacted() -> None:
     assert err.count("retrying") == 1 and TOKEN not in err and "hf_***" in err, err
 
 
+def test_transformers_records_go_through_our_handler() -> None:
+    """transformers gives its logger a stderr handler and stops it propagating: its records
+    (with -v, most of a merge's log) were raw multi-line text in a ``--log-format json``
+    stream. A fresh process, transformers imported after the set-up as in the CLI."""
+    code = ("import logging; from iteris_daemon.logs import setup_logging; setup_logging(fmt='json'); "
+            "from transformers.utils import logging as hf; hf.get_logger('transformers.x').warning('two\\nlines')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    lines = err.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["message"] == "two\nlines", err
+
+
 def test_setup_logging_is_idempotent() -> None:
     first, second = io.StringIO(), io.StringIO()
     setup_logging(fmt="text", stream=first)
