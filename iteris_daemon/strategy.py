@@ -24,9 +24,11 @@ Progress = Callable[..., Any]
 
 class StrategyParams(BaseModel):
     """Base for strategy parameter models: unknown keys are an error, not a silent no-op;
-    inf and nan are no parameter value (a ridge of inf turned IterIS into a no-op)."""
+    inf and nan are no parameter value (a ridge of inf turned IterIS into a no-op); values
+    are not coerced across types (``samples_per_task=true`` was taken as 1; an int is
+    still a float)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 @dataclass

@@ -251,6 +251,8 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         (["--param", "iterations=0"], "iterations"),
         (["--param", "a1=-1"], "a1"),
         (["--param", "task_weights=[1]"], "task_weights has 1 entries for 2 adapters"),
+        (["--param", "samples_per_task=true"], "samples_per_task: Input should be a valid integer"),  # was 1
+        (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),
     ],
 )
 def test_bad_strategy_or_parameters(workspace, capsys, extra, fragment):
