@@ -351,6 +351,16 @@ def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):
     catalog.close()
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """It printed Python's KeyboardInterrupt traceback."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.catalog, "_sources_list", interrupted)
+    assert main(["sources", "list"]) == 130
+    assert capsys.readouterr().err == "iteris-daemon: interrupted\n"
+
+
 @pytest.mark.parametrize("wait", ["-3", "0", "nan", "soon"])
 def test_merge_now_wait_must_be_positive(capsys, wait):
     with pytest.raises(SystemExit) as exited:

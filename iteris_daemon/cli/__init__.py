@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
         return code
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a merge's output is swapped in whole)
+        print("iteris-daemon: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (``iteris-daemon plugins | head``): exit quietly, as the
         # Python docs recommend for SIGPIPE, unless the broken pipe was not stdout's.
