@@ -63,6 +63,7 @@ class PeftCombination:
         if "ties" in self.combination_type:
             kwargs["majority_sign_method"] = params.majority_sign_method
         if params.svd_rank is not None:
+            _check_svd_rank(params.svd_rank, adapters)
             kwargs["svd_rank"] = params.svd_rank
         try:
             model.add_weighted_adapter(names, weights, "merged", combination_type=self.combination_type, **kwargs)
@@ -82,6 +83,17 @@ class PeftCombination:
             B = layer.lora_B["merged"].weight.detach().float() * (layer.lora_alpha["merged"] / layer.r["merged"])
             modules[name.removeprefix(prefix)] = (B.clone(), A.clone())
         return MergedAdapter(modules)
+
+
+def _check_svd_rank(rank: int, adapters) -> None:
+    """PEFT truncates a layer's SVD factors inconsistently past the layer's smaller side
+    (B d_out x min, A rank x d_in): refused here, naming the layer, not as a broken result."""
+    for adapter in adapters:
+        for path, module in sorted(adapter.modules.items()):
+            d_out, d_in = module.B.shape[0], module.A.shape[1]
+            if rank > min(d_out, d_in):
+                raise ParameterError(f"svd_rank {rank} is more than layer {path} ({d_out}x{d_in}) can hold: at "
+                                     f"most {min(d_out, d_in)} there")
 
 
 @hookimpl

@@ -253,6 +253,8 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         (["--param", "task_weights=[1]"], "task_weights has 1 entries for 2 adapters"),
         (["--param", "samples_per_task=true"], "samples_per_task: Input should be a valid integer"),  # was 1
         (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),
+        # PEFT wrote B (d_out x 32) with A (40 x d_in): "returned factors of shapes", a contract error
+        (["--strategy", "peft_svd", "--param", "svd_rank=40"], "svd_rank 40 is more than layer"),
     ],
 )
 def test_bad_strategy_or_parameters(workspace, capsys, extra, fragment):
