@@ -52,7 +52,9 @@ def collect(catalog: Catalog) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     lines = ["sources:"]
-    for s in report["sources"] or [{"name": "(none)", "kind": "", "healthy": True, "last_poll_at": None, "last_error": None, "enabled": True}]:
+    if not report["sources"]:
+        lines.append("  (none)")
+    for s in report["sources"]:
         health = "ok" if s["healthy"] else f"UNHEALTHY ({s['last_error']})"
         lines.append(f"  {s['name']:20} {s['kind']:6} {health}  last poll {s['last_poll_at'] or '-'}")
     lines.append("groups:")

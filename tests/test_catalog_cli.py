@@ -351,6 +351,14 @@ def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):
     catalog.close()
 
 
+def test_status_of_an_empty_catalog(tmp_path, capsys):
+    """It listed a made-up source, "(none)  ok  last poll -"."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(url).close()
+    code, out, _ = run(capsys, "status", "--db", url)
+    assert code == 0 and out == "sources:\n  (none)\ngroups:\n  (none)\ndaemons (seen in the last day):\n  (none)\n"
+
+
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     """It printed Python's KeyboardInterrupt traceback."""
     def interrupted(args):
