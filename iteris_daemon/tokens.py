@@ -42,11 +42,15 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
 
 
 def _one_token(value: str, where: str) -> SecretStr | None:
-    """A token is one printable word: anything more (a second line, a NUL) made an HTTP
-    header the client refused with an error that quoted the whole header, token included."""
+    """A token is one printable ASCII word: anything more (a second line, a NUL) made an HTTP
+    header the client refused with an error that quoted the whole header, token included,
+    and a non-ASCII character an "'ascii' codec" error that did not say it was the token."""
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ConfigError(f"{where} holds more than a token (a second line, spaces or control characters); "
                           "it must hold the token alone")
+    if not value.isascii():
+        raise ConfigError(f"{where} holds characters other than ASCII, which no token has (a copy-paste of "
+                          "typographic quotes or dashes, say)")
     return SecretStr(value) if value else None
 
 

@@ -715,6 +715,20 @@ def test_a_token_file_others_can_read_or_write_is_refused(tmp_path, mode):
         assert hub_token(token_file).get_secret_value() == "hf_ownerOnly1234"
 
 
+def test_a_token_with_non_ascii_characters_says_it_is_the_token(monkeypatch):
+    """A pasted typographic quote in $HF_TOKEN ended in "'ascii' codec can't encode", with
+    no word of the token."""
+    from iteris_daemon.errors import ConfigError
+    from iteris_daemon.tokens import hub_token
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_abc\u2019def")
+    with pytest.raises(ConfigError) as caught:
+        hub_token()
+    assert str(caught.value) == ("$HF_TOKEN holds characters other than ASCII, which no token has (a copy-paste of "
+                                 "typographic quotes or dashes, say)") and "abc" not in str(caught.value)
+
+
 def test_a_hub_source_with_an_open_token_file_is_unhealthy_and_sends_no_token(hub, made, tmp_path):
     """The poll does not raise out of the scheduler job: the source says why it is unhealthy."""
     from iteris_daemon.catalog.models import Source
