@@ -337,6 +337,10 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     else:
         calibration = calibration_for(adapters, request.adapters, request.calibration, request.base_model,
                                       required=strategy.needs_calibration, samples=samples)
+    for adapter, data in zip(adapters, calibration):
+        if strategy.needs_calibration and samples is not None and data is not None and len(data.samples) < samples:
+            log.info("task %s: %d calibration samples, fewer than the %d asked for", adapter.name,
+                     len(data.samples), samples)
     calibration = [c.head(samples) if c is not None else None for c in calibration]
     head = merged_head(adapters, request.modules_to_save_rule)
 

@@ -208,6 +208,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(workspace, capsys):
     assert [s.text for s in read_jsonl(path).samples] == ["first", "second"]
 
 
+def test_a_task_with_fewer_samples_than_asked_is_logged(workspace, capsys, caplog):
+    base, adapters, tmp = workspace
+    assert _merge(capsys, base, adapters, tmp / "out", "--param", "iterations=1")[0] == 0
+    assert f"task {adapters[0].name}: 12 calibration samples, fewer than the 50 asked for" in caplog.messages
+
+
 def test_max_length_beyond_the_models_positions_is_cut_there(workspace, capsys, caplog):
     """``max_length`` 200 on a model with 128 positions: a 300-word sample ended in an
     IndexError (GPT-2) or a size mismatch (BERT). Samples are cut at what the model reads."""
