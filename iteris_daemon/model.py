@@ -20,7 +20,7 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .devices import check_device
-from .errors import BaseModelError, CalibrationError
+from .errors import BaseModelError, CalibrationError, ParameterError
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes, head_labels
 from .model_class import model_class_for
@@ -432,6 +432,10 @@ class BaseModel:
             self._plain_chat_warned.add(data.source)
             log.warning("%s: the base model's tokenizer has no chat template; its conversations are read as "
                         "plain 'role: content' lines", data.source)
+        special = self.tokenizer.num_special_tokens_to_add()
+        if max_length <= special:  # the tokenizer keeps its special tokens: nothing would be cut
+            raise ParameterError(f"max_length {max_length} leaves no room for text: the tokenizer of "
+                                 f"{self.name_or_path} adds {special} special tokens to each sample")
         if self.max_tokens is not None and max_length > self.max_tokens:
             if not self._cut_warned:
                 self._cut_warned = True

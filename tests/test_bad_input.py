@@ -261,6 +261,8 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),
         # PEFT wrote B (d_out x 32) with A (40 x d_in): "returned factors of shapes", a contract error
         (["--strategy", "peft_svd", "--param", "svd_rank=40"], "svd_rank 40 is more than layer"),
+        # BERT's tokenizer keeps [CLS] and [SEP]: max_length 2 cut nothing, and the report said 2
+        (["--param", "max_length=2"], "max_length 2 leaves no room for text: the tokenizer of"),
     ],
 )
 def test_bad_strategy_or_parameters(workspace, capsys, extra, fragment):
