@@ -28,6 +28,7 @@ from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl
 from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
+from iteris_daemon.config import MAX_SECONDS
 from iteris_daemon.errors import AdapterError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
@@ -56,8 +57,8 @@ class HubPublishSettings(PublisherSettings):
     retry_attempts: int = Field(
         6, ge=1, description="tries per Hub call (for the commit, including tries after the branch moved)"
     )
-    retry_base_seconds: float = Field(1.0, ge=0, description="first back-off delay, doubled after each failure")
-    retry_cap_seconds: float = Field(60.0, ge=0, description="longest back-off delay (also caps Retry-After)")
+    retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS, description="first back-off delay, doubled after each failure")
+    retry_cap_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
 
     @field_validator("repo_id")
     @classmethod
