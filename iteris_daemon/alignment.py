@@ -342,8 +342,9 @@ class _Alignment:
                     defined = [task[-1] for task in losses if task[-1] is not None]
                     loss = sum(defined) / len(defined) if defined else 0.0
                     if options.stop == "objective" and best is not None and loss >= best[1] * (1 - options.tolerance):
-                        self.merged, returned = best[0], sweep - 1  # the solve before the one measured
-                        break
+                        if loss >= best[1]:  # the solve measured is no better: the one before it
+                            self.merged, returned = best[0], sweep - 1
+                        break  # else the one measured, a gain below the tolerance
                     best = (self.merged, loss)
                 changes.append(self._relative_change())
                 self.merged, returned = new, sweep + 1

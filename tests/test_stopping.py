@@ -55,6 +55,25 @@ def test_objective_rule_returns_the_best_measured_merge(tiny, family, stops):
         assert torch.equal(B @ A, expected[path][0] @ expected[path][1]), path
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_objective_rule_with_a_tolerance_returns_the_better_of_the_last_two(tiny, family):
+    """With a tolerance, a solve that improves the loss by less than it stops the run, and
+    the better of the two merges is returned: that solve (it did improve), not the one
+    before it, which the rule returned whenever it stopped (at the default tolerance 1.0,
+    always the first solve). Checked against the loss sequence of a run that never stops."""
+    base, adapters, data = _setup(tiny, family)
+    _, full = align(base, adapters, data, _options(iterations=6), quiet)
+    mean = _mean_losses(full)
+    stop = next(k for k in range(1, len(mean)) if mean[k] >= mean[k - 1] * 0.5)  # tolerance 0.5
+    better = stop + 1 if mean[stop] < mean[stop - 1] else stop  # which solve (1 = the first)
+    factors, metrics = align(base, adapters, data, _options(iterations=6, stop="objective", tolerance=0.5), quiet)
+    assert metrics["returned_iteration"] == better and metrics["iterations_run"] == stop + 1
+    assert any(mean[k] < mean[k - 1] for k in range(1, len(mean)))  # a gain to keep exists on these models
+    expected, _ = align(base, adapters, data, _options(iterations=better), quiet)
+    for path, (B, A) in factors.items():
+        assert torch.equal(B @ A, expected[path][0] @ expected[path][1]), path
+
+
 def test_change_rule_stops_at_the_tolerance(tiny):
     base, adapters, data = _setup(tiny, "llama")
     _, metrics = align(base, adapters, data, _options(iterations=20, tolerance=0.05), quiet)
