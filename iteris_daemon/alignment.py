@@ -429,7 +429,8 @@ class _Alignment:
                 self.unused.add(p)
                 new[p] = torch.cat([t.module.scaling * t.module.A for t in self.layers[p] if t.module is not None]).float()
             else:
-                new[p] = solve_spd(M[p], torch.cat(rhs[p], 0), self.dtype).float().cpu()
+                new[p] = solve_spd(M[p], torch.cat(rhs[p], 0), self.dtype,
+                                   definite=options.a2 > 0 or options.offdiag_scale < 1).float().cpu()
             if not torch.isfinite(new[p]).all():
                 raise MergeError("the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
             if previous is not None:

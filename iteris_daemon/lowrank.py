@@ -6,22 +6,42 @@ from __future__ import annotations
 import torch
 
 
-def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch.float64) -> torch.Tensor:
+def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch.float64,
+              definite: bool = False) -> torch.Tensor:
     """Return ``rhs @ M^-1`` for a symmetric positive (semi-)definite ``M`` (float64).
 
-    Cholesky when ``M`` is positive definite (the regularisers make it so); the
-    minimum-norm least-squares answer, through the symmetric pseudo-inverse, when it is
-    singular (no regularisation and fewer tokens than input features). ``precision`` is
-    the dtype ``M``'s Gram matrices were accumulated in: eigenvalues below its rounding
-    (``n * eps`` of the largest, NumPy's cutoff) are the null space, not directions to
-    invert. Both paths run on CPU and CUDA (``lstsq``'s ``gelsd`` driver is CPU-only).
+    Cholesky when ``M`` is positive definite; the minimum-norm least-squares answer,
+    through the symmetric pseudo-inverse, when it is singular (no ridge and fewer tokens
+    than input features, or features bound by a constraint, as a LayerNorm without bias
+    makes them sum to zero). ``precision`` is the dtype ``M``'s Gram matrices were
+    accumulated in: eigenvalues below its rounding (``n * eps`` of the largest, NumPy's
+    cutoff) are the null space, not directions to invert. Cholesky also passes on such
+    a matrix when rounding leaves its null space slightly positive, and inverting that
+    blew the answer up along it (by 10^6 and more): so unless ``M`` is ``definite`` by
+    construction (IterIS' ridge a2, RegMean's shrunk off-diagonals, alpha < 1) its
+    smallest eigenvalue is estimated first. Both paths run on CPU and CUDA (``lstsq``'s ``gelsd`` driver is
+    CPU-only).
     """
     M = M.double()
     rhs = rhs.to(M.device, torch.float64)
+    n = M.shape[0]
+    cutoff = n * torch.finfo(precision).eps
     factor, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0:
+    if int(info) == 0 and (definite or _smallest_eigenvalue(factor) > cutoff * float(M.diagonal().max())):
         return torch.cholesky_solve(rhs.T.contiguous(), factor).T
-    return rhs @ torch.linalg.pinv(M, hermitian=True, rtol=M.shape[0] * torch.finfo(precision).eps)
+    return rhs @ torch.linalg.pinv(M, hermitian=True, rtol=cutoff)
+
+
+def _smallest_eigenvalue(factor: torch.Tensor, steps: int = 8) -> float:
+    """An estimate, from above, of the smallest eigenvalue of ``L L^T`` (``factor`` = L):
+    the Rayleigh quotient after ``steps`` of inverse iteration, O(n^2) each, from a fixed
+    generic start. A null direction of a singular matrix dominates after one step."""
+    start = torch.randn(factor.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = start.to(factor.device)
+    for _ in range(steps):
+        v = torch.cholesky_solve(v, factor)
+        v = v / torch.linalg.vector_norm(v)
+    return float(torch.linalg.vector_norm(factor.T @ v) ** 2)
 
 
 def refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None = None, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -115,6 +115,27 @@ def test_singular_float32_grams_give_the_minimum_norm_answer():
     assert float((solution - expected).norm() / expected.norm()) < 1e-3
 
 
+@pytest.mark.parametrize("accumulate", [torch.float64, torch.float32])
+def test_a_singular_system_cholesky_passes_on_rounding_gives_the_minimum_norm_answer(accumulate):
+    """More tokens than features, but features that sum to zero (a LayerNorm without bias):
+    G has a null vector, and rounding lets Cholesky pass. Its answer grew along the null
+    direction (1.6e1 here where the minimum norm is 1.2e1; 1.4e7 for a real RegMean merge).
+    Reference: the minimum-norm least-squares solution of the token problem (``gelsd``)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 32, generator=g, dtype=torch.float64)
+    X -= X.mean(1, keepdim=True)
+    A = torch.randn(4, 32, generator=g, dtype=torch.float64)
+    G = (X.to(accumulate).T @ X.to(accumulate)).double()
+    assert int(torch.linalg.cholesky_ex(G).info) == 0 and int(torch.linalg.matrix_rank(X)) == 31  # the trap
+    solution = solve_spd(G, A @ G, accumulate)
+    expected = torch.linalg.lstsq(X, X @ A.T, driver="gelsd").solution.T
+    assert float((solution - expected).norm() / expected.norm()) < 1e-6
+    # With a ridge the system is definite by construction: Cholesky's answer, unchecked.
+    ridged = G + 1e-3 * float(torch.linalg.matrix_norm(G)) * torch.eye(32, dtype=torch.float64)
+    torch.testing.assert_close(solve_spd(ridged, A @ G, accumulate, definite=True),
+                               torch.linalg.solve(ridged, (A @ G).T).T, rtol=1e-9, atol=1e-9)
+
+
 def test_alignment_terms_equal_the_dense_norms():
     """The alignment loss from Gram sums equals ``||Xt D^T - X D_i^T||^2`` and
     ``||X D_i^T||^2`` computed densely, for a layer wider out than in (an LM head). The
