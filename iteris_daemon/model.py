@@ -190,6 +190,10 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
         raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
 
 
+POSITION_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+"""PEFT task types whose heads read the model's last hidden states at input positions."""
+
+
 def _max_tokens(config, tokenizer) -> int | None:
     """The longest input the model reads: its position table's size, and its tokenizer's
     limit where set (RoBERTa's table holds two more rows than it can use); None: no limit."""
@@ -261,10 +265,11 @@ class BaseModel:
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
         self._cut_warned = False
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
-        # An encoder-decoder that generates is teacher-forced on each sample's target; one with
-        # a classification or span head (BART, T5 for sequence classification) makes its
-        # decoder inputs itself, from input_ids shifted right, and reads them at input positions.
-        self.teacher_forced = self.is_encoder_decoder and self.model.can_generate()
+        # An encoder-decoder is teacher-forced on each sample's target, except under a
+        # classification or span head (BART, T5 for sequence classification): that model
+        # makes its decoder inputs itself, from input_ids shifted right, and reads the
+        # decoder at input positions (a bare T5Model makes none: it is teacher-forced).
+        self.teacher_forced = self.is_encoder_decoder and self.task_type not in POSITION_HEADS
         self._forward_args = set(inspect.signature(self.model.forward).parameters)
         self._modules = dict(self.model.named_modules())
         self._base_params = {}

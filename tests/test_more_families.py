@@ -217,3 +217,16 @@ def test_a_classifier_on_an_encoder_decoder(family, tmp_path):
     model = PeftModel.from_pretrained(model_class("SEQ_CLS").from_pretrained(base_dir), tmp_path / "blockwise-true")
     batch = tokenizer()(["the market rallied", "a calm river"], return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, 3)
+
+
+def test_a_bare_t5_model_is_teacher_forced(tmp_path):
+    """A T5Model base (no head) with adapters of no task type: T5 makes no decoder inputs
+    of its own, so the merge gives it the teacher-forced targets, as for generation (the
+    change for classifier heads first sent it none: a ValueError)."""
+    from builders import build_tiny_model
+
+    base = build_tiny_model("t5", tmp_path / "base")  # AutoModel: T5Model
+    adapters = [build_adapter(base, tmp_path / f"a{seed}", seed=seed, family="t5", calibration=6) for seed in range(2)]
+    assert cli_merge(base, adapters, tmp_path / "out", "--param", "iterations=2") == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert all(0 < task["fidelity_gap"] < 1.5 for task in report["tasks"].values())
