@@ -416,7 +416,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         "placement": base.placement.name,
         "output_dtype": str(output_dtype).removeprefix("torch."),
         "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks)},
-        "rank_cap_error": max(truncation.values(), default=0.0),
+        "rank_cap_error": max([*truncation.values(), _strategy_cap_error(result.metrics)], default=0.0),
         "tasks": per_task,
         "metrics": result.metrics,
     }
@@ -440,6 +440,14 @@ def _load_reference(path: Path | None, base: BaseModel) -> tuple[LoraAdapter | N
         log.warning("cannot compare with %s: %s", path, exc)
         return None, f"not comparable: {exc}"
     return reference, None
+
+
+def _strategy_cap_error(metrics: dict[str, Any]) -> float:
+    """The relative error of the strategy's own rank cap (``target_rank``), which the
+    built-ins report as ``truncation_error.max``; the writer's re-factoring is exact."""
+    cap = metrics.get("truncation_error")
+    value = cap.get("max") if isinstance(cap, dict) else None
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _round(value: float | None) -> float | None:

@@ -152,6 +152,23 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def test_the_report_gives_a_target_rank_caps_error(bert, tmp_path):
+    """``rank_cap_error`` said 0.0 for a merge cut to rank 1 (only the strategy's metrics
+    had the error). Now it is the cap's error: the Eckart-Young error of the uncapped
+    merge's layers at rank 1, the worst of them."""
+    base, adapters = bert
+    for name, extra in (("exact", []), ("capped", ["--param", "target_rank=1"])):
+        assert cli_merge(base, adapters, tmp_path / name, "--param", "iterations=1", "--no-eval", *extra) == 0
+    exact = load_adapter(tmp_path / "exact")
+    worst = 0.0
+    for module in exact.modules.values():
+        S = torch.linalg.svdvals(module.delta().double())
+        worst = max(worst, float((S[1:].square().sum() / S.square().sum()).sqrt()))
+    report = json.loads((tmp_path / "capped" / "merge_report.json").read_text())
+    assert worst > 0.1 and report["rank_cap_error"] == pytest.approx(worst, rel=1e-4)
+    assert json.loads((tmp_path / "exact" / "merge_report.json").read_text())["rank_cap_error"] == 0.0
+
+
 def test_every_registered_strategy_is_documented():
     found = strategies()
     assert "iteris" in found
