@@ -68,6 +68,8 @@ class IterISParams(FeatureParams):
     def _weights_non_negative(self):
         if self.task_weights is not None and any(w < 0 for w in self.task_weights):
             raise ValueError("task_weights must be non-negative")
+        if self.task_weights is not None and self.task_weights and not any(self.task_weights):
+            raise ValueError("task_weights are all 0: no task would count (the merge was a zero delta)")
         return self
 
 

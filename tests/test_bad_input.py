@@ -257,6 +257,7 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         (["--param", "iterations=0"], "iterations"),
         (["--param", "a1=-1"], "a1"),
         (["--param", "task_weights=[1]"], "task_weights has 1 entries for 2 adapters"),
+        (["--param", "task_weights=[0, 0]"], "task_weights are all 0"),
         (["--param", "samples_per_task=true"], "samples_per_task: Input should be a valid integer"),  # was 1
         (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),
         # PEFT wrote B (d_out x 32) with A (40 x d_in): "returned factors of shapes", a contract error
