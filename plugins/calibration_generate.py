@@ -16,9 +16,19 @@ from __future__ import annotations
 
 import random
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample
-from iteris_daemon.errors import CalibrationError
+from iteris_daemon.errors import CalibrationError, ConfigError
+
+
+class GenerateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    samples: int | None = Field(None, ge=1, le=100_000)  # None: the merge's samples per task
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    seed: int = 0
 
 
 class Generate:
@@ -29,10 +39,12 @@ class Generate:
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
         if not options.base_model:
             raise CalibrationError(adapter.path, "the generate source needs the base model")
-        settings = options.settings.get(self.name, {})
-        samples = int(settings.get("samples", options.samples))
-        max_new_tokens = int(settings.get("max_new_tokens", 32))
-        seed = int(settings.get("seed", 0))
+        try:  # a mistyped setting was a ValueError from int(), or silently ignored
+            settings = GenerateSettings.model_validate(options.settings.get(self.name, {}))
+        except ValidationError as exc:
+            raise ConfigError.from_validation("calibration generate", exc) from None
+        samples = settings.samples or options.samples
+        max_new_tokens, seed = settings.max_new_tokens, settings.seed
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(options.base_model)

@@ -200,3 +200,20 @@ def test_a_source_that_raises_is_named(bert):
     assert isinstance(caught.value.__cause__, ConnectionError)
     with pytest.raises(CalibrationError, match=r"^rows.jsonl:3: not valid JSON$"):
         first_calibration(adapter, CalibrationOptions(order=("rows", "store")), available)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"sampels": 3}, "calibration generate: sampels: Extra inputs are not permitted"),
+    ({"samples": "many"}, "calibration generate: samples: Input should be a valid integer"),
+    ({"max_new_tokens": 0}, "calibration generate: max_new_tokens: Input should be greater than or equal to 1"),
+])
+def test_the_generate_sources_settings_are_checked(bert, settings, message):
+    """A typo was ignored, and "many" a ValueError from int() in the worker."""
+    from iteris_daemon.errors import ConfigError
+    from iteris_daemon.plugin_manager import calibration_sources
+
+    adapter = load_adapter(bert[1][0])
+    options = CalibrationOptions(order=("generate",), base_model=str(bert[0]), settings={"generate": settings})
+    with pytest.raises(ConfigError) as caught:
+        calibration_sources()["generate"].load(adapter, options)
+    assert str(caught.value) == message
