@@ -138,12 +138,15 @@ class DaemonSettings(_Strict):
     database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
     state_dir: LocalPath | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
     cache_dir: LocalPath | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
-    grace_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS, description="a cancelled merge's worker (SIGTERM) is killed after this long")
-    claim_ttl_seconds: float = Field(120.0, ge=1, le=MAX_SECONDS, description="a group claim not refreshed for this long is stale")
+    grace_seconds: float = Field(
+        60.0, ge=0, le=MAX_SECONDS, description="a cancelled merge's worker (SIGTERM) is killed after this long")
+    claim_ttl_seconds: float = Field(
+        120.0, ge=1, le=MAX_SECONDS, description="a group claim not refreshed for this long is stale")
     retry_seconds: float = Field(
-        30.0, ge=0, le=MAX_SECONDS, description="a run that could not be carried out (the catalog locked or unreachable) is tried again "
-                                "after this long, doubling after each such failure up to retry_max_seconds; 0: only "
-                                "the group's schedule, its next change or a restart try again")
+        30.0, ge=0, le=MAX_SECONDS,
+        description="a run that could not be carried out (the catalog locked or unreachable) is tried again after "
+                    "this long, doubling after each such failure up to retry_max_seconds; 0: only the group's "
+                    "schedule, its next change or a restart try again")
     retry_max_seconds: float = Field(900.0, gt=0, le=MAX_SECONDS, description="the longest wait between such attempts")
     device: Device = Field("cpu", description="where merges run, when devices is not given: cpu, cuda or cuda:N")
     devices: list[Device] | None = Field(
@@ -156,10 +159,12 @@ class DaemonSettings(_Strict):
     trust_remote_code: list[ModelLocation] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
-    rescan_seconds: float = Field(600.0, gt=0, le=MAX_SECONDS, description="full rescan of local folders (a safety net for lost events)")
+    rescan_seconds: float = Field(
+        600.0, gt=0, le=MAX_SECONDS, description="full rescan of local folders (a safety net for lost events)")
     catalog_check_seconds: float = Field(
-        30.0, gt=0, le=MAX_SECONDS, description="how often groups are compared with the catalog: a change no source of this daemon "
-                                "reported (`sources scan`, `sources remove`, another daemon on the catalog) merges then")
+        30.0, gt=0, le=MAX_SECONDS,
+        description="how often groups are compared with the catalog: a change no source of this daemon reported "
+                    "(`sources scan`, `sources remove`, another daemon on the catalog) merges then")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
 

@@ -19,8 +19,8 @@ def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch
     a matrix when rounding leaves its null space slightly positive, and inverting that
     blew the answer up along it (by 10^6 and more): so unless ``M`` is ``definite`` by
     construction (IterIS' ridge a2, RegMean's shrunk off-diagonals, alpha < 1) its
-    smallest eigenvalue is estimated first. Both paths run on CPU and CUDA (``lstsq``'s ``gelsd`` driver is
-    CPU-only).
+    smallest eigenvalue is estimated first. Both paths run on CPU and CUDA (``lstsq``'s
+    ``gelsd`` driver is CPU-only).
     """
     M = M.double()
     rhs = rhs.to(M.device, torch.float64)

@@ -57,8 +57,10 @@ class HubPublishSettings(PublisherSettings):
     retry_attempts: int = Field(
         6, ge=1, description="tries per Hub call (for the commit, including tries after the branch moved)"
     )
-    retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS, description="first back-off delay, doubled after each failure")
-    retry_cap_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
+    retry_base_seconds: float = Field(
+        1.0, ge=0, le=MAX_SECONDS, description="first back-off delay, doubled after each failure")
+    retry_cap_seconds: float = Field(
+        60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
 
     @field_validator("repo_id")
     @classmethod

@@ -81,8 +81,9 @@ class HubSettings(BaseModel):
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS)
     retry_cap_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS)
-    timeout_seconds: float = Field(20.0, gt=0, le=MAX_SECONDS, description="each Hub request (connect, and each read) is given up "
-                                   "after this long; bounds how long a stop waits for a hanging request")
+    timeout_seconds: float = Field(
+        20.0, gt=0, le=MAX_SECONDS, description="each Hub request (connect, and each read) is given up after this "
+                                                "long; bounds how long a stop waits for a hanging request")
 
     @field_validator("repos")
     @classmethod

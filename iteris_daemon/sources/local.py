@@ -52,7 +52,8 @@ class LocalSettings(BaseModel):
 
     paths: list[LocalPath] = Field(min_length=1, description="folders to watch, recursively")
     base_model: ModelLocation | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
-    settle_seconds: float = Field(2.0, gt=0, le=MAX_SECONDS, description="quiet time before a changed folder is examined")
+    settle_seconds: float = Field(
+        2.0, gt=0, le=MAX_SECONDS, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
     poll_interval_seconds: float = Field(5.0, gt=0, le=MAX_SECONDS, description="polling period when polling=true")
 
