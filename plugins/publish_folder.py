@@ -103,7 +103,10 @@ class FolderPublisher:
                 raise
             raise DestinationFullError(root, exc, current) from exc
         log.info("folder %s: current -> %s", root, version)
-        _prune(versions, version, current, settings.keep)
+        try:
+            _prune(versions, version, current, settings.keep)
+        except OSError as exc:  # published already (consumers load it): the next publish prunes again
+            log.warning("folder %s: could not prune old versions (%s); the next publish tries again", root, exc)
         return PublishResult(str(root), version, changed=True)
 
     def current_version(self, settings: FolderPublishSettings) -> str | None:

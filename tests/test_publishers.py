@@ -158,6 +158,30 @@ def test_keep_prunes_the_oldest_versions_never_the_current_one(folder, made, tmp
     assert sorted(p.name for p in (dest / "versions").iterdir()) == ["notes", last]
 
 
+def test_a_prune_that_fails_does_not_fail_the_publish(folder, made, tmp_path, monkeypatch, caplog):
+    """An old version that cannot be deleted (an immutable file, say) raised after
+    ``current`` had moved: the daemon recorded the run failed while consumers loaded its
+    merge. The publish stands, with a warning, and the next publish prunes."""
+    import iteris_daemon.plugins.publish_folder as publish_folder
+
+    base, first, second = made
+    dest = tmp_path / "dest"
+    settings = folder.Settings(path=dest, keep=0)
+    old = folder.publish(request(first, base, run_id=1), settings).version
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(publish_folder.shutil, "rmtree", refused)
+        new = folder.publish(request(second, base, run_id=2), settings)
+    assert new.changed and folder.current_version(settings) == new.version
+    assert (dest / "versions" / old).is_dir()
+    assert any(r.levelname == "WARNING" and "could not prune old versions" in r.getMessage() for r in caplog.records)
+    last = folder.publish(request(first, base, run_id=3), settings).version
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == [last]
+
+
 def test_pruning_keeps_the_version_current_replaced(folder, made, tmp_path):
     """A version that was never current (a publish that failed after its copy, before its
     swap) is newer than the current one; the next publish with keep=1 must keep the version
