@@ -131,6 +131,19 @@ def test_bad_requests_are_refused_before_the_model_loads(tiny, tmp_path, capsys,
     assert message in capsys.readouterr().err
 
 
+def test_a_json_path_that_would_overwrite_an_input_or_cannot_be_written_is_refused_first(tiny, tmp_path, capsys):
+    """``--json`` on an adapter's config replaced it with the comparison (exit 0); under a
+    missing folder it was a traceback after every merge had run, the table unprinted."""
+    base_dir, adapter_dirs = tiny["bert"]
+    config = adapter_dirs[0] / "adapter_config.json"
+    before = config.read_bytes()
+    for path, says in ((config, f"it would overwrite {adapter_dirs[0]}, which the comparison reads"),
+                       (tmp_path / "nowhere" / "x.json", f"{tmp_path / 'nowhere'} is not a folder this user can write in")):
+        assert _compare(tmp_path / "no-model-here", adapter_dirs, "--json", str(path)) == 2
+        assert capsys.readouterr().err.strip().endswith(f"--json {path}: {says}")
+    assert config.read_bytes() == before
+
+
 def test_a_task_with_one_calibration_sample_cannot_hold_one_out(tiny, tmp_path, capsys):
     base_dir, adapter_dirs = tiny["bert"]
     single = tmp_path / "one.jsonl"

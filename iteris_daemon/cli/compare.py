@@ -4,6 +4,7 @@ calibration samples (:mod:`iteris_daemon.compare`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -59,9 +60,12 @@ def _compare(args) -> int:
     from .. import safe_json
     from ..compare import CompareRequest, group_request, render, run_compare
     from ..config import load_config
-    from ..errors import ConfigError
+    from ..errors import ConfigError, OutputError
 
     hf_logging.disable_progress_bar()
+    if args.json:
+        inputs = [p for spec in args.adapter or [] for p in (spec.path, spec.calibration) if p is not None]
+        _check_json_path(args.json, inputs + ([Path(args.base_model)] if args.base_model else []))
     options = dict(strategies=args.strategies, holdout=args.holdout, seed=args.seed, device=args.device,
                    dtype=args.dtype, offload=args.offload, modules_to_save_rule=args.modules_to_save_rule,
                    quiet=args.quiet)
@@ -79,7 +83,26 @@ def _compare(args) -> int:
             options["trust_remote_code"] = True
         with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
             report = run_compare(group_request(load_config(args.config), args.group, Path(into), **options))
-    if args.json:
-        args.json.write_text(safe_json.dumps(report, indent=2) + "\n")
     print(render(report))
+    if args.json:
+        try:
+            args.json.write_text(safe_json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise OutputError(f"{args.json}: cannot write the JSON report: {exc.strerror or exc}") from None
     return 0 if any("error" not in row for row in report["strategies"]) else 1
+
+
+def _check_json_path(path: Path, inputs: list[Path]) -> None:
+    """Before any merge: ``--json`` must not be (or be inside) an input, which it would
+    overwrite, and its folder must exist (the comparison was lost to a traceback after
+    every merge had run)."""
+    from ..errors import OutputError
+
+    where = Path(os.path.realpath(path))
+    for given in inputs:
+        if where.is_relative_to(Path(os.path.realpath(given))):
+            raise OutputError(f"--json {path}: it would overwrite {given}, which the comparison reads")
+    if not where.parent.is_dir() or not os.access(where.parent, os.W_OK):
+        raise OutputError(f"--json {path}: {where.parent} is not a folder this user can write in")
+    if where.is_dir():
+        raise OutputError(f"--json {path}: is a folder")
