@@ -23,19 +23,21 @@ _REVISION_CHARS = 12
 def render_model_card(request: PublishRequest) -> str:
     """README.md text for ``request``'s merged adapter: YAML front matter, then Markdown."""
     data = ModelCardData(
-        base_model=request.base_model,
+        # The Hub takes a repo id there; a local folder (made absolute by the config) is none.
+        base_model=None if request.base_model.startswith("/") else request.base_model,
         library_name="peft",
         tags=["iteris-daemon", "lora", "merge", request.strategy],
         base_model_relation="merge",
     )
     sections = [
-        f"# {request.group}: merged LoRA adapter",
+        f"# `{_code(request.group)}`: merged LoRA adapter",
         f"Merged by iteris-daemon with the `{_code(request.strategy)}` strategy from "
         f"{len(request.inputs)} LoRA adapter{'s' if len(request.inputs) != 1 else ''} of "
         f"`{_code(request.base_model)}` (group `{_code(request.group)}`, run {request.run_id}).",
         "## Input adapters\n\n" + _table(
             ["name", "source", "locator", "revision"],
-            [[i.name, i.source, i.locator, i.revision[:_REVISION_CHARS]] for i in request.inputs],
+            [[_literal(i.name), _literal(i.source), _literal(i.locator), _literal(i.revision[:_REVISION_CHARS])]
+             for i in request.inputs],
         ),
         "## Strategy parameters\n\n```json\n" + json.dumps(request.params, indent=2, sort_keys=True, default=str)
         + "\n```",
@@ -59,7 +61,7 @@ def _metrics_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         loss = figures.get("alignment_loss")
         if isinstance(loss, list):
             loss = loss[-1] if loss else None
-        row = [task, _number(loss), _number(figures.get("fidelity_gap"))]
+        row = [_literal(task), _number(loss), _number(figures.get("fidelity_gap"))]
         if language_model:
             row += [_number(figures["next_token_loss"].get(key)) for key in ("task", "merged")]
         rows.append(row)
@@ -84,3 +86,8 @@ def _cell(value: str) -> str:
 def _code(value: str) -> str:
     """Inline code cannot hold a backtick or a line break."""
     return str(value).replace("`", "'").replace("\n", " ")
+
+
+def _literal(value: str) -> str:
+    """A name as inline code: a folder named ``*x*`` or ``[l](http://e)`` is no emphasis or link."""
+    return f"`{_code(value)}`"

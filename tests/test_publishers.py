@@ -324,7 +324,7 @@ def test_hub_publish_is_one_commit_with_card_and_run_tag(hub, hub_settings, made
         assert files[name] == (first / name).read_bytes()
     card = ModelCard(files["README.md"].decode())  # ours, not the README PEFT wrote
     assert card.data.base_model_relation == "merge" and card.data.library_name == "peft"
-    assert card.data.base_model == str(base)
+    assert card.data.base_model is None  # a local folder is no Hub repo id
     assert {"iteris-daemon", "lora", "merge", "iteris"} <= set(card.data.tags)
     refs = api(hub).list_repo_refs(REPO)
     assert {t.name: t.target_commit for t in refs.tags} == {"news-run-7": result.version}
@@ -501,20 +501,29 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
     base, first, _ = made
     text = render_model_card(request(first, base, run_id=9))
     data = ModelCard(text).data
-    assert data.base_model == str(base) and data.base_model_relation == "merge" and data.library_name == "peft"
+    # A local base model is no Hub repo id, which the Hub's metadata check wants: not in the front matter.
+    assert data.base_model is None and data.base_model_relation == "merge" and data.library_name == "peft"
+    hub_base = dataclasses.replace(request(first, base), base_model="acme/minilm")
+    assert ModelCard(render_model_card(hub_base)).data.base_model == "acme/minilm"
     assert data.tags == ["iteris-daemon", "lora", "merge", "iteris"]
     body = text.split("\n---\n", 1)[1]
     assert "run 9" in body and "`news`" in body and "iteris" in body
-    assert "| sentiment | hub | alice/sentiment | aaaaaaaaaaaa |" in body and "a" * 13 not in body
-    assert r"/data/topic\|v2" in body  # a pipe cannot break the table
+    assert "| `sentiment` | `hub` | `alice/sentiment` | `aaaaaaaaaaaa` |" in body and "a" * 13 not in body
+    assert r"`/data/topic\|v2`" in body  # a pipe cannot break the table
     assert '"max_iterations": 3' in body
-    assert "| sentiment | 0.125 | 0.0312 |" in body and "| topic | 0.25 | 0.01 |" in body
+    assert "| `sentiment` | 0.125 | 0.0312 |" in body and "| `topic` | 0.25 | 0.01 |" in body
     assert "next-token" not in body  # not a language model's figures
     language_model = dataclasses.replace(request(first, base), metrics={
         "sentiment": {"alignment_loss": [0.125], "fidelity_gap": 0.0312,
                       "next_token_loss": {"base": 3.5, "task": 2.25, "merged": 2.375}}})
     body = render_model_card(language_model).split("\n---\n", 1)[1]
     assert "| task | alignment loss (last) | fidelity gap | next-token loss, task adapter | next-token loss, merge |" in body
-    assert "| sentiment | 0.125 | 0.0312 | 2.25 | 2.375 |" in body
+    assert "| `sentiment` | 0.125 | 0.0312 | 2.25 | 2.375 |" in body
     no_metrics = dataclasses.replace(request(first, base), metrics={})
     assert "metrics" not in render_model_card(no_metrics).split("\n---\n", 1)[1].lower()
+    # Names are shown as written, never as Markdown: no emphasis, link or HTML from a folder name.
+    hostile = dataclasses.replace(request(first, base, group="*g*"), inputs=[
+        PublishedInput("*x*", "local", "[l](http://e)", "c" * 40), PublishedInput("<b>y</b>", "local", "/y`z", "d" * 40)])
+    body = render_model_card(hostile).split("\n---\n", 1)[1]
+    assert body.lstrip().startswith("# `*g*`: merged LoRA adapter")
+    assert "| `*x*` | `local` | `[l](http://e)` |" in body and "| `<b>y</b>` | `local` | `/y'z` |" in body
