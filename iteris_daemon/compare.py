@@ -88,6 +88,12 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         raise ParameterError(f"holdout must be between 0 and 1 (exclusive), got {request.holdout}")
     specs = request.strategies or list(strategies())
     contenders = [*request.contenders, *(parse_contender(spec) for spec in specs)]
+    seen: dict[tuple[str, str], str] = {}
+    for contender in contenders:  # one merge twice would be two rows no one can tell apart
+        key = (contender.strategy.name, contender.params.model_dump_json())
+        if key in seen:
+            raise ParameterError(f"strategy {contender.label!r} merges what {seen[key]!r} does: give it once")
+        seen[key] = contender.label
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
     adapters = load_adapters(request.adapters)
     calibration = (list(request.calibration_sets) if request.calibration_sets is not None else

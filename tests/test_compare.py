@@ -124,6 +124,7 @@ def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch,
     (["--strategy", "ties:density=0.3:density=0.5"], "strategy 'ties:density=0.3:density=0.5': density is given twice"),
     (["--strategy", "ties:density=2"], "strategy 'ties': density: "),
     (["--holdout", "1"], "holdout must be between 0 and 1 (exclusive), got 1.0"),
+    (["--strategy", "ties", "--strategy", "ties:density=0.2"], "strategy 'ties:density=0.2' merges what 'ties' does"),
 ])
 def test_bad_requests_are_refused_before_the_model_loads(tiny, tmp_path, capsys, extra, message):
     base_dir, adapter_dirs = tiny["bert"]
