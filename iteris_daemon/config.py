@@ -21,7 +21,7 @@ from .calibration import DEFAULT_ORDER
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
-from .paths import LocalPath, ModelLocation, cache_dir, state_dir
+from .paths import LocalPath, ModelLocation, cache_dir, overlap, state_dir
 from .validation import Limits
 
 
@@ -348,7 +348,7 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
 
 def _check_plugins(config: DaemonConfig, path: Path) -> None:
     """Strategies, parameters, destinations and source settings must be valid before anything runs."""
-    from .plugin_manager import calibration_sources, get_publisher, get_strategy
+    from .plugin_manager import calibration_sources, get_strategy
     from .strategy import parse_params
 
     watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
@@ -358,7 +358,7 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
         except ValidationError as exc:
             raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
         for folder in getattr(settings, "paths", []):
-            other = next(((name, root) for name, root in watched if overlap(folder, root)), None)
+            other = first_overlap(folder, watched)
             if other is not None:
                 raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} overlaps the folder {other[1]} "
                                   f"that source {other[0]!r} watches; one folder belongs to one source")
@@ -373,38 +373,37 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             if unknown:
                 raise ConfigError(f"unknown calibration source {unknown[0]!r}; available: {', '.join(sorted(available))}")
             for number, destination in enumerate(group.destinations):
-                publisher = get_publisher(destination["kind"])
                 try:
-                    settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+                    folder = _destination_folder(destination)
                 except ValidationError as exc:
                     raise ConfigError.from_validation(f"destinations.{number}", exc) from None
-                folder = getattr(settings, "path", None)
-                if isinstance(folder, Path):  # a local folder destination
-                    folder = folder.expanduser().resolve()
+                if folder is not None:
                     _check_destination_folder(folder, watched, published, f"destinations.{number}.path")
                     published.append((group.name, folder))
         except IterisError as exc:  # unknown strategy or source, bad parameters or settings
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def destination_folders(config: DaemonConfig) -> list[tuple[str, Path]]:
-    """(group name, folder) of each folder destination of a checked config."""
+def _destination_folder(destination: dict[str, Any]) -> Path | None:
+    """The folder a destination publishes into, resolved; None for a destination that is
+    not a local folder. Raises the publisher's ``ValidationError`` on bad settings."""
     from .plugin_manager import get_publisher
 
-    folders = []
-    for group in config.groups:
-        for destination in group.destinations:
-            settings = get_publisher(destination["kind"]).Settings.model_validate(
-                {k: v for k, v in destination.items() if k != "kind"})
-            folder = getattr(settings, "path", None)
-            if isinstance(folder, Path):
-                folders.append((group.name, folder.expanduser().resolve()))
-    return folders
+    settings = get_publisher(destination["kind"]).Settings.model_validate(
+        {k: v for k, v in destination.items() if k != "kind"})
+    folder = getattr(settings, "path", None)
+    return folder.expanduser().resolve() if isinstance(folder, Path) else None
 
 
-def overlap(a: Path, b: Path) -> bool:
-    """One folder holds, or is, the other."""
-    return a.is_relative_to(b) or b.is_relative_to(a)
+def destination_folders(config: DaemonConfig) -> list[tuple[str, Path]]:
+    """(group name, folder) of each folder destination of a checked config."""
+    return [(group.name, folder) for group in config.groups for destination in group.destinations
+            if (folder := _destination_folder(destination)) is not None]
+
+
+def first_overlap(folder: Path, named: list[tuple[str, Path]]) -> tuple[str, Path] | None:
+    """The first (name, folder) of ``named`` whose folder holds, or lies in, ``folder``."""
+    return next(((name, other) for name, other in named if overlap(folder, other)), None)
 
 
 def _check_destination_folder(folder: Path, watched: list[tuple[str, Path]], published: list[tuple[str, Path]],
@@ -412,11 +411,9 @@ def _check_destination_folder(folder: Path, watched: list[tuple[str, Path]], pub
     """A destination folder must not overlap (hold, or lie in) a watched folder, which would
     feed each merge back into the next one as an adapter, nor another destination folder,
     whose publishes would remove each other's staging copies and versions."""
-    for name, root in watched:
-        if overlap(folder, root):
-            raise ConfigError(f"{field}: {folder} overlaps the folder {root} that source {name!r} watches; "
-                              "the daemon would register its own merges as adapters")
-    for name, other in published:
-        if overlap(folder, other):
-            raise ConfigError(f"{field}: {folder} overlaps the destination {other} of group {name!r}; "
-                              "give each destination a folder of its own")
+    if (source := first_overlap(folder, watched)) is not None:
+        raise ConfigError(f"{field}: {folder} overlaps the folder {source[1]} that source {source[0]!r} watches; "
+                          "the daemon would register its own merges as adapters")
+    if (group := first_overlap(folder, published)) is not None:
+        raise ConfigError(f"{field}: {folder} overlaps the destination {group[1]} of group {group[0]!r}; "
+                          "give each destination a folder of its own")

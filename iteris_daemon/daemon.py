@@ -45,7 +45,7 @@ from .catalog import Catalog
 from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
-from .config import DaemonConfig, DaemonSettings, GroupConfig, destination_folders, load_config, overlap
+from .config import DaemonConfig, DaemonSettings, GroupConfig, destination_folders, first_overlap, load_config
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import ConfigError, IterisError
 from .paths import private_dir, state_dir
@@ -98,11 +98,10 @@ def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, 
     if kind is not SourceKind.local:
         return
     for folder in settings.get("paths", []):
-        for group, destination in published:
-            if overlap(Path(folder), destination):
-                raise ConfigError(f"its folder {folder} overlaps the destination {destination} of group {group!r}; "
-                                  f"the daemon would register its own merges as adapters (`iteris-daemon sources "
-                                  f"remove {name}`, or watch another folder)")
+        if (group := first_overlap(Path(folder), published)) is not None:
+            raise ConfigError(f"its folder {folder} overlaps the destination {group[1]} of group {group[0]!r}; "
+                              f"the daemon would register its own merges as adapters (`iteris-daemon sources "
+                              f"remove {name}`, or watch another folder)")
 
 
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:

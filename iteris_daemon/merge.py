@@ -32,7 +32,7 @@ from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
-from .paths import as_if_created, model_location, replace_folder
+from .paths import as_if_created, model_location, overlap, real, replace_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergeInputs, parse_params
 
@@ -246,10 +246,10 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     (files and folders the merge reads), or cannot be written, before anything is loaded.
     The merge writes a staging folder in ``out.parent`` (created if missing) and renames it
     to ``out``; this checks that both will work, leaving nothing."""
-    where = Path(os.path.realpath(out))  # realpath: a symlink loop among the inputs is left for its reader to name
     for path in inputs:
-        if Path(os.path.realpath(path)).is_relative_to(where):
-            raise OutputError(f"{out}: the output would replace {path}, which the merge reads; choose another --out")
+        if overlap(real(path), real(out)):
+            raise OutputError(f"{out}: the output would replace or write into {path}, which the merge reads; "
+                              "choose another --out")
     try:
         if out.is_symlink() and not out.exists():
             if not overwrite:
@@ -273,14 +273,15 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise OutputError(f"{out}: cannot create the output folder in {existing}: {exc.strerror or exc}") from None
 
 
-def _inputs(request: MergeRequest) -> list[Path]:
-    """The local files and folders a merge reads: adapters, calibration files, the base
-    model's folder and the reference adapter."""
-    paths = [p for spec in request.adapters for p in (spec.path, spec.calibration) if p is not None]
-    paths += list(request.calibration.files.values()) if request.calibration is not None else []
-    if Path(request.base_model).expanduser().exists():
-        paths.append(Path(request.base_model).expanduser())
-    return paths + ([request.reference] if request.reference is not None else [])
+def local_inputs(base_model: str | None, adapters: list[AdapterSpec], calibration: CalibrationOptions | None = None,
+                 reference: Path | None = None) -> list[Path]:
+    """The local files and folders a merge (or a comparison) reads, which its outputs must
+    not replace: adapters, calibration files, the base model's folder and the reference adapter."""
+    paths = [p for spec in adapters for p in (spec.path, spec.calibration) if p is not None]
+    paths += list(calibration.files.values()) if calibration is not None else []
+    if base_model and Path(base_model).expanduser().exists():
+        paths.append(Path(base_model).expanduser())
+    return paths + ([reference] if reference is not None else [])
 
 
 def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict) -> dict:
@@ -327,7 +328,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         progress = partial(_StoppableBar, should_stop=request.should_stop, disable=request.quiet, dynamic_ncols=True)
     strategy = get_strategy(request.strategy)
     params = parse_params(strategy, request.params or {})
-    _prepare_out(request.out, request.overwrite, _inputs(request))
+    _prepare_out(request.out, request.overwrite,
+                 local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
     adapters = load_adapters(request.adapters)
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.

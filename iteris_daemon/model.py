@@ -63,12 +63,20 @@ def _move_except(model: nn.Module, keep: set[int], device: torch.device) -> None
             module.to(device)
 
 
-def _head_labels(adapters: list[LoraAdapter]) -> int | None:
-    """Classifier heads travel as ``modules_to_save``; their output width is the label count
+def _label_config(adapters: list[LoraAdapter]) -> dict[str, int]:
+    """``num_labels`` for the base model's config, from the adapters' classifier heads.
+
+    Heads travel as ``modules_to_save``; their output width is the label count
     (:func:`~iteris_daemon.shapes.head_labels`; the first adapter with a head says it, and
-    a head of another width then fails the shape check against the loaded model)."""
-    return next((labels for a in adapters
-                 if (labels := head_labels({k: tuple(t.shape) for k, t in a.modules_to_save.items()})) is not None), None)
+    a head of another width then fails the shape check against the loaded model). Only
+    classifiers take it: other task types' heads are not sized by labels.
+    """
+    if not adapters or adapters[0].task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        return {}
+    labels = next((labels for a in adapters
+                   if (labels := head_labels({k: tuple(t.shape) for k, t in a.modules_to_save.items()})) is not None),
+                  None)
+    return {} if labels is None else {"num_labels": labels}
 
 
 @dataclass
@@ -174,13 +182,10 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
     """
     from transformers import AutoConfig
 
-    kwargs: dict = {}
-    labels = _head_labels([adapter])
-    if labels is not None and adapter.task_type in ("SEQ_CLS", "TOKEN_CLS"):
-        kwargs["num_labels"] = labels
     _check_local(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                            **_label_config([adapter]))
         cls = model_class_for([adapter], config)
         with torch.device("meta"):
             if hasattr(cls, "from_config"):  # an auto class; concrete classes have _from_config
@@ -234,10 +239,7 @@ class BaseModel:
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
         self.task_type = adapters[0].task_type if adapters else None  # one for all: model_class_for checks
-        kwargs: dict = {"trust_remote_code": trust_remote_code}
-        labels = _head_labels(adapters)
-        if labels is not None and self.task_type in ("SEQ_CLS", "TOKEN_CLS"):
-            kwargs["num_labels"] = labels
+        kwargs: dict = {"trust_remote_code": trust_remote_code, **_label_config(adapters)}
         self.name_or_path = name_or_path
         self._stack_paths: list[str] = []
         self.device = _device(device)

@@ -46,6 +46,16 @@ def model_location(name: str) -> str:
     return str(folder.resolve()) if name.startswith(("~", ".", "/")) or folder.is_dir() else name
 
 
+def overlap(a: Path, b: Path) -> bool:
+    """One path holds, or is, the other (compared as given: resolve links first where they matter)."""
+    return a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def real(path: Path | str) -> Path:
+    """``path`` with every link resolved, without raising on a loop (its reader names that)."""
+    return Path(os.path.realpath(path))
+
+
 # Pydantic field types for settings that name files and models.
 LocalPath = Annotated[Path, AfterValidator(absolute)]
 ModelLocation = Annotated[str, AfterValidator(model_location)]

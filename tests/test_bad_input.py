@@ -65,8 +65,8 @@ def test_an_adapter_folder_named_with_an_equals_sign(workspace, capsys, tmp_path
     assert _merge(capsys, base, [swept, adapters[1]], tmp / "out", "--strategy", "task_arithmetic")[0] == 0
     given = f"{swept}={swept / 'calibration.jsonl'}"
     assert _merge(capsys, base, [given, adapters[1]], tmp / "out2", "--strategy", "task_arithmetic")[0] == 0
-    code, message = _merge(capsys, base, [f"{adapters[0]}={tmp}", adapters[1]], tmp / "out3")
-    _assert_refused(code, message, tmp / "out3", f"{tmp}: calibration file is a folder, not a file")
+    code, message = _merge(capsys, base, [f"{adapters[0]}={adapters[1]}", adapters[1]], tmp / "out3")
+    _assert_refused(code, message, tmp / "out3", f"{adapters[1]}: calibration file is a folder, not a file")
 
 
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
@@ -282,22 +282,26 @@ def test_existing_output_is_kept(workspace, capsys):
     assert (out / "keep.txt").read_text() == "precious"
 
 
-@pytest.mark.parametrize("which", ["adapter", "parent of an adapter", "base model", "calibration file's folder"])
+@pytest.mark.parametrize("which", ["adapter", "parent of an adapter", "base model", "calibration file's folder",
+                                   "inside an adapter", "inside the base model"])
 def test_an_output_that_would_replace_an_input_is_refused(workspace, capsys, which):
     """With --overwrite, --out naming an adapter (or the base model, or a folder holding an
     input) replaced it: the adapter's weights and calibration data were gone, or the merge
-    named itself as its base. Refused before anything is loaded, and nothing changes."""
+    named itself as its base. An output inside an input folder wrote the merge into it (an
+    adapter folder holding another adapter). Refused before anything is loaded, and nothing changes."""
     base, adapters, tmp = workspace
     calibration = tmp / "calib" / "data.jsonl"
     calibration.parent.mkdir()
     shutil.copy(adapters[1] / "calibration.jsonl", calibration)
     out = {"adapter": adapters[0], "parent of an adapter": tmp, "base model": Path(base),
-           "calibration file's folder": calibration.parent}[which]
-    before = _tree(out)
+           "calibration file's folder": calibration.parent, "inside an adapter": adapters[0] / "merged",
+           "inside the base model": Path(base) / "merged"}[which]
+    watched = out if out.exists() else out.parent
+    before = _tree(watched)
     code = cli_merge(base, [adapters[0], f"{adapters[1]}={calibration}"], out, "--overwrite")
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and message.startswith(f"iteris-daemon: error: {out}: the output would replace ")
-    assert message.endswith(", which the merge reads; choose another --out") and _tree(out) == before
+    assert code == 2 and message.startswith(f"iteris-daemon: error: {out}: the output would replace or write into ")
+    assert message.endswith(", which the merge reads; choose another --out") and _tree(watched) == before
 
 
 @pytest.mark.parametrize("kind", ["dangling symlink", "file", "symlink to a folder"])

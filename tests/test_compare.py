@@ -138,7 +138,9 @@ def test_a_json_path_that_would_overwrite_an_input_or_cannot_be_written_is_refus
     base_dir, adapter_dirs = tiny["bert"]
     config = adapter_dirs[0] / "adapter_config.json"
     before = config.read_bytes()
-    for path, says in ((config, f"it would overwrite {adapter_dirs[0]}, which the comparison reads"),
+    for path, says in ((config, f"it would overwrite or write into {adapter_dirs[0]}, which the comparison reads"),
+                       (adapter_dirs[0].parent, f"it would overwrite or write into {adapter_dirs[0]}, which the "
+                                                "comparison reads"),
                        (tmp_path / "nowhere" / "x.json", f"{tmp_path / 'nowhere'} is not a folder this user can write in")):
         assert _compare(tmp_path / "no-model-here", adapter_dirs, "--json", str(path)) == 2
         assert capsys.readouterr().err.strip().endswith(f"--json {path}: {says}")

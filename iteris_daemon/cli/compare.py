@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..errors import OutputError
+from ..paths import overlap, real
 from .merge import add_input_arguments, calibration_options
 
 COMPARE_EPILOG = """\
@@ -60,12 +62,12 @@ def _compare(args) -> int:
     from .. import safe_json
     from ..compare import CompareRequest, group_request, render, run_compare
     from ..config import load_config
-    from ..errors import ConfigError, OutputError
+    from ..errors import ConfigError
+    from ..merge import local_inputs
 
     hf_logging.disable_progress_bar()
     if args.json:
-        inputs = [p for spec in args.adapter or [] for p in (spec.path, spec.calibration) if p is not None]
-        _check_json_path(args.json, inputs + ([Path(args.base_model)] if args.base_model else []))
+        _check_json_path(args.json, local_inputs(args.base_model, args.adapter or []))
     options = dict(strategies=args.strategies, holdout=args.holdout, seed=args.seed, device=args.device,
                    dtype=args.dtype, offload=args.offload, modules_to_save_rule=args.modules_to_save_rule,
                    quiet=args.quiet)
@@ -93,15 +95,13 @@ def _compare(args) -> int:
 
 
 def _check_json_path(path: Path, inputs: list[Path]) -> None:
-    """Before any merge: ``--json`` must not be (or be inside) an input, which it would
+    """Before any merge: ``--json`` must not be, hold or lie inside an input, which it would
     overwrite, and its folder must exist (the comparison was lost to a traceback after
     every merge had run)."""
-    from ..errors import OutputError
-
-    where = Path(os.path.realpath(path))
+    where = real(path)
     for given in inputs:
-        if where.is_relative_to(Path(os.path.realpath(given))):
-            raise OutputError(f"--json {path}: it would overwrite {given}, which the comparison reads")
+        if overlap(where, real(given)):
+            raise OutputError(f"--json {path}: it would overwrite or write into {given}, which the comparison reads")
     if not where.parent.is_dir() or not os.access(where.parent, os.W_OK):
         raise OutputError(f"--json {path}: {where.parent} is not a folder this user can write in")
     if where.is_dir():
