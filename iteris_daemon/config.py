@@ -13,7 +13,7 @@ import os
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -352,6 +352,7 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
     from .strategy import parse_params
 
     watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
+    polled: list[tuple[str, BaseModel]] = []  # (source name, settings) of every Hub source
     for index, source in enumerate(config.sources):
         try:
             settings = source.validated()
@@ -363,6 +364,7 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
                 raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} overlaps the folder {other[1]} "
                                   f"that source {other[0]!r} watches; one folder belongs to one source")
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
+        polled += [(source.name, settings)] if hasattr(settings, "watches") else []
     available = calibration_sources()
     published: list[tuple[str, Path]] = []  # (group name, folder) of every folder destination so far
     for index, group in enumerate(config.groups):
@@ -374,31 +376,72 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
                 raise ConfigError(f"unknown calibration source {unknown[0]!r}; available: {', '.join(sorted(available))}")
             for number, destination in enumerate(group.destinations):
                 try:
-                    folder = _destination_folder(destination)
+                    place = _destination(destination)
                 except ValidationError as exc:
                     raise ConfigError.from_validation(f"destinations.{number}", exc) from None
-                if folder is not None:
-                    _check_destination_folder(folder, watched, published, f"destinations.{number}.path")
-                    published.append((group.name, folder))
+                if isinstance(place, Path):
+                    _check_destination_folder(place, watched, published, f"destinations.{number}.path")
+                    published.append((group.name, place))
+                elif place is not None:
+                    _check_destination_repo(place, polled, f"destinations.{number}.repo_id")
         except IterisError as exc:  # unknown strategy or source, bad parameters or settings
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def _destination_folder(destination: dict[str, Any]) -> Path | None:
-    """The folder a destination publishes into, resolved; None for a destination that is
-    not a local folder. Raises the publisher's ``ValidationError`` on bad settings."""
+class Destinations(NamedTuple):
+    """Where a config's groups publish, for the rule that no source watches it: (group name,
+    folder) of each folder destination, and (group name, (endpoint, repo id, branch)) of each
+    Hub one. A destination is told by its settings' fields: ``path`` or ``repo_id``."""
+
+    folders: list[tuple[str, Path]]
+    repos: list[tuple[str, tuple[str | None, str, str]]]
+
+
+def _destination(destination: dict[str, Any]) -> Path | tuple[str | None, str, str] | None:
+    """The folder (resolved) or Hub branch (endpoint, repo id, branch) a destination publishes
+    into; None for neither. Raises the publisher's ``ValidationError`` on bad settings."""
     from .plugin_manager import get_publisher
 
     settings = get_publisher(destination["kind"]).Settings.model_validate(
         {k: v for k, v in destination.items() if k != "kind"})
-    folder = getattr(settings, "path", None)
-    return folder.expanduser().resolve() if isinstance(folder, Path) else None
+    folder, repo = getattr(settings, "path", None), getattr(settings, "repo_id", None)
+    if isinstance(folder, Path):
+        return folder.expanduser().resolve()
+    if isinstance(repo, str):
+        return getattr(settings, "endpoint", None), repo, getattr(settings, "branch", "main")
+    return None
 
 
-def destination_folders(config: DaemonConfig) -> list[tuple[str, Path]]:
-    """(group name, folder) of each folder destination of a checked config."""
-    return [(group.name, folder) for group in config.groups for destination in group.destinations
-            if (folder := _destination_folder(destination)) is not None]
+def destinations(config: DaemonConfig) -> Destinations:
+    """The folders and Hub branches a checked config's groups publish into."""
+    places = [(group.name, place) for group in config.groups for destination in group.destinations
+              if (place := _destination(destination)) is not None]
+    return Destinations([(g, p) for g, p in places if isinstance(p, Path)],
+                        [(g, p) for g, p in places if not isinstance(p, Path)])
+
+
+def watched_destination(settings: BaseModel, published: Destinations) -> str | None:
+    """Why a source (its validated settings) must not run beside these destinations:
+    it watches one, so each merge would come back as an adapter, merged into the next,
+    without end; None when it watches none."""
+    for folder in getattr(settings, "paths", []):
+        if (group := first_overlap(Path(folder), published.folders)) is not None:
+            return f"its folder {folder} overlaps the destination {group[1]} of group {group[0]!r}"
+    watches = getattr(settings, "watches", None)
+    for group, (endpoint, repo, branch) in published.repos if watches is not None else ():
+        if watches(endpoint, repo, branch):
+            return f"it polls {repo}@{branch}, where group {group!r} publishes"
+    return None
+
+
+def _check_destination_repo(repo: tuple[str | None, str, str], polled: list[tuple[str, BaseModel]], field: str) -> None:
+    """A Hub destination must not be a branch a Hub source polls: its merges would come back
+    as adapters (an author's repos include the one the merge is published to)."""
+    for name, settings in polled:
+        if settings.watches(*repo):
+            raise ConfigError(f"{field}: {repo[1]}@{repo[2]} is polled by source {name!r}; the daemon would register "
+                              "its own merges as adapters (publish to a repo or branch the source does not poll, or "
+                              "list the source's repos instead of its author)")
 
 
 def first_overlap(folder: Path, named: list[tuple[str, Path]]) -> tuple[str, Path] | None:

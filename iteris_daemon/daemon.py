@@ -45,7 +45,8 @@ from .catalog import Catalog
 from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
-from .config import DaemonConfig, DaemonSettings, GroupConfig, destination_folders, first_overlap, load_config
+from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
+                     watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import ConfigError, IterisError
 from .paths import private_dir, state_dir
@@ -90,18 +91,18 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
                     "s" if len(others) > 1 else "", ", ".join(others))
 
 
-def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any],
-                               published: list[tuple[str, Path]]) -> None:
+def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any], published: Destinations) -> None:
     """A catalog source (``sources add``; the config's are checked when it is read) must not
-    watch a group's destination folder: each merge would come back as an adapter, merged
-    into the next, without end."""
-    if kind is not SourceKind.local:
-        return
-    for folder in settings.get("paths", []):
-        if (group := first_overlap(Path(folder), published)) is not None:
-            raise ConfigError(f"its folder {folder} overlaps the destination {group[1]} of group {group[0]!r}; "
-                              f"the daemon would register its own merges as adapters (`iteris-daemon sources "
-                              f"remove {name}`, or watch another folder)")
+    watch a group's destination folder or Hub branch: each merge would come back as an
+    adapter, merged into the next, without end."""
+    from .sources.hub import HubSettings
+    from .sources.local import LocalSettings
+
+    why = watched_destination((LocalSettings if kind is SourceKind.local else HubSettings).model_validate(settings),
+                              published)
+    if why is not None:
+        raise ConfigError(f"{why}; the daemon would register its own merges as adapters (`iteris-daemon sources "
+                          f"remove {name}`, or watch elsewhere)")
 
 
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
@@ -343,7 +344,7 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             if job.id.startswith(("poll:", "rescan:", "schedule:")):
                 job.remove()
-        published = destination_folders(config)
+        published = destinations(config)
         for name, kind, settings in sources:
             try:
                 _check_not_publishing_into(name, kind, settings, published)

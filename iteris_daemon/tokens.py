@@ -5,7 +5,9 @@ Looked up in order: a configured ``token_file``; systemd's credential
 ``$HF_TOKEN``. Returned as a pydantic ``SecretStr`` so a stray ``repr`` or log
 line shows ``**********``, not the token. Like ssh with a private key, a configured
 token file that the group or others may read or write is refused (systemd's
-credentials are the service's own).
+credentials are the service's own). A token file or credential that is there
+but empty is an error, not "anonymous": read mid-rotation, it would make a
+source's private repos look deleted.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
                 value = handle.read().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not value:  # a file caught mid-rotation: anonymous, private repos would look deleted
+            raise ConfigError(f"the token file {token_file} is empty; it must hold the token")
         return _one_token(value, f"the token file {token_file}")
     return _one_token(os.environ.get("HF_TOKEN", "").strip(), "$HF_TOKEN")
 

@@ -82,6 +82,35 @@ def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message)
     assert str(path) in err and message.replace("Value error, ", "") in err and err.count("\n") == 1
 
 
+HUB = '[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n'
+
+
+@pytest.mark.parametrize("source,destination,refused", [
+    ('author = "acme"', HUB, "acme/unified@main is polled by source 'h'"),
+    ('author = "ACME"', HUB.replace("acme/", "Acme/"), "Acme/unified@main is polled by source 'h'"),  # the Hub ignores case
+    ('repos = ["acme/unified"]', HUB + 'branch = "main"\n', "acme/unified@main is polled by source 'h'"),
+    ('repos = ["acme/unified@merged"]', HUB + 'branch = "merged"\n', "acme/unified@merged is polled by source 'h'"),
+    ('author = "acme"\nendpoint = "http://hub.local/"', HUB + 'endpoint = "http://hub.local"\n',
+     "acme/unified@main is polled by source 'h'"),
+    ('author = "acme"', HUB + 'branch = "merged"\n', None),  # an author's repos are polled on main
+    ('repos = ["acme/unified@v2"]', HUB, None),
+    ('author = "acme"', HUB.replace("acme/", "acme-merged/"), None),
+    ('author = "acme"\nendpoint = "http://hub.local"', HUB, None),  # another Hub
+])
+def test_a_hub_destination_that_a_hub_source_polls_is_refused(tmp_path, capsys, source, destination, refused):
+    """The example config watched author "acme" and published to acme/unified-lora: every
+    merge was registered as an adapter and merged into the next (folder destinations were
+    already refused where a source watches them)."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[[sources]]\nname = "h"\nkind = "hub"\n{source}\n' + GROUP + destination)
+    if refused is None:
+        assert load_config(path).groups[0].destinations[0]["kind"] == "hub"
+        return
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: groups.0 (g): destinations.0.repo_id: {refused}; the daemon would register its own merges" in err
+
+
 def test_false_turns_a_gate_off(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(GROUP + '[groups.gates]\nmax_regression = false\nmax_fidelity_gap = 2\n' + FOLDER)

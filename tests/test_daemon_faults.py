@@ -934,7 +934,40 @@ def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"source sneaky not started: its folder {published} overlaps the destination "
                       f"{published / 'unified'} of group 'g'; the daemon would register its own merges as adapters "
-                      "(`iteris-daemon sources remove sneaky`, or watch another folder)"], errors
+                      "(`iteris-daemon sources remove sneaky`, or watch elsewhere)"], errors
+
+
+@pytest.mark.timeout(120)
+def test_a_catalog_hub_source_polling_a_hub_destination_is_not_started(tmp_path, caplog):
+    """The same for the Hub: ``sources add --hub-author acme`` beside a group that publishes
+    to acme/unified would register each published merge as an adapter."""
+    import iteris_daemon.daemon as daemon_module
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    db = f"sqlite:///{tmp_path / 'catalog.db'}"
+    assert main(["sources", "add", "sneaky", "--hub-author", "acme", "--db", db]) == 0
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n'
+                      f'[[groups]]\nname = "g"\nbase_model = "b"\n'
+                      f'[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n')
+    daemon = daemon_module.Daemon(config)
+    seen: dict[str, object] = {}
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
+                 "the daemon watching its folder")
+        seen["hub"], seen["jobs"] = set(daemon._hub), {job.id for job in daemon.scheduler.get_jobs()}
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert _run_here(daemon, probe) == 0
+    assert seen["hub"] == set() and "poll:sneaky" not in seen["jobs"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["source sneaky not started: it polls acme/unified@main, where group 'g' publishes; the daemon "
+                      "would register its own merges as adapters (`iteris-daemon sources remove sneaky`, or watch "
+                      "elsewhere)"], errors
 
 
 def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):

@@ -715,6 +715,27 @@ def test_a_token_file_others_can_read_or_write_is_refused(tmp_path, mode):
         assert hub_token(token_file).get_secret_value() == "hf_ownerOnly1234"
 
 
+@pytest.mark.parametrize("where", ["token_file", "credential"])
+def test_an_empty_token_file_is_refused_not_taken_for_anonymous(tmp_path, monkeypatch, where):
+    """A token file caught empty (mid-rotation, or a credential written without the token)
+    meant "anonymous": an author's listing then lacked the private repos, so the source
+    marked every private adapter removed and said it was healthy. ``$HF_TOKEN`` unset or
+    empty still means anonymous."""
+    from iteris_daemon.errors import ConfigError
+    from iteris_daemon.tokens import CREDENTIAL_NAME, hub_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    empty = tmp_path / (CREDENTIAL_NAME if where == "credential" else "token")
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"^the token file {empty} is empty; it must hold the token$"):
+        hub_token(empty if where == "token_file" else None)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    monkeypatch.setenv("HF_TOKEN", "")
+    assert hub_token(None) is None
+
+
 def test_a_token_with_non_ascii_characters_says_it_is_the_token(monkeypatch):
     """A pasted typographic quote in $HF_TOKEN ended in "'ascii' codec can't encode", with
     no word of the token."""

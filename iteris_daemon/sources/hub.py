@@ -102,6 +102,24 @@ class HubSettings(BaseModel):
     def token(self) -> SecretStr | None:
         return hub_token(self.token_file)
 
+    def watches(self, endpoint: str | None, repo_id: str, branch: str) -> bool:
+        """Whether this source's polls see commits to ``repo_id``'s ``branch`` on ``endpoint``:
+        the repo is listed at that branch (main when none is given), or belongs to the
+        author, whose repos are polled on their main branch. Repo ids ignore case, as the Hub does."""
+        if _endpoint(self.endpoint) != _endpoint(endpoint):
+            return False
+        target = (repo_id.casefold(), branch)
+        listed = {(repo.casefold(), at or "main") for repo, _, at in (spec.partition("@") for spec in self.repos)}
+        owner = repo_id.partition("/")[0].casefold()
+        return target in listed or (self.author is not None and owner == self.author.casefold() and branch == "main")
+
+
+def _endpoint(endpoint: str | None) -> str:
+    """One spelling of a Hub URL: the client's default when none is given, no trailing slash."""
+    from huggingface_hub import constants
+
+    return (endpoint or constants.ENDPOINT).rstrip("/")
+
 
 def unsafe_path(name: str) -> bool:
     """A repo file name that could land outside the download folder, or that no repo can hold."""
