@@ -165,6 +165,10 @@ class DaemonSettings(_Strict):
         30.0, gt=0, le=MAX_SECONDS,
         description="how often groups are compared with the catalog: a change no source of this daemon reported "
                     "(`sources scan`, `sources remove`, another daemon on the catalog) merges then")
+    hub_timeout_seconds: float = Field(
+        120.0, gt=0, le=MAX_SECONDS,
+        description="a Hub request without its own timeout (the publisher's commits, tags, repo creation; "
+                    "calibration downloads) gives up after this long without a byte, and is retried")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
 

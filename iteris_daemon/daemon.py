@@ -51,6 +51,7 @@ from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import ConfigError, IterisError
 from .paths import private_dir, state_dir
 from .peers import Peers, shared_settings
+from .retry import bound_requests
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
                      worker_id)
 from .sources.hub import HubSource
@@ -333,6 +334,7 @@ class Daemon:
         sync_sources(self.catalog, config)
         for group in config.groups:
             sync_group(self.catalog, group)
+        bound_requests(config.daemon.hub_timeout_seconds)
         with self.catalog.session() as session:
             sources = [(s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))]
         self.config = config

@@ -24,6 +24,30 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception, sleep_using_
 log = logging.getLogger(__name__)
 
 
+_bound: list[float] = []  # the timeout bound_requests last set
+
+
+def bound_requests(seconds: float) -> None:
+    """Give this process's Hub requests a timeout: ``seconds`` to connect, and at most that
+    long without a byte read or written. huggingface_hub's client has none, and commits,
+    tags and repo creation take no timeout argument, so a Hub that stopped answering held a
+    publish (and with it the group's claim and the daemon's stop) for ever. A request that
+    passes its own timeout (the sources' do) keeps it; one that gives up is a transport
+    error, which :func:`hub_retrying` retries. Setting the same value again changes nothing
+    (a new client would close the one in-flight requests use)."""
+    from huggingface_hub.utils import get_session, set_client_factory
+
+    if _bound == [seconds]:
+        return
+    hooks = get_session().event_hooks  # the client's own (offline mode, request ids), kept
+
+    def client() -> httpx2.Client:
+        return httpx2.Client(event_hooks=hooks, follow_redirects=True, timeout=httpx2.Timeout(seconds))
+
+    set_client_factory(client)
+    _bound[:] = [seconds]
+
+
 class Interrupted(Exception):
     """The daemon is stopping: the operation was given up without another attempt."""
 

@@ -938,10 +938,14 @@ def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog
 
 
 @pytest.mark.timeout(120)
-def test_a_catalog_hub_source_polling_a_hub_destination_is_not_started(tmp_path, caplog):
+def test_a_catalog_hub_source_polling_a_hub_destination_is_not_started(tmp_path, caplog, monkeypatch):
     """The same for the Hub: ``sources add --hub-author acme`` beside a group that publishes
-    to acme/unified would register each published merge as an adapter."""
+    to acme/unified would register each published merge as an adapter. (The daemon also
+    gives its Hub requests the configured timeout.)"""
     import iteris_daemon.daemon as daemon_module
+
+    bounds: list[float] = []
+    monkeypatch.setattr(daemon_module, "bound_requests", bounds.append)
 
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -949,7 +953,7 @@ def test_a_catalog_hub_source_polling_a_hub_destination_is_not_started(tmp_path,
     assert main(["sources", "add", "sneaky", "--hub-author", "acme", "--db", db]) == 0
     config = tmp_path / "daemon.toml"
     config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
-                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\nhub_timeout_seconds = 7\n"
                       f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n'
                       f'[[groups]]\nname = "g"\nbase_model = "b"\n'
                       f'[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n')
@@ -963,7 +967,7 @@ def test_a_catalog_hub_source_polling_a_hub_destination_is_not_started(tmp_path,
         os.kill(os.getpid(), signal.SIGTERM)
 
     assert _run_here(daemon, probe) == 0
-    assert seen["hub"] == set() and "poll:sneaky" not in seen["jobs"]
+    assert seen["hub"] == set() and "poll:sneaky" not in seen["jobs"] and bounds == [7.0]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["source sneaky not started: it polls acme/unified@main, where group 'g' publishes; the daemon "
                       "would register its own merges as adapters (`iteris-daemon sources remove sneaky`, or watch "

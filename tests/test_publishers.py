@@ -385,11 +385,26 @@ def test_rate_limit_and_server_error_on_the_commit_are_survived(hub, hub_setting
     assert hub.files(REPO)["notes.md"] == b"existing"
 
 
-def test_a_commit_that_times_out_but_lands_later_is_not_duplicated(hub, hub_settings, made):
+@pytest.fixture
+def bounded():
+    """:func:`~iteris_daemon.retry.bound_requests` for one test; huggingface_hub's client
+    factory (process-wide) is put back after it."""
+    from huggingface_hub.utils import _http, set_client_factory
+
+    from iteris_daemon import retry
+
+    original = _http._GLOBAL_CLIENT_FACTORY
+    yield retry.bound_requests
+    set_client_factory(original)
+    retry._bound.clear()
+
+
+def test_a_commit_that_times_out_but_lands_later_is_not_duplicated(hub, hub_settings, made, bounded):
     """The client gives up after 2 s; the server commits at 3 s, while the publisher retries.
     Its retry carries the head it saw as parent, so the server refuses it or finds nothing new:
     the adapter is committed once and the result names that commit."""
     base, first, _ = made
+    bounded(2.0)
     hub.inject(COMMITS, ("delay", 3.0), times=1)
 
     result = get_publisher("hub").publish(request(first, base, run_id=5), hub_settings())
@@ -397,6 +412,20 @@ def test_a_commit_that_times_out_but_lands_later_is_not_duplicated(hub, hub_sett
     assert len(history(hub)) == 2, history(hub)  # create_repo's initial commit and ours, once
     assert result.version == hub.head(REPO)
     assert hub.files(REPO)["adapter_model.safetensors"] == (first / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_hub_that_stops_answering_does_not_hold_the_publish_for_ever(hub, hub_settings, made, bounded, sleeps):
+    """huggingface_hub's client has no timeout, and a commit takes none: a commit the Hub
+    never answered held the publish, the run, the group's claim and the daemon's stop for
+    ever. With the daemon's ``hub_timeout_seconds`` the request gives up and is retried."""
+    base, first, _ = made
+    bounded(1.0)
+    hub.inject(COMMITS, ("stall",), times=1)
+
+    result = get_publisher("hub").publish(request(first, base, run_id=6), hub_settings())
+
+    assert len(hub.requests_matching(COMMITS)) == 2 and len(history(hub)) == 2  # stalled once, committed once
+    assert result.changed and result.version == hub.head(REPO)
 
 
 def test_a_lost_commit_answer_does_not_duplicate_the_commit(hub, hub_settings, made, sleeps):
