@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceK
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.retry import Interrupted, hub_retrying
+import iteris_daemon.sources.hub as hub_module
 from iteris_daemon.sources.hub import HubSource, unsafe_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -407,3 +409,125 @@ def test_a_webhook_polls_the_authors_repo_and_its_listed_branch(env):
     report = poller.poll_repo("dave/x")
     assert report.registered == ["dave/x"] and report.unchanged == 1
     assert _adapters(catalog)["dave/x"].current.revision == main
+
+
+def _hold_validation(monkeypatch, sha: str, meanwhile) -> None:
+    """Run ``meanwhile(snapshot)`` once when a poll is about to validate commit ``sha``,
+    with its files downloaded: another poll's turn, at the worst moment."""
+    validate = hub_module.validate_adapter
+
+    def held(snapshot, *args, **kwargs):
+        if snapshot.name == sha and not held.done:
+            held.done = True
+            meanwhile(snapshot)
+        return validate(snapshot, *args, **kwargs)
+
+    held.done = False
+    monkeypatch.setattr(hub_module, "validate_adapter", held)
+
+
+def test_a_webhook_poll_waits_for_the_scheduled_poll_of_the_same_repo(env, monkeypatch):
+    """A scheduled poll validating one push, and a webhook poll of the next push (another
+    HubSource, as after a reload): the webhook's poll dropped the first poll's folder
+    mid-validation, and the valid commit was rejected and the adapter withdrawn."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("erin/a", adapter_files(first))
+    scheduled = source(repos=["erin/a"])
+    scheduled.poll()
+    webhook = HubSource(catalog, "hub", tmp / "cache")
+    sha1 = hub.commit_direct("erin/a", adapter_files(second))
+    webhook_turn = threading.Event()  # the webhook's poll ended, or waits for the repo
+    lock_of = hub_module._repo_lock
+
+    def noting(folder: Path) -> threading.Lock:
+        lock = lock_of(folder)
+        if threading.current_thread().name == "webhook" and lock.locked():
+            webhook_turn.set()
+        return lock
+
+    monkeypatch.setattr(hub_module, "_repo_lock", noting)
+    reports = {}
+
+    def webhook_poll() -> None:
+        reports["webhook"] = webhook.poll_repo("erin/a")
+        webhook_turn.set()
+
+    def push_and_webhook(snapshot: Path) -> None:
+        reports["sha2"] = hub.commit_direct("erin/a", adapter_files(first, {"notes.md": b"v3"}))
+        thread = threading.Thread(target=webhook_poll, name="webhook")
+        thread.start()
+        reports["thread"] = thread
+        assert webhook_turn.wait(60)
+
+    _hold_validation(monkeypatch, sha1, push_and_webhook)
+    reports["scheduled"] = scheduled.poll()
+    reports["thread"].join(60)
+    assert reports["scheduled"].registered == ["erin/a"] and reports["webhook"].registered == ["erin/a"]
+    assert not reports["scheduled"].rejected and not reports["webhook"].rejected
+    adapter = _adapters(catalog)["erin/a"]
+    assert adapter.status is AdapterStatus.registered and adapter.current.revision == reports["sha2"]
+    assert [r.status for r in adapter.revisions] == [AdapterStatus.registered] * 3
+    assert Path(adapter.current.files_path).is_dir() and _source_row(catalog).healthy
+
+
+def test_a_poll_that_read_an_older_head_does_not_make_it_current(env, monkeypatch):
+    """Two processes (or hosts) polling one repo into caches of their own take no turns:
+    the one that read the older head and recorded it last made it current again."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("erin/b", adapter_files(first))
+    here = source(repos=["erin/b"])
+    there = HubSource(catalog, "hub", tmp / "cache-elsewhere")
+    sha1 = hub.commit_direct("erin/b", adapter_files(second))
+    later = {}
+
+    def newer_push_polled_there(snapshot: Path) -> None:
+        later["sha2"] = hub.commit_direct("erin/b", adapter_files(first, {"notes.md": b"v3"}))
+        later["report"] = there.poll()
+
+    _hold_validation(monkeypatch, sha1, newer_push_polled_there)
+    report = here.poll()
+    assert later["report"].registered == ["erin/b"] and not report.registered and report.unchanged == 1
+    adapter = _adapters(catalog)["erin/b"]
+    assert adapter.current.revision == later["sha2"] and adapter.status is AdapterStatus.registered
+    assert sha1 in [r.revision for r in adapter.revisions]  # recorded, as history
+    assert here.poll().unchanged == 1  # and the head stays where it is
+
+
+def test_files_removed_while_validating_are_no_verdict(env, monkeypatch):
+    """Another process dropping the folder a poll is checking made the valid commit
+    rejected ("no adapter_config.json") and the adapter withdrawn."""
+    hub, catalog, source, (first, second), tmp = env
+    sha0 = hub.create_repo_direct("erin/c", adapter_files(first))
+    poller = source(repos=["erin/c"])
+    poller.poll()
+    sha1 = hub.commit_direct("erin/c", adapter_files(second))
+    _hold_validation(monkeypatch, sha1, lambda snapshot: shutil.rmtree(snapshot))
+    report = poller.poll()
+    assert not report.rejected and not report.withdrawn and not report.registered
+    adapter = _adapters(catalog)["erin/c"]
+    assert adapter.status is AdapterStatus.registered and adapter.current.revision == sha0
+    assert "removed while being fetched or checked" in _source_row(catalog).last_error
+    assert poller.poll().registered == ["erin/c"]  # the next poll fetches it again
+    assert _adapters(catalog)["erin/c"].current.revision == sha1 and _source_row(catalog).healthy
+
+
+def test_two_branches_of_a_repo_keep_their_commits_in_the_cache(env):
+    """The main branch (of the author's repos) and a listed branch share the repo's cache
+    folder: registering a new main commit deleted the branch's files, and it stayed
+    registered with files_path gone, never downloaded again."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("erin/news", adapter_files(first))
+    hub.create_branch_direct("erin/news", "v2")
+    v2 = hub.commit_direct("erin/news", adapter_files(second), branch="v2")
+    poller = source(author="erin", repos=["erin/news@v2"])
+    assert sorted(poller.poll().registered) == ["erin/news", "erin/news@v2"]
+    main = hub.commit_direct("erin/news", adapter_files(first, {"notes.md": b"retrained"}))
+    assert poller.poll().registered == ["erin/news"]
+    adapters = _adapters(catalog)
+    assert adapters["erin/news"].current.revision == main
+    assert adapters["erin/news@v2"].current.files_path == str(tmp / "cache" / "erin--news" / v2)
+    # Each branch's commit stays; the old main commit, used by no branch, goes.
+    assert sorted(p.name for p in (tmp / "cache" / "erin--news").iterdir()) == sorted([main, v2])
+    assert sha256_file(Path(adapters["erin/news@v2"].current.files_path) / "adapter_model.safetensors") == \
+        sha256_file(second / "adapter_model.safetensors")
+

@@ -9,7 +9,8 @@ revision meet the unique constraint; the loser reads the winner's row.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import func, select
@@ -47,6 +48,10 @@ class Observation:
     has_calibration: bool = False
     # validation.validation_context of the settings behind the verdict (None: it depends on none)
     context: str | None = None
+    # When the source saw ``revision`` at the location (a Hub poll: when it asked for the head).
+    # The revision seen last is the current one, so a poll that read the head before another
+    # poll read a newer one cannot make its older commit current by recording it later.
+    seen_at: datetime = field(default_factory=utcnow)
 
 
 def add_source(session: Session, name: str, kind: SourceKind, settings: dict[str, Any]) -> Source:
@@ -142,6 +147,9 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
     revision, or (``rejudge``) a known one whose verdict changed under other settings
     (``seen.context``)."""
     adapter = _adapter_row(session, source_id, seen)
+    current = current_revision(session, adapter)
+    # Another source (a second process, or host) saw a newer revision after this one was seen.
+    outdated = current is not None and current.revision != seen.revision and current.last_seen_at > seen.seen_at
     existing = session.scalar(
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
     )
@@ -150,12 +158,14 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
         if rejudge and seen.context is not None and existing.validation_context != seen.context:
             changed = existing.status is not _status(seen)
             _judge(existing, seen)
-        if adapter.status is AdapterStatus.removed or current_revision(session, adapter) is not existing:
-            existing.last_seen_at = utcnow()  # it came back, or an older content was restored
+        if outdated:
+            return existing, False
+        if adapter.status is AdapterStatus.removed or current is not existing:
+            existing.last_seen_at = seen.seen_at  # it came back, or an older content was restored
             existing.files_path = seen.files_path or existing.files_path
         adapter.status = existing.status
         return existing, changed
-    revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision)
+    revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision, last_seen_at=seen.seen_at)
     _judge(revision, seen)
     try:
         with session.begin_nested():
@@ -165,8 +175,9 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
             select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
         )
         return existing, False
-    adapter.status = revision.status
-    adapter.name = seen.name
+    if not outdated:
+        adapter.status = revision.status
+        adapter.name = seen.name
     return revision, True
 
 
@@ -195,6 +206,16 @@ def _latest_first(query):
 def current_revision(session: Session, adapter: Adapter) -> AdapterRevision | None:
     """``adapter.current``, found by the database: the revision history stays unloaded."""
     return session.scalar(_latest_first(select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id)).limit(1))
+
+
+def current_files_paths(session: Session, prefix: str) -> set[str]:
+    """The ``files_path`` of each registered adapter's current revision that lies under
+    ``prefix``: the folders of a cache that runs may copy from."""
+    current_id = (_latest_first(select(AdapterRevision.id).where(AdapterRevision.adapter_id == Adapter.id))
+                  .limit(1).correlate(Adapter).scalar_subquery())
+    query = (select(AdapterRevision.files_path).join(Adapter, AdapterRevision.id == current_id)
+             .where(Adapter.status == AdapterStatus.registered, AdapterRevision.files_path.startswith(prefix, autoescape=True)))
+    return set(session.scalars(query))
 
 
 def list_current(session: Session, statuses: list[AdapterStatus] | None = None,

@@ -15,6 +15,11 @@ and the rest of the poll goes on. Every request has a timeout (``timeout_seconds
 downloads: the client's ``HF_HUB_DOWNLOAD_TIMEOUT``), and the listing and ``model_info``
 are retried by the daemon alone, not by the client as well.
 
+Polls of one repo take turns within a process (scheduled, a webhook's); the cache keeps
+the commits registered adapters use now (each branch its own). Polls of other processes
+take no turns: a poll whose files they removed mid-check retries at the next poll, and
+a head read before theirs stays history (see ``Observation.seen_at``).
+
 Stopping (the daemon's stop event): no request starts once it is set, a backoff
 wait ends at once, and the poll ends where it is; it is recorded as interrupted
 (the source's health), and nothing is marked removed or rejected for it.
@@ -27,8 +32,9 @@ import os
 import re
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
@@ -38,8 +44,9 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..catalog import Catalog
-from ..catalog.models import AdapterStatus
-from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
+from ..catalog.models import AdapterStatus, utcnow
+from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
+                                record, set_health)
 from ..errors import AdapterError, ConfigError
 from ..hub_files import mismatch
 from ..config import MAX_SECONDS
@@ -53,6 +60,17 @@ from .local import CALIBRATION_NAME, ScanReport
 log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_repo_locks: dict[Path, threading.Lock] = {}
+_repo_locks_guard = threading.Lock()
+
+
+def _repo_lock(folder: Path) -> threading.Lock:
+    """The lock of one repo's cache folder, the same for every :class:`HubSource` of this
+    process: a scheduled poll, a webhook's, a source's after a reload, another source of
+    the same repo. Each drops commit folders it finds unused, and another poll may be
+    downloading into one of them."""
+    with _repo_locks_guard:
+        return _repo_locks.setdefault(folder, threading.Lock())
 
 
 def bad_repo_id(repo_id: object) -> str | None:
@@ -291,7 +309,15 @@ class HubSource:
         return targets, True
 
     def _poll_repo(self, api, token, repo_id, branch, locator, listed, report) -> bool:
-        """Register the repo's head if new; False when the repo is gone (or not an adapter)."""
+        """Register the repo's head if new; False when the repo is gone (or not an adapter).
+        Polls of one repo take turns (see :func:`_repo_lock`): the later one reads the head
+        after the earlier one has recorded what it saw."""
+        folder = self.cache_dir / repo_id.replace("/", "--")
+        with _repo_lock(folder):
+            return self._poll_repo_locked(api, token, repo_id, branch, locator, listed, report, folder)
+
+    def _poll_repo_locked(self, api, token, repo_id, branch, locator, listed, report, folder: Path) -> bool:
+        asked_at = utcnow()  # the head read below is at least this recent
         try:
             info = self._retrying(f"model_info {locator}")(api.model_info, repo_id, revision=branch, files_metadata=True,
                                                            timeout=self.settings.timeout_seconds)
@@ -306,32 +332,37 @@ class HubSource:
             report.unchanged += 1
             return True
         siblings = {s.rfilename: s for s in info.siblings or []}
-        snapshot = self.cache_dir / repo_id.replace("/", "--") / sha
+        snapshot = folder / sha
         if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
             raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
-        reason, adapter_info = None, None
+        reason_now, adapter_info = None, None
         try:
             adapter_info = self._fetch_and_validate(api, token, repo_id, sha, siblings, snapshot, listed)
         except _NotForUs as skip:
             log.debug("source %s: %s skipped: %s", self.name, locator, skip)
             return False
         except AdapterError as exc:
-            reason = str(exc)
+            reason_now = str(exc)
         seen = Observation(
             locator=locator, name=locator, revision=sha, files_path=str(snapshot) if adapter_info else None,
-            info=adapter_info, reason=reason, has_calibration=(snapshot / CALIBRATION_NAME).is_file(),
-            context=self.context,
+            info=adapter_info, reason=reason_now, has_calibration=(snapshot / CALIBRATION_NAME).is_file(),
+            context=self.context, seen_at=asked_at,
         )
         with self.catalog.session() as session:
             revision, new = record(session, self.source_id, seen, rejudge=self.rejudge)
             status, reason = revision.status, revision.reason
+            outdated = current_revision(session, revision.adapter) is not revision
+        if outdated:  # another process polled the repo later and recorded a newer head meanwhile
+            report.unchanged += 1
+            log.info("source %s: %s@%s kept as history: a newer head was recorded meanwhile", self.name, locator, sha[:12])
+            return True
         if status is AdapterStatus.rejected:
             report.rejected.append(locator)
             if before.registered:
                 report.withdrawn.append(locator)
             log.warning("source %s: rejected %s@%s: %s", self.name, locator, sha[:12], reason)
             return True
-        _drop_other_commits(snapshot)
+        self._drop_unused_commits(folder)
         if new:
             report.registered.append(locator)
             log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], revision.rank)
@@ -361,14 +392,18 @@ class HubSource:
             size, limit = siblings[name].size, self.limits.file_limit(name)
             if size is not None and size > limit:
                 raise AdapterError(where, f"{name} is {size} bytes, above the limit of {limit}")
-        self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
-        config = read_adapter_config(snapshot, self.limits.max_config_bytes)
-        wanted = self.settings.base_model
-        if listed and wanted and config.get("base_model_name_or_path") not in (None, wanted):
-            raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
-        for name in wanted_files[1:]:
-            self._download(token, repo_id, sha, siblings[name], snapshot)
-        return validate_adapter(snapshot, wanted, self.limits, self.trusted_models, self.shapes)
+        fetched: list[str] = []
+        with _own_files(snapshot, fetched, where):
+            self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
+            fetched.append(CONFIG_NAME)
+            config = read_adapter_config(snapshot, self.limits.max_config_bytes)
+            wanted = self.settings.base_model
+            if listed and wanted and config.get("base_model_name_or_path") not in (None, wanted):
+                raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
+            for name in wanted_files[1:]:
+                self._download(token, repo_id, sha, siblings[name], snapshot)
+                fetched.append(name)
+            return validate_adapter(snapshot, wanted, self.limits, self.trusted_models, self.shapes)
 
     def _download(self, token, repo_id: str, sha: str, sibling: RepoSibling, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written
@@ -403,6 +438,16 @@ class HubSource:
             raise HubAnswerError(f"{where}: {filename} as downloaded {problem}; removed, downloaded again at the next poll")
         return resolved
 
+    def _drop_unused_commits(self, folder: Path) -> None:
+        """Keep the commits of a repo that runs may copy from: those a registered adapter's
+        current revision names (each branch of the repo has its own). A commit polled again
+        is downloaded again."""
+        with self.catalog.session() as session:
+            used = current_files_paths(session, f"{folder}{os.sep}")
+        for other in folder.iterdir() if folder.is_dir() else ():
+            if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used:
+                shutil.rmtree(other, ignore_errors=True)
+
     def _mark_removed(self, seen: set[str], report: ScanReport, only: set[str] | None = None) -> None:
         gone = lambda locator: locator not in seen and (only is None or locator in only)  # noqa: E731
         with self.catalog.session() as session:
@@ -417,6 +462,11 @@ class HubSource:
 
 class HubAnswerError(Exception):
     """The Hub answered something no real Hub sends (e.g. a commit sha that is not 40 hex digits)."""
+
+
+class SnapshotVanished(Exception):
+    """Files this poll downloaded were removed while it checked them (by a poll of another
+    process): no verdict on the commit, which the next poll fetches again."""
 
 
 class _NotForUs(Exception):
@@ -466,9 +516,17 @@ def _describe(exc: BaseException, what: str) -> str:
     return f"{what}: {detail}{transient}{': ' + text if text and detail not in text else ''}"[:500]
 
 
-def _drop_other_commits(snapshot: Path) -> None:
-    """Keep one commit of a repo in the cache, the one just registered: a run copies its
-    inputs before it merges, and a commit polled again is downloaded again."""
-    for other in snapshot.parent.iterdir():
-        if other != snapshot and _COMMIT_SHA.fullmatch(other.name):
-            shutil.rmtree(other, ignore_errors=True)
+@contextmanager
+def _own_files(snapshot: Path, fetched: list[str], where: str) -> Iterator[None]:
+    """Turn a failure to read the files this poll downloaded (``fetched``, as they come)
+    into :class:`SnapshotVanished` when one is gone, or the folder went mid-download:
+    that says nothing about the adapter."""
+    try:
+        yield
+    except (AdapterError, FileNotFoundError) as exc:
+        gone = [name for name in fetched if not (snapshot / name).is_file()]
+        if isinstance(exc, AdapterError) and not gone:
+            raise
+        raise SnapshotVanished(f"{where}: {gone[0] if gone else 'its folder'} was removed while being fetched or "
+                               f"checked; fetched again at the next poll") from None
+
