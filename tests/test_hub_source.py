@@ -531,3 +531,40 @@ def test_two_branches_of_a_repo_keep_their_commits_in_the_cache(env):
     assert sha256_file(Path(adapters["erin/news@v2"].current.files_path) / "adapter_model.safetensors") == \
         sha256_file(second / "adapter_model.safetensors")
 
+
+def test_a_registered_commit_whose_files_are_gone_is_downloaded_again(env):
+    """An emptied cache (``systemctl clean``, tmpfiles) left the commit registered with no
+    files: polls said "unchanged" and every run held the adapter back until a new commit."""
+    hub, catalog, source, (first, _), tmp = env
+    sha = hub.create_repo_direct("erin/d", adapter_files(first))
+    poller = source(repos=["erin/d"])
+    poller.poll()
+    registered = _adapters(catalog)["erin/d"].current
+    downloads = lambda: len(hub.requests_matching(r"^GET /erin/d/resolve/"))  # noqa: E731
+    assert downloads() == 3
+
+    shutil.rmtree(tmp / "cache")
+    assert poller.poll().registered == ["erin/d"]
+    weights = Path(registered.files_path) / "adapter_model.safetensors"
+    assert downloads() == 6 and sha256_file(weights) == registered.content_sha256
+    assert poller.poll().unchanged == 1 and downloads() == 6  # present: a stat each, no download
+
+    weights.write_bytes(weights.read_bytes()[:-8])  # not the registered size: fetched anew
+    assert poller.poll().registered == ["erin/d"] and downloads() == 9
+    adapter = _adapters(catalog)["erin/d"]
+    assert [r.revision for r in adapter.revisions] == [sha] and adapter.status is AdapterStatus.registered
+    assert sha256_file(weights) == registered.content_sha256
+
+
+def test_a_commit_another_host_registered_is_downloaded_here(env):
+    """Two daemons on one catalog: the second never downloaded what the first registered,
+    so its runs looked for the files in the first host's cache."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("erin/e", adapter_files(first))
+    source(repos=["erin/e"]).poll()
+    (tmp / "cache").rename(tmp / "cache-of-the-other-host")  # not on this host's disk
+    here = HubSource(catalog, "hub", tmp / "cache-here")
+    assert here.poll().registered == ["erin/e"]
+    files = Path(_adapters(catalog)["erin/e"].current.files_path)
+    assert files.parent.parent == tmp / "cache-here" and (files / "adapter_model.safetensors").is_file()
+    assert here.poll().unchanged == 1

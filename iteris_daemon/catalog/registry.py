@@ -118,19 +118,27 @@ class Prior:
     stands: bool = False  # the same revision, with a verdict that holds: nothing to do
     same_revision: bool = False  # the same revision (of a location not removed)
     registered: bool = False  # the adapter was registered: rejecting it now withdraws it
+    files_missing: bool = False  # registered, but its files are not (all) where it says: fetch them again
+    content_sha256: str | None = None  # of the current revision's weights, as registered
 
 
-def prior(session: Session, source_id: int, locator: str, revision: str, context: str | None) -> Prior:
+def prior(session: Session, source_id: int, locator: str, revision: str, context: str | None,
+          present: Callable[[AdapterRevision], bool] | None = None) -> Prior:
     """What the catalog holds for ``locator`` against the ``revision`` a source sees now.
     ``context``: the source's settings, under which a verdict must have been reached to
-    stand; None takes every recorded verdict as it is."""
+    stand; None takes every recorded verdict as it is. ``present``: whether a registered
+    revision's files are still there (a cache is emptied, or another host registered it);
+    one whose files are not does not stand."""
     adapter = session.scalar(select(Adapter).where(Adapter.source_id == source_id, Adapter.locator == locator))
     if adapter is None:
         return Prior()
     current = current_revision(session, adapter)
     same = adapter.status is not AdapterStatus.removed and current is not None and current.revision == revision
-    return Prior(stands=same and (context is None or verdict_stands(current, context)), same_revision=same,
-                 registered=adapter.status is AdapterStatus.registered)
+    missing = (same and present is not None and current.status is AdapterStatus.registered
+               and not present(current))
+    return Prior(stands=same and not missing and (context is None or verdict_stands(current, context)),
+                 same_revision=same, registered=adapter.status is AdapterStatus.registered, files_missing=missing,
+                 content_sha256=current.content_sha256 if same else None)
 
 
 def verdict_stands(revision: AdapterRevision, context: str) -> bool:
@@ -158,11 +166,11 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
         if rejudge and seen.context is not None and existing.validation_context != seen.context:
             changed = existing.status is not _status(seen)
             _judge(existing, seen)
+        existing.files_path = seen.files_path or existing.files_path  # e.g. downloaded again into an emptied cache
         if outdated:
             return existing, False
         if adapter.status is AdapterStatus.removed or current is not existing:
             existing.last_seen_at = seen.seen_at  # it came back, or an older content was restored
-            existing.files_path = seen.files_path or existing.files_path
         adapter.status = existing.status
         return existing, changed
     revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision, last_seen_at=seen.seen_at)

@@ -2,7 +2,8 @@
 through ``huggingface_hub``, and registers each new head commit.
 
 Per repo and poll: one ``model_info`` (the head sha and the file listing). An
-unchanged sha costs nothing more. For a new sha only the adapter files
+unchanged sha whose files are still in the cache costs nothing more (a stat each;
+files gone, say an emptied cache, are downloaded again). For a new sha only the adapter files
 (config, safetensors weights, and ``calibration.jsonl`` when present) are
 downloaded, pinned to that sha, into the daemon's own cache, each stopped once past its
 limit in ``[daemon.limits]`` whatever size the Hub claims, and checked against the
@@ -44,7 +45,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..catalog import Catalog
-from ..catalog.models import AdapterStatus, utcnow
+from ..catalog.models import AdapterRevision, AdapterStatus, utcnow
 from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
                                 record, set_health)
 from ..errors import AdapterError, ConfigError
@@ -327,7 +328,7 @@ class HubSource:
         if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):  # it names the cache folder
             raise HubAnswerError(f"the Hub answered a commit sha {str(sha)[:60]!r}, not 40 hex digits; nothing downloaded")
         with self.catalog.session() as session:
-            before = prior(session, self.source_id, locator, sha, self.context if self.rejudge else None)
+            before = prior(session, self.source_id, locator, sha, self.context if self.rejudge else None, _files_present)
         if before.stands:
             report.unchanged += 1
             return True
@@ -335,6 +336,8 @@ class HubSource:
         snapshot = folder / sha
         if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
             raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
+        if before.files_missing:  # what is left of them may be stale: fetch all anew
+            shutil.rmtree(snapshot, ignore_errors=True)
         reason_now, adapter_info = None, None
         try:
             adapter_info = self._fetch_and_validate(api, token, repo_id, sha, siblings, snapshot, listed)
@@ -343,6 +346,9 @@ class HubSource:
             return False
         except AdapterError as exc:
             reason_now = str(exc)
+        if adapter_info and before.content_sha256 not in (None, adapter_info.content_sha256):
+            raise HubAnswerError(f"{locator}@{sha[:12]}: downloaded again, its weights differ from those registered; "
+                                 f"not recorded")
         seen = Observation(
             locator=locator, name=locator, revision=sha, files_path=str(snapshot) if adapter_info else None,
             info=adapter_info, reason=reason_now, has_calibration=(snapshot / CALIBRATION_NAME).is_file(),
@@ -356,6 +362,8 @@ class HubSource:
             report.unchanged += 1
             log.info("source %s: %s@%s kept as history: a newer head was recorded meanwhile", self.name, locator, sha[:12])
             return True
+        if before.files_missing and status is AdapterStatus.registered and not adapter_info:
+            raise HubAnswerError(f"{locator}@{sha[:12]}: its files were gone; downloaded again, they fail: {reason_now}")
         if status is AdapterStatus.rejected:
             report.rejected.append(locator)
             if before.registered:
@@ -366,6 +374,9 @@ class HubSource:
         if new:
             report.registered.append(locator)
             log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], revision.rank)
+        elif before.files_missing:  # runs held it back meanwhile: they may take it again
+            report.registered.append(locator)
+            log.info("source %s: %s@%s downloaded again: its files were gone", self.name, locator, sha[:12])
         elif before.same_revision:  # judged again under other settings, and still valid
             report.unchanged += 1
             log.info("source %s: %s@%s is still valid under the current settings", self.name, locator, sha[:12])
@@ -530,3 +541,17 @@ def _own_files(snapshot: Path, fetched: list[str], where: str) -> Iterator[None]
         raise SnapshotVanished(f"{where}: {gone[0] if gone else 'its folder'} was removed while being fetched or "
                                f"checked; fetched again at the next poll") from None
 
+
+def _files_present(revision: AdapterRevision) -> bool:
+    """Whether a registered Hub revision's files are still in its folder, at their
+    registered size (a stat each, no hashing: a poll asks this of every repo; files
+    fetched again are hashed as they are validated)."""
+    if not revision.files_path:
+        return False
+    folder = Path(revision.files_path)
+    try:
+        weights = (folder / WEIGHTS_NAME).stat().st_size
+    except OSError:
+        return False
+    return ((folder / CONFIG_NAME).is_file() and revision.size_bytes in (None, weights)
+            and (not revision.has_calibration or (folder / CALIBRATION_NAME).is_file()))
