@@ -120,6 +120,7 @@ class Prior:
     registered: bool = False  # the adapter was registered: rejecting it now withdraws it
     files_missing: bool = False  # registered, but its files are not (all) where it says: fetch them again
     content_sha256: str | None = None  # of the current revision's weights, as registered
+    files_path: str | None = None  # of the current revision
 
 
 def prior(session: Session, source_id: int, locator: str, revision: str, context: str | None,
@@ -138,7 +139,8 @@ def prior(session: Session, source_id: int, locator: str, revision: str, context
                and not present(current))
     return Prior(stands=same and not missing and (context is None or verdict_stands(current, context)),
                  same_revision=same, registered=adapter.status is AdapterStatus.registered, files_missing=missing,
-                 content_sha256=current.content_sha256 if same else None)
+                 content_sha256=current.content_sha256 if same else None,
+                 files_path=current.files_path if same else None)
 
 
 def verdict_stands(revision: AdapterRevision, context: str) -> bool:

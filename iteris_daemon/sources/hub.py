@@ -336,7 +336,7 @@ class HubSource:
         snapshot = folder / sha
         if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
             raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
-        if before.files_missing:  # what is left of them may be stale: fetch all anew
+        if before.files_missing and before.files_path == str(snapshot):  # what is left here may be stale: fetch anew
             shutil.rmtree(snapshot, ignore_errors=True)
         reason_now, adapter_info = None, None
         try:
