@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 import math
 import os
 import shutil
@@ -79,7 +80,7 @@ class MergeRequest:
     params: dict[str, Any] | None = None
     device: str = "cpu"
     dtype: str = "float32"  # the base model's compute dtype
-    output_dtype: str | None = None  # the merged adapter's dtype (default: the adapters')
+    output_dtype: str | None = None  # the merged adapter's dtype (default: the widest of the adapters')
     offload: str = "auto"  # where block weights wait: auto, disk, cpu, none (see weights.py)
     trust_remote_code: bool = False
     modules_to_save_rule: str = "agree"
@@ -358,7 +359,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
     device_peak = memory.device_peak_mb(base.device)
-    output_dtype = DTYPES[request.output_dtype] if request.output_dtype else adapters[0].dtype
+    # Default: the widest of the inputs' dtypes, whatever their order (bfloat16 and float16 give float32).
+    output_dtype = DTYPES[request.output_dtype] if request.output_dtype else functools.reduce(
+        torch.promote_types, (a.dtype for a in adapters))
 
     check_result(strategy.name, result.modules, adapters)
     modules, ranks, truncation = {}, {}, {}

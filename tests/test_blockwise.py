@@ -3,6 +3,7 @@ a naive implementation of its definition, shared Grams == one Gram per module, t
 fallback, streamed weights, the hot path's device hygiene, output dtype, and CUDA."""
 
 import json
+import shutil
 import logging
 from functools import partial
 
@@ -264,6 +265,22 @@ def test_output_dtype(tiny, tmp_path):
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
     report = json.loads((tmp_path / "bf16" / "merge_report.json").read_text())
     assert report["metrics"]["execution"] == "blocks" and report["placement"] == "disk"
+
+
+def test_the_default_output_dtype_does_not_depend_on_the_adapters_order(tiny, tmp_path):
+    """It was the first adapter's: [bfloat16, float32] adapters were written in bfloat16,
+    [float32, bfloat16] in float32. Now the widest of them, in either order."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir, (first, second, _) = tiny["llama"]
+    half = tmp_path / "half"
+    shutil.copytree(first, half)
+    weights = half / "adapter_model.safetensors"
+    save_file({k: t.to(torch.bfloat16) for k, t in load_file(weights).items()}, weights)
+    for order in ([half, second], [second, half]):
+        report = _merge(base_dir, order, tmp_path / f"out-{order[0].name}")
+        assert report["output_dtype"] == "float32", order
+    assert _merge(base_dir, [half], tmp_path / "alone")["output_dtype"] == "bfloat16"
 
 
 def test_checkpoint_names_the_model_renames_load_whole(tmp_path, caplog):

@@ -63,7 +63,8 @@ def register(commands) -> None:
     merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output adapter folder")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     merge.add_argument("--output-dtype", choices=["float32", "bfloat16", "float16"],
-                       help="dtype of the merged adapter's weights (default: the input adapters')")
+                       help="dtype of the merged adapter's weights (default: the input adapters', the widest when they "
+                            "differ)")
     merge.add_argument("--no-eval", action="store_true", help="skip the per-task alignment loss / fidelity evaluation")
     merge.set_defaults(handler=_merge)
 
