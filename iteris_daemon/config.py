@@ -31,6 +31,7 @@ class _Strict(BaseModel):
 
 
 Device = Annotated[str, AfterValidator(check_device)]
+Dtype = Literal["float32", "bfloat16", "float16"]  # model.DTYPES' names (this module does not import torch)
 
 
 class AdapterLimits(_Strict):
@@ -281,8 +282,21 @@ class GroupConfig(_Strict):
     cron: str | None = Field(None, description="crontab expression for re-merges, e.g. '0 3 * * *'")
     debounce_seconds: float = Field(30.0, ge=0, le=MAX_SECONDS, description="merge this long after the last input change")
     min_adapters: int = Field(1, ge=1, description="do not merge fewer adapters than this")
+    dtype: Dtype = Field("float32", description="the base model's compute dtype while merging (as merge --dtype); "
+                                                "bfloat16 halves the memory of blocks and hidden states")
+    output_dtype: Dtype | None = Field(None, description="the merged adapter's dtype (as merge --output-dtype; "
+                                                         "default: the widest of the inputs')")
+    offload: Literal["auto", "disk", "cpu", "none"] = Field(
+        "auto", description="where block weights wait while another block is computed on (as merge --offload)")
     gates: Gates = Field(default_factory=Gates)
     destinations: list[dict[str, Any]] = Field(min_length=1)
+
+    def precision(self) -> dict[str, str]:
+        """The dtypes set away from their defaults: the merge depends on them (the run's
+        input fingerprint includes them; with the defaults it is what it was before they
+        could be set). Where block weights wait does not change the merge."""
+        return {key: value for key, value in (("dtype", self.dtype), ("output_dtype", self.output_dtype))
+                if value != type(self).model_fields[key].default}
 
     @model_validator(mode="after")
     def _one_schedule(self) -> GroupConfig:

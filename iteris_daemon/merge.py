@@ -419,6 +419,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         # where merge_memory_mb is the figure).
         "device_memory_mb": {"device": str(base.device), "peak": _round(device_peak)},
         "placement": base.placement.name,
+        "dtype": request.dtype,  # the base model's compute dtype
         "output_dtype": str(output_dtype).removeprefix("torch."),
         "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks)},
         "rank_cap_error": max([*truncation.values(), _strategy_cap_error(result.metrics)], default=0.0),

@@ -199,11 +199,12 @@ class Inputs:
         self.held_back[adapter.name] = reason
         self.held_back_revisions.append([revision.id, adapter.locator, revision.revision])
 
-    def fingerprint(self, strategy: str, params: dict[str, Any]) -> str:
+    def fingerprint(self, strategy: str, params: dict[str, Any], precision: dict[str, str] | None = None) -> str:
         """What the merge depends on: each input's content, not its revision name (a Hub
-        commit that only edits the README is a new revision of the same adapter)."""
+        commit that only edits the README is a new revision of the same adapter), and the
+        group's dtypes where set (:meth:`GroupConfig.precision`)."""
         payload = {
-            "strategy": strategy, "params": params,
+            "strategy": strategy, "params": params, **(precision or {}),
             "inputs": sorted(
                 [a.locator, content, c.fingerprint() if c else None]
                 for (a, _), content, c in zip(self.revisions, self.contents, self.calibration)
@@ -630,7 +631,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     except MergeCancelled as exc:
         log.warning("group %s: cancelled while gathering inputs", group.name)
         return RunOutcome(RunStatus.cancelled, None, str(exc))
-    fingerprint = inputs.fingerprint(group.strategy, group.params)
+    fingerprint = inputs.fingerprint(group.strategy, group.params, group.precision())
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
@@ -705,7 +706,8 @@ def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Pa
     job = {
         "request": {
             "base_model": group.base_model, "strategy": group.strategy, "params": group.params, "out": str(out),
-            "device": device, "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
+            "device": device, "dtype": group.dtype, "output_dtype": group.output_dtype, "offload": group.offload,
+            "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
             "adapters": [{"path": str(path), "name": a.name, "origin": r.files_path}
                          for (a, r), path in zip(inputs.revisions, inputs.folders)],
         },

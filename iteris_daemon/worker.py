@@ -130,7 +130,8 @@ def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
         base_model=request["base_model"],
         adapters=[AdapterSpec(Path(a["path"]), name=a["name"], origin=a.get("origin")) for a in request["adapters"]],
         out=Path(request["out"]), strategy=request["strategy"], params=request["params"],
-        device=request["device"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
+        device=request["device"], dtype=request["dtype"], output_dtype=request["output_dtype"],
+        offload=request["offload"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
         calibration_sets=calibration, should_stop=stop.is_set,
         reference=Path(request["reference"]) if request.get("reference") else None,
     ))

@@ -201,6 +201,21 @@ def test_the_baseline_is_the_last_published_merge_not_this_daemons_last(setup, t
     assert setup.run(setup.group(params={"scale": 3.0}, gates=gated)).status is RunStatus.refused
 
 
+def test_a_groups_dtypes_and_offload_reach_its_merge_and_a_change_of_dtype_merges_again(setup):
+    """Every daemon merge ran in float32 with offload auto, whatever the group needed (a
+    GPU merge in bfloat16 takes half the memory); the config refused the settings. They
+    are the group's now; a changed dtype changes the merge, so it is not skipped as unchanged."""
+    assert setup.run(setup.group()).status is RunStatus.succeeded
+    report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+    assert (report["dtype"], report["output_dtype"], report["placement"]) == ("float32", "float32", "disk")
+    group = setup.group(dtype="bfloat16", output_dtype="float16", offload="none")
+    assert group.precision() == {"dtype": "bfloat16", "output_dtype": "float16"}
+    assert setup.run(group).status is RunStatus.succeeded
+    report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+    assert (report["dtype"], report["output_dtype"], report["placement"]) == ("bfloat16", "float16", "resident")
+    assert setup.run(setup.group(offload="cpu", dtype="bfloat16", output_dtype="float16")).status is RunStatus.skipped
+
+
 def test_merge_now_force_is_read_once_from_the_catalog(setup):
     group = setup.group(params={"scale": 1.0})
     assert setup.run(group).status is RunStatus.succeeded
