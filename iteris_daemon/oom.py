@@ -6,7 +6,8 @@ cgroup the worker runs in can: the kernel counts its OOM kills (cgroup v2:
 ``oom_kill`` in ``memory.oom_control``). Under systemd the daemon and its workers
 share the service's cgroup, so a unit's ``MemoryMax=`` shows up here. Where no
 memory controller can be read (no cgroups, a container hiding them) nothing is
-claimed and the reason stays "killed by SIGKILL".
+claimed and the reason stays "killed by SIGKILL". A worker that is refused memory
+rather than killed says so in words (:func:`says_out_of_memory`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# What running out of memory under an address-space limit (RLIMIT_AS) says, besides
+# Python's MemoryError: torch's allocator ("DefaultCPUAllocator: can't allocate memory"),
+# a failed mmap ("... Cannot allocate memory", errno 12), the dynamic loader importing a
+# library ("failed to map segment from shared object"), CUDA ("CUDA out of memory").
+_NO_MEMORY = ("can't allocate memory", "cannot allocate memory", "failed to map segment", "out of memory")
+
+
+def says_out_of_memory(text: str) -> bool:
+    """Whether an error message says memory ran out."""
+    return any(phrase in text.lower() for phrase in _NO_MEMORY)
 
 
 def counter_file(pid: int) -> Path | None:

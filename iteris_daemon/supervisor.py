@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import IterisError, MergeCancelled
-from .oom import OomWatch
+from .oom import OomWatch, says_out_of_memory
 
 log = logging.getLogger("iteris_daemon.worker")
 JOB_NAME = "job.json"
@@ -125,7 +125,7 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
         raise MergeCancelled("merge cancelled: the worker ended on SIGTERM before the merge started")
     last = f"; last output: {' | '.join(tail[-5:])}" if tail else ""
     if result is not None and result.get("status") == "error":
-        kind = "memory" if "out of memory" in result.get("error", "") else "error"
+        kind = "memory" if says_out_of_memory(result.get("error", "")) else "error"
         raise WorkerFailed(str(result.get("error")), kind, result.get("error_type"))
     if code == -signal.SIGKILL and oom.killed():
         raise WorkerFailed(f"the worker was killed by the kernel's OOM killer (the memory limit of cgroup "
@@ -134,6 +134,8 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
         hint = " (the kernel's OOM killer sends SIGKILL)" if code == -signal.SIGKILL else ""
         raise WorkerFailed(f"the worker was killed by {name}{hint}{last}", "signal")
+    if any(says_out_of_memory(line) for line in tail):  # e.g. torch could not be loaded under the limit
+        raise WorkerFailed(f"out of memory: the worker exited with status {code} without a result{last}", "memory")
     raise WorkerFailed(f"the worker exited with status {code} without a result{last}", "exit")
 
 

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from .logs import setup_logging
+from .oom import says_out_of_memory
+
+OUT_OF_MEMORY = "out of memory (the worker's memory limit, or the host's)"
 
 RESULT_NAME = "result.json"
 EXIT_ERROR = 1  # the merge failed; result.json says why
@@ -74,9 +77,11 @@ def run_job(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
         name = "cancelled" if isinstance(exc, MergeCancelled) else "error"
         return {"status": name, "error": str(exc), "error_type": type(exc).__name__}
     except MemoryError:
-        return {"status": "error", "error": "out of memory (the worker's memory limit, or the host's)"}
+        return {"status": "error", "error": OUT_OF_MEMORY}
     except Exception as exc:
         logging.getLogger(__name__).exception("the job failed")
+        if says_out_of_memory(str(exc)):  # torch's allocator raises RuntimeError
+            return {"status": "error", "error": f"{OUT_OF_MEMORY}: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -57,3 +57,32 @@ def test_no_readable_cgroup_claims_nothing(monkeypatch):
     monkeypatch.setattr(oom, "counter_file", lambda pid: None)
     watch = oom.OomWatch(1234)
     assert not watch.killed() and watch.describe() == "?"
+
+
+@pytest.mark.parametrize("message", [
+    "RuntimeError: [enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)",
+    "RuntimeError: unable to mmap 1048576 bytes from file </tmp/x.safetensors>: Cannot allocate memory (12)",
+    "ImportError: libtorch_cpu.so: failed to map segment from shared object",
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+])
+def test_what_a_worker_refused_memory_says_is_read_as_out_of_memory(message):
+    """Under a worker's address-space limit these were failures of kind "error" (or "exit"),
+    not "memory", as the README's process model says they are."""
+    assert oom.says_out_of_memory(message)
+
+
+def test_an_unrelated_error_is_not_out_of_memory():
+    assert not oom.says_out_of_memory("ValueError: rank 9 above the limit of 8")
+
+
+def test_a_worker_that_could_not_start_under_its_limit_failed_for_memory(tmp_path):
+    """Below the memory torch needs to load, the worker dies importing it, without a result:
+    the last lines it printed say why."""
+    from iteris_daemon.supervisor import WorkerFailed, WorkerOptions, _outcome
+
+    tail = ["Traceback (most recent call last):", "ImportError: libc10.so: failed to map segment from shared object"]
+    with pytest.raises(WorkerFailed) as failed:
+        _outcome(1, tmp_path / "no-result.json", tail, cancelled=False, killed=False, options=WorkerOptions(),
+                 oom=oom.OomWatch(-1))
+    assert failed.value.kind == "memory" and str(failed.value).startswith("out of memory: the worker exited with status 1")

@@ -100,6 +100,7 @@ def setup(tmp_path, made, faulty):
     ("sigkill", "the worker was killed by SIGKILL", "signal"),
     ("exit", "the worker exited with status 7 without a result", "exit"),
     ("allocate", "out of memory", "memory"),
+    ("tensor", "out of memory", "memory"),  # torch's "can't allocate memory" was an error of kind "error"
 ])
 def test_a_worker_that_dies_fails_its_run_and_the_next_run_succeeds(setup, mode, reason, kind):
     first = setup.run()

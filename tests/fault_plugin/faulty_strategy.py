@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from iteris_daemon import hookimpl
@@ -17,7 +18,7 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, Strateg
 
 
 class FaultyParams(StrategyParams):
-    mode: Literal["ok", "sigkill", "exit", "allocate", "hog", "slow", "stubborn"] = "ok"
+    mode: Literal["ok", "sigkill", "exit", "allocate", "tensor", "hog", "slow", "stubborn"] = "ok"
     scale: float = Field(1.0, gt=0)
     seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes; how long 'hog' waits once moved")
 
@@ -35,6 +36,8 @@ class Faulty:
             os._exit(7)
         if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
             bytearray(64 << 30)
+        if params.mode == "tensor":  # the same through torch, which raises RuntimeError, not MemoryError
+            torch.empty(64 << 30, dtype=torch.uint8)
         if params.mode == "hog":  # touches memory until something stops it (a cgroup's limit: the OOM killer)
             _wait_to_be_moved()  # into the test's memory cgroup, then long enough for the supervisor to notice
             time.sleep(params.seconds)
