@@ -170,6 +170,7 @@ class CalibrationOptions:
     base_model: str | None = None
     samples: int = 50  # how many samples a generating source should make
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> its settings
+    max_download_bytes: int | None = None  # a downloaded calibration file's limit (the daemon's max_calibration_bytes)
 
 
 @runtime_checkable

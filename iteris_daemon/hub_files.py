@@ -6,7 +6,8 @@ what git stores. For a file kept in Git LFS (weights, under the Hub's default
 pointer's and the content is identified by the LFS sha256 instead. ``huggingface_hub``
 checks a download's size, not its content: the Hub source and the ``hub_dataset``
 calibration source check each download here, and the Hub publisher compares what it
-would upload with what a branch holds.
+would upload with what a branch holds. Both downloaders also stop a download past its
+size limit here (:func:`bounded_progress`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.hf_api import RepoSibling
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,35 @@ def holds(sibling: RepoSibling, digest: FileDigest) -> bool:
     """Whether the listed file is the one ``digest`` describes (False when the listing has no hash)."""
     listed = listed_hash(sibling)
     return listed is not None and digest_value(digest, listed[0]) == listed[1]
+
+
+class TooBig(Exception):
+    """A download past its limit: claimed so (``stopped`` False), or seen to be (True)."""
+
+    def __init__(self, size: int, stopped: bool):
+        super().__init__(size)
+        self.size, self.stopped = size, stopped
+
+
+def bounded_progress(limit: int) -> type[hf_tqdm]:
+    """A progress bar class for ``hf_hub_download`` that ends the download past ``limit``
+    bytes: the client announces the size it was told (``total``) when it creates the
+    bar and reports every chunk it writes (``update``), so neither a listing nor a
+    Content-Length that lies can make it fetch more than ``limit`` plus one chunk."""
+
+    class Bounded(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.received = kwargs.get("initial") or 0  # a resumed download starts with what it has
+            total = kwargs.get("total")
+            if total is not None and total > limit:
+                self.close()
+                raise TooBig(total, stopped=False)
+
+        def update(self, n=1):
+            self.received += n or 0
+            if self.received > limit:
+                raise TooBig(self.received, stopped=True)
+            return super().update(n)
+
+    return Bounded

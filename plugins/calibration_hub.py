@@ -8,6 +8,8 @@ Settings (``CalibrationOptions.settings["hub_dataset"]``): ``repo_id``, ``filena
 downloaded at the commit the listing names, and must be what the listing's hash says
 (:mod:`iteris_daemon.hub_files`; ``huggingface_hub`` checks only sizes): other bytes are
 removed from the cache and the adapter gets an error, so the next run downloads again.
+In the daemon the download stops past ``[daemon.limits] max_calibration_bytes``, as an
+adapter's own ``calibration.jsonl`` would be refused past it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class HubDataset:
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        from iteris_daemon.hub_files import mismatch
+        from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
         from iteris_daemon.sources.hub import unsafe_path
 
         filename = settings.filename.format(name=adapter.name)
@@ -64,13 +66,20 @@ class HubDataset:
         sibling = next((s for s in info.siblings or [] if s.rfilename == filename), None)
         if sibling is None:
             return None
+        limit = options.max_download_bytes
         try:
+            if limit is not None and sibling.size is not None and sibling.size > limit:  # as listed: not downloaded
+                raise TooBig(sibling.size, stopped=False)
             path = Path(hub_retrying(f"calibration {where}")(
                 hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=info.sha,
                 endpoint=settings.endpoint, token=token, cache_dir=settings.cache_dir or cache_dir() / "calibration",
+                tqdm_class=bounded_progress(limit) if limit is not None else None,
             ))
         except EntryNotFoundError:
             return None
+        except TooBig as exc:
+            raise CalibrationError(where, f"is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit of {limit} "
+                                          "([daemon.limits] max_calibration_bytes)") from None
         problem = mismatch(sibling, path)
         if problem:
             path.resolve().unlink()  # the cached blob, then the snapshot's link to it

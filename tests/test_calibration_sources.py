@@ -73,6 +73,28 @@ def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_a
         assert len(hub.requests_matching(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$")) == 2
 
 
+def test_a_hub_dataset_file_past_the_calibration_limit_is_not_downloaded(bert, tmp_path, monkeypatch):
+    """The README says ``[daemon.limits]`` caps calibration files also for Hub downloads;
+    a hub_dataset file was downloaded whole and parsed whatever its size. The daemon gives
+    the source its ``max_calibration_bytes``; a file past it is an error naming it."""
+    base, adapters = bert
+    adapter = load_adapter(adapters[0])
+    content = b"".join(b'{"text": "sample %d"}\n' % i for i in range(20))  # 380 bytes
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", {f"{adapter.name}.jsonl": content}, repo_type="dataset")
+        settings = {"hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint,
+                                    "cache_dir": str(tmp_path / "cache")}}
+        small = CalibrationOptions(order=("hub_dataset",), settings=settings, max_download_bytes=100)
+        with pytest.raises(CalibrationError, match=rf"acme/calib/{adapter.name}\.jsonl: is {len(content)} bytes, "
+                                                   r"above the limit of 100 \(\[daemon.limits\] max_calibration_bytes\)"):
+            gather_calibration([adapter], small, True)
+        assert not hub.requests_matching(r"^GET /datasets/acme/calib/resolve/")
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.stat().st_size]
+        enough = CalibrationOptions(order=("hub_dataset",), settings=settings, max_download_bytes=len(content))
+        assert len(gather_calibration([adapter], enough, True)[0].samples) == 20
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])  # llama: its tokenizer gives token_type_ids
 def test_generated_fallback_is_used_and_marked(tiny, tmp_path, capsys, family):
     base, adapters = tiny[family]

@@ -40,7 +40,6 @@ from collections.abc import Callable, Collection, Iterator
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -49,7 +48,7 @@ from ..catalog.models import AdapterRevision, AdapterStatus, utcnow
 from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
                                 record, set_health)
 from ..errors import AdapterError, ConfigError
-from ..hub_files import mismatch
+from ..hub_files import TooBig, bounded_progress, mismatch
 from ..config import MAX_SECONDS
 from ..paths import LocalPath, ModelLocation
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
@@ -429,10 +428,10 @@ class HubSource:
         try:
             path = self._retrying(f"download {repo_id}/{filename}")(
                 hf_hub_download, repo_id, filename, revision=sha, local_dir=snapshot,
-                endpoint=self.settings.endpoint, token=plain(token), tqdm_class=_bounded_progress(limit),
+                endpoint=self.settings.endpoint, token=plain(token), tqdm_class=bounded_progress(limit),
                 etag_timeout=self.settings.timeout_seconds,
             )
-        except _TooBig as exc:
+        except TooBig as exc:
             for partial in (snapshot / ".cache").rglob(f"{Path(filename).name}*.incomplete"):
                 partial.unlink(missing_ok=True)
             raise AdapterError(where, f"{filename} is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit "
@@ -482,38 +481,6 @@ class SnapshotVanished(Exception):
 
 class _NotForUs(Exception):
     """A listed repo that is not an adapter of this source's base model."""
-
-
-class _TooBig(Exception):
-    """A download past its limit: claimed so (``stopped`` False), or seen to be (True)."""
-
-    def __init__(self, size: int, stopped: bool):
-        super().__init__(size)
-        self.size, self.stopped = size, stopped
-
-
-def _bounded_progress(limit: int) -> type[hf_tqdm]:
-    """A progress bar class for ``hf_hub_download`` that ends the download past ``limit``
-    bytes: the client announces the size it was told (``total``) when it creates the
-    bar and reports every chunk it writes (``update``), so neither a listing nor a
-    Content-Length that lies can make it fetch more than ``limit`` plus one chunk."""
-
-    class Bounded(hf_tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.received = kwargs.get("initial") or 0  # a resumed download starts with what it has
-            total = kwargs.get("total")
-            if total is not None and total > limit:
-                self.close()
-                raise _TooBig(total, stopped=False)
-
-        def update(self, n=1):
-            self.received += n or 0
-            if self.received > limit:
-                raise _TooBig(self.received, stopped=True)
-            return super().update(n)
-
-    return Bounded
 
 
 def _describe(exc: BaseException, what: str) -> str:
