@@ -422,11 +422,13 @@ def _answer(answer: dict[str, Any] | None) -> CalibrationAnswer:
 
 
 def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
-                  sources: dict[str, Any]) -> list[CalibrationAnswer]:
+                  sources: dict[str, Any], should_stop: Callable[[], bool] = lambda: False) -> list[CalibrationAnswer]:
     """Each adapter's calibration: the first answer of the sources in ``options.order``,
     as :func:`~iteris_daemon.calibration.first_calibration` gives it, or the error that
     holds the adapter back. Each source is asked about every adapter still unanswered
-    in turn, so a source in a worker is asked about all of them in one worker."""
+    in turn, so a source in a worker is asked about all of them in one worker. A stop
+    request ends it before the next adapter (reading dozens of large files took as
+    long as systemd waits for a stop)."""
     answers: list[CalibrationAnswer] = [None] * len(adapters)
     for name in options.order:
         pending = [i for i, answer in enumerate(answers) if answer is None]
@@ -441,10 +443,19 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
             except IterisError as exc:  # the worker died: every adapter it was asked about waits for the next run
                 found = [exc] * len(pending)
         else:
-            found = [_ask(name, source, adapters[i], options) for i in pending]
+            found = []
+            for i in pending:
+                _check_stop(should_stop)
+                found.append(_ask(name, source, adapters[i], options))
         for i, answer in zip(pending, found):
             answers[i] = answer
     return answers
+
+
+def _check_stop(should_stop: Callable[[], bool]) -> None:
+    """Raise :class:`MergeCancelled` when a stop was requested."""
+    if should_stop():
+        raise MergeCancelled("stopped while gathering the inputs")
 
 
 def _ask(name: str, source, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationAnswer:
@@ -458,7 +469,8 @@ def _ask(name: str, source, adapter: AdapterLayout, options: CalibrationOptions)
 
 def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
                   into: Path, limits: Limits = Limits(),
-                  in_worker: Callable[[dict[str, Any], str], Any] | None = None) -> Inputs:
+                  in_worker: Callable[[dict[str, Any], str], Any] | None = None,
+                  should_stop: Callable[[], bool] = lambda: False) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration; an adapter that
     cannot be read as registered, or has no calibration data, is held back, not fatal (one
     of a folder source that changed since registration makes the run wait, see ``changing``).
@@ -475,6 +487,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     inputs = Inputs(selection=selection_key(group))
     snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout, str]] = []
     for index, (adapter, revision) in enumerate(select_inputs(catalog, group)):
+        _check_stop(should_stop)
         try:
             snapshots.append((adapter, revision, *snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
@@ -482,7 +495,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             if adapter.source.kind is SourceKind.local and not isinstance(exc, RefusedInput):
                 inputs.changing.append(adapter.name)
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
-    answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources)
+    answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources, should_stop)
     for (adapter, revision, loaded, content), data in zip(snapshots, answers):
         def original(text: str) -> str:  # the snapshot's path named as the adapter's own (the snapshot goes)
             return text.replace(str(loaded.path), revision.files_path)
@@ -628,7 +641,8 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             raise
 
     try:
-        inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker)
+        inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker,
+                               should_stop)
     except MergeCancelled as exc:
         log.warning("group %s: cancelled while gathering inputs", group.name)
         return RunOutcome(RunStatus.cancelled, None, str(exc))

@@ -216,6 +216,23 @@ def test_a_groups_dtypes_and_offload_reach_its_merge_and_a_change_of_dtype_merge
     assert setup.run(setup.group(offload="cpu", dtype="bfloat16", output_dtype="float16")).status is RunStatus.skipped
 
 
+def test_a_stop_while_gathering_inputs_ends_the_run_before_the_next_adapter(setup):
+    """A stop (SIGTERM) waited for every adapter's calibration file to be read, then started
+    a merge worker only to cancel it; with dozens of large files longer than systemd waits.
+    Now the gather ends at the next adapter, with nothing recorded or started."""
+    asked: list[int] = []
+
+    def should_stop() -> bool:  # the stop arrives after the first adapter's calibration was read
+        asked.append(1)
+        return len(asked) > 3  # two snapshots, one calibration
+
+    outcome = run_group(setup.catalog, setup.group(names=("task0", "task1")), setup.work, "tester",
+                        should_stop=should_stop)
+    assert (outcome.status, outcome.run_id, outcome.detail) == (RunStatus.cancelled, None,
+                                                                "stopped while gathering the inputs")
+    assert len(asked) == 4 and setup.current() is None
+
+
 def test_merge_now_force_is_read_once_from_the_catalog(setup):
     group = setup.group(params={"scale": 1.0})
     assert setup.run(group).status is RunStatus.succeeded
