@@ -429,10 +429,11 @@ class _Alignment:
                 self.unused.add(p)
                 new[p] = torch.cat([t.module.scaling * t.module.A for t in self.layers[p] if t.module is not None]).float()
             else:
+                self._check_finite(p, M[p], rhs[p])
                 new[p] = solve_spd(M[p], torch.cat(rhs[p], 0), self.dtype,
                                    definite=options.a2 > 0 or options.offdiag_scale < 1).float().cpu()
             if not torch.isfinite(new[p]).all():
-                raise MergeError("the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
+                raise MergeError(f"{p}: the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
             if previous is not None:
                 self._track_change(p, previous[p], new[p])
         self.timing["solve_s"] += time.perf_counter() - started
@@ -468,6 +469,16 @@ class _Alignment:
             return math.inf
         num, den = self.change
         return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+    def _check_finite(self, path: str, M: torch.Tensor, rhs: list[torch.Tensor]) -> None:
+        """A system built from non-finite hidden states says so, naming the compute dtype:
+        float16 overflows where bfloat16 and float32 do not, and no ridge helps then."""
+        if torch.isfinite(M).all() and all(torch.isfinite(r).all() for r in rhs):
+            return
+        compute = str(self.base.dtype).removeprefix("torch.")
+        hint = ("float16 overflowed: merge with --dtype bfloat16 or float32 (a group's dtype)"
+                if self.base.dtype == torch.float16 else "check the calibration data")
+        raise MergeError(f"{path}: its inputs in the {compute} forward pass are not finite (NaN/Inf); {hint}")
 
     def _track_change(self, p: str, old: torch.Tensor, new: torch.Tensor) -> None:
         BtB = self.B_cat[p].double().T @ self.B_cat[p].double()

@@ -283,6 +283,27 @@ def test_the_default_output_dtype_does_not_depend_on_the_adapters_order(tiny, tm
     assert _merge(base_dir, [half], tmp_path / "alone")["output_dtype"] == "bfloat16"
 
 
+def test_float16_overflow_names_the_layer_and_the_dtype(tiny, tmp_path):
+    """Activations past float16's range ended in "the solve produced NaN/Inf; raise a1/a2",
+    which no ridge fixes: the forward pass had overflowed. Now the message names the layer
+    and the dtype to merge in; bfloat16 merges the same checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from iteris_daemon.errors import MergeError
+
+    base_dir, adapter_dirs = tiny["llama"]
+    loud = tmp_path / "loud"
+    shutil.copytree(base_dir, loud)
+    weights = loud / "model.safetensors"
+    tensors = load_file(weights)
+    norm = "model.layers.0.post_attention_layernorm.weight"
+    save_file({**tensors, norm: tensors[norm] * 1e4}, weights, metadata={"format": "pt"})
+    with pytest.raises(MergeError, match=r"^model\.layers\.\S+: its inputs in the float16 forward pass are not finite "
+                                         r"\(NaN/Inf\); float16 overflowed: merge with --dtype bfloat16 or float32"):
+        _merge(loud, adapter_dirs, tmp_path / "half", dtype="float16")
+    assert _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
+
+
 def test_checkpoint_names_the_model_renames_load_whole(tmp_path, caplog):
     """GPT-NeoX stores its LM head as embed_out; transformers renames it to lm_head on a
     normal load, and the class declares it tiable while the config leaves it untied.
