@@ -179,8 +179,6 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     ``block_paths(model)`` names the block stacks; parameters under them stay on the
     meta device until :class:`Streamed` loads them block by block.
     """
-    from accelerate import init_empty_weights
-
     folder = local_folder(name_or_path)
     if folder is None:
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
@@ -188,8 +186,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # of +23% of the added weights in benchmarks.scale): block weights read and dropped
     # block after block would otherwise fragment the heap, and the peak grow with depth.
     malloc.keep_large_blocks_in_mmap()
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    model = _skeleton(cls, config, dtype)
     checkpoint = Checkpoint(folder, model)
     stacks = tuple(f"{p}." for p in block_paths(model))
     if not stacks:
@@ -210,3 +207,21 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
             module._buffers[leaf] = buffer.to(device)
     model.eval()
     return model, Streamed(checkpoint, device, dtype)
+
+
+def _skeleton(cls, config, dtype: torch.dtype) -> nn.Module:
+    """The model's modules with meta parameters, and buffers as ``from_pretrained`` leaves
+    them when it loads in ``dtype``: created in ``dtype``, then computed again by the
+    model's own initialisation (in the process's default dtype) into them. Built in the
+    checkpoint's dtype instead, Gemma's ``embed_scale`` stayed bfloat16 and GPT-J's
+    rotary table was computed in bfloat16, so merges differed between placements."""
+    from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
+
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+        model = build(config, dtype=dtype)
+    for param in model.parameters():
+        param._is_hf_initialized = True  # every weight comes from the checkpoint: only buffers are computed
+    model.initialize_weights()
+    return model
