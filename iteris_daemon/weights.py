@@ -82,14 +82,15 @@ class Checkpoint:
     def __init__(self, folder: Path, model: nn.Module):
         self.folder = folder
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self.files = {key: folder / name for key, name in weight_map.items()}
-        elif (folder / "model.safetensors").is_file():
+        # transformers reads model.safetensors where both it and an index are present
+        if (folder / "model.safetensors").is_file():
             from safetensors import safe_open
 
             with safe_open(folder / "model.safetensors", framework="pt") as handle:
                 self.files = {key: folder / "model.safetensors" for key in handle.keys()}
+        elif index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {key: folder / name for key, name in weight_map.items()}
         else:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
         prefix = getattr(model, "base_model_prefix", "") or ""

@@ -272,6 +272,48 @@ def test_streamed_merge_of_a_bfloat16_checkpoint_equals_the_whole_models(tmp_pat
         assert _relative(B @ A, merges["none"][path][0] @ merges["none"][path][1]) < 1e-6, path
 
 
+def _copy_checkpoint(base_dir, folder, tensors: dict[str, dict[str, torch.Tensor]]):
+    """``base_dir``'s config and tokenizer with ``tensors`` (file name -> tensors) as its
+    weights; an index maps them when there are several files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(base_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    for name, part in tensors.items():
+        save_file(part, folder / name, metadata={"format": "pt"})
+    if len(tensors) > 1:
+        weight_map = {key: name for name, part in tensors.items() for key in part}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def _sharded(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {"outside.safetensors": {k: v for k, v in tensors.items() if ".layers." not in k},
+            "blocks.safetensors": {k: v for k, v in tensors.items() if ".layers." in k}}
+
+
+def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tiny, tmp_path):
+    """With both model.safetensors and an index (and its shards), transformers reads the
+    single file; streamed blocks were read through the index (found in QA)."""
+    from safetensors.torch import load_file
+
+    base_dir, _ = tiny["llama"]
+    tensors = load_file(base_dir / "model.safetensors")
+    other = {k: v + 1 if ".layers." in k else v for k, v in tensors.items()}
+    folder = _copy_checkpoint(base_dir, tmp_path / "both", _sharded(other))
+    _copy_checkpoint(base_dir, tmp_path / "single", {"model.safetensors": tensors})
+    (tmp_path / "single" / "model.safetensors").replace(folder / "model.safetensors")
+    weights = {}
+    for offload in ("disk", "none"):
+        base = BaseModel(str(folder), [], offload=offload)
+        block = base.model.get_submodule("layers.0")  # a LlamaModel, read from a LlamaForCausalLM checkpoint
+        base.placement.load(block, "layers.0")
+        weights[offload] = block.self_attn.q_proj.weight
+    assert torch.equal(weights["disk"], weights["none"])
+    assert torch.equal(weights["disk"], tensors["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_streamed_blocks_take_no_memory_between_uses(tiny):
     _, _, adapters, _, base = _inputs(tiny, "llama")
     blocks = base.model.get_submodule("model.layers")
