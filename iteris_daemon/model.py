@@ -299,14 +299,19 @@ class BaseModel:
                 return self._stack_paths
 
             try:
-                return load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks)
+                return load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks,
+                                     ignore_mismatched="num_labels" in kwargs)
             except WeightsUnavailable as exc:
                 level = logging.WARNING if offload == "disk" else logging.INFO
                 log.log(level, "loading %s whole: cannot stream its blocks (%s)", self.name_or_path, exc)
         # With num_labels from an adapter's head: a checkpoint whose own head has another label
         # count loads too (that head is replaced by the adapters' modules_to_save).
-        model = cls.from_pretrained(self.name_or_path, dtype=self.dtype, ignore_mismatched_sizes="num_labels" in kwargs,
-                                    **kwargs)
+        try:
+            model = cls.from_pretrained(self.name_or_path, dtype=self.dtype,
+                                        ignore_mismatched_sizes="num_labels" in kwargs, **kwargs)
+        except RuntimeError as exc:  # transformers refuses a tensor its config does not fit (its load report names it)
+            raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
+                                 f"({str(exc).splitlines()[0]})") from None
         if offload in ("auto", "cpu") and self.device.type != "cpu":
             plan = block_plan(model, paths, self.head_keys)
             if plan.supported:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import malloc
+from .errors import BaseModelError
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,15 @@ def _replace_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class Checkpoint:
-    """Tensor names of a local safetensors checkpoint, mapped onto a model's parameter names."""
+    """Tensor names of a local safetensors checkpoint, mapped onto a model's parameter names.
 
-    def __init__(self, folder: Path, model: nn.Module):
+    Every tensor the model will read is checked against its file's header here (the file is
+    there, holds the tensor, in the parameter's shape and kind of dtype), so a broken
+    checkpoint is one clear error before the merge starts, not a traceback or a silently
+    broadcast weight when its block is reached.
+    """
+
+    def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False):
         self.folder = folder
         index = folder / "model.safetensors.index.json"
         # transformers reads model.safetensors where both it and an index are present
@@ -106,6 +113,7 @@ class Checkpoint:
         missing = [n for n in missing if n not in tied]
         if missing:
             raise WeightsUnavailable(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing)")
+        _check_headers(self.files, self.keys, model, ignore_mismatched)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -160,6 +168,49 @@ def _tied_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _check_headers(files: dict[str, Path], keys: dict[str, str], model: nn.Module,
+                   ignore_mismatched: bool) -> None:
+    """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
+    give a parameter: its file is missing, lacks the tensor, or holds it in another shape
+    or kind of dtype (an integer tensor for a float weight). A shape that differs where
+    transformers is told to ignore sizes (a classifier head resized to the adapters' labels)
+    is left to transformers: the model loads whole."""
+    from safetensors import SafetensorError, safe_open
+
+    parameters = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name, key in keys.items():
+        by_file.setdefault(files[key], []).append(name)
+    for file in dict.fromkeys(files.values()):
+        if not file.is_file():
+            raise BaseModelError(f"base model checkpoint file {file} is missing (its index names it)")
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as handle:
+                stored = set(handle.keys())
+                for name in names:
+                    key, param = keys[name], parameters[name]
+                    if key not in stored:
+                        raise BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
+                    header = handle.get_slice(key)
+                    shape, dtype = header.get_shape(), header.get_dtype()
+                    if _floating(dtype) != param.is_floating_point():
+                        raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
+                                             f"the model has a {param.dtype} parameter")
+                    if shape != list(param.shape):
+                        mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
+                        if ignore_mismatched:
+                            raise WeightsUnavailable(mismatch)
+                        raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
+        except SafetensorError as exc:
+            raise BaseModelError(f"base model checkpoint file {file} cannot be read: {exc}".splitlines()[0]) from None
+
+
+def _floating(dtype: str) -> bool:
+    """Whether a safetensors header dtype (``F32``, ``BF16``, ``F8_E4M3``, ``I64`` ...) is a float."""
+    return dtype.startswith(("F", "BF"))
+
+
 def local_folder(name_or_path: str) -> Path | None:
     """The folder holding the checkpoint: a local path as is, a Hub id from the local cache."""
     path = Path(name_or_path)
@@ -174,11 +225,12 @@ def local_folder(name_or_path: str) -> Path | None:
 
 
 def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: torch.device,
-                  block_paths) -> tuple[nn.Module, Streamed]:
+                  block_paths, ignore_mismatched: bool = False) -> tuple[nn.Module, Streamed]:
     """The model with real weights outside its blocks and empty (meta) blocks.
 
     ``block_paths(model)`` names the block stacks; parameters under them stay on the
-    meta device until :class:`Streamed` loads them block by block.
+    meta device until :class:`Streamed` loads them block by block. ``ignore_mismatched``:
+    what ``from_pretrained`` is told (see :func:`_check_headers`).
     """
     folder = local_folder(name_or_path)
     if folder is None:
@@ -188,7 +240,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # block after block would otherwise fragment the heap, and the peak grow with depth.
     malloc.keep_large_blocks_in_mmap()
     model = _skeleton(cls, config, dtype)
-    checkpoint = Checkpoint(folder, model)
+    checkpoint = Checkpoint(folder, model, ignore_mismatched)
     stacks = tuple(f"{p}." for p in block_paths(model))
     if not stacks:
         raise WeightsUnavailable("no block stacks to stream")

@@ -293,6 +293,48 @@ def _sharded(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
             "blocks.safetensors": {k: v for k, v in tensors.items() if ".layers." in k}}
 
 
+NORM, UP = "model.layers.1.input_layernorm.weight", "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("case, file, detail", [
+    ("broadcasting shape", "model.safetensors", f": tensor {NORM} has shape [1] where the model's config gives [32]"),
+    ("wrong shape", "model.safetensors", f": tensor {UP} has shape [64, 16] where the model's config gives [64, 32]"),
+    ("integer dtype", "model.safetensors", f": tensor {NORM} is I64 where the model has a torch.float32 parameter"),
+    ("missing shard", "blocks.safetensors", " is missing (its index names it)"),
+    ("tensor not in its shard", "blocks.safetensors", f" has no tensor {UP} (its index names it)"),
+])
+def test_a_broken_checkpoint_is_refused_before_streaming(tiny, tmp_path, case, file, detail):
+    """The tensors are checked against their files' headers when the model loads: a norm
+    weight of shape [1] merged silently (it broadcasts), the others failed mid-merge with a
+    traceback (found in QA). Offload none refuses a wrong shape in one line too."""
+    from safetensors.torch import load_file, save_file
+
+    from iteris_daemon.errors import BaseModelError
+
+    base_dir, _ = tiny["llama"]
+    tensors = load_file(base_dir / "model.safetensors")
+    files = {"model.safetensors": tensors}
+    if case == "broadcasting shape":
+        tensors[NORM] = torch.tensor([2.0])
+    elif case == "wrong shape":
+        tensors[UP] = tensors[UP][:, :16].contiguous()
+    elif case == "integer dtype":
+        tensors[NORM] = tensors[NORM].long()
+    else:
+        files = _sharded(tensors)
+    folder = _copy_checkpoint(base_dir, tmp_path / "broken", files)
+    if case == "missing shard":
+        (folder / file).unlink()
+    elif case == "tensor not in its shard":
+        save_file({k: v for k, v in files[file].items() if k != UP}, folder / file)
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(folder), [], offload="disk")
+    assert str(refused.value) == f"base model checkpoint file {folder / file}{detail}"
+    if "shape" in case:
+        with pytest.raises(BaseModelError, match="its checkpoint does not fit its config"):
+            BaseModel(str(folder), [], offload="none")
+
+
 def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tiny, tmp_path):
     """With both model.safetensors and an index (and its shards), transformers reads the
     single file; streamed blocks were read through the index (found in QA)."""
