@@ -103,16 +103,16 @@ class Checkpoint:
         prefix = getattr(model, "base_model_prefix", "") or ""
         self.keys: dict[str, str] = {}
         missing = []
+        # Tied parameters are listed once, under the name that is loaded (tie_weights()
+        # restores the others after loading): the skeleton must be tied already.
         for name, _param in model.named_parameters():
             key = _checkpoint_key(name, prefix, self.files)
             if key is None:
                 missing.append(name)
             else:
                 self.keys[name] = key
-        tied = _tied_names(model)
-        missing = [n for n in missing if n not in tied]
         if missing:
-            raise WeightsUnavailable(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing)")
+            raise WeightsUnavailable(f"the checkpoint has no tensor named {missing[0]} ({len(missing)} such)")
         _check_headers(self.files, self.keys, model, ignore_mismatched)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
@@ -156,16 +156,6 @@ def _checkpoint_key(name: str, prefix: str, files: dict[str, Path]) -> str | Non
     if prefix:
         candidates += [f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(f"{prefix}.") else None]
     return next((c for c in candidates if c and c in files), None)
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Parameters the model ties to another (T5's embed_tokens to shared, a tied LM head):
-    checkpoints do not store them, ``tie_weights()`` restores them after loading."""
-    names = set()
-    for prefix, module in model.named_modules():
-        keys = getattr(module, "_tied_weights_keys", None) or ()
-        names.update(f"{prefix}.{key}" if prefix else key for key in keys)
-    return names
 
 
 def _check_headers(files: dict[str, Path], keys: dict[str, str], model: nn.Module,
@@ -235,24 +225,19 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     folder = local_folder(name_or_path)
     if folder is None:
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
-    # Before anything is loaded (set after the skeleton, it did not help: +74% instead
-    # of +23% of the added weights in benchmarks.scale): block weights read and dropped
-    # block after block would otherwise fragment the heap, and the peak grow with depth.
-    malloc.keep_large_blocks_in_mmap()
     model = _skeleton(cls, config, dtype)
     checkpoint = Checkpoint(folder, model, ignore_mismatched)
     stacks = tuple(f"{p}." for p in block_paths(model))
     if not stacks:
         raise WeightsUnavailable("no block stacks to stream")
+    # After the checks that send the model to a whole load (which keeps glibc's
+    # defaults), before any weight is read: block weights read and dropped block after
+    # block would otherwise fragment the heap, and the peak grow with depth (+75% of the
+    # added weights in benchmarks.scale with glibc's defaults, +23% with this).
+    malloc.keep_large_blocks_in_mmap()
     outside = [n for n, _ in model.named_parameters() if not n.startswith(stacks)]
     checkpoint.load_into(model, "", device, dtype, names=outside)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    # A head the class declares tiable but the config leaves untied (GPT-NeoX's lm_head,
-    # stored as embed_out and renamed by transformers on a normal load) is still empty.
-    empty = [n for n, param in model.named_parameters() if param.device.type == "meta" and not n.startswith(stacks)]
-    if empty:
-        raise WeightsUnavailable(f"the checkpoint has no tensor named {empty[0]} ({len(empty)} such)")
+    model.tie_weights()
     for name, buffer in model.named_buffers():
         if buffer.device.type != "meta":
             owner, _, leaf = name.rpartition(".")
@@ -263,10 +248,10 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
 
 
 def _skeleton(cls, config, dtype: torch.dtype) -> nn.Module:
-    """The model's modules with meta parameters, and buffers as ``from_pretrained`` leaves
-    them when it loads in ``dtype``: created in ``dtype``, then computed again by the
-    model's own initialisation (in the process's default dtype) into them. Built in the
-    checkpoint's dtype instead, Gemma's ``embed_scale`` stayed bfloat16 and GPT-J's
+    """The model's modules with meta parameters, tied, and buffers as ``from_pretrained``
+    leaves them when it loads in ``dtype``: created in ``dtype``, then computed again by
+    the model's own initialisation (in the process's default dtype) into them. Built in
+    the checkpoint's dtype instead, Gemma's ``embed_scale`` stayed bfloat16 and GPT-J's
     rotary table was computed in bfloat16, so merges differed between placements."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
@@ -277,4 +262,5 @@ def _skeleton(cls, config, dtype: torch.dtype) -> nn.Module:
     for param in model.parameters():
         param._is_hf_initialized = True  # every weight comes from the checkpoint: only buffers are computed
     model.initialize_weights()
+    model.tie_weights()
     return model

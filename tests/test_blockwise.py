@@ -356,6 +356,20 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tiny, tm
     assert torch.equal(weights["disk"], tensors["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_only_streamed_loads_fix_the_mmap_threshold(tiny, monkeypatch):
+    """A model that cannot stream loads whole and keeps glibc's defaults (fast forward passes
+    on the CPU); the threshold was fixed before the checks that send it there."""
+    import iteris_daemon.architecture as architecture
+    from iteris_daemon import malloc
+
+    calls = []
+    monkeypatch.setattr(malloc, "keep_large_blocks_in_mmap", lambda: calls.append("fixed"))
+    base_dir, _ = tiny["llama"]
+    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "disk" and calls == ["fixed"]
+    monkeypatch.setattr(architecture, "block_plan", lambda *a, **k: BlockPlan(reason="no blocks in this test"))
+    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "resident" and calls == ["fixed"]
+
+
 def test_streamed_blocks_take_no_memory_between_uses(tiny):
     _, _, adapters, _, base = _inputs(tiny, "llama")
     blocks = base.model.get_submodule("model.layers")
