@@ -902,76 +902,49 @@ def test_a_reload_the_catalog_fails_keeps_the_running_sources(tmp_path, monkeypa
 
 
 @pytest.mark.timeout(120)
-def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog):
-    """A source added with ``sources add`` on a group's destination folder (the config refuses
-    that for its own sources, but never saw this one) registered each published merge as an
-    adapter and merged it again, rank doubling, without end. Now the daemon does not start
-    that source, with an ERROR saying why; the config's own sources run."""
-    import iteris_daemon.daemon as daemon_module
-
-    watched, published = tmp_path / "watched", tmp_path / "published"
-    watched.mkdir()
-    published.mkdir()
-    db = f"sqlite:///{tmp_path / 'catalog.db'}"
-    assert main(["sources", "add", "sneaky", "--folder", str(published), "--db", db]) == 0
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
-                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
-                      f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n'
-                      f'[[groups]]\nname = "g"\nbase_model = "b"\n'
-                      f'[[groups.destinations]]\nkind = "folder"\npath = {json.dumps(str(published / "unified"))}\n')
-    daemon = daemon_module.Daemon(config)
-    seen: dict[str, object] = {}
-
-    def probe() -> None:
-        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
-                 "the daemon watching its folder")
-        seen["local"], seen["jobs"] = set(daemon._local), {job.id for job in daemon.scheduler.get_jobs()}
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    assert _run_here(daemon, probe) == 0
-    assert seen["local"] == {"team"} and "rescan:sneaky" not in seen["jobs"]
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == [f"source sneaky not started: its folder {published} overlaps the destination "
-                      f"{published / 'unified'} of group 'g'; the daemon would register its own merges as adapters "
-                      "(`iteris-daemon sources remove sneaky`, or watch elsewhere)"], errors
-
-
-@pytest.mark.timeout(120)
-def test_a_catalog_hub_source_polling_a_hub_destination_is_not_started(tmp_path, caplog, monkeypatch):
-    """The same for the Hub: ``sources add --hub-author acme`` beside a group that publishes
-    to acme/unified would register each published merge as an adapter. (The daemon also
-    gives its Hub requests the configured timeout.)"""
+@pytest.mark.parametrize("kind", ["folder", "hub"])
+def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog, monkeypatch, kind):
+    """A source added with ``sources add`` on a group's destination folder, or polling the
+    Hub branch a group publishes to (the config refuses both for its own sources, but never
+    saw this one) registered each published merge as an adapter and merged it again, rank
+    doubling, without end. Now the daemon does not start that source, with an ERROR saying
+    why; the config's own sources run. (The daemon also gives its Hub requests the
+    configured timeout.)"""
     import iteris_daemon.daemon as daemon_module
 
     bounds: list[float] = []
     monkeypatch.setattr(daemon_module, "bound_requests", bounds.append)
-
-    watched = tmp_path / "watched"
+    watched, published = tmp_path / "watched", tmp_path / "published"
     watched.mkdir()
+    published.mkdir()
     db = f"sqlite:///{tmp_path / 'catalog.db'}"
-    assert main(["sources", "add", "sneaky", "--hub-author", "acme", "--db", db]) == 0
+    sneaky, destination, job, why = {
+        "folder": (["--folder", str(published)], f"kind = \"folder\"\npath = {json.dumps(str(published / 'unified'))}\n",
+                   "rescan:sneaky", f"its folder {published} overlaps the destination {published / 'unified'} of group 'g'"),
+        "hub": (["--hub-author", "acme"], 'kind = "hub"\nrepo_id = "acme/unified"\n', "poll:sneaky",
+                "it polls acme/unified@main, where group 'g' publishes"),
+    }[kind]
+    assert main(["sources", "add", "sneaky", *sneaky, "--db", db]) == 0
     config = tmp_path / "daemon.toml"
     config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
                       f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\nhub_timeout_seconds = 7\n"
                       f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n'
-                      f'[[groups]]\nname = "g"\nbase_model = "b"\n'
-                      f'[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n')
+                      f'[[groups]]\nname = "g"\nbase_model = "b"\n[[groups.destinations]]\n{destination}')
     daemon = daemon_module.Daemon(config)
     seen: dict[str, object] = {}
 
     def probe() -> None:
         wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
                  "the daemon watching its folder")
-        seen["hub"], seen["jobs"] = set(daemon._hub), {job.id for job in daemon.scheduler.get_jobs()}
+        seen["sources"] = {*daemon._local, *daemon._hub}
+        seen["jobs"] = {job.id for job in daemon.scheduler.get_jobs()}
         os.kill(os.getpid(), signal.SIGTERM)
 
     assert _run_here(daemon, probe) == 0
-    assert seen["hub"] == set() and "poll:sneaky" not in seen["jobs"] and bounds == [7.0]
+    assert seen["sources"] == {"team"} and job not in seen["jobs"] and bounds == [7.0]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["source sneaky not started: it polls acme/unified@main, where group 'g' publishes; the daemon "
-                      "would register its own merges as adapters (`iteris-daemon sources remove sneaky`, or watch "
-                      "elsewhere)"], errors
+    assert errors == [f"source sneaky not started: {why}; the daemon would register its own merges as adapters "
+                      "(`iteris-daemon sources remove sneaky`, or watch elsewhere)"], errors
 
 
 def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):
