@@ -10,7 +10,7 @@ exists (a test that kills the daemon there never creates it). Other occurrences 
 The points (nothing in the daemon changes; these wrap functions it calls):
 
 - ``merge:step``: the daemon asks whether to stop a running merge (every 0.2 s while its
-  worker runs): mid-merge.
+  merge worker runs; the asks while the run gathers its inputs are not counted): mid-merge.
 - ``publish:copied-one``: the folder publisher copied its first file into
   ``versions/.staging-*`` (a partial copy, ``current`` untouched).
 - ``publish:renamed``: the complete copy is renamed to ``versions/run-N-*``; ``current``
@@ -108,6 +108,17 @@ def install() -> None:
     publish_folder.shutil = _Proxy(shutil, copyfile=copyfile)
     publish_folder.os = _Proxy(os, rename=rename, replace=replace)
 
+    merging = threading.local()  # the run's thread is in its merge worker (not gathering inputs)
+    original_merge_in_worker = runner.merge_in_worker
+
+    def merge_in_worker(*args, **kwargs):
+        merging.now = True
+        try:
+            return original_merge_in_worker(*args, **kwargs)
+        finally:
+            merging.now = False
+
+    runner.merge_in_worker = merge_in_worker
     original_run_group = daemon.run_group
 
     def run_group(*args, should_stop=lambda: False, **kwargs):
@@ -115,8 +126,9 @@ def install() -> None:
 
         def stop() -> bool:
             nonlocal steps
-            steps += 1
-            reached("merge:step")
+            if getattr(merging, "now", False):  # also asked while inputs are gathered: not a merge step
+                steps += 1
+                reached("merge:step")
             return should_stop()
 
         outcome = original_run_group(*args, should_stop=stop, **kwargs)

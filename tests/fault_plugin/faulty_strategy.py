@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from iteris_daemon import hookimpl
@@ -37,6 +36,8 @@ class Faulty:
         if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
             bytearray(64 << 30)
         if params.mode == "tensor":  # the same through torch, which raises RuntimeError, not MemoryError
+            import torch  # here: the daemon loads this plugin too, and stays torch-free
+
             torch.empty(64 << 30, dtype=torch.uint8)
         if params.mode == "hog":  # touches memory until something stops it (a cgroup's limit: the OOM killer)
             _wait_to_be_moved()  # into the test's memory cgroup, then long enough for the supervisor to notice
