@@ -234,6 +234,38 @@ def test_changed_weights_make_a_new_revision_and_a_deleted_folder_is_removed(set
     assert adapter.revisions[1].content_sha256 != adapter.revisions[0].content_sha256
 
 
+def test_an_adapter_whose_weights_are_deleted_is_removed_until_they_are_back(setup):
+    """Its weights deleted, its config left: once the folder settles the adapter is
+    ``removed`` (its groups merge without it), and weights put back register it again; a
+    restart's scan finds the same. Before the fix the folder was taken for one whose
+    weights were still to come: the adapter stayed registered, and every run of its
+    groups was skipped waiting for it to be registered again, for ever (found by QA)."""
+    catalog, watched, base, (lora, _) = setup
+    shutil.copytree(lora, watched / "task")
+    weights, locator = watched / "task" / "adapter_model.safetensors", str(watched / "task")
+    source = _source(catalog, watched, base)
+    reports = []
+    source.on_change = reports.append
+    source.start()
+    try:
+        wait_for(lambda: "task" in _adapters(catalog), "registration")
+        weights.unlink()
+        wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.removed, "removal")
+        assert reports[-1].removed == [locator]
+        rescan = source.scan()
+        assert rescan.waiting == [locator] and not rescan.changed  # still without weights: nothing new
+        shutil.copy(lora / "adapter_model.safetensors", weights)
+        wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.registered, "registration again")
+        assert reports[-1].registered == [locator]
+    finally:
+        source.stop()
+    assert len(_adapters(catalog)["task"].revisions) == 1  # the same content: the same revision
+
+    weights.unlink()  # while the daemon is stopped
+    assert LocalFolderSource(catalog, "team").scan().removed == [locator]
+    assert _adapters(catalog)["task"].status is AdapterStatus.removed
+
+
 def test_changes_while_stopped_are_found_at_start(setup):
     catalog, watched, base, (first, second) = setup
     shutil.copytree(first, watched / "old")

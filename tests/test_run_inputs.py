@@ -108,6 +108,27 @@ def test_a_run_waits_for_inputs_changed_or_gone_since_registration(setup):
     assert not list(setup.work.glob(f"{runner.INPUTS_PREFIX}*"))  # every run's snapshot is cleaned up
 
 
+def test_a_group_merges_without_an_adapter_whose_weights_went_and_with_it_once_they_are_back(setup):
+    """Weights deleted, the config left: once the source has seen it the group merges the
+    rest, and once they are back it merges them again. Before the fix the source left the
+    adapter registered, so every run (one for a new adapter too) was skipped, waiting
+    for it to be registered again, for ever (found by QA)."""
+    watched = setup.published.parent / "watched"
+    # Not compared with the merge of one task it replaces, which fits that task better.
+    group = setup.group(names=("task0", "task1"), gates={"max_regression": None})
+    assert setup.run(group).status is RunStatus.succeeded and set(_published(setup)) == {"task0", "task1"}
+    weights = watched / "task1" / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    weights.unlink()
+    assert LocalFolderSource(setup.catalog, "team").scan().removed == [str(watched / "task1")]
+    outcome = setup.run(group)
+    assert outcome.status is RunStatus.succeeded and set(_published(setup)) == {"task0"}
+    weights.write_bytes(saved)
+    assert LocalFolderSource(setup.catalog, "team").scan().registered == [str(watched / "task1")]
+    outcome = setup.run(group)
+    assert outcome.status is RunStatus.succeeded and set(_published(setup)) == {"task0", "task1"}
+
+
 def test_the_run_fingerprint_follows_content_not_hub_commits(made, tmp_path, monkeypatch):  # noqa: F811
     """A Hub commit that only edits the README is a new revision of the same adapter: the
     run's input fingerprint is unchanged, so the group is not merged again (a 70B merge

@@ -4,7 +4,8 @@ An adapter folder is any non-hidden folder under a watched root holding an
 ``adapter_config.json`` or weights. Writers are not atomic (config first, weights
 later, slow copies), so an event only marks a folder *dirty*; it is examined once
 no event has touched it for ``settle_seconds`` and two looks at its files (names,
-sizes, mtimes) agree. Folders whose name starts with "." are ignored, so a writer
+sizes, mtimes) agree. A settled folder without weights waits for them, unless it held
+an adapter: that one is ``removed`` until weights are back. Folders whose name starts with "." are ignored, so a writer
 can stage an adapter in ``.tmp-x/`` and rename it into place.
 
 A watched root that is deleted, or not there at start (a typo, a mount not yet up:
@@ -109,6 +110,12 @@ def _under(locator: str, prefix: str) -> bool:
 def _holds_adapter(folder: Path) -> bool:
     """Whether ``folder`` has any adapter file (config or weights) in it now."""
     return any((folder / name).exists() for name in ADAPTER_FILES)
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether ``folder`` has weights (safetensors, or pickled ones to reject) in it now:
+    without them it holds no adapter, only perhaps a config whose weights are to come."""
+    return any((folder / name).exists() for name in (WEIGHTS_NAME, *PICKLED_NAMES))
 
 
 def _first_symlink(root: Path, folder: Path) -> Path | None:
@@ -264,16 +271,20 @@ class LocalFolderSource:
         return self._worker is not None and self._worker.is_alive()
 
     def _recently_written(self, folder: Path) -> bool:
-        snapshot = _snapshot(folder) or ()
-        newest = max((max(mtime, ctime) for _, _, mtime, ctime in snapshot), default=0) / 1e9
-        return time.time() - newest < self.settings.settle_seconds
+        """A file of ``folder``, or the folder itself (a file deleted or renamed away moves
+        only the folder's times), changed within the settle time."""
+        times = [max(mtime, ctime) for _, _, mtime, ctime in _snapshot(folder) or ()]
+        with contextlib.suppress(OSError):
+            info = folder.stat()
+            times.append(max(info.st_mtime_ns, info.st_ctime_ns))
+        return time.time() - max(times, default=0) / 1e9 < self.settings.settle_seconds
 
     def _examine(self, folder: Path, report: ScanReport) -> None:
         if self._symlinked(folder):  # the folder or one above it (under the root) is a symlink
             self._reject_symlinked(folder, report)
             return
-        if not (folder / WEIGHTS_NAME).exists() and not any((folder / n).exists() for n in PICKLED_NAMES):
-            report.waiting.append(as_text(folder))  # config first, weights still to come
+        if not _has_weights(folder):
+            self._without_weights(folder, report)
             return
         locator = as_text(folder)
         try:
@@ -332,6 +343,18 @@ class LocalFolderSource:
         else:  # back after its removal, or an older content restored
             report.registered.append(locator)
             log.info("source %s: %s is at revision %s, already in the catalog", self.name, seen.name, fingerprint[:12])
+
+    def _without_weights(self, folder: Path, report: ScanReport) -> None:
+        """``folder``, settled, has no weights. A new folder waits for them (config first,
+        weights later); but an adapter recorded there lost them, and is ``removed``: kept
+        registered, every run of its groups waited for it to be registered again, for
+        ever. Weights that come back register it again."""
+        locator = as_text(folder)
+        self._mark_removed(lambda seen: seen == locator, report)
+        if locator in report.removed:
+            log.info("source %s: %s has no %s any more: removed until it has", self.name, locator, WEIGHTS_NAME)
+        else:
+            report.waiting.append(locator)
 
     def _fingerprint(self, folder: Path, locator: str) -> str:
         """``folder_fingerprint`` of ``folder``, hashed only when its files' stat (names,
@@ -411,7 +434,7 @@ class LocalFolderSource:
             root = self._root_of(folder)
             if root is not None and not root.is_dir():
                 self._root_gone(root)
-            elif not self._symlinked(folder) and _holds_adapter(folder):
+            elif not self._symlinked(folder) and _has_weights(folder):
                 log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
                 self._mark_dirty(folder)
 
