@@ -280,7 +280,9 @@ class GroupConfig(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     interval_seconds: float | None = Field(None, gt=0, le=MAX_SECONDS, description="re-merge period")
     cron: str | None = Field(None, description="crontab expression for re-merges, e.g. '0 3 * * *'")
-    debounce_seconds: float = Field(30.0, ge=0, le=MAX_SECONDS, description="merge this long after the last input change")
+    debounce_seconds: float = Field(30.0, ge=0, le=MAX_SECONDS,
+                                    description="merge this long after the last change to the group's adapters, "
+                                                "at most 4 times this after the first")
     min_adapters: int = Field(1, ge=1, description="do not merge fewer adapters than this")
     dtype: Dtype = Field("float32", description="the base model's compute dtype while merging (as merge --dtype); "
                                                 "bfloat16 halves the memory of blocks and hidden states")

@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -42,7 +42,7 @@ from sqlalchemy import select
 
 from . import malloc
 from .catalog import Catalog
-from .catalog.models import MergeGroup, RunStatus, Source, SourceKind
+from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
@@ -63,6 +63,7 @@ from .systemd import Notifier
 log = logging.getLogger(__name__)
 TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
 BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is asked again this much later
+MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
@@ -174,6 +175,7 @@ class Daemon:
         self._polled: list[str] = []  # hub sources
         self._groups: dict[str, GroupConfig] = {}
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
+        self._unmerged_since: dict[str, datetime] = {}  # group -> the first change to its inputs no run has begun since
         self._failed_attempts: dict[str, int] = {}  # group -> runs in a row that could not be carried out
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -351,7 +353,7 @@ class Daemon:
             try:
                 _check_not_publishing_into(name, kind, settings, published)
                 guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
-                           "on_change": self._inputs_changed, "shapes": self.shapes}
+                           "on_change": partial(self._inputs_changed, name), "shapes": self.shapes}
                 if kind is SourceKind.local:
                     stat_cache = stat_cache_file(self.cache, name, guarded["limits"])
                     source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache, **guarded)
@@ -370,6 +372,7 @@ class Daemon:
                 log.error("source %s not started: %s", name, exc)
         self._groups = {group.name: group for group in config.groups}
         self._caught_up.clear()
+        self._unmerged_since.clear()  # every group runs now (below)
         self.scheduler.add_job(self._catch_up, IntervalTrigger(seconds=config.daemon.catalog_check_seconds),
                                id="catalog-check", replace_existing=True)
         self.peers.settings_changed()
@@ -383,9 +386,40 @@ class Daemon:
                                        executor="merge", replace_existing=True)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
 
-    def _inputs_changed(self, report: ScanReport) -> None:
-        for group in self._groups.values():
-            self.trigger(group.name, delay=group.debounce_seconds)
+    def _inputs_changed(self, source: str, report: ScanReport) -> None:
+        """Source ``source`` registered, removed or withdrew adapters: the groups whose
+        ``select`` takes one of them are debounced. Not every group: a trainer saving
+        checkpoints of one adapter put off the merges of all the others for as long as it
+        saved. The base model is not compared: a revision on another base model must
+        still leave the groups that merged the one before it."""
+        locators = {*report.registered, *report.removed, *report.withdrawn}
+        groups = list(self._groups.values())  # a reload may replace them meanwhile
+        try:
+            changed = self._adapters_at(source, locators)
+            groups = [group for group in groups
+                      if any(group.select.matches(source, name, adapter_id) for adapter_id, name in changed)]
+        except Exception as exc:  # the catalog unreachable: better every group than none
+            log.warning("source %s changed, but the catalog cannot say which adapters (%s): merging every group",
+                        source, type(exc).__name__)
+        for group in groups:
+            self._debounce(group)
+
+    def _adapters_at(self, source: str, locators: Collection[str]) -> list[tuple[int, str]]:
+        """(id, name) of the adapters of ``source`` at ``locators``."""
+        with self.catalog.session(write=False) as session:
+            rows = session.execute(select(Adapter.id, Adapter.name, Adapter.locator).join(Source)
+                                   .where(Source.name == source)).all()
+        return [(adapter_id, name) for adapter_id, name, locator in rows if locator in locators]
+
+    def _debounce(self, group: GroupConfig) -> None:
+        """Run ``group`` ``debounce_seconds`` after this change of its inputs, so that a burst
+        of changes makes one run; but no later than ``MAX_DEBOUNCE_WAITS`` debounce periods
+        after the first change no run has begun since: changes every few seconds for
+        hours (a trainer saving checkpoints) must not put the run off for as long."""
+        now = datetime.now(timezone.utc)
+        debounce = timedelta(seconds=group.debounce_seconds)
+        deadline = self._unmerged_since.setdefault(group.name, now) + MAX_DEBOUNCE_WAITS * debounce
+        self._trigger_at(group.name, max(now, min(now + debounce, deadline)))
 
     def _catch_up(self) -> None:
         """Merge what changed in the catalog without a source of this daemon saying so: an
@@ -429,10 +463,13 @@ class Daemon:
                         peer.holder, "; ".join(differ))
 
     def trigger(self, group: str, delay: float) -> None:
-        """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one (debounce)."""
+        """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one."""
+        self._trigger_at(group, datetime.now(timezone.utc) + timedelta(seconds=delay))
+
+    def _trigger_at(self, group: str, when: datetime) -> None:
+        """Run ``group`` at ``when``, instead of at the time a pending trigger said."""
         if self._stopping.is_set() or group not in self._groups:
             return
-        when = datetime.now(timezone.utc) + timedelta(seconds=delay)
         # max_instances=2: a trigger that fires while this group's previous trigger still merges
         # (older inputs) must not be dropped; it comes back once that run is over (see _run).
         self.scheduler.add_job(self._run, "date", run_date=when, args=[group], id=f"trigger:{group}",
@@ -464,6 +501,7 @@ class Daemon:
         if group is None or self._stopping.is_set():
             return
         settings = self.config.daemon
+        self._unmerged_since.pop(name, None)  # this run reads every change until now
         self.notifier.status(f"merging group {name} on {device}")
         started = time.monotonic()
         try:

@@ -1008,6 +1008,115 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     assert triggered == [("g", 5.0)] * 5
 
 
+@pytest.fixture
+def daemon_of_groups(tmp_path):
+    """Makes a daemon on a catalog, with a group per name -> ``select`` name patterns,
+    each debounced 10 s; its scheduler keeps jobs but is paused (runs nothing)."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from iteris_daemon.config import GroupConfig
+
+    made_daemons = []
+
+    def make(catalog: Catalog, base: Path, selects: dict[str, list[str]]):
+        config = tmp_path / "daemon.toml"
+        config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
+        daemon = daemon_module.Daemon(config)
+        daemon.scheduler, daemon.catalog = BackgroundScheduler(timezone="UTC"), catalog
+        daemon.scheduler.start(paused=True)
+        made_daemons.append(daemon)
+        daemon._groups = {name: GroupConfig(name=name, base_model=str(base), select={"names": names},
+                                            debounce_seconds=10,
+                                            destinations=[{"kind": "folder", "path": str(tmp_path / name)}])
+                          for name, names in selects.items()}
+        return daemon
+
+    yield make
+    for daemon in made_daemons:
+        daemon.scheduler.shutdown(wait=False)
+
+
+@pytest.fixture
+def watched_team(tmp_path, made):
+    """A catalog with local source "team" over ``watched`` (settling in 0.3 s), and the base model."""
+    from iteris_daemon.catalog.models import SourceKind
+    from iteris_daemon.catalog.registry import add_source
+
+    base, _ = made
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base),
+                                                       "settle_seconds": 0.3})
+    yield catalog, watched, base
+    catalog.close()
+
+
+def _run_date(daemon, group: str):
+    job = daemon.scheduler.get_job(f"trigger:{group}")
+    return job and job.next_run_time
+
+
+def test_a_change_triggers_only_the_groups_that_select_it(made, watched_team, daemon_of_groups):
+    """Adapters the folder source registers or removes (real events) trigger the groups
+    whose ``select`` takes them, and no other. Before the fix every change triggered
+    every group, pushing each one's pending run back: a group with a new adapter was put
+    off for as long as an adapter it does not merge kept changing (a trainer saving
+    checkpoints; found by QA)."""
+    from iteris_daemon.sources.local import LocalFolderSource
+
+    catalog, watched, base = watched_team
+    _, (lora0, lora1, _) = made
+    daemon = daemon_of_groups(catalog, base, {"letters": ["a*"], "noise": ["n*"]})
+    source = LocalFolderSource(catalog, "team", on_change=partial(daemon._inputs_changed, "team"))
+    source.start()
+    try:
+        shutil.copytree(lora0, watched / "noisy")
+        wait_for(lambda: _run_date(daemon, "noise"), "the trigger of the group that selects it")
+        assert _run_date(daemon, "letters") is None
+        shutil.copytree(lora1, watched / "a0")
+        wait_for(lambda: _run_date(daemon, "letters"), "the trigger of the group that selects it")
+        assert _run_date(daemon, "noise") < _run_date(daemon, "letters")  # not put back by a0
+        for group in ("letters", "noise"):  # as if both had run
+            daemon.scheduler.remove_job(f"trigger:{group}")
+        shutil.rmtree(watched / "a0")
+        wait_for(lambda: _run_date(daemon, "letters"), "the trigger of the group that merged it")
+        assert _run_date(daemon, "noise") is None
+    finally:
+        source.stop()
+
+
+def test_changes_put_a_run_off_no_longer_than_its_maximum_wait(tmp_path, made, watched_team, daemon_of_groups,
+                                                               monkeypatch):
+    """Each change to a group's inputs puts its pending run off to ``debounce_seconds``
+    later, but never past ``MAX_DEBOUNCE_WAITS`` debounce periods after the first change
+    no run has begun since; a run that begins starts that count anew. Before the fix a
+    change every few seconds put the run off for as long as the changes came."""
+    import iteris_daemon.daemon as daemon_module
+    from iteris_daemon.catalog.models import RunStatus
+    from iteris_daemon.sources.local import LocalFolderSource, ScanReport
+
+    catalog, watched, base = watched_team
+    shutil.copytree(made[1][0], watched / "a0")
+    (locator,) = LocalFolderSource(catalog, "team").scan().registered
+    daemon = daemon_of_groups(catalog, base, {"letters": ["a*"]})
+    debounce, longest = timedelta(seconds=10), daemon_module.MAX_DEBOUNCE_WAITS * timedelta(seconds=10)
+
+    daemon._inputs_changed("team", ScanReport(registered=[locator]))
+    first = daemon._unmerged_since["letters"]
+    assert _run_date(daemon, "letters") == first + debounce
+    daemon._unmerged_since["letters"] = first = first - longest + debounce / 2  # changes came all that while
+    daemon._inputs_changed("team", ScanReport(registered=[locator]))
+    assert _run_date(daemon, "letters") == first + longest  # half a debounce period from now, not a whole one
+
+    monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: SimpleNamespace(status=RunStatus.skipped, detail=""))
+    daemon.work, daemon.metrics = tmp_path / "work", SimpleNamespace()
+    daemon._run_on("letters", "cpu")  # the run reads every change so far
+    daemon._inputs_changed("team", ScanReport(removed=[locator]))
+    assert _run_date(daemon, "letters") == daemon._unmerged_since["letters"] + debounce
+
+
 def test_sources_in_the_catalog_but_not_in_the_config_are_named_at_start(tmp_path, caplog):
     """A source renamed in the config stays in the catalog and keeps watching its folders
     (the config adds and updates sources; `sources add` ones must stay): the log says so."""
