@@ -18,7 +18,7 @@ from sqlalchemy import select
 from polling import wait_for
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import Adapter, AdapterStatus, SourceKind
+from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.sources.local import LocalFolderSource
@@ -477,6 +477,129 @@ def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, mon
     weights.chmod(0o644)  # its owner makes it readable (which moves its ctime): now hashed, a new revision
     assert source.scan().registered == [str(watched / "locked")]
     assert _adapters(catalog)["locked"].status is AdapterStatus.registered
+
+
+def _deny_looking_into(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` what a ``chmod 000`` folder is to a user other than its owner (the
+    tests run as root, whom no mode stops): listing it, and looking at anything in it
+    (``Path.exists`` too), raise PermissionError; the folder itself can be looked at."""
+    def guarded(name: str, real):
+        def call(path=".", *args, **kwargs):
+            if isinstance(path, (str, bytes, os.PathLike)):
+                target = Path(os.fsdecode(path))
+                if folder in target.parents or (name == "scandir" and target == folder):
+                    raise PermissionError(13, "Permission denied", str(target))
+            return real(path, *args, **kwargs)
+        return call
+
+    for name in ("scandir", "stat", "lstat"):
+        monkeypatch.setattr(os, name, guarded(name, getattr(os, name)))
+
+
+def _health(catalog) -> tuple[bool, str | None]:
+    with catalog.session() as session:
+        source = session.scalar(select(Source).where(Source.name == "team"))
+        return source.healthy, source.last_error
+
+
+def test_a_folder_that_may_not_be_looked_into_is_rejected_once_not_removed(setup, monkeypatch, caplog):
+    """A registered adapter's folder the daemon's user may not enter (``chmod 000`` by
+    its owner; the denial is injected, the event is real): rejected once with the reason,
+    its groups told (withdrawn), and a rescan keeps it so, saying in the source's health
+    why it cannot look; its rights back, it is registered again. Before the fix
+    ``Path.exists`` raised in the event's look, logged with a traceback and tried again
+    every settle period, for ever; the rescan skipped the folder, marked the adapter
+    removed at INFO with the source healthy, and then raised before telling the groups
+    (found by QA, running the daemon as nobody)."""
+    catalog, watched, base, (lora, _) = setup
+    locked = watched / "locked"
+    shutil.copytree(lora, locked)
+    source = _source(catalog, watched, base)
+    reports = []
+    source.on_change = reports.append
+    source.start()
+    try:
+        wait_for(lambda: "locked" in _adapters(catalog), "registration")
+        _deny_looking_into(monkeypatch, locked)
+        locked.chmod(0o000)  # the event (as root, reading it is still allowed: the denial is the monkeypatch's)
+        wait_for(lambda: _adapters(catalog)["locked"].status is AdapterStatus.rejected, "the rejection")
+        assert _adapters(catalog)["locked"].current.reason == (
+            f"{locked}: cannot read: Permission denied; the daemon's user needs read access to the adapter's folder")
+        assert reports[-1].withdrawn == [str(locked)]
+        rescan = source.scan()  # the periodic one
+        assert not rescan.changed and rescan.unchanged == 1
+        assert _adapters(catalog)["locked"].status is AdapterStatus.rejected
+        assert _health(catalog) == (False, f"cannot read folder {locked}: Permission denied")
+        monkeypatch.undo()
+        locked.chmod(0o755)
+        wait_for(lambda: _adapters(catalog)["locked"].status is AdapterStatus.registered, "registration again")
+        assert reports[-1].registered == [str(locked)]
+        source.scan()
+        assert _health(catalog) == (True, None)
+    finally:
+        source.stop()
+    assert [r.levelname for r in caplog.records if "locked" in r.getMessage() and r.levelname != "INFO"] == ["WARNING"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_rescan_rejects_the_adapters_under_a_folder_it_may_not_list_and_tells_the_groups(setup, monkeypatch):
+    """The periodic rescan, with a folder above a registered adapter the daemon's user may
+    not list: the adapter is rejected, not removed, and the groups are told even though
+    looking again at it fails. Before the fix it was marked removed, with the source
+    healthy, and the scan then raised before it told the groups (found by QA)."""
+    catalog, watched, base, (lora, _) = setup
+    team = watched / "team"
+    shutil.copytree(lora, team / "a")
+    source = _source(catalog, watched, base)
+    reports = []
+    source.on_change = reports.append
+    source.start()
+    try:
+        wait_for(lambda: getattr(_adapters(catalog).get("team/a"), "status", None) is AdapterStatus.registered,
+                 "registration")
+        _deny_looking_into(monkeypatch, team)
+        report = source.scan()
+        assert report.withdrawn == [str(team / "a")] and not report.removed
+        assert reports[-1] is report
+    finally:
+        source.stop()
+    assert _adapters(catalog)["team/a"].status is AdapterStatus.rejected
+    assert _health(catalog) == (False, f"cannot read folder {team}: Permission denied")
+
+
+def test_a_folder_whose_examination_raises_is_looked_at_again_ever_later(setup, monkeypatch, caplog):
+    """A look that raises (a bug, a fault that lasts) is tried again, each time twice as
+    late, with one traceback in the log, not one per settle period for ever."""
+    from iteris_daemon.sources import local
+
+    catalog, watched, base, _ = setup
+    clock = SettleClock()
+    monkeypatch.setattr(local, "time", clock)
+    source = _source(catalog, watched, base)
+    looks, failed, settle = _count_looks(source), [], source._settle
+
+    def broken(paths):
+        if paths[0][0] != watched / "x":  # the root's own event
+            return settle(paths)
+        failed.append(clock.now)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(source, "_settle", broken)
+    source.start()
+    try:
+        (watched / "x").mkdir()
+        wait_for(lambda: watched / "x" in source._dirty, "the event")
+        for done, wait in enumerate((1, 2, 4, 8)):  # settle periods from one look to the next
+            clock.now += (wait - 0.5) * SETTLE
+            seen = looks[0]
+            wait_for(lambda: looks[0] >= seen + 2, "two looks at what is due")
+            assert len(failed) == done  # not yet
+            clock.now += 0.5 * SETTLE
+            wait_for(lambda: len(failed) == done + 1, "the next look")
+    finally:
+        source.stop()
+    errors = [r for r in caplog.records if "examining" in r.getMessage()]
+    assert [bool(r.exc_info) for r in errors] == [True, False, False, False]
 
 
 def test_a_copy_that_keeps_old_mtimes_is_not_examined_half_done(setup):

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,7 +33,7 @@ from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
 from ..catalog.models import AdapterStatus
-from ..catalog.registry import Observation, get_source, mark_removed, prior, record, set_health
+from ..catalog.registry import Observation, get_source, list_current, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..config import MAX_SECONDS
@@ -42,6 +43,7 @@ from .stat_cache import StatCache, stat_context
 
 log = logging.getLogger(__name__)
 ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots still exist
+FAILED_RETRY_MAX_SECONDS = 600.0  # the longest wait before a folder whose examination raised is looked at again
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES)
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -107,15 +109,44 @@ def _under(locator: str, prefix: str) -> bool:
     return locator == prefix or locator.startswith(prefix + os.sep)
 
 
+def _has_any(folder: Path, names: Collection[str]) -> bool:
+    """Whether ``folder`` has a file of one of ``names`` in it now. One the daemon's user
+    may not look into may have (``Path.exists`` raises then): ``_examine`` says why not."""
+    try:
+        return any((folder / name).exists() for name in names)
+    except PermissionError:
+        return True
+
+
 def _holds_adapter(folder: Path) -> bool:
     """Whether ``folder`` has any adapter file (config or weights) in it now."""
-    return any((folder / name).exists() for name in ADAPTER_FILES)
+    return _has_any(folder, ADAPTER_FILES)
 
 
 def _has_weights(folder: Path) -> bool:
     """Whether ``folder`` has weights (safetensors, or pickled ones to reject) in it now:
     without them it holds no adapter, only perhaps a config whose weights are to come."""
-    return any((folder / name).exists() for name in (WEIGHTS_NAME, *PICKLED_NAMES))
+    return _has_any(folder, (WEIGHTS_NAME, *PICKLED_NAMES))
+
+
+def _unreadable(folder: Path) -> PermissionError | None:
+    """Why the daemon's user may not list ``folder`` or look at its files (its owner's
+    ``chmod 700``, say), or None (also when it is gone: that is no question of rights)."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                entry.stat(follow_symlinks=False)
+    except PermissionError as exc:
+        return exc
+    except OSError:
+        pass
+    return None
+
+
+def _note_unlisted(unlisted: list[OSError], error: OSError) -> None:
+    """``os.walk``'s ``onerror``: a folder it could not list, unless it went meanwhile."""
+    if not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        unlisted.append(error)
 
 
 def _first_symlink(root: Path, folder: Path) -> Path | None:
@@ -124,7 +155,7 @@ def _first_symlink(root: Path, folder: Path) -> Path | None:
     path = root
     for name in folder.relative_to(root).parts:
         path = path / name
-        if path.is_symlink():
+        if os.path.islink(path):  # False where a folder above may not be looked into (Path.is_symlink raises)
             return path
     return None
 
@@ -170,6 +201,7 @@ class LocalFolderSource:
         # under other limits is not used.
         self._hashed = StatCache(stat_cache, context=stat_context(limits))
         self._worker: threading.Thread | None = None
+        self._failures: dict[Path, int] = {}  # path -> examinations in a row that raised
 
     # ------------------------------------------------------------------ discovery
     def _roots_of(self, path: Path) -> list[Path]:
@@ -191,15 +223,17 @@ class LocalFolderSource:
         root = self._root_of(folder)
         return root is not None and _first_symlink(root, folder) is not None
 
-    def adapter_folders(self) -> list[Path]:
+    def adapter_folders(self, unlisted: list[OSError]) -> list[Path]:
         """Every candidate adapter folder under the roots. Symlinked folders are not followed;
-        one that leads to adapter files is listed, to be recorded as rejected."""
+        one that leads to adapter files is listed, to be recorded as rejected. Why each
+        folder that could not be listed could not goes into ``unlisted`` (os.walk skips
+        it silently: its adapters were taken for deleted)."""
         found = []
         for root in self.settings.paths:
             if not root.is_dir():
                 log.warning("source %s: folder %s does not exist (yet)", self.name, root)
                 continue
-            for folder, dirs, files in os.walk(root):
+            for folder, dirs, files in os.walk(root, onerror=partial(_note_unlisted, unlisted)):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 if any(name in files for name in ADAPTER_FILES):
                     found.append(Path(folder))
@@ -217,7 +251,8 @@ class LocalFolderSource:
         """Full rescan: register what is new or changed, mark vanished folders removed."""
         report = ScanReport()
         with self._lock:
-            folders = self.adapter_folders()
+            unlisted: list[OSError] = []
+            folders = self.adapter_folders(unlisted)
             recent = []
             for folder in folders:
                 if self._stop.is_set():
@@ -240,19 +275,27 @@ class LocalFolderSource:
                     else:
                         report.waiting.append(as_text(folder))
             present = {as_text(f) for f in folders}
-            self._mark_removed(lambda locator: locator not in present, report)
+            unseen = [as_text(error.filename) for error in unlisted]  # what is in them is not known
+            self._mark_removed(lambda locator: locator not in present and not any(_under(locator, u) for u in unseen),
+                               report)
             self._hashed.keep_only(present)
             self._hashed.save()
+            for error in unlisted:
+                self._cannot_look_into(Path(error.filename), error, report)
             # Healthy only if every root is there: a deleted root is an error, not an empty folder.
             missing = [root for root in self.settings.paths if not root.is_dir()]
             # The next root check that finds one back re-watches and rescans it: its watch
             # may have survived (renamed away and back), so no event would say so.
             self._missing.update(missing)
-            self._set_health(f"watched folder {missing[0]} is gone" if missing else None)
-        self._look_again_at_removed(report.removed)
-        log.info("source %s: scan: %s", self.name, report)
-        if self.on_change and report.changed:
-            self.on_change(report)
+            problem = (f"watched folder {missing[0]} is gone" if missing
+                       else f"cannot read folder {unlisted[0].filename}: {unlisted[0].strerror}" if unlisted else None)
+            self._set_health(problem)
+        try:
+            self._look_again_at_removed(report.removed)
+        finally:  # what the scan did is reported, whatever happens looking again
+            log.info("source %s: scan: %s", self.name, report)
+            if self.on_change and report.changed:
+                self.on_change(report)
         return report
 
     @property
@@ -282,6 +325,9 @@ class LocalFolderSource:
     def _examine(self, folder: Path, report: ScanReport) -> None:
         if self._symlinked(folder):  # the folder or one above it (under the root) is a symlink
             self._reject_symlinked(folder, report)
+            return
+        if (denied := _unreadable(folder)) is not None:
+            self._cannot_look_into(folder, denied, report)
             return
         if not _has_weights(folder):
             self._without_weights(folder, report)
@@ -396,6 +442,36 @@ class LocalFolderSource:
             report.withdrawn.append(seen.locator)
         if new:
             log.warning("source %s: rejected %s", self.name, reason)
+
+    def _cannot_look_into(self, folder: Path, error: OSError, report: ScanReport) -> None:
+        """``folder`` cannot be looked into. For want of rights, the adapters recorded in and
+        under it are rejected, saying why, as for unreadable files (left registered, their
+        groups' runs waited for them; removed, they looked deleted); its rights back, the
+        next look registers them again. Other errors (I/O) leave them as they are. What is
+        new there is not seen: the log says so, and a scan's health."""
+        prefix = as_text(folder)
+        with self.catalog.session() as session:
+            recorded = [(adapter.locator, adapter.name) for adapter, _ in list_current(session, source=self.name)
+                        if adapter.status is not AdapterStatus.removed and _under(adapter.locator, prefix)]
+        if not isinstance(error, PermissionError) or not recorded:
+            log.warning("source %s: cannot read folder %s (%s); adapters in it are not seen", self.name, prefix,
+                        error.strerror)
+            return
+        reason = (f"{prefix}: cannot read: {error.strerror}; the daemon's user needs read access to the adapter's "
+                  "folder")
+        for locator, name in recorded:
+            seen = Observation(locator=locator, name=name, files_path=None, reason=reason,
+                               revision=hashlib.sha256(os.fsencode("unreadable folder\0" + prefix)).hexdigest())
+            with self.catalog.session() as session:
+                before = prior(session, self.source_id, locator, seen.revision, None)
+                if before.stands:  # rejected so already
+                    report.unchanged += 1
+                    continue
+                record(session, self.source_id, seen)
+            report.rejected.append(locator)
+            if before.registered:
+                report.withdrawn.append(locator)
+            log.warning("source %s: rejected %s: %s", self.name, locator, reason)
 
     def _look_again(self, folder: Path, report: ScanReport) -> None:
         """``folder`` changed while it was examined: no verdict now, another look once it settles."""
@@ -518,14 +594,15 @@ class LocalFolderSource:
         if self.on_change and report.changed:
             self.on_change(report)
 
-    def _mark_dirty(self, path: Path, deep: bool = False) -> None:
-        """An event touched ``path``; ``deep`` when a whole folder arrived (copied or moved in)."""
+    def _mark_dirty(self, path: Path, deep: bool = False, delay: float = 0.0) -> None:
+        """An event touched ``path``; ``deep`` when a whole folder arrived (copied or moved in).
+        ``delay``: it settles that much later than it would."""
         root = self._root_of(path)
         if root is None or _hidden(path, root):
             return
         with self._dirty_lock:
             deep = deep or self._dirty.get(path, (0, None, False))[2]
-            self._dirty[path] = (time.monotonic(), _snapshot(path) if path.is_dir() else None, deep)
+            self._dirty[path] = (time.monotonic() + delay, _snapshot(path) if os.path.isdir(path) else None, deep)
 
     def _run(self) -> None:
         try:
@@ -544,9 +621,24 @@ class LocalFolderSource:
             for path, deep in self._take_due():  # one at a time: a failure costs only that path
                 try:
                     self._settle([(path, deep)])
-                except Exception:
-                    log.exception("source %s: examining %s failed; it is looked at again", self.name, path)
-                    self._mark_dirty(path, deep)
+                except Exception as exc:
+                    self._failed(path, deep, exc)
+                else:
+                    self._failures.pop(path, None)
+
+    def _failed(self, path: Path, deep: bool, exc: Exception) -> None:
+        """Examining ``path`` raised: it is looked at again, each time twice as late up to
+        ``FAILED_RETRY_MAX_SECONDS`` (an event brings the next look forward), and the
+        traceback is logged the first time only: a fault that lasts filled the log with
+        one every settle period, for ever."""
+        failures = self._failures[path] = self._failures.get(path, 0) + 1
+        delay = min(self.settings.settle_seconds * (2 ** failures - 1), FAILED_RETRY_MAX_SECONDS)
+        if failures == 1:
+            log.exception("source %s: examining %s failed; it is looked at again", self.name, path)
+        else:
+            log.warning("source %s: examining %s failed again (%d times in a row: %s: %s); next look in %.0f s",
+                        self.name, path, failures, type(exc).__name__, exc, delay + self.settings.settle_seconds)
+        self._mark_dirty(path, deep, delay=delay)
 
     def _take_due(self) -> list[tuple[Path, bool]]:
         now = time.monotonic()
@@ -555,7 +647,7 @@ class LocalFolderSource:
             ready = []
             for path in due:
                 _, seen, deep = self._dirty.pop(path)
-                current = _snapshot(path) if path.is_dir() else None
+                current = _snapshot(path) if os.path.isdir(path) else None
                 if current != seen:  # still changing without telling us: look again later
                     self._dirty[path] = (now, current, deep)
                 else:
@@ -569,7 +661,7 @@ class LocalFolderSource:
         report = ScanReport()
         with self._lock:
             for path, deep in paths:
-                if path.is_dir():
+                if os.path.isdir(path):  # False also inside a folder that may not be looked into
                     for folder in [path, *(self._subfolders(path) if deep else [])]:
                         if _holds_adapter(folder) and not self._behind_symlinked_folder(folder):
                             self._examine(folder, report)
@@ -581,11 +673,13 @@ class LocalFolderSource:
 
                 self._mark_removed(gone, report)
             self._hashed.save()
-        self._look_again_at_removed(report.removed)
-        if report.registered or report.rejected or report.removed:
-            log.debug("source %s: events: %s", self.name, report)
-        if self.on_change and report.changed:
-            self.on_change(report)
+        try:
+            self._look_again_at_removed(report.removed)
+        finally:  # what was examined is reported, whatever happens looking again
+            if report.registered or report.rejected or report.removed:
+                log.debug("source %s: events: %s", self.name, report)
+            if self.on_change and report.changed:
+                self.on_change(report)
 
     @staticmethod
     def _subfolders(path: Path) -> list[Path]:
