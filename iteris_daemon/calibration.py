@@ -193,16 +193,23 @@ def first_calibration(
     each answer :func:`checked`. A source that raises something other than an IterisError
     (a plugin's store unreachable, say) is an error naming it."""
     for name in options.order:
-        try:
-            data = checked(name, adapter.name, available[name].load(adapter, options))
-        except IterisError:
-            raise
-        except Exception as exc:  # a plugin's failure: one line naming it; -v shows the traceback
-            raise CalibrationError(name, f"calibration source failed on adapter {adapter.name}: "
-                                         f"{type(exc).__name__}: {exc}") from exc
+        data = ask(name, available[name], adapter, options)
         if data is not None:
             return data
     return None
+
+
+def ask(name: str, source: CalibrationSource, adapter, options: CalibrationOptions) -> CalibrationSet | None:
+    """Source ``name``'s answer for ``adapter``, :func:`checked`. Whatever it raises that is
+    not an IterisError (a plugin's store unreachable, say) is a CalibrationError naming it,
+    as everywhere a source is asked (``merge``, the daemon, a calibration worker)."""
+    try:
+        return checked(name, adapter.name, source.load(adapter, options))
+    except IterisError:
+        raise
+    except Exception as exc:  # a plugin's failure: one line naming it; -v shows the traceback
+        raise CalibrationError(name, f"calibration source failed on adapter {adapter.name}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
 
 
 def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, checked
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
@@ -398,7 +398,7 @@ class InWorkerCalibration:
     One worker per run, not per adapter: each start costs seconds of imports."""
 
     def __init__(self, source, in_worker: Callable[[dict[str, Any], str], Any]):
-        self.name, self.description = source.name, source.description
+        self.name, self.description = source.name, getattr(source, "description", "")
         self._in_worker = in_worker
 
     def load_many(self, adapters: list[AdapterLayout], options: CalibrationOptions) -> list[CalibrationAnswer]:
@@ -460,7 +460,7 @@ def _check_stop(should_stop: Callable[[], bool]) -> None:
 
 def _ask(name: str, source, adapter: AdapterLayout, options: CalibrationOptions) -> CalibrationAnswer:
     try:
-        return checked(name, adapter.name, source.load(adapter, options))
+        return ask(name, source, adapter, options)
     except MergeCancelled:
         raise
     except IterisError as exc:
@@ -476,9 +476,9 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     of a folder source that changed since registration makes the run wait, see ``changing``).
     With ``in_worker`` (the daemon), sources that need torch are called through it."""
     sources = calibration_sources()
-    if in_worker is not None:
+    if in_worker is not None:  # the group's own sources: another installed one is never asked
         sources = {name: InWorkerCalibration(source, in_worker) if getattr(source, "runs_in_worker", False) else source
-                   for name, source in sources.items()}
+                   for name, source in sources.items() if name in group.calibration.order}
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
         samples=samples or 50, settings=group.calibration.source_settings(),

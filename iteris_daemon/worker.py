@@ -98,7 +98,7 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     """Calibration samples from a source that needs torch, for each adapter in
     ``job["adapters"]``: per adapter the samples, None (no data), or the error that holds
     that adapter back (one bad adapter does not cost the others theirs)."""
-    from .calibration import CalibrationOptions, checked
+    from .calibration import CalibrationOptions, ask
     from .errors import IterisError, MergeCancelled
     from .plugin_manager import calibration_sources
     from .validation import read_layout
@@ -112,8 +112,9 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
         if stop.is_set():
             raise MergeCancelled("cancelled while gathering calibration data")
         try:
-            data = checked(job["source"], entry["name"],
-                           source.load(read_layout(Path(entry["path"]), name=entry["name"]), options))
+            data = ask(job["source"], source, read_layout(Path(entry["path"]), name=entry["name"]), options)
+        except MergeCancelled:
+            raise
         except IterisError as exc:
             answers.append({"error": str(exc)})
             continue

@@ -224,6 +224,31 @@ def test_a_source_that_raises_is_named(bert):
         first_calibration(adapter, CalibrationOptions(order=("rows", "store")), available)
 
 
+def test_a_source_that_raises_holds_its_adapter_back_in_the_daemon_too(bert):
+    """The daemon asked sources through its own function, which let anything but an
+    IterisError through: a plugin's ConnectionError ended the whole run in a traceback
+    ("could not be carried out", retried for ever, nothing recorded). Now it holds that
+    adapter back with the line ``merge`` gives, and the other adapters are answered. A
+    worker source without a description no longer breaks every run either."""
+    from iteris_daemon.validation import read_layout
+
+    adapters = [read_layout(folder) for folder in bert[1][:2]]
+
+    def flaky(adapter, options):
+        if adapter.name == adapters[0].name:
+            raise ConnectionError("store.example: connection refused")
+        return CalibrationSet((Sample(text="from the store"),), "store")
+
+    nameless = SimpleNamespace(name="gen", runs_in_worker=True)  # no description: it is optional
+    generate = InWorkerCalibration(nameless, lambda job, label: [None] * len(job["adapters"]))
+    answers = calibrate_all(adapters, CalibrationOptions(order=("store", "gen")),
+                            {"store": SimpleNamespace(load=flaky), "gen": generate})
+    assert isinstance(answers[0], CalibrationError) and str(answers[0]) == (
+        f"store: calibration source failed on adapter {adapters[0].name}: ConnectionError: store.example: "
+        "connection refused")
+    assert answers[1].samples[0].text == "from the store" and generate.description == ""
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"sampels": 3}, "calibration generate: sampels: Extra inputs are not permitted"),
     ({"samples": "many"}, "calibration generate: samples: Input should be a valid integer"),
