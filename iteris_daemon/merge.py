@@ -35,7 +35,7 @@ from .lowrank import refactor
 from .model import DTYPES, BaseModel
 from .paths import as_if_created, model_location, overlap, real, replace_folder
 from .plugin_manager import calibration_sources, get_strategy
-from .strategy import MergeInputs, parse_params
+from .strategy import MergedAdapter, MergeInputs, parse_params
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "merge_report.json"
@@ -174,6 +174,10 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
     for path, factors in modules.items():
         if path not in shapes:
             raise MergeError(f"strategy {strategy} returned layer {path!r}, which no adapter adapts; nothing was written")
+        if not (isinstance(factors, (tuple, list)) and len(factors) == 2
+                and all(isinstance(t, torch.Tensor) for t in factors)):
+            raise MergeError(f"strategy {strategy} returned {type(factors).__name__} for {path}, not a pair of "
+                             "tensors (B, A); nothing was written")
         B, A = factors
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[0] < 1 \
                 or (B.shape[0], A.shape[1]) != shapes[path]:
@@ -355,7 +359,12 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     window = memory.reset_peak()
     memory.reset_device_peak(base.device)
     merge_started = time.perf_counter()
-    result = strategy.merge(MergeInputs(base, adapters, calibration, request.device, head), params, progress)
+    try:
+        result = strategy.merge(MergeInputs(base, adapters, calibration, request.device, head), params, progress)
+    except IterisError:
+        raise
+    except Exception as exc:  # a plugin's bug: one line naming it; -v shows the traceback
+        raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
     device_peak = memory.device_peak_mb(base.device)
@@ -363,6 +372,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     output_dtype = DTYPES[request.output_dtype] if request.output_dtype else functools.reduce(
         torch.promote_types, (a.dtype for a in adapters))
 
+    if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
+        raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
+                         "(with a dict of metrics); nothing was written")
     check_result(strategy.name, result.modules, adapters)
     modules, ranks, truncation = {}, {}, {}
     storages: set[int] = set()

@@ -146,6 +146,12 @@ class Misbehaving:
             modules[path] = (B * 1e6, A)
         elif self.mistake == "overflowing product":  # finite factors, an infinite delta
             modules[path] = (B * 1e30, A * 1e30)
+        elif self.mistake == "raises":
+            raise KeyError("a bug in the plugin")
+        elif self.mistake == "not a MergedAdapter":
+            return modules
+        elif self.mistake == "not a pair":
+            modules[path] = B
         return MergedAdapter(modules)
 
 
@@ -156,6 +162,10 @@ class Misbehaving:
     ("rank 0", "and r >= 1"),
     ("huge", "overflow torch.float16"),
     ("overflowing product", "outputs on"),
+    # These three were tracebacks, exit 1 (found by QA writing a third-party strategy).
+    ("raises", "strategy misbehaving failed: KeyError: 'a bug in the plugin'"),
+    ("not a MergedAdapter", "strategy misbehaving returned dict, not a MergedAdapter"),
+    ("not a pair", "strategy misbehaving returned Tensor for "),
     ("shared", None),
 ])
 def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_path, capsys, mistake, message):
@@ -190,7 +200,8 @@ def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_p
     assert code == 2 and not out.exists(), err
     last = err.strip().splitlines()[-1]
     assert last.startswith({"huge": "iteris-daemon: error: merged weights of",
-                            "overflowing product": "iteris-daemon: error: the merged adapter's outputs"}.get(
+                            "overflowing product": "iteris-daemon: error: the merged adapter's outputs",
+                            "raises": "iteris-daemon: error: strategy misbehaving failed"}.get(
         mistake, "iteris-daemon: error: strategy misbehaving returned")) and message in last
     assert "Traceback" not in err
 
