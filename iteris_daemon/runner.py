@@ -47,13 +47,13 @@ from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup
                              SourceKind, utcnow)
 from .catalog.registry import list_current
 from .config import GroupConfig
-from .errors import AdapterError, IterisError, MergeCancelled
+from .errors import AdapterError, IterisError, MergeCancelled, PluginError
 from .gates import judge
 from .logs import redact
 from .adapter_config import CONFIG_NAME, WEIGHTS_NAME
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
-from .publish import PublishedInput, PublishRequest
+from .publish import PublishedInput, PublishRequest, PublishResult
 from .strategy import parse_params
 from .supervisor import WorkerFailed, WorkerOptions, run_in_worker
 from .validation import AdapterLayout, Limits, copy_adapter_file, folder_fingerprint, read_layout
@@ -746,7 +746,7 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
         publisher = get_publisher(destination["kind"])
         settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
         try:
-            result = publisher.publish(request, settings)
+            result = _checked_result(publisher.kind, publisher.publish(request, settings))
         except Exception as exc:
             if published:
                 raise PartlyPublished(published, publisher.kind, exc) from exc
@@ -754,6 +754,16 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
         published.append({"kind": publisher.kind, "location": result.location, "version": result.version,
                           "changed": result.changed})
     return published
+
+
+def _checked_result(kind: str, result: Any) -> PublishResult:
+    """A publisher's answer as the catalog stores it. A plugin that answered a Path, say,
+    had published, then the run's record failed, and every retry published again."""
+    if not (isinstance(result, PublishResult) and isinstance(result.location, str)
+            and isinstance(result.version, (str, type(None))) and isinstance(result.changed, bool)):
+        raise PluginError(f"publisher {kind} answered {result!r}, not a PublishResult of strings "
+                           "(location, version) and a bool (changed); what it published is not recorded")
+    return result
 
 
 def _record(catalog, group_id, status, fingerprint, inputs: Inputs, error=None, finished=False) -> int:

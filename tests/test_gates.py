@@ -233,6 +233,46 @@ def test_a_stop_while_gathering_inputs_ends_the_run_before_the_next_adapter(setu
     assert len(asked) == 4 and setup.current() is None
 
 
+def test_a_publisher_plugin_answering_no_publish_result_fails_the_run_with_one_line(setup, tmp_path):
+    """A publisher that answered ``location=Path(...)`` had published, then the run's record
+    failed (not JSON): the run "could not be carried out", was retried, and each retry
+    published another version. Now the run fails naming the publisher, and is recorded."""
+    from iteris_daemon import hookimpl
+    from iteris_daemon.plugin_manager import get_plugin_manager
+    from iteris_daemon.publish import PublisherSettings, PublishResult
+
+    published: list[int] = []
+
+    class Sloppy:
+        kind = "sloppy"
+        description = "answers a Path (a test plugin)"
+        Settings = PublisherSettings
+
+        def publish(self, request, settings):
+            published.append(request.run_id)
+            return PublishResult(location=tmp_path / "somewhere", version="v1", changed=True)
+
+    class Plugin:
+        @hookimpl
+        def register_publishers(self, register):
+            register(Sloppy())
+
+    manager = get_plugin_manager()
+    plugin = Plugin()
+    manager.register(plugin, name="sloppy-plugin")
+    try:
+        group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                            select={"names": ["task0"]}, destinations=[{"kind": "sloppy"}])
+        sync_group(setup.catalog, group)
+        outcome = setup.run(group)
+    finally:
+        manager.unregister(plugin)
+    assert outcome.status is RunStatus.failed and len(published) == 1
+    assert setup.run_row(outcome.run_id).error.startswith(
+        f"publisher sloppy answered PublishResult(location={tmp_path / 'somewhere'!r}, version='v1', changed=True), "
+        "not a PublishResult of strings (location, version) and a bool (changed)")
+
+
 def test_merge_now_force_is_read_once_from_the_catalog(setup):
     group = setup.group(params={"scale": 1.0})
     assert setup.run(group).status is RunStatus.succeeded
