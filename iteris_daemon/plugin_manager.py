@@ -22,6 +22,7 @@ DEFAULT_STRATEGY = "iteris"
 def get_plugin_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    _refuse_shared_names()
     try:
         manager.load_setuptools_entrypoints(hookspecs.PROJECT)
     except Exception as exc:
@@ -34,6 +35,25 @@ def get_plugin_manager() -> pluggy.PluginManager:
         raise PluginError(f"plugin {name!r} implements a hook iteris-daemon does not have ({_one_line(exc)}); "
                           f"its hooks: {hooks}") from None
     return manager
+
+
+def _refuse_shared_names() -> None:
+    """Two packages with an entry point of one name in our group: pluggy loads the first
+    it finds and skips the other without a word, so a third-party ``baselines`` took the
+    built-in strategies away (which one won followed ``sys.path``)."""
+    import importlib.metadata
+
+    owners: dict[str, tuple[str, str]] = {}  # entry-point name -> (distribution, object)
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.PROJECT:
+                continue
+            owner = (dist.metadata["Name"], ep.value)
+            first = owners.setdefault(ep.name, owner)
+            if first[0].lower().replace("_", "-") != owner[0].lower().replace("_", "-"):  # not one package seen twice
+                raise PluginError(f"plugin name {ep.name!r} is declared by {first[0]} ({first[1]}) and by {owner[0]} "
+                                  f"({owner[1]}): only one would load; one of them must rename its entry point in "
+                                  f"the {hookspecs.PROJECT!r} group")
 
 
 def _raise_for_broken_plugin(manager: pluggy.PluginManager, error: Exception) -> NoReturn:

@@ -241,6 +241,18 @@ def test_broken_plugin_is_named_in_one_line(tmp_path, entry_point, source, expec
     assert result.stdout == ""
 
 
+def test_a_third_party_entry_point_named_like_a_built_in_one_is_refused(tmp_path):
+    """``baselines = my_package.strategies`` made task_arithmetic, ties and dare vanish with
+    exit 0: pluggy loads one entry point per name and skips the other silently."""
+    env = _fake_distribution(tmp_path / "site", "my_package", "baselines = my_strategies",
+                             "from iteris_daemon import hookimpl\n")
+    result = subprocess.run([sys.executable, "-m", "iteris_daemon", "plugins"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("iteris-daemon: error: plugin name 'baselines' is declared by ")
+    assert "(iteris_daemon.plugins.baselines)" in result.stderr and "my_package (my_strategies)" in result.stderr
+
+
 def test_closed_stdout_pipe_exits_quietly(tmp_path):
     """``iteris-daemon plugins --json | head -c 600``: no BrokenPipeError traceback."""
     reader, writer = os.pipe()
