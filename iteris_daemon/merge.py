@@ -33,6 +33,7 @@ from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
+from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergedAdapter, MergeInputs, parse_params
@@ -361,9 +362,11 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     merge_started = time.perf_counter()
     try:
         result = strategy.merge(MergeInputs(base, adapters, calibration, request.device, head), params, progress)
-    except IterisError:
+    except (IterisError, MemoryError):
         raise
     except Exception as exc:  # a plugin's bug: one line naming it; -v shows the traceback
+        if says_out_of_memory(str(exc)):  # torch's allocator: the worker reports it as out of memory
+            raise
         raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
