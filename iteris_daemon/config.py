@@ -394,6 +394,10 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             unknown = [n for n in group.calibration.order if n not in available]
             if unknown:
                 raise ConfigError(f"unknown calibration source {unknown[0]!r}; available: {', '.join(sorted(available))}")
+            for key, value in (group.calibration.model_extra or {}).items():  # a typo was ignored silently
+                if key not in available or not isinstance(value, dict):
+                    raise ConfigError(f"calibration.{key}: not a calibration source's settings table (sources: "
+                                      f"{', '.join(sorted(available))}; fields: order, files)")
             for number, destination in enumerate(group.destinations):
                 try:
                     place = _destination(destination)

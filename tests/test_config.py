@@ -47,6 +47,10 @@ def test_the_example_config_is_valid():
     (GROUP + 'cron = "0 3 * * *"\ninterval_seconds = 60\n' + FOLDER, "not both"),
     (GROUP + FOLDER + GROUP + FOLDER, "group name 'g' is used twice"),
     (GROUP + '[groups.calibration]\norder = ["adapter", "nope"]\n' + FOLDER, "unknown calibration source 'nope'"),
+    # Typos of a source's settings table, or of a field, were accepted and ignored.
+    (GROUP + '[groups.calibration]\nhub_datset = { repo_id = "a/b" }\n' + FOLDER,
+     "groups.0 (g): calibration.hub_datset: not a calibration source's settings table (sources: adapter, files"),
+    (GROUP + '[groups.calibration]\nsamples = 3\n' + FOLDER, "calibration.samples: not a calibration source's"),
     ('[[sources]]\nname = "s"\nkind = "hub"\n', "sources.0 (s): settings: Value error, give repos or an author"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = []\n', "sources.0 (s): paths"),
     # A published merge inside a watched folder would come back as an input (and the reverse).
