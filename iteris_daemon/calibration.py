@@ -220,4 +220,9 @@ def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
     if not isinstance(data, CalibrationSet) or not all(isinstance(s, Sample) for s in data.samples):
         raise CalibrationError(source, f"calibration source answered {type(data).__name__} for adapter "
                                        f"{adapter}, not a CalibrationSet of Samples")
+    for number, sample in enumerate(data.samples, start=1):  # what a file's line must hold, a plugin's sample too
+        if not isinstance(sample.text, str) or not sample.text.strip() or not isinstance(sample.target, (str, type(None))):
+            raise CalibrationError(source, f"sample {number} for adapter {adapter} has no text, or a text or "
+                                           "target that is not a string")
+        _check_unicode(sample, Path(source), number)
     return data if data.samples else None

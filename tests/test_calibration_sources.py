@@ -198,6 +198,12 @@ def test_a_sources_empty_or_malformed_answer(bert):
                                   for name in ("empty", "strings"))
     assert empty_first.source.endswith("calibration.jsonl") and empty_first.samples
     assert isinstance(strings_first, CalibrationError) and str(strings_first).startswith("strings: calibration source")
+    # Samples a file's line could not hold: an empty text was merged on, a number a TypeError.
+    for bad in (Sample(""), Sample(123), Sample("text", target=4)):
+        available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))
+        with pytest.raises(CalibrationError, match=f"^bad: sample 2 for adapter {adapter.name} has no text, or a text "
+                                                   "or target that is not a string$"):
+            first_calibration(adapter, CalibrationOptions(order=("bad",)), available)
 
 
 def test_a_source_that_raises_is_named(bert):
