@@ -405,6 +405,15 @@ def test_every_argument_has_help():
     assert "SIGTERM at once" in run_help and "grace_seconds" in run_help and "then is cancelled" not in run_help
 
 
+def test_version(capsys):
+    """``--version`` was "the following arguments are required: COMMAND"."""
+    from iteris_daemon import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"iteris-daemon {__version__}\n"
+
+
 def test_a_local_base_model_is_stored_as_an_absolute_path(tmp_path, capsys, monkeypatch):
     """`sources add --base-model ./base` stored "./base", which the daemon (a service runs in
     /) then could not find: every adapter of the source waited for ever."""

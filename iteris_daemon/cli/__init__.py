@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .. import __version__
 from ..errors import IterisError
 from ..logs import FORMATS, setup_logging
 from . import catalog, compare, daemon, merge
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep one unified LoRA adapter up to date: catalog task LoRAs, merge them with IterIS.",
     )
     _add_global_options(parser, False, "auto")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     merge.register(commands)
     compare.register(commands)
