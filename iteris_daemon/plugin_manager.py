@@ -12,8 +12,8 @@ import pluggy
 from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownStrategyError
 from .calibration import CalibrationSource
-from .publish import Publisher
-from .strategy import MergeStrategy
+from .publish import Publisher, PublisherSettings
+from .strategy import MergeStrategy, StrategyParams
 
 DEFAULT_STRATEGY = "iteris"
 
@@ -100,19 +100,43 @@ def _one_line(exc: Exception) -> str:
     return text if isinstance(exc, ImportError) and text else f"{type(exc).__name__}: {text}"
 
 
+# What each kind of plugin object must have (``description`` is optional), and the base
+# class its validated settings must use: the project's are strict (a typo is an error).
+_REQUIRED = {
+    "strategy": (("name", "Params", "needs_calibration", "merge"), ("Params", StrategyParams)),
+    "calibration source": (("name", "load"), None),
+    "publisher": (("kind", "Settings", "publish"), ("Settings", PublisherSettings)),
+}
+
+
 def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) -> dict:
-    """Call a ``register_*`` hook; a second plugin may not silently take a name."""
+    """Call a ``register_*`` hook; a second plugin may not silently take a name, and a
+    malformed object or a hook that raises is one line naming it, not a traceback later."""
     found: dict = {}
+    attributes, settings = _REQUIRED[what]
 
     def register(item) -> None:
+        where = type(item).__module__
+        missing = [name for name in attributes if not hasattr(item, name)]
+        if missing:
+            raise PluginError(f"a {what} registered by {where} has no {', '.join(missing)}")
+        if settings is not None and not (isinstance(getattr(item, settings[0]), type)
+                                         and issubclass(getattr(item, settings[0]), settings[1])):
+            raise PluginError(f"{what} {getattr(item, key)!r} (from {where}): its {settings[0]} must subclass "
+                              f"{settings[1].__module__}.{settings[1].__name__}, which refuses unknown keys")
         name = getattr(item, key)
         if name in found:
-            modules = sorted({type(found[name]).__module__, type(item).__module__})
+            modules = sorted({type(found[name]).__module__, where})
             raise PluginError(f"two plugins register a {what} named {name!r} (from {' and '.join(modules)}): "
                               "uninstall or rename one")
         found[name] = item
 
-    getattr((manager or get_plugin_manager()).hook, hook)(register=register)
+    try:
+        getattr((manager or get_plugin_manager()).hook, hook)(register=register)
+    except PluginError:
+        raise
+    except Exception as exc:  # pluggy says which plugin's hook failed in the traceback only
+        raise PluginError(f"a plugin's {hook} hook failed: {_one_line(exc)} (-v shows where)") from exc
     return found
 
 

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 from pydantic import Field
@@ -204,6 +205,51 @@ def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_p
                             "raises": "iteris-daemon: error: strategy misbehaving failed"}.get(
         mistake, "iteris-daemon: error: strategy misbehaving returned")) and message in last
     assert "Traceback" not in err
+
+
+class _Loose:
+    """A strategy whose Params is a plain pydantic model: ``--param wieght=3`` was ignored."""
+
+    name = "loose"
+    needs_calibration = False
+
+    class Params(pydantic.BaseModel):
+        weight: float = 1.0
+
+    def merge(self, inputs, params, progress):
+        raise AssertionError("never called")
+
+
+class _Nameless:
+    Params = StrategyParams
+    needs_calibration = False
+
+    def merge(self, inputs, params, progress):
+        raise AssertionError("never called")
+
+
+@pytest.mark.parametrize("registered, message", [
+    (_Loose(), "strategy 'loose' (from test_plugins): its Params must subclass iteris_daemon.strategy.StrategyParams"),
+    (_Nameless(), "a strategy registered by test_plugins has no name"),
+    (None, "a plugin's register_strategies hook failed: ZeroDivisionError: division by zero"),
+])
+def test_a_malformed_plugin_object_or_a_raising_hook_is_one_line(capsys, registered, message):
+    """These were tracebacks in `plugins`, `merge` and the daemon (an AttributeError on
+    ``name``, a hook's own exception), or a strategy whose parameters took any typo."""
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(registered) if registered is not None else 1 / 0
+
+    manager = get_plugin_manager()
+    plugin = Plugin()
+    manager.register(plugin, name="malformed-plugin")
+    try:
+        code = main(["plugins"])
+    finally:
+        manager.unregister(plugin)
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().startswith(f"iteris-daemon: error: {message}") and err.count("\n") == 1, err
 
 
 def _fake_distribution(site, name, entry_point, module_source=None):
