@@ -82,12 +82,25 @@ class CompareRequest:
     quiet: bool = False
 
 
+def _runnable() -> list[str]:
+    """Every registered strategy that merges at its defaults: one with a required parameter
+    (a plugin's) is left out with a warning, not the whole comparison refused."""
+    names = []
+    for name in strategies():
+        try:
+            parse_contender(name)
+        except ParameterError as exc:
+            log.warning("compare: strategy %s left out: %s (name it with --strategy %s:KEY=VALUE)", name, exc, name)
+            continue
+        names.append(name)
+    return names
+
+
 def run_compare(request: CompareRequest) -> dict[str, Any]:
     """Merge with each contender, score each on the held-out samples; best mean first."""
     if not 0 < request.holdout < 1:
         raise ParameterError(f"holdout must be between 0 and 1 (exclusive), got {request.holdout}")
-    specs = request.strategies or list(strategies())
-    contenders = [*request.contenders, *(parse_contender(spec) for spec in specs)]
+    contenders = [*request.contenders, *(parse_contender(spec) for spec in request.strategies or _runnable())]
     seen: dict[tuple[str, str], str] = {}
     for contender in contenders:  # one merge twice would be two rows no one can tell apart
         key = (contender.strategy.name, contender.params.model_dump_json())
