@@ -189,6 +189,18 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
             raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
 
 
+def _delta_overflows(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> bool:
+    """Whether an entry of ``B @ A`` passes ``dtype``'s largest value, which PEFT's forward
+    would meet (caught by the evaluation, which ``--no-eval`` skips). The bound max row norm
+    of B x max column norm of A settles it almost always; past it the product is formed,
+    in float64, ``rows`` rows at a time."""
+    limit = torch.finfo(dtype).max
+    B64, A64 = B.double(), A.double()
+    if float(B64.norm(dim=1).max() * A64.norm(dim=0).max()) <= limit:
+        return False
+    return any(bool((B64[i:i + rows] @ A64).abs().max() > limit) for i in range(0, B64.shape[0], rows))
+
+
 def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tensor]:
     """Resolve ``modules_to_save`` (heads, embeddings) across adapters.
 
@@ -389,6 +401,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise MergeError(f"merged weights of {path} overflow {output_dtype} (NaN/Inf once cast); nothing was written "
                              "(write them in a wider --output-dtype)")
+        if _delta_overflows(B, A, output_dtype):
+            raise MergeError(f"the merged delta B @ A of {path} overflows {output_dtype} (finite factors, an infinite "
+                             "product); nothing was written")
         modules[path] = (B, A)
         ranks[path] = A.shape[0]
 
