@@ -63,4 +63,5 @@ class Publisher(Protocol):
         """Publish ``request.adapter_dir``; raise on failure (the run is then not successful)."""
 
     def current_version(self, settings: PublisherSettings) -> str | None:
-        """The version published now (for ``iteris-daemon status``), or None."""
+        """The version the destination holds now, read from the destination itself, or None
+        (``iteris-daemon status`` shows the catalog's record of what was published instead)."""
