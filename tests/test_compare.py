@@ -16,6 +16,7 @@ from builders import apply_by_hand, cli_merge, tokenizer
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
+from registered import registered
 from test_gates import Setup
 
 CONTENDERS = {  # label: (strategy, --param values for `merge`)
@@ -150,9 +151,8 @@ def test_a_json_path_that_would_overwrite_an_input_or_cannot_be_written_is_refus
 def test_the_default_contenders_leave_out_a_strategy_with_a_required_parameter(caplog):
     """``compare`` without ``--strategy`` takes every strategy `plugins` lists: one plugin
     strategy with a required parameter refused the whole comparison (exit 2)."""
-    from iteris_daemon import hookimpl
     from iteris_daemon.compare import _runnable
-    from iteris_daemon.plugin_manager import get_plugin_manager, strategies
+    from iteris_daemon.plugin_manager import strategies
     from iteris_daemon.strategy import StrategyParams
 
     class NeedsW:
@@ -164,18 +164,8 @@ def test_the_default_contenders_leave_out_a_strategy_with_a_required_parameter(c
         def merge(self, inputs, params, progress):
             raise AssertionError("never called")
 
-    class Plugin:
-        @hookimpl
-        def register_strategies(self, register):
-            register(NeedsW())
-
-    manager = get_plugin_manager()
-    plugin = Plugin()
-    manager.register(plugin, name="needs-w-plugin")
-    try:
+    with registered("register_strategies", NeedsW()):
         every, runnable = list(strategies()), _runnable()
-    finally:
-        manager.unregister(plugin)
     assert "needs_w" in every and runnable == [name for name in every if name != "needs_w"]
     assert any("strategy needs_w left out" in r.getMessage() and "--strategy needs_w:KEY=VALUE" in r.getMessage()
                for r in caplog.records)

@@ -29,6 +29,7 @@ from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.runner import published_copy, run_group, sync_group
 from iteris_daemon.sources.local import LocalFolderSource
+from registered import registered
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -237,8 +238,6 @@ def test_a_publisher_plugin_answering_no_publish_result_fails_the_run_with_one_l
     """A publisher that answered ``location=Path(...)`` had published, then the run's record
     failed (not JSON): the run "could not be carried out", was retried, and each retry
     published another version. Now the run fails naming the publisher, and is recorded."""
-    from iteris_daemon import hookimpl
-    from iteris_daemon.plugin_manager import get_plugin_manager
     from iteris_daemon.publish import PublisherSettings, PublishResult
 
     published: list[int] = []
@@ -252,21 +251,11 @@ def test_a_publisher_plugin_answering_no_publish_result_fails_the_run_with_one_l
             published.append(request.run_id)
             return PublishResult(location=tmp_path / "somewhere", version="v1", changed=True)
 
-    class Plugin:
-        @hookimpl
-        def register_publishers(self, register):
-            register(Sloppy())
-
-    manager = get_plugin_manager()
-    plugin = Plugin()
-    manager.register(plugin, name="sloppy-plugin")
-    try:
+    with registered("register_publishers", Sloppy()):
         group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
                             select={"names": ["task0"]}, destinations=[{"kind": "sloppy"}])
         sync_group(setup.catalog, group)
         outcome = setup.run(group)
-    finally:
-        manager.unregister(plugin)
     assert outcome.status is RunStatus.failed and len(published) == 1
     assert setup.run_row(outcome.run_id).error.startswith(
         f"publisher sloppy answered PublishResult(location={tmp_path / 'somewhere'!r}, version='v1', changed=True), "

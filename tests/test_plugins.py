@@ -17,6 +17,7 @@ from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import get_plugin_manager
 from iteris_daemon.strategy import MergedAdapter, StrategyParams, task_arithmetic_factors
+from registered import registered
 
 PLUGIN_SOURCE = textwrap.dedent(
     '''
@@ -228,26 +229,21 @@ class _Nameless:
         raise AssertionError("never called")
 
 
-@pytest.mark.parametrize("registered, message", [
+@pytest.mark.parametrize("item, message", [
     (_Loose(), "strategy 'loose' (from test_plugins): its Params must subclass iteris_daemon.strategy.StrategyParams"),
     (_Nameless(), "a strategy registered by test_plugins has no name"),
     (None, "a plugin's register_strategies hook failed: ZeroDivisionError: division by zero"),
 ])
-def test_a_malformed_plugin_object_or_a_raising_hook_is_one_line(capsys, registered, message):
+def test_a_malformed_plugin_object_or_a_raising_hook_is_one_line(capsys, item, message):
     """These were tracebacks in `plugins`, `merge` and the daemon (an AttributeError on
     ``name``, a hook's own exception), or a strategy whose parameters took any typo."""
-    class Plugin:
-        @hookimpl
-        def register_strategies(self, register):
-            register(registered) if registered is not None else 1 / 0
+    class Raising:  # the hook's own failure: a name that reads as a ZeroDivisionError
+        @property
+        def name(self):
+            return 1 / 0
 
-    manager = get_plugin_manager()
-    plugin = Plugin()
-    manager.register(plugin, name="malformed-plugin")
-    try:
+    with registered("register_strategies", item if item is not None else Raising()):
         code = main(["plugins"])
-    finally:
-        manager.unregister(plugin)
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith(f"iteris-daemon: error: {message}") and err.count("\n") == 1, err
 
