@@ -407,9 +407,9 @@ class Daemon:
     def _adapters_at(self, source: str, locators: Collection[str]) -> list[tuple[int, str]]:
         """(id, name) of the adapters of ``source`` at ``locators``."""
         with self.catalog.session(write=False) as session:
-            rows = session.execute(select(Adapter.id, Adapter.name, Adapter.locator).join(Source)
-                                   .where(Source.name == source)).all()
-        return [(adapter_id, name) for adapter_id, name, locator in rows if locator in locators]
+            return [tuple(row) for row in session.execute(
+                select(Adapter.id, Adapter.name).join(Source)
+                .where(Source.name == source, Adapter.locator.in_(list(locators))))]
 
     def _debounce(self, group: GroupConfig) -> None:
         """Run ``group`` ``debounce_seconds`` after this change of its inputs, so that a burst

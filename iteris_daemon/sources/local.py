@@ -290,12 +290,8 @@ class LocalFolderSource:
             problem = (f"watched folder {missing[0]} is gone" if missing
                        else f"cannot read folder {unlisted[0].filename}: {unlisted[0].strerror}" if unlisted else None)
             self._set_health(problem)
-        try:
-            self._look_again_at_removed(report.removed)
-        finally:  # what the scan did is reported, whatever happens looking again
-            log.info("source %s: scan: %s", self.name, report)
-            if self.on_change and report.changed:
-                self.on_change(report)
+        log.info("source %s: scan: %s", self.name, report)
+        self._report_changes(report)
         return report
 
     @property
@@ -496,6 +492,15 @@ class LocalFolderSource:
                 report.removed.append(adapter.locator)
                 log.info("source %s: %s removed", self.name, adapter.name)
 
+    def _report_changes(self, report: ScanReport) -> None:
+        """Look again at what was just marked removed (it may be back already), then tell
+        the groups what changed, whatever happens looking again."""
+        try:
+            self._look_again_at_removed(report.removed)
+        finally:
+            if self.on_change and report.changed:
+                self.on_change(report)
+
     def _look_again_at_removed(self, locators: list[str]) -> None:
         """Folders just marked removed may be back already: a root renamed away and back
         while a scan or settle looked (its watch survives, so no event tells). Each
@@ -673,13 +678,9 @@ class LocalFolderSource:
 
                 self._mark_removed(gone, report)
             self._hashed.save()
-        try:
-            self._look_again_at_removed(report.removed)
-        finally:  # what was examined is reported, whatever happens looking again
-            if report.registered or report.rejected or report.removed:
-                log.debug("source %s: events: %s", self.name, report)
-            if self.on_change and report.changed:
-                self.on_change(report)
+        if report.registered or report.rejected or report.removed:
+            log.debug("source %s: events: %s", self.name, report)
+        self._report_changes(report)
 
     @staticmethod
     def _subfolders(path: Path) -> list[Path]:
