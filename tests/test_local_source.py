@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,22 @@ def setup(tmp_path, made):
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     yield catalog, watched, base, adapters
     catalog.close()
+
+
+@contextmanager
+def _registered_and_watched(catalog, watched, base, lora, name: str):
+    """``lora`` copied in as ``name`` and registered by a started source, whose reports
+    to the groups are collected: (source, reports). The source stops after the block."""
+    shutil.copytree(lora, watched / name)
+    source = _source(catalog, watched, base)
+    reports = []
+    source.on_change = reports.append
+    source.start()
+    try:
+        wait_for(lambda: name in _adapters(catalog), "registration")
+        yield source, reports
+    finally:
+        source.stop()
 
 
 def _source(catalog, watched, base, polling=False, settle: float = SETTLE) -> LocalFolderSource:
@@ -241,14 +258,8 @@ def test_an_adapter_whose_weights_are_deleted_is_removed_until_they_are_back(set
     weights were still to come: the adapter stayed registered, and every run of its
     groups was skipped waiting for it to be registered again, for ever (found by QA)."""
     catalog, watched, base, (lora, _) = setup
-    shutil.copytree(lora, watched / "task")
     weights, locator = watched / "task" / "adapter_model.safetensors", str(watched / "task")
-    source = _source(catalog, watched, base)
-    reports = []
-    source.on_change = reports.append
-    source.start()
-    try:
-        wait_for(lambda: "task" in _adapters(catalog), "registration")
+    with _registered_and_watched(catalog, watched, base, lora, "task") as (source, reports):
         weights.unlink()
         wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.removed, "removal")
         assert reports[-1].removed == [locator]
@@ -257,8 +268,6 @@ def test_an_adapter_whose_weights_are_deleted_is_removed_until_they_are_back(set
         shutil.copy(lora / "adapter_model.safetensors", weights)
         wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.registered, "registration again")
         assert reports[-1].registered == [locator]
-    finally:
-        source.stop()
     assert len(_adapters(catalog)["task"].revisions) == 1  # the same content: the same revision
 
     weights.unlink()  # while the daemon is stopped
@@ -513,13 +522,7 @@ def test_a_folder_that_may_not_be_looked_into_is_rejected_once_not_removed(setup
     (found by QA, running the daemon as nobody)."""
     catalog, watched, base, (lora, _) = setup
     locked = watched / "locked"
-    shutil.copytree(lora, locked)
-    source = _source(catalog, watched, base)
-    reports = []
-    source.on_change = reports.append
-    source.start()
-    try:
-        wait_for(lambda: "locked" in _adapters(catalog), "registration")
+    with _registered_and_watched(catalog, watched, base, lora, "locked") as (source, reports):
         _deny_looking_into(monkeypatch, locked)
         locked.chmod(0o000)  # the event (as root, reading it is still allowed: the denial is the monkeypatch's)
         wait_for(lambda: _adapters(catalog)["locked"].status is AdapterStatus.rejected, "the rejection")
@@ -536,8 +539,6 @@ def test_a_folder_that_may_not_be_looked_into_is_rejected_once_not_removed(setup
         assert reports[-1].registered == [str(locked)]
         source.scan()
         assert _health(catalog) == (True, None)
-    finally:
-        source.stop()
     assert [r.levelname for r in caplog.records if "locked" in r.getMessage() and r.levelname != "INFO"] == ["WARNING"]
     assert not any(r.exc_info for r in caplog.records)
 
