@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from polling import wait_for
 from builders import build_adapter, build_tiny_model
+from mounts import tmpfs
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
@@ -566,6 +567,27 @@ def test_a_rescan_rejects_the_adapters_under_a_folder_it_may_not_list_and_tells_
         source.stop()
     assert _adapters(catalog)["team/a"].status is AdapterStatus.rejected
     assert _health(catalog) == (False, f"cannot read folder {team}: Permission denied")
+
+
+def test_lost_and_found_at_the_top_of_a_mounted_root_is_not_looked_into(setup, tmp_path, monkeypatch):
+    """A watched root that is a mounted volume (a real tmpfs) holds fsck's ``lost+found``,
+    which only root may list (the denial is injected: the tests run as root). It is not
+    looked into, so the source stays healthy and registers the volume's adapters. Before
+    the fix every scan marked the source unhealthy, for ever. A ``lost+found`` deeper
+    down is an ordinary folder: not listable, it still says so."""
+    catalog, _, base, (lora, _) = setup
+    with tmpfs(tmp_path / "volume", 64 << 20) as volume:
+        for locked in (volume / "lost+found", volume / "team" / "lost+found"):
+            locked.mkdir(parents=True)
+            _deny_looking_into(monkeypatch, locked)
+        shutil.copytree(lora, volume / "a")
+        source = _source(catalog, volume, base)
+        report = source.scan()
+        assert report.registered == [str(volume / "a")]
+        assert _health(catalog) == (False, f"cannot read folder {volume / 'team' / 'lost+found'}: Permission denied")
+        (volume / "team" / "lost+found").rmdir()
+        source.scan()
+        assert _health(catalog) == (True, None)
 
 
 def test_a_folder_whose_examination_raises_is_looked_at_again_ever_later(setup, monkeypatch, caplog):

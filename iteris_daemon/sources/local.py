@@ -6,7 +6,8 @@ later, slow copies), so an event only marks a folder *dirty*; it is examined onc
 no event has touched it for ``settle_seconds`` and two looks at its files (names,
 sizes, mtimes) agree. A settled folder without weights waits for them, unless it held
 an adapter: that one is ``removed`` until weights are back. Folders whose name starts with "." are ignored, so a writer
-can stage an adapter in ``.tmp-x/`` and rename it into place.
+can stage an adapter in ``.tmp-x/`` and rename it into place; so is ``lost+found`` at the
+top of a file system.
 
 A watched root that is deleted, or not there at start (a typo, a mount not yet up:
 it is not created), makes the source unhealthy and its adapters ``removed`` (rows and
@@ -164,6 +165,14 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _looked_into(folder: str, dirs: list[str]) -> list[str]:
+    """The subfolders of ``folder`` a walk goes into, sorted: not hidden ones, nor fsck's
+    ``lost+found`` at the top of a file system (root's, unreadable to the daemon's user: a
+    volume mounted as a watched root would keep its source unhealthy for ever)."""
+    at_mount = "lost+found" in dirs and os.path.ismount(folder)
+    return sorted(d for d in dirs if not d.startswith(".") and not (at_mount and d == "lost+found"))
+
+
 def as_text(path: Path | str) -> str:
     """``path`` as text any database can store: undecodable bytes of a non-UTF-8 name
     become ``\\xNN`` escapes (equal to ``str(path)`` for every UTF-8 path)."""
@@ -234,7 +243,7 @@ class LocalFolderSource:
                 log.warning("source %s: folder %s does not exist (yet)", self.name, root)
                 continue
             for folder, dirs, files in os.walk(root, onerror=partial(_note_unlisted, unlisted)):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = _looked_into(folder, dirs)
                 if any(name in files for name in ADAPTER_FILES):
                     found.append(Path(folder))
                 found.extend(link for link in (Path(folder) / d for d in dirs)
@@ -686,7 +695,7 @@ class LocalFolderSource:
     def _subfolders(path: Path) -> list[Path]:
         found = []
         for folder, dirs, _ in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = _looked_into(folder, dirs)
             found.extend(Path(folder) / d for d in dirs)
         return found
 
