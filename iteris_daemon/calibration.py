@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from . import safe_json
-from .errors import CalibrationError, IterisError
+from .errors import CalibrationError, ConfigError, IterisError
 
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -173,10 +175,28 @@ class CalibrationOptions:
     max_download_bytes: int | None = None  # a downloaded calibration file's limit (the daemon's max_calibration_bytes)
 
 
+class CalibrationSettings(BaseModel):
+    """Base of a calibration source's optional ``Settings`` model: its table in the config,
+    ``[groups.calibration.<name>]``. Unknown keys are an error. A source that declares one
+    has its table checked when the config is read, not at the first merge hours later."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def source_settings(source: CalibrationSource, table: dict[str, Any]) -> CalibrationSettings:
+    """``table`` validated by ``source.Settings``; a mistake is a ConfigError naming each field."""
+    try:
+        return source.Settings.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError.from_validation(f"calibration.{source.name}", exc) from None
+
+
 @runtime_checkable
 class CalibrationSource(Protocol):
+    """Calibration data for adapters. Optional: ``description`` (one line), ``Settings`` (a
+    :class:`CalibrationSettings` model of its config table) and ``runs_in_worker``."""
+
     name: ClassVar[str]
-    description: ClassVar[str]
 
     def load(self, adapter: Any, options: CalibrationOptions) -> CalibrationSet | None:
         """Inputs for ``adapter`` (a :class:`~iteris_daemon.lora.LoraAdapter`), or None to pass.

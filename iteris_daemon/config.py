@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .calibration import DEFAULT_ORDER
+from .calibration import DEFAULT_ORDER, source_settings
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
@@ -398,6 +398,8 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
                 if key not in available or not isinstance(value, dict):
                     raise ConfigError(f"calibration.{key}: not a calibration source's settings table (sources: "
                                       f"{', '.join(sorted(available))}; fields: order, files)")
+                if getattr(available[key], "Settings", None) is not None:  # else checked when the source loads
+                    source_settings(available[key], value)
             for number, destination in enumerate(group.destinations):
                 try:
                     place = _destination(destination)

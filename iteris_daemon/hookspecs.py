@@ -44,7 +44,11 @@ def register_calibration_sources(register: Callable[["CalibrationSource"], None]
     A source satisfies :class:`iteris_daemon.calibration.CalibrationSource`: a unique
     ``name`` (what ``CalibrationOptions.order`` lists) and ``load(adapter, options)``
     returning a :class:`~iteris_daemon.calibration.CalibrationSet` or ``None`` to let
-    the next source in the configured order answer. A source whose ``load`` needs torch
+    the next source in the configured order answer. Its optional ``Settings``, a
+    :class:`~iteris_daemon.calibration.CalibrationSettings` model, checks its config table
+    (``[groups.calibration.<name>]``, in ``options.settings[name]``) when the config is
+    read; :func:`~iteris_daemon.calibration.source_settings` validates it the same way in
+    ``load``. A source whose ``load`` needs torch
     or a model sets ``runs_in_worker = True``: the daemon, which never imports torch,
     then calls it in a worker process (the adapter it gets is read from the run's
     snapshot; the samples come back as JSON).

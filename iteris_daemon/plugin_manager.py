@@ -11,7 +11,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownStrategyError
-from .calibration import CalibrationSource
+from .calibration import CalibrationSettings, CalibrationSource
 from .publish import Publisher, PublisherSettings
 from .strategy import MergeStrategy, StrategyParams
 
@@ -101,10 +101,11 @@ def _one_line(exc: Exception) -> str:
 
 
 # What each kind of plugin object must have (``description`` is optional), and the base
-# class its validated settings must use: the project's are strict (a typo is an error).
+# class its validated settings must use where it has them: the project's are strict (a
+# typo is an error). A calibration source's ``Settings`` is optional.
 _REQUIRED = {
     "strategy": (("name", "Params", "needs_calibration", "merge"), ("Params", StrategyParams)),
-    "calibration source": (("name", "load"), None),
+    "calibration source": (("name", "load"), ("Settings", CalibrationSettings)),
     "publisher": (("kind", "Settings", "publish"), ("Settings", PublisherSettings)),
 }
 
@@ -120,8 +121,8 @@ def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) ->
         missing = [name for name in attributes if not hasattr(item, name)]
         if missing:
             raise PluginError(f"a {what} registered by {where} has no {', '.join(missing)}")
-        if settings is not None and not (isinstance(getattr(item, settings[0]), type)
-                                         and issubclass(getattr(item, settings[0]), settings[1])):
+        model = getattr(item, settings[0], None)
+        if model is not None and not (isinstance(model, type) and issubclass(model, settings[1])):
             raise PluginError(f"{what} {getattr(item, key)!r} (from {where}): its {settings[0]} must subclass "
                               f"{settings[1].__module__}.{settings[1].__name__}, which refuses unknown keys")
         name = getattr(item, key)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import random
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample
-from iteris_daemon.errors import CalibrationError, ConfigError
+from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, Sample, source_settings
+from iteris_daemon.errors import CalibrationError
 
 
-class GenerateSettings(BaseModel):
+class GenerateSettings(CalibrationSettings):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     samples: int | None = Field(None, ge=1, le=100_000)  # None: the merge's samples per task
@@ -34,15 +34,13 @@ class GenerateSettings(BaseModel):
 class Generate:
     name = "generate"
     description = "data-free fallback: text sampled from base + the adapter (random vocabulary for encoders)"
+    Settings = GenerateSettings
     runs_in_worker = True  # it loads the model (torch, transformers): the daemon calls it in a worker
 
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
         if not options.base_model:
             raise CalibrationError(adapter.path, "the generate source needs the base model")
-        try:  # a mistyped setting was a ValueError from int(), or silently ignored
-            settings = GenerateSettings.model_validate(options.settings.get(self.name, {}))
-        except ValidationError as exc:
-            raise ConfigError.from_validation("calibration generate", exc) from None
+        settings = source_settings(self, options.settings.get(self.name, {}))
         samples = settings.samples or options.samples
         max_new_tokens, seed = settings.max_new_tokens, settings.seed
         from transformers import AutoTokenizer

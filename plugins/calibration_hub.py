@@ -16,19 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from iteris_daemon import hookimpl
-from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, read_jsonl
-from iteris_daemon.errors import CalibrationError, ConfigError
+from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
+from iteris_daemon.errors import CalibrationError
 from iteris_daemon.paths import LocalPath, cache_dir
 from iteris_daemon.retry import hub_retrying
 from iteris_daemon.tokens import hub_token, plain
 
 
-class HubDatasetSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HubDatasetSettings(CalibrationSettings):
     repo_id: str
     filename: str = "{name}.jsonl"
     revision: str | None = None
@@ -40,15 +36,13 @@ class HubDatasetSettings(BaseModel):
 class HubDataset:
     name = "hub_dataset"
     description = "a JSON Lines file per adapter in a Hub dataset repo"
+    Settings = HubDatasetSettings
 
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
         raw = options.settings.get(self.name)
         if not raw:
             return None
-        try:
-            settings = HubDatasetSettings.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError.from_validation("calibration hub_dataset", exc) from None
+        settings = source_settings(self, raw)
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 

@@ -256,9 +256,9 @@ def test_a_source_that_raises_holds_its_adapter_back_in_the_daemon_too(bert):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"sampels": 3}, "calibration generate: sampels: Extra inputs are not permitted"),
-    ({"samples": "many"}, "calibration generate: samples: Input should be a valid integer"),
-    ({"max_new_tokens": 0}, "calibration generate: max_new_tokens: Input should be greater than or equal to 1"),
+    ({"sampels": 3}, "calibration.generate: sampels: Extra inputs are not permitted"),
+    ({"samples": "many"}, "calibration.generate: samples: Input should be a valid integer"),
+    ({"max_new_tokens": 0}, "calibration.generate: max_new_tokens: Input should be greater than or equal to 1"),
 ])
 def test_the_generate_sources_settings_are_checked(bert, settings, message):
     """A typo was ignored, and "many" a ValueError from int() in the worker."""

@@ -51,6 +51,11 @@ def test_the_example_config_is_valid():
     (GROUP + '[groups.calibration]\nhub_datset = { repo_id = "a/b" }\n' + FOLDER,
      "groups.0 (g): calibration.hub_datset: not a calibration source's settings table (sources: adapter, files"),
     (GROUP + '[groups.calibration]\nsamples = 3\n' + FOLDER, "calibration.samples: not a calibration source's"),
+    # A source's table was only checked at the group's first merge, hours after start.
+    (GROUP + '[groups.calibration.generate]\nsampels = 3\n' + FOLDER,
+     "groups.0 (g): calibration.generate: sampels: Extra inputs are not permitted"),
+    (GROUP + '[groups.calibration.hub_dataset]\nfilename = "{name}.jsonl"\n' + FOLDER,
+     "groups.0 (g): calibration.hub_dataset: repo_id: Field required"),
     ('[[sources]]\nname = "s"\nkind = "hub"\n', "sources.0 (s): settings: Value error, give repos or an author"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = []\n', "sources.0 (s): paths"),
     # A published merge inside a watched folder would come back as an input (and the reverse).

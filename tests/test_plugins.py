@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from iteris_daemon import hookimpl
+from iteris_daemon.calibration import CalibrationSettings
 from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import get_plugin_manager
@@ -246,6 +247,45 @@ def test_a_malformed_plugin_object_or_a_raising_hook_is_one_line(capsys, item, m
         code = main(["plugins"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith(f"iteris-daemon: error: {message}") and err.count("\n") == 1, err
+
+
+class _StoreSettings(CalibrationSettings):
+    url: str
+
+
+class _Store:
+    """A third-party calibration source with a settings table of its own."""
+
+    name = "store"
+    Settings = _StoreSettings
+
+    def load(self, adapter, options):
+        raise AssertionError("never called")
+
+
+class _LooseStore(_Store):
+    class Settings(pydantic.BaseModel):
+        url: str
+
+
+def test_a_calibration_sources_settings_table_is_checked_when_the_config_is_read(tmp_path, capsys):
+    """A source's ``Settings`` model checks its ``[groups.calibration.<name>]`` table when the
+    config is read (``run`` refuses to start), as a strategy's parameters are; before, a
+    typo there surfaced at the group's first merge. A model that does not subclass the
+    strict base is refused when the plugin registers."""
+    config = tmp_path / "config.toml"
+    config.write_text('[[groups]]\nname = "g"\nbase_model = "b"\n[groups.calibration.store]\nulr = "x"\n'
+                      '[[groups.destinations]]\nkind = "folder"\npath = "/tmp/x"\n')
+    with registered("register_calibration_sources", _Store()):
+        assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"iteris-daemon: error: {config}: groups.0 (g): calibration.store: url: Field required; "
+                   "ulr: Extra inputs are not permitted\n")
+    with registered("register_calibration_sources", _LooseStore()):
+        assert main(["plugins"]) == 2
+    assert capsys.readouterr().err == (
+        "iteris-daemon: error: calibration source 'store' (from test_plugins): its Settings must subclass "
+        "iteris_daemon.calibration.CalibrationSettings, which refuses unknown keys\n")
 
 
 def _fake_distribution(site, name, entry_point, module_source=None):
