@@ -413,6 +413,19 @@ def test_plugin_listing_copes_with_what_third_party_plugins_leave_out(capsys):
         manager.unregister(plugin)
 
 
+def test_plugin_parameters_are_listed_with_the_bounds_their_model_checks(capsys):
+    """`plugins --params` showed types and defaults but not the bounds that refuse a value
+    (``iterations`` 0, ``refine_holdout`` 1); long types broke the table's columns."""
+    assert main(["plugins", "--params", "iteris", "--json"]) == 0
+    ranges = {row["name"]: row["range"] for row in json.loads(capsys.readouterr().out)}
+    assert ranges["iterations"] == ">= 1, <= 1000" and ranges["refine_lr"] == "> 0, <= 1"
+    assert ranges["adaptive_weights"] is None and ranges["samples_per_task"] == ">= 1"
+    assert main(["plugins", "--params", "iteris"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert "int (>= 1, <= 1000)" in next(r for r in rows if r.split()[0] == "iterations")
+    assert len({row.index("default=") for row in rows}) == 1  # one column, whatever the types' lengths
+
+
 def test_two_plugins_with_one_name_and_a_misspelt_hook_are_one_line_errors(tmp_path):
     """Both were silent or a traceback: a second strategy named ``iteris`` raised a bare
     ValueError, and a hook spelt ``register_strategy`` loaded a plugin that provided nothing."""

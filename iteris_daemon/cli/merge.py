@@ -191,15 +191,17 @@ def _plugins(args) -> int:
         strategy = get_strategy(args.params)
         fields = strategy.Params.model_fields
         rows = [
-            {"name": n, "type": _type_name(f.annotation), "default": _default(f), "help": f.description or ""}
+            {"name": n, "type": _type_name(f.annotation), "range": _range(f), "default": _default(f),
+             "help": f.description or ""}
             for n, f in fields.items()
         ]
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
         else:
             print(f"{strategy.name}: {_description(strategy)}")
+            width = max((len(_kind(row)) for row in rows), default=0)
             for row in rows:
-                print(f"  {row['name']:20} {row['type']:22} default={row['default']!r:10} {row['help']}")
+                print(f"  {row['name']:20} {_kind(row):{width}} default={row['default']!r:10} {row['help']}")
         return 0
     loaded = plugin_names()
     found = strategies()
@@ -238,6 +240,18 @@ def _default(field) -> object:
     if field.is_required():
         return "required"
     return field.default_factory() if field.default_factory is not None else field.default
+
+
+def _range(field) -> str | None:
+    """A parameter's bounds as its model checks them, e.g. ``>= 1, <= 1000`` (None: unbounded)."""
+    bounds = [f"{symbol} {getattr(constraint, name)}" for constraint in field.metadata
+              for name, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if getattr(constraint, name, None) is not None]
+    return ", ".join(bounds) or None
+
+
+def _kind(row: dict) -> str:
+    return row["type"] if row["range"] is None else f"{row['type']} ({row['range']})"
 
 
 def _type_name(annotation) -> str:
