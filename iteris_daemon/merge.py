@@ -185,6 +185,9 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
             raise MergeError(f"strategy {strategy} returned factors of shapes B {tuple(B.shape)}, A {tuple(A.shape)} "
                              f"for {path}, which needs B (d_out, r) and A (r, d_in) with (d_out, d_in) = "
                              f"{shapes[path]} and r >= 1; nothing was written")
+        if not (B.is_floating_point() and A.is_floating_point()):  # a cast would drop imaginary parts, say
+            raise MergeError(f"strategy {strategy} returned factors of dtypes B {B.dtype}, A {A.dtype} for {path}; "
+                             "LoRA factors are real floating point; nothing was written")
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
 

@@ -155,6 +155,10 @@ class Misbehaving:
             return modules
         elif self.mistake == "not a pair":
             modules[path] = B
+        elif self.mistake == "complex":
+            modules[path] = (B.to(torch.complex64), A)
+        elif self.mistake == "integer":
+            modules[path] = (B, (A * 1000).round().to(torch.int32))
         return MergedAdapter(modules)
 
 
@@ -169,6 +173,9 @@ class Misbehaving:
     ("raises", "strategy misbehaving failed: KeyError: 'a bug in the plugin'"),
     ("not a MergedAdapter", "strategy misbehaving returned dict, not a MergedAdapter"),
     ("not a pair", "strategy misbehaving returned Tensor for "),
+    # Cast without a word: the imaginary part dropped, the integers written as floats.
+    ("complex", "returned factors of dtypes B torch.complex64, A torch.float32 for"),
+    ("integer", "returned factors of dtypes B torch.float32, A torch.int32 for"),
     ("shared", None),
 ])
 def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_path, capsys, mistake, message):
