@@ -192,6 +192,30 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
             raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
 
 
+def input_tensors(adapters: list[LoraAdapter]) -> dict[tuple[str, str], tuple[torch.Tensor, int]]:
+    """Every factor and saved module of the inputs with its count of in-place writes (torch
+    keeps one per tensor: ``_version``), to see afterwards that a strategy left them as given."""
+    found = {}
+    for adapter in adapters:
+        tensors = {**{f"{path}.lora_{k}": getattr(m, k) for path, m in adapter.modules.items() for k in "AB"},
+                   **adapter.modules_to_save}
+        found.update({(adapter.name, key): (tensor, tensor._version) for key, tensor in tensors.items()})
+    return found
+
+
+def check_inputs_kept(strategy: str, before: dict[tuple[str, str], tuple[torch.Tensor, int]],
+                      adapters: list[LoraAdapter]) -> None:
+    """A strategy that changed its input adapters (in place, or by replacing their tensors)
+    is refused: the evaluation compares the merge with them, so its figures would mislead."""
+    after = input_tensors(adapters)
+    for key, (tensor, version) in before.items():
+        now = after.get(key)
+        if now is None or now[0] is not tensor or now[1] != version:
+            raise MergeError(f"strategy {strategy} changed its input adapter {key[0]} ({key[1]}); a strategy must "
+                             "leave its inputs as given (the evaluation compares the merge with them); nothing was "
+                             "written")
+
+
 def _delta_overflows(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> bool:
     """Whether an entry of ``B @ A`` passes ``dtype``'s largest value, which PEFT's forward
     would meet (caught by the evaluation, which ``--no-eval`` skips). The bound max row norm
@@ -375,6 +399,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     window = memory.reset_peak()
     memory.reset_device_peak(base.device)
     merge_started = time.perf_counter()
+    given = input_tensors(adapters)
     try:
         result = strategy.merge(MergeInputs(base, adapters, calibration, request.device, head), params, progress)
     except (IterisError, MemoryError):
@@ -393,6 +418,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
         raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
                          "(with a dict of metrics); nothing was written")
+    check_inputs_kept(strategy.name, given, adapters)
     check_result(strategy.name, result.modules, adapters)
     modules, ranks, truncation = {}, {}, {}
     storages: set[int] = set()

@@ -1,5 +1,6 @@
 """Third-party plugins add strategies the same way the built-ins do."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -155,6 +156,10 @@ class Misbehaving:
             return modules
         elif self.mistake == "not a pair":
             modules[path] = B
+        elif self.mistake == "edits its inputs":  # DARE's drop done on the inputs themselves
+            inputs.adapters[0].modules[path].B.mul_(0.5)
+        elif self.mistake == "replaces its inputs":
+            inputs.adapters[-1].modules[path] = dataclasses.replace(inputs.adapters[-1].modules[path], A=A * 2)
         elif self.mistake == "complex":
             modules[path] = (B.to(torch.complex64), A)
         elif self.mistake == "integer":
@@ -173,6 +178,9 @@ class Misbehaving:
     ("raises", "strategy misbehaving failed: KeyError: 'a bug in the plugin'"),
     ("not a MergedAdapter", "strategy misbehaving returned dict, not a MergedAdapter"),
     ("not a pair", "strategy misbehaving returned Tensor for "),
+    # The evaluation compared the merge with the edited inputs: the figures misled.
+    ("edits its inputs", "strategy misbehaving changed its input adapter "),
+    ("replaces its inputs", "strategy misbehaving changed its input adapter "),
     # Cast without a word: the imaginary part dropped, the integers written as floats.
     ("complex", "returned factors of dtypes B torch.complex64, A torch.float32 for"),
     ("integer", "returned factors of dtypes B torch.float32, A torch.int32 for"),
@@ -211,7 +219,9 @@ def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_p
     last = err.strip().splitlines()[-1]
     assert last.startswith({"huge": "iteris-daemon: error: merged weights of",
                             "overflowing product": "iteris-daemon: error: the merged delta B @ A of",
-                            "raises": "iteris-daemon: error: strategy misbehaving failed"}.get(
+                            "raises": "iteris-daemon: error: strategy misbehaving failed",
+                            "edits its inputs": "iteris-daemon: error: strategy misbehaving changed",
+                            "replaces its inputs": "iteris-daemon: error: strategy misbehaving changed"}.get(
         mistake, "iteris-daemon: error: strategy misbehaving returned")) and message in last
     assert "Traceback" not in err
 
