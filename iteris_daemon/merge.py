@@ -243,14 +243,16 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
     heads = [a.modules_to_save for a in adapters]
     if not any(heads):
         return {}
+    for key in sorted({k for h in heads for k in h}):  # e.g. heads trained for different label counts
+        shapes = {a.name: tuple(h[key].shape) for a, h in zip(adapters, heads) if key in h}
+        if len(set(shapes.values())) > 1:  # one model holds one; each task's is evaluated in it
+            raise IncompatibleAdaptersError(
+                f"modules_to_save {key} differs in shape between adapters ({shapes}): a merged adapter carries one "
+                "head, so merge adapters trained for the same labels")
     if rule == "average":
         keys = set(heads[0])
         if any(set(h) != keys for h in heads):
             raise IncompatibleAdaptersError("cannot average modules_to_save: adapters save different modules")
-        for key in sorted(keys):
-            shapes = {a.name: tuple(h[key].shape) for a, h in zip(adapters, heads)}
-            if len(set(shapes.values())) > 1:  # e.g. heads trained for different label counts
-                raise IncompatibleAdaptersError(f"cannot average modules_to_save {key}: its shapes differ ({shapes})")
         return {k: torch.stack([h[k].float() for h in heads]).mean(0).to(heads[0][k].dtype) for k in keys}
     if rule in names:
         return dict(names[rule].modules_to_save)

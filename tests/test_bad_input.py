@@ -351,7 +351,10 @@ def test_the_label_count_comes_from_the_head(tmp_path, capsys):
     its base with 2 labels, the smallest saved matrix: without disk offload the merge ended
     in a traceback, and the daemon's check refused the adapter ("classifier.bias is (3,),
     base model has (2,)"). A base checkpoint whose own head has another label count loads (the
-    adapter's head replaces it). Heads of different label counts cannot be averaged: one line."""
+    adapter's head replaces it). Heads of different label counts cannot be merged, whatever the
+    rule: one line before the base model loads (with an adapter's name as the rule, the error
+    named the base model's classifier after the first adapter's: "ner5/...: classifier.bias is
+    (5,), base model has (3,)", once the base had loaded)."""
     import transformers as tf
 
     from iteris_daemon.shapes import head_labels
@@ -369,8 +372,13 @@ def test_the_label_count_comes_from_the_head(tmp_path, capsys):
     three, four = (_head_adapter(base, tmp_path, labels) for labels in (3, 4))
     validate_adapter(three, base_model=str(base))
     assert _merge(capsys, base, [three], tmp_path / "out", "--offload", "none")[0] == 0
-    code, message = _merge(capsys, base, [three, four], tmp_path / "mixed", "--modules-to-save-rule", "average")
-    _assert_refused(code, message, tmp_path / "mixed", "cannot average modules_to_save classifier.bias: its shapes differ")
+    for rule in ("average", "agree", four.name):
+        code = cli_merge(base, [three, four], tmp_path / "mixed", "--modules-to-save-rule", rule)
+        err = capsys.readouterr().err
+        _assert_refused(code, err.strip().splitlines()[-1], tmp_path / "mixed", "modules_to_save classifier.bias "
+                        f"differs in shape between adapters ({{'{three.name}': (3,), '{four.name}': (4,)}}): a merged "
+                        "adapter carries one head")
+        assert "loading base model" not in err
 
 
 def _head_adapter(base: Path, tmp_path: Path, labels: int) -> Path:
