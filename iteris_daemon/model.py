@@ -100,14 +100,23 @@ def factor_deltas(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict
     return {p: Delta(A, B) for p, (B, A) in factors.items()}
 
 
+LORA_DTYPE = torch.float32
+"""What the LoRA path runs in, whatever the model's dtype: PEFT (``autocast_adapter_dtype``,
+its default) upcasts float16/bfloat16 adapter weights to float32, casts each layer's input
+to them and adds the result to the base output before casting back, so the merge and its
+measurements see the model the merged adapter is served as."""
+
+
 def _add_delta(output: torch.Tensor, x: torch.Tensor, delta: Delta) -> torch.Tensor:
-    """``output + scaling * x A^T B^T``, written into ``output`` when the dtypes allow
-    (a layer's fresh output, not yet seen by anything else): no output-sized temporaries."""
+    """``output + scaling * x A^T B^T`` as PEFT's LoRA forward computes it: in the factors'
+    dtype (:data:`LORA_DTYPE`), then cast to the output's. A float32 output is written into
+    in place (a layer's fresh output, not yet seen by anything else): no output-sized temporaries."""
     h = x.reshape(-1, x.shape[-1]).to(delta.A.dtype) @ delta.A.T
     if output.dtype == delta.B.dtype and output.is_contiguous():
         output.view(-1, output.shape[-1]).addmm_(h, delta.B.T, alpha=delta.scaling)
         return output
-    return output + (delta.scaling * (h @ delta.B.T)).reshape(output.shape).to(output.dtype)
+    lora = (h @ delta.B.T).mul_(delta.scaling).reshape(output.shape)
+    return lora.add_(output).to(output.dtype)
 
 
 Recorder = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
@@ -407,7 +416,7 @@ class BaseModel:
 
     def set_deltas(self, deltas: dict[str, Delta]) -> None:
         self.deltas = {
-            path: Delta(d.A.to(self.device, self.dtype), d.B.to(self.device, self.dtype), d.scaling)
+            path: Delta(d.A.to(self.device, LORA_DTYPE), d.B.to(self.device, LORA_DTYPE), d.scaling)
             for path, d in deltas.items()
         }
 

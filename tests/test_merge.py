@@ -329,3 +329,36 @@ def test_one_base_folder_spelled_two_ways_is_one_base(bert, tmp_path, monkeypatc
     assert cli_merge(f"./{base_dir.name}", copies, tmp_path / "again", "--strategy", "task_arithmetic", "--no-eval") == 0
     for out in ("merged", "again"):  # the merge names its base so that it loads from any folder
         assert json.loads((tmp_path / out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_hooks_compute_the_lora_path_as_peft_serves_it(tiny, dtype):
+    """In a half-precision model the engine's hooks ran ``x A^T B^T`` in that precision (6.4%
+    off float64 per layer, found in QA); PEFT upcasts the adapter to float32 and the input
+    with it, so the merge measured a model other than the one its adapter is served as."""
+    from iteris_daemon.model import BaseModel, adapter_deltas
+
+    base_dir, adapter_dirs = tiny["llama"]
+    adapter = load_adapter(adapter_dirs[0])
+    inputs = sample_inputs("llama", tf.AutoTokenizer.from_pretrained(base_dir))
+    real = inputs["attention_mask"].bool()
+
+    def peft_logits(torch_dtype: torch.dtype) -> torch.Tensor:
+        model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype),
+                                          adapter_dirs[0]).eval()
+        if torch_dtype == torch.float64:  # the adapter too (PEFT loads it in float32)
+            model.double()
+        with torch.no_grad():
+            return model(**inputs).logits[real].double()
+
+    base = BaseModel(str(base_dir), [adapter], dtype=dtype, offload="none")
+    base.attach(adapter.modules)
+    base.set_deltas(adapter_deltas(adapter))
+    hooked = base.forward(inputs)[real].double()
+    served, exact = peft_logits(getattr(torch, dtype)), peft_logits(torch.float64)
+
+    def relative(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert relative(hooked, served) < 1e-4  # 6.5e-3 in bfloat16 when the path ran in it
+    assert relative(hooked, exact) <= 1.001 * relative(served, exact)
