@@ -79,8 +79,10 @@ class CalibrationSet:
         return part(False), part(True)
 
 
-def read_jsonl(path: str | Path) -> CalibrationSet:
-    """Parse a calibration file; errors name the file and the 1-based line."""
+def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
+    """Parse a calibration file; errors name the file and the 1-based line. ``limit``: stop
+    after that many samples (a merge takes the first ``samples_per_task``), so neither the
+    rest of a large file nor a fault in it is read."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(path, "calibration file is a folder, not a file" if path.is_dir()
@@ -90,6 +92,8 @@ def read_jsonl(path: str | Path) -> CalibrationSet:
     samples: list[Sample] = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if limit is not None and len(samples) >= limit:
+                break
             if not raw.strip():
                 continue
             try:  # a byte order mark, as some editors write, is not part of the first line
@@ -171,6 +175,7 @@ class CalibrationOptions:
     files: dict[str, Path] = field(default_factory=dict)  # adapter name -> JSON Lines file
     base_model: str | None = None
     samples: int = 50  # how many samples a generating source should make
+    limit: int | None = None  # the merge takes the first ``limit`` samples: a reader may stop there (None: all)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> its settings
     max_download_bytes: int | None = None  # a downloaded calibration file's limit (the daemon's max_calibration_bytes)
 

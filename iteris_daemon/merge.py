@@ -142,7 +142,8 @@ def calibration_for(adapters: list[LoraAdapter], specs: list[AdapterSpec], optio
                     base_model: str, required: bool, samples: int | None = None) -> list[CalibrationSet | None]:
     """Each adapter's calibration set: its spec's file first (the ``files`` source, put
     first in the order), then the sources in ``options.order``. ``samples``: how many a
-    generating source makes (default: ``CalibrationOptions``')."""
+    generating source makes (default: ``CalibrationOptions``'), and the first ones taken
+    (the sources may stop reading there)."""
     options = options or CalibrationOptions()
     mapped = {a.name: s.calibration for a, s in zip(adapters, specs) if s.calibration}
     options.files = {**options.files, **mapped}
@@ -151,6 +152,7 @@ def calibration_for(adapters: list[LoraAdapter], specs: list[AdapterSpec], optio
     options.base_model = options.base_model or base_model
     if samples is not None:
         options.samples = samples
+    options.limit = samples
     return gather_calibration(adapters, options, required=required)
 
 

@@ -405,7 +405,8 @@ class InWorkerCalibration:
         job = {"kind": "calibration", "source": self.name,
                "adapters": [{"path": str(a.path), "name": a.name} for a in adapters],
                "options": {"order": list(options.order), "files": {k: str(v) for k, v in options.files.items()},
-                           "base_model": options.base_model, "samples": options.samples, "settings": options.settings}}
+                           "base_model": options.base_model, "samples": options.samples, "limit": options.limit,
+                           "settings": options.settings}}
         names = ", ".join(a.name for a in adapters) if len(adapters) <= 3 else f"{len(adapters)} adapters"
         answers = self._in_worker(job, f"calibration source {self.name} for {names}")  # prefixes each log line
         return [_answer(answer) for answer in answers]
@@ -481,7 +482,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                    for name, source in sources.items() if name in group.calibration.order}
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
-        samples=samples or 50, settings=group.calibration.source_settings(),
+        samples=samples or 50, limit=samples, settings=group.calibration.source_settings(),
         max_download_bytes=limits.max_calibration_bytes,
     )
     inputs = Inputs(selection=selection_key(group))

@@ -105,7 +105,8 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
 
     given = job["options"]
     options = CalibrationOptions(order=tuple(given["order"]), files={k: Path(v) for k, v in given["files"].items()},
-                                 base_model=given["base_model"], samples=given["samples"], settings=given["settings"])
+                                 base_model=given["base_model"], samples=given["samples"], limit=given["limit"],
+                                 settings=given["settings"])
     source = calibration_sources()[job["source"]]
     answers: list[dict[str, Any] | None] = []
     for entry in job["adapters"]:

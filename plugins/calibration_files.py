@@ -14,7 +14,7 @@ class MappedFiles:
 
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
         path = options.files.get(adapter.name)
-        return read_jsonl(path) if path else None
+        return read_jsonl(path, options.limit) if path else None
 
 
 class AdapterFolder:
@@ -23,7 +23,7 @@ class AdapterFolder:
 
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
         path = adapter.path / CALIBRATION_NAME
-        return read_jsonl(path) if path.is_file() else None
+        return read_jsonl(path, options.limit) if path.is_file() else None
 
 
 @hookimpl

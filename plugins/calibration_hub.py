@@ -79,7 +79,7 @@ class HubDataset:
             path.resolve().unlink()  # the cached blob, then the snapshot's link to it
             path.unlink(missing_ok=True)
             raise CalibrationError(where, f"as downloaded it {problem}; removed, downloaded again at the next run")
-        data = read_jsonl(path)
+        data = read_jsonl(path, options.limit)
         return CalibrationSet(data.samples, source=f"hf://datasets/{where}")
 
 

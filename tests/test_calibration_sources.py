@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from hub_server import HubServer, isolate_hub_client
 
-from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample
+from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample, read_jsonl
 from iteris_daemon.cli import main
 from iteris_daemon.errors import CalibrationError, IterisError
 from iteris_daemon.lora import load_adapter
@@ -31,6 +31,42 @@ def test_order_decides_and_unknown_sources_are_named(bert, tmp_path):
     assert gather_calibration([adapter], options, True)[0].source.endswith("calibration.jsonl")
     with pytest.raises(CalibrationError, match="unknown calibration source"):
         gather_calibration([adapter], CalibrationOptions(order=("nonesuch",)), True)
+
+
+def test_a_limited_read_takes_the_samples_a_whole_read_would(tmp_path):
+    """Reading stops at ``limit`` samples; the samples are the first ``limit`` of a whole read
+    (blank lines skipped, a conversation, a byte order mark), so merges do not change."""
+    lines = ['{"text": "first"}', "", '{"messages": [{"role": "user", "content": "hi"}]}', "  ",
+             *(json.dumps({"text": f"sample {i}", "target": f"t{i}"}) for i in range(20))]
+    path = tmp_path / "calibration.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    whole = read_jsonl(path)
+    assert len(whole.samples) == 22
+    for limit in (1, 2, 3, 21, 22, 50):
+        assert read_jsonl(path, limit) == whole.head(limit)
+
+
+def test_a_merge_reads_a_calibration_file_no_further_than_its_samples(bert, tmp_path):
+    """A merge takes the first ``samples_per_task`` samples, but read the whole file first: a
+    file of millions of lines was held in memory, and a fault past the samples failed the
+    merge. Here the samples are followed by 8 MB that are not JSON: the merge equals the one
+    of a file holding just the samples, byte for byte."""
+    base_dir, adapters = bert
+    first = (adapters[0] / "calibration.jsonl").read_bytes()
+    mapped, exact = tmp_path / "long.jsonl", tmp_path / "exact.jsonl"
+    mapped.write_bytes(first + b"not json " * (1 << 20) + b"\n")
+    exact.write_bytes(first)
+    samples = len(read_jsonl(exact).samples)
+    outs = []
+    for name, data in (("long", mapped), ("exact", exact)):
+        outs.append(tmp_path / name)
+        assert main(["merge", "--base-model", str(base_dir), "--out", str(outs[-1]), "-q", "--adapter",
+                     f"{adapters[0]}={data}", "--adapter", str(adapters[1]), "--param", f"samples_per_task={samples}",
+                     "--param", "iterations=1"]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    with pytest.raises(CalibrationError, match=r"long\.jsonl:13: not valid JSON"):  # as a whole read meets it
+        read_jsonl(mapped)
 
 
 def test_hub_dataset_file_per_adapter(bert, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from builders import build_adapter, build_tiny_model
 from polling import wait_for
+from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, SourceKind
 from iteris_daemon.catalog.registry import add_source
@@ -164,8 +165,8 @@ def runner_inputs(watched, made, tmp_path):
     group = GroupConfig(name="unified", base_model=str(base), strategy="task_arithmetic",
                         select={"names": ["task0", "task1"]}, destinations=[{"kind": "folder", "path": "/nowhere"}])
 
-    def gather(attempt: int = 0):
-        return runner.gather_inputs(watched.catalog, group, True, None, tmp_path / f"inputs{attempt}")
+    def gather(attempt: int = 0, samples: int | None = None):
+        return runner.gather_inputs(watched.catalog, group, True, samples, tmp_path / f"inputs{attempt}")
 
     return gather
 
@@ -272,6 +273,19 @@ def test_a_calibration_line_nested_too_deep_holds_back_that_adapter_only(runner_
     inputs = runner_inputs()
     assert [a.name for a, _ in inputs.revisions] == ["task1"]
     assert "calibration.jsonl:13: not valid JSON (nested deeper than 64 levels)" in inputs.held_back["task0"]
+
+
+def test_a_run_reads_calibration_no_further_than_its_samples(runner_inputs, watched):
+    """A run takes the first ``samples_per_task`` samples; it read the whole file first, so a
+    line past them nested too deep held the adapter back (and a huge file sat in memory)."""
+    path = watched.folder / "task0" / "calibration.jsonl"
+    samples = read_jsonl(path).samples
+    with open(path, "a") as handle:
+        handle.write('{"text": "ok", "extra": ' + BOMB + "}\n")
+    watched.scan()
+    inputs = runner_inputs(samples=len(samples))
+    assert [a.name for a, _ in inputs.revisions] == ["task0", "task1"]
+    assert inputs.calibration[0].samples == samples
 
 
 def test_a_failure_no_check_foresaw_is_a_recorded_rejection_not_a_stopped_scan(watched, made, monkeypatch, caplog):
