@@ -8,9 +8,9 @@
   adapter does not change the outputs at all);
 - *next-token loss*, for language models that generate (causal or encoder-decoder): the
   mean cross-entropy, in nats per token, of each real token of a sample given those before
-  it (for an encoder-decoder, the target's tokens that the teacher-forced decoder reads:
-  all but the last), under the base model, the task's own adapter and the merge: what a
-  merge costs a task in the terms its adapter was trained in.
+  it (for an encoder-decoder, every token of the target, as transformers' seq2seq loss counts
+  them), under the base model, the task's own adapter and the merge: what a merge costs a
+  task in the terms its adapter was trained in.
 
 Given a *reference* (the merge published before), its fidelity gap is measured
 on the same batches too (``reference_fidelity_gap``): the daemon's quality gate
@@ -31,7 +31,7 @@ from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms, loss_ra
 from .calibration import CalibrationSet
 from .execution import prepare
 from .lora import LoraAdapter
-from .model import BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
+from .model import IGNORE, BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
 from .strategy import Progress
 
 log = logging.getLogger(__name__)
@@ -157,22 +157,21 @@ def _output_gaps(base: BaseModel, batch: dict[str, torch.Tensor], outputs: dict[
     sums["gap_den"] += distance(outputs["base"])
     if "reference" in outputs:
         sums["reference_num"] += distance(outputs["reference"])
-    tokens = base.output_tokens(batch)
-    if tokens is not None:
-        _add_next_token_losses(tokens.to(y_task.device), mask, outputs, sums)
+    targets = base.next_tokens(batch)
+    if targets is not None:
+        _add_next_token_losses(targets.to(y_task.device), outputs, sums)
 
 
-def _add_next_token_losses(tokens: torch.Tensor, mask: torch.Tensor | None, outputs: dict[str, torch.Tensor],
-                           sums: dict) -> None:
-    """Add each stream's summed next-token cross-entropy over the batch's real tokens (a row at
-    a time: a row's logits over a large vocabulary are the biggest tensor here)."""
-    targets = tokens[:, 1:]
-    real = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].to(targets.device).bool()
-    sums["tokens"] += int(real.sum())
+def _add_next_token_losses(targets: torch.Tensor, outputs: dict[str, torch.Tensor], sums: dict) -> None:
+    """Add each stream's summed cross-entropy over the tokens the batch's positions predict
+    (``targets``, :data:`~iteris_daemon.model.IGNORE` where none), a row at a time: a row's
+    logits over a large vocabulary are the biggest tensor here."""
+    sums["tokens"] += int((targets != IGNORE).sum())
     for name, logits in outputs.items():
-        for row in range(tokens.shape[0]):
-            losses = torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
-            sums["loss"][name] += float(losses[real[row]].double().sum())
+        for row in range(targets.shape[0]):
+            losses = torch.nn.functional.cross_entropy(logits[row].float(), targets[row], ignore_index=IGNORE,
+                                                       reduction="none")  # 0 where ignored
+            sums["loss"][name] += float(losses.double().sum())
 
 
 def _gap(num: float, den: float) -> float | None:

@@ -204,6 +204,9 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
         raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
 
 
+IGNORE = -100
+"""A ``labels`` entry that predicts nothing (padding), as transformers marks it."""
+
 POSITION_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 """PEFT task types whose heads read the model's last hidden states at input positions."""
 
@@ -506,39 +509,52 @@ class BaseModel:
 
     def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
         """Teacher forcing: row by row the decoder reads ``<start> + target[:-1]``, as many
-        tokens as the target has (the start token alone when there is no target)."""
+        tokens as the target has (the start token alone when there is no target). The target
+        itself travels as ``labels`` (-100 at padding): position j predicts its token j, the
+        last one too, which the decoder's inputs do not hold (never passed to the model)."""
         start = self.model.config.decoder_start_token_id
         if start is None:
             start = self.tokenizer.pad_token_id
         targets = [s.target or "" for s in chunk]
         labels = self.tokenizer(targets, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids, mask = labels["input_ids"], labels["attention_mask"]
+        expected = ids.masked_fill(mask == 0, IGNORE)
         if ids.shape[1] == 0:
             ids = torch.full((len(chunk), 1), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.ones_like(ids)
+            expected = torch.full_like(ids, IGNORE)
         decoder_ids = torch.full_like(ids, self.tokenizer.pad_token_id)
         decoder_ids[:, 0] = start
         decoder_ids[:, 1:] = ids[:, :-1]
         decoder_mask = mask.clone()
         decoder_mask[:, 0] = 1
         decoder_ids[decoder_mask == 0] = self.tokenizer.pad_token_id
-        return {"decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
+        return {"decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask, "labels": expected}
 
     def output_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch.get("decoder_attention_mask") if self.teacher_forced else batch.get("attention_mask")
 
-    def output_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The token ids whose next token each output position predicts, when the model is a
-        language model that generates (causal or encoder-decoder; not a masked LM, not a
-        classifier); None otherwise."""
+    def next_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Per output position, the token it predicts (:data:`IGNORE` where none counts), when the
+        model is a language model that generates (causal or encoder-decoder; not a masked LM, not
+        a classifier); None otherwise. A causal LM's position j predicts input j + 1 (the last
+        predicts nothing); an encoder-decoder's position j the target's token j, every one of them,
+        as transformers' own seq2seq loss counts them."""
         if not self.model.can_generate():
             return None
-        return batch.get("decoder_input_ids" if self.is_encoder_decoder else "input_ids")
+        if self.is_encoder_decoder:
+            return batch.get("labels")
+        ids = batch.get("input_ids")
+        if ids is None:
+            return None
+        mask = batch.get("attention_mask")
+        following = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+        return torch.cat([following, torch.full_like(ids[:, :1], IGNORE)], dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor], grad: bool = False, **extra) -> torch.Tensor:
         """Run one batch (teacher-forced) and return the model's first output (hidden states
         or logits); ``grad``: record the autograd graph (to the installed deltas' factors)."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}  # the loss is not the model's
         self.use_masks(self.stack_masks(batch), "encoder", None)
         inputs = {**batch, **extra}
         with torch.set_grad_enabled(grad):
