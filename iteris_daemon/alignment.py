@@ -323,7 +323,7 @@ class _Alignment:
                 self.change = [0.0, 0.0]
                 passes = 1 if options.schedule == "joint" else (3 if sweep == 0 else 2)
                 passes_run += passes
-                self.bar = self.progress(total=passes * sum(len(b) for b in self.batches) * len(units),
+                self.bar = self.progress(total=self._passes(units, sweep) * sum(len(b) for b in self.batches),
                                          desc=f"iteration {sweep}")
                 states = [list(s) for s in self.starts]
                 # Sequential, first sweep: the tasks' own streams (the targets X_i) part from
@@ -376,6 +376,19 @@ class _Alignment:
         if self.unused:
             metrics["layers_without_inputs"] = sorted(self.unused)
         return factors, metrics
+
+    def _passes(self, units: list[Unit], sweep: int) -> int:
+        """How many times each batch goes through a unit in sweep ``sweep`` (the progress bar
+        counts them): once per unit jointly. Sequentially a unit with targeted modules runs
+        again with its solve, and in the first sweep the tasks' own streams, once apart from
+        the merged ones (from the first such unit on), run on their own (see :meth:`_unit`)."""
+        if self.options.schedule == "joint":
+            return len(units)
+        total, apart = 0, False
+        for unit in units:
+            total += 1 + bool(unit.paths) + (sweep == 0 and apart)
+            apart = apart or (sweep == 0 and bool(unit.paths))
+        return total
 
     def _unit(self, unit: Unit, sweep: int, states, own, new):
         """Align one unit for every task; return the streams after it."""

@@ -2,6 +2,7 @@
 a naive implementation of its definition, shared Grams == one Gram per module, the
 fallback, streamed weights, the hot path's device hygiene, output dtype, and CUDA."""
 
+import io
 import json
 import shutil
 import logging
@@ -73,6 +74,34 @@ def test_sequential_matches_naive_definition(tiny, family):
     joint, _ = align(base, adapters, data, _options(), quiet)
     # Not a copy of the joint schedule: the two differ after the first block.
     assert max(_relative(B @ A, joint[p][0] @ joint[p][1]) for p, (B, A) in factors.items()) > 1e-3
+
+
+@pytest.mark.parametrize("schedule", ["joint", "sequential"])
+@pytest.mark.parametrize("targets", [None, ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj"]])
+def test_each_sweeps_progress_bar_ends_at_its_total(tiny, tmp_path, schedule, targets):
+    """The sequential schedule's first bar ended at 16/18: its total counted three passes
+    of every unit, but a unit runs once more only with targeted modules, and its tasks'
+    own streams apart only after the first such unit (BERT: every block and the pooler
+    targeted; Llama: only the first block, the second then runs twice)."""
+    from builders import build_adapter
+
+    if targets is None:
+        _, _, adapters, data, base = _inputs(tiny, "bert")
+    else:
+        base_dir, _ = tiny["llama"]
+        dirs = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM",
+                              targets=targets) for seed in range(2)]
+        adapters, data = [load_adapter(d) for d in dirs], [read_jsonl(d / "calibration.jsonl") for d in dirs]
+        base = BaseModel(str(base_dir), adapters)
+    bars = []
+
+    def progress(**kwargs):
+        bars.append(tqdm(file=io.StringIO(), **kwargs))
+        return bars[-1]
+
+    align(base, adapters, data, _options(schedule=schedule, iterations=3), progress)
+    assert len(bars) == 3
+    assert [(bar.n, bar.total) for bar in bars] == [(bar.total, bar.total) for bar in bars]
 
 
 def test_shared_grams_equal_one_gram_per_module(tiny):
