@@ -40,7 +40,7 @@ def diagnose(workdir: Path, tasks: tuple[str, ...], params: dict, top: int = 3,
         rows[task] = {
             "normalized_validation": merged / own, "task_weight": weights[folder.name],
             "alignment_loss": figures["alignment_loss"][-1], "fidelity_gap": figures["fidelity_gap"],
-            "worst_layers": sorted(layers, key=layers.get, reverse=True)[:top], "by_layer": layers,
+            "worst_layers": sorted((p for p in layers if layers[p] is not None), key=layers.get, reverse=True)[:top], "by_layer": layers,
         }
     return {"params": report["params"], "iterations_run": report["iterations_run"], "tasks": rows}
 

@@ -4,8 +4,9 @@
   the IterIS objective (unweighted, unregularised) of the merge D on task i's data;
 - *fidelity gap*: ``||y_merged - y_i|| / ||y_i - y_base||`` of the model's final
   outputs on task i's calibration inputs (0: behaves like the task's own adapter,
-  1: no better than the base model; null, as is the alignment loss, when the task's
-  adapter does not change the outputs at all);
+  1: no better than the base model, read out through the merge's saved head if it has
+  one; null, as is the alignment loss, when the task's adapter does not change the
+  outputs at all). A span head's outputs are its start and end logits;
 - *next-token loss*, for language models that generate (causal or encoder-decoder): the
   mean cross-entropy, in nats per token, of each real token of a sample given those before
   it (for an encoder-decoder, every token of the target, as transformers' seq2seq loss counts
@@ -64,7 +65,10 @@ def evaluate(
         d_out, d_in = base.weight(p).shape
         B, A = factors.get(p, (torch.zeros(d_out, 1), torch.zeros(1, d_in)))
         B64[p], A64[p] = B.double(), A.double()
-    streams: dict[str, tuple[dict[str, Delta], dict[str, torch.Tensor]] | None] = {"base": ({}, {}), "merged": (merged_deltas, merged_head)}
+    # The base model reads out through the merge's head: a checkpoint without a head of its own
+    # (the usual case: heads travel with the adapters) holds a randomly initialised one.
+    streams: dict[str, tuple[dict[str, Delta], dict[str, torch.Tensor]] | None] = {
+        "base": ({}, merged_head), "merged": (merged_deltas, merged_head)}
     if reference is not None:
         streams["reference"] = (adapter_deltas(reference), reference.modules_to_save)
     batches = [base.batches(data, batch_size, max_length) for data in calibration]
@@ -72,7 +76,7 @@ def evaluate(
     states = [{name: list(start) for name in [*streams, "task"]} for start in starts]
     sums = [{"num": 0.0, "den": 0.0, "gap_num": 0.0, "gap_den": 0.0, "reference_num": 0.0, "tokens": 0,
              "loss": {name: 0.0 for name in ["task", *streams]}} for _ in adapters]
-    by_layer: list[dict[str, float]] = [{} for _ in adapters]  # where a task's alignment loss sits
+    by_layer: list[dict[str, float | None]] = [{} for _ in adapters]  # where a task's alignment loss sits
     bar = progress(total=len(executor.units) * sum(len(b) for b in batches), desc="evaluate", leave=False)
     base.attach(paths)
     try:
@@ -116,7 +120,9 @@ def evaluate(
                         n, d = alignment_terms(layers[p], merge_pass.gram_of(p), merge_pass.Q.get(p), B64[p], A64[p])
                         sums[i]["num"] += n
                         sums[i]["den"] += d
-                        by_layer[i][p] = n / d if d > 0 else 0.0
+                        # Where the task's own delta is zero, a misfit relative to it is undefined
+                        # (null), not perfect: the merge may still move the task's outputs there.
+                        by_layer[i][p] = n / d if d > 0 else (0.0 if n == 0 else None)
                     bar.update(len(batches[i]))
     finally:
         bar.close()
