@@ -79,6 +79,22 @@ def _label_config(adapters: list[LoraAdapter]) -> dict[str, int]:
     return {} if labels is None else {"num_labels": labels}
 
 
+def _agree_on_padding(tokenizer, config) -> None:
+    """Pad with the id the model's config names, else give the tokenizer a pad token (its
+    EOS or UNK) and the config that id. A decoder classifier pools the last token that is
+    not ``config.pad_token_id``: padded with another id, it read a padding position (stock
+    Llama tokenizers have no pad token; their configs name none, or 0), and with none named
+    it refused batches of more than one sample."""
+    named = getattr(config, "pad_token_id", None)
+    if isinstance(named, int) and 0 <= named < len(tokenizer):
+        if tokenizer.pad_token_id != named:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(named)
+        return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    config.pad_token_id = tokenizer.pad_token_id
+
+
 @dataclass
 class Delta:
     """A low-rank delta ``scaling * B @ A`` installed on one layer."""
@@ -272,8 +288,7 @@ class BaseModel:
         # call per block; a cache in it would grow with each replay).
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        _agree_on_padding(self.tokenizer, self.model.config)
         self.tokenizer.padding_side = "right"
         self._plain_chat_warned: set[str] = set()  # sources already told they have no chat template
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
@@ -552,13 +567,17 @@ class BaseModel:
         return torch.cat([following, torch.full_like(ids[:, :1], IGNORE)], dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor], grad: bool = False, **extra) -> torch.Tensor:
-        """Run one batch (teacher-forced) and return the model's first output (hidden states
-        or logits); ``grad``: record the autograd graph (to the installed deltas' factors)."""
+        """Run one batch (teacher-forced) and return the model's output: its first (hidden states
+        or logits), or a span head's start and end logits as (batch, seq, 2), of which the first
+        alone is half the answer; ``grad``: record the autograd graph (to the installed deltas'
+        factors)."""
         batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}  # the loss is not the model's
         self.use_masks(self.stack_masks(batch), "encoder", None)
         inputs = {**batch, **extra}
         with torch.set_grad_enabled(grad):
             out = self.model(**inputs, use_cache=False) if "use_cache" in self._forward_args else self.model(**inputs)
+        if getattr(out, "start_logits", None) is not None and getattr(out, "end_logits", None) is not None:
+            return torch.stack([out.start_logits, out.end_logits], dim=-1)
         return out[0]
 
     def run(self, batches: list[dict[str, torch.Tensor]], recorder: Recorder | None = None) -> Iterator[torch.Tensor]:

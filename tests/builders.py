@@ -72,10 +72,11 @@ def model_class(task_type: str | None):
     }[task_type]
 
 
-def build_tiny_model(family: str, out: Path, task_type: str | None = None) -> Path:
-    """Save a randomly initialised tiny model of ``family`` with the MiniLM tokenizer."""
+def build_tiny_model(family: str, out: Path, task_type: str | None = None, base_class=None) -> Path:
+    """Save a randomly initialised tiny model of ``family`` with the MiniLM tokenizer
+    (``base_class``, default ``task_type``'s auto class: the transformers class saved)."""
     torch.manual_seed(0)
-    model = model_class(task_type).from_config(tiny_config(family))
+    model = (base_class or model_class(task_type)).from_config(tiny_config(family))
     model.save_pretrained(out)
     tokenizer().save_pretrained(out)
     return out

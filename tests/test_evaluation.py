@@ -4,10 +4,12 @@ written in by hand (no PEFT, none of the engine), in float64, one sample at a ti
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                          AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
 
 from builders import apply_by_hand, build_adapter, build_tiny_model, cli_merge, tokenizer
 from iteris_daemon.calibration import read_jsonl
@@ -73,3 +75,85 @@ def test_no_next_token_loss_for_a_model_that_does_not_generate(tiny, tmp_path):
     assert cli_merge(base_dir, adapter_dirs, tmp_path / "merged") == 0
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert all("next_token_loss" not in figures for figures in report["tasks"].values())
+
+
+def _outputs_by_hand(cls, base_dir, adapter_dir, texts, fields, without_deltas=False) -> list[torch.Tensor]:
+    """float64 outputs of the base model with an adapter applied by PEFT (its saved head
+    included; ``without_deltas``: its LoRA deltas zeroed, so the head alone), one sample at
+    a time, so no padding: per sample the ``fields`` of the output, concatenated."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir)
+    if without_deltas:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.zero_()
+    model = model.merge_and_unload().double().eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    with torch.no_grad():
+        outputs = [model(**tok(text, truncation=True, max_length=128, return_tensors="pt")) for text in texts]
+    return [torch.cat([getattr(out, field).reshape(-1) for field in fields]) for out in outputs]
+
+
+def _base_without_pad_token(base_dir: Path, config_pad: int | None) -> None:
+    """``base_dir`` as stock Llama checkpoints come: a tokenizer without a pad token, and a
+    config naming none or 0."""
+    config = json.loads((base_dir / "config.json").read_text())
+    config["pad_token_id"] = config_pad
+    (base_dir / "config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.pad_token = None
+    tok.save_pretrained(base_dir)
+
+
+@pytest.mark.parametrize("case", ["span head", "classifier on a causal checkpoint", "classifier, config pad 0"])
+def test_the_fidelity_gap_of_heads_matches_peft_by_hand(tmp_path, case):
+    """The fidelity gap of merged classifiers and span heads against float64 PEFT outputs, a
+    sample at a time. Before the fixes: a span head's gap read its start logits only, padding
+    positions included; the base model read out through the random head a checkpoint without
+    one gets (the gap changed from one run to the next); a decoder classifier whose config
+    names no pad token ended the merge in a traceback, and one whose config names 0 beside a
+    tokenizer without a pad token pooled a padding position."""
+    family = "bert" if case == "span head" else "llama"
+    cls = AutoModelForQuestionAnswering if case == "span head" else AutoModelForSequenceClassification
+    fields = ("start_logits", "end_logits") if case == "span head" else ("logits",)
+    base_dir = tmp_path / "base"
+    if case == "span head":  # saved with a span head of its own
+        build_tiny_model(family, base_dir, base_class=cls)
+    else:  # a causal LM's checkpoint: no classifier in it, as Llama's
+        build_tiny_model(family, base_dir, "CAUSAL_LM")
+        _base_without_pad_token(base_dir, None if case == "classifier on a causal checkpoint" else 0)
+    task_type = "QUESTION_ANS" if case == "span head" else "SEQ_CLS"
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family=family, task_type=task_type,
+                              base_class=cls) for seed in range(2)]
+    out = tmp_path / "merged"
+    assert cli_merge(base_dir, adapters, out, "--strategy", "task_arithmetic",
+                     "--modules-to-save-rule", "average") == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    for adapter_dir in adapters:
+        texts = [s.text for s in read_jsonl(adapter_dir / "calibration.jsonl").samples]
+        task = _outputs_by_hand(cls, base_dir, adapter_dir, texts, fields)
+        merged = _outputs_by_hand(cls, base_dir, out, texts, fields)
+        base = _outputs_by_hand(cls, base_dir, out, texts, fields, without_deltas=True)
+        num = sum(float((m - t).pow(2).sum()) for m, t in zip(merged, task))
+        den = sum(float((b - t).pow(2).sum()) for b, t in zip(base, task))
+        got = report["tasks"][load_adapter(adapter_dir).name]["fidelity_gap"]
+        assert got == pytest.approx((num / den) ** 0.5, rel=1e-4), adapter_dir.name
+
+
+def test_a_layer_the_task_does_not_adapt_has_no_per_layer_loss_but_counts_in_the_total(tmp_path):
+    """Where a task's own delta is zero and the merge's is not (another adapter targets the
+    layer), the task's per-layer alignment loss relative to its delta is undefined: null. It
+    was 0.0, read as perfectly aligned, though the total counts that misfit (QA measured 37% of
+    a task's total at such layers)."""
+    base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    a = build_adapter(base, tmp_path / "a", seed=0, family="llama", task_type="CAUSAL_LM", targets=["q_proj", "v_proj"])
+    b = build_adapter(base, tmp_path / "b", seed=1, family="llama", task_type="CAUSAL_LM",
+                      targets=["q_proj", "down_proj"])
+    assert cli_merge(base, [a, b], tmp_path / "out", "--strategy", "task_arithmetic") == 0
+    tasks = json.loads((tmp_path / "out" / "merge_report.json").read_text())["tasks"]
+    only_b = {p for p in tasks["b"]["alignment_loss_by_layer"] if p.endswith("down_proj")}
+    assert only_b and all(tasks["a"]["alignment_loss_by_layer"][p] is None for p in only_b)
+    assert all(tasks["b"]["alignment_loss_by_layer"][p] > 0 for p in only_b)
+    assert all(v is not None for p, v in tasks["a"]["alignment_loss_by_layer"].items() if p not in only_b)
