@@ -39,7 +39,7 @@ Counted in this process (they restart at 0 with it):
 - ``iteris_worker_failures_total{group,reason}``: merge workers lost, by ``reason``
   (``signal``, ``exit``, ``memory``, ``timeout``, else ``other``);
 - ``iteris_webhook_requests_total{outcome}``: webhook requests by outcome
-  (``WEBHOOK_OUTCOMES``).
+  (``WEBHOOK_OUTCOMES``); only where the webhook is configured (:func:`webhook_app` adds it).
 
 Nothing here imports torch: the daemon process does not load it.
 """
@@ -248,14 +248,10 @@ class DaemonMetrics:
         self._worker_failures = Counter(
             "iteris_worker_failures", "Merge workers lost (this process), by reason.", ["group", "reason"],
             registry=self.registry)
-        self._webhook_requests = Counter(
-            "iteris_webhook_requests", "Hub webhook requests (this process), by outcome.", ["outcome"],
-            registry=self.registry)
+        self._webhook_requests: Counter | None = None  # see webhook_requests()
         self._runs_not_carried_out = Counter(
             "iteris_runs_not_carried_out", "Runs that ended without a record (this process): the catalog locked "
             "or unreachable; each is tried again (retry_seconds).", ["group"], registry=self.registry)
-        for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start, so rate() sees the first one
-            self._webhook_requests.labels(outcome)
 
     def observe_merge(self, group: str, seconds: float) -> None:
         self._merge_duration.labels(group).observe(seconds)
@@ -265,8 +261,16 @@ class DaemonMetrics:
         (a label value per distinct message would grow without bound)."""
         self._worker_failures.labels(group, reason if reason in WORKER_FAILURE_REASONS else "other").inc()
 
-    def webhook_request(self, outcome: str) -> None:
-        self._webhook_requests.labels(outcome).inc()
+    def webhook_requests(self) -> Counter:
+        """The webhook's request counter, registered on first use: a daemon without a
+        webhook exports none (a series stuck at 0 would read as "no webhook came")."""
+        if self._webhook_requests is None:
+            self._webhook_requests = Counter(
+                "iteris_webhook_requests", "Hub webhook requests (this process), by outcome.", ["outcome"],
+                registry=self.registry)
+            for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start, so rate() sees the first one
+                self._webhook_requests.labels(outcome)
+        return self._webhook_requests
 
     def run_not_carried_out(self, group: str) -> None:
         self._runs_not_carried_out.labels(group).inc()
@@ -323,12 +327,12 @@ class _Webhook:
         self.max_body_bytes = settings.max_body_bytes
         self.secret = settings.secret()
         self.on_repo_event = on_repo_event
-        self.metrics = metrics
+        self.requests = metrics.webhook_requests()
         self._once = _Once()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         reply = self._handle(environ)
-        self.metrics.webhook_request(reply.outcome)
+        self.requests.labels(reply.outcome).inc()
         return _respond(start_response, reply.status, reply.body, reply.content_type, reply.headers)
 
     def _handle(self, environ: WSGIEnvironment) -> _Reply:

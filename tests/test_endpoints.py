@@ -26,7 +26,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source,
                                           SourceKind)
 from iteris_daemon.config import MetricsSettings, WebhookSettings
-from iteris_daemon.endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
+from iteris_daemon.endpoints import WEBHOOK_OUTCOMES, DaemonMetrics, HttpServer, metrics_app, webhook_app
 from iteris_daemon.errors import ConfigError
 
 SECRET = "correct horse battery staple"
@@ -179,7 +179,18 @@ def test_in_process_metrics_reflect_calls(catalog):
     assert series(found, "iteris_worker_failures_total") == {
         ("unified", "memory"): 2, ("unified", "signal"): 1, ("second", "other"): 1}
     assert series(found, "iteris_runs_not_carried_out_total") == {("unified",): 1}
-    assert set(series(found, "iteris_webhook_requests_total").values()) == {0}  # all outcomes, from the start
+    assert not series(found, "iteris_webhook_requests_total")  # no webhook configured: no webhook series
+
+
+def test_webhook_counters_are_exported_once_the_webhook_is_configured(tmp_path, catalog):
+    """Every outcome at 0 from the start (rate() sees the first request), and only on a
+    daemon that serves the webhook: on the others they read as a webhook that never fires."""
+    (tmp_path / "secret").write_text(SECRET)
+    metrics = DaemonMetrics(catalog)
+    with serving(metrics_app(metrics, lambda: None)) as port:
+        assert not series(samples(port), "iteris_webhook_requests_total")
+        webhook_app(WebhookSettings(listen="127.0.0.1:0", secret_file=tmp_path / "secret"), lambda repo: True, metrics)
+        assert series(samples(port), "iteris_webhook_requests_total") == {(outcome,): 0 for outcome in WEBHOOK_OUTCOMES}
 
 
 def test_registries_are_separate(catalog):
