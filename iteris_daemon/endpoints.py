@@ -5,7 +5,8 @@ Two small WSGI apps, each served by :class:`HttpServer` (the standard library's
 ``wsgiref`` with a thread per request; no HTTP parsing of our own):
 
 - :func:`metrics_app`: ``GET /metrics`` (Prometheus text format) and ``GET /healthz``
-  (200 ``ok``, or 503 with the reason the daemon is unhealthy);
+  (200 ``ok``, or 503 with the reason the daemon is unhealthy); HEAD answers as GET
+  without the body;
 - :func:`webhook_app`: ``POST <path>`` (default ``/webhooks/hub``). The Hub sends the
   webhook's secret in ``X-Webhook-Secret``; a request without the right one triggers
   nothing (401). The body is read only when its ``Content-Length`` is within
@@ -282,10 +283,41 @@ def _respond(start_response: StartResponse, status: str, body: bytes, content_ty
     return [body]
 
 
+def _head_as_get(app: WSGIApplication) -> WSGIApplication:
+    """``app`` answering HEAD as GET without the body: the same status and headers, and
+    the Content-Length the GET has (wsgiref counts it for a body of one block; it would
+    say 0). Monitoring probes use HEAD; wsgiref would send whatever body an app returns,
+    and prometheus_client answers HEAD 405."""
+
+    def head_as_get(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        answer: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+            answer.append((status, list(headers)))
+            return lambda data: None
+
+        body = app({**environ, "REQUEST_METHOD": "GET"}, keep)
+        try:
+            length = sum(len(block) for block in body)  # an app may call start_response only as its body is read
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+        status, headers = answer[-1]
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            headers.append(("Content-Length", str(length)))
+        start_response(status, headers)
+        return []
+
+    return head_as_get
+
+
 def metrics_app(metrics: DaemonMetrics, health: Callable[[], str | None]) -> WSGIApplication:
-    """``/metrics`` and ``/healthz``. ``health()`` returns None when healthy, else why not."""
+    """``/metrics`` and ``/healthz`` (GET, or HEAD). ``health()`` returns None when healthy, else why not."""
     exposition = make_wsgi_app(metrics.registry)
 
+    @_head_as_get
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":

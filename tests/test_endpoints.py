@@ -265,6 +265,33 @@ def test_healthz(catalog, caplog):
         assert call(port, "GET", "/elsewhere")[0] == 404
 
 
+def raw(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` as is and read until the server closes (HTTP/1.0): the head and
+    every byte after it (http.client reads no body after a HEAD, so cannot see one sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    return head, rest
+
+
+@pytest.mark.parametrize("reason", [None, "the scheduler has not run for 300 s"])
+def test_head_answers_as_get_without_a_body(catalog, reason):
+    """Monitoring probes send HEAD: the status and headers of a GET, Content-Length
+    included, and no body (prometheus_client answered 405; /healthz sent its body)."""
+    fill(catalog)
+    with serving(metrics_app(DaemonMetrics(catalog), lambda: reason)) as port:
+        for path in ("/metrics", "/healthz", "/elsewhere"):
+            got, body = raw(port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            head, nothing = raw(port, f"HEAD {path} HTTP/1.0\r\n\r\n".encode())
+            assert nothing == b"" and body, path
+            without_date = lambda lines: [line for line in lines.split(b"\r\n") if not line.startswith(b"Date:")]  # noqa: E731
+            assert without_date(head) == without_date(got), path
+            assert f"Content-Length: {len(body)}".encode() in head.split(b"\r\n"), path
+
+
 @pytest.fixture(scope="module")
 def hub_hook(tmp_path_factory):
     """A webhook server; ``calls`` lists the repos it asked to poll (``watched`` ones trigger)."""
