@@ -1,8 +1,13 @@
 """What ``iteris-daemon status`` shows, read from the catalog (so it works whether or
-not the daemon runs, and on any host sharing the catalog)."""
+not the daemon runs, and on any host sharing the catalog).
+
+Groups stay in the catalog when a config drops them (their runs are history). Given the
+config's groups, the report details only those and names the others apart: a group
+dropped by a reload was listed with its last run and next run time for ever."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import select
@@ -18,13 +23,18 @@ def _time(value) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def collect(catalog: Catalog) -> dict[str, Any]:
+def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
+    """The report; with ``configured`` (a config's group names) ``groups`` holds only those
+    and ``not_configured`` the names of the catalog's other groups."""
     with catalog.session() as session:
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
                     "last_poll_at": _time(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
         registered = list_current(session, [AdapterStatus.registered])
-        groups = []
+        groups, not_configured = [], []
         for group in session.scalars(select(MergeGroup).order_by(MergeGroup.name)):
+            if configured is not None and group.name not in configured:
+                not_configured.append(group.name)
+                continue
             runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(50)).all()
             last = next((r for r in runs if r.status is not RunStatus.skipped), runs[0] if runs else None)
             success = next((r for r in runs if r.status is RunStatus.succeeded), None)
@@ -47,7 +57,10 @@ def collect(catalog: Catalog) -> dict[str, Any]:
         daemons = [{"holder": d.holder, "started_at": _time(d.started_at), "seen_at": _time(d.seen_at),
                     "settings": d.settings}
                    for d in session.scalars(select(DaemonPresence).order_by(DaemonPresence.seen_at.desc()))]
-    return {"sources": sources, "groups": groups, "daemons": daemons}
+    report = {"sources": sources, "groups": groups, "daemons": daemons}
+    if configured is not None:
+        report["not_configured"] = not_configured
+    return report
 
 
 def render(report: dict[str, Any]) -> str:
@@ -80,6 +93,9 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    waiting: {name}: {reason}")
         if g["waiting"]["not_yet_merged"]:
             lines.append(f"    not yet merged: {', '.join(g['waiting']['not_yet_merged'])}")
+    if report.get("not_configured"):
+        lines.append(f"  not in the config, not merged (their runs stay in the catalog): "
+                     f"{', '.join(report['not_configured'])}")
     lines.append("daemons (seen in the last day):")
     if not report["daemons"]:
         lines.append("  (none)")

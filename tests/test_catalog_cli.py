@@ -351,6 +351,27 @@ def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):
     catalog.close()
 
 
+def test_status_with_the_config_details_only_its_groups(tmp_path, capsys):
+    """A group dropped from the config (a SIGHUP reload) stays in the catalog with its runs;
+    `status --config` listed it as if merged, with its last and next run, for ever."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        for name in ("new", "old", "older"):
+            session.add(MergeGroup(name=name, base_model="b", strategy="iteris"))
+    catalog.close()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(url)}\n[[groups]]\nname = \"new\"\nbase_model = \"b\"\n"
+                      "[[groups.destinations]]\nkind = \"folder\"\npath = \"/tmp/x\"\n")
+    code, out, _ = run(capsys, "status", "--config", str(config))
+    assert code == 0 and "  new (iteris, base b)" in out and "  old (" not in out and "  older (" not in out
+    assert "  not in the config, not merged (their runs stay in the catalog): old, older\n" in out
+    report = json.loads(run(capsys, "status", "--json", "--config", str(config))[1])
+    assert [g["name"] for g in report["groups"]] == ["new"] and report["not_configured"] == ["old", "older"]
+    code, out, _ = run(capsys, "status", "--db", url)  # no config: every group of the catalog, as it was
+    assert code == 0 and all(f"  {name} (iteris" in out for name in ("new", "old", "older")) and "not in the" not in out
+
+
 def test_status_of_an_empty_catalog(tmp_path, capsys):
     """It listed a made-up source, "(none)  ok  last poll -"."""
     url = f"sqlite:///{tmp_path / 'catalog.db'}"

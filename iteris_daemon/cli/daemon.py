@@ -83,10 +83,20 @@ def _catalog(args):
     return Catalog(url, create=False)  # these commands read what the daemon made
 
 
+def _configured_groups(args) -> list[str] | None:
+    """The groups of ``--config``, if given: a group dropped from the config stays in the
+    catalog, but no daemon runs it."""
+    if args.config is None:
+        return None
+    from ..config import load_config
+
+    return [group.name for group in load_config(args.config, check_plugins=False).groups]
+
+
 def _status(args) -> int:
     from ..status import collect, render
 
-    report = collect(_catalog(args))
+    report = collect(_catalog(args), _configured_groups(args))
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0
 
@@ -94,13 +104,10 @@ def _status(args) -> int:
 def _merge_now(args) -> int:
     from ..catalog.models import MergeGroup, MergeRun, RunStatus, utcnow
 
-    if args.config is not None:  # a group dropped from the config stays in the catalog, but no daemon runs it
-        from ..config import load_config
-
-        configured = [group.name for group in load_config(args.config, check_plugins=False).groups]
-        if args.group not in configured:
-            raise ConfigError(f"no merge group named {args.group!r} in {args.config} (its groups: "
-                              f"{', '.join(configured) or 'none'})")
+    configured = _configured_groups(args)
+    if configured is not None and args.group not in configured:
+        raise ConfigError(f"no merge group named {args.group!r} in {args.config} (its groups: "
+                          f"{', '.join(configured) or 'none'})")
     catalog = _catalog(args)
     with catalog.session() as session:
         group = session.scalar(select(MergeGroup).where(MergeGroup.name == args.group))
