@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Collection
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -107,14 +108,41 @@ def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, 
                           f"remove {name}`, or watch elsewhere)")
 
 
+class _NoMaxInstancesWarning(logging.Filter):
+    """Drops APScheduler's warning for a job skipped at its ``max_instances``:
+    :func:`_log_skipped` says it instead, at the level it deserves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and "maximum number of running instances" in record.msg)
+
+
+_NO_MAX_INSTANCES_WARNING = _NoMaxInstancesWarning()
+
+
+def _log_skipped(event: JobSubmissionEvent) -> None:
+    """A job due while ``max_instances`` of it are under way or waiting is skipped. A
+    group's run (``trigger:`` and ``schedule:`` jobs, 2 instances) is skipped only while
+    one of its runs waits for a merge thread, and that one reads the inputs when it
+    starts: nothing is lost (with one merge slot this came with every trigger during a
+    merge, as a WARNING). Any other job (a poll longer than its interval) loses that turn."""
+    kind, _, name = event.job_id.partition(":")
+    if kind in ("trigger", "schedule"):
+        log.debug("group %s: a run was due while another waited to start; that one reads the inputs anew", name)
+    else:
+        log.info("job %s skipped: its previous run is still under way", event.job_id)
+
+
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
     """The daemon's scheduler: "default" pool for polls and housekeeping, "merge" with one
     thread per merge slot; a job missed while the host slept runs once when it wakes."""
-    return BackgroundScheduler(
+    scheduler = BackgroundScheduler(
         executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(settings.merge_slots())},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
         timezone=timezone.utc,
     )
+    logging.getLogger("apscheduler.scheduler").addFilter(_NO_MAX_INSTANCES_WARNING)  # once: the same filter
+    scheduler.add_listener(_log_skipped, EVENT_JOB_MAX_INSTANCES)
+    return scheduler
 
 
 class RepoPolls:
@@ -379,12 +407,18 @@ class Daemon:
         self.scheduler.add_job(self._check_peers, IntervalTrigger(seconds=config.daemon.catalog_check_seconds),
                                id="peers", replace_existing=True, next_run_time=datetime.now(timezone.utc))
         for group in config.groups:
-            trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
-                       else IntervalTrigger(seconds=group.interval_seconds) if group.interval_seconds else None)
-            if trigger is not None:
-                self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
-                                       executor="merge", replace_existing=True)
+            self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _schedule(self, group: GroupConfig) -> None:
+        """Run ``group`` on its ``cron`` or ``interval_seconds``, if it has one. Two instances,
+        as for a trigger: a run due while the last scheduled one merges waits for it (with
+        one, it was skipped with a WARNING, and no run read the inputs at that time)."""
+        trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
+                   else IntervalTrigger(seconds=group.interval_seconds) if group.interval_seconds else None)
+        if trigger is not None:
+            self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
+                                   executor="merge", replace_existing=True, max_instances=2)
 
     def _inputs_changed(self, source: str, report: ScanReport) -> None:
         """Source ``source`` registered, removed or withdrew adapters: the groups whose

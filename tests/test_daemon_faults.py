@@ -36,6 +36,7 @@ on a socket of its own. Deadlines only bound waits; nothing asserts on speed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -1199,6 +1200,65 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     outcomes[:] = [locked]
     daemon._run_on("g", "cpu")
     assert triggered == [100]
+
+
+def test_runs_due_while_a_group_merges_wait_quietly_and_other_skips_are_told(tmp_path, monkeypatch, caplog):
+    """One merge slot (the default), a long merge, and the group's schedule and triggers
+    firing meanwhile: APScheduler logged "maximum number of running instances reached" as
+    a WARNING for each (and a scheduled run was dropped). Now a run of the group waits,
+    runs once the merge ends, and any further one due meanwhile is noted at DEBUG naming
+    the group; a job skipped otherwise (a poll longer than its interval) is told at INFO."""
+    import iteris_daemon.daemon as daemon_module
+    from iteris_daemon.catalog.models import RunStatus
+    from iteris_daemon.config import GroupConfig
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = daemon_module.new_scheduler(daemon.config.daemon)
+    daemon._free_devices.put("cpu")
+    group = GroupConfig(name="g", base_model="base", interval_seconds=0.2,
+                        destinations=[{"kind": "folder", "path": str(tmp_path / "out")}])
+    daemon._groups = {"g": group}
+    daemon.catalog, daemon.work = None, tmp_path / "work"
+    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None)
+    merging, release, runs = threading.Event(), threading.Event(), []
+
+    def run_group(*args, **kwargs):
+        runs.append(time.monotonic())
+        merging.set()
+        assert release.wait(60)
+        return SimpleNamespace(status=RunStatus.succeeded, detail="")
+
+    monkeypatch.setattr(daemon_module, "run_group", run_group)
+    polling = threading.Event()
+    caplog.set_level(logging.DEBUG)
+    daemon.scheduler.start()
+    try:
+        daemon._schedule(group)
+        assert merging.wait(30)
+        for _ in range(3):
+            daemon.trigger("g", delay=0)
+            time.sleep(0.3)
+        daemon.scheduler.add_job(lambda: polling.wait(60), "interval", seconds=0.2, id="poll:hub")
+        wait_for(lambda: "job poll:hub skipped: its previous run is still under way" in caplog.text,
+                 "the poll's skip, told")
+        polling.set()
+        daemon.scheduler.remove_job("schedule:g")
+        release.set()
+        # The merge, then the schedule's waiting run and the two triggers' (the third came while both waited).
+        wait_for(lambda: len(runs) == 4 and not daemon._group_locks["g"].locked(), "the waiting runs of the group")
+        time.sleep(0.5)
+        assert len(runs) == 4
+    finally:
+        polling.set()
+        release.set()
+        daemon.scheduler.shutdown()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    quiet = [r for r in caplog.records if "a run was due while another waited to start" in r.getMessage()]
+    assert quiet and {r.levelno for r in quiet} == {logging.DEBUG} and "group g:" in quiet[0].getMessage()
+    told = [r for r in caplog.records if "job poll:hub skipped" in r.getMessage()]
+    assert {r.levelno for r in told} == {logging.INFO}
 
 
 # Takes the SQLite catalog's write lock until a line comes on stdin (a backup script, a sqlite3 shell).
