@@ -20,6 +20,7 @@ from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+REPORT_NAME = "merge_report.json"  # beside a merged adapter's files
 PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin")
 KEY_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")

@@ -145,9 +145,10 @@ class DaemonSettings(_Strict):
         120.0, ge=1, le=MAX_SECONDS, description="a group claim not refreshed for this long is stale")
     retry_seconds: float = Field(
         30.0, ge=0, le=MAX_SECONDS,
-        description="a run that could not be carried out (the catalog locked or unreachable) is tried again after "
-                    "this long, doubling after each such failure up to retry_max_seconds; 0: only the group's "
-                    "schedule, its next change or a restart try again")
+        description="a run that could not be carried out (the catalog locked or unreachable), or whose merge could "
+                    "not be published (a destination down), is tried again after this long, doubling after each such "
+                    "failure up to retry_max_seconds; 0: only the group's schedule, its next change or a restart try "
+                    "again")
     retry_max_seconds: float = Field(900.0, gt=0, le=MAX_SECONDS, description="the longest wait between such attempts")
     device: Device = Field("cpu", description="where merges run, when devices is not given: cpu, cuda or cuda:N")
     devices: list[Device] | None = Field(

@@ -204,7 +204,7 @@ class Daemon:
         self._groups: dict[str, GroupConfig] = {}
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
         self._unmerged_since: dict[str, datetime] = {}  # group -> the first change to its inputs no run has begun since
-        self._failed_attempts: dict[str, int] = {}  # group -> runs in a row that could not be carried out
+        self._failed_attempts: dict[str, int] = {}  # group -> runs in a row not carried out or not published
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: DaemonMetrics | None = None
@@ -554,7 +554,10 @@ class Daemon:
             return
         finally:
             malloc.release_free_heap()
-        self._failed_attempts.pop(name, None)
+        if outcome.retry_publish:
+            self._retry_later(name)
+        else:
+            self._failed_attempts.pop(name, None)
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)
@@ -563,11 +566,14 @@ class Daemon:
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
 
     def _retry_later(self, name: str) -> None:
-        """Ask again for a run that could not be carried out, ``retry_seconds`` later,
-        doubling after each such failure in a row up to ``retry_max_seconds``: a catalog
-        locked for a while or a database server restarting must not leave a group behind
-        until its next schedule, and one that stays down is not hammered. A trigger
-        already pending (a newer change) runs anyway and is left as it is."""
+        """Ask again for a run that could not be carried out, or whose merge could not be
+        published (it is kept: the next run with the same inputs publishes it without
+        merging), ``retry_seconds`` later, doubling after each such failure in a row up to
+        ``retry_max_seconds``: a catalog locked for a while, a database server restarting
+        or a Hub outage must not leave a group behind until its next schedule (hours,
+        maybe), and one that stays down is not hammered. A trigger already pending (a
+        newer change) runs anyway and is left as it is; a run that merges other inputs
+        anew, is skipped or succeeds ends the series, and a stopping daemon triggers nothing."""
         settings = self.config.daemon
         attempts = self._failed_attempts[name] = self._failed_attempts.get(name, 0) + 1
         if not settings.retry_seconds or self.scheduler.get_job(f"trigger:{name}") is not None:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory, safe_json
+from .adapter_config import REPORT_NAME
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
                      OutputError, OutputExistsError)
@@ -39,7 +40,6 @@ from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergedAdapter, MergeInputs, parse_params
 
 log = logging.getLogger(__name__)
-REPORT_NAME = "merge_report.json"
 
 
 @dataclass

@@ -18,6 +18,9 @@
   destination; a run is ``succeeded`` only if every destination published. A run
   that failed after some destinations published records which; the destinations
   then disagree, so the next run publishes to all of them, whatever its inputs.
+  A merge whose publishing failed is kept in ``<work>/unpublished/group-<id>``: the
+  next run with the same inputs publishes it again instead of merging anew, and the
+  outcome asks the daemon to try that run again (``RunOutcome.retry_publish``).
 - Every run is a ``merge_runs`` row: running, then succeeded/failed/refused/cancelled/skipped.
 """
 
@@ -41,6 +44,7 @@ from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
+from . import safe_json
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
@@ -50,7 +54,7 @@ from .config import GroupConfig
 from .errors import AdapterError, IterisError, MergeCancelled, PluginError
 from .gates import judge
 from .logs import redact
-from .adapter_config import CONFIG_NAME, WEIGHTS_NAME
+from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest, PublishResult
@@ -533,6 +537,9 @@ class RunOutcome:
     status: RunStatus
     run_id: int | None
     detail: str = ""
+    # The merge is kept and only its publishing failed (a destination down, a full disk):
+    # trying again later may go through. Not for a publisher's plugin error (it needs a fix).
+    retry_publish: bool = False
 
 
 def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
@@ -554,17 +561,58 @@ def published_copy(work_dir: Path, group_id: int) -> Path:
     return work_dir / "published" / f"group-{group_id}"
 
 
+def unpublished_copy(work_dir: Path, group_id: int) -> Path:
+    """Where a group's last merge is kept when its publishing failed, to be published again."""
+    return work_dir / "unpublished" / f"group-{group_id}"
+
+
 def _copy_run(copy: Path) -> Path:
-    """The file beside the baseline copy naming the run it is."""
+    """The file beside a kept copy naming the run it is."""
     return copy.with_name(f"{copy.name}.run")
 
 
 def _keep_published(folder: Path, target: Path, run_id: int) -> None:
-    """Make ``folder`` the group's baseline; an interrupted swap only loses the baseline
-    (the run file, written after, then names the copy before)."""
+    """Keep ``folder`` at ``target`` (the group's baseline, or its unpublished merge), as
+    ``run_id``'s; an interrupted swap only loses the copy (the run file, written after,
+    then names the copy before)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     replace_folder(folder, target)
     _copy_run(target).write_text(f"{run_id}\n")
+
+
+def _discard(copy: Path) -> None:
+    """Remove a kept copy and its run file."""
+    _copy_run(copy).unlink(missing_ok=True)  # first: a run file never names a half-deleted copy
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint: str,
+                       last: MergeRun | None) -> tuple[int, dict[str, Any]] | None:
+    """The kept merge whose publishing failed, as (its run, its report), when it is the
+    merge of these inputs (``fingerprint``) and no run was decided since (``last``: one
+    that published or was refused); else None, and the group merges anew."""
+    try:
+        kept = int(_copy_run(copy).read_text())
+        report = safe_json.loads((copy / REPORT_NAME).read_bytes())
+    except (OSError, ValueError):  # none kept (FileNotFoundError), or a copy cut short
+        return None
+    with catalog.session(write=False) as session:
+        run = session.get(MergeRun, kept)
+        usable = (run is not None and run.group_id == group_id and run.status is RunStatus.failed
+                  and run.input_fingerprint == fingerprint and (last is None or last.id < kept))
+    return (kept, report) if usable and isinstance(report, dict) else None
+
+
+def _keep_unpublished(group: str, merged: Path, unpublished: Path, run_id: int) -> None:
+    """Keep a merge whose publishing failed, before the run's end is recorded (kept even
+    when that write fails, the run then marked failed by the next claim): the retry
+    publishes it instead of merging again."""
+    try:
+        _keep_published(merged, unpublished, run_id)
+    except OSError as exc:  # e.g. the state disk full as well: the retry merges again
+        log.warning("group %s: run %d: cannot keep the merge to publish it again (%s); the next run merges again",
+                    group, run_id, exc)
+        _discard(unpublished)
 
 
 def gate_baseline(catalog: Catalog, group_id: int, copy: Path) -> tuple[Path | None, str | None]:
@@ -665,16 +713,28 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
         return RunOutcome(RunStatus.skipped, run_id, skip)
 
+    unpublished = unpublished_copy(work_dir, group_id)
+    kept = None if force else _unpublished_merge(catalog, group_id, unpublished, fingerprint, last)
     run_id = _record(catalog, group_id, RunStatus.running, fingerprint, inputs)
-    log.info("group %s: run %d merges %d adapters with %s", group.name, run_id, len(inputs.revisions), group.strategy)
-    on_status(f"group {group.name}: run {run_id} merging {len(inputs.revisions)} adapters")
     out = work_dir / f"run-{run_id}"
+    merged = out if kept is None else unpublished
+    if kept is None:
+        log.info("group %s: run %d merges %d adapters with %s", group.name, run_id, len(inputs.revisions), group.strategy)
+        on_status(f"group {group.name}: run {run_id} merging {len(inputs.revisions)} adapters")
+    else:
+        log.info("group %s: run %d publishes the merge of run %d again (its publishing failed; the inputs are the "
+                 "same)", group.name, run_id, kept[0])
     copy = published_copy(work_dir, group_id)
     baseline, no_baseline = gate_baseline(catalog, group_id, copy) if group.gates.max_regression is not None else (None, None)
     started = time.perf_counter()
+    publish_failed = False
     try:
-        report = merge_in_worker(group, inputs, out, baseline, snapshots / "worker", f"group {group.name} run {run_id}",
-                                 should_stop, device, trust_remote_code, worker)
+        if kept is None:
+            _discard(unpublished)  # an older merge, of other inputs: this one supersedes it
+            report = merge_in_worker(group, inputs, out, baseline, snapshots / "worker",
+                                     f"group {group.name} run {run_id}", should_stop, device, trust_remote_code, worker)
+        else:
+            report = kept[1]
         merged_at = time.perf_counter()
         verdict = judge(report, group.gates, forced=force, no_baseline=no_baseline)
         for note in verdict.notes:
@@ -685,8 +745,15 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
-        published = publish_all(group, run_id, out, report, inputs)
-        _keep_published(out, copy, run_id)
+        try:
+            published = publish_all(group, run_id, merged, report, inputs)
+        except Exception:
+            publish_failed = True
+            if kept is None:  # else it stays kept, as the merge of the run that made it
+                _keep_unpublished(group.name, merged, unpublished, run_id)
+            raise
+        _keep_published(merged, copy, run_id)
+        _discard(unpublished)  # its run file, when it was published again
     except MergeCancelled as exc:
         _finish(catalog, run_id, RunStatus.cancelled, error=str(exc))
         log.warning("group %s: run %d cancelled", group.name, run_id)
@@ -700,13 +767,16 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             partly = {"metrics": {"tasks": report.get("tasks", {}), **inputs.recorded(), "published": exc.published}}
         _finish(catalog, run_id, RunStatus.failed, error=message[:2000], **partly)
         log.error("group %s: run %d failed: %s", group.name, run_id, message)
-        return RunOutcome(RunStatus.failed, run_id, message)
+        cause = exc.__cause__ if isinstance(exc, PartlyPublished) else exc
+        return RunOutcome(RunStatus.failed, run_id, message,
+                          retry_publish=publish_failed and not isinstance(cause, PluginError))
     finally:
         shutil.rmtree(out, ignore_errors=True)
     timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
                **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
     metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"), **inputs.recorded(),
-               "published": published, "gate_notes": verdict.notes}
+               "published": published, "gate_notes": verdict.notes,
+               **({"republished_from": kept[0]} if kept is not None else {})}
     first = published[0] if published else {}
     _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics,
             output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))

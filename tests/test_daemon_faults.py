@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,7 +66,7 @@ from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, Me
                                            utcnow)
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.cli import main
-from iteris_daemon.runner import Claim, worker_id
+from iteris_daemon.runner import Claim, RunOutcome, worker_id
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -1111,7 +1111,7 @@ def test_changes_put_a_run_off_no_longer_than_its_maximum_wait(tmp_path, made, w
     daemon._inputs_changed("team", ScanReport(registered=[locator]))
     assert _run_date(daemon, "letters") == first + longest  # half a debounce period from now, not a whole one
 
-    monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: SimpleNamespace(status=RunStatus.skipped, detail=""))
+    monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: RunOutcome(RunStatus.skipped, 1))
     daemon.work, daemon.metrics = tmp_path / "work", SimpleNamespace()
     daemon._run_on("letters", "cpu")  # the run reads every change so far
     daemon._inputs_changed("team", ScanReport(removed=[locator]))
@@ -1178,7 +1178,7 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     triggered: list[float] = []
     monkeypatch.setattr(daemon, "trigger", lambda name, delay: triggered.append(delay))
     locked = CatalogLockedError("database is locked (test)")
-    succeeded = SimpleNamespace(status=RunStatus.succeeded, detail="")
+    succeeded = RunOutcome(RunStatus.succeeded, 1)
 
     outcomes[:] = [locked, locked, locked, locked, succeeded, locked]
     for _ in range(6):
@@ -1200,6 +1200,67 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     outcomes[:] = [locked]
     daemon._run_on("g", "cpu")
     assert triggered == [100]
+
+
+def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, monkeypatch):
+    """``run_group`` says the merge is kept but could not be published (``retry_publish``: a
+    Hub down past the publisher's own retries, a full disk): the group is triggered again
+    ``retry_seconds`` later, doubling up to ``retry_max_seconds``. Before, it waited for its
+    schedule or its next change, hours maybe. A run that is skipped or succeeds (the merge
+    went out, or the inputs changed) ends the series; a failure that is not one of
+    publishing (a merge error, a publisher's plugin error) is not retried; nor is any run
+    once the daemon stops."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      "retry_seconds = 30\nretry_max_seconds = 100\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler(timezone="UTC")
+    daemon.scheduler.start(paused=True)  # jobs get their run times, and nothing runs
+    daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
+    daemon.catalog, daemon.work = None, tmp_path / "work"
+    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None)
+    outcome = RunOutcome(RunStatus.failed, 1, "publishing to hub failed", retry_publish=True)
+    stop_meanwhile = False
+
+    def run_group(*args, **kwargs) -> RunOutcome:
+        if stop_meanwhile:  # SIGTERM while the run published
+            daemon._stopping.set()
+        return outcome
+
+    monkeypatch.setattr(daemon_module, "run_group", run_group)
+
+    def retried_in() -> float | None:
+        """The pending retry's delay, taken off the scheduler as if it ran."""
+        job = daemon.scheduler.get_job("trigger:g")
+        if job is None:
+            return None
+        job.remove()
+        return round((job.next_run_time - datetime.now(timezone.utc)).total_seconds())
+
+    try:
+        waits = []
+        for _ in range(4):
+            daemon._run_on("g", "cpu")
+            waits.append(retried_in())
+        assert waits == [30, 60, 100, 100]
+        for ending in (RunOutcome(RunStatus.skipped, 2), RunOutcome(RunStatus.succeeded, 3)):
+            outcome = ending
+            daemon._run_on("g", "cpu")
+            assert retried_in() is None
+            outcome = RunOutcome(RunStatus.failed, 4, "publishing to hub failed", retry_publish=True)
+            daemon._run_on("g", "cpu")
+            assert retried_in() == 30  # a new series
+        outcome = RunOutcome(RunStatus.failed, 5, "out of memory")  # not publishing: left to the next change
+        daemon._run_on("g", "cpu")
+        assert retried_in() is None
+        outcome, stop_meanwhile = RunOutcome(RunStatus.failed, 6, "publishing to hub failed", retry_publish=True), True
+        daemon._run_on("g", "cpu")
+        assert daemon._stopping.is_set() and retried_in() is None
+    finally:
+        daemon.scheduler.shutdown(wait=False)
 
 
 def test_runs_due_while_a_group_merges_wait_quietly_and_other_skips_are_told(tmp_path, monkeypatch, caplog):
@@ -1228,7 +1289,7 @@ def test_runs_due_while_a_group_merges_wait_quietly_and_other_skips_are_told(tmp
         runs.append(time.monotonic())
         merging.set()
         assert release.wait(60)
-        return SimpleNamespace(status=RunStatus.succeeded, detail="")
+        return RunOutcome(RunStatus.succeeded, len(runs))
 
     monkeypatch.setattr(daemon_module, "run_group", run_group)
     polling = threading.Event()
@@ -1259,6 +1320,39 @@ def test_runs_due_while_a_group_merges_wait_quietly_and_other_skips_are_told(tmp
     assert quiet and {r.levelno for r in quiet} == {logging.DEBUG} and "group g:" in quiet[0].getMessage()
     told = [r for r in caplog.records if "job poll:hub skipped" in r.getMessage()]
     assert {r.levelno for r in told} == {logging.INFO}
+
+
+def test_a_merge_whose_publishing_failed_is_published_by_a_retry_of_the_daemon(tmp_path, made, daemons):
+    """A real daemon whose folder destination fails (a file where its folder goes), with
+    nothing else to run the group again (no schedule, no further change, the catalog check
+    off): it tries again ``retry_seconds`` later, the wait doubling up to
+    ``retry_max_seconds``, each try publishing the kept merge again without merging; once
+    the destination works the merge is published and the tries end."""
+    base, (lora0, _, _) = made
+    watched, dest = tmp_path / "watched", tmp_path / "published"
+    watched.mkdir()
+    dest.write_text("not a folder")
+    config = write_config(tmp_path / "daemon.toml", state=tmp_path / "state", watched=watched, dest=dest, base=base,
+                          params={"samples_per_task": 8},
+                          extra=("retry_seconds = 1", "retry_max_seconds = 2", "catalog_check_seconds = 3600"))
+    daemon = daemons(config, tmp_path / "daemon.log")
+    daemon.wait_event("notify", r"READY=1")
+    shutil.copytree(lora0, watched / "a0")
+    merged = daemon.wait_event("log", r"group unified: run (\d+) failed: publish destination .* exists and is not a "
+                                      r"folder")
+    for wait, tries in ((1, 1), (2, 2), (2, 3)):
+        daemon.wait_event("log", rf"group unified: trying the run again in {wait} s \({tries} failed in a row\)")
+    daemon.wait_event("log", rf"group unified: run \d+ publishes the merge of run {merged[1]} again")
+    dest.unlink()
+    url = f"sqlite:///{tmp_path / 'state' / 'catalog.db'}"
+    published = wait_for(lambda: [r for r in group_runs(url) if r.status is RunStatus.succeeded], "the merge published",
+                         timeout=START_TIMEOUT, interval=0.5)[0]
+    assert published.metrics["republished_from"] == int(merged[1])
+    assert len(daemon.logs(r"group unified: run \d+ merges \d+ adapters")) == 1  # merged once
+    assert (dest / "current" / "adapter_model.safetensors").is_file()
+    time.sleep(4)  # past the longest wait: no more tries
+    assert group_runs(url)[-1].id == published.id
+    assert daemon.stop() == 0, daemon.tail()
 
 
 # Takes the SQLite catalog's write lock until a line comes on stdin (a backup script, a sqlite3 shell).

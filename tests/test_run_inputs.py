@@ -9,6 +9,7 @@ folder source, catalog and folder publisher (fixtures shared with ``test_gates.p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import datetime
@@ -394,6 +395,82 @@ def test_after_a_run_that_published_only_partly_nothing_is_skipped(setup):
     assert setup.current() == first
     assert sha256_file(second / "current" / "adapter_model.safetensors") == first
     assert setup.run(group).status is RunStatus.skipped  # all destinations agree again
+
+
+def test_a_merge_whose_publishing_failed_is_published_again_not_merged_again(setup, tmp_path, monkeypatch):
+    """Destinations: a folder, then the test Hub, whose commit fails past the publisher's
+    retries. The run fails having published to the folder, keeps its merge and asks to be
+    tried again; the next run with the same inputs publishes that merge (the folder has it
+    already, the Hub gets it) without merging. Inputs that changed meanwhile, or a forced
+    run, merge anew; a publisher's plugin error is not tried again."""
+    from hub_server import HubServer, isolate_hub_client
+
+    merges = []
+    real_merge = runner.merge_in_worker
+    monkeypatch.setattr(runner, "merge_in_worker", lambda *a, **k: merges.append(1) or real_merge(*a, **k))
+    commits = r"^POST /api/models/team/merged/commit/"
+    with HubServer() as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+
+        def group(scale: float) -> GroupConfig:
+            group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                                params={"scale": scale}, select={"names": ["task0"]},
+                                gates={"max_regression": False, "max_fidelity_gap": False},  # test_gates.py's subject
+                                destinations=[{"kind": "folder", "path": str(setup.published)},
+                                              {"kind": "hub", "repo_id": "team/merged", "endpoint": hub.endpoint,
+                                               "retry_attempts": 2, "retry_base_seconds": 0}])
+            sync_group(setup.catalog, group)
+            return group
+
+        hub.inject(commits, ("status", 503), times=2)
+        failed = setup.run(group(1.0))
+        assert failed.status is RunStatus.failed and failed.retry_publish and "published this merge" in failed.detail
+        merged = setup.current()
+        kept = runner.unpublished_copy(setup.work, 1)
+        assert sha256_file(kept / "adapter_model.safetensors") == merged and len(merges) == 1
+        hub.inject(commits, ("status", 503), times=2)
+        still = setup.run(group(1.0))  # the Hub still down: published again, failed again, still kept
+        assert still.status is RunStatus.failed and still.retry_publish and len(merges) == 1 and kept.is_dir()
+
+        again = setup.run(group(1.0))
+        assert again.status is RunStatus.succeeded and len(merges) == 1  # published, not merged again
+        row = setup.run_row(again.run_id)
+        assert row.metrics["republished_from"] == failed.run_id and row.output_commit == hub.head("team/merged")
+        assert [(p["kind"], p["changed"]) for p in row.metrics["published"]] == [("folder", False), ("hub", True)]
+        assert hashlib.sha256(hub.files("team/merged")["adapter_model.safetensors"]).hexdigest() == merged
+        assert not kept.exists() and (runner.published_copy(setup.work, 1) / "adapter_model.safetensors").is_file()
+        assert setup.run(group(1.0)).status is RunStatus.skipped  # every destination holds it
+
+        hub.inject(commits, ("status", 503), times=2)
+        assert setup.run(group(2.0)).retry_publish and len(merges) == 2
+        hub.inject(commits, ("status", 503), times=2)
+        other = setup.run(group(3.0))  # changed inputs while a merge waits: merged anew, and that one kept
+        assert other.retry_publish and len(merges) == 3
+        assert setup.run(group(3.0), force=True).status is RunStatus.succeeded and len(merges) == 4
+
+
+def test_a_publishers_plugin_error_is_not_tried_again(setup, tmp_path):
+    """A publisher that answered what no publisher may (it did publish): trying again
+    would publish again, every time, until a fix; the run says not to."""
+    from iteris_daemon.publish import PublisherSettings, PublishResult
+    from registered import registered
+
+    class Sloppy:
+        kind = "sloppy"
+        description = "answers a Path (a test plugin)"
+        Settings = PublisherSettings
+
+        def publish(self, request, settings):
+            return PublishResult(location=tmp_path / "somewhere", version="v1", changed=True)
+
+    with registered("register_publishers", Sloppy()):
+        group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                            select={"names": ["task0"]},
+                            destinations=[{"kind": "folder", "path": str(setup.published)}, {"kind": "sloppy"}])
+        sync_group(setup.catalog, group)
+        outcome = setup.run(group)
+    assert outcome.status is RunStatus.failed and "publisher sloppy answered" in outcome.detail
+    assert not outcome.retry_publish
 
 
 def _catalog_with_one_adapter(tmp_path, name: str = "team", locator: str = "/team/a", revision: str = "r1"):
