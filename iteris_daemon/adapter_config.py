@@ -5,6 +5,7 @@ publishes merges without importing torch (:mod:`iteris_daemon.lora` reads the te
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -33,6 +34,16 @@ _UNSUPPORTED_FLAGS = {
     "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "use_qalora": "QA-LoRA adapters are not supported",
+    # PEFT's other LoRA variants (``is_lora_variant`` in its LoraConfig), which change the
+    # forward pass. aLoRA's weights look exactly like a plain LoRA's: only this flag tells.
+    "alora_invocation_tokens": "Activated LoRA adapters (alora_invocation_tokens) act only from their invocation "
+                               "tokens on; a merge would apply them to every token",
+    "use_bdlora": "block-diagonal LoRA adapters (use_bdlora=true) are not plain low-rank deltas",
+    "kasa_config": "KaSA adapters (kasa_config) are not plain low-rank deltas",
+    "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not plain low-rank deltas",
+    "velora_config": "VeLoRA adapters (velora_config) are not supported",
+    "arrow_config": "Arrow adapters (arrow_config) route each token to some of their LoRAs; not one delta",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
 }
 
 # init_lora_weights values whose adapters are deltas on a changed base (PEFT writes
@@ -66,7 +77,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 MAX_PATTERN_KEY = 256  # characters in a rank_pattern / alpha_pattern key
-_PLAIN_KEY = re.compile(r"[\w.-]+")  # module-path characters: '.' is the only metacharacter
+# Module-path characters, dots escaped or not (merges write ``model\.layers\.0\.q_proj``):
+# '.' is the only metacharacter, so such keys cannot make a match backtrack much.
+_PLAIN_KEY = re.compile(r"(?:[\w.-]|\\\.)+")
 _REGEX_TIMEOUT = 0.5  # seconds one match of another key may take
 _REGEX_BUDGET = 2.0  # seconds of CPU all matches of other keys of one pattern may take together
 _REGEX_SPENT: dict[int, list] = {}  # id(pattern) -> [pattern, CPU seconds its other keys took]
@@ -90,12 +103,19 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     """
     for key, value in (pattern or {}).items():
         if _PLAIN_KEY.fullmatch(key):
-            matched = re.match(_peft_pattern(key), module)
+            matched = _compiled(key).match(module)
         else:
             matched = _bounded_match(pattern, key, module)
         if matched:
             return value
     return default
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> re.Pattern:
+    """A plain key's PEFT pattern, compiled once: a deep model's merge names each of its
+    hundreds of layers, more patterns than ``re``'s own cache keeps."""
+    return re.compile(_peft_pattern(key))
 
 
 def _bounded_match(pattern: dict[str, Any], key: str, module: str) -> bool:

@@ -350,6 +350,14 @@ def test_corrupted_weights_are_rejected_cleanly(adapter, tmp_path):
     ({"alpha_pattern": {"query": "8"}}, "alpha_pattern"),
     ({"use_rslora": "false"}, "use_rslora"),
     ({"use_dora": True}, "DoRA"),
+    # PEFT 0.21's other variants: aLoRA's weights are a plain LoRA's, and it merged as one
+    ({"alora_invocation_tokens": [2023, 2001]}, "alora_invocation_tokens"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
+    ({"kasa_config": {"r": 2}}, "kasa_config"),
+    ({"monteclora_config": {"n": 2}}, "monteclora_config"),
+    ({"velora_config": {"rank": 2}}, "velora_config"),
+    ({"arrow_config": {"top_k": 2}}, "arrow_config"),
+    ({"trainable_token_indices": [5, 6]}, "trainable_token_indices"),
     # unconverted PiSSA / OLoRA / CorDA / LoftQ: deltas on a base their initialisation changed
     ({"init_lora_weights": "pissa_niter_4"}, "changed base model"),
     ({"init_lora_weights": "olora"}, "changed base model"),

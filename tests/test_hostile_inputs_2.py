@@ -380,6 +380,8 @@ def test_rank_pattern_keys_that_break_or_stall_the_regex_engine_are_rejected(wat
     ("^encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.query", True),
     (".*query", "encoder.layer.0.attention.self.query", True),
     ("", "anything.at.all", False),  # an empty key matches no module name
+    ("layer\\.0\\.attention\\.self\\.query", "encoder.layer.0.attention.self.query", True),  # as merges write them
+    ("layer\\.0\\.attention\\.self\\.query", "encoder.layer.0.attention.selfxquery", False),
 ])
 def test_pattern_keys_match_as_peft_matches_them(key, module, matches):
     from peft.utils.other import get_pattern_key
@@ -388,6 +390,29 @@ def test_pattern_keys_match_as_peft_matches_them(key, module, matches):
 
     assert (get_pattern_key([key], module) == key) is matches  # what PEFT does
     assert _pattern_value({key: 7}, module, 1) == (7 if matches else 1)
+
+
+def test_a_deep_merges_own_patterns_read_back_exactly():
+    """The merged adapter of an 80-layer model whose inputs differed in targets and ranks
+    names hundreds of layers in ``rank_pattern`` and ``alpha_pattern``, with escaped dots
+    (``model\\.layers\\.0\\.self_attn\\.q_proj``). Those keys took the regular-expression
+    path meant for hostile keys, and its CPU budget ran out: the daemon could not read its
+    own merge back (re-merging failed; its quality gate skipped the comparison with the
+    published merge). 1,120 layers here, each key matched as PEFT matches it."""
+    from peft.utils.other import get_pattern_key
+
+    from iteris_daemon.adapter_config import module_scaling
+    from iteris_daemon.merge import _escape
+
+    modules = [f"model.layers.{layer}.{part}" for layer in range(80) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj", "mlp.extra_proj", "mlp.more_proj", "mlp.last_proj", "a.b", "a.c", "a.d", "a.e")]
+    ranks = {m: 1 + i % 7 for i, m in enumerate(modules)}
+    config = {"r": 8, "lora_alpha": 8, "rank_pattern": {_escape(m): r for m, r in ranks.items()},
+              "alpha_pattern": {_escape(m): float(r) for m, r in ranks.items()}}
+    for module in modules[::37]:  # PEFT finds the module's own key
+        assert get_pattern_key(list(config["rank_pattern"]), module) == _escape(module)
+    assert all(module_scaling(config, m) == (ranks[m], 1.0) for m in modules)
 
 
 # ----------------------------------------------------------------------------- 5: size limits
