@@ -93,6 +93,21 @@ class TaskLayer:
     weight: float | None = None  # c_i, once known
 
 
+def _check_token_rows(path: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """A layer must read every token of the batch (or one vector per sequence, as a pooler
+    does): the solves pair each token's features under one model with the same token's
+    under another. A layer that reads a subset (a mixture-of-experts expert, given the
+    tokens routed to it; routing differs from model to model) has no such pairing."""
+    if mask is None:
+        return
+    tokens = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:2])
+    if tokens not in (mask.numel(), mask.shape[0]) and not (x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)):
+        raise MergeError(f"{path} read {tokens} rows from a batch of {mask.shape[0]} sequences of {mask.shape[1]} "
+                         "tokens: it sees only some tokens (a mixture-of-experts expert?), so no token's features "
+                         "pair up across models; merge it with a data-free strategy (task_arithmetic, ties, ...) "
+                         "and --no-eval")
+
+
 class UnitPass:
     """One task's sums over its batches through one unit (the forward hooks' recorder).
 
@@ -128,6 +143,7 @@ class UnitPass:
             if seen is x:
                 break
         else:
+            _check_token_rows(path, x, mask)
             rows, owner = masked_rows(x, mask, self.dtype), path
             self._seen.append((x, rows, owner))
         known = self.owner.setdefault(path, owner)

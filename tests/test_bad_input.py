@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
 import transformers as tf
 
-from builders import build_adapter, build_tiny_model, cli_merge, tiny_config, tokenizer
+from builders import build_adapter, build_tiny_model, cli_merge, random_texts, tiny_config, tokenizer
 from iteris_daemon.lora import load_adapter
 
 
@@ -503,3 +504,36 @@ def test_an_adapter_that_changes_nothing_has_no_fidelity_gap(workspace, capsys):
     history = json.loads((tmp / "iteris" / "merge_report.json").read_text())["tasks"]
     assert len(history[zero.name]["alignment_loss"]) == 3 and set(history[zero.name]["alignment_loss"]) == {None}
     assert all(loss >= 0 for loss in history[other.name]["alignment_loss"])
+
+
+def test_lora_on_routed_experts_is_refused_naming_the_layer(tmp_path, capsys):
+    """A mixture-of-experts expert that is a plain linear layer (SwitchTransformers', and
+    remote-code MoE models') reads only the tokens routed to it, and routing differs from
+    model to model, so no token's features pair up. IterIS and RegMean stopped with a
+    matrix-shape RuntimeError; a data-free strategy's evaluation with a traceback. Now one
+    line names the layer; a data-free merge without evaluation still merges."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "base"
+    config = tf.SwitchTransformersConfig(
+        vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
+        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, pad_token_id=0, eos_token_id=102,
+        decoder_start_token_id=0)
+    torch.manual_seed(0)
+    tf.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    adapters = []
+    for seed, targets in enumerate((["wi", "wo"], ["q", "v"])):
+        torch.manual_seed(seed)
+        model = get_peft_model(tf.AutoModelForSeq2SeqLM.from_pretrained(base), LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_2_SEQ_LM", init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"a{seed}")
+        rows = [json.dumps({"text": text, "target": "the good river"}) for text in random_texts(seed, 8)]
+        (tmp_path / f"a{seed}" / "calibration.jsonl").write_text("\n".join(rows) + "\n")
+        adapters.append(tmp_path / f"a{seed}")
+    for strategy in ("iteris", "regmean"):
+        code, message = _merge(capsys, base, adapters, tmp_path / strategy, "--strategy", strategy)
+        _assert_refused(code, message, tmp_path / strategy, ".mlp.experts.expert_", " rows from a batch of ",
+                        "it sees only some tokens (a mixture-of-experts expert?)")
+    assert cli_merge(base, adapters, tmp_path / "data-free", "--strategy", "task_arithmetic", "--no-eval") == 0
