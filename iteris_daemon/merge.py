@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -114,6 +115,9 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
         raise IncompatibleAdaptersError(
             f"adapters were trained on different base models ({listing}); if these name one model (a Hub id and "
             "a local copy of it, say), give base_model_name_or_path one spelling in their adapter_config.json")
+    if len({a.config.get("revision") for a in adapters} - {None}) > 1:  # PEFT loads the base at its adapter's
+        listing = ", ".join(f"{a.name}: {a.config.get('revision')}" for a in adapters)
+        raise IncompatibleAdaptersError(f"adapters were trained on different revisions of the base model ({listing})")
     return adapters
 
 
@@ -354,6 +358,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         task_type=first.get("task_type"),
         modules_to_save=head_names(adapters, request.modules_to_save_rule) if head else None,
         base_model_name_or_path=model_location(request.base_model),  # a folder: usable from anywhere
+        revision=_common(a.config.get("revision") for a in adapters),  # AutoPeftModel loads the base at it
     )
     with tempfile.TemporaryDirectory() as tmp:
         # Without a task_type, AutoPeftModel finds the base model's class here.
@@ -363,6 +368,12 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
     # sorted, equal merges write equal bytes (the publishers skip a version equal to the last).
     saved["target_modules"] = sorted(saved["target_modules"])
     return saved
+
+
+def _common(values: Iterable[Any]) -> Any:
+    """The value all of ``values`` share, else None."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
 
 
 def _escape(path: str) -> str:

@@ -91,6 +91,24 @@ def test_adapters_for_different_base_models(workspace, capsys):
     _assert_refused(code, message, tmp / "out", "different base models", "some-org/another-model")
 
 
+def test_the_base_models_revision_is_kept_and_must_agree(workspace, capsys):
+    """PEFT's AutoPeftModel loads the base model at the adapter config's ``revision``. The
+    merge wrote none, and adapters of two revisions merged without a word."""
+    base, adapters, tmp = workspace
+
+    def set_revision(folder: Path, revision: str) -> None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "revision": revision}))
+
+    for folder in adapters:
+        set_revision(folder, "v1.0")
+    assert cli_merge(base, adapters, tmp / "same", "--strategy", "task_arithmetic", "--no-eval") == 0
+    assert json.loads((tmp / "same" / "adapter_config.json").read_text())["revision"] == "v1.0"
+    set_revision(adapters[1], "v2.0")
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", "different revisions of the base model", ": v1.0, ", ": v2.0")
+
+
 def test_pickled_weights_are_refused_never_loaded(workspace, capsys):
     base, adapters, tmp = workspace
     marker = tmp / "unpickled"
