@@ -49,7 +49,7 @@ def test_a_limited_read_takes_the_samples_a_whole_read_would(tmp_path):
 def test_a_merge_reads_a_calibration_file_no_further_than_its_samples(bert, tmp_path):
     """A merge takes the first ``samples_per_task`` samples, but read the whole file first: a
     file of millions of lines was held in memory, and a fault past the samples failed the
-    merge. Here the samples are followed by 8 MB that are not JSON: the merge equals the one
+    merge. Here the samples are followed by 9 MiB that are not JSON: the merge equals the one
     of a file holding just the samples, byte for byte."""
     base_dir, adapters = bert
     first = (adapters[0] / "calibration.jsonl").read_bytes()
