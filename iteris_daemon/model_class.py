@@ -41,8 +41,9 @@ def task_class(task_type: str) -> type:
     """The auto class for a PEFT ``task_type``; an unknown one cannot be merged."""
     import transformers
 
-    if task_type not in TASK_CLASSES:
-        raise IncompatibleAdaptersError(f"unsupported PEFT task_type {task_type!r}")
+    if task_type not in TASK_CLASSES:  # PEFT's names are case-sensitive: "causal_lm" is none of them
+        raise IncompatibleAdaptersError(f"unsupported PEFT task_type {task_type!r} (PEFT's are "
+                                        f"{', '.join(sorted(TASK_CLASSES))})")
     return getattr(transformers, TASK_CLASSES[task_type])
 
 
@@ -84,7 +85,10 @@ def _adapter_class(name: str, config: Mapping[str, Any], base_config: Pretrained
     """What one adapter asks for: (the field that says so, the class), or None."""
     task_type = config.get("task_type")
     if task_type is not None:
-        return f"task_type={task_type}", task_class(task_type)
+        try:
+            return f"task_type={task_type}", task_class(task_type)
+        except IncompatibleAdaptersError as exc:
+            raise IncompatibleAdaptersError(f"adapter {name}: {exc}") from None
     mapping = config.get("auto_mapping")
     if mapping is None:
         return None

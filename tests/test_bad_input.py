@@ -109,6 +109,18 @@ def test_the_base_models_revision_is_kept_and_must_agree(workspace, capsys):
     _assert_refused(code, message, tmp / "out", "different revisions of the base model", ": v1.0, ", ": v2.0")
 
 
+def test_an_unknown_task_type_names_the_adapter_and_peft_s_types(workspace, capsys):
+    """A lower-case ``causal_lm`` (PEFT's names are upper case) was refused without naming
+    the adapter or what would do."""
+    base, adapters, tmp = workspace
+    for folder in adapters:  # both: a mix of task types is refused before
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "task_type": "causal_lm"}))
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"adapter {adapters[0].name}: unsupported PEFT task_type 'causal_lm' "
+                    "(PEFT's are CAUSAL_LM, FEATURE_EXTRACTION,")
+
+
 def test_pickled_weights_are_refused_never_loaded(workspace, capsys):
     base, adapters, tmp = workspace
     marker = tmp / "unpickled"
