@@ -4,8 +4,8 @@
   the IterIS objective (unweighted, unregularised) of the merge D on task i's data;
 - *fidelity gap*: ``||y_merged - y_i|| / ||y_i - y_base||`` of the model's final
   outputs on task i's calibration inputs (0: behaves like the task's own adapter,
-  1: no better than the base model, read out through the merge's saved head if it has
-  one; null, as is the alignment loss, when the task's adapter does not change the
+  1: no better than the base model, read out through its own head, or the merge's where
+  its checkpoint has none; null, as is the alignment loss, when the task's adapter does not change the
   outputs at all). A span head's outputs are its start and end logits;
 - *next-token loss*, for language models that generate (causal or encoder-decoder): the
   mean cross-entropy, in nats per token, of each real token of a sample given those before
@@ -65,10 +65,11 @@ def evaluate(
         d_out, d_in = base.weight(p).shape
         B, A = factors.get(p, (torch.zeros(d_out, 1), torch.zeros(1, d_in)))
         B64[p], A64[p] = B.double(), A.double()
-    # The base model reads out through the merge's head: a checkpoint without a head of its own
-    # (the usual case: heads travel with the adapters) holds a randomly initialised one.
+    # The base model reads out through its own head, or where its checkpoint has none (heads
+    # usually travel with the adapters) and the loader made one at random, through the merge's.
+    base_head = {key: tensor for key, tensor in merged_head.items() if key in base.initialised}
     streams: dict[str, tuple[dict[str, Delta], dict[str, torch.Tensor]] | None] = {
-        "base": ({}, merged_head), "merged": (merged_deltas, merged_head)}
+        "base": ({}, base_head), "merged": (merged_deltas, merged_head)}
     if reference is not None:
         streams["reference"] = (adapter_deltas(reference), reference.modules_to_save)
     batches = [base.batches(data, batch_size, max_length) for data in calibration]

@@ -270,6 +270,9 @@ class BaseModel:
         kwargs: dict = {"trust_remote_code": trust_remote_code, **_label_config(adapters)}
         self.name_or_path = name_or_path
         self._stack_paths: list[str] = []
+        # Parameters the checkpoint does not give (a classifier a causal LM's checkpoint lacks):
+        # initialised at random by the loader. A streamed load has all of them, or is not taken.
+        self.initialised: set[str] = set()
         self.device = _device(device)
         self.dtype = DTYPES[dtype]
         _check_local(name_or_path)
@@ -334,8 +337,10 @@ class BaseModel:
         # With num_labels from an adapter's head: a checkpoint whose own head has another label
         # count loads too (that head is replaced by the adapters' modules_to_save).
         try:
-            model = cls.from_pretrained(self.name_or_path, dtype=self.dtype,
-                                        ignore_mismatched_sizes="num_labels" in kwargs, **kwargs)
+            model, loading = cls.from_pretrained(self.name_or_path, dtype=self.dtype, output_loading_info=True,
+                                                 ignore_mismatched_sizes="num_labels" in kwargs, **kwargs)
+            self.initialised = set(loading.get("missing_keys") or ()) | {
+                key if isinstance(key, str) else key[0] for key in loading.get("mismatched_keys") or ()}
         except RuntimeError as exc:  # transformers refuses a tensor its config does not fit (its load report names it)
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
                                  f"({str(exc).splitlines()[0]})") from None

@@ -78,18 +78,25 @@ def test_no_next_token_loss_for_a_model_that_does_not_generate(tiny, tmp_path):
 
 
 def _outputs_by_hand(cls, base_dir, adapter_dir, texts, fields, without_deltas=False) -> list[torch.Tensor]:
-    """float64 outputs of the base model with an adapter applied by PEFT (its saved head
-    included; ``without_deltas``: its LoRA deltas zeroed, so the head alone), one sample at
-    a time, so no padding: per sample the ``fields`` of the output, concatenated."""
+    """float64 outputs of the base model (``adapter_dir`` None) or of it with an adapter
+    applied by PEFT (its saved head included; ``without_deltas``: its LoRA deltas zeroed, so
+    the head alone), one sample at a time, so no padding: per sample the ``fields`` of the
+    output, concatenated."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir)
+    model = cls.from_pretrained(base_dir)
+    if adapter_dir is None:  # the base model alone, with the head its checkpoint holds
+        return _outputs(model.double().eval(), base_dir, texts, fields)
+    model = PeftModel.from_pretrained(model, adapter_dir)
     if without_deltas:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.zero_()
-    model = model.merge_and_unload().double().eval()
+    return _outputs(model.merge_and_unload().double().eval(), base_dir, texts, fields)
+
+
+def _outputs(model, base_dir, texts, fields) -> list[torch.Tensor]:
     tok = AutoTokenizer.from_pretrained(base_dir)
     with torch.no_grad():
         outputs = [model(**tok(text, truncation=True, max_length=128, return_tensors="pt")) for text in texts]
@@ -110,9 +117,10 @@ def _base_without_pad_token(base_dir: Path, config_pad: int | None) -> None:
 @pytest.mark.parametrize("case", ["span head", "classifier on a causal checkpoint", "classifier, config pad 0"])
 def test_the_fidelity_gap_of_heads_matches_peft_by_hand(tmp_path, case):
     """The fidelity gap of merged classifiers and span heads against float64 PEFT outputs, a
-    sample at a time. Before the fixes: a span head's gap read its start logits only, padding
-    positions included; the base model read out through the random head a checkpoint without
-    one gets (the gap changed from one run to the next); a decoder classifier whose config
+    sample at a time; the base model reads out through its checkpoint's head, or the merge's
+    where the checkpoint has none. Before the fixes: a span head's gap read its start logits
+    only, padding positions included; the base model read out through the random head a
+    checkpoint without one gets (the gap changed from one run to the next); a decoder classifier whose config
     names no pad token ended the merge in a traceback, and one whose config names 0 beside a
     tokenizer without a pad token pooled a padding position."""
     family = "bert" if case == "span head" else "llama"
@@ -135,7 +143,10 @@ def test_the_fidelity_gap_of_heads_matches_peft_by_hand(tmp_path, case):
         texts = [s.text for s in read_jsonl(adapter_dir / "calibration.jsonl").samples]
         task = _outputs_by_hand(cls, base_dir, adapter_dir, texts, fields)
         merged = _outputs_by_hand(cls, base_dir, out, texts, fields)
-        base = _outputs_by_hand(cls, base_dir, out, texts, fields, without_deltas=True)
+        if case == "span head":  # the checkpoint's own head
+            base = _outputs_by_hand(cls, base_dir, None, texts, fields)
+        else:  # none in the checkpoint: the merge's
+            base = _outputs_by_hand(cls, base_dir, out, texts, fields, without_deltas=True)
         num = sum(float((m - t).pow(2).sum()) for m, t in zip(merged, task))
         den = sum(float((b - t).pow(2).sum()) for b, t in zip(base, task))
         got = report["tasks"][load_adapter(adapter_dir).name]["fidelity_gap"]
