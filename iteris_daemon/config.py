@@ -21,7 +21,7 @@ from .calibration import DEFAULT_ORDER, source_settings
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
-from .paths import LocalPath, ModelLocation, cache_dir, overlap, state_dir
+from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, state_dir
 from .validation import Limits
 
 
@@ -384,6 +384,9 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             if other is not None:
                 raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} overlaps the folder {other[1]} "
                                   f"that source {other[0]!r} watches; one folder belongs to one source")
+            if (own := _holding(folder, written_folders(config.daemon))) is not None:
+                raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} holds the daemon's {own[0]} "
+                                  f"{own[1]}; the daemon would register its own merges and downloads as adapters")
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
         polled += [(source.name, settings)] if hasattr(settings, "watches") else []
     available = calibration_sources()
@@ -422,6 +425,7 @@ class Destinations(NamedTuple):
 
     folders: list[tuple[str, Path]]
     repos: list[tuple[str, tuple[str | None, str, str]]]
+    written: list[tuple[str, Path]] = []  # (what, folder) the daemon writes itself: its state and cache folders
 
 
 def _destination(destination: dict[str, Any]) -> Path | tuple[str | None, str, str] | None:
@@ -444,7 +448,23 @@ def destinations(config: DaemonConfig) -> Destinations:
     places = [(group.name, place) for group in config.groups for destination in group.destinations
               if (place := _destination(destination)) is not None]
     return Destinations([(g, p) for g, p in places if isinstance(p, Path)],
-                        [(g, p) for g, p in places if not isinstance(p, Path)])
+                        [(g, p) for g, p in places if not isinstance(p, Path)], written_folders(config.daemon))
+
+
+def written_folders(settings: DaemonSettings) -> list[tuple[str, Path]]:
+    """The folders the daemon writes besides its destinations: runs (merges, published and
+    kept copies) under the state folder, Hub downloads under the cache folder."""
+    return [("state folder", settings.state_dir or state_dir()), ("cache folder", settings.cache_path())]
+
+
+def _holding(folder: Path, written: list[tuple[str, Path]]) -> tuple[str, Path] | None:
+    """The first (what, folder) of ``written`` that is ``folder`` or lies in it, links resolved,
+    unless in a hidden folder there (a source does not look into those)."""
+    for what, own in written:
+        inside, watched = real(own), real(folder)
+        if inside.is_relative_to(watched) and not any(p.startswith(".") for p in inside.relative_to(watched).parts):
+            return what, own
+    return None
 
 
 def watched_destination(settings: BaseModel, published: Destinations) -> str | None:
@@ -454,6 +474,8 @@ def watched_destination(settings: BaseModel, published: Destinations) -> str | N
     for folder in getattr(settings, "paths", []):
         if (group := first_overlap(Path(folder), published.folders)) is not None:
             return f"its folder {folder} overlaps the destination {group[1]} of group {group[0]!r}"
+        if (own := _holding(Path(folder), published.written)) is not None:
+            return f"its folder {folder} holds the daemon's {own[0]} {own[1]}"
     watches = getattr(settings, "watches", None)
     for group, (endpoint, repo, branch) in published.repos if watches is not None else ():
         if watches(endpoint, repo, branch):

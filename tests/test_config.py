@@ -63,6 +63,11 @@ def test_the_example_config_is_valid():
      "groups.0 (g): destinations.0.path: /tmp/x overlaps the folder /tmp that source 's' watches"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/x/adapters"]\n' + GROUP + FOLDER,
      "destinations.0.path: /tmp/x overlaps the folder /tmp/x/adapters"),
+    # The daemon's own runs (merges, published and kept copies) and downloads came back as adapters.
+    ('[daemon]\nstate_dir = "/tmp/w/state"\n[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/w"]\n',
+     "sources.0 (s): /tmp/w holds the daemon's state folder /tmp/w/state; the daemon would register its own merges"),
+    ('[daemon]\ncache_dir = "/tmp/w"\n[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/w"]\n',
+     "sources.0 (s): /tmp/w holds the daemon's cache folder /tmp/w;"),
     # Two destinations in one folder remove each other's staging copies and versions.
     (GROUP + FOLDER + GROUP.replace('"g"', '"h"') + FOLDER,
      "groups.1 (h): destinations.0.path: /tmp/x overlaps the destination /tmp/x of group 'g'"),
@@ -89,6 +94,14 @@ def test_mistakes_are_one_line_naming_the_field(tmp_path, capsys, text, message)
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message.replace("Value error, ", "") in err and err.count("\n") == 1
+
+
+def test_a_state_folder_hidden_in_a_watched_folder_is_accepted(tmp_path):
+    """A source does not look into hidden folders: the daemon's state may live in one."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/adapters/.iteris"\n'
+                    f'[[sources]]\nname = "s"\nkind = "local"\npaths = ["{tmp_path}/adapters"]\n')
+    assert load_config(path).daemon.state_dir == tmp_path / "adapters" / ".iteris"
 
 
 HUB = '[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n'

@@ -903,14 +903,15 @@ def test_a_reload_the_catalog_fails_keeps_the_running_sources(tmp_path, monkeypa
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["folder", "hub"])
+@pytest.mark.parametrize("kind", ["folder", "hub", "state"])
 def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog, monkeypatch, kind):
-    """A source added with ``sources add`` on a group's destination folder, or polling the
-    Hub branch a group publishes to (the config refuses both for its own sources, but never
-    saw this one) registered each published merge as an adapter and merged it again, rank
-    doubling, without end. Now the daemon does not start that source, with an ERROR saying
-    why; the config's own sources run. (The daemon also gives its Hub requests the
-    configured timeout.)"""
+    """A source added with ``sources add`` on a group's destination folder, polling the Hub
+    branch a group publishes to, or watching a folder that holds the daemon's state folder
+    (its runs: merges, published and kept copies) (the config refuses these for its own
+    sources, but never saw this one) registered each merge as an adapter and merged it
+    again, rank growing, without end. Now the daemon does not start that source, with an
+    ERROR saying why; the config's own sources run. (The daemon also gives its Hub requests
+    the configured timeout.)"""
     import iteris_daemon.daemon as daemon_module
 
     bounds: list[float] = []
@@ -924,7 +925,10 @@ def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog
                    "rescan:sneaky", f"its folder {published} overlaps the destination {published / 'unified'} of group 'g'"),
         "hub": (["--hub-author", "acme"], 'kind = "hub"\nrepo_id = "acme/unified"\n', "poll:sneaky",
                 "it polls acme/unified@main, where group 'g' publishes"),
+        "state": (["--folder", str(tmp_path / "state")], f"kind = \"folder\"\npath = {json.dumps(str(published))}\n",
+                  "rescan:sneaky", f"its folder {tmp_path / 'state'} holds the daemon's state folder {tmp_path / 'state'}"),
     }[kind]
+    (tmp_path / "state").mkdir()
     assert main(["sources", "add", "sneaky", *sneaky, "--db", db]) == 0
     config = tmp_path / "daemon.toml"
     config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
