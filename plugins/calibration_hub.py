@@ -14,7 +14,10 @@ adapter's own ``calibration.jsonl`` would be refused past it.
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
+
+from pydantic import field_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
@@ -31,6 +34,27 @@ class HubDatasetSettings(CalibrationSettings):
     endpoint: str | None = None
     token_file: LocalPath | None = None
     cache_dir: LocalPath | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, repo_id: str) -> str:
+        from iteris_daemon.sources.hub import bad_repo_id
+
+        if (problem := bad_repo_id(repo_id)) is not None:
+            raise ValueError(f"{repo_id!r} {problem}")
+        return repo_id
+
+    @field_validator("filename")
+    @classmethod
+    def _filename(cls, filename: str) -> str:
+        """A template whose only field is ``{name}``: anything else failed each adapter at run time."""
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(filename) if field is not None}
+        except ValueError as exc:
+            raise ValueError(f"{filename!r} is not a template ({exc})") from None
+        if fields - {"name"}:
+            raise ValueError(f"{filename!r} names {', '.join(sorted(fields - {'name'}))}; only {{name}} is filled in")
+        return filename
 
 
 class HubDataset:

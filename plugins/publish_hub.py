@@ -15,7 +15,6 @@ never logged nor put in an error message.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from iteris_daemon.model_card import render_model_card
 from iteris_daemon.paths import LocalPath
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import hub_retrying, is_transient
+from iteris_daemon.sources.hub import bad_repo_id
 from iteris_daemon.tokens import hub_token, plain
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 #: The files that make two adapters the same adapter (a new report or card alone is not a new version).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class HubPublishSettings(PublisherSettings):
@@ -65,8 +64,8 @@ class HubPublishSettings(PublisherSettings):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, repo_id: str) -> str:
-        if not _REPO_ID.match(repo_id):
-            raise ValueError(f"{repo_id!r} is not a repo id (OWNER/NAME)")
+        if (problem := bad_repo_id(repo_id)) is not None:
+            raise ValueError(f"{repo_id!r} {problem}")
         return repo_id
 
 

@@ -56,6 +56,14 @@ def test_the_example_config_is_valid():
      "groups.0 (g): calibration.generate: sampels: Extra inputs are not permitted"),
     (GROUP + '[groups.calibration.hub_dataset]\nfilename = "{name}.jsonl"\n' + FOLDER,
      "groups.0 (g): calibration.hub_dataset: repo_id: Field required"),
+    # Each failed every adapter at run time (`KeyError: 'adapter'`), holding the group back.
+    (GROUP + '[groups.calibration.hub_dataset]\nrepo_id = "a/b"\nfilename = "{adapter}.jsonl"\n' + FOLDER,
+     "calibration.hub_dataset: filename: '{adapter}.jsonl' names adapter; only {name} is filled in"),
+    (GROUP + '[groups.calibration.hub_dataset]\nrepo_id = "a/b"\nfilename = "{name.jsonl"\n' + FOLDER,
+     "calibration.hub_dataset: filename: '{name.jsonl' is not a template"),
+    (GROUP + '[groups.calibration.hub_dataset]\nrepo_id = "not a repo id!"\n' + FOLDER,
+     "calibration.hub_dataset: repo_id: 'not a repo id!' is not OWNER/NAME"),
+    (GROUP + '[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme"\n', "destinations.0: repo_id: 'acme' is not OWNER/NAME"),
     ('[[sources]]\nname = "s"\nkind = "hub"\n', "sources.0 (s): settings: Value error, give repos or an author"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = []\n', "sources.0 (s): paths"),
     # A published merge inside a watched folder would come back as an input (and the reverse).
