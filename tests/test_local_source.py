@@ -5,6 +5,7 @@ and the rescan at start."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -588,6 +589,27 @@ def test_lost_and_found_at_the_top_of_a_mounted_root_is_not_looked_into(setup, t
         (volume / "team" / "lost+found").rmdir()
         source.scan()
         assert _health(catalog) == (True, None)
+
+
+def test_events_in_lost_and_found_at_the_top_of_a_mounted_root_are_not_looked_at(setup, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """Events there (fsck's, a ``chown -R`` of the volume) made the source look into it: a
+    WARNING, "cannot read folder", per event."""
+    catalog, _, base, (lora, _) = setup
+    with tmpfs(tmp_path / "volume", 64 << 20) as volume:
+        (volume / "lost+found").mkdir()
+        source = _source(catalog, volume, base)
+        reports = []
+        source.on_change = reports.append
+        source.start()
+        try:
+            (volume / "lost+found" / "#1234").write_bytes(b"recovered")  # the event
+            _deny_looking_into(monkeypatch, volume / "lost+found")
+            shutil.copytree(lora, volume / "b")  # settles after it
+            wait_for(lambda: "b" in _adapters(catalog), "the adapter copied in after it")
+        finally:
+            source.stop()
+    assert not [r for r in caplog.records if "lost+found" in r.getMessage() and r.levelno >= logging.WARNING]
 
 
 def test_a_folder_whose_examination_raises_is_looked_at_again_ever_later(setup, monkeypatch, caplog):

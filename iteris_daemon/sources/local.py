@@ -161,8 +161,12 @@ def _first_symlink(root: Path, folder: Path) -> Path | None:
     return None
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _ignored(path: Path, root: Path) -> bool:
+    """``path`` lies where a walk does not look (:func:`_looked_into`): in a hidden folder,
+    or in ``lost+found`` at the top of a file system."""
+    parts = path.relative_to(root).parts
+    return any(part.startswith(".") or (part == "lost+found" and os.path.ismount(root.joinpath(*parts[:i])))
+               for i, part in enumerate(parts))
 
 
 def _looked_into(folder: str, dirs: list[str]) -> list[str]:
@@ -612,7 +616,7 @@ class LocalFolderSource:
         """An event touched ``path``; ``deep`` when a whole folder arrived (copied or moved in).
         ``delay``: it settles that much later than it would."""
         root = self._root_of(path)
-        if root is None or _hidden(path, root):
+        if root is None or _ignored(path, root):
             return
         with self._dirty_lock:
             deep = deep or self._dirty.get(path, (0, None, False))[2]
