@@ -198,12 +198,23 @@ class DaemonSettings(_Strict):
         return min(self.max_concurrent_merges or len(self.merge_devices()), len(self.merge_devices()))
 
 
+def printable_name(name: str) -> str:
+    """A source's or group's name: logs, `status` and metrics labels name it, so 1 to 200
+    printable characters (a newline forged lines), not only spaces."""
+    if not name.strip() or len(name) > 200 or not name.isprintable():
+        raise ValueError(f"a name has 1 to 200 printable characters, not only spaces: {name!r}")
+    return name
+
+
+Name = Annotated[str, AfterValidator(printable_name)]
+
+
 class SourceConfig(_Strict):
     """One ``[[sources]]`` table: ``name``, ``kind`` and the kind's settings."""
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     kind: Literal["local", "hub"]
 
     def validated(self) -> BaseModel:
@@ -273,7 +284,7 @@ class Gates(_Strict):
 
 
 class GroupConfig(_Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     base_model: ModelLocation
     strategy: str = "iteris"
     params: dict[str, Any] = Field(default_factory=dict)

@@ -253,7 +253,9 @@ def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
     (["adapters", "show", "99999999999999999999"],  # it overflowed SQLite in a traceback
      "argument ID: an id is a whole number from 1 to 2^63 - 1, not '99999999999999999999'"),
     (["sources", "add", " ", "--folder", "."],  # it was added, and logged as "source  ..."
-     "argument name: a source name has 1 to 200 characters, not only spaces: ' '"),
+     "argument name: a name has 1 to 200 printable characters, not only spaces: ' '"),
+    (["sources", "add", "team\nINFO forged", "--folder", "."],  # it forged lines in `sources list`, `status`, logs
+     "argument name: a name has 1 to 200 printable characters, not only spaces: 'team\\nINFO forged'"),
 ])
 def test_an_id_or_name_out_of_range_is_a_usage_error(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -71,6 +71,8 @@ def test_the_example_config_is_valid():
      "groups.0 (g): destinations.0.path: /tmp/x overlaps the folder /tmp that source 's' watches"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/x/adapters"]\n' + GROUP + FOLDER,
      "destinations.0.path: /tmp/x overlaps the folder /tmp/x/adapters"),
+    ('[[sources]]\nname = "a\\nb"\nkind = "local"\npaths = ["/x"]\n', "sources.0.name: a name has 1 to 200 printable"),
+    (GROUP.replace('"g"', '"g\\u001b[2K"') + FOLDER, "groups.0.name: a name has 1 to 200 printable characters"),
     # The daemon's own runs (merges, published and kept copies) and downloads came back as adapters.
     ('[daemon]\nstate_dir = "/tmp/w/state"\n[[sources]]\nname = "s"\nkind = "local"\npaths = ["/tmp/w"]\n',
      "sources.0 (s): /tmp/w holds the daemon's state folder /tmp/w/state; the daemon would register its own merges"),

@@ -664,10 +664,14 @@ def test_repo_settings_must_be_repo_ids():
 
     from iteris_daemon.sources.hub import HubSettings
 
-    for spec in ("eve/..", "eve/a--b", "eve/.hidden", "eve/x.git@main"):
+    for spec in ("eve/..", "eve/a--b", "eve/.hidden", "eve/x.git@main", "eve/x@", "eve/x@ "):
         with pytest.raises(ValidationError, match="is not a repo id"):
             HubSettings(repos=[spec])
     assert HubSettings(repos=["eve/fine@dev"]).repos == ["eve/fine@dev"]
+    for endpoint in ("not a url", "ftp://hub.example", "http://"):  # every poll failed
+        with pytest.raises(ValidationError, match="is not an http"):
+            HubSettings(repos=["eve/fine"], endpoint=endpoint)
+    assert HubSettings(repos=["eve/fine"], endpoint="http://127.0.0.1:8080").endpoint == "http://127.0.0.1:8080"
 
 
 # ----------------------------------------------------------------------------- 8: names in the log

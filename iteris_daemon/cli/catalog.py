@@ -105,10 +105,13 @@ def register(commands) -> None:
 
 
 def _source_name(text: str) -> str:
-    """As the config takes it: 1 to 200 characters, and not only spaces (logs and `status` name it)."""
-    if not text.strip() or len(text) > 200:
-        raise argparse.ArgumentTypeError(f"a source name has 1 to 200 characters, not only spaces: {text!r}")
-    return text
+    """As the config takes it (:func:`~iteris_daemon.config.printable_name`)."""
+    from ..config import printable_name
+
+    try:
+        return printable_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _catalog_id(text: str) -> int:

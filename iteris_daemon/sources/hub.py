@@ -36,6 +36,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Callable, Collection, Iterator
+from urllib.parse import urlsplit
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
@@ -107,9 +108,19 @@ class HubSettings(BaseModel):
     @classmethod
     def _repo_ids(cls, repos: list[str]) -> list[str]:
         for spec in repos:
-            if bad_repo_id(spec.partition("@")[0]):
+            repo, at, branch = spec.partition("@")
+            if bad_repo_id(repo) or (at and not branch.strip()):  # "acme/x@" polled no branch
                 raise ValueError(f"{spec!r} is not a repo id (OWNER/NAME[@BRANCH])")
         return repos
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, endpoint: str | None) -> str | None:
+        """An http(s) URL: anything else failed every poll, the source only unhealthy."""
+        parts = urlsplit(endpoint or "http://default")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{endpoint!r} is not an http(s) URL")
+        return endpoint
 
     @model_validator(mode="after")
     def _something_to_poll(self) -> HubSettings:
