@@ -68,6 +68,7 @@ class CompareRequest:
     adapters: list[AdapterSpec]
     strategies: list[str] = field(default_factory=list)  # contender specs; empty: every registered strategy
     holdout: float = 0.2  # fraction of each task's calibration samples held out for scoring
+    max_samples: int | None = 1000  # the first samples of each task's calibration read (None: all)
     seed: int = 0  # which samples are held out
     device: str = "cpu"
     dtype: str = "float32"
@@ -109,8 +110,12 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         seen[key] = contender.label
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
     adapters = load_adapters(request.adapters)
-    calibration = (list(request.calibration_sets) if request.calibration_sets is not None else
-                   calibration_for(adapters, request.adapters, request.calibration, request.base_model, required=True))
+    if request.calibration_sets is not None:
+        calibration = list(request.calibration_sets)
+    else:  # a training set given as calibration is not read whole: held out, 20% of it was scored per strategy
+        options = request.calibration or CalibrationOptions()
+        options.limit = request.max_samples
+        calibration = calibration_for(adapters, request.adapters, options, request.base_model, required=True)
     rng = random.Random(request.seed)
     kept, held = zip(*(data.split(request.holdout, rng, "holdout") for data in calibration))
     head = merged_head(adapters, request.modules_to_save_rule)

@@ -156,7 +156,7 @@ def calibration_for(adapters: list[LoraAdapter], specs: list[AdapterSpec], optio
     options.base_model = options.base_model or base_model
     if samples is not None:
         options.samples = samples
-    options.limit = samples
+        options.limit = samples
     return gather_calibration(adapters, options, required=required)
 
 

@@ -180,6 +180,22 @@ def test_a_task_with_one_calibration_sample_cannot_hold_one_out(tiny, tmp_path, 
     assert "holdout needs at least 2 calibration samples, got 1" in err and str(single) in err
 
 
+def test_compare_reads_no_further_than_its_max_samples(tiny, tmp_path, capsys):
+    """A training set given as calibration was read whole (20% of it scored per strategy); a
+    fault past the samples a merge reads failed the comparison. ``--max-samples 12`` reads
+    the first 12 lines of each file; 0 reads all, and meets the fault."""
+    base_dir, adapter_dirs = tiny["bert"]
+    long = tmp_path / "long.jsonl"
+    long.write_bytes((adapter_dirs[0] / "calibration.jsonl").read_bytes() + b"not json\n")
+    out = tmp_path / "compare.json"
+    inputs = [f"{adapter_dirs[0]}={long}", adapter_dirs[1]]
+    assert _compare(base_dir, inputs, "--strategy", "task_arithmetic", "--max-samples", "12", "--json", str(out)) == 0
+    task = json.loads(out.read_text())["tasks"][0]
+    assert len(task["held_out"]) + task["merged_from"] == 12
+    assert _compare(base_dir, inputs, "--strategy", "task_arithmetic", "--max-samples", "0") == 2
+    assert "long.jsonl:13: not valid JSON" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_one_adapter_is_its_own_merge_in_every_family(tiny, tmp_path, family):
     """With one adapter, task arithmetic and IterIS return that adapter exactly, so both score

@@ -52,6 +52,9 @@ def register(commands) -> None:
     compare.add_argument("--holdout", type=float, default=0.2,
                          help="fraction of each task's calibration samples held out for scoring (default: 0.2)")
     compare.add_argument("--seed", type=int, default=0, help="which samples are held out (default: 0)")
+    compare.add_argument("--max-samples", type=int, default=1000, metavar="N",
+                         help="read the first N calibration samples of each task, held out and merged from "
+                              "(default: 1000; 0: all)")
     compare.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison here")
     compare.set_defaults(handler=_compare)
 
@@ -68,6 +71,8 @@ def _compare(args) -> int:
     hf_logging.disable_progress_bar()
     if args.json:
         _check_json_path(args.json, local_inputs(args.base_model, args.adapter or []))
+    if args.max_samples < 0:
+        raise ConfigError(f"--max-samples must be 0 (all) or more, got {args.max_samples}")
     options = dict(strategies=args.strategies, holdout=args.holdout, seed=args.seed, device=args.device,
                    dtype=args.dtype, offload=args.offload, modules_to_save_rule=args.modules_to_save_rule,
                    quiet=args.quiet)
@@ -76,6 +81,7 @@ def _compare(args) -> int:
             raise ConfigError("give --base-model and --adapter, or --group with --config")
         report = run_compare(CompareRequest(base_model=args.base_model, adapters=args.adapter,
                                             trust_remote_code=args.trust_remote_code,
+                                            max_samples=args.max_samples or None,
                                             calibration=calibration_options(args), **options))
     else:
         if args.base_model is not None or args.adapter or args.config is None:
