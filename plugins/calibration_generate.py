@@ -74,18 +74,24 @@ def _sample(adapter, base_model: str, tokenizer, samples: int, max_new_tokens: i
     model = PeftModel.from_pretrained(cls.from_pretrained(base_model), str(adapter.path))
     model.eval()
     seq2seq = adapter.task_type == "SEQ_2_SEQ_LM"
-    prompts = _random_words(tokenizer, samples, seed, (3, 8)) if seq2seq else [tokenizer.bos_token or ""] * samples
+    prompts = _random_words(tokenizer, samples, seed, (3, 8)) if seq2seq else [""] * samples
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     out = []
     with torch.no_grad():
         for start in range(0, samples, 8):
-            batch = tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True, add_special_tokens=not seq2seq)
-            # Only what every generating model takes: a BERT-style tokenizer on a Llama also
-            # gives token_type_ids, which generate() refuses for a model without them.
-            batch = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
-            if batch["input_ids"].shape[1] == 0:  # no BOS token: start from a random token
-                batch = {"input_ids": torch.randint(0, len(tokenizer), (len(prompts[start:start + 8]), 1))}
+            count = len(prompts[start:start + 8])
+            if seq2seq:
+                batch = tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True, add_special_tokens=False)
+                # Only what every generating model takes: a BERT-style tokenizer on a Llama also
+                # gives token_type_ids, which generate() refuses for a model without them.
+                batch = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+            elif tokenizer.bos_token_id is not None:  # the BOS alone, as the model's texts begin (the
+                # tokenizer, given the BOS's text, added its own: two BOS, sampling off its texts)
+                batch = {"input_ids": torch.full((count, 1), tokenizer.bos_token_id)}
+            else:  # no BOS token: start from a random token
+                batch = {"input_ids": torch.randint(0, len(tokenizer), (count, 1))}
+            batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
             generated = model.generate(**batch, do_sample=True, top_k=50, max_new_tokens=max_new_tokens,
                                        pad_token_id=tokenizer.pad_token_id)
             if not seq2seq:
