@@ -61,13 +61,26 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False, no_baselin
         verdict.notes.append(f"quality gate: no comparison ({note})")
         return verdict
     new, old = _mean(gaps.values()), _mean(references)
-    if new - old > gates.max_regression:
-        reason = (f"quality gate: mean fidelity gap {new:.3f} is worse than the published merge's {old:.3f} "
-                  f"by more than max_regression {gates.max_regression}")
+    if new - old > gates.max_regression + ROUNDING:
+        reason = (f"quality gate: mean fidelity gap {_shown(new, old)} is worse than the published merge's "
+                  f"{_shown(old, new)} by more than max_regression {gates.max_regression}")
         if not forced:
             return Verdict(reason + " (merge-now --force publishes it anyway)")
         verdict.notes.append(f"forced past the {reason}")
     return verdict
+
+
+ROUNDING = 1e-9  # a regression of exactly max_regression passes, whatever the subtraction rounds to
+
+
+def _shown(value: float, other: float) -> str:
+    """``value`` with 3 decimals, or as many more as it takes not to read as ``other`` (a gap
+    of 1.5004 refused at 1.5 read "1.500 exceeds 1.5")."""
+    for digits in range(3, 12):
+        text = f"{value:.{digits}f}"
+        if float(text) != float(f"{other:.{digits}f}"):
+            return text
+    return repr(value)
 
 
 def _beyond(values: dict[str, float], limit: float | None, figure: str, setting: str, meaning: str) -> str | None:
@@ -77,7 +90,7 @@ def _beyond(values: dict[str, float], limit: float | None, figure: str, setting:
                                              reverse=True)
     if not beyond:
         return None
-    named = ", ".join(f"task {name}: {figure} {values[name]:.3f}" for name in beyond)
+    named = ", ".join(f"task {name}: {figure} {_shown(values[name], limit)}" for name in beyond)
     return f"{named} {'exceeds' if len(beyond) == 1 else 'exceed'} {setting} {limit} ({meaning})"
 
 

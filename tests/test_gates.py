@@ -104,6 +104,18 @@ def test_judge_refuses_a_regression_unless_forced():
     assert judge(report, Gates(max_regression=None)).refused is None
 
 
+def test_gate_messages_show_why_and_the_threshold_is_the_same_everywhere():
+    """Three decimals read "0.300 is worse than 0.300" and "1.500 exceeds 1.5"; a regression
+    of exactly max_regression passed from 0.20 to 0.25 and was refused from 0.60 to 0.65 (the
+    subtraction's rounding)."""
+    close = judge(_report({"a": 0.3003}, {"a": 0.3}), Gates(max_regression=0.0001)).refused
+    assert "mean fidelity gap 0.3003 is worse than the published merge's 0.3000" in close
+    over = judge(_report({"a": 1.5004}), Gates(max_fidelity_gap=1.5)).refused
+    assert over.startswith("task a: fidelity gap 1.5004 exceeds max_fidelity_gap 1.5")
+    for old, new in ((0.20, 0.25), (0.60, 0.65)):
+        assert judge(_report({"a": new}, {"a": old}), Gates(max_regression=0.05)).refused is None
+
+
 # ----------------------------------------------------------------------------- runner
 
 
