@@ -134,7 +134,7 @@ def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) ->
 
     try:
         getattr((manager or get_plugin_manager()).hook, hook)(register=register)
-    except PluginError:
+    except (PluginError, MemoryError):  # out of memory is said as such (a worker under its limit)
         raise
     except Exception as exc:  # pluggy says which plugin's hook failed in the traceback only
         raise PluginError(f"a plugin's {hook} hook failed: {_one_line(exc)} (-v shows where)") from exc

@@ -34,7 +34,6 @@ from iteris_daemon.model_card import render_model_card
 from iteris_daemon.paths import LocalPath
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import hub_retrying, is_transient
-from iteris_daemon.sources.hub import bad_repo_id
 from iteris_daemon.tokens import hub_token, plain
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,8 @@ class HubPublishSettings(PublisherSettings):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, repo_id: str) -> str:
+        from iteris_daemon.sources.hub import bad_repo_id  # here: loading the plugins stays light (workers load them)
+
         if (problem := bad_repo_id(repo_id)) is not None:
             raise ValueError(f"{repo_id!r} {problem}")
         return repo_id
