@@ -262,7 +262,7 @@ class Daemon:
     def _serve_http(self, settings) -> None:
         """The opt-in endpoints: /metrics and /healthz, and the Hub webhook (a config error
         such as a missing secret or a busy port stops the start, before READY)."""
-        self.metrics = DaemonMetrics(self.catalog)
+        self.metrics = DaemonMetrics(self.catalog, lambda: self._groups)
         if settings.metrics is not None:
             self._servers.append(HttpServer(*settings.metrics.address(), metrics_app(self.metrics, self.health_problem),
                                             name="metrics"))

@@ -15,15 +15,17 @@ Two small WSGI apps, each served by :class:`HttpServer` (the standard library's
   answered 200 ``{"triggered": false}``, so the Hub does not retry it.
 
 Metrics. Read from the catalog at every scrape, so they hold for every daemon
-sharing it and survive restarts:
+sharing it and survive restarts; the groups are the daemon's configured ones (a group
+dropped from the config stays in the catalog, and its last publish would never move):
 
 - ``iteris_catalog_up``: 1, or 0 when the catalog could not be read (then only the
   in-process metrics follow);
 - ``iteris_adapters{source,status}``: adapters per source and status;
 - ``iteris_merge_runs_total{group,status}``: merge runs recorded (a skipped run that
   repeats the last one shares its row, and counts);
-- ``iteris_last_publish_timestamp_seconds{group,destination}``: when the group's last
-  successful run finished, per destination (``kind:location``) it published to;
+- ``iteris_last_publish_timestamp_seconds{group,destination}``: per destination
+  (``kind:location``), when the run that published what it serves finished: the group's
+  last successful run, or a later one that failed after publishing there;
 - ``iteris_fidelity_gap{group,task}``: each task's fidelity gap in that run (0: as the
   task's own adapter, 1: no better than the base model);
 - ``iteris_added_next_token_loss{group,task}``: for a language model that generates, what
@@ -56,9 +58,10 @@ import socketserver
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
+from itertools import groupby
 from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -75,6 +78,7 @@ from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunSta
 from .config import WebhookSettings
 from .errors import ConfigError
 from .figures import added_losses, fidelity_gaps, task_figures
+from .status import serving
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +140,7 @@ def _catalog_families() -> dict[str, Metric]:
         "running": GaugeMetricFamily("iteris_merge_runs_running", "Merge runs under way, by group.", labels=["group"]),
         "published": GaugeMetricFamily(
             "iteris_last_publish_timestamp_seconds",
-            "When the group's last successful run finished, per destination (kind:location) it published to.",
+            "When the run that published what the destination (kind:location) serves finished.",
             labels=["group", "destination"]),
         "fidelity": GaugeMetricFamily(
             "iteris_fidelity_gap",
@@ -164,8 +168,11 @@ class CatalogCollector(Collector):
     """Reads the catalog at every scrape; a database that fails makes ``iteris_catalog_up 0``,
     logged once per outage, and the scrape still answers."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, configured: Callable[[], Collection[str]] | None = None):
+        """``configured``: the names of the daemon's groups now (a reload changes them); the
+        catalog's other groups are not exported. None: every group of the catalog."""
         self.catalog = catalog
+        self.configured = configured
         self._down = False
         self._lock = threading.Lock()
 
@@ -192,8 +199,8 @@ class CatalogCollector(Collector):
         return [_catalog_up(1), *families]
 
     def _read(self) -> list[Metric]:
-        last_success = (select(func.max(MergeRun.id)).where(MergeRun.status == RunStatus.succeeded)
-                        .group_by(MergeRun.group_id))
+        last_success = (select(MergeRun.group_id, func.max(MergeRun.id).label("run_id"))
+                        .where(MergeRun.status == RunStatus.succeeded).group_by(MergeRun.group_id).subquery())
         with _reading(self.catalog) as session:
             sources = session.execute(select(Source.name, Source.enabled, Source.healthy, Source.last_poll_at)
                                       .order_by(Source.name)).all()
@@ -202,9 +209,16 @@ class CatalogCollector(Collector):
             groups = session.scalars(select(MergeGroup.name).order_by(MergeGroup.name)).all()
             runs = session.execute(select(MergeGroup.name, MergeRun.status, func.sum(MergeRun.repeats)).join(MergeRun.group)
                                    .group_by(MergeGroup.name, MergeRun.status)).all()
-            successes = session.execute(select(MergeGroup.name, MergeRun.finished_at, MergeRun.metrics)
-                                        .join(MergeRun.group).where(MergeRun.id.in_(last_success))
-                                        .order_by(MergeGroup.name)).all()
+            # the last success, and the failed runs since that may have published to some destinations
+            recent = session.execute(
+                select(MergeGroup.name, MergeRun.id, MergeRun.status, MergeRun.finished_at, MergeRun.metrics)
+                .join(MergeRun.group).outerjoin(last_success, last_success.c.group_id == MergeRun.group_id)
+                .where(MergeRun.status.in_([RunStatus.succeeded, RunStatus.failed]),
+                       MergeRun.id >= func.coalesce(last_success.c.run_id, 0))
+                .order_by(MergeGroup.name, MergeRun.id.desc())).all()
+        if self.configured is not None:  # a group dropped from the config stays in the catalog: no daemon runs it
+            configured = set(self.configured())
+            groups = [group for group in groups if group in configured]
         families = _catalog_families()
         adapter_counts = {(source, status): count for source, status, count in adapters}
         run_counts = {(group, status): count for group, status, count in runs}
@@ -221,14 +235,16 @@ class CatalogCollector(Collector):
                 family, labels = ((families["running"], [group]) if status is RunStatus.running
                                   else (families["runs"], [group, status.value]))
                 family.add_metric(labels, run_counts.get((group, status), 0))
-        for group, finished_at, figures in successes:
-            figures = figures if isinstance(figures, dict) else {}
-            destinations = {f"{p.get('kind')}:{p.get('location')}" for p in figures.get("published") or []
-                            if isinstance(p, dict)}
-            if finished_at is not None:
-                for destination in sorted(destinations):
+        for group, rows in groupby(recent, key=lambda row: row.name):
+            if group not in groups:
+                continue
+            rows = list(rows)
+            published = {f"{entry.get('kind')}:{entry.get('location')}": run.finished_at for entry, run in serving(rows)}
+            for destination, finished_at in sorted(published.items()):
+                if finished_at is not None:
                     families["published"].add_metric([group, destination], _unix(finished_at))
-            tasks = task_figures(figures.get("tasks"))
+            success = rows[-1] if rows[-1].status is RunStatus.succeeded else None
+            tasks = task_figures(success.metrics.get("tasks")) if success and isinstance(success.metrics, dict) else {}
             for task, gap in sorted(fidelity_gaps(tasks).items()):
                 families["fidelity"].add_metric([group, task], float(gap))
             for task, added in sorted(added_losses(tasks).items()):
@@ -240,9 +256,9 @@ class DaemonMetrics:
     """Everything ``/metrics`` shows, in a registry of its own: never prometheus_client's
     global one, so two daemons in one process (or tests) do not share counters."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, configured: Callable[[], Collection[str]] | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(CatalogCollector(catalog))
+        self.registry.register(CatalogCollector(catalog, configured))
         self._merge_duration = Histogram(
             "iteris_merge_duration_seconds", "How long merges took (this process).", ["group"],
             buckets=MERGE_DURATION_BUCKETS, registry=self.registry)

@@ -50,7 +50,7 @@ from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
 from .catalog.registry import list_current
-from .config import GroupConfig
+from .config import GroupConfig, Selection
 from .errors import AdapterError, IterisError, MergeCancelled, PluginError
 from .gates import judge
 from .logs import redact
@@ -219,7 +219,7 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        matching = _matching(_mergeable(list_current(session, [AdapterStatus.registered])), group)
+        matching = _matching(mergeable(list_current(session, [AdapterStatus.registered])), group.base_model, group.select)
         selected = _one_per_location(matching)
         kept = {adapter.id for adapter, _ in selected}
         for adapter, _ in matching:
@@ -229,22 +229,25 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
         return selected
 
 
-def _mergeable(adapters: list[tuple[Adapter, AdapterRevision | None]]) -> list[tuple[Adapter, AdapterRevision]]:
+def mergeable(adapters: list[tuple[Adapter, AdapterRevision | None]]) -> list[tuple[Adapter, AdapterRevision]]:
     """The ``(adapter, current revision)`` pairs whose revision is registered and has files."""
     return [(adapter, current) for adapter, current in adapters
             if current is not None and current.status is AdapterStatus.registered and current.files_path is not None]
 
 
-def _matching(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
-    """The pairs that ``group``'s base model and ``select`` take."""
+def _matching(pairs: list[tuple[Adapter, AdapterRevision]], base_model: str,
+              selection: Selection) -> list[tuple[Adapter, AdapterRevision]]:
+    """The pairs that a group's base model and ``select`` take."""
     return [(adapter, revision) for adapter, revision in pairs
-            if revision.base_model in (None, group.base_model)
-            and group.select.matches(adapter.source.name, adapter.name, adapter.id)]
+            if revision.base_model in (None, base_model)
+            and selection.matches(adapter.source.name, adapter.name, adapter.id)]
 
 
-def _selected(pairs: list[tuple[Adapter, AdapterRevision]], group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
-    """The ``(adapter, current revision)`` pairs that ``group`` merges."""
-    return _one_per_location(_matching(pairs, group))
+def selected(pairs: list[tuple[Adapter, AdapterRevision]], base_model: str,
+             selection: Selection) -> list[tuple[Adapter, AdapterRevision]]:
+    """The ``(adapter, current revision)`` pairs (of :func:`mergeable`) that a group of
+    ``base_model`` and ``selection`` merges."""
+    return _one_per_location(_matching(pairs, base_model, selection))
 
 
 def _one_per_location(matching: list[tuple[Adapter, AdapterRevision]]) -> list[tuple[Adapter, AdapterRevision]]:
@@ -279,7 +282,7 @@ def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str
     if not groups:
         return {}
     with catalog.session(write=False) as session:
-        pairs = _mergeable(list_current(session, [AdapterStatus.registered]))
+        pairs = mergeable(list_current(session, [AdapterStatus.registered]))
         last_runs: dict[str, tuple[int, dict[str, Any]]] = {}
         for group in groups:
             key = selection_key(group)
@@ -298,11 +301,11 @@ def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str
         if group.name not in last_runs:
             continue
         run_id, run_metrics = last_runs[group.name]
-        selected = _selected(pairs, group)
-        selection = {revision.id: adapter.name for adapter, revision in selected}
+        taken = selected(pairs, group.base_model, group.select)
+        selection = {revision.id: adapter.name for adapter, revision in taken}
         considered = merged[run_id]
         if "held_back_revisions" in run_metrics:
-            current = {revision.id: [adapter.locator, revision.revision] for adapter, revision in selected}
+            current = {revision.id: [adapter.locator, revision.revision] for adapter, revision in taken}
             considered = considered | {entry[0] for entry in run_metrics["held_back_revisions"]
                                        if current.get(entry[0], entry[1:]) == entry[1:]}
         else:

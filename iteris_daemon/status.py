@@ -7,7 +7,8 @@ dropped by a reload was listed with its last run and next run time for ever."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select
@@ -15,12 +16,36 @@ from sqlalchemy import select
 from .catalog import Catalog
 from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from .catalog.registry import list_current, list_sources
+from .config import Selection
 from .figures import summary, task_figures
 from .peers import differences
+from .runner import mergeable, selected
 
 
-def _time(value) -> str | None:
-    return value.isoformat(timespec="seconds") if value else None
+def _time(value: datetime | None) -> str | None:
+    """ISO 8601 with the zone: catalog times are naive UTC, and a time without a zone
+    reads as local time."""
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat(timespec="seconds") if value else None
+
+
+def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """What each destination serves now, as ``(its publish record, the run)``, from a group's
+    runs newest first (rows with ``id``, ``status``, ``finished_at``, ``metrics``). The last
+    run that succeeded published to every destination; a run that failed since may have
+    published to the first ones (``runner.PartlyPublished``), which serve its merge now."""
+    recent = []
+    for run in runs:
+        if run.status in (RunStatus.succeeded, RunStatus.failed):
+            recent.append(run)
+        if run.status is RunStatus.succeeded:
+            break
+    served: dict[tuple[Any, Any], tuple[dict[str, Any], Any]] = {}
+    for run in reversed(recent):  # a later run's record replaces the earlier one's, in its place
+        metrics = run.metrics if isinstance(run.metrics, dict) else {}
+        for entry in metrics.get("published") or []:
+            if isinstance(entry, dict):
+                served[(entry.get("kind"), entry.get("location"))] = (entry, run)
+    return list(served.values())
 
 
 def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
@@ -40,8 +65,9 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             success = next((r for r in runs if r.status is RunStatus.succeeded), None)
             merged = {i.revision_id for i in success.inputs} if success else set()
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
-            new = sorted(a.name for a, current in registered if current and current.id not in merged
-                         and current.base_model in (None, group.base_model) and a.name not in held_back)
+            # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
+            taken = selected(mergeable(registered), group.base_model, Selection.model_validate(group.selection or {}))
+            new = sorted(a.name for a, current in taken if current.id not in merged and a.name not in held_back)
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
                 "last_run": None if last is None else {
@@ -49,7 +75,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                     "finished_at": _time(last.finished_at), "error": last.error, "repeats": last.repeats},
                 "next_run_at": _time(group.next_run_at),
                 "merging_now": group.claimed_by,
-                "published": (success.metrics or {}).get("published", []) if success else [],
+                "published": [{**entry, "run_id": run.id} for entry, run in serving(runs)],
                 # what the published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((success.metrics or {}).get("tasks"))) if success else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},

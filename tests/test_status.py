@@ -1,0 +1,96 @@
+"""``iteris-daemon status`` (text and ``--json``) and the metrics collector after real runs
+on the real folder source, catalog and folder publisher (fixtures shared with ``test_gates.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+import pytest
+from prometheus_client import generate_latest
+
+from iteris_daemon.catalog.models import RunStatus
+from iteris_daemon.cli import main
+from iteris_daemon.config import GroupConfig
+from iteris_daemon.endpoints import DaemonMetrics
+from iteris_daemon.runner import sync_group
+from test_gates import Setup, made  # noqa: F401  (the module fixture)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def setup(tmp_path, made):  # noqa: F811
+    base, adapters = made
+    s = Setup(tmp_path, base, adapters)
+    yield s
+    s.catalog.close()
+
+
+def status(capsys, setup, *options) -> str:
+    assert main(["status", "--db", str(setup.catalog.engine.url), *options]) == 0
+    return capsys.readouterr().out
+
+
+def test_not_yet_merged_names_only_what_the_groups_select_takes(setup, capsys):
+    """An adapter the group's ``select`` never takes was listed as "not yet merged" for ever."""
+    assert setup.run(setup.group(names=("task0",))).status is RunStatus.succeeded
+    assert "not yet merged" not in status(capsys, setup)
+    assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["not_yet_merged"] == []
+    setup.group(names=("task*",))  # the config now takes task1 too: it waits for the next run
+    assert "    not yet merged: task1\n" in status(capsys, setup)
+
+
+def test_times_carry_their_zone(setup, capsys):
+    """Catalog times are UTC; printed without a zone they read as local time."""
+    assert setup.run(setup.group()).status is RunStatus.succeeded
+    report = json.loads(status(capsys, setup, "--json"))
+    finished = report["groups"][0]["last_run"]["finished_at"]
+    assert finished.endswith("+00:00") and datetime.fromisoformat(finished).tzinfo == timezone.utc
+    assert report["sources"][0]["last_poll_at"].endswith("+00:00")
+    assert f"    last run: #1 succeeded at {finished}\n" in status(capsys, setup)
+
+
+def test_a_partly_published_run_shows_what_each_destination_serves(setup, capsys):
+    """A run that failed after publishing to the first destination: status and the metrics
+    named the run before for it, which that destination no longer serves."""
+    second = setup.published.parent / "second"
+    destinations = [{"kind": "folder", "path": str(setup.published)}, {"kind": "folder", "path": str(second)}]
+
+    def group(*names: str) -> GroupConfig:
+        config = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                             select={"names": list(names)}, destinations=destinations, gates={"max_regression": None})
+        sync_group(setup.catalog, config)
+        return config
+
+    assert setup.run(group("task0")).status is RunStatus.succeeded
+    second.rename(second.with_name("second-away"))
+    second.write_text("not a folder")  # the second destination breaks
+    assert setup.run(group("task0", "task1")).status is RunStatus.failed
+    first_run, partial = setup.run_row(1), setup.run_row(2)
+    serves = os.path.basename(os.readlink(setup.published / "current"))
+    assert serves == partial.metrics["published"][0]["version"]
+
+    published = json.loads(status(capsys, setup, "--json"))["groups"][0]["published"]
+    assert [(p["location"], p["version"], p["run_id"]) for p in published] == [
+        (str(setup.published), serves, 2), (str(second), first_run.metrics["published"][1]["version"], 1)]
+    assert f"    published: folder {setup.published} @ {serves}\n" in status(capsys, setup)
+
+    registry = DaemonMetrics(setup.catalog).registry
+    for destination, run in ((setup.published, partial), (second, first_run)):
+        shown = registry.get_sample_value("iteris_last_publish_timestamp_seconds",
+                                          {"group": "unified", "destination": f"folder:{destination}"})
+        assert shown == run.finished_at.replace(tzinfo=timezone.utc).timestamp()
+
+
+def test_metrics_export_only_the_daemons_groups(setup):
+    """A group dropped from the config stays in the catalog; its last publish time, exported
+    for ever, fired staleness alerts for ever."""
+    assert setup.run(setup.group()).status is RunStatus.succeeded
+    groups = ["unified"]
+    text = lambda: generate_latest(DaemonMetrics(setup.catalog, lambda: groups).registry).decode()  # noqa: E731
+    assert 'iteris_last_publish_timestamp_seconds{destination="folder:' in text()
+    groups = ["other"]  # a reload dropped it
+    assert 'group="unified"' not in text()
+    assert 'group="unified"' in generate_latest(DaemonMetrics(setup.catalog).registry).decode()  # no config: all
