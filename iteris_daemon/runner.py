@@ -54,7 +54,7 @@ from .config import GroupConfig, Selection
 from .errors import AdapterError, IterisError, MergeCancelled, PluginError
 from .gates import judge
 from .logs import redact
-from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
+from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest, PublishResult
@@ -574,6 +574,16 @@ def _copy_run(copy: Path) -> Path:
     return copy.with_name(f"{copy.name}.run")
 
 
+def _copy_files(copy: Path) -> Path:
+    """The file beside a kept unpublished merge recording its files' sha256s."""
+    return copy.with_name(f"{copy.name}.sha256")
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """The sha256 of each file in ``folder`` (a merge's folder is flat)."""
+    return {item.name: sha256_file(item) for item in sorted(folder.iterdir()) if item.is_file()}
+
+
 def _keep_published(folder: Path, target: Path, run_id: int) -> None:
     """Keep ``folder`` at ``target`` (the group's baseline, or its unpublished merge), as
     ``run_id``'s; an interrupted swap only loses the copy (the run file, written after,
@@ -584,8 +594,9 @@ def _keep_published(folder: Path, target: Path, run_id: int) -> None:
 
 
 def _discard(copy: Path) -> None:
-    """Remove a kept copy and its run file."""
+    """Remove a kept copy, its run file and its files' hashes."""
     _copy_run(copy).unlink(missing_ok=True)  # first: a run file never names a half-deleted copy
+    _copy_files(copy).unlink(missing_ok=True)
     shutil.rmtree(copy, ignore_errors=True)
 
 
@@ -593,7 +604,9 @@ def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint:
                        last: MergeRun | None) -> tuple[int, dict[str, Any]] | None:
     """The kept merge whose publishing failed, as (its run, its report), when it is the
     merge of these inputs (``fingerprint``) and no run was decided since (``last``: one
-    that published or was refused); else None, and the group merges anew."""
+    that published or was refused); else None, and the group merges anew. A copy whose
+    files are not those kept (a file damaged, deleted or added since) is discarded: it
+    would publish a broken adapter, or fail to publish for ever."""
     try:
         kept = int(_copy_run(copy).read_text())
         report = safe_json.loads((copy / REPORT_NAME).read_bytes())
@@ -603,19 +616,37 @@ def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint:
         run = session.get(MergeRun, kept)
         usable = (run is not None and run.group_id == group_id and run.status is RunStatus.failed
                   and run.input_fingerprint == fingerprint and (last is None or last.id < kept))
-    return (kept, report) if usable and isinstance(report, dict) else None
-
-
-def _keep_unpublished(group: str, merged: Path, unpublished: Path, run_id: int) -> None:
-    """Keep a merge whose publishing failed, before the run's end is recorded (kept even
-    when that write fails, the run then marked failed by the next claim): the retry
-    publishes it instead of merging again."""
+    if not (usable and isinstance(report, dict)):
+        return None
     try:
-        _keep_published(merged, unpublished, run_id)
-    except OSError as exc:  # e.g. the state disk full as well: the retry merges again
-        log.warning("group %s: run %d: cannot keep the merge to publish it again (%s); the next run merges again",
-                    group, run_id, exc)
-        _discard(unpublished)
+        intact = safe_json.loads(_copy_files(copy).read_bytes()) == _file_hashes(copy)
+    except (OSError, ValueError):  # no hashes kept (an older version's copy), or unreadable
+        intact = False
+    if not intact:
+        log.warning("the merge of run %d kept in %s to be published again is not as it was kept (a file damaged, "
+                    "missing or added); discarded, the group merges anew", kept, copy)
+        _discard(copy)
+        return None
+    return kept, report
+
+
+def _keep_unpublished(group: str, merged: Path, unpublished: Path, run_id: int) -> Path:
+    """Keep a merge before publishing it, with its files' hashes, and return where it is
+    now: when its publishing fails, or the daemon is killed meanwhile (the run then marked
+    failed at the next start or claim), the next run publishes it instead of merging again."""
+    try:
+        unpublished.parent.mkdir(parents=True, exist_ok=True)
+        _copy_files(unpublished).write_text(json.dumps(_file_hashes(merged)))
+        replace_folder(merged, unpublished)
+        _copy_run(unpublished).write_text(f"{run_id}\n")
+    except OSError as exc:  # e.g. the state disk full: a failed publish merges again
+        log.warning("group %s: run %d: cannot keep the merge to publish it again (%s); if publishing fails the "
+                    "next run merges again", group, run_id, exc)
+        where = merged if merged.exists() else unpublished
+        _copy_run(unpublished).unlink(missing_ok=True)
+        _copy_files(unpublished).unlink(missing_ok=True)
+        return where
+    return unpublished
 
 
 def gate_baseline(catalog: Catalog, group_id: int, copy: Path) -> tuple[Path | None, str | None]:
@@ -748,12 +779,12 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
             log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
+        if kept is None:  # else it stays kept, as the merge of the run that made it
+            merged = _keep_unpublished(group.name, merged, unpublished, run_id)
         try:
             published = publish_all(group, run_id, merged, report, inputs)
         except Exception:
             publish_failed = True
-            if kept is None:  # else it stays kept, as the merge of the run that made it
-                _keep_unpublished(group.name, merged, unpublished, run_id)
             raise
         _keep_published(merged, copy, run_id)
         _discard(unpublished)  # its run file, when it was published again

@@ -449,6 +449,58 @@ def test_a_merge_whose_publishing_failed_is_published_again_not_merged_again(set
         assert setup.run(group(3.0), force=True).status is RunStatus.succeeded and len(merges) == 4
 
 
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_kept_merge_damaged_since_is_discarded_and_merged_anew(setup, monkeypatch, caplog, damage):
+    """A kept merge whose weights were cut short (a disk error) or deleted (space freed under
+    runs/) is not published again: it would publish a broken adapter recorded as a success,
+    or fail to publish at every retry. It is discarded with a warning and the group merges."""
+    merges = []
+    real_merge = runner.merge_in_worker
+    monkeypatch.setattr(runner, "merge_in_worker", lambda *a, **k: merges.append(1) or real_merge(*a, **k))
+    group = setup.group(gates={"max_regression": False, "max_fidelity_gap": False})
+    setup.published.write_text("a file where the folder goes")  # the destination fails
+    assert setup.run(group).retry_publish
+    weights = runner.unpublished_copy(setup.work, 1) / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    setup.published.unlink()
+    with caplog.at_level("WARNING", logger="iteris_daemon.runner"):
+        again = setup.run(group)
+    assert again.status is RunStatus.succeeded and len(merges) == 2, again
+    assert "not as it was kept" in caplog.text and "republished_from" not in setup.run_row(again.run_id).metrics
+    load_file(setup.published / "current" / "adapter_model.safetensors")  # complete
+
+
+def _killed_while_publishing(url: str, group: GroupConfig, work: Path) -> None:
+    """Run ``group`` in this (forked) process, which SIGKILLs itself once publishing starts."""
+    import os
+    import signal
+
+    runner.publish_all = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    runner.run_group(Catalog(url), group, work, runner.worker_id())
+
+
+def test_a_merge_is_kept_before_publishing_so_a_kill_meanwhile_does_not_lose_it(setup, monkeypatch):
+    """A daemon killed while publishing (systemd's stop timeout, the OOM killer) loses no
+    merge: it was kept before publishing, and the run, marked failed at the next start,
+    has it published by the next run instead of merged again (hours for a large model)."""
+    import multiprocessing
+
+    group = setup.group(gates={"max_regression": False, "max_fidelity_gap": False})
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_while_publishing, args=(f"sqlite:///{setup.work.parent / 'catalog.db'}", group, setup.work))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -9 and setup.current() is None
+    assert runner.recover_interrupted(setup.catalog) == [1]
+    monkeypatch.setattr(runner, "merge_in_worker", lambda *a, **k: pytest.fail("merged again"))
+    again = setup.run(group)
+    assert again.status is RunStatus.succeeded, again
+    assert setup.run_row(again.run_id).metrics["republished_from"] == 1 and setup.current() is not None
+
+
 def test_a_publishers_plugin_error_is_not_tried_again(setup, tmp_path):
     """A publisher that answered what no publisher may (it did publish): trying again
     would publish again, every time, until a fix; the run says not to."""
