@@ -11,6 +11,7 @@ publish equals the one already there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import threading
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -38,6 +39,9 @@ class PublishRequest:
     params: dict[str, Any]
     inputs: list[PublishedInput]
     metrics: dict[str, Any] = field(default_factory=dict)  # merge_report.json's per-task figures
+    # The daemon's stop event: a publisher may end its retry waits once it is set (a stop
+    # must not wait out a rate limit's Retry-After); None outside the daemon.
+    stopping: threading.Event | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

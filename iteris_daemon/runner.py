@@ -687,9 +687,11 @@ def run_group(
     limits: Limits = Limits(),
     worker: WorkerOptions = WorkerOptions(),
     on_worker_failure: Callable[[str], None] = lambda kind: None,
+    stopping: threading.Event | None = None,
 ) -> RunOutcome:
     """Run ``group`` once (see the module docstring). Never raises for a failed merge or
-    publish: the outcome and the run row say what happened."""
+    publish: the outcome and the run row say what happened. ``stopping`` (the daemon's
+    stop event) is handed to publishers, whose retry waits end when it is set."""
     claim = Claim(catalog, group.name, holder, claim_ttl)
     if not claim.acquire():
         log.info("group %s: another daemon is merging it; skipped", group.name)
@@ -698,14 +700,14 @@ def run_group(
     snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
     try:
         return _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                            on_status, limits, worker, on_worker_failure)
+                            on_status, limits, worker, on_worker_failure, stopping)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
 
 
 def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                 on_status, limits, worker, on_worker_failure) -> RunOutcome:
+                 on_status, limits, worker, on_worker_failure, stopping) -> RunOutcome:
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
@@ -782,7 +784,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         if kept is None:  # else it stays kept, as the merge of the run that made it
             merged = _keep_unpublished(group.name, merged, unpublished, run_id)
         try:
-            published = publish_all(group, run_id, merged, report, inputs)
+            published = publish_all(group, run_id, merged, report, inputs, stopping)
         except Exception:
             publish_failed = True
             raise
@@ -837,14 +839,15 @@ def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Pa
     return run_in_worker(job, folder, label, should_stop, options)
 
 
-def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs) -> list[dict]:
+def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs,
+                stopping: threading.Event | None = None) -> list[dict]:
     """Every destination, in order; the first failure fails the run (published ones stay,
     and :class:`PartlyPublished` names them)."""
     request = PublishRequest(
         adapter_dir=folder, group=group.name, run_id=run_id, base_model=group.base_model,
         strategy=group.strategy, params=report.get("params", group.params),
         inputs=[PublishedInput(a.name, a.source.name, a.locator, r.revision, r.content_sha256) for a, r in inputs.revisions],
-        metrics=report.get("tasks", {}),
+        metrics=report.get("tasks", {}), stopping=stopping,
     )
     published = []
     for destination in group.destinations:

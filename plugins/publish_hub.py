@@ -15,6 +15,7 @@ never logged nor put in an error message.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.paths import LocalPath
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
-from iteris_daemon.retry import hub_retrying, is_transient
+from iteris_daemon.retry import Interrupted, hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,11 @@ class HubPublisher:
         card = render_model_card(request).encode()
         api = _api(settings)
 
-        _retrying(settings, f"create repo {settings.repo_id}")(
+        stopping = request.stopping
+        _retrying(settings, f"create repo {settings.repo_id}", stopping)(
             api.create_repo, settings.repo_id, private=settings.private, exist_ok=True
         )
-        head = _branch_head(api, settings)
+        head = _branch_head(api, settings, stopping)
         if settings.private and head.private is False:
             log.warning("hub %s: the repo is public; private=true only applies when the repo is created", where)
         if _holds(head, local):
@@ -98,13 +100,13 @@ class HubPublisher:
             return [*adds, CommitOperationAdd(CARD_NAME, card)]
 
         title = f"{request.group}: run {request.run_id} ({request.strategy} merge of {len(request.inputs)} adapters)"
-        sha = _commit(api, settings, operations, title, head.sha, local)
+        sha = _commit(api, settings, operations, title, head.sha, local, stopping)
         log.info("hub %s: published run %d as %s", where, request.run_id, sha)
         if settings.tag_runs:
             tag = f"{request.group}-run-{request.run_id}"
             try:
-                _tag(api, settings, tag, sha)
-            except (HfHubHTTPError, httpx2.TransportError) as exc:
+                _tag(api, settings, tag, sha, stopping)
+            except (HfHubHTTPError, httpx2.TransportError, Interrupted) as exc:
                 # Not raised: the adapter is published, and a failed run would be retried only
                 # to find it unchanged and leave it untagged anyway.
                 log.warning("hub %s: %s is published but could not be tagged %s: %s", where, sha, tag, _reason(exc))
@@ -122,29 +124,32 @@ def _api(settings: HubPublishSettings) -> HfApi:
     return HfApi(endpoint=settings.endpoint, token=plain(hub_token(settings.token_file)))
 
 
-def _retrying(settings: HubPublishSettings, what: str) -> Retrying:
+def _retrying(settings: HubPublishSettings, what: str, stopping: threading.Event | None = None) -> Retrying:
+    """The configured retries; given the daemon's stop event, they end when it stops
+    (a 429's Retry-After would otherwise outlast systemd's stop timeout)."""
     return hub_retrying(
-        f"publish: {what}", settings.retry_attempts, settings.retry_base_seconds, settings.retry_cap_seconds
+        f"publish: {what}", settings.retry_attempts, settings.retry_base_seconds, settings.retry_cap_seconds,
+        stopping=stopping,
     )
 
 
-def _read_head(api: HfApi, settings: HubPublishSettings) -> ModelInfo:
+def _read_head(api: HfApi, settings: HubPublishSettings, stopping: threading.Event | None = None) -> ModelInfo:
     """The branch head with its files' blob ids (and LFS sha256s)."""
-    return _retrying(settings, f"model_info {settings.repo_id}@{settings.branch}")(
+    return _retrying(settings, f"model_info {settings.repo_id}@{settings.branch}", stopping)(
         api.model_info, settings.repo_id, revision=settings.branch, files_metadata=True
     )
 
 
-def _branch_head(api: HfApi, settings: HubPublishSettings) -> ModelInfo:
+def _branch_head(api: HfApi, settings: HubPublishSettings, stopping: threading.Event | None) -> ModelInfo:
     """The branch head, after creating the branch (from main) if the repo does not have it yet."""
     try:
-        return _read_head(api, settings)
+        return _read_head(api, settings, stopping)
     except RevisionNotFoundError:
         log.info("hub %s: creating branch %s", settings.repo_id, settings.branch)
-        _retrying(settings, f"create branch {settings.repo_id}@{settings.branch}")(
+        _retrying(settings, f"create branch {settings.repo_id}@{settings.branch}", stopping)(
             api.create_branch, settings.repo_id, branch=settings.branch, exist_ok=True
         )
-        return _read_head(api, settings)
+        return _read_head(api, settings, stopping)
 
 
 def _commit(
@@ -154,6 +159,7 @@ def _commit(
     title: str,
     parent: str,
     local: dict[str, FileDigest],
+    stopping: threading.Event | None,
 ) -> str:
     """Commit on top of ``parent``; return the sha of the commit that holds the adapter.
 
@@ -179,7 +185,7 @@ def _commit(
             revision=settings.branch, parent_commit=parent,
         ).oid
 
-    retrying = _retrying(settings, f"commit to {where}").copy(
+    retrying = _retrying(settings, f"commit to {where}", stopping).copy(
         retry=retry_if_exception(lambda exc: is_transient(exc) or _status(exc) == 412)
     )
     try:
@@ -218,14 +224,14 @@ def _holds(info: ModelInfo, local: dict[str, FileDigest]) -> bool:
     return True
 
 
-def _tag(api: HfApi, settings: HubPublishSettings, tag: str, sha: str) -> None:
+def _tag(api: HfApi, settings: HubPublishSettings, tag: str, sha: str, stopping: threading.Event | None) -> None:
     try:
-        _retrying(settings, f"tag {settings.repo_id} {tag}")(api.create_tag, settings.repo_id, tag=tag, revision=sha)
+        _retrying(settings, f"tag {settings.repo_id} {tag}", stopping)(api.create_tag, settings.repo_id, tag=tag, revision=sha)
     except HfHubHTTPError as exc:
         if _status(exc) != 409:
             raise
         # Already there: ours if an earlier attempt's answer was lost, else someone else's, left alone.
-        refs = _retrying(settings, f"refs {settings.repo_id}")(api.list_repo_refs, settings.repo_id)
+        refs = _retrying(settings, f"refs {settings.repo_id}", stopping)(api.list_repo_refs, settings.repo_id)
         target = next((ref.target_commit for ref in refs.tags if ref.name == tag), None)
         if target != sha:
             log.warning("hub %s: tag %s already points at %s, not %s; left as is", settings.repo_id, tag, target, sha)

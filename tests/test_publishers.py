@@ -385,6 +385,35 @@ def test_rate_limit_and_server_error_on_the_commit_are_survived(hub, hub_setting
     assert hub.files(REPO)["notes.md"] == b"existing"
 
 
+def test_a_rate_limited_commit_stops_waiting_when_the_daemon_stops(hub, hub_settings, made):
+    """The Hub answers 429 with an hour's Retry-After: a publish given the daemon's stop event
+    gives up its wait once the event is set, within systemd's stop timeout (90 s), instead
+    of waiting out the hour; the rate limit is the error, and nothing was committed."""
+    import threading
+
+    base, first, _ = made
+    hub.create_repo_direct(REPO, {"notes.md": b"existing"}, private=True)
+    hub.inject(COMMITS, ("status", 429, {"Retry-After": "3600"}), times=100)
+    stop, raised = threading.Event(), []
+
+    def publish() -> None:
+        try:
+            get_publisher("hub").publish(dataclasses.replace(request(first, base), stopping=stop),
+                                         hub_settings(retry_cap_seconds=3600.0))
+        except Exception as exc:
+            raised.append(exc)
+
+    publishing = threading.Thread(target=publish, daemon=True)
+    publishing.start()
+    while not hub.requests_matching(COMMITS):
+        time.sleep(0.05)
+    stop.set()
+    publishing.join(20)
+    assert not publishing.is_alive(), "still waiting out Retry-After after the stop"
+    assert isinstance(raised[0], HfHubHTTPError) and raised[0].response.status_code == 429
+    assert [r.status for r in hub.requests_matching(COMMITS)] == [429] and successful_commits(hub) == 0
+
+
 @pytest.fixture
 def bounded():
     """:func:`~iteris_daemon.retry.bound_requests` for one test; huggingface_hub's client
