@@ -56,9 +56,20 @@ def real(path: Path | str) -> Path:
     return Path(os.path.realpath(path))
 
 
-# Pydantic field types for settings that name files and models.
+def hub_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub takes it as OWNER/NAME, else a ValueError saying why (the Hub
+    source's rule, imported only here: loading the plugins stays light for the workers)."""
+    from .sources.hub import bad_repo_id
+
+    if (problem := bad_repo_id(repo_id)) is not None:
+        raise ValueError(f"{repo_id!r} {problem}")
+    return repo_id
+
+
+# Pydantic field types for settings that name files, models and Hub repos.
 LocalPath = Annotated[Path, AfterValidator(absolute)]
 ModelLocation = Annotated[str, AfterValidator(model_location)]
+RepoId = Annotated[str, AfterValidator(hub_repo_id)]
 
 
 def private_dir(path: Path) -> Path:

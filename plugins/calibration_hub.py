@@ -22,27 +22,18 @@ from pydantic import field_validator
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
 from iteris_daemon.errors import CalibrationError
-from iteris_daemon.paths import LocalPath, cache_dir
+from iteris_daemon.paths import LocalPath, RepoId, cache_dir
 from iteris_daemon.retry import hub_retrying
 from iteris_daemon.tokens import hub_token, plain
 
 
 class HubDatasetSettings(CalibrationSettings):
-    repo_id: str
+    repo_id: RepoId
     filename: str = "{name}.jsonl"
     revision: str | None = None
     endpoint: str | None = None
     token_file: LocalPath | None = None
     cache_dir: LocalPath | None = None
-
-    @field_validator("repo_id")
-    @classmethod
-    def _repo_id(cls, repo_id: str) -> str:
-        from iteris_daemon.sources.hub import bad_repo_id
-
-        if (problem := bad_repo_id(repo_id)) is not None:
-            raise ValueError(f"{repo_id!r} {problem}")
-        return repo_id
 
     @field_validator("filename")
     @classmethod

@@ -23,7 +23,7 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import ModelInfo
-from pydantic import Field, field_validator
+from pydantic import Field
 from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl
@@ -32,7 +32,7 @@ from iteris_daemon.config import MAX_SECONDS
 from iteris_daemon.errors import AdapterError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
-from iteris_daemon.paths import LocalPath
+from iteris_daemon.paths import LocalPath, RepoId
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import Interrupted, hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
@@ -45,7 +45,7 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 class HubPublishSettings(PublisherSettings):
-    repo_id: str = Field(description="target model repo, OWNER/NAME (created if missing)")
+    repo_id: RepoId = Field(description="target model repo, OWNER/NAME (created if missing)")
     branch: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
     private: bool = Field(True, description="visibility of the repo when this publisher creates it")
     endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
@@ -61,14 +61,6 @@ class HubPublishSettings(PublisherSettings):
     retry_cap_seconds: float = Field(
         60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
 
-    @field_validator("repo_id")
-    @classmethod
-    def _repo_id(cls, repo_id: str) -> str:
-        from iteris_daemon.sources.hub import bad_repo_id  # here: loading the plugins stays light (workers load them)
-
-        if (problem := bad_repo_id(repo_id)) is not None:
-            raise ValueError(f"{repo_id!r} {problem}")
-        return repo_id
 
 
 
