@@ -406,8 +406,11 @@ def test_daemon_end_to_end(env: Env, made):
 
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(e.dest / "current"))
     assert sum("lora_" in name for name, _ in model.named_parameters()) > 0
-    # The cancelled run's work folder is gone; what is left is the last published merge (the quality gate's baseline).
-    assert [p.name for p in (e.tmp / "state" / "runs").iterdir()] == ["published"]
+    # The cancelled run's work folder is gone; what is left is the last published merge (the quality gate's
+    # baseline), and the folder of merges kept to publish again, empty: every merge was published.
+    runs = e.tmp / "state" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["published", "unpublished"]
+    assert not list((runs / "unpublished").iterdir())
 
     # ---- status, from the catalog, with the daemon stopped
     stdout, stderr = status.communicate(timeout=DEADLINE)

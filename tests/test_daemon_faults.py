@@ -488,7 +488,8 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
     assert len([p for p in versions.iterdir() if VERSION_LINK.match(f"versions/{p.name}")]) <= 2
     # Merges the kills interrupted left their work folders; the restarts removed them.
     left = sorted(p.name for p in (state / "runs").iterdir())
-    assert left == ["published"], left  # only the last published merge, the quality gate's baseline
+    # only the last published merge, the quality gate's baseline, and no merge kept to publish again
+    assert left == ["published", "unpublished"] and not list((state / "runs" / "unpublished").iterdir()), left
     assert len(landed) == KILLS
     print(f"kills: {'; '.join(landed)}. Runs {len(runs)} ({len(interrupted)} interrupted); "
           f"versions loaded with peft: {len(checker.loaded)}")
