@@ -8,24 +8,17 @@ dropped by a reload was listed with its last run and next run time for ever."""
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select
 
 from .catalog import Catalog
-from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus
+from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc
 from .catalog.registry import list_current, list_sources
 from .config import Selection
 from .figures import summary, task_figures
 from .peers import differences
 from .runner import mergeable, selected
-
-
-def _time(value: datetime | None) -> str | None:
-    """ISO 8601 with the zone: catalog times are naive UTC, and a time without a zone
-    reads as local time."""
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat(timespec="seconds") if value else None
 
 
 def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -53,7 +46,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
     and ``not_configured`` the names of the catalog's other groups."""
     with catalog.session() as session:
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
-                    "last_poll_at": _time(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
+                    "last_poll_at": iso_utc(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
         registered = list_current(session, [AdapterStatus.registered])
         groups, not_configured = [], []
         for group in session.scalars(select(MergeGroup).order_by(MergeGroup.name)):
@@ -71,16 +64,16 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
                 "last_run": None if last is None else {
-                    "id": last.id, "status": last.status.value, "started_at": _time(last.started_at),
-                    "finished_at": _time(last.finished_at), "error": last.error, "repeats": last.repeats},
-                "next_run_at": _time(group.next_run_at),
+                    "id": last.id, "status": last.status.value, "started_at": iso_utc(last.started_at),
+                    "finished_at": iso_utc(last.finished_at), "error": last.error, "repeats": last.repeats},
+                "next_run_at": iso_utc(group.next_run_at),
                 "merging_now": group.claimed_by,
                 "published": [{**entry, "run_id": run.id} for entry, run in serving(runs)],
                 # what the published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((success.metrics or {}).get("tasks"))) if success else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},
             })
-        daemons = [{"holder": d.holder, "started_at": _time(d.started_at), "seen_at": _time(d.seen_at),
+        daemons = [{"holder": d.holder, "started_at": iso_utc(d.started_at), "seen_at": iso_utc(d.seen_at),
                     "settings": d.settings}
                    for d in session.scalars(select(DaemonPresence).order_by(DaemonPresence.seen_at.desc()))]
     report = {"sources": sources, "groups": groups, "daemons": daemons}

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shutil
+from datetime import datetime, timedelta
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -57,14 +58,18 @@ def test_sources_and_adapters_commands(made, tmp_path, capsys):
     assert code == 0 and "1 registered, 1 rejected" in out
     sources = json.loads(run(capsys, "sources", "list", "--json", *db)[1])
     assert [(s["name"], s["kind"], s["healthy"]) for s in sources] == [("team", "local", True)]
+    # Catalog times are naive UTC: without the zone a reader would take them for local time.
+    assert datetime.fromisoformat(sources[0]["last_poll_at"]).utcoffset() == timedelta(0)
 
     rows = {r["name"]: r for r in json.loads(run(capsys, "adapters", "list", "--json", *db)[1])}
     assert rows["good"]["status"] == "registered" and rows["good"]["rank"] == 4
+    assert datetime.fromisoformat(rows["good"]["updated_at"]).utcoffset() == timedelta(0)
     assert rows["bad"]["status"] == "rejected" and "r must be a positive number" in rows["bad"]["reason"]
     only = json.loads(run(capsys, "adapters", "list", "--json", "--status", "rejected", *db)[1])
     assert [r["name"] for r in only] == ["bad"]
     shown = json.loads(run(capsys, "adapters", "show", str(rows["good"]["id"]), "--json", *db)[1])
     assert shown["revisions"][0]["target_modules"] == ["dense", "query", "value"]
+    assert datetime.fromisoformat(shown["revisions"][0]["discovered_at"]).utcoffset() == timedelta(0)
     table = run(capsys, "adapters", "list", *db)[1]
     assert "registered" in table and "rejected" in table
 

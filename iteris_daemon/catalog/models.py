@@ -40,6 +40,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def iso_utc(value: datetime | None) -> str | None:
+    """ISO 8601 with the zone: catalog times are naive UTC, and a time without a zone
+    reads as local time."""
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat(timespec="seconds") if value else None
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 

@@ -185,9 +185,11 @@ def _sources_add(args) -> int:
 
 
 def _source_row(source) -> dict[str, Any]:
+    from ..catalog.models import iso_utc
+
     return {
         "name": source.name, "kind": source.kind.value, "enabled": source.enabled, "healthy": source.healthy,
-        "last_poll_at": source.last_poll_at.isoformat() if source.last_poll_at else None,
+        "last_poll_at": iso_utc(source.last_poll_at),
         "last_error": source.last_error, "settings": source.settings,
     }
 
@@ -288,21 +290,25 @@ def _scan_cache(path: Path) -> tuple[Path | None, str | None]:
 
 
 def _adapter_row(adapter, current) -> dict[str, Any]:
+    from ..catalog.models import iso_utc
+
     return {
         "id": adapter.id, "name": adapter.name, "status": adapter.status.value, "source": adapter.source.name,
         "locator": adapter.locator, "revision": current.revision if current else None,
         "base_model": current.base_model if current else None, "rank": current.rank if current else None,
         "reason": current.reason if current else None,
-        "updated_at": adapter.updated_at.isoformat(),
+        "updated_at": iso_utc(adapter.updated_at),
     }
 
 
 def _revision_row(revision) -> dict[str, Any]:
+    from ..catalog.models import iso_utc
+
     fields = ("revision", "status", "reason", "content_sha256", "files_path", "base_model", "task_type", "rank",
               "alpha", "target_modules", "size_bytes", "has_calibration")
     row = {f: getattr(revision, f) for f in fields}
     row["status"] = revision.status.value
-    row["discovered_at"] = revision.discovered_at.isoformat()
+    row["discovered_at"] = iso_utc(revision.discovered_at)
     return row
 
 
