@@ -577,7 +577,8 @@ class Daemon:
         anew, is skipped or succeeds ends the series, and a stopping daemon triggers nothing."""
         settings = self.config.daemon
         attempts = self._failed_attempts[name] = self._failed_attempts.get(name, 0) + 1
-        if not settings.retry_seconds or self.scheduler.get_job(f"trigger:{name}") is not None:
+        if (not settings.retry_seconds or self._stopping.is_set()
+                or self.scheduler.get_job(f"trigger:{name}") is not None):
             return
         delay = min(settings.retry_seconds * 2.0 ** min(attempts - 1, 40), settings.retry_max_seconds)
         log.warning("group %s: trying the run again in %g s (%d failed in a row)", name, delay, attempts)

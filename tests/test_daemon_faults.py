@@ -1207,7 +1207,7 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     assert triggered == [100]
 
 
-def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, monkeypatch):
+def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, monkeypatch, caplog):
     """``run_group`` says the merge is kept but could not be published (``retry_publish``: a
     Hub down past the publisher's own retries, a full disk): the group is triggered again
     ``retry_seconds`` later, doubling up to ``retry_max_seconds``. Before, it waited for its
@@ -1262,8 +1262,11 @@ def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, mon
         daemon._run_on("g", "cpu")
         assert retried_in() is None
         outcome, stop_meanwhile = RunOutcome(RunStatus.failed, 6, "publishing to hub failed", retry_publish=True), True
-        daemon._run_on("g", "cpu")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+            daemon._run_on("g", "cpu")
         assert daemon._stopping.is_set() and retried_in() is None
+        assert "trying the run again" not in caplog.text  # it used to say so while stopping
     finally:
         daemon.scheduler.shutdown(wait=False)
 
