@@ -405,16 +405,24 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
     for index, group in enumerate(config.groups):
         where = f"{path}: groups.{index} ({group.name})"
         try:
-            parse_params(get_strategy(group.strategy), group.params)
-            unknown = [n for n in group.calibration.order if n not in available]
+            strategy = get_strategy(group.strategy)
+            parse_params(strategy, group.params)
+            order = group.calibration.order
+            unknown = [n for n in order if n not in available]
             if unknown:
                 raise ConfigError(f"unknown calibration source {unknown[0]!r}; available: {', '.join(sorted(available))}")
+            if not order and strategy.needs_calibration:  # every adapter would be held back, for ever
+                raise ConfigError(f"calibration.order is empty, and strategy {group.strategy} needs calibration data; "
+                                  f"list the sources to ask (available: {', '.join(sorted(available))})")
             for key, value in (group.calibration.model_extra or {}).items():  # a typo was ignored silently
                 if key not in available or not isinstance(value, dict):
                     raise ConfigError(f"calibration.{key}: not a calibration source's settings table (sources: "
                                       f"{', '.join(sorted(available))}; fields: order, files)")
                 if getattr(available[key], "Settings", None) is not None:  # else checked when the source loads
                     source_settings(available[key], value)
+                if key not in order:  # its settings would be ignored: the source is never asked
+                    raise ConfigError(f"calibration.{key}: settings for a source that calibration.order does not "
+                                      f"list ({', '.join(order) or 'empty'}); add {key!r} to the order or drop the table")
             for number, destination in enumerate(group.destinations):
                 try:
                     place = _destination(destination)

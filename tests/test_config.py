@@ -54,6 +54,13 @@ def test_the_example_config_is_valid():
     # A source's table was only checked at the group's first merge, hours after start.
     (GROUP + '[groups.calibration.generate]\nsampels = 3\n' + FOLDER,
      "groups.0 (g): calibration.generate: sampels: Extra inputs are not permitted"),
+    # A source's table whose source the order leaves out was ignored: the group never generated.
+    (GROUP + '[groups.calibration.generate]\nsamples = 3\n' + FOLDER,
+     "groups.0 (g): calibration.generate: settings for a source that calibration.order does not list (files, "
+     "adapter, hub_dataset); add 'generate' to the order or drop the table"),
+    # No source to ask: every adapter was held back, for ever, as "no calibration data (asked: )".
+    (GROUP + '[groups.calibration]\norder = []\n' + FOLDER,
+     "groups.0 (g): calibration.order is empty, and strategy iteris needs calibration data; list the sources"),
     (GROUP + '[groups.calibration.hub_dataset]\nfilename = "{name}.jsonl"\n' + FOLDER,
      "groups.0 (g): calibration.hub_dataset: repo_id: Field required"),
     # Each failed every adapter at run time (`KeyError: 'adapter'`), holding the group back.
@@ -112,6 +119,17 @@ def test_a_state_folder_hidden_in_a_watched_folder_is_accepted(tmp_path):
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/adapters/.iteris"\n'
                     f'[[sources]]\nname = "s"\nkind = "local"\npaths = ["{tmp_path}/adapters"]\n')
     assert load_config(path).daemon.state_dir == tmp_path / "adapters" / ".iteris"
+
+
+def test_calibration_orders_that_make_sense_are_accepted(tmp_path):
+    """The refusals of an empty order and of a table the order leaves out stop at what
+    cannot work: a data-free strategy needs no source, and a listed source takes its table."""
+    path = tmp_path / "config.toml"
+    path.write_text(GROUP + 'strategy = "ties"\n[groups.calibration]\norder = []\n' + FOLDER
+                    + GROUP.replace('"g"', '"h"') + '[groups.calibration]\norder = ["files", "generate"]\n'
+                    '[groups.calibration.generate]\nsamples = 3\n' + FOLDER.replace("/tmp/x", "/tmp/y"))
+    ties, generating = load_config(path).groups
+    assert ties.calibration.order == [] and generating.calibration.source_settings() == {"generate": {"samples": 3}}
 
 
 HUB = '[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n'
