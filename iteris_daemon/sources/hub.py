@@ -89,7 +89,7 @@ def bad_repo_id(repo_id: object) -> str | None:
 class HubSettings(BaseModel):
     """Settings of a Hub source (stored in the catalog as JSON; never the token itself)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML and float() read nan and inf
 
     repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")

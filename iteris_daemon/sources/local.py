@@ -52,7 +52,7 @@ CALIBRATION_NAME = "calibration.jsonl"
 class LocalSettings(BaseModel):
     """Settings of a local folder source (stored in the catalog as JSON)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML and float() read nan and inf
 
     paths: list[LocalPath] = Field(min_length=1, description="folders to watch, recursively")
     base_model: ModelLocation | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
