@@ -14,6 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from builders import FAMILIES, build_adapter, build_tiny_model  # noqa: E402
+from group_runs import Setup, build_runner_adapters  # noqa: E402
 
 TASK_TYPES = {"bert": None, "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
@@ -78,3 +79,18 @@ def catalog_url(request, tmp_path):
 
     with database(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def runner_adapters(tmp_path_factory):
+    """A tiny BERT and two adapters on it (``group_runs``), built once per test module."""
+    return build_runner_adapters(tmp_path_factory.mktemp("runner"))
+
+
+@pytest.fixture
+def setup(tmp_path, runner_adapters):
+    """A catalog holding ``runner_adapters`` through a folder source, for ``run_group``."""
+    base, adapters = runner_adapters
+    s = Setup(tmp_path, base, adapters)
+    yield s
+    s.catalog.close()

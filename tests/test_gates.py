@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from builders import build_adapter, build_tiny_model
-from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import MergeGroup, MergeRun, RunStatus, SourceKind
-from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.catalog.models import MergeGroup, RunStatus
 from iteris_daemon.config import Gates, GroupConfig
 from iteris_daemon.gates import judge
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.runner import published_copy, run_group, sync_group
-from iteris_daemon.sources.local import LocalFolderSource
 from registered import registered
 
 pytestmark = pytest.mark.timeout(300)
@@ -117,54 +111,6 @@ def test_gate_messages_show_why_and_the_threshold_is_the_same_everywhere():
 
 
 # ----------------------------------------------------------------------------- runner
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gates")
-    base = build_tiny_model("bert", root / "base")
-    adapters = [build_adapter(base, root / f"task{i}", seed=10 + i, family="bert", r=2 + i) for i in range(2)]
-    return base, adapters
-
-
-class Setup:
-    def __init__(self, tmp_path: Path, base: Path, adapters: list[Path]):
-        self.base = base
-        self.work = tmp_path / "work"
-        self.published = tmp_path / "published"
-        self.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-        watched = tmp_path / "watched"
-        watched.mkdir()
-        for adapter in adapters:
-            shutil.copytree(adapter, watched / adapter.name)
-        with self.catalog.session() as session:
-            add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
-        LocalFolderSource(self.catalog, "team").scan()
-
-    def group(self, strategy: str = "task_arithmetic", names: tuple[str, ...] = ("task0",), **fields) -> GroupConfig:
-        group = GroupConfig(name="unified", base_model=str(self.base), strategy=strategy, select={"names": list(names)},
-                            destinations=[{"kind": "folder", "path": str(self.published)}], **fields)
-        sync_group(self.catalog, group)
-        return group
-
-    def run(self, group: GroupConfig, force: bool = False):
-        return run_group(self.catalog, group, self.work, "tester", force=force)
-
-    def current(self) -> str | None:
-        current = self.published / "current"
-        return sha256_file(current / "adapter_model.safetensors") if current.exists() else None
-
-    def run_row(self, run_id: int) -> MergeRun:
-        with self.catalog.session() as session:
-            return session.get(MergeRun, run_id)
-
-
-@pytest.fixture
-def setup(tmp_path, made):
-    base, adapters = made
-    s = Setup(tmp_path, base, adapters)
-    yield s
-    s.catalog.close()
 
 
 def test_a_regression_is_refused_kept_out_of_every_destination_and_published_when_forced(setup):

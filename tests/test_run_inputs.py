@@ -4,7 +4,7 @@ calibration it uses are the same bytes, whatever happens to the source folders m
 The soak test (``benchmarks/soak.py``) found runs that recorded one revision and merged
 the next (an adapter replaced between selection and merge), and runs that failed when
 an input vanished mid-run. Here both are made to happen deterministically, on the real
-folder source, catalog and folder publisher (fixtures shared with ``test_gates.py``).
+folder source, catalog and folder publisher (the ``setup`` fixture of ``group_runs``).
 """
 
 from __future__ import annotations
@@ -29,18 +29,9 @@ from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.runner import sync_group
 from iteris_daemon.sources.local import LocalFolderSource
-from test_gates import Setup, made  # noqa: F401  (the module fixture)
 from databases import rows_loaded
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def setup(tmp_path, made):  # noqa: F811
-    base, adapters = made
-    s = Setup(tmp_path, base, adapters)
-    yield s
-    s.catalog.close()
 
 
 def _replace_weights(folder, factor: float) -> None:
@@ -130,7 +121,7 @@ def test_a_group_merges_without_an_adapter_whose_weights_went_and_with_it_once_t
     assert outcome.status is RunStatus.succeeded and set(_published(setup)) == {"task0", "task1"}
 
 
-def test_the_run_fingerprint_follows_content_not_hub_commits(made, tmp_path, monkeypatch):  # noqa: F811
+def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tmp_path, monkeypatch):
     """A Hub commit that only edits the README is a new revision of the same adapter: the
     run's input fingerprint is unchanged, so the group is not merged again (a 70B merge
     for a model card edit; found in review). A commit that changes the config changes it."""
@@ -142,7 +133,7 @@ def test_the_run_fingerprint_follows_content_not_hub_commits(made, tmp_path, mon
     from iteris_daemon.config import GroupConfig
     from iteris_daemon.sources.hub import HubSource
 
-    base, (lora, _) = made
+    base, (lora, _) = runner_adapters
     token_file = tmp_path / "token"
     token_file.write_text("hf_token_for_this_test\n")
     token_file.chmod(0o600)

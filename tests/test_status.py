@@ -1,5 +1,5 @@
 """``iteris-daemon status`` (text and ``--json``) and the metrics collector after real runs
-on the real folder source, catalog and folder publisher (fixtures shared with ``test_gates.py``)."""
+on the real folder source, catalog and folder publisher (the ``setup`` fixture of ``group_runs``)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,8 @@ from iteris_daemon.cli import main
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.endpoints import DaemonMetrics
 from iteris_daemon.runner import sync_group
-from test_gates import Setup, made  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def setup(tmp_path, made):  # noqa: F811
-    base, adapters = made
-    s = Setup(tmp_path, base, adapters)
-    yield s
-    s.catalog.close()
 
 
 def status(capsys, setup, *options) -> str:
