@@ -165,7 +165,8 @@ def group_request(config: DaemonConfig, name: str, into: Path, **options: Any) -
     catalog = Catalog(config.daemon.catalog_url(), create=False)
     try:
         inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
-                               limits=config.daemon.limits.limits())
+                               limits=config.daemon.limits.limits(),
+                               read_limit=options.get("max_samples", CompareRequest.max_samples))
     finally:
         catalog.close()
     for adapter, reason in inputs.held_back.items():

@@ -478,8 +478,10 @@ def _ask(name: str, source, adapter: AdapterLayout, options: CalibrationOptions)
 def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
                   into: Path, limits: Limits = Limits(),
                   in_worker: Callable[[dict[str, Any], str], Any] | None = None,
-                  should_stop: Callable[[], bool] = lambda: False) -> Inputs:
-    """Snapshot each selected adapter into ``into`` and load its calibration; an adapter that
+                  should_stop: Callable[[], bool] = lambda: False, read_limit: int | None = None) -> Inputs:
+    """Snapshot each selected adapter into ``into`` and load its calibration (its first
+    ``samples``; sources read no further than that, or than ``read_limit`` where
+    ``samples`` is None); an adapter that
     cannot be read as registered, or has no calibration data, is held back, not fatal (one
     of a folder source that changed since registration makes the run wait, see ``changing``).
     With ``in_worker`` (the daemon), sources that need torch are called through it."""
@@ -489,7 +491,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                    for name, source in sources.items() if name in group.calibration.order}
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
-        samples=samples or 50, limit=samples, settings=group.calibration.source_settings(),
+        samples=samples or 50, limit=samples or read_limit, settings=group.calibration.source_settings(),
         max_download_bytes=limits.max_calibration_bytes,
     )
     inputs = Inputs(selection=selection_key(group))

@@ -17,7 +17,7 @@ from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
 from registered import registered
-from test_gates import Setup
+from group_runs import Setup
 
 CONTENDERS = {  # label: (strategy, --param values for `merge`)
     "iteris": ("iteris", []),
@@ -246,7 +246,21 @@ path = "{tmp_path / 'published'}"
         for task, figures in by_hand[hand]["tasks"].items():
             assert rows[label]["tasks"][task] == pytest.approx(figures, rel=1e-6), (label, task)
 
+    # The group's calibration is read no further than --max-samples, as given by hand: a file
+    # longer than that (a training set, here with a fault past 16 lines) was read whole.
+    long = tmp_path / "long.jsonl"
+    long.write_bytes((adapters[0] / "calibration.jsonl").read_bytes() * 2 + b"not json\n")
+    config.write_text(config.read_text().replace(
+        "[[groups.destinations]]", f'calibration = {{files = {{"{adapters[0].name}" = "{long}"}}}}\n[[groups.destinations]]'))
+    assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--strategy", "ties",
+                 "--max-samples", "16", "--json", str(tmp_path / "limited.json")]) == 0
+    task = json.loads((tmp_path / "limited.json").read_text())["tasks"][0]
+    assert task["calibration"] == str(long) and len(task["held_out"]) + task["merged_from"] == 16
+    assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--strategy", "ties",
+                 "--max-samples", "0", "--json", str(tmp_path / "whole.json")]) == 0  # reads all: meets the fault
+    assert [t["name"] for t in json.loads((tmp_path / "whole.json").read_text())["tasks"]] == [adapters[2].name]
     capsys.readouterr()
+
     assert main(["compare", "--group", "nope", "--config", str(config)]) == 2
     assert "no merge group named 'nope' in the config (its groups: unified)" in capsys.readouterr().err
     assert main(["compare", "--group", "unified"]) == 2

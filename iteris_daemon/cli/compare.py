@@ -75,13 +75,12 @@ def _compare(args) -> int:
         raise ConfigError(f"--max-samples must be 0 (all) or more, got {args.max_samples}")
     options = dict(strategies=args.strategies, holdout=args.holdout, seed=args.seed, device=args.device,
                    dtype=args.dtype, offload=args.offload, modules_to_save_rule=args.modules_to_save_rule,
-                   quiet=args.quiet)
+                   max_samples=args.max_samples or None, quiet=args.quiet)
     if args.group is None:
         if args.base_model is None or not args.adapter:
             raise ConfigError("give --base-model and --adapter, or --group with --config")
         report = run_compare(CompareRequest(base_model=args.base_model, adapters=args.adapter,
                                             trust_remote_code=args.trust_remote_code,
-                                            max_samples=args.max_samples or None,
                                             calibration=calibration_options(args), **options))
     else:
         if args.base_model is not None or args.adapter or args.config is None:
