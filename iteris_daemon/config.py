@@ -320,7 +320,7 @@ class GroupConfig(_Strict):
             from apscheduler.triggers.cron import CronTrigger
 
             try:
-                trigger = CronTrigger.from_crontab(self.cron)
+                trigger = CronTrigger.from_crontab(self.cron, timezone=timezone.utc)
             except ValueError as exc:
                 raise ValueError(f"cron {self.cron!r}: {exc}") from None
             if trigger.get_next_fire_time(None, datetime.now(timezone.utc)) is None:  # 30 February, say

@@ -832,6 +832,40 @@ def _run_here(daemon, probe) -> int:
             signal.signal(number, handler)
 
 
+@pytest.mark.parametrize("zone", ["UTC0", "CET-1CEST"])
+def test_a_posix_tz_string_does_not_stop_the_daemon(made, tmp_path, daemons, monkeypatch, zone):
+    """``TZ=UTC0`` and ``TZ=CET-1CEST`` are valid for libc, not for tzlocal: the daemon's
+    interval jobs and the config's cron check asked APScheduler for the local zone, and
+    ``run`` and ``status --config`` died with a ZoneInfoNotFoundError traceback. Every
+    schedule is UTC, so the local zone is never needed."""
+    base = made[0]
+    (tmp_path / "watched").mkdir()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"""
+[daemon]
+state_dir = {json.dumps(str(tmp_path / "state"))}
+[[sources]]
+name = "team"
+kind = "local"
+paths = [{json.dumps(str(tmp_path / "watched"))}]
+[[groups]]
+name = "unified"
+base_model = {json.dumps(str(base))}
+cron = "0 3 * * *"
+[[groups.destinations]]
+kind = "folder"
+path = {json.dumps(str(tmp_path / "published"))}
+""")
+    monkeypatch.setenv("TZ", zone)
+    daemon = daemons(config, tmp_path / "daemon.log")
+    daemon.wait_event("notify", r"^READY=1$")
+    assert daemon.stop() == 0, daemon.tail()
+    assert "Traceback" not in daemon.tail()
+    status = subprocess.run([sys.executable, "-m", "iteris_daemon", "status", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "unified" in status.stdout, status.stderr
+
+
 @pytest.mark.timeout(120)
 def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
     """A job still running when SIGTERM arrives (a tick, a source reporting a change) may
