@@ -50,7 +50,7 @@ from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, de
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import ConfigError, IterisError
-from .paths import private_dir, state_dir
+from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
 from .retry import bound_requests
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
@@ -233,7 +233,7 @@ class Daemon:
         self.peers = Peers(self.catalog, self.holder)
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
-            for leftover in (self.work / f"run-{run_id}", *self.work.glob(f".run-{run_id}.*")):
+            for leftover in (self.work / f"run-{run_id}", *leftover_copies(self.work / f"run-{run_id}")):
                 shutil.rmtree(leftover, ignore_errors=True)  # its half-written or unpublished merge
         for leftover in (*self.work.glob(f"{INPUTS_PREFIX}*"), *self.work.glob(f"{SHAPES_PREFIX}*")):  # killed runs' and workers' files
             shutil.rmtree(leftover, ignore_errors=True)

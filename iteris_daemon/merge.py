@@ -36,7 +36,7 @@ from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
 from .oom import says_out_of_memory
-from .paths import as_if_created, model_location, overlap, real, replace_folder
+from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergedAdapter, MergeInputs, parse_params
 
@@ -321,7 +321,7 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     if not existing.is_dir():
         raise OutputError(f"{out}: cannot create the output folder: {existing} is not a folder")
     try:  # a probe, removed at once: permissions, read-only or pseudo file systems (/proc)
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing)).rmdir()
+        staging_folder(out, beside=existing).rmdir()
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the output folder in {existing}: {exc.strerror or exc}") from None
 
@@ -536,7 +536,7 @@ def _round(value: float | None) -> float | None:
 
 def _write_atomically(out: Path, config, modules, head, report, started) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_folder(out)
     try:
         save_adapter(staging, config, modules, head)
         report["total_seconds"] = round(time.perf_counter() - started, 3)

@@ -4,9 +4,11 @@ otherwise. Both are created private (0700)."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -106,6 +108,18 @@ def as_if_created(folder: Path) -> None:
     for item in folder.iterdir():
         if item.is_file() and not item.is_symlink():
             item.chmod(0o666 & ~mask)
+
+
+def staging_folder(target: Path, beside: Path | None = None) -> Path:
+    """A new empty folder to write ``target``'s next content into, hidden beside it (or in
+    ``beside``), for :func:`replace_folder`."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=beside or target.parent))
+
+
+def leftover_copies(target: Path) -> list[Path]:
+    """The hidden half-written copies of ``target`` that a killed writer left beside it: its
+    staging folders and :func:`replace_folder`'s trash."""
+    return list(target.parent.glob(f".{glob.escape(target.name)}.*"))
 
 
 def replace_folder(new: Path, target: Path) -> None:

@@ -55,7 +55,7 @@ from .errors import AdapterError, IterisError, MergeCancelled, PluginError
 from .gates import judge
 from .logs import redact
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
-from .paths import replace_folder
+from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest, PublishResult
 from .strategy import parse_params
@@ -808,8 +808,9 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         cause = exc.__cause__ if isinstance(exc, PartlyPublished) else exc
         return RunOutcome(RunStatus.failed, run_id, message,
                           retry_publish=publish_failed and not isinstance(cause, PluginError))
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    finally:  # a worker killed while it wrote the merge leaves its staging copy too
+        for leftover in (out, *leftover_copies(out)):
+            shutil.rmtree(leftover, ignore_errors=True)
     timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
                **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
     metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"), **inputs.recorded(),

@@ -98,6 +98,7 @@ def setup(tmp_path, made, faulty):
 
 @pytest.mark.parametrize("mode, reason, kind", [
     ("sigkill", "the worker was killed by SIGKILL", "signal"),
+    ("sigkill-saving", "the worker was killed by SIGKILL", "signal"),  # its staging copy was left for ever
     ("exit", "the worker exited with status 7 without a result", "exit"),
     ("allocate", "out of memory", "memory"),
     ("tensor", "out of memory", "memory"),  # torch's "can't allocate memory" was an error of kind "error"
@@ -113,7 +114,7 @@ def test_a_worker_that_dies_fails_its_run_and_the_next_run_succeeds(setup, mode,
     assert row.status is RunStatus.failed and reason in row.error and row.finished_at is not None
     assert setup.current() == published  # the last published version is untouched
     assert setup.failures == [kind]
-    assert not list(setup.work.glob("run-*"))  # the dead worker's partial output is gone
+    assert not list(setup.work.glob("run-*")) and not list(setup.work.glob(".run-*"))  # its partial output is gone
 
     after = setup.run(scale=2.0)
     assert after.status is RunStatus.succeeded and setup.current() != published

@@ -17,7 +17,7 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, Strateg
 
 
 class FaultyParams(StrategyParams):
-    mode: Literal["ok", "sigkill", "exit", "allocate", "tensor", "hog", "slow", "stubborn"] = "ok"
+    mode: Literal["ok", "sigkill", "sigkill-saving", "exit", "allocate", "tensor", "hog", "slow", "stubborn"] = "ok"
     scale: float = Field(1.0, gt=0)
     seconds: float = Field(3600.0, ge=0, description="how long 'slow' takes; how long 'hog' waits once moved")
 
@@ -31,6 +31,14 @@ class Faulty:
     def merge(self, inputs: MergeInputs, params: FaultyParams, progress: Progress) -> MergedAdapter:
         if params.mode == "sigkill":  # what the OOM killer does
             os.kill(os.getpid(), signal.SIGKILL)
+        if params.mode == "sigkill-saving":  # killed once the merge's files are half written
+            import iteris_daemon.merge as merge
+
+            def save_then_die(folder, *args, **kwargs):
+                (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            merge.save_adapter = save_then_die
         if params.mode == "exit":  # a library that calls exit()
             os._exit(7)
         if params.mode == "allocate":  # 64 GiB, far past any test's RLIMIT_AS
