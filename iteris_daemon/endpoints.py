@@ -69,7 +69,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from . import safe_json
@@ -213,7 +213,8 @@ class CatalogCollector(Collector):
             recent = session.execute(
                 select(MergeGroup.name, MergeRun.id, MergeRun.status, MergeRun.finished_at, MergeRun.metrics)
                 .join(MergeRun.group).outerjoin(last_success, last_success.c.group_id == MergeRun.group_id)
-                .where(MergeRun.status.in_([RunStatus.succeeded, RunStatus.failed]),
+                .where(or_(MergeRun.status == RunStatus.succeeded,
+                           and_(MergeRun.status == RunStatus.failed, MergeRun.may_have_published())),
                        MergeRun.id >= func.coalesce(last_success.c.run_id, 0))
                 .order_by(MergeGroup.name, MergeRun.id.desc())).all()
         if self.configured is not None:  # a group dropped from the config stays in the catalog: no daemon runs it

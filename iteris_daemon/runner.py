@@ -556,7 +556,7 @@ def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
                                                      MergeRun.status.in_([RunStatus.succeeded, RunStatus.refused]))
                               .order_by(MergeRun.id.desc()).limit(1))
         failed = session.scalars(select(MergeRun.metrics).where(
-            MergeRun.group_id == group_id, MergeRun.status == RunStatus.failed,
+            MergeRun.group_id == group_id, MergeRun.status == RunStatus.failed, MergeRun.may_have_published(),
             MergeRun.id > (last.id if last is not None else 0))).all()
         return None if any((metrics or {}).get("published") for metrics in failed) else last
 

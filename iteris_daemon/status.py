@@ -55,7 +55,13 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                 continue
             runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(50)).all()
             last = next((r for r in runs if r.status is not RunStatus.skipped), runs[0] if runs else None)
-            success = next((r for r in runs if r.status is RunStatus.succeeded), None)
+            # past the 50 newest runs too: a publish failing for a day leaves more behind the last success
+            success = session.scalar(select(MergeRun).where(MergeRun.group_id == group.id,
+                                                            MergeRun.status == RunStatus.succeeded)
+                                     .order_by(MergeRun.id.desc()).limit(1))
+            partly = session.scalars(select(MergeRun).where(
+                MergeRun.group_id == group.id, MergeRun.status == RunStatus.failed, MergeRun.may_have_published(),
+                MergeRun.id > (success.id if success else 0)).order_by(MergeRun.id.desc())).all()
             merged = {i.revision_id for i in success.inputs} if success else set()
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
@@ -68,7 +74,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                     "finished_at": iso_utc(last.finished_at), "error": last.error, "repeats": last.repeats},
                 "next_run_at": iso_utc(group.next_run_at),
                 "merging_now": group.claimed_by,
-                "published": [{**entry, "run_id": run.id} for entry, run in serving(runs)],
+                "published": [{**entry, "run_id": run.id} for entry, run in serving([*partly, *filter(None, [success])])],
                 # what the published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((success.metrics or {}).get("tasks"))) if success else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},

@@ -10,11 +10,12 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client import generate_latest
 
-from iteris_daemon.catalog.models import RunStatus
+from iteris_daemon.catalog.models import MergeRun, RunStatus
 from iteris_daemon.cli import main
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.endpoints import DaemonMetrics
 from iteris_daemon.runner import sync_group
+from databases import rows_loaded
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,6 +74,37 @@ def test_a_partly_published_run_shows_what_each_destination_serves(setup, capsys
         shown = registry.get_sample_value("iteris_last_publish_timestamp_seconds",
                                           {"group": "unified", "destination": f"folder:{destination}"})
         assert shown == run.finished_at.replace(tzinfo=timezone.utc).timestamp()
+
+
+def test_what_is_published_survives_many_failed_runs_since(setup, capsys):
+    """``status`` read the group's 50 newest runs: a publish failing for half a day (a retry
+    every 15 minutes adds a failed run each time) and it said nothing was published, showed
+    no quality and every adapter "not yet merged". The last success is found however many
+    runs follow it, and the failed runs are not each read to find those that published."""
+    from iteris_daemon.runner import _last_decided
+
+    group = setup.group()
+    assert setup.run(group).status is RunStatus.succeeded
+    before = json.loads(status(capsys, setup, "--json"))["groups"][0]
+    assert before["published"] and before["quality"] and before["waiting"]["not_yet_merged"] == []
+    with setup.catalog.session() as session:
+        success = session.get(MergeRun, 1)
+        for _ in range(60):  # as the runner records a failed publish
+            session.add(MergeRun(group_id=success.group_id, status=RunStatus.failed,
+                                 input_fingerprint=success.input_fingerprint, finished_at=success.finished_at,
+                                 error="publishing to hub failed: 503",
+                                 metrics={"held_back": {}, "held_back_revisions": [], "selection": None}))
+    after = json.loads(status(capsys, setup, "--json"))["groups"][0]
+    assert after["last_run"]["id"] == 61 and after["last_run"]["status"] == "failed"
+    assert {k: after[k] for k in ("published", "quality", "waiting")} == {
+        k: before[k] for k in ("published", "quality", "waiting")}
+    assert _last_decided(setup.catalog, success.group_id).id == 1  # the same inputs need no new merge
+    with rows_loaded(MergeRun) as loaded:
+        status(capsys, setup, "--json")
+    assert 1 in loaded and len(loaded) <= 51  # the 50 newest (for `last run`), and the success
+    shown = DaemonMetrics(setup.catalog).registry.get_sample_value(
+        "iteris_last_publish_timestamp_seconds", {"group": "unified", "destination": f"folder:{setup.published}"})
+    assert shown == success.finished_at.replace(tzinfo=timezone.utc).timestamp()
 
 
 def test_metrics_export_only_the_daemons_groups(setup):

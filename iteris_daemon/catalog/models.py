@@ -21,8 +21,8 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Enum, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint,
-                        false)
+from sqlalchemy import (JSON, BigInteger, ColumnElement, Enum, ForeignKey, Index, Integer, MetaData, String, Text,
+                        UniqueConstraint, cast, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Stable constraint names, so migrations can alter them on every backend
@@ -196,6 +196,14 @@ class MergeRun(Base):
 
     group: Mapped[MergeGroup] = relationship(back_populates="runs")
     inputs: Mapped[list[MergeRunInput]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+    @classmethod
+    def may_have_published(cls) -> ColumnElement[bool]:
+        """SQL: the run's metrics name a ``published`` list (every run that succeeded, and a
+        failed one that published to some destinations first). A text match, so that the
+        failed runs since a group's last success (thousands after months of failing) are
+        not each read to find the few that did."""
+        return cast(cls.metrics, Text).like('%"published"%')
 
 
 class MergeRunInput(Base):
