@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from huggingface_hub import HfApi
 from hub_server import HubServer, isolate_hub_client
 from sqlalchemy import select
 
@@ -24,6 +25,7 @@ from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.retry import Interrupted, hub_retrying
 import iteris_daemon.sources.hub as hub_module
 from iteris_daemon.sources.hub import HubSource, unsafe_path
+from iteris_daemon.validation import Limits
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "hf_secret_source_token"
@@ -568,3 +570,29 @@ def test_a_commit_another_host_registered_is_downloaded_here(env):
     files = Path(_adapters(catalog)["erin/e"].current.files_path)
     assert files.parent.parent == tmp / "cache-here" and (files / "adapter_model.safetensors").is_file()
     assert here.poll().unchanged == 1
+
+
+def test_the_cache_keeps_no_rejected_commit_nor_a_removed_repo(env):
+    """Each commit the source refused stayed in the cache with its weights (a trainer that
+    pushes a checkpoint an hour over the rank limit filled the disk), and so did the
+    commits of a repo that went away. A commit a registered adapter uses stays."""
+    hub, catalog, source, (first, second), tmp = env
+    stable = hub.create_repo_direct("frank/t", adapter_files(first))
+    hub.create_branch_direct("frank/t", "stable")
+    source(repos=["frank/t", "frank/t@stable"])
+    poller = HubSource(catalog, "hub", tmp / "cache", limits=Limits(max_rank=2))  # the second adapter is rank 3
+    assert sorted(poller.poll().registered) == ["frank/t", "frank/t@stable"]
+    folder = tmp / "cache" / "frank--t"
+    downloads = lambda: len(hub.requests_matching(r"^GET /frank/t/resolve/"))  # noqa: E731
+    for n in range(3):
+        hub.commit_direct("frank/t", adapter_files(second, {"README.md": f"checkpoint {n}\n".encode()}))
+        report = poller.poll()
+        assert report.rejected == ["frank/t"] and "above the limit of 2" in _adapters(catalog)["frank/t"].current.reason
+        assert [p.name for p in folder.iterdir()] == [stable]  # the stable branch's, no rejected commit's
+    fetched = downloads()
+    assert poller.poll().unchanged == 2 and downloads() == fetched  # a rejected verdict stands without its files
+    assert _adapters(catalog)["frank/t@stable"].status is AdapterStatus.registered
+
+    HfApi(endpoint=hub.endpoint, token=TOKEN).delete_repo("frank/t")
+    assert sorted(poller.poll().removed) == ["frank/t", "frank/t@stable"]
+    assert not folder.exists()

@@ -17,7 +17,9 @@ downloads: the client's ``HF_HUB_DOWNLOAD_TIMEOUT``), and the listing and ``mode
 are retried by the daemon alone, not by the client as well.
 
 Polls of one repo take turns within a process (scheduled, a webhook's); the cache keeps
-the commits registered adapters use now (each branch its own). Polls of other processes
+the commits registered adapters use now (each branch its own): a replaced or rejected
+commit's files are deleted once recorded (a rejected verdict stands without them), and a
+removed repo's once it is marked removed. Polls of other processes
 take no turns: a poll whose files they removed mid-check retries at the next poll, and
 a head read before theirs stays history (see ``Observation.seen_at``).
 
@@ -33,7 +35,7 @@ import os
 import re
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from collections.abc import Callable, Collection, Iterator
 from urllib.parse import urlsplit
@@ -323,7 +325,7 @@ class HubSource:
         """Register the repo's head if new; False when the repo is gone (or not an adapter).
         Polls of one repo take turns (see :func:`_repo_lock`): the later one reads the head
         after the earlier one has recorded what it saw."""
-        folder = self.cache_dir / repo_id.replace("/", "--")
+        folder = self._repo_folder(repo_id)
         with _repo_lock(folder):
             return self._poll_repo_locked(api, token, repo_id, branch, locator, listed, report, folder)
 
@@ -374,13 +376,13 @@ class HubSource:
             return True
         if before.files_missing and status is AdapterStatus.registered and not adapter_info:
             raise HubAnswerError(f"{locator}@{sha[:12]}: its files were gone; downloaded again, they fail: {reason_now}")
+        self._drop_unused_commits(folder)
         if status is AdapterStatus.rejected:
             report.rejected.append(locator)
             if before.registered:
                 report.withdrawn.append(locator)
             log.warning("source %s: rejected %s@%s: %s", self.name, locator, sha[:12], reason)
             return True
-        self._drop_unused_commits(folder)
         if new:
             report.registered.append(locator)
             log.info("source %s: registered %s@%s (rank %d)", self.name, locator, sha[:12], revision.rank)
@@ -459,22 +461,35 @@ class HubSource:
             raise HubAnswerError(f"{where}: {filename} as downloaded {problem}; removed, downloaded again at the next poll")
         return resolved
 
+    def _repo_folder(self, repo_id: str) -> Path:
+        return self.cache_dir / repo_id.replace("/", "--")
+
     def _drop_unused_commits(self, folder: Path) -> None:
         """Keep the commits of a repo that runs may copy from: those a registered adapter's
-        current revision names (each branch of the repo has its own). A commit polled again
-        is downloaded again."""
-        with self.catalog.session() as session:
+        current revision names (each branch of the repo has its own, another source of the
+        repo its own too). A commit polled again is downloaded again. The repo's folder goes
+        when no commit is left in it. Call it holding the folder's :func:`_repo_lock`."""
+        with self.catalog.session(write=False) as session:
             used = current_files_paths(session, f"{folder}{os.sep}")
         for other in folder.iterdir() if folder.is_dir() else ():
             if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used:
                 shutil.rmtree(other, ignore_errors=True)
+        with suppress(OSError):  # not empty (commits in use), or not there
+            folder.rmdir()
 
     def _mark_removed(self, seen: set[str], report: ScanReport, only: set[str] | None = None) -> None:
         gone = lambda locator: locator not in seen and (only is None or locator in only)  # noqa: E731
         with self.catalog.session() as session:
-            for adapter in mark_removed(session, self.source_id, gone):
-                report.removed.append(adapter.locator)
-                log.info("source %s: %s removed", self.name, adapter.locator)
+            removed = [adapter.locator for adapter in mark_removed(session, self.source_id, gone)]
+        for locator in removed:
+            report.removed.append(locator)
+            log.info("source %s: %s removed", self.name, locator)
+        for repo_id in {locator.partition("@")[0] for locator in removed}:
+            if bad_repo_id(repo_id):  # read from the catalog: never a path outside the cache
+                continue
+            folder = self._repo_folder(repo_id)
+            with _repo_lock(folder):
+                self._drop_unused_commits(folder)
 
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
