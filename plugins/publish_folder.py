@@ -43,7 +43,7 @@ VERSIONS = "versions"
 _STAGING = ".staging-"
 _TEMP_LINK = ".current-"
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
-_VERSION = re.compile(r"^run-(?P<run>\d+)-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
+_VERSION = re.compile(r"^run-\d+-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
 #: The files that make two adapters the same adapter (a new report alone is not a new version).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
@@ -201,12 +201,14 @@ def _remove_leftovers(root: Path) -> None:
 
 def _prune(versions: Path, current: str, replaced: str | None, keep: int) -> None:
     """Delete versions beyond ``keep`` besides ``current``. The one it ``replaced`` (a
-    consumer may still be loading it) is kept first, then the newest by run id: a version
-    that was never current (left by a publish that failed before its swap, with a newer
-    run id than it deserves) or a stamp from a clock that stepped back must not push the
-    replaced one out. Folders not named like a version are not ours, left alone."""
+    consumer may still be loading it) is kept first, then the most recently published, by
+    the stamp in their names: not by run id, which starts again from 1 with a new catalog
+    (the old catalog's versions were kept for ever, each new one pruned once replaced). A
+    version that was never current (left by a publish that failed before its swap) or
+    stamped by a clock that was ahead must not push the replaced one out. Folders not
+    named like a version are not ours, left alone."""
     previous = [
-        (entry.name == replaced, int(match["run"]), match["stamp"], entry.name)
+        (entry.name == replaced, match["stamp"], entry.name)
         for entry in versions.iterdir()
         if entry.name != current and (match := _VERSION.match(entry.name)) and entry.is_dir() and not entry.is_symlink()
     ]

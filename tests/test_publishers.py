@@ -197,6 +197,18 @@ def test_pruning_keeps_the_version_current_replaced(folder, made, tmp_path):
     assert sorted(p.name for p in (dest / "versions").iterdir()) == sorted([v1, v3])
 
 
+def test_pruning_keeps_the_latest_versions_when_run_ids_start_again(folder, made, tmp_path):
+    """A new catalog (its state folder lost, a move to PostgreSQL) numbers runs from 1
+    again: pruning by run id kept the old catalog's versions for ever and deleted each new
+    version as soon as it was replaced."""
+    base, first, second = made
+    dest = tmp_path / "dest"
+    settings = folder.Settings(path=dest, keep=2)
+    versions = [folder.publish(request((first, second)[index % 2], base, run_id=run), settings).version
+                for index, run in enumerate([500, 501, 502, 1, 2, 3])]
+    assert sorted(p.name for p in (dest / "versions").iterdir()) == sorted(versions[-3:])
+
+
 def test_a_crash_leaves_current_on_the_old_complete_version(folder, made, tmp_path, monkeypatch):
     base, first, second = made
     dest = tmp_path / "dest"
