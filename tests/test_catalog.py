@@ -72,7 +72,9 @@ def test_upgrade_from_every_earlier_revision(catalog_url, start):
     engine.dispose()
 
 
-def test_the_wheel_ships_the_migrations(tmp_path):
+def test_the_wheel_ships_every_module_and_the_migrations(tmp_path):
+    """A plain (not editable) install, as the systemd setup does it: the wheel lacked
+    ``iteris_daemon/cli/``, so the ``iteris-daemon`` command failed to import."""
     source = tmp_path / "src"  # a copy, so no build/ folder lands in the checkout
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "iteris_daemon", "plugins", "migrations"):
@@ -84,6 +86,11 @@ def test_the_wheel_ships_the_migrations(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for revision in (ROOT / "migrations" / "versions").glob("*.py"):
         assert f"iteris_daemon/migrations/versions/{revision.name}" in names
+    modules = {f"iteris_daemon/{path.relative_to(ROOT / 'iteris_daemon').as_posix()}"
+               for path in (ROOT / "iteris_daemon").rglob("*.py") if "__pycache__" not in path.parts
+               and path.relative_to(ROOT / "iteris_daemon").parts[0] not in ("plugins", "migrations")}
+    modules |= {f"iteris_daemon/plugins/{path.name}" for path in (ROOT / "plugins").glob("*.py")}
+    assert "iteris_daemon/cli/__init__.py" in modules and modules - names == set()
     assert {"iteris_daemon/migrations/env.py", "iteris_daemon/migrations/script.py.mako"} <= names
 
 
