@@ -36,7 +36,7 @@ Applied, in this order (each line: the unit setting, then how):
 - RestrictNamespaces=: ``setns``, and ``unshare``/``clone`` with a namespace flag, fail
   with EPERM; ``clone3`` with ENOSYS (so the C library falls back to ``clone``), as systemd does.
 - RestrictRealtime=: ``sched_setscheduler`` to SCHED_FIFO, SCHED_RR or SCHED_DEADLINE fails.
-- UMask=0077.
+- UMask=0022.
 
 Not applied: LockPersonality=, RestrictSUIDSGID=, MemoryDenyWriteExecute= (not set in the
 unit anyway), DevicePolicy= (a cgroup device filter: the private /dev has no device nodes
@@ -224,7 +224,7 @@ def main() -> None:
     file_system(spec)
     drop_privileges(spec["uid"])
     seccomp(spec)
-    os.umask(0o077)  # UMask=0077
+    os.umask(0o022)  # UMask=0022
     os.execvp(command[0], command)
 
 

@@ -17,8 +17,8 @@ applied.
 - The daemon, started there as the unit starts it (``iteris-daemon run``), rejects an
   adapter whose weights it may not read (0600, as safetensors writes them) once, with
   the reason, registers it when made readable, merges it with a second one, publishes
-  a version that PEFT loads, and exits 0 on SIGTERM; its files are its own and private
-  (UMask=0077). Before the fix the unreadable adapter was "looked at again" every
+  a version that PEFT loads, and exits 0 on SIGTERM; the catalog is its own and private,
+  the published version readable by other users (UMask=0022: the inference server). Before the fix the unreadable adapter was "looked at again" every
   0.15 s, forever.
 
 Needs root (to make the namespaces and mounts), unshare, libseccomp and systemd-analyze;
@@ -148,7 +148,7 @@ status = dict(line.split(":", 1) for line in open("/proc/self/status").read().sp
 out.update(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), hostname=socket.gethostname(),
            status={k: status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")},
            uid_map=open("/proc/self/uid_map").read().split(), dev=sorted(os.listdir("/dev")),
-           tmp=sorted(os.listdir("/tmp")), pid1_visible=os.path.exists("/proc/1"), umask=os.umask(0o077))
+           tmp=sorted(os.listdir("/tmp")), pid1_visible=os.path.exists("/proc/1"), umask=os.umask(0o022))
 work = sys.argv[1]
 tried("write_state", lambda: open(os.path.join(work, "state", "probe"), "w").close())
 tried("write_work", lambda: open(os.path.join(work, "probe"), "w").close())
@@ -203,7 +203,7 @@ def test_each_setting_is_in_force_inside_the_sandbox(work):
     bound = {Path(k).relative_to("/tmp").parts[0] for k in kept if Path(k).is_relative_to("/tmp")}
     assert work.is_relative_to("/tmp") and inside["tmp"] == sorted(bound)
     assert not inside["pid1_visible"]  # ProtectProc=invisible
-    assert inside["umask"] == 0o077  # UMask=
+    assert inside["umask"] == 0o022  # UMask=
     expected = {
         "write_state": "ok",  # StateDirectory=
         "write_work": "EROFS", "write_usr": "EROFS", "write_etc": "EROFS",  # ProtectSystem=strict
@@ -305,9 +305,10 @@ path = {q(str(work / "published"))}
 
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(work / "published" / "current"))
     assert sum("lora_" in name for name, _ in model.named_parameters()) > 0
-    # Its files are its own and private (UMask=0077): the catalog, the published version.
+    # Its files are its own; the catalog private, the published version readable by others
+    # (UMask=0022: under 0077 the inference server that loads it could not).
     catalog = work / "state" / "catalog.db"
     version = (work / "published" / "current").resolve()
-    for path in (catalog, version / "adapter_model.safetensors"):
+    for path, others in ((catalog, 0), (version, 0o055), (version / "adapter_model.safetensors", 0o044)):
         info = path.stat()
-        assert (info.st_uid, info.st_mode & 0o077) == (UID, 0), (path, info.st_uid, oct(info.st_mode))
+        assert (info.st_uid, info.st_mode & 0o077) == (UID, others), (path, info.st_uid, oct(info.st_mode))

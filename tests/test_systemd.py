@@ -428,7 +428,7 @@ def test_service_unit_directives() -> None:
     assert "HF_HUB_DISABLE_TELEMETRY=1" in unit["Service"]["Environment"]
     assert service["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
     assert service["ProtectSystem"] == "strict" and service["ProtectHome"] == "read-only"
-    assert service["UMask"] == "0077"
+    assert service["UMask"] == "0022"  # published merges are read by other users
     # The CPU unit's sandbox; the GPU drop-in relaxes what CUDA needs.
     for hardening in ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateMounts", "PrivateUsers",
                       "ProtectHostname", "ProtectClock", "ProtectKernelTunables", "ProtectKernelModules",
