@@ -17,8 +17,9 @@ from sqlalchemy import inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
-from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Base, Source, SourceKind
-from iteris_daemon.catalog.registry import (DuplicateError, Observation, add_source, list_current, record,
+from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, MergeGroup, MergeRun,
+                                          MergeRunInput, RunStatus, Source, SourceKind)
+from iteris_daemon.catalog.registry import (DuplicateError, Observation, add_source, get_source, list_current, record,
                                             remove_source)
 from iteris_daemon.validation import AdapterInfo
 
@@ -126,6 +127,36 @@ def test_registration_is_idempotent_and_tracks_revisions(catalog_url):
         remove_source(session, "team")
     with catalog.session() as session:
         assert session.query(Adapter).count() == 0 and session.query(AdapterRevision).count() == 0
+    catalog.close()
+
+
+def test_a_source_removed_after_its_adapters_fed_a_run_can_be_added_again(catalog_url):
+    """``sources remove`` only disables a source whose adapters fed past runs (the history
+    stays); ``sources add`` of that name then said "already exists", and no command could
+    enable it again. Adding it enables the row with the new settings."""
+    catalog = Catalog(catalog_url)
+    with catalog.session() as session:
+        source = add_source(session, "team", SourceKind.local, {"paths": ["/x"]})
+        revision, _ = record(session, source.id, Observation("/x/a", "a", "r1", "/x/a", info=_info("s1")))
+        group = MergeGroup(name="g", base_model="base", strategy="iteris")
+        session.add(group)
+        session.flush()
+        run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
+        session.add(run)
+        session.flush()
+        session.add(MergeRunInput(run_id=run.id, revision_id=revision.id))
+    with catalog.session() as session:
+        remove_source(session, "team")
+    with catalog.session() as session:
+        assert not get_source(session, "team").enabled
+        assert session.scalar(select(Adapter)).status is AdapterStatus.removed
+        again = add_source(session, "team", SourceKind.local, {"paths": ["/y"]})
+    with catalog.session() as session:
+        source = get_source(session, "team")
+        assert source.id == again.id and source.enabled and source.settings == {"paths": ["/y"]}
+        assert session.query(Source).count() == 1 and session.query(AdapterRevision).count() == 1  # history kept
+        with pytest.raises(DuplicateError):
+            add_source(session, "team", SourceKind.local, {})
     catalog.close()
 
 

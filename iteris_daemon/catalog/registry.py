@@ -55,8 +55,15 @@ class Observation:
 
 
 def add_source(session: Session, name: str, kind: SourceKind, settings: dict[str, Any]) -> Source:
-    if session.scalar(select(Source).where(Source.name == name)) is not None:
+    """A new source; or the one of that name :func:`remove_source` disabled (its adapters fed
+    past runs), enabled again with these settings, as a config that declares it does."""
+    source = session.scalar(select(Source).where(Source.name == name))
+    if source is not None and source.enabled:
         raise DuplicateError(f"a source named {name!r} already exists")
+    if source is not None:
+        source.kind, source.settings, source.enabled = kind, settings, True
+        log.info("source %s, removed before, enabled again", name)
+        return source
     source = Source(name=name, kind=kind, settings=settings)
     session.add(source)
     session.flush()
