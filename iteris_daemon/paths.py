@@ -40,6 +40,12 @@ def absolute(path: Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def user_path(text: str) -> Path:
+    """A path given on the command line, ``~`` expanded: the shell leaves it in
+    ``--folder=~/loras`` and in quotes."""
+    return Path(text).expanduser()
+
+
 def model_location(name: str) -> str:
     """A base model as given: a local folder (``./model``, ``~/models/x``, or a relative path
     that exists) becomes its absolute path, as :func:`absolute`; anything else is a Hub repo

@@ -445,6 +445,21 @@ def test_version(capsys):
     assert exited.value.code == 0 and capsys.readouterr().out == f"iteris-daemon {__version__}\n"
 
 
+def test_a_tilde_the_shell_leaves_is_expanded_in_path_options(tmp_path, capsys, monkeypatch):
+    """``--folder=~/loras`` (and a quoted ``'~/loras'``) reach the program with the ``~``:
+    `sources add` said "no such directory", and the other path options took a folder
+    named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "loras").mkdir()
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    assert run(capsys, "sources", "add", "team", "--folder=~/loras", *db)[0] == 0
+    assert json.loads(run(capsys, "sources", "list", "--json", *db)[1])[0]["settings"]["paths"] == [str(tmp_path / "loras")]
+    args = build_parser().parse_args(["merge", "--base-model", "b", "--adapter=~/loras", "--out=~/merged"])
+    assert args.adapter[0].path == tmp_path / "loras" and args.out == tmp_path / "merged"
+    args = build_parser().parse_args(["status", "--config=~/daemon.toml"])
+    assert args.config == tmp_path / "daemon.toml"
+
+
 def test_a_local_base_model_is_stored_as_an_absolute_path(tmp_path, capsys, monkeypatch):
     """`sources add --base-model ./base` stored "./base", which the daemon (a service runs in
     /) then could not find: every adapter of the source waited for ever."""

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
-from ..paths import cache_dir, private_dir
+from ..paths import cache_dir, private_dir, user_path
 
 DB_ENV = "ITERIS_DAEMON_DB"
 # Flags of one source kind; given for the other kind they would be silently ignored.
@@ -49,14 +49,14 @@ def register(commands) -> None:
     )
     add.add_argument("name", type=_source_name, help="a unique name for the source")
     kind = add.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--folder", action="append", type=Path, metavar="DIR", help="watch DIR recursively (repeatable)")
+    kind.add_argument("--folder", action="append", type=user_path, metavar="DIR", help="watch DIR recursively (repeatable)")
     kind.add_argument("--hub-repo", action="append", metavar="REPO[@BRANCH]", help="poll this Hub repo (repeatable)")
     kind.add_argument("--hub-author", metavar="USER_OR_ORG", help="poll every adapter repo of this user or organisation")
     add.add_argument("--base-model", metavar="PATH_OR_ID", help="only adapters of this base model; shapes are checked against it")
     add.add_argument("--settle", type=float, metavar="SECONDS", help="folder: quiet time before a changed adapter is examined (default 2)")
     add.add_argument("--polling", action="store_true", default=None, help="folder: poll instead of inotify (network filesystems)")
     add.add_argument("--endpoint", metavar="URL", help="hub: Hub URL (default: huggingface_hub's)")
-    add.add_argument("--token-file", type=Path, metavar="FILE", help="hub: file holding the token (default: the systemd credential hf-token, else $HF_TOKEN)")
+    add.add_argument("--token-file", type=user_path, metavar="FILE", help="hub: file holding the token (default: the systemd credential hf-token, else $HF_TOKEN)")
     add.add_argument("--interval", type=float, metavar="SECONDS", help="hub: poll period (default 300)")
     add.set_defaults(handler=_sources_add)
 
@@ -79,11 +79,11 @@ def register(commands) -> None:
                     "([daemon] catalog_check_seconds). Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
-    scan.add_argument("--config", type=Path, metavar="FILE",
+    scan.add_argument("--config", type=user_path, metavar="FILE",
                       help="the daemon's config: scan its sources (added to the catalog or updated first) with "
                            "its catalog (unless --db), cache directory, adapter limits and trusted models, as the "
                            "daemon would")
-    scan.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+    scan.add_argument("--cache-dir", type=user_path, default=None, metavar="DIR",
                       help="the cache directory: Hub downloads go to DIR/hub; folder fingerprints are kept in "
                            "DIR/folder-stat, shared with a daemon using DIR and the same limits, so unchanged "
                            "adapters are not read again (default: the config's cache_dir with --config, else "

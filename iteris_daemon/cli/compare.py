@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputError
-from ..paths import overlap, real
+from ..paths import overlap, real, user_path
 from .merge import add_input_arguments, calibration_options
 
 COMPARE_EPILOG = """\
@@ -43,7 +43,7 @@ def register(commands) -> None:
                          help="compare on a daemon group's current inputs instead of --base-model/--adapter: the "
                               "adapters it would merge now, with the calibration data its sources give (not "
                               "--calibration-order); its own strategy and parameters first (needs --config)")
-    compare.add_argument("--config", type=Path, metavar="FILE", help="the daemon's config, for --group")
+    compare.add_argument("--config", type=user_path, metavar="FILE", help="the daemon's config, for --group")
     compare.add_argument(
         "--strategy", action="append", default=[], metavar="NAME[:KEY=VALUE...]", dest="strategies",
         help="a strategy to compare, with parameters after colons (knots:alpha=0.5:density=0.2); repeat; "
@@ -55,7 +55,7 @@ def register(commands) -> None:
     compare.add_argument("--max-samples", type=int, default=1000, metavar="N",
                          help="read the first N calibration samples of each task, held out and merged from "
                               "(default: 1000; 0: all)")
-    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison here")
+    compare.add_argument("--json", type=user_path, metavar="FILE", help="also write the full comparison here")
     compare.set_defaults(handler=_compare)
 
 

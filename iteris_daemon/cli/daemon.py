@@ -6,11 +6,11 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 from sqlalchemy import select
 
 from ..errors import ConfigError
+from ..paths import user_path
 from .catalog import DB_ENV
 
 REFUSED = 3  # merge-now --wait: the run was refused by a publish gate; nothing was published
@@ -41,11 +41,11 @@ def register(commands) -> None:
                     "killed if it has not stopped after grace_seconds (the run is recorded cancelled; publishing is "
                     "never interrupted). SIGHUP reloads the config.",
     )
-    run.add_argument("--config", required=True, type=Path, metavar="FILE", help="daemon configuration (TOML)")
+    run.add_argument("--config", required=True, type=user_path, metavar="FILE", help="daemon configuration (TOML)")
     run.set_defaults(handler=_run)
 
     config_options = argparse.ArgumentParser(add_help=False)
-    config_options.add_argument("--config", type=Path, metavar="FILE", help="read the catalog location from this config")
+    config_options.add_argument("--config", type=user_path, metavar="FILE", help="read the catalog location from this config")
     config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV} or the state directory)")
 
     status = commands.add_parser("status", parents=[config_options], help="sources, groups and waiting adapters, from the catalog")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..paths import user_path
 
 MERGE_EPILOG = """\
 examples:
@@ -24,15 +25,15 @@ merge_report.json beside it records inputs, parameters, timings and per-task qua
 def _adapter_spec(value: str):
     from ..merge import AdapterSpec
 
-    if Path(value).is_dir():  # a folder whose name holds "=" (a sweep's "lr=1e-4")
-        return AdapterSpec(Path(value))
+    if user_path(value).is_dir():  # a folder whose name holds "=" (a sweep's "lr=1e-4")
+        return AdapterSpec(user_path(value))
     for at in (i for i, char in enumerate(value) if char == "="):  # the "=" after a folder that exists
-        if at + 1 < len(value) and Path(value[:at]).is_dir():
-            return AdapterSpec(Path(value[:at]), Path(value[at + 1:]))
+        if at + 1 < len(value) and user_path(value[:at]).is_dir():
+            return AdapterSpec(user_path(value[:at]), user_path(value[at + 1:]))
     path, sep, calibration = value.rpartition("=")  # neither exists: the errors name these
     if sep and path and calibration:
-        return AdapterSpec(Path(path), Path(calibration))
-    return AdapterSpec(Path(value))
+        return AdapterSpec(user_path(path), user_path(calibration))
+    return AdapterSpec(user_path(value))
 
 
 def _param(value: str) -> tuple[str, Any]:
@@ -60,7 +61,7 @@ def register(commands) -> None:
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
         help="strategy parameter; VALUE is JSON when it parses (3, 0.1, true, [1,2]) else a string",
     )
-    merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output adapter folder")
+    merge.add_argument("--out", required=True, type=user_path, metavar="DIR", help="output adapter folder")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     merge.add_argument("--output-dtype", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the merged adapter's weights (default: the input adapters', the widest when they "
