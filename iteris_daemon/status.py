@@ -42,8 +42,9 @@ def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
 
 
 def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
-    """The report; with ``configured`` (a config's group names) ``groups`` holds only those
-    and ``not_configured`` the names of the catalog's other groups."""
+    """The report; with ``configured`` (a config's group names) ``groups`` holds only those,
+    ``not_configured`` the names of the catalog's other groups, and ``not_loaded`` those of
+    the config that no daemon has written into the catalog yet (not started, or no SIGHUP)."""
     with catalog.session() as session:
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
                     "last_poll_at": iso_utc(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
@@ -85,6 +86,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
     report = {"sources": sources, "groups": groups, "daemons": daemons}
     if configured is not None:
         report["not_configured"] = not_configured
+        report["not_loaded"] = [name for name in configured if name not in {g["name"] for g in groups}]
     return report
 
 
@@ -96,7 +98,7 @@ def render(report: dict[str, Any]) -> str:
         health = "ok" if s["healthy"] else f"UNHEALTHY ({s['last_error']})"
         lines.append(f"  {s['name']:20} {s['kind']:6} {health}  last poll {s['last_poll_at'] or '-'}")
     lines.append("groups:")
-    if not report["groups"]:
+    if not report["groups"] and not report.get("not_loaded"):
         lines.append("  (none)")
     for g in report["groups"]:
         last = g["last_run"]
@@ -118,6 +120,9 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    waiting: {name}: {reason}")
         if g["waiting"]["not_yet_merged"]:
             lines.append(f"    not yet merged: {', '.join(g['waiting']['not_yet_merged'])}")
+    if report.get("not_loaded"):
+        lines.append(f"  in the config, not loaded by a daemon yet (start it, or send it SIGHUP after editing the "
+                     f"config): {', '.join(report['not_loaded'])}")
     if report.get("not_configured"):
         lines.append(f"  not in the config, not merged (their runs stay in the catalog): "
                      f"{', '.join(report['not_configured'])}")

@@ -378,8 +378,20 @@ def test_status_with_the_config_details_only_its_groups(tmp_path, capsys):
     assert "  not in the config, not merged (their runs stay in the catalog): old, older\n" in out
     report = json.loads(run(capsys, "status", "--json", "--config", str(config))[1])
     assert [g["name"] for g in report["groups"]] == ["new"] and report["not_configured"] == ["old", "older"]
+    assert report["not_loaded"] == []
     code, out, _ = run(capsys, "status", "--db", url)  # no config: every group of the catalog, as it was
     assert code == 0 and all(f"  {name} (iteris" in out for name in ("new", "old", "older")) and "not in the" not in out
+
+    # A group added to the config that no daemon has loaded yet was not shown at all, and
+    # `merge-now` said the config had no such group.
+    config.write_text(config.read_text() + '[[groups]]\nname = "added"\nbase_model = "b"\n'
+                      '[[groups.destinations]]\nkind = "folder"\npath = "/tmp/y"\n')
+    code, out, _ = run(capsys, "status", "--config", str(config))
+    assert code == 0 and ("  in the config, not loaded by a daemon yet (start it, or send it SIGHUP after editing "
+                          "the config): added\n") in out
+    assert json.loads(run(capsys, "status", "--json", "--config", str(config))[1])["not_loaded"] == ["added"]
+    code, _, err = run(capsys, "merge-now", "added", "--config", str(config))
+    assert code == 2 and f"group 'added' is in {config}, but no daemon has loaded it yet" in err
 
 
 def test_status_of_an_empty_catalog(tmp_path, capsys):

@@ -111,6 +111,9 @@ def _merge_now(args) -> int:
     catalog = _catalog(args)
     with catalog.session() as session:
         group = session.scalar(select(MergeGroup).where(MergeGroup.name == args.group))
+        if group is None and configured is not None:  # in the config, not yet loaded by a daemon
+            raise ConfigError(f"group {args.group!r} is in {args.config}, but no daemon has loaded it yet "
+                              "(start the daemon, or send it SIGHUP after editing the config)")
         if group is None:
             raise ConfigError(f"no merge group named {args.group!r} (groups come from the daemon's config)")
         group.requested_at = utcnow()
