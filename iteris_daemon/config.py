@@ -302,15 +302,17 @@ class GroupConfig(_Strict):
                                                          "default: the widest of the inputs')")
     offload: Literal["auto", "disk", "cpu", "none"] = Field(
         "auto", description="where block weights wait while another block is computed on (as merge --offload)")
+    exact_ranks: bool = Field(False, description="write each layer at its own rank (as merge --exact-ranks; only "
+                                                 "PEFT >= 0.15 loads it) instead of zero-padded to the largest")
     gates: Gates = Field(default_factory=Gates)
     destinations: list[dict[str, Any]] = Field(min_length=1)
 
-    def precision(self) -> dict[str, str]:
-        """The dtypes set away from their defaults: the merge depends on them (the run's
-        input fingerprint includes them; with the defaults it is what it was before they
-        could be set). Where block weights wait does not change the merge."""
-        return {key: value for key, value in (("dtype", self.dtype), ("output_dtype", self.output_dtype))
-                if value != type(self).model_fields[key].default}
+    def precision(self) -> dict[str, str | bool]:
+        """The dtypes and ``exact_ranks`` set away from their defaults: the merge depends on
+        them (the run's input fingerprint includes them; with the defaults it is what it was
+        before they could be set). Where block weights wait does not change the merge."""
+        return {key: getattr(self, key) for key in ("dtype", "output_dtype", "exact_ranks")
+                if getattr(self, key) != type(self).model_fields[key].default}
 
     @model_validator(mode="after")
     def _one_schedule(self) -> GroupConfig:

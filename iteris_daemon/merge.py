@@ -83,6 +83,8 @@ class MergeRequest:
     device: str = "cpu"
     dtype: str = "float32"  # the base model's compute dtype
     output_dtype: str | None = None  # the merged adapter's dtype (default: the widest of the adapters')
+    # Each layer at its own rank (rank_pattern; PEFT >= 0.15 only) instead of all zero-padded to the largest.
+    exact_ranks: bool = False
     offload: str = "auto"  # where block weights wait: auto, disk, cpu, none (see weights.py)
     trust_remote_code: bool = False
     modules_to_save_rule: str = "agree"
@@ -337,8 +339,30 @@ def local_inputs(base_model: str | None, adapters: list[AdapterSpec], calibratio
     return paths + ([reference] if reference is not None else [])
 
 
+def _pad_ranks(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Every layer's factors at the largest rank of ``modules``, zero-padded (rows of A,
+    columns of B: the product is unchanged, exactly), and the bytes the padding adds.
+
+    One rank, ``r = lora_alpha``, is the config every consumer reads alike: llama.cpp's
+    converter keeps only ``lora_alpha`` and scales each tensor by alpha over its own rank,
+    vLLM checks ``--max-lora-rank`` against ``r``; a ``rank_pattern`` is PEFT's alone."""
+    rank = max(A.shape[0] for _, A in modules.values())
+    padded, added = {}, 0
+    for path, (B, A) in modules.items():
+        missing = rank - A.shape[0]
+        if missing:
+            B = torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
+            A = torch.cat([A, A.new_zeros(missing, A.shape[1])])
+            added += missing * (B.shape[0] + A.shape[1]) * A.element_size()
+        padded[path] = (B, A)
+    return padded, added
+
+
 def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict) -> dict:
-    """A config under which PEFT applies each (B, A) with scaling exactly 1."""
+    """A config under which PEFT applies each (B, A) with scaling exactly 1: ``r =
+    lora_alpha`` the most common rank, the others in ``rank_pattern = alpha_pattern``,
+    whose full-path keys PEFT >= 0.15 matches (older versions need a dot before a key)."""
     from peft import LoraConfig
 
     from .model_class import merged_auto_mapping
@@ -495,7 +519,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         "placement": base.placement.name,
         "dtype": request.dtype,  # the base model's compute dtype
         "output_dtype": str(output_dtype).removeprefix("torch."),
-        "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks)},
+        # The layers' own ranks; unless exact_ranks, each is written zero-padded to the largest.
+        "output_rank": {"min": min(ranks.values()), "max": max(ranks.values()), "layers": len(ranks),
+                        "padded_layers": 0, "padded_bytes": 0},
         "rank_cap_error": max([*truncation.values(), _strategy_cap_error(result.metrics)], default=0.0),
         "tasks": per_task,
         "metrics": result.metrics,
@@ -503,6 +529,11 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     if request.reference is not None:
         report["reference"] = {"path": str(request.reference), "sha256": reference.content_sha256 if reference else None,
                                "note": reference_note}
+    if not request.exact_ranks:  # one rank for every consumer (see _pad_ranks); the report keeps each layer's own
+        modules, padded_bytes = _pad_ranks(modules)
+        top = max(ranks.values())
+        report["output_rank"].update(padded_layers=sum(r < top for r in ranks.values()), padded_bytes=padded_bytes)
+        ranks = dict.fromkeys(ranks, top)
     config = _peft_config(request, adapters, ranks, head)
     _write_atomically(request.out, config, modules, head, report, started)
     return report

@@ -832,6 +832,7 @@ def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Pa
         "request": {
             "base_model": group.base_model, "strategy": group.strategy, "params": group.params, "out": str(out),
             "device": device, "dtype": group.dtype, "output_dtype": group.output_dtype, "offload": group.offload,
+            "exact_ranks": group.exact_ranks,
             "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
             "adapters": [{"path": str(path), "name": a.name, "origin": r.files_path}
                          for (a, r), path in zip(inputs.revisions, inputs.folders)],

@@ -173,6 +173,10 @@ def test_a_groups_dtypes_and_offload_reach_its_merge_and_a_change_of_dtype_merge
     report = json.loads((setup.published / "current" / "merge_report.json").read_text())
     assert (report["dtype"], report["output_dtype"], report["placement"]) == ("bfloat16", "float16", "resident")
     assert setup.run(setup.group(offload="cpu", dtype="bfloat16", output_dtype="float16")).status is RunStatus.skipped
+    # exact_ranks writes other files where the layers' ranks differ: a change merges again too.
+    exact = setup.group(dtype="bfloat16", output_dtype="float16", exact_ranks=True)
+    assert exact.precision() == {"dtype": "bfloat16", "output_dtype": "float16", "exact_ranks": True}
+    assert setup.run(exact).status is RunStatus.succeeded
 
 
 def test_a_stop_while_gathering_inputs_ends_the_run_before_the_next_adapter(setup):

@@ -66,6 +66,10 @@ def register(commands) -> None:
     merge.add_argument("--output-dtype", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the merged adapter's weights (default: the input adapters', the widest when they "
                             "differ)")
+    merge.add_argument("--exact-ranks", action="store_true",
+                       help="write each layer at its own rank (rank_pattern/alpha_pattern: a smaller file that only "
+                            "PEFT >= 0.15 loads) instead of zero-padding every layer to the largest rank (default; one "
+                            "r = lora_alpha that llama.cpp, vLLM and TGI read too)")
     merge.add_argument("--no-eval", action="store_true", help="skip the per-task alignment loss / fidelity evaluation")
     merge.set_defaults(handler=_merge)
 
@@ -137,6 +141,7 @@ def _merge(args) -> int:
             device=args.device,
             dtype=args.dtype,
             output_dtype=args.output_dtype,
+            exact_ranks=args.exact_ranks,
             offload=args.offload,
             trust_remote_code=args.trust_remote_code,
             modules_to_save_rule=args.modules_to_save_rule,

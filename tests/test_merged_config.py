@@ -1,0 +1,99 @@
+"""The merged adapter_config.json as its consumers read it: one rank (``r = lora_alpha``,
+no patterns) unless ``--exact-ranks``."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from builders import build_adapter, build_tiny_model, cli_merge, sample_inputs
+from iteris_daemon.lora import load_adapter
+
+LLAMA = "CAUSAL_LM"
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A tiny Llama and the task-arithmetic merge of adapters on q, v, o at r=2 and on q, v
+    at r=4: rank 6 on q and v, 2 on o; written padded (the default) and with --exact-ranks."""
+    root = tmp_path_factory.mktemp("mixed")
+    base = build_tiny_model("llama", root / "base", LLAMA)
+    adapters = [build_adapter(base, root / "a", seed=1, family="llama", task_type=LLAMA, r=2, alpha=4,
+                              targets=["q_proj", "v_proj", "o_proj"]),
+                build_adapter(base, root / "b", seed=2, family="llama", task_type=LLAMA, r=4, alpha=8,
+                              targets=["q_proj", "v_proj"])]
+    padded, exact = root / "padded", root / "exact"
+    assert cli_merge(base, adapters, padded, "--strategy", "task_arithmetic", "--no-eval") == 0
+    assert cli_merge(base, adapters, exact, "--strategy", "task_arithmetic", "--no-eval", "--exact-ranks") == 0
+    return base, padded, exact
+
+
+def _config(folder):
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+def _weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_layers_of_different_ranks_are_written_zero_padded_at_one_rank(mixed):
+    _, padded, exact = mixed
+    config, tensors, unpadded = _config(padded), _weights(padded), _weights(exact)
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
+    assert config["r"] == config["lora_alpha"] == 6
+    assert {t.shape[0] for k, t in tensors.items() if "lora_A" in k} == {6}
+    assert {t.shape[1] for k, t in tensors.items() if "lora_B" in k} == {6}
+    for key, tensor in tensors.items():  # the exact factors, then zeros
+        own = unpadded[key]
+        kept, rest = (tensor[:own.shape[0]], tensor[own.shape[0]:]) if "lora_A" in key else \
+            (tensor[:, :own.shape[1]], tensor[:, own.shape[1]:])
+        assert torch.equal(kept, own) and not rest.any(), key
+    o_proj = [k for k in tensors if "o_proj.lora_A" in k]
+    report = json.loads((padded / "merge_report.json").read_text())["output_rank"]
+    assert report == {"min": 2, "max": 6, "layers": 3 * len(o_proj), "padded_layers": len(o_proj),
+                      "padded_bytes": sum(t.nbytes for t in tensors.values()) - sum(t.nbytes for t in unpadded.values())}
+    assert json.loads((exact / "merge_report.json").read_text())["output_rank"]["padded_bytes"] == 0
+
+
+def _peft(base, adapter):
+    model = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    return PeftModel.from_pretrained(model, adapter).double().eval()
+
+
+def test_peft_serves_the_padded_factors_as_the_exact_ones_in_float64(mixed):
+    base, padded, exact = mixed
+    inputs = sample_inputs("llama", tf.AutoTokenizer.from_pretrained(base))
+    with torch.no_grad():
+        got, expected = (_peft(base, folder)(**inputs).logits for folder in (padded, exact))
+    assert torch.equal(got, expected)
+    assert not torch.equal(expected, tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)(**inputs).logits)
+
+
+def _scalings(base, folder) -> dict[str, tuple[float, float]]:
+    """Per adapted layer: llama.cpp's scale (convert_lora_to_gguf keeps only lora_alpha; the
+    runtime divides it by the tensor's own rank) and the one PEFT applies."""
+    alpha = float(_config(folder)["lora_alpha"])
+    layers = dict(_peft(base, folder).base_model.model.named_modules())
+    return {key.removeprefix("base_model.model.").removesuffix(".lora_B.weight"):
+            (alpha / tensor.shape[1], layers[key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")]
+             .scaling["default"])
+            for key, tensor in _weights(folder).items() if key.endswith("lora_B.weight")}
+
+
+def test_llama_cpp_scales_the_default_output_as_peft_does(mixed):
+    base, padded, exact = mixed
+    assert all(llama_cpp == peft == 1.0 for llama_cpp, peft in _scalings(base, padded).values())
+    # What the padding avoids: the exact ranks' patterns are PEFT's alone.
+    assert any(llama_cpp != peft for llama_cpp, peft in _scalings(base, exact).values())
+
+
+def test_exact_ranks_keep_each_layer_at_its_own_rank_in_patterns(mixed):
+    base, _, exact = mixed
+    config, adapter = _config(exact), load_adapter(exact)
+    assert config["r"] == config["lora_alpha"] == 6
+    o_proj = {p for p in adapter.modules if p.endswith("o_proj")}
+    assert config["rank_pattern"] == config["alpha_pattern"] == {p.replace(".", r"\."): 2 for p in o_proj}
+    assert {p: m.rank for p, m in adapter.modules.items()} == {p: 2 if p in o_proj else 6 for p in adapter.modules}
