@@ -39,6 +39,7 @@ from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import MergedAdapter, MergeInputs, parse_params
+from .validation import named_base_problem
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         bias="none",
         task_type=first.get("task_type"),
         modules_to_save=head_names(adapters, request.modules_to_save_rule) if head else None,
-        base_model_name_or_path=model_location(request.base_model),  # a folder: usable from anywhere
+        base_model_name_or_path=merged_base(request.base_model, adapters),
         revision=_common(a.config.get("revision") for a in adapters),  # AutoPeftModel loads the base at it
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -392,6 +393,18 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
     # sorted, equal merges write equal bytes (the publishers skip a version equal to the last).
     saved["target_modules"] = sorted(saved["target_modules"])
     return saved
+
+
+def merged_base(base_model: str, adapters: list[LoraAdapter]) -> str:
+    """The base model the merged config names: the Hub id every input names when the merge
+    ran on a local folder (a copy of it: the merge checked the shapes), so that a published
+    merge names a model its users can fetch; else the merge's own, a folder by its absolute
+    path (usable from anywhere on this machine)."""
+    location = model_location(base_model)
+    named = _common(a.base_model for a in adapters)
+    if Path(location).is_absolute() and named and named_base_problem(named) is None:
+        return named
+    return location
 
 
 def _common(values: Iterable[Any]) -> Any:

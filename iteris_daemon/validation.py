@@ -398,7 +398,7 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
     check_calibration_file(folder, limits)
     named = config.get("base_model_name_or_path")
     if named and not base_model and named not in trusted_models:
-        problem = _named_base_problem(named)
+        problem = named_base_problem(named)
         if problem:
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {named[:100]!r} {problem}")
     layout = read_layout(folder, limits)
@@ -451,7 +451,7 @@ def skeleton_shapes(base: str, layout: AdapterLayout, trust_remote_code: bool) -
     return _SKELETONS[key]
 
 
-def _named_base_problem(name: str) -> str | None:
+def named_base_problem(name: str) -> str | None:
     """Why the daemon will not look up ``name``, a base model an adapter names itself (the
     source names none), or None. The adapter does not choose what the daemon reads: a
     local path is refused (unless the config names it), anything else must be a Hub repo

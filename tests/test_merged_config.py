@@ -1,5 +1,5 @@
 """The merged adapter_config.json as its consumers read it: one rank (``r = lora_alpha``,
-no patterns) unless ``--exact-ranks``."""
+no patterns) unless ``--exact-ranks``, and the Hub id of the base model the inputs name."""
 
 import json
 
@@ -97,3 +97,21 @@ def test_exact_ranks_keep_each_layer_at_its_own_rank_in_patterns(mixed):
     o_proj = {p for p in adapter.modules if p.endswith("o_proj")}
     assert config["rank_pattern"] == config["alpha_pattern"] == {p.replace(".", r"\."): 2 for p in o_proj}
     assert {p: m.rank for p, m in adapter.modules.items()} == {p: 2 if p in o_proj else 6 for p in adapter.modules}
+
+
+def _named(adapter, base_model_name_or_path):
+    config = _config(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_model_name_or_path}))
+    return adapter
+
+
+def test_the_hub_id_every_input_names_is_kept_when_the_merge_runs_on_a_local_copy(tmp_path):
+    base = build_tiny_model("llama", tmp_path / "local-copy", LLAMA)
+    adapters = [_named(build_adapter(base, tmp_path / f"a{seed}", seed=seed, family="llama", task_type=LLAMA),
+                       "acme/tiny-llama") for seed in (1, 2)]
+    assert cli_merge(base, adapters, tmp_path / "merged", "--strategy", "task_arithmetic", "--no-eval") == 0
+    assert _config(tmp_path / "merged")["base_model_name_or_path"] == "acme/tiny-llama"
+    # An input that names none: no id all agree on, the merge's own base model (absolute).
+    _named(adapters[1], None)
+    assert cli_merge(base, adapters, tmp_path / "other", "--strategy", "task_arithmetic", "--no-eval") == 0
+    assert _config(tmp_path / "other")["base_model_name_or_path"] == str(base.resolve())
