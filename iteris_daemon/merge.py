@@ -360,7 +360,8 @@ def _pad_ranks(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     return padded, added
 
 
-def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict) -> dict:
+def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict[str, int], head: dict,
+                 fan_in_fan_out: bool) -> dict:
     """A config under which PEFT applies each (B, A) with scaling exactly 1: ``r =
     lora_alpha`` the most common rank, the others in ``rank_pattern = alpha_pattern``,
     whose full-path keys PEFT >= 0.15 matches (older versions need a dot before a key)."""
@@ -377,7 +378,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         rank_pattern=pattern,
         alpha_pattern={k: v for k, v in pattern.items()},
         target_modules=sorted(ranks),
-        fan_in_fan_out=adapters[0].fan_in_fan_out,
+        fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,
         bias="none",
         task_type=first.get("task_type"),
@@ -405,6 +406,14 @@ def merged_base(base_model: str, adapters: list[LoraAdapter]) -> str:
     if Path(location).is_absolute() and named and named_base_problem(named) is None:
         return named
     return location
+
+
+def _fan_in_fan_out(base: BaseModel, paths: Iterable[str]) -> bool:
+    """``fan_in_fan_out`` as the merged layers want it: True on GPT-2's Conv1D (weights
+    stored (d_in, d_out)), False on Linear. PEFT sets it per layer on loading (and warns
+    where the config differs), so one value fits the most layers, whatever the inputs said."""
+    conv1d = [not isinstance(base.layer(path), torch.nn.Linear) for path in paths]
+    return 2 * sum(conv1d) > len(conv1d)
 
 
 def _common(values: Iterable[Any]) -> Any:
@@ -547,7 +556,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         top = max(ranks.values())
         report["output_rank"].update(padded_layers=sum(r < top for r in ranks.values()), padded_bytes=padded_bytes)
         ranks = dict.fromkeys(ranks, top)
-    config = _peft_config(request, adapters, ranks, head)
+    config = _peft_config(request, adapters, ranks, head, _fan_in_fan_out(base, ranks))
     _write_atomically(request.out, config, modules, head, report, started)
     return report
 

@@ -1,7 +1,9 @@
 """The merged adapter_config.json as its consumers read it: one rank (``r = lora_alpha``,
-no patterns) unless ``--exact-ranks``, and the Hub id of the base model the inputs name."""
+no patterns) unless ``--exact-ranks``, the Hub id of the base model the inputs name, and
+``fan_in_fan_out`` from the layers."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -115,3 +117,19 @@ def test_the_hub_id_every_input_names_is_kept_when_the_merge_runs_on_a_local_cop
     _named(adapters[1], None)
     assert cli_merge(base, adapters, tmp_path / "other", "--strategy", "task_arithmetic", "--no-eval") == 0
     assert _config(tmp_path / "other")["base_model_name_or_path"] == str(base.resolve())
+
+
+def test_fan_in_fan_out_follows_the_layers_not_the_first_input(tmp_path):
+    base = build_tiny_model("gpt2", tmp_path / "base", LLAMA)
+    first, second = (build_adapter(base, tmp_path / f"a{seed}", seed=seed, family="gpt2", task_type=LLAMA)
+                     for seed in (1, 2))
+    (first / "adapter_config.json").write_text(json.dumps({**_config(first), "fan_in_fan_out": False}))
+    configs = []
+    for name, order in (("ab", [first, second]), ("ba", [second, first])):
+        assert cli_merge(base, order, tmp_path / name, "--strategy", "task_arithmetic", "--no-eval") == 0
+        configs.append((tmp_path / name / "adapter_config.json").read_bytes())
+    assert configs[0] == configs[1] and json.loads(configs[0])["fan_in_fan_out"] is True
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), tmp_path / "ab")
+    assert not [w for w in seen if "fan_in_fan_out" in str(w.message)]
