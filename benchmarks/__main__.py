@@ -13,7 +13,7 @@ from . import quality, speed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"), help="outputs and caches (default: bench-out)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)

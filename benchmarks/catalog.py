@@ -373,7 +373,7 @@ def daemon_rows(d: dict, n: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.catalog", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.catalog", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=30.0)

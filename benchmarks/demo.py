@@ -77,7 +77,7 @@ def wait_for(condition, what: str, daemon: subprocess.Popen, timeout: float = 18
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", type=Path, default=Path("demo"), help="everything goes here (default: ./demo)")
     parser.add_argument("--samples", type=int, default=50, help="calibration samples per task (default: 50)")
     args = parser.parse_args(argv)

@@ -60,7 +60,7 @@ def measure(strategy: str, d_out: int, d_in: int, adapters: int, rank: int, devi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dense_memory", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dense_memory", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--shape", default="131072x512", help="d_out x d_in of the module (default: 131072x512)")
     parser.add_argument("--adapters", type=int, default=4, help="how many adapters are merged (default: 4)")
     parser.add_argument("--rank", type=int, default=16, help="each adapter's LoRA rank (default: 16)")

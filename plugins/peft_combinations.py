@@ -32,7 +32,9 @@ class PeftParams(StrategyParams):
     weights: list[float] | None = Field(None, description="per-adapter weights in --adapter order (default 1 each)")
     density: float = Field(0.5, gt=0, le=1, description="fraction kept by ties/dare/magnitude_prune types")
     svd_rank: int | None = Field(None, ge=1, description="rank of *_svd results (PEFT default: largest input rank)")
-    majority_sign_method: Literal["total", "frequency"] = "total"
+    majority_sign_method: Literal["total", "frequency"] = Field(
+        "total", description="ties types: the sign each entry keeps, by the sum of the deltas (total) or by "
+                             "how many deltas have it (frequency)")
 
 
 class PeftCombination:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 import iteris_daemon.cli as cli
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import MergeGroup, MergeRun, RunStatus
+from iteris_daemon.catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus
 from iteris_daemon.cli import build_parser, main
 from iteris_daemon.sources.stat_cache import stat_cache_file
 from iteris_daemon.validation import Limits
@@ -332,6 +332,7 @@ def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code)
     catalog = Catalog(url)
     with catalog.session() as session:
         session.add(MergeGroup(name="g", base_model="b", strategy="iteris"))
+        session.add(DaemonPresence(holder="host:1:daemon", settings={}))  # a daemon runs on the catalog
 
     def daemon_finishes_a_run(_seconds):  # instead of waiting: the daemon's run, done
         with catalog.session() as session:
@@ -342,6 +343,18 @@ def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code)
     assert run(capsys, "merge-now", "g", "--wait", "5", "--db", url)[:2] == (code, f"requested a run of g; the running "
         f"daemon starts it within seconds\nrun 1: {status.value} (why)\n")
     catalog.close()
+
+
+def test_merge_now_says_when_no_daemon_uses_the_catalog(tmp_path, capsys):
+    """It said "the running daemon starts it within seconds" with no daemon running (a
+    daemon removes its row from ``daemons`` as it stops)."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        session.add(MergeGroup(name="g", base_model="b", strategy="iteris"))
+    catalog.close()
+    assert run(capsys, "merge-now", "g", "--db", url)[:2] == (
+        0, "requested a run of g; no daemon is using this catalog now: the run starts when one starts\n")
 
 
 def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):

@@ -32,6 +32,16 @@ def test_conversations_are_read_written_and_carried(tmp_path):
     assert read_jsonl(tmp_path / "again.jsonl").samples == data.samples
 
 
+def test_the_shipped_example_file_reads_as_config_readme_says():
+    """config/calibration.example.jsonl shows every line format: plain text, a target, a
+    conversation."""
+    from pathlib import Path
+
+    samples = read_jsonl(Path(__file__).parents[1] / "config" / "calibration.example.jsonl").samples
+    assert [s.target is not None for s in samples].count(True) == 1
+    assert [s.messages is not None for s in samples].count(True) == 1 and len(samples) >= 3
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")

@@ -264,6 +264,8 @@ path = "{tmp_path / 'published'}"
     assert main(["compare", "--group", "nope", "--config", str(config)]) == 2
     assert "no merge group named 'nope' in the config (its groups: unified)" in capsys.readouterr().err
     assert main(["compare", "--group", "unified"]) == 2
+    assert "--group needs --config, the daemon's config" in capsys.readouterr().err
+    assert main(["compare", "--group", "unified", "--config", str(config), "--base-model", str(base)]) == 2
     assert "give --config, not --base-model or --adapter" in capsys.readouterr().err
     assert main(["compare", "--strategy", "ties"]) == 2
     assert "give --base-model and --adapter, or --group with --config" in capsys.readouterr().err

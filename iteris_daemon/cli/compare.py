@@ -83,9 +83,11 @@ def _compare(args) -> int:
                                             trust_remote_code=args.trust_remote_code,
                                             calibration=calibration_options(args), **options))
     else:
-        if args.base_model is not None or args.adapter or args.config is None:
+        if args.base_model is not None or args.adapter:
             raise ConfigError("--group takes the base model and adapters from the daemon's catalog: give --config, "
                               "not --base-model or --adapter")
+        if args.config is None:
+            raise ConfigError("--group needs --config, the daemon's config (its catalog and the group's settings)")
         if args.trust_remote_code:
             options["trust_remote_code"] = True
         with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:

@@ -45,7 +45,9 @@ def register(commands) -> None:
     run.set_defaults(handler=_run)
 
     config_options = argparse.ArgumentParser(add_help=False)
-    config_options.add_argument("--config", type=user_path, metavar="FILE", help="read the catalog location from this config")
+    config_options.add_argument("--config", type=user_path, metavar="FILE",
+                                help="the daemon's config: the catalog it names, and its groups (only those are shown "
+                                     "and may be asked for)")
     config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV} or the state directory)")
 
     status = commands.add_parser("status", parents=[config_options], help="sources, groups and waiting adapters, from the catalog")
@@ -102,7 +104,7 @@ def _status(args) -> int:
 
 
 def _merge_now(args) -> int:
-    from ..catalog.models import MergeGroup, MergeRun, RunStatus, utcnow
+    from ..catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, utcnow
 
     configured = _configured_groups(args)
     if configured is not None and args.group not in configured:
@@ -120,7 +122,10 @@ def _merge_now(args) -> int:
         group.force_requested = group.force_requested or args.force
         last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0
         group_id = group.id
-    print(f"requested a{' forced' if args.force else ''} run of {args.group}; the running daemon starts it within seconds")
+        running = session.scalar(select(DaemonPresence.holder).limit(1)) is not None  # a daemon removes its row as it stops
+    print(f"requested a{' forced' if args.force else ''} run of {args.group}; "
+          + ("the running daemon starts it within seconds" if running else
+             "no daemon is using this catalog now: the run starts when one starts"))
     if args.wait is None:
         return 0
     deadline = time.monotonic() + args.wait

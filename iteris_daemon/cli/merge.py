@@ -16,7 +16,9 @@ examples:
   iteris-daemon merge --base-model gpt2 --adapter a --adapter b --strategy ties --param density=0.3 --out m
 
 calibration data (JSON Lines, one {"text": ...} object per line, optional "target" for
-encoder-decoder models) comes from DIR=FILE when given, else DIR/calibration.jsonl.
+encoder-decoder models, or a conversation {"messages": [{"role": ..., "content": ...}, ...]}
+rendered with the tokenizer's chat template) comes from DIR=FILE when given, else
+DIR/calibration.jsonl.
 Strategy parameters: `iteris-daemon plugins --params STRATEGY`.
 The merged adapter is a standard PEFT LoRA folder (load it with PeftModel.from_pretrained);
 merge_report.json beside it records inputs, parameters, timings and per-task quality."""
