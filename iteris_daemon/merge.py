@@ -472,9 +472,10 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
     device_peak = memory.device_peak_mb(base.device)
-    # Default: the widest of the inputs' dtypes, whatever their order (bfloat16 and float16 give float32).
+    # Default: the widest of the inputs' dtypes, whatever their order (bfloat16 and float16 give float32),
+    # the saved modules written included (PEFT keeps a bfloat16 model's head in bfloat16, its LoRA in float32).
     output_dtype = DTYPES[request.output_dtype] if request.output_dtype else functools.reduce(
-        torch.promote_types, (a.dtype for a in adapters))
+        torch.promote_types, [a.dtype for a in adapters] + [t.dtype for t in head.values() if t.is_floating_point()])
 
     if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
         raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
@@ -496,6 +497,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
                              "product); nothing was written")
         modules[path] = (B, A)
         ranks[path] = A.shape[0]
+    head = _head_in(head, output_dtype)  # before the evaluation: it scores what is written
 
     per_task: dict[str, dict[str, Any]] = {}
     reference, reference_note = _load_reference(request.reference, base)
@@ -559,6 +561,20 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     config = _peft_config(request, adapters, ranks, head, _fan_in_fan_out(base, ranks))
     _write_atomically(request.out, config, modules, head, report, started)
     return report
+
+
+def _head_in(head: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The merged ``modules_to_save`` in the output dtype, like the factors (PEFT saves a
+    bfloat16 model's head in bfloat16); tensors that are not floating point as they are."""
+    cast = {}
+    for key, tensor in head.items():
+        if tensor.is_floating_point():
+            wide, tensor = tensor, tensor.to(dtype)
+            if not torch.isfinite(tensor).all():
+                hint = " (write it in a wider --output-dtype)" if torch.isfinite(wide).all() else ""
+                raise MergeError(f"modules_to_save {key} is not finite (NaN/Inf) in {dtype}; nothing was written{hint}")
+        cast[key] = tensor
+    return cast
 
 
 def _load_reference(path: Path | None, base: BaseModel) -> tuple[LoraAdapter | None, str | None]:

@@ -362,3 +362,42 @@ def test_the_hooks_compute_the_lora_path_as_peft_serves_it(tiny, dtype):
 
     assert relative(hooked, served) < 1e-4  # 6.5e-3 in bfloat16 when the path ran in it
     assert relative(hooked, exact) <= 1.001 * relative(served, exact)
+
+
+def test_output_dtype_applies_to_the_saved_head_too(tmp_path, capsys):
+    """``--output-dtype bfloat16`` wrote the LoRA factors in bfloat16 and the classifier head
+    (``modules_to_save``) in float32, while the report said bfloat16. The head is now cast
+    like the factors, and one that overflows the dtype is refused as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from builders import build_adapter, build_tiny_model
+
+    base_dir = build_tiny_model("bert", tmp_path / "base", "SEQ_CLS")
+    adapter = build_adapter(base_dir, tmp_path / "a", seed=1, family="bert", task_type="SEQ_CLS",
+                            modules_to_save=["classifier"])
+    out = tmp_path / "merged"
+    assert cli_merge(base_dir, [adapter], out, "--strategy", "task_arithmetic", "--output-dtype", "bfloat16") == 0
+    with safe_open(out / "adapter_model.safetensors", framework="pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+    head, own = load_adapter(out).modules_to_save, load_adapter(adapter).modules_to_save
+    assert set(head) == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(head[k], own[k].bfloat16()) for k in head)
+    assert json.loads((out / "merge_report.json").read_text())["output_dtype"] == "bfloat16"
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("classifier.weight"))
+    # As PEFT saves a bfloat16 model's adapter: float32 LoRA, bfloat16 head. The default is the widest of both.
+    save_file({k: t.bfloat16() if "classifier" in k else t for k, t in tensors.items()}, weights, metadata={"format": "pt"})
+    assert cli_merge(base_dir, [adapter], tmp_path / "default", "--strategy", "task_arithmetic", "--no-eval") == 0
+    with safe_open(tmp_path / "default" / "adapter_model.safetensors", framework="pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F32"}
+    assert torch.equal(load_adapter(tmp_path / "default").modules_to_save["classifier.weight"],
+                       tensors[key].bfloat16().float())
+    save_file({**tensors, key: tensors[key] * 1e6}, weights, metadata={"format": "pt"})  # past float16's 65504
+    assert cli_merge(base_dir, [adapter], tmp_path / "half", "--strategy", "task_arithmetic", "--no-eval",
+                     "--output-dtype", "float16") == 2
+    assert ("modules_to_save classifier.weight is not finite (NaN/Inf) in torch.float16; nothing was written "
+            "(write it in a wider --output-dtype)") in capsys.readouterr().err
+    assert not (tmp_path / "half").exists()
