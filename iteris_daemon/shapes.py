@@ -49,8 +49,22 @@ def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved:
     for key, shape in saved.items():
         if key not in parameters:
             raise AdapterError(where, f"modules_to_save tensor {key} has no parameter in the base model")
-        if tuple(parameters[key]) != tuple(shape):
-            raise AdapterError(where, f"{key} is {tuple(shape)}, base model has {tuple(parameters[key])}")
+        base = tuple(parameters[key])
+        if base != tuple(shape):
+            if len(shape) == 2 and base[1:] == tuple(shape[1:]) and base[0] == _vocabulary(shapes):
+                raise AdapterError(where, f"{key}: the adapter's vocabulary was resized ({shape[0]} tokens against the "
+                                          f"base model's {base[0]}); it does not merge onto {model_name}: save that "
+                                          f"model resized to {shape[0]} tokens, with the adapter's tokenizer, and merge "
+                                          "onto that folder")
+            raise AdapterError(where, f"{key} is {tuple(shape)}, base model has {base}")
+
+
+def _vocabulary(shapes: BaseShapes) -> int | None:
+    """The base model's vocabulary size: the rows of its largest embedding (positions and
+    token types have fewer), or None without one."""
+    rows = [shape[0] for path, kind in shapes["other"].items() if "Embedding" in kind
+            and len(shape := shapes["parameters"].get(f"{path}.weight", ())) == 2]
+    return max(rows, default=None)
 
 
 HEADS = ("classifier", "score", "classification_head", "qa_outputs")

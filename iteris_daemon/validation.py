@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import struct
 from collections.abc import Callable, Collection
@@ -285,6 +286,18 @@ def _saved_whole(key: str, config: dict) -> bool:
     return any(f".{name}." in f".{path}" for name in config.get("modules_to_save") or ())
 
 
+_WRAPPER_COPY = re.compile(r"^(?P<module>.+)\.(?:modules_to_save|original_module)\.(?P<name>.+)$")
+
+
+def _wrapper_copy(key: str, header: dict[str, Any]) -> bool:
+    """Whether ``key`` is one of the copies PEFT's ``save_embedding_layers`` adds beside a saved
+    module ``X.weight`` (set when the vocabulary was resized): ``X.modules_to_save.weight``, the
+    same tensor, which PEFT does not load, and ``X.original_module.weight``, the base model's,
+    which PEFT loads under the adapter (used only with it disabled). The merge carries ``X.weight``."""
+    match = _WRAPPER_COPY.match(key)
+    return match is not None and f"{match['module']}.{match['name']}" in header
+
+
 def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = None) -> tuple[AdapterLayout, bytes]:
     """:func:`read_layout`, and the weights' bytes it checked: the one place an adapter's
     structure is checked (:func:`iteris_daemon.lora.load_adapter` makes its tensors from
@@ -322,6 +335,8 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
             module = key.removeprefix(KEY_PREFIX).removesuffix(".bias")
             raise AdapterError(weights, f"trains the bias of {module} (bias={config['bias']!r}): a merge of LoRA "
                                         "factors would drop it")
+        elif _wrapper_copy(key, header):
+            continue
         elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
             layout.modules_to_save[key[len(KEY_PREFIX):]] = tuple(entry["shape"])
         else:

@@ -112,11 +112,15 @@ def build_adapter(
     modules_to_save: list[str] | None = None,
     base_class=None,
     bias: str = "none",
+    added_tokens: list[str] | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> Path:
     """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl.
 
     ``base_class`` (default: ``task_type``'s auto class) is the transformers class
     the adapter is made on, e.g. ``GPT2LMHeadModel`` with ``task_type=None``.
+    ``added_tokens``: added to the tokenizer (saved with the adapter), the model's
+    embeddings resized to it first, as one trains new tokens.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -127,6 +131,11 @@ def build_adapter(
         modules_to_save=modules_to_save, bias=bias,
     )
     torch.manual_seed(seed)
+    if added_tokens:
+        extended = tokenizer()
+        extended.add_tokens(added_tokens)
+        model.resize_token_embeddings(len(extended), mean_resizing=False)
+        extended.save_pretrained(out)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -134,7 +143,7 @@ def build_adapter(
                 param.copy_(torch.randn_like(param) * scale)
             elif "modules_to_save" in name or param.requires_grad:  # trained biases (bias="all")
                 param.add_(torch.randn_like(param) * 0.1)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(model_dir)

@@ -179,6 +179,46 @@ def test_a_saved_copy_of_a_base_layer_is_refused_by_name(tmp_path, capsys):
                     "save_embedding_layers=False")
 
 
+@pytest.mark.filterwarnings("ignore:Setting .save_embedding_layers. to .True.:UserWarning")
+def test_an_adapter_with_a_resized_vocabulary_says_so(tmp_path, capsys):
+    """Tokens added, the embeddings resized and saved (``modules_to_save=[embed_tokens,
+    lm_head]``): PEFT also writes its ``.modules_to_save.weight`` and ``.original_module.weight``
+    copies, and the merge refused "lm_head.modules_to_save.weight has no parameter in the base
+    model" (without the copies, a bare shape message), though the README said a resized
+    embedding merges. The merge and the daemon's check now say the vocabulary was resized and
+    what merges it (tests/test_merge.py merges it so)."""
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.validation import validate_adapter
+
+    base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    adapter = build_adapter(base, tmp_path / "tools", seed=1, family="llama", task_type="CAUSAL_LM",
+                            modules_to_save=["embed_tokens", "lm_head"], added_tokens=["<tool>", "</tool>"])
+    said = (f"tools/adapter_model.safetensors: lm_head.weight: the adapter's vocabulary was resized (30524 tokens "
+            f"against the base model's 30522); it does not merge onto {base}: save that model resized to 30524 tokens, "
+            "with the adapter's tokenizer, and merge onto that folder")
+    code, message = _merge(capsys, base, [adapter], tmp_path / "out")
+    _assert_refused(code, message, tmp_path / "out", said)
+    with pytest.raises(AdapterError) as refused:
+        validate_adapter(adapter, base_model=str(base))
+    assert str(refused.value).endswith(said)
+
+
+def test_a_saved_matrix_of_another_row_count_is_no_resized_vocabulary():
+    """Only the vocabulary's rows (the largest embedding's) are called a resized vocabulary;
+    a head of another label count beside 2 token types keeps the shape message."""
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.shapes import check_shapes
+
+    shapes = {"layers": {}, "other": {"bert.embeddings.word_embeddings": "Embedding",
+                                      "bert.embeddings.token_type_embeddings": "Embedding"},
+              "parameters": {"bert.embeddings.word_embeddings.weight": [30522, 32],
+                             "bert.embeddings.token_type_embeddings.weight": [2, 32], "classifier.weight": [2, 32]}}
+    with pytest.raises(AdapterError, match=r"classifier\.weight is \(3, 32\), base model has \(2, 32\)$"):
+        check_shapes(shapes, {}, {"classifier.weight": (3, 32)}, Path("a"), "base")
+    with pytest.raises(AdapterError, match=r"vocabulary was resized \(30600 tokens against the base model's 30522\)"):
+        check_shapes(shapes, {}, {"bert.embeddings.word_embeddings.weight": (30600, 32)}, Path("a"), "base")
+
+
 def test_trained_base_biases_are_refused_by_name(workspace, tmp_path, capsys):
     """PEFT's bias="lora_only" trains (and saves) the biases of the adapted layers; a merge
     of B A factors would drop them. A model with no biases saves none: that adapter is

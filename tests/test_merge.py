@@ -401,3 +401,42 @@ def test_output_dtype_applies_to_the_saved_head_too(tmp_path, capsys):
     assert ("modules_to_save classifier.weight is not finite (NaN/Inf) in torch.float16; nothing was written "
             "(write it in a wider --output-dtype)") in capsys.readouterr().err
     assert not (tmp_path / "half").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Setting .save_embedding_layers. to .True.:UserWarning")
+def test_saved_embeddings_merge_whatever_copies_peft_writes_beside_them(tmp_path):
+    """PEFT's ``save_embedding_layers`` (on by itself when the vocabulary was resized) writes
+    ``X.modules_to_save.weight`` (the same tensor) and ``X.original_module.weight`` (the base's)
+    beside a saved module's ``X.weight``; the merge refused them ("has no parameter in the base
+    model"). It carries ``X.weight``, which PEFT loads as the trained module: an adapter saved
+    so merges, and one with a resized vocabulary merges onto the base resized the same way,
+    both loading in PEFT to their own adapter's outputs."""
+    from safetensors import safe_open
+
+    from builders import build_adapter, build_tiny_model
+
+    base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    saved = ["embed_tokens", "lm_head"]
+    same = build_adapter(base_dir, tmp_path / "same", seed=1, family="llama", task_type="CAUSAL_LM",
+                         modules_to_save=saved, save_embedding_layers=True)
+    resized = build_adapter(base_dir, tmp_path / "resized", seed=2, family="llama", task_type="CAUSAL_LM",
+                            modules_to_save=saved, added_tokens=["<tool>", "</tool>"])
+    resized_base = tmp_path / "resized-base"  # the base with the adapter's tokenizer, resized as in training
+    extended = tf.AutoTokenizer.from_pretrained(resized)
+    model = tf.LlamaForCausalLM.from_pretrained(base_dir)
+    model.resize_token_embeddings(len(extended), mean_resizing=False)
+    model.save_pretrained(resized_base)
+    extended.save_pretrained(resized_base)
+    for adapter, base in ((same, base_dir), (resized, resized_base)):
+        with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
+            assert any(".original_module." in k for k in handle.keys()), "PEFT no longer writes the copies"
+        out = tmp_path / f"merged-{adapter.name}"
+        assert cli_merge(base, [adapter], out, "--strategy", "task_arithmetic") == 0
+        with safe_open(out / "adapter_model.safetensors", framework="pt") as handle:
+            assert {k for k in handle.keys() if "lora_" not in k} == {
+                "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"}
+        inputs = tf.AutoTokenizer.from_pretrained(base)(["the market <tool> fell </tool> late"], return_tensors="pt")
+        with torch.no_grad():
+            own, merged = (PeftModel.from_pretrained(tf.LlamaForCausalLM.from_pretrained(base), folder).eval()(**inputs)
+                           .logits for folder in (adapter, out))
+        assert torch.allclose(own, merged, atol=1e-5, rtol=1e-4), adapter.name
