@@ -22,6 +22,7 @@ from .errors import AdapterError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "merge_report.json"  # beside a merged adapter's files
+CARD_NAME = "README.md"  # a merged adapter's model card, beside them too
 PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin")
 KEY_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")

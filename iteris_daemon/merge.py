@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory, safe_json
-from .adapter_config import REPORT_NAME
+from .adapter_config import CARD_NAME, REPORT_NAME
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
                      OutputError, OutputExistsError)
@@ -35,6 +35,7 @@ from .evaluation import evaluate
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
+from .model_card import merge_card
 from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
@@ -610,6 +611,7 @@ def _write_atomically(out: Path, config, modules, head, report, started) -> None
         save_adapter(staging, config, modules, head)
         report["total_seconds"] = round(time.perf_counter() - started, 3)
         (staging / REPORT_NAME).write_text(safe_json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (staging / CARD_NAME).write_text(merge_card(config, report), encoding="utf-8")  # the Hub's card, for any upload
         as_if_created(staging)
         replace_folder(staging, out)
     except BaseException:

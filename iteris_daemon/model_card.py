@@ -1,10 +1,13 @@
-"""The README.md model card published with a merged adapter.
+"""The README.md model card of a merged adapter: the merge writes one into its folder (what
+``merge --out`` and the folder publisher's versions hold, and what a hand upload takes);
+the Hub publisher commits one rendered from its request, which also names the group, the
+run and each input's source and revision. One renderer makes both.
 
 The YAML front matter is what the Hub indexes (``base_model_relation: merge`` puts the
 adapter in the base model's "merges" tree; ``library_name: peft`` gives it the PEFT
 loading snippet); the body tells a reader what went in and how well it merged. Only
-what the publish request holds is shown: names, locators, revisions, parameters and
-figures, never settings of the destination (tokens, endpoints).
+what the merge report or the publish request holds is shown: names, locators, revisions,
+parameters and figures, never settings of the destination (tokens, endpoints).
 """
 
 from __future__ import annotations
@@ -21,28 +24,46 @@ _REVISION_CHARS = 12
 
 
 def render_model_card(request: PublishRequest) -> str:
-    """README.md text for ``request``'s merged adapter: YAML front matter, then Markdown."""
+    """README.md text for ``request``'s merged adapter, as the Hub publisher commits it."""
+    return _card(
+        heading=f"`{_code(request.group)}`: merged LoRA adapter", base_model=request.base_model,
+        strategy=request.strategy, origin=f" (group `{_code(request.group)}`, run {request.run_id})",
+        columns=["name", "source", "locator", "revision"],
+        inputs=[[_literal(i.name), _literal(i.source), _literal(i.locator), _literal(i.revision[:_REVISION_CHARS])]
+                for i in request.inputs],
+        params=request.params, tasks=request.metrics)
+
+
+def merge_card(config: dict[str, Any], report: dict[str, Any]) -> str:
+    """README.md text written beside a merged adapter, from its ``adapter_config.json`` (the base
+    model as the adapter names it) and its ``merge_report.json``."""
+    return _card(
+        heading="Merged LoRA adapter", base_model=config["base_model_name_or_path"],
+        strategy=report["strategy"], origin="", columns=["name", "path", "sha256"],
+        inputs=[[_literal(i["name"]), _literal(i["path"]), _literal((i.get("sha256") or "")[:_REVISION_CHARS])]
+                for i in report["inputs"]],
+        params=report["params"], tasks=report["tasks"])
+
+
+def _card(heading: str, base_model: str, strategy: str, origin: str, columns: list[str], inputs: list[list[str]],
+          params: dict[str, Any], tasks: dict[str, Any]) -> str:
+    """YAML front matter, then Markdown: a heading, what was merged, a row per input, the
+    parameters and each task's figures."""
     data = ModelCardData(
         # The Hub takes a repo id there; a local folder (made absolute by the config) is none.
-        base_model=None if request.base_model.startswith("/") else request.base_model,
+        base_model=None if base_model.startswith("/") else base_model,
         library_name="peft",
-        tags=["iteris-daemon", "lora", "merge", request.strategy],
+        tags=["iteris-daemon", "lora", "merge", strategy],
         base_model_relation="merge",
     )
     sections = [
-        f"# `{_code(request.group)}`: merged LoRA adapter",
-        f"Merged by iteris-daemon with the `{_code(request.strategy)}` strategy from "
-        f"{len(request.inputs)} LoRA adapter{'s' if len(request.inputs) != 1 else ''} of "
-        f"`{_code(request.base_model)}` (group `{_code(request.group)}`, run {request.run_id}).",
-        "## Input adapters\n\n" + _table(
-            ["name", "source", "locator", "revision"],
-            [[_literal(i.name), _literal(i.source), _literal(i.locator), _literal(i.revision[:_REVISION_CHARS])]
-             for i in request.inputs],
-        ),
-        "## Strategy parameters\n\n```json\n" + json.dumps(request.params, indent=2, sort_keys=True, default=str)
-        + "\n```",
+        f"# {heading}",
+        f"Merged by iteris-daemon with the `{_code(strategy)}` strategy from "
+        f"{len(inputs)} LoRA adapter{'s' if len(inputs) != 1 else ''} of `{_code(base_model)}`{origin}.",
+        "## Input adapters\n\n" + _table(columns, inputs),
+        "## Strategy parameters\n\n```json\n" + json.dumps(params, indent=2, sort_keys=True, default=str) + "\n```",
     ]
-    header, metrics = _metrics_rows(request.metrics)
+    header, metrics = _metrics_rows(tasks)
     if metrics:
         sections.append("## Per-task metrics\n\n" + _table(header, metrics))
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"

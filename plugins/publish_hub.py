@@ -27,7 +27,7 @@ from pydantic import Field
 from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl
-from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
+from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.config import MAX_SECONDS
 from iteris_daemon.errors import AdapterError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
@@ -39,7 +39,6 @@ from iteris_daemon.tokens import hub_token, plain
 
 log = logging.getLogger(__name__)
 
-CARD_NAME = "README.md"
 #: The files that make two adapters the same adapter (a new report or card alone is not a new version).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
@@ -191,7 +190,8 @@ def _commit(
 
 
 def _adapter_files(folder: Path) -> dict[str, Path]:
-    """Every file of the adapter folder by its path in the repo; the generated card replaces any README.md."""
+    """Every file of the adapter folder by its path in the repo; the card rendered from the request (which
+    names the group, the run and the inputs' revisions) replaces the merge's README.md."""
     files = {
         path.relative_to(folder).as_posix(): path
         for path in sorted(folder.rglob("*"))

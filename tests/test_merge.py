@@ -264,7 +264,8 @@ def test_the_merged_folder_has_the_modes_the_umask_gives(bert, tmp_path, mask):
     out = tmp_path / "merged"
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
     assert {item.name: item.stat().st_mode & 0o777 for item in out.iterdir()} == {
-        name: 0o666 & ~mask for name in ("adapter_config.json", "adapter_model.safetensors", "merge_report.json")}
+        name: 0o666 & ~mask for name in ("README.md", "adapter_config.json", "adapter_model.safetensors",
+                                         "merge_report.json")}
 
 
 def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
@@ -440,3 +441,34 @@ def test_saved_embeddings_merge_whatever_copies_peft_writes_beside_them(tmp_path
             own, merged = (PeftModel.from_pretrained(tf.LlamaForCausalLM.from_pretrained(base), folder).eval()(**inputs)
                            .logits for folder in (adapter, out))
         assert torch.allclose(own, merged, atol=1e-5, rtol=1e-4), adapter.name
+
+
+def test_the_merged_folder_carries_its_model_card(bert, tmp_path):
+    """The merge wrote config, weights and report but no README.md, which PEFT's
+    save_pretrained writes: a folder uploaded by hand (or published by the folder publisher)
+    had no card, so the Hub showed neither the PEFT snippet nor the base model. The merge now
+    writes the card the Hub publisher renders (one renderer), from its config and report."""
+    from huggingface_hub import ModelCard
+
+    from iteris_daemon.model_card import merge_card
+
+    base_dir, adapters = bert
+    out = tmp_path / "merged"
+    assert cli_merge(base_dir, adapters[:2], out, "--strategy", "task_arithmetic") == 0
+    text = (out / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "peft" and card.data.base_model_relation == "merge"
+    assert card.data.base_model is None  # a local folder is no Hub repo id
+    assert card.data.tags == ["iteris-daemon", "lora", "merge", "task_arithmetic"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    report = json.loads((out / "merge_report.json").read_text())
+    assert text == merge_card(config, report)
+    body = text.split("\n---\n", 1)[1]
+    assert f"2 LoRA adapters of `{base_dir}`" in body
+    for given, entry in zip(adapters, report["inputs"]):
+        assert f"| `{given.name}` | `{given}` | `{entry['sha256'][:12]}` |" in body
+        figures = report["tasks"][given.name]
+        assert f"| `{given.name}` | {figures['alignment_loss'][-1]:.4g} | {figures['fidelity_gap']:.4g} |" in body
+    hub_base = ModelCard(merge_card({**config, "base_model_name_or_path": "acme/minilm"}, report))
+    assert hub_base.data.base_model == "acme/minilm"
+    PeftModel.from_pretrained(tf.AutoModel.from_pretrained(base_dir), out)  # loads beside it

@@ -21,7 +21,8 @@ rendered with the tokenizer's chat template) comes from DIR=FILE when given, els
 DIR/calibration.jsonl.
 Strategy parameters: `iteris-daemon plugins --params STRATEGY`.
 The merged adapter is a standard PEFT LoRA folder (load it with PeftModel.from_pretrained);
-merge_report.json beside it records inputs, parameters, timings and per-task quality."""
+merge_report.json beside it records inputs, parameters, timings and per-task quality, and
+README.md is its model card (base model, inputs, figures) for the Hub."""
 
 
 def _adapter_spec(value: str):
