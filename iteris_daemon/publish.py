@@ -34,7 +34,7 @@ class PublishRequest:
     adapter_dir: Path  # adapter_config.json, adapter_model.safetensors, merge_report.json
     group: str
     run_id: int
-    base_model: str
+    base_model: str  # as the merged adapter_config.json names it
     strategy: str
     params: dict[str, Any]
     inputs: list[PublishedInput]

@@ -847,8 +847,11 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
                 stopping: threading.Event | None = None) -> list[dict]:
     """Every destination, in order; the first failure fails the run (published ones stay,
     and :class:`PartlyPublished` names them)."""
+    # The base model as the merged config names it: the Hub id its inputs share where the
+    # group merges on a local copy (merge.merged_base), which the Hub card links to.
+    named_base = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
     request = PublishRequest(
-        adapter_dir=folder, group=group.name, run_id=run_id, base_model=group.base_model,
+        adapter_dir=folder, group=group.name, run_id=run_id, base_model=named_base or group.base_model,
         strategy=group.strategy, params=report.get("params", group.params),
         inputs=[PublishedInput(a.name, a.source.name, a.locator, r.revision, r.content_sha256) for a, r in inputs.revisions],
         metrics=report.get("tasks", {}), stopping=stopping,

@@ -196,6 +196,34 @@ def test_a_stop_while_gathering_inputs_ends_the_run_before_the_next_adapter(setu
     assert len(asked) == 4 and setup.current() is None
 
 
+def test_publishers_are_told_the_base_model_the_merged_config_names(tmp_path):
+    """A group merging on a local copy of a Hub model whose inputs all name its Hub id: the
+    merged config names the id (merge.merged_base), and the Hub card linked no base (it
+    was given the group's local folder)."""
+    from iteris_daemon.adapter_config import CONFIG_NAME
+    from iteris_daemon.publish import PublisherSettings, PublishResult
+    from iteris_daemon.runner import Inputs, publish_all
+
+    told: list[str] = []
+
+    class Recorder:
+        kind = "recorder"
+        description = "records the request (a test plugin)"
+        Settings = PublisherSettings
+
+        def publish(self, request, settings):
+            told.append(request.base_model)
+            return PublishResult(location="somewhere", version="v1", changed=True)
+
+    folder = tmp_path / "run-1"
+    folder.mkdir()
+    (folder / CONFIG_NAME).write_text(json.dumps({"base_model_name_or_path": "acme/tiny-llama"}))
+    group = GroupConfig(name="g", base_model=str(tmp_path / "local-copy"), destinations=[{"kind": "recorder"}])
+    with registered("register_publishers", Recorder()):
+        publish_all(group, 1, folder, {"tasks": {}}, Inputs())
+    assert told == ["acme/tiny-llama"]
+
+
 def test_a_publisher_plugin_answering_no_publish_result_fails_the_run_with_one_line(setup, tmp_path):
     """A publisher that answered ``location=Path(...)`` had published, then the run's record
     failed (not JSON): the run "could not be carried out", was retried, and each retry
