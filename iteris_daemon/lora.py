@@ -69,10 +69,11 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         tensors: dict[str, torch.Tensor] = safetensors_load(data)
     except Exception as exc:  # the header passed read_checked; safetensors raises untyped errors
         raise AdapterError(weights_path, f"unreadable safetensors file: {exc}") from None
-    modules = {}
+    modules, dtype = {}, torch.float32
     for module, (a_key, b_key) in layout.tensor_keys.items():
-        A, B = tensors[a_key], tensors[b_key]
-        modules[module] = LoraModule(A=A.float(), B=B.float(), scaling=module_scaling(layout.config, module)[1])
+        A, B = _unpadded(tensors[a_key].float(), tensors[b_key].float())
+        modules[module] = LoraModule(A=A, B=B, scaling=module_scaling(layout.config, module)[1])
+        dtype = tensors[a_key].dtype
     return LoraAdapter(
         name=layout.name,
         path=path,
@@ -80,8 +81,20 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         modules=modules,
         modules_to_save={key: tensors[KEY_PREFIX + key] for key in layout.modules_to_save},
         content_sha256=layout.content_sha256,
-        dtype=A.dtype,  # the saved dtype (a file holds one per module; the last module's, as sorted)
+        dtype=dtype,  # the saved dtype (a file holds one per module; the last module's, as sorted)
     )
+
+
+def _unpadded(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` without the rank components whose row of A and column of B are both zero:
+    a merge pads its layers to one rank that way (``merge._pad_ranks``), and merged again a
+    padded layer must count as its own rank (the data-free strategies share a budget out by
+    the inputs' ranks). The product is unchanged; one component is kept if all are zero."""
+    used = A.any(dim=1) | B.any(dim=0)
+    if bool(used.all()):
+        return A, B
+    used[0] |= not bool(used.any())
+    return A[used], B[:, used]
 
 
 def save_adapter(

@@ -85,6 +85,27 @@ def _scalings(base, folder) -> dict[str, tuple[float, float]]:
             for key, tensor in _weights(folder).items() if key.endswith("lora_B.weight")}
 
 
+@pytest.mark.parametrize("strategy", ["tsv", "ties", "core_space:method=iso_cts", "dare"])
+def test_a_padded_merge_merged_again_counts_as_its_own_ranks(mixed, tmp_path, strategy):
+    """Merged again with another adapter, the padded merge gave other deltas than the same
+    merge written at its exact ranks (TSV, Core Space, Iso-CTS share a budget out by the
+    inputs' ranks; TIES and DARE truncate to their sum: up to 0.6 relative). Zero
+    components are left out when an adapter is read, so both merge alike."""
+    base, padded, exact = mixed
+    assert {m.A.shape[0] for m in load_adapter(padded).modules.values()} == {2, 6}
+    third = build_adapter(base, tmp_path / "c", seed=3, family="llama", task_type=LLAMA, r=4, targets=["q_proj", "v_proj"])
+    name, _, param = strategy.partition(":")
+    deltas = []
+    for first in (padded, exact):
+        out = tmp_path / f"again-{first.name}"
+        assert cli_merge(base, [first, third], out, "--strategy", name, *(["--param", param] if param else []),
+                         "--no-eval", "--exact-ranks") == 0
+        deltas.append({path: module.B @ module.A for path, module in load_adapter(out).modules.items()})
+    assert deltas[0].keys() == deltas[1].keys()
+    for path in deltas[0]:
+        torch.testing.assert_close(deltas[0][path], deltas[1][path], rtol=1e-5, atol=1e-6)
+
+
 def test_llama_cpp_scales_the_default_output_as_peft_does(mixed):
     base, padded, exact = mixed
     assert all(llama_cpp == peft == 1.0 for llama_cpp, peft in _scalings(base, padded).values())
