@@ -413,6 +413,9 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
             unknown = [n for n in order if n not in available]
             if unknown:
                 raise ConfigError(f"unknown calibration source {unknown[0]!r}; available: {', '.join(sorted(available))}")
+            if group.calibration.files and "files" not in order:  # the mapping would be ignored
+                raise ConfigError(f"calibration.files: a mapping for a source that calibration.order does not list "
+                                  f"({', '.join(order) or 'empty'}); add 'files' to the order or drop the mapping")
             if not order and strategy.needs_calibration:  # every adapter would be held back, for ever
                 raise ConfigError(f"calibration.order is empty, and strategy {group.strategy} needs calibration data; "
                                   f"list the sources to ask (available: {', '.join(sorted(available))})")

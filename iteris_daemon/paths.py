@@ -43,7 +43,10 @@ def absolute(path: Path) -> Path:
 def user_path(text: str) -> Path:
     """A path given on the command line, ``~`` expanded: the shell leaves it in
     ``--folder=~/loras`` and in quotes."""
-    return Path(text).expanduser()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~name of no such user: taken as written, and the error names it
+        return Path(text)
 
 
 def model_location(name: str) -> str:

@@ -345,16 +345,21 @@ def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code)
     catalog.close()
 
 
-def test_merge_now_says_when_no_daemon_uses_the_catalog(tmp_path, capsys):
+def test_merge_now_says_when_no_daemon_uses_the_catalog(tmp_path, capsys, monkeypatch):
     """It said "the running daemon starts it within seconds" with no daemon running (a
     daemon removes its row from ``daemons`` as it stops)."""
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
     catalog = Catalog(url)
     with catalog.session() as session:
         session.add(MergeGroup(name="g", base_model="b", strategy="iteris"))
-    catalog.close()
     assert run(capsys, "merge-now", "g", "--db", url)[:2] == (
         0, "requested a run of g; no daemon is using this catalog now: the run starts when one starts\n")
+    with catalog.session() as session:  # a daemon killed 3 hours ago left its row (rows go after a day)
+        session.add(DaemonPresence(holder="host:1:daemon", settings={}, seen_at=datetime(2026, 12, 5, 9, 0)))
+    monkeypatch.setattr("iteris_daemon.catalog.models.utcnow", lambda: datetime(2026, 12, 5, 12, 0))
+    assert run(capsys, "merge-now", "g", "--db", url)[1] == ("requested a run of g; no daemon has been seen on this "
+                                                            "catalog since 2026-12-05T09:00:00+00:00: the run starts when one runs\n")
+    catalog.close()
 
 
 def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):
@@ -483,6 +488,9 @@ def test_a_tilde_the_shell_leaves_is_expanded_in_path_options(tmp_path, capsys, 
     assert args.adapter[0].path == tmp_path / "loras" and args.out == tmp_path / "merged"
     args = build_parser().parse_args(["status", "--config=~/daemon.toml"])
     assert args.config == tmp_path / "daemon.toml"
+    # ~name of no user: a traceback (RuntimeError: Could not determine home directory); now as written
+    code, _, err = run(capsys, "sources", "add", "x", "--folder", "~nosuchuser/loras", *db)
+    assert code == 2 and err == "iteris-daemon: error: --folder ~nosuchuser/loras: no such directory\n"
 
 
 def test_a_local_base_model_is_stored_as_an_absolute_path(tmp_path, capsys, monkeypatch):

@@ -58,6 +58,8 @@ def test_the_example_config_is_valid():
     (GROUP + '[groups.calibration.generate]\nsamples = 3\n' + FOLDER,
      "groups.0 (g): calibration.generate: settings for a source that calibration.order does not list (files, "
      "adapter, hub_dataset); add 'generate' to the order or drop the table"),
+    (GROUP + '[groups.calibration]\norder = ["adapter"]\nfiles = { a = "/tmp/a.jsonl" }\n' + FOLDER,
+     "groups.0 (g): calibration.files: a mapping for a source that calibration.order does not list (adapter)"),
     # No source to ask: every adapter was held back, for ever, as "no calibration data (asked: )".
     (GROUP + '[groups.calibration]\norder = []\n' + FOLDER,
      "groups.0 (g): calibration.order is empty, and strategy iteris needs calibration data; list the sources"),

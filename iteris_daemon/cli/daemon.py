@@ -6,13 +6,15 @@ import argparse
 import json
 import math
 import time
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ..errors import ConfigError
 from ..paths import user_path
 from .catalog import DB_ENV
 
+STALE_PRESENCE = timedelta(minutes=10)  # a daemon not seen for this long is taken for gone (merge-now's message)
 REFUSED = 3  # merge-now --wait: the run was refused by a publish gate; nothing was published
 MERGE_NOW_EPILOG = f"""\
 exit status:
@@ -104,7 +106,7 @@ def _status(args) -> int:
 
 
 def _merge_now(args) -> int:
-    from ..catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, utcnow
+    from ..catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc, utcnow
 
     configured = _configured_groups(args)
     if configured is not None and args.group not in configured:
@@ -122,10 +124,16 @@ def _merge_now(args) -> int:
         group.force_requested = group.force_requested or args.force
         last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0
         group_id = group.id
-        running = session.scalar(select(DaemonPresence.holder).limit(1)) is not None  # a daemon removes its row as it stops
-    print(f"requested a{' forced' if args.force else ''} run of {args.group}; "
-          + ("the running daemon starts it within seconds" if running else
-             "no daemon is using this catalog now: the run starts when one starts"))
+        # A daemon removes its row as it stops, and refreshes it at each catalog check (30 s by
+        # default); a killed one leaves it behind.
+        seen = session.scalar(select(func.max(DaemonPresence.seen_at)))
+    if seen is None:
+        where = "no daemon is using this catalog now: the run starts when one starts"
+    elif utcnow() - seen > STALE_PRESENCE:
+        where = f"no daemon has been seen on this catalog since {iso_utc(seen)}: the run starts when one runs"
+    else:
+        where = "the running daemon starts it within seconds"
+    print(f"requested a{' forced' if args.force else ''} run of {args.group}; {where}")
     if args.wait is None:
         return 0
     deadline = time.monotonic() + args.wait
