@@ -138,7 +138,7 @@ def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
         adapters=[AdapterSpec(Path(a["path"]), name=a["name"], origin=a.get("origin")) for a in request["adapters"]],
         out=Path(request["out"]), strategy=request["strategy"], params=request["params"],
         device=request["device"], dtype=request["dtype"], output_dtype=request["output_dtype"],
-        exact_ranks=request["exact_ranks"],
+        exact_ranks=request.get("exact_ranks", False),  # absent from a daemon started before it existed
         offload=request["offload"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
         calibration_sets=calibration, should_stop=stop.is_set,
         reference=Path(request["reference"]) if request.get("reference") else None,
