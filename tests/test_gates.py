@@ -196,57 +196,51 @@ def test_a_stop_while_gathering_inputs_ends_the_run_before_the_next_adapter(setu
     assert len(asked) == 4 and setup.current() is None
 
 
+class _Recording:
+    """A publisher plugin for these tests: records each request, answers ``location``."""
+
+    description = "records each request (a test plugin)"
+
+    def __init__(self, kind: str, location):
+        from iteris_daemon.publish import PublisherSettings
+
+        self.kind, self.location, self.requests, self.Settings = kind, location, [], PublisherSettings
+
+    def publish(self, request, settings):
+        from iteris_daemon.publish import PublishResult
+
+        self.requests.append(request)
+        return PublishResult(location=self.location, version="v1", changed=True)
+
+
 def test_publishers_are_told_the_base_model_the_merged_config_names(tmp_path):
     """A group merging on a local copy of a Hub model whose inputs all name its Hub id: the
     merged config names the id (merge.merged_base), and the Hub card linked no base (it
     was given the group's local folder)."""
     from iteris_daemon.adapter_config import CONFIG_NAME
-    from iteris_daemon.publish import PublisherSettings, PublishResult
     from iteris_daemon.runner import Inputs, publish_all
-
-    told: list[str] = []
-
-    class Recorder:
-        kind = "recorder"
-        description = "records the request (a test plugin)"
-        Settings = PublisherSettings
-
-        def publish(self, request, settings):
-            told.append(request.base_model)
-            return PublishResult(location="somewhere", version="v1", changed=True)
 
     folder = tmp_path / "run-1"
     folder.mkdir()
     (folder / CONFIG_NAME).write_text(json.dumps({"base_model_name_or_path": "acme/tiny-llama"}))
     group = GroupConfig(name="g", base_model=str(tmp_path / "local-copy"), destinations=[{"kind": "recorder"}])
-    with registered("register_publishers", Recorder()):
+    recorder = _Recording("recorder", "somewhere")
+    with registered("register_publishers", recorder):
         publish_all(group, 1, folder, {"tasks": {}}, Inputs())
-    assert told == ["acme/tiny-llama"]
+    assert [request.base_model for request in recorder.requests] == ["acme/tiny-llama"]
 
 
 def test_a_publisher_plugin_answering_no_publish_result_fails_the_run_with_one_line(setup, tmp_path):
     """A publisher that answered ``location=Path(...)`` had published, then the run's record
     failed (not JSON): the run "could not be carried out", was retried, and each retry
     published another version. Now the run fails naming the publisher, and is recorded."""
-    from iteris_daemon.publish import PublisherSettings, PublishResult
-
-    published: list[int] = []
-
-    class Sloppy:
-        kind = "sloppy"
-        description = "answers a Path (a test plugin)"
-        Settings = PublisherSettings
-
-        def publish(self, request, settings):
-            published.append(request.run_id)
-            return PublishResult(location=tmp_path / "somewhere", version="v1", changed=True)
-
-    with registered("register_publishers", Sloppy()):
+    sloppy = _Recording("sloppy", tmp_path / "somewhere")  # a Path, not a string
+    with registered("register_publishers", sloppy):
         group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
                             select={"names": ["task0"]}, destinations=[{"kind": "sloppy"}])
         sync_group(setup.catalog, group)
         outcome = setup.run(group)
-    assert outcome.status is RunStatus.failed and len(published) == 1
+    assert outcome.status is RunStatus.failed and len(sloppy.requests) == 1
     assert setup.run_row(outcome.run_id).error.startswith(
         f"publisher sloppy answered PublishResult(location={tmp_path / 'somewhere'!r}, version='v1', changed=True), "
         "not a PublishResult of strings (location, version) and a bool (changed)")
