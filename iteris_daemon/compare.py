@@ -77,6 +77,7 @@ class CompareRequest:
     modules_to_save_rule: str = "agree"
     calibration: CalibrationOptions | None = None
     calibration_sets: list[CalibrationSet] | None = None  # already gathered (a daemon group's, see group_request)
+    base_checked: bool = False  # a daemon group's: registered against base_model (see MergeRequest)
     contenders: list[Contender] = field(default_factory=list)  # compared first, before ``strategies``
     batch_size: int = 16  # scoring batches, the same for every strategy
     max_length: int = 128
@@ -109,7 +110,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
             raise ParameterError(f"strategy {contender.label!r} merges what {seen[key]!r} does: give it once")
         seen[key] = contender.label
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
-    adapters = load_adapters(request.adapters)
+    adapters = load_adapters(request.adapters, request.base_checked)
     if request.calibration_sets is not None:
         calibration = list(request.calibration_sets)
     else:  # a training set given as calibration is not read whole: held out, 20% of it was scored per strategy
@@ -179,7 +180,7 @@ def group_request(config: DaemonConfig, name: str, into: Path, **options: Any) -
                 for (adapter, revision), folder in zip(inputs.revisions, inputs.folders)]
     options.setdefault("trust_remote_code", group.base_model in config.daemon.trust_remote_code)
     return CompareRequest(base_model=group.base_model, adapters=adapters, calibration_sets=inputs.calibration,
-                          contenders=[own], **options)
+                          contenders=[own], base_checked=True, **options)
 
 
 def _row(label: str, seconds: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:

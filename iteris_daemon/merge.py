@@ -101,9 +101,15 @@ class MergeRequest:
     should_stop: Callable[[], bool] | None = None
     # A previously merged adapter to score on the same calibration data (the quality gate's baseline).
     reference: Path | None = None
+    # The daemon's inputs: a source registered each against ``base_model`` (its setting decides
+    # over how an adapter spells its base), so their spellings are not compared.
+    base_checked: bool = False
 
 
-def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
+def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[LoraAdapter]:
+    """Read the inputs and refuse what cannot be one merge: task types, base models (unless
+    ``base_checked``: a source registered each against the merge's base) or base revisions
+    that differ."""
     adapters = [load_adapter(spec.path, spec.name) for spec in specs]
     counts = Counter(a.name for a in adapters)
     for index, adapter in enumerate(adapters):
@@ -114,7 +120,7 @@ def load_adapters(specs: list[AdapterSpec]) -> list[LoraAdapter]:
         raise IncompatibleAdaptersError(f"adapters have different task types ({listing}); one merge has one model class")
     # One spelling per base model: ./base and /srv/base may be one folder.
     bases = {model_location(a.base_model) for a in adapters if a.base_model}
-    if len(bases) > 1:
+    if len(bases) > 1 and not base_checked:
         listing = ", ".join(f"{a.name}: {a.base_model}" for a in adapters)
         raise IncompatibleAdaptersError(
             f"adapters were trained on different base models ({listing}); if these name one model (a Hub id and "
@@ -437,7 +443,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     params = parse_params(strategy, request.params or {})
     _prepare_out(request.out, request.overwrite,
                  local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
-    adapters = load_adapters(request.adapters)
+    adapters = load_adapters(request.adapters, request.base_checked)
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.
     samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples

@@ -142,6 +142,7 @@ def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
         offload=request["offload"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
         calibration_sets=calibration, should_stop=stop.is_set,
         reference=Path(request["reference"]) if request.get("reference") else None,
+        base_checked=True,  # the catalog's sources registered each input against the group's base
     ))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from sqlalchemy import select
@@ -244,6 +245,26 @@ def test_a_publisher_plugin_answering_no_publish_result_fails_the_run_with_one_l
     assert setup.run_row(outcome.run_id).error.startswith(
         f"publisher sloppy answered PublishResult(location={tmp_path / 'somewhere'!r}, version='v1', changed=True), "
         "not a PublishResult of strings (location, version) and a bool (changed)")
+
+
+def test_an_input_that_spells_its_base_model_otherwise_does_not_stop_the_group(tmp_path, runner_adapters):
+    """The source names the base (a local copy) and one adapter's config names the Hub id
+    of the same model: the source registered it against the copy, and every run failed
+    with "adapters were trained on different base models", for ever, publishing nothing."""
+    from group_runs import Setup
+
+    base, (first, second) = runner_adapters
+    other = tmp_path / "spelled" / second.name
+    shutil.copytree(second, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/tiny-bert"}))
+    setup = Setup(tmp_path, base, [first, other])
+    try:
+        outcome = setup.run(setup.group(names=("task0", "task1")))
+        assert outcome.status is RunStatus.succeeded, outcome.detail
+        assert set(setup.run_row(outcome.run_id).metrics["tasks"]) == {"task0", "task1"}
+    finally:
+        setup.catalog.close()
 
 
 def test_merge_now_force_is_read_once_from_the_catalog(setup):
