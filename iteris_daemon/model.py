@@ -315,9 +315,11 @@ class BaseModel:
     def _load(self, cls, config, kwargs: dict, offload: str, paths: list[str]):
         """The model and where its block weights live (see :mod:`iteris_daemon.weights`).
 
-        ``auto``: stream blocks from the safetensors files when the checkpoint allows it,
-        else keep the model in CPU memory and visit the device block by block (GPU), else
-        load it whole onto the device.
+        ``auto`` and ``disk``: stream blocks from the safetensors files when the checkpoint
+        allows it, else (as ``cpu``) keep the model in CPU memory and visit the device block
+        by block (GPU), else load it whole onto the device. An explicit ``disk`` used to
+        go whole onto the device there: a Mixtral, whose experts transformers 5 fuses on
+        loading, onto one GPU.
         """
         from .architecture import block_plan
         from .weights import Offloaded, Resident, WeightsUnavailable, load_streamed
@@ -333,7 +335,8 @@ class BaseModel:
                                      ignore_mismatched="num_labels" in kwargs)
             except WeightsUnavailable as exc:
                 level = logging.WARNING if offload == "disk" else logging.INFO
-                log.log(level, "loading %s whole: cannot stream its blocks (%s)", self.name_or_path, exc)
+                where = "into CPU memory, one block at a time on the device" if self.device.type != "cpu" else "whole"
+                log.log(level, "loading %s %s: cannot stream its blocks (%s)", self.name_or_path, where, exc)
         # With num_labels from an adapter's head: a checkpoint whose own head has another label
         # count loads too (that head is replaced by the adapters' modules_to_save).
         try:
@@ -344,7 +347,7 @@ class BaseModel:
         except RuntimeError as exc:  # transformers refuses a tensor its config does not fit (its load report names it)
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
                                  f"({str(exc).splitlines()[0]})") from None
-        if offload in ("auto", "cpu") and self.device.type != "cpu":
+        if offload != "none" and self.device.type != "cpu":
             plan = block_plan(model, paths, self.head_keys)
             if plan.supported:
                 self._stack_paths = [stack.path for stack in plan.stacks]
