@@ -32,7 +32,9 @@ _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA adapters (use_dora=true) are not plain low-rank deltas",
     "lora_bias": "adapters with trained LoRA biases (lora_bias=true) are not supported",
     "layer_replication": "layer_replication changes the model's structure",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters, which PEFT writes for the fused expert "
+                         "weights of a mixture-of-experts model, e.g. with target_modules='all-linear') is not "
+                         "supported: train the adapter on the attention projections",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "use_qalora": "QA-LoRA adapters are not supported",
     # PEFT's other LoRA variants (``is_lora_variant`` in its LoraConfig), which change the

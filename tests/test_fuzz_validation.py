@@ -350,6 +350,8 @@ def test_corrupted_weights_are_rejected_cleanly(adapter, tmp_path):
     ({"alpha_pattern": {"query": "8"}}, "alpha_pattern"),
     ({"use_rslora": "false"}, "use_rslora"),
     ({"use_dora": True}, "DoRA"),
+    # what PEFT writes for a mixture-of-experts model's fused experts (all-linear included)
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "train the adapter on the attention projections"),
     # PEFT 0.21's other variants: aLoRA's weights are a plain LoRA's, and it merged as one
     ({"alora_invocation_tokens": [2023, 2001]}, "alora_invocation_tokens"),
     ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
