@@ -178,6 +178,11 @@ class CalibrationOptions:
     limit: int | None = None  # the merge takes the first ``limit`` samples: a reader may stop there (None: all)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> its settings
     max_download_bytes: int | None = None  # a downloaded calibration file's limit (the daemon's max_calibration_bytes)
+    # Where a source that runs the model (``generate``) loads it: merge's --device, --dtype (None:
+    # the checkpoint's) and --trust-remote-code; the daemon's calibration workers use the CPU.
+    device: str = "cpu"
+    dtype: str | None = None
+    trust_remote_code: bool = False
 
 
 class CalibrationSettings(BaseModel):

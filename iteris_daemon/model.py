@@ -35,7 +35,7 @@ OFFLOAD = ("auto", "disk", "cpu", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _device(name: str) -> torch.device:
+def torch_device(name: str) -> torch.device:
     """``name`` as a torch device that exists here, or a one-line error."""
     try:
         device = torch.device(check_device(name))
@@ -273,7 +273,7 @@ class BaseModel:
         # Parameters the checkpoint does not give (a classifier a causal LM's checkpoint lacks):
         # initialised at random by the loader. A streamed load has all of them, or is not taken.
         self.initialised: set[str] = set()
-        self.device = _device(device)
+        self.device = torch_device(device)
         self.dtype = DTYPES[dtype]
         _check_local(name_or_path)
         try:

@@ -181,6 +181,39 @@ def test_generation_starts_from_one_bos_token(tiny, tmp_path, monkeypatch):
     assert len(data.samples) == 3 and prompts == [[tokenizer.bos_token_id]] * 3
 
 
+def test_generation_runs_where_and_as_the_merge_says(tiny, monkeypatch, capsys):
+    """merge --dtype, --device and --trust-remote-code reach the generate source, which
+    loaded the base in float32 on the CPU whatever they said (a 70B base, once per adapter,
+    sampled on the CPU). A device this machine lacks is one line."""
+    import torch
+    import transformers
+
+    from iteris_daemon.cli import build_parser
+    from iteris_daemon.cli.merge import calibration_options
+    from iteris_daemon.plugin_manager import calibration_sources
+
+    base_dir, adapters = tiny["llama"]
+    args = build_parser().parse_args(["merge", "--base-model", str(base_dir), "--adapter", str(adapters[0]),
+                                      "--out", "m", "--dtype", "bfloat16", "--calibration-order", "generate"])
+    options = calibration_options(args)
+    assert (options.device, options.dtype, options.trust_remote_code) == ("cpu", "bfloat16", False)
+    seen = []
+    generate = transformers.GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.dtype, kwargs["input_ids"].device.type))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
+    options.base_model, options.samples = str(base_dir), 2
+    options.settings = {"generate": {"max_new_tokens": 2}}
+    data = calibration_sources()["generate"].load(load_adapter(adapters[0]), options)
+    assert len(data.samples) == 2 and seen == [(torch.bfloat16, "cpu")]
+    options.device = "cuda:7"
+    with pytest.raises(IterisError, match="device 'cuda:7' is not available here"):
+        calibration_sources()["generate"].load(load_adapter(adapters[0]), options)
+
+
 def test_without_generate_a_missing_calibration_is_an_error(bert, tmp_path, capsys):
     base, adapters = bert
     (adapters[0] / "calibration.jsonl").rename(adapters[0] / "calibration.jsonl.off")

@@ -124,7 +124,8 @@ def add_input_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 def calibration_options(args):
     from ..calibration import CalibrationOptions
 
-    return CalibrationOptions(order=tuple(name.strip() for name in args.calibration_order.split(",") if name.strip()))
+    return CalibrationOptions(order=tuple(name.strip() for name in args.calibration_order.split(",") if name.strip()),
+                              device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
 def _merge(args) -> int:
