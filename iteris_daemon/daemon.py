@@ -132,6 +132,12 @@ def _log_skipped(event: JobSubmissionEvent) -> None:
         log.info("job %s skipped: its previous run is still under way", event.job_id)
 
 
+def _every(seconds: float) -> IntervalTrigger:
+    """A period in UTC, like every schedule here: without a zone APScheduler asks tzlocal,
+    which refuses a POSIX ``TZ`` (``UTC0``)."""
+    return IntervalTrigger(seconds=seconds, timezone=timezone.utc)
+
+
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
     """The daemon's scheduler: "default" pool for polls and housekeeping, "merge" with one
     thread per merge slot; a job missed while the host slept runs once when it wakes."""
@@ -242,7 +248,7 @@ class Daemon:
             self._free_devices.put(device)
         self.scheduler.start()
         self._apply(self.config)
-        self.scheduler.add_job(self._tick, IntervalTrigger(timezone=timezone.utc, seconds=TICK_SECONDS), id="tick", replace_existing=True)
+        self.scheduler.add_job(self._tick, _every(TICK_SECONDS), id="tick", replace_existing=True)
         self._serve_http(settings)
         self.notifier.ready(self._summary())
         self.notifier.start_watchdog(self.healthy)
@@ -387,11 +393,11 @@ class Daemon:
                     source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache, **guarded)
                     source.start()
                     self._local[name] = source
-                    self.scheduler.add_job(source.scan, IntervalTrigger(timezone=timezone.utc, seconds=self.config.daemon.rescan_seconds),
+                    self.scheduler.add_job(source.scan, _every(self.config.daemon.rescan_seconds),
                                            id=f"rescan:{name}", replace_existing=True)
                 else:
                     hub = HubSource(self.catalog, name, self.cache / "hub", stopping=self._stopping, **guarded)
-                    self.scheduler.add_job(hub.poll, IntervalTrigger(timezone=timezone.utc, seconds=hub.settings.interval_seconds),
+                    self.scheduler.add_job(hub.poll, _every(hub.settings.interval_seconds),
                                            id=f"poll:{name}", replace_existing=True,
                                            next_run_time=datetime.now(timezone.utc))
                     self._polled.append(name)
@@ -401,10 +407,10 @@ class Daemon:
         self._groups = {group.name: group for group in config.groups}
         self._caught_up.clear()
         self._unmerged_since.clear()  # every group runs now (below)
-        self.scheduler.add_job(self._catch_up, IntervalTrigger(timezone=timezone.utc, seconds=config.daemon.catalog_check_seconds),
+        self.scheduler.add_job(self._catch_up, _every(config.daemon.catalog_check_seconds),
                                id="catalog-check", replace_existing=True)
         self.peers.settings_changed()
-        self.scheduler.add_job(self._check_peers, IntervalTrigger(timezone=timezone.utc, seconds=config.daemon.catalog_check_seconds),
+        self.scheduler.add_job(self._check_peers, _every(config.daemon.catalog_check_seconds),
                                id="peers", replace_existing=True, next_run_time=datetime.now(timezone.utc))
         for group in config.groups:
             self._schedule(group)
@@ -415,7 +421,7 @@ class Daemon:
         as for a trigger: a run due while the last scheduled one merges waits for it (with
         one, it was skipped with a WARNING, and no run read the inputs at that time)."""
         trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
-                   else IntervalTrigger(timezone=timezone.utc, seconds=group.interval_seconds) if group.interval_seconds else None)
+                   else _every(group.interval_seconds) if group.interval_seconds else None)
         if trigger is not None:
             self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
                                    executor="merge", replace_existing=True, max_instances=2)

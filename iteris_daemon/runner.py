@@ -597,9 +597,14 @@ def _keep_published(folder: Path, target: Path, run_id: int) -> None:
 
 def _discard(copy: Path) -> None:
     """Remove a kept copy, its run file and its files' hashes."""
-    _copy_run(copy).unlink(missing_ok=True)  # first: a run file never names a half-deleted copy
-    _copy_files(copy).unlink(missing_ok=True)
+    _forget(copy)  # first: a run file never names a half-deleted copy
     shutil.rmtree(copy, ignore_errors=True)
+
+
+def _forget(copy: Path) -> None:
+    """Remove the run file and the files' hashes beside a kept copy: it is kept no more."""
+    _copy_run(copy).unlink(missing_ok=True)
+    _copy_files(copy).unlink(missing_ok=True)
 
 
 def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint: str,
@@ -645,8 +650,7 @@ def _keep_unpublished(group: str, merged: Path, unpublished: Path, run_id: int) 
         log.warning("group %s: run %d: cannot keep the merge to publish it again (%s); if publishing fails the "
                     "next run merges again", group, run_id, exc)
         where = merged if merged.exists() else unpublished
-        _copy_run(unpublished).unlink(missing_ok=True)
-        _copy_files(unpublished).unlink(missing_ok=True)
+        _forget(unpublished)
         return where
     return unpublished
 
