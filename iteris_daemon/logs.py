@@ -21,6 +21,11 @@ NOISY = ("transformers", "httpx", "httpx2", "urllib3", "huggingface_hub", "alemb
 TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 adapter``, ``2 adapters``: a count as messages say it (regular plurals only)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def redact(text: str) -> str:
     """``text`` with every Hugging Face token replaced by ``hf_***``."""
     return TOKEN.sub("hf_***", text)

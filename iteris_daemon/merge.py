@@ -32,6 +32,7 @@ from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
                      OutputError, OutputExistsError)
 from .evaluation import evaluate
+from .logs import counted
 from .lora import LoraAdapter, load_adapter, save_adapter
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
@@ -462,7 +463,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
                      request.offload)
 
-    log.info("merging %d adapters with %s", len(adapters), strategy.name)
+    log.info("merging %s with %s", counted(len(adapters), "adapter"), strategy.name)
     rss_before = memory.current_rss_mb()
     window = memory.reset_peak()
     memory.reset_device_peak(base.device)

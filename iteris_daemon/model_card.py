@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from .figures import number, task_figures
+from .logs import counted
 from .publish import PublishRequest
 
 _REVISION_CHARS = 12
@@ -59,7 +60,7 @@ def _card(heading: str, base_model: str, strategy: str, origin: str, columns: li
     sections = [
         f"# {heading}",
         f"Merged by iteris-daemon with the `{_code(strategy)}` strategy from "
-        f"{len(inputs)} LoRA adapter{'s' if len(inputs) != 1 else ''} of `{_code(base_model)}`{origin}.",
+        f"{counted(len(inputs), 'LoRA adapter')} of `{_code(base_model)}`{origin}.",
         "## Input adapters\n\n" + _table(columns, inputs),
         "## Strategy parameters\n\n```json\n" + json.dumps(params, indent=2, sort_keys=True, default=str) + "\n```",
     ]

@@ -53,7 +53,7 @@ from .catalog.registry import list_current
 from .config import GroupConfig, Selection
 from .errors import AdapterError, IterisError, MergeCancelled, PluginError
 from .gates import judge
-from .logs import redact
+from .logs import counted, redact
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
@@ -746,7 +746,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
         skip = (f"waiting for {', '.join(inputs.changing)} to be registered again: "
                 f"{inputs.held_back[inputs.changing[0]]}")
     elif len(inputs.revisions) < group.min_adapters:
-        skip = f"{len(inputs.revisions)} adapters ready, the group needs {group.min_adapters}"
+        skip = f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
     elif not force and last is not None and last.input_fingerprint == fingerprint:
         skip = (f"inputs unchanged since run {last.id}, which was refused: {last.error}" if last.status is RunStatus.refused
                 else "inputs unchanged since the last successful run")
@@ -761,8 +761,9 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     out = work_dir / f"run-{run_id}"
     merged = out if kept is None else unpublished
     if kept is None:
-        log.info("group %s: run %d merges %d adapters with %s", group.name, run_id, len(inputs.revisions), group.strategy)
-        on_status(f"group {group.name}: run {run_id} merging {len(inputs.revisions)} adapters")
+        merging = counted(len(inputs.revisions), "adapter")
+        log.info("group %s: run %d merges %s with %s", group.name, run_id, merging, group.strategy)
+        on_status(f"group {group.name}: run {run_id} merging {merging}")
     else:
         log.info("group %s: run %d publishes the merge of run %d again (its publishing failed; the inputs are the "
                  "same)", group.name, run_id, kept[0])

@@ -209,6 +209,7 @@ def test_repeated_skips_share_one_row_and_still_count(setup):
     from iteris_daemon.endpoints import DaemonMetrics
     from iteris_daemon.status import collect, render
 
+    assert setup.run(setup.group(names=("task0",), min_adapters=2)).detail == "1 adapter ready, the group needs 2"
     waiting = setup.group(names=("task0", "task1"), min_adapters=3)
     assert [setup.run(waiting).status for _ in range(2)] == [RunStatus.skipped] * 2
     assert "skipped" in render(collect(setup.catalog)) and "(2 times since" in render(collect(setup.catalog))

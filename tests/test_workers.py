@@ -126,7 +126,7 @@ def _cancel_when_merging(caplog) -> threading.Event:
 
     class Watch(logging.Handler):
         def emit(self, record):
-            if "merging 1 adapters with faulty" in record.getMessage():
+            if "merging 1 adapter with faulty" in record.getMessage():
                 stop.set()
 
     logging.getLogger("iteris_daemon.worker").addHandler(Watch())
@@ -161,7 +161,7 @@ def test_worker_logs_reach_the_daemon_log_with_the_run(setup, caplog):
     outcome = setup.run()
     relayed = [r.getMessage() for r in caplog.records if r.name == "iteris_daemon.worker"]
     label = f"group unified run {outcome.run_id}: "
-    assert any(m.startswith(label + "merging 1 adapters with faulty") for m in relayed)
+    assert any(m.startswith(label + "merging 1 adapter with faulty") for m in relayed)
     assert any(m.startswith(label + "worker ") and m.endswith(" started") for m in relayed)
 
 

@@ -161,9 +161,10 @@ def _merge(args) -> int:
 
 def summarize(report: dict, out: Path) -> str:
     from ..figures import text
+    from ..logs import counted
 
     lines = [
-        f"merged {len(report['inputs'])} adapters with {report['strategy']} in {report['merge_seconds']:.1f}s "
+        f"merged {counted(len(report['inputs']), 'adapter')} with {report['strategy']} in {report['merge_seconds']:.1f}s "
         f"({report['iterations_run']} iterations, peak RSS {report['peak_memory_mb']:.0f} MB) -> {out}",
     ]
     if report["tasks"]:
