@@ -19,20 +19,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationOptions, CalibrationSet
-from .catalog import Catalog
-from .config import DaemonConfig
-from .errors import ConfigError, IterisError, ParameterError
+from .errors import InputsChangedError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary, text
-from .merge import AdapterSpec, calibration_for, check_result, load_adapters, load_base, merged_head
+from .merge import AdapterSpec, calibration_for, load_adapters, load_base, merged_head, run_strategy
 from .plugin_manager import get_strategy, strategies
-from .runner import gather_inputs
 from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
 
 log = logging.getLogger(__name__)
@@ -76,7 +72,7 @@ class CompareRequest:
     trust_remote_code: bool = False
     modules_to_save_rule: str = "agree"
     calibration: CalibrationOptions | None = None
-    calibration_sets: list[CalibrationSet] | None = None  # already gathered (a daemon group's, see group_request)
+    calibration_sets: list[CalibrationSet] | None = None  # already gathered (a daemon group's: `compare --group`)
     base_checked: bool = False  # a daemon group's: registered against base_model (see MergeRequest)
     contenders: list[Contender] = field(default_factory=list)  # compared first, before ``strategies``
     batch_size: int = 16  # scoring batches, the same for every strategy
@@ -129,18 +125,15 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         inputs = MergeInputs(base, adapters, [data.head(samples) for data in kept], request.device, head)
         try:
             started = time.perf_counter()
-            result = contender.strategy.merge(inputs, contender.params, progress)
+            result = run_strategy(contender.strategy, contender.params, inputs, progress)
             seconds = time.perf_counter() - started
-            check_result(contender.strategy.name, result.modules, adapters)
             tasks = evaluate(base, adapters, list(held), result.modules, head, request.batch_size,
                              request.max_length, progress)
-        except IterisError as exc:  # these adapters are not for this strategy: say why, score the others
-            log.warning("%s: %s", contender.label, exc)
-            rows.append({"strategy": contender.label, "error": str(exc)})
-            continue
-        except Exception as exc:  # a strategy's own bug (a plugin's, say) must not lose the other rows
-            log.exception("%s failed", contender.label)
-            rows.append({"strategy": contender.label, "error": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # one contender's failure must not lose the other rows
+            rows.append({"strategy": contender.label, "error": _failure(contender.label, exc)})
+            if isinstance(exc, InputsChangedError):  # the next contenders get the adapters as they were read
+                adapters = load_adapters(request.adapters, request.base_checked)
+                head = merged_head(adapters, request.modules_to_save_rule)
             continue
         rows.append(_row(contender.label, seconds, tasks))
     rows.sort(key=lambda row: (row.get("error") is not None, row.get("mean_fidelity_gap", 0.0)))
@@ -155,32 +148,17 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     }
 
 
-def group_request(config: DaemonConfig, name: str, into: Path, **options: Any) -> CompareRequest:
-    """A comparison of a daemon group's current inputs: the adapters it would merge now, copied
-    into ``into`` as a run copies them, with the calibration its sources give; the group's own
-    strategy and parameters come first. ``options``: the other :class:`CompareRequest` fields."""
-    group = next((g for g in config.groups if g.name == name), None)
-    if group is None:
-        defined = ", ".join(g.name for g in config.groups) or "none"
-        raise ConfigError(f"no merge group named {name!r} in the config (its groups: {defined})")
-    catalog = Catalog(config.daemon.catalog_url(), create=False)
-    try:
-        inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
-                               limits=config.daemon.limits.limits(),
-                               read_limit=options.get("max_samples", CompareRequest.max_samples))
-    finally:
-        catalog.close()
-    for adapter, reason in inputs.held_back.items():
-        log.warning("group %s: adapter %s left out: %s", group.name, adapter, reason)
-    if not inputs.revisions:
-        raise ConfigError(f"group {group.name}: no adapter with calibration data to compare on (see `status`)")
-    strategy = get_strategy(group.strategy)
-    own = Contender(f"{group.strategy} (group {group.name})", strategy, parse_params(strategy, group.params))
-    adapters = [AdapterSpec(folder, name=adapter.name, origin=revision.files_path)
-                for (adapter, revision), folder in zip(inputs.revisions, inputs.folders)]
-    options.setdefault("trust_remote_code", group.base_model in config.daemon.trust_remote_code)
-    return CompareRequest(base_model=group.base_model, adapters=adapters, calibration_sets=inputs.calibration,
-                          contenders=[own], base_checked=True, **options)
+def _failure(label: str, exc: Exception) -> str:
+    """A contender's error, logged as ``merge`` says it: one line (these adapters are not for
+    that strategy; a plugin's bug, named), its cause's traceback with ``-v``; an error
+    outside the strategy's checks (the evaluation's) with its traceback."""
+    if not isinstance(exc, IterisError):
+        log.error("%s failed", label, exc_info=exc)
+        return f"{type(exc).__name__}: {exc}"
+    log.warning("%s: %s", label, exc)
+    if exc.__cause__ is not None:
+        log.debug("caused by", exc_info=exc.__cause__)
+    return str(exc)
 
 
 def _row(label: str, seconds: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -213,7 +191,7 @@ def render(report: dict[str, Any]) -> str:
                  + (f"{'+loss':>7}  " if added else "") + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for row in report["strategies"]:
         if "error" in row:
-            lines.append(f"{row['strategy']:{label_width}}  failed: {row['error']}")
+            lines.append(f"{row['strategy']:{label_width}}  error: {row['error']}")
             continue
         worst = f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})" if "worst_task" in row else "-"
         lines.append(f"{row['strategy']:{label_width}}  {text(row.get('mean_fidelity_gap')):>7}  {worst:{worst_width}}  "

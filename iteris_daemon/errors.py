@@ -46,6 +46,10 @@ class MergeError(IterisError):
     """The merge ran but produced something unusable (e.g. non-finite weights)."""
 
 
+class InputsChangedError(MergeError):
+    """A strategy changed the input adapters it was given (in place, or replaced their tensors)."""
+
+
 class MergeCancelled(IterisError):
     """A merge was asked to stop (``should_stop``, or its worker's SIGTERM); nothing was written."""
 

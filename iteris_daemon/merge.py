@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from . import memory, safe_json
 from .adapter_config import CARD_NAME, REPORT_NAME
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
-from .errors import (CalibrationError, IncompatibleAdaptersError, IterisError, MergeCancelled, MergeError,
-                     OutputError, OutputExistsError)
+from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
+                     MergeError, OutputError, OutputExistsError)
 from .evaluation import evaluate
 from .logs import counted
 from .lora import LoraAdapter, load_adapter, save_adapter
@@ -40,7 +40,7 @@ from .model_card import merge_card
 from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
-from .strategy import MergedAdapter, MergeInputs, parse_params
+from .strategy import MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams, parse_params
 from .validation import named_base_problem
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def check_inputs_kept(strategy: str, before: dict[tuple[str, str], tuple[torch.T
     for key, (tensor, version) in before.items():
         now = after.get(key)
         if now is None or now[0] is not tensor or now[1] != version:
-            raise MergeError(f"strategy {strategy} changed its input adapter {key[0]} ({key[1]}); a strategy must "
+            raise InputsChangedError(f"strategy {strategy} changed its input adapter {key[0]} ({key[1]}); a strategy must "
                              "leave its inputs as given (the evaluation compares the merge with them); nothing was "
                              "written")
 
@@ -434,6 +434,28 @@ def _escape(path: str) -> str:
     return path.replace(".", r"\.")
 
 
+def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeInputs,
+                 progress: Progress) -> MergedAdapter:
+    """``strategy``'s merge of ``inputs``, checked as ``merge`` and ``compare`` both take it: a
+    plugin's exception is one line naming it (-v shows the traceback), and a result that is
+    not LoRA factors of the adapted layers, or inputs the strategy changed, are refused."""
+    given = input_tensors(inputs.adapters)
+    try:
+        result = strategy.merge(inputs, params, progress)
+    except (IterisError, MemoryError):
+        raise
+    except Exception as exc:
+        if says_out_of_memory(str(exc)):  # torch's allocator: the worker reports it as out of memory
+            raise
+        raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
+        raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
+                         "(with a dict of metrics); nothing was written")
+    check_inputs_kept(strategy.name, given, inputs.adapters)
+    check_result(strategy.name, result.modules, inputs.adapters)
+    return result
+
+
 def run_merge(request: MergeRequest) -> dict[str, Any]:
     """Merge ``request.adapters`` into ``request.out``; return the report that is also written."""
     started = time.perf_counter()
@@ -468,15 +490,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     window = memory.reset_peak()
     memory.reset_device_peak(base.device)
     merge_started = time.perf_counter()
-    given = input_tensors(adapters)
-    try:
-        result = strategy.merge(MergeInputs(base, adapters, calibration, request.device, head), params, progress)
-    except (IterisError, MemoryError):
-        raise
-    except Exception as exc:  # a plugin's bug: one line naming it; -v shows the traceback
-        if says_out_of_memory(str(exc)):  # torch's allocator: the worker reports it as out of memory
-            raise
-        raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
+    result = run_strategy(strategy, params, MergeInputs(base, adapters, calibration, request.device, head), progress)
     merge_seconds = time.perf_counter() - merge_started
     merge_peak = memory.window_peak_mb() if window else None
     device_peak = memory.device_peak_mb(base.device)
@@ -485,11 +499,6 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     output_dtype = DTYPES[request.output_dtype] if request.output_dtype else functools.reduce(
         torch.promote_types, [a.dtype for a in adapters] + [t.dtype for t in head.values() if t.is_floating_point()])
 
-    if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
-        raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
-                         "(with a dict of metrics); nothing was written")
-    check_inputs_kept(strategy.name, given, adapters)
-    check_result(strategy.name, result.modules, adapters)
     modules, ranks, truncation = {}, {}, {}
     storages: set[int] = set()
     for path, (B, A) in result.modules.items():

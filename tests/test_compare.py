@@ -93,7 +93,7 @@ def test_a_strategy_that_cannot_merge_is_listed_with_its_error(tiny, capsys):
     assert _compare(base_dir, adapter_dirs, "--strategy", failing, "--strategy", "ties") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[2].split()[0] == "ties"
-    assert table[3] == f"{failing}  failed: task_weights has 1 entries for 3 adapters"
+    assert table[3] == f"{failing}  error: task_weights has 1 entries for 3 adapters"
     assert _compare(base_dir, adapter_dirs, "--strategy", failing) == 1  # none could merge
 
 
@@ -114,8 +114,10 @@ def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch,
     captured = capsys.readouterr()
     table = captured.out.splitlines()
     assert table[2].split()[0] == "ties"
-    assert table[3].split(None, 1) == ["broken", "failed: RuntimeError: a bug in a plugin"]
-    assert "Traceback" in captured.err and "broken failed" in captured.err
+    assert table[3].split(None, 1) == ["broken", "error: strategy broken failed: RuntimeError: a bug in a plugin"]
+    assert "Traceback" not in captured.err  # one line, as `merge` says it; -v shows the traceback
+    assert _compare(base_dir, adapter_dirs, "--strategy", "broken", "--strategy", "ties", "-v") == 0
+    assert "Traceback" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -169,6 +171,38 @@ def test_the_default_contenders_leave_out_a_strategy_with_a_required_parameter(c
     assert "needs_w" in every and runnable == [name for name in every if name != "needs_w"]
     assert any("strategy needs_w left out" in r.getMessage() and "--strategy needs_w:KEY=VALUE" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_scores(tiny, tmp_path, capsys):
+    """``compare`` hands every contender the same adapters: a plugin that scaled one in place
+    (DARE's drop done on the inputs) was scored, and every later contender merged and was
+    compared with the edited adapter. ``merge`` refused it; ``compare`` now does too, and
+    reads the adapters again for the contenders after it."""
+    from iteris_daemon.strategy import MergedAdapter, StrategyParams
+
+    class EditsInputs:
+        name, description, needs_calibration = "edits_inputs", "a test plugin", False
+        Params = StrategyParams
+
+        def merge(self, inputs, params, progress):
+            for module in inputs.adapters[0].modules.values():
+                module.B.mul_(3.0)
+            return MergedAdapter({path: (m.B, m.A) for path, m in inputs.adapters[0].modules.items()})
+
+    base_dir, adapter_dirs = tiny["bert"]
+
+    def rows(*labels: str) -> dict[str, dict]:
+        out = tmp_path / f"{len(labels)}.json"
+        assert _compare(base_dir, adapter_dirs, *[a for label in labels for a in ("--strategy", label)],
+                        "--json", str(out)) == 0
+        return {row["strategy"]: row for row in json.loads(out.read_text())["strategies"]}
+
+    alone = rows("task_arithmetic")
+    with registered("register_strategies", EditsInputs()):
+        after = rows("edits_inputs", "task_arithmetic")
+    assert after["edits_inputs"]["error"].startswith("strategy edits_inputs changed its input adapter ")
+    assert after["task_arithmetic"] == alone["task_arithmetic"] | {"merge_seconds": after["task_arithmetic"]["merge_seconds"]}
+    capsys.readouterr()
 
 
 def test_a_task_with_one_calibration_sample_cannot_hold_one_out(tiny, tmp_path, capsys):

@@ -4,6 +4,7 @@ calibration samples (:mod:`iteris_daemon.compare`)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from ..errors import OutputError
 from ..paths import overlap, real, user_path
 from .merge import add_input_arguments, calibration_options
+
+log = logging.getLogger(__name__)
 
 COMPARE_EPILOG = """\
 examples:
@@ -63,7 +66,7 @@ def _compare(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from .. import safe_json
-    from ..compare import CompareRequest, group_request, render, run_compare
+    from ..compare import CompareRequest, render, run_compare
     from ..config import load_config
     from ..errors import ConfigError
     from ..merge import local_inputs
@@ -91,7 +94,7 @@ def _compare(args) -> int:
         if args.trust_remote_code:
             options["trust_remote_code"] = True
         with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
-            report = run_compare(group_request(load_config(args.config), args.group, Path(into), **options))
+            report = run_compare(_group_request(load_config(args.config), args.group, Path(into), **options))
     print(render(report))
     if args.json:
         try:
@@ -99,6 +102,42 @@ def _compare(args) -> int:
         except OSError as exc:
             raise OutputError(f"{args.json}: cannot write the JSON report: {exc.strerror or exc}") from None
     return 0 if any("error" not in row for row in report["strategies"]) else 1
+
+
+def _group_request(config, name: str, into: Path, **options):
+    """A comparison of a daemon group's current inputs: the adapters it would merge now, copied
+    into ``into`` as a run copies them, with the calibration its sources give; the group's own
+    strategy and parameters come first. ``options``: the other ``CompareRequest`` fields."""
+    from ..catalog import Catalog
+    from ..compare import CompareRequest, Contender
+    from ..errors import ConfigError
+    from ..merge import AdapterSpec
+    from ..plugin_manager import get_strategy
+    from ..runner import gather_inputs
+    from ..strategy import parse_params
+
+    group = next((g for g in config.groups if g.name == name), None)
+    if group is None:
+        defined = ", ".join(g.name for g in config.groups) or "none"
+        raise ConfigError(f"no merge group named {name!r} in the config (its groups: {defined})")
+    catalog = Catalog(config.daemon.catalog_url(), create=False)
+    try:
+        inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
+                               limits=config.daemon.limits.limits(),
+                               read_limit=options.get("max_samples", CompareRequest.max_samples))
+    finally:
+        catalog.close()
+    for adapter, reason in inputs.held_back.items():
+        log.warning("group %s: adapter %s left out: %s", group.name, adapter, reason)
+    if not inputs.revisions:
+        raise ConfigError(f"group {group.name}: no adapter with calibration data to compare on (see `status`)")
+    strategy = get_strategy(group.strategy)
+    own = Contender(f"{group.strategy} (group {group.name})", strategy, parse_params(strategy, group.params))
+    adapters = [AdapterSpec(folder, name=adapter.name, origin=revision.files_path)
+                for (adapter, revision), folder in zip(inputs.revisions, inputs.folders)]
+    options.setdefault("trust_remote_code", group.base_model in config.daemon.trust_remote_code)
+    return CompareRequest(base_model=group.base_model, adapters=adapters, calibration_sets=inputs.calibration,
+                          contenders=[own], base_checked=True, **options)
 
 
 def _check_json_path(path: Path, inputs: list[Path]) -> None:
