@@ -522,7 +522,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         batch_size = getattr(params, "batch_size", request.eval_batch_size)
         max_length = getattr(params, "max_length", request.eval_max_length)
         per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
-                            reference=reference)
+                            accumulate_dtype=getattr(params, "accumulate_dtype", "float32"), reference=reference,
+                            blockwise=getattr(params, "blockwise", True))  # as the strategy ran the model
     broken = [name for name, figures in per_task.items()
               if isinstance(figures.get("fidelity_gap"), float) and not math.isfinite(figures["fidelity_gap"])]
     if broken:  # finite factors whose product overflows, say

@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from builders import build_adapter, cli_merge, model_class, tokenizer
+from iteris_daemon.execution import prepare
 from iteris_daemon.lora import load_adapter
 
 TOKENS = dict(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102)
@@ -164,16 +165,27 @@ def test_family_merges_and_loads(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", BLOCKS_EQUAL_WHOLE)
-def test_block_by_block_equals_whole_model_passes(family, tmp_path):
+def test_block_by_block_equals_whole_model_passes(family, tmp_path, monkeypatch):
+    """``blockwise=false`` (whole-model passes) holds for the merge report's evaluation too: it
+    ran block by block in float32 whatever the strategy was told (a model the block executor
+    cannot run is why a user says false)."""
+    from iteris_daemon import evaluation
+
     base_dir, adapters = _base_and_adapters(family, tmp_path)
-    merged = {}
+    evaluated = []
+    monkeypatch.setattr(evaluation, "prepare", lambda *a: evaluated.append(a[3]) or prepare(*a))
+    merged, figures = {}, {}
     for blockwise in ("true", "false"):
         out = tmp_path / f"blockwise-{blockwise}"
         assert cli_merge(base_dir, adapters, out, "--param", "iterations=2", "--param", f"blockwise={blockwise}",
                          "--param", "accumulate_dtype=float64") == 0
         report = json.loads((out / "merge_report.json").read_text())
         assert report["metrics"]["execution"] == ("blocks" if blockwise == "true" else "whole model")
+        assert evaluated.pop() is (blockwise == "true")
+        figures[blockwise] = report["tasks"]
         merged[blockwise] = load_file(out / "adapter_model.safetensors")
+    for task, whole in figures["false"].items():
+        assert figures["true"][task]["fidelity_gap"] == pytest.approx(whole["fidelity_gap"], rel=1e-5)
     assert merged["true"].keys() == merged["false"].keys()
     for name, whole in merged["false"].items():
         torch.testing.assert_close(merged["true"][name].double(), whole.double(), rtol=1e-5, atol=1e-7, msg=name)
