@@ -61,5 +61,5 @@ def register_publishers(register: Callable[["Publisher"], None]) -> None:
 
     A publisher satisfies :class:`iteris_daemon.publish.Publisher`: a unique ``kind``
     (what a destination names in the config), a pydantic ``Settings`` model, and
-    ``publish(request, settings)`` / ``current_version(settings)``.
+    ``publish(request, settings)``.
     """

@@ -65,7 +65,3 @@ class Publisher(Protocol):
 
     def publish(self, request: PublishRequest, settings: PublisherSettings) -> PublishResult:
         """Publish ``request.adapter_dir``; raise on failure (the run is then not successful)."""
-
-    def current_version(self, settings: PublisherSettings) -> str | None:
-        """The version the destination holds now, read from the destination itself, or None
-        (``iteris-daemon status`` shows the catalog's record of what was published instead)."""

@@ -109,9 +109,6 @@ class FolderPublisher:
             log.warning("folder %s: could not prune old versions (%s); the next publish tries again", root, exc)
         return PublishResult(str(root), version, changed=True)
 
-    def current_version(self, settings: FolderPublishSettings) -> str | None:
-        return _current_name(settings.path)
-
 
 def _check_adapter(folder: Path) -> None:
     missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import ModelInfo
 from pydantic import Field
 from tenacity import Retrying, retry_if_exception
@@ -102,12 +102,6 @@ class HubPublisher:
                 # to find it unchanged and leave it untagged anyway.
                 log.warning("hub %s: %s is published but could not be tagged %s: %s", where, sha, tag, _reason(exc))
         return PublishResult(where, sha, changed=True)
-
-    def current_version(self, settings: HubPublishSettings) -> str | None:
-        try:
-            return _read_head(_api(settings), settings).sha
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            return None
 
 
 def _api(settings: HubPublishSettings) -> HfApi:
