@@ -71,12 +71,10 @@ class _TypedFields(BaseModel):
     fan_in_fan_out: Annotated[bool, Field(strict=True)] | None = None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, read in chunks (a merge's weights can be gigabytes)."""
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 MAX_PATTERN_KEY = 256  # characters in a rank_pattern / alpha_pattern key

@@ -382,15 +382,12 @@ def _source_holds_revision(adapter: Adapter, revision: AdapterRevision, limits: 
 def _holds_revision(adapter: Adapter, revision: AdapterRevision, copy: Path, limits: Limits) -> bool:
     """Whether the run's ``copy`` is the registered content (the weights' hash, and for a
     folder source the whole fingerprint), read without checking it."""
-    weights = hashlib.sha256()
-    with open(copy / WEIGHTS_NAME, "rb") as handle:
-        while block := handle.read(1 << 20):
-            weights.update(block)
-    if revision.content_sha256 is not None and weights.hexdigest() != revision.content_sha256:
+    weights = sha256_file(copy / WEIGHTS_NAME)
+    if revision.content_sha256 is not None and weights != revision.content_sha256:
         return False
     if adapter.source.kind is SourceKind.local:
         fingerprint = folder_fingerprint(copy, limits, pickled_from=Path(revision.files_path),
-                                         weights_sha256=weights.hexdigest())
+                                         weights_sha256=weights)
         return fingerprint == revision.revision
     return True
 

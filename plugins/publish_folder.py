@@ -19,7 +19,6 @@ the partial copy stays hidden in ``versions/.staging-*`` until the next publish 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 from pydantic import Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME
+from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME, sha256_file
 from iteris_daemon.errors import AdapterError, IterisError, OutputExistsError
 from iteris_daemon.paths import LocalPath
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
@@ -133,19 +132,12 @@ def _current_name(root: Path) -> str | None:
     return Path(os.readlink(link)).name if link.is_symlink() else None
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _same_adapter(new: Path, published: Path) -> bool:
     """Compare contents, not dates or names: a re-run that merges to the same bytes is not a new version."""
-    return all(_sha256(published / name) == _sha256(new / name) for name in ADAPTER_FILES)
+    def sha256(path: Path) -> str | None:
+        return sha256_file(path) if path.is_file() else None
+
+    return all(sha256(published / name) == sha256(new / name) for name in ADAPTER_FILES)
 
 
 def _copy_flushed(source: Path, target: Path) -> None:
