@@ -21,6 +21,7 @@ from .calibration import DEFAULT_ORDER, source_settings
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
+from .strategy import DEFAULT_STRATEGY
 from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, state_dir
 from .validation import Limits
 
@@ -286,7 +287,7 @@ class Gates(_Strict):
 class GroupConfig(_Strict):
     name: Name
     base_model: ModelLocation
-    strategy: str = "iteris"
+    strategy: str = DEFAULT_STRATEGY
     params: dict[str, Any] = Field(default_factory=dict)
     select: Selection = Field(default_factory=Selection)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

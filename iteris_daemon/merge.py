@@ -40,7 +40,7 @@ from .model_card import merge_card
 from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
-from .strategy import MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams, parse_params
+from .strategy import DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams, parse_params
 from .validation import named_base_problem
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class MergeRequest:
     base_model: str
     adapters: list[AdapterSpec]
     out: Path
-    strategy: str = "iteris"
+    strategy: str = DEFAULT_STRATEGY
     params: dict[str, Any] | None = None
     device: str = "cpu"
     dtype: str = "float32"  # the base model's compute dtype

@@ -13,9 +13,7 @@ from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownStrategyError
 from .calibration import CalibrationSettings, CalibrationSource
 from .publish import Publisher, PublisherSettings
-from .strategy import MergeStrategy, StrategyParams
-
-DEFAULT_STRATEGY = "iteris"
+from .strategy import DEFAULT_STRATEGY, MergeStrategy, StrategyParams
 
 
 @cache

@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # torch stays out of the daemon: only merges (in worker proce
     from .lora import LoraAdapter
     from .model import BaseModel as LoadedModel
 
+DEFAULT_STRATEGY = "iteris"  # what `merge`, a daemon group and `plugins` default to
+
 Progress = Callable[..., Any]
 """A ``tqdm``-like factory: ``progress(total=n, desc=...)`` returns a bar with ``update()``."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import user_path
+from ..strategy import DEFAULT_STRATEGY
 
 MERGE_EPILOG = """\
 examples:
@@ -59,7 +60,8 @@ def register(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input_arguments(merge)
-    merge.add_argument("--strategy", default="iteris", help="merge strategy (default: iteris; see `plugins`)")
+    merge.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                       help=f"merge strategy (default: {DEFAULT_STRATEGY}; see `plugins`)")
     merge.add_argument(
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
         help="strategy parameter; VALUE is JSON when it parses (3, 0.1, true, [1,2]) else a string",
