@@ -299,7 +299,7 @@ def test_non_finite_weights_and_non_finite_outputs_are_never_published(setup):
 
 
 def test_the_reference_is_scored_on_the_same_batches_as_the_merge(setup):
-    """An independent check of the baseline evaluation: the published merge, scored as the
+    """A consistency check of the baseline evaluation: the published merge, scored as the
     reference by the next run on unchanged data, has the fidelity gaps it had as the merge."""
     both = ("task0", "task1")
     first = setup.run(setup.group(strategy="iteris", names=both, params={"iterations": 1, "samples_per_task": 8}))

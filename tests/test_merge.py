@@ -29,6 +29,8 @@ def test_family_merges_and_peft_loads_it(tiny, family, tmp_path):
     assert all(len(i["sha256"]) == 64 for i in report["inputs"])
     for figures in report["tasks"].values():
         assert len(figures["alignment_loss"]) == report["iterations_run"]
+        # A sanity bound only: three random tiny adapters merged can be farther from one task
+        # than the base model is (a gap of 1.14 on gpt2); tests/test_evaluation.py checks the figures by hand.
         assert 0 <= figures["fidelity_gap"] < 1.5
 
     base = MODEL_CLASSES[family].from_pretrained(base_dir).eval()
