@@ -6,6 +6,7 @@ refused before anything touches it, because unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,11 +70,11 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         tensors: dict[str, torch.Tensor] = safetensors_load(data)
     except Exception as exc:  # the header passed read_checked; safetensors raises untyped errors
         raise AdapterError(weights_path, f"unreadable safetensors file: {exc}") from None
-    modules, dtype = {}, torch.float32
+    modules = {}
     for module, (a_key, b_key) in layout.tensor_keys.items():
         A, B = _unpadded(tensors[a_key].float(), tensors[b_key].float())
         modules[module] = LoraModule(A=A, B=B, scaling=module_scaling(layout.config, module)[1])
-        dtype = tensors[a_key].dtype
+    saved = [tensors[key].dtype for pair in layout.tensor_keys.values() for key in pair]
     return LoraAdapter(
         name=layout.name,
         path=path,
@@ -81,7 +82,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         modules=modules,
         modules_to_save={key: tensors[KEY_PREFIX + key] for key in layout.modules_to_save},
         content_sha256=layout.content_sha256,
-        dtype=dtype,  # the saved dtype (a file holds one per module; the last module's, as sorted)
+        # the saved dtype: the widest of the factors' (bfloat16 and float16 give float32)
+        dtype=functools.reduce(torch.promote_types, saved, saved[0]) if saved else torch.float32,
     )
 
 

@@ -462,6 +462,14 @@ def test_the_default_output_dtype_does_not_depend_on_the_adapters_order(tiny, tm
         report = _merge(base_dir, order, tmp_path / f"out-{order[0].name}")
         assert report["output_dtype"] == "float32", order
     assert _merge(base_dir, [half], tmp_path / "alone")["output_dtype"] == "bfloat16"
+    # Within one adapter too: it was its last module's dtype (here bfloat16, the first float16).
+    mixed = tmp_path / "mixed"
+    shutil.copytree(first, mixed)
+    tensors = dict(sorted(load_file(mixed / "adapter_model.safetensors").items()))
+    last = len(tensors) - 2
+    save_file({k: t.to(torch.float16 if i == 0 else torch.bfloat16 if i >= last else torch.float32)
+               for i, (k, t) in enumerate(tensors.items())}, mixed / "adapter_model.safetensors")
+    assert _merge(base_dir, [mixed], tmp_path / "mixed-out")["output_dtype"] == "float32"
 
 
 def test_float16_overflow_names_the_layer_and_the_dtype(tiny, tmp_path):
