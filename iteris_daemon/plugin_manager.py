@@ -108,7 +108,7 @@ _REQUIRED = {
 }
 
 
-def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) -> dict:
+def _collect(hook, key: str, what: str) -> dict:
     """Call a ``register_*`` hook; a second plugin may not silently take a name, and a
     malformed object or a hook that raises is one line naming it, not a traceback later."""
     found: dict = {}
@@ -131,7 +131,7 @@ def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) ->
         found[name] = item
 
     try:
-        getattr((manager or get_plugin_manager()).hook, hook)(register=register)
+        getattr(get_plugin_manager().hook, hook)(register=register)
     except (PluginError, MemoryError):  # out of memory is said as such (a worker under its limit)
         raise
     except Exception as exc:  # pluggy says which plugin's hook failed in the traceback only
@@ -139,39 +139,39 @@ def _collect(hook, key: str, what: str, manager: pluggy.PluginManager | None) ->
     return found
 
 
-def strategies(manager: pluggy.PluginManager | None = None) -> dict[str, MergeStrategy]:
+def strategies() -> dict[str, MergeStrategy]:
     """All registered strategies by name, the default first."""
-    found = _collect("register_strategies", "name", "strategy", manager)
+    found = _collect("register_strategies", "name", "strategy")
     return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_STRATEGY, item[0])))
 
 
-def get_strategy(name: str, manager: pluggy.PluginManager | None = None) -> MergeStrategy:
-    available = strategies(manager)
+def get_strategy(name: str) -> MergeStrategy:
+    available = strategies()
     if name not in available:
         raise UnknownStrategyError(f"unknown strategy {name!r}; available: {', '.join(sorted(available))}")
     return available[name]
 
 
-def calibration_sources(manager: pluggy.PluginManager | None = None) -> dict[str, CalibrationSource]:
+def calibration_sources() -> dict[str, CalibrationSource]:
     """All registered calibration sources by name."""
-    return _collect("register_calibration_sources", "name", "calibration source", manager)
+    return _collect("register_calibration_sources", "name", "calibration source")
 
 
-def publishers(manager: pluggy.PluginManager | None = None) -> dict[str, Publisher]:
+def publishers() -> dict[str, Publisher]:
     """All registered publishers by kind."""
-    return dict(sorted(_collect("register_publishers", "kind", "publisher", manager).items()))
+    return dict(sorted(_collect("register_publishers", "kind", "publisher").items()))
 
 
-def get_publisher(kind: str, manager: pluggy.PluginManager | None = None) -> Publisher:
-    available = publishers(manager)
+def get_publisher(kind: str) -> Publisher:
+    available = publishers()
     if kind not in available:
         raise ConfigError(f"unknown destination kind {kind!r}; available: {', '.join(available) or 'none'}")
     return available[kind]
 
 
-def plugin_names(manager: pluggy.PluginManager | None = None) -> list[tuple[str, str]]:
+def plugin_names() -> list[tuple[str, str]]:
     """(name, origin) of every loaded plugin, for ``iteris-daemon plugins``."""
-    manager = manager or get_plugin_manager()
+    manager = get_plugin_manager()
     dists = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
     rows = []
     for name, plugin in manager.list_name_plugin():

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from . import safe_json
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask
@@ -709,8 +710,12 @@ def run_group(
         claim.release()
 
 
-def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                 on_status, limits, worker, on_worker_failure, stopping) -> RunOutcome:
+def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots: Path,
+                 should_stop: Callable[[], bool], force: bool, device: str, trust_remote_code: bool,
+                 on_status: Callable[[str], None], limits: Limits, worker: WorkerOptions,
+                 on_worker_failure: Callable[[str], None], stopping: threading.Event | None) -> RunOutcome:
+    """The run itself, once ``run_group`` holds the group's claim: gather the inputs into
+    ``snapshots``, skip or merge (or reuse a kept merge), judge, publish, record."""
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
@@ -738,15 +743,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
-    skip = None
-    if inputs.changing:  # publishing now would drop them from the merge until the source reports them
-        skip = (f"waiting for {', '.join(inputs.changing)} to be registered again: "
-                f"{inputs.held_back[inputs.changing[0]]}")
-    elif len(inputs.revisions) < group.min_adapters:
-        skip = f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
-    elif not force and last is not None and last.input_fingerprint == fingerprint:
-        skip = (f"inputs unchanged since run {last.id}, which was refused: {last.error}" if last.status is RunStatus.refused
-                else "inputs unchanged since the last successful run")
+    skip = _skip_reason(group, inputs, fingerprint, last, force)
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
@@ -754,7 +751,7 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
 
     unpublished = unpublished_copy(work_dir, group_id)
     kept = None if force else _unpublished_merge(catalog, group_id, unpublished, fingerprint, last)
-    run_id = _record(catalog, group_id, RunStatus.running, fingerprint, inputs)
+    run_id = _record_start(catalog, group_id, fingerprint, inputs)
     out = work_dir / f"run-{run_id}"
     merged = out if kept is None else unpublished
     if kept is None:
@@ -826,6 +823,22 @@ def _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device
     return RunOutcome(RunStatus.succeeded, run_id)
 
 
+def _skip_reason(group: GroupConfig, inputs: Inputs, fingerprint: str, last: MergeRun | None,
+                 force: bool) -> str | None:
+    """Why this run merges nothing, or None: inputs a source is still registering again
+    (publishing now would drop them from the merge), too few adapters, or the inputs of the
+    last decided run (published or refused) again."""
+    if inputs.changing:
+        return (f"waiting for {', '.join(inputs.changing)} to be registered again: "
+                f"{inputs.held_back[inputs.changing[0]]}")
+    if len(inputs.revisions) < group.min_adapters:
+        return f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
+    if not force and last is not None and last.input_fingerprint == fingerprint:
+        return (f"inputs unchanged since run {last.id}, which was refused: {last.error}"
+                if last.status is RunStatus.refused else "inputs unchanged since the last successful run")
+    return None
+
+
 def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Path | None, folder: Path, label: str,
                     should_stop: Callable[[], bool], device: str, trust_remote_code: bool,
                     options: WorkerOptions) -> dict[str, Any]:
@@ -883,9 +896,10 @@ def _checked_result(kind: str, result: Any) -> PublishResult:
     return result
 
 
-def _record(catalog, group_id, status, fingerprint, inputs: Inputs, error=None, finished=False) -> int:
+def _record_start(catalog: Catalog, group_id: int, fingerprint: str, inputs: Inputs) -> int:
+    """Record a run that starts now (``running``); its outcome is written when it ends."""
     with catalog.session() as session:
-        return _add_run(session, group_id, status, fingerprint, inputs, error, finished).id
+        return _add_run(session, group_id, RunStatus.running, fingerprint, inputs, None, False).id
 
 
 def _record_skip(catalog, group_id: int, fingerprint: str, inputs: Inputs, reason: str) -> int:
@@ -902,7 +916,8 @@ def _record_skip(catalog, group_id: int, fingerprint: str, inputs: Inputs, reaso
         return run.id
 
 
-def _add_run(session, group_id, status, fingerprint, inputs: Inputs, error, finished) -> MergeRun:
+def _add_run(session: Session, group_id: int, status: RunStatus, fingerprint: str, inputs: Inputs, error: str | None,
+             finished: bool) -> MergeRun:
     run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
                    finished_at=utcnow() if finished else None,
                    metrics=inputs.recorded())
