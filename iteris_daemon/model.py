@@ -316,10 +316,11 @@ class BaseModel:
         """The model and where its block weights live (see :mod:`iteris_daemon.weights`).
 
         ``auto`` and ``disk``: stream blocks from the safetensors files when the checkpoint
-        allows it, else (as ``cpu``) keep the model in CPU memory and visit the device block
-        by block (GPU), else load it whole onto the device. An explicit ``disk`` used to
-        go whole onto the device there: a Mixtral, whose experts transformers 5 fuses on
-        loading, onto one GPU.
+        allows it (read through the model's conversion mapping, as ``from_pretrained`` reads
+        it: a Mixtral's experts, stored one by one, stream into its fused parameters), else
+        (as ``cpu``) keep the model in CPU memory and visit the device block by block (GPU),
+        else load it whole onto the device. An explicit ``disk`` used to go whole onto the
+        device there: a checkpoint that cannot stream, onto one GPU.
         """
         from .architecture import block_plan
         from .weights import Offloaded, Resident, WeightsUnavailable, load_streamed

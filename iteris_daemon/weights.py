@@ -13,9 +13,14 @@ Three placements, one interface (``load(block, path)`` before a block is compute
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -78,47 +83,77 @@ def _replace_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class Checkpoint:
-    """Tensor names of a local safetensors checkpoint, mapped onto a model's parameter names.
+    """A local safetensors checkpoint, read into a model's parameters as ``from_pretrained``
+    reads it: through the conversion mapping the model declares (transformers 5 renames
+    some checkpoints' tensors and builds others' fused parameters from several, e.g. a
+    Mixtral's experts, stored one by one, into one 3D parameter per block).
 
     Every tensor the model will read is checked against its file's header here (the file is
-    there, holds the tensor, in the parameter's shape and kind of dtype), so a broken
+    there, holds the tensor, in the shape and kind of dtype the parameter needs), so a broken
     checkpoint is one clear error before the merge starts, not a traceback or a silently
     broadcast weight when its block is reached.
     """
 
     def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False):
-        self.folder = folder
+        self.folder, self.model = folder, model  # conversions read the model and its config
         index = folder / "model.safetensors.index.json"
         # transformers reads model.safetensors where both it and an index are present
         if (folder / "model.safetensors").is_file():
             from safetensors import safe_open
 
-            with safe_open(folder / "model.safetensors", framework="pt") as handle:
-                self.files = {key: folder / "model.safetensors" for key in handle.keys()}
+            self.names_from = folder / "model.safetensors"
+            with safe_open(self.names_from, framework="pt") as handle:
+                self.files = {key: self.names_from for key in handle.keys()}
         elif index.is_file():
+            self.names_from = index
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             self.files = {key: folder / name for key, name in weight_map.items()}
         else:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
-        prefix = getattr(model, "base_model_prefix", "") or ""
-        self.keys: dict[str, str] = {}
-        missing = []
+        meta = model.state_dict()  # every name the model loads, tied ones too
+        self.recipes = _recipes(model, meta, self.files)
+        self.built_by = {target: first for first, recipe in self.recipes.items() for target in recipe.targets}
         # Tied parameters are listed once, under the name that is loaded (tie_weights()
         # restores the others after loading): the skeleton must be tied already.
-        for name, _param in model.named_parameters():
-            key = _checkpoint_key(name, prefix, self.files)
-            if key is None:
-                missing.append(name)
-            else:
-                self.keys[name] = key
+        parameters = dict(model.named_parameters())
+        missing = [name for name in parameters if name not in self.built_by]
         if missing:
             raise WeightsUnavailable(f"the checkpoint has no tensor named {missing[0]} ({len(missing)} such)")
-        _check_headers(self.files, self.keys, model, ignore_mismatched)
+        expected: dict[str, torch.Tensor] = {}
+        for first in dict.fromkeys(self.built_by[name] for name in parameters):
+            expected.update(self._expected(first, meta))
+        _check_headers(self.files, expected, ignore_mismatched)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
         self.float32_modules = {torch.float16: strict | set(getattr(model, "_keep_in_fp32_modules", None) or ()),
                                 torch.bfloat16: strict}
+
+    def _expected(self, first: str, meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors that build recipe ``first``, each as a meta tensor of the
+        shape and dtype it must have. A converted parameter's are those ``save_pretrained``
+        writes it as (it reverts the conversion): one it needs and the checkpoint lacks (an
+        expert's weight) is refused, naming it; one it would not write falls back to a
+        whole-model load, which transformers judges."""
+        from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
+
+        recipe = self.recipes[first]
+        keys = [key for _pattern, key in recipe.sources]
+        if recipe.converter is None:
+            return {keys[0]: meta[first]}
+        try:
+            saved = revert_weight_conversion(self.model, {_spelled_as(t, keys[0], self.model): meta[t]
+                                                          for t in recipe.targets})
+        except Exception as exc:  # an operation that cannot run on shapes alone
+            raise WeightsUnavailable(f"cannot tell which tensors {first} is built from ({exc})".splitlines()[0]) from None
+        if set(keys) - saved.keys():
+            raise WeightsUnavailable(f"{first} is built from tensors save_pretrained would not write "
+                                     f"({sorted(set(keys) - saved.keys())[0]})")
+        absent = sorted(saved.keys() - set(keys), key=dot_natural_key)
+        if absent:
+            raise BaseModelError(f"base model checkpoint {self.names_from} has no tensor {absent[0]} "
+                                 f"(transformers builds {first} from it)")
+        return saved
 
     def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype,
                   names: list[str] | None = None) -> None:
@@ -129,18 +164,22 @@ class Checkpoint:
 
         if names is None:
             names = [name for name, _param in module.named_parameters()]
-        wanted: dict[Path, list[tuple[str, str, torch.dtype]]] = {}
-        for name in names:
-            full = f"{path}.{name}" if path else name
-            if full in self.keys:
-                wanted.setdefault(self.files[self.keys[full]], []).append((name, self.keys[full], self.dtype_of(full, dtype)))
-        for file, names in wanted.items():
-            with safe_open(file, framework="pt", device="cpu") as handle:
-                for name, key, target in names:
-                    tensor = handle.get_tensor(key)
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(target)
-                    _replace_parameter(module, name, tensor.to(device))
+        local = {f"{path}.{name}" if path else name: name for name in names}
+        with ExitStack() as files:
+            handles: dict[Path, Any] = {}
+
+            def read(key: str, target: torch.dtype) -> torch.Tensor:
+                file = self.files[key]
+                if file not in handles:
+                    handles[file] = files.enter_context(safe_open(file, framework="pt", device="cpu"))
+                tensor = handles[file].get_tensor(key)
+                return tensor.to(target) if tensor.is_floating_point() else tensor
+
+            for first in dict.fromkeys(self.built_by[full] for full in local if full in self.built_by):
+                built = self.recipes[first].build(partial(read, target=self.dtype_of(first, dtype)), self.model)
+                for full, tensor in built.items():
+                    if full in local:
+                        _replace_parameter(module, local[full], tensor.to(device))
 
     def dtype_of(self, name: str, dtype: torch.dtype) -> torch.dtype:
         """The dtype parameter ``name`` is loaded in when the model computes in ``dtype``."""
@@ -149,37 +188,86 @@ class Checkpoint:
         return torch.float32 if any(f".{module}." in parts for module in kept) else dtype
 
 
-def _checkpoint_key(name: str, prefix: str, files: dict[str, Path]) -> str | None:
-    """The checkpoint's name for a parameter: the same, or with the base model's prefix
-    added or removed (a ``LlamaModel`` loaded from a ``LlamaForCausalLM`` checkpoint)."""
-    candidates = [name]
-    if prefix:
-        candidates += [f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(f"{prefix}.") else None]
-    return next((c for c in candidates if c and c in files), None)
+@dataclass
+class _Recipe:
+    """How ``from_pretrained`` builds ``targets`` (parameter names): ``converter`` (a
+    transformers ``WeightConverter``; None: one tensor, at most renamed) applied to
+    ``sources``, (source pattern, checkpoint key) in the order transformers collects them."""
+
+    converter: Any
+    targets: list[str]
+    sources: list[tuple[str, str]] = field(default_factory=list)
+
+    def build(self, read: Callable[[str], torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.converter is None:
+            return {self.targets[0]: read(self.sources[0][1])}
+        converter = copy.deepcopy(self.converter)  # it collects the tensors it converts
+        for pattern, key in self.sources:
+            converter.add_tensor(self.targets[0], key, pattern, partial(read, key))
+        built = converter.convert(self.targets[0], model=model, config=model.config)
+        return {name: value[0] if isinstance(value, list) else value for name, value in built.items()}
 
 
-def _check_headers(files: dict[str, Path], keys: dict[str, str], model: nn.Module,
-                   ignore_mismatched: bool) -> None:
+def _recipes(model: nn.Module, meta: dict[str, torch.Tensor], keys: Iterable[str]) -> dict[str, _Recipe]:
+    """Checkpoint ``keys`` grouped by the parameters they build (``meta``: the model's
+    state dict), by the first one's name, as ``convert_and_load_state_dict_in_model``
+    groups them (keys the model does not use are left out, as it leaves them)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    prefix = model.base_model_prefix
+    recipes: dict[str, _Recipe] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta and key in meta:  # a name the model has is not renamed
+            target, pattern = rename_source_key(key, [], [], prefix, meta)
+        if target not in meta or (pattern is None and target in recipes):
+            continue
+        if pattern is None:
+            recipes[target] = _Recipe(None, [target], [(key, key)])
+        else:
+            converter = by_pattern[pattern]
+            first = converter.target_patterns[0]
+            targets = [name for t in converter.target_patterns if (name := target.replace(first, t)) in meta]
+            recipe = recipes.setdefault(target, _Recipe(converter, targets))
+            recipe.sources.append((pattern, key))
+    return recipes
+
+
+def _spelled_as(name: str, key: str, model: nn.Module) -> str:
+    """Parameter ``name`` with or without the base model's prefix, as checkpoint ``key``
+    spells its names (a ``MixtralModel`` read from a ``MixtralForCausalLM`` checkpoint)."""
+    prefix = f"{model.base_model_prefix}."
+    if prefix == "." or key.startswith(prefix) == name.startswith(prefix):
+        return name
+    return prefix + name if key.startswith(prefix) else name[len(prefix):]
+
+
+def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ignore_mismatched: bool) -> None:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
-    give a parameter: its file is missing, lacks the tensor, or holds it in another shape
+    give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape and
+    dtype it must have): its file is missing, lacks the tensor, or holds it in another shape
     or kind of dtype (an integer tensor for a float weight). A shape that differs where
     transformers is told to ignore sizes (a classifier head resized to the adapters' labels)
     is left to transformers: the model loads whole."""
     from safetensors import SafetensorError, safe_open
 
-    parameters = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
-    for name, key in keys.items():
-        by_file.setdefault(files[key], []).append(name)
+    for key in expected:
+        by_file.setdefault(files[key], []).append(key)
     for file in dict.fromkeys(files.values()):
         if not file.is_file():
             raise BaseModelError(f"base model checkpoint file {file} is missing (its index names it)")
-    for file, names in by_file.items():
+    for file, keys in by_file.items():
         try:
             with safe_open(file, framework="pt") as handle:
                 stored = set(handle.keys())
-                for name in names:
-                    key, param = keys[name], parameters[name]
+                for key in keys:
+                    param = expected[key]
                     if key not in stored:
                         raise BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
                     header = handle.get_slice(key)

@@ -56,6 +56,14 @@ def tiny_config(family: str):
                              decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                              max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102,
                              decoder_start_token_id=0)
+    decoder = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, bos_token_id=101,
+                   eos_token_id=102)
+    # mixtures of experts, for the tests of checkpoints that store experts one by one
+    if family == "mixtral":
+        return tf.MixtralConfig(**decoder, num_local_experts=3, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**decoder, head_dim=16, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32)
     raise ValueError(family)
 
 

@@ -385,6 +385,97 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tiny, tm
     assert torch.equal(weights["disk"], tensors["model.layers.0.self_attn.q_proj.weight"])
 
 
+EXPERT = {"mixtral": "model.layers.1.block_sparse_moe.experts.1.w3.weight",
+          "qwen3_moe": "model.layers.1.mlp.experts.2.down_proj.weight"}
+FUSED = {"mixtral": "layers.1.mlp.experts.gate_up_proj", "qwen3_moe": "layers.1.mlp.experts.down_proj"}
+
+
+def _moe_checkpoint(tmp_path, family):
+    """A tiny mixture-of-experts model saved as the Hub stores them: one tensor per expert
+    and projection (transformers 5 fuses them into 3D parameters on loading and splits them
+    again on saving)."""
+    from builders import build_tiny_model
+
+    base_dir = build_tiny_model(family, tmp_path / family, task_type="CAUSAL_LM")
+    with safe_open(base_dir / "model.safetensors", framework="pt") as handle:
+        assert EXPERT[family] in handle.keys()
+    return base_dir
+
+
+@pytest.mark.parametrize("family, dtype", [("mixtral", "float32"), ("qwen3_moe", "bfloat16")])
+def test_a_checkpoint_of_experts_one_by_one_streams(tmp_path, family, dtype):
+    """Blocks streamed from a Mixtral or Qwen3-MoE checkpoint are built through the model's
+    own conversion mapping: every parameter equals ``from_pretrained``'s, the fused experts
+    too. Such checkpoints loaded whole into CPU memory (a 47B Mixtral)."""
+    import transformers as tf
+
+    base_dir = _moe_checkpoint(tmp_path, family)
+    base = BaseModel(str(base_dir), [], dtype=dtype, offload="disk")  # a MixtralModel from a ...ForCausalLM's
+    assert base.placement.name == "disk"
+    whole = dict(tf.AutoModel.from_pretrained(base_dir, dtype=getattr(torch, dtype)).named_parameters())
+    for path in ("layers.0", "layers.1"):
+        block = base.model.get_submodule(path)
+        base.placement.load(block, path)
+        for name, param in block.named_parameters():
+            assert param.dtype == whole[f"{path}.{name}"].dtype and torch.equal(param, whole[f"{path}.{name}"]), name
+    assert base.model.get_parameter(FUSED[family]).dim() == 3
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_streamed_merge_of_experts_one_by_one_equals_the_whole_models(tmp_path, family):
+    """LoRAs on the attention of a mixture of experts (PEFT writes one on fused experts as
+    target_parameters, which no strategy merges) merge the same streamed as loaded whole."""
+    from safetensors.torch import load_file
+
+    from builders import build_adapter, cli_merge
+
+    base_dir = _moe_checkpoint(tmp_path, family)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family=family, task_type="CAUSAL_LM",
+                              targets=["q_proj", "v_proj", "o_proj"], calibration=6) for seed in range(2)]
+    merged = {}
+    for offload in ("disk", "none"):
+        out = tmp_path / offload
+        assert cli_merge(base_dir, adapters, out, "--offload", offload, "--param", "iterations=2",
+                         "--param", "accumulate_dtype=float64") == 0
+        report = json.loads((out / "merge_report.json").read_text())
+        assert (report["placement"], report["metrics"]["execution"]) == ({"disk": "disk", "none": "resident"}[offload],
+                                                                           "blocks")
+        merged[offload] = load_file(out / "adapter_model.safetensors")
+    assert merged["disk"].keys() == merged["none"].keys()
+    for name, whole in merged["none"].items():
+        torch.testing.assert_close(merged["disk"][name], whole, rtol=1e-6, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong shape", "integer dtype"])
+def test_a_broken_expert_tensor_is_refused_before_streaming(tmp_path, case):
+    """The header checks hold for the tensors a fused parameter is built from: an expert's
+    weight missing, cut or of integers is one line naming it (transformers answers a missing
+    one with a conversion report and "We encountered some issues")."""
+    from safetensors.torch import load_file
+
+    from iteris_daemon.errors import BaseModelError
+
+    base_dir = _moe_checkpoint(tmp_path, "mixtral")
+    tensors = load_file(base_dir / "model.safetensors")
+    key = EXPERT["mixtral"]
+    if case == "missing":
+        del tensors[key]
+    elif case == "wrong shape":
+        tensors[key] = tensors[key][:, :16].contiguous()
+    else:
+        tensors[key] = tensors[key].long()
+    folder = _copy_checkpoint(base_dir, tmp_path / "broken", {"model.safetensors": tensors})
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(folder), [], offload="disk")
+    file = folder / "model.safetensors"
+    assert str(refused.value) == {
+        "missing": f"base model checkpoint {file} has no tensor {key} (transformers builds {FUSED['mixtral']} from it)",
+        "wrong shape": f"base model checkpoint file {file}: tensor {key} has shape [64, 16] where the model's config "
+                       f"gives [64, 32]",
+        "integer dtype": f"base model checkpoint file {file}: tensor {key} is I64 where the model has a torch.float32 "
+                         f"parameter"}[case]
+
+
 def test_only_streamed_loads_fix_the_mmap_threshold(tiny, monkeypatch):
     """A model that cannot stream loads whole and keeps glibc's defaults (fast forward passes
     on the CPU); the threshold was fixed before the checks that send it there."""
@@ -493,12 +584,14 @@ def test_float16_overflow_names_the_layer_and_the_dtype(tiny, tmp_path):
     assert _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
 
 
-def test_checkpoint_names_the_model_renames_load_whole(tmp_path, caplog):
+def test_a_checkpoint_the_model_renames_streams_through_its_renaming(tmp_path):
     """GPT-NeoX stores its LM head as embed_out; transformers renames it to lm_head on a
-    normal load, and the class declares it tiable while the config leaves it untied.
-    Streaming must not leave that head empty (it did: fidelity gaps came out 0 and NaN):
-    the model loads whole, with one log line, and the merge's figures are real."""
+    normal load (the model's conversion mapping), and the class declares it tiable while the
+    config leaves it untied. Streaming left that head empty (fidelity gaps came out 0 and
+    NaN), then loaded such a model whole; it now streams through the same renaming: the
+    merge and its figures are the whole-model load's."""
     import transformers as tf
+    from safetensors.torch import load_file
 
     from builders import build_adapter, tokenizer
 
@@ -509,14 +602,18 @@ def test_checkpoint_names_the_model_renames_load_whole(tmp_path, caplog):
     base_dir = tmp_path / "neox"
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
     tokenizer().save_pretrained(base_dir)
+    with safe_open(base_dir / "model.safetensors", framework="pt") as handle:
+        assert "embed_out.weight" in handle.keys()
     adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="neox", targets=["query_key_value"],
                               task_type="CAUSAL_LM", calibration=6) for seed in range(2)]
-    with caplog.at_level(logging.INFO, logger="iteris_daemon.model"):
-        report = _merge(base_dir, adapters, tmp_path / "out")
-    assert report["placement"] == "resident"
-    assert "no tensor named lm_head.weight" in caplog.text
-    for task in report["tasks"].values():
+    reports = {offload: _merge(base_dir, adapters, tmp_path / offload, offload=offload) for offload in ("disk", "none")}
+    assert reports["disk"]["placement"] == "disk"
+    for name, task in reports["disk"]["tasks"].items():
         assert 0 < task["fidelity_gap"] < 1.5  # finite, and the tasks' outputs differ from the base's
+        assert task["fidelity_gap"] == pytest.approx(reports["none"]["tasks"][name]["fidelity_gap"], rel=1e-5)
+    merged = {offload: load_file(tmp_path / offload / "adapter_model.safetensors") for offload in reports}
+    for name, whole in merged["none"].items():
+        torch.testing.assert_close(merged["disk"][name], whole, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.cuda

@@ -32,7 +32,7 @@ CASES = {
     "opt": (lambda: tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
                                  max_position_embeddings=128, word_embed_proj_dim=32, **TOKENS),
             "CAUSAL_LM", ["q_proj", "v_proj", "fc2"], "blocks"),
-    # the checkpoint's head is named differently from the model's: loaded whole, run by blocks
+    # the checkpoint names its head embed_out: streamed through the model's renaming to lm_head
     "gpt_neox": (lambda: tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, max_position_embeddings=128, **TOKENS),
                  "CAUSAL_LM", ["query_key_value", "dense_4h_to_h"], "blocks"),
