@@ -111,7 +111,10 @@ class Checkpoint:
         else:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
         meta = model.state_dict()  # every name the model loads, tied ones too
-        self.recipes = _recipes(model, meta, self.files)
+        try:
+            self.recipes = _recipes(model, meta, self.files)
+        except (ImportError, AttributeError, TypeError) as exc:  # transformers' loading internals moved
+            raise WeightsUnavailable(f"cannot read this transformers' conversion mapping ({exc})") from None
         self.built_by = {target: first for first, recipe in self.recipes.items() for target in recipe.targets}
         # Tied parameters are listed once, under the name that is loaded (tie_weights()
         # restores the others after loading): the skeleton must be tied already.
@@ -313,6 +316,8 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     folder = local_folder(name_or_path)
     if folder is None:
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
+    if getattr(config, "quantization_config", None):  # its quantizer (scales, packed weights) is transformers'
+        raise WeightsUnavailable("a quantized checkpoint (quantization_config)")
     model = _skeleton(cls, config, dtype)
     checkpoint = Checkpoint(folder, model, ignore_mismatched)
     stacks = tuple(f"{p}." for p in block_paths(model))

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import logging
+import re
 from functools import partial
 
 import pytest
@@ -474,6 +475,30 @@ def test_a_broken_expert_tensor_is_refused_before_streaming(tmp_path, case):
                        f"gives [64, 32]",
         "integer dtype": f"base model checkpoint file {file}: tensor {key} is I64 where the model has a torch.float32 "
                          f"parameter"}[case]
+
+
+@pytest.mark.parametrize("case", ["quantized", "transformers moved"])
+def test_what_streaming_cannot_read_loads_whole(tiny, tmp_path, monkeypatch, case):
+    """Two checkpoints streaming leaves to transformers' own loader (a whole load, as for
+    any checkpoint that cannot stream): a quantized one, whose scales and packed weights
+    only its quantizer reads (streamed, its weights were cast without their scales), and
+    any, where transformers' loading internals that streaming reads have moved (a later
+    5.x; here one is deleted): a whole load, not a traceback."""
+    import transformers as tf
+    import transformers.core_model_loading as loading
+
+    from iteris_daemon.weights import WeightsUnavailable, load_streamed
+
+    base_dir, _ = tiny["llama"]
+    config = tf.AutoConfig.from_pretrained(base_dir)
+    if case == "quantized":
+        config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        reason = "a quantized checkpoint (quantization_config)"
+    else:
+        monkeypatch.delattr(loading, "rename_source_key")
+        reason = "cannot read this transformers' conversion mapping"
+    with pytest.raises(WeightsUnavailable, match=re.escape(reason)):  # BaseModel then loads it whole
+        load_streamed(tf.LlamaModel, str(base_dir), config, torch.float32, torch.device("cpu"), lambda m: ["layers"])
 
 
 def test_only_streamed_loads_fix_the_mmap_threshold(tiny, monkeypatch):
