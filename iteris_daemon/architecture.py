@@ -23,6 +23,7 @@ decoder's cross-attention) is captured from the model's own forward pass, not kn
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -39,8 +40,23 @@ CARRIED_OUTPUTS: dict[str, dict[int, str]] = {
 }
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or bool(Conv1D and isinstance(module, Conv1D))
+def linear_kind(module: nn.Module) -> str | None:
+    """``linear`` (weight stored (d_out, d_in)), ``conv1d`` (GPT-2's, stored (d_in, d_out):
+    PEFT's ``fan_in_fan_out``), or None: not a layer a LoRA of ours adapts."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    return None
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a linear layer, whichever way it stores its weight, else None."""
+    kind = linear_kind(module)
+    if kind is None:
+        return None
+    d0, d1 = module.weight.shape
+    return (d1, d0) if kind == "conv1d" else (d0, d1)
 
 
 @dataclass
@@ -79,18 +95,19 @@ def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
             continue  # e.g. a MoE block's experts inside a stack already found
         if len({type(block) for block in module}) != 1:
             continue
-        if not any(is_linear(m) for m in module[0].modules()):
+        if not any(linear_kind(m) for m in module[0].modules()):
             continue
         found.append((path, module))
     return found
 
 
-def block_plan(model: nn.Module, paths: list[str], modules_to_save: list[str] = ()) -> BlockPlan:
-    """Find the stacks of ``model`` that the targeted ``paths`` live in.
+def block_plan(model: nn.Module, modules_to_save: Iterable[str] = ()) -> BlockPlan:
+    """Find the stacks of blocks ``model`` runs one after another (none, with the reason,
+    where it cannot run block by block: ``modules_to_save`` tensors inside a block, say).
 
-    ``paths`` outside every stack must come after the last block (a pooler, a head):
-    they run in the tail pass. Whether they really do is checked when the first
-    block's inputs are captured (:mod:`iteris_daemon.execution`).
+    Targeted layers outside every stack must come after the last block (a pooler, a
+    head): they run in the tail pass. Whether they really do is checked when the first
+    block's inputs are captured (``execution.BlockExecutor``).
     """
     config = getattr(model, "config", None)
     candidates = _candidate_stacks(model)

@@ -138,7 +138,7 @@ class BlockExecutor:
     @classmethod
     def create(cls, base: BaseModel, paths: list[str]) -> "BlockExecutor | ModelExecutor":
         """Block by block when the model's blocks can be found, else whole-model passes (logged)."""
-        plan = block_plan(base.model, paths, list(base.head_keys))
+        plan = block_plan(base.model, list(base.head_keys))
         if not plan.supported:
             log.info("running whole-model passes for %s: %s", base.name_or_path, plan.reason)
             return ModelExecutor(base, paths)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import memory, safe_json
 from .adapter_config import CARD_NAME, REPORT_NAME
+from .architecture import linear_kind
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
                      MergeError, OutputError, OutputExistsError)
@@ -420,7 +421,7 @@ def _fan_in_fan_out(base: BaseModel, paths: Iterable[str]) -> bool:
     """``fan_in_fan_out`` as the merged layers want it: True on GPT-2's Conv1D (weights
     stored (d_in, d_out)), False on Linear. PEFT sets it per layer on loading (and warns
     where the config differs), so one value fits the most layers, whatever the inputs said."""
-    conv1d = [not isinstance(base.layer(path), torch.nn.Linear) for path in paths]
+    conv1d = [linear_kind(base.layer(path)) == "conv1d" for path in paths]
     return 2 * sum(conv1d) > len(conv1d)
 
 

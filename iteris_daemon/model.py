@@ -21,14 +21,10 @@ from torch import nn
 from .calibration import CalibrationSet
 from .devices import check_device
 from .errors import BaseModelError, CalibrationError, ParameterError
+from .architecture import linear_kind, weight_shape
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes, head_labels
 from .model_class import model_class_for
-
-try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - very old transformers
-    Conv1D = ()  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 OFFLOAD = ("auto", "disk", "cpu", "none")
@@ -165,23 +161,14 @@ def masked_rows(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype |
     return rows if column is None else rows * column.to(rows.dtype)
 
 
-def _linear_weight_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(d_out, d_in) of a Linear or GPT-2 Conv1D layer, else None."""
-    if isinstance(module, nn.Linear):
-        return tuple(module.weight.shape)  # type: ignore[return-value]
-    if Conv1D and isinstance(module, Conv1D):
-        return tuple(module.weight.shape[::-1])  # type: ignore[return-value]
-    return None
-
-
 def base_shapes(model: nn.Module) -> BaseShapes:
     """The shapes :func:`iteris_daemon.shapes.check_shapes` checks adapters against (a
     skeleton from :func:`load_skeleton` gives them without weights)."""
     layers, other = {}, {}
     for path, module in model.named_modules():
-        shape = _linear_weight_shape(module)
+        shape = weight_shape(module)
         if shape is not None:
-            layers[path] = ["linear" if isinstance(module, nn.Linear) else "conv1d", *shape]
+            layers[path] = [linear_kind(module), *shape]
         elif path:
             other[path] = type(module).__name__
     parameters = {name: list(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
@@ -280,8 +267,7 @@ class BaseModel:
             config = AutoConfig.from_pretrained(name_or_path, **kwargs)
             cls = self.model_class = model_class_for(adapters, config)
             self.head_keys = sorted({k for a in adapters for k in a.modules_to_save})
-            paths = sorted({p for a in adapters for p in a.modules})
-            self.model, self.placement = self._load(cls, config, kwargs, offload, paths)
+            self.model, self.placement = self._load(cls, config, kwargs, offload)
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
@@ -312,7 +298,7 @@ class BaseModel:
         self._encoder_output: torch.Tensor | None = None
         self._hooks: list = []
 
-    def _load(self, cls, config, kwargs: dict, offload: str, paths: list[str]):
+    def _load(self, cls, config, kwargs: dict, offload: str):
         """The model and where its block weights live (see :mod:`iteris_daemon.weights`).
 
         ``auto`` and ``disk``: stream blocks from the safetensors files when the checkpoint
@@ -327,7 +313,7 @@ class BaseModel:
 
         if offload in ("auto", "disk") and not kwargs.get("trust_remote_code"):
             def stacks(model):
-                plan = block_plan(model, paths, self.head_keys)
+                plan = block_plan(model, self.head_keys)
                 self._stack_paths = [stack.path for stack in plan.stacks] if plan.supported else []
                 return self._stack_paths
 
@@ -349,7 +335,7 @@ class BaseModel:
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
                                  f"({str(exc).splitlines()[0]})") from None
         if offload != "none" and self.device.type != "cpu":
-            plan = block_plan(model, paths, self.head_keys)
+            plan = block_plan(model, self.head_keys)
             if plan.supported:
                 self._stack_paths = [stack.path for stack in plan.stacks]
                 blocks = {id(b) for stack in plan.stacks for b in stack.blocks}
@@ -379,10 +365,9 @@ class BaseModel:
     def weight(self, path: str) -> torch.Tensor:
         """The base weight as (d_out, d_in), whatever the layer's storage convention."""
         module = self.layer(path)
-        if isinstance(module, nn.Linear):
-            return module.weight.detach()
-        if _linear_weight_shape(module) is not None:
-            return module.weight.detach().T
+        kind = linear_kind(module)
+        if kind is not None:
+            return module.weight.detach().T if kind == "conv1d" else module.weight.detach()
         raise TypeError(f"{path} is a {type(module).__name__}, not a linear layer")
 
     def check_adapter(self, adapter: LoraAdapter) -> None:
