@@ -500,21 +500,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     output_dtype = DTYPES[request.output_dtype] if request.output_dtype else functools.reduce(
         torch.promote_types, [a.dtype for a in adapters] + [t.dtype for t in head.values() if t.is_floating_point()])
 
-    modules, ranks, truncation = {}, {}, {}
-    storages: set[int] = set()
-    for path, (B, A) in result.modules.items():
-        d_out, d_in = B.shape[0], A.shape[1]
-        if A.shape[0] > min(d_out, d_in):  # the same delta fits in a smaller rank, exactly
-            B, A, truncation[path] = refactor(B, A, min(d_out, d_in))
-        B, A = (_own_storage(t.to(output_dtype).cpu(), storages) for t in (B, A))
-        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-            raise MergeError(f"merged weights of {path} overflow {output_dtype} (NaN/Inf once cast); nothing was written "
-                             "(write them in a wider --output-dtype)")
-        if _delta_overflows(B, A, output_dtype):
-            raise MergeError(f"the merged delta B @ A of {path} overflows {output_dtype} (finite factors, an infinite "
-                             "product); nothing was written")
-        modules[path] = (B, A)
-        ranks[path] = A.shape[0]
+    modules, truncation = _as_written(result.modules, output_dtype)
+    ranks = {path: A.shape[0] for path, (_B, A) in modules.items()}
     head = _head_in(head, output_dtype)  # before the evaluation: it scores what is written
 
     per_task: dict[str, dict[str, Any]] = {}
@@ -580,6 +567,28 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     config = _peft_config(request, adapters, ranks, head, _fan_in_fan_out(base, ranks))
     _write_atomically(request.out, config, modules, head, report, started)
     return report
+
+
+def _as_written(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                dtype: torch.dtype) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """The strategy's factors as they are written: at most the layer's full rank (the same
+    delta, re-factored exactly: that error is returned per layer), in ``dtype`` on the CPU,
+    each in its own storage, and refused where the cast or the product overflows."""
+    written, truncation = {}, {}
+    storages: set[int] = set()
+    for path, (B, A) in factors.items():
+        d_out, d_in = B.shape[0], A.shape[1]
+        if A.shape[0] > min(d_out, d_in):  # the same delta fits in a smaller rank, exactly
+            B, A, truncation[path] = refactor(B, A, min(d_out, d_in))
+        B, A = (_own_storage(t.to(dtype).cpu(), storages) for t in (B, A))
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise MergeError(f"merged weights of {path} overflow {dtype} (NaN/Inf once cast); nothing was written "
+                             "(write them in a wider --output-dtype)")
+        if _delta_overflows(B, A, dtype):
+            raise MergeError(f"the merged delta B @ A of {path} overflows {dtype} (finite factors, an infinite "
+                             "product); nothing was written")
+        written[path] = (B, A)
+    return written, truncation
 
 
 def _head_in(head: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
