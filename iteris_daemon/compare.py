@@ -118,6 +118,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     head = merged_head(adapters, request.modules_to_save_rule)
     base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
                      request.offload)
+    base.require_text()  # every contender is scored on held-out text
     rows = []
     for number, contender in enumerate(contenders, start=1):
         log.info("merging with %s (%d of %d)", contender.label, number, len(contenders))

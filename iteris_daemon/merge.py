@@ -485,6 +485,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
 
     base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
                      request.offload)
+    evaluating = request.evaluate and all(c is not None for c in calibration)
+    if strategy.needs_calibration or evaluating:  # before the merge, not after it
+        base.require_text()
 
     log.info("merging %s with %s", counted(len(adapters), "adapter"), strategy.name)
     rss_before = memory.current_rss_mb()
@@ -506,12 +509,20 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, Any]] = {}
     reference, reference_note = _load_reference(request.reference, base)
-    if request.evaluate and all(c is not None for c in calibration):
+    if evaluating:
         batch_size = getattr(params, "batch_size", request.eval_batch_size)
         max_length = getattr(params, "max_length", request.eval_max_length)
-        per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
-                            accumulate_dtype=getattr(params, "accumulate_dtype", "float32"), reference=reference,
-                            blockwise=getattr(params, "blockwise", True))  # as the strategy ran the model
+        try:
+            per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
+                                accumulate_dtype=getattr(params, "accumulate_dtype", "float32"), reference=reference,
+                                blockwise=getattr(params, "blockwise", True))  # as the strategy ran the model
+        except (IterisError, MemoryError):
+            raise
+        except Exception as exc:  # the model's own forward refused the inputs: one line, -v shows where
+            if says_out_of_memory(str(exc)):
+                raise
+            raise MergeError(f"evaluating the merge failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                             + "; nothing was written (--no-eval skips the evaluation)") from exc
     broken = [name for name, figures in per_task.items()
               if isinstance(figures.get("fidelity_gap"), float) and not math.isfinite(figures["fidelity_gap"])]
     if broken:  # finite factors whose product overflows, say

@@ -214,6 +214,19 @@ POSITION_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 """PEFT task types whose heads read the model's last hidden states at input positions."""
 
 
+def _tokenizer(name_or_path: str, trust_remote_code: bool):
+    """The base model's tokenizer, or one line saying why there is none (transformers' own
+    message for a folder without tokenizer files ends its first line at "from one of:")."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        said = " ".join(str(exc).split())
+        raise BaseModelError(f"cannot load the tokenizer of base model {name_or_path!r} (save it beside the weights: "
+                             f"tokenizer.save_pretrained): {said[:300]}") from None
+
+
 def _max_tokens(config, tokenizer) -> int | None:
     """The longest input the model reads: its position table's size, and its tokenizer's
     limit where set (RoBERTa's table holds two more rows than it can use); None: no limit."""
@@ -249,7 +262,7 @@ class BaseModel:
         trust_remote_code: bool = False,
         offload: str = "auto",
     ):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
@@ -268,17 +281,21 @@ class BaseModel:
             cls = self.model_class = model_class_for(adapters, config)
             self.head_keys = sorted({k for a in adapters for k in a.modules_to_save})
             self.model, self.placement = self._load(cls, config, kwargs, offload)
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
+        # What the model's forward reads first: ``input_ids`` for text; an image or speech
+        # model's pixels or features no calibration text can give (see require_text).
+        self.main_input = getattr(self.model, "main_input_name", "input_ids")
+        self.tokenizer = _tokenizer(name_or_path, trust_remote_code) if self.main_input == "input_ids" else None
         self.model.eval().requires_grad_(False)  # frozen: only a merge's own factors ever get gradients
         # Every pass is one teacher-forced forward: no key/value cache, whether or not the
         # model's forward takes use_cache by name (the block executor replays one captured
         # call per block; a cache in it would grow with each replay).
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
-        _agree_on_padding(self.tokenizer, self.model.config)
-        self.tokenizer.padding_side = "right"
+        if self.tokenizer is not None:
+            _agree_on_padding(self.tokenizer, self.model.config)
+            self.tokenizer.padding_side = "right"
         self._plain_chat_warned: set[str] = set()  # sources already told they have no chat template
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
         self._cut_warned = False
@@ -452,6 +469,14 @@ class BaseModel:
         return getattr(module, name)
 
     # ------------------------------------------------------------------ inputs
+    def require_text(self) -> None:
+        """Refuse a model that does not read text: calibration samples, which every pass over
+        the model reads, are text (a speech model's encoder reads audio features)."""
+        if self.tokenizer is None:
+            raise BaseModelError(f"base model {self.name_or_path!r} reads {self.main_input} "
+                                 f"({type(self.model).__name__}), not text, and calibration samples are text: "
+                                 "merge its adapters with a data-free strategy and --no-eval")
+
     def batches(self, data: CalibrationSet, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
         """Tokenised, right-padded batches, sorted by length to waste little on padding.
 
@@ -460,6 +485,7 @@ class BaseModel:
         A batch of texts that tokenize to nothing (no special tokens, empty text) is
         dropped: no token of it would reach any layer, and models reject length 0.
         """
+        self.require_text()
         if (not self.tokenizer.chat_template and data.source not in self._plain_chat_warned
                 and any(s.messages is not None for s in data.samples)):
             self._plain_chat_warned.add(data.source)

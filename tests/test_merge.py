@@ -474,3 +474,22 @@ def test_the_merged_folder_carries_its_model_card(bert, tmp_path):
     hub_base = ModelCard(merge_card({**config, "base_model_name_or_path": "acme/minilm"}, report))
     assert hub_base.data.base_model == "acme/minilm"
     PeftModel.from_pretrained(tf.AutoModel.from_pretrained(base_dir), out)  # loads beside it
+
+
+def test_an_evaluation_the_model_refuses_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    """The evaluation runs the model after the merge: a forward that raises there (a model
+    fed what it cannot read) was a transformers traceback, exit 1. Stand-in for such a
+    model: the evaluation raising what a forward raises."""
+    import iteris_daemon.merge as merge
+
+    def refusing(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(merge, "evaluate", refusing)
+    base_dir, adapters = tiny["bert"]
+    assert cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", "task_arithmetic") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("iteris-daemon: error: evaluating the merge failed: AttributeError: "
+                                            "'NoneType' object has no attribute 'shape'; nothing was written "
+                                            "(--no-eval skips the evaluation)")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

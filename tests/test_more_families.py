@@ -3,6 +3,7 @@ through the CLI, runs block by block or says why not, loads in PEFT, and reports
 fidelity figures. Tiny models built from configs; PEFT adapters with random weights."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import transformers as tf
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from builders import build_adapter, cli_merge, model_class, tokenizer
+from builders import build_adapter, cli_merge, model_class, tiny_config, tokenizer
 from iteris_daemon.execution import prepare
 from iteris_daemon.lora import load_adapter
 
@@ -242,3 +243,45 @@ def test_a_bare_t5_model_is_teacher_forced(tmp_path):
     assert cli_merge(base, adapters, tmp_path / "out", "--param", "iterations=2") == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert all(0 < task["fidelity_gap"] < 1.5 for task in report["tasks"].values())
+
+
+def test_a_speech_model_is_refused_before_the_merge_and_merges_data_free(tmp_path, capsys):
+    """Whisper's encoder reads audio features, and calibration samples are text: IterIS
+    failed as "strategy iteris failed: AttributeError: 'NoneType' object has no attribute
+    'shape'" (blaming the strategy), and a data-free merge with its evaluation died after
+    the merge in a transformers traceback. Now one line before the merge; data-free
+    without the evaluation it merges (the sum of the deltas, exactly)."""
+    config = tf.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=2,
+                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=64,
+                              **TOKENS, decoder_start_token_id=101)
+    base_dir = tmp_path / "whisper"
+    tf.WhisperForConditionalGeneration(config).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="whisper", targets=["q_proj", "v_proj"],
+                              base_class=tf.WhisperForConditionalGeneration, calibration=4) for seed in range(2)]
+    for extra in ([], ["--strategy", "task_arithmetic"]):
+        assert cli_merge(base_dir, adapters, tmp_path / "out", *extra) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"base model '{base_dir}' reads input_features (WhisperForConditionalGeneration), not text" in last
+        assert not (tmp_path / "out").exists()
+    assert cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", "task_arithmetic", "--no-eval") == 0
+    merged, inputs = load_adapter(tmp_path / "out"), [load_adapter(a) for a in adapters]
+    for path, module in merged.modules.items():
+        expected = sum(a.modules[path].delta() for a in inputs)
+        torch.testing.assert_close(module.delta(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_base_folder_without_its_tokenizer_is_said_whole(tmp_path, capsys):
+    """transformers' message for a folder saved with ``model.save_pretrained`` alone ends its
+    first line at "from one of:": the error said nothing after it."""
+    base_dir = tmp_path / "llama"
+    tf.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(base_dir)  # no tokenizer
+    with_tokenizer = tmp_path / "with"
+    shutil.copytree(base_dir, with_tokenizer)
+    tokenizer().save_pretrained(with_tokenizer)
+    adapter = build_adapter(with_tokenizer, tmp_path / "a", seed=0, family="llama", task_type="CAUSAL_LM")
+    assert cli_merge(base_dir, [adapter], tmp_path / "out", "--strategy", "task_arithmetic", "--no-eval") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot load the tokenizer of base model '{base_dir}' (save it beside the weights" in last
+    assert not last.rstrip().endswith("from one of:") and len(last) > 200
