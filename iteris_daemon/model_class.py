@@ -130,7 +130,8 @@ def choose_model_class(
 ) -> type:
     """The transformers class to load the base model as, for ``adapters`` (name -> adapter config).
 
-    In order: the adapters' PEFT ``task_type`` (its auto class); else their
+    In order: the adapters' PEFT ``task_type`` (its auto class, unless that class does not
+    know this model: then the recorded class below, where the adapted modules exist); else their
     ``auto_mapping.base_model_class`` (a class transformers exports); else
     ``base_config.architectures[0]`` when ``module_paths`` (the adapted modules)
     all exist in it; else ``AutoModel``. Adapters asking for different classes are
@@ -148,8 +149,18 @@ def choose_model_class(
         listing = ", ".join(f"{name}: {wish[0] if wish else 'no class recorded'}" for name, wish in wishes.items())
         raise IncompatibleAdaptersError(f"adapters were made on different model classes ({listing})")
     if classes:
-        return classes.pop()
+        cls = classes.pop()
+        # A task_type whose auto class does not know this model: a vision-language model's LoRA
+        # saved with task_type CAUSAL_LM (as TRL's recipes save them), which PEFT loads on the
+        # model's own class.
+        return cls if _knows(cls, base_config) else _recorded_class(base_config, module_paths) or cls
     return _recorded_class(base_config, module_paths) or AutoModel
+
+
+def _knows(cls: type, config: PretrainedConfig) -> bool:
+    """Whether ``cls`` builds a model of ``config``'s type (an auto class maps some types only)."""
+    mapping = getattr(cls, "_model_mapping", None)
+    return mapping is None or type(config) in mapping
 
 
 def model_class_for(adapters: Sequence[LoraAdapter], base_config: PretrainedConfig) -> type:

@@ -285,3 +285,30 @@ def test_a_base_folder_without_its_tokenizer_is_said_whole(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"cannot load the tokenizer of base model '{base_dir}' (save it beside the weights" in last
     assert not last.rstrip().endswith("from one of:") and len(last) > 200
+
+
+def test_a_vision_language_models_causal_lm_adapter_merges_on_its_own_class(tmp_path):
+    """TRL's recipes save a LoRA on a vision-language model (LLaVA, Qwen2.5-VL, Mistral-3 ...)
+    with task_type CAUSAL_LM, and PEFT loads it on the model's own class; the merge asked
+    AutoModelForCausalLM, which does not know these models: "Unrecognized configuration
+    class". The same weights with task_type None merged."""
+    config = tf.LlavaConfig(text_config=tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=2, num_key_value_heads=1,
+                                                       max_position_embeddings=128, **TOKENS).to_dict(),
+                            vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                              num_attention_heads=2, image_size=28,
+                                                              patch_size=14).to_dict(), image_token_index=30000)
+    base_dir = tmp_path / "llava"
+    tf.LlavaForConditionalGeneration(config).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="llava", task_type="CAUSAL_LM",
+                              targets=r".*language_model.*\.(q_proj|v_proj)", calibration=4,
+                              base_class=tf.LlavaForConditionalGeneration) for seed in range(2)]
+    assert cli_merge(base_dir, adapters[:1], tmp_path / "alone") == 0
+    merged, adapter = load_adapter(tmp_path / "alone"), load_adapter(adapters[0])
+    assert merged.modules.keys() == adapter.modules.keys()
+    for path, module in adapter.modules.items():  # one adapter merged alone is itself
+        error = (merged.modules[path].delta() - module.delta()).norm() / module.delta().norm()
+        assert error < 1e-4, (path, float(error))  # float32 Grams
+    assert cli_merge(base_dir, adapters, tmp_path / "out") == 0
+    PeftModel.from_pretrained(tf.LlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path / "out")
