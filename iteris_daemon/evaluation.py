@@ -122,8 +122,10 @@ def evaluate(
                         sums[i]["num"] += n
                         sums[i]["den"] += d
                         # Where the task's own delta is zero, a misfit relative to it is undefined
-                        # (null), not perfect: the merge may still move the task's outputs there.
-                        by_layer[i][p] = n / d if d > 0 else (0.0 if n == 0 else None)
+                        # (null), not perfect: the merge may still move the task's outputs there;
+                        # so where the layer saw no input (a vision tower, fed text).
+                        seen = merge_pass.gram_of(p) is not None
+                        by_layer[i][p] = n / d if d > 0 else (0.0 if n == 0 and seen else None)
                     bar.update(len(batches[i]))
     finally:
         bar.close()

@@ -302,7 +302,7 @@ def test_a_vision_language_models_causal_lm_adapter_merges_on_its_own_class(tmp_
     tf.LlavaForConditionalGeneration(config).save_pretrained(base_dir)
     tokenizer().save_pretrained(base_dir)
     adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="llava", task_type="CAUSAL_LM",
-                              targets=r".*language_model.*\.(q_proj|v_proj)", calibration=4,
+                              targets=r".*(language_model|vision_tower).*\.(q_proj|v_proj)", calibration=4,
                               base_class=tf.LlavaForConditionalGeneration) for seed in range(2)]
     assert cli_merge(base_dir, adapters[:1], tmp_path / "alone") == 0
     merged, adapter = load_adapter(tmp_path / "alone"), load_adapter(adapters[0])
@@ -310,5 +310,10 @@ def test_a_vision_language_models_causal_lm_adapter_merges_on_its_own_class(tmp_
     for path, module in adapter.modules.items():  # one adapter merged alone is itself
         error = (merged.modules[path].delta() - module.delta()).norm() / module.delta().norm()
         assert error < 1e-4, (path, float(error))  # float32 Grams
+    # The vision tower's layers see no input from text calibration: their loss is undefined, not 0.
+    losses = json.loads((tmp_path / "alone" / "merge_report.json").read_text())["tasks"]["a0"]["alignment_loss_by_layer"]
+    vision = {path for path in losses if ".vision_tower." in path}
+    assert vision and all(losses[path] is None for path in vision)
+    assert all(isinstance(loss, float) for path, loss in losses.items() if path not in vision)
     assert cli_merge(base_dir, adapters, tmp_path / "out") == 0
     PeftModel.from_pretrained(tf.LlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path / "out")
