@@ -227,6 +227,17 @@ def _tokenizer(name_or_path: str, trust_remote_code: bool):
                              f"tokenizer.save_pretrained): {said[:300]}") from None
 
 
+def _refuse_random_blocks(model: nn.Module, initialised: set[str], name: str) -> None:
+    """Refuse weights inside the model's blocks (its module lists) that the checkpoint did not
+    give and the loader initialised at random, missing or of another shape: a merge on them
+    exits 0 and means nothing. A head the adapters replace, or a pooler, lies outside them."""
+    lists = [path for path, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    random = sorted(key for key in initialised if any(key.startswith(f"{path}.") for path in lists))
+    if random:
+        raise BaseModelError(f"base model {name!r}: its checkpoint gives no usable tensor for {random[0]} (missing, or "
+                             f"of another shape: the loader would initialise it at random; {len(random)} such)")
+
+
 def _max_tokens(config, tokenizer) -> int | None:
     """The longest input the model reads: its position table's size, and its tokenizer's
     limit where set (RoBERTa's table holds two more rows than it can use); None: no limit."""
@@ -331,7 +342,9 @@ class BaseModel:
         if offload in ("auto", "disk") and not kwargs.get("trust_remote_code"):
             def stacks(model):
                 plan = block_plan(model, self.head_keys)
-                self._stack_paths = [stack.path for stack in plan.stacks] if plan.supported else []
+                if not plan.supported:
+                    raise WeightsUnavailable(f"no blocks to run one at a time: {plan.reason}")
+                self._stack_paths = [stack.path for stack in plan.stacks]
                 return self._stack_paths
 
             try:
@@ -351,6 +364,9 @@ class BaseModel:
         except RuntimeError as exc:  # transformers refuses a tensor its config does not fit (its load report names it)
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
                                  f"({str(exc).splitlines()[0]})") from None
+        except ImportError as exc:  # a quantized checkpoint whose quantizer's package is not installed
+            raise BaseModelError(f"cannot load base model {self.name_or_path!r}: {exc}".splitlines()[0]) from None
+        _refuse_random_blocks(model, self.initialised, self.name_or_path)
         if offload != "none" and self.device.type != "cpu":
             plan = block_plan(model, self.head_keys)
             if plan.supported:

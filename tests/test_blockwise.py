@@ -671,3 +671,48 @@ def test_a_device_that_is_not_here_is_a_one_line_error(tiny, tmp_path, capsys, d
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong shape"])
+def test_a_block_weight_the_checkpoint_cannot_give_is_refused_whatever_the_placement(tmp_path, capsys, case):
+    """A block weight missing from the checkpoint, or of another shape under classifier
+    adapters (whose loads tell transformers to ignore sizes, for their head): streaming
+    fell back to a whole load, and the whole load initialised the weight at random and the
+    merge exited 0, under both placements. Now one line naming it, nothing written."""
+    from safetensors.torch import load_file
+
+    from builders import build_adapter, build_tiny_model, cli_merge
+
+    base_dir = build_tiny_model("bert", tmp_path / "base", "SEQ_CLS")
+    adapters = [build_adapter(base_dir, tmp_path / f"cls{seed}", seed=seed, family="bert", task_type="SEQ_CLS",
+                              targets=["query"], calibration=4) for seed in range(2)]
+    tensors = load_file(base_dir / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("encoder.layer.1.intermediate.dense.weight"))
+    if case == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = tensors[key][:, :16].contiguous()
+    folder = _copy_checkpoint(base_dir, tmp_path / "broken", {"model.safetensors": tensors})
+    for offload in ("disk", "none"):
+        assert cli_merge(folder, adapters, tmp_path / offload, "--offload", offload, "--modules-to-save-rule",
+                         "average") == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"its checkpoint gives no usable tensor for {key} (missing, or of another shape" in last, last
+        assert not (tmp_path / offload).exists()
+
+
+def test_a_quantized_base_whose_quantizer_is_not_installed_is_one_line(tiny, tmp_path, capsys):
+    """A GPTQ checkpoint on a host without its quantizer's package: streaming declines (its
+    scales are the quantizer's), then the whole load's ImportError was a traceback, exit 1."""
+    from builders import cli_merge
+
+    base_dir, adapters = tiny["llama"]
+    folder = tmp_path / "gptq"
+    shutil.copytree(base_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
+                                                                                      "bits": 4}}))
+    assert cli_merge(folder, adapters, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"iteris-daemon: error: cannot load base model '{folder}': ")
+    assert "Traceback" not in err
