@@ -65,8 +65,6 @@ class Stack:
 
     path: str
     blocks: nn.ModuleList
-    parent: nn.Module
-    attribute: str
 
     def block_path(self, index: int) -> str:
         return f"{self.path}.{index}"
@@ -136,11 +134,7 @@ def block_plan(model: nn.Module, modules_to_save: Iterable[str] = ()) -> BlockPl
         if depth is not None and depth != len(blocks):
             return BlockPlan(reason=f"{path} holds {len(blocks)} blocks but the config runs {depth} layers "
                                     "(blocks shared across depths, or some skipped)")
-    stacks = []
-    modules = dict(model.named_modules())
-    for path, blocks in ordered:
-        parent_path, _, attribute = path.rpartition(".")
-        stacks.append(Stack(path, blocks, modules[parent_path], attribute))
+    stacks = [Stack(path, blocks) for path, blocks in ordered]
     model_type = getattr(config, "model_type", "")
     return BlockPlan(stacks=stacks, carried=CARRIED_OUTPUTS.get(model_type, {}))
 

@@ -99,15 +99,19 @@ class ModelExecutor:
         return State(state.context, output=self.base.forward(state.context.batch, grad=grad))
 
 
-class _Replay(nn.Module):
-    """Stands in for a stack's blocks in the tail pass: returns the streamed output."""
-
-    def __init__(self, output: Any):
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args, **kwargs):
-        return self.output
+@contextlib.contextmanager
+def _standing_in(blocks: list[nn.Module], forwards: list[Any]) -> Iterator[None]:
+    """Calls to ``blocks`` run ``forwards`` instead: instance attributes, which
+    ``Module.__call__`` finds as ``self.forward``. The blocks stay where they are, with the
+    attributes a model's loop reads (ModernBERT's ``attention_type``), and their weights
+    are not read."""
+    try:
+        for block, forward in zip(blocks, forwards):
+            block.forward = forward
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
 
 
 class BlockExecutor:
@@ -256,19 +260,12 @@ class BlockExecutor:
 
     @contextlib.contextmanager
     def _replaying(self, outputs: dict[int, Any]) -> Iterator[None]:
-        originals = {}
-        try:
+        """Every block of stack ``s`` returns ``outputs[s]``, the streamed output of its last."""
+        with contextlib.ExitStack() as stands:
             for s, output in outputs.items():
-                stack = self.plan.stacks[s]
-                originals[s] = getattr(stack.parent, stack.attribute)
-                # Bypass Module.__setattr__'s registration: the swap must not show up in
-                # named_modules() of a model someone else is iterating.
-                stack.parent._modules[stack.attribute] = nn.ModuleList([_Replay(output)])
+                blocks = list(self.plan.stacks[s].blocks)
+                stands.enter_context(_standing_in(blocks, [lambda *_a, output=output, **_k: output] * len(blocks)))
             yield
-        finally:
-            for s, original in originals.items():
-                stack = self.plan.stacks[s]
-                stack.parent._modules[stack.attribute] = original
 
 
 def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
