@@ -9,9 +9,10 @@ GPU, and IterIS is layer-wise in the same way.
 
 - :class:`BlockExecutor` captures what the first block of each stack receives (hidden
   states and every keyword the model passes a block: attention mask, rotary embeddings,
-  the encoder's output) once per batch, then calls blocks directly. The tail runs the
-  model's own forward with its blocks replaced by the streamed result, so heads and
-  poolers need no architecture knowledge.
+  the encoder's output) once per batch, then calls blocks directly. Where the blocks of a
+  stack mix attention types, what every block receives is captured, in one pass that
+  reads no block weights. The tail runs the model's own forward with its blocks
+  replaced by the streamed result, so heads and poolers need no architecture knowledge.
 - :class:`ModelExecutor` is the fallback for models whose blocks cannot be found: one
   unit, the whole forward pass.
 
@@ -58,13 +59,23 @@ class Unit:
 
 @dataclass
 class BatchContext:
-    """What every stream of one batch shares: the inputs and each stack's block-0 call."""
+    """What every stream of one batch shares: the inputs and each stack's block calls."""
 
     batch: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor | None]
-    calls: list[inspect.BoundArguments] = field(default_factory=list)
+    # per stack: every block's call (a stack that mixes attention types), else block 0's for all
+    calls: list[list[inspect.BoundArguments]] = field(default_factory=list)
     hidden_names: list[str] = field(default_factory=list)
     encoder_argument: str | None = None  # the decoder blocks' argument for the encoder output
+
+    def call(self, stack: int, index: int = 0) -> inspect.BoundArguments:
+        """Block ``index``'s call (block 0's, where the stack's blocks are called alike)."""
+        calls = self.calls[stack]
+        return calls[index] if len(calls) > 1 else calls[0]
+
+    def start(self, stack: int) -> torch.Tensor:
+        """The hidden states the stack's first block receives."""
+        return self.call(stack).arguments[self.hidden_names[stack]]
 
 
 @dataclass
@@ -150,54 +161,62 @@ class BlockExecutor:
 
     # -------------------------------------------------------------- capture
     def begin(self, batches: list[dict[str, torch.Tensor]]) -> list[State]:
-        """Capture each stack's block-0 call for every batch (the streams' starting point)."""
+        """Capture each stack's block calls for every batch (the streams' starting point)."""
         states = []
         for batch in batches:
             batch = {k: v.to(self.base.device) for k, v in batch.items()}
             context = BatchContext(batch, self.base.stack_masks(batch))
             for s, stack in enumerate(self.plan.stacks):
                 self._capture(context, s, stack)
-            states.append(State(context, hidden=context.calls[0].arguments[context.hidden_names[0]]))
+            states.append(State(context, hidden=context.start(0)))
         return states
 
     def _capture(self, context: BatchContext, s: int, stack: Stack) -> None:
-        captured: dict[str, Any] = {}
+        """One forward pass up to the stack: block 0's call, or every block's where they
+        differ (``Stack.mixed``). The blocks' weights are not read (they may be on disk)."""
+        signature = self._signatures[s]
+        hidden_name = next(iter(signature.parameters))
+        recorded = list(stack.blocks) if stack.mixed else [stack.blocks[0]]
+        calls: dict[int, inspect.BoundArguments] = {}
 
-        def stop(_module, args, kwargs):
-            captured["call"] = self._signatures[s].bind(*args, **kwargs)
-            raise _StopForward
+        def recorder(b: int):
+            def forward(*args, **kwargs):
+                calls[b] = signature.bind(*args, **kwargs)
+                if b == len(recorded) - 1:
+                    raise _StopForward
+                return calls[b].arguments[hidden_name]  # the real output is the streams' to compute
+            return forward
 
         early: list[str] = []
-        hooks = [stack.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)]
         modules = dict(self.model.named_modules())
-        hooks += [modules[p].register_forward_hook(lambda *_a, p=p: early.append(p)) for p in self._outside]
+        hooks = [modules[p].register_forward_hook(lambda *_a, p=p: early.append(p)) for p in self._outside]
         extra: dict[str, Any] = {}
         dummy = None
         if s > 0:  # a decoder: skip the encoder, its output is streamed
-            source = context.calls[0].arguments[context.hidden_names[0]]
-            dummy = torch.zeros_like(source)
+            dummy = torch.zeros_like(context.start(0))
             extra["encoder_outputs"] = (dummy,)
         try:
-            with torch.no_grad():
+            with _standing_in(recorded, [recorder(b) for b in range(len(recorded))]), torch.no_grad():
                 self.base.forward(context.batch, **extra)
         except _StopForward:
             pass
         finally:
             for hook in hooks:
                 hook.remove()
-        if "call" not in captured:
-            raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.0")
+        missing = next((b for b in range(len(recorded)) if b not in calls), None)
+        if missing is not None:
+            raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.{missing}")
         if early:
             what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
             raise UnsupportedForBlocks(f"{what} {early[0]} runs before the first block")
-        call = captured["call"]
-        cache = next((name for name, value in call.arguments.items() if isinstance(value, Cache)), None)
-        if cache is not None:  # replaying the call would grow it: whole-model passes start afresh
-            raise UnsupportedForBlocks(f"{stack.path}.0 is handed a key/value cache ({cache})")
-        context.calls.append(call)
-        context.hidden_names.append(next(iter(self._signatures[s].parameters)))
+        for b, call in calls.items():
+            cache = next((name for name, value in call.arguments.items() if isinstance(value, Cache)), None)
+            if cache is not None:  # replaying the call would grow it: whole-model passes start afresh
+                raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a key/value cache ({cache})")
+        context.calls.append([calls[b] for b in range(len(recorded))])
+        context.hidden_names.append(hidden_name)
         if dummy is not None:
-            context.encoder_argument = _argument_holding(call, dummy)
+            context.encoder_argument = _argument_holding(calls[0], dummy)
             if context.encoder_argument is None:
                 raise UnsupportedForBlocks(f"cannot tell which argument of {stack.path}.0 takes the encoder output")
 
@@ -222,9 +241,9 @@ class BlockExecutor:
         if unit.stack is None:
             return State(context, output=self._tail(state, grad), stack=state.stack)
         if unit.stack != state.stack:  # leaving the encoder for the decoder
-            state = State(context, hidden=context.calls[unit.stack].arguments[context.hidden_names[unit.stack]],
-                          encoder=self._encoder_output(state), stack=unit.stack)
-        call = context.calls[unit.stack]
+            state = State(context, hidden=context.start(unit.stack), encoder=self._encoder_output(state),
+                          stack=unit.stack)
+        call = context.call(unit.stack, unit.index)
         bound = inspect.BoundArguments(call.signature, dict(call.arguments))
         _set_argument(bound, context.hidden_names[unit.stack], state.hidden)
         for name, value in state.carried.items():

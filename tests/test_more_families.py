@@ -18,6 +18,7 @@ from iteris_daemon.lora import load_adapter
 TOKENS = dict(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102)
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1, max_position_embeddings=128, **TOKENS)
+MIXED = {**DECODER, "num_hidden_layers": 3}  # layers of two attention types (sliding window 4, full)
 
 # family: (config, task type, LoRA targets, expected execution)
 CASES = {
@@ -27,9 +28,9 @@ CASES = {
     # a mixture-of-experts block (LoRA on attention; the experts are fused parameters)
     "mixtral": (lambda: tf.MixtralConfig(**DECODER, num_local_experts=2, num_experts_per_tok=1), "CAUSAL_LM",
                 ["q_proj", "k_proj", "v_proj", "o_proj"], "blocks"),
-    # sliding-window and full-attention layers alternate: whole-model passes
-    "gemma2": (lambda: tf.Gemma2Config(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
-               "whole model"),
+    # sliding-window and full-attention layers alternate (each block is handed its type's mask)
+    "gemma2": (lambda: tf.Gemma2Config(**DECODER, head_dim=16, sliding_window=4), "CAUSAL_LM",
+               ["q_proj", "v_proj", "down_proj"], "blocks"),
     "opt": (lambda: tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
                                  max_position_embeddings=128, word_embed_proj_dim=32, **TOKENS),
             "CAUSAL_LM", ["q_proj", "v_proj", "fc2"], "blocks"),
@@ -46,9 +47,9 @@ CASES = {
                    "FEATURE_EXTRACTION", ["q_lin", "v_lin", "lin2"], "blocks"),
     # biases on q/k/v; PEFT's "all-linear" (every linear layer but the output head)
     "qwen2": (lambda: tf.Qwen2Config(**DECODER), "CAUSAL_LM", "all-linear", "blocks"),
-    # query/key norms; sliding-window layers only (two layers, both before the first full one)
-    "gemma3": (lambda: tf.Gemma3TextConfig(**DECODER, head_dim=16, sliding_window=4), "CAUSAL_LM",
-               ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # query/key norms; sliding-window and full layers, each type with its own rotary embeddings
+    "gemma3": (lambda: tf.Gemma3TextConfig(**MIXED, head_dim=16, sliding_window=4, sliding_window_pattern=2),
+               "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
     # fused query/key/value with parallel attention and MLP
     "falcon": (lambda: tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **TOKENS),
                "CAUSAL_LM", ["query_key_value", "dense_4h_to_h"], "blocks"),
@@ -120,14 +121,20 @@ CASES = {
     "glm": (lambda: tf.GlmConfig(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
     "nemotron": (lambda: tf.NemotronConfig(**DECODER, head_dim=16), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
                  "blocks"),
-    # sliding-window layers only (two layers, before the first full one)
-    "cohere2": (lambda: tf.Cohere2Config(**DECODER, sliding_window=4), "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"],
-                "blocks"),
-    # local and global attention layers alternate: whole-model passes
+    # sliding-window layers with rotary embeddings, full ones without
+    "cohere2": (lambda: tf.Cohere2Config(**MIXED, sliding_window=4, sliding_window_pattern=2), "CAUSAL_LM",
+                ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # full attention in the first max_window_layers layers, sliding-window attention above
+    "qwen2_swa": (lambda: tf.Qwen2Config(**MIXED, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+                  "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # sliding-window and full layers alternate, attention sinks, experts
+    "gpt_oss": (lambda: tf.GptOssConfig(**MIXED, head_dim=16, sliding_window=4, num_local_experts=2,
+                                        num_experts_per_tok=1), "CAUSAL_LM", ["q_proj", "v_proj", "o_proj"], "blocks"),
+    # local and global attention layers alternate, each with its own rotary embeddings
     "modernbert": (lambda: tf.ModernBertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                                num_attention_heads=2, vocab_size=30522, pad_token_id=0,
                                                global_attn_every_n_layers=2, local_attention=4),
-                   "FEATURE_EXTRACTION", ["Wqkv", "Wo"], "whole model"),
+                   "FEATURE_EXTRACTION", ["Wqkv", "Wo"], "blocks"),
     # use_cache reaches the model only through **kwargs: the config turns it off
     "granitemoe": (lambda: tf.GraniteMoeConfig(**DECODER, num_local_experts=2, num_experts_per_tok=1), "CAUSAL_LM",
                    ["q_proj", "v_proj"], "blocks"),
@@ -137,8 +144,8 @@ CASES = {
 }
 # where a block's inputs go beyond the hidden states (position biases, windows, norms):
 # running block by block must give the whole model's merge
-BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma3", "granitemoe", "mamba", "mistral",
-                      "mpt", "qwen2_moe", "qwen3_moe", "roberta"]
+BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma2", "gemma3", "gpt_oss", "granitemoe",
+                      "mamba", "mistral", "modernbert", "mpt", "qwen2_moe", "qwen2_swa", "qwen3_moe", "roberta"]
 
 
 def _base_and_adapters(family: str, tmp_path):
@@ -190,6 +197,55 @@ def test_block_by_block_equals_whole_model_passes(family, tmp_path, monkeypatch)
     assert merged["true"].keys() == merged["false"].keys()
     for name, whole in merged["false"].items():
         torch.testing.assert_close(merged["true"][name].double(), whole.double(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+# blocks of two attention types, each handed its own type's mask (and rotary embeddings)
+MIXED_ATTENTION = ["cohere2", "gemma2", "gemma3", "gpt_oss", "modernbert", "qwen2_swa"]
+
+
+@pytest.mark.parametrize("family", MIXED_ATTENTION)
+def test_mixed_attention_blocks_stream_with_their_own_calls(family, tmp_path, monkeypatch):
+    """These models ran whole-model passes with the whole model resident (block 0's call,
+    replayed for every block, handed sliding-window blocks the full mask or the reverse).
+    Each block's call is captured now: streamed from disk and refined, they merge as
+    loaded whole, and replaying block 0's call gives another merge (the test can tell)."""
+    from iteris_daemon import architecture
+
+    base_dir, adapters = _base_and_adapters(family, tmp_path)
+
+    def merge(name: str, offload: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        assert cli_merge(base_dir, adapters, out, "--offload", offload, "--param", "iterations=2", "--param",
+                         "accumulate_dtype=float64", "--param", "refine_steps=2") == 0
+        report = json.loads((out / "merge_report.json").read_text())
+        assert (report["placement"], report["metrics"]["execution"]) == ({"disk": "disk", "none": "resident"}[offload],
+                                                                           "blocks")
+        assert len(report["metrics"]["refinement"]["blocks"]) == CASES[family][0]().num_hidden_layers
+        return load_file(out / "adapter_model.safetensors")
+
+    merged = {offload: merge(offload, offload) for offload in ("disk", "none")}
+    assert merged["disk"].keys() == merged["none"].keys()
+    for name, whole in merged["none"].items():
+        torch.testing.assert_close(merged["disk"][name], whole, rtol=1e-6, atol=1e-8, msg=name)
+    monkeypatch.setattr(architecture, "_mixes_layer_types", lambda config: False)
+    replayed = merge("block-0-call", "none")
+    assert any(not torch.allclose(replayed[name], whole, rtol=1e-3, atol=1e-5) for name, whole in merged["none"].items())
+
+
+def test_blocks_of_one_attention_type_share_its_mask(tmp_path):
+    """Every block's captured call holds the tensors the model made (one mask and one pair of
+    rotary tables per attention type), not copies per block; the blocks' weights stay on disk."""
+    from iteris_daemon.calibration import read_jsonl
+    from iteris_daemon.model import BaseModel
+
+    base_dir, adapters = _base_and_adapters("gemma3", tmp_path)  # sliding, full, sliding
+    base = BaseModel(str(base_dir), [load_adapter(a) for a in adapters], offload="disk")
+    _, [[state, *_]] = prepare(base, [], [base.batches(read_jsonl(adapters[0] / "calibration.jsonl"), 6, 64)])
+    sliding, full, sliding_again = (state.context.call(0, b).arguments for b in range(3))
+    for name in ("attention_mask", "position_embeddings"):
+        assert sliding[name] is sliding_again[name] and sliding[name] is not full[name], name
+    assert not torch.equal(sliding["attention_mask"], full["attention_mask"])
+    assert all(p.device.type == "meta" for p in base.model.model.layers.parameters())
 
 
 SEQ_CLS_ENCODER_DECODERS = {
