@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 try:  # a key/value cache handed to a block (see BlockExecutor._capture)
     from transformers.cache_utils import Cache
@@ -194,7 +195,7 @@ class BlockExecutor:
         dummy = None
         if s > 0:  # a decoder: skip the encoder, its output is streamed
             dummy = torch.zeros_like(context.start(0))
-            extra["encoder_outputs"] = (dummy,)
+            extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=dummy)
         try:
             with _standing_in(recorded, [recorder(b) for b in range(len(recorded))]), torch.no_grad():
                 self.base.forward(context.batch, **extra)
@@ -273,7 +274,7 @@ class BlockExecutor:
         extra = {}
         replays = {len(self.plan.stacks) - 1: state.output}
         if state.encoder is not None:
-            extra["encoder_outputs"] = (state.encoder,)
+            extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=state.encoder)
         with self._replaying(replays):
             return self.base.forward(state.context.batch, grad=grad, **extra)
 

@@ -19,6 +19,8 @@ TOKENS = dict(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=1
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1, max_position_embeddings=128, **TOKENS)
 MIXED = {**DECODER, "num_hidden_layers": 3}  # layers of two attention types (sliding window 4, full)
+T5GEMMA_STACK = {**MIXED, "head_dim": 16, "sliding_window": 4,
+                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
 
 # family: (config, task type, LoRA targets, expected execution)
 CASES = {
@@ -138,6 +140,10 @@ CASES = {
     # use_cache reaches the model only through **kwargs: the config turns it off
     "granitemoe": (lambda: tf.GraniteMoeConfig(**DECODER, num_local_experts=2, num_experts_per_tok=1), "CAUSAL_LM",
                    ["q_proj", "v_proj"], "blocks"),
+    # an encoder-decoder whose encoder and decoder mix sliding-window and full layers; its
+    # forward reads the encoder output handed to it as a BaseModelOutput, not a tuple
+    "t5gemma": (lambda: tf.T5GemmaConfig(encoder=T5GEMMA_STACK, decoder=T5GEMMA_STACK, decoder_start_token_id=0,
+                                         **TOKENS), "SEQ_2_SEQ_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
     # a state-space model: no attention at all
     "mamba": (lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=30522,
                                      pad_token_id=0), "CAUSAL_LM", ["in_proj", "x_proj"], "blocks"),
@@ -145,7 +151,7 @@ CASES = {
 # where a block's inputs go beyond the hidden states (position biases, windows, norms):
 # running block by block must give the whole model's merge
 BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma2", "gemma3", "gpt_oss", "granitemoe",
-                      "mamba", "mistral", "modernbert", "mpt", "qwen2_moe", "qwen2_swa", "qwen3_moe", "roberta"]
+                      "mamba", "mistral", "modernbert", "mpt", "qwen2_moe", "qwen2_swa", "qwen3_moe", "roberta", "t5gemma"]
 
 
 def _base_and_adapters(family: str, tmp_path):
