@@ -46,6 +46,7 @@ from . import malloc
 from .calibration import CalibrationSet
 from .errors import CalibrationError, MergeError
 from .execution import State, Unit, prepare
+from .logs import counted
 from .lora import LoraAdapter, LoraModule
 from .lowrank import solve_spd
 from .model import BaseModel, Delta, adapter_deltas, masked_rows, row_mask
@@ -371,8 +372,8 @@ class _Alignment:
             self.base.set_deltas({})
             self.base.set_head({})
         if self.unused:
-            log.warning("%d layers saw no calibration inputs and keep the sum of deltas: %s",
-                        len(self.unused), sorted(self.unused))
+            log.warning("%s saw no calibration inputs and keep the sum of deltas: %s",
+                        counted(len(self.unused), "layer"), sorted(self.unused))
         factors = {p: (self.B_cat[p].float(), self.merged[p].float()) for p in self.paths}
         metrics = {
             "iterations_run": len(changes),

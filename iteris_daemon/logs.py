@@ -22,8 +22,11 @@ TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 def counted(count: int, noun: str) -> str:
-    """``1 adapter``, ``2 adapters``: a count as messages say it (regular plurals only)."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    """``1 adapter``, ``2 adapters``, ``3 entries``: a count as messages say it (regular
+    plurals only)."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun[:-1]}ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else f"{count} {noun}s"
 
 
 def redact(text: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from iteris_daemon import hookimpl
+from iteris_daemon.logs import counted
 from iteris_daemon.errors import ParameterError
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, task_arithmetic_factors
 
@@ -28,7 +29,7 @@ def _weights(inputs: MergeInputs, params: WeightedParams) -> list[float]:
     if params.weights is None:
         return [params.scale] * len(inputs.adapters)
     if len(params.weights) != len(inputs.adapters):
-        raise ParameterError(f"weights has {len(params.weights)} entries for {len(inputs.adapters)} adapters")
+        raise ParameterError(f"weights has {counted(len(params.weights), 'entry')} for {counted(len(inputs.adapters), 'adapter')}")
     return [params.scale * w for w in params.weights]
 
 

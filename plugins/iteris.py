@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
+from iteris_daemon.logs import counted
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
 
 
@@ -86,7 +87,7 @@ class IterIS:
             from iteris_daemon.errors import ParameterError
 
             raise ParameterError(
-                f"task_weights has {len(params.task_weights)} entries for {len(inputs.adapters)} adapters"
+                f"task_weights has {counted(len(params.task_weights), 'entry')} for {counted(len(inputs.adapters), 'adapter')}"
             )
         options = AlignmentOptions(
             iterations=params.iterations,

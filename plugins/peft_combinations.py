@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from iteris_daemon import hookimpl
+from iteris_daemon.logs import counted
 from iteris_daemon.errors import MergeError, ParameterError
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
 
@@ -52,7 +53,7 @@ class PeftCombination:
         adapters = inputs.adapters
         weights = params.weights or [1.0] * len(adapters)
         if len(weights) != len(adapters):
-            raise ParameterError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
+            raise ParameterError(f"weights has {counted(len(weights), 'entry')} for {counted(len(adapters), 'adapter')}")
         # PEFT rewrites the modules it wraps, so it works on a private copy of the model.
         inputs.base.make_resident()
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; nothing for a user to do

@@ -27,6 +27,7 @@ from pydantic import Field
 from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl
+from iteris_daemon.logs import counted
 from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.config import MAX_SECONDS
 from iteris_daemon.errors import AdapterError
@@ -90,7 +91,7 @@ class HubPublisher:
             adds = [CommitOperationAdd(name, path) for name, path in sorted(files.items())]
             return [*adds, CommitOperationAdd(CARD_NAME, card)]
 
-        title = f"{request.group}: run {request.run_id} ({request.strategy} merge of {len(request.inputs)} adapters)"
+        title = f"{request.group}: run {request.run_id} ({request.strategy} merge of {counted(len(request.inputs), 'adapter')})"
         sha = _commit(api, settings, operations, title, head.sha, local, stopping)
         log.info("hub %s: published run %d as %s", where, request.run_id, sha)
         if settings.tag_runs:

@@ -327,7 +327,7 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         (["--param", "iterationz=3"], "iterationz"),
         (["--param", "iterations=0"], "iterations"),
         (["--param", "a1=-1"], "a1"),
-        (["--param", "task_weights=[1]"], "task_weights has 1 entries for 2 adapters"),
+        (["--param", "task_weights=[1]"], "task_weights has 1 entry for 2 adapters"),
         (["--param", "task_weights=[0, 0]"], "task_weights are all 0"),
         (["--param", "samples_per_task=true"], "samples_per_task: Input should be a valid integer"),  # was 1
         (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),

@@ -93,7 +93,7 @@ def test_a_strategy_that_cannot_merge_is_listed_with_its_error(tiny, capsys):
     assert _compare(base_dir, adapter_dirs, "--strategy", failing, "--strategy", "ties") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[2].split()[0] == "ties"
-    assert table[3] == f"{failing}  error: task_weights has 1 entries for 3 adapters"
+    assert table[3] == f"{failing}  error: task_weights has 1 entry for 3 adapters"
     assert _compare(base_dir, adapter_dirs, "--strategy", failing) == 1  # none could merge
 
 

@@ -359,8 +359,10 @@ def test_same_adapter_is_not_committed_again_a_new_one_is(hub, hub_settings, mad
     assert len(hub.requests_matching(COMMITS)) == 1
     assert [t.name for t in api(hub).list_repo_refs(REPO).tags] == ["news-run-1"]
 
-    v3 = publisher.publish(request(second, base, run_id=3), settings)
+    one = dataclasses.replace(request(second, base, run_id=3), inputs=request(second, base).inputs[:1])
+    v3 = publisher.publish(one, settings)
     assert v3.changed and v3.version == hub.head(REPO) != v1.version
+    assert history(hub)[:2] == ["news: run 3 (iteris merge of 1 adapter)", "news: run 1 (iteris merge of 2 adapters)"]
     assert hub.files(REPO)["adapter_model.safetensors"] == (second / "adapter_model.safetensors").read_bytes()
     assert successful_commits(hub) == 2
 
