@@ -229,9 +229,9 @@ def check_inputs_kept(strategy: str, before: dict[tuple[str, str], tuple[torch.T
     for key, (tensor, version) in before.items():
         now = after.get(key)
         if now is None or now[0] is not tensor or now[1] != version:
-            raise InputsChangedError(f"strategy {strategy} changed its input adapter {key[0]} ({key[1]}); a strategy must "
-                             "leave its inputs as given (the evaluation compares the merge with them); nothing was "
-                             "written")
+            raise InputsChangedError(f"strategy {strategy} changed its input adapter {key[0]} ({key[1]}); a strategy "
+                                     "must leave its inputs as given (the evaluation compares the merge with them); "
+                                     "nothing was written")
 
 
 def _delta_overflows(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> bool:
@@ -444,15 +444,17 @@ def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeI
     try:
         result = strategy.merge(inputs, params, progress)
     except (IterisError, MemoryError):
+        check_inputs_kept(strategy.name, given, inputs.adapters)  # what `compare` must know first
         raise
     except Exception as exc:
+        check_inputs_kept(strategy.name, given, inputs.adapters)
         if says_out_of_memory(str(exc)):  # torch's allocator: the worker reports it as out of memory
             raise
         raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
+    check_inputs_kept(strategy.name, given, inputs.adapters)
     if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
         raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
                          "(with a dict of metrics); nothing was written")
-    check_inputs_kept(strategy.name, given, inputs.adapters)
     check_result(strategy.name, result.modules, inputs.adapters)
     return result
 

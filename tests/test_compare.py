@@ -173,7 +173,8 @@ def test_the_default_contenders_leave_out_a_strategy_with_a_required_parameter(c
                for r in caplog.records)
 
 
-def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_scores(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("then", ["returns", "raises"])
+def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_scores(tiny, tmp_path, capsys, then):
     """``compare`` hands every contender the same adapters: a plugin that scaled one in place
     (DARE's drop done on the inputs) was scored, and every later contender merged and was
     compared with the edited adapter. ``merge`` refused it; ``compare`` now does too, and
@@ -187,6 +188,8 @@ def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_sc
         def merge(self, inputs, params, progress):
             for module in inputs.adapters[0].modules.values():
                 module.B.mul_(3.0)
+            if then == "raises":  # the edit must be seen on the failure's way out too
+                raise ValueError("a bug after the edit")
             return MergedAdapter({path: (m.B, m.A) for path, m in inputs.adapters[0].modules.items()})
 
     base_dir, adapter_dirs = tiny["bert"]
