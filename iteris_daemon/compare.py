@@ -27,7 +27,8 @@ from .calibration import CalibrationOptions, CalibrationSet
 from .errors import InputsChangedError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary, text
-from .merge import AdapterSpec, calibration_for, load_adapters, load_base, merged_head, run_strategy
+from .merge import (AdapterSpec, calibration_for, evaluation_settings, load_adapters, load_base, merged_head,
+                    run_strategy)
 from .plugin_manager import get_strategy, strategies
 from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
 
@@ -129,7 +130,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
             result = run_strategy(contender.strategy, contender.params, inputs, progress)
             seconds = time.perf_counter() - started
             tasks = evaluate(base, adapters, list(held), result.modules, head, request.batch_size,
-                             request.max_length, progress)
+                             request.max_length, progress, **evaluation_settings(contender.params))
         except Exception as exc:  # one contender's failure must not lose the other rows
             rows.append({"strategy": contender.label, "error": _failure(contender.label, exc)})
             if isinstance(exc, InputsChangedError):  # the next contenders get the adapters as they were read

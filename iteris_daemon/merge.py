@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import memory, safe_json
 from .adapter_config import CARD_NAME, REPORT_NAME
+from .alignment import ACCUMULATE
 from .architecture import linear_kind
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration
 from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
@@ -435,6 +436,15 @@ def _escape(path: str) -> str:
     return path.replace(".", r"\.")
 
 
+def evaluation_settings(params: StrategyParams) -> dict[str, Any]:
+    """How an evaluation runs the model: as the strategy did, where its parameters say so
+    (the built-ins' ``accumulate_dtype`` and ``blockwise``: whole-model passes for a model
+    the block executor cannot run); a plugin's parameters of those names with other
+    meanings are not read."""
+    dtype, blockwise = getattr(params, "accumulate_dtype", None), getattr(params, "blockwise", None)
+    return {"accumulate_dtype": dtype if dtype in ACCUMULATE else "float32", "blockwise": blockwise is not False}
+
+
 def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeInputs,
                  progress: Progress) -> MergedAdapter:
     """``strategy``'s merge of ``inputs``, checked as ``merge`` and ``compare`` both take it: a
@@ -516,8 +526,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         max_length = getattr(params, "max_length", request.eval_max_length)
         try:
             per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
-                                accumulate_dtype=getattr(params, "accumulate_dtype", "float32"), reference=reference,
-                                blockwise=getattr(params, "blockwise", True))  # as the strategy ran the model
+                                reference=reference, **evaluation_settings(params))
         except (IterisError, MemoryError):
             raise
         except Exception as exc:  # the model's own forward refused the inputs: one line, -v shows where

@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from builders import build_adapter, cli_merge, model_class, tiny_config, tokenizer
+from iteris_daemon.evaluation import evaluate
 from iteris_daemon.execution import prepare
 from iteris_daemon.lora import load_adapter
 
@@ -186,8 +187,11 @@ def test_block_by_block_equals_whole_model_passes(family, tmp_path, monkeypatch)
     from iteris_daemon import evaluation
 
     base_dir, adapters = _base_and_adapters(family, tmp_path)
-    evaluated = []
+    import iteris_daemon.merge as merge
+
+    evaluated, dtypes = [], []
     monkeypatch.setattr(evaluation, "prepare", lambda *a: evaluated.append(a[3]) or prepare(*a))
+    monkeypatch.setattr(merge, "evaluate", lambda *a, **k: dtypes.append(k["accumulate_dtype"]) or evaluate(*a, **k))
     merged, figures = {}, {}
     for blockwise in ("true", "false"):
         out = tmp_path / f"blockwise-{blockwise}"
@@ -195,7 +199,7 @@ def test_block_by_block_equals_whole_model_passes(family, tmp_path, monkeypatch)
                          "--param", "accumulate_dtype=float64") == 0
         report = json.loads((out / "merge_report.json").read_text())
         assert report["metrics"]["execution"] == ("blocks" if blockwise == "true" else "whole model")
-        assert evaluated.pop() is (blockwise == "true")
+        assert evaluated.pop() is (blockwise == "true") and dtypes.pop() == "float64"
         figures[blockwise] = report["tasks"]
         merged[blockwise] = load_file(out / "adapter_model.safetensors")
     for task, whole in figures["false"].items():

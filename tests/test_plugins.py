@@ -457,3 +457,28 @@ def test_two_plugins_with_one_name_and_a_misspelt_hook_are_one_line_errors(tmp_p
                                 text=True, timeout=60)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("iteris-daemon: error: " + expected), result.stderr
+
+
+def test_a_plugins_parameter_named_like_an_evaluation_setting_is_its_own(bert, tmp_path, capsys):
+    """The report's evaluation runs the model as a built-in strategy's ``accumulate_dtype``
+    and ``blockwise`` say; a plugin's parameter of that name meaning something else
+    (here a dtype the evaluation has no accumulator for) failed its merge after merging."""
+
+    class Params(StrategyParams):
+        accumulate_dtype: str = "bfloat16"
+
+    class OwnDtype:
+        name, description, needs_calibration = "own_dtype", "a test plugin", False
+
+        def __init__(self):
+            self.Params = Params
+
+        def merge(self, inputs, params, progress):
+            return MergedAdapter(task_arithmetic_factors(inputs.adapters, [1.0] * len(inputs.adapters)))
+
+    base_dir, adapters = bert
+    with registered("register_strategies", OwnDtype()):
+        code = main(["merge", "--base-model", str(base_dir), "--strategy", "own_dtype", "--out", str(tmp_path / "m"),
+                     "-q", *(f"--adapter={a}" for a in adapters)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["tasks"]
