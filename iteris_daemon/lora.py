@@ -10,6 +10,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -83,8 +84,22 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         modules_to_save={key: tensors[KEY_PREFIX + key] for key in layout.modules_to_save},
         content_sha256=layout.content_sha256,
         # the saved dtype: the widest of the factors' (bfloat16 and float16 give float32)
-        dtype=functools.reduce(torch.promote_types, saved, saved[0]) if saved else torch.float32,
+        dtype=widest(saved),
     )
+
+
+def widest(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every one of ``dtypes`` (bfloat16 and float16 give float32;
+    float32 where there are none). torch promotes no float8 type: it yields to the others."""
+    def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+        try:
+            return torch.promote_types(a, b)
+        except RuntimeError:  # a float8 type: the other, or bfloat16 for two float8 kinds
+            bits = {torch.finfo(a).bits, torch.finfo(b).bits}
+            return torch.bfloat16 if bits == {8} else max(a, b, key=lambda dtype: torch.finfo(dtype).bits)
+
+    found = list(dtypes)
+    return functools.reduce(wider, found) if found else torch.float32
 
 
 def _unpadded(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import functools
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedE
                      MergeError, OutputError, OutputExistsError)
 from .evaluation import evaluate
 from .logs import counted
-from .lora import LoraAdapter, load_adapter, save_adapter
+from .lora import LoraAdapter, load_adapter, save_adapter, widest
 from .lowrank import refactor
 from .model import DTYPES, BaseModel
 from .model_card import merge_card
@@ -512,8 +511,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     device_peak = memory.device_peak_mb(base.device)
     # Default: the widest of the inputs' dtypes, whatever their order (bfloat16 and float16 give float32),
     # the saved modules written included (PEFT keeps a bfloat16 model's head in bfloat16, its LoRA in float32).
-    output_dtype = DTYPES[request.output_dtype] if request.output_dtype else functools.reduce(
-        torch.promote_types, [a.dtype for a in adapters] + [t.dtype for t in head.values() if t.is_floating_point()])
+    output_dtype = DTYPES[request.output_dtype] if request.output_dtype else widest(
+        [a.dtype for a in adapters] + [t.dtype for t in head.values() if t.is_floating_point()])
 
     modules, truncation = _as_written(result.modules, output_dtype)
     ranks = {path: A.shape[0] for path, (_B, A) in modules.items()}
