@@ -73,13 +73,17 @@ class Streamed:
 
     def release(self, block: nn.Module) -> None:
         for name, param in list(block.named_parameters()):
-            _replace_parameter(block, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+            _replace_tensor(block, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 
 
-def _replace_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def _replace_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set parameter or buffer ``name`` of ``root`` to ``value`` (a frozen parameter)."""
     owner_path, _, leaf = name.rpartition(".")
     owner = root.get_submodule(owner_path) if owner_path else root
-    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
 class Checkpoint:
@@ -110,7 +114,7 @@ class Checkpoint:
             self.files = {key: folder / name for key, name in weight_map.items()}
         else:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
-        meta = model.state_dict()  # every name the model loads, tied ones too
+        meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
         try:
             self.recipes = _recipes(model, meta, self.files)
         except (ImportError, AttributeError, TypeError) as exc:  # transformers' loading internals moved
@@ -118,12 +122,15 @@ class Checkpoint:
         self.built_by = {target: first for first, recipe in self.recipes.items() for target in recipe.targets}
         # Tied parameters are listed once, under the name that is loaded (tie_weights()
         # restores the others after loading): the skeleton must be tied already.
-        parameters = dict(model.named_parameters())
-        missing = [name for name in parameters if name not in self.built_by]
+        missing = [name for name, _param in model.named_parameters() if name not in self.built_by]
         if missing:
             raise WeightsUnavailable(f"the checkpoint has no tensor named {missing[0]} ({len(missing)} such)")
+        # Every tensor the checkpoint holds is loaded, buffers too (from_pretrained loads a
+        # router's e_score_correction_bias, BART's final_logits_bias over their initial zeros)
+        self.stored = [name for name in meta if name in self.built_by]
+        self.made_in = {name: tensor.dtype for name, tensor in meta.items()}
         expected: dict[str, torch.Tensor] = {}
-        for first in dict.fromkeys(self.built_by[name] for name in parameters):
+        for first in dict.fromkeys(self.built_by[name] for name in self.stored):
             expected.update(self._expected(first, meta))
         _check_headers(self.files, expected, ignore_mismatched)
         # Modules transformers keeps in float32 when it loads the model in half precision
@@ -160,9 +167,9 @@ class Checkpoint:
 
     def load_into(self, module: nn.Module, path: str, device: torch.device, dtype: torch.dtype,
                   names: list[str] | None = None) -> None:
-        """Materialise ``names`` (default: every parameter) of ``module``, which sits at
-        ``path`` in the model, on ``device``; floating-point tensors in ``dtype`` (float32
-        where transformers keeps them so, see :meth:`dtype_of`)."""
+        """Materialise ``names`` (parameters or buffers; default: every parameter) of
+        ``module``, which sits at ``path`` in the model, on ``device``; floating-point tensors
+        in ``dtype`` (float32 where transformers keeps them so, see :meth:`dtype_of`)."""
         from safetensors import safe_open
 
         if names is None:
@@ -182,13 +189,15 @@ class Checkpoint:
                 built = self.recipes[first].build(partial(read, target=self.dtype_of(first, dtype)), self.model)
                 for full, tensor in built.items():
                     if full in local:
-                        _replace_parameter(module, local[full], tensor.to(device))
+                        _replace_tensor(module, local[full], tensor.to(device))
 
     def dtype_of(self, name: str, dtype: torch.dtype) -> torch.dtype:
-        """The dtype parameter ``name`` is loaded in when the model computes in ``dtype``."""
+        """The dtype tensor ``name`` is loaded in when the model computes in ``dtype``: float32
+        where transformers keeps it so, else the one the model made it in, as ``from_pretrained``
+        casts (a buffer the model makes in float32 stays float32)."""
         parts = f".{name}."
         kept = self.float32_modules.get(dtype, ())
-        return torch.float32 if any(f".{module}." in parts for module in kept) else dtype
+        return torch.float32 if any(f".{module}." in parts for module in kept) else self.made_in[name]
 
 
 @dataclass
@@ -328,8 +337,10 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # block would otherwise fragment the heap, and the peak grow with depth (+75% of the
     # added weights in benchmarks.scale with glibc's defaults, +23% with this).
     malloc.keep_large_blocks_in_mmap()
-    outside = [n for n, _ in model.named_parameters() if not n.startswith(stacks)]
-    checkpoint.load_into(model, "", device, dtype, names=outside)
+    # Block parameters are read with their block; buffers (small) are all read now
+    buffers = dict(model.named_buffers())
+    now = [name for name in checkpoint.stored if name in buffers or not name.startswith(stacks)]
+    checkpoint.load_into(model, "", device, dtype, names=now)
     model.tie_weights()
     for name, buffer in model.named_buffers():
         if buffer.device.type != "meta":

@@ -1,0 +1,87 @@
+"""A streamed base model (``--offload disk``) holds what ``from_pretrained`` loads, buffers
+and ties included, for checkpoints that differ from what the config suggests."""
+
+import pytest
+import torch
+import transformers as tf
+
+from builders import tiny_config, tokenizer
+from iteris_daemon.architecture import block_plan
+from iteris_daemon.weights import load_streamed
+
+
+def _save(model, folder):
+    """``model`` saved with the tiny models' tokenizer."""
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _with_buffer(model, name):
+    """``model`` with persistent buffer ``name`` random, as a trained checkpoint has it
+    (DeepSeek-V3's router bias; the model makes it zeros)."""
+    with torch.no_grad():
+        model.get_buffer(name).normal_()
+    return model
+
+
+def _deepseek_v3(folder):
+    """A buffer inside a block the checkpoint holds (the router's e_score_correction_bias of
+    DeepSeek-V3, Kimi-K2, GLM-4.5...): streaming left it zeros."""
+    config = tf.DeepseekV3Config(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                                 first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                                 qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, pad_token_id=0,
+                                 bos_token_id=101, eos_token_id=102)
+    model = _with_buffer(tf.DeepseekV3ForCausalLM(config), "model.layers.1.mlp.gate.e_score_correction_bias")
+    return tf.DeepseekV3ForCausalLM, _save(model, folder)
+
+
+def _bart(folder):
+    """A buffer outside the blocks the checkpoint holds (BART's final_logits_bias): the same."""
+    model = _with_buffer(tf.BartForConditionalGeneration(tiny_config("bart")), "final_logits_bias")
+    return tf.BartForConditionalGeneration, _save(model, folder)
+
+
+def _streamed(cls, folder, dtype):
+    """``cls`` streamed from ``folder``, every block loaded."""
+    stacks = lambda model: [stack.path for stack in block_plan(model, []).stacks]  # noqa: E731
+    model, placement = load_streamed(cls, str(folder), tf.AutoConfig.from_pretrained(folder), dtype,
+                                     torch.device("cpu"), stacks)
+    for path in stacks(model):
+        for i, block in enumerate(model.get_submodule(path)):
+            placement.load(block, f"{path}.{i}")
+    return model
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+
+
+def _ties(model) -> set[tuple[str, str]]:
+    """The pairs of parameter names that are one parameter."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    return {(a, b) for a, p in params for b, q in params if a < b and p is q}
+
+
+@pytest.mark.parametrize("make, dtype", [
+    pytest.param(_deepseek_v3, torch.float32, id="deepseek_v3 router bias"),
+    pytest.param(_deepseek_v3, torch.bfloat16, id="deepseek_v3 router bias bf16"),
+    pytest.param(_bart, torch.float32, id="bart final_logits_bias"),
+    pytest.param(_bart, torch.float16, id="bart final_logits_bias fp16"),
+])
+def test_a_streamed_model_holds_what_from_pretrained_loads(tmp_path, make, dtype):
+    """Every parameter and buffer of a streamed model equals ``from_pretrained``'s, and the
+    same ones are tied, for checkpoints that are not what their config suggests (each
+    case's builder says how; all found in QA: the merges differed between placements, or
+    the model loaded whole though it can stream)."""
+    cls, folder = make(tmp_path / "base")
+    streamed = _streamed(cls, folder, dtype)
+    whole = cls.from_pretrained(folder, dtype=dtype)
+    expected, got = _tensors(whole), _tensors(streamed)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert _ties(streamed) == _ties(whole)
+
