@@ -117,18 +117,20 @@ class Checkpoint:
         meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
         try:
             self.recipes = _recipes(model, meta, self.files)
+            ties = model.all_tied_weights_keys
         except (ImportError, AttributeError, TypeError) as exc:  # transformers' loading internals moved
             raise WeightsUnavailable(f"cannot read this transformers' conversion mapping ({exc})") from None
         self.built_by = {target: first for first, recipe in self.recipes.items() for target in recipe.targets}
-        # Tied parameters are listed once, under the name that is loaded (tie_weights()
-        # restores the others after loading): the skeleton must be tied already.
-        missing = [name for name, _param in model.named_parameters() if name not in self.built_by]
-        if missing:
-            raise WeightsUnavailable(f"the checkpoint has no tensor named {missing[0]} ({len(missing)} such)")
         # Every tensor the checkpoint holds is loaded, buffers too (from_pretrained loads a
-        # router's e_score_correction_bias, BART's final_logits_bias over their initial zeros)
+        # router's e_score_correction_bias, BART's final_logits_bias over their initial zeros);
+        # a parameter it lacks is tied to a stored partner (see load_streamed), or cannot stream.
         self.stored = [name for name in meta if name in self.built_by]
         self.made_in = {name: tensor.dtype for name, tensor in meta.items()}
+        self.missing = [name for name, _param in model.named_parameters() if name not in self.built_by]
+        filled = _filled_by_ties(ties, set(self.missing))
+        unfilled = [name for name in self.missing if name not in filled]
+        if unfilled:
+            raise WeightsUnavailable(f"the checkpoint has no tensor named {unfilled[0]} ({len(unfilled)} such)")
         expected: dict[str, torch.Tensor] = {}
         for first in dict.fromkeys(self.built_by[name] for name in self.stored):
             expected.update(self._expected(first, meta))
@@ -296,6 +298,16 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
             raise BaseModelError(f"base model checkpoint file {file} cannot be read: {exc}".splitlines()[0]) from None
 
 
+def _filled_by_ties(ties: dict[str, str], missing: set[str]) -> set[str]:
+    """The ``missing`` parameters ``tie_weights(missing_keys=...)`` ties to a stored one
+    (``ties``: target -> source): each of a group tied to one source where any of the
+    group is stored (a head stored as ``lm_head.weight`` only gives the embedding too)."""
+    groups: dict[str, set[str]] = {}
+    for target, source in ties.items():
+        groups.setdefault(source, {source}).add(target)
+    return {name for group in groups.values() if group - missing for name in group & missing}
+
+
 def _floating(dtype: str) -> bool:
     """Whether a safetensors header dtype (``F32``, ``BF16``, ``F8_E4M3``, ``I64`` ...) is a float."""
     return dtype.startswith(("F", "BF"))
@@ -332,6 +344,9 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     stacks = tuple(f"{p}." for p in block_paths(model))
     if not stacks:
         raise WeightsUnavailable("no block stacks to stream")
+    in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
+    if in_blocks:  # tied below, its block's load would untie it again
+        raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
     # After the checks that send the model to a whole load (which keeps glibc's
     # defaults), before any weight is read: block weights read and dropped block after
     # block would otherwise fragment the heap, and the peak grow with depth (+75% of the
@@ -341,7 +356,10 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     buffers = dict(model.named_buffers())
     now = [name for name in checkpoint.stored if name in buffers or not name.startswith(stacks)]
     checkpoint.load_into(model, "", device, dtype, names=now)
-    model.tie_weights()
+    # Ties as from_pretrained ties: a parameter the checkpoint lacks to its stored partner;
+    # two stored with different values (a config that says tied, a checkpoint that is not)
+    # stay apart
+    model.tie_weights(missing_keys=set(checkpoint.missing), recompute_mapping=False)
     for name, buffer in model.named_buffers():
         if buffer.device.type != "meta":
             owner, _, leaf = name.rpartition(".")
@@ -352,11 +370,12 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
 
 
 def _skeleton(cls, config, dtype: torch.dtype) -> nn.Module:
-    """The model's modules with meta parameters, tied, and buffers as ``from_pretrained``
-    leaves them when it loads in ``dtype``: created in ``dtype``, then computed again by
-    the model's own initialisation (in the process's default dtype) into them. Built in
-    the checkpoint's dtype instead, Gemma's ``embed_scale`` stayed bfloat16 and GPT-J's
-    rotary table was computed in bfloat16, so merges differed between placements."""
+    """The model's modules with meta parameters, untied (:func:`load_streamed` ties them once
+    it knows what the checkpoint holds), and buffers as ``from_pretrained`` leaves them when
+    it loads in ``dtype``: created in ``dtype``, then computed again by the model's own
+    initialisation (in the process's default dtype) into them. Built in the checkpoint's
+    dtype instead, Gemma's ``embed_scale`` stayed bfloat16 and GPT-J's rotary table was
+    computed in bfloat16, so merges differed between placements."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
@@ -366,5 +385,4 @@ def _skeleton(cls, config, dtype: torch.dtype) -> nn.Module:
     for param in model.parameters():
         param._is_hf_initialized = True  # every weight comes from the checkpoint: only buffers are computed
     model.initialize_weights()
-    model.tie_weights()
     return model

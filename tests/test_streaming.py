@@ -4,16 +4,24 @@ and ties included, for checkpoints that differ from what the config suggests."""
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import load_file, save_file
 
 from builders import tiny_config, tokenizer
 from iteris_daemon.architecture import block_plan
 from iteris_daemon.weights import load_streamed
+from test_merge import _tied_llama
 
 
-def _save(model, folder):
-    """``model`` saved with the tiny models' tokenizer."""
+def _save(model, folder, edit=None):
+    """``model`` saved with the tiny models' tokenizer; ``edit`` rewrites its tensors."""
     model.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
+    return _rewrite(folder, edit) if edit is not None else folder
+
+
+def _rewrite(folder, edit):
+    file = folder / "model.safetensors"
+    save_file(edit(load_file(file)), file, metadata={"format": "pt"})
     return folder
 
 
@@ -44,6 +52,27 @@ def _bart(folder):
     return tf.BartForConditionalGeneration, _save(model, folder)
 
 
+def _head_of_its_own(folder):
+    """Config tied, checkpoint not: transformers keeps the stored head ("we will NOT tie them")."""
+    edit = lambda t: {**t, "lm_head.weight": torch.randn_like(t["model.embed_tokens.weight"])}  # noqa: E731
+    return tf.LlamaForCausalLM, _rewrite(_tied_llama(folder), edit)
+
+
+def _head_only(folder):
+    """The tied weight stored under the head's name only: transformers ties the embedding to it."""
+    edit = lambda t: {("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in t.items()}  # noqa: E731
+    return tf.LlamaForCausalLM, _rewrite(_tied_llama(folder), edit)
+
+
+def _t5_without_shared(folder):
+    """Encoder and decoder embeddings stored, ``shared.weight`` not: transformers ties it to them."""
+    def edit(tensors):
+        shared = tensors.pop("shared.weight")
+        return {**tensors, "encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared.clone()}
+
+    return tf.T5ForConditionalGeneration, _save(tf.T5ForConditionalGeneration(tiny_config("t5")), folder, edit)
+
+
 def _streamed(cls, folder, dtype):
     """``cls`` streamed from ``folder``, every block loaded."""
     stacks = lambda model: [stack.path for stack in block_plan(model, []).stacks]  # noqa: E731
@@ -70,6 +99,9 @@ def _ties(model) -> set[tuple[str, str]]:
     pytest.param(_deepseek_v3, torch.bfloat16, id="deepseek_v3 router bias bf16"),
     pytest.param(_bart, torch.float32, id="bart final_logits_bias"),
     pytest.param(_bart, torch.float16, id="bart final_logits_bias fp16"),
+    pytest.param(_head_of_its_own, torch.float32, id="config tied, head stored apart"),
+    pytest.param(_head_only, torch.float32, id="tied, stored as lm_head only"),
+    pytest.param(_t5_without_shared, torch.float32, id="t5 without shared.weight"),
 ])
 def test_a_streamed_model_holds_what_from_pretrained_loads(tmp_path, make, dtype):
     """Every parameter and buffer of a streamed model equals ``from_pretrained``'s, and the
