@@ -101,17 +101,16 @@ class Checkpoint:
     def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False):
         self.folder, self.model = folder, model  # conversions read the model and its config
         index = folder / "model.safetensors.index.json"
-        # transformers reads model.safetensors where both it and an index are present
+        # transformers reads model.safetensors where both it and an index are present, and
+        # every tensor of the shards an index names (one its weight_map leaves out too)
         if (folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
             self.names_from = folder / "model.safetensors"
-            with safe_open(self.names_from, framework="pt") as handle:
-                self.files = {key: self.names_from for key in handle.keys()}
+            self.files = dict.fromkeys(_stored(self.names_from), self.names_from)
         elif index.is_file():
             self.names_from = index
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self.files = {key: folder / name for key, name in weight_map.items()}
+            weight_map = {key: folder / name for key, name in _weight_map(index).items()}
+            self.files = {key: shard for shard in sorted(set(weight_map.values())) for key in _stored(shard)}
+            self.files.update(weight_map)  # a tensor missing from the shard its index names is refused below
         else:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
         meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
@@ -264,38 +263,59 @@ def _spelled_as(name: str, key: str, model: nn.Module) -> str:
 def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ignore_mismatched: bool) -> None:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
     give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape and
-    dtype it must have): its file is missing, lacks the tensor, or holds it in another shape
-    or kind of dtype (an integer tensor for a float weight). A shape that differs where
-    transformers is told to ignore sizes (a classifier head resized to the adapters' labels)
-    is left to transformers: the model loads whole."""
-    from safetensors import SafetensorError, safe_open
+    dtype it must have): its file lacks the tensor, or holds it in another shape or kind of
+    dtype (an integer tensor for a float weight). A shape that differs where transformers
+    is told to ignore sizes (a classifier head resized to the adapters' labels) is left to
+    transformers: the model loads whole."""
+    from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(files[key], []).append(key)
-    for file in dict.fromkeys(files.values()):
-        if not file.is_file():
-            raise BaseModelError(f"base model checkpoint file {file} is missing (its index names it)")
     for file, keys in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as handle:
-                stored = set(handle.keys())
-                for key in keys:
-                    param = expected[key]
-                    if key not in stored:
-                        raise BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
-                    header = handle.get_slice(key)
-                    shape, dtype = header.get_shape(), header.get_dtype()
-                    if _floating(dtype) != param.is_floating_point():
-                        raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
-                                             f"the model has a {param.dtype} parameter")
-                    if shape != list(param.shape):
-                        mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
-                        if ignore_mismatched:
-                            raise WeightsUnavailable(mismatch)
-                        raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
-        except SafetensorError as exc:
-            raise BaseModelError(f"base model checkpoint file {file} cannot be read: {exc}".splitlines()[0]) from None
+        with safe_open(file, framework="pt") as handle:  # readable: _stored opened it
+            stored = set(handle.keys())
+            for key in keys:
+                param = expected[key]
+                if key not in stored:
+                    raise BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
+                header = handle.get_slice(key)
+                shape, dtype = header.get_shape(), header.get_dtype()
+                if _floating(dtype) != param.is_floating_point():
+                    raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
+                                         f"the model has a {param.dtype} parameter")
+                if shape != list(param.shape):
+                    mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
+                    if ignore_mismatched:
+                        raise WeightsUnavailable(mismatch)
+                    raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
+
+
+def _stored(file: Path) -> list[str]:
+    """The names of the tensors safetensors ``file`` holds; one line naming it where it is
+    missing or cannot be read (a truncated copy was a SafetensorError traceback)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise BaseModelError(f"base model checkpoint file {file} is missing (its index names it)")
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return list(handle.keys())
+    except SafetensorError as exc:
+        raise BaseModelError(f"base model checkpoint file {file} cannot be read: {exc}".splitlines()[0]) from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name; one line naming the index where it has
+    none (transformers fails on such an index with a KeyError or TypeError traceback)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise BaseModelError(f"base model checkpoint index {index} is malformed: it needs a \"weight_map\" "
+                             f"of tensor names to shard file names")
+    return weight_map
 
 
 def _filled_by_ties(ties: dict[str, str], missing: set[str]) -> set[str]:

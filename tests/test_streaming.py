@@ -1,14 +1,20 @@
 """A streamed base model (``--offload disk``) holds what ``from_pretrained`` loads, buffers
-and ties included, for checkpoints that differ from what the config suggests."""
+and ties included, for checkpoints that differ from what the config suggests; and the
+checkpoints neither can read are one line naming the file."""
+
+import json
 
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from builders import tiny_config, tokenizer
+from builders import build_tiny_model, tiny_config, tokenizer
 from iteris_daemon.architecture import block_plan
+from iteris_daemon.errors import BaseModelError
+from iteris_daemon.model import BaseModel
 from iteris_daemon.weights import load_streamed
+from test_blockwise import _copy_checkpoint, _sharded
 from test_merge import _tied_llama
 
 
@@ -73,6 +79,17 @@ def _t5_without_shared(folder):
     return tf.T5ForConditionalGeneration, _save(tf.T5ForConditionalGeneration(tiny_config("t5")), folder, edit)
 
 
+def _index_leaves_one_out(folder):
+    """An index whose weight_map omits a tensor its shard holds: transformers reads every
+    tensor of the shards an index names."""
+    whole = build_tiny_model("llama", folder.with_name("whole"), "CAUSAL_LM")
+    _copy_checkpoint(whole, folder, _sharded(load_file(whole / "model.safetensors")))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return tf.LlamaForCausalLM, folder
+
+
 def _streamed(cls, folder, dtype):
     """``cls`` streamed from ``folder``, every block loaded."""
     stacks = lambda model: [stack.path for stack in block_plan(model, []).stacks]  # noqa: E731
@@ -102,6 +119,7 @@ def _ties(model) -> set[tuple[str, str]]:
     pytest.param(_head_of_its_own, torch.float32, id="config tied, head stored apart"),
     pytest.param(_head_only, torch.float32, id="tied, stored as lm_head only"),
     pytest.param(_t5_without_shared, torch.float32, id="t5 without shared.weight"),
+    pytest.param(_index_leaves_one_out, torch.float32, id="index leaves a stored tensor out"),
 ])
 def test_a_streamed_model_holds_what_from_pretrained_loads(tmp_path, make, dtype):
     """Every parameter and buffer of a streamed model equals ``from_pretrained``'s, and the
@@ -116,4 +134,34 @@ def test_a_streamed_model_holds_what_from_pretrained_loads(tmp_path, make, dtype
     for name, tensor in expected.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
     assert _ties(streamed) == _ties(whole)
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_it(tmp_path):
+    """A model.safetensors cut short (an interrupted copy) was a SafetensorError traceback."""
+    base_dir = build_tiny_model("llama", tmp_path / "cut", "CAUSAL_LM")
+    file = base_dir / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(base_dir), [], offload="disk")
+    assert str(refused.value).startswith(f"base model checkpoint file {file} cannot be read: ")
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("case", ["no weight_map", "null shard name", "not JSON"])
+def test_a_malformed_index_is_one_line_naming_it(tmp_path, case):
+    """An index without a weight_map, or naming no shard for a tensor, was a KeyError or
+    TypeError traceback."""
+    whole = build_tiny_model("llama", tmp_path / "whole", "CAUSAL_LM")
+    folder = _copy_checkpoint(whole, tmp_path / "sharded", _sharded(load_file(whole / "model.safetensors")))
+    index = folder / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    if case == "no weight_map":
+        del content["weight_map"]
+    elif case == "null shard name":
+        content["weight_map"][next(iter(content["weight_map"]))] = None
+    index.write_text(json.dumps(content) if case != "not JSON" else "{")
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(folder), [], offload="disk")
+    assert str(refused.value) == (f'base model checkpoint index {index} is malformed: it needs a "weight_map" of '
+                                  f"tensor names to shard file names")
 
