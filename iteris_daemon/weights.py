@@ -357,7 +357,11 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     folder = local_folder(name_or_path)
     if folder is None:
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
-    if getattr(config, "quantization_config", None):  # its quantizer (scales, packed weights) is transformers'
+    # Its quantizer (scales, packed weights) is transformers', which reads the config so
+    # (and refuses an empty one): judged as it judges it
+    quantization = getattr(config, "quantization_config", None) or getattr(
+        config.get_text_config(decoder=True), "quantization_config", None)
+    if quantization is not None:
         raise WeightsUnavailable("a quantized checkpoint (quantization_config)")
     model = _skeleton(cls, config, dtype)
     checkpoint = Checkpoint(folder, model, ignore_mismatched)

@@ -165,3 +165,14 @@ def test_a_malformed_index_is_one_line_naming_it(tmp_path, case):
     assert str(refused.value) == (f'base model checkpoint index {index} is malformed: it needs a "weight_map" of '
                                   f"tensor names to shard file names")
 
+
+def test_an_empty_quantization_config_is_judged_as_transformers_judges_it(tmp_path):
+    """``"quantization_config": {}`` streamed (an empty dict is falsy) where transformers
+    refuses it (no quant_method): every placement refuses it now."""
+    base_dir = build_tiny_model("llama", tmp_path / "q", "CAUSAL_LM")
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))
+    for offload in ("disk", "none"):
+        with pytest.raises(BaseModelError, match="quant_method"):
+            BaseModel(str(base_dir), [], offload=offload)
+
