@@ -16,11 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -86,6 +86,16 @@ def _replace_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
+@contextmanager
+def _transformers_internals() -> Iterator[None]:
+    """Streaming reads transformers' loading internals (its conversion mapping, how it ties
+    weights): where a later 5.x moved one, the model loads whole, as transformers loads it."""
+    try:
+        yield
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise WeightsUnavailable(f"cannot read this transformers' loading internals ({exc})") from None
+
+
 class Checkpoint:
     """A local safetensors checkpoint, read into a model's parameters as ``from_pretrained``
     reads it: through the conversion mapping the model declares (transformers 5 renames
@@ -114,11 +124,9 @@ class Checkpoint:
         else:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
         meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
-        try:
+        with _transformers_internals():
             self.recipes = _recipes(model, meta, self.files)
             ties = model.all_tied_weights_keys
-        except (ImportError, AttributeError, TypeError) as exc:  # transformers' loading internals moved
-            raise WeightsUnavailable(f"cannot read this transformers' conversion mapping ({exc})") from None
         self.built_by = {target: first for first, recipe in self.recipes.items() for target in recipe.targets}
         # Every tensor the checkpoint holds is loaded, buffers too (from_pretrained loads a
         # router's e_score_correction_bias, BART's final_logits_bias over their initial zeros);
@@ -131,8 +139,9 @@ class Checkpoint:
         if unfilled:
             raise WeightsUnavailable(f"the checkpoint has no tensor named {unfilled[0]} ({len(unfilled)} such)")
         expected: dict[str, torch.Tensor] = {}
-        for first in dict.fromkeys(self.built_by[name] for name in self.stored):
-            expected.update(self._expected(first, meta))
+        with _transformers_internals():
+            for first in dict.fromkeys(self.built_by[name] for name in self.stored):
+                expected.update(self._expected(first, meta))
         _check_headers(self.files, expected, ignore_mismatched)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
@@ -383,7 +392,8 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # Ties as from_pretrained ties: a parameter the checkpoint lacks to its stored partner;
     # two stored with different values (a config that says tied, a checkpoint that is not)
     # stay apart
-    model.tie_weights(missing_keys=set(checkpoint.missing), recompute_mapping=False)
+    with _transformers_internals():
+        model.tie_weights(missing_keys=set(checkpoint.missing), recompute_mapping=False)
     for name, buffer in model.named_buffers():
         if buffer.device.type != "meta":
             owner, _, leaf = name.rpartition(".")

@@ -477,13 +477,13 @@ def test_a_broken_expert_tensor_is_refused_before_streaming(tmp_path, case):
                          f"parameter"}[case]
 
 
-@pytest.mark.parametrize("case", ["quantized", "transformers moved"])
+@pytest.mark.parametrize("case", ["quantized", "rename_source_key", "revert_weight_conversion"])
 def test_what_streaming_cannot_read_loads_whole(tiny, tmp_path, monkeypatch, case):
     """Two checkpoints streaming leaves to transformers' own loader (a whole load, as for
     any checkpoint that cannot stream): a quantized one, whose scales and packed weights
     only its quantizer reads (streamed, its weights were cast without their scales), and
     any, where transformers' loading internals that streaming reads have moved (a later
-    5.x; here one is deleted): a whole load, not a traceback."""
+    5.x; here one of those it reads up front is deleted): a whole load, not a traceback."""
     import transformers as tf
     import transformers.core_model_loading as loading
 
@@ -495,8 +495,8 @@ def test_what_streaming_cannot_read_loads_whole(tiny, tmp_path, monkeypatch, cas
         config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
         reason = "a quantized checkpoint (quantization_config)"
     else:
-        monkeypatch.delattr(loading, "rename_source_key")
-        reason = "cannot read this transformers' conversion mapping"
+        monkeypatch.delattr(loading, case)
+        reason = "cannot read this transformers' loading internals"
     with pytest.raises(WeightsUnavailable, match=re.escape(reason)):  # BaseModel then loads it whole
         load_streamed(tf.LlamaModel, str(base_dir), config, torch.float32, torch.device("cpu"), lambda m: ["layers"])
 
