@@ -1390,7 +1390,7 @@ def test_a_merge_whose_publishing_failed_is_published_by_a_retry_of_the_daemon(t
     published = wait_for(lambda: [r for r in group_runs(url) if r.status is RunStatus.succeeded], "the merge published",
                          timeout=START_TIMEOUT, interval=0.5)[0]
     assert published.metrics["republished_from"] == int(merged[1])
-    assert len(daemon.logs(r"group unified: run \d+ merges \d+ adapters")) == 1  # merged once
+    assert len(daemon.logs(r"group unified: run \d+ merges \d+ adapters?")) == 1  # merged once
     assert (dest / "current" / "adapter_model.safetensors").is_file()
     time.sleep(4)  # past the longest wait: no more tries
     assert group_runs(url)[-1].id == published.id
