@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
+from collections.abc import MutableMapping, MutableSequence
 from typing import Any, Iterator
 
 import torch
@@ -201,6 +202,9 @@ class BlockExecutor:
                 self.base.forward(context.batch, **extra)
         except _StopForward:
             pass
+        except Exception as exc:  # the model's loop wants more of a block than its input back (Bamba unpacks a pair)
+            raise UnsupportedForBlocks(f"its forward pass cannot run past stand-ins for {stack.path}'s blocks "
+                                       f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
         finally:
             for hook in hooks:
                 hook.remove()
@@ -211,9 +215,12 @@ class BlockExecutor:
             what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
             raise UnsupportedForBlocks(f"{what} {early[0]} runs before the first block")
         for b, call in calls.items():
-            cache = next((name for name, value in call.arguments.items() if isinstance(value, Cache)), None)
-            if cache is not None:  # replaying the call would grow it: whole-model passes start afresh
-                raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a key/value cache ({cache})")
+            for name, value in _passed(call):
+                if isinstance(value, Cache):  # replaying the call would grow it: whole-model passes start afresh
+                    raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a key/value cache ({name})")
+                if isinstance(value, (MutableMapping, MutableSequence)):  # one object every stream would share
+                    raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a {type(value).__name__} its blocks may "
+                                               f"share state through ({name}, as Gemma-4's shared key/values)")
         context.calls.append([calls[b] for b in range(len(recorded))])
         context.hidden_names.append(hidden_name)
         if dummy is not None:
@@ -286,6 +293,15 @@ class BlockExecutor:
                 blocks = list(self.plan.stacks[s].blocks)
                 stands.enter_context(_standing_in(blocks, [lambda *_a, output=output, **_k: output] * len(blocks)))
             yield
+
+
+def _passed(call: inspect.BoundArguments) -> Iterator[tuple[str, Any]]:
+    """Each argument of ``call`` by name, those passed through ``**kwargs`` too."""
+    for name, value in call.arguments.items():
+        if call.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            yield from value.items()
+        else:
+            yield name, value
 
 
 def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
