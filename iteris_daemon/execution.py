@@ -305,14 +305,8 @@ def _passed(call: inspect.BoundArguments) -> Iterator[tuple[str, Any]]:
 
 
 def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
-    for name, argument in call.arguments.items():
-        if argument is value:
-            return name
-        if isinstance(argument, dict):  # **kwargs
-            for key, inner in argument.items():
-                if inner is value:
-                    return key
-    return None
+    """The name ``value`` is passed under in ``call`` (through ``**kwargs`` too), or None."""
+    return next((name for name, argument in _passed(call) if argument is value), None)
 
 
 def _set_argument(bound: inspect.BoundArguments, name: str, value: Any) -> None:
