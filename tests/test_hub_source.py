@@ -20,11 +20,11 @@ from sqlalchemy import select
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
-from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.catalog.registry import add_source, remove_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.retry import Interrupted, hub_retrying
 import iteris_daemon.sources.hub as hub_module
-from iteris_daemon.sources.hub import HubSource, unsafe_path
+from iteris_daemon.sources.hub import HubSource, sweep_cache, unsafe_path
 from iteris_daemon.validation import Limits
 
 pytestmark = pytest.mark.timeout(120)
@@ -596,3 +596,39 @@ def test_the_cache_keeps_no_rejected_commit_nor_a_removed_repo(env):
     HfApi(endpoint=hub.endpoint, token=TOKEN).delete_repo("frank/t")
     assert sorted(poller.poll().removed) == ["frank/t", "frank/t@stable"]
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["deleted", "kept-for-past-runs"])
+def test_a_removed_sources_downloads_are_swept_from_the_cache(env, history):
+    """`sources remove` forgot a Hub source, and no poll visits its repos again: their
+    downloads stayed in the cache for good. The sweep (the daemon's, at start, at each
+    reload and hourly) deletes them, and keeps every commit a registered adapter uses,
+    another source's of the same repo included."""
+    hub, catalog, source, (first, second), tmp = env
+    gone = hub.create_repo_direct("gina/a", adapter_files(first))
+    kept = hub.create_repo_direct("hank/b", adapter_files(second))
+    assert sorted(source(repos=["gina/a", "hank/b"]).poll().registered) == ["gina/a", "hank/b"]
+    settings = {**_source_row(catalog).settings, "repos": ["hank/b"]}
+    with catalog.session() as session:
+        add_source(session, "other", SourceKind.hub, settings)
+    assert HubSource(catalog, "other", tmp / "cache").poll().registered == ["hank/b"]
+    cache = tmp / "cache"
+    assert sweep_cache(catalog, cache) == 0  # every download in use
+    if history:  # a past merge run used the removed source's adapters: the source is disabled, not deleted
+        from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus
+
+        used = _adapters(catalog)["gina/a"].current.id
+        with catalog.session() as session:
+            group = MergeGroup(name="g", base_model="base", strategy="iteris")
+            session.add(group)
+            session.flush()
+            run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
+            session.add(run)
+            session.flush()
+            session.add(MergeRunInput(run_id=run.id, revision_id=used))
+    with catalog.session() as session:
+        remove_source(session, "hub")
+    assert sweep_cache(catalog, cache) == 1
+    assert [p.name for p in cache.iterdir()] == ["hank--b"]
+    assert [p.name for p in (cache / "hank--b").iterdir()] == [kept] and gone != kept
+    assert sweep_cache(catalog, cache / "missing") == 0  # no cache yet: nothing to do

@@ -225,7 +225,7 @@ def _sources_scan(args) -> int:
     from ..catalog.models import SourceKind
     from ..catalog.registry import get_source, list_sources
     from ..config import load_config
-    from ..sources.hub import HubSource
+    from ..sources.hub import CACHE_FOLDER, HubSource
     from ..sources.local import LocalFolderSource
     from ..sources.stat_cache import stat_cache_file
     from ..validation import Limits
@@ -258,7 +258,7 @@ def _sources_scan(args) -> int:
                 stat_cache = stat_cache_file(cache, name, guarded["limits"]) if cache else None
                 report = LocalFolderSource(catalog, name, stat_cache=stat_cache, **guarded).scan()
             else:
-                report = HubSource(catalog, name, cache / "hub", **guarded).poll()
+                report = HubSource(catalog, name, cache / CACHE_FOLDER, **guarded).poll()
         except ValidationError as exc:
             raise ConfigError.from_validation(f"source {name} settings", exc) from None
         print(f"{name}: {report}")

@@ -63,6 +63,7 @@ from .local import CALIBRATION_NAME, ScanReport
 log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+CACHE_FOLDER = "hub"  # Hub sources download under this folder of the daemon's cache directory
 _repo_locks: dict[Path, threading.Lock] = {}
 _repo_locks_guard = threading.Lock()
 
@@ -376,7 +377,7 @@ class HubSource:
             return True
         if before.files_missing and status is AdapterStatus.registered and not adapter_info:
             raise HubAnswerError(f"{locator}@{sha[:12]}: its files were gone; downloaded again, they fail: {reason_now}")
-        self._drop_unused_commits(folder)
+        drop_unused_commits(self.catalog, folder)
         if status is AdapterStatus.rejected:
             report.rejected.append(locator)
             if before.registered:
@@ -464,19 +465,6 @@ class HubSource:
     def _repo_folder(self, repo_id: str) -> Path:
         return self.cache_dir / repo_id.replace("/", "--")
 
-    def _drop_unused_commits(self, folder: Path) -> None:
-        """Keep the commits of a repo that runs may copy from: those a registered adapter's
-        current revision names (each branch of the repo has its own, another source of the
-        repo its own too). A commit polled again is downloaded again. The repo's folder goes
-        when no commit is left in it. Call it holding the folder's :func:`_repo_lock`."""
-        with self.catalog.session(write=False) as session:
-            used = current_files_paths(session, f"{folder}{os.sep}")
-        for other in folder.iterdir() if folder.is_dir() else ():
-            if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used:
-                shutil.rmtree(other, ignore_errors=True)
-        with suppress(OSError):  # not empty (commits in use), or not there
-            folder.rmdir()
-
     def _mark_removed(self, seen: set[str], report: ScanReport, only: set[str] | None = None) -> None:
         gone = lambda locator: locator not in seen and (only is None or locator in only)  # noqa: E731
         with self.catalog.session() as session:
@@ -489,11 +477,43 @@ class HubSource:
                 continue
             folder = self._repo_folder(repo_id)
             with _repo_lock(folder):
-                self._drop_unused_commits(folder)
+                drop_unused_commits(self.catalog, folder)
 
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
             set_health(session, self.source_id, error)
+
+
+def drop_unused_commits(catalog: Catalog, folder: Path) -> int:
+    """Keep the commits of a repo that runs may copy from: those a registered adapter's
+    current revision names (each branch of the repo has its own, another source of the
+    repo its own too). A commit polled again is downloaded again. The repo's folder goes
+    when no commit is left in it. Call it holding the folder's :func:`_repo_lock`.
+    Returns how many commit folders it deleted."""
+    with catalog.session(write=False) as session:
+        used = current_files_paths(session, f"{folder}{os.sep}")
+    dropped = 0
+    for other in folder.iterdir() if folder.is_dir() else ():
+        if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used:
+            shutil.rmtree(other, ignore_errors=True)
+            dropped += 1
+    with suppress(OSError):  # not empty (commits in use), or not there
+        folder.rmdir()
+    return dropped
+
+
+def sweep_cache(catalog: Catalog, cache_dir: Path) -> int:
+    """:func:`drop_unused_commits` in every repo folder of a Hub cache. A source's polls
+    clean up the repos it still lists; a source removed with ``sources remove`` (or by
+    another daemon of the catalog) is never polled again, and its downloads would stay on
+    disk for good. Returns how many commit folders it deleted."""
+    cache_dir = Path(cache_dir).resolve()  # as HubSource names its folders (the locks' keys)
+    dropped = 0
+    for folder in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else ():
+        if folder.is_dir() and not folder.is_symlink():
+            with _repo_lock(folder):
+                dropped += drop_unused_commits(catalog, folder)
+    return dropped
 
 
 class HubAnswerError(Exception):
