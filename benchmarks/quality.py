@@ -74,12 +74,13 @@ SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (--samples 10 50 200; o
 
 
 def merge_and_score(model: str, adapters: dict[str, Path], strategy: str, params: dict, out: Path,
-                    limit: int | None = None, split: str = "test") -> dict:
-    """Merge all adapters with ``strategy`` and return per-task accuracy on ``split`` plus timing."""
+                    limit: int | None = None, split: str = "test", dtype: str = "float32") -> dict:
+    """Merge all adapters with ``strategy`` (the base model in ``dtype``) and return per-task
+    accuracy on ``split`` plus timing."""
     report = run_merge(MergeRequest(
         base_model=model,
         adapters=[AdapterSpec(folder) for folder in adapters.values()],
-        out=out, strategy=strategy, params=params, overwrite=True, evaluate=False, quiet=True,
+        out=out, strategy=strategy, params=params, dtype=dtype, overwrite=True, evaluate=False, quiet=True,
     ))
     scores = {task: accuracy(model, out, folder, task, split=split, limit=limit) for task, folder in adapters.items()}
     return {"accuracy": scores, "merge_seconds": report["merge_seconds"], "iterations_run": report["iterations_run"],

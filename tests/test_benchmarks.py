@@ -13,7 +13,7 @@ import re
 import pytest
 
 pytest.importorskip("matplotlib")
-from benchmarks import diagnose, quality, speed  # noqa: E402
+from benchmarks import diagnose, precision, quality, speed  # noqa: E402
 from benchmarks.tasks import missing_data_packages  # noqa: E402
 from benchmarks.train import TrainConfig  # noqa: E402
 
@@ -78,6 +78,17 @@ def test_diagnose_pipeline(workdir):
         assert row["by_layer"] and set(row["worst_layers"]) <= set(row["by_layer"])
         assert max(row["by_layer"].values()) == row["by_layer"][row["worst_layers"][0]]
     assert all(f"| {task} |" in diagnose.table(results) for task in TASKS)
+
+
+@pytest.mark.long
+def test_precision_pipeline(workdir):
+    settings = {"reference": ("float32", "float64"), "bfloat16": ("bfloat16", "float32")}
+    results = precision.run(workdir, {2: TASKS}, ("iteris",), settings, TINY, FAST_ITERIS, limit=24)
+    rows = results["2"]["iteris"]
+    assert rows["reference"]["difference"]["overall"] == 0.0  # the reference against itself
+    assert 0.0 < rows["bfloat16"]["difference"]["overall"] <= rows["bfloat16"]["difference"]["worst_module"]
+    assert all(0 < row["mean"] and row["worst_task"] in TASKS for row in rows.values())
+    assert "| iteris | bfloat16 |" in precision.table(results)
 
 
 @pytest.mark.long
