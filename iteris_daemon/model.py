@@ -282,7 +282,8 @@ class BaseModel:
         self.name_or_path = name_or_path
         self._stack_paths: list[str] = []
         # Parameters the checkpoint does not give (a classifier a causal LM's checkpoint lacks):
-        # initialised at random by the loader. A streamed load has all of them, or is not taken.
+        # initialised at random by the loader. A streamed load initialises only those the
+        # adapters' saved modules replace, or is not taken.
         self.initialised: set[str] = set()
         self.device = torch_device(device)
         self.dtype = DTYPES[dtype]
@@ -348,8 +349,10 @@ class BaseModel:
                 return self._stack_paths
 
             try:
-                return load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks,
-                                     ignore_mismatched="num_labels" in kwargs)
+                model, placement = load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks,
+                                                 ignore_mismatched="num_labels" in kwargs, replaced=self.head_keys)
+                self.initialised = set(placement.checkpoint.initialised)
+                return model, placement
             except WeightsUnavailable as exc:
                 level = logging.WARNING if offload == "disk" else logging.INFO
                 where = "into CPU memory, one block at a time on the device" if self.device.type != "cpu" else "whole"

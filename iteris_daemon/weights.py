@@ -106,9 +106,17 @@ class Checkpoint:
     there, holds the tensor, in the shape and kind of dtype the parameter needs), so a broken
     checkpoint is one clear error before the merge starts, not a traceback or a silently
     broadcast weight when its block is reached.
+
+    ``replaced``: parameters outside the blocks that the adapters' saved modules replace (a
+    classifier head). One the checkpoint lacks (a reward model's ``score`` on a causal LM's
+    checkpoint), or holds in another shape where transformers is told to ignore sizes
+    (``ignore_mismatched``: a head of other labels), is listed in ``initialised``: the load
+    initialises it as ``from_pretrained`` does. Those used to send the model to a whole
+    load, in CPU memory.
     """
 
-    def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False):
+    def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False,
+                 replaced: Iterable[str] = ()):
         self.folder, self.model = folder, model  # conversions read the model and its config
         index = folder / "model.safetensors.index.json"
         # transformers reads model.safetensors where both it and an index are present, and
@@ -135,14 +143,20 @@ class Checkpoint:
         self.made_in = {name: tensor.dtype for name, tensor in meta.items()}
         self.missing = [name for name, _param in model.named_parameters() if name not in self.built_by]
         filled = _filled_by_ties(ties, set(self.missing))
-        unfilled = [name for name in self.missing if name not in filled]
+        replaced = set(replaced)
+        self.initialised = [name for name in self.missing if name not in filled and name in replaced]
+        unfilled = [name for name in self.missing if name not in filled and name not in replaced]
         if unfilled:
             raise WeightsUnavailable(f"the checkpoint has no tensor named {unfilled[0]} ({len(unfilled)} such)")
         expected: dict[str, torch.Tensor] = {}
         with _transformers_internals():
             for first in dict.fromkeys(self.built_by[name] for name in self.stored):
                 expected.update(self._expected(first, meta))
-        _check_headers(self.files, expected, ignore_mismatched)
+        resizable = {self.recipes[name].sources[0][1]: name for name in replaced
+                     if ignore_mismatched and name in self.recipes and self.recipes[name].converter is None}
+        for key in _check_headers(self.files, expected, ignore_mismatched, resizable):
+            self.stored.remove(resizable[key])
+            self.initialised.append(resizable[key])
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -269,15 +283,17 @@ def _spelled_as(name: str, key: str, model: nn.Module) -> str:
     return prefix + name if key.startswith(prefix) else name[len(prefix):]
 
 
-def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ignore_mismatched: bool) -> None:
+def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ignore_mismatched: bool,
+                   resizable: Iterable[str] = ()) -> set[str]:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
     give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape and
     dtype it must have): its file lacks the tensor, or holds it in another shape or kind of
     dtype (an integer tensor for a float weight). A shape that differs where transformers
-    is told to ignore sizes (a classifier head resized to the adapters' labels) is left to
-    transformers: the model loads whole."""
+    is told to ignore sizes is returned for the ``resizable`` keys (a head the adapters
+    replace, initialised instead), else left to transformers: the model loads whole."""
     from safetensors import safe_open
 
+    resized: set[str] = set()
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(files[key], []).append(key)
@@ -295,9 +311,13 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
                                          f"the model has a {param.dtype} parameter")
                 if shape != list(param.shape):
                     mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
-                    if ignore_mismatched:
+                    if ignore_mismatched and key in resizable:
+                        resized.add(key)
+                    elif ignore_mismatched:
                         raise WeightsUnavailable(mismatch)
-                    raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
+                    else:
+                        raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
+    return resized
 
 
 def _stored(file: Path) -> list[str]:
@@ -356,12 +376,15 @@ def local_folder(name_or_path: str) -> Path | None:
 
 
 def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: torch.device,
-                  block_paths, ignore_mismatched: bool = False) -> tuple[nn.Module, Streamed]:
+                  block_paths, ignore_mismatched: bool = False,
+                  replaced: Iterable[str] = ()) -> tuple[nn.Module, Streamed]:
     """The model with real weights outside its blocks and empty (meta) blocks.
 
     ``block_paths(model)`` names the block stacks; parameters under them stay on the
     meta device until :class:`Streamed` loads them block by block. ``ignore_mismatched``:
-    what ``from_pretrained`` is told (see :func:`_check_headers`).
+    what ``from_pretrained`` is told (see :func:`_check_headers`); ``replaced``: the
+    parameters the adapters' saved modules replace (see :class:`Checkpoint`; those in the
+    blocks are not: a block weight the checkpoint cannot give never streams).
     """
     folder = local_folder(name_or_path)
     if folder is None:
@@ -373,10 +396,10 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     if quantization is not None:
         raise WeightsUnavailable("a quantized checkpoint (quantization_config)")
     model = _skeleton(cls, config, dtype)
-    checkpoint = Checkpoint(folder, model, ignore_mismatched)
     stacks = tuple(f"{p}." for p in block_paths(model))
     if not stacks:
         raise WeightsUnavailable("no block stacks to stream")
+    checkpoint = Checkpoint(folder, model, ignore_mismatched, [name for name in replaced if not name.startswith(stacks)])
     in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
     if in_blocks:  # tied below, its block's load would untie it again
         raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
@@ -389,6 +412,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     buffers = dict(model.named_buffers())
     now = [name for name in checkpoint.stored if name in buffers or not name.startswith(stacks)]
     checkpoint.load_into(model, "", device, dtype, names=now)
+    _initialise(model, checkpoint.initialised, device, partial(checkpoint.dtype_of, dtype=dtype))
     # Ties as from_pretrained ties: a parameter the checkpoint lacks to its stored partner;
     # two stored with different values (a config that says tied, a checkpoint that is not)
     # stay apart
@@ -401,6 +425,21 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
             module._buffers[leaf] = buffer.to(device)
     model.eval()
     return model, Streamed(checkpoint, device, dtype)
+
+
+def _initialise(model: nn.Module, names: list[str], device: torch.device,
+                dtype_of: Callable[[str], torch.dtype]) -> None:
+    """Give parameters ``names``, which the checkpoint does not give, storage on ``device`` and
+    initialise them as ``from_pretrained`` initialises its missing keys: the model's own
+    ``_init_weights`` on the modules that hold them, every other tensor kept as loaded."""
+    if not names:
+        return
+    for tensor in (*model.parameters(), *model.buffers()):
+        tensor._is_hf_initialized = True
+    for name in names:
+        _replace_tensor(model, name, torch.empty(model.get_parameter(name).shape, dtype=dtype_of(name), device=device))
+        model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = False
+    model.initialize_weights()
 
 
 def _skeleton(cls, config, dtype: torch.dtype) -> nn.Module:

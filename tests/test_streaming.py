@@ -3,17 +3,20 @@ and ties included, for checkpoints that differ from what the config suggests; an
 checkpoints neither can read are one line naming the file."""
 
 import json
+import re
 
 import pytest
 import torch
 import transformers as tf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from builders import build_tiny_model, tiny_config, tokenizer
+from builders import build_adapter, build_tiny_model, cli_merge, tiny_config, tokenizer
 from iteris_daemon.architecture import block_plan
 from iteris_daemon.errors import BaseModelError
+from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel
-from iteris_daemon.weights import load_streamed
+from iteris_daemon.weights import WeightsUnavailable, load_streamed
 from test_blockwise import _copy_checkpoint, _sharded
 from test_merge import _tied_llama
 
@@ -176,3 +179,81 @@ def test_an_empty_quantization_config_is_judged_as_transformers_judges_it(tmp_pa
         with pytest.raises(BaseModelError, match="quant_method"):
             BaseModel(str(base_dir), [], offload=offload)
 
+
+
+def _classifier_adapters(tmp_path, base_dir, labels=None):
+    """Two SEQ_CLS LoRAs of ``base_dir`` (PEFT saves their ``score`` head), trained as
+    ``labels``-way classifiers where given (from a copy of the base resized to them)."""
+    start = base_dir
+    if labels is not None:
+        start = tmp_path / f"start-{labels}"
+        tf.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=labels,
+                                                             ignore_mismatched_sizes=True).save_pretrained(start)
+        tokenizer().save_pretrained(start)
+    adapters = [build_adapter(start, tmp_path / f"cls{seed}", seed=seed, family="llama", task_type="SEQ_CLS",
+                              targets=["q_proj", "v_proj"], calibration=4) for seed in range(2)]
+    for adapter in adapters:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir)}))
+    return adapters
+
+
+@pytest.mark.parametrize("case", ["causal LM checkpoint", "other label count"])
+def test_a_classifier_whose_head_the_checkpoint_cannot_give_streams(tmp_path, case):
+    """A reward model's LoRA on a causal LM's checkpoint (no ``score`` in it), or a head of
+    other labels than the checkpoint's: streaming refused the missing or resized head and
+    the model loaded whole, in CPU memory (a 70B merge needed the whole model in RAM). The
+    head, which the adapters' saved modules replace, is initialised as from_pretrained
+    initialises it: the merge streams, and equals the whole load's."""
+    if case == "causal LM checkpoint":
+        base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")  # lm_head stored, no score
+        adapters = _classifier_adapters(tmp_path, base_dir)
+    else:
+        base_dir = build_tiny_model("llama", tmp_path / "base", "SEQ_CLS")  # a 2-label score stored
+        adapters = _classifier_adapters(tmp_path, base_dir, labels=3)
+    with safe_open(base_dir / "model.safetensors", framework="pt") as handle:
+        assert case == "other label count" or "score.weight" not in handle.keys()
+    loaded = [load_adapter(a) for a in adapters]
+    for offload in ("disk", "none"):
+        base = BaseModel(str(base_dir), loaded, offload=offload)
+        assert base.placement.name == {"disk": "disk", "none": "resident"}[offload]
+        assert base.initialised == {"score.weight"}  # the evaluation reads the base out through the merge's head
+        head = base.model.get_parameter("score.weight")  # drawn as from_pretrained draws it, not left empty
+        assert head.shape[0] == len(base.model.config.id2label) and 0.01 < float(head.std()) < 0.03
+    reports, merged = {}, {}
+    for offload in ("disk", "none"):
+        out = tmp_path / offload
+        assert cli_merge(base_dir, adapters, out, "--offload", offload, "--modules-to-save-rule", "average",
+                         "--param", "iterations=2", "--param", "accumulate_dtype=float64") == 0
+        reports[offload] = json.loads((out / "merge_report.json").read_text())
+        merged[offload] = load_file(out / "adapter_model.safetensors")
+    assert (reports["disk"]["placement"], reports["none"]["placement"]) == ("disk", "resident")
+    assert merged["disk"].keys() == merged["none"].keys()
+    assert merged["none"]["base_model.model.score.weight"].shape[0] == (2 if case == "causal LM checkpoint" else 3)
+    for name, whole in merged["none"].items():
+        torch.testing.assert_close(merged["disk"][name], whole, rtol=1e-6, atol=1e-8, msg=name)
+    for name, task in reports["none"]["tasks"].items():  # the base reads out through the merged head in both
+        assert reports["disk"]["tasks"][name]["fidelity_gap"] == pytest.approx(task["fidelity_gap"], rel=1e-5)
+
+
+@pytest.mark.parametrize("key, change", [
+    ("model.norm.weight", "missing"),
+    ("model.layers.1.mlp.up_proj.weight", "missing"),
+    ("model.embed_tokens.weight", "resized"),
+])
+def test_only_the_replaced_head_may_be_missing_or_resized(tmp_path, key, change):
+    """Beside the head the adapters replace, a tensor the checkpoint lacks or holds in another
+    shape (under a classifier's num_labels) still does not stream: the whole load judges it
+    (a block weight is then one line, see test_blockwise)."""
+    base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    tensors = load_file(base_dir / "model.safetensors")
+    if change == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = tensors[key][:, :16].contiguous()
+    save_file(tensors, base_dir / "model.safetensors", metadata={"format": "pt"})
+    config = tf.AutoConfig.from_pretrained(base_dir, num_labels=2)
+    stacks = lambda model: [stack.path for stack in block_plan(model, []).stacks]  # noqa: E731
+    with pytest.raises(WeightsUnavailable, match=re.escape(key)):
+        load_streamed(tf.LlamaForSequenceClassification, str(base_dir), config, torch.float32, torch.device("cpu"),
+                      stacks, ignore_mismatched=True, replaced=["score.weight"])
