@@ -338,7 +338,7 @@ class BaseModel:
         device there: a checkpoint that cannot stream, onto one GPU.
         """
         from .architecture import block_plan
-        from .weights import Offloaded, Resident, WeightsUnavailable, load_streamed
+        from .weights import Offloaded, Resident, WeightsUnavailable, check_files, load_streamed
 
         if offload in ("auto", "disk") and not kwargs.get("trust_remote_code"):
             def stacks(model):
@@ -357,6 +357,7 @@ class BaseModel:
                 level = logging.WARNING if offload == "disk" else logging.INFO
                 where = "into CPU memory, one block at a time on the device" if self.device.type != "cpu" else "whole"
                 log.log(level, "loading %s %s: cannot stream its blocks (%s)", self.name_or_path, where, exc)
+        check_files(self.name_or_path)
         # With num_labels from an adapter's head: a checkpoint whose own head has another label
         # count loads too (that head is replaced by the adapters' modules_to_save).
         try:

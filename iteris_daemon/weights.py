@@ -118,19 +118,10 @@ class Checkpoint:
     def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False,
                  replaced: Iterable[str] = ()):
         self.folder, self.model = folder, model  # conversions read the model and its config
-        index = folder / "model.safetensors.index.json"
-        # transformers reads model.safetensors where both it and an index are present, and
-        # every tensor of the shards an index names (one its weight_map leaves out too)
-        if (folder / "model.safetensors").is_file():
-            self.names_from = folder / "model.safetensors"
-            self.files = dict.fromkeys(_stored(self.names_from), self.names_from)
-        elif index.is_file():
-            self.names_from = index
-            weight_map = {key: folder / name for key, name in _weight_map(index).items()}
-            self.files = {key: shard for shard in sorted(set(weight_map.values())) for key in _stored(shard)}
-            self.files.update(weight_map)  # a tensor missing from the shard its index names is refused below
-        else:
+        found = _files(folder)
+        if found is None:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
+        self.names_from, self.files = found
         meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
         with _transformers_internals():
             self.recipes = _recipes(model, meta, self.files)
@@ -318,6 +309,35 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
                     else:
                         raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
     return resized
+
+
+def _files(folder: Path) -> tuple[Path, dict[str, Path]] | None:
+    """The file that names the tensors of the safetensors checkpoint in ``folder``
+    (``model.safetensors`` or its index) and the file each tensor is read from, as
+    transformers reads them; None where there is none. A broken index or shard is one line
+    naming it (see :func:`_weight_map`, :func:`_stored`)."""
+    index = folder / "model.safetensors.index.json"
+    # transformers reads model.safetensors where both it and an index are present, and
+    # every tensor of the shards an index names (one its weight_map leaves out too)
+    if (folder / "model.safetensors").is_file():
+        whole = folder / "model.safetensors"
+        return whole, dict.fromkeys(_stored(whole), whole)
+    if not index.is_file():
+        return None
+    weight_map = {key: folder / name for key, name in _weight_map(index).items()}
+    files = {key: shard for shard in sorted(set(weight_map.values())) for key in _stored(shard)}
+    files.update(weight_map)  # a tensor missing from the shard its index names is refused by _check_headers
+    return index, files
+
+
+def check_files(name_or_path: str) -> None:
+    """Before a whole load (``from_pretrained``), the checks a streamed load makes of the
+    checkpoint's files: a malformed index or an unreadable shard is one line naming it
+    (transformers: a KeyError, TypeError or SafetensorError traceback). A checkpoint that is
+    not local safetensors (a Hub id not downloaded yet, ``.bin`` files) is transformers' to judge."""
+    folder = local_folder(name_or_path)
+    if folder is not None:
+        _files(folder)
 
 
 def _stored(file: Path) -> list[str]:

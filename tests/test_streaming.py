@@ -139,21 +139,23 @@ def test_a_streamed_model_holds_what_from_pretrained_loads(tmp_path, make, dtype
     assert _ties(streamed) == _ties(whole)
 
 
-def test_a_truncated_checkpoint_is_one_line_naming_it(tmp_path):
+@pytest.mark.parametrize("offload", ["disk", "none"])
+def test_a_truncated_checkpoint_is_one_line_naming_it(tmp_path, offload):
     """A model.safetensors cut short (an interrupted copy) was a SafetensorError traceback."""
     base_dir = build_tiny_model("llama", tmp_path / "cut", "CAUSAL_LM")
     file = base_dir / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-1000])
     with pytest.raises(BaseModelError) as refused:
-        BaseModel(str(base_dir), [], offload="disk")
+        BaseModel(str(base_dir), [], offload=offload)
     assert str(refused.value).startswith(f"base model checkpoint file {file} cannot be read: ")
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("offload", ["disk", "none"])
 @pytest.mark.parametrize("case", ["no weight_map", "null shard name", "not JSON"])
-def test_a_malformed_index_is_one_line_naming_it(tmp_path, case):
+def test_a_malformed_index_is_one_line_naming_it(tmp_path, case, offload):
     """An index without a weight_map, or naming no shard for a tensor, was a KeyError or
-    TypeError traceback."""
+    TypeError traceback (streamed first, then still loaded whole: transformers' own)."""
     whole = build_tiny_model("llama", tmp_path / "whole", "CAUSAL_LM")
     folder = _copy_checkpoint(whole, tmp_path / "sharded", _sharded(load_file(whole / "model.safetensors")))
     index = folder / "model.safetensors.index.json"
@@ -164,7 +166,7 @@ def test_a_malformed_index_is_one_line_naming_it(tmp_path, case):
         content["weight_map"][next(iter(content["weight_map"]))] = None
     index.write_text(json.dumps(content) if case != "not JSON" else "{")
     with pytest.raises(BaseModelError) as refused:
-        BaseModel(str(folder), [], offload="disk")
+        BaseModel(str(folder), [], offload=offload)
     assert str(refused.value) == (f'base model checkpoint index {index} is malformed: it needs a "weight_map" of '
                                   f"tensor names to shard file names")
 
