@@ -148,6 +148,7 @@ class Checkpoint:
         for key in _check_headers(self.files, expected, ignore_mismatched, resizable):
             self.stored.remove(resizable[key])
             self.initialised.append(resizable[key])
+        _check_kinds(self.files, self.recipes, meta)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -277,9 +278,9 @@ def _spelled_as(name: str, key: str, model: nn.Module) -> str:
 def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ignore_mismatched: bool,
                    resizable: Iterable[str] = ()) -> set[str]:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
-    give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape and
-    dtype it must have): its file lacks the tensor, or holds it in another shape or kind of
-    dtype (an integer tensor for a float weight). A shape that differs where transformers
+    give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape it
+    must have): its file lacks the tensor, or holds it in another shape (its kind of dtype:
+    :func:`_check_kinds`). A shape that differs where transformers
     is told to ignore sizes is returned for the ``resizable`` keys (a head the adapters
     replace, initialised instead), else left to transformers: the model loads whole."""
     from safetensors import safe_open
@@ -295,11 +296,7 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
                 param = expected[key]
                 if key not in stored:
                     raise BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
-                header = handle.get_slice(key)
-                shape, dtype = header.get_shape(), header.get_dtype()
-                if _floating(dtype) != param.is_floating_point():
-                    raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
-                                         f"the model has a {param.dtype} parameter")
+                shape = handle.get_slice(key).get_shape()
                 if shape != list(param.shape):
                     mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
                     if ignore_mismatched and key in resizable:
@@ -330,14 +327,48 @@ def _files(folder: Path) -> tuple[Path, dict[str, Path]] | None:
     return index, files
 
 
-def check_files(name_or_path: str) -> None:
+def check_files(cls, name_or_path: str, config, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
     """Before a whole load (``from_pretrained``), the checks a streamed load makes of the
-    checkpoint's files: a malformed index or an unreadable shard is one line naming it
-    (transformers: a KeyError, TypeError or SafetensorError traceback). A checkpoint that is
-    not local safetensors (a Hub id not downloaded yet, ``.bin`` files) is transformers' to judge."""
+    checkpoint's files, so that every placement takes or refuses the same checkpoint: a
+    malformed index or an unreadable shard (transformers: a KeyError, TypeError or
+    SafetensorError traceback), and a tensor of another kind of dtype than its parameter's
+    (transformers casts it, see :func:`_check_kinds`), are one line naming the file. Left to
+    transformers: a checkpoint that is not local safetensors (a Hub id not downloaded yet,
+    ``.bin`` files), and the kinds of a quantized one's tensors (its quantizer's integers),
+    of remote code's (it never streams) and of those this transformers' internals hide."""
     folder = local_folder(name_or_path)
-    if folder is not None:
-        _files(folder)
+    found = _files(folder) if folder is not None else None
+    if found is None or trust_remote_code or _quantized(config):
+        return
+    model = _skeleton(cls, config, dtype)
+    meta = model.state_dict()
+    try:
+        with _transformers_internals():
+            recipes = _recipes(model, meta, found[1])
+    except WeightsUnavailable:
+        return
+    _check_kinds(found[1], recipes, meta)
+
+
+def _check_kinds(files: dict[str, Path], recipes: dict[str, _Recipe], meta: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint stores a
+    tensor in another kind of dtype than the parameter it builds (integers or booleans for a
+    floating-point weight, a float for an integer buffer). ``from_pretrained`` casts it: a
+    mask or packed integers were read as weights, and the merge exited 0 meaning nothing."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, dict[str, torch.Tensor]] = {}
+    for first, recipe in recipes.items():
+        for _pattern, key in recipe.sources:
+            by_file.setdefault(files[key], {})[key] = meta[first]
+    for file, params in by_file.items():
+        with safe_open(file, framework="pt") as handle:  # readable: _stored opened it
+            stored = set(handle.keys())
+            for key, param in params.items():
+                dtype = handle.get_slice(key).get_dtype() if key in stored else None  # absent: see _check_headers
+                if dtype is not None and _floating(dtype) != param.is_floating_point():
+                    raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
+                                         f"the model has a {param.dtype} parameter")
 
 
 def _stored(file: Path) -> list[str]:
@@ -409,11 +440,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     folder = local_folder(name_or_path)
     if folder is None:
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
-    # Its quantizer (scales, packed weights) is transformers', which reads the config so
-    # (and refuses an empty one): judged as it judges it
-    quantization = getattr(config, "quantization_config", None) or getattr(
-        config.get_text_config(decoder=True), "quantization_config", None)
-    if quantization is not None:
+    if _quantized(config):
         raise WeightsUnavailable("a quantized checkpoint (quantization_config)")
     model = _skeleton(cls, config, dtype)
     stacks = tuple(f"{p}." for p in block_paths(model))
@@ -445,6 +472,13 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
             module._buffers[leaf] = buffer.to(device)
     model.eval()
     return model, Streamed(checkpoint, device, dtype)
+
+
+def _quantized(config) -> bool:
+    """Whether the config names a quantizer (its scales and packed weights are transformers'
+    to read; it reads the config so, and refuses an empty one)."""
+    return (getattr(config, "quantization_config", None) or getattr(
+        config.get_text_config(decoder=True), "quantization_config", None)) is not None
 
 
 def _initialise(model: nn.Module, names: list[str], device: torch.device,

@@ -259,3 +259,19 @@ def test_only_the_replaced_head_may_be_missing_or_resized(tmp_path, key, change)
     with pytest.raises(WeightsUnavailable, match=re.escape(key)):
         load_streamed(tf.LlamaForSequenceClassification, str(base_dir), config, torch.float32, torch.device("cpu"),
                       stacks, ignore_mismatched=True, replaced=["score.weight"])
+
+
+@pytest.mark.parametrize("offload", ["disk", "none"])
+@pytest.mark.parametrize("kind", [torch.int64, torch.bool], ids=["int64", "bool"])
+@pytest.mark.parametrize("key", ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"])
+def test_an_integer_tensor_for_a_float_weight_is_refused_whatever_the_placement(tmp_path, offload, kind, key):
+    """A weight stored as integers or booleans was refused streamed and cast loaded whole
+    (from_pretrained casts it: packed values or a mask read as weights, the merge exiting 0):
+    one line naming the file and tensor under every placement."""
+    base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    _rewrite(base_dir, lambda tensors: {**tensors, key: tensors[key].to(kind)})
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(base_dir), [], offload=offload)
+    stored = {torch.int64: "I64", torch.bool: "BOOL"}[kind]
+    assert str(refused.value) == (f"base model checkpoint file {base_dir / 'model.safetensors'}: tensor {key} is "
+                                  f"{stored} where the model has a torch.float32 parameter")
