@@ -280,9 +280,9 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
     give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape it
     must have): its file lacks the tensor, or holds it in another shape (its kind of dtype:
-    :func:`_check_kinds`). A shape that differs where transformers
-    is told to ignore sizes is returned for the ``resizable`` keys (a head the adapters
-    replace, initialised instead), else left to transformers: the model loads whole."""
+    :func:`_check_kinds`). A shape that differs where transformers is told to ignore sizes
+    is returned for the ``resizable`` keys (a head the adapters replace, given only then:
+    initialised instead), else left to transformers: the model loads whole."""
     from safetensors import safe_open
 
     resized: set[str] = set()
@@ -299,7 +299,7 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
                 shape = handle.get_slice(key).get_shape()
                 if shape != list(param.shape):
                     mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
-                    if ignore_mismatched and key in resizable:
+                    if key in resizable:
                         resized.add(key)
                     elif ignore_mismatched:
                         raise WeightsUnavailable(mismatch)
