@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -204,7 +206,15 @@ def source_settings(source: CalibrationSource, table: dict[str, Any]) -> Calibra
 @runtime_checkable
 class CalibrationSource(Protocol):
     """Calibration data for adapters. Optional: ``description`` (one line), ``Settings`` (a
-    :class:`CalibrationSettings` model of its config table) and ``runs_in_worker``."""
+    :class:`CalibrationSettings` model of its config table), ``runs_in_worker`` and
+    ``release()``.
+
+    A source may keep state between the ``load`` calls of one run (``generate`` keeps the
+    base model it loaded, which it would otherwise load again for every adapter) and free
+    it in ``release()``: every caller calls it once it has asked the source about all
+    adapters of a run, also after an error or a cancel, and before the merge loads its own
+    base model. A ``load`` after it starts afresh.
+    """
 
     name: ClassVar[str]
 
@@ -227,6 +237,29 @@ def first_calibration(
         if data is not None:
             return data
     return None
+
+
+@contextmanager
+def releasing(sources: Mapping[str, CalibrationSource]) -> Iterator[None]:
+    """Ask ``sources`` (by name) within the block; on leaving it, however (an error, a cancel),
+    call each one's ``release()`` where it has one, so a model a source kept is freed before
+    the merge loads its own. A release that raises something other than an IterisError is a
+    CalibrationError naming the source; the others are released all the same."""
+    with ExitStack() as stack:
+        for name, source in sources.items():
+            if hasattr(source, "release"):
+                stack.callback(_release, name, source)
+        yield
+
+
+def _release(name: str, source: CalibrationSource) -> None:
+    try:
+        source.release()
+    except IterisError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(name, f"calibration source failed to release what it kept: "
+                                     f"{type(exc).__name__}: {exc}") from exc
 
 
 def ask(name: str, source: CalibrationSource, adapter, options: CalibrationOptions) -> CalibrationSet | None:

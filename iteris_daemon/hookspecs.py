@@ -51,7 +51,9 @@ def register_calibration_sources(register: Callable[["CalibrationSource"], None]
     ``load``. A source whose ``load`` needs torch
     or a model sets ``runs_in_worker = True``: the daemon, which never imports torch,
     then calls it in a worker process (the adapter it gets is read from the run's
-    snapshot; the samples come back as JSON).
+    snapshot; the samples come back as JSON). A source that keeps state between the
+    ``load`` calls of a run (a loaded model) frees it in an optional ``release()``, called
+    once the run's adapters were all asked about, before the merge loads its base model.
     """
 
 

@@ -29,7 +29,7 @@ from . import memory, safe_json
 from .adapter_config import CARD_NAME, REPORT_NAME
 from .alignment import ACCUMULATE
 from .architecture import linear_kind
-from .calibration import CalibrationOptions, CalibrationSet, first_calibration
+from .calibration import CalibrationOptions, CalibrationSet, first_calibration, releasing
 from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
                      MergeError, OutputError, OutputExistsError)
 from .evaluation import evaluate
@@ -136,21 +136,23 @@ def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[
 def gather_calibration(
     adapters: list[LoraAdapter], options: CalibrationOptions, required: bool
 ) -> list[CalibrationSet | None]:
-    """Ask the calibration sources in ``options.order`` for each adapter's inputs."""
+    """Ask the calibration sources in ``options.order`` for each adapter's inputs, then
+    release them (a model ``generate`` kept is freed before the merge loads the base)."""
     available = calibration_sources()
     unknown = [name for name in options.order if name not in available]
     if unknown:
         raise CalibrationError(unknown[0], f"unknown calibration source; available: {', '.join(sorted(available))}")
     found = []
-    for adapter in adapters:
-        data = first_calibration(adapter, options, available)
-        if data is None and required:
-            raise CalibrationError(
-                adapter.path,
-                f"no calibration data for adapter {adapter.name} (asked: {', '.join(options.order)}): add "
-                "calibration.jsonl to the folder or pass --adapter DIR=FILE.jsonl",
-            )
-        found.append(data)
+    with releasing({name: available[name] for name in options.order}):
+        for adapter in adapters:
+            data = first_calibration(adapter, options, available)
+            if data is None and required:
+                raise CalibrationError(
+                    adapter.path,
+                    f"no calibration data for adapter {adapter.name} (asked: {', '.join(options.order)}): add "
+                    "calibration.jsonl to the folder or pass --adapter DIR=FILE.jsonl",
+                )
+            found.append(data)
     return found
 
 

@@ -46,7 +46,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from . import safe_json
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask
+from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask, releasing
 from .catalog import Catalog
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
@@ -432,7 +432,8 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
     """Each adapter's calibration: the first answer of the sources in ``options.order``,
     as :func:`~iteris_daemon.calibration.first_calibration` gives it, or the error that
     holds the adapter back. Each source is asked about every adapter still unanswered
-    in turn, so a source in a worker is asked about all of them in one worker. A stop
+    in turn, so a source in a worker is asked about all of them in one worker, and an
+    in-process source is released once it has answered for all of them (or failed). A stop
     request ends it before the next adapter (reading dozens of large files took as
     long as systemd waits for a stop)."""
     answers: list[CalibrationAnswer] = [None] * len(adapters)
@@ -450,9 +451,10 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
                 found = [exc] * len(pending)
         else:
             found = []
-            for i in pending:
-                _check_stop(should_stop)
-                found.append(_ask(name, source, adapters[i], options))
+            with releasing({name: source}):
+                for i in pending:
+                    _check_stop(should_stop)
+                    found.append(_ask(name, source, adapters[i], options))
         for i, answer in zip(pending, found):
             answers[i] = answer
     return answers

@@ -97,8 +97,9 @@ def _shapes(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
 def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, Any] | None]:
     """Calibration samples from a source that needs torch, for each adapter in
     ``job["adapters"]``: per adapter the samples, None (no data), or the error that holds
-    that adapter back (one bad adapter does not cost the others theirs)."""
-    from .calibration import CalibrationOptions, ask
+    that adapter back (one bad adapter does not cost the others theirs); then the source
+    is released, also on a cancel."""
+    from .calibration import CalibrationOptions, ask, releasing
     from .errors import IterisError, MergeCancelled
     from .plugin_manager import calibration_sources
     from .validation import read_layout
@@ -109,19 +110,20 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
                                  settings=given["settings"])
     source = calibration_sources()[job["source"]]
     answers: list[dict[str, Any] | None] = []
-    for entry in job["adapters"]:
-        if stop.is_set():
-            raise MergeCancelled("cancelled while gathering calibration data")
-        try:
-            data = ask(job["source"], source, read_layout(Path(entry["path"]), name=entry["name"]), options)
-        except MergeCancelled:
-            raise
-        except IterisError as exc:
-            answers.append({"error": str(exc)})
-            continue
-        answers.append(None if data is None else
-                       {"samples": [s.to_json() for s in data.samples], "source": data.source,
-                        "generated": data.generated})
+    with releasing({job["source"]: source}):
+        for entry in job["adapters"]:
+            if stop.is_set():
+                raise MergeCancelled("cancelled while gathering calibration data")
+            try:
+                data = ask(job["source"], source, read_layout(Path(entry["path"]), name=entry["name"]), options)
+            except MergeCancelled:
+                raise
+            except IterisError as exc:
+                answers.append({"error": str(exc)})
+                continue
+            answers.append(None if data is None else
+                           {"samples": [s.to_json() for s in data.samples], "source": data.source,
+                            "generated": data.generated})
     return answers
 
 

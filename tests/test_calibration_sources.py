@@ -369,3 +369,120 @@ def test_the_generate_sources_settings_are_checked(bert, settings, message):
     with pytest.raises(ConfigError) as caught:
         calibration_sources()["generate"].load(adapter, options)
     assert str(caught.value) == message
+
+
+class _Keeping:
+    """A source that keeps something between the loads of a run (as ``generate`` keeps the
+    base model) and records what it is asked; it fails on the adapter named ``fails``, and
+    sets ``stop`` once it has answered, as a SIGTERM would."""
+
+    name = "keeping"
+
+    def __init__(self, events: list[str], fails: str | None = None, stop=None):
+        self.events, self.fails, self.stop, self.kept = events, fails, stop, None
+
+    def load(self, adapter, options):
+        self.kept = self.kept or object()
+        self.events.append(f"load {adapter.name}")
+        if adapter.name == self.fails:
+            raise ConnectionError("store.example: connection refused")
+        if self.stop is not None:
+            self.stop.set()
+        return CalibrationSet((Sample(f"kept for {adapter.name}"),), self.name)
+
+    def release(self):
+        self.events.append("release")
+        self.kept = None
+
+
+def test_a_source_is_released_once_it_answered_for_every_adapter_before_the_merge_loads_the_base(bert, tmp_path,
+                                                                                                 monkeypatch):
+    """``merge`` asks the source about every adapter, releases it, and only then loads the
+    base model: what the source kept (``generate``'s model) never sits beside the merge's.
+    An error releases it too."""
+    import iteris_daemon.merge as merge
+    from registered import registered
+
+    base, folders = bert
+    names = [folder.name for folder in folders[:2]]
+    events: list[str] = []
+    load_base = merge.load_base
+
+    def recorded(*args, **kwargs):
+        events.append("load base")
+        return load_base(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "load_base", recorded)
+    with registered("register_calibration_sources", _Keeping(events)):
+        assert main(["merge", "--base-model", str(base), "--adapter", str(folders[0]), "--adapter", str(folders[1]),
+                     "--out", str(tmp_path / "m"), "-q", "--param", "iterations=1",
+                     "--calibration-order", "keeping"]) == 0
+    assert events == [f"load {names[0]}", f"load {names[1]}", "release", "load base"]
+    events.clear()
+    adapters = [load_adapter(folder) for folder in folders[:2]]
+    with registered("register_calibration_sources", _Keeping(events, fails=names[0])):
+        with pytest.raises(CalibrationError, match="^keeping: calibration source failed on adapter"):
+            gather_calibration(adapters, CalibrationOptions(order=("keeping", "adapter")), True)
+    assert events == [f"load {names[0]}", "release"]
+
+
+def test_the_daemon_releases_a_source_after_all_adapters_also_on_an_error_or_a_stop(bert):
+    """``calibrate_all`` releases an in-process source once it has asked it about every
+    adapter still unanswered (one adapter's error holds back only that adapter), before
+    the next source is asked, and when a stop request ends it."""
+    from iteris_daemon.errors import MergeCancelled
+    from iteris_daemon.validation import read_layout
+
+    adapters = [read_layout(folder) for folder in bert[1][:2]]
+    events: list[str] = []
+    sources = {"keeping": _Keeping(events, fails=adapters[0].name), "adapter": _Answering("adapter", set())}
+    answers = calibrate_all(adapters, CalibrationOptions(order=("keeping", "adapter")), sources)
+    assert isinstance(answers[0], CalibrationError) and answers[1].samples[0].text == f"kept for {adapters[1].name}"
+    assert events == [f"load {adapters[0].name}", f"load {adapters[1].name}", "release"]
+    events.clear()
+    with pytest.raises(MergeCancelled):
+        calibrate_all(adapters, CalibrationOptions(order=("keeping",)), sources, should_stop=lambda: bool(events))
+    assert events == [f"load {adapters[0].name}", "release"]
+
+
+def test_a_calibration_worker_releases_its_source_after_all_adapters_also_on_a_cancel(bert):
+    """The worker that answers for every adapter of a run releases the source after the
+    last one, and when a SIGTERM cancels it between two adapters."""
+    import threading
+
+    from registered import registered
+
+    from iteris_daemon.worker import run_job
+
+    folders = bert[1][:2]
+    job = {"kind": "calibration", "source": "keeping",
+           "adapters": [{"path": str(folder), "name": folder.name} for folder in folders],
+           "options": {"order": ["keeping"], "files": {}, "base_model": str(bert[0]), "samples": 2, "limit": 2,
+                       "settings": {}}}
+    events: list[str] = []
+    with registered("register_calibration_sources", _Keeping(events)):
+        result = run_job(job, threading.Event())
+    assert result["status"] == "ok" and [a["samples"] for a in result["report"]] == [
+        [[f"kept for {folder.name}", None]] for folder in folders]
+    assert events == [f"load {folders[0].name}", f"load {folders[1].name}", "release"]
+    events.clear()
+    stop = threading.Event()
+    with registered("register_calibration_sources", _Keeping(events, stop=stop)):
+        assert run_job(job, stop)["status"] == "cancelled"
+    assert events == [f"load {folders[0].name}", "release"]
+
+
+def test_a_release_that_fails_is_named_and_the_other_sources_are_released_all_the_same():
+    from iteris_daemon.calibration import releasing
+
+    events: list[str] = []
+
+    def broken():
+        raise RuntimeError("handle already closed")
+
+    sources = {"broken": SimpleNamespace(release=broken), "none": SimpleNamespace(), "keeping": _Keeping(events)}
+    with pytest.raises(CalibrationError, match="^broken: calibration source failed to release what it kept: "
+                                               "RuntimeError: handle already closed$"):
+        with releasing(sources):
+            pass
+    assert events == ["release"]
