@@ -486,3 +486,77 @@ def test_a_release_that_fails_is_named_and_the_other_sources_are_released_all_th
         with releasing(sources):
             pass
     assert events == ["release"]
+
+
+_OTHER_TARGETS = {  # per family: adapters that adapt different layers at different ranks, one saving lm_head
+    "llama": ([["q_proj", "lm_head_saved"], ["down_proj", "up_proj"], ["q_proj", "o_proj"]]),
+    "t5": ([["q", "lm_head_saved"], ["wo", "k"], ["o", "wi"]]),
+}
+
+
+@pytest.mark.parametrize("family, task_type", [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM")])
+def test_generate_loads_the_base_once_per_run_and_samples_what_a_load_per_adapter_did(tiny, tmp_path, monkeypatch,
+                                                                                      family, task_type):
+    """``generate`` loaded the whole base model again for every adapter (20 loads of a 70B
+    base for a merge of 20 LoRAs). Now one source asked about a run's adapters loads it once
+    and applies each adapter in turn; its samples equal those of a fresh source per adapter
+    (the load per adapter of before) with the same seed, though the adapters adapt different
+    layers at different ranks, one saves lm_head whole, and one fails half-applied (first and
+    between two).
+    ``release()`` frees the model; a load after it, or with another dtype, loads afresh."""
+    import gc
+    import weakref
+
+    import builders
+    import transformers
+    from builders import build_adapter
+
+    from iteris_daemon.calibration import ask
+    from iteris_daemon.plugin_manager import calibration_sources
+
+    base = tiny[family][0]
+    adapters = []
+    for seed, targets in enumerate(_OTHER_TARGETS[family]):
+        saved = ["lm_head"] if "lm_head_saved" in targets else None
+        folder = build_adapter(base, tmp_path / f"a{seed}", seed=seed, family=family, task_type=task_type, r=2 + 3 * seed,
+                               use_rslora=seed == 1, targets=[t for t in targets if t != "lm_head_saved"],
+                               modules_to_save=saved)
+        adapters.append(load_adapter(folder))
+    wider = transformers.AutoConfig.from_pretrained(base)  # an adapter of a wider base: PEFT wraps the layers
+    setattr(wider, "d_model" if family == "t5" else "hidden_size", 64)  # it names, then refuses its weights
+    builders.model_class(task_type).from_config(wider).save_pretrained(tmp_path / "wider")
+    builders.tokenizer().save_pretrained(tmp_path / "wider")
+    foreign = load_adapter(build_adapter(tmp_path / "wider", tmp_path / "foreign", seed=7, family=family,
+                                         task_type=task_type, targets=_OTHER_TARGETS[family][1]))
+    loads: list[weakref.ref] = []
+    from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        model = from_pretrained(cls, *args, **kwargs)
+        loads.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(counted))
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=9,
+                                 settings={"generate": {"max_new_tokens": 6, "seed": 3}})
+    one_each = [calibration_sources()["generate"].load(adapter, options).samples for adapter in adapters]
+    assert len(loads) == 3 and len({s for samples in one_each for s in samples}) == 27  # the adapters differ
+    loads.clear()
+    source = calibration_sources()["generate"]
+    refused = f"^generate: calibration source failed on adapter {foreign.name}: RuntimeError: Error"
+    with pytest.raises(CalibrationError, match=refused):  # first: the base it wrapped is dropped
+        ask("generate", source, foreign, options)
+    shared = [source.load(adapter, options).samples for adapter in adapters]
+    assert shared == one_each
+    with pytest.raises(CalibrationError, match=refused):  # between two
+        ask("generate", source, foreign, options)
+    assert [source.load(adapter, options).samples for adapter in adapters[1:]] == one_each[1:]
+    assert len(loads) == 3  # once, and again after each adapter that failed half-applied
+    model = loads[-1]
+    source.release()
+    gc.collect()
+    assert model() is None
+    assert source.load(adapters[0], options).samples == one_each[0] and len(loads) == 4
+    options.dtype = "bfloat16"  # loaded alike or not at all: another dtype loads afresh
+    source.load(adapters[0], options)
+    assert len(loads) == 5 and loads[3]() is None
