@@ -75,8 +75,9 @@ class Generate:
         ``options.device`` in ``options.dtype``, as ``options.trust_remote_code`` allows: the
         kept one where it was loaded alike, with the adapter before it deleted (PEFT's own
         multi-adapter calls: its ``unload`` would leave a saved module's copy, lm_head say,
-        in the base). Seeded before PEFT makes the adapter's layers, which draws from the
-        generator, as when each adapter loaded the base, so the samples are those."""
+        in the base). Seeded after the base is loaded (transformers draws nothing loading a
+        whole checkpoint) and before PEFT makes the adapter's layers (which draws), as when
+        each adapter loaded the base: the samples are the ones that gave."""
         import torch
         from peft import PeftModel
 
