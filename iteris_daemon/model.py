@@ -227,12 +227,14 @@ def _tokenizer(name_or_path: str, trust_remote_code: bool):
                              f"tokenizer.save_pretrained): {said[:300]}") from None
 
 
-def _refuse_random_blocks(model: nn.Module, initialised: set[str], name: str) -> None:
+def _refuse_random_blocks(model: nn.Module, initialised: set[str], name: str, resized: set[str] = frozenset()) -> None:
     """Refuse weights inside the model's blocks (its module lists) that the checkpoint did not
-    give and the loader initialised at random, missing or of another shape: a merge on them
-    exits 0 and means nothing. A head the adapters replace, or a pooler, lies outside them."""
+    give and the loader initialised at random, missing or of another shape, and ``resized``
+    ones outside them (an embedding of another vocabulary, drawn afresh because transformers
+    was told to ignore sizes for a classifier's head): a merge on them exits 0 and means
+    nothing. A head the adapters replace, or a pooler a checkpoint leaves out, is not refused."""
     lists = [path for path, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    random = sorted(key for key in initialised if any(key.startswith(f"{path}.") for path in lists))
+    random = sorted(resized | {key for key in initialised if any(key.startswith(f"{path}.") for path in lists)})
     if random:
         raise BaseModelError(f"base model {name!r}: its checkpoint gives no usable tensor for {random[0]} (missing, or "
                              f"of another shape: the loader would initialise it at random; {len(random)} such)")
@@ -363,14 +365,14 @@ class BaseModel:
         try:
             model, loading = cls.from_pretrained(self.name_or_path, dtype=self.dtype, output_loading_info=True,
                                                  ignore_mismatched_sizes="num_labels" in kwargs, **kwargs)
-            self.initialised = set(loading.get("missing_keys") or ()) | {
-                key if isinstance(key, str) else key[0] for key in loading.get("mismatched_keys") or ()}
+            resized = {key if isinstance(key, str) else key[0] for key in loading.get("mismatched_keys") or ()}
+            self.initialised = set(loading.get("missing_keys") or ()) | resized
         except RuntimeError as exc:  # transformers refuses a tensor its config does not fit (its load report names it)
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
                                  f"({str(exc).splitlines()[0]})") from None
         except ImportError as exc:  # a quantized checkpoint whose quantizer's package is not installed
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: {exc}".splitlines()[0]) from None
-        _refuse_random_blocks(model, self.initialised, self.name_or_path)
+        _refuse_random_blocks(model, self.initialised, self.name_or_path, resized - set(self.head_keys))
         if offload != "none" and self.device.type != "cpu":
             plan = block_plan(model, self.head_keys)
             if plan.supported:

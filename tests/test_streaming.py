@@ -262,6 +262,20 @@ def test_only_the_replaced_head_may_be_missing_or_resized(tmp_path, key, change)
 
 
 @pytest.mark.parametrize("offload", ["disk", "none"])
+def test_a_resized_tensor_beside_the_replaced_head_is_refused(tmp_path, offload):
+    """Under a classifier's num_labels transformers is told to ignore sizes: an embedding the
+    checkpoint holds in another shape was drawn at random by the whole load (streaming
+    refuses it, then loads whole) and the merge exited 0 on it. Only the head the adapters
+    replace may be of another shape."""
+    base_dir = build_tiny_model("llama", tmp_path / "base", "SEQ_CLS")  # a 2-label score stored
+    adapters = [load_adapter(a) for a in _classifier_adapters(tmp_path, base_dir, labels=3)]
+    key = "model.embed_tokens.weight"
+    _rewrite(base_dir, lambda tensors: {**tensors, key: tensors[key][:, :16].contiguous()})
+    with pytest.raises(BaseModelError, match=f"gives no usable tensor for {re.escape(key)} "):
+        BaseModel(str(base_dir), adapters, offload=offload)
+
+
+@pytest.mark.parametrize("offload", ["disk", "none"])
 @pytest.mark.parametrize("kind", [torch.int64, torch.bool], ids=["int64", "bool"])
 @pytest.mark.parametrize("key", ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"])
 def test_an_integer_tensor_for_a_float_weight_is_refused_whatever_the_placement(tmp_path, offload, kind, key):
