@@ -9,17 +9,13 @@ architecture, and this module is the only place that knows them:
 - which outputs of a block feed the next block's arguments. Most blocks take only the
   hidden states from their predecessor; T5's first block computes the relative position
   bias that the later blocks of its stack reuse (``CARRIED_OUTPUTS``);
-- whether the blocks of a stack are called alike. Models that mix attention types
-  (sliding-window and full layers: ``layer_types`` in the stack's config) hand each
-  block the mask and rotary embeddings of its own type, so every block's call is
-  captured (``Stack.mixed``), not block 0's alone;
 - whether the forward pass calls each block of a stack exactly once. ALBERT calls one
   shared block at every depth, and a config may run fewer layers than the stack holds;
   a stack whose length is not the depth its config declares, or that holds one module
   twice, runs whole too.
 
-Everything else (attention masks, rotary embeddings, the encoder's output for the
-decoder's cross-attention) is captured from the model's own forward pass, not known here.
+Everything else (attention masks, rotary embeddings, per-layer inputs, the encoder's output
+for the decoder's cross-attention) is captured from the model's own forward pass, not known here.
 """
 
 from __future__ import annotations
@@ -66,7 +62,6 @@ class Stack:
 
     path: str
     blocks: nn.ModuleList
-    mixed: bool = False  # the blocks are called with different arguments: capture each one's call
 
     def block_path(self, index: int) -> str:
         return f"{self.path}.{index}"
@@ -133,18 +128,9 @@ def block_plan(model: nn.Module, modules_to_save: Iterable[str] = ()) -> BlockPl
         if depth is not None and depth != len(blocks):
             return BlockPlan(reason=f"{path} holds {len(blocks)} blocks but the config runs {depth} layers "
                                     "(blocks shared across depths, or some skipped)")
-    modules = dict(model.named_modules())
-    stacks = [Stack(path, blocks, _mixes_layer_types(getattr(modules[path.rpartition(".")[0]], "config", config)))
-              for path, blocks in ordered]
+    stacks = [Stack(path, blocks) for path, blocks in ordered]
     model_type = getattr(config, "model_type", "")
     return BlockPlan(stacks=stacks, carried=CARRIED_OUTPUTS.get(model_type, {}))
-
-
-def _mixes_layer_types(config) -> bool:
-    """Whether ``config`` (the stack's own: an encoder's, a text model's) gives its layers
-    more than one attention type; the model then passes each layer its type's mask and
-    rotary embeddings (Gemma-2/3, Cohere-2, GPT-OSS, Qwen2 with max_window_layers, ...)."""
-    return len(set(getattr(config, "layer_types", None) or ())) > 1
 
 
 def _declared_depths(config, encoder_decoder: bool) -> list[int | None]:

@@ -7,12 +7,12 @@ it, and moves on; only one block's weights and the streams' hidden states are re
 This is how GPTQ and llm-compressor's sequential pipeline calibrate 100B+ models on one
 GPU, and IterIS is layer-wise in the same way.
 
-- :class:`BlockExecutor` captures what the first block of each stack receives (hidden
-  states and every keyword the model passes a block: attention mask, rotary embeddings,
-  the encoder's output) once per batch, then calls blocks directly. Where the blocks of a
-  stack mix attention types, what every block receives is captured, in one pass that
-  reads no block weights. The tail runs the model's own forward with its blocks
-  replaced by the streamed result, so heads and poolers need no architecture knowledge.
+- :class:`BlockExecutor` captures what every block of each stack receives (hidden states
+  and every keyword the model passes a block: attention mask, rotary embeddings, per-layer
+  inputs, the encoder's output) once per batch, in one pass that reads no block weights,
+  then calls blocks directly; one call serves every block where they are called alike.
+  The tail runs the model's own forward with its blocks replaced by the streamed result,
+  so heads and poolers need no architecture knowledge.
 - :class:`ModelExecutor` is the fallback for models whose blocks cannot be found: one
   unit, the whole forward pass.
 
@@ -51,6 +51,22 @@ class _StopForward(Exception):
     pass
 
 
+# What a block's stand-in returns, tried in turn until the model's loop hands each stand-in's
+# hidden states on to the next block unchanged: the hidden states alone (0: most blocks), or
+# first of a tuple of that length (Bloom indexes [0], DeBERTa unpacks two, T5 three).
+_OUTPUT_LENGTHS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """A stand-in's placeholder for output ``index`` of block ``block``. Found in a later
+    block's call, the model's loop hands that output on: streamed one at a time, the blocks
+    hand on only their hidden states (and the outputs ``BlockPlan.carried`` names)."""
+
+    block: int
+    index: int
+
+
 @dataclass
 class Unit:
     name: str
@@ -65,7 +81,7 @@ class BatchContext:
 
     batch: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor | None]
-    # per stack: every block's call (a stack that mixes attention types), else block 0's for all
+    # per stack: every block's call where they differ (per-layer arguments), else block 0's for all
     calls: list[list[inspect.BoundArguments]] = field(default_factory=list)
     hidden_names: list[str] = field(default_factory=list)
     encoder_argument: str | None = None  # the decoder blocks' argument for the encoder output
@@ -151,6 +167,7 @@ class BlockExecutor:
         heads = {key.rpartition(".")[0] for key in base.head_keys}
         self._outside = sorted(set(tail) | {p for p in heads if unit_of(p, plan) is None})
         self._signatures = [inspect.signature(stack.blocks[0].forward) for stack in plan.stacks]
+        self._lengths: dict[int, int] = {}  # per stack: how many outputs its stand-ins return (0: a tensor)
 
     @classmethod
     def create(cls, base: BaseModel, paths: list[str]) -> "BlockExecutor | ModelExecutor":
@@ -174,59 +191,98 @@ class BlockExecutor:
         return states
 
     def _capture(self, context: BatchContext, s: int, stack: Stack) -> None:
-        """One forward pass up to the stack: block 0's call, or every block's where they
-        differ (``Stack.mixed``). The blocks' weights are not read (they may be on disk)."""
-        signature = self._signatures[s]
-        hidden_name = next(iter(signature.parameters))
-        recorded = list(stack.blocks) if stack.mixed else [stack.blocks[0]]
-        calls: dict[int, inspect.BoundArguments] = {}
-
-        def recorder(b: int):
-            def forward(*args, **kwargs):
-                calls[b] = signature.bind(*args, **kwargs)
-                if b == len(recorded) - 1:
-                    raise _StopForward
-                return calls[b].arguments[hidden_name]  # the real output is the streams' to compute
-            return forward
-
-        early: list[str] = []
-        modules = dict(self.model.named_modules())
-        hooks = [modules[p].register_forward_hook(lambda *_a, p=p: early.append(p)) for p in self._outside]
+        """Every block's call, from one forward pass through stand-ins that read no block weights
+        (they may be on disk); block 0's alone where every block is called alike (most models:
+        the same mask and rotary tables), else one per block (mixed attention types each hand
+        their own; Gemma's per-layer inputs, a slice per block)."""
+        hidden_name = next(iter(self._signatures[s].parameters))
         extra: dict[str, Any] = {}
         dummy = None
         if s > 0:  # a decoder: skip the encoder, its output is streamed
             dummy = torch.zeros_like(context.start(0))
             extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=dummy)
+        failures: list[str] = []
+        known = self._lengths.get(s)
+        for length in sorted(_OUTPUT_LENGTHS, key=lambda n: n != known):  # the length found for an earlier batch first
+            calls = self._record(context.batch, extra, s, stack, hidden_name, length, failures)
+            if calls is not None:
+                self._lengths[s] = length
+                break
+        else:  # no stand-in's output gets the model's loop to the last block with the hidden states handed on
+            raise UnsupportedForBlocks(f"its forward pass cannot run past stand-ins for {stack.path}'s blocks "
+                                       f"({failures[0]})")
+        for b, call in enumerate(calls):
+            for name, value in _passed(call):
+                handed = next((o for o in _contents(value) if isinstance(o, _Output)), None)
+                if handed is not None and self.plan.carried.get(handed.index) != name:  # T5's position bias is carried
+                    raise UnsupportedForBlocks(f"its forward pass hands output {handed.index} of {stack.path}."
+                                               f"{handed.block} on to {stack.path}.{b} ({name}); blocks streamed one "
+                                               "at a time hand on only the hidden states")
+        first = dict(_passed(calls[0]))
+        ignored = {hidden_name, *self.plan.carried.values()}
+        alike = all(_alike(first, dict(_passed(call)), ignored) for call in calls[1:])
+        context.calls.append(calls[:1] if alike else calls)
+        context.hidden_names.append(hidden_name)
+        if dummy is not None:
+            context.encoder_argument = _argument_holding(calls[0], dummy)
+            if context.encoder_argument is None:
+                raise UnsupportedForBlocks(f"cannot tell which argument of {stack.path}.0 takes the encoder output")
+
+    def _record(self, batch: dict[str, torch.Tensor], extra: dict[str, Any], s: int, stack: Stack, hidden_name: str,
+                length: int, failures: list[str]) -> list[inspect.BoundArguments] | None:
+        """Every block's call, from one forward pass with each block standing in: it returns its
+        hidden states, alone (``length`` 0) or first of ``length`` outputs, the others
+        :class:`_Output` placeholders. None (the reason added to ``failures``) where the model's
+        loop does not hand each stand-in's hidden states on to the next block as they are."""
+        signature = self._signatures[s]
+        blocks = list(stack.blocks)
+        calls: dict[int, inspect.BoundArguments] = {}
+
+        def stand_in(b: int):
+            def forward(*args, **kwargs):
+                calls[b] = signature.bind(*args, **kwargs)
+                if b == len(blocks) - 1:
+                    raise _StopForward
+                hidden = calls[b].arguments[hidden_name]  # the real output is the streams' to compute
+                return (hidden, *(_Output(b, i) for i in range(1, length))) if length else hidden
+            return forward
+
+        early: list[str] = []
+        modules = dict(self.model.named_modules())
+        hooks = [modules[p].register_forward_hook(lambda *_a, p=p: early.append(p)) for p in self._outside]
+        failure = None
         try:
-            with _standing_in(recorded, [recorder(b) for b in range(len(recorded))]), torch.no_grad():
-                self.base.forward(context.batch, **extra)
+            with _standing_in(blocks, [stand_in(b) for b in range(len(blocks))]), torch.no_grad():
+                self.base.forward(batch, **extra)
         except _StopForward:
             pass
-        except Exception as exc:  # the model's loop wants more of a block than its input back (Bamba unpacks a pair)
-            raise UnsupportedForBlocks(f"its forward pass cannot run past stand-ins for {stack.path}'s blocks "
-                                       f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        except Exception as exc:  # it wants other outputs of a stand-in (a tensor cannot be unpacked into three)
+            failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
         finally:
             for hook in hooks:
                 hook.remove()
-        missing = next((b for b in range(len(recorded)) if b not in calls), None)
-        if missing is not None:
-            raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.{missing}")
-        if early:
-            what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
-            raise UnsupportedForBlocks(f"{what} {early[0]} runs before the first block")
-        for b, call in calls.items():
+        for b, call in sorted(calls.items()):  # what the model hands its blocks, whatever the stand-ins return
             for name, value in _passed(call):
                 if isinstance(value, Cache):  # replaying the call would grow it: whole-model passes start afresh
                     raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a key/value cache ({name})")
                 if isinstance(value, (MutableMapping, MutableSequence)):  # one object every stream would share
                     raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a {type(value).__name__} its blocks may "
                                                f"share state through ({name}, as Gemma-4's shared key/values)")
-        context.calls.append([calls[b] for b in range(len(recorded))])
-        context.hidden_names.append(hidden_name)
-        if dummy is not None:
-            context.encoder_argument = _argument_holding(calls[0], dummy)
-            if context.encoder_argument is None:
-                raise UnsupportedForBlocks(f"cannot tell which argument of {stack.path}.0 takes the encoder output")
+        if failure is not None:
+            failures.append(failure)
+            return None
+        missing = next((b for b in range(len(blocks)) if b not in calls), None)
+        if missing is not None:
+            raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.{missing}")
+        if early:
+            what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
+            raise UnsupportedForBlocks(f"{what} {early[0]} runs before the first block")
+        hidden = calls[0].arguments[hidden_name]
+        changed = next((b for b in range(1, len(blocks)) if calls[b].arguments[hidden_name] is not hidden), None)
+        if changed is not None:  # it took a tensor stand-in's output apart (a pair unpacked), or changed it
+            failures.append(f"{stack.path}.{changed} is not handed {stack.path}.{changed - 1}'s hidden states")
+            return None
+        return [calls[b] for b in range(len(blocks))]
 
     # -------------------------------------------------------------- weights
     @contextlib.contextmanager
@@ -302,6 +358,31 @@ def _passed(call: inspect.BoundArguments) -> Iterator[tuple[str, Any]]:
             yield from value.items()
         else:
             yield name, value
+
+
+def _contents(value: Any) -> Iterator[Any]:
+    """``value`` and, inside tuples and lists, everything it holds."""
+    yield value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _contents(item)
+
+
+def _alike(first: dict[str, Any], other: dict[str, Any], ignored: set[str]) -> bool:
+    """Whether a block called with ``other`` is called as with ``first`` (``ignored`` aside:
+    the hidden states and carried outputs, which each stream sets): every argument one object,
+    equal tensors, or equal tuples of them."""
+    def same(a: Any, b: Any) -> bool:
+        if a is b:
+            return True
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        if isinstance(a, (tuple, list)) and type(a) is type(b):
+            return len(a) == len(b) and all(map(same, a, b))
+        return isinstance(a, (bool, int, float, str)) and type(a) is type(b) and a == b
+
+    names = first.keys() - ignored
+    return names == other.keys() - ignored and all(same(first[n], other[n]) for n in names)
 
 
 def _argument_holding(call: inspect.BoundArguments, value: torch.Tensor) -> str | None:
