@@ -11,7 +11,7 @@ from pathlib import Path
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import MergeRun, SourceKind
+from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.runner import run_group, sync_group
@@ -23,6 +23,18 @@ def build_runner_adapters(root: Path) -> tuple[Path, list[Path]]:
     base = build_tiny_model("bert", root / "base")
     adapters = [build_adapter(base, root / f"task{i}", seed=10 + i, family="bert", r=2 + i) for i in range(2)]
     return base, adapters
+
+
+def record_past_run(session, revision_id: int) -> None:
+    """A succeeded run of a group ``g`` that merged revision ``revision_id``: the history that
+    ``sources remove`` keeps (it then disables the source instead of deleting it)."""
+    group = MergeGroup(name="g", base_model="base", strategy="iteris")
+    session.add(group)
+    session.flush()
+    run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
+    session.add(run)
+    session.flush()
+    session.add(MergeRunInput(run_id=run.id, revision_id=revision_id))
 
 
 class Setup:

@@ -17,13 +17,13 @@ from sqlalchemy import inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
-from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, MergeGroup, MergeRun,
-                                          MergeRunInput, RunStatus, Source, SourceKind)
+from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, Source, SourceKind)
 from iteris_daemon.catalog.registry import (DuplicateError, Observation, add_source, get_source, list_current, record,
                                             remove_source)
 from iteris_daemon.validation import AdapterInfo
 
 from databases import rows_loaded
+from group_runs import record_past_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,13 +138,7 @@ def test_a_source_removed_after_its_adapters_fed_a_run_can_be_added_again(catalo
     with catalog.session() as session:
         source = add_source(session, "team", SourceKind.local, {"paths": ["/x"]})
         revision, _ = record(session, source.id, Observation("/x/a", "a", "r1", "/x/a", info=_info("s1")))
-        group = MergeGroup(name="g", base_model="base", strategy="iteris")
-        session.add(group)
-        session.flush()
-        run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
-        session.add(run)
-        session.flush()
-        session.add(MergeRunInput(run_id=run.id, revision_id=revision.id))
+        record_past_run(session, revision.id)
     with catalog.session() as session:
         remove_source(session, "team")
     with catalog.session() as session:

@@ -18,6 +18,7 @@ from hub_server import HubServer, isolate_hub_client
 from sqlalchemy import select
 
 from builders import build_adapter, build_tiny_model
+from group_runs import record_past_run
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source, remove_source
@@ -615,17 +616,9 @@ def test_a_removed_sources_downloads_are_swept_from_the_cache(env, history):
     cache = tmp / "cache"
     assert sweep_cache(catalog, cache) == 0  # every download in use
     if history:  # a past merge run used the removed source's adapters: the source is disabled, not deleted
-        from iteris_daemon.catalog.models import MergeGroup, MergeRun, MergeRunInput, RunStatus
-
         used = _adapters(catalog)["gina/a"].current.id
         with catalog.session() as session:
-            group = MergeGroup(name="g", base_model="base", strategy="iteris")
-            session.add(group)
-            session.flush()
-            run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
-            session.add(run)
-            session.flush()
-            session.add(MergeRunInput(run_id=run.id, revision_id=used))
+            record_past_run(session, used)
     with catalog.session() as session:
         remove_source(session, "hub")
     assert sweep_cache(catalog, cache) == 1
