@@ -78,23 +78,39 @@ class Generate:
         in the base). Seeded after the base is loaded (transformers draws nothing loading a
         whole checkpoint) and before PEFT makes the adapter's layers (which draws), as when
         each adapter loaded the base: the samples are the ones that gave."""
-        import torch
-        from peft import PeftModel
-
         from transformers import AutoConfig
 
         from iteris_daemon.model import torch_device
         from iteris_daemon.model_class import model_class_for
 
         device = torch_device(options.device)  # one line for a device this machine lacks
-        trust, base_model = options.trust_remote_code, options.base_model
-        cls = model_class_for([adapter], AutoConfig.from_pretrained(base_model, trust_remote_code=trust))
-        key = (base_model, options.dtype, device, trust, cls)
+        trust = options.trust_remote_code
+        cls = model_class_for([adapter], AutoConfig.from_pretrained(options.base_model, trust_remote_code=trust))
+        key = (options.base_model, options.dtype, device, trust, cls)
         if key != self._key:
-            self.release()
-            self._model = cls.from_pretrained(base_model, dtype=getattr(torch, options.dtype) if options.dtype
-                                              else "auto", trust_remote_code=trust)
-            self._key = key
+            self._load(key)
+        elif self._applied is not None:
+            try:
+                return self._apply(adapter, device, seed)
+            except Exception:  # PEFT keeps a deleted adapter's wrappers and refuses to wrap one in another
+                self._load(key)  # (a saved lm_head, then a LoRA on it): this adapter on a fresh base
+        return self._apply(adapter, device, seed)
+
+    def _load(self, key: tuple) -> None:
+        import torch
+
+        base_model, dtype, _device, trust, cls = key
+        self.release()
+        self._model = cls.from_pretrained(base_model, dtype=getattr(torch, dtype) if dtype else "auto",
+                                          trust_remote_code=trust)
+        self._key = key
+
+    def _apply(self, adapter, device, seed: int):
+        """``adapter`` on the kept model in place of the one before it; the model is dropped
+        where this fails half-way."""
+        import torch
+        from peft import PeftModel
+
         name = f"adapter{next(self._names)}"
         torch.manual_seed(seed)
         try:
@@ -105,7 +121,7 @@ class Generate:
                 self._model.set_adapter(name)
                 self._model.delete_adapter(self._applied)
         except BaseException:
-            self.release()  # half applied: the next adapter loads the base afresh
+            self.release()
             raise
         self._applied = name
         self._model.eval()

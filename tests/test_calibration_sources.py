@@ -551,12 +551,40 @@ def test_generate_loads_the_base_once_per_run_and_samples_what_a_load_per_adapte
     with pytest.raises(CalibrationError, match=refused):  # between two
         ask("generate", source, foreign, options)
     assert [source.load(adapter, options).samples for adapter in adapters[1:]] == one_each[1:]
-    assert len(loads) == 3  # once, and again after each adapter that failed half-applied
+    # once; again for the foreign adapter refused on the kept base (tried on a fresh one, refused
+    # there too), and after each time it failed half-applied
+    assert len(loads) == 4
     model = loads[-1]
     source.release()
     gc.collect()
     assert model() is None
-    assert source.load(adapters[0], options).samples == one_each[0] and len(loads) == 4
+    assert source.load(adapters[0], options).samples == one_each[0] and len(loads) == 5
     options.dtype = "bfloat16"  # loaded alike or not at all: another dtype loads afresh
     source.load(adapters[0], options)
-    assert len(loads) == 5 and loads[3]() is None
+    assert len(loads) == 6 and loads[4]() is None
+
+
+def test_generate_applies_an_adapter_peft_refuses_on_the_kept_base_to_a_fresh_one(tiny, tmp_path):
+    """PEFT keeps a deleted adapter's module wrappers and refuses to wrap one in another: an
+    adapter with a LoRA on lm_head after one that saved lm_head whole (or the other way
+    round) failed on the kept base ("Target module ModulesToSaveWrapper(...) is not
+    supported"), where a load per adapter had given its samples. It now gets them from a
+    fresh base, as a load per adapter did."""
+    from builders import build_adapter
+
+    from iteris_daemon.plugin_manager import calibration_sources
+
+    base = tiny["llama"][0]
+    saves = load_adapter(build_adapter(base, tmp_path / "saves", seed=0, family="llama", task_type="CAUSAL_LM",
+                                       targets=["v_proj"], modules_to_save=["lm_head"]))
+    lora = load_adapter(build_adapter(base, tmp_path / "lora", seed=1, family="llama", task_type="CAUSAL_LM",
+                                      targets=["q_proj", "lm_head"], save_embedding_layers=False))
+    assert "lm_head" in lora.modules
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=4,
+                                 settings={"generate": {"max_new_tokens": 6, "seed": 3}})
+    for adapters in ([saves, lora], [lora, saves]):
+        fresh = [calibration_sources()["generate"].load(adapter, options).samples for adapter in adapters]
+        assert fresh[0] != fresh[1]
+        source = calibration_sources()["generate"]
+        assert [source.load(adapter, options).samples for adapter in adapters] == fresh
+        source.release()
