@@ -622,6 +622,28 @@ def test_a_removed_sources_downloads_are_swept_from_the_cache(env, history):
     with catalog.session() as session:
         remove_source(session, "hub")
     assert sweep_cache(catalog, cache) == 1
-    assert [p.name for p in cache.iterdir()] == ["hank--b"]
+    assert sorted(p.name for p in cache.iterdir()) == [".catalog", "hank--b"]  # the owner file, one repo
     assert [p.name for p in (cache / "hank--b").iterdir()] == [kept] and gone != kept
     assert sweep_cache(catalog, cache / "missing") == 0  # no cache yet: nothing to do
+
+
+def test_the_sweep_leaves_a_cache_another_catalog_shares_and_counts_what_it_deleted(env, caplog):
+    """Two daemons of separate catalogs on one cache directory (the default one): each one's
+    sweep deleted the other's registered downloads, hourly. The first catalog to sweep owns
+    the cache; another one's daemon leaves it alone, saying why. A file or a symlink named
+    like a commit is not deleted, and was counted as deleted at every sweep."""
+    hub, catalog, source, (first, _), tmp = env
+    sha = hub.create_repo_direct("ivy/a", adapter_files(first))
+    assert source(repos=["ivy/a"]).poll().registered == ["ivy/a"]
+    cache = tmp / "cache"
+    stray = cache / "ivy--a" / ("0" * 40)
+    stray.write_text("not a commit folder")
+    (cache / "ivy--a" / ("1" * 40)).symlink_to(tmp, target_is_directory=True)
+    assert sweep_cache(catalog, cache) == 0 and stray.exists() and (cache / "ivy--a" / sha).is_dir()
+    other = Catalog(f"sqlite:///{tmp / 'other.db'}")  # knows no adapter: every download is unused to it
+    try:
+        assert sweep_cache(other, cache) == 0
+    finally:
+        other.close()
+    assert (cache / "ivy--a" / sha).is_dir()
+    assert f"it holds the downloads of the catalog {catalog.safe_url} too" in caplog.text
