@@ -38,7 +38,8 @@ STRATEGIES = ("iteris", "regmean")
 
 
 def difference(merged: Path, reference: Path) -> dict[str, float]:
-    """Relative Frobenius difference of two merges' deltas: over all modules, and the largest module's."""
+    """Relative Frobenius difference of two merges' deltas: over all modules, and that of the
+    module whose relative difference is the largest."""
     ours, ref = load_adapter(merged).modules, load_adapter(reference).modules
     if set(ours) != set(ref):
         raise ValueError(f"{merged} and {reference} adapt different modules")
@@ -80,7 +81,7 @@ def table(results: dict) -> str:
     lines = []
     for n, by_strategy in results.items():
         lines += ["", f"**N = {n}**", "", "| strategy | compute dtype | difference from the reference (all modules / "
-                  "largest module) | mean normalized | worst task | solves | merge s |", "|---|---|---|---|---|---|---|"]
+                  "the module that differs most) | mean normalized | worst task | solves | merge s |", "|---|---|---|---|---|---|---|"]
         for strategy, rows in by_strategy.items():
             for name, row in rows.items():
                 d = row["difference"]
