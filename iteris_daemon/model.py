@@ -227,17 +227,28 @@ def _tokenizer(name_or_path: str, trust_remote_code: bool):
                              f"tokenizer.save_pretrained): {said[:300]}") from None
 
 
-def _refuse_random_blocks(model: nn.Module, initialised: set[str], name: str, resized: set[str] = frozenset()) -> None:
-    """Refuse weights inside the model's blocks (its module lists) that the checkpoint did not
-    give and the loader initialised at random, missing or of another shape, and ``resized``
-    ones outside them (an embedding of another vocabulary, drawn afresh because transformers
-    was told to ignore sizes for a classifier's head): a merge on them exits 0 and means
-    nothing. A head the adapters replace, or a pooler a checkpoint leaves out, is not refused."""
+def _check_initialised(model: nn.Module, initialised: set[str], resized: set[str], replaced: Iterable[str],
+                       name: str) -> None:
+    """Judge the weights the checkpoint did not give and the loader initialised at random
+    (missing, or of another shape), but for those the adapters' saved modules replace.
+    Refused, as a merge on them exits 0 and means nothing: those inside the blocks (the
+    model's module lists), the input embeddings, and ``resized`` ones (an embedding of
+    another vocabulary, drawn afresh because transformers was told to ignore sizes for a
+    classifier's head). Logged: any other (a pooler an MLM checkpoint lacks, which a
+    classifier reads as it was drawn when the adapter was trained)."""
     lists = [path for path, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    random = sorted(resized | {key for key in initialised if any(key.startswith(f"{path}.") for path in lists)})
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    inputs = {f"{path}.{key}" for path, module in model.named_modules() if module is embeddings
+              for key, _ in module.named_parameters()}
+    judged = initialised - set(replaced)
+    random = sorted(resized & judged | inputs & judged | {
+        key for key in judged if any(key.startswith(f"{path}.") for path in lists)})
     if random:
         raise BaseModelError(f"base model {name!r}: its checkpoint gives no usable tensor for {random[0]} (missing, or "
                              f"of another shape: the loader would initialise it at random; {len(random)} such)")
+    if judged:
+        log.warning("base model %s: its checkpoint gives no tensor for %s, initialised at random as transformers "
+                    "does (what reads it depends on that draw)", name, ", ".join(sorted(judged)))
 
 
 def _max_tokens(config, tokenizer) -> int | None:
@@ -372,7 +383,7 @@ class BaseModel:
                                  f"({str(exc).splitlines()[0]})") from None
         except ImportError as exc:  # a quantized checkpoint whose quantizer's package is not installed
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: {exc}".splitlines()[0]) from None
-        _refuse_random_blocks(model, self.initialised, self.name_or_path, resized - set(self.head_keys))
+        _check_initialised(model, self.initialised, resized, self.head_keys, self.name_or_path)
         if offload != "none" and self.device.type != "cpu":
             plan = block_plan(model, self.head_keys)
             if plan.supported:

@@ -3,6 +3,7 @@ and ties included, for checkpoints that differ from what the config suggests; an
 checkpoints neither can read are one line naming the file."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -273,6 +274,23 @@ def test_a_resized_tensor_beside_the_replaced_head_is_refused(tmp_path, offload)
     _rewrite(base_dir, lambda tensors: {**tensors, key: tensors[key][:, :16].contiguous()})
     with pytest.raises(BaseModelError, match=f"gives no usable tensor for {re.escape(key)} "):
         BaseModel(str(base_dir), adapters, offload=offload)
+
+
+@pytest.mark.parametrize("offload", ["disk", "none"])
+def test_a_missing_tensor_outside_the_blocks_is_refused_or_named(tmp_path, offload, caplog):
+    """A checkpoint without its input embeddings, or its final norm, loaded whole (streaming
+    refuses it) with those tensors initialised, and the merge exited 0 without a word. The
+    input embeddings are refused; any other is named in a warning (a classifier's pooler,
+    which MLM checkpoints lack, is read as it was drawn)."""
+    base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    _rewrite(base_dir, lambda tensors: {k: v for k, v in tensors.items() if k != "model.embed_tokens.weight"})
+    with pytest.raises(BaseModelError, match=r"gives no usable tensor for embed_tokens\.weight "):  # LlamaModel's
+        BaseModel(str(base_dir), [], offload=offload)
+    base_dir = build_tiny_model("llama", tmp_path / "base2", "CAUSAL_LM")
+    _rewrite(base_dir, lambda tensors: {k: v for k, v in tensors.items() if k != "model.norm.weight"})
+    with caplog.at_level(logging.WARNING, logger="iteris_daemon.model"):
+        BaseModel(str(base_dir), [], offload=offload)
+    assert "its checkpoint gives no tensor for norm.weight, initialised" in caplog.text
 
 
 @pytest.mark.parametrize("offload", ["disk", "none"])
