@@ -50,13 +50,12 @@ from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, de
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import ConfigError, IterisError
-from .logs import counted
 from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
 from .retry import bound_requests
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
                      worker_id)
-from .sources.hub import CACHE_FOLDER, HubSource, sweep_cache
+from .sources.hub import CACHE_FOLDER, HubSource
 from .sources.local import LocalFolderSource, ScanReport
 from .sources.stat_cache import stat_cache_file
 from .supervisor import WorkerOptions
@@ -65,7 +64,6 @@ from .systemd import Notifier
 log = logging.getLogger(__name__)
 TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
 BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is asked again this much later
-HUB_CACHE_SWEEP_SECONDS = 3600.0  # how often Hub downloads no registered adapter uses are deleted
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 
 
@@ -411,8 +409,6 @@ class Daemon:
         self._unmerged_since.clear()  # every group runs now (below)
         self.scheduler.add_job(self._catch_up, _every(config.daemon.catalog_check_seconds),
                                id="catalog-check", replace_existing=True)
-        self.scheduler.add_job(self._sweep_hub_cache, _every(HUB_CACHE_SWEEP_SECONDS), id="hub-cache",
-                               replace_existing=True, next_run_time=datetime.now(timezone.utc))
         self.peers.settings_changed()
         self.scheduler.add_job(self._check_peers, _every(config.daemon.catalog_check_seconds),
                                id="peers", replace_existing=True, next_run_time=datetime.now(timezone.utc))
@@ -493,13 +489,6 @@ class Daemon:
             log.info("group %s: its adapters changed in the catalog since its last run, not through this daemon's "
                      "sources; merging", name)
             self.trigger(name, delay=groups[name].debounce_seconds)
-
-    def _sweep_hub_cache(self) -> None:
-        """Delete the Hub downloads no registered adapter uses: those of a source removed
-        with `sources remove`, which no poll visits again (:func:`sources.hub.sweep_cache`)."""
-        dropped = sweep_cache(self.catalog, self.cache / CACHE_FOLDER)
-        if dropped:
-            log.info("hub cache: deleted %s that no registered adapter uses", counted(dropped, "commit download"))
 
     def _check_peers(self) -> None:
         """Say this daemon is here, with its shared settings; warn about live daemons on the

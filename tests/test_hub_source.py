@@ -21,11 +21,11 @@ from builders import build_adapter, build_tiny_model
 from group_runs import record_past_run
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
-from iteris_daemon.catalog.registry import add_source, remove_source
+from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.retry import Interrupted, hub_retrying
 import iteris_daemon.sources.hub as hub_module
-from iteris_daemon.sources.hub import HubSource, sweep_cache, unsafe_path
+from iteris_daemon.sources.hub import HubSource, unsafe_path
 from iteris_daemon.validation import Limits
 
 pytestmark = pytest.mark.timeout(120)
@@ -600,50 +600,31 @@ def test_the_cache_keeps_no_rejected_commit_nor_a_removed_repo(env):
 
 
 @pytest.mark.parametrize("history", [False, True], ids=["deleted", "kept-for-past-runs"])
-def test_a_removed_sources_downloads_are_swept_from_the_cache(env, history):
+def test_sources_remove_deletes_the_sources_downloads(env, history, capsys):
     """`sources remove` forgot a Hub source, and no poll visits its repos again: their
-    downloads stayed in the cache for good. The sweep (the daemon's, at start, at each
-    reload and hourly) deletes them, and keeps every commit a registered adapter uses,
-    another source's of the same repo included."""
+    downloads stayed in the daemon's cache for good. It now deletes them, and keeps every
+    commit a registered adapter uses (here another source's, of a repo both polled), and a
+    file or a symlink named like a commit (not a download)."""
+    from iteris_daemon.cli import main
+
     hub, catalog, source, (first, second), tmp = env
-    gone = hub.create_repo_direct("gina/a", adapter_files(first))
+    hub.create_repo_direct("gina/a", adapter_files(first))
     kept = hub.create_repo_direct("hank/b", adapter_files(second))
-    assert sorted(source(repos=["gina/a", "hank/b"]).poll().registered) == ["gina/a", "hank/b"]
+    cache = tmp / "cache" / "hub"  # as the daemon's: <cache_dir>/hub
+    source(repos=["gina/a", "hank/b"])  # source "hub", removed below
     settings = {**_source_row(catalog).settings, "repos": ["hank/b"]}
     with catalog.session() as session:
         add_source(session, "other", SourceKind.hub, settings)
-    assert HubSource(catalog, "other", tmp / "cache").poll().registered == ["hank/b"]
-    cache = tmp / "cache"
-    assert sweep_cache(catalog, cache) == 0  # every download in use
-    if history:  # a past merge run used the removed source's adapters: the source is disabled, not deleted
+    for name in ("hub", "other"):
+        assert HubSource(catalog, name, cache).poll().registered
+    stray = cache / "gina--a" / ("0" * 40)
+    stray.write_text("not a commit folder")
+    (cache / "gina--a" / ("1" * 40)).symlink_to(tmp, target_is_directory=True)
+    if history:  # a past merge run used the removed source's adapter: the source is disabled, not deleted
         used = _adapters(catalog)["gina/a"].current.id
         with catalog.session() as session:
             record_past_run(session, used)
-    with catalog.session() as session:
-        remove_source(session, "hub")
-    assert sweep_cache(catalog, cache) == 1
-    assert sorted(p.name for p in cache.iterdir()) == [".catalog", "hank--b"]  # the owner file, one repo
-    assert [p.name for p in (cache / "hank--b").iterdir()] == [kept] and gone != kept
-    assert sweep_cache(catalog, cache / "missing") == 0  # no cache yet: nothing to do
-
-
-def test_the_sweep_leaves_a_cache_another_catalog_shares_and_counts_what_it_deleted(env, caplog):
-    """Two daemons of separate catalogs on one cache directory (the default one): each one's
-    sweep deleted the other's registered downloads, hourly. The first catalog to sweep owns
-    the cache; another one's daemon leaves it alone, saying why. A file or a symlink named
-    like a commit is not deleted, and was counted as deleted at every sweep."""
-    hub, catalog, source, (first, _), tmp = env
-    sha = hub.create_repo_direct("ivy/a", adapter_files(first))
-    assert source(repos=["ivy/a"]).poll().registered == ["ivy/a"]
-    cache = tmp / "cache"
-    stray = cache / "ivy--a" / ("0" * 40)
-    stray.write_text("not a commit folder")
-    (cache / "ivy--a" / ("1" * 40)).symlink_to(tmp, target_is_directory=True)
-    assert sweep_cache(catalog, cache) == 0 and stray.exists() and (cache / "ivy--a" / sha).is_dir()
-    other = Catalog(f"sqlite:///{tmp / 'other.db'}")  # knows no adapter: every download is unused to it
-    try:
-        assert sweep_cache(other, cache) == 0
-    finally:
-        other.close()
-    assert (cache / "ivy--a" / sha).is_dir()
-    assert f"it holds the downloads of the catalog {catalog.safe_url} too" in caplog.text
+    assert main(["sources", "remove", "hub", "--db", catalog.safe_url]) == 0
+    assert capsys.readouterr().out == "removed source hub; deleted 1 download from the cache\n"
+    assert sorted(p.name for p in (cache / "gina--a").iterdir()) == ["0" * 40, "1" * 40]
+    assert [p.name for p in (cache / "hank--b").iterdir()] == [kept]  # the other source's adapter uses it

@@ -213,10 +213,24 @@ def _sources_list(args) -> int:
 
 def _sources_remove(args) -> int:
     from ..catalog.registry import remove_source
+    from ..logs import counted
+    from ..sources.hub import download_folders, drop_unused_commits
 
-    with _open(args).session() as session:
+    catalog = _open(args)
+    with catalog.session() as session:
+        folders = download_folders(session, args.name)
         remove_source(session, args.name)
-    print(f"removed source {args.name}")
+    # A Hub source's downloads, which no poll visits again; the commits a registered adapter
+    # (of another source) uses stay. No poll of this process holds a folder's lock.
+    dropped, kept = 0, []
+    for folder in sorted(folders):
+        try:
+            dropped += drop_unused_commits(catalog, folder)
+        except OSError as exc:
+            kept.append(f"{folder} ({exc.strerror})")
+    print(f"removed source {args.name}" + (f"; deleted {counted(dropped, 'download')} from the cache" if dropped else ""))
+    if kept:
+        print(f"iteris-daemon: warning: could not delete the downloads in {', '.join(kept)}", file=sys.stderr)
     return 0
 
 

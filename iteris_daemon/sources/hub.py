@@ -45,9 +45,10 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from sqlalchemy import select
 
 from ..catalog import Catalog
-from ..catalog.models import AdapterRevision, AdapterStatus, utcnow
+from ..catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
 from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
                                 record, set_health)
 from ..errors import AdapterError, ConfigError
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 CACHE_FOLDER = "hub"  # Hub sources download under this folder of the daemon's cache directory
-CACHE_OWNER = ".catalog"  # in that folder: the catalog whose adapters its downloads are (see sweep_cache)
 _repo_locks: dict[Path, threading.Lock] = {}
 _repo_locks_guard = threading.Lock()
 
@@ -495,39 +495,23 @@ def drop_unused_commits(catalog: Catalog, folder: Path) -> int:
         used = current_files_paths(session, f"{folder}{os.sep}")
     dropped = 0
     for other in folder.iterdir() if folder.is_dir() else ():
-        if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used:
-            shutil.rmtree(other, ignore_errors=True)  # a symlink or a file is left: not ours to follow
-            dropped += not other.exists()
+        if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used and other.is_dir() and not other.is_symlink():
+            shutil.rmtree(other, ignore_errors=True)
+            dropped += not os.path.lexists(other)
     with suppress(OSError):  # not empty (commits in use), or not there
         folder.rmdir()
     return dropped
 
 
-def sweep_cache(catalog: Catalog, cache_dir: Path) -> int:
-    """:func:`drop_unused_commits` in every repo folder of a Hub cache. A source's polls
-    clean up the repos it still lists; a source removed with ``sources remove`` (or by
-    another daemon of the catalog) is never polled again, and its downloads would stay on
-    disk for good. Only a cache that holds this catalog's downloads alone is swept: the
-    first sweep writes the catalog's URL into it (:data:`CACHE_OWNER`), and a daemon of
-    another catalog that shares the cache directory leaves it alone, saying so (it would
-    delete the other catalog's registered downloads). Returns how many commit folders it
-    deleted."""
-    cache_dir = Path(cache_dir).resolve()  # as HubSource names its folders (the locks' keys)
-    if not cache_dir.is_dir():
-        return 0
-    owner = cache_dir / CACHE_OWNER
-    if not owner.is_file():
-        owner.write_text(catalog.safe_url + "\n")
-    if (other := owner.read_text().strip()) != catalog.safe_url:
-        log.warning("not sweeping the Hub cache %s: it holds the downloads of the catalog %s too (give each catalog "
-                    "its own cache_dir)", cache_dir, other)
-        return 0
-    dropped = 0
-    for folder in sorted(cache_dir.iterdir()):
-        if folder.is_dir() and not folder.is_symlink():
-            with _repo_lock(folder):
-                dropped += drop_unused_commits(catalog, folder)
-    return dropped
+def download_folders(session, source_name: str) -> set[Path]:
+    """The cache folders of the repos Hub source ``source_name`` downloaded into (its
+    revisions' files lie in ``<cache>/hub/<repo>/<commit>``): what ``sources remove`` hands
+    to :func:`drop_unused_commits` once the source is gone, as no poll visits them again."""
+    query = (select(AdapterRevision.files_path).join(Adapter).join(Source)
+             .where(Source.name == source_name, Source.kind == SourceKind.hub, AdapterRevision.files_path.is_not(None)))
+    commits = [Path(path) for path in session.scalars(query)]
+    return {commit.parent for commit in commits if _COMMIT_SHA.fullmatch(commit.name)
+            and commit.parent.parent.name == CACHE_FOLDER}  # never a folder the catalog names elsewhere
 
 
 class HubAnswerError(Exception):
