@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -20,6 +21,8 @@ from . import safe_json
 from .errors import CalibrationError, ConfigError, IterisError
 
 CALIBRATION_NAME = "calibration.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 Messages = tuple[tuple[str, str], ...]  # ((role, content), ...)
@@ -244,22 +247,31 @@ def releasing(sources: Mapping[str, CalibrationSource]) -> Iterator[None]:
     """Ask ``sources`` (by name) within the block; on leaving it, however (an error, a cancel),
     call each one's ``release()`` where it has one, so a model a source kept is freed before
     the merge loads its own. A release that raises something other than an IterisError is a
-    CalibrationError naming the source; the others are released all the same."""
-    with ExitStack() as stack:
-        for name, source in sources.items():
-            if hasattr(source, "release"):
-                stack.callback(_release, name, source)
-        yield
-
-
-def _release(name: str, source: CalibrationSource) -> None:
+    CalibrationError naming the source, raised once the others are released; where the block
+    itself failed, it is logged and the block's own error goes on (a cancel stays a cancel)."""
     try:
-        source.release()
-    except IterisError:
+        yield
+    except BaseException:
+        _release_all(sources, quiet=True)
         raise
-    except Exception as exc:
-        raise CalibrationError(name, f"calibration source failed to release what it kept: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+    _release_all(sources, quiet=False)
+
+
+def _release_all(sources: Mapping[str, CalibrationSource], quiet: bool) -> None:
+    failed: IterisError | None = None
+    for name, source in sources.items():
+        if not hasattr(source, "release"):
+            continue
+        try:
+            source.release()
+        except Exception as exc:
+            error = exc if isinstance(exc, IterisError) else CalibrationError(
+                name, f"calibration source failed to release what it kept: {type(exc).__name__}: {exc}")
+            if quiet:
+                log.warning("%s", error)
+            failed = failed or error
+    if failed is not None and not quiet:
+        raise failed
 
 
 def ask(name: str, source: CalibrationSource, adapter, options: CalibrationOptions) -> CalibrationSet | None:

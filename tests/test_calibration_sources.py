@@ -488,6 +488,24 @@ def test_a_release_that_fails_is_named_and_the_other_sources_are_released_all_th
     assert events == ["release"]
 
 
+def test_a_failing_release_does_not_replace_the_blocks_own_error(caplog):
+    """A cancel (or "no calibration data") in the block came out as the release's error: a
+    daemon stopped by systemd recorded a failed run. The block's error goes on; the release's
+    is logged."""
+    from iteris_daemon.calibration import releasing
+    from iteris_daemon.errors import MergeCancelled
+
+    def broken():
+        raise RuntimeError("handle already closed")
+
+    events: list[str] = []
+    with pytest.raises(MergeCancelled, match="^stopped$"):
+        with releasing({"broken": SimpleNamespace(release=broken), "keeping": _Keeping(events)}):
+            raise MergeCancelled("stopped")
+    assert events == ["release"]
+    assert "broken: calibration source failed to release what it kept: RuntimeError: handle already closed" in caplog.text
+
+
 _OTHER_TARGETS = {  # per family: adapters that adapt different layers at different ranks, one saving lm_head
     "llama": ([["q_proj", "lm_head_saved"], ["down_proj", "up_proj"], ["q_proj", "o_proj"]]),
     "t5": ([["q", "lm_head_saved"], ["wo", "k"], ["o", "wi"]]),
