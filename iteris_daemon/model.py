@@ -232,14 +232,15 @@ def _check_initialised(model: nn.Module, initialised: set[str], resized: set[str
     """Judge the weights the checkpoint did not give and the loader initialised at random
     (missing, or of another shape), but for those the adapters' saved modules replace.
     Refused, as a merge on them exits 0 and means nothing: those inside the blocks (the
-    model's module lists), the input embeddings, and ``resized`` ones (an embedding of
-    another vocabulary, drawn afresh because transformers was told to ignore sizes for a
-    classifier's head). Logged: any other (a pooler an MLM checkpoint lacks, which a
-    classifier reads as it was drawn when the adapter was trained)."""
+    model's module lists), the embeddings (token, position, token type: every block reads
+    them), and ``resized`` ones (an embedding of another vocabulary, drawn afresh because
+    transformers was told to ignore sizes for a classifier's head). Logged: any other (a
+    pooler an MLM checkpoint lacks, which a classifier reads as it was drawn when the adapter
+    was trained)."""
     lists = [path for path, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    inputs = {f"{path}.{key}" for path, module in model.named_modules() if module is embeddings
-              for key, _ in module.named_parameters()}
+    tokens = _input_embeddings(model)
+    inputs = {f"{path}.{key}" for path, module in model.named_modules()
+              if module is tokens or isinstance(module, nn.Embedding) for key, _ in module.named_parameters()}
     judged = initialised - set(replaced)
     random = sorted(resized & judged | inputs & judged | {
         key for key in judged if any(key.startswith(f"{path}.") for path in lists)})
@@ -249,6 +250,15 @@ def _check_initialised(model: nn.Module, initialised: set[str], resized: set[str
     if judged:
         log.warning("base model %s: its checkpoint gives no tensor for %s, initialised at random as transformers "
                     "does (what reads it depends on that draw)", name, ", ".join(sorted(judged)))
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's token embeddings; None for a model without (speech models: transformers 5
+    raises for them)."""
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _max_tokens(config, tokenizer) -> int | None:

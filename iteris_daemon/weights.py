@@ -295,7 +295,7 @@ def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ig
             for key in keys:
                 param = expected[key]
                 if key not in stored:
-                    raise BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
+                    raise _not_in(file, key)
                 shape = handle.get_slice(key).get_shape()
                 if shape != list(param.shape):
                     mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
@@ -353,8 +353,9 @@ def check_files(cls, name_or_path: str, config, dtype: torch.dtype, trust_remote
 def _check_kinds(files: dict[str, Path], recipes: dict[str, _Recipe], meta: dict[str, torch.Tensor]) -> None:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint stores a
     tensor in another kind of dtype than the parameter it builds (integers or booleans for a
-    floating-point weight, a float for an integer buffer). ``from_pretrained`` casts it: a
-    mask or packed integers were read as weights, and the merge exited 0 meaning nothing."""
+    floating-point weight, a float for an integer buffer), or lacks one its index names.
+    ``from_pretrained`` casts the one and initialises the other at random: a mask or packed
+    integers were read as weights, and the merge exited 0 meaning nothing."""
     from safetensors import safe_open
 
     by_file: dict[Path, dict[str, torch.Tensor]] = {}
@@ -365,10 +366,16 @@ def _check_kinds(files: dict[str, Path], recipes: dict[str, _Recipe], meta: dict
         with safe_open(file, framework="pt") as handle:  # readable: _stored opened it
             stored = set(handle.keys())
             for key, param in params.items():
-                dtype = handle.get_slice(key).get_dtype() if key in stored else None  # absent: see _check_headers
-                if dtype is not None and _floating(dtype) != param.is_floating_point():
+                if key not in stored:  # before a whole load, which would initialise it at random
+                    raise _not_in(file, key)
+                dtype = handle.get_slice(key).get_dtype()
+                if _floating(dtype) != param.is_floating_point():
                     raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
                                          f"the model has a {param.dtype} parameter")
+
+
+def _not_in(file: Path, key: str) -> BaseModelError:
+    return BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
 
 
 def _stored(file: Path) -> list[str]:

@@ -365,6 +365,26 @@ def test_a_broken_checkpoint_is_refused_before_streaming(tiny, tmp_path, case, f
             BaseModel(str(folder), [], offload="none")
 
 
+@pytest.mark.parametrize("offload", ["disk", "none"])
+def test_a_tensor_outside_the_blocks_that_its_shard_lacks_is_refused_whatever_the_placement(tiny, tmp_path, offload):
+    """The final norm named by the index but not in its shard: streaming refused it in one
+    line, the whole load initialised it and merged (exit 0, a warning): placements must take
+    or refuse the same checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from iteris_daemon.errors import BaseModelError
+
+    base_dir, _ = tiny["llama"]
+    files = _sharded(load_file(base_dir / "model.safetensors"))
+    folder = _copy_checkpoint(base_dir, tmp_path / "broken", files)
+    save_file({k: v for k, v in files["outside.safetensors"].items() if k != "model.norm.weight"},
+              folder / "outside.safetensors")
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(folder), [], offload=offload)
+    assert str(refused.value) == (f"base model checkpoint file {folder / 'outside.safetensors'} has no tensor "
+                                  "model.norm.weight (its index names it)")
+
+
 def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tiny, tmp_path):
     """With both model.safetensors and an index (and its shards), transformers reads the
     single file; streamed blocks were read through the index (found in QA)."""

@@ -294,6 +294,29 @@ def test_a_missing_tensor_outside_the_blocks_is_refused_or_named(tmp_path, offlo
 
 
 @pytest.mark.parametrize("offload", ["disk", "none"])
+def test_missing_position_embeddings_are_refused(tmp_path, offload):
+    """Every embedding feeds every block: GPT-2 without ``wpe.weight`` merged, exit 0, under
+    a warning only."""
+    base_dir = build_tiny_model("gpt2", tmp_path / "base", "CAUSAL_LM")
+    _rewrite(base_dir, lambda tensors: {k: v for k, v in tensors.items() if not k.endswith("wpe.weight")})
+    with pytest.raises(BaseModelError, match=r"gives no usable tensor for wpe\.weight "):
+        BaseModel(str(base_dir), [], offload=offload)
+
+
+def test_a_model_without_token_embeddings_is_judged_without_a_traceback(tmp_path):
+    """A speech model's ``get_input_embeddings`` raises NotImplementedError in transformers 5:
+    the whole load's check ended in that traceback instead of the one-line refusal of a model
+    that does not read text."""
+    folder = tmp_path / "w2v"
+    config = tf.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                               num_conv_pos_embedding_groups=2)
+    tf.Wav2Vec2Model(config).save_pretrained(folder)
+    model = BaseModel(str(folder), [], offload="none")  # loads; merges refuse it for its input, see test_more_families
+    assert model.initialised == set()
+
+
+@pytest.mark.parametrize("offload", ["disk", "none"])
 @pytest.mark.parametrize("kind", [torch.int64, torch.bool], ids=["int64", "bool"])
 @pytest.mark.parametrize("key", ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"])
 def test_an_integer_tensor_for_a_float_weight_is_refused_whatever_the_placement(tmp_path, offload, kind, key):
