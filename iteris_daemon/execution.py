@@ -276,7 +276,7 @@ class BlockExecutor:
             raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.{missing}")
         if early:
             what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
-            raise UnsupportedForBlocks(f"{what} {early[0]} runs before the first block")
+            raise UnsupportedForBlocks(f"{what} {early[0]} runs before {stack.path}'s last block")
         hidden = calls[0].arguments[hidden_name]
         changed = next((b for b in range(1, len(blocks)) if calls[b].arguments[hidden_name] is not hidden), None)
         if changed is not None:  # it took a tensor stand-in's output apart (a pair unpacked), or changed it

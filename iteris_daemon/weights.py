@@ -20,13 +20,16 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from . import malloc
 from .errors import BaseModelError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +330,8 @@ def _files(folder: Path) -> tuple[Path, dict[str, Path]] | None:
     return index, files
 
 
-def check_files(cls, name_or_path: str, config, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
+def check_files(cls: type[nn.Module], name_or_path: str, config: PretrainedConfig, dtype: torch.dtype,
+                trust_remote_code: bool = False) -> None:
     """Before a whole load (``from_pretrained``), the checks a streamed load makes of the
     checkpoint's files, so that every placement takes or refuses the same checkpoint: a
     malformed index or an unreadable shard (transformers: a KeyError, TypeError or
@@ -481,7 +485,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     return model, Streamed(checkpoint, device, dtype)
 
 
-def _quantized(config) -> bool:
+def _quantized(config: PretrainedConfig) -> bool:
     """Whether the config names a quantizer (its scales and packed weights are transformers'
     to read; it reads the config so, and refuses an empty one)."""
     return (getattr(config, "quantization_config", None) or getattr(
