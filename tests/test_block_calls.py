@@ -47,7 +47,7 @@ class LoopLayer(nn.Module):
         own = torch.sigmoid(self.q_proj(hidden_states))
         gate = own if gate is None else own * gate  # as an indexer's top-k handed from layer to layer
         out = hidden_states + self.down_proj(gate * hidden_states)
-        return (out, gate, own)[:self.outputs] if self.outputs else out
+        return (out, gate, own, own)[:self.outputs] if self.outputs else out
 
 
 class LoopModel(tf.PreTrainedModel):
@@ -69,8 +69,10 @@ class LoopModel(tf.PreTrainedModel):
                 hidden = out[0]
             elif self.config.outputs == 2:  # DeBERTa
                 hidden, handed = out
-            else:  # T5
+            elif self.config.outputs == 3:  # T5
                 hidden, handed, _ = out
+            else:  # four: hidden states, attention weights, cache, router logits
+                hidden, handed, _, _ = out
             gate = handed if self.config.hand_on else None
         return BaseModelOutput(last_hidden_state=hidden)
 
@@ -157,10 +159,10 @@ def test_a_loop_handing_a_blocks_other_output_on_runs_whole(tmp_path, caplog):
     assert "hands output 1 of layers.0 on to layers.1 (gate)" in caplog.text
 
 
-@pytest.mark.parametrize("outputs", [0, 1, 2, 3])
+@pytest.mark.parametrize("outputs", [0, 1, 2, 3, 4])
 def test_blocks_whose_loop_takes_their_output_apart_stream(tmp_path, outputs):
     """A stand-in returns as many outputs as the model's loop takes apart (Bloom's indexes [0],
-    DeBERTa's unpacks two, T5's three), also where the hidden states alone would unpack
+    DeBERTa's unpacks two, T5's three, four), also where the hidden states alone would unpack
     without an error: batches as long as the loop unpacks."""
     base, adapters, data = _base(tmp_path, LoopConfig(outputs=outputs), ["q_proj", "down_proj"])
     _assert_merges_as_whole(base, adapters, data, "blocks", batch_size=max(outputs, 2))
