@@ -103,10 +103,11 @@ def _check_token_rows(path: str, x: torch.Tensor, mask: torch.Tensor | None) -> 
         return
     tokens = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:2])
     if tokens not in (mask.numel(), mask.shape[0]) and not (x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)):
+        sees = ("only some tokens (a mixture-of-experts expert?)" if tokens < mask.numel() else
+                "more rows than the batch has tokens (padded to an attention window, or another sequence's tokens)")
         raise MergeError(f"{path} read {tokens} rows from a batch of {mask.shape[0]} sequences of {mask.shape[1]} "
-                         "tokens: it sees only some tokens (a mixture-of-experts expert?), so no token's features "
-                         "pair up across models; merge it with a data-free strategy (task_arithmetic, ties, ...) "
-                         "and --no-eval")
+                         f"tokens: it sees {sees}, so no token's features pair up across models; merge it with a "
+                         "data-free strategy (task_arithmetic, ties, ...) and --no-eval")
 
 
 class UnitPass:

@@ -9,6 +9,9 @@ architecture, and this module is the only place that knows them:
 - which outputs of a block feed the next block's arguments. Most blocks take only the
   hidden states from their predecessor; T5's first block computes the relative position
   bias that the later blocks of its stack reuse (``CARRIED_OUTPUTS``);
+- whether the forward pass leaves the blocks' weights as loaded: RWKV's first pass in eval
+  mode divides them in place every ``rescale_every`` blocks, which blocks brought in one at
+  a time would miss;
 - whether the forward pass calls each block of a stack exactly once. ALBERT calls one
   shared block at every depth, and a config may run fewer layers than the stack holds;
   a stack whose length is not the depth its config declares, or that holds one module
@@ -34,6 +37,7 @@ except ImportError:  # pragma: no cover - very old transformers
 CARRIED_OUTPUTS: dict[str, dict[int, str]] = {
     "t5": {1: "position_bias", 2: "encoder_decoder_position_bias"},
     "mt5": {1: "position_bias", 2: "encoder_decoder_position_bias"},
+    "longt5": {1: "position_bias", 3: "encoder_decoder_position_bias"},
 }
 
 
@@ -119,6 +123,8 @@ def block_plan(model: nn.Module, modules_to_save: Iterable[str] = ()) -> BlockPl
         return BlockPlan(reason=f"several block stacks ({', '.join(p for p, _ in candidates)})")
     else:
         ordered = candidates
+    if getattr(config, "rescale_every", 0):  # RWKV
+        return BlockPlan(reason="its forward pass rescales its blocks' weights in place (rescale_every)")
     for key in modules_to_save:
         if any(key.startswith(f"{p}.") for p, _ in ordered):
             return BlockPlan(reason=f"modules_to_save {key} lies inside a block")

@@ -607,3 +607,19 @@ def test_lora_on_routed_experts_is_refused_naming_the_layer(tmp_path, capsys):
         _assert_refused(code, message, tmp_path / strategy, ".mlp.experts.expert_", " rows from a batch of ",
                         "it sees only some tokens (a mixture-of-experts expert?)")
     assert cli_merge(base, adapters, tmp_path / "data-free", "--strategy", "task_arithmetic", "--no-eval") == 0
+
+
+def test_a_layer_reading_more_rows_than_the_batch_has_tokens_is_said_so():
+    """LED, Longformer, PEGASUS-X pad to their attention window (FSMT's cross-attention reads the
+    encoder's tokens): their refusal said the layer "sees only some tokens (a mixture-of-experts
+    expert?)" where it reads more rows than the batch has tokens."""
+    from iteris_daemon.alignment import _check_token_rows
+    from iteris_daemon.errors import MergeError
+
+    mask = torch.ones(2, 6)
+    with pytest.raises(MergeError, match=r"read 32 rows from a batch of 2 sequences of 6 tokens: it sees more rows "
+                                         r"than the batch has tokens \(padded to an attention window"):
+        _check_token_rows("layers.0.q", torch.zeros(2, 16, 4), mask)
+    with pytest.raises(MergeError, match="it sees only some tokens"):
+        _check_token_rows("layers.0.expert", torch.zeros(5, 4), mask)
+    _check_token_rows("layers.0.q", torch.zeros(2, 6, 4), mask)  # every token: no error

@@ -145,6 +145,9 @@ CASES = {
     # forward reads the encoder output handed to it as a BaseModelOutput, not a tuple
     "t5gemma": (lambda: tf.T5GemmaConfig(encoder=T5GEMMA_STACK, decoder=T5GEMMA_STACK, decoder_start_token_id=0,
                                          **TOKENS), "SEQ_2_SEQ_LM", ["q_proj", "v_proj", "down_proj"], "blocks"),
+    # local attention in the encoder; the blocks hand their position biases on (CARRIED_OUTPUTS)
+    "longt5": (lambda: tf.LongT5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, local_radius=4,
+                                       decoder_start_token_id=0, **TOKENS), "SEQ_2_SEQ_LM", ["q", "v", "wo"], "blocks"),
     # a state-space model: no attention at all
     "mamba": (lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=30522,
                                      pad_token_id=0), "CAUSAL_LM", ["in_proj", "x_proj"], "blocks"),
@@ -152,7 +155,8 @@ CASES = {
 # where a block's inputs go beyond the hidden states (position biases, windows, norms):
 # running block by block must give the whole model's merge
 BLOCKS_EQUAL_WHOLE = ["bloom", "cohere", "cohere2", "deberta_v2", "falcon", "gemma2", "gemma3", "gpt_oss", "granitemoe",
-                      "mamba", "mistral", "modernbert", "mpt", "qwen2_moe", "qwen2_swa", "qwen3_moe", "roberta", "t5gemma"]
+                      "longt5", "mamba", "mistral", "modernbert", "mpt", "qwen2_moe", "qwen2_swa", "qwen3_moe", "roberta",
+                      "t5gemma"]
 
 
 def _base_and_adapters(family: str, tmp_path):
@@ -393,14 +397,20 @@ WHOLE_WITH_REASON = {  # mixed attention types, and what keeps their blocks from
                                            hidden_size_per_layer_input=0, num_kv_shared_layers=2,
                                            layer_types=["sliding_attention", "full_attention"] * 2, **TOKENS),
                ["q_proj", "k_proj", "v_proj"], "share state through (shared_kv_states"),
+    # its first pass in eval mode divides the blocks' weights in place (every rescale_every blocks)
+    "rwkv": (lambda: tf.RwkvConfig(hidden_size=32, num_hidden_layers=4, rescale_every=2, attention_hidden_size=32,
+                                   intermediate_size=64, context_length=128, **TOKENS),
+             ["key", "value", "receptance"], "rescales its blocks' weights in place (rescale_every)"),
 }
 
 
 @pytest.mark.parametrize("family", sorted(WHOLE_WITH_REASON))
 def test_blocks_a_stand_in_cannot_capture_run_whole_model_passes(family, tmp_path, caplog):
     """Gemma-4 with shared key/values merged silently wrong (every stream of a batch wrote into
-    and read one captured dict: fidelity gaps 0.637 against 0.614). It now runs whole-model
-    passes, saying why, and merges as ``blockwise=false`` does. (Bamba, refused here once as
+    and read one captured dict: fidelity gaps 0.637 against 0.614), and so did RWKV with
+    rescaled layers (0.69 relative: the capture's pass marked the empty blocks rescaled, and
+    the weights loaded after were not). They now run whole-model passes, saying why, and
+    merge as ``blockwise=false`` does. (Bamba, refused here once as
     its loop unpacks a pair from each stand-in, streams: tests/test_block_calls.py.)"""
     import logging
 
