@@ -222,7 +222,10 @@ class CalibrationSource(Protocol):
     name: ClassVar[str]
 
     def load(self, adapter: Any, options: CalibrationOptions) -> CalibrationSet | None:
-        """Inputs for ``adapter`` (a :class:`~iteris_daemon.lora.LoraAdapter`), or None to pass.
+        """Inputs for ``adapter``, or None to pass. ``adapter`` is a
+        :class:`~iteris_daemon.lora.LoraAdapter` under ``merge`` and ``compare``, a
+        :class:`~iteris_daemon.validation.AdapterLayout` (shapes, no tensors) in the daemon:
+        both have ``name``, ``path``, ``config``, ``base_model`` and ``task_type``.
 
         Raise :class:`~iteris_daemon.errors.CalibrationError` when data exists but is
         malformed: silently passing would merge on the wrong data.

@@ -363,7 +363,7 @@ class BaseModel:
         from .architecture import block_plan
         from .weights import Offloaded, Resident, WeightsUnavailable, check_files, load_streamed
 
-        if offload in ("auto", "disk") and not kwargs.get("trust_remote_code"):
+        if offload in ("auto", "disk"):
             def stacks(model):
                 plan = block_plan(model, self.head_keys)
                 if not plan.supported:
@@ -372,6 +372,8 @@ class BaseModel:
                 return self._stack_paths
 
             try:
+                if kwargs.get("trust_remote_code"):  # what its code builds and reads is its own business
+                    raise WeightsUnavailable("its own code builds it (trust_remote_code)")
                 model, placement = load_streamed(cls, self.name_or_path, config, self.dtype, self.device, stacks,
                                                  ignore_mismatched="num_labels" in kwargs, replaced=self.head_keys)
                 self.initialised = set(placement.checkpoint.initialised)

@@ -330,3 +330,13 @@ def test_an_integer_tensor_for_a_float_weight_is_refused_whatever_the_placement(
     stored = {torch.int64: "I64", torch.bool: "BOOL"}[kind]
     assert str(refused.value) == (f"base model checkpoint file {base_dir / 'model.safetensors'}: tensor {key} is "
                                   f"{stored} where the model has a torch.float32 parameter")
+
+
+def test_remote_code_loads_whole_and_an_explicit_disk_says_so(tmp_path, caplog):
+    """With trust_remote_code the model was loaded whole, even under an explicit ``--offload
+    disk``, without a word: a 70B merge expected to stream took the whole model in memory."""
+    base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.model"):
+        assert BaseModel(str(base_dir), [], offload="disk", trust_remote_code=True).placement.name == "resident"
+    record = next(r for r in caplog.records if "cannot stream its blocks" in r.getMessage())
+    assert record.levelno == logging.WARNING and "its own code builds it (trust_remote_code)" in record.getMessage()
