@@ -124,7 +124,7 @@ class Checkpoint:
         found = _files(folder)
         if found is None:
             raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
-        self.names_from, self.files = found
+        self.names_from, self.files = found.names_from, found.files
         meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
         with _transformers_internals():
             self.recipes = _recipes(model, meta, self.files)
@@ -148,10 +148,10 @@ class Checkpoint:
                 expected.update(self._expected(first, meta))
         resizable = {self.recipes[name].sources[0][1]: name for name in replaced
                      if ignore_mismatched and name in self.recipes and self.recipes[name].converter is None}
-        for key in _check_headers(self.files, expected, ignore_mismatched, resizable):
+        for key in _check_shapes(found, expected, ignore_mismatched, resizable):
             self.stored.remove(resizable[key])
             self.initialised.append(resizable[key])
-        _check_kinds(self.files, self.recipes, meta)
+        _check_kinds(found, self.recipes, meta)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -278,56 +278,73 @@ def _spelled_as(name: str, key: str, model: nn.Module) -> str:
     return prefix + name if key.startswith(prefix) else name[len(prefix):]
 
 
-def _check_headers(files: dict[str, Path], expected: dict[str, torch.Tensor], ignore_mismatched: bool,
-                   resizable: Iterable[str] = ()) -> set[str]:
+def _check_shapes(found: _Found, expected: dict[str, torch.Tensor], ignore_mismatched: bool,
+                  resizable: Iterable[str] = ()) -> set[str]:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint cannot
     give what a parameter needs (``expected``: checkpoint key -> a tensor of the shape it
     must have): its file lacks the tensor, or holds it in another shape (its kind of dtype:
     :func:`_check_kinds`). A shape that differs where transformers is told to ignore sizes
     is returned for the ``resizable`` keys (a head the adapters replace, given only then:
     initialised instead), else left to transformers: the model loads whole."""
-    from safetensors import safe_open
-
     resized: set[str] = set()
-    by_file: dict[Path, list[str]] = {}
-    for key in expected:
-        by_file.setdefault(files[key], []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as handle:  # readable: _stored opened it
-            stored = set(handle.keys())
-            for key in keys:
-                param = expected[key]
-                if key not in stored:
-                    raise _not_in(file, key)
-                shape = handle.get_slice(key).get_shape()
-                if shape != list(param.shape):
-                    mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
-                    if key in resizable:
-                        resized.add(key)
-                    elif ignore_mismatched:
-                        raise WeightsUnavailable(mismatch)
-                    else:
-                        raise BaseModelError(f"base model checkpoint file {file}: {mismatch}")
+    for key, param in expected.items():
+        shape = found.header(key).shape
+        if shape != list(param.shape):
+            mismatch = f"tensor {key} has shape {shape} where the model's config gives {list(param.shape)}"
+            if key in resizable:
+                resized.add(key)
+            elif ignore_mismatched:
+                raise WeightsUnavailable(mismatch)
+            else:
+                raise BaseModelError(f"base model checkpoint file {found.files[key]}: {mismatch}")
     return resized
 
 
-def _files(folder: Path) -> tuple[Path, dict[str, Path]] | None:
-    """The file that names the tensors of the safetensors checkpoint in ``folder``
-    (``model.safetensors`` or its index) and the file each tensor is read from, as
-    transformers reads them; None where there is none. A broken index or shard is one line
-    naming it (see :func:`_weight_map`, :func:`_stored`)."""
+@dataclass(frozen=True)
+class _Header:
+    """A tensor as its safetensors file's header describes it (``dtype``: ``F32``, ``I64`` ...)."""
+
+    dtype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A safetensors checkpoint as transformers reads it: ``names_from``, the file that names
+    its tensors (``model.safetensors`` or its index); ``files``, the file each tensor is read
+    from; ``headers``, each file's tensors, read once for every check."""
+
+    names_from: Path
+    files: dict[str, Path]
+    headers: dict[Path, dict[str, _Header]]
+
+    def header(self, key: str) -> _Header:
+        """Tensor ``key``'s header; an error naming the shard where the index names one the shard
+        lacks (``from_pretrained`` would initialise it at random)."""
+        file = self.files[key]
+        if key not in self.headers[file]:
+            raise _not_in(file, key)
+        return self.headers[file][key]
+
+
+def _files(folder: Path) -> _Found | None:
+    """The safetensors checkpoint in ``folder``, as transformers reads it; None where there is
+    none. A broken index or shard is one line naming it (see :func:`_weight_map`,
+    :func:`_headers`)."""
     index = folder / "model.safetensors.index.json"
     # transformers reads model.safetensors where both it and an index are present, and
     # every tensor of the shards an index names (one its weight_map leaves out too)
     if (folder / "model.safetensors").is_file():
         whole = folder / "model.safetensors"
-        return whole, dict.fromkeys(_stored(whole), whole)
+        headers = {whole: _headers(whole)}
+        return _Found(whole, dict.fromkeys(headers[whole], whole), headers)
     if not index.is_file():
         return None
     weight_map = {key: folder / name for key, name in _weight_map(index).items()}
-    files = {key: shard for shard in sorted(set(weight_map.values())) for key in _stored(shard)}
-    files.update(weight_map)  # a tensor missing from the shard its index names is refused by _check_headers
-    return index, files
+    headers = {shard: _headers(shard) for shard in sorted(set(weight_map.values()))}
+    files = {key: shard for shard, held in headers.items() for key in held}
+    files.update(weight_map)  # a tensor missing from the shard its index names is refused by _Found.header
+    return _Found(index, files, headers)
 
 
 def check_files(cls: type[nn.Module], name_or_path: str, config: PretrainedConfig, dtype: torch.dtype,
@@ -348,50 +365,42 @@ def check_files(cls: type[nn.Module], name_or_path: str, config: PretrainedConfi
     meta = model.state_dict()
     try:
         with _transformers_internals():
-            recipes = _recipes(model, meta, found[1])
+            recipes = _recipes(model, meta, found.files)
     except WeightsUnavailable:
         return
-    _check_kinds(found[1], recipes, meta)
+    _check_kinds(found, recipes, meta)
 
 
-def _check_kinds(files: dict[str, Path], recipes: dict[str, _Recipe], meta: dict[str, torch.Tensor]) -> None:
+def _check_kinds(found: _Found, recipes: dict[str, _Recipe], meta: dict[str, torch.Tensor]) -> None:
     """Raise :class:`BaseModelError` naming the file and tensor where the checkpoint stores a
     tensor in another kind of dtype than the parameter it builds (integers or booleans for a
     floating-point weight, a float for an integer buffer), or lacks one its index names.
     ``from_pretrained`` casts the one and initialises the other at random: a mask or packed
     integers were read as weights, and the merge exited 0 meaning nothing."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, dict[str, torch.Tensor]] = {}
     for first, recipe in recipes.items():
+        param = meta[first]
         for _pattern, key in recipe.sources:
-            by_file.setdefault(files[key], {})[key] = meta[first]
-    for file, params in by_file.items():
-        with safe_open(file, framework="pt") as handle:  # readable: _stored opened it
-            stored = set(handle.keys())
-            for key, param in params.items():
-                if key not in stored:  # before a whole load, which would initialise it at random
-                    raise _not_in(file, key)
-                dtype = handle.get_slice(key).get_dtype()
-                if _floating(dtype) != param.is_floating_point():
-                    raise BaseModelError(f"base model checkpoint file {file}: tensor {key} is {dtype} where "
-                                         f"the model has a {param.dtype} parameter")
+            dtype = found.header(key).dtype  # a tensor the index names and its shard lacks: refused here
+            if _floating(dtype) != param.is_floating_point():
+                raise BaseModelError(f"base model checkpoint file {found.files[key]}: tensor {key} is {dtype} "
+                                     f"where the model has a {param.dtype} parameter")
 
 
 def _not_in(file: Path, key: str) -> BaseModelError:
     return BaseModelError(f"base model checkpoint file {file} has no tensor {key} (its index names it)")
 
 
-def _stored(file: Path) -> list[str]:
-    """The names of the tensors safetensors ``file`` holds; one line naming it where it is
-    missing or cannot be read (a truncated copy was a SafetensorError traceback)."""
+def _headers(file: Path) -> dict[str, _Header]:
+    """The tensors safetensors ``file`` holds; one line naming it where it is missing or
+    cannot be read (a truncated copy was a SafetensorError traceback)."""
     from safetensors import SafetensorError, safe_open
 
     if not file.is_file():
         raise BaseModelError(f"base model checkpoint file {file} is missing (its index names it)")
     try:
         with safe_open(file, framework="pt") as handle:
-            return list(handle.keys())
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            return {key: _Header(piece.get_dtype(), piece.get_shape()) for key, piece in slices.items()}
     except SafetensorError as exc:
         raise BaseModelError(f"base model checkpoint file {file} cannot be read: {exc}".splitlines()[0]) from None
 
@@ -444,7 +453,7 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
 
     ``block_paths(model)`` names the block stacks; parameters under them stay on the
     meta device until :class:`Streamed` loads them block by block. ``ignore_mismatched``:
-    what ``from_pretrained`` is told (see :func:`_check_headers`); ``replaced``: the
+    what ``from_pretrained`` is told (see :func:`_check_shapes`); ``replaced``: the
     parameters the adapters' saved modules replace (see :class:`Checkpoint`; those in the
     blocks are not: a block weight the checkpoint cannot give never streams).
     """
