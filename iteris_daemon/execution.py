@@ -201,16 +201,19 @@ class BlockExecutor:
         if s > 0:  # a decoder: skip the encoder, its output is streamed
             dummy = torch.zeros_like(context.start(0))
             extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=dummy)
-        failures: list[str] = []
+        reasons: list[str] = []
         known = self._lengths.get(s)
         for length in sorted(_OUTPUT_LENGTHS, key=lambda n: n != known):  # the length found for an earlier batch first
-            calls = self._record(context.batch, extra, s, stack, hidden_name, length, failures)
-            if calls is not None:
-                self._lengths[s] = length
-                break
+            recorded = self._record(context.batch, extra, s, stack, hidden_name, length)
+            if isinstance(recorded, str):
+                reasons.append(recorded)
+                continue
+            calls = recorded
+            self._lengths[s] = length
+            break
         else:  # no stand-in's output gets the model's loop to the last block with the hidden states handed on
             raise UnsupportedForBlocks(f"its forward pass cannot run past stand-ins for {stack.path}'s blocks "
-                                       f"({failures[0]})")
+                                       f"({reasons[0]})")
         for b, call in enumerate(calls):
             for name, value in _passed(call):
                 handed = next((o for o in _contents(value) if isinstance(o, _Output)), None)
@@ -229,11 +232,11 @@ class BlockExecutor:
                 raise UnsupportedForBlocks(f"cannot tell which argument of {stack.path}.0 takes the encoder output")
 
     def _record(self, batch: dict[str, torch.Tensor], extra: dict[str, Any], s: int, stack: Stack, hidden_name: str,
-                length: int, failures: list[str]) -> list[inspect.BoundArguments] | None:
+                length: int) -> list[inspect.BoundArguments] | str:
         """Every block's call, from one forward pass with each block standing in: it returns its
         hidden states, alone (``length`` 0) or first of ``length`` outputs, the others
-        :class:`_Output` placeholders. None (the reason added to ``failures``) where the model's
-        loop does not hand each stand-in's hidden states on to the next block as they are."""
+        :class:`_Output` placeholders. The reason, where the model's loop does not hand each
+        stand-in's hidden states on to the next block as they are."""
         signature = self._signatures[s]
         blocks = list(stack.blocks)
         calls: dict[int, inspect.BoundArguments] = {}
@@ -269,8 +272,7 @@ class BlockExecutor:
                     raise UnsupportedForBlocks(f"{stack.path}.{b} is handed a {type(value).__name__} its blocks may "
                                                f"share state through ({name}, as Gemma-4's shared key/values)")
         if failure is not None:
-            failures.append(failure)
-            return None
+            return failure
         missing = next((b for b in range(len(blocks)) if b not in calls), None)
         if missing is not None:
             raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.{missing}")
@@ -280,8 +282,7 @@ class BlockExecutor:
         hidden = calls[0].arguments[hidden_name]
         changed = next((b for b in range(1, len(blocks)) if calls[b].arguments[hidden_name] is not hidden), None)
         if changed is not None:  # it took a tensor stand-in's output apart (a pair unpacked), or changed it
-            failures.append(f"{stack.path}.{changed} is not handed {stack.path}.{changed - 1}'s hidden states")
-            return None
+            return f"{stack.path}.{changed} is not handed {stack.path}.{changed - 1}'s hidden states"
         return [calls[b] for b in range(len(blocks))]
 
     # -------------------------------------------------------------- weights
