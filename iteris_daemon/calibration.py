@@ -9,11 +9,11 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,6 +23,7 @@ from .errors import CalibrationError, ConfigError, IterisError
 CALIBRATION_NAME = "calibration.jsonl"
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 Messages = tuple[tuple[str, str], ...]  # ((role, content), ...)
@@ -266,10 +267,8 @@ def _release_all(sources: Mapping[str, CalibrationSource], quiet: bool) -> None:
         if not hasattr(source, "release"):
             continue
         try:
-            source.release()
-        except Exception as exc:
-            error = exc if isinstance(exc, IterisError) else CalibrationError(
-                name, f"calibration source failed to release what it kept: {type(exc).__name__}: {exc}")
+            _from_plugin(name, "to release what it kept", source.release)
+        except IterisError as error:
             if quiet:
                 log.warning("%s", error)
             failed = failed or error
@@ -281,13 +280,19 @@ def ask(name: str, source: CalibrationSource, adapter, options: CalibrationOptio
     """Source ``name``'s answer for ``adapter``, :func:`checked`. Whatever it raises that is
     not an IterisError (a plugin's store unreachable, say) is a CalibrationError naming it,
     as everywhere a source is asked (``merge``, the daemon, a calibration worker)."""
+    return checked(name, adapter.name, _from_plugin(name, f"on adapter {adapter.name}",
+                                                    lambda: source.load(adapter, options)))
+
+
+def _from_plugin(name: str, failed: str, call: Callable[[], T]) -> T:
+    """``call()``'s result; what it raises that is not an IterisError (a plugin's failure) is
+    one line naming source ``name`` and what ``failed``; -v shows the traceback."""
     try:
-        return checked(name, adapter.name, source.load(adapter, options))
+        return call()
     except IterisError:
         raise
-    except Exception as exc:  # a plugin's failure: one line naming it; -v shows the traceback
-        raise CalibrationError(name, f"calibration source failed on adapter {adapter.name}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise CalibrationError(name, f"calibration source failed {failed}: {type(exc).__name__}: {exc}") from exc
 
 
 def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
