@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - very old transformers
     Cache = ()  # type: ignore[assignment,misc]
 
 from .architecture import BlockPlan, Stack, block_plan, unit_of
-from .model import BaseModel
+from .model import BaseModel, embeddings
 
 log = logging.getLogger(__name__)
 
@@ -236,23 +236,39 @@ class BlockExecutor:
         """Every block's call, from one forward pass with each block standing in: it returns its
         hidden states, alone (``length`` 0) or first of ``length`` outputs, the others
         :class:`_Output` placeholders. The reason, where the model's loop does not hand each
-        stand-in's hidden states on to the next block as they are."""
+        stand-in's hidden states on to the next block as they are.
+
+        The pass goes on past the last block, to the output embeddings or another stack's
+        blocks, so that a loop calling a block again (a recurrent-depth model's loops) is
+        seen: streamed, each block is computed once per pass."""
         signature = self._signatures[s]
         blocks = list(stack.blocks)
         calls: dict[int, inspect.BoundArguments] = {}
+        again: list[int] = []
+        early: list[str] = []
+        seen_before_last: list[str] = []  # the modules in ``early`` that ran before the last block
 
         def stand_in(b: int):
             def forward(*args, **kwargs):
+                if b in calls:
+                    again.append(b)
+                    raise _StopForward
                 calls[b] = signature.bind(*args, **kwargs)
                 if b == len(blocks) - 1:
-                    raise _StopForward
+                    seen_before_last.extend(early)
                 hidden = calls[b].arguments[hidden_name]  # the real output is the streams' to compute
                 return (hidden, *(_Output(b, i) for i in range(1, length))) if length else hidden
             return forward
 
-        early: list[str] = []
+        def stop_past_the_last_block(*_args) -> None:
+            if len(blocks) - 1 in calls:
+                raise _StopForward
+
         modules = dict(self.model.named_modules())
         hooks = [modules[p].register_forward_hook(lambda *_a, p=p: early.append(p)) for p in self._outside]
+        ends = [block for other in self.plan.stacks if other is not stack for block in other.blocks]
+        ends.append(embeddings(self.model, "output"))  # its logits: the pass's largest tensor, not needed
+        hooks += [end.register_forward_pre_hook(stop_past_the_last_block) for end in ends if end is not None]
         failure = None
         try:
             with _standing_in(blocks, [stand_in(b) for b in range(len(blocks))]), torch.no_grad():
@@ -260,10 +276,14 @@ class BlockExecutor:
         except _StopForward:
             pass
         except Exception as exc:  # it wants other outputs of a stand-in (a tensor cannot be unpacked into three)
-            failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if len(blocks) - 1 not in calls:  # past the last block, what fails is the stand-ins' outputs' business
+                failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
         finally:
             for hook in hooks:
                 hook.remove()
+        if again:
+            raise UnsupportedForBlocks(f"its forward pass calls {stack.path}.{again[0]} more than once")
+        early = seen_before_last if len(blocks) - 1 in calls else early
         for b, call in sorted(calls.items()):  # what the model hands its blocks, whatever the stand-ins return
             for name, value in _passed(call):
                 if isinstance(value, Cache):  # replaying the call would grow it: whole-model passes start afresh

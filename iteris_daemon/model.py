@@ -238,7 +238,7 @@ def _check_initialised(model: nn.Module, initialised: set[str], resized: set[str
     pooler an MLM checkpoint lacks, which a classifier reads as it was drawn when the adapter
     was trained)."""
     lists = [path for path, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    tokens = _input_embeddings(model)
+    tokens = embeddings(model, "input")
     inputs = {f"{path}.{key}" for path, module in model.named_modules()
               if module is tokens or isinstance(module, nn.Embedding) for key, _ in module.named_parameters()}
     judged = initialised - set(replaced)
@@ -252,11 +252,11 @@ def _check_initialised(model: nn.Module, initialised: set[str], resized: set[str
                     "does (what reads it depends on that draw)", name, ", ".join(sorted(judged)))
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The model's token embeddings; None for a model without (speech models: transformers 5
-    raises for them)."""
+def embeddings(model: nn.Module, side: str) -> nn.Module | None:
+    """The model's ``input`` (token) or ``output`` embeddings (its LM head); None for a model
+    without (speech models: transformers 5 raises for them)."""
     try:
-        return model.get_input_embeddings()
+        return getattr(model, f"get_{side}_embeddings")()
     except (AttributeError, NotImplementedError):
         return None
 

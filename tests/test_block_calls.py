@@ -26,13 +26,15 @@ TOKENS = dict(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=1
 
 class LoopConfig(tf.PretrainedConfig):
     """``outputs``: how many outputs a layer returns (0: its hidden states alone), the loop
-    taking them apart as models do; ``hand_on``: each layer reads the gate the one before returns."""
+    taking them apart as models do; ``hand_on``: each layer reads the gate the one before returns;
+    ``loops``: how many times the loop runs the layers (a recurrent-depth model's)."""
 
     model_type = "iteris_test_loop"
 
     def __init__(self, hidden_size: int = 32, num_hidden_layers: int = 3, outputs: int = 0, hand_on: bool = False,
-                 **kwargs):
+                 loops: int = 1, **kwargs):
         self.hidden_size, self.num_hidden_layers, self.outputs, self.hand_on = hidden_size, num_hidden_layers, outputs, hand_on
+        self.loops = loops
         super().__init__(**{**TOKENS, **kwargs})
 
 
@@ -61,7 +63,7 @@ class LoopModel(tf.PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> BaseModelOutput:
         hidden, gate = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        for layer in [*self.layers] * self.config.loops:
             out = layer(hidden, gate)
             if self.config.outputs == 0:  # Llama
                 hidden = out
@@ -157,6 +159,32 @@ def test_a_loop_handing_a_blocks_other_output_on_runs_whole(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="iteris_daemon.execution"):
         _assert_merges_as_whole(base, adapters, data, "whole model", batch_size=2)
     assert "hands output 1 of layers.0 on to layers.1 (gate)" in caplog.text
+
+
+def test_a_loop_calling_its_blocks_again_runs_whole(tmp_path, caplog):
+    """A recurrent-depth model runs its blocks more than once per pass (Dory's loops): the
+    capture stopped at the last block's first call and streamed each block once, a merge off
+    the whole model's without a word (0.24 relative for a Dory of recurrent layers only). The
+    capture now runs on past the last block, sees the second call, and says why it runs
+    whole-model passes."""
+    base, adapters, data = _base(tmp_path, LoopConfig(loops=2), ["q_proj", "down_proj"])
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.execution"):
+        _assert_merges_as_whole(base, adapters, data, "whole model", batch_size=2)
+    assert "its forward pass calls layers.0 more than once" in caplog.text
+
+
+def test_the_capture_stops_before_the_lm_head(tiny):
+    """Going on past the last block, the capture pass stops at the LM head: its logits (tokens
+    x vocabulary) are the largest tensor of a pass, and nothing the blocks need."""
+    base_dir, adapter_dirs = tiny["llama"]
+    base = BaseModel(str(base_dir), [load_adapter(d) for d in adapter_dirs])
+    head, norm = base.model.get_output_embeddings(), base.model.model.norm
+    ran = []
+    hooks = [module.register_forward_hook(lambda module, *_: ran.append(module)) for module in (head, norm)]
+    prepare(base, [], [base.batches(read_jsonl(adapter_dirs[0] / "calibration.jsonl"), 3, 64)])
+    for hook in hooks:
+        hook.remove()
+    assert ran and all(module is norm for module in ran)  # past the last block, not into the head
 
 
 @pytest.mark.parametrize("outputs", [0, 1, 2, 3, 4])

@@ -397,6 +397,11 @@ WHOLE_WITH_REASON = {  # mixed attention types, and what keeps their blocks from
                                            hidden_size_per_layer_input=0, num_kv_shared_layers=2,
                                            layer_types=["sliding_attention", "full_attention"] * 2, **TOKENS),
                ["q_proj", "k_proj", "v_proj"], "share state through (shared_kv_states"),
+    # a recurrent-depth model of recurrent layers only: its loop runs every block twice per pass
+    "dory": (lambda: tf.DoryConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=4,
+                                   n_input_layers=0, n_output_layers=0, n_recurrent_loops=2, **TOKENS),
+             ["q_proj", "v_proj", "down_proj"], "its forward pass calls model.layers.0 more than once"),
     # its first pass in eval mode divides the blocks' weights in place (every rescale_every blocks)
     "rwkv": (lambda: tf.RwkvConfig(hidden_size=32, num_hidden_layers=4, rescale_every=2, attention_hidden_size=32,
                                    intermediate_size=64, context_length=128, **TOKENS),
