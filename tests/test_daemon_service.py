@@ -44,7 +44,9 @@ pytestmark = pytest.mark.timeout(400)
 PLUGIN = Path(__file__).parent / "fault_plugin"
 HUB_REPO = "alice/lora-webhook"
 SECRET = "webhook-Secret-5d1e"
-SLOW = '{ mode = "slow", seconds = 6 }'
+# Two seconds of merging on top of the worker's start (seconds of imports): runs that can overlap do,
+# and a run forced while another of its group merges queues behind it.
+SLOW = '{ mode = "slow", seconds = 2 }'
 wait_for = partial(polling.wait_for, timeout=180)
 
 
