@@ -455,7 +455,7 @@ def test_changes_no_source_of_the_daemon_reported_are_merged(env: Env, made):
     wait_for(lambda: e.notify.seen("READY"), "READY=1 on the notify socket", proc=e.proc)
     wait_for(lambda: any(r[1] is RunStatus.succeeded and r[2] == 1 for r in e.runs()), "a run merging the folder's adapter",
              proc=e.proc)
-    text = config_text(e.tmp, base, e.hub.endpoint, FAST).replace("grace_seconds = 0", "grace_seconds = 0\ncatalog_check_seconds = 0.5")
+    text = config_text(e.tmp, base, e.hub.endpoint, FAST).replace("grace_seconds = 0", "grace_seconds = 0\ncatalog_check_seconds = 0.25")
     e.config.write_text(text)
     e.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: e.notify.count("READY") == 2, "READY=1 again after the reload", proc=e.proc)
@@ -470,7 +470,7 @@ def test_changes_no_source_of_the_daemon_reported_are_merged(env: Env, made):
     run = wait_for(lambda: e.finished_after(barrier), "a run after `sources scan` registered an adapter", proc=e.proc)
     assert run[1] in (RunStatus.succeeded, RunStatus.refused) and run[2] == 2  # the gate may refuse it: still merged
     assert "not through this daemon's sources" in e.log.read_text(errors="replace")
-    time.sleep(2.0)  # four more checks: the group is caught up, nothing more runs
+    time.sleep(1.0)  # four more checks: the group is caught up, nothing more runs
     assert e.last_id() == run[0]
     barrier = e.merge_now_skipped()
 
@@ -479,5 +479,5 @@ def test_changes_no_source_of_the_daemon_reported_are_merged(env: Env, made):
     assert result.returncode == 0 and "1 removed" in result.stdout, result.stdout + result.stderr
     run = wait_for(lambda: e.finished_after(barrier), "a run after `sources scan` removed it", proc=e.proc)
     assert run[1] in (RunStatus.succeeded, RunStatus.refused) and run[2] == 1
-    time.sleep(2.0)
+    time.sleep(1.0)
     assert e.last_id() == run[0]
