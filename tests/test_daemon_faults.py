@@ -170,6 +170,14 @@ class DaemonProcess:
                     raise AssertionError(f"{self.name}: timed out waiting for {kind} {pattern!r}:\n" + self.tail())
                 self._changed.wait(min(left, 0.5))
 
+    def position(self, kind: str, pattern: str, timeout: float = START_TIMEOUT) -> int:
+        """Once it came, the index just past the first event of ``kind`` matching ``pattern``:
+        for ``wait_event(after=...)``, what came after that event."""
+        self.wait_event(kind, pattern, timeout)
+        regex = re.compile(pattern)
+        with self._changed:
+            return next(i + 1 for i, (k, text) in enumerate(self.events) if k == kind and regex.search(text))
+
     def mark(self) -> int:
         """An index for ``wait_event(after=...)``: only events from now on."""
         with self._changed:
@@ -774,7 +782,9 @@ def test_a_group_claimed_elsewhere_is_asked_again_until_the_claim_frees(tmp_path
 
         wait_for(lambda: registered() == 2, "both adapters to be registered", timeout=START_TIMEOUT, interval=0.5)
         daemon.wait_event("log", r"group unified: another daemon is merging it; skipped")
-        time.sleep(3)  # the triggers of the registrations come and find the group claimed too
+        # The run the registrations trigger (or, at the latest, the next ask) finds the group claimed too.
+        scanned = daemon.position("log", r"source team: scan: 2 registered")
+        daemon.wait_event("log", r"group unified: another daemon is merging it; skipped", after=scanned)
         assert not [r for r in group_runs(url) if r.status is RunStatus.succeeded]
         elsewhere._stop.set()  # the other daemon dies: its claim is no longer refreshed
         elsewhere._thread.join()
