@@ -1386,13 +1386,13 @@ def test_a_merge_whose_publishing_failed_is_published_by_a_retry_of_the_daemon(t
     dest.write_text("not a folder")
     config = write_config(tmp_path / "daemon.toml", state=tmp_path / "state", watched=watched, dest=dest, base=base,
                           params={"samples_per_task": 8},
-                          extra=("retry_seconds = 1", "retry_max_seconds = 2", "catalog_check_seconds = 3600"))
+                          extra=("retry_seconds = 0.5", "retry_max_seconds = 1", "catalog_check_seconds = 3600"))
     daemon = daemons(config, tmp_path / "daemon.log")
     daemon.wait_event("notify", r"READY=1")
     shutil.copytree(lora0, watched / "a0")
     merged = daemon.wait_event("log", r"group unified: run (\d+) failed: publish destination .* exists and is not a "
                                       r"folder")
-    for wait, tries in ((1, 1), (2, 2), (2, 3)):
+    for wait, tries in ((0.5, 1), (1, 2), (1, 3)):
         daemon.wait_event("log", rf"group unified: trying the run again in {wait} s \({tries} failed in a row\)")
     daemon.wait_event("log", rf"group unified: run \d+ publishes the merge of run {merged[1]} again")
     dest.unlink()
@@ -1402,7 +1402,7 @@ def test_a_merge_whose_publishing_failed_is_published_by_a_retry_of_the_daemon(t
     assert published.metrics["republished_from"] == int(merged[1])
     assert len(daemon.logs(r"group unified: run \d+ merges \d+ adapters?")) == 1  # merged once
     assert (dest / "current" / "adapter_model.safetensors").is_file()
-    time.sleep(4)  # past the longest wait: no more tries
+    time.sleep(2)  # twice the longest wait: no more tries
     assert group_runs(url)[-1].id == published.id
     assert daemon.stop() == 0, daemon.tail()
 
