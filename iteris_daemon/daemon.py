@@ -45,7 +45,7 @@ from . import malloc
 from .catalog import Catalog
 from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
-from .catalog.shapes import SHAPES_PREFIX, CatalogShapes
+from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
@@ -235,7 +235,7 @@ class Daemon:
         self.notifier.status("migrating the catalog")
         self.catalog = Catalog(url)
         log.info("catalog %s ready", self.catalog.safe_url)
-        self.shapes = CatalogShapes(self.catalog, self.work, self._worker_options())
+        self.shapes = CatalogShapes(self.catalog, in_worker(self.work, self._worker_options()))
         self.peers = Peers(self.catalog, self.holder)
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 import iteris_daemon.cli as cli
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus
+from iteris_daemon.catalog.models import BaseModelShapes, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from iteris_daemon.cli import build_parser, main
 from iteris_daemon.sources.stat_cache import stat_cache_file
 from iteris_daemon.validation import Limits
@@ -75,6 +75,33 @@ def test_sources_and_adapters_commands(made, tmp_path, capsys):
 
     assert run(capsys, "sources", "remove", "team", *db)[0] == 0
     assert run(capsys, "adapters", "list", "--json", *db)[1].strip() == "[]"
+
+
+def test_a_scan_keeps_a_base_models_shapes_in_the_catalog_for_every_later_scan(made, tmp_path, capsys, monkeypatch):
+    """`sources scan` stores the layer shapes it computed in the catalog, where the daemon keeps
+    them, and reads them there: a later scan (the daemon's too) checks another adapter of that
+    base model without building its skeleton (torch and transformers imported: seconds a scan)."""
+    import iteris_daemon.model as model
+    import iteris_daemon.validation as validation
+
+    base, lora = made
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    shutil.copytree(lora, watched / "one")
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), "--db", url)[0] == 0
+    assert "1 registered" in run(capsys, "sources", "scan", "--db", url)[1]
+    with Catalog(url).session() as session:
+        assert [row.base_model for row in session.scalars(select(BaseModelShapes))] == [str(base)]
+
+    def no_skeleton(*_args, **_kwargs):
+        raise AssertionError("a skeleton was built")
+
+    monkeypatch.setattr(validation, "_SKELETONS", {})  # as a new process: nothing built in this one yet
+    monkeypatch.setattr(model, "load_skeleton", no_skeleton)
+    shutil.copytree(lora, watched / "two")
+    code, out, _ = run(capsys, "sources", "scan", "--db", url)
+    assert code == 0 and "1 registered," in out and "1 unchanged" in out, out
 
 
 def test_a_scan_reads_only_what_changed_since_the_last_scan(made, tmp_path, capsys, monkeypatch, cache_directory,

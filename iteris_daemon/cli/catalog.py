@@ -238,11 +238,12 @@ def _sources_scan(args) -> int:
     from ..catalog import Catalog
     from ..catalog.models import SourceKind
     from ..catalog.registry import get_source, list_sources
+    from ..catalog.shapes import CatalogShapes
     from ..config import load_config
     from ..sources.hub import CACHE_FOLDER, HubSource
     from ..sources.local import LocalFolderSource
     from ..sources.stat_cache import stat_cache_file
-    from ..validation import Limits
+    from ..validation import Limits, skeleton_shapes
 
     config = load_config(args.config, check_plugins=False) if args.config else None
     settings = config.daemon if config else None
@@ -253,7 +254,9 @@ def _sources_scan(args) -> int:
         sync_sources(catalog, config)
     # Without the daemon's settings its recorded verdicts are left alone: only new content is judged.
     guarded = {"limits": settings.limits.limits() if settings else Limits(),
-               "trusted_models": settings.trust_remote_code if settings else (), "rejudge": settings is not None}
+               "trusted_models": settings.trust_remote_code if settings else (), "rejudge": settings is not None,
+               # the shapes a daemon (or an earlier scan) stored; else computed here and stored for the next
+               "shapes": CatalogShapes(catalog, skeleton_shapes)}
     with catalog.session() as session:
         sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
         targets = [(s.name, s.kind) for s in sources]
