@@ -276,7 +276,7 @@ class BlockExecutor:
         except _StopForward:
             pass
         except Exception as exc:  # it wants other outputs of a stand-in (a tensor cannot be unpacked into three)
-            if len(blocks) - 1 not in calls:  # past the last block, what fails is the stand-ins' outputs' business
+            if len(blocks) - 1 not in calls:  # past it, every call is recorded (code reading a placeholder fails)
                 failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
         finally:
             for hook in hooks:
