@@ -280,8 +280,8 @@ def ask(name: str, source: CalibrationSource, adapter, options: CalibrationOptio
     """Source ``name``'s answer for ``adapter``, :func:`checked`. Whatever it raises that is
     not an IterisError (a plugin's store unreachable, say) is a CalibrationError naming it,
     as everywhere a source is asked (``merge``, the daemon, a calibration worker)."""
-    return checked(name, adapter.name, _from_plugin(name, f"on adapter {adapter.name}",
-                                                    lambda: source.load(adapter, options)))
+    return _from_plugin(name, f"on adapter {adapter.name}",
+                        lambda: checked(name, adapter.name, source.load(adapter, options)))
 
 
 def _from_plugin(name: str, failed: str, call: Callable[[], T]) -> T:
@@ -300,7 +300,8 @@ def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
     no answer, and anything but a CalibrationSet of Samples is an error naming the source."""
     if data is None:
         return None
-    if not isinstance(data, CalibrationSet) or not all(isinstance(s, Sample) for s in data.samples):
+    if (not isinstance(data, CalibrationSet) or not isinstance(data.samples, (tuple, list))
+            or not all(isinstance(s, Sample) for s in data.samples)):
         raise CalibrationError(source, f"calibration source answered {type(data).__name__} for adapter "
                                        f"{adapter}, not a CalibrationSet of Samples")
     for number, sample in enumerate(data.samples, start=1):  # what a file's line must hold, a plugin's sample too

@@ -284,19 +284,23 @@ def test_a_sources_empty_or_malformed_answer(bert):
     from iteris_daemon.plugin_manager import calibration_sources
 
     adapter = load_adapter(bert[1][0])
-    answers = {"empty": CalibrationSet((), "nothing"), "strings": CalibrationSet(("a", "b"), "strings")}
+    answers = {"empty": CalibrationSet((), "nothing"), "strings": CalibrationSet(("a", "b"), "strings"),
+               "none": CalibrationSet(None, "none")}
     available = {name: SimpleNamespace(load=lambda a, o, name=name: answers[name]) for name in answers}
     available["adapter"] = calibration_sources()["adapter"]
     found = first_calibration(adapter, CalibrationOptions(order=("empty", "adapter")), available)
     assert found.source.endswith("calibration.jsonl") and found.samples
     assert first_calibration(adapter, CalibrationOptions(order=("empty",)), available) is None
-    with pytest.raises(CalibrationError, match="^strings: calibration source answered CalibrationSet for adapter"):
-        first_calibration(adapter, CalibrationOptions(order=("strings", "adapter")), available)
+    for wrong in ("strings", "none"):  # samples=None was a TypeError that ended a daemon run, not the adapter's
+        with pytest.raises(CalibrationError, match=f"^{wrong}: calibration source answered CalibrationSet for adapter"):
+            first_calibration(adapter, CalibrationOptions(order=(wrong, "adapter")), available)
     # The daemon's path checks the same way: the empty set falls through, the strings hold the adapter back.
-    empty_first, strings_first = (calibrate_all([adapter], CalibrationOptions(order=(name, "adapter")), available)[0]
-                                  for name in ("empty", "strings"))
+    empty_first, strings_first, none_first = (
+        calibrate_all([adapter], CalibrationOptions(order=(name, "adapter")), available)[0]
+        for name in ("empty", "strings", "none"))
     assert empty_first.source.endswith("calibration.jsonl") and empty_first.samples
     assert isinstance(strings_first, CalibrationError) and str(strings_first).startswith("strings: calibration source")
+    assert isinstance(none_first, CalibrationError) and str(none_first).startswith("none: calibration source answered")
     # Samples a file's line could not hold: an empty text was merged on, a number a TypeError.
     for bad in (Sample(""), Sample(123), Sample("text", target=4)):
         available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))
