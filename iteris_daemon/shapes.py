@@ -88,13 +88,22 @@ def head_labels(saved: Mapping[str, tuple[int, ...]]) -> int | None:
 
 def skeleton_key(base: str, config: Mapping[str, Any], modules: list[str], saved: Mapping[str, tuple[int, ...]],
                  trust_remote_code: bool) -> str:
-    """What the skeleton of ``base`` depends on for this adapter, as a hash: the class loaded
-    depends on ``task_type``, else ``auto_mapping``, else the adapted paths; a classifier
-    head's width (a ``modules_to_save`` matrix) sets the label count."""
+    """What the skeleton of ``base`` depends on for this adapter, as a hash: a local base
+    model's config; the class loaded depends on ``task_type``, else ``auto_mapping``, else the
+    adapted paths; a classifier head's width (a ``modules_to_save`` matrix) sets the label count."""
     mapping = config.get("auto_mapping")
     wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     task_type = config.get("task_type")
     paths = sorted(modules) if task_type is None and wanted is None else None
     labels = head_labels(saved)
-    payload = [base, task_type, repr(wanted), paths, labels, trust_remote_code]
+    payload = [base, _local_config_digest(base), task_type, repr(wanted), paths, labels, trust_remote_code]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _local_config_digest(base: str) -> str | None:
+    """The sha256 of a local base model's ``config.json``, so that a model replaced in its folder
+    (a wider checkpoint saved to the same path) is measured again; None for a Hub id."""
+    try:
+        return hashlib.sha256((Path(base) / "config.json").read_bytes()).hexdigest()
+    except OSError:
+        return None

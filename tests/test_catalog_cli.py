@@ -10,11 +10,13 @@ import shutil
 from datetime import datetime, timedelta
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select
+from transformers import AutoModel
 
 import iteris_daemon.cli as cli
-from builders import build_adapter, build_tiny_model
+from builders import build_adapter, build_tiny_model, tiny_config
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import BaseModelShapes, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from iteris_daemon.cli import build_parser, main
@@ -102,6 +104,30 @@ def test_a_scan_keeps_a_base_models_shapes_in_the_catalog_for_every_later_scan(m
     shutil.copytree(lora, watched / "two")
     code, out, _ = run(capsys, "sources", "scan", "--db", url)
     assert code == 0 and "1 registered," in out and "1 unchanged" in out, out
+
+
+def test_a_base_model_replaced_in_its_folder_is_measured_again(tmp_path, capsys):
+    """The stored shapes are those of the base model's config: a wider model saved to the same
+    folder (an updated checkpoint) is measured again, and its adapter registered. Its stored
+    shapes, keyed by the path alone, had the scan (and the daemon) refuse it for good."""
+    base = tmp_path / "base"
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    build_adapter(build_tiny_model("llama", base), watched / "old", seed=0, family="llama")
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), "--db", url)[0] == 0
+    assert "1 registered" in run(capsys, "sources", "scan", "--db", url)[1]
+
+    shutil.rmtree(base)
+    wider = tiny_config("llama")
+    wider.hidden_size, wider.head_dim = 48, 16
+    torch.manual_seed(0)
+    AutoModel.from_config(wider).save_pretrained(base)
+    build_adapter(base, watched / "new", seed=1, family="llama")
+    code, out, _ = run(capsys, "sources", "scan", "--db", url)
+    assert code == 0 and "1 registered," in out, out
+    rows = {r["name"]: r for r in json.loads(run(capsys, "adapters", "list", "--json", "--db", url)[1])}
+    assert rows["new"]["status"] == "registered", rows["new"]
 
 
 def test_a_scan_reads_only_what_changed_since_the_last_scan(made, tmp_path, capsys, monkeypatch, cache_directory,
