@@ -638,9 +638,12 @@ class BaseModel:
         factors)."""
         batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}  # the loss is not the model's
         self.use_masks(self.stack_masks(batch), "encoder", None)
-        inputs = {**batch, **extra}
+        # No key/value cache, and no router logits: a mixture-of-experts checkpoint saved with
+        # output_router_logits (for its training's auxiliary loss) made that loss the first output
+        flags = {"use_cache": False, "output_router_logits": False}
+        inputs = {**batch, **extra, **{flag: value for flag, value in flags.items() if flag in self._forward_args}}
         with torch.set_grad_enabled(grad):
-            out = self.model(**inputs, use_cache=False) if "use_cache" in self._forward_args else self.model(**inputs)
+            out = self.model(**inputs)
         if getattr(out, "start_logits", None) is not None and getattr(out, "end_logits", None) is not None:
             return torch.stack([out.start_logits, out.end_logits], dim=-1)
         return out[0]
