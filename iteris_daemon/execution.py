@@ -283,7 +283,11 @@ class BlockExecutor:
                 hook.remove()
         if again:
             raise UnsupportedForBlocks(f"its forward pass calls {stack.path}.{again[0]} more than once")
-        early = seen_before_last if len(blocks) - 1 in calls else early
+        if len(blocks) - 1 in calls:
+            after, early = early[len(seen_before_last):], seen_before_last
+            if after and stack is not self.plan.stacks[-1]:  # the tail unit runs after the last stack alone
+                raise UnsupportedForBlocks(f"{self._what(after[0])} {after[0]} runs between {stack.path} and the "
+                                           "next stack's blocks")
         for b, call in sorted(calls.items()):  # what the model hands its blocks, whatever the stand-ins return
             for name, value in _passed(call):
                 if isinstance(value, Cache):  # replaying the call would grow it: whole-model passes start afresh
@@ -297,13 +301,16 @@ class BlockExecutor:
         if missing is not None:
             raise UnsupportedForBlocks(f"the forward pass never reached {stack.path}.{missing}")
         if early:
-            what = "targeted" if early[0] in self.units[-1].paths else "modules_to_save"
-            raise UnsupportedForBlocks(f"{what} {early[0]} runs before {stack.path}'s last block")
+            raise UnsupportedForBlocks(f"{self._what(early[0])} {early[0]} runs before {stack.path}'s last block")
         hidden = calls[0].arguments[hidden_name]
         changed = next((b for b in range(1, len(blocks)) if calls[b].arguments[hidden_name] is not hidden), None)
         if changed is not None:  # it took a tensor stand-in's output apart (a pair unpacked), or changed it
             return f"{stack.path}.{changed} is not handed {stack.path}.{changed - 1}'s hidden states"
         return [calls[b] for b in range(len(blocks))]
+
+    def _what(self, outside: str) -> str:
+        """Why module ``outside`` (outside the blocks) is watched: targeted, or a saved module."""
+        return "targeted" if outside in self.units[-1].paths else "modules_to_save"
 
     # -------------------------------------------------------------- weights
     @contextlib.contextmanager

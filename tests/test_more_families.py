@@ -303,6 +303,32 @@ def test_a_classifier_on_an_encoder_decoder(family, tmp_path):
     assert model(**batch).logits.shape == (2, 3)
 
 
+def test_a_module_saved_between_an_encoder_and_its_decoder_runs_whole_model_passes(tmp_path, caplog):
+    """T5 adapters saving the encoder's final norm (``modules_to_save``; it runs after the
+    encoder's last block, before the decoder's first) merged block by block 0.43 relative off
+    whole-model passes, without a word: the norm ran with whichever task's copy was loaded
+    last. They now run whole-model passes, saying why, and merge as ``blockwise=false`` does."""
+    import logging
+
+    base_dir = tmp_path / "base"
+    model_class("SEQ_2_SEQ_LM").from_config(SEQ_CLS_ENCODER_DECODERS["t5"]()).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family="t5", targets=["q", "v"],
+                              task_type="SEQ_2_SEQ_LM", modules_to_save=["encoder.final_layer_norm"], calibration=6)
+                for seed in range(2)]
+    merged = {}
+    for blockwise in ("true", "false"):
+        out = tmp_path / blockwise
+        with caplog.at_level(logging.INFO, logger="iteris_daemon.execution"):
+            assert cli_merge(base_dir, adapters, out, "--param", f"blockwise={blockwise}", "--param", "iterations=2",
+                             "--param", "accumulate_dtype=float64", "--modules-to-save-rule", "average") == 0
+        assert json.loads((out / "merge_report.json").read_text())["metrics"]["execution"] == "whole model"
+        merged[blockwise] = load_file(out / "adapter_model.safetensors")
+    assert "modules_to_save encoder.final_layer_norm runs between encoder.block and the next stack's blocks" in caplog.text
+    for name, whole in merged["false"].items():
+        torch.testing.assert_close(merged["true"][name], whole, rtol=1e-6, atol=1e-8, msg=name)
+
+
 def test_a_bare_t5_model_is_teacher_forced(tmp_path):
     """A T5Model base (no head) with adapters of no task type: T5 makes no decoder inputs
     of its own, so the merge gives it the teacher-forced targets, as for generation (the
