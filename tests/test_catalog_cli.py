@@ -218,6 +218,36 @@ def test_a_scan_with_the_daemons_config_scans_the_configs_sources(made, tmp_path
     assert code == 0 and "1 registered" in out and "1 unchanged" in out
 
 
+def test_every_catalog_command_opens_the_catalog_the_daemons_config_names(made, tmp_path, capsys, monkeypatch):
+    """`sources scan --config` worked on the daemon's catalog, but `sources add|list|remove`,
+    `adapters list|show` and `db upgrade` took --db alone: with a config naming another state
+    directory they opened (or created) the default catalog, and the "no catalog" error told the
+    user that --config names one. Each now takes --config; --db still wins."""
+    base, lora = made
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "default-state"))  # where a command without either looks
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("ITERIS_DAEMON_DB", raising=False)
+    watched = tmp_path / "watched"
+    shutil.copytree(lora, watched / "one")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
+    cfg = ["--config", str(config)]
+
+    code, out, _ = run(capsys, "db", "upgrade", *cfg)
+    assert code == 0 and str(tmp_path / "state") in out
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), *cfg)[0] == 0
+    assert "1 registered" in run(capsys, "sources", "scan", *cfg)[1]
+    assert [s["name"] for s in json.loads(run(capsys, "sources", "list", "--json", *cfg)[1])] == ["team"]
+    [adapter] = json.loads(run(capsys, "adapters", "list", "--json", *cfg)[1])
+    assert json.loads(run(capsys, "adapters", "show", str(adapter["id"]), "--json", *cfg)[1])["name"] == "one"
+    assert not (tmp_path / "default-state").exists()  # nothing opened or created the default catalog
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert run(capsys, "db", "upgrade", "--db", other, *cfg)[0] == 0  # --db wins
+    assert json.loads(run(capsys, "sources", "list", "--json", "--db", other, *cfg)[1]) == []
+    assert run(capsys, "sources", "remove", "team", *cfg)[0] == 0
+    assert json.loads(run(capsys, "sources", "list", "--json", *cfg)[1]) == []
+
+
 def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_path, capsys):
     """A cache directory that cannot be made, or that belongs to another user (root
     scanning with the daemon's), is not used: folders are hashed in full, with a warning;

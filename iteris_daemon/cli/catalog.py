@@ -20,13 +20,26 @@ FOLDER_FLAGS = ("--settle", "--polling")
 HUB_FLAGS = ("--endpoint", "--token-file", "--interval")
 
 
-def _db_options() -> argparse.ArgumentParser:
+def _db_options(config_help: str = "the daemon's config: the catalog it names (unless --db)") -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--db", metavar="URL", default=os.environ.get(DB_ENV),
-        help=f"catalog database (SQLAlchemy URL; default: ${DB_ENV}, else a SQLite file in the state directory)",
+        help=f"catalog database (SQLAlchemy URL; default: ${DB_ENV}, else --config's, else a SQLite file in the "
+             "state directory)",
     )
+    parent.add_argument("--config", type=user_path, metavar="FILE", help=config_help)
     return parent
+
+
+def catalog_url(args) -> str | None:
+    """The catalog a command opens: ``--db``, else $ITERIS_DAEMON_DB, else the one the daemon's
+    ``--config`` names; None: the default, in the state directory."""
+    url = args.db or os.environ.get(DB_ENV)
+    if url is None and args.config is not None:
+        from ..config import load_config
+
+        url = load_config(args.config, check_plugins=False).daemon.catalog_url()  # only where the catalog is
+    return url
 
 
 def register(commands) -> None:
@@ -68,8 +81,11 @@ def register(commands) -> None:
     remove.add_argument("name", help="the source's name (`sources list` shows them)")
     remove.set_defaults(handler=_sources_remove)
 
+    scan_options = _db_options("the daemon's config: scan its sources (added to the catalog or updated first) with "
+                               "its catalog (unless --db), cache directory, adapter limits and trusted models, as the "
+                               "daemon would")
     scan = source_commands.add_parser(
-        "scan", parents=[db_options], help="rescan folders / poll Hub repos once, now",
+        "scan", parents=[scan_options], help="rescan folders / poll Hub repos once, now",
         description="Rescan local folders and poll Hub sources once (the daemon does this on its own). "
                     "Give the daemon's --config: its sources are added or updated first, as the daemon does at "
                     "start, and adapters are judged by its limits and trusted models, and "
@@ -79,10 +95,6 @@ def register(commands) -> None:
                     "([daemon] catalog_check_seconds). Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
-    scan.add_argument("--config", type=user_path, metavar="FILE",
-                      help="the daemon's config: scan its sources (added to the catalog or updated first) with "
-                           "its catalog (unless --db), cache directory, adapter limits and trusted models, as the "
-                           "daemon would")
     scan.add_argument("--cache-dir", type=user_path, default=None, metavar="DIR",
                       help="the cache directory: Hub downloads go to DIR/hub; folder fingerprints are kept in "
                            "DIR/folder-stat, shared with a daemon using DIR and the same limits, so unchanged "
@@ -126,10 +138,11 @@ def _catalog_id(text: str) -> int:
 
 
 def _open(args, create: bool = False):
-    """The catalog ``--db`` names; only ``db upgrade`` and ``sources add`` create one."""
+    """The catalog the command names (:func:`catalog_url`); only ``db upgrade`` and
+    ``sources add`` create one."""
     from ..catalog import Catalog
 
-    return Catalog(args.db, create=create)
+    return Catalog(catalog_url(args), create=create)
 
 
 def _db_upgrade(args) -> int:

@@ -75,16 +75,10 @@ def _run(args) -> int:
 
 
 def _catalog(args):
-    import os
-
     from ..catalog import Catalog
+    from .catalog import catalog_url
 
-    url = args.db or os.environ.get(DB_ENV)
-    if url is None and args.config is not None:
-        from ..config import load_config
-
-        url = load_config(args.config, check_plugins=False).daemon.catalog_url()  # only where the catalog is
-    return Catalog(url, create=False)  # these commands read what the daemon made
+    return Catalog(catalog_url(args), create=False)  # these commands read what the daemon made
 
 
 def _configured_groups(args) -> list[str] | None:
