@@ -95,17 +95,24 @@ def _runnable() -> list[str]:
     return names
 
 
+def _merge_of(contender: Contender) -> tuple[str, str]:
+    """What a contender merges: its strategy and parameters (two labels may name one merge)."""
+    return contender.strategy.name, contender.params.model_dump_json()
+
+
 def run_compare(request: CompareRequest) -> dict[str, Any]:
     """Merge with each contender, score each on the held-out samples; best mean first."""
     if not 0 < request.holdout < 1:
         raise ParameterError(f"holdout must be between 0 and 1 (exclusive), got {request.holdout}")
-    contenders = [*request.contenders, *(parse_contender(spec) for spec in request.strategies or _runnable())]
+    contenders = [*request.contenders, *(parse_contender(spec) for spec in request.strategies)]
     seen: dict[tuple[str, str], str] = {}
     for contender in contenders:  # one merge twice would be two rows no one can tell apart
-        key = (contender.strategy.name, contender.params.model_dump_json())
-        if key in seen:
-            raise ParameterError(f"strategy {contender.label!r} merges what {seen[key]!r} does: give it once")
-        seen[key] = contender.label
+        if _merge_of(contender) in seen:
+            raise ParameterError(f"strategy {contender.label!r} merges what {seen[_merge_of(contender)]!r} does: "
+                                 "give it once")
+        seen[_merge_of(contender)] = contender.label
+    if not request.strategies:  # every strategy at its defaults, but those a group's already merges
+        contenders += [c for c in map(parse_contender, _runnable()) if _merge_of(c) not in seen]
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
     adapters = load_adapters(request.adapters, request.base_checked)
     if request.calibration_sets is not None:
@@ -114,8 +121,10 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         options = request.calibration or CalibrationOptions()
         options.limit = request.max_samples
         calibration = calibration_for(adapters, request.adapters, options, request.base_model, required=True)
-    rng = random.Random(request.seed)
-    kept, held = zip(*(data.split(request.holdout, rng, "holdout") for data in calibration))
+    # Each task's own seeded draw: which samples it holds out does not depend on the order of
+    # the adapters or on the other tasks
+    kept, held = zip(*(data.split(request.holdout, random.Random(f"{request.seed}:{adapter.name}"), "holdout")
+                       for adapter, data in zip(adapters, calibration)))
     head = merged_head(adapters, request.modules_to_save_rule)
     base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
                      request.offload)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModel
 
 from builders import apply_by_hand, cli_merge, tokenizer
+import iteris_daemon.compare as compare
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
@@ -248,7 +249,25 @@ def test_one_adapter_is_its_own_merge_in_every_family(tiny, tmp_path, family):
     assert 0.05 < rows["task_arithmetic:scale=0.5"]["mean_fidelity_gap"] < 1
 
 
-def test_a_daemon_group_is_compared_on_the_inputs_it_would_merge(tiny, tmp_path, capsys):
+def test_the_held_out_samples_of_a_task_do_not_depend_on_the_order_of_the_adapters(tiny, tmp_path):
+    """One random draw served every task in turn, so the order of ``--adapter`` flags (and the
+    other tasks) chose which of a task's samples were held out, and the figures of one merge
+    changed with it. Each task now draws its own, seeded by ``--seed`` and its name."""
+    base, adapters = tiny["bert"]
+    tasks = {}
+    for order in (adapters[:2], adapters[1::-1]):
+        out = tmp_path / f"{order[0].name}.json"
+        assert _compare(base, order, "--strategy", "task_arithmetic", "--json", str(out)) == 0
+        report = json.loads(out.read_text())
+        tasks[order[0].name] = ({t["name"]: t["held_out"] for t in report["tasks"]},
+                                report["strategies"][0]["tasks"])
+    (held, figures), (held_reversed, figures_reversed) = tasks.values()
+    assert held == held_reversed
+    for task, values in figures.items():
+        assert figures_reversed[task] == pytest.approx(values, rel=1e-6), task
+
+
+def test_a_daemon_group_is_compared_on_the_inputs_it_would_merge(tiny, tmp_path, capsys, monkeypatch):
     """``--group``: the adapters the group selects from the catalog (here two of three), with
     their calibration, and the group's own strategy first: the same figures as the same
     folders and specs given by hand."""
@@ -282,6 +301,17 @@ path = "{tmp_path / 'published'}"
     for label, hand in (("task_arithmetic (group unified)", "task_arithmetic:scale=0.5"), ("ties", "ties")):
         for task, figures in by_hand[hand]["tasks"].items():
             assert rows[label]["tasks"][task] == pytest.approx(figures, rel=1e-6), (label, task)
+
+    # Without --strategy, every strategy at its defaults beside the group's: one the group's
+    # already merges (task_arithmetic at its defaults here) runs once, under the group's label
+    # (it was refused, "give it once", for any group run at a strategy's defaults).
+    at_defaults = tmp_path / "defaults.toml"
+    at_defaults.write_text(config.read_text().replace("params = {scale = 0.5}\n", ""))
+    monkeypatch.setattr(compare, "_runnable", lambda: ["task_arithmetic", "ties"])
+    assert main(["compare", "-q", "--group", "unified", "--config", str(at_defaults),
+                 "--json", str(tmp_path / "every.json")]) == 0
+    labels = [row["strategy"] for row in json.loads((tmp_path / "every.json").read_text())["strategies"]]
+    assert sorted(labels) == ["task_arithmetic (group unified)", "ties"]
 
     # The group's calibration is read no further than --max-samples, as given by hand: a file
     # longer than that (a training set, here with a fault past 16 lines) was read whole.
