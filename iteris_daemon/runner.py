@@ -745,7 +745,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
-    skip = _skip_reason(group, inputs, fingerprint, last, force)
+    skip = _skip_reason(group, inputs, fingerprint, last, _served_before(catalog, last), force)
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
@@ -825,19 +825,34 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     return RunOutcome(RunStatus.succeeded, run_id)
 
 
+def _served_before(catalog: Catalog, last: MergeRun | None) -> MergeRun | None:
+    """Where the last decided run was refused, the run whose merge the destinations still serve
+    (the last that published before it)."""
+    if last is None or last.status is not RunStatus.refused:
+        return None
+    with catalog.session(write=False) as session:
+        return session.scalar(select(MergeRun).where(MergeRun.group_id == last.group_id, MergeRun.id < last.id,
+                                                     MergeRun.status == RunStatus.succeeded)
+                              .order_by(MergeRun.id.desc()).limit(1))
+
+
 def _skip_reason(group: GroupConfig, inputs: Inputs, fingerprint: str, last: MergeRun | None,
-                 force: bool) -> str | None:
+                 served: MergeRun | None, force: bool) -> str | None:
     """Why this run merges nothing, or None: inputs a source is still registering again
     (publishing now would drop them from the merge), too few adapters, or the inputs of the
-    last decided run (published or refused) again."""
+    last decided run (published or refused), or of the merge still served after a refusal
+    (``served``: an adapter added, refused, then removed again), again."""
     if inputs.changing:
         return (f"waiting for {', '.join(inputs.changing)} to be registered again: "
                 f"{inputs.held_back[inputs.changing[0]]}")
     if len(inputs.revisions) < group.min_adapters:
         return f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
     if not force and last is not None and last.input_fingerprint == fingerprint:
-        return (f"inputs unchanged since run {last.id}, which was refused: {last.error}"
+        return (f"inputs unchanged since run {last.id}, which was refused ({last.error}); merge-now --force "
+                "judges them again, under the gates now loaded"
                 if last.status is RunStatus.refused else "inputs unchanged since the last successful run")
+    if not force and served is not None and served.input_fingerprint == fingerprint:
+        return f"inputs unchanged since run {served.id}, whose merge is published (run {last.id}'s was refused)"
     return None
 
 

@@ -134,6 +134,11 @@ def test_a_regression_is_refused_kept_out_of_every_destination_and_published_whe
 
     again = setup.run(worse)  # the same inputs are not merged again just to be refused again
     assert again.status is RunStatus.skipped and f"since run {refused.run_id}, which was refused" in again.detail
+    assert again.detail.endswith("merge-now --force judges them again, under the gates now loaded")
+    # The published merge's own inputs again (an adapter added, refused, removed): it is still served.
+    back = setup.run(setup.group(params={"scale": 1.0}))
+    assert back.status is RunStatus.skipped, back.detail
+    assert f"since run {first.run_id}, whose merge is published (run {refused.run_id}'s was refused)" in back.detail
 
     forced = setup.run(worse, force=True)
     assert forced.status is RunStatus.succeeded and setup.current() != published
