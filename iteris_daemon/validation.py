@@ -419,6 +419,11 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
     layout = read_layout(folder, limits)
     _check_targets(layout.config, list(layout.modules), folder / CONFIG_NAME)
     base = base_model or layout.base_model
+    if base_model and named and _model_name(named) != _model_name(base_model):
+        # The source's base model decides (an adapter often names a Hub id, or a path on the machine
+        # that trained it, for the same model), but another model of the same shapes passes too
+        log.warning("%s names base model %r, not the source's %r: it is checked and merged as an adapter of "
+                    "the source's (is it an adapter of another model?)", folder, named[:100], base_model)
     if base:
         try:
             found = shapes(base, layout, base in trusted_models)
@@ -442,6 +447,12 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
         size_bytes=(folder / WEIGHTS_NAME).stat().st_size,
         content_sha256=layout.content_sha256,
     )
+
+
+def _model_name(name: str) -> str:
+    """A base model's name without its owner or folder: ``meta-llama/Llama-2-7b-hf`` and
+    ``/models/llama-2-7b-hf`` name one model."""
+    return name.rstrip("/").rpartition("/")[2].lower()
 
 
 def layout_key(base: str, layout: AdapterLayout, trust_remote_code: bool) -> str:

@@ -91,6 +91,27 @@ def test_adapters_for_different_base_models(workspace, capsys):
     _assert_refused(code, message, tmp / "out", "different base models", "some-org/another-model")
 
 
+def test_a_source_says_when_an_adapter_names_another_base_model(workspace, caplog):
+    """A source's base model decides over the one an adapter names (often a Hub id for the
+    source's local copy, or a path on the machine that trained it), so an adapter of another
+    model of the same shapes (a chat model's, for its base) registered without a word. It
+    still registers, with a WARNING naming both; one named by another spelling of the same
+    model says nothing."""
+    import logging
+
+    from iteris_daemon.validation import validate_adapter
+
+    base, adapters, _ = workspace
+    config_path = adapters[1] / "adapter_config.json"
+    for named, warned in (("some-org/another-model", True), (f"some-org/{base.name.upper()}", False)):
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": named}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="iteris_daemon.validation"):
+            assert validate_adapter(adapters[1], base_model=str(base)).base_model == str(base)
+        said = f"names base model {named!r}, not the source's {str(base)!r}"
+        assert (said in caplog.text) is warned, caplog.text
+
+
 def test_the_base_models_revision_is_kept_and_must_agree(workspace, capsys):
     """PEFT's AutoPeftModel loads the base model at the adapter config's ``revision``. The
     merge wrote none, and adapters of two revisions merged without a word."""

@@ -65,7 +65,9 @@ def register(commands) -> None:
     kind.add_argument("--folder", action="append", type=user_path, metavar="DIR", help="watch DIR recursively (repeatable)")
     kind.add_argument("--hub-repo", action="append", metavar="REPO[@BRANCH]", help="poll this Hub repo (repeatable)")
     kind.add_argument("--hub-author", metavar="USER_OR_ORG", help="poll every adapter repo of this user or organisation")
-    add.add_argument("--base-model", metavar="PATH_OR_ID", help="only adapters of this base model; shapes are checked against it")
+    add.add_argument("--base-model", metavar="PATH_OR_ID",
+                     help="check adapters against this base model, which decides over the one an adapter names (a "
+                          "different name is logged as a WARNING); --hub-author: only its adapters that name it")
     add.add_argument("--settle", type=float, metavar="SECONDS", help="folder: quiet time before a changed adapter is examined (default 2)")
     add.add_argument("--polling", action="store_true", default=None, help="folder: poll instead of inotify (network filesystems)")
     add.add_argument("--endpoint", metavar="URL", help="hub: Hub URL (default: huggingface_hub's)")

@@ -97,7 +97,8 @@ class HubSettings(BaseModel):
 
     repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
-    base_model: ModelLocation | None = Field(None, description="only adapters of this base model; shapes are checked against it")
+    base_model: ModelLocation | None = Field(None, description="check adapters against this base model, which decides over "
+                                             "the one an adapter names; an author's listing: only adapters naming it")
     endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
     token_file: LocalPath | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
     interval_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="poll period")

@@ -55,7 +55,7 @@ class LocalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML and float() read nan and inf
 
     paths: list[LocalPath] = Field(min_length=1, description="folders to watch, recursively")
-    base_model: ModelLocation | None = Field(None, description="check shapes against this base model (default: the adapter's own, from the Hub only)")
+    base_model: ModelLocation | None = Field(None, description="check shapes against this base model, which decides over the one an adapter names (a different name is logged; default: the adapter's own, from the Hub only)")
     settle_seconds: float = Field(
         2.0, gt=0, le=MAX_SECONDS, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
