@@ -63,7 +63,8 @@ def judge(report: dict[str, Any], gates: Gates, forced: bool = False, no_baselin
     new, old = _mean(gaps.values()), _mean(references)
     if new - old > gates.max_regression + ROUNDING:
         reason = (f"quality gate: mean fidelity gap {_shown(new, old)} is worse than the published merge's "
-                  f"{_shown(old, new)} by more than max_regression {gates.max_regression}")
+                  f"{_shown(old, new)} by more than max_regression {gates.max_regression} (both scored on this "
+                  "run's tasks and calibration samples)")
         if not forced:
             return Verdict(reason + " (merge-now --force publishes it anyway)")
         verdict.notes.append(f"forced past the {reason}")

@@ -404,7 +404,7 @@ def test_a_scan_that_leaves_a_source_unhealthy_fails(tmp_path, capsys):
     assert run(capsys, "sources", "add", "team", "--folder", str(watched), *db)[0] == 0
     watched.rmdir()
     code, _, err = run(capsys, "sources", "scan", "team", *db)
-    assert code == 1 and err.splitlines()[-1] == f"iteris-daemon: error: source team: watched folder {watched} is gone"
+    assert code == 1 and err.splitlines()[-1] == f"iteris-daemon: error: source team: watched folder {watched} does not exist"
 
 
 @pytest.mark.parametrize("status,code", [(RunStatus.succeeded, 0), (RunStatus.skipped, 0), (RunStatus.failed, 1),

@@ -440,7 +440,7 @@ def test_a_deleted_watched_folder_is_survived_and_recovered(made, tmp_path, capl
     assert len(adapters["keep"].revisions) == 1  # the revision was kept through the removal, not re-made
     assert adapters["keep"].current.revision == folder_fingerprint(watched / "keep")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any(str(watched) in m and "gone" in m for m in warnings), warnings
+    assert any(str(watched) in m and "does not exist" in m for m in warnings), warnings
     catalog.close()
 
 
@@ -484,7 +484,7 @@ def test_a_watched_folder_missing_at_start_is_reported_not_created(made, tmp_pat
         source.start()
     try:
         assert not watched.exists()
-        assert any(str(watched) in r.getMessage() and "is gone" in r.getMessage() for r in caplog.records)
+        assert any(str(watched) in r.getMessage() and "does not exist" in r.getMessage() for r in caplog.records)
         healthy, error = health()
         assert not healthy and str(watched) in error
         watched.mkdir(parents=True)

@@ -300,7 +300,7 @@ class LocalFolderSource:
             # The next root check that finds one back re-watches and rescans it: its watch
             # may have survived (renamed away and back), so no event would say so.
             self._missing.update(missing)
-            problem = (f"watched folder {missing[0]} is gone" if missing
+            problem = (f"watched folder {missing[0]} does not exist" if missing
                        else f"cannot read folder {unlisted[0].filename}: {unlisted[0].strerror}" if unlisted else None)
             self._set_health(problem)
         log.info("source %s: scan: %s", self.name, report)
@@ -602,13 +602,13 @@ class LocalFolderSource:
         if root in self._missing:
             return
         self._missing.add(root)
-        log.warning("source %s: watched folder %s is gone; its adapters are marked removed until it is back",
+        log.warning("source %s: watched folder %s does not exist; its adapters are marked removed until it is there",
                     self.name, root)
         report = ScanReport()
         prefix = as_text(root)  # as the locators under it are stored
         with self._lock:
             self._mark_removed(lambda loc: _under(loc, prefix), report)
-            self._set_health(f"watched folder {root} is gone")
+            self._set_health(f"watched folder {root} does not exist")
         if self.on_change and report.changed:
             self.on_change(report)
 
