@@ -26,8 +26,9 @@ dropped from the config stays in the catalog, and its last publish would never m
 - ``iteris_last_publish_timestamp_seconds{group,destination}``: per destination
   (``kind:location``), when the run that published what it serves finished: the group's
   last successful run, or a later one that failed after publishing there;
-- ``iteris_fidelity_gap{group,task}``: each task's fidelity gap in that run (0: as the
-  task's own adapter, 1: no better than the base model);
+- ``iteris_fidelity_gap{group,task}``: each task's fidelity gap in the last published
+  merge, the newest any destination serves (0: as the task's own adapter, 1: no better
+  than the base model);
 - ``iteris_added_next_token_loss{group,task}``: for a language model that generates, what
   that run's merge adds to each task's next-token loss over the task's own adapter (nats
   per token);
@@ -78,7 +79,7 @@ from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunSta
 from .config import WebhookSettings
 from .errors import ConfigError
 from .figures import added_losses, fidelity_gaps, task_figures
-from .status import serving
+from .status import newest_served, serving
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,8 @@ class CatalogCollector(Collector):
             for destination, finished_at in sorted(published.items()):
                 if finished_at is not None:
                     families["published"].add_metric([group, destination], _unix(finished_at))
-            success = rows[-1] if rows[-1].status is RunStatus.succeeded else None
-            tasks = task_figures(success.metrics.get("tasks")) if success and isinstance(success.metrics, dict) else {}
+            latest = newest_served(rows)
+            tasks = task_figures(latest.metrics.get("tasks")) if latest and isinstance(latest.metrics, dict) else {}
             for task, gap in sorted(fidelity_gaps(tasks).items()):
                 families["fidelity"].add_metric([group, task], float(gap))
             for task, added in sorted(added_losses(tasks).items()):

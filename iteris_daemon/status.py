@@ -41,6 +41,12 @@ def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
     return list(served.values())
 
 
+def newest_served(runs: Iterable[Any]) -> Any | None:
+    """Of a group's runs (newest first, as :func:`serving` takes them), the newest whose merge a
+    destination serves: the last merge, whose inputs and figures ``status`` and ``/metrics`` show."""
+    return max((run for _entry, run in serving(runs)), key=lambda run: run.id, default=None)
+
+
 def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
     """The report; with ``configured`` (a config's group names) ``groups`` holds only those,
     ``not_configured`` the names of the catalog's other groups, and ``not_loaded`` those of
@@ -63,7 +69,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             partly = session.scalars(select(MergeRun).where(
                 MergeRun.group_id == group.id, MergeRun.status == RunStatus.failed, MergeRun.may_have_published(),
                 MergeRun.id > (success.id if success else 0)).order_by(MergeRun.id.desc())).all()
-            merged = {i.revision_id for i in success.inputs} if success else set()
+            latest = newest_served([*partly, *filter(None, [success])])  # a partly published run's, where one did
+            merged = {i.revision_id for i in latest.inputs} if latest else set()
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
             taken = selected(mergeable(registered), group.base_model, Selection.model_validate(group.selection or {}))
@@ -76,8 +83,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                 "next_run_at": iso_utc(group.next_run_at),
                 "merging_now": group.claimed_by,
                 "published": [{**entry, "run_id": run.id} for entry, run in serving([*partly, *filter(None, [success])])],
-                # what the published merge scored on its calibration data (iteris_daemon.figures)
-                "quality": summary(task_figures((success.metrics or {}).get("tasks"))) if success else {},
+                # what the last published merge scored on its calibration data (iteris_daemon.figures)
+                "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},
             })
         daemons = [{"holder": d.holder, "started_at": iso_utc(d.started_at), "seen_at": iso_utc(d.seen_at),

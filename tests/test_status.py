@@ -68,8 +68,17 @@ def test_a_partly_published_run_shows_what_each_destination_serves(setup, capsys
     assert [(p["location"], p["version"], p["run_id"]) for p in published] == [
         (str(setup.published), serves, 2), (str(second), first_run.metrics["published"][1]["version"], 1)]
     assert f"    published: folder {setup.published} @ {serves}\n" in status(capsys, setup)
+    # The last merge is the partly published one: its inputs are merged, its figures the quality shown
+    # (task1 was "not yet merged", and the quality run 1's).
+    report = json.loads(status(capsys, setup, "--json"))["groups"][0]
+    assert report["waiting"]["not_yet_merged"] == [] and "not yet merged" not in status(capsys, setup)
+    assert report["quality"]["worst_task"] in ("task0", "task1") and set(partial.metrics["tasks"]) == {"task0", "task1"}
+    assert report["quality"]["mean_fidelity_gap"] == pytest.approx(
+        sum(t["fidelity_gap"] for t in partial.metrics["tasks"].values()) / 2)
 
     registry = DaemonMetrics(setup.catalog).registry
+    assert registry.get_sample_value("iteris_fidelity_gap", {"group": "unified", "task": "task1"}) == pytest.approx(
+        partial.metrics["tasks"]["task1"]["fidelity_gap"])
     for destination, run in ((setup.published, partial), (second, first_run)):
         shown = registry.get_sample_value("iteris_last_publish_timestamp_seconds",
                                           {"group": "unified", "destination": f"folder:{destination}"})
