@@ -50,6 +50,7 @@ from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, de
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .errors import ConfigError, IterisError
+from .logs import counted
 from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
 from .retry import bound_requests
@@ -201,6 +202,7 @@ class Daemon:
         self._stopping = threading.Event()  # no new work
         self._cancel = threading.Event()  # running merges' workers are asked to stop
         self._free_devices: queue.Queue[str] = queue.Queue()
+        self._slots: list[str] = []  # the devices merges run on, one merge each at a time
         self._group_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._reload = threading.Event()
@@ -244,7 +246,8 @@ class Daemon:
         for leftover in (*self.work.glob(f"{INPUTS_PREFIX}*"), *self.work.glob(f"{SHAPES_PREFIX}*")):  # killed runs' and workers' files
             shutil.rmtree(leftover, ignore_errors=True)
         self.scheduler = new_scheduler(settings)
-        for device in settings.merge_devices()[: settings.merge_slots()]:
+        self._slots = settings.merge_devices()[: settings.merge_slots()]
+        for device in self._slots:
             self._free_devices.put(device)
         self.scheduler.start()
         self._apply(self.config)
@@ -298,7 +301,10 @@ class Daemon:
         with self.catalog.session() as session:  # nothing is scheduled any more (for `status`)
             for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
                 row.next_run_at = None
-        log.info("cancelling running merges (their workers are killed after %.0fs)", self.config.daemon.grace_seconds)
+        running = len(self._slots) - self._free_devices.qsize()
+        if running:
+            log.info("cancelling %s (workers are killed after %.0fs)", counted(running, "running merge"),
+                     self.config.daemon.grace_seconds)
         # Not scheduler.shutdown(wait=True): it waits for running jobs while holding the job
         # store lock, and a job that still calls get_job/add_job (a tick, a source reporting a
         # change) would wait for it forever. Paused, nothing new is submitted; each executor
