@@ -107,10 +107,10 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     contenders = [*request.contenders, *(parse_contender(spec) for spec in request.strategies)]
     seen: dict[tuple[str, str], str] = {}
     for contender in contenders:  # one merge twice would be two rows no one can tell apart
-        if _merge_of(contender) in seen:
-            raise ParameterError(f"strategy {contender.label!r} merges what {seen[_merge_of(contender)]!r} does: "
-                                 "give it once")
-        seen[_merge_of(contender)] = contender.label
+        merge = _merge_of(contender)
+        if merge in seen:
+            raise ParameterError(f"strategy {contender.label!r} merges what {seen[merge]!r} does: give it once")
+        seen[merge] = contender.label
     if not request.strategies:  # every strategy at its defaults, but those a group's already merges
         contenders += [c for c in map(parse_contender, _runnable()) if _merge_of(c) not in seen]
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)

@@ -241,11 +241,12 @@ class CatalogCollector(Collector):
             if group not in groups:
                 continue
             rows = list(rows)
-            published = {f"{entry.get('kind')}:{entry.get('location')}": run.finished_at for entry, run in serving(rows)}
+            served = serving(rows)
+            published = {f"{entry.get('kind')}:{entry.get('location')}": run.finished_at for entry, run in served}
             for destination, finished_at in sorted(published.items()):
                 if finished_at is not None:
                     families["published"].add_metric([group, destination], _unix(finished_at))
-            latest = newest_served(rows)
+            latest = newest_served(served)
             tasks = task_figures(latest.metrics.get("tasks")) if latest and isinstance(latest.metrics, dict) else {}
             for task, gap in sorted(fidelity_gaps(tasks).items()):
                 families["fidelity"].add_metric([group, task], float(gap))

@@ -41,10 +41,10 @@ def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
     return list(served.values())
 
 
-def newest_served(runs: Iterable[Any]) -> Any | None:
-    """Of a group's runs (newest first, as :func:`serving` takes them), the newest whose merge a
-    destination serves: the last merge, whose inputs and figures ``status`` and ``/metrics`` show."""
-    return max((run for _entry, run in serving(runs)), key=lambda run: run.id, default=None)
+def newest_served(served: list[tuple[dict[str, Any], Any]]) -> Any | None:
+    """Of what :func:`serving` found, the newest run: the last merge a destination serves,
+    whose inputs and figures ``status`` and ``/metrics`` show."""
+    return max((run for _entry, run in served), key=lambda run: run.id, default=None)
 
 
 def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
@@ -69,7 +69,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             partly = session.scalars(select(MergeRun).where(
                 MergeRun.group_id == group.id, MergeRun.status == RunStatus.failed, MergeRun.may_have_published(),
                 MergeRun.id > (success.id if success else 0)).order_by(MergeRun.id.desc())).all()
-            latest = newest_served([*partly, *filter(None, [success])])  # a partly published run's, where one did
+            served = serving([*partly, *filter(None, [success])])
+            latest = newest_served(served)  # a partly published run's, where one published since the success
             merged = {i.revision_id for i in latest.inputs} if latest else set()
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
@@ -82,7 +83,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                     "finished_at": iso_utc(last.finished_at), "error": last.error, "repeats": last.repeats},
                 "next_run_at": iso_utc(group.next_run_at),
                 "merging_now": group.claimed_by,
-                "published": [{**entry, "run_id": run.id} for entry, run in serving([*partly, *filter(None, [success])])],
+                "published": [{**entry, "run_id": run.id} for entry, run in served],
                 # what the last published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new},
