@@ -329,6 +329,7 @@ def assert_one_new_publish(e: Env, before: dict, run: tuple) -> None:
     assert e.hub.files(DEST_REPO, f"{GROUP}-run-{run_id}") == published  # the run's tag
 
 
+@pytest.mark.long
 def test_daemon_end_to_end(env: Env, made):
     e = env
     base, (first, second, third, fourth) = made
@@ -444,6 +445,7 @@ def test_daemon_end_to_end(env: Env, made):
     assert catalog_files and all(p.stat().st_mode & 0o777 == 0o600 for p in catalog_files)
 
 
+@pytest.mark.long
 def test_changes_no_source_of_the_daemon_reported_are_merged(env: Env, made):
     """An adapter registered, then removed, by `sources scan` of a source the daemon does
     not watch (added after it started): no source of the daemon reports either change, so

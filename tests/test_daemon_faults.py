@@ -373,6 +373,7 @@ def made(tmp_path_factory):
 # ----------------------------------------------------------------------------- SIGKILL
 
 
+@pytest.mark.long
 def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tmp_path, made, daemons):
     """SIGKILL repeated KILLS times (PHASES), each while the daemon holds still at a pause
     point; what the daemon had done by then is checked for every round. Then one clean
@@ -506,6 +507,7 @@ def test_sigkill_during_merge_and_publish_never_breaks_current_or_the_catalog(tm
 # ----------------------------------------------------------------------------- two daemons
 
 
+@pytest.mark.long
 def test_two_daemons_never_merge_the_same_group_at_once(tmp_path, made, daemons, catalog_url):
     """Two daemons, one catalog, one folder, one destination, 2-second schedules (a long
     debounce leaves the merges to the schedules). Both pause at their first publish and
@@ -592,6 +594,7 @@ def test_two_daemons_never_merge_the_same_group_at_once(tmp_path, made, daemons,
     print(f"merges by daemon: {merged_by}; claims refused: {turned_away}")
 
 
+@pytest.mark.long
 def test_sighup_with_a_broken_config_keeps_the_running_one(tmp_path, made, daemons):
     """Invalid TOML, then a valid file naming an unknown strategy (and other parameters
     and another destination): each reload fails with an ERROR naming the problem, READY
@@ -751,6 +754,7 @@ def test_taking_over_a_claim_fails_the_run_its_holder_left_running(claim_catalog
         assert run.status is RunStatus.failed and "elsewhere:4242:aaaaaaaa" in run.error and run.finished_at
 
 
+@pytest.mark.long
 def test_a_group_claimed_elsewhere_is_asked_again_until_the_claim_frees(tmp_path, made, daemons):
     """A daemon on another host holds the group, then dies mid-merge. This daemon's runs
     (at start, on registering the adapters) find the group claimed; with no schedule and no

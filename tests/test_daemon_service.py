@@ -148,6 +148,7 @@ def _revision(catalog: Catalog) -> str | None:
         return adapter.current.revision if adapter is not None and adapter.current is not None else None
 
 
+@pytest.mark.long
 def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
     base, adapters = made
     (tmp_path / "secret").write_text(SECRET + "\n")

@@ -146,6 +146,7 @@ def test_a_regression_is_refused_kept_out_of_every_destination_and_published_whe
     assert sha256_file(baseline / "adapter_model.safetensors") == setup.current()
 
 
+@pytest.mark.long
 def test_the_baseline_is_the_last_published_merge_not_this_daemons_last(setup, tmp_path):
     """Each daemon keeps its baseline in its own state folder. When another daemon on the
     catalog published since, this one compared the next merge with its own older publish
@@ -166,6 +167,7 @@ def test_the_baseline_is_the_last_published_merge_not_this_daemons_last(setup, t
     assert setup.run(setup.group(params={"scale": 3.0}, gates=gated)).status is RunStatus.refused
 
 
+@pytest.mark.long
 def test_a_groups_dtypes_and_offload_reach_its_merge_and_a_change_of_dtype_merges_again(setup):
     """Every daemon merge ran in float32 with offload auto, whatever the group needed (a
     GPU merge in bfloat16 takes half the memory); the config refused the settings. They

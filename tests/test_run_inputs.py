@@ -69,6 +69,7 @@ def test_an_input_replaced_during_the_merge_does_not_change_what_is_merged(setup
     assert recorded["task0"] != sha256_file(watched / "task0" / "adapter_model.safetensors")
 
 
+@pytest.mark.long
 def test_a_run_waits_for_inputs_changed_or_gone_since_registration(setup):
     """An adapter whose folder changed (or went) after it was registered, not yet seen by
     the source: the run does not publish a merge without it over one that has it (found in
@@ -100,6 +101,7 @@ def test_a_run_waits_for_inputs_changed_or_gone_since_registration(setup):
     assert not list(setup.work.glob(f"{runner.INPUTS_PREFIX}*"))  # every run's snapshot is cleaned up
 
 
+@pytest.mark.long
 def test_a_group_merges_without_an_adapter_whose_weights_went_and_with_it_once_they_are_back(setup):
     """Weights deleted, the config left: once the source has seen it the group merges the
     rest, and once they are back it merges them again. Before the fix the source left the
@@ -263,6 +265,7 @@ def test_the_catalog_check_loads_current_revisions_not_the_history(setup):
     assert sorted(loaded) == sorted(registered * 2)  # one row per registered adapter and call
 
 
+@pytest.mark.long
 def test_a_group_is_behind_when_its_selection_differs_from_what_its_last_run_considered(setup):
     """What the daemon's catalog check (``Daemon._catch_up``) triggers on. An adapter the
     last run held back counts as considered: only its source's report of a change (a new
@@ -352,6 +355,7 @@ def test_a_held_back_adapter_is_named_by_its_own_files_not_the_runs_copy(setup):
     assert str(setup.work) not in reason
 
 
+@pytest.mark.long
 def test_after_a_run_that_published_only_partly_nothing_is_skipped(setup):
     """Destinations: a folder, then one that fails (here a second folder whose path is a
     file). The failed run had published to the first; the inputs then went back to what
@@ -389,6 +393,7 @@ def test_after_a_run_that_published_only_partly_nothing_is_skipped(setup):
     assert setup.run(group).status is RunStatus.skipped  # all destinations agree again
 
 
+@pytest.mark.long
 def test_a_merge_whose_publishing_failed_is_published_again_not_merged_again(setup, tmp_path, monkeypatch):
     """Destinations: a folder, then the test Hub, whose commit fails past the publisher's
     retries. The run fails having published to the folder, keeps its merge and asks to be

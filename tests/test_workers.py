@@ -184,6 +184,7 @@ def test_the_worker_is_killed_with_the_process_that_started_it(tmp_path, made, f
     polling.wait_for(lambda: not _alive(worker), timeout=30, what="the orphaned worker to die")
 
 
+@pytest.mark.long
 def test_the_daemon_outlives_workers_that_die(tmp_path, made):
     """The same three deaths under a real daemon (``python -m iteris_daemon run``): each
     run is recorded failed with the reason while the daemon keeps running and the
