@@ -243,25 +243,27 @@ class BlockExecutor:
         seen: streamed, each block is computed once per pass."""
         signature = self._signatures[s]
         blocks = list(stack.blocks)
+        last = len(blocks) - 1
         calls: dict[int, inspect.BoundArguments] = {}
         again: list[int] = []
-        early: list[str] = []
-        seen_before_last: list[str] = []  # the modules in ``early`` that ran before the last block
+        early: list[str] = []  # the watched outside modules, in the order they ran
+        ran_before_last = 0  # how many of ``early`` ran before the last block
 
         def stand_in(b: int):
             def forward(*args, **kwargs):
+                nonlocal ran_before_last
                 if b in calls:
                     again.append(b)
                     raise _StopForward
                 calls[b] = signature.bind(*args, **kwargs)
-                if b == len(blocks) - 1:
-                    seen_before_last.extend(early)
+                if b == last:
+                    ran_before_last = len(early)
                 hidden = calls[b].arguments[hidden_name]  # the real output is the streams' to compute
                 return (hidden, *(_Output(b, i) for i in range(1, length))) if length else hidden
             return forward
 
         def stop_past_the_last_block(*_args) -> None:
-            if len(blocks) - 1 in calls:
+            if last in calls:
                 raise _StopForward
 
         modules = dict(self.model.named_modules())
@@ -276,15 +278,15 @@ class BlockExecutor:
         except _StopForward:
             pass
         except Exception as exc:  # it wants other outputs of a stand-in (a tensor cannot be unpacked into three)
-            if len(blocks) - 1 not in calls:  # past it, every call is recorded (code reading a placeholder fails)
+            if last not in calls:  # past it, every call is recorded (code reading a placeholder fails)
                 failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
         finally:
             for hook in hooks:
                 hook.remove()
         if again:
             raise UnsupportedForBlocks(f"its forward pass calls {stack.path}.{again[0]} more than once")
-        if len(blocks) - 1 in calls:
-            after, early = early[len(seen_before_last):], seen_before_last
+        if last in calls:
+            after, early = early[ran_before_last:], early[:ran_before_last]
             if after and stack is not self.plan.stacks[-1]:  # the tail unit runs after the last stack alone
                 raise UnsupportedForBlocks(f"{self._what(after[0])} {after[0]} runs between {stack.path} and the "
                                            "next stack's blocks")
