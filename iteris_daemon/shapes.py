@@ -96,11 +96,11 @@ def skeleton_key(base: str, config: Mapping[str, Any], modules: list[str], saved
     task_type = config.get("task_type")
     paths = sorted(modules) if task_type is None and wanted is None else None
     labels = head_labels(saved)
-    payload = [base, _local_config_digest(base), task_type, repr(wanted), paths, labels, trust_remote_code]
+    payload = [base, local_config_digest(base), task_type, repr(wanted), paths, labels, trust_remote_code]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def _local_config_digest(base: str) -> str | None:
+def local_config_digest(base: str) -> str | None:
     """The sha256 of a local base model's ``config.json``, so that a model replaced in its folder
     (a wider checkpoint saved to the same path) is measured again; None for a Hub id."""
     try:

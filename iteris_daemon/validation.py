@@ -31,7 +31,7 @@ from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, W
                              module_scaling, read_adapter_config)
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
-from .shapes import BaseShapes, check_shapes, skeleton_key
+from .shapes import BaseShapes, check_shapes, local_config_digest, skeleton_key
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,16 @@ VALIDATION_RULES = 1
 
 def validation_context(limits: Limits, base_model: str | None, trusted_models: Collection[str]) -> str:
     """A digest of everything besides an adapter's files that its verdict depends on:
-    the limits, the source's base model, the trusted base models and the rules. The
-    catalog stores it with each verdict, and a source judges a revision again when its
-    context differs: a Hub adapter refused as too big is registered once the limit is
-    raised (its commit, the revision, is the same), one past a lowered limit is withdrawn."""
+    the limits, the source's base model (a local one's ``config.json`` too), the trusted base
+    models and the rules. The catalog stores it with each verdict, and a source judges a
+    revision again when its context differs: a Hub adapter refused as too big is registered
+    once the limit is raised (its commit, the revision, is the same), one past a lowered
+    limit is withdrawn, and the adapters of a base model replaced in its folder by another
+    shape are withdrawn at the source's next start."""
     key = {"rules": VALIDATION_RULES, "limits": asdict(limits), "base_model": base_model,
            "trusted_models": sorted(trusted_models)}
+    if base_model and (config := local_config_digest(base_model)) is not None:
+        key["base_config"] = config
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -17,11 +17,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 from hub_server import HubServer, isolate_hub_client
 from sqlalchemy import select, update
+from transformers import AutoModel
 
 import iteris_daemon.sources.local as local
-from builders import build_adapter, build_tiny_model
+from builders import build_adapter, build_tiny_model, tiny_config
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, MergeRun, RunStatus, SourceKind
 from iteris_daemon.catalog.registry import add_source
@@ -147,6 +149,33 @@ def test_a_folder_adapter_is_judged_again_when_the_limits_change(team, validatio
     assert _statuses(catalog) == {"task0": AdapterStatus.registered, "task1": AdapterStatus.rejected}
     with catalog.session() as session:
         assert session.query(AdapterRevision).count() == 3
+
+
+def test_the_adapters_of_a_base_model_replaced_in_its_folder_are_judged_again(tmp_path):
+    """A local base model's ``config.json`` is part of the context: a wider model saved to the
+    same folder (an updated checkpoint) has the next start of the source judge its adapters
+    again, and one that no longer fits is withdrawn. Before, it stayed registered and failed
+    every merge of its group with a shape error."""
+    base, watched = tmp_path / "base", tmp_path / "watched"
+    build_adapter(build_tiny_model("bert", base), watched / "task0", seed=0, family="bert")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
+    assert LocalFolderSource(catalog, "team").scan().registered == [str(watched / "task0")]
+    unchanged = validation_context(Limits(), str(base), [])
+    assert LocalFolderSource(catalog, "team").context == unchanged  # the same config: the same context
+
+    shutil.rmtree(base)
+    wider = tiny_config("bert")
+    wider.hidden_size *= 2
+    torch.manual_seed(0)
+    AutoModel.from_config(wider).save_pretrained(base)
+    source = LocalFolderSource(catalog, "team")
+    assert source.context != unchanged
+    report = source.scan()
+    assert report.withdrawn == report.rejected == [str(watched / "task0")] and report.changed
+    assert "but the base layer is 64x64" in _revisions(catalog)["task0"].reason, _revisions(catalog)["task0"].reason
+    catalog.close()
 
 
 def test_a_registered_folder_replaced_by_a_symlink_is_withdrawn(team, tmp_path):
