@@ -51,7 +51,7 @@ _UNSUPPORTED_FLAGS = {
 
 # init_lora_weights values whose adapters are deltas on a changed base (PEFT writes
 # init_lora_weights=true into the config of an adapter converted to a plain LoRA).
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 class _TypedFields(BaseModel):

@@ -360,10 +360,11 @@ def test_corrupted_weights_are_rejected_cleanly(adapter, tmp_path):
     ({"velora_config": {"rank": 2}}, "velora_config"),
     ({"arrow_config": {"top_k": 2}}, "arrow_config"),
     ({"trainable_token_indices": [5, 6]}, "trainable_token_indices"),
-    # unconverted PiSSA / OLoRA / CorDA / LoftQ: deltas on a base their initialisation changed
+    # unconverted PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ: deltas on a base their initialisation changed
     ({"init_lora_weights": "pissa_niter_4"}, "changed base model"),
     ({"init_lora_weights": "olora"}, "changed base model"),
     ({"init_lora_weights": "corda"}, "changed base model"),
+    ({"init_lora_weights": "lora_ga"}, "changed base model"),  # PEFT converts LoRA-GA as it does PiSSA
     ({"init_lora_weights": "loftq"}, "changed base model"),
 ])
 def test_absurd_config_values_have_clear_reasons(adapter, tmp_path, changes, word):
