@@ -210,6 +210,12 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
                              "LoRA factors are real floating point; nothing was written")
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
+    left_out = sorted(path for path in shapes if path not in modules)
+    if left_out:  # the adapters' deltas there would be lost without a word
+        adapter = next(a.name for a in adapters if left_out[0] in a.modules)
+        more = f" and {counted(len(left_out) - 1, 'other layer')}" if len(left_out) > 1 else ""
+        raise MergeError(f"strategy {strategy} returned no factors for layer {left_out[0]} (which {adapter} "
+                         f"adapts){more}; nothing was written")
 
 
 def input_tensors(adapters: list[LoraAdapter]) -> dict[tuple[str, str], tuple[torch.Tensor, int]]:

@@ -71,7 +71,9 @@ class PeftCombination:
         try:
             model.add_weighted_adapter(names, weights, "merged", combination_type=self.combination_type, **kwargs)
         except (ValueError, RuntimeError) as exc:
-            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}") from None
+            why = (_rank_mismatch(adapters) if self.combination_type in EQUAL_RANKS else None) or _restricted(adapters)
+            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}"
+                             + (f" ({why})" if why else "")) from None
 
         modules = {}
         prefix = "base_model.model."
@@ -85,7 +87,39 @@ class PeftCombination:
             # (huggingface/peft#3449); the factors already carry each adapter's own scaling.
             B = layer.lora_B["merged"].weight.detach().float() * (layer.lora_alpha["merged"] / layer.r["merged"])
             modules[name.removeprefix(prefix)] = (B.clone(), A.clone())
+        left_out = sorted({path for a in adapters for path in a.modules} - set(modules))
+        if left_out and (why := _restricted(adapters)):  # else the merge's own check names the layer
+            raise MergeError(f"PEFT's {self.combination_type!r} left out layer {left_out[0]}, which "
+                             f"{next(a.name for a in adapters if left_out[0] in a.modules)} adapts ({why})")
         return MergedAdapter(modules)
+
+
+# The types whose factors PEFT combines entry by entry: every layer's rank must agree.
+EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# Config fields that restrict which layers an adapter is injected into.
+_LAYER_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def _rank_mismatch(adapters) -> str | None:
+    """The first layer the adapters adapt at different ranks (a ``rank_pattern`` makes them
+    differ where their ``r`` agrees, which PEFT's own check compares): PEFT's error names none."""
+    for path in sorted({p for a in adapters for p in a.modules}):
+        ranks = {a.name: a.modules[path].rank for a in adapters if path in a.modules}
+        if len(set(ranks.values())) > 1:
+            return f"layer {path} has " + ", ".join(f"rank {r} in {name}" for name, r in ranks.items())
+    return None
+
+
+def _restricted(adapters) -> str | None:
+    """Why PEFT's merged adapter misses layers: it takes the first adapter's config, with its
+    layer restrictions, whatever the others adapt."""
+    first = adapters[0]
+    fields = [f for f in _LAYER_FIELDS if first.config.get(f) not in (None, [], "")]
+    if not fields or len(adapters) == 1:
+        return None
+    return (f"PEFT gives the merged adapter the first adapter's {' and '.join(fields)}, {first.name}'s; put an "
+            "adapter without them first, or use one of this project's strategies (task_arithmetic is peft_cat's "
+            "exact sum)")
 
 
 def _check_svd_rank(rank: int, adapters) -> None:

@@ -122,13 +122,15 @@ def build_adapter(
     bias: str = "none",
     added_tokens: list[str] | None = None,
     save_embedding_layers: bool | str = "auto",
+    **lora_options,
 ) -> Path:
     """A real PEFT LoRA adapter with random (non-zero) weights and a calibration.jsonl.
 
     ``base_class`` (default: ``task_type``'s auto class) is the transformers class
     the adapter is made on, e.g. ``GPT2LMHeadModel`` with ``task_type=None``.
     ``added_tokens``: added to the tokenizer (saved with the adapter), the model's
-    embeddings resized to it first, as one trains new tokens.
+    embeddings resized to it first, as one trains new tokens. ``lora_options``: more
+    ``LoraConfig`` fields (``rank_pattern``, ``layers_to_transform``, ...).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -136,7 +138,7 @@ def build_adapter(
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family], task_type=task_type,
         use_rslora=use_rslora, init_lora_weights=False, fan_in_fan_out=(family == "gpt2"),
-        modules_to_save=modules_to_save, bias=bias,
+        modules_to_save=modules_to_save, bias=bias, **lora_options,
     )
     torch.manual_seed(seed)
     if added_tokens:

@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from peft import PeftModel
 
-from builders import apply_by_hand, cli_merge, sample_inputs
+from builders import apply_by_hand, build_adapter, cli_merge, sample_inputs
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import strategies
 
@@ -121,6 +121,53 @@ def test_peft_types_that_need_equal_ranks_stop_with_peft_s_reason(bert, strategy
     base_dir, adapters = bert  # ranks 2, 3 and 4
     assert cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", strategy) == 2
     assert "same r value" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_peft_types_name_the_layer_a_rank_pattern_makes_differ(bert, tmp_path, capsys):
+    """Equal ``r`` and a ``rank_pattern``: PEFT's check of the ranks passes and its merge failed
+    later with a bare torch error ("stack expects each tensor to be equal size") naming no layer."""
+    base_dir, _ = bert
+    plain = build_adapter(base_dir, tmp_path / "plain", seed=1, family="bert", r=4)
+    patterned = build_adapter(base_dir, tmp_path / "patterned", seed=2, family="bert", r=4, rank_pattern={"query": 2})
+    assert cli_merge(base_dir, [plain, patterned], tmp_path / "out", "--strategy", "peft_linear") == 2
+    err = capsys.readouterr().err
+    assert "layer encoder.layer.0.attention.self.query has rank 4 in plain, rank 2 in patterned" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("restriction", [{"layers_to_transform": [1], "layers_pattern": "layer"},
+                                         {"exclude_modules": ["encoder.layer.0.attention.self.query"]}])
+def test_peft_types_refuse_to_drop_the_layers_a_first_adapter_leaves_out(bert, tmp_path, capsys, restriction):
+    """PEFT gives the merged adapter the first adapter's layer restrictions: the others' deltas
+    outside them were dropped, exit 0 (found by QA). Refused, saying why; the other order merges
+    every layer, exactly as task arithmetic does."""
+    base_dir, _ = bert
+    narrow = build_adapter(base_dir, tmp_path / "narrow", seed=1, family="bert", **restriction)
+    wide = build_adapter(base_dir, tmp_path / "wide", seed=2, family="bert")
+    assert cli_merge(base_dir, [narrow, wide], tmp_path / "out", "--strategy", "peft_cat", "--no-eval") == 2
+    err = capsys.readouterr().err
+    assert "PEFT's 'cat' left out layer encoder.layer.0." in err and "which wide adapts" in err, err
+    assert f"first adapter's {' and '.join(restriction)}, narrow's" in err, err
+    assert not (tmp_path / "out").exists()
+
+    assert cli_merge(base_dir, [wide, narrow], tmp_path / "cat", "--strategy", "peft_cat", "--no-eval") == 0
+    merged, inputs = load_adapter(tmp_path / "cat"), [load_adapter(wide), load_adapter(narrow)]
+    assert set(merged.modules) == set(inputs[0].modules) | set(inputs[1].modules)
+    for path, module in merged.modules.items():
+        expected = sum(a.modules[path].delta() for a in inputs if path in a.modules)
+        assert torch.allclose(module.delta(), expected, atol=1e-6), path
+
+
+def test_peft_types_refuse_adapters_that_each_save_a_module(bert, tmp_path, capsys):
+    """PEFT's own limit, documented in the strategy table: two adapters that save the same
+    module, even byte-identical copies, stop with PEFT's reason (exit 2, nothing written)."""
+    base_dir, _ = bert
+    saving = build_adapter(base_dir, tmp_path / "a", seed=1, family="bert", modules_to_save=["pooler"])
+    shutil.copytree(saving, tmp_path / "b")
+    assert cli_merge(base_dir, [saving, tmp_path / "b"], tmp_path / "out", "--strategy", "peft_cat",
+                     "--no-eval") == 2
+    assert "target the same module with modules_to_save" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

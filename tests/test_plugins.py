@@ -142,6 +142,8 @@ class Misbehaving:
             modules["no.such.layer"] = modules.pop(path)
         elif self.mistake == "no layers":
             modules = {}
+        elif self.mistake == "a layer left out":  # its adapters' deltas there lost
+            del modules[path]
         elif self.mistake == "rank 0":
             modules[path] = (B[:, :0], A[:0])
         elif self.mistake == "shared":  # one tensor for every layer's B of that shape: written as copies
@@ -171,6 +173,7 @@ class Misbehaving:
     ("transposed", "returned factors of shapes B"),
     ("unknown layer", "returned layer 'no.such.layer', which no adapter adapts"),
     ("no layers", "returned no layers"),
+    ("a layer left out", "returned no factors for layer "),
     ("rank 0", "and r >= 1"),
     ("huge", "overflow torch.float16"),
     ("overflowing product", "overflows torch.float32 (finite factors, an infinite product)"),  # with --no-eval too
