@@ -339,7 +339,7 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     into.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
         try:
-            copy_adapter_file(source / name, into / name, limits.file_limit(name), follow=name != CALIBRATION_NAME)
+            copy_adapter_file(source / name, into / name, limits, follow=name != CALIBRATION_NAME)
         except FileNotFoundError:
             if name != CALIBRATION_NAME:
                 raise AdapterError(source / name, "vanished since it was registered") from None
@@ -347,7 +347,7 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
         except AdapterError as exc:
             if _source_holds_revision(adapter, revision, limits):
-                raise RefusedInput(exc.path, f"{exc.reason} (under this daemon's limits)") from None
+                raise RefusedInput(exc.path, f"{exc.reason}, under this daemon's limits") from None
             raise
     changed = AdapterError(source, "changed since it was registered; the next run merges the new revision")
     try:
@@ -355,7 +355,7 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
     except AdapterError as exc:
         if _holds_revision(adapter, revision, into, limits):
             where = source / Path(exc.path).relative_to(into) if Path(exc.path).is_relative_to(into) else exc.path
-            raise RefusedInput(where, f"{exc.reason} (under this daemon's limits)") from None
+            raise RefusedInput(where, f"{exc.reason}, under this daemon's limits") from None
         raise changed from None
     if revision.content_sha256 and loaded.content_sha256 != revision.content_sha256:
         raise changed

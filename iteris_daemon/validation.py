@@ -56,8 +56,17 @@ class Limits:
 
     def file_limit(self, name: str) -> int:
         """The most bytes the adapter file ``name`` may hold."""
-        return {CONFIG_NAME: self.max_config_bytes, CALIBRATION_NAME: self.max_calibration_bytes}.get(
-            name, self.max_weights_bytes)
+        return getattr(self, self.file_setting(name))
+
+    @staticmethod
+    def file_setting(name: str) -> str:
+        """The setting that bounds the adapter file ``name``."""
+        return {CONFIG_NAME: "max_config_bytes", CALIBRATION_NAME: "max_calibration_bytes"}.get(name, "max_weights_bytes")
+
+    def above(self, setting: str) -> str:
+        """"above the limit of N ([daemon.limits] setting)": a refusal names what to raise
+        (a 70B model's rank-64 LoRA on every linear layer, saved in float32, is 3.3 GB)."""
+        return f"above the limit of {getattr(self, setting)} ([daemon.limits] {setting})"
 
 
 # Bump when a release changes what validation accepts or refuses: every verdict the
@@ -148,8 +157,8 @@ def _file_identity(path: Path, limit: int, follow: bool) -> str | None:
         return f"unread:{stat.S_IFMT(info.st_mode):o}:{info.st_size}:{info.st_mtime_ns}:"
 
 
-def copy_adapter_file(source: Path, target: Path, limit: int, follow: bool = True) -> None:
-    """Copy ``source`` if it is a regular file of at most ``limit`` bytes, checked on the
+def copy_adapter_file(source: Path, target: Path, limits: Limits, follow: bool = True) -> None:
+    """Copy ``source`` if it is a regular file within its limit, checked on the
     descriptor that is read (a swap between check and copy changes nothing); never
     through a symlink unless ``follow``. Raises :class:`AdapterError` saying what it is
     instead; ``FileNotFoundError`` when there is nothing."""
@@ -161,11 +170,12 @@ def copy_adapter_file(source: Path, target: Path, limit: int, follow: bool = Tru
         if isinstance(exc, FileNotFoundError):
             raise
         raise AdapterError(source, f"cannot read: {exc.strerror}") from None
+    limit = limits.file_limit(source.name)
     with handle:
         if not stat.S_ISREG(info.st_mode):
             raise AdapterError(source, "is not a regular file")
         if info.st_size > limit:
-            raise AdapterError(source, f"file is {info.st_size} bytes, above the limit of {limit}")
+            raise AdapterError(source, f"file is {info.st_size} bytes, {limits.above(limits.file_setting(source.name))}")
         copied = 0
         with open(target, "wb") as out:
             while block := handle.read(min(1 << 20, limit + 1 - copied)):
@@ -188,7 +198,7 @@ def check_calibration_file(folder: Path, limits: Limits) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise AdapterError(path, "is not a regular file")
     if info.st_size > limits.max_calibration_bytes:
-        raise AdapterError(path, f"file is {info.st_size} bytes, above the limit of {limits.max_calibration_bytes}")
+        raise AdapterError(path, f"file is {info.st_size} bytes, {limits.above('max_calibration_bytes')}")
 
 
 def read_weights(path: Path, limits: Limits) -> bytes:
@@ -196,7 +206,7 @@ def read_weights(path: Path, limits: Limits) -> bytes:
     with open(path, "rb") as handle:  # an OSError (no permission, vanished) is the caller's to explain
         size = os.fstat(handle.fileno()).st_size
         if size > limits.max_weights_bytes:
-            raise AdapterError(path, f"file is {size} bytes, above the limit of {limits.max_weights_bytes}")
+            raise AdapterError(path, f"file is {size} bytes, {limits.above('max_weights_bytes')}")
         data = handle.read(size)
         grew = handle.read(1)
     if grew:
@@ -229,7 +239,7 @@ def check_safetensors_header(path: Path, limits: Limits, data: bytes | None = No
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise AdapterError(path, "safetensors header: __metadata__ must map names to strings")
     if len(header) > limits.max_tensors:
-        raise AdapterError(path, f"{len(header)} tensors, above the limit of {limits.max_tensors}")
+        raise AdapterError(path, f"{len(header)} tensors, {limits.above('max_tensors')}")
     data_size = size - 8 - header_len
     spans = []
     for name, entry in header.items():
@@ -315,7 +325,7 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
             raise AdapterError(folder / pickled[0], "pickled weights are refused (never loaded); convert the adapter to safetensors")
         raise AdapterError(folder, f"no {WEIGHTS_NAME}")
     if config["r"] > limits.max_rank:
-        raise AdapterError(folder / CONFIG_NAME, f"r={config['r']} is above the limit of {limits.max_rank}")
+        raise AdapterError(folder / CONFIG_NAME, f"r={config['r']} is {limits.above('max_rank')}")
     data = read_weights(weights, limits)  # read once: header, values and hash come from the same bytes
     header = check_safetensors_header(weights, limits, data)
     start = 8 + struct.unpack("<Q", data[:8])[0]

@@ -117,7 +117,7 @@ def test_a_folder_adapter_is_judged_again_when_the_limits_change(team, validatio
     catalog, watched, _ = team
     report = LocalFolderSource(catalog, "team", limits=Limits(max_rank=2)).scan()
     assert report.registered == [str(watched / "task0")] and report.rejected == [str(watched / "task1")]
-    assert _revisions(catalog)["task1"].reason.endswith("r=3 is above the limit of 2")
+    assert _revisions(catalog)["task1"].reason.endswith("r=3 is above the limit of 2 ([daemon.limits] max_rank)")
 
     validations.clear()
     report = LocalFolderSource(catalog, "team", limits=Limits(max_rank=2)).scan()  # same settings: nothing read
@@ -317,7 +317,7 @@ def test_a_run_holds_back_what_its_limits_refuse_and_merges_the_rest(team, tmp_p
         held_back = row.metrics["held_back"]
         merged = sorted(i.revision.adapter.name for i in row.inputs)
     assert merged == ["task0"] and list(held_back) == ["task1"]
-    assert held_back["task1"].endswith(f"above the limit of {value} (under this daemon's limits)")
+    assert held_back["task1"].endswith(f"above the limit of {value} ([daemon.limits] {limit}), under this daemon's limits")
     assert held_back["task1"].startswith(str(watched / "task1" / (name or "adapter_config.json")))
 
 
