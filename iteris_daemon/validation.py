@@ -68,6 +68,10 @@ class Limits:
         (a 70B model's rank-64 LoRA on every linear layer, saved in float32, is 3.3 GB)."""
         return f"above the limit of {getattr(self, setting)} ([daemon.limits] {setting})"
 
+    def file_above(self, name: str) -> str:
+        """:meth:`above` for the setting that bounds the adapter file ``name``."""
+        return self.above(self.file_setting(name))
+
 
 # Bump when a release changes what validation accepts or refuses: every verdict the
 # catalog holds is then reached again, once (see ``validation_context``).
@@ -175,7 +179,7 @@ def copy_adapter_file(source: Path, target: Path, limits: Limits, follow: bool =
         if not stat.S_ISREG(info.st_mode):
             raise AdapterError(source, "is not a regular file")
         if info.st_size > limit:
-            raise AdapterError(source, f"file is {info.st_size} bytes, {limits.above(limits.file_setting(source.name))}")
+            raise AdapterError(source, f"file is {info.st_size} bytes, {limits.file_above(source.name)}")
         copied = 0
         with open(target, "wb") as out:
             while block := handle.read(min(1 << 20, limit + 1 - copied)):

@@ -417,7 +417,7 @@ class HubSource:
         for name in wanted_files:  # the listing's sizes are a first check only: each download is bounded too
             size, limit = siblings[name].size, self.limits.file_limit(name)
             if size is not None and size > limit:
-                raise AdapterError(where, f"{name} is {size} bytes, {self.limits.above(self.limits.file_setting(name))}")
+                raise AdapterError(where, f"{name} is {size} bytes, {self.limits.file_above(name)}")
         fetched: list[str] = []
         with _own_files(snapshot, fetched, where):
             self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
@@ -451,14 +451,14 @@ class HubSource:
             for partial in (snapshot / ".cache").rglob(f"{Path(filename).name}*.incomplete"):
                 partial.unlink(missing_ok=True)
             raise AdapterError(where, f"{filename} is {exc.size}{'+' if exc.stopped else ''} bytes, "
-                                      f"{self.limits.above(self.limits.file_setting(filename))}"
+                                      f"{self.limits.file_above(filename)}"
                                       f"{'; the download was stopped' if exc.stopped else ''}") from None
         resolved = Path(path).resolve()
         if resolved.parent != snapshot.resolve():
             raise AdapterError(where, f"download of {filename!r} landed outside its folder")
         size = resolved.stat().st_size  # e.g. already there from a poll under a higher limit
         if size > limit:
-            raise AdapterError(where, f"{filename} is {size} bytes, {self.limits.above(self.limits.file_setting(filename))}")
+            raise AdapterError(where, f"{filename} is {size} bytes, {self.limits.file_above(filename)}")
         problem = mismatch(sibling, resolved)
         if problem:
             resolved.unlink()
