@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, Sample
 from .devices import check_device
 from .errors import BaseModelError, CalibrationError, ParameterError
 from .architecture import linear_kind, weight_shape
@@ -331,7 +331,9 @@ class BaseModel:
         if self.tokenizer is not None:
             _agree_on_padding(self.tokenizer, self.model.config)
             self.tokenizer.padding_side = "right"
-        self._plain_chat_warned: set[str] = set()  # sources already told they have no chat template
+        # (what, source): what a calibration source was warned about; a merge reads a set
+        # several times (the task model, each iteration, the evaluation) and warns once.
+        self._warned: set[tuple[str, str]] = set()
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
         self._cut_warned = False
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
@@ -531,11 +533,9 @@ class BaseModel:
         dropped: no token of it would reach any layer, and models reject length 0.
         """
         self.require_text()
-        if (not self.tokenizer.chat_template and data.source not in self._plain_chat_warned
-                and any(s.messages is not None for s in data.samples)):
-            self._plain_chat_warned.add(data.source)
-            log.warning("%s: the base model's tokenizer has no chat template; its conversations are read as "
-                        "plain 'role: content' lines", data.source)
+        if not self.tokenizer.chat_template and any(s.messages is not None for s in data.samples):
+            self._warn_once("no template", data.source, "%s: the base model's tokenizer has no chat template; its "
+                            "conversations are read as plain 'role: content' lines", data.source)
         special = self.tokenizer.num_special_tokens_to_add()
         if max_length <= special:  # the tokenizer keeps its special tokens: nothing would be cut
             raise ParameterError(f"max_length {max_length} leaves no room for text: the tokenizer of "
@@ -548,21 +548,42 @@ class BaseModel:
             max_length = self.max_tokens
         order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
         batches = []
+        cut: list[tuple[Sample, int]] = []
         for start in range(0, len(order), batch_size):
             chunk = [data.samples[i] for i in order[start : start + batch_size]]
-            batch = self._encode(chunk, max_length, data.source)
+            batch = self._encode(chunk, max_length, data.source, cut)
             if all(v.shape[-1] > 0 for v in batch.values()):
                 batches.append(batch)
+        if cut:
+            self._warn_cut(data, cut, max_length)
         return batches
 
-    def _encode(self, chunk, max_length: int, source: str) -> dict[str, torch.Tensor]:
+    def _warn_once(self, what: str, source: str, message: str, *args) -> None:
+        if (what, source) not in self._warned:
+            self._warned.add((what, source))
+            log.warning(message, *args)
+
+    def _warn_cut(self, data: CalibrationSet, cut: list[tuple[Sample, int]], max_length: int) -> None:
+        """Warn of the samples of ``data`` cut at ``max_length`` tokens (with their full token
+        counts): a conversation's cut falls on its end, the replies an adapter was trained on."""
+        if max_length == self.max_tokens:
+            said = f"longer than the {max_length} tokens {self.name_or_path} reads and are cut there"
+        else:
+            said = f"longer than max_length {max_length} and are cut at it"
+        chats = sum(s.messages is not None for s, _ in cut)
+        self._warn_once("cut", data.source, "%s: %d of %d samples are %s (the longest has %d tokens)%s%s", data.source,
+                        len(cut), len(data.samples), said, max(n for _, n in cut),
+                        f"; a conversation is cut at its end, its last replies ({chats} of the {len(cut)} cut)"
+                        if chats else "", "" if max_length == self.max_tokens else "; --param max_length=N keeps more")
+
+    def _encode(self, chunk, max_length: int, source: str, cut: list[tuple[Sample, int]]) -> dict[str, torch.Tensor]:
         if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
-            rows = [self._token_ids(s, max_length, source) for s in chunk]
+            rows = [self._tokens([s], [self._templated(s, source)], s.messages is None, max_length, cut)["input_ids"][0]
+                    for s in chunk]
             encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         else:
-            encoded = self.tokenizer(
-                [s.text for s in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
+            tokens = self._tokens(chunk, [s.text for s in chunk], True, max_length, cut)
+            encoded = self.tokenizer.pad(tokens, padding=True, return_tensors="pt")
         batch = {k: v for k, v in encoded.items() if k in self._forward_args}
         if "token_type_ids" in batch and not getattr(self.model.config, "type_vocab_size", 0):
             del batch["token_type_ids"]
@@ -573,19 +594,35 @@ class BaseModel:
             batch["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
         return batch
 
-    def _token_ids(self, sample, max_length: int, source: str) -> list[int]:
-        """One sample's token ids; a conversation through the chat template, whose text
-        carries its own special tokens (so none are added again, e.g. a second BOS)."""
+    def _tokens(self, samples: list[Sample], texts: list[str], special: bool, max_length: int,
+                cut: list[tuple[Sample, int]]) -> dict[str, list[list[int]]]:
+        """``texts`` (one per sample) tokenized, those longer than ``max_length`` tokens cut at it,
+        and each sample cut added to ``cut`` with its full token count. Only the ones cut are
+        tokenized a second time, with the tokenizer's own truncation: it keeps the special tokens
+        its post-processor adds (a trailing EOS too) and cuts the side it is set to, which the
+        full ids alone do not tell."""
+        encoded = self.tokenizer(texts, add_special_tokens=special, verbose=False)
+        tokens = {key: list(rows) for key, rows in encoded.items()}
+        for i, ids in enumerate(encoded["input_ids"]):
+            if len(ids) > max_length:
+                cut.append((samples[i], len(ids)))
+                again = self.tokenizer(texts[i], add_special_tokens=special, truncation=True, max_length=max_length)
+                for key, rows in tokens.items():
+                    rows[i] = again[key]
+        return tokens
+
+    def _templated(self, sample, source: str) -> str:
+        """The text a sample is tokenized from: a conversation through the chat template, whose
+        text carries its own special tokens (so none are added again, e.g. a second BOS)."""
         if sample.messages is None:
-            return self.tokenizer(sample.text, truncation=True, max_length=max_length)["input_ids"]
+            return sample.text
         messages = [{"role": role, "content": content} for role, content in sample.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as exc:  # the template's own raise_exception (jinja2): "roles must alternate", say
             roles = ", ".join(role for role, _ in sample.messages)
             raise CalibrationError(source, f"the base model's chat template refuses a conversation with roles "
                                            f"[{roles}]: {exc}".splitlines()[0]) from None
-        return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
 
     def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
         """Teacher forcing: row by row the decoder reads ``<start> + target[:-1]``, as many

@@ -317,6 +317,9 @@ def test_max_length_beyond_the_models_positions_is_cut_there(workspace, capsys, 
     assert code == 0
     assert any(r.getMessage() == f"max_length 200 is more than {base} reads (128 tokens): samples are cut at 128"
                for r in caplog.records)
+    # and the set's own count, without the advice to raise max_length, which would keep nothing more
+    assert f"{long}: 1 of 1 samples are longer than the 128 tokens {base} reads and are cut there (the longest " \
+           "has 302 tokens)" in caplog.messages
 
 
 def test_no_calibration_for_iteris(workspace, capsys):

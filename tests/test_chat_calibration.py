@@ -104,3 +104,29 @@ def test_a_merge_reads_conversations(llama, tmp_path):
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert [i["calibration"]["source"] for i in report["inputs"]] == [str(f) for f in files]
     assert all(t["fidelity_gap"] > 0 for t in report["tasks"].values())
+
+
+def test_samples_longer_than_max_length_are_cut_with_one_warning_per_source(llama, caplog):
+    """Samples past ``max_length`` were cut without a word (the README said "with a warning"):
+    a conversation's cut falls on its end, the replies its adapter was trained on. One warning
+    per source counts them; the ids are still what the tokenizer's own truncation gives."""
+    base_dir, adapter_dirs = llama
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    tokenizer = base.tokenizer
+    short, long = Sample("the market fell"), Sample(" ".join(["market"] * 40))
+    chat = Sample.conversation((("user", "the market fell late"), ("assistant", " ".join(["prices dropped"] * 10))))
+    rendered = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in chat.messages], tokenize=False)
+    for _ in range(2):  # a merge reads a set twice or more
+        (batch,) = base.batches(CalibrationSet((long, short, chat), "tasks/long.jsonl"), batch_size=4, max_length=16)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert rows == [tokenizer(short.text)["input_ids"],  # sorted by length: untouched
+                    tokenizer(rendered, add_special_tokens=False, truncation=True, max_length=16)["input_ids"],
+                    tokenizer(long.text, truncation=True, max_length=16)["input_ids"]]
+    assert len(rows[2]) == 16 and rows[2][-1] == tokenizer.sep_token_id  # the trailing special token kept
+    full = max(len(tokenizer(long.text)["input_ids"]), len(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
+    assert [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()] == [
+        f"tasks/long.jsonl: 2 of 3 samples are longer than max_length 16 and are cut at it (the longest has {full} "
+        "tokens); a conversation is cut at its end, its last replies (1 of the 2 cut); --param max_length=N keeps more"]
+    base.batches(CalibrationSet((short,), "tasks/short.jsonl"), batch_size=4, max_length=16)
+    assert sum("are cut" in r.getMessage() for r in caplog.records) == 1  # none for a set that fits
+
