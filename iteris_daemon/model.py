@@ -536,6 +536,13 @@ class BaseModel:
         if not self.tokenizer.chat_template and any(s.messages is not None for s in data.samples):
             self._warn_once("no template", data.source, "%s: the base model's tokenizer has no chat template; its "
                             "conversations are read as plain 'role: content' lines", data.source)
+        targets = sum(s.target is not None for s in data.samples)
+        if targets and not self.teacher_forced:
+            self._warn_once("targets", data.source, '%s: %d of %d samples have a "target", which only an '
+                            "encoder-decoder model that generates reads (its decoder is teacher forced on it); "
+                            '%s is none: the targets are not used (put a completion in "text", after its prompt, '
+                            "or in the conversation)", data.source, targets, len(data.samples),
+                            type(self.model).__name__)
         special = self.tokenizer.num_special_tokens_to_add()
         if max_length <= special:  # the tokenizer keeps its special tokens: nothing would be cut
             raise ParameterError(f"max_length {max_length} leaves no room for text: the tokenizer of "

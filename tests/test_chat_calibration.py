@@ -130,3 +130,20 @@ def test_samples_longer_than_max_length_are_cut_with_one_warning_per_source(llam
     base.batches(CalibrationSet((short,), "tasks/short.jsonl"), batch_size=4, max_length=16)
     assert sum("are cut" in r.getMessage() for r in caplog.records) == 1  # none for a set that fits
 
+
+def test_targets_on_a_decoder_only_model_are_not_used_with_one_warning(llama, caplog):
+    """{"text": prompt, "target": completion}, the common SFT layout, merged on a causal LM
+    exactly as {"text": prompt} without a word: only a teacher-forced encoder-decoder reads a
+    target. Still not used (the inputs are the same), now with one warning per source."""
+    base_dir, adapter_dirs = llama
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    prompts = [Sample("question: what fell late"), Sample("question: who loved the film")]
+    given = CalibrationSet((Sample(prompts[0].text, "the market fell"), prompts[1]), "tasks/sft.jsonl")
+    for _ in range(2):
+        (batch,) = base.batches(given, batch_size=4, max_length=32)
+    (plain,) = base.batches(CalibrationSet(tuple(prompts), "tasks/prompts.jsonl"), batch_size=4, max_length=32)
+    assert batch.keys() == plain.keys() and all(batch[k].equal(plain[k]) for k in batch)
+    assert [r.getMessage() for r in caplog.records if "target" in r.getMessage()] == [
+        'tasks/sft.jsonl: 1 of 2 samples have a "target", which only an encoder-decoder model that generates reads '
+        '(its decoder is teacher forced on it); LlamaForCausalLM is none: the targets are not used (put a completion '
+        'in "text", after its prompt, or in the conversation)']
