@@ -75,19 +75,46 @@ def _label_config(adapters: list[LoraAdapter]) -> dict[str, int]:
     return {} if labels is None else {"num_labels": labels}
 
 
-def _agree_on_padding(tokenizer, config) -> None:
+def _agree_on_padding(tokenizer, config, rows: int | None, name: str) -> None:
     """Pad with the id the model's config names, else give the tokenizer a pad token (its
     EOS or UNK) and the config that id. A decoder classifier pools the last token that is
     not ``config.pad_token_id``: padded with another id, it read a padding position (stock
     Llama tokenizers have no pad token; their configs name none, or 0), and with none named
-    it refused batches of more than one sample."""
+    it refused batches of more than one sample.
+
+    Only an id the model holds pads (``rows``: its input embedding's; None: it has none to
+    ask). A pad token added to the tokenizer, the embedding not resized (Qwen2Tokenizer's
+    ``<pad>`` past a small vocabulary), failed every pass with an IndexError, which the
+    block-by-block capture took for an unsupported architecture. Padded positions are
+    masked: the EOS or UNK pads alike."""
+    limit = len(tokenizer) if rows is None else min(len(tokenizer), rows)
+
+    def held(token_id) -> bool:
+        return isinstance(token_id, int) and 0 <= token_id < limit
+
     named = getattr(config, "pad_token_id", None)
-    if isinstance(named, int) and 0 <= named < len(tokenizer):
+    if held(named):
         if tokenizer.pad_token_id != named:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(named)
         return
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    past = [] if rows is None else [
+        said for said, token_id in ((f"its config's pad_token_id {named}", named),
+                                    (f"its tokenizer's pad token {tokenizer.pad_token} (id {tokenizer.pad_token_id})",
+                                     tokenizer.pad_token_id)) if isinstance(token_id, int) and token_id >= rows]
+    if not held(tokenizer.pad_token_id):
+        given = [(token, tokenizer.convert_tokens_to_ids(token))
+                 for token in (tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token) if token is not None]
+        choice = next((token for token, token_id in given if held(token_id)), None)
+        if choice is None and given:
+            raise BaseModelError(f"base model {name!r}: none of its tokenizer's pad, EOS and UNK tokens ("
+                                 + ", ".join(f"{token} id {token_id}" for token, token_id in given)
+                                 + f") is a row of its input embedding to pad with (ids 0-{limit - 1}): resize the "
+                                   "embedding to the tokenizer, or save a tokenizer whose pad token it holds")
+        tokenizer.pad_token = choice
+    if past and tokenizer.pad_token is not None:
+        log.info("base model %s: %s %s past its input embedding (%d rows); padding with %s (id %d), which it holds "
+                 "(padded positions are masked)", name, " and ".join(past), "is" if len(past) == 1 else "are", rows,
+                 tokenizer.pad_token, tokenizer.pad_token_id)
     config.pad_token_id = tokenizer.pad_token_id
 
 
@@ -329,7 +356,9 @@ class BaseModel:
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         if self.tokenizer is not None:
-            _agree_on_padding(self.tokenizer, self.model.config)
+            tokens = embeddings(self.model, "input")
+            rows = tokens.weight.shape[0] if isinstance(getattr(tokens, "weight", None), torch.Tensor) else None
+            _agree_on_padding(self.tokenizer, self.model.config, rows, name_or_path)
             self.tokenizer.padding_side = "right"
         # (what, source): what a calibration source was warned about; a merge reads a set
         # several times (the task model, each iteration, the evaluation) and warns once.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
                           AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
 
@@ -151,6 +152,58 @@ def test_the_fidelity_gap_of_heads_matches_peft_by_hand(tmp_path, case):
         den = sum(float((b - t).pow(2).sum()) for b, t in zip(base, task))
         got = report["tasks"][load_adapter(adapter_dir).name]["fidelity_gap"]
         assert got == pytest.approx((num / den) ** 0.5, rel=1e-4), adapter_dir.name
+
+
+def test_a_pad_token_past_the_input_embedding_pads_with_one_the_model_holds(tmp_path):
+    """A tokenizer given a pad token the model's embedding lacks (added, the embedding not
+    resized; Qwen2Tokenizer's ``<pad>`` past a small vocabulary): the block-by-block capture
+    failed with an IndexError, taken for an unsupported architecture, and the whole-model
+    passes it fell back to (the whole model onto the device) failed the same. Padded positions
+    are masked: it pads with the UNK the model holds, the merge of a tokenizer without it."""
+    merged = []
+    for case in ("no pad token", "a pad token past the embedding"):
+        base = build_tiny_model("llama", tmp_path / case / "base", "CAUSAL_LM")
+        _base_without_pad_token(base, None)
+        if case != "no pad token":
+            tok = AutoTokenizer.from_pretrained(base)
+            tok.add_special_tokens({"pad_token": "<pad>"})  # id 30522, of a 30522-row embedding
+            tok.save_pretrained(base)
+        adapters = [build_adapter(base, tmp_path / case / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM")
+                    for seed in range(2)]
+        assert cli_merge(base, adapters, tmp_path / case / "out", "--param", "iterations=2") == 0
+        merged.append(load_file(tmp_path / case / "out" / "adapter_model.safetensors"))
+    assert merged[0].keys() == merged[1].keys() and all(merged[0][k].equal(merged[1][k]) for k in merged[0])
+
+
+@pytest.mark.parametrize("case", ["tokenizer's pad", "config's pad", "none held"])
+def test_padding_takes_only_an_id_the_input_embedding_holds(case, caplog):
+    """Both the config's pad id and the tokenizer's are checked against the embedding's rows;
+    the config is told the id padded with (a decoder classifier pools the last other token)."""
+    from transformers import LlamaConfig
+
+    from iteris_daemon.errors import BaseModelError
+    from iteris_daemon.model import _agree_on_padding
+
+    tok, config = tokenizer(), LlamaConfig(pad_token_id=30522 if case == "config's pad" else None)
+    if case != "config's pad":
+        tok.add_special_tokens({"pad_token": "<pad>"})  # id 30522
+    if case == "none held":
+        tok.add_special_tokens({"eos_token": "</s>", "unk_token": "<unk>"})  # ids 30523, 30524
+        with pytest.raises(BaseModelError) as caught:
+            _agree_on_padding(tok, config, 30522, "llama-base")
+        assert str(caught.value) == (
+            "base model 'llama-base': none of its tokenizer's pad, EOS and UNK tokens (<pad> id 30522, </s> id 30523, "
+            "<unk> id 30524) is a row of its input embedding to pad with (ids 0-30521): resize the embedding to the "
+            "tokenizer, or save a tokenizer whose pad token it holds")
+        return
+    caplog.set_level("INFO", logger="iteris_daemon.model")
+    _agree_on_padding(tok, config, 30522, "llama-base")
+    held = ("[UNK]", 100) if case == "tokenizer's pad" else ("[PAD]", 0)
+    assert (tok.pad_token, tok.pad_token_id, config.pad_token_id) == (*held, held[1])
+    past = ("its tokenizer's pad token <pad> (id 30522)" if case == "tokenizer's pad"
+            else "its config's pad_token_id 30522")
+    assert caplog.messages == [f"base model llama-base: {past} is past its input embedding (30522 rows); padding "
+                               f"with {held[0]} (id {held[1]}), which it holds (padded positions are masked)"]
 
 
 def test_a_layer_the_task_does_not_adapt_has_no_per_layer_loss_but_counts_in_the_total(tmp_path):
