@@ -137,9 +137,13 @@ def _check_unicode(sample: Sample, path: Path, line: int) -> None:
 
 
 def _messages(record: dict, path: Path, line: int) -> Messages:
-    """A line's conversation: a non-empty list of {"role": str, "content": str}, and nothing else."""
-    if set(record) - {"messages"}:
-        raise CalibrationError(path, 'a "messages" line takes no other fields', line=line)
+    """A line's conversation: a non-empty list of {"role": str, "content": str}. Beside it, a
+    "text" or "target" is refused (which would the merge read?); other fields are ignored, as
+    on a "text" line: exports of chat data sets carry "prompt_id", "id", "prompt" or "category"
+    on every line, and were refused whole."""
+    if clashing := [key for key in ("text", "target") if key in record]:
+        raise CalibrationError(path, f'a "messages" line takes no "{clashing[0]}": the conversation is the whole '
+                                     "sample (a reply to learn from goes in it, as its last message)", line=line)
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise CalibrationError(path, '"messages" must be a non-empty list', line=line)
