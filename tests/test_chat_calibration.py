@@ -32,7 +32,6 @@ def test_conversations_are_read_written_and_carried(tmp_path):
     assert read_jsonl(tmp_path / "again.jsonl").samples == data.samples
 
 
-
 def test_a_conversation_lines_unrelated_fields_are_ignored_as_a_text_lines_are(tmp_path):
     """Chat data sets exported line by line (ultrachat_200k, no_robots: to_json) carry "prompt",
     "prompt_id" or "category" beside "messages": every line was refused, while a "text" line's
@@ -42,6 +41,7 @@ def test_a_conversation_lines_unrelated_fields_are_ignored_as_a_text_lines_are(t
                                 "category": "chat", "id": 7}) + "\n")
     (chat,) = read_jsonl(path).samples
     assert chat == Sample.conversation(tuple((m["role"], m["content"]) for m in CONVERSATION))
+
 
 def test_the_shipped_example_file_reads_as_config_readme_says():
     """config/calibration.example.jsonl shows every line format: plain text, a target, a
