@@ -75,6 +75,14 @@ def _label_config(adapters: list[LoraAdapter]) -> dict[str, int]:
     return {} if labels is None else {"num_labels": labels}
 
 
+def pad_within(tokenizer, model: nn.Module, name: str) -> None:
+    """Make ``tokenizer`` and ``model``'s config agree on a pad id the model's input embedding
+    holds (:func:`_agree_on_padding`): for the merge's passes and for text generated from it."""
+    tokens = embeddings(model, "input")
+    rows = tokens.weight.shape[0] if isinstance(getattr(tokens, "weight", None), torch.Tensor) else None
+    _agree_on_padding(tokenizer, model.config, rows, name)
+
+
 def _agree_on_padding(tokenizer, config, rows: int | None, name: str) -> None:
     """Pad with the id the model's config names, else give the tokenizer a pad token (its
     EOS or UNK) and the config that id. A decoder classifier pools the last token that is
@@ -356,9 +364,7 @@ class BaseModel:
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         if self.tokenizer is not None:
-            tokens = embeddings(self.model, "input")
-            rows = tokens.weight.shape[0] if isinstance(getattr(tokens, "weight", None), torch.Tensor) else None
-            _agree_on_padding(self.tokenizer, self.model.config, rows, name_or_path)
+            pad_within(self.tokenizer, self.model, name_or_path)
             self.tokenizer.padding_side = "right"
         # (what, source): what a calibration source was warned about; a merge reads a set
         # several times (the task model, each iteration, the evaluation) and warns once.

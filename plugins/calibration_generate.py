@@ -140,11 +140,12 @@ def _sample(model, adapter, tokenizer, samples: int, max_new_tokens: int, seed: 
     """Text sampled from ``model``, the base with ``adapter`` applied, on its device."""
     import torch
 
+    from iteris_daemon.model import pad_within
+
     device = model.device
     seq2seq = adapter.task_type == "SEQ_2_SEQ_LM"
     prompts = _random_words(tokenizer, samples, seed, (3, 8)) if seq2seq else [""] * samples
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    pad_within(tokenizer, model, tokenizer.name_or_path)  # generate() pads with it: one the model holds
     out = []
     with torch.no_grad():
         for start in range(0, samples, 8):
