@@ -25,6 +25,7 @@ hidden states travel from one unit to the next.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -186,6 +187,10 @@ def _add_next_token_losses(targets: torch.Tensor, outputs: dict[str, torch.Tenso
 def _gap(num: float, den: float) -> float | None:
     """sqrt(num / den); None when the task's adapter does not move the outputs (den 0):
     relative to no change, any change is undefined (it was reported 0, "behaves like the
-    task's adapter", also where the merge moved them)."""
+    task's adapter", also where the merge moved them). NaN where some outputs are not finite
+    (a float16 forward pass that overflowed): a NaN ``den`` read as "no change" let such a
+    merge through, with its figures null."""
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return math.nan
     ratio = loss_ratio(num, den)
     return None if ratio is None else ratio ** 0.5

@@ -633,6 +633,33 @@ def test_float16_overflow_names_the_layer_and_the_dtype(tiny, tmp_path):
     assert _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
 
 
+def test_float16_outputs_that_overflow_past_the_adapted_layers_are_refused(tiny, tmp_path):
+    """The last block's MLP overflows float16 after its adapted input: no layer's inputs say
+    so, and the outputs' NaN was read as "the adapter does not change them" (a zero delta?,
+    every figure null, exit 0, and the daemon's gates had nothing to compare). Refused,
+    naming the dtype; bfloat16 merges the same checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from iteris_daemon.errors import MergeError
+
+    from builders import build_adapter
+
+    loud = shutil.copytree(tiny["llama"][0], tmp_path / "loud")
+    weights = loud / "model.safetensors"
+    tensors = load_file(weights)
+    last = max(int(k.split(".")[2]) for k in tensors if k.startswith("model.layers."))
+    down = f"model.layers.{last}.mlp.down_proj.weight"  # its largest entry ~2e4: float16 holds it
+    save_file({**tensors, down: tensors[down] * 1e6}, weights, metadata={"format": "pt"})
+    adapter_dirs = [build_adapter(loud, tmp_path / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM",
+                                  targets=["q_proj", "v_proj"]) for seed in range(2)]  # PEFT's default targets
+    with pytest.raises(MergeError, match=r"^the outputs on a0, a1 are not finite \(NaN/Inf\) in the float16 forward "
+                                         r"pass; float16 overflowed: merge with --dtype bfloat16 or float32; nothing"):
+        _merge(loud, adapter_dirs, tmp_path / "half", dtype="float16")
+    assert not (tmp_path / "half").exists()
+    report = _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")
+    assert all(task["fidelity_gap"] > 0 for task in report["tasks"].values())
+
+
 def test_a_checkpoint_the_model_renames_streams_through_its_renaming(tmp_path):
     """GPT-NeoX stores its LM head as embed_out; transformers renames it to lm_head on a
     normal load (the model's conversion mapping), and the class declares it tiable while the
