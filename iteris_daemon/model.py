@@ -366,11 +366,10 @@ class BaseModel:
         if self.tokenizer is not None:
             pad_within(self.tokenizer, self.model, name_or_path)
             self.tokenizer.padding_side = "right"
-        # (what, source): what a calibration source was warned about; a merge reads a set
-        # several times (the task model, each iteration, the evaluation) and warns once.
+        # (what, source): the warnings given, each once (source "": the model's own); a merge
+        # reads a set several times (the task model, each iteration, the evaluation).
         self._warned: set[tuple[str, str]] = set()
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
-        self._cut_warned = False
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         # An encoder-decoder is teacher-forced on each sample's target, except under a
         # classification or span head (BART, T5 for sequence classification): that model
@@ -583,10 +582,8 @@ class BaseModel:
             raise ParameterError(f"max_length {max_length} leaves no room for text: the tokenizer of "
                                  f"{self.name_or_path} adds {special} special tokens to each sample")
         if self.max_tokens is not None and max_length > self.max_tokens:
-            if not self._cut_warned:
-                self._cut_warned = True
-                log.warning("max_length %d is more than %s reads (%d tokens): samples are cut at %d", max_length,
-                            self.name_or_path, self.max_tokens, self.max_tokens)
+            self._warn_once("positions", "", "max_length %d is more than %s reads (%d tokens): samples are cut at %d",
+                            max_length, self.name_or_path, self.max_tokens, self.max_tokens)
             max_length = self.max_tokens
         order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
         batches = []
