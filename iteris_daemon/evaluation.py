@@ -31,6 +31,7 @@ import torch
 
 from .alignment import ACCUMULATE, TaskLayer, UnitPass, alignment_terms, loss_ratio
 from .calibration import CalibrationSet
+from .errors import MergeError
 from .execution import prepare
 from .lora import LoraAdapter
 from .model import IGNORE, BaseModel, Delta, adapter_deltas, factor_deltas, row_mask
@@ -147,6 +148,12 @@ def evaluate(
                         "its fidelity gap and alignment loss are undefined, reported null", adapter.name)
         if total["tokens"]:
             results[adapter.name]["next_token_loss"] = {name: loss / total["tokens"] for name, loss in total["loss"].items()}
+    broken = [name for name, figures in results.items() if not math.isfinite(figures["fidelity_gap"] or 0.0)]
+    if broken:  # finite factors whose product overflows, or a float16 pass that overflowed
+        compute = str(base.dtype).removeprefix("torch.")
+        hint = "; float16 overflowed: merge with --dtype bfloat16 or float32" if base.dtype == torch.float16 else ""
+        raise MergeError(f"the outputs on {', '.join(broken)} are not finite (NaN/Inf) in the {compute} forward pass"
+                         f"{hint}; nothing was written")
     return results
 
 

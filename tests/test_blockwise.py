@@ -633,7 +633,7 @@ def test_float16_overflow_names_the_layer_and_the_dtype(tiny, tmp_path):
     assert _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
 
 
-def test_float16_outputs_that_overflow_past_the_adapted_layers_are_refused(tiny, tmp_path):
+def test_float16_outputs_that_overflow_past_the_adapted_layers_are_refused(tiny, tmp_path, capsys):
     """The last block's MLP overflows float16 after its adapted input: no layer's inputs say
     so, and the outputs' NaN was read as "the adapter does not change them" (a zero delta?,
     every figure null, exit 0, and the daemon's gates had nothing to compare). Refused,
@@ -658,6 +658,14 @@ def test_float16_outputs_that_overflow_past_the_adapted_layers_are_refused(tiny,
     assert not (tmp_path / "half").exists()
     report = _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")
     assert all(task["fidelity_gap"] > 0 for task in report["tasks"].values())
+    # compare scores with the same evaluation: that contender is an error, not a row of NaN
+    from iteris_daemon.cli import main
+
+    adapters = [arg for adapter in adapter_dirs for arg in ("--adapter", str(adapter))]
+    capsys.readouterr()
+    assert main(["compare", "--base-model", str(loud), *adapters, "-q", "--dtype", "float16",
+                 "--strategy", "task_arithmetic"]) == 1  # none could merge
+    assert "task_arithmetic  error: the outputs on a0, a1 are not finite" in capsys.readouterr().out
 
 
 def test_a_checkpoint_the_model_renames_streams_through_its_renaming(tmp_path):
