@@ -604,16 +604,19 @@ class BaseModel:
 
     def _warn_cut(self, data: CalibrationSet, cut: list[tuple[Sample, int]], max_length: int) -> None:
         """Warn of the samples of ``data`` cut at ``max_length`` tokens (with their full token
-        counts): a conversation's cut falls on its end, the replies an adapter was trained on."""
+        counts; a sample whose text and target are both cut counts once): a conversation's cut
+        falls on its end, the replies an adapter was trained on."""
         if max_length == self.max_tokens:
             said = f"longer than the {max_length} tokens {self.name_or_path} reads and are cut there"
         else:
             said = f"longer than max_length {max_length} and are cut at it"
-        chats = sum(s.messages is not None for s, _ in cut)
+        samples = list({id(s): s for s, _ in cut}.values())
+        chats = sum(s.messages is not None for s in samples)
         self._warn_once("cut", data.source, "%s: %d of %d samples are %s (the longest has %d tokens)%s%s", data.source,
-                        len(cut), len(data.samples), said, max(n for _, n in cut),
-                        f"; a conversation is cut at its end, its last replies ({chats} of the {len(cut)} cut)"
-                        if chats else "", "" if max_length == self.max_tokens else "; --param max_length=N keeps more")
+                        len(samples), len(data.samples), said, max(n for _, n in cut),
+                        f"; a conversation is cut at its end, its last replies ({chats} of the {len(samples)} cut)"
+                        if chats else "",
+                        "" if max_length == self.max_tokens else "; a larger max_length (a strategy parameter) keeps more")
 
     def _encode(self, chunk, max_length: int, source: str, cut: list[tuple[Sample, int]]) -> dict[str, torch.Tensor]:
         if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
@@ -627,7 +630,7 @@ class BaseModel:
         if "token_type_ids" in batch and not getattr(self.model.config, "type_vocab_size", 0):
             del batch["token_type_ids"]
         if self.teacher_forced:
-            batch.update(self._decoder_inputs(chunk, max_length))
+            batch.update(self._decoder_inputs(chunk, max_length, cut))
         elif self.is_encoder_decoder and "attention_mask" in batch:  # the shifted inputs' padding
             mask = batch["attention_mask"]
             batch["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
@@ -663,7 +666,7 @@ class BaseModel:
             raise CalibrationError(source, f"the base model's chat template refuses a conversation with roles "
                                            f"[{roles}]: {exc}".splitlines()[0]) from None
 
-    def _decoder_inputs(self, chunk, max_length: int) -> dict[str, torch.Tensor]:
+    def _decoder_inputs(self, chunk, max_length: int, cut: list[tuple[Sample, int]]) -> dict[str, torch.Tensor]:
         """Teacher forcing: row by row the decoder reads ``<start> + target[:-1]``, as many
         tokens as the target has (the start token alone when there is no target). The target
         itself travels as ``labels`` (-100 at padding): position j predicts its token j, the
@@ -672,7 +675,8 @@ class BaseModel:
         if start is None:
             start = self.tokenizer.pad_token_id
         targets = [s.target or "" for s in chunk]
-        labels = self.tokenizer(targets, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        labels = self.tokenizer.pad(self._tokens(chunk, targets, True, max_length, cut), padding=True,
+                                    return_tensors="pt")
         ids, mask = labels["input_ids"], labels["attention_mask"]
         expected = ids.masked_fill(mask == 0, IGNORE)
         if ids.shape[1] == 0:

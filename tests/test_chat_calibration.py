@@ -137,7 +137,8 @@ def test_samples_longer_than_max_length_are_cut_with_one_warning_per_source(llam
     full = max(len(tokenizer(long.text)["input_ids"]), len(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
     assert [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()] == [
         f"tasks/long.jsonl: 2 of 3 samples are longer than max_length 16 and are cut at it (the longest has {full} "
-        "tokens); a conversation is cut at its end, its last replies (1 of the 2 cut); --param max_length=N keeps more"]
+        "tokens); a conversation is cut at its end, its last replies (1 of the 2 cut); a larger max_length (a strategy "
+        "parameter) keeps more"]
     base.batches(CalibrationSet((short,), "tasks/short.jsonl"), batch_size=4, max_length=16)
     assert sum("are cut" in r.getMessage() for r in caplog.records) == 1  # none for a set that fits
 
@@ -158,3 +159,19 @@ def test_targets_on_a_decoder_only_model_are_not_used_with_one_warning(llama, ca
         'tasks/sft.jsonl: 1 of 2 samples have a "target", which only an encoder-decoder model that generates reads '
         '(its decoder is teacher forced on it); LlamaForCausalLM is none: the targets are not used (put a completion '
         'in "text", after its prompt, or in the conversation)']
+
+
+def test_targets_longer_than_max_length_are_counted_as_cut(tiny, caplog):
+    """An encoder-decoder's target is cut at ``max_length`` too: it was cut without a word
+    while its text was counted. A sample whose text and target are both cut counts once."""
+    base_dir, adapter_dirs = tiny["t5"]  # SEQ_2_SEQ_LM: the decoder is teacher forced on the target
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    long = " ".join(["market"] * 40)
+    samples = (Sample("the market fell", long), Sample(long, long), Sample("prices rose", "they did"))
+    (batch,) = base.batches(CalibrationSet(samples, "tasks/t5.jsonl"), batch_size=4, max_length=16)
+    expected = base.tokenizer(long, truncation=True, max_length=16)["input_ids"]
+    labels = [row[row != -100].tolist() for row in batch["labels"]]
+    assert labels.count(expected) == 2 and len(expected) == 16
+    assert [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()] == [
+        f"tasks/t5.jsonl: 2 of 3 samples are longer than max_length 16 and are cut at it (the longest has "
+        f"{len(base.tokenizer(long)['input_ids'])} tokens); a larger max_length (a strategy parameter) keeps more"]
