@@ -107,15 +107,25 @@ class MergeRequest:
     base_checked: bool = False
 
 
+def _tell_apart(adapters: list[LoraAdapter]) -> None:
+    """Folders that share a name (``run1/adapter``, ``run2/adapter``, as trainers save them) are
+    named with their parent folder's name, else their whole path, and the same folder given
+    twice by its place: reports stay unambiguous, and a name, which seeds ``compare``'s
+    held-out draw, does not follow the order of the inputs (it did: ``adapter#0``)."""
+    place = {id(a): index for index, a in enumerate(adapters)}
+    for qualify in (lambda a: f"{Path(a.path).resolve().parent.name}/{a.name}", lambda a: str(Path(a.path).resolve()),
+                    lambda a: f"{a.name}#{place[id(a)]}"):
+        counts = Counter(a.name for a in adapters)
+        for adapter in [a for a in adapters if counts[a.name] > 1]:
+            adapter.name = qualify(adapter)
+
+
 def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[LoraAdapter]:
     """Read the inputs and refuse what cannot be one merge: task types, base models (unless
     ``base_checked``: a source registered each against the merge's base) or base revisions
     that differ."""
     adapters = [load_adapter(spec.path, spec.name) for spec in specs]
-    counts = Counter(a.name for a in adapters)
-    for index, adapter in enumerate(adapters):
-        if counts[adapter.name] > 1:  # two folders with the same name: keep reports unambiguous
-            adapter.name = f"{adapter.name}#{index}"
+    _tell_apart(adapters)
     if len({a.task_type for a in adapters}) > 1:  # before the base model loads (its class follows the task type)
         listing = ", ".join(f"{a.name}: {a.task_type or 'none'}" for a in adapters)
         raise IncompatibleAdaptersError(f"adapters have different task types ({listing}); one merge has one model class")

@@ -6,6 +6,7 @@ names, for merges made by ``iteris-daemon merge`` from the other samples only.""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 
 import pytest
@@ -249,20 +250,27 @@ def test_one_adapter_is_its_own_merge_in_every_family(tiny, tmp_path, family):
     assert 0.05 < rows["task_arithmetic:scale=0.5"]["mean_fidelity_gap"] < 1
 
 
-def test_the_held_out_samples_of_a_task_do_not_depend_on_the_order_of_the_adapters(tiny, tmp_path):
+@pytest.mark.parametrize("folders", ["named apart", "sharing a name"])
+def test_the_held_out_samples_of_a_task_do_not_depend_on_the_order_of_the_adapters(tiny, tmp_path, folders):
     """One random draw served every task in turn, so the order of ``--adapter`` flags (and the
     other tasks) chose which of a task's samples were held out, and the figures of one merge
-    changed with it. Each task now draws its own, seeded by ``--seed`` and its name."""
+    changed with it. Each task now draws its own, seeded by ``--seed`` and its name. Folders
+    that share a name (run1/adapter, run2/adapter) were named by their place (adapter#0),
+    and so drew by it: now by their parent folder's name."""
     base, adapters = tiny["bert"]
+    if folders == "sharing a name":
+        adapters = [shutil.copytree(a, tmp_path / f"run{i}" / "adapter") for i, a in enumerate(adapters[:2])]
     tasks = {}
     for order in (adapters[:2], adapters[1::-1]):
-        out = tmp_path / f"{order[0].name}.json"
+        out = tmp_path / f"{order[0].parent.name}-{order[0].name}.json"
         assert _compare(base, order, "--strategy", "task_arithmetic", "--json", str(out)) == 0
         report = json.loads(out.read_text())
-        tasks[order[0].name] = ({t["name"]: t["held_out"] for t in report["tasks"]},
+        tasks[out.name] = ({t["name"]: t["held_out"] for t in report["tasks"]},
                                 report["strategies"][0]["tasks"])
     (held, figures), (held_reversed, figures_reversed) = tasks.values()
     assert held == held_reversed
+    if folders == "sharing a name":
+        assert sorted(held) == ["run0/adapter", "run1/adapter"]
     for task, values in figures.items():
         assert figures_reversed[task] == pytest.approx(values, rel=1e-6), task
 
