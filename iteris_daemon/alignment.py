@@ -333,6 +333,7 @@ class _Alignment:
         units = [u for u in self.executor.units if u.paths or u.stack is not None]
         best: tuple[dict[str, torch.Tensor], float] | None = None  # stop="objective": the best merge measured
         returned = 0
+        stopped = False  # by a stop rule, not at the iterations' cap
         passes_run = 0  # passes of the calibration data through the model (the cost of the sweeps)
         self.base.attach(self.paths)
         try:
@@ -362,11 +363,13 @@ class _Alignment:
                     if options.stop == "objective" and best is not None and loss >= best[1] * (1 - options.tolerance):
                         if loss >= best[1]:  # the solve measured is no better: the one before it
                             self.merged, returned = best[0], sweep - 1
+                        stopped = True
                         break  # else the one measured, a gain below the tolerance
                     best = (self.merged, loss)
                 changes.append(self._relative_change())
                 self.merged, returned = new, sweep + 1
                 if options.stop == "change" and changes[-1] < options.tolerance:
+                    stopped = True
                     break
         finally:
             self.base.detach()
@@ -381,12 +384,13 @@ class _Alignment:
             "calibration_passes": passes_run,  # with stop="objective", the sweep that measured no gain too
             "returned_iteration": returned,  # which solve (1 = the first) the merge is
             "relative_change": changes,
-            "converged": bool(changes and changes[-1] < options.tolerance) or returned < len(changes),
+            "converged": stopped,
             "schedule": options.schedule,
             "execution": "blocks" if self.executor.blockwise else "whole model",
-            # Loss of each solution but the last, measured when it was installed; the
-            # evaluation after the merge measures the last one.
-            "alignment_loss": {a.name: losses[i] for i, a in enumerate(self.adapters)},
+            # Loss of each solve before the one returned, measured when it was installed; the
+            # evaluation after the merge measures the one returned (the objective rule measured
+            # it, and a solve after it, already: listed once, the history ends with it).
+            "alignment_loss": {a.name: losses[i][:returned - 1] for i, a in enumerate(self.adapters)},
             "task_weights": {a.name: self._mean_weight(i) for i, a in enumerate(self.adapters)},
             "timings": timings,
             "grams": self.grams,

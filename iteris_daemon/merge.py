@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory, safe_json
-from .adapter_config import CARD_NAME, REPORT_NAME
+from .adapter_config import CARD_NAME, CONFIG_NAME, REPORT_NAME, sha256_file
 from .alignment import ACCUMULATE
 from .architecture import linear_kind
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration, releasing
@@ -550,9 +550,10 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
                 raise
             raise MergeError(f"evaluating the merge failed: {type(exc).__name__}: {exc}".splitlines()[0]
                              + "; nothing was written (--no-eval skips the evaluation)") from exc
-    history = result.metrics.pop("alignment_loss", {})
-    for name, figures in per_task.items():
-        figures["alignment_loss"] = [*history.get(name, []), figures["alignment_loss"]]
+    if per_task:  # else (--no-eval) the solves' losses stay in the metrics, as measured
+        history = result.metrics.pop("alignment_loss", {})
+        for name, figures in per_task.items():
+            figures["alignment_loss"] = [*history.get(name, []), figures["alignment_loss"]]
 
     report = {
         "strategy": strategy.name,
@@ -562,7 +563,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
             {
                 "name": a.name,
                 "path": spec.origin or str(a.path),
-                "sha256": a.content_sha256,
+                "sha256": a.content_sha256,  # of the weights file
+                # alpha, rank and alpha patterns, targets: the config changes a merge as the weights do
+                "config_sha256": sha256_file(Path(a.path) / CONFIG_NAME),
                 "ranks": sorted({m.rank for m in a.modules.values()}),
                 "calibration": None if c is None else {
                     "source": c.source, "samples": len(c.samples), "sha256": c.fingerprint(), "generated": c.generated,

@@ -11,6 +11,7 @@ import transformers as tf
 from peft import PeftModel
 
 from builders import apply_by_hand, build_adapter, cli_merge, sample_inputs
+from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import strategies
 
@@ -27,6 +28,8 @@ def test_family_merges_and_peft_loads_it(tiny, family, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["strategy"] == "iteris" and len(report["inputs"]) == 3
     assert all(len(i["sha256"]) == 64 for i in report["inputs"])
+    # the config too: lora_alpha alone doubles a delta, and the weights' hash did not see it
+    assert [i["config_sha256"] for i in report["inputs"]] == [sha256_file(a / "adapter_config.json") for a in adapters]
     for figures in report["tasks"].values():
         assert len(figures["alignment_loss"]) == report["iterations_run"]
         # A sanity bound only: three random tiny adapters merged can be farther from one task

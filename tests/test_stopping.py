@@ -81,3 +81,28 @@ def test_change_rule_stops_at_the_tolerance(tiny):
     assert changes[-1] < 0.05 and all(c >= 0.05 for c in changes[:-1])
     assert metrics["returned_iteration"] == metrics["iterations_run"] < 20
     assert metrics["calibration_passes"] == metrics["iterations_run"]  # joint: one pass per solve
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.5])
+def test_a_run_the_objective_stopped_converged_and_lists_each_solve_once(tiny, tmp_path, tolerance):
+    """A run the objective rule stopped reported ``converged: false``, as one that hit the
+    cap, and its history listed the returned solve twice (measured by the rule, then by the
+    final evaluation), or the rejected solve after it. Now the report lists one loss per solve
+    up to the one returned, the last the evaluation's; and ``--no-eval`` keeps the solves'
+    losses in the metrics (they were dropped)."""
+    import json
+
+    from builders import cli_merge
+
+    base_dir, adapter_dirs = tiny["gpt2"]  # its loss rises at the fifth solve (above): the rule stops
+    params = ["--param", "stop=objective", "--param", f"tolerance={tolerance}", "--param", "iterations=8"]
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "out", *params) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["converged"] and metrics["returned_iteration"] < 8
+    for figures in report["tasks"].values():
+        assert len(figures["alignment_loss"]) == metrics["returned_iteration"]
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "bare", *params, "--no-eval") == 0
+    bare = json.loads((tmp_path / "bare" / "merge_report.json").read_text())["metrics"]
+    assert {name: len(losses) for name, losses in bare["alignment_loss"].items()} == {
+        d.name: metrics["returned_iteration"] - 1 for d in adapter_dirs}
