@@ -71,7 +71,7 @@ class PeftCombination:
         try:
             model.add_weighted_adapter(names, weights, "merged", combination_type=self.combination_type, **kwargs)
         except (ValueError, RuntimeError) as exc:
-            why = (_rank_mismatch(adapters) if self.combination_type in EQUAL_RANKS else None) or _restricted(adapters)
+            why = (_rank_mismatch(adapters) if self.combination_type in _EQUAL_RANKS else None) or _restricted(adapters)
             raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}"
                              + (f" ({why})" if why else "")) from None
 
@@ -95,7 +95,7 @@ class PeftCombination:
 
 
 # The types whose factors PEFT combines entry by entry: every layer's rank must agree.
-EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 # Config fields that restrict which layers an adapter is injected into.
 _LAYER_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
