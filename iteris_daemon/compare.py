@@ -195,17 +195,24 @@ def render(report: dict[str, Any]) -> str:
     if added:
         lines[0] += ("; +loss: the merge's next-token loss minus the task adapter's, nats per token, "
                      "mean over tasks")
+    # Each column as wide as its widest cell: a gap of 10 or more shifted the row's other columns.
+    cells = [[text(row.get("mean_fidelity_gap")),
+              f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})" if "worst_task" in row else "-",
+              f"{row['merge_seconds']:.2f}", *([f"{row['mean_added_loss']:.4f}"] if added else []),
+              *(text(row["tasks"][n]["fidelity_gap"]) for n in names)] for row in scored]
+    header = ["mean", "worst task", "merge s", *(["+loss"] if added else []), *names]
+    least = [7, max(10, *(len(n) + 9 for n in names)), 8, *([7] if added else []), *(7 for _ in names)]
+    widths = [max(low, len(h), *(len(c[k]) for c in cells)) for k, (h, low) in enumerate(zip(header, least))]
     label_width = max(8, *(len(row["strategy"]) for row in report["strategies"]))
-    worst_width = max(10, *(len(n) + 9 for n in names))
-    widths = [max(7, len(n)) for n in names]
-    lines.append(f"{'strategy':{label_width}}  {'mean':>7}  {'worst task':{worst_width}}  {'merge s':>8}  "
-                 + (f"{'+loss':>7}  " if added else "") + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
+
+    def line(label: str, values: list[str]) -> str:
+        # the worst task reads left to right, the figures line up on the right
+        return f"{label:{label_width}}  " + "  ".join(
+            f"{v:{w}}" if k == 1 else f"{v:>{w}}" for k, (v, w) in enumerate(zip(values, widths)))
+
+    lines.append(line("strategy", header))
+    rows = iter(cells)
     for row in report["strategies"]:
-        if "error" in row:
-            lines.append(f"{row['strategy']:{label_width}}  error: {row['error']}")
-            continue
-        worst = f"{row['worst_task']} ({row['worst_fidelity_gap']:.4f})" if "worst_task" in row else "-"
-        lines.append(f"{row['strategy']:{label_width}}  {text(row.get('mean_fidelity_gap')):>7}  {worst:{worst_width}}  "
-                     f"{row['merge_seconds']:>8.2f}  " + (f"{row['mean_added_loss']:>7.4f}  " if added else "")
-                     + "  ".join(f"{text(row['tasks'][n]['fidelity_gap']):>{w}}" for n, w in zip(names, widths)))
+        lines.append(f"{row['strategy']:{label_width}}  error: {row['error']}" if "error" in row
+                     else line(row["strategy"], next(rows)))
     return "\n".join(lines)

@@ -344,3 +344,26 @@ path = "{tmp_path / 'published'}"
     assert "give --config, not --base-model or --adapter" in capsys.readouterr().err
     assert main(["compare", "--strategy", "ties"]) == 2
     assert "give --base-model and --adapter, or --group with --config" in capsys.readouterr().err
+
+
+def test_the_table_keeps_its_columns_when_a_gap_reaches_10():
+    """The columns' widths were fixed: a gap of 10 or more (a merge far from a task the
+    adapter hardly moved) shifted the rest of its row."""
+    from iteris_daemon.compare import render
+
+    def row(label: str, gaps: dict[str, float]) -> dict:
+        worst = max(gaps, key=gaps.get)
+        return {"strategy": label, "mean_fidelity_gap": sum(gaps.values()) / len(gaps), "worst_task": worst,
+                "worst_fidelity_gap": gaps[worst], "merge_seconds": 1.5,
+                "tasks": {name: {"fidelity_gap": gap} for name, gap in gaps.items()}}
+
+    report = {"seed": 0, "tasks": [{"name": n, "held_out": ["x"] * 4, "merged_from": 16} for n in ("polarity", "news")],
+              "strategies": [row("iteris", {"polarity": 0.81, "news": 0.44}),
+                             row("task_arithmetic", {"polarity": 12.07, "news": 110.9}),
+                             {"strategy": "ties", "error": "it failed"}]}
+    header, *rows, error = render(report).splitlines()[1:]
+    assert len({len(line) for line in (header, *rows)}) == 1  # the last column ends at one place
+    for column in ("merge s", "news"):
+        end = header.index(column) + len(column)
+        assert all(line[end - 1] != " " and line[end:end + 1] in ("", " ") for line in rows), column
+    assert error == "ties             error: it failed"
