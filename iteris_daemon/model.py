@@ -78,9 +78,13 @@ def _label_config(adapters: list[LoraAdapter]) -> dict[str, int]:
 def pad_within(tokenizer, model: nn.Module, name: str) -> None:
     """Make ``tokenizer`` and ``model``'s config agree on a pad id the model's input embedding
     holds (:func:`_agree_on_padding`): for the merge's passes and for text generated from it."""
+    _agree_on_padding(tokenizer, model.config, input_rows(model), name)
+
+
+def input_rows(model: nn.Module) -> int | None:
+    """The rows of ``model``'s input embedding: the token ids it holds (None: no embedding to ask)."""
     tokens = embeddings(model, "input")
-    rows = tokens.weight.shape[0] if isinstance(getattr(tokens, "weight", None), torch.Tensor) else None
-    _agree_on_padding(tokenizer, model.config, rows, name)
+    return tokens.weight.shape[0] if isinstance(getattr(tokens, "weight", None), torch.Tensor) else None
 
 
 def _agree_on_padding(tokenizer, config, rows: int | None, name: str) -> None:
@@ -363,6 +367,9 @@ class BaseModel:
         # call per block; a cache in it would grow with each replay).
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
+        # A token id past these rows (a tokenizer's added tokens, the embedding not resized)
+        # is refused by name (_check_held), not met as an IndexError in a pass.
+        self._rows = input_rows(self.model)
         if self.tokenizer is not None:
             pad_within(self.tokenizer, self.model, name_or_path)
             self.tokenizer.padding_side = "right"
@@ -634,7 +641,24 @@ class BaseModel:
         elif self.is_encoder_decoder and "attention_mask" in batch:  # the shifted inputs' padding
             mask = batch["attention_mask"]
             batch["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+        self._check_held(batch, source)
         return batch
+
+    def _check_held(self, batch: dict[str, torch.Tensor], source: str) -> None:
+        """Refuse token ids past the input embedding: a tokenizer's added tokens (a chat
+        template's ``<|im_start|>``), the embedding not resized, failed a pass with an
+        IndexError, which the block-by-block capture took for an unsupported architecture."""
+        if self._rows is None:
+            return
+        ids = torch.cat([batch[k].flatten() for k in ("input_ids", "decoder_input_ids") if k in batch])
+        if ids.numel() and int(ids.max()) >= self._rows:
+            past = sorted({int(i) for i in ids[ids >= self._rows]})
+            named = ", ".join(f"{self.tokenizer.convert_ids_to_tokens(i)} (id {i})" for i in past[:5])
+            raise CalibrationError(source, f"its samples hold tokens past the input embedding of {self.name_or_path} "
+                                           f"({self._rows} rows): {named}{', ...' if len(past) > 5 else ''}. The "
+                                           f"tokenizer has {len(self.tokenizer)} tokens; its added ones need rows the "
+                                           "model does not have: resize the embedding to the tokenizer, or calibrate "
+                                           "with text and a chat template the model holds")
 
     def _tokens(self, samples: list[Sample], texts: list[str], special: bool, max_length: int,
                 cut: list[tuple[Sample, int]]) -> dict[str, list[list[int]]]:

@@ -175,3 +175,26 @@ def test_targets_longer_than_max_length_are_counted_as_cut(tiny, caplog):
     assert [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()] == [
         f"tasks/t5.jsonl: 2 of 3 samples are longer than max_length 16 and are cut at it (the longest has "
         f"{len(base.tokenizer(long)['input_ids'])} tokens); a larger max_length (a strategy parameter) keeps more"]
+
+
+def test_tokens_past_the_input_embedding_are_refused_naming_them(tmp_path, capsys):
+    """A chat template's added tokens (``<|im_start|>``), the embedding not resized: every pass
+    failed with an IndexError, which the block-by-block capture took for an unsupported
+    architecture before the whole-model passes failed the same. Now the calibration set is
+    refused, naming the tokens, their ids and the embedding's rows; nothing is written."""
+    base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})  # ids 30522, 30523
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    tokenizer.save_pretrained(base)
+    adapters = [build_adapter(base, tmp_path / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM")
+                for seed in range(2)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    assert cli_merge(base, [f"{adapters[0]}={chat}", adapters[1]], tmp_path / "out") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"iteris-daemon: error: {chat}: its samples hold tokens past the input embedding of {base} (30522 rows): <|im_start|> "
+        "(id 30522), <|im_end|> (id 30523). The tokenizer has 30524 tokens; its added ones need rows the model does "
+        "not have: resize the embedding to the tokenizer, or calibrate with text and a chat template the model holds")
+    assert not (tmp_path / "out").exists()
+    assert cli_merge(base, adapters, tmp_path / "plain") == 0  # plain text the model holds merges as before
