@@ -140,7 +140,7 @@ def _sample(model, adapter, tokenizer, samples: int, max_new_tokens: int, seed: 
     """Text sampled from ``model``, the base with ``adapter`` applied, on its device."""
     import torch
 
-    from iteris_daemon.model import pad_within
+    from iteris_daemon.model import input_rows, pad_within
 
     device = model.device
     seq2seq = adapter.task_type == "SEQ_2_SEQ_LM"
@@ -158,8 +158,9 @@ def _sample(model, adapter, tokenizer, samples: int, max_new_tokens: int, seed: 
             elif tokenizer.bos_token_id is not None:  # the BOS alone, as the model's texts begin (the
                 # tokenizer, given the BOS's text, added its own: two BOS, sampling off its texts)
                 batch = {"input_ids": torch.full((count, 1), tokenizer.bos_token_id)}
-            else:  # no BOS token: start from a random token
-                batch = {"input_ids": torch.randint(0, len(tokenizer), (count, 1))}
+            else:  # no BOS token: start from a random token, one the model's embedding holds
+                held = min(len(tokenizer), input_rows(model) or len(tokenizer))
+                batch = {"input_ids": torch.randint(0, held, (count, 1))}
             batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
             batch = {key: value.to(device) for key, value in batch.items()}
             generated = model.generate(**batch, do_sample=True, top_k=50, max_new_tokens=max_new_tokens,

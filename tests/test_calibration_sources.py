@@ -629,3 +629,34 @@ def test_generate_applies_an_adapter_peft_refuses_on_the_kept_base_to_a_fresh_on
         source = calibration_sources()["generate"]
         assert [source.load(adapter, options).samples for adapter in adapters] == fresh
         source.release()
+
+
+def test_generation_without_a_bos_starts_from_a_token_the_model_holds(tiny, tmp_path, monkeypatch):
+    """Without a BOS the first token is drawn at random: it was drawn from the whole tokenizer,
+    whose added tokens (the embedding not resized) the model does not hold (an IndexError half
+    the time here, the tokenizer twice the embedding's rows)."""
+    import shutil
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from iteris_daemon.plugin_manager import calibration_sources
+
+    base_dir, adapters = tiny["llama"]
+    base = shutil.copytree(base_dir, tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([f"extra{i}" for i in range(30522)])  # ids 30522-61043, of a 30522-row embedding
+    tokenizer.save_pretrained(base)
+    assert AutoTokenizer.from_pretrained(base).bos_token_id is None
+    prompts = []
+    generate = transformers.GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        prompts.extend(kwargs["input_ids"].tolist())
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=16,
+                                 settings={"generate": {"max_new_tokens": 2}})
+    data = calibration_sources()["generate"].load(load_adapter(adapters[0]), options)
+    assert len(data.samples) == 16 and len(prompts) == 16 and all(0 <= p < 30522 for (p,) in prompts)
