@@ -32,7 +32,7 @@ def render_model_card(request: PublishRequest) -> str:
         columns=["name", "source", "locator", "revision"],
         inputs=[[_literal(i.name), _literal(i.source), _literal(i.locator), _literal(i.revision[:_REVISION_CHARS])]
                 for i in request.inputs],
-        params=request.params, tasks=request.metrics)
+        params=request.params, tasks=request.metrics, dtype=request.dtype)
 
 
 def merge_card(config: dict[str, Any], report: dict[str, Any]) -> str:
@@ -43,13 +43,14 @@ def merge_card(config: dict[str, Any], report: dict[str, Any]) -> str:
         strategy=report["strategy"], origin="", columns=["name", "path", "sha256"],
         inputs=[[_literal(i["name"]), _literal(i["path"]), _literal((i.get("sha256") or "")[:_REVISION_CHARS])]
                 for i in report["inputs"]],
-        params=report["params"], tasks=report["tasks"])
+        params=report["params"], tasks=report["tasks"], dtype=report.get("dtype"))
 
 
 def _card(heading: str, base_model: str, strategy: str, origin: str, columns: list[str], inputs: list[list[str]],
-          params: dict[str, Any], tasks: dict[str, Any]) -> str:
+          params: dict[str, Any], tasks: dict[str, Any], dtype: str | None) -> str:
     """YAML front matter, then Markdown: a heading, what was merged, a row per input, the
-    parameters and each task's figures."""
+    parameters and each task's figures, with the compute dtype they were measured in (a
+    bfloat16 pass moves them by more than the merge's own error can)."""
     data = ModelCardData(
         # The Hub takes a repo id there; a local folder (made absolute by the config) is none.
         base_model=None if base_model.startswith("/") else base_model,
@@ -66,7 +67,8 @@ def _card(heading: str, base_model: str, strategy: str, origin: str, columns: li
     ]
     header, metrics = _metrics_rows(tasks)
     if metrics:
-        sections.append("## Per-task metrics\n\n" + _table(header, metrics))
+        measured = f"Measured with the base model in `{_code(dtype)}`.\n\n" if dtype else ""
+        sections.append("## Per-task metrics\n\n" + measured + _table(header, metrics))
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
 
 

@@ -39,6 +39,7 @@ class PublishRequest:
     params: dict[str, Any]
     inputs: list[PublishedInput]
     metrics: dict[str, Any] = field(default_factory=dict)  # merge_report.json's per-task figures
+    dtype: str | None = None  # the base model's compute dtype, which the figures were measured in
     # The daemon's stop event: a publisher may end its retry waits once it is set (a stop
     # must not wait out a rate limit's Retry-After); None outside the daemon.
     stopping: threading.Event | None = field(default=None, compare=False, repr=False)

@@ -886,7 +886,7 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
         adapter_dir=folder, group=group.name, run_id=run_id, base_model=named_base or group.base_model,
         strategy=group.strategy, params=report.get("params", group.params),
         inputs=[PublishedInput(a.name, a.source.name, a.locator, r.revision, r.content_sha256) for a, r in inputs.revisions],
-        metrics=report.get("tasks", {}), stopping=stopping,
+        metrics=report.get("tasks", {}), dtype=report.get("dtype"), stopping=stopping,
     )
     published = []
     for destination in group.destinations:

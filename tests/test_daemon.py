@@ -323,6 +323,7 @@ def assert_one_new_publish(e: Env, before: dict, run: tuple) -> None:
     card = _card(e.hub, head)
     assert card["base_model_relation"] == "merge" and card["library_name"] == "peft"
     assert "base_model" not in card  # the base is a local folder, no Hub repo id
+    assert "Measured with the base model in `float32`." in e.hub.files(DEST_REPO, head)["README.md"].decode()
     published = e.hub.files(DEST_REPO, head)
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # the same adapter in both places
         assert published[name] == (e.dest / "current" / name).read_bytes()

@@ -517,6 +517,7 @@ def test_the_merged_folder_carries_its_model_card(bert, tmp_path):
     assert text == merge_card(config, report)
     body = text.split("\n---\n", 1)[1]
     assert f"2 LoRA adapters of `{base_dir}`" in body
+    assert "Measured with the base model in `float32`." in body  # the dtype the figures are measured in
     for given, entry in zip(adapters, report["inputs"]):
         assert f"| `{given.name}` | `{given}` | `{entry['sha256'][:12]}` |" in body
         figures = report["tasks"][given.name]

@@ -62,6 +62,7 @@ def request(adapter_dir: Path, base: Path, run_id: int = 1, group: str = "news")
             "sentiment": {"alignment_loss": [0.5, 0.125], "fidelity_gap": 0.0312},
             "topic": {"alignment_loss": [0.25], "fidelity_gap": 0.01},
         },
+        dtype="bfloat16",
     )
 
 
@@ -590,6 +591,7 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
     assert '"max_iterations": 3' in body
     assert "| `sentiment` | 0.125 | 0.0312 |" in body and "| `topic` | 0.25 | 0.01 |" in body
     assert "next-token" not in body  # not a language model's figures
+    assert "## Per-task metrics\n\nMeasured with the base model in `bfloat16`.\n\n| task |" in body
     language_model = dataclasses.replace(request(first, base), metrics={
         "sentiment": {"alignment_loss": [0.125], "fidelity_gap": 0.0312,
                       "next_token_loss": {"base": 3.5, "task": 2.25, "merged": 2.375}}})
