@@ -569,6 +569,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
                 "ranks": sorted({m.rank for m in a.modules.values()}),
                 "calibration": None if c is None else {
                     "source": c.source, "samples": len(c.samples), "sha256": c.fingerprint(), "generated": c.generated,
+                    # cut at max_length in a pass (None: no pass read them: a data-free merge, --no-eval)
+                    "samples_cut": base.samples_cut.get(c.source),
                 },
             }
             for a, c, spec in zip(adapters, calibration, request.adapters)

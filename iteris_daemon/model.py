@@ -376,6 +376,8 @@ class BaseModel:
         # (what, source): the warnings given, each once (source "": the model's own); a merge
         # reads a set several times (the task model, each iteration, the evaluation).
         self._warned: set[tuple[str, str]] = set()
+        # Per calibration source, how many of its samples a pass cut at max_length (the report's).
+        self.samples_cut: dict[str, int] = {}
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         # An encoder-decoder is teacher-forced on each sample's target, except under a
@@ -600,6 +602,8 @@ class BaseModel:
             batch = self._encode(chunk, max_length, data.source, cut)
             if all(v.shape[-1] > 0 for v in batch.values()):
                 batches.append(batch)
+        counted = len({id(sample) for sample, _ in cut})
+        self.samples_cut[data.source] = max(self.samples_cut.get(data.source, 0), counted)
         if cut:
             self._warn_cut(data, cut, max_length)
         return batches

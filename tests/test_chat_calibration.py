@@ -198,3 +198,20 @@ def test_tokens_past_the_input_embedding_are_refused_naming_them(tmp_path, capsy
         "not have: resize the embedding to the tokenizer, or calibrate with text and a chat template the model holds")
     assert not (tmp_path / "out").exists()
     assert cli_merge(base, adapters, tmp_path / "plain") == 0  # plain text the model holds merges as before
+
+
+def test_the_report_counts_each_sets_samples_cut_at_max_length(llama, tmp_path):
+    """The cut was only in the log; the report now says how many of each set's samples a pass
+    cut (null where no pass read them: a data-free merge without its evaluation)."""
+    base_dir, adapter_dirs = llama
+    files = [tmp_path / "long.jsonl", tmp_path / "short.jsonl"]
+    files[0].write_text("".join(json.dumps({"text": " ".join(["market"] * (8 + 20 * (j % 2)))}) + "\n"
+                                for j in range(6)))  # 3 of 6 past 16 tokens
+    files[1].write_text("".join(json.dumps({"text": f"prices fell {j}"}) + "\n" for j in range(6)))
+    given = [f"{adapter}={file}" for adapter, file in zip(adapter_dirs, files)]
+    for extra, expected in ((["--param", "max_length=16"], [3, 0]),
+                            (["--strategy", "task_arithmetic", "--no-eval"], [None, None])):
+        out = tmp_path / f"out{len(extra)}"
+        assert cli_merge(base_dir, given, out, *extra) == 0
+        report = json.loads((out / "merge_report.json").read_text())
+        assert [i["calibration"]["samples_cut"] for i in report["inputs"]] == expected
