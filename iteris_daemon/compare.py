@@ -30,7 +30,7 @@ from .figures import summary, text
 from .merge import (AdapterSpec, calibration_for, evaluation_settings, load_adapters, load_base, merged_head,
                     run_strategy)
 from .plugin_manager import get_strategy, strategies
-from .strategy import MergeInputs, MergeStrategy, StrategyParams, parse_param, parse_params
+from .strategy import MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, parse_param, parse_params
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         if merge in seen:
             raise ParameterError(f"strategy {contender.label!r} merges what {seen[merge]!r} does: give it once")
         seen[merge] = contender.label
+        check_per_adapter(contender.strategy, contender.params, len(request.adapters))
     if not request.strategies:  # every strategy at its defaults, but those a group's already merges
         contenders += [c for c in map(parse_contender, _runnable()) if _merge_of(c) not in seen]
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)

@@ -384,7 +384,7 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
 def _check_plugins(config: DaemonConfig, path: Path) -> None:
     """Strategies, parameters, destinations and source settings must be valid before anything runs."""
     from .plugin_manager import calibration_sources, get_strategy
-    from .strategy import parse_params
+    from .strategy import by_adapter_name, parse_params
 
     watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
     polled: list[tuple[str, BaseModel]] = []  # (source name, settings) of every Hub source
@@ -409,7 +409,7 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
         where = f"{path}: groups.{index} ({group.name})"
         try:
             strategy = get_strategy(group.strategy)
-            parse_params(strategy, group.params)
+            parse_params(strategy, by_adapter_name(strategy, group.params, None))
             order = group.calibration.order
             unknown = [n for n in order if n not in available]
             if unknown:

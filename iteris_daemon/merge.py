@@ -40,7 +40,8 @@ from .model_card import merge_card
 from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
-from .strategy import DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams, parse_params
+from .strategy import (DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams,
+                       check_per_adapter, parse_params)
 from .validation import named_base_problem
 
 log = logging.getLogger(__name__)
@@ -496,6 +497,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     _prepare_out(request.out, request.overwrite,
                  local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
     adapters = load_adapters(request.adapters, request.base_checked)
+    check_per_adapter(strategy, params, len(adapters))
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.
     samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples

@@ -59,7 +59,7 @@ from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest, PublishResult
-from .strategy import parse_params
+from .strategy import MergeStrategy, by_adapter_name, parse_params, per_adapter_fields
 from .supervisor import WorkerFailed, WorkerOptions, run_in_worker
 from .validation import AdapterLayout, Limits, copy_adapter_file, folder_fingerprint, read_layout
 
@@ -724,7 +724,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         force = force or group_row.force_requested
         group_row.requested_at, group_row.force_requested = None, False
     strategy = get_strategy(group.strategy)
-    samples = getattr(parse_params(strategy, group.params), "samples_per_task", None)
+    samples = getattr(parse_params(strategy, by_adapter_name(strategy, group.params, None)), "samples_per_task", None)
     on_status(f"group {group.name}: gathering inputs")
 
     def in_worker(job: dict[str, Any], label: str) -> Any:
@@ -741,7 +741,8 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     except MergeCancelled as exc:
         log.warning("group %s: cancelled while gathering inputs", group.name)
         return RunOutcome(RunStatus.cancelled, None, str(exc))
-    fingerprint = inputs.fingerprint(group.strategy, group.params, group.precision())
+    params = run_params(group, strategy, [adapter.name for adapter, _ in inputs.revisions])
+    fingerprint = inputs.fingerprint(group.strategy, params, group.precision())
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
@@ -770,7 +771,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     try:
         if kept is None:
             _discard(unpublished)  # an older merge, of other inputs: this one supersedes it
-            report = merge_in_worker(group, inputs, out, baseline, snapshots / "worker",
+            report = merge_in_worker(group, params, inputs, out, baseline, snapshots / "worker",
                                      f"group {group.name} run {run_id}", should_stop, device, trust_remote_code, worker)
         else:
             report = kept[1]
@@ -856,13 +857,14 @@ def _skip_reason(group: GroupConfig, inputs: Inputs, fingerprint: str, last: Mer
     return None
 
 
-def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Path | None, folder: Path, label: str,
-                    should_stop: Callable[[], bool], device: str, trust_remote_code: bool,
+def merge_in_worker(group: GroupConfig, params: dict[str, Any], inputs: Inputs, out: Path, reference: Path | None,
+                    folder: Path, label: str, should_stop: Callable[[], bool], device: str, trust_remote_code: bool,
                     options: WorkerOptions) -> dict[str, Any]:
-    """Merge ``inputs`` into ``out`` in a worker process (see :mod:`iteris_daemon.supervisor`)."""
+    """Merge ``inputs`` into ``out`` with ``params`` (:func:`run_params`) in a worker process
+    (see :mod:`iteris_daemon.supervisor`)."""
     job = {
         "request": {
-            "base_model": group.base_model, "strategy": group.strategy, "params": group.params, "out": str(out),
+            "base_model": group.base_model, "strategy": group.strategy, "params": params, "out": str(out),
             "device": device, "dtype": group.dtype, "output_dtype": group.output_dtype, "offload": group.offload,
             "exact_ranks": group.exact_ranks,
             "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
@@ -873,6 +875,18 @@ def merge_in_worker(group: GroupConfig, inputs: Inputs, out: Path, reference: Pa
                                                 "generated": c.generated} for c in inputs.calibration],
     }
     return run_in_worker(job, folder, label, should_stop, options)
+
+
+def run_params(group: GroupConfig, strategy: MergeStrategy, names: list[str]) -> dict[str, Any]:
+    """The group's parameters for a run of the adapters ``names``: each per-adapter table as
+    the list in their order (:func:`~iteris_daemon.strategy.by_adapter_name`). A name the table
+    gives that the run lacks (an adapter removed, held back, renamed) is logged."""
+    params = by_adapter_name(strategy, group.params, names)
+    for key in per_adapter_fields(strategy.Params):
+        absent = [name for name in group.params.get(key) or {} if name not in names]
+        if absent:
+            log.info("group %s: %s names %s, not in this run", group.name, key, ", ".join(absent))
+    return params
 
 
 def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .calibration import CalibrationSet
 from .errors import ParameterError
+from .logs import counted
 
 if TYPE_CHECKING:  # torch stays out of the daemon: only merges (in worker processes) import it
     import torch
@@ -62,6 +63,47 @@ class MergeStrategy(Protocol):
     def merge(self, inputs: MergeInputs, params: StrategyParams, progress: Progress) -> MergedAdapter: ...
 
 
+def per_adapter(unnamed: float) -> dict[str, Any]:
+    """A parameter field's ``json_schema_extra`` marking it as one value per adapter, in the
+    adapters' order (``weights``); ``unnamed`` is the value of an adapter a daemon group's
+    table does not name (:func:`by_adapter_name`)."""
+    return {"per_adapter": unnamed}
+
+
+def per_adapter_fields(params: type[StrategyParams]) -> dict[str, Any]:
+    """The per-adapter fields of a parameter model, each with the value of an adapter not named."""
+    return {name: extra["per_adapter"] for name, info in params.model_fields.items()
+            if isinstance(extra := info.json_schema_extra, dict) and "per_adapter" in extra}
+
+
+def check_per_adapter(strategy: MergeStrategy, params: StrategyParams, count: int) -> None:
+    """One value per adapter: checked before the base model loads, not by the strategy hours later."""
+    for name in per_adapter_fields(type(params)):
+        values = getattr(params, name)
+        if values is not None and len(values) != count:
+            raise ParameterError(f"strategy {strategy.name!r}: {name} has {counted(len(values), 'entry')} for "
+                                 f"{counted(count, 'adapter')}")
+
+
+def by_adapter_name(strategy: MergeStrategy, raw: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """A daemon group's parameters for a run of the adapters ``names``. Its adapters come and
+    go, so a per-adapter parameter is a table ``{adapter name: value}`` (a list, taken by
+    position, gave an adapter's weight to whichever took its place): here the list of
+    ``names``' values, an adapter not named taking the field's ``unnamed`` value. ``names``
+    None: the table's values, to validate them when the config loads."""
+    given = dict(raw)
+    for key, unnamed in per_adapter_fields(strategy.Params).items():
+        table = raw.get(key)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ParameterError(f"strategy {strategy.name!r}: {key}: a group's adapters change from run to run, so "
+                                 f"give {key} by adapter name, as a table ({key} = {{ news = 2.0, topic = 0.5 }}; an "
+                                 f"adapter not named takes {unnamed}), not by position")
+        given[key] = list(table.values()) if names is None else [table.get(name, unnamed) for name in names]
+    return given
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, value); VALUE is JSON when it parses (3, 0.1, true, [1,2]), else a string."""
     key, sep, raw = text.partition("=")
@@ -79,7 +121,8 @@ def parse_params(strategy: MergeStrategy, raw: dict[str, Any]) -> StrategyParams
         return strategy.Params(**raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise ParameterError(f"strategy {strategy.name!r}: {problems}") from None
 

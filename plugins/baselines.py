@@ -15,21 +15,20 @@ from __future__ import annotations
 from pydantic import Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.logs import counted
-from iteris_daemon.errors import ParameterError
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, task_arithmetic_factors
+from iteris_daemon.strategy import (MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter,
+                                    task_arithmetic_factors)
 
 
 class WeightedParams(StrategyParams):
-    weights: list[float] | None = Field(None, description="per-adapter weights in --adapter order (default 1 each)")
+    weights: list[float] | None = Field(None, json_schema_extra=per_adapter(1.0),
+                                        description="per-adapter weights, in --adapter order (a daemon group: a table by "
+                                                    "adapter name); default 1 each")
     scale: float = Field(1.0, gt=0, description="global multiplier lambda on the merged delta")
 
 
 def _weights(inputs: MergeInputs, params: WeightedParams) -> list[float]:
     if params.weights is None:
         return [params.scale] * len(inputs.adapters)
-    if len(params.weights) != len(inputs.adapters):
-        raise ParameterError(f"weights has {counted(len(params.weights), 'entry')} for {counted(len(inputs.adapters), 'adapter')}")
     return [params.scale * w for w in params.weights]
 
 

@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
-from iteris_daemon.logs import counted
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter
 
 
 class FeatureParams(StrategyParams):
@@ -44,7 +43,9 @@ class IterISParams(FeatureParams):
     a1: float = Field(1e-3, ge=0, description="weight of the proximal term towards each task's delta (x ||G_i||_F)")
     a2: float = Field(1e-3, ge=0, description="ridge weight (x ||G_i||_F)")
     adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
-    task_weights: list[float] | None = Field(None, description="manual per-task multipliers, in --adapter order")
+    task_weights: list[float] | None = Field(
+        None, json_schema_extra=per_adapter(1.0),
+        description="manual per-task multipliers, in --adapter order (a daemon group: a table by adapter name)")
     loss_weighting: float = Field(
         0.0, ge=0, le=4, description="gamma: from the second solve on, weight each task at each layer by its relative "
         "alignment loss under the previous merge to the power gamma, so the worst-served tasks count more (0: off)"
@@ -83,12 +84,6 @@ class IterIS:
     def merge(self, inputs: MergeInputs, params: IterISParams, progress: Progress) -> MergedAdapter:
         from iteris_daemon.alignment import AlignmentOptions, align
 
-        if params.task_weights is not None and len(params.task_weights) != len(inputs.adapters):
-            from iteris_daemon.errors import ParameterError
-
-            raise ParameterError(
-                f"task_weights has {counted(len(params.task_weights), 'entry')} for {counted(len(inputs.adapters), 'adapter')}"
-            )
         options = AlignmentOptions(
             iterations=params.iterations,
             tolerance=params.tolerance,

@@ -10,9 +10,8 @@ from typing import Literal
 from pydantic import Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.logs import counted
 from iteris_daemon.errors import MergeError, ParameterError
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter
 
 COMBINATION_TYPES = {
     "cat": "concatenate the LoRA factors (exact weighted sum)",
@@ -30,7 +29,9 @@ COMBINATION_TYPES = {
 
 
 class PeftParams(StrategyParams):
-    weights: list[float] | None = Field(None, description="per-adapter weights in --adapter order (default 1 each)")
+    weights: list[float] | None = Field(None, json_schema_extra=per_adapter(1.0),
+                                        description="per-adapter weights, in --adapter order (a daemon group: a table by "
+                                                    "adapter name); default 1 each")
     density: float = Field(0.5, gt=0, le=1, description="fraction kept by ties/dare/magnitude_prune types")
     svd_rank: int | None = Field(None, ge=1, description="rank of *_svd results (PEFT default: largest input rank)")
     majority_sign_method: Literal["total", "frequency"] = Field(
@@ -52,8 +53,6 @@ class PeftCombination:
 
         adapters = inputs.adapters
         weights = params.weights or [1.0] * len(adapters)
-        if len(weights) != len(adapters):
-            raise ParameterError(f"weights has {counted(len(weights), 'entry')} for {counted(len(adapters), 'adapter')}")
         # PEFT rewrites the modules it wraps, so it works on a private copy of the model.
         inputs.base.make_resident()
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; nothing for a user to do

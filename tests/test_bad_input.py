@@ -368,6 +368,18 @@ def test_bad_strategy_or_parameters(workspace, capsys, extra, fragment):
     _assert_refused(code, message, tmp / "out", fragment)
 
 
+@pytest.mark.parametrize("strategy, param", [("iteris", "task_weights"), ("ties", "weights"), ("peft_cat", "weights")])
+def test_per_adapter_values_of_another_count_are_refused_before_the_base_model_loads(workspace, capsys, monkeypatch,
+                                                                                    strategy, param):
+    """Each strategy checked the count itself, after the base model (70B, say) had loaded."""
+    import iteris_daemon.merge as merge
+
+    base, adapters, tmp = workspace
+    monkeypatch.setattr(merge, "load_base", lambda *args: pytest.fail("the base model was loaded"))
+    code, message = _merge(capsys, base, adapters, tmp / "out", "--strategy", strategy, "--param", f"{param}=[1, 2, 3]")
+    _assert_refused(code, message, tmp / "out", f"strategy {strategy!r}: {param} has 3 entries for 2 adapters")
+
+
 def test_existing_output_is_kept(workspace, capsys):
     base, adapters, tmp = workspace
     out = tmp / "out"

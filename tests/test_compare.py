@@ -91,12 +91,24 @@ def test_each_strategy_is_scored_on_samples_it_did_not_merge_from(tiny, tmp_path
 
 def test_a_strategy_that_cannot_merge_is_listed_with_its_error(tiny, capsys):
     base_dir, adapter_dirs = tiny["bert"]
-    failing = "iteris:task_weights=[1]"  # one weight for three adapters: refused when the merge starts
+    failing = "peft_svd:svd_rank=1000"  # more than the layers hold: refused when the merge starts
     assert _compare(base_dir, adapter_dirs, "--strategy", failing, "--strategy", "ties") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[2].split()[0] == "ties"
-    assert table[3] == f"{failing}  error: task_weights has 1 entry for 3 adapters"
+    assert table[3].startswith(f"{failing}  error: svd_rank 1000 is more than layer ")
     assert _compare(base_dir, adapter_dirs, "--strategy", failing) == 1  # none could merge
+
+
+def test_per_adapter_values_of_another_count_are_refused_before_anything_runs(tiny, capsys, monkeypatch):
+    """One weight for three adapters was an error row after the base model loaded and the other
+    contenders merged (the README says every spec is checked first): now one line, exit 2."""
+    import iteris_daemon.compare as compare
+
+    base_dir, adapter_dirs = tiny["bert"]
+    monkeypatch.setattr(compare, "load_base", lambda *args: pytest.fail("the base model was loaded"))
+    assert _compare(base_dir, adapter_dirs, "--strategy", "ties", "--strategy", "iteris:task_weights=[1]") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "iteris-daemon: error: strategy 'iteris': task_weights has 1 entry for 3 adapters")
 
 
 def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch, capsys):

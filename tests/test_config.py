@@ -40,6 +40,15 @@ def test_the_example_config_is_valid():
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\ntrust_remote_code = true\n',
      "sources.0 (s): trust_remote_code: Extra inputs"),
     (GROUP + 'params = { iterationz = 3 }\n' + FOLDER, "groups.0 (g): strategy 'iteris': iterationz"),
+    # Taken by position, a group's weights went to whichever adapter took a removed one's place.
+    (GROUP + 'params = { task_weights = [1.0, 2.0] }\n' + FOLDER,
+     "groups.0 (g): strategy 'iteris': task_weights: a group's adapters change from run to run, so give "
+     "task_weights by adapter name, as a table (task_weights = { news = 2.0, topic = 0.5 }; an adapter not named "
+     "takes 1.0), not by position"),
+    (GROUP + 'strategy = "ties"\nparams = { weights = { news = "a" } }\n' + FOLDER,
+     "groups.0 (g): strategy 'ties': weights.0: Input should be a valid number"),
+    (GROUP + 'params = { task_weights = { news = -1.0 } }\n' + FOLDER,
+     "groups.0 (g): strategy 'iteris': params: task_weights must be non-negative"),
     (GROUP + 'strategy = "nonesuch"\n' + FOLDER, "unknown strategy 'nonesuch'"),
     (GROUP + '[[groups.destinations]]\nkind = "ftp"\n', "unknown destination kind 'ftp'"),
     (GROUP + '[[groups.destinations]]\nkind = "folder"\n', "destinations.0: path: Field required"),

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import delete, select
 
@@ -607,3 +608,31 @@ def test_status_shows_what_the_published_merge_scored(setup):
                                               "worst_fidelity_gap": gaps[worst]})
     assert f"quality: mean fidelity gap {sum(gaps.values()) / 2:.3f}, worst {worst} {gaps[worst]:.3f}" in render(
         collect(setup.catalog))
+
+
+def _dense(folder: Path) -> dict[str, torch.Tensor]:
+    """Each layer's delta ``scaling * B @ A`` in float64."""
+    from iteris_daemon.lora import load_adapter
+
+    return {p: m.scaling * m.B.double() @ m.A.double() for p, m in load_adapter(folder).modules.items()}
+
+
+def test_a_groups_weights_follow_the_adapters_by_name_as_the_group_changes(setup, caplog):
+    """A group's ``weights`` were a list taken by position: once an adapter went (or one came
+    before it) its weight went to whichever took its place, exit 0. They are a table by adapter
+    name now (an adapter not named weighs 1); the published delta is checked against the float64
+    sum of the named weights times each adapter's own delta, before and after one is removed."""
+    watched = setup.published.parent / "watched"
+    group = setup.group(names=("task0", "task1"), params={"weights": {"task1": 3.0, "gone": 5.0}},
+                        gates={"max_regression": None})
+    own = {name: _dense(watched / name) for name in ("task0", "task1")}
+    caplog.set_level("INFO", logger="iteris_daemon.runner")
+    for expected in ({"task0": 1.0, "task1": 3.0}, {"task1": 3.0}):
+        assert setup.run(group).status is RunStatus.succeeded and set(_published(setup)) == set(expected)
+        merged = _dense(setup.published / "current")
+        for path, delta in merged.items():
+            want = sum(w * own[name][path] for name, w in expected.items())
+            assert torch.allclose(delta, want, rtol=1e-5, atol=1e-7), path
+        (watched / "task0" / "adapter_model.safetensors").unlink(missing_ok=True)
+        LocalFolderSource(setup.catalog, "team").scan()
+    assert "group unified: weights names gone, not in this run" in caplog.messages

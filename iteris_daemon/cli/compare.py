@@ -113,7 +113,7 @@ def _group_request(config, name: str, into: Path, **options):
     from ..errors import ConfigError
     from ..merge import AdapterSpec
     from ..plugin_manager import get_strategy
-    from ..runner import gather_inputs
+    from ..runner import gather_inputs, run_params
     from ..strategy import parse_params
 
     group = next((g for g in config.groups if g.name == name), None)
@@ -132,7 +132,8 @@ def _group_request(config, name: str, into: Path, **options):
     if not inputs.revisions:
         raise ConfigError(f"group {group.name}: no adapter with calibration data to compare on (see `status`)")
     strategy = get_strategy(group.strategy)
-    own = Contender(f"{group.strategy} (group {group.name})", strategy, parse_params(strategy, group.params))
+    params = run_params(group, strategy, [adapter.name for adapter, _ in inputs.revisions])
+    own = Contender(f"{group.strategy} (group {group.name})", strategy, parse_params(strategy, params))
     adapters = [AdapterSpec(folder, name=adapter.name, origin=revision.files_path)
                 for (adapter, revision), folder in zip(inputs.revisions, inputs.folders)]
     options.setdefault("trust_remote_code", group.base_model in config.daemon.trust_remote_code)
