@@ -104,6 +104,13 @@ def by_adapter_name(strategy: MergeStrategy, raw: dict[str, Any], names: list[st
     return given
 
 
+def refuse_all_zero(name: str, weights: list[float] | None) -> None:
+    """For a parameter model's validator: per-task weights that are all 0 merge to a zero
+    delta, a useless adapter written with exit 0 (negative weights stay legal: task negation)."""
+    if weights and not any(weights):
+        raise ValueError(f"{name} are all 0: no task would count (the merge was a zero delta)")
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, value); VALUE is JSON when it parses (3, 0.1, true, [1,2]), else a string."""
     key, sep, raw = text.partition("=")

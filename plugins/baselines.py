@@ -12,11 +12,11 @@ the plugin does not import torch.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.strategy import (MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter,
-                                    task_arithmetic_factors)
+                                    refuse_all_zero, task_arithmetic_factors)
 
 
 class WeightedParams(StrategyParams):
@@ -24,6 +24,11 @@ class WeightedParams(StrategyParams):
                                         description="per-adapter weights, in --adapter order (a daemon group: a table by "
                                                     "adapter name); default 1 each")
     scale: float = Field(1.0, gt=0, description="global multiplier lambda on the merged delta")
+
+    @model_validator(mode="after")
+    def _weights_not_all_zero(self):
+        refuse_all_zero("weights", self.weights)
+        return self
 
 
 def _weights(inputs: MergeInputs, params: WeightedParams) -> list[float]:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter, refuse_all_zero
 
 
 class FeatureParams(StrategyParams):
@@ -70,8 +70,7 @@ class IterISParams(FeatureParams):
     def _weights_non_negative(self):
         if self.task_weights is not None and any(w < 0 for w in self.task_weights):
             raise ValueError("task_weights must be non-negative")
-        if self.task_weights is not None and self.task_weights and not any(self.task_weights):
-            raise ValueError("task_weights are all 0: no task would count (the merge was a zero delta)")
+        refuse_all_zero("task_weights", self.task_weights)
         return self
 
 

@@ -7,11 +7,11 @@ import copy
 import warnings
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.errors import MergeError, ParameterError
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter
+from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter, refuse_all_zero
 
 COMBINATION_TYPES = {
     "cat": "concatenate the LoRA factors (exact weighted sum)",
@@ -38,6 +38,11 @@ class PeftParams(StrategyParams):
         "total", description="ties types: the sign each entry keeps, by the sum of the deltas (total) or by "
                              "how many deltas have it (frequency)")
 
+    @model_validator(mode="after")
+    def _weights_not_all_zero(self):
+        refuse_all_zero("weights", self.weights)
+        return self
+
 
 class PeftCombination:
     needs_calibration = False
@@ -52,7 +57,7 @@ class PeftCombination:
         from peft import PeftModel
 
         adapters = inputs.adapters
-        weights = params.weights or [1.0] * len(adapters)
+        weights = [1.0] * len(adapters) if params.weights is None else params.weights
         # PEFT rewrites the modules it wraps, so it works on a private copy of the model.
         inputs.base.make_resident()
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; nothing for a user to do

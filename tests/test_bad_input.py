@@ -354,6 +354,10 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         (["--param", "a1=-1"], "a1"),
         (["--param", "task_weights=[1]"], "task_weights has 1 entry for 2 adapters"),
         (["--param", "task_weights=[0, 0]"], "task_weights are all 0"),
+        # a zero delta written with exit 0; negative weights stay legal (task negation)
+        *[(["--strategy", s, "--param", "weights=[0, 0]"], "weights are all 0")
+          for s in ("task_arithmetic", "ties", "dare", "peft_cat", "peft_ties_svd")],
+        (["--strategy", "peft_cat", "--param", "weights=[]"], "weights has 0 entries for 2 adapters"),  # was 1 each
         (["--param", "samples_per_task=true"], "samples_per_task: Input should be a valid integer"),  # was 1
         (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),
         # PEFT wrote B (d_out x 32) with A (40 x d_in): "returned factors of shapes", a contract error
