@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
@@ -59,6 +59,12 @@ class CoreSpaceParams(_Params):
     common_space_fraction: float = Field(
         0.8, gt=0, le=1, description="iso_cts only: fraction of the core dimension given to the common subspace"
     )
+
+    @model_validator(mode="after")
+    def _fraction_read_by_the_method(self):
+        if "common_space_fraction" in self.model_fields_set and self.method != "iso_cts":
+            raise ValueError(f"common_space_fraction is read only by method iso_cts, not {self.method!r}")
+        return self
 
 
 class CoreSpace:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,8 +27,18 @@ COMBINATION_TYPES = {
     "magnitude_prune_svd": "magnitude pruning of dense deltas, then SVD",
 }
 
+# The add_weighted_adapter arguments each type reads (PEFT 0.21): one PeftParams serves every
+# type, and a parameter its type does not read is refused, not recorded and ignored.
+READERS = {
+    "density": [t for t in COMBINATION_TYPES if any(k in t for k in ("ties", "dare", "prune"))],
+    "majority_sign_method": [t for t in COMBINATION_TYPES if "ties" in t],
+    "svd_rank": [t for t in COMBINATION_TYPES if t.endswith("svd")],
+}
+
 
 class PeftParams(StrategyParams):
+    combination_type: ClassVar[str]  # set by each type's subclass (PeftCombination)
+
     weights: list[float] | None = Field(None, json_schema_extra=per_adapter(1.0),
                                         description="per-adapter weights, in --adapter order (a daemon group: a table by "
                                                     "adapter name); default 1 each")
@@ -43,13 +53,21 @@ class PeftParams(StrategyParams):
         refuse_all_zero("weights", self.weights)
         return self
 
+    @model_validator(mode="after")
+    def _read_by_the_type(self):
+        for name in sorted(self.model_fields_set & READERS.keys()):
+            if self.combination_type not in READERS[name]:
+                raise ValueError(f"{name} is read only by " + ", ".join(f"peft_{t}" for t in READERS[name])
+                                 + f", not by peft_{self.combination_type}")
+        return self
+
 
 class PeftCombination:
     needs_calibration = False
-    Params = PeftParams
 
     def __init__(self, combination_type: str, summary: str):
         self.combination_type = combination_type
+        self.Params = type(f"PeftParams_{combination_type}", (PeftParams,), {"combination_type": combination_type})
         self.name = f"peft_{combination_type}"
         self.description = f"PEFT add_weighted_adapter({combination_type!r}): {summary}"
 
@@ -66,9 +84,8 @@ class PeftCombination:
         for index, adapter in enumerate(adapters[1:], start=1):
             model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
         names = [f"t{i}" for i in range(len(adapters))]
-        kwargs = {"density": params.density} if any(k in self.combination_type for k in ("ties", "dare", "prune")) else {}
-        if "ties" in self.combination_type:
-            kwargs["majority_sign_method"] = params.majority_sign_method
+        kwargs = {name: getattr(params, name) for name in ("density", "majority_sign_method")
+                  if self.combination_type in READERS[name]}
         if params.svd_rank is not None:
             _check_svd_rank(params.svd_rank, adapters)
             kwargs["svd_rank"] = params.svd_rank

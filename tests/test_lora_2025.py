@@ -411,6 +411,19 @@ def test_parameters_are_validated(bad):
         parse_params(get_strategy("core_space"), bad)
 
 
+def test_common_space_fraction_is_refused_with_a_method_that_does_not_read_it():
+    """core_space read it only with method iso_cts: with another it was recorded and changed nothing."""
+    from iteris_daemon.errors import ParameterError
+
+    for method in ("ta", "tsv", "iso_c", None):
+        raw = {"common_space_fraction": 0.3} | ({"method": method} if method else {})
+        with pytest.raises(ParameterError, match=f"common_space_fraction is read only by method iso_cts, not "
+                                                 f"'{method or 'tsv'}'"):
+            parse_params(get_strategy("core_space"), raw)
+    read = parse_params(get_strategy("core_space"), {"method": "iso_cts", "common_space_fraction": 0.3})
+    assert read.common_space_fraction == 0.3
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end on the tiny BERT: written, loadable by PEFT, equal to the references
 

@@ -14,6 +14,7 @@ from builders import apply_by_hand, build_adapter, cli_merge, sample_inputs
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import strategies
+from iteris_daemon.plugins.peft_combinations import COMBINATION_TYPES
 
 MODEL_CLASSES = {"bert": tf.AutoModel, "gpt2": tf.AutoModelForCausalLM, "llama": tf.AutoModelForCausalLM,
                  "t5": tf.AutoModelForSeq2SeqLM}
@@ -172,6 +173,32 @@ def test_peft_types_refuse_adapters_that_each_save_a_module(bert, tmp_path, caps
                      "--no-eval") == 2
     assert "target the same module with modules_to_save" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# What PEFT 0.21's add_weighted_adapter reads, by combination type (its source, not this project's table).
+PEFT_READS = {
+    "density": {"ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
+                "magnitude_prune_svd"},
+    "majority_sign_method": {"ties", "ties_svd", "dare_ties", "dare_ties_svd"},
+    "svd_rank": {"svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"},
+}
+
+
+@pytest.mark.parametrize("name, value", [("density", 0.3), ("majority_sign_method", "frequency"), ("svd_rank", 2)])
+def test_a_peft_parameter_its_type_does_not_read_is_refused(name, value):
+    """One parameter model serves every peft_<type>: ``peft_cat svd_rank=2`` wrote the full-rank
+    sum, ``peft_svd density=0.1`` the unpruned one, and the report recorded the ignored value."""
+    from iteris_daemon.errors import ParameterError
+    from iteris_daemon.plugin_manager import get_strategy
+    from iteris_daemon.strategy import parse_params
+
+    for combination_type in COMBINATION_TYPES:
+        strategy = get_strategy(f"peft_{combination_type}")
+        if combination_type in PEFT_READS[name]:
+            assert getattr(parse_params(strategy, {name: value}), name) == value
+        else:
+            with pytest.raises(ParameterError, match=f"{name} is read only by peft_.*, not by peft_{combination_type}$"):
+                parse_params(strategy, {name: value})
 
 
 def test_task_arithmetic_is_exact_sum(bert, tmp_path):
