@@ -16,7 +16,6 @@ import logging
 import random
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,7 +29,8 @@ from .figures import summary, text
 from .merge import (AdapterSpec, calibration_for, evaluation_settings, load_adapters, load_base, merged_head,
                     run_strategy)
 from .plugin_manager import get_strategy, strategies
-from .strategy import MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, parse_param, parse_params
+from .strategy import (MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, parse_param, parse_params,
+                       unique_params)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,8 @@ def parse_contender(spec: str) -> Contender:
     strategy = get_strategy(name.strip())
     if any(not a.strip() for a in assignments):
         raise ParameterError(f"strategy {spec!r}: expected NAME:KEY=VALUE[:KEY=VALUE...]")
-    pairs = [parse_param(a) for a in assignments]
-    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-    if repeated:
-        raise ParameterError(f"strategy {spec!r}: {repeated[0]} is given twice")
-    return Contender(spec, strategy, parse_params(strategy, dict(pairs)))
+    pairs = unique_params([parse_param(a) for a in assignments], f"strategy {spec!r}: ")
+    return Contender(spec, strategy, parse_params(strategy, pairs))
 
 
 @dataclass

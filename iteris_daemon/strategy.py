@@ -4,6 +4,7 @@ through the ``register_strategies`` hook (see :mod:`iteris_daemon.hookspecs`).""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
@@ -120,6 +121,14 @@ def parse_param(text: str) -> tuple[str, Any]:
         return key.strip(), json.loads(raw)
     except json.JSONDecodeError:
         return key.strip(), raw
+
+
+def unique_params(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    """``(key, value)`` pairs as a dict; a key given twice is an error (the last silently won)."""
+    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    if repeated:
+        raise ParameterError(f"{where}{repeated[0]} is given twice")
+    return dict(pairs)
 
 
 def parse_params(strategy: MergeStrategy, raw: dict[str, Any]) -> StrategyParams:

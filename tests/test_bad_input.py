@@ -358,6 +358,9 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         *[(["--strategy", s, "--param", "weights=[0, 0]"], "weights are all 0")
           for s in ("task_arithmetic", "ties", "dare", "peft_cat", "peft_ties_svd")],
         (["--strategy", "peft_cat", "--param", "weights=[]"], "weights has 0 entries for 2 adapters"),  # was 1 each
+        # the last one silently won, as compare refuses a key given twice in a spec
+        (["--strategy", "ties", "--param", "density=0.3", "--param", "density=0.9"], "--param density is given twice"),
+        (["--strategy", "ties", "--strategy", "dare"], "--strategy is given twice (ties, dare)"),
         (["--param", "samples_per_task=true"], "samples_per_task: Input should be a valid integer"),  # was 1
         (["--param", "blockwise=1"], "blockwise: Input should be a valid boolean"),
         # PEFT wrote B (d_out x 32) with A (40 x d_in): "returned factors of shapes", a contract error

@@ -60,7 +60,7 @@ def register(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input_arguments(merge)
-    merge.add_argument("--strategy", default=DEFAULT_STRATEGY,
+    merge.add_argument("--strategy", action="append", default=[],  # a list, so that a second one is refused
                        help=f"merge strategy (default: {DEFAULT_STRATEGY}; see `plugins`)")
     merge.add_argument(
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
@@ -133,16 +133,21 @@ def calibration_options(args):
 def _merge(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from ..errors import ConfigError
     from ..merge import MergeRequest, run_merge
+    from ..strategy import unique_params
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening
-    params = dict(args.param)
+    if len(args.strategy) > 1:
+        raise ConfigError(f"--strategy is given twice ({', '.join(args.strategy)}): merge takes one; compare takes "
+                          "several")
+    params = unique_params(args.param, "--param ")
     report = run_merge(
         MergeRequest(
             base_model=args.base_model,
             adapters=args.adapter,
             out=args.out,
-            strategy=args.strategy,
+            strategy=args.strategy[0] if args.strategy else DEFAULT_STRATEGY,
             params=params,
             device=args.device,
             dtype=args.dtype,
