@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # torch stays out of the daemon: only merges (in worker proce
 
 DEFAULT_STRATEGY = "iteris"  # what `merge`, a daemon group and `plugins` default to
 
+SEED_BOUNDS = {"ge": -(2**63), "le": 2**64 - 1}
+"""A ``seed`` parameter's bounds, ``Field(0, **SEED_BOUNDS)``: what ``torch.Generator.manual_seed``
+takes (beyond, it failed inside the merge, after the base model loaded, naming no parameter)."""
+
 Progress = Callable[..., Any]
 """A ``tqdm``-like factory: ``progress(total=n, desc=...)`` returns a bar with ``update()``."""
 

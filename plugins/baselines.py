@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
-from iteris_daemon.strategy import (MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter,
+from iteris_daemon.strategy import (SEED_BOUNDS, MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter,
                                     refuse_all_zero, task_arithmetic_factors)
 
 
@@ -69,7 +69,7 @@ class Ties:
 
 class DareParams(DenseParams):
     drop_rate: float = Field(0.5, ge=0, lt=1, description="probability of dropping each delta entry")
-    seed: int = Field(0, description="random seed of the drop masks (fixed: merges are reproducible)")
+    seed: int = Field(0, **SEED_BOUNDS, description="random seed of the drop masks (fixed: merges are reproducible)")
 
 
 class Dare:

@@ -37,7 +37,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams
+from iteris_daemon.strategy import SEED_BOUNDS, MergedAdapter, MergeInputs, Progress, StrategyParams
 
 
 class _Params(StrategyParams):
@@ -174,7 +174,7 @@ class KnotsParams(_Params):
         0.0, ge=0, lt=1, description="KnOTS-DARE-TIES: drop each aligned entry with this probability and rescale "
         "by 1/(1-p) before TIES (0: KnOTS-TIES)"
     )
-    seed: int = Field(0, description="random seed of the drop masks (fixed: merges are reproducible)")
+    seed: int = Field(0, **SEED_BOUNDS, description="random seed of the drop masks (fixed: merges are reproducible)")
 
 
 class Knots:

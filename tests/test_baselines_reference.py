@@ -122,6 +122,21 @@ def test_dare_is_reproducible_by_seed():
         assert torch.equal(first, again) and not torch.allclose(first, other)
 
 
+def test_dare_takes_every_seed_torch_takes_and_refuses_the_rest_naming_it():
+    """2**64 passed validation, then failed inside torch after the base model loaded, naming
+    no parameter ("Overflow when unpacking long long")."""
+    from iteris_daemon.errors import ParameterError
+    from iteris_daemon.plugin_manager import get_strategy
+    from iteris_daemon.strategy import parse_params
+
+    adapters = _adapters(4)
+    for seed in (-(2**63), 2**64 - 1):
+        assert _merge("dare", adapters, seed=seed).modules
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(ParameterError, match="seed: Input should be"):
+            parse_params(get_strategy("dare"), {"seed": seed})
+
+
 def test_the_dense_result_is_written_as_its_best_low_rank_approximation():
     adapters = _adapters(5)
     result = _merge("ties", adapters, density=0.3)  # target rank: the sum of the ranks present

@@ -349,6 +349,19 @@ def test_knots_dare_matches_the_reference_with_the_same_masks(seed):
         assert _relative(B @ A, reference_knots(_deltas(adapters, path))) < 1e-8, path
 
 
+def test_knots_takes_every_seed_torch_takes_and_refuses_the_rest_naming_it():
+    """2**64 passed validation, then failed inside torch after the base model loaded, naming
+    no parameter ("Overflow when unpacking long long")."""
+    from iteris_daemon.errors import ParameterError
+
+    adapters = _adapters(3)
+    for seed in (-(2**63), 2**64 - 1):
+        assert _merge("knots", adapters, drop_rate=0.5, seed=seed).modules
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(ParameterError, match="seed: Input should be"):
+            parse_params(get_strategy("knots"), {"seed": seed})
+
+
 def test_knots_of_equal_tasks_is_the_task():
     """N copies of one delta: every component agrees, the disjoint mean is the delta itself
     (task arithmetic would give N times it)."""
