@@ -4,6 +4,8 @@ through the ``register_strategies`` hook (see :mod:`iteris_daemon.hookspecs`).""
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
@@ -116,15 +118,34 @@ def refuse_all_zero(name: str, weights: list[float] | None) -> None:
         raise ValueError(f"{name} are all 0: no task would count (the merge was a zero delta)")
 
 
+_LOOKS_LIKE_JSON = re.compile(r"\s*([+-]?\.?\d|[\[{])")  # a number, list or object; "./x" and "-x" stay strings
+
+
 def parse_param(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> (key, value); VALUE is JSON when it parses (3, 0.1, true, [1,2]), else a string."""
+    """``KEY=VALUE`` -> (key, value); VALUE is JSON when it parses (3, 0.1, true, [1,2]), else a
+    string (``method=ties``), unless it starts like a number, list or object: ``density=.5`` as the
+    string ".5" was refused as "Input should be a valid number"."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ParameterError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key.strip(), json.loads(raw)
-    except json.JSONDecodeError:
-        return key.strip(), raw
+    except json.JSONDecodeError as exc:
+        if not _LOOKS_LIKE_JSON.match(raw):
+            return key.strip(), raw
+        raise ParameterError(f"{text}: not a JSON value ({_json_hint(key.strip(), raw, exc)})") from None
+
+
+def _json_hint(key: str, raw: str, exc: json.JSONDecodeError) -> str:
+    """The JSON spelling of a number JSON does not take (.5, +1, 5., 007), else JSON's own complaint."""
+    for number in (int, float):
+        try:
+            value = number(raw)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return f"write {json.dumps(value)}"
+    return f'{exc.msg} at character {exc.pos}; a string is written in quotes, {key}="..."'
 
 
 def unique_params(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:

@@ -387,6 +387,27 @@ def test_per_adapter_values_of_another_count_are_refused_before_the_base_model_l
     _assert_refused(code, message, tmp / "out", f"strategy {strategy!r}: {param} has 3 entries for 2 adapters")
 
 
+@pytest.mark.parametrize("param, says", [
+    ("density=.5", "write 0.5"), ("density=+0.5", "write 0.5"), ("density=5.", "write 5.0"),
+    ("weights=[1,2,]", 'Expecting value at character 5; a string is written in quotes, weights="..."'),
+])
+def test_a_value_that_starts_like_a_number_or_list_but_is_no_json_is_named(workspace, capsys, param, says):
+    """It was taken for a string: "density: Input should be a valid number" for ``density=.5``."""
+    base, adapters, tmp = workspace
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        cli_merge(base, adapters, tmp / "out", "--strategy", "ties", "--param", param)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and message.endswith(f"argument --param: {param}: not a JSON value ({says})")
+    assert not (tmp / "out").exists()
+
+
+def test_a_bare_string_parameter_stays_a_string_whatever_it_starts_with():
+    from iteris_daemon.strategy import parse_param
+
+    for value in ("ties", "./calibration", "-x", "."):
+        assert parse_param(f"label={value}") == ("label", value)
+
+
 def test_existing_output_is_kept(workspace, capsys):
     base, adapters, tmp = workspace
     out = tmp / "out"

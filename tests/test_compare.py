@@ -140,6 +140,7 @@ def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch,
     (["--strategy", "knots:"], "strategy 'knots:': expected NAME:KEY=VALUE"),
     (["--strategy", "ties:density=0.3:density=0.5"], "strategy 'ties:density=0.3:density=0.5': density is given twice"),
     (["--strategy", "ties:density=2"], "strategy 'ties': density: "),
+    (["--strategy", "ties:density=.5"], "density=.5: not a JSON value (write 0.5)"),  # was "a valid number"
     (["--holdout", "1"], "holdout must be between 0 and 1 (exclusive), got 1.0"),
     (["--strategy", "ties", "--strategy", "ties:density=0.2"], "strategy 'ties:density=0.2' merges what 'ties' does"),
 ])

@@ -64,7 +64,8 @@ def register(commands) -> None:
                        help=f"merge strategy (default: {DEFAULT_STRATEGY}; see `plugins`)")
     merge.add_argument(
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
-        help="strategy parameter; VALUE is JSON when it parses (3, 0.1, true, [1,2]) else a string",
+        help="strategy parameter; VALUE is JSON when it parses (3, 0.1, true, [1,2]) else a string (not when "
+             "it starts like a number, list or object: .5 is an error)",
     )
     merge.add_argument("--out", required=True, type=user_path, metavar="DIR", help="output adapter folder")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
