@@ -126,13 +126,13 @@ class WebhookSettings(_Listening):
             with open(path, "rb") as handle:
                 secret = handle.read(MAX_SECRET_BYTES + 1)
         except FileNotFoundError:
-            raise ConfigError(f"webhook secret file {path}: does not exist") from None
+            raise ConfigError(f"daemon.webhooks.secret_file {path}: does not exist") from None
         except OSError as exc:
-            raise ConfigError(f"webhook secret file {path}: cannot read it ({exc.strerror})") from None
+            raise ConfigError(f"daemon.webhooks.secret_file {path}: cannot read it ({exc.strerror})") from None
         if len(secret) > MAX_SECRET_BYTES:
-            raise ConfigError(f"webhook secret file {path}: longer than {MAX_SECRET_BYTES} bytes")
+            raise ConfigError(f"daemon.webhooks.secret_file {path}: longer than {MAX_SECRET_BYTES} bytes")
         if not secret.rstrip():
-            raise ConfigError(f"webhook secret file {path}: is empty")
+            raise ConfigError(f"daemon.webhooks.secret_file {path}: is empty")
         return secret.rstrip()
 
 
@@ -375,7 +375,7 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
         _check_plugins(config, path)
         if config.daemon.webhooks is not None:
             try:
-                config.daemon.webhooks.secret_path()
+                config.daemon.webhooks.secret()  # there and readable now, not found missing once the start began
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
     return config

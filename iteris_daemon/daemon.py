@@ -239,6 +239,26 @@ class Daemon:
         log.info("catalog %s ready", self.catalog.safe_url)
         self.shapes = CatalogShapes(self.catalog, in_worker(self.work, self._worker_options()))
         self.peers = Peers(self.catalog, self.holder)
+        try:
+            self._start(settings)
+        except BaseException:  # a busy port, say: nothing started goes on, no row is left in the catalog
+            self._shutdown()
+            raise
+        self.notifier.ready(self._summary())
+        self.notifier.start_watchdog(self.healthy)
+        log.info("daemon %s running: %s", self.holder, self._summary())
+        while not self._stopping.wait(0.5):
+            self._beat = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        self._shutdown()
+        return 0
+
+    def _start(self, settings: DaemonSettings) -> None:
+        """Everything that may fail at start (a listening socket, the webhook secret) first,
+        before any source, job or merge: a start that fails has started nothing."""
+        self._bind_http(settings)
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
             for leftover in (self.work / f"run-{run_id}", *leftover_copies(self.work / f"run-{run_id}")):
@@ -252,25 +272,16 @@ class Daemon:
         self.scheduler.start()
         self._apply(self.config)
         self.scheduler.add_job(self._tick, _every(TICK_SECONDS), id="tick", replace_existing=True)
-        self._serve_http(settings)
-        self.notifier.ready(self._summary())
-        self.notifier.start_watchdog(self.healthy)
-        log.info("daemon %s running: %s", self.holder, self._summary())
-        while not self._stopping.wait(0.5):
-            self._beat = time.monotonic()
-            if self._reload.is_set():
-                self._reload.clear()
-                self.reload()
-        self._shutdown()
-        return 0
+        for server in self._servers:
+            server.start()
 
     def _worker_options(self) -> WorkerOptions:
         settings = self.config.daemon
         return WorkerOptions(grace_seconds=settings.grace_seconds, memory_limit_mb=settings.worker_memory_limit_mb)
 
-    def _serve_http(self, settings) -> None:
-        """The opt-in endpoints: /metrics and /healthz, and the Hub webhook (a config error
-        such as a missing secret or a busy port stops the start, before READY)."""
+    def _bind_http(self, settings: DaemonSettings) -> None:
+        """The opt-in endpoints: /metrics and /healthz, and the Hub webhook, bound (served
+        once the sources and jobs run); a missing secret or a busy port stops the start."""
         self.metrics = DaemonMetrics(self.catalog, lambda: self._groups)
         if settings.metrics is not None:
             self._servers.append(HttpServer(*settings.metrics.address(), metrics_app(self.metrics, self.health_problem),
@@ -279,8 +290,6 @@ class Daemon:
             self._servers.append(HttpServer(*settings.webhooks.address(),
                                             webhook_app(settings.webhooks, self.repo_changed, self.metrics),
                                             name="webhooks"))
-        for server in self._servers:
-            server.start()
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -296,7 +305,8 @@ class Daemon:
         self.notifier.stopping("stopping: finishing or cancelling the running merge")
         for source in self._local.values():
             source.stop()
-        for job in self.scheduler.get_jobs():  # pending work is dropped; a running merge continues
+        scheduling = self.scheduler is not None and self.scheduler.running  # not yet, when the start failed early
+        for job in self.scheduler.get_jobs() if scheduling else ():  # pending work is dropped; a running merge continues
             job.remove()
         with self.catalog.session() as session:  # nothing is scheduled any more (for `status`)
             for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
@@ -309,10 +319,11 @@ class Daemon:
         # store lock, and a job that still calls get_job/add_job (a tick, a source reporting a
         # change) would wait for it forever. Paused, nothing new is submitted; each executor
         # is then drained on its own, and only then is the scheduler stopped.
-        self.scheduler.pause()
-        for executor in ("default", "merge"):
-            self.scheduler.remove_executor(executor, shutdown=True)
-        self.scheduler.shutdown(wait=False)
+        if scheduling:
+            self.scheduler.pause()
+            for executor in ("default", "merge"):
+                self.scheduler.remove_executor(executor, shutdown=True)
+            self.scheduler.shutdown(wait=False)
         for server in self._servers:
             server.stop()
         self.notifier.stop()

@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -37,8 +38,8 @@ from sqlalchemy import func, select
 import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import (Adapter, AdapterStatus, BaseModelShapes, MergeGroup, MergeRun, MergeRunInput,
-                                          RunStatus)
+from iteris_daemon.catalog.models import (Adapter, AdapterStatus, BaseModelShapes, DaemonPresence, MergeGroup, MergeRun,
+                                          MergeRunInput, RunStatus, Source)
 
 pytestmark = pytest.mark.timeout(400)
 PLUGIN = Path(__file__).parent / "fault_plugin"
@@ -263,3 +264,41 @@ def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
                     proc.kill()
             print(log.read_text(errors="replace")[-20000:])
     assert proc.returncode == 0
+
+
+def test_a_start_that_fails_starts_nothing(tmp_path):
+    """A busy metrics port failed the start only after the sources, the jobs and the start-up
+    merge had begun: the merge could publish, APScheduler printed tracebacks, the daemon's row
+    stayed in the catalog, and then it exited 2. Now nothing has started when it exits."""
+    q = json.dumps
+    config = tmp_path / "daemon.toml"
+    (tmp_path / "watched").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config.write_text(f"""
+[daemon]
+state_dir = {q(str(tmp_path / "state"))}
+cache_dir = {q(str(tmp_path / "cache"))}
+metrics = {{ listen = "127.0.0.1:{port}" }}
+[[sources]]
+name = "team"
+kind = "local"
+paths = [{q(str(tmp_path / "watched"))}]
+[[groups]]
+name = "g"
+base_model = "org/base"
+destinations = [{{ kind = "folder", path = {q(str(tmp_path / "dest"))} }}]
+""")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "ITERIS_DAEMON_DB"))}
+        done = subprocess.run([sys.executable, "-m", "iteris_daemon", "run", "--config", str(config)],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.endswith(f"iteris-daemon: error: metrics: cannot listen on 127.0.0.1:{port}: "
+                                "Address already in use\n"), done.stderr
+    catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
+    with catalog.session() as session:
+        assert [session.scalar(select(func.count()).select_from(table)) for table in (Source, MergeGroup, DaemonPresence)] \
+            == [0, 0, 0]
+    catalog.close()

@@ -25,7 +25,7 @@ import polling
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source,
                                           SourceKind)
-from iteris_daemon.config import MetricsSettings, WebhookSettings
+from iteris_daemon.config import MetricsSettings, WebhookSettings, load_config
 from iteris_daemon.endpoints import WEBHOOK_OUTCOMES, DaemonMetrics, HttpServer, metrics_app, webhook_app
 from iteris_daemon.errors import ConfigError
 
@@ -473,6 +473,17 @@ def test_a_missing_secret_fails_at_start(tmp_path, catalog):
     settings = WebhookSettings(listen="127.0.0.1:0", secret_file=tmp_path / "nope")
     with pytest.raises(ConfigError, match="nope: does not exist"):
         webhook_app(settings, lambda repo: True, DaemonMetrics(catalog))
+
+
+def test_a_missing_secret_file_is_refused_with_the_config(tmp_path):
+    """Only a secret path that could be worked out was checked when the config was read: the
+    daemon found the file missing once its sources and merges had started."""
+    path, secret = tmp_path / "config.toml", tmp_path / "nope"
+    path.write_text(f'[daemon.webhooks]\nlisten = "127.0.0.1:0"\nsecret_file = {json.dumps(str(secret))}\n')
+    with pytest.raises(ConfigError, match=f"^{path}: daemon.webhooks.secret_file {secret}: does not exist$"):
+        load_config(path)
+    secret.write_text(SECRET)
+    assert load_config(path).daemon.webhooks.secret() == SECRET.encode()
 
 
 def test_server_lifecycle(catalog):
