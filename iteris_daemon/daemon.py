@@ -213,6 +213,7 @@ class Daemon:
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
         self._unmerged_since: dict[str, datetime] = {}  # group -> the first change to its inputs no run has begun since
         self._failed_attempts: dict[str, int] = {}  # group -> runs in a row not carried out or not published
+        self._started_with = self.config.daemon  # what run() read once; a reload does not change it
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: DaemonMetrics | None = None
@@ -377,8 +378,24 @@ class Daemon:
                 first_line = str(exc).splitlines()[0] if str(exc) else ""  # SQLAlchemy's add the SQL and a link
                 log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__, first_line)
             else:
+                self._warn_start_only(config.daemon)
                 log.info("configuration reloaded: %s", self._summary())
         self.notifier.ready(self._summary())
+
+    def _warn_start_only(self, settings: DaemonSettings) -> None:
+        """A WARNING for each setting that only the start reads and ``settings`` changes:
+        a reload that kept the old catalog, folders or devices said nothing of it."""
+        started = self._started_with
+        in_use = {"database": lambda: self.catalog.safe_url, "state_dir": lambda: self.state,
+                  "cache_dir": lambda: self.cache, "device": lambda: ", ".join(self._slots),
+                  "devices": lambda: ", ".join(self._slots), "max_concurrent_merges": lambda: len(self._slots),
+                  "metrics": lambda: started.metrics.listen if started.metrics else "none",
+                  "webhooks": lambda: started.webhooks.listen if started.webhooks else "none"}
+        same_slots = settings.merge_devices()[: settings.merge_slots()] == self._slots  # `device` under `devices`, say
+        for name, value in in_use.items():
+            if getattr(settings, name) != getattr(started, name) and not (
+                    same_slots and name in ("device", "devices", "max_concurrent_merges")):
+                log.warning("daemon.%s changed: takes effect at the next start; still using %s", name, value())
 
     # ------------------------------------------------------------------ wiring
     def _apply(self, config: DaemonConfig) -> None:

@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -302,3 +303,33 @@ destinations = [{{ kind = "folder", path = {q(str(tmp_path / "dest"))} }}]
         assert [session.scalar(select(func.count()).select_from(table)) for table in (Source, MergeGroup, DaemonPresence)] \
             == [0, 0, 0]
     catalog.close()
+
+
+def test_a_reload_says_which_settings_wait_for_the_next_start(tmp_path):
+    """SIGHUP after changing state_dir, cache_dir or the devices logged "configuration
+    reloaded" and kept the old ones without a word."""
+    q = json.dumps
+    config, log = tmp_path / "daemon.toml", tmp_path / "daemon.log"
+
+    def write(state: str, devices: str) -> None:
+        config.write_text(f"[daemon]\nstate_dir = {q(str(tmp_path / state))}\ncache_dir = {q(str(tmp_path / 'cache'))}\n"
+                          f"devices = {devices}\nrescan_seconds = 5\n")
+
+    write("state", '["cpu"]')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "ITERIS_DAEMON_DB"))}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "iteris_daemon", "--log-format", "text", "run", "--config",
+                                 str(config)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: " running: " in log.read_text(), what="the daemon to start", proc=proc)
+        write("moved", '["cpu", "cpu"]')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in log.read_text(), what="the reload", proc=proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    warnings = [line.split("WARNING ", 1)[-1] for line in log.read_text().splitlines() if "takes effect" in line]
+    assert sorted(w.split(" ", 1)[-1] for w in warnings) == [
+        "daemon.devices changed: takes effect at the next start; still using cpu",
+        f"daemon.state_dir changed: takes effect at the next start; still using {tmp_path / 'state'}"], warnings
+    assert proc.returncode == 0 and not (tmp_path / "moved").exists()
