@@ -194,8 +194,11 @@ class RepoPolls:
 
 
 class Daemon:
-    def __init__(self, config_path: Path):
+    def __init__(self, config_path: Path, database: str | None = None):
+        """``database``: the catalog, when named outside the config (as every command takes it:
+        ``cli.catalog.catalog_url``); else the config's."""
         self.config_path = Path(config_path)
+        self.database = database
         self.config = load_config(self.config_path)
         self.notifier = Notifier.from_env()
         self.holder = worker_id()
@@ -234,10 +237,9 @@ class Daemon:
         except OSError as exc:  # a read-only file system, a file in the way, no permission
             raise ConfigError(f"cannot create the daemon's folder {exc.filename} ({exc.strerror}); [daemon] "
                               "state_dir and cache_dir set where they go") from None
-        url = settings.catalog_url()
         self.notifier.status("migrating the catalog")
-        self.catalog = Catalog(url)
-        log.info("catalog %s ready", self.catalog.safe_url)
+        self.catalog = Catalog(self.database or settings.catalog_url())
+        log.info("catalog %s ready%s", self.catalog.safe_url, " (named by $ITERIS_DAEMON_DB)" if self.database else "")
         self.shapes = CatalogShapes(self.catalog, in_worker(self.work, self._worker_options()))
         self.peers = Peers(self.catalog, self.holder)
         try:
@@ -394,7 +396,8 @@ class Daemon:
         same_slots = settings.merge_devices()[: settings.merge_slots()] == self._slots  # `device` under `devices`, say
         for name, value in in_use.items():
             if getattr(settings, name) != getattr(started, name) and not (
-                    same_slots and name in ("device", "devices", "max_concurrent_merges")):
+                    same_slots and name in ("device", "devices", "max_concurrent_merges")) and not (
+                    name == "database" and self.database):  # $ITERIS_DAEMON_DB names the catalog, start or not
                 log.warning("daemon.%s changed: takes effect at the next start; still using %s", name, value())
 
     # ------------------------------------------------------------------ wiring

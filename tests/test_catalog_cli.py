@@ -7,6 +7,9 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from datetime import datetime, timedelta
 
 import pytest
@@ -16,6 +19,7 @@ from sqlalchemy import select
 from transformers import AutoModel
 
 import iteris_daemon.cli as cli
+from polling import wait_for
 from builders import build_adapter, build_tiny_model, tiny_config
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import BaseModelShapes, DaemonPresence, MergeGroup, MergeRun, RunStatus
@@ -589,3 +593,27 @@ def test_a_local_base_model_is_stored_as_an_absolute_path(tmp_path, capsys, monk
     stored = {source["name"]: source["settings"] for source in json.loads(out)}
     assert stored["s"] == {"paths": [str(tmp_path / "watched")], "base_model": str(tmp_path / "base")}
     assert stored["h"]["base_model"] == "acme/base"
+
+
+def test_run_opens_the_catalog_every_command_opens(tmp_path, capsys, monkeypatch):
+    """With $ITERIS_DAEMON_DB exported, `run --config` used the config's catalog while `status
+    --config` and `sources scan --config` used the variable's: the scan filled a catalog the
+    daemon never read. Every command now takes --db, else $ITERIS_DAEMON_DB, else --config's."""
+    named = tmp_path / "named.db"
+    monkeypatch.setenv("ITERIS_DAEMON_DB", f"sqlite:///{named}")
+    config, log = tmp_path / "daemon.toml", tmp_path / "daemon.log"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\n")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "iteris_daemon", "--log-format", "text", "run", "--config",
+                                 str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+    try:
+        wait_for(lambda: " running: " in log.read_text(), what="the daemon to start", proc=proc, timeout=120)
+        wait_for(lambda: socket.gethostname() in run(capsys, "status", "--config", str(config))[1],
+                 what="`status --config` to list the daemon", proc=proc, timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert f"catalog sqlite:///{named} ready (named by $ITERIS_DAEMON_DB)" in log.read_text()
+    assert not (tmp_path / "state" / "catalog.db").exists()

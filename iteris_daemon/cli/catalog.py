@@ -31,10 +31,15 @@ def _db_options(config_help: str = "the daemon's config: the catalog it names (u
     return parent
 
 
+def named_catalog(args) -> str | None:
+    """The catalog named outside any config: ``--db`` (``run`` has none), else $ITERIS_DAEMON_DB."""
+    return getattr(args, "db", None) or os.environ.get(DB_ENV)
+
+
 def catalog_url(args) -> str | None:
-    """The catalog a command opens: ``--db``, else $ITERIS_DAEMON_DB, else the one the daemon's
-    ``--config`` names; None: the default, in the state directory."""
-    url = args.db or os.environ.get(DB_ENV)
+    """The catalog a command opens, ``run`` included: :func:`named_catalog`, else the one the
+    daemon's ``--config`` names; None: the default, in the state directory."""
+    url = named_catalog(args)
     if url is None and args.config is not None:
         from ..config import load_config
 
@@ -262,7 +267,7 @@ def _sources_scan(args) -> int:
 
     config = load_config(args.config, check_plugins=False) if args.config else None
     settings = config.daemon if config else None
-    catalog = Catalog(args.db or (settings.catalog_url() if settings else None), create=config is not None)
+    catalog = Catalog(named_catalog(args) or (settings.catalog_url() if settings else None), create=config is not None)
     if config is not None:  # its sources as the daemon would have them, added or updated first
         from ..daemon import sync_sources
 

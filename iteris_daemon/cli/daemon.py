@@ -43,14 +43,15 @@ def register(commands) -> None:
                     "killed if it has not stopped after grace_seconds (the run is recorded cancelled; publishing is "
                     "never interrupted). SIGHUP reloads the config.",
     )
-    run.add_argument("--config", required=True, type=user_path, metavar="FILE", help="daemon configuration (TOML)")
+    run.add_argument("--config", required=True, type=user_path, metavar="FILE",
+                     help=f"daemon configuration (TOML); its catalog unless ${DB_ENV} names one, as for every command")
     run.set_defaults(handler=_run)
 
     config_options = argparse.ArgumentParser(add_help=False)
     config_options.add_argument("--config", type=user_path, metavar="FILE",
                                 help="the daemon's config: the catalog it names, and its groups (only those are shown "
                                      "and may be asked for)")
-    config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV} or the state directory)")
+    config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV}, else --config's, else the state directory's)")
 
     status = commands.add_parser("status", parents=[config_options], help="sources, groups and waiting adapters, from the catalog")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -70,8 +71,9 @@ def register(commands) -> None:
 
 def _run(args) -> int:
     from ..daemon import Daemon
+    from .catalog import named_catalog
 
-    return Daemon(args.config).run()
+    return Daemon(args.config, database=named_catalog(args)).run()
 
 
 def _catalog(args):
