@@ -214,6 +214,7 @@ def test_a_scan_with_the_daemons_config_scans_the_configs_sources(made, tmp_path
     source = '[[sources]]\nname = "team"\nkind = "local"\nbase_model = {base}\npaths = [{paths}]\n'
     head = f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
     config.write_text(head + source.format(base=json.dumps(str(base)), paths=json.dumps(str(first))))
+    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0  # as the daemon's start would
     code, out, _ = run(capsys, "sources", "scan", "--config", str(config))
     assert code == 0 and "1 registered" in out
     config.write_text(head + source.format(base=json.dumps(str(base)),
@@ -312,6 +313,23 @@ def test_commands_that_read_the_catalog_do_not_create_one(tmp_path, capsys, argv
     missing = tmp_path / "typo" / "catalog.db"
     code, out, err = run(capsys, *argv, "--db", f"sqlite:///{missing}")
     assert code == 2 and f"no catalog at {missing}" in err and err.count("\n") == 1
+    assert not missing.parent.exists()
+
+
+def test_a_scan_with_the_daemons_config_does_not_create_its_catalog(tmp_path, capsys, monkeypatch):
+    """The README's `sudo iteris-daemon sources scan --config /etc/iteris-daemon/config.toml`,
+    with the unit's state directory known only to the unit, created a catalog under root's
+    home and registered the adapters there, where no daemon looked; exit 0."""
+    monkeypatch.delenv("ITERIS_DAEMON_DB", raising=False)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "admin-state"))
+    (tmp_path / "watched").mkdir()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(tmp_path / "watched"))}]\n')
+    code, out, err = run(capsys, "sources", "scan", "--config", str(config))
+    missing = tmp_path / "admin-state" / "iteris-daemon" / "catalog.db"
+    assert code == 2 and err.startswith(f"iteris-daemon: error: no catalog at {missing} (the daemon") \
+        and err.count("\n") == 1, err
     assert not missing.parent.exists()
 
 

@@ -98,6 +98,7 @@ def register(commands) -> None:
                     "start, and adapters are judged by its limits and trusted models, and "
                     "a verdict recorded under other settings is judged again, as the daemon does. Without it the "
                     "default limits judge new content only (the daemon's next rescan judges it again under its own). "
+                    "The catalog must exist (the daemon's start or `db upgrade` creates it; a scan does not). "
                     "A running daemon merges what this registers or removes at its next catalog check "
                     "([daemon] catalog_check_seconds). Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
     )
@@ -267,7 +268,9 @@ def _sources_scan(args) -> int:
 
     config = load_config(args.config, check_plugins=False) if args.config else None
     settings = config.daemon if config else None
-    catalog = Catalog(named_catalog(args) or (settings.catalog_url() if settings else None), create=config is not None)
+    # Never created here: run as another user (root, the daemon's state directory unset), a scan
+    # filled a catalog of its own that no daemon read.
+    catalog = Catalog(named_catalog(args) or (settings.catalog_url() if settings else None), create=False)
     if config is not None:  # its sources as the daemon would have them, added or updated first
         from ..daemon import sync_sources
 
