@@ -22,7 +22,7 @@ from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .strategy import DEFAULT_STRATEGY
-from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, state_dir
+from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, relative_to, state_dir
 from .validation import Limits
 
 
@@ -367,10 +367,12 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    try:
-        config = DaemonConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError.from_validation(str(path), exc) from None
+    with relative_to(Path(path).absolute().parent):
+        _anchor_tables(raw, check_plugins)
+        try:
+            config = DaemonConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError.from_validation(str(path), exc) from None
     if check_plugins:
         _check_plugins(config, path)
         if config.daemon.webhooks is not None:
@@ -379,6 +381,59 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
     return config
+
+
+def _anchor_tables(raw: dict[str, Any], check_plugins: bool) -> None:
+    """The relative paths of the tables that are validated again later, elsewhere (sources'
+    settings, stored in the catalog; destinations' and calibration sources', read by
+    publishers and workers), made absolute in ``raw`` under the config's folder, as their
+    settings would make them (without the plugins: the sources' alone)."""
+    def tables(value: Any) -> list[dict[str, Any]]:
+        return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+    if configured := tables(raw.get("sources")):
+        from .sources.hub import HubSettings
+        from .sources.local import LocalSettings
+
+        for source in configured:
+            _anchor(source, {"local": LocalSettings, "hub": HubSettings}.get(source.get("kind")), ("name", "kind"))
+    if not check_plugins:
+        return
+    from .plugin_manager import calibration_sources, publishers
+
+    kinds, sources = publishers(), calibration_sources()
+    for group in tables(raw.get("groups")):
+        for destination in tables(group.get("destinations")):
+            kind = destination.get("kind")
+            _anchor(destination, getattr(kinds.get(kind) if isinstance(kind, str) else None, "Settings", None), ("kind",))
+        calibration = group.get("calibration")
+        for name, table in calibration.items() if isinstance(calibration, dict) else ():
+            if isinstance(table, dict):
+                _anchor(table, getattr(sources.get(name), "Settings", None), ())
+
+
+def _anchor(table: dict[str, Any], model: type[BaseModel] | None, other: tuple[str, ...]) -> None:
+    """Each value of ``table`` (less the ``other`` keys) that is a relative path, or a list
+    holding one, replaced by the absolute path(s) ``model`` makes of it; left as it is where
+    the table is not valid (its check says why later) or ``model`` makes no path of it (a
+    Hub id, a URL)."""
+    if model is None:
+        return
+    try:
+        made = model.model_validate({k: v for k, v in table.items() if k not in other}).model_dump(
+            mode="json", by_alias=True, exclude_unset=True)
+    except (ValidationError, IterisError):
+        return
+
+    def strings(value: Any) -> list[str]:
+        items = value if isinstance(value, list) else [value]
+        return items if items and all(isinstance(item, str) for item in items) else []
+
+    for key, value in table.items():
+        given, paths = strings(value), strings(made.get(key)) if key not in other else []
+        if (given and paths and any(not item.startswith(("/", "~")) for item in given)
+                and all(item.startswith("/") for item in paths)):
+            table[key] = made[key]
 
 
 def _check_plugins(config: DaemonConfig, path: Path) -> None:

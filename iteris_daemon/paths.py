@@ -9,6 +9,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated
 
@@ -34,10 +37,31 @@ def cache_dir() -> Path:
     return _first("CACHE_DIRECTORY") or xdg / "iteris-daemon"
 
 
+_CONFIG_FOLDER: ContextVar[Path | None] = ContextVar("config_folder", default=None)
+
+
+@contextmanager
+def relative_to(folder: Path) -> Iterator[None]:
+    """Within it, :func:`absolute` and :func:`model_location` take a relative path from
+    ``folder`` (a config file's), not from the working directory: the daemon runs in ``/``
+    under systemd, an admin's command wherever the admin stands, and both read one config."""
+    token = _CONFIG_FOLDER.set(folder)
+    try:
+        yield
+    finally:
+        _CONFIG_FOLDER.reset(token)
+
+
+def _anchored(path: Path) -> Path:
+    """``path`` from the folder :func:`relative_to` gives, if any (an absolute one as it is)."""
+    folder = _CONFIG_FOLDER.get()
+    return path if folder is None else folder / path
+
+
 def absolute(path: Path) -> Path:
     """A configured path as it must be read from anywhere: ``~`` expanded, made absolute
     (a service runs in ``/``, and settings stored in the catalog are read by other processes)."""
-    return Path(path).expanduser().resolve()
+    return _anchored(Path(path).expanduser()).resolve()
 
 
 def user_path(text: str) -> Path:
@@ -53,7 +77,7 @@ def model_location(name: str) -> str:
     """A base model as given: a local folder (``./model``, ``~/models/x``, or a relative path
     that exists) becomes its absolute path, as :func:`absolute`; anything else is a Hub repo
     id and stays as it is."""
-    folder = Path(name).expanduser()
+    folder = _anchored(Path(name).expanduser())
     return str(folder.resolve()) if name.startswith(("~", ".", "/")) or folder.is_dir() else name
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -635,3 +636,67 @@ def test_run_opens_the_catalog_every_command_opens(tmp_path, capsys, monkeypatch
         proc.wait(timeout=60)
     assert f"catalog sqlite:///{named} ready (named by $ITERIS_DAEMON_DB)" in log.read_text()
     assert not (tmp_path / "state" / "catalog.db").exists()
+
+
+def test_relative_paths_in_the_config_are_taken_from_its_folder(made, tmp_path, capsys, monkeypatch):
+    """They were taken from the working directory of whoever read the config: the daemon
+    (in `/` under systemd) and an admin's `sources scan --config` from another folder had
+    two catalogs, and the scan stored another folder for the source. A Hub id stays one."""
+    from iteris_daemon.config import load_config
+
+    base, lora = made
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(lora, project / "loras" / "one")
+    shutil.copytree(base, project / "base")
+    elsewhere.mkdir()
+    (project / "cal.jsonl").write_text('{"text": "a"}\n')
+    (project / "secret").write_text("s3cret\n")
+    config = project / "daemon.toml"
+    config.write_text("""
+[daemon]
+state_dir = "state"
+cache_dir = "./cache"
+trust_remote_code = ["base", "org/remote"]
+webhooks = { listen = "127.0.0.1:0", secret_file = "secret" }
+[[sources]]
+name = "team"
+kind = "local"
+paths = ["loras"]
+base_model = "./base"
+[[sources]]
+name = "hub"
+kind = "hub"
+repos = ["org/lora"]
+base_model = "org/minilm"
+token_file = "token"
+[[groups]]
+name = "g"
+base_model = "base"
+calibration = { order = ["files", "hub_dataset"], files = { one = "cal.jsonl" }, hub_dataset = { repo_id = "org/data", cache_dir = "hub-cache" } }
+destinations = [{ kind = "folder", path = "out" }, { kind = "hub", repo_id = "org/merged", token_file = "hub-token" }]
+[[groups]]
+name = "h"
+base_model = "org/minilm"
+destinations = [{ kind = "folder", path = "/srv/out" }]
+""")
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(Path("..") / "project" / "daemon.toml")
+    settings = loaded.daemon
+    assert (settings.state_dir, settings.cache_dir, settings.webhooks.secret_file) == (
+        project / "state", project / "cache", project / "secret")
+    assert settings.trust_remote_code == [str(project / "base"), "org/remote"]
+    assert loaded.sources[0].settings() == {"paths": [str(project / "loras")], "base_model": str(project / "base")}
+    assert loaded.sources[1].settings()["base_model"] == "org/minilm"
+    assert loaded.sources[1].settings()["token_file"] == str(project / "token")
+    [group, hub_group] = loaded.groups
+    assert (group.base_model, hub_group.base_model) == (str(project / "base"), "org/minilm")
+    assert group.calibration.files == {"one": project / "cal.jsonl"}
+    assert group.calibration.source_settings()["hub_dataset"]["cache_dir"] == str(project / "hub-cache")
+    assert [d.get("path") or d["token_file"] for d in group.destinations] == [str(project / "out"),
+                                                                             str(project / "hub-token")]
+    assert hub_group.destinations[0]["path"] == "/srv/out"
+
+    db = f"sqlite:///{project / 'state' / 'catalog.db'}"
+    assert run(capsys, "db", "upgrade", "--config", str(config))[1].startswith(f"catalog {db} ")
+    code, out, _ = run(capsys, "sources", "scan", "--config", str(config), "team")
+    assert code == 0 and "1 registered" in out and list(elsewhere.iterdir()) == []

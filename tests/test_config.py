@@ -203,12 +203,13 @@ def test_a_webhook_without_a_secret_names_the_file_and_field(tmp_path, monkeypat
 def test_paths_and_local_base_models_are_made_absolute(tmp_path, monkeypatch):
     """``~`` was taken literally (a folder named ``~`` under the working directory held the
     catalog, open to others), and a relative base model folder meant another folder, or
-    none, from a service's working directory (``/``). A Hub repo id stays as it is."""
+    none, from a service's working directory (``/``): it is the config's folder's. A Hub repo
+    id stays as it is."""
     home, work = tmp_path / "home", tmp_path / "work"
     (work / "models" / "base").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
-    path = tmp_path / "config.toml"
+    monkeypatch.chdir(tmp_path)
+    path = work / "config.toml"
     path.write_text('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
                     'trust_remote_code = ["./models/base", "acme/coder"]\n'
                     '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'
