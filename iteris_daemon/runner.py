@@ -244,6 +244,20 @@ def _matching(pairs: list[tuple[Adapter, AdapterRevision]], base_model: str,
             and selection.matches(adapter.source.name, adapter.name, adapter.id)]
 
 
+def of_other_base_models(pairs: list[tuple[Adapter, AdapterRevision]], base_model: str, selection: Selection) -> str:
+    """The pairs (of :func:`mergeable`) that ``selection`` takes but whose base model is not
+    ``base_model``, counted by base model; "" if none. A group whose base model is spelled
+    otherwise than its sources' (the Hub id of their local copy, a typo) merged nothing, and
+    said only that no adapter was ready."""
+    others: dict[str, int] = {}
+    for adapter, revision in pairs:
+        if revision.base_model not in (None, base_model) and selection.matches(adapter.source.name, adapter.name,
+                                                                                adapter.id):
+            others[revision.base_model] = others.get(revision.base_model, 0) + 1
+    return "; ".join(f"{counted(n, 'registered adapter')} its select takes {'is' if n == 1 else 'are'} of base model "
+                     f"{other}, not {base_model}" for other, n in sorted(others.items()))
+
+
 def selected(pairs: list[tuple[Adapter, AdapterRevision]], base_model: str,
              selection: Selection) -> list[tuple[Adapter, AdapterRevision]]:
     """The ``(adapter, current revision)`` pairs (of :func:`mergeable`) that a group of
@@ -746,7 +760,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
-    skip = _skip_reason(group, inputs, fingerprint, last, _served_before(catalog, last), force)
+    skip = _skip_reason(catalog, group, inputs, fingerprint, last, _served_before(catalog, last), force)
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
@@ -837,7 +851,7 @@ def _served_before(catalog: Catalog, last: MergeRun | None) -> MergeRun | None:
                               .order_by(MergeRun.id.desc()).limit(1))
 
 
-def _skip_reason(group: GroupConfig, inputs: Inputs, fingerprint: str, last: MergeRun | None,
+def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerprint: str, last: MergeRun | None,
                  served: MergeRun | None, force: bool) -> str | None:
     """Why this run merges nothing, or None: inputs a source is still registering again
     (publishing now would drop them from the merge), too few adapters, or the inputs of the
@@ -847,7 +861,11 @@ def _skip_reason(group: GroupConfig, inputs: Inputs, fingerprint: str, last: Mer
         return (f"waiting for {', '.join(inputs.changing)} to be registered again: "
                 f"{inputs.held_back[inputs.changing[0]]}")
     if len(inputs.revisions) < group.min_adapters:
-        return f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
+        with catalog.session(write=False) as session:
+            others = of_other_base_models(mergeable(list_current(session, [AdapterStatus.registered])),
+                                          group.base_model, group.select)
+        return (f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
+                + (f" ({others})" if others else ""))
     if not force and last is not None and last.input_fingerprint == fingerprint:
         return (f"inputs unchanged since run {last.id}, which was refused ({last.error}); merge-now --force "
                 "judges them again, under the gates now loaded"

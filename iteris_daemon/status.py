@@ -18,7 +18,7 @@ from .catalog.registry import list_current, list_sources
 from .config import Selection
 from .figures import summary, task_figures
 from .peers import differences
-from .runner import mergeable, selected
+from .runner import mergeable, of_other_base_models, selected
 
 
 def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -74,7 +74,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             merged = {i.revision_id for i in latest.inputs} if latest else set()
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
-            taken = selected(mergeable(registered), group.base_model, Selection.model_validate(group.selection or {}))
+            selection = Selection.model_validate(group.selection or {})
+            taken = selected(mergeable(registered), group.base_model, selection)
             new = sorted(a.name for a, current in taken if current.id not in merged and a.name not in held_back)
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
@@ -86,7 +87,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                 "published": [{**entry, "run_id": run.id} for entry, run in served],
                 # what the last published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},
-                "waiting": {"held_back": held_back, "not_yet_merged": new},
+                "waiting": {"held_back": held_back, "not_yet_merged": new,
+                            "other_base_model": of_other_base_models(mergeable(registered), group.base_model, selection)},
             })
         daemons = [{"holder": d.holder, "started_at": iso_utc(d.started_at), "seen_at": iso_utc(d.seen_at),
                     "settings": d.settings}
@@ -128,6 +130,8 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    waiting: {name}: {reason}")
         if g["waiting"]["not_yet_merged"]:
             lines.append(f"    not yet merged: {', '.join(g['waiting']['not_yet_merged'])}")
+        if g["waiting"]["other_base_model"]:
+            lines.append(f"    never merged: {g['waiting']['other_base_model']}")
     if report.get("not_loaded"):
         lines.append(f"  in the config, not loaded by a daemon yet (start it, or send it SIGHUP after editing the "
                      f"config): {', '.join(report['not_loaded'])}")

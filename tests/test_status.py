@@ -126,3 +126,17 @@ def test_metrics_export_only_the_daemons_groups(setup):
     groups = ["other"]  # a reload dropped it
     assert 'group="unified"' not in text()
     assert 'group="unified"' in generate_latest(DaemonMetrics(setup.catalog).registry).decode()  # no config: all
+
+
+def test_adapters_of_another_base_model_are_named(setup, capsys, tmp_path):
+    """A group whose base model is spelled otherwise than its sources' (the Hub id of their
+    local copy, a typo) never merged, each run skipped with "0 adapters ready, the group
+    needs 1" and `status` saying no more."""
+    group = GroupConfig(name="unified", base_model="org/base", select={"names": ["task0"]},
+                        destinations=[{"kind": "folder", "path": str(tmp_path / "published")}])
+    sync_group(setup.catalog, group)
+    outcome = setup.run(group)
+    why = f"1 registered adapter its select takes is of base model {setup.base}, not org/base"
+    assert outcome.status is RunStatus.skipped and outcome.detail == f"0 adapters ready, the group needs 1 ({why})"
+    assert f"    never merged: {why}\n" in status(capsys, setup)
+    assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["other_base_model"] == why
