@@ -69,6 +69,7 @@ class _TypedFields(BaseModel):
     base_model_name_or_path: str | None = None
     use_rslora: Annotated[bool, Field(strict=True)] | None = None
     fan_in_fan_out: Annotated[bool, Field(strict=True)] | None = None
+    ensure_weight_tying: Annotated[bool, Field(strict=True)] | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -212,11 +213,26 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
     return config
 
 
+def saved_whole(key: str, config: dict[str, Any]) -> bool:
+    """Whether tensor ``key`` lies under a module listed in ``modules_to_save`` (PEFT
+    matches each name against the end of a module path: ``pooler`` is ``bert.pooler``)."""
+    path = key.removeprefix(KEY_PREFIX)
+    return any(f".{name}." in f".{path}" for name in config.get("modules_to_save") or ())
+
+
 class AdapterConfigView:
     """What both views of an adapter (its tensors, :class:`iteris_daemon.lora.LoraAdapter`;
     its layout, :class:`iteris_daemon.validation.AdapterLayout`) read from its ``config``."""
 
     config: dict[str, Any]
+    modules_to_save: dict[str, Any]
+
+    @property
+    def tied_copies(self) -> list[str]:
+        """The saved tensors no ``modules_to_save`` entry names: the copies PEFT's
+        ``ensure_weight_tying`` saves of tied ones (``lm_head.weight`` of a saved embedding),
+        equal to them (:func:`iteris_daemon.validation.read_checked` refuses any other)."""
+        return [key for key in self.modules_to_save if not saved_whole(key, self.config)]
 
     @property
     def task_type(self) -> str | None:

@@ -279,6 +279,12 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
     heads = [a.modules_to_save for a in adapters]
     if not any(heads):
         return {}
+    tying = {a.name: bool(a.tied_copies) for a in _head_sources(adapters, rule)}
+    if len(set(tying.values())) > 1:  # one config says whether PEFT ties the saved copies
+        raise IncompatibleAdaptersError(
+            f"the adapters whose modules_to_save are merged differ in ensure_weight_tying (saved a tied copy: "
+            f"{tying}): PEFT ties all of a merged adapter's copies or none; choose one adapter's with "
+            "--modules-to-save-rule ADAPTER_NAME")
     for key in sorted({k for h in heads for k in h}):  # e.g. heads trained for different label counts
         shapes = {a.name: tuple(h[key].shape) for a, h in zip(adapters, heads) if key in h}
         if len(set(shapes.values())) > 1:  # one model holds one; each task's is evaluated in it
@@ -302,15 +308,27 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
     return dict(first)
 
 
+def _head_sources(adapters: list[LoraAdapter], rule: str) -> list[LoraAdapter]:
+    """The adapters whose modules :func:`merged_head` takes under ``rule``."""
+    named = [a for a in adapters if a.name == rule]
+    return named if rule != "average" and named else [a for a in adapters if a.modules_to_save]
+
+
 def head_names(adapters: list[LoraAdapter], rule: str) -> list[str] | None:
     """The merged config's ``modules_to_save``: the names in the configs of the adapters
     whose modules :func:`merged_head` took. Taken from the first adapter, a merge whose
     lm_head came from another one listed none, and PEFT then loaded that head into the
     base model's own lm_head, and through a tied one into the input embedding."""
-    named = [a for a in adapters if a.name == rule]
-    chosen = named if rule != "average" and named else [a for a in adapters if a.modules_to_save]
-    names = sorted({name for a in chosen for name in a.config.get("modules_to_save") or ()})
+    names = sorted({name for a in _head_sources(adapters, rule) for name in a.config.get("modules_to_save") or ()})
     return names or None
+
+
+def head_tied(adapters: list[LoraAdapter], rule: str) -> bool:
+    """The merged config's ``ensure_weight_tying``: whether the modules :func:`merged_head`
+    took hold PEFT's copies of tied ones (``lm_head.weight`` of a saved embedding). Without
+    it PEFT loaded that copy into the base model's own lm_head, tied to the input embedding:
+    the adapter changed the model even when disabled."""
+    return any(a.tied_copies for a in _head_sources(adapters, rule))
 
 
 def _own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
@@ -410,6 +428,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         bias="none",
         task_type=first.get("task_type"),
         modules_to_save=head_names(adapters, request.modules_to_save_rule) if head else None,
+        ensure_weight_tying=bool(head) and head_tied(adapters, request.modules_to_save_rule),
         base_model_name_or_path=merged_base(request.base_model, adapters),
         revision=_common(a.config.get("revision") for a in adapters),  # AutoPeftModel loads the base at it
     )

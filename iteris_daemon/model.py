@@ -210,8 +210,12 @@ def base_shapes(model: nn.Module) -> BaseShapes:
             layers[path] = [linear_kind(module), *shape]
         elif path:
             other[path] = type(module).__name__
-    parameters = {name: list(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    return {"layers": layers, "other": other, "parameters": parameters}
+    parameters, first = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        parameters[name] = list(p.shape)
+        first.setdefault(id(p), name)
+    tied = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+    return {"layers": layers, "other": other, "parameters": parameters, "tied": tied}
 
 
 def check_adapter_shapes(model: nn.Module | BaseShapes, adapter: LoraAdapter, model_name: str) -> None:
@@ -222,7 +226,8 @@ def check_adapter_shapes(model: nn.Module | BaseShapes, adapter: LoraAdapter, mo
     """
     shapes = model if isinstance(model, dict) else base_shapes(model)
     check_shapes(shapes, {p: (m.B.shape[0], m.A.shape[1]) for p, m in adapter.modules.items()},
-                 {k: tuple(t.shape) for k, t in adapter.modules_to_save.items()}, adapter.path, model_name)
+                 {k: tuple(t.shape) for k, t in adapter.modules_to_save.items()}, adapter.path, model_name,
+                 adapter.tied_copies)
 
 
 def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bool = False) -> nn.Module:

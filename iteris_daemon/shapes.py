@@ -7,15 +7,15 @@ daemon validates thousands of adapters without importing torch. The merge checks
 loaded model with the same function.
 
 ``BaseShapes``: ``{"layers": {path: [kind, d_out, d_in]}, "other": {path: class name},
-"parameters": {name: shape}}`` where ``kind`` is ``"linear"`` or ``"conv1d"`` (GPT-2's
-transposed linear layer).
+"parameters": {name: shape}, "tied": {name: the first name of the parameter it shares}}``
+where ``kind`` is ``"linear"`` or ``"conv1d"`` (GPT-2's transposed linear layer).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,17 @@ from .adapter_config import WEIGHTS_NAME
 from .errors import AdapterError
 
 BaseShapes = dict[str, dict[str, Any]]
+SHAPES_FORMAT = 2  # part of each cached entry's key: bumped when BaseShapes gains a field (2: "tied")
 
 
 def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved: Mapping[str, tuple[int, ...]],
-                 folder: Path, model_name: str) -> None:
+                 folder: Path, model_name: str, tied_copies: Collection[str] = ()) -> None:
     """Every LoRA pair (``lora``: module path -> (d_out, d_in) of its delta) must sit on a
-    linear layer of the base model with matching shapes, and every ``modules_to_save``
-    tensor (``saved``: name -> shape) on a parameter of the same shape.
+    linear layer of the base model with matching shapes, every ``modules_to_save``
+    tensor (``saved``: name -> shape) on a parameter of the same shape, and each of
+    ``tied_copies`` (saved as ``ensure_weight_tying``'s copy of another) on a parameter the
+    base model ties to another saved one: PEFT ties only those, and loads the rest into the
+    base model's own layer.
 
     The config's ``fan_in_fan_out`` is not checked: ``lora_A``/``lora_B`` have the same
     layout on Linear and Conv1D layers, and PEFT sets the flag per layer when it loads an
@@ -57,6 +61,12 @@ def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved:
                                           f"model resized to {shape[0]} tokens, with the adapter's tokenizer, and merge "
                                           "onto that folder")
             raise AdapterError(where, f"{key} is {tuple(shape)}, base model has {base}")
+    tied = shapes["tied"] if tied_copies else {}
+    for copy in tied_copies:
+        if not any(tied.get(key, key) == tied.get(copy, copy) for key in saved if key not in tied_copies):
+            raise AdapterError(where, f"{copy} is saved as the copy ensure_weight_tying keeps of a tied module, but the "
+                                      f"base model ({model_name}) ties it to no other saved one: PEFT would load it "
+                                      "into the base model's own layer")
 
 
 def _vocabulary(shapes: BaseShapes) -> int | None:
@@ -96,7 +106,7 @@ def skeleton_key(base: str, config: Mapping[str, Any], modules: list[str], saved
     task_type = config.get("task_type")
     paths = sorted(modules) if task_type is None and wanted is None else None
     labels = head_labels(saved)
-    payload = [base, local_config_digest(base), task_type, repr(wanted), paths, labels, trust_remote_code]
+    payload = [SHAPES_FORMAT, base, local_config_digest(base), task_type, repr(wanted), paths, labels, trust_remote_code]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import safe_json
 from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME, AdapterConfigView,
-                             module_scaling, read_adapter_config)
+                             module_scaling, read_adapter_config, saved_whole)
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
 from .shapes import BaseShapes, check_shapes, local_config_digest, skeleton_key
@@ -75,7 +75,7 @@ class Limits:
 
 # Bump when a release changes what validation accepts or refuses: every verdict the
 # catalog holds is then reached again, once (see ``validation_context``).
-VALIDATION_RULES = 1
+VALIDATION_RULES = 2
 
 
 def validation_context(limits: Limits, base_model: str | None, trusted_models: Collection[str]) -> str:
@@ -297,13 +297,6 @@ def read_layout(folder: Path, limits: Limits = Limits(), name: str | None = None
     return read_checked(folder, limits, name)[0]
 
 
-def _saved_whole(key: str, config: dict) -> bool:
-    """Whether tensor ``key`` lies under a module listed in ``modules_to_save`` (PEFT
-    matches each name against the end of a module path: ``pooler`` is ``bert.pooler``)."""
-    path = key.removeprefix(KEY_PREFIX)
-    return any(f".{name}." in f".{path}" for name in config.get("modules_to_save") or ())
-
-
 _WRAPPER_COPY = re.compile(r"^(?P<module>.+)\.(?:modules_to_save|original_module)\.(?P<name>.+)$")
 
 
@@ -349,16 +342,18 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
             raise AdapterError(weights, f"holds its own copy of the base layer {module} (PEFT saves one when a LoRA "
                                         "targets an embedding or the output layer, lm_head); a merge would drop it: save the "
                                         "adapter with save_embedding_layers=False if the base model's layer is unchanged")
-        elif key.endswith(".bias") and config.get("bias") not in (None, "none") and not _saved_whole(key, config):
+        elif key.endswith(".bias") and config.get("bias") not in (None, "none") and not saved_whole(key, config):
             module = key.removeprefix(KEY_PREFIX).removesuffix(".bias")
             raise AdapterError(weights, f"trains the bias of {module} (bias={config['bias']!r}): a merge of LoRA "
                                         "factors would drop it")
         elif _wrapper_copy(key, header):
             continue
-        elif key.startswith(KEY_PREFIX) and config.get("modules_to_save"):
+        elif key.startswith(KEY_PREFIX):  # a saved module, or the tied copy of one (else refused below)
             layout.modules_to_save[key[len(KEY_PREFIX):]] = tuple(entry["shape"])
         else:
             raise AdapterError(weights, f"unexpected tensor {key!r}")
+    for copy in layout.tied_copies:
+        _check_tied_copy(weights, config, header, data, start, copy)
     if not parts:
         raise AdapterError(weights, "holds no LoRA tensors")
     for module, pair in sorted(parts.items()):
@@ -381,6 +376,30 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
         layout.modules[module] = (rank, B["shape"][0], A["shape"][1])
         layout.tensor_keys[module] = (A["key"], B["key"])
     return layout, data
+
+
+def _check_tied_copy(weights: Path, config: dict[str, Any], header: dict[str, Any], data: bytes, start: int,
+                     copy: str) -> None:
+    """A saved tensor no ``modules_to_save`` entry names must be the copy PEFT's
+    ``ensure_weight_tying`` saves of a tied one (``lm_head.weight`` beside a saved
+    ``embed_tokens.weight``): equal to a named one. Any other, PEFT loads into the base
+    model's own layer, which the adapter then changes even when disabled."""
+    entry = header[KEY_PREFIX + copy]
+
+    def payload(item: dict[str, Any]) -> bytes:
+        begin, end = item["data_offsets"]
+        return data[start + begin:start + end]
+
+    if config.get("ensure_weight_tying") and any(
+            saved_whole(key, config) and (item["dtype"], item["shape"]) == (entry["dtype"], entry["shape"])
+            and payload(item) == payload(entry) for key, item in header.items()):
+        return
+    module = copy.rpartition(".")[0]
+    tie = (" and equals none of theirs, as the copy ensure_weight_tying saves of a tied module would"
+           if config.get("ensure_weight_tying") else "")
+    raise AdapterError(weights, f"tensor {KEY_PREFIX + copy!r} lies under no module that modules_to_save "
+                                f"{config.get('modules_to_save') or []} names{tie}: PEFT would load it into the base "
+                                f"model's own {module}, changing the model under the adapter")
 
 
 def _finite(data: bytes, start: int, entry: dict[str, Any]) -> bool:
@@ -454,7 +473,7 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {base[:100]!r} cannot be read (not on "
                                                      "the Hub, or offline); the daemon's log has the details") from None
         check_shapes(found, {p: (d_out, d_in) for p, (_, d_out, d_in) in layout.modules.items()},
-                     layout.modules_to_save, folder, base)
+                     layout.modules_to_save, folder, base, layout.tied_copies)
     targets = config.get("target_modules")
     return AdapterInfo(
         base_model=base,

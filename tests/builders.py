@@ -90,6 +90,19 @@ def build_tiny_model(family: str, out: Path, task_type: str | None = None, base_
     return out
 
 
+def build_tied_llama(out: Path) -> Path:
+    """A tiny Llama whose lm_head is tied to its input embedding (as Llama-3.2-1B, Gemma,
+    Qwen2.5-0.5B), saved with the MiniLM tokenizer."""
+    import transformers as tf
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer().save_pretrained(out)
+    return out
+
+
 DEFAULT_TARGETS = {
     "bert": ["query", "value", "dense"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],

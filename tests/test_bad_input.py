@@ -200,6 +200,46 @@ def test_a_saved_copy_of_a_base_layer_is_refused_by_name(tmp_path, capsys):
                     "save_embedding_layers=False")
 
 
+@pytest.mark.filterwarnings("ignore:Model has .tie_word_embeddings=True:UserWarning")
+def test_a_saved_tensor_no_modules_to_save_entry_names_is_refused_by_name(tmp_path, capsys):
+    """``ensure_weight_tying`` saves ``lm_head.weight``, the tied copy of a saved embedding. Any
+    saved tensor passed once ``modules_to_save`` was non-empty: with the tie dropped from the
+    config (as merges wrote it), or onto a base that does not tie lm_head, PEFT loads it into
+    the base model's own lm_head, which the adapter then changes even when disabled. Both are
+    refused naming it, by the merge and the daemon's check; so is a merge of saved modules
+    that one input ties and another saves apart."""
+    from builders import build_tied_llama
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.validation import validate_adapter
+
+    tied_base, untied_base = build_tied_llama(tmp_path / "tied"), build_tiny_model("llama", tmp_path / "untied",
+                                                                                   "CAUSAL_LM")
+    tied = build_adapter(tied_base, tmp_path / "tied-adapter", seed=1, family="llama", task_type="CAUSAL_LM",
+                         targets=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    untie = tmp_path / "untie"
+    shutil.copytree(tied, untie)
+    config = json.loads((untie / "adapter_config.json").read_text())
+    (untie / "adapter_config.json").write_text(json.dumps({**config, "ensure_weight_tying": False}))
+    said = "tensor 'base_model.model.lm_head.weight' lies under no module that modules_to_save"
+    code, message = _merge(capsys, tied_base, [untie], tmp_path / "out", "--strategy", "task_arithmetic")
+    _assert_refused(code, message, tmp_path / "out", "untie/adapter_model.safetensors", said,
+                    "PEFT would load it into the base model's own lm_head")
+    with pytest.raises(AdapterError, match=said):
+        validate_adapter(untie, base_model=str(tied_base))
+
+    said = "lm_head.weight is saved as the copy ensure_weight_tying keeps of a tied module, but the base model"
+    code, message = _merge(capsys, untied_base, [tied], tmp_path / "out", "--strategy", "task_arithmetic")
+    _assert_refused(code, message, tmp_path / "out", "tied-adapter/adapter_model.safetensors", said)
+    with pytest.raises(AdapterError, match=said):
+        validate_adapter(tied, base_model=str(untied_base))
+
+    apart = build_adapter(tied_base, tmp_path / "apart", seed=2, family="llama", task_type="CAUSAL_LM",
+                          targets=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    code, message = _merge(capsys, tied_base, [tied, apart], tmp_path / "out", "--strategy", "task_arithmetic",
+                           "--modules-to-save-rule", "average")
+    _assert_refused(code, message, tmp_path / "out", "differ in ensure_weight_tying")
+
+
 @pytest.mark.filterwarnings("ignore:Setting .save_embedding_layers. to .True.:UserWarning")
 def test_an_adapter_with_a_resized_vocabulary_says_so(tmp_path, capsys):
     """Tokens added, the embeddings resized and saved (``modules_to_save=[embed_tokens,

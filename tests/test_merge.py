@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from peft import PeftModel
 
-from builders import apply_by_hand, build_adapter, cli_merge, sample_inputs
+from builders import apply_by_hand, build_adapter, build_tied_llama, cli_merge, sample_inputs
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import strategies
@@ -316,18 +316,6 @@ def test_equal_merges_write_equal_files(bert, tmp_path):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
 
 
-def _tied_llama(folder):
-    """A tiny Llama whose lm_head is tied to its input embedding, saved with a tokenizer."""
-    from builders import tiny_config, tokenizer
-
-    config = tiny_config("llama")
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_the_merged_folder_has_the_modes_the_umask_gives(bert, tmp_path, mask):
     """The output was 0700 (a temporary folder renamed) with 0600 weights (safetensors'
@@ -354,7 +342,7 @@ def test_a_saved_lm_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
     from builders import build_adapter
     from iteris_daemon.model import BaseModel
 
-    base_dir = _tied_llama(tmp_path / "base")
+    base_dir = build_tied_llama(tmp_path / "base")
     adapter = load_adapter(build_adapter(base_dir, tmp_path / "a", seed=1, family="llama", task_type="CAUSAL_LM",
                                          modules_to_save=["lm_head"]))
     base = BaseModel(str(base_dir), [adapter])
@@ -374,7 +362,7 @@ def test_the_merged_config_names_the_saved_modules_of_the_adapter_they_came_from
     tied lm_head, changing the input embedding as well; the task's own adapter does not."""
     from builders import build_adapter
 
-    base_dir = _tied_llama(tmp_path / "base")
+    base_dir = build_tied_llama(tmp_path / "base")
     plain = build_adapter(base_dir, tmp_path / "plain", seed=1, family="llama", task_type="CAUSAL_LM")
     headed = build_adapter(base_dir, tmp_path / "headed", seed=2, family="llama", task_type="CAUSAL_LM",
                            modules_to_save=["lm_head"])

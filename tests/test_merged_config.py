@@ -11,7 +11,7 @@ import transformers as tf
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from builders import build_adapter, build_tiny_model, cli_merge, sample_inputs
+from builders import build_adapter, build_tied_llama, build_tiny_model, cli_merge, sample_inputs
 from iteris_daemon.lora import load_adapter
 
 LLAMA = "CAUSAL_LM"
@@ -154,3 +154,42 @@ def test_fan_in_fan_out_follows_the_layers_not_the_first_input(tmp_path):
         warnings.simplefilter("always")
         PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), tmp_path / "ab")
     assert not [w for w in seen if "fan_in_fan_out" in str(w.message)]
+
+
+def test_a_saved_tied_embedding_stays_tied_and_leaves_the_base_model_alone(tmp_path):
+    """``ensure_weight_tying=True`` on a tied model: PEFT saves the embedding and its tied copy
+    ``lm_head.weight``. The merged config dropped ``ensure_weight_tying``, so PEFT loaded that
+    copy into the base model's own lm_head (tied to the input embedding): with the adapter
+    disabled the model was no longer the base (logits 11.9 away). Now the merge keeps the tie:
+    enabled it is the float64 sum of the weighted deltas and the merged embedding, disabled the
+    base model exactly."""
+    base = build_tied_llama(tmp_path / "base")
+    adapters = [build_adapter(base, tmp_path / name, seed=seed, family="llama", task_type=LLAMA, targets=["q_proj"],
+                              modules_to_save=saved, ensure_weight_tying=True)
+                for seed, name, saved in ((1, "a", ["embed_tokens"]), (2, "b", ["lm_head"]))]
+    assert all(a.tied_copies == ["lm_head.weight"] for a in map(load_adapter, adapters))
+    weights = [0.7, 0.5]
+    out = tmp_path / "merged"
+    assert cli_merge(base, adapters, out, "--strategy", "task_arithmetic", "--param", f"weights={weights}",
+                     "--modules-to-save-rule", "average", "--no-eval") == 0
+    assert _config(out)["ensure_weight_tying"] is True
+
+    reference = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval()
+    layers = dict(reference.named_modules())
+    loaded = [load_adapter(a) for a in adapters]
+    with torch.no_grad():
+        for weight, adapter in zip(weights, loaded):
+            for path, module in adapter.modules.items():
+                layers[path].weight += weight * module.delta()
+        embedding = torch.stack([a.modules_to_save["model.embed_tokens.weight"].double() for a in loaded]).mean(0)
+        reference.get_input_embeddings().weight.copy_(embedding)  # lm_head with it: tied
+    inputs = sample_inputs("llama", tf.AutoTokenizer.from_pretrained(base))
+    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base).eval(), out).eval()
+    with torch.no_grad():
+        plain = tf.AutoModelForCausalLM.from_pretrained(base).eval()(**inputs).logits
+        enabled = model(**inputs).logits
+        with model.disable_adapter():
+            disabled = model(**inputs).logits
+        expected = reference(**inputs).logits
+    torch.testing.assert_close(enabled.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(disabled, plain)
