@@ -27,14 +27,18 @@ PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin")
 KEY_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
+# Why a LoRA on the experts of a mixture-of-experts model that transformers 5 fuses (one
+# parameter per projection for all of a block's experts) is refused, however it was saved.
+FUSED_EXPERTS_REFUSAL = ("LoRA on a mixture-of-experts model's fused expert weights is not supported: train the "
+                         "adapter on the attention projections")
+
 # Config features whose weights are not a plain ``B @ A`` delta on a linear layer.
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA adapters (use_dora=true) are not plain low-rank deltas",
     "lora_bias": "adapters with trained LoRA biases (lora_bias=true) are not supported",
     "layer_replication": "layer_replication changes the model's structure",
-    "target_parameters": "target_parameters (LoRA on raw parameters, which PEFT writes for the fused expert "
-                         "weights of a mixture-of-experts model, e.g. with target_modules='all-linear') is not "
-                         "supported: train the adapter on the attention projections",
+    "target_parameters": "target_parameters (LoRA on raw parameters, which PEFT writes for the experts transformers 5 "
+                         f"fuses, e.g. with target_modules='all-linear'): {FUSED_EXPERTS_REFUSAL}",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "use_qalora": "QA-LoRA adapters are not supported",
     # PEFT's other LoRA variants (``is_lora_variant`` in its LoraConfig), which change the

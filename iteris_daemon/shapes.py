@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from .adapter_config import WEIGHTS_NAME
+from .adapter_config import FUSED_EXPERTS_REFUSAL, WEIGHTS_NAME
 from .errors import AdapterError
 
 BaseShapes = dict[str, dict[str, Any]]
+_EXPERT = re.compile(r"(?:^|\.)experts\.\d+\.")  # one expert's layer, as transformers 4 stored them
+_FUSED = re.compile(r"(?:^|\.)experts\.[^.\d][^.]*$")  # a parameter of all of a block's experts
 SHAPES_FORMAT = 2  # part of each cached entry's key: bumped when BaseShapes gains a field (2: "tied")
 
 
@@ -46,6 +49,11 @@ def check_shapes(shapes: BaseShapes, lora: Mapping[str, tuple[int, int]], saved:
         if layer is None:
             if path in other:
                 raise AdapterError(where, f"{path} is a {other[path]}; only Linear/Conv1D LoRA can be merged")
+            if _EXPERT.search(path) and (fused := next((name for name, shape in parameters.items()
+                                                         if _FUSED.search(name) and len(shape) == 3), None)):
+                raise AdapterError(where, f"targets {path}, one expert's layer, which transformers 5 fuses with the "
+                                          f"other experts' into one parameter ({fused} in {model_name}; PEFT loads "
+                                          f"such a LoRA on target_parameters): {FUSED_EXPERTS_REFUSAL}")
             raise AdapterError(where, f"targets {path}, which the base model ({model_name}) does not have")
         _, base_out, base_in = layer
         if (d_out, d_in) != (base_out, base_in):

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -712,6 +713,44 @@ def test_lora_on_routed_experts_is_refused_naming_the_layer(tmp_path, capsys):
         _assert_refused(code, message, tmp_path / strategy, ".mlp.experts.expert_", " rows from a batch of ",
                         "it sees only some tokens (a mixture-of-experts expert?)")
     assert cli_merge(base, adapters, tmp_path / "data-free", "--strategy", "task_arithmetic", "--no-eval") == 0
+
+
+@pytest.mark.parametrize("family,expert", [("mixtral", "block_sparse_moe.experts.{}.w1"),
+                                           ("qwen2_moe", "mlp.experts.{}.gate_proj")])
+def test_a_lora_on_experts_stored_one_by_one_is_refused_as_fused_experts(tmp_path, capsys, family, expert):
+    """An expert LoRA as transformers 4 saved it, one Linear per expert (most 2024 Mixtral
+    LoRAs): transformers 5 fuses the experts into one parameter, and the refusal said the
+    base model "does not have" the layer, which read as the wrong base model. It now says
+    the experts are fused, as for target_parameters, naming the layer."""
+    from safetensors.torch import save_file
+
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.validation import validate_adapter
+
+    config = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0)
+    config = (tf.MixtralConfig(**config, num_local_experts=2) if family == "mixtral" else
+              tf.Qwen2MoeConfig(**config, num_experts=2, moe_intermediate_size=64, shared_expert_intermediate_size=32))
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    adapter = tmp_path / "experts"
+    adapter.mkdir()
+    paths = {f"model.layers.{layer}.self_attn.q_proj": 32 for layer in range(2)}
+    paths.update({f"model.layers.{layer}.{expert.format(e)}": 64 for layer in range(2) for e in range(2)})
+    save_file({f"base_model.model.{path}.lora_{part}.weight": torch.randn(*shape) for path, d_out in paths.items()
+               for part, shape in (("A", (4, 32)), ("B", (d_out, 4)))}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "base_model_name_or_path": str(base),
+        "target_modules": ["q_proj", expert.rsplit(".", 1)[1]], "peft_version": "0.13.2"}))
+    (adapter / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(1, 8)))
+    said = (f"targets model.layers.0.{expert.format(0)}, one expert's layer, which transformers 5 fuses with the "
+            "other experts' into one parameter (model.layers.0.mlp.experts.gate_up_proj in ")
+    code, message = _merge(capsys, base, [adapter], tmp_path / "out", "--strategy", "task_arithmetic", "--no-eval")
+    _assert_refused(code, message, tmp_path / "out", said, "train the adapter on the attention projections")
+    with pytest.raises(AdapterError, match=re.escape(said)):
+        validate_adapter(adapter, base_model=str(base))
 
 
 def test_a_layer_reading_more_rows_than_the_batch_has_tokens_is_said_so():
