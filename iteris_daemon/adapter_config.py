@@ -45,13 +45,16 @@ _UNSUPPORTED_FLAGS = {
     # forward pass. aLoRA's weights look exactly like a plain LoRA's: only this flag tells.
     "alora_invocation_tokens": "Activated LoRA adapters (alora_invocation_tokens) act only from their invocation "
                                "tokens on; a merge would apply them to every token",
-    "use_bdlora": "block-diagonal LoRA adapters (use_bdlora=true) are not plain low-rank deltas",
+    "use_bdlora": "block-diagonal LoRA adapters (use_bdlora, a BdLoraConfig) are not plain low-rank deltas",
     "kasa_config": "KaSA adapters (kasa_config) are not plain low-rank deltas",
     "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not plain low-rank deltas",
     "velora_config": "VeLoRA adapters (velora_config) are not supported",
     "arrow_config": "Arrow adapters (arrow_config) route each token to some of their LoRAs; not one delta",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
 }
+
+# The fields among them PEFT makes a config object of: on once given, even as {} (its defaults).
+_CONFIG_OBJECTS = ("use_bdlora", "kasa_config", "monteclora_config", "velora_config", "arrow_config")
 
 # init_lora_weights values whose adapters are deltas on a changed base (PEFT writes
 # init_lora_weights=true into the config of an adapter converted to a plain LoRA).
@@ -206,7 +209,7 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
             if problem:
                 raise AdapterError(config_path, f"{name} key {key[:40]!r}{'…' if len(key) > 40 else ''} {problem}")
     for flag, reason in _UNSUPPORTED_FLAGS.items():
-        if config.get(flag):
+        if config.get(flag) is not None if flag in _CONFIG_OBJECTS else config.get(flag):
             raise AdapterError(config_path, reason)
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):

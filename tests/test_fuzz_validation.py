@@ -354,7 +354,13 @@ def test_corrupted_weights_are_rejected_cleanly(adapter, tmp_path):
     ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "train the adapter on the attention projections"),
     # PEFT 0.21's other variants: aLoRA's weights are a plain LoRA's, and it merged as one
     ({"alora_invocation_tokens": [2023, 2001]}, "alora_invocation_tokens"),
-    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
+    ({"use_bdlora": {"nblocks": 2}}, "(use_bdlora, a BdLoraConfig)"),
+    # {} is a variant's default config to PEFT (on), though falsy; it merged as a plain LoRA
+    ({"use_bdlora": {}}, "use_bdlora"),
+    ({"kasa_config": {}}, "kasa_config"),
+    ({"monteclora_config": {}}, "monteclora_config"),
+    ({"velora_config": {}}, "velora_config"),
+    ({"arrow_config": {}}, "arrow_config"),
     ({"kasa_config": {"r": 2}}, "kasa_config"),
     ({"monteclora_config": {"n": 2}}, "monteclora_config"),
     ({"velora_config": {"rank": 2}}, "velora_config"),
