@@ -460,6 +460,7 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
         polled += [(source.name, settings)] if hasattr(settings, "watches") else []
     available = calibration_sources()
     published: list[tuple[str, Path]] = []  # (group name, folder) of every folder destination so far
+    branches: list[tuple[str, tuple[str | None, str, str]]] = []  # (group name, Hub branch) of every Hub one so far
     for index, group in enumerate(config.groups):
         where = f"{path}: groups.{index} ({group.name})"
         try:
@@ -493,7 +494,8 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
                     _check_destination_folder(place, watched, published, f"destinations.{number}.path")
                     published.append((group.name, place))
                 elif place is not None:
-                    _check_destination_repo(place, polled, f"destinations.{number}.repo_id")
+                    _check_destination_repo(place, polled, branches, f"destinations.{number}.repo_id")
+                    branches.append((group.name, place))
         except IterisError as exc:  # unknown strategy or source, bad parameters or settings
             raise ConfigError(f"{where}: {exc}") from None
 
@@ -563,14 +565,23 @@ def watched_destination(settings: BaseModel, published: Destinations) -> str | N
     return None
 
 
-def _check_destination_repo(repo: tuple[str | None, str, str], polled: list[tuple[str, BaseModel]], field: str) -> None:
+def _check_destination_repo(repo: tuple[str | None, str, str], polled: list[tuple[str, BaseModel]],
+                            published: list[tuple[str, tuple[str | None, str, str]]], field: str) -> None:
     """A Hub destination must not be a branch a Hub source polls: its merges would come back
-    as adapters (an author's repos include the one the merge is published to)."""
+    as adapters (an author's repos include the one the merge is published to). Nor the branch
+    of another destination: it would serve whichever merge was committed last, and `status`
+    would report each group's merge as published there."""
+    from .sources.hub import same_branch
+
     for name, settings in polled:
         if settings.watches(*repo):
             raise ConfigError(f"{field}: {repo[1]}@{repo[2]} is polled by source {name!r}; the daemon would register "
                               "its own merges as adapters (publish to a repo or branch the source does not poll, or "
                               "list the source's repos instead of its author)")
+    for group, other in published:
+        if same_branch(repo, other):
+            raise ConfigError(f"{field}: {repo[1]}@{repo[2]} is already the destination of group {group!r}; give each "
+                              "destination a repo or branch of its own")
 
 
 def first_overlap(folder: Path, named: list[tuple[str, Path]]) -> tuple[str, Path] | None:

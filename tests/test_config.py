@@ -172,6 +172,28 @@ def test_a_hub_destination_that_a_hub_source_polls_is_refused(tmp_path, capsys, 
     assert f"{path}: groups.0 (g): destinations.0.repo_id: {refused}; the daemon would register its own merges" in err
 
 
+@pytest.mark.parametrize("first,second,refused", [
+    (HUB, GROUP.replace('"g"', '"h"') + HUB, "groups.1 (h): destinations.0.repo_id: acme/unified@main is already "
+                                             "the destination of group 'g'"),
+    (HUB, HUB, "groups.0 (g): destinations.1.repo_id: acme/unified@main is already the destination of group 'g'"),
+    (HUB + 'branch = "main"\nendpoint = "https://huggingface.co/"\n', GROUP.replace('"g"', '"h"') + HUB.replace(
+        "acme/", "Acme/"), "groups.1 (h): destinations.0.repo_id: Acme/unified@main is already"),  # the defaults
+    (HUB, GROUP.replace('"g"', '"h"') + HUB + 'branch = "v2"\n', None),
+    (HUB, GROUP.replace('"g"', '"h"') + HUB + 'endpoint = "http://hub.local"\n', None),
+])
+def test_two_destinations_on_one_hub_branch_are_refused(tmp_path, first, second, refused):
+    """Both were accepted: the branch served whichever group's merge was committed last,
+    and `status` reported each group's merge as published there (folders were refused)."""
+    path = tmp_path / "config.toml"
+    path.write_text(GROUP + first + second)
+    if refused is None:
+        assert [d["repo_id"] for g in load_config(path).groups for d in g.destinations] == ["acme/unified"] * 2
+        return
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: {refused}")
+
+
 def test_false_turns_a_gate_off(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(GROUP + '[groups.gates]\nmax_regression = false\nmax_fidelity_gap = 2\n' + FOLDER)

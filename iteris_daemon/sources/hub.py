@@ -155,6 +155,12 @@ def _endpoint(endpoint: str | None) -> str:
     return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
+def same_branch(a: tuple[str | None, str, str], b: tuple[str | None, str, str]) -> bool:
+    """Whether two (endpoint, repo id, branch) name one branch: the default endpoint spelled
+    out or not, repo ids in any case (the Hub ignores it)."""
+    return _endpoint(a[0]) == _endpoint(b[0]) and a[1].casefold() == b[1].casefold() and a[2] == b[2]
+
+
 def unsafe_path(name: str) -> bool:
     """A repo file name that could land outside the download folder, or that no repo can hold."""
     if not name or name.startswith(("/", "\\")) or "\\" in name or re.match(r"^[A-Za-z]:", name):
