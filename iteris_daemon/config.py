@@ -357,8 +357,10 @@ class DaemonConfig(_Strict):
 def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
     """Read and validate ``path``; every problem is a :class:`ConfigError` naming it.
     ``check_plugins=False`` skips what needs the plugins loaded (strategy parameters,
-    destination and source settings) or the daemon's environment (where the webhook
-    secret is): enough for a command that only needs the catalog."""
+    destination settings) or the daemon's environment (where the webhook secret is):
+    enough for a command that only needs the catalog. Source settings are always checked:
+    `sources scan` writes them into the catalog, and a bad one was a traceback there that
+    printed its value (a token pasted inline, say)."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -373,8 +375,10 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
             config = DaemonConfig.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError.from_validation(str(path), exc) from None
+        watched, polled = _check_sources(config, path)
+        if check_plugins:
+            _check_plugins(config, path, watched, polled)
     if check_plugins:
-        _check_plugins(config, path)
         if config.daemon.webhooks is not None:
             try:
                 config.daemon.webhooks.secret()  # there and readable now, not found missing once the start began
@@ -436,11 +440,10 @@ def _anchor(table: dict[str, Any], model: type[BaseModel] | None, other: tuple[s
             table[key] = made[key]
 
 
-def _check_plugins(config: DaemonConfig, path: Path) -> None:
-    """Strategies, parameters, destinations and source settings must be valid before anything runs."""
-    from .plugin_manager import calibration_sources, get_strategy
-    from .strategy import by_adapter_name, parse_params
-
+def _check_sources(config: DaemonConfig, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, BaseModel]]]:
+    """Each source's settings, and its folders apart from the others' and from the daemon's
+    own; returns (source name, folder) of every local source's folder and (source name,
+    settings) of every Hub source, for the destinations' checks."""
     watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
     polled: list[tuple[str, BaseModel]] = []  # (source name, settings) of every Hub source
     for index, source in enumerate(config.sources):
@@ -458,6 +461,15 @@ def _check_plugins(config: DaemonConfig, path: Path) -> None:
                                   f"{own[1]}; the daemon would register its own merges and downloads as adapters")
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
         polled += [(source.name, settings)] if hasattr(settings, "watches") else []
+    return watched, polled
+
+
+def _check_plugins(config: DaemonConfig, path: Path, watched: list[tuple[str, Path]],
+                   polled: list[tuple[str, BaseModel]]) -> None:
+    """Strategies, parameters and destinations must be valid before anything runs."""
+    from .plugin_manager import calibration_sources, get_strategy
+    from .strategy import by_adapter_name, parse_params
+
     available = calibration_sources()
     published: list[tuple[str, Path]] = []  # (group name, folder) of every folder destination so far
     branches: list[tuple[str, tuple[str | None, str, str]]] = []  # (group name, Hub branch) of every Hub one so far

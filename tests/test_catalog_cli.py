@@ -254,6 +254,27 @@ def test_every_catalog_command_opens_the_catalog_the_daemons_config_names(made, 
     assert json.loads(run(capsys, "sources", "list", "--json", *cfg)[1]) == []
 
 
+TOKEN = "hf_" + "Q" * 34
+
+
+@pytest.mark.parametrize("argv", [["sources", "scan"], ["sources", "list"], ["adapters", "list"], ["db", "upgrade"],
+                                  ["status"]])
+@pytest.mark.parametrize("table,message", [
+    (f'kind = "hub"\nrepos = ["acme/x"]\ntoken = "{TOKEN}"', "sources.0 (s): token: Extra inputs are not permitted"),
+    ('kind = "local"\npaths = ["/srv"]\nsettle_secnds = 3', "sources.0 (s): settle_secnds: Extra inputs"),
+    ('kind = "local"\npaths = ["/srv"]\nsettle_seconds = -1', "sources.0 (s): settle_seconds: Input should be greater"),
+])
+def test_a_bad_source_in_the_config_is_one_line_before_any_catalog(tmp_path, capsys, argv, table, message):
+    """`sources scan --config` checked a source's settings only while writing them into the
+    catalog, after creating it: a pydantic traceback that printed the value (a token pasted
+    inline). Every command that reads --config refuses it as `run` does, and creates nothing."""
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[sources]]\nname = "s"\n{table}\n')
+    code, out, err = run(capsys, *argv, "--config", str(config))
+    assert code == 2 and f"{config}: {message}" in err and err.count("\n") == 1 and TOKEN not in out + err
+    assert not (tmp_path / "state").exists()
+
+
 def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_path, capsys):
     """A cache directory that cannot be made, or that belongs to another user (root
     scanning with the daemon's), is not used: folders are hashed in full, with a warning;
