@@ -23,6 +23,7 @@ from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .strategy import DEFAULT_STRATEGY
 from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, relative_to, state_dir
+from .tokens import check_token_file
 from .validation import Limits
 
 
@@ -375,7 +376,7 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
             config = DaemonConfig.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError.from_validation(str(path), exc) from None
-        watched, polled = _check_sources(config, path)
+        watched, polled = _check_sources(config, path, readable=check_plugins)
         if check_plugins:
             _check_plugins(config, path, watched, polled)
     if check_plugins:
@@ -440,10 +441,12 @@ def _anchor(table: dict[str, Any], model: type[BaseModel] | None, other: tuple[s
             table[key] = made[key]
 
 
-def _check_sources(config: DaemonConfig, path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, BaseModel]]]:
+def _check_sources(config: DaemonConfig, path: Path, *, readable: bool
+                   ) -> tuple[list[tuple[str, Path]], list[tuple[str, BaseModel]]]:
     """Each source's settings, and its folders apart from the others' and from the daemon's
     own; returns (source name, folder) of every local source's folder and (source name,
-    settings) of every Hub source, for the destinations' checks."""
+    settings) of every Hub source, for the destinations' checks. ``readable``: a token file
+    must be readable by this user too (the daemon's; another may run `status`)."""
     watched: list[tuple[str, Path]] = []  # (source name, folder) of every local source
     polled: list[tuple[str, BaseModel]] = []  # (source name, settings) of every Hub source
     for index, source in enumerate(config.sources):
@@ -451,6 +454,8 @@ def _check_sources(config: DaemonConfig, path: Path) -> tuple[list[tuple[str, Pa
             settings = source.validated()
         except ValidationError as exc:
             raise ConfigError.from_validation(f"{path}: sources.{index} ({source.name})", exc) from None
+        if (token_file := getattr(settings, "token_file", None)) is not None:
+            check_token_file(token_file, f"{path}: sources.{index} ({source.name}): token_file", readable=readable)
         for folder in getattr(settings, "paths", []):
             other = first_overlap(folder, watched)
             if other is not None:
@@ -493,15 +498,20 @@ def _check_plugins(config: DaemonConfig, path: Path, watched: list[tuple[str, Pa
                     raise ConfigError(f"calibration.{key}: not a calibration source's settings table (sources: "
                                       f"{', '.join(sorted(available))}; fields: order, files)")
                 if getattr(available[key], "Settings", None) is not None:  # else checked when the source loads
-                    source_settings(available[key], value)
+                    settings = source_settings(available[key], value)
+                    if (token_file := getattr(settings, "token_file", None)) is not None:
+                        check_token_file(token_file, f"calibration.{key}.token_file")
                 if key not in order:  # its settings would be ignored: the source is never asked
                     raise ConfigError(f"calibration.{key}: settings for a source that calibration.order does not "
                                       f"list ({', '.join(order) or 'empty'}); add {key!r} to the order or drop the table")
             for number, destination in enumerate(group.destinations):
                 try:
-                    place = _destination(destination)
+                    settings = _publisher_settings(destination)
                 except ValidationError as exc:
                     raise ConfigError.from_validation(f"destinations.{number}", exc) from None
+                if (token_file := getattr(settings, "token_file", None)) is not None:
+                    check_token_file(token_file, f"destinations.{number}.token_file")
+                place = _destination(settings)
                 if isinstance(place, Path):
                     _check_destination_folder(place, watched, published, f"destinations.{number}.path")
                     published.append((group.name, place))
@@ -522,13 +532,17 @@ class Destinations(NamedTuple):
     written: list[tuple[str, Path]] = []  # (what, folder) the daemon writes itself: its state and cache folders
 
 
-def _destination(destination: dict[str, Any]) -> Path | tuple[str | None, str, str] | None:
-    """The folder (resolved) or Hub branch (endpoint, repo id, branch) a destination publishes
-    into; None for neither. Raises the publisher's ``ValidationError`` on bad settings."""
+def _publisher_settings(destination: dict[str, Any]) -> BaseModel:
+    """A destination's table validated by its publisher's ``Settings`` (a ``ValidationError`` if bad)."""
     from .plugin_manager import get_publisher
 
-    settings = get_publisher(destination["kind"]).Settings.model_validate(
+    return get_publisher(destination["kind"]).Settings.model_validate(
         {k: v for k, v in destination.items() if k != "kind"})
+
+
+def _destination(settings: BaseModel) -> Path | tuple[str | None, str, str] | None:
+    """The folder (resolved) or Hub branch (endpoint, repo id, branch) a destination's settings
+    publish into; None for neither."""
     folder, repo = getattr(settings, "path", None), getattr(settings, "repo_id", None)
     if isinstance(folder, Path):
         return folder.expanduser().resolve()
@@ -540,7 +554,7 @@ def _destination(destination: dict[str, Any]) -> Path | tuple[str | None, str, s
 def destinations(config: DaemonConfig) -> Destinations:
     """The folders and Hub branches a checked config's groups publish into."""
     places = [(group.name, place) for group in config.groups for destination in group.destinations
-              if (place := _destination(destination)) is not None]
+              if (place := _destination(_publisher_settings(destination))) is not None]
     return Destinations([(g, p) for g, p in places if isinstance(p, Path)],
                         [(g, p) for g, p in places if not isinstance(p, Path)], written_folders(config.daemon))
 

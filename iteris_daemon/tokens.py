@@ -45,6 +45,21 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
     return _one_token(os.environ.get("HF_TOKEN", "").strip(), "$HF_TOKEN")
 
 
+def check_token_file(token_file: Path, field: str, *, readable: bool = True) -> None:
+    """A configured token file must be a regular file, and (``readable``) one this user can
+    read: a token pasted in its place was taken as a relative path, stored in the catalog
+    and printed by `sources list --json`. Errors never quote the path: it may be the token."""
+    try:
+        if not stat.S_ISREG(os.stat(token_file).st_mode):
+            raise ConfigError(f"{field}: not a regular file")
+        if readable:
+            open(token_file, "rb").close()
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: no such file (is it the token itself? give the path of a file holding it)") from None
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read it ({exc.strerror})") from None
+
+
 def _one_token(value: str, where: str) -> SecretStr | None:
     """A token is one printable ASCII word: anything more (a second line, a NUL) made an HTTP
     header the client refused with an error that quoted the whole header, token included,

@@ -263,6 +263,9 @@ TOKEN = "hf_" + "Q" * 34
     (f'kind = "hub"\nrepos = ["acme/x"]\ntoken = "{TOKEN}"', "sources.0 (s): token: Extra inputs are not permitted"),
     ('kind = "local"\npaths = ["/srv"]\nsettle_secnds = 3', "sources.0 (s): settle_secnds: Extra inputs"),
     ('kind = "local"\npaths = ["/srv"]\nsettle_seconds = -1', "sources.0 (s): settle_seconds: Input should be greater"),
+    # A token pasted as the file's path was stored in the catalog and printed by `sources list --json`.
+    (f'kind = "hub"\nrepos = ["acme/x"]\ntoken_file = "{TOKEN}"',
+     "sources.0 (s): token_file: no such file (is it the token itself? give the path of a file holding it)"),
 ])
 def test_a_bad_source_in_the_config_is_one_line_before_any_catalog(tmp_path, capsys, argv, table, message):
     """`sources scan --config` checked a source's settings only while writing them into the
@@ -428,17 +431,20 @@ def test_a_sqlite_path_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monk
 
 
 @pytest.mark.parametrize("mode, message", [(0o644, "is open to other users (mode 644)"),
-                                           (None, "cannot read the token file")])
-def test_a_token_file_is_checked_when_the_source_is_added(tmp_path, capsys, mode, message):
+                                           (None, "--token-file: no such file (is it the token itself?")])
+def test_a_token_file_is_checked_when_the_source_is_added(tmp_path, capsys, monkeypatch, mode, message):
     """Refused by `sources add`, as the first poll would refuse it (it was accepted, and
-    the source turned unhealthy only once it polled)."""
-    token = tmp_path / "token"
+    the source turned unhealthy only once it polled). A missing one is not quoted: it may be
+    the token itself."""
+    monkeypatch.chdir(tmp_path)
+    token = tmp_path / "hf_token_of_this_test"
     if mode is not None:
         token.write_text("hf_token_of_this_test\n")
         token.chmod(mode)
-    code, _, err = run(capsys, "sources", "add", "hub", "--hub-repo", "acme/x", "--token-file", str(token),
+    code, _, err = run(capsys, "sources", "add", "hub", "--hub-repo", "acme/x", "--token-file", token.name,
                        "--db", f"sqlite:///{tmp_path / 'catalog.db'}")
-    assert code == 2 and str(token) in err and message in err and err.count("\n") == 1
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert (token.name in err) == (mode is not None)
 
 
 def test_a_scan_that_leaves_a_source_unhealthy_fails(tmp_path, capsys):

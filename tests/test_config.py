@@ -194,6 +194,33 @@ def test_two_destinations_on_one_hub_branch_are_refused(tmp_path, first, second,
     assert str(error.value).startswith(f"{path}: {refused}")
 
 
+@pytest.mark.parametrize("table,field", [
+    ('[[sources]]\nname = "s"\nkind = "hub"\nrepos = ["acme/x"]\ntoken_file = "{token}"\n', "sources.0 (s): token_file"),
+    (GROUP + HUB + 'token_file = "{token}"\n', "groups.0 (g): destinations.0.token_file"),
+    (GROUP + '[groups.calibration.hub_dataset]\nrepo_id = "a/b"\ntoken_file = "{token}"\n' + FOLDER,
+     "groups.0 (g): calibration.hub_dataset.token_file"),
+])
+def test_a_token_file_that_is_not_a_file_is_refused_without_quoting_it(tmp_path, monkeypatch, table, field):
+    """A missing one was accepted (the source unhealthy, the destination failing at its first
+    publish); a token pasted in its place was stored in the catalog and printed by
+    `sources list --json`. The error never quotes it."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "config.toml"
+    token = "hf_" + "Z" * 34
+    path.write_text(table.format(token=token))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == (f"{path}: {field}: no such file (is it the token itself? give the path of a file "
+                                "holding it)")
+    (tmp_path / token).mkdir()
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}: {field}: not a regular file"
+    (tmp_path / token).rmdir()
+    (tmp_path / token).write_text("a file named so\n")
+    assert load_config(path)
+
+
 def test_false_turns_a_gate_off(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(GROUP + '[groups.gates]\nmax_regression = false\nmax_fidelity_gap = 2\n' + FOLDER)

@@ -175,7 +175,7 @@ def _sources_add(args) -> int:
     from ..catalog.registry import add_source
     from ..sources.hub import HubSettings
     from ..sources.local import LocalSettings
-    from ..tokens import hub_token
+    from ..tokens import check_token_file, hub_token
 
     foreign = [f for f in (HUB_FLAGS if args.folder else FOLDER_FLAGS)
                if getattr(args, f[2:].replace("-", "_")) is not None]
@@ -191,6 +191,7 @@ def _sources_add(args) -> int:
                              f"source {args.name}")
     else:
         if args.token_file is not None:
+            check_token_file(args.token_file, "--token-file")
             hub_token(args.token_file)  # readable, and by its owner only: refused now, not at the first poll
         kind = SourceKind.hub
         settings = _settings(HubSettings, {
