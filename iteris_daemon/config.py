@@ -14,8 +14,10 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      field_validator, model_validator)
 
 from .calibration import DEFAULT_ORDER, source_settings
 from .devices import check_device
@@ -27,9 +29,42 @@ from .tokens import check_token_file
 from .validation import Limits
 
 
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+"""A settings table: unknown keys are an error, not a silent no-op; TOML has inf and nan, and
+no setting means "forever" by them (a gate is turned off with false); values are not coerced
+across types (``max_rank = true`` was 1, ``exact_ranks = "off"`` false; an int is still a float)."""
+
+
 class _Strict(BaseModel):
-    # TOML has inf and nan; no setting here means "forever" by them (a gate is turned off with false).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT
+
+
+def _not_blank(value: Any) -> Any:
+    """An empty path or model name is refused: it was taken for the working directory."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty (it would be the working directory)")
+    return value
+
+
+def _http_url(endpoint: str) -> str:
+    """A Hub endpoint is an http(s) URL: anything else failed every request, hours later."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{endpoint!r} is not an http(s) URL")
+    return endpoint
+
+
+# Field types of settings tables (STRICT): a path is a TOML string, and a JSON one in the catalog.
+PathSetting = Annotated[LocalPath, Strict(False), BeforeValidator(_not_blank)]
+ModelSetting = Annotated[ModelLocation, BeforeValidator(_not_blank)]
+HubEndpoint = Annotated[str, AfterValidator(_http_url)]
+
+
+def check_backoff(settings: BaseModel, first: str, longest: str) -> None:
+    """A back-off's longest wait must not be below its first one (ValueError naming both)."""
+    if getattr(settings, longest) < getattr(settings, first):
+        raise ValueError(f"{longest} ({getattr(settings, longest):g}) is below {first} "
+                         f"({getattr(settings, first):g}), the first wait")
 
 
 Device = Annotated[str, AfterValidator(check_device)]
@@ -76,7 +111,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 class _Listening(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     listen: str = Field(description='"HOST:PORT" to listen on; "[::1]:PORT" for IPv6; port 0 picks a free one')
 
@@ -99,7 +134,7 @@ class WebhookSettings(_Listening):
     """Serve the Hub webhook (off unless configured)."""
 
     path: str = Field("/webhooks/hub", description="URL path the Hub posts to")
-    secret_file: LocalPath | None = Field(
+    secret_file: PathSetting | None = Field(
         None, description=f"the webhook's secret (default: $CREDENTIALS_DIRECTORY/{SECRET_CREDENTIAL})")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger requests are refused unread")
 
@@ -139,8 +174,8 @@ class WebhookSettings(_Listening):
 
 class DaemonSettings(_Strict):
     database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
-    state_dir: LocalPath | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
-    cache_dir: LocalPath | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
+    state_dir: PathSetting | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
+    cache_dir: PathSetting | None = Field(None, description="default: $CACHE_DIRECTORY or ~/.cache/iteris-daemon")
     grace_seconds: float = Field(
         60.0, ge=0, le=MAX_SECONDS, description="a cancelled merge's worker (SIGTERM) is killed after this long")
     claim_ttl_seconds: float = Field(
@@ -160,7 +195,7 @@ class DaemonSettings(_Strict):
     worker_memory_limit_mb: int | None = Field(
         None, gt=0, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
                                 "the daemon goes on (default: none)")
-    trust_remote_code: list[ModelLocation] = Field(
+    trust_remote_code: list[ModelSetting] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(
@@ -178,9 +213,7 @@ class DaemonSettings(_Strict):
 
     @model_validator(mode="after")
     def _retry_range(self) -> DaemonSettings:
-        if self.retry_max_seconds < self.retry_seconds:
-            raise ValueError(f"retry_max_seconds ({self.retry_max_seconds:g}) is below retry_seconds "
-                             f"({self.retry_seconds:g}), the first wait")
+        check_backoff(self, "retry_seconds", "retry_max_seconds")
         return self
 
     def catalog_url(self) -> str:
@@ -253,7 +286,7 @@ class CalibrationConfig(_Strict):
     model_config = ConfigDict(extra="allow")
 
     order: list[str] = Field(default_factory=lambda: list(DEFAULT_ORDER))
-    files: dict[str, LocalPath] = Field(default_factory=dict, description="adapter name -> JSON Lines file")
+    files: dict[str, PathSetting] = Field(default_factory=dict, description="adapter name -> JSON Lines file")
 
     def source_settings(self) -> dict[str, dict[str, Any]]:
         return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
@@ -287,7 +320,7 @@ class Gates(_Strict):
 
 class GroupConfig(_Strict):
     name: Name
-    base_model: ModelLocation
+    base_model: ModelSetting
     strategy: str = DEFAULT_STRATEGY
     params: dict[str, Any] = Field(default_factory=dict)
     select: Selection = Field(default_factory=Selection)
@@ -330,6 +363,16 @@ class GroupConfig(_Strict):
             if trigger.get_next_fire_time(None, datetime.now(timezone.utc)) is None:  # 30 February, say
                 raise ValueError(f"cron {self.cron!r} never fires")
         return self
+
+    @field_validator("select")
+    @classmethod
+    def _selects_something(cls, select: Selection) -> Selection:
+        """An empty list selected nothing, for ever (checked here, not in Selection, which
+        also reads the selections stored in the catalog, an older config's included)."""
+        for field in ("sources", "ids"):
+            if getattr(select, field) == []:
+                raise ValueError(f"{field} = [] selects nothing; leave it out to select by the other filters")
+        return select
 
     @field_validator("destinations")
     @classmethod

@@ -22,18 +22,21 @@ from pydantic import field_validator
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
 from iteris_daemon.errors import CalibrationError
-from iteris_daemon.paths import LocalPath, RepoId, cache_dir
+from iteris_daemon.config import STRICT, HubEndpoint, PathSetting
+from iteris_daemon.paths import RepoId, cache_dir
 from iteris_daemon.retry import hub_retrying
 from iteris_daemon.tokens import hub_token, plain
 
 
 class HubDatasetSettings(CalibrationSettings):
+    model_config = STRICT
+
     repo_id: RepoId
     filename: str = "{name}.jsonl"
     revision: str | None = None
-    endpoint: str | None = None
-    token_file: LocalPath | None = None
-    cache_dir: LocalPath | None = None
+    endpoint: HubEndpoint | None = None
+    token_file: PathSetting | None = None
+    cache_dir: PathSetting | None = None
 
     @field_validator("filename")
     @classmethod

@@ -32,7 +32,7 @@ from pydantic import Field
 from iteris_daemon import hookimpl
 from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME, sha256_file
 from iteris_daemon.errors import AdapterError, IterisError, OutputExistsError
-from iteris_daemon.paths import LocalPath
+from iteris_daemon.config import STRICT, PathSetting
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class FolderPublishSettings(PublisherSettings):
-    path: LocalPath = Field(description="destination folder; consumers load <path>/current")
+    model_config = STRICT
+
+    path: PathSetting = Field(description="destination folder; consumers load <path>/current")
     keep: int = Field(3, ge=0, description="how many previous versions to keep besides the current one")
 
 

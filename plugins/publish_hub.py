@@ -23,17 +23,17 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import ModelInfo
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl
 from iteris_daemon.logs import counted
 from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
-from iteris_daemon.config import MAX_SECONDS
+from iteris_daemon.config import MAX_SECONDS, STRICT, HubEndpoint, PathSetting, check_backoff
 from iteris_daemon.errors import AdapterError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
-from iteris_daemon.paths import LocalPath, RepoId
+from iteris_daemon.paths import RepoId
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 from iteris_daemon.retry import Interrupted, hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
@@ -45,11 +45,13 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 class HubPublishSettings(PublisherSettings):
+    model_config = STRICT
+
     repo_id: RepoId = Field(description="target model repo, OWNER/NAME (created if missing)")
     branch: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
     private: bool = Field(True, description="visibility of the repo when this publisher creates it")
-    endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
-    token_file: LocalPath | None = Field(
+    endpoint: HubEndpoint | None = Field(None, description="Hub URL (default: huggingface_hub's)")
+    token_file: PathSetting | None = Field(
         None, description="file holding a write token (default: the hf-token credential, else $HF_TOKEN)"
     )
     tag_runs: bool = Field(True, description="tag each new commit <group>-run-<run id>")
@@ -60,6 +62,19 @@ class HubPublishSettings(PublisherSettings):
         1.0, ge=0, le=MAX_SECONDS, description="first back-off delay, doubled after each failure")
     retry_cap_seconds: float = Field(
         60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
+
+    @field_validator("branch")
+    @classmethod
+    def _branch_name(cls, branch: str) -> str:
+        """A blank branch failed every publish, hours later."""
+        if not branch.strip():
+            raise ValueError("a branch name, not blank")
+        return branch
+
+    @model_validator(mode="after")
+    def _backoff(self) -> HubPublishSettings:
+        check_backoff(self, "retry_base_seconds", "retry_cap_seconds")
+        return self
 
 
 

@@ -3,6 +3,7 @@ naming the file and the field."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,72 @@ def test_calibration_orders_that_make_sense_are_accepted(tmp_path):
 
 
 HUB = '[[groups.destinations]]\nkind = "hub"\nrepo_id = "acme/unified"\n'
+
+
+HUB_SOURCE = '[[sources]]\nname = "s"\nkind = "hub"\nrepos = ["acme/x"]\n'
+
+
+@pytest.mark.parametrize("text,message", [
+    # Loose types were coerced: max_rank = true was 1 (every adapter rejected), exact_ranks = "off" false.
+    ('[daemon.limits]\nmax_rank = true\n', "daemon.limits.max_rank: Input should be a valid integer"),
+    (GROUP + 'min_adapters = true\n' + FOLDER, "groups.0.min_adapters: Input should be a valid integer"),
+    (GROUP + 'exact_ranks = "off"\n' + FOLDER, "groups.0.exact_ranks: Input should be a valid boolean"),
+    ('[daemon]\ngrace_seconds = "60"\n', "daemon.grace_seconds: Input should be a valid number"),
+    (GROUP + '[groups.select]\nids = [3.0]\n' + FOLDER, "groups.0.select.ids.0: Input should be a valid integer"),
+    (GROUP + '[groups.gates]\nmax_regression = "0.1"\n' + FOLDER, "groups.0.gates.max_regression: Input should be"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\nsettle_seconds = "2"\n',
+     "sources.0 (s): settle_seconds: Input should be a valid number"),
+    (HUB_SOURCE + 'retry_attempts = 2.0\n', "sources.0 (s): retry_attempts: Input should be a valid integer"),
+    (GROUP + FOLDER + 'keep = "3"\n', "groups.0 (g): destinations.0: keep: Input should be a valid integer"),
+    (GROUP + HUB + 'private = "no"\n', "groups.0 (g): destinations.0: private: Input should be a valid boolean"),
+    # Selected nothing, for ever.
+    (GROUP + '[groups.select]\nsources = []\n' + FOLDER, "groups.0.select: sources = [] selects nothing; leave it out"),
+    (GROUP + '[groups.select]\nids = []\n' + FOLDER, "groups.0.select: ids = [] selects nothing; leave it out"),
+    # Taken for the working directory (a service's is /).
+    (GROUP.replace('"b"', '""') + FOLDER, "groups.0.base_model: empty (it would be the working directory)"),
+    ('[daemon]\nstate_dir = ""\n', "daemon.state_dir: empty (it would be the working directory)"),
+    ('[daemon]\ncache_dir = " "\n', "daemon.cache_dir: empty (it would be the working directory)"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = [""]\n', "sources.0 (s): paths.0: empty (it would be"),
+    (GROUP + FOLDER.replace('"/tmp/x"', '""'), "groups.0 (g): destinations.0: path: empty (it would be"),
+    # Hub settings a source had checked, and a destination's or a dataset's failed at each use.
+    (GROUP + HUB + 'endpoint = "not a url"\n', "destinations.0: endpoint: 'not a url' is not an http(s) URL"),
+    (GROUP + HUB + 'branch = " "\n', "groups.0 (g): destinations.0: branch: a branch name, not blank"),
+    (GROUP + '[groups.calibration]\nhub_dataset = { repo_id = "acme/cal", endpoint = "ftp://x" }\n' + FOLDER,
+     "groups.0 (g): calibration.hub_dataset: endpoint: 'ftp://x' is not an http(s) URL"),
+    ('[[sources]]\nname = "s"\nkind = "hub"\nauthor = "a b/c"\n',
+     "sources.0 (s): author: 'a b/c' is not a Hub user or organisation name"),
+    (HUB_SOURCE + 'retry_base_seconds = 100\nretry_cap_seconds = 1\n',
+     "sources.0 (s): settings: retry_cap_seconds (1) is below retry_base_seconds (100), the first wait"),
+    (GROUP + HUB + 'retry_base_seconds = 100\nretry_cap_seconds = 1\n',
+     "groups.0 (g): destinations.0: settings: retry_cap_seconds (1) is below retry_base_seconds (100)"),
+])
+def test_loose_or_empty_values_are_refused(tmp_path, capsys, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_example_config_with_every_option_switched_on_is_valid(tmp_path):
+    """Strict types refuse none of what the example shows: each commented option switched on,
+    but `cron` and the second `params`, alternatives to the lines above them."""
+    token = tmp_path / "token"
+    token.write_text("hf_example\n")
+    token.chmod(0o600)
+    lines = []
+    for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
+        switched = re.match(r"# (\[daemon\.\w+\].*|(\w+) = .*)", line)
+        lines.append(switched[1] if switched and switched[2] not in ("cron", "params") else line)
+    text = re.sub(r'token_file = "[^"]*"', f'token_file = "{token}"', "\n".join(lines))
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace('order = ["files", "adapter", "hub_dataset"]', 'order = ["files", "adapter", "hub_dataset", "generate"]'))
+    config = load_config(path)
+    group = config.groups[0]
+    assert config.daemon.metrics is not None and config.daemon.webhooks.max_body_bytes == 1048576
+    assert config.daemon.merge_devices() == ["cuda:0", "cuda:1"] and config.daemon.database.startswith("postgresql")
+    assert group.exact_ranks is True and group.select.ids == [3, 7] and group.gates.max_added_loss == 0.5
+    assert config.sources[1].validated().token_file == token and group.destinations[1]["tag_runs"] is True
 
 
 @pytest.mark.parametrize("source,destination,refused", [

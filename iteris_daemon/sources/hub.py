@@ -38,13 +38,12 @@ import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from collections.abc import Callable, Collection, Iterator
-from urllib.parse import urlsplit
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from sqlalchemy import select
 
 from ..catalog import Catalog
@@ -53,8 +52,7 @@ from ..catalog.registry import (Observation, current_files_paths, current_revisi
                                 record, set_health)
 from ..errors import AdapterError, ConfigError
 from ..hub_files import TooBig, bounded_progress, mismatch
-from ..config import MAX_SECONDS
-from ..paths import LocalPath, ModelLocation
+from ..config import MAX_SECONDS, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
@@ -93,14 +91,14 @@ def bad_repo_id(repo_id: object) -> str | None:
 class HubSettings(BaseModel):
     """Settings of a Hub source (stored in the catalog as JSON; never the token itself)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML and float() read nan and inf
+    model_config = STRICT
 
     repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
-    base_model: ModelLocation | None = Field(None, description="check adapters against this base model, which decides over "
+    base_model: ModelSetting | None = Field(None, description="check adapters against this base model, which decides over "
                                              "the one an adapter names; an author's listing: only adapters naming it")
-    endpoint: str | None = Field(None, description="Hub URL (default: huggingface_hub's)")
-    token_file: LocalPath | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
+    endpoint: HubEndpoint | None = Field(None, description="Hub URL (default: huggingface_hub's)")
+    token_file: PathSetting | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
     interval_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="poll period")
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS)
@@ -118,19 +116,19 @@ class HubSettings(BaseModel):
                 raise ValueError(f"{spec!r} is not a repo id (OWNER/NAME[@BRANCH])")
         return repos
 
-    @field_validator("endpoint")
+    @field_validator("author")
     @classmethod
-    def _endpoint_url(cls, endpoint: str | None) -> str | None:
-        """An http(s) URL: anything else failed every poll, the source only unhealthy."""
-        parts = urlsplit(endpoint or "http://default")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"{endpoint!r} is not an http(s) URL")
-        return endpoint
+    def _author_name(cls, author: str | None) -> str | None:
+        """A user or organisation name: anything else listed nothing, for ever."""
+        if author is not None and ("/" in author or bad_repo_id(f"{author}/x")):
+            raise ValueError(f"{author!r} is not a Hub user or organisation name")
+        return author
 
     @model_validator(mode="after")
     def _something_to_poll(self) -> HubSettings:
         if not self.repos and not self.author:
             raise ValueError("give repos or an author to poll")
+        check_backoff(self, "retry_base_seconds", "retry_cap_seconds")
         return self
 
     def token(self) -> SecretStr | None:

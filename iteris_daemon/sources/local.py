@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -37,8 +37,7 @@ from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, list_current, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
-from ..config import MAX_SECONDS
-from ..paths import LocalPath, ModelLocation
+from ..config import MAX_SECONDS, STRICT, ModelSetting, PathSetting
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter, validation_context
 from .stat_cache import StatCache, stat_context
 
@@ -52,10 +51,10 @@ CALIBRATION_NAME = "calibration.jsonl"
 class LocalSettings(BaseModel):
     """Settings of a local folder source (stored in the catalog as JSON)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # TOML and float() read nan and inf
+    model_config = STRICT
 
-    paths: list[LocalPath] = Field(min_length=1, description="folders to watch, recursively")
-    base_model: ModelLocation | None = Field(None, description="check shapes against this base model, which decides over the one an adapter names (a different name is logged; default: the adapter's own, from the Hub only)")
+    paths: list[PathSetting] = Field(min_length=1, description="folders to watch, recursively")
+    base_model: ModelSetting | None = Field(None, description="check shapes against this base model, which decides over the one an adapter names (a different name is logged; default: the adapter's own, from the Hub only)")
     settle_seconds: float = Field(
         2.0, gt=0, le=MAX_SECONDS, description="quiet time before a changed folder is examined")
     polling: bool = Field(False, description="poll instead of inotify (network filesystems)")
