@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from .calibration import DEFAULT_ORDER, source_settings
 from .devices import check_device
@@ -211,6 +211,28 @@ class DaemonSettings(_Strict):
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
 
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        """A URL SQLAlchemy reads, of a dialect it knows: a mistake was found only where the
+        catalog opened, in an error naming neither this file nor this field. Shown with its
+        password masked."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        from .catalog.db import mask_password
+
+        if url is None:
+            return None
+        try:
+            make_url(url).get_dialect()
+        except (NoSuchModuleError, ImportError) as exc:  # before ArgumentError, its base class
+            raise ValueError(f"{mask_password(url)!r}: {exc}") from None
+        except (ArgumentError, ValueError):  # ValueError: a port that is no number
+            raise ValueError(f"{mask_password(url)!r} is not a SQLAlchemy URL (a SQLite file is written "
+                             "sqlite:////abs/path.db)") from None
+        return url
+
     @model_validator(mode="after")
     def _retry_range(self) -> DaemonSettings:
         check_backoff(self, "retry_seconds", "retry_max_seconds")
@@ -388,14 +410,15 @@ class DaemonConfig(_Strict):
     sources: list[SourceConfig] = Field(default_factory=list)
     groups: list[GroupConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> DaemonConfig:
-        for what, items in (("source", self.sources), ("group", self.groups)):
-            names = [item.name for item in items]
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            if duplicates:
-                raise ValueError(f"{what} name {duplicates[0]!r} is used twice")
-        return self
+    @field_validator("sources", "groups")
+    @classmethod
+    def _unique_names(cls, items: list[SourceConfig] | list[GroupConfig], info: ValidationInfo
+                      ) -> list[SourceConfig] | list[GroupConfig]:
+        names = [item.name for item in items]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"{info.field_name.removesuffix('s')} name {duplicates[0]!r} is used twice")
+        return items
 
 
 def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:

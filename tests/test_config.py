@@ -55,7 +55,12 @@ def test_the_example_config_is_valid():
     (GROUP + '[[groups.destinations]]\nkind = "folder"\n', "destinations.0: path: Field required"),
     (GROUP + 'cron = "61 * * * *"\n' + FOLDER, "cron '61 * * * *'"),
     (GROUP + 'cron = "0 3 * * *"\ninterval_seconds = 60\n' + FOLDER, "not both"),
-    (GROUP + FOLDER + GROUP + FOLDER, "group name 'g' is used twice"),
+    (GROUP + FOLDER + GROUP + FOLDER, "groups: group name 'g' is used twice"),
+    ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\n' * 2, "sources: source name 's' is used twice"),
+    # Found only where the catalog opened, in an error naming neither the file nor the field.
+    ('[daemon]\ndatabase = "catalog.db"\n', "daemon.database: 'catalog.db' is not a SQLAlchemy URL"),
+    ('[daemon]\ndatabase = "nosuch://iteris:pw@db/iteris"\n',
+     "daemon.database: 'nosuch://iteris:***@db/iteris': Can't load plugin: sqlalchemy.dialects:nosuch"),
     (GROUP + '[groups.calibration]\norder = ["adapter", "nope"]\n' + FOLDER, "unknown calibration source 'nope'"),
     # Typos of a source's settings table, or of a field, were accepted and ignored.
     (GROUP + '[groups.calibration]\nhub_datset = { repo_id = "a/b" }\n' + FOLDER,
