@@ -421,13 +421,15 @@ class DaemonConfig(_Strict):
         return items
 
 
-def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
+def load_config(path: Path, *, check_plugins: bool = True, check_sources: bool = False) -> DaemonConfig:
     """Read and validate ``path``; every problem is a :class:`ConfigError` naming it.
     ``check_plugins=False`` skips what needs the plugins loaded (strategy parameters,
-    destination settings) or the daemon's environment (where the webhook secret is):
-    enough for a command that only needs the catalog. Source settings are always checked:
-    `sources scan` writes them into the catalog, and a bad one was a traceback there that
-    printed its value (a token pasted inline, say)."""
+    destination and source settings) or the daemon's environment (where the webhook
+    secret is): enough for a command that only needs the catalog. ``check_sources``
+    checks the source settings even so, for the catalog commands: `sources scan` writes
+    them into the catalog, and a bad one was a traceback there that printed its value (a
+    token pasted inline, say). `status` and `merge-now` do not read them, and stay clear
+    of the Hub client's and the watcher's imports."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -437,12 +439,13 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     with relative_to(Path(path).absolute().parent):
-        _anchor_tables(raw, check_plugins)
+        _anchor_tables(raw, check_plugins, check_sources)
         try:
             config = DaemonConfig.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError.from_validation(str(path), exc) from None
-        watched, polled = _check_sources(config, path, readable=check_plugins)
+        if check_plugins or check_sources:
+            watched, polled = _check_sources(config, path, readable=check_plugins)
         if check_plugins:
             _check_plugins(config, path, watched, polled)
     if check_plugins:
@@ -454,15 +457,16 @@ def load_config(path: Path, *, check_plugins: bool = True) -> DaemonConfig:
     return config
 
 
-def _anchor_tables(raw: dict[str, Any], check_plugins: bool) -> None:
+def _anchor_tables(raw: dict[str, Any], check_plugins: bool, check_sources: bool) -> None:
     """The relative paths of the tables that are validated again later, elsewhere (sources'
     settings, stored in the catalog; destinations' and calibration sources', read by
     publishers and workers), made absolute in ``raw`` under the config's folder, as their
-    settings would make them (without the plugins: the sources' alone)."""
+    settings would make them (without the plugins: the sources' alone; without either, none:
+    `status` keeps clear of the sources' imports)."""
     def tables(value: Any) -> list[dict[str, Any]]:
         return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
-    if configured := tables(raw.get("sources")):
+    if (check_plugins or check_sources) and (configured := tables(raw.get("sources"))):
         from .sources.hub import HubSettings
         from .sources.local import LocalSettings
 

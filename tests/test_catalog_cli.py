@@ -257,8 +257,7 @@ def test_every_catalog_command_opens_the_catalog_the_daemons_config_names(made, 
 TOKEN = "hf_" + "Q" * 34
 
 
-@pytest.mark.parametrize("argv", [["sources", "scan"], ["sources", "list"], ["adapters", "list"], ["db", "upgrade"],
-                                  ["status"]])
+@pytest.mark.parametrize("argv", [["sources", "scan"], ["sources", "list"], ["adapters", "list"], ["db", "upgrade"]])
 @pytest.mark.parametrize("table,message", [
     (f'kind = "hub"\nrepos = ["acme/x"]\ntoken = "{TOKEN}"', "sources.0 (s): token: Extra inputs are not permitted"),
     ('kind = "local"\npaths = ["/srv"]\nsettle_secnds = 3', "sources.0 (s): settle_secnds: Extra inputs"),
@@ -270,7 +269,7 @@ TOKEN = "hf_" + "Q" * 34
 def test_a_bad_source_in_the_config_is_one_line_before_any_catalog(tmp_path, capsys, argv, table, message):
     """`sources scan --config` checked a source's settings only while writing them into the
     catalog, after creating it: a pydantic traceback that printed the value (a token pasted
-    inline). Every command that reads --config refuses it as `run` does, and creates nothing."""
+    inline). Every catalog command given --config refuses it as `run` does, and creates nothing."""
     config = tmp_path / "daemon.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[sources]]\nname = "s"\n{table}\n')
     code, out, err = run(capsys, *argv, "--config", str(config))

@@ -36,14 +36,15 @@ def named_catalog(args) -> str | None:
     return getattr(args, "db", None) or os.environ.get(DB_ENV)
 
 
-def catalog_url(args) -> str | None:
+def catalog_url(args, *, check_sources: bool = False) -> str | None:
     """The catalog a command opens, ``run`` included: :func:`named_catalog`, else the one the
-    daemon's ``--config`` names; None: the default, in the state directory."""
+    daemon's ``--config`` names; None: the default, in the state directory. ``check_sources``:
+    the config's sources must be valid too (see :func:`load_config`)."""
     url = named_catalog(args)
     if url is None and args.config is not None:
         from ..config import load_config
 
-        url = load_config(args.config, check_plugins=False).daemon.catalog_url()  # only where the catalog is
+        url = load_config(args.config, check_plugins=False, check_sources=check_sources).daemon.catalog_url()
     return url
 
 
@@ -150,7 +151,7 @@ def _open(args, create: bool = False):
     ``sources add`` create one."""
     from ..catalog import Catalog
 
-    return Catalog(catalog_url(args), create=create)
+    return Catalog(catalog_url(args, check_sources=True), create=create)
 
 
 def _db_upgrade(args) -> int:
@@ -267,7 +268,7 @@ def _sources_scan(args) -> int:
     from ..sources.stat_cache import stat_cache_file
     from ..validation import Limits, skeleton_shapes
 
-    config = load_config(args.config, check_plugins=False) if args.config else None
+    config = load_config(args.config, check_plugins=False, check_sources=True) if args.config else None
     settings = config.daemon if config else None
     # Never created here: run as another user (root, the daemon's state directory unset), a scan
     # filled a catalog of its own that no daemon read.
