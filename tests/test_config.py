@@ -208,6 +208,7 @@ def test_the_example_config_with_every_option_switched_on_is_valid(tmp_path):
         switched = re.match(r"# (\[daemon\.\w+\].*|(\w+) = .*)", line)
         lines.append(switched[1] if switched and switched[2] not in ("cron", "params") else line)
     text = re.sub(r'token_file = "[^"]*"', f'token_file = "{token}"', "\n".join(lines))
+    text = re.sub(r'secret_file = "[^"]*"', f'secret_file = "{token}"', text)  # read when the config loads
     path = tmp_path / "config.toml"
     path.write_text(text.replace('order = ["files", "adapter", "hub_dataset"]', 'order = ["files", "adapter", "hub_dataset", "generate"]'))
     config = load_config(path)

@@ -12,14 +12,13 @@ import transformers as tf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from builders import build_adapter, build_tiny_model, cli_merge, tiny_config, tokenizer
+from builders import build_adapter, build_tied_llama, build_tiny_model, cli_merge, tiny_config, tokenizer
 from iteris_daemon.architecture import block_plan
 from iteris_daemon.errors import BaseModelError
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.model import BaseModel
 from iteris_daemon.weights import WeightsUnavailable, load_streamed
 from test_blockwise import _copy_checkpoint, _sharded
-from test_merge import _tied_llama
 
 
 def _save(model, folder, edit=None):
@@ -65,13 +64,13 @@ def _bart(folder):
 def _head_of_its_own(folder):
     """Config tied, checkpoint not: transformers keeps the stored head ("we will NOT tie them")."""
     edit = lambda t: {**t, "lm_head.weight": torch.randn_like(t["model.embed_tokens.weight"])}  # noqa: E731
-    return tf.LlamaForCausalLM, _rewrite(_tied_llama(folder), edit)
+    return tf.LlamaForCausalLM, _rewrite(build_tied_llama(folder), edit)
 
 
 def _head_only(folder):
     """The tied weight stored under the head's name only: transformers ties the embedding to it."""
     edit = lambda t: {("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in t.items()}  # noqa: E731
-    return tf.LlamaForCausalLM, _rewrite(_tied_llama(folder), edit)
+    return tf.LlamaForCausalLM, _rewrite(build_tied_llama(folder), edit)
 
 
 def _t5_without_shared(folder):
