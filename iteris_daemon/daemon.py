@@ -598,7 +598,7 @@ class Daemon:
             return
         finally:
             malloc.release_free_heap()
-        if outcome.retry_publish:
+        if outcome.retry_publish or outcome.retry_inputs:
             self._retry_later(name)
         else:
             self._failed_attempts.pop(name, None)
@@ -610,14 +610,16 @@ class Daemon:
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
 
     def _retry_later(self, name: str) -> None:
-        """Ask again for a run that could not be carried out, or whose merge could not be
+        """Ask again for a run that could not be carried out, whose merge could not be
         published (it is kept: the next run with the same inputs publishes it without
-        merging), ``retry_seconds`` later, doubling after each such failure in a row up to
+        merging), or that waits for a calibration source it could not reach,
+        ``retry_seconds`` later, doubling after each such failure in a row up to
         ``retry_max_seconds``: a catalog locked for a while, a database server restarting
         or a Hub outage must not leave a group behind until its next schedule (hours,
         maybe), and one that stays down is not hammered. A trigger already pending (a
         newer change) runs anyway and is left as it is; a run that merges other inputs
-        anew, is skipped or succeeds ends the series, and a stopping daemon triggers nothing."""
+        anew, is skipped for another reason or succeeds ends the series, and a stopping
+        daemon triggers nothing."""
         settings = self.config.daemon
         attempts = self._failed_attempts[name] = self._failed_attempts.get(name, 0) + 1
         if (not settings.retry_seconds or self._stopping.is_set()

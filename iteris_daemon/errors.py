@@ -30,6 +30,11 @@ class CalibrationError(IterisError):
         super().__init__(f"{where}: {reason}")
 
 
+class CalibrationUnavailable(CalibrationError):
+    """A calibration source could not be reached (a Hub outage, a dropped connection): the
+    data may well be there. A run waits for it rather than merge without the adapter."""
+
+
 class IncompatibleAdaptersError(IterisError):
     """Adapters that cannot be merged together (different base models, task types, heads)."""
 

@@ -52,7 +52,7 @@ from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup
                              SourceKind, utcnow)
 from .catalog.registry import list_current
 from .config import GroupConfig, Selection
-from .errors import AdapterError, IterisError, MergeCancelled, PluginError
+from .errors import AdapterError, CalibrationUnavailable, IterisError, MergeCancelled, PluginError
 from .gates import judge
 from .logs import counted, redact
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
@@ -189,9 +189,11 @@ class Inputs:
     held_back: dict[str, str] = field(default_factory=dict)
     # Their [revision id, locator, revision]: SQLite may give a deleted revision's id to a new one.
     held_back_revisions: list[list] = field(default_factory=list)
-    # Held back because a folder source's files changed (or went) since registration: the
-    # source reports them again (new revision or removal), and the group waits for that.
+    # Held back for a while: a folder source's files changed (or went) since registration (the
+    # source reports them again: new revision or removal), or a calibration source could not
+    # be reached (a later run asks again). The group waits rather than merge without them.
     changing: list[str] = field(default_factory=list)
+    unreachable: bool = False  # one of them for its calibration source
 
     selection: str | None = None  # selection_key of the group's definition
 
@@ -497,7 +499,8 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     ``samples``; sources read no further than that, or than ``read_limit`` where
     ``samples`` is None); an adapter that
     cannot be read as registered, or has no calibration data, is held back, not fatal (one
-    of a folder source that changed since registration makes the run wait, see ``changing``).
+    of a folder source that changed since registration, or whose calibration source could
+    not be reached, makes the run wait, see ``changing``).
     With ``in_worker`` (the daemon), sources that need torch are called through it."""
     sources = calibration_sources()
     if in_worker is not None:  # the group's own sources: another installed one is never asked
@@ -526,6 +529,9 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
 
         if isinstance(data, IterisError):
             inputs.hold_back(adapter, revision, original(str(data)))
+            if isinstance(data, CalibrationUnavailable):
+                inputs.changing.append(adapter.name)
+                inputs.unreachable = True
             continue
         if data is None and needs_calibration:
             inputs.hold_back(adapter, revision, f"no calibration data (asked: {', '.join(options.order)})")
@@ -559,6 +565,9 @@ class RunOutcome:
     # The merge is kept and only its publishing failed (a destination down, a full disk):
     # trying again later may go through. Not for a publisher's plugin error (it needs a fix).
     retry_publish: bool = False
+    # Skipped, waiting for an adapter whose calibration source could not be reached: a later
+    # run may reach it (nothing else would trigger one).
+    retry_inputs: bool = False
 
 
 def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
@@ -764,7 +773,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
-        return RunOutcome(RunStatus.skipped, run_id, skip)
+        return RunOutcome(RunStatus.skipped, run_id, skip, retry_inputs=inputs.unreachable and bool(inputs.changing))
 
     unpublished = unpublished_copy(work_dir, group_id)
     kept = None if force else _unpublished_merge(catalog, group_id, unpublished, fingerprint, last)
@@ -853,13 +862,13 @@ def _served_before(catalog: Catalog, last: MergeRun | None) -> MergeRun | None:
 
 def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerprint: str, last: MergeRun | None,
                  served: MergeRun | None, force: bool) -> str | None:
-    """Why this run merges nothing, or None: inputs a source is still registering again
-    (publishing now would drop them from the merge), too few adapters, or the inputs of the
+    """Why this run merges nothing, or None: inputs a source is still registering again, or
+    whose calibration source could not be reached (publishing now would drop them from the
+    merge), too few adapters, or the inputs of the
     last decided run (published or refused), or of the merge still served after a refusal
     (``served``: an adapter added, refused, then removed again), again."""
     if inputs.changing:
-        return (f"waiting for {', '.join(inputs.changing)} to be registered again: "
-                f"{inputs.held_back[inputs.changing[0]]}")
+        return f"waiting for {', '.join(inputs.changing)}: {inputs.held_back[inputs.changing[0]]}"
     if len(inputs.revisions) < group.min_adapters:
         with catalog.session(write=False) as session:
             others = of_other_base_models(mergeable(list_current(session, [AdapterStatus.registered])),

@@ -3,8 +3,11 @@ dataset repo, e.g. ``acme/calibration`` holding ``sentiment.jsonl``.
 
 Settings (``CalibrationOptions.settings["hub_dataset"]``): ``repo_id``, ``filename``
 (a template, default ``"{name}.jsonl"``; ``{name}`` is the adapter's catalog name),
-``revision``, ``endpoint``, ``token_file``, ``cache_dir``. A missing file means
-"no data here" (the next source answers); any other failure is an error. The file is
+``revision``, ``endpoint``, ``token_file``, ``cache_dir``. A missing file (not in the
+listing, or a 404) means "no data here" (the next source answers); any other failure is an
+error of the adapter, and one the Hub may not have next time (5xx, 429, a timeout, a dropped
+connection, once retried) makes the run wait for it (:class:`CalibrationUnavailable`): the next
+source does not answer in its place, and no merge goes out without the adapter. The file is
 downloaded at the commit the listing names, and must be what the listing's hash says
 (:mod:`iteris_daemon.hub_files`; ``huggingface_hub`` checks only sizes): other bytes are
 removed from the cache and the adapter gets an error, so the next run downloads again.
@@ -21,10 +24,10 @@ from pydantic import field_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
-from iteris_daemon.errors import CalibrationError
+from iteris_daemon.errors import CalibrationError, CalibrationUnavailable
 from iteris_daemon.config import STRICT, HubEndpoint, PathSetting
 from iteris_daemon.paths import RepoId, cache_dir
-from iteris_daemon.retry import hub_retrying
+from iteris_daemon.retry import hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
 
 
@@ -62,24 +65,24 @@ class HubDataset:
             return None
         settings = source_settings(self, raw)
         from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
         from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
-        from iteris_daemon.sources.hub import unsafe_path
+        from iteris_daemon.sources.hub import describe_hub_error, unsafe_path
 
         filename = settings.filename.format(name=adapter.name)
         if unsafe_path(filename):
             raise CalibrationError(filename, f"unsafe calibration file name for adapter {adapter.name}")
         token = plain(hub_token(settings.token_file))
         where = f"{settings.repo_id}/{filename}"
-        info = hub_retrying(f"dataset_info {settings.repo_id}")(
-            HfApi(endpoint=settings.endpoint, token=token).dataset_info, settings.repo_id, revision=settings.revision,
-            files_metadata=True)
-        sibling = next((s for s in info.siblings or [] if s.rfilename == filename), None)
-        if sibling is None:
-            return None
         limit = options.max_download_bytes
         try:
+            info = hub_retrying(f"dataset_info {settings.repo_id}")(
+                HfApi(endpoint=settings.endpoint, token=token).dataset_info, settings.repo_id,
+                revision=settings.revision, files_metadata=True)
+            sibling = next((s for s in info.siblings or [] if s.rfilename == filename), None)
+            if sibling is None:
+                return None
             if limit is not None and sibling.size is not None and sibling.size > limit:  # as listed: not downloaded
                 raise TooBig(sibling.size, stopped=False)
             path = Path(hub_retrying(f"calibration {where}")(
@@ -87,11 +90,17 @@ class HubDataset:
                 endpoint=settings.endpoint, token=token, cache_dir=settings.cache_dir or cache_dir() / "calibration",
                 tqdm_class=bounded_progress(limit) if limit is not None else None,
             ))
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:  # a 404 of the file itself: no data here
             return None
         except TooBig as exc:
             raise CalibrationError(where, f"is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit of {limit} "
                                           "([daemon.limits] max_calibration_bytes)") from None
+        except Exception as exc:  # the Hub failed: the file may well be there
+            if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:  # its HEAD failed (retried)
+                exc = exc.__cause__
+            if is_transient(exc):
+                raise CalibrationUnavailable(self.name, describe_hub_error(exc, where)) from exc
+            raise CalibrationError(self.name, describe_hub_error(exc, where)) from exc
         problem = mismatch(sibling, path)
         if problem:
             path.resolve().unlink()  # the cached blob, then the snapshot's link to it

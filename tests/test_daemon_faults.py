@@ -1262,7 +1262,8 @@ def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, mon
     schedule or its next change, hours maybe. A run that is skipped or succeeds (the merge
     went out, or the inputs changed) ends the series; a failure that is not one of
     publishing (a merge error, a publisher's plugin error) is not retried; nor is any run
-    once the daemon stops."""
+    once the daemon stops. A run skipped waiting for a calibration source it could not
+    reach (``retry_inputs``) is tried again too."""
     import iteris_daemon.daemon as daemon_module
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -1309,6 +1310,9 @@ def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, mon
         outcome = RunOutcome(RunStatus.failed, 5, "out of memory")  # not publishing: left to the next change
         daemon._run_on("g", "cpu")
         assert retried_in() is None
+        outcome = RunOutcome(RunStatus.skipped, 7, "waiting for t: hub_dataset: HTTP 503", retry_inputs=True)
+        daemon._run_on("g", "cpu")
+        assert retried_in() == 30  # a calibration source it could not reach: nothing else would trigger a run
         outcome, stop_meanwhile = RunOutcome(RunStatus.failed, 6, "publishing to hub failed", retry_publish=True), True
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="iteris_daemon"):

@@ -124,6 +124,35 @@ def test_a_group_merges_without_an_adapter_whose_weights_went_and_with_it_once_t
     assert outcome.status is RunStatus.succeeded and set(_published(setup)) == {"task0", "task1"}
 
 
+def test_a_run_waits_for_an_adapter_whose_hub_calibration_file_the_hub_failed_to_serve(setup, tmp_path, monkeypatch):
+    """The Hub fails the HEAD of one adapter's ``hub_dataset`` file (here 429s, the client's
+    own retries spent): the run is skipped, waiting for that adapter with the Hub's error,
+    asks to be tried again, and publishes nothing; once the Hub answers, both are merged.
+    Before the fix the failure read as "no file here": the merge went out without that
+    adapter (or with the next source's data) and the run was ``succeeded`` (found by QA)."""
+    from hub_server import HubServer, isolate_hub_client
+
+    files = {f"{name}.jsonl": b'{"text": "curated sample of ' + name.encode() + b'"}\n' for name in ("task0", "task1")}
+    with HubServer(token="hf_calibration") as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", files, repo_type="dataset")
+        group = setup.group(names=("task0", "task1"), calibration={
+            "order": ["hub_dataset", "adapter"],
+            "hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint, "cache_dir": str(tmp_path / "calib")}})
+        hub.inject(r"^HEAD /datasets/acme/calib/resolve/[0-9a-f]+/task1\.jsonl$", ("status", 429, {"Retry-After": "0"}),
+                   times=7)
+        outcome = setup.run(group)
+        assert outcome.status is RunStatus.skipped and outcome.retry_inputs, outcome
+        assert outcome.detail.startswith("waiting for task1: hub_dataset: acme/calib/task1.jsonl: HTTP 429"), outcome.detail
+        assert setup.current() is None
+        outcome = setup.run(group)
+        assert outcome.status is RunStatus.succeeded and not outcome.retry_inputs
+        assert set(_published(setup)) == {"task0", "task1"}
+        report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+        assert {i["calibration"]["source"] for i in report["inputs"]} == {
+            "hf://datasets/acme/calib/task0.jsonl", "hf://datasets/acme/calib/task1.jsonl"}
+
+
 def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tmp_path, monkeypatch):
     """A Hub commit that only edits the README is a new revision of the same adapter: the
     run's input fingerprint is unchanged, so the group is not merged again (a 70B merge

@@ -253,8 +253,8 @@ class HubSource:
         except Exception as exc:  # the listing itself failed: nothing else to do this round
             if self._stopping():
                 return self._interrupted(what, report, errors)
-            self._set_health(_describe(exc, "listing repos"))
-            log.error("source %s: %s", self.name, _describe(exc, "listing repos"))
+            self._set_health(describe_hub_error(exc, "listing repos"))
+            log.error("source %s: %s", self.name, describe_hub_error(exc, "listing repos"))
             return report
         seen: set[str] = set()
         for repo_id, branch in targets:
@@ -270,7 +270,7 @@ class HubSource:
             except Exception as exc:
                 if self._stopping():  # given up because the daemon stops: no verdict on this repo
                     return self._interrupted(what, report, errors)
-                message = _describe(exc, locator)
+                message = describe_hub_error(exc, locator)
                 errors.append(message)
                 seen.add(locator)  # a failing repo is not a removed one
                 log.error("source %s: %s", self.name, message)
@@ -533,7 +533,7 @@ class _NotForUs(Exception):
     """A listed repo that is not an adapter of this source's base model."""
 
 
-def _describe(exc: BaseException, what: str) -> str:
+def describe_hub_error(exc: BaseException, what: str) -> str:
     """One line for logs and the catalog; built from status codes, never from headers (tokens)."""
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         detail = f"HTTP {exc.response.status_code}"
