@@ -129,6 +129,39 @@ def test_explicit_repo_list_with_branch_and_removal(env):
     assert "adapter_config.json" in _adapters(catalog)["bob/a@dev"].current.reason
 
 
+def _naming_base(folder: Path, base: str) -> dict[str, bytes]:
+    """The adapter's files, its config naming ``base`` as its base model."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return adapter_files(folder, {"adapter_config.json": json.dumps({**config, "base_model_name_or_path": base}).encode()})
+
+
+def test_an_authors_adapters_are_judged_against_the_sources_base_whatever_base_they_name(env, caplog):
+    """An author's listing: the source's base model decides, as for a named repo, so an
+    adapter naming the base by its Hub id (the source names a local copy) registers with a
+    WARNING naming both; a new commit spelling the base otherwise stays registered; one of
+    another model is rejected with the reason, its files not kept. Before the fix those
+    were skipped at DEBUG: never registered, a registered one marked ``removed``, and each
+    commit of another model's adapter left its folder in the cache (found by QA)."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("acme/task0", _naming_base(first, "acme/tiny-bert"))
+    hub.create_repo_direct("acme/task1", adapter_files(second))
+    gpt2 = build_tiny_model("gpt2", tmp / "gpt2")
+    hub.create_repo_direct("acme/gpt2-lora", adapter_files(build_adapter(gpt2, tmp / "gpt2-lora", seed=0, family="gpt2")))
+    poller = source(author="acme")
+    with caplog.at_level("WARNING", logger="iteris_daemon"):
+        report = poller.poll()
+    assert sorted(report.registered) == ["acme/task0", "acme/task1"] and report.rejected == ["acme/gpt2-lora"]
+    assert "names base model 'acme/tiny-bert', not the source's" in caplog.text
+    assert "GPT2Model is for gpt2 models, the base model is bert" in _adapters(catalog)["acme/gpt2-lora"].current.reason
+    assert not (tmp / "cache" / "acme--gpt2-lora").exists()
+    hub.commit_direct("acme/task1", _naming_base(second, "Acme/Tiny-Bert"))
+    report = poller.poll()
+    assert report.registered == ["acme/task1"] and not report.removed
+    assert {a.locator: a.status for a in _adapters(catalog).values()} == {
+        "acme/task0": AdapterStatus.registered, "acme/task1": AdapterStatus.registered,
+        "acme/gpt2-lora": AdapterStatus.rejected}
+
+
 def test_a_429_and_500_storm_is_survived_with_backoff(env, monkeypatch):
     hub, catalog, source, (first, _), tmp = env
     sha = hub.create_repo_direct("carol/lora", adapter_files(first))

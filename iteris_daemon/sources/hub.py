@@ -96,7 +96,7 @@ class HubSettings(BaseModel):
     repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
     base_model: ModelSetting | None = Field(None, description="check adapters against this base model, which decides over "
-                                             "the one an adapter names; an author's listing: only adapters naming it")
+                                             "the one an adapter names (an adapter of another model is rejected)")
     endpoint: HubEndpoint | None = Field(None, description="Hub URL (default: huggingface_hub's)")
     token_file: PathSetting | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
     interval_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="poll period")
@@ -426,14 +426,13 @@ class HubSource:
         with _own_files(snapshot, fetched, where):
             self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
             fetched.append(CONFIG_NAME)
-            config = read_adapter_config(snapshot, self.limits.max_config_bytes)
-            wanted = self.settings.base_model
-            if listed and wanted and config.get("base_model_name_or_path") not in (None, wanted):
-                raise _NotForUs(f"adapter of {config.get('base_model_name_or_path')}, not {wanted}")
+            read_adapter_config(snapshot, self.limits.max_config_bytes)  # refused: no weights downloaded
             for name in wanted_files[1:]:
                 self._download(token, repo_id, sha, siblings[name], snapshot)
                 fetched.append(name)
-            return validate_adapter(snapshot, wanted, self.limits, self.trusted_models, self.shapes)
+            # The source's base model decides, whatever base the adapter names (often a Hub id
+            # for the source's local copy), as for a repo the settings name: one of another model is rejected.
+            return validate_adapter(snapshot, self.settings.base_model, self.limits, self.trusted_models, self.shapes)
 
     def _download(self, token, repo_id: str, sha: str, sibling: RepoSibling, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written
@@ -530,7 +529,7 @@ class SnapshotVanished(Exception):
 
 
 class _NotForUs(Exception):
-    """A listed repo that is not an adapter of this source's base model."""
+    """A repo of the author's listing that holds no adapter after all."""
 
 
 def describe_hub_error(exc: BaseException, what: str) -> str:
