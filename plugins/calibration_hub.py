@@ -65,10 +65,10 @@ class HubDataset:
             return None
         settings = source_settings(self, raw)
         from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError
 
         from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
-        from iteris_daemon.sources.hub import describe_hub_error, unsafe_path
+        from iteris_daemon.sources.hub import describe_hub_error, hub_failure, unsafe_path
 
         filename = settings.filename.format(name=adapter.name)
         if unsafe_path(filename):
@@ -96,9 +96,7 @@ class HubDataset:
             raise CalibrationError(where, f"is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit of {limit} "
                                           "([daemon.limits] max_calibration_bytes)") from None
         except Exception as exc:  # the Hub failed: the file may well be there
-            if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:  # its HEAD failed (retried)
-                exc = exc.__cause__
-            if is_transient(exc):
+            if is_transient(hub_failure(exc)):  # a failed HEAD too, once the client retried it
                 raise CalibrationUnavailable(self.name, describe_hub_error(exc, where)) from exc
             raise CalibrationError(self.name, describe_hub_error(exc, where)) from exc
         problem = mismatch(sibling, path)

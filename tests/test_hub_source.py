@@ -199,6 +199,22 @@ def test_a_broken_weights_download_is_retried_never_recorded_as_a_bad_adapter(en
         assert weights[0].status is None
 
 
+def test_a_hub_failing_a_files_head_is_reported_as_the_hubs_failure(env):
+    """The Hub fails a file's HEAD (here 429s) past the client's own retries: the client
+    raises LocalEntryNotFoundError, a FileNotFoundError, which the source reported as "its
+    folder was removed while being fetched or checked" (found by QA). It is the HTTP
+    failure, and the next poll registers the repo."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("erin/a", adapter_files(first))
+    hub.inject(r"^HEAD /erin/a/resolve/", ("status", 429, {"Retry-After": "0"}), times=7)
+    poller = source(repos=["erin/a"])
+    report = poller.poll()
+    assert not report.registered and not report.rejected
+    error = _source_row(catalog).last_error
+    assert error.startswith("erin/a: HTTP 429 (gave up after retries)") and "removed" not in error, error
+    assert poller.poll().registered == ["erin/a"]
+
+
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"], ids=["lfs-sha256", "git-sha1"])
 def test_a_download_other_than_the_listing_says_is_removed_and_fetched_again(env, name):
     """The server (or a proxy on the way) answers a file's download with other bytes of the

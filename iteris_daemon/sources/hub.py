@@ -41,7 +41,8 @@ from collections.abc import Callable, Collection, Iterator
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                   RevisionNotFoundError)
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from sqlalchemy import select
@@ -532,8 +533,18 @@ class _NotForUs(Exception):
     """A repo of the author's listing that holds no adapter after all."""
 
 
+def hub_failure(exc: BaseException) -> BaseException:
+    """The failure behind ``exc``: huggingface_hub reports a file's failed HEAD (5xx, 429, a
+    timeout, a dropped connection, after its own retries) as LocalEntryNotFoundError (a
+    FileNotFoundError, not the Hub's answer) raised from it."""
+    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 def describe_hub_error(exc: BaseException, what: str) -> str:
     """One line for logs and the catalog; built from status codes, never from headers (tokens)."""
+    exc = hub_failure(exc)
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         detail = f"HTTP {exc.response.status_code}"
     else:
@@ -551,6 +562,8 @@ def _own_files(snapshot: Path, fetched: list[str], where: str) -> Iterator[None]
     try:
         yield
     except (AdapterError, FileNotFoundError) as exc:
+        if isinstance(exc, LocalEntryNotFoundError):  # the Hub failed a file's HEAD: not a vanished file
+            raise
         gone = [name for name in fetched if not (snapshot / name).is_file()]
         if isinstance(exc, AdapterError) and not gone:
             raise
