@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import safe_json
-from .errors import CalibrationError, ConfigError, IterisError
+from .errors import CalibrationError, ConfigError, IterisError, first_line
 
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -296,7 +296,7 @@ def _from_plugin(name: str, failed: str, call: Callable[[], T]) -> T:
     except IterisError:
         raise
     except Exception as exc:
-        raise CalibrationError(name, f"calibration source failed {failed}: {type(exc).__name__}: {exc}") from exc
+        raise CalibrationError(name, f"calibration source failed {failed}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:

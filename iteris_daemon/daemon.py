@@ -49,7 +49,7 @@ from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
-from .errors import ConfigError, IterisError
+from .errors import ConfigError, IterisError, first_line
 from .logs import counted
 from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
@@ -377,8 +377,8 @@ class Daemon:
             try:
                 self._apply(config)
             except Exception as exc:  # the catalog unreachable, say: nothing running was changed
-                first_line = str(exc).splitlines()[0] if str(exc) else ""  # SQLAlchemy's add the SQL and a link
-                log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__, first_line)
+                log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__,
+                          first_line(exc))  # SQLAlchemy's add the SQL and a link
             else:
                 self._warn_start_only(config.daemon)
                 log.info("configuration reloaded: %s", self._summary())

@@ -3,7 +3,10 @@ one clear line and exit non-zero."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_STATUS_HEADING = re.compile(r"^\d{3} (Client|Server) Error\b")
 
 
 class IterisError(Exception):
@@ -86,3 +89,14 @@ class ConfigError(IterisError):
             for e in error.errors()
         )
         return cls(f"{where}: {problems}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of ``exc``'s text that says what happened, for a log line, a held-back reason or
+    a run's error. huggingface_hub's errors run to several lines (the URL, "Please make sure
+    ...", a docs link), and after a status heading ("403 Client Error. (Request ID: ...)")
+    the line that matters ("Cannot access gated repo for url ...") is the next one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and _STATUS_HEADING.match(lines[0]):
+        del lines[0]
+    return lines[0] if lines else ""

@@ -52,7 +52,7 @@ from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup
                              SourceKind, utcnow)
 from .catalog.registry import list_current
 from .config import GroupConfig, Selection
-from .errors import AdapterError, CalibrationUnavailable, IterisError, MergeCancelled, PluginError
+from .errors import AdapterError, CalibrationUnavailable, IterisError, MergeCancelled, PluginError, first_line
 from .gates import judge
 from .logs import counted, redact
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
@@ -552,7 +552,7 @@ class PartlyPublished(IterisError):
     def __init__(self, published: list[dict], kind: str, cause: BaseException):
         self.published = published
         done = ", ".join(f"{p['kind']} {p['location']}" for p in published)
-        reason = str(cause) if isinstance(cause, IterisError) else f"{type(cause).__name__}: {cause}"
+        reason = str(cause) if isinstance(cause, IterisError) else f"{type(cause).__name__}: {first_line(cause)}"
         super().__init__(f"publishing to {kind} failed after {done} published this merge: {reason} "
                          "(the next run publishes to every destination again)")
 
@@ -822,7 +822,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         log.warning("group %s: run %d cancelled", group.name, run_id)
         return RunOutcome(RunStatus.cancelled, run_id, str(exc))
     except Exception as exc:  # a failed run is recorded, never fatal to the daemon
-        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, IterisError) else str(exc)
+        message = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, IterisError) else str(exc)
         if isinstance(exc, WorkerFailed):
             on_worker_failure(exc.kind)
         partly = {}  # where it did publish (the gate's baseline stays the last run that published everywhere)

@@ -86,6 +86,20 @@ def test_hub_dataset_file_per_adapter(bert, tmp_path, monkeypatch):
         assert found.source.endswith("calibration.jsonl")
 
 
+def test_a_calibration_plugins_failure_of_many_lines_is_told_in_one():
+    """A plugin's failure is one line naming the source, the line that says what happened
+    (after a Hub client's status heading, the next one); before, every line of it reached
+    the held-back reason (found by QA)."""
+    class Store:
+        def load(self, adapter, options):
+            raise RuntimeError("403 Client Error. (Request ID: r1)\n\nCannot access gated repo for url http://hub/x.\n"
+                               "Access to dataset x is restricted.")
+
+    [answer] = calibrate_all([SimpleNamespace(name="news")], CalibrationOptions(order=("store",)), {"store": Store()})
+    assert str(answer) == ("store: calibration source failed on adapter news: RuntimeError: Cannot access gated repo "
+                           "for url http://hub/x.")
+
+
 def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_again(bert, tmp_path, monkeypatch):
     """The file's download is answered with other bytes of the same size, once: the
     adapter gets an error naming the file and both hashes, the bytes leave the cache,

@@ -153,6 +153,40 @@ def test_a_run_waits_for_an_adapter_whose_hub_calibration_file_the_hub_failed_to
             "hf://datasets/acme/calib/task0.jsonl", "hf://datasets/acme/calib/task1.jsonl"}
 
 
+def test_hub_errors_reach_held_back_reasons_and_run_errors_as_one_line(setup, tmp_path, monkeypatch):
+    """huggingface_hub's errors run to several lines (the URL, "Please make sure ...", a docs
+    link), and a gated repo's says so on its second: a calibration dataset that is gated, and
+    a publish whose commit the Hub refuses (403), are one line each in the run's record,
+    the gated one saying "Cannot access gated repo". Before the fix both were stored with
+    every line, or (the Hub source's way) cut to the status heading (found by QA)."""
+    from hub_server import HubServer, isolate_hub_client
+
+    token_file = tmp_path / "token"
+    token_file.write_text("hf_one_line\n")
+    token_file.chmod(0o600)
+    files = {f"{name}.jsonl": b'{"text": "a sample"}\n' for name in ("task0", "task1")}
+    with HubServer(token="hf_one_line") as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", files, repo_type="dataset")
+        group = GroupConfig(
+            name="unified", base_model=str(setup.base), strategy="task_arithmetic", select={"names": ["task0", "task1"]},
+            calibration={"order": ["hub_dataset"], "hub_dataset": {
+                "repo_id": "acme/calib", "endpoint": hub.endpoint, "token_file": str(token_file),
+                "cache_dir": str(tmp_path / "c")}},
+            destinations=[{"kind": "hub", "repo_id": "acme/merged", "endpoint": hub.endpoint,
+                           "token_file": str(token_file), "retry_base_seconds": 0.01}])
+        sync_group(setup.catalog, group)
+        hub.inject(r"^GET /api/datasets/acme/calib", ("status", 403, {
+            "X-Error-Code": "GatedRepo", "X-Error-Message": "Access to dataset acme/calib is restricted."}))
+        hub.inject(r"^POST /api/models/acme/merged/commit/", ("status", 403, {"X-Error-Message": "read-only token"}))
+        outcome = setup.run(group)
+    assert outcome.status is RunStatus.failed
+    assert outcome.detail.startswith("HfHubHTTPError: 403 Forbidden: read-only token.") and "\n" not in outcome.detail
+    held_back = setup.run_row(outcome.run_id).metrics["held_back"]
+    [reason] = held_back.values()
+    assert "\n" not in reason and "HTTP 403: Cannot access gated repo for url" in reason, reason
+
+
 def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tmp_path, monkeypatch):
     """A Hub commit that only edits the README is a new revision of the same adapter: the
     run's input fingerprint is unchanged, so the group is not merged again (a 70B merge

@@ -51,7 +51,7 @@ from ..catalog import Catalog
 from ..catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
 from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
                                 record, set_health)
-from ..errors import AdapterError, ConfigError
+from ..errors import AdapterError, ConfigError, first_line
 from ..hub_files import TooBig, bounded_progress, mismatch
 from ..config import MAX_SECONDS, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
@@ -550,7 +550,7 @@ def describe_hub_error(exc: BaseException, what: str) -> str:
     else:
         detail = type(exc).__name__
     transient = " (gave up after retries)" if is_transient(exc) else ""
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = first_line(exc)
     return f"{what}: {detail}{transient}{': ' + text if text and detail not in text else ''}"[:500]
 
 
