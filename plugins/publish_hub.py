@@ -6,7 +6,10 @@ a generated model card, made against the branch head read just before
 else's push. After a failed attempt the head is read again: if it already holds our
 adapter files, the attempt landed and only its answer was lost; if someone else pushed,
 the commit is made again on top of their head (a bounded number of times). When the
-branch already holds the same adapter files, nothing is committed. Every Hub call is
+branch already holds the same adapter files, nothing is committed; when it holds another
+adapter that no commit of this publisher made (someone else's repo), the publish is
+refused. Each new version's commit regenerates the model card (``README.md``): edits
+made on the Hub are replaced. Every Hub call is
 retried on rate limits, server errors and dropped connections
 (:mod:`iteris_daemon.retry`). The token comes from :mod:`iteris_daemon.tokens` and is
 never logged nor put in an error message.
@@ -30,7 +33,7 @@ from iteris_daemon import hookimpl
 from iteris_daemon.logs import counted
 from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from iteris_daemon.config import MAX_SECONDS, STRICT, HubEndpoint, PathSetting, check_backoff
-from iteris_daemon.errors import AdapterError
+from iteris_daemon.errors import AdapterError, OutputExistsError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.paths import RepoId
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The files that make two adapters the same adapter (a new report or card alone is not a new version).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+#: The description of each commit of this publisher: how it tells its branches from someone else's.
+PUBLISHED_BY = "Published by iteris-daemon."
 
 
 class HubPublishSettings(PublisherSettings):
@@ -101,6 +106,7 @@ class HubPublisher:
         if _holds(head, local):
             log.info("hub %s: adapter unchanged, still %s", where, head.sha)
             return PublishResult(where, head.sha, changed=False)
+        _refuse_foreign(api, settings, head, stopping)
 
         def operations() -> list[CommitOperationAdd]:  # fresh objects per attempt: the client mutates them
             adds = [CommitOperationAdd(name, path) for name, path in sorted(files.items())]
@@ -153,6 +159,24 @@ def _branch_head(api: HfApi, settings: HubPublishSettings, stopping: threading.E
         return _read_head(api, settings, stopping)
 
 
+def _refuse_foreign(api: HfApi, settings: HubPublishSettings, head: ModelInfo, stopping: threading.Event | None) -> None:
+    """Refuse a branch holding an adapter that no commit of this publisher put there (someone
+    else's repo, named by mistake): its config, weights and card would be replaced, and its
+    other files left beside the merge."""
+    names = [sibling.rfilename for sibling in head.siblings or []]
+    held = [name for name in ADAPTER_FILES if name in names]
+    if not held:
+        return
+    where = f"{settings.repo_id}@{settings.branch}"
+    commits = _retrying(settings, f"commits of {where}", stopping)(
+        api.list_repo_commits, settings.repo_id, revision=settings.branch)
+    if any(PUBLISHED_BY in (commit.message or "") for commit in commits):
+        return
+    raise OutputExistsError(
+        f"hub {where} holds an adapter ({', '.join(held)}, {counted(len(names) - len(held), 'other file')}) that no "
+        "commit of iteris-daemon made; refusing to publish over it (name another repo or branch)")
+
+
 def _commit(
     api: HfApi,
     settings: HubPublishSettings,
@@ -182,7 +206,7 @@ def _commit(
             parent = head.sha
         failed = True
         return api.create_commit(
-            settings.repo_id, operations(), commit_message=title, commit_description="Published by iteris-daemon.",
+            settings.repo_id, operations(), commit_message=title, commit_description=PUBLISHED_BY,
             revision=settings.branch, parent_commit=parent,
         ).oid
 

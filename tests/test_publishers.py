@@ -368,6 +368,30 @@ def test_same_adapter_is_not_committed_again_a_new_one_is(hub, hub_settings, mad
     assert successful_commits(hub) == 2
 
 
+def test_a_branch_holding_someone_elses_adapter_is_refused_untouched(hub, hub_settings, made):
+    """A destination repo that already holds an adapter no commit of iteris-daemon made
+    (another team's, named by mistake): the publish is refused in one line naming the repo,
+    the branch and what it holds, and nothing is committed. Before, its config, weights and
+    README were replaced and its other files left beside the merge (found by QA). Our own
+    branch with a commit of someone else on top (a card edited on the Hub) still publishes,
+    the card regenerated."""
+    base, first, second = made
+    publisher = get_publisher("hub")
+    theirs = {name: (second / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    hub.create_repo_direct("bob/sentiment", {**theirs, "README.md": b"# Bob's LoRA\n", "tokenizer.json": b"{}"})
+    before = hub.files("bob/sentiment")
+    with pytest.raises(OutputExistsError, match=r"^hub bob/sentiment@main holds an adapter \(adapter_config.json, "
+                                                r"adapter_model.safetensors, 2 other files\) that no commit of iteris"):
+        publisher.publish(request(first, base), hub_settings(repo_id="bob/sentiment"))
+    assert hub.files("bob/sentiment") == before and not hub.requests_matching(r"^POST /api/models/bob/sentiment/commit/")
+
+    settings = hub_settings()
+    publisher.publish(request(first, base, run_id=1), settings)
+    hub.commit_direct(REPO, {"README.md": hub.files(REPO)["README.md"] + b"\n## Known limits, by hand\n"})
+    assert publisher.publish(request(second, base, run_id=2), settings).changed
+    assert b"by hand" not in hub.files(REPO)["README.md"]
+
+
 def test_a_missing_branch_is_created_and_main_left_alone(hub, hub_settings, made):
     base, first, _ = made
     publisher, settings = get_publisher("hub"), hub_settings(branch="merged", tag_runs=False)
