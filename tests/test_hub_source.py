@@ -162,6 +162,21 @@ def test_an_authors_adapters_are_judged_against_the_sources_base_whatever_base_t
         "acme/gpt2-lora": AdapterStatus.rejected}
 
 
+def test_a_repo_the_settings_name_is_judged_as_named_when_the_source_has_an_author_too(env):
+    """``repos`` and ``author`` together: a named repo that holds no adapter is rejected with
+    that reason, as without an author. Before, every repo was taken as found in the
+    author's listing and skipped silently, then reported "no such repo or branch, or this
+    source's token cannot read it" (found by QA); an author's repo without one is still
+    skipped without a word."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("partner/notes", {"README.md": b"# notes\n"})
+    hub.create_repo_direct("alice/a", adapter_files(first))
+    report = source(author="alice", repos=["partner/notes"]).poll()
+    assert report.registered == ["alice/a"] and report.rejected == ["partner/notes"]
+    assert "no adapter_config.json" in _adapters(catalog)["partner/notes"].current.reason
+    assert _source_row(catalog).healthy
+
+
 def test_a_429_and_500_storm_is_survived_with_backoff(env, monkeypatch):
     hub, catalog, source, (first, _), tmp = env
     sha = hub.create_repo_direct("carol/lora", adapter_files(first))

@@ -219,13 +219,13 @@ class HubSource:
 
     def poll_repo(self, repo_id: str) -> ScanReport:
         """Poll one repo now (a webhook said it changed); the others wait for the next poll."""
-        targets = [(repo, branch or None) for repo, _, branch in (s.partition("@") for s in self.settings.repos)
+        targets = [(repo, branch or None, False) for repo, _, branch in (s.partition("@") for s in self.settings.repos)
                    if repo == repo_id]
-        listed = not targets  # watched as one of the author's repos
-        if self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author:
-            targets = list(dict.fromkeys([*targets, (repo_id, None)]))  # its main branch too, as the author's
-        locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch in targets}
-        return self._poll(lambda api, errors: (targets, listed), only=locators)
+        if (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author
+                and (repo_id, None, False) not in targets):
+            targets.append((repo_id, None, True))  # its main branch too, as the author's
+        locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch, _ in targets}
+        return self._poll(lambda api, errors: targets, only=locators)
 
     def _poll(self, find_targets, only: set[str] | None) -> ScanReport:
         """Poll what ``find_targets`` names; only the locators in ``only`` (None: all) may be
@@ -250,7 +250,7 @@ class HubSource:
         errors: list[str] = []
         what = "poll" if only is None else f"poll of {', '.join(sorted(only))}"
         try:
-            targets, listed = find_targets(api, errors)
+            targets = find_targets(api, errors)
         except Exception as exc:  # the listing itself failed: nothing else to do this round
             if self._stopping():
                 return self._interrupted(what, report, errors)
@@ -258,7 +258,7 @@ class HubSource:
             log.error("source %s: %s", self.name, describe_hub_error(exc, "listing repos"))
             return report
         seen: set[str] = set()
-        for repo_id, branch in targets:
+        for repo_id, branch, listed in targets:
             if self._stopping():
                 return self._interrupted(what, report, errors)
             locator = repo_id if branch is None else f"{repo_id}@{branch}"
@@ -308,26 +308,27 @@ class HubSource:
             url, params = response.links.get("next", {}).get("url"), None  # the next link holds the query
         return models
 
-    def _targets(self, api: HfApi, errors: list[str]) -> tuple[list[tuple[str, str | None]], bool]:
-        """(repo, branch) pairs, and whether they came from a listing (non-adapters skipped
-        silently; a listed name that is no repo id is skipped with an error in ``errors``)."""
+    def _targets(self, api: HfApi, errors: list[str]) -> list[tuple[str, str | None, bool]]:
+        """(repo, branch, listed) triples, ``listed`` for a repo only the author's listing names,
+        not the settings (it is skipped silently if it holds no adapter after all; a listed
+        name that is no repo id is skipped with an error in ``errors``)."""
         targets = []
         for spec in self.settings.repos:
             repo, _, branch = spec.partition("@")
-            targets.append((repo, branch or None))
+            targets.append((repo, branch or None, False))
         if not self.settings.author:
-            return targets, False
+            return targets
         models = self._retrying(f"list {self.settings.author}")(self._list_models, api)
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
-            if CONFIG_NAME in names and (model.id, None) not in targets:
+            if CONFIG_NAME in names and (model.id, None, False) not in targets:
                 problem = bad_repo_id(model.id)
                 if problem:
                     errors.append(f"the listing of {self.settings.author} names {str(model.id)[:100]!r}, which {problem}; skipped")
                     log.error("source %s: %s", self.name, errors[-1])
                     continue
-                targets.append((model.id, None))
-        return targets, True
+                targets.append((model.id, None, True))
+        return targets
 
     def _poll_repo(self, api, token, repo_id, branch, locator, listed, report) -> bool:
         """Register the repo's head if new; False when the repo is gone (or not an adapter).
