@@ -188,6 +188,9 @@ class CalibrationOptions:
     limit: int | None = None  # the merge takes the first ``limit`` samples: a reader may stop there (None: all)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> its settings
     max_download_bytes: int | None = None  # a downloaded calibration file's limit (the daemon's max_calibration_bytes)
+    # The daemon's cache folder ([daemon] cache_dir): a source that downloads keeps its files in
+    # a folder of its own there (None: the default cache folder, see iteris_daemon.paths.cache_dir).
+    cache_dir: Path | None = None
     # Where a source that runs the model (``generate``) loads it: merge's --device, --dtype (None:
     # the checkpoint's) and --trust-remote-code; the daemon's calibration workers use the CPU.
     device: str = "cpu"

@@ -589,7 +589,7 @@ class Daemon:
                 limits=settings.limits.limits(),
                 worker=self._worker_options(),
                 on_worker_failure=lambda kind: self.metrics.worker_failed(name, kind),
-                stopping=self._cancel,
+                stopping=self._cancel, cache_dir=self.cache,
             )
         except Exception:  # e.g. the catalog locked past its timeout, or its server unreachable
             log.exception("group %s: the run could not be carried out", name)

@@ -494,14 +494,16 @@ def _ask(name: str, source, adapter: AdapterLayout, options: CalibrationOptions)
 def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool, samples: int | None,
                   into: Path, limits: Limits = Limits(),
                   in_worker: Callable[[dict[str, Any], str], Any] | None = None,
-                  should_stop: Callable[[], bool] = lambda: False, read_limit: int | None = None) -> Inputs:
+                  should_stop: Callable[[], bool] = lambda: False, read_limit: int | None = None,
+                  cache_dir: Path | None = None) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration (its first
     ``samples``; sources read no further than that, or than ``read_limit`` where
     ``samples`` is None); an adapter that
     cannot be read as registered, or has no calibration data, is held back, not fatal (one
     of a folder source that changed since registration, or whose calibration source could
     not be reached, makes the run wait, see ``changing``).
-    With ``in_worker`` (the daemon), sources that need torch are called through it."""
+    With ``in_worker`` (the daemon), sources that need torch are called through it; sources
+    that download keep their files under ``cache_dir`` (the daemon's)."""
     sources = calibration_sources()
     if in_worker is not None:  # the group's own sources: another installed one is never asked
         sources = {name: InWorkerCalibration(source, in_worker) if getattr(source, "runs_in_worker", False) else source
@@ -509,7 +511,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
         samples=samples or 50, limit=samples or read_limit, settings=group.calibration.source_settings(),
-        max_download_bytes=limits.max_calibration_bytes,
+        max_download_bytes=limits.max_calibration_bytes, cache_dir=cache_dir,
     )
     inputs = Inputs(selection=selection_key(group))
     snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout, str]] = []
@@ -717,10 +719,12 @@ def run_group(
     worker: WorkerOptions = WorkerOptions(),
     on_worker_failure: Callable[[str], None] = lambda kind: None,
     stopping: threading.Event | None = None,
+    cache_dir: Path | None = None,
 ) -> RunOutcome:
     """Run ``group`` once (see the module docstring). Never raises for a failed merge or
     publish: the outcome and the run row say what happened. ``stopping`` (the daemon's
-    stop event) is handed to publishers, whose retry waits end when it is set."""
+    stop event) is handed to publishers, whose retry waits end when it is set;
+    ``cache_dir`` (the daemon's) to calibration sources that download."""
     claim = Claim(catalog, group.name, holder, claim_ttl)
     if not claim.acquire():
         log.info("group %s: another daemon is merging it; skipped", group.name)
@@ -729,7 +733,7 @@ def run_group(
     snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
     try:
         return _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
-                            on_status, limits, worker, on_worker_failure, stopping)
+                            on_status, limits, worker, on_worker_failure, stopping, cache_dir)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
@@ -738,7 +742,8 @@ def run_group(
 def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots: Path,
                  should_stop: Callable[[], bool], force: bool, device: str, trust_remote_code: bool,
                  on_status: Callable[[str], None], limits: Limits, worker: WorkerOptions,
-                 on_worker_failure: Callable[[str], None], stopping: threading.Event | None) -> RunOutcome:
+                 on_worker_failure: Callable[[str], None], stopping: threading.Event | None,
+                 cache_dir: Path | None) -> RunOutcome:
     """The run itself, once ``run_group`` holds the group's claim: gather the inputs into
     ``snapshots``, skip or merge (or reuse a kept merge), judge, publish, record."""
     with catalog.session() as session:
@@ -760,7 +765,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
 
     try:
         inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker,
-                               should_stop)
+                               should_stop, cache_dir=cache_dir)
     except MergeCancelled as exc:
         log.warning("group %s: cancelled while gathering inputs", group.name)
         return RunOutcome(RunStatus.cancelled, None, str(exc))

@@ -11,6 +11,9 @@ source does not answer in its place, and no merge goes out without the adapter. 
 downloaded at the commit the listing names, and must be what the listing's hash says
 (:mod:`iteris_daemon.hub_files`; ``huggingface_hub`` checks only sizes): other bytes are
 removed from the cache and the adapter gets an error, so the next run downloads again.
+Files are kept in ``cache_dir``, else in ``calibration/`` of the daemon's cache folder
+(``[daemon] cache_dir``; outside the daemon the default one), and only at the commit read
+last: older commits' files are deleted once a load has read the new one.
 In the daemon the download stops past ``[daemon.limits] max_calibration_bytes``, as an
 adapter's own ``calibration.jsonl`` would be refused past it.
 """
@@ -64,18 +67,35 @@ class HubDataset:
         if not raw:
             return None
         settings = source_settings(self, raw)
-        from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
+        from huggingface_hub.file_download import repo_folder_name
 
-        from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
-        from iteris_daemon.sources.hub import describe_hub_error, hub_failure, unsafe_path
+        from iteris_daemon.sources.hub import repo_lock, unsafe_path
 
         filename = settings.filename.format(name=adapter.name)
         if unsafe_path(filename):
             raise CalibrationError(filename, f"unsafe calibration file name for adapter {adapter.name}")
+        cache = Path(settings.cache_dir or (options.cache_dir or cache_dir()) / "calibration")
+        # Loads of one dataset take turns in this process: each drops the commits the others might be reading.
+        with repo_lock(cache / repo_folder_name(repo_id=settings.repo_id, repo_type="dataset")):
+            found = self._download(settings, filename, cache, options.max_download_bytes)
+            if found is None:
+                return None
+            path, commit = found
+            data = read_jsonl(path, options.limit)
+            _keep_only(cache, settings.repo_id, commit)
+        return CalibrationSet(data.samples, source=f"hf://datasets/{settings.repo_id}/{filename}")
+
+    def _download(self, settings: HubDatasetSettings, filename: str, cache: Path,
+                  limit: int | None) -> tuple[Path, str] | None:
+        """The file at the dataset's current commit, and that commit; None when it has no such file."""
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
+        from iteris_daemon.sources.hub import describe_hub_error, hub_failure
+
         token = plain(hub_token(settings.token_file))
         where = f"{settings.repo_id}/{filename}"
-        limit = options.max_download_bytes
         try:
             info = hub_retrying(f"dataset_info {settings.repo_id}")(
                 HfApi(endpoint=settings.endpoint, token=token).dataset_info, settings.repo_id,
@@ -87,7 +107,7 @@ class HubDataset:
                 raise TooBig(sibling.size, stopped=False)
             path = Path(hub_retrying(f"calibration {where}")(
                 hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=info.sha,
-                endpoint=settings.endpoint, token=token, cache_dir=settings.cache_dir or cache_dir() / "calibration",
+                endpoint=settings.endpoint, token=token, cache_dir=cache,
                 tqdm_class=bounded_progress(limit) if limit is not None else None,
             ))
         except RemoteEntryNotFoundError:  # a 404 of the file itself: no data here
@@ -104,8 +124,19 @@ class HubDataset:
             path.resolve().unlink()  # the cached blob, then the snapshot's link to it
             path.unlink(missing_ok=True)
             raise CalibrationError(where, f"as downloaded it {problem}; removed, downloaded again at the next run")
-        data = read_jsonl(path, options.limit)
-        return CalibrationSet(data.samples, source=f"hf://datasets/{where}")
+        return path, info.sha
+
+
+def _keep_only(cache: Path, repo_id: str, commit: str) -> None:
+    """Delete the cached commits of dataset ``repo_id`` other than ``commit``, the one loads
+    read now: each refresh of the dataset left a copy of its files in the cache for ever."""
+    from huggingface_hub import scan_cache_dir
+
+    scanned = scan_cache_dir(cache)
+    stale = [revision.commit_hash for repo in scanned.repos if repo.repo_type == "dataset" and repo.repo_id == repo_id
+             for revision in repo.revisions if revision.commit_hash != commit]
+    if stale:
+        scanned.delete_revisions(*stale).execute()
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample
 from iteris_daemon.cli import main
 from iteris_daemon.errors import CalibrationError, IterisError
 from iteris_daemon.lora import load_adapter
+from iteris_daemon.plugins.calibration_hub import HubDataset
 from iteris_daemon.merge import gather_calibration
 from iteris_daemon.runner import InWorkerCalibration, calibrate_all
 from iteris_daemon.supervisor import WorkerFailed
@@ -121,6 +122,31 @@ def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_a
         found = gather_calibration([adapter], options, True)[0]
         assert [s.text for s in found.samples] == ["hub sample", "another sample"]
         assert len(hub.requests_matching(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$")) == 2
+
+
+def test_hub_dataset_keeps_its_files_in_the_daemons_cache_at_the_commit_read_last(tmp_path, monkeypatch):
+    """The daemon's cache folder (``CalibrationOptions.cache_dir``) holds the downloads, in
+    ``calibration/``, and each refresh of the dataset replaces the files of the commit before:
+    they were kept for ever (a dataset refreshed daily: a copy a day), and under the default
+    cache folder whatever ``[daemon] cache_dir`` said (found by QA)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "default-cache"))
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    adapters = [SimpleNamespace(name="news"), SimpleNamespace(name="sport")]
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", {"news.jsonl": b'{"text": "news 0"}\n', "sport.jsonl": b'{"text": "sport"}\n'},
+                               repo_type="dataset")
+        options = CalibrationOptions(order=("hub_dataset",), cache_dir=tmp_path / "daemon-cache",
+                                     settings={"hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint}})
+        for version in range(1, 4):
+            answers = calibrate_all(adapters, options, {"hub_dataset": HubDataset()})
+            assert [a.samples[0].text for a in answers] == [f"news {version - 1}", "sport"]
+            hub.commit_direct("acme/calib", {"news.jsonl": b'{"text": "news %d"}\n' % version}, repo_type="dataset")
+    cache = tmp_path / "daemon-cache" / "calibration"
+    snapshots = list(cache.glob("datasets--acme--calib/snapshots/*"))
+    assert len(snapshots) == 1 and sorted(p.name for p in snapshots[0].iterdir()) == ["news.jsonl", "sport.jsonl"]
+    assert len(list(cache.glob("datasets--acme--calib/blobs/*"))) == 2
+    assert not (tmp_path / "default-cache").exists()
 
 
 def test_a_hub_dataset_file_past_the_calibration_limit_is_not_downloaded(bert, tmp_path, monkeypatch):

@@ -1215,7 +1215,7 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     daemon = daemon_module.Daemon(config)
     daemon.scheduler = BackgroundScheduler()  # not started: jobs are only recorded
     daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
-    daemon.catalog, daemon.work = None, tmp_path / "work"
+    daemon.catalog, daemon.work, daemon.cache = None, tmp_path / "work", tmp_path / "cache"
     not_carried_out: list[str] = []
     daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None, worker_failed=lambda *a: None,
                                      run_not_carried_out=not_carried_out.append)
@@ -1274,7 +1274,7 @@ def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, mon
     daemon.scheduler = BackgroundScheduler(timezone="UTC")
     daemon.scheduler.start(paused=True)  # jobs get their run times, and nothing runs
     daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
-    daemon.catalog, daemon.work = None, tmp_path / "work"
+    daemon.catalog, daemon.work, daemon.cache = None, tmp_path / "work", tmp_path / "cache"
     daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None)
     outcome = RunOutcome(RunStatus.failed, 1, "publishing to hub failed", retry_publish=True)
     stop_meanwhile = False
@@ -1341,7 +1341,7 @@ def test_runs_due_while_a_group_merges_wait_quietly_and_other_skips_are_told(tmp
     group = GroupConfig(name="g", base_model="base", interval_seconds=0.2,
                         destinations=[{"kind": "folder", "path": str(tmp_path / "out")}])
     daemon._groups = {"g": group}
-    daemon.catalog, daemon.work = None, tmp_path / "work"
+    daemon.catalog, daemon.work, daemon.cache = None, tmp_path / "work", tmp_path / "cache"
     daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None)
     merging, release, runs = threading.Event(), threading.Event(), []
 

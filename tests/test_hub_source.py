@@ -504,7 +504,7 @@ def test_a_webhook_poll_waits_for_the_scheduled_poll_of_the_same_repo(env, monke
     webhook = HubSource(catalog, "hub", tmp / "cache")
     sha1 = hub.commit_direct("erin/a", adapter_files(second))
     webhook_turn = threading.Event()  # the webhook's poll ended, or waits for the repo
-    lock_of = hub_module._repo_lock
+    lock_of = hub_module.repo_lock
 
     def noting(folder: Path) -> threading.Lock:
         lock = lock_of(folder)
@@ -512,7 +512,7 @@ def test_a_webhook_poll_waits_for_the_scheduled_poll_of_the_same_repo(env, monke
             webhook_turn.set()
         return lock
 
-    monkeypatch.setattr(hub_module, "_repo_lock", noting)
+    monkeypatch.setattr(hub_module, "repo_lock", noting)
     reports = {}
 
     def webhook_poll() -> None:

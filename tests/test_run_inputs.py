@@ -129,7 +129,8 @@ def test_a_run_waits_for_an_adapter_whose_hub_calibration_file_the_hub_failed_to
     own retries spent): the run is skipped, waiting for that adapter with the Hub's error,
     asks to be tried again, and publishes nothing; once the Hub answers, both are merged.
     Before the fix the failure read as "no file here": the merge went out without that
-    adapter (or with the next source's data) and the run was ``succeeded`` (found by QA)."""
+    adapter (or with the next source's data) and the run was ``succeeded`` (found by QA).
+    The files are downloaded into the daemon's cache folder, which the run is given."""
     from hub_server import HubServer, isolate_hub_client
 
     files = {f"{name}.jsonl": b'{"text": "curated sample of ' + name.encode() + b'"}\n' for name in ("task0", "task1")}
@@ -137,15 +138,16 @@ def test_a_run_waits_for_an_adapter_whose_hub_calibration_file_the_hub_failed_to
         isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
         hub.create_repo_direct("acme/calib", files, repo_type="dataset")
         group = setup.group(names=("task0", "task1"), calibration={
-            "order": ["hub_dataset", "adapter"],
-            "hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint, "cache_dir": str(tmp_path / "calib")}})
+            "order": ["hub_dataset", "adapter"], "hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint}})
         hub.inject(r"^HEAD /datasets/acme/calib/resolve/[0-9a-f]+/task1\.jsonl$", ("status", 429, {"Retry-After": "0"}),
                    times=7)
-        outcome = setup.run(group)
+        cache = tmp_path / "daemon-cache"
+        outcome = runner.run_group(setup.catalog, group, setup.work, "tester", cache_dir=cache)
         assert outcome.status is RunStatus.skipped and outcome.retry_inputs, outcome
         assert outcome.detail.startswith("waiting for task1: hub_dataset: acme/calib/task1.jsonl: HTTP 429"), outcome.detail
         assert setup.current() is None
-        outcome = setup.run(group)
+        outcome = runner.run_group(setup.catalog, group, setup.work, "tester", cache_dir=cache)
+        assert list((cache / "calibration").glob("datasets--acme--calib/snapshots/*/task1.jsonl"))
         assert outcome.status is RunStatus.succeeded and not outcome.retry_inputs
         assert set(_published(setup)) == {"task0", "task1"}
         report = json.loads((setup.published / "current" / "merge_report.json").read_text())

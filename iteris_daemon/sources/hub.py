@@ -68,11 +68,11 @@ _repo_locks: dict[Path, threading.Lock] = {}
 _repo_locks_guard = threading.Lock()
 
 
-def _repo_lock(folder: Path) -> threading.Lock:
+def repo_lock(folder: Path) -> threading.Lock:
     """The lock of one repo's cache folder, the same for every :class:`HubSource` of this
     process: a scheduled poll, a webhook's, a source's after a reload, another source of
     the same repo. Each drops commit folders it finds unused, and another poll may be
-    downloading into one of them."""
+    downloading into one of them (``hub_dataset`` takes it for a dataset's folder too)."""
     with _repo_locks_guard:
         return _repo_locks.setdefault(folder, threading.Lock())
 
@@ -332,10 +332,10 @@ class HubSource:
 
     def _poll_repo(self, api, token, repo_id, branch, locator, listed, report) -> bool:
         """Register the repo's head if new; False when the repo is gone (or not an adapter).
-        Polls of one repo take turns (see :func:`_repo_lock`): the later one reads the head
+        Polls of one repo take turns (see :func:`repo_lock`): the later one reads the head
         after the earlier one has recorded what it saw."""
         folder = self._repo_folder(repo_id)
-        with _repo_lock(folder):
+        with repo_lock(folder):
             return self._poll_repo_locked(api, token, repo_id, branch, locator, listed, report, folder)
 
     def _poll_repo_locked(self, api, token, repo_id, branch, locator, listed, report, folder: Path) -> bool:
@@ -484,7 +484,7 @@ class HubSource:
             if bad_repo_id(repo_id):  # read from the catalog: never a path outside the cache
                 continue
             folder = self._repo_folder(repo_id)
-            with _repo_lock(folder):
+            with repo_lock(folder):
                 drop_unused_commits(self.catalog, folder)
 
     def _set_health(self, error: str | None) -> None:
@@ -496,7 +496,7 @@ def drop_unused_commits(catalog: Catalog, folder: Path) -> int:
     """Keep the commits of a repo that runs may copy from: those a registered adapter's
     current revision names (each branch of the repo has its own, another source of the
     repo its own too). A commit polled again is downloaded again. The repo's folder goes
-    when no commit is left in it. Call it holding the folder's :func:`_repo_lock`.
+    when no commit is left in it. Call it holding the folder's :func:`repo_lock`.
     Returns how many commit folders it deleted."""
     with catalog.session(write=False) as session:
         used = current_files_paths(session, f"{folder}{os.sep}")
