@@ -129,6 +129,17 @@ def test_explicit_repo_list_with_branch_and_removal(env):
     assert "adapter_config.json" in _adapters(catalog)["bob/a@dev"].current.reason
 
 
+def test_a_named_repo_whose_adapter_is_in_a_subfolder_is_rejected_saying_so(env):
+    """Adapters in subfolders (a Trainer's ``checkpoint-500/``) are not read; the rejection
+    says so instead of "not a PEFT adapter repo", which was untrue (found by QA)."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("bob/ckpt", {f"checkpoint-500/{name}": data for name, data in adapter_files(first).items()})
+    assert source(repos=["bob/ckpt"]).poll().rejected == ["bob/ckpt"]
+    assert _adapters(catalog)["bob/ckpt"].current.reason.endswith(
+        "no adapter_config.json at the top of the repo (checkpoint-500/adapter_config.json is not read: an adapter in "
+        "a subfolder is not supported)")
+
+
 def _naming_base(folder: Path, base: str) -> dict[str, bytes]:
     """The adapter's files, its config naming ``base`` as its base model."""
     config = json.loads((folder / "adapter_config.json").read_text())

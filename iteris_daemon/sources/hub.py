@@ -414,7 +414,10 @@ class HubSource:
         if CONFIG_NAME not in siblings:
             if listed:
                 raise _NotForUs("no adapter_config.json")
-            raise AdapterError(where, f"no {CONFIG_NAME} (not a PEFT adapter repo)")
+            nested = sorted(n for n in siblings if n.endswith(f"/{CONFIG_NAME}"))
+            raise AdapterError(where, f"no {CONFIG_NAME} at the top of the repo ("
+                               + (f"{nested[0]} is not read: an adapter in a subfolder is not supported)" if nested
+                                  else "not a PEFT adapter repo)"))
         if WEIGHTS_NAME not in siblings:
             pickled = [n for n in PICKLED_NAMES if n in siblings]
             raise AdapterError(where, f"pickled weights ({pickled[0]}) are refused, never downloaded" if pickled
