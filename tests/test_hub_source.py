@@ -173,6 +173,21 @@ def test_an_authors_adapters_are_judged_against_the_sources_base_whatever_base_t
         "acme/gpt2-lora": AdapterStatus.rejected}
 
 
+def test_an_authors_adapter_of_another_hub_model_is_rejected_without_its_weights(env):
+    """Where the source's base model and the one an adapter names are both Hub ids and
+    differ, the adapter is of another model: rejected from its config alone, its weights never
+    downloaded (an organisation's adapters of other models each cost a weights download once
+    every base was judged on its shapes)."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("acme/gpt2-lora", _naming_base(first, "openai-community/gpt2"))
+    report = source(author="acme", base_model="acme/tiny-bert").poll()
+    assert report.rejected == ["acme/gpt2-lora"] and not report.registered
+    assert _adapters(catalog)["acme/gpt2-lora"].current.reason.endswith(
+        "an adapter of openai-community/gpt2, not of this source's base model acme/tiny-bert")
+    assert not hub.requests_matching(r"acme/gpt2-lora/resolve/.*adapter_model\.safetensors")
+    assert hub.requests_matching(r"acme/gpt2-lora/resolve/.*adapter_config\.json")
+
+
 def test_a_repo_the_settings_name_is_judged_as_named_when_the_source_has_an_author_too(env):
     """``repos`` and ``author`` together: a named repo that holds no adapter is rejected with
     that reason, as without an author. Before, every repo was taken as found in the

@@ -431,7 +431,10 @@ class HubSource:
         with _own_files(snapshot, fetched, where):
             self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
             fetched.append(CONFIG_NAME)
-            read_adapter_config(snapshot, self.limits.max_config_bytes)  # refused: no weights downloaded
+            config = read_adapter_config(snapshot, self.limits.max_config_bytes)  # refused: no weights downloaded
+            named, wanted = config.get("base_model_name_or_path"), self.settings.base_model
+            if listed and _other_hub_model(named, wanted):  # no weights downloaded for an author's other models
+                raise AdapterError(where, f"an adapter of {named}, not of this source's base model {wanted}")
             for name in wanted_files[1:]:
                 self._download(token, repo_id, sha, siblings[name], snapshot)
                 fetched.append(name)
@@ -531,6 +534,15 @@ class HubAnswerError(Exception):
 class SnapshotVanished(Exception):
     """Files this poll downloaded were removed while it checked them (by a poll of another
     process): no verdict on the commit, which the next poll fetches again."""
+
+
+def _other_hub_model(named: object, wanted: str | None) -> bool:
+    """Whether an adapter naming ``named`` is plainly of another model than ``wanted``: both
+    Hub ids (a local path, stored absolute, is no Hub id) that differ, case aside as on the
+    Hub. Another spelling of the same model (a Hub id for a local copy) is judged on its
+    shapes instead, which needs its weights."""
+    return (isinstance(named, str) and isinstance(wanted, str) and not named.startswith(("/", "."))
+            and not wanted.startswith("/") and named.lower() != wanted.lower())
 
 
 class _NotForUs(Exception):
