@@ -219,12 +219,12 @@ class HubSource:
 
     def poll_repo(self, repo_id: str) -> ScanReport:
         """Poll one repo now (a webhook said it changed); the others wait for the next poll."""
-        targets = [(repo, branch or None, False) for repo, _, branch in (s.partition("@") for s in self.settings.repos)
-                   if repo == repo_id]
+        targets = [(repo, branch or None, False, None)
+                   for repo, _, branch in (s.partition("@") for s in self.settings.repos) if repo == repo_id]
         if (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author
-                and (repo_id, None, False) not in targets):
-            targets.append((repo_id, None, True))  # its main branch too, as the author's
-        locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch, _ in targets}
+                and (repo_id, None, False, None) not in targets):
+            targets.append((repo_id, None, True, None))  # its main branch too, as the author's
+        locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch, *_ in targets}
         return self._poll(lambda api, errors: targets, only=locators)
 
     def _poll(self, find_targets, only: set[str] | None) -> ScanReport:
@@ -258,12 +258,12 @@ class HubSource:
             log.error("source %s: %s", self.name, describe_hub_error(exc, "listing repos"))
             return report
         seen: set[str] = set()
-        for repo_id, branch, listed in targets:
+        for repo_id, branch, listed, head in targets:
             if self._stopping():
                 return self._interrupted(what, report, errors)
             locator = repo_id if branch is None else f"{repo_id}@{branch}"
             try:
-                if self._poll_repo(api, token, repo_id, branch, locator, listed, report):
+                if self._poll_repo(api, token, repo_id, branch, locator, listed, head, report):
                     seen.add(locator)
                 elif locator in self.settings.repos:  # named in the config, so expected to be there
                     errors.append(f"{locator}: no such repo or branch, or this source's token cannot read it")
@@ -292,11 +292,12 @@ class HubSource:
         return report
 
     def _list_models(self, api: HfApi) -> list[ModelInfo]:
-        """The author's repos with their file listings, as ``api.list_models(author=..., expand=["siblings"])``
+        """The author's repos with their file listings and head shas, as ``api.list_models(author=...,
+        expand=["siblings", "sha"])``
         lists them, but with a timeout on each page and no retries of the client's own (it
         retries listings itself, with waits no stop can end): the caller's policy retries."""
         url: str | None = f"{api.endpoint}/api/models"
-        params: dict | None = {"author": self.settings.author, "expand": ["siblings"]}
+        params: dict | None = {"author": self.settings.author, "expand": ["siblings", "sha"]}
         headers = build_hf_headers(token=api.token)
         models = []
         while url is not None:
@@ -308,38 +309,48 @@ class HubSource:
             url, params = response.links.get("next", {}).get("url"), None  # the next link holds the query
         return models
 
-    def _targets(self, api: HfApi, errors: list[str]) -> list[tuple[str, str | None, bool]]:
-        """(repo, branch, listed) triples, ``listed`` for a repo only the author's listing names,
-        not the settings (it is skipped silently if it holds no adapter after all; a listed
-        name that is no repo id is skipped with an error in ``errors``)."""
+    def _targets(self, api: HfApi, errors: list[str]) -> list[tuple[str, str | None, bool, str | None]]:
+        """(repo, branch, listed, head) tuples, ``listed`` for a repo only the author's listing
+        names, not the settings (it is skipped silently if it holds no adapter after all; a
+        listed name that is no repo id is skipped with an error in ``errors``), ``head`` the
+        listing's sha of its main branch (None: not listed)."""
         targets = []
         for spec in self.settings.repos:
             repo, _, branch = spec.partition("@")
-            targets.append((repo, branch or None, False))
+            targets.append((repo, branch or None, False, None))
         if not self.settings.author:
             return targets
         models = self._retrying(f"list {self.settings.author}")(self._list_models, api)
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
-            if CONFIG_NAME in names and (model.id, None, False) not in targets:
+            if CONFIG_NAME in names and (model.id, None, False, None) not in targets:
                 problem = bad_repo_id(model.id)
                 if problem:
                     errors.append(f"the listing of {self.settings.author} names {str(model.id)[:100]!r}, which {problem}; skipped")
                     log.error("source %s: %s", self.name, errors[-1])
                     continue
-                targets.append((model.id, None, True))
+                targets.append((model.id, None, True, model.sha))
         return targets
 
-    def _poll_repo(self, api, token, repo_id, branch, locator, listed, report) -> bool:
+    def _poll_repo(self, api, token, repo_id, branch, locator, listed, head, report) -> bool:
         """Register the repo's head if new; False when the repo is gone (or not an adapter).
         Polls of one repo take turns (see :func:`repo_lock`): the later one reads the head
         after the earlier one has recorded what it saw."""
         folder = self._repo_folder(repo_id)
         with repo_lock(folder):
-            return self._poll_repo_locked(api, token, repo_id, branch, locator, listed, report, folder)
+            return self._poll_repo_locked(api, token, repo_id, branch, locator, listed, head, report, folder)
 
-    def _poll_repo_locked(self, api, token, repo_id, branch, locator, listed, report, folder: Path) -> bool:
+    def _poll_repo_locked(self, api, token, repo_id, branch, locator, listed, head, report, folder: Path) -> bool:
+        """``head``: the sha the author's listing gave; a head whose verdict stands costs no
+        request more (one ``model_info`` per repo and poll made an unchanged organisation of
+        N adapters N + 1 requests a poll)."""
         asked_at = utcnow()  # the head read below is at least this recent
+        if isinstance(head, str) and _COMMIT_SHA.fullmatch(head):
+            with self.catalog.session() as session:
+                if prior(session, self.source_id, locator, head, self.context if self.rejudge else None,
+                         _files_present).stands:
+                    report.unchanged += 1
+                    return True
         try:
             info = self._retrying(f"model_info {locator}")(api.model_info, repo_id, revision=branch, files_metadata=True,
                                                            timeout=self.settings.timeout_seconds)
