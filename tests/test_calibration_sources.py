@@ -212,22 +212,13 @@ def test_generation_pads_with_a_token_the_model_holds(tiny, tmp_path):
     assert len(samples) == 9 and all(s.target for s in samples)
 
 
-def test_generation_starts_from_one_bos_token(tiny, tmp_path, monkeypatch):
-    """A decoder's samples start from its BOS alone, as its texts do. The prompt was the BOS's
-    text, to which the tokenizer added its own: [BOS, BOS, EOS] on Llama-style tokenizers (a
-    spy on ``generate`` records the prompts; generation itself runs)."""
-    import shutil
-
+def _generated_with_prompts(monkeypatch, base, adapter, samples: int, max_new_tokens: int):
+    """The generate source's samples for ``adapter``, and the prompts it gave ``generate`` (a
+    spy records them; generation itself runs)."""
     import transformers
-    from transformers import AutoTokenizer
 
     from iteris_daemon.plugin_manager import calibration_sources
 
-    base_dir, adapters = tiny["llama"]
-    base = shutil.copytree(base_dir, tmp_path / "base")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.bos_token = "[CLS]"  # a tokenizer that names a BOS and adds its own specials
-    tokenizer.save_pretrained(base)
     prompts = []
     generate = transformers.GenerationMixin.generate
 
@@ -236,9 +227,25 @@ def test_generation_starts_from_one_bos_token(tiny, tmp_path, monkeypatch):
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
-    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=3,
-                                 settings={"generate": {"max_new_tokens": 4}})
-    data = calibration_sources()["generate"].load(load_adapter(adapters[0]), options)
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=samples,
+                                 settings={"generate": {"max_new_tokens": max_new_tokens}})
+    return calibration_sources()["generate"].load(load_adapter(adapter), options), prompts
+
+
+def test_generation_starts_from_one_bos_token(tiny, tmp_path, monkeypatch):
+    """A decoder's samples start from its BOS alone, as its texts do. The prompt was the BOS's
+    text, to which the tokenizer added its own: [BOS, BOS, EOS] on Llama-style tokenizers (a
+    spy on ``generate`` records the prompts; generation itself runs)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base_dir, adapters = tiny["llama"]
+    base = shutil.copytree(base_dir, tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.bos_token = "[CLS]"  # a tokenizer that names a BOS and adds its own specials
+    tokenizer.save_pretrained(base)
+    data, prompts = _generated_with_prompts(monkeypatch, base, adapters[0], samples=3, max_new_tokens=4)
     assert len(data.samples) == 3 and prompts == [[tokenizer.bos_token_id]] * 3
 
 
@@ -677,10 +684,7 @@ def test_generation_without_a_bos_starts_from_a_token_the_model_holds(tiny, tmp_
     the time here, the tokenizer twice the embedding's rows)."""
     import shutil
 
-    import transformers
     from transformers import AutoTokenizer
-
-    from iteris_daemon.plugin_manager import calibration_sources
 
     base_dir, adapters = tiny["llama"]
     base = shutil.copytree(base_dir, tmp_path / "base")
@@ -688,15 +692,5 @@ def test_generation_without_a_bos_starts_from_a_token_the_model_holds(tiny, tmp_
     tokenizer.add_tokens([f"extra{i}" for i in range(30522)])  # ids 30522-61043, of a 30522-row embedding
     tokenizer.save_pretrained(base)
     assert AutoTokenizer.from_pretrained(base).bos_token_id is None
-    prompts = []
-    generate = transformers.GenerationMixin.generate
-
-    def spy(self, *args, **kwargs):
-        prompts.extend(kwargs["input_ids"].tolist())
-        return generate(self, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
-    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=16,
-                                 settings={"generate": {"max_new_tokens": 2}})
-    data = calibration_sources()["generate"].load(load_adapter(adapters[0]), options)
+    data, prompts = _generated_with_prompts(monkeypatch, base, adapters[0], samples=16, max_new_tokens=2)
     assert len(data.samples) == 16 and len(prompts) == 16 and all(0 <= p < 30522 for (p,) in prompts)
