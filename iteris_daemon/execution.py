@@ -37,6 +37,7 @@ try:  # a key/value cache handed to a block (see BlockExecutor._capture)
 except ImportError:  # pragma: no cover - very old transformers
     Cache = ()  # type: ignore[assignment,misc]
 
+from .errors import first_line
 from .architecture import BlockPlan, Stack, block_plan, unit_of
 from .model import BaseModel, embeddings
 
@@ -279,7 +280,7 @@ class BlockExecutor:
             pass
         except Exception as exc:  # it wants other outputs of a stand-in (a tensor cannot be unpacked into three)
             if last not in calls:  # past it, every call is recorded (code reading a placeholder fails)
-                failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                failure = f"{type(exc).__name__}: {first_line(exc)}"
         finally:
             for hook in hooks:
                 hook.remove()

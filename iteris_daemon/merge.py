@@ -30,7 +30,7 @@ from .alignment import ACCUMULATE
 from .architecture import linear_kind
 from .calibration import CalibrationOptions, CalibrationSet, first_calibration, releasing
 from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
-                     MergeError, OutputError, OutputExistsError)
+                     MergeError, OutputError, OutputExistsError, first_line)
 from .evaluation import evaluate
 from .logs import counted
 from .lora import LoraAdapter, load_adapter, save_adapter, widest
@@ -569,7 +569,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         except Exception as exc:  # the model's own forward refused the inputs: one line, -v shows where
             if says_out_of_memory(str(exc)):
                 raise
-            raise MergeError(f"evaluating the merge failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            raise MergeError(f"evaluating the merge failed: {type(exc).__name__}: {first_line(exc)}"
                              + "; nothing was written (--no-eval skips the evaluation)") from exc
     if per_task:  # else (--no-eval) the solves' losses stay in the metrics, as measured
         history = result.metrics.pop("alignment_loss", {})

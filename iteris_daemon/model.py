@@ -20,7 +20,7 @@ from torch import nn
 
 from .calibration import CalibrationSet, Sample
 from .devices import check_device
-from .errors import BaseModelError, CalibrationError, ParameterError
+from .errors import BaseModelError, CalibrationError, ParameterError, first_line
 from .architecture import linear_kind, weight_shape
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes, head_labels
@@ -248,7 +248,7 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
                 return cls.from_config(config, trust_remote_code=trust_remote_code)
             return cls._from_config(config)
     except (OSError, ValueError, KeyError) as exc:
-        raise BaseModelError(f"cannot read base model config {name_or_path!r}: {exc}".splitlines()[0]) from None
+        raise BaseModelError(f"cannot read base model config {name_or_path!r}: {first_line(exc)}") from None
 
 
 IGNORE = -100
@@ -361,7 +361,7 @@ class BaseModel:
             self.head_keys = sorted({k for a in adapters for k in a.modules_to_save})
             self.model, self.placement = self._load(cls, config, kwargs, offload)
         except (OSError, ValueError) as exc:
-            raise BaseModelError(f"cannot load base model {name_or_path!r}: {exc}".splitlines()[0]) from None
+            raise BaseModelError(f"cannot load base model {name_or_path!r}: {first_line(exc)}") from None
         # What the model's forward reads first: ``input_ids`` for text; an image or speech
         # model's pixels or features no calibration text can give (see require_text).
         self.main_input = getattr(self.model, "main_input_name", "input_ids")
@@ -442,9 +442,9 @@ class BaseModel:
             self.initialised = set(loading.get("missing_keys") or ()) | resized
         except RuntimeError as exc:  # transformers refuses a tensor its config does not fit (its load report names it)
             raise BaseModelError(f"cannot load base model {self.name_or_path!r}: its checkpoint does not fit its config "
-                                 f"({str(exc).splitlines()[0]})") from None
+                                 f"({first_line(exc)})") from None
         except ImportError as exc:  # a quantized checkpoint whose quantizer's package is not installed
-            raise BaseModelError(f"cannot load base model {self.name_or_path!r}: {exc}".splitlines()[0]) from None
+            raise BaseModelError(f"cannot load base model {self.name_or_path!r}: {first_line(exc)}") from None
         _check_initialised(model, self.initialised, resized, self.head_keys, self.name_or_path)
         if offload != "none" and self.device.type != "cpu":
             plan = block_plan(model, self.head_keys)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import malloc
-from .errors import BaseModelError
+from .errors import BaseModelError, first_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -174,7 +174,7 @@ class Checkpoint:
             saved = revert_weight_conversion(self.model, {_spelled_as(t, keys[0], self.model): meta[t]
                                                           for t in recipe.targets})
         except Exception as exc:  # an operation that cannot run on shapes alone
-            raise WeightsUnavailable(f"cannot tell which tensors {first} is built from ({exc})".splitlines()[0]) from None
+            raise WeightsUnavailable(f"cannot tell which tensors {first} is built from ({first_line(exc)})") from None
         if set(keys) - saved.keys():
             raise WeightsUnavailable(f"{first} is built from tensors save_pretrained would not write "
                                      f"({sorted(set(keys) - saved.keys())[0]})")
@@ -402,7 +402,7 @@ def _headers(file: Path) -> dict[str, _Header]:
             slices = {key: handle.get_slice(key) for key in handle.keys()}
             return {key: _Header(piece.get_dtype(), piece.get_shape()) for key, piece in slices.items()}
     except SafetensorError as exc:
-        raise BaseModelError(f"base model checkpoint file {file} cannot be read: {exc}".splitlines()[0]) from None
+        raise BaseModelError(f"base model checkpoint file {file} cannot be read: {first_line(exc)}") from None
 
 
 def _weight_map(index: Path) -> dict[str, str]:

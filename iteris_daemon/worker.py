@@ -68,7 +68,7 @@ def _write_result(folder: Path, payload: dict[str, Any]) -> None:
 
 def run_job(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     """Carry out one job; return the result payload (never raises for a failed job)."""
-    from .errors import IterisError, MergeCancelled
+    from .errors import IterisError, MergeCancelled, first_line
 
     try:
         work = {"shapes": _shapes, "calibration": _calibration}.get(job.get("kind"), _merge)
@@ -81,7 +81,7 @@ def run_job(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     except Exception as exc:
         logging.getLogger(__name__).exception("the job failed")
         if says_out_of_memory(str(exc)):  # torch's allocator raises RuntimeError
-            return {"status": "error", "error": f"{OUT_OF_MEMORY}: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            return {"status": "error", "error": f"{OUT_OF_MEMORY}: {type(exc).__name__}: {first_line(exc)}"}
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
 
 
