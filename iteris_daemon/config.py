@@ -448,12 +448,11 @@ def load_config(path: Path, *, check_plugins: bool = True, check_sources: bool =
             watched, polled = _check_sources(config, path, readable=check_plugins)
         if check_plugins:
             _check_plugins(config, path, watched, polled)
-    if check_plugins:
-        if config.daemon.webhooks is not None:
-            try:
-                config.daemon.webhooks.secret()  # there and readable now, not found missing once the start began
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
+    if check_plugins and config.daemon.webhooks is not None:
+        try:
+            config.daemon.webhooks.secret()  # there and readable now, not found missing once the start began
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     return config
 
 
