@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -502,7 +504,50 @@ def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeI
         raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
                          "(with a dict of metrics); nothing was written")
     check_result(strategy.name, result.modules, inputs.adapters)
+    result.metrics = check_metrics(strategy.name, result.metrics, inputs.adapters)
     return result
+
+
+def check_metrics(strategy: str, metrics: dict[str, Any], adapters: list[LoraAdapter]) -> dict[str, Any]:
+    """A strategy's metrics as the report writes them: 0-d tensors and numpy scalars (what
+    torch's and numpy's reductions return) as Python numbers, anything else that is not JSON
+    refused, and the keys the engine reads in their form. These were a traceback at writing
+    the report, after the whole merge, or (a ``truncation_error`` not ``{"max": ...}``) ignored."""
+    plain = {}
+    for key, value in metrics.items():
+        try:
+            plain[key] = _plain(value)
+            json.dumps({key: plain[key]})
+        except (TypeError, ValueError, RuntimeError) as exc:  # RecursionError: a cycle
+            raise MergeError(f"strategy {strategy} returned metric {key!r}, which is not JSON "
+                             f"({type(exc).__name__}: {exc}); nothing was written") from None
+    loss, names = plain.get("alignment_loss"), {a.name for a in adapters}
+    if loss is not None and not (isinstance(loss, dict) and set(loss) <= names and all(
+            isinstance(values, list) and all(map(_is_number, values)) for values in loss.values())):
+        raise MergeError(f"strategy {strategy} returned metric 'alignment_loss' as {type(loss).__name__}; that key is "
+                         "reserved for a table {adapter name: [loss, ...]} of numbers; nothing was written")
+    cap = plain.get("truncation_error")
+    if cap is not None and not (isinstance(cap, dict) and _is_number(top := cap.get("max"))
+                                and math.isfinite(top) and top >= 0):
+        raise MergeError(f"strategy {strategy} returned metric 'truncation_error' as {cap!r:.80}; that key is "
+                         "reserved for {\"max\": relative error >= 0, ...} (the report's rank_cap_error); "
+                         "nothing was written")
+    return plain
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with its 0-d tensors and numpy scalars as Python numbers and tuples as lists."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def run_merge(request: MergeRequest) -> dict[str, Any]:
@@ -680,10 +725,10 @@ def _load_reference(path: Path | None, base: BaseModel) -> tuple[LoraAdapter | N
 
 def _strategy_cap_error(metrics: dict[str, Any]) -> float:
     """The relative error of the strategy's own rank cap (``target_rank``), which the
-    built-ins report as ``truncation_error.max``; the writer's re-factoring is exact."""
+    built-ins report as ``truncation_error.max`` (its form checked by :func:`check_metrics`);
+    the writer's re-factoring is exact."""
     cap = metrics.get("truncation_error")
-    value = cap.get("max") if isinstance(cap, dict) else None
-    return float(value) if isinstance(value, (int, float)) else 0.0
+    return 0.0 if cap is None else float(cap["max"])
 
 
 def _round(value: float | None) -> float | None:

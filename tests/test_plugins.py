@@ -166,6 +166,12 @@ class Misbehaving:
             modules[path] = (B.to(torch.complex64), A)
         elif self.mistake == "integer":
             modules[path] = (B, (A * 1000).round().to(torch.int32))
+        elif self.mistake == "a metric not JSON":
+            return MergedAdapter(modules, {"norms": B.norm(dim=0)})
+        elif self.mistake == "alignment_loss of another form":
+            return MergedAdapter(modules, {"alignment_loss": 0.25})
+        elif self.mistake == "truncation_error of another form":
+            return MergedAdapter(modules, {"truncation_error": 0.63})
         return MergedAdapter(modules)
 
 
@@ -187,6 +193,11 @@ class Misbehaving:
     # Cast without a word: the imaginary part dropped, the integers written as floats.
     ("complex", "returned factors of dtypes B torch.complex64, A torch.float32 for"),
     ("integer", "returned factors of dtypes B torch.float32, A torch.int32 for"),
+    # A traceback at writing the report, after the whole merge; a float truncation_error was ignored
+    # (rank_cap_error 0.0 for a real error of 0.63).
+    ("a metric not JSON", "returned metric 'norms', which is not JSON (TypeError: Object of type Tensor"),
+    ("alignment_loss of another form", "returned metric 'alignment_loss' as float; that key is reserved"),
+    ("truncation_error of another form", "returned metric 'truncation_error' as 0.63; that key is reserved"),
     ("shared", None),
 ])
 def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_path, capsys, mistake, message):
@@ -227,6 +238,36 @@ def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_p
                             "replaces its inputs": "iteris-daemon: error: strategy misbehaving changed"}.get(
         mistake, "iteris-daemon: error: strategy misbehaving returned")) and message in last
     assert "Traceback" not in err
+
+
+class _TorchMetrics:
+    """Metrics as torch and numpy reductions return them: 0-d tensors and numpy scalars."""
+
+    name = "torch_metrics"
+    description = "sum, with metrics computed by torch (a test plugin)"
+    Params = StrategyParams
+    needs_calibration = False
+
+    def merge(self, inputs, params, progress):
+        import numpy as np
+
+        modules = task_arithmetic_factors(inputs.adapters, [1.0] * len(inputs.adapters))
+        return MergedAdapter(modules, {"truncation_error": {"max": torch.tensor(0.25)}, "mean": np.float32(0.5),
+                                       "alignment_loss": {inputs.adapters[0].name: (torch.tensor(2.0), 1.0)}})
+
+
+def test_a_strategys_tensor_and_numpy_metrics_are_written_as_numbers(bert, tmp_path, capsys):
+    """A 0-d tensor in the metrics was a traceback at writing the report, after the whole merge."""
+    base_dir, adapters = bert
+    out = tmp_path / "m"
+    with registered("register_strategies", _TorchMetrics()):
+        code = main(["merge", "--base-model", str(base_dir), "--strategy", "torch_metrics", "--out", str(out), "-q",
+                     "--no-eval", *(f"--adapter={a}" for a in adapters)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["rank_cap_error"] == 0.25
+    assert report["metrics"] == {"truncation_error": {"max": 0.25}, "mean": 0.5,
+                                 "alignment_loss": {Path(adapters[0]).name: [2.0, 1.0]}}
 
 
 class _Loose:
