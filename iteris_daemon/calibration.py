@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -304,13 +305,20 @@ def _from_plugin(name: str, failed: str, call: Callable[[], T]) -> T:
 
 def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
     """Source ``source``'s answer for ``adapter`` as a merge takes it: a set of no samples is
-    no answer, and anything but a CalibrationSet of Samples is an error naming the source."""
+    no answer, and anything but a CalibrationSet of Samples is an error naming the source. Its
+    ``source`` is a string, a path (``os.PathLike``) taken as one: else the report failed to be
+    written after the whole merge, and the daemon's run escaped, unrecorded."""
     if data is None:
         return None
     if (not isinstance(data, CalibrationSet) or not isinstance(data.samples, (tuple, list))
             or not all(isinstance(s, Sample) for s in data.samples)):
         raise CalibrationError(source, f"calibration source answered {type(data).__name__} for adapter "
                                        f"{adapter}, not a CalibrationSet of Samples")
+    if isinstance(data.source, os.PathLike):
+        data = replace(data, source=str(data.source))
+    if not isinstance(data.source, str):
+        raise CalibrationError(source, f"calibration source answered a CalibrationSet for adapter {adapter} whose "
+                                       f"source is {type(data.source).__name__}, not a string (or a path)")
     for number, sample in enumerate(data.samples, start=1):  # what a file's line must hold, a plugin's sample too
         if not isinstance(sample.text, str) or not sample.text.strip() or not isinstance(sample.target, (str, type(None))):
             raise CalibrationError(source, f"sample {number} for adapter {adapter} has no text, or a text or "

@@ -4,6 +4,7 @@ and the data-free fallback on generative and encoder models."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -369,6 +370,17 @@ def test_a_sources_empty_or_malformed_answer(bert):
     assert empty_first.source.endswith("calibration.jsonl") and empty_first.samples
     assert isinstance(strings_first, CalibrationError) and str(strings_first).startswith("strings: calibration source")
     assert isinstance(none_first, CalibrationError) and str(none_first).startswith("none: calibration source answered")
+    # A source that is not a string failed after the whole merge, at writing the report (the daemon's run
+    # escaped, unrecorded, retried for ever): a path is taken as its string, anything else holds the adapter back.
+    available["path"] = SimpleNamespace(load=lambda a, o: CalibrationSet((Sample("fine"),), Path("/srv/x.jsonl")))
+    available["number"] = SimpleNamespace(load=lambda a, o: CalibrationSet((Sample("fine"),), 7))
+    assert first_calibration(adapter, CalibrationOptions(order=("path",)), available).source == "/srv/x.jsonl"
+    with pytest.raises(CalibrationError, match=f"^number: calibration source answered a CalibrationSet for adapter "
+                                               f"{adapter.name} whose source is int, not a string"):
+        first_calibration(adapter, CalibrationOptions(order=("number",)), available)
+    by_path, by_number = calibrate_all([adapter], CalibrationOptions(order=("path", "number")), available)[0], \
+        calibrate_all([adapter], CalibrationOptions(order=("number",)), available)[0]
+    assert by_path.source == "/srv/x.jsonl" and str(by_number).startswith("number: calibration source answered")
     # Samples a file's line could not hold: an empty text was merged on, a number a TypeError.
     for bad in (Sample(""), Sample(123), Sample("text", target=4)):
         available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))
