@@ -220,6 +220,9 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
         if not (B.is_floating_point() and A.is_floating_point()):  # a cast would drop imaginary parts, say
             raise MergeError(f"strategy {strategy} returned factors of dtypes B {B.dtype}, A {A.dtype} for {path}; "
                              "LoRA factors are real floating point; nothing was written")
+        if "meta" in (B.device.type, A.device.type):  # shapes without values: isfinite() could not be read
+            raise MergeError(f"strategy {strategy} returned factors on devices B {B.device}, A {A.device} for {path}; "
+                             "meta tensors hold no values; nothing was written")
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise MergeError(f"merged weights of {path} contain NaN/Inf; nothing was written")
     left_out = sorted(path for path in shapes if path not in modules)

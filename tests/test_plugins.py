@@ -166,6 +166,8 @@ class Misbehaving:
             modules[path] = (B.to(torch.complex64), A)
         elif self.mistake == "integer":
             modules[path] = (B, (A * 1000).round().to(torch.int32))
+        elif self.mistake == "meta":  # built without data by mistake
+            modules[path] = (B.to("meta"), A.to("meta"))
         elif self.mistake == "a metric not JSON":
             return MergedAdapter(modules, {"norms": B.norm(dim=0)})
         elif self.mistake == "alignment_loss of another form":
@@ -193,6 +195,7 @@ class Misbehaving:
     # Cast without a word: the imaginary part dropped, the integers written as floats.
     ("complex", "returned factors of dtypes B torch.complex64, A torch.float32 for"),
     ("integer", "returned factors of dtypes B torch.float32, A torch.int32 for"),
+    ("meta", "returned factors on devices B meta, A meta for "),  # a traceback from isfinite()
     # A traceback at writing the report, after the whole merge; a float truncation_error was ignored
     # (rank_cap_error 0.0 for a real error of 0.63).
     ("a metric not JSON", "returned metric 'norms', which is not JSON (TypeError: Object of type Tensor"),
