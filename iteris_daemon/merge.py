@@ -233,28 +233,39 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
                          f"adapts){more}; nothing was written")
 
 
-def input_tensors(adapters: list[LoraAdapter]) -> dict[tuple[str, str], tuple[torch.Tensor, int]]:
-    """Every factor and saved module of the inputs with its count of in-place writes (torch
-    keeps one per tensor: ``_version``), to see afterwards that a strategy left them as given."""
-    found = {}
+Given = dict[tuple[str | None, str], tuple[tuple[Any, ...], Any]]
+
+
+def inputs_given(adapters: list[LoraAdapter], calibration: list[CalibrationSet | None]) -> Given:
+    """What a strategy must leave as given, each entry as the objects it holds (compared by
+    identity) and a value (compared by equality), with no tensor copied: the order and the
+    objects of the adapters and calibration sets (``calibration[i]`` belongs to
+    ``adapters[i]``), each adapter's layers (their names, module objects and ``scaling``), and
+    every factor and saved module with its count of in-place writes (torch keeps one per
+    tensor: ``_version``)."""
+    found: Given = {(None, "adapters"): (tuple(adapters), None), (None, "calibration"): (tuple(calibration), None)}
     for adapter in adapters:
+        found[(adapter.name, "its layers")] = ((), (tuple(adapter.modules), tuple(adapter.modules_to_save)))
+        found.update({(adapter.name, f"{path} scaling"): ((m,), m.scaling) for path, m in adapter.modules.items()})
         tensors = {**{f"{path}.lora_{k}": getattr(m, k) for path, m in adapter.modules.items() for k in "AB"},
                    **adapter.modules_to_save}
-        found.update({(adapter.name, key): (tensor, tensor._version) for key, tensor in tensors.items()})
+        found.update({(adapter.name, key): ((tensor,), tensor._version) for key, tensor in tensors.items()})
     return found
 
 
-def check_inputs_kept(strategy: str, before: dict[tuple[str, str], tuple[torch.Tensor, int]],
-                      adapters: list[LoraAdapter]) -> None:
-    """A strategy that changed its input adapters (in place, or by replacing their tensors)
-    is refused: the evaluation compares the merge with them, so its figures would mislead."""
-    after = input_tensors(adapters)
-    for key, (tensor, version) in before.items():
+def check_inputs_kept(strategy: str, before: Given, adapters: list[LoraAdapter],
+                      calibration: list[CalibrationSet | None]) -> None:
+    """A strategy that changed its inputs (a tensor in place or replaced, a layer's scaling,
+    the adapters' or calibration sets' order) is refused: the evaluation compares the merge
+    with them (with the calibration of the adapter it belongs to), so its figures would mislead."""
+    after = inputs_given(adapters, calibration)
+    for key, (objects, value) in before.items():
         now = after.get(key)
-        if now is None or now[0] is not tensor or now[1] != version:
-            raise InputsChangedError(f"strategy {strategy} changed its input adapter {key[0]} ({key[1]}); a strategy "
-                                     "must leave its inputs as given (the evaluation compares the merge with them); "
-                                     "nothing was written")
+        if now is None or len(now[0]) != len(objects) or any(a is not b for a, b in zip(now[0], objects)) \
+                or now[1] != value:
+            what = f"inputs.{key[1]} (their order or items)" if key[0] is None else f"input adapter {key[0]} ({key[1]})"
+            raise InputsChangedError(f"strategy {strategy} changed its {what}; a strategy must leave its inputs as "
+                                     "given (the evaluation compares the merge with them); nothing was written")
 
 
 def _delta_overflows(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> bool:
@@ -491,23 +502,24 @@ def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeI
     """``strategy``'s merge of ``inputs``, checked as ``merge`` and ``compare`` both take it: a
     plugin's exception is one line naming it (-v shows the traceback), and a result that is
     not LoRA factors of the adapted layers, or inputs the strategy changed, are refused."""
-    given = input_tensors(inputs.adapters)
+    adapters, calibration = inputs.adapters, inputs.calibration  # the caller's lists, whatever merge() assigns
+    given = inputs_given(adapters, calibration)
     try:
         result = strategy.merge(inputs, params, progress)
     except (IterisError, MemoryError):
-        check_inputs_kept(strategy.name, given, inputs.adapters)  # what `compare` must know first
+        check_inputs_kept(strategy.name, given, adapters, calibration)  # what `compare` must know first
         raise
     except Exception as exc:
-        check_inputs_kept(strategy.name, given, inputs.adapters)
+        check_inputs_kept(strategy.name, given, adapters, calibration)
         if says_out_of_memory(str(exc)):  # torch's allocator: the worker reports it as out of memory
             raise
         raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
-    check_inputs_kept(strategy.name, given, inputs.adapters)
+    check_inputs_kept(strategy.name, given, adapters, calibration)
     if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
         raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
                          "(with a dict of metrics); nothing was written")
-    check_result(strategy.name, result.modules, inputs.adapters)
-    result.metrics = check_metrics(strategy.name, result.metrics, inputs.adapters)
+    check_result(strategy.name, result.modules, adapters)
+    result.metrics = check_metrics(strategy.name, result.metrics, adapters)
     return result
 
 

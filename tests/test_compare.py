@@ -188,12 +188,13 @@ def test_the_default_contenders_leave_out_a_strategy_with_a_required_parameter(c
                for r in caplog.records)
 
 
-@pytest.mark.parametrize("then", ["returns", "raises"])
+@pytest.mark.parametrize("then", ["returns", "raises", "scales", "reorders"])
 def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_scores(tiny, tmp_path, capsys, then):
     """``compare`` hands every contender the same adapters: a plugin that scaled one in place
     (DARE's drop done on the inputs) was scored, and every later contender merged and was
     compared with the edited adapter. ``merge`` refused it; ``compare`` now does too, and
-    reads the adapters again for the contenders after it."""
+    reads the adapters again for the contenders after it. A change that touches no tensor (a
+    layer's ``scaling``, the adapters' order) went unseen."""
     from iteris_daemon.strategy import MergedAdapter, StrategyParams
 
     class EditsInputs:
@@ -202,7 +203,12 @@ def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_sc
 
         def merge(self, inputs, params, progress):
             for module in inputs.adapters[0].modules.values():
-                module.B.mul_(3.0)
+                if then == "scales":
+                    module.scaling *= 3.0
+                elif then != "reorders":
+                    module.B.mul_(3.0)
+            if then == "reorders":
+                inputs.adapters.reverse()
             if then == "raises":  # the edit must be seen on the failure's way out too
                 raise ValueError("a bug after the edit")
             return MergedAdapter({path: (m.B, m.A) for path, m in inputs.adapters[0].modules.items()})
@@ -218,7 +224,7 @@ def test_a_strategy_that_edits_its_inputs_does_not_change_the_next_contenders_sc
     alone = rows("task_arithmetic")
     with registered("register_strategies", EditsInputs()):
         after = rows("edits_inputs", "task_arithmetic")
-    assert after["edits_inputs"]["error"].startswith("strategy edits_inputs changed its input adapter ")
+    assert after["edits_inputs"]["error"].startswith("strategy edits_inputs changed its input")
     assert after["task_arithmetic"] == alone["task_arithmetic"] | {"merge_seconds": after["task_arithmetic"]["merge_seconds"]}
     capsys.readouterr()
 

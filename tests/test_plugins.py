@@ -166,6 +166,12 @@ class Misbehaving:
             modules[path] = (B.to(torch.complex64), A)
         elif self.mistake == "integer":
             modules[path] = (B, (A * 1000).round().to(torch.int32))
+        elif self.mistake == "scales its inputs":  # no tensor touched: the evaluation compared with the new scale
+            inputs.adapters[0].modules[path].scaling *= 2
+        elif self.mistake == "reorders its inputs":  # the evaluation paired adapters with other tasks' calibration
+            inputs.adapters.reverse()
+        elif self.mistake == "reorders its calibration":
+            inputs.calibration.reverse()
         elif self.mistake == "meta":  # built without data by mistake
             modules[path] = (B.to("meta"), A.to("meta"))
         elif self.mistake == "a metric not JSON":
@@ -195,6 +201,9 @@ class Misbehaving:
     # Cast without a word: the imaginary part dropped, the integers written as floats.
     ("complex", "returned factors of dtypes B torch.complex64, A torch.float32 for"),
     ("integer", "returned factors of dtypes B torch.float32, A torch.int32 for"),
+    ("scales its inputs", "strategy misbehaving changed its input adapter "),
+    ("reorders its inputs", "strategy misbehaving changed its inputs.adapters (their order or items)"),
+    ("reorders its calibration", "strategy misbehaving changed its inputs.calibration (their order or items)"),
     ("meta", "returned factors on devices B meta, A meta for "),  # a traceback from isfinite()
     # A traceback at writing the report, after the whole merge; a float truncation_error was ignored
     # (rank_cap_error 0.0 for a real error of 0.63).
@@ -238,6 +247,9 @@ def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_p
                             "overflowing product": "iteris-daemon: error: the merged delta B @ A of",
                             "raises": "iteris-daemon: error: strategy misbehaving failed",
                             "edits its inputs": "iteris-daemon: error: strategy misbehaving changed",
+                            "scales its inputs": "iteris-daemon: error: strategy misbehaving changed",
+                            "reorders its inputs": "iteris-daemon: error: strategy misbehaving changed",
+                            "reorders its calibration": "iteris-daemon: error: strategy misbehaving changed",
                             "replaces its inputs": "iteris-daemon: error: strategy misbehaving changed"}.get(
         mistake, "iteris-daemon: error: strategy misbehaving returned")) and message in last
     assert "Traceback" not in err
