@@ -559,6 +559,10 @@ class PartlyPublished(IterisError):
                          "(the next run publishes to every destination again)")
 
 
+class PublishFailed(IterisError):
+    """A publisher's failure that trying again may not meet (a destination down, a full disk)."""
+
+
 @dataclass
 class RunOutcome:
     status: RunStatus
@@ -935,11 +939,18 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
         metrics=report.get("tasks", {}), dtype=report.get("dtype"), stopping=stopping,
     )
     published = []
-    for destination in group.destinations:
+    for number, destination in enumerate(group.destinations, start=1):
         publisher = get_publisher(destination["kind"])
         settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+        where = f"publisher {publisher.kind} (destination {number} of {len(group.destinations)})"
         try:
-            result = _checked_result(publisher.kind, publisher.publish(request, settings))
+            try:
+                answer = publisher.publish(request, settings)
+            except IterisError:
+                raise
+            except (Exception, SystemExit) as exc:
+                raise _publish_failure(where, exc) from exc
+            result = _checked_result(publisher.kind, answer)
         except Exception as exc:
             if published:
                 raise PartlyPublished(published, publisher.kind, exc) from exc
@@ -947,6 +958,21 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
         published.append({"kind": publisher.kind, "location": result.location, "version": result.version,
                           "changed": result.changed})
     return published
+
+
+_PLUGIN_BUGS = (AttributeError, LookupError, NameError, TypeError, ValueError, ArithmeticError, AssertionError,
+                ImportError, NotImplementedError, SystemExit)
+"""What a mistake in a publisher's code raises (a KeyError, say), unlike a destination that
+failed (OSError, HTTP and transport errors, timeouts): trying again would meet it again."""
+
+
+def _publish_failure(where: str, exc: BaseException) -> IterisError:
+    """A publisher's failure, naming it and its destination: a PluginError (not tried again,
+    see ``RunOutcome.retry_publish``) where it is a bug, else a PublishFailed."""
+    reason = f"{where} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _PLUGIN_BUGS):
+        return PluginError(f"{reason} (a bug in the plugin: left to the group's schedule, not tried again)")
+    return PublishFailed(reason)
 
 
 def _checked_result(kind: str, result: Any) -> PublishResult:

@@ -588,6 +588,36 @@ def test_a_publishers_plugin_error_is_not_tried_again(setup, tmp_path):
     assert not outcome.retry_publish
 
 
+@pytest.mark.parametrize("raised, retried", [(KeyError("bucket"), False), (SystemExit(3), False),
+                                             (ConnectionError("store.example: refused"), True)])
+def test_a_publisher_that_raises_is_named_and_only_a_destination_that_failed_is_tried_again(setup, raised, retried):
+    """A publisher plugin's bug failed the run with "KeyError: 'bucket'", naming neither the
+    publisher nor the destination, and was tried again as if the destination were down; a
+    SystemExit escaped run_group, the run left ``running``."""
+    from iteris_daemon.publish import PublisherSettings
+    from registered import registered
+
+    class Raising:
+        kind = "bucket"
+        description = "raises (a test plugin)"
+        Settings = PublisherSettings
+
+        def publish(self, request, settings):
+            raise raised
+
+    with registered("register_publishers", Raising()):
+        group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                            select={"names": ["task0"]}, gates={"max_regression": False, "max_fidelity_gap": False},
+                            destinations=[{"kind": "folder", "path": str(setup.published)}, {"kind": "bucket"}])
+        sync_group(setup.catalog, group)
+        outcome = setup.run(group)
+    name = type(raised).__name__
+    assert outcome.status is RunStatus.failed and outcome.retry_publish is retried
+    assert f"published this merge: publisher bucket (destination 2 of 2) failed: {name}: " in outcome.detail
+    assert ("a bug in the plugin" in outcome.detail) is not retried
+    assert setup.run_row(outcome.run_id).status is RunStatus.failed
+
+
 def _catalog_with_one_adapter(tmp_path, name: str = "team", locator: str = "/team/a", revision: str = "r1"):
     """A catalog with one registered adapter, recorded directly (no files are read here)."""
     from iteris_daemon.catalog.registry import Observation, record
