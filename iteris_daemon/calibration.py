@@ -299,7 +299,7 @@ def _from_plugin(name: str, failed: str, call: Callable[[], T]) -> T:
         return call()
     except IterisError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a SystemExit escaped the daemon's run, left running
         raise CalibrationError(name, f"calibration source failed {failed}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 

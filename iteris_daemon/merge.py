@@ -509,7 +509,7 @@ def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeI
     except (IterisError, MemoryError):
         check_inputs_kept(strategy.name, given, adapters, calibration)  # what `compare` must know first
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit(3) in a plugin ended `merge` with no word
         check_inputs_kept(strategy.name, given, adapters, calibration)
         if says_out_of_memory(str(exc)):  # torch's allocator: the worker reports it as out of memory
             raise

@@ -4,6 +4,7 @@ and the data-free fallback on generative and encoder models."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -411,6 +412,11 @@ def test_a_source_that_raises_is_named(bert):
     assert isinstance(caught.value.__cause__, ConnectionError)
     with pytest.raises(CalibrationError, match=r"^rows.jsonl:3: not valid JSON$"):
         first_calibration(adapter, CalibrationOptions(order=("rows", "store")), available)
+    # A library that calls sys.exit: `merge` ended with its code and no word, the daemon's run left running.
+    available["exits"] = SimpleNamespace(load=lambda a, o: sys.exit(3))
+    with pytest.raises(CalibrationError, match=f"^exits: calibration source failed on adapter {adapter.name}: "
+                                               "SystemExit: 3$"):
+        first_calibration(adapter, CalibrationOptions(order=("exits",)), available)
 
 
 def test_a_source_that_raises_holds_its_adapter_back_in_the_daemon_too(bert):

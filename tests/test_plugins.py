@@ -154,6 +154,8 @@ class Misbehaving:
             modules[path] = (B * 1e30, A * 1e30)
         elif self.mistake == "raises":
             raise KeyError("a bug in the plugin")
+        elif self.mistake == "exits":  # a library it calls does sys.exit
+            sys.exit(3)
         elif self.mistake == "not a MergedAdapter":
             return modules
         elif self.mistake == "not a pair":
@@ -193,6 +195,7 @@ class Misbehaving:
     ("overflowing product", "overflows torch.float32 (finite factors, an infinite product)"),  # with --no-eval too
     # These three were tracebacks, exit 1 (found by QA writing a third-party strategy).
     ("raises", "strategy misbehaving failed: KeyError: 'a bug in the plugin'"),
+    ("exits", "strategy misbehaving failed: SystemExit: 3"),  # was exit 3, nothing said
     ("not a MergedAdapter", "strategy misbehaving returned dict, not a MergedAdapter"),
     ("not a pair", "strategy misbehaving returned Tensor for "),
     # The evaluation compared the merge with the edited inputs: the figures misled.
@@ -246,6 +249,7 @@ def test_a_strategys_mistakes_are_refused_before_anything_is_written(bert, tmp_p
     assert last.startswith({"huge": "iteris-daemon: error: merged weights of",
                             "overflowing product": "iteris-daemon: error: the merged delta B @ A of",
                             "raises": "iteris-daemon: error: strategy misbehaving failed",
+                            "exits": "iteris-daemon: error: strategy misbehaving failed",
                             "edits its inputs": "iteris-daemon: error: strategy misbehaving changed",
                             "scales its inputs": "iteris-daemon: error: strategy misbehaving changed",
                             "reorders its inputs": "iteris-daemon: error: strategy misbehaving changed",
