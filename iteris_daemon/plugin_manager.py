@@ -109,33 +109,45 @@ _REQUIRED = {
 
 
 def _collect(hook, key: str, what: str) -> dict:
-    """Call a ``register_*`` hook; a second plugin may not silently take a name, and a
-    malformed object or a hook that raises is one line naming it, not a traceback later."""
+    """Call a ``register_*`` hook, plugin by plugin in pluggy's order; a second plugin may not
+    silently take a name, and a malformed object (a name that is not a string, a required
+    ``Params``/``Settings`` of None) or a hook that raises is one line naming its plugin (the
+    entry point and distribution of an installed one), not a traceback later, naming nothing."""
     found: dict = {}
+    origins: dict = {}
     attributes, settings = _REQUIRED[what]
+    manager = get_plugin_manager()
+    dists = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
 
-    def register(item) -> None:
-        where = type(item).__module__
+    def register(item, where: str) -> None:
         missing = [name for name in attributes if not hasattr(item, name)]
         if missing:
             raise PluginError(f"a {what} registered by {where} has no {', '.join(missing)}")
-        model = getattr(item, settings[0], None)
-        if model is not None and not (isinstance(model, type) and issubclass(model, settings[1])):
-            raise PluginError(f"{what} {getattr(item, key)!r} (from {where}): its {settings[0]} must subclass "
-                              f"{settings[1].__module__}.{settings[1].__name__}, which refuses unknown keys")
         name = getattr(item, key)
+        if not isinstance(name, str) or not name.strip():
+            raise PluginError(f"a {what} registered by {where} has {key} {name!r}: not a non-empty string")
+        model = getattr(item, settings[0], None)
+        if (model is not None or settings[0] in attributes) and not (
+                isinstance(model, type) and issubclass(model, settings[1])):
+            raise PluginError(f"{what} {name!r} (from {where}): its {settings[0]} must subclass "
+                              f"{settings[1].__module__}.{settings[1].__name__}, which refuses unknown keys")
         if name in found:
-            modules = sorted({type(found[name]).__module__, where})
-            raise PluginError(f"two plugins register a {what} named {name!r} (from {' and '.join(modules)}): "
-                              "uninstall or rename one")
-        found[name] = item
+            raise PluginError(f"two plugins register a {what} named {name!r} (from "
+                              f"{' and '.join(sorted({origins[name], where}))}): uninstall or rename one")
+        found[name], origins[name] = item, where
 
-    try:
-        getattr(get_plugin_manager().hook, hook)(register=register)
-    except (PluginError, MemoryError):  # out of memory is said as such (a worker under its limit)
-        raise
-    except Exception as exc:  # pluggy says which plugin's hook failed in the traceback only
-        raise PluginError(f"a plugin's {hook} hook failed: {_one_line(exc)} (-v shows where)") from exc
+    for impl in reversed(getattr(manager.hook, hook).get_hookimpls()):  # pluggy calls the last registered first
+        dist = dists.get(id(impl.plugin))
+        module = getattr(impl.plugin, "__name__", type(impl.plugin).__module__)
+        plugin = f"plugin {impl.plugin_name!r} ({dist.project_name} {dist.version}: {module})" if dist else None
+        arguments = {"register": lambda item: register(item, plugin or type(item).__module__)}
+        try:
+            impl.function(*(arguments[name] for name in impl.argnames))
+        except (PluginError, MemoryError):  # out of memory is said as such (a worker under its limit)
+            raise
+        except (Exception, SystemExit) as exc:  # pluggy says which plugin's hook failed in the traceback only
+            raise PluginError(f"the {hook} hook of {plugin or f'plugin {impl.plugin_name!r} ({module})'} failed: "
+                              f"{_one_line(exc)} (-v shows where)") from exc
     return found
 
 

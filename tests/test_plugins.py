@@ -313,7 +313,7 @@ class _Nameless:
 @pytest.mark.parametrize("item, message", [
     (_Loose(), "strategy 'loose' (from test_plugins): its Params must subclass iteris_daemon.strategy.StrategyParams"),
     (_Nameless(), "a strategy registered by test_plugins has no name"),
-    (None, "a plugin's register_strategies hook failed: ZeroDivisionError: division by zero"),
+    (None, "the register_strategies hook of plugin 'test-plugin-"),
 ])
 def test_a_malformed_plugin_object_or_a_raising_hook_is_one_line(capsys, item, message):
     """These were tracebacks in `plugins`, `merge` and the daemon (an AttributeError on
@@ -327,6 +327,49 @@ def test_a_malformed_plugin_object_or_a_raising_hook_is_one_line(capsys, item, m
         code = main(["plugins"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith(f"iteris-daemon: error: {message}") and err.count("\n") == 1, err
+    if item is None:
+        assert "(registered) failed: ZeroDivisionError: division by zero (-v shows where)" in err
+
+
+class _Numbered(_Nameless):
+    name = 7  # an Enum member or a number: every listing failed in sorted() with a TypeError naming nothing
+
+
+class _NoSettings:
+    kind, Settings = "no_settings", None  # required: a config using it failed when read, in an AttributeError
+
+    def publish(self, request, settings):
+        raise AssertionError("never called")
+
+
+def test_a_plugin_objects_name_and_required_model_are_checked_when_it_registers(capsys):
+    with registered("register_strategies", _Numbered()):
+        assert main(["plugins"]) == 2
+    assert capsys.readouterr().err == ("iteris-daemon: error: a strategy registered by test_plugins has name 7: not "
+                                       "a non-empty string\n")
+    with registered("register_publishers", _NoSettings()):
+        assert main(["plugins"]) == 2
+    assert capsys.readouterr().err == (
+        "iteris-daemon: error: publisher 'no_settings' (from test_plugins): its Settings must subclass "
+        "iteris_daemon.publish.PublisherSettings, which refuses unknown keys\n")
+
+
+def test_an_installed_plugins_malformed_object_or_raising_hook_names_its_entry_point(tmp_path):
+    """A hook that raised was "a plugin's register_strategies hook failed", naming no package."""
+    for module, body, expected in (
+            ("raising_plugin", "def register_strategies(register):\n    {}['bucket']\n",
+             "the register_strategies hook of plugin 'raising' (raising 0.1: raising_plugin) failed: KeyError: "
+             "'bucket' (-v shows where)"),
+            ("numbered_plugin", "def register_strategies(register):\n    register(type('S', (), {'name': 7, "
+             "'Params': None, 'needs_calibration': False, 'merge': None})())\n",
+             "a strategy registered by plugin 'numbered' (numbered 0.1: numbered_plugin) has name 7: not a "
+             "non-empty string")):
+        name = module.removesuffix("_plugin")
+        source = f"from iteris_daemon import hookimpl\n\n@hookimpl\n{body}"
+        env = _fake_distribution(tmp_path / module, name, f"{name} = {module}", source)
+        result = subprocess.run([sys.executable, "-m", "iteris_daemon", "plugins"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr == f"iteris-daemon: error: {expected}\n", result.stderr
 
 
 class _StoreSettings(CalibrationSettings):
