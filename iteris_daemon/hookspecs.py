@@ -31,9 +31,12 @@ def register_strategies(register: Callable[["MergeStrategy"], None]) -> None:
     """Register merge strategies by calling ``register(strategy)`` once per strategy.
 
     A strategy is an object satisfying :class:`iteris_daemon.strategy.MergeStrategy`:
-    a unique ``name``, a one-line ``description``, a pydantic ``Params`` model (its
-    fields are the strategy's parameters, validated before the merge starts) and a
-    ``merge(inputs, params, progress)`` method returning a merged adapter.
+    a unique ``name`` (a string), ``needs_calibration`` (whether ``inputs.calibration``
+    must hold every adapter's samples), a ``Params`` model subclassing
+    :class:`~iteris_daemon.strategy.StrategyParams` (its fields are the strategy's
+    parameters, validated before the merge starts), a ``merge(inputs, params, progress)``
+    method returning a :class:`~iteris_daemon.strategy.MergedAdapter`, and optionally a
+    one-line ``description``.
     """
 
 
@@ -62,6 +65,8 @@ def register_publishers(register: Callable[["Publisher"], None]) -> None:
     """Register publishers by calling ``register(publisher)`` once per publisher.
 
     A publisher satisfies :class:`iteris_daemon.publish.Publisher`: a unique ``kind``
-    (what a destination names in the config), a pydantic ``Settings`` model, and
-    ``publish(request, settings)``.
+    (what a destination names in the config), a ``Settings`` model subclassing
+    :class:`~iteris_daemon.publish.PublisherSettings` (its destination's table, checked when
+    the config is read), and ``publish(request, settings)`` returning a
+    :class:`~iteris_daemon.publish.PublishResult`.
     """

@@ -547,6 +547,13 @@ def test_plugin_parameters_are_listed_with_the_bounds_their_model_checks(capsys)
     rows = capsys.readouterr().out.splitlines()[1:]
     assert "int (>= 1, <= 1000)" in next(r for r in rows if r.split()[0] == "iterations")
     assert len({row.index("default=") for row in rows}) == 1  # one column, whatever the types' lengths
+    # Per-adapter fields said nothing of it: a daemon group must give them as a table by adapter name.
+    assert main(["plugins", "--params", "task_arithmetic", "--json"]) == 0
+    unnamed = {row["name"]: row["per_adapter"] for row in json.loads(capsys.readouterr().out)}
+    assert unnamed == {"weights": 1.0, "scale": None}
+    assert main(["plugins", "--params", "task_arithmetic"]) == 0
+    assert ("(per adapter; a daemon group gives a table by adapter name, an adapter not named takes 1.0)"
+            in next(r for r in capsys.readouterr().out.splitlines() if r.split()[0] == "weights"))
 
 
 def test_two_plugins_with_one_name_and_a_misspelt_hook_are_one_line_errors(tmp_path):

@@ -205,13 +205,16 @@ def summarize(report: dict, out: Path) -> str:
 
 def _plugins(args) -> int:
     from ..plugin_manager import calibration_sources, get_strategy, plugin_names, publishers, strategies
+    from ..strategy import per_adapter_fields
 
     if args.params:
         strategy = get_strategy(args.params)
         fields = strategy.Params.model_fields
+        unnamed = per_adapter_fields(strategy.Params)
         rows = [
             {"name": n, "type": _type_name(f.annotation), "range": _range(f), "default": _default(f),
-             "help": f.description or ""}
+             "help": " ".join(filter(None, [f.description, _per_adapter_note(unnamed[n]) if n in unnamed else ""])),
+             "per_adapter": unnamed.get(n)}
             for n, f in fields.items()
         ]
         if args.json:
@@ -247,6 +250,11 @@ def _plugins(args) -> int:
         for name, description in rows:
             print(f"  {name:24} {description}")
     return 0
+
+
+def _per_adapter_note(unnamed: object) -> str:
+    """How a per-adapter parameter is given: a daemon group's adapters change from run to run."""
+    return f"(per adapter; a daemon group gives a table by adapter name, an adapter not named takes {unnamed})"
 
 
 def _description(plugin) -> str:
