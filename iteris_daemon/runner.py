@@ -969,7 +969,7 @@ failed (OSError, HTTP and transport errors, timeouts): trying again would meet i
 def _publish_failure(where: str, exc: BaseException) -> IterisError:
     """A publisher's failure, naming it and its destination: a PluginError (not tried again,
     see ``RunOutcome.retry_publish``) where it is a bug, else a PublishFailed."""
-    reason = f"{where} failed: {type(exc).__name__}: {exc}"
+    reason = f"{where} failed: {type(exc).__name__}: {first_line(exc)}"
     if isinstance(exc, _PLUGIN_BUGS):
         return PluginError(f"{reason} (a bug in the plugin: left to the group's schedule, not tried again)")
     return PublishFailed(reason)
