@@ -1165,7 +1165,7 @@ def test_changes_put_a_run_off_no_longer_than_its_maximum_wait(tmp_path, made, w
     assert _run_date(daemon, "letters") == first + longest  # half a debounce period from now, not a whole one
 
     monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: RunOutcome(RunStatus.skipped, 1))
-    daemon.work, daemon.metrics = tmp_path / "work", SimpleNamespace()
+    daemon.work, daemon.cache, daemon.metrics = tmp_path / "work", tmp_path / "cache", SimpleNamespace()
     daemon._run_on("letters", "cpu")  # the run reads every change so far
     daemon._inputs_changed("team", ScanReport(removed=[locator]))
     assert _run_date(daemon, "letters") == daemon._unmerged_since["letters"] + debounce
