@@ -183,7 +183,8 @@ def test_hub_errors_reach_held_back_reasons_and_run_errors_as_one_line(setup, tm
         hub.inject(r"^POST /api/models/acme/merged/commit/", ("status", 403, {"X-Error-Message": "read-only token"}))
         outcome = setup.run(group)
     assert outcome.status is RunStatus.failed
-    assert outcome.detail.startswith("HfHubHTTPError: 403 Forbidden: read-only token.") and "\n" not in outcome.detail
+    assert outcome.detail.startswith("publisher hub (destination 1 of 1) failed: HfHubHTTPError: 403 Forbidden: "
+                                     "read-only token.") and "\n" not in outcome.detail
     held_back = setup.run_row(outcome.run_id).metrics["held_back"]
     [reason] = held_back.values()
     assert "\n" not in reason and "HTTP 403: Cannot access gated repo for url" in reason, reason
