@@ -538,9 +538,10 @@ def check_metrics(strategy: str, metrics: dict[str, Any], adapters: list[LoraAda
                              f"({type(exc).__name__}: {exc}); nothing was written") from None
     loss, names = plain.get("alignment_loss"), {a.name for a in adapters}
     if loss is not None and not (isinstance(loss, dict) and set(loss) <= names and all(
-            isinstance(values, list) and all(map(_is_number, values)) for values in loss.values())):
+            isinstance(values, list) and all(v is None or _is_number(v) for v in values) for values in loss.values())):
         raise MergeError(f"strategy {strategy} returned metric 'alignment_loss' as {type(loss).__name__}; that key is "
-                         "reserved for a table {adapter name: [loss, ...]} of numbers; nothing was written")
+                         "reserved for a table {adapter name: [loss, ...]} of numbers (None where a loss is "
+                         "undefined); nothing was written")
     cap = plain.get("truncation_error")
     if cap is not None and not (isinstance(cap, dict) and _is_number(top := cap.get("max"))
                                 and math.isfinite(top) and top >= 0):
