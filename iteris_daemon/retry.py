@@ -89,18 +89,27 @@ class _Backoff:
         return max(0.0, min(delay, self.cap))
 
 
-def _log_retry(what: str):
+def _log_retry(what: str, failures: list[BaseException]):
+    """Log each retry, and keep its failure in ``failures`` (see :func:`_refuse_once_set`)."""
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
+        failures[:] = [exc] if exc is not None else []
         status = _status(exc) if exc else None
         reason = f"HTTP {status}" if status else type(exc).__name__
         log.warning("%s: %s, retry %d in %.1fs", what, reason, state.attempt_number, state.next_action.sleep)
     return before_sleep
 
 
-def _refuse_once_set(stopping: threading.Event, what: str):
+def _refuse_once_set(stopping: threading.Event, what: str, failures: list[BaseException]):
+    """No attempt once ``stopping`` is set: the failure whose backoff wait the stop ended is
+    raised (a 429 is the error, not the stop), else :class:`Interrupted`. Whether the stop came
+    before tenacity's stop check or during the wait after it was a race."""
     def before(state: RetryCallState) -> None:
+        if state.attempt_number == 1:
+            failures.clear()  # a new call of the same Retrying
         if stopping.is_set():
+            if failures:
+                raise failures[-1]
             raise Interrupted(f"{what}: not attempted, the daemon is stopping")
     return before
 
@@ -113,14 +122,15 @@ def hub_retrying(what: str, attempts: int = 6, base_seconds: float = 1.0, cap_se
     a backoff wait ends at once, and the last failure is raised instead of being retried."""
     stop = stop_after_attempt(attempts)
     more = {}
+    failures: list[BaseException] = []  # the last attempt's, once a wait began
     if stopping is not None:
         stop = stop | stop_when_event_set(stopping)
-        more = {"sleep": sleep_using_event(stopping), "before": _refuse_once_set(stopping, what)}
+        more = {"sleep": sleep_using_event(stopping), "before": _refuse_once_set(stopping, what, failures)}
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop,
         wait=_Backoff(base_seconds, cap_seconds),
-        before_sleep=_log_retry(what),
+        before_sleep=_log_retry(what, failures),
         reraise=True,
         **more,
     )
