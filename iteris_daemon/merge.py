@@ -34,6 +34,7 @@ from .calibration import CalibrationOptions, CalibrationSet, first_calibration, 
 from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
                      MergeError, OutputError, OutputExistsError, first_line)
 from .evaluation import evaluate
+from .figures import number
 from .logs import counted
 from .lora import LoraAdapter, load_adapter, save_adapter, widest
 from .lowrank import refactor
@@ -538,12 +539,12 @@ def check_metrics(strategy: str, metrics: dict[str, Any], adapters: list[LoraAda
                              f"({type(exc).__name__}: {exc}); nothing was written") from None
     loss, names = plain.get("alignment_loss"), {a.name for a in adapters}
     if loss is not None and not (isinstance(loss, dict) and set(loss) <= names and all(
-            isinstance(values, list) and all(v is None or _is_number(v) for v in values) for values in loss.values())):
+            isinstance(values, list) and all(v is None or number(v) for v in values) for values in loss.values())):
         raise MergeError(f"strategy {strategy} returned metric 'alignment_loss' as {type(loss).__name__}; that key is "
                          "reserved for a table {adapter name: [loss, ...]} of numbers (None where a loss is "
                          "undefined); nothing was written")
     cap = plain.get("truncation_error")
-    if cap is not None and not (isinstance(cap, dict) and _is_number(top := cap.get("max"))
+    if cap is not None and not (isinstance(cap, dict) and number(top := cap.get("max"))
                                 and math.isfinite(top) and top >= 0):
         raise MergeError(f"strategy {strategy} returned metric 'truncation_error' as {cap!r:.80}; that key is "
                          "reserved for {\"max\": relative error >= 0, ...} (the report's rank_cap_error); "
@@ -560,10 +561,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def run_merge(request: MergeRequest) -> dict[str, Any]:
