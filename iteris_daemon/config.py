@@ -542,7 +542,7 @@ def _check_plugins(config: DaemonConfig, path: Path, watched: list[tuple[str, Pa
                    polled: list[tuple[str, BaseModel]]) -> None:
     """Strategies, parameters and destinations must be valid before anything runs."""
     from .plugin_manager import calibration_sources, get_strategy
-    from .strategy import by_adapter_name, parse_params
+    from .strategy import by_adapter_name, parse_params, per_adapter_fields
 
     available = calibration_sources()
     published: list[tuple[str, Path]] = []  # (group name, folder) of every folder destination so far
@@ -551,7 +551,9 @@ def _check_plugins(config: DaemonConfig, path: Path, watched: list[tuple[str, Pa
         where = f"{path}: groups.{index} ({group.name})"
         try:
             strategy = get_strategy(group.strategy)
-            parse_params(strategy, by_adapter_name(strategy, group.params, None))
+            tables = {key: list(table) for key in per_adapter_fields(strategy.Params)
+                      if isinstance(table := group.params.get(key), dict)}
+            parse_params(strategy, by_adapter_name(strategy, group.params, None), entry_names=tables)
             order = group.calibration.order
             unknown = [n for n in order if n not in available]
             if unknown:

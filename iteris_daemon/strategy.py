@@ -156,16 +156,28 @@ def unique_params(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
     return dict(pairs)
 
 
-def parse_params(strategy: MergeStrategy, raw: dict[str, Any]) -> StrategyParams:
-    """Validate ``raw`` against the strategy's parameter model, with a one-line error."""
+def parse_params(strategy: MergeStrategy, raw: dict[str, Any],
+                 entry_names: dict[str, list[str]] | None = None) -> StrategyParams:
+    """Validate ``raw`` against the strategy's parameter model, with a one-line error.
+    ``entry_names`` names a list field's entries where they came from a table by adapter name
+    (a daemon group's ``weights``): its error says ``weights.news``, not ``weights.1``."""
     try:
         return strategy.Params(**raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg'].removeprefix('Value error, ')}"
+            f"{_location(err['loc'], entry_names or {}) or 'params'}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )
         raise ParameterError(f"strategy {strategy.name!r}: {problems}") from None
+
+
+def _location(loc: tuple, entry_names: dict[str, list[str]]) -> str:
+    """A pydantic error location as ``field.entry``, an entry named where ``entry_names`` knows it."""
+    parts = [str(p) for p in loc]
+    names = entry_names.get(parts[0]) if parts else None
+    if names and len(loc) > 1 and isinstance(loc[1], int) and loc[1] < len(names):
+        parts[1] = names[loc[1]]
+    return ".".join(parts)
 
 
 def task_arithmetic_factors(

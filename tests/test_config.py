@@ -46,8 +46,9 @@ def test_the_example_config_is_valid():
      "groups.0 (g): strategy 'iteris': task_weights: a group's adapters change from run to run, so give "
      "task_weights by adapter name, as a table (task_weights = { news = 2.0, topic = 0.5 }; an adapter not named "
      "takes 1.0), not by position"),
-    (GROUP + 'strategy = "ties"\nparams = { weights = { news = "a" } }\n' + FOLDER,
-     "groups.0 (g): strategy 'ties': weights.0: Input should be a valid number"),
+    # Named by the table's key: "weights.1" sent the operator counting a table's entries.
+    (GROUP + 'strategy = "ties"\nparams = { weights = { news = 1.0, topic = "a" } }\n' + FOLDER,
+     "groups.0 (g): strategy 'ties': weights.topic: Input should be a valid number"),
     (GROUP + 'params = { task_weights = { news = -1.0 } }\n' + FOLDER,
      "groups.0 (g): strategy 'iteris': params: task_weights must be non-negative"),
     (GROUP + 'strategy = "nonesuch"\n' + FOLDER, "unknown strategy 'nonesuch'"),
