@@ -30,9 +30,10 @@ from iteris_daemon.errors import CalibrationError
 class GenerateSettings(CalibrationSettings):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    samples: int | None = Field(None, ge=1, le=100_000)  # None: the merge's samples per task
-    max_new_tokens: int = Field(32, ge=1, le=4096)
-    seed: int = 0
+    samples: int | None = Field(None, ge=1, le=100_000, description="samples per adapter (None: the merge's "
+                                                                     "samples per task)")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="tokens generated per sample")
+    seed: int = Field(0, description="seed of the sampling, for the same inputs run after run")
 
 
 class Generate:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
@@ -37,12 +37,14 @@ from iteris_daemon.tokens import hub_token, plain
 class HubDatasetSettings(CalibrationSettings):
     model_config = STRICT
 
-    repo_id: RepoId
-    filename: str = "{name}.jsonl"
-    revision: str | None = None
-    endpoint: HubEndpoint | None = None
-    token_file: PathSetting | None = None
-    cache_dir: PathSetting | None = None
+    repo_id: RepoId = Field(description="the Hub dataset repo, OWNER/NAME")
+    filename: str = Field("{name}.jsonl", description="file per adapter; {name} is the adapter's catalog name")
+    revision: str | None = Field(None, description="branch, tag or commit (default: main)")
+    endpoint: HubEndpoint | None = Field(None, description="Hub URL (default: huggingface_hub's)")
+    token_file: PathSetting | None = Field(None, description="file holding a read token (default: the hf-token "
+                                                             "credential, else $HF_TOKEN)")
+    cache_dir: PathSetting | None = Field(None, description="where downloads are kept (default: calibration/ in the "
+                                                            "daemon's cache folder)")
 
     @field_validator("filename")
     @classmethod

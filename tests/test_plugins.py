@@ -595,3 +595,46 @@ def test_a_plugins_parameter_named_like_an_evaluation_setting_is_its_own(bert, t
                      "-q", *(f"--adapter={a}" for a in adapters)])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["tasks"]
+
+
+def test_plugins_params_shows_the_settings_of_calibration_sources_and_destinations(capsys):
+    """`plugins --params` knew strategies only: a calibration source's or a destination's
+    table (``[groups.calibration.hub_dataset]``, ``kind = "hub"``) was documented nowhere the
+    CLI shows, and types printed as ``Optional[Annotated[pathlib.Path, AfterValidator(...)]]``."""
+    assert main(["plugins", "--params", "hub_dataset", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"repo_id", "filename", "revision", "endpoint", "token_file", "cache_dir"}
+    assert rows["token_file"]["type"] == "Path | None" and rows["repo_id"]["default"] == "required"
+    assert main(["plugins", "--params", "destination:hub"]) == 0
+    out = capsys.readouterr().out
+    assert '[[groups.destinations]] kind = "hub"' in out.splitlines()[0]
+    assert next(r for r in out.splitlines() if r.split()[0] == "endpoint").split()[1:4] == ["str", "|", "None"]
+    assert main(["plugins", "--params", "adapter"]) == 0 and "(no settings)" in capsys.readouterr().out
+
+
+def test_plugins_params_names_what_it_cannot_tell_apart(capsys):
+    """A name two plugins share (a strategy and a destination kind) is not guessed: KIND:NAME picks one."""
+
+    class Folder(_Typed):
+        name = "folder"
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(Folder())
+
+    manager = get_plugin_manager()
+    plugin = Plugin()
+    manager.register(plugin, name="folder-strategy")
+    try:
+        assert main(["plugins", "--params", "folder"]) == 2
+        assert ("'folder' names a strategy and a destination; write strategy:folder or destination:folder"
+                in capsys.readouterr().err)
+        assert main(["plugins", "--params", "strategy:folder", "--json"]) == 0
+        assert {row["name"] for row in json.loads(capsys.readouterr().out)} == {"label", "weights", "names"}
+        assert main(["plugins", "--params", "calibration:folder"]) == 2
+        assert "no calibration source named 'folder'" in capsys.readouterr().err
+        assert main(["plugins", "--params", "publisher:folder"]) == 2
+        assert "unknown kind 'publisher' (use strategy, calibration, destination)" in capsys.readouterr().err
+    finally:
+        manager.unregister(plugin)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from ..paths import user_path
 from ..strategy import DEFAULT_STRATEGY
@@ -82,9 +83,13 @@ def register(commands) -> None:
     plugins = commands.add_parser(
         "plugins", help="list loaded plugins, strategies and their parameters",
         description="List the loaded plugins and what they provide: merge strategies, calibration sources and "
-                    "publishers (destination kinds); --params STRATEGY shows one strategy's parameters.",
+                    "publishers (destination kinds); --params NAME shows a strategy's parameters, or the settings a "
+                    "daemon config gives a calibration source or a destination kind.",
     )
-    plugins.add_argument("--params", metavar="STRATEGY", help="show one strategy's parameters")
+    plugins.add_argument("--params", metavar="NAME",
+                         help="show the parameters of the strategy NAME, or the settings of the calibration source or "
+                              "destination kind NAME (KIND:NAME where two share a name; KIND is strategy, "
+                              "calibration or destination)")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(handler=_plugins)
 
@@ -204,23 +209,20 @@ def summarize(report: dict, out: Path) -> str:
 
 
 def _plugins(args) -> int:
-    from ..plugin_manager import calibration_sources, get_strategy, plugin_names, publishers, strategies
-    from ..strategy import per_adapter_fields
+    from ..plugin_manager import calibration_sources, plugin_names, publishers, strategies
 
     if args.params:
-        strategy = get_strategy(args.params)
-        fields = strategy.Params.model_fields
-        unnamed = per_adapter_fields(strategy.Params)
+        title, model, per_adapter = _settings_of(args.params)
         rows = [
             {"name": n, "type": _type_name(f.annotation), "range": _range(f), "default": _default(f),
-             "help": " ".join(filter(None, [f.description, _per_adapter_note(unnamed[n]) if n in unnamed else ""])),
-             "per_adapter": unnamed.get(n)}
-            for n, f in fields.items()
+             "help": " ".join(filter(None, [f.description, _per_adapter_note(per_adapter[n]) if n in per_adapter else ""])),
+             "per_adapter": per_adapter.get(n)}
+            for n, f in (model.model_fields.items() if model else ())
         ]
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
         else:
-            print(f"{strategy.name}: {_description(strategy)}")
+            print(title if rows else f"{title}\n  (no settings)")
             width = max((len(_kind(row)) for row in rows), default=0)
             for row in rows:
                 print(f"  {row['name']:20} {_kind(row):{width}} default={row['default']!r:10} {row['help']}")
@@ -250,6 +252,41 @@ def _plugins(args) -> int:
         for name, description in rows:
             print(f"  {name:24} {description}")
     return 0
+
+
+_PARAMS_KINDS = {"strategy": "strategy", "calibration": "calibration source", "destination": "destination kind"}
+
+
+def _settings_of(spec: str) -> tuple[str, type | None, dict[str, object]]:
+    """``plugins --params NAME``: (title, settings model or None, per-adapter fields) of the
+    strategy, calibration source or destination kind ``NAME`` (``KIND:NAME`` where a name
+    is taken by two of them). A strategy's model is its parameters; a source's or a
+    publisher's, the table a daemon config gives it."""
+    from ..errors import ParameterError
+    from ..plugin_manager import calibration_sources, publishers, strategies
+    from ..strategy import per_adapter_fields
+
+    kind, _, name = spec.rpartition(":")
+    if kind and kind not in _PARAMS_KINDS:
+        raise ParameterError(f"--params {spec}: unknown kind {kind!r} (use {', '.join(_PARAMS_KINDS)})")
+    found = {
+        "strategy": strategies().get(name),
+        "calibration": calibration_sources().get(name),
+        "destination": publishers().get(name),
+    }
+    matches = [k for k, plugin in found.items() if plugin is not None and kind in ("", k)]
+    if not matches:
+        wanted = _PARAMS_KINDS.get(kind, "strategy, calibration source or destination kind")
+        raise ParameterError(f"--params {spec}: no {wanted} named {name!r} (`iteris-daemon plugins` lists them)")
+    if len(matches) > 1:
+        raise ParameterError(f"--params {spec}: {name!r} names a {' and a '.join(matches)}; write "
+                             f"{' or '.join(f'{k}:{name}' for k in matches)}")
+    plugin = found[matches[0]]
+    if matches[0] == "strategy":
+        return f"{plugin.name}: {_description(plugin)}", plugin.Params, per_adapter_fields(plugin.Params)
+    where = ("[groups.calibration." + name + "]" if matches[0] == "calibration"
+             else f'[[groups.destinations]] kind = "{name}"')
+    return f"{name}: {_description(plugin)}; the settings of {where}", getattr(plugin, "Settings", None), {}
 
 
 def _per_adapter_note(unnamed: object) -> str:
@@ -282,4 +319,17 @@ def _kind(row: dict) -> str:
 
 
 def _type_name(annotation) -> str:
+    """A field's type as a user reads it: ``Path | None``, not ``Optional[Annotated[pathlib.Path,
+    AfterValidator(...)]]`` (validators are the model's business; the range column shows bounds)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(map(_type_name, args))}]"
+    if annotation is type(None):
+        return "None"
     return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
