@@ -12,8 +12,9 @@ downloaded at the commit the listing names, and must be what the listing's hash 
 (:mod:`iteris_daemon.hub_files`; ``huggingface_hub`` checks only sizes): other bytes are
 removed from the cache and the adapter gets an error, so the next run downloads again.
 Files are kept in ``cache_dir``, else in ``calibration/`` of the daemon's cache folder
-(``[daemon] cache_dir``; outside the daemon the default one), and only at the commit read
-last: older commits' files are deleted once a load has read the new one.
+(``[daemon] cache_dir``; outside the daemon the default one), at the commit each revision
+(``main`` where none is set) was read at last; a commit that no revision read in 30 days
+is at has its files deleted at the next load (:func:`_keep_only`).
 In the daemon the download stops past ``[daemon.limits] max_calibration_bytes``, as an
 adapter's own ``calibration.jsonl`` would be refused past it.
 """
@@ -21,7 +22,10 @@ adapter's own ``calibration.jsonl`` would be refused past it.
 from __future__ import annotations
 
 import string
+import time
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import Field, field_validator
 
@@ -84,7 +88,7 @@ class HubDataset:
                 return None
             path, commit = found
             data = read_jsonl(path, options.limit)
-            _keep_only(cache, settings.repo_id, commit)
+            _keep_only(cache, settings.repo_id, settings.revision or "main", commit)
         return CalibrationSet(data.samples, source=f"hf://datasets/{settings.repo_id}/{filename}")
 
     def _download(self, settings: HubDatasetSettings, filename: str, cache: Path,
@@ -129,14 +133,33 @@ class HubDataset:
         return path, info.sha
 
 
-def _keep_only(cache: Path, repo_id: str, commit: str) -> None:
-    """Delete the cached commits of dataset ``repo_id`` other than ``commit``, the one loads
-    read now: each refresh of the dataset left a copy of its files in the cache for ever."""
-    from huggingface_hub import scan_cache_dir
+# A revision no load has read for this long has its files deleted at the next load of the dataset.
+REVISION_KEPT = timedelta(days=30)
 
+
+def _keep_only(cache: Path, repo_id: str, revision: str, commit: str) -> None:
+    """Record that ``revision`` of dataset ``repo_id`` is at ``commit``, and delete the cached
+    commits that no revision read in the last :data:`REVISION_KEPT` is at: each refresh of
+    the dataset left a copy of its files in the cache for ever, and keeping only the commit
+    read last made two groups reading the dataset at two revisions download it at every run.
+    The record is a ref file in ``huggingface_hub``'s cache layout (``refs/<revision>``,
+    the revision quoted into one file name); its time is when a load last read it."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.file_download import repo_folder_name
+
+    refs = cache / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / quote(revision, safe="")).write_text(commit, encoding="utf-8")
+    oldest = time.time() - REVISION_KEPT.total_seconds()
+    kept = set()
+    for ref in refs.rglob("*"):
+        if ref.is_file() and ref.stat().st_mtime >= oldest:
+            kept.add(ref.read_text(encoding="utf-8").strip())
+        elif ref.is_file():
+            ref.unlink()
     scanned = scan_cache_dir(cache)
     stale = [revision.commit_hash for repo in scanned.repos if repo.repo_type == "dataset" and repo.repo_id == repo_id
-             for revision in repo.revisions if revision.commit_hash != commit]
+             for revision in repo.revisions if revision.commit_hash not in kept]
     if stale:
         scanned.delete_revisions(*stale).execute()
 

@@ -4,7 +4,9 @@ and the data-free fallback on generative and encoder models."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,6 +151,34 @@ def test_hub_dataset_keeps_its_files_in_the_daemons_cache_at_the_commit_read_las
     assert len(snapshots) == 1 and sorted(p.name for p in snapshots[0].iterdir()) == ["news.jsonl", "sport.jsonl"]
     assert len(list(cache.glob("datasets--acme--calib/blobs/*"))) == 2
     assert not (tmp_path / "default-cache").exists()
+
+
+def test_hub_dataset_read_at_two_revisions_keeps_both_until_one_is_not_read_for_30_days(tmp_path, monkeypatch):
+    """Two groups read one dataset, one at the tag ``v1`` and one at ``main``: the cache kept
+    only the commit read last, so each group's load deleted the other's files and every run
+    downloaded them again (found by QA). Both stay now; a revision no load read for 30 days
+    has its files deleted."""
+    adapters = [SimpleNamespace(name="news")]
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", {"news.jsonl": b'{"text": "news 0"}\n'}, repo_type="dataset")
+        hub.create_tag_direct("acme/calib", "v1", repo_type="dataset")
+        pinned, latest = (CalibrationOptions(order=("hub_dataset",), cache_dir=tmp_path / "daemon-cache", settings={
+            "hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint, **revision}})
+            for revision in ({"revision": "v1"}, {}))
+        for version in range(1, 4):
+            hub.commit_direct("acme/calib", {"news.jsonl": b'{"text": "news %d"}\n' % version}, repo_type="dataset")
+            for options, text in ((pinned, "news 0"), (latest, f"news {version}")):
+                assert calibrate_all(adapters, options, {"hub_dataset": HubDataset()})[0].samples[0].text == text
+        downloads = hub.requests_matching(r"^GET /datasets/acme/calib/resolve/[0-9a-f]+/news\.jsonl$")
+        assert len(downloads) == 4  # v1 once, main at each of its 3 commits
+        repo = tmp_path / "daemon-cache" / "calibration" / "datasets--acme--calib"
+        assert len(list(repo.glob("snapshots/*"))) == 2
+        old = time.time() - 31 * 86400
+        os.utime(repo / "refs" / "v1", (old, old))
+        calibrate_all(adapters, latest, {"hub_dataset": HubDataset()})
+        assert [p.name for p in repo.glob("snapshots/*")] == [(repo / "refs" / "main").read_text()]
+        assert not (repo / "refs" / "v1").exists()
 
 
 def test_a_hub_dataset_file_past_the_calibration_limit_is_not_downloaded(bert, tmp_path, monkeypatch):
