@@ -91,6 +91,34 @@ def test_hub_dataset_file_per_adapter(bert, tmp_path, monkeypatch):
         assert found.source.endswith("calibration.jsonl")
 
 
+def test_merge_gives_a_calibration_source_its_settings_from_the_command_line(bert, tmp_path, monkeypatch, capsys):
+    """`merge` had no way to give ``hub_dataset`` its repo: only a daemon config's table did.
+    ``--calibration-setting SOURCE.KEY=VALUE`` gives it, checked before the base model loads."""
+    base, adapters = bert
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    names = [load_adapter(path).name for path in adapters[:2]]
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", {f"{name}.jsonl": b'{"text": "hub sample %d"}\n' % i
+                                              for i, name in enumerate(names)}, repo_type="dataset")
+        command = ["merge", "--base-model", str(base), "--adapter", str(adapters[0]), "--adapter", str(adapters[1]),
+                   "-q", "--param", "iterations=1", "--calibration-order", "hub_dataset",
+                   "--calibration-setting", "hub_dataset.repo_id=acme/calib",
+                   "--calibration-setting", f"hub_dataset.endpoint={hub.endpoint}"]
+        assert main([*command, "--out", str(tmp_path / "out")]) == 0
+        report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+        assert [given["calibration"]["source"] for given in report["inputs"]] == [
+            f"hf://datasets/acme/calib/{name}.jsonl" for name in names]
+        assert len(hub.requests_matching(r"^GET /datasets/acme/calib/resolve/")) == 2
+    for extra, error in ((["--calibration-setting", "generate.seed=1"], "'generate' is not in --calibration-order"),
+                         (["--calibration-setting", "hub_dataset.bogus=1"], "--calibration-setting: calibration.hub_dataset: bogus: Extra"),
+                         (["--calibration-setting", "hub_dataset.endpoint=x"], "endpoint is given twice"),
+                         (["--calibration-setting", "repo_id=acme/x"], "expected SOURCE.KEY=VALUE")):
+        capsys.readouterr()
+        assert main([*command, "--out", str(tmp_path / "refused"), *extra]) == 2
+        assert error in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_a_calibration_plugins_failure_of_many_lines_is_told_in_one():
     """A plugin's failure is one line naming the source, the line that says what happened
     (after a Hub client's status heading, the next one); before, every line of it reached

@@ -124,6 +124,12 @@ def add_input_arguments(parser: argparse.ArgumentParser, required: bool = True) 
              "fallback; see `plugins`)",
     )
     parser.add_argument(
+        "--calibration-setting", action="append", default=[], metavar="SOURCE.KEY=VALUE",
+        help="a setting of a calibration source in --calibration-order, as a daemon config's "
+             "[groups.calibration.SOURCE] table gives it (VALUE: JSON, else a string), e.g. "
+             "hub_dataset.repo_id=acme/calibration; repeat per setting (`plugins --params SOURCE` lists them)",
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -132,8 +138,39 @@ def add_input_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 def calibration_options(args):
     from ..calibration import CalibrationOptions
 
-    return CalibrationOptions(order=tuple(name.strip() for name in args.calibration_order.split(",") if name.strip()),
+    order = tuple(name.strip() for name in args.calibration_order.split(",") if name.strip())
+    return CalibrationOptions(order=order, settings=_calibration_settings(args.calibration_setting, order),
                               device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def _calibration_settings(given: list[str], order: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--calibration-setting SOURCE.KEY=VALUE`` options as each source's table, checked as a
+    daemon config's ``[groups.calibration.SOURCE]`` is, before the base model loads."""
+    from ..calibration import source_settings
+    from ..errors import ConfigError, ParameterError
+    from ..plugin_manager import calibration_sources
+    from ..strategy import parse_param, unique_params
+
+    pairs: dict[str, list[tuple[str, Any]]] = {}
+    for text in given:
+        name, dot, rest = text.partition(".")
+        key, value = parse_param(rest) if dot else ("", None)
+        if not name.strip() or not key:
+            raise ParameterError(f"--calibration-setting {text}: expected SOURCE.KEY=VALUE")
+        if name.strip() not in order:  # its settings would be ignored: the source is never asked
+            raise ParameterError(f"--calibration-setting {text}: {name.strip()!r} is not in --calibration-order "
+                                 f"({', '.join(order) or 'empty'}); add it there")
+        pairs.setdefault(name.strip(), []).append((key, value))
+    available = calibration_sources()
+    tables = {}
+    for name, table in pairs.items():
+        tables[name] = unique_params(table, f"--calibration-setting {name}.")
+        if getattr(available.get(name), "Settings", None) is not None:  # an unknown name: refused with the order
+            try:
+                source_settings(available[name], tables[name])
+            except ConfigError as exc:
+                raise ParameterError(f"--calibration-setting: {exc}") from None
+    return tables
 
 
 def _merge(args) -> int:
