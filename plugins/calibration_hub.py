@@ -98,7 +98,7 @@ class HubDataset:
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
         from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
-        from iteris_daemon.sources.hub import describe_hub_error, hub_failure
+        from iteris_daemon.sources.hub import HubAnswerError, checked_commit_sha, describe_hub_error, hub_failure
 
         token = plain(hub_token(settings.token_file))
         where = f"{settings.repo_id}/{filename}"
@@ -106,18 +106,21 @@ class HubDataset:
             info = hub_retrying(f"dataset_info {settings.repo_id}")(
                 HfApi(endpoint=settings.endpoint, token=token).dataset_info, settings.repo_id,
                 revision=settings.revision, files_metadata=True)
+            commit = checked_commit_sha(info.sha, f"dataset {settings.repo_id}")  # hf_hub_download writes refs/<it>
             sibling = next((s for s in info.siblings or [] if s.rfilename == filename), None)
             if sibling is None:
                 return None
             if limit is not None and sibling.size is not None and sibling.size > limit:  # as listed: not downloaded
                 raise TooBig(sibling.size, stopped=False)
             path = Path(hub_retrying(f"calibration {where}")(
-                hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=info.sha,
+                hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=commit,
                 endpoint=settings.endpoint, token=token, cache_dir=cache,
                 tqdm_class=bounded_progress(limit) if limit is not None else None,
             ))
         except RemoteEntryNotFoundError:  # a 404 of the file itself: no data here
             return None
+        except HubAnswerError as exc:
+            raise CalibrationError(self.name, str(exc)) from None
         except TooBig as exc:
             raise CalibrationError(where, f"is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit of {limit} "
                                           "([daemon.limits] max_calibration_bytes)") from None
@@ -130,7 +133,7 @@ class HubDataset:
             path.resolve().unlink()  # the cached blob, then the snapshot's link to it
             path.unlink(missing_ok=True)
             raise CalibrationError(where, f"as downloaded it {problem}; removed, downloaded again at the next run")
-        return path, info.sha
+        return path, commit
 
 
 # A revision no load has read for this long has its files deleted at the next load of the dataset.

@@ -231,6 +231,38 @@ def test_a_hub_dataset_file_past_the_calibration_limit_is_not_downloaded(bert, t
         assert len(gather_calibration([adapter], enough, True)[0].samples) == 20
 
 
+@pytest.mark.parametrize("sha", ["../../../../escaped", "/ABSOLUTE", "A" * 40])
+def test_a_hub_dataset_commit_sha_that_is_not_40_hex_digits_is_refused_before_any_download(tmp_path, monkeypatch, sha):
+    """The dataset's commit sha, as the Hub answers it, was passed on as the download's
+    revision, and ``huggingface_hub`` writes ``refs/<revision>`` in the cache: ``../`` or an
+    absolute path wrote a file outside it (found by QA). Now the adapter gets an error naming
+    the source and the dataset, and nothing is downloaded or written."""
+    if sha.startswith("/"):
+        sha = str(tmp_path / "absolute")
+    real_info, real_resolve = HubServer._info, HubServer._resolve
+
+    def info(self, found, commit, *, blobs):
+        answer = real_info(self, found, commit, blobs=blobs)
+        return {**answer, "sha": sha} if found.repo_id == "eve/calib" else answer
+
+    def resolve(self, repo, revision):  # a Hub that serves whatever revision it named
+        return repo.resolve(revision) or real_resolve(self, repo, "main")
+
+    monkeypatch.setattr(HubServer, "_info", info)
+    monkeypatch.setattr(HubServer, "_resolve", resolve)
+    cache = tmp_path / "a" / "b" / "c" / "cache"
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("eve/calib", {"news.jsonl": b'{"text": "news"}\n'}, repo_type="dataset")
+        options = CalibrationOptions(order=("hub_dataset",), settings={"hub_dataset": {
+            "repo_id": "eve/calib", "endpoint": hub.endpoint, "cache_dir": str(cache)}})
+        with pytest.raises(CalibrationError, match=r"^hub_dataset: dataset eve/calib: the Hub answered a commit sha "
+                                                   r".*, not 40 hex digits; nothing downloaded$"):
+            HubDataset().load(SimpleNamespace(name="news"), options)
+        assert not hub.requests_matching(r"^(GET|HEAD) /datasets/eve/calib/resolve/")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and cache not in p.parents and "hf-home" not in p.parts]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])  # llama: its tokenizer gives token_type_ids
 def test_generated_fallback_is_used_and_marked(tiny, tmp_path, capsys, family):
     base, adapters = tiny[family]

@@ -77,6 +77,16 @@ def repo_lock(folder: Path) -> threading.Lock:
         return _repo_locks.setdefault(folder, threading.Lock())
 
 
+def checked_commit_sha(sha: object, where: str) -> str:
+    """``sha``, a commit the Hub answered for ``where``, once it is 40 hex digits: it becomes
+    a path component (a commit's cache folder; ``huggingface_hub``'s ``refs/<revision>``
+    file when passed as a revision), and ``../`` or an absolute path wrote outside the cache."""
+    if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):
+        raise HubAnswerError(f"{where}: the Hub answered a commit sha {str(sha)[:60]!r}, not 40 hex digits; "
+                             "nothing downloaded")
+    return sha
+
+
 def bad_repo_id(repo_id: object) -> str | None:
     """Why ``repo_id`` (from the settings, or a Hub listing: untrusted) is not an
     ``OWNER/NAME`` the Hub accepts, or None. It becomes part of a cache path."""
@@ -356,9 +366,7 @@ class HubSource:
                                                            timeout=self.settings.timeout_seconds)
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return False
-        sha = info.sha
-        if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):  # it names the cache folder
-            raise HubAnswerError(f"the Hub answered a commit sha {str(sha)[:60]!r}, not 40 hex digits; nothing downloaded")
+        sha = checked_commit_sha(info.sha, locator)  # it names the cache folder
         with self.catalog.session() as session:
             before = prior(session, self.source_id, locator, sha, self.context if self.rejudge else None, _files_present)
         if before.stands:
