@@ -25,7 +25,7 @@ from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .strategy import DEFAULT_STRATEGY
 from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, relative_to, state_dir
-from .tokens import check_token_file
+from .tokens import check_private, check_token_file
 from .validation import Limits
 
 
@@ -156,10 +156,14 @@ class WebhookSettings(_Listening):
         return Path(credentials) / SECRET_CREDENTIAL
 
     def secret(self) -> bytes:
-        """The shared secret, trailing whitespace removed. Errors name the file, never its content."""
+        """The shared secret, trailing whitespace removed. Errors name the file, never its content.
+        A configured file open to the group or others is refused, as a Hub token file is
+        (systemd's credential is the service's own)."""
         path = self.secret_path()
         try:
             with open(path, "rb") as handle:
+                if self.secret_file is not None:
+                    check_private(handle, path, f"daemon.webhooks.secret_file {path}:")
                 secret = handle.read(MAX_SECRET_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"daemon.webhooks.secret_file {path}: does not exist") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import SecretStr
 
@@ -32,10 +33,8 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
     if token_file is not None:
         try:
             with open(token_file, "rb") as handle:
-                mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-                if configured and mode & 0o077:
-                    raise ConfigError(f"the token file {token_file} is open to other users (mode {mode:o}); "
-                                      f"it must be readable by its owner only: chmod 600 {token_file}")
+                if configured:
+                    check_private(handle, token_file, f"the token file {token_file}")
                 value = handle.read().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -43,6 +42,15 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
             raise ConfigError(f"the token file {token_file} is empty; it must hold the token")
         return _one_token(value, f"the token file {token_file}")
     return _one_token(os.environ.get("HF_TOKEN", "").strip(), "$HF_TOKEN")
+
+
+def check_private(handle: BinaryIO, path: Path, where: str) -> None:
+    """Refuse a configured secret file (open as ``handle``) that the group or others may read
+    or write, as ssh does a private key; ``where`` starts the message."""
+    mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{where} is open to other users (mode {mode:o}); it must be readable by its owner only: "
+                          f"chmod 600 {path}")
 
 
 def check_token_file(token_file: Path, field: str, *, readable: bool = True) -> None:

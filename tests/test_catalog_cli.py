@@ -677,6 +677,7 @@ def test_relative_paths_in_the_config_are_taken_from_its_folder(made, tmp_path, 
     elsewhere.mkdir()
     (project / "cal.jsonl").write_text('{"text": "a"}\n')
     (project / "secret").write_text("s3cret\n")
+    (project / "secret").chmod(0o600)
     for token in ("token", "hub-token"):  # token files must exist when the config loads
         (project / token).write_text("hf_x\n")
         (project / token).chmod(0o600)

@@ -154,6 +154,7 @@ def _revision(catalog: Catalog) -> str | None:
 def test_parallel_merges_metrics_and_webhooks(tmp_path, made):
     base, adapters = made
     (tmp_path / "secret").write_text(SECRET + "\n")
+    (tmp_path / "secret").chmod(0o600)  # a secret file open to others is refused
     watched = tmp_path / "watched"
     watched.mkdir()
     for name, adapter in zip(("left", "right"), adapters):

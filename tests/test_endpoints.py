@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -59,6 +60,12 @@ def call(port: int, method: str, path: str, body: bytes | None = None, headers: 
         return response.status, dict(response.getheaders()), response.read()
     finally:
         connection.close()
+
+
+def write_secret(path, text: str) -> None:
+    """A webhook secret file as it must be: readable by its owner only."""
+    path.write_text(text)
+    path.chmod(0o600)
 
 
 def samples(port: int) -> dict[tuple[str, frozenset], float]:
@@ -185,7 +192,7 @@ def test_in_process_metrics_reflect_calls(catalog):
 def test_webhook_counters_are_exported_once_the_webhook_is_configured(tmp_path, catalog):
     """Every outcome at 0 from the start (rate() sees the first request), and only on a
     daemon that serves the webhook: on the others they read as a webhook that never fires."""
-    (tmp_path / "secret").write_text(SECRET)
+    write_secret(tmp_path / "secret", SECRET)
     metrics = DaemonMetrics(catalog)
     with serving(metrics_app(metrics, lambda: None)) as port:
         assert not series(samples(port), "iteris_webhook_requests_total")
@@ -296,7 +303,7 @@ def test_head_answers_as_get_without_a_body(catalog, reason):
 def hub_hook(tmp_path_factory):
     """A webhook server; ``calls`` lists the repos it asked to poll (``watched`` ones trigger)."""
     root = tmp_path_factory.mktemp("webhook")
-    (root / "secret").write_text(SECRET + "\n")
+    write_secret(root / "secret", SECRET + "\n")
     catalog = Catalog(f"sqlite:///{root / 'catalog.db'}")
     metrics = DaemonMetrics(catalog)
     calls: list[str] = []
@@ -391,7 +398,7 @@ def test_webhook_bounds_the_body_and_method(hub_hook):
 
 
 def test_webhook_counts_outcomes(tmp_path, catalog):
-    (tmp_path / "secret").write_text(SECRET)
+    write_secret(tmp_path / "secret", SECRET)
     metrics = DaemonMetrics(catalog)
     settings = WebhookSettings(listen="127.0.0.1:0", secret_file=tmp_path / "secret", path="/hook")
     with serving(webhook_app(settings, lambda repo: True, metrics)) as port:
@@ -403,7 +410,7 @@ def test_webhook_counts_outcomes(tmp_path, catalog):
 
 
 def test_a_failing_callback_answers_500(tmp_path, catalog, caplog):
-    (tmp_path / "secret").write_text(SECRET)
+    write_secret(tmp_path / "secret", SECRET)
 
     def broken(repo: str) -> bool:
         raise RuntimeError("scheduler gone")
@@ -449,7 +456,7 @@ def test_the_secret_file(tmp_path, monkeypatch):
     settings = WebhookSettings(listen="h:1", secret_file=secret_file)
     with pytest.raises(ConfigError, match=f"{secret_file}: does not exist"):
         settings.secret()
-    secret_file.write_text(" \n")
+    write_secret(secret_file, " \n")
     with pytest.raises(ConfigError, match=f"{secret_file}: is empty"):
         settings.secret()
     secret_file.write_text("s" * 5000)
@@ -469,6 +476,25 @@ def test_the_secret_file(tmp_path, monkeypatch):
     assert WebhookSettings(listen="h:1").secret() == b"from systemd"
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=oct)
+def test_a_secret_file_open_to_other_users_is_refused(tmp_path, mode):
+    """A configured webhook secret file the group or others may read or write was accepted
+    silently (found by QA); Hub token files were refused. Now the same rule holds for both:
+    the error names the file and its mode and gives the chmod, when the config is read."""
+    secret, path = tmp_path / "secret", tmp_path / "config.toml"
+    write_secret(secret, SECRET)
+    secret.chmod(mode)
+    message = (f"daemon.webhooks.secret_file {secret}: is open to other users (mode {mode:o}); it must be readable "
+               f"by its owner only: chmod 600 {secret}")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        WebhookSettings(listen="h:1", secret_file=secret).secret()
+    path.write_text(f'[daemon.webhooks]\nlisten = "127.0.0.1:0"\nsecret_file = {json.dumps(str(secret))}\n')
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{path}: {message}')}$"):
+        load_config(path)
+    secret.chmod(0o600)
+    assert load_config(path).daemon.webhooks.secret() == SECRET.encode()
+
+
 def test_a_missing_secret_fails_at_start(tmp_path, catalog):
     settings = WebhookSettings(listen="127.0.0.1:0", secret_file=tmp_path / "nope")
     with pytest.raises(ConfigError, match="nope: does not exist"):
@@ -482,7 +508,7 @@ def test_a_missing_secret_file_is_refused_with_the_config(tmp_path):
     path.write_text(f'[daemon.webhooks]\nlisten = "127.0.0.1:0"\nsecret_file = {json.dumps(str(secret))}\n')
     with pytest.raises(ConfigError, match=f"^{path}: daemon.webhooks.secret_file {secret}: does not exist$"):
         load_config(path)
-    secret.write_text(SECRET)
+    write_secret(secret, SECRET)
     assert load_config(path).daemon.webhooks.secret() == SECRET.encode()
 
 
