@@ -397,6 +397,18 @@ def test_webhook_bounds_the_body_and_method(hub_hook):
         "too_large": 2, "length_required": 1, "method_not_allowed": 1, "not_found": 1}
 
 
+@pytest.mark.parametrize("digits", [5000, 8])
+def test_a_content_length_of_more_digits_than_the_limit_is_too_large(hub_hook, caplog, digits):
+    """An authenticated request whose Content-Length had 5000 digits was answered 500 (which
+    the Hub retries) with a logged traceback: past Python's int digit limit (found by QA).
+    More digits than the limit has is now 413 unread, as a huge length of few digits is."""
+    port, calls, _ = hub_hook
+    calls.clear()
+    status, _, body = call(port, "POST", "/webhooks/hub", b"", {"X-Webhook-Secret": SECRET, "Content-Length": "9" * digits})
+    assert (status, body) == (413, b"larger than 2048 bytes\n")
+    assert calls == [] and "Traceback" not in caplog.text
+
+
 def test_webhook_counts_outcomes(tmp_path, catalog):
     write_secret(tmp_path / "secret", SECRET)
     metrics = DaemonMetrics(catalog)
