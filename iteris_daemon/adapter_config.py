@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import re
+import subprocess
+import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -157,6 +161,52 @@ def _pattern_key_problem(key: str) -> str | None:
     except Exception as exc:  # re.error, regex.error, and whatever else a hostile pattern finds
         return f"is not a regular expression PEFT can use ({exc})"
     return None
+
+
+# Seconds of CPU that compiling a string target_modules / exclude_modules and fullmatching it
+# against an adapter's module names may take together (a benign one takes milliseconds).
+MODULE_REGEX_BUDGET = 1.0
+# Run in a child process: ``re`` (PEFT's engine) cannot be stopped in a thread, and the
+# ``regex`` engine, which can, needs no time for what ``re`` backtracks on for hours (``(.*)*x``).
+_TIMED_FULLMATCH = r"""
+import json, re, signal, sys
+
+def stop(signum, frame):
+    raise TimeoutError
+
+pattern, names, budget = json.load(sys.stdin)
+signal.signal(signal.SIGPROF, stop)
+signal.setitimer(signal.ITIMER_PROF, budget)
+try:
+    compiled = re.compile(pattern)
+    for name in names:
+        compiled.fullmatch(name)
+    problem = None
+except TimeoutError:
+    problem = "slow"
+except Exception as exc:
+    problem = f"is not a regular expression PEFT can use ({exc})"
+signal.setitimer(signal.ITIMER_PROF, 0)
+print(json.dumps(problem))
+"""
+
+
+def module_regex_problem(pattern: str, names: Collection[str]) -> str | None:
+    """Why PEFT cannot use ``pattern``, a string ``target_modules`` or ``exclude_modules``
+    that it ``re.fullmatch``-es against every module name of the base model, or None: it
+    does not compile, or it takes past :data:`MODULE_REGEX_BUDGET` against ``names`` (a
+    regular expression that backtracks would hang the merge or generation in PEFT)."""
+    if _PLAIN_KEY.fullmatch(pattern):  # '.' its only metacharacter: nothing to backtrack on
+        return None
+    slow = f"takes over {MODULE_REGEX_BUDGET:g} s to match the adapter's module names (a regular expression that backtracks)"
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _TIMED_FULLMATCH], capture_output=True, text=True,
+                              input=json.dumps([pattern, sorted(names), MODULE_REGEX_BUDGET]), check=True,
+                              timeout=MODULE_REGEX_BUDGET + 30)  # the child's own timer stops it; this, a stuck start
+    except subprocess.TimeoutExpired:
+        return slow
+    problem = json.loads(done.stdout)
+    return slow if problem == "slow" else problem
 
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:

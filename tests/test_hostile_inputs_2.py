@@ -368,6 +368,40 @@ def test_rank_pattern_keys_that_break_or_stall_the_regex_engine_are_rejected(wat
     assert found["zz-plain"] == (AdapterStatus.registered, None)
 
 
+EVIL_MODULE_REGEXES = {  # (field, value) -> the reason its folder is rejected with
+    ("target_modules", "(.*)*(query|value)"): "target_modules '(.*)*(query|value)' takes over 1 s to match",
+    ("target_modules", "(.|.)*(query|value)"): "takes over 1 s to match the adapter's module names",
+    ("target_modules", "(query"): "target_modules '(query' is not a regular expression PEFT can use",
+    ("exclude_modules", "(.*)*pooler"): "exclude_modules '(.*)*pooler' takes over 1 s to match",
+}
+
+
+@pytest.mark.timeout(120)
+def test_a_module_regex_that_backtracks_is_refused_by_the_daemon_and_by_merge(watched, made):
+    """A string ``target_modules`` (or ``exclude_modules``) is a regular expression PEFT
+    ``re.fullmatch``-es against every module name of the base model. ``(.*)*(query|value)``
+    passed validation and then hung any ``peft_*`` merge or the ``generate`` source in
+    PEFT for hours (found by QA; the ``regex`` engine answers it at once, so it is timed
+    in ``re`` itself). Now the daemon rejects it with the field and the reason, and
+    ``merge`` and ``compare`` (:func:`load_adapter`) refuse it; a regex that is quick passes."""
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.lora import load_adapter
+
+    _, lora = made
+    for number, (field, value) in enumerate(EVIL_MODULE_REGEXES):
+        _set_config(shutil.copytree(lora, watched.folder / f"evil{number}"), **{field: value})
+    quick = shutil.copytree(lora, watched.folder / "zz-quick")
+    _set_config(quick, target_modules=r".*\.(query|key|value|dense)", exclude_modules=r".*pooler.*")
+    watched.scan()
+    found = watched.found()
+    for number, reason in enumerate(EVIL_MODULE_REGEXES.values()):
+        _rejected(found, f"evil{number}", reason, "list the module names instead")
+    assert found["zz-quick"] == (AdapterStatus.registered, None)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: target_modules '\(\.\*\)\*\(query\|value\)' takes "):
+        load_adapter(watched.folder / "evil0")
+    assert load_adapter(quick).modules
+
+
 @pytest.mark.parametrize("key, module, matches", [
     ("query", "encoder.layer.0.attention.self.query", True),
     ("self.query", "encoder.layer.0.attention.self.query", True),
