@@ -321,8 +321,9 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
         if pickled:
             raise AdapterError(folder / pickled[0], "pickled weights are refused (never loaded); convert the adapter to safetensors")
         raise AdapterError(folder, f"no {WEIGHTS_NAME}")
-    if config["r"] > limits.max_rank:
-        raise AdapterError(folder / CONFIG_NAME, f"r={config['r']} is {limits.above('max_rank')}")
+    field_name, rank = _largest_rank(config)
+    if rank > limits.max_rank:
+        raise AdapterError(folder / CONFIG_NAME, f"{field_name}={rank} is {limits.above('max_rank')}")
     data = read_weights(weights, limits)  # read once: header, values and hash come from the same bytes
     header = check_safetensors_header(weights, limits, data)
     start = 8 + struct.unpack("<Q", data[:8])[0]
@@ -377,6 +378,16 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
         layout.modules[module] = (rank, B["shape"][0], A["shape"][1])
         layout.tensor_keys[module] = (A["key"], B["key"])
     return layout, data
+
+
+def _largest_rank(config: dict[str, Any]) -> tuple[str, int]:
+    """The largest rank the config gives a module, and where it gives it: ``r``, or a
+    ``rank_pattern`` value (only ``r`` was held to ``max_rank``; the weights' ranks must
+    equal these, checked module by module)."""
+    ranks = [("r", config["r"])]
+    ranks += [(f"rank_pattern[{key[:40]!r}{'…' if len(key) > 40 else ''}]", rank)
+              for key, rank in (config.get("rank_pattern") or {}).items()]
+    return max(ranks, key=lambda named: named[1])
 
 
 def _check_tied_copy(weights: Path, config: dict[str, Any], header: dict[str, Any], data: bytes, start: int,

@@ -452,6 +452,19 @@ def test_a_deep_merges_own_patterns_read_back_exactly():
 # ----------------------------------------------------------------------------- 5: size limits
 
 
+def test_max_rank_holds_for_a_rank_pattern_rank_too(watched, made):
+    """``[daemon.limits] max_rank`` was checked against the config's ``r`` only: an adapter
+    of r=2 giving ``query`` rank 6 through ``rank_pattern`` (PEFT's own writer) registered
+    past a limit of 5 (found by QA). The largest rank a module has is checked now."""
+    base, _ = made
+    build_adapter(base, watched.folder / "patterned", seed=1, family="bert", r=2, rank_pattern={"query": 6})
+    watched.scan(Limits(max_rank=5))
+    _rejected(watched.found(), "patterned",
+              "adapter_config.json: rank_pattern['query']=6 is above the limit of 5 ([daemon.limits] max_rank)")
+    watched.scan(Limits(max_rank=6))
+    assert watched.found()["patterned"] == (AdapterStatus.registered, None)
+
+
 def test_an_adapter_config_past_its_limit_is_rejected_without_being_read_whole(watched, made):
     """A 2 MiB ``adapter_config.json`` (valid JSON, padded) is past the default limit of
     1 MiB, and past a configured 4 KiB a small one is too; before the fix there was no
