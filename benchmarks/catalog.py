@@ -272,6 +272,7 @@ def daemon_run(root: Path, watched: Path, base: Path, n: int, idle_seconds: floa
     from tests.hub_server import HubServer  # stdlib only; the Hub-compatible server the tests use
 
     (root / "secret").write_text(SECRET + "\n")
+    (root / "secret").chmod(0o600)  # the daemon refuses a secret file others may read
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"))}
     log = root / "daemon.log"
     config = root / "daemon.toml"
