@@ -29,10 +29,12 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -43,6 +45,7 @@ from sqlalchemy import select
 
 from . import malloc
 from .catalog import Catalog
+from .catalog.db import CATALOG_FAILURES
 from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
@@ -66,6 +69,8 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
 BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is asked again this much later
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
+CATALOG_WARNING_SECONDS = 60.0  # a job the catalog keeps failing says so at most this often
+UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for as many catalog checks, is a problem
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
@@ -152,6 +157,84 @@ def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
     return scheduler
 
 
+@dataclass
+class _Failing:
+    """A job the catalog has failed every time since ``since`` (monotonic)."""
+
+    since: float
+    cause: str = ""
+    failures: int = 0
+    said_at: float | None = None  # the last WARNING
+    unsaid: int = 0  # failures since that WARNING
+
+
+class CatalogHealth:
+    """The catalog as the daemon's periodic jobs (tick, catalog check, peers, rescans) find it.
+
+    A job the catalog fails (its server down, locked past the busy timeout, a full disk)
+    says so in one WARNING naming the catalog and the cause, then at most once every
+    ``CATALOG_WARNING_SECONDS`` while that lasts, counting the failures in between, and
+    in an INFO line once the catalog answers it again; tracebacks go to DEBUG. Before,
+    every failure reached APScheduler, whose ERROR held a 110-line SQLAlchemy traceback:
+    6,000 lines for a minute of PostgreSQL down, from the 2 s tick alone. Any other
+    exception (a bug) still reaches APScheduler, traceback and all."""
+
+    def __init__(self, url: Callable[[], str], clock: Callable[[], float] = time.monotonic):
+        """``url``: the catalog's URL without its password, asked when said."""
+        self._url = url
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failing: dict[str, _Failing] = {}
+
+    @contextmanager
+    def watching(self, job: str) -> Iterator[None]:
+        """Run the block as ``job``'s use of the catalog: a catalog failure is said and
+        swallowed (the job runs again at its next time), an end without one ends a failure."""
+        try:
+            yield
+        except CATALOG_FAILURES as exc:
+            self._failed(job, exc)
+        else:
+            self._answered(job)
+
+    def _failed(self, job: str, exc: BaseException) -> None:
+        now = self._clock()
+        with self._lock:
+            failing = self._failing.setdefault(job, _Failing(since=now))
+            failing.failures += 1
+            failing.cause = f"{type(exc).__name__}: {first_line(exc)}"
+            first, due = failing.failures == 1, failing.said_at is None or now - failing.said_at >= CATALOG_WARNING_SECONDS
+            unsaid, failing.unsaid = (failing.unsaid, 0) if due else (0, failing.unsaid + 1)
+            if due:
+                failing.said_at = now
+        log.debug("job %s: the catalog failed", job, exc_info=exc)
+        if due:
+            log.warning("job %s: the catalog %s failed: %s%s", job, self._url(), failing.cause,
+                        "" if first else f" (failing for {now - failing.since:.0f} s; "
+                                         f"{counted(unsaid, 'more failure')} since the last warning)")
+
+    def _answered(self, job: str) -> None:
+        with self._lock:
+            failing = self._failing.pop(job, None)
+        if failing is not None:
+            log.info("job %s: the catalog %s answers again (it failed %s in %.0f s)", job, self._url(),
+                     counted(failing.failures, "time"), self._clock() - failing.since)
+
+    def problem(self, after: float) -> str | None:
+        """The catalog's failure that makes the daemon unhealthy, or None: a job it failed
+        ``UNHEALTHY_AFTER_CHECKS`` times in a row, for ``after`` s at least. Not at once: a
+        lock held a while, a server restarted, a single failure must not flip health."""
+        now = self._clock()
+        with self._lock:
+            lasting = [(job, failing) for job, failing in self._failing.items()
+                       if failing.failures >= UNHEALTHY_AFTER_CHECKS and now - failing.since >= after]
+        if not lasting:
+            return None
+        job, failing = min(lasting, key=lambda item: item[1].since)
+        return (f"the catalog {self._url()} has failed job {job} for {now - failing.since:.0f} s "
+                f"({counted(failing.failures, 'time')} in a row): {failing.cause}")
+
+
 class RepoPolls:
     """Webhook polls, at most one per repo at a time. A webhook for a repo whose poll has
     not started yet adds nothing (that poll sees the push); one that comes while the poll
@@ -224,6 +307,7 @@ class Daemon:
         self._hub: dict[str, HubSource] = {}
         self._repo_polls = RepoPolls()
         self._webhook_jobs = itertools.count()
+        self.catalog_health = CatalogHealth(lambda: self.catalog.safe_url)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -338,11 +422,24 @@ class Daemon:
         log.info("stopped")
 
     def healthy(self) -> bool:
-        """For the systemd watchdog: the main loop and the scheduler are alive."""
-        return self.health_problem() is None
+        """For the systemd watchdog: the main loop and the scheduler are alive. Not the
+        catalog (which /healthz does judge): a restart mends no full disk nor a database
+        server that is down, it would only fail to open the catalog and restart again, in
+        a loop; alive, the daemon says what fails and goes on once the catalog answers."""
+        return self._liveness_problem() is None
 
     def health_problem(self) -> str | None:
-        """Why the daemon is unhealthy (for /healthz and the watchdog), or None."""
+        """Why the daemon is unhealthy, for /healthz, or None: it is not alive (see
+        :meth:`healthy`), or its catalog has failed one of its jobs (reads or writes)
+        ``UNHEALTHY_AFTER_CHECKS`` times in a row, for as many catalog checks: merges,
+        registrations and ``status`` are then stale however alive the process is."""
+        problem = self._liveness_problem()
+        if problem is not None:
+            return problem
+        return self.catalog_health.problem(UNHEALTHY_AFTER_CHECKS * self.config.daemon.catalog_check_seconds)
+
+    def _liveness_problem(self) -> str | None:
+        """Why the daemon is not alive (stopping, its main loop or scheduler stuck), or None."""
         if self._stopping.is_set():
             return "stopping"
         if time.monotonic() - self._beat >= 30:
@@ -430,7 +527,7 @@ class Daemon:
                     source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache, **guarded)
                     source.start()
                     self._local[name] = source
-                    self.scheduler.add_job(source.scan, _every(self.config.daemon.rescan_seconds),
+                    self.scheduler.add_job(self._rescan, _every(self.config.daemon.rescan_seconds), args=[source],
                                            id=f"rescan:{name}", replace_existing=True)
                 else:
                     hub = HubSource(self.catalog, name, self.cache / CACHE_FOLDER, stopping=self._stopping, **guarded)
@@ -452,6 +549,12 @@ class Daemon:
         for group in config.groups:
             self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _rescan(self, source: LocalFolderSource) -> None:
+        """The periodic rescan of a local source; the catalog failing it is said as for the
+        other jobs (the source's health says so too: see ``LocalFolderSource.scan``)."""
+        with self.catalog_health.watching(f"rescan:{source.name}"):
+            source.scan()
 
     def _schedule(self, group: GroupConfig) -> None:
         """Run ``group`` on its ``cron`` or ``interval_seconds``, if it has one. Two instances,
@@ -514,7 +617,11 @@ class Daemon:
             log.debug("catalog check skipped: source %s is scanning or polling", ", ".join(busy))
             return
         groups = dict(self._groups)  # a reload may replace it meanwhile
-        behind = groups_behind(self.catalog, list(groups.values()))
+        with self.catalog_health.watching("catalog-check"):
+            self._trigger_behind(groups, groups_behind(self.catalog, list(groups.values())))
+
+    def _trigger_behind(self, groups: dict[str, GroupConfig], behind: dict[str, frozenset[int]]) -> None:
+        """Trigger each group of ``behind`` (name -> its selection now) not asked for yet (see :meth:`_catch_up`)."""
         for name in set(self._caught_up) - set(behind):  # caught up: the same selection may come back
             self._caught_up.pop(name, None)
         for name, selection in behind.items():
@@ -532,12 +639,13 @@ class Daemon:
         catalog whose settings differ (see :mod:`iteris_daemon.peers`)."""
         settings = self.config.daemon
         live = max(settings.claim_ttl_seconds, 3 * settings.catalog_check_seconds)
-        for peer, differ in self.peers.disagreements(shared_settings(settings), within=live):
-            log.warning("daemon %s, also on this catalog, has other settings: %s. Give every daemon on one catalog "
-                        "the same [daemon.limits] and trust_remote_code: under different ones each judges the other's "
-                        "adapter verdicts again at every look, and an adapter one accepts and the other refuses flips "
-                        "between registered and rejected",
-                        peer.holder, "; ".join(differ))
+        with self.catalog_health.watching("peers"):
+            for peer, differ in self.peers.disagreements(shared_settings(settings), within=live):
+                log.warning("daemon %s, also on this catalog, has other settings: %s. Give every daemon on one catalog "
+                            "the same [daemon.limits] and trust_remote_code: under different ones each judges the other's "
+                            "adapter verdicts again at every look, and an adapter one accepts and the other refuses flips "
+                            "between registered and rejected",
+                            peer.holder, "; ".join(differ))
 
     def trigger(self, group: str, delay: float) -> None:
         """Run ``group`` after ``delay`` s; a newer trigger replaces a pending one."""
@@ -636,24 +744,25 @@ class Daemon:
         SQLite transaction holds the catalog's write lock, which other daemons wait for."""
         if self._stopping.is_set():
             return
-        with self.catalog.session() as session:
-            groups = session.execute(select(MergeGroup.name, MergeGroup.requested_at, MergeGroup.next_run_at)
-                                     .where(MergeGroup.name.in_(list(self._groups)))).all()
-        changed: dict[str, datetime | None] = {}
-        for name, requested_at, next_run_at in groups:
-            pending = self.scheduler.get_job(f"trigger:{name}")
-            soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
-            if requested_at is not None and (pending is None or pending.next_run_time > soon):
-                self.trigger(name, delay=0)
-            times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
-                                                   self.scheduler.get_job(f"schedule:{name}")) if job]
-            upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
-            if next_run_at != upcoming:
-                changed[name] = upcoming
-        if changed:
+        with self.catalog_health.watching("tick"):
             with self.catalog.session() as session:
-                for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(changed)))):
-                    row.next_run_at = changed[row.name]
+                groups = session.execute(select(MergeGroup.name, MergeGroup.requested_at, MergeGroup.next_run_at)
+                                         .where(MergeGroup.name.in_(list(self._groups)))).all()
+            changed: dict[str, datetime | None] = {}
+            for name, requested_at, next_run_at in groups:
+                pending = self.scheduler.get_job(f"trigger:{name}")
+                soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
+                if requested_at is not None and (pending is None or pending.next_run_time > soon):
+                    self.trigger(name, delay=0)
+                times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
+                                                       self.scheduler.get_job(f"schedule:{name}")) if job]
+                upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
+                if next_run_at != upcoming:
+                    changed[name] = upcoming
+            if changed:
+                with self.catalog.session() as session:
+                    for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(changed)))):
+                        row.next_run_at = changed[row.name]
 
     def _summary(self) -> str:
         return f"watching {len(self._local)} folder and {len(self._polled)} hub sources, {len(self._groups)} merge groups"

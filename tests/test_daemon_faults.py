@@ -1255,6 +1255,90 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     assert triggered == [100]
 
 
+def test_a_catalog_outage_is_said_rarely_in_one_line_and_makes_healthz_unhealthy(tmp_path, monkeypatch, caplog):
+    """The catalog failing the daemon's periodic jobs (its PostgreSQL down, a full disk;
+    a stand-in raising the error a lost server gives, on the jobs' own clock): each job
+    says so in one WARNING naming the catalog, then once a minute with a count, and in an
+    INFO line once it answers; tracebacks only at DEBUG, a bug still raises. /healthz's
+    check fails once a job has failed for 3 catalog checks in a row, not at the first
+    failure; the watchdog's does not (a restart mends no outage). Before the fix every
+    failure reached APScheduler with a 110-line traceback: 6,015 lines for 60 s of
+    PostgreSQL down, and /healthz said 200 all along (found by QA)."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from sqlalchemy.exc import OperationalError
+    from iteris_daemon.peers import Peers
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\ncatalog_check_seconds = 5\n"
+                      '[[groups]]\nname = "g"\nbase_model = "b"\n[[groups.destinations]]\nkind = "folder"\n'
+                      f'path = {json.dumps(str(tmp_path / "published"))}\n')
+    daemon = daemon_module.Daemon(config)
+    daemon._groups = {group.name: group for group in daemon.config.groups}
+    daemon.scheduler = BackgroundScheduler()
+    daemon.scheduler.start(paused=True)  # running (as health asks), no job runs by itself
+    daemon.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    daemon.peers = Peers(daemon.catalog, daemon.holder)
+    now = [1000.0]
+    daemon.catalog_health = daemon_module.CatalogHealth(lambda: daemon.catalog.safe_url, clock=lambda: now[0])
+    session, failure = daemon.catalog.session, [None]
+
+    def failing_session(*args, **kwargs):
+        if failure[0] is not None:
+            raise failure[0]
+        return session(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.catalog, "session", failing_session)
+    caplog.set_level(logging.DEBUG, logger="iteris_daemon")
+    try:
+        failure[0] = OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+        for second in range(0, 80, 2):  # 80 s of outage: the tick every 2 s, the checks every 5 s (here 6)
+            now[0] = 1000.0 + second
+            daemon._tick()
+            if second % 6 == 0:
+                daemon._catch_up()
+                daemon._check_peers()
+            if second == 10:  # 6 tick failures, 2 checks' in 10 s: too soon
+                assert daemon.health_problem() is None
+            assert daemon.healthy()  # the watchdog keeps pinging
+        problem = daemon.health_problem()
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        url = daemon.catalog.safe_url
+        cause = "OperationalError: (builtins.ConnectionRefusedError) connection refused"
+        assert problem == f"the catalog {url} has failed job tick for 78 s (40 times in a row): {cause}", problem
+        assert said == [f"job tick: the catalog {url} failed: {cause}",
+                        f"job catalog-check: the catalog {url} failed: {cause}",
+                        f"job peers: the catalog {url} failed: {cause}",
+                        f"job tick: the catalog {url} failed: {cause} (failing for 60 s; 29 more failures since the last "
+                        "warning)",
+                        f"job catalog-check: the catalog {url} failed: {cause} (failing for 60 s; 9 more failures since "
+                        "the last warning)",
+                        f"job peers: the catalog {url} failed: {cause} (failing for 60 s; 9 more failures since the last "
+                        "warning)"], said
+        assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)
+        assert sum(bool(r.exc_info) for r in caplog.records) == 40 + 2 * 14  # each failure's traceback, at DEBUG
+
+        caplog.clear()
+        failure[0] = None
+        now[0] += 2
+        daemon._tick()
+        daemon._check_peers()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+            f"job tick: the catalog {url} answers again (it failed 40 times in 80 s)",
+            f"job peers: the catalog {url} answers again (it failed 14 times in 80 s)"]
+        assert "job catalog-check" in daemon.health_problem()  # not asked again yet
+        daemon._catch_up()
+        assert daemon.health_problem() is None
+
+        failure[0] = RuntimeError("a bug")
+        with pytest.raises(RuntimeError):
+            daemon._tick()
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+        monkeypatch.undo()
+        daemon.catalog.close()
+
+
 def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, monkeypatch, caplog):
     """``run_group`` says the merge is kept but could not be published (``retry_publish``: a
     Hub down past the publisher's own retries, a full disk): the group is triggered again

@@ -49,6 +49,14 @@ class CatalogLockedError(CatalogError):
     """Another process held the SQLite catalog's write lock for longer than the busy timeout."""
 
 
+# What a database that cannot be read or written raises (its server down or restarting, a
+# lock held past the busy timeout, a full disk), as opposed to a bug.
+DATABASE_FAILURES = (DBAPIError, CatalogLockedError)
+# The same, with the file system's errors (a SQLite file): what the daemon's periodic jobs
+# catch, say and go on from.
+CATALOG_FAILURES = (*DATABASE_FAILURES, OSError)
+
+
 def default_url() -> str:
     return f"sqlite:///{state_dir() / 'catalog.db'}"
 
