@@ -647,6 +647,44 @@ def test_a_folder_whose_examination_raises_is_looked_at_again_ever_later(setup, 
     assert [bool(r.exc_info) for r in errors] == [True, False, False, False]
 
 
+def test_a_catalog_that_refuses_a_registration_makes_the_source_unhealthy(setup, monkeypatch):
+    """The catalog refusing to record an adapter (a full disk under SQLite; the error is
+    injected into the write, the event is real): the source is unhealthy, naming the
+    catalog and the cause, in ``status`` too, whether an event's look or a rescan met
+    it; the next scan that goes through registers the adapter and makes it healthy.
+    Before the fix only the log said so, every attempt, while ``status`` showed the
+    source ok (found by QA)."""
+    from sqlalchemy.exc import OperationalError
+    from iteris_daemon.sources import local
+    from iteris_daemon.status import collect, render
+
+    catalog, watched, base, (lora, _) = setup
+    full = OperationalError("INSERT INTO adapter_revisions", {}, OSError("database or disk is full"))
+
+    def refused(*args, **kwargs):
+        raise full
+
+    monkeypatch.setattr(local, "record", refused)
+    source = _source(catalog, watched, base)
+    unhealthy = (False, f"cannot register adapters in the catalog {catalog.safe_url}: (builtins.OSError) database "
+                        "or disk is full")
+    source.start()
+    try:
+        shutil.copytree(lora, watched / "a")  # the event
+        wait_for(lambda: _health(catalog) == unhealthy, "the source unhealthy")
+        assert "UNHEALTHY (cannot register adapters in the catalog" in render(collect(catalog))
+    finally:
+        source.stop()
+    rescanning = LocalFolderSource(catalog, "team")  # not stopped
+    rescanning._set_health(None)
+    with pytest.raises(OperationalError):
+        rescanning.scan()
+    assert _health(catalog) == unhealthy
+    monkeypatch.undo()
+    assert rescanning.scan().registered == [str(watched / "a")]
+    assert _health(catalog) == (True, None)
+
+
 def test_a_copy_that_keeps_old_mtimes_is_not_examined_half_done(setup):
     """``shutil.copytree`` (like ``cp -p`` or ``rsync -t``) gives each copied file its
     source's old mtime. A rescan in the middle of such a copy (config and weights there,

@@ -33,9 +33,10 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
+from ..catalog.db import DATABASE_FAILURES
 from ..catalog.models import AdapterStatus
 from ..catalog.registry import Observation, get_source, list_current, mark_removed, prior, record, set_health
-from ..errors import AdapterError, BaseModelError
+from ..errors import AdapterError, BaseModelError, first_line
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..config import MAX_SECONDS, STRICT, ModelSetting, PathSetting
 from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapter, validation_context
@@ -260,7 +261,15 @@ class LocalFolderSource:
 
     # ------------------------------------------------------------------ examination
     def scan(self) -> ScanReport:
-        """Full rescan: register what is new or changed, mark vanished folders removed."""
+        """Full rescan: register what is new or changed, mark vanished folders removed. The
+        catalog failing it is raised, and said in the source's health (:meth:`_catalog_failed`)."""
+        try:
+            return self._scan()
+        except DATABASE_FAILURES as exc:
+            self._catalog_failed(exc)
+            raise
+
+    def _scan(self) -> ScanReport:
         report = ScanReport()
         with self._lock:
             unlisted: list[OSError] = []
@@ -535,6 +544,17 @@ class LocalFolderSource:
         with self.catalog.session() as session:
             set_health(session, self.source_id, error)
 
+    def _catalog_failed(self, exc: Exception) -> None:
+        """The catalog failed a look (a full disk refusing a new revision, its server down):
+        the source is unhealthy, naming the catalog and why, as for a scan's other
+        problems, until a scan goes through. Before, only the log said so, and ``status``
+        showed the source ok while nothing it found was registered. As far as the catalog
+        takes that write: where it does not, the daemon's /healthz says the catalog fails."""
+        try:
+            self._set_health(f"cannot register adapters in the catalog {self.catalog.safe_url}: {first_line(exc)}")
+        except DATABASE_FAILURES as again:
+            log.debug("source %s: cannot record its health either (%s)", self.name, first_line(again))
+
 
     # ------------------------------------------------------------------ watching
     def start(self) -> None:
@@ -654,7 +674,10 @@ class LocalFolderSource:
             log.exception("source %s: examining %s failed; it is looked at again", self.name, path)
         else:
             log.warning("source %s: examining %s failed again (%d times in a row: %s: %s); next look in %.0f s",
-                        self.name, path, failures, type(exc).__name__, exc, delay + self.settings.settle_seconds)
+                        self.name, path, failures, type(exc).__name__, first_line(exc),
+                        delay + self.settings.settle_seconds)
+        if isinstance(exc, DATABASE_FAILURES):
+            self._catalog_failed(exc)
         self._mark_dirty(path, deep, delay=delay)
 
     def _take_due(self) -> list[tuple[Path, bool]]:
