@@ -13,9 +13,9 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -163,50 +163,81 @@ def _pattern_key_problem(key: str) -> str | None:
     return None
 
 
-# Seconds of CPU that compiling a string target_modules / exclude_modules and fullmatching it
-# against an adapter's module names may take together (a benign one takes milliseconds).
+# Seconds of CPU that compiling the regular expressions PEFT builds from one adapter's config
+# and matching them against its module names may take together (benign ones take milliseconds).
 MODULE_REGEX_BUDGET = 1.0
 # Run in a child process: ``re`` (PEFT's engine) cannot be stopped in a thread, and the
 # ``regex`` engine, which can, needs no time for what ``re`` backtracks on for hours (``(.*)*x``).
-_TIMED_FULLMATCH = r"""
+_TIMED_MATCHES = r"""
 import json, re, signal, sys
 
 def stop(signum, frame):
     raise TimeoutError
 
-pattern, names, budget = json.load(sys.stdin)
+regexes, names, budget = json.load(sys.stdin)
 signal.signal(signal.SIGPROF, stop)
 signal.setitimer(signal.ITIMER_PROF, budget)
+index, problem = 0, None
 try:
-    compiled = re.compile(pattern)
-    for name in names:
-        compiled.fullmatch(name)
-    problem = None
+    for index, (expression, mode) in enumerate(regexes):
+        matches = getattr(re.compile(expression), mode)
+        for name in names:
+            matches(name)
 except TimeoutError:
     problem = "slow"
 except Exception as exc:
     problem = f"is not a regular expression PEFT can use ({exc})"
 signal.setitimer(signal.ITIMER_PROF, 0)
-print(json.dumps(problem))
+print(json.dumps([index, problem]))
 """
 
 
-def module_regex_problem(pattern: str, names: Collection[str]) -> str | None:
-    """Why PEFT cannot use ``pattern``, a string ``target_modules`` or ``exclude_modules``
-    that it ``re.fullmatch``-es against every module name of the base model, or None: it
-    does not compile, or it takes past :data:`MODULE_REGEX_BUDGET` against ``names`` (a
-    regular expression that backtracks would hang the merge or generation in PEFT)."""
-    if _PLAIN_KEY.fullmatch(pattern):  # '.' its only metacharacter: nothing to backtrack on
+class PeftRegex(NamedTuple):
+    """A regular expression PEFT builds from an adapter config and runs with ``re`` against
+    the base model's module names when it loads the adapter."""
+
+    field: str  # where the config gives it: "target_modules", "rank_pattern key", ...
+    source: str  # the config's own text
+    expression: str  # what PEFT compiles
+    mode: str  # the ``re.Pattern`` method PEFT calls: "match" or "fullmatch"
+
+
+def peft_regexes(config: dict[str, Any]) -> list[PeftRegex]:
+    """Each regular expression PEFT 0.21 builds from ``config`` (``check_target_module_exists``,
+    ``get_pattern_key``, and with ``ensure_weight_tying`` its ``_add_*_to_tie``)."""
+    found = [PeftRegex(name, value, value, "fullmatch") for name in ("target_modules", "exclude_modules")
+             if isinstance(value := config.get(name), str)]
+    for name in ("rank_pattern", "alpha_pattern"):
+        found += [PeftRegex(f"{name} key", key, _peft_pattern(key), "match") for key in config.get(name) or {}]
+    entries = [("modules_to_save entry", m) for m in config.get("modules_to_save") or ()]
+    if config.get("ensure_weight_tying") and isinstance(config.get("target_modules"), list):
+        entries += [("target_modules entry", m) for m in config["target_modules"]]
+    found += [PeftRegex(name, m, rf"(^|.*\.){m}($|\..*)", "match") for name, m in entries]
+    layers = config.get("layers_pattern")
+    found += [PeftRegex("layers_pattern", p, rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "match")
+              for p in ([layers] if isinstance(layers, str) else layers if isinstance(layers, list) else [])
+              if isinstance(p, str)]
+    return found
+
+
+def module_regex_problem(regexes: Sequence[PeftRegex], names: Collection[str]) -> tuple[PeftRegex, str] | None:
+    """The first of ``regexes`` PEFT cannot use, and why, or None: it does not compile, or
+    matching them all against ``names`` takes past :data:`MODULE_REGEX_BUDGET` (a regular
+    expression that backtracks would hang the merge or generation in PEFT). One child
+    process times them all; one from a plain ``source`` is not run."""
+    timed = [regex for regex in regexes if not _PLAIN_KEY.fullmatch(regex.source)]  # nothing to backtrack on
+    if not timed:
         return None
     slow = f"takes over {MODULE_REGEX_BUDGET:g} s to match the adapter's module names (a regular expression that backtracks)"
     try:
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", _TIMED_FULLMATCH], capture_output=True, text=True,
-                              input=json.dumps([pattern, sorted(names), MODULE_REGEX_BUDGET]), check=True,
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _TIMED_MATCHES], capture_output=True, text=True,
+                              input=json.dumps([[(r.expression, r.mode) for r in timed], sorted(names),
+                                                MODULE_REGEX_BUDGET]), check=True,
                               timeout=MODULE_REGEX_BUDGET + 30)  # the child's own timer stops it; this, a stuck start
     except subprocess.TimeoutExpired:
-        return slow
-    problem = json.loads(done.stdout)
-    return slow if problem == "slow" else problem
+        return timed[0], slow
+    index, problem = json.loads(done.stdout)
+    return None if problem is None else (timed[index], slow if problem == "slow" else problem)
 
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:

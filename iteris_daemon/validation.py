@@ -28,7 +28,8 @@ from typing import Any
 
 from . import safe_json
 from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, WEIGHTS_NAME, AdapterConfigView,
-                             module_regex_problem, module_scaling, read_adapter_config, saved_whole)
+                             module_regex_problem, module_scaling, peft_regexes, read_adapter_config,
+                             saved_whole)
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
 from .shapes import BaseShapes, check_shapes, local_config_digest, skeleton_key
@@ -75,7 +76,7 @@ class Limits:
 
 # Bump when a release changes what validation accepts or refuses: every verdict the
 # catalog holds is then reached again, once (see ``validation_context``).
-VALIDATION_RULES = 3
+VALIDATION_RULES = 4
 
 
 def validation_context(limits: Limits, base_model: str | None, trusted_models: Collection[str]) -> str:
@@ -357,7 +358,7 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
         _check_tied_copy(weights, config, header, data, start, copy)
     if not parts:
         raise AdapterError(weights, "holds no LoRA tensors")
-    _check_module_regexes(config, list(parts), folder / CONFIG_NAME)
+    _check_module_regexes(config, [*parts, *layout.modules_to_save], folder / CONFIG_NAME)
     for module, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(weights, f"{module} has lora_{'A' if 'A' not in pair else 'B'} missing")
@@ -554,15 +555,16 @@ def _check_targets(config: dict[str, Any], modules: list[str], where: Path) -> N
 
 
 def _check_module_regexes(config: dict[str, Any], modules: list[str], where: Path) -> None:
-    """A string ``target_modules`` or ``exclude_modules`` is a regular expression PEFT
-    fullmatches against each module name of the base model (loading the adapter for a
-    ``peft_*`` strategy or the ``generate`` source): it must compile and match quickly.
-    Without the base, the names it is tried on are the adapter's module paths and their
-    parents (each a module of the base), bare and under PEFT's ``base_model.model.``."""
+    """The regular expressions PEFT builds from the config (a string ``target_modules``,
+    ``rank_pattern`` keys, ``modules_to_save`` entries, ...: :func:`peft_regexes`) and runs
+    against each module name of the base model when it loads the adapter (for a ``peft_*``
+    strategy or the ``generate`` source) must compile and match quickly. Without the base,
+    the names they are tried on are the adapter's module paths and their parents (each a
+    module of the base), bare and under PEFT's ``base_model.model.``."""
     names = {".".join(parts[:end]) for parts in (m.split(".") for m in modules) for end in range(1, len(parts) + 1)}
     names |= {KEY_PREFIX + name for name in names}
-    for field_name in ("target_modules", "exclude_modules"):
-        pattern = config.get(field_name)
-        if isinstance(pattern, str) and (problem := module_regex_problem(pattern, names)):
-            shown = f"{pattern[:60]!r}{'…' if len(pattern) > 60 else ''}"
-            raise AdapterError(where, f"{field_name} {shown} {problem}; list the module names instead")
+    if found := module_regex_problem(peft_regexes(config), names):
+        regex, problem = found
+        shown = f"{regex.source[:60]!r}{'…' if len(regex.source) > 60 else ''}"
+        remedy = "use module paths as keys" if regex.field.endswith(" key") else "list the module names instead"
+        raise AdapterError(where, f"{regex.field} {shown} {problem}; {remedy}")

@@ -339,8 +339,8 @@ EVIL_KEYS = {  # key -> the reason its folder is rejected with
     "(": "rank_pattern key '(' is not a regular expression PEFT can use",
     "a[": "rank_pattern key 'a[' is not a regular expression PEFT can use",
     "x" * 300: "longer than 256 characters",
-    "(a|a)+": "took too long to match",  # exponential in re and in the regex engine
-    "(a+)+": "which target_modules",  # exponential in re; the regex engine answers at once: no match
+    "(a|a)+": "rank_pattern key '(a|a)+' takes over 1 s to match",  # exponential in re (timed there, PEFT's engine)
+    "(a+)+": "rank_pattern key '(a+)+' takes over 1 s to match",  # in re; the regex engine answers it at once
 }
 
 
@@ -399,6 +399,50 @@ def test_a_module_regex_that_backtracks_is_refused_by_the_daemon_and_by_merge(wa
     assert found["zz-quick"] == (AdapterStatus.registered, None)
     with pytest.raises(AdapterError, match=r"adapter_config\.json: target_modules '\(\.\*\)\*\(query\|value\)' takes "):
         load_adapter(watched.folder / "evil0")
+    assert load_adapter(quick).modules
+
+
+EVIL_PEFT_REGEXES = {  # name -> (config fields, the reason its folder is rejected with)
+    "rank": ({"rank_pattern": {"(.*)*x": 4}}, "rank_pattern key '(.*)*x' takes over 1 s to match"),
+    "alpha": ({"alpha_pattern": {"(.|.)*query": 16.0}}, "alpha_pattern key '(.|.)*query' takes over 1 s to match"),
+    "saved": ({"modules_to_save": ["(.*)*pooler"]}, "modules_to_save entry '(.*)*pooler' takes over 1 s to match"),
+    "saved-broken": ({"modules_to_save": ["pooler("]},
+                     "modules_to_save entry 'pooler(' is not a regular expression PEFT can use"),
+    "layers": ({"layers_to_transform": [0, 1], "layers_pattern": "(.*)*layer"},
+               "layers_pattern '(.*)*layer' takes over 1 s to match"),
+    "tied": ({"ensure_weight_tying": True, "target_modules": ["query", "key", "value", "dense", "(.*)*embeddings"]},
+             "target_modules entry '(.*)*embeddings' takes over 1 s to match"),
+}
+
+
+@pytest.mark.timeout(120)
+def test_pattern_keys_and_module_entries_that_backtrack_in_re_are_refused(watched, made):
+    """PEFT builds a regular expression from each ``rank_pattern``/``alpha_pattern`` key
+    (``(.*\\.)?(KEY)$``), each ``modules_to_save`` entry (``(^|.*\\.)ENTRY($|\\..*)``, checked
+    against every module of the base), ``layers_pattern``, and with ``ensure_weight_tying``
+    each ``target_modules`` entry, and runs it with ``re``. Keys were timed in the ``regex``
+    engine, which answers ``(.*)*x`` at once, and entries not at all: such an adapter passed
+    validation and then hung a ``peft_*`` merge or the ``generate`` source for hours. Now all
+    are timed in ``re`` in one child process: the daemon rejects the adapter naming the field
+    and the key, ``merge``/``compare`` (:func:`load_adapter`) refuse it; quick ones pass."""
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.lora import load_adapter
+
+    _, lora = made
+    for name, (fields, _) in EVIL_PEFT_REGEXES.items():
+        _set_config(shutil.copytree(lora, watched.folder / f"evil-{name}"), **fields)
+    quick = shutil.copytree(lora, watched.folder / "zz-quick")
+    _set_config(quick, alpha_pattern={r"layer\.\d+\.attention\.self\.(query|value)": 8.0},
+                modules_to_save=["pool(er)?"], layers_to_transform=[0, 1], layers_pattern="lay(er)?")
+    watched.scan()
+    found = watched.found()
+    for name, (_, reason) in EVIL_PEFT_REGEXES.items():
+        _rejected(found, f"evil-{name}", reason)
+    _rejected(found, "evil-rank", "use module paths as keys")
+    _rejected(found, "evil-saved", "list the module names instead")
+    assert found["zz-quick"] == (AdapterStatus.registered, None)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: modules_to_save entry '\(\.\*\)\*pooler' takes "):
+        load_adapter(watched.folder / "evil-saved")
     assert load_adapter(quick).modules
 
 
