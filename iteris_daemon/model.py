@@ -12,6 +12,7 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -24,7 +25,7 @@ from .errors import BaseModelError, CalibrationError, ParameterError, first_line
 from .architecture import linear_kind, weight_shape
 from .lora import LoraAdapter
 from .shapes import BaseShapes, check_shapes, head_labels
-from .model_class import model_class_for
+from .model_class import instantiate, model_class_for
 
 log = logging.getLogger(__name__)
 OFFLOAD = ("auto", "disk", "cpu", "none")
@@ -255,6 +256,8 @@ IGNORE = -100
 """A ``labels`` entry that predicts nothing (padding), as transformers marks it."""
 
 POSITION_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+# Another modality's inputs a forward may take besides text (an image's, a video's, audio's).
+MODALITY_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
 """PEFT task types whose heads read the model's last hidden states at input positions."""
 
 
@@ -565,12 +568,50 @@ class BaseModel:
 
     # ------------------------------------------------------------------ inputs
     def require_text(self) -> None:
-        """Refuse a model that does not read text: calibration samples, which every pass over
-        the model reads, are text (a speech model's encoder reads audio features)."""
+        """Refuse a model that does not read text alone: calibration samples, which every pass
+        over the model reads, are text (a speech model's encoder reads audio features; a dual
+        encoder, CLIP or SigLIP, reads an image with its text)."""
         if self.tokenizer is None:
-            raise BaseModelError(f"base model {self.name_or_path!r} reads {self.main_input} "
-                                 f"({type(self.model).__name__}), not text, and calibration samples are text: "
-                                 "merge its adapters with a data-free strategy and --no-eval")
+            reads = f"reads {self.main_input} ({type(self.model).__name__}), not text"
+        elif self._inputs_besides_text:
+            reads = (f"reads {' and '.join(self._inputs_besides_text)} with its text ({type(self.model).__name__}), "
+                     "not text alone")
+        else:
+            return
+        raise BaseModelError(f"base model {self.name_or_path!r} {reads}, and calibration samples are text: "
+                             "merge its adapters with a data-free strategy and --no-eval")
+
+    @cached_property
+    def _inputs_besides_text(self) -> list[str]:
+        """The other modalities' inputs the model's forward takes and fails without ([] when it
+        runs on text alone). Its signature does not tell: a dual encoder (CLIP, SigLIP, CLAP) and
+        a vision-language model, whose language model reads text alone, both default
+        ``pixel_values`` to None. So a copy built on the meta device (no memory, no weights)
+        runs a text batch's inputs; a failure of the meta device itself (a value read out of a
+        tensor, which most models do somewhere) came after the inputs were taken, so says the
+        model reads text."""
+        taken = [name for name in MODALITY_INPUTS if name in self._forward_args]
+        if not taken:
+            return []
+        try:
+            with torch.device("meta"), torch.no_grad():
+                skeleton = instantiate(type(self.model), self.model.config)
+                skeleton(**self._meta_text_inputs())
+        except Exception as exc:  # noqa: BLE001 - whatever the forward raised without them
+            if isinstance(exc, NotImplementedError) or re.search(r"\bmeta\b", str(exc), re.IGNORECASE):
+                return []
+            return taken
+        return []
+
+    def _meta_text_inputs(self) -> dict[str, torch.Tensor | bool]:
+        """What a pass gives the forward (:meth:`_encode`, :meth:`forward`), as meta tensors
+        of one two-token sample."""
+        ids = torch.ones((1, 2), dtype=torch.long)
+        inputs: dict[str, torch.Tensor | bool] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.teacher_forced:
+            inputs.update(decoder_input_ids=ids, decoder_attention_mask=torch.ones_like(ids))
+        flags = {"use_cache": False, "output_router_logits": False}
+        return {k: v for k, v in {**inputs, **flags}.items() if k in self._forward_args}
 
     def batches(self, data: CalibrationSet, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
         """Tokenised, right-padded batches, sorted by length to waste little on padding.

@@ -369,6 +369,49 @@ def test_a_speech_model_is_refused_before_the_merge_and_merges_data_free(tmp_pat
         torch.testing.assert_close(module.delta(), expected, rtol=1e-5, atol=1e-7)
 
 
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+DUAL_ENCODERS = {
+    "clip": lambda: tf.CLIPConfig(text_config={**TOWER, **TOKENS, "max_position_embeddings": 130},
+                                  vision_config={**TOWER, "image_size": 32, "patch_size": 8}, projection_dim=16),
+    "siglip": lambda: tf.SiglipConfig(text_config={**TOWER, **TOKENS, "max_position_embeddings": 130},
+                                      vision_config={**TOWER, "image_size": 32, "patch_size": 8}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DUAL_ENCODERS))
+def test_a_dual_encoder_is_refused_before_the_merge_and_merges_data_free(family, tmp_path, capsys):
+    """CLIPModel and SiglipModel read text (their main input is input_ids, the tokenizer is
+    there) and an image together: every merge that ran a pass (IterIS, RegMean, a data-free
+    strategy's evaluation) died in transformers as "AttributeError: 'NoneType' object has no
+    attribute 'shape'", and compare printed that error for every strategy. Now the one line
+    a vision or speech model gets, before the merge; data-free without the evaluation it
+    merges (the sum of the deltas)."""
+    from iteris_daemon.cli import main
+
+    base_class = tf.AutoModel.from_config(DUAL_ENCODERS[family]()).__class__
+    base_dir = tmp_path / family
+    torch.manual_seed(0)
+    base_class(DUAL_ENCODERS[family]()).save_pretrained(base_dir)
+    tokenizer().save_pretrained(base_dir)
+    adapters = [build_adapter(base_dir, tmp_path / f"a{seed}", seed=seed, family=family, targets=["q_proj", "v_proj"],
+                              base_class=base_class, calibration=4) for seed in range(2)]
+    refusal = (f"base model '{base_dir}' reads pixel_values with its text ({base_class.__name__}), not text alone, "
+               "and calibration samples are text: merge its adapters with a data-free strategy and --no-eval")
+    compare = ["compare", "--base-model", str(base_dir), "-q", *(f"--adapter={a}" for a in adapters)]
+    for run in (lambda: cli_merge(base_dir, adapters, tmp_path / "out"),
+                lambda: cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", "regmean"),
+                lambda: cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", "task_arithmetic"),
+                lambda: main(compare)):
+        assert run() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith(refusal) and not any("AttributeError" in line for line in err)
+        assert not (tmp_path / "out").exists()
+    assert cli_merge(base_dir, adapters, tmp_path / "out", "--strategy", "task_arithmetic", "--no-eval") == 0
+    merged, inputs = load_adapter(tmp_path / "out"), [load_adapter(a) for a in adapters]
+    for path, module in merged.modules.items():
+        torch.testing.assert_close(module.delta(), sum(a.modules[path].delta() for a in inputs), rtol=1e-5, atol=1e-7)
+
+
 def test_a_base_folder_without_its_tokenizer_is_said_whole(tmp_path, capsys):
     """transformers' message for a folder saved with ``model.save_pretrained`` alone ends its
     first line at "from one of:": the error said nothing after it."""
