@@ -108,19 +108,41 @@ def _adapter_class(name: str, config: Mapping[str, Any], base_config: Pretrained
     return f"auto_mapping.base_model_class={wanted}", cls
 
 
+def _skeleton(cls: type, config: PretrainedConfig) -> torch.nn.Module | None:
+    """``cls`` built from ``config`` on the meta device (no memory), or None if it cannot be."""
+    try:
+        with torch.device("meta"):
+            return instantiate(cls, config)
+    except Exception:  # noqa: BLE001 - a class that cannot be built from this config is not the one
+        return None
+
+
 def _recorded_class(base_config: PretrainedConfig, module_paths: Collection[str]) -> type | None:
     """The class the base model was saved as, if the adapters' module paths exist in it."""
     names = getattr(base_config, "architectures", None) or []
     cls = exported_model_class(names[0]) if names else None
     if cls is None or not module_paths or not _fits_config(cls, base_config):
         return None
-    try:
-        with torch.device("meta"):
-            skeleton = instantiate(cls, base_config)
-    except Exception:  # noqa: BLE001 - a class that cannot be built from this config is not the one
+    skeleton = _skeleton(cls, base_config)
+    if skeleton is None:
         return None
     present = {path for path, _ in skeleton.named_modules()}
     return cls if set(module_paths) <= present else None
+
+
+def _block_parameters(model: torch.nn.Module) -> set[str]:
+    """The names of ``model``'s parameters inside its module lists (its blocks)."""
+    lists = [path for path, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)]
+    return {name for name, _ in model.named_parameters() if any(name.startswith(f"{path}.") for path in lists)}
+
+
+def _builds_blocks_beyond(cls: type, recorded: type, config: PretrainedConfig) -> bool:
+    """Whether ``cls`` has blocks that ``recorded``, the class the checkpoint was saved as, has
+    not: the checkpoint does not hold them (a T5Model's decoder, for a T5EncoderModel's
+    checkpoint), and the load is refused (weights drawn at random). A head or a pooler the
+    recorded class lacks does not count: a classifier's comes from the adapters."""
+    built, saved = _skeleton(cls, config), _skeleton(recorded, config)
+    return built is not None and saved is not None and bool(_block_parameters(built) - _block_parameters(saved))
 
 
 def choose_model_class(
@@ -131,7 +153,9 @@ def choose_model_class(
     """The transformers class to load the base model as, for ``adapters`` (name -> adapter config).
 
     In order: the adapters' PEFT ``task_type`` (its auto class, unless that class does not
-    know this model: then the recorded class below, where the adapted modules exist); else their
+    know this model, or builds blocks the class the checkpoint was saved as has not, as
+    ``AutoModel`` builds a T5Model, decoder included, for FEATURE_EXTRACTION on a
+    T5EncoderModel: then the recorded class below, where the adapted modules exist); else their
     ``auto_mapping.base_model_class`` (a class transformers exports); else
     ``base_config.architectures[0]`` when ``module_paths`` (the adapted modules)
     all exist in it; else ``AutoModel``. Adapters asking for different classes are
@@ -148,13 +172,18 @@ def choose_model_class(
     if len(classes) > 1:
         listing = ", ".join(f"{name}: {wish[0] if wish else 'no class recorded'}" for name, wish in wishes.items())
         raise IncompatibleAdaptersError(f"adapters were made on different model classes ({listing})")
-    if classes:
-        cls = classes.pop()
-        # A task_type whose auto class does not know this model: a vision-language model's LoRA
-        # saved with task_type CAUSAL_LM (as TRL's recipes save them), which PEFT loads on the
-        # model's own class.
-        return cls if _knows(cls, base_config) else _recorded_class(base_config, module_paths) or cls
-    return _recorded_class(base_config, module_paths) or AutoModel
+    if not classes:
+        return _recorded_class(base_config, module_paths) or AutoModel
+    cls = classes.pop()
+    if task_types == {None}:  # auto_mapping: the class the adapters were made on
+        return cls
+    # A task_type whose auto class does not know this model: a vision-language model's LoRA
+    # saved with task_type CAUSAL_LM (as TRL's recipes save them), which PEFT loads on the
+    # model's own class.
+    if not _knows(cls, base_config):
+        return _recorded_class(base_config, module_paths) or cls
+    recorded = _recorded_class(base_config, module_paths)
+    return recorded if recorded is not None and _builds_blocks_beyond(cls, recorded, base_config) else cls
 
 
 def _knows(cls: type, config: PretrainedConfig) -> bool:

@@ -18,7 +18,7 @@ import transformers as tf
 from peft import AutoPeftModel, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from builders import apply_by_hand, build_adapter, build_tiny_model, cli_merge, sample_inputs, tiny_config
+from builders import apply_by_hand, build_adapter, build_tiny_model, cli_merge, sample_inputs, tiny_config, tokenizer
 from iteris_daemon.errors import AdapterError, IncompatibleAdaptersError
 from iteris_daemon.model_class import choose_model_class
 from iteris_daemon.validation import validate_adapter
@@ -114,6 +114,44 @@ def test_rule_order_without_task_type_or_auto_mapping():
         choose_model_class({"a": {"task_type": "BOGUS"}}, config)
     with pytest.raises(IncompatibleAdaptersError, match="different task types"):
         choose_model_class({"a": {"task_type": "CAUSAL_LM"}, "b": {}}, config)
+
+
+def test_a_task_class_building_blocks_the_checkpoint_lacks_gives_way_to_the_recorded_class():
+    """FEATURE_EXTRACTION's AutoModel builds a T5Model, decoder included, from a T5EncoderModel's
+    config: the load was refused ("its checkpoint gives no usable tensor for decoder.block.0...").
+    The recorded class serves where it holds the adapted modules and the task class would build
+    blocks it lacks; a head or pooler it lacks does not count (a BertForMaskedLM checkpoint under
+    a classifier), nor a class holding more blocks (a T5ForConditionalGeneration checkpoint)."""
+    encoder = {"encoder.block.0.layer.0.SelfAttention.q"}
+    config = tiny_config("t5")
+    config.architectures = ["T5EncoderModel"]
+    assert choose_model_class({"a": {"task_type": "FEATURE_EXTRACTION"}}, config, encoder) is tf.T5EncoderModel
+    config.architectures = ["T5ForConditionalGeneration"]
+    assert choose_model_class({"a": {"task_type": "FEATURE_EXTRACTION"}}, config, encoder) is tf.AutoModel
+    config = tiny_config("bert")
+    config.architectures = ["BertForMaskedLM"]
+    paths = {"bert.encoder.layer.0.attention.self.query"}
+    assert choose_model_class({"a": {"task_type": "SEQ_CLS"}}, config, paths) is tf.AutoModelForSequenceClassification
+
+
+def test_a_feature_extraction_adapter_on_a_t5_encoder_merges_exactly(tmp_path):
+    """A T5EncoderModel checkpoint (sentence-T5, a diffusion pipeline's text encoder) with an
+    adapter saved with task_type FEATURE_EXTRACTION: one adapter merges to itself, and the
+    merge loads in PEFT on the T5EncoderModel."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    tf.T5EncoderModel(tiny_config("t5")).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    adapter = build_adapter(base, tmp_path / "a", seed=1, family="t5", task_type="FEATURE_EXTRACTION",
+                            base_class=tf.T5EncoderModel, targets=["q", "v"])
+    assert cli_merge(base, [adapter], tmp_path / "out", *FAST) == 0
+    inputs = {k: v for k, v in sample_inputs("t5", tokenizer()).items() if k != "decoder_input_ids"}
+    outputs = []
+    for folder in (adapter, tmp_path / "out"):
+        model = PeftModel.from_pretrained(tf.T5EncoderModel.from_pretrained(base), folder).eval()
+        with torch.no_grad():
+            outputs.append(model(**inputs).last_hidden_state)
+    assert (outputs[1] - outputs[0]).norm() / outputs[0].norm() < 1e-4  # float32 solves: ~3e-6
 
 
 def _retarget(src, dst, **auto_mapping):
