@@ -1,7 +1,11 @@
-"""Unlabelled calibration inputs: JSON Lines with, per line, a ``"text"`` and an optional
-``"target"`` (decoder text for encoder-decoder teacher forcing), or a conversation,
-``"messages"``: ``[{"role": ..., "content": ...}, ...]``, which the merge renders with the
-base model's chat template (the adapter of a chat model was trained on templated text)."""
+"""Unlabelled calibration inputs: JSON Lines with, per line, a ``"text"``, an optional
+``"text_pair"`` (the second segment of a sentence-pair task, NLI or paraphrase: tokenized as
+``tokenizer(text, text_pair)``, as a pair classifier reads it, ``[CLS] a [SEP] b [SEP]`` with
+token type ids 0 then 1) and an optional ``"target"`` (decoder text for encoder-decoder
+teacher forcing; with a pair, the encoder reads the pair and the decoder the target), or a
+conversation, ``"messages"``: ``[{"role": ..., "content": ...}, ...]``, which the merge
+renders with the base model's chat template (the adapter of a chat model was trained on
+templated text; a conversation takes no ``"text_pair"``)."""
 
 from __future__ import annotations
 
@@ -37,20 +41,25 @@ class Sample:
     # A conversation. ``text`` is then its plain rendering ("role: content" lines): what
     # a base model without a chat template reads, and what sorting and reports see.
     messages: Messages | None = None
+    text_pair: str | None = None  # the second segment of a sentence pair (never with messages)
 
     @classmethod
     def conversation(cls, messages: Messages) -> "Sample":
         return cls("\n".join(f"{role}: {content}" for role, content in messages), None, tuple(messages))
 
     def to_json(self) -> list:
-        """For worker job files: ``[text, target]`` or ``[text, target, [[role, content], ...]]``."""
+        """For worker job files and the fingerprint: ``[text, target]``, ``[text, target,
+        [[role, content], ...]]`` or ``[text, target, None, text_pair]`` (a sample without a
+        pair keeps the form, and the fingerprint, it had before pairs were read)."""
+        if self.text_pair is not None:
+            return [self.text, self.target, None, self.text_pair]
         return [self.text, self.target] if self.messages is None else [self.text, self.target, self.messages]
 
     @classmethod
     def from_json(cls, value: list) -> "Sample":
         text, target, *rest = value
-        messages = tuple((role, content) for role, content in rest[0]) if rest else None
-        return cls(text, target, messages)
+        messages = tuple((role, content) for role, content in rest[0]) if rest and rest[0] is not None else None
+        return cls(text, target, messages, rest[1] if len(rest) > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,11 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
             target = record.get("target")
             if target is not None and not isinstance(target, str):
                 raise CalibrationError(path, '"target" must be a string', line=number)
-            samples.append(Sample(text=text, target=target))
+            pair = record.get("text_pair")
+            if pair is not None and (not isinstance(pair, str) or not pair.strip()):
+                raise CalibrationError(path, '"text_pair" must be a non-empty string (the second segment of a '
+                                             'sentence pair)', line=number)
+            samples.append(Sample(text=text, target=target, text_pair=pair))
             _check_unicode(samples[-1], path, number)
     if not samples:
         raise CalibrationError(path, "calibration set is empty")
@@ -128,7 +141,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
 
 def _check_unicode(sample: Sample, path: Path, line: int) -> None:
     """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer takes."""
-    strings = [sample.text, sample.target, *(content for _, content in sample.messages or ())]
+    strings = [sample.text, sample.target, sample.text_pair, *(content for _, content in sample.messages or ())]
     for string in strings:
         try:
             (string or "").encode("utf-8")
@@ -139,10 +152,10 @@ def _check_unicode(sample: Sample, path: Path, line: int) -> None:
 
 def _messages(record: dict, path: Path, line: int) -> Messages:
     """A line's conversation: a non-empty list of {"role": str, "content": str}. Beside it, a
-    "text" or "target" is refused (which would the merge read?); other fields are ignored, as
+    "text", "text_pair" or "target" is refused (which would the merge read?); other fields are ignored, as
     on a "text" line: exports of chat data sets carry "prompt_id", "id", "prompt" or "category"
     on every line, and were refused whole."""
-    if clashing := [key for key in ("text", "target") if key in record]:
+    if clashing := [key for key in ("text", "text_pair", "target") if key in record]:
         raise CalibrationError(path, f'a "messages" line takes no "{clashing[0]}": the conversation is the whole '
                                      "sample (a reply to learn from goes in it, as its last message)", line=line)
     messages = record["messages"]
@@ -166,6 +179,8 @@ def write_jsonl(path: str | Path, samples: list[Sample] | tuple[Sample, ...]) ->
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 continue
             record = {"text": sample.text}
+            if sample.text_pair is not None:
+                record["text_pair"] = sample.text_pair
             if sample.target is not None:
                 record["target"] = sample.target
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

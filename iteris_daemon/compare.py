@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationOptions, CalibrationSet
+from .calibration import CalibrationOptions, CalibrationSet, Sample
 from .errors import InputsChangedError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary, text
@@ -151,10 +151,15 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         "holdout": request.holdout,
         "seed": request.seed,
         "tasks": [{"name": a.name, "calibration": data.source, "merged_from": len(k.samples),
-                   "held_out": [sample.text for sample in h.samples]}
+                   "held_out": [_shown(sample) for sample in h.samples]}
                   for a, data, k, h in zip(adapters, calibration, kept, held)],
         "strategies": rows,
     }
+
+
+def _shown(sample: Sample) -> str | list[str]:
+    """A held-out sample in the report: its text, or ``[text, text_pair]`` for a sentence pair."""
+    return sample.text if sample.text_pair is None else [sample.text, sample.text_pair]
 
 
 def _failure(label: str, exc: Exception) -> str:

@@ -632,7 +632,7 @@ class BaseModel:
                             '%s is none: the targets are not used (put a completion in "text", after its prompt, '
                             "or in the conversation)", data.source, targets, len(data.samples),
                             type(self.model).__name__)
-        special = self.tokenizer.num_special_tokens_to_add()
+        special = self.tokenizer.num_special_tokens_to_add(pair=any(s.text_pair is not None for s in data.samples))
         if max_length <= special:  # the tokenizer keeps its special tokens: nothing would be cut
             raise ParameterError(f"max_length {max_length} leaves no room for text: the tokenizer of "
                                  f"{self.name_or_path} adds {special} special tokens to each sample")
@@ -640,7 +640,8 @@ class BaseModel:
             self._warn_once("positions", "", "max_length %d is more than %s reads (%d tokens): samples are cut at %d",
                             max_length, self.name_or_path, self.max_tokens, self.max_tokens)
             max_length = self.max_tokens
-        order = sorted(range(len(data.samples)), key=lambda i: len(data.samples[i].text))
+        order = sorted(range(len(data.samples)),
+                       key=lambda i: len(data.samples[i].text) + len(data.samples[i].text_pair or ""))
         batches = []
         cut: list[tuple[Sample, int]] = []
         for start in range(0, len(order), batch_size):
@@ -677,11 +678,12 @@ class BaseModel:
 
     def _encode(self, chunk, max_length: int, source: str, cut: list[tuple[Sample, int]]) -> dict[str, torch.Tensor]:
         if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
-            rows = [self._tokens([s], [self._templated(s, source)], s.messages is None, max_length, cut)["input_ids"][0]
+            rows = [self._tokens([s], [self._templated(s, source)], s.messages is None, max_length, cut,
+                                 [s.text_pair])["input_ids"][0]
                     for s in chunk]
             encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         else:
-            tokens = self._tokens(chunk, [s.text for s in chunk], True, max_length, cut)
+            tokens = self._tokens(chunk, [s.text for s in chunk], True, max_length, cut, [s.text_pair for s in chunk])
             encoded = self.tokenizer.pad(tokens, padding=True, return_tensors="pt")
         batch = {k: v for k, v in encoded.items() if k in self._forward_args}
         if "token_type_ids" in batch and not getattr(self.model.config, "type_vocab_size", 0):
@@ -711,18 +713,26 @@ class BaseModel:
                                            "with text and a chat template the model holds")
 
     def _tokens(self, samples: list[Sample], texts: list[str], special: bool, max_length: int,
-                cut: list[tuple[Sample, int]]) -> dict[str, list[list[int]]]:
-        """``texts`` (one per sample) tokenized, those longer than ``max_length`` tokens cut at it,
-        and each sample cut added to ``cut`` with its full token count. Only the ones cut are
-        tokenized a second time, with the tokenizer's own truncation: it keeps the special tokens
-        its post-processor adds (a trailing EOS too) and cuts the side it is set to, which the
-        full ids alone do not tell."""
-        encoded = self.tokenizer(texts, add_special_tokens=special, verbose=False)
-        tokens = {key: list(rows) for key, rows in encoded.items()}
-        for i, ids in enumerate(encoded["input_ids"]):
+                cut: list[tuple[Sample, int]], pairs: list[str | None] | None = None) -> dict[str, list[list[int]]]:
+        """``texts`` (one per sample, each with its ``pairs`` entry as second segment where not
+        None) tokenized, those longer than ``max_length`` tokens cut at it, and each sample cut
+        added to ``cut`` with its full token count. Only the ones cut are tokenized a second
+        time, with the tokenizer's own truncation: it keeps the special tokens its
+        post-processor adds (a trailing EOS too) and cuts the side it is set to, which the full
+        ids alone do not tell; a pair is cut longest segment first (``truncation=True``)."""
+        pairs = pairs or [None] * len(texts)
+        if any(pair is not None for pair in pairs):  # a batch call takes pairs for every text or none
+            rows = [self.tokenizer(text, pair, add_special_tokens=special, verbose=False)
+                    for text, pair in zip(texts, pairs)]
+            tokens = {key: [row[key] for row in rows] for key in rows[0]}
+        else:
+            tokens = {key: list(rows) for key, rows in self.tokenizer(texts, add_special_tokens=special,
+                                                                       verbose=False).items()}
+        for i, ids in enumerate(list(tokens["input_ids"])):
             if len(ids) > max_length:
                 cut.append((samples[i], len(ids)))
-                again = self.tokenizer(texts[i], add_special_tokens=special, truncation=True, max_length=max_length)
+                again = self.tokenizer(texts[i], pairs[i], add_special_tokens=special, truncation=True,
+                                       max_length=max_length)
                 for key, rows in tokens.items():
                     rows[i] = again[key]
         return tokens
