@@ -624,6 +624,48 @@ def test_a_root_reached_through_a_symlink_later_keeps_its_adapters(made, tmp_pat
     catalog.close()
 
 
+def test_lost_events_make_the_source_look_at_the_whole_root_again(made, tmp_path, monkeypatch, caplog):
+    """An inotify queue overflow (the daemon not reading its events for a while: stopped,
+    swapped out) loses events; watchdog then gives each watch an ``EventsLostEvent`` for its
+    root. Taken as a change of the root alone, an adapter that arrived meanwhile in a
+    folder of its own waited for the periodic rescan, 10 minutes (found by QA, with a
+    SIGSTOPped daemon and 20,000 files touched). The overflow itself is not provoked here:
+    it takes filling the kernel's queue (``fs.inotify.max_queued_events``, a host-wide
+    setting, 16,384 by default) while this process does not read it, which a test cannot
+    arrange quickly nor without changing the host. The handler is made deaf instead, every
+    event lost as in an overflow, and given the notice watchdog sends after one."""
+    from watchdog.events import EventsLostEvent
+    from iteris_daemon.sources import local
+
+    class Deaf(local._Handler):
+        def dispatch(self, event):  # the kernel's queue overflowed: no event reaches the source
+            pass
+
+    monkeypatch.setattr(local, "_Handler", Deaf)
+    base, (first, second) = made
+    watched = tmp_path / "watched"
+    shutil.copytree(first, watched / "keep")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    source = _source(catalog, watched, base)
+    settled, settle = [], source._settle
+    monkeypatch.setattr(source, "_settle", lambda paths: (settle(paths), settled.extend(paths)))
+    source.start()
+    try:
+        _wait_registered(catalog, "keep", "the scan at start")
+        (watched / "team").mkdir()
+        _put(second, watched / "team" / "new")  # no event announces it
+        shutil.rmtree(watched / "keep")
+        local._Handler.on_any_event(source._handler, EventsLostEvent(str(watched), is_directory=True))
+        wait_for(lambda: any(path == watched for path, _ in settled), "the look at the root")
+        adapters = _adapters(catalog)
+        assert adapters["team/new"].status is AdapterStatus.registered
+        assert adapters["keep"].status is AdapterStatus.removed
+    finally:
+        source.stop()
+        catalog.close()
+    assert any("were lost" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
 def _assert_registered_at_every_look(catalog: Catalog, source: LocalFolderSource, folder: Path) -> None:
     """Twice: a scan, a settle of ``folder``, a deep settle of its root; each leaves its
     adapter (named ``folder``'s name) registered."""

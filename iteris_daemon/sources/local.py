@@ -735,6 +735,9 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        if event.event_type == "events_lost":  # EventsLostEvent (watchdog >= 7.1.1; older ones send none)
+            self._lost(Path(os.fsdecode(event.src_path)))
+            return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if not raw:
                 continue
@@ -746,3 +749,11 @@ class _Handler(FileSystemEventHandler):
                 self.mark(path.parent)
             else:
                 self.mark(path, deep=event.event_type in ("created", "moved"))
+
+    def _lost(self, root: Path) -> None:
+        """Events under the watched ``root`` were lost (the kernel's queue overflowed while
+        the daemon did not read it): the whole root is looked at again once it settles, as
+        a folder moved in is. Taken as a change of the root alone, the adapters that came
+        meanwhile waited for the periodic rescan (10 minutes)."""
+        log.warning("events under %s were lost (the inotify queue overflowed); looking at all of it again", root)
+        self.mark(root, deep=True)
