@@ -624,6 +624,23 @@ def test_a_root_reached_through_a_symlink_later_keeps_its_adapters(made, tmp_pat
     catalog.close()
 
 
+def test_a_watched_folder_swapped_for_another_is_watched_there(made, tmp_path):
+    """The watched folder replaced by another under its path at once (a release moved
+    into place: ``mv loras loras.old && mv v2 loras``): the old release's adapters are
+    removed, the new one's registered, and what arrives in it later is seen. The watch
+    follows the old folder, which lives on under its new name: before, nothing changed
+    until the periodic rescan, 10 minutes later, nor was a later arrival seen."""
+    base, (first, second) = made
+    shutil.copytree(second, tmp_path / "v2" / "new")
+    with _watching_one_adapter(made, tmp_path) as (_, catalog, watched):
+        watched.rename(tmp_path / "loras.old")
+        (tmp_path / "v2").rename(watched)
+        _wait_registered(catalog, "new", "the second release's adapter")
+        wait_for(lambda: _adapters(catalog)["keep"].status is AdapterStatus.removed, "the first release's removal")
+        _put(first, watched / "later")
+        _wait_registered(catalog, "later", "an adapter added to the second release")
+
+
 def test_lost_events_make_the_source_look_at_the_whole_root_again(made, tmp_path, monkeypatch, caplog):
     """An inotify queue overflow (the daemon not reading its events for a while: stopped,
     swapped out) loses events; watchdog then gives each watch an ``EventsLostEvent`` for its

@@ -105,6 +105,15 @@ def _snapshot(folder: Path) -> tuple | None:
         return None
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``folder`` leads to now, links followed; None if none."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def _under(locator: str, prefix: str) -> bool:
     """``locator`` is the folder ``prefix`` or lies inside it."""
     return locator == prefix or locator.startswith(prefix + os.sep)
@@ -208,6 +217,7 @@ class LocalFolderSource:
         self._observer = None
         self._handler: _Handler | None = None
         self._watches: dict[Path, object] = {}  # root -> its watchdog ObservedWatch
+        self._watched: dict[Path, tuple[int, int] | None] = {}  # root -> the folder its watch is on (_identity)
         self._missing: set[Path] = set()  # roots found deleted while watching
         # Folder fingerprints by their files' stat (in a file: across restarts). The limits
         # are part of a fingerprint (a file past its limit is not read), so a cache made
@@ -589,6 +599,7 @@ class LocalFolderSource:
         if old is not None:
             with contextlib.suppress(KeyError):
                 self._observer.unschedule(old)
+        self._watched[root] = _identity(root)  # before: a link re-pointed meanwhile is seen at the next check
         self._watches[root] = self._observer.schedule(self._handler, str(root), recursive=True)
 
     def _watch_alive(self, root: Path) -> bool:
@@ -596,7 +607,8 @@ class LocalFolderSource:
         return any(emitter.watch == watch and emitter.is_alive() for emitter in list(self._observer.emitters))
 
     def _check_roots(self) -> None:
-        """Notice a deleted root, and watch it again once it is back.
+        """Notice a deleted root, and watch it again once it is back; notice another
+        folder in a root's place, and watch that one.
 
         watchdog ends the watch of a root that is deleted (the inotify emitter stops on
         IN_DELETE_SELF, the polling one when it cannot list the root) and never resumes
@@ -604,13 +616,21 @@ class LocalFolderSource:
         and the source still said it was healthy. While a root is gone the source is
         unhealthy and the adapters under it are ``removed``; when it is there again (even
         re-created between two checks, which the dead watch shows) it is re-watched and
-        rescanned."""
+        rescanned. A root replaced by another folder under its path (a release moved into
+        place) kept its watch on the old one, which lives on under another name: the
+        catalog kept the old adapters and missed the new ones until the periodic rescan.
+        (A root configured as a symlink is resolved when the settings are read, so
+        re-pointing that link is not seen: the source watches where it led then.)"""
         for root in self.settings.paths:
             if not root.is_dir():
                 self._root_gone(root)
             elif root in self._missing or not self._watch_alive(root):
                 self._missing.discard(root)
                 log.info("source %s: watched folder %s is back; watching it again", self.name, root)
+                self._watch(root)
+                self.scan()
+            elif _identity(root) != self._watched.get(root):
+                log.info("source %s: watched folder %s is another folder now; watching it", self.name, root)
                 self._watch(root)
                 self.scan()
 
