@@ -728,3 +728,29 @@ def test_a_source_is_busy_while_it_examines(setup, monkeypatch):
     assert not source.busy
     assert len(source.scan().registered) == 1
     assert seen == [True] and not source.busy
+
+
+def test_a_trainers_checkpoints_are_not_adapters_of_their_own(setup, caplog):
+    """A trainer saves its progress in ``output_dir/checkpoint-STEP/``, beside (or before)
+    the adapter it saves at the end: each checkpoint was registered as an adapter of its
+    own and merged as one more task (found by QA). Neither a scan nor events look into
+    one, and the log says so once per checkpoint; a folder merely named like a checkpoint
+    but not ``checkpoint-STEP`` is an adapter like any other."""
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "run1")
+    shutil.copytree(second, watched / "run1" / "checkpoint-500")
+    shutil.copytree(second, watched / "checkpoint-best")
+    source = _source(catalog, watched, base)
+    caplog.set_level(logging.INFO, logger="iteris_daemon.sources.local")
+    assert sorted(source.scan().registered) == [str(watched / "checkpoint-best"), str(watched / "run1")]
+    source.scan()
+    source.start()
+    try:
+        shutil.copytree(second, watched / "run1" / "checkpoint-1000")  # the events
+        shutil.copytree(first, watched / "later")  # settles after them
+        wait_for(lambda: "later" in _adapters(catalog), "the adapter copied in after the checkpoint")
+    finally:
+        source.stop()
+    assert sorted(_adapters(catalog)) == ["checkpoint-best", "later", "run1"]
+    told = [r.getMessage() for r in caplog.records if "trainer's checkpoint" in r.getMessage()]
+    assert sorted(m.split()[2] for m in told) == [str(watched / "run1" / f"checkpoint-{step}") for step in (1000, 500)]

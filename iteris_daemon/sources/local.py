@@ -7,7 +7,8 @@ no event has touched it for ``settle_seconds`` and two looks at its files (names
 sizes, mtimes) agree. A settled folder without weights waits for them, unless it held
 an adapter: that one is ``removed`` until weights are back. Folders whose name starts with "." are ignored, so a writer
 can stage an adapter in ``.tmp-x/`` and rename it into place; so is ``lost+found`` at the
-top of a file system.
+top of a file system, and a trainer's ``checkpoint-STEP`` folders (its progress, not an
+adapter of its own: each was merged as one more task).
 
 A watched root that is deleted, or not there at start (a typo, a mount not yet up:
 it is not created), makes the source unhealthy and its adapters ``removed`` (rows and
@@ -20,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -47,6 +49,7 @@ ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots sti
 FAILED_RETRY_MAX_SECONDS = 600.0  # the longest wait before a folder whose examination raised is looked at again
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES)
 CALIBRATION_NAME = "calibration.jsonl"
+TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")  # transformers' Trainer saves its progress in output_dir/checkpoint-STEP
 
 
 class LocalSettings(BaseModel):
@@ -179,11 +182,23 @@ def _ignored(path: Path, root: Path) -> bool:
 
 
 def _looked_into(folder: str, dirs: list[str]) -> list[str]:
-    """The subfolders of ``folder`` a walk goes into, sorted: not hidden ones, nor fsck's
-    ``lost+found`` at the top of a file system (root's, unreadable to the daemon's user: a
-    volume mounted as a watched root would keep its source unhealthy for ever)."""
+    """The subfolders of ``folder`` a walk goes into, sorted: not hidden ones, nor a
+    trainer's checkpoints (:func:`_checkpoint_in`), nor fsck's ``lost+found`` at the top of
+    a file system (root's, unreadable to the daemon's user: a volume mounted as a watched
+    root would keep its source unhealthy for ever)."""
     at_mount = "lost+found" in dirs and os.path.ismount(folder)
-    return sorted(d for d in dirs if not d.startswith(".") and not (at_mount and d == "lost+found"))
+    return sorted(d for d in dirs if not d.startswith(".") and not TRAINER_CHECKPOINT.fullmatch(d)
+                  and not (at_mount and d == "lost+found"))
+
+
+def _checkpoint_in(path: Path, root: Path) -> Path | None:
+    """The trainer's checkpoint folder (``checkpoint-STEP``) under ``root`` that ``path`` is
+    or lies in, or None. A trainer saves its progress there, beside or before its adapter,
+    in ``output_dir``: each was registered as an adapter of its own and merged as one more
+    task. Not looked into, as the Hub source reads no adapter in a repo's subfolder."""
+    parts = path.relative_to(root).parts
+    return next((root.joinpath(*parts[:i + 1]) for i, part in enumerate(parts) if TRAINER_CHECKPOINT.fullmatch(part)),
+                None)
 
 
 def as_text(path: Path | str) -> str:
@@ -225,6 +240,7 @@ class LocalFolderSource:
         self._hashed = StatCache(stat_cache, context=stat_context(limits))
         self._worker: threading.Thread | None = None
         self._failures: dict[Path, int] = {}  # path -> examinations in a row that raised
+        self._checkpoints: set[Path] = set()  # trainer's checkpoint folders the log named as not looked into
 
     # ------------------------------------------------------------------ discovery
     def _roots_of(self, path: Path) -> list[Path]:
@@ -257,12 +273,26 @@ class LocalFolderSource:
                 log.warning("source %s: folder %s does not exist (yet)", self.name, root)
                 continue
             for folder, dirs, files in os.walk(root, onerror=partial(_note_unlisted, unlisted)):
-                dirs[:] = _looked_into(folder, dirs)
+                dirs[:] = self._looked_into(folder, dirs)
                 if any(name in files for name in ADAPTER_FILES):
                     found.append(Path(folder))
                 found.extend(link for link in (Path(folder) / d for d in dirs)
                              if link.is_symlink() and _holds_adapter(link))
         return found
+
+    def _looked_into(self, folder: str, dirs: list[str]) -> list[str]:
+        """:func:`_looked_into`, naming in the log the trainer's checkpoints it leaves out."""
+        for name in dirs:
+            if TRAINER_CHECKPOINT.fullmatch(name):
+                self._not_looked_into(Path(folder) / name)
+        return _looked_into(folder, dirs)
+
+    def _not_looked_into(self, checkpoint: Path) -> None:
+        """Say once that the trainer's ``checkpoint`` folder is not looked into."""
+        if checkpoint not in self._checkpoints:
+            self._checkpoints.add(checkpoint)
+            log.info("source %s: %s is a trainer's checkpoint (checkpoint-STEP), not an adapter of its own: not looked "
+                     "into", self.name, checkpoint)
 
     def _name(self, folder: Path) -> str:
         root = self._root_of(folder) or folder.parent
@@ -657,6 +687,9 @@ class LocalFolderSource:
         root = self._root_of(path)
         if root is None or _ignored(path, root):
             return
+        if (checkpoint := _checkpoint_in(path, root)) is not None:
+            self._not_looked_into(checkpoint)
+            return
         with self._dirty_lock:
             deep = deep or self._dirty.get(path, (0, None, False))[2]
             self._dirty[path] = (time.monotonic() + delay, _snapshot(path) if os.path.isdir(path) else None, deep)
@@ -737,11 +770,10 @@ class LocalFolderSource:
             log.debug("source %s: events: %s", self.name, report)
         self._report_changes(report)
 
-    @staticmethod
-    def _subfolders(path: Path) -> list[Path]:
+    def _subfolders(self, path: Path) -> list[Path]:
         found = []
         for folder, dirs, _ in os.walk(path):
-            dirs[:] = _looked_into(folder, dirs)
+            dirs[:] = self._looked_into(folder, dirs)
             found.extend(Path(folder) / d for d in dirs)
         return found
 
