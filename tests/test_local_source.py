@@ -754,3 +754,34 @@ def test_a_trainers_checkpoints_are_not_adapters_of_their_own(setup, caplog):
     assert sorted(_adapters(catalog)) == ["checkpoint-best", "later", "run1"]
     told = [r.getMessage() for r in caplog.records if "trainer's checkpoint" in r.getMessage()]
     assert sorted(m.split()[2] for m in told) == [str(watched / "run1" / f"checkpoint-{step}") for step in (1000, 500)]
+
+
+def test_a_folder_whose_row_the_catalog_refuses_is_rejected_and_the_others_register(setup, monkeypatch, caplog):
+    """The catalog refusing one folder's row (PostgreSQL's value too long for its column,
+    injected into the write as psycopg raises it): that folder is rejected in the scan's
+    report, with a WARNING naming it and the cause, and the others register. Before, it
+    ended the whole scan: nothing after it registered (found by QA with a long path). The
+    catalog failing (its server down) still ends the scan: see the test above."""
+    from psycopg.errors import StringDataRightTruncation
+    from sqlalchemy.exc import DataError
+    from iteris_daemon.sources import local
+
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(first, watched / "a")
+    shutil.copytree(second, watched / "b")
+    too_long = DataError("INSERT INTO adapters", {}, StringDataRightTruncation("value too long for type character "
+                                                                                "varying(255)"))
+    record = local.record
+
+    def refusing_a(session, source_id, seen, **kwargs):
+        if seen.locator == str(watched / "a"):
+            raise too_long
+        return record(session, source_id, seen, **kwargs)
+
+    monkeypatch.setattr(local, "record", refusing_a)
+    report = _source(catalog, watched, base).scan()
+    assert (report.registered, report.rejected) == ([str(watched / "b")], [str(watched / "a")])
+    assert set(_adapters(catalog)) == {"b"}
+    assert _health(catalog) == (True, None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(watched / "a") in m and "value too long" in m for m in warnings), warnings

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError, IntegrityError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -45,6 +46,9 @@ from ..validation import Limits, ShapeSource, folder_fingerprint, validate_adapt
 from .stat_cache import StatCache, stat_context
 
 log = logging.getLogger(__name__)
+# The catalog refusing one folder's row (a value too long for its column, a duplicate), as
+# opposed to the catalog failing (DATABASE_FAILURES: its server down, a full disk).
+ROW_REFUSALS = (DataError, IntegrityError)
 ROOT_CHECK_SECONDS = 1.0  # how often a running source checks that its roots still exist
 FAILED_RETRY_MAX_SECONDS = 600.0  # the longest wait before a folder whose examination raised is looked at again
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES)
@@ -380,6 +384,17 @@ class LocalFolderSource:
         return time.time() - max(times, default=0) / 1e9 < self.settings.settle_seconds
 
     def _examine(self, folder: Path, report: ScanReport) -> None:
+        """Judge ``folder``. The catalog refusing its row alone (a name longer than its
+        column) rejects it in ``report``, saying why, and the other folders go on: it ended
+        the whole scan, and nothing after it registered. The catalog failing still ends it."""
+        try:
+            self._judge(folder, report)
+        except ROW_REFUSALS as exc:
+            report.rejected.append(as_text(folder))
+            log.warning("source %s: rejected %s: the catalog refuses its record (%s); looked at again at the next "
+                        "scan or change", self.name, as_text(folder), first_line(exc))
+
+    def _judge(self, folder: Path, report: ScanReport) -> None:
         if self._symlinked(folder):  # the folder or one above it (under the root) is a symlink
             self._reject_symlinked(folder, report)
             return
