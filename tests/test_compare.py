@@ -364,6 +364,19 @@ path = "{tmp_path / 'published'}"
     assert main(["compare", "--strategy", "ties"]) == 2
     assert "give --base-model and --adapter, or --group with --config" in capsys.readouterr().err
 
+    # The catalog named as every command finds it: --db, else $ITERIS_DAEMON_DB, before the config's
+    # (it read the config's alone, and its error named the other two).
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(config.read_text().replace(f"database = \"sqlite:///{tmp_path / 'catalog.db'}\"",
+                                                    f"state_dir = \"{tmp_path / 'empty-state'}\""))
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    assert main(["compare", "-q", "--group", "unified", "--config", str(elsewhere), "--strategy", "ties"]) == 2
+    assert "no catalog at" in capsys.readouterr().err
+    assert main(["compare", "-q", "--group", "unified", "--config", str(elsewhere), "--strategy", "ties",
+                 "--db", url]) == 0
+    monkeypatch.setenv("ITERIS_DAEMON_DB", url)
+    assert main(["compare", "-q", "--group", "unified", "--config", str(elsewhere), "--strategy", "ties"]) == 0
+
 
 def test_the_table_keeps_its_columns_when_a_gap_reaches_10():
     """The columns' widths were fixed: a gap of 10 or more (a merge far from a task the

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..paths import overlap, real, user_path
+from .catalog import DB_ENV, named_catalog
 from .merge import add_input_arguments, calibration_options
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ def register(commands) -> None:
     compare.add_argument("--group", metavar="NAME",
                          help="compare on a daemon group's current inputs instead of --base-model/--adapter: the "
                               "adapters it would merge now, with the calibration data its sources give (not "
-                              "--calibration-order); its own strategy and parameters first (needs --config)")
+                              "--calibration-order); its own strategy and parameters are one more contender, "
+                              "the row 'STRATEGY (group NAME)' (needs --config)")
     compare.add_argument("--config", type=user_path, metavar="FILE", help="the daemon's config, for --group")
+    compare.add_argument("--db", metavar="URL", default=os.environ.get(DB_ENV),
+                         help=f"the catalog --group reads (SQLAlchemy URL; default: ${DB_ENV}, else --config's)")
     compare.add_argument(
         "--strategy", action="append", default=[], metavar="NAME[:KEY=VALUE...]", dest="strategies",
         help="a strategy to compare, with parameters after colons (knots:alpha=0.5:density=0.2); repeat; "
@@ -94,7 +98,8 @@ def _compare(args) -> int:
         if args.trust_remote_code:
             options["trust_remote_code"] = True
         with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
-            report = run_compare(_group_request(load_config(args.config), args.group, Path(into), **options))
+            report = run_compare(_group_request(load_config(args.config), args.group, Path(into),
+                                                named_catalog(args), **options))
     print(render(report))
     if args.json:
         try:
@@ -104,10 +109,12 @@ def _compare(args) -> int:
     return 0 if any("error" not in row for row in report["strategies"]) else 1
 
 
-def _group_request(config, name: str, into: Path, **options):
+def _group_request(config, name: str, into: Path, catalog_url: str | None, **options):
     """A comparison of a daemon group's current inputs: the adapters it would merge now, copied
     into ``into`` as a run copies them, with the calibration its sources give; the group's own
-    strategy and parameters come first. ``options``: the other ``CompareRequest`` fields."""
+    strategy and parameters come first. ``catalog_url``: the catalog named outside the config
+    (``--db``, ``$ITERIS_DAEMON_DB``), as every command finds it; None: the config's.
+    ``options``: the other ``CompareRequest`` fields."""
     from ..catalog import Catalog
     from ..compare import CompareRequest, Contender
     from ..errors import ConfigError
@@ -120,7 +127,7 @@ def _group_request(config, name: str, into: Path, **options):
     if group is None:
         defined = ", ".join(g.name for g in config.groups) or "none"
         raise ConfigError(f"no merge group named {name!r} in the config (its groups: {defined})")
-    catalog = Catalog(config.daemon.catalog_url(), create=False)
+    catalog = Catalog(catalog_url or config.daemon.catalog_url(), create=False)
     try:
         inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
                                limits=config.daemon.limits.limits(),
