@@ -526,8 +526,9 @@ def test_plugin_listing_copes_with_what_third_party_plugins_leave_out(capsys):
         assert {"name": "typed", "description": "", "needs_calibration": False} in json.loads(
             capsys.readouterr().out)["strategies"]
         assert main(["plugins", "--params", "typed", "--json"]) == 0
-        defaults = {row["name"]: row["default"] for row in json.loads(capsys.readouterr().out)}
-        assert defaults == {"label": "required", "weights": [], "names": ["a", "b"]}
+        rows = json.loads(capsys.readouterr().out)
+        assert {row["name"]: row["default"] for row in rows} == {"label": None, "weights": [], "names": ["a", "b"]}
+        assert {row["name"]: row["required"] for row in rows} == {"label": True, "weights": False, "names": False}
         assert parse_contender('typed:label="a:b":names=["x:y"]').params.model_dump() == {
             "label": "a:b", "weights": [], "names": ["x:y"]}
         with pytest.raises(ParameterError, match="finite number"):
@@ -604,7 +605,8 @@ def test_plugins_params_shows_the_settings_of_calibration_sources_and_destinatio
     assert main(["plugins", "--params", "hub_dataset", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"repo_id", "filename", "revision", "endpoint", "token_file", "cache_dir"}
-    assert rows["token_file"]["type"] == "Path | None" and rows["repo_id"]["default"] == "required"
+    assert rows["token_file"]["type"] == "Path | None" and rows["repo_id"]["required"]
+    assert rows["filename"]["default"] == "{name}.jsonl" and not rows["filename"]["required"]
     assert main(["plugins", "--params", "destination:hub"]) == 0
     out = capsys.readouterr().out
     assert '[[groups.destinations]] kind = "hub"' in out.splitlines()[0]

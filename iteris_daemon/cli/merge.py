@@ -251,7 +251,8 @@ def _plugins(args) -> int:
     if args.params:
         title, model, per_adapter = _settings_of(args.params)
         rows = [
-            {"name": n, "type": _type_name(f.annotation), "range": _range(f), "default": _default(f),
+            {"name": n, "type": _type_name(f.annotation), "range": _range(f), "required": f.is_required(),
+             "default": _default(f),
              "help": " ".join(filter(None, [f.description, _per_adapter_note(per_adapter[n]) if n in per_adapter else ""])),
              "per_adapter": per_adapter.get(n)}
             for n, f in (model.model_fields.items() if model else ())
@@ -262,7 +263,8 @@ def _plugins(args) -> int:
             print(title if rows else f"{title}\n  (no settings)")
             width = max((len(_kind(row)) for row in rows), default=0)
             for row in rows:
-                print(f"  {row['name']:20} {_kind(row):{width}} default={row['default']!r:10} {row['help']}")
+                default = "required" if row["required"] else f"default={row['default']!r}"
+                print(f"  {row['name']:20} {_kind(row):{width}} {default:18} {row['help']}")
         return 0
     loaded = plugin_names()
     found = strategies()
@@ -337,9 +339,11 @@ def _description(plugin) -> str:
 
 
 def _default(field) -> object:
-    """A parameter's default as a user would write it: "required" when it has none."""
+    """A parameter's default as a user would write it; None where it has none (``required``
+    says so: the string "required" was a default a tool reading the JSON could not tell
+    from a real one)."""
     if field.is_required():
-        return "required"
+        return None
     return field.default_factory() if field.default_factory is not None else field.default
 
 
