@@ -244,7 +244,9 @@ class DaemonSettings(_Strict):
 
     def catalog_url(self) -> str:
         """The catalog's SQLAlchemy URL: ``database``, else ``catalog.db`` in the state directory."""
-        return self.database or f"sqlite:///{(self.state_dir or state_dir()) / 'catalog.db'}"
+        from .catalog.db import sqlite_url
+
+        return self.database or sqlite_url((self.state_dir or state_dir()) / "catalog.db")
 
     def cache_path(self) -> Path:
         """The cache directory: ``cache_dir``, else the default one."""

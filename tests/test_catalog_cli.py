@@ -730,3 +730,24 @@ destinations = [{ kind = "folder", path = "/srv/out" }]
     assert run(capsys, "db", "upgrade", "--config", str(config))[1].startswith(f"catalog {db} ")
     code, out, _ = run(capsys, "sources", "scan", "--config", str(config), "team")
     assert code == 0 and "1 registered" in out and list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["q?mode=ro", "pct%41x", "hash#1", "at@host"])
+def test_a_state_folder_with_url_characters_holds_the_catalog(tmp_path, capsys, monkeypatch, folder):
+    """The catalog's URL was ``sqlite:///`` and the path, unescaped: a state folder named
+    ``q?mode=ro`` put the catalog in ``q``, one named ``pct%41x`` in ``pctAx``."""
+    from sqlalchemy.engine import make_url
+
+    from iteris_daemon.catalog.db import default_url
+    from iteris_daemon.config import DaemonSettings
+
+    state = tmp_path / folder / "state"
+    assert make_url(DaemonSettings(state_dir=state).catalog_url()).database == str(state / "catalog.db")
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
+    assert make_url(default_url()).database == str(state / "catalog.db")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(state))}\n")
+    monkeypatch.delenv("ITERIS_DAEMON_DB", raising=False)
+    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
+    assert (state / "catalog.db").stat().st_size > 0
+    assert {p.name for p in tmp_path.iterdir()} - {"default-cache"} == {folder, "daemon.toml"}

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,8 +57,14 @@ DATABASE_FAILURES = (DBAPIError, CatalogLockedError)
 CATALOG_FAILURES = (*DATABASE_FAILURES, OSError)
 
 
+def sqlite_url(path: Path) -> str:
+    """The URL of the SQLite file ``path``, escaped: written ``sqlite:///{path}`` as it was,
+    a state directory holding ``?`` or ``%41`` put the catalog somewhere else."""
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
 def default_url() -> str:
-    return f"sqlite:///{state_dir() / 'catalog.db'}"
+    return sqlite_url(state_dir() / "catalog.db")
 
 
 def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from alembic import command
 
-from .db import _alembic_config, make_engine, upgrade
+from .db import _alembic_config, make_engine, sqlite_url, upgrade
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m iteris_daemon.catalog.revision MESSAGE", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as scratch:
-        engine = make_engine(f"sqlite:///{Path(scratch) / 'scratch.db'}")
+        engine = make_engine(sqlite_url(Path(scratch) / "scratch.db"))
         upgrade(engine)
         with engine.begin() as connection:
             config = _alembic_config(connection)
