@@ -732,6 +732,36 @@ destinations = [{ kind = "folder", path = "/srv/out" }]
     assert code == 0 and "1 registered" in out and list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv", [["status"], ["adapters", "list"], ["sources", "list"], ["merge-now", "g"]])
+def test_commands_that_read_the_catalog_leave_an_empty_sqlite_file_alone(tmp_path, capsys, argv):
+    """A zero-byte file (SQLite's empty database) was migrated by `adapters list` into a
+    catalog readable by all (0644), beside a stray .migrate-lock: refused as no catalog."""
+    empty = tmp_path / "catalog.db"
+    empty.touch(mode=0o644)
+    code, out, err = run(capsys, *argv, "--db", f"sqlite:///{empty}")
+    assert code == 2 and err == (f"iteris-daemon: error: no catalog at {empty} (the daemon, `sources add` or `db "
+                                 "upgrade` creates one; --db, $ITERIS_DAEMON_DB or --config names it)\n"), err
+    assert {p.name for p in tmp_path.iterdir()} - {"default-cache"} == {"catalog.db"}  # no -wal, no lock
+    assert empty.stat().st_size == 0
+
+
+def test_commands_that_read_the_catalog_leave_an_empty_server_database_alone(capsys):
+    """`status --db` on an empty PostgreSQL database created every table of the catalog there."""
+    from sqlalchemy import create_engine, inspect
+
+    from databases import postgres_database
+
+    with postgres_database() as url:
+        for argv in (["status"], ["adapters", "list"], ["sources", "list"]):
+            code, out, err = run(capsys, *argv, "--db", url)
+            assert code == 2 and "is an empty database, not a catalog (the daemon, `sources add` or `db upgrade` " \
+                "creates one" in err and err.count("\n") == 1, err
+        engine = create_engine(url)
+        assert inspect(engine).get_table_names() == []
+        engine.dispose()
+        assert run(capsys, "db", "upgrade", "--db", url)[0] == 0
+
+
 @pytest.mark.parametrize("folder", ["q?mode=ro", "pct%41x", "hash#1", "at@host"])
 def test_a_state_folder_with_url_characters_holds_the_catalog(tmp_path, capsys, monkeypatch, folder):
     """The catalog's URL was ``sqlite:///`` and the path, unescaped: a state folder named

@@ -41,6 +41,10 @@ SCHEMA_HEAD = "0008"
 SERVER_CLOCK = {"postgresql": "SELECT clock_timestamp() AT TIME ZONE 'UTC'"}
 
 
+# What creates a catalog, and what names it: said where a command finds none.
+NO_CATALOG = "the daemon, `sources add` or `db upgrade` creates one; --db, $ITERIS_DAEMON_DB or --config names it"
+
+
 class CatalogError(IterisError):
     """The catalog database cannot be opened or migrated."""
 
@@ -100,9 +104,8 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
                            "written sqlite:////abs/path.db, or sqlite:///relative/path.db)") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database).expanduser().resolve()
-        if not create and not database.is_file():
-            raise CatalogError(f"no catalog at {database} (the daemon, `sources add` or `db upgrade` creates one; "
-                               "--db, $ITERIS_DAEMON_DB or --config names it)")
+        if not create and (not database.is_file() or database.stat().st_size == 0):  # an empty file: SQLite's empty database
+            raise CatalogError(f"no catalog at {database} ({NO_CATALOG})")
         parsed = parsed.set(database=str(database))  # "~" expanded for SQLite too
         try:
             private_dir(database.parent)  # the catalog is private state
@@ -222,8 +225,10 @@ def schema_mismatch(engine: Engine, may_migrate: bool) -> str | None:
     from alembic.script import ScriptDirectory
 
     current = current_revision(engine)
+    if current is None and not may_migrate:  # created by a command that only reads, under no daemon
+        return f"is an empty database, not a catalog ({NO_CATALOG})"
     if current is None or current == SCHEMA_HEAD:
-        return None  # empty: created (or refused as missing) elsewhere
+        return None  # empty: created by the caller
     known = {script.revision for script in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()}
     if current not in known:
         return (f"is at schema revision {current}, newer than this iteris-daemon knows (its latest is {SCHEMA_HEAD}): "
