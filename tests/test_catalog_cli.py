@@ -570,11 +570,13 @@ def test_merge_now_wait_must_be_positive(capsys, wait):
 
 
 @pytest.mark.parametrize("argv", [["-v", "--log-format", "json", "plugins"], ["plugins", "-v", "--log-format", "json"],
-                                  ["sources", "list", "--log-format", "json", "-v", "--db", "sqlite://"]])
-def test_global_options_go_before_or_after_the_command(monkeypatch, capsys, argv):
+                                  ["sources", "list", "--log-format", "json", "-v", "--db", "CATALOG"]])
+def test_global_options_go_before_or_after_the_command(monkeypatch, capsys, tmp_path, argv):
     seen = []
     monkeypatch.setattr(cli, "setup_logging", lambda verbose, log_format: seen.append((verbose, log_format)))
-    assert main(argv) == 0 and seen == [(True, "json")]
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(url).close()
+    assert main([url if arg == "CATALOG" else arg for arg in argv]) == 0 and seen == [(True, "json")]
     main(["plugins"])
     assert seen[1] == (False, "auto")
 
