@@ -29,7 +29,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -38,6 +38,7 @@ from typing import Any, Callable, Collection, Iterator
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -612,13 +613,46 @@ class Daemon:
         the first adapters of a long scan was published, then the merge of all)."""
         if self._stopping.is_set():
             return
-        busy = [s.name for s in (*list(self._local.values()), *list(self._hub.values())) if s.busy]
-        if busy:  # what it registered so far is half of a change it reports when done
-            log.debug("catalog check skipped: source %s is scanning or polling", ", ".join(busy))
-            return
-        groups = dict(self._groups)  # a reload may replace it meanwhile
         with self.catalog_health.watching("catalog-check"):
+            self._stop_removed_sources()
+            busy = [s.name for s in (*list(self._local.values()), *list(self._hub.values())) if s.busy]
+            if busy:  # what it registered so far is half of a change it reports when done
+                log.debug("catalog check skipped: source %s is scanning or polling", ", ".join(busy))
+                return
+            groups = dict(self._groups)  # a reload may replace it meanwhile
             self._trigger_behind(groups, groups_behind(self.catalog, list(groups.values())))
+
+    def _stop_removed_sources(self) -> None:
+        """Stop watching or polling each source of this daemon that `sources remove` took out
+        of the catalog since (disabled, or deleted: a source added again under its name is
+        another row). It went on registering adapters under the removed source, which its
+        groups merged; deleted, it failed on the missing row at every look, for ever. A
+        source the config declares is added again by the next reload or start."""
+        running = {**{name: s.source_id for name, s in list(self._hub.items())},
+                   **{name: s.source_id for name, s in list(self._local.items())}}
+        if not running:
+            return
+        with self.catalog.session(write=False) as session:
+            enabled = set(session.scalars(select(Source.id).where(Source.enabled)))
+        configured = {source.name for source in self.config.sources}
+        for name, source_id in running.items():
+            if source_id not in enabled:
+                self._drop_source(name)
+                log.warning("source %s was removed from the catalog (`iteris-daemon sources remove`): no longer "
+                            "watched%s", name, ", until a reload or restart adds it again: the config declares it; "
+                            "remove it there" if name in configured else "")
+
+    def _drop_source(self, name: str) -> None:
+        """Stop source ``name``: its watcher, rescans and polls (a poll under way ends on its own)."""
+        local = self._local.pop(name, None)
+        if local is not None:
+            local.stop()
+        self._hub.pop(name, None)
+        if name in self._polled:
+            self._polled.remove(name)
+        for job in (f"rescan:{name}", f"poll:{name}"):
+            with suppress(JobLookupError):  # not a local source, or not a Hub one
+                self.scheduler.remove_job(job)
 
     def _trigger_behind(self, groups: dict[str, GroupConfig], behind: dict[str, frozenset[int]]) -> None:
         """Trigger each group of ``behind`` (name -> its selection now) not asked for yet (see :meth:`_catch_up`)."""

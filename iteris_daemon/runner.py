@@ -222,7 +222,7 @@ class Inputs:
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
     with catalog.session() as session:
-        matching = _matching(mergeable(list_current(session, [AdapterStatus.registered])), group.base_model, group.select)
+        matching = _matching(merge_candidates(session), group.base_model, group.select)
         selected = _one_per_location(matching)
         kept = {adapter.id for adapter, _ in selected}
         for adapter, _ in matching:
@@ -230,6 +230,12 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
                 log.warning("group %s: adapter %s of source %s is the same %s as one of another source; merged once",
                             group.name, adapter.name, adapter.source.name, adapter.locator)
         return selected
+
+
+def merge_candidates(session: Session) -> list[tuple[Adapter, AdapterRevision]]:
+    """The :func:`mergeable` pairs of the sources not removed: `sources remove` under a running
+    daemon left its watcher registering adapters, and every group went on merging them."""
+    return mergeable(list_current(session, [AdapterStatus.registered], enabled_sources=True))
 
 
 def mergeable(adapters: list[tuple[Adapter, AdapterRevision | None]]) -> list[tuple[Adapter, AdapterRevision]]:
@@ -299,7 +305,7 @@ def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str
     if not groups:
         return {}
     with catalog.session(write=False) as session:
-        pairs = mergeable(list_current(session, [AdapterStatus.registered]))
+        pairs = merge_candidates(session)
         last_runs: dict[str, tuple[int, dict[str, Any]]] = {}
         for group in groups:
             key = selection_key(group)
@@ -880,8 +886,7 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
         return f"waiting for {', '.join(inputs.changing)}: {inputs.held_back[inputs.changing[0]]}"
     if len(inputs.revisions) < group.min_adapters:
         with catalog.session(write=False) as session:
-            others = of_other_base_models(mergeable(list_current(session, [AdapterStatus.registered])),
-                                          group.base_model, group.select)
+            others = of_other_base_models(merge_candidates(session), group.base_model, group.select)
         return (f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
                 + (f" ({others})" if others else ""))
     if not force and last is not None and last.input_fingerprint == fingerprint:

@@ -13,13 +13,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
 from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, Source, SourceKind)
-from iteris_daemon.catalog.registry import (DuplicateError, Observation, add_source, get_source, list_current, record,
-                                            remove_source)
+from iteris_daemon.catalog.registry import (DuplicateError, Observation, SourceGoneError, add_source, get_source,
+                                            list_current, record, remove_source, set_health)
 from iteris_daemon.validation import AdapterInfo
 
 from databases import rows_loaded
@@ -151,6 +151,43 @@ def test_a_source_removed_after_its_adapters_fed_a_run_can_be_added_again(catalo
         assert session.query(Source).count() == 1 and session.query(AdapterRevision).count() == 1  # history kept
         with pytest.raises(DuplicateError):
             add_source(session, "team", SourceKind.local, {})
+    catalog.close()
+
+
+def test_a_removed_source_records_nothing_and_its_adapters_are_merged_by_no_group(catalog_url):
+    """`sources remove` under a running daemon: its watcher went on registering adapters
+    under the disabled source, and every group merged them; with the row deleted (no run
+    had used its adapters) each look failed on it for ever (AttributeError). Recording is
+    refused, a health is written nowhere, and no merge takes a disabled source's adapters."""
+    from iteris_daemon import runner
+    from iteris_daemon.config import GroupConfig
+
+    catalog = Catalog(catalog_url)
+    with catalog.session() as session:
+        used = add_source(session, "used", SourceKind.local, {"paths": ["/u"]})
+        revision, _ = record(session, used.id, Observation("/u/a", "a", "r1", "/u/a", info=_info("s1")))
+        record_past_run(session, revision.id)
+        unused = add_source(session, "unused", SourceKind.local, {"paths": ["/x"]})
+        record(session, unused.id, Observation("/x/b", "b", "r1", "/x/b", info=_info("s2")))
+        used_id, unused_id = used.id, unused.id
+    group = GroupConfig(name="g", base_model="base", destinations=[{"kind": "folder", "path": "/out"}])
+    assert [a.name for a, _ in runner.select_inputs(catalog, group)] == ["a", "b"]
+    with catalog.session() as session:
+        remove_source(session, "used")  # disabled: its adapter fed a run
+        remove_source(session, "unused")  # deleted
+    for source_id, name in ((used_id, "source used"), (unused_id, f"source id {unused_id}")):
+        with pytest.raises(SourceGoneError, match=f"^{name} was removed from the catalog"), catalog.session() as session:
+            record(session, source_id, Observation("/u/c", "c", "r9", "/u/c", info=_info("s9")))
+        with catalog.session() as session:
+            set_health(session, source_id, "a look failed")
+    with catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(Adapter)) == 1  # nothing recorded
+        session.scalar(select(Adapter)).status = AdapterStatus.registered  # as a watcher recorded it before the fix
+    assert runner.select_inputs(catalog, group) == []
+    assert runner.groups_behind(catalog, [group]) == {"g": frozenset()}  # its run merged a: merged again, without
+    with catalog.session() as session:
+        assert [a.name for a, _ in list_current(session, [AdapterStatus.registered])] == ["a"]  # `adapters list`
+        assert list_current(session, [AdapterStatus.registered], enabled_sources=True) == []
     catalog.close()
 
 

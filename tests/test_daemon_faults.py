@@ -1019,6 +1019,7 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     monkeypatch.setattr(daemon_module, "groups_behind", lambda catalog, groups: dict(behind))
     triggered = []
     monkeypatch.setattr(daemon, "trigger", lambda name, delay: triggered.append((name, delay)))
+    monkeypatch.setattr(daemon, "_stop_removed_sources", lambda: None)  # the stand-in sources are in no catalog
 
     daemon._catch_up()
     assert triggered == []  # not behind
@@ -1060,6 +1061,66 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     daemon._hub["hub"].busy = False
     daemon._catch_up()
     assert triggered == [("g", 5.0)] * 5
+
+
+def test_a_source_removed_from_the_catalog_stops_at_the_next_catalog_check(tmp_path, capsys, caplog):
+    """`sources remove` under a running daemon printed "removed source", but the daemon kept
+    watching the folder and registering its adapters, which its groups merged, even after a
+    reload; a source whose row was deleted failed at every look, for ever. The catalog check
+    stops each source removed (disabled or deleted), saying so once; `sources remove` refuses
+    a source the config declares (the daemon would add it again)."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from iteris_daemon.catalog.models import SourceKind
+    from iteris_daemon.catalog.registry import add_source
+    from iteris_daemon.sources.local import LocalFolderSource
+
+    folders = {name: tmp_path / name for name in ("team", "extra", "kept")}
+    for folder in folders.values():
+        folder.mkdir()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n[[sources]]\nname = \"team\"\n"
+                      f'kind = "local"\npaths = [{json.dumps(str(folders["team"]))}]\n')
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()
+    daemon.scheduler.start(paused=True)  # keeps jobs, runs none
+    daemon.catalog = Catalog(url)
+    daemon_module.sync_sources(daemon.catalog, daemon.config)
+    with daemon.catalog.session() as session:
+        for name in ("extra", "kept"):
+            add_source(session, name, SourceKind.local, {"paths": [str(folders[name])]})
+    for name in folders:
+        daemon._local[name] = LocalFolderSource(daemon.catalog, name)
+        daemon._local[name].start()
+        daemon.scheduler.add_job(print, "interval", seconds=600, id=f"rescan:{name}")
+    watching = dict(daemon._local)
+    try:
+        daemon._catch_up()
+        assert set(daemon._local) == set(folders)
+        code = main(["sources", "remove", "team", "--config", str(config), "--db", url])
+        assert code == 2 and capsys.readouterr().err == (
+            f"iteris-daemon: error: source team is declared in {config}: remove it there and reload the daemon "
+            "(SIGHUP); `sources remove` would be undone at the daemon's next reload or start\n")
+        for name in ("extra", "team"):  # team: without --config, the command cannot know
+            assert main(["sources", "remove", name, "--db", url]) == 0
+            assert capsys.readouterr().out == (f"removed source {name}; a running daemon stops watching it at its "
+                                               "next catalog check ([daemon] catalog_check_seconds)\n")
+        caplog.clear()
+        daemon._catch_up()
+        daemon._catch_up()
+        assert set(daemon._local) == {"kept"} and daemon._local["kept"]._watching()
+        assert not watching["extra"]._watching() and not watching["team"]._watching()
+        assert [job.id for job in daemon.scheduler.get_jobs()] == ["rescan:kept"]
+        assert sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING) == [
+            "source extra was removed from the catalog (`iteris-daemon sources remove`): no longer watched",
+            "source team was removed from the catalog (`iteris-daemon sources remove`): no longer watched, until a "
+            "reload or restart adds it again: the config declares it; remove it there"]
+    finally:
+        for source in watching.values():
+            source.stop()
+        daemon.scheduler.shutdown(wait=False)
+        daemon.catalog.close()
 
 
 @pytest.fixture

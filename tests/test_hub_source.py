@@ -736,6 +736,7 @@ def test_sources_remove_deletes_the_sources_downloads(env, history, capsys):
         with catalog.session() as session:
             record_past_run(session, used)
     assert main(["sources", "remove", "hub", "--db", catalog.safe_url]) == 0
-    assert capsys.readouterr().out == "removed source hub; deleted 1 download from the cache\n"
+    assert capsys.readouterr().out == ("removed source hub; deleted 1 download from the cache; a running daemon stops "
+                                       "watching it at its next catalog check ([daemon] catalog_check_seconds)\n")
     assert sorted(p.name for p in (cache / "gina--a").iterdir()) == ["0" * 40, "1" * 40]
     assert [p.name for p in (cache / "hank--b").iterdir()] == [kept]  # the other source's adapter uses it

@@ -35,6 +35,10 @@ class DuplicateError(IterisError):
     """A source with that name already exists."""
 
 
+class SourceGoneError(IterisError):
+    """A source recording what it saw was removed from the catalog (`sources remove`) meanwhile."""
+
+
 @dataclass(frozen=True)
 class Observation:
     """What a source found at one location: a valid adapter (``info``) or a ``reason`` to reject it."""
@@ -159,10 +163,22 @@ def verdict_stands(revision: AdapterRevision, context: str) -> bool:
     return revision.validation_context == context
 
 
+def _watching(session: Session, source_id: int) -> Source:
+    """The source, if it may still record: `sources remove` disabled or deleted it under a
+    running daemon, whose watcher went on registering adapters that its groups merged (or,
+    the row deleted, failed on it for ever); the daemon stops it at its next catalog check."""
+    source = session.get(Source, source_id)
+    if source is None or not source.enabled:
+        raise SourceGoneError(f"source {source.name if source else f'id {source_id}'} was removed from the catalog "
+                              "(`iteris-daemon sources remove`): nothing is recorded under it")
+    return source
+
+
 def record(session: Session, source_id: int, seen: Observation, rejudge: bool = True) -> tuple[AdapterRevision, bool]:
     """Record what a source saw; return the revision row and whether it is news: a new
     revision, or (``rejudge``) a known one whose verdict changed under other settings
-    (``seen.context``)."""
+    (``seen.context``). A source removed meanwhile raises :class:`SourceGoneError`."""
+    _watching(session, source_id)
     adapter = _adapter_row(session, source_id, seen)
     current = current_revision(session, adapter)
     # Another source (a second process, or host) saw a newer revision after this one was seen.
@@ -235,19 +251,24 @@ def current_files_paths(session: Session, prefix: str) -> set[str]:
     return set(session.scalars(query))
 
 
-def list_current(session: Session, statuses: list[AdapterStatus] | None = None,
-                 source: str | None = None) -> list[tuple[Adapter, AdapterRevision | None]]:
+def list_current(session: Session, statuses: list[AdapterStatus] | None = None, source: str | None = None,
+                 enabled_sources: bool = False) -> list[tuple[Adapter, AdapterRevision | None]]:
     """Adapters with their source and current revision. The database picks each current
     revision, so the rows loaded do not grow with the history: the daemon asks this
-    every few seconds, and a Hub repo that has taken a commit a day for a year has 365."""
+    every few seconds, and a Hub repo that has taken a commit a day for a year has 365.
+    ``enabled_sources``: only those of sources not removed (what merges may take)."""
     current_id = (_latest_first(select(AdapterRevision.id).where(AdapterRevision.adapter_id == Adapter.id))
                   .limit(1).correlate(Adapter).scalar_subquery())
     query = (select(Adapter, AdapterRevision).outerjoin(AdapterRevision, AdapterRevision.id == current_id)
              .options(selectinload(Adapter.source)).order_by(Adapter.id))
     if statuses:
         query = query.where(Adapter.status.in_(statuses))
+    if source or enabled_sources:
+        query = query.join(Source, Adapter.source_id == Source.id)
     if source:
-        query = query.join(Source, Adapter.source_id == Source.id).where(Source.name == source)
+        query = query.where(Source.name == source)
+    if enabled_sources:
+        query = query.where(Source.enabled)
     return [(adapter, revision) for adapter, revision in session.execute(query)]
 
 
@@ -269,8 +290,11 @@ def mark_removed(session: Session, source_id: int, gone: Callable[[str], bool]) 
 
 
 def set_health(session: Session, source_id: int, error: str | None) -> None:
-    """After a scan or poll: healthy when it went through, else the (token-free) error."""
+    """After a scan or poll: healthy when it went through, else the (token-free) error.
+    Nothing for a source `sources remove` deleted meanwhile (the daemon stops it)."""
     source = session.get(Source, source_id)
+    if source is None:
+        return
     source.healthy = error is None
     source.last_error = None if error is None else redact(error)  # an error may quote a request's headers
     source.last_poll_at = utcnow()

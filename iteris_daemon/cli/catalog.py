@@ -239,6 +239,7 @@ def _sources_remove(args) -> int:
     from ..logs import counted
     from ..sources.hub import download_folders, drop_unused_commits
 
+    _check_not_configured(args)
     catalog = _open(args)
     with catalog.session() as session:
         folders = download_folders(session, args.name)
@@ -251,10 +252,23 @@ def _sources_remove(args) -> int:
             dropped += drop_unused_commits(catalog, folder)
         except OSError as exc:
             kept.append(f"{folder} ({exc.strerror})")
-    print(f"removed source {args.name}" + (f"; deleted {counted(dropped, 'download')} from the cache" if dropped else ""))
+    print(f"removed source {args.name}" + (f"; deleted {counted(dropped, 'download')} from the cache" if dropped else "")
+          + "; a running daemon stops watching it at its next catalog check ([daemon] catalog_check_seconds)")
     if kept:
         print(f"iteris-daemon: warning: could not delete the downloads in {', '.join(kept)}", file=sys.stderr)
     return 0
+
+
+def _check_not_configured(args) -> None:
+    """Refuse to remove a source that ``--config`` declares: the daemon's next reload or start
+    would add it again, and until then its adapters were marked removed and left out of merges."""
+    if args.config is None:
+        return
+    from ..config import load_config
+
+    if any(source.name == args.name for source in load_config(args.config, check_plugins=False).sources):
+        raise ConfigError(f"source {args.name} is declared in {args.config}: remove it there and reload the daemon "
+                          "(SIGHUP); `sources remove` would be undone at the daemon's next reload or start")
 
 
 def _sources_scan(args) -> int:
