@@ -4,6 +4,7 @@ the command line's help and global options."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -783,3 +784,36 @@ def test_a_state_folder_with_url_characters_holds_the_catalog(tmp_path, capsys, 
     assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
     assert (state / "catalog.db").stat().st_size > 0
     assert {p.name for p in tmp_path.iterdir()} - {"default-cache"} == {folder, "daemon.toml"}
+
+
+def test_a_catalog_on_a_read_only_file_system_can_be_read(made, tmp_path, capsys):
+    """A catalog on a read-only mount (a backup, a snapshot): `status`, `adapters list|show`
+    and `sources list` failed with "cannot open the catalog ... for writing". They read it
+    (SQLite cannot make a -shm there: immutable, as there is no -wal); a command that
+    writes says it cannot, in one line, and nothing is written."""
+    from mounts import tmpfs
+
+    base, lora = made
+    shutil.copytree(lora, tmp_path / "watched" / "one")
+    with tmpfs(tmp_path / "mount", 8 << 20) as mount:
+        db = ["--db", f"sqlite:///{mount / 'catalog.db'}"]
+        assert run(capsys, "sources", "add", "team", "--folder", str(tmp_path / "watched"), "--base-model", str(base),
+                   *db)[0] == 0
+        assert "1 registered" in run(capsys, "sources", "scan", *db)[1]
+        gc.collect()  # the commands' catalogs, closed: the -wal and -shm go, as a stopped daemon leaves them
+        before = sorted(p.name for p in mount.iterdir())
+        assert before == ["catalog.db", "catalog.db.migrate-lock"]
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        code, out, err = run(capsys, "adapters", "list", "--json", *db)
+        assert code == 0 and [a["name"] for a in json.loads(out)] == ["one"], err
+        [adapter] = json.loads(out)
+        assert run(capsys, "adapters", "show", str(adapter["id"]), *db)[0] == 0
+        code, out, err = run(capsys, "sources", "list", *db)
+        assert code == 0 and out.startswith("team "), err
+        code, out, err = run(capsys, "status", *db)
+        assert code == 0 and "team" in out, err
+        code, out, err = run(capsys, "sources", "remove", "team", *db)
+        assert code == 2 and err == (f"iteris-daemon: error: the catalog sqlite:///{mount / 'catalog.db'} cannot be "
+                                     "written here (a read-only file system, or another user's): nothing was "
+                                     "written\n"), err
+        assert sorted(p.name for p in mount.iterdir()) == before

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
@@ -71,9 +73,11 @@ def default_url() -> str:
     return sqlite_url(state_dir() / "catalog.db")
 
 
-def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+                    read_only: bool = False) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    if not read_only:  # a read-only catalog stays in the mode it was written in
+        cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a crash loses at most the last commit
@@ -102,32 +106,62 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
     except (ArgumentError, ValueError):  # ValueError: a port that is no number
         raise CatalogError(f"invalid database URL {mask_password(url)!r} (a SQLAlchemy URL: a SQLite file is "
                            "written sqlite:////abs/path.db, or sqlite:///relative/path.db)") from None
+    opener = None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database).expanduser().resolve()
         if not create and (not database.is_file() or database.stat().st_size == 0):  # an empty file: SQLite's empty database
             raise CatalogError(f"no catalog at {database} ({NO_CATALOG})")
         parsed = parsed.set(database=str(database))  # "~" expanded for SQLite too
-        try:
-            private_dir(database.parent)  # the catalog is private state
-            # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
-            os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
-        except OSError as exc:  # a read-only file system, a parent that is a file, no permission
-            where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(database) else ""
-            raise CatalogError(f"cannot open the catalog {database} for writing ({where}{exc.strerror})") from None
+        if not create and not _writable(database):
+            opener = _read_only_opener(database)
+        else:
+            try:
+                private_dir(database.parent)  # the catalog is private state
+                # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
+                os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+            except OSError as exc:  # a read-only file system, a parent that is a file, no permission
+                where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(database) else ""
+                raise CatalogError(f"cannot open the catalog {database} for writing ({where}{exc.strerror})") from None
     try:
-        engine = create_engine(parsed)
+        engine = create_engine(parsed, **({"creator": opener} if opener else {}))
     except (NoSuchModuleError, ImportError) as exc:
         raise CatalogError(f"cannot use database URL {parsed.render_as_string()}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         busy_ms = SQLITE_BUSY_TIMEOUT_MS if busy_timeout is None else int(busy_timeout * 1000)
-        event.listen(engine, "connect", partial(_sqlite_pragmas, busy_timeout_ms=busy_ms))
+        event.listen(engine, "connect", partial(_sqlite_pragmas, busy_timeout_ms=busy_ms, read_only=bool(opener)))
     return engine
+
+
+def _writable(database: Path) -> bool:
+    """Whether this process may write the SQLite file ``database`` and its folder (where
+    SQLite makes the -wal and -shm): not on a read-only mount, nor another user's."""
+    return os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)
+
+
+def _read_only_opener(database: Path) -> Callable[[], sqlite3.Connection]:
+    """Connections that only read the SQLite catalog ``database``, which this process may not
+    write (a backup on a read-only mount): every command failed there, even `status`. SQLite
+    reads a WAL database read-only only through its -wal and -shm, which it cannot create
+    there: where there is no -wal (nothing is written to it meanwhile) it is opened
+    ``immutable``; a -wal without its -shm cannot be read."""
+    wal = Path(f"{database}-wal")
+    if wal.exists() and not Path(f"{database}-shm").exists():
+        raise CatalogError(f"cannot read the catalog {database}: it cannot be written here, and its -wal has no -shm "
+                           "beside it; copy the catalog.db* files into a folder that can be written, and open the copy")
+    uri = f"file:{quote(str(database))}?mode=ro" + ("" if wal.exists() else "&immutable=1")
+    return partial(sqlite3.connect, uri, uri=True, check_same_thread=False)
 
 
 def _is_sqlite_busy(exc: OperationalError) -> bool:
     """SQLITE_BUSY (any extended code): the busy timeout ran out behind another connection's lock."""
     code = getattr(exc.orig, "sqlite_errorcode", None)
     return (code & 0xFF) == 5 if isinstance(code, int) else "database is locked" in str(exc.orig)
+
+
+def _is_sqlite_read_only(exc: OperationalError) -> bool:
+    """SQLITE_READONLY (any extended code): a write to a catalog opened read-only."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) == 8
 
 
 def _alembic_config(connection):
@@ -303,6 +337,9 @@ class Catalog:
                     session.connection().exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield session
         except OperationalError as exc:
+            if self._sqlite and _is_sqlite_read_only(exc):
+                raise CatalogError(f"the catalog {self.safe_url} cannot be written here (a read-only file system, or "
+                                   "another user's): nothing was written") from exc
             if self._sqlite and _is_sqlite_busy(exc):
                 raise CatalogLockedError(
                     f"the catalog {self.safe_url} is locked by another process (still locked after waiting "
