@@ -17,7 +17,8 @@ from sqlalchemy import func, inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
-from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, Source, SourceKind)
+from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, MergeGroup, MergeRun,
+                                          MergeRunInput, RunStatus, Source, SourceKind)
 from iteris_daemon.catalog.registry import (DuplicateError, Observation, SourceGoneError, add_source, get_source,
                                             list_current, record, remove_source, set_health)
 from iteris_daemon.validation import AdapterInfo
@@ -189,6 +190,40 @@ def test_a_removed_source_records_nothing_and_its_adapters_are_merged_by_no_grou
         assert [a.name for a, _ in list_current(session, [AdapterStatus.registered])] == ["a"]  # `adapters list`
         assert list_current(session, [AdapterStatus.registered], enabled_sources=True) == []
     catalog.close()
+
+
+def test_an_adapter_with_a_long_path_name_or_base_model_is_recorded(catalog_url):
+    """PostgreSQL held locators and paths to 1024 characters, names and base models to 512
+    (SQLite never did): one adapter in a deep folder ended the whole scan with
+    StringDataRightTruncation. Unbounded since 0009. Random letters: PostgreSQL would
+    compress a repeated one in its index."""
+    rng = random.Random(0)
+    locator = "/srv/" + "/".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=200)) for _ in range(10))
+    name, base_model = locator[5:], locator[-600:]
+    catalog = Catalog(catalog_url)
+    with catalog.session() as session:
+        source = add_source(session, "team", SourceKind.local, {"paths": ["/srv"]})
+        info = AdapterInfo(base_model=base_model, task_type=None, rank=4, alpha=8.0, target_modules=["query"],
+                           size_bytes=10, content_sha256="s1")
+        revision, _ = record(session, source.id, Observation(locator, name, "r1", locator, info=info))
+        session.add(MergeRunInput(run_id=_run(session).id, revision_id=revision.id, calibration_source=locator + "/c"))
+    with catalog.session() as session:
+        [(adapter, current)] = list_current(session)
+        assert (adapter.locator, adapter.name, current.files_path, current.base_model) == (locator, name, locator,
+                                                                                            base_model)
+        assert session.scalar(select(MergeRunInput.calibration_source)) == locator + "/c"
+    catalog.close()
+
+
+def _run(session) -> MergeRun:
+    """A run of a new group ``g``, for inputs to point at."""
+    group = MergeGroup(name="g", base_model="base", strategy="iteris")
+    session.add(group)
+    session.flush()
+    run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
+    session.add(run)
+    session.flush()
+    return run
 
 
 def test_current_revisions_are_picked_by_the_database_without_loading_the_history(catalog_url):
@@ -367,7 +402,7 @@ def test_upgrades_keep_every_row_of_every_table(catalog_url, start):
     metadata = sa.MetaData()
     metadata.reflect(engine)
     tables = [t for t in metadata.sorted_tables if t.name != "alembic_version"]
-    assert {t.name for t in tables} - {"base_model_shapes"} == {"sources", "adapters", "adapter_revisions",
+    assert {t.name for t in tables} - {"base_model_shapes", "daemons"} == {"sources", "adapters", "adapter_revisions",
                                                                 "merge_groups", "merge_runs", "merge_run_inputs"}
     with engine.begin() as connection:
         written = {t.name: [_fill(connection, t, i) for i in (1, 2)] for t in tables}

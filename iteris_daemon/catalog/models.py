@@ -99,8 +99,9 @@ class Adapter(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), index=True)
     # Absolute folder path (local) or repo id, plus "@branch" when not the default (hub).
-    locator: Mapped[str] = mapped_column(String(1024))
-    name: Mapped[str] = mapped_column(String(512))
+    # Unbounded, as paths are (migration 0009): PostgreSQL refused a longer one, ending the scan.
+    locator: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
     status: Mapped[AdapterStatus] = mapped_column(_enum(AdapterStatus, "adapter_status"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -130,8 +131,8 @@ class AdapterRevision(Base):
     revision: Mapped[str] = mapped_column(String(64))
     content_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     # Where the files of this revision are (the folder, or the daemon's Hub cache).
-    files_path: Mapped[str | None] = mapped_column(String(1024))
-    base_model: Mapped[str | None] = mapped_column(String(512), index=True)
+    files_path: Mapped[str | None] = mapped_column(Text)
+    base_model: Mapped[str | None] = mapped_column(Text, index=True)  # as the source or the adapter's config says
     task_type: Mapped[str | None] = mapped_column(String(32))
     rank: Mapped[int | None] = mapped_column(Integer)
     alpha: Mapped[float | None]
@@ -211,7 +212,7 @@ class MergeRunInput(Base):
 
     run_id: Mapped[int] = mapped_column(ForeignKey("merge_runs.id", ondelete="CASCADE"), primary_key=True)
     revision_id: Mapped[int] = mapped_column(ForeignKey("adapter_revisions.id", ondelete="RESTRICT"), primary_key=True)
-    calibration_source: Mapped[str | None] = mapped_column(String(1024))
+    calibration_source: Mapped[str | None] = mapped_column(Text)
     calibration_sha256: Mapped[str | None] = mapped_column(String(64))
 
     run: Mapped[MergeRun] = relationship(back_populates="inputs")
