@@ -276,6 +276,9 @@ def test_a_bad_source_in_the_config_is_one_line_before_any_catalog(tmp_path, cap
     code, out, err = run(capsys, *argv, "--config", str(config))
     assert code == 2 and f"{config}: {message}" in err and err.count("\n") == 1 and TOKEN not in out + err
     assert not (tmp_path / "state").exists()
+    # The same where --db names the catalog: the config was then not read at all.
+    code, out, err = run(capsys, *argv, "--config", str(config), "--db", f"sqlite:///{tmp_path / 'named.db'}")
+    assert code == 2 and f"{config}: {message}" in err and not (tmp_path / "named.db").exists()
 
 
 def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_path, capsys):

@@ -41,10 +41,11 @@ def catalog_url(args, *, check_sources: bool = False) -> str | None:
     daemon's ``--config`` names; None: the default, in the state directory. ``check_sources``:
     the config's sources must be valid too (see :func:`load_config`)."""
     url = named_catalog(args)
-    if url is None and args.config is not None:
+    if args.config is not None and (url is None or check_sources):  # checked even where --db names the catalog
         from ..config import load_config
 
-        url = load_config(args.config, check_plugins=False, check_sources=check_sources).daemon.catalog_url()
+        configured = load_config(args.config, check_plugins=False, check_sources=check_sources).daemon.catalog_url()
+        url = url or configured
     return url
 
 
