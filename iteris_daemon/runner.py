@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
@@ -201,6 +202,15 @@ class Inputs:
         """What a run's row keeps of its inputs beyond the merged revisions (``metrics``)."""
         return {"held_back": self.held_back, "held_back_revisions": self.held_back_revisions,
                 "selection": self.selection}
+
+    def names(self) -> list[str]:
+        """Each merged adapter's name in the run (its report, model card, per-adapter tables):
+        its catalog name, or ``SOURCE/NAME`` where two sources give the run one name. Two
+        teams' ``sentiment`` were told apart by the run's temporary copies' paths, a new name
+        at every run, and a table's ``sentiment`` weighed both."""
+        counts = Counter(adapter.name for adapter, _ in self.revisions)
+        return [f"{adapter.source.name}/{adapter.name}" if counts[adapter.name] > 1 else adapter.name
+                for adapter, _ in self.revisions]
 
     def hold_back(self, adapter: Adapter, revision: AdapterRevision, reason: str) -> None:
         self.held_back[adapter.name] = reason
@@ -779,7 +789,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     except MergeCancelled as exc:
         log.warning("group %s: cancelled while gathering inputs", group.name)
         return RunOutcome(RunStatus.cancelled, None, str(exc))
-    params = run_params(group, strategy, [adapter.name for adapter, _ in inputs.revisions])
+    params = run_params(group, strategy, inputs.names())
     fingerprint = inputs.fingerprint(group.strategy, params, group.precision())
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
@@ -909,8 +919,8 @@ def merge_in_worker(group: GroupConfig, params: dict[str, Any], inputs: Inputs, 
             "device": device, "dtype": group.dtype, "output_dtype": group.output_dtype, "offload": group.offload,
             "exact_ranks": group.exact_ranks,
             "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
-            "adapters": [{"path": str(path), "name": a.name, "origin": r.files_path}
-                         for (a, r), path in zip(inputs.revisions, inputs.folders)],
+            "adapters": [{"path": str(path), "name": name, "origin": r.files_path}
+                         for (_, r), path, name in zip(inputs.revisions, inputs.folders, inputs.names())],
         },
         "calibration": [None if c is None else {"samples": [s.to_json() for s in c.samples], "source": c.source,
                                                 "generated": c.generated} for c in inputs.calibration],

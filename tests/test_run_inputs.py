@@ -732,3 +732,25 @@ def test_a_groups_weights_follow_the_adapters_by_name_as_the_group_changes(setup
         (watched / "task0" / "adapter_model.safetensors").unlink(missing_ok=True)
         LocalFolderSource(setup.catalog, "team").scan()
     assert "group unified: weights names gone, not in this run" in caplog.messages
+
+
+def test_adapters_of_one_name_from_two_sources_are_named_by_their_source(setup, caplog):
+    """Two teams' folders each hold ``task0``: the run named them by its temporary copies'
+    paths (``…/.inputs-x/0``, a new name at every run) in the report, the model card and
+    ``status``, and a table's ``task0`` weighed both. They are ``SOURCE/NAME`` now, and a
+    table gives each its weight by that name (found by QA)."""
+    watched = setup.published.parent / "watched"
+    theirs = setup.published.parent / "theirs"
+    shutil.copytree(watched / "task1", theirs / "task0")  # another adapter under the same name
+    with setup.catalog.session() as session:
+        add_source(session, "other", SourceKind.local, {"paths": [str(theirs)], "base_model": str(setup.base)})
+    LocalFolderSource(setup.catalog, "other").scan()
+    group = setup.group(names=("task0",), params={"weights": {"other/task0": 2.0}}, gates={"max_regression": None})
+    caplog.set_level("INFO", logger="iteris_daemon.runner")
+    assert setup.run(group).status is RunStatus.succeeded
+    report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+    assert sorted(i["name"] for i in report["inputs"]) == ["other/task0", "team/task0"]
+    assert sorted(report["tasks"]) == ["other/task0", "team/task0"]
+    mine, other = _dense(watched / "task0"), _dense(theirs / "task0")
+    for path, delta in _dense(setup.published / "current").items():
+        assert torch.allclose(delta, mine[path] + 2.0 * other[path], rtol=1e-5, atol=1e-7), path

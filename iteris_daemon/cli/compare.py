@@ -139,10 +139,10 @@ def _group_request(config, name: str, into: Path, catalog_url: str | None, **opt
     if not inputs.revisions:
         raise ConfigError(f"group {group.name}: no adapter with calibration data to compare on (see `status`)")
     strategy = get_strategy(group.strategy)
-    params = run_params(group, strategy, [adapter.name for adapter, _ in inputs.revisions])
+    params = run_params(group, strategy, inputs.names())
     own = Contender(f"{group.strategy} (group {group.name})", strategy, parse_params(strategy, params))
-    adapters = [AdapterSpec(folder, name=adapter.name, origin=revision.files_path)
-                for (adapter, revision), folder in zip(inputs.revisions, inputs.folders)]
+    adapters = [AdapterSpec(folder, name=name, origin=revision.files_path)
+                for (_, revision), folder, name in zip(inputs.revisions, inputs.folders, inputs.names())]
     options.setdefault("trust_remote_code", group.base_model in config.daemon.trust_remote_code)
     return CompareRequest(base_model=group.base_model, adapters=adapters, calibration_sets=inputs.calibration,
                           contenders=[own], base_checked=True, **options)
