@@ -25,7 +25,7 @@ def build_runner_adapters(root: Path) -> tuple[Path, list[Path]]:
     return base, adapters
 
 
-def record_past_run(session, revision_id: int) -> None:
+def record_past_run(session, revision_id: int, calibration_source: str | None = None) -> MergeRun:
     """A succeeded run of a group ``g`` that merged revision ``revision_id``: the history that
     ``sources remove`` keeps (it then disables the source instead of deleting it)."""
     group = MergeGroup(name="g", base_model="base", strategy="iteris")
@@ -34,7 +34,8 @@ def record_past_run(session, revision_id: int) -> None:
     run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
     session.add(run)
     session.flush()
-    session.add(MergeRunInput(run_id=run.id, revision_id=revision_id))
+    session.add(MergeRunInput(run_id=run.id, revision_id=revision_id, calibration_source=calibration_source))
+    return run
 
 
 class Setup:

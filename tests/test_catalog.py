@@ -17,8 +17,7 @@ from sqlalchemy import func, inspect, select
 
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog import db as catalog_db
-from iteris_daemon.catalog.models import (Adapter, AdapterRevision, AdapterStatus, Base, MergeGroup, MergeRun,
-                                          MergeRunInput, RunStatus, Source, SourceKind)
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Base, MergeRunInput, Source, SourceKind
 from iteris_daemon.catalog.registry import (DuplicateError, Observation, SourceGoneError, add_source, get_source,
                                             list_current, record, remove_source, set_health)
 from iteris_daemon.validation import AdapterInfo
@@ -206,24 +205,13 @@ def test_an_adapter_with_a_long_path_name_or_base_model_is_recorded(catalog_url)
         info = AdapterInfo(base_model=base_model, task_type=None, rank=4, alpha=8.0, target_modules=["query"],
                            size_bytes=10, content_sha256="s1")
         revision, _ = record(session, source.id, Observation(locator, name, "r1", locator, info=info))
-        session.add(MergeRunInput(run_id=_run(session).id, revision_id=revision.id, calibration_source=locator + "/c"))
+        record_past_run(session, revision.id, calibration_source=locator + "/c")
     with catalog.session() as session:
         [(adapter, current)] = list_current(session)
         assert (adapter.locator, adapter.name, current.files_path, current.base_model) == (locator, name, locator,
                                                                                             base_model)
         assert session.scalar(select(MergeRunInput.calibration_source)) == locator + "/c"
     catalog.close()
-
-
-def _run(session) -> MergeRun:
-    """A run of a new group ``g``, for inputs to point at."""
-    group = MergeGroup(name="g", base_model="base", strategy="iteris")
-    session.add(group)
-    session.flush()
-    run = MergeRun(group_id=group.id, status=RunStatus.succeeded, input_fingerprint="f" * 64)
-    session.add(run)
-    session.flush()
-    return run
 
 
 def test_current_revisions_are_picked_by_the_database_without_loading_the_history(catalog_url):
