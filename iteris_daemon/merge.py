@@ -443,6 +443,7 @@ def _peft_config(request: MergeRequest, adapters: list[LoraAdapter], ranks: dict
         fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,
         bias="none",
+        inference_mode=True,  # a merge to serve, as PEFT's own save of a loaded adapter says (false: trainable)
         task_type=first.get("task_type"),
         modules_to_save=head_names(adapters, request.modules_to_save_rule) if head else None,
         ensure_weight_tying=bool(head) and head_tied(adapters, request.modules_to_save_rule),

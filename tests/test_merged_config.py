@@ -60,6 +60,20 @@ def test_layers_of_different_ranks_are_written_zero_padded_at_one_rank(mixed):
     assert json.loads((exact / "merge_report.json").read_text())["output_rank"]["padded_bytes"] == 0
 
 
+def test_the_merged_config_is_what_peft_writes_for_the_adapter_it_loads(mixed):
+    """Field by field, the merged config equals PEFT's own save of it once loaded: it wrote
+    ``inference_mode: false``, which a tool reading the flag took for a trainable adapter
+    (found by QA)."""
+    base, padded, _ = mixed
+    model = tf.AutoModelForCausalLM.from_pretrained(base)
+    saved = PeftModel.from_pretrained(model, padded).peft_config["default"].to_dict()
+    ours = _config(padded)
+    assert ours["inference_mode"] is True
+    different = {key for key in ours if key != "target_modules" and json.loads(json.dumps(saved.get(key))) != ours[key]}
+    assert not different, {key: (ours[key], saved.get(key)) for key in different}
+    assert sorted(saved["target_modules"]) == ours["target_modules"]
+
+
 def _peft(base, adapter):
     model = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
     return PeftModel.from_pretrained(model, adapter).double().eval()
