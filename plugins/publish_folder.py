@@ -3,7 +3,12 @@
 Layout under the destination ``path``::
 
     versions/run-7-20250101T120000.000000Z/   a complete PEFT folder per published version
-    current -> versions/run-7-...             what consumers load: PeftModel.from_pretrained("<path>/current")
+    current -> versions/run-7-...             what consumers load, resolved first:
+                                              PeftModel.from_pretrained(os.path.realpath("<path>/current"))
+
+(PEFT opens the config and the weights one after the other: through the link, a swap
+between the two reads would pair one version's config with the next one's weights. The
+version a resolved path names stays whole until ``keep`` newer ones have been published.)
 
 A version is copied into ``versions/.staging-*`` and flushed to disk, renamed into place,
 and only then is ``current`` swapped, by renaming a fresh symlink over it (one atomic
@@ -70,7 +75,7 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 class FolderPublishSettings(PublisherSettings):
     model_config = STRICT
 
-    path: PathSetting = Field(description="destination folder; consumers load <path>/current")
+    path: PathSetting = Field(description="destination folder; consumers load the version <path>/current points at")
     keep: int = Field(3, ge=0, description="how many previous versions to keep besides the current one")
 
 
