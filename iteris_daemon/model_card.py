@@ -7,31 +7,36 @@ The YAML front matter is what the Hub indexes (``base_model_relation: merge`` pu
 adapter in the base model's "merges" tree; ``library_name: peft`` gives it the PEFT
 loading snippet); the body tells a reader what went in and how well it merged. Only
 what the merge report or the publish request holds is shown: names, locators, revisions,
-parameters and figures, never settings of the destination (tokens, endpoints).
+parameters and figures, never settings of the destination (tokens, endpoints). The card
+beside the merge names local folders and files by their paths (it stays on this machine);
+the Hub publisher's names them by their last name alone (:func:`~.publish.local_name`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from huggingface_hub import ModelCardData
 
 from .figures import number, task_figures
 from .logs import counted
-from .publish import PublishRequest
+from .publish import PublishRequest, local_name
 
 _REVISION_CHARS = 12
 
 
 def render_model_card(request: PublishRequest) -> str:
-    """README.md text for ``request``'s merged adapter, as the Hub publisher commits it."""
+    """README.md text for ``request``'s merged adapter, as the Hub publisher commits it: a local
+    base model or input by its name, not its path."""
     return _card(
         heading=f"`{_code(request.group)}`: merged LoRA adapter", base_model=request.base_model,
-        strategy=request.strategy, origin=f" (group `{_code(request.group)}`, run {request.run_id})",
+        named=local_name, strategy=request.strategy,
+        origin=f" (group `{_code(request.group)}`, run {request.run_id})",
         columns=["name", "source", "locator", "revision"],
-        inputs=[[_literal(i.name), _literal(i.source), _literal(i.locator), _literal(i.revision[:_REVISION_CHARS])]
-                for i in request.inputs],
+        inputs=[[_literal(i.name), _literal(i.source), _literal(local_name(i.locator)),
+                 _literal(i.revision[:_REVISION_CHARS])] for i in request.inputs],
         params=request.params, tasks=request.metrics, dtype=request.dtype)
 
 
@@ -39,18 +44,19 @@ def merge_card(config: dict[str, Any], report: dict[str, Any]) -> str:
     """README.md text written beside a merged adapter, from its ``adapter_config.json`` (the base
     model as the adapter names it) and its ``merge_report.json``."""
     return _card(
-        heading="Merged LoRA adapter", base_model=config["base_model_name_or_path"],
+        heading="Merged LoRA adapter", base_model=config["base_model_name_or_path"], named=str,
         strategy=report["strategy"], origin="", columns=["name", "path", "sha256"],
         inputs=[[_literal(i["name"]), _literal(i["path"]), _literal((i.get("sha256") or "")[:_REVISION_CHARS])]
                 for i in report["inputs"]],
         params=report["params"], tasks=report["tasks"], dtype=report.get("dtype"))
 
 
-def _card(heading: str, base_model: str, strategy: str, origin: str, columns: list[str], inputs: list[list[str]],
-          params: dict[str, Any], tasks: dict[str, Any], dtype: str | None) -> str:
-    """YAML front matter, then Markdown: a heading, what was merged, a row per input, the
-    parameters and each task's figures, with the compute dtype they were measured in (a
-    bfloat16 pass moves them by more than the merge's own error can)."""
+def _card(heading: str, base_model: str, named: Callable[[str], str], strategy: str, origin: str,
+          columns: list[str], inputs: list[list[str]], params: dict[str, Any], tasks: dict[str, Any],
+          dtype: str | None) -> str:
+    """YAML front matter, then Markdown: a heading, what was merged (the base model as ``named``
+    shows it), a row per input, the parameters and each task's figures, with the compute dtype
+    they were measured in (a bfloat16 pass moves them by more than the merge's own error can)."""
     data = ModelCardData(
         # The Hub takes a repo id there; a local folder (made absolute by the config) is none.
         base_model=None if base_model.startswith("/") else base_model,
@@ -61,7 +67,7 @@ def _card(heading: str, base_model: str, strategy: str, origin: str, columns: li
     sections = [
         f"# {heading}",
         f"Merged by iteris-daemon with the `{_code(strategy)}` strategy from "
-        f"{counted(len(inputs), 'LoRA adapter')} of `{_code(base_model)}`{origin}.",
+        f"{counted(len(inputs), 'LoRA adapter')} of `{_code(named(base_model))}`{origin}.",
         "## Input adapters\n\n" + _table(columns, inputs),
         "## Strategy parameters\n\n```json\n" + json.dumps(params, indent=2, sort_keys=True, default=str) + "\n```",
     ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import threading
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -56,6 +57,14 @@ class PublisherSettings(BaseModel):
     """Base class of a publisher's settings (one ``[[groups.destinations]]`` table)."""
 
     model_config = {"extra": "forbid"}
+
+
+def local_name(value: str) -> str:
+    """``value`` as a file put on the Hub may name it: a local path (or ``file:`` URL) by its last
+    name alone, ``local:NAME``, so that no home folder or user name leaves the machine; a Hub id,
+    an ``hf://`` URL, a revision or any other text as it is."""
+    path = urlsplit(value).path if value.startswith("file:") else value
+    return f"local:{Path(path).name}" if Path(path).is_absolute() else value
 
 
 @runtime_checkable

@@ -9,7 +9,10 @@ the commit is made again on top of their head (a bounded number of times). When 
 branch already holds the same adapter files, nothing is committed; when it holds another
 adapter that no commit of this publisher made (someone else's repo), the publish is
 refused. Each new version's commit regenerates the model card (``README.md``): edits
-made on the Hub are replaced. Every Hub call is
+made on the Hub are replaced. The card and the commit's ``merge_report.json`` name a local
+base model, input folder, calibration file or reference by its last name alone
+(``local:NAME``): a home folder or a user name in a path stays on this machine, where the
+merge's own report keeps the paths. Every Hub call is
 retried on rate limits, server errors and dropped connections
 (:mod:`iteris_daemon.retry`). The token comes from :mod:`iteris_daemon.tokens` and is
 never logged nor put in an error message.
@@ -29,15 +32,15 @@ from huggingface_hub.hf_api import ModelInfo
 from pydantic import Field, field_validator, model_validator
 from tenacity import Retrying, retry_if_exception
 
-from iteris_daemon import hookimpl
+from iteris_daemon import hookimpl, safe_json
 from iteris_daemon.logs import counted
-from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from iteris_daemon.config import MAX_SECONDS, STRICT, HubEndpoint, PathSetting, check_backoff
 from iteris_daemon.errors import AdapterError, OutputExistsError
 from iteris_daemon.hub_files import FileDigest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.paths import RepoId
-from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
+from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult, local_name
 from iteris_daemon.retry import Interrupted, hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
 
@@ -93,7 +96,9 @@ class HubPublisher:
         where = f"{settings.repo_id}@{settings.branch}"
         files = _adapter_files(request.adapter_dir)
         local = {name: file_digest(files[name]) for name in ADAPTER_FILES}
-        card = render_model_card(request).encode()
+        uploads: dict[str, Path | bytes] = {**files, CARD_NAME: render_model_card(request).encode()}
+        if REPORT_NAME in files:
+            uploads[REPORT_NAME] = _hub_report(files[REPORT_NAME])
         api = _api(settings)
 
         stopping = request.stopping
@@ -109,8 +114,7 @@ class HubPublisher:
         _refuse_foreign(api, settings, head, stopping)
 
         def operations() -> list[CommitOperationAdd]:  # fresh objects per attempt: the client mutates them
-            adds = [CommitOperationAdd(name, path) for name, path in sorted(files.items())]
-            return [*adds, CommitOperationAdd(CARD_NAME, card)]
+            return [CommitOperationAdd(name, content) for name, content in sorted(uploads.items())]
 
         title = f"{request.group}: run {request.run_id} ({request.strategy} merge of {counted(len(request.inputs), 'adapter')})"
         sha = _commit(api, settings, operations, title, head.sha, local, stopping)
@@ -236,6 +240,22 @@ def _adapter_files(folder: Path) -> dict[str, Path]:
         raise AdapterError(folder, f"no {missing[0]}: not a complete adapter, nothing was published")
     files.pop(CARD_NAME, None)
     return files
+
+
+def _hub_report(path: Path) -> bytes:
+    """``merge_report.json`` as the Hub gets it: each local path the merge recorded (the base model
+    when a folder, each input's folder and calibration file, the reference) by its name alone;
+    Hub ids, ``hf://`` URLs and everything else as the merge wrote them."""
+    report = safe_json.loads(path.read_bytes())
+    if "base_model" in report:
+        report["base_model"] = local_name(report["base_model"])
+    for entry in report.get("inputs") or []:
+        entry["path"] = local_name(entry["path"])
+        if entry.get("calibration"):
+            entry["calibration"]["source"] = local_name(entry["calibration"]["source"])
+    if report.get("reference"):
+        report["reference"]["path"] = local_name(report["reference"]["path"])
+    return (safe_json.dumps(report, indent=2) + "\n").encode()
 
 
 def _holds(info: ModelInfo, local: dict[str, FileDigest]) -> bool:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.errors import ConfigError, OutputExistsError
+from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.plugin_manager import get_publisher
 from iteris_daemon.publish import PublishedInput, Publisher, PublishRequest
@@ -340,14 +341,55 @@ def test_hub_publish_is_one_commit_with_card_and_run_tag(hub, hub_settings, made
     assert api(hub).model_info(REPO).private  # private unless asked otherwise
     assert successful_commits(hub) == 1 and len(hub.requests_matching(COMMITS)) == 1
     files = hub.files(REPO)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "merge_report.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert files[name] == (first / name).read_bytes()
+    assert json.loads(files["merge_report.json"]) == json.loads((first / "merge_report.json").read_text())
     card = ModelCard(files["README.md"].decode())  # ours, not the README PEFT wrote
     assert card.data.base_model_relation == "merge" and card.data.library_name == "peft"
     assert card.data.base_model is None  # a local folder is no Hub repo id
     assert {"iteris-daemon", "lora", "merge", "iteris"} <= set(card.data.tags)
     refs = api(hub).list_repo_refs(REPO)
     assert {t.name: t.target_commit for t in refs.tags} == {"news-run-7": result.version}
+
+
+def test_hub_publish_names_local_things_without_their_paths(hub, hub_settings, tmp_path):
+    """A merge of local adapters, with their calibration files and a reference, on a local base:
+    the Hub gets their names alone (a home folder or a user name in a path stays on this
+    machine), the folder destination the merge's report with every path."""
+    base = build_tiny_model("bert", tmp_path / "base")
+    folders = [build_adapter(base, tmp_path / name, seed=seed, family="bert")
+               for seed, name in enumerate(("sentiment", "topic", "before"))]
+    for folder in folders:  # they name the base by its Hub id: the merged config does too
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/minilm"}))
+    merged = tmp_path / "merged"
+    report = run_merge(MergeRequest(base_model=str(base), adapters=[AdapterSpec(f) for f in folders[:2]], out=merged,
+                                    strategy="task_arithmetic", reference=folders[2], quiet=True))
+    assert str(tmp_path) in json.dumps(report)  # the merge's own report keeps the paths
+    published = PublishRequest(  # the base by its folder, as the daemon's when the inputs name that folder
+        adapter_dir=merged, group="news", run_id=1, base_model=str(base), strategy="task_arithmetic",
+        params=report["params"], metrics=report["tasks"], dtype=report["dtype"],
+        inputs=[PublishedInput(f.name, "local", str(f), "c" * 40) for f in folders[:2]])
+
+    get_publisher("hub").publish(published, hub_settings())
+    files = hub.files(REPO)
+    assert {"README.md", "merge_report.json", "adapter_config.json"} <= set(files)
+    assert not [name for name, data in files.items() if str(tmp_path).encode() in data]
+    hub_report = json.loads(files["merge_report.json"])
+    assert hub_report["base_model"] == "local:base" and hub_report["reference"]["path"] == "local:before"
+    assert [(i["name"], i["path"], i["calibration"]["source"]) for i in hub_report["inputs"]] == [
+        ("sentiment", "local:sentiment", "local:calibration.jsonl"),
+        ("topic", "local:topic", "local:calibration.jsonl")]
+    assert {k: v for k, v in hub_report.items() if k not in ("base_model", "inputs", "reference")} == {
+        k: v for k, v in report.items() if k not in ("base_model", "inputs", "reference")}
+    card = files["README.md"].decode()
+    assert "| `sentiment` | `local` | `local:sentiment` | `cccccccccccc` |" in card and "of `local:base`" in card
+
+    dest = tmp_path / "published"
+    result = get_publisher("folder").publish(published, get_publisher("folder").Settings(path=dest))
+    version = dest / "versions" / result.version
+    assert (version / "merge_report.json").read_bytes() == (merged / "merge_report.json").read_bytes()
+    assert str(folders[0] / "calibration.jsonl") in (version / "merge_report.json").read_text()
 
 
 def test_same_adapter_is_not_committed_again_a_new_one_is(hub, hub_settings, made):
@@ -611,7 +653,8 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
     body = text.split("\n---\n", 1)[1]
     assert "run 9" in body and "`news`" in body and "iteris" in body
     assert "| `sentiment` | `hub` | `alice/sentiment` | `aaaaaaaaaaaa` |" in body and "a" * 13 not in body
-    assert r"`/data/topic\|v2`" in body  # a pipe cannot break the table
+    assert r"`local:topic\|v2`" in body and "/data" not in body  # by its name; a pipe cannot break the table
+    assert f"of `local:{base.name}`" in body and str(base) not in body
     assert '"max_iterations": 3' in body
     assert "| `sentiment` | 0.125 | 0.0312 |" in body and "| `topic` | 0.25 | 0.01 |" in body
     assert "next-token" not in body  # not a language model's figures
@@ -629,4 +672,4 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
         PublishedInput("*x*", "local", "[l](http://e)", "c" * 40), PublishedInput("<b>y</b>", "local", "/y`z", "d" * 40)])
     body = render_model_card(hostile).split("\n---\n", 1)[1]
     assert body.lstrip().startswith("# `*g*`: merged LoRA adapter")
-    assert "| `*x*` | `local` | `[l](http://e)` |" in body and "| `<b>y</b>` | `local` | `/y'z` |" in body
+    assert "| `*x*` | `local` | `[l](http://e)` |" in body and "| `<b>y</b>` | `local` | `local:y'z` |" in body
