@@ -26,6 +26,11 @@ class FileDigest:
     sha256: str
 
 
+def content_digest(data: bytes) -> FileDigest:
+    """Both hashes of a file whose content is ``data``."""
+    return FileDigest(hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), hashlib.sha256(data).hexdigest())
+
+
 def file_digest(path: Path) -> FileDigest:
     """Both hashes of ``path`` in one read."""
     git, sha256 = hashlib.sha1(b"blob %d\0" % path.stat().st_size), hashlib.sha256()

@@ -37,7 +37,7 @@ from iteris_daemon.logs import counted
 from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from iteris_daemon.config import MAX_SECONDS, STRICT, HubEndpoint, PathSetting, check_backoff
 from iteris_daemon.errors import AdapterError, OutputExistsError
-from iteris_daemon.hub_files import FileDigest, file_digest, holds
+from iteris_daemon.hub_files import FileDigest, content_digest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
 from iteris_daemon.paths import RepoId
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult, local_name
@@ -95,8 +95,9 @@ class HubPublisher:
     def publish(self, request: PublishRequest, settings: HubPublishSettings) -> PublishResult:
         where = f"{settings.repo_id}@{settings.branch}"
         files = _adapter_files(request.adapter_dir)
-        local = {name: file_digest(files[name]) for name in ADAPTER_FILES}
-        uploads: dict[str, Path | bytes] = {**files, CARD_NAME: render_model_card(request).encode()}
+        config = _hub_config(files[CONFIG_NAME])
+        local = {CONFIG_NAME: content_digest(config), WEIGHTS_NAME: file_digest(files[WEIGHTS_NAME])}
+        uploads: dict[str, Path | bytes] = {**files, CONFIG_NAME: config, CARD_NAME: render_model_card(request).encode()}
         if REPORT_NAME in files:
             uploads[REPORT_NAME] = _hub_report(files[REPORT_NAME])
         api = _api(settings)
@@ -240,6 +241,19 @@ def _adapter_files(folder: Path) -> dict[str, Path]:
         raise AdapterError(folder, f"no {missing[0]}: not a complete adapter, nothing was published")
     files.pop(CARD_NAME, None)
     return files
+
+
+def _hub_config(path: Path) -> bytes:
+    """``adapter_config.json`` as the Hub gets it: a local base model (every input named that
+    folder) by its name alone, as the report and the card name it; the file as the merge wrote
+    it otherwise, so an unchanged adapter is still told by its bytes."""
+    raw = path.read_bytes()
+    config = safe_json.loads(raw)
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or local_name(base) == base:
+        return raw
+    return (safe_json.dumps({**config, "base_model_name_or_path": local_name(base)}, indent=2, sort_keys=True)
+            + "\n").encode()
 
 
 def _hub_report(path: Path) -> bytes:

@@ -325,8 +325,11 @@ def assert_one_new_publish(e: Env, before: dict, run: tuple) -> None:
     assert "base_model" not in card  # the base is a local folder, no Hub repo id
     assert "Measured with the base model in `float32`." in e.hub.files(DEST_REPO, head)["README.md"].decode()
     published = e.hub.files(DEST_REPO, head)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the same adapter in both places
-        assert published[name] == (e.dest / "current" / name).read_bytes()
+    # The same adapter in both places; the Hub's config names the local base folder by its name alone.
+    assert published["adapter_model.safetensors"] == (e.dest / "current" / "adapter_model.safetensors").read_bytes()
+    config = json.loads((e.dest / "current" / "adapter_config.json").read_text())
+    assert json.loads(published["adapter_config.json"]) == {
+        **config, "base_model_name_or_path": f"local:{Path(config['base_model_name_or_path']).name}"}
     assert e.hub.files(DEST_REPO, f"{GROUP}-run-{run_id}") == published  # the run's tag
 
 

@@ -341,8 +341,9 @@ def test_hub_publish_is_one_commit_with_card_and_run_tag(hub, hub_settings, made
     assert api(hub).model_info(REPO).private  # private unless asked otherwise
     assert successful_commits(hub) == 1 and len(hub.requests_matching(COMMITS)) == 1
     files = hub.files(REPO)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert files[name] == (first / name).read_bytes()
+    assert files["adapter_model.safetensors"] == (first / "adapter_model.safetensors").read_bytes()
+    own = json.loads((first / "adapter_config.json").read_text())  # it names the local base folder: by name
+    assert json.loads(files["adapter_config.json"]) == {**own, "base_model_name_or_path": "local:base"}
     assert json.loads(files["merge_report.json"]) == json.loads((first / "merge_report.json").read_text())
     card = ModelCard(files["README.md"].decode())  # ours, not the README PEFT wrote
     assert card.data.base_model_relation == "merge" and card.data.library_name == "peft"
@@ -359,10 +360,7 @@ def test_hub_publish_names_local_things_without_their_paths(hub, hub_settings, t
     base = build_tiny_model("bert", tmp_path / "base")
     folders = [build_adapter(base, tmp_path / name, seed=seed, family="bert")
                for seed, name in enumerate(("sentiment", "topic", "before"))]
-    for folder in folders:  # they name the base by its Hub id: the merged config does too
-        config = json.loads((folder / "adapter_config.json").read_text())
-        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/minilm"}))
-    merged = tmp_path / "merged"
+    merged = tmp_path / "merged"  # its config names the local base folder, as every input does
     report = run_merge(MergeRequest(base_model=str(base), adapters=[AdapterSpec(f) for f in folders[:2]], out=merged,
                                     strategy="task_arithmetic", reference=folders[2], quiet=True))
     assert str(tmp_path) in json.dumps(report)  # the merge's own report keeps the paths
@@ -384,6 +382,10 @@ def test_hub_publish_names_local_things_without_their_paths(hub, hub_settings, t
         k: v for k, v in report.items() if k not in ("base_model", "inputs", "reference")}
     card = files["README.md"].decode()
     assert "| `sentiment` | `local` | `local:sentiment` | `cccccccccccc` |" in card and "of `local:base`" in card
+    hub_config, own = json.loads(files["adapter_config.json"]), json.loads((merged / "adapter_config.json").read_text())
+    assert own["base_model_name_or_path"] == str(base) and hub_config == {**own, "base_model_name_or_path": "local:base"}
+    assert not get_publisher("hub").publish(published, hub_settings()).changed  # told unchanged by the copy's bytes
+    assert len(hub.requests_matching(COMMITS)) == 1
 
     dest = tmp_path / "published"
     result = get_publisher("folder").publish(published, get_publisher("folder").Settings(path=dest))
