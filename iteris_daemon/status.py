@@ -47,6 +47,12 @@ def newest_served(served: list[tuple[dict[str, Any], Any]]) -> Any | None:
     return max((run for _entry, run in served), key=lambda run: run.id, default=None)
 
 
+def shown_run(run: MergeRun) -> dict[str, Any]:
+    """A run as ``status`` shows it."""
+    return {"id": run.id, "status": run.status.value, "started_at": iso_utc(run.started_at),
+            "finished_at": iso_utc(run.finished_at), "error": run.error, "repeats": run.repeats}
+
+
 def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
     """The report; with ``configured`` (a config's group names) ``groups`` holds only those,
     ``not_configured`` the names of the catalog's other groups, and ``not_loaded`` those of
@@ -62,6 +68,9 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                 continue
             runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(50)).all()
             last = next((r for r in runs if r.status is not RunStatus.skipped), runs[0] if runs else None)
+            # skipped runs newer than the last decided one: a group stalled (its source gone, too few
+            # adapters ready) showed only its last success
+            skipped = next((r for r in runs if r.status is RunStatus.skipped and r.id > last.id), None)
             # past the 50 newest runs too: a publish failing for a day leaves more behind the last success
             success = session.scalar(select(MergeRun).where(MergeRun.group_id == group.id,
                                                             MergeRun.status == RunStatus.succeeded)
@@ -79,9 +88,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             new = sorted(a.name for a, current in taken if current.id not in merged and a.name not in held_back)
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
-                "last_run": None if last is None else {
-                    "id": last.id, "status": last.status.value, "started_at": iso_utc(last.started_at),
-                    "finished_at": iso_utc(last.finished_at), "error": last.error, "repeats": last.repeats},
+                "last_run": None if last is None else shown_run(last),
+                "last_skipped": None if skipped is None else shown_run(skipped),
                 "next_run_at": iso_utc(group.next_run_at),
                 "merging_now": group.claimed_by,
                 "published": [{**entry, "run_id": run.id} for entry, run in served],
@@ -117,6 +125,11 @@ def render(report: dict[str, Any]) -> str:
                      f"#{last['id']} {last['status']} at {last['finished_at'] or last['started_at']}"
                      + (f" ({last['repeats']} times since {last['started_at']})" if last["repeats"] > 1 else "")
                      + (f": {last['error']}" if last["error"] else "")))
+        skipped = g["last_skipped"]
+        if skipped:
+            lines.append(f"    last skipped: #{skipped['id']} at {skipped['finished_at'] or skipped['started_at']} ({skipped['error']}"
+                         + (f"; {skipped['repeats']} times since {skipped['started_at']}" if skipped["repeats"] > 1 else "")
+                         + ")")
         lines.append(f"    next run: {g['next_run_at'] or '-'}" + (f"; merging now ({g['merging_now']})" if g["merging_now"] else ""))
         for p in g["published"]:
             lines.append(f"    published: {p['kind']} {p['location']} @ {p['version']}")

@@ -140,3 +140,22 @@ def test_adapters_of_another_base_model_are_named(setup, capsys, tmp_path):
     assert outcome.status is RunStatus.skipped and outcome.detail == f"0 adapters ready, the group needs 1 ({why})"
     assert f"    never merged: {why}\n" in status(capsys, setup)
     assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["other_base_model"] == why
+
+
+def test_skipped_runs_since_the_last_decided_one_are_shown(setup, capsys):
+    """``last run`` is the last decided run: with the watched folder gone, each run was
+    skipped ("0 adapters ready") and status still said "last run: #1 succeeded", nothing
+    telling the group had stalled."""
+    assert setup.run(setup.group()).status is RunStatus.succeeded
+    assert json.loads(status(capsys, setup, "--json"))["groups"][0]["last_skipped"] is None
+    stalled = setup.group(min_adapters=3)
+    for _ in range(2):
+        outcome = setup.run(stalled)
+        assert outcome.status is RunStatus.skipped
+    report = json.loads(status(capsys, setup, "--json"))["groups"][0]
+    skipped = report["last_skipped"]
+    assert report["last_run"]["id"] == 1 and report["last_run"]["status"] == "succeeded"
+    assert skipped["id"] == 3 and skipped["status"] == "skipped" and skipped["repeats"] == 2
+    assert skipped["error"] == outcome.detail
+    assert (f"    last skipped: #3 at {skipped['finished_at']} ({outcome.detail}; 2 times since "
+            f"{skipped['started_at']})\n") in status(capsys, setup)
