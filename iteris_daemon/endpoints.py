@@ -40,10 +40,16 @@ dropped from the config stays in the catalog, and its last publish would never m
 Counted in this process (they restart at 0 with it):
 
 - ``iteris_merge_duration_seconds{group}``: histogram of merge durations, 1 s to 4 h;
-- ``iteris_worker_failures_total{group,reason}``: merge workers lost, by ``reason``
-  (``signal``, ``exit``, ``memory``, ``timeout``, else ``other``);
+- ``iteris_worker_failures_total{group,reason}``: merge workers lost, by ``reason``: the
+  ``kind`` of the supervisor's ``WorkerFailed`` (``WORKER_FAILURE_REASONS``; anything else
+  would count as ``other``);
+- ``iteris_runs_not_carried_out_total{group}``: runs that ended without a record;
 - ``iteris_webhook_requests_total{outcome}``: webhook requests by outcome
   (``WEBHOOK_OUTCOMES``); only where the webhook is configured (:func:`webhook_app` adds it).
+
+The counters are at 0 from the start, so rate() sees the first increment: the failures and
+runs not carried out for each of the daemon's groups (and each reason), the webhook's for
+each outcome.
 
 Nothing here imports torch: the daemon process does not load it.
 """
@@ -84,7 +90,9 @@ from .status import newest_served, serving
 log = logging.getLogger(__name__)
 
 MERGE_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
-WORKER_FAILURE_REASONS = frozenset({"signal", "exit", "memory", "timeout"})
+# the kinds supervisor.run_in_worker raises WorkerFailed with: a signal, an exit without a result,
+# out of memory, an error the worker reported
+WORKER_FAILURE_REASONS = ("signal", "exit", "memory", "error")
 WEBHOOK_OUTCOMES = ("triggered", "ignored", "unauthorized", "bad_request", "length_required", "too_large",
                     "method_not_allowed", "not_found", "error")
 REQUEST_TIMEOUT_SECONDS = 10.0  # between two reads of a request
@@ -255,6 +263,25 @@ class CatalogCollector(Collector):
         return list(families.values())
 
 
+class _AtZero(Collector):
+    """A counter whose series exist at 0 for each of the daemon's groups (now: a reload
+    changes them) and each ``values``: a series that appears only at its first increment
+    breaks rate() and alerts."""
+
+    def __init__(self, counter: Counter, configured: Callable[[], Collection[str]] | None,
+                 values: Iterable[tuple[str, ...]] = ((),)):
+        self.counter, self.configured, self.values = counter, configured, tuple(values)
+
+    def describe(self) -> Iterable[Metric]:
+        return self.counter.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        for group in self.configured() if self.configured is not None else ():
+            for values in self.values:
+                self.counter.labels(group, *values)
+        return self.counter.collect()
+
+
 class DaemonMetrics:
     """Everything ``/metrics`` shows, in a registry of its own: never prometheus_client's
     global one, so two daemons in one process (or tests) do not share counters."""
@@ -267,11 +294,14 @@ class DaemonMetrics:
             buckets=MERGE_DURATION_BUCKETS, registry=self.registry)
         self._worker_failures = Counter(
             "iteris_worker_failures", "Merge workers lost (this process), by reason.", ["group", "reason"],
-            registry=self.registry)
+            registry=None)
+        self.registry.register(_AtZero(self._worker_failures, configured,
+                                       [(reason,) for reason in WORKER_FAILURE_REASONS]))
         self._webhook_requests: Counter | None = None  # see webhook_requests()
         self._runs_not_carried_out = Counter(
             "iteris_runs_not_carried_out", "Runs that ended without a record (this process): the catalog locked "
-            "or unreachable; each is tried again (retry_seconds).", ["group"], registry=self.registry)
+            "or unreachable; each is tried again (retry_seconds).", ["group"], registry=None)
+        self.registry.register(_AtZero(self._runs_not_carried_out, configured))
 
     def observe_merge(self, group: str, seconds: float) -> None:
         self._merge_duration.labels(group).observe(seconds)

@@ -27,7 +27,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source,
                                           SourceKind)
 from iteris_daemon.config import MetricsSettings, WebhookSettings, load_config
-from iteris_daemon.endpoints import WEBHOOK_OUTCOMES, DaemonMetrics, HttpServer, metrics_app, webhook_app
+from iteris_daemon.endpoints import WEBHOOK_OUTCOMES, WORKER_FAILURE_REASONS, DaemonMetrics, HttpServer, metrics_app, webhook_app
 from iteris_daemon.errors import ConfigError
 
 SECRET = "correct horse battery staple"
@@ -202,9 +202,52 @@ def test_webhook_counters_are_exported_once_the_webhook_is_configured(tmp_path, 
 
 def test_registries_are_separate(catalog):
     first, second = DaemonMetrics(catalog), DaemonMetrics(catalog)
-    first.worker_failed("g", "timeout")
-    assert first.registry.get_sample_value("iteris_worker_failures_total", {"group": "g", "reason": "timeout"}) == 1
-    assert second.registry.get_sample_value("iteris_worker_failures_total", {"group": "g", "reason": "timeout"}) is None
+    first.worker_failed("g", "signal")
+    assert first.registry.get_sample_value("iteris_worker_failures_total", {"group": "g", "reason": "signal"}) == 1
+    assert second.registry.get_sample_value("iteris_worker_failures_total", {"group": "g", "reason": "signal"}) is None
+
+
+def test_in_process_counters_start_at_zero_for_the_daemons_groups(catalog):
+    """``iteris_worker_failures_total`` and ``iteris_runs_not_carried_out_total`` appeared only
+    at their first increment: rate() and alerts miss it. A reload's new group gets them too."""
+    groups = ["unified"]
+    metrics = DaemonMetrics(catalog, lambda: groups)
+    with serving(metrics_app(metrics, lambda: None)) as port:
+        found = samples(port)
+        assert series(found, "iteris_worker_failures_total") == {
+            ("unified", reason): 0 for reason in WORKER_FAILURE_REASONS}
+        assert series(found, "iteris_runs_not_carried_out_total") == {("unified",): 0}
+        groups = ["unified", "second"]
+        metrics.worker_failed("second", "memory")
+        found = samples(port)
+    assert series(found, "iteris_worker_failures_total") == {
+        (group, reason): int((group, reason) == ("second", "memory"))
+        for group in groups for reason in WORKER_FAILURE_REASONS}
+    assert series(found, "iteris_runs_not_carried_out_total") == {("unified",): 0, ("second",): 0}
+
+
+def test_worker_failure_reasons_are_the_supervisors_kinds():
+    """The label set named ``timeout``, which nothing produces, and not ``error``, the kind of a
+    worker that reports an exception (exported as ``other``)."""
+    import ast
+    import inspect
+
+    from iteris_daemon import supervisor
+
+    tree = ast.parse(inspect.getsource(supervisor))
+    assigned = {node.targets[0].id: node.value for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+
+    def values(kind: ast.expr) -> set[str]:  # "memory", a name for it, or `"memory" if ... else "error"`
+        if isinstance(kind, ast.Name):
+            return values(assigned[kind.id])
+        if isinstance(kind, ast.IfExp):
+            return values(kind.body) | values(kind.orelse)
+        return {kind.value}
+
+    kinds = {kind for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "WorkerFailed"
+             for kind in values(node.args[1])}
+    assert kinds == set(WORKER_FAILURE_REASONS)
 
 
 def test_catalog_failure_during_a_scrape(catalog, caplog):
