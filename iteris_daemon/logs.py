@@ -138,12 +138,28 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
+def utc_time(record: logging.LogRecord) -> str:
+    """When ``record`` was made, ISO 8601 in UTC with its zone (``+00:00``), as ``status``
+    prints catalog times: a local time without a zone did not match them."""
+    return datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL name: message``, the time as :func:`utc_time` writes it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return utc_time(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers: newlines inside stay escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "time": utc_time(record),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -175,7 +191,7 @@ def _formatter(fmt: str, stream: TextIO) -> logging.Formatter:
         return JournalFormatter()
     if fmt == "json":
         return JsonFormatter()
-    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return TextFormatter()
 
 
 def setup_logging(verbose: bool = False, fmt: str = "auto", *, stream: TextIO | None = None) -> None:

@@ -815,7 +815,7 @@ def test_a_folder_name_with_newlines_cannot_forge_log_entries(watched, made, dae
         logging.getLogger("iteris_daemon.test").exception("a failure naming %s", "it")
     logging.getLogger("iteris_daemon.test").warning("two lines\nof the message itself")
     lines = stream.getvalue().splitlines()
-    prefix = r"<\d>" if fmt == "journal" else r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ "
+    prefix = r"<\d>" if fmt == "journal" else r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 [A-Z]+ "
     if fmt == "text":  # a traceback's own lines have no prefix: from its first line to the exception's
         first = lines.index("Traceback (most recent call last):")
         last = next(i for i, line in enumerate(lines) if line.startswith("ValueError: "))

@@ -254,12 +254,27 @@ def emit(fmt: str, verbose: bool = False) -> str:
 
 def test_text_format() -> None:
     lines = emit("text").splitlines()
-    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
     assert re.fullmatch(stamp + r" INFO iteris_daemon\.test: merged 3 adapters", lines[0])
     assert re.fullmatch(stamp + r" WARNING iteris_daemon\.test: slow", lines[1]) and lines[2] == "second line"
     assert re.fullmatch(stamp + r" ERROR iteris_daemon\.test: merge failed", lines[3])
     assert lines[4] == "Traceback (most recent call last):" and lines[-1].startswith("ZeroDivisionError")
     assert "details" not in "\n".join(lines)
+
+
+def test_text_format_times_are_utc_with_their_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text log wrote local time without a zone (04:01:28 under America/New_York) where
+    ``status`` and the JSON log said 09:01:28+00:00."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        line = emit("text").splitlines()[0]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    stamp = datetime.fromisoformat(line.split(" ", 1)[0])
+    assert stamp.utcoffset() == timezone.utc.utcoffset(None)
+    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 60
 
 
 def test_journal_format_prefixes_every_line() -> None:
