@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -402,3 +403,24 @@ def test_upgrades_keep_every_row_of_every_table(catalog_url, start):
             rows = [dict(r._mapping) for r in connection.execute(sa.select(*columns).order_by(*table.primary_key))]
             assert rows == written[table.name], table.name
     engine.dispose()
+
+
+def test_updated_at_moves_with_each_new_current_revision(catalog_url):
+    """``adapters list --json`` showed ``updated_at`` unchanged when an adapter's weights were
+    replaced (a new revision, same status): it moved only on a status change."""
+    catalog = Catalog(catalog_url)
+
+    def updated_after(revision: str) -> datetime:
+        with catalog.session() as session:
+            record(session, session.scalar(select(Source)).id, Observation("/x/a", "a", revision, "/x/a", info=_info(revision)))
+        with catalog.session() as session:
+            return session.scalar(select(Adapter)).updated_at
+
+    with catalog.session() as session:
+        add_source(session, "team", SourceKind.local, {"paths": ["/x"]})
+    first = updated_after("r1")
+    assert updated_after("r1") == first  # seen again: nothing changed
+    second = updated_after("r2")
+    assert second > first
+    assert updated_after("r1") > second  # the earlier content restored: current again
+    catalog.close()

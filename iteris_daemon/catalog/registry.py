@@ -177,7 +177,8 @@ def _watching(session: Session, source_id: int) -> Source:
 def record(session: Session, source_id: int, seen: Observation, rejudge: bool = True) -> tuple[AdapterRevision, bool]:
     """Record what a source saw; return the revision row and whether it is news: a new
     revision, or (``rejudge``) a known one whose verdict changed under other settings
-    (``seen.context``). A source removed meanwhile raises :class:`SourceGoneError`."""
+    (``seen.context``). The adapter's ``updated_at`` moves when its current revision
+    changes. A source removed meanwhile raises :class:`SourceGoneError`."""
     _watching(session, source_id)
     adapter = _adapter_row(session, source_id, seen)
     current = current_revision(session, adapter)
@@ -196,6 +197,7 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
             return existing, False
         if adapter.status is AdapterStatus.removed or current is not existing:
             existing.last_seen_at = seen.seen_at  # it came back, or an older content was restored
+            adapter.updated_at = utcnow()
         adapter.status = existing.status
         return existing, changed
     revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision, last_seen_at=seen.seen_at)
@@ -209,8 +211,8 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
         )
         return existing, False
     if not outdated:
-        adapter.status = revision.status
-        adapter.name = seen.name
+        # set here: the row's own columns may not change (same status, same name), so onupdate would not
+        adapter.status, adapter.name, adapter.updated_at = revision.status, seen.name, utcnow()
     return revision, True
 
 
