@@ -604,6 +604,22 @@ def test_every_argument_has_help():
     assert "SIGTERM at once" in run_help and "grace_seconds" in run_help and "then is cancelled" not in run_help
 
 
+def test_the_listing_commands_say_what_they_show():
+    """``status``, ``adapters list`` and ``sources list`` had no description, and the command
+    list said ``status`` shows "sources, groups and waiting adapters" (not what is published,
+    the quality nor the daemons)."""
+    parsers = {parser.prog: parser for parser in _parsers(build_parser())}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    one_line = next(c.help for c in commands._choices_actions if c.dest == "status")
+    assert all(word in one_line for word in ("published", "quality", "daemons"))
+    shown = {"status": ("last run", "skipped", "serves", "quality", "held back", "not merged", "daemons"),
+             "adapters list": ("registered", "rejected", "removed", "revision", "updated_at"),
+             "sources list": ("health", "enabled", "last scanned or polled")}
+    for command, words in shown.items():
+        description = parsers[f"iteris-daemon {command}"].description or ""
+        assert all(word in description for word in words), (command, description)
+
+
 def test_version(capsys):
     """``--version`` was "the following arguments are required: COMMAND"."""
     from iteris_daemon import __version__

@@ -82,7 +82,12 @@ def register(commands) -> None:
     add.add_argument("--interval", type=float, metavar="SECONDS", help="hub: poll period (default 300)")
     add.set_defaults(handler=_sources_add)
 
-    listing = source_commands.add_parser("list", parents=[db_options], help="list sources and their health")
+    listing = source_commands.add_parser(
+        "list", parents=[db_options], help="list sources and their health",
+        description="Each source in the catalog: its name, kind (local or hub), whether it is enabled (a source "
+                    "removed while past merge runs used its adapters stays, disabled), its health (the error of "
+                    "its last scan or poll when that failed) and what it watches (folders, Hub repos or author). "
+                    "--json adds when it was last scanned or polled and its settings.")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_sources_list)
 
@@ -114,7 +119,13 @@ def register(commands) -> None:
 
     adapters = commands.add_parser("adapters", help="adapters in the catalog")
     adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
-    listing = adapter_commands.add_parser("list", parents=[db_options], help="list adapters")
+    listing = adapter_commands.add_parser(
+        "list", parents=[db_options], help="list adapters",
+        description="Each adapter in the catalog with its current revision (the one seen most recently): catalog "
+                    "id, status (registered: groups may merge it; rejected: never merged; removed: gone from its "
+                    "source, or its source removed), source, name, rank, revision, and its base model or the "
+                    "rejection reason. --json adds its location and when it last changed "
+                    "(updated_at: a new current revision or status). `adapters show ID` lists every revision seen.")
     listing.add_argument("--status", action="append", choices=["registered", "rejected", "removed"],
                          help="only these statuses (repeatable)")
     listing.add_argument("--source", metavar="NAME", help="only this source's adapters")

@@ -53,7 +53,16 @@ def register(commands) -> None:
                                      "and may be asked for)")
     config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV}, else --config's, else the state directory's)")
 
-    status = commands.add_parser("status", parents=[config_options], help="sources, groups and waiting adapters, from the catalog")
+    status = commands.add_parser(
+        "status", parents=[config_options],
+        help="sources, groups (last run, what is published, quality, waiting adapters) and daemons, from the catalog",
+        description="What the daemons sharing this catalog are doing, read from the catalog (the daemon need not "
+                    "run): each source's health and last poll; each group's last run (the last skipped one too "
+                    "when newer: a stalled group shows), next run, what each destination serves, the quality of "
+                    "the last published merge (fidelity gaps), the adapters held back with the reason, those not "
+                    "merged yet, and those of another base model; and the daemons seen in the last day, with any "
+                    "settings that differ between them. With --config only its groups are detailed; the "
+                    "catalog's other groups, and its own that no daemon has loaded yet, are named apart.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
 
