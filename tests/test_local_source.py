@@ -785,3 +785,21 @@ def test_a_folder_whose_row_the_catalog_refuses_is_rejected_and_the_others_regis
     assert _health(catalog) == (True, None)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(watched / "a") in m and "value too long" in m for m in warnings), warnings
+
+
+def test_a_registration_on_an_event_moves_the_sources_last_poll(setup):
+    """``status`` and ``iteris_source_last_poll_timestamp_seconds`` moved only at a full scan
+    (every ``rescan_seconds``): an adapter registered on its event minutes later left "last
+    poll" at the scan before it."""
+    catalog, watched, base, (first, _second) = setup
+    with _registered_and_watched(catalog, watched, base, first, "early"):
+        scanned = _last_poll(catalog)
+        shutil.copytree(first, watched / "later")
+        wait_for(lambda: "later" in _adapters(catalog), "the registration on its event")
+        wait_for(lambda: _last_poll(catalog) > scanned, "the last poll to move", timeout=10)
+    assert _health(catalog) == (True, None)
+
+
+def _last_poll(catalog):
+    with catalog.session() as session:
+        return session.scalar(select(Source.last_poll_at))

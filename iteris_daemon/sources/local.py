@@ -37,7 +37,7 @@ from watchdog.observers.polling import PollingObserver
 
 from ..catalog import Catalog
 from ..catalog.db import DATABASE_FAILURES
-from ..catalog.models import AdapterStatus
+from ..catalog.models import AdapterStatus, Source, utcnow
 from ..catalog.registry import Observation, get_source, list_current, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError, first_line
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
@@ -595,6 +595,15 @@ class LocalFolderSource:
                 log.info("source %s: %s is back just after it was marked removed; looking again", self.name, folder)
                 self._mark_dirty(folder)
 
+    def _looked(self) -> None:
+        """An event's look recorded something: it is the source's last look (``last_poll_at``,
+        what ``status`` and the metrics show), which moved only at a full scan, every
+        ``rescan_seconds``. Its health stays as the last scan left it."""
+        with self.catalog.session() as session:
+            source = session.get(Source, self.source_id)
+            if source is not None:  # `sources remove` deleted it meanwhile
+                source.last_poll_at = utcnow()
+
     def _set_health(self, error: str | None) -> None:
         with self.catalog.session() as session:
             set_health(session, self.source_id, error)
@@ -783,6 +792,7 @@ class LocalFolderSource:
             self._hashed.save()
         if report.registered or report.rejected or report.removed:
             log.debug("source %s: events: %s", self.name, report)
+            self._looked()
         self._report_changes(report)
 
     def _subfolders(self, path: Path) -> list[Path]:
