@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def _add_global_options(parser: argparse.ArgumentParser, verbose: Any, log_format: Any) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=verbose, help="log debug details")
     parser.add_argument("--log-format", choices=FORMATS, default=log_format,
-                        help="auto: journald style under systemd, else text with timestamps (default: auto)")
+                        help="auto: journald style under systemd, else text with UTC timestamps (default: auto)")
 
 
 class _CommandParser(argparse.ArgumentParser):
