@@ -626,6 +626,12 @@ def _copy_files(copy: Path) -> Path:
     return copy.with_name(f"{copy.name}.sha256")
 
 
+def _copy_forced(copy: Path) -> Path:
+    """The file beside a kept unpublished merge saying it was forced past the quality gate:
+    the run that publishes it again judges it as forced too (else it refuses it again)."""
+    return copy.with_name(f"{copy.name}.forced")
+
+
 def _file_hashes(folder: Path) -> dict[str, str]:
     """The sha256 of each file in ``folder`` (a merge's folder is flat)."""
     return {item.name: sha256_file(item) for item in sorted(folder.iterdir()) if item.is_file()}
@@ -650,11 +656,13 @@ def _forget(copy: Path) -> None:
     """Remove the run file and the files' hashes beside a kept copy: it is kept no more."""
     _copy_run(copy).unlink(missing_ok=True)
     _copy_files(copy).unlink(missing_ok=True)
+    _copy_forced(copy).unlink(missing_ok=True)
 
 
 def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint: str,
-                       last: MergeRun | None) -> tuple[int, dict[str, Any]] | None:
-    """The kept merge whose publishing failed, as (its run, its report), when it is the
+                       last: MergeRun | None) -> tuple[int, dict[str, Any], bool] | None:
+    """The kept merge whose publishing failed, as (its run, its report, whether it was forced
+    past the quality gate), when it is the
     merge of these inputs (``fingerprint``) and no run was decided since (``last``: one
     that published or was refused); else None, and the group merges anew. A copy whose
     files are not those kept (a file damaged, deleted or added since) is discarded: it
@@ -679,16 +687,19 @@ def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint:
                     "missing or added); discarded, the group merges anew", kept, copy)
         _discard(copy)
         return None
-    return kept, report
+    return kept, report, _copy_forced(copy).exists()
 
 
-def _keep_unpublished(group: str, merged: Path, unpublished: Path, run_id: int) -> Path:
-    """Keep a merge before publishing it, with its files' hashes, and return where it is
-    now: when its publishing fails, or the daemon is killed meanwhile (the run then marked
-    failed at the next start or claim), the next run publishes it instead of merging again."""
+def _keep_unpublished(group: str, merged: Path, unpublished: Path, run_id: int, forced: bool) -> Path:
+    """Keep a merge before publishing it, with its files' hashes and whether it was forced,
+    and return where it is now: when its publishing fails, or the daemon is killed meanwhile
+    (the run then marked failed at the next start or claim), the next run publishes it
+    instead of merging again."""
     try:
         unpublished.parent.mkdir(parents=True, exist_ok=True)
         _copy_files(unpublished).write_text(json.dumps(_file_hashes(merged)))
+        if forced:
+            _copy_forced(unpublished).write_text(f"{run_id}\n")
         replace_folder(merged, unpublished)
         _copy_run(unpublished).write_text(f"{run_id}\n")
     except OSError as exc:  # e.g. the state disk full: a failed publish merges again
@@ -794,14 +805,16 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     for name, reason in inputs.held_back.items():
         log.warning("group %s: adapter %s held back: %s", group.name, name, reason)
     last = _last_decided(catalog, group_id)
-    skip = _skip_reason(catalog, group, inputs, fingerprint, last, _served_before(catalog, last), force)
+    unpublished = unpublished_copy(work_dir, group_id)
+    kept = None if force else _unpublished_merge(catalog, group_id, unpublished, fingerprint, last)
+    # A kept merge of these inputs is published, even when they were refused before (it was forced past)
+    skip = _skip_reason(catalog, group, inputs, fingerprint, last, _served_before(catalog, last),
+                        force or kept is not None)
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
         return RunOutcome(RunStatus.skipped, run_id, skip, retry_inputs=inputs.unreachable and bool(inputs.changing))
 
-    unpublished = unpublished_copy(work_dir, group_id)
-    kept = None if force else _unpublished_merge(catalog, group_id, unpublished, fingerprint, last)
     run_id = _record_start(catalog, group_id, fingerprint, inputs)
     out = work_dir / f"run-{run_id}"
     merged = out if kept is None else unpublished
@@ -824,7 +837,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         else:
             report = kept[1]
         merged_at = time.perf_counter()
-        verdict = judge(report, group.gates, forced=force, no_baseline=no_baseline)
+        verdict = judge(report, group.gates, forced=force or (kept is not None and kept[2]), no_baseline=no_baseline)
         for note in verdict.notes:
             log.warning("group %s: run %d: %s", group.name, run_id, note)
         if verdict.refused:
@@ -834,7 +847,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
             return RunOutcome(RunStatus.refused, run_id, verdict.refused)
         on_status(f"group {group.name}: run {run_id} publishing")
         if kept is None:  # else it stays kept, as the merge of the run that made it
-            merged = _keep_unpublished(group.name, merged, unpublished, run_id)
+            merged = _keep_unpublished(group.name, merged, unpublished, run_id, force)
         try:
             published = publish_all(group, run_id, merged, report, inputs, stopping)
         except Exception:
@@ -889,7 +902,8 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
                  served: MergeRun | None, force: bool) -> str | None:
     """Why this run merges nothing, or None: inputs a source is still registering again, or
     whose calibration source could not be reached (publishing now would drop them from the
-    merge), too few adapters, or the inputs of the
+    merge), too few adapters, or, unless ``force`` (a forced run, or one publishing a kept
+    merge of these inputs), the inputs of the
     last decided run (published or refused), or of the merge still served after a refusal
     (``served``: an adapter added, refused, then removed again), again."""
     if inputs.changing:

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from iteris_daemon.catalog.models import MergeGroup, RunStatus
 from iteris_daemon.config import Gates, GroupConfig
+from iteris_daemon import runner
 from iteris_daemon.gates import judge
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.lora import load_adapter
@@ -144,6 +145,32 @@ def test_a_regression_is_refused_kept_out_of_every_destination_and_published_whe
     assert forced.status is RunStatus.succeeded and setup.current() != published
     assert any(n.startswith("forced past the quality gate") for n in setup.run_row(forced.run_id).metrics["gate_notes"])
     assert sha256_file(baseline / "adapter_model.safetensors") == setup.current()
+
+
+def test_a_forced_merge_whose_publishing_failed_is_published_by_the_next_run(setup, monkeypatch):
+    """QA: merge-now --force past the quality gate, the destination failing: the daemon's
+    retry (not forced) was skipped as "inputs unchanged since run N, which was refused",
+    and the forced merge was never published. The kept merge is published, as forced."""
+    assert setup.run(setup.group(params={"scale": 1.0})).status is RunStatus.succeeded
+    published = setup.current()
+    worse = setup.group(params={"scale": 3.0}, gates={"max_fidelity_gap": None, "max_regression": 0.01})
+    assert setup.run(worse).status is RunStatus.refused
+    publish_all = runner.publish_all
+
+    def destination_down(*args, **kwargs):
+        raise runner.PublishFailed("destination down")
+
+    monkeypatch.setattr(runner, "publish_all", destination_down)
+    forced = setup.run(worse, force=True)
+    assert forced.status is RunStatus.failed and forced.retry_publish and setup.current() == published
+    monkeypatch.setattr(runner, "publish_all", publish_all)
+    monkeypatch.setattr(runner, "merge_in_worker", lambda *a, **k: pytest.fail("merged again"))
+    retry = setup.run(worse)
+    assert retry.status is RunStatus.succeeded, retry.detail
+    row = setup.run_row(retry.run_id)
+    assert row.metrics["republished_from"] == forced.run_id and setup.current() != published
+    assert any(note.startswith("forced past the quality gate") for note in row.metrics["gate_notes"])
+    assert setup.run(worse).status is RunStatus.skipped  # published now: nothing kept, nothing to do
 
 
 @pytest.mark.long
