@@ -481,6 +481,32 @@ def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code)
     catalog.close()
 
 
+@pytest.mark.parametrize("decided,code", [(RunStatus.refused, 3), (RunStatus.succeeded, 0)])
+def test_merge_now_wait_exits_3_for_a_run_skipped_on_a_refusal(tmp_path, capsys, monkeypatch, decided, code):
+    """QA: a run skipped because its unchanged inputs were refused exited 0, and
+    ``merge-now --wait && deploy`` went on with nothing published; skipped on inputs that
+    were published, it exits 0 still."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        group = MergeGroup(name="g", base_model="b", strategy="iteris")
+        session.add(group)
+        session.flush()
+        session.add(MergeRun(group_id=group.id, status=decided, input_fingerprint="f"))
+        session.add(MergeRun(group_id=group.id, status=RunStatus.failed, input_fingerprint="f", error="disk full"))
+        session.add(DaemonPresence(holder="host:1:daemon", settings={}))
+
+    def daemon_skips_the_run(_seconds):
+        with catalog.session() as session:
+            session.add(MergeRun(group_id=session.scalar(select(MergeGroup.id)), status=RunStatus.skipped,
+                                 input_fingerprint="f", error="inputs unchanged"))
+
+    monkeypatch.setattr(cli.daemon.time, "sleep", daemon_skips_the_run)
+    assert run(capsys, "merge-now", "g", "--wait", "5", "--db", url)[:2] == (code, "requested a run of g; the running "
+        "daemon starts it within seconds\nrun 3: skipped (inputs unchanged)\n")
+    catalog.close()
+
+
 def test_merge_now_says_when_no_daemon_uses_the_catalog(tmp_path, capsys, monkeypatch):
     """It said "the running daemon starts it within seconds" with no daemon running (a
     daemon removes its row from ``daemons`` as it stops)."""

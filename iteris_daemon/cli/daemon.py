@@ -15,13 +15,16 @@ from ..paths import user_path
 from .catalog import DB_ENV
 
 STALE_PRESENCE = timedelta(minutes=10)  # a daemon not seen for this long is taken for gone (merge-now's message)
-REFUSED = 3  # merge-now --wait: the run was refused by a publish gate; nothing was published
+REFUSED = 3  # merge-now --wait: the run was refused by a publish gate, or skipped on a refusal; nothing was published
 MERGE_NOW_EPILOG = f"""\
 exit status:
-  0  requested; with --wait: the run succeeded, or was skipped (inputs unchanged)
+  0  requested; with --wait: the run succeeded, or was skipped (its inputs already published, or
+     not ready)
   1  with --wait: the run failed or was cancelled, or none finished within SECONDS
   2  bad input (e.g. no such group)
-  {REFUSED}  with --wait: a publish gate refused the run; nothing was published"""
+  {REFUSED}  with --wait: a publish gate refused the run, or it was skipped because a gate
+     refused these same inputs before (--force publishes past the quality gate); nothing
+     was published"""
 
 
 def positive_seconds(text: str) -> float:
@@ -148,9 +151,23 @@ def _merge_now(args) -> int:
                                                         MergeRun.status != RunStatus.running).order_by(MergeRun.id).limit(1))
             if run is not None:
                 print(f"run {run.id}: {run.status.value}" + (f" ({run.error})" if run.error else ""))
-                if run.status is RunStatus.refused:
+                if run.status is RunStatus.refused or (run.status is RunStatus.skipped
+                                                       and _stands_refused(session, run)):
                     return REFUSED
                 return 0 if run.status in (RunStatus.succeeded, RunStatus.skipped) else 1
         time.sleep(1)
     print(f"no finished run after {args.wait:.0f}s (is the daemon running?)")
     return 1
+
+
+def _stands_refused(session, run) -> bool:
+    """Whether skipped ``run`` was skipped on a refusal: the group's last run before it that
+    published or was refused refused these same inputs (nothing published them; a script
+    running ``merge-now --wait && deploy`` must not go on)."""
+    from ..catalog.models import MergeRun, RunStatus
+
+    decided = session.scalar(select(MergeRun).where(
+        MergeRun.group_id == run.group_id, MergeRun.id < run.id,
+        MergeRun.status.in_([RunStatus.succeeded, RunStatus.refused])).order_by(MergeRun.id.desc()).limit(1))
+    return (decided is not None and decided.status is RunStatus.refused
+            and decided.input_fingerprint == run.input_fingerprint)
