@@ -47,7 +47,7 @@ from sqlalchemy import select
 from . import malloc
 from .catalog import Catalog
 from .catalog.db import CATALOG_FAILURES
-from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
+from .catalog.models import Adapter, MergeGroup, Source, SourceKind
 from .catalog.registry import add_source
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
@@ -747,7 +747,7 @@ class Daemon:
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)
-        if outcome.status is not RunStatus.skipped:
+        if outcome.merged:  # not a kept merge published again (a fraction of a second), nor a skip
             self.metrics.observe_merge(name, time.monotonic() - started)
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
 

@@ -590,6 +590,9 @@ class RunOutcome:
     # Skipped, waiting for an adapter whose calibration source could not be reached: a later
     # run may reach it (nothing else would trigger one).
     retry_inputs: bool = False
+    # The run merged (its merge worker ran), whatever came of it: not a kept merge published
+    # again, nor a run that ended before merging. Only these are timed as merges.
+    merged: bool = False
 
 
 def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
@@ -844,7 +847,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
             _finish(catalog, run_id, RunStatus.refused, error=f"not published: {verdict.refused}",
                     metrics={"tasks": report.get("tasks", {}), **inputs.recorded()})
             log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
-            return RunOutcome(RunStatus.refused, run_id, verdict.refused)
+            return RunOutcome(RunStatus.refused, run_id, verdict.refused, merged=kept is None)
         on_status(f"group {group.name}: run {run_id} publishing")
         if kept is None:  # else it stays kept, as the merge of the run that made it
             merged = _keep_unpublished(group.name, merged, unpublished, run_id, force)
@@ -858,7 +861,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
     except MergeCancelled as exc:
         _finish(catalog, run_id, RunStatus.cancelled, error=str(exc))
         log.warning("group %s: run %d cancelled", group.name, run_id)
-        return RunOutcome(RunStatus.cancelled, run_id, str(exc))
+        return RunOutcome(RunStatus.cancelled, run_id, str(exc), merged=kept is None)
     except Exception as exc:  # a failed run is recorded, never fatal to the daemon
         message = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, IterisError) else str(exc)
         if isinstance(exc, WorkerFailed):
@@ -870,7 +873,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         log.error("group %s: run %d failed: %s", group.name, run_id, message)
         cause = exc.__cause__ if isinstance(exc, PartlyPublished) else exc
         return RunOutcome(RunStatus.failed, run_id, message,
-                          retry_publish=publish_failed and not isinstance(cause, PluginError))
+                          retry_publish=publish_failed and not isinstance(cause, PluginError), merged=kept is None)
     finally:  # a worker killed while it wrote the merge leaves its staging copy too
         for leftover in (out, *leftover_copies(out)):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -884,7 +887,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
             output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))
     log.info("group %s: run %d succeeded: %s", group.name, run_id,
              ", ".join(f"{p['kind']} {p['location']} {'-> ' + str(p['version']) if p['changed'] else 'unchanged'}" for p in published))
-    return RunOutcome(RunStatus.succeeded, run_id)
+    return RunOutcome(RunStatus.succeeded, run_id, merged=kept is None)
 
 
 def _served_before(catalog: Catalog, last: MergeRun | None) -> MergeRun | None:

@@ -1316,6 +1316,34 @@ def test_a_run_that_could_not_be_carried_out_is_tried_again_with_backoff(tmp_pat
     assert triggered == [100]
 
 
+def test_only_runs_that_merged_are_timed_as_merges(tmp_path, monkeypatch):
+    """QA: ``iteris_merge_duration_seconds`` took every run not skipped, a kept merge
+    published again too (0.01-0.08 s), dragging the merge times down. A run is timed when
+    it merged, whatever came of it; a publish-only run and a skip are not."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\nretry_seconds = 0\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()  # not started: jobs are only recorded
+    daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
+    daemon.catalog, daemon.work, daemon.cache = None, tmp_path / "work", tmp_path / "cache"
+    ran: list[RunOutcome] = []
+    timed: list[int] = []
+    daemon.metrics = SimpleNamespace(observe_merge=lambda group, seconds: timed.append(ran[-1].run_id),
+                                     worker_failed=lambda *a: None)
+    outcomes = [RunOutcome(RunStatus.failed, 1, "publishing failed", retry_publish=True, merged=True),
+                RunOutcome(RunStatus.succeeded, 2),  # run 1's kept merge published again
+                RunOutcome(RunStatus.refused, 3, "quality gate", merged=True),
+                RunOutcome(RunStatus.skipped, 4, "inputs unchanged"),
+                RunOutcome(RunStatus.succeeded, 5, merged=True)]
+    monkeypatch.setattr(daemon_module, "run_group", lambda *args, **kwargs: ran.append(outcomes.pop(0)) or ran[-1])
+    while outcomes:
+        daemon._run_on("g", "cpu")
+    assert timed == [1, 3, 5]
+
+
 def test_a_catalog_outage_is_said_rarely_in_one_line_and_makes_healthz_unhealthy(tmp_path, monkeypatch, caplog):
     """The catalog failing the daemon's periodic jobs (its PostgreSQL down, a full disk;
     a stand-in raising the error a lost server gives, on the jobs' own clock): each job

@@ -162,11 +162,11 @@ def test_a_forced_merge_whose_publishing_failed_is_published_by_the_next_run(set
 
     monkeypatch.setattr(runner, "publish_all", destination_down)
     forced = setup.run(worse, force=True)
-    assert forced.status is RunStatus.failed and forced.retry_publish and setup.current() == published
+    assert forced.status is RunStatus.failed and forced.retry_publish and forced.merged and setup.current() == published
     monkeypatch.setattr(runner, "publish_all", publish_all)
     monkeypatch.setattr(runner, "merge_in_worker", lambda *a, **k: pytest.fail("merged again"))
     retry = setup.run(worse)
-    assert retry.status is RunStatus.succeeded, retry.detail
+    assert retry.status is RunStatus.succeeded and not retry.merged, retry.detail  # not timed as a merge
     row = setup.run_row(retry.run_id)
     assert row.metrics["republished_from"] == forced.run_id and setup.current() != published
     assert any(note.startswith("forced past the quality gate") for note in row.metrics["gate_notes"])
