@@ -122,7 +122,7 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
     if result is not None and result.get("status") == "cancelled":
         raise MergeCancelled(result.get("error") or "merge cancelled")
     if cancelled and code == -signal.SIGTERM:
-        raise MergeCancelled("merge cancelled: the worker ended on SIGTERM before the merge started")
+        raise MergeCancelled(_ended_on_sigterm(result))
     last = f"; last output: {' | '.join(tail[-5:])}" if tail else ""
     if result is not None and result.get("status") == "error":
         kind = "memory" if says_out_of_memory(result.get("error", "")) else "error"
@@ -137,6 +137,17 @@ def _outcome(code: int, result_path: Path, tail: list[str], cancelled: bool, kil
     if any(says_out_of_memory(line) for line in tail):  # e.g. torch could not be loaded under the limit
         raise WorkerFailed(f"out of memory: the worker exited with status {code} without a result{last}", "memory")
     raise WorkerFailed(f"the worker exited with status {code} without a result{last}", "exit")
+
+
+def _ended_on_sigterm(result: dict[str, Any] | None) -> str:
+    """Why a cancelled worker ended on SIGTERM instead of stopping at a safe point, by what
+    it had reported: with no result, SIGTERM came before it set its handler (it was
+    starting); with one, after its job was done, as it exited (Python restores SIGTERM's
+    default as it shuts down). It said "before the merge started" for a finished merge."""
+    if result is None:
+        return "merge cancelled: the worker ended on SIGTERM while starting, before it could stop at a safe point"
+    done = "finished" if result.get("status") == "ok" else f"failed ({result.get('error')})"
+    return f"merge cancelled: the worker had {done} and was exiting when SIGTERM ended it; its result is discarded"
 
 
 def _relay(stream: IO[bytes], label: str, tail: collections.deque[str]) -> None:

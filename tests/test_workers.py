@@ -11,9 +11,11 @@ allocation under ``RLIMIT_AS``, a loop that ignores SIGTERM).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +34,9 @@ from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.plugin_manager import get_plugin_manager
 from iteris_daemon.runner import gather_inputs, run_group, sync_group
 from iteris_daemon.sources.local import LocalFolderSource
-from iteris_daemon.supervisor import WorkerOptions, run_in_worker
+from iteris_daemon.errors import MergeCancelled
+from iteris_daemon.oom import OomWatch
+from iteris_daemon.supervisor import RESULT_NAME, WorkerOptions, _outcome, run_in_worker
 
 pytestmark = pytest.mark.timeout(300)
 PLUGIN = Path(__file__).parent / "fault_plugin"
@@ -154,6 +158,30 @@ def test_cancelling_ends_the_worker_within_the_grace_period(setup, caplog, mode)
     if mode == "stubborn":
         assert "did not stop within 2 s and was killed" in outcome.detail
     assert setup.current() == published and setup.failures == []
+
+
+def test_a_worker_asked_to_stop_as_it_starts_says_so(tmp_path):
+    """SIGTERM before the worker set its handler (asked to stop at once) ends it: the
+    run says it was starting, not that a merge was under way."""
+    job = {"kind": "shapes", "base_model": str(tmp_path / "none"), "adapter": str(tmp_path / "none"),
+           "trust_remote_code": False}
+    with pytest.raises(MergeCancelled, match="the worker ended on SIGTERM while starting, before it could stop"):
+        run_in_worker(job, tmp_path / "worker", "starting", should_stop=lambda: True)
+
+
+@pytest.mark.parametrize("result, reason", [
+    ({"status": "ok", "report": {}}, "the worker had finished and was exiting when SIGTERM ended it"),
+    ({"status": "error", "error": "bad base"}, "the worker had failed (bad base) and was exiting when SIGTERM ended it"),
+])
+def test_a_worker_ended_by_sigterm_as_it_exits_is_not_said_to_have_not_started(tmp_path, result, reason):
+    """QA: SIGTERM 0.1 s after "merging 3 adapters" recorded "the worker ended on SIGTERM
+    before the merge started": the tiny merge was done, its result written, and Python had
+    restored SIGTERM's default as the worker shut down. The reason now follows the result."""
+    (tmp_path / RESULT_NAME).write_text(json.dumps(result))
+    with pytest.raises(MergeCancelled) as cancelled:
+        _outcome(-signal.SIGTERM, tmp_path / RESULT_NAME, ["merging 3 adapters with iteris"], cancelled=True,
+                 killed=False, options=WorkerOptions(), oom=OomWatch(os.getpid()))
+    assert str(cancelled.value) == f"merge cancelled: {reason}; its result is discarded"
 
 
 def test_worker_logs_reach_the_daemon_log_with_the_run(setup, caplog):
