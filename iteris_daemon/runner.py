@@ -1039,8 +1039,11 @@ def _record_skip(catalog, group_id: int, fingerprint: str, inputs: Inputs, reaso
 
 def _add_run(session: Session, group_id: int, status: RunStatus, fingerprint: str, inputs: Inputs, error: str | None,
              finished: bool) -> MergeRun:
+    """A run row; a ``finished`` one (a skip) starts and ends at one instant (the column's
+    default, read at the flush, made a skip end before it started)."""
+    now = utcnow()
     run = MergeRun(group_id=group_id, status=status, input_fingerprint=fingerprint, error=error,
-                   finished_at=utcnow() if finished else None,
+                   started_at=now, finished_at=now if finished else None,
                    metrics=inputs.recorded())
     session.add(run)
     session.flush()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -268,6 +268,18 @@ def test_a_run_whose_end_was_never_recorded_is_failed_by_the_next_run(setup, mon
     assert again.status is RunStatus.succeeded
     lost = setup.run_row(lost.id)
     assert lost.status is RunStatus.failed and lost.finished_at and "never recorded" in lost.error
+
+
+def test_a_skipped_run_does_not_end_before_it_started(setup, monkeypatch):
+    """QA: a skipped row's ``finished_at`` was set before the column's default filled
+    ``started_at`` at the flush, so it ended before it started. Both come from one clock
+    reading now (the runner's clock set back an hour shows it whatever the resolution)."""
+    behind = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=1)
+    monkeypatch.setattr(runner, "utcnow", lambda: behind)
+    skipped = setup.run(setup.group(names=("task0",), min_adapters=2))
+    assert skipped.status is RunStatus.skipped
+    row = setup.run_row(skipped.run_id)
+    assert row.started_at == row.finished_at == behind
 
 
 def test_repeated_skips_share_one_row_and_still_count(setup):
