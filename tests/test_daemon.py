@@ -232,12 +232,13 @@ class Env:
         self.children.append(process)
         return process
 
-    def merge_now_skipped(self) -> int:
+    def merge_now_skipped(self, refused: bool = False) -> int:
         """``merge-now`` on inputs that did not change: the run is skipped; its id. Also a barrier:
-        the merge queue has one worker, so anything triggered before has run by then."""
+        the merge queue has one worker, so anything triggered before has run by then. Skipped on
+        inputs a gate ``refused``, it exits 3 (nothing published), else 0."""
         before = self.last_id()
         result = self.cli("merge-now", GROUP, "--wait", str(DEADLINE))
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == (3 if refused else 0), result.stdout + result.stderr
         assert "skipped" in result.stdout and "unchanged" in result.stdout, result.stdout
         skipped = [r for r in self.runs() if r[0] > before]
         assert skipped and all(r[1] is RunStatus.skipped for r in skipped), skipped
@@ -478,7 +479,7 @@ def test_changes_no_source_of_the_daemon_reported_are_merged(env: Env, made):
     assert "not through this daemon's sources" in e.log.read_text(errors="replace")
     time.sleep(1.0)  # four more checks: the group is caught up, nothing more runs
     assert e.last_id() == run[0]
-    barrier = e.merge_now_skipped()
+    barrier = e.merge_now_skipped(refused=run[1] is RunStatus.refused)
 
     shutil.rmtree(other / "extra")
     result = e.cli("sources", "scan", "other")
