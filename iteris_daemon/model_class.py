@@ -119,6 +119,13 @@ def _skeleton(cls: type, config: PretrainedConfig) -> torch.nn.Module | None:
 
 def _recorded_class(base_config: PretrainedConfig, module_paths: Collection[str]) -> type | None:
     """The class the base model was saved as, if the adapters' module paths exist in it."""
+    found = _recorded_skeleton(base_config, module_paths)
+    return found[0] if found is not None else None
+
+
+def _recorded_skeleton(base_config: PretrainedConfig,
+                       module_paths: Collection[str]) -> tuple[type, torch.nn.Module] | None:
+    """:func:`_recorded_class` and the skeleton that showed it (one meta build, not two)."""
     names = getattr(base_config, "architectures", None) or []
     cls = exported_model_class(names[0]) if names else None
     if cls is None or not module_paths or not _fits_config(cls, base_config):
@@ -127,7 +134,7 @@ def _recorded_class(base_config: PretrainedConfig, module_paths: Collection[str]
     if skeleton is None:
         return None
     present = {path for path, _ in skeleton.named_modules()}
-    return cls if set(module_paths) <= present else None
+    return (cls, skeleton) if set(module_paths) <= present else None
 
 
 def _block_parameters(model: torch.nn.Module) -> set[str]:
@@ -136,13 +143,13 @@ def _block_parameters(model: torch.nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if any(name.startswith(f"{path}.") for path in lists)}
 
 
-def _builds_blocks_beyond(cls: type, recorded: type, config: PretrainedConfig) -> bool:
-    """Whether ``cls`` has blocks that ``recorded``, the class the checkpoint was saved as, has
-    not: the checkpoint does not hold them (a T5Model's decoder, for a T5EncoderModel's
-    checkpoint), and the load is refused (weights drawn at random). A head or a pooler the
-    recorded class lacks does not count: a classifier's comes from the adapters."""
-    built, saved = _skeleton(cls, config), _skeleton(recorded, config)
-    return built is not None and saved is not None and bool(_block_parameters(built) - _block_parameters(saved))
+def _builds_blocks_beyond(cls: type, saved: torch.nn.Module, config: PretrainedConfig) -> bool:
+    """Whether ``cls`` has blocks that ``saved``, a skeleton of the class the checkpoint was
+    saved as, has not: the checkpoint does not hold them (a T5Model's decoder, for a
+    T5EncoderModel's checkpoint), and the load is refused (weights drawn at random). A head
+    or a pooler the recorded class lacks does not count: a classifier's comes from the adapters."""
+    built = _skeleton(cls, config)
+    return built is not None and bool(_block_parameters(built) - _block_parameters(saved))
 
 
 def choose_model_class(
@@ -182,8 +189,8 @@ def choose_model_class(
     # model's own class.
     if not _knows(cls, base_config):
         return _recorded_class(base_config, module_paths) or cls
-    recorded = _recorded_class(base_config, module_paths)
-    return recorded if recorded is not None and _builds_blocks_beyond(cls, recorded, base_config) else cls
+    recorded = _recorded_skeleton(base_config, module_paths)
+    return recorded[0] if recorded is not None and _builds_blocks_beyond(cls, recorded[1], base_config) else cls
 
 
 def _knows(cls: type, config: PretrainedConfig) -> bool:
