@@ -13,12 +13,12 @@ from typing import Any
 from sqlalchemy import select
 
 from .catalog import Catalog
-from .catalog.models import AdapterStatus, DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc
-from .catalog.registry import list_current, list_sources
+from .catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc
+from .catalog.registry import list_sources
 from .config import Selection
 from .figures import summary, task_figures
 from .peers import differences
-from .runner import mergeable, of_other_base_models, selected
+from .runner import merge_candidates, of_other_base_models, selected
 
 
 def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -60,7 +60,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
     with catalog.session() as session:
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
                     "last_poll_at": iso_utc(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
-        registered = list_current(session, [AdapterStatus.registered])
+        candidates = merge_candidates(session)  # the runner's: a removed source's adapters are no input
         groups, not_configured = [], []
         for group in session.scalars(select(MergeGroup).order_by(MergeGroup.name)):
             if configured is not None and group.name not in configured:
@@ -84,7 +84,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
             selection = Selection.model_validate(group.selection or {})
-            taken = selected(mergeable(registered), group.base_model, selection)
+            taken = selected(candidates, group.base_model, selection)
             new = sorted(a.name for a, current in taken if current.id not in merged and a.name not in held_back)
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
@@ -96,7 +96,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                 # what the last published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},
                 "waiting": {"held_back": held_back, "not_yet_merged": new,
-                            "other_base_model": of_other_base_models(mergeable(registered), group.base_model, selection)},
+                            "other_base_model": of_other_base_models(candidates, group.base_model, selection)},
             })
         daemons = [{"holder": d.holder, "started_at": iso_utc(d.started_at), "seen_at": iso_utc(d.seen_at),
                     "settings": d.settings}

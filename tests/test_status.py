@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 
 import pytest
 from prometheus_client import generate_latest
+from sqlalchemy import select
 
-from iteris_daemon.catalog.models import MergeRun, RunStatus
+from iteris_daemon.catalog.models import MergeRun, RunStatus, Source
 from iteris_daemon.cli import main
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.endpoints import DaemonMetrics
@@ -159,3 +160,15 @@ def test_skipped_runs_since_the_last_decided_one_are_shown(setup, capsys):
     assert skipped["error"] == outcome.detail
     assert (f"    last skipped: #3 at {skipped['finished_at']} ({outcome.detail}; 2 times since "
             f"{skipped['started_at']})\n") in status(capsys, setup)
+
+
+def test_a_disabled_sources_adapters_wait_for_no_merge(setup, capsys):
+    """Adapters a removed (disabled) source had registered, as catalogs written before ``record``
+    refused them hold: ``status`` listed them as "not yet merged" though no run takes them."""
+    assert setup.run(setup.group(names=("task0",))).status is RunStatus.succeeded
+    setup.group(names=("task*",))
+    assert "    not yet merged: task1\n" in status(capsys, setup)
+    with setup.catalog.session() as session:
+        session.scalar(select(Source).where(Source.name == "team")).enabled = False
+    assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["not_yet_merged"] == []
+    assert "not yet merged" not in status(capsys, setup)
