@@ -178,21 +178,11 @@ def _first_symlink(root: Path, folder: Path) -> Path | None:
 
 
 def _ignored(path: Path, root: Path) -> bool:
-    """``path`` lies where a walk does not look (:func:`_looked_into`): in a hidden folder,
+    """``path`` lies where a walk does not look (:meth:`LocalFolderSource._looked_into`): in a hidden folder,
     or in ``lost+found`` at the top of a file system."""
     parts = path.relative_to(root).parts
     return any(part.startswith(".") or (part == "lost+found" and os.path.ismount(root.joinpath(*parts[:i])))
                for i, part in enumerate(parts))
-
-
-def _looked_into(folder: str, dirs: list[str]) -> list[str]:
-    """The subfolders of ``folder`` a walk goes into, sorted: not hidden ones, nor a
-    trainer's checkpoints (:func:`_checkpoint_in`), nor fsck's ``lost+found`` at the top of
-    a file system (root's, unreadable to the daemon's user: a volume mounted as a watched
-    root would keep its source unhealthy for ever)."""
-    at_mount = "lost+found" in dirs and os.path.ismount(folder)
-    return sorted(d for d in dirs if not d.startswith(".") and not TRAINER_CHECKPOINT.fullmatch(d)
-                  and not (at_mount and d == "lost+found"))
 
 
 def _checkpoint_in(path: Path, root: Path) -> Path | None:
@@ -285,11 +275,18 @@ class LocalFolderSource:
         return found
 
     def _looked_into(self, folder: str, dirs: list[str]) -> list[str]:
-        """:func:`_looked_into`, naming in the log the trainer's checkpoints it leaves out."""
+        """The subfolders of ``folder`` a walk goes into, sorted: not hidden ones, nor a
+        trainer's checkpoints (:func:`_checkpoint_in`; the log names them), nor fsck's
+        ``lost+found`` at the top of a file system (root's, unreadable to the daemon's user:
+        a volume mounted as a watched root would keep its source unhealthy for ever)."""
+        at_mount = "lost+found" in dirs and os.path.ismount(folder)
+        kept = []
         for name in dirs:
             if TRAINER_CHECKPOINT.fullmatch(name):
                 self._not_looked_into(Path(folder) / name)
-        return _looked_into(folder, dirs)
+            elif not name.startswith(".") and not (at_mount and name == "lost+found"):
+                kept.append(name)
+        return sorted(kept)
 
     def _not_looked_into(self, checkpoint: Path) -> None:
         """Say once that the trainer's ``checkpoint`` folder is not looked into."""
