@@ -319,6 +319,31 @@ def test_a_source_that_keeps_failing_is_unhealthy_then_recovers(env, monkeypatch
     assert _source_row(catalog).healthy and _source_row(catalog).last_error is None
 
 
+def test_a_catalog_that_refuses_a_registration_makes_the_source_unhealthy_naming_it(env, monkeypatch):
+    """The catalog refusing to record a polled adapter (a full disk under SQLite; the error is
+    injected into the write, the poll is real HTTP): the source's health names the catalog
+    and the cause in the folder source's words, not a Hub failure of the repo
+    ("dave/lora: OperationalError"); the next poll that goes through registers it."""
+    from sqlalchemy.exc import OperationalError
+    from iteris_daemon.sources import hub as hub_source
+
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("dave/lora", adapter_files(first))
+    poller = source(repos=["dave/lora"])
+
+    def refused(*args, **kwargs):
+        raise OperationalError("INSERT INTO adapter_revisions", {}, OSError("database or disk is full"))
+
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): it would undo the fixture's Hub client setup too
+        patch.setattr(hub_source, "record", refused)
+        assert not poller.poll().registered
+    row = _source_row(catalog)
+    assert not row.healthy and row.last_error == (f"cannot register adapters in the catalog {catalog.safe_url}: "
+                                                  "(builtins.OSError) database or disk is full")
+    assert poller.poll().registered == ["dave/lora"]
+    assert _source_row(catalog).healthy
+
+
 def test_a_malicious_path_in_a_listing_is_refused(env):
     hub, catalog, source, (first, _), tmp = env
     hub.create_repo_direct("eve/lora", adapter_files(first, {"../../escape.txt": b"pwned"}))

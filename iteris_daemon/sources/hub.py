@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from sqlalchemy import select
 
 from ..catalog import Catalog
+from ..catalog.db import DATABASE_FAILURES
 from ..catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
 from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
                                 record, set_health)
@@ -58,7 +59,7 @@ from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adap
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
 from ..validation import Limits, ShapeSource, validate_adapter, validation_context
-from .local import CALIBRATION_NAME, ScanReport
+from .local import CALIBRATION_NAME, ScanReport, catalog_refusal
 
 log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -281,7 +282,8 @@ class HubSource:
             except Exception as exc:
                 if self._stopping():  # given up because the daemon stops: no verdict on this repo
                     return self._interrupted(what, report, errors)
-                message = describe_hub_error(exc, locator)
+                message = (catalog_refusal(self.catalog, exc) if isinstance(exc, DATABASE_FAILURES)
+                           else describe_hub_error(exc, locator))
                 errors.append(message)
                 seen.add(locator)  # a failing repo is not a removed one
                 log.error("source %s: %s", self.name, message)

@@ -195,6 +195,12 @@ def _checkpoint_in(path: Path, root: Path) -> Path | None:
                 None)
 
 
+def catalog_refusal(catalog: Catalog, exc: Exception) -> str:
+    """A source's health when the catalog failed to record what it found (a full disk, its
+    server down): the catalog and the cause, the same words for every kind of source."""
+    return f"cannot register adapters in the catalog {catalog.safe_url}: {first_line(exc)}"
+
+
 def as_text(path: Path | str) -> str:
     """``path`` as text any database can store: undecodable bytes of a non-UTF-8 name
     become ``\\xNN`` escapes (equal to ``str(path)`` for every UTF-8 path)."""
@@ -612,7 +618,7 @@ class LocalFolderSource:
         showed the source ok while nothing it found was registered. As far as the catalog
         takes that write: where it does not, the daemon's /healthz says the catalog fails."""
         try:
-            self._set_health(f"cannot register adapters in the catalog {self.catalog.safe_url}: {first_line(exc)}")
+            self._set_health(catalog_refusal(self.catalog, exc))
         except DATABASE_FAILURES as again:
             log.debug("source %s: cannot record its health either (%s)", self.name, first_line(again))
 
