@@ -803,3 +803,27 @@ def test_a_registration_on_an_event_moves_the_sources_last_poll(setup):
 def _last_poll(catalog):
     with catalog.session() as session:
         return session.scalar(select(Source.last_poll_at))
+
+
+def test_a_look_after_sources_remove_deleted_the_source_warns_without_a_traceback(setup, caplog):
+    """`sources remove` deleted the source's row while its watcher ran (the daemon stops the
+    watcher at its next catalog check): a look in between logged an ERROR with a traceback,
+    as for a fault in the code. It is one WARNING saying why, and nothing is recorded."""
+    from iteris_daemon.catalog.registry import remove_source
+
+    catalog, watched, base, (lora, _) = setup
+    source = _source(catalog, watched, base)
+    source.start()
+    try:
+        with catalog.session() as session:
+            remove_source(session, "team")  # no past merges: the row is deleted
+        caplog.clear()
+        shutil.copytree(lora, watched / "a")
+        wait_for(lambda: any("not examined" in r.getMessage() for r in caplog.records), "the look")
+    finally:
+        source.stop()
+    looks = [r for r in caplog.records if str(watched / "a") in r.getMessage()]
+    assert looks and all(r.levelno == logging.WARNING and not r.exc_info for r in looks)
+    assert looks[0].getMessage() == (f"source team: {watched / 'a'} not examined: source id 1 was removed from the "
+                                     "catalog (`iteris-daemon sources remove`): nothing is recorded under it")
+    assert not _adapters(catalog)

@@ -38,7 +38,7 @@ from watchdog.observers.polling import PollingObserver
 from ..catalog import Catalog
 from ..catalog.db import DATABASE_FAILURES
 from ..catalog.models import AdapterStatus, Source, utcnow
-from ..catalog.registry import Observation, get_source, list_current, mark_removed, prior, record, set_health
+from ..catalog.registry import Observation, SourceGoneError, get_source, list_current, mark_removed, prior, record, set_health
 from ..errors import AdapterError, BaseModelError, first_line
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME
 from ..config import MAX_SECONDS, STRICT, ModelSetting, PathSetting
@@ -750,7 +750,9 @@ class LocalFolderSource:
         one every settle period, for ever."""
         failures = self._failures[path] = self._failures.get(path, 0) + 1
         delay = min(self.settings.settle_seconds * (2 ** failures - 1), FAILED_RETRY_MAX_SECONDS)
-        if failures == 1:
+        if isinstance(exc, SourceGoneError):  # no fault to trace: the daemon stops this source at its next check
+            log.warning("source %s: %s not examined: %s", self.name, path, exc)
+        elif failures == 1:
             log.exception("source %s: examining %s failed; it is looked at again", self.name, path)
         else:
             log.warning("source %s: examining %s failed again (%d times in a row: %s: %s); next look in %.0f s",
