@@ -925,6 +925,15 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
     return None
 
 
+def origin(adapter: Adapter, revision: AdapterRevision) -> str | None:
+    """Where an input came from, as its merge report names it: a folder source's folder; a Hub
+    source's repo at the commit (``hf://REPO@SHA``), not the daemon's cache folder of it,
+    which the Hub's copy of the report could only name by the commit (``local:SHA``)."""
+    if adapter.source.kind is SourceKind.hub:
+        return f"hf://{adapter.locator.partition('@')[0]}@{revision.revision}"
+    return revision.files_path
+
+
 def merge_in_worker(group: GroupConfig, params: dict[str, Any], inputs: Inputs, out: Path, reference: Path | None,
                     folder: Path, label: str, should_stop: Callable[[], bool], device: str, trust_remote_code: bool,
                     options: WorkerOptions) -> dict[str, Any]:
@@ -936,8 +945,8 @@ def merge_in_worker(group: GroupConfig, params: dict[str, Any], inputs: Inputs, 
             "device": device, "dtype": group.dtype, "output_dtype": group.output_dtype, "offload": group.offload,
             "exact_ranks": group.exact_ranks,
             "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
-            "adapters": [{"path": str(path), "name": name, "origin": r.files_path}
-                         for (_, r), path, name in zip(inputs.revisions, inputs.folders, inputs.names())],
+            "adapters": [{"path": str(path), "name": name, "origin": origin(adapter, r)}
+                         for (adapter, r), path, name in zip(inputs.revisions, inputs.folders, inputs.names())],
         },
         "calibration": [None if c is None else {"samples": [s.to_json() for s in c.samples], "source": c.source,
                                                 "generated": c.generated} for c in inputs.calibration],

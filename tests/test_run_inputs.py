@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -190,32 +191,39 @@ def test_hub_errors_reach_held_back_reasons_and_run_errors_as_one_line(setup, tm
     assert "\n" not in reason and "HTTP 403: Cannot access gated repo for url" in reason, reason
 
 
-def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tmp_path, monkeypatch):
-    """A Hub commit that only edits the README is a new revision of the same adapter: the
-    run's input fingerprint is unchanged, so the group is not merged again (a 70B merge
-    for a model card edit; found in review). A commit that changes the config changes it."""
+@contextmanager
+def _hub_source(tmp_path: Path, monkeypatch, base: Path, repos: list[str]):
+    """A Hub-compatible server, a catalog with a Hub source of ``repos`` on it, and its poller."""
     from hub_server import HubServer, isolate_hub_client
-
-    from iteris_daemon.catalog import Catalog
-    from iteris_daemon.catalog.models import SourceKind
-    from iteris_daemon.catalog.registry import add_source
-    from iteris_daemon.config import GroupConfig
     from iteris_daemon.sources.hub import HubSource
 
-    base, (lora, _) = runner_adapters
     token_file = tmp_path / "token"
     token_file.write_text("hf_token_for_this_test\n")
     token_file.chmod(0o600)
-    files = {n: (lora / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
     with HubServer(token="hf_token_for_this_test") as hub:
         isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
         catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
         with catalog.session() as session:
             add_source(session, "hub", SourceKind.hub, {"endpoint": hub.endpoint, "token_file": str(token_file),
-                                                               "repos": ["alice/task"], "base_model": str(base)})
-        poller = HubSource(catalog, "hub", tmp_path / "cache")
-        group = GroupConfig(name="g", base_model=str(base), destinations=[{"kind": "folder", "path": str(tmp_path)}])
+                                                        "repos": repos, "base_model": str(base)})
+        try:
+            yield hub, catalog, HubSource(catalog, "hub", tmp_path / "cache")
+        finally:
+            catalog.close()
 
+
+def _hub_files(lora: Path) -> dict[str, bytes]:
+    return {n: (lora / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
+
+
+def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tmp_path, monkeypatch):
+    """A Hub commit that only edits the README is a new revision of the same adapter: the
+    run's input fingerprint is unchanged, so the group is not merged again (a 70B merge
+    for a model card edit; found in review). A commit that changes the config changes it."""
+    base, (lora, _) = runner_adapters
+    files = _hub_files(lora)
+    group = GroupConfig(name="g", base_model=str(base), destinations=[{"kind": "folder", "path": str(tmp_path)}])
+    with _hub_source(tmp_path, monkeypatch, base, ["alice/task"]) as (hub, catalog, poller):
         runs = iter(range(3))
 
         def fingerprint() -> str:
@@ -224,16 +232,37 @@ def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tm
             assert len(inputs.revisions) == 1
             return inputs.fingerprint("iteris", {})
 
-        try:
-            hub.create_repo_direct("alice/task", {**files, "README.md": b"# a LoRA\n"})
-            first = fingerprint()
-            hub.commit_direct("alice/task", {"README.md": b"# a LoRA, better described\n"})
-            assert fingerprint() == first
-            config = json.loads(files["adapter_config.json"])
-            hub.commit_direct("alice/task", {"adapter_config.json": json.dumps({**config, "lora_alpha": 80}).encode()})
-            assert fingerprint() != first
-        finally:
-            catalog.close()
+        hub.create_repo_direct("alice/task", {**files, "README.md": b"# a LoRA\n"})
+        first = fingerprint()
+        hub.commit_direct("alice/task", {"README.md": b"# a LoRA, better described\n"})
+        assert fingerprint() == first
+        config = json.loads(files["adapter_config.json"])
+        hub.commit_direct("alice/task", {"adapter_config.json": json.dumps({**config, "lora_alpha": 80}).encode()})
+        assert fingerprint() != first
+
+
+def test_a_hub_input_is_named_by_its_repo_and_commit_in_the_merge_report(runner_adapters, tmp_path, monkeypatch):
+    """The report named a Hub source's input by the daemon's cache folder of its commit, which
+    the Hub's copy of the report can only show as ``local:SHA``: it is ``hf://REPO@SHA``,
+    a branch's commit included; a folder source's input keeps its folder."""
+    from iteris_daemon.publish import local_name
+
+    base, (first, second) = runner_adapters
+    published = tmp_path / "published"
+    group = GroupConfig(name="g", base_model=str(base), strategy="task_arithmetic",
+                        destinations=[{"kind": "folder", "path": str(published)}])
+    with _hub_source(tmp_path, monkeypatch, base, ["alice/task", "bob/topic@dev"]) as (hub, catalog, poller):
+        shas = {"alice/task": hub.create_repo_direct("alice/task", _hub_files(first)),
+                "bob/topic": hub.create_repo_direct("bob/topic", {"README.md": b"# topics\n"})}
+        hub.create_branch_direct("bob/topic", "dev")
+        shas["bob/topic"] = hub.commit_direct("bob/topic", _hub_files(second), branch="dev")
+        assert sorted(poller.poll().registered) == ["alice/task", "bob/topic@dev"]
+        sync_group(catalog, group)
+        assert runner.run_group(catalog, group, tmp_path / "work", "tester").status is RunStatus.succeeded
+    report = json.loads((published / "current" / "merge_report.json").read_text())
+    paths = sorted(entry["path"] for entry in report["inputs"])
+    assert paths == sorted(f"hf://{repo}@{sha}" for repo, sha in shas.items())
+    assert all(local_name(path) == path for path in paths)  # the Hub's copy names them so too
 
 
 def test_a_run_error_is_stored_with_tokens_redacted(setup):
