@@ -281,13 +281,10 @@ def _delta_overflows(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, rows:
     return any(bool((B64[i:i + rows] @ A64).abs().max() > limit) for i in range(0, B64.shape[0], rows))
 
 
-def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tensor]:
-    """Resolve ``modules_to_save`` (heads, embeddings) across adapters.
-
-    ``agree``: all adapters carry identical tensors (or none); ``average``: the mean;
-    an adapter's name: that adapter's modules are taken. The rule is checked even when
-    no adapter has modules_to_save, so that a mistyped one never passes unnoticed.
-    """
+def check_heads(adapters: list[LoraAdapter], rule: str) -> None:
+    """What refuses the ``modules_to_save`` of ``adapters`` whatever the base model, checked
+    before it loads: an unknown rule (also when no adapter has modules_to_save, so that a
+    mistyped one never passes unnoticed), copies tied in some only, shapes that differ."""
     names = {a.name: a for a in adapters}
     if rule not in ("agree", "average", *names):
         raise IncompatibleAdaptersError(
@@ -295,7 +292,7 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
         )
     heads = [a.modules_to_save for a in adapters]
     if not any(heads):
-        return {}
+        return
     tying = {a.name: bool(a.tied_copies) for a in _head_sources(adapters, rule)}
     if len(set(tying.values())) > 1:  # one config says whether PEFT ties the saved copies
         raise IncompatibleAdaptersError(
@@ -308,6 +305,20 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
             raise IncompatibleAdaptersError(
                 f"modules_to_save {key} differs in shape between adapters ({shapes}): a merged adapter carries one "
                 "head, so merge adapters trained for the same labels")
+
+
+def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tensor]:
+    """Resolve ``modules_to_save`` (heads, embeddings) across adapters, once
+    :func:`check_heads` passed them.
+
+    ``agree``: all adapters carry identical tensors (or none); ``average``: the mean;
+    an adapter's name: that adapter's modules are taken.
+    """
+    check_heads(adapters, rule)
+    names = {a.name: a for a in adapters}
+    heads = [a.modules_to_save for a in adapters]
+    if not any(heads):
+        return {}
     if rule == "average":
         keys = set(heads[0])
         if any(set(h) != keys for h in heads):
@@ -589,10 +600,12 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
             log.info("task %s: %d calibration samples, fewer than the %d asked for", adapter.name,
                      len(data.samples), samples)
     calibration = [c.head(samples) if c is not None else None for c in calibration]
-    head = merged_head(adapters, request.modules_to_save_rule)
-
+    check_heads(adapters, request.modules_to_save_rule)  # before the base model loads
     base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
                      request.offload)
+    # The rule's own refusals after each adapter was checked against the base: a saved lm_head of a
+    # resized vocabulary was refused as modules_to_save that differ, and no rule merged it
+    head = merged_head(adapters, request.modules_to_save_rule)
     evaluating = request.evaluate and all(c is not None for c in calibration)
     if strategy.needs_calibration or evaluating:  # before the merge, not after it
         base.require_text()

@@ -265,6 +265,22 @@ def test_an_adapter_with_a_resized_vocabulary_says_so(tmp_path, capsys):
     assert str(refused.value).endswith(said)
 
 
+@pytest.mark.filterwarnings("ignore:Setting .save_embedding_layers. to .True.:UserWarning")
+@pytest.mark.parametrize("rule", ["agree", "average", "good"])
+def test_a_resized_vocabulary_is_said_before_the_modules_to_save_rule(tmp_path, capsys, rule):
+    """Beside an adapter without saved modules, one that saved a resized lm_head was refused as
+    "adapters carry different modules_to_save … choose a rule with --modules-to-save-rule";
+    following that advice gave another refusal, and only its own name as the rule said the
+    vocabulary was resized. Each adapter is checked against the base model first."""
+    base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    good = build_adapter(base, tmp_path / "good", seed=0, family="llama", task_type="CAUSAL_LM")
+    tools = build_adapter(base, tmp_path / "tools", seed=1, family="llama", task_type="CAUSAL_LM",
+                          modules_to_save=["embed_tokens", "lm_head"], added_tokens=["<tool>", "</tool>"])
+    code, message = _merge(capsys, base, [good, tools], tmp_path / "out", "--modules-to-save-rule", rule)
+    _assert_refused(code, message, tmp_path / "out", "tools/adapter_model.safetensors: lm_head.weight: the adapter's "
+                    "vocabulary was resized (30524 tokens against the base model's 30522)")
+
+
 def test_a_saved_matrix_of_another_row_count_is_no_resized_vocabulary():
     """Only the vocabulary's rows (the largest embedding's) are called a resized vocabulary;
     a head of another label count beside 2 token types keeps the shape message."""
