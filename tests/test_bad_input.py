@@ -13,6 +13,7 @@ import torch
 import transformers as tf
 
 from builders import build_adapter, build_tiny_model, cli_merge, random_texts, tiny_config, tokenizer
+from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
 
 
@@ -266,17 +267,24 @@ def test_an_adapter_with_a_resized_vocabulary_says_so(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:Setting .save_embedding_layers. to .True.:UserWarning")
+@pytest.mark.parametrize("command", ["merge", "compare"])
 @pytest.mark.parametrize("rule", ["agree", "average", "good"])
-def test_a_resized_vocabulary_is_said_before_the_modules_to_save_rule(tmp_path, capsys, rule):
+def test_a_resized_vocabulary_is_said_before_the_modules_to_save_rule(tmp_path, capsys, rule, command):
     """Beside an adapter without saved modules, one that saved a resized lm_head was refused as
     "adapters carry different modules_to_save … choose a rule with --modules-to-save-rule";
     following that advice gave another refusal, and only its own name as the rule said the
-    vocabulary was resized. Each adapter is checked against the base model first."""
+    vocabulary was resized. Each adapter is checked against the base model first, by
+    ``merge`` and ``compare`` alike."""
     base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
     good = build_adapter(base, tmp_path / "good", seed=0, family="llama", task_type="CAUSAL_LM")
     tools = build_adapter(base, tmp_path / "tools", seed=1, family="llama", task_type="CAUSAL_LM",
                           modules_to_save=["embed_tokens", "lm_head"], added_tokens=["<tool>", "</tool>"])
-    code, message = _merge(capsys, base, [good, tools], tmp_path / "out", "--modules-to-save-rule", rule)
+    if command == "merge":
+        code, message = _merge(capsys, base, [good, tools], tmp_path / "out", "--modules-to-save-rule", rule)
+    else:
+        code = main(["compare", "--base-model", str(base), "-q", "--adapter", str(good), "--adapter", str(tools),
+                     "--modules-to-save-rule", rule])
+        message = capsys.readouterr().err.strip().splitlines()[-1]
     _assert_refused(code, message, tmp_path / "out", "tools/adapter_model.safetensors: lm_head.weight: the adapter's "
                     "vocabulary was resized (30524 tokens against the base model's 30522)")
 
