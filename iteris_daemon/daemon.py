@@ -22,8 +22,10 @@ always holds a complete version. The process exits 0.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
+import os
 import queue
 import shutil
 import signal
@@ -72,6 +74,7 @@ BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is aske
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 CATALOG_WARNING_SECONDS = 60.0  # a job the catalog keeps failing says so at most this often
 UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for as many catalog checks, is a problem
+STATE_LOCK = "daemon.lock"  # in the state folder: held by the daemon that uses it, holds its pid
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
@@ -99,6 +102,30 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
         log.warning("also watching source%s %s from the catalog, not in the config (added with `sources add`, or "
                     "renamed or removed in the config since); `iteris-daemon sources remove NAME` stops that",
                     "s" if len(others) > 1 else "", ", ".join(others))
+
+
+def lock_state(state: Path) -> int:
+    """Lock ``state`` for this process (the lock file's descriptor, to keep open while it
+    runs), or a ConfigError naming the daemon that holds it. A second daemon on the same
+    folder (`iteris-daemon run` by hand beside the service) deleted the first's run
+    folders in its start-up cleanup, failing its merge. An flock, not a pid file: the
+    kernel frees it when its holder dies, even by SIGKILL, so no stale lock stops a start."""
+    path = state / STATE_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the lock file {path} ({exc.strerror}); [daemon] state_dir sets its folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise ConfigError(f"another daemon{f' (pid {holder})' if holder.isdigit() else ''} uses the state folder "
+                          f"{state} (it holds {path}): one daemon per state folder; stop that one, or give this one "
+                          "another [daemon] state_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any], published: Destinations) -> None:
@@ -322,6 +349,14 @@ class Daemon:
         except OSError as exc:  # a read-only file system, a file in the way, no permission
             raise ConfigError(f"cannot create the daemon's folder {exc.filename} ({exc.strerror}); [daemon] "
                               "state_dir and cache_dir set where they go") from None
+        lock = lock_state(self.state)  # before anything in it is touched: another daemon's runs may be there
+        try:
+            return self._serve(settings)
+        finally:
+            os.close(lock)
+
+    def _serve(self, settings: DaemonSettings) -> int:
+        """:meth:`run`, once this process holds its state folder: until stopped."""
         self.notifier.status("migrating the catalog")
         self.catalog = Catalog(self.database or settings.catalog_url())
         log.info("catalog %s ready%s", self.catalog.safe_url, " (named by $ITERIS_DAEMON_DB)" if self.database else "")

@@ -880,6 +880,36 @@ path = {json.dumps(str(tmp_path / "published"))}
     assert status.returncode == 0 and "unified" in status.stdout, status.stderr
 
 
+def test_a_second_daemon_on_the_same_state_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, daemons):
+    """A second daemon on one state folder (`iteris-daemon run` by hand beside the service)
+    started, and its start-up cleanup deleted the first's run folders: the first's merge
+    failed (FileNotFoundError, found by QA). It is refused at once in one line naming the
+    folder and the holder's pid, exit 2, before touching anything there; the lock is an
+    flock, so the first killed by SIGKILL leaves none and the next start goes on."""
+    (tmp_path / "watched").mkdir()
+    config = tmp_path / "daemon.toml"
+    state = tmp_path / "state"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(state))}\ngrace_seconds = 1\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\n[[sources]]\nname = \"team\"\n"
+                      f'kind = "local"\npaths = [{json.dumps(str(tmp_path / "watched"))}]\n')
+    first = daemons(config, tmp_path / "first.log", "first")
+    first.wait_event("notify", r"^READY=1$")
+    running = state / "runs" / ".inputs-running"  # a merge of the first daemon's, under way
+    running.mkdir()
+    second = daemons(config, tmp_path / "second.log", "second")
+    assert second.wait(60) == 2
+    assert second.tail().splitlines()[-1] == (f"iteris-daemon: error: another daemon (pid {first.proc.pid}) uses the state folder "
+                                              f"{state} (it holds {state / 'daemon.lock'}): one daemon per state "
+                                              "folder; stop that one, or give this one another [daemon] state_dir")
+    assert not second.logs("catalog") and running.is_dir()
+    assert first.kill() == -signal.SIGKILL
+    third = daemons(config, tmp_path / "third.log", "third")
+    third.wait_event("notify", r"^READY=1$")
+    assert not running.exists()  # its own start's cleanup: the killed daemon's leftovers
+    assert (state / "daemon.lock").read_text() == f"{third.proc.pid}\n"
+    assert third.stop() == 0, third.tail()
+
+
 @pytest.mark.timeout(120)
 def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
     """A job still running when SIGTERM arrives (a tick, a source reporting a change) may
