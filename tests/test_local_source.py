@@ -647,6 +647,26 @@ def test_a_folder_whose_examination_raises_is_looked_at_again_ever_later(setup, 
     assert [bool(r.exc_info) for r in errors] == [True, False, False, False]
 
 
+def test_a_base_model_that_cannot_be_read_keeps_the_source_unhealthy_until_a_scan_reads_it(tmp_path, setup):
+    """Adapters waiting on a base model that cannot be read (a Hub id offline, the shapes
+    worker out of memory; here a folder not there yet) made the source unhealthy, and the
+    end of the same scan said "ok" again: `sources list` and `status` showed a healthy
+    source that registered nothing (found by QA). It stays unhealthy, with the reason,
+    until a scan reads the base model."""
+    catalog, watched, built_base, (lora, _) = setup
+    shutil.copytree(lora, watched / "a")
+    base = tmp_path / "base-later"
+    source = _source(catalog, watched, base)
+    for _ in range(2):  # the next scan, too
+        report = source.scan()
+        assert report.waiting == [str(watched / "a")] and not report.registered
+        healthy, error = _health(catalog)
+        assert (healthy, error) == (False, f"base model folder {base} does not exist")
+    shutil.copytree(built_base, base)
+    assert source.scan().registered == [str(watched / "a")]
+    assert _health(catalog) == (True, None)
+
+
 def test_a_catalog_that_refuses_a_registration_makes_the_source_unhealthy(setup, monkeypatch):
     """The catalog refusing to record an adapter (a full disk under SQLite; the error is
     injected into the write, the event is real): the source is unhealthy, naming the

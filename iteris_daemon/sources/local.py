@@ -241,6 +241,7 @@ class LocalFolderSource:
         self._worker: threading.Thread | None = None
         self._failures: dict[Path, int] = {}  # path -> examinations in a row that raised
         self._checkpoints: set[Path] = set()  # trainer's checkpoint folders the log named as not looked into
+        self._base_model_problem: str | None = None  # why adapters of the scan under way wait on the base model
 
     # ------------------------------------------------------------------ discovery
     def _roots_of(self, path: Path) -> list[Path]:
@@ -319,6 +320,7 @@ class LocalFolderSource:
     def _scan(self) -> ScanReport:
         report = ScanReport()
         with self._lock:
+            self._base_model_problem = None
             unlisted: list[OSError] = []
             folders = self.adapter_folders(unlisted)
             recent = []
@@ -355,8 +357,11 @@ class LocalFolderSource:
             # The next root check that finds one back re-watches and rescans it: its watch
             # may have survived (renamed away and back), so no event would say so.
             self._missing.update(missing)
+            # A base model that cannot be read keeps the source unhealthy until a scan reads it:
+            # the end of the scan that met it said "ok" while all its adapters waited.
             problem = (f"watched folder {missing[0]} does not exist" if missing
-                       else f"cannot read folder {unlisted[0].filename}: {unlisted[0].strerror}" if unlisted else None)
+                       else f"cannot read folder {unlisted[0].filename}: {unlisted[0].strerror}" if unlisted
+                       else self._base_model_problem)
             self._set_health(problem)
         log.info("source %s: scan: %s", self.name, report)
         self._report_changes(report)
@@ -428,7 +433,8 @@ class LocalFolderSource:
             reason = str(exc)
         except BaseModelError as exc:
             log.warning("source %s: %s waits: %s", self.name, locator, exc)
-            self._set_health(str(exc))
+            self._base_model_problem = str(exc)
+            self._set_health(self._base_model_problem)
             report.waiting.append(locator)
             return
         except PermissionError as exc:  # the daemon's user may not read it: looking again changes nothing
