@@ -322,6 +322,8 @@ class Daemon:
         self._reload = threading.Event()
         self._beat = time.monotonic()
         self._local: dict[str, LocalFolderSource] = {}
+        self._sources_guard = threading.Lock()  # the catalog check starts and stops sources, a reload all of them
+        self._known_sources: set[int] = set()  # ids of the catalog's sources this daemon started, or tried to
         self._polled: list[str] = []  # hub sources
         self._groups: dict[str, GroupConfig] = {}
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
@@ -426,8 +428,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping: finishing or cancelling the running merge")
-        for source in self._local.values():
-            source.stop()
+        with self._sources_guard:  # a catalog check under way starts none after this
+            for source in self._local.values():
+                source.stop()
         scheduling = self.scheduler is not None and self.scheduler.running  # not yet, when the start failed early
         for job in self.scheduler.get_jobs() if scheduling else ():  # pending work is dropped; a running merge continues
             job.remove()
@@ -541,39 +544,20 @@ class Daemon:
         for group in config.groups:
             sync_group(self.catalog, group)
         bound_requests(config.daemon.hub_timeout_seconds)
-        with self.catalog.session() as session:
-            sources = [(s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))]
-        self.config = config
-        for source in self._local.values():
-            source.stop()
-        self._local.clear()
-        self._polled.clear()
-        self._hub.clear()
-        for job in self.scheduler.get_jobs():
-            if job.id.startswith(("poll:", "rescan:", "schedule:")):
-                job.remove()
-        published = destinations(config)
-        for name, kind, settings in sources:
-            try:
-                _check_not_publishing_into(name, kind, settings, published)
-                guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
-                           "on_change": partial(self._inputs_changed, name), "shapes": self.shapes}
-                if kind is SourceKind.local:
-                    stat_cache = stat_cache_file(self.cache, name, guarded["limits"])
-                    source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache, **guarded)
-                    source.start()
-                    self._local[name] = source
-                    self.scheduler.add_job(self._rescan, _every(self.config.daemon.rescan_seconds), args=[source],
-                                           id=f"rescan:{name}", replace_existing=True)
-                else:
-                    hub = HubSource(self.catalog, name, self.cache / CACHE_FOLDER, stopping=self._stopping, **guarded)
-                    self.scheduler.add_job(hub.poll, _every(hub.settings.interval_seconds),
-                                           id=f"poll:{name}", replace_existing=True,
-                                           next_run_time=datetime.now(timezone.utc))
-                    self._polled.append(name)
-                    self._hub[name] = hub
-            except Exception as exc:  # one broken source must not stop the others
-                log.error("source %s not started: %s", name, exc)
+        sources = self._enabled_sources()
+        with self._sources_guard:
+            self.config = config
+            for source in self._local.values():
+                source.stop()
+            self._local.clear()
+            self._polled.clear()
+            self._hub.clear()
+            for job in self.scheduler.get_jobs():
+                if job.id.startswith(("poll:", "rescan:", "schedule:")):
+                    job.remove()
+            self._known_sources = set(sources)
+            for source_id, (name, kind, settings) in sources.items():
+                self._start_source(name, kind, settings)
         self._groups = {group.name: group for group in config.groups}
         self._caught_up.clear()
         self._unmerged_since.clear()  # every group runs now (below)
@@ -585,6 +569,37 @@ class Daemon:
         for group in config.groups:
             self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _enabled_sources(self) -> dict[int, tuple[str, SourceKind, dict[str, Any]]]:
+        """The catalog's enabled sources: id -> (name, kind, settings)."""
+        with self.catalog.session(write=False) as session:
+            return {s.id: (s.name, s.kind, s.settings) for s in session.scalars(select(Source).where(Source.enabled))}
+
+    def _start_source(self, name: str, kind: SourceKind, settings: dict[str, Any]) -> bool:
+        """Watch (a folder source) or poll (a Hub one) source ``name``; False, said in an
+        ERROR, when it cannot start: one broken source must not stop the others."""
+        try:
+            _check_not_publishing_into(name, kind, settings, destinations(self.config))
+            guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
+                       "on_change": partial(self._inputs_changed, name), "shapes": self.shapes}
+            if kind is SourceKind.local:
+                stat_cache = stat_cache_file(self.cache, name, guarded["limits"])
+                source = LocalFolderSource(self.catalog, name, stat_cache=stat_cache, **guarded)
+                source.start()
+                self._local[name] = source
+                self.scheduler.add_job(self._rescan, _every(self.config.daemon.rescan_seconds), args=[source],
+                                       id=f"rescan:{name}", replace_existing=True)
+            else:
+                hub = HubSource(self.catalog, name, self.cache / CACHE_FOLDER, stopping=self._stopping, **guarded)
+                self.scheduler.add_job(hub.poll, _every(hub.settings.interval_seconds),
+                                       id=f"poll:{name}", replace_existing=True,
+                                       next_run_time=datetime.now(timezone.utc))
+                self._polled.append(name)
+                self._hub[name] = hub
+        except Exception as exc:
+            log.error("source %s not started: %s", name, exc)
+            return False
+        return True
 
     def _rescan(self, source: LocalFolderSource) -> None:
         """The periodic rescan of a local source; the catalog failing it is said as for the
@@ -649,7 +664,7 @@ class Daemon:
         if self._stopping.is_set():
             return
         with self.catalog_health.watching("catalog-check"):
-            self._stop_removed_sources()
+            self._follow_catalog_sources()
             busy = [s.name for s in (*list(self._local.values()), *list(self._hub.values())) if s.busy]
             if busy:  # what it registered so far is half of a change it reports when done
                 log.debug("catalog check skipped: source %s is scanning or polling", ", ".join(busy))
@@ -657,25 +672,34 @@ class Daemon:
             groups = dict(self._groups)  # a reload may replace it meanwhile
             self._trigger_behind(groups, groups_behind(self.catalog, list(groups.values())))
 
-    def _stop_removed_sources(self) -> None:
+    def _follow_catalog_sources(self) -> None:
         """Stop watching or polling each source of this daemon that `sources remove` took out
         of the catalog since (disabled, or deleted: a source added again under its name is
-        another row). It went on registering adapters under the removed source, which its
-        groups merged; deleted, it failed on the missing row at every look, for ever. A
-        source the config declares is added again by the next reload or start."""
-        running = {**{name: s.source_id for name, s in list(self._hub.items())},
-                   **{name: s.source_id for name, s in list(self._local.items())}}
-        if not running:
-            return
-        with self.catalog.session(write=False) as session:
-            enabled = set(session.scalars(select(Source.id).where(Source.enabled)))
-        configured = {source.name for source in self.config.sources}
-        for name, source_id in running.items():
-            if source_id not in enabled:
-                self._drop_source(name)
-                log.warning("source %s was removed from the catalog (`iteris-daemon sources remove`): no longer "
-                            "watched%s", name, ", until a reload or restart adds it again: the config declares it; "
-                            "remove it there" if name in configured else "")
+        another row), and start each one `sources add` put there (or enabled again), saying
+        so once. A removed one went on registering adapters, which its groups merged;
+        deleted, it failed on the missing row at every look, for ever. An added one was
+        not watched until a reload or restart. A source the config declares is added again
+        by the next reload or start."""
+        enabled = self._enabled_sources()
+        with self._sources_guard:
+            if self._stopping.is_set():  # the sources are being stopped
+                return
+            running = {**{name: s.source_id for name, s in list(self._hub.items())},
+                       **{name: s.source_id for name, s in list(self._local.items())}}
+            configured = {source.name for source in self.config.sources}
+            for name, source_id in running.items():
+                if source_id not in enabled:
+                    self._drop_source(name)
+                    self._known_sources.discard(source_id)  # enabled again (`sources add`), it starts again
+                    log.warning("source %s was removed from the catalog (`iteris-daemon sources remove`): no longer "
+                                "watched%s", name, ", until a reload or restart adds it again: the config declares "
+                                "it; remove it there" if name in configured else "")
+            for source_id in enabled.keys() - self._known_sources - set(running.values()):
+                self._known_sources.add(source_id)  # tried once: a source that cannot start is said once
+                name, kind, settings = enabled[source_id]
+                if self._start_source(name, kind, settings):
+                    log.info("source %s was added to the catalog (`iteris-daemon sources add`): %s it now", name,
+                             "watching" if kind is SourceKind.local else "polling")
 
     def _drop_source(self, name: str) -> None:
         """Stop source ``name``: its watcher, rescans and polls (a poll under way ends on its own)."""

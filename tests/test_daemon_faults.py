@@ -1049,7 +1049,7 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     monkeypatch.setattr(daemon_module, "groups_behind", lambda catalog, groups: dict(behind))
     triggered = []
     monkeypatch.setattr(daemon, "trigger", lambda name, delay: triggered.append((name, delay)))
-    monkeypatch.setattr(daemon, "_stop_removed_sources", lambda: None)  # the stand-in sources are in no catalog
+    monkeypatch.setattr(daemon, "_follow_catalog_sources", lambda: None)  # the stand-in sources are in no catalog
 
     daemon._catch_up()
     assert triggered == []  # not behind
@@ -1148,6 +1148,57 @@ def test_a_source_removed_from_the_catalog_stops_at_the_next_catalog_check(tmp_p
             "reload or restart adds it again: the config declares it; remove it there"]
     finally:
         for source in watching.values():
+            source.stop()
+        daemon.scheduler.shutdown(wait=False)
+        daemon.catalog.close()
+
+
+def test_a_source_added_to_the_catalog_starts_at_the_next_catalog_check(tmp_path, capsys, caplog):
+    """`sources add` under a running daemon: the new source was not watched (nor polled)
+    until a SIGHUP or a restart, though the catalog check stopped removed ones (found by
+    QA). The check starts each source added, saying so once; one removed and added again
+    starts again; `sources add` says when a running daemon picks it up."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    folders = {name: tmp_path / name for name in ("team", "side")}
+    for folder in folders.values():
+        folder.mkdir()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n[[sources]]\nname = \"team\"\n"
+                      f'kind = "local"\npaths = [{json.dumps(str(folders["team"]))}]\n')
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()
+    daemon.scheduler.start(paused=True)  # keeps jobs, runs none
+    daemon.catalog = Catalog(url)
+    daemon.cache, daemon.shapes, daemon.peers = tmp_path / "cache", None, SimpleNamespace(settings_changed=lambda: None)
+    try:
+        daemon._apply(daemon.config)
+        assert set(daemon._local) == {"team"}
+        for name, where in (("side", ["--folder", str(folders["side"])]), ("remote", ["--hub-repo", "alice/lora"])):
+            assert main(["sources", "add", name, *where, "--db", url]) == 0
+            assert capsys.readouterr().out == (
+                f"added {'local' if name == 'side' else 'hub'} source {name}; a running daemon starts "
+                f"{'watching' if name == 'side' else 'polling'} it at its next catalog check ([daemon] "
+                f"catalog_check_seconds); `iteris-daemon sources scan {name}` registers what it holds now\n")
+        caplog.clear()
+        daemon._catch_up()
+        daemon._catch_up()
+        assert set(daemon._local) == {"team", "side"} and daemon._local["side"]._watching()
+        assert set(daemon._hub) == {"remote"} and daemon._polled == ["remote"]
+        assert {job.id for job in daemon.scheduler.get_jobs()} >= {"rescan:team", "rescan:side", "poll:remote"}
+        assert sorted(r.getMessage() for r in caplog.records if r.name == "iteris_daemon.daemon") == [
+            "source remote was added to the catalog (`iteris-daemon sources add`): polling it now",
+            "source side was added to the catalog (`iteris-daemon sources add`): watching it now"]
+        assert main(["sources", "remove", "side", "--db", url]) == 0
+        daemon._catch_up()
+        assert "side" not in daemon._local
+        assert main(["sources", "add", "side", "--folder", str(folders["side"]), "--db", url]) == 0
+        daemon._catch_up()
+        assert daemon._local["side"]._watching()
+    finally:
+        for source in daemon._local.values():
             source.stop()
         daemon.scheduler.shutdown(wait=False)
         daemon.catalog.close()

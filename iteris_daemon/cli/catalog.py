@@ -215,7 +215,9 @@ def _sources_add(args) -> int:
     catalog = _open(args, create=True)
     with catalog.session() as session:
         add_source(session, args.name, kind, settings)
-    print(f"added {kind.value} source {args.name}; `iteris-daemon sources scan {args.name}` registers what it holds now")
+    print(f"added {kind.value} source {args.name}; a running daemon starts {'watching' if args.folder else 'polling'} "
+          f"it at its next catalog check ([daemon] catalog_check_seconds); `iteris-daemon sources scan {args.name}` "
+          "registers what it holds now")
     return 0
 
 
