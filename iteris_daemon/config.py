@@ -89,6 +89,9 @@ class AdapterLimits(_Strict):
 # The HTTP endpoints' settings (served by iteris_daemon.endpoints).
 SECRET_CREDENTIAL = "hub-webhook-secret"  # systemd: LoadCredential=hub-webhook-secret:/etc/...
 MAX_SECRET_BYTES = 4096
+MAX_MEMORY_LIMIT_MB = (2**63 - 1) >> 20
+"""The largest worker_memory_limit_mb: setrlimit takes its bytes as a C long. Past it every
+worker died in setrlimit (OverflowError), and every run and base model's shapes with it."""
 MAX_SECONDS = 10 * 365 * 86400.0
 """The longest period or wait a setting may give (ten years): beyond it the scheduler's date
 arithmetic overflows, which crashed the daemon at start or on a reload."""
@@ -197,7 +200,7 @@ class DaemonSettings(_Strict):
                                         '["cuda:0", "cuda:1"]; a device listed twice takes two merges at once')
     max_concurrent_merges: int | None = Field(None, ge=1, description="default: one per device")
     worker_memory_limit_mb: int | None = Field(
-        None, gt=0, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
+        None, gt=0, le=MAX_MEMORY_LIMIT_MB, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
                                 "the daemon goes on (default: none)")
     trust_remote_code: list[ModelSetting] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")

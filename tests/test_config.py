@@ -4,12 +4,14 @@ naming the file and the field."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from iteris_daemon.cli import main
-from iteris_daemon.config import load_config
+from iteris_daemon.config import MAX_MEMORY_LIMIT_MB, load_config
 from iteris_daemon.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "iteris-daemon.example.toml"
@@ -115,6 +117,9 @@ def test_the_example_config_is_valid():
     # a reload; a cron that never fires broke every group's tick.
     (GROUP + "interval_seconds = 1e14\n" + FOLDER, "groups.0.interval_seconds: Input should be less than or equal to"),
     ("[daemon]\ncatalog_check_seconds = 1e15\n", "daemon.catalog_check_seconds: Input should be less than or equal"),
+    # Accepted, then every merge and shapes worker died in setrlimit (OverflowError).
+    ("[daemon]\nworker_memory_limit_mb = 99999999999999999\n",
+     "daemon.worker_memory_limit_mb: Input should be less than or equal to 8796093022207"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\nsettle_seconds = 1e15\n',
      "sources.0 (s): settle_seconds: Input should be less than or equal to"),
     (GROUP + 'cron = "0 0 30 2 *"\n' + FOLDER, "cron '0 0 30 2 *' never fires"),
@@ -305,6 +310,17 @@ def test_false_turns_a_gate_off(tmp_path):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "config file does not exist" in capsys.readouterr().err
+
+
+def test_the_largest_worker_memory_limit_is_one_a_worker_can_set(tmp_path):
+    """The bound on ``worker_memory_limit_mb`` is what the worker's setrlimit takes (in a
+    process of its own: the limit stays for its life)."""
+    path = tmp_path / "config.toml"
+    path.write_text(f"[daemon]\nworker_memory_limit_mb = {MAX_MEMORY_LIMIT_MB}\n")
+    limit = load_config(path).daemon.worker_memory_limit_mb
+    probe = f"from iteris_daemon.worker import _limit_memory; _limit_memory({limit})"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_valid_devices(tmp_path):
