@@ -55,6 +55,7 @@ from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
+from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
 from .logs import counted
 from .paths import leftover_copies, private_dir, state_dir
@@ -126,6 +127,15 @@ def lock_state(state: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def check_devices_here(settings: DaemonSettings, config_path: Path) -> None:
+    """A ConfigError naming ``[daemon] device`` (or ``devices``) when a merge device is not
+    on this host (``cuda`` without a GPU): the daemon started, and every run failed seconds
+    into its worker, in an error that named no setting."""
+    problem = unavailable(settings.merge_devices())
+    if problem is not None:
+        raise ConfigError(f"{config_path}: [daemon] {'devices' if settings.devices else 'device'}: {problem}")
 
 
 def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any], published: Destinations) -> None:
@@ -341,9 +351,10 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
+        settings = self.config.daemon
+        check_devices_here(settings, self.config_path)  # a config error: before anything starts
         malloc.tune()  # before any thread starts
         self._install_signals()
-        settings = self.config.daemon
         try:
             self.state = private_dir(settings.state_dir or state_dir())
             self.cache = private_dir(settings.cache_path())
@@ -507,6 +518,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             config = load_config(self.config_path)
+            if config.daemon.merge_devices() != self._started_with.merge_devices():  # the start checked those
+                check_devices_here(config.daemon, self.config_path)
         except IterisError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:

@@ -323,6 +323,25 @@ def test_the_largest_worker_memory_limit_is_one_a_worker_can_set(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.timeout(120)  # before the fix the daemon started, and ran on
+@pytest.mark.parametrize("line,refused", [
+    ('device = "cuda"', "device: 'cuda' is"),
+    ('devices = ["cpu", "cuda", "cuda:1", "cuda"]', "devices: 'cuda', 'cuda:1' are"),
+])
+def test_a_merge_device_not_on_this_host_is_refused_at_start(tmp_path, capsys, monkeypatch, line, refused):
+    """``[daemon] device = "cuda"`` on a host without CUDA: the daemon started, and every
+    run failed seconds into its worker, in an error naming no setting (found by QA). The
+    start asks torch (in a worker-like interpreter) and refuses it in one line naming the
+    field and the devices there are. ``CUDA_VISIBLE_DEVICES=""`` hides any GPU here."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n{line}\n')
+    assert main(["run", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (f"iteris-daemon: error: {path}: [daemon] {refused} not available here: torch "
+                                       "sees 0 CUDA devices (available: cpu)\n")
+    assert not (tmp_path / "state").exists()  # nothing started
+
+
 def test_valid_devices(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text('[daemon]\ndevices = ["cpu", "cuda", "cuda:1"]\n')

@@ -982,6 +982,34 @@ def test_a_reload_the_catalog_fails_keeps_the_running_sources(tmp_path, monkeypa
 
 
 @pytest.mark.timeout(120)
+def test_a_reload_to_a_merge_device_not_on_this_host_is_refused(tmp_path, monkeypatch, caplog):
+    """SIGHUP with ``[daemon] device = "cuda"`` on a host without CUDA (``CUDA_VISIBLE_DEVICES=""``
+    hides any GPU here): refused like a broken config, naming the field, so that the next
+    start does not fail on it; the running configuration stays."""
+    from iteris_daemon.daemon import Daemon
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    config = tmp_path / "daemon.toml"
+    running = (f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+               f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    config.write_text(running)
+    daemon = Daemon(config)
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        config.write_text(running + 'device = "cuda:0"\n')
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(lambda: any("reload failed" in r.getMessage() for r in caplog.records), "the reload's error")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert _run_here(daemon, probe) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"reload failed, keeping the running configuration: {config}: [daemon] device: 'cuda:0' is not available "
+        "here: torch sees 0 CUDA devices (available: cpu)"]
+    assert daemon.config.daemon.device == "cpu"
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["folder", "hub", "state"])
 def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog, monkeypatch, kind):
     """A source added with ``sources add`` on a group's destination folder, polling the Hub
