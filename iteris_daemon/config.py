@@ -210,7 +210,8 @@ class DaemonSettings(_Strict):
     catalog_check_seconds: float = Field(
         30.0, gt=0, le=MAX_SECONDS,
         description="how often groups are compared with the catalog: a change no source of this daemon reported "
-                    "(`sources scan`, `sources remove`, another daemon on the catalog) merges then")
+                    "(`sources scan`, `sources remove`, another daemon on the catalog) merges then, and sources "
+                    "`sources add` or `sources remove` changed start or stop")
     hub_timeout_seconds: float = Field(
         120.0, gt=0, le=MAX_SECONDS,
         description="a Hub request without its own timeout (the publisher's commits, tags, repo creation; "
