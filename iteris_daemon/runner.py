@@ -6,7 +6,13 @@
   is refreshed while the run lasts and released at the end; a claim whose
   holder died goes stale after ``claim_ttl_seconds`` (at once, when the holder
   was a process on this host that no longer exists), on the catalog's clock: hosts
-  whose clocks disagree agree on the server's.
+  whose clocks disagree agree on the server's. A holder that stalls past the ttl (a
+  stopped process, a suspended VM, a catalog outage) and finds the claim taken when it
+  refreshes it, or just before publishing (that check renews the claim for another
+  ttl), stops: its run, which the taker marked failed, stays so and its merge is not
+  published. What remains: a holder stalled for over the ttl while its publishers
+  run may still publish after the taker (a publish is not part of a catalog
+  transaction); it then logs an error and records nothing.
 - **Skip.** The input fingerprint covers the adapters' contents (config, weights,
   calibration file: not their revision names), the calibration data used,
   strategy and parameters; equal to the last published (or refused) run's means
@@ -129,11 +135,19 @@ def sync_group(catalog: Catalog, group: GroupConfig) -> None:
     catalog.write_retrying_conflict(upsert)
 
 
+class ClaimLost(MergeCancelled):
+    """Another daemon took the group's claim while this run held it: this one stalled (a
+    stopped process, a suspended VM) or could not refresh it (a catalog outage) for over
+    ``claim_ttl_seconds``. That daemon marked the run failed and runs the group itself;
+    publishing this older merge would replace its newer one."""
+
+
 class Claim:
     """The group's claim row, refreshed by a background thread while held."""
 
     def __init__(self, catalog: Catalog, group: str, holder: str, ttl: float):
         self.catalog, self.group, self.holder, self.ttl = catalog, group, holder, ttl
+        self.lost: ClaimLost | None = None  # set once a refresh finds the claim another's (the run says why)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -161,12 +175,30 @@ class Claim:
         self._thread.start()
         return True
 
+    def renew(self) -> None:
+        """Refresh the claim (another daemon may take it ``ttl`` from now, not before), or
+        raise :class:`ClaimLost` (kept in ``lost``) where another daemon holds it, or held
+        it and let go."""
+        if self.lost is not None:
+            raise self.lost
+        with self.catalog.session() as session:
+            kept = session.execute(update(MergeGroup).where(MergeGroup.name == self.group,
+                                                            MergeGroup.claimed_by == self.holder)
+                                   .values(claimed_at=self.catalog.now(session))).rowcount == 1
+            taker = None if kept else session.scalar(select(MergeGroup.claimed_by).where(MergeGroup.name == self.group))
+        if not kept:
+            self.lost = ClaimLost(
+                f"claim lost: another daemon ({taker or 'which has let it go since'}) took the group while this one "
+                "stalled or could not refresh its claim for over claim_ttl_seconds, and failed this run; its merge is "
+                "not published")
+            raise self.lost
+
     def _refresh(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                with self.catalog.session() as session:
-                    session.execute(update(MergeGroup).where(MergeGroup.name == self.group, MergeGroup.claimed_by == self.holder)
-                                    .values(claimed_at=self.catalog.now(session)))
+                self.renew()
+            except ClaimLost:  # the run sees it (should_stop, and before publishing)
+                return
             except Exception:  # the next refresh retries; a stale claim only lets another daemon in
                 log.exception("group %s: refreshing the claim failed", self.group)
 
@@ -765,21 +797,26 @@ def run_group(
         return RunOutcome(RunStatus.skipped, None, CLAIMED_ELSEWHERE)
     work_dir.mkdir(parents=True, exist_ok=True)
     snapshots = Path(tempfile.mkdtemp(prefix=INPUTS_PREFIX, dir=work_dir))
+
+    def stop() -> bool:  # a run whose claim another daemon took stops: it would only publish an older merge
+        return should_stop() or claim.lost is not None
+
     try:
-        return _run_claimed(catalog, group, work_dir, snapshots, should_stop, force, device, trust_remote_code,
+        return _run_claimed(catalog, group, claim, work_dir, snapshots, stop, force, device, trust_remote_code,
                             on_status, limits, worker, on_worker_failure, stopping, cache_dir)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
 
 
-def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots: Path,
+def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: Path, snapshots: Path,
                  should_stop: Callable[[], bool], force: bool, device: str, trust_remote_code: bool,
                  on_status: Callable[[str], None], limits: Limits, worker: WorkerOptions,
                  on_worker_failure: Callable[[str], None], stopping: threading.Event | None,
                  cache_dir: Path | None) -> RunOutcome:
-    """The run itself, once ``run_group`` holds the group's claim: gather the inputs into
-    ``snapshots``, skip or merge (or reuse a kept merge), judge, publish, record."""
+    """The run itself, once ``run_group`` holds the group's ``claim``: gather the inputs into
+    ``snapshots``, skip or merge (or reuse a kept merge), judge, publish, record; ``claim.lost``
+    names why a run stopped when another daemon took the claim."""
     with catalog.session() as session:
         group_row = session.scalar(select(MergeGroup).where(MergeGroup.name == group.name))
         group_id = group_row.id
@@ -801,8 +838,9 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker,
                                should_stop, cache_dir=cache_dir)
     except MergeCancelled as exc:
-        log.warning("group %s: cancelled while gathering inputs", group.name)
-        return RunOutcome(RunStatus.cancelled, None, str(exc))
+        reason = str(claim.lost or exc)
+        log.warning("group %s: cancelled while gathering inputs: %s", group.name, reason)
+        return RunOutcome(RunStatus.cancelled, None, reason)
     params = run_params(group, strategy, inputs.names())
     fingerprint = inputs.fingerprint(group.strategy, params, group.precision())
     for name, reason in inputs.held_back.items():
@@ -851,6 +889,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         on_status(f"group {group.name}: run {run_id} publishing")
         if kept is None:  # else it stays kept, as the merge of the run that made it
             merged = _keep_unpublished(group.name, merged, unpublished, run_id, force)
+        claim.renew()  # a daemon that stalled past claim_ttl_seconds until here publishes nothing (ClaimLost)
         try:
             published = publish_all(group, run_id, merged, report, inputs, stopping)
         except Exception:
@@ -859,9 +898,10 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
         _keep_published(merged, copy, run_id)
         _discard(unpublished)  # its run file, when it was published again
     except MergeCancelled as exc:
-        _finish(catalog, run_id, RunStatus.cancelled, error=str(exc))
-        log.warning("group %s: run %d cancelled", group.name, run_id)
-        return RunOutcome(RunStatus.cancelled, run_id, str(exc), merged=kept is None)
+        reason = str(claim.lost or exc)
+        _finish(catalog, run_id, RunStatus.cancelled, error=reason)
+        log.warning("group %s: run %d cancelled: %s", group.name, run_id, reason)
+        return RunOutcome(RunStatus.cancelled, run_id, reason, merged=kept is None)
     except Exception as exc:  # a failed run is recorded, never fatal to the daemon
         message = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, IterisError) else str(exc)
         if isinstance(exc, WorkerFailed):
@@ -883,8 +923,13 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, work_dir: Path, snapshots
                "published": published, "gate_notes": verdict.notes,
                **({"republished_from": kept[0]} if kept is not None else {})}
     first = published[0] if published else {}
-    _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics,
-            output_location=first.get("location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None))
+    if not _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics, output_location=first.get(
+            "location"), output_commit=next((p["version"] for p in published if p["kind"] == "hub"), None)):
+        lost = ("published while another daemon held the group (this one stalled for over claim_ttl_seconds while "
+                "publishing): the destinations may serve this merge rather than that daemon's newer one, whose run the "
+                "catalog records; `merge-now --force` the group publishes the newest merge again")
+        log.error("group %s: run %d %s", group.name, run_id, lost)
+        return RunOutcome(RunStatus.failed, run_id, lost, merged=kept is None)
     log.info("group %s: run %d succeeded: %s", group.name, run_id,
              ", ".join(f"{p['kind']} {p['location']} {'-> ' + str(p['version']) if p['changed'] else 'unchanged'}" for p in published))
     return RunOutcome(RunStatus.succeeded, run_id, merged=kept is None)
@@ -1063,15 +1108,14 @@ def _add_run(session: Session, group_id: int, status: RunStatus, fingerprint: st
     return run
 
 
-def _finish(catalog, run_id: int, status: RunStatus, **values) -> None:
+def _finish(catalog, run_id: int, status: RunStatus, **values) -> bool:
+    """End a run that is still ``running``; whether it was. A daemon that took the group's
+    claim from this run's (stalled past ``claim_ttl_seconds``) marked it failed: that stays."""
     if values.get("error"):  # an error may quote a request's headers: the catalog is read by `status`
         values["error"] = redact(values["error"])
     with catalog.session() as session:
-        run = session.get(MergeRun, run_id)
-        run.status = status
-        run.finished_at = utcnow()
-        for key, value in values.items():
-            setattr(run, key, value)
+        return session.execute(update(MergeRun).where(MergeRun.id == run_id, MergeRun.status == RunStatus.running)
+                               .values(status=status, finished_at=utcnow(), **values)).rowcount == 1
 
 
 def recover_interrupted(catalog: Catalog) -> list[int]:

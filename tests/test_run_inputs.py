@@ -269,7 +269,9 @@ def test_a_run_error_is_stored_with_tokens_redacted(setup):
     """A failed run's error may quote a request's headers; `status` prints it from the catalog."""
     token = "hf_AbCdEf0123456789AbCdEf0123456789"
     outcome = setup.run(setup.group(names=("task0",)))
-    runner._finish(setup.catalog, outcome.run_id, RunStatus.failed, error=f"LocalProtocolError: b'Bearer {token}'")
+    with setup.catalog.session() as session:  # as the run was before it ended (only a running run is ended)
+        session.get(MergeRun, outcome.run_id).status = RunStatus.running
+    assert runner._finish(setup.catalog, outcome.run_id, RunStatus.failed, error=f"LocalProtocolError: b'Bearer {token}'")
     assert setup.run_row(outcome.run_id).error == "LocalProtocolError: b'Bearer hf_***'"
 
 
