@@ -5,14 +5,15 @@
   catalog (SQLite or PostgreSQL) never merge the same group at once. The claim
   is refreshed while the run lasts and released at the end; a claim whose
   holder died goes stale after ``claim_ttl_seconds`` (at once, when the holder
-  was a process on this host that no longer exists), on the catalog's clock: hosts
-  whose clocks disagree agree on the server's. A holder that stalls past the ttl (a
-  stopped process, a suspended VM, a catalog outage) and finds the claim taken when it
-  refreshes it, or just before publishing (that check renews the claim for another
-  ttl), stops: its run, which the taker marked failed, stays so and its merge is not
-  published. What remains: a holder stalled for over the ttl while its publishers
-  run may still publish after the taker (a publish is not part of a catalog
-  transaction); it then logs an error and records nothing.
+  was a process on this host and in this pid namespace that no longer exists),
+  on the catalog's clock: hosts whose clocks disagree agree on the server's. A
+  holder that stalls past the ttl (a stopped process, a suspended VM, a catalog
+  outage) and finds the claim taken when it refreshes it, or just before
+  publishing (that check renews the claim for another ttl), stops: its run, which
+  the taker marked failed, stays so and its merge is not published. What remains:
+  a holder stalled for over the ttl while its publishers run may still publish
+  after the taker (a publish is not part of a catalog transaction); it then logs
+  an error and records nothing.
 - **Skip.** The input fingerprint covers the adapters' contents (config, weights,
   calibration file: not their revision names), the calibration data used,
   strategy and parameters; equal to the last published (or refused) run's means
@@ -32,6 +33,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -79,23 +81,43 @@ _OUR_HOLDERS: set[str] = set()  # the holders made in this process (one per daem
 
 
 def worker_id() -> str:
-    """Who holds a claim: host, pid and a random part (pids are reused)."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """Who holds a claim: host, pid, a random part (pids are reused) and, where it can be
+    read, the pid namespace (:func:`pid_space`)."""
+    space = pid_space()
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}" + (f":{space}" if space else "")
     _OUR_HOLDERS.add(holder)
     return holder
 
 
+@functools.cache
+def pid_space() -> str | None:
+    """This process's pid namespace, as a digest of the boot id and the namespace's inode;
+    None where ``/proc`` does not tell. Two containers with the host's network share its
+    host name, each with its own pids (both daemons pid 1): a pid means nothing across them,
+    nor across hosts of one name, nor across boots."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot}/{namespace}".encode()).hexdigest()[:12]
+
+
 def holder_is_dead(holder: str | None) -> bool:
-    """A claim by a process of this host that no longer exists can be taken at once.
+    """A claim by a process of this host and pid namespace that no longer exists can be
+    taken at once; any other waits for the claim's ttl.
 
     A holder with this process's pid that this process did not make is an earlier
-    process that had the same pid: a daemon restarted in a container runs as pid 1
-    again, on the same host name."""
+    process of this namespace that had the same pid. A container restarted is in a new
+    namespace: its earlier incarnation's claim waits for the ttl, as a live container's
+    beside it must. A holder that names no pid namespace (written by an older version, or
+    where ``/proc`` did not tell) is judged by host name alone, as before."""
     if not holder:
         return True
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    parts = holder.split(":")
+    host, pid = parts[0], parts[1] if len(parts) > 1 else ""
+    space = parts[3] if len(parts) > 3 else None  # None: a holder that names none
+    if host != socket.gethostname() or not pid.isdigit() or space not in (None, pid_space()):
         return False
     if int(pid) == os.getpid():
         return holder not in _OUR_HOLDERS
@@ -1120,7 +1142,8 @@ def _finish(catalog, run_id: int, status: RunStatus, **values) -> bool:
 
 def recover_interrupted(catalog: Catalog) -> list[int]:
     """Runs left ``running`` by a daemon that died: mark them failed so the group runs again.
-    (A run of a daemon on another host is marked when its stale claim is taken over.)"""
+    (A run of a daemon on another host, or in another pid namespace, is marked when its
+    stale claim is taken over.)"""
     recovered = []
     with catalog.session() as session:
         for run in session.scalars(select(MergeRun).where(MergeRun.status == RunStatus.running)):

@@ -15,7 +15,11 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -141,3 +145,77 @@ def test_a_refresh_that_finds_the_claim_taken_stops_the_run(shared):
     holder.release()  # lets go of nothing of the other daemon's
     with catalog.session() as session:
         assert session.scalar(select(MergeGroup.claimed_by)) == PEER
+
+
+# ----------------------------------------------------------------------------- pid namespaces
+# Two daemons with the same host name in separate pid namespaces (containers with the host's
+# network, both pid 1) took each other's live claims as dead: a pid means nothing across them.
+
+OTHER_SPACE = "0" * 12  # a pid namespace not this process's
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+def _gone_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout)
+
+
+def test_a_holder_of_another_pid_namespace_is_never_judged_dead_by_its_pid():
+    host, gone, ours = socket.gethostname(), _gone_pid(), runner.pid_space()
+    assert ours and ours != OTHER_SPACE and runner.worker_id().endswith(f":{ours}")
+    cases = [
+        (f"{host}:{os.getpid()}:deadbeef:{OTHER_SPACE}", False),  # another container's pid 1, as this one is
+        (f"{host}:{gone}:deadbeef:{OTHER_SPACE}", False),  # a pid unknown here, maybe alive in its namespace
+        (f"{host}:{os.getpid()}:deadbeef:{ours}", True),  # an earlier process of this namespace with this pid
+        (f"{host}:{gone}:deadbeef:{ours}", True),  # gone
+        (runner.worker_id(), False),  # this process, another daemon instance
+        (f"{host}:{os.getpid()}:deadbeef", True),  # holders written before namespaces: judged as they were
+        (f"{host}:{gone}:deadbeef", True),
+        (f"elsewhere-{uuid.uuid4().hex[:6]}:{gone}:deadbeef:{ours}", False),  # another host: the ttl
+    ]
+    assert [runner.holder_is_dead(holder) for holder, _ in cases] == [dead for _, dead in cases], cases
+
+
+def test_a_claim_and_run_of_another_pid_namespace_wait_for_the_ttl(catalog_url):
+    """At a claim and at start (``recover_interrupted``): a live daemon in another namespace
+    with this daemon's pid keeps its claim and its running run; a dead one of this namespace
+    does not."""
+    catalog = Catalog(catalog_url)
+    try:
+        with catalog.session() as session:
+            group = MergeGroup(name="unified", base_model="base", strategy="iteris")
+            session.add(group)
+            session.flush()
+            run = MergeRun(group_id=group.id, status=RunStatus.running, input_fingerprint="0" * 64)
+            session.add(run)
+            session.flush()
+            run_id = run.id
+        host = socket.gethostname()
+        for holder, dead in [(f"{host}:{os.getpid()}:deadbeef:{OTHER_SPACE}", False),
+                             (f"{host}:{_gone_pid()}:deadbeef:{runner.pid_space()}", True)]:
+            with catalog.session() as session:
+                session.execute(update(MergeGroup).values(claimed_by=holder, claimed_at=catalog.now(session)))
+            assert runner.recover_interrupted(catalog) == ([run_id] if dead else []), holder
+            claim = Claim(catalog, "unified", runner.worker_id(), ttl=3600)
+            assert claim.acquire() is dead, holder
+            if dead:
+                claim.release()
+    finally:
+        catalog.close()
+
+
+def test_a_daemon_in_another_pid_namespace_does_not_judge_this_ones_claim_dead():
+    """Really in another pid namespace (``unshare``, as root; QA's repro ran two daemons so):
+    this process's holder, and one of this namespace with pid 1 (the probe's own pid there),
+    are alive to the probe; one of its own namespace whose process is gone is dead."""
+    if shutil.which("unshare") is None or subprocess.run([*UNSHARE, "true"], capture_output=True).returncode:
+        pytest.skip("no unshare --pid here (needs root or user namespaces)")
+    probe = ("import os, socket, sys; from iteris_daemon.runner import holder_is_dead, pid_space; "
+             "print(os.getpid(), [holder_is_dead(h) for h in sys.argv[1:]], "
+             "holder_is_dead(f'{socket.gethostname()}:99999:deadbeef:{pid_space()}'))")
+    host = socket.gethostname()
+    env = {**os.environ, "PYTHONPATH": str(Path(runner.__file__).resolve().parents[1])}
+    answer = subprocess.run([*UNSHARE, sys.executable, "-c", probe, runner.worker_id(),
+                             f"{host}:1:deadbeef:{runner.pid_space()}"], capture_output=True, text=True, env=env,
+                            check=True).stdout.split(maxsplit=1)
+    assert answer == ["1", "[False, False] True\n"], answer
