@@ -237,7 +237,7 @@ class DaemonPresence(Base):
 
     __tablename__ = "daemons"
 
-    holder: Mapped[str] = mapped_column(String(200), primary_key=True)  # runner.worker_id(): host:pid:tag
+    holder: Mapped[str] = mapped_column(String(200), primary_key=True)  # runner.worker_id(): host:pid:tag[:pidns]
     settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
