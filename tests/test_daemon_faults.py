@@ -1121,6 +1121,26 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     assert triggered == [("g", 5.0)] * 5
 
 
+def _daemon_with_paused_jobs(tmp_path: Path, names: tuple[str, ...]):
+    """A Daemon on a SQLite catalog whose scheduler keeps jobs and runs none, a folder per
+    name (the config declares the first as a folder source): (daemon, folders, config, url)."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    folders = {name: tmp_path / name for name in names}
+    for folder in folders.values():
+        folder.mkdir()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n[[sources]]\nname = "
+                      f'{json.dumps(names[0])}\nkind = "local"\npaths = [{json.dumps(str(folders[names[0]]))}]\n')
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()
+    daemon.scheduler.start(paused=True)  # keeps jobs, runs none
+    daemon.catalog = Catalog(url)
+    return daemon, folders, config, url
+
+
 def test_a_source_removed_from_the_catalog_stops_at_the_next_catalog_check(tmp_path, capsys, caplog):
     """`sources remove` under a running daemon printed "removed source", but the daemon kept
     watching the folder and registering its adapters, which its groups merged, even after a
@@ -1128,22 +1148,11 @@ def test_a_source_removed_from_the_catalog_stops_at_the_next_catalog_check(tmp_p
     stops each source removed (disabled or deleted), saying so once; `sources remove` refuses
     a source the config declares (the daemon would add it again)."""
     import iteris_daemon.daemon as daemon_module
-    from apscheduler.schedulers.background import BackgroundScheduler
     from iteris_daemon.catalog.models import SourceKind
     from iteris_daemon.catalog.registry import add_source
     from iteris_daemon.sources.local import LocalFolderSource
 
-    folders = {name: tmp_path / name for name in ("team", "extra", "kept")}
-    for folder in folders.values():
-        folder.mkdir()
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n[[sources]]\nname = \"team\"\n"
-                      f'kind = "local"\npaths = [{json.dumps(str(folders["team"]))}]\n')
-    url = f"sqlite:///{tmp_path / 'catalog.db'}"
-    daemon = daemon_module.Daemon(config)
-    daemon.scheduler = BackgroundScheduler()
-    daemon.scheduler.start(paused=True)  # keeps jobs, runs none
-    daemon.catalog = Catalog(url)
+    daemon, folders, config, url = _daemon_with_paused_jobs(tmp_path, ("team", "extra", "kept"))
     daemon_module.sync_sources(daemon.catalog, daemon.config)
     with daemon.catalog.session() as session:
         for name in ("extra", "kept"):
@@ -1186,20 +1195,7 @@ def test_a_source_added_to_the_catalog_starts_at_the_next_catalog_check(tmp_path
     until a SIGHUP or a restart, though the catalog check stopped removed ones (found by
     QA). The check starts each source added, saying so once; one removed and added again
     starts again; `sources add` says when a running daemon picks it up."""
-    import iteris_daemon.daemon as daemon_module
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    folders = {name: tmp_path / name for name in ("team", "side")}
-    for folder in folders.values():
-        folder.mkdir()
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n[[sources]]\nname = \"team\"\n"
-                      f'kind = "local"\npaths = [{json.dumps(str(folders["team"]))}]\n')
-    url = f"sqlite:///{tmp_path / 'catalog.db'}"
-    daemon = daemon_module.Daemon(config)
-    daemon.scheduler = BackgroundScheduler()
-    daemon.scheduler.start(paused=True)  # keeps jobs, runs none
-    daemon.catalog = Catalog(url)
+    daemon, folders, config, url = _daemon_with_paused_jobs(tmp_path, ("team", "side"))
     daemon.cache, daemon.shapes, daemon.peers = tmp_path / "cache", None, SimpleNamespace(settings_changed=lambda: None)
     try:
         daemon._apply(daemon.config)
