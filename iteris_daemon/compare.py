@@ -26,7 +26,7 @@ from .calibration import CalibrationOptions, CalibrationSet, Sample
 from .errors import InputsChangedError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary, text
-from .merge import (AdapterSpec, calibration_for, check_heads, evaluation_settings, load_adapters, load_base, merged_head,
+from .merge import (AdapterSpec, base_and_head, calibration_for, evaluation_settings, load_adapters, merged_head,
                     run_strategy)
 from .plugin_manager import get_strategy, strategies
 from .strategy import (MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, parse_param, parse_params,
@@ -123,10 +123,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     # the adapters or on the other tasks
     kept, held = zip(*(data.split(request.holdout, random.Random(f"{request.seed}:{adapter.name}"), "holdout")
                        for adapter, data in zip(adapters, calibration)))
-    check_heads(adapters, request.modules_to_save_rule)  # before the base model loads
-    base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
-                     request.offload)
-    head = merged_head(adapters, request.modules_to_save_rule)  # after the base checked each adapter, as merge does
+    base, head = base_and_head(adapters, request)
     base.require_text()  # every contender is scored on held-out text
     rows = []
     for number, contender in enumerate(contenders, start=1):

@@ -307,6 +307,18 @@ def check_heads(adapters: list[LoraAdapter], rule: str) -> None:
                 "head, so merge adapters trained for the same labels")
 
 
+def base_and_head(adapters: list[LoraAdapter], request: Any) -> tuple[BaseModel, dict[str, torch.Tensor]]:
+    """The base model of ``request`` (a merge's or a comparison's) with every adapter checked
+    against it, and the adapters' merged ``modules_to_save``, refused in this order: what no
+    base changes before it loads (a 70B load for nothing), the rule's own refusals after the
+    base checked each adapter (a saved lm_head of a resized vocabulary was refused as
+    modules_to_save that differ, and the rule that advised led to another refusal)."""
+    check_heads(adapters, request.modules_to_save_rule)
+    base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
+                     request.offload)
+    return base, merged_head(adapters, request.modules_to_save_rule)
+
+
 def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tensor]:
     """Resolve ``modules_to_save`` (heads, embeddings) across adapters, once
     :func:`check_heads` passed them.
@@ -600,12 +612,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
             log.info("task %s: %d calibration samples, fewer than the %d asked for", adapter.name,
                      len(data.samples), samples)
     calibration = [c.head(samples) if c is not None else None for c in calibration]
-    check_heads(adapters, request.modules_to_save_rule)  # before the base model loads
-    base = load_base(request.base_model, adapters, request.device, request.dtype, request.trust_remote_code,
-                     request.offload)
-    # The rule's own refusals after each adapter was checked against the base: a saved lm_head of a
-    # resized vocabulary was refused as modules_to_save that differ, and no rule merged it
-    head = merged_head(adapters, request.modules_to_save_rule)
+    base, head = base_and_head(adapters, request)
     evaluating = request.evaluate and all(c is not None for c in calibration)
     if strategy.needs_calibration or evaluating:  # before the merge, not after it
         base.require_text()

@@ -102,10 +102,10 @@ def test_a_strategy_that_cannot_merge_is_listed_with_its_error(tiny, capsys):
 def test_per_adapter_values_of_another_count_are_refused_before_anything_runs(tiny, capsys, monkeypatch):
     """One weight for three adapters was an error row after the base model loaded and the other
     contenders merged (the README says every spec is checked first): now one line, exit 2."""
-    import iteris_daemon.compare as compare
+    import iteris_daemon.merge as merge
 
     base_dir, adapter_dirs = tiny["bert"]
-    monkeypatch.setattr(compare, "load_base", lambda *args: pytest.fail("the base model was loaded"))
+    monkeypatch.setattr(merge, "load_base", lambda *args: pytest.fail("the base model was loaded"))
     assert _compare(base_dir, adapter_dirs, "--strategy", "ties", "--strategy", "iteris:task_weights=[1]") == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "iteris-daemon: error: strategy 'iteris': task_weights has 1 entry for 3 adapters")
