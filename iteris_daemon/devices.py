@@ -15,8 +15,10 @@ PROBE_TIMEOUT_SECONDS = 120.0  # importing torch and counting the devices; secon
 
 def check_device(name: str) -> str:
     """``name`` if it is a device the README documents (cpu, cuda, cuda:N), else ValueError:
-    a typo in the config is found when it is read, not when every merge fails."""
-    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
+    a typo in the config is found when it is read, not when every merge fails. N as torch
+    writes it: torch refuses a leading zero (``cuda:01``), which passed here and then failed
+    every merge in its worker."""
+    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", name):
         raise ValueError(f"unknown device {name!r} (use cpu, cuda or cuda:N)")
     return name
 

@@ -38,6 +38,9 @@ def test_the_example_config_is_valid():
     ('[daemon]\ndevice = "gpu"\n', "daemon.device: unknown device 'gpu' (use cpu, cuda or cuda:N)"),
     ('[daemon]\ndevices = ["cuda:0", "tpu"]\n', "daemon.devices.1: unknown device 'tpu'"),
     ('[daemon]\ndevice = "cuda:\u0661"\n', "daemon.device: unknown device 'cuda:\u0661'"),  # a digit, not ASCII
+    # torch refuses a leading zero: the config took it, and every merge failed in its worker.
+    ('[daemon]\ndevices = ["cuda:1", "cuda:01"]\n', "daemon.devices.1: unknown device 'cuda:01'"),
+    ('[daemon]\ndevice = "cuda:00"\n', "daemon.device: unknown device 'cuda:00'"),
     (GROUP + '[groups.gates]\nmax_regression = -1\n' + FOLDER, "groups.0.gates.max_regression"),
     (GROUP + '[groups.gates]\nmax_regression = true\n' + FOLDER, "groups.0.gates.max_regression"),
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\ntrust_remote_code = true\n',
@@ -344,8 +347,8 @@ def test_a_merge_device_not_on_this_host_is_refused_at_start(tmp_path, capsys, m
 
 def test_valid_devices(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_text('[daemon]\ndevices = ["cpu", "cuda", "cuda:1"]\n')
-    assert load_config(path).daemon.merge_devices() == ["cpu", "cuda", "cuda:1"]
+    path.write_text('[daemon]\ndevices = ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:10"]\n')
+    assert load_config(path).daemon.merge_devices() == ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:10"]
 
 
 def test_a_webhook_without_a_secret_names_the_file_and_field(tmp_path, monkeypatch):
