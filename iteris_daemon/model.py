@@ -46,16 +46,22 @@ def torch_device(name: str) -> torch.device:
 
 
 def _move_except(model: nn.Module, keep: set[int], device: torch.device) -> None:
-    """Move every module but those in ``keep`` (by id) and their children to ``device``."""
+    """Move ``model`` but the modules in ``keep`` (by id) and their children to ``device``.
+
+    A module holding a kept one moves its own parameters and buffers, the root's too (XLNet's
+    ``mask_emb`` stayed on the CPU for the forward to mix with the device's tensors), and its
+    parameters stay Parameters (``get_parameter`` and the heads' replacement look them up)."""
+    for name, param in model.named_parameters(recurse=False):
+        moved = param.to(device)
+        if moved is not param:
+            model._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
+    for name, buffer in model.named_buffers(recurse=False):
+        model._buffers[name] = buffer.to(device)
     for module in model.children():
         if id(module) in keep:
             continue
         if any(id(m) in keep for m in module.modules()):
             _move_except(module, keep, device)
-            for name, param in module.named_parameters(recurse=False):
-                module._parameters[name] = param.to(device)
-            for name, buffer in module.named_buffers(recurse=False):
-                module._buffers[name] = buffer.to(device)
         else:
             module.to(device)
 

@@ -20,7 +20,8 @@ from iteris_daemon.architecture import BlockPlan, block_plan
 from iteris_daemon.calibration import read_jsonl
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.merge import AdapterSpec, MergeRequest, run_merge
-from iteris_daemon.model import BaseModel, Delta
+from iteris_daemon.model import BaseModel, Delta, _move_except
+from builders import tiny_config
 from reference import reference_sequential
 
 quiet = partial(tqdm, disable=True)
@@ -540,6 +541,29 @@ def test_streamed_blocks_take_no_memory_between_uses(tiny):
     blocks = base.model.get_submodule("model.layers")
     assert all(p.device.type == "meta" for p in blocks.parameters())
     assert base.model.get_submodule("model.embed_tokens").weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("cls", ["XLNetModel", "XLNetLMHeadModel", "LlamaForCausalLM"])
+def test_a_model_kept_in_cpu_memory_moves_all_but_its_blocks_as_parameters(cls):
+    """The model in CPU memory, its blocks visiting the device one at a time (:func:`_move_except`;
+    the meta device stands in for CUDA: the same path). The root's own parameter (XLNetModel's
+    ``mask_emb``) stayed on the CPU, and a module holding the blocks (XLNetLMHeadModel's
+    ``transformer``) had its parameters replaced by plain tensors, which ``get_parameter``
+    refuses (found by QA). The blocks stay on the CPU."""
+    import transformers as tf
+
+    config = (tf.XLNetConfig(vocab_size=100, d_model=32, n_layer=2, n_head=2, d_inner=64)
+              if cls.startswith("XLNet") else tiny_config("llama"))
+    model = getattr(tf, cls)(config)
+    blocks = [block for stack in block_plan(model, []).stacks for block in stack.blocks]
+    _move_except(model, {id(block) for block in blocks}, torch.device("meta"))
+    kept = {id(tensor) for block in blocks for tensor in [*block.parameters(), *block.buffers()]}
+    assert kept
+    for name, param in model.named_parameters():
+        assert isinstance(param, torch.nn.Parameter) and model.get_parameter(name) is param, name
+        assert param.device.type == ("cpu" if id(param) in kept else "meta"), name
+    for name, buffer in model.named_buffers():
+        assert buffer.device.type == ("cpu" if id(buffer) in kept else "meta"), name
 
 
 def test_hot_path_stays_on_the_device_without_host_sync(tiny):
