@@ -200,8 +200,9 @@ class DaemonSettings(_Strict):
                                         '["cuda:0", "cuda:1"]; a device listed twice takes two merges at once')
     max_concurrent_merges: int | None = Field(None, ge=1, description="default: one per device")
     worker_memory_limit_mb: int | None = Field(
-        None, gt=0, le=MAX_MEMORY_LIMIT_MB, description="address-space limit of each merge worker (RLIMIT_AS); past it the run fails, "
-                                "the daemon goes on (default: none)")
+        None, gt=0, le=MAX_MEMORY_LIMIT_MB, description="address-space limit of each merge worker on the CPU (RLIMIT_AS); past it the run fails, "
+                                "the daemon goes on (default: none). Not applied to a CUDA merge's worker: CUDA "
+                                "cannot start under it (limit its host memory through the unit's MemoryMax)")
     trust_remote_code: list[ModelSetting] = Field(
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)

@@ -68,6 +68,7 @@ from .sources.local import LocalFolderSource, ScanReport
 from .sources.stat_cache import stat_cache_file
 from .supervisor import WorkerOptions
 from .systemd import Notifier
+from .worker import CUDA_UNLIMITED
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
@@ -136,6 +137,15 @@ def check_devices_here(settings: DaemonSettings, config_path: Path) -> None:
     problem = unavailable(settings.merge_devices())
     if problem is not None:
         raise ConfigError(f"{config_path}: [daemon] {'devices' if settings.devices else 'device'}: {problem}")
+
+
+def warn_unlimited_cuda_workers(memory_limit_mb: int | None, devices: Collection[str]) -> None:
+    """A WARNING when ``[daemon] worker_memory_limit_mb`` is set and merges run on CUDA: the
+    worker leaves that limit off (CUDA failed to start under it), so it holds the CPU merges only."""
+    cuda = [name for name in dict.fromkeys(devices) if name != "cpu"]
+    if memory_limit_mb and cuda:
+        log.warning("[daemon] worker_memory_limit_mb = %d is not applied to the merges on %s: %s",
+                    memory_limit_mb, ", ".join(cuda), CUDA_UNLIMITED)
 
 
 def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any], published: Destinations) -> None:
@@ -353,6 +363,7 @@ class Daemon:
     def run(self) -> int:
         settings = self.config.daemon
         check_devices_here(settings, self.config_path)  # a config error: before anything starts
+        warn_unlimited_cuda_workers(settings.worker_memory_limit_mb, settings.merge_devices())
         malloc.tune()  # before any thread starts
         self._install_signals()
         try:
@@ -530,6 +541,7 @@ class Daemon:
                           first_line(exc))  # SQLAlchemy's add the SQL and a link
             else:
                 self._warn_start_only(config.daemon)
+                warn_unlimited_cuda_workers(config.daemon.worker_memory_limit_mb, self._slots)  # the start's devices
                 log.info("configuration reloaded: %s", self._summary())
         self.notifier.ready(self._summary())
 

@@ -11,7 +11,8 @@ adapter, for ``shapes``); the result is written beside it.
 The worker
 
 - dies with the daemon (``PR_SET_PDEATHSIG``), so a killed daemon leaves no merge running;
-- caps its own address space first when the job sets ``memory_limit_mb`` (``RLIMIT_AS``);
+- caps its own address space first when the job sets ``memory_limit_mb`` (``RLIMIT_AS``) and
+  runs on the CPU (not a CUDA merge: CUDA reserves far more address space than it uses);
 - turns SIGTERM into a cancellation at the merge's next safe point;
 - logs one JSON object per line on stderr (tokens redacted), which the supervisor relays
   with the run id;
@@ -37,6 +38,10 @@ from .logs import setup_logging
 from .oom import says_out_of_memory
 
 OUT_OF_MEMORY = "out of memory (the worker's memory limit, or the host's)"
+# Why a CUDA worker runs without its memory limit: under RLIMIT_AS every GPU merge failed as CUDA
+# started ("CUDA error: out of memory"), reported as the host's memory.
+CUDA_UNLIMITED = ("CUDA reserves far more address space than it uses and cannot start under that limit "
+                  "(RLIMIT_AS); limit a GPU worker's host memory through the unit's MemoryMax (a cgroup) instead")
 
 RESULT_NAME = "result.json"
 EXIT_ERROR = 1  # the merge failed; result.json says why
@@ -52,6 +57,11 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the daemon died before prctl took effect
         os._exit(EXIT_CANCELLED)
+
+
+def _device(job: dict[str, Any]) -> str:
+    """Where ``job`` runs: a merge on its request's device; shapes and calibration jobs on the CPU."""
+    return job["request"]["device"] if "request" in job else "cpu"
 
 
 def _limit_memory(megabytes: int | None) -> None:
@@ -156,10 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text(encoding="utf-8"))
     _die_with_parent(job["parent_pid"])
-    _limit_memory(job.get("memory_limit_mb"))
+    cuda = _device(job) != "cpu"
+    if not cuda:
+        _limit_memory(job.get("memory_limit_mb"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     setup_logging(fmt="json")
+    if cuda and job.get("memory_limit_mb"):
+        logging.getLogger(__name__).info("worker_memory_limit_mb (%d) is not applied to a CUDA worker: %s",
+                                         job["memory_limit_mb"], CUDA_UNLIMITED)
     result = run_job(job, stop)
     _write_result(job_path.parent, result)
     return {"ok": 0, "cancelled": EXIT_CANCELLED}.get(result["status"], EXIT_ERROR)

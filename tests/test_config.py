@@ -345,6 +345,25 @@ def test_a_merge_device_not_on_this_host_is_refused_at_start(tmp_path, capsys, m
     assert not (tmp_path / "state").exists()  # nothing started
 
 
+@pytest.mark.parametrize("line,warned", [
+    ('devices = ["cpu", "cuda:1", "cuda:1"]', "[daemon] worker_memory_limit_mb = 4096 is not applied to the merges on "
+                                              "cuda:1: CUDA reserves far more address space than it uses"),
+    ('devices = ["cpu"]', None),
+])
+def test_a_memory_limit_with_a_cuda_device_is_warned_of_at_start(tmp_path, caplog, monkeypatch, line, warned):
+    """The worker leaves ``worker_memory_limit_mb`` off on CUDA (CUDA cannot start under
+    ``RLIMIT_AS``): the start says so once. A file where the state folder goes ends the start
+    just after (two GPUs faked: the check that the devices exist passes)."""
+    monkeypatch.setattr("iteris_daemon.devices.cuda_device_count", lambda: 2)
+    (tmp_path / "state").write_text("in the way")
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nworker_memory_limit_mb = 4096\n{line}\n')
+    assert main(["run", "--config", str(path)]) == 2
+    said = [r.getMessage() for r in caplog.records if "worker_memory_limit_mb" in r.getMessage()]
+    assert [m[:len(warned)] for m in said] == ([warned] if warned else []), said
+    assert all(r.levelname == "WARNING" for r in caplog.records if "worker_memory_limit_mb" in r.getMessage())
+
+
 def test_valid_devices(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text('[daemon]\ndevices = ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:10"]\n')
