@@ -25,7 +25,10 @@ process stays small: on Linux a child's ``ru_maxrss``, which the merge report gi
 the process peak, starts at its parent's peak. ``--shape small --device cpu`` (hidden
 512, 4 layers, vocab 30522, 2 LoRAs) runs the same steps on a CPU in a few minutes;
 ``--shape tiny`` in seconds (tests).
-Needs only torch, transformers, peft, safetensors and this project.
+Needs torch, transformers, peft, safetensors and this project, installed editable (``-e``:
+it runs from the checkout), with what a merge imports: pydantic, pluggy, sqlalchemy,
+tenacity and huggingface_hub 2.x (httpx2). The daemon's alembic, watchdog, apscheduler
+and prometheus_client are not needed.
 """
 
 from __future__ import annotations
