@@ -175,6 +175,39 @@ def test_peft_types_refuse_adapters_that_each_save_a_module(bert, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "ties_svd", "magnitude_prune_svd"])
+def test_peft_types_combine_the_factors_alone_and_leave_a_streamed_base_streamed(tiny, combination_type):
+    """``peft_<type>`` gives what PEFT gives on the whole model, as a user calls it, while the
+    base it was handed stays streamed from disk. It brought every block to the device and
+    copied the model there (twice the model's size on a GPU, whatever ``--offload`` said)."""
+    from iteris_daemon.model import BaseModel
+    from iteris_daemon.plugin_manager import get_strategy
+    from iteris_daemon.strategy import MergeInputs, parse_params
+
+    base_dir, adapter_dirs = tiny["llama"]
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    base = BaseModel(str(base_dir), adapters, offload="disk")
+    strategy = get_strategy(f"peft_{combination_type}")
+    inputs = MergeInputs(base, adapters, [None] * len(adapters), "cpu")
+    merged = strategy.merge(inputs, parse_params(strategy, {}), lambda items, **_: items)
+    assert base.placement.name == "disk"
+    assert all(p.device.type == "meta" for name, p in base.model.named_parameters() if ".layers." in name)
+
+    reference = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dirs[0]),
+                                          adapter_name="t0")
+    for index, adapter_dir in enumerate(adapter_dirs[1:], start=1):
+        reference.load_adapter(str(adapter_dir), adapter_name=f"t{index}")
+    names = [f"t{i}" for i in range(len(adapter_dirs))]
+    reference.add_weighted_adapter(names, [1.0] * len(names), "merged", combination_type=combination_type,
+                                   **({"density": 0.5} if "prune" in combination_type or "ties" in combination_type
+                                      else {}))
+    expected = {name.removeprefix("base_model.model."): layer.get_delta_weight("merged")
+                for name, layer in reference.named_modules() if "merged" in getattr(layer, "lora_A", {})}
+    assert set(merged.modules) == set(expected)
+    for path, (B, A) in merged.modules.items():
+        assert torch.allclose(B @ A, expected[path], atol=1e-6), path
+
+
 # What PEFT 0.21's add_weighted_adapter reads, by combination type (its source, not this project's table).
 PEFT_READS = {
     "density": {"ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
