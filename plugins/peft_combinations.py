@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.errors import MergeError, ParameterError
-from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter, refuse_all_zero
+from iteris_daemon.strategy import (SEED_BOUNDS, MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter,
+                                    refuse_all_zero)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,6 +40,7 @@ READERS = {
     "density": [t for t in COMBINATION_TYPES if any(k in t for k in ("ties", "dare", "prune"))],
     "majority_sign_method": [t for t in COMBINATION_TYPES if "ties" in t],
     "svd_rank": [t for t in COMBINATION_TYPES if t.endswith("svd")],
+    "seed": [t for t in COMBINATION_TYPES if "dare" in t],
 }
 
 
@@ -51,6 +55,8 @@ class PeftParams(StrategyParams):
     majority_sign_method: Literal["total", "frequency"] = Field(
         "total", description="ties types: the sign each entry keeps, by the sum of the deltas (total) or by "
                              "how many deltas have it (frequency)")
+    seed: int = Field(0, **SEED_BOUNDS, description="dare types: seed of PEFT's drop masks (fixed: merges are "
+                                                  "reproducible; PEFT draws them from torch's global generator)")
 
     @model_validator(mode="after")
     def _weights_not_all_zero(self):
@@ -76,29 +82,11 @@ class PeftCombination:
         self.description = f"PEFT add_weighted_adapter({combination_type!r}): {summary}"
 
     def merge(self, inputs: MergeInputs, params: PeftParams, progress: Progress) -> MergedAdapter:
-        from peft import PeftModel
-
         adapters = inputs.adapters
-        weights = [1.0] * len(adapters) if params.weights is None else params.weights
-        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; nothing for a user to do
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            model = PeftModel.from_pretrained(_weightless_copy(inputs.base.model, inputs.device),
-                                              str(adapters[0].path), adapter_name="t0")
-        for index, adapter in enumerate(adapters[1:], start=1):
-            model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
-        names = [f"t{i}" for i in range(len(adapters))]
-        kwargs = {name: getattr(params, name) for name in ("density", "majority_sign_method")
-                  if self.combination_type in READERS[name]}
         if params.svd_rank is not None:
             _check_svd_rank(params.svd_rank, adapters)
-            kwargs["svd_rank"] = params.svd_rank
-        try:
-            model.add_weighted_adapter(names, weights, "merged", combination_type=self.combination_type, **kwargs)
-        except (ValueError, RuntimeError) as exc:
-            why = (_rank_mismatch(adapters) if self.combination_type in _EQUAL_RANKS else None) or _restricted(adapters)
-            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}"
-                             + (f" ({why})" if why else "")) from None
-
+        with _seeded(params.seed, inputs.device):  # PEFT draws its layers' init and DARE's masks
+            model = self._combined(inputs, params)
         modules = {}
         prefix = "base_model.model."
         for name, layer in model.named_modules():
@@ -116,6 +104,42 @@ class PeftCombination:
             raise MergeError(f"PEFT's {self.combination_type!r} left out layer {left_out[0]}, which "
                              f"{next(a.name for a in adapters if left_out[0] in a.modules)} adapts ({why})")
         return MergedAdapter(modules)
+
+    def _combined(self, inputs: MergeInputs, params: PeftParams):
+        """The PeftModel holding ``inputs``' adapters and PEFT's combination of them, "merged"."""
+        from peft import PeftModel
+
+        adapters = inputs.adapters
+        weights = [1.0] * len(adapters) if params.weights is None else params.weights
+        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; nothing for a user to do
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PeftModel.from_pretrained(_weightless_copy(inputs.base.model, inputs.device),
+                                              str(adapters[0].path), adapter_name="t0")
+        for index, adapter in enumerate(adapters[1:], start=1):
+            model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
+        kwargs = {name: getattr(params, name) for name in ("density", "majority_sign_method", "svd_rank")
+                  if self.combination_type in READERS[name] and getattr(params, name) is not None}
+        try:
+            model.add_weighted_adapter([f"t{i}" for i in range(len(adapters))], weights, "merged",
+                                       combination_type=self.combination_type, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            why = (_rank_mismatch(adapters) if self.combination_type in _EQUAL_RANKS else None) or _restricted(adapters)
+            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}"
+                             + (f" ({why})" if why else "")) from None
+        return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: str) -> Iterator[None]:
+    """torch's global generators (the CPU's and ``device``'s) seeded with ``seed``, and put
+    back as they were afterwards: PEFT draws DARE's masks from them, so the same inputs
+    gave another merge on each run, and the caller's draws stay its own."""
+    import torch
+
+    cuda = [torch.device(device).index or 0] if device != "cpu" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def _weightless_copy(model: nn.Module, device: str) -> nn.Module:

@@ -214,10 +214,12 @@ PEFT_READS = {
                 "magnitude_prune_svd"},
     "majority_sign_method": {"ties", "ties_svd", "dare_ties", "dare_ties_svd"},
     "svd_rank": {"svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"},
+    "seed": {"dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"},  # torch's generator, for DARE's masks
 }
 
 
-@pytest.mark.parametrize("name, value", [("density", 0.3), ("majority_sign_method", "frequency"), ("svd_rank", 2)])
+@pytest.mark.parametrize("name, value", [("density", 0.3), ("majority_sign_method", "frequency"), ("svd_rank", 2),
+                                         ("seed", 3)])
 def test_a_peft_parameter_its_type_does_not_read_is_refused(name, value):
     """One parameter model serves every peft_<type>: ``peft_cat svd_rank=2`` wrote the full-rank
     sum, ``peft_svd density=0.1`` the unpruned one, and the report recorded the ignored value."""
@@ -232,6 +234,31 @@ def test_a_peft_parameter_its_type_does_not_read_is_refused(name, value):
         else:
             with pytest.raises(ParameterError, match=f"{name} is read only by peft_.*, not by peft_{combination_type}$"):
                 parse_params(strategy, {name: value})
+
+
+@pytest.mark.parametrize("combination_type", ["dare_linear_svd", "dare_ties_svd"])
+def test_peft_dare_types_are_reproducible_by_their_seed(bert, combination_type):
+    """PEFT draws DARE's masks from torch's global generator, unseeded: the same inputs gave
+    another merge on each run (found in review). Now a seed parameter (0) decides them, and
+    the caller's generator is left as it was."""
+    from iteris_daemon.model import BaseModel
+    from iteris_daemon.plugin_manager import get_strategy
+    from iteris_daemon.strategy import MergeInputs, parse_params
+
+    base_dir, adapter_dirs = bert
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    strategy = get_strategy(f"peft_{combination_type}")
+    inputs = MergeInputs(BaseModel(str(base_dir), adapters), adapters, [None] * len(adapters), "cpu")
+
+    def merged(**params) -> dict[str, torch.Tensor]:
+        result = strategy.merge(inputs, parse_params(strategy, params), lambda items, **_: items)
+        return {path: B @ A for path, (B, A) in result.modules.items()}
+
+    state = torch.random.get_rng_state()
+    first, again, other = merged(), merged(), merged(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(first[path], again[path]) for path in first)
+    assert any(not torch.equal(first[path], other[path]) for path in first)
 
 
 def test_task_arithmetic_is_exact_sum(bert, tmp_path):
