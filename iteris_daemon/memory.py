@@ -4,6 +4,10 @@ A merge's process peak is usually the model load, which hides what the merge
 itself needs. On Linux the peak (VmHWM) can be reset before the merge starts
 (``/proc/self/clear_refs``), so the peak read afterwards is the merge's own.
 Elsewhere the figures fall back to ``getrusage`` and the merge peak is None.
+
+The process peak is not ``getrusage``'s ``ru_maxrss`` on Linux: the reset clears
+it too, and after ``exec`` it starts at the parent's peak, so a merge launched
+by a large process would report the parent's memory as its own.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import resource
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
+# The largest VmHWM that reset_peak() cleared: the process peak must survive the resets.
+_cleared_peak_mb = 0.0
 
 
 def _status_mb(field: str) -> float | None:
@@ -29,17 +35,26 @@ def current_rss_mb() -> float | None:
 
 
 def process_peak_mb() -> float:
-    """Peak RSS since the process started (never reset)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS since it started, across :func:`reset_peak` calls.
+
+    Falls back to ``ru_maxrss`` without /proc (there a parent's peak may show through).
+    """
+    window = window_peak_mb()
+    if window is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(window, _cleared_peak_mb)
 
 
 def reset_peak() -> bool:
     """Make the next :func:`window_peak_mb` measure from now; False where unsupported."""
+    global _cleared_peak_mb
+    before = window_peak_mb()
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return True
     except OSError:
         return False
+    _cleared_peak_mb = max(_cleared_peak_mb, before or 0.0)
+    return True
 
 
 def window_peak_mb() -> float | None:
