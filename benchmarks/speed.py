@@ -287,25 +287,34 @@ def _mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def kept_with(previous: dict, results: dict, parts: list[str]) -> dict:
+    """A partial rerun's ``results`` over the saved ``previous``: the parts and the strategies
+    not rerun stay; the floor stays only beside the IterIS row it was measured with."""
+    kept = {**previous, **{part: results[part] for part in parts}, "machine": results["machine"]}
+    if "strategies" in parts:
+        kept["strategies"] = {**previous.get("strategies", {}), **results["strategies"]}
+    if "floor" in results:  # iteris was rerun
+        kept["floor"] = results["floor"]
+    elif "iteris" not in kept["strategies"]:
+        kept.pop("floor", None)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
-                        help="strategies of the strategies part (default: all; iteris brings the floor)")
+                        help="strategies of the strategies part (default: all; iteris brings the floor); "
+                             "a subset replaces only its own rows of speed.json")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
                         help=f"task adapters to merge (default: all {len(TASKS)})")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = run(args.workdir, tasks=tuple(args.tasks), strategies=tuple(args.strategies), parts=tuple(args.parts))
     previous = args.workdir / "speed.json"
-    if set(args.parts) != set(PARTS) and previous.exists():  # keep the parts not rerun
-        kept = json.loads(previous.read_text())
-        for part in args.parts:
-            kept[part] = results[part]
-        if "floor" in results:
-            kept["floor"] = results["floor"]
-        results = {**kept, "machine": results["machine"]}
+    if (set(args.parts) != set(PARTS) or set(args.strategies) != set(STRATEGIES)) and previous.exists():
+        results = kept_with(json.loads(previous.read_text()), results, args.parts)
     previous.write_text(json.dumps(results, indent=2) + "\n")
     print(tables(results))
     return 0

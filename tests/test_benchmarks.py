@@ -106,6 +106,51 @@ def test_speed_pipeline(workdir):
     assert "ratio" in speed.tables(results)
 
 
+def test_speed_rerun_of_some_strategies_keeps_the_others(tmp_path, monkeypatch, capsys):
+    """``--parts strategies --strategies a b`` (the README reruns subsets) replaces only those rows
+    of speed.json; the floor is replaced when iteris reran and dropped when its IterIS row is gone."""
+    def row(seconds):
+        return {"seconds": seconds, "peak_rss_mb": 400.0, "merge_memory_mb": {"before": 400.0, "peak": 410.0}}
+
+    def floor(seconds):
+        return {"seconds": seconds, "forward_s": seconds, "gram_s": 0.0, "grams_per_task": 1, "layers": 2,
+                "passes": 1, "iteris_seconds_per_iteration": 1.0, "ratio": 1.0 / seconds}
+
+    def fake_run(workdir, tasks, strategies, parts):
+        results = {"machine": {"cores": 2}, "strategies": {}, "memory": {}, "scaling": {"adapters": {}, "width": {}}}
+        for name in strategies if "strategies" in parts else ():
+            results["strategies"][name] = {**row(2.0), "timings": {"inference_s": 1.5, "solve_s": 0.5},
+                                           "iterations_run": 2}
+        if "iteris" in results["strategies"]:
+            results["floor"] = floor(2.0)
+        return results
+
+    saved = tmp_path / "speed.json"
+    memory = {"50": {"iteris_peak_rss_mb": 500.0, "iteris_merge_memory_mb": {"peak": 450.0}, "iteris_seconds": 1.0,
+                     "token_storing": {"peak_rss_mb": 600.0}}}
+    saved.write_text(json.dumps({
+        "machine": {"cores": 1}, "memory": memory, "scaling": {"adapters": {}, "width": {}}, "floor": floor(1.0),
+        "strategies": {"iteris": {**row(1.0), "timings": {"inference_s": 1.0, "solve_s": 0.0}, "iterations_run": 1},
+                       "ties": row(1.0), "tsv": row(1.0)}}))
+    monkeypatch.setattr(speed, "run", fake_run)
+
+    def rerun(*strategies):
+        assert speed.main(["--workdir", str(tmp_path), "--parts", "strategies", "--strategies", *strategies]) == 0
+        return json.loads(saved.read_text())
+
+    results = rerun("tsv", "core_space")
+    assert list(results["strategies"]) == ["iteris", "ties", "tsv", "core_space"]
+    assert results["strategies"]["tsv"]["seconds"] == 2.0 and results["strategies"]["ties"]["seconds"] == 1.0
+    assert results["floor"]["seconds"] == 1.0 and results["memory"] == memory  # iteris not rerun: its floor stays
+    assert rerun("iteris")["floor"]["seconds"] == 2.0  # measured beside the new IterIS row
+
+    results = json.loads(saved.read_text())
+    del results["strategies"]["iteris"]  # a file saved before this fix: a floor without its IterIS row
+    saved.write_text(json.dumps(results))
+    assert "floor" not in rerun("ties")
+    assert "| tsv | 2.00 |" in capsys.readouterr().out
+
+
 @pytest.mark.long
 def test_scale_benchmark_tiny(tmp_path, capsys):
     """benchmarks.scale end to end on tiny models: the table and both depths' figures."""
