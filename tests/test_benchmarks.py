@@ -151,6 +151,19 @@ def test_speed_rerun_of_some_strategies_keeps_the_others(tmp_path, monkeypatch, 
     assert "| tsv | 2.00 |" in capsys.readouterr().out
 
 
+def test_schedules_report_the_measured_forward_passes(tmp_path, monkeypatch):
+    """The forward-pass column is the merge report's count, not a formula of the sweeps."""
+    from benchmarks import evaluate, schedules
+
+    monkeypatch.setattr(schedules, "train_all", lambda folder, model, config, tasks: {t: tmp_path for t in tasks})
+    monkeypatch.setattr(evaluate, "accuracy", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(schedules, "merge_and_score", lambda model, adapters, strategy, params, out, limit: {
+        "accuracy": dict.fromkeys(adapters, 0.5), "merge_seconds": 1.0,
+        "calibration_passes": 10 * params["iterations"] + (params["schedule"] == "sequential")})
+    runs = schedules.run(tmp_path, sweeps=(1, 2), tasks=("news", "language"))["runs"]
+    assert [r["forward_passes"] for r in runs] == [10, 20, 11, 21]
+
+
 @pytest.mark.long
 def test_scale_benchmark_tiny(tmp_path, capsys):
     """benchmarks.scale end to end on tiny models: the table and both depths' figures."""
