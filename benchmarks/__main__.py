@@ -1,5 +1,7 @@
-"""``python -m benchmarks [--workdir bench-out]``: every table and plot of the README's
-Benchmarks section, offline, from a clean checkout (quality first, then speed)."""
+"""``python -m benchmarks [--workdir bench-out]``: the quality and the speed benchmarks
+(their tables and plots), offline, from a clean checkout, quality first. The README's
+other benchmarks (schedules, scale, gpu, dense_memory, ...) run on their own:
+``python -m benchmarks.NAME``."""
 
 from __future__ import annotations
 
