@@ -2,9 +2,10 @@
 
 Random LoRA factors (no model, no data): ``--adapters`` adapters of rank ``--rank`` on
 one ``--shape`` module. Each strategy merges in a fresh process (``python -m
-benchmarks.dense_memory --one STRATEGY ...``), which reports its peak resident memory
-(``ru_maxrss``) before and after the merge (before: after a tiny warm-up merge and the
-factors made), and the merge's seconds. TIES and DARE form
+benchmarks.dense_memory --one STRATEGY ...``), which reports its resident memory
+before the merge (VmRSS, after a tiny warm-up merge and the factors made), its own
+peak resident memory after it (:func:`iteris_daemon.memory.process_peak_mb`), and
+the merge's seconds. TIES and DARE form
 dense deltas; the LoRA-factor strategies never do.
 
 Run: ``python -m benchmarks.dense_memory`` (131072 x 512, 4 adapters of rank 16).
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,7 +25,7 @@ DEFAULT_STRATEGIES = ["ties", "dare", "task_arithmetic", "core_space"]
 
 
 def measure(strategy: str, d_out: int, d_in: int, adapters: int, rank: int, device: str = "cpu") -> dict:
-    """One merge in this process; peak RSS is this process's."""
+    """One merge in this process: its RSS before the merge (None without /proc) and the process's own peak RSS."""
     import torch
 
     from iteris_daemon import memory
@@ -47,15 +47,15 @@ def measure(strategy: str, d_out: int, d_in: int, adapters: int, rank: int, devi
     chosen.merge(MergeInputs(base=None, adapters=loras(8, 8, 2), calibration=[None] * adapters), params,
                  lambda items, **_: items)
     big = loras(d_out, d_in, rank)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = memory.current_rss_mb()
     memory.reset_device_peak(device)
     started = time.perf_counter()
     merged = chosen.merge(MergeInputs(base=None, adapters=big, calibration=[None] * adapters, device=device), params,
                           lambda items, **_: items)
     seconds = time.perf_counter() - started
     B, A = merged.modules["head"]
-    return {"strategy": strategy, "seconds": round(seconds, 2), "rss_before_mb": round(before),
-            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    return {"strategy": strategy, "seconds": round(seconds, 2), "rss_before_mb": None if before is None else round(before),
+            "peak_mb": round(memory.process_peak_mb()),
             "device_peak_mb": memory.device_peak_mb(device), "rank_written": A.shape[0], "truncation_error": merged.metrics.get("truncation_error", {}).get("max")}
 
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         error = "-" if row["truncation_error"] is None else f"{row['truncation_error']:.3f}"
         device_peak = "-" if row["device_peak_mb"] is None else f"{row['device_peak_mb']:.0f}"
-        print(f"| {row['strategy']} | {row['seconds']:.1f} | {row['rss_before_mb']} | {row['peak_mb']} | {device_peak} | "
+        before = "-" if row["rss_before_mb"] is None else row["rss_before_mb"]
+        print(f"| {row['strategy']} | {row['seconds']:.1f} | {before} | {row['peak_mb']} | {device_peak} | "
               f"{row['rank_written']} | {error} |")
     return 0
 
