@@ -22,9 +22,9 @@ from the process peaks of the two streamed runs. Exit status 1 when Z >= 25
 (``--max-growth``): streaming blocks from disk should make the peak nearly independent
 of depth. Results: ``<workdir>/scale.json``.
 
-The models are built in child processes and this process never imports torch: on
-Linux a child's ``ru_maxrss`` (the report's process peak) starts at its parent's peak,
-so a parent that had held a 32-layer model would inflate every merge's figure.
+The models are built in child processes and this process never imports torch, so it
+holds no model while the merges run (the reports' process peak is each merge process's
+own: :func:`iteris_daemon.memory.process_peak_mb`).
 """
 
 from __future__ import annotations
