@@ -462,19 +462,26 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
     if _quantized(config):
         raise WeightsUnavailable("a quantized checkpoint (quantization_config)")
-    model = _skeleton(cls, config, dtype)
-    stacks = tuple(f"{p}." for p in block_paths(model))
-    if not stacks:
-        raise WeightsUnavailable("no block stacks to stream")
-    checkpoint = Checkpoint(folder, model, ignore_mismatched, [name for name in replaced if not name.startswith(stacks)])
-    in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
-    if in_blocks:  # tied below, its block's load would untie it again
-        raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
-    # After the checks that send the model to a whole load (which keeps glibc's
-    # defaults), before any weight is read: block weights read and dropped block after
-    # block would otherwise fragment the heap, and the peak grow with depth (+75% of the
-    # added weights in benchmarks.scale with glibc's defaults, +23% with this).
+    # Before any weight is read, and before the skeleton is built: block weights read and
+    # dropped block after block fragment the heap otherwise, and the peak grows with depth.
+    # Building the skeleton frees large blocks, which raise glibc's threshold; fixed after
+    # it, block weights still came from the heap's free chunks (benchmarks.scale: +77% of
+    # the added weights, as with glibc's defaults; +21% fixed here). A model the checks
+    # below send to a whole load gets glibc's heap back (resident passes run faster so).
     malloc.keep_large_blocks_in_mmap()
+    try:
+        model = _skeleton(cls, config, dtype)
+        stacks = tuple(f"{p}." for p in block_paths(model))
+        if not stacks:
+            raise WeightsUnavailable("no block stacks to stream")
+        checkpoint = Checkpoint(folder, model, ignore_mismatched,
+                                [name for name in replaced if not name.startswith(stacks)])
+        in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
+        if in_blocks:  # tied below, its block's load would untie it again
+            raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
+    except WeightsUnavailable:
+        malloc.serve_large_blocks_from_heap()
+        raise
     # Block parameters are read with their block; buffers (small) are all read now
     buffers = dict(model.named_buffers())
     now = [name for name in checkpoint.stored if name in buffers or not name.startswith(stacks)]
