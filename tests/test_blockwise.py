@@ -523,17 +523,27 @@ def test_what_streaming_cannot_read_loads_whole(tiny, tmp_path, monkeypatch, cas
 
 
 def test_only_streamed_loads_fix_the_mmap_threshold(tiny, monkeypatch):
-    """A model that cannot stream loads whole and keeps glibc's defaults (fast forward passes
-    on the CPU); the threshold was fixed before the checks that send it there."""
+    """Streaming fixes glibc's mmap threshold before it builds the skeleton: fixed after it
+    (whose build frees large blocks, raising glibc's threshold), block weights still came
+    from the heap and the scale benchmark's peak grew by 77% of the added weights (21%
+    fixed first). A model the checks then send to a whole load gets glibc's heap back
+    (fast forward passes on the CPU)."""
     import iteris_daemon.architecture as architecture
+    import iteris_daemon.weights as weights
     from iteris_daemon import malloc
 
     calls = []
     monkeypatch.setattr(malloc, "keep_large_blocks_in_mmap", lambda: calls.append("fixed"))
+    monkeypatch.setattr(malloc, "serve_large_blocks_from_heap", lambda: calls.append("heap"))
+    skeleton = weights._skeleton
+    monkeypatch.setattr(weights, "_skeleton", lambda *args: calls.append("skeleton") or skeleton(*args))
     base_dir, _ = tiny["llama"]
-    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "disk" and calls == ["fixed"]
+    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "disk"
+    assert calls == ["fixed", "skeleton"]
+    calls.clear()
     monkeypatch.setattr(architecture, "block_plan", lambda *a, **k: BlockPlan(reason="no blocks in this test"))
-    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "resident" and calls == ["fixed"]
+    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "resident"
+    assert calls[:3] == ["fixed", "skeleton", "heap"] and "fixed" not in calls[3:]  # (the whole load's own skeleton)
 
 
 def test_streamed_blocks_take_no_memory_between_uses(tiny):

@@ -340,25 +340,3 @@ def test_remote_code_loads_whole_and_an_explicit_disk_says_so(tmp_path, caplog):
     record = next(r for r in caplog.records if "cannot stream its blocks" in r.getMessage())
     assert record.levelno == logging.WARNING and "its own code builds it (trust_remote_code)" in record.getMessage()
 
-
-def test_glibc_s_threshold_is_fixed_before_the_skeleton_and_given_back_to_a_whole_load(tmp_path, monkeypatch):
-    """Streaming fixes glibc's mmap threshold before it builds the skeleton: fixed after it
-    (whose build frees large blocks, raising glibc's threshold), block weights still came
-    from the heap and the scale benchmark's peak grew by 77% of the added weights (21%
-    fixed first). A model the checks then send to a whole load gets the heap back."""
-    import iteris_daemon.weights as weights
-
-    calls = []
-    monkeypatch.setattr(weights.malloc, "keep_large_blocks_in_mmap", lambda: calls.append("mapped"))
-    monkeypatch.setattr(weights.malloc, "serve_large_blocks_from_heap", lambda: calls.append("heap"))
-    skeleton = weights._skeleton
-    monkeypatch.setattr(weights, "_skeleton", lambda *args: calls.append("skeleton") or skeleton(*args))
-    base_dir = build_tiny_model("llama", tmp_path / "llama", "CAUSAL_LM")
-    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "disk"
-    assert calls == ["mapped", "skeleton"]
-
-    calls.clear()
-    with pytest.raises(WeightsUnavailable, match="no block stacks"):
-        load_streamed(tf.LlamaForCausalLM, str(base_dir), tf.AutoConfig.from_pretrained(base_dir), torch.float32,
-                      torch.device("cpu"), lambda model: [])
-    assert calls == ["mapped", "skeleton", "heap"]
