@@ -466,22 +466,29 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # dropped block after block fragment the heap otherwise, and the peak grows with depth.
     # Building the skeleton frees large blocks, which raise glibc's threshold; fixed after
     # it, block weights still came from the heap's free chunks (benchmarks.scale: +77% of
-    # the added weights, as with glibc's defaults; +21% fixed here). A model the checks
-    # below send to a whole load gets glibc's heap back (resident passes run faster so).
+    # the added weights, as with glibc's defaults; +21% fixed here). A model that turns
+    # out not to stream (WeightsUnavailable: a check, the tie) gets glibc's heap back for
+    # its whole load (resident passes run faster so).
     malloc.keep_large_blocks_in_mmap()
     try:
-        model = _skeleton(cls, config, dtype)
-        stacks = tuple(f"{p}." for p in block_paths(model))
-        if not stacks:
-            raise WeightsUnavailable("no block stacks to stream")
-        checkpoint = Checkpoint(folder, model, ignore_mismatched,
-                                [name for name in replaced if not name.startswith(stacks)])
-        in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
-        if in_blocks:  # tied below, its block's load would untie it again
-            raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
+        return _streamed(cls, folder, config, dtype, device, block_paths, ignore_mismatched, replaced)
     except WeightsUnavailable:
         malloc.serve_large_blocks_from_heap()
         raise
+
+
+def _streamed(cls, folder: Path, config, dtype: torch.dtype, device: torch.device, block_paths,
+              ignore_mismatched: bool, replaced: Iterable[str]) -> tuple[nn.Module, Streamed]:
+    """:func:`load_streamed`'s work, once glibc's threshold is fixed: WeightsUnavailable where
+    the model must load whole."""
+    model = _skeleton(cls, config, dtype)
+    stacks = tuple(f"{p}." for p in block_paths(model))
+    if not stacks:
+        raise WeightsUnavailable("no block stacks to stream")
+    checkpoint = Checkpoint(folder, model, ignore_mismatched, [name for name in replaced if not name.startswith(stacks)])
+    in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
+    if in_blocks:  # tied below, its block's load would untie it again
+        raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
     # Block parameters are read with their block; buffers (small) are all read now
     buffers = dict(model.named_buffers())
     now = [name for name in checkpoint.stored if name in buffers or not name.startswith(stacks)]
