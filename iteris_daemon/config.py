@@ -265,6 +265,10 @@ class DaemonSettings(_Strict):
         """How many merges may run at once."""
         return min(self.max_concurrent_merges or len(self.merge_devices()), len(self.merge_devices()))
 
+    def slot_devices(self) -> list[str]:
+        """The device of each merge slot: the first ``merge_slots()`` of ``merge_devices()``."""
+        return self.merge_devices()[: self.merge_slots()]
+
 
 def printable_name(name: str) -> str:
     """A source's or group's name: logs, `status` and metrics labels name it, so 1 to 200

@@ -363,7 +363,7 @@ class Daemon:
     def run(self) -> int:
         settings = self.config.daemon
         check_devices_here(settings, self.config_path)  # a config error: before anything starts
-        warn_unlimited_cuda_workers(settings.worker_memory_limit_mb, settings.merge_devices())
+        warn_unlimited_cuda_workers(settings.worker_memory_limit_mb, settings.slot_devices())
         malloc.tune()  # before any thread starts
         self._install_signals()
         try:
@@ -413,7 +413,7 @@ class Daemon:
         for leftover in (*self.work.glob(f"{INPUTS_PREFIX}*"), *self.work.glob(f"{SHAPES_PREFIX}*")):  # killed runs' and workers' files
             shutil.rmtree(leftover, ignore_errors=True)
         self.scheduler = new_scheduler(settings)
-        self._slots = settings.merge_devices()[: settings.merge_slots()]
+        self._slots = settings.slot_devices()
         for device in self._slots:
             self._free_devices.put(device)
         self.scheduler.start()
@@ -554,7 +554,7 @@ class Daemon:
                   "devices": lambda: ", ".join(self._slots), "max_concurrent_merges": lambda: len(self._slots),
                   "metrics": lambda: started.metrics.listen if started.metrics else "none",
                   "webhooks": lambda: started.webhooks.listen if started.webhooks else "none"}
-        same_slots = settings.merge_devices()[: settings.merge_slots()] == self._slots  # `device` under `devices`, say
+        same_slots = settings.slot_devices() == self._slots  # `device` under `devices`, say
         for name, value in in_use.items():
             if getattr(settings, name) != getattr(started, name) and not (
                     same_slots and name in ("device", "devices", "max_concurrent_merges")) and not (

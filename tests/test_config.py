@@ -349,6 +349,7 @@ def test_a_merge_device_not_on_this_host_is_refused_at_start(tmp_path, capsys, m
     ('devices = ["cpu", "cuda:1", "cuda:1"]', "[daemon] worker_memory_limit_mb = 4096 is not applied to the merges on "
                                               "cuda:1: CUDA reserves far more address space than it uses"),
     ('devices = ["cpu"]', None),
+    ('devices = ["cpu", "cuda:1"]\nmax_concurrent_merges = 1', None),  # cuda:1 runs no merge (found by QA)
 ])
 def test_a_memory_limit_with_a_cuda_device_is_warned_of_at_start(tmp_path, caplog, monkeypatch, line, warned):
     """The worker leaves ``worker_memory_limit_mb`` off on CUDA (CUDA cannot start under
