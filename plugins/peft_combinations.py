@@ -131,14 +131,18 @@ class PeftCombination:
 
 @contextlib.contextmanager
 def _seeded(seed: int, device: str) -> Iterator[None]:
-    """torch's global generators (the CPU's and ``device``'s) seeded with ``seed``, and put
-    back as they were afterwards: PEFT draws DARE's masks from them, so the same inputs
-    gave another merge on each run, and the caller's draws stay its own."""
+    """The CPU's generator and ``device``'s seeded with ``seed``, and put back as they were
+    afterwards: PEFT draws DARE's masks from torch's global generators, so the same inputs
+    gave another merge on each run. Only those two: ``torch.manual_seed`` seeds every GPU's
+    (queued until CUDA starts), which nothing here put back."""
     import torch
 
-    cuda = [torch.device(device).index or 0] if device != "cpu" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    index = (torch.device(device).index or 0) if device != "cpu" else None
+    with torch.random.fork_rng(devices=[] if index is None else [index]):
+        torch.random.default_generator.manual_seed(seed)
+        if index is not None:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         yield
 
 

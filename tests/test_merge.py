@@ -254,9 +254,10 @@ def test_peft_dare_types_are_reproducible_by_their_seed(bert, combination_type):
         result = strategy.merge(inputs, parse_params(strategy, params), lambda items, **_: items)
         return {path: B @ A for path, (B, A) in result.modules.items()}
 
-    state = torch.random.get_rng_state()
+    state, queued = torch.random.get_rng_state(), torch.cuda._lazy_seed_tracker.get_calls()
     first, again, other = merged(), merged(), merged(seed=1)
     assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.cuda._lazy_seed_tracker.get_calls() == queued  # no GPU's generator seeded (torch.manual_seed did)
     assert all(torch.equal(first[path], again[path]) for path in first)
     assert any(not torch.equal(first[path], other[path]) for path in first)
 
