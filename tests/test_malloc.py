@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 
-PROBE = r"""
+MALLINFO = r"""
 import ctypes, json, os, sys, tempfile, threading
 
 class MallInfo2(ctypes.Structure):
@@ -22,6 +22,9 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
+"""  # glibc's own count of the process's heap (mallinfo2), for the probes below
+
+PROBE = MALLINFO + r"""
 libc.fopen.restype = ctypes.c_void_p
 libc.fopen.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
 libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
@@ -120,16 +123,9 @@ def test_release_free_heap_returns_freed_pages_that_free_keeps(trim: bool):
         assert released < 4 << 20  # the control: free() alone keeps them resident
 
 
-SERVED = r"""
-import ctypes, json, sys
+SERVED = MALLINFO + r"""
 from iteris_daemon.malloc import keep_large_blocks_in_mmap, serve_large_blocks_from_heap
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
 keep_large_blocks_in_mmap()
 served = serve_large_blocks_from_heap() if sys.argv[1] == "served" else None
 before = libc.mallinfo2().hblkhd
