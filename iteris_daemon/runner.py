@@ -64,6 +64,7 @@ from .config import GroupConfig, Selection
 from .errors import AdapterError, CalibrationUnavailable, IterisError, MergeCancelled, PluginError, first_line
 from .gates import judge
 from .logs import counted, redact
+from .sources.hub import RepoSpec
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
@@ -994,10 +995,10 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
 
 def origin(adapter: Adapter, revision: AdapterRevision) -> str | None:
     """Where an input came from, as its merge report names it: a folder source's folder; a Hub
-    source's repo at the commit (``hf://REPO@SHA``), not the daemon's cache folder of it,
-    which the Hub's copy of the report could only name by the commit (``local:SHA``)."""
+    source's repo at the commit (``hf://REPO@SHA[/SUBFOLDER]``), not the daemon's cache folder
+    of it, which the Hub's copy of the report could only name by the commit (``local:SHA``)."""
     if adapter.source.kind is SourceKind.hub:
-        return f"hf://{adapter.locator.partition('@')[0]}@{revision.revision}"
+        return RepoSpec.parse(adapter.locator).url(revision.revision)
     return revision.files_path
 
 

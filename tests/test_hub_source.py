@@ -129,15 +129,112 @@ def test_explicit_repo_list_with_branch_and_removal(env):
     assert "adapter_config.json" in _adapters(catalog)["bob/a@dev"].current.reason
 
 
-def test_a_named_repo_whose_adapter_is_in_a_subfolder_is_rejected_saying_so(env):
-    """Adapters in subfolders (a Trainer's ``checkpoint-500/``) are not read; the rejection
-    says so instead of "not a PEFT adapter repo", which was untrue (found by QA)."""
+def test_a_named_repo_whose_adapter_is_in_a_subfolder_is_rejected_naming_the_spec_to_use(env):
+    """An adapter in a subfolder (a Trainer's ``checkpoint-500/``) is polled where the settings
+    name its folder; a repo named at its top says which name to give (found by QA: it said
+    "not a PEFT adapter repo", which was untrue)."""
     hub, catalog, source, (first, _), tmp = env
     hub.create_repo_direct("bob/ckpt", {f"checkpoint-500/{name}": data for name, data in adapter_files(first).items()})
     assert source(repos=["bob/ckpt"]).poll().rejected == ["bob/ckpt"]
     assert _adapters(catalog)["bob/ckpt"].current.reason.endswith(
-        "no adapter_config.json at the top of the repo (checkpoint-500/adapter_config.json is not read: an adapter in "
-        "a subfolder is not supported)")
+        "no adapter_config.json at the top of the repo; checkpoint-500/adapter_config.json is an adapter in a "
+        "subfolder: name it in the source's repos as bob/ckpt/checkpoint-500")
+
+
+def _in(folder: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    return {f"{folder}/{name}": data for name, data in files.items()}
+
+
+def test_adapters_in_subfolders_of_one_repo_are_registered_each_under_its_folder(env, made):
+    """One repo holding several tasks' LoRAs, each in its folder: each folder the settings
+    name is an adapter of its own, registered at the repo's commit with only its files
+    fetched, loadable by PEFT from the cache; a commit to one folder leaves the cache holding
+    the new commit alone, with both adapters' files; a folder emptied is rejected."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    hub, catalog, source, (first, second), tmp = env
+    sha1 = hub.create_repo_direct("bob/tasks", {**_in("sst2", adapter_files(first)),
+                                                **_in("news/deep", adapter_files(second)), "README.md": b"# tasks"})
+    source(repos=["bob/tasks/sst2", "bob/tasks/news/deep/"])  # a trailing slash names the same folder
+    cache = tmp / "cache" / "hub"  # as the daemon's, for `sources remove`
+    poller = HubSource(catalog, "hub", cache)
+    assert sorted(poller.poll().registered) == ["bob/tasks/news/deep", "bob/tasks/sst2"]
+    adapters = _adapters(catalog)
+    sst2, news = adapters["bob/tasks/sst2"].current, adapters["bob/tasks/news/deep"].current
+    assert (sst2.revision, sst2.rank, news.revision, news.rank) == (sha1, 2, sha1, 3) and sst2.has_calibration
+    assert sst2.files_path == str(cache / "bob--tasks" / sha1 / "sst2")
+    assert sha256_file(Path(news.files_path) / "adapter_model.safetensors") == sha256_file(second / "adapter_model.safetensors")
+    fetched = {r.path.split(f"/resolve/{sha1}/", 1)[1] for r in hub.requests_matching(r"^GET /bob/tasks/resolve/")}
+    assert fetched == {f"{folder}/{name}" for folder in ("sst2", "news/deep")
+                       for name in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
+    PeftModel.from_pretrained(AutoModel.from_pretrained(made[0]), news.files_path)
+    assert poller.poll().unchanged == 2
+
+    sha2 = hub.commit_direct("bob/tasks", _in("sst2", adapter_files(second)))  # sst2 retrained
+    assert sorted(poller.poll().registered) == ["bob/tasks/news/deep", "bob/tasks/sst2"]
+    adapters = _adapters(catalog)
+    assert adapters["bob/tasks/sst2"].current.rank == 3 and adapters["bob/tasks/news/deep"].current.revision == sha2
+    assert [p.name for p in (cache / "bob--tasks").iterdir()] == [sha2]
+    assert all((cache / "bob--tasks" / sha2 / folder / "adapter_model.safetensors").is_file()
+               for folder in ("sst2", "news/deep"))
+    with catalog.session() as session:  # what `sources remove` cleans up
+        assert hub_module.download_folders(session, "hub") == {cache / "bob--tasks"}
+
+    assert poller.watches("bob/tasks") and poller.poll_repo("bob/tasks").unchanged == 2  # a webhook polls both
+    hub.commit_direct("bob/tasks", {}, [f"news/deep/{name}" for name in adapter_files(second) if name != "README.md"])
+    assert poller.poll().rejected == ["bob/tasks/news/deep"]
+    assert _adapters(catalog)["bob/tasks/news/deep"].current.reason.endswith(
+        "no news/deep/adapter_config.json in the repo (not a PEFT adapter's folder)")
+
+
+def test_an_adapter_in_a_subfolder_whose_files_are_gone_is_fetched_again_alone(env):
+    """Files gone from one folder of a commit: that adapter is downloaded again, and the other
+    folder's files, which runs may be copying, are left as they are."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("bob/two", {**_in("a", adapter_files(first)), **_in("b", adapter_files(second))})
+    poller = source(repos=["bob/two/a", "bob/two/b"])
+    poller.poll()
+    adapters = _adapters(catalog)
+    kept = Path(adapters["bob/two/b"].current.files_path) / "adapter_model.safetensors"
+    written = kept.stat().st_mtime_ns
+    shutil.rmtree(adapters["bob/two/a"].current.files_path)
+    downloads = lambda folder: len(hub.requests_matching(rf"^GET /bob/two/resolve/\w+/{folder}/"))  # noqa: E731
+    assert poller.poll().registered == ["bob/two/a"]
+    assert (downloads("a"), downloads("b")) == (6, 3) and kept.stat().st_mtime_ns == written
+    assert sha256_file(Path(adapters["bob/two/a"].current.files_path) / "adapter_model.safetensors") == \
+        adapters["bob/two/a"].current.content_sha256
+
+
+@pytest.mark.parametrize("spec, parsed, locator", [
+    ("acme/x", ("acme/x", None, None), "acme/x"),
+    ("acme/x@dev", ("acme/x", None, "dev"), "acme/x@dev"),
+    ("acme/x/checkpoint-500", ("acme/x", "checkpoint-500", None), "acme/x/checkpoint-500"),
+    ("acme/x/tasks/news/@feature/y", ("acme/x", "tasks/news", "feature/y"), "acme/x/tasks/news@feature/y"),
+    ("acme/x/", ("acme/x", None, None), "acme/x"),
+])
+def test_repo_specs_name_a_folder_and_a_branch(spec, parsed, locator):
+    from types import SimpleNamespace
+
+    from iteris_daemon.catalog.models import SourceKind
+    from iteris_daemon.runner import origin
+    from iteris_daemon.sources.hub import HubSettings, RepoSpec
+
+    assert tuple(RepoSpec.parse(spec)) == parsed and RepoSpec.parse(spec).locator == locator
+    assert HubSettings(repos=[spec]).repos == [locator]
+    hub_adapter = SimpleNamespace(source=SimpleNamespace(kind=SourceKind.hub), locator=locator)
+    assert origin(hub_adapter, SimpleNamespace(revision="f" * 40)) == (
+        f"hf://acme/x@{'f' * 40}" + (f"/{parsed[1]}" if parsed[1] else ""))  # as HfFileSystem names it
+
+
+@pytest.mark.parametrize("spec", ["acme/x/../y", "acme/x//y", "acme/x/./y", "acme/x/a\\b", "acme/x/y@", "acme"])
+def test_a_repo_spec_naming_no_folder_a_repo_can_hold_is_refused(spec):
+    from pydantic import ValidationError
+
+    from iteris_daemon.sources.hub import HubSettings
+
+    with pytest.raises(ValidationError, match=re.escape(repr(spec))):
+        HubSettings(repos=[spec])
 
 
 def _naming_base(folder: Path, base: str) -> dict[str, bytes]:

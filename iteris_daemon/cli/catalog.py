@@ -64,13 +64,15 @@ def register(commands) -> None:
         description="Add a source. Exactly one of --folder, --hub-repo, --hub-author.",
         epilog="examples:\n  iteris-daemon sources add team-loras --folder /srv/loras --base-model ./minilm\n"
                "  iteris-daemon sources add acme --hub-author acme --base-model acme/base --interval 600\n"
-               "  iteris-daemon sources add two --hub-repo acme/sst2-lora --hub-repo acme/news-lora@v2",
+               "  iteris-daemon sources add two --hub-repo acme/sst2-lora --hub-repo acme/news-lora@v2\n"
+               "  iteris-daemon sources add tasks --hub-repo acme/task-loras/sst2 --hub-repo acme/task-loras/news",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add.add_argument("name", type=_source_name, help="a unique name for the source")
     kind = add.add_mutually_exclusive_group(required=True)
     kind.add_argument("--folder", action="append", type=user_path, metavar="DIR", help="watch DIR recursively (repeatable)")
-    kind.add_argument("--hub-repo", action="append", metavar="REPO[@BRANCH]", help="poll this Hub repo (repeatable)")
+    kind.add_argument("--hub-repo", action="append", metavar="REPO[/SUBFOLDER][@BRANCH]",
+                      help="poll this Hub repo's adapter, at its top or in SUBFOLDER (repeatable)")
     kind.add_argument("--hub-author", metavar="USER_OR_ORG", help="poll every adapter repo of this user or organisation")
     add.add_argument("--base-model", metavar="PATH_OR_ID",
                      help="check adapters against this base model, which decides over the one an adapter names (a "

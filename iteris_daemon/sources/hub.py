@@ -38,6 +38,7 @@ import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from collections.abc import Callable, Collection, Iterator
+from typing import NamedTuple
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
@@ -88,6 +89,45 @@ def checked_commit_sha(sha: object, where: str) -> str:
     return sha
 
 
+class RepoSpec(NamedTuple):
+    """One adapter a Hub source polls: ``OWNER/NAME[/SUBFOLDER][@BRANCH]``, the locator the
+    catalog records it under. An adapter in a subfolder (one repo holding several tasks'
+    LoRAs, or a Trainer's ``checkpoint-500/``) is named by its folder."""
+
+    repo_id: str
+    subfolder: str | None = None
+    branch: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> RepoSpec:
+        """Split ``spec`` (a trailing slash dropped); :meth:`problem` says whether it can be polled."""
+        path, at, branch = spec.partition("@")
+        owner, _, rest = path.partition("/")
+        name, _, subfolder = rest.partition("/")
+        return cls(f"{owner}/{name}", subfolder.rstrip("/") or None, branch if at else None)
+
+    @property
+    def locator(self) -> str:
+        return (self.repo_id + (f"/{self.subfolder}" if self.subfolder else "")
+                + (f"@{self.branch}" if self.branch is not None else ""))
+
+    def problem(self) -> str | None:
+        """Why this names nothing to poll, or None."""
+        if bad_repo_id(self.repo_id) or (self.branch is not None and not self.branch.strip()):  # "acme/x@" polled no branch
+            return "is not a repo id (OWNER/NAME[/SUBFOLDER][@BRANCH])"
+        if self.subfolder and unsafe_path(self.subfolder):
+            return "names no subfolder a repo can hold"
+        return None
+
+    def url(self, revision: str) -> str:
+        """The adapter's folder at ``revision``, as ``huggingface_hub``'s ``HfFileSystem`` names it."""
+        return f"hf://{self.repo_id}@{revision}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+    def file(self, name: str) -> str:
+        """The path in the repo of the adapter's file ``name``."""
+        return f"{self.subfolder}/{name}" if self.subfolder else name
+
+
 def bad_repo_id(repo_id: object) -> str | None:
     """Why ``repo_id`` (from the settings, or a Hub listing: untrusted) is not an
     ``OWNER/NAME`` the Hub accepts, or None. It becomes part of a cache path."""
@@ -105,7 +145,8 @@ class HubSettings(BaseModel):
 
     model_config = STRICT
 
-    repos: list[str] = Field(default_factory=list, description="repo ids, optionally REPO@BRANCH")
+    repos: list[str] = Field(default_factory=list, description="repos, OWNER/NAME[/SUBFOLDER][@BRANCH]; SUBFOLDER: "
+                                                               "the adapter's folder, if not at the repo's top")
     author: str | None = Field(None, description="poll every adapter repo of this user or organisation")
     base_model: ModelSetting | None = Field(None, description="check adapters against this base model, which decides over "
                                              "the one an adapter names (an adapter of another model is rejected)")
@@ -123,10 +164,10 @@ class HubSettings(BaseModel):
     @classmethod
     def _repo_ids(cls, repos: list[str]) -> list[str]:
         for spec in repos:
-            repo, at, branch = spec.partition("@")
-            if bad_repo_id(repo) or (at and not branch.strip()):  # "acme/x@" polled no branch
-                raise ValueError(f"{spec!r} is not a repo id (OWNER/NAME[@BRANCH])")
-        return repos
+            problem = RepoSpec.parse(spec).problem()
+            if problem:
+                raise ValueError(f"{spec!r} {problem}")
+        return [RepoSpec.parse(spec).locator for spec in repos]  # "acme/x/ckpt/" is "acme/x/ckpt"
 
     @field_validator("author")
     @classmethod
@@ -148,12 +189,12 @@ class HubSettings(BaseModel):
 
     def watches(self, endpoint: str | None, repo_id: str, branch: str) -> bool:
         """Whether this source's polls see commits to ``repo_id``'s ``branch`` on ``endpoint``:
-        the repo is listed at that branch (main when none is given), or belongs to the
+        the repo (or a subfolder of it) is listed at that branch (main when none is given), or belongs to the
         author, whose repos are polled on their main branch. Repo ids ignore case, as the Hub does."""
         if _endpoint(self.endpoint) != _endpoint(endpoint):
             return False
         target = (repo_id.casefold(), branch)
-        listed = {(repo.casefold(), at or "main") for repo, _, at in (spec.partition("@") for spec in self.repos)}
+        listed = {(spec.repo_id.casefold(), spec.branch or "main") for spec in map(RepoSpec.parse, self.repos)}
         owner = repo_id.partition("/")[0].casefold()
         return target in listed or (self.author is not None and owner == self.author.casefold() and branch == "main")
 
@@ -225,18 +266,20 @@ class HubSource:
 
     def watches(self, repo_id: str) -> bool:
         """Whether ``repo_id`` is one of this source's repos (listed, or of its author)."""
-        return (any(spec.partition("@")[0] == repo_id for spec in self.settings.repos)
+        return (any(spec.repo_id == repo_id for spec in self._specs())
                 or (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author))
 
     def poll_repo(self, repo_id: str) -> ScanReport:
-        """Poll one repo now (a webhook said it changed); the others wait for the next poll."""
-        targets = [(repo, branch or None, False, None)
-                   for repo, _, branch in (s.partition("@") for s in self.settings.repos) if repo == repo_id]
+        """Poll one repo now (a webhook said it changed): each of its branches and subfolders
+        the settings name; the other repos wait for the next poll."""
+        targets = [(spec, False, None) for spec in self._specs() if spec.repo_id == repo_id]
         if (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author
-                and (repo_id, None, False, None) not in targets):
-            targets.append((repo_id, None, True, None))  # its main branch too, as the author's
-        locators = {repo if branch is None else f"{repo}@{branch}" for repo, branch, *_ in targets}
-        return self._poll(lambda api, errors: targets, only=locators)
+                and RepoSpec(repo_id) not in [spec for spec, *_ in targets]):
+            targets.append((RepoSpec(repo_id), True, None))  # its main branch too, as the author's
+        return self._poll(lambda api, errors: targets, only={spec.locator for spec, *_ in targets})
+
+    def _specs(self) -> list[RepoSpec]:
+        return [RepoSpec.parse(spec) for spec in self.settings.repos]
 
     def _poll(self, find_targets, only: set[str] | None) -> ScanReport:
         """Poll what ``find_targets`` names; only the locators in ``only`` (None: all) may be
@@ -269,12 +312,12 @@ class HubSource:
             log.error("source %s: %s", self.name, describe_hub_error(exc, "listing repos"))
             return report
         seen: set[str] = set()
-        for repo_id, branch, listed, head in targets:
+        for spec, listed, head in targets:
             if self._stopping():
                 return self._interrupted(what, report, errors)
-            locator = repo_id if branch is None else f"{repo_id}@{branch}"
+            locator = spec.locator
             try:
-                if self._poll_repo(api, token, repo_id, branch, locator, listed, head, report):
+                if self._poll_repo(api, token, spec, listed, head, report):
                     seen.add(locator)
                 elif locator in self.settings.repos:  # named in the config, so expected to be there
                     errors.append(f"{locator}: no such repo or branch, or this source's token cannot read it")
@@ -321,42 +364,41 @@ class HubSource:
             url, params = response.links.get("next", {}).get("url"), None  # the next link holds the query
         return models
 
-    def _targets(self, api: HfApi, errors: list[str]) -> list[tuple[str, str | None, bool, str | None]]:
-        """(repo, branch, listed, head) tuples, ``listed`` for a repo only the author's listing
+    def _targets(self, api: HfApi, errors: list[str]) -> list[tuple[RepoSpec, bool, str | None]]:
+        """(spec, listed, head) tuples, ``listed`` for a repo only the author's listing
         names, not the settings (it is skipped silently if it holds no adapter after all; a
         listed name that is no repo id is skipped with an error in ``errors``), ``head`` the
-        listing's sha of its main branch (None: not listed)."""
-        targets = []
-        for spec in self.settings.repos:
-            repo, _, branch = spec.partition("@")
-            targets.append((repo, branch or None, False, None))
+        listing's sha of its main branch (None: not listed). The listing's repos are read at
+        their top only: an adapter in a subfolder is polled when the settings name it."""
+        targets = [(spec, False, None) for spec in self._specs()]
         if not self.settings.author:
             return targets
         models = self._retrying(f"list {self.settings.author}")(self._list_models, api)
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
-            if CONFIG_NAME in names and (model.id, None, False, None) not in targets:
+            if CONFIG_NAME in names and (RepoSpec(model.id), False, None) not in targets:
                 problem = bad_repo_id(model.id)
                 if problem:
                     errors.append(f"the listing of {self.settings.author} names {str(model.id)[:100]!r}, which {problem}; skipped")
                     log.error("source %s: %s", self.name, errors[-1])
                     continue
-                targets.append((model.id, None, True, model.sha))
+                targets.append((RepoSpec(model.id), True, model.sha))
         return targets
 
-    def _poll_repo(self, api, token, repo_id, branch, locator, listed, head, report) -> bool:
+    def _poll_repo(self, api, token, spec: RepoSpec, listed, head, report) -> bool:
         """Register the repo's head if new; False when the repo is gone (or not an adapter).
         Polls of one repo take turns (see :func:`repo_lock`): the later one reads the head
         after the earlier one has recorded what it saw."""
-        folder = self._repo_folder(repo_id)
+        folder = self._repo_folder(spec.repo_id)
         with repo_lock(folder):
-            return self._poll_repo_locked(api, token, repo_id, branch, locator, listed, head, report, folder)
+            return self._poll_repo_locked(api, token, spec, listed, head, report, folder)
 
-    def _poll_repo_locked(self, api, token, repo_id, branch, locator, listed, head, report, folder: Path) -> bool:
+    def _poll_repo_locked(self, api, token, spec: RepoSpec, listed, head, report, folder: Path) -> bool:
         """``head``: the sha the author's listing gave; a head whose verdict stands costs no
         request more (one ``model_info`` per repo and poll made an unchanged organisation of
         N adapters N + 1 requests a poll)."""
         asked_at = utcnow()  # the head read below is at least this recent
+        locator = spec.locator
         if isinstance(head, str) and _COMMIT_SHA.fullmatch(head):
             with self.catalog.session() as session:
                 if prior(session, self.source_id, locator, head, self.context if self.rejudge else None,
@@ -364,8 +406,8 @@ class HubSource:
                     report.unchanged += 1
                     return True
         try:
-            info = self._retrying(f"model_info {locator}")(api.model_info, repo_id, revision=branch, files_metadata=True,
-                                                           timeout=self.settings.timeout_seconds)
+            info = self._retrying(f"model_info {locator}")(api.model_info, spec.repo_id, revision=spec.branch,
+                                                           files_metadata=True, timeout=self.settings.timeout_seconds)
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return False
         sha = checked_commit_sha(info.sha, locator)  # it names the cache folder
@@ -375,14 +417,15 @@ class HubSource:
             report.unchanged += 1
             return True
         siblings = {s.rfilename: s for s in info.siblings or []}
-        snapshot = folder / sha
-        if self.cache_dir not in Path(os.path.realpath(snapshot)).parents:  # cannot happen with both checked: a guard
+        snapshot = folder / sha  # the commit's files, each adapter's in its own subfolder
+        files = snapshot / spec.subfolder if spec.subfolder else snapshot
+        if self.cache_dir not in Path(os.path.realpath(files)).parents:  # cannot happen with all checked: a guard
             raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
-        if before.files_missing and before.files_path == str(snapshot):  # what is left here may be stale: fetch anew
-            shutil.rmtree(snapshot, ignore_errors=True)
+        if before.files_missing and before.files_path == str(files):  # what is left here may be stale: fetch anew
+            _forget(snapshot, spec.subfolder)
         reason_now, adapter_info = None, None
         try:
-            adapter_info = self._fetch_and_validate(api, token, repo_id, sha, siblings, snapshot, listed)
+            adapter_info = self._fetch_and_validate(api, token, spec, sha, siblings, snapshot, listed)
         except _NotForUs as skip:
             log.debug("source %s: %s skipped: %s", self.name, locator, skip)
             return False
@@ -392,8 +435,8 @@ class HubSource:
             raise HubAnswerError(f"{locator}@{sha[:12]}: downloaded again, its weights differ from those registered; "
                                  f"not recorded")
         seen = Observation(
-            locator=locator, name=locator, revision=sha, files_path=str(snapshot) if adapter_info else None,
-            info=adapter_info, reason=reason_now, has_calibration=(snapshot / CALIBRATION_NAME).is_file(),
+            locator=locator, name=locator, revision=sha, files_path=str(files) if adapter_info else None,
+            info=adapter_info, reason=reason_now, has_calibration=(files / CALIBRATION_NAME).is_file(),
             context=self.context, seen_at=asked_at,
         )
         with self.catalog.session() as session:
@@ -427,41 +470,40 @@ class HubSource:
             log.info("source %s: %s is at %s again, already in the catalog", self.name, locator, sha[:12])
         return True
 
-    def _fetch_and_validate(self, api, token, repo_id, sha, siblings, snapshot: Path, listed: bool):
-        where = f"{repo_id}@{sha[:12]}"
+    def _fetch_and_validate(self, api, token, spec: RepoSpec, sha: str, siblings: dict[str, RepoSibling],
+                            snapshot: Path, listed: bool):
+        where = f"{spec.repo_id}@{sha[:12]}"
         bad = sorted(n for n in siblings if unsafe_path(n))
         if bad:
             raise AdapterError(where, f"the repo listing holds an unsafe file path {bad[0]!r}; nothing was downloaded")
-        if CONFIG_NAME not in siblings:
+        if spec.file(CONFIG_NAME) not in siblings:
             if listed:
                 raise _NotForUs("no adapter_config.json")
-            nested = sorted(n for n in siblings if n.endswith(f"/{CONFIG_NAME}"))
-            raise AdapterError(where, f"no {CONFIG_NAME} at the top of the repo ("
-                               + (f"{nested[0]} is not read: an adapter in a subfolder is not supported)" if nested
-                                  else "not a PEFT adapter repo)"))
-        if WEIGHTS_NAME not in siblings:
-            pickled = [n for n in PICKLED_NAMES if n in siblings]
+            raise AdapterError(where, _no_config(spec, siblings))
+        if spec.file(WEIGHTS_NAME) not in siblings:
+            pickled = [spec.file(n) for n in PICKLED_NAMES if spec.file(n) in siblings]
             raise AdapterError(where, f"pickled weights ({pickled[0]}) are refused, never downloaded" if pickled
-                               else f"no {WEIGHTS_NAME}")
-        wanted_files = [CONFIG_NAME, WEIGHTS_NAME] + ([CALIBRATION_NAME] if CALIBRATION_NAME in siblings else [])
+                               else f"no {spec.file(WEIGHTS_NAME)}")
+        wanted_files = [CONFIG_NAME, WEIGHTS_NAME] + ([CALIBRATION_NAME] if spec.file(CALIBRATION_NAME) in siblings else [])
         for name in wanted_files:  # the listing's sizes are a first check only: each download is bounded too
-            size, limit = siblings[name].size, self.limits.file_limit(name)
+            size, limit = siblings[spec.file(name)].size, self.limits.file_limit(name)
             if size is not None and size > limit:
-                raise AdapterError(where, f"{name} is {size} bytes, {self.limits.file_above(name)}")
+                raise AdapterError(where, f"{spec.file(name)} is {size} bytes, {self.limits.file_above(name)}")
+        files = snapshot / spec.subfolder if spec.subfolder else snapshot
         fetched: list[str] = []
-        with _own_files(snapshot, fetched, where):
-            self._download(token, repo_id, sha, siblings[CONFIG_NAME], snapshot)
+        with _own_files(files, fetched, where):
+            self._download(token, spec.repo_id, sha, siblings[spec.file(CONFIG_NAME)], snapshot)
             fetched.append(CONFIG_NAME)
-            config = read_adapter_config(snapshot, self.limits.max_config_bytes)  # refused: no weights downloaded
+            config = read_adapter_config(files, self.limits.max_config_bytes)  # refused: no weights downloaded
             named, wanted = config.get("base_model_name_or_path"), self.settings.base_model
             if listed and _other_hub_model(named, wanted):  # no weights downloaded for an author's other models
                 raise AdapterError(where, f"an adapter of {named}, not of this source's base model {wanted}")
             for name in wanted_files[1:]:
-                self._download(token, repo_id, sha, siblings[name], snapshot)
+                self._download(token, spec.repo_id, sha, siblings[spec.file(name)], snapshot)
                 fetched.append(name)
             # The source's base model decides, whatever base the adapter names (often a Hub id
             # for the source's local copy), as for a repo the settings name: one of another model is rejected.
-            return validate_adapter(snapshot, self.settings.base_model, self.limits, self.trusted_models, self.shapes)
+            return validate_adapter(files, self.settings.base_model, self.limits, self.trusted_models, self.shapes)
 
     def _download(self, token, repo_id: str, sha: str, sibling: RepoSibling, snapshot: Path) -> Path:
         """One file, pinned to ``sha``, into the daemon's folder for that commit (written
@@ -471,7 +513,7 @@ class HubSource:
         says (the client checks only the size): a file that is not is removed, and the
         repo is tried again at the next poll, not judged on bytes the Hub did not list."""
         filename = sibling.rfilename
-        where, limit = f"{repo_id}@{sha[:12]}", self.limits.file_limit(filename)
+        where, limit = f"{repo_id}@{sha[:12]}", self.limits.file_limit(Path(filename).name)
         snapshot.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             path = self._retrying(f"download {repo_id}/{filename}")(
@@ -483,14 +525,14 @@ class HubSource:
             for partial in (snapshot / ".cache").rglob(f"{Path(filename).name}*.incomplete"):
                 partial.unlink(missing_ok=True)
             raise AdapterError(where, f"{filename} is {exc.size}{'+' if exc.stopped else ''} bytes, "
-                                      f"{self.limits.file_above(filename)}"
+                                      f"{self.limits.file_above(Path(filename).name)}"
                                       f"{'; the download was stopped' if exc.stopped else ''}") from None
         resolved = Path(path).resolve()
-        if resolved.parent != snapshot.resolve():
+        if resolved != snapshot.resolve() / filename:
             raise AdapterError(where, f"download of {filename!r} landed outside its folder")
         size = resolved.stat().st_size  # e.g. already there from a poll under a higher limit
         if size > limit:
-            raise AdapterError(where, f"{filename} is {size} bytes, {self.limits.file_above(filename)}")
+            raise AdapterError(where, f"{filename} is {size} bytes, {self.limits.file_above(Path(filename).name)}")
         problem = mismatch(sibling, resolved)
         if problem:
             resolved.unlink()
@@ -507,7 +549,7 @@ class HubSource:
         for locator in removed:
             report.removed.append(locator)
             log.info("source %s: %s removed", self.name, locator)
-        for repo_id in {locator.partition("@")[0] for locator in removed}:
+        for repo_id in {RepoSpec.parse(locator).repo_id for locator in removed}:
             if bad_repo_id(repo_id):  # read from the catalog: never a path outside the cache
                 continue
             folder = self._repo_folder(repo_id)
@@ -521,15 +563,16 @@ class HubSource:
 
 def drop_unused_commits(catalog: Catalog, folder: Path) -> int:
     """Keep the commits of a repo that runs may copy from: those a registered adapter's
-    current revision names (each branch of the repo has its own, another source of the
-    repo its own too). A commit polled again is downloaded again. The repo's folder goes
-    when no commit is left in it. Call it holding the folder's :func:`repo_lock`.
-    Returns how many commit folders it deleted."""
+    current revision names, at the top or in a subfolder (each branch of the repo has its
+    own, another source of the repo its own too). A commit polled again is downloaded
+    again. The repo's folder goes when no commit is left in it. Call it holding the
+    folder's :func:`repo_lock`. Returns how many commit folders it deleted."""
     with catalog.session(write=False) as session:
-        used = current_files_paths(session, f"{folder}{os.sep}")
+        used = {folder / Path(path).relative_to(folder).parts[0]
+                for path in current_files_paths(session, f"{folder}{os.sep}")}
     dropped = 0
     for other in folder.iterdir() if folder.is_dir() else ():
-        if _COMMIT_SHA.fullmatch(other.name) and str(other) not in used and other.is_dir() and not other.is_symlink():
+        if _COMMIT_SHA.fullmatch(other.name) and other not in used and other.is_dir() and not other.is_symlink():
             shutil.rmtree(other, ignore_errors=True)
             dropped += not os.path.lexists(other)
     with suppress(OSError):  # not empty (commits in use), or not there
@@ -543,9 +586,42 @@ def download_folders(session, source_name: str) -> set[Path]:
     to :func:`drop_unused_commits` once the source is gone, as no poll visits them again."""
     query = (select(AdapterRevision.files_path).join(Adapter).join(Source)
              .where(Source.name == source_name, Source.kind == SourceKind.hub, AdapterRevision.files_path.is_not(None)))
-    commits = [Path(path) for path in session.scalars(query)]
-    return {commit.parent for commit in commits if _COMMIT_SHA.fullmatch(commit.name)
-            and commit.parent.parent.name == CACHE_FOLDER}  # never a folder the catalog names elsewhere
+    commits = [_commit_folder(Path(path)) for path in session.scalars(query)]
+    return {commit.parent for commit in commits if commit is not None}
+
+
+def _commit_folder(files: Path) -> Path | None:
+    """The commit folder (``<cache>/hub/<repo>/<commit>``) that holds an adapter's files,
+    at its top or in a subfolder; None for a folder the catalog names elsewhere (never
+    one outside a cache: `sources remove` deletes what this names)."""
+    for folder in (files, *files.parents):
+        if _COMMIT_SHA.fullmatch(folder.name) and folder.parent.parent.name == CACHE_FOLDER:
+            return folder
+    return None
+
+
+def _forget(snapshot: Path, subfolder: str | None) -> None:
+    """Delete what a commit's folder holds of one adapter, the client's record of each
+    download included (it would take a file it recorded as current, whatever its bytes):
+    the next download fetches it anew. An adapter at the repo's top takes the folder."""
+    if subfolder:
+        shutil.rmtree(snapshot / subfolder, ignore_errors=True)
+        shutil.rmtree(snapshot / ".cache" / "huggingface" / "download" / subfolder, ignore_errors=True)
+    else:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _no_config(spec: RepoSpec, siblings: Collection[str]) -> str:
+    """Why a repo the settings name holds no adapter where they say, and where adapters are."""
+    wanted = spec.file(CONFIG_NAME)
+    if spec.subfolder:
+        return f"no {wanted} in the repo (not a PEFT adapter's folder)"
+    nested = sorted(n for n in siblings if n.endswith(f"/{CONFIG_NAME}"))
+    if not nested:
+        return f"no {CONFIG_NAME} at the top of the repo (not a PEFT adapter repo)"
+    folder = nested[0].removesuffix(f"/{CONFIG_NAME}")
+    return (f"no {CONFIG_NAME} at the top of the repo; {nested[0]} is an adapter in a subfolder: name it in the "
+            f"source's repos as {RepoSpec(spec.repo_id, folder, spec.branch).locator}")
 
 
 class HubAnswerError(Exception):
