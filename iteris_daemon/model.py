@@ -422,6 +422,7 @@ class BaseModel:
         from .architecture import block_plan
         from .weights import Offloaded, Resident, WeightsUnavailable, check_files, load_streamed
 
+        checked = False  # check_files' checks, made by a stream refused after them
         if offload in ("auto", "disk"):
             def stacks(model):
                 plan = block_plan(model, self.head_keys)
@@ -441,7 +442,9 @@ class BaseModel:
                 level = logging.WARNING if offload == "disk" else logging.INFO
                 where = "into CPU memory, one block at a time on the device" if self.device.type != "cpu" else "whole"
                 log.log(level, "loading %s %s: cannot stream its blocks (%s)", self.name_or_path, where, exc)
-        check_files(cls, self.name_or_path, config, self.dtype, kwargs.get("trust_remote_code", False))
+                checked = exc.checked
+        if not checked:
+            check_files(cls, self.name_or_path, config, self.dtype, kwargs.get("trust_remote_code", False))
         # With num_labels from an adapter's head: a checkpoint whose own head has another label
         # count loads too (that head is replaced by the adapters' modules_to_save).
         try:

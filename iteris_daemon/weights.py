@@ -35,7 +35,13 @@ log = logging.getLogger(__name__)
 
 
 class WeightsUnavailable(Exception):
-    """The checkpoint cannot be streamed (the message says why); load it whole instead."""
+    """The checkpoint cannot be streamed (the message says why); load it whole instead.
+
+    ``checked``: the stream was refused after :func:`check_files`' checks, made on its own
+    skeleton, so the whole load need not build a second skeleton (seconds and gigabytes for a
+    70B model) to make them again."""
+
+    checked = False
 
 
 class Resident:
@@ -105,10 +111,11 @@ class Checkpoint:
     some checkpoints' tensors and builds others' fused parameters from several, e.g. a
     Mixtral's experts, stored one by one, into one 3D parameter per block).
 
-    Every tensor the model will read is checked against its file's header here (the file is
-    there, holds the tensor, in the shape and kind of dtype the parameter needs), so a broken
-    checkpoint is one clear error before the merge starts, not a traceback or a silently
-    broadcast weight when its block is reached.
+    Every tensor the model will read is checked against its file's header (the file is there,
+    holds the tensor, in the shape the parameter needs here; in the kind of dtype it needs by
+    ``recipes``, :func:`_checked_recipes`' of ``found`` for ``model``), so a broken checkpoint
+    is one clear error before the merge starts, not a traceback or a silently broadcast weight
+    when its block is reached.
 
     ``replaced``: parameters outside the blocks that the adapters' saved modules replace (a
     classifier head). One the checkpoint lacks (a reward model's ``score`` on a causal LM's
@@ -118,16 +125,12 @@ class Checkpoint:
     load, in CPU memory.
     """
 
-    def __init__(self, folder: Path, model: nn.Module, ignore_mismatched: bool = False,
+    def __init__(self, found: _Found, model: nn.Module, recipes: dict[str, _Recipe], ignore_mismatched: bool = False,
                  replaced: Iterable[str] = ()):
-        self.folder, self.model = folder, model  # conversions read the model and its config
-        found = _files(folder)
-        if found is None:
-            raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
+        self.model, self.recipes = model, recipes  # conversions read the model and its config
         self.names_from, self.files = found.names_from, found.files
         meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
         with _transformers_internals():
-            self.recipes = _recipes(model, meta, self.files)
             ties = model.all_tied_weights_keys
         self.built_by = {target: first for first, recipe in self.recipes.items() for target in recipe.targets}
         # Every tensor the checkpoint holds is loaded, buffers too (from_pretrained loads a
@@ -151,7 +154,6 @@ class Checkpoint:
         for key in _check_shapes(found, expected, ignore_mismatched, resizable):
             self.stored.remove(resizable[key])
             self.initialised.append(resizable[key])
-        _check_kinds(found, self.recipes, meta)
         # Modules transformers keeps in float32 when it loads the model in half precision
         # (T5's ``wo``, whose activations overflow float16): the same here.
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -362,13 +364,21 @@ def check_files(cls: type[nn.Module], name_or_path: str, config: PretrainedConfi
     if found is None or trust_remote_code or _quantized(config):
         return
     model = _skeleton(cls, config, dtype)
-    meta = model.state_dict()
     try:
-        with _transformers_internals():
-            recipes = _recipes(model, meta, found.files)
+        _checked_recipes(found, model)
     except WeightsUnavailable:
         return
+
+
+def _checked_recipes(found: _Found, model: nn.Module) -> dict[str, _Recipe]:
+    """The recipes (see :func:`_recipes`) that build ``model``'s parameters from checkpoint
+    ``found``, each tensor's kind checked (:func:`_check_kinds`): the checks every placement
+    makes. WeightsUnavailable where this transformers' internals hide them."""
+    meta = model.state_dict()  # every name the model loads: tied parameters and persistent buffers too
+    with _transformers_internals():
+        recipes = _recipes(model, meta, found.files)
     _check_kinds(found, recipes, meta)
+    return recipes
 
 
 def _check_kinds(found: _Found, recipes: dict[str, _Recipe], meta: dict[str, torch.Tensor]) -> None:
@@ -462,6 +472,9 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
         raise WeightsUnavailable(f"{name_or_path} is not a local folder or cached snapshot")
     if _quantized(config):
         raise WeightsUnavailable("a quantized checkpoint (quantization_config)")
+    found = _files(folder)
+    if found is None:
+        raise WeightsUnavailable(f"no safetensors checkpoint in {folder}")
     # Before any weight is read, and before the skeleton is built: block weights read and
     # dropped block after block fragment the heap otherwise, and the peak grows with depth.
     # Building the skeleton frees large blocks, which raise glibc's threshold; fixed after
@@ -471,21 +484,34 @@ def load_streamed(cls, name_or_path: str, config, dtype: torch.dtype, device: to
     # its whole load (resident passes run faster so).
     malloc.keep_large_blocks_in_mmap()
     try:
-        return _streamed(cls, folder, config, dtype, device, block_paths, ignore_mismatched, replaced)
+        return _streamed(cls, found, config, dtype, device, block_paths, ignore_mismatched, replaced)
     except WeightsUnavailable:
         malloc.serve_large_blocks_from_heap()
         raise
 
 
-def _streamed(cls, folder: Path, config, dtype: torch.dtype, device: torch.device, block_paths,
+def _streamed(cls, found: _Found, config, dtype: torch.dtype, device: torch.device, block_paths,
               ignore_mismatched: bool, replaced: Iterable[str]) -> tuple[nn.Module, Streamed]:
     """:func:`load_streamed`'s work, once glibc's threshold is fixed: WeightsUnavailable where
-    the model must load whole."""
+    the model must load whole, ``checked`` (:func:`_stream_into` refuses only after the checks)."""
     model = _skeleton(cls, config, dtype)
+    try:
+        return model, _stream_into(model, found, device, dtype, block_paths, ignore_mismatched, replaced)
+    except WeightsUnavailable as exc:
+        exc.checked = True
+        raise
+
+
+def _stream_into(model: nn.Module, found: _Found, device: torch.device, dtype: torch.dtype, block_paths,
+                 ignore_mismatched: bool, replaced: Iterable[str]) -> Streamed:
+    """``model`` (a fresh skeleton) given the weights outside its blocks; its blocks' streamed.
+    :func:`check_files`' checks come first, before anything here can refuse the stream."""
+    recipes = _checked_recipes(found, model)
     stacks = tuple(f"{p}." for p in block_paths(model))
     if not stacks:
         raise WeightsUnavailable("no block stacks to stream")
-    checkpoint = Checkpoint(folder, model, ignore_mismatched, [name for name in replaced if not name.startswith(stacks)])
+    checkpoint = Checkpoint(found, model, recipes, ignore_mismatched,
+                            [name for name in replaced if not name.startswith(stacks)])
     in_blocks = [name for name in checkpoint.missing if name.startswith(stacks)]
     if in_blocks:  # tied below, its block's load would untie it again
         raise WeightsUnavailable(f"the checkpoint has no tensor named {in_blocks[0]} (a block's, tied to another)")
@@ -505,7 +531,7 @@ def _streamed(cls, folder: Path, config, dtype: torch.dtype, device: torch.devic
             module = model.get_submodule(owner) if owner else model
             module._buffers[leaf] = buffer.to(device)
     model.eval()
-    return model, Streamed(checkpoint, device, dtype)
+    return Streamed(checkpoint, device, dtype)
 
 
 def _quantized(config: PretrainedConfig) -> bool:

@@ -340,3 +340,41 @@ def test_remote_code_loads_whole_and_an_explicit_disk_says_so(tmp_path, caplog):
     record = next(r for r in caplog.records if "cannot stream its blocks" in r.getMessage())
     assert record.levelno == logging.WARNING and "its own code builds it (trust_remote_code)" in record.getMessage()
 
+
+
+@pytest.mark.parametrize("refusal", ["no block plan", "a tensor missing", "the tie moved"])
+def test_a_refused_stream_s_checks_count_for_the_whole_load(tmp_path, monkeypatch, refusal):
+    """A stream refused after check_files' checks (no blocks to run one at a time, a tensor it
+    cannot give, transformers' tie moved) sent the whole load to build a second skeleton of
+    the model to make them again: seconds and gigabytes on a 70B. One skeleton now, and a
+    tensor of the wrong kind is still refused, by the same line, whatever refuses the stream."""
+    import iteris_daemon.architecture as architecture
+    import iteris_daemon.weights as weights
+    from iteris_daemon.architecture import BlockPlan
+
+    base_dir = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    if refusal == "no block plan":
+        monkeypatch.setattr(architecture, "block_plan", lambda *a, **k: BlockPlan(reason="no blocks in this test"))
+    elif refusal == "a tensor missing":
+        _rewrite(base_dir, lambda tensors: {k: v for k, v in tensors.items() if k != "model.norm.weight"})
+    else:
+        tie, moved = tf.PreTrainedModel.tie_weights, []
+
+        def moved_once(self, *args, **kwargs):  # the stream's tie; the whole load's ties as it did
+            if "recompute_mapping" in kwargs and not moved:
+                moved.append(True)
+                raise TypeError("tie_weights() got an unexpected keyword argument 'recompute_mapping'")
+            return tie(self, *args, **kwargs)
+
+        monkeypatch.setattr(tf.PreTrainedModel, "tie_weights", moved_once)
+    skeletons = []
+    skeleton = weights._skeleton
+    monkeypatch.setattr(weights, "_skeleton", lambda *args: skeletons.append(args) or skeleton(*args))
+    assert BaseModel(str(base_dir), [], offload="disk").placement.name == "resident"
+    assert len(skeletons) == 1
+    key = "model.layers.1.self_attn.q_proj.weight"
+    _rewrite(base_dir, lambda tensors: {**tensors, key: tensors[key].to(torch.int64)})
+    with pytest.raises(BaseModelError) as refused:
+        BaseModel(str(base_dir), [], offload="disk")
+    assert str(refused.value) == (f"base model checkpoint file {base_dir / 'model.safetensors'}: tensor {key} is "
+                                  f"I64 where the model has a torch.float32 parameter")
