@@ -256,11 +256,26 @@ def _machine() -> dict:
 
 
 def tables(results: dict) -> str:
-    lines = ["| strategy | seconds | process peak RSS (MB) | RSS at merge start (MB) | peak during merge (MB) |",
-             "|---|---|---|---|---|"]
+    """speed.json's tables; with a machine column where its rows were measured on several
+    machines (a partial rerun elsewhere, see :func:`kept_with`)."""
+    rows = [*results["strategies"].values(), *results["memory"].values(),
+            *(row for axis in results["scaling"].values() for row in axis.values())]
+    mixed = any("machine" in row for row in rows)
+    column, rule = (" machine |", "---|") if mixed else ("", "")
+
+    def on(entry: dict) -> str:
+        """The machine cell of ``entry``'s row (none where every row is from one machine)."""
+        if not mixed:
+            return ""
+        machine = entry.get("machine", results["machine"])
+        return " " + ", ".join(f"{key} {value}" for key, value in machine.items()) + " |"
+
+    lines = ["| strategy | seconds | process peak RSS (MB) | RSS at merge start (MB) | peak during merge (MB) |" + column,
+             "|---|---|---|---|---|" + rule]
     for name, entry in results["strategies"].items():
         mem = entry["merge_memory_mb"]
-        lines.append(f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb']:.0f} | {_mb(mem['before'])} | {_mb(mem['peak'])} |")
+        lines.append(f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb']:.0f} | {_mb(mem['before'])} | "
+                     f"{_mb(mem['peak'])} |" + on(entry))
     if "iteris" in results["strategies"] and "forward_s" in results.get("floor", {}):
         it, floor = results["strategies"]["iteris"], results["floor"]
         lines += ["", f"IterIS: {it['seconds']:.2f}s = inference {it['timings']['inference_s']:.2f}s + solve "
@@ -271,15 +286,16 @@ def tables(results: dict) -> str:
                   f"layers, mean of {floor['passes']} passes); ratio **{floor['ratio']:.2f}x**"]
     lines += ["",
               "| samples/task | IterIS process peak RSS (MB) | IterIS peak during merge (MB) | IterIS seconds | "
-              "token-storing process peak (MB) | token-storing peak during merge (MB) |", "|---|---|---|---|---|---|"]
+              "token-storing process peak (MB) | token-storing peak during merge (MB) |" + column,
+              "|---|---|---|---|---|---|" + rule]
     for samples, entry in results["memory"].items():
         lines.append(f"| {samples} | {entry['iteris_peak_rss_mb']:.0f} | {_mb(entry['iteris_merge_memory_mb']['peak'])} | "
                      f"{entry['iteris_seconds']:.1f} | {entry['token_storing']['peak_rss_mb']:.0f} | "
-                     f"{_mb(entry['token_storing'].get('merge_peak_mb'))} |")
-    lines += ["", "| synthetic | inference s | solve s |", "|---|---|---|"]
+                     f"{_mb(entry['token_storing'].get('merge_peak_mb'))} |" + on(entry))
+    lines += ["", "| synthetic | inference s | solve s |" + column, "|---|---|---|" + rule]
     for key, label in (("adapters", "adapters (d=512)"), ("width", "width (4 adapters)")):
         for value, timing in results["scaling"][key].items():
-            lines.append(f"| {label} = {value} | {timing['inference_s']:.2f} | {timing['solve_s']:.2f} |")
+            lines.append(f"| {label} = {value} | {timing['inference_s']:.2f} | {timing['solve_s']:.2f} |" + on(timing))
     return "\n".join(lines)
 
 
@@ -289,8 +305,12 @@ def _mb(value: float | None) -> str:
 
 def kept_with(previous: dict, results: dict, parts: list[str]) -> dict:
     """A partial rerun's ``results`` over the saved ``previous``: the parts and the strategies
-    not rerun stay; the floor stays only beside the IterIS row it was measured with."""
-    kept = {**previous, **{part: results[part] for part in parts}, "machine": results["machine"]}
+    not rerun stay; the floor stays only beside the IterIS row it was measured with. Every row
+    keeps the machine it was measured on: the saved ``machine`` stays that of the rows naming
+    none, and a row rerun on another machine names its own (all were labelled the rerun's)."""
+    if results["machine"] != previous["machine"]:
+        results = _labelled(results)
+    kept = {**previous, **{part: results[part] for part in parts}}
     if "strategies" in parts:
         kept["strategies"] = {**previous.get("strategies", {}), **results["strategies"]}
     if "floor" in results:  # iteris was rerun
@@ -298,6 +318,16 @@ def kept_with(previous: dict, results: dict, parts: list[str]) -> dict:
     elif "iteris" not in kept["strategies"]:
         kept.pop("floor", None)
     return kept
+
+
+def _labelled(results: dict) -> dict:
+    """``results`` with every row naming the machine it was measured on (the floor goes with
+    the IterIS row)."""
+    def on(rows: dict) -> dict:
+        return {key: {**row, "machine": results["machine"]} for key, row in rows.items()}
+
+    return {**results, "strategies": on(results["strategies"]), "memory": on(results["memory"]),
+            "scaling": {axis: on(rows) for axis, rows in results["scaling"].items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,33 +106,48 @@ def test_speed_pipeline(workdir):
     assert "ratio" in speed.tables(results)
 
 
+def _speed_row(seconds):
+    return {"seconds": seconds, "peak_rss_mb": 400.0, "merge_memory_mb": {"before": 400.0, "peak": 410.0}}
+
+
+def _speed_floor(seconds):
+    return {"seconds": seconds, "forward_s": seconds, "gram_s": 0.0, "grams_per_task": 1, "layers": 2,
+            "passes": 1, "iteris_seconds_per_iteration": 1.0, "ratio": 1.0 / seconds}
+
+
+_SPEED_MEMORY = {"50": {"iteris_peak_rss_mb": 500.0, "iteris_merge_memory_mb": {"peak": 450.0}, "iteris_seconds": 1.0,
+                        "token_storing": {"peak_rss_mb": 600.0}}}
+
+
+def _fake_speed(tmp_path, monkeypatch, machine):
+    """speed.json as a full run on ``{"cores": 1}`` wrote it (one top-level ``machine``), and
+    ``speed.run`` faked: every row it measures takes 2 s, on ``machine["now"]``."""
+    saved = tmp_path / "speed.json"
+    saved.write_text(json.dumps({
+        "machine": {"cores": 1}, "memory": _SPEED_MEMORY, "scaling": {"adapters": {}, "width": {}},
+        "floor": _speed_floor(1.0),
+        "strategies": {"iteris": {**_speed_row(1.0), "timings": {"inference_s": 1.0, "solve_s": 0.0},
+                                  "iterations_run": 1}, "ties": _speed_row(1.0), "tsv": _speed_row(1.0)}}))
+
+    def fake_run(workdir, tasks, strategies, parts):
+        results = {"machine": machine["now"], "strategies": {}, "memory": {}, "scaling": {"adapters": {}, "width": {}}}
+        for name in strategies if "strategies" in parts else ():
+            results["strategies"][name] = {**_speed_row(2.0), "timings": {"inference_s": 1.5, "solve_s": 0.5},
+                                           "iterations_run": 2}
+        if "iteris" in results["strategies"]:
+            results["floor"] = _speed_floor(2.0)
+        if "memory" in parts:
+            results["memory"] = {"50": {**_SPEED_MEMORY["50"], "iteris_seconds": 2.0}}
+        return results
+
+    monkeypatch.setattr(speed, "run", fake_run)
+    return saved
+
+
 def test_speed_rerun_of_some_strategies_keeps_the_others(tmp_path, monkeypatch, capsys):
     """``--parts strategies --strategies a b`` (the README reruns subsets) replaces only those rows
     of speed.json; the floor is replaced when iteris reran and dropped when its IterIS row is gone."""
-    def row(seconds):
-        return {"seconds": seconds, "peak_rss_mb": 400.0, "merge_memory_mb": {"before": 400.0, "peak": 410.0}}
-
-    def floor(seconds):
-        return {"seconds": seconds, "forward_s": seconds, "gram_s": 0.0, "grams_per_task": 1, "layers": 2,
-                "passes": 1, "iteris_seconds_per_iteration": 1.0, "ratio": 1.0 / seconds}
-
-    def fake_run(workdir, tasks, strategies, parts):
-        results = {"machine": {"cores": 2}, "strategies": {}, "memory": {}, "scaling": {"adapters": {}, "width": {}}}
-        for name in strategies if "strategies" in parts else ():
-            results["strategies"][name] = {**row(2.0), "timings": {"inference_s": 1.5, "solve_s": 0.5},
-                                           "iterations_run": 2}
-        if "iteris" in results["strategies"]:
-            results["floor"] = floor(2.0)
-        return results
-
-    saved = tmp_path / "speed.json"
-    memory = {"50": {"iteris_peak_rss_mb": 500.0, "iteris_merge_memory_mb": {"peak": 450.0}, "iteris_seconds": 1.0,
-                     "token_storing": {"peak_rss_mb": 600.0}}}
-    saved.write_text(json.dumps({
-        "machine": {"cores": 1}, "memory": memory, "scaling": {"adapters": {}, "width": {}}, "floor": floor(1.0),
-        "strategies": {"iteris": {**row(1.0), "timings": {"inference_s": 1.0, "solve_s": 0.0}, "iterations_run": 1},
-                       "ties": row(1.0), "tsv": row(1.0)}}))
-    monkeypatch.setattr(speed, "run", fake_run)
+    saved = _fake_speed(tmp_path, monkeypatch, {"now": {"cores": 2}})
 
     def rerun(*strategies):
         assert speed.main(["--workdir", str(tmp_path), "--parts", "strategies", "--strategies", *strategies]) == 0
@@ -141,7 +156,7 @@ def test_speed_rerun_of_some_strategies_keeps_the_others(tmp_path, monkeypatch, 
     results = rerun("tsv", "core_space")
     assert list(results["strategies"]) == ["iteris", "ties", "tsv", "core_space"]
     assert results["strategies"]["tsv"]["seconds"] == 2.0 and results["strategies"]["ties"]["seconds"] == 1.0
-    assert results["floor"]["seconds"] == 1.0 and results["memory"] == memory  # iteris not rerun: its floor stays
+    assert results["floor"]["seconds"] == 1.0 and results["memory"] == _SPEED_MEMORY  # iteris not rerun: its floor stays
     assert rerun("iteris")["floor"]["seconds"] == 2.0  # measured beside the new IterIS row
 
     results = json.loads(saved.read_text())
@@ -149,6 +164,34 @@ def test_speed_rerun_of_some_strategies_keeps_the_others(tmp_path, monkeypatch, 
     saved.write_text(json.dumps(results))
     assert "floor" not in rerun("ties")
     assert "| tsv | 2.00 |" in capsys.readouterr().out
+
+
+def test_a_speed_rerun_elsewhere_keeps_each_row_s_machine(tmp_path, monkeypatch, capsys):
+    """A partial rerun labelled every row of speed.json with its own machine: rows measured on
+    another read as measured on this one. The saved ``machine`` stays that of the rows naming
+    none (a file written before this fix loads as such), a rerun row from another machine
+    names its own, and the tables print each row's machine where they differ."""
+    machine = {"now": {"cores": 2}}
+    saved = _fake_speed(tmp_path, monkeypatch, machine)
+
+    def rerun(*args):
+        assert speed.main(["--workdir", str(tmp_path), *args]) == 0
+        return json.loads(saved.read_text()), capsys.readouterr().out
+
+    results, printed = rerun("--parts", "strategies", "--strategies", "tsv")
+    assert results["machine"] == {"cores": 1} and "machine" not in results["strategies"]["ties"]
+    assert results["strategies"]["tsv"]["machine"] == {"cores": 2}
+    assert "| ties | 1.00 | 400 | 400 | 410 | cores 1 |" in printed
+    assert "| tsv | 2.00 | 400 | 400 | 410 | cores 2 |" in printed
+    assert "| 50 | 500 | 450 | 1.0 | 600 | n/a | cores 1 |" in printed
+
+    results, printed = rerun("--parts", "memory")
+    assert results["memory"]["50"]["machine"] == {"cores": 2} and "| 50 | 500 | 450 | 2.0 | 600 | n/a | cores 2 |" in printed
+
+    machine["now"] = {"cores": 1}  # back on the first machine: its rows name none again
+    results, printed = rerun("--parts", "strategies", "memory", "--strategies", "tsv")
+    assert "machine" not in results["strategies"]["tsv"] and "machine" not in results["memory"]["50"]
+    assert "| tsv | 2.00 | 400 | 400 | 410 |\n" in printed and "machine" not in printed
 
 
 def test_schedules_report_the_measured_forward_passes(tmp_path, monkeypatch):
