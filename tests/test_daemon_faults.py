@@ -1010,6 +1010,44 @@ def test_a_reload_to_a_merge_device_not_on_this_host_is_refused(tmp_path, monkey
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("started, reloaded, warned", [
+    ('["cpu", "cuda:1"]', '["cpu", "cuda:1"]', "cuda:1"),
+    ('["cpu"]', '["cpu"]', None),
+    ('["cpu", "cuda:1"]', '["cpu"]', "cuda:1"),  # the devices change at the next start: cuda:1 still runs merges
+    ('["cpu"]', '["cpu", "cuda:1"]', None),  # ... and cuda:1 runs none before it
+])
+def test_a_reload_that_sets_a_memory_limit_warns_of_cuda_merges(tmp_path, monkeypatch, caplog, started, reloaded,
+                                                                  warned):
+    """SIGHUP setting ``worker_memory_limit_mb`` while merges run on CUDA (the worker leaves
+    the limit off there: CUDA cannot start under ``RLIMIT_AS``) says so once, as the start
+    does, naming the devices the running merge slots use: the start's, not the reloaded
+    file's. CPU slots only: not a word. (Two GPUs faked: the devices check passes.)"""
+    from iteris_daemon.daemon import Daemon
+    from iteris_daemon.worker import CUDA_UNLIMITED
+
+    monkeypatch.setattr("iteris_daemon.devices.cuda_device_count", lambda: 2)
+    config = tmp_path / "daemon.toml"
+    running = (f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+               f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    config.write_text(f"{running}devices = {started}\n")
+    daemon = Daemon(config)
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        config.write_text(f"{running}devices = {reloaded}\nworker_memory_limit_mb = 4096\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(lambda: any("configuration reloaded" in r.getMessage() for r in caplog.records), "the reload")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        assert _run_here(daemon, probe) == 0
+    said = [r for r in caplog.records if "worker_memory_limit_mb" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in said] == ([(
+        logging.WARNING, f"[daemon] worker_memory_limit_mb = 4096 is not applied to the merges on {warned}: "
+                         f"{CUDA_UNLIMITED}")] if warned else [])
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["folder", "hub", "state"])
 def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog, monkeypatch, kind):
     """A source added with ``sources add`` on a group's destination folder, polling the Hub
