@@ -26,8 +26,9 @@ What is served (the routes huggingface_hub 2.4 uses; models and datasets):
 * ``POST /api/repos/create``, ``DELETE /api/repos/delete``, ``GET /api/whoami-v2``,
   ``POST /api/validate-yaml``;
 * ``HEAD|GET /[datasets/]{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` (the git blob
-  sha1, as the Hub sends for non-LFS files), ``Content-Length`` and ``Range`` support (the client resumes
-  interrupted downloads with ``Range: bytes=N-``).
+  sha1, as the Hub sends for non-LFS files; an LFS file's sha256 in ``X-Linked-Etag`` too, with
+  ``X-Linked-Size``), ``Content-Length`` and ``Range`` support (the client resumes interrupted downloads
+  with ``Range: bytes=N-``).
 
 Not served: LFS/Xet uploads, pull requests, Spaces, gated repos.
 
@@ -925,6 +926,8 @@ class HubServer:
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
         }
+        if path.endswith(LFS_SUFFIXES):  # the Hub names an LFS file by its content's sha256, which the client prefers
+            headers |= {"X-Linked-Etag": f'"{hashlib.sha256(content).hexdigest()}"', "X-Linked-Size": str(len(content))}
         wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("Range", "").strip())
         if wanted is None:
             return _Response(200, content, headers)

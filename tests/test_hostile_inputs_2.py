@@ -565,7 +565,7 @@ def _repo_files(lora: Path, **replace: bytes) -> dict[str, bytes]:
 def _lie_about_sizes(monkeypatch, server, repo: str, name: str, listed: int | None, head: bool = False,
                      no_length: bool = False) -> None:
     """Make the listing give ``name`` of ``repo`` the size ``listed`` (None: no size); with
-    ``head``, the HEAD request's Content-Length claim 100 bytes; with ``no_length``, the
+    ``head``, the HEAD request's Content-Length (and X-Linked-Size) claim 100 bytes; with ``no_length``, the
     download come without a Content-Length (the body ends when the connection closes)."""
     from hub_server import HubServer, LoggedRequest, _Response
 
@@ -583,8 +583,9 @@ def _lie_about_sizes(monkeypatch, server, repo: str, name: str, listed: int | No
 
     def send(self, handler, response, method, path, truncate_to=None):
         ours = path.startswith(f"/{repo}/resolve/") and path.endswith("/" + name)
-        if ours and head and method == "HEAD":
-            response = _Response(response.status, response.body[:100], response.headers)
+        if ours and head and method == "HEAD":  # an LFS file's X-Linked-Size, which the client prefers, lies too
+            lying = {**response.headers, **({"X-Linked-Size": "100"} if "X-Linked-Size" in response.headers else {})}
+            response = _Response(response.status, response.body[:100], lying)
         if not (ours and no_length and method == "GET"):
             return real_send(self, handler, response, method, path, truncate_to)
         self.requests.append(LoggedRequest(method, path, response.status))

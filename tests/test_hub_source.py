@@ -166,6 +166,8 @@ def test_adapters_in_subfolders_of_one_repo_are_registered_each_under_its_folder
     assert sst2.files_path == str(cache / "bob--tasks" / sha1 / "sst2")
     assert sha256_file(Path(news.files_path) / "adapter_model.safetensors") == sha256_file(second / "adapter_model.safetensors")
     fetched = {r.path.split(f"/resolve/{sha1}/", 1)[1] for r in hub.requests_matching(r"^GET /bob/tasks/resolve/")}
+    weights_downloads = lambda folder: len(  # noqa: E731
+        hub.requests_matching(rf"^GET /bob/tasks/resolve/\w+/{folder}/adapter_model.safetensors"))
     assert fetched == {f"{folder}/{name}" for folder in ("sst2", "news/deep")
                        for name in ("adapter_config.json", "adapter_model.safetensors", "calibration.jsonl")}
     PeftModel.from_pretrained(AutoModel.from_pretrained(made[0]), news.files_path)
@@ -175,6 +177,8 @@ def test_adapters_in_subfolders_of_one_repo_are_registered_each_under_its_folder
     assert sorted(poller.poll().registered) == ["bob/tasks/news/deep", "bob/tasks/sst2"]
     adapters = _adapters(catalog)
     assert adapters["bob/tasks/sst2"].current.rank == 3 and adapters["bob/tasks/news/deep"].current.revision == sha2
+    # news/deep's weights are the registered ones (the listing's sha256 says so): linked, not downloaded again
+    assert (weights_downloads("sst2"), weights_downloads("news/deep")) == (2, 1)
     assert [p.name for p in (cache / "bob--tasks").iterdir()] == [sha2]
     assert all((cache / "bob--tasks" / sha2 / folder / "adapter_model.safetensors").is_file()
                for folder in ("sst2", "news/deep"))

@@ -132,6 +132,10 @@ class Prior:
     files_missing: bool = False  # registered, but its files are not (all) where it says: fetch them again
     content_sha256: str | None = None  # of the current revision's weights, as registered
     files_path: str | None = None  # of the current revision
+    # of the current revision if registered, whatever revision the source sees now: a new
+    # commit may hold the same weights (a README edited), which need not be fetched again
+    registered_files_path: str | None = None
+    registered_content_sha256: str | None = None
 
 
 def prior(session: Session, source_id: int, locator: str, revision: str, context: str | None,
@@ -148,10 +152,13 @@ def prior(session: Session, source_id: int, locator: str, revision: str, context
     same = adapter.status is not AdapterStatus.removed and current is not None and current.revision == revision
     missing = (same and present is not None and current.status is AdapterStatus.registered
                and not present(current))
+    registered = current is not None and current.status is AdapterStatus.registered
     return Prior(stands=same and not missing and (context is None or verdict_stands(current, context)),
                  same_revision=same, registered=adapter.status is AdapterStatus.registered, files_missing=missing,
                  content_sha256=current.content_sha256 if same else None,
-                 files_path=current.files_path if same else None)
+                 files_path=current.files_path if same else None,
+                 registered_files_path=current.files_path if registered else None,
+                 registered_content_sha256=current.content_sha256 if registered else None)
 
 
 def verdict_stands(revision: AdapterRevision, context: str) -> bool:

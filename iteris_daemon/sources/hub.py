@@ -51,10 +51,10 @@ from sqlalchemy import select
 from ..catalog import Catalog
 from ..catalog.db import DATABASE_FAILURES
 from ..catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
-from ..catalog.registry import (Observation, current_files_paths, current_revision, get_source, mark_removed, prior,
-                                record, set_health)
+from ..catalog.registry import (Observation, Prior, current_files_paths, current_revision, get_source, mark_removed,
+                                prior, record, set_health)
 from ..errors import AdapterError, ConfigError, first_line
-from ..hub_files import TooBig, bounded_progress, mismatch
+from ..hub_files import TooBig, bounded_progress, listed_hash, mismatch
 from ..config import MAX_SECONDS, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
@@ -425,7 +425,7 @@ class HubSource:
             _forget(snapshot, spec.subfolder)
         reason_now, adapter_info = None, None
         try:
-            adapter_info = self._fetch_and_validate(api, token, spec, sha, siblings, snapshot, listed)
+            adapter_info = self._fetch_and_validate(api, token, spec, sha, siblings, snapshot, listed, before)
         except _NotForUs as skip:
             log.debug("source %s: %s skipped: %s", self.name, locator, skip)
             return False
@@ -471,7 +471,7 @@ class HubSource:
         return True
 
     def _fetch_and_validate(self, api, token, spec: RepoSpec, sha: str, siblings: dict[str, RepoSibling],
-                            snapshot: Path, listed: bool):
+                            snapshot: Path, listed: bool, before: Prior):
         where = f"{spec.repo_id}@{sha[:12]}"
         bad = sorted(n for n in siblings if unsafe_path(n))
         if bad:
@@ -498,6 +498,7 @@ class HubSource:
             named, wanted = config.get("base_model_name_or_path"), self.settings.base_model
             if listed and _other_hub_model(named, wanted):  # no weights downloaded for an author's other models
                 raise AdapterError(where, f"an adapter of {named}, not of this source's base model {wanted}")
+            _link_registered_weights(before, siblings[spec.file(WEIGHTS_NAME)], files / WEIGHTS_NAME)
             for name in wanted_files[1:]:
                 self._download(token, spec.repo_id, sha, siblings[spec.file(name)], snapshot)
                 fetched.append(name)
@@ -598,6 +599,24 @@ def _commit_folder(files: Path) -> Path | None:
         if _COMMIT_SHA.fullmatch(folder.name) and folder.parent.parent.name == CACHE_FOLDER:
             return folder
     return None
+
+
+def _link_registered_weights(before: Prior, sibling: RepoSibling, target: Path) -> None:
+    """Hard-link the registered revision's weights to ``target`` when the listing says the
+    new commit holds the same bytes (its LFS sha256 is the registered content's): a commit
+    to another folder of the repo, or to its README, then downloads no weights. The client
+    finds the file, hashes it against the listing and keeps it; the download's own checks
+    follow as for any file. Nothing is linked where the registered file is gone or differs
+    in size (the client then downloads)."""
+    listed = listed_hash(sibling)
+    if (before.registered_files_path is None or listed != ("sha256", before.registered_content_sha256)
+            or os.path.lexists(target)):
+        return
+    source = Path(before.registered_files_path) / WEIGHTS_NAME
+    with suppress(OSError):
+        if source.stat().st_size == sibling.size:
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.link(source, target)
 
 
 def _forget(snapshot: Path, subfolder: str | None) -> None:
