@@ -210,6 +210,68 @@ def test_an_adapter_in_a_subfolder_whose_files_are_gone_is_fetched_again_alone(e
         adapters["bob/two/a"].current.content_sha256
 
 
+def test_an_adapter_at_the_top_whose_files_are_gone_leaves_its_subfolders_adapters_alone(env):
+    """A repo with an adapter at its top and one in a subfolder (a Trainer's checkpoint):
+    files gone from the top one deleted the whole commit folder, the checkpoint's registered
+    files with it (QA SF); now only the top adapter's own files are fetched again."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("bob/top", {**adapter_files(first), **_in("checkpoint-500", adapter_files(second))})
+    poller = source(repos=["bob/top", "bob/top/checkpoint-500"])
+    assert sorted(poller.poll().registered) == ["bob/top", "bob/top/checkpoint-500"]
+    adapters = _adapters(catalog)
+    kept = Path(adapters["bob/top/checkpoint-500"].current.files_path) / "adapter_model.safetensors"
+    written = kept.stat().st_mtime_ns
+    (Path(adapters["bob/top"].current.files_path) / "adapter_model.safetensors").unlink()
+    assert poller.poll().registered == ["bob/top"]
+    assert kept.stat().st_mtime_ns == written
+    assert len(hub.requests_matching(r"^GET /bob/top/resolve/\w+/checkpoint-500/")) == 3
+
+
+def test_two_spellings_of_a_repo_s_case_keep_their_cache_folders_apart(env):
+    """The Hub ignores case; SQLite's LIKE too: the cache folder ``Acme--Tasks`` got the paths
+    of ``acme--tasks``, and dropping its unused commits raised (QA SF: the poll failed, a
+    removal lost the poll's report, `sources remove` exited with a traceback). The test Hub
+    minds case, so it serves the repo under both spellings."""
+    hub, catalog, source, (first, second), tmp = env
+    files = {**_in("sst2", adapter_files(first)), **_in("news", adapter_files(second))}
+    for spelling in ("acme/tasks", "Acme/Tasks"):
+        hub.create_repo_direct(spelling, files)
+    poller = source(repos=["acme/tasks/sst2", "Acme/Tasks/news"])
+    assert sorted(poller.poll().registered) == ["Acme/Tasks/news", "acme/tasks/sst2"]
+    assert _source_row(catalog).healthy and poller.poll().unchanged == 2
+    assert poller.watches("ACME/TASKS")  # a webhook's spelling finds the repo, as the settings' check does
+
+
+def test_an_adapter_in_a_folder_whose_name_holds_an_at_sign_is_not_given_a_spec_that_names_a_branch(env):
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("bob/sweep", _in("lora@r16", adapter_files(first)))
+    assert source(repos=["bob/sweep"]).poll().rejected == ["bob/sweep"]
+    assert _adapters(catalog)["bob/sweep"].current.reason.endswith(
+        "lora@r16/adapter_config.json is an adapter in a subfolder whose name holds '@', which a source's repos "
+        "cannot name")
+
+
+@pytest.mark.parametrize("specs", [["acme/x/s", "acme/x/s/"], ["acme/x@dev", "Acme/X@dev"]])
+def test_one_adapter_named_twice_is_refused(specs):
+    """Named twice, it was registered twice and merged twice (QA SF). Folders and branches
+    mind case, as git does."""
+    from pydantic import ValidationError
+
+    from iteris_daemon.sources.hub import HubSettings
+
+    with pytest.raises(ValidationError, match=re.escape(f"{specs[1]!r} names the adapter {specs[0]!r} names too")):
+        HubSettings(repos=specs)
+    assert HubSettings(repos=["acme/x/s", "acme/x/S", "acme/x@Dev", "acme/x@dev"]).repos[1] == "acme/x/S"
+
+
+def test_the_commit_folder_of_an_adapter_is_the_outermost_one_under_the_repo_s():
+    from iteris_daemon.sources.hub import _commit_folder
+
+    commit = Path("/cache/hub/acme--x") / ("a" * 40)
+    assert _commit_folder(commit / "hub" / "exp1" / ("b" * 40)) == commit  # subfolders named like the cache's
+    assert _commit_folder(commit) == commit and _commit_folder(Path("/srv/loras") / ("a" * 40)) is None
+
+
 @pytest.mark.parametrize("spec, parsed, locator", [
     ("acme/x", ("acme/x", None, None), "acme/x"),
     ("acme/x@dev", ("acme/x", None, "dev"), "acme/x@dev"),

@@ -163,11 +163,17 @@ class HubSettings(BaseModel):
     @field_validator("repos")
     @classmethod
     def _repo_ids(cls, repos: list[str]) -> list[str]:
+        named: dict[RepoSpec, str] = {}
         for spec in repos:
-            problem = RepoSpec.parse(spec).problem()
+            parsed = RepoSpec.parse(spec)  # "acme/x/ckpt/" is "acme/x/ckpt"
+            problem = parsed.problem()
             if problem:
                 raise ValueError(f"{spec!r} {problem}")
-        return [RepoSpec.parse(spec).locator for spec in repos]  # "acme/x/ckpt/" is "acme/x/ckpt"
+            key = parsed._replace(repo_id=parsed.repo_id.casefold())  # repo ids ignore case, paths and branches not
+            if key in named:  # merged twice, it would count double
+                raise ValueError(f"{spec!r} names the adapter {named[key]!r} names too")
+            named[key] = spec
+        return [RepoSpec.parse(spec).locator for spec in repos]
 
     @field_validator("author")
     @classmethod
@@ -266,17 +272,21 @@ class HubSource:
 
     def watches(self, repo_id: str) -> bool:
         """Whether ``repo_id`` is one of this source's repos (listed, or of its author)."""
-        return (any(spec.repo_id == repo_id for spec in self._specs())
-                or (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author))
+        return (any(spec.repo_id.casefold() == repo_id.casefold() for spec in self._specs())  # the Hub ignores case
+                or self._authors(repo_id))
 
     def poll_repo(self, repo_id: str) -> ScanReport:
         """Poll one repo now (a webhook said it changed): each of its branches and subfolders
         the settings name; the other repos wait for the next poll."""
-        targets = [(spec, False, None) for spec in self._specs() if spec.repo_id == repo_id]
-        if (self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author
-                and RepoSpec(repo_id) not in [spec for spec, *_ in targets]):
+        targets = [(spec, False, None) for spec in self._specs() if spec.repo_id.casefold() == repo_id.casefold()]
+        if self._authors(repo_id) and RepoSpec(repo_id) not in [spec for spec, *_ in targets]:
             targets.append((RepoSpec(repo_id), True, None))  # its main branch too, as the author's
         return self._poll(lambda api, errors: targets, only={spec.locator for spec, *_ in targets})
+
+    def _authors(self, repo_id: str) -> bool:
+        """Whether ``repo_id`` is of the source's author, as the Hub spells it (the listing's
+        spelling names the adapter: another would record it twice)."""
+        return self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author
 
     def _specs(self) -> list[RepoSpec]:
         return [RepoSpec.parse(spec) for spec in self.settings.repos]
@@ -422,7 +432,7 @@ class HubSource:
         if self.cache_dir not in Path(os.path.realpath(files)).parents:  # cannot happen with all checked: a guard
             raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
         if before.files_missing and before.files_path == str(files):  # what is left here may be stale: fetch anew
-            _forget(snapshot, spec.subfolder)
+            _forget(snapshot, spec)
         reason_now, adapter_info = None, None
         try:
             adapter_info = self._fetch_and_validate(api, token, spec, sha, siblings, snapshot, listed, before)
@@ -570,7 +580,8 @@ def drop_unused_commits(catalog: Catalog, folder: Path) -> int:
     folder's :func:`repo_lock`. Returns how many commit folders it deleted."""
     with catalog.session(write=False) as session:
         used = {folder / Path(path).relative_to(folder).parts[0]
-                for path in current_files_paths(session, f"{folder}{os.sep}")}
+                for path in current_files_paths(session, f"{folder}{os.sep}")
+                if Path(path).is_relative_to(folder)}  # SQLite's LIKE ignores case: Acme--x's paths come too
     dropped = 0
     for other in folder.iterdir() if folder.is_dir() else ():
         if _COMMIT_SHA.fullmatch(other.name) and other not in used and other.is_dir() and not other.is_symlink():
@@ -595,7 +606,7 @@ def _commit_folder(files: Path) -> Path | None:
     """The commit folder (``<cache>/hub/<repo>/<commit>``) that holds an adapter's files,
     at its top or in a subfolder; None for a folder the catalog names elsewhere (never
     one outside a cache: `sources remove` deletes what this names)."""
-    for folder in (files, *files.parents):
+    for folder in reversed((files, *files.parents)):  # from the top: a subfolder may be named like a commit
         if _COMMIT_SHA.fullmatch(folder.name) and folder.parent.parent.name == CACHE_FOLDER:
             return folder
     return None
@@ -619,15 +630,15 @@ def _link_registered_weights(before: Prior, sibling: RepoSibling, target: Path) 
             os.link(source, target)
 
 
-def _forget(snapshot: Path, subfolder: str | None) -> None:
-    """Delete what a commit's folder holds of one adapter, the client's record of each
-    download included (it would take a file it recorded as current, whatever its bytes):
-    the next download fetches it anew. An adapter at the repo's top takes the folder."""
-    if subfolder:
-        shutil.rmtree(snapshot / subfolder, ignore_errors=True)
-        shutil.rmtree(snapshot / ".cache" / "huggingface" / "download" / subfolder, ignore_errors=True)
-    else:
-        shutil.rmtree(snapshot, ignore_errors=True)
+def _forget(snapshot: Path, spec: RepoSpec) -> None:
+    """Delete one adapter's files from a commit's folder, with the client's record of each
+    download (it takes a file it recorded as current whatever its bytes), so that the next
+    download fetches them anew. The other adapters of the commit, in its subfolders or
+    above, keep theirs: runs may be copying them."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
+        path = spec.file(name)
+        (snapshot / path).unlink(missing_ok=True)
+        (snapshot / ".cache" / "huggingface" / "download" / f"{path}.metadata").unlink(missing_ok=True)
 
 
 def _no_config(spec: RepoSpec, siblings: Collection[str]) -> str:
@@ -639,6 +650,9 @@ def _no_config(spec: RepoSpec, siblings: Collection[str]) -> str:
     if not nested:
         return f"no {CONFIG_NAME} at the top of the repo (not a PEFT adapter repo)"
     folder = nested[0].removesuffix(f"/{CONFIG_NAME}")
+    if "@" in folder:  # the spec's "@" starts its branch
+        return (f"no {CONFIG_NAME} at the top of the repo; {nested[0]} is an adapter in a subfolder whose name "
+                "holds '@', which a source's repos cannot name")
     return (f"no {CONFIG_NAME} at the top of the repo; {nested[0]} is an adapter in a subfolder: name it in the "
             f"source's repos as {RepoSpec(spec.repo_id, folder, spec.branch).locator}")
 
