@@ -630,6 +630,22 @@ def test_a_hub_weights_file_past_the_limit_is_never_downloaded_whole(hub, made, 
     assert not [p for p in snapshot.rglob("*") if p.is_file() and p.stat().st_size > 64 << 10]
 
 
+def test_a_stopped_download_leaves_no_partial_file_in_a_commit_another_adapter_uses(hub, made, monkeypatch):
+    """A rejected commit's folder is deleted whole, partial downloads with it; an adapter in a
+    subfolder of a commit that another adapter uses leaves the folder in place, so a download
+    stopped past the limit must leave no partial file (10 MiB) there (QA SF suspected one
+    would stay: the client removes its own)."""
+    server, poll, cache = hub
+    _, lora = made
+    sha = server.create_repo_direct("eve/mixed", {**_repo_files(lora), **{f"big/{name}": data for name, data in
+                                                   _repo_files(lora, **{"adapter_model.safetensors": HUGE}).items()}})
+    assert poll("eve/mixed", WEIGHTS_LIMIT) == (AdapterStatus.registered, None)
+    _lie_about_sizes(monkeypatch, server, "eve/mixed", "big/adapter_model.safetensors", 100, head=True, no_length=True)
+    status, reason = poll("eve/mixed/big", WEIGHTS_LIMIT)
+    assert status is AdapterStatus.rejected and "the download was stopped" in reason
+    assert not [p for p in (cache / "eve--mixed" / sha).rglob("*") if p.is_file() and p.stat().st_size > 64 << 10]
+
+
 @pytest.mark.parametrize("name", ["adapter_config.json", "calibration.jsonl"])
 def test_a_hub_config_or_calibration_past_its_limit_is_rejected(hub, made, monkeypatch, name):
     """Before the fix neither had a limit; now both are bounded like the weights, here with
