@@ -127,6 +127,10 @@ class RepoSpec(NamedTuple):
         """The path in the repo of the adapter's file ``name``."""
         return f"{self.subfolder}/{name}" if self.subfolder else name
 
+    def files_in(self, snapshot: Path) -> Path:
+        """The adapter's folder in ``snapshot``, a commit's folder."""
+        return snapshot / self.subfolder if self.subfolder else snapshot
+
 
 def bad_repo_id(repo_id: object) -> str | None:
     """Why ``repo_id`` (from the settings, or a Hub listing: untrusted) is not an
@@ -428,7 +432,7 @@ class HubSource:
             return True
         siblings = {s.rfilename: s for s in info.siblings or []}
         snapshot = folder / sha  # the commit's files, each adapter's in its own subfolder
-        files = snapshot / spec.subfolder if spec.subfolder else snapshot
+        files = spec.files_in(snapshot)
         if self.cache_dir not in Path(os.path.realpath(files)).parents:  # cannot happen with all checked: a guard
             raise HubAnswerError(f"the cache folder of {locator} would lie outside the cache; nothing downloaded")
         if before.files_missing and before.files_path == str(files):  # what is left here may be stale: fetch anew
@@ -499,7 +503,7 @@ class HubSource:
             size, limit = siblings[spec.file(name)].size, self.limits.file_limit(name)
             if size is not None and size > limit:
                 raise AdapterError(where, f"{spec.file(name)} is {size} bytes, {self.limits.file_above(name)}")
-        files = snapshot / spec.subfolder if spec.subfolder else snapshot
+        files = spec.files_in(snapshot)
         fetched: list[str] = []
         with _own_files(files, fetched, where):
             self._download(token, spec.repo_id, sha, siblings[spec.file(CONFIG_NAME)], snapshot)
