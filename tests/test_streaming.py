@@ -341,7 +341,6 @@ def test_remote_code_loads_whole_and_an_explicit_disk_says_so(tmp_path, caplog):
     assert record.levelno == logging.WARNING and "its own code builds it (trust_remote_code)" in record.getMessage()
 
 
-
 @pytest.mark.parametrize("refusal", ["no block plan", "a tensor missing", "the tie moved"])
 def test_a_refused_stream_s_checks_count_for_the_whole_load(tmp_path, monkeypatch, refusal):
     """A stream refused after check_files' checks (no blocks to run one at a time, a tensor it
