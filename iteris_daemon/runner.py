@@ -64,7 +64,6 @@ from .config import GroupConfig, Selection
 from .errors import AdapterError, CalibrationUnavailable, IterisError, MergeCancelled, PluginError, first_line
 from .gates import judge
 from .logs import counted, redact
-from .sources.hub import RepoSpec
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
@@ -998,6 +997,8 @@ def origin(adapter: Adapter, revision: AdapterRevision) -> str | None:
     source's repo at the commit (``hf://REPO@SHA[/SUBFOLDER]``), not the daemon's cache folder
     of it, which the Hub's copy of the report could only name by the commit (``local:SHA``)."""
     if adapter.source.kind is SourceKind.hub:
+        from .sources.hub import RepoSpec  # here: `status` imports this module, and must not load the Hub client
+
         return RepoSpec.parse(adapter.locator).url(revision.revision)
     return revision.files_path
 
