@@ -87,6 +87,10 @@ def bounded_progress(limit: int) -> type[hf_tqdm]:
     Content-Length that lies can make it fetch more than ``limit`` plus one chunk."""
 
     class Bounded(hf_tqdm):
+        # tqdm starts a monitor thread per bar class, which stays once its bar is closed: one
+        # class per download left a thread per file downloaded, for as long as the daemon ran
+        monitor_interval = 0
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.received = kwargs.get("initial") or 0  # a resumed download starts with what it has
