@@ -251,7 +251,7 @@ def test_an_adapter_in_a_folder_whose_name_holds_an_at_sign_is_not_given_a_spec_
         "cannot name")
 
 
-@pytest.mark.parametrize("specs", [["acme/x/s", "acme/x/s/"], ["acme/x@dev", "Acme/X@dev"]])
+@pytest.mark.parametrize("specs", [["acme/x/s", "acme/x/s/"], ["acme/x@dev", "Acme/X@dev"], ["acme/x", "acme/x@main"]])
 def test_one_adapter_named_twice_is_refused(specs):
     """Named twice, it was registered twice and merged twice (QA SF). Folders and branches
     mind case, as git does."""

@@ -173,7 +173,8 @@ class HubSettings(BaseModel):
             problem = parsed.problem()
             if problem:
                 raise ValueError(f"{spec!r} {problem}")
-            key = parsed._replace(repo_id=parsed.repo_id.casefold())  # repo ids ignore case, paths and branches not
+            # repo ids ignore case, folders and branches do not; no branch is main, as for `watches`
+            key = parsed._replace(repo_id=parsed.repo_id.casefold(), branch=parsed.branch or "main")
             if key in named:  # merged twice, it would count double
                 raise ValueError(f"{spec!r} names the adapter {named[key]!r} names too")
             named[key] = spec
