@@ -258,9 +258,7 @@ def _machine() -> dict:
 def tables(results: dict) -> str:
     """speed.json's tables; with a machine column where its rows were measured on several
     machines (a partial rerun elsewhere, see :func:`kept_with`)."""
-    rows = [*results["strategies"].values(), *results["memory"].values(),
-            *(row for axis in results["scaling"].values() for row in axis.values())]
-    mixed = any("machine" in row for row in rows)
+    mixed = any("machine" in row for row in _rows(results))
     column, rule = (" machine |", "---|") if mixed else ("", "")
 
     def on(entry: dict) -> str:
@@ -317,7 +315,26 @@ def kept_with(previous: dict, results: dict, parts: list[str]) -> dict:
         kept["floor"] = results["floor"]
     elif "iteris" not in kept["strategies"]:
         kept.pop("floor", None)
-    return kept
+    return _one_machine(kept)
+
+
+def _rows(results: dict) -> list[dict]:
+    return [*results["strategies"].values(), *results["memory"].values(),
+            *(row for axis in results["scaling"].values() for row in axis.values())]
+
+
+def _one_machine(results: dict) -> dict:
+    """``results`` whose rows all came from one machine (reruns elsewhere replaced every row)
+    with that machine saved once, as a whole run would have, and no row naming its own."""
+    machines = {json.dumps(row.get("machine", results["machine"]), sort_keys=True) for row in _rows(results)}
+    if len(machines) != 1:
+        return results
+
+    def bare(rows: dict) -> dict:
+        return {key: {k: v for k, v in row.items() if k != "machine"} for key, row in rows.items()}
+
+    return {**results, "machine": json.loads(machines.pop()), "strategies": bare(results["strategies"]),
+            "memory": bare(results["memory"]), "scaling": {axis: bare(rows) for axis, rows in results["scaling"].items()}}
 
 
 def _labelled(results: dict) -> dict:

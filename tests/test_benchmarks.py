@@ -193,6 +193,12 @@ def test_a_speed_rerun_elsewhere_keeps_each_row_s_machine(tmp_path, monkeypatch,
     assert "machine" not in results["strategies"]["tsv"] and "machine" not in results["memory"]["50"]
     assert "| tsv | 2.00 | 400 | 400 | 410 |\n" in printed and "machine" not in printed
 
+    machine["now"] = {"cores": 2}  # every row rerun elsewhere, part by part: the file names that machine once
+    rerun("--parts", "strategies")
+    results, printed = rerun("--parts", "memory", "scaling")
+    assert results["machine"] == {"cores": 2} and "machine" not in printed
+    assert not [row for row in speed._rows(results) if "machine" in row]
+
 
 def test_schedules_report_the_measured_forward_passes(tmp_path, monkeypatch):
     """The forward-pass column is the merge report's count, not a formula of the sweeps."""
