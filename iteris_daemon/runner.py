@@ -64,6 +64,7 @@ from .config import GroupConfig, Selection
 from .errors import AdapterError, CalibrationUnavailable, IterisError, MergeCancelled, PluginError, first_line
 from .gates import judge
 from .logs import counted, redact
+from .sources.repo_spec import RepoSpec
 from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
@@ -341,11 +342,19 @@ def _one_per_location(matching: list[tuple[Adapter, AdapterRevision]]) -> list[t
     """One pair per folder or repo. Two sources may watch one (one renamed in the config
     while the catalog keeps the old, or one added with `sources add`); merged twice, that
     adapter would count double. Of such pairs the newest revision is kept."""
-    newest: dict[tuple[SourceKind, str], int] = {}  # location -> revision id kept
+    newest: dict[tuple, int] = {}  # location -> revision id kept
     for adapter, revision in matching:
-        key = (adapter.source.kind, adapter.locator)
+        key = _location(adapter)
         newest[key] = max(newest.get(key, revision.id), revision.id)
-    return [(a, r) for a, r in matching if newest[(a.source.kind, a.locator)] == r.id]
+    return [(a, r) for a, r in matching if newest[_location(a)] == r.id]
+
+
+def _location(adapter: Adapter) -> tuple:
+    """Where ``adapter`` lies, one key however a source spells it: a folder, or a Hub repo's
+    folder and branch (``acme/x`` and ``Acme/X@main`` are one)."""
+    if adapter.source.kind is SourceKind.hub:
+        return adapter.source.kind, RepoSpec.parse(adapter.locator).key
+    return adapter.source.kind, adapter.locator
 
 
 def selection_key(group: GroupConfig) -> str:
@@ -997,8 +1006,6 @@ def origin(adapter: Adapter, revision: AdapterRevision) -> str | None:
     source's repo at the commit (``hf://REPO@SHA[/SUBFOLDER]``), not the daemon's cache folder
     of it, which the Hub's copy of the report could only name by the commit (``local:SHA``)."""
     if adapter.source.kind is SourceKind.hub:
-        from .sources.hub import RepoSpec  # here: `status` imports this module, and must not load the Hub client
-
         return RepoSpec.parse(adapter.locator).url(revision.revision)
     return revision.files_path
 

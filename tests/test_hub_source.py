@@ -5,6 +5,7 @@ hostile listings. The catalog is a real SQLite file."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -210,6 +211,54 @@ def test_an_adapter_in_a_subfolder_whose_files_are_gone_is_fetched_again_alone(e
         adapters["bob/two/a"].current.content_sha256
 
 
+@pytest.mark.parametrize("registered_copy", ["intact", "damaged at its size", "cut short"])
+def test_weights_a_new_commit_keeps_are_linked_only_when_the_registered_copy_is_the_listed_one(env, registered_copy):
+    """A commit to another folder of the repo: the folder whose weights it keeps links the
+    registered commit's copy, hashed against the listing first, and asks the Hub nothing for
+    them (the client, handed a file, may copy one of its own cache into it in place: through
+    a link, into the registered copy; QA RV2). A registered copy that is not the listed one
+    is not linked: the weights are downloaded, and the registered copy is left as it is."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("liz/two", {**_in("a", adapter_files(first)), **_in("b", adapter_files(second))})
+    poller = source(repos=["liz/two/a", "liz/two/b"])
+    poller.poll()
+    registered = Path(_adapters(catalog)["liz/two/b"].current.files_path) / "adapter_model.safetensors"
+    data = registered.read_bytes()
+    if registered_copy == "damaged at its size":
+        registered.write_bytes(data[:-4] + bytes(4 * [0xFF]))
+    elif registered_copy == "cut short":
+        registered.write_bytes(data[:-8])
+    before = registered.read_bytes()
+    witness = tmp / "witness"  # the registered copy, after its commit's folder is dropped
+    os.link(registered, witness)
+    sha2 = hub.commit_direct("liz/two", _in("a", adapter_files(second)))
+    poller.poll()
+    now = Path(_adapters(catalog)["liz/two/b"].current.files_path) / "adapter_model.safetensors"
+    asked = hub.requests_matching(rf"^(GET|HEAD) /liz/two/resolve/{sha2}/b/adapter_model.safetensors")
+    assert now.parent.parent.name == sha2 and now.read_bytes() == data
+    assert (len(asked), now.stat().st_ino == witness.stat().st_ino) == (
+        (0, True) if registered_copy == "intact" else (2, False))  # the client's HEAD, then its GET
+    assert witness.read_bytes() == before  # never written through
+
+
+def test_one_adapter_named_by_an_author_s_listing_and_by_the_settings_or_two_sources_is_taken_once(env):
+    """``author = "bob"`` beside ``repos = ["bob/a@main"]`` registered bob/a twice, and two
+    sources naming ``bob/a`` and ``bob/a@main`` gave a group both as inputs: merged twice
+    (QA RV2). The settings' spelling names it in one source; a group takes one per location."""
+    from iteris_daemon import runner
+
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("bob/a", adapter_files(first))
+    assert source(author="bob", repos=["bob/a@main"]).poll().registered == ["bob/a@main"]
+    settings = {**_source_row(catalog).settings, "author": None, "repos": ["bob/a"]}
+    with catalog.session() as session:
+        add_source(session, "other", SourceKind.hub, settings)
+    assert HubSource(catalog, "other", tmp / "cache").poll().registered == ["bob/a"]
+    with catalog.session() as session:
+        pairs = runner.merge_candidates(session)
+        assert len(pairs) == 2 and [a.locator for a, _ in runner._one_per_location(pairs)] == ["bob/a"]  # the newer
+
+
 def test_an_adapter_at_the_top_whose_files_are_gone_leaves_its_subfolders_adapters_alone(env):
     """A repo with an adapter at its top and one in a subfolder (a Trainer's checkpoint):
     files gone from the top one deleted the whole commit folder, the checkpoint's registered
@@ -284,7 +333,8 @@ def test_repo_specs_name_a_folder_and_a_branch(spec, parsed, locator):
 
     from iteris_daemon.catalog.models import SourceKind
     from iteris_daemon.runner import origin
-    from iteris_daemon.sources.hub import HubSettings, RepoSpec
+    from iteris_daemon.sources.hub import HubSettings
+    from iteris_daemon.sources.repo_spec import RepoSpec
 
     assert tuple(RepoSpec.parse(spec)) == parsed and RepoSpec.parse(spec).locator == locator
     assert HubSettings(repos=[spec]).repos == [locator]

@@ -38,7 +38,6 @@ import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from collections.abc import Callable, Collection, Iterator
-from typing import NamedTuple
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
@@ -61,6 +60,7 @@ from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
 from ..validation import Limits, ShapeSource, validate_adapter, validation_context
 from .local import CALIBRATION_NAME, ScanReport, catalog_refusal
+from .repo_spec import RepoSpec
 
 log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -87,49 +87,6 @@ def checked_commit_sha(sha: object, where: str) -> str:
         raise HubAnswerError(f"{where}: the Hub answered a commit sha {str(sha)[:60]!r}, not 40 hex digits; "
                              "nothing downloaded")
     return sha
-
-
-class RepoSpec(NamedTuple):
-    """One adapter a Hub source polls: ``OWNER/NAME[/SUBFOLDER][@BRANCH]``, the locator the
-    catalog records it under. An adapter in a subfolder (one repo holding several tasks'
-    LoRAs, or a Trainer's ``checkpoint-500/``) is named by its folder."""
-
-    repo_id: str
-    subfolder: str | None = None
-    branch: str | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> RepoSpec:
-        """Split ``spec`` (a trailing slash dropped); :meth:`problem` says whether it can be polled."""
-        path, at, branch = spec.partition("@")
-        owner, _, rest = path.partition("/")
-        name, _, subfolder = rest.partition("/")
-        return cls(f"{owner}/{name}", subfolder.rstrip("/") or None, branch if at else None)
-
-    @property
-    def locator(self) -> str:
-        return (self.repo_id + (f"/{self.subfolder}" if self.subfolder else "")
-                + (f"@{self.branch}" if self.branch is not None else ""))
-
-    def problem(self) -> str | None:
-        """Why this names nothing to poll, or None."""
-        if bad_repo_id(self.repo_id) or (self.branch is not None and not self.branch.strip()):  # "acme/x@" polled no branch
-            return "is not a repo id (OWNER/NAME[/SUBFOLDER][@BRANCH])"
-        if self.subfolder and unsafe_path(self.subfolder):
-            return "names no subfolder a repo can hold"
-        return None
-
-    def url(self, revision: str) -> str:
-        """The adapter's folder at ``revision``, as ``huggingface_hub``'s ``HfFileSystem`` names it."""
-        return f"hf://{self.repo_id}@{revision}" + (f"/{self.subfolder}" if self.subfolder else "")
-
-    def file(self, name: str) -> str:
-        """The path in the repo of the adapter's file ``name``."""
-        return f"{self.subfolder}/{name}" if self.subfolder else name
-
-    def files_in(self, snapshot: Path) -> Path:
-        """The adapter's folder in ``snapshot``, a commit's folder."""
-        return snapshot / self.subfolder if self.subfolder else snapshot
 
 
 def bad_repo_id(repo_id: object) -> str | None:
@@ -167,17 +124,15 @@ class HubSettings(BaseModel):
     @field_validator("repos")
     @classmethod
     def _repo_ids(cls, repos: list[str]) -> list[str]:
-        named: dict[RepoSpec, str] = {}
+        named: dict[tuple, str] = {}
         for spec in repos:
             parsed = RepoSpec.parse(spec)  # "acme/x/ckpt/" is "acme/x/ckpt"
             problem = parsed.problem()
             if problem:
                 raise ValueError(f"{spec!r} {problem}")
-            # repo ids ignore case, folders and branches do not; no branch is main, as for `watches`
-            key = parsed._replace(repo_id=parsed.repo_id.casefold(), branch=parsed.branch or "main")
-            if key in named:  # merged twice, it would count double
-                raise ValueError(f"{spec!r} names the adapter {named[key]!r} names too")
-            named[key] = spec
+            if parsed.key in named:  # merged twice, it would count double
+                raise ValueError(f"{spec!r} names the adapter {named[parsed.key]!r} names too")
+            named[parsed.key] = spec
         return [RepoSpec.parse(spec).locator for spec in repos]
 
     @field_validator("author")
@@ -284,7 +239,7 @@ class HubSource:
         """Poll one repo now (a webhook said it changed): each of its branches and subfolders
         the settings name; the other repos wait for the next poll."""
         targets = [(spec, False, None) for spec in self._specs() if spec.repo_id.casefold() == repo_id.casefold()]
-        if self._authors(repo_id) and RepoSpec(repo_id) not in [spec for spec, *_ in targets]:
+        if self._authors(repo_id) and RepoSpec(repo_id).key not in {spec.key for spec in self._specs()}:
             targets.append((RepoSpec(repo_id), True, None))  # its main branch too, as the author's
         return self._poll(lambda api, errors: targets, only={spec.locator for spec, *_ in targets})
 
@@ -388,10 +343,11 @@ class HubSource:
         targets = [(spec, False, None) for spec in self._specs()]
         if not self.settings.author:
             return targets
+        named = {spec.key for spec in self._specs()}  # a listed repo the settings name is polled as named
         models = self._retrying(f"list {self.settings.author}")(self._list_models, api)
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
-            if CONFIG_NAME in names and (RepoSpec(model.id), False, None) not in targets:
+            if CONFIG_NAME in names and RepoSpec(model.id).key not in named:
                 problem = bad_repo_id(model.id)
                 if problem:
                     errors.append(f"the listing of {self.settings.author} names {str(model.id)[:100]!r}, which {problem}; skipped")
@@ -513,9 +469,10 @@ class HubSource:
             named, wanted = config.get("base_model_name_or_path"), self.settings.base_model
             if listed and _other_hub_model(named, wanted):  # no weights downloaded for an author's other models
                 raise AdapterError(where, f"an adapter of {named}, not of this source's base model {wanted}")
-            _link_registered_weights(before, siblings[spec.file(WEIGHTS_NAME)], files / WEIGHTS_NAME)
             for name in wanted_files[1:]:
-                self._download(token, spec.repo_id, sha, siblings[spec.file(name)], snapshot)
+                sibling = siblings[spec.file(name)]
+                if not (name == WEIGHTS_NAME and self._link_registered(before, sibling, files / name)):
+                    self._download(token, spec.repo_id, sha, sibling, snapshot)
                 fetched.append(name)
             # The source's base model decides, whatever base the adapter names (often a Hub id
             # for the source's local copy), as for a repo the settings name: one of another model is rejected.
@@ -554,6 +511,29 @@ class HubSource:
             resolved.unlink()
             raise HubAnswerError(f"{where}: {filename} as downloaded {problem}; removed, downloaded again at the next poll")
         return resolved
+
+    def _link_registered(self, before: Prior, sibling: RepoSibling, target: Path) -> bool:
+        """Hard-link the registered revision's weights to ``target`` instead of downloading
+        them, where the listing says the new commit holds the same bytes (its LFS sha256 is the
+        registered content's): a commit to another folder of the repo, or to its README. The
+        registered file is hashed against the listing first, and only one in this source's
+        cache is taken. Linked under a temporary name and renamed into place, never handed to
+        the client, which may copy a file of its own cache into an existing one in place:
+        through a link, into the registered commit's copy. False: download it."""
+        listed = listed_hash(sibling)
+        if before.registered_files_path is None or listed != ("sha256", before.registered_content_sha256):
+            return False
+        registered = Path(before.registered_files_path) / target.name
+        with suppress(OSError):
+            if (self.cache_dir in Path(os.path.realpath(registered)).parents and not os.path.lexists(target)
+                    and registered.stat().st_size == sibling.size and mismatch(sibling, registered) is None):
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                partial = target.with_name(f".{target.name}.linking")
+                partial.unlink(missing_ok=True)
+                os.link(registered, partial)
+                os.replace(partial, target)
+                return True
+        return False
 
     def _repo_folder(self, repo_id: str) -> Path:
         return self.cache_dir / repo_id.replace("/", "--")
@@ -615,24 +595,6 @@ def _commit_folder(files: Path) -> Path | None:
         if _COMMIT_SHA.fullmatch(folder.name) and folder.parent.parent.name == CACHE_FOLDER:
             return folder
     return None
-
-
-def _link_registered_weights(before: Prior, sibling: RepoSibling, target: Path) -> None:
-    """Hard-link the registered revision's weights to ``target`` when the listing says the
-    new commit holds the same bytes (its LFS sha256 is the registered content's): a commit
-    to another folder of the repo, or to its README, then downloads no weights. The client
-    finds the file, hashes it against the listing and keeps it; the download's own checks
-    follow as for any file. Nothing is linked where the registered file is gone or differs
-    in size (the client then downloads)."""
-    listed = listed_hash(sibling)
-    if (before.registered_files_path is None or listed != ("sha256", before.registered_content_sha256)
-            or os.path.lexists(target)):
-        return
-    source = Path(before.registered_files_path) / WEIGHTS_NAME
-    with suppress(OSError):
-        if source.stat().st_size == sibling.size:
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.link(source, target)
 
 
 def _forget(snapshot: Path, spec: RepoSpec) -> None:
