@@ -44,13 +44,14 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from . import malloc
 from .catalog import Catalog
 from .catalog.db import CATALOG_FAILURES
 from .catalog.models import Adapter, MergeGroup, Source, SourceKind
-from .catalog.registry import add_source
+from .catalog.registry import add_source, get_source, set_health
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
                      watched_destination)
@@ -622,9 +623,26 @@ class Daemon:
                 self._polled.append(name)
                 self._hub[name] = hub
         except Exception as exc:
-            log.error("source %s not started: %s", name, exc)
+            self._not_started(name, exc)
             return False
         return True
+
+    def _not_started(self, name: str, exc: Exception) -> None:
+        """Say why source ``name`` did not start, in one line and in its health, so that
+        `status`, `sources list` and the metrics show it down: it kept its last verdict
+        (healthy) and its adapters their last revision, never polled again. Settings stored
+        in the catalog that this release refuses (an upgrade) say how to mend them."""
+        if isinstance(exc, ValidationError):
+            why = (f"{ConfigError.from_validation('its settings', exc)}; `iteris-daemon sources remove {name}`, "
+                   "then add it again with settings that pass (a source of the config file: mend it there)")
+        else:
+            why = first_line(exc) or type(exc).__name__
+        log.error("source %s not started: %s", name, why)
+        try:
+            with self.catalog.session() as session:
+                set_health(session, get_source(session, name).id, f"not started: {why}")
+        except Exception as failure:  # the catalog unreachable: the log line above says it
+            log.warning("source %s: its health not recorded: %s", name, type(failure).__name__)
 
     def _rescan(self, source: LocalFolderSource) -> None:
         """The periodic rescan of a local source; the catalog failing it is said as for the

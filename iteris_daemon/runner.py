@@ -289,11 +289,12 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
     with catalog.session() as session:
         matching = _matching(merge_candidates(session), group.base_model, group.select)
         selected = _one_per_location(matching)
-        kept = {adapter.id for adapter, _ in selected}
+        kept = {_location(adapter): adapter for adapter, _ in selected}
         for adapter, _ in matching:
-            if adapter.id not in kept:
-                log.warning("group %s: adapter %s of source %s is the same %s as one of another source; merged once",
-                            group.name, adapter.name, adapter.source.name, adapter.locator)
+            other = kept[_location(adapter)]
+            if other.id != adapter.id:
+                log.warning("group %s: adapter %s of source %s is where adapter %s of source %s is; merged once",
+                            group.name, adapter.name, adapter.source.name, other.name, other.source.name)
         return selected
 
 

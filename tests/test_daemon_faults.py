@@ -63,7 +63,7 @@ import polling
 from builders import build_adapter, build_tiny_model
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
-                                           utcnow)
+                                           Source, SourceKind, utcnow)
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.cli import main
 from iteris_daemon.runner import Claim, RunOutcome, worker_id
@@ -1095,6 +1095,51 @@ def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"source sneaky not started: {why}; the daemon would register its own merges as adapters "
                       "(`iteris-daemon sources remove sneaky`, or watch elsewhere)"], errors
+    catalog = Catalog(db)
+    with catalog.session() as session:
+        sneaky = session.scalar(select(Source).where(Source.name == "sneaky"))
+        assert (sneaky.healthy, sneaky.last_error) == (False, f"not started: {errors[0].split(': ', 1)[1]}")
+    catalog.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_catalog_source_whose_stored_settings_this_release_refuses_is_down_saying_how_to_mend_it(
+        tmp_path, caplog, capsys):
+    """A source `sources add` stored under an earlier release, whose settings this one refuses
+    (one Hub adapter named twice: merged twice before): the daemon logged a pydantic dump
+    on one line and never polled it, while `status`, `sources list` and the metrics called
+    it healthy, and groups kept merging its last revisions (QA UP). Now it is down, saying
+    why and how to mend it; the config's sources run."""
+    import iteris_daemon.daemon as daemon_module
+    from iteris_daemon.catalog.registry import add_source
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    db = f"sqlite:///{tmp_path / 'catalog.db'}"
+    assert main(["db", "upgrade", "--db", db]) == 0
+    catalog = Catalog(db)
+    with catalog.session() as session:  # as 0a59bf3's `sources add` stored it
+        add_source(session, "dup", SourceKind.hub, {"repos": ["acme/b", "acme/b@main"]})
+    catalog.close()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\n"
+                      f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n')
+    daemon = daemon_module.Daemon(config)
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
+                 "the daemon watching its folder")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert _run_here(daemon, probe) == 0
+    why = ("its settings: repos: 'acme/b@main' names the adapter 'acme/b' names too; `iteris-daemon sources remove "
+           "dup`, then add it again with settings that pass (a source of the config file: mend it there)")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"source dup not started: {why}"]
+    capsys.readouterr()
+    assert main(["sources", "list", "--db", db]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"dup +hub +enabled +(?!ok)", listed) and f"not started: {why}" in listed, listed
 
 
 def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):

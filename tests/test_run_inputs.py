@@ -444,7 +444,7 @@ def test_an_adapter_two_sources_watch_is_merged_once(setup, caplog):
     selected = runner.select_inputs(setup.catalog, group)
     assert sorted(a.name for a, _ in selected) == ["task0", "task1"]
     assert {a.source.name for a, _ in selected} == {"renamed"}  # the newer revisions
-    assert caplog.text.count("is the same") == 2
+    assert caplog.text.count("of source team is where adapter task") == 2 and "of source renamed is; merged once" in caplog.text
     assert runner.groups_behind(setup.catalog, [group]) == {"unified": frozenset(r.id for _, r in selected)}
     outcome = setup.run(group, force=True)
     assert outcome.status is RunStatus.succeeded and len(_recorded(setup, outcome.run_id)) == 2
