@@ -344,7 +344,8 @@ class Daemon:
         self._beat = time.monotonic()
         self._local: dict[str, LocalFolderSource] = {}
         self._sources_guard = threading.Lock()  # the catalog check starts and stops sources, a reload all of them
-        self._known_sources: set[int] = set()  # ids of the catalog's sources this daemon started, or tried to
+        # the catalog's sources this daemon started, or tried to: id -> (kind, settings) tried
+        self._known_sources: dict[int, tuple[SourceKind, dict[str, Any]]] = {}
         self._polled: list[str] = []  # hub sources
         self._groups: dict[str, GroupConfig] = {}
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
@@ -581,7 +582,7 @@ class Daemon:
             for job in self.scheduler.get_jobs():
                 if job.id.startswith(("poll:", "rescan:", "schedule:")):
                     job.remove()
-            self._known_sources = set(sources)
+            self._known_sources = {source_id: (kind, settings) for source_id, (_, kind, settings) in sources.items()}
             for source_id, (name, kind, settings) in sources.items():
                 self._start_source(name, kind, settings)
         self._groups = {group.name: group for group in config.groups}
@@ -733,13 +734,16 @@ class Daemon:
             for name, source_id in running.items():
                 if source_id not in enabled:
                     self._drop_source(name)
-                    self._known_sources.discard(source_id)  # enabled again (`sources add`), it starts again
+                    self._known_sources.pop(source_id, None)  # enabled again (`sources add`), it starts again
                     log.warning("source %s was removed from the catalog (`iteris-daemon sources remove`): no longer "
                                 "watched%s", name, ", until a reload or restart adds it again: the config declares "
                                 "it; remove it there" if name in configured else "")
-            for source_id in enabled.keys() - self._known_sources - set(running.values()):
-                self._known_sources.add(source_id)  # tried once: a source that cannot start is said once
-                name, kind, settings = enabled[source_id]
+            for source_id, (name, kind, settings) in enabled.items():
+                # Tried once per settings: a source that cannot start is said once, and one mended
+                # (`sources remove`, then `sources add`: the same row, enabled again) is tried again.
+                if source_id in running.values() or self._known_sources.get(source_id) == (kind, settings):
+                    continue
+                self._known_sources[source_id] = (kind, settings)
                 if self._start_source(name, kind, settings):
                     log.info("source %s was added to the catalog (`iteris-daemon sources add`): %s it now", name,
                              "watching" if kind is SourceKind.local else "polling")

@@ -1120,26 +1120,45 @@ def test_a_catalog_source_whose_stored_settings_this_release_refuses_is_down_say
     catalog = Catalog(db)
     with catalog.session() as session:  # as 0a59bf3's `sources add` stored it
         add_source(session, "dup", SourceKind.hub, {"repos": ["acme/b", "acme/b@main"]})
-    catalog.close()
     config = tmp_path / "daemon.toml"
     config.write_text(f"[daemon]\ndatabase = {json.dumps(db)}\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
                       f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\n"
                       f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(watched))}]\n')
     daemon = daemon_module.Daemon(config)
+    listed: dict[str, str] = {}
+
+    def sources_list() -> str:
+        capsys.readouterr()
+        assert main(["sources", "list", "--db", db]) == 0
+        return capsys.readouterr().out
+
+    def mend(**changes) -> None:
+        with catalog.session() as session:
+            row = session.scalar(select(Source).where(Source.name == "dup"))
+            for key, value in changes.items():
+                setattr(row, key, value)
 
     def probe() -> None:
         wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
                  "the daemon watching its folder")
+        listed["down"] = sources_list()
+        # Mended as the line says: `sources remove` (the row disabled, as for a source of past
+        # runs), a catalog check, `sources add` (the same row enabled with new settings), a check.
+        mend(enabled=False)
+        daemon._follow_catalog_sources()
+        mend(enabled=True, settings={"repos": ["acme/b"], "endpoint": "http://127.0.0.1:9", "retry_attempts": 1})
+        daemon._follow_catalog_sources()
+        listed["polled"] = str("dup" in daemon._hub)
         os.kill(os.getpid(), signal.SIGTERM)
 
     assert _run_here(daemon, probe) == 0
+    catalog.close()
     why = ("its settings: repos: 'acme/b@main' names the adapter 'acme/b' names too; `iteris-daemon sources remove "
            "dup`, then add it again with settings that pass (a source of the config file: mend it there)")
-    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"source dup not started: {why}"]
-    capsys.readouterr()
-    assert main(["sources", "list", "--db", db]) == 0
-    listed = capsys.readouterr().out
-    assert re.search(r"dup +hub +enabled +(?!ok)", listed) and f"not started: {why}" in listed, listed
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[0] == f"source dup not started: {why}"
+    assert re.search(r"dup +hub +enabled +(?!ok)", listed["down"]) and f"not started: {why}" in listed["down"]
+    assert listed["polled"] == "True"  # before, a source mended so was shown ok and never polled until a restart
 
 
 def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeypatch):
