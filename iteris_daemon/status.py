@@ -8,17 +8,20 @@ dropped by a reload was listed with its last run and next run time for ever."""
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from .catalog import Catalog
-from .catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc
+from .catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc, utcnow
 from .catalog.registry import list_sources
-from .config import Selection
+from .config import DaemonSettings, Selection
 from .figures import summary, task_figures
 from .peers import differences
 from .runner import merge_candidates, of_other_base_models, selected
+
+CLAIM_TTL = DaemonSettings.model_fields["claim_ttl_seconds"].default  # without a config: the default
 
 
 def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -53,7 +56,8 @@ def shown_run(run: MergeRun) -> dict[str, Any]:
             "finished_at": iso_utc(run.finished_at), "error": run.error, "repeats": run.repeats}
 
 
-def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict[str, Any]:
+def collect(catalog: Catalog, configured: Collection[str] | None = None,
+            claim_ttl_seconds: float | None = None) -> dict[str, Any]:
     """The report; with ``configured`` (a config's group names) ``groups`` holds only those,
     ``not_configured`` the names of the catalog's other groups, and ``not_loaded`` those of
     the config that no daemon has written into the catalog yet (not started, or no SIGHUP)."""
@@ -92,6 +96,10 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None) -> dict
                 "last_skipped": None if skipped is None else shown_run(skipped),
                 "next_run_at": iso_utc(group.next_run_at),
                 "merging_now": group.claimed_by,
+                "claimed_at": iso_utc(group.claimed_at),
+                # a claim its daemon stopped refreshing (killed mid-merge): the next daemon takes it over
+                "claim_stale": group.claimed_by is not None and group.claimed_at is not None
+                and utcnow() - group.claimed_at.replace(tzinfo=None) > timedelta(seconds=claim_ttl_seconds or CLAIM_TTL),
                 "published": [{**entry, "run_id": run.id} for entry, run in served],
                 # what the last published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},
@@ -130,7 +138,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    last skipped: #{skipped['id']} at {skipped['finished_at'] or skipped['started_at']} ({skipped['error']}"
                          + (f"; {skipped['repeats']} times since {skipped['started_at']}" if skipped["repeats"] > 1 else "")
                          + ")")
-        lines.append(f"    next run: {g['next_run_at'] or '-'}" + (f"; merging now ({g['merging_now']})" if g["merging_now"] else ""))
+        lines.append(f"    next run: {g['next_run_at'] or '-'}" + (
+            "" if not g["merging_now"] else f"; merging now ({g['merging_now']})" if not g["claim_stale"]
+            else f"; claimed by {g['merging_now']}, not refreshed since {g['claimed_at']}: stale (that daemon "
+                 "stopped mid-run; the next daemon to look takes the group over and fails the run)"))
         for p in g["published"]:
             lines.append(f"    published: {p['kind']} {p['location']} @ {p['version']}")
         quality = g["quality"]

@@ -172,3 +172,19 @@ def test_a_disabled_sources_adapters_wait_for_no_merge(setup, capsys):
         session.scalar(select(Source).where(Source.name == "team")).enabled = False
     assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["not_yet_merged"] == []
     assert "not yet merged" not in status(capsys, setup)
+
+
+def test_a_claim_its_daemon_stopped_refreshing_is_shown_stale(setup, capsys):
+    """A daemon killed mid-merge left its claim: status said "merging now" for ever (QA ST2).
+    Past `claim_ttl_seconds` (the default without a config) it says the claim is stale."""
+    from datetime import timedelta
+
+    from iteris_daemon.catalog.models import MergeGroup, utcnow
+
+    assert setup.run(setup.group()).status is RunStatus.succeeded
+    for age, shown in ((10, "merging now (host:1:dead)"), (600, "claimed by host:1:dead, not refreshed since ")):
+        with setup.catalog.session() as session:
+            group = session.scalar(select(MergeGroup))
+            group.claimed_by, group.claimed_at = "host:1:dead", utcnow() - timedelta(seconds=age)
+        assert shown in status(capsys, setup)
+        assert json.loads(status(capsys, setup, "--json"))["groups"][0]["claim_stale"] is (age == 600)

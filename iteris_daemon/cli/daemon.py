@@ -106,9 +106,12 @@ def _configured_groups(args) -> list[str] | None:
 
 
 def _status(args) -> int:
+    from ..config import load_config
     from ..status import collect, render
 
-    report = collect(_catalog(args), _configured_groups(args))
+    config = load_config(args.config, check_plugins=False) if args.config is not None else None
+    report = collect(_catalog(args), None if config is None else [group.name for group in config.groups],
+                     None if config is None else config.daemon.claim_ttl_seconds)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0
 
