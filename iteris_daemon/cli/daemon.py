@@ -95,22 +95,26 @@ def _catalog(args):
     return Catalog(catalog_url(args), create=False)  # these commands read what the daemon made
 
 
-def _configured_groups(args) -> list[str] | None:
-    """The groups of ``--config``, if given: a group dropped from the config stays in the
-    catalog, but no daemon runs it."""
+def _config(args):
+    """``--config``, loaded, if given (its plugins not checked: these commands run none)."""
     if args.config is None:
         return None
     from ..config import load_config
 
-    return [group.name for group in load_config(args.config, check_plugins=False).groups]
+    return load_config(args.config, check_plugins=False)
+
+
+def _configured_groups(config) -> list[str] | None:
+    """The groups of the config, if given: a group dropped from the config stays in the
+    catalog, but no daemon runs it."""
+    return None if config is None else [group.name for group in config.groups]
 
 
 def _status(args) -> int:
-    from ..config import load_config
     from ..status import collect, render
 
-    config = load_config(args.config, check_plugins=False) if args.config is not None else None
-    report = collect(_catalog(args), None if config is None else [group.name for group in config.groups],
+    config = _config(args)
+    report = collect(_catalog(args), _configured_groups(config),
                      None if config is None else config.daemon.claim_ttl_seconds)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0
@@ -119,7 +123,7 @@ def _status(args) -> int:
 def _merge_now(args) -> int:
     from ..catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc, utcnow
 
-    configured = _configured_groups(args)
+    configured = _configured_groups(_config(args))
     if configured is not None and args.group not in configured:
         raise ConfigError(f"no merge group named {args.group!r} in {args.config} (its groups: "
                           f"{', '.join(configured) or 'none'})")
