@@ -203,6 +203,7 @@ class HubSource:
         with catalog.session() as session:
             source = get_source(session, source_name)
             self.source_id, self.settings = source.id, HubSettings.model_validate(source.settings)
+        self.specs = [RepoSpec.parse(spec) for spec in self.settings.repos]  # what the settings name, parsed once
         self.cache_dir = Path(cache_dir).resolve()
         self.limits = limits
         self.trusted_models = frozenset(trusted_models)  # base models whose own code may run (config: daemon.trust_remote_code)
@@ -232,14 +233,14 @@ class HubSource:
 
     def watches(self, repo_id: str) -> bool:
         """Whether ``repo_id`` is one of this source's repos (listed, or of its author)."""
-        return (any(spec.repo_id.casefold() == repo_id.casefold() for spec in self._specs())  # the Hub ignores case
+        return (any(spec.repo_id.casefold() == repo_id.casefold() for spec in self.specs)  # the Hub ignores case
                 or self._authors(repo_id))
 
     def poll_repo(self, repo_id: str) -> ScanReport:
         """Poll one repo now (a webhook said it changed): each of its branches and subfolders
         the settings name; the other repos wait for the next poll."""
-        targets = [(spec, False, None) for spec in self._specs() if spec.repo_id.casefold() == repo_id.casefold()]
-        if self._authors(repo_id) and RepoSpec(repo_id).key not in {spec.key for spec in self._specs()}:
+        targets = [(spec, False, None) for spec in self.specs if spec.repo_id.casefold() == repo_id.casefold()]
+        if self._authors(repo_id) and RepoSpec(repo_id).key not in {spec.key for spec in self.specs}:
             targets.append((RepoSpec(repo_id), True, None))  # its main branch too, as the author's
         return self._poll(lambda api, errors: targets, only={spec.locator for spec, *_ in targets})
 
@@ -247,9 +248,6 @@ class HubSource:
         """Whether ``repo_id`` is of the source's author, as the Hub spells it (the listing's
         spelling names the adapter: another would record it twice)."""
         return self.settings.author is not None and repo_id.partition("/")[0] == self.settings.author
-
-    def _specs(self) -> list[RepoSpec]:
-        return [RepoSpec.parse(spec) for spec in self.settings.repos]
 
     def _poll(self, find_targets, only: set[str] | None) -> ScanReport:
         """Poll what ``find_targets`` names; only the locators in ``only`` (None: all) may be
@@ -340,10 +338,10 @@ class HubSource:
         listed name that is no repo id is skipped with an error in ``errors``), ``head`` the
         listing's sha of its main branch (None: not listed). The listing's repos are read at
         their top only: an adapter in a subfolder is polled when the settings name it."""
-        targets = [(spec, False, None) for spec in self._specs()]
+        targets = [(spec, False, None) for spec in self.specs]
         if not self.settings.author:
             return targets
-        named = {spec.key for spec in self._specs()}  # a listed repo the settings name is polled as named
+        named = {spec.key for spec in self.specs}  # a listed repo the settings name is polled as named
         models = self._retrying(f"list {self.settings.author}")(self._list_models, api)
         for model in models:
             names = {s.rfilename for s in model.siblings or []}
