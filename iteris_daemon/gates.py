@@ -9,6 +9,10 @@ calibration data (see :mod:`iteris_daemon.evaluation`):
    its own adapter's by more than ``max_added_loss`` nats per token (off by default);
 4. the mean fidelity gap is not worse than the published merge's, measured on the same
    batches, by more than ``max_regression``; only this one can be forced.
+
+A task the merge could not evaluate (an adapter a data-free strategy merged without
+calibration data) is named in a note and held to none of them; the others are, the quality
+gate's mean taken over them alone (the reference is scored on the same tasks' batches).
 """
 
 from __future__ import annotations
@@ -30,24 +34,27 @@ class Verdict:
 def judge(report: dict[str, Any], gates: Gates, forced: bool = False, no_baseline: str | None = None) -> Verdict:
     """``no_baseline``: why the run had no published merge to compare with, when one was published."""
     tasks: dict[str, dict[str, Any]] = report.get("tasks") or {}
+    unscored = _not_evaluated(report)
     if not tasks:
-        return Verdict(notes=["not evaluated (some adapter has no calibration data): gates not applied"])
+        return Verdict(notes=[f"no task evaluated{f' ({unscored})' if unscored else ''}: gates not applied"])
+    # The gates hold the tasks evaluated (one adapter without data had let every task through unjudged).
+    notes = [f"no gate applied to the tasks not evaluated ({unscored})"] if unscored else []
     for name, figures in tasks.items():
         broken = [key for key, value in figures.items() if not _finite(value)]
         if broken:
-            return Verdict(f"task {name}: {', '.join(broken)} is not finite")
+            return Verdict(f"task {name}: {', '.join(broken)} is not finite", notes)
     gaps = fidelity_gaps(tasks)  # a task whose adapter moves no output has none: nothing to hold it to
     refused = _beyond(gaps, gates.max_fidelity_gap, "fidelity gap", "max_fidelity_gap",
                       "1.0 means no better than the base model")
     if refused:
-        return Verdict(refused)
-    verdict = Verdict()
+        return Verdict(refused, notes)
+    verdict = Verdict(notes=notes)
     if gates.max_added_loss is not None:
         added = added_losses(tasks)
         refused = _beyond(added, gates.max_added_loss, "added next-token loss", "max_added_loss",
                           "nats per token over the task's own adapter")
         if refused:
-            return Verdict(refused)
+            return Verdict(refused, notes)
         if not added:
             verdict.notes.append("max_added_loss: not applied (the model is not a language model that generates)")
     references = [tasks[name].get("reference_fidelity_gap") for name in gaps]
@@ -93,6 +100,13 @@ def _beyond(values: dict[str, float], limit: float | None, figure: str, setting:
         return None
     named = ", ".join(f"task {name}: {figure} {_shown(values[name], limit)}" for name in beyond)
     return f"{named} {'exceeds' if len(beyond) == 1 else 'exceed'} {setting} {limit} ({meaning})"
+
+
+def _not_evaluated(report: dict[str, Any]) -> str:
+    """The tasks the merge did not evaluate, each with why (``task c: no calibration data``);
+    empty where it evaluated every one it could, or the report predates ``not_evaluated``."""
+    unscored = report.get("not_evaluated")
+    return "; ".join(f"task {name}: {why}" for name, why in unscored.items()) if isinstance(unscored, dict) else ""
 
 
 def _finite(value: Any) -> bool:

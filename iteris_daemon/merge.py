@@ -613,8 +613,10 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
                      len(data.samples), samples)
     calibration = [c.head(samples) if c is not None else None for c in calibration]
     base, head = base_and_head(adapters, request)
-    evaluating = request.evaluate and all(c is not None for c in calibration)
-    if strategy.needs_calibration or evaluating:  # before the merge, not after it
+    # A data-free strategy merges an adapter without calibration data: the others are still
+    # evaluated (and gated); that one is named in the report's ``not_evaluated``.
+    scored = [i for i, c in enumerate(calibration) if c is not None] if request.evaluate else []
+    if strategy.needs_calibration or scored:  # before the merge, not after it
         base.require_text()
 
     log.info("merging %s with %s", counted(len(adapters), "adapter"), strategy.name)
@@ -637,12 +639,12 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, Any]] = {}
     reference, reference_note = _load_reference(request.reference, base)
-    if evaluating:
+    if scored:
         batch_size = getattr(params, "batch_size", request.eval_batch_size)
         max_length = getattr(params, "max_length", request.eval_max_length)
         try:
-            per_task = evaluate(base, adapters, calibration, modules, head, batch_size, max_length, progress,
-                                reference=reference, **evaluation_settings(params))
+            per_task = evaluate(base, [adapters[i] for i in scored], [calibration[i] for i in scored], modules, head,
+                                batch_size, max_length, progress, reference=reference, **evaluation_settings(params))
         except (IterisError, MemoryError):
             raise
         except Exception as exc:  # the model's own forward refused the inputs: one line, -v shows where
@@ -692,6 +694,9 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
                         "padded_layers": 0, "padded_bytes": 0},
         "rank_cap_error": max([*truncation.values(), _strategy_cap_error(result.metrics)], default=0.0),
         "tasks": per_task,
+        # Why a task has no figures (and no gate) though the merge was evaluated (--no-eval: none has)
+        "not_evaluated": {a.name: "no calibration data" for a, c in zip(adapters, calibration)
+                          if c is None and request.evaluate},
         "metrics": result.metrics,
     }
     if request.reference is not None:

@@ -221,3 +221,41 @@ def test_a_layer_the_task_does_not_adapt_has_no_per_layer_loss_but_counts_in_the
     assert only_b and all(tasks["a"]["alignment_loss_by_layer"][p] is None for p in only_b)
     assert all(tasks["b"]["alignment_loss_by_layer"][p] > 0 for p in only_b)
     assert all(v is not None for p, v in tasks["a"]["alignment_loss_by_layer"].items() if p not in only_b)
+
+
+def test_a_merge_without_calibration_data_for_one_adapter_evaluates_the_others(tmp_path, capsys):
+    """A data-free strategy merges an adapter that has no calibration data; the merge was then
+    not evaluated at all (``tasks`` empty), so the daemon's gates held no task. The others are
+    evaluated as they are with it (its layers, which they do not adapt, still in the merge's
+    passes), and the report names it in ``not_evaluated``."""
+    from iteris_daemon.config import Gates
+    from iteris_daemon.gates import judge
+
+    base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    a = build_adapter(base, tmp_path / "a", seed=0, family="llama", task_type="CAUSAL_LM", targets=["q_proj", "v_proj"])
+    b = build_adapter(base, tmp_path / "b", seed=1, family="llama", task_type="CAUSAL_LM",
+                      targets=["q_proj", "down_proj"])
+    c = build_adapter(base, tmp_path / "c", seed=2, family="llama", task_type="CAUSAL_LM")
+    assert cli_merge(base, [a, b, c], tmp_path / "all", "--strategy", "task_arithmetic") == 0
+    everyone = json.loads((tmp_path / "all" / "merge_report.json").read_text())
+    (b / "calibration.jsonl").unlink()
+    capsys.readouterr()
+    assert cli_merge(base, [a, b, c], tmp_path / "out", "--strategy", "task_arithmetic") == 0
+    assert f"{'b':24} not evaluated: no calibration data" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert sorted(report["tasks"]) == ["a", "c"] and report["not_evaluated"] == {"b": "no calibration data"}
+    assert everyone["not_evaluated"] == {}
+    for name, figures in report["tasks"].items():
+        want = everyone["tasks"][name]
+        assert set(figures) == set(want)
+        for key in ("alignment_loss", "fidelity_gap", "next_token_loss"):
+            assert figures[key] == pytest.approx(want[key], rel=1e-6), (name, key)
+        layers, wanted = figures["alignment_loss_by_layer"], want["alignment_loss_by_layer"]
+        assert {p for p, v in layers.items() if v is None} == {p for p, v in wanted.items() if v is None}
+        assert {p: v for p, v in layers.items() if v is not None} == pytest.approx(
+            {p: v for p, v in wanted.items() if v is not None}, rel=1e-6), name
+    assert any(p.endswith("down_proj") for p in report["tasks"]["a"]["alignment_loss_by_layer"])
+    gap = report["tasks"]["c"]["fidelity_gap"]
+    verdict = judge(report, Gates(max_fidelity_gap=gap / 2))
+    assert verdict.refused is not None and verdict.refused.startswith("task c: fidelity gap")
+    assert verdict.notes == ["no gate applied to the tasks not evaluated (task b: no calibration data)"]

@@ -100,6 +100,24 @@ def test_judge_refuses_a_regression_unless_forced():
     assert judge(report, Gates(max_regression=None)).refused is None
 
 
+def test_judge_holds_the_tasks_evaluated_without_calibration_data_for_another():
+    """A merge a data-free strategy made with an adapter that had no calibration data was
+    judged "not evaluated: gates not applied", every other task with it; the gates now hold
+    the tasks evaluated (the quality gate's mean over them alone), and a note names the rest."""
+    missing = {"not_evaluated": {"c": "no calibration data"}}
+    note = "no gate applied to the tasks not evaluated (task c: no calibration data)"
+    verdict = judge({**_report({"a": 0.2, "b": 1.4}), **missing}, Gates(max_fidelity_gap=1.0))
+    assert verdict.refused.startswith("task b: fidelity gap 1.400 exceeds max_fidelity_gap 1.0")
+    assert verdict.notes == [note]
+    worse = judge({**_report({"a": 0.4}, {"a": 0.3}), **missing}, Gates(max_regression=0.05)).refused
+    assert "mean fidelity gap 0.400 is worse than the published merge's 0.300" in worse
+    passed = judge({**_report({"a": 0.3}, {"a": 0.3}), **missing}, Gates())
+    assert passed.refused is None and passed.notes == [note]
+    none = judge({"tasks": {}, "not_evaluated": {"a": "no calibration data", "c": "no calibration data"}}, Gates())
+    assert none.refused is None and none.notes == [
+        "no task evaluated (task a: no calibration data; task c: no calibration data): gates not applied"]
+
+
 def test_gate_messages_show_why_and_the_threshold_is_the_same_everywhere():
     """Three decimals read "0.300 is worse than 0.300" and "1.500 exceeds 1.5"; a regression
     of exactly max_regression passed from 0.20 to 0.25 and was refused from 0.60 to 0.65 (the
@@ -297,6 +315,37 @@ def test_an_input_that_spells_its_base_model_otherwise_does_not_stop_the_group(t
         outcome = setup.run(setup.group(names=("task0", "task1")))
         assert outcome.status is RunStatus.succeeded, outcome.detail
         assert set(setup.run_row(outcome.run_id).metrics["tasks"]) == {"task0", "task1"}
+    finally:
+        setup.catalog.close()
+
+
+def test_a_group_merged_without_calibration_data_for_one_adapter_is_judged_on_the_others(tmp_path, runner_adapters,
+                                                                                          caplog):
+    """Under a data-free strategy an adapter without calibration data is merged; the merge was
+    then not evaluated and published past every gate with a WARNING "gates not applied". Now
+    the other task is evaluated and gated, and the WARNING names the task that was not."""
+    from group_runs import Setup
+
+    base, (first, second) = runner_adapters
+    bare = tmp_path / "bare" / second.name
+    shutil.copytree(second, bare)
+    (bare / "calibration.jsonl").unlink()
+    setup = Setup(tmp_path, base, [first, bare])
+    note = "no gate applied to the tasks not evaluated (task task1: no calibration data)"
+    try:
+        both = ("task0", "task1")
+        refused = setup.run(setup.group(names=both, params={"scale": 3.0}, gates={"max_fidelity_gap": 0.01}))
+        assert refused.status is RunStatus.refused, refused.detail
+        assert refused.detail.startswith("task task0: fidelity gap") and "max_fidelity_gap 0.01" in refused.detail
+        assert setup.current() is None
+        passed = setup.run(setup.group(names=both))
+        assert passed.status is RunStatus.succeeded, passed.detail
+        metrics = setup.run_row(passed.run_id).metrics
+        assert set(metrics["tasks"]) == {"task0"} and metrics["gate_notes"] == [
+            note, "quality gate: no comparison (nothing published yet)"]
+        assert f"group unified: run {passed.run_id}: {note}" in caplog.messages
+        report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+        assert report["not_evaluated"] == {"task1": "no calibration data"}
     finally:
         setup.catalog.close()
 

@@ -229,6 +229,8 @@ def summarize(report: dict, out: Path) -> str:
                 tokens = figures["next_token_loss"]
                 line += f" {tokens['task']:>22.4f} -> {tokens['merged']:.4f}"
             lines.append(line)
+    for name, why in report.get("not_evaluated", {}).items():
+        lines.append(f"{name:24} not evaluated: {why}")
     refinement = report.get("metrics", {}).get("refinement")
     if refinement and refinement.get("blocks"):
         last = refinement["blocks"][-1]
