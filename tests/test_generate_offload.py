@@ -1,0 +1,89 @@
+"""The generate source on a base model larger than the memory it may take: placed by
+accelerate (CPU memory, the rest read from disk), it samples what a whole load samples."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+import transformers as tf
+from builders import build_adapter, tiny_config, tokenizer
+
+from iteris_daemon.calibration import CalibrationOptions
+from iteris_daemon.lora import load_adapter
+from iteris_daemon.plugins.calibration_generate import Generate
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A 6-block Llama of 76 MB in float32 (its embedding and head 31 MB each), two adapters,
+    and one whose LoRA is zero: the base's own samples."""
+    import torch
+
+    root = tmp_path_factory.mktemp("offload")
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 512, 6
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 64
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer().save_pretrained(root / "base")
+    adapters = [build_adapter(root / "base", root / f"a{seed}", seed=seed, family="llama", task_type="CAUSAL_LM",
+                              scale=scale) for seed, scale in ((0, 0.3), (1, 0.3), (2, 0.0))]
+    return root / "base", adapters
+
+
+def _samples(source: Generate, adapter, options: CalibrationOptions) -> tuple:
+    return source.load(load_adapter(adapter), options).samples
+
+
+def test_a_base_past_its_memory_budget_samples_as_a_whole_load_and_leaves_no_offload_folder(llama, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """70 MiB of CPU memory for a 73 MiB model: blocks go to disk, the adapters' LoRA with them.
+    Two adapters in one run (the placed base is loaded again for the second). Nothing is
+    written beside the checkpoint or in the working directory (PEFT's own offload path
+    rewrote the shards there), and the offload folder is gone after ``release``."""
+    base, adapters = llama
+    checkpoint = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    whole, placed = Generate(), Generate()
+    settings = {"max_new_tokens": 8}
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=4, settings={"generate": settings})
+    expected = [_samples(whole, adapter, options) for adapter in adapters]
+    whole.release()
+    assert expected[0] != expected[2] and expected[1] != expected[2]  # the adapters change what is sampled
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    budget = CalibrationOptions(order=("generate",), base_model=str(base), samples=4, cache_dir=cache,
+                                settings={"generate": {**settings, "max_memory_mb": {"cpu": 70}}})
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.plugins.calibration_generate"):
+        got = [_samples(placed, adapter, budget) for adapter in adapters[:2]]
+        folders = list((cache / "offload").iterdir())
+    assert got == expected[:2]
+    said = [r.getMessage() for r in caplog.records if "placed by accelerate" in r.getMessage()]
+    assert len(said) == 2 and " on disk" in said[0] and " on cpu" in said[0], said
+    assert len(folders) == 1 and folders[0].name.startswith("generate-offload-")
+    placed.release()
+    assert list((cache / "offload").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    assert sorted(p.name for p in base.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    assert hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest() == checkpoint
+
+
+def test_a_base_that_fits_is_loaded_whole(llama, caplog):
+    base, adapters = llama
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=1,
+                                 settings={"generate": {"max_new_tokens": 2}})
+    source = Generate()
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.plugins.calibration_generate"):
+        source.load(load_adapter(adapters[0]), options)
+    source.release()
+    assert f"generate: base model {base} loaded whole, on cpu" in caplog.messages
+
+
+def test_max_memory_mb_names_devices_as_the_merge_does():
+    from iteris_daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_memory_mb"):
+        Generate().load(None, CalibrationOptions(base_model="x", settings={"generate": {"max_memory_mb": {"gpu": 1}}}))
