@@ -211,15 +211,13 @@ def _placement(cls, config, dtype, device, budget: dict[str, int], trust: bool) 
     """accelerate's device map of the base on ``device``, CPU memory and disk, within
     ``budget`` (MiB per device name; a device it leaves out: the memory free there), worked
     out on the model's skeleton (no weights read)."""
-    import psutil
     import torch
-    from accelerate.utils import infer_auto_device_map
+    from accelerate.utils import get_max_memory, infer_auto_device_map
 
     from iteris_daemon.model_class import instantiate
 
-    free = {"cpu": psutil.virtual_memory().available}
-    if device.type == "cuda":
-        free[_accelerate_key(device)] = torch.cuda.mem_get_info(device)[0]
+    own = (_accelerate_key(device), "cpu")  # accelerate's figures: the GPUs' free memory, the RAM available
+    free = {key: value for key, value in get_max_memory().items() if key in own}
     for name, mib in budget.items():
         key = _accelerate_key(torch.device(name))
         if key in free:
