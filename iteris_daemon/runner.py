@@ -507,7 +507,8 @@ class InWorkerCalibration:
                "adapters": [{"path": str(a.path), "name": a.name} for a in adapters],
                "options": {"order": list(options.order), "files": {k: str(v) for k, v in options.files.items()},
                            "base_model": options.base_model, "samples": options.samples, "limit": options.limit,
-                           "settings": options.settings}}
+                           "settings": options.settings,  # downloads and generate's offload folder go here
+                           "cache_dir": None if options.cache_dir is None else str(options.cache_dir)}}
         names = ", ".join(a.name for a in adapters) if len(adapters) <= 3 else f"{len(adapters)} adapters"
         answers = self._in_worker(job, f"calibration source {self.name} for {names}")  # prefixes each log line
         return [_answer(answer) for answer in answers]

@@ -117,7 +117,8 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     given = job["options"]
     options = CalibrationOptions(order=tuple(given["order"]), files={k: Path(v) for k, v in given["files"].items()},
                                  base_model=given["base_model"], samples=given["samples"], limit=given["limit"],
-                                 settings=given["settings"])
+                                 settings=given["settings"],
+                                 cache_dir=None if given.get("cache_dir") is None else Path(given["cache_dir"]))
     source = calibration_sources()[job["source"]]
     answers: list[dict[str, Any] | None] = []
     with releasing({job["source"]: source}):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -877,3 +878,29 @@ def test_generation_without_a_bos_starts_from_a_token_the_model_holds(tiny, tmp_
     assert AutoTokenizer.from_pretrained(base).bos_token_id is None
     data, prompts = _generated_with_prompts(monkeypatch, base, adapters[0], samples=16, max_new_tokens=2)
     assert len(data.samples) == 16 and len(prompts) == 16 and all(0 <= p < 30522 for (p,) in prompts)
+
+
+def test_a_worker_source_is_given_the_daemons_cache_folder(bert, tmp_path, monkeypatch):
+    """A source the daemon runs in a worker got no ``cache_dir``: ``generate`` put the offload
+    folder of a base too large for memory in the default cache folder, not the daemon's. The
+    job carries it, and the worker hands it on."""
+    from iteris_daemon import worker
+
+    seen = []
+
+    class Recording:
+        name = "recording"
+
+        def load(self, adapter, options):
+            seen.append(options.cache_dir)
+            return CalibrationSet((Sample("made"),), self.name)
+
+    jobs = []
+    source = InWorkerCalibration(Recording(), lambda job, label: jobs.append(job) or worker._calibration(
+        json.loads(json.dumps(job)), threading.Event()))  # through JSON, as the worker gets it
+    monkeypatch.setattr("iteris_daemon.plugin_manager.calibration_sources", lambda: {"recording": Recording()})
+    adapter = SimpleNamespace(name="a", path=bert[1][0])
+    cache = tmp_path / "cache"
+    answers = source.load_many([adapter], CalibrationOptions(order=("recording",), cache_dir=cache))
+    assert answers[0].samples[0].text == "made" and seen == [cache]
+    assert jobs[0]["options"]["cache_dir"] == str(cache)
