@@ -37,7 +37,7 @@ def render_model_card(request: PublishRequest) -> str:
         columns=["name", "source", "locator", "revision"],
         inputs=[[_literal(i.name), _literal(i.source), _literal(local_name(i.locator)),
                  _literal(i.revision[:_REVISION_CHARS])] for i in request.inputs],
-        params=request.params, tasks=request.metrics, dtype=request.dtype)
+        params=request.params, tasks=request.metrics, not_evaluated=request.not_evaluated, dtype=request.dtype)
 
 
 def merge_card(config: dict[str, Any], report: dict[str, Any]) -> str:
@@ -48,15 +48,17 @@ def merge_card(config: dict[str, Any], report: dict[str, Any]) -> str:
         strategy=report["strategy"], origin="", columns=["name", "path", "sha256"],
         inputs=[[_literal(i["name"]), _literal(i["path"]), _literal((i.get("sha256") or "")[:_REVISION_CHARS])]
                 for i in report["inputs"]],
-        params=report["params"], tasks=report["tasks"], dtype=report.get("dtype"))
+        params=report["params"], tasks=report["tasks"], not_evaluated=report.get("not_evaluated") or {},
+        dtype=report.get("dtype"))
 
 
 def _card(heading: str, base_model: str, named: Callable[[str], str], strategy: str, origin: str,
           columns: list[str], inputs: list[list[str]], params: dict[str, Any], tasks: dict[str, Any],
-          dtype: str | None) -> str:
+          not_evaluated: dict[str, str], dtype: str | None) -> str:
     """YAML front matter, then Markdown: a heading, what was merged (the base model as ``named``
     shows it), a row per input, the parameters and each task's figures, with the compute dtype
-    they were measured in (a bfloat16 pass moves them by more than the merge's own error can)."""
+    they were measured in (a bfloat16 pass moves them by more than the merge's own error can),
+    and the tasks without figures, with why (a reader took a missing row for a complete table)."""
     data = ModelCardData(
         # The Hub takes a repo id there; a local folder (made absolute by the config) is none.
         base_model=None if base_model.startswith("/") else base_model,
@@ -75,6 +77,9 @@ def _card(heading: str, base_model: str, named: Callable[[str], str], strategy: 
     if metrics:
         measured = f"Measured with the base model in `{_code(dtype)}`.\n\n" if dtype else ""
         sections.append("## Per-task metrics\n\n" + measured + _table(header, metrics))
+    if not_evaluated:
+        sections.append("Not evaluated: " + "; ".join(f"{_literal(name)} ({why})" for name, why in not_evaluated.items())
+                        + ".")
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
 
 

@@ -41,6 +41,8 @@ class PublishRequest:
     inputs: list[PublishedInput]
     metrics: dict[str, Any] = field(default_factory=dict)  # merge_report.json's per-task figures
     dtype: str | None = None  # the base model's compute dtype, which the figures were measured in
+    # merge_report.json's tasks without figures, each with why (a data-free merge of an adapter without calibration data)
+    not_evaluated: dict[str, str] = field(default_factory=dict)
     # The daemon's stop event: a publisher may end its retry waits once it is set (a stop
     # must not wait out a rate limit's Retry-After); None outside the daemon.
     stopping: threading.Event | None = field(default=None, compare=False, repr=False)

@@ -1055,7 +1055,8 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
         adapter_dir=folder, group=group.name, run_id=run_id, base_model=named_base or group.base_model,
         strategy=group.strategy, params=report.get("params", group.params),
         inputs=[PublishedInput(a.name, a.source.name, a.locator, r.revision, r.content_sha256) for a, r in inputs.revisions],
-        metrics=report.get("tasks", {}), dtype=report.get("dtype"), stopping=stopping,
+        metrics=report.get("tasks", {}), not_evaluated=report.get("not_evaluated", {}), dtype=report.get("dtype"),
+        stopping=stopping,
     )
     published = []
     for number, destination in enumerate(group.destinations, start=1):

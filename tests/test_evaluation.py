@@ -245,6 +245,7 @@ def test_a_merge_without_calibration_data_for_one_adapter_evaluates_the_others(t
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert sorted(report["tasks"]) == ["a", "c"] and report["not_evaluated"] == {"b": "no calibration data"}
     assert everyone["not_evaluated"] == {}
+    assert "Not evaluated: `b` (no calibration data)." in (tmp_path / "out" / "README.md").read_text()
     for name, figures in report["tasks"].items():
         want = everyone["tasks"][name]
         assert set(figures) == set(want)

@@ -669,6 +669,10 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
     assert "| `sentiment` | 0.125 | 0.0312 | 2.25 | 2.375 |" in body
     no_metrics = dataclasses.replace(request(first, base), metrics={})
     assert "metrics" not in render_model_card(no_metrics).split("\n---\n", 1)[1].lower()
+    assert "not evaluated" not in text.lower()
+    # A task the merge could not evaluate (a data-free merge, no calibration data) is named, not left out unsaid.
+    partly = dataclasses.replace(request(first, base), not_evaluated={"*c*": "no calibration data"})
+    assert "| `topic` | 0.25 | 0.01 |\n\nNot evaluated: `*c*` (no calibration data).\n" in render_model_card(partly)
     # Names are shown as written, never as Markdown: no emphasis, link or HTML from a folder name.
     hostile = dataclasses.replace(request(first, base, group="*g*"), inputs=[
         PublishedInput("*x*", "local", "[l](http://e)", "c" * 40), PublishedInput("<b>y</b>", "local", "/y`z", "d" * 40)])
