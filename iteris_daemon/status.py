@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 
 from .catalog import Catalog
-from .catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc, utcnow
+from .catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc
 from .catalog.registry import list_sources
 from .config import DaemonSettings, Selection
 from .figures import summary, task_figures
@@ -62,6 +62,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
     ``not_configured`` the names of the catalog's other groups, and ``not_loaded`` those of
     the config that no daemon has written into the catalog yet (not started, or no SIGHUP)."""
     with catalog.session() as session:
+        now = catalog.now(session)  # the clock the daemons write claims with (a server's), not this host's
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
                     "last_poll_at": iso_utc(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]
         candidates = merge_candidates(session)  # the runner's: a removed source's adapters are no input
@@ -99,7 +100,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
                 "claimed_at": iso_utc(group.claimed_at),
                 # a claim its daemon stopped refreshing (killed mid-merge): the next daemon takes it over
                 "claim_stale": group.claimed_by is not None and group.claimed_at is not None
-                and utcnow() - group.claimed_at.replace(tzinfo=None) > timedelta(seconds=claim_ttl_seconds or CLAIM_TTL),
+                and now - group.claimed_at.replace(tzinfo=None) > timedelta(seconds=claim_ttl_seconds or CLAIM_TTL),
                 "published": [{**entry, "run_id": run.id} for entry, run in served],
                 # what the last published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},

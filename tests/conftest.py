@@ -46,18 +46,20 @@ def host_clock_ahead(monkeypatch, catalog_url):
     """The daemon code's clock an hour ahead of the catalog server's, as on a host whose clock
     drifted; only where the catalog is a server (SQLite's clock is this host's, by design).
     ``server_time()``: the real time, which the server on this host keeps."""
+    import sys
     from datetime import timedelta
     from types import SimpleNamespace
 
-    import iteris_daemon.catalog.db as db
     import iteris_daemon.catalog.models as models
-    import iteris_daemon.runner as runner
+    import iteris_daemon.runner  # noqa: F401  (and status: imported, so that their clocks move too)
+    import iteris_daemon.status  # noqa: F401
 
     if catalog_url.startswith("sqlite"):
         pytest.skip("a SQLite catalog's clock is this host's")
     real = models.utcnow
-    for module in (db, models, runner):
-        monkeypatch.setattr(module, "utcnow", lambda: real() + timedelta(hours=1))
+    for name, module in list(sys.modules.items()):  # every module that took the clock by name
+        if name.startswith("iteris_daemon") and getattr(module, "utcnow", None) is real:
+            monkeypatch.setattr(module, "utcnow", lambda: real() + timedelta(hours=1))
     return SimpleNamespace(server_time=real)
 
 

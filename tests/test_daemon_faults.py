@@ -739,6 +739,23 @@ def test_claims_are_judged_on_the_catalog_servers_clock(claim_catalog, host_cloc
     rival.release()
 
 
+def test_status_judges_a_claims_age_on_the_catalog_servers_clock(claim_catalog, host_clock_ahead):
+    """`status` called a live claim stale on a host whose clock ran past ``claim_ttl_seconds``
+    ahead of the server's, which the daemons write claims with; and a stale one is still shown so."""
+    from iteris_daemon.status import collect
+
+    holder = Claim(claim_catalog, GROUP, "elsewhere:4242:aaaaaaaa", ttl=600)
+    assert holder.acquire()
+    (group,) = collect(claim_catalog, claim_ttl_seconds=600)["groups"]
+    assert group["merging_now"] == "elsewhere:4242:aaaaaaaa" and group["claim_stale"] is False
+    with claim_catalog.session() as session:  # the holder stopped refreshing 20 minutes ago
+        session.execute(update(MergeGroup).where(MergeGroup.name == GROUP)
+                        .values(claimed_at=claim_catalog.now(session) - timedelta(minutes=20)))
+    (group,) = collect(claim_catalog, claim_ttl_seconds=600)["groups"]
+    assert group["claim_stale"] is True
+    holder._stop.set()
+
+
 def test_taking_over_a_claim_fails_the_run_its_holder_left_running(claim_catalog):
     """A daemon on another host died mid-merge: once its claim is stale, the next claim
     takes the group and marks that run failed (no run stays ``running`` for ever)."""
