@@ -25,9 +25,12 @@ generated no text (EOS at once) is dropped; the set's ``source`` names the setti
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
+import os
 import random
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -88,7 +91,7 @@ class Generate:
         self._key: tuple | None = None
         self._model: Any = None
         self._applied: str | None = None
-        self._folder: tempfile.TemporaryDirectory | None = None
+        self._folder: _OffloadFolder | None = None
         self._names = itertools.count()
 
     def release(self) -> None:
@@ -165,14 +168,13 @@ class Generate:
             log.info("generate: base model %s loaded whole, on %s", base_model, device)
             self._model = cls.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust)
         else:
-            self._folder = tempfile.TemporaryDirectory(prefix="generate-offload-",
-                                                       dir=private_dir((cache or cache_dir()) / "offload"))
+            self._folder = _OffloadFolder((cache or cache_dir()) / "offload")
             where = {place: sum(1 for p in placement.values() if p == place) for place in placement.values()}
             log.info("generate: base model %s does not fit %s whole (budget %s): placed by accelerate, modules %s, "
                      "offload folder %s", base_model, device, dict(budget) or "the free memory",
-                     ", ".join(f"{count} on {place}" for place, count in where.items()), self._folder.name)
+                     ", ".join(f"{count} on {place}" for place, count in where.items()), self._folder.path)
             self._model = cls.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust, device_map=placement,
-                                              offload_folder=self._folder.name)
+                                              offload_folder=str(self._folder.path))
         self._key = key
 
     def _apply(self, adapter, device: Any, seed: int) -> Any:
@@ -185,7 +187,7 @@ class Generate:
         torch.manual_seed(seed)
         try:
             if self._folder is not None:
-                self._model = _on_placed(self._model, str(adapter.path), name, device, self._folder.name)
+                self._model = _on_placed(self._model, str(adapter.path), name, device, str(self._folder.path))
             elif self._applied is None:
                 self._model = PeftModel.from_pretrained(self._model, str(adapter.path), adapter_name=name).to(device)
             else:
@@ -198,6 +200,47 @@ class Generate:
         self._applied = name
         self._model.eval()
         return self._model
+
+
+class _OffloadFolder:
+    """A folder for the weights accelerate keeps on disk, in ``root``, held under an flock
+    while in use: a run killed mid-sampling (a worker past its grace, the OOM killer) left its
+    folder, tens of GB for a MoE whose experts transformers writes there; each new one sweeps
+    those no process holds. Made under a name the sweep skips and renamed once locked, so no
+    sweep takes one that is being made."""
+
+    PREFIX, LOCK = "generate-offload-", ".lock"
+
+    def __init__(self, root: Path) -> None:
+        root = private_dir(root)
+        for stale in root.glob(f"{self.PREFIX}*"):
+            _remove_unheld(stale / self.LOCK)
+        made = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
+        self._lock = os.open(made / self.LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.path = root / f"{self.PREFIX}{made.name.removeprefix('.new-')}"
+        made.rename(self.path)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
+
+
+def _remove_unheld(lock: Path) -> None:
+    """Delete the offload folder of ``lock`` unless a process holds it."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:  # not one of these folders (no lock file): left alone
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # in use
+        return
+    else:
+        log.info("generate: deleting the offload folder %s, which a run killed mid-sampling left", lock.parent)
+        shutil.rmtree(lock.parent, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _accelerate_key(device) -> int | str:
@@ -219,11 +262,16 @@ def _placement(cls, config, dtype, device, budget: dict[str, int], trust: bool) 
     own = (_accelerate_key(device), "cpu")  # accelerate's figures: the GPUs' free memory, the RAM available
     free = {key: value for key, value in get_max_memory().items() if key in own}
     for name, mib in budget.items():
-        key = _accelerate_key(torch.device(name))
+        place = torch.device(name)
+        if place.type == "cuda" and not torch.cuda.is_available():
+            continue  # a device this machine lacks, as for the daemon's workers on the CPU: no budget to set
+        key = _accelerate_key(place)
         if key in free:
             free[key] = mib * 2**20
     with torch.device("meta"):
         skeleton = instantiate(cls, config, trust)
+    if dtype != "auto":  # sized as it loads: a bfloat16 checkpoint loaded in float32 takes twice its files' size
+        skeleton.to(dtype)
     sized = getattr(config, "dtype", None) if dtype == "auto" else dtype
     return infer_auto_device_map(skeleton, max_memory=free, dtype=sized,
                                  no_split_module_classes=list(skeleton._no_split_modules or ()))

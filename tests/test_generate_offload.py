@@ -87,3 +87,54 @@ def test_max_memory_mb_names_devices_as_the_merge_does():
 
     with pytest.raises(ConfigError, match="max_memory_mb"):
         Generate().load(None, CalibrationOptions(base_model="x", settings={"generate": {"max_memory_mb": {"gpu": 1}}}))
+
+
+def test_a_base_is_sized_in_the_dtype_it_loads_in(llama, tmp_path, caplog):
+    """A bfloat16 checkpoint loaded in float32 takes twice its files' size; it was sized as
+    stored, so a budget between the two loaded it whole, past the budget."""
+    import torch
+
+    base, adapters = llama
+    half = tmp_path / "half"
+    tf.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(half)
+    tokenizer().save_pretrained(half)
+    settings = {"max_new_tokens": 4}
+    whole = Generate()
+    expected = _samples(whole, adapters[0], CalibrationOptions(
+        order=("generate",), base_model=str(half), samples=2, dtype="float32", settings={"generate": settings}))
+    whole.release()
+    placed = Generate()
+    budget = CalibrationOptions(order=("generate",), base_model=str(half), samples=2, dtype="float32",
+                                cache_dir=tmp_path / "cache", settings={"generate": {**settings, "max_memory_mb": {
+                                    "cpu": 60, "cuda": 60}}})  # "cuda": none here, and no CUDA call made for it
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.plugins.calibration_generate"):
+        assert _samples(placed, adapters[0], budget) == expected  # 37 MiB stored, 73 MiB loaded
+    placed.release()
+    assert any("placed by accelerate" in message for message in caplog.messages), caplog.messages
+
+
+def test_an_offload_folder_a_killed_run_left_is_swept_and_one_in_use_kept(llama, tmp_path):
+    """A run killed mid-sampling left its offload folder (a MoE's experts: tens of GB) for ever.
+    The next placed load deletes those no process holds, and leaves one another run holds."""
+    import fcntl
+    import os
+
+    base, adapters = llama
+    offload = tmp_path / "cache" / "offload"
+    left, held = offload / "generate-offload-left", offload / "generate-offload-held"
+    for folder in (left, held):
+        folder.mkdir(parents=True)
+        (folder / ".lock").touch()
+        (folder / "weights.dat").write_bytes(b"0" * 1024)
+    holder = os.open(held / ".lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        source = Generate()
+        options = CalibrationOptions(order=("generate",), base_model=str(base), samples=1, cache_dir=tmp_path / "cache",
+                                     settings={"generate": {"max_new_tokens": 2, "max_memory_mb": {"cpu": 70}}})
+        _samples(source, adapters[0], options)
+        assert not left.exists() and (held / "weights.dat").exists()
+        source.release()
+        assert sorted(p.name for p in offload.iterdir()) == ["generate-offload-held"]
+    finally:
+        os.close(holder)
