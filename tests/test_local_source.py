@@ -776,6 +776,22 @@ def test_a_trainers_checkpoints_are_not_adapters_of_their_own(setup, caplog):
     assert sorted(m.split()[2] for m in told) == [str(watched / "run1" / f"checkpoint-{step}") for step in (1000, 500)]
 
 
+def test_trainers_checkpoints_registered_by_an_earlier_release_are_removed_at_the_next_scan(setup, monkeypatch):
+    """A catalog from a release that looked into checkpoints holds one as an adapter: the
+    next scan marks it ``removed``, so no group merges it again."""
+    import re
+    from iteris_daemon.sources import local
+
+    catalog, watched, base, (first, second) = setup
+    shutil.copytree(second, watched / "run1" / "checkpoint-500")
+    source = _source(catalog, watched, base)
+    with monkeypatch.context() as before_the_fix:
+        before_the_fix.setattr(local, "TRAINER_CHECKPOINT", re.compile(r"(?!)"))
+        assert source.scan().registered == [str(watched / "run1" / "checkpoint-500")]
+    source.scan()
+    assert _adapters(catalog)["run1/checkpoint-500"].status is AdapterStatus.removed
+
+
 def test_a_folder_whose_row_the_catalog_refuses_is_rejected_and_the_others_register(setup, monkeypatch, caplog):
     """The catalog refusing one folder's row (PostgreSQL's value too long for its column,
     injected into the write as psycopg raises it): that folder is rejected in the scan's
@@ -792,19 +808,24 @@ def test_a_folder_whose_row_the_catalog_refuses_is_rejected_and_the_others_regis
     too_long = DataError("INSERT INTO adapters", {}, StringDataRightTruncation("value too long for type character "
                                                                                 "varying(255)"))
     record = local.record
+    refused = [True]
 
     def refusing_a(session, source_id, seen, **kwargs):
-        if seen.locator == str(watched / "a"):
+        if seen.locator == str(watched / "a") and refused[0]:
             raise too_long
         return record(session, source_id, seen, **kwargs)
 
     monkeypatch.setattr(local, "record", refusing_a)
-    report = _source(catalog, watched, base).scan()
+    source = _source(catalog, watched, base)
+    report = source.scan()
     assert (report.registered, report.rejected) == ([str(watched / "b")], [str(watched / "a")])
     assert set(_adapters(catalog)) == {"b"}
     assert _health(catalog) == (True, None)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(watched / "a") in m and "value too long" in m for m in warnings), warnings
+    refused[0] = False  # the next scan looks at the folder again
+    assert source.scan().registered == [str(watched / "a")]
+    assert set(_adapters(catalog)) == {"a", "b"}
 
 
 def test_a_registration_on_an_event_moves_the_sources_last_poll(setup):
