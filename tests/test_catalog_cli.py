@@ -505,6 +505,10 @@ def test_merge_now_wait_exits_3_for_a_run_skipped_on_a_refusal(tmp_path, capsys,
     assert run(capsys, "merge-now", "g", "--wait", "5", "--db", url)[:2] == (code, "requested a run of g; the running "
         "daemon starts it within seconds\nrun 3: skipped (inputs unchanged)\n")
     catalog.close()
+    merge_now_help = next(p for p in _parsers(build_parser()) if p.prog == "iteris-daemon merge-now").format_help()
+    assert "  0  requested; with --wait: the run succeeded, or was skipped (its inputs already published" in merge_now_help
+    assert ("  3  with --wait: a publish gate refused the run, or it was skipped because a gate\n     refused these same "
+            "inputs before") in merge_now_help  # --help says which skip exits which
 
 
 def test_merge_now_says_when_no_daemon_uses_the_catalog(tmp_path, capsys, monkeypatch):
