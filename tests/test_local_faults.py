@@ -135,8 +135,9 @@ def _fill(disk: Path, leave: int) -> Path:
 def _assert_disk_full_survived(error, dest: Path, old_version: str, before: dict[str, bytes], adapters) -> None:
     """What a failed publish must leave: a clear error, ``current`` untouched and loadable,
     no incomplete version anyone could load."""
-    assert isinstance(error, IterisError), type(error)
+    assert isinstance(error, IterisError) and type(error).__name__ == "DestinationFullError", type(error)
     assert str(dest) in str(error) and "No space left" in str(error) and "disk is full" in str(error)
+    assert "\n" not in str(error), str(error)  # one line
     assert os.readlink(dest / "current") == f"versions/{old_version}"
     assert _files(dest / "current") == before
     assert load_file(dest / "current" / "adapter_model.safetensors")  # loadable, not just equal
