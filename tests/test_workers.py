@@ -371,11 +371,12 @@ def test_a_calibration_source_that_needs_torch_runs_in_a_worker(tmp_path, made):
         assert len(got.samples) == 5 and got.samples == expected.samples
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", "cuda", None])
 def test_the_memory_limit_holds_cpu_workers_only(tmp_path, made, monkeypatch, caplog, device):
     """CUDA reserves a very large address space as it starts: under ``RLIMIT_AS`` every GPU
     merge failed there ("CUDA error: out of memory"), said to be out of host memory (found by
-    QA). A CUDA worker leaves the limit off and says so; a CPU worker keeps it. Under 64 MiB
+    QA). A CUDA worker leaves the limit off and says so; a CPU worker keeps it, and so does a
+    shapes job (``None``: it runs on the CPU, and succeeds without the limit). Under 64 MiB
     torch cannot even be imported; no GPU is seen here, so the CUDA merge, the limit off, gets
     as far as its device."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -384,7 +385,8 @@ def test_the_memory_limit_holds_cpu_workers_only(tmp_path, made, monkeypatch, ca
     job = {"request": {"base_model": str(base), "strategy": "task_arithmetic", "params": {}, "out": str(tmp_path / "out"),
                        "device": device, "dtype": "float32", "output_dtype": None, "offload": "auto",
                        "trust_remote_code": False, "adapters": [{"path": str(adapter), "name": "task0"}]},
-           "calibration": [None]}
+           "calibration": [None]} if device else {"kind": "shapes", "base_model": str(base), "adapter": str(adapter),
+                                                  "trust_remote_code": False}
     with pytest.raises(WorkerFailed) as failed:
         run_in_worker(job, tmp_path / "worker", "limited", options=WorkerOptions(memory_limit_mb=64))
     said = [r.getMessage() for r in caplog.records if "is not applied to a CUDA worker" in r.getMessage()]
