@@ -174,17 +174,29 @@ def test_a_disabled_sources_adapters_wait_for_no_merge(setup, capsys):
     assert "not yet merged" not in status(capsys, setup)
 
 
-def test_a_claim_its_daemon_stopped_refreshing_is_shown_stale(setup, capsys):
+def test_a_claim_its_daemon_stopped_refreshing_is_shown_stale(setup, capsys, tmp_path):
     """A daemon killed mid-merge left its claim: status said "merging now" for ever (QA ST2).
-    Past `claim_ttl_seconds` (the default without a config) it says the claim is stale."""
+    Past `claim_ttl_seconds` (the default without a config, the config's with one) it says
+    the claim is stale, and since when."""
     from datetime import timedelta
 
     from iteris_daemon.catalog.models import MergeGroup, utcnow
 
     assert setup.run(setup.group()).status is RunStatus.succeeded
-    for age, shown in ((10, "merging now (host:1:dead)"), (600, "claimed by host:1:dead, not refreshed since ")):
+    for age in (10, 600):
         with setup.catalog.session() as session:
             group = session.scalar(select(MergeGroup))
             group.claimed_by, group.claimed_at = "host:1:dead", utcnow() - timedelta(seconds=age)
+        report = json.loads(status(capsys, setup, "--json"))["groups"][0]
+        assert report["claim_stale"] is (age == 600)
+        shown = ("merging now (host:1:dead)" if age == 10 else
+                 f"claimed by host:1:dead, not refreshed since {report['claimed_at']}: stale (that daemon stopped mid-run")
         assert shown in status(capsys, setup)
-        assert json.loads(status(capsys, setup, "--json"))["groups"][0]["claim_stale"] is (age == 600)
+    config = tmp_path / "daemon.toml"  # claim_ttl_seconds = 5: the 10 s old claim is stale
+    config.write_text(f"[daemon]\ndatabase = {json.dumps(str(setup.catalog.engine.url))}\nclaim_ttl_seconds = 5\n"
+                      f"[[groups]]\nname = \"unified\"\nbase_model = {json.dumps(str(setup.base))}\n"
+                      f"[[groups.destinations]]\nkind = \"folder\"\npath = {json.dumps(str(setup.published))}\n")
+    with setup.catalog.session() as session:
+        session.scalar(select(MergeGroup)).claimed_at = utcnow() - timedelta(seconds=10)
+    assert main(["status", "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"][0]["claim_stale"] is True
