@@ -1127,8 +1127,11 @@ def test_a_catalog_source_whose_stored_settings_this_release_refuses_is_down_say
     on one line and never polled it, while `status`, `sources list` and the metrics called
     it healthy, and groups kept merging its last revisions (QA UP). Now it is down, saying
     why and how to mend it; the config's sources run."""
+    from prometheus_client import generate_latest
+
     import iteris_daemon.daemon as daemon_module
     from iteris_daemon.catalog.registry import add_source
+    from iteris_daemon.endpoints import DaemonMetrics
 
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -1159,6 +1162,9 @@ def test_a_catalog_source_whose_stored_settings_this_release_refuses_is_down_say
         wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running and "team" in daemon._local,
                  "the daemon watching its folder")
         listed["down"] = sources_list()
+        assert main(["status", "--db", db]) == 0
+        listed["status"] = capsys.readouterr().out
+        listed["metrics"] = generate_latest(DaemonMetrics(catalog).registry).decode()
         # Mended as the line says: `sources remove` (the row disabled, as for a source of past
         # runs), a catalog check, `sources add` (the same row enabled with new settings), a check.
         mend(enabled=False)
@@ -1175,6 +1181,8 @@ def test_a_catalog_source_whose_stored_settings_this_release_refuses_is_down_say
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors[0] == f"source dup not started: {why}"
     assert re.search(r"dup +hub +enabled +(?!ok)", listed["down"]) and f"not started: {why}" in listed["down"]
+    assert re.search(r"\n  dup +hub +UNHEALTHY \(not started: ", listed["status"]) and why in listed["status"]
+    assert 'iteris_source_up{source="dup"} 0.0' in listed["metrics"] and 'source_up{source="team"} 1.0' in listed["metrics"]
     assert listed["polled"] == "True"  # before, a source mended so was shown ok and never polled until a restart
 
 

@@ -452,6 +452,27 @@ def test_an_adapter_two_sources_watch_is_merged_once(setup, caplog):
     assert runner.groups_behind(setup.catalog, [group]) == {}
 
 
+def test_a_hub_adapter_one_source_names_twice_is_merged_once_naming_both(setup, caplog):
+    """A Hub source stored under an earlier release with one adapter named twice (``acme/b``,
+    ``acme/b@main``): its two registrations are one location, merged once, and the warning
+    names both names and their source (it said "of another source" of one source's names)."""
+    from iteris_daemon.catalog.registry import Observation, record
+    from iteris_daemon.validation import AdapterInfo
+
+    info = AdapterInfo(base_model=str(setup.base), task_type=None, rank=4, alpha=8.0, target_modules=["query"],
+                       size_bytes=10, content_sha256="a" * 64)
+    with setup.catalog.session() as session:
+        source = add_source(session, "dup", SourceKind.hub, {"repos": ["acme/b", "acme/b@main"]})
+        for name in ("acme/b", "acme/b@main"):
+            record(session, source.id, Observation(name, name, "c" * 40, f"/cache/{name}", info=info))
+    selected = runner.select_inputs(setup.catalog, setup.group(names=("acme/*",)))
+    assert len(selected) == 1
+    (said,) = [r.getMessage() for r in caplog.records if "merged once" in r.getMessage()]
+    kept = selected[0][0].name
+    other = ({"acme/b", "acme/b@main"} - {kept}).pop()
+    assert said == f"group unified: adapter {other} of source dup is where adapter {kept} of source dup is; merged once"
+
+
 def test_a_held_back_adapter_is_named_by_its_own_files_not_the_runs_copy(setup):
     """The reason an adapter is held back named the run's copy of its files, a folder that
     is deleted when the run ends (and another at every run): `status` showed a path no one
