@@ -217,7 +217,8 @@ class CalibrationOptions:
 class CalibrationSettings(BaseModel):
     """Base of a calibration source's optional ``Settings`` model: its table in the config,
     ``[groups.calibration.<name>]``. Unknown keys are an error. A source that declares one
-    has its table checked when the config is read, not at the first merge hours later."""
+    has its table checked when the config is read, not at the first merge hours later; one
+    that does not takes no settings (:func:`checked_table`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -230,11 +231,31 @@ def source_settings(source: CalibrationSource, table: dict[str, Any]) -> Calibra
         raise ConfigError.from_validation(f"calibration.{source.name}", exc) from None
 
 
+def checked_table(source: CalibrationSource, table: dict[str, Any]) -> CalibrationSettings | None:
+    """``table`` (a config's ``[groups.calibration.<name>]``, merge's ``--calibration-setting``)
+    checked as ``source`` takes it: by its ``Settings``, or, without one, refused unless empty:
+    the source reads no settings, so each key would be silently ignored."""
+    if getattr(source, "Settings", None) is not None:
+        return source_settings(source, table)
+    if table:
+        raise ConfigError(f"calibration.{source.name}: {', '.join(table)}: {no_settings(source.name)}")
+    return None
+
+
+def no_settings(name: str) -> str:
+    """That a source without a ``Settings`` model takes none; for ``files``, where the adapter
+    -> file mapping it reads goes instead (what a setting given it was most likely meant as)."""
+    if name == "files":
+        return ("'files' takes no settings: a file is mapped to an adapter with --adapter DIR=FILE.jsonl (merge, "
+                'compare) or a daemon config\'s [groups.calibration] files = { ADAPTER = "FILE.jsonl" }')
+    return f"{name!r} takes no settings"
+
+
 @runtime_checkable
 class CalibrationSource(Protocol):
     """Calibration data for adapters. Optional: ``description`` (one line), ``Settings`` (a
-    :class:`CalibrationSettings` model of its config table), ``runs_in_worker`` and
-    ``release()``.
+    :class:`CalibrationSettings` model of its config table; without one, it takes no
+    settings), ``runs_in_worker`` and ``release()``.
 
     A source may keep state between the ``load`` calls of one run (``generate`` keeps the
     base model it loaded, which it would otherwise load again for every adapter) and free

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
-from .calibration import DEFAULT_ORDER, source_settings
+from .calibration import DEFAULT_ORDER, checked_table
 from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
@@ -583,10 +583,9 @@ def _check_plugins(config: DaemonConfig, path: Path, watched: list[tuple[str, Pa
                 if key not in available or not isinstance(value, dict):
                     raise ConfigError(f"calibration.{key}: not a calibration source's settings table (sources: "
                                       f"{', '.join(sorted(available))}; fields: order, files)")
-                if getattr(available[key], "Settings", None) is not None:  # else checked when the source loads
-                    settings = source_settings(available[key], value)
-                    if (token_file := getattr(settings, "token_file", None)) is not None:
-                        check_token_file(token_file, f"calibration.{key}.token_file")
+                settings = checked_table(available[key], value)  # a source without Settings takes none
+                if (token_file := getattr(settings, "token_file", None)) is not None:
+                    check_token_file(token_file, f"calibration.{key}.token_file")
                 if key not in order:  # its settings would be ignored: the source is never asked
                     raise ConfigError(f"calibration.{key}: settings for a source that calibration.order does not "
                                       f"list ({', '.join(order) or 'empty'}); add {key!r} to the order or drop the table")

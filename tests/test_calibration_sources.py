@@ -120,6 +120,21 @@ def test_merge_gives_a_calibration_source_its_settings_from_the_command_line(ber
         assert error in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
+@pytest.mark.parametrize("setting, error", [
+    ("files.x=1", "iteris-daemon: error: --calibration-setting: calibration.files: x: 'files' takes no settings: a file "
+                  "is mapped to an adapter with --adapter DIR=FILE.jsonl (merge, compare) or a daemon config's "
+                  '[groups.calibration] files = { ADAPTER = "FILE.jsonl" }'),
+    ("adapter.y=2", "iteris-daemon: error: --calibration-setting: calibration.adapter: y: 'adapter' takes no settings"),
+])
+def test_a_setting_for_a_source_without_settings_is_refused(bert, tmp_path, capsys, setting, error):
+    """``files`` and ``adapter`` read no settings: ``files.news=news.jsonl`` was accepted and
+    ignored, and the merge read the adapter's own calibration.jsonl."""
+    base, adapters = bert
+    assert main(["merge", "--base-model", str(base), "--adapter", str(adapters[0]), "--adapter", str(adapters[1]),
+                 "-q", "--param", "iterations=1", "--calibration-setting", setting, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [error] and not (tmp_path / "out").exists()
+
+
 def test_a_calibration_plugins_failure_of_many_lines_is_told_in_one():
     """A plugin's failure is one line naming the source, the line that says what happened
     (after a Hub client's status heading, the next one); before, every line of it reached

@@ -72,6 +72,11 @@ def test_the_example_config_is_valid():
     (GROUP + '[groups.calibration]\nhub_datset = { repo_id = "a/b" }\n' + FOLDER,
      "groups.0 (g): calibration.hub_datset: not a calibration source's settings table (sources: adapter, files"),
     (GROUP + '[groups.calibration]\nsamples = 3\n' + FOLDER, "calibration.samples: not a calibration source's"),
+    # A source without a Settings model reads no settings: its table was loaded and ignored.
+    (GROUP + '[groups.calibration]\norder = ["adapter"]\nadapter = { whatever = 2 }\n' + FOLDER,
+     "groups.0 (g): calibration.adapter: whatever: 'adapter' takes no settings"),
+    (GROUP + '[groups.calibration.adapter]\nwhatever = 2\nfile = "a.jsonl"\n' + FOLDER,
+     "groups.0 (g): calibration.adapter: whatever, file: 'adapter' takes no settings"),
     # A source's table was only checked at the group's first merge, hours after start.
     (GROUP + '[groups.calibration.generate]\nsampels = 3\n' + FOLDER,
      "groups.0 (g): calibration.generate: sampels: Extra inputs are not permitted"),

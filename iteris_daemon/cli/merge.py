@@ -127,7 +127,8 @@ def add_input_arguments(parser: argparse.ArgumentParser, required: bool = True) 
         "--calibration-setting", action="append", default=[], metavar="SOURCE.KEY=VALUE",
         help="a setting of a calibration source in --calibration-order, as a daemon config's "
              "[groups.calibration.SOURCE] table gives it (VALUE: JSON, else a string), e.g. "
-             "hub_dataset.repo_id=acme/calibration; repeat per setting (`plugins --params SOURCE` lists them)",
+             "hub_dataset.repo_id=acme/calibration; repeat per setting (`plugins --params SOURCE` lists them; "
+             "files and adapter take none)",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the base model's own Python code (off by default)"
@@ -145,8 +146,9 @@ def calibration_options(args):
 
 def _calibration_settings(given: list[str], order: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """``--calibration-setting SOURCE.KEY=VALUE`` options as each source's table, checked as a
-    daemon config's ``[groups.calibration.SOURCE]`` is, before the base model loads."""
-    from ..calibration import source_settings
+    daemon config's ``[groups.calibration.SOURCE]`` is, before the base model loads (a source
+    without a ``Settings`` model takes none)."""
+    from ..calibration import checked_table
     from ..errors import ConfigError, ParameterError
     from ..plugin_manager import calibration_sources
     from ..strategy import parse_param, unique_params
@@ -165,9 +167,9 @@ def _calibration_settings(given: list[str], order: tuple[str, ...]) -> dict[str,
     tables = {}
     for name, table in pairs.items():
         tables[name] = unique_params(table, f"--calibration-setting {name}.")
-        if getattr(available.get(name), "Settings", None) is not None:  # an unknown name: refused with the order
+        if name in available:  # an unknown name: refused with the order
             try:
-                source_settings(available[name], tables[name])
+                checked_table(available[name], tables[name])
             except ConfigError as exc:
                 raise ParameterError(f"--calibration-setting: {exc}") from None
     return tables
