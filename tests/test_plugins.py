@@ -611,7 +611,23 @@ def test_plugins_params_shows_the_settings_of_calibration_sources_and_destinatio
     out = capsys.readouterr().out
     assert '[[groups.destinations]] kind = "hub"' in out.splitlines()[0]
     assert next(r for r in out.splitlines() if r.split()[0] == "endpoint").split()[1:4] == ["str", "|", "None"]
-    assert main(["plugins", "--params", "adapter"]) == 0 and "(no settings)" in capsys.readouterr().out
+    assert main(["plugins", "--params", "adapter"]) == 0
+    assert capsys.readouterr().out == (
+        "adapter: calibration.jsonl inside the adapter folder (or its Hub repo); 'adapter' takes no settings\n")
+
+
+def test_plugins_params_tells_where_the_files_mapping_goes_not_the_settings_of_a_table(capsys):
+    """``files`` showed "the settings of [groups.calibration.files]" and "(no settings)": that
+    table is the adapter -> file mapping, not the source's settings, which it has none of."""
+    assert main(["plugins", "--params", "files"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "files: a JSON Lines file mapped to the adapter (--adapter DIR=FILE, or the config); 'files' takes no settings: "
+        "a file is mapped to an adapter with --adapter DIR=FILE.jsonl (merge, compare) or a daemon config's "
+        '[groups.calibration] files = { ADAPTER = "FILE.jsonl" }']
+    assert main(["plugins", "--params", "hub_dataset"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        "the settings of [groups.calibration.hub_dataset] (merge, compare: --calibration-setting hub_dataset.KEY=VALUE)")
 
 
 def test_plugins_params_names_what_it_cannot_tell_apart(capsys):

@@ -264,7 +264,7 @@ def _plugins(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
         else:
-            print(title if rows else f"{title}\n  (no settings)")
+            print(title if rows or model is None else f"{title}\n  (no settings)")
             width = max((len(_kind(row)) for row in rows), default=0)
             for row in rows:
                 default = "required" if row["required"] else f"default={row['default']!r}"
@@ -305,6 +305,7 @@ def _settings_of(spec: str) -> tuple[str, type | None, dict[str, object]]:
     strategy, calibration source or destination kind ``NAME`` (``KIND:NAME`` where a name
     is taken by two of them). A strategy's model is its parameters; a source's or a
     publisher's, the table a daemon config gives it."""
+    from ..calibration import no_settings
     from ..errors import ParameterError
     from ..plugin_manager import calibration_sources, publishers, strategies
     from ..strategy import per_adapter_fields
@@ -327,9 +328,13 @@ def _settings_of(spec: str) -> tuple[str, type | None, dict[str, object]]:
     plugin = found[matches[0]]
     if matches[0] == "strategy":
         return f"{plugin.name}: {_description(plugin)}", plugin.Params, per_adapter_fields(plugin.Params)
-    where = ("[groups.calibration." + name + "]" if matches[0] == "calibration"
-             else f'[[groups.destinations]] kind = "{name}"')
-    return f"{name}: {_description(plugin)}; the settings of {where}", getattr(plugin, "Settings", None), {}
+    if matches[0] == "destination":
+        where = f'[[groups.destinations]] kind = "{name}"'
+        return f"{name}: {_description(plugin)}; the settings of {where}", plugin.Settings, {}
+    if getattr(plugin, "Settings", None) is None:  # no table to show: say so, not "the settings of" one
+        return f"{name}: {_description(plugin)}; {no_settings(name)}", None, {}
+    return (f"{name}: {_description(plugin)}; the settings of [groups.calibration.{name}] (merge, compare: "
+            f"--calibration-setting {name}.KEY=VALUE)", plugin.Settings, {})
 
 
 def _per_adapter_note(unnamed: object) -> str:
