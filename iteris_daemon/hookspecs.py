@@ -51,7 +51,8 @@ def register_calibration_sources(register: Callable[["CalibrationSource"], None]
     :class:`~iteris_daemon.calibration.CalibrationSettings` model, checks its config table
     (``[groups.calibration.<name>]``, in ``options.settings[name]``) when the config is
     read; :func:`~iteris_daemon.calibration.source_settings` validates it the same way in
-    ``load``. A source whose ``load`` needs torch
+    ``load``; a source without one takes no settings (a table given it is refused). A source
+    whose ``load`` needs torch
     or a model sets ``runs_in_worker = True``: the daemon, which never imports torch,
     then calls it in a worker process (the adapter it gets is read from the run's
     snapshot; the samples come back as JSON). A source that keeps state between the
