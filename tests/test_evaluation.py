@@ -235,7 +235,7 @@ def test_a_merge_without_calibration_data_for_one_adapter_evaluates_the_others(t
     a = build_adapter(base, tmp_path / "a", seed=0, family="llama", task_type="CAUSAL_LM", targets=["q_proj", "v_proj"])
     b = build_adapter(base, tmp_path / "b", seed=1, family="llama", task_type="CAUSAL_LM",
                       targets=["q_proj", "down_proj"])
-    c = build_adapter(base, tmp_path / "c", seed=2, family="llama", task_type="CAUSAL_LM")
+    c = build_adapter(base, tmp_path / "c", seed=2, family="llama", task_type="CAUSAL_LM", targets=["q_proj", "v_proj"])
     assert cli_merge(base, [a, b, c], tmp_path / "all", "--strategy", "task_arithmetic") == 0
     everyone = json.loads((tmp_path / "all" / "merge_report.json").read_text())
     (b / "calibration.jsonl").unlink()

@@ -122,10 +122,12 @@ def test_an_offload_folder_a_killed_run_left_is_swept_and_one_in_use_kept(llama,
     base, adapters = llama
     offload = tmp_path / "cache" / "offload"
     left, held = offload / "generate-offload-left", offload / "generate-offload-held"
-    for folder in (left, held):
+    cut = offload / "generate-offload-cut"  # killed while it was deleted: its lock (deleted last) is gone
+    for folder in (left, held, cut):
         folder.mkdir(parents=True)
         (folder / ".lock").touch()
         (folder / "weights.dat").write_bytes(b"0" * 1024)
+    (cut / ".lock").unlink()
     holder = os.open(held / ".lock", os.O_RDWR)
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:
@@ -133,8 +135,48 @@ def test_an_offload_folder_a_killed_run_left_is_swept_and_one_in_use_kept(llama,
         options = CalibrationOptions(order=("generate",), base_model=str(base), samples=1, cache_dir=tmp_path / "cache",
                                      settings={"generate": {"max_new_tokens": 2, "max_memory_mb": {"cpu": 70}}})
         _samples(source, adapters[0], options)
-        assert not left.exists() and (held / "weights.dat").exists()
+        assert not left.exists() and not cut.exists() and (held / "weights.dat").exists()
         source.release()
         assert sorted(p.name for p in offload.iterdir()) == ["generate-offload-held"]
     finally:
         os.close(holder)
+
+
+def test_an_offload_folder_that_cannot_be_locked_is_one_error_and_leaves_nothing(llama, tmp_path, monkeypatch):
+    """A cache folder on a filesystem without flock (NFS without lockd): a raw OSError, and a
+    half-made folder and an open file left at each try. Now one error naming the folder and
+    what to do, nothing left behind."""
+    import errno
+    import os
+
+    from iteris_daemon.errors import CalibrationError
+    from iteris_daemon.plugins import calibration_generate
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    base, adapters = llama
+    monkeypatch.setattr(calibration_generate.fcntl, "flock", no_locks)
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=1, cache_dir=tmp_path / "cache",
+                                 settings={"generate": {"max_new_tokens": 2, "max_memory_mb": {"cpu": 70}}})
+    open_before = len(os.listdir("/proc/self/fd"))
+    source = Generate()
+    with pytest.raises(CalibrationError, match="cannot hold an offload folder there .No locks available.*local disk"):
+        _samples(source, adapters[0], options)
+    source.release()
+    assert list((tmp_path / "cache" / "offload").iterdir()) == []
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_a_base_nothing_of_which_fits_the_device_computes_on_the_cpu():
+    """On a CUDA device whose budget takes none of the base, accelerate keeps it all in CPU
+    memory and adds no hooks: the inputs went to the GPU and generate() failed. They go
+    where the model computes."""
+    import torch
+
+    from iteris_daemon.plugins.calibration_generate import _main_device
+
+    cuda = torch.device("cuda:0")  # named only: nothing runs there
+    assert _main_device({"": "cpu"}, cuda) == torch.device("cpu")
+    assert _main_device({"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}, cuda) == cuda
+    assert _main_device({"model": "cpu", "lm_head": "disk"}, torch.device("cpu")) == torch.device("cpu")
