@@ -11,7 +11,8 @@ marked ``generated`` in the merge report: merging on made-up inputs is a fallbac
   accelerate: on the device, then in CPU memory, the rest read from disk as it is
   computed on (slow, but a 70B base runs on one GPU or the CPU); the offload folder is
   a temporary one in the cache folder, deleted on ``release()``, and the base is loaded
-  again for each adapter (PEFT cannot swap adapters on such a model).
+  again for each adapter (PEFT cannot swap adapters on such a model;
+  :mod:`iteris_daemon.plugins.generate_placement`).
 - Encoders: sequences of random whole-word vocabulary tokens (an encoder cannot
   write text); they still exercise every adapted layer with in-vocabulary inputs.
 
@@ -25,15 +26,9 @@ generated no text (EOS at once) is dropped; the set's ``source`` names the setti
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
-import os
 import random
-import shutil
-import tempfile
-import warnings
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +38,9 @@ from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, Sample, source_settings
 from iteris_daemon.devices import check_device
 from iteris_daemon.errors import CalibrationError
-from iteris_daemon.paths import cache_dir, private_dir
+from iteris_daemon.paths import cache_dir
+from iteris_daemon.plugins.generate_placement import (OffloadFolder, accelerate_key, apply_on_placed, main_device,
+                                                      placement_of)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +89,7 @@ class Generate:
         self._key: tuple | None = None
         self._model: Any = None
         self._applied: str | None = None
-        self._folder: _OffloadFolder | None = None
+        self._folder: OffloadFolder | None = None
         self._device: Any = None  # where the kept model computes and takes its inputs
         self._names = itertools.count()
 
@@ -164,19 +161,19 @@ class Generate:
         base_model, dtype, device, trust, cls, budget = key
         self.release()
         dtype = getattr(torch, dtype) if dtype else "auto"
-        placement = _placement(cls, config, dtype, device, dict(budget), trust)
-        if set(placement.values()) == {_accelerate_key(device)}:
+        placement = placement_of(cls, config, dtype, device, dict(budget), trust)
+        if set(placement.values()) == {accelerate_key(device)}:
             log.info("generate: base model %s loaded whole, on %s", base_model, device)
             self._model = cls.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust)
         else:
-            self._folder = _OffloadFolder((cache or cache_dir()) / "offload")
+            self._folder = OffloadFolder((cache or cache_dir()) / "offload")
             where = {place: sum(1 for p in placement.values() if p == place) for place in placement.values()}
             log.info("generate: base model %s does not fit %s whole (budget %s): placed by accelerate, modules %s, "
                      "offload folder %s", base_model, device, dict(budget) or "the free memory",
                      ", ".join(f"{count} on {place}" for place, count in where.items()), self._folder.path)
             self._model = cls.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust, device_map=placement,
                                               offload_folder=str(self._folder.path))
-        self._key, self._device = key, device if self._folder is None else _main_device(placement, device)
+        self._key, self._device = key, device if self._folder is None else main_device(placement, device)
 
     def _apply(self, adapter, device: Any, seed: int) -> Any:
         """``adapter`` on the kept model in place of the one before it; the model is dropped
@@ -188,7 +185,7 @@ class Generate:
         torch.manual_seed(seed)
         try:
             if self._folder is not None:
-                self._model = _on_placed(self._model, str(adapter.path), name, self._device, str(self._folder.path))
+                self._model = apply_on_placed(self._model, str(adapter.path), name, self._device, str(self._folder.path))
             elif self._applied is None:
                 self._model = PeftModel.from_pretrained(self._model, str(adapter.path), adapter_name=name).to(device)
             else:
@@ -201,163 +198,6 @@ class Generate:
         self._applied = name
         self._model.eval()
         return self._model
-
-
-class _OffloadFolder:
-    """A folder for the weights accelerate keeps on disk, in ``root``, held under an flock
-    while in use: a run killed mid-sampling (a worker past its grace, the OOM killer) left its
-    folder, tens of GB for a MoE whose experts transformers writes there; each new one sweeps
-    those no process holds. Made under a name the sweep skips and renamed once locked, so no
-    sweep takes one that is being made; its lock is deleted last, so one whose deletion was
-    cut short is known by its missing lock and swept too."""
-
-    PREFIX, LOCK = "generate-offload-", ".lock"
-
-    def __init__(self, root: Path) -> None:
-        root = private_dir(root)
-        for stale in root.glob(f"{self.PREFIX}*"):
-            _remove_unheld(stale)
-        made = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
-        self._lock = None
-        try:
-            self._lock = os.open(made / self.LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
-            self.path = root / f"{self.PREFIX}{made.name.removeprefix('.new-')}"
-            made.rename(self.path)
-        except OSError as exc:
-            if self._lock is not None:
-                os.close(self._lock)
-            _delete(made)
-            raise CalibrationError(root, f"cannot hold an offload folder there ({exc.strerror}; a filesystem without "
-                                         "flock, such as NFS without lockd): set the daemon's cache_dir, or "
-                                         "$XDG_CACHE_HOME for merge, to a local disk") from None
-
-    def cleanup(self) -> None:
-        _delete(self.path)
-        os.close(self._lock)
-
-
-def _remove_unheld(folder: Path) -> None:
-    """Delete the offload folder ``folder`` unless a process holds its lock."""
-    try:
-        fd = os.open(folder / _OffloadFolder.LOCK, os.O_RDWR)
-    except FileNotFoundError:  # its deletion was cut short (the lock goes last): nobody holds it
-        _delete(folder)
-        return
-    except OSError:  # unreadable: left alone
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # in use (or no locks here: left alone)
-        return
-    else:
-        log.info("generate: deleting the offload folder %s, which a run killed mid-sampling left", folder)
-        _delete(folder)
-    finally:
-        os.close(fd)
-
-
-def _delete(folder: Path) -> None:
-    """Delete an offload folder, its lock last."""
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        if entry.name != _OffloadFolder.LOCK:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-    (folder / _OffloadFolder.LOCK).unlink(missing_ok=True)
-    with suppress(OSError):
-        folder.rmdir()
-
-
-def _main_device(placement: dict[str, int | str], device):
-    """Where a placed base computes and takes its inputs: ``device``, or the CPU where accelerate
-    put none of it there (nothing fits the device's budget; accelerate then adds no hooks and
-    leaves the model on the CPU)."""
-    import torch
-
-    return device if _accelerate_key(device) in set(placement.values()) else torch.device("cpu")
-
-
-def _accelerate_key(device) -> int | str:
-    """``device`` as accelerate's ``device_map`` and ``max_memory`` name it: a CUDA index, or "cpu"."""
-    import torch
-
-    return "cpu" if device.type == "cpu" else device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _placement(cls, config, dtype, device, budget: dict[str, int], trust: bool) -> dict[str, int | str]:
-    """accelerate's device map of the base on ``device``, CPU memory and disk, within
-    ``budget`` (MiB per device name; a device it leaves out: the memory free there), worked
-    out on the model's skeleton (no weights read)."""
-    import torch
-    from accelerate.utils import get_max_memory, infer_auto_device_map
-
-    from iteris_daemon.model_class import instantiate
-
-    own = (_accelerate_key(device), "cpu")  # accelerate's figures: the GPUs' free memory, the RAM available
-    free = {key: value for key, value in get_max_memory().items() if key in own}
-    for name, mib in budget.items():
-        place = torch.device(name)
-        if place.type == "cuda" and not torch.cuda.is_available():
-            continue  # a device this machine lacks, as for the daemon's workers on the CPU: no budget to set
-        key = _accelerate_key(place)
-        if key in free:
-            free[key] = mib * 2**20
-    with torch.device("meta"):
-        skeleton = instantiate(cls, config, trust)
-    if dtype != "auto":  # sized as it loads: a bfloat16 checkpoint loaded in float32 takes twice its files' size
-        skeleton.to(dtype)
-    sized = getattr(config, "dtype", None) if dtype == "auto" else dtype
-    return infer_auto_device_map(skeleton, max_memory=free, dtype=sized,
-                                 no_split_module_classes=list(skeleton._no_split_modules or ()))
-
-
-def _on_placed(model, path: str, name: str, device, folder: str) -> Any:
-    """``model``, placed by accelerate, with the adapter at ``path`` applied (as ``name``)
-    and placed alike, its weights of the modules on disk written to ``folder``.
-
-    Not PEFT's own path for such a model: PEFT 0.21 rewrites every checkpoint shard that
-    holds an offloaded weight, to a path it makes relative to the working directory (under
-    systemd's ``/``, the checkpoint itself). Here the hooks are taken off, the adapter
-    applied (its weights for modules on disk, which PEFT leaves on the meta device, loaded
-    after), and the model placed again, the base weights read from where they were."""
-    from accelerate import dispatch_model
-    from accelerate.hooks import remove_hook_from_submodules
-    from accelerate.utils import offload_weight, set_module_tensor_to_device
-    from peft import PeftModel
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    placed = dict(model.hf_device_map)
-    index = {key: entry for module in model.modules() if (hook := getattr(module, "_hf_hook", None)) is not None
-             for key, entry in getattr(getattr(hook.weights_map, "dataset", None), "index", {}).items()}
-    remove_hook_from_submodules(model)
-    del model.hf_device_map
-    with warnings.catch_warnings():  # each of the adapter's weights for a module on disk, loaded below
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*meta parameter")
-        peft = PeftModel.from_pretrained(model, path, adapter_name=name)
-    unloaded = [key for key, value in peft.named_parameters() if value.is_meta and f".{name}." in key]
-    for key in unloaded:
-        value = peft.get_parameter(key)
-        set_module_tensor_to_device(peft, key, "cpu", value=value.new_empty(value.shape, device="cpu"))
-    loaded = set_peft_model_state_dict(peft, load_peft_weights(path), adapter_name=name)
-    missing = set(unloaded) & set(loaded.missing_keys)
-    if missing:
-        raise CalibrationError(path, f"the adapter holds no weights for {', '.join(sorted(missing))}")
-    prefix = "base_model.model"
-    device_map = {f"{prefix}.{module}" if module else prefix: place for module, place in placed.items()}
-    on_disk = tuple(f"{module}." for module, place in device_map.items() if place == "disk")
-    entries: dict[str, dict] = {}
-    for key, value in peft.state_dict(keep_vars=True).items():
-        if not f"{key}.".startswith(on_disk):
-            continue
-        own = key.removeprefix(f"{prefix}.").replace(".base_layer.", ".").replace(".original_module.", ".")
-        if own in index:
-            entries[key] = index[own]
-        elif not value.is_meta:
-            offload_weight(value.detach(), key, folder, entries)
-        else:
-            raise CalibrationError(path, f"{key} is on disk and no file holds it")
-    dispatch_model(peft, device_map=device_map, main_device=_accelerate_key(device), offload_dir=folder, offload_index=entries)
-    peft.get_base_model().hf_device_map = placed
-    return peft
 
 
 def _random_words(tokenizer, samples: int, seed: int, length: tuple[int, int] = (6, 24)) -> list[str]:
@@ -414,7 +254,8 @@ def _kept(samples: list[Sample | None], adapter, lengths: dict[str, int]) -> lis
 
 def _sample(model, device, adapter, tokenizer, samples: int, lengths: dict[str, int], seed: int) -> list[Sample | None]:
     """Text sampled from ``model``, the base with ``adapter`` applied, its inputs on ``device``
-    (where it computes, also when accelerate placed it: its first weight may be on disk; ``lengths``: generate()'s ``max_new_tokens``, and ``min_new_tokens`` where set); None
+    (where it computes, also when accelerate placed it: its first weight may be on disk;
+    ``lengths``: generate()'s ``max_new_tokens``, and ``min_new_tokens`` where set); None
     for a sample that generated no text."""
     import torch
 

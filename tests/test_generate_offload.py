@@ -150,13 +150,13 @@ def test_an_offload_folder_that_cannot_be_locked_is_one_error_and_leaves_nothing
     import os
 
     from iteris_daemon.errors import CalibrationError
-    from iteris_daemon.plugins import calibration_generate
+    from iteris_daemon.plugins import generate_placement
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     base, adapters = llama
-    monkeypatch.setattr(calibration_generate.fcntl, "flock", no_locks)
+    monkeypatch.setattr(generate_placement.fcntl, "flock", no_locks)
     options = CalibrationOptions(order=("generate",), base_model=str(base), samples=1, cache_dir=tmp_path / "cache",
                                  settings={"generate": {"max_new_tokens": 2, "max_memory_mb": {"cpu": 70}}})
     open_before = len(os.listdir("/proc/self/fd"))
@@ -174,9 +174,9 @@ def test_a_base_nothing_of_which_fits_the_device_computes_on_the_cpu():
     where the model computes."""
     import torch
 
-    from iteris_daemon.plugins.calibration_generate import _main_device
+    from iteris_daemon.plugins.generate_placement import main_device
 
     cuda = torch.device("cuda:0")  # named only: nothing runs there
-    assert _main_device({"": "cpu"}, cuda) == torch.device("cpu")
-    assert _main_device({"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}, cuda) == cuda
-    assert _main_device({"model": "cpu", "lm_head": "disk"}, torch.device("cpu")) == torch.device("cpu")
+    assert main_device({"": "cpu"}, cuda) == torch.device("cpu")
+    assert main_device({"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}, cuda) == cuda
+    assert main_device({"model": "cpu", "lm_head": "disk"}, torch.device("cpu")) == torch.device("cpu")
