@@ -212,6 +212,10 @@ class CalibrationOptions:
     device: str = "cpu"
     dtype: str | None = None
     trust_remote_code: bool = False
+    # A stop asked for (the daemon's, a worker's SIGTERM): a source that works long on one
+    # adapter (``generate`` sampling a large base) checks it between batches and raises
+    # MergeCancelled, so that it is released (its offload folder deleted) before the grace ends.
+    should_stop: Callable[[], bool] = field(default=lambda: False, compare=False, repr=False)
 
 
 class CalibrationSettings(BaseModel):

@@ -592,7 +592,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     options = CalibrationOptions(
         order=tuple(group.calibration.order), files=dict(group.calibration.files), base_model=group.base_model,
         samples=samples or 50, limit=samples or read_limit, settings=group.calibration.source_settings(),
-        max_download_bytes=limits.max_calibration_bytes, cache_dir=cache_dir,
+        max_download_bytes=limits.max_calibration_bytes, cache_dir=cache_dir, should_stop=should_stop,
     )
     inputs = Inputs(selection=selection_key(group))
     snapshots: list[tuple[Adapter, AdapterRevision, AdapterLayout, str]] = []

@@ -118,7 +118,8 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     options = CalibrationOptions(order=tuple(given["order"]), files={k: Path(v) for k, v in given["files"].items()},
                                  base_model=given["base_model"], samples=given["samples"], limit=given["limit"],
                                  settings=given["settings"],
-                                 cache_dir=None if given.get("cache_dir") is None else Path(given["cache_dir"]))
+                                 cache_dir=None if given.get("cache_dir") is None else Path(given["cache_dir"]),
+                                 should_stop=stop.is_set)
     source = calibration_sources()[job["source"]]
     answers: list[dict[str, Any] | None] = []
     with releasing({job["source"]: source}):

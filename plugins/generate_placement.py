@@ -27,17 +27,15 @@ log = logging.getLogger(__name__)
 class OffloadFolder:
     """A folder for the weights accelerate keeps on disk, in ``root``, held under an flock
     while in use: a run killed mid-sampling (a worker past its grace, the OOM killer) left its
-    folder, tens of GB for a MoE whose experts transformers writes there; each new one sweeps
-    those no process holds. Made under a name the sweep skips and renamed once locked, so no
+    folder, tens of GB for a MoE whose experts transformers writes there; each load of a base
+    sweeps those no process holds. Made under a name the sweep skips and renamed once locked, so no
     sweep takes one that is being made; its lock is deleted last, so one whose deletion was
-    cut short is known by its missing lock and swept too."""
+    cut short is known by its missing lock and swept too (:func:`sweep`)."""
 
     PREFIX, LOCK = "generate-offload-", ".lock"
 
     def __init__(self, root: Path) -> None:
         root = private_dir(root)
-        for stale in root.glob(f"{self.PREFIX}*"):
-            _remove_unheld(stale)
         made = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
         self._lock = None
         try:
@@ -56,6 +54,13 @@ class OffloadFolder:
     def cleanup(self) -> None:
         _delete(self.path)
         os.close(self._lock)
+
+
+def sweep(root: Path) -> None:
+    """Delete the offload folders in ``root`` that no process holds: those of runs killed
+    mid-sampling (a stop past the worker's grace, the OOM killer), tens of GB each for a MoE."""
+    for folder in root.glob(f"{OffloadFolder.PREFIX}*") if root.is_dir() else ():
+        _remove_unheld(folder)
 
 
 def _remove_unheld(folder: Path) -> None:

@@ -902,27 +902,33 @@ def test_generation_without_a_bos_starts_from_a_token_the_model_holds(tiny, tmp_
     assert len(data.samples) == 16 and len(prompts) == 16 and all(0 <= p < 30522 for (p,) in prompts)
 
 
-def test_a_worker_source_is_given_the_daemons_cache_folder(bert, tmp_path, monkeypatch):
+def test_a_worker_source_is_given_the_daemons_cache_folder_and_stop(bert, tmp_path, monkeypatch):
     """A source the daemon runs in a worker got no ``cache_dir``: ``generate`` put the offload
     folder of a base too large for memory in the default cache folder, not the daemon's. The
-    job carries it, and the worker hands it on."""
+    job carries it, and the worker hands it on, with the worker's stop (``should_stop``), which
+    ``generate`` checks between batches."""
     from iteris_daemon import worker
 
-    seen = []
+    seen, asked = [], []
+    stop = threading.Event()
 
     class Recording:
         name = "recording"
 
         def load(self, adapter, options):
             seen.append(options.cache_dir)
+            asked.append(options.should_stop)
             return CalibrationSet((Sample("made"),), self.name)
 
     jobs = []
     source = InWorkerCalibration(Recording(), lambda job, label: jobs.append(job) or worker._calibration(
-        json.loads(json.dumps(job)), threading.Event()))  # through JSON, as the worker gets it
+        json.loads(json.dumps(job)), stop))  # through JSON, as the worker gets it
     monkeypatch.setattr("iteris_daemon.plugin_manager.calibration_sources", lambda: {"recording": Recording()})
     adapter = SimpleNamespace(name="a", path=bert[1][0])
     cache = tmp_path / "cache"
     answers = source.load_many([adapter], CalibrationOptions(order=("recording",), cache_dir=cache))
     assert answers[0].samples[0].text == "made" and seen == [cache]
     assert jobs[0]["options"]["cache_dir"] == str(cache)
+    assert not asked[0]()
+    stop.set()  # the worker's SIGTERM
+    assert asked[0]()

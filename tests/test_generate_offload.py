@@ -180,3 +180,43 @@ def test_a_base_nothing_of_which_fits_the_device_computes_on_the_cpu():
     assert main_device({"": "cpu"}, cuda) == torch.device("cpu")
     assert main_device({"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}, cuda) == cuda
     assert main_device({"model": "cpu", "lm_head": "disk"}, torch.device("cpu")) == torch.device("cpu")
+
+
+def test_a_stop_ends_the_sampling_and_release_deletes_the_offload_folder(llama, tmp_path):
+    """A stop (the daemon's SIGTERM to its calibration worker) was seen only between adapters:
+    sampling a placed base ran on past the worker's grace, which killed it and left its offload
+    folder. The stop ends it before the next batch; the release deletes the folder."""
+    from iteris_daemon.errors import MergeCancelled
+
+    base, adapters = llama
+    asked = []
+
+    def stop_after_one_batch() -> bool:
+        asked.append(True)
+        return len(asked) > 1
+
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=16, cache_dir=tmp_path / "cache",
+                                 settings={"generate": {"max_new_tokens": 2, "max_memory_mb": {"cpu": 70}}},
+                                 should_stop=stop_after_one_batch)
+    source = Generate()
+    with pytest.raises(MergeCancelled, match="cancelled while generating calibration samples for"):
+        _samples(source, adapters[0], options)
+    assert len(asked) == 2  # one batch of 8 sampled, the second not begun
+    assert len(list((tmp_path / "cache" / "offload").iterdir())) == 1
+    source.release()
+    assert list((tmp_path / "cache" / "offload").iterdir()) == []
+
+
+def test_a_whole_load_sweeps_an_offload_folder_a_killed_run_left(llama, tmp_path):
+    """Only a placed load swept what a killed run left: with the budget gone (or memory
+    freed) the folder stayed for ever."""
+    base, adapters = llama
+    left = tmp_path / "cache" / "offload" / "generate-offload-left"
+    left.mkdir(parents=True)
+    (left / ".lock").touch()
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=1, cache_dir=tmp_path / "cache",
+                                 settings={"generate": {"max_new_tokens": 2}})
+    source = Generate()
+    _samples(source, adapters[0], options)
+    source.release()
+    assert not left.exists()
