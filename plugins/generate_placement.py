@@ -140,11 +140,10 @@ def apply_on_placed(model, path: str, name: str, device, folder: str) -> Any:
     """``model``, placed by accelerate, with the adapter at ``path`` applied (as ``name``)
     and placed alike, its weights of the modules on disk written to ``folder``.
 
-    Not PEFT's own path for such a model: PEFT 0.21 rewrites every checkpoint shard that
-    holds an offloaded weight, to a path it makes relative to the working directory (under
-    systemd's ``/``, the checkpoint itself). Here the hooks are taken off, the adapter
-    applied (its weights for modules on disk, which PEFT leaves on the meta device, loaded
-    after), and the model placed again, the base weights read from where they were."""
+    Not PEFT's own path for such a model (see the module's docstring): the hooks are taken
+    off, the adapter applied (its weights for modules on disk, which PEFT leaves on the meta
+    device, loaded after), and the model placed again, the base weights read from where they
+    were."""
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_submodules
     from accelerate.utils import offload_weight, set_module_tensor_to_device
