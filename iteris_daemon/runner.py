@@ -247,9 +247,10 @@ class Inputs:
     held_back_revisions: list[list] = field(default_factory=list)
     # Held back for a while: a folder source's files changed (or went) since registration (the
     # source reports them again: new revision or removal), or a calibration source could not
-    # be reached (a later run asks again). The group waits rather than merge without them.
+    # be reached or its worker died (a later run asks again). The group waits rather than
+    # merge without them.
     changing: list[str] = field(default_factory=list)
-    unreachable: bool = False  # one of them for its calibration source
+    unreachable: bool = False  # one of them for its calibration source (or its worker)
 
     selection: str | None = None  # selection_key of the group's definition
 
@@ -542,10 +543,8 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
         if isinstance(source, InWorkerCalibration):
             try:
                 found = source.load_many([adapters[i] for i in pending], options)
-            except MergeCancelled:
-                raise
-            except IterisError as exc:  # the worker died: every adapter it was asked about waits for the next run
-                found = [exc] * len(pending)
+            except WorkerFailed as exc:  # not the adapters' fault: they wait for a later run (gather_inputs)
+                found = [WorkerFailed(f"calibration source {name}: {exc}", exc.kind, exc.error_type)] * len(pending)
         else:
             found = []
             with releasing({name: source}):
@@ -612,7 +611,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
 
         if isinstance(data, IterisError):
             inputs.hold_back(adapter, revision, original(str(data)))
-            if isinstance(data, CalibrationUnavailable):
+            if isinstance(data, (CalibrationUnavailable, WorkerFailed)):  # the data may well be there
                 inputs.changing.append(adapter.name)
                 inputs.unreachable = True
             continue
@@ -652,8 +651,8 @@ class RunOutcome:
     # The merge is kept and only its publishing failed (a destination down, a full disk):
     # trying again later may go through. Not for a publisher's plugin error (it needs a fix).
     retry_publish: bool = False
-    # Skipped, waiting for an adapter whose calibration source could not be reached: a later
-    # run may reach it (nothing else would trigger one).
+    # Skipped, waiting for an adapter whose calibration source could not be reached, or whose
+    # calibration worker died: a later run may reach it (nothing else would trigger one).
     retry_inputs: bool = False
     # The run merged (its merge worker ran), whatever came of it: not a kept merge published
     # again, nor a run that ended before merging. Only these are timed as merges.

@@ -530,7 +530,8 @@ def test_the_daemon_asks_a_worker_source_once_per_run_in_the_configured_order(tm
     answers = calibrate_all(adapters, CalibrationOptions(order=("files", "generate")),
                             {"files": files, "generate": InWorkerCalibration(_Answering("generate", set()), dies)})
     assert answers[0].source == answers[3].source == "files"
-    assert all(isinstance(answers[i], WorkerFailed) for i in (1, 2))
+    assert all(isinstance(answers[i], WorkerFailed) and answers[i].kind == "signal" for i in (1, 2))
+    assert str(answers[1]) == "calibration source generate: the worker was killed by SIGKILL"
 
 
 def test_a_sources_empty_or_malformed_answer(bert):

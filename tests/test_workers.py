@@ -70,7 +70,7 @@ class Setup:
     def __init__(self, tmp_path: Path, base: Path, adapter: Path):
         self.base, self.work, self.published = base, tmp_path / "work", tmp_path / "published"
         self.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-        watched = tmp_path / "watched"
+        watched = self.watched = tmp_path / "watched"
         shutil.copytree(adapter, watched / adapter.name)
         with self.catalog.session() as session:
             add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": str(base)})
@@ -326,19 +326,28 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_calibration_worker_that_fails_holds_its_adapters_back_and_is_counted(setup):
-    """The worker that would generate calibration data cannot load torch (a 64 MiB
-    ``RLIMIT_AS``): the run is skipped with the adapter held back for that reason, the
-    failure is counted like a merge worker's, and nothing is published."""
+def test_a_calibration_worker_that_fails_makes_the_group_wait_and_is_counted(setup):
+    """The worker that would generate calibration data for one of three adapters cannot load
+    torch (a 64 MiB ``RLIMIT_AS``). That is not the adapter's fault: the run is skipped,
+    waiting for it with the worker's reason, and asks the daemon to try again later; the
+    failure is counted like a merge worker's, and nothing is published. Before, the adapter
+    was held back and the other two were merged and published without its task."""
+    build_adapter(setup.base, setup.watched / "task1", seed=4, family="bert", r=2)
+    (build_adapter(setup.base, setup.watched / "task2", seed=5, family="bert", r=2)
+     / "calibration.jsonl").unlink()  # generate's to answer
+    LocalFolderSource(setup.catalog, "team").scan()
     group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty",
-                        calibration={"order": ["generate"]}, gates={"max_regression": False},
+                        calibration={"order": ["adapter", "generate"]}, gates={"max_regression": False},
                         destinations=[{"kind": "folder", "path": str(setup.published)}])
     sync_group(setup.catalog, group)
     outcome = run_group(setup.catalog, group, setup.work, "tester", worker=WorkerOptions(memory_limit_mb=64),
                         on_worker_failure=setup.failures.append)
-    assert outcome.status is RunStatus.skipped and "0 adapters ready" in outcome.detail
-    (held,) = setup.row(outcome.run_id).metrics["held_back"].values()
-    assert held.startswith(("out of memory", "ImportError", "OSError")), held
+    assert outcome.status is RunStatus.skipped and outcome.retry_inputs, outcome
+    assert outcome.detail.startswith("waiting for task2: calibration source generate: "), outcome.detail
+    held = setup.row(outcome.run_id).metrics["held_back"]
+    assert list(held) == ["task2"]
+    assert held["task2"].removeprefix("calibration source generate: ").startswith(
+        ("out of memory", "ImportError", "OSError")), held
     assert len(setup.failures) == 1 and not setup.published.exists()
 
 
