@@ -175,6 +175,10 @@ class Generate:
             log.info("generate: base model %s does not fit %s whole (budget %s): placed by accelerate, modules %s, "
                      "offload folder %s", base_model, device, dict(budget) or "the free memory",
                      ", ".join(f"{count} on {place}" for place, count in where.items()), self._folder.path)
+            if set(where) == {"disk"}:
+                log.warning("generate: no part of base model %s fits the memory budget (%s): every batch reads all "
+                            "its weights from disk, which is slow; raise generate.max_memory_mb or free memory",
+                            base_model, dict(budget) or "the free memory")
             self._model = cls.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust, device_map=placement,
                                               offload_folder=str(self._folder.path))
         self._key, self._device = key, device if self._folder is None else main_device(placement, device)

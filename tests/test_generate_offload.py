@@ -82,6 +82,26 @@ def test_a_base_that_fits_is_loaded_whole(llama, caplog):
     assert f"generate: base model {base} loaded whole, on cpu" in caplog.messages
 
 
+def test_a_base_none_of_which_fits_in_memory_samples_from_disk_and_says_it_is_slow(llama, tmp_path, caplog):
+    """A budget of 1 MiB: accelerate puts the whole model on disk. The samples are a whole
+    load's, and a WARNING says each batch reads every weight from disk (the INFO line alone
+    said only "1 on disk")."""
+    base, adapters = llama
+    settings = {"max_new_tokens": 4}
+    options = CalibrationOptions(order=("generate",), base_model=str(base), samples=2, settings={"generate": settings})
+    whole = Generate()
+    expected = _samples(whole, adapters[0], options)
+    whole.release()
+    placed = Generate()
+    budget = CalibrationOptions(order=("generate",), base_model=str(base), samples=2, cache_dir=tmp_path / "cache",
+                                settings={"generate": {**settings, "max_memory_mb": {"cpu": 1}}})
+    with caplog.at_level(logging.INFO, logger="iteris_daemon.plugins.calibration_generate"):
+        assert _samples(placed, adapters[0], budget) == expected
+    placed.release()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("iteris")]
+    assert len(warned) == 1 and "no part of base model" in warned[0] and "{'cpu': 1}" in warned[0], warned
+
+
 def test_max_memory_mb_names_devices_as_the_merge_does():
     from iteris_daemon.errors import ConfigError
 
