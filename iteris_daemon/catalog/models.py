@@ -179,9 +179,16 @@ class MergeGroup(Base):
 
 class MergeRun(Base):
     __tablename__ = "merge_runs"
+    __table_args__ = (
+        # A group's newest runs (of a status), read from the index's end (migration 0010): on
+        # group_id alone PostgreSQL walked the primary key backwards past every other group's runs.
+        Index("ix_merge_runs_group", "group_id", "id"),
+        # repeats last: the /metrics run counts are read from this index alone, not from the rows.
+        Index("ix_merge_runs_group_status", "group_id", "status", "id", "repeats"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    group_id: Mapped[int] = mapped_column(ForeignKey("merge_groups.id", ondelete="CASCADE"), index=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("merge_groups.id", ondelete="CASCADE"))
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), index=True)
     input_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -211,7 +218,10 @@ class MergeRunInput(Base):
     __tablename__ = "merge_run_inputs"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("merge_runs.id", ondelete="CASCADE"), primary_key=True)
-    revision_id: Mapped[int] = mapped_column(ForeignKey("adapter_revisions.id", ondelete="RESTRICT"), primary_key=True)
+    # Indexed (migration 0010): deleting a revision checks this key; the primary key, run_id
+    # first, cannot find a revision's rows, so each deleted revision read the whole table.
+    revision_id: Mapped[int] = mapped_column(ForeignKey("adapter_revisions.id", ondelete="RESTRICT"), primary_key=True,
+                                             index=True)
     calibration_source: Mapped[str | None] = mapped_column(Text)
     calibration_sha256: Mapped[str | None] = mapped_column(String(64))
 

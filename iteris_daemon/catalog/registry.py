@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import Exists, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from ..errors import IterisError
 from ..logs import redact
-from .models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind, utcnow
+from .models import Adapter, AdapterRevision, AdapterStatus, MergeRunInput, Source, SourceKind, utcnow
 
 if TYPE_CHECKING:  # validation pulls in torch; listing the catalog should not
     from ..validation import AdapterInfo
@@ -90,7 +90,7 @@ def remove_source(session: Session, name: str) -> None:
     source = get_source(session, name)
     used = session.scalar(
         select(func.count()).select_from(AdapterRevision).join(Adapter)
-        .where(Adapter.source_id == source.id).where(AdapterRevision.id.in_(_used_revision_ids()))
+        .where(Adapter.source_id == source.id).where(_used_by_a_run())
     )
     if used:
         # Keep the history merge runs point at; just stop watching.
@@ -102,10 +102,10 @@ def remove_source(session: Session, name: str) -> None:
     session.delete(source)
 
 
-def _used_revision_ids():
-    from .models import MergeRunInput
-
-    return select(MergeRunInput.revision_id)
+def _used_by_a_run() -> Exists:
+    """SQL: some merge run's input is the revision. EXISTS, looked up in ix_merge_run_inputs_revision_id
+    for each revision: SQLite ran ``IN (SELECT revision_id ...)`` by reading every run's inputs."""
+    return exists().where(MergeRunInput.revision_id == AdapterRevision.id)
 
 
 def _adapter_row(session: Session, source_id: int, seen: Observation) -> Adapter:
