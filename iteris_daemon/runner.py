@@ -287,7 +287,8 @@ class Inputs:
 
 
 def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, AdapterRevision]]:
-    with catalog.session() as session:
+    """Read without the write lock: listing thousands of adapters takes a while."""
+    with catalog.session(write=False) as session:
         matching = _matching(merge_candidates(session), group.base_model, group.select)
         selected = _one_per_location(matching)
         kept = {_location(adapter): adapter for adapter, _ in selected}
@@ -384,8 +385,9 @@ def groups_behind(catalog: Catalog, groups: Collection[GroupConfig]) -> dict[str
         last_runs: dict[str, tuple[int, dict[str, Any]]] = {}
         for group in groups:
             key = selection_key(group)
-            recent = session.execute(select(MergeRun.id, MergeRun.metrics).join(MergeGroup)
-                                     .where(MergeGroup.name == group.name)
+            # the group's id first: joined by name, PostgreSQL walked every group's newer runs
+            group_id = select(MergeGroup.id).where(MergeGroup.name == group.name).scalar_subquery()
+            recent = session.execute(select(MergeRun.id, MergeRun.metrics).where(MergeRun.group_id == group_id)
                                      .order_by(MergeRun.id.desc()).limit(RUNS_LOOKED_AT)).all()
             own = next(((i, m or {}) for i, m in recent if (m or {}).get("selection", key) == key), None)
             if own is not None:
@@ -663,7 +665,7 @@ def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
     """The last run that published, or was refused: its inputs need no new merge. None when
     a failed run since then published to some destinations (:class:`PartlyPublished`):
     they hold its merge and the others the one before, so nothing may be skipped."""
-    with catalog.session() as session:
+    with catalog.session(write=False) as session:
         last = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id,
                                                      MergeRun.status.in_([RunStatus.succeeded, RunStatus.refused]))
                               .order_by(MergeRun.id.desc()).limit(1))

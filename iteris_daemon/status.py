@@ -61,7 +61,7 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
     """The report; with ``configured`` (a config's group names) ``groups`` holds only those,
     ``not_configured`` the names of the catalog's other groups, and ``not_loaded`` those of
     the config that no daemon has written into the catalog yet (not started, or no SIGHUP)."""
-    with catalog.session() as session:
+    with catalog.session(write=False) as session:  # not the write lock: the daemon writes meanwhile
         now = catalog.now(session)  # the clock the daemons write claims with (a server's), not this host's
         sources = [{"name": s.name, "kind": s.kind.value, "enabled": s.enabled, "healthy": s.healthy,
                     "last_poll_at": iso_utc(s.last_poll_at), "last_error": s.last_error} for s in list_sources(session)]

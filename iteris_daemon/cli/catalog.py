@@ -236,7 +236,7 @@ def _source_row(source) -> dict[str, Any]:
 def _sources_list(args) -> int:
     from ..catalog.registry import list_sources
 
-    with _open(args).session() as session:
+    with _open(args).session(write=False) as session:
         rows = [_source_row(s) for s in list_sources(session)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -389,7 +389,7 @@ def _adapters_list(args) -> int:
     from ..catalog.registry import get_source, list_current
 
     statuses = [AdapterStatus(s) for s in args.status] if args.status else None
-    with _open(args).session() as session:
+    with _open(args).session(write=False) as session:
         if args.source is not None:
             get_source(session, args.source)  # an unknown source is a mistake, not an empty listing
         rows = [_adapter_row(a, current) for a, current in list_current(session, statuses, args.source)]
@@ -410,7 +410,7 @@ def _adapters_list(args) -> int:
 def _adapters_show(args) -> int:
     from ..catalog.registry import get_adapter
 
-    with _open(args).session() as session:
+    with _open(args).session(write=False) as session:
         adapter = get_adapter(session, args.id)
         row = _adapter_row(adapter, adapter.current)
         row["revisions"] = [_revision_row(r) for r in adapter.revisions]

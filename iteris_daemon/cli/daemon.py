@@ -153,7 +153,7 @@ def _merge_now(args) -> int:
         return 0
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
-        with catalog.session() as session:
+        with catalog.session(write=False) as session:
             run = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id, MergeRun.id > last,
                                                         MergeRun.status != RunStatus.running).order_by(MergeRun.id).limit(1))
             if run is not None:
