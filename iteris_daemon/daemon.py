@@ -77,6 +77,9 @@ BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is aske
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 CATALOG_WARNING_SECONDS = 60.0  # a job the catalog keeps failing says so at most this often
 UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for as many catalog checks, is a problem
+# Runs in a row a group waits for an adapter whose calibration worker failed (the host short
+# of memory for a while), retried with backoff; then the adapter is held back and the rest merges.
+CALIBRATION_WORKER_WAITS = 3
 STATE_LOCK = "daemon.lock"  # in the state folder: held by the daemon that uses it, holds its pid
 
 
@@ -351,6 +354,7 @@ class Daemon:
         self._caught_up: dict[str, frozenset[int]] = {}  # group -> the selection _catch_up last triggered it for
         self._unmerged_since: dict[str, datetime] = {}  # group -> the first change to its inputs no run has begun since
         self._failed_attempts: dict[str, int] = {}  # group -> runs in a row not carried out or not published
+        self._calibration_worker_failures: dict[str, int] = {}  # group -> runs in a row with one
         self._started_with = self.config.daemon  # what run() read once; a reload does not change it
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -838,6 +842,7 @@ class Daemon:
                 worker=self._worker_options(),
                 on_worker_failure=lambda kind: self.metrics.worker_failed(name, kind),
                 stopping=self._cancel, cache_dir=self.cache,
+                wait_for_calibration_workers=self._calibration_worker_failures.get(name, 0) < CALIBRATION_WORKER_WAITS,
             )
         except Exception:  # e.g. the catalog locked past its timeout, or its server unreachable
             log.exception("group %s: the run could not be carried out", name)
@@ -850,6 +855,10 @@ class Daemon:
             self._retry_later(name)
         else:
             self._failed_attempts.pop(name, None)
+        if outcome.calibration_worker_failed:
+            self._calibration_worker_failures[name] = self._calibration_worker_failures.get(name, 0) + 1
+        else:
+            self._calibration_worker_failures.pop(name, None)
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)

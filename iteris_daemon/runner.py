@@ -251,6 +251,7 @@ class Inputs:
     # merge without them.
     changing: list[str] = field(default_factory=list)
     unreachable: bool = False  # one of them for its calibration source (or its worker)
+    worker_failed: bool = False  # a calibration worker failed for some of them
 
     selection: str | None = None  # selection_key of the group's definition
 
@@ -577,13 +578,14 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                   into: Path, limits: Limits = Limits(),
                   in_worker: Callable[[dict[str, Any], str], Any] | None = None,
                   should_stop: Callable[[], bool] = lambda: False, read_limit: int | None = None,
-                  cache_dir: Path | None = None) -> Inputs:
+                  cache_dir: Path | None = None, wait_for_dead_workers: bool = True) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration (its first
     ``samples``; sources read no further than that, or than ``read_limit`` where
     ``samples`` is None); an adapter that
     cannot be read as registered, or has no calibration data, is held back, not fatal (one
     of a folder source that changed since registration, or whose calibration source could
-    not be reached, makes the run wait, see ``changing``).
+    not be reached, makes the run wait, see ``changing``; so does one whose calibration
+    worker failed, unless not ``wait_for_dead_workers``).
     With ``in_worker`` (the daemon), sources that need torch are called through it; sources
     that download keep their files under ``cache_dir`` (the daemon's)."""
     sources = calibration_sources()
@@ -607,13 +609,15 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                 inputs.changing.append(adapter.name)
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
     answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources, should_stop)
+    _check_stop(should_stop)  # a worker that failed as it was stopped: the run is cancelled, not waiting
     for (adapter, revision, loaded, content), data in zip(snapshots, answers):
         def original(text: str) -> str:  # the snapshot's path named as the adapter's own (the snapshot goes)
             return text.replace(str(loaded.path), revision.files_path)
 
         if isinstance(data, IterisError):
             inputs.hold_back(adapter, revision, original(str(data)))
-            if isinstance(data, (CalibrationUnavailable, WorkerFailed)):  # the data may well be there
+            inputs.worker_failed |= isinstance(data, WorkerFailed)
+            if isinstance(data, CalibrationUnavailable) or (wait_for_dead_workers and isinstance(data, WorkerFailed)):
                 inputs.changing.append(adapter.name)
                 inputs.unreachable = True
             continue
@@ -656,6 +660,9 @@ class RunOutcome:
     # Skipped, waiting for an adapter whose calibration source could not be reached, or whose
     # calibration worker died: a later run may reach it (nothing else would trigger one).
     retry_inputs: bool = False
+    # A calibration worker failed in this run (the daemon counts such runs in a row, see
+    # ``run_group``'s ``wait_for_calibration_workers``).
+    calibration_worker_failed: bool = False
     # The run merged (its merge worker ran), whatever came of it: not a kept merge published
     # again, nor a run that ended before merging. Only these are timed as merges.
     merged: bool = False
@@ -820,11 +827,15 @@ def run_group(
     on_worker_failure: Callable[[str], None] = lambda kind: None,
     stopping: threading.Event | None = None,
     cache_dir: Path | None = None,
+    wait_for_calibration_workers: bool = True,
 ) -> RunOutcome:
     """Run ``group`` once (see the module docstring). Never raises for a failed merge or
     publish: the outcome and the run row say what happened. ``stopping`` (the daemon's
     stop event) is handed to publishers, whose retry waits end when it is set;
-    ``cache_dir`` (the daemon's) to calibration sources that download."""
+    ``cache_dir`` (the daemon's) to calibration sources that download. An adapter whose
+    calibration worker failed makes the run wait for it (the host short of memory for a
+    while, say) unless not ``wait_for_calibration_workers`` (the daemon, after such runs in
+    a row) or the run is forced: then it is held back and the others merge."""
     claim = Claim(catalog, group.name, holder, claim_ttl)
     if not claim.acquire():
         log.info("group %s: another daemon is merging it; skipped", group.name)
@@ -837,7 +848,8 @@ def run_group(
 
     try:
         return _run_claimed(catalog, group, claim, work_dir, snapshots, stop, force, device, trust_remote_code,
-                            on_status, limits, worker, on_worker_failure, stopping, cache_dir)
+                            on_status, limits, worker, on_worker_failure, stopping, cache_dir,
+                            wait_for_calibration_workers)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
         claim.release()
@@ -847,7 +859,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
                  should_stop: Callable[[], bool], force: bool, device: str, trust_remote_code: bool,
                  on_status: Callable[[str], None], limits: Limits, worker: WorkerOptions,
                  on_worker_failure: Callable[[str], None], stopping: threading.Event | None,
-                 cache_dir: Path | None) -> RunOutcome:
+                 cache_dir: Path | None, wait_for_calibration_workers: bool) -> RunOutcome:
     """The run itself, once ``run_group`` holds the group's ``claim``: gather the inputs into
     ``snapshots``, skip or merge (or reuse a kept merge), judge, publish, record; ``claim.lost``
     names why a run stopped when another daemon took the claim."""
@@ -870,11 +882,15 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
 
     try:
         inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker,
-                               should_stop, cache_dir=cache_dir)
+                               should_stop, cache_dir=cache_dir,
+                               wait_for_dead_workers=wait_for_calibration_workers and not force)
     except MergeCancelled as exc:
         reason = str(claim.lost or exc)
         log.warning("group %s: cancelled while gathering inputs: %s", group.name, reason)
         return RunOutcome(RunStatus.cancelled, None, reason)
+    def outcome(status: RunStatus, run_id: int | None, detail: str = "", **more) -> RunOutcome:
+        return RunOutcome(status, run_id, detail, calibration_worker_failed=inputs.worker_failed, **more)
+
     params = run_params(group, strategy, inputs.names())
     fingerprint = inputs.fingerprint(group.strategy, params, group.precision())
     for name, reason in inputs.held_back.items():
@@ -888,7 +904,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
-        return RunOutcome(RunStatus.skipped, run_id, skip, retry_inputs=inputs.unreachable and bool(inputs.changing))
+        return outcome(RunStatus.skipped, run_id, skip, retry_inputs=inputs.unreachable and bool(inputs.changing))
 
     run_id = _record_start(catalog, group_id, fingerprint, inputs)
     out = work_dir / f"run-{run_id}"
@@ -919,7 +935,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
             _finish(catalog, run_id, RunStatus.refused, error=f"not published: {verdict.refused}",
                     metrics={"tasks": report.get("tasks", {}), **inputs.recorded()})
             log.warning("group %s: run %d not published: %s", group.name, run_id, verdict.refused)
-            return RunOutcome(RunStatus.refused, run_id, verdict.refused, merged=kept is None)
+            return outcome(RunStatus.refused, run_id, verdict.refused, merged=kept is None)
         on_status(f"group {group.name}: run {run_id} publishing")
         if kept is None:  # else it stays kept, as the merge of the run that made it
             merged = _keep_unpublished(group.name, merged, unpublished, run_id, force)
@@ -935,7 +951,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
         reason = str(claim.lost or exc)
         _finish(catalog, run_id, RunStatus.cancelled, error=reason)
         log.warning("group %s: run %d cancelled: %s", group.name, run_id, reason)
-        return RunOutcome(RunStatus.cancelled, run_id, reason, merged=kept is None)
+        return outcome(RunStatus.cancelled, run_id, reason, merged=kept is None)
     except Exception as exc:  # a failed run is recorded, never fatal to the daemon
         message = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, IterisError) else str(exc)
         if isinstance(exc, WorkerFailed):
@@ -946,7 +962,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
         _finish(catalog, run_id, RunStatus.failed, error=message[:2000], **partly)
         log.error("group %s: run %d failed: %s", group.name, run_id, message)
         cause = exc.__cause__ if isinstance(exc, PartlyPublished) else exc
-        return RunOutcome(RunStatus.failed, run_id, message,
+        return outcome(RunStatus.failed, run_id, message,
                           retry_publish=publish_failed and not isinstance(cause, PluginError), merged=kept is None)
     finally:  # a worker killed while it wrote the merge leaves its staging copy too
         for leftover in (out, *leftover_copies(out)):
@@ -963,10 +979,10 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
                 "publishing): the destinations may serve this merge rather than that daemon's newer one, whose run the "
                 "catalog records; `merge-now --force` the group publishes the newest merge again")
         log.error("group %s: run %d %s", group.name, run_id, lost)
-        return RunOutcome(RunStatus.failed, run_id, lost, merged=kept is None)
+        return outcome(RunStatus.failed, run_id, lost, merged=kept is None)
     log.info("group %s: run %d succeeded: %s", group.name, run_id,
              ", ".join(f"{p['kind']} {p['location']} {'-> ' + str(p['version']) if p['changed'] else 'unchanged'}" for p in published))
-    return RunOutcome(RunStatus.succeeded, run_id, merged=kept is None)
+    return outcome(RunStatus.succeeded, run_id, merged=kept is None)
 
 
 def _served_before(catalog: Catalog, last: MergeRun | None) -> MergeRun | None:

@@ -1660,6 +1660,57 @@ def test_a_catalog_outage_is_said_rarely_in_one_line_and_makes_healthz_unhealthy
         daemon.catalog.close()
 
 
+def _daemon_of_one_group(tmp_path: Path):
+    """A daemon with one group ``g``, a paused scheduler (jobs get their run times, nothing
+    runs) and no catalog: for ``_run_on`` with a stand-in ``run_group``."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      "retry_seconds = 30\nretry_max_seconds = 100\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler(timezone="UTC")
+    daemon.scheduler.start(paused=True)
+    daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
+    daemon.catalog, daemon.work, daemon.cache = None, tmp_path / "work", tmp_path / "cache"
+    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None)
+    return daemon
+
+
+def test_a_group_waits_for_a_failed_calibration_worker_three_runs_in_a_row_then_merges_without_it(
+        tmp_path, monkeypatch):
+    """A calibration worker that fails run after run (a base past the workers' memory, say)
+    made the group wait for ever, retried without end. The daemon lets it wait three runs in
+    a row (each retried with backoff); the next run holds the adapter back and merges the
+    rest, and so do the runs after it while the worker keeps failing. A run without a worker
+    failure ends the series: a later failure is waited for again."""
+    import iteris_daemon.daemon as daemon_module
+
+    daemon = _daemon_of_one_group(tmp_path)
+    asked, failing = [], True
+
+    def run_group(*args, wait_for_calibration_workers, **kwargs) -> RunOutcome:
+        asked.append(wait_for_calibration_workers)
+        if failing and wait_for_calibration_workers:
+            return RunOutcome(RunStatus.skipped, 1, "waiting for t: calibration source generate: killed",
+                              retry_inputs=True, calibration_worker_failed=True)
+        return RunOutcome(RunStatus.succeeded, 2, calibration_worker_failed=failing)
+
+    monkeypatch.setattr(daemon_module, "run_group", run_group)
+    try:
+        for _ in range(5):
+            daemon._run_on("g", "cpu")
+        assert asked == [True, True, True, False, False]
+        failing = False
+        daemon._run_on("g", "cpu")  # the worker answers again
+        failing = True
+        daemon._run_on("g", "cpu")
+        assert asked[5:] == [False, True]
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+
+
 def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, monkeypatch, caplog):
     """``run_group`` says the merge is kept but could not be published (``retry_publish``: a
     Hub down past the publisher's own retries, a full disk): the group is triggered again
@@ -1670,17 +1721,8 @@ def test_a_run_whose_publishing_failed_is_tried_again_with_backoff(tmp_path, mon
     once the daemon stops. A run skipped waiting for a calibration source it could not
     reach (``retry_inputs``) is tried again too."""
     import iteris_daemon.daemon as daemon_module
-    from apscheduler.schedulers.background import BackgroundScheduler
 
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
-                      "retry_seconds = 30\nretry_max_seconds = 100\n")
-    daemon = daemon_module.Daemon(config)
-    daemon.scheduler = BackgroundScheduler(timezone="UTC")
-    daemon.scheduler.start(paused=True)  # jobs get their run times, and nothing runs
-    daemon._groups = {"g": SimpleNamespace(name="g", base_model="base", debounce_seconds=5.0)}
-    daemon.catalog, daemon.work, daemon.cache = None, tmp_path / "work", tmp_path / "cache"
-    daemon.metrics = SimpleNamespace(observe_merge=lambda *a: None)
+    daemon = _daemon_of_one_group(tmp_path)
     outcome = RunOutcome(RunStatus.failed, 1, "publishing to hub failed", retry_publish=True)
     stop_meanwhile = False
 

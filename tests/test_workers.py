@@ -351,6 +351,55 @@ def test_a_calibration_worker_that_fails_makes_the_group_wait_and_is_counted(set
     assert len(setup.failures) == 1 and not setup.published.exists()
 
 
+def test_a_group_told_not_to_wait_or_forced_merges_without_the_adapter_whose_calibration_worker_died(
+        setup, monkeypatch):
+    """After runs in a row waiting for a calibration worker that keeps dying (the daemon
+    counts them) or when forced, the run holds that adapter back, with the worker's reason,
+    and merges the others (before the daemon counted, a worker that always failed kept the
+    group waiting for ever, ``--force`` too). A worker that fails as the run is stopped
+    cancels the run (it was recorded ``skipped``, waiting)."""
+    import iteris_daemon.runner as runner_module
+
+    real = runner_module.run_in_worker
+    stop = threading.Event()
+
+    def dies_for_calibration(job, *args, **kwargs):
+        if job.get("kind") == "calibration":
+            raise WorkerFailed("the worker was killed by SIGKILL", "signal")
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_in_worker", dies_for_calibration)
+    build_adapter(setup.base, setup.watched / "task1", seed=4, family="bert", r=2)
+    (build_adapter(setup.base, setup.watched / "task2", seed=5, family="bert", r=2)
+     / "calibration.jsonl").unlink()
+    LocalFolderSource(setup.catalog, "team").scan()
+    group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty", params={"mode": "ok"},
+                        calibration={"order": ["adapter", "generate"]}, gates={"max_regression": False},
+                        destinations=[{"kind": "folder", "path": str(setup.published)}])
+    sync_group(setup.catalog, group)
+
+    def run(**options):
+        return run_group(setup.catalog, group, setup.work, "tester", should_stop=stop.is_set, **options)
+
+    waiting = run()
+    assert waiting.status is RunStatus.skipped and waiting.retry_inputs and waiting.calibration_worker_failed
+    merged = run(wait_for_calibration_workers=False)
+    assert merged.status is RunStatus.succeeded and merged.calibration_worker_failed, merged
+    assert setup.row(merged.run_id).metrics["held_back"] == {
+        "task2": "calibration source generate: the worker was killed by SIGKILL"}
+    assert (setup.published / "current" / "adapter_model.safetensors").is_file()
+    forced = run(force=True)  # the same inputs: only a forced run merges them again
+    assert forced.status is RunStatus.succeeded and forced.run_id > merged.run_id, forced
+
+    def stopped_as_it_dies(job, *args, **kwargs):
+        stop.set()
+        return dies_for_calibration(job, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_in_worker", stopped_as_it_dies)
+    cancelled = run()
+    assert cancelled.status is RunStatus.cancelled and cancelled.run_id is None, cancelled
+
+
 def test_a_calibration_source_that_needs_torch_runs_in_a_worker(tmp_path, made):
     """The daemon gathers inputs with ``in_worker``: a source marked ``runs_in_worker``
     (``generate``, which loads the model) is called in one worker process for all the
