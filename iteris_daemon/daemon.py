@@ -50,7 +50,7 @@ from sqlalchemy import select
 from . import malloc
 from .catalog import Catalog
 from .catalog.db import CATALOG_FAILURES
-from .catalog.models import Adapter, MergeGroup, Source, SourceKind
+from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
 from .catalog.registry import add_source, get_source, set_health
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
@@ -592,6 +592,7 @@ class Daemon:
         self._groups = {group.name: group for group in config.groups}
         self._caught_up.clear()
         self._unmerged_since.clear()  # every group runs now (below)
+        self._calibration_worker_failures.clear()  # a group of another definition may come under a name
         self.scheduler.add_job(self._catch_up, _every(config.daemon.catalog_check_seconds),
                                id="catalog-check", replace_existing=True)
         self.peers.settings_changed()
@@ -857,8 +858,8 @@ class Daemon:
             self._failed_attempts.pop(name, None)
         if outcome.calibration_worker_failed:
             self._calibration_worker_failures[name] = self._calibration_worker_failures.get(name, 0) + 1
-        else:
-            self._calibration_worker_failures.pop(name, None)
+        elif outcome.status is not RunStatus.cancelled and outcome.detail != CLAIMED_ELSEWHERE:
+            self._calibration_worker_failures.pop(name, None)  # its workers answered (the others asked none)
         if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
             # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
             self.trigger(name, delay=settings.claim_ttl_seconds / 2)

@@ -250,7 +250,7 @@ class Inputs:
     # be reached or its worker died (a later run asks again). The group waits rather than
     # merge without them.
     changing: list[str] = field(default_factory=list)
-    unreachable: bool = False  # one of them for its calibration source (or its worker)
+    unreachable: bool = False  # one of them for its calibration source (or its worker): a later run asks again
     worker_failed: bool = False  # a calibration worker failed for some of them
 
     selection: str | None = None  # selection_key of the group's definition
@@ -522,8 +522,8 @@ def _answer(answer: dict[str, Any] | None) -> CalibrationAnswer:
     """One adapter's answer from a calibration worker (see ``worker._calibration``)."""
     if answer is None:
         return None
-    if "error" in answer:
-        return IterisError(answer["error"])
+    if "error" in answer:  # out of memory: as if the worker had died of it (the host short of memory a while)
+        return WorkerFailed(answer["error"], "memory") if answer.get("out_of_memory") else IterisError(answer["error"])
     return CalibrationSet(tuple(Sample.from_json(s) for s in answer["samples"]), answer["source"],
                           answer["generated"])
 
@@ -617,9 +617,10 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         if isinstance(data, IterisError):
             inputs.hold_back(adapter, revision, original(str(data)))
             inputs.worker_failed |= isinstance(data, WorkerFailed)
-            if isinstance(data, CalibrationUnavailable) or (wait_for_dead_workers and isinstance(data, WorkerFailed)):
-                inputs.changing.append(adapter.name)
-                inputs.unreachable = True
+            if isinstance(data, (CalibrationUnavailable, WorkerFailed)):
+                inputs.unreachable = True  # a later run asks again
+                if wait_for_dead_workers or isinstance(data, CalibrationUnavailable):
+                    inputs.changing.append(adapter.name)  # and this one waits for it
             continue
         if data is None and needs_calibration:
             inputs.hold_back(adapter, revision, f"no calibration data (asked: {', '.join(options.order)})")
@@ -657,8 +658,8 @@ class RunOutcome:
     # The merge is kept and only its publishing failed (a destination down, a full disk):
     # trying again later may go through. Not for a publisher's plugin error (it needs a fix).
     retry_publish: bool = False
-    # Skipped, waiting for an adapter whose calibration source could not be reached, or whose
-    # calibration worker died: a later run may reach it (nothing else would trigger one).
+    # An adapter waited for, or held back, because its calibration source could not be reached
+    # or its calibration worker failed: a later run may reach it (nothing else would trigger one).
     retry_inputs: bool = False
     # A calibration worker failed in this run (the daemon counts such runs in a row, see
     # ``run_group``'s ``wait_for_calibration_workers``).
@@ -889,7 +890,8 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
         log.warning("group %s: cancelled while gathering inputs: %s", group.name, reason)
         return RunOutcome(RunStatus.cancelled, None, reason)
     def outcome(status: RunStatus, run_id: int | None, detail: str = "", **more) -> RunOutcome:
-        return RunOutcome(status, run_id, detail, calibration_worker_failed=inputs.worker_failed, **more)
+        return RunOutcome(status, run_id, detail, retry_inputs=inputs.unreachable,
+                          calibration_worker_failed=inputs.worker_failed, **more)
 
     params = run_params(group, strategy, inputs.names())
     fingerprint = inputs.fingerprint(group.strategy, params, group.precision())
@@ -904,7 +906,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
     if skip:
         log.info("group %s: skipped: %s", group.name, skip)
         run_id = _record_skip(catalog, group_id, fingerprint, inputs, skip)
-        return outcome(RunStatus.skipped, run_id, skip, retry_inputs=inputs.unreachable and bool(inputs.changing))
+        return outcome(RunStatus.skipped, run_id, skip)
 
     run_id = _record_start(catalog, group_id, fingerprint, inputs)
     out = work_dir / f"run-{run_id}"

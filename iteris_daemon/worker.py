@@ -111,6 +111,7 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     is released, also on a cancel."""
     from .calibration import CalibrationOptions, ask, releasing
     from .errors import IterisError, MergeCancelled
+    from .oom import says_out_of_memory
     from .plugin_manager import calibration_sources
     from .validation import read_layout
 
@@ -130,8 +131,8 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
                 data = ask(job["source"], source, read_layout(Path(entry["path"]), name=entry["name"]), options)
             except MergeCancelled:
                 raise
-            except IterisError as exc:
-                answers.append({"error": str(exc)})
+            except IterisError as exc:  # out of memory: the worker's lot, not the adapter's (the runner waits)
+                answers.append({"error": str(exc), "out_of_memory": says_out_of_memory(str(exc))})
                 continue
             answers.append(None if data is None else
                            {"samples": [s.to_json() for s in data.samples], "source": data.source,

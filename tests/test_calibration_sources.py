@@ -534,6 +534,34 @@ def test_the_daemon_asks_a_worker_source_once_per_run_in_the_configured_order(tm
     assert str(answers[1]) == "calibration source generate: the worker was killed by SIGKILL"
 
 
+def test_a_calibration_worker_short_of_memory_is_waited_for_as_one_that_died(bert, tmp_path, monkeypatch):
+    """A ``generate`` worker whose base does not fit its memory raises ``MemoryError`` inside
+    the source: the worker answered it as that adapter's error, so the run held the adapter
+    back at once and merged the others (QA RV5), while a worker killed for memory was waited
+    for. Now an answer that says memory ran out is a ``WorkerFailed`` of kind ``memory``;
+    any other error of the source still holds back only its adapter."""
+    import threading
+
+    from iteris_daemon import plugin_manager
+    from iteris_daemon.runner import _answer
+    from iteris_daemon.worker import _calibration
+
+    class ShortOfMemory:
+        def load(self, adapter, options):
+            if adapter.name == "big":
+                raise MemoryError("Cannot allocate memory (os error 12)")
+            raise ValueError("this adapter's own problem")
+
+    monkeypatch.setattr(plugin_manager, "calibration_sources", lambda: {"gen": ShortOfMemory()})
+    adapter = bert[1][0]
+    job = {"source": "gen", "adapters": [{"path": str(adapter), "name": "big"}, {"path": str(adapter), "name": "odd"}],
+           "options": {"order": ["gen"], "files": {}, "base_model": str(bert[0]), "samples": 4, "limit": 4,
+                       "settings": {}, "cache_dir": None}}
+    big, odd = (_answer(answer) for answer in _calibration(job, threading.Event()))
+    assert isinstance(big, WorkerFailed) and big.kind == "memory" and "MemoryError: Cannot allocate memory" in str(big)
+    assert not isinstance(odd, WorkerFailed) and "ValueError: this adapter's own problem" in str(odd)
+
+
 def test_a_sources_empty_or_malformed_answer(bert):
     """A plugin source's set of no samples was taken as the adapter's data (every figure 0,
     "samples": 0), and a list of strings ended in an AttributeError: now an empty set is no

@@ -66,7 +66,7 @@ from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, Me
                                            Source, SourceKind, utcnow)
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.cli import main
-from iteris_daemon.runner import Claim, RunOutcome, worker_id
+from iteris_daemon.runner import CLAIMED_ELSEWHERE, Claim, RunOutcome, worker_id
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -1707,6 +1707,15 @@ def test_a_group_waits_for_a_failed_calibration_worker_three_runs_in_a_row_then_
         failing = True
         daemon._run_on("g", "cpu")
         assert asked[5:] == [False, True]
+        # Runs that asked no worker (another daemon merging the group, a run cancelled while
+        # gathering) leave the count as it was: each one used to start the three waits anew.
+        for other in (RunOutcome(RunStatus.skipped, None, CLAIMED_ELSEWHERE), RunOutcome(RunStatus.cancelled, None)):
+            monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: other)
+            daemon._run_on("g", "cpu")
+        monkeypatch.setattr(daemon_module, "run_group", run_group)
+        for _ in range(3):
+            daemon._run_on("g", "cpu")
+        assert asked[7:] == [True, True, False]
     finally:
         daemon.scheduler.shutdown(wait=False)
 

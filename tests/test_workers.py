@@ -385,11 +385,16 @@ def test_a_group_told_not_to_wait_or_forced_merges_without_the_adapter_whose_cal
     assert waiting.status is RunStatus.skipped and waiting.retry_inputs and waiting.calibration_worker_failed
     merged = run(wait_for_calibration_workers=False)
     assert merged.status is RunStatus.succeeded and merged.calibration_worker_failed, merged
+    assert merged.retry_inputs  # a later run asks the worker again: nothing else would (it used to stay out)
     assert setup.row(merged.run_id).metrics["held_back"] == {
         "task2": "calibration source generate: the worker was killed by SIGKILL"}
     assert (setup.published / "current" / "adapter_model.safetensors").is_file()
     forced = run(force=True)  # the same inputs: only a forced run merges them again
-    assert forced.status is RunStatus.succeeded and forced.run_id > merged.run_id, forced
+    assert forced.status is RunStatus.succeeded and forced.run_id > merged.run_id and forced.retry_inputs, forced
+    monkeypatch.setattr(runner_module, "run_in_worker", real)  # the worker answers again (random words: an encoder)
+    recovered = run(wait_for_calibration_workers=False)
+    assert recovered.status is RunStatus.succeeded and not recovered.retry_inputs, recovered
+    assert not recovered.calibration_worker_failed and setup.row(recovered.run_id).metrics["held_back"] == {}
 
     def stopped_as_it_dies(job, *args, **kwargs):
         stop.set()
