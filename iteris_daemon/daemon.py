@@ -870,8 +870,8 @@ class Daemon:
     def _retry_later(self, name: str) -> None:
         """Ask again for a run that could not be carried out, whose merge could not be
         published (it is kept: the next run with the same inputs publishes it without
-        merging), or that waits for a calibration source it could not reach (or whose worker died),
-        ``retry_seconds`` later, doubling after each such failure in a row up to
+        merging), or that waits for a calibration source it could not reach or whose worker
+        failed (or held such an adapter back), ``retry_seconds`` later, doubling after each such failure in a row up to
         ``retry_max_seconds``: a catalog locked for a while, a database server restarting
         or a Hub outage must not leave a group behind until its next schedule (hours,
         maybe), and one that stays down is not hammered. A trigger already pending (a

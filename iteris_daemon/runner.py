@@ -889,6 +889,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
         reason = str(claim.lost or exc)
         log.warning("group %s: cancelled while gathering inputs: %s", group.name, reason)
         return RunOutcome(RunStatus.cancelled, None, reason)
+
     def outcome(status: RunStatus, run_id: int | None, detail: str = "", **more) -> RunOutcome:
         return RunOutcome(status, run_id, detail, retry_inputs=inputs.unreachable,
                           calibration_worker_failed=inputs.worker_failed, **more)
