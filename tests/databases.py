@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, event, text
@@ -59,3 +61,17 @@ def rows_loaded(entity: type) -> Iterator[list[int]]:
         yield loaded
     finally:
         event.remove(entity, "load", count)
+
+
+@contextmanager
+def sqlite_write_locked(database: Path, update: str) -> Iterator[None]:
+    """Another connection's write transaction on the SQLite catalog ``database``, holding the
+    write lock with ``update`` made and not committed, for the block."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute(update)
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -6,14 +6,13 @@ too slow to build in the suite (the measured times are in RELIABILITY.md)."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
+from databases import sqlite_write_locked
 from sqlalchemy import Engine, event, insert, select
 
 from iteris_daemon import status
@@ -168,19 +167,6 @@ def test_removing_a_source_finds_run_inputs_by_revision(catalog):
         assert session.scalar(select(AdapterRevision.id).where(AdapterRevision.id == 6)) is None
 
 
-@contextmanager
-def _write_locked(database: Path) -> Iterator[None]:
-    """Another process's write transaction on the SQLite catalog, held for the block."""
-    holder = sqlite3.connect(database, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    holder.execute("UPDATE merge_groups SET requested_at = NULL")
-    try:
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-
-
 def test_read_only_commands_do_not_wait_for_the_write_lock(tmp_path, monkeypatch, capsys):
     """``status`` and the list commands took the write lock (``BEGIN IMMEDIATE``) for their
     whole read: two `watch status` loops on a large catalog held the daemon's claim writes back
@@ -192,7 +178,7 @@ def test_read_only_commands_do_not_wait_for_the_write_lock(tmp_path, monkeypatch
     catalog.close()
     monkeypatch.setattr(catalog_db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # a wait for the lock fails at once
     db = ["--db", f"sqlite:///{database}"]
-    with _write_locked(database):
+    with sqlite_write_locked(database, "UPDATE merge_groups SET requested_at = NULL"):
         for argv in (["status"], ["status", "--json"], ["sources", "list"], ["adapters", "list"], ["adapters", "show", "1"]):
             assert main([*argv, *db]) == 0, (argv, capsys.readouterr().err)
         catalog = Catalog(f"sqlite:///{database}")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 
 import polling
+from databases import sqlite_write_locked
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source,
                                           SourceKind)
@@ -276,17 +278,11 @@ def test_catalog_failure_during_a_scrape(catalog, caplog):
 def test_a_scrape_does_not_wait_for_a_writer(catalog):
     """SQLite: another process holding the write lock must not hold the scrape."""
     fill(catalog)
-    writer = catalog.engine.raw_connection()
-    try:
-        writer.driver_connection.execute("BEGIN IMMEDIATE")
-        writer.driver_connection.execute("UPDATE sources SET healthy = 0")
+    with sqlite_write_locked(Path(catalog.engine.url.database), "UPDATE sources SET healthy = 0"):
         with serving(metrics_app(DaemonMetrics(catalog), lambda: None)) as port:
             found = samples(port)  # within the client's 10 s timeout; the busy timeout is 30 s
-        assert found[("iteris_catalog_up", frozenset())] == 1
-        assert series(found, "iteris_source_up")[("team",)] == 1  # the committed state
-    finally:
-        writer.rollback()
-        writer.close()
+    assert found[("iteris_catalog_up", frozenset())] == 1
+    assert series(found, "iteris_source_up")[("team",)] == 1  # the committed state
 
 
 def test_healthz(catalog, caplog):
