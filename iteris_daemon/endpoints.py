@@ -40,9 +40,10 @@ dropped from the config stays in the catalog, and its last publish would never m
 Counted in this process (they restart at 0 with it):
 
 - ``iteris_merge_duration_seconds{group}``: histogram of merge durations, 1 s to 4 h;
-- ``iteris_worker_failures_total{group,reason}``: merge workers lost, by ``reason``: the
-  ``kind`` of the supervisor's ``WorkerFailed`` (``WORKER_FAILURE_REASONS``; anything else
-  would count as ``other``);
+- ``iteris_worker_failures_total{group,reason}``: merge and calibration workers lost, by
+  ``reason``: the ``kind`` of the supervisor's ``WorkerFailed`` (``WORKER_FAILURE_REASONS``;
+  anything else would count as ``other``); a calibration worker whose source answered out
+  of memory counts once as ``memory``;
 - ``iteris_runs_not_carried_out_total{group}``: runs that ended without a record;
 - ``iteris_webhook_requests_total{outcome}``: webhook requests by outcome
   (``WEBHOOK_OUTCOMES``); only where the webhook is configured (:func:`webhook_app` adds it).

@@ -875,11 +875,14 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
 
     def in_worker(job: dict[str, Any], label: str) -> Any:
         try:
-            return run_in_worker(job, snapshots / "calibration-worker", f"group {group.name}: {label}", should_stop,
-                                 worker)
+            answers = run_in_worker(job, snapshots / "calibration-worker", f"group {group.name}: {label}",
+                                    should_stop, worker)
         except WorkerFailed as exc:  # counted like a merge worker's death; the adapters wait for the next run
             on_worker_failure(exc.kind)
             raise
+        if any(answer and answer.get("out_of_memory") for answer in answers):  # as if it had died of it (_answer)
+            on_worker_failure("memory")
+        return answers
 
     try:
         inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker,

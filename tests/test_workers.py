@@ -405,6 +405,39 @@ def test_a_group_told_not_to_wait_or_forced_merges_without_the_adapter_whose_cal
     assert cancelled.status is RunStatus.cancelled and cancelled.run_id is None, cancelled
 
 
+def test_a_calibration_source_out_of_memory_in_its_worker_is_counted_as_a_worker_failure(setup, monkeypatch):
+    """A source that raises ``MemoryError`` inside the calibration worker answers so for its
+    adapter: the run waits for it as for a worker that died of it, but only a death was
+    counted in ``iteris_worker_failures_total`` (QA stop 50). Now each worker that answers
+    out of memory counts once, as ``memory``; a source's other errors count nothing."""
+    import iteris_daemon.runner as runner_module
+
+    real, answer = runner_module.run_in_worker, {}
+
+    def answers_for_calibration(job, *args, **kwargs):
+        if job.get("kind") == "calibration":
+            return [dict(answer) for _ in job["adapters"]]
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_in_worker", answers_for_calibration)
+    build_adapter(setup.base, setup.watched / "task1", seed=4, family="bert", r=2)
+    (build_adapter(setup.base, setup.watched / "task2", seed=5, family="bert", r=2)
+     / "calibration.jsonl").unlink()
+    LocalFolderSource(setup.catalog, "team").scan()
+    group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty", params={"mode": "ok"},
+                        calibration={"order": ["adapter", "generate"]}, gates={"max_regression": False},
+                        destinations=[{"kind": "folder", "path": str(setup.published)}])
+    sync_group(setup.catalog, group)
+    answer.update(error="MemoryError: Cannot allocate memory (os error 12)", out_of_memory=True)
+    waiting = run_group(setup.catalog, group, setup.work, "tester", on_worker_failure=setup.failures.append)
+    assert waiting.status is RunStatus.skipped and waiting.calibration_worker_failed, waiting
+    assert setup.failures == ["memory"]
+    answer.update(error="ValueError: this adapter's own problem", out_of_memory=False)
+    merged = run_group(setup.catalog, group, setup.work, "tester", on_worker_failure=setup.failures.append)
+    assert merged.status is RunStatus.succeeded and not merged.calibration_worker_failed, merged
+    assert setup.failures == ["memory"]
+
+
 def test_a_calibration_source_that_needs_torch_runs_in_a_worker(tmp_path, made):
     """The daemon gathers inputs with ``in_worker``: a source marked ``runs_in_worker``
     (``generate``, which loads the model) is called in one worker process for all the
