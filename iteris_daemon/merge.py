@@ -124,11 +124,21 @@ def _tell_apart(adapters: list[LoraAdapter]) -> None:
             adapter.name = qualify(adapter)
 
 
+def _warn_repeated(adapters: list[LoraAdapter]) -> None:
+    """A folder given more than once merges as that many tasks: its task counts that many
+    times over (``task_weights`` is the way to weight a task). Allowed, but never silently."""
+    for folder, times in Counter(str(Path(a.path).resolve()) for a in adapters).items():
+        if times > 1:
+            log.warning("adapter %s is given %d times: it is merged as %d tasks, so its task counts %d times over "
+                        "(give it once, with task_weights, to weight it)", folder, times, times, times)
+
+
 def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[LoraAdapter]:
     """Read the inputs and refuse what cannot be one merge: task types, base models (unless
     ``base_checked``: a source registered each against the merge's base) or base revisions
     that differ."""
     adapters = [load_adapter(spec.path, spec.name) for spec in specs]
+    _warn_repeated(adapters)
     _tell_apart(adapters)
     if len({a.task_type for a in adapters}) > 1:  # before the base model loads (its class follows the task type)
         listing = ", ".join(f"{a.name}: {a.task_type or 'none'}" for a in adapters)

@@ -620,3 +620,18 @@ def test_an_evaluation_the_model_refuses_is_one_line_and_writes_nothing(tiny, tm
                                             "'NoneType' object has no attribute 'shape'; nothing was written "
                                             "(--no-eval skips the evaluation)")
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_given_twice_is_merged_twice_with_a_warning(bert, caplog):
+    """The same folder given twice merged as two tasks, its task counting double, with no
+    word (QA NU2): it is still allowed (named by place, so reports tell them apart), but a
+    WARNING names the folder and how many times its task counts."""
+    from iteris_daemon.merge import AdapterSpec, load_adapters
+
+    first, second = bert[1][:2]
+    with caplog.at_level("WARNING", logger="iteris_daemon.merge"):
+        adapters = load_adapters([AdapterSpec(first), AdapterSpec(second), AdapterSpec(first)])
+    assert len({a.name for a in adapters}) == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"adapter {first.resolve()} is given 2 times: it is merged as 2 tasks, so its task counts 2 "
+                      "times over (give it once, with task_weights, to weight it)"]
