@@ -466,7 +466,8 @@ class _Alignment:
             else:
                 self._check_finite(p, M[p], rhs[p])
                 new[p] = solve_spd(M[p], torch.cat(rhs[p], 0), self.dtype,
-                                   definite=options.a2 > 0 or options.offdiag_scale < 1).float().cpu()
+                                   definite=options.a2 > 0 or options.offdiag_scale < 1,
+                                   fill=self._weighted_mean(p)).float().cpu()  # on features no input reached
             if not torch.isfinite(new[p]).all():
                 raise MergeError(f"{p}: the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
             if previous is not None:
@@ -478,6 +479,19 @@ class _Alignment:
             states = [self._run(unit, states[i], solved, None, self.head) for i in range(self.n)]
             self.timing["inference_s"] += time.perf_counter() - started
         return states, own
+
+    def _weighted_mean(self, p: str) -> torch.Tensor:
+        """The merged ``A`` (with ``B_cat``) of the tasks' deltas on layer ``p`` averaged with
+        their weights (a task that does not adapt it adds a zero delta): what the solve gives
+        where the tasks' inputs look alike, so the answer on an input feature no calibration
+        input reached, where the solve says nothing. A lone adapter, or copies of one, stays
+        exact there."""
+        weights = [t.weight or 0.0 for t in self.layers[p]]
+        if not any(weights):  # no task's inputs carried any energy here: equal shares
+            weights = [1.0] * len(weights)
+        total = sum(weights)
+        return torch.cat([w / total * t.module.scaling * t.module.A for w, t in zip(weights, self.layers[p])
+                          if t.module is not None])
 
     def _fold(self, unit: Unit, i: int, recorder: UnitPass, layers: dict[str, TaskLayer], first: bool, M, rhs,
               factors: dict[str, float]) -> None:

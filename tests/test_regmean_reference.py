@@ -127,3 +127,56 @@ def test_regmean_merge_of_one_adapter_returns_it(bert, tmp_path, accumulate, tol
     assert set(original.modules) == set(merged.modules)
     for path, module in original.modules.items():
         assert _relative(merged.modules[path].delta(), module.delta()) < tolerance, path
+
+
+def test_a_dead_input_feature_leaves_the_live_ones_exact_and_takes_the_mean_delta():
+    """A feature no input reaches (a dead ReLU/GELU unit: zero in every X) made RegMean's
+    system singular, though its shrunk off-diagonals make it definite otherwise: the
+    pseudo-inverse's float32 cutoff then dropped the live features of little energy too
+    (QA NS: 58 % of a lone adapter's delta lost). Now the live features are solved apart,
+    as the dense closed form on them says, and the dead one takes the fill (the engine
+    hands the tasks' weighted mean delta)."""
+    problem = _problem(4)
+    for X, _ in problem:
+        X[:, 5] = 0.0  # dead in every task
+        X[:, :4] *= 1e-4  # live, but far below float32's cutoff of the largest eigenvalue
+    live = [j for j in range(18) if j != 5]
+    alpha = 0.9
+    M, rhs = None, []
+    for X, module in problem:
+        M = fold(M, rhs, X.T @ X, None, module, 1.0, 0.0, 0.0, offdiag_scale=alpha)
+    fill = torch.randn(9, 18, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A = solve_spd(M, torch.cat(rhs), torch.float32, definite=True, fill=fill)
+    B = torch.cat([module.B for _, module in problem], dim=1)
+    reduced = [(X[:, live], module) for X, module in problem]
+    numerator = sum(m.delta()[:, live] @ _scaled(X.T @ X, alpha) for X, m in reduced)
+    denominator = sum(_scaled(X.T @ X, alpha) for X, _ in reduced)
+    expected = torch.linalg.solve(denominator.T, numerator.T).T
+    assert _relative((B @ A)[:, live], expected) < 1e-9
+    assert torch.equal(A[:, 5], fill[:, 5])
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_regmean_gives_back_an_adapter_whose_layer_reads_a_dead_unit(bert, tmp_path, copies):
+    """End to end, an FFN unit whose GELU is exactly 0 on every token (its bias -1e4): the
+    output projection reading it came back 12-58 % off a lone adapter (QA NS), or two
+    copies of it. Now every layer is the adapter's, to float32 rounding."""
+    import transformers as tf
+
+    from builders import build_adapter
+
+    base_dir = tmp_path / "base"
+    model = tf.AutoModel.from_pretrained(bert[0])
+    with torch.no_grad():
+        model.encoder.layer[1].intermediate.dense.bias[7] = -1e4
+    model.save_pretrained(base_dir)
+    tf.AutoTokenizer.from_pretrained(bert[0]).save_pretrained(base_dir)
+    adapter = build_adapter(base_dir, tmp_path / "adapter", seed=3, family="bert", r=4,
+                            targets=["query", "value", "output.dense"])
+    out = tmp_path / "merged"
+    run_merge(MergeRequest(base_model=str(base_dir), adapters=[AdapterSpec(adapter)] * copies, out=out,
+                           strategy="regmean", quiet=True))
+    original, merged = load_adapter(adapter), load_adapter(out)
+    assert "encoder.layer.1.output.dense" in original.modules
+    for path, module in original.modules.items():
+        assert _relative(merged.modules[path].delta(), module.delta()) < 1e-4, path
