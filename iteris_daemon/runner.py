@@ -361,6 +361,17 @@ def _location(adapter: Adapter) -> tuple:
     return adapter.source.kind, adapter.locator
 
 
+def unmerged(taken: list[tuple[Adapter, AdapterRevision]],
+             merged: list[tuple[Adapter, AdapterRevision]]) -> list[tuple[Adapter, AdapterRevision]]:
+    """The pairs of ``taken`` (:func:`selected`) that a run merging ``merged`` did not merge,
+    told by location and revision (a folder's content fingerprint, a Hub commit), not by
+    revision id: two sources watching one folder register its content twice, and where
+    :func:`_one_per_location` keeps the other source's revision, a run merges the same
+    adapter (skipped, its inputs unchanged)."""
+    done = {(_location(adapter), revision.revision) for adapter, revision in merged}
+    return [(adapter, revision) for adapter, revision in taken if (_location(adapter), revision.revision) not in done]
+
+
 def selection_key(group: GroupConfig) -> str:
     """A digest of what decides ``group``'s selection (its base model and ``select``).
     Runs record it: a daemon compares its group only with runs of the same definition,

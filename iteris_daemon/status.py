@@ -12,14 +12,16 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, joinedload
 
 from .catalog import Catalog
-from .catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc
+from .catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGroup, MergeRun, MergeRunInput, RunStatus,
+                             iso_utc)
 from .catalog.registry import list_sources
 from .config import DaemonSettings, Selection
 from .figures import summary, task_figures
 from .peers import differences
-from .runner import merge_candidates, of_other_base_models, selected
+from .runner import merge_candidates, of_other_base_models, selected, unmerged
 
 CLAIM_TTL = DaemonSettings.model_fields["claim_ttl_seconds"].default  # without a config: the default
 
@@ -48,6 +50,14 @@ def newest_served(served: list[tuple[dict[str, Any], Any]]) -> Any | None:
     """Of what :func:`serving` found, the newest run: the last merge a destination serves,
     whose inputs and figures ``status`` and ``/metrics`` show."""
     return max((run for _entry, run in served), key=lambda run: run.id, default=None)
+
+
+def merged_inputs(session: Session, run_id: int) -> list[tuple[Adapter, AdapterRevision]]:
+    """The ``(adapter, revision)`` pairs run ``run_id`` merged, their sources loaded."""
+    revisions = session.scalars(
+        select(AdapterRevision).join(MergeRunInput, MergeRunInput.revision_id == AdapterRevision.id)
+        .where(MergeRunInput.run_id == run_id).options(joinedload(AdapterRevision.adapter).joinedload(Adapter.source)))
+    return [(revision.adapter, revision) for revision in revisions]
 
 
 def shown_run(run: MergeRun) -> dict[str, Any]:
@@ -85,12 +95,12 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
                 MergeRun.id > (success.id if success else 0)).order_by(MergeRun.id.desc())).all()
             served = serving([*partly, *filter(None, [success])])
             latest = newest_served(served)  # a partly published run's, where one published since the success
-            merged = {i.revision_id for i in latest.inputs} if latest else set()
+            merged = merged_inputs(session, latest.id) if latest else []
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
             selection = Selection.model_validate(group.selection or {})
             taken = selected(candidates, group.base_model, selection)
-            new = sorted(a.name for a, current in taken if current.id not in merged and a.name not in held_back)
+            new = sorted(a.name for a, _ in unmerged(taken, merged) if a.name not in held_back)
             groups.append({
                 "name": group.name, "strategy": group.strategy, "base_model": group.base_model,
                 "last_run": None if last is None else shown_run(last),

@@ -9,13 +9,16 @@ from datetime import datetime, timezone
 
 import pytest
 from prometheus_client import generate_latest
+from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
-from iteris_daemon.catalog.models import MergeRun, RunStatus, Source
+from iteris_daemon.catalog.models import MergeRun, RunStatus, Source, SourceKind
+from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.cli import main
 from iteris_daemon.config import GroupConfig
 from iteris_daemon.endpoints import DaemonMetrics
-from iteris_daemon.runner import sync_group
+from iteris_daemon.runner import groups_behind, select_inputs, sync_group
+from iteris_daemon.sources.local import LocalFolderSource
 from databases import rows_loaded
 
 pytestmark = pytest.mark.timeout(300)
@@ -172,6 +175,29 @@ def test_a_disabled_sources_adapters_wait_for_no_merge(setup, capsys):
         session.scalar(select(Source).where(Source.name == "team")).enabled = False
     assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["not_yet_merged"] == []
     assert "not yet merged" not in status(capsys, setup)
+
+
+def test_an_adapter_two_sources_watch_is_merged_once_and_not_shown_waiting(setup, capsys):
+    """A second source over a folder another watches (`sources add`): runs merge the folder's
+    adapter once, and skip as its inputs are unchanged, but status listed it as "not yet
+    merged" for ever: the runner keeps the newer source's revision, which no run recorded
+    as merged (QA NU2). It is the merged content, until that folder changes."""
+    watched = setup.published.parent / "watched"
+    group = setup.group(names=("task0", "task1"))
+    assert setup.run(group).status is RunStatus.succeeded
+    with setup.catalog.session() as session:
+        add_source(session, "over", SourceKind.local, {"paths": [str(watched / "task0")], "base_model": str(setup.base)})
+    assert len(LocalFolderSource(setup.catalog, "over").scan().registered) == 1
+    assert [a.source.name for a, _ in select_inputs(setup.catalog, group) if a.name == "task0"] == ["over"]
+    assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["not_yet_merged"] == []
+    skipped = setup.run(group)
+    assert (skipped.status, skipped.detail) == (RunStatus.skipped, "inputs unchanged since the last successful run")
+    assert groups_behind(setup.catalog, [group]) == {}  # nor does the catalog check trigger runs
+    assert "not yet merged" not in status(capsys, setup)
+    tensors = load_file(watched / "task0" / "adapter_model.safetensors")  # the folder changes: it waits
+    save_file({k: v * 2 for k, v in tensors.items()}, watched / "task0" / "adapter_model.safetensors")
+    assert len(LocalFolderSource(setup.catalog, "over").scan().registered) == 1
+    assert "    not yet merged: task0\n" in status(capsys, setup)
 
 
 def test_a_claim_its_daemon_stopped_refreshing_is_shown_stale(setup, capsys, tmp_path):
