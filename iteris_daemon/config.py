@@ -541,16 +541,22 @@ def _check_sources(config: DaemonConfig, path: Path, *, readable: bool
         if (token_file := getattr(settings, "token_file", None)) is not None:
             check_token_file(token_file, f"{path}: sources.{index} ({source.name}): token_file", readable=readable)
         for folder in getattr(settings, "paths", []):
-            other = first_overlap(folder, watched)
-            if other is not None:
-                raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} overlaps the folder {other[1]} "
-                                  f"that source {other[0]!r} watches; one folder belongs to one source")
+            if (why := watched_elsewhere(folder, watched)) is not None:
+                raise ConfigError(f"{path}: sources.{index} ({source.name}): {why}")
             if (own := _holding(folder, written_folders(config.daemon))) is not None:
                 raise ConfigError(f"{path}: sources.{index} ({source.name}): {folder} holds the daemon's {own[0]} "
                                   f"{own[1]}; the daemon would register its own merges and downloads as adapters")
         watched += [(source.name, folder) for folder in getattr(settings, "paths", [])]
         polled += [(source.name, settings)] if hasattr(settings, "watches") else []
     return watched, polled
+
+
+def watched_elsewhere(folder: Path, watched: list[tuple[str, Path]]) -> str | None:
+    """Why ``folder`` cannot be a source's: it overlaps a folder of ``watched`` (source name,
+    folder), whose adapters both sources would register; None when it overlaps none."""
+    if (other := first_overlap(folder, watched)) is None:
+        return None
+    return f"{folder} overlaps the folder {other[1]} that source {other[0]!r} watches; one folder belongs to one source"
 
 
 def _check_plugins(config: DaemonConfig, path: Path, watched: list[tuple[str, Path]],
@@ -642,6 +648,19 @@ def destinations(config: DaemonConfig) -> Destinations:
               if (place := _destination(_publisher_settings(destination))) is not None]
     return Destinations([(g, p) for g, p in places if isinstance(p, Path)],
                         [(g, p) for g, p in places if not isinstance(p, Path)], written_folders(config.daemon))
+
+
+def config_destinations(config: DaemonConfig, path: Path) -> Destinations:
+    """:func:`destinations` of the config at ``path`` read without its plugins (by the catalog
+    commands, which leave its destinations as written): a relative folder is taken from the
+    config's folder, as the daemon's reading takes it, not from the working directory."""
+    with relative_to(Path(path).absolute().parent):
+        try:
+            return destinations(config)
+        except ValidationError as exc:
+            raise ConfigError.from_validation(f"{path}: a destination", exc) from None
+        except IterisError as exc:  # an unknown destination kind
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def written_folders(settings: DaemonSettings) -> list[tuple[str, Path]]:

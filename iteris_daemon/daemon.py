@@ -152,10 +152,11 @@ def warn_unlimited_cuda_workers(memory_limit_mb: int | None, devices: Collection
                     memory_limit_mb, ", ".join(cuda), CUDA_UNLIMITED)
 
 
-def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any], published: Destinations) -> None:
+def check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, Any], published: Destinations) -> None:
     """A catalog source (``sources add``; the config's are checked when it is read) must not
     watch a group's destination folder or Hub branch: each merge would come back as an
-    adapter, merged into the next, without end."""
+    adapter, merged into the next, without end. Checked before the daemon starts a source
+    and before `sources scan --config` scans one."""
     from .sources.hub import HubSettings
     from .sources.local import LocalSettings
 
@@ -164,6 +165,13 @@ def _check_not_publishing_into(name: str, kind: SourceKind, settings: dict[str, 
     if why is not None:
         raise ConfigError(f"{why}; the daemon would register its own merges as adapters (`iteris-daemon sources "
                           f"remove {name}`, or watch elsewhere)")
+
+
+def record_not_started(catalog: Catalog, name: str, why: str) -> None:
+    """Source ``name``'s health: not started, and why (`status`, `sources list` and the
+    metrics show it down, as the daemon leaves it)."""
+    with catalog.session() as session:
+        set_health(session, get_source(session, name).id, f"not started: {why}")
 
 
 class _NoMaxInstancesWarning(logging.Filter):
@@ -611,7 +619,7 @@ class Daemon:
         """Watch (a folder source) or poll (a Hub one) source ``name``; False, said in an
         ERROR, when it cannot start: one broken source must not stop the others."""
         try:
-            _check_not_publishing_into(name, kind, settings, destinations(self.config))
+            check_not_publishing_into(name, kind, settings, destinations(self.config))
             guarded = {"limits": self.config.daemon.limits.limits(), "trusted_models": self.config.daemon.trust_remote_code,
                        "on_change": partial(self._inputs_changed, name), "shapes": self.shapes}
             if kind is SourceKind.local:
@@ -645,8 +653,7 @@ class Daemon:
             why = first_line(exc) or type(exc).__name__
         log.error("source %s not started: %s", name, why)
         try:
-            with self.catalog.session() as session:
-                set_health(session, get_source(session, name).id, f"not started: {why}")
+            record_not_started(self.catalog, name, why)
         except Exception as failure:  # the catalog unreachable: the log line above says it
             log.warning("source %s: its health not recorded: %s", name, type(failure).__name__)
 

@@ -460,6 +460,82 @@ def test_a_scan_that_leaves_a_source_unhealthy_fails(tmp_path, capsys):
     assert code == 1 and err.splitlines()[-1] == f"iteris-daemon: error: source team: watched folder {watched} does not exist"
 
 
+def _publishing_project(made, root: Path) -> Path:
+    """A daemon's config in ``root``: source team over ``loras``, group g publishing into the
+    relative folder ``published``, which holds one of the daemon's published versions (an
+    adapter's files, as a merge's are). Returns the config's path."""
+    base, lora = made
+    shutil.copytree(lora, root / "loras" / "one")
+    shutil.copytree(lora, root / "published" / "versions" / "run-2-20260101T000000Z")
+    config = root / "daemon.toml"
+    config.write_text(f'[daemon]\nstate_dir = "var/state"\ncache_dir = "var/cache"\n'
+                      f'[[sources]]\nname = "team"\nkind = "local"\npaths = ["loras"]\nbase_model = {json.dumps(str(base))}\n'
+                      f'[[groups]]\nname = "g"\nbase_model = {json.dumps(str(base))}\n'
+                      '[[groups.destinations]]\nkind = "folder"\npath = "published"\n')
+    return config
+
+
+def test_a_scan_with_the_daemons_config_refuses_a_source_over_a_destination(made, tmp_path, capsys, monkeypatch):
+    """A source added without --config over a group's destination is refused by the daemon
+    (not started, its health says why), but `sources scan --config` scanned it: the daemon's
+    published merges were registered as adapters, the next run merged them again, and the
+    source was marked healthy. The scan refuses it as the daemon does; the others are scanned."""
+    base, _ = made
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    config = _publishing_project(made, project)
+    cfg = ["--config", str(config)]
+    assert run(capsys, "db", "upgrade", *cfg)[0] == 0
+    db = ["--db", f"sqlite:///{project / 'var' / 'state' / 'catalog.db'}"]  # no --config: the destinations are unknown
+    assert run(capsys, "sources", "add", "oops", "--folder", str(project / "published"), "--base-model", str(base),
+               *db)[0] == 0
+    monkeypatch.chdir(elsewhere)  # the destination is relative to the config's folder
+
+    code, out, err = run(capsys, "sources", "scan", *cfg)
+    published = project / "published"
+    assert code == 1 and "team: 1 registered" in out and "oops:" not in out
+    assert [line for line in err.splitlines() if line.startswith("iteris-daemon:")] == [  # not the log's lines
+        f"iteris-daemon: error: source oops not scanned: its folder {published} overlaps the destination {published} "
+        "of group 'g'; the daemon would register its own merges as adapters (`iteris-daemon sources remove oops`, "
+        "or watch elsewhere)"]
+    assert [a["source"] for a in json.loads(run(capsys, "adapters", "list", "--json", *cfg)[1])] == ["team"]
+    health = {s["name"]: (s["healthy"], s["last_error"]) for s in json.loads(run(capsys, "sources", "list", "--json", *cfg)[1])}
+    assert health["team"] == (True, None)
+    assert health["oops"][0] is False and health["oops"][1].startswith(f"not started: its folder {published} overlaps")
+    code, out, err = run(capsys, "sources", "scan", "oops", *cfg)
+    assert code == 1 and out == "" and "iteris-daemon: error: source oops not scanned: its folder" in err
+    # Without the config the destinations are unknown: scanned as before (the daemon refuses it).
+    assert "oops: 1 registered" in run(capsys, "sources", "scan", "oops", *db)[1]
+
+
+@pytest.mark.parametrize("folder,message", [
+    ("published", "source oops: its folder {project}/published overlaps the destination {project}/published of "
+                  "group 'g'; the daemon would register its own merges as adapters"),
+    ("published/versions", "source oops: its folder {project}/published/versions overlaps the destination "
+                           "{project}/published of group 'g'"),
+    ("var", "source oops: its folder {project}/var holds the daemon's state folder {project}/var/state"),
+    ("loras/one", "source oops: {project}/loras/one overlaps the folder {project}/loras that source 'team' watches; "
+                  "one folder belongs to one source"),
+    ("added", "source oops: {project}/added overlaps the folder {project}/added that source 'extra' watches; "
+              "one folder belongs to one source"),
+])
+def test_sources_add_with_the_daemons_config_refuses_a_folder_the_daemon_refuses(made, tmp_path, capsys, monkeypatch,
+                                                                               folder, message):
+    """`sources add --config` took a folder the config refuses for its [[sources]], or the
+    daemon refuses to start: a group's destination (or a folder in it), one holding the
+    daemon's own folders, or one another source watches (in the config or the catalog)."""
+    base, lora = made
+    config = _publishing_project(made, tmp_path)
+    shutil.copytree(lora, tmp_path / "added" / "two")
+    cfg = ["--config", str(config)]
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "sources", "add", "extra", "--folder", "added", "--base-model", str(base), *cfg)[0] == 0
+    code, out, err = run(capsys, "sources", "add", "oops", "--folder", folder, "--base-model", str(base), *cfg)
+    assert code == 2 and message.format(project=tmp_path) in err and err.count("\n") == 1, err
+    assert [s["name"] for s in json.loads(run(capsys, "sources", "list", "--json", *cfg)[1])] == ["extra"]
+
+
 @pytest.mark.parametrize("status,code", [(RunStatus.succeeded, 0), (RunStatus.skipped, 0), (RunStatus.failed, 1),
                                          (RunStatus.cancelled, 1), (RunStatus.refused, 3)])
 def test_merge_now_wait_exit_status(tmp_path, capsys, monkeypatch, status, code):

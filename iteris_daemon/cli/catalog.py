@@ -109,7 +109,9 @@ def register(commands) -> None:
                     "default limits judge new content only (the daemon's next rescan judges it again under its own). "
                     "The catalog must exist (the daemon's start or `db upgrade` creates it; a scan does not). "
                     "A running daemon merges what this registers or removes at its next catalog check "
-                    "([daemon] catalog_check_seconds). Exit status 1 when a source is left unhealthy by its scan (the error is printed).",
+                    "([daemon] catalog_check_seconds). Exit status 1 when a source is left unhealthy by its scan (the error is printed), "
+                    "or, with --config, is not scanned because the daemon refuses to start it: it watches a destination "
+                    "of the config's groups or the daemon's own folders (its health says so).",
     )
     scan.add_argument("names", nargs="*", metavar="NAME", help="sources to scan (default: all enabled)")
     scan.add_argument("--cache-dir", type=user_path, default=None, metavar="DIR",
@@ -187,7 +189,8 @@ def _settings(model: type[BaseModel], values: dict[str, Any], where: str) -> dic
 
 def _sources_add(args) -> int:
     from ..catalog.models import SourceKind
-    from ..catalog.registry import add_source
+    from ..catalog.registry import add_source, list_sources
+    from ..config import config_destinations, load_config, watched_destination
     from ..sources.hub import HubSettings
     from ..sources.local import LocalSettings
     from ..tokens import check_token_file, hub_token
@@ -214,13 +217,32 @@ def _sources_add(args) -> int:
             "endpoint": args.endpoint, "token_file": args.token_file.resolve() if args.token_file else None,
             "interval_seconds": args.interval,
         }, f"source {args.name}")
+    validated = (LocalSettings if args.folder else HubSettings).model_validate(settings)
+    config = load_config(args.config, check_plugins=False, check_sources=True) if args.config else None
+    if config is not None and (why := watched_destination(validated, config_destinations(config, args.config))):
+        raise ConfigError(f"source {args.name}: {why}; the daemon would register its own merges as adapters")
     catalog = _open(args, create=True)
     with catalog.session() as session:
+        _check_folders_free(args.name, validated, config, list_sources(session))
         add_source(session, args.name, kind, settings)
     print(f"added {kind.value} source {args.name}; a running daemon starts {'watching' if args.folder else 'polling'} "
           f"it at its next catalog check ([daemon] catalog_check_seconds); `iteris-daemon sources scan {args.name}` "
           "registers what it holds now")
     return 0
+
+
+def _check_folders_free(name: str, settings: BaseModel, config, sources) -> None:
+    """A new source's folders must not overlap a folder another source watches (the config's,
+    the catalog's enabled ``sources``): the config refuses that for its [[sources]]."""
+    from ..config import watched_elsewhere
+
+    watched = [(s.name, Path(folder)) for s in sources if s.enabled and s.name != name
+               for folder in s.settings.get("paths", [])]
+    watched += [(s.name, folder) for s in (config.sources if config else ()) if s.name != name
+                for folder in getattr(s.validated(), "paths", [])]
+    for folder in getattr(settings, "paths", []):
+        if (why := watched_elsewhere(folder, watched)) is not None:
+            raise ConfigError(f"source {name}: {why}")
 
 
 def _source_row(source) -> dict[str, Any]:
@@ -303,9 +325,12 @@ def _sources_scan(args) -> int:
     # Never created here: run as another user (root, the daemon's state directory unset), a scan
     # filled a catalog of its own that no daemon read.
     catalog = Catalog(named_catalog(args) or (settings.catalog_url() if settings else None), create=False)
+    published = None
     if config is not None:  # its sources as the daemon would have them, added or updated first
+        from ..config import config_destinations
         from ..daemon import sync_sources
 
+        published = config_destinations(config, args.config)
         sync_sources(catalog, config)
     # Without the daemon's settings its recorded verdicts are left alone: only new content is judged.
     guarded = {"limits": settings.limits.limits() if settings else Limits(),
@@ -314,13 +339,17 @@ def _sources_scan(args) -> int:
                "shapes": CatalogShapes(catalog, skeleton_shapes)}
     with catalog.session() as session:
         sources = [get_source(session, n) for n in args.names] if args.names else [s for s in list_sources(session) if s.enabled]
-        targets = [(s.name, s.kind) for s in sources]
+        targets = [(s.name, s.kind, s.settings) for s in sources]
     cache, unusable = _scan_cache(args.cache_dir or (settings.cache_path() if settings else cache_dir())) if targets else (None, None)
     if unusable:
         print(f"iteris-daemon: warning: {unusable}; folders are hashed in full and Hub sources cannot download",
               file=sys.stderr)
     code = 0
-    for name, kind in targets:
+    for name, kind, source_settings in targets:
+        if published is not None and (why := _refused(catalog, name, kind, source_settings, published)) is not None:
+            print(f"iteris-daemon: error: source {name} not scanned: {why}", file=sys.stderr)
+            code = 1
+            continue
         if kind is not SourceKind.local and cache is None:
             print(f"iteris-daemon: error: source {name}: no cache directory to download into", file=sys.stderr)
             code = 1
@@ -340,6 +369,23 @@ def _sources_scan(args) -> int:
                 print(f"iteris-daemon: error: source {name}: {source.last_error}", file=sys.stderr)
                 code = 1
     return code
+
+
+def _refused(catalog, name: str, kind, settings: dict[str, Any], published) -> str | None:
+    """Why the daemon refuses to start source ``name`` beside the config's destinations (it
+    watches one, or the daemon's own folders), recorded in its health as the daemon records
+    it; None when it starts. A scan of it registered the daemon's merges as adapters, which
+    the next run merged again, and marked it healthy."""
+    from ..daemon import check_not_publishing_into, record_not_started
+
+    try:
+        check_not_publishing_into(name, kind, settings, published)
+    except ValidationError as exc:
+        raise ConfigError.from_validation(f"source {name} settings", exc) from None
+    except ConfigError as exc:
+        record_not_started(catalog, name, str(exc))
+        return str(exc)
+    return None
 
 
 def _scan_cache(path: Path) -> tuple[Path | None, str | None]:
