@@ -7,6 +7,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -18,12 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from transformers import AutoModel
 
 import iteris_daemon.cli as cli
 from polling import wait_for
 from builders import build_adapter, build_tiny_model, tiny_config
 from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.db import mask_password
 from iteris_daemon.catalog.models import BaseModelShapes, DaemonPresence, MergeGroup, MergeRun, RunStatus
 from iteris_daemon.cli import build_parser, main
 from iteris_daemon.sources.stat_cache import stat_cache_file
@@ -534,6 +537,39 @@ def test_sources_add_with_the_daemons_config_refuses_a_folder_the_daemon_refuses
     code, out, err = run(capsys, "sources", "add", "oops", "--folder", folder, "--base-model", str(base), *cfg)
     assert code == 2 and message.format(project=tmp_path) in err and err.count("\n") == 1, err
     assert [s["name"] for s in json.loads(run(capsys, "sources", "list", "--json", *cfg)[1])] == ["extra"]
+
+
+def test_sources_add_hints_the_scan_of_the_catalog_it_wrote(made, tmp_path, capsys, monkeypatch):
+    """The hint `iteris-daemon sources scan NAME` left out the --config or --db given: run as
+    printed, it opened the default catalog ("no catalog"). It repeats them, a password masked."""
+    base, lora = made
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "default-state"))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("ITERIS_DAEMON_DB", raising=False)
+    shutil.copytree(lora, tmp_path / "extra" / "one")
+    shutil.copytree(lora, tmp_path / "other" / "two")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    for name, options in (("extra", ["--config", str(config)]), ("other", ["--db", f"sqlite:///{tmp_path / 'x.db'}"])):
+        code, out, _ = run(capsys, "sources", "add", name, "--folder", str(tmp_path / name), "--base-model", str(base),
+                           *options)
+        hint = out.split("`")[1]
+        assert code == 0 and hint == shlex.join(["iteris-daemon", "sources", "scan", name, *options])
+        code, out, _ = run(capsys, *shlex.split(hint)[1:])  # run as printed
+        assert code == 0 and f"{name}: 1 registered" in out
+    assert not (tmp_path / "default-state").exists()
+
+
+def test_sources_add_hints_a_db_url_without_its_password(made, tmp_path, capsys):
+    from databases import postgres_database
+
+    base, lora = made
+    shutil.copytree(lora, tmp_path / "extra" / "one")
+    with postgres_database() as url:
+        password = make_url(url).password
+        code, out, err = run(capsys, "sources", "add", "extra", "--folder", str(tmp_path / "extra"), "--db", url)
+        assert code == 0 and password and password not in out + err
+        assert f"`iteris-daemon sources scan extra --db {shlex.quote(mask_password(url))}`" in out
 
 
 @pytest.mark.parametrize("status,code", [(RunStatus.succeeded, 0), (RunStatus.skipped, 0), (RunStatus.failed, 1),

@@ -1332,7 +1332,7 @@ def test_a_source_added_to_the_catalog_starts_at_the_next_catalog_check(tmp_path
             assert capsys.readouterr().out == (
                 f"added {'local' if name == 'side' else 'hub'} source {name}; a running daemon starts "
                 f"{'watching' if name == 'side' else 'polling'} it at its next catalog check ([daemon] "
-                f"catalog_check_seconds); `iteris-daemon sources scan {name}` registers what it holds now\n")
+                f"catalog_check_seconds); `iteris-daemon sources scan {name} --db {url}` registers what it holds now\n")
         caplog.clear()
         daemon._catch_up()
         daemon._catch_up()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,8 @@ def _sources_add(args) -> int:
         _check_folders_free(args.name, validated, config, list_sources(session))
         add_source(session, args.name, kind, settings)
     print(f"added {kind.value} source {args.name}; a running daemon starts {'watching' if args.folder else 'polling'} "
-          f"it at its next catalog check ([daemon] catalog_check_seconds); `iteris-daemon sources scan {args.name}` "
+          f"it at its next catalog check ([daemon] catalog_check_seconds); "
+          f"`{shlex.join(['iteris-daemon', 'sources', 'scan', args.name, *_catalog_options(args)])}` "
           "registers what it holds now")
     return 0
 
@@ -243,6 +245,15 @@ def _check_folders_free(name: str, settings: BaseModel, config, sources) -> None
     for folder in getattr(settings, "paths", []):
         if (why := watched_elsewhere(folder, watched)) is not None:
             raise ConfigError(f"source {name}: {why}")
+
+
+def _catalog_options(args) -> list[str]:
+    """The options that named the catalog, to repeat in a command suggested to the user (a
+    --db URL's password masked); none for $ITERIS_DAEMON_DB, which that command reads too."""
+    from ..catalog.db import mask_password
+
+    given = args.db if args.db is not None and args.db != os.environ.get(DB_ENV) else None
+    return [*(["--db", mask_password(given)] if given else []), *(["--config", str(args.config)] if args.config else [])]
 
 
 def _source_row(source) -> dict[str, Any]:
