@@ -96,6 +96,11 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
             served = serving([*partly, *filter(None, [success])])
             latest = newest_served(served)  # a partly published run's, where one published since the success
             merged = merged_inputs(session, latest.id) if latest else []
+            # A run skipped since on the same inputs names the revisions it found them in (a Hub
+            # commit that only edits the README is a new revision of content already merged).
+            unchanged = next((r for r in runs if latest and r.id > latest.id and r.status is RunStatus.skipped
+                              and r.input_fingerprint == latest.input_fingerprint), None)
+            merged += merged_inputs(session, unchanged.id) if unchanged else []
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
             selection = Selection.model_validate(group.selection or {})

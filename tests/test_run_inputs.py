@@ -241,6 +241,39 @@ def test_the_run_fingerprint_follows_content_not_hub_commits(runner_adapters, tm
         assert fingerprint() != first
 
 
+def test_status_does_not_show_a_hub_adapter_waiting_after_a_readme_commit(runner_adapters, tmp_path, monkeypatch):
+    """After a Hub commit that only edits the README, the run is skipped (its inputs are
+    unchanged), but `status` listed the adapter as "not yet merged" until its weights
+    changed (QA RV6): it compared commits. A run skipped on the served merge's inputs now
+    counts as merging what it names; a commit that changes the config is still listed."""
+    from iteris_daemon.status import collect
+
+    base, (lora, _) = runner_adapters
+    files = _hub_files(lora)
+    group = GroupConfig(name="g", base_model=str(base), strategy="task_arithmetic",
+                        destinations=[{"kind": "folder", "path": str(tmp_path / "published")}])
+
+    def waiting() -> list[str]:
+        return collect(catalog)["groups"][0]["waiting"]["not_yet_merged"]
+
+    with _hub_source(tmp_path, monkeypatch, base, ["alice/task"]) as (hub, catalog, poller):
+        hub.create_repo_direct("alice/task", {**files, "README.md": b"# a LoRA\n"})
+        assert poller.poll().registered == ["alice/task"]
+        sync_group(catalog, group)
+        assert runner.run_group(catalog, group, tmp_path / "work", "tester").status is RunStatus.succeeded
+        assert waiting() == []
+        hub.commit_direct("alice/task", {"README.md": b"# a LoRA, better described\n"})
+        assert poller.poll().registered == ["alice/task"]
+        assert waiting() == ["alice/task"]  # not looked at yet: the next run says
+        skipped = runner.run_group(catalog, group, tmp_path / "work", "tester")
+        assert skipped.status is RunStatus.skipped and skipped.detail.startswith("inputs unchanged"), skipped
+        assert waiting() == []
+        config = json.loads(files["adapter_config.json"])
+        hub.commit_direct("alice/task", {"adapter_config.json": json.dumps({**config, "lora_alpha": 80}).encode()})
+        assert poller.poll().registered == ["alice/task"]
+        assert waiting() == ["alice/task"]
+
+
 def test_a_hub_input_is_named_by_its_repo_and_commit_in_the_merge_report(runner_adapters, tmp_path, monkeypatch):
     """The report named a Hub source's input by the daemon's cache folder of its commit, which
     the Hub's copy of the report can only show as ``local:SHA``: it is ``hf://REPO@SHA``,
