@@ -376,7 +376,7 @@ class _Alignment:
             self.base.set_deltas({})
             self.base.set_head({})
         if self.unused:
-            log.warning("%s saw no calibration inputs and keep the sum of deltas: %s",
+            log.warning("%s saw no calibration inputs and keep the tasks' deltas averaged with their task_weights: %s",
                         counted(len(self.unused), "layer"), sorted(self.unused))
         factors = {p: (self.B_cat[p].float(), self.merged[p].float()) for p in self.paths}
         metrics = {
@@ -462,7 +462,7 @@ class _Alignment:
         for p in unit.paths:
             if M[p] is None:  # the forward pass never reached this layer: nothing to align
                 self.unused.add(p)
-                new[p] = torch.cat([t.module.scaling * t.module.A for t in self.layers[p] if t.module is not None]).float()
+                new[p] = self._weighted_mean(p).float()
             else:
                 self._check_finite(p, M[p], rhs[p])
                 new[p] = solve_spd(M[p], torch.cat(rhs[p], 0), self.dtype,
@@ -483,12 +483,14 @@ class _Alignment:
     def _weighted_mean(self, p: str) -> torch.Tensor:
         """The merged ``A`` (with ``B_cat``) of the tasks' deltas on layer ``p`` averaged with
         their weights (a task that does not adapt it adds a zero delta): what the solve gives
-        where the tasks' inputs look alike, so the answer on an input feature no calibration
-        input reached, where the solve says nothing. A lone adapter, or copies of one, stays
-        exact there."""
+        where the tasks' inputs look alike, so the answer where the calibration data says
+        nothing: an input feature no token reached, a layer no pass reached (it kept the sum
+        of the deltas, twice a lone adapter given twice). A lone adapter, or copies of one,
+        stays exact there. The weights are the solve's (``task_weights`` times the adaptive
+        ones), or ``task_weights`` alone where no task's inputs carried energy."""
         weights = [t.weight or 0.0 for t in self.layers[p]]
-        if not any(weights):  # no task's inputs carried any energy here: equal shares
-            weights = [1.0] * len(weights)
+        if not any(weights):
+            weights = list(self.user_weights)
         total = sum(weights)
         return torch.cat([w / total * t.module.scaling * t.module.A for w, t in zip(weights, self.layers[p])
                           if t.module is not None])

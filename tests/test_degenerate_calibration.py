@@ -162,8 +162,8 @@ def test_a_layer_whose_inputs_are_all_zero_is_merged_finitely(tiny, tmp_path):
     """BERT's FFN output layer reads gelu(intermediate(x)); with the intermediate layer
     zeroed (and not adapted) its inputs are exactly 0, so its Gram matrices, and the
     norms that scale the regularisers, are 0 for every task. The data says nothing about
-    that layer: it takes the tasks' deltas averaged, in equal shares (no task's inputs
-    carried energy to weight them by; until 2026-12-07 no change at all, the
+    that layer: it takes the tasks' deltas averaged with their ``task_weights`` (no task's
+    inputs carried energy for the adaptive weights; until 2026-12-07 no change at all, the
     minimum-norm answer, which lost even a lone adapter's delta there). Every other layer
     merges as usual."""
     base, _ = tiny["bert"]
@@ -178,11 +178,13 @@ def test_a_layer_whose_inputs_are_all_zero_is_merged_finitely(tiny, tmp_path):
     adapters = [build_adapter(zeroed, tmp_path / f"task{i}", seed=30 + i, family="bert",
                               targets=["query", "value", "output.dense"]) for i in range(2)]
     calibration = [_data(random_texts(seed, 6)) for seed in range(len(adapters))]
-    _merge(zeroed, adapters, tmp_path / "merged", calibration)
-    merged = load_adapter(tmp_path / "merged")
-    ffn_out = [p for p in merged.modules if p.endswith("output.dense") and ".attention." not in p]
-    assert len(ffn_out) == 2
-    for p in ffn_out:
-        mean = sum(load_adapter(a).modules[p].delta().double() for a in adapters) / len(adapters)
-        assert float((merged.modules[p].delta().double() - mean).norm() / mean.norm()) < 1e-6, p
-    assert all(float(m.delta().abs().max()) > 0 for p, m in merged.modules.items() if p not in ffn_out)
+    for weights in ([1, 1], [1, 0]):  # task 1 weighted 0 got half of the layer (QA RV6)
+        out = tmp_path / f"merged-{weights[1]}"
+        _merge(zeroed, adapters, out, calibration, task_weights=weights)
+        merged = load_adapter(out)
+        ffn_out = [p for p in merged.modules if p.endswith("output.dense") and ".attention." not in p]
+        assert len(ffn_out) == 2
+        for p in ffn_out:
+            mean = sum(w * load_adapter(a).modules[p].delta().double() for w, a in zip(weights, adapters)) / sum(weights)
+            assert float((merged.modules[p].delta().double() - mean).norm() / mean.norm()) < 1e-6, (weights, p)
+        assert all(float(m.delta().abs().max()) > 0 for p, m in merged.modules.items() if p not in ffn_out)
