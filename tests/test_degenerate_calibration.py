@@ -188,3 +188,33 @@ def test_a_layer_whose_inputs_are_all_zero_is_merged_finitely(tiny, tmp_path):
             mean = sum(w * load_adapter(a).modules[p].delta().double() for w, a in zip(weights, adapters)) / sum(weights)
             assert float((merged.modules[p].delta().double() - mean).norm() / mean.norm()) < 1e-6, (weights, p)
         assert all(float(m.delta().abs().max()) > 0 for p, m in merged.modules.items() if p not in ffn_out)
+
+
+def test_a_layer_no_pass_reaches_takes_the_tasks_deltas_averaged_with_their_weights(tmp_path):
+    """A BERT decoder with cross-attention, run without encoder states, never calls its
+    cross-attention layers: the calibration data says nothing there. They kept the sum of
+    the deltas, so a lone adapter given twice came back doubled (QA RV6); now they take
+    the tasks' deltas averaged with ``task_weights``, as a dead input feature does, and the
+    report names them."""
+    from builders import tokenizer
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=128, is_decoder=True,
+                               add_cross_attention=True)).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    first, second = (build_adapter(base, tmp_path / f"task{i}", seed=i, family="bert", targets=["query", "value"])
+                     for i in range(2))
+    deltas = [{p: m.delta().double() for p, m in load_adapter(a).modules.items()} for a in (first, second)]
+    for adapters, weights in (([first, first], [1, 1]), ([first, second], [3, 1])):
+        out = tmp_path / f"merged-{weights[0]}"
+        report = run_merge(MergeRequest(base_model=str(base), adapters=[AdapterSpec(a) for a in adapters], out=out,
+                                        quiet=True, params={"task_weights": weights}))
+        unreached = report["metrics"]["layers_without_inputs"]
+        assert len(unreached) == 4 and all(".crossattention." in p for p in unreached)
+        merged = load_adapter(out)
+        own = [deltas[0 if a == first else 1] for a in adapters]
+        for p in unreached:
+            expected = sum(w * d[p] for w, d in zip(weights, own)) / sum(weights)
+            assert float((merged.modules[p].delta().double() - expected).norm() / expected.norm()) < 1e-6, p
