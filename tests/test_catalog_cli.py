@@ -539,6 +539,21 @@ def test_sources_add_with_the_daemons_config_refuses_a_folder_the_daemon_refuses
     assert [s["name"] for s in json.loads(run(capsys, "sources", "list", "--json", *cfg)[1])] == ["extra"]
 
 
+def test_sources_add_with_the_daemons_config_refuses_a_name_it_declares(made, tmp_path, capsys, monkeypatch):
+    """`sources add team --config` took another folder for the config's own source team,
+    which the next scan or start put back (QA RV6): refused, as `sources remove` is."""
+    base, lora = made
+    config = _publishing_project(made, tmp_path)
+    shutil.copytree(lora, tmp_path / "other" / "two")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "sources", "add", "team", "--folder", "other", "--base-model", str(base),
+                         "--config", str(config))
+    assert code == 2 and err == (f"iteris-daemon: error: source team is declared in {config}: change it there and reload "
+                                 "the daemon (SIGHUP); `sources add` would be undone at the daemon's next reload or "
+                                 "start\n"), err
+    assert not (tmp_path / "var").exists()  # refused before the catalog was opened: nothing written
+
+
 def test_sources_add_hints_the_scan_of_the_catalog_it_wrote(made, tmp_path, capsys, monkeypatch):
     """The hint `iteris-daemon sources scan NAME` left out the --config or --db given: run as
     printed, it opened the default catalog ("no catalog"). It repeats them, a password masked."""

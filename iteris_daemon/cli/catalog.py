@@ -220,6 +220,7 @@ def _sources_add(args) -> int:
         }, f"source {args.name}")
     validated = (LocalSettings if args.folder else HubSettings).model_validate(settings)
     config = load_config(args.config, check_plugins=False, check_sources=True) if args.config else None
+    _check_not_configured(args, config)
     if config is not None and (why := watched_destination(validated, config_destinations(config, args.config))):
         raise ConfigError(f"source {args.name}: {why}; the daemon would register its own merges as adapters")
     catalog = _open(args, create=True)
@@ -308,16 +309,20 @@ def _sources_remove(args) -> int:
     return 0
 
 
-def _check_not_configured(args) -> None:
-    """Refuse to remove a source that ``--config`` declares: the daemon's next reload or start
-    would add it again, and until then its adapters were marked removed and left out of merges."""
+def _check_not_configured(args, config=None) -> None:
+    """Refuse to remove, or add again, a source that ``--config`` (read as ``config`` where
+    given) declares: the daemon's next reload or start would undo it. A removed one's
+    adapters were marked removed until then; one added again watched its new folder until
+    then, and the next scan put the config's back."""
     if args.config is None:
         return
     from ..config import load_config
 
-    if any(source.name == args.name for source in load_config(args.config, check_plugins=False).sources):
-        raise ConfigError(f"source {args.name} is declared in {args.config}: remove it there and reload the daemon "
-                          "(SIGHUP); `sources remove` would be undone at the daemon's next reload or start")
+    config = config or load_config(args.config, check_plugins=False)
+    if any(source.name == args.name for source in config.sources):
+        change = "remove it there" if args.sources_command == "remove" else "change it there"
+        raise ConfigError(f"source {args.name} is declared in {args.config}: {change} and reload the daemon "
+                          f"(SIGHUP); `sources {args.sources_command}` would be undone at the daemon's next reload or start")
 
 
 def _sources_scan(args) -> int:
