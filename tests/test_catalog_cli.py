@@ -554,6 +554,21 @@ def test_sources_add_with_the_daemons_config_refuses_a_name_it_declares(made, tm
     assert not (tmp_path / "var").exists()  # refused before the catalog was opened: nothing written
 
 
+def test_a_scan_refuses_a_config_whose_own_source_watches_a_destination(made, tmp_path, capsys, monkeypatch):
+    """The daemon refuses a config whose [[sources]] watch a group's destination, but
+    `sources scan --config` (which reads it without plugins) synced and scanned it, then
+    told the user to `sources remove` a source the config declares (QA RV6): the config
+    is refused in one line, nothing scanned or added."""
+    config = _publishing_project(made, tmp_path)
+    config.write_text(config.read_text().replace('paths = ["loras"]', 'paths = ["published"]'))
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
+    code, out, err = run(capsys, "sources", "scan", "--config", str(config))
+    assert code == 2 and err == (f"iteris-daemon: error: {config}: source team: its folder {tmp_path}/published overlaps "
+                                 f"the destination {tmp_path}/published of group 'g'; the daemon refuses this config\n"), err
+    assert json.loads(run(capsys, "sources", "list", "--json", "--config", str(config))[1]) == []
+
+
 def test_sources_add_hints_the_scan_of_the_catalog_it_wrote(made, tmp_path, capsys, monkeypatch):
     """The hint `iteris-daemon sources scan NAME` left out the --config or --db given: run as
     printed, it opened the default catalog ("no catalog"). It repeats them, a password masked."""

@@ -343,10 +343,13 @@ def _sources_scan(args) -> int:
     catalog = Catalog(named_catalog(args) or (settings.catalog_url() if settings else None), create=False)
     published = None
     if config is not None:  # its sources as the daemon would have them, added or updated first
-        from ..config import config_destinations
+        from ..config import config_destinations, watched_destination
         from ..daemon import sync_sources
 
         published = config_destinations(config, args.config)
+        for source in config.sources:  # the daemon refuses such a config whole (its plugins' check)
+            if (why := watched_destination(source.validated(), published)) is not None:
+                raise ConfigError(f"{args.config}: source {source.name}: {why}; the daemon refuses this config")
         sync_sources(catalog, config)
     # Without the daemon's settings its recorded verdicts are left alone: only new content is judged.
     guarded = {"limits": settings.limits.limits() if settings else Limits(),
