@@ -10,10 +10,11 @@ def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch
               definite: bool = False, fill: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``rhs @ M^-1`` for a symmetric positive (semi-)definite ``M`` (float64).
 
-    Cholesky when ``M`` is positive definite; the minimum-norm least-squares answer,
-    through the symmetric pseudo-inverse, when it is singular (no ridge and fewer tokens
-    than input features, or features bound by a constraint, as a LayerNorm without bias
-    makes them sum to zero). ``precision`` is the dtype ``M``'s Gram matrices were
+    Cholesky when ``M`` is positive definite; when it is singular (no ridge and fewer
+    tokens than input features, or features bound by a constraint, as a LayerNorm without
+    bias makes them sum to zero), the least-squares answer on the directions ``M``
+    resolves (its symmetric pseudo-inverse) plus, along its null space, ``fill``'s part
+    (zero without: the minimum-norm answer). ``precision`` is the dtype ``M``'s Gram matrices were
     accumulated in: eigenvalues below its rounding (``n * eps`` of the largest, NumPy's
     cutoff) are the null space, not directions to invert. Cholesky also passes on such
     a matrix when rounding leaves its null space slightly positive, and inverting that
@@ -23,10 +24,10 @@ def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch
     ``gelsd`` driver is CPU-only).
 
     A feature no input ever reached (a dead ReLU or GELU unit: its row and column of ``M``
-    are zero) leaves its column of the answer free: it takes ``fill``'s column (zero
-    without), and the other features are solved apart. Within one system it made a
-    ``definite`` matrix singular, and the pseudo-inverse's cutoff then dropped live
-    directions of little energy with it (RegMean gave back 42 % of a lone adapter's delta).
+    are zero) is taken out first: its column is ``fill``'s, and the other features are
+    solved apart. Left in, it made a ``definite`` matrix singular, and the cutoff then
+    dropped live directions of little energy with it (RegMean gave back 42 % of a lone
+    adapter's delta), where Cholesky solves them.
     """
     M = M.double()
     rhs = rhs.to(M.device, torch.float64)
@@ -35,14 +36,22 @@ def solve_spd(M: torch.Tensor, rhs: torch.Tensor, precision: torch.dtype = torch
         live = ~dead
         answer = torch.zeros_like(rhs) if fill is None else fill.to(rhs.device, torch.float64, copy=True)
         if bool(live.any()):
-            answer[:, live] = solve_spd(M[live][:, live], rhs[:, live], precision, definite)
+            answer[:, live] = solve_spd(M[live][:, live], rhs[:, live], precision, definite,
+                                        None if fill is None else answer[:, live])
         return answer
     n = M.shape[0]
     cutoff = n * torch.finfo(precision).eps
     factor, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0 and (definite or _smallest_eigenvalue(factor) > cutoff * float(M.diagonal().max())):
         return torch.cholesky_solve(rhs.T.contiguous(), factor).T
-    return rhs @ torch.linalg.pinv(M, hermitian=True, rtol=cutoff)
+    values, vectors = torch.linalg.eigh(M)
+    kept = values.abs() > cutoff * float(values.abs().max())  # pinv's rule: the rest is the null space
+    resolved = vectors[:, kept]
+    answer = (rhs @ resolved / values[kept]) @ resolved.T
+    if fill is not None:  # the directions the Grams do not resolve take fill's part there
+        fill = fill.to(M.device, torch.float64)
+        answer += fill - (fill @ resolved) @ resolved.T
+    return answer
 
 
 def _smallest_eigenvalue(factor: torch.Tensor, steps: int = 8) -> float:
