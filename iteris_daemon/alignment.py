@@ -467,7 +467,7 @@ class _Alignment:
                 self._check_finite(p, M[p], rhs[p])
                 new[p] = solve_spd(M[p], torch.cat(rhs[p], 0), self.dtype,
                                    definite=options.a2 > 0 or options.offdiag_scale < 1,
-                                   fill=self._weighted_mean(p)).float().cpu()  # on features no input reached
+                                   fill=self._weighted_mean(p)).float().cpu()  # where the Grams resolve nothing
             if not torch.isfinite(new[p]).all():
                 raise MergeError(f"{p}: the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
             if previous is not None:

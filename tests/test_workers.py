@@ -351,6 +351,21 @@ def test_a_calibration_worker_that_fails_makes_the_group_wait_and_is_counted(set
     assert len(setup.failures) == 1 and not setup.published.exists()
 
 
+def _group_with_one_adapter_for_generate(setup) -> GroupConfig:
+    """A group of two adapters in ``setup``'s watched folder, registered: task1 brings its
+    calibration file, task2 none, so the ``generate`` source (in a calibration worker) is
+    asked about task2."""
+    build_adapter(setup.base, setup.watched / "task1", seed=4, family="bert", r=2)
+    (build_adapter(setup.base, setup.watched / "task2", seed=5, family="bert", r=2)
+     / "calibration.jsonl").unlink()
+    LocalFolderSource(setup.catalog, "team").scan()
+    group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty", params={"mode": "ok"},
+                        calibration={"order": ["adapter", "generate"]}, gates={"max_regression": False},
+                        destinations=[{"kind": "folder", "path": str(setup.published)}])
+    sync_group(setup.catalog, group)
+    return group
+
+
 def test_a_group_told_not_to_wait_or_forced_merges_without_the_adapter_whose_calibration_worker_died(
         setup, monkeypatch):
     """After runs in a row waiting for a calibration worker that keeps dying (the daemon
@@ -369,14 +384,7 @@ def test_a_group_told_not_to_wait_or_forced_merges_without_the_adapter_whose_cal
         return real(job, *args, **kwargs)
 
     monkeypatch.setattr(runner_module, "run_in_worker", dies_for_calibration)
-    build_adapter(setup.base, setup.watched / "task1", seed=4, family="bert", r=2)
-    (build_adapter(setup.base, setup.watched / "task2", seed=5, family="bert", r=2)
-     / "calibration.jsonl").unlink()
-    LocalFolderSource(setup.catalog, "team").scan()
-    group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty", params={"mode": "ok"},
-                        calibration={"order": ["adapter", "generate"]}, gates={"max_regression": False},
-                        destinations=[{"kind": "folder", "path": str(setup.published)}])
-    sync_group(setup.catalog, group)
+    group = _group_with_one_adapter_for_generate(setup)
 
     def run(**options):
         return run_group(setup.catalog, group, setup.work, "tester", should_stop=stop.is_set, **options)
@@ -420,14 +428,7 @@ def test_a_calibration_source_out_of_memory_in_its_worker_is_counted_as_a_worker
         return real(job, *args, **kwargs)
 
     monkeypatch.setattr(runner_module, "run_in_worker", answers_for_calibration)
-    build_adapter(setup.base, setup.watched / "task1", seed=4, family="bert", r=2)
-    (build_adapter(setup.base, setup.watched / "task2", seed=5, family="bert", r=2)
-     / "calibration.jsonl").unlink()
-    LocalFolderSource(setup.catalog, "team").scan()
-    group = GroupConfig(name="generated", base_model=str(setup.base), strategy="faulty", params={"mode": "ok"},
-                        calibration={"order": ["adapter", "generate"]}, gates={"max_regression": False},
-                        destinations=[{"kind": "folder", "path": str(setup.published)}])
-    sync_group(setup.catalog, group)
+    group = _group_with_one_adapter_for_generate(setup)
     answer.update(error="MemoryError: Cannot allocate memory (os error 12)", out_of_memory=True)
     waiting = run_group(setup.catalog, group, setup.work, "tester", on_worker_failure=setup.failures.append)
     assert waiting.status is RunStatus.skipped and waiting.calibration_worker_failed, waiting
