@@ -38,7 +38,7 @@ from .train import TrainConfig, default_model_path, train_all
 
 GROUPS: dict[int, tuple[str, ...]] = {4: ORIGINAL_TASKS, 8: TASKS}
 STRATEGIES = (  # every built-in strategy, PEFT's eleven combination types included
-    "iteris", "regmean", "task_arithmetic", "ties", "dare", "core_space", "tsv", "iso_c", "iso_cts", "knots",
+    "iteris", "regmean", "task_arithmetic", "ties", "dare", "core_space", "tsv", "iso_c", "iso_cts", "knots", "wudi",
     "peft_cat", "peft_linear", "peft_svd", "peft_ties", "peft_ties_svd", "peft_dare_linear", "peft_dare_linear_svd",
     "peft_dare_ties", "peft_dare_ties_svd", "peft_magnitude_prune", "peft_magnitude_prune_svd",
 )

@@ -12,6 +12,9 @@ Strategies (per LoRA-targeted layer, over the adapters that adapt it; ``D_i = s_
 * ``knots`` -- KnOTS (Stoica, Ramesh et al., "Model merging with SVD to tie the KnOTS",
   ICLR 2025, arXiv:2410.19735): TIES (or DARE-TIES) on the tasks' components in the shared
   basis of one SVD of their concatenated deltas.
+* ``wudi`` -- WUDI merging (Cheng et al., "Whoever Started the Interference Should End It:
+  Guiding Data-Free Model Merging via Task Vectors", ICML 2025, arXiv:2503.08099): the
+  least-squares merge that uses each task's delta as a stand-in for its inputs.
 
 How they are computed -- exactly, in the core space of the adapters' factors, never forming a
 d_out x d_in matrix -- is stated in :mod:`iteris_daemon.plugins.lora_2025_math`, which holds
@@ -201,6 +204,29 @@ class Knots:
         return knots_merge(inputs, params, progress)
 
 
+class Wudi:
+    """WUDI merging (Cheng et al., ICML 2025).
+
+    The rows of a task's delta span (approximately) the inputs the task's layer sees, so
+    they stand in for calibration data: ``Delta = argmin_W sum_i ||(W - D_i) D_i^T||_F^2 /
+    ||D_i||_F^2``, a RegMean-like solve with ``D_i``'s rows as the samples. The reference
+    code approaches it with 300 Adam steps (lr 1e-5) from the task-arithmetic sum; here it is
+    solved exactly in the core space, the minimum-norm solution, which is also the limit of
+    gradient descent from that start (the start lies in the span the objective sees).
+    ``alpha`` scales the result (1.0: the paper uses no scaling coefficient).
+    """
+
+    name = "wudi"
+    description = "WUDI merging (ICML 2025): least squares with the task deltas' rows standing in for inputs, exact"
+    Params = _Params
+    needs_calibration = False
+
+    def merge(self, inputs: MergeInputs, params: _Params, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import merge_cores, wudi_core
+
+        return merge_cores(inputs, params, progress, wudi_core)
+
+
 @hookimpl
 def register_strategies(register):
     register(CoreSpace())
@@ -208,3 +234,4 @@ def register_strategies(register):
     register(IsoC())
     register(IsoCts())
     register(Knots())
+    register(Wudi())

@@ -212,6 +212,23 @@ def tsv_fraction_core(layer: _Layer, fraction: float | None) -> torch.Tensor:
     return tsv_core(layer, [per_task] * len(layer.cores))
 
 
+def wudi_core(layer: _Layer) -> torch.Tensor:
+    """WUDI: ``K = argmin sum_i c_i ||(K - M_i) M_i^T||^2``, ``c_i = 1 / ||M_i||_F^2``.
+
+    In the core the objective is the dense one (``U`` and ``V`` are isometries, and the
+    minimum-norm dense solution lies in their span). It is one least-squares problem
+    ``K X = Y`` with ``X = [sqrt(c_i) M_i^T]_i`` and ``Y = [sqrt(c_i) M_i M_i^T]_i``, solved
+    through the SVD of ``X`` (not the squared Gram matrix), minimum norm where ``X`` is
+    rank-deficient. A zero delta adds a zero term, whatever its weight, and is left out."""
+    tasks = [M for M in layer.cores if float(M.norm()) > 0]
+    if not tasks:
+        return layer.zeros()
+    X = torch.cat([M.T / M.norm() for M in tasks], dim=1)
+    Y = torch.cat([M @ M.T / M.norm() for M in tasks], dim=1)
+    P, S, Q = _svd(X)
+    return (Y @ Q) / S @ P.T
+
+
 # ---------------------------------------------------------------------------------------------
 # The merge
 

@@ -1,4 +1,4 @@
-"""Core Space, TSV-M, Iso-C, Iso-CTS and KnOTS (plugins/lora_2025.py) against dense references.
+"""Core Space, TSV-M, Iso-C, Iso-CTS, KnOTS and WUDI (plugins/lora_2025.py) against dense references.
 
 The references below are written independently of the plugin, in float64, on the full
 d_out x d_in deltas, following the papers' equations (and their reference code) literally:
@@ -143,12 +143,27 @@ def reference_knots(deltas, density=1.0, alpha=1.0, drops=None):
     return alpha * U @ merged
 
 
+def wudi_objective(W, deltas):
+    """WUDI's merging loss (Cheng et al., ICML 2025): sum_i ||(W - D_i) D_i^T||_F^2 / ||D_i||_F^2."""
+    return sum(((W - D) @ D.T).pow(2).sum() / D.pow(2).sum() for D in deltas)
+
+
+def reference_wudi(deltas, alpha=1.0):
+    """The loss's minimum-norm minimiser from ``torch.linalg.lstsq`` on the dense, stacked
+    system ``[D_i / ||D_i||] W^T = [D_i D_i^T / ||D_i||]^T`` (gelsd: minimum norm)."""
+    lhs = torch.cat([D / D.norm() for D in deltas], dim=0)
+    rhs = torch.cat([D @ D.T / D.norm() for D in deltas], dim=1).T
+    return alpha * torch.linalg.lstsq(lhs, rhs, rcond=1e-10, driver="gelsd").solution.T
+
+
 # ---------------------------------------------------------------------------------------------
 # Random LoRA problems
 
 # (d_out, d_in, adapters that adapt the module): d_out != d_in; one module only some adapters
-# touch; one whose summed rank (14) exceeds d_out, so the span is all of R^d_out.
-MODULES = {"wide": (24, 20, (0, 1, 2, 3)), "partial": (16, 30, (0, 2, 3)), "narrow": (9, 28, (0, 1, 2, 3))}
+# touch; one whose summed rank (14) exceeds d_out, so the span is all of R^d_out; one where
+# it exceeds d_in, so the tasks' input spans overlap (there WUDI's weights matter).
+MODULES = {"wide": (24, 20, (0, 1, 2, 3)), "partial": (16, 30, (0, 2, 3)), "narrow": (9, 28, (0, 1, 2, 3)),
+           "short": (12, 8, (0, 1, 2, 3))}
 RANKS = (2, 3, 4, 5)
 
 
@@ -197,6 +212,8 @@ CASES = [
     ("knots", {}, lambda D: reference_knots(D)),
     ("knots", {"density": 0.2, "alpha": 0.6}, lambda D: reference_knots(D, 0.2, 0.6)),  # the ViT-B config's
     ("knots", {"density": 0.5}, lambda D: reference_knots(D, 0.5)),
+    ("wudi", {}, lambda D: reference_wudi(D)),
+    ("wudi", {"alpha": 0.8}, lambda D: reference_wudi(D, 0.8)),
 ]
 
 
@@ -248,17 +265,17 @@ def test_the_rules_are_not_task_arithmetic():
     deltas = _deltas(adapters, "wide")
     ta = reference_task_arithmetic(deltas)
     for reference in (reference_iso_c, reference_tsv_m, reference_iso_cts, reference_core_space, reference_knots,
-                      lambda D: reference_knots(D, 0.2)):
+                      lambda D: reference_knots(D, 0.2), reference_wudi):
         assert _relative(reference(deltas), ta) > 0.05, reference.__name__
     S = torch.linalg.svdvals(reference_iso_c(deltas))[:14]
     assert float(S.max() - S.min()) < 1e-9 * float(S.max())  # isotropic
 
 
-@pytest.mark.parametrize("strategy", ["core_space", "tsv", "iso_c", "iso_cts", "knots"])
+@pytest.mark.parametrize("strategy", ["core_space", "tsv", "iso_c", "iso_cts", "knots", "wudi"])
 def test_single_adapter(strategy):
     """One adapter: TSV keeps all of it (fraction 1/1) and returns it, as KnOTS does (no
-    trim at its default density: every sign agrees with itself); Iso-C returns its
-    singular vectors with a flat spectrum."""
+    trim at its default density: every sign agrees with itself) and WUDI (no interference
+    to remove); Iso-C returns its singular vectors with a flat spectrum."""
     adapter = _adapters(3)[0]
     result = _merge(strategy, [adapter])
     for path, (B, A) in result.modules.items():
@@ -292,7 +309,7 @@ def test_zero_adapters_give_a_zero_merge(factor):
     for adapter in adapters:
         for module in adapter.modules.values():
             setattr(module, factor, torch.zeros_like(getattr(module, factor)))
-    for strategy in ("core_space", "tsv", "iso_c", "iso_cts", "knots"):
+    for strategy in ("core_space", "tsv", "iso_c", "iso_cts", "knots", "wudi"):
         for path, (B, A) in _merge(strategy, adapters).modules.items():
             assert B.shape == (MODULES[path][0], 1) and A.shape == (1, MODULES[path][1]), (strategy, path)
             assert torch.isfinite(B).all() and torch.isfinite(A).all() and float((B @ A).abs().max()) == 0.0
@@ -382,10 +399,53 @@ def test_copies_of_one_adapter_merge_to_it_under_tsv(strategy, raw):
     for path, (B, A) in _merge(strategy, copies, **raw).modules.items():
         D = adapter.modules[path].delta()
         expected = reference_iso_c([D, D, D]) if raw else D
-        if path == "narrow" and not raw:  # d_out 9 < 3 x 5: each copy keeps int(9 / 3) = 3, D's top 3
+        keep = min(3 * 5, *D.shape) // 3  # "narrow" (d_out 9) and "short" (d_in 8) < 3 x 5: D's top 3 or 2
+        if keep < 5 and not raw:
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-            expected = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
+            expected = U[:, :keep] @ torch.diag(S[:keep]) @ Vh[:keep]
         assert _relative(B @ A, expected) < 1e-9, path
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wudi_minimises_its_loss(seed):
+    """Checked on the loss itself, apart from lstsq: its gradient (autograd, dense) vanishes
+    at the merge, which beats task arithmetic and every small random step away from it."""
+    adapters = _adapters(seed)
+    g = torch.Generator().manual_seed(seed)
+    for path, (B, A) in _merge("wudi", adapters).modules.items():
+        deltas = _deltas(adapters, path)
+        W = (B @ A).requires_grad_(True)
+        loss = wudi_objective(W, deltas)
+        (grad,) = torch.autograd.grad(loss, W)
+        scale = max(float(wudi_objective(torch.zeros_like(W), deltas)), 1e-300) / float(W.norm())
+        assert float(grad.norm()) < 1e-8 * scale, path
+        assert float(loss) < float(wudi_objective(sum(deltas), deltas)), path
+        for _ in range(5):
+            step = torch.randn(W.shape, generator=g, dtype=W.dtype) * 1e-3 * float(W.norm()) / W.numel() ** 0.5
+            assert float(wudi_objective(W.detach() + step, deltas)) > float(loss), path
+
+
+def test_wudi_is_where_gradient_descent_from_task_arithmetic_ends():
+    """The docstring's claim: the loss is quadratic with Hessian ``2 G``, ``G = sum_i D_i^T
+    D_i / ||D_i||^2``, so gradient descent from the reference code's start (the sum) ends at
+    the minimum-norm minimiser plus the start's part in G's null space; that part is zero."""
+    adapters = _adapters(4)
+    merged = _merge("wudi", adapters).modules
+    for path in MODULES:
+        deltas = _deltas(adapters, path)
+        G = sum(D.T @ D / D.pow(2).sum() for D in deltas)
+        P = G @ torch.linalg.pinv(G, hermitian=True, rtol=1e-10)  # projector onto G's range
+        start = sum(deltas)
+        assert float((start - start @ P).norm()) < 1e-10 * float(start.norm()), path
+        W = merged[path][0] @ merged[path][1]
+        assert float((W - W @ P).norm()) < 1e-10 * float(W.norm()), path  # and the merge has no such part
+
+
+def test_copies_of_one_adapter_merge_to_it_under_wudi():
+    adapter = _adapters(5)[3]
+    copies = [LoraAdapter(name=f"c{i}", path=Path(f"c{i}"), config={}, modules=adapter.modules) for i in range(3)]
+    for path, (B, A) in _merge("wudi", copies).modules.items():
+        assert _relative(B @ A, adapter.modules[path].delta()) < 1e-9, path
 
 
 def _module(d_out: int, d_in: int, rank: int, rows: slice | None, seed: int) -> LoraModule:
@@ -447,6 +507,7 @@ REFERENCES = {
     "iso_c": reference_iso_c,
     "iso_cts": reference_iso_cts,
     "knots": reference_knots,
+    "wudi": reference_wudi,
 }
 
 
