@@ -68,6 +68,7 @@ PUBLISHED: dict[str, tuple[str, dict]] = {
     "knots, alpha=0.5": ("knots", {"alpha": 0.5}),  # KnOTS-TIES, Llama-3-8B LoRA config
     "knots, density=0.2, alpha=0.6": ("knots", {"density": 0.2, "alpha": 0.6}),  # KnOTS-TIES, ViT-B/32 LoRA config
     "knots, drop_rate=0.8, alpha=0.4": ("knots", {"drop_rate": 0.8, "alpha": 0.4}),  # KnOTS-DARE-TIES, Llama-3-8B
+    "wudi, steps=300": ("wudi", {"steps": 300}),  # the reference code's 300 Adam steps at lr 1e-5
 }
 ITERATION_SWEEP = (1, 2, 3)  # solves, tolerance 0
 SAMPLE_SWEEP = ()  # calibration samples per task, N = 4 (--samples 10 50 200; off by default: CPU time)

@@ -39,7 +39,7 @@ from .train import TrainConfig, default_model_path, train_all
 
 PARTS = ("strategies", "memory", "scaling")
 STRATEGIES = ("iteris", "regmean", "task_arithmetic", "ties", "dare", "core_space", "tsv", "iso_c", "iso_cts",
-              "knots", "peft_cat", "peft_svd", "peft_ties_svd")
+              "knots", "wudi", "peft_cat", "peft_svd", "peft_ties_svd")
 
 
 def _merge_process(model: str, adapters: list[str], out: Path, strategy: str, params: dict,

@@ -204,6 +204,21 @@ class Knots:
         return knots_merge(inputs, params, progress)
 
 
+class WudiParams(_Params):
+    steps: int = Field(
+        0, ge=0, le=100_000, description="0: the loss's exact minimiser (default); > 0: the reference code's way instead, "
+        "that many Adam steps on each dense delta from the task-arithmetic sum (the reference's 300), best "
+        "rank-target_rank factors of the result (default: the summed ranks), error reported"
+    )
+    lr: float = Field(1e-5, gt=0, description="steps > 0 only: Adam's learning rate (the reference's 1e-5)")
+
+    @model_validator(mode="after")
+    def _lr_read_by_the_steps(self):
+        if "lr" in self.model_fields_set and not self.steps:
+            raise ValueError("lr is read only with steps > 0 (the reference code's Adam steps)")
+        return self
+
+
 class Wudi:
     """WUDI merging (Cheng et al., ICML 2025).
 
@@ -213,17 +228,22 @@ class Wudi:
     code approaches it with 300 Adam steps (lr 1e-5) from the task-arithmetic sum; here it is
     solved exactly in the core space, the minimum-norm solution, which is also the limit of
     gradient descent from that start (the start lies in the span the objective sees).
+    ``steps`` > 0 takes the reference code's road instead: Adam on each dense delta, whose
+    per-entry steps leave the factors' spans (so the result is written at a capped rank, its
+    error reported) and which after a few hundred steps has not reached the minimiser.
     ``alpha`` scales the result (1.0: the paper uses no scaling coefficient).
     """
 
     name = "wudi"
     description = "WUDI merging (ICML 2025): least squares with the task deltas' rows standing in for inputs, exact"
-    Params = _Params
+    Params = WudiParams
     needs_calibration = False
 
-    def merge(self, inputs: MergeInputs, params: _Params, progress: Progress) -> MergedAdapter:
-        from iteris_daemon.plugins.lora_2025_math import merge_cores, wudi_core
+    def merge(self, inputs: MergeInputs, params: WudiParams, progress: Progress) -> MergedAdapter:
+        from iteris_daemon.plugins.lora_2025_math import merge_cores, wudi_adam_merge, wudi_core
 
+        if params.steps:
+            return wudi_adam_merge(inputs, params, progress)
         return merge_cores(inputs, params, progress, wudi_core)
 
 

@@ -441,6 +441,54 @@ def test_wudi_is_where_gradient_descent_from_task_arithmetic_ends():
         assert float((W - W @ P).norm()) < 1e-10 * float(W.norm()), path  # and the merge has no such part
 
 
+def reference_wudi_adam(deltas, steps, lr):
+    """The reference code's loop, literally: a parameter started at the sum of the task
+    vectors, Adam (lr, no weight decay) on sum(square((m - tau_i) tau_i^T) / ||tau_i||^2)
+    through autograd; here in float64 on the dense deltas."""
+    vectors = torch.stack(deltas)
+    merging = torch.nn.Parameter(vectors.sum(0))
+    optimiser = torch.optim.Adam([merging], lr=lr, weight_decay=0)
+    norms = vectors.reshape(len(deltas), -1).norm(dim=-1).square()
+    for _ in range(steps):
+        inner = (merging.unsqueeze(0) - vectors) @ vectors.transpose(1, 2)
+        loss = (inner.square() / norms[:, None, None]).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return merging.detach()
+
+
+def test_wudi_steps_follow_the_reference_codes_adam():
+    """``steps`` > 0: the reference's Adam loop (float32 here, float64 in the reference), at a
+    learning rate large enough on these problems to move far from the sum; written at full
+    rank (``target_rank`` = min(d_out, d_in)) to compare the optimiser alone."""
+    adapters = _adapters(6)
+    for path, (d_out, d_in, _) in MODULES.items():
+        result = _merge("wudi", adapters, steps=40, lr=5e-2, target_rank=min(d_out, d_in)).modules[path]
+        deltas = _deltas(adapters, path)
+        expected = reference_wudi_adam(deltas, 40, 5e-2)
+        assert _relative(expected, sum(deltas)) > 0.05, path  # the steps moved it
+        assert _relative(result[0] @ result[1], expected) < 1e-4, path
+
+
+def test_wudi_steps_write_the_capped_rank_and_report_its_error():
+    """Adam's per-entry steps leave the factors' spans: the result is full-rank, written at
+    the summed ranks by default with the cap's error reported."""
+    adapters = _adapters(6)
+    result = _merge("wudi", adapters, steps=20, lr=1e-2)
+    errors = []
+    for path, (B, A) in result.modules.items():
+        d_out, d_in, users = MODULES[path]
+        dense = reference_wudi_adam(_deltas(adapters, path), 20, 1e-2)
+        S = torch.linalg.svdvals(dense)
+        rank = min(sum(RANKS[i] for i in users), d_out, d_in)
+        assert A.shape[0] == rank and _rank(dense) == min(d_out, d_in), path
+        best = float(S[rank:].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())  # Eckart-Young
+        assert abs(_relative(B @ A, dense) - best) < 1e-4, path
+        errors.append(best)
+    assert abs(result.metrics["truncation_error"]["max"] - max(errors)) < 1e-4 and max(errors) > 0
+
+
 def test_copies_of_one_adapter_merge_to_it_under_wudi():
     adapter = _adapters(5)[3]
     copies = [LoraAdapter(name=f"c{i}", path=Path(f"c{i}"), config={}, modules=adapter.modules) for i in range(3)]
@@ -482,6 +530,14 @@ def test_parameters_are_validated(bad):
 
     with pytest.raises(ParameterError):
         parse_params(get_strategy("core_space"), bad)
+
+
+def test_wudi_refuses_a_learning_rate_without_steps():
+    from iteris_daemon.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="lr is read only with steps > 0"):
+        parse_params(get_strategy("wudi"), {"lr": 1e-3})
+    assert parse_params(get_strategy("wudi"), {"steps": 300}).lr == 1e-5
 
 
 def test_common_space_fraction_is_refused_with_a_method_that_does_not_read_it():
