@@ -57,6 +57,28 @@ def register(commands) -> None:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser("upgrade", parents=[db_options], help="create or migrate the catalog to the current schema")
     upgrade.set_defaults(handler=_db_upgrade)
+    prune = db_commands.add_parser(
+        "prune", parents=[db_options], help="delete old merge runs, adapter revisions and daemon rows",
+        description="Delete the history older than --older-than days that nothing reads, in one transaction, "
+                    "beside a running daemon or not: finished merge runs (with their inputs), except each group's "
+                    "--keep-runs newest, its newest succeeded run, its newest succeeded or refused run, the failed "
+                    "runs since then and those that published since its newest success (what the destinations "
+                    "serve, what the next run is skipped on, a merge kept to be published again); adapter "
+                    "revisions no remaining run merged that stopped being current before the cutoff (and removed "
+                    "adapters whose whole history goes); rows of daemons not seen since the cutoff. Daemons seen, "
+                    "and revisions current, in the last day are never deleted. Files are left alone: the daemon's "
+                    "Hub polls delete the cached commits no adapter uses. The /metrics counter "
+                    "iteris_merge_runs_total counts the runs kept, so it drops (Prometheus takes a drop for a "
+                    "counter reset). Prints what it deleted.")
+    prune.add_argument("--older-than", type=_days, default=90, metavar="DAYS",
+                       help="delete only what is older than DAYS days (default 90; 0: whatever nothing reads)")
+    prune.add_argument("--keep-runs", type=_keep_runs, metavar="N",
+                       help="keep each group's N newest runs (default and least: the 50 that `status` reads)")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    prune.add_argument("--vacuum", action="store_true",
+                       help="then give the space back (not on a dry run): SQLite's VACUUM rewrites the file (daemons' writes wait "
+                            "while it runs), PostgreSQL's makes it reusable")
+    prune.set_defaults(handler=_db_prune)
 
     sources = commands.add_parser("sources", help="where adapters come from: local folders, Hub repos")
     source_commands = sources.add_subparsers(dest="sources_command", required=True, metavar="ACTION")
@@ -163,6 +185,30 @@ def _catalog_id(text: str) -> int:
     return value
 
 
+def _days(text: str) -> float:
+    """A number of days, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 100_000:  # inf and nan too: a cutoff before year 1 is no date
+        raise argparse.ArgumentTypeError(f"a number of days, 0 or more, not {text!r}")
+    return value
+
+
+def _keep_runs(text: str) -> int:
+    """How many of a group's newest runs to keep: at least those the code reads."""
+    from ..catalog.prune import RECENT_RUNS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not RECENT_RUNS <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a whole number, at least {RECENT_RUNS} (the runs `status` reads), not {text!r}")
+    return value
+
+
 def _open(args, create: bool = False):
     """The catalog the command names (:func:`catalog_url`); only ``db upgrade`` and
     ``sources add`` create one."""
@@ -176,6 +222,24 @@ def _db_upgrade(args) -> int:
 
     catalog = _open(args, create=True)
     print(f"catalog {catalog.safe_url} is at revision {current_revision(catalog.engine)}")
+    return 0
+
+
+def _db_prune(args) -> int:
+    from datetime import timedelta
+
+    from ..catalog.prune import RECENT_RUNS, prune, vacuum
+
+    catalog = _open(args)
+    keep = args.keep_runs or RECENT_RUNS
+    pruned = prune(catalog, timedelta(days=args.older_than), keep, dry_run=args.dry_run)
+    print(f"catalog {catalog.safe_url}: {'would delete' if args.dry_run else 'deleted'} what is older than "
+          f"{args.older_than:g} days and not read (each group's {keep} newest runs kept):")
+    print("\n".join(pruned.lines()))
+    if args.dry_run:
+        print("dry run: nothing was deleted")
+    elif args.vacuum:
+        print(vacuum(catalog))
     return 0
 
 

@@ -1,0 +1,201 @@
+"""``iteris-daemon db prune``: deleting the history a long-running daemon no longer reads.
+
+The catalog keeps every merge run (with its inputs), every adapter revision seen, and
+the presence rows of daemons gone; run for months, it grows without bound. A prune
+deletes what is older than a cutoff and that no code reads, in one transaction beside a
+running daemon (on SQLite it holds the write lock while it lasts, as any writer does).
+
+What the code reads of a group's runs, and so is never deleted (each query over
+``MergeRun`` / ``MergeRunInput`` in the package, by reader):
+
+1. A group's :data:`RECENT_RUNS` newest runs (and ``--keep-runs`` more if asked):
+   ``status`` shows its last run, last skipped run, the adapters held back and the run
+   skipped on the served inputs from its 50 newest runs; ``runner.groups_behind`` finds
+   the run a daemon compares its selection with among the ``RUNS_LOOKED_AT`` (20) newest;
+   ``runner._record_skip`` counts a repeated skip into the newest run; ``merge-now
+   --wait`` reads the runs after the newest. Runs are only deleted, never added, so these
+   windows hold the same runs after a prune.
+2. Its newest succeeded run: the quality gate's baseline (``runner.gate_baseline``), the
+   merge served after a refusal (``runner._served_before``), what ``status`` and /metrics
+   say is published, with the inputs it merged (``status.merged_inputs``).
+3. Its newest succeeded-or-refused run (``runner._last_decided``): the inputs a run is
+   skipped on as unchanged; ``merge-now --wait`` reads it for a skip on a refusal.
+4. Its failed runs after that one: the merge a daemon kept to publish again names its run
+   in the daemon's state folder (``runner._unpublished_merge``), which the catalog cannot
+   see; and a failed run that published to some destinations decides that nothing is
+   skipped (``_last_decided``).
+5. Its failed runs that may have published (``MergeRun.may_have_published``) after its
+   newest success: what the destinations serve now (``status.serving``, /metrics).
+6. Running runs (a daemon finishes or fails them), and the newest run of the catalog: it
+   holds the largest id, which SQLite would give the next run again (a kept merge's run
+   file, ``republished_from`` and ``merge-now --wait`` name runs by id).
+
+Adapter revisions go once no remaining run merged them, when they are not their
+adapter's current one (``Adapter.current``: a revision seen after them was seen before the
+cutoff, so they have not been current since) or their adapter was removed (its location
+gone) before the cutoff, which then goes too when none of its revisions is left. A
+revision or adapter holding its table's largest id stays (SQLite reuses it). Daemon
+presence rows go when not seen for longer than the cutoff; revisions superseded and
+daemons seen within :data:`LIVE` never (a running daemon may be merging the one, and is
+the other).
+
+Files are left alone: a superseded Hub revision's commit folder in the daemon's cache is
+deleted by the daemon's own polls (``sources.hub.drop_unused_commits``), under a lock of
+the daemon's process that this one cannot hold. The /metrics counter
+``iteris_merge_runs_total`` counts the runs' rows, so it drops after a prune: Prometheus
+takes that for a counter reset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, exists, func, not_, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from .db import Catalog
+from .models import (Adapter, AdapterRevision, AdapterStatus, DaemonPresence, MergeGroup, MergeRun, MergeRunInput,
+                     RunStatus)
+
+log = logging.getLogger(__name__)
+
+RECENT_RUNS = 50  # the most of a group's newest runs the code reads (``status.collect``)
+LIVE = timedelta(days=1)  # ``peers.FORGET_AFTER``: a daemon seen since may be running
+BATCH = 500  # ids deleted per statement (SQLite allows 32766 parameters)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a prune deleted (or, dry, would delete)."""
+
+    runs: int = 0
+    run_inputs: int = 0
+    revisions: int = 0
+    adapters: int = 0
+    daemons: int = 0
+
+    def lines(self) -> list[str]:
+        labels = {"runs": "merge runs", "run_inputs": "run inputs", "revisions": "adapter revisions",
+                  "adapters": "adapters", "daemons": "daemon rows"}
+        return [f"  {labels[f.name]:18} {getattr(self, f.name):>8}" for f in fields(self)]
+
+
+class _DryRun(Exception):
+    """Rolls a dry run's transaction back, carrying what it deleted."""
+
+    def __init__(self, pruned: Pruned):
+        self.pruned = pruned
+
+
+def prune(catalog: Catalog, older_than: timedelta, keep_runs: int = RECENT_RUNS, dry_run: bool = False) -> Pruned:
+    """Delete what is older than ``older_than`` and no code reads (the module docstring),
+    keeping each group's ``keep_runs`` newest runs (at least :data:`RECENT_RUNS`), in one
+    transaction; ``dry_run``: count, then roll back."""
+    try:
+        with catalog.session() as session:
+            now = catalog.now(session)
+            cutoff = now - older_than
+            pruned = _prune(session, cutoff, min(cutoff, now - LIVE), max(keep_runs, RECENT_RUNS))
+            if dry_run:
+                raise _DryRun(pruned)
+    except _DryRun as done:
+        pruned = done.pruned
+    log.info("catalog prune%s: %s", " (dry run, nothing deleted)" if dry_run else "",
+             ", ".join(f"{f.name} {value}" for f, value in zip(fields(pruned), astuple(pruned))))
+    return pruned
+
+
+def _prune(session: Session, cutoff: datetime, live_cutoff: datetime, keep_runs: int) -> Pruned:
+    run_ids = [run_id for group_id in session.scalars(select(MergeGroup.id).order_by(MergeGroup.id))
+               for run_id in _prunable_runs(session, group_id, cutoff, keep_runs)]
+    inputs = _delete_by_id(session, MergeRunInput.run_id, run_ids)
+    runs = _delete_by_id(session, MergeRun.id, run_ids)
+    adapter_ids = list(session.scalars(_removed_adapters(live_cutoff)))
+    revision_ids = list(session.scalars(select(AdapterRevision.id).where(
+        or_(and_(_unused_revision(), _superseded(live_cutoff)), AdapterRevision.adapter_id.in_(adapter_ids)))))
+    revisions = _delete_by_id(session, AdapterRevision.id, revision_ids)
+    adapters = _delete_by_id(session, Adapter.id, adapter_ids)
+    daemons = session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < live_cutoff)).rowcount
+    return Pruned(runs, inputs, revisions, adapters, daemons)
+
+
+def _prunable_runs(session: Session, group_id: int, cutoff: datetime, keep_runs: int) -> list[int]:
+    """The ids of ``group_id``'s runs that finished before ``cutoff`` and that no code reads."""
+    of_group = MergeRun.group_id == group_id
+    oldest_kept = session.scalar(select(MergeRun.id).where(of_group).order_by(MergeRun.id.desc())
+                                 .offset(keep_runs - 1).limit(1))
+    if oldest_kept is None:  # no more runs than are kept
+        return []
+    success = _newest(session, group_id, [RunStatus.succeeded])
+    decided = _newest(session, group_id, [RunStatus.succeeded, RunStatus.refused])
+    failed = MergeRun.status == RunStatus.failed
+    read = or_(MergeRun.id.in_([success, decided]),
+               and_(failed, MergeRun.id > decided),
+               and_(failed, MergeRun.id > success, MergeRun.may_have_published()))
+    return list(session.scalars(select(MergeRun.id).where(
+        of_group, MergeRun.id < oldest_kept, MergeRun.status != RunStatus.running,
+        func.coalesce(MergeRun.finished_at, MergeRun.started_at) < cutoff, not_(read))))
+
+
+def _newest(session: Session, group_id: int, statuses: list[RunStatus]) -> int:
+    """The id of the group's newest run of one of ``statuses``; 0 when it has none."""
+    return session.scalar(select(func.max(MergeRun.id)).where(MergeRun.group_id == group_id,
+                                                              MergeRun.status.in_(statuses))) or 0
+
+
+def _unused_revision():
+    """SQL: no run merged the revision, and it does not hold the table's largest id."""
+    return and_(not_(exists().where(MergeRunInput.revision_id == AdapterRevision.id)), AdapterRevision.id < _largest_id(AdapterRevision))
+
+
+def _largest_id(entity: type[AdapterRevision] | type[Adapter]):
+    """SQL: the largest id of ``entity``'s table (over an alias, never correlated with the query's rows)."""
+    table = aliased(entity)
+    return select(func.max(table.id)).scalar_subquery()
+
+
+def _superseded(before: datetime):
+    """SQL: a revision of the same adapter was seen after this one, and before ``before``:
+    this one has not been its adapter's current revision since."""
+    later = aliased(AdapterRevision)
+    return exists().where(later.adapter_id == AdapterRevision.adapter_id,
+                          later.last_seen_at > AdapterRevision.last_seen_at, later.last_seen_at < before)
+
+
+def _removed_adapters(before: datetime):
+    """SQL: the ids of adapters removed before ``before`` whose whole history goes: every
+    revision last seen before it and unused (:func:`_unused_revision`); never the adapter
+    holding the table's largest id."""
+    kept = exists().where(AdapterRevision.adapter_id == Adapter.id,
+                          or_(AdapterRevision.last_seen_at >= before, not_(_unused_revision())))
+    return select(Adapter.id).where(Adapter.status == AdapterStatus.removed, Adapter.updated_at < before,
+                                    not_(kept), Adapter.id < _largest_id(Adapter))
+
+
+def _delete_by_id(session: Session, column, ids: Iterable[int]) -> int:
+    """Delete the rows whose ``column`` is one of ``ids``, in batches; how many went."""
+    ids, deleted = list(ids), 0
+    for start in range(0, len(ids), BATCH):
+        deleted += session.execute(delete(column.class_).where(column.in_(ids[start:start + BATCH]))).rowcount
+    return deleted
+
+
+def vacuum(catalog: Catalog) -> str:
+    """Give the space freed back: SQLite's ``VACUUM`` (it takes the write lock while it
+    runs; readers go on, and the file shrinks at the checkpoint after them), PostgreSQL's
+    (space reused, not returned to the system; it blocks no reads or writes). Outside a
+    transaction, as both require. Returns what was done, in words."""
+    tables = ", ".join(t.__tablename__ for t in (MergeRun, MergeRunInput, AdapterRevision, Adapter, DaemonPresence))
+    backend = catalog.engine.url.get_backend_name()
+    with catalog.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        if backend == "sqlite":
+            connection.exec_driver_sql("VACUUM")
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            return "VACUUM: the catalog file rewritten without the free pages"
+        if backend == "postgresql":
+            connection.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
+            return f"VACUUM (ANALYZE) {tables}: the space is reused by new rows"
+    return f"no VACUUM on {backend}: left to the database"
