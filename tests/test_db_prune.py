@@ -1,0 +1,247 @@
+"""``iteris-daemon db prune`` (``catalog.prune``): a history built by real runs on the real
+folder source, catalog and folder publisher (``group_runs``), pruned, reads the same to
+every reader the daemon, ``status`` and /metrics have; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from safetensors.torch import load_file, save_file
+from sqlalchemy import func, select
+
+from group_runs import Setup
+from iteris_daemon.catalog import Catalog
+from iteris_daemon.catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGroup, MergeRun,
+                                          MergeRunInput, RunStatus, SourceKind)
+from iteris_daemon.catalog.prune import RECENT_RUNS, Pruned, prune
+from iteris_daemon.catalog.registry import add_source
+from iteris_daemon.cli import main
+from iteris_daemon.config import GroupConfig
+from iteris_daemon.endpoints import DaemonMetrics
+from iteris_daemon.peers import Peers
+from iteris_daemon.runner import (Inputs, _last_decided, _record_skip, _record_start, _served_before, _unpublished_merge,
+                                  gate_baseline, groups_behind, merge_candidates, published_copy, select_inputs,
+                                  sync_group, unpublished_copy)
+from iteris_daemon.sources.local import LocalFolderSource
+from iteris_daemon.status import collect
+
+pytestmark = pytest.mark.timeout(600)
+PAST = timedelta(days=200)
+TABLES = (MergeRun, MergeRunInput, AdapterRevision, Adapter, DaemonPresence)
+
+
+class CatalogSetup(Setup):
+    """``group_runs.Setup`` on the catalog at ``url`` (a SQLite file or the PostgreSQL test server),
+    with two more adapters: ``extra`` (removed from its folder) and ``spare`` (never selected)."""
+
+    def __init__(self, tmp_path: Path, base: Path, adapters: list[Path], url: str):
+        self.base, self.work, self.published = base, tmp_path / "work", tmp_path / "published"
+        self.catalog = Catalog(url)
+        self.watched = tmp_path / "watched"
+        self.watched.mkdir()
+        for adapter in adapters:
+            shutil.copytree(adapter, self.watched / adapter.name)
+        with self.catalog.session() as session:
+            add_source(session, "team", SourceKind.local, {"paths": [str(self.watched)], "base_model": str(base)})
+        self.scan()
+        for name in ("extra", "spare"):  # a location of its own: adapters 3 and 4
+            shutil.copytree(adapters[1], self.watched / name)
+            self.scan()
+        shutil.rmtree(self.watched / "extra")
+        self.scan()
+
+    def scan(self) -> None:
+        LocalFolderSource(self.catalog, "team").scan()
+
+    def edit(self, name: str, factor: float) -> None:
+        """A new revision of adapter ``name``: its weights scaled."""
+        weights = self.watched / name / "adapter_model.safetensors"
+        save_file({key: value * factor for key, value in load_file(weights).items()}, weights)
+        self.scan()
+
+    def config(self, *names: str, second: bool = False, **fields) -> GroupConfig:
+        destinations = [{"kind": "folder", "path": str(self.published)}]
+        if second:
+            destinations.append({"kind": "folder", "path": str(self.published.parent / "second")})
+        config = GroupConfig(name="unified", base_model=str(self.base), strategy="task_arithmetic",
+                             select={"names": list(names)}, destinations=destinations, **fields)
+        sync_group(self.catalog, config)
+        return config
+
+    def group_id(self) -> int:
+        with self.catalog.session() as session:
+            return session.scalar(select(MergeGroup.id).where(MergeGroup.name == "unified"))
+
+
+@pytest.fixture
+def history(tmp_path, runner_adapters, catalog_url):
+    """A group's runs of every kind over three revisions of task0, all 200 days old:
+
+    1 succeeded (task0@A), 2 skipped (unchanged), 3 succeeded (task0@B), 4 refused (task0@C
+    and task1: a quality gate), 5 failed forced (published to the first destination, not
+    the second; its merge kept to be published again), 6 failed (that kept merge published
+    again, to the first only), 7-66 skipped (too few adapters, two reasons in turn); and
+    two daemons, one seen now, one 200 days ago."""
+    s = CatalogSetup(tmp_path, *runner_adapters, catalog_url)
+    no_gates = {"max_fidelity_gap": None, "max_regression": None}
+    both = ("task0", "task1")
+    outcomes = [s.run(s.config("task0", gates=no_gates)), s.run(s.config("task0", gates=no_gates))]
+    s.edit("task0", 1.5)
+    outcomes.append(s.run(s.config("task0", gates=no_gates)))
+    s.edit("task0", 0.5)
+    outcomes.append(s.run(s.config(*both, gates={"max_fidelity_gap": 1e-9, "max_regression": None})))
+    (s.published.parent / "second").write_text("not a folder")  # the second destination is broken
+    outcomes.append(s.run(s.config(*both, second=True, gates=no_gates), force=True))
+    outcomes.append(s.run(s.config(*both, second=True, gates=no_gates)))
+    for i in range(60):
+        outcomes.append(s.run(s.config(*both, second=True, gates=no_gates, min_adapters=3 + i % 2)))
+    assert [o.status for o in outcomes[:6]] == [RunStatus.succeeded, RunStatus.skipped, RunStatus.succeeded,
+                                                 RunStatus.refused, RunStatus.failed, RunStatus.failed]
+    assert {o.status for o in outcomes[6:]} == {RunStatus.skipped} and outcomes[-1].run_id == 66
+    Peers(s.catalog, "host:1:live").announce({})
+    Peers(s.catalog, "host:2:gone").announce({})
+    _move_back(s.catalog, PAST, MergeRun.started_at, MergeRun.finished_at, AdapterRevision.last_seen_at,
+               Adapter.updated_at)
+    _move_back(s.catalog, PAST, DaemonPresence.seen_at, where=DaemonPresence.holder == "host:2:gone")
+    yield s
+    s.catalog.close()
+
+
+def _move_back(catalog: Catalog, by: timedelta, *columns, where=None) -> None:
+    """Move the times in ``columns`` of every row (``where``) back by ``by``: row by row, as
+    SQLite has no date arithmetic on its text times."""
+    with catalog.session() as session:
+        for column in columns:
+            query = select(column.class_) if where is None else select(column.class_).where(where)
+            for row in session.scalars(query):
+                if getattr(row, column.key) is not None:
+                    setattr(row, column.key, getattr(row, column.key) - by)
+
+
+def _counts(catalog: Catalog) -> dict[str, int]:
+    with catalog.session(write=False) as session:
+        return {t.__tablename__: session.scalar(select(func.count()).select_from(t)) for t in TABLES}
+
+
+def _read(s: CatalogSetup) -> dict:
+    """What the daemon's next decisions, ``status`` and /metrics read."""
+    group_id = s.group_id()
+    config = s.config("task0", "task1", second=True, gates={"max_fidelity_gap": None, "max_regression": None})
+    last = _last_decided(s.catalog, group_id)
+    with s.catalog.session(write=False) as session:
+        newest = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id).order_by(MergeRun.id.desc()))
+        decided = session.scalar(select(MergeRun).where(MergeRun.id == 4))
+        candidates = [(a.id, r.id) for a, r in merge_candidates(session)]
+    kept = _unpublished_merge(s.catalog, group_id, unpublished_copy(s.work, group_id), newest.input_fingerprint, last)
+    report = collect(s.catalog)
+    metrics = [line for line in generate_latest(DaemonMetrics(s.catalog).registry).decode().splitlines()
+               if line.startswith("iteris_") and not line.startswith(("iteris_merge_runs_total", "iteris_adapters{"))]
+    return {
+        "status": json.dumps({k: v for k, v in report.items() if k != "daemons"}, sort_keys=True, default=str),
+        "last_decided": last and last.id, "served_before_refusal": (_served_before(s.catalog, decided) or newest).id,
+        "gate_baseline": gate_baseline(s.catalog, group_id, published_copy(s.work, group_id)),
+        "kept_merge": kept and (kept[0], kept[2]), "behind": groups_behind(s.catalog, [config]),
+        "candidates": candidates, "inputs": [(a.id, r.id) for a, r in select_inputs(s.catalog, config)],
+        "metrics": metrics,
+    }
+
+
+def test_prune_keeps_what_is_read_and_deletes_the_rest(history):
+    s = history
+    before, counts = _read(s), _counts(s.catalog)
+    # what the history's readers see: run 3 is the gate's baseline and served before run 4's
+    # refusal; run 5's merge is kept to be published again; run 6 serves the first destination
+    assert before["last_decided"] is None and before["served_before_refusal"] == 3 and before["kept_merge"] == (5, True)
+    assert before["gate_baseline"][0] is not None
+    assert [p["run_id"] for p in json.loads(before["status"])["groups"][0]["published"]] == [6]
+
+    dry = prune(s.catalog, timedelta(days=90), dry_run=True)
+    assert _counts(s.catalog) == counts
+    pruned = prune(s.catalog, timedelta(days=90))
+    # runs 1, 2 and 7-16 (past the 50 newest); their inputs (1 + 1 + 10 x 2); task0@A (only
+    # runs 1 and 2 merged it); the removed `extra` with its revision; the daemon gone
+    assert pruned == dry == Pruned(runs=12, run_inputs=22, revisions=2, adapters=1, daemons=1)
+    assert _read(s) == before
+    assert _counts(s.catalog) == {name: count - deleted for (name, count), deleted in
+                                  zip(counts.items(), (12, 22, 2, 1, 1))}
+    with s.catalog.session(write=False) as session:
+        runs = set(session.scalars(select(MergeRun.id)))
+        revisions = {r.revision for r in session.scalars(select(AdapterRevision).join(Adapter)
+                                                         .where(Adapter.name == "task0"))}
+        daemons = list(session.scalars(select(DaemonPresence.holder)))
+    assert runs == {3, 4, 5, 6, *range(17, 67)}
+    assert len(revisions) == 2  # task0@B (run 3 merged it, no longer current) and task0@C
+    assert daemons == ["host:1:live"]
+    assert prune(s.catalog, timedelta(days=90)) == Pruned()  # nothing more
+
+
+def test_a_running_run_and_a_live_daemon_stay(tmp_path, runner_adapters):
+    """A run still running (its daemon finishes it) however old and deep, a daemon seen a
+    minute ago with --older-than 0, and the newest runs."""
+    s = CatalogSetup(tmp_path, *runner_adapters, f"sqlite:///{tmp_path / 'catalog.db'}")
+    s.config("task0")
+    group_id = s.group_id()
+    running = _record_start(s.catalog, group_id, "f" * 64, Inputs())
+    for i in range(RECENT_RUNS + 5):
+        _record_skip(s.catalog, group_id, "f" * 64, Inputs(), f"reason {i % 2}")
+    Peers(s.catalog, "host:1:live").announce({})
+    _move_back(s.catalog, PAST, MergeRun.started_at, MergeRun.finished_at)
+    _move_back(s.catalog, timedelta(minutes=1), DaemonPresence.seen_at)
+    assert prune(s.catalog, timedelta(0)) == Pruned(runs=5, daemons=0)
+    with s.catalog.session(write=False) as session:
+        assert session.get(MergeRun, running).status is RunStatus.running
+        assert session.scalar(select(func.count()).select_from(MergeRun)) == RECENT_RUNS + 1
+        assert session.scalar(select(func.count()).select_from(DaemonPresence)) == 1
+    s.catalog.close()
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_command(tmp_path, capsys):
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["db", "prune", "--help"])
+    assert exit_.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--older-than DAYS" in shown and "--keep-runs N" in shown and "--dry-run" in shown and "--vacuum" in shown
+    assert f"default and least: the {RECENT_RUNS} that `status` reads" in shown
+    assert "counter reset" in shown
+    for option, value, why in (("--older-than", "-1", "0 or more"), ("--older-than", "nan", "0 or more"),
+                               ("--keep-runs", str(RECENT_RUNS - 1), f"at least {RECENT_RUNS}")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["db", "prune", *db, option, value])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+    code, _, err = run(capsys, "db", "prune", *db)
+    assert code == 2 and "no catalog at" in err  # prune creates none
+
+    catalog = Catalog(db[1])
+    with catalog.session() as session:
+        group = MergeGroup(name="g", base_model="base", strategy="task_arithmetic")
+        session.add(group)
+        session.flush()
+        group_id = group.id
+    for i in range(RECENT_RUNS + 3):
+        _record_skip(catalog, group_id, "f" * 64, Inputs(), f"reason {i % 2}")
+    _move_back(catalog, PAST, MergeRun.started_at, MergeRun.finished_at)
+    catalog.close()
+    table = ["  merge runs                3", "  run inputs                0", "  adapter revisions         0",
+             "  adapters                  0", "  daemon rows               0"]
+    code, out, _ = run(capsys, "db", "prune", *db, "--dry-run", "--older-than", "30")
+    assert code == 0 and out.splitlines() == [
+        f"catalog {db[1]}: would delete what is older than 30 days and not read (each group's {RECENT_RUNS} newest "
+        "runs kept):", *table, "dry run: nothing was deleted"]
+    code, out, _ = run(capsys, "db", "prune", *db, "--vacuum")
+    assert code == 0 and out.splitlines() == [
+        f"catalog {db[1]}: deleted what is older than 90 days and not read (each group's {RECENT_RUNS} newest "
+        "runs kept):", *table, "VACUUM: the catalog file rewritten without the free pages"]
+    code, out, _ = run(capsys, "db", "prune", *db, "--keep-runs", "60")
+    assert code == 0 and "  merge runs                0" in out.splitlines()
