@@ -18,6 +18,7 @@ from group_runs import Setup
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGroup, MergeRun,
                                           MergeRunInput, RunStatus, SourceKind)
+from iteris_daemon.catalog import prune as prune_module
 from iteris_daemon.catalog.prune import RECENT_RUNS, Pruned, prune
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.cli import main
@@ -64,12 +65,12 @@ class CatalogSetup(Setup):
         save_file({key: value * factor for key, value in load_file(weights).items()}, weights)
         self.scan()
 
-    def config(self, *names: str, second: bool = False, **fields) -> GroupConfig:
-        destinations = [{"kind": "folder", "path": str(self.published)}]
-        if second:
-            destinations.append({"kind": "folder", "path": str(self.published.parent / "second")})
+    def config(self, *names: str, to: tuple[Path, ...] = (), **fields) -> GroupConfig:
+        """The group ``unified`` merging ``names``, published to ``to`` (default: ``published``)."""
         config = GroupConfig(name="unified", base_model=str(self.base), strategy="task_arithmetic",
-                             select={"names": list(names)}, destinations=destinations, **fields)
+                             select={"names": list(names)},
+                             destinations=[{"kind": "folder", "path": str(path)} for path in to or (self.published,)],
+                             **fields)
         sync_group(self.catalog, config)
         return config
 
@@ -82,27 +83,30 @@ class CatalogSetup(Setup):
 def history(tmp_path, runner_adapters, catalog_url):
     """A group's runs of every kind over three revisions of task0, all 200 days old:
 
-    1 succeeded (task0@A), 2 skipped (unchanged), 3 succeeded (task0@B), 4 refused (task0@C
-    and task1: a quality gate), 5 failed forced (published to the first destination, not
-    the second; its merge kept to be published again), 6 failed (that kept merge published
-    again, to the first only), 7-66 skipped (too few adapters, two reasons in turn); and
-    two daemons, one seen now, one 200 days ago."""
+    1 succeeded (task0@A), 2 skipped (unchanged), 3 succeeded (task0@B), 4 failed (task0@C
+    and task1, published to the first destination, not the second), 5 refused (run 4's merge,
+    published again: a quality gate), 6 failed (forced, to the broken destination only: its
+    merge kept to be published again), 7 failed (that merge published again), 8-67 skipped
+    (too few adapters, two reasons in turn); and two daemons, one seen now, one 200 days ago."""
     s = CatalogSetup(tmp_path, *runner_adapters, catalog_url)
     no_gates = {"max_fidelity_gap": None, "max_regression": None}
-    both = ("task0", "task1")
+    both, broken = ("task0", "task1"), s.published.parent / "second"
     outcomes = [s.run(s.config("task0", gates=no_gates)), s.run(s.config("task0", gates=no_gates))]
     s.edit("task0", 1.5)
     outcomes.append(s.run(s.config("task0", gates=no_gates)))
     s.edit("task0", 0.5)
-    outcomes.append(s.run(s.config(*both, gates={"max_fidelity_gap": 1e-9, "max_regression": None})))
-    (s.published.parent / "second").write_text("not a folder")  # the second destination is broken
-    outcomes.append(s.run(s.config(*both, second=True, gates=no_gates), force=True))
-    outcomes.append(s.run(s.config(*both, second=True, gates=no_gates)))
+    broken.write_text("not a folder")  # a destination that fails
+    outcomes.append(s.run(s.config(*both, to=(s.published, broken), gates=no_gates)))
+    outcomes.append(s.run(s.config(*both, to=(s.published, broken), gates={"max_fidelity_gap": 1e-9,
+                                                                           "max_regression": None})))
+    outcomes.append(s.run(s.config(*both, to=(broken,), gates=no_gates), force=True))
+    outcomes.append(s.run(s.config(*both, to=(broken,), gates=no_gates)))
     for i in range(60):
-        outcomes.append(s.run(s.config(*both, second=True, gates=no_gates, min_adapters=3 + i % 2)))
-    assert [o.status for o in outcomes[:6]] == [RunStatus.succeeded, RunStatus.skipped, RunStatus.succeeded,
-                                                 RunStatus.refused, RunStatus.failed, RunStatus.failed]
-    assert {o.status for o in outcomes[6:]} == {RunStatus.skipped} and outcomes[-1].run_id == 66
+        outcomes.append(s.run(s.config(*both, to=(broken,), gates=no_gates, min_adapters=3 + i % 2)))
+    assert [o.status for o in outcomes[:7]] == [RunStatus.succeeded, RunStatus.skipped, RunStatus.succeeded,
+                                                 RunStatus.failed, RunStatus.refused, RunStatus.failed,
+                                                 RunStatus.failed]
+    assert {o.status for o in outcomes[7:]} == {RunStatus.skipped} and outcomes[-1].run_id == 67
     Peers(s.catalog, "host:1:live").announce({})
     Peers(s.catalog, "host:2:gone").announce({})
     _move_back(s.catalog, PAST, MergeRun.started_at, MergeRun.finished_at, AdapterRevision.last_seen_at,
@@ -131,11 +135,11 @@ def _counts(catalog: Catalog) -> dict[str, int]:
 def _read(s: CatalogSetup) -> dict:
     """What the daemon's next decisions, ``status`` and /metrics read."""
     group_id = s.group_id()
-    config = s.config("task0", "task1", second=True, gates={"max_fidelity_gap": None, "max_regression": None})
+    config = s.config("task0", "task1", gates={"max_fidelity_gap": None, "max_regression": None})
     last = _last_decided(s.catalog, group_id)
+    served = _served_before(s.catalog, last)
     with s.catalog.session(write=False) as session:
         newest = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id).order_by(MergeRun.id.desc()))
-        decided = session.scalar(select(MergeRun).where(MergeRun.id == 4))
         candidates = [(a.id, r.id) for a, r in merge_candidates(session)]
     kept = _unpublished_merge(s.catalog, group_id, unpublished_copy(s.work, group_id), newest.input_fingerprint, last)
     report = collect(s.catalog)
@@ -143,7 +147,7 @@ def _read(s: CatalogSetup) -> dict:
                if line.startswith("iteris_") and not line.startswith(("iteris_merge_runs_total", "iteris_adapters{"))]
     return {
         "status": json.dumps({k: v for k, v in report.items() if k != "daemons"}, sort_keys=True, default=str),
-        "last_decided": last and last.id, "served_before_refusal": (_served_before(s.catalog, decided) or newest).id,
+        "last_decided": last and last.id, "served_before_refusal": served and served.id,
         "gate_baseline": gate_baseline(s.catalog, group_id, published_copy(s.work, group_id)),
         "kept_merge": kept and (kept[0], kept[2]), "behind": groups_behind(s.catalog, [config]),
         "candidates": candidates, "inputs": [(a.id, r.id) for a, r in select_inputs(s.catalog, config)],
@@ -151,22 +155,24 @@ def _read(s: CatalogSetup) -> dict:
     }
 
 
-def test_prune_keeps_what_is_read_and_deletes_the_rest(history):
+def test_prune_keeps_what_is_read_and_deletes_the_rest(history, monkeypatch):
     s = history
     before, counts = _read(s), _counts(s.catalog)
-    # what the history's readers see: run 3 is the gate's baseline and served before run 4's
-    # refusal; run 5's merge is kept to be published again; run 6 serves the first destination
-    assert before["last_decided"] is None and before["served_before_refusal"] == 3 and before["kept_merge"] == (5, True)
+    # what the history's readers see: run 5's refusal decided last, run 3 is served behind it (and
+    # the gate's baseline), run 6's merge is kept to be published again, run 4's merge is what
+    # the first destination serves
+    assert (before["last_decided"], before["served_before_refusal"], before["kept_merge"]) == (5, 3, (6, True))
     assert before["gate_baseline"][0] is not None
-    assert [p["run_id"] for p in json.loads(before["status"])["groups"][0]["published"]] == [6]
+    assert [p["run_id"] for p in json.loads(before["status"])["groups"][0]["published"]] == [4]
 
     dry = prune(s.catalog, timedelta(days=90), dry_run=True)
     assert _counts(s.catalog) == counts
+    monkeypatch.setattr(prune_module, "PASS", 5)  # several transactions, each deciding anew
     pruned = prune(s.catalog, timedelta(days=90))
-    # runs 1, 2 and 7-16 (past the 50 newest); their inputs (1 + 1 + 10 x 2); task0@A (only
+    assert _read(s) == before
+    # runs 1, 2 and 8-17 (past the 50 newest); their inputs (1 + 1 + 10 x 2); task0@A (only
     # runs 1 and 2 merged it); the removed `extra` with its revision; the daemon gone
     assert pruned == dry == Pruned(runs=12, run_inputs=22, revisions=2, adapters=1, daemons=1)
-    assert _read(s) == before
     assert _counts(s.catalog) == {name: count - deleted for (name, count), deleted in
                                   zip(counts.items(), (12, 22, 2, 1, 1))}
     with s.catalog.session(write=False) as session:
@@ -174,7 +180,7 @@ def test_prune_keeps_what_is_read_and_deletes_the_rest(history):
         revisions = {r.revision for r in session.scalars(select(AdapterRevision).join(Adapter)
                                                          .where(Adapter.name == "task0"))}
         daemons = list(session.scalars(select(DaemonPresence.holder)))
-    assert runs == {3, 4, 5, 6, *range(17, 67)}
+    assert runs == {3, 4, 5, 6, 7, *range(18, 68)}
     assert len(revisions) == 2  # task0@B (run 3 merged it, no longer current) and task0@C
     assert daemons == ["host:1:live"]
     assert prune(s.catalog, timedelta(days=90)) == Pruned()  # nothing more

@@ -2,8 +2,9 @@
 
 The catalog keeps every merge run (with its inputs), every adapter revision seen, and
 the presence rows of daemons gone; run for months, it grows without bound. A prune
-deletes what is older than a cutoff and that no code reads, in one transaction beside a
-running daemon (on SQLite it holds the write lock while it lasts, as any writer does).
+deletes what is older than a cutoff and that no code reads, beside a running daemon, in
+transactions of bounded size (each decides anew what is unread; on SQLite each holds the
+write lock a moment, as any writer does); a dry run counts in one, rolled back.
 
 What the code reads of a group's runs, and so is never deleted (each query over
 ``MergeRun`` / ``MergeRunInput`` in the package, by reader):
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 RECENT_RUNS = 50  # the most of a group's newest runs the code reads (``status.collect``)
 LIVE = timedelta(days=1)  # ``peers.FORGET_AFTER``: a daemon seen since may be running
 BATCH = 500  # ids deleted per statement (SQLite allows 32766 parameters)
+PASS = 1000  # runs, revisions, adapters deleted at most per transaction: SQLite's write lock is held for one
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Pruned:
     revisions: int = 0
     adapters: int = 0
     daemons: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
     def lines(self) -> list[str]:
         labels = {"runs": "merge runs", "run_inputs": "run inputs", "revisions": "adapter revisions",
@@ -92,38 +97,58 @@ class _DryRun(Exception):
 
 def prune(catalog: Catalog, older_than: timedelta, keep_runs: int = RECENT_RUNS, dry_run: bool = False) -> Pruned:
     """Delete what is older than ``older_than`` and no code reads (the module docstring),
-    keeping each group's ``keep_runs`` newest runs (at least :data:`RECENT_RUNS`), in one
-    transaction; ``dry_run``: count, then roll back."""
-    try:
-        with catalog.session() as session:
-            now = catalog.now(session)
-            cutoff = now - older_than
-            pruned = _prune(session, cutoff, min(cutoff, now - LIVE), max(keep_runs, RECENT_RUNS))
-            if dry_run:
-                raise _DryRun(pruned)
-    except _DryRun as done:
-        pruned = done.pruned
+    keeping each group's ``keep_runs`` newest runs (at least :data:`RECENT_RUNS`), in
+    transactions of at most :data:`PASS` runs, revisions and adapters each: a first prune of
+    months of runs held SQLite's write lock for seconds per 100,000 runs, and a daemon's
+    write waits for it no longer than its busy timeout. Each pass decides anew, in its own
+    transaction; what one finds unread stays unread, as runs are only added after the
+    newest. ``dry_run``: one pass over everything, rolled back."""
+    keep = max(keep_runs, RECENT_RUNS)
+    with catalog.session(write=False) as session:
+        now = catalog.now(session)
+    cutoffs = (now - older_than, min(now - older_than, now - LIVE))
+    if dry_run:
+        try:
+            with catalog.session() as session:
+                raise _DryRun(_pass(session, *cutoffs, keep, limit=None))
+        except _DryRun as done:
+            pruned = done.pruned
+    else:
+        pruned = Pruned()
+        while True:
+            with catalog.session() as session:
+                step = _pass(session, *cutoffs, keep, limit=PASS)
+            pruned += step
+            if step == Pruned():
+                break
     log.info("catalog prune%s: %s", " (dry run, nothing deleted)" if dry_run else "",
              ", ".join(f"{f.name} {value}" for f, value in zip(fields(pruned), astuple(pruned))))
     return pruned
 
 
-def _prune(session: Session, cutoff: datetime, live_cutoff: datetime, keep_runs: int) -> Pruned:
-    run_ids = [run_id for group_id in session.scalars(select(MergeGroup.id).order_by(MergeGroup.id))
-               for run_id in _prunable_runs(session, group_id, cutoff, keep_runs)]
+def _pass(session: Session, cutoff: datetime, live_cutoff: datetime, keep_runs: int, limit: int | None) -> Pruned:
+    """Delete (at most ``limit`` each) the runs, then revisions and adapters, and the daemon
+    rows that are older than the cutoffs and unread now."""
+    run_ids: list[int] = []
+    for group_id in session.scalars(select(MergeGroup.id).order_by(MergeGroup.id)):
+        if limit is not None and len(run_ids) >= limit:
+            break
+        run_ids += _prunable_runs(session, group_id, cutoff, keep_runs, None if limit is None else limit - len(run_ids))
     inputs = _delete_by_id(session, MergeRunInput.run_id, run_ids)
     runs = _delete_by_id(session, MergeRun.id, run_ids)
-    adapter_ids = list(session.scalars(_removed_adapters(live_cutoff)))
+    adapter_ids = list(session.scalars(_removed_adapters(live_cutoff).limit(limit)))
     revision_ids = list(session.scalars(select(AdapterRevision.id).where(
-        or_(and_(_unused_revision(), _superseded(live_cutoff)), AdapterRevision.adapter_id.in_(adapter_ids)))))
+        and_(_unused_revision(), _superseded(live_cutoff))).limit(limit)))
     revisions = _delete_by_id(session, AdapterRevision.id, revision_ids)
+    revisions += _delete_by_id(session, AdapterRevision.adapter_id, adapter_ids)
     adapters = _delete_by_id(session, Adapter.id, adapter_ids)
     daemons = session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < live_cutoff)).rowcount
     return Pruned(runs, inputs, revisions, adapters, daemons)
 
 
-def _prunable_runs(session: Session, group_id: int, cutoff: datetime, keep_runs: int) -> list[int]:
-    """The ids of ``group_id``'s runs that finished before ``cutoff`` and that no code reads."""
+def _prunable_runs(session: Session, group_id: int, cutoff: datetime, keep_runs: int, limit: int | None) -> list[int]:
+    """The ids of ``group_id``'s runs (its oldest ``limit``) that finished before ``cutoff``
+    and that no code reads."""
     of_group = MergeRun.group_id == group_id
     oldest_kept = session.scalar(select(MergeRun.id).where(of_group).order_by(MergeRun.id.desc())
                                  .offset(keep_runs - 1).limit(1))
@@ -137,7 +162,7 @@ def _prunable_runs(session: Session, group_id: int, cutoff: datetime, keep_runs:
                and_(failed, MergeRun.id > success, MergeRun.may_have_published()))
     return list(session.scalars(select(MergeRun.id).where(
         of_group, MergeRun.id < oldest_kept, MergeRun.status != RunStatus.running,
-        func.coalesce(MergeRun.finished_at, MergeRun.started_at) < cutoff, not_(read))))
+        func.coalesce(MergeRun.finished_at, MergeRun.started_at) < cutoff, not_(read)).order_by(MergeRun.id).limit(limit)))
 
 
 def _newest(session: Session, group_id: int, statuses: list[RunStatus]) -> int:

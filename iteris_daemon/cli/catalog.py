@@ -59,8 +59,8 @@ def register(commands) -> None:
     upgrade.set_defaults(handler=_db_upgrade)
     prune = db_commands.add_parser(
         "prune", parents=[db_options], help="delete old merge runs, adapter revisions and daemon rows",
-        description="Delete the history older than --older-than days that nothing reads, in one transaction, "
-                    "beside a running daemon or not: finished merge runs (with their inputs), except each group's "
+        description="Delete the history older than --older-than days that nothing reads, beside a running daemon "
+                    "or not, in transactions of at most 1,000 runs (a dry run counts in one): finished merge runs (with their inputs), except each group's "
                     "--keep-runs newest, its newest succeeded run, its newest succeeded or refused run, the failed "
                     "runs since then and those that published since its newest success (what the destinations "
                     "serve, what the next run is skipped on, a merge kept to be published again); adapter "
