@@ -19,7 +19,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGroup, MergeRun,
                                           MergeRunInput, RunStatus, SourceKind)
 from iteris_daemon.catalog import prune as prune_module
-from iteris_daemon.catalog.prune import RECENT_RUNS, Pruned, prune
+from iteris_daemon.catalog.prune import RECENT_RUNS, Pruned, prune, vacuum
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.cli import main
 from iteris_daemon.config import GroupConfig
@@ -175,6 +175,7 @@ def test_prune_keeps_what_is_read_and_deletes_the_rest(history, monkeypatch):
     assert pruned == dry == Pruned(runs=12, run_inputs=22, revisions=2, adapters=1, daemons=1)
     assert _counts(s.catalog) == {name: count - deleted for (name, count), deleted in
                                   zip(counts.items(), (12, 22, 2, 1, 1))}
+    assert vacuum(s.catalog).startswith("VACUUM") and _read(s) == before  # outside a transaction, as both need
     with s.catalog.session(write=False) as session:
         runs = set(session.scalars(select(MergeRun.id)))
         revisions = {r.revision for r in session.scalars(select(AdapterRevision).join(Adapter)

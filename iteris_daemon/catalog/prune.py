@@ -31,6 +31,10 @@ What the code reads of a group's runs, and so is never deleted (each query over
    holds the largest id, which SQLite would give the next run again (a kept merge's run
    file, ``republished_from`` and ``merge-now --wait`` name runs by id).
 
+Nothing else reads past runs: ``merge-now`` requests (forced or not) are the group's row;
+the daemon counts failed calibration workers and publish retries in memory, from each
+run's outcome; ``gates``, ``peers`` and the sources read no runs.
+
 Adapter revisions go once no remaining run merged them, when they are not their
 adapter's current one (``Adapter.current``: a revision seen after them was seen before the
 cutoff, so they have not been current since) or their adapter was removed (its location
@@ -54,9 +58,10 @@ from collections.abc import Iterable
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, func, not_, or_, select
+from sqlalchemy import ColumnElement, and_, delete, exists, func, not_, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from ..peers import FORGET_AFTER
 from .db import Catalog
 from .models import (Adapter, AdapterRevision, AdapterStatus, DaemonPresence, MergeGroup, MergeRun, MergeRunInput,
                      RunStatus)
@@ -64,7 +69,7 @@ from .models import (Adapter, AdapterRevision, AdapterStatus, DaemonPresence, Me
 log = logging.getLogger(__name__)
 
 RECENT_RUNS = 50  # the most of a group's newest runs the code reads (``status.collect``)
-LIVE = timedelta(days=1)  # ``peers.FORGET_AFTER``: a daemon seen since may be running
+LIVE = FORGET_AFTER  # a daemon seen since may be running (its peers forget it after that)
 BATCH = 500  # ids deleted per statement (SQLite allows 32766 parameters)
 PASS = 1000  # runs, revisions, adapters deleted at most per transaction: SQLite's write lock is held for one
 
@@ -137,11 +142,12 @@ def _pass(session: Session, cutoff: datetime, live_cutoff: datetime, keep_runs: 
     inputs = _delete_by_id(session, MergeRunInput.run_id, run_ids)
     runs = _delete_by_id(session, MergeRun.id, run_ids)
     adapter_ids = list(session.scalars(_removed_adapters(live_cutoff).limit(limit)))
-    revision_ids = list(session.scalars(select(AdapterRevision.id).where(
-        and_(_unused_revision(), _superseded(live_cutoff))).limit(limit)))
-    revisions = _delete_by_id(session, AdapterRevision.id, revision_ids)
-    revisions += _delete_by_id(session, AdapterRevision.adapter_id, adapter_ids)
-    adapters = _delete_by_id(session, Adapter.id, adapter_ids)
+    superseded = (_unused_revision(), _superseded(live_cutoff))
+    revision_ids = list(session.scalars(select(AdapterRevision.id).where(*superseded).limit(limit)))
+    revisions = _delete_by_id(session, AdapterRevision.id, revision_ids, *superseded)
+    revisions += _delete_by_id(session, AdapterRevision.adapter_id, adapter_ids, _unused_revision())
+    adapters = _delete_by_id(session, Adapter.id, adapter_ids, Adapter.status == AdapterStatus.removed,
+                             not_(exists().where(AdapterRevision.adapter_id == Adapter.id)))
     daemons = session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < live_cutoff)).rowcount
     return Pruned(runs, inputs, revisions, adapters, daemons)
 
@@ -200,11 +206,14 @@ def _removed_adapters(before: datetime):
                                     not_(kept), Adapter.id < _largest_id(Adapter))
 
 
-def _delete_by_id(session: Session, column, ids: Iterable[int]) -> int:
-    """Delete the rows whose ``column`` is one of ``ids``, in batches; how many went."""
+def _delete_by_id(session: Session, column, ids: Iterable[int], *still: ColumnElement[bool]) -> int:
+    """Delete the rows whose ``column`` is one of ``ids`` and that ``still`` match (checked
+    again as they are deleted: on PostgreSQL another transaction may have changed them since
+    they were found), in batches; how many went."""
     ids, deleted = list(ids), 0
     for start in range(0, len(ids), BATCH):
-        deleted += session.execute(delete(column.class_).where(column.in_(ids[start:start + BATCH]))).rowcount
+        chunk = delete(column.class_).where(column.in_(ids[start:start + BATCH]), *still)
+        deleted += session.execute(chunk.execution_options(synchronize_session=False)).rowcount
     return deleted
 
 
