@@ -168,7 +168,8 @@ def _prunable_runs(session: Session, group_id: int, cutoff: datetime, keep_runs:
                and_(failed, MergeRun.id > success, MergeRun.may_have_published()))
     return list(session.scalars(select(MergeRun.id).where(
         of_group, MergeRun.id < oldest_kept, MergeRun.status != RunStatus.running,
-        func.coalesce(MergeRun.finished_at, MergeRun.started_at) < cutoff, not_(read)).order_by(MergeRun.id).limit(limit)))
+        func.coalesce(MergeRun.finished_at, MergeRun.started_at) < cutoff, not_(read))
+        .order_by(MergeRun.id).limit(limit)))
 
 
 def _newest(session: Session, group_id: int, statuses: list[RunStatus]) -> int:
@@ -179,7 +180,8 @@ def _newest(session: Session, group_id: int, statuses: list[RunStatus]) -> int:
 
 def _unused_revision():
     """SQL: no run merged the revision, and it does not hold the table's largest id."""
-    return and_(not_(exists().where(MergeRunInput.revision_id == AdapterRevision.id)), AdapterRevision.id < _largest_id(AdapterRevision))
+    return and_(not_(exists().where(MergeRunInput.revision_id == AdapterRevision.id)),
+                AdapterRevision.id < _largest_id(AdapterRevision))
 
 
 def _largest_id(entity: type[AdapterRevision] | type[Adapter]):

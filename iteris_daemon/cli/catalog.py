@@ -60,8 +60,8 @@ def register(commands) -> None:
     prune = db_commands.add_parser(
         "prune", parents=[db_options], help="delete old merge runs, adapter revisions and daemon rows",
         description="Delete the history older than --older-than days that nothing reads, beside a running daemon "
-                    "or not, in transactions of at most 1,000 runs (a dry run counts in one): finished merge runs (with their inputs), except each group's "
-                    "--keep-runs newest, its newest succeeded run, its newest succeeded or refused run, the failed "
+                    "or not, in transactions of at most 1,000 runs (a dry run counts in one): finished merge runs "
+                    "(with their inputs), except each group's --keep-runs newest, its newest succeeded run, its newest succeeded or refused run, the failed "
                     "runs since then and those that published since its newest success (what the destinations "
                     "serve, what the next run is skipped on, a merge kept to be published again); adapter "
                     "revisions no remaining run merged that stopped being current before the cutoff (and removed "
@@ -76,8 +76,8 @@ def register(commands) -> None:
                        help="keep each group's N newest runs (default and least: the 50 that `status` reads)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
     prune.add_argument("--vacuum", action="store_true",
-                       help="then give the space back (not on a dry run): SQLite's VACUUM rewrites the file (daemons' writes wait "
-                            "while it runs), PostgreSQL's makes it reusable")
+                       help="then give the space back (not on a dry run): SQLite's VACUUM rewrites the file "
+                            "(daemons' writes wait while it runs), PostgreSQL's makes it reusable")
     prune.set_defaults(handler=_db_prune)
 
     sources = commands.add_parser("sources", help="where adapters come from: local folders, Hub repos")
@@ -205,7 +205,8 @@ def _keep_runs(text: str) -> int:
     except ValueError:
         value = -1
     if not RECENT_RUNS <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a whole number, at least {RECENT_RUNS} (the runs `status` reads), not {text!r}")
+        raise argparse.ArgumentTypeError(f"a whole number, at least {RECENT_RUNS} (the runs `status` reads), "
+                                         f"not {text!r}")
     return value
 
 
