@@ -24,6 +24,7 @@ from .peers import differences
 from .runner import merge_candidates, of_other_base_models, selected, unmerged
 
 CLAIM_TTL = DaemonSettings.model_fields["claim_ttl_seconds"].default  # without a config: the default
+RUNS_SHOWN = 50  # a group's newest runs read for its last run, skips and held-back adapters (db prune keeps them)
 
 
 def serving(runs: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -81,12 +82,13 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
             if configured is not None and group.name not in configured:
                 not_configured.append(group.name)
                 continue
-            runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(50)).all()
+            runs = session.scalars(select(MergeRun).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc())
+                                   .limit(RUNS_SHOWN)).all()
             last = next((r for r in runs if r.status is not RunStatus.skipped), runs[0] if runs else None)
             # skipped runs newer than the last decided one: a group stalled (its source gone, too few
             # adapters ready) showed only its last success
             skipped = next((r for r in runs if r.status is RunStatus.skipped and r.id > last.id), None)
-            # past the 50 newest runs too: a publish failing for a day leaves more behind the last success
+            # past the RUNS_SHOWN newest runs too: a publish failing for a day leaves more behind the last success
             success = session.scalar(select(MergeRun).where(MergeRun.group_id == group.id,
                                                             MergeRun.status == RunStatus.succeeded)
                                      .order_by(MergeRun.id.desc()).limit(1))

@@ -11,8 +11,9 @@ What the code reads of a group's runs, and so is never deleted (each query over
 
 1. A group's :data:`RECENT_RUNS` newest runs (and ``--keep-runs`` more if asked):
    ``status`` shows its last run, last skipped run, the adapters held back and the run
-   skipped on the served inputs from its 50 newest runs; ``runner.groups_behind`` finds
-   the run a daemon compares its selection with among the ``RUNS_LOOKED_AT`` (20) newest;
+   skipped on the served inputs from its ``RUNS_SHOWN`` (50) newest runs;
+   ``runner.groups_behind`` finds the run a daemon compares its selection with among the
+   ``RUNS_LOOKED_AT`` (20) newest;
    ``runner._record_skip`` counts a repeated skip into the newest run; ``merge-now
    --wait`` reads the runs after the newest. Runs are only deleted, never added, so these
    windows hold the same runs after a prune.
@@ -62,13 +63,15 @@ from sqlalchemy import ColumnElement, and_, delete, exists, func, not_, or_, sel
 from sqlalchemy.orm import Session, aliased
 
 from ..peers import FORGET_AFTER
+from ..runner import RUNS_LOOKED_AT
+from ..status import RUNS_SHOWN
 from .db import Catalog
 from .models import (Adapter, AdapterRevision, AdapterStatus, DaemonPresence, MergeGroup, MergeRun, MergeRunInput,
                      RunStatus)
 
 log = logging.getLogger(__name__)
 
-RECENT_RUNS = 50  # the most of a group's newest runs the code reads (``status.collect``)
+RECENT_RUNS = max(RUNS_SHOWN, RUNS_LOOKED_AT)  # the most of a group's newest runs the code reads
 LIVE = FORGET_AFTER  # a daemon seen since may be running (its peers forget it after that)
 BATCH = 500  # ids deleted per statement (SQLite allows 32766 parameters)
 PASS = 1000  # runs, revisions, adapters deleted at most per transaction: SQLite's write lock is held for one
