@@ -89,9 +89,19 @@ class _Layer:
         return torch.zeros(self.U.shape[1], self.V.shape[1], dtype=torch.float64)
 
 
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    """``X`` (float64, CPU) scaled to norm 1 (a zero one as it is): the spans' bases are
+    taken from factors of one size, so that the cutoff below which a direction counts as
+    round-off is each factor's own, not the largest adapter's (a task 1e-10 the size of
+    another kept its directions only in part)."""
+    X = X.double().cpu()
+    norm = float(X.norm())
+    return X / norm if norm > 0 else X
+
+
 def _layer(modules: list[LoraModule]) -> _Layer:
-    U = _basis(torch.cat([m.B.double().cpu() for m in modules], dim=1))
-    V = _basis(torch.cat([m.A.double().cpu() for m in modules], dim=0).T)
+    U = _basis(torch.cat([_unit(m.B) for m in modules], dim=1))
+    V = _basis(torch.cat([_unit(m.A) for m in modules], dim=0).T)
     cores = [((U.T @ m.B.double().cpu()) * m.scaling) @ (m.A.double().cpu() @ V) for m in modules]
     dim = min(sum(m.A.shape[0] for m in modules), U.shape[0], V.shape[0])
     return _Layer(U, V, cores, dim)
@@ -239,6 +249,8 @@ def wudi_adam(modules: list[LoraModule], steps: int, lr: float, device: str = "c
     tasks = [(m.B.float().to(device) * m.scaling, m.A.float().to(device)) for m in modules]
     W = torch.nn.Parameter(sum(B @ A for B, A in tasks))
     terms = [(B, A, (B.T @ B) @ A / norm2) for B, A in tasks if (norm2 := float((B @ A).pow(2).sum())) > 0]
+    if not terms:  # every delta zero here (a layer no loss reached): the loss is zero, the sum stays
+        return W.detach()
     optimiser = torch.optim.Adam([W], lr=lr)
     for _ in range(steps):
         with torch.no_grad():
@@ -316,7 +328,7 @@ def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torc
     zeros: TIES' disjoint mean counts the tasks with a non-zero entry, and the round-off of
     a task that has none there (a zero adapter, spans orthogonal to the others') would
     halve the entry of the task that does."""
-    U_B = _basis(torch.cat([m.B.double().cpu() for m in modules], dim=1))
+    U_B = _basis(torch.cat([_unit(m.B) for m in modules], dim=1))
     Qs, middle = [], []
     for m in modules:
         Q, R = torch.linalg.qr(m.A.double().cpu().T)

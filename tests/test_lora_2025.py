@@ -489,6 +489,31 @@ def test_wudi_steps_write_the_capped_rank_and_report_its_error():
     assert abs(result.metrics["truncation_error"]["max"] - max(errors)) < 1e-4 and max(errors) > 0
 
 
+@pytest.mark.parametrize("strategy, reference", [("tsv", reference_tsv_m), ("core_space", reference_core_space),
+                                                 ("wudi", reference_wudi)])
+def test_a_task_far_smaller_than_another_keeps_its_directions(strategy, reference):
+    """The factors' spans are taken per factor, not against the largest one: a task 1e-10 the
+    size of another lost directions below the cutoff (QA RV7)."""
+    adapters = _adapters(7)
+    for path, module in adapters[0].modules.items():
+        adapters[0].modules[path] = LoraModule(A=module.A, B=module.B * 1e-6, scaling=module.scaling)
+    for path, module in adapters[1].modules.items():
+        adapters[1].modules[path] = LoraModule(A=module.A, B=module.B * 1e4, scaling=module.scaling)
+    for path, (B, A) in _merge(strategy, adapters).modules.items():
+        assert _relative(B @ A, reference(_deltas(adapters, path))) < 1e-8, path
+
+
+def test_wudi_steps_leave_a_layer_every_adapter_left_zero_at_zero():
+    """A layer no loss reached (PEFT's B = 0 in every adapter, e.g. BERT's pooler under a
+    target "dense"): one zero direction, as the exact merge gives; it raised a TypeError (QA RV7)."""
+    adapters = _adapters(0)
+    for adapter in adapters:
+        module = adapter.modules["wide"]
+        adapter.modules["wide"] = LoraModule(A=module.A, B=torch.zeros_like(module.B), scaling=module.scaling)
+    B, A = _merge("wudi", adapters, steps=5, lr=1e-2).modules["wide"]
+    assert float((B @ A).abs().max()) == 0.0 and torch.isfinite(B).all() and torch.isfinite(A).all()
+
+
 def test_copies_of_one_adapter_merge_to_it_under_wudi():
     adapter = _adapters(5)[3]
     copies = [LoraAdapter(name=f"c{i}", path=Path(f"c{i}"), config={}, modules=adapter.modules) for i in range(3)]
