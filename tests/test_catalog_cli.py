@@ -379,16 +379,16 @@ def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
     for argv in (["status"], ["adapters", "list"], ["sources", "list"], ["merge-now", "g"]):
         code, out, err = run(capsys, *argv, "--db", url)
         assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
-                                     "0007, older than this iteris-daemon's 0010: run `iteris-daemon db upgrade` (or "
+                                     "0007, older than this iteris-daemon's 0011: run `iteris-daemon db upgrade` (or "
                                      "start the daemon, which migrates it)\n"), err
     assert catalog_db.current_revision(engine) == "0007"
-    assert run(capsys, "db", "upgrade", "--db", url)[0] == 0 and catalog_db.current_revision(engine) == "0010"
+    assert run(capsys, "db", "upgrade", "--db", url)[0] == 0 and catalog_db.current_revision(engine) == "0011"
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '0042'"))
     for argv in (["status"], ["db", "upgrade"], ["sources", "add", "x", "--folder", str(tmp_path)]):
         code, out, err = run(capsys, *argv, "--db", url)
         assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
-                                     "0042, newer than this iteris-daemon knows (its latest is 0010): upgrade "
+                                     "0042, newer than this iteris-daemon knows (its latest is 0011): upgrade "
                                      "iteris-daemon, or use the version that wrote it\n"), err
     engine.dispose()
 

@@ -36,7 +36,7 @@ SQLITE_CACHE_KIB = 512
 # The newest migration's revision. A catalog already there opens without Alembic, whose
 # import and checks were most of a short command's time (``status``); a new migration
 # must update it (tests/test_catalog.py compares it with the migrations' head).
-SCHEMA_HEAD = "0010"
+SCHEMA_HEAD = "0011"
 # How a database server reads its own clock, in UTC without a time zone (as the catalog's
 # columns hold times). Claims and daemon liveness compare times written by different hosts,
 # so they use the server's clock; SQLite runs in this process, its clock is this host's.

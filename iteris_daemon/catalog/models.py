@@ -9,6 +9,7 @@ them; a test checks that the two agree.
   validation found, or why it was rejected, and under which settings.
 - ``merge_groups`` / ``merge_runs`` / ``merge_run_inputs``: what the daemon merges,
   and every run with the exact revisions it used.
+- ``pruned_runs``: how many runs ``db prune`` deleted, per group and status.
 - ``base_model_shapes``: a base model's layer shapes, computed once by a worker, for
   validating adapters without torch in the daemon.
 - ``daemons``: the daemons using the catalog, and the settings they must share
@@ -212,6 +213,18 @@ class MergeRun(Base):
         failed runs since a group's last success (thousands after months of failing) are
         not each read to find the few that did."""
         return cast(cls.metrics, Text).like('%"published"%')
+
+
+class PrunedRuns(Base):
+    """How many of a group's runs of a status ``db prune`` deleted (migration 0011): /metrics
+    adds them to the remaining runs' counts, so that ``iteris_merge_runs_total`` does not drop
+    after a prune (Prometheus takes a drop for a counter reset)."""
+
+    __tablename__ = "pruned_runs"
+
+    group_id: Mapped[int] = mapped_column(ForeignKey("merge_groups.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), primary_key=True)
+    runs: Mapped[int]  # the sum of their repeats, as /metrics counts them
 
 
 class MergeRunInput(Base):
