@@ -22,7 +22,8 @@ dropped from the config stays in the catalog, and its last publish would never m
   in-process metrics follow);
 - ``iteris_adapters{source,status}``: adapters per source and status;
 - ``iteris_merge_runs_total{group,status}``: merge runs recorded (a skipped run that
-  repeats the last one shares its row, and counts);
+  repeats the last one shares its row, and counts), those ``db prune`` deleted included:
+  a prune keeps their counts (``pruned_runs``), so it does not lower the counter;
 - ``iteris_last_publish_timestamp_seconds{group,destination}``: per destination
   (``kind:location``), when the run that published what it serves finished: the group's
   last successful run, or a later one that failed after publishing there;
@@ -81,7 +82,7 @@ from sqlalchemy.orm import Session
 
 from . import safe_json
 from .catalog import Catalog
-from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, RunStatus, Source
+from .catalog.models import Adapter, AdapterStatus, MergeGroup, MergeRun, PrunedRuns, RunStatus, Source
 from .config import WebhookSettings
 from .errors import ConfigError
 from .figures import added_losses, fidelity_gaps, task_figures
@@ -232,13 +233,16 @@ class CatalogCollector(Collector):
             # by group id: in ix_merge_runs_group_status's order, read from the index alone
             runs = session.execute(select(MergeRun.group_id, MergeRun.status, func.sum(MergeRun.repeats))
                                    .group_by(MergeRun.group_id, MergeRun.status)).all()
+            pruned = session.execute(select(PrunedRuns.group_id, PrunedRuns.status, PrunedRuns.runs)).all()
             if self.configured is not None:  # a group dropped from the config stays in the catalog: no daemon runs it
                 configured = set(self.configured())
                 names = {group_id: name for group_id, name in names.items() if name in configured}
             recent = {name: session.execute(_served_candidates(group_id)).all() for group_id, name in names.items()}
         families = _catalog_families()
         adapter_counts = {(source, status): count for source, status, count in adapters}
-        run_counts = {(group_id, status): count for group_id, status, count in runs}
+        run_counts: dict[tuple[int, RunStatus], int] = {}
+        for group_id, status, count in [*runs, *pruned]:  # the runs' rows, and those `db prune` deleted
+            run_counts[group_id, status] = run_counts.get((group_id, status), 0) + count
         for source in sources:
             for status in AdapterStatus:  # zeros too: a series that appears only when non-zero breaks rate() and alerts
                 count = adapter_counts.get((source.name, status), 0)

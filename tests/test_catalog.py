@@ -405,6 +405,44 @@ def test_upgrades_keep_every_row_of_every_table(catalog_url, start):
     engine.dispose()
 
 
+def test_0011_keeps_the_counts_of_pruned_runs_and_goes_back_to_0010(catalog_url):
+    """Upgraded from 0010 on a catalog holding runs, ``pruned_runs`` starts empty (the runs'
+    rows are the whole count, as before); a prune then counts the runs it deletes there, so
+    the /metrics counter reads the same; a downgrade drops the table, the runs staying."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from iteris_daemon.catalog.models import MergeGroup, MergeRun, PrunedRuns, RunStatus
+    from iteris_daemon.catalog.prune import RECENT_RUNS, prune
+    from iteris_daemon.endpoints import CatalogCollector
+
+    def counted(catalog: Catalog) -> dict[tuple[str, str], float]:
+        families = {family.name: family for family in CatalogCollector(catalog)._read()}
+        return {(s.labels["group"], s.labels["status"]): s.value for s in families["iteris_merge_runs"].samples
+                if s.value}
+
+    engine = catalog_db.make_engine(catalog_url)
+    catalog_db.upgrade(engine, "0010")
+    with Session(engine) as session, session.begin():
+        session.add(MergeGroup(id=1, name="g", base_model="base", strategy="iteris"))
+        session.add_all(MergeRun(group_id=1, status=RunStatus.skipped, input_fingerprint="f" * 64, repeats=2,
+                                 finished_at=datetime(2026, 1, 1)) for _ in range(RECENT_RUNS + 3))
+    catalog_db.upgrade(engine)
+    assert catalog_db.current_revision(engine) == "0011"
+    catalog = Catalog(catalog_url)
+    with catalog.session(write=False) as session:
+        assert session.scalar(select(func.count()).select_from(PrunedRuns)) == 0
+    assert counted(catalog) == {("g", "skipped"): 2 * (RECENT_RUNS + 3)}
+    assert prune(catalog, timedelta(0)).runs == 3
+    assert counted(catalog) == {("g", "skipped"): 2 * (RECENT_RUNS + 3)}
+    catalog.close()
+    catalog_db.downgrade(engine, "0010")
+    assert "pruned_runs" not in inspect(engine).get_table_names()
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(MergeRun.__table__)) == RECENT_RUNS
+    engine.dispose()
+
 def test_updated_at_moves_with_each_new_current_revision(catalog_url):
     """``adapters list --json`` showed ``updated_at`` unchanged when an adapter's weights were
     replaced (a new revision, same status): it moved only on a status change."""

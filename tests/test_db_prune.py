@@ -1,23 +1,26 @@
 """``iteris-daemon db prune`` (``catalog.prune``): a history built by real runs on the real
 folder source, catalog and folder publisher (``group_runs``), pruned, reads the same to
-every reader the daemon, ``status`` and /metrics have; on SQLite and PostgreSQL."""
+every reader the daemon, ``status`` and /metrics have (the runs counter included: the runs
+deleted are counted into ``pruned_runs``); on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 from safetensors.torch import load_file, save_file
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from group_runs import Setup
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGroup, MergeRun,
-                                          MergeRunInput, RunStatus, SourceKind)
+                                          MergeRunInput, PrunedRuns, RunStatus, SourceKind)
 from iteris_daemon.catalog import prune as prune_module
 from iteris_daemon.catalog.prune import RECENT_RUNS, Pruned, prune, vacuum
 from iteris_daemon.catalog.registry import add_source
@@ -132,6 +135,11 @@ def _counts(catalog: Catalog) -> dict[str, int]:
         return {t.__tablename__: session.scalar(select(func.count()).select_from(t)) for t in TABLES}
 
 
+def _pruned_runs(catalog: Catalog) -> dict[tuple[int, RunStatus], int]:
+    with catalog.session(write=False) as session:
+        return {(row.group_id, row.status): row.runs for row in session.scalars(select(PrunedRuns))}
+
+
 def _read(s: CatalogSetup) -> dict:
     """What the daemon's next decisions, ``status`` and /metrics read."""
     group_id = s.group_id()
@@ -144,7 +152,7 @@ def _read(s: CatalogSetup) -> dict:
     kept = _unpublished_merge(s.catalog, group_id, unpublished_copy(s.work, group_id), newest.input_fingerprint, last)
     report = collect(s.catalog)
     metrics = [line for line in generate_latest(DaemonMetrics(s.catalog).registry).decode().splitlines()
-               if line.startswith("iteris_") and not line.startswith(("iteris_merge_runs_total", "iteris_adapters{"))]
+               if line.startswith("iteris_") and not line.startswith("iteris_adapters{")]
     return {
         "status": json.dumps({k: v for k, v in report.items() if k != "daemons"}, sort_keys=True, default=str),
         "last_decided": last and last.id, "served_before_refusal": served and served.id,
@@ -166,10 +174,11 @@ def test_prune_keeps_what_is_read_and_deletes_the_rest(history, monkeypatch):
     assert [p["run_id"] for p in json.loads(before["status"])["groups"][0]["published"]] == [4]
 
     dry = prune(s.catalog, timedelta(days=90), dry_run=True)
-    assert _counts(s.catalog) == counts
+    assert _counts(s.catalog) == counts and _pruned_runs(s.catalog) == {}  # rolled back, its counts with it
     monkeypatch.setattr(prune_module, "PASS", 5)  # several transactions, each deciding anew
     pruned = prune(s.catalog, timedelta(days=90))
-    assert _read(s) == before
+    assert _read(s) == before  # /metrics's iteris_merge_runs_total too: the runs deleted are counted in pruned_runs
+    assert _pruned_runs(s.catalog) == {(s.group_id(), RunStatus.succeeded): 1, (s.group_id(), RunStatus.skipped): 11}
     # runs 1, 2 and 8-17 (past the 50 newest); their inputs (1 + 1 + 10 x 2); task0@A (only
     # runs 1 and 2 merged it); the removed `extra` with its revision; the daemon gone
     assert pruned == dry == Pruned(runs=12, run_inputs=22, revisions=2, adapters=1, daemons=1)
@@ -185,6 +194,41 @@ def test_prune_keeps_what_is_read_and_deletes_the_rest(history, monkeypatch):
     assert len(revisions) == 2  # task0@B (run 3 merged it, no longer current) and task0@C
     assert daemons == ["host:1:live"]
     assert prune(s.catalog, timedelta(days=90)) == Pruned()  # nothing more
+    with s.catalog.session() as session:
+        session.execute(delete(MergeGroup))
+    assert _pruned_runs(s.catalog) == {}  # a group's counts go with it, as its runs do
+
+
+def test_two_prunes_at_once_count_each_run_once(catalog_url):
+    """A second prune that found the same runs while the first had not committed: it waits for
+    the first (PostgreSQL: the runs locked as they are counted; SQLite: the write lock), then
+    finds them gone. Without the lock it counted them again, or failed inserting their row."""
+    catalog = Catalog(catalog_url)
+    with catalog.session() as session:
+        group = MergeGroup(name="g", base_model="base", strategy="task_arithmetic")
+        session.add(group)
+        session.flush()
+        group_id = group.id
+    for i in range(RECENT_RUNS + 10):
+        _record_skip(catalog, group_id, "f" * 64, Inputs(), f"reason {i % 2}")
+    _move_back(catalog, PAST, MergeRun.started_at, MergeRun.finished_at)
+    with catalog.session(write=False) as session:
+        now = catalog.now(session)
+    second: list[Pruned] = []
+
+    def prune_beside() -> None:
+        with catalog.session() as session:
+            second.append(prune_module._pass(session, now, now, RECENT_RUNS, limit=None))
+
+    with catalog.session() as session:
+        first = prune_module._pass(session, now, now, RECENT_RUNS, limit=None)
+        beside = threading.Thread(target=prune_beside)
+        beside.start()
+        time.sleep(1)  # the second prune finds the runs, and waits
+    beside.join()
+    assert (first.runs, second) == (10, [Pruned()])
+    assert _pruned_runs(catalog) == {(group_id, RunStatus.skipped): 10}
+    catalog.close()
 
 
 def test_a_running_run_and_a_live_daemon_stay(tmp_path, runner_adapters):
@@ -221,7 +265,7 @@ def test_prune_command(tmp_path, capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "--older-than DAYS" in shown and "--keep-runs N" in shown and "--dry-run" in shown and "--vacuum" in shown
     assert f"default and least: the {RECENT_RUNS} that `status` reads" in shown
-    assert "counter reset" in shown
+    assert "iteris_merge_runs_total (their counts are kept in the catalog), so it does not drop" in shown
     for option, value, why in (("--older-than", "-1", "0 or more"), ("--older-than", "nan", "0 or more"),
                                ("--keep-runs", str(RECENT_RUNS - 1), f"at least {RECENT_RUNS}")):
         with pytest.raises(SystemExit) as exit_:

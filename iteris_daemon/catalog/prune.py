@@ -48,18 +48,21 @@ the other).
 Files are left alone: a superseded Hub revision's commit folder in the daemon's cache is
 deleted by the daemon's own polls (``sources.hub.drop_unused_commits``), under a lock of
 the daemon's process that this one cannot hold. The /metrics counter
-``iteris_merge_runs_total`` counts the runs' rows, so it drops after a prune: Prometheus
-takes that for a counter reset.
+``iteris_merge_runs_total`` counts the runs' rows: the runs a pass deletes are counted (their
+repeats, per group and status) into ``pruned_runs`` in its transaction, and /metrics adds
+those counts, so the counter reads the same after a prune (a drop would be a counter reset
+to Prometheus, and ``increase()`` would count the kept runs again); a dry run counts none.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, not_, or_, select
+from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, not_, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from ..peers import FORGET_AFTER
@@ -67,7 +70,7 @@ from ..runner import RUNS_LOOKED_AT
 from ..status import RUNS_SHOWN
 from .db import Catalog
 from .models import (Adapter, AdapterRevision, AdapterStatus, DaemonPresence, MergeGroup, MergeRun, MergeRunInput,
-                     RunStatus)
+                     PrunedRuns, RunStatus)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,7 @@ def _pass(session: Session, cutoff: datetime, live_cutoff: datetime, keep_runs: 
         if limit is not None and len(run_ids) >= limit:
             break
         run_ids += _prunable_runs(session, group_id, cutoff, keep_runs, None if limit is None else limit - len(run_ids))
+    _fold(session, _run_counts(session, run_ids))
     inputs = _delete_by_id(session, MergeRunInput.run_id, run_ids)
     runs = _delete_by_id(session, MergeRun.id, run_ids)
     adapter_ids = list(session.scalars(_removed_adapters(live_cutoff).limit(limit)))
@@ -173,6 +177,29 @@ def _prunable_runs(session: Session, group_id: int, cutoff: datetime, keep_runs:
         of_group, MergeRun.id < oldest_kept, MergeRun.status != RunStatus.running,
         func.coalesce(MergeRun.finished_at, MergeRun.started_at) < cutoff, not_(read))
         .order_by(MergeRun.id).limit(limit)))
+
+
+def _run_counts(session: Session, run_ids: list[int]) -> Counter[tuple[int, RunStatus]]:
+    """The runs' counts (their repeats, as /metrics counts them) per group and status, the
+    runs locked as they are read (PostgreSQL): a prune beside this one that found them too
+    waits for this one's commit, then finds them gone, and neither counts nor deletes them."""
+    counts: Counter[tuple[int, RunStatus]] = Counter()
+    for start in range(0, len(run_ids), BATCH):
+        rows = session.execute(select(MergeRun.group_id, MergeRun.status, MergeRun.repeats)
+                               .where(MergeRun.id.in_(run_ids[start:start + BATCH])).with_for_update())
+        for group_id, status, repeats in rows:
+            counts[group_id, status] += repeats
+    return counts
+
+
+def _fold(session: Session, counts: Counter[tuple[int, RunStatus]]) -> None:
+    """Add ``counts`` to ``pruned_runs`` in the transaction that deletes their runs: /metrics
+    adds these to the runs' rows, so ``iteris_merge_runs_total`` does not drop (Prometheus
+    would take a drop for a counter reset). A dry run's are rolled back with it."""
+    for (group_id, status), runs in counts.items():
+        row = and_(PrunedRuns.group_id == group_id, PrunedRuns.status == status)
+        if not session.execute(update(PrunedRuns).where(row).values(runs=PrunedRuns.runs + runs)).rowcount:
+            session.execute(insert(PrunedRuns).values(group_id=group_id, status=status, runs=runs))
 
 
 def _newest(session: Session, group_id: int, statuses: list[RunStatus]) -> int:

@@ -67,9 +67,9 @@ def register(commands) -> None:
                     "revisions no remaining run merged that stopped being current before the cutoff (and removed "
                     "adapters whose whole history goes); rows of daemons not seen since the cutoff. Daemons seen, "
                     "and revisions current, in the last day are never deleted. Files are left alone: the daemon's "
-                    "Hub polls delete the cached commits no adapter uses. The /metrics counter "
-                    "iteris_merge_runs_total counts the runs kept, so it drops (Prometheus takes a drop for a "
-                    "counter reset). Prints what it deleted.")
+                    "Hub polls delete the cached commits no adapter uses. The runs deleted are still counted by "
+                    "the /metrics counter iteris_merge_runs_total (their counts are kept in the catalog), so it "
+                    "does not drop, which Prometheus would take for a counter reset. Prints what it deleted.")
     prune.add_argument("--older-than", type=_days, default=90, metavar="DAYS",
                        help="delete only what is older than DAYS days (default 90; 0: whatever nothing reads)")
     prune.add_argument("--keep-runs", type=_keep_runs, metavar="N",
