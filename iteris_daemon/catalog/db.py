@@ -152,7 +152,7 @@ def _read_only_opener(database: Path) -> Callable[[], sqlite3.Connection]:
     return partial(sqlite3.connect, uri, uri=True, check_same_thread=False)
 
 
-def _is_sqlite_busy(exc: OperationalError) -> bool:
+def is_sqlite_busy(exc: OperationalError) -> bool:
     """SQLITE_BUSY (any extended code): the busy timeout ran out behind another connection's lock."""
     code = getattr(exc.orig, "sqlite_errorcode", None)
     return (code & 0xFF) == 5 if isinstance(code, int) else "database is locked" in str(exc.orig)
@@ -340,7 +340,7 @@ class Catalog:
             if self._sqlite and _is_sqlite_read_only(exc):
                 raise CatalogError(f"the catalog {self.safe_url} cannot be written here (a read-only file system, or "
                                    "another user's): nothing was written") from exc
-            if self._sqlite and _is_sqlite_busy(exc):
+            if self._sqlite and is_sqlite_busy(exc):
                 raise CatalogLockedError(
                     f"the catalog {self.safe_url} is locked by another process (still locked after waiting "
                     f"{self.busy_timeout:g} s); nothing was written, try again once it is released"

@@ -63,12 +63,13 @@ from dataclasses import astuple, dataclass, fields
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, not_, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from ..peers import FORGET_AFTER
 from ..runner import RUNS_LOOKED_AT
 from ..status import RUNS_SHOWN
-from .db import Catalog
+from .db import Catalog, CatalogLockedError, is_sqlite_busy
 from .models import (Adapter, AdapterRevision, AdapterStatus, DaemonPresence, MergeGroup, MergeRun, MergeRunInput,
                      PrunedRuns, RunStatus)
 
@@ -148,11 +149,16 @@ def _pass(session: Session, cutoff: datetime, live_cutoff: datetime, keep_runs: 
     _fold(session, _run_counts(session, run_ids))
     inputs = _delete_by_id(session, MergeRunInput.run_id, run_ids)
     runs = _delete_by_id(session, MergeRun.id, run_ids)
-    adapter_ids = list(session.scalars(_removed_adapters(live_cutoff).limit(limit)))
-    superseded = (_unused_revision(), _superseded(live_cutoff))
-    revision_ids = list(session.scalars(select(AdapterRevision.id).where(*superseded).limit(limit)))
-    revisions = _delete_by_id(session, AdapterRevision.id, revision_ids, *superseded)
-    revisions += _delete_by_id(session, AdapterRevision.adapter_id, adapter_ids, _unused_revision())
+    revisions, budget = 0, limit
+    # superseded revisions, then removed adapters' histories (an adapter goes in the pass
+    # that deletes its last revision), ``limit`` revisions in all a pass
+    for going in ((_unused_revision(), _superseded(live_cutoff)),
+                  (_unused_revision(), AdapterRevision.adapter_id.in_(_removed_adapters(live_cutoff)))):
+        revision_ids = list(session.scalars(select(AdapterRevision.id).where(*going).limit(budget)))
+        revisions += _delete_by_id(session, AdapterRevision.id, revision_ids, *going)
+        budget = None if budget is None else budget - len(revision_ids)
+    adapter_ids = list(session.scalars(_removed_adapters(live_cutoff).where(
+        not_(exists().where(AdapterRevision.adapter_id == Adapter.id))).limit(limit)))
     adapters = _delete_by_id(session, Adapter.id, adapter_ids, Adapter.status == AdapterStatus.removed,
                              not_(exists().where(AdapterRevision.adapter_id == Adapter.id)))
     daemons = session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < live_cutoff)).rowcount
@@ -250,18 +256,40 @@ def _delete_by_id(session: Session, column, ids: Iterable[int], *still: ColumnEl
 
 
 def vacuum(catalog: Catalog) -> str:
-    """Give the space freed back: SQLite's ``VACUUM`` (it takes the write lock while it
-    runs; readers go on, and the file shrinks at the checkpoint after them), PostgreSQL's
-    (space reused, not returned to the system; it blocks no reads or writes). Outside a
-    transaction, as both require. Returns what was done, in words."""
+    """Give the space freed back: SQLite's ``VACUUM`` (it waits for the write lock up to the
+    busy timeout and holds it while it runs; readers go on), PostgreSQL's (space reused, not
+    returned to the system; it blocks no reads or writes). Outside a transaction, as both
+    require. Returns what was done, in words."""
     tables = ", ".join(t.__tablename__ for t in (MergeRun, MergeRunInput, AdapterRevision, Adapter, DaemonPresence))
     backend = catalog.engine.url.get_backend_name()
     with catalog.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         if backend == "sqlite":
-            connection.exec_driver_sql("VACUUM")
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-            return "VACUUM: the catalog file rewritten without the free pages"
+            try:
+                connection.exec_driver_sql("VACUUM")
+            except OperationalError as exc:
+                if not is_sqlite_busy(exc):
+                    raise
+                raise CatalogLockedError(
+                    f"the catalog {catalog.safe_url} is locked by another process (still locked after waiting "
+                    f"{catalog.busy_timeout:g} s): pruned, but not vacuumed; run `db prune --vacuum` again later"
+                ) from exc
+            return "VACUUM: the catalog rewritten without the free pages; " + _shrink(connection, catalog)
         if backend == "postgresql":
             connection.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
             return f"VACUUM (ANALYZE) {tables}: the space is reused by new rows"
     return f"no VACUUM on {backend}: left to the database"
+
+
+def _shrink(connection, catalog: Catalog) -> str:
+    """Move the rewritten pages from the WAL into the file and truncate both, without waiting:
+    a TRUNCATE checkpoint waits for every reader (a backup, a slow ``status``) while holding
+    the write lock, and the daemons' writes would wait behind it. Tried once, with no busy
+    timeout; with readers still on the old pages the daemons' own checkpoints finish it."""
+    connection.exec_driver_sql("PRAGMA busy_timeout=0")
+    try:
+        busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+    finally:
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(catalog.busy_timeout * 1000)}")
+    if busy:
+        return "the file shrinks at a later checkpoint, once the readers open now are done"
+    return "the file shrunk"
