@@ -132,6 +132,20 @@ def _move_back(catalog: Catalog, by: timedelta, *columns, where=None) -> None:
                     setattr(row, column.key, getattr(row, column.key) - by)
 
 
+def _old_skips(catalog: Catalog, count: int) -> int:
+    """A group ``g`` with ``count`` skipped runs (two reasons in turn, so none folds into
+    another), moved 200 days back; its id."""
+    with catalog.session() as session:
+        group = MergeGroup(name="g", base_model="base", strategy="task_arithmetic")
+        session.add(group)
+        session.flush()
+        group_id = group.id
+    for i in range(count):
+        _record_skip(catalog, group_id, "f" * 64, Inputs(), f"reason {i % 2}")
+    _move_back(catalog, PAST, MergeRun.started_at, MergeRun.finished_at)
+    return group_id
+
+
 def _counts(catalog: Catalog) -> dict[str, int]:
     with catalog.session(write=False) as session:
         return {t.__tablename__: session.scalar(select(func.count()).select_from(t)) for t in TABLES}
@@ -206,14 +220,7 @@ def test_two_prunes_at_once_count_each_run_once(catalog_url):
     the first (PostgreSQL: the runs locked as they are counted; SQLite: the write lock), then
     finds them gone. Without the lock it counted them again, or failed inserting their row."""
     catalog = Catalog(catalog_url)
-    with catalog.session() as session:
-        group = MergeGroup(name="g", base_model="base", strategy="task_arithmetic")
-        session.add(group)
-        session.flush()
-        group_id = group.id
-    for i in range(RECENT_RUNS + 10):
-        _record_skip(catalog, group_id, "f" * 64, Inputs(), f"reason {i % 2}")
-    _move_back(catalog, PAST, MergeRun.started_at, MergeRun.finished_at)
+    group_id = _old_skips(catalog, RECENT_RUNS + 10)
     with catalog.session(write=False) as session:
         now = catalog.now(session)
     second: list[Pruned] = []
@@ -277,14 +284,7 @@ def test_prune_command(tmp_path, capsys):
     assert code == 2 and "no catalog at" in err  # prune creates none
 
     catalog = Catalog(db[1])
-    with catalog.session() as session:
-        group = MergeGroup(name="g", base_model="base", strategy="task_arithmetic")
-        session.add(group)
-        session.flush()
-        group_id = group.id
-    for i in range(RECENT_RUNS + 3):
-        _record_skip(catalog, group_id, "f" * 64, Inputs(), f"reason {i % 2}")
-    _move_back(catalog, PAST, MergeRun.started_at, MergeRun.finished_at)
+    _old_skips(catalog, RECENT_RUNS + 3)
     catalog.close()
     table = ["  merge runs                3", "  run inputs                0", "  adapter revisions         0",
              "  adapters                  0", "  daemon rows               0"]

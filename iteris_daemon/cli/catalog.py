@@ -60,8 +60,9 @@ def register(commands) -> None:
     prune = db_commands.add_parser(
         "prune", parents=[db_options], help="delete old merge runs, adapter revisions and daemon rows",
         description="Delete the history older than --older-than days that nothing reads, beside a running daemon "
-                    "or not, in transactions of at most 1,000 runs (a dry run counts in one): finished merge runs "
-                    "(with their inputs), except each group's --keep-runs newest, its newest succeeded run, its newest succeeded or refused run, the failed "
+                    "or not, in transactions of at most 1,000 runs and 1,000 revisions (a dry run counts in one): "
+                    "finished merge runs (with their inputs), except each group's --keep-runs newest, its newest "
+                    "succeeded run, its newest succeeded or refused run, the failed "
                     "runs since then and those that published since its newest success (what the destinations "
                     "serve, what the next run is skipped on, a merge kept to be published again); adapter "
                     "revisions no remaining run merged that stopped being current before the cutoff (and removed "
@@ -174,40 +175,32 @@ def _source_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _in_range(text: str, cast: type, low: float, high: float, what: str):
+    """``text`` as ``cast`` in ``[low, high)`` (NaN and inf are not), or an argparse error saying ``what``."""
+    try:
+        value = cast(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value < high:
+        raise argparse.ArgumentTypeError(f"{what}, not {text!r}")
+    return value
+
+
 def _catalog_id(text: str) -> int:
     """A row id as the databases store it (a 64-bit integer: a longer one overflowed SQLite)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"an id is a whole number from 1 to 2^63 - 1, not {text!r}")
-    return value
+    return _in_range(text, int, 1, 2**63, "an id is a whole number from 1 to 2^63 - 1")
 
 
 def _days(text: str) -> float:
-    """A number of days, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 100_000:  # inf and nan too: a cutoff before year 1 is no date
-        raise argparse.ArgumentTypeError(f"a number of days, 0 or more, not {text!r}")
-    return value
+    """A number of days, 0 or more (below 100,000: a cutoff before year 1 is no date)."""
+    return _in_range(text, float, 0, 100_000, "a number of days, 0 or more")
 
 
 def _keep_runs(text: str) -> int:
     """How many of a group's newest runs to keep: at least those the code reads."""
     from ..catalog.prune import RECENT_RUNS
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not RECENT_RUNS <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a whole number, at least {RECENT_RUNS} (the runs `status` reads), "
-                                         f"not {text!r}")
-    return value
+    return _in_range(text, int, RECENT_RUNS, 2**63, f"a whole number, at least {RECENT_RUNS} (the runs `status` reads)")
 
 
 def _open(args, create: bool = False):
