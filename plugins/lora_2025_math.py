@@ -259,42 +259,38 @@ def wudi_adam(modules: list[LoraModule], steps: int, lr: float, device: str = "c
     return W.detach()
 
 
-def wudi_adam_merge(inputs: MergeInputs, params: WudiParams, progress: Progress) -> MergedAdapter:
-    """Per layer :func:`wudi_adam`, times ``alpha``, written as its best rank-``target_rank``
-    factors (default: the summed ranks), the relative errors reported."""
+# ---------------------------------------------------------------------------------------------
+# The merge
+
+
+def _per_layer(inputs: MergeInputs, progress: Progress,
+               write: Callable[[list[LoraModule]], tuple[torch.Tensor, torch.Tensor, float]]) -> MergedAdapter:
+    """Per layer, over the adapters that adapt it: ``write(modules)`` gives the merged
+    ``(B, A)`` and the relative error of its rank cap, reported as ``truncation_error``."""
     paths = sorted({p for a in inputs.adapters for p in a.modules})
     modules, errors = {}, {}
     for path in progress(paths, desc="layers", leave=False):
-        present = [a.modules[path] for a in inputs.adapters if path in a.modules]
-        merged = params.alpha * wudi_adam(present, params.steps, params.lr, inputs.device)
-        B, A, error = dense_to_lowrank(merged, params.target_rank or sum(m.rank for m in present))
-        modules[path] = (B.cpu(), A.cpu())
+        B, A, error = write([a.modules[path] for a in inputs.adapters if path in a.modules])
+        modules[path] = (B, A)
         if error > 0:
             errors[path] = error
-    return MergedAdapter(modules, {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}})
-
-
-# ---------------------------------------------------------------------------------------------
-# The merge
+    metrics = {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}}
+    return MergedAdapter(modules, metrics)
 
 
 def merge_layers(
     inputs: MergeInputs, params: _Params, progress: Progress,
     layer_merge: Callable[[list[LoraModule]], tuple[_Layer, torch.Tensor]],
 ) -> MergedAdapter:
-    """Per layer, over the adapters that adapt it: ``layer_merge(modules)`` gives the bases
-    and the merged core ``M`` (``Delta = U M V^T``); ``alpha`` times it is written as LoRA
-    factors, capped at ``target_rank`` (the cap's relative errors reported)."""
-    paths = sorted({p for a in inputs.adapters for p in a.modules})
-    modules, errors = {}, {}
-    for path in progress(paths, desc="layers", leave=False):
-        layer, M = layer_merge([a.modules[path] for a in inputs.adapters if path in a.modules])
-        B, A, error = _factors(layer, params.alpha * M, params.target_rank)
-        modules[path] = (B, A)
-        if error > 0:
-            errors[path] = error
-    metrics = {"truncation_error": {"max": max(errors.values(), default=0.0), "layers": len(errors)}}
-    return MergedAdapter(modules, metrics)
+    """Per layer: ``layer_merge(modules)`` gives the bases and the merged core ``M``
+    (``Delta = U M V^T``); ``alpha`` times it is written as LoRA factors, capped at
+    ``target_rank`` (the cap's relative errors reported)."""
+
+    def write(modules: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        layer, M = layer_merge(modules)
+        return _factors(layer, params.alpha * M, params.target_rank)
+
+    return _per_layer(inputs, progress, write)
 
 
 def merge_cores(
@@ -307,6 +303,18 @@ def merge_cores(
         return layer, rule(layer)
 
     return merge_layers(inputs, params, progress, core)
+
+
+def wudi_adam_merge(inputs: MergeInputs, params: WudiParams, progress: Progress) -> MergedAdapter:
+    """Per layer :func:`wudi_adam`, times ``alpha``, written as its best rank-``target_rank``
+    factors (default: the summed ranks), the relative errors reported."""
+
+    def write(modules: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        merged = params.alpha * wudi_adam(modules, params.steps, params.lr, inputs.device)
+        B, A, error = dense_to_lowrank(merged, params.target_rank or sum(m.rank for m in modules))
+        return B.cpu(), A.cpu(), error
+
+    return _per_layer(inputs, progress, write)
 
 
 # ---------------------------------------------------------------------------------------------
