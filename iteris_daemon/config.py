@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import tomllib
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
@@ -177,6 +176,13 @@ class WebhookSettings(_Listening):
         if not secret.rstrip():
             raise ConfigError(f"daemon.webhooks.secret_file {path}: is empty")
         return secret.rstrip()
+
+
+def check_cron(cron: str) -> None:
+    """Refuse a crontab expression cron would not read, or one that never fires."""
+    from .crontab import CrontabTrigger  # not at import: APScheduler and croniter are the daemon's
+
+    CrontabTrigger(cron)
 
 
 class DaemonSettings(_Strict):
@@ -391,14 +397,7 @@ class GroupConfig(_Strict):
         if self.interval_seconds is not None and self.cron is not None:
             raise ValueError("give interval_seconds or cron, not both")
         if self.cron is not None:
-            from apscheduler.triggers.cron import CronTrigger
-
-            try:
-                trigger = CronTrigger.from_crontab(self.cron, timezone=timezone.utc)
-            except ValueError as exc:
-                raise ValueError(f"cron {self.cron!r}: {exc}") from None
-            if trigger.get_next_fire_time(None, datetime.now(timezone.utc)) is None:  # 30 February, say
-                raise ValueError(f"cron {self.cron!r} never fires")
+            check_cron(self.cron)
         return self
 
     @field_validator("select")

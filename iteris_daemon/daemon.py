@@ -42,7 +42,6 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -56,6 +55,7 @@ from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
                      watched_destination)
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
+from .crontab import CrontabTrigger
 from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
 from .logs import counted
@@ -667,7 +667,7 @@ class Daemon:
         """Run ``group`` on its ``cron`` or ``interval_seconds``, if it has one. Two instances,
         as for a trigger: a run due while the last scheduled one merges waits for it (with
         one, it was skipped with a WARNING, and no run read the inputs at that time)."""
-        trigger = (CronTrigger.from_crontab(group.cron, timezone=timezone.utc) if group.cron
+        trigger = (CrontabTrigger(group.cron) if group.cron
                    else _every(group.interval_seconds) if group.interval_seconds else None)
         if trigger is not None:
             self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
