@@ -185,6 +185,33 @@ def check_cron(cron: str) -> None:
     CrontabTrigger(cron)
 
 
+class PruneSettings(_Strict):
+    """``[daemon.prune]``: the daemon deletes the catalog's old history itself, as
+    ``iteris-daemon db prune`` does, on a schedule (a daemon run for months otherwise grows
+    its catalog without bound)."""
+
+    older_than_days: float = Field(90.0, ge=0, le=100_000,
+                                   description="delete what is older than this and not read (db prune --older-than)")
+    keep_runs: int | None = Field(None, description="each group's newest runs always kept (db prune --keep-runs; "
+                                                    "default and least: the ones `status` reads)")
+    cron: str = Field("30 4 * * *", description="when, a crontab expression in UTC (default: daily at 04:30)")
+
+    @field_validator("keep_runs")
+    @classmethod
+    def _reads_kept(cls, keep_runs: int | None) -> int | None:
+        from .catalog.prune import RECENT_RUNS  # not at import: the catalog's modules import this one
+
+        if keep_runs is not None and keep_runs < RECENT_RUNS:
+            raise ValueError(f"at least {RECENT_RUNS} (the runs `status` reads), got {keep_runs}")
+        return keep_runs
+
+    @field_validator("cron")
+    @classmethod
+    def _fires(cls, cron: str) -> str:
+        check_cron(cron)
+        return cron
+
+
 class DaemonSettings(_Strict):
     database: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the state directory)")
     state_dir: PathSetting | None = Field(None, description="default: $STATE_DIRECTORY or ~/.local/state/iteris-daemon")
@@ -225,6 +252,7 @@ class DaemonSettings(_Strict):
                     "calibration downloads) gives up after this long without a byte, and is retried")
     metrics: MetricsSettings | None = Field(None, description="serve /metrics (Prometheus) and /healthz (off by default)")
     webhooks: WebhookSettings | None = Field(None, description="accept Hub webhooks: poll a repo when it changes (off by default)")
+    prune: PruneSettings | None = Field(None, description="delete old catalog history on a schedule (off by default)")
 
     @field_validator("database")
     @classmethod

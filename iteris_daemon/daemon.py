@@ -50,12 +50,13 @@ from . import malloc
 from .catalog import Catalog
 from .catalog.db import CATALOG_FAILURES
 from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
+from .catalog.prune import RECENT_RUNS, prune
 from .catalog.registry import add_source, get_source, set_health
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
-from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, destinations, load_config,
-                     watched_destination)
-from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
+from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, PruneSettings, destinations,
+                     load_config, watched_destination)
 from .crontab import CrontabTrigger
+from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
 from .logs import counted
@@ -80,6 +81,7 @@ UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for 
 # Runs in a row a group waits for an adapter whose calibration worker failed (the host short
 # of memory for a while), retried with backoff; then the adapter is held back and the rest merges.
 CALIBRATION_WORKER_WAITS = 3
+PRUNE_JOB = "prune"  # the scheduled catalog prune ([daemon.prune])
 STATE_LOCK = "daemon.lock"  # in the state folder: held by the daemon that uses it, holds its pid
 
 
@@ -606,6 +608,7 @@ class Daemon:
         self.peers.settings_changed()
         self.scheduler.add_job(self._check_peers, _every(config.daemon.catalog_check_seconds),
                                id="peers", replace_existing=True, next_run_time=datetime.now(timezone.utc))
+        self._schedule_prune(config.daemon.prune)
         for group in config.groups:
             self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
@@ -672,6 +675,30 @@ class Daemon:
         if trigger is not None:
             self.scheduler.add_job(self._run, trigger, args=[group.name], id=f"schedule:{group.name}",
                                    executor="merge", replace_existing=True, max_instances=2)
+
+    def _schedule_prune(self, settings: PruneSettings | None) -> None:
+        """Prune the catalog on ``[daemon.prune]``'s schedule; a reload without it stops that."""
+        if settings is None:
+            with suppress(JobLookupError):
+                self.scheduler.remove_job(PRUNE_JOB)
+            return
+        job = self.scheduler.add_job(self._prune, CrontabTrigger(settings.cron), args=[settings], id=PRUNE_JOB,
+                                     replace_existing=True)
+        log.info("catalog prune of what is older than %g days on cron %r (UTC); next at %s", settings.older_than_days,
+                 settings.cron, job.next_run_time.isoformat(timespec="minutes"))
+
+    def _prune(self, settings: PruneSettings) -> None:
+        """One scheduled prune, beside this daemon's own writes (``catalog.prune`` logs what
+        it deleted). A catalog failure is one WARNING, and the next scheduled time tries
+        again; it is not one of the catalog failures that turn /healthz unhealthy: those come
+        from jobs run every few seconds, and a daily job's failure would stay for days."""
+        try:
+            prune(self.catalog, timedelta(days=settings.older_than_days), settings.keep_runs or RECENT_RUNS,
+                  stop=self._stopping)
+        except CATALOG_FAILURES as exc:
+            log.debug("catalog prune failed", exc_info=exc)
+            log.warning("catalog prune failed (tried again at the next time of cron %r): %s: %s", settings.cron,
+                        type(exc).__name__, first_line(exc))
 
     def _inputs_changed(self, source: str, report: ScanReport) -> None:
         """Source ``source`` registered, removed or withdrew adapters: the groups whose

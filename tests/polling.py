@@ -1,7 +1,9 @@
-"""Waiting on real events (filesystem, subprocesses) in tests."""
+"""Waiting on real events (filesystem, subprocesses, a daemon) in tests."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -18,3 +20,15 @@ def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60.0, 
             raise AssertionError(f"the daemon exited ({proc.returncode}) while waiting for {what}")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def run_here(daemon, probe: Callable[[], None]) -> int:
+    """``daemon.run()`` in this process's main thread, as the CLI runs it, with ``probe`` in a
+    thread beside it; the process's signal handlers are restored after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    threading.Thread(target=probe, daemon=True).start()
+    try:
+        return daemon.run()
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)

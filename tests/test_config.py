@@ -131,6 +131,12 @@ def test_the_example_config_is_valid():
     ('[[sources]]\nname = "s"\nkind = "local"\npaths = ["/x"]\nsettle_seconds = 1e15\n',
      "sources.0 (s): settle_seconds: Input should be less than or equal to"),
     (GROUP + 'cron = "0 0 30 2 *"\n' + FOLDER, "cron '0 0 30 2 *' never fires"),
+    ('[daemon.prune]\ncron = "0 0 30 2 *"\n', "daemon.prune.cron: cron '0 0 30 2 *' never fires"),
+    ('[daemon.prune]\ncron = "daily"\n', "daemon.prune.cron: cron 'daily': a crontab expression has 5 fields"),
+    # Fewer than `status` reads would change what it shows (as `db prune --keep-runs` refuses).
+    ('[daemon.prune]\nkeep_runs = 10\n', "daemon.prune.keep_runs: at least 50 (the runs `status` reads), got 10"),
+    ('[daemon.prune]\nolder_than_days = -1\n',
+     "daemon.prune.older_than_days: Input should be greater than or equal to 0"),
     # Two sources over one folder registered each adapter twice, and groups merged it twice.
     ('[[sources]]\nname = "a"\nkind = "local"\npaths = ["/tmp/w"]\n'
      '[[sources]]\nname = "b"\nkind = "local"\npaths = ["/srv", "/tmp/w/team"]\n',
@@ -231,6 +237,7 @@ def test_the_example_config_with_every_option_switched_on_is_valid(tmp_path):
     assert config.daemon.merge_devices() == ["cuda:0", "cuda:1"] and config.daemon.database.startswith("postgresql")
     assert group.exact_ranks is True and group.select.ids == [3, 7] and group.gates.max_added_loss == 0.5
     assert config.sources[1].validated().token_file == token and group.destinations[1]["tag_runs"] is True
+    assert (config.daemon.prune.older_than_days, config.daemon.prune.keep_runs) == (90, 50)
 
 
 @pytest.mark.parametrize("source,destination,refused", [

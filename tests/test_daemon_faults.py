@@ -851,18 +851,6 @@ def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
 # ----------------------------------------------------------------------------- stopping
 
 
-def _run_here(daemon, probe) -> int:
-    """``daemon.run()`` in this process's main thread, as the CLI runs it, with ``probe`` in a
-    thread beside it; the process's signal handlers are restored after."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    threading.Thread(target=probe, daemon=True).start()
-    try:
-        return daemon.run()
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-
-
 @pytest.mark.parametrize("zone", ["UTC0", "CET-1CEST"])
 def test_a_posix_tz_string_does_not_stop_the_daemon(made, tmp_path, daemons, monkeypatch, zone):
     """``TZ=UTC0`` and ``TZ=CET-1CEST`` are valid for libc, not for tzlocal: the daemon's
@@ -955,7 +943,7 @@ def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
         entered.wait(30)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert _run_here(daemon, probe) == 0
+    assert polling.run_here(daemon, probe) == 0
     assert finished == ["job"]  # it was waited for, and it completed
 
 
@@ -991,7 +979,7 @@ def test_a_reload_the_catalog_fails_keeps_the_running_sources(tmp_path, monkeypa
         seen["jobs"] = {job.id for job in daemon.scheduler.get_jobs()}
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert _run_here(daemon, probe) == 0
+    assert polling.run_here(daemon, probe) == 0
     error = next(r.getMessage() for r in caplog.records if "reload failed" in r.getMessage())
     assert error == ("reload failed, keeping the running configuration: OperationalError: "
                      "(builtins.ConnectionRefusedError) connection refused"), error
@@ -1019,7 +1007,7 @@ def test_a_reload_to_a_merge_device_not_on_this_host_is_refused(tmp_path, monkey
         wait_for(lambda: any("reload failed" in r.getMessage() for r in caplog.records), "the reload's error")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert _run_here(daemon, probe) == 0
+    assert polling.run_here(daemon, probe) == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"reload failed, keeping the running configuration: {config}: [daemon] device: 'cuda:0' is not available "
         "here: torch sees 0 CUDA devices (available: cpu)"]
@@ -1057,7 +1045,7 @@ def test_a_reload_that_sets_a_memory_limit_warns_of_cuda_merges(tmp_path, monkey
         os.kill(os.getpid(), signal.SIGTERM)
 
     with caplog.at_level(logging.INFO, logger="iteris_daemon"):
-        assert _run_here(daemon, probe) == 0
+        assert polling.run_here(daemon, probe) == 0
     said = [r for r in caplog.records if "worker_memory_limit_mb" in r.getMessage()]
     assert [(r.levelno, r.getMessage()) for r in said] == ([(
         logging.WARNING, f"[daemon] worker_memory_limit_mb = 4096 is not applied to the merges on {warned}: "
@@ -1107,7 +1095,7 @@ def test_a_catalog_source_watching_a_destination_is_not_started(tmp_path, caplog
         seen["jobs"] = {job.id for job in daemon.scheduler.get_jobs()}
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert _run_here(daemon, probe) == 0
+    assert polling.run_here(daemon, probe) == 0
     assert seen["sources"] == {"team"} and job not in seen["jobs"] and bounds == [7.0]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"source sneaky not started: {why}; the daemon would register its own merges as adapters "
@@ -1174,7 +1162,7 @@ def test_a_catalog_source_whose_stored_settings_this_release_refuses_is_down_say
         listed["polled"] = str("dup" in daemon._hub)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    assert _run_here(daemon, probe) == 0
+    assert polling.run_here(daemon, probe) == 0
     catalog.close()
     why = ("its settings: repos: 'acme/b@main' names the adapter 'acme/b' names too; `iteris-daemon sources remove "
            "dup`, then add it again with settings that pass (a source of the config file: mend it there)")

@@ -6,11 +6,14 @@ deleted are counted into ``pruned_runs``); on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
 import sqlite3
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from prometheus_client import generate_latest
 from safetensors.torch import load_file, save_file
 from sqlalchemy import delete, func, select
 
+import polling
 from group_runs import Setup
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.db import CatalogLockedError
@@ -354,3 +358,73 @@ def test_a_removed_adapters_long_history_goes_a_pass_at_a_time(tmp_path, runner_
     assert prune(s.catalog, timedelta(days=90)) == Pruned(revisions=13, adapters=2)
     assert [p.revisions for p in passes] == [5, 5, 3, 0] and passes[2].adapters >= 1
     s.catalog.close()
+
+
+def test_a_stopping_daemon_ends_its_prune_after_the_pass_under_way(tmp_path, caplog, monkeypatch):
+    """``stop`` set (the daemon stopping): the pass under way finishes, none starts after it,
+    and the next prune goes on from there; without it a first prune of months of runs held
+    the daemon's stop for as long as all its passes took."""
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    _old_skips(catalog, RECENT_RUNS + 5)
+    monkeypatch.setattr(prune_module, "PASS", 2)
+    stop = threading.Event()
+    stop.set()
+    with caplog.at_level("INFO", logger="iteris_daemon"):
+        assert prune(catalog, timedelta(days=90), stop=stop) == Pruned(runs=2)
+        assert "catalog prune (stopped early): runs 2," in caplog.text
+        assert prune(catalog, timedelta(days=90)) == Pruned(runs=3)
+    assert _counts(catalog)["merge_runs"] == RECENT_RUNS
+    catalog.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_daemon_prunes_on_its_schedule(tmp_path, caplog, monkeypatch):
+    """``[daemon.prune]``: a job on its cron (Mondays 03:00 here, run at once by the test) prunes
+    as ``db prune`` would, beside the running daemon; a catalog failure is one WARNING and
+    leaves /healthz healthy (a daily job failing would otherwise stay unhealthy for days);
+    a reload without the table removes the job. ``Daemon.run`` runs in this process's main
+    thread, as the CLI runs it; the failure is a stand-in (``prune`` raising the error a
+    lost server gives)."""
+    import iteris_daemon.daemon as daemon_module
+    from sqlalchemy.exc import OperationalError
+
+    config = tmp_path / "daemon.toml"
+    running = (f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+               f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    config.write_text(running + '[daemon.prune]\nolder_than_days = 30\ncron = "0 3 * * 1"\n')
+    daemon = daemon_module.Daemon(config)
+    seen: dict[str, object] = {}
+
+    def run_now() -> None:
+        daemon.scheduler.get_job(daemon_module.PRUNE_JOB).modify(next_run_time=datetime.now(timezone.utc))
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        job = daemon.scheduler.get_job(daemon_module.PRUNE_JOB)
+        seen["next"] = (job.next_run_time.weekday(), job.next_run_time.hour, job.next_run_time.minute)
+        _old_skips(daemon.catalog, RECENT_RUNS + 3)
+        run_now()
+        polling.wait_for(lambda: "catalog prune: runs 3," in caplog.text, "the scheduled prune")
+        seen["runs"] = _counts(daemon.catalog)["merge_runs"]
+
+        def unreachable(*args, **kwargs):
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+        monkeypatch.setattr(daemon_module, "prune", unreachable)
+        run_now()
+        polling.wait_for(lambda: "catalog prune failed" in caplog.text, "the failed prune's warning")
+        seen["health"] = daemon.health_problem()
+        config.write_text(running)
+        os.kill(os.getpid(), signal.SIGHUP)
+        polling.wait_for(lambda: "configuration reloaded" in caplog.text, "the reload")
+        seen["after reload"] = daemon.scheduler.get_job(daemon_module.PRUNE_JOB)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level("INFO", logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert seen["next"] == (0, 3, 0) and seen["runs"] == RECENT_RUNS
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "catalog prune failed (tried again at the next time of cron '0 3 * * 1'): OperationalError: "
+        "(builtins.ConnectionRefusedError) connection refused"]
+    assert seen["health"] is None and seen["after reload"] is None
+    assert "catalog prune of what is older than 30 days on cron '0 3 * * 1' (UTC); next at 20" in caplog.text

@@ -57,6 +57,7 @@ to Prometheus, and ``increase()`` would count the kept runs again); a dry run co
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass, fields
@@ -107,18 +108,21 @@ class _DryRun(Exception):
         self.pruned = pruned
 
 
-def prune(catalog: Catalog, older_than: timedelta, keep_runs: int = RECENT_RUNS, dry_run: bool = False) -> Pruned:
+def prune(catalog: Catalog, older_than: timedelta, keep_runs: int = RECENT_RUNS, dry_run: bool = False,
+          stop: threading.Event | None = None) -> Pruned:
     """Delete what is older than ``older_than`` and no code reads (the module docstring),
     keeping each group's ``keep_runs`` newest runs (at least :data:`RECENT_RUNS`), in
     transactions of at most :data:`PASS` runs, revisions and adapters each: a first prune of
     months of runs held SQLite's write lock for seconds per 100,000 runs, and a daemon's
     write waits for it no longer than its busy timeout. Each pass decides anew, in its own
     transaction; what one finds unread stays unread, as runs are only added after the
-    newest. ``dry_run``: one pass over everything, rolled back."""
+    newest. ``dry_run``: one pass over everything, rolled back. ``stop`` set (the daemon
+    stopping): no pass starts after the one under way; the next prune goes on from there."""
     keep = max(keep_runs, RECENT_RUNS)
     with catalog.session(write=False) as session:
         now = catalog.now(session)
     cutoffs = (now - older_than, min(now - older_than, now - LIVE))
+    pruned, stopped = Pruned(), False
     if dry_run:
         try:
             with catalog.session() as session:
@@ -126,14 +130,16 @@ def prune(catalog: Catalog, older_than: timedelta, keep_runs: int = RECENT_RUNS,
         except _DryRun as done:
             pruned = done.pruned
     else:
-        pruned = Pruned()
         while True:
             with catalog.session() as session:
                 step = _pass(session, *cutoffs, keep, limit=PASS)
             pruned += step
             if step == Pruned():
                 break
-    log.info("catalog prune%s: %s", " (dry run, nothing deleted)" if dry_run else "",
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+    log.info("catalog prune%s: %s", " (dry run, nothing deleted)" if dry_run else " (stopped early)" if stopped else "",
              ", ".join(f"{f.name} {value}" for f, value in zip(fields(pruned), astuple(pruned))))
     return pruned
 
