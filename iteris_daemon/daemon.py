@@ -208,10 +208,16 @@ def _every(seconds: float) -> IntervalTrigger:
 
 def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
     """The daemon's scheduler: "default" pool for polls and housekeeping, "merge" with one
-    thread per merge slot; a job missed while the host slept runs once when it wakes."""
+    thread per merge slot; a job missed while the host slept runs once when it wakes,
+    however long it slept, and a run that waited for a merge slot runs once it gets one,
+    however long the merge before it took. (APScheduler drops a job that starts later than
+    its ``misfire_grace_time``, checked when a pool thread takes it up: at 3600 s a group's
+    run queued behind a two-hour merge was dropped, said only by an APScheduler WARNING
+    that did not name the group, and a run asked for once, as the catalog check asks for
+    a group behind, was not asked for again.)"""
     scheduler = BackgroundScheduler(
         executors={"default": ThreadPoolExecutor(4), "merge": ThreadPoolExecutor(settings.merge_slots())},
-        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         timezone=timezone.utc,
     )
     logging.getLogger("apscheduler.scheduler").addFilter(_NO_MAX_INSTANCES_WARNING)  # once: the same filter

@@ -851,6 +851,38 @@ def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
 # ----------------------------------------------------------------------------- stopping
 
 
+def test_jobs_that_start_hours_late_still_run_once(caplog):
+    """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
+    merge slot (the merge before it took that long), and a daily cron run due while the host
+    slept three hours, run once when they can. APScheduler dropped both: its
+    ``misfire_grace_time`` (3600 s here) is checked when a pool thread takes the job up, and a
+    dropped run was said only by its WARNING ("Run time of job ... was missed by 2:00:00"),
+    naming no group. The lateness is given as the jobs' run times in the past: the scheduler
+    sees what it would see after such a wait."""
+    from iteris_daemon.config import DaemonSettings
+    from iteris_daemon.crontab import CrontabTrigger
+    from iteris_daemon.daemon import new_scheduler
+
+    scheduler = new_scheduler(DaemonSettings())
+    ran: list[str] = []
+    now = datetime.now(timezone.utc)
+    daily = f"{(now - timedelta(hours=3)).minute} {(now - timedelta(hours=3)).hour} * * *"
+    scheduler.start()
+    try:
+        scheduler.add_job(ran.append, "date", run_date=now - timedelta(hours=2), args=["queued run"],
+                          executor="merge", id="trigger:g")
+        cron = scheduler.add_job(ran.append, CrontabTrigger(daily), args=["cron run"], id="schedule:h",
+                                 next_run_time=now - timedelta(hours=3))
+        polling.wait_for(lambda: len(ran) >= 2, "the late jobs", timeout=30)
+        time.sleep(0.5)  # nothing more comes: the cron run is not repeated for the hours missed
+        assert sorted(ran) == ["cron run", "queued run"]
+        next_time = scheduler.get_job(cron.id).next_run_time
+        assert timedelta(hours=20) < next_time - now < timedelta(hours=21, minutes=1)  # tomorrow's, as cron says
+    finally:
+        scheduler.shutdown(wait=False)
+    assert "was missed by" not in caplog.text
+
+
 @pytest.mark.parametrize("zone", ["UTC0", "CET-1CEST"])
 def test_a_posix_tz_string_does_not_stop_the_daemon(made, tmp_path, daemons, monkeypatch, zone):
     """``TZ=UTC0`` and ``TZ=CET-1CEST`` are valid for libc, not for tzlocal: the daemon's
