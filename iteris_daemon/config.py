@@ -94,6 +94,10 @@ worker died in setrlimit (OverflowError), and every run and base model's shapes 
 MAX_SECONDS = 10 * 365 * 86400.0
 """The longest period or wait a setting may give (ten years): beyond it the scheduler's date
 arithmetic overflows, which crashed the daemon at start or on a reload."""
+MIN_PERIOD = 0.1
+"""The shortest period a scheduled job may have (seconds): at 1e-6 a re-merge period busied
+the daemon, and after the host slept APScheduler listed every period missed (an hour's
+sleep: 3.6e9 of them) before running the job once."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -240,9 +244,9 @@ class DaemonSettings(_Strict):
         default_factory=list, description="base models allowed to run their own code (when checking adapters and merging)")
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     rescan_seconds: float = Field(
-        600.0, gt=0, le=MAX_SECONDS, description="full rescan of local folders (a safety net for lost events)")
+        600.0, ge=MIN_PERIOD, le=MAX_SECONDS, description="full rescan of local folders (a safety net for lost events)")
     catalog_check_seconds: float = Field(
-        30.0, gt=0, le=MAX_SECONDS,
+        30.0, ge=MIN_PERIOD, le=MAX_SECONDS,
         description="how often groups are compared with the catalog: a change no source of this daemon reported "
                     "(`sources scan`, `sources remove`, another daemon on the catalog) merges then, and sources "
                     "`sources add` or `sources remove` changed start or stop")
@@ -396,7 +400,7 @@ class GroupConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     select: Selection = Field(default_factory=Selection)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    interval_seconds: float | None = Field(None, gt=0, le=MAX_SECONDS, description="re-merge period")
+    interval_seconds: float | None = Field(None, ge=MIN_PERIOD, le=MAX_SECONDS, description="re-merge period")
     cron: str | None = Field(None, description="crontab expression for re-merges, e.g. '0 3 * * *'")
     debounce_seconds: float = Field(30.0, ge=0, le=MAX_SECONDS,
                                     description="merge this long after the last change to the group's adapters, "

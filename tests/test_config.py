@@ -125,6 +125,12 @@ def test_the_example_config_is_valid():
     # a reload; a cron that never fires broke every group's tick.
     (GROUP + "interval_seconds = 1e14\n" + FOLDER, "groups.0.interval_seconds: Input should be less than or equal to"),
     ("[daemon]\ncatalog_check_seconds = 1e15\n", "daemon.catalog_check_seconds: Input should be less than or equal"),
+    # A period of 1e-6 s busied the daemon; after the host slept, APScheduler listed every one missed.
+    (GROUP + "interval_seconds = 1e-6\n" + FOLDER, "groups.0.interval_seconds: Input should be greater than or equal to 0.1"),
+    ("[daemon]\ncatalog_check_seconds = 0.01\n", "daemon.catalog_check_seconds: Input should be greater than or equal to 0.1"),
+    ("[daemon]\nrescan_seconds = 0.01\n", "daemon.rescan_seconds: Input should be greater than or equal to 0.1"),
+    ('[[sources]]\nname = "s"\nkind = "hub"\nauthor = "acme"\ninterval_seconds = 0.001\n',
+     "sources.0 (s): interval_seconds: Input should be greater than or equal to 0.1"),
     # Accepted, then every merge and shapes worker died in setrlimit (OverflowError).
     ("[daemon]\nworker_memory_limit_mb = 99999999999999999\n",
      "daemon.worker_memory_limit_mb: Input should be less than or equal to 8796093022207"),

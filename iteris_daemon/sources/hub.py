@@ -54,7 +54,7 @@ from ..catalog.registry import (Observation, Prior, current_files_paths, current
                                 prior, record, set_health)
 from ..errors import AdapterError, ConfigError, first_line
 from ..hub_files import TooBig, bounded_progress, listed_hash, mismatch
-from ..config import MAX_SECONDS, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
+from ..config import MAX_SECONDS, MIN_PERIOD, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
 from ..retry import Interrupted, hub_retrying, is_transient
 from ..tokens import hub_token, plain
@@ -113,7 +113,7 @@ class HubSettings(BaseModel):
                                              "the one an adapter names (an adapter of another model is rejected)")
     endpoint: HubEndpoint | None = Field(None, description="Hub URL (default: huggingface_hub's)")
     token_file: PathSetting | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
-    interval_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="poll period")
+    interval_seconds: float = Field(300.0, ge=MIN_PERIOD, le=MAX_SECONDS, description="poll period")
     retry_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS)
     retry_cap_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS)
