@@ -478,9 +478,7 @@ class Daemon:
         scheduling = self.scheduler is not None and self.scheduler.running  # not yet, when the start failed early
         for job in self.scheduler.get_jobs() if scheduling else ():  # pending work is dropped; a running merge continues
             job.remove()
-        with self.catalog.session() as session:  # nothing is scheduled any more (for `status`)
-            for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(self._groups)))):
-                row.next_run_at = None
+        self._clear_next_runs(self._groups)
         running = len(self._slots) - self._free_devices.qsize()
         if running:
             log.info("cancelling %s (workers are killed after %.0fs)", counted(running, "running merge"),
@@ -590,6 +588,8 @@ class Daemon:
         sync_sources(self.catalog, config)
         for group in config.groups:
             sync_group(self.catalog, group)
+        dropped = set(self._groups) - {group.name for group in config.groups}
+        self._clear_next_runs(dropped)
         bound_requests(config.daemon.hub_timeout_seconds)
         sources = self._enabled_sources()
         with self._sources_guard:
@@ -599,8 +599,9 @@ class Daemon:
             self._local.clear()
             self._polled.clear()
             self._hub.clear()
+            dropped_triggers = {f"trigger:{name}" for name in dropped}
             for job in self.scheduler.get_jobs():
-                if job.id.startswith(("poll:", "rescan:", "schedule:")):
+                if job.id.startswith(("poll:", "rescan:", "schedule:")) or job.id in dropped_triggers:
                     job.remove()
             self._known_sources = {source_id: (kind, settings) for source_id, (_, kind, settings) in sources.items()}
             for source_id, (name, kind, settings) in sources.items():
@@ -618,6 +619,14 @@ class Daemon:
         for group in config.groups:
             self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _clear_next_runs(self, names: Collection[str]) -> None:
+        """No next run for groups this daemon no longer schedules (it stops, or a reload
+        dropped them): `status` showed the last time they had, for ever."""
+        if names:
+            with self.catalog.session() as session:
+                for row in session.scalars(select(MergeGroup).where(MergeGroup.name.in_(list(names)))):
+                    row.next_run_at = None
 
     def _enabled_sources(self) -> dict[int, tuple[str, SourceKind, dict[str, Any]]]:
         """The catalog's enabled sources: id -> (name, kind, settings)."""

@@ -851,6 +851,50 @@ def test_claim_of_a_dead_local_process_is_taken_at_once(claim_catalog):
 # ----------------------------------------------------------------------------- stopping
 
 
+@pytest.mark.timeout(120)
+def test_a_group_a_reload_drops_shows_no_next_run(tmp_path, monkeypatch, caplog):
+    """``status`` reads each group's next run from the catalog: a group a reload (SIGHUP)
+    dropped kept the time it had for ever, though nothing would run it, and its pending
+    trigger stayed in the scheduler. Now the reload clears both, the groups still
+    configured keep theirs, and a stop clears those. Merges are a stand-in (``run_group``
+    returning a skip): only the schedule is under test."""
+    import iteris_daemon.daemon as daemon_module
+    from iteris_daemon.catalog.models import RunStatus
+
+    monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: RunOutcome(RunStatus.skipped, None, "stand-in"))
+    config = tmp_path / "daemon.toml"
+    head = (f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+            f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    groups = {name: (f'[[groups]]\nname = "{name}"\nbase_model = "org/base"\ninterval_seconds = 3600\n'
+                     f'[[groups.destinations]]\nkind = "folder"\npath = {json.dumps(str(tmp_path / name))}\n')
+              for name in ("g", "h")}
+    config.write_text(head + groups["g"] + groups["h"])
+    daemon = daemon_module.Daemon(config)
+    seen: dict[str, object] = {}
+
+    def next_runs() -> dict[str, object]:
+        with daemon.catalog.session(write=False) as session:
+            return {row.name: row.next_run_at for row in session.scalars(select(MergeGroup))}
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon.scheduler is not None and all(next_runs().get(n) for n in "gh"),
+                         "both groups' next runs")
+        daemon.trigger("h", delay=600)  # a change of h's adapters, debounced
+        config.write_text(head + groups["g"])
+        os.kill(os.getpid(), signal.SIGHUP)
+        polling.wait_for(lambda: "configuration reloaded" in caplog.text, "the reload")
+        seen["reloaded"] = next_runs()
+        seen["h's trigger"] = daemon.scheduler.get_job("trigger:h")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert seen["reloaded"]["h"] is None and seen["reloaded"]["g"] is not None and seen["h's trigger"] is None
+    daemon.catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
+    assert next_runs() == {"g": None, "h": None}
+    daemon.catalog.close()
+
+
 def test_jobs_that_start_hours_late_still_run_once(caplog):
     """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
     merge slot (the merge before it took that long), and a daily cron run due while the host
