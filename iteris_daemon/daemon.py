@@ -371,6 +371,7 @@ class Daemon:
         self._unmerged_since: dict[str, datetime] = {}  # group -> the first change to its inputs no run has begun since
         self._failed_attempts: dict[str, int] = {}  # group -> runs in a row not carried out or not published
         self._calibration_worker_failures: dict[str, int] = {}  # group -> runs in a row with one
+        self._claimed_elsewhere: set[str] = set()  # groups whose last run found another daemon merging them
         self._started_with = self.config.daemon  # what run() read once; a reload does not change it
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -909,9 +910,13 @@ class Daemon:
             self._calibration_worker_failures[name] = self._calibration_worker_failures.get(name, 0) + 1
         elif outcome.status is not RunStatus.cancelled and outcome.detail != CLAIMED_ELSEWHERE:
             self._calibration_worker_failures.pop(name, None)  # its workers answered (the others asked none)
-        if outcome.detail == CLAIMED_ELSEWHERE and self.scheduler.get_job(f"trigger:{name}") is None:
-            # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
-            self.trigger(name, delay=settings.claim_ttl_seconds / 2)
+        if outcome.detail == CLAIMED_ELSEWHERE:
+            self._claimed_elsewhere.add(name)
+            if self.scheduler.get_job(f"trigger:{name}") is None:
+                # Its holder may have died (the claim goes stale) or merge older inputs: ask again.
+                self.trigger(name, delay=settings.claim_ttl_seconds / 2)
+        else:
+            self._claimed_elsewhere.discard(name)
         if outcome.merged:  # not a kept merge published again (a fraction of a second), nor a skip
             self.metrics.observe_merge(name, time.monotonic() - started)
         self.notifier.status(f"group {name}: last run {outcome.status.value}; {self._summary()}")
@@ -951,7 +956,10 @@ class Daemon:
             for name, requested_at, next_run_at in groups:
                 pending = self.scheduler.get_job(f"trigger:{name}")
                 soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
-                if requested_at is not None and (pending is None or pending.next_run_time > soon):
+                # A request of a group another daemon merges is asked again as its claim
+                # says (above), not at every tick: its holder serves the request.
+                if requested_at is not None and (pending is None or (pending.next_run_time > soon
+                                                                     and name not in self._claimed_elsewhere)):
                     self.trigger(name, delay=0)
                 times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
                                                        self.scheduler.get_job(f"schedule:{name}")) if job]

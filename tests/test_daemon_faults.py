@@ -895,6 +895,50 @@ def test_a_group_a_reload_drops_shows_no_next_run(tmp_path, monkeypatch, caplog)
     daemon.catalog.close()
 
 
+@pytest.mark.timeout(120)
+def test_merge_now_of_a_group_another_daemon_merges_asks_as_the_claim_says(tmp_path, caplog):
+    """``merge-now g`` while another daemon on the catalog holds g's claim (a merge of hours,
+    say): this daemon found the group claimed, and its 2 s tick asked for the request again
+    at once, every tick, for as long as the other merged: a write transaction and an INFO
+    line every 2 s. Now it asks again ``claim_ttl_seconds / 2`` later, as for any run that
+    found the claim taken (the holder serves the request). The other daemon is its claim in
+    the catalog, refreshed as a live holder would."""
+    from iteris_daemon.catalog.models import utcnow
+    from iteris_daemon.daemon import Daemon
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      '[[groups]]\nname = "g"\nbase_model = "org/base"\n'
+                      f'[[groups.destinations]]\nkind = "folder"\npath = {json.dumps(str(tmp_path / "out"))}\n')
+    daemon = Daemon(config)
+    seen: dict[str, object] = {}
+
+    def claimed_elsewhere(**values) -> None:
+        with daemon.catalog.session() as session:
+            session.execute(update(MergeGroup).where(MergeGroup.name == "g")
+                            .values(claimed_by="otherhost:4242:abcd", claimed_at=utcnow(), **values))
+
+    def attempts() -> int:
+        return sum("another daemon is merging it" in r.getMessage() for r in caplog.records)
+
+    def probe() -> None:
+        polling.wait_for(lambda: "group g: skipped" in caplog.text, "the start's run")
+        claimed_elsewhere(requested_at=utcnow())  # `iteris-daemon merge-now g`
+        polling.wait_for(attempts, "the first attempt")
+        for _ in range(4):  # four ticks
+            time.sleep(2)
+            claimed_elsewhere()
+        seen["attempts"] = attempts()
+        seen["next try"] = daemon.scheduler.get_job("trigger:g").next_run_time - datetime.now(timezone.utc)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert seen["attempts"] == 1, seen
+    assert timedelta(seconds=40) < seen["next try"] <= timedelta(seconds=60)  # claim_ttl_seconds / 2 after it
+
+
 def test_jobs_that_start_hours_late_still_run_once(caplog):
     """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
     merge slot (the merge before it took that long), and a daily cron run due while the host
