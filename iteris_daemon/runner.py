@@ -618,6 +618,9 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             inputs.hold_back(adapter, revision, str(exc))
             if adapter.source.kind is SourceKind.local and not isinstance(exc, RefusedInput):
                 inputs.changing.append(adapter.name)
+    absent = sorted(set(options.files) - {loaded.name for _, _, loaded, _ in snapshots})
+    if absent and "files" in options.order:  # a typo in the mapping: its adapter read another source's data
+        log.info("group %s: calibration.files names %s, not in this run", group.name, ", ".join(absent))
     # Data-free strategies do not need it, but their merge is evaluated (and gated) on it.
     answers = calibrate_all([loaded for _, _, loaded, _ in snapshots], options, sources, should_stop)
     _check_stop(should_stop)  # a worker that failed as it was stopped: the run is cancelled, not waiting

@@ -4,8 +4,11 @@ the adapter on the command line or in the config) and ``adapter`` (the adapter's
 
 from __future__ import annotations
 
+import os
+
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, read_jsonl
+from iteris_daemon.errors import CalibrationUnavailable
 
 
 class MappedFiles:
@@ -13,8 +16,16 @@ class MappedFiles:
     description = "a JSON Lines file mapped to the adapter (--adapter DIR=FILE, or the config)"
 
     def load(self, adapter, options: CalibrationOptions) -> CalibrationSet | None:
+        """The mapped file's samples. A mapped file that is not there makes a daemon's run
+        wait for it (:class:`CalibrationUnavailable`): someone named it for this adapter, so it
+        is a typo or a mount not up yet, and the merge without the adapter (the next source
+        has none, say) replaced the one served (QA NU)."""
         path = options.files.get(adapter.name)
-        return read_jsonl(path, options.limit) if path else None
+        if path is None:
+            return None
+        if not os.path.lexists(path):
+            raise CalibrationUnavailable(path, f"calibration file does not exist (mapped to adapter {adapter.name})")
+        return read_jsonl(path, options.limit)
 
 
 class AdapterFolder:

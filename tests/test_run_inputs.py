@@ -851,3 +851,28 @@ def test_adapters_of_one_name_from_two_sources_are_named_by_their_source(setup, 
     mine, other = _dense(watched / "task0"), _dense(theirs / "task0")
     for path, delta in _dense(setup.published / "current").items():
         assert torch.allclose(delta, mine[path] + 2.0 * other[path], rtol=1e-5, atol=1e-7), path
+
+
+def test_a_run_waits_for_a_mapped_calibration_file_that_is_not_there(setup, tmp_path, caplog):
+    """``[groups.calibration] files`` naming a file that is not there (a typo, a mount not up
+    yet): the run is skipped, waiting for that adapter, asks to be tried again, and publishes
+    nothing; once the file is there, both are merged with it. Before, the adapter was held
+    back and the merge of the rest replaced the one served (QA NU). A name in the mapping
+    that no adapter of the run has (a typo the other way) is logged."""
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("task0", "task1")}
+    files["task0"].write_text('{"text": "curated sample of task0"}\n')
+    group = setup.group(names=("task0", "task1"), calibration={
+        "order": ["files", "adapter"], "files": {**files, "tsak1": tmp_path / "typo.jsonl"}})
+    with caplog.at_level("INFO", logger="iteris_daemon"):
+        outcome = runner.run_group(setup.catalog, group, setup.work, "tester")
+    assert outcome.status is RunStatus.skipped and outcome.retry_inputs, outcome
+    assert outcome.detail.startswith(f"waiting for task1: {files['task1']}: calibration file does not exist (mapped "
+                                     "to adapter task1)"), outcome.detail
+    assert setup.current() is None
+    assert "group unified: calibration.files names tsak1, not in this run" in caplog.messages
+    files["task1"].write_text('{"text": "curated sample of task1"}\n')
+    outcome = runner.run_group(setup.catalog, group, setup.work, "tester")
+    assert outcome.status is RunStatus.succeeded and not outcome.retry_inputs, outcome
+    report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+    assert {i["name"]: i["calibration"]["source"] for i in report["inputs"]} == {
+        name: str(path) for name, path in files.items()}
