@@ -45,7 +45,7 @@ from .paths import as_if_created, model_location, overlap, real, replace_folder,
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import (DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams,
                        check_per_adapter, parse_params)
-from .validation import named_base_problem
+from .validation import named_base_problem, names_another_model
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,16 @@ def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[
         listing = ", ".join(f"{a.name}: {a.config.get('revision')}" for a in adapters)
         raise IncompatibleAdaptersError(f"adapters were trained on different revisions of the base model ({listing})")
     return adapters
+
+
+def warn_other_base(base_model: str, adapters: list[LoraAdapter]) -> None:
+    """Warn of adapters that name another base model than the merge's, as the daemon's
+    sources do: the shapes may match (the merge checks them), yet another model's adapter
+    merges into nonsense, and the merged config names the adapters' model."""
+    for adapter in adapters:
+        if adapter.base_model and names_another_model(adapter.base_model, base_model):
+            log.warning("adapter %s names base model %r, not %r: it is merged as an adapter of %r (is it an "
+                        "adapter of another model?)", adapter.name, adapter.base_model[:100], base_model, base_model)
 
 
 def gather_calibration(
@@ -608,6 +618,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     _prepare_out(request.out, request.overwrite,
                  local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
     adapters = load_adapters(request.adapters, request.base_checked)
+    if not request.base_checked:
+        warn_other_base(request.base_model, adapters)
     check_per_adapter(strategy, params, len(adapters))
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.

@@ -359,6 +359,7 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
     if not parts:
         raise AdapterError(weights, "holds no LoRA tensors")
     _check_module_regexes(config, [*parts, *layout.modules_to_save], folder / CONFIG_NAME)
+    _check_targets(config, list(parts), folder / CONFIG_NAME)
     for module, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(weights, f"{module} has lora_{'A' if 'A' not in pair else 'B'} missing")
@@ -467,9 +468,8 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
         if problem:
             raise AdapterError(folder / CONFIG_NAME, f"base_model_name_or_path {named[:100]!r} {problem}")
     layout = read_layout(folder, limits)
-    _check_targets(layout.config, list(layout.modules), folder / CONFIG_NAME)
     base = base_model or layout.base_model
-    if base_model and named and _model_name(named) != _model_name(base_model):
+    if base_model and named and names_another_model(named, base_model):
         # The source's base model decides (an adapter often names a Hub id, or a path on the machine
         # that trained it, for the same model), but another model of the same shapes passes too
         log.warning("%s names base model %r, not the source's %r: it is checked and merged as an adapter of "
@@ -499,10 +499,14 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
     )
 
 
-def _model_name(name: str) -> str:
-    """A base model's name without its owner or folder: ``meta-llama/Llama-2-7b-hf`` and
+def names_another_model(named: str, base_model: str) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` names another model than
+    ``base_model``, by the name without its owner or folder: ``meta-llama/Llama-2-7b-hf`` and
     ``/models/llama-2-7b-hf`` name one model."""
-    return name.rstrip("/").rpartition("/")[2].lower()
+    def name(model: str) -> str:
+        return model.rstrip("/").rpartition("/")[2].lower()
+
+    return name(named) != name(base_model)
 
 
 def layout_key(base: str, layout: AdapterLayout, trust_remote_code: bool) -> str:

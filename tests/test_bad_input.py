@@ -114,6 +114,42 @@ def test_a_source_says_when_an_adapter_names_another_base_model(workspace, caplo
         assert (said in caplog.text) is warned, caplog.text
 
 
+def test_merge_says_when_the_adapters_name_another_base_model(workspace, capsys, caplog):
+    """``merge --base-model ./bert`` with adapters that all name another model merged without
+    a word, and its config named their model (QA NU). The merge still runs (a local copy
+    named by another folder name is common), with a WARNING naming both; another spelling of
+    the same model says nothing."""
+    import logging
+
+    base, adapters, tmp = workspace
+    for number, (named, warned) in enumerate((("some-org/another-model", True), (f"Org/{base.name}", False))):
+        for folder in adapters:
+            config_path = folder / "adapter_config.json"
+            config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": named}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="iteris_daemon"):
+            assert cli_merge(base, adapters, tmp / f"out{number}", "--strategy", "task_arithmetic", "--no-eval") == 0
+        said = f"adapter {adapters[0].name} names base model {named!r}, not {str(base)!r}"
+        assert (said in caplog.text) is warned, caplog.text
+
+
+def test_weights_of_modules_target_modules_does_not_name_are_refused(workspace, capsys):
+    """An adapter whose weights adapt modules its ``target_modules`` does not name (PEFT would
+    not load them there): the daemon's sources refused it, ``merge`` merged it (QA NU). One
+    check now, where the adapter's structure is read, for both."""
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.validation import validate_adapter
+
+    base, adapters, tmp = workspace
+    config_path = adapters[1] / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "target_modules": ["nonexistent"]}))
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"{config_path}: weights adapt ", "which target_modules ['nonexistent'] "
+                    "does not name")
+    with pytest.raises(AdapterError, match=r"which target_modules \['nonexistent'\] does not name"):
+        validate_adapter(adapters[1], base_model=str(base))
+
+
 def test_the_base_models_revision_is_kept_and_must_agree(workspace, capsys):
     """PEFT's AutoPeftModel loads the base model at the adapter config's ``revision``. The
     merge wrote none, and adapters of two revisions merged without a word."""
