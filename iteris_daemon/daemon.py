@@ -82,6 +82,7 @@ UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for 
 # of memory for a while), retried with backoff; then the adapter is held back and the rest merges.
 CALIBRATION_WORKER_WAITS = 3
 PRUNE_JOB = "prune"  # the scheduled catalog prune ([daemon.prune])
+CLOCK_STEP_SECONDS = 5.0  # the wall clock going back further than this against the monotonic one is a step
 STATE_LOCK = "daemon.lock"  # in the state folder: held by the daemon that uses it, holds its pid
 
 
@@ -223,6 +224,25 @@ def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
     logging.getLogger("apscheduler.scheduler").addFilter(_NO_MAX_INSTANCES_WARNING)  # once: the same filter
     scheduler.add_listener(_log_skipped, EVENT_JOB_MAX_INSTANCES)
     return scheduler
+
+
+class WallClock:
+    """Tells when the wall clock steps back against the monotonic one: NTP correcting a clock
+    that ran ahead, a VM restored from a snapshot. APScheduler 3 waits for each job's wall-clock
+    time, so every job (the tick that picks up `merge-now`, the catalog check, polls, pending
+    runs) stood still for as long as the step, hours maybe, while the daemon said it was healthy."""
+
+    def __init__(self, wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 monotonic: Callable[[], float] = time.monotonic):
+        self._wall, self._monotonic = wall, monotonic
+        self._last = (wall(), monotonic())
+
+    def stepped_back(self) -> float:
+        """Seconds the wall clock went back since the last call beyond ``CLOCK_STEP_SECONDS``
+        (time the two clocks disagree on), else 0."""
+        (wall, monotonic), self._last = self._last, (self._wall(), self._monotonic())
+        behind = (self._last[1] - monotonic) - (self._last[0] - wall).total_seconds()
+        return behind if behind > CLOCK_STEP_SECONDS else 0.0
 
 
 @dataclass
@@ -417,13 +437,26 @@ class Daemon:
         self.notifier.ready(self._summary())
         self.notifier.start_watchdog(self.healthy)
         log.info("daemon %s running: %s", self.holder, self._summary())
+        clock = WallClock()
         while not self._stopping.wait(0.5):
             self._beat = time.monotonic()
+            if back := clock.stepped_back():
+                self.clock_stepped_back(back)
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
         self._shutdown()
         return 0
+
+    def clock_stepped_back(self, seconds: float) -> None:
+        """Move every pending job's time back by the wall clock's step, so that each waits
+        what it was to wait; a cron job keeps its time, which is a time of day."""
+        log.warning("the wall clock went back %.0f s (NTP stepping it, or a VM restored?): pending jobs are moved "
+                    "back with it, cron schedules keep their times", seconds)
+        for job in self.scheduler.get_jobs():
+            if job.next_run_time is not None and not isinstance(job.trigger, CrontabTrigger):
+                with suppress(JobLookupError):  # it ran, or went, meanwhile
+                    job.modify(next_run_time=job.next_run_time - timedelta(seconds=seconds))
 
     def _start(self, settings: DaemonSettings) -> None:
         """Everything that may fail at start (a listening socket, the webhook secret) first,

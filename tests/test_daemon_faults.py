@@ -939,6 +939,51 @@ def test_merge_now_of_a_group_another_daemon_merges_asks_as_the_claim_says(tmp_p
     assert timedelta(seconds=40) < seen["next try"] <= timedelta(seconds=60)  # claim_ttl_seconds / 2 after it
 
 
+def test_a_wall_clock_step_back_moves_the_pending_jobs_with_it(tmp_path, caplog):
+    """NTP stepping back a clock that ran ahead (or a VM restored from a snapshot): APScheduler
+    3 waits for each job's wall-clock time, so every job (the tick that picks up `merge-now`,
+    the catalog check, polls, a debounced run) stood still for as long as the step, the daemon
+    saying it was healthy (QA TS: 0 ticks for a 60 s step). The daemon's main loop tells the
+    step against the monotonic clock (here both clocks are given) and moves each pending
+    job's time back by it, but a cron job's, which is a time of day."""
+    from iteris_daemon.crontab import CrontabTrigger
+    from iteris_daemon.daemon import CLOCK_STEP_SECONDS, Daemon, WallClock, new_scheduler
+
+    start = datetime(2026, 12, 7, 6, 0, tzinfo=timezone.utc)
+    times = iter([(start, 100.0), (start + timedelta(seconds=0.5), 100.5),  # in step
+                  (start - timedelta(seconds=599), 101.0),  # back 600 s
+                  (start - timedelta(seconds=598 + CLOCK_STEP_SECONDS - 1), 102.0),  # back less than the jitter
+                  (start + timedelta(hours=1), 103.0)])  # forward: jobs run early, none stands still
+    now = [next(times)]
+    clock = WallClock(wall=lambda: now[0][0], monotonic=lambda: now[0][1])
+    steps = []
+    for point in times:
+        now[0] = point
+        steps.append(clock.stepped_back())
+    assert steps == [0.0, 600.0, 0.0, 0.0]
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
+    daemon = Daemon(config)
+    daemon.scheduler = new_scheduler(daemon.config.daemon)
+    daemon.scheduler.start(paused=True)
+    try:
+        soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1)
+        daemon.scheduler.add_job(print, "date", run_date=soon + timedelta(seconds=630), id="trigger:g")
+        daemon.scheduler.add_job(print, "interval", seconds=2, id="tick", next_run_time=soon + timedelta(seconds=602))
+        daemon.scheduler.add_job(print, CrontabTrigger("0 3 * * *"), id="schedule:h")
+        cron_time = daemon.scheduler.get_job("schedule:h").next_run_time
+        with caplog.at_level(logging.WARNING, logger="iteris_daemon"):
+            daemon.clock_stepped_back(600.0)
+        moved = {job.id: job.next_run_time for job in daemon.scheduler.get_jobs()}
+        assert moved == {"trigger:g": soon + timedelta(seconds=30), "tick": soon + timedelta(seconds=2),
+                         "schedule:h": cron_time}
+        assert ("the wall clock went back 600 s (NTP stepping it, or a VM restored?): pending jobs are moved back "
+                "with it, cron schedules keep their times") in caplog.messages
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+
+
 def test_jobs_that_start_hours_late_still_run_once(caplog):
     """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
     merge slot (the merge before it took that long), and a daily cron run due while the host
