@@ -21,8 +21,7 @@ from iteris_daemon.strategy import (SEED_BOUNDS, MergedAdapter, MergeInputs, Pro
 
 class WeightedParams(StrategyParams):
     weights: list[float] | None = Field(None, json_schema_extra=per_adapter(1.0),
-                                        description="per-adapter weights, in --adapter order (a daemon group: a table by "
-                                                    "adapter name); default 1 each")
+                                        description="per-adapter weights, in --adapter order")
     scale: float = Field(1.0, gt=0, description="global multiplier lambda on the merged delta")
 
     @model_validator(mode="after")

@@ -45,7 +45,7 @@ class IterISParams(FeatureParams):
     adaptive_weights: bool = Field(True, description="balance tasks by c_i = ||W_i||^2 / ||X_i W_i^T||^2")
     task_weights: list[float] | None = Field(
         None, json_schema_extra=per_adapter(1.0),
-        description="manual per-task multipliers, in --adapter order (a daemon group: a table by adapter name)")
+        description="manual per-task multipliers, in --adapter order")
     loss_weighting: float = Field(
         0.0, ge=0, le=4, description="gamma: from the second solve on, weight each task at each layer by its relative "
         "alignment loss under the previous merge to the power gamma, so the worst-served tasks count more (0: off)"

@@ -48,8 +48,7 @@ class PeftParams(StrategyParams):
     combination_type: ClassVar[str]  # set by each type's subclass (PeftCombination)
 
     weights: list[float] | None = Field(None, json_schema_extra=per_adapter(1.0),
-                                        description="per-adapter weights, in --adapter order (a daemon group: a table by "
-                                                    "adapter name); default 1 each")
+                                        description="per-adapter weights, in --adapter order")
     density: float = Field(0.5, gt=0, le=1, description="fraction kept by ties/dare/magnitude_prune types")
     svd_rank: int | None = Field(None, ge=1, description="rank of *_svd results (PEFT default: largest input rank)")
     majority_sign_method: Literal["total", "frequency"] = Field(

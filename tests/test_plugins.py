@@ -553,7 +553,8 @@ def test_plugin_parameters_are_listed_with_the_bounds_their_model_checks(capsys)
     unnamed = {row["name"]: row["per_adapter"] for row in json.loads(capsys.readouterr().out)}
     assert unnamed == {"weights": 1.0, "scale": None}
     assert main(["plugins", "--params", "task_arithmetic"]) == 0
-    assert ("(per adapter; a daemon group gives a table by adapter name, an adapter not named takes 1.0)"
+    assert ("per-adapter weights, in --adapter order (a daemon group gives a table by adapter name; an adapter not "
+            "named takes 1.0)"
             in next(r for r in capsys.readouterr().out.splitlines() if r.split()[0] == "weights"))
 
 

@@ -50,14 +50,17 @@ def register(commands) -> None:
                      help=f"daemon configuration (TOML); its catalog unless ${DB_ENV} names one, as for every command")
     run.set_defaults(handler=_run)
 
-    config_options = argparse.ArgumentParser(add_help=False)
-    config_options.add_argument("--config", type=user_path, metavar="FILE",
-                                help="the daemon's config: the catalog it names, and its groups (only those are shown "
-                                     "and may be asked for)")
-    config_options.add_argument("--db", metavar="URL", help=f"catalog database URL (default: ${DB_ENV}, else --config's, else the state directory's)")
+    def config_options(groups: str) -> argparse.ArgumentParser:
+        """``--config`` and ``--db``; ``groups``: what the config's groups are to the command."""
+        options = argparse.ArgumentParser(add_help=False)
+        options.add_argument("--config", type=user_path, metavar="FILE",
+                             help=f"the daemon's config: the catalog it names, and its groups ({groups})")
+        options.add_argument("--db", metavar="URL",
+                             help=f"catalog database URL (default: ${DB_ENV}, else --config's, else the state directory's)")
+        return options
 
     status = commands.add_parser(
-        "status", parents=[config_options],
+        "status", parents=[config_options("those are detailed; the catalog's others are named apart")],
         help="sources, groups (last run, what is published, quality, waiting adapters) and daemons, from the catalog",
         description="What the daemons sharing this catalog are doing, read from the catalog (the daemon need not "
                     "run): each source's health and last poll; each group's last run (the last skipped one too "
@@ -69,7 +72,7 @@ def register(commands) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
 
-    now = commands.add_parser("merge-now", parents=[config_options], help="ask the running daemon to merge a group now",
+    now = commands.add_parser("merge-now", parents=[config_options("only those may be asked for")], help="ask the running daemon to merge a group now",
                               description="Ask the running daemon to merge a group now.", epilog=MERGE_NOW_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     now.add_argument("group", help="a merge group's name, from the daemon's config")

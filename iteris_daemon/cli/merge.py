@@ -17,8 +17,9 @@ examples:
   iteris-daemon merge --base-model ./minilm --adapter loras/sst2 --adapter loras/news=news.jsonl --out merged
   iteris-daemon merge --base-model gpt2 --adapter a --adapter b --strategy ties --param density=0.3 --out m
 
-calibration data (JSON Lines, one {"text": ...} object per line, optional "target" for
-encoder-decoder models, or a conversation {"messages": [{"role": ..., "content": ...}, ...]}
+calibration data (JSON Lines, one {"text": ...} object per line, optional "text_pair" for
+sentence-pair tasks and "target" for encoder-decoder models, or a conversation
+{"messages": [{"role": ..., "content": ...}, ...]}
 rendered with the tokenizer's chat template) comes from DIR=FILE when given, else
 DIR/calibration.jsonl.
 Strategy parameters: `iteris-daemon plugins --params STRATEGY`.
@@ -339,7 +340,7 @@ def _settings_of(spec: str) -> tuple[str, type | None, dict[str, object]]:
 
 def _per_adapter_note(unnamed: object) -> str:
     """How a per-adapter parameter is given: a daemon group's adapters change from run to run."""
-    return f"(per adapter; a daemon group gives a table by adapter name, an adapter not named takes {unnamed})"
+    return f"(a daemon group gives a table by adapter name; an adapter not named takes {unnamed})"
 
 
 def _description(plugin) -> str:
