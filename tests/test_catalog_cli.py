@@ -1011,3 +1011,18 @@ def test_a_catalog_on_a_read_only_file_system_can_be_read(made, tmp_path, capsys
                                      "written here (a read-only file system, or another user's): nothing was "
                                      "written\n"), err
         assert sorted(p.name for p in mount.iterdir()) == before
+
+
+def test_only_commands_that_create_the_catalog_warn_of_its_open_folder(tmp_path, capsys):
+    """A catalog in a folder others can read: the commands that create it say so (the daemon's
+    state belongs in a private folder), but each command that only reads it said it again, at
+    every `status` (QA NU)."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    db = ["--db", f"sqlite:///{shared / 'catalog.db'}"]
+    code, _, err = run(capsys, "db", "upgrade", *db)
+    assert code == 0 and f"{shared} is open to other users (mode 755)" in err
+    for command in (["sources", "list"], ["adapters", "list"], ["status"]):
+        code, _, err = run(capsys, *command, *db)
+        assert code == 0 and "open to other users" not in err, (command, err)

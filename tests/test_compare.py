@@ -360,7 +360,7 @@ path = "{tmp_path / 'published'}"
     assert main(["compare", "--group", "unified"]) == 2
     assert "--group needs --config, the daemon's config" in capsys.readouterr().err
     assert main(["compare", "--group", "unified", "--config", str(config), "--base-model", str(base)]) == 2
-    assert "give --config, not --base-model or --adapter" in capsys.readouterr().err
+    assert "(with --config): drop --base-model and --adapter" in capsys.readouterr().err
     assert main(["compare", "--strategy", "ties"]) == 2
     assert "give --base-model and --adapter, or --group with --config" in capsys.readouterr().err
 

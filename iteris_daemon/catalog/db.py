@@ -116,7 +116,8 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
             opener = _read_only_opener(database)
         else:
             try:
-                private_dir(database.parent)  # the catalog is private state
+                if create:  # the catalog is private state (a command that only reads it has no say in that)
+                    private_dir(database.parent)
                 # Created 0600 before SQLite opens it (SQLite gives its -wal/-shm files the same mode).
                 os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
             except OSError as exc:  # a read-only file system, a parent that is a file, no permission
@@ -300,7 +301,8 @@ class Catalog:
             except Exception as exc:
                 if isinstance(exc, IterisError):
                     raise
-                raise CatalogError(f"cannot open or migrate the catalog at {self.safe_url}: {exc}".splitlines()[0]) from exc
+                raise CatalogError(f"cannot open {'or migrate ' if create else ''}the catalog at {self.safe_url}: "
+                                   f"{exc}".splitlines()[0]) from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

@@ -91,8 +91,8 @@ def _compare(args) -> int:
                                             calibration=calibration_options(args), **options))
     else:
         if args.base_model is not None or args.adapter:
-            raise ConfigError("--group takes the base model and adapters from the daemon's catalog: give --config, "
-                              "not --base-model or --adapter")
+            raise ConfigError("--group takes the base model and adapters from the daemon's catalog (with --config): "
+                              "drop --base-model and --adapter")
         if args.config is None:
             raise ConfigError("--group needs --config, the daemon's config (its catalog and the group's settings)")
         if args.trust_remote_code:
