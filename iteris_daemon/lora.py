@@ -61,7 +61,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     checks, without size limits); raise :class:`AdapterError` naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterError(path, "adapter folder does not exist")
+        raise AdapterError(path, "is a file, not an adapter folder (give the folder that holds it)" if path.exists()
+                           else "adapter folder does not exist")
     weights_path = path / WEIGHTS_NAME
     try:
         layout, data = read_checked(path, NO_SIZE_LIMITS, name)

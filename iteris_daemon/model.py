@@ -330,7 +330,11 @@ def _check_local(name_or_path: str) -> None:
     """A name that can only be a local path (absolute, ``./``, ``~``, or more than one
     ``/``) must be a folder; transformers would answer with a Hub repo id error."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir() or _HUB_ID.fullmatch(name_or_path):
+    if path.is_dir():
+        if not (path / "config.json").is_file():  # transformers said "Should have a model_type key in its config.json"
+            raise BaseModelError(f"base model folder {name_or_path} has no config.json (is it a model folder?)")
+        return
+    if _HUB_ID.fullmatch(name_or_path):
         return
     if path.exists():
         raise BaseModelError(f"base model {name_or_path} is not a folder")

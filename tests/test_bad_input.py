@@ -83,6 +83,20 @@ def test_missing_base_model(workspace, capsys, monkeypatch, spelling):
     _assert_refused(code, message, tmp / "out", f"base model folder {missing} does not exist")
 
 
+def test_a_base_model_folder_without_config_and_an_adapter_given_by_its_file_are_said_so(workspace, capsys):
+    """``--base-model ./empty`` (no config.json) ended in transformers' "Should have a
+    model_type key in its config.json"; ``--adapter DIR/adapter_config.json`` in "adapter
+    folder does not exist" (QA NU)."""
+    base, adapters, tmp = workspace
+    empty = tmp / "empty"
+    empty.mkdir()
+    code, message = _merge(capsys, empty, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"base model folder {empty} has no config.json (is it a model folder?)")
+    config_file = adapters[0] / "adapter_config.json"
+    code, message = _merge(capsys, base, [config_file, adapters[1]], tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"{config_file}: is a file, not an adapter folder")
+
+
 def test_adapters_for_different_base_models(workspace, capsys):
     base, adapters, tmp = workspace
     config_path = adapters[1] / "adapter_config.json"
