@@ -82,6 +82,7 @@ UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for 
 # of memory for a while), retried with backoff; then the adapter is held back and the rest merges.
 CALIBRATION_WORKER_WAITS = 3
 PRUNE_JOB = "prune"  # the scheduled catalog prune ([daemon.prune])
+PRESENCE_SECONDS = 60.0  # this daemon's row in the catalog is refreshed at least this often (merge-now reads it)
 CLOCK_STEP_SECONDS = 5.0  # the wall clock going back further than this against the monotonic one is a step
 STATE_LOCK = "daemon.lock"  # in the state folder: held by the daemon that uses it, holds its pid
 
@@ -647,7 +648,7 @@ class Daemon:
         self.scheduler.add_job(self._catch_up, _every(config.daemon.catalog_check_seconds),
                                id="catalog-check", replace_existing=True)
         self.peers.settings_changed()
-        self.scheduler.add_job(self._check_peers, _every(config.daemon.catalog_check_seconds),
+        self.scheduler.add_job(self._check_peers, _every(min(config.daemon.catalog_check_seconds, PRESENCE_SECONDS)),
                                id="peers", replace_existing=True, next_run_time=datetime.now(timezone.utc))
         self._schedule_prune(config.daemon.prune)
         for group in config.groups:

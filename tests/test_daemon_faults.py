@@ -984,6 +984,30 @@ def test_a_wall_clock_step_back_moves_the_pending_jobs_with_it(tmp_path, caplog)
         daemon.scheduler.shutdown(wait=False)
 
 
+@pytest.mark.timeout(120)
+def test_a_daemon_refreshes_its_presence_at_least_every_minute(tmp_path):
+    """`merge-now` calls a daemon not seen for 10 minutes gone; the daemon refreshed its row
+    at each catalog check only, so with ``catalog_check_seconds = 900`` a live daemon was
+    said gone for part of every period (QA TS). Its presence job now runs at least every
+    ``PRESENCE_SECONDS``; the catalog check keeps its period."""
+    from iteris_daemon.daemon import PRESENCE_SECONDS, Daemon
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      "catalog_check_seconds = 900\n")
+    daemon = Daemon(config)
+    periods: dict[str, timedelta] = {}
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.get_job("peers"), "the jobs")
+        periods.update({job: daemon.scheduler.get_job(job).trigger.interval for job in ("peers", "catalog-check")})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert polling.run_here(daemon, probe) == 0
+    assert PRESENCE_SECONDS == 60 and periods == {"peers": timedelta(seconds=60), "catalog-check": timedelta(seconds=900)}
+
+
 def test_jobs_that_start_hours_late_still_run_once(caplog):
     """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
     merge slot (the merge before it took that long), and a daily cron run due while the host

@@ -143,11 +143,12 @@ def _merge_now(args) -> int:
         last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0
         group_id = group.id
         # A daemon removes its row as it stops, and refreshes it at each catalog check (30 s by
-        # default); a killed one leaves it behind.
+        # default), at least every minute; a killed one leaves it behind.
         seen = session.scalar(select(func.max(DaemonPresence.seen_at)))
+        now = catalog.now(session)  # the clock the daemons' rows were written by (a server's)
     if seen is None:
         where = "no daemon is using this catalog now: the run starts when one starts"
-    elif utcnow() - seen > STALE_PRESENCE:
+    elif now - seen > STALE_PRESENCE:
         where = f"no daemon has been seen on this catalog since {iso_utc(seen)}: the run starts when one runs"
     else:
         where = "the running daemon starts it within seconds"
