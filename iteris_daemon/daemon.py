@@ -552,7 +552,10 @@ class Daemon:
         problem = self._liveness_problem()
         if problem is not None:
             return problem
-        return self.catalog_health.problem(UNHEALTHY_AFTER_CHECKS * self.config.daemon.catalog_check_seconds)
+        # As many checks as the peers job makes (at least every minute): a long catalog_check_seconds
+        # (a day) left a failing catalog unreported for days.
+        return self.catalog_health.problem(UNHEALTHY_AFTER_CHECKS * min(self.config.daemon.catalog_check_seconds,
+                                                                        PRESENCE_SECONDS))
 
     def _liveness_problem(self) -> str | None:
         """Why the daemon is not alive (stopping, its main loop or scheduler stuck), or None."""

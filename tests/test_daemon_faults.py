@@ -1008,6 +1008,40 @@ def test_a_daemon_refreshes_its_presence_at_least_every_minute(tmp_path):
     assert PRESENCE_SECONDS == 60 and periods == {"peers": timedelta(seconds=60), "catalog-check": timedelta(seconds=900)}
 
 
+def test_a_failing_catalog_is_unhealthy_within_minutes_whatever_the_catalog_check_period(tmp_path, monkeypatch):
+    """/healthz reports a job the catalog keeps failing after 3 checks' time: with
+    ``catalog_check_seconds = 86400`` that was 3 days of a dead catalog said healthy (QA TS).
+    The time is now 3 of the presence job's periods at most (60 s each). The tick fails every
+    2 s on a stand-in outage (the session raising what a lost server raises), on a fake clock."""
+    import iteris_daemon.daemon as daemon_module
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from sqlalchemy.exc import OperationalError
+
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\ncatalog_check_seconds = 86400\n")
+    daemon = daemon_module.Daemon(config)
+    daemon.scheduler = BackgroundScheduler()
+    daemon.scheduler.start(paused=True)
+    daemon.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    now = [1000.0]
+    daemon.catalog_health = daemon_module.CatalogHealth(lambda: daemon.catalog.safe_url, clock=lambda: now[0])
+
+    def lost(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(daemon.catalog, "session", lost)
+    try:
+        problems = {}
+        for second in range(0, 200, 2):
+            now[0] = 1000.0 + second
+            daemon._tick()
+            problems[second] = daemon.health_problem()
+        assert problems[170] is None and problems[180].startswith("the catalog ") and "has failed job tick for 180 s" \
+            in problems[180], problems[180]
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+
+
 def test_jobs_that_start_hours_late_still_run_once(caplog):
     """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
     merge slot (the merge before it took that long), and a daily cron run due while the host
