@@ -451,13 +451,18 @@ class Daemon:
 
     def clock_stepped_back(self, seconds: float) -> None:
         """Move every pending job's time back by the wall clock's step, so that each waits
-        what it was to wait; a cron job keeps its time, which is a time of day."""
-        log.warning("the wall clock went back %.0f s (NTP stepping it, or a VM restored?): pending jobs are moved "
-                    "back with it, cron schedules keep their times", seconds)
+        what it was to wait; a cron job's next time, a time of day, is found anew on the
+        corrected clock (found on the clock that ran ahead, it was that far off too)."""
+        now = datetime.now(timezone.utc)
         for job in self.scheduler.get_jobs():
-            if job.next_run_time is not None and not isinstance(job.trigger, CrontabTrigger):
-                with suppress(JobLookupError):  # it ran, or went, meanwhile
-                    job.modify(next_run_time=job.next_run_time - timedelta(seconds=seconds))
+            if job.next_run_time is None:
+                continue
+            moved = (job.trigger.get_next_fire_time(None, now) if isinstance(job.trigger, CrontabTrigger)
+                     else job.next_run_time - timedelta(seconds=seconds))
+            with suppress(JobLookupError):  # it ran, or went, meanwhile
+                job.modify(next_run_time=moved)
+        log.warning("the wall clock went back %.0f s (NTP stepping it, or a VM restored?): pending jobs were moved "
+                    "back with it, cron schedules to their next time on the corrected clock", seconds)
 
     def _start(self, settings: DaemonSettings) -> None:
         """Everything that may fail at start (a listening socket, the webhook secret) first,

@@ -23,8 +23,9 @@ class MappedFiles:
         path = options.files.get(adapter.name)
         if path is None:
             return None
-        if not os.path.lexists(path):
-            raise CalibrationUnavailable(path, f"calibration file does not exist (mapped to adapter {adapter.name})")
+        if not os.path.exists(path):  # missing, or a link into a mount not up yet
+            what = "is a symlink to nothing (or a loop)" if os.path.islink(path) else "does not exist"
+            raise CalibrationUnavailable(path, f"calibration file {what} (mapped to adapter {adapter.name})")
         return read_jsonl(path, options.limit)
 
 

@@ -33,6 +33,9 @@ def _times(expression: str, count: int, now: datetime = MONDAY) -> list[str]:
     # The day of the month or the weekday: the 1st, and Mondays (APScheduler 3: Mondays the 1st).
     ("0 3 1 * 1", ["Mon 2026-12-14 03:00", "Mon 2026-12-21 03:00", "Mon 2026-12-28 03:00",
                    "Fri 2027-01-01 03:00", "Mon 2027-01-04 03:00"]),
+    # A field starting with "*" makes both count, as in cron: Mondays on odd days (QA RV8).
+    ("0 0 */2 * 1", ["Mon 2026-12-21 00:00", "Mon 2027-01-11 00:00"]),
+    ("0 3 * jan-mar mon-fri", ["Fri 2027-01-01 03:00", "Mon 2027-01-04 03:00"]),
     ("30 4 * * *", ["Tue 2026-12-08 04:30", "Wed 2026-12-09 04:30"]),
     ("0 0 29 2 *", ["Tue 2028-02-29 00:00", "Sun 2032-02-29 00:00"]),
 ])
@@ -52,6 +55,12 @@ def test_now_itself_is_the_first_time_and_each_next_comes_after_the_previous():
     ("61 * * * *", "cron '61 * * * *': [61 * * * *] is not acceptable, out of range"),
     ("0 3 * * 8", "out of range"),
     ("0 0 30 2 *", "cron '0 0 30 2 *' never fires"),
+    # croniter's extensions, which cron does not read ("R": a random minute drawn anew at each look).
+    ("R 4 * * *", "cron 'R 4 * * *': minute 'R' is not a list of numbers, ranges and steps"),
+    ("0 3 L * *", "day-of-month 'L' is not a list of numbers, ranges and steps"),
+    ("0 3 * * 1#2", "day-of-week '1#2' is not a list of numbers or names, ranges and steps"),
+    ("0 3 ? * *", "day-of-month '?'"),
+    ("H 3 * * *", "minute 'H'"),
 ])
 def test_what_cron_would_not_run_is_refused(expression, message):
     with pytest.raises(ValueError) as error:

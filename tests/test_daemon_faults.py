@@ -945,7 +945,7 @@ def test_a_wall_clock_step_back_moves_the_pending_jobs_with_it(tmp_path, caplog)
     the catalog check, polls, a debounced run) stood still for as long as the step, the daemon
     saying it was healthy (QA TS: 0 ticks for a 60 s step). The daemon's main loop tells the
     step against the monotonic clock (here both clocks are given) and moves each pending
-    job's time back by it, but a cron job's, which is a time of day."""
+    job's time back by it; a cron job's next time, a time of day, is found anew."""
     from iteris_daemon.crontab import CrontabTrigger
     from iteris_daemon.daemon import CLOCK_STEP_SECONDS, Daemon, WallClock, new_scheduler
 
@@ -971,15 +971,17 @@ def test_a_wall_clock_step_back_moves_the_pending_jobs_with_it(tmp_path, caplog)
         soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1)
         daemon.scheduler.add_job(print, "date", run_date=soon + timedelta(seconds=630), id="trigger:g")
         daemon.scheduler.add_job(print, "interval", seconds=2, id="tick", next_run_time=soon + timedelta(seconds=602))
-        daemon.scheduler.add_job(print, CrontabTrigger("0 3 * * *"), id="schedule:h")
-        cron_time = daemon.scheduler.get_job("schedule:h").next_run_time
+        trigger = CrontabTrigger("0 3 * * *")
+        cron_time = trigger.get_next_fire_time(None, datetime.now(timezone.utc))
+        # found on a clock two days ahead: (QA RV8) it stood still for the two days
+        daemon.scheduler.add_job(print, trigger, id="schedule:h", next_run_time=cron_time + timedelta(days=2))
         with caplog.at_level(logging.WARNING, logger="iteris_daemon"):
             daemon.clock_stepped_back(600.0)
         moved = {job.id: job.next_run_time for job in daemon.scheduler.get_jobs()}
         assert moved == {"trigger:g": soon + timedelta(seconds=30), "tick": soon + timedelta(seconds=2),
                          "schedule:h": cron_time}
-        assert ("the wall clock went back 600 s (NTP stepping it, or a VM restored?): pending jobs are moved back "
-                "with it, cron schedules keep their times") in caplog.messages
+        assert ("the wall clock went back 600 s (NTP stepping it, or a VM restored?): pending jobs were moved back "
+                "with it, cron schedules to their next time on the corrected clock") in caplog.messages
     finally:
         daemon.scheduler.shutdown(wait=False)
 
@@ -1040,6 +1042,43 @@ def test_a_failing_catalog_is_unhealthy_within_minutes_whatever_the_catalog_chec
             in problems[180], problems[180]
     finally:
         daemon.scheduler.shutdown(wait=False)
+
+
+@pytest.mark.timeout(120)
+def test_the_main_loop_moves_the_jobs_when_the_wall_clock_steps_back(tmp_path, monkeypatch, caplog):
+    """The wiring of the test above: the running daemon's main loop asks its ``WallClock``
+    twice a second and moves the jobs on a step. The clock is a stand-in that tells one
+    step of 600 s (the daemon's scheduler and threads run on the real clocks)."""
+    import iteris_daemon.daemon as daemon_module
+
+    armed, told = threading.Event(), threading.Event()
+
+    class OneStep:
+        def stepped_back(self) -> float:
+            if armed.is_set() and not told.is_set():
+                told.set()
+                return 600.0
+            return 0.0
+
+    monkeypatch.setattr(daemon_module, "WallClock", OneStep)
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    daemon = daemon_module.Daemon(config)
+    seen = {}
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        daemon.scheduler.add_job(print, "date", run_date=datetime.now(timezone.utc) + timedelta(hours=1), id="later")
+        planned = daemon.scheduler.get_job("later").next_run_time
+        armed.set()
+        polling.wait_for(lambda: "the wall clock went back 600 s" in caplog.text, "the step")
+        seen["moved by"] = planned - daemon.scheduler.get_job("later").next_run_time
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.WARNING, logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert seen["moved by"] == timedelta(seconds=600)
 
 
 def test_jobs_that_start_hours_late_still_run_once(caplog):

@@ -854,8 +854,8 @@ def test_adapters_of_one_name_from_two_sources_are_named_by_their_source(setup, 
 
 
 def test_a_run_waits_for_a_mapped_calibration_file_that_is_not_there(setup, tmp_path, caplog):
-    """``[groups.calibration] files`` naming a file that is not there (a typo, a mount not up
-    yet): the run is skipped, waiting for that adapter, asks to be tried again, and publishes
+    """``[groups.calibration] files`` naming a file that is not there (a typo), or a link into
+    a mount not up yet (QA RV8): the run is skipped, waiting for that adapter, asks to be tried again, and publishes
     nothing; once the file is there, both are merged with it. Before, the adapter was held
     back and the merge of the rest replaced the one served (QA NU). A name in the mapping
     that no adapter of the run has (a typo the other way) is logged."""
@@ -870,7 +870,12 @@ def test_a_run_waits_for_a_mapped_calibration_file_that_is_not_there(setup, tmp_
                                      "to adapter task1)"), outcome.detail
     assert setup.current() is None
     assert "group unified: calibration.files names tsak1, not in this run" in caplog.messages
-    files["task1"].write_text('{"text": "curated sample of task1"}\n')
+    files["task1"].symlink_to(tmp_path / "mount" / "task1.jsonl")  # a link into a mount not up yet
+    outcome = runner.run_group(setup.catalog, group, setup.work, "tester")
+    assert outcome.status is RunStatus.skipped and outcome.retry_inputs, outcome
+    assert f"{files['task1']}: calibration file is a symlink to nothing (or a loop)" in outcome.detail, outcome.detail
+    (tmp_path / "mount").mkdir()
+    (tmp_path / "mount" / "task1.jsonl").write_text('{"text": "curated sample of task1"}\n')
     outcome = runner.run_group(setup.catalog, group, setup.work, "tester")
     assert outcome.status is RunStatus.succeeded and not outcome.retry_inputs, outcome
     report = json.loads((setup.published / "current" / "merge_report.json").read_text())
