@@ -998,10 +998,12 @@ class Daemon:
             for name, requested_at, next_run_at in groups:
                 pending = self.scheduler.get_job(f"trigger:{name}")
                 soon = datetime.now(timezone.utc) + timedelta(seconds=TICK_SECONDS)
-                # A request of a group another daemon merges is asked again as its claim
-                # says (above), not at every tick: its holder serves the request.
-                if requested_at is not None and (pending is None or (pending.next_run_time > soon
-                                                                     and name not in self._claimed_elsewhere)):
+                # A request of a group another daemon merges is asked again as its claim says
+                # (claim_ttl / 2 later), not at every tick: its holder serves the request. A
+                # trigger further off than that (a retry's backoff) is brought forward.
+                claim_wait = soon + timedelta(seconds=self.config.daemon.claim_ttl_seconds / 2)
+                if requested_at is not None and (pending is None or pending.next_run_time > (
+                        claim_wait if name in self._claimed_elsewhere else soon)):
                     self.trigger(name, delay=0)
                 times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
                                                        self.scheduler.get_job(f"schedule:{name}")) if job]

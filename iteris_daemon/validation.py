@@ -501,10 +501,15 @@ def _validate(folder: Path, base_model: str | None, limits: Limits, trusted_mode
 
 def names_another_model(named: str, base_model: str) -> bool:
     """Whether an adapter's ``base_model_name_or_path`` names another model than
-    ``base_model``, by the name without its owner or folder: ``meta-llama/Llama-2-7b-hf`` and
-    ``/models/llama-2-7b-hf`` name one model."""
+    ``base_model``, by the name without its owner or folder: ``meta-llama/Llama-2-7b-hf``,
+    ``/models/llama-2-7b-hf`` and the Hub cache's ``.../models--meta-llama--Llama-2-7b-hf/
+    snapshots/<commit>`` name one model; a path is read as the folder it names (``.``)."""
     def name(model: str) -> str:
-        return model.rstrip("/").rpartition("/")[2].lower()
+        parts = list(Path(os.path.normpath(os.path.abspath(os.path.expanduser(model)))).parts
+                     if model.startswith(("/", ".", "~")) else model.rstrip("/").split("/"))
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            parts = parts[:-2]  # the Hub cache's folder of a repo's commit
+        return parts[-1].rpartition("--")[2].lower() if parts[-1].startswith("models--") else parts[-1].lower()
 
     return name(named) != name(base_model)
 

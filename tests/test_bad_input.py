@@ -147,6 +147,22 @@ def test_merge_says_when_the_adapters_name_another_base_model(workspace, capsys,
         assert (said in caplog.text) is warned, caplog.text
 
 
+@pytest.mark.parametrize("named, base, other", [
+    ("gpt2", "/srv/hub/models--gpt2/snapshots/0123abc", False),  # the Hub cache's folder of a commit (QA RV8)
+    ("meta-llama/Llama-2-7b-hf", "/m/models--meta-llama--Llama-2-7b-hf/snapshots/0123", False),
+    ("meta-llama/Llama-2-7b-hf", "models--meta-llama--Llama-2-7b-hf", False),
+    ("Llama-2-7b-hf", "/srv/models/Llama-2-7b-hf/.", False),
+    ("Llama-2-7b-hf", "/srv/models/x/../Llama-2-7b-hf/", False),
+    ("meta-llama/Llama-2-7b-hf", "/models/llama-2-7b-hf", False),
+    ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf", True),
+    ("some-org/another-model", "/srv/hub/models--gpt2/snapshots/0123abc", True),
+])
+def test_another_base_model_is_told_by_the_model_name_whatever_its_spelling(named, base, other):
+    from iteris_daemon.validation import names_another_model
+
+    assert names_another_model(named, base) is other
+
+
 def test_weights_of_modules_target_modules_does_not_name_are_refused(workspace, capsys):
     """An adapter whose weights adapt modules its ``target_modules`` does not name (PEFT would
     not load them there): the daemon's sources refused it, ``merge`` merged it (QA NU). One

@@ -314,6 +314,7 @@ def test_a_scan_without_a_usable_cache_directory_still_scans_folders(made, tmp_p
     # By its spelling a local folder: every adapter waited on it, the source unhealthy (QA NU).
     (["sources", "add", "x", "--folder", ".", "--base-model", "./nobert"], "--base-model ./nobert: no such directory"),
     (["sources", "add", "x", "--hub-author", "acme", "--base-model", "~/nobert"], "--base-model ~/nobert: no such"),
+    (["sources", "add", "x", "--folder", ".", "--base-model", "models/nobert/7b"], "--base-model models/nobert/7b: no"),
     (["sources", "add", "x", "--hub-repo", "not a repo"], "is not a repo id"),
     (["sources", "add", "x", "--hub-author", "acme", "--interval", "-5"], "interval_seconds: Input should be greater than or equal to 0.1"),
     # nan passed as "less than or equal to 315360000"; inf is past every date the scheduler knows.

@@ -931,6 +931,11 @@ def test_merge_now_of_a_group_another_daemon_merges_asks_as_the_claim_says(tmp_p
             claimed_elsewhere()
         seen["attempts"] = attempts()
         seen["next try"] = daemon.scheduler.get_job("trigger:g").next_run_time - datetime.now(timezone.utc)
+        # A trigger further off than the claim's wait (a retry's backoff, 15 minutes) is brought
+        # forward by a request: nobody may be serving it (QA RV8).
+        daemon.trigger("g", delay=900)
+        claimed_elsewhere(requested_at=utcnow())
+        polling.wait_for(lambda: attempts() == 2, "the request's attempt", timeout=30)
         os.kill(os.getpid(), signal.SIGTERM)
 
     with caplog.at_level(logging.INFO, logger="iteris_daemon"):

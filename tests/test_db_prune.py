@@ -411,9 +411,10 @@ def test_the_daemon_prunes_on_its_schedule(tmp_path, caplog, monkeypatch):
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
         monkeypatch.setattr(daemon_module, "prune", unreachable)
-        run_now()
-        polling.wait_for(lambda: "catalog prune failed" in caplog.text, "the failed prune's warning")
-        seen["health"] = daemon.health_problem()
+        for failures in range(1, 4):  # /healthz counts a job's catalog failures from 3 in a row
+            run_now()
+            polling.wait_for(lambda: caplog.text.count("catalog prune failed") == failures, "the failed prune's warning")
+        seen["health"] = daemon.catalog_health.problem(after=0)
         config.write_text(running)
         os.kill(os.getpid(), signal.SIGHUP)
         polling.wait_for(lambda: "configuration reloaded" in caplog.text, "the reload")
@@ -423,8 +424,46 @@ def test_the_daemon_prunes_on_its_schedule(tmp_path, caplog, monkeypatch):
     with caplog.at_level("INFO", logger="iteris_daemon"):
         assert polling.run_here(daemon, probe) == 0
     assert seen["next"] == (0, 3, 0) and seen["runs"] == RECENT_RUNS
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == 3 * [
         "catalog prune failed (tried again at the next time of cron '0 3 * * 1'): OperationalError: "
         "(builtins.ConnectionRefusedError) connection refused"]
     assert seen["health"] is None and seen["after reload"] is None
     assert "catalog prune of what is older than 30 days on cron '0 3 * * 1' (UTC); next at 20" in caplog.text
+
+
+@pytest.mark.timeout(180)
+def test_a_daemon_stopping_ends_its_prune_after_the_pass_under_way(tmp_path, caplog, monkeypatch):
+    """SIGTERM while the daemon's scheduled prune runs (passes of 2 over 20 old runs, the
+    first pass held until the signal is sent): the daemon stops after that pass, logging
+    the prune "stopped early", and the next prune (here ``db prune``) deletes the rest."""
+    import iteris_daemon.daemon as daemon_module
+
+    monkeypatch.setattr(prune_module, "PASS", 2)
+    in_pass, real_pass = threading.Event(), prune_module._pass
+
+    def held_pass(*args, **kwargs):
+        in_pass.set()
+        time.sleep(1.0)  # the signal arrives during the first pass
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "_pass", held_pass)
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n[daemon.prune]\n")
+    daemon = daemon_module.Daemon(config)
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        _old_skips(daemon.catalog, RECENT_RUNS + 20)
+        daemon.scheduler.get_job(daemon_module.PRUNE_JOB).modify(next_run_time=datetime.now(timezone.utc))
+        assert in_pass.wait(30)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert "catalog prune (stopped early): runs 2," in caplog.text, caplog.text
+    catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
+    assert _counts(catalog)["merge_runs"] == RECENT_RUNS + 18
+    monkeypatch.setattr(prune_module, "_pass", real_pass)
+    assert prune(catalog, timedelta(days=90)) == Pruned(runs=18)
+    catalog.close()

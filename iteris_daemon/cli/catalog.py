@@ -258,8 +258,8 @@ def _sources_add(args) -> int:
                if getattr(args, f[2:].replace("-", "_")) is not None]
     if foreign:
         raise ConfigError(f"{', '.join(foreign)}: only for {'Hub' if args.folder else 'folder'} sources")
-    if args.base_model and args.base_model.startswith(("~", ".", "/")) and not user_path(args.base_model).is_dir():
-        # a local folder by its spelling: every adapter would wait on it (QA NU)
+    if (args.base_model and (args.base_model.startswith(("~", ".", "/")) or args.base_model.count("/") > 1)
+            and not user_path(args.base_model).is_dir()):  # a local folder by its spelling: every adapter waited on it
         raise ConfigError(f"--base-model {args.base_model}: no such directory (a Hub id is written OWNER/NAME)")
     if args.folder:
         missing = [str(f) for f in args.folder if not f.is_dir()]
