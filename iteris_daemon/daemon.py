@@ -63,8 +63,8 @@ from .logs import counted
 from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
 from .retry import bound_requests
-from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, groups_behind, recover_interrupted, run_group, sync_group,
-                     worker_id)
+from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, discard_copies, groups_behind, recover_interrupted, run_group,
+                     sync_group, worker_id)
 from .sources.hub import CACHE_FOLDER, HubSource
 from .sources.local import LocalFolderSource, ScanReport
 from .sources.stat_cache import stat_cache_file
@@ -301,6 +301,11 @@ class CatalogHealth:
             log.warning("job %s: the catalog %s failed: %s%s", job, self._url(), failing.cause,
                         "" if first else f" (failing for {now - failing.since:.0f} s; "
                                          f"{counted(unsaid, 'more failure')} since the last warning)")
+
+    def forget(self, job: str) -> None:
+        """``job`` runs no more (its source removed): its failures are no problem any more."""
+        with self._lock:
+            self._failing.pop(job, None)
 
     def _answered(self, job: str) -> None:
         with self._lock:
@@ -633,10 +638,13 @@ class Daemon:
             sync_group(self.catalog, group)
         dropped = set(self._groups) - {group.name for group in config.groups}
         self._clear_next_runs(dropped)
+        self._discard_other_groups_copies(config)
         bound_requests(config.daemon.hub_timeout_seconds)
         sources = self._enabled_sources()
         with self._sources_guard:
             self.config = config
+            for name in self._local:
+                self.catalog_health.forget(f"rescan:{name}")  # restarted below, or gone (its job with it)
             for source in self._local.values():
                 source.stop()
             self._local.clear()
@@ -650,6 +658,10 @@ class Daemon:
             for source_id, (name, kind, settings) in sources.items():
                 self._start_source(name, kind, settings)
         self._groups = {group.name: group for group in config.groups}
+        for name in dropped:  # a group may come back under the name: it starts afresh
+            self._failed_attempts.pop(name, None)
+            self._claimed_elsewhere.discard(name)
+            self.metrics.forget_group(name)
         self._caught_up.clear()
         self._unmerged_since.clear()  # every group runs now (below)
         self._calibration_worker_failures.clear()  # a group of another definition may come under a name
@@ -662,6 +674,14 @@ class Daemon:
         for group in config.groups:
             self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
+
+    def _discard_other_groups_copies(self, config: DaemonConfig) -> None:
+        """Remove the merges kept for groups ``config`` does not have (renamed, dropped; the
+        state folder is this daemon's alone): a whole adapter each, kept for ever before."""
+        with self.catalog.session(write=False) as session:
+            keep = set(session.scalars(select(MergeGroup.id).where(MergeGroup.name.in_([g.name for g in config.groups]))))
+        for group_id in discard_copies(self.work, keep):
+            log.info("removed the merges kept for group id %d, which the config no longer has", group_id)
 
     def _clear_next_runs(self, names: Collection[str]) -> None:
         """No next run for groups this daemon no longer schedules (it stops, or a reload
@@ -856,6 +876,7 @@ class Daemon:
         for job in (f"rescan:{name}", f"poll:{name}"):
             with suppress(JobLookupError):  # not a local source, or not a Hub one
                 self.scheduler.remove_job(job)
+        self.catalog_health.forget(f"rescan:{name}")  # its failures would keep /healthz unhealthy for ever
 
     def _trigger_behind(self, groups: dict[str, GroupConfig], behind: dict[str, frozenset[int]]) -> None:
         """Trigger each group of ``behind`` (name -> its selection now) not asked for yet (see :meth:`_catch_up`)."""

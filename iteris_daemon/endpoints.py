@@ -333,6 +333,15 @@ class DaemonMetrics:
     def run_not_carried_out(self, group: str) -> None:
         self._runs_not_carried_out.labels(group).inc()
 
+    def forget_group(self, group: str) -> None:
+        """Drop the series of a group this daemon no longer runs (a reload dropped or renamed
+        it): kept, every name a group had had stayed in each scrape until a restart."""
+        for metric, labels in ((self._merge_duration, [(group,)]), (self._runs_not_carried_out, [(group,)]),
+                               (self._worker_failures, [(group, reason) for reason in (*WORKER_FAILURE_REASONS, "other")])):
+            for values in labels:
+                with suppress(KeyError):  # never observed
+                    metric.remove(*values)
+
 
 def _respond(start_response: StartResponse, status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
              headers: Iterable[tuple[str, str]] = (), exc_info: Any = None) -> list[bytes]:

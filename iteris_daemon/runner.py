@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -705,6 +706,21 @@ def published_copy(work_dir: Path, group_id: int) -> Path:
 def unpublished_copy(work_dir: Path, group_id: int) -> Path:
     """Where a group's last merge is kept when its publishing failed, to be published again."""
     return work_dir / "unpublished" / f"group-{group_id}"
+
+
+def discard_copies(work_dir: Path, keep: Collection[int]) -> list[int]:
+    """Remove the kept copies (published baselines, unpublished merges, with their files
+    beside them) of every group but those of ``keep``, and return those groups' ids: a group
+    renamed or dropped from the config kept a whole merged adapter in the state folder for ever."""
+    gone: set[int] = set()
+    for copy_of in (published_copy, unpublished_copy):
+        folder = copy_of(work_dir, 0).parent
+        for item in list(folder.iterdir()) if folder.is_dir() else ():
+            match = re.fullmatch(r"group-(\d+)(?:\.\w+)?", item.name)
+            if match and int(match[1]) not in keep:
+                _discard(copy_of(work_dir, int(match[1])))
+                gone.add(int(match[1]))
+    return sorted(gone)
 
 
 def _copy_run(copy: Path) -> Path:

@@ -35,6 +35,7 @@ on a socket of its own. Deadlines only bound waits; nothing asserts on speed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -1086,6 +1087,66 @@ def test_the_main_loop_moves_the_jobs_when_the_wall_clock_steps_back(tmp_path, m
     assert seen["moved by"] == timedelta(seconds=600)
 
 
+@pytest.mark.timeout(120)
+def test_what_a_reload_drops_leaves_no_trace(tmp_path, monkeypatch, caplog):
+    """A group or source the config drops (renamed, removed) left, for ever (QA OPS): the whole
+    merged adapter kept as its quality baseline or to be published again, in the state folder
+    (one per name a group ever had); its series in /metrics; and a rescan job's catalog
+    failures, which kept /healthz unhealthy though the job was gone. Now the start removes the
+    copies of groups the config lacks, and a reload those of the groups it drops with their
+    series and the dropped source's failures. Kept copies are stand-ins (folders as the runner
+    writes them); the rescan's failures are recorded as its job records them."""
+    from prometheus_client import generate_latest
+    from sqlalchemy.exc import OperationalError
+
+    import iteris_daemon.daemon as daemon_module
+
+    state = tmp_path / "state"
+    runs = state / "runs"
+    for copy in (runs / "published" / "group-1", runs / "published" / "group-99", runs / "unpublished" / "group-98"):
+        copy.mkdir(parents=True)
+        (copy / "adapter_model.safetensors").write_bytes(b"weights")
+        copy.with_name(f"{copy.name}.run").write_text("7\n")
+    (tmp_path / "watched").mkdir()
+    config = tmp_path / "daemon.toml"
+    head = (f"[daemon]\nstate_dir = {json.dumps(str(state))}\ncache_dir = {json.dumps(str(tmp_path / 'cache'))}\n"
+            "grace_seconds = 1\n")
+    source = f'[[sources]]\nname = "team"\nkind = "local"\npaths = [{json.dumps(str(tmp_path / "watched"))}]\n'
+    group = ('[[groups]]\nname = "g"\nbase_model = "org/base"\n[[groups.destinations]]\nkind = "folder"\n'
+             f'path = {json.dumps(str(tmp_path / "out"))}\n')
+    config.write_text(head + source + group)
+    state.mkdir(mode=0o700, exist_ok=True)
+    state.chmod(0o700)
+    monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: RunOutcome(RunStatus.skipped, None, "stand-in"))
+    daemon = daemon_module.Daemon(config)
+    seen = {}
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.get_job("rescan:team"), "the start")
+        seen["after start"] = sorted(str(p.relative_to(runs)) for p in runs.glob("*published/*"))
+        daemon.metrics.observe_merge("g", 12.0)
+        daemon.metrics.worker_failed("g", "memory")
+        for _ in range(3):
+            with contextlib.suppress(OperationalError), daemon.catalog_health.watching("rescan:team"):
+                raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+        seen["unhealthy"] = daemon.catalog_health.problem(after=0)
+        config.write_text(head)
+        os.kill(os.getpid(), signal.SIGHUP)
+        polling.wait_for(lambda: "configuration reloaded" in caplog.text, "the reload")
+        seen["after reload"] = sorted(str(p.relative_to(runs)) for p in runs.glob("*published/*"))
+        seen["health"] = daemon.catalog_health.problem(after=0)
+        seen["series"] = [line for line in generate_latest(daemon.metrics.registry).decode().splitlines()
+                          if 'group="g"' in line and not line.startswith("iteris_merge_runs")]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert seen["after start"] == ["published/group-1", "published/group-1.run"], seen
+    assert seen["unhealthy"] is not None and "rescan:team" in seen["unhealthy"]
+    assert seen["after reload"] == [] and seen["health"] is None and seen["series"] == [], seen
+    assert "removed the merges kept for group id 99, which the config no longer has" in caplog.messages
+
+
 def test_jobs_that_start_hours_late_still_run_once(caplog):
     """The daemon's scheduler (``new_scheduler``): a group's run that waited two hours for the
     merge slot (the merge before it took that long), and a daily cron run due while the host
@@ -1520,6 +1581,7 @@ def _daemon_with_paused_jobs(tmp_path: Path, names: tuple[str, ...]):
     daemon.scheduler = BackgroundScheduler()
     daemon.scheduler.start(paused=True)  # keeps jobs, runs none
     daemon.catalog = Catalog(url)
+    daemon.work = tmp_path / "state" / "runs"
     return daemon, folders, config, url
 
 
