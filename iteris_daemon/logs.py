@@ -11,7 +11,10 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Callable, Collection
 from typing import Any, TextIO
 
 FORMATS = ("auto", "journal", "text", "json")
@@ -27,6 +30,35 @@ def counted(count: int, noun: str) -> str:
     if count == 1:
         return f"{count} {noun}"
     return f"{count} {noun[:-1]}ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else f"{count} {noun}s"
+
+
+class Repeated:
+    """Says each distinct message once, then while it keeps coming at most once every
+    ``period`` seconds with how often it came in between (at DEBUG meanwhile): a failure a
+    periodic job finds at every look (a Hub repo deleted, the Hub down for a week) said it
+    at every look, thousands of lines a day. :meth:`keep_only` forgets the messages that
+    stopped coming, so that one coming back is said at once."""
+
+    def __init__(self, logger: logging.Logger, period: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+        self._logger, self._period, self._clock = logger, period, clock
+        self._lock = threading.Lock()
+        self._said: dict[str, tuple[float, int]] = {}  # message -> (when said, times come since)
+
+    def say(self, level: int, message: str) -> None:
+        now = self._clock()
+        with self._lock:
+            said = self._said.get(message)
+            due = said is None or now - said[0] >= self._period
+            self._said[message] = (now, 0) if due else (said[0], said[1] + 1)
+        if due:
+            again = f" (again {counted(said[1], 'time')} since it was last said)" if said and said[1] else ""
+            self._logger.log(level, "%s%s", message, again)
+        else:
+            self._logger.debug("%s (said before)", message)
+
+    def keep_only(self, messages: Collection[str]) -> None:
+        with self._lock:
+            self._said = {message: said for message, said in self._said.items() if message in messages}
 
 
 def redact(text: str) -> str:

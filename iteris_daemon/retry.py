@@ -96,7 +96,9 @@ def _log_retry(what: str, failures: list[BaseException]):
         failures[:] = [exc] if exc is not None else []
         status = _status(exc) if exc else None
         reason = f"HTTP {status}" if status else type(exc).__name__
-        log.warning("%s: %s, retry %d in %.1fs", what, reason, state.attempt_number, state.next_action.sleep)
+        # INFO: the caller says the failure that outlasts the retries (a Hub down for a week said
+        # five WARNINGs per repo and poll before its ERROR)
+        log.info("%s: %s, retry %d in %.1fs", what, reason, state.attempt_number, state.next_action.sleep)
     return before_sleep
 
 

@@ -24,6 +24,7 @@ from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
+from iteris_daemon import logs
 from iteris_daemon.retry import Interrupted, hub_retrying
 import iteris_daemon.sources.hub as hub_module
 from iteris_daemon.sources.hub import HubSource, unsafe_path
@@ -746,6 +747,51 @@ def test_a_listed_repo_or_branch_that_is_not_there_makes_the_source_unhealthy(en
     hub.create_branch_direct("bob/a", "no-such-branch")
     assert sorted(poller.poll().registered) == ["bob/a@no-such-branch", "bob/typo-lora"]
     assert _source_row(catalog).healthy
+
+
+def test_a_failure_each_poll_finds_again_is_said_once_an_hour(env, caplog):
+    """A repo named in the settings that is gone, and one whose Hub answers 503 past the
+    retries: each poll said each again, an ERROR per repo and poll (288 a day at the default
+    interval), after five WARNINGs of retries for the 503 (QA OPS). Now each is one ERROR, said
+    again an hour later with how often it came back, and at once when it comes back after a
+    poll without it; the retries are INFO; the source's health says it all along. The hour
+    passes on a stand-in clock."""
+    import logging
+
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("bob/a", adapter_files(first))
+    poller = source(repos=["bob/a", "bob/gone"], retry_attempts=2)
+    now = [0.0]
+    poller._errors = logs.Repeated(logging.getLogger("iteris_daemon.sources.hub"), hub_module.ERRORS_REPEATED_EVERY,
+                                   clock=lambda: now[0])
+
+    def said(level: int = logging.WARNING) -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.levelno >= level]
+        return found
+
+    gone = "source hub: bob/gone: no such repo or branch, or this source's token cannot read it"
+    with caplog.at_level(logging.DEBUG, logger="iteris_daemon"):
+        for poll in range(4):
+            now[0] = poll * 600.0
+            caplog.clear()
+            poller.poll()
+            assert said() == ([gone] if poll == 0 else []), poll
+            assert _source_row(catalog).last_error == gone.removeprefix("source hub: ")
+        now[0] = 3600.0
+        caplog.clear()
+        poller.poll()
+        assert said() == [f"{gone} (again 3 times since it was last said)"]
+        hub.create_repo_direct("bob/gone", adapter_files(first))
+        caplog.clear()
+        poller.poll()  # back: forgotten, and said at once if it fails again
+        assert said() == [] and _source_row(catalog).healthy
+        hub.inject(r"^GET /api/models/bob/gone", ("status", 503), times=2)  # both attempts of the next poll
+        caplog.clear()
+        poller.poll()
+        errors = said()
+        assert len(errors) == 1 and errors[0].startswith("source hub: bob/gone: ") and "503" in errors[0], errors
+        retries = [r for r in caplog.records if "retry 1 in" in r.getMessage()]
+        assert [r.levelno for r in retries] == [logging.INFO], caplog.text
 
 
 def test_a_webhook_polls_the_authors_repo_and_its_listed_branch(env):

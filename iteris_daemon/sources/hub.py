@@ -53,6 +53,7 @@ from ..catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, So
 from ..catalog.registry import (Observation, Prior, current_files_paths, current_revision, get_source, mark_removed,
                                 prior, record, set_health)
 from ..errors import AdapterError, ConfigError, first_line
+from ..logs import Repeated
 from ..hub_files import TooBig, bounded_progress, listed_hash, mismatch
 from ..config import MAX_SECONDS, MIN_PERIOD, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 CACHE_FOLDER = "hub"  # Hub sources download under this folder of the daemon's cache directory
+ERRORS_REPEATED_EVERY = 3600.0  # a failure each poll finds again is said again this often (with a count)
 _repo_locks: dict[Path, threading.Lock] = {}
 _repo_locks_guard = threading.Lock()
 
@@ -213,6 +215,7 @@ class HubSource:
         self.stopping = stopping  # the daemon's stop event: set, a poll ends where it is
         self._polls = 0  # polls under way (a scheduled one and a webhook's may overlap)
         self._polls_lock = threading.Lock()
+        self._errors = Repeated(log, ERRORS_REPEATED_EVERY)  # a repo failing at every poll: said once an hour
 
     @property
     def busy(self) -> bool:
@@ -266,7 +269,7 @@ class HubSource:
             token = self.settings.token()
         except ConfigError as exc:  # unreadable, or open to other users: no poll, and the source says why
             self._set_health(str(exc))
-            log.error("source %s: %s", self.name, exc)
+            self._error(str(exc))
             return report
         api = HfApi(endpoint=self.settings.endpoint, token=plain(token))
         errors: list[str] = []
@@ -277,7 +280,7 @@ class HubSource:
             if self._stopping():
                 return self._interrupted(what, report, errors)
             self._set_health(describe_hub_error(exc, "listing repos"))
-            log.error("source %s: %s", self.name, describe_hub_error(exc, "listing repos"))
+            self._error(describe_hub_error(exc, "listing repos"))
             return report
         seen: set[str] = set()
         for spec, listed, head in targets:
@@ -289,7 +292,7 @@ class HubSource:
                     seen.add(locator)
                 elif locator in self.settings.repos:  # named in the config, so expected to be there
                     errors.append(f"{locator}: no such repo or branch, or this source's token cannot read it")
-                    log.error("source %s: %s", self.name, errors[-1])
+                    self._error(errors[-1])
             except Exception as exc:
                 if self._stopping():  # given up because the daemon stops: no verdict on this repo
                     return self._interrupted(what, report, errors)
@@ -297,14 +300,24 @@ class HubSource:
                            else describe_hub_error(exc, locator))
                 errors.append(message)
                 seen.add(locator)  # a failing repo is not a removed one
-                log.error("source %s: %s", self.name, message)
+                self._error(message)
         self._mark_removed(seen, report, only)
+        if only is None:  # a failure this whole poll did not find again is said at once when it comes back
+            self._errors.keep_only({self._said(message) for message in errors})
         if only is None or errors:
             self._set_health(errors[0] if errors else None)
         log.info("source %s: %s: %s%s", self.name, what, report, f", {len(errors)} failed" if errors else "")
         if self.on_change and report.changed:
             self.on_change(report)
         return report
+
+    def _said(self, message: str) -> str:
+        return f"source {self.name}: {message}"
+
+    def _error(self, message: str) -> None:
+        """An ERROR, said once an hour while each poll finds it (see :class:`~iteris_daemon.logs.Repeated`);
+        the source's health, in `status` and /metrics, says it all along."""
+        self._errors.say(logging.ERROR, self._said(message))
 
     def _interrupted(self, what: str, report: ScanReport, errors: list[str]) -> ScanReport:
         """The daemon stops mid-poll: the repos not polled are not removed, and the source
