@@ -638,7 +638,9 @@ class Daemon:
             sync_group(self.catalog, group)
         dropped = set(self._groups) - {group.name for group in config.groups}
         self._clear_next_runs(dropped)
-        self._discard_other_groups_copies(config)
+        with self.catalog.session(write=False) as session:  # whose merges the state folder keeps
+            configured_ids = set(session.scalars(select(MergeGroup.id).where(
+                MergeGroup.name.in_([group.name for group in config.groups]))))
         bound_requests(config.daemon.hub_timeout_seconds)
         sources = self._enabled_sources()
         with self._sources_guard:
@@ -658,6 +660,10 @@ class Daemon:
             for source_id, (name, kind, settings) in sources.items():
                 self._start_source(name, kind, settings)
         self._groups = {group.name: group for group in config.groups}
+        # The merges kept for groups the config does not have (renamed, dropped; the state
+        # folder is this daemon's alone): a whole adapter each, kept for ever before.
+        for group_id in discard_copies(self.work, configured_ids):
+            log.info("removed the merges kept for group id %d, which the config no longer has", group_id)
         for name in dropped:  # a group may come back under the name: it starts afresh
             self._failed_attempts.pop(name, None)
             self._claimed_elsewhere.discard(name)
@@ -674,14 +680,6 @@ class Daemon:
         for group in config.groups:
             self._schedule(group)
             self.trigger(group.name, delay=0)  # catch up with whatever changed while stopped
-
-    def _discard_other_groups_copies(self, config: DaemonConfig) -> None:
-        """Remove the merges kept for groups ``config`` does not have (renamed, dropped; the
-        state folder is this daemon's alone): a whole adapter each, kept for ever before."""
-        with self.catalog.session(write=False) as session:
-            keep = set(session.scalars(select(MergeGroup.id).where(MergeGroup.name.in_([g.name for g in config.groups]))))
-        for group_id in discard_copies(self.work, keep):
-            log.info("removed the merges kept for group id %d, which the config no longer has", group_id)
 
     def _clear_next_runs(self, names: Collection[str]) -> None:
         """No next run for groups this daemon no longer schedules (it stops, or a reload
