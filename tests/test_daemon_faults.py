@@ -896,6 +896,7 @@ def test_a_group_a_reload_drops_shows_no_next_run(tmp_path, monkeypatch, caplog)
     daemon.catalog.close()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(120)
 def test_merge_now_of_a_group_another_daemon_merges_asks_as_the_claim_says(tmp_path, caplog):
     """``merge-now g`` while another daemon on the catalog holds g's claim (a merge of hours,

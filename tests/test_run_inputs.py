@@ -853,6 +853,7 @@ def test_adapters_of_one_name_from_two_sources_are_named_by_their_source(setup, 
         assert torch.allclose(delta, mine[path] + 2.0 * other[path], rtol=1e-5, atol=1e-7), path
 
 
+@pytest.mark.long
 def test_a_run_waits_for_a_mapped_calibration_file_that_is_not_there(setup, tmp_path, caplog):
     """``[groups.calibration] files`` naming a file that is not there (a typo), or a link into
     a mount not up yet (QA RV8): the run is skipped, waiting for that adapter, asks to be tried again, and publishes
