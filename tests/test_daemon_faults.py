@@ -1123,7 +1123,8 @@ def test_what_a_reload_drops_leaves_no_trace(tmp_path, monkeypatch, caplog):
     seen = {}
 
     def probe() -> None:
-        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.get_job("rescan:team"), "the start")
+        polling.wait_for(lambda: "removed the merges kept for group id 99, which the config no longer has" in caplog.text
+                         and daemon.scheduler.get_job("rescan:team"), "the start")
         seen["after start"] = sorted(str(p.relative_to(runs)) for p in runs.glob("*published/*"))
         daemon.metrics.observe_merge("g", 12.0)
         daemon.metrics.worker_failed("g", "memory")

@@ -399,8 +399,8 @@ def test_the_daemon_prunes_on_its_schedule(tmp_path, caplog, monkeypatch):
         daemon.scheduler.get_job(daemon_module.PRUNE_JOB).modify(next_run_time=datetime.now(timezone.utc))
 
     def probe() -> None:
-        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
-        job = daemon.scheduler.get_job(daemon_module.PRUNE_JOB)
+        job = polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.get_job(daemon_module.PRUNE_JOB),
+                               "the prune's job")
         seen["next"] = (job.next_run_time.weekday(), job.next_run_time.hour, job.next_run_time.minute)
         _old_skips(daemon.catalog, RECENT_RUNS + 3)
         run_now()
@@ -453,7 +453,8 @@ def test_a_daemon_stopping_ends_its_prune_after_the_pass_under_way(tmp_path, cap
     daemon = daemon_module.Daemon(config)
 
     def probe() -> None:
-        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        polling.wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.get_job(daemon_module.PRUNE_JOB),
+                         "the prune's job")
         _old_skips(daemon.catalog, RECENT_RUNS + 20)
         daemon.scheduler.get_job(daemon_module.PRUNE_JOB).modify(next_run_time=datetime.now(timezone.utc))
         assert in_pass.wait(30)
