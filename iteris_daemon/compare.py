@@ -27,7 +27,7 @@ from .errors import InputsChangedError, IterisError, ParameterError
 from .evaluation import evaluate
 from .figures import summary, text
 from .merge import (AdapterSpec, base_and_head, calibration_for, evaluation_settings, load_adapters, merged_head,
-                    run_strategy, warn_other_base)
+                    run_strategy)
 from .plugin_manager import get_strategy, strategies
 from .strategy import (MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, parse_param, parse_params,
                        unique_params)
@@ -112,9 +112,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     if not request.strategies:  # every strategy at its defaults, but those a group's already merges
         contenders += [c for c in map(parse_contender, _runnable()) if _merge_of(c) not in seen]
     progress = partial(tqdm, disable=request.quiet, dynamic_ncols=True)
-    adapters = load_adapters(request.adapters, request.base_checked)
-    if not request.base_checked:
-        warn_other_base(request.base_model, adapters)
+    adapters = load_adapters(request.adapters, request.base_checked, request.base_model)
     if request.calibration_sets is not None:
         calibration = list(request.calibration_sets)
     else:  # a training set given as calibration is not read whole: held out, 20% of it was scored per strategy

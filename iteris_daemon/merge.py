@@ -133,11 +133,15 @@ def _warn_repeated(adapters: list[LoraAdapter]) -> None:
                         "(give it once, with task_weights, to weight it)", folder, times, times, times)
 
 
-def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[LoraAdapter]:
+def load_adapters(specs: list[AdapterSpec], base_checked: bool = False,
+                  base_model: str | None = None) -> list[LoraAdapter]:
     """Read the inputs and refuse what cannot be one merge: task types, base models (unless
     ``base_checked``: a source registered each against the merge's base) or base revisions
-    that differ."""
+    that differ; adapters that name another model than ``base_model`` (given, and not
+    ``base_checked``) are warned of."""
     adapters = [load_adapter(spec.path, spec.name) for spec in specs]
+    if base_model is not None and not base_checked:
+        _warn_other_base(base_model, adapters)
     _warn_repeated(adapters)
     _tell_apart(adapters)
     if len({a.task_type for a in adapters}) > 1:  # before the base model loads (its class follows the task type)
@@ -156,7 +160,7 @@ def load_adapters(specs: list[AdapterSpec], base_checked: bool = False) -> list[
     return adapters
 
 
-def warn_other_base(base_model: str, adapters: list[LoraAdapter]) -> None:
+def _warn_other_base(base_model: str, adapters: list[LoraAdapter]) -> None:
     """Warn of adapters that name another base model than the merge's, as the daemon's
     sources do: the shapes may match (the merge checks them), yet another model's adapter
     merges into nonsense, and the merged config names the adapters' model."""
@@ -617,9 +621,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     params = parse_params(strategy, request.params or {})
     _prepare_out(request.out, request.overwrite,
                  local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
-    adapters = load_adapters(request.adapters, request.base_checked)
-    if not request.base_checked:
-        warn_other_base(request.base_model, adapters)
+    adapters = load_adapters(request.adapters, request.base_checked, request.base_model)
     check_per_adapter(strategy, params, len(adapters))
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.

@@ -715,11 +715,11 @@ def discard_copies(work_dir: Path, keep: Collection[int]) -> list[int]:
     gone: set[int] = set()
     for copy_of in (published_copy, unpublished_copy):
         folder = copy_of(work_dir, 0).parent
-        for item in list(folder.iterdir()) if folder.is_dir() else ():
-            match = re.fullmatch(r"group-(\d+)(?:\.\w+)?", item.name)
-            if match and int(match[1]) not in keep:
-                _discard(copy_of(work_dir, int(match[1])))
-                gone.add(int(match[1]))
+        names = [item.name for item in folder.iterdir()] if folder.is_dir() else []
+        ids = {int(match[1]) for name in names if (match := re.fullmatch(r"group-(\d+)(?:\.\w+)?", name))}
+        for group_id in ids - set(keep):  # a copy and the files beside it, once
+            _discard(copy_of(work_dir, group_id))
+        gone |= ids - set(keep)
     return sorted(gone)
 
 
