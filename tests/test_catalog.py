@@ -462,3 +462,41 @@ def test_updated_at_moves_with_each_new_current_revision(catalog_url):
     assert second > first
     assert updated_after("r1") > second  # the earlier content restored: current again
     catalog.close()
+
+
+def test_a_clock_stepped_back_does_not_make_a_new_revision_history(catalog_url):
+    """The current revision is the one seen last. After the clock stepped back (NTP
+    correcting a clock that ran ahead, a VM restored), a new checkpoint was seen at a time
+    before the current revision's sighting and recorded as history: runs merged the old
+    weights until the clock passed that time. A source that began to look when the revision
+    current now was current (``looked_over``) saw news, whatever the times; one that began
+    before another source recorded a newer sighting still keeps what it saw as history."""
+    catalog = Catalog(catalog_url)
+    ahead = datetime(2030, 1, 1)  # when the clock ran ahead
+    seen = lambda revision, **kw: Observation("/x/a", "a", revision, "/x/a", info=_info(revision), **kw)  # noqa: E731
+    with catalog.session() as session:
+        source_id = add_source(session, "team", SourceKind.local, {"paths": ["/x"]}).id
+        r1 = record(session, source_id, seen("r1", seen_at=ahead))[0].id
+    with catalog.session() as session:  # the clock back at today's time
+        r2, new = record(session, source_id, seen("r2", looked_over=r1))
+        assert new and r2.last_seen_at > ahead
+        r2 = r2.id
+    with catalog.session() as session:
+        [(_, current)] = list_current(session)
+        assert current.id == r2 and session.scalar(select(Adapter)).current.id == r2
+        # r1 restored: current again, though seen today
+        assert record(session, source_id, seen("r1", looked_over=r2)) == (session.get(AdapterRevision, r1), False)
+    with catalog.session() as session:
+        assert list_current(session)[0][1].id == r1
+        # A source that looked over r2 and saw r3 before the restore was recorded: history
+        stale, new = record(session, source_id, seen("r3", looked_over=r2))
+        assert new and stale.last_seen_at < ahead
+    with catalog.session() as session:
+        assert list_current(session)[0][1].id == r1
+        session.scalar(select(Adapter)).status = AdapterStatus.removed
+    with catalog.session() as session:  # r1 back after its removal: not behind r2 or r3
+        record(session, source_id, seen("r1", looked_over=r1))
+    with catalog.session() as session:
+        [(adapter, current)] = list_current(session)
+        assert current.id == r1 and adapter.status is AdapterStatus.registered
+    catalog.close()

@@ -10,6 +10,7 @@ import re
 import shutil
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx2
@@ -21,7 +22,7 @@ from sqlalchemy import select
 from builders import build_adapter, build_tiny_model
 from group_runs import record_past_run
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon import logs
@@ -889,6 +890,23 @@ def test_a_poll_that_read_an_older_head_does_not_make_it_current(env, monkeypatc
     assert adapter.current.revision == later["sha2"] and adapter.status is AdapterStatus.registered
     assert sha1 in [r.revision for r in adapter.revisions]  # recorded, as history
     assert here.poll().unchanged == 1  # and the head stays where it is
+
+
+def test_a_commit_polled_after_the_clock_stepped_back_is_current(env):
+    """The clock ran an hour ahead when a repo's head was registered, then NTP stepped it
+    back: the next commit, polled "before" the old one, was recorded as history and runs
+    merged the old weights for that hour."""
+    hub, catalog, source, (first, second), tmp = env
+    hub.create_repo_direct("erin/e", adapter_files(first))
+    poller = source(repos=["erin/e"])
+    assert poller.poll().registered == ["erin/e"]
+    with catalog.session() as session:
+        for row in session.scalars(select(AdapterRevision)):
+            row.last_seen_at += timedelta(hours=1)
+    sha = hub.commit_direct("erin/e", adapter_files(second))
+    assert poller.poll().registered == ["erin/e"]
+    assert _adapters(catalog)["erin/e"].current.revision == sha
+    assert poller.poll().unchanged == 1
 
 
 def test_files_removed_while_validating_are_no_verdict(env, monkeypatch):

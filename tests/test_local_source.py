@@ -11,6 +11,7 @@ import pickle
 import shutil
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from polling import wait_for
 from builders import build_adapter, build_tiny_model
 from mounts import tmpfs
 from iteris_daemon.catalog import Catalog
-from iteris_daemon.catalog.models import Adapter, AdapterStatus, Source, SourceKind
+from iteris_daemon.catalog.models import Adapter, AdapterRevision, AdapterStatus, Source, SourceKind
 from iteris_daemon.catalog.registry import add_source
 from iteris_daemon.adapter_config import sha256_file
 from iteris_daemon.sources.local import LocalFolderSource
@@ -251,6 +252,26 @@ def test_changed_weights_make_a_new_revision_and_a_deleted_folder_is_removed(set
     adapter = _adapters(catalog)["task"]
     assert [r.status for r in adapter.revisions] == [AdapterStatus.registered] * 2
     assert adapter.revisions[1].content_sha256 != adapter.revisions[0].content_sha256
+
+
+def test_new_weights_seen_after_the_clock_stepped_back_are_current(setup):
+    """The clock ran an hour ahead when a folder was registered, then NTP stepped it back:
+    new weights written there were recorded as history (seen "before" the old ones) and
+    runs merged the old weights for that hour."""
+    catalog, watched, base, (first, _) = setup
+    shutil.copytree(first, watched / "task")
+    source = _source(catalog, watched, base)
+    assert len(source.scan().registered) == 1
+    with catalog.session() as session:
+        for row in session.scalars(select(AdapterRevision)):
+            row.last_seen_at += timedelta(hours=1)
+    tensors = load_file(first / "adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in tensors.items()}, watched / "task" / "adapter_model.safetensors")
+    time.sleep(SETTLE * 2)  # not "recently written" for the scan
+    assert len(source.scan().registered) == 1
+    adapter = _adapters(catalog)["task"]
+    assert len(adapter.revisions) == 2 and adapter.current is adapter.revisions[1]
+    assert adapter.current.content_sha256 == sha256_file(watched / "task" / "adapter_model.safetensors")
 
 
 def test_an_adapter_whose_weights_are_deleted_is_removed_until_they_are_back(setup):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import Exists, exists, func, select
@@ -56,6 +56,10 @@ class Observation:
     # The revision seen last is the current one, so a poll that read the head before another
     # poll read a newer one cannot make its older commit current by recording it later.
     seen_at: datetime = field(default_factory=utcnow)
+    # ``Prior.current_id`` as the source began to look. If that revision is current still,
+    # nobody recorded meanwhile and what the source saw is news, whatever the clock says: a
+    # clock stepped back (NTP, a VM restored) made a new checkpoint history. None: the times decide.
+    looked_over: int | None = None
 
 
 def add_source(session: Session, name: str, kind: SourceKind, settings: dict[str, Any]) -> Source:
@@ -136,12 +140,13 @@ class Prior:
     # commit may hold the same weights (a README edited), which need not be fetched again
     registered_files_path: str | None = None
     registered_content_sha256: str | None = None
+    current_id: int | None = None  # the current revision's row: an Observation's ``looked_over``
 
 
-def prior(session: Session, source_id: int, locator: str, revision: str, context: str | None,
+def prior(session: Session, source_id: int, locator: str, revision: str | None, context: str | None,
           present: Callable[[AdapterRevision], bool] | None = None) -> Prior:
-    """What the catalog holds for ``locator`` against the ``revision`` a source sees now.
-    ``context``: the source's settings, under which a verdict must have been reached to
+    """What the catalog holds for ``locator`` against the ``revision`` a source sees now
+    (None: not read yet, so nothing stands). ``context``: the source's settings, under which a verdict must have been reached to
     stand; None takes every recorded verdict as it is. ``present``: whether a registered
     revision's files are still there (a cache is emptied, or another host registered it);
     one whose files are not does not stand."""
@@ -158,7 +163,8 @@ def prior(session: Session, source_id: int, locator: str, revision: str, context
                  content_sha256=current.content_sha256 if same else None,
                  files_path=current.files_path if same else None,
                  registered_files_path=current.files_path if registered else None,
-                 registered_content_sha256=current.content_sha256 if registered else None)
+                 registered_content_sha256=current.content_sha256 if registered else None,
+                 current_id=current.id if current is not None else None)
 
 
 def verdict_stands(revision: AdapterRevision, context: str) -> bool:
@@ -189,8 +195,7 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
     _watching(session, source_id)
     adapter = _adapter_row(session, source_id, seen)
     current = current_revision(session, adapter)
-    # Another source (a second process, or host) saw a newer revision after this one was seen.
-    outdated = current is not None and current.revision != seen.revision and current.last_seen_at > seen.seen_at
+    outdated = _outdated(current, seen)
     existing = session.scalar(
         select(AdapterRevision).where(AdapterRevision.adapter_id == adapter.id, AdapterRevision.revision == seen.revision)
     )
@@ -203,11 +208,12 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
         if outdated:
             return existing, False
         if adapter.status is AdapterStatus.removed or current is not existing:
-            existing.last_seen_at = seen.seen_at  # it came back, or an older content was restored
+            existing.last_seen_at = _after(current, seen)  # it came back, or an older content was restored
             adapter.updated_at = utcnow()
         adapter.status = existing.status
         return existing, changed
-    revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision, last_seen_at=seen.seen_at)
+    revision = AdapterRevision(adapter_id=adapter.id, revision=seen.revision,
+                               last_seen_at=seen.seen_at if outdated else _after(current, seen))
     _judge(revision, seen)
     try:
         with session.begin_nested():
@@ -221,6 +227,24 @@ def record(session: Session, source_id: int, seen: Observation, rejudge: bool = 
         # set here: the row's own columns may not change (same status, same name), so onupdate would not
         adapter.status, adapter.name, adapter.updated_at = revision.status, seen.name, utcnow()
     return revision, True
+
+
+def _outdated(current: AdapterRevision | None, seen: Observation) -> bool:
+    """Another source (a second process, or host) recorded a newer sighting of the location
+    after this one began to look: what it saw stays history."""
+    if current is None or current.revision == seen.revision or current.id == seen.looked_over:
+        return False
+    return current.last_seen_at > seen.seen_at
+
+
+def _after(current: AdapterRevision | None, seen: Observation) -> datetime:
+    """The ``last_seen_at`` that makes ``seen`` current: its time, or just after the current
+    revision's if the clock says earlier (it stepped back since)."""
+    if current is None:
+        return seen.seen_at
+    if current.revision == seen.revision:  # back after its removal: never behind an older revision
+        return max(seen.seen_at, current.last_seen_at)
+    return max(seen.seen_at, current.last_seen_at + timedelta(microseconds=1))
 
 
 def _status(seen: Observation) -> AdapterStatus:

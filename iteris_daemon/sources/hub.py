@@ -381,12 +381,13 @@ class HubSource:
         N adapters N + 1 requests a poll)."""
         asked_at = utcnow()  # the head read below is at least this recent
         locator = spec.locator
-        if isinstance(head, str) and _COMMIT_SHA.fullmatch(head):
-            with self.catalog.session() as session:
-                if prior(session, self.source_id, locator, head, self.context if self.rejudge else None,
-                         _files_present).stands:
-                    report.unchanged += 1
-                    return True
+        listed_sha = head if isinstance(head, str) and _COMMIT_SHA.fullmatch(head) else None
+        with self.catalog.session() as session:  # also what was current before the head is read
+            looked = prior(session, self.source_id, locator, listed_sha, self.context if self.rejudge else None,
+                           _files_present)
+        if looked.stands:
+            report.unchanged += 1
+            return True
         try:
             info = self._retrying(f"model_info {locator}")(api.model_info, spec.repo_id, revision=spec.branch,
                                                            files_metadata=True, timeout=self.settings.timeout_seconds)
@@ -419,7 +420,7 @@ class HubSource:
         seen = Observation(
             locator=locator, name=locator, revision=sha, files_path=str(files) if adapter_info else None,
             info=adapter_info, reason=reason_now, has_calibration=(files / CALIBRATION_NAME).is_file(),
-            context=self.context, seen_at=asked_at,
+            context=self.context, seen_at=asked_at, looked_over=looked.current_id,
         )
         with self.catalog.session() as session:
             revision, new = record(session, self.source_id, seen, rejudge=self.rejudge)

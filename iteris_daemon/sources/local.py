@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -451,6 +451,7 @@ class LocalFolderSource:
             locator=locator, name=as_text(self._name(folder)), revision=fingerprint,
             files_path=str(folder) if info is not None else None,
             info=info, reason=reason, has_calibration=(folder / CALIBRATION_NAME).is_file(), context=self.context,
+            looked_over=before.current_id,  # the fingerprint was checked again after: the content is this recent
         )
         with self.catalog.session() as session:
             revision, new = record(session, self.source_id, seen, rejudge=self.rejudge)
@@ -517,7 +518,7 @@ class LocalFolderSource:
                            revision=hashlib.sha256(os.fsencode("symlinked folder\0" + target)).hexdigest())
         with self.catalog.session() as session:
             before = prior(session, self.source_id, seen.locator, seen.revision, None)
-            _, new = record(session, self.source_id, seen)
+            _, new = record(session, self.source_id, replace(seen, looked_over=before.current_id))
         report.rejected.append(as_text(folder))
         if before.registered:  # a registered folder replaced by a symlink: its groups merge without it
             report.withdrawn.append(seen.locator)
@@ -548,7 +549,7 @@ class LocalFolderSource:
                 if before.stands:  # rejected so already
                     report.unchanged += 1
                     continue
-                record(session, self.source_id, seen)
+                record(session, self.source_id, replace(seen, looked_over=before.current_id))
             report.rejected.append(locator)
             if before.registered:
                 report.withdrawn.append(locator)
