@@ -20,10 +20,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import safe_json
 from .errors import CalibrationError, ConfigError, IterisError, first_line
+from .strict import STRICT
 
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -222,9 +223,10 @@ class CalibrationSettings(BaseModel):
     """Base of a calibration source's optional ``Settings`` model: its table in the config,
     ``[groups.calibration.<name>]``. Unknown keys are an error. A source that declares one
     has its table checked when the config is read, not at the first merge hours later; one
-    that does not takes no settings (:func:`checked_table`)."""
+    that does not takes no settings (:func:`checked_table`). Validated as the project's own
+    tables are (:data:`~iteris_daemon.strict.STRICT`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 def source_settings(source: CalibrationSource, table: dict[str, Any]) -> CalibrationSettings:
@@ -359,9 +361,35 @@ def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
     if not isinstance(data.source, str):
         raise CalibrationError(source, f"calibration source answered a CalibrationSet for adapter {adapter} whose "
                                        f"source is {type(data.source).__name__}, not a string (or a path)")
+    if not isinstance(data.generated, bool):
+        raise CalibrationError(source, f"calibration source answered a CalibrationSet for adapter {adapter} whose "
+                                       f"generated is {type(data.generated).__name__}, not a bool")
     for number, sample in enumerate(data.samples, start=1):  # what a file's line must hold, a plugin's sample too
-        if not isinstance(sample.text, str) or not sample.text.strip() or not isinstance(sample.target, (str, type(None))):
-            raise CalibrationError(source, f"sample {number} for adapter {adapter} has no text, or a text or "
-                                           "target that is not a string")
-        _check_unicode(sample, Path(source), number)
+        if problem := _sample_problem(sample):
+            raise CalibrationError(source, f"calibration source answered sample {number} for adapter {adapter}, "
+                                           f"which {problem}")
     return data if data.samples else None
+
+
+def _sample_problem(sample: Sample) -> str | None:
+    """What is wrong with a source's ``sample`` that :func:`read_jsonl` refuses in a file's line."""
+    if not isinstance(sample.text, str) or not sample.text.strip():
+        return "has no text (a non-empty string)"
+    if not isinstance(sample.target, (str, type(None))):
+        return f"has a target of {type(sample.target).__name__}, not a string (or None)"
+    if sample.text_pair is not None and (not isinstance(sample.text_pair, str) or not sample.text_pair.strip()):
+        return "has a text_pair that is not a non-empty string (or None)"
+    if sample.messages is not None:
+        if sample.text_pair is not None:
+            return "has both messages and a text_pair (a conversation is the whole sample)"
+        if not (isinstance(sample.messages, (tuple, list)) and sample.messages and all(
+                isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(part, str) for part in m)
+                for m in sample.messages)):
+            return "has messages that are not a non-empty list of (role, content) strings"
+    strings = [sample.text, sample.target, sample.text_pair, *(content for _, content in sample.messages or ())]
+    try:
+        for string in strings:
+            (string or "").encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds an unpaired surrogate (such as \\ud800): not Unicode text"
+    return None

@@ -29,8 +29,8 @@ from .figures import summary, text
 from .merge import (AdapterSpec, base_and_head, calibration_for, evaluation_settings, load_adapters, merged_head,
                     run_strategy)
 from .plugin_manager import get_strategy, strategies
-from .strategy import (MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, parse_param, parse_params,
-                       unique_params)
+from .strategy import (MergeInputs, MergeStrategy, StrategyParams, check_per_adapter, engine_int, parse_param,
+                       parse_params, unique_params)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
     rows = []
     for number, contender in enumerate(contenders, start=1):
         log.info("merging with %s (%d of %d)", contender.label, number, len(contenders))
-        samples = getattr(contender.params, "samples_per_task", None) if contender.strategy.needs_calibration else None
+        samples = engine_int(contender.params, "samples_per_task") if contender.strategy.needs_calibration else None
         inputs = MergeInputs(base, adapters, [data.head(samples) for data in kept], request.device, head)
         try:
             started = time.perf_counter()

@@ -25,13 +25,10 @@ from .adapter_config import MAX_CONFIG_BYTES
 from .strategy import DEFAULT_STRATEGY
 from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, relative_to, state_dir
 from .tokens import check_private, check_token_file
+from .strict import STRICT
 from .validation import Limits
 
 
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
-"""A settings table: unknown keys are an error, not a silent no-op; TOML has inf and nan, and
-no setting means "forever" by them (a gate is turned off with false); values are not coerced
-across types (``max_rank = true`` was 1, ``exact_ranks = "off"`` false; an int is still a float)."""
 
 
 class _Strict(BaseModel):

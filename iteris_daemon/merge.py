@@ -44,7 +44,7 @@ from .oom import says_out_of_memory
 from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import (DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams,
-                       check_per_adapter, parse_params)
+                       check_per_adapter, engine_int, parse_params)
 from .validation import named_base_problem, names_another_model
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,9 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
     their shapes, and finite: a plugin's mistake is refused here, before anything is
     written (PEFT could not load such an adapter, or silently lost a layer)."""
     shapes = {path: (m.B.shape[0], m.A.shape[1]) for a in adapters for path, m in a.modules.items()}
+    if not isinstance(modules, dict):
+        raise MergeError(f"strategy {strategy} returned modules as {type(modules).__name__}, not a dict "
+                         "{layer path: (B, A)}; nothing was written")
     if not modules:
         raise MergeError(f"strategy {strategy} returned no layers; nothing was written")
     for path, factors in modules.items():
@@ -245,6 +248,9 @@ def check_result(strategy: str, modules: dict[str, tuple[torch.Tensor, torch.Ten
         if not (B.is_floating_point() and A.is_floating_point()):  # a cast would drop imaginary parts, say
             raise MergeError(f"strategy {strategy} returned factors of dtypes B {B.dtype}, A {A.dtype} for {path}; "
                              "LoRA factors are real floating point; nothing was written")
+        if B.layout is not torch.strided or A.layout is not torch.strided:  # sparse: isfinite() raised
+            raise MergeError(f"strategy {strategy} returned factors of layouts B {B.layout}, A {A.layout} for {path}; "
+                             "LoRA factors are dense (torch.strided; .to_dense() makes them so); nothing was written")
         if "meta" in (B.device.type, A.device.type):  # shapes without values: isfinite() could not be read
             raise MergeError(f"strategy {strategy} returned factors on devices B {B.device}, A {A.device} for {path}; "
                              "meta tensors hold no values; nothing was written")
@@ -587,10 +593,16 @@ def check_metrics(strategy: str, metrics: dict[str, Any], adapters: list[LoraAda
                              f"({type(exc).__name__}: {exc}); nothing was written") from None
     loss, names = plain.get("alignment_loss"), {a.name for a in adapters}
     if loss is not None and not (isinstance(loss, dict) and set(loss) <= names and all(
-            isinstance(values, list) and all(v is None or number(v) for v in values) for values in loss.values())):
-        raise MergeError(f"strategy {strategy} returned metric 'alignment_loss' as {type(loss).__name__}; that key is "
-                         "reserved for a table {adapter name: [loss, ...]} of numbers (None where a loss is "
+            isinstance(values, list) and all(v is None or (number(v) and math.isfinite(v)) for v in values)
+            for values in loss.values())):
+        raise MergeError(f"strategy {strategy} returned metric 'alignment_loss' as {loss!r:.80}; that key is "
+                         "reserved for a table {adapter name: [loss, ...]} of finite numbers (None where a loss is "
                          "undefined); nothing was written")
+    iterations = plain.get("iterations_run")
+    if iterations is not None and not (isinstance(iterations, int) and not isinstance(iterations, bool)
+                                       and 0 <= iterations < 2**31):
+        raise MergeError(f"strategy {strategy} returned metric 'iterations_run' as {iterations!r:.80}; that key is "
+                         "reserved for the count of iterations run (an int >= 0); nothing was written")
     cap = plain.get("truncation_error")
     if cap is not None and not (isinstance(cap, dict) and number(top := cap.get("max"))
                                 and math.isfinite(top) and top >= 0):
@@ -625,7 +637,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     check_per_adapter(strategy, params, len(adapters))
     # Strategies that read calibration data are evaluated on the samples they used;
     # data-free ones on the first ``eval_samples`` of each set.
-    samples = getattr(params, "samples_per_task", None) if strategy.needs_calibration else request.eval_samples
+    samples = engine_int(params, "samples_per_task") if strategy.needs_calibration else request.eval_samples
     if request.calibration_sets is not None:
         calibration = list(request.calibration_sets)
     else:
@@ -664,8 +676,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     per_task: dict[str, dict[str, Any]] = {}
     reference, reference_note = _load_reference(request.reference, base)
     if scored:
-        batch_size = getattr(params, "batch_size", request.eval_batch_size)
-        max_length = getattr(params, "max_length", request.eval_max_length)
+        batch_size = engine_int(params, "batch_size", request.eval_batch_size)
+        max_length = engine_int(params, "max_length", request.eval_max_length)
         try:
             per_task = evaluate(base, [adapters[i] for i in scored], [calibration[i] for i in scored], modules, head,
                                 batch_size, max_length, progress, reference=reference, **evaluation_settings(params))

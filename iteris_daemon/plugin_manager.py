@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import NoReturn
@@ -13,7 +14,7 @@ from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownStrategyError
 from .calibration import CalibrationSettings, CalibrationSource
 from .publish import Publisher, PublisherSettings
-from .strategy import DEFAULT_STRATEGY, MergeStrategy, StrategyParams
+from .strategy import DEFAULT_STRATEGY, MergeStrategy, StrategyParams, per_adapter_fields
 
 
 @cache
@@ -98,6 +99,10 @@ def _one_line(exc: Exception) -> str:
     return text if isinstance(exc, ImportError) and text else f"{type(exc).__name__}: {text}"
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A strategy's, calibration source's or publisher's name, as ``--strategy``, ``--contender
+NAME:K=V,...``, ``--calibration-setting NAME.KEY=V`` and the config give it."""
+
 # What each kind of plugin object must have (``description`` is optional), and the base
 # class its validated settings must use where it has them: the project's are strict (a
 # typo is an error). A calibration source's ``Settings`` is optional.
@@ -124,13 +129,19 @@ def _collect(hook, key: str, what: str) -> dict:
         if missing:
             raise PluginError(f"a {what} registered by {where} has no {', '.join(missing)}")
         name = getattr(item, key)
-        if not isinstance(name, str) or not name.strip():
-            raise PluginError(f"a {what} registered by {where} has {key} {name!r}: not a non-empty string")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise PluginError(f"a {what} registered by {where} has {key} {name!r}: not a name of letters, digits, "
+                              "'_' and '-' (the command line and the config name it; '.', ',', '=' and ':' "
+                              "separate what they give)")
         model = getattr(item, settings[0], None)
         if (model is not None or settings[0] in attributes) and not (
                 isinstance(model, type) and issubclass(model, settings[1])):
             raise PluginError(f"{what} {name!r} (from {where}): its {settings[0]} must subclass "
                               f"{settings[1].__module__}.{settings[1].__name__}, which refuses unknown keys")
+        if what == "strategy":
+            _check_per_adapter_defaults(name, where, model)
+        if name in found and origins[name] == where:
+            raise PluginError(f"{where} registers a {what} named {name!r} twice: rename one")
         if name in found:
             raise PluginError(f"two plugins register a {what} named {name!r} (from "
                               f"{' and '.join(sorted({origins[name], where}))}): uninstall or rename one")
@@ -149,6 +160,15 @@ def _collect(hook, key: str, what: str) -> dict:
             raise PluginError(f"the {hook} hook of {plugin or f'plugin {impl.plugin_name!r} ({module})'} failed: "
                               f"{_one_line(exc)} (-v shows where)") from exc
     return found
+
+
+def _check_per_adapter_defaults(name: str, where: str, params: type[StrategyParams]) -> None:
+    """A field marked ``per_adapter`` holds a list (one value per adapter) or None."""
+    for field in per_adapter_fields(params):
+        default = params.model_fields[field].default
+        if default is not None and not isinstance(default, (list, tuple)):
+            raise PluginError(f"strategy {name!r} (from {where}): its parameter {field} is marked per_adapter, one "
+                              f"value per adapter, so its default must be a list or None, not {default!r:.40}")
 
 
 def strategies() -> dict[str, MergeStrategy]:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
+from .strict import STRICT
+
 
 @dataclass(frozen=True)
 class PublishedInput:
@@ -56,9 +58,10 @@ class PublishResult:
 
 
 class PublisherSettings(BaseModel):
-    """Base class of a publisher's settings (one ``[[groups.destinations]]`` table)."""
+    """Base class of a publisher's settings (one ``[[groups.destinations]]`` table), validated
+    as the project's own tables are (:data:`~iteris_daemon.strict.STRICT`)."""
 
-    model_config = {"extra": "forbid"}
+    model_config = STRICT
 
 
 def local_name(value: str) -> str:

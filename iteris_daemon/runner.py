@@ -70,7 +70,7 @@ from .adapter_config import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, sha256_file
 from .paths import leftover_copies, replace_folder
 from .plugin_manager import calibration_sources, get_publisher, get_strategy
 from .publish import PublishedInput, PublishRequest, PublishResult
-from .strategy import MergeStrategy, by_adapter_name, parse_params, per_adapter_fields
+from .strategy import MergeStrategy, by_adapter_name, engine_int, parse_params, per_adapter_fields
 from .supervisor import WorkerFailed, WorkerOptions, run_in_worker
 from .validation import AdapterLayout, Limits, copy_adapter_file, folder_fingerprint, read_layout
 
@@ -900,7 +900,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
         force = force or group_row.force_requested
         group_row.requested_at, group_row.force_requested = None, False
     strategy = get_strategy(group.strategy)
-    samples = getattr(parse_params(strategy, by_adapter_name(strategy, group.params, None)), "samples_per_task", None)
+    samples = engine_int(parse_params(strategy, by_adapter_name(strategy, group.params, None)), "samples_per_task")
     on_status(f"group {group.name}: gathering inputs")
 
     def in_worker(job: dict[str, Any], label: str) -> Any:
@@ -1100,7 +1100,10 @@ def run_params(group: GroupConfig, strategy: MergeStrategy, names: list[str]) ->
 def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inputs: Inputs,
                 stopping: threading.Event | None = None) -> list[dict]:
     """Every destination, in order; the first failure fails the run (published ones stay,
-    and :class:`PartlyPublished` names them)."""
+    and :class:`PartlyPublished` names them). Each publisher is handed the same folder: one
+    that changed it fails the run, or the destinations after it (and the gate's baseline,
+    kept from it) got what it left there, not the merge."""
+    merge_files = _file_hashes(folder)
     # The base model as the merged config names it: the Hub id its inputs share where the
     # group merges on a local copy (merge.merged_base), which the Hub card links to.
     named_base = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -1124,6 +1127,7 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
             except (Exception, SystemExit) as exc:
                 raise _publish_failure(where, exc) from exc
             result = _checked_result(publisher.kind, answer)
+            _check_left_as_handed(where, folder, merge_files)
         except Exception as exc:
             if published:
                 raise PartlyPublished(published, publisher.kind, exc) from exc
@@ -1146,6 +1150,15 @@ def _publish_failure(where: str, exc: BaseException) -> IterisError:
     if isinstance(exc, _PLUGIN_BUGS):
         return PluginError(f"{reason} (a bug in the plugin: left to the group's schedule, not tried again)")
     return PublishFailed(reason)
+
+
+def _check_left_as_handed(where: str, folder: Path, files: dict[str, str]) -> None:
+    """The merge's folder after a publisher: as it was handed to it (``files``, their sha256s)."""
+    now = _file_hashes(folder)
+    if now != files:
+        changed = sorted(name for name in files.keys() | now.keys() if files.get(name) != now.get(name))
+        raise PluginError(f"{where} changed the merged adapter's folder it was handed ({', '.join(changed)}): a "
+                          "publisher reads it and writes elsewhere; the destinations after it are not published")
 
 
 def _checked_result(kind: str, result: Any) -> PublishResult:

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from .calibration import CalibrationSet
-from .errors import ParameterError
+from .errors import ParameterError, first_line
 from .logs import counted
+from .strict import STRICT
 
 if TYPE_CHECKING:  # torch stays out of the daemon: only merges (in worker processes) import it
     import torch
@@ -38,7 +40,7 @@ class StrategyParams(BaseModel):
     are not coerced across types (``samples_per_task=true`` was taken as 1; an int is
     still a float)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(**STRICT, frozen=True)
 
 
 @dataclass
@@ -87,6 +89,9 @@ def check_per_adapter(strategy: MergeStrategy, params: StrategyParams, count: in
     """One value per adapter: checked before the base model loads, not by the strategy hours later."""
     for name in per_adapter_fields(type(params)):
         values = getattr(params, name)
+        if values is not None and not isinstance(values, (list, tuple)):
+            raise ParameterError(f"strategy {strategy.name!r}: {name} is one value per adapter (per_adapter), so a "
+                                 f"list, not {type(values).__name__}")
         if values is not None and len(values) != count:
             raise ParameterError(f"strategy {strategy.name!r}: {name} has {counted(len(values), 'entry')} for "
                                  f"{counted(count, 'adapter')}")
@@ -162,13 +167,27 @@ def parse_params(strategy: MergeStrategy, raw: dict[str, Any],
     ``entry_names`` names a list field's entries where they came from a table by adapter name
     (a daemon group's ``weights``): its error says ``weights.news``, not ``weights.1``."""
     try:
-        return strategy.Params(**raw)
+        params = strategy.Params(**raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{_location(err['loc'], entry_names or {}) or 'params'}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )
         raise ParameterError(f"strategy {strategy.name!r}: {problems}") from None
+    try:  # the report and the catalog record them: a value that is not JSON failed there, after the merge
+        params.model_dump(mode="json")
+    except (PydanticSerializationError, TypeError, ValueError) as exc:
+        raise ParameterError(f"strategy {strategy.name!r}: its parameters cannot be written as JSON "
+                             f"({first_line(exc)}); a Params field's value must be") from None
+    return params
+
+
+def engine_int(params: StrategyParams, name: str, default: int | None = None) -> int | None:
+    """A parameter the engine reads besides the strategy (the built-ins' ``samples_per_task``,
+    ``batch_size`` and ``max_length``) where it is a positive int, else ``default``: a plugin's
+    field of that name with another meaning (a fraction, "auto") is its own."""
+    value = getattr(params, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else default
 
 
 def _location(loc: tuple, entry_names: dict[str, list[str]]) -> str:

@@ -598,12 +598,22 @@ def test_a_sources_empty_or_malformed_answer(bert):
     by_path, by_number = calibrate_all([adapter], CalibrationOptions(order=("path", "number")), available)[0], \
         calibrate_all([adapter], CalibrationOptions(order=("number",)), available)[0]
     assert by_path.source == "/srv/x.jsonl" and str(by_number).startswith("number: calibration source answered")
-    # Samples a file's line could not hold: an empty text was merged on, a number a TypeError.
-    for bad in (Sample(""), Sample(123), Sample("text", target=4)):
+    # Samples a file's line could not hold: an empty text was merged on, a number a TypeError; an empty
+    # text_pair, or one beside messages, was taken; an int content was "AttributeError: ... 'encode'".
+    for bad, problem in ((Sample(""), "has no text"), (Sample(123), "has no text"),
+                         (Sample("text", target=4), "has a target of int"),
+                         (Sample("text", text_pair=""), "has a text_pair that is not a non-empty string"),
+                         (Sample("text", text_pair=7), "has a text_pair that is not a non-empty string"),
+                         (Sample("u: hi", messages=(("u", "hi"),), text_pair="b"), "has both messages and a text_pair"),
+                         (Sample("u: 7", messages=(("u", 7),)), "has messages that are not a non-empty list"),
+                         (Sample("\ud800"), "holds an unpaired surrogate")):
         available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))
-        with pytest.raises(CalibrationError, match=f"^bad: sample 2 for adapter {adapter.name} has no text, or a text "
-                                                   "or target that is not a string$"):
+        with pytest.raises(CalibrationError, match=f"^bad: calibration source answered sample 2 for adapter "
+                                                   f"{adapter.name}, which {problem}"):
             first_calibration(adapter, CalibrationOptions(order=("bad",)), available)
+    available["bad"] = SimpleNamespace(load=lambda a, o: CalibrationSet((Sample("fine"),), "bad", generated="yes"))
+    with pytest.raises(CalibrationError, match="^bad: .* whose generated is str, not a bool$"):
+        first_calibration(adapter, CalibrationOptions(order=("bad",)), available)
 
 
 def test_a_source_that_raises_is_named(bert):

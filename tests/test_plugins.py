@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,17 +15,17 @@ import torch
 from pydantic import Field
 
 from iteris_daemon import hookimpl
-from iteris_daemon.calibration import CalibrationSettings
+from iteris_daemon.calibration import CalibrationSettings, read_jsonl
 from iteris_daemon.cli import main
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugin_manager import get_plugin_manager
-from iteris_daemon.strategy import MergedAdapter, StrategyParams, task_arithmetic_factors
+from iteris_daemon.strategy import MergedAdapter, StrategyParams, per_adapter, task_arithmetic_factors
 from registered import registered
 
 PLUGIN_SOURCE = textwrap.dedent(
     '''
     from iteris_daemon import hookimpl
-    from iteris_daemon.strategy import MergedAdapter, StrategyParams, task_arithmetic_factors
+    from iteris_daemon.strategy import MergedAdapter, StrategyParams, per_adapter, task_arithmetic_factors
 
 
     class Params(StrategyParams):
@@ -182,6 +183,14 @@ class Misbehaving:
             return MergedAdapter(modules, {"alignment_loss": 0.25})
         elif self.mistake == "truncation_error of another form":
             return MergedAdapter(modules, {"truncation_error": 0.63})
+        elif self.mistake == "a NaN alignment loss":  # shown as "nan ->" in the report
+            return MergedAdapter(modules, {"alignment_loss": {inputs.adapters[0].name: [1.0, math.nan]}})
+        elif self.mistake == "iterations_run of another form":  # "(many iterations ...)", into the catalog too
+            return MergedAdapter(modules, {"iterations_run": "many"})
+        elif self.mistake == "modules a list":
+            return MergedAdapter(list(modules.items()))
+        elif self.mistake == "sparse":  # isfinite() raised NotImplementedError, a page of dispatcher text
+            modules[path] = (B.to_sparse(), A)
         return MergedAdapter(modules)
 
 
@@ -211,7 +220,12 @@ class Misbehaving:
     # A traceback at writing the report, after the whole merge; a float truncation_error was ignored
     # (rank_cap_error 0.0 for a real error of 0.63).
     ("a metric not JSON", "returned metric 'norms', which is not JSON (TypeError: Object of type Tensor"),
-    ("alignment_loss of another form", "returned metric 'alignment_loss' as float; that key is reserved"),
+    ("alignment_loss of another form", "returned metric 'alignment_loss' as 0.25; that key is reserved"),
+    ("a NaN alignment loss", "that key is reserved for a table {adapter name: [loss, ...]} of finite numbers"),
+    ("iterations_run of another form", "returned metric 'iterations_run' as 'many'; that key is reserved"),
+    # Found by QA writing a third-party strategy: tracebacks (an AttributeError; torch's dispatcher).
+    ("modules a list", "strategy misbehaving returned modules as list, not a dict"),
+    ("sparse", "returned factors of layouts B torch.sparse_coo, A torch.strided for "),
     ("truncation_error of another form", "returned metric 'truncation_error' as 0.63; that key is reserved"),
     ("shared", None),
 ])
@@ -335,6 +349,19 @@ class _Numbered(_Nameless):
     name = 7  # an Enum member or a number: every listing failed in sorted() with a TypeError naming nothing
 
 
+class _Nameless2(_Nameless):
+    name = "twice"
+
+
+class _ScalarWeights(_Nameless):
+    """A ``per_adapter`` marker on a float field: a TypeError (``len()``) at the first merge."""
+
+    name = "scalar_weights"
+
+    class Params(StrategyParams):
+        weights: float = Field(1.0, json_schema_extra=per_adapter(1.0))
+
+
 class _NoSettings:
     kind, Settings = "no_settings", None  # required: a config using it failed when read, in an AttributeError
 
@@ -346,7 +373,22 @@ def test_a_plugin_objects_name_and_required_model_are_checked_when_it_registers(
     with registered("register_strategies", _Numbered()):
         assert main(["plugins"]) == 2
     assert capsys.readouterr().err == ("iteris-daemon: error: a strategy registered by test_plugins has name 7: not "
-                                       "a non-empty string\n")
+                                       "a name of letters, digits, '_' and '-' (the command line and the config name "
+                                       "it; '.', ',', '=' and ':' separate what they give)\n")
+    # Names the command line could not give (--calibration-setting a.b.KEY=V), or that break the listing:
+    for name in ("my.source", "a,b", "two\nlines", "", " "):
+        with registered("register_calibration_sources", type("Source", (), {"name": name, "load": None})()):
+            assert main(["plugins"]) == 2
+        assert f"a calibration source registered by test_plugins has name {name!r}: not a name" in capsys.readouterr().err
+    # One plugin registering a name twice is not "two plugins"; a per-adapter field's default is a list or None.
+    with registered("register_strategies", _Nameless2(), _Nameless2()):
+        assert main(["plugins"]) == 2
+    assert capsys.readouterr().err == "iteris-daemon: error: test_plugins registers a strategy named 'twice' twice: rename one\n"
+    with registered("register_strategies", _ScalarWeights()):
+        assert main(["plugins"]) == 2
+    assert capsys.readouterr().err == (
+        "iteris-daemon: error: strategy 'scalar_weights' (from test_plugins): its parameter weights is marked "
+        "per_adapter, one value per adapter, so its default must be a list or None, not 1.0\n")
     with registered("register_publishers", _NoSettings()):
         assert main(["plugins"]) == 2
     assert capsys.readouterr().err == (
@@ -363,7 +405,8 @@ def test_an_installed_plugins_malformed_object_or_raising_hook_names_its_entry_p
             ("numbered_plugin", "def register_strategies(register):\n    register(type('S', (), {'name': 7, "
              "'Params': None, 'needs_calibration': False, 'merge': None})())\n",
              "a strategy registered by plugin 'numbered' (numbered 0.1: numbered_plugin) has name 7: not a "
-             "non-empty string")):
+             "name of letters, digits, '_' and '-' (the command line and the config name it; '.', ',', '=' and "
+             "':' separate what they give)")):
         name = module.removesuffix("_plugin")
         source = f"from iteris_daemon import hookimpl\n\n@hookimpl\n{body}"
         env = _fake_distribution(tmp_path / module, name, f"{name} = {module}", source)
@@ -374,6 +417,7 @@ def test_an_installed_plugins_malformed_object_or_raising_hook_names_its_entry_p
 
 class _StoreSettings(CalibrationSettings):
     url: str
+    count: int = 10
 
 
 class _Store:
@@ -409,6 +453,37 @@ def test_a_calibration_sources_settings_table_is_checked_when_the_config_is_read
     assert capsys.readouterr().err == (
         "iteris-daemon: error: calibration source 'store' (from test_plugins): its Settings must subclass "
         "iteris_daemon.calibration.CalibrationSettings, which refuses unknown keys\n")
+    # Strict as the project's own tables: `count = true` was 1 sample, "3" 3, inf a number (found by QA).
+    for value in ("true", '"3"', "inf"):
+        config.write_text('[[groups]]\nname = "g"\nbase_model = "b"\n[groups.calibration.store]\nurl = "x"\n'
+                          f'count = {value}\n[[groups.destinations]]\nkind = "folder"\npath = "/tmp/x"\n')
+        with registered("register_calibration_sources", _Store()):
+            assert main(["run", "--config", str(config)]) == 2
+        assert "calibration.store: count: Input should be a valid integer" in capsys.readouterr().err
+
+
+class _Unwritable:
+    """A strategy whose parameter's default JSON cannot hold: a traceback after the whole merge."""
+
+    name, description, needs_calibration = "unwritable", "a test plugin", False
+
+    class Params(StrategyParams):
+        model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+        sentinel: object = object()
+
+    def merge(self, inputs, params, progress):
+        raise AssertionError("never called: refused before the base model loads")
+
+
+def test_parameters_json_cannot_hold_are_refused_before_the_merge(bert, tmp_path, capsys):
+    base_dir, adapters = bert
+    with registered("register_strategies", _Unwritable()):
+        code = main(["merge", "--base-model", str(base_dir), "--strategy", "unwritable", "--out", str(tmp_path / "m"),
+                     "-q", *(f"--adapter={a}" for a in adapters)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("iteris-daemon: error: strategy 'unwritable': its parameters cannot be written "
+                                        "as JSON (") and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists()
 
 
 def _fake_distribution(site, name, entry_point, module_source=None):
@@ -575,15 +650,20 @@ def test_two_plugins_with_one_name_and_a_misspelt_hook_are_one_line_errors(tmp_p
 
 
 def test_a_plugins_parameter_named_like_an_evaluation_setting_is_its_own(bert, tmp_path, capsys):
-    """The report's evaluation runs the model as a built-in strategy's ``accumulate_dtype``
-    and ``blockwise`` say; a plugin's parameter of that name meaning something else
-    (here a dtype the evaluation has no accumulator for) failed its merge after merging."""
+    """The report's evaluation runs the model as a built-in strategy's ``accumulate_dtype``,
+    ``blockwise``, ``batch_size`` and ``max_length`` say, and a merge takes its first
+    ``samples_per_task``; a plugin's parameter of that name meaning something else (a dtype
+    the evaluation has no accumulator for, "auto", fractions) failed its merge, after
+    merging or in a traceback (found by QA writing a third-party strategy)."""
 
     class Params(StrategyParams):
         accumulate_dtype: str = "bfloat16"
+        batch_size: str = "auto"
+        max_length: float = 0.9
+        samples_per_task: float = 0.5
 
     class OwnDtype:
-        name, description, needs_calibration = "own_dtype", "a test plugin", False
+        name, description, needs_calibration = "own_dtype", "a test plugin", True
 
         def __init__(self):
             self.Params = Params
@@ -596,7 +676,10 @@ def test_a_plugins_parameter_named_like_an_evaluation_setting_is_its_own(bert, t
         code = main(["merge", "--base-model", str(base_dir), "--strategy", "own_dtype", "--out", str(tmp_path / "m"),
                      "-q", *(f"--adapter={a}" for a in adapters)])
     assert code == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["tasks"]
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert report["tasks"] and report["params"]["samples_per_task"] == 0.5
+    assert [i["calibration"]["samples"] for i in report["inputs"]] == [
+        len(read_jsonl(Path(a) / "calibration.jsonl").samples) for a in adapters]  # all: none taken as a count
 
 
 def test_plugins_params_shows_the_settings_of_calibration_sources_and_destinations(capsys):

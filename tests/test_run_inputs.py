@@ -686,6 +686,35 @@ def test_a_publishers_plugin_error_is_not_tried_again(setup, tmp_path):
     assert not outcome.retry_publish
 
 
+def test_a_publisher_that_changes_the_folder_it_is_handed_fails_the_run(setup, tmp_path):
+    """Every publisher is handed the merge's one folder. One that wrote into it (its own
+    card over the weights, say) had the destinations after it publish what it left there:
+    a broken adapter behind a run recorded as succeeded, and kept as the gate's baseline."""
+    from iteris_daemon.publish import PublisherSettings, PublishResult
+    from registered import registered
+
+    class Scribbler:
+        kind = "scribbler"
+        description = "writes into the folder it is handed (a test plugin)"
+        Settings = PublisherSettings
+
+        def publish(self, request, settings):
+            (request.adapter_dir / "adapter_model.safetensors").write_bytes(b"garbage")
+            return PublishResult(location="scribbled", version="v1", changed=True)
+
+    with registered("register_publishers", Scribbler()):
+        group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                            select={"names": ["task0"]}, gates={"max_regression": False, "max_fidelity_gap": False},
+                            destinations=[{"kind": "scribbler"}, {"kind": "folder", "path": str(setup.published)}])
+        sync_group(setup.catalog, group)
+        outcome = setup.run(group)
+    assert outcome.status is RunStatus.failed and not outcome.retry_publish
+    assert ("publisher scribbler (destination 1 of 2) changed the merged adapter's folder it was handed "
+            "(adapter_model.safetensors)") in outcome.detail
+    assert setup.current() is None  # the folder destination published nothing
+    assert not runner.published_copy(setup.work, 1).exists()  # nor is it the gate's baseline
+
+
 @pytest.mark.parametrize("raised, retried", [(KeyError("bucket"), False), (SystemExit(3), False),
                                              (ConnectionError("store.example: refused"), True)])
 def test_a_publisher_that_raises_is_named_and_only_a_destination_that_failed_is_tried_again(setup, raised, retried):
