@@ -97,6 +97,23 @@ the daemon, and after the host slept APScheduler listed every period missed (an 
 sleep: 3.6e9 of them) before running the job once."""
 
 
+class HubRetrySettings(BaseModel):
+    """The back-off of a Hub source's, destination's or dataset's calls (``retry.hub_retrying``)."""
+
+    model_config = STRICT
+
+    retry_attempts: int = Field(6, ge=1, description="tries per Hub call")
+    retry_base_seconds: float = Field(
+        1.0, ge=0, le=MAX_SECONDS, description="first back-off delay, doubled after each failure")
+    retry_cap_seconds: float = Field(
+        60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
+
+    @model_validator(mode="after")
+    def _backoff(self) -> HubRetrySettings:
+        check_backoff(self, "retry_base_seconds", "retry_cap_seconds")
+        return self
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``"HOST:PORT"`` (``"[::1]:9464"`` for IPv6) as ``(host, port)``; ValueError says what is wrong."""
     host, colon, port = value.rpartition(":")

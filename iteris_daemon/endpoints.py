@@ -536,6 +536,9 @@ class _RequestHandler(WSGIRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck request never keeps the daemon from exiting
+    # Connections the kernel holds until accepted: socketserver's 5 reset a burst of 20
+    # clients (a webhook storm, scrapers) before any of the MAX_CONNECTIONS slots was taken.
+    request_queue_size = 128
 
     def __init__(self, host: str, port: int):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import httpx2
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from tenacity import (RetryCallState, Retrying, retry_if_exception, sleep_using_event, stop_after_attempt,
                       stop_when_event_set)
 
@@ -40,12 +42,26 @@ def bound_requests(seconds: float) -> None:
     if _bound == [seconds]:
         return
     hooks = get_session().event_hooks  # the client's own (offline mode, request ids), kept
+    hooks = {**hooks, "response": [*hooks.get("response", []), _answer_retryable_at_once]}
 
     def client() -> httpx2.Client:
         return httpx2.Client(event_hooks=hooks, follow_redirects=True, timeout=httpx2.Timeout(seconds))
 
     set_client_factory(client)
     _bound[:] = [seconds]
+
+
+def _answer_retryable_at_once(response: httpx2.Response) -> None:
+    """A 429, 408 or 5xx raised as the client's typed error, not retried inside the client:
+    its own retry sleeps ``Retry-After`` + 1 s (up to 5 times, an hour each if the Hub says
+    so) where no stop reaches it and ``retry_cap_seconds`` does not apply; a daemon told to
+    stop went on for as long. :func:`hub_retrying`, around every Hub call of the daemon,
+    retries it instead."""
+    from huggingface_hub.utils import hf_raise_for_status
+
+    if _retryable_status(response.status_code):
+        response.read()  # a streamed download's error: its (small) body names the problem
+        hf_raise_for_status(response)
 
 
 class Interrupted(Exception):
@@ -57,23 +73,42 @@ def _status(exc: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def _retryable_status(status: int | None) -> bool:
+    return status is not None and (status == 429 or status == 408 or status >= 500)
+
+
+def hub_failure(exc: BaseException) -> BaseException:
+    """The failure behind ``exc``: huggingface_hub reports a file's failed HEAD (5xx, 429, a
+    timeout, a dropped connection) as LocalEntryNotFoundError (a FileNotFoundError, not the
+    Hub's answer) raised from it."""
+    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that another attempt may not meet."""
+    exc = hub_failure(exc)
     if isinstance(exc, httpx2.TransportError):
         return True
-    if isinstance(exc, HfHubHTTPError):
-        status = _status(exc)
-        return status is not None and (status == 429 or status == 408 or status >= 500)
-    return False
+    return isinstance(exc, HfHubHTTPError) and _retryable_status(_status(exc))
 
 
 def _retry_after(exc: BaseException | None) -> float | None:
+    """The wait a 429 asks for: ``Retry-After`` seconds, or the reset of the Hub's
+    ``RateLimit: "api";r=0;t=N`` header."""
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    exc = hub_failure(exc) if exc is not None else None
     if exc is None or _status(exc) != 429:
         return None
+    headers = exc.response.headers  # type: ignore[union-attr]
     try:
-        return float(exc.response.headers.get("Retry-After", ""))  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
+        return float(headers["Retry-After"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    limit = parse_ratelimit_headers(headers)
+    return float(limit.reset_in_seconds) if limit is not None and limit.remaining == 0 else None
 
 
 class _Backoff:
@@ -94,7 +129,7 @@ def _log_retry(what: str, failures: list[BaseException]):
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         failures[:] = [exc] if exc is not None else []
-        status = _status(exc) if exc else None
+        status = _status(hub_failure(exc)) if exc else None
         reason = f"HTTP {status}" if status else type(exc).__name__
         # INFO: the caller says the failure that outlasts the retries (a Hub down for a week said
         # five WARNINGs per repo and poll before its ERROR)
@@ -116,15 +151,35 @@ def _refuse_once_set(stopping: threading.Event, what: str, failures: list[BaseEx
     return before
 
 
+class _Polled:
+    """A stop given as a callable (a calibration source's ``options.should_stop``) as the
+    event tenacity waits on: looked at every 0.2 s of a backoff wait."""
+
+    def __init__(self, flag: Callable[[], bool]):
+        self.flag = flag
+
+    def is_set(self) -> bool:
+        return self.flag()
+
+    def wait(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not self.flag() and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.2, left))
+        return self.flag()
+
+
 def hub_retrying(what: str, attempts: int = 6, base_seconds: float = 1.0, cap_seconds: float = 60.0,
-                 stopping: threading.Event | None = None) -> Retrying:
+                 stopping: threading.Event | Callable[[], bool] | None = None) -> Retrying:
     """A tenacity ``Retrying`` for one Hub operation, e.g. ``hub_retrying("model_info a/b")(api.model_info, "a/b")``.
 
-    ``stopping`` (the daemon's stop event): once set, no attempt starts (:class:`Interrupted`),
-    a backoff wait ends at once, and the last failure is raised instead of being retried."""
+    ``stopping`` (the daemon's stop event, or a callable saying whether to stop): once set, no
+    attempt starts (:class:`Interrupted`), a backoff wait ends at once, and the last failure
+    is raised instead of being retried."""
     stop = stop_after_attempt(attempts)
     more = {}
     failures: list[BaseException] = []  # the last attempt's, once a wait began
+    if callable(stopping):
+        stopping = _Polled(stopping)
     if stopping is not None:
         stop = stop | stop_when_event_set(stopping)
         more = {"sleep": sleep_using_event(stopping), "before": _refuse_once_set(stopping, what, failures)}

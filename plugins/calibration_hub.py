@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import string
 import time
+from collections.abc import Callable
+from functools import partial
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -31,16 +33,14 @@ from pydantic import Field, field_validator
 
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
-from iteris_daemon.errors import CalibrationError, CalibrationUnavailable
-from iteris_daemon.config import STRICT, HubEndpoint, PathSetting
+from iteris_daemon.errors import CalibrationError, CalibrationUnavailable, MergeCancelled
+from iteris_daemon.config import HubEndpoint, HubRetrySettings, PathSetting
 from iteris_daemon.paths import RepoId, cache_dir
-from iteris_daemon.retry import hub_retrying, is_transient
+from iteris_daemon.retry import Interrupted, hub_failure, hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
 
 
-class HubDatasetSettings(CalibrationSettings):
-    model_config = STRICT
-
+class HubDatasetSettings(CalibrationSettings, HubRetrySettings):
     repo_id: RepoId = Field(description="the Hub dataset repo, OWNER/NAME")
     filename: str = Field("{name}.jsonl", description="file per adapter; {name} is the adapter's catalog name")
     revision: str | None = Field(None, description="branch, tag or commit (default: main)")
@@ -83,7 +83,7 @@ class HubDataset:
         cache = Path(settings.cache_dir or (options.cache_dir or cache_dir()) / "calibration")
         # Loads of one dataset take turns in this process: each drops the commits the others might be reading.
         with repo_lock(cache / repo_folder_name(repo_id=settings.repo_id, repo_type="dataset")):
-            found = self._download(settings, filename, cache, options.max_download_bytes)
+            found = self._download(settings, filename, cache, options.max_download_bytes, options.should_stop)
             if found is None:
                 return None
             path, commit = found
@@ -91,19 +91,23 @@ class HubDataset:
             _keep_only(cache, settings.repo_id, settings.revision or "main", commit)
         return CalibrationSet(data.samples, source=f"hf://datasets/{settings.repo_id}/{filename}")
 
-    def _download(self, settings: HubDatasetSettings, filename: str, cache: Path,
-                  limit: int | None) -> tuple[Path, str] | None:
-        """The file at the dataset's current commit, and that commit; None when it has no such file."""
+    def _download(self, settings: HubDatasetSettings, filename: str, cache: Path, limit: int | None,
+                  should_stop: Callable[[], bool]) -> tuple[Path, str] | None:
+        """The file at the dataset's current commit, and that commit; None when it has no such file.
+        What another run may find otherwise (the Hub failing, bytes other than listed, the token
+        refused) makes the run wait, rather than merge and publish without the adapters it holds."""
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
         from iteris_daemon.hub_files import TooBig, bounded_progress, mismatch
-        from iteris_daemon.sources.hub import HubAnswerError, checked_commit_sha, describe_hub_error, hub_failure
+        from iteris_daemon.sources.hub import HubAnswerError, checked_commit_sha, describe_hub_error
 
         token = plain(hub_token(settings.token_file))
         where = f"{settings.repo_id}/{filename}"
         try:
-            info = hub_retrying(f"dataset_info {settings.repo_id}")(
+            retrying = partial(hub_retrying, attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds,
+                               cap_seconds=settings.retry_cap_seconds, stopping=should_stop)
+            info = retrying(f"dataset_info {settings.repo_id}")(
                 HfApi(endpoint=settings.endpoint, token=token).dataset_info, settings.repo_id,
                 revision=settings.revision, files_metadata=True)
             commit = checked_commit_sha(info.sha, f"dataset {settings.repo_id}")  # hf_hub_download writes refs/<it>
@@ -112,28 +116,40 @@ class HubDataset:
                 return None
             if limit is not None and sibling.size is not None and sibling.size > limit:  # as listed: not downloaded
                 raise TooBig(sibling.size, stopped=False)
-            path = Path(hub_retrying(f"calibration {where}")(
+            path = Path(retrying(f"calibration {where}")(
                 hf_hub_download, settings.repo_id, filename, repo_type="dataset", revision=commit,
                 endpoint=settings.endpoint, token=token, cache_dir=cache,
                 tqdm_class=bounded_progress(limit) if limit is not None else None,
             ))
         except RemoteEntryNotFoundError:  # a 404 of the file itself: no data here
             return None
+        except Interrupted:
+            raise MergeCancelled(f"cancelled while downloading {where}") from None
         except HubAnswerError as exc:
             raise CalibrationError(self.name, str(exc)) from None
         except TooBig as exc:
             raise CalibrationError(where, f"is {exc.size}{'+' if exc.stopped else ''} bytes, above the limit of {limit} "
                                           "([daemon.limits] max_calibration_bytes)") from None
         except Exception as exc:  # the Hub failed: the file may well be there
-            if is_transient(hub_failure(exc)):  # a failed HEAD too, once the client retried it
+            if is_transient(exc) or _refused(exc):  # a failed HEAD too; a token refused may be put right
                 raise CalibrationUnavailable(self.name, describe_hub_error(exc, where)) from exc
             raise CalibrationError(self.name, describe_hub_error(exc, where)) from exc
         problem = mismatch(sibling, path)
         if problem:
             path.resolve().unlink()  # the cached blob, then the snapshot's link to it
             path.unlink(missing_ok=True)
-            raise CalibrationError(where, f"as downloaded it {problem}; removed, downloaded again at the next run")
+            raise CalibrationUnavailable(where, f"as downloaded it {problem}; removed, downloaded again at the next "
+                                                "run")
         return path, commit
+
+
+def _refused(exc: BaseException) -> bool:
+    """The Hub refused this source's token (401, 403: gated, or rights taken away)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    exc = hub_failure(exc)
+    return isinstance(exc, GatedRepoError) or (
+        isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403))
 
 
 # A revision no load has read for this long has its files deleted at the next load of the dataset.

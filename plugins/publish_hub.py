@@ -29,13 +29,13 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import ModelInfo
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from tenacity import Retrying, retry_if_exception
 
 from iteris_daemon import hookimpl, safe_json
 from iteris_daemon.logs import counted
 from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
-from iteris_daemon.config import MAX_SECONDS, STRICT, HubEndpoint, PathSetting, check_backoff
+from iteris_daemon.config import HubEndpoint, HubRetrySettings, PathSetting
 from iteris_daemon.errors import AdapterError, OutputExistsError
 from iteris_daemon.hub_files import FileDigest, content_digest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
@@ -52,9 +52,7 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 PUBLISHED_BY = "Published by iteris-daemon."
 
 
-class HubPublishSettings(PublisherSettings):
-    model_config = STRICT
-
+class HubPublishSettings(PublisherSettings, HubRetrySettings):
     repo_id: RepoId = Field(description="target model repo, OWNER/NAME (created if missing)")
     branch: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
     private: bool = Field(True, description="visibility of the repo when this publisher creates it")
@@ -66,10 +64,6 @@ class HubPublishSettings(PublisherSettings):
     retry_attempts: int = Field(
         6, ge=1, description="tries per Hub call (for the commit, including tries after the branch moved)"
     )
-    retry_base_seconds: float = Field(
-        1.0, ge=0, le=MAX_SECONDS, description="first back-off delay, doubled after each failure")
-    retry_cap_seconds: float = Field(
-        60.0, ge=0, le=MAX_SECONDS, description="longest back-off delay (also caps Retry-After)")
 
     @field_validator("branch")
     @classmethod
@@ -78,11 +72,6 @@ class HubPublishSettings(PublisherSettings):
         if not branch.strip():
             raise ValueError("a branch name, not blank")
         return branch
-
-    @model_validator(mode="after")
-    def _backoff(self) -> HubPublishSettings:
-        check_backoff(self, "retry_base_seconds", "retry_cap_seconds")
-        return self
 
 
 

@@ -96,3 +96,17 @@ def setup(tmp_path, runner_adapters):
     s = Setup(tmp_path, base, adapters)
     yield s
     s.catalog.close()
+
+
+@pytest.fixture
+def bounded():
+    """:func:`~iteris_daemon.retry.bound_requests`, the daemon's Hub client, for one test;
+    huggingface_hub's client factory (process-wide) is put back after it."""
+    from huggingface_hub.utils import _http, set_client_factory
+
+    from iteris_daemon import retry
+
+    original = _http._GLOBAL_CLIENT_FACTORY
+    yield retry.bound_requests
+    set_client_factory(original)
+    retry._bound.clear()

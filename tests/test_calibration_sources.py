@@ -16,7 +16,7 @@ from hub_server import HubServer, isolate_hub_client
 
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, Sample, read_jsonl
 from iteris_daemon.cli import main
-from iteris_daemon.errors import CalibrationError, IterisError
+from iteris_daemon.errors import CalibrationError, CalibrationUnavailable, IterisError
 from iteris_daemon.lora import load_adapter
 from iteris_daemon.plugins.calibration_hub import HubDataset
 from iteris_daemon.merge import gather_calibration
@@ -153,7 +153,9 @@ def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_a
     """The file's download is answered with other bytes of the same size, once: the
     adapter gets an error naming the file and both hashes, the bytes leave the cache,
     and the next run reads the listed file. Without the check the changed bytes were
-    read as that adapter's calibration data."""
+    read as that adapter's calibration data. The error makes the run wait
+    (CalibrationUnavailable): as a plain CalibrationError it held the adapter back as a bad
+    input, and the merge of the others was published (QA HUB)."""
     base, adapters = bert
     adapter = load_adapter(adapters[0])
     content = b'{"text": "hub sample"}\n{"text": "another sample"}\n'
@@ -164,12 +166,30 @@ def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_a
                                     "cache_dir": str(tmp_path / "cache")}}
         options = CalibrationOptions(order=("hub_dataset",), settings=settings)
         hub.inject(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$", ("corrupt",), times=1)
-        with pytest.raises(CalibrationError, match="as downloaded it has git blob sha1 .* where the listing says"):
+        with pytest.raises(CalibrationUnavailable, match="as downloaded it has git blob sha1 .* where the listing says"):
             gather_calibration([adapter], options, True)
         assert not list((tmp_path / "cache").rglob("blobs/*")) and not list((tmp_path / "cache").rglob("snapshots/*/*"))
         found = gather_calibration([adapter], options, True)[0]
         assert [s.text for s in found.samples] == ["hub sample", "another sample"]
         assert len(hub.requests_matching(rf"^GET /datasets/acme/calib/resolve/[0-9a-f]+/{adapter.name}\.jsonl$")) == 2
+
+
+@pytest.mark.parametrize("status, headers", [(401, {}), (403, {"X-Error-Code": "GatedRepo"}), (403, {})],
+                         ids=["token-refused", "gated", "forbidden"])
+def test_a_hub_dataset_the_token_may_not_read_makes_the_run_wait(bert, tmp_path, monkeypatch, status, headers):
+    """A dataset whose token was rotated, or that is gated, held every adapter reading it back
+    as a bad input; where some adapters had data from another source, the merge of the
+    rest was published (QA HUB). A token refused may be put right: the run waits."""
+    base, adapters = bert
+    adapter = load_adapter(adapters[0])
+    with HubServer(token=TOKEN) as hub:
+        isolate_hub_client(monkeypatch, hub.endpoint, tmp_path / "hf-home")
+        hub.create_repo_direct("acme/calib", {f"{adapter.name}.jsonl": b'{"text": "x"}\n'}, repo_type="dataset")
+        settings = {"hub_dataset": {"repo_id": "acme/calib", "endpoint": hub.endpoint,
+                                    "cache_dir": str(tmp_path / "cache")}}
+        hub.inject(r"^GET /api/datasets/acme/calib", ("status", status, headers), times=1)
+        with pytest.raises(CalibrationUnavailable, match=f"^hub_dataset: acme/calib/{adapter.name}.jsonl: HTTP {status}"):
+            gather_calibration([adapter], CalibrationOptions(order=("hub_dataset",), settings=settings), True)
 
 
 def test_hub_dataset_keeps_its_files_in_the_daemons_cache_at_the_commit_read_last(tmp_path, monkeypatch):

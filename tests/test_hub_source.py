@@ -476,20 +476,79 @@ def test_a_broken_weights_download_is_retried_never_recorded_as_a_bad_adapter(en
         assert weights[0].status is None
 
 
-def test_a_hub_failing_a_files_head_is_reported_as_the_hubs_failure(env):
-    """The Hub fails a file's HEAD (here 429s) past the client's own retries: the client
-    raises LocalEntryNotFoundError, a FileNotFoundError, which the source reported as "its
+def test_a_hub_failing_a_files_head_is_reported_as_the_hubs_failure(env, bounded):
+    """The Hub fails a file's HEAD (here 429s) past the retries: the client raises
+    LocalEntryNotFoundError, a FileNotFoundError, which the source reported as "its
     folder was removed while being fetched or checked" (found by QA). It is the HTTP
-    failure, and the next poll registers the repo."""
+    failure, retried as such, and the next poll registers the repo."""
     hub, catalog, source, (first, _), tmp = env
+    bounded(TIMEOUT)  # the daemon's client: the source's retries are the only ones
     hub.create_repo_direct("erin/a", adapter_files(first))
-    hub.inject(r"^HEAD /erin/a/resolve/", ("status", 429, {"Retry-After": "0"}), times=7)
-    poller = source(repos=["erin/a"])
+    # the client asks a failed HEAD once more itself, at once: 2 per attempt
+    hub.inject(r"^HEAD /erin/a/resolve/", ("status", 429, {"Retry-After": "0"}), times=6)
+    poller = source(repos=["erin/a"], retry_attempts=3)
     report = poller.poll()
     assert not report.registered and not report.rejected
     error = _source_row(catalog).last_error
     assert error.startswith("erin/a: HTTP 429 (gave up after retries)") and "removed" not in error, error
+    assert len(hub.requests_matching(r"^HEAD /erin/a/resolve/")) == 6
     assert poller.poll().registered == ["erin/a"]
+
+
+def test_a_repo_gated_for_the_sources_token_is_a_failure_not_a_removal(env):
+    """The Hub answered one poll's model_info with 403 GatedRepo (access not granted, or
+    taken away): the client's GatedRepoError is a RepositoryNotFoundError, so the adapter was
+    marked removed and its groups published a merge without it, then merged it back at the
+    next good poll: two published versions, one missing a task (QA HUB)."""
+    hub, catalog, source, (first, _), tmp = env
+    sha = hub.create_repo_direct("erin/g", adapter_files(first))
+    poller = source(repos=["erin/g"])
+    assert poller.poll().registered == ["erin/g"]
+    hub.inject(r"^GET /api/models/erin/g", ("status", 403, {"X-Error-Code": "GatedRepo"}), times=1)
+    report = poller.poll()
+    assert not report.removed and not report.changed
+    adapter = _adapters(catalog)["erin/g"]
+    assert adapter.status is AdapterStatus.registered and adapter.current.revision == sha
+    assert _source_row(catalog).last_error.startswith("erin/g: HTTP 403")
+    assert poller.poll().unchanged == 1 and _source_row(catalog).healthy
+
+
+def test_a_rate_limit_inside_a_download_waits_as_the_source_says(env, bounded, caplog):
+    """The Hub answers a download's HEAD and GET with 429 and an hour's Retry-After (or its
+    ``RateLimit: "api";r=0;t=N`` header). huggingface_hub's client retried those itself,
+    sleeping Retry-After + 1 s up to 5 times where no stop reached it and the source's
+    ``retry_cap_seconds`` did not apply: a daemon told to stop went on for hours (QA HUB).
+    The daemon's client answers them at once, the source's retries wait at most
+    ``retry_cap_seconds``."""
+    hub, catalog, source, (first, _), tmp = env
+    bounded(TIMEOUT)
+    hub.create_repo_direct("erin/r", adapter_files(first))
+    hub.inject(r"^HEAD /erin/r/resolve/", ("status", 429, {"Retry-After": "3600"}), times=2)  # the client asks twice
+    hub.inject(r"^GET /erin/r/resolve/[0-9a-f]+/adapter_model", ("status", 429, {"RateLimit": '"api";r=0;t=3600'}),
+               times=1)
+    with caplog.at_level("INFO"):
+        assert source(repos=["erin/r"]).poll().registered == ["erin/r"]
+    assert "Rate limited" not in caplog.text  # the client's own wait
+    assert caplog.text.count("HTTP 429, retry 1 in 0.5s") == 2, caplog.text  # the source's, capped
+
+
+def test_a_stop_ends_a_rate_limit_wait_inside_a_download(env, bounded):
+    """The other half of the test above: with an hour's ``retry_cap_seconds``, a stop ends
+    the wait for a rate-limited download's HEAD (the client's own wait ignored it)."""
+    hub, catalog, source, (first, _), tmp = env
+    bounded(TIMEOUT)
+    hub.create_repo_direct("erin/s", adapter_files(first))
+    hub.inject(r"^HEAD /erin/s/resolve/", ("status", 429, {"Retry-After": "3600"}), times=100)
+    stop, reports = threading.Event(), []
+    polling = threading.Thread(target=lambda: reports.append(
+        source(stopping=stop, repos=["erin/s"], retry_cap_seconds=3600.0).poll()), daemon=True)
+    polling.start()
+    while not hub.requests_matching(r"^HEAD /erin/s/resolve/") and polling.is_alive():
+        time.sleep(0.05)
+    stop.set()
+    polling.join(30)  # a guard against waiting out the hour, not a timing
+    assert not polling.is_alive(), "still waiting out Retry-After after the stop"
+    assert len(hub.requests_matching(r"^HEAD /erin/s/resolve/")) == 2 and not reports[0].registered
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"], ids=["lfs-sha256", "git-sha1"])

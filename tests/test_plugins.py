@@ -688,7 +688,8 @@ def test_plugins_params_shows_the_settings_of_calibration_sources_and_destinatio
     CLI shows, and types printed as ``Optional[Annotated[pathlib.Path, AfterValidator(...)]]``."""
     assert main(["plugins", "--params", "hub_dataset", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"repo_id", "filename", "revision", "endpoint", "token_file", "cache_dir"}
+    assert set(rows) == {"repo_id", "filename", "revision", "endpoint", "token_file", "cache_dir", "retry_attempts",
+                         "retry_base_seconds", "retry_cap_seconds"}
     assert rows["token_file"]["type"] == "Path | None" and rows["repo_id"]["required"]
     assert rows["filename"]["default"] == "{name}.jsonl" and not rows["filename"]["required"]
     assert main(["plugins", "--params", "destination:hub"]) == 0

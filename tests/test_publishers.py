@@ -502,20 +502,6 @@ def test_a_rate_limited_commit_stops_waiting_when_the_daemon_stops(hub, hub_sett
     assert [r.status for r in hub.requests_matching(COMMITS)] == [429] and successful_commits(hub) == 0
 
 
-@pytest.fixture
-def bounded():
-    """:func:`~iteris_daemon.retry.bound_requests` for one test; huggingface_hub's client
-    factory (process-wide) is put back after it."""
-    from huggingface_hub.utils import _http, set_client_factory
-
-    from iteris_daemon import retry
-
-    original = _http._GLOBAL_CLIENT_FACTORY
-    yield retry.bound_requests
-    set_client_factory(original)
-    retry._bound.clear()
-
-
 def test_a_commit_that_times_out_but_lands_later_is_not_duplicated(hub, hub_settings, made, bounded):
     """The client gives up after 2 s; the server commits at 3 s, while the publisher retries.
     Its retry carries the head it saw as parent, so the server refuses it or finds nothing new:

@@ -41,10 +41,10 @@ from collections.abc import Callable, Collection, Iterator
 
 from huggingface_hub import HfApi, ModelInfo, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
-from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                   RevisionNotFoundError)
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                   RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from sqlalchemy import select
 
 from ..catalog import Catalog
@@ -55,9 +55,9 @@ from ..catalog.registry import (Observation, Prior, current_files_paths, current
 from ..errors import AdapterError, ConfigError, first_line
 from ..logs import Repeated
 from ..hub_files import TooBig, bounded_progress, listed_hash, mismatch
-from ..config import MAX_SECONDS, MIN_PERIOD, STRICT, HubEndpoint, ModelSetting, PathSetting, check_backoff
+from ..config import MAX_SECONDS, MIN_PERIOD, HubEndpoint, HubRetrySettings, ModelSetting, PathSetting
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
-from ..retry import Interrupted, hub_retrying, is_transient
+from ..retry import Interrupted, hub_failure, hub_retrying, is_transient
 from ..tokens import hub_token, plain
 from ..validation import Limits, ShapeSource, validate_adapter, validation_context
 from .local import CALIBRATION_NAME, ScanReport, catalog_refusal
@@ -103,10 +103,8 @@ def bad_repo_id(repo_id: object) -> str | None:
     return None
 
 
-class HubSettings(BaseModel):
+class HubSettings(HubRetrySettings):
     """Settings of a Hub source (stored in the catalog as JSON; never the token itself)."""
-
-    model_config = STRICT
 
     repos: list[str] = Field(default_factory=list, description="repos, OWNER/NAME[/SUBFOLDER][@BRANCH]; SUBFOLDER: "
                                                                "the adapter's folder, if not at the repo's top")
@@ -116,9 +114,6 @@ class HubSettings(BaseModel):
     endpoint: HubEndpoint | None = Field(None, description="Hub URL (default: huggingface_hub's)")
     token_file: PathSetting | None = Field(None, description="file holding the token (default: the hf-token credential, else $HF_TOKEN)")
     interval_seconds: float = Field(300.0, ge=MIN_PERIOD, le=MAX_SECONDS, description="poll period")
-    retry_attempts: int = Field(6, ge=1)
-    retry_base_seconds: float = Field(1.0, ge=0, le=MAX_SECONDS)
-    retry_cap_seconds: float = Field(60.0, ge=0, le=MAX_SECONDS)
     timeout_seconds: float = Field(
         20.0, gt=0, le=MAX_SECONDS, description="each Hub request (connect, and each read) is given up after this "
                                                 "long; bounds how long a stop waits for a hanging request")
@@ -149,7 +144,6 @@ class HubSettings(BaseModel):
     def _something_to_poll(self) -> HubSettings:
         if not self.repos and not self.author:
             raise ValueError("give repos or an author to poll")
-        check_backoff(self, "retry_base_seconds", "retry_cap_seconds")
         return self
 
     def token(self) -> SecretStr | None:
@@ -391,6 +385,8 @@ class HubSource:
         try:
             info = self._retrying(f"model_info {locator}")(api.model_info, spec.repo_id, revision=spec.branch,
                                                            files_metadata=True, timeout=self.settings.timeout_seconds)
+        except GatedRepoError:  # there, but this source's token may not read it (yet): a failure, not a removal
+            raise
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return False
         sha = checked_commit_sha(info.sha, locator)  # it names the cache folder
@@ -656,15 +652,6 @@ def _other_hub_model(named: object, wanted: str | None) -> bool:
 
 class _NotForUs(Exception):
     """A repo of the author's listing that holds no adapter after all."""
-
-
-def hub_failure(exc: BaseException) -> BaseException:
-    """The failure behind ``exc``: huggingface_hub reports a file's failed HEAD (5xx, 429, a
-    timeout, a dropped connection, after its own retries) as LocalEntryNotFoundError (a
-    FileNotFoundError, not the Hub's answer) raised from it."""
-    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
-        return exc.__cause__
-    return exc
 
 
 def describe_hub_error(exc: BaseException, what: str) -> str:
