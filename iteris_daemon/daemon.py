@@ -59,7 +59,7 @@ from .crontab import CrontabTrigger
 from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
 from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
-from .logs import counted
+from .logs import Repeated, counted
 from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
 from .retry import bound_requests
@@ -78,6 +78,7 @@ BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is aske
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 CATALOG_WARNING_SECONDS = 60.0  # a job the catalog keeps failing says so at most this often
 UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for as many catalog checks, is a problem
+QUERIES_ONLY = ("tick", "peers")  # jobs that only query the catalog: one under way that long waits on it
 # Runs in a row a group waits for an adapter whose calibration worker failed (the host short
 # of memory for a while), retried with backoff; then the adapter is held back and the rest merges.
 CALIBRATION_WORKER_WAITS = 3
@@ -189,17 +190,18 @@ class _NoMaxInstancesWarning(logging.Filter):
 _NO_MAX_INSTANCES_WARNING = _NoMaxInstancesWarning()
 
 
-def _log_skipped(event: JobSubmissionEvent) -> None:
+def _log_skipped(said: Repeated, event: JobSubmissionEvent) -> None:
     """A job due while ``max_instances`` of it are under way or waiting is skipped. A
     group's run (``trigger:`` and ``schedule:`` jobs, 2 instances) is skipped only while
     one of its runs waits for a merge thread, and that one reads the inputs when it
     starts: nothing is lost (with one merge slot this came with every trigger during a
-    merge, as a WARNING). Any other job (a poll longer than its interval) loses that turn."""
+    merge, as a WARNING). Any other job (a poll longer than its interval) loses that turn,
+    said once an hour while it lasts (a tick stuck on a blocked catalog said it every 2 s)."""
     kind, _, name = event.job_id.partition(":")
     if kind in ("trigger", "schedule"):
         log.debug("group %s: a run was due while another waited to start; that one reads the inputs anew", name)
     else:
-        log.info("job %s skipped: its previous run is still under way", event.job_id)
+        said.say(logging.INFO, f"job {event.job_id} skipped: its previous run is still under way")
 
 
 def _every(seconds: float) -> IntervalTrigger:
@@ -223,7 +225,7 @@ def new_scheduler(settings: DaemonSettings) -> BackgroundScheduler:
         timezone=timezone.utc,
     )
     logging.getLogger("apscheduler.scheduler").addFilter(_NO_MAX_INSTANCES_WARNING)  # once: the same filter
-    scheduler.add_listener(_log_skipped, EVENT_JOB_MAX_INSTANCES)
+    scheduler.add_listener(partial(_log_skipped, Repeated(log)), EVENT_JOB_MAX_INSTANCES)
     return scheduler
 
 
@@ -274,17 +276,23 @@ class CatalogHealth:
         self._clock = clock
         self._lock = threading.Lock()
         self._failing: dict[str, _Failing] = {}
+        self._under_way: dict[str, float] = {}  # job -> when its block began (monotonic)
 
     @contextmanager
     def watching(self, job: str) -> Iterator[None]:
         """Run the block as ``job``'s use of the catalog: a catalog failure is said and
         swallowed (the job runs again at its next time), an end without one ends a failure."""
+        with self._lock:
+            self._under_way[job] = self._clock()
         try:
             yield
         except CATALOG_FAILURES as exc:
             self._failed(job, exc)
         else:
             self._answered(job)
+        finally:
+            with self._lock:
+                self._under_way.pop(job, None)
 
     def _failed(self, job: str, exc: BaseException) -> None:
         now = self._clock()
@@ -322,6 +330,13 @@ class CatalogHealth:
         with self._lock:
             lasting = [(job, failing) for job, failing in self._failing.items()
                        if failing.failures >= UNHEALTHY_AFTER_CHECKS and now - failing.since >= after]
+            # A job that only queries the catalog, under way that long: a lock held, or a server that
+            # stopped answering without closing the connection (no error comes; /healthz said ok).
+            stuck = [(job, began) for job, began in self._under_way.items() if job in QUERIES_ONLY and now - began >= after]
+        if stuck:
+            job, began = min(stuck, key=lambda item: item[1])
+            return (f"job {job} has waited {now - began:.0f} s on the catalog {self._url()} (a lock held, or its "
+                    "server not answering)")
         if not lasting:
             return None
         job, failing = min(lasting, key=lambda item: item[1].since)
@@ -956,8 +971,13 @@ class Daemon:
                 stopping=self._cancel, cache_dir=self.cache,
                 wait_for_calibration_workers=self._calibration_worker_failures.get(name, 0) < CALIBRATION_WORKER_WAITS,
             )
-        except Exception:  # e.g. the catalog locked past its timeout, or its server unreachable
-            log.exception("group %s: the run could not be carried out", name)
+        except Exception as exc:  # e.g. the catalog locked past its timeout, or its server unreachable
+            if isinstance(exc, CATALOG_FAILURES):  # one line; the traceback at DEBUG, as the jobs say it
+                log.error("group %s: the run could not be carried out: the catalog failed: %s: %s", name,
+                          type(exc).__name__, first_line(exc))
+                log.debug("group %s: the run could not be carried out", name, exc_info=exc)
+            else:
+                log.exception("group %s: the run could not be carried out", name)
             self.metrics.run_not_carried_out(name)
             self._retry_later(name)
             return

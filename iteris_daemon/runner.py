@@ -58,6 +58,7 @@ from sqlalchemy.orm import Session
 from . import safe_json
 from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask, releasing
 from .catalog import Catalog
+from .catalog.db import DATABASE_FAILURES
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
                              SourceKind, utcnow)
 from .catalog.registry import list_current
@@ -223,6 +224,10 @@ class Claim:
                 self.renew()
             except ClaimLost:  # the run sees it (should_stop, and before publishing)
                 return
+            except DATABASE_FAILURES as exc:  # the catalog down: one line, as the daemon's jobs say it
+                log.warning("group %s: refreshing the claim failed (tried again in %.0f s): %s: %s", self.group,
+                            self.ttl / 4, type(exc).__name__, first_line(exc))
+                log.debug("group %s: refreshing the claim failed", self.group, exc_info=exc)
             except Exception:  # the next refresh retries; a stale claim only lets another daemon in
                 log.exception("group %s: refreshing the claim failed", self.group)
 

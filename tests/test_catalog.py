@@ -344,7 +344,8 @@ def test_two_processes_migrating_a_fresh_catalog_at_once(catalog_url):
 
 # Values for the columns reflection cannot tell apart: the status and kind enums.
 _ENUMS = {("sources", "kind"): ["local", "hub"], ("adapters", "status"): ["registered", "rejected"],
-          ("adapter_revisions", "status"): ["registered", "rejected"], ("merge_runs", "status"): ["succeeded", "failed"]}
+          ("adapter_revisions", "status"): ["registered", "rejected"], ("merge_runs", "status"): ["succeeded", "failed"],
+          ("pruned_runs", "status"): ["succeeded", "failed"]}
 
 
 def _fill(connection, table, index: int) -> dict:
@@ -391,8 +392,8 @@ def test_upgrades_keep_every_row_of_every_table(catalog_url, start):
     metadata = sa.MetaData()
     metadata.reflect(engine)
     tables = [t for t in metadata.sorted_tables if t.name != "alembic_version"]
-    assert {t.name for t in tables} - {"base_model_shapes", "daemons"} == {"sources", "adapters", "adapter_revisions",
-                                                                "merge_groups", "merge_runs", "merge_run_inputs"}
+    assert {t.name for t in tables} - {"base_model_shapes", "daemons", "pruned_runs"} == {
+        "sources", "adapters", "adapter_revisions", "merge_groups", "merge_runs", "merge_run_inputs"}
     with engine.begin() as connection:
         written = {t.name: [_fill(connection, t, i) for i in (1, 2)] for t in tables}
     catalog_db.upgrade(engine)
@@ -429,7 +430,7 @@ def test_0011_keeps_the_counts_of_pruned_runs_and_goes_back_to_0010(catalog_url)
         session.add_all(MergeRun(group_id=1, status=RunStatus.skipped, input_fingerprint="f" * 64, repeats=2,
                                  finished_at=datetime(2026, 1, 1)) for _ in range(RECENT_RUNS + 3))
     catalog_db.upgrade(engine)
-    assert catalog_db.current_revision(engine) == "0011"
+    assert catalog_db.current_revision(engine) == catalog_db.head_revision()
     catalog = Catalog(catalog_url)
     with catalog.session(write=False) as session:
         assert session.scalar(select(func.count()).select_from(PrunedRuns)) == 0
@@ -500,3 +501,36 @@ def test_a_clock_stepped_back_does_not_make_a_new_revision_history(catalog_url):
         [(adapter, current)] = list_current(session)
         assert current.id == r1 and adapter.status is AdapterStatus.registered
     catalog.close()
+
+
+def test_a_groups_long_base_model_and_destination_are_recorded(catalog_url):
+    """PostgreSQL enforced VARCHAR limits that SQLite never did (found by QA on PostgreSQL):
+    a group's base model path over 512 characters stopped the daemon at start, and a
+    folder destination over 1024 failed every run after merging and publishing."""
+    from iteris_daemon.catalog.models import BaseModelShapes, MergeGroup, MergeRun, RunStatus
+
+    catalog = Catalog(catalog_url)
+    deep = "/srv/" + "/".join(["x" * 200] * 10)  # 2,014 characters, as a path may be
+    with catalog.session() as session:
+        session.add(MergeGroup(id=1, name="g", base_model=deep, strategy="iteris"))
+        session.add(MergeRun(group_id=1, status=RunStatus.succeeded, input_fingerprint="f" * 64, output_location=deep))
+        session.add(BaseModelShapes(key="k" * 64, base_model=deep, shapes={}))
+    with catalog.session(write=False) as session:
+        assert session.scalar(select(MergeRun.output_location)) == deep
+        assert session.scalar(select(MergeGroup.base_model)) == session.scalar(select(BaseModelShapes.base_model)) == deep
+    catalog.close()
+
+
+
+def test_a_server_catalog_gives_up_on_a_server_that_stops_answering(catalog_url):
+    """libpq waits for ever by default: a server that stopped answering without closing the
+    connection held every daemon job and `status` with no word (QA PG). A PostgreSQL catalog
+    connects with a connect timeout and TCP keepalives; what the URL gives wins."""
+    if not catalog_url.startswith("postgresql"):
+        pytest.skip("a server's connection settings")
+    for url, timeout in ((catalog_url, "10"), (f"{catalog_url}?connect_timeout=3", "3")):
+        engine = catalog_db.make_engine(url)
+        with engine.connect() as connection:
+            dsn = dict(item.split("=", 1) for item in connection.connection.dbapi_connection.info.dsn.split())
+        engine.dispose()
+        assert dsn["connect_timeout"] == timeout and (dsn["keepalives_idle"], dsn["keepalives_count"]) == ("30", "3")

@@ -383,16 +383,16 @@ def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
     for argv in (["status"], ["adapters", "list"], ["sources", "list"], ["merge-now", "g"]):
         code, out, err = run(capsys, *argv, "--db", url)
         assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
-                                     "0007, older than this iteris-daemon's 0011: run `iteris-daemon db upgrade` (or "
+                                     "0007, older than this iteris-daemon's 0012: run `iteris-daemon db upgrade` (or "
                                      "start the daemon, which migrates it)\n"), err
     assert catalog_db.current_revision(engine) == "0007"
-    assert run(capsys, "db", "upgrade", "--db", url)[0] == 0 and catalog_db.current_revision(engine) == "0011"
+    assert run(capsys, "db", "upgrade", "--db", url)[0] == 0 and catalog_db.current_revision(engine) == "0012"
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '0042'"))
     for argv in (["status"], ["db", "upgrade"], ["sources", "add", "x", "--folder", str(tmp_path)]):
         code, out, err = run(capsys, *argv, "--db", url)
         assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
-                                     "0042, newer than this iteris-daemon knows (its latest is 0011): upgrade "
+                                     "0042, newer than this iteris-daemon knows (its latest is 0012): upgrade "
                                      "iteris-daemon, or use the version that wrote it\n"), err
     engine.dispose()
 
@@ -604,6 +604,57 @@ def test_sources_add_hints_a_db_url_without_its_password(made, tmp_path, capsys)
         code, out, err = run(capsys, "sources", "add", "extra", "--folder", str(tmp_path / "extra"), "--db", url)
         assert code == 0 and password and f":{password}@" not in out + err  # it may also be the user's name
         assert f"`iteris-daemon sources scan extra --db {shlex.quote(mask_password(url))}`" in out
+
+
+def test_a_password_in_the_query_or_holding_an_at_sign_is_never_shown(capsys):
+    """libpq takes the password as a query parameter too (``?password=``): it was shown in
+    the daemon's start line, `db upgrade`'s output, every "cannot open" error and the
+    unauthenticated /healthz reason. An unencoded '@' in the password split it: the part
+    after it was shown as the host name, masked URL and psycopg's error alike (QA PG)."""
+    from databases import postgres_database
+
+    with postgres_database() as url:
+        parsed = make_url(url)
+        in_query = parsed.set(password=None).update_query_dict({"password": parsed.password})
+        code, out, err = run(capsys, "db", "upgrade", "--db", in_query.render_as_string(hide_password=False))
+        assert code == 0 and f"password={parsed.password}" not in out + err and "?password=***" in out, out + err
+        wrong = in_query.update_query_dict({"password": "Wrong-Secret-42"}).render_as_string(hide_password=False)
+        code, out, err = run(capsys, "status", "--db", wrong)
+        assert code == 2 and "Wrong-Secret-42" not in out + err, err
+    code, out, err = run(capsys, "status", "--db", "postgresql+psycopg://postgres:Top@Secret42@127.0.0.1:5432/x")
+    assert code == 2 and "Secret42" not in out + err and "a '@' in the password is written %40" in err, err
+
+
+def test_a_read_only_database_user_gets_one_line_from_commands_that_write(made, tmp_path, capsys):
+    """A PostgreSQL role with SELECT rights only (a dashboard's, an auditor's): `status` and
+    the listings work; `sources add`, `merge-now` and the daemon ended in 70-260-line
+    InsufficientPrivilege tracebacks (QA PG). Now one line, as a read-only SQLite file gets."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from databases import postgres_database
+
+    base, lora = made
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with postgres_database() as url:
+        assert run(capsys, "db", "upgrade", "--db", url)[0] == 0
+        owner = create_engine(url, isolation_level="AUTOCOMMIT")
+        with owner.connect() as connection:
+            connection.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'"))
+            connection.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+        reader = make_url(url).set(username=role, password="reader-pw").render_as_string(hide_password=False)
+        try:
+            assert run(capsys, "status", "--db", reader)[0] == 0
+            code, out, err = run(capsys, "sources", "add", "team", "--folder", str(tmp_path), "--base-model",
+                                 str(base), "--db", reader)
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert "cannot be written by this database user (permission denied for table sources)" in err, err
+        finally:
+            with owner.connect() as connection:
+                connection.execute(text(f"DROP OWNED BY {role}"))
+                connection.execute(text(f"DROP ROLE {role}"))
+            owner.dispose()
 
 
 @pytest.mark.parametrize("status,code", [(RunStatus.succeeded, 0), (RunStatus.skipped, 0), (RunStatus.failed, 1),

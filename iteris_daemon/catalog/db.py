@@ -19,10 +19,11 @@ from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError,
+                            ProgrammingError)
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import IterisError
+from ..errors import IterisError, first_line
 from ..paths import private_dir, state_dir
 from .models import utcnow
 
@@ -36,11 +37,18 @@ SQLITE_CACHE_KIB = 512
 # The newest migration's revision. A catalog already there opens without Alembic, whose
 # import and checks were most of a short command's time (``status``); a new migration
 # must update it (tests/test_catalog.py compares it with the migrations' head).
-SCHEMA_HEAD = "0011"
+SCHEMA_HEAD = "0012"
 # How a database server reads its own clock, in UTC without a time zone (as the catalog's
 # columns hold times). Claims and daemon liveness compare times written by different hosts,
 # so they use the server's clock; SQLite runs in this process, its clock is this host's.
 SERVER_CLOCK = {"postgresql": "SELECT clock_timestamp() AT TIME ZONE 'UTC'"}
+INSUFFICIENT_PRIVILEGE = "42501"  # SQLSTATE of a server's "permission denied" (a read-only role)
+# libpq's defaults wait for ever: a server that stopped answering without closing the
+# connection (a host gone, a firewall dropping packets) held every job, and `status`, with no
+# word. A connect gives up after 10 s; an idle connection is probed after 30 s, and given up
+# after 3 probes 10 s apart unanswered. What the URL's query gives wins.
+LIBPQ_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                  "keepalives_count": 3}
 
 
 # What creates a catalog, and what names it: said where a command finds none.
@@ -96,6 +104,14 @@ def mask_password(url: str) -> str:
     return url if colon < 0 else f"{url[:colon + 1]}***{url[at:]}"
 
 
+def shown_url(url: URL) -> str:
+    """``url`` as logs, errors and ``/healthz`` show it: its password hidden, whether in its
+    place or given as a query parameter (``?password=``, which libpq takes too)."""
+    hidden = "password-hidden"  # rendered as it is, where "***" would be percent-encoded
+    query = {key: hidden if key.lower() == "password" else value for key, value in url.query.items()}
+    return url.set(query=query).render_as_string(hide_password=True).replace(f"={hidden}", "=***")
+
+
 def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = True) -> Engine:
     """``busy_timeout``: seconds a SQLite write waits for another process's lock
     (default ``SQLITE_BUSY_TIMEOUT_MS``); ignored for other databases. ``create=False``:
@@ -106,6 +122,9 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
     except (ArgumentError, ValueError):  # ValueError: a port that is no number
         raise CatalogError(f"invalid database URL {mask_password(url)!r} (a SQLAlchemy URL: a SQLite file is "
                            "written sqlite:////abs/path.db, or sqlite:///relative/path.db)") from None
+    if parsed.host and "@" in parsed.host:  # the rest of the password would be shown as the host name
+        raise CatalogError(f"invalid database URL {mask_password(url)!r}: it has more than one '@'; a '@' in the "
+                           "password is written %40 (percent-encoded)")
     opener = None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database).expanduser().resolve()
@@ -123,10 +142,13 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
             except OSError as exc:  # a read-only file system, a parent that is a file, no permission
                 where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(database) else ""
                 raise CatalogError(f"cannot open the catalog {database} for writing ({where}{exc.strerror})") from None
+    options: dict = {"creator": opener} if opener else {}
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        options["connect_args"] = {key: value for key, value in LIBPQ_TIMEOUTS.items() if key not in parsed.query}
     try:
-        engine = create_engine(parsed, **({"creator": opener} if opener else {}))
+        engine = create_engine(parsed, **options)
     except (NoSuchModuleError, ImportError) as exc:
-        raise CatalogError(f"cannot use database URL {parsed.render_as_string()}: {exc}") from None
+        raise CatalogError(f"cannot use database URL {shown_url(parsed)}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         busy_ms = SQLITE_BUSY_TIMEOUT_MS if busy_timeout is None else int(busy_timeout * 1000)
         event.listen(engine, "connect", partial(_sqlite_pragmas, busy_timeout_ms=busy_ms, read_only=bool(opener)))
@@ -308,7 +330,7 @@ class Catalog:
     @property
     def safe_url(self) -> str:
         """The URL with any password hidden, for logs and errors."""
-        return self.engine.url.render_as_string(hide_password=True)  # a SQLite path as opened
+        return shown_url(self.engine.url)  # a SQLite path as opened
 
     @contextmanager
     def session(self, write: bool = True) -> Iterator[Session]:
@@ -347,6 +369,11 @@ class Catalog:
                     f"the catalog {self.safe_url} is locked by another process (still locked after waiting "
                     f"{self.busy_timeout:g} s); nothing was written, try again once it is released"
                 ) from exc
+            raise
+        except ProgrammingError as exc:
+            if getattr(exc.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                raise CatalogError(f"the catalog {self.safe_url} cannot be {'written' if write else 'read'} by this "
+                                   f"database user ({first_line(exc.orig)}): nothing was written") from exc
             raise
 
     def now(self, session: Session) -> datetime:

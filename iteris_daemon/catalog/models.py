@@ -158,7 +158,7 @@ class MergeGroup(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    base_model: Mapped[str] = mapped_column(String(512))
+    base_model: Mapped[str] = mapped_column(Text)
     selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     strategy: Mapped[str] = mapped_column(String(100))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -196,7 +196,7 @@ class MergeRun(Base):
     finished_at: Mapped[datetime | None]
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    output_location: Mapped[str | None] = mapped_column(String(1024))
+    output_location: Mapped[str | None] = mapped_column(Text)
     output_commit: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     # Skipped runs that repeat the group's last one (same inputs, same reason) are one row:
@@ -249,7 +249,7 @@ class BaseModelShapes(Base):
     __tablename__ = "base_model_shapes"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)  # shapes.skeleton_key
-    base_model: Mapped[str] = mapped_column(String(1024))
+    base_model: Mapped[str] = mapped_column(Text)
     shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
