@@ -394,6 +394,12 @@ def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
         assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
                                      "0042, newer than this iteris-daemon knows (its latest is 0012): upgrade "
                                      "iteris-daemon, or use the version that wrote it\n"), err
+    with engine.begin() as connection:  # another application's Alembic revision: it was "newer" (QA PG)
+        connection.execute(text("UPDATE alembic_version SET version_num = 'ae1027a6acf'"))
+    code, out, err = run(capsys, "status", "--db", url)
+    assert code == 2 and err.endswith("is at schema revision ae1027a6acf, which is not one of iteris-daemon's (0001 "
+                                      "to 0012): it is another application's database; give the catalog a database "
+                                      "of its own\n"), err
     engine.dispose()
 
 

@@ -5,6 +5,7 @@ hostile listings. The catalog is a real SQLite file."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -511,6 +512,21 @@ def test_a_repo_gated_for_the_sources_token_is_a_failure_not_a_removal(env):
     assert adapter.status is AdapterStatus.registered and adapter.current.revision == sha
     assert _source_row(catalog).last_error.startswith("erin/g: HTTP 403")
     assert poller.poll().unchanged == 1 and _source_row(catalog).healthy
+
+
+def test_a_poll_that_finds_nothing_new_says_so_at_debug(env, caplog):
+    """An INFO line per source and scheduled poll, every 5 minutes for months, said "0
+    registered ... 1 unchanged" (QA HUB); what a poll registered, rejected or failed, and
+    every webhook poll, is still INFO."""
+    hub, catalog, source, (first, _), tmp = env
+    hub.create_repo_direct("erin/q", adapter_files(first))
+    poller = source(repos=["erin/q"])
+    with caplog.at_level("DEBUG", logger="iteris_daemon.sources.hub"):
+        poller.poll()
+        poller.poll()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("source hub: poll: ")]
+    assert said == [(logging.INFO, "source hub: poll: 1 registered, 0 rejected, 0 removed, 0 unchanged, 0 waiting"),
+                    (logging.DEBUG, "source hub: poll: 0 registered, 0 rejected, 0 removed, 1 unchanged, 0 waiting")]
 
 
 def test_a_rate_limit_inside_a_download_waits_as_the_source_says(env, bounded, caplog):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -287,6 +288,9 @@ def schema_mismatch(engine: Engine, may_migrate: bool) -> str | None:
     if current is None or current == SCHEMA_HEAD:
         return None  # empty: created by the caller
     known = {script.revision for script in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()}
+    if current not in known and not re.fullmatch(r"\d{4}", current):  # ours are numbered
+        return (f"is at schema revision {current}, which is not one of iteris-daemon's (0001 to {SCHEMA_HEAD}): it is "
+                "another application's database; give the catalog a database of its own")
     if current not in known:
         return (f"is at schema revision {current}, newer than this iteris-daemon knows (its latest is {SCHEMA_HEAD}): "
                 "upgrade iteris-daemon, or use the version that wrote it")

@@ -300,7 +300,10 @@ class HubSource:
             self._errors.keep_only({self._said(message) for message in errors})
         if only is None or errors:
             self._set_health(errors[0] if errors else None)
-        log.info("source %s: %s: %s%s", self.name, what, report, f", {len(errors)} failed" if errors else "")
+        # a scheduled poll that found nothing new at DEBUG: every 5 minutes, per source, for months
+        quiet = only is None and not (report.registered or report.rejected or report.removed or report.waiting or errors)
+        log.log(logging.DEBUG if quiet else logging.INFO, "source %s: %s: %s%s", self.name, what, report,
+                f", {len(errors)} failed" if errors else "")
         if self.on_change and report.changed:
             self.on_change(report)
         return report
