@@ -21,6 +21,7 @@ never logged nor put in an error message.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -153,12 +154,17 @@ def _branch_head(api: HfApi, settings: HubPublishSettings, stopping: threading.E
         return _read_head(api, settings, stopping)
 
 
+# What marks a branch as someone's model, besides an adapter's files: its config or weights.
+MODEL_FILES = re.compile(r"(.*/)?(config\.json|[^/]*\.(safetensors|bin|gguf|pt|pth|ckpt|h5|onnx|msgpack))")
+
+
 def _refuse_foreign(api: HfApi, settings: HubPublishSettings, head: ModelInfo, stopping: threading.Event | None) -> None:
-    """Refuse a branch holding an adapter that no commit of this publisher put there (someone
-    else's repo, named by mistake): its config, weights and card would be replaced, and its
-    other files left beside the merge."""
+    """Refuse a branch holding an adapter or a model that no commit of this publisher put
+    there (someone else's repo, named by mistake): its config, weights and card would be
+    replaced, or the merge put beside a full model and its card replaced (found by QA)."""
     names = [sibling.rfilename for sibling in head.siblings or []]
     held = [name for name in ADAPTER_FILES if name in names]
+    held += [name for name in names if name not in held and MODEL_FILES.fullmatch(name)]
     if not held:
         return
     where = f"{settings.repo_id}@{settings.branch}"
@@ -167,7 +173,8 @@ def _refuse_foreign(api: HfApi, settings: HubPublishSettings, head: ModelInfo, s
     if any(PUBLISHED_BY in (commit.message or "") for commit in commits):
         return
     raise OutputExistsError(
-        f"hub {where} holds an adapter ({', '.join(held)}, {counted(len(names) - len(held), 'other file')}) that no "
+        f"hub {where} holds an adapter or model ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}, "
+        f"{counted(len(names) - len(held), 'other file')}) that no "
         "commit of iteris-daemon made; refusing to publish over it (name another repo or branch)")
 
 

@@ -413,8 +413,8 @@ def test_same_adapter_is_not_committed_again_a_new_one_is(hub, hub_settings, mad
 
 
 def test_a_branch_holding_someone_elses_adapter_is_refused_untouched(hub, hub_settings, made):
-    """A destination repo that already holds an adapter no commit of iteris-daemon made
-    (another team's, named by mistake): the publish is refused in one line naming the repo,
+    """A destination repo that already holds an adapter, or a model, no commit of iteris-daemon
+    made (another team's, named by mistake): the publish is refused in one line naming the repo,
     the branch and what it holds, and nothing is committed. Before, its config, weights and
     README were replaced and its other files left beside the merge (found by QA). Our own
     branch with a commit of someone else on top (a card edited on the Hub) still publishes,
@@ -424,10 +424,17 @@ def test_a_branch_holding_someone_elses_adapter_is_refused_untouched(hub, hub_se
     theirs = {name: (second / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
     hub.create_repo_direct("bob/sentiment", {**theirs, "README.md": b"# Bob's LoRA\n", "tokenizer.json": b"{}"})
     before = hub.files("bob/sentiment")
-    with pytest.raises(OutputExistsError, match=r"^hub bob/sentiment@main holds an adapter \(adapter_config.json, "
-                                                r"adapter_model.safetensors, 2 other files\) that no commit of iteris"):
+    with pytest.raises(OutputExistsError, match=r"^hub bob/sentiment@main holds an adapter or model \(adapter_config"
+                                                r".json, adapter_model.safetensors, 2 other files\) that no commit of "):
         publisher.publish(request(first, base), hub_settings(repo_id="bob/sentiment"))
     assert hub.files("bob/sentiment") == before and not hub.requests_matching(r"^POST /api/models/bob/sentiment/commit/")
+    # A full model's repo (QA HUB: the merge was put beside it, and its card replaced)
+    hub.create_repo_direct("bob/model", {"config.json": b"{}", "model.safetensors": b"\0" * 16,
+                                         "README.md": b"# DO NOT TOUCH\n"})
+    with pytest.raises(OutputExistsError, match=r"^hub bob/model@main holds an adapter or model \(config.json, "
+                                                r"model.safetensors, 1 other file\)"):
+        publisher.publish(request(first, base), hub_settings(repo_id="bob/model"))
+    assert not hub.requests_matching(r"^POST /api/models/bob/model/commit/")
 
     settings = hub_settings()
     publisher.publish(request(first, base, run_id=1), settings)
