@@ -1018,23 +1018,31 @@ def test_a_daemon_refreshes_its_presence_at_least_every_minute(tmp_path):
     assert PRESENCE_SECONDS == 60 and periods == {"peers": timedelta(seconds=60), "catalog-check": timedelta(seconds=900)}
 
 
-def test_a_failing_catalog_is_unhealthy_within_minutes_whatever_the_catalog_check_period(tmp_path, monkeypatch):
-    """/healthz reports a job the catalog keeps failing after 3 checks' time: with
-    ``catalog_check_seconds = 86400`` that was 3 days of a dead catalog said healthy (QA TS).
-    The time is now 3 of the presence job's periods at most (60 s each). The tick fails every
-    2 s on a stand-in outage (the session raising what a lost server raises), on a fake clock."""
+def _daemon_on_a_fake_clock(tmp_path: Path, daemon_settings: str = ""):
+    """A daemon (not started) with a paused scheduler and a SQLite catalog, whose catalog
+    health reads the clock ``now[0]``: (daemon, now)."""
     import iteris_daemon.daemon as daemon_module
     from apscheduler.schedulers.background import BackgroundScheduler
-    from sqlalchemy.exc import OperationalError
 
     config = tmp_path / "daemon.toml"
-    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\ncatalog_check_seconds = 86400\n")
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n{daemon_settings}")
     daemon = daemon_module.Daemon(config)
     daemon.scheduler = BackgroundScheduler()
     daemon.scheduler.start(paused=True)
     daemon.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     now = [1000.0]
     daemon.catalog_health = daemon_module.CatalogHealth(lambda: daemon.catalog.safe_url, clock=lambda: now[0])
+    return daemon, now
+
+
+def test_a_failing_catalog_is_unhealthy_within_minutes_whatever_the_catalog_check_period(tmp_path, monkeypatch):
+    """/healthz reports a job the catalog keeps failing after 3 checks' time: with
+    ``catalog_check_seconds = 86400`` that was 3 days of a dead catalog said healthy (QA TS).
+    The time is now 3 of the presence job's periods at most (60 s each). The tick fails every
+    2 s on a stand-in outage (the session raising what a lost server raises), on a fake clock."""
+    from sqlalchemy.exc import OperationalError
+
+    daemon, now = _daemon_on_a_fake_clock(tmp_path, "catalog_check_seconds = 86400\n")
 
     def lost(*args, **kwargs):
         raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
@@ -1058,16 +1066,8 @@ def test_a_catalog_that_stops_answering_is_unhealthy_within_minutes(tmp_path, mo
     as long while `job tick skipped` was logged every 2 s (QA PG). A tick under way as long
     as failures take to count is now the problem /healthz names; answered, it is none."""
     import iteris_daemon.daemon as daemon_module
-    from apscheduler.schedulers.background import BackgroundScheduler
 
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n")
-    daemon = daemon_module.Daemon(config)
-    daemon.scheduler = BackgroundScheduler()
-    daemon.scheduler.start(paused=True)
-    daemon.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    now = [1000.0]
-    daemon.catalog_health = daemon_module.CatalogHealth(lambda: daemon.catalog.safe_url, clock=lambda: now[0])
+    daemon, now = _daemon_on_a_fake_clock(tmp_path)
     entered, answer = threading.Event(), threading.Event()
     real_session = daemon.catalog.session
 
