@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import safe_json
 from .errors import CalibrationError, ConfigError, IterisError, first_line
-from .strict import STRICT
+from .strict import PLUGIN_SETTINGS
 
 CALIBRATION_NAME = "calibration.jsonl"
 
@@ -140,15 +140,20 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
     return CalibrationSet(tuple(samples), source=str(path))
 
 
-def _check_unicode(sample: Sample, path: Path, line: int) -> None:
+def _not_unicode(sample: Sample) -> bool:
     """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer takes."""
     strings = [sample.text, sample.target, sample.text_pair, *(content for _, content in sample.messages or ())]
-    for string in strings:
-        try:
+    try:
+        for string in strings:
             (string or "").encode("utf-8")
-        except UnicodeEncodeError:
-            raise CalibrationError(path, "holds an unpaired surrogate escape (such as \\ud800): not Unicode text",
-                                   line=line) from None
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check_unicode(sample: Sample, path: Path, line: int) -> None:
+    if _not_unicode(sample):
+        raise CalibrationError(path, "holds an unpaired surrogate escape (such as \\ud800): not Unicode text", line=line)
 
 
 def _messages(record: dict, path: Path, line: int) -> Messages:
@@ -223,10 +228,10 @@ class CalibrationSettings(BaseModel):
     """Base of a calibration source's optional ``Settings`` model: its table in the config,
     ``[groups.calibration.<name>]``. Unknown keys are an error. A source that declares one
     has its table checked when the config is read, not at the first merge hours later; one
-    that does not takes no settings (:func:`checked_table`). Validated as the project's own
-    tables are (:data:`~iteris_daemon.strict.STRICT`)."""
+    that does not takes no settings (:func:`checked_table`). Validated as
+    :data:`~iteris_daemon.strict.PLUGIN_SETTINGS` says."""
 
-    model_config = STRICT
+    model_config = PLUGIN_SETTINGS
 
 
 def source_settings(source: CalibrationSource, table: dict[str, Any]) -> CalibrationSettings:
@@ -380,16 +385,14 @@ def _sample_problem(sample: Sample) -> str | None:
     if sample.text_pair is not None and (not isinstance(sample.text_pair, str) or not sample.text_pair.strip()):
         return "has a text_pair that is not a non-empty string (or None)"
     if sample.messages is not None:
-        if sample.text_pair is not None:
-            return "has both messages and a text_pair (a conversation is the whole sample)"
+        if sample.text_pair is not None or sample.target is not None:
+            return "has messages and a text_pair or target (a conversation is the whole sample)"
         if not (isinstance(sample.messages, (tuple, list)) and sample.messages and all(
                 isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(part, str) for part in m)
                 for m in sample.messages)):
             return "has messages that are not a non-empty list of (role, content) strings"
-    strings = [sample.text, sample.target, sample.text_pair, *(content for _, content in sample.messages or ())]
-    try:
-        for string in strings:
-            (string or "").encode("utf-8")
-    except UnicodeEncodeError:
+        if not any(content.strip() for _, content in sample.messages):
+            return "has messages without content"
+    if _not_unicode(sample):
         return "holds an unpaired surrogate (such as \\ud800): not Unicode text"
     return None

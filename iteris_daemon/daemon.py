@@ -78,7 +78,10 @@ BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is aske
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 CATALOG_WARNING_SECONDS = 60.0  # a job the catalog keeps failing says so at most this often
 UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for as many catalog checks, is a problem
-QUERIES_ONLY = ("tick", "peers")  # jobs that only query the catalog: one under way that long waits on it
+CATALOG_ONLY_JOBS = ("tick", "peers")  # jobs that do nothing but short catalog transactions
+# The least time one of them may be under way before it counts as waiting on the catalog: a
+# SQLite lock held a while (a prune's VACUUM) makes it wait up to the busy timeout (30 s), then fail.
+STUCK_AFTER_SECONDS = 90.0
 # Runs in a row a group waits for an adapter whose calibration worker failed (the host short
 # of memory for a while), retried with backoff; then the adapter is held back and the rest merges.
 CALIBRATION_WORKER_WAITS = 3
@@ -330,9 +333,10 @@ class CatalogHealth:
         with self._lock:
             lasting = [(job, failing) for job, failing in self._failing.items()
                        if failing.failures >= UNHEALTHY_AFTER_CHECKS and now - failing.since >= after]
-            # A job that only queries the catalog, under way that long: a lock held, or a server that
+            # A job that only uses the catalog, under way that long: a lock held, or a server that
             # stopped answering without closing the connection (no error comes; /healthz said ok).
-            stuck = [(job, began) for job, began in self._under_way.items() if job in QUERIES_ONLY and now - began >= after]
+            stuck = [(job, began) for job, began in self._under_way.items()
+                     if job in CATALOG_ONLY_JOBS and now - began >= max(after, STUCK_AFTER_SECONDS)]
         if stuck:
             job, began = min(stuck, key=lambda item: item[1])
             return (f"job {job} has waited {now - began:.0f} s on the catalog {self._url()} (a lock held, or its "

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from pathlib import Path
 from typing import NoReturn
@@ -99,9 +98,19 @@ def _one_line(exc: Exception) -> str:
     return text if isinstance(exc, ImportError) and text else f"{type(exc).__name__}: {text}"
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-"""A strategy's, calibration source's or publisher's name, as ``--strategy``, ``--contender
-NAME:K=V,...``, ``--calibration-setting NAME.KEY=V`` and the config give it."""
+# What separates a name from what follows it on the command line: ``--contender NAME:K=V``,
+# ``--calibration-order NAME,NAME``.
+_SEPARATORS = {"strategy": (":", "--contender NAME:KEY=VALUE"), "calibration source": (",", "--calibration-order A,B")}
+
+
+def _name_problem(name: object, what: str) -> str | None:
+    """Why ``name`` cannot name a plugin object of kind ``what``, or None."""
+    if not isinstance(name, str) or not name or any(c.isspace() or not c.isprintable() for c in name):
+        return "not a non-empty name without spaces or control characters (logs, listings and the CLI show it)"
+    separator, where = _SEPARATORS.get(what, ("", ""))
+    if separator and separator in name:
+        return f"it holds {separator!r}, which separates names in {where}"
+    return None
 
 # What each kind of plugin object must have (``description`` is optional), and the base
 # class its validated settings must use where it has them: the project's are strict (a
@@ -129,10 +138,8 @@ def _collect(hook, key: str, what: str) -> dict:
         if missing:
             raise PluginError(f"a {what} registered by {where} has no {', '.join(missing)}")
         name = getattr(item, key)
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise PluginError(f"a {what} registered by {where} has {key} {name!r}: not a name of letters, digits, "
-                              "'_' and '-' (the command line and the config name it; '.', ',', '=' and ':' "
-                              "separate what they give)")
+        if (problem := _name_problem(name, what)) is not None:
+            raise PluginError(f"a {what} registered by {where} has {key} {name!r}: {problem}")
         model = getattr(item, settings[0], None)
         if (model is not None or settings[0] in attributes) and not (
                 isinstance(model, type) and issubclass(model, settings[1])):
@@ -165,7 +172,10 @@ def _collect(hook, key: str, what: str) -> dict:
 def _check_per_adapter_defaults(name: str, where: str, params: type[StrategyParams]) -> None:
     """A field marked ``per_adapter`` holds a list (one value per adapter) or None."""
     for field in per_adapter_fields(params):
-        default = params.model_fields[field].default
+        info = params.model_fields[field]
+        if info.is_required():  # no default to check: the value is checked before each merge
+            continue
+        default = info.get_default(call_default_factory=True)
         if default is not None and not isinstance(default, (list, tuple)):
             raise PluginError(f"strategy {name!r} (from {where}): its parameter {field} is marked per_adapter, one "
                               f"value per adapter, so its default must be a list or None, not {default!r:.40}")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from .strict import STRICT
+from .strict import PLUGIN_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ class PublishResult:
 
 class PublisherSettings(BaseModel):
     """Base class of a publisher's settings (one ``[[groups.destinations]]`` table), validated
-    as the project's own tables are (:data:`~iteris_daemon.strict.STRICT`)."""
+    as :data:`~iteris_daemon.strict.PLUGIN_SETTINGS` says."""
 
-    model_config = STRICT
+    model_config = PLUGIN_SETTINGS
 
 
 def local_name(value: str) -> str:

@@ -1,10 +1,11 @@
 """Retrying Hub calls: which failures are worth another try, and how long to wait.
 
 The Hub client retries some calls itself (listings, downloads) and not others
-(``model_info``, commits, refs). Every Hub call of the daemon goes through
-:func:`hub_retrying`, which retries rate limits (429, honouring ``Retry-After``),
-server errors (5xx) and transport failures (dropped connections, timeouts) with
-exponential backoff, and nothing else: a 401/404 will not get better by waiting.
+(``model_info``, commits, refs); in the daemon (:func:`bound_requests`) it answers a 429,
+408 or 5xx at once. Every Hub call of the daemon goes through :func:`hub_retrying`, which
+retries rate limits (429, honouring ``Retry-After`` or the ``RateLimit`` reset), server
+errors (5xx) and transport failures (dropped connections, timeouts) with exponential
+backoff, and nothing else: a 401/404 will not get better by waiting.
 
 Given the daemon's stop event, a retry stops with the daemon: no attempt starts
 once it is set (:class:`Interrupted` is raised instead), a backoff wait ends the
@@ -42,7 +43,8 @@ def bound_requests(seconds: float) -> None:
     if _bound == [seconds]:
         return
     hooks = get_session().event_hooks  # the client's own (offline mode, request ids), kept
-    hooks = {**hooks, "response": [*hooks.get("response", []), _answer_retryable_at_once]}
+    responses = [hook for hook in hooks.get("response", []) if hook is not _answer_retryable_at_once]  # a reload's
+    hooks = {**hooks, "response": [*responses, _answer_retryable_at_once]}
 
     def client() -> httpx2.Client:
         return httpx2.Client(event_hooks=hooks, follow_redirects=True, timeout=httpx2.Timeout(seconds))
@@ -80,8 +82,8 @@ def _retryable_status(status: int | None) -> bool:
 def hub_failure(exc: BaseException) -> BaseException:
     """The failure behind ``exc``: huggingface_hub reports a file's failed HEAD (5xx, 429, a
     timeout, a dropped connection) as LocalEntryNotFoundError (a FileNotFoundError, not the
-    Hub's answer) raised from it."""
-    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
+    Hub's answer), and a failed LFS upload as RuntimeError, raised from it."""
+    if isinstance(exc, (LocalEntryNotFoundError, RuntimeError)) and exc.__cause__ is not None:
         return exc.__cause__
     return exc
 

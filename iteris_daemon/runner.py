@@ -745,8 +745,10 @@ def _copy_forced(copy: Path) -> Path:
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    """The sha256 of each file in ``folder`` (a merge's folder is flat)."""
-    return {item.name: sha256_file(item) for item in sorted(folder.iterdir()) if item.is_file()}
+    """The sha256 of each file in ``folder`` by its path there (a merge's folder is flat; what
+    a publisher might add under it is not)."""
+    return {item.relative_to(folder).as_posix(): sha256_file(item) for item in sorted(folder.rglob("*"))
+            if item.is_file()}
 
 
 def _keep_published(folder: Path, target: Path, run_id: int) -> None:
@@ -1108,7 +1110,10 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
     and :class:`PartlyPublished` names them). Each publisher is handed the same folder: one
     that changed it fails the run, or the destinations after it (and the gate's baseline,
     kept from it) got what it left there, not the merge."""
-    merge_files = _file_hashes(folder)
+    try:  # recorded when the merge was kept, and checked since: not hashed once more
+        merge_files = safe_json.loads(_copy_files(folder).read_bytes())
+    except (OSError, ValueError):
+        merge_files = _file_hashes(folder)
     # The base model as the merged config names it: the Hub id its inputs share where the
     # group merges on a local copy (merge.merged_base), which the Hub card links to.
     named_base = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")

@@ -34,13 +34,15 @@ from pydantic import Field, field_validator
 from iteris_daemon import hookimpl
 from iteris_daemon.calibration import CalibrationOptions, CalibrationSet, CalibrationSettings, read_jsonl, source_settings
 from iteris_daemon.errors import CalibrationError, CalibrationUnavailable, MergeCancelled
-from iteris_daemon.config import HubEndpoint, HubRetrySettings, PathSetting
+from iteris_daemon.config import STRICT, HubEndpoint, HubRetrySettings, PathSetting
 from iteris_daemon.paths import RepoId, cache_dir
 from iteris_daemon.retry import Interrupted, hub_failure, hub_retrying, is_transient
 from iteris_daemon.tokens import hub_token, plain
 
 
 class HubDatasetSettings(CalibrationSettings, HubRetrySettings):
+    model_config = STRICT
+
     repo_id: RepoId = Field(description="the Hub dataset repo, OWNER/NAME")
     filename: str = Field("{name}.jsonl", description="file per adapter; {name} is the adapter's catalog name")
     revision: str | None = Field(None, description="branch, tag or commit (default: main)")

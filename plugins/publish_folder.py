@@ -37,7 +37,7 @@ from pydantic import Field
 from iteris_daemon import hookimpl
 from iteris_daemon.adapter_config import CONFIG_NAME, WEIGHTS_NAME, sha256_file
 from iteris_daemon.errors import AdapterError, IterisError, OutputExistsError
-from iteris_daemon.config import PathSetting
+from iteris_daemon.config import STRICT, PathSetting
 from iteris_daemon.publish import PublisherSettings, PublishRequest, PublishResult
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class FolderPublishSettings(PublisherSettings):
+    model_config = STRICT
+
     path: PathSetting = Field(description="destination folder; consumers load the version <path>/current points at")
     keep: int = Field(3, ge=0, description="how many previous versions to keep besides the current one")
 

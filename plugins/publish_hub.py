@@ -36,7 +36,7 @@ from tenacity import Retrying, retry_if_exception
 from iteris_daemon import hookimpl, safe_json
 from iteris_daemon.logs import counted
 from iteris_daemon.adapter_config import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
-from iteris_daemon.config import HubEndpoint, HubRetrySettings, PathSetting
+from iteris_daemon.config import STRICT, HubEndpoint, HubRetrySettings, PathSetting
 from iteris_daemon.errors import AdapterError, OutputExistsError
 from iteris_daemon.hub_files import FileDigest, content_digest, file_digest, holds
 from iteris_daemon.model_card import render_model_card
@@ -54,6 +54,8 @@ PUBLISHED_BY = "Published by iteris-daemon."
 
 
 class HubPublishSettings(PublisherSettings, HubRetrySettings):
+    model_config = STRICT
+
     repo_id: RepoId = Field(description="target model repo, OWNER/NAME (created if missing)")
     branch: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
     private: bool = Field(True, description="visibility of the repo when this publisher creates it")

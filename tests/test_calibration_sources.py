@@ -624,7 +624,9 @@ def test_a_sources_empty_or_malformed_answer(bert):
                          (Sample("text", target=4), "has a target of int"),
                          (Sample("text", text_pair=""), "has a text_pair that is not a non-empty string"),
                          (Sample("text", text_pair=7), "has a text_pair that is not a non-empty string"),
-                         (Sample("u: hi", messages=(("u", "hi"),), text_pair="b"), "has both messages and a text_pair"),
+                         (Sample("u: hi", messages=(("u", "hi"),), text_pair="b"), "has messages and a text_pair or "),
+                         (Sample("u: hi", target="t", messages=(("u", "hi"),)), "has messages and a text_pair or "),
+                         (Sample("u: ", messages=(("u", " "),)), "has messages without content"),
                          (Sample("u: 7", messages=(("u", 7),)), "has messages that are not a non-empty list"),
                          (Sample("\ud800"), "holds an unpaired surrogate")):
         available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))

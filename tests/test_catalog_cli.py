@@ -629,6 +629,9 @@ def test_a_password_in_the_query_or_holding_an_at_sign_is_never_shown(capsys):
         assert code == 2 and "Wrong-Secret-42" not in out + err, err
     code, out, err = run(capsys, "status", "--db", "postgresql+psycopg://postgres:Top@Secret42@127.0.0.1:5432/x")
     assert code == 2 and "Secret42" not in out + err and "a '@' in the password is written %40" in err, err
+    # A URL that does not parse (a port that is no number) is shown masked too (found in review)
+    code, out, err = run(capsys, "status", "--db", "postgresql://u@db.example:54x2/iteris?sslpassword=K3y&password=S3cret")
+    assert code == 2 and "S3cret" not in out + err and "K3y" not in out + err and "password=***" in err, err
 
 
 def test_a_read_only_database_user_gets_one_line_from_commands_that_write(made, tmp_path, capsys):

@@ -1083,8 +1083,9 @@ def test_a_catalog_that_stops_answering_is_unhealthy_within_minutes(tmp_path, mo
     try:
         tick.start()
         assert entered.wait(30)
-        after = daemon_module.UNHEALTHY_AFTER_CHECKS * min(daemon.config.daemon.catalog_check_seconds,
-                                                           daemon_module.PRESENCE_SECONDS)
+        after = max(daemon_module.UNHEALTHY_AFTER_CHECKS * min(daemon.config.daemon.catalog_check_seconds,
+                                                               daemon_module.PRESENCE_SECONDS),
+                    daemon_module.STUCK_AFTER_SECONDS)
         now[0] += after - 1
         assert daemon.health_problem() is None
         now[0] += 1

@@ -353,6 +353,16 @@ class _Nameless2(_Nameless):
     name = "twice"
 
 
+class _RequiredWeights(_Nameless):
+    """A required ``per_adapter`` field, and one with a default factory: both fine (found in review)."""
+
+    name = "required_weights"
+
+    class Params(StrategyParams):
+        weights: list[float] = Field(json_schema_extra=per_adapter(1.0))
+        scales: list[float] = Field(default_factory=list, json_schema_extra=per_adapter(1.0))
+
+
 class _ScalarWeights(_Nameless):
     """A ``per_adapter`` marker on a float field: a TypeError (``len()``) at the first merge."""
 
@@ -373,17 +383,25 @@ def test_a_plugin_objects_name_and_required_model_are_checked_when_it_registers(
     with registered("register_strategies", _Numbered()):
         assert main(["plugins"]) == 2
     assert capsys.readouterr().err == ("iteris-daemon: error: a strategy registered by test_plugins has name 7: not "
-                                       "a name of letters, digits, '_' and '-' (the command line and the config name "
-                                       "it; '.', ',', '=' and ':' separate what they give)\n")
-    # Names the command line could not give (--calibration-setting a.b.KEY=V), or that break the listing:
-    for name in ("my.source", "a,b", "two\nlines", "", " "):
-        with registered("register_calibration_sources", type("Source", (), {"name": name, "load": None})()):
+                                       "a non-empty name without spaces or control characters (logs, listings and "
+                                       "the CLI show it)\n")
+    # Names that break the listing, or that the command line cannot give (found by QA):
+    for what, hook, name, problem in (("calibration source", "register_calibration_sources", "two\nlines", "not a"),
+                                      ("calibration source", "register_calibration_sources", "", "not a"),
+                                      ("calibration source", "register_calibration_sources", " ", "not a"),
+                                      ("calibration source", "register_calibration_sources", "a,b", "it holds ','"),
+                                      ("strategy", "register_strategies", "ours:v2", "it holds ':'")):
+        item = type("Item", (_Nameless,), {"name": name, "load": None})()
+        with registered(hook, item):
             assert main(["plugins"]) == 2
-        assert f"a calibration source registered by test_plugins has name {name!r}: not a name" in capsys.readouterr().err
+        assert f"a {what} registered by test_plugins has name {name!r}: {problem}" in capsys.readouterr().err
     # One plugin registering a name twice is not "two plugins"; a per-adapter field's default is a list or None.
     with registered("register_strategies", _Nameless2(), _Nameless2()):
         assert main(["plugins"]) == 2
     assert capsys.readouterr().err == "iteris-daemon: error: test_plugins registers a strategy named 'twice' twice: rename one\n"
+    with registered("register_strategies", _RequiredWeights()):
+        assert main(["plugins"]) == 0
+    capsys.readouterr()
     with registered("register_strategies", _ScalarWeights()):
         assert main(["plugins"]) == 2
     assert capsys.readouterr().err == (
@@ -405,8 +423,7 @@ def test_an_installed_plugins_malformed_object_or_raising_hook_names_its_entry_p
             ("numbered_plugin", "def register_strategies(register):\n    register(type('S', (), {'name': 7, "
              "'Params': None, 'needs_calibration': False, 'merge': None})())\n",
              "a strategy registered by plugin 'numbered' (numbered 0.1: numbered_plugin) has name 7: not a "
-             "name of letters, digits, '_' and '-' (the command line and the config name it; '.', ',', '=' and "
-             "':' separate what they give)")):
+             "non-empty name without spaces or control characters (logs, listings and the CLI show it)")):
         name = module.removesuffix("_plugin")
         source = f"from iteris_daemon import hookimpl\n\n@hookimpl\n{body}"
         env = _fake_distribution(tmp_path / module, name, f"{name} = {module}", source)
@@ -417,7 +434,8 @@ def test_an_installed_plugins_malformed_object_or_raising_hook_names_its_entry_p
 
 class _StoreSettings(CalibrationSettings):
     url: str
-    count: int = 10
+    ratio: float = 0.5
+    root: Path = Path("/srv")  # a plain Path, as a third-party plugin writes it (TOML gives a string)
 
 
 class _Store:
@@ -453,13 +471,15 @@ def test_a_calibration_sources_settings_table_is_checked_when_the_config_is_read
     assert capsys.readouterr().err == (
         "iteris-daemon: error: calibration source 'store' (from test_plugins): its Settings must subclass "
         "iteris_daemon.calibration.CalibrationSettings, which refuses unknown keys\n")
-    # Strict as the project's own tables: `count = true` was 1 sample, "3" 3, inf a number (found by QA).
-    for value in ("true", '"3"', "inf"):
+    # inf and nan are no setting (QA PLG: `ratio = inf` was taken); a plain Path field takes TOML's string.
+    for value in ("inf", "nan"):
         config.write_text('[[groups]]\nname = "g"\nbase_model = "b"\n[groups.calibration.store]\nurl = "x"\n'
-                          f'count = {value}\n[[groups.destinations]]\nkind = "folder"\npath = "/tmp/x"\n')
+                          f'ratio = {value}\n[[groups.destinations]]\nkind = "folder"\npath = "/tmp/x"\n')
         with registered("register_calibration_sources", _Store()):
             assert main(["run", "--config", str(config)]) == 2
-        assert "calibration.store: count: Input should be a valid integer" in capsys.readouterr().err
+        assert "calibration.store: ratio: Input should be a finite number" in capsys.readouterr().err
+    settings = _StoreSettings.model_validate({"url": "x", "root": "/data/calibration"})
+    assert settings.root == Path("/data/calibration")
 
 
 class _Unwritable:
@@ -741,3 +761,15 @@ def test_plugins_params_names_what_it_cannot_tell_apart(capsys):
         assert "unknown kind 'publisher' (use strategy, calibration, destination)" in capsys.readouterr().err
     finally:
         manager.unregister(plugin)
+
+
+def test_calibration_setting_takes_a_source_name_holding_a_dot():
+    """``--calibration-setting SOURCE.KEY=VALUE`` split at the first '.': a source named
+    ``my.store`` (which a config writes as ``[groups.calibration."my.store"]``) could not be
+    given a setting. A key has no '.', so the last '.' before '=' ends the source's name."""
+    from iteris_daemon.cli.merge import _calibration_settings
+
+    dotted = type("Dotted", (_Store,), {"name": "my.store"})()
+    with registered("register_calibration_sources", dotted):
+        tables = _calibration_settings(["my.store.url=https://x.example/a.b", "my.store.ratio=0.25"], ("my.store",))
+    assert tables == {"my.store": {"url": "https://x.example/a.b", "ratio": 0.25}}

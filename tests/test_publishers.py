@@ -672,3 +672,29 @@ def test_model_card_lists_inputs_parameters_and_metrics(made):
     body = render_model_card(hostile).split("\n---\n", 1)[1]
     assert body.lstrip().startswith("# `*g*`: merged LoRA adapter")
     assert "| `*x*` | `local` | `[l](http://e)` |" in body and "| `<b>y</b>` | `local` | `local:y'z` |" in body
+
+
+def test_an_lfs_upload_failure_is_retried_as_the_hub_failure_behind_it(bounded):
+    """huggingface_hub reports a failed LFS part upload as a RuntimeError raised from the HTTP
+    error. In the daemon its client answers a 503 at once (no retries inside it), so the
+    publisher's retries must see the 503 behind the RuntimeError (found in review); and a
+    reload that sets the timeout again adds the daemon's response hook once, not once more."""
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    from iteris_daemon.retry import _answer_retryable_at_once, is_transient
+
+    def raised_from(status: int) -> RuntimeError:
+        response = httpx2.Response(status, request=httpx2.Request("PUT", "https://s3.example/part-1"))
+        try:
+            try:
+                raise HfHubHTTPError(f"{status} error", response=response)
+            except HfHubHTTPError as cause:
+                raise RuntimeError("Error while uploading 'adapter_model.safetensors' to the Hub.") from cause
+        except RuntimeError as exc:
+            return exc
+
+    assert is_transient(raised_from(503)) and is_transient(raised_from(429)) and not is_transient(raised_from(403))
+    bounded(5.0)
+    bounded(7.0)
+    assert get_session().event_hooks["response"].count(_answer_retryable_at_once) == 1

@@ -690,10 +690,13 @@ def test_a_publishers_plugin_error_is_not_tried_again(setup, tmp_path):
     assert not outcome.retry_publish
 
 
-def test_a_publisher_that_changes_the_folder_it_is_handed_fails_the_run(setup, tmp_path):
+@pytest.mark.parametrize("written, changed", [("adapter_model.safetensors", "adapter_model.safetensors"),
+                                              ("notes/card.md", "notes/card.md")])
+def test_a_publisher_that_changes_the_folder_it_is_handed_fails_the_run(setup, tmp_path, written, changed):
     """Every publisher is handed the merge's one folder. One that wrote into it (its own
     card over the weights, say) had the destinations after it publish what it left there:
-    a broken adapter behind a run recorded as succeeded, and kept as the gate's baseline."""
+    a broken adapter behind a run recorded as succeeded, and kept as the gate's baseline.
+    A file added in a subfolder counts too: the Hub publisher uploads the folder's tree."""
     from iteris_daemon.publish import PublisherSettings, PublishResult
     from registered import registered
 
@@ -703,7 +706,8 @@ def test_a_publisher_that_changes_the_folder_it_is_handed_fails_the_run(setup, t
         Settings = PublisherSettings
 
         def publish(self, request, settings):
-            (request.adapter_dir / "adapter_model.safetensors").write_bytes(b"garbage")
+            (request.adapter_dir / written).parent.mkdir(exist_ok=True)
+            (request.adapter_dir / written).write_bytes(b"garbage")
             return PublishResult(location="scribbled", version="v1", changed=True)
 
     with registered("register_publishers", Scribbler()):
@@ -714,7 +718,7 @@ def test_a_publisher_that_changes_the_folder_it_is_handed_fails_the_run(setup, t
         outcome = setup.run(group)
     assert outcome.status is RunStatus.failed and not outcome.retry_publish
     assert ("publisher scribbler (destination 1 of 2) changed the merged adapter's folder it was handed "
-            "(adapter_model.safetensors)") in outcome.detail
+            f"({changed})") in outcome.detail
     assert setup.current() is None  # the folder destination published nothing
     assert not runner.published_copy(setup.work, 1).exists()  # nor is it the gate's baseline
 

@@ -47,7 +47,8 @@ INSUFFICIENT_PRIVILEGE = "42501"  # SQLSTATE of a server's "permission denied" (
 # libpq's defaults wait for ever: a server that stopped answering without closing the
 # connection (a host gone, a firewall dropping packets) held every job, and `status`, with no
 # word. A connect gives up after 10 s; an idle connection is probed after 30 s, and given up
-# after 3 probes 10 s apart unanswered. What the URL's query gives wins.
+# after 3 probes 10 s apart unanswered. What the URL's query, $PGCONNECT_TIMEOUT or a service
+# file (``?service=``, $PGSERVICE) gives wins.
 LIBPQ_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
                   "keepalives_count": 3}
 
@@ -94,10 +95,14 @@ def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = SQLITE_BUS
     cursor.close()
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")  # libpq takes both as query parameters
+
+
 def mask_password(url: str) -> str:
     """``url`` with whatever may be its password written ``***``: from the ':' after the
     user name to the last '@', whether or not the URL parses (a password holding '@'
-    or '/' is one reason it may not)."""
+    or '/' is one reason it may not), and a ``password``/``sslpassword`` query parameter."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     start = url.find("://")
     start = start + 3 if start >= 0 else 0
     at = url.rfind("@")
@@ -107,10 +112,8 @@ def mask_password(url: str) -> str:
 
 def shown_url(url: URL) -> str:
     """``url`` as logs, errors and ``/healthz`` show it: its password hidden, whether in its
-    place or given as a query parameter (``?password=``, which libpq takes too)."""
-    hidden = "password-hidden"  # rendered as it is, where "***" would be percent-encoded
-    query = {key: hidden if key.lower() == "password" else value for key, value in url.query.items()}
-    return url.set(query=query).render_as_string(hide_password=True).replace(f"={hidden}", "=***")
+    place or given as a query parameter (``?password=``, ``sslpassword``: libpq takes them)."""
+    return _QUERY_PASSWORD.sub(r"\1***", url.render_as_string(hide_password=True))
 
 
 def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = True) -> Engine:
@@ -144,8 +147,10 @@ def make_engine(url: str, *, busy_timeout: float | None = None, create: bool = T
                 where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(database) else ""
                 raise CatalogError(f"cannot open the catalog {database} for writing ({where}{exc.strerror})") from None
     options: dict = {"creator": opener} if opener else {}
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
-        options["connect_args"] = {key: value for key, value in LIBPQ_TIMEOUTS.items() if key not in parsed.query}
+    if (parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2")
+            and "service" not in parsed.query and not os.environ.get("PGSERVICE")):  # a service file's settings win
+        given = set(parsed.query) | ({"connect_timeout"} if os.environ.get("PGCONNECT_TIMEOUT") else set())
+        options["connect_args"] = {key: value for key, value in LIBPQ_TIMEOUTS.items() if key not in given}
     try:
         engine = create_engine(parsed, **options)
     except (NoSuchModuleError, ImportError) as exc:
@@ -375,7 +380,7 @@ class Catalog:
                 ) from exc
             raise
         except ProgrammingError as exc:
-            if getattr(exc.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+            if INSUFFICIENT_PRIVILEGE in (getattr(exc.orig, "sqlstate", None), getattr(exc.orig, "pgcode", None)):
                 raise CatalogError(f"the catalog {self.safe_url} cannot be {'written' if write else 'read'} by this "
                                    f"database user ({first_line(exc.orig)}): nothing was written") from exc
             raise

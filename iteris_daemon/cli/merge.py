@@ -156,8 +156,9 @@ def _calibration_settings(given: list[str], order: tuple[str, ...]) -> dict[str,
 
     pairs: dict[str, list[tuple[str, Any]]] = {}
     for text in given:
-        name, dot, rest = text.partition(".")
-        key, value = parse_param(rest) if dot else ("", None)
+        head, equals, _ = text.partition("=")
+        name, dot, _ = head.rpartition(".")  # a key has no '.', a source's name may (its config table is quoted)
+        key, value = parse_param(text[len(name) + 1:]) if dot and equals else ("", None)
         if not name.strip() or not key:
             raise ParameterError(f"--calibration-setting {text}: expected SOURCE.KEY=VALUE")
         if name.strip() not in order:  # its settings would be ignored: the source is never asked
