@@ -193,6 +193,17 @@ class _NoMaxInstancesWarning(logging.Filter):
 _NO_MAX_INSTANCES_WARNING = _NoMaxInstancesWarning()
 
 
+def sooner(own: datetime | None, recorded: datetime | None) -> bool:
+    """Whether a daemon sharing the catalog writes its next run time ``own`` of a group over
+    the ``recorded`` one (naive UTC): where none is recorded, where that time has passed, or
+    where its own comes first. Each wrote its own at every tick, so two daemons rewrote the
+    row every second and `status` flipped between their times (QA PG); now it shows the
+    soonest run any of them will start."""
+    if recorded is None or recorded <= datetime.now(timezone.utc).replace(tzinfo=None):
+        return True
+    return own is not None and own < recorded
+
+
 def _log_skipped(said: Repeated, event: JobSubmissionEvent) -> None:
     """A job due while ``max_instances`` of it are under way or waiting is skipped. A
     group's run (``trigger:`` and ``schedule:`` jobs, 2 instances) is skipped only while
@@ -417,6 +428,7 @@ class Daemon:
         self._failed_attempts: dict[str, int] = {}  # group -> runs in a row not carried out or not published
         self._calibration_worker_failures: dict[str, int] = {}  # group -> runs in a row with one
         self._claimed_elsewhere: set[str] = set()  # groups whose last run found another daemon merging them
+        self._shared = False  # other daemons were live on the catalog at the presence job's last look
         self._started_with = self.config.daemon  # what run() read once; a reload does not change it
         self.catalog: Catalog | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -915,6 +927,7 @@ class Daemon:
         settings = self.config.daemon
         live = max(settings.claim_ttl_seconds, 3 * settings.catalog_check_seconds)
         with self.catalog_health.watching("peers"):
+            self._shared = bool(self.peers.others(within=live))
             for peer, differ in self.peers.disagreements(shared_settings(settings), within=live):
                 log.warning("daemon %s, also on this catalog, has other settings: %s. Give every daemon on one catalog "
                             "the same [daemon.limits] and trust_remote_code: under different ones each judges the other's "
@@ -1051,7 +1064,7 @@ class Daemon:
                 times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
                                                        self.scheduler.get_job(f"schedule:{name}")) if job]
                 upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
-                if next_run_at != upcoming:
+                if next_run_at != upcoming and (not self._shared or sooner(upcoming, next_run_at)):
                     changed[name] = upcoming
             if changed:
                 with self.catalog.session() as session:

@@ -897,6 +897,50 @@ def test_a_group_a_reload_drops_shows_no_next_run(tmp_path, monkeypatch, caplog)
     daemon.catalog.close()
 
 
+@pytest.mark.timeout(120)
+def test_daemons_sharing_a_catalog_keep_the_soonest_next_run_not_each_their_own(tmp_path, monkeypatch):
+    """Each daemon on a catalog wrote its own next run time of a group at every tick, so two
+    rewrote the row every second and `status` flipped between their times (QA PG). With
+    another daemon live, one leaves a sooner time (the other's) as it is, and writes its own
+    over a later one."""
+    import iteris_daemon.daemon as daemon_module
+    from iteris_daemon.catalog.models import DaemonPresence, RunStatus
+
+    monkeypatch.setattr(daemon_module, "run_group", lambda *a, **k: RunOutcome(RunStatus.skipped, None, "stand-in"))
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+                      f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+                      '[[groups]]\nname = "g"\nbase_model = "org/base"\ninterval_seconds = 3600\n'
+                      f'[[groups.destinations]]\nkind = "folder"\npath = {json.dumps(str(tmp_path / "out"))}\n')
+    other = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.db'}")
+    with other.session() as session:  # the other daemon, seen now
+        session.add(DaemonPresence(holder="elsewhere:1:daemon", settings={}))
+    daemon = daemon_module.Daemon(config)
+    seen = {}
+
+    def recorded() -> datetime | None:
+        with other.session(write=False) as session:
+            return session.scalar(select(MergeGroup.next_run_at))
+
+    def record(when: datetime) -> None:
+        with other.session() as session:
+            session.scalar(select(MergeGroup)).next_run_at = when
+
+    def probe() -> None:
+        polling.wait_for(lambda: daemon._shared and recorded() is not None, "the shared catalog and g's next run")
+        own, now = recorded(), datetime.now(timezone.utc).replace(tzinfo=None)
+        record(now + timedelta(minutes=10))  # the other daemon's run comes first
+        time.sleep(3 * daemon_module.TICK_SECONDS)
+        seen["sooner kept"] = recorded() == now + timedelta(minutes=10)
+        record(now + timedelta(hours=3))  # the other's comes later: this one's is written
+        polling.wait_for(lambda: recorded() == own, "this daemon's sooner time")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert polling.run_here(daemon, probe) == 0
+    other.close()
+    assert seen["sooner kept"]
+
+
 @pytest.mark.long
 @pytest.mark.timeout(120)
 def test_merge_now_of_a_group_another_daemon_merges_asks_as_the_claim_says(tmp_path, caplog):
