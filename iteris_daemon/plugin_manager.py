@@ -112,8 +112,9 @@ def _name_problem(name: object, what: str) -> str | None:
         return f"it holds {separator!r}, which separates names in {where}"
     return None
 
+
 # What each kind of plugin object must have (``description`` is optional), and the base
-# class its validated settings must use where it has them: the project's are strict (a
+# class its validated settings must use where it has them, which refuse unknown keys (a
 # typo is an error). A calibration source's ``Settings`` is optional.
 _REQUIRED = {
     "strategy": (("name", "Params", "needs_calibration", "merge"), ("Params", StrategyParams)),
