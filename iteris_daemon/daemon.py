@@ -193,7 +193,7 @@ class _NoMaxInstancesWarning(logging.Filter):
 _NO_MAX_INSTANCES_WARNING = _NoMaxInstancesWarning()
 
 
-def sooner(own: datetime | None, recorded: datetime | None) -> bool:
+def _sooner(own: datetime | None, recorded: datetime | None) -> bool:
     """Whether a daemon sharing the catalog writes its next run time ``own`` of a group over
     the ``recorded`` one (naive UTC): where none is recorded, where that time has passed, or
     where its own comes first. Each wrote its own at every tick, so two daemons rewrote the
@@ -210,7 +210,7 @@ def _log_skipped(said: Repeated, event: JobSubmissionEvent) -> None:
     one of its runs waits for a merge thread, and that one reads the inputs when it
     starts: nothing is lost (with one merge slot this came with every trigger during a
     merge, as a WARNING). Any other job (a poll longer than its interval) loses that turn,
-    said once an hour while it lasts (a tick stuck on a blocked catalog said it every 2 s)."""
+    said at most once an hour (a tick stuck on a blocked catalog said it every 2 s)."""
     kind, _, name = event.job_id.partition(":")
     if kind in ("trigger", "schedule"):
         log.debug("group %s: a run was due while another waited to start; that one reads the inputs anew", name)
@@ -1064,7 +1064,7 @@ class Daemon:
                 times = [job.next_run_time for job in (self.scheduler.get_job(f"trigger:{name}"),
                                                        self.scheduler.get_job(f"schedule:{name}")) if job]
                 upcoming = min(times).astimezone(timezone.utc).replace(tzinfo=None) if times else None
-                if next_run_at != upcoming and (not self._shared or sooner(upcoming, next_run_at)):
+                if next_run_at != upcoming and (not self._shared or _sooner(upcoming, next_run_at)):
                     changed[name] = upcoming
             if changed:
                 with self.catalog.session() as session:
