@@ -522,15 +522,16 @@ def test_a_groups_long_base_model_and_destination_are_recorded(catalog_url):
 
 
 
-def test_a_server_catalog_gives_up_on_a_server_that_stops_answering(catalog_url):
+def test_a_server_catalog_gives_up_on_a_server_that_stops_answering():
     """libpq waits for ever by default: a server that stopped answering without closing the
     connection held every daemon job and `status` with no word (QA PG). A PostgreSQL catalog
     connects with a connect timeout and TCP keepalives; what the URL gives wins."""
-    if not catalog_url.startswith("postgresql"):
-        pytest.skip("a server's connection settings")
-    for url, timeout in ((catalog_url, "10"), (f"{catalog_url}?connect_timeout=3", "3")):
-        engine = catalog_db.make_engine(url)
-        with engine.connect() as connection:
-            dsn = dict(item.split("=", 1) for item in connection.connection.dbapi_connection.info.dsn.split())
-        engine.dispose()
-        assert dsn["connect_timeout"] == timeout and (dsn["keepalives_idle"], dsn["keepalives_count"]) == ("30", "3")
+    from databases import postgres_database
+
+    with postgres_database() as catalog_url:
+        for url, timeout in ((catalog_url, "10"), (f"{catalog_url}?connect_timeout=3", "3")):
+            engine = catalog_db.make_engine(url)
+            with engine.connect() as connection:
+                dsn = dict(item.split("=", 1) for item in connection.connection.dbapi_connection.info.dsn.split())
+            engine.dispose()
+            assert dsn["connect_timeout"] == timeout and (dsn["keepalives_idle"], dsn["keepalives_count"]) == ("30", "3")
