@@ -119,22 +119,14 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
                 raise CalibrationError(path, f"not valid JSON ({exc})", line=number) from None
             if not isinstance(record, dict):
                 raise CalibrationError(path, "each line must be a JSON object", line=number)
-            if "messages" in record:
-                samples.append(Sample.conversation(_messages(record, path, number)))
-                _check_unicode(samples[-1], path, number)
-                continue
-            text = record.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise CalibrationError(path, 'missing or empty "text" string (or a "messages" list)', line=number)
-            target = record.get("target")
-            if target is not None and not isinstance(target, str):
-                raise CalibrationError(path, '"target" must be a string', line=number)
-            pair = record.get("text_pair")
-            if pair is not None and (not isinstance(pair, str) or not pair.strip()):
-                raise CalibrationError(path, '"text_pair" must be a non-empty string (the second segment of a '
-                                             'sentence pair)', line=number)
-            samples.append(Sample(text=text, target=target, text_pair=pair))
-            _check_unicode(samples[-1], path, number)
+            if "messages" in record:  # a target or text_pair beside it is for sample_problem to refuse
+                sample = replace(Sample.conversation(_messages(record, path, number)), target=record.get("target"),
+                                 text_pair=record.get("text_pair"))
+            else:
+                sample = Sample(record.get("text"), record.get("target"), text_pair=record.get("text_pair"))
+            if problem := sample_problem(sample):
+                raise CalibrationError(path, problem, line=number)
+            samples.append(sample)
     if not samples:
         raise CalibrationError(path, "calibration set is empty")
     return CalibrationSet(tuple(samples), source=str(path))
@@ -151,19 +143,13 @@ def _not_unicode(sample: Sample) -> bool:
     return False
 
 
-def _check_unicode(sample: Sample, path: Path, line: int) -> None:
-    if _not_unicode(sample):
-        raise CalibrationError(path, "holds an unpaired surrogate escape (such as \\ud800): not Unicode text", line=line)
-
-
 def _messages(record: dict, path: Path, line: int) -> Messages:
     """A line's conversation: a non-empty list of {"role": str, "content": str}. Beside it, a
-    "text", "text_pair" or "target" is refused (which would the merge read?); other fields are ignored, as
-    on a "text" line: exports of chat data sets carry "prompt_id", "id", "prompt" or "category"
-    on every line, and were refused whole."""
-    if clashing := [key for key in ("text", "text_pair", "target") if key in record]:
-        raise CalibrationError(path, f'a "messages" line takes no "{clashing[0]}": the conversation is the whole '
-                                     "sample (a reply to learn from goes in it, as its last message)", line=line)
+    "text" is refused (which would the merge read?); other fields are ignored, as on a "text"
+    line: exports of chat data sets carry "prompt_id", "id", "prompt" or "category" on every
+    line, and were refused whole. :func:`sample_problem` checks the rest, as for a plugin's."""
+    if "text" in record:
+        raise CalibrationError(path, _CONVERSATION_TAKES_NO.format("text"), line=line)
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise CalibrationError(path, '"messages" must be a non-empty list', line=line)
@@ -172,9 +158,33 @@ def _messages(record: dict, path: Path, line: int) -> Messages:
         if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
             raise CalibrationError(path, f'messages[{i}] must have string "role" and "content"', line=line)
         out.append((message["role"], message["content"]))
-    if not any(content.strip() for _, content in out):
-        raise CalibrationError(path, '"messages" has no content', line=line)
     return tuple(out)
+
+
+_CONVERSATION_TAKES_NO = ('a "messages" sample takes no "{}": the conversation is the whole sample (a reply to '
+                          "learn from goes in it, as its last message)")
+
+
+def sample_problem(sample: Sample) -> str | None:
+    """What is wrong with ``sample``: one rule for a file's line and a plugin source's answer."""
+    if sample.messages is not None:
+        if not (isinstance(sample.messages, (tuple, list)) and sample.messages and all(
+                isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(part, str) for part in m)
+                for m in sample.messages)):
+            return '"messages" must be a non-empty list of (role, content) strings'
+        if clashing := [key for key in ("text_pair", "target") if getattr(sample, key) is not None]:
+            return _CONVERSATION_TAKES_NO.format(clashing[0])
+        if not any(content.strip() for _, content in sample.messages):
+            return '"messages" has no content'
+    if not isinstance(sample.text, str) or not sample.text.strip():
+        return 'missing or empty "text" string (or a "messages" list)'
+    if not isinstance(sample.target, (str, type(None))):
+        return '"target" must be a string'
+    if sample.text_pair is not None and (not isinstance(sample.text_pair, str) or not sample.text_pair.strip()):
+        return '"text_pair" must be a non-empty string (the second segment of a sentence pair)'
+    if _not_unicode(sample):
+        return "holds an unpaired surrogate escape (such as \\ud800): not Unicode text"
+    return None
 
 
 def write_jsonl(path: str | Path, samples: list[Sample] | tuple[Sample, ...]) -> None:
@@ -370,29 +380,8 @@ def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
         raise CalibrationError(source, f"calibration source answered a CalibrationSet for adapter {adapter} whose "
                                        f"generated is {type(data.generated).__name__}, not a bool")
     for number, sample in enumerate(data.samples, start=1):  # what a file's line must hold, a plugin's sample too
-        if problem := _sample_problem(sample):
-            raise CalibrationError(source, f"calibration source answered sample {number} for adapter {adapter}, "
-                                           f"which {problem}")
+        if problem := sample_problem(sample):
+            raise CalibrationError(source, f"calibration source answered sample {number} for adapter {adapter}: "
+                                           f"{problem}")
     return data if data.samples else None
 
-
-def _sample_problem(sample: Sample) -> str | None:
-    """What is wrong with a source's ``sample`` that :func:`read_jsonl` refuses in a file's line."""
-    if not isinstance(sample.text, str) or not sample.text.strip():
-        return "has no text (a non-empty string)"
-    if not isinstance(sample.target, (str, type(None))):
-        return f"has a target of {type(sample.target).__name__}, not a string (or None)"
-    if sample.text_pair is not None and (not isinstance(sample.text_pair, str) or not sample.text_pair.strip()):
-        return "has a text_pair that is not a non-empty string (or None)"
-    if sample.messages is not None:
-        if sample.text_pair is not None or sample.target is not None:
-            return "has messages and a text_pair or target (a conversation is the whole sample)"
-        if not (isinstance(sample.messages, (tuple, list)) and sample.messages and all(
-                isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(part, str) for part in m)
-                for m in sample.messages)):
-            return "has messages that are not a non-empty list of (role, content) strings"
-        if not any(content.strip() for _, content in sample.messages):
-            return "has messages without content"
-    if _not_unicode(sample):
-        return "holds an unpaired surrogate (such as \\ud800): not Unicode text"
-    return None

@@ -395,8 +395,8 @@ def test_trained_base_biases_are_refused_by_name(workspace, tmp_path, capsys):
     [(b"", "empty"), (b'{"text": "ok"}\n{"text": "fine"}\nnot json\n', ":3"), (b'{"txt": "typo"}\n', ":1"),
      (b'{"text": "ok"}\n{"messages": "hi"}\n', '2: "messages" must be a non-empty list'),
      (b'{"messages": [{"role": "user"}]}\n', 'messages[0] must have string "role" and "content"'),
-     (b'{"messages": [{"role": "user", "content": "hi"}], "text": "x"}\n', ':1: a "messages" line takes no "text"'),
-     (b'{"id": 7, "messages": [{"role": "user", "content": "hi"}], "target": "x"}\n', 'line takes no "target"'),
+     (b'{"messages": [{"role": "user", "content": "hi"}], "text": "x"}\n', ':1: a "messages" sample takes no "text"'),
+     (b'{"id": 7, "messages": [{"role": "user", "content": "hi"}], "target": "x"}\n', 'sample takes no "target"'),
      (b'{"messages": [{"role": "user", "content": " "}]}\n', "has no content"),
      # valid JSON, yet no tokenizer takes a lone surrogate: a TypeError after the model load
      (b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', "calibration.jsonl:2: holds an unpaired surrogate escape"),

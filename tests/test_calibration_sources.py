@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -620,18 +621,18 @@ def test_a_sources_empty_or_malformed_answer(bert):
     assert by_path.source == "/srv/x.jsonl" and str(by_number).startswith("number: calibration source answered")
     # Samples a file's line could not hold: an empty text was merged on, a number a TypeError; an empty
     # text_pair, or one beside messages, was taken; an int content was "AttributeError: ... 'encode'".
-    for bad, problem in ((Sample(""), "has no text"), (Sample(123), "has no text"),
-                         (Sample("text", target=4), "has a target of int"),
-                         (Sample("text", text_pair=""), "has a text_pair that is not a non-empty string"),
-                         (Sample("text", text_pair=7), "has a text_pair that is not a non-empty string"),
-                         (Sample("u: hi", messages=(("u", "hi"),), text_pair="b"), "has messages and a text_pair or "),
-                         (Sample("u: hi", target="t", messages=(("u", "hi"),)), "has messages and a text_pair or "),
-                         (Sample("u: ", messages=(("u", " "),)), "has messages without content"),
-                         (Sample("u: 7", messages=(("u", 7),)), "has messages that are not a non-empty list"),
+    for bad, problem in ((Sample(""), 'missing or empty "text"'), (Sample(123), 'missing or empty "text"'),
+                         (Sample("text", target=4), '"target" must be a string'),
+                         (Sample("text", text_pair=""), '"text_pair" must be a non-empty string'),
+                         (Sample("text", text_pair=7), '"text_pair" must be a non-empty string'),
+                         (Sample("u: hi", messages=(("u", "hi"),), text_pair="b"), 'a "messages" sample takes no "text_pair"'),
+                         (Sample("u: hi", target="t", messages=(("u", "hi"),)), 'a "messages" sample takes no "target"'),
+                         (Sample("u: ", messages=(("u", " "),)), '"messages" has no content'),
+                         (Sample("u: 7", messages=(("u", 7),)), '"messages" must be a non-empty list of'),
                          (Sample("\ud800"), "holds an unpaired surrogate")):
         available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))
         with pytest.raises(CalibrationError, match=f"^bad: calibration source answered sample 2 for adapter "
-                                                   f"{adapter.name}, which {problem}"):
+                                                   f"{adapter.name}: {re.escape(problem)}"):
             first_calibration(adapter, CalibrationOptions(order=("bad",)), available)
     available["bad"] = SimpleNamespace(load=lambda a, o: CalibrationSet((Sample("fine"),), "bad", generated="yes"))
     with pytest.raises(CalibrationError, match="^bad: .* whose generated is str, not a bool$"):

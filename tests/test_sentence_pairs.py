@@ -62,7 +62,7 @@ def test_a_pair_is_read_written_carried_and_fingerprinted(tmp_path):
     ({"text": "a b", "text_pair": 3}, '"text_pair" must be a non-empty string'),
     ({"text": "a b", "text_pair": ["c"]}, '"text_pair" must be a non-empty string'),
     ({"text": "a b", "text_pair": "  "}, '"text_pair" must be a non-empty string'),
-    ({"messages": [{"role": "user", "content": "hi"}], "text_pair": "c"}, 'a "messages" line takes no "text_pair"'),
+    ({"messages": [{"role": "user", "content": "hi"}], "text_pair": "c"}, 'a "messages" sample takes no "text_pair"'),
 ])
 def test_a_pair_that_cannot_apply_is_refused_naming_the_line(tmp_path, record, said):
     path = _write(tmp_path / "c.jsonl", [{"text": "fine"}, record])
