@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .figures import whole_number
+
 try:  # GPT-2 style layers store their weight transposed (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - very old transformers
@@ -145,7 +147,7 @@ def _declared_depths(config, encoder_decoder: bool) -> list[int | None]:
     family's own name onto it); the decoder's has one of two names."""
     def integer(*names: str) -> int | None:
         values = [getattr(config, name, None) for name in names]
-        return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), None)
+        return next((v for v in values if whole_number(v)), None)
 
     depths = [integer("num_hidden_layers")]
     if encoder_decoder:

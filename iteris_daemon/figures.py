@@ -13,6 +13,11 @@ def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def whole_number(value: Any) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, and JSON's ``true`` reads as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def task_figures(tasks: Any) -> dict[str, dict[str, Any]]:
     """A report's (or a recorded run's) ``tasks``, keeping the entries that are figures (dicts)."""
     return {name: figures for name, figures in tasks.items() if isinstance(figures, dict)} if isinstance(tasks, dict) else {}

@@ -34,7 +34,7 @@ from .calibration import CalibrationOptions, CalibrationSet, first_calibration, 
 from .errors import (CalibrationError, IncompatibleAdaptersError, InputsChangedError, IterisError, MergeCancelled,
                      MergeError, OutputError, OutputExistsError, first_line)
 from .evaluation import evaluate
-from .figures import number
+from .figures import number, whole_number
 from .logs import counted
 from .lora import LoraAdapter, load_adapter, save_adapter, widest
 from .lowrank import refactor
@@ -599,8 +599,7 @@ def check_metrics(strategy: str, metrics: dict[str, Any], adapters: list[LoraAda
                          "reserved for a table {adapter name: [loss, ...]} of finite numbers (None where a loss is "
                          "undefined); nothing was written")
     iterations = plain.get("iterations_run")
-    if iterations is not None and not (isinstance(iterations, int) and not isinstance(iterations, bool)
-                                       and 0 <= iterations < 2**31):
+    if iterations is not None and not (whole_number(iterations) and 0 <= iterations < 2**31):
         raise MergeError(f"strategy {strategy} returned metric 'iterations_run' as {iterations!r:.80}; that key is "
                          "reserved for the count of iterations run (an int >= 0); nothing was written")
     cap = plain.get("truncation_error")

@@ -15,6 +15,7 @@ from pydantic_core import PydanticSerializationError
 
 from .calibration import CalibrationSet
 from .errors import ParameterError, first_line
+from .figures import whole_number
 from .logs import counted
 from .strict import STRICT
 
@@ -187,7 +188,7 @@ def engine_int(params: StrategyParams, name: str, default: int | None = None) ->
     ``batch_size`` and ``max_length``) where it is a positive int, else ``default``: a plugin's
     field of that name with another meaning (a fraction, "auto") is its own."""
     value = getattr(params, name, None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else default
+    return value if whole_number(value) and value >= 1 else default
 
 
 def _location(loc: tuple, entry_names: dict[str, list[str]]) -> str:
