@@ -9,6 +9,7 @@ of input ranks) and the truncation error is reported. Imported by the strategies
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -29,26 +30,36 @@ def _band(module: LoraModule, rows: slice) -> torch.Tensor:
     return module.scaling * (module.B[rows].double() @ module.A.double())
 
 
+def drop_generator(seed: int, adapter: str, path: str) -> torch.Generator:
+    """The generator of one adapter's drop mask at one layer, seeded by the merge's ``seed``,
+    the adapter's name and the layer: an adapter's mask does not depend on the other adapters
+    or their order (one generator drawn over the adapters in turn made the merge follow the
+    order they were given in)."""
+    digest = hashlib.sha256(f"{seed}\0{adapter}\0{path}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def _dense_merge(inputs: MergeInputs, weights: list[float], params: DenseParams, progress: Progress,
                  combine: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
-                 prepare: Callable[[list[LoraModule], list[slice]], Any] = lambda modules, bands: None
+                 prepare: Callable[[list[LoraModule], list[slice], list[str], str], Any] = lambda *layer: None
                  ) -> MergedAdapter:
     """Combine each module's dense deltas a band of rows at a time: ``combine(deltas,
     weights, prepared)`` gets the band of every task (tasks x rows x d_in, float64) and
-    what ``prepare(modules, bands)`` computed once per module. The merged matrix is whole
+    what ``prepare(modules, bands, names, path)`` computed once per module (``names``: the
+    adapters the modules belong to). The merged matrix is whole
     (its Gram matrix needs it), on the merge device, where its low-rank factors are
     computed (products and an eigendecomposition: what a GPU does fast); the tasks'
     deltas are never all whole at once (N float64 copies of an LM head's were 9 GB)."""
     paths = sorted({p for a in inputs.adapters for p in a.modules})
     modules, errors = {}, {}
     for path in progress(paths, desc="layers", leave=False):
-        present = [(a.modules[path], w) for a, w in zip(inputs.adapters, weights) if path in a.modules]
-        loras = [m for m, _ in present]
+        present = [(a, w) for a, w in zip(inputs.adapters, weights) if path in a.modules]
+        loras = [a.modules[path] for a, _ in present]
         task_weights = torch.tensor([w for _, w in present], dtype=torch.float64)
         d_out, d_in = loras[0].B.shape[0], loras[0].A.shape[1]
         step = max(1, CHUNK_ENTRIES // d_in)
         bands = [slice(start, start + step) for start in range(0, d_out, step)]
-        prepared = prepare(loras, bands)
+        prepared = prepare(loras, bands, [a.name for a, _ in present], path)
         merged = torch.empty(d_out, d_in, dtype=torch.float64, device=inputs.device)
         for rows in bands:
             merged[rows] = combine(torch.stack([_band(m, rows) for m in loras]), task_weights, prepared)
@@ -61,7 +72,7 @@ def _dense_merge(inputs: MergeInputs, weights: list[float], params: DenseParams,
 def ties_merge(inputs: MergeInputs, weights: list[float], params: TiesParams, progress: Progress) -> MergedAdapter:
     """TIES-merging: trim to top-density entries, elect signs, disjoint mean."""
 
-    def thresholds(loras: list[LoraModule], bands: list[slice]) -> torch.Tensor:
+    def thresholds(loras: list[LoraModule], bands: list[slice], *_owners) -> torch.Tensor:
         """Each task's trim threshold over its whole delta, one task at a time in one buffer."""
         magnitudes = torch.empty(loras[0].B.shape[0], loras[0].A.shape[1], dtype=torch.float64)
         found = []
@@ -94,12 +105,15 @@ def top_threshold(magnitudes: torch.Tensor, density: float) -> float:
 
 
 def dare_merge(inputs: MergeInputs, weights: list[float], params: DareParams, progress: Progress) -> MergedAdapter:
-    """DARE: drop delta entries at random, rescale by 1/(1-p), then task arithmetic."""
-    generator = torch.Generator().manual_seed(params.seed)
+    """DARE: drop delta entries at random, rescale by 1/(1-p), then task arithmetic. Each
+    adapter's mask is drawn by its own :func:`drop_generator`, band by band."""
 
-    def combine(deltas: torch.Tensor, weights: torch.Tensor, _prepared: None) -> torch.Tensor:
-        keep = torch.rand(deltas.shape, generator=generator, dtype=deltas.dtype) >= params.drop_rate
-        rescaled = deltas * keep / (1 - params.drop_rate)
+    def generators(_loras, _bands, names: list[str], path: str) -> list[torch.Generator]:
+        return [drop_generator(params.seed, name, path) for name in names]
+
+    def combine(deltas: torch.Tensor, weights: torch.Tensor, drawn: list[torch.Generator]) -> torch.Tensor:
+        keep = torch.stack([torch.rand(deltas.shape[1:], generator=g, dtype=deltas.dtype) for g in drawn])
+        rescaled = deltas * (keep >= params.drop_rate) / (1 - params.drop_rate)
         return (rescaled * weights[:, None, None]).sum(0)
 
-    return _dense_merge(inputs, weights, params, progress, combine)
+    return _dense_merge(inputs, weights, params, progress, combine, generators)

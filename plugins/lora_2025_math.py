@@ -27,7 +27,7 @@ from typing import Callable, Literal
 import torch
 
 from iteris_daemon.lora import LoraModule
-from iteris_daemon.plugins.baselines_math import top_threshold
+from iteris_daemon.plugins.baselines_math import drop_generator, top_threshold
 from iteris_daemon.lowrank import dense_to_lowrank
 from iteris_daemon.plugins.lora_2025 import KnotsParams, WudiParams, _Params
 from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress
@@ -263,14 +263,18 @@ def wudi_adam(modules: list[LoraModule], steps: int, lr: float, device: str = "c
 # The merge
 
 
+Owners = tuple[list[str], str]  # the names of the adapters a layer's modules belong to, and the layer's path
+
+
 def _per_layer(inputs: MergeInputs, progress: Progress,
-               write: Callable[[list[LoraModule]], tuple[torch.Tensor, torch.Tensor, float]]) -> MergedAdapter:
-    """Per layer, over the adapters that adapt it: ``write(modules)`` gives the merged
+               write: Callable[[list[LoraModule], Owners], tuple[torch.Tensor, torch.Tensor, float]]) -> MergedAdapter:
+    """Per layer, over the adapters that adapt it: ``write(modules, owners)`` gives the merged
     ``(B, A)`` and the relative error of its rank cap, reported as ``truncation_error``."""
     paths = sorted({p for a in inputs.adapters for p in a.modules})
     modules, errors = {}, {}
     for path in progress(paths, desc="layers", leave=False):
-        B, A, error = write([a.modules[path] for a in inputs.adapters if path in a.modules])
+        present = [a for a in inputs.adapters if path in a.modules]
+        B, A, error = write([a.modules[path] for a in present], ([a.name for a in present], path))
         modules[path] = (B, A)
         if error > 0:
             errors[path] = error
@@ -280,14 +284,14 @@ def _per_layer(inputs: MergeInputs, progress: Progress,
 
 def merge_layers(
     inputs: MergeInputs, params: _Params, progress: Progress,
-    layer_merge: Callable[[list[LoraModule]], tuple[_Layer, torch.Tensor]],
+    layer_merge: Callable[[list[LoraModule], Owners], tuple[_Layer, torch.Tensor]],
 ) -> MergedAdapter:
-    """Per layer: ``layer_merge(modules)`` gives the bases and the merged core ``M``
+    """Per layer: ``layer_merge(modules, owners)`` gives the bases and the merged core ``M``
     (``Delta = U M V^T``); ``alpha`` times it is written as LoRA factors, capped at
     ``target_rank`` (the cap's relative errors reported)."""
 
-    def write(modules: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        layer, M = layer_merge(modules)
+    def write(modules: list[LoraModule], owners: Owners) -> tuple[torch.Tensor, torch.Tensor, float]:
+        layer, M = layer_merge(modules, owners)
         return _factors(layer, params.alpha * M, params.target_rank)
 
     return _per_layer(inputs, progress, write)
@@ -298,7 +302,7 @@ def merge_cores(
 ) -> MergedAdapter:
     """Per layer: ``alpha * rule(cores)`` mapped back to LoRA factors (:func:`merge_layers`)."""
 
-    def core(modules: list[LoraModule]) -> tuple[_Layer, torch.Tensor]:
+    def core(modules: list[LoraModule], _owners: Owners) -> tuple[_Layer, torch.Tensor]:
         layer = _layer(modules)
         return layer, rule(layer)
 
@@ -309,7 +313,7 @@ def wudi_adam_merge(inputs: MergeInputs, params: WudiParams, progress: Progress)
     """Per layer :func:`wudi_adam`, times ``alpha``, written as its best rank-``target_rank``
     factors (default: the summed ranks), the relative errors reported."""
 
-    def write(modules: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def write(modules: list[LoraModule], _owners: Owners) -> tuple[torch.Tensor, torch.Tensor, float]:
         merged = params.alpha * wudi_adam(modules, params.steps, params.lr, inputs.device)
         B, A, error = dense_to_lowrank(merged, params.target_rank or sum(m.rank for m in modules))
         return B.cpu(), A.cpu(), error
@@ -371,15 +375,15 @@ def knots_ties(components: list[torch.Tensor], density: float) -> torch.Tensor:
 
 def knots_merge(inputs: MergeInputs, params: KnotsParams, progress: Progress) -> MergedAdapter:
     """Per layer, over the adapters that adapt it: ``alpha U knots_ties(S V_i^T)``, with DARE's
-    drop first when ``drop_rate`` > 0 (masks drawn layer by layer in sorted order, task by
-    task, one ``k x d_in`` draw each), capped at ``target_rank``."""
-    generator = torch.Generator().manual_seed(params.seed)
+    drop first when ``drop_rate`` > 0 (each task's ``k x d_in`` mask drawn by its
+    :func:`drop_generator`, from the seed, its name and the layer), capped at ``target_rank``."""
 
-    def aligned(modules: list[LoraModule]) -> tuple[_Layer, torch.Tensor]:
+    def aligned(modules: list[LoraModule], owners: Owners) -> tuple[_Layer, torch.Tensor]:
         U, components = knots_components(modules)
         if params.drop_rate > 0:
-            components = [C * (torch.rand(C.shape, generator=generator, dtype=C.dtype) >= params.drop_rate)
-                          / (1 - params.drop_rate) for C in components]
+            names, path = owners
+            components = [C * (torch.rand(C.shape, generator=drop_generator(params.seed, name, path), dtype=C.dtype)
+                               >= params.drop_rate) / (1 - params.drop_rate) for C, name in zip(components, names)]
         merged = knots_ties(components, params.density)  # k x d_in (k = 0: every delta zero)
         # U merged = U M V^T with V from a QR of merged^T: the core merge_layers writes and caps.
         V, R = torch.linalg.qr(merged.T)

@@ -122,6 +122,22 @@ def test_dare_is_reproducible_by_seed():
         assert torch.equal(first, again) and not torch.allclose(first, other)
 
 
+@pytest.mark.parametrize("strategy, weights", [("dare", [1.0, 0.5, 2.0, 0.3]), ("knots", None)])
+def test_a_drop_does_not_follow_the_order_of_the_adapters(strategy, weights):
+    """One generator drawn over the adapters in turn gave each adapter's mask by its place: the
+    same adapters and seed, listed in another order, merged ~100% apart (QA). Now each mask is
+    drawn from the seed, the adapter's name and the layer; another seed still draws others."""
+    adapters = _adapters(5)
+    orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]]
+    runs = [_merge(strategy, [adapters[i] for i in order], seed=3, drop_rate=0.5, target_rank=FULL,
+                   **({"weights": [weights[i] for i in order]} if weights else {})) for order in orders]
+    other = _merge(strategy, adapters, seed=4, drop_rate=0.5, target_rank=FULL, **({"weights": weights} if weights else {}))
+    for path in MODULES:
+        first, *rest = ((r.modules[path][0] @ r.modules[path][1]).numpy() for r in runs)
+        assert all(_relative(again, first) < 1e-10 for again in rest), path
+        assert _relative((other.modules[path][0] @ other.modules[path][1]).numpy(), first) > 0.05, path
+
+
 def test_dare_takes_every_seed_torch_takes_and_refuses_the_rest_naming_it():
     """2**64 passed validation, then failed inside torch after the base model loaded, naming
     no parameter ("Overflow when unpacking long long")."""

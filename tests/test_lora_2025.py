@@ -346,17 +346,19 @@ def test_iso_cts_ignores_a_residual_that_is_round_off():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_knots_dare_matches_the_reference_with_the_same_masks(seed):
-    """KnOTS-DARE-TIES: the drop masks are drawn layer by layer in sorted order, task by task,
-    one ``k x d_in`` draw each (``knots_merge``'s documented order); the reference draws the
+    """KnOTS-DARE-TIES: each task's ``k x d_in`` drop mask is drawn by its own generator, seeded
+    from the seed, the task's name and the layer (``drop_generator``); the reference draws the
     same masks and applies the paper's steps to the dense deltas. A drop rate of 0 is KnOTS-TIES."""
+    from iteris_daemon.plugins.baselines_math import drop_generator
+
     adapters = _adapters(seed)
     rate = 0.8  # the Llama-3-8B KnOTS-DARE-TIES config's
     result = _merge("knots", adapters, drop_rate=rate, seed=7)
-    generator = torch.Generator().manual_seed(7)
     for path in sorted(MODULES):
         deltas = _deltas(adapters, path)
         k = int(torch.linalg.matrix_rank(torch.cat(deltas, dim=1)))
-        masks = [torch.rand(k, deltas[0].shape[1], generator=generator, dtype=torch.float64) >= rate for _ in deltas]
+        masks = [torch.rand(k, deltas[0].shape[1], generator=drop_generator(7, a.name, path), dtype=torch.float64)
+                 >= rate for a in adapters if path in a.modules]
         B, A = result.modules[path]
         expected = reference_knots(deltas, drops=(masks, rate))
         assert _relative(B @ A, expected) < 1e-8, path
