@@ -121,10 +121,10 @@ class PeftCombination:
         try:
             model.add_weighted_adapter([f"t{i}" for i in range(len(adapters))], weights, "merged",
                                        combination_type=self.combination_type, **kwargs)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, IndexError, KeyError) as exc:  # PEFT's messages name no layer or field
             why = (_rank_mismatch(adapters) if self.combination_type in _EQUAL_RANKS else None) or _restricted(adapters)
-            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: {exc}"
-                             + (f" ({why})" if why else "")) from None
+            raise MergeError(f"PEFT could not combine these adapters with {self.combination_type!r}: "
+                             f"{type(exc).__name__}: {exc}" + (f" ({why})" if why else "")) from None
         return model
 
 
@@ -179,15 +179,25 @@ def _rank_mismatch(adapters) -> str | None:
 
 
 def _restricted(adapters) -> str | None:
-    """Why PEFT's merged adapter misses layers: it takes the first adapter's config, with its
-    layer restrictions, whatever the others adapt."""
-    first = adapters[0]
-    fields = [f for f in _LAYER_FIELDS if first.config.get(f) not in (None, [], "")]
-    if not fields or len(adapters) == 1:
+    """Why PEFT cannot combine the adapters' layers: its merged adapter adapts every adapter's
+    target modules, on the layers the first adapter's restrictions allow. So it misses the
+    others' layers outside those, or holds layers no adapter adapts, which PEFT fails on."""
+    if len(adapters) == 1:
         return None
-    return (f"PEFT gives the merged adapter the first adapter's {' and '.join(fields)}, {first.name}'s; put an "
-            "adapter without them first, or use one of this project's strategies (task_arithmetic is peft_cat's "
-            "exact sum)")
+    restricted = {a.name: fields for a in adapters
+                  if (fields := [f for f in _LAYER_FIELDS if a.config.get(f) not in (None, [], "")])}
+    if not restricted:
+        return None
+    instead = ("put first an adapter without them that adapts every module the others do, or use one of this "
+               "project's strategies (task_arithmetic is peft_cat's exact sum)")
+    first = adapters[0]
+    if first.name in restricted:
+        return (f"PEFT gives the merged adapter the first adapter's {' and '.join(restricted[first.name])}, "
+                f"{first.name}'s; {instead}")
+    named = ", ".join(f"{name} (its {' and '.join(fields)})" for name, fields in restricted.items())
+    return (f"PEFT's merged adapter takes every adapter's target modules on each layer the first adapter, "
+            f"{first.name}, allows, and {named} restrict{'s' if len(restricted) == 1 else ''} the layers they "
+            f"adapt: PEFT makes modules there that no adapter has; {instead}")
 
 
 def _check_svd_rank(rank: int, adapters) -> None:

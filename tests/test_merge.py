@@ -163,6 +163,25 @@ def test_peft_types_refuse_to_drop_the_layers_a_first_adapter_leaves_out(bert, t
         assert torch.allclose(module.delta(), expected, atol=1e-6), path
 
 
+@pytest.mark.parametrize("strategy, peft_says", [("peft_cat", "ValueError: No matching LoRAs found"),
+                                                 ("peft_linear", "IndexError: list index out of range")])
+def test_peft_types_say_why_a_restricted_adapter_second_fails(bert, tmp_path, capsys, strategy, peft_says):
+    """The advice above, followed where the restricted adapter targets modules the first does
+    not: PEFT makes those modules on every layer and fails on the ones no adapter has, with
+    "No matching LoRAs found. Please raise an issue on GitHub" or "strategy peft_linear failed:
+    IndexError: list index out of range" (QA). Now one line naming the adapter and the field."""
+    base_dir, _ = bert
+    wide = build_adapter(base_dir, tmp_path / "wide", seed=2, family="bert", targets=["query"])
+    narrow = build_adapter(base_dir, tmp_path / "narrow", seed=1, family="bert", targets=["value"],
+                           layers_to_transform=[1], layers_pattern="layer")
+    assert cli_merge(base_dir, [wide, narrow], tmp_path / "out", "--strategy", strategy, "--no-eval") == 2
+    err = capsys.readouterr().err
+    assert f"PEFT could not combine these adapters with {strategy.removeprefix('peft_')!r}: {peft_says}" in err, err
+    assert "the first adapter, wide, allows, and narrow (its layers_to_transform and layers_pattern) restricts" in err
+    assert "task_arithmetic is peft_cat's exact sum" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_peft_types_refuse_adapters_that_each_save_a_module(bert, tmp_path, capsys):
     """PEFT's own limit, documented in the strategy table: two adapters that save the same
     module, even byte-identical copies, stop with PEFT's reason (exit 2, nothing written)."""
