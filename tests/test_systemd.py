@@ -435,6 +435,8 @@ def test_service_unit_directives() -> None:
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert int(service["WatchdogSec"]) > 0
     assert service["Restart"] == "on-failure" and "RestartSec" in service
+    # An OOM-killed worker fails its run; the default policy (stop) ended the service (QA OPS).
+    assert service["OOMPolicy"] == "continue"
     assert int(service["TimeoutStopSec"]) > 60  # the daemon's default grace period
     assert service["DynamicUser"] == "yes"
     for directory in ("StateDirectory", "CacheDirectory", "ConfigurationDirectory"):
