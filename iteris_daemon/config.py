@@ -24,7 +24,7 @@ from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .strategy import DEFAULT_STRATEGY
 from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, relative_to, state_dir
-from .tokens import check_private, check_token_file
+from .tokens import check_private, check_token_file, unreadable
 from .strict import STRICT
 from .validation import Limits
 
@@ -188,7 +188,7 @@ class WebhookSettings(_Listening):
         except FileNotFoundError:
             raise ConfigError(f"daemon.webhooks.secret_file {path}: does not exist") from None
         except OSError as exc:
-            raise ConfigError(f"daemon.webhooks.secret_file {path}: cannot read it ({exc.strerror})") from None
+            raise ConfigError(f"daemon.webhooks.secret_file {path}: {unreadable(exc)}") from None
         if len(secret) > MAX_SECRET_BYTES:
             raise ConfigError(f"daemon.webhooks.secret_file {path}: longer than {MAX_SECRET_BYTES} bytes")
         if not secret.rstrip():

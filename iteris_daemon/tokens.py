@@ -24,6 +24,16 @@ from .errors import ConfigError
 CREDENTIAL_NAME = "hf-token"
 
 
+def unreadable(exc: BaseException) -> str:
+    """Why a secret file could not be read; under systemd, a refused one (the unit's dynamic
+    user owns no file in /etc) is pointed at the way a service gets its secrets."""
+    why = f"cannot read it ({getattr(exc, 'strerror', None) or exc})"
+    if isinstance(exc, PermissionError) and os.environ.get("INVOCATION_ID"):
+        why += ("; a systemd service's user reads a secret as a credential: LoadCredential=NAME:PATH in the unit "
+                "(a drop-in), and the file /run/credentials/<unit>/NAME here")
+    return why
+
+
 def hub_token(token_file: Path | None = None) -> SecretStr | None:
     configured = token_file is not None
     if token_file is None and os.environ.get("CREDENTIALS_DIRECTORY"):
@@ -37,7 +47,7 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
                     check_private(handle, token_file, f"the token file {token_file}")
                 value = handle.read().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+            raise ConfigError(f"the token file {token_file}: {unreadable(exc)}") from None
         if not value:  # a file caught mid-rotation: anonymous, private repos would look deleted
             raise ConfigError(f"the token file {token_file} is empty; it must hold the token")
         return _one_token(value, f"the token file {token_file}")
@@ -65,7 +75,7 @@ def check_token_file(token_file: Path, field: str, *, readable: bool = True) -> 
     except FileNotFoundError:
         raise ConfigError(f"{field}: no such file (is it the token itself? give the path of a file holding it)") from None
     except OSError as exc:
-        raise ConfigError(f"{field}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"{field}: {unreadable(exc)}") from None
 
 
 def _one_token(value: str, where: str) -> SecretStr | None:

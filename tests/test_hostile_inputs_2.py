@@ -866,6 +866,55 @@ def test_a_token_file_others_can_read_or_write_is_refused(tmp_path, mode):
         assert hub_token(token_file).get_secret_value() == "hf_ownerOnly1234"
 
 
+_AS_ANOTHER_USER = """
+import os, sys
+from pathlib import Path
+from iteris_daemon.config import WebhookSettings
+from iteris_daemon.errors import ConfigError
+from iteris_daemon.tokens import check_token_file, hub_token
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)  # nobody: the unit's dynamic user reading a root-owned file
+path = Path(sys.argv[1])
+for read in (lambda: hub_token(path), lambda: check_token_file(path, "destinations.0.token_file"),
+             lambda: WebhookSettings(listen="127.0.0.1:0", secret_file=path).secret()):
+    try:
+        read()
+        print("read")
+    except ConfigError as exc:
+        print(exc)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads the file as another user: needs root")
+def test_a_secret_file_the_services_user_cannot_read_says_how_a_service_gets_one(tmp_path):
+    """Under the unit, the dynamic user owns no file in /etc: a root-owned 0600 token file or
+    webhook secret said only "cannot read it (Permission denied)" and the service restarted
+    on it every 10 s (QA OPS). Under systemd ($INVOCATION_ID) the error says what works."""
+    import subprocess
+    import sys
+
+    secret = tmp_path / "hf-write-token"
+    secret.write_text("hf_rootOwned1234\n")
+    secret.chmod(0o600)
+    said = {}
+    for under_systemd in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "INVOCATION_ID"}
+        if under_systemd:
+            env["INVOCATION_ID"] = "0123456789abcdef0123456789abcdef"
+        done = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, str(secret)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        said[under_systemd] = done.stdout.splitlines()
+    hint = "a systemd service's user reads a secret as a credential: LoadCredential=NAME:PATH"
+    assert len(said[True]) == 3 and all("cannot read it (Permission denied)" in line and hint in line
+                                        for line in said[True]), said[True]
+    assert said[True][0].startswith(f"the token file {secret}: ")
+    assert said[True][1].startswith("destinations.0.token_file: ")
+    assert said[True][2].startswith(f"daemon.webhooks.secret_file {secret}: ")
+    assert all(line.endswith("(Permission denied)") for line in said[False]), said[False]
+    assert "hf_rootOwned" not in "".join(said[True] + said[False])
+
+
 @pytest.mark.parametrize("where", ["token_file", "credential"])
 def test_an_empty_token_file_is_refused_not_taken_for_anonymous(tmp_path, monkeypatch, where):
     """A token file caught empty (mid-rotation, or a credential written without the token)
