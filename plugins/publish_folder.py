@@ -17,8 +17,10 @@ one or the new one. Leftovers of a crashed publish (staging folders, temporary l
 are removed by the next publish.
 
 A full disk (``ENOSPC``, or ``EDQUOT`` past a quota) anywhere in that sequence raises
-:class:`DestinationFullError`, which names the destination; ``current`` is untouched and
-the partial copy stays hidden in ``versions/.staging-*`` until the next publish removes it.
+:class:`DestinationFullError`, a destination the daemon's user may not write (read-only,
+permissions, a systemd sandbox without ``ReadWritePaths=``) :class:`DestinationError`; each
+names the destination and what to do, ``current`` is untouched and a partial copy stays
+hidden in ``versions/.staging-*`` until the next publish removes it.
 """
 
 from __future__ import annotations
@@ -52,24 +54,32 @@ _VERSION = re.compile(r"^run-\d+-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)$")
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
-class DestinationFullError(IterisError, OSError):
-    """The destination's filesystem is full (or its quota exceeded) mid-publish.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class DestinationError(IterisError, OSError):
+    """The destination's filesystem refused the publish: the daemon's user may not write there.
 
     An ``IterisError`` so that the run records, and the CLI prints, one line naming the
-    destination instead of a bare ``[Errno 28]``; still an ``OSError`` (with ``errno``)
-    for callers that handle OS errors."""
+    destination and what to do instead of a bare ``[Errno 30]``; still an ``OSError`` (with
+    ``errno``) for callers that handle OS errors."""
 
     def __init__(self, root: Path, cause: OSError, current: str | None):
         still = f"`current` still points at {current}" if current else "nothing was published"
-        super().__init__(cause.errno, f"cannot publish to {root}: {os.strerror(cause.errno)} (the disk is full); "
-                                      f"{still}; free space and the next run publishes again")
+        why, fix = (("the disk is full", "free space") if cause.errno in _FULL else
+                    ("the daemon's user may not write there", "make it writable to that user (under the systemd "
+                     "unit, whose sandbox makes the rest read-only, a ReadWritePaths= line naming it)"))
+        super().__init__(cause.errno, f"cannot publish to {root}: {os.strerror(cause.errno)} ({why}); {still}; "
+                                      f"{fix} and the next run publishes again")
         self.path = str(root)
 
     def __str__(self) -> str:
         return self.strerror
 
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+class DestinationFullError(DestinationError):
+    """The destination's filesystem is full (or its quota exceeded) mid-publish."""
 
 
 class FolderPublishSettings(PublisherSettings):
@@ -105,9 +115,9 @@ class FolderPublisher:
             _fsync_dir(versions)
             _point_current(root, version)
         except OSError as exc:
-            if exc.errno not in _FULL:
+            if exc.errno not in _FULL + _NOT_WRITABLE:
                 raise
-            raise DestinationFullError(root, exc, current) from exc
+            raise (DestinationFullError if exc.errno in _FULL else DestinationError)(root, exc, current) from exc
         log.info("folder %s: current -> %s", root, version)
         try:
             _prune(versions, version, current, settings.keep)

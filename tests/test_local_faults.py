@@ -180,6 +180,36 @@ def test_a_full_tmpfs_fails_the_publish_cleanly_and_keeps_current(made, tmp_path
         assert not list((dest / "versions").glob(".staging-*"))
 
 
+def test_a_read_only_destination_fails_the_publish_in_one_line_saying_what_to_do(made, tmp_path):
+    """A destination remounted read-only (as the systemd unit's sandbox leaves a folder not
+    in ReadWritePaths=): the publish failed with a bare "OSError: [Errno 30] Read-only file
+    system" after the whole merge, at every retry (QA OPS). Now one line naming the folder and
+    ReadWritePaths=; ``current`` stays, and once writable again the next publish goes through."""
+    import subprocess
+
+    base, (first, second) = made
+    with tmpfs(tmp_path / "disk", 4 << 20) as disk:
+        folder = get_publisher("folder")
+        dest = disk / "news"
+        settings = folder.Settings(path=dest)
+        old = folder.publish(_publish_request(first, base, 1), settings).version
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        try:
+            with pytest.raises(OSError) as raised:
+                folder.publish(_publish_request(second, base, 2), settings)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        error = raised.value
+        assert isinstance(error, IterisError) and type(error).__name__ == "DestinationError" and error.errno == errno.EROFS
+        assert str(error) == (f"cannot publish to {dest}: Read-only file system (the daemon's user may not write there); "
+                              f"`current` still points at {old}; make it writable to that user (under the systemd unit, "
+                              "whose sandbox makes the rest read-only, a ReadWritePaths= line naming it) and the next "
+                              "run publishes again")
+        assert os.readlink(dest / "current") == f"versions/{old}" and _files(dest / "current") == _files(first)
+        new = folder.publish(_publish_request(second, base, 3), settings)
+        assert new.changed and _files(dest / "current") == _files(second)
+
+
 @pytest.mark.parametrize("where", ["copy", "link"])
 def test_an_injected_enospc_fails_the_publish_cleanly_and_keeps_current(made, tmp_path, monkeypatch, where):
     """ENOSPC injected (so that it runs without the right to mount a small filesystem):
