@@ -63,8 +63,8 @@ from .logs import Repeated, counted
 from .paths import leftover_copies, private_dir, state_dir
 from .peers import Peers, shared_settings
 from .retry import bound_requests
-from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, discard_copies, groups_behind, recover_interrupted, run_group,
-                     sync_group, worker_id)
+from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, KEEP_DROPPED_SECONDS, discard_copies, groups_behind,
+                     recover_interrupted, run_group, sync_group, worker_id)
 from .sources.hub import CACHE_FOLDER, HubSource
 from .sources.local import LocalFolderSource, ScanReport
 from .sources.stat_cache import stat_cache_file
@@ -691,10 +691,11 @@ class Daemon:
             for source_id, (name, kind, settings) in sources.items():
                 self._start_source(name, kind, settings)
         self._groups = {group.name: group for group in config.groups}
-        # The merges kept for groups the config does not have (renamed, dropped; the state
-        # folder is this daemon's alone): a whole adapter each, kept for ever before.
+        # The merges kept for groups the config has not had for a week (renamed, dropped; the
+        # state folder is this daemon's alone): a whole adapter each, kept for ever before.
         for group_id in discard_copies(self.work, configured_ids):
-            log.info("removed the merges kept for group id %d, which the config no longer has", group_id)
+            log.info("removed the merges kept for group id %d, which the config has not had for %d days", group_id,
+                     KEEP_DROPPED_SECONDS // 86400)
         for name in dropped:  # a group may come back under the name: it starts afresh
             self._failed_attempts.pop(name, None)
             self._claimed_elsewhere.discard(name)

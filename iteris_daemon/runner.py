@@ -713,18 +713,32 @@ def unpublished_copy(work_dir: Path, group_id: int) -> Path:
     return work_dir / "unpublished" / f"group-{group_id}"
 
 
-def discard_copies(work_dir: Path, keep: Collection[int]) -> list[int]:
+# How long the kept copies of a group outlive its absence from the config.
+KEEP_DROPPED_SECONDS = 7 * 86400
+
+
+def discard_copies(work_dir: Path, keep: Collection[int], now: float | None = None) -> list[int]:
     """Remove the kept copies (published baselines, unpublished merges, with their files
-    beside them) of every group but those of ``keep``, and return those groups' ids: a group
-    renamed or dropped from the config kept a whole merged adapter in the state folder for ever."""
+    beside them) of every group but those of ``keep`` once it has been gone for
+    ``KEEP_DROPPED_SECONDS``, and return those groups' ids: a group renamed or dropped from the
+    config kept a whole merged adapter in the state folder for ever. Not at once: a group
+    commented out for one reload (or a config caught empty mid-save) came back without its
+    baseline, and the quality gate let a worse merge through."""
+    now = time.time() if now is None else now
     gone: set[int] = set()
     for copy_of in (published_copy, unpublished_copy):
         folder = copy_of(work_dir, 0).parent
         names = [item.name for item in folder.iterdir()] if folder.is_dir() else []
         ids = {int(match[1]) for name in names if (match := re.fullmatch(r"group-(\d+)(?:\.\w+)?", name))}
-        for group_id in ids - set(keep):  # a copy and the files beside it, once
-            _discard(copy_of(work_dir, group_id))
-        gone |= ids - set(keep)
+        for group_id in ids:  # a copy and the files beside it, once
+            copy = copy_of(work_dir, group_id)
+            if group_id in keep:
+                _copy_dropped(copy).unlink(missing_ok=True)
+            elif not _copy_dropped(copy).exists():
+                _copy_dropped(copy).touch()
+            elif now - _copy_dropped(copy).stat().st_mtime >= KEEP_DROPPED_SECONDS:
+                _discard(copy)
+                gone.add(group_id)
     return sorted(gone)
 
 
@@ -736,6 +750,11 @@ def _copy_run(copy: Path) -> Path:
 def _copy_files(copy: Path) -> Path:
     """The file beside a kept unpublished merge recording its files' sha256s."""
     return copy.with_name(f"{copy.name}.sha256")
+
+
+def _copy_dropped(copy: Path) -> Path:
+    """The file beside a kept copy of a group the config no longer has, made when it went."""
+    return copy.with_name(f"{copy.name}.dropped")
 
 
 def _copy_forced(copy: Path) -> Path:
@@ -771,6 +790,7 @@ def _forget(copy: Path) -> None:
     _copy_run(copy).unlink(missing_ok=True)
     _copy_files(copy).unlink(missing_ok=True)
     _copy_forced(copy).unlink(missing_ok=True)
+    _copy_dropped(copy).unlink(missing_ok=True)
 
 
 def _unpublished_merge(catalog: Catalog, group_id: int, copy: Path, fingerprint: str,

@@ -1185,9 +1185,10 @@ def test_what_a_reload_drops_leaves_no_trace(tmp_path, monkeypatch, caplog):
     merged adapter kept as its quality baseline or to be published again, in the state folder
     (one per name a group ever had); its series in /metrics; and a rescan job's catalog
     failures, which kept /healthz unhealthy though the job was gone. Now the start removes the
-    copies of groups the config lacks, and a reload those of the groups it drops with their
-    series and the dropped source's failures. Kept copies are stand-ins (folders as the runner
-    writes them); the rescan's failures are recorded as its job records them."""
+    copies of groups the config has lacked for a week (99 and 98, whose ``.dropped`` marks are
+    8 days old), and a reload marks those of the groups it drops (kept a week: QA CFG), with
+    their series and the dropped source's failures gone at once. Kept copies are stand-ins
+    (folders as the runner writes them); the rescan's failures are recorded as its job records them."""
     from prometheus_client import generate_latest
     from sqlalchemy.exc import OperationalError
 
@@ -1199,6 +1200,10 @@ def test_what_a_reload_drops_leaves_no_trace(tmp_path, monkeypatch, caplog):
         copy.mkdir(parents=True)
         (copy / "adapter_model.safetensors").write_bytes(b"weights")
         copy.with_name(f"{copy.name}.run").write_text("7\n")
+        if copy.name != "group-1":
+            dropped = copy.with_name(f"{copy.name}.dropped")
+            dropped.touch()
+            os.utime(dropped, (time.time() - 8 * 86400,) * 2)
     (tmp_path / "watched").mkdir()
     config = tmp_path / "daemon.toml"
     head = (f"[daemon]\nstate_dir = {json.dumps(str(state))}\ncache_dir = {json.dumps(str(tmp_path / 'cache'))}\n"
@@ -1214,7 +1219,8 @@ def test_what_a_reload_drops_leaves_no_trace(tmp_path, monkeypatch, caplog):
     seen = {}
 
     def probe() -> None:
-        polling.wait_for(lambda: "removed the merges kept for group id 99, which the config no longer has" in caplog.text
+        polling.wait_for(lambda: "removed the merges kept for group id 99, which the config has not had for 7 days"
+                         in caplog.text
                          and daemon.scheduler.get_job("rescan:team"), "the start")
         seen["after start"] = sorted(str(p.relative_to(runs)) for p in runs.glob("*published/*"))
         daemon.metrics.observe_merge("g", 12.0)
@@ -1236,8 +1242,32 @@ def test_what_a_reload_drops_leaves_no_trace(tmp_path, monkeypatch, caplog):
         assert polling.run_here(daemon, probe) == 0
     assert seen["after start"] == ["published/group-1", "published/group-1.run"], seen
     assert seen["unhealthy"] is not None and "rescan:team" in seen["unhealthy"]
-    assert seen["after reload"] == [] and seen["health"] is None and seen["series"] == [], seen
-    assert "removed the merges kept for group id 99, which the config no longer has" in caplog.messages
+    assert seen["after reload"] == ["published/group-1", "published/group-1.dropped", "published/group-1.run"], seen
+    assert seen["health"] is None and seen["series"] == [], seen
+    assert "removed the merges kept for group id 99, which the config has not had for 7 days" in caplog.messages
+    assert "group id 1," not in caplog.text
+
+
+def test_a_group_back_within_a_week_finds_its_kept_merges(tmp_path):
+    """A group commented out for one reload (or a config caught empty mid-save) lost its quality
+    baseline and its merge waiting to be published again: back, the gate let a worse merge
+    through (QA CFG). Its copies are kept a week after it went, and back, it finds them."""
+    from iteris_daemon.runner import KEEP_DROPPED_SECONDS, discard_copies, published_copy, unpublished_copy
+
+    work = tmp_path / "runs"
+    copies = [published_copy(work, 5), unpublished_copy(work, 5), published_copy(work, 6)]
+    for copy in copies:
+        copy.mkdir(parents=True)
+        (copy / "adapter_model.safetensors").write_bytes(b"weights")
+        copy.with_name(f"{copy.name}.run").write_text("3\n")
+    start = time.time()
+    assert discard_copies(work, keep={6}, now=start) == []  # 5 went: marked, kept
+    assert all(c.is_dir() for c in copies) and published_copy(work, 5).with_name("group-5.dropped").exists()
+    assert discard_copies(work, keep={5, 6}, now=start + KEEP_DROPPED_SECONDS + 1) == []  # back within the week
+    assert not list(work.glob("*/group-5.dropped")) and all(c.is_dir() for c in copies)
+    assert discard_copies(work, keep={6}, now=time.time() + KEEP_DROPPED_SECONDS - 60) == []  # gone again: a new week
+    assert discard_copies(work, keep={6}, now=time.time() + KEEP_DROPPED_SECONDS + 1) == [5]
+    assert sorted(p.name for p in work.glob("*/*")) == ["group-6", "group-6.run"]
 
 
 def test_jobs_that_start_hours_late_still_run_once(caplog):
