@@ -54,24 +54,27 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
     return _one_token(os.environ.get("HF_TOKEN", "").strip(), "$HF_TOKEN")
 
 
-def check_private(handle: BinaryIO, path: Path, where: str) -> None:
+def check_private(handle: BinaryIO, path: Path | None, where: str) -> None:
     """Refuse a configured secret file (open as ``handle``) that the group or others may read
-    or write, as ssh does a private key; ``where`` starts the message."""
+    or write, as ssh does a private key; ``where`` starts the message, which names ``path``
+    (None: not, where it may be a token pasted in its place)."""
     mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
     if mode & 0o077:
         raise ConfigError(f"{where} is open to other users (mode {mode:o}); it must be readable by its owner only: "
-                          f"chmod 600 {path}")
+                          f"chmod 600 {path if path is not None else 'it'}")
 
 
 def check_token_file(token_file: Path, field: str, *, readable: bool = True) -> None:
     """A configured token file must be a regular file, and (``readable``) one this user can
-    read: a token pasted in its place was taken as a relative path, stored in the catalog
-    and printed by `sources list --json`. Errors never quote the path: it may be the token."""
+    read and others cannot: a token pasted in its place was taken as a relative path, stored
+    in the catalog and printed by `sources list --json`; one open to others passed the config
+    and failed every poll or publish after it. Errors never quote the path: it may be the token."""
     try:
         if not stat.S_ISREG(os.stat(token_file).st_mode):
             raise ConfigError(f"{field}: not a regular file")
         if readable:
-            open(token_file, "rb").close()
+            with open(token_file, "rb") as handle:
+                check_private(handle, None, field)
     except FileNotFoundError:
         raise ConfigError(f"{field}: no such file (is it the token itself? give the path of a file holding it)") from None
     except OSError as exc:

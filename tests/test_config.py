@@ -303,7 +303,8 @@ def test_two_destinations_on_one_hub_branch_are_refused(tmp_path, first, second,
 def test_a_token_file_that_is_not_a_file_is_refused_without_quoting_it(tmp_path, monkeypatch, table, field):
     """A missing one was accepted (the source unhealthy, the destination failing at its first
     publish); a token pasted in its place was stored in the catalog and printed by
-    `sources list --json`. The error never quotes it."""
+    `sources list --json`. The error never quotes it. One open to other users passed the config
+    and failed every poll or publish after it (QA CFG): refused with the config now."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "config.toml"
     token = "hf_" + "Z" * 34
@@ -318,6 +319,12 @@ def test_a_token_file_that_is_not_a_file_is_refused_without_quoting_it(tmp_path,
     assert str(error.value) == f"{path}: {field}: not a regular file"
     (tmp_path / token).rmdir()
     (tmp_path / token).write_text("a file named so\n")
+    (tmp_path / token).chmod(0o644)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == (f"{path}: {field} is open to other users (mode 644); it must be readable by its owner "
+                                "only: chmod 600 it")
+    (tmp_path / token).chmod(0o600)
     assert load_config(path)
 
 
