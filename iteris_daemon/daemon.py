@@ -56,7 +56,7 @@ from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
 from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, PruneSettings, destinations,
                      load_config, watched_destination)
 from .crontab import CrontabTrigger
-from .endpoints import DaemonMetrics, HttpServer, metrics_app, webhook_app
+from .endpoints import DaemonMetrics, HttpServer, Webhook, WebhookOptions, metrics_app, webhook_app
 from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
 from .logs import Repeated, counted
@@ -434,6 +434,8 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: DaemonMetrics | None = None
         self._servers: list[HttpServer] = []
+        self._webhook: Webhook | None = None  # the webhook's app, whose settings a reload renews
+        self._reload_refused: str | None = None  # why the last reload kept the running configuration
         self._hub: dict[str, HubSource] = {}
         self._repo_polls = RepoPolls()
         self._webhook_jobs = itertools.count()
@@ -532,9 +534,8 @@ class Daemon:
             self._servers.append(HttpServer(*settings.metrics.address(), metrics_app(self.metrics, self.health_problem),
                                             name="metrics"))
         if settings.webhooks is not None:
-            self._servers.append(HttpServer(*settings.webhooks.address(),
-                                            webhook_app(settings.webhooks, self.repo_changed, self.metrics),
-                                            name="webhooks"))
+            self._webhook = webhook_app(settings.webhooks, self.repo_changed, self.metrics)
+            self._servers.append(HttpServer(*settings.webhooks.address(), self._webhook, name="webhooks"))
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -626,23 +627,35 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read the config; a broken file keeps the running one."""
         self.notifier.reloading()
+        webhooks = config = None
         try:
             config = load_config(self.config_path)
             if config.daemon.merge_devices() != self._started_with.merge_devices():  # the start checked those
                 check_devices_here(config.daemon, self.config_path)
+            if self._webhook is not None and config.daemon.webhooks is not None:  # a secret rotated, say
+                webhooks = WebhookOptions.of(config.daemon.webhooks)
         except IterisError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self._refused_reload(str(exc))
         else:
             try:
                 self._apply(config)
             except Exception as exc:  # the catalog unreachable, say: nothing running was changed
-                log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__,
-                          first_line(exc))  # SQLAlchemy's add the SQL and a link
+                self._refused_reload(f"{type(exc).__name__}: {first_line(exc)}")  # SQLAlchemy's add the SQL and a link
             else:
+                if webhooks is not None:
+                    self._webhook.options = webhooks
+                self._reload_refused = None
                 self._warn_start_only(config.daemon)
                 warn_unlimited_cuda_workers(config.daemon.worker_memory_limit_mb, self._slots)  # the start's devices
                 log.info("configuration reloaded: %s", self._summary())
         self.notifier.ready(self._summary())
+
+    def _refused_reload(self, reason: str) -> None:
+        """A reload that kept the running configuration: said in the log, and in the status
+        systemd shows (`systemctl status`) and ``iteris-daemon``'s summary until a reload goes
+        through: a config that the next start refuses went unnoticed for weeks."""
+        self._reload_refused = reason
+        log.error("reload failed, keeping the running configuration: %s", reason)
 
     def _warn_start_only(self, settings: DaemonSettings) -> None:
         """A WARNING for each setting that only the start reads and ``settings`` changes:
@@ -653,11 +666,13 @@ class Daemon:
                   "devices": lambda: ", ".join(self._slots), "max_concurrent_merges": lambda: len(self._slots),
                   "metrics": lambda: started.metrics.listen if started.metrics else "none",
                   "webhooks": lambda: started.webhooks.listen if started.webhooks else "none"}
+        webhooks_at = (settings.webhooks and settings.webhooks.listen, started.webhooks and started.webhooks.listen)
         same_slots = settings.slot_devices() == self._slots  # `device` under `devices`, say
         for name, value in in_use.items():
             if getattr(settings, name) != getattr(started, name) and not (
                     same_slots and name in ("device", "devices", "max_concurrent_merges")) and not (
-                    name == "database" and self.database):  # $ITERIS_DAEMON_DB names the catalog, start or not
+                    name == "database" and self.database) and not (  # $ITERIS_DAEMON_DB names the catalog, start or not
+                    name == "webhooks" and webhooks_at[0] == webhooks_at[1]):  # its path, secret and limit do apply
                 log.warning("daemon.%s changed: takes effect at the next start; still using %s", name, value())
 
     # ------------------------------------------------------------------ wiring
@@ -1073,4 +1088,7 @@ class Daemon:
                         row.next_run_at = changed[row.name]
 
     def _summary(self) -> str:
-        return f"watching {len(self._local)} folder and {len(self._polled)} hub sources, {len(self._groups)} merge groups"
+        summary = f"watching {len(self._local)} folder and {len(self._polled)} hub sources, {len(self._groups)} merge groups"
+        if self._reload_refused is not None:
+            summary += f"; the last reload was refused, running the configuration before it: {self._reload_refused}"
+        return summary

@@ -416,14 +416,26 @@ def _answer(triggered: bool, reason: str | None = None) -> _Reply:
                   json.dumps(body).encode(), "application/json")
 
 
-class _Webhook:
+class WebhookOptions(NamedTuple):
+    """What the webhook checks a request against; a reload replaces them all at once."""
+
+    path: str
+    max_body_bytes: int
+    secret: bytes
+
+    @classmethod
+    def of(cls, settings: WebhookSettings) -> "WebhookOptions":
+        """Reads the secret file: a missing or open one is a :class:`ConfigError`."""
+        return cls(settings.path, settings.max_body_bytes, settings.secret())
+
+
+class Webhook:
     """The Hub webhook (see the module docstring); ``on_repo_event(repo)`` only schedules a
-    poll and says whether a source watches ``repo``."""
+    poll and says whether a source watches ``repo``. A reload hands it new ``options`` (a
+    rotated secret went on being checked against the one read at start)."""
 
     def __init__(self, settings: WebhookSettings, on_repo_event: Callable[[str], bool], metrics: DaemonMetrics):
-        self.path = settings.path
-        self.max_body_bytes = settings.max_body_bytes
-        self.secret = settings.secret()
+        self.options = WebhookOptions.of(settings)
         self.on_repo_event = on_repo_event
         self.requests = metrics.webhook_requests()
         self._once = _Once()
@@ -434,13 +446,14 @@ class _Webhook:
         return _respond(start_response, reply.status, reply.body, reply.content_type, reply.headers)
 
     def _handle(self, environ: WSGIEnvironment) -> _Reply:
-        if environ.get("PATH_INFO") != self.path:
+        options = self.options  # one request, one set of options, whatever a reload does meanwhile
+        if environ.get("PATH_INFO") != options.path:
             return _Reply("not_found", "404 Not Found", b"not found\n")
         if environ["REQUEST_METHOD"] != "POST":
             return _Reply("method_not_allowed", "405 Method Not Allowed", b"POST only\n", headers=(("Allow", "POST"),))
         # WSGI hands headers over as latin-1 text: encoding back gives the bytes the Hub sent.
         given = environ.get("HTTP_X_WEBHOOK_SECRET", "").encode("latin-1")
-        if not hmac.compare_digest(given, self.secret):
+        if not hmac.compare_digest(given, options.secret):
             client = environ.get("REMOTE_ADDR", "?")
             if self._once.first(("unauthorized", client)):
                 log.warning("webhook: a request from %s had a wrong or no X-Webhook-Secret; nothing triggered", client)
@@ -451,8 +464,8 @@ class _Webhook:
         if not (length.isascii() and length.isdigit()):
             return _Reply("bad_request", "400 Bad Request", b"invalid Content-Length\n")
         # More digits than the limit has is larger than it: int() of over 4300 digits raised (a 500, a traceback).
-        if len(length) > len(str(self.max_body_bytes)) or int(length) > self.max_body_bytes:
-            return _Reply("too_large", "413 Content Too Large", f"larger than {self.max_body_bytes} bytes\n".encode())
+        if len(length) > len(str(options.max_body_bytes)) or int(length) > options.max_body_bytes:
+            return _Reply("too_large", "413 Content Too Large", f"larger than {options.max_body_bytes} bytes\n".encode())
         size = int(length)
         try:
             body = environ["wsgi.input"].read(size)
@@ -504,10 +517,10 @@ def _repo_event(payload: Any) -> tuple[str, str, str] | None:
 
 
 def webhook_app(settings: WebhookSettings, on_repo_event: Callable[[str], bool],
-                metrics: DaemonMetrics) -> WSGIApplication:
+                metrics: DaemonMetrics) -> Webhook:
     """The Hub webhook at ``settings.path``. Reads the secret now: a missing one is a
     :class:`ConfigError` at start, not a 401 for every event."""
-    return _Webhook(settings, on_repo_event, metrics)
+    return Webhook(settings, on_repo_event, metrics)
 
 
 class _RequestHandler(WSGIRequestHandler):

@@ -1466,6 +1466,73 @@ def test_a_reload_to_a_merge_device_not_on_this_host_is_refused(tmp_path, monkey
 
 
 @pytest.mark.timeout(120)
+def test_a_reload_renews_the_webhook_secret_and_a_refused_one_stays_in_the_status(tmp_path, caplog):
+    """A rotated webhook secret and SIGHUP: "configuration reloaded", yet the secret read at
+    start stayed in force (the new one got 401); and a refused reload left no sign but an ERROR
+    line, systemd's status unchanged, until the next start failed on the config (QA CFG). Now
+    the reload takes the new secret (and path), and the status (READY's STATUS, what `systemctl
+    status` shows) says the reload was refused until one goes through. Real HTTP to the webhook."""
+    import urllib.error
+    import urllib.request
+
+    from iteris_daemon.daemon import Daemon
+
+    secret = tmp_path / "secret"
+    secret.write_text("old-secret\n")
+    secret.chmod(0o600)
+    config = tmp_path / "daemon.toml"
+    head = (f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+            f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+    hooks = '[daemon.webhooks]\nlisten = "127.0.0.1:0"\nsecret_file = "secret"\npath = "{}"\n'
+    config.write_text(head + hooks.format("/webhooks/hub"))
+    daemon = Daemon(config)
+    statuses: list[str] = []
+    seen: dict[str, object] = {}
+
+    def answer(path: str, given: str) -> int:
+        port = next(server.port for server in daemon._servers if server.name == "webhooks")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST",
+                                         headers={"X-Webhook-Secret": given, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def reload_and_wait(said: str) -> None:
+        before = caplog.text.count(said)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(lambda: caplog.text.count(said) > before, said)
+
+    def probe() -> None:
+        wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
+        daemon.notifier.ready = lambda status=None: statuses.append(status) or True
+        seen["at start"] = answer("/webhooks/hub", "old-secret"), answer("/webhooks/hub", "new-secret")
+        secret.write_text("new-secret\n")
+        config.write_text(head + hooks.format("/hooks/hub"))
+        reload_and_wait("configuration reloaded")
+        seen["rotated"] = (answer("/hooks/hub", "old-secret"), answer("/hooks/hub", "new-secret"),
+                           answer("/webhooks/hub", "new-secret"))
+        config.write_text(head + hooks.format("/hooks/hub") + "typo = 1\n")
+        reload_and_wait("reload failed")
+        seen["refused"] = statuses[-1]
+        config.write_text(head + hooks.format("/hooks/hub"))
+        reload_and_wait("configuration reloaded")
+        seen["mended"] = statuses[-1]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        assert polling.run_here(daemon, probe) == 0
+    assert seen["at start"] == (400, 401), seen  # past the right secret, a body that is no Hub event: 400
+    assert seen["rotated"] == (401, 400, 404), seen
+    assert seen["refused"].startswith("watching 0 folder and 0 hub sources, 0 merge groups; the last reload was "
+                                      f"refused, running the configuration before it: {config}: "), seen
+    assert "typo" in seen["refused"] and "\n" not in seen["refused"]
+    assert seen["mended"] == "watching 0 folder and 0 hub sources, 0 merge groups", seen
+    assert "daemon.webhooks changed" not in caplog.text
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("started, reloaded, warned", [
     ('["cpu", "cuda:1"]', '["cpu", "cuda:1"]', "cuda:1"),
     ('["cpu"]', '["cpu"]', None),
