@@ -466,7 +466,7 @@ class Daemon:
         self.notifier.status("migrating the catalog")
         self.catalog = Catalog(self.database or settings.catalog_url())
         log.info("catalog %s ready%s", self.catalog.safe_url, " (named by $ITERIS_DAEMON_DB)" if self.database else "")
-        self.shapes = CatalogShapes(self.catalog, in_worker(self.work, self._worker_options()))
+        self.shapes = CatalogShapes(self.catalog, in_worker(self.work, self._worker_options))
         self.peers = Peers(self.catalog, self.holder)
         try:
             self._start(settings)

@@ -495,6 +495,24 @@ def test_the_memory_limit_holds_cpu_workers_only(tmp_path, made, monkeypatch, ca
         assert not said
 
 
+def test_the_shapes_worker_takes_the_options_of_its_start(tmp_path, made):
+    """A reload that raised ``worker_memory_limit_mb`` (adapters waiting with "out of memory")
+    reached the merge workers but not the shapes worker, built once at the start: the adapters
+    waited until a restart (QA CFG). The shapes source asks for the options at each worker."""
+    from iteris_daemon.catalog.shapes import in_worker
+    from iteris_daemon.validation import read_layout
+
+    base, adapter = made
+    options = [WorkerOptions(memory_limit_mb=64)]  # under 64 MiB torch cannot even be imported
+    compute = in_worker(tmp_path / "work", lambda: options[-1])
+    with pytest.raises(Exception) as failed:
+        compute(str(base), read_layout(adapter), False)
+    assert "memory" in str(failed.value) or "ImportError" in str(failed.value), failed.value
+    options.append(WorkerOptions())  # the reload's: no limit
+    shapes = compute(str(base), read_layout(adapter), False)
+    assert set(read_layout(adapter).modules) <= set(shapes["layers"]), sorted(shapes["layers"])
+
+
 def _memory_cgroup(limit: int):
     """A child of this process's memory cgroup limited to ``limit`` bytes, as (its
     cgroup.procs file, its folder); skips where cgroups cannot be made (not root, no

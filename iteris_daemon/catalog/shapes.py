@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
@@ -60,9 +61,10 @@ class CatalogShapes:
         return shapes
 
 
-def in_worker(work_dir: Path, options: WorkerOptions = WorkerOptions()) -> ShapeSource:
+def in_worker(work_dir: Path, options: Callable[[], WorkerOptions] = WorkerOptions) -> ShapeSource:
     """Shapes computed in a worker process (``work_dir`` holds its files): the daemon itself
-    never builds a model, or runs a base model's own code."""
+    never builds a model, or runs a base model's own code. ``options()`` is asked at each
+    worker's start: a reload's memory limit and grace reached the merge workers, not this one."""
 
     def compute(base: str, layout: AdapterLayout, trust_remote_code: bool) -> BaseShapes:
         log.info("computing the layer shapes of %s in a worker (once per base model and adapter kind)", base)
@@ -70,7 +72,7 @@ def in_worker(work_dir: Path, options: WorkerOptions = WorkerOptions()) -> Shape
         with tempfile.TemporaryDirectory(prefix=SHAPES_PREFIX, dir=work_dir) as folder:
             job = {"kind": "shapes", "base_model": base, "adapter": str(layout.path), "trust_remote_code": trust_remote_code}
             try:
-                return run_in_worker(job, Path(folder), f"shapes of {base}", options=options)
+                return run_in_worker(job, Path(folder), f"shapes of {base}", options=options())
             except WorkerFailed as exc:
                 raise _ERRORS.get(exc.error_type, BaseModelError)(str(exc)) from None
 
