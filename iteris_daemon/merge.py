@@ -12,11 +12,13 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import memory, safe_json
@@ -412,15 +415,28 @@ def _own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
     return tensor
 
 
-def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
     """Refuse an output that exists (unless ``overwrite``), would replace one of ``inputs``
     (files and folders the merge reads), or cannot be written, before anything is loaded.
     The merge writes a staging folder in ``out.parent`` (created if missing) and renames it
-    to ``out``; this checks that both will work, leaving nothing."""
+    to ``out``; this checks that both will work, leaving nothing. Returns the folder to
+    write: ``out``, or the empty folder a symlink at ``out`` points to (``ln -s /bigdisk/merged
+    out``: the link was replaced by a folder on the link's own disk; with ``--overwrite`` over
+    a link to a folder that holds something, the link is replaced and that folder kept)."""
     for path in inputs:
         if overlap(real(path), real(out)):
             raise OutputError(f"{out}: the output would replace or write into {path}, which the merge reads; "
                               "choose another --out")
+    with suppress(OSError):  # an unreadable one is refused below
+        if out.is_symlink() and out.is_dir() and not any(out.iterdir()):
+            out = real(out)
+    renamed = "the merge writes a new folder beside --out and renames it into place"
+    if out.name in ("", ".", "..") or real(out) in (here := real(Path.cwd()), *here.parents):
+        raise OutputError(f"{out}: is the current folder or one above it, which cannot be replaced ({renamed}); "
+                          "give --out a folder of its own, such as merged")
+    if out.is_dir() and os.path.ismount(out):
+        raise OutputError(f"{out}: is a mount point, which cannot be renamed over ({renamed}); give a folder "
+                          f"inside it, such as {out / 'merged'}")
     try:
         if out.is_symlink() and not out.exists():
             if not overwrite:
@@ -441,7 +457,9 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     try:  # a probe, removed at once: permissions, read-only or pseudo file systems (/proc)
         staging_folder(out, beside=existing).rmdir()
     except OSError as exc:
-        raise OutputError(f"{out}: cannot create the output folder in {existing}: {exc.strerror or exc}") from None
+        raise OutputError(f"{out}: cannot create the output folder in {existing} ({renamed}): "
+                          f"{exc.strerror or exc}") from None
+    return out
 
 
 def local_inputs(base_model: str | None, adapters: list[AdapterSpec], calibration: CalibrationOptions | None = None,
@@ -630,8 +648,8 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         progress = partial(_StoppableBar, should_stop=request.should_stop, disable=request.quiet, dynamic_ncols=True)
     strategy = get_strategy(request.strategy)
     params = parse_params(strategy, request.params or {})
-    _prepare_out(request.out, request.overwrite,
-                 local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
+    out = _prepare_out(request.out, request.overwrite,
+                       local_inputs(request.base_model, request.adapters, request.calibration, request.reference))
     adapters = load_adapters(request.adapters, request.base_checked, request.base_model)
     check_per_adapter(strategy, params, len(adapters))
     # Strategies that read calibration data are evaluated on the samples they used;
@@ -743,7 +761,7 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
         report["output_rank"].update(padded_layers=sum(r < top for r in ranks.values()), padded_bytes=padded_bytes)
         ranks = dict.fromkeys(ranks, top)
     config = _peft_config(request, adapters, ranks, head, _fan_in_fan_out(base, ranks))
-    _write_atomically(request.out, config, modules, head, report, started)
+    _write_atomically(out, request.overwrite, config, modules, head, report, started)
     return report
 
 
@@ -809,16 +827,39 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _write_atomically(out: Path, config, modules, head, report, started) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(out)
+def _io_error(message: str) -> str:
+    """The OS's words in safetensors' "Error while serializing: I/O error: No space left on
+    device (os error 28)", else the message."""
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", message)
+    return found[1] if found else message
+
+
+def _write_atomically(out: Path, overwrite: bool, config, modules, head, report, started) -> None:
+    """Write the merge beside ``out`` and rename it into place. Something that appeared at
+    ``out`` during the merge (a second merge to it, say) is not replaced without ``overwrite``:
+    the merge stays where it was written, named in the error."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_folder(out)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the merge: {exc.strerror or exc}; nothing was written") from None
     try:
         save_adapter(staging, config, modules, head)
         report["total_seconds"] = round(time.perf_counter() - started, 3)
         (staging / REPORT_NAME).write_text(safe_json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (staging / CARD_NAME).write_text(merge_card(config, report), encoding="utf-8")  # the Hub's card, for any upload
         as_if_created(staging)
-        replace_folder(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, say: one line, as any other output error
+            why = getattr(exc, "strerror", None) or _io_error(str(exc))
+            raise OutputError(f"{out}: cannot write the merge: {why}; nothing was written") from None
         raise
+    if not overwrite and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
+        raise OutputExistsError(f"{out}: appeared during the merge and is not empty, so it was left as it is; the "
+                                f"merge is in {staging} (move it, or merge again with --overwrite)")
+    try:
+        replace_folder(staging, out)
+    except OSError as exc:  # the merge is kept: the folder it was to replace may be in the way still
+        raise OutputError(f"{out}: cannot put the merge in place: {exc.strerror or exc}; the merge is in "
+                          f"{staging}") from None

@@ -555,12 +555,48 @@ def named_base_problem(name: str) -> str | None:
 
 
 def _check_targets(config: dict[str, Any], modules: list[str], where: Path) -> None:
-    """Every adapted module must be one the config's ``target_modules`` names."""
+    """Every adapted module must be one PEFT adapts when it loads the adapter: it ignores the
+    weights of any other, so a merge of them is not what the adapter serves (a regex
+    ``target_modules``, ``layers_to_transform`` or ``exclude_modules`` narrower than the
+    weights, in a converted or hand-edited config, was merged whole, silently)."""
+    for module in modules:
+        if why := _left_out_by_peft(config, module):
+            raise AdapterError(where, f"weights adapt {module}, which {why}: PEFT ignores those weights when it "
+                                      "loads the adapter, so a merge of them is not what the adapter serves")
+
+
+def _left_out_by_peft(config: dict[str, Any], key: str) -> str | None:
+    """Why PEFT would not adapt the base model's module ``key`` under ``config``, or None: the
+    rules of its ``check_target_module_exists`` (peft 0.17-0.21), without torch."""
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str) and excluded and re.fullmatch(excluded, key):
+        return f"exclude_modules {excluded!r} matches"
+    if isinstance(excluded, list) and any(key == e or key.endswith(f".{e}") for e in excluded):
+        return f"exclude_modules {sorted(excluded)} names"
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.get("modules_to_save") or ()):
+        return "lies in a module modules_to_save saves whole"
     targets = config.get("target_modules")
-    if isinstance(targets, list) and targets:
-        stray = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
-        if stray:
-            raise AdapterError(where, f"weights adapt {stray[0]}, which target_modules {sorted(targets)} does not name")
+    if targets is None or targets == "all-linear":  # the shorthand PEFT expands from the base model
+        targets = None
+    elif isinstance(targets, str):  # a regex, tried alone: PEFT applies no layer restriction to it
+        return None if re.fullmatch(targets, key) else f"target_modules {targets!r} does not match"
+    elif key in targets:  # named whole: no layer restriction either
+        return None
+    elif not any(key.endswith(f".{t}") for t in targets):
+        return f"target_modules {sorted(targets)} does not name"
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return None
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        found = next((m for p in ([patterns] if isinstance(patterns, str) else patterns)
+                      if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+    index = int(found["idx"]) if found else None
+    if index is None or index not in ([layers] if isinstance(layers, int) else layers):
+        return f"layers_to_transform {layers!r}" + (f" (layers_pattern {patterns!r})" if patterns else "") + " leaves out"
+    return None
 
 
 def _check_module_regexes(config: dict[str, Any], modules: list[str], where: Path) -> None:

@@ -180,6 +180,64 @@ def test_weights_of_modules_target_modules_does_not_name_are_refused(workspace, 
         validate_adapter(adapters[1], base_model=str(base))
 
 
+@pytest.mark.parametrize("narrower, said", [
+    ({"target_modules": ".*\\.layer\\.0\\..*\\.query"}, "does not match"),
+    ({"layers_to_transform": [0], "layers_pattern": "layer"}, "layers_to_transform [0] (layers_pattern 'layer') leaves out"),
+    ({"layers_to_transform": [0]}, "layers_to_transform [0] leaves out"),
+    ({"exclude_modules": ["value"]}, "exclude_modules ['value'] names"),
+    ({"exclude_modules": ".*\\.1\\..*"}, "exclude_modules '.*\\\\.1\\\\..*' matches"),
+])
+def test_weights_outside_what_the_config_lets_peft_adapt_are_refused(workspace, capsys, narrower, said):
+    """A converted or hand-edited config narrower than the weights (a regex ``target_modules``,
+    ``layers_to_transform``, ``exclude_modules``): PEFT adapts only what the config names and
+    ignores the rest; the merge used every weight, so merging the adapter alone gave another
+    model than PEFT serves (logits 0.5-0.8 apart), exit 0 (QA CLI). Refused now, naming the field,
+    as for a list ``target_modules``; PEFT itself, loading the adapter, leaves that module alone."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    base, adapters, tmp = workspace
+    config_path = adapters[1] / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **narrower}))
+    code, message = _merge(capsys, base, adapters, tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"{config_path}: weights adapt encoder.layer.", said)
+    module = message.split("weights adapt ", 1)[1].split(",", 1)[0]
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapters[1])
+    assert not hasattr(peft_model.base_model.model.get_submodule(module), "lora_A"), module  # PEFT leaves it out
+
+
+def test_which_modules_peft_adapts_agrees_with_peft_itself():
+    """The torch-free rule the check above applies against PEFT's own
+    ``check_target_module_exists``, on 13 configs x 10 module names (Llama, BERT, GPT-2, an MoE
+    expert, an adapted module inside a saved one): the same verdict on every pair."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from iteris_daemon.validation import _left_out_by_peft
+
+    keys = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.12.mlp.down_proj",
+            "model.layers.1.mlp.experts.0.down_proj", "encoder.layer.0.attention.self.query",
+            "encoder.layer.1.attention.self.value", "transformer.h.3.attn.c_attn", "lm_head", "score.dense",
+            "model.layers.0.self_attn.v_proj"]
+    configs = [{"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["query"], "layers_to_transform": [0]},
+               {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+               {"target_modules": ["down_proj"], "layers_to_transform": 1, "layers_pattern": ["layers", "h"]},
+               {"target_modules": ["c_attn"], "layers_to_transform": [3], "layers_pattern": "h"},
+               {"target_modules": r".*\.(q_proj|value)"}, {"target_modules": r".*layers\.1\..*", "layers_to_transform": [0]},
+               {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_proj"]},
+               {"target_modules": ["q_proj", "query", "lm_head"], "exclude_modules": r".*\.1\..*"},
+               {"target_modules": ["dense", "down_proj"], "modules_to_save": ["score"]},
+               {"target_modules": ["q_proj"], "layers_to_transform": []},
+               {"target_modules": ["down_proj"], "layers_to_transform": [0, 1], "layers_pattern": "experts"},
+               {"target_modules": ["lm_head", "q_proj"], "layers_to_transform": [0]}]
+    fields = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+    for config in configs:
+        namespace = SimpleNamespace(**{f: config.get(f) for f in fields}, target_parameters=None)
+        for key in keys:
+            assert (_left_out_by_peft(config, key) is None) == bool(check_target_module_exists(namespace, key)), \
+                (config, key)
+
+
 def test_the_base_models_revision_is_kept_and_must_agree(workspace, capsys):
     """PEFT's AutoPeftModel loads the base model at the adapter config's ``revision``. The
     merge wrote none, and adapters of two revisions merged without a word."""
@@ -594,6 +652,91 @@ def test_an_output_that_is_not_a_folder(workspace, capsys, kind):
     assert code == 0 and not out.is_symlink() and (out / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []  # no .out.old left
     assert (elsewhere / "keep.txt").read_text() == "kept"  # a link is replaced, not what it points to
+
+
+def test_an_output_linked_to_an_empty_folder_is_written_there(workspace, capsys):
+    """``ln -s /bigdisk/merged out; merge --out out``: accepted (the folder is empty), then the
+    link was replaced by a folder on the link's own disk and /bigdisk/merged stayed empty (QA CLI)."""
+    base, adapters, tmp = workspace
+    out, bigdisk = tmp / "out", tmp / "bigdisk" / "merged"
+    bigdisk.mkdir(parents=True)
+    out.symlink_to(bigdisk)
+    code, _ = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+    assert code == 0 and out.is_symlink() and os.readlink(out) == str(bigdisk)
+    assert (bigdisk / "adapter_model.safetensors").is_file() and (bigdisk / "merge_report.json").is_file()
+    assert not [p.name for p in (tmp, bigdisk.parent) for p in p.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("where", [".", "..", "here"])
+def test_an_output_that_is_the_current_folder_is_refused_before_merging(workspace, capsys, monkeypatch, where):
+    """``cd merged && merge --out .`` merged, then failed in a traceback (``PosixPath('.') has an
+    empty name``); ``--out .. --overwrite`` with EBUSY (QA CLI). Refused before loading now."""
+    base, adapters, tmp = workspace
+    here = tmp / "runs" / "merged"  # .. holds no input (one that did would be refused for that)
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    out = Path(where) if where != "here" else here
+    code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval", "--overwrite")
+    assert code == 2 and message == (f"iteris-daemon: error: {out}: is the current folder or one above it, which "
+                                     "cannot be replaced (the merge writes a new folder beside --out and renames it "
+                                     "into place); give --out a folder of its own, such as merged"), message
+    assert not any(here.iterdir())
+
+
+def test_an_output_at_a_mount_point_is_refused_before_merging(workspace, capsys):
+    """Docker's ``-v ./merged:/out ... --out /out``: the whole merge ran, then the rename over the
+    mount point failed in a traceback, EBUSY, exit 1 (QA CLI). A real tmpfs mount point here."""
+    from mounts import tmpfs
+
+    base, adapters, tmp = workspace
+    with tmpfs(tmp / "out", 1 << 20) as out:
+        code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+        assert code == 2 and message == (f"iteris-daemon: error: {out}: is a mount point, which cannot be renamed "
+                                         "over (the merge writes a new folder beside --out and renames it into "
+                                         f"place); give a folder inside it, such as {out / 'merged'}"), message
+        assert not any(out.iterdir())
+        code, _ = _merge(capsys, base, adapters, out / "merged", "--strategy", "task_arithmetic", "--no-eval")
+        assert code == 0 and (out / "merged" / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_while_writing_the_merge_is_one_line(workspace, capsys):
+    """The output's disk filled while the merge was written: ``OSError: [Errno 28]`` in a
+    traceback, exit 1 (QA CLI). One line, exit 2, nothing left behind. A real 8 KiB tmpfs."""
+    from mounts import tmpfs
+
+    base, adapters, tmp = workspace
+    with tmpfs(tmp / "small", 8 << 10) as small:
+        out = small / "merged"
+        code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+        assert code == 2 and message == (f"iteris-daemon: error: {out}: cannot write the merge: No space left on "
+                                         "device; nothing was written"), message
+        assert not any(small.iterdir())
+
+
+def test_an_output_that_appears_during_the_merge_is_not_replaced(workspace, capsys, monkeypatch):
+    """A second merge to the same --out (a sweep script), or the user, made the folder while
+    this one merged: it was replaced at the end, its files gone, exit 0 (QA CLI). It is left as
+    it is now, and the error names where the merge was written. The other writer is a stand-in
+    that writes the folder when the merge starts writing its own."""
+    import iteris_daemon.merge as merge_module
+
+    base, adapters, tmp = workspace
+    out = tmp / "out"
+    save = merge_module.save_adapter
+
+    def meanwhile(*args, **kwargs):
+        out.mkdir()
+        (out / "precious.txt").write_text("kept")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "save_adapter", meanwhile)
+    code, message = _merge(capsys, base, adapters, out, "--strategy", "task_arithmetic", "--no-eval")
+    kept = Path(message.split("the merge is in ", 1)[-1].split(" (", 1)[0])
+    assert code == 2 and message == (f"iteris-daemon: error: {out}: appeared during the merge and is not empty, so it "
+                                     f"was left as it is; the merge is in {kept} (move it, or merge again with "
+                                     "--overwrite)"), message
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"] and kept.parent == tmp
+    assert (kept / "adapter_model.safetensors").is_file() and (kept / "merge_report.json").is_file()
 
 
 def test_different_heads_need_a_rule(tmp_path, capsys):
