@@ -689,6 +689,12 @@ class RunOutcome:
     merged: bool = False
 
 
+def destinations_key(group: GroupConfig) -> str:
+    """What a succeeded run records of the destinations it published to: a destination added
+    or moved since then must get the merge (a run of unchanged inputs skipped it for ever)."""
+    return hashlib.sha256(json.dumps(group.destinations, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _last_decided(catalog: Catalog, group_id: int) -> MergeRun | None:
     """The last run that published, or was refused: its inputs need no new merge. None when
     a failed run since then published to some destinations (:class:`PartlyPublished`):
@@ -1033,7 +1039,7 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
     timings = {"merge_s": round(merged_at - started, 3), "publish_s": round(time.perf_counter() - merged_at, 3),
                **{k: v for k, v in report.get("metrics", {}).get("timings", {}).items()}}
     metrics = {"tasks": report.get("tasks", {}), "iterations_run": report.get("iterations_run"), **inputs.recorded(),
-               "published": published, "gate_notes": verdict.notes,
+               "published": published, "destinations": destinations_key(group), "gate_notes": verdict.notes,
                **({"republished_from": kept[0]} if kept is not None else {})}
     first = published[0] if published else {}
     if not _finish(catalog, run_id, RunStatus.succeeded, timings=timings, metrics=metrics, output_location=first.get(
@@ -1075,9 +1081,13 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
         return (f"{counted(len(inputs.revisions), 'adapter')} ready, the group needs {group.min_adapters}"
                 + (f" ({others})" if others else ""))
     if not force and last is not None and last.input_fingerprint == fingerprint:
-        return (f"inputs unchanged since run {last.id}, which was refused ({last.error}); merge-now --force "
-                "judges them again, under the gates now loaded"
-                if last.status is RunStatus.refused else "inputs unchanged since the last successful run")
+        if last.status is RunStatus.refused:
+            return (f"inputs unchanged since run {last.id}, which was refused ({last.error}); merge-now --force "
+                    "judges them again, under the gates now loaded")
+        if (last.metrics or {}).get("destinations", destinations_key(group)) == destinations_key(group):
+            return "inputs unchanged since the last successful run"
+        log.info("group %s: its destinations changed since run %d: merging to publish to every one", group.name,
+                 last.id)
     if not force and served is not None and served.input_fingerprint == fingerprint:
         return f"inputs unchanged since run {served.id}, whose merge is published (run {last.id}'s was refused)"
     return None

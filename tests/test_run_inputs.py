@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -612,6 +613,35 @@ def test_a_merge_whose_publishing_failed_is_published_again_not_merged_again(set
         other = setup.run(group(3.0))  # changed inputs while a merge waits: merged anew, and that one kept
         assert other.retry_publish and len(merges) == 3
         assert setup.run(group(3.0), force=True).status is RunStatus.succeeded and len(merges) == 4
+
+
+def test_a_destination_added_or_moved_gets_the_merge_of_unchanged_inputs(setup, tmp_path, caplog):
+    """A second folder destination added by a reload, or one moved: every run after was "skipped:
+    inputs unchanged" (the fingerprint leaves destinations out), so the new folder stayed empty
+    until a `merge-now --force` (QA CFG). The next run now merges and publishes to all of them;
+    the one that had it says unchanged; the run after is skipped again."""
+    first, second, moved = (tmp_path / name for name in ("first", "second", "moved"))
+
+    def group(*folders: Path) -> GroupConfig:
+        group = GroupConfig(name="unified", base_model=str(setup.base), strategy="task_arithmetic",
+                            select={"names": ["task0"]}, destinations=[{"kind": "folder", "path": str(f)} for f in folders])
+        sync_group(setup.catalog, group)
+        return group
+
+    assert setup.run(group(first)).status is RunStatus.succeeded
+    assert setup.run(group(first)).status is RunStatus.skipped
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        added = setup.run(group(first, second))
+    assert added.status is RunStatus.succeeded, added.detail
+    assert [(Path(p["location"]).name, p["changed"]) for p in setup.run_row(added.run_id).metrics["published"]] == [
+        ("first", False), ("second", True)]
+    assert "its destinations changed since run 1: merging to publish to every one" in caplog.text
+    served = sha256_file(first / "current" / "adapter_model.safetensors")
+    assert sha256_file(second / "current" / "adapter_model.safetensors") == served
+    assert setup.run(group(first, second)).status is RunStatus.skipped
+    assert setup.run(group(first, moved)).status is RunStatus.succeeded
+    assert sha256_file(moved / "current" / "adapter_model.safetensors") == served
+    assert setup.run(group(first, moved)).status is RunStatus.skipped
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
