@@ -119,9 +119,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
                 raise CalibrationError(path, f"not valid JSON ({exc})", line=number) from None
             if not isinstance(record, dict):
                 raise CalibrationError(path, "each line must be a JSON object", line=number)
-            if "messages" in record:  # a target or text_pair beside it is for sample_problem to refuse
-                sample = replace(Sample.conversation(_messages(record, path, number)), target=record.get("target"),
-                                 text_pair=record.get("text_pair"))
+            if "messages" in record:
+                sample = Sample.conversation(_messages(record, path, number))
             else:
                 sample = Sample(record.get("text"), record.get("target"), text_pair=record.get("text_pair"))
             if problem := sample_problem(sample):
@@ -145,11 +144,12 @@ def _not_unicode(sample: Sample) -> bool:
 
 def _messages(record: dict, path: Path, line: int) -> Messages:
     """A line's conversation: a non-empty list of {"role": str, "content": str}. Beside it, a
-    "text" is refused (which would the merge read?); other fields are ignored, as on a "text"
-    line: exports of chat data sets carry "prompt_id", "id", "prompt" or "category" on every
-    line, and were refused whole. :func:`sample_problem` checks the rest, as for a plugin's."""
-    if "text" in record:
-        raise CalibrationError(path, _CONVERSATION_TAKES_NO.format("text"), line=line)
+    "text", "text_pair" or "target" is refused, even null (which would the merge read?); other
+    fields are ignored, as on a "text" line: exports of chat data sets carry "prompt_id", "id",
+    "prompt" or "category" on every line, and were refused whole. :func:`sample_problem`
+    checks the rest, as for a plugin's."""
+    if clashing := [key for key in ("text", "text_pair", "target") if key in record]:
+        raise CalibrationError(path, _CONVERSATION_TAKES_NO.format(clashing[0]), line=line)
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise CalibrationError(path, '"messages" must be a non-empty list', line=line)
@@ -176,6 +176,8 @@ def sample_problem(sample: Sample) -> str | None:
             return _CONVERSATION_TAKES_NO.format(clashing[0])
         if not any(content.strip() for _, content in sample.messages):
             return '"messages" has no content'
+        if not isinstance(sample.text, str) or not sample.text.strip():
+            return 'a "messages" sample needs its plain rendering as "text" (Sample.conversation makes both)'
     if not isinstance(sample.text, str) or not sample.text.strip():
         return 'missing or empty "text" string (or a "messages" list)'
     if not isinstance(sample.target, (str, type(None))):

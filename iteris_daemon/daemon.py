@@ -991,13 +991,13 @@ class Daemon:
             return
         settings = self.config.daemon
         self._unmerged_since.pop(name, None)  # this run reads every change until now
-        self.notifier.status(f"merging group {name} on {device}")
+        self._status(f"merging group {name} on {device}")
         started = time.monotonic()
         try:
             outcome = run_group(
                 self.catalog, group, self.work, self.holder, settings.claim_ttl_seconds,
                 should_stop=self._cancel.is_set, device=device,
-                trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self.notifier.status,
+                trust_remote_code=group.base_model in settings.trust_remote_code, on_status=self._status,
                 limits=settings.limits.limits(),
                 worker=self._worker_options(),
                 on_worker_failure=lambda kind: self.metrics.worker_failed(name, kind),
@@ -1088,7 +1088,14 @@ class Daemon:
                         row.next_run_at = changed[row.name]
 
     def _summary(self) -> str:
-        summary = f"watching {len(self._local)} folder and {len(self._polled)} hub sources, {len(self._groups)} merge groups"
-        if self._reload_refused is not None:
-            summary += f"; the last reload was refused, running the configuration before it: {self._reload_refused}"
-        return summary
+        return self._with_refusal(f"watching {len(self._local)} folder and {len(self._polled)} hub sources, "
+                                  f"{len(self._groups)} merge groups")
+
+    def _status(self, text: str) -> None:
+        """systemd's STATUS: what the daemon does, and a refused reload until one goes through."""
+        self.notifier.status(self._with_refusal(text))
+
+    def _with_refusal(self, text: str) -> str:
+        if self._reload_refused is None:
+            return text
+        return f"{text}; the last reload was refused, running the configuration before it: {self._reload_refused}"

@@ -44,7 +44,7 @@ from .lowrank import refactor
 from .model import DTYPES, BaseModel
 from .model_card import merge_card
 from .oom import says_out_of_memory
-from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder
+from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder, trash_of
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import (DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams,
                        check_per_adapter, engine_int, parse_params)
@@ -855,11 +855,19 @@ def _write_atomically(out: Path, overwrite: bool, config, modules, head, report,
             why = getattr(exc, "strerror", None) or _io_error(str(exc))
             raise OutputError(f"{out}: cannot write the merge: {why}; nothing was written") from None
         raise
-    if not overwrite and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
+    if not overwrite and (out.is_symlink() or out.exists()) and not _empty_folder(out):
         raise OutputExistsError(f"{out}: appeared during the merge and is not empty, so it was left as it is; the "
                                 f"merge is in {staging} (move it, or merge again with --overwrite)")
     try:
         replace_folder(staging, out)
-    except OSError as exc:  # the merge is kept: the folder it was to replace may be in the way still
-        raise OutputError(f"{out}: cannot put the merge in place: {exc.strerror or exc}; the merge is in "
-                          f"{staging}") from None
+    except OSError as exc:  # the merge is kept, and what it was to replace may be out of the way already
+        moved = trash_of(out)
+        raise OutputError(f"{out}: cannot put the merge in place: {exc.strerror or exc}; the merge is in {staging}"
+                          + (f", what was at {out} in {moved}" if moved.exists() else "")) from None
+
+
+def _empty_folder(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:  # unreadable: not known to be empty
+        return False

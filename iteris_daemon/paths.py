@@ -161,11 +161,16 @@ def replace_folder(new: Path, target: Path) -> None:
     if not (target.exists() or target.is_symlink()):
         os.replace(new, target)
         return
-    trash = target.with_name(f".{target.name}.old")
+    trash = trash_of(target)
     _remove(trash)
     os.replace(target, trash)  # a symlink or a file at target is moved itself
     os.replace(new, target)
     _remove(trash)
+
+
+def trash_of(target: Path) -> Path:
+    """Where :func:`replace_folder` moves ``target``'s previous content before deleting it."""
+    return target.with_name(f".{target.name}.old")
 
 
 def _remove(path: Path) -> None:

@@ -28,7 +28,7 @@ def unreadable(exc: BaseException) -> str:
     """Why a secret file could not be read; under systemd, a refused one (the unit's dynamic
     user owns no file in /etc) is pointed at the way a service gets its secrets."""
     why = f"cannot read it ({getattr(exc, 'strerror', None) or exc})"
-    if isinstance(exc, PermissionError) and os.environ.get("INVOCATION_ID"):
+    if isinstance(exc, PermissionError) and os.environ.get("INVOCATION_ID") and os.environ.get("NOTIFY_SOCKET"):
         why += ("; a systemd service's user reads a secret as a credential: LoadCredential=NAME:PATH in the unit "
                 "(a drop-in), and the file /run/credentials/<unit>/NAME here")
     return why
@@ -54,14 +54,25 @@ def hub_token(token_file: Path | None = None) -> SecretStr | None:
     return _one_token(os.environ.get("HF_TOKEN", "").strip(), "$HF_TOKEN")
 
 
-def check_private(handle: BinaryIO, path: Path | None, where: str) -> None:
+def check_private(handle: BinaryIO, path: Path, where: str, *, quoted: bool = True) -> None:
     """Refuse a configured secret file (open as ``handle``) that the group or others may read
     or write, as ssh does a private key; ``where`` starts the message, which names ``path``
-    (None: not, where it may be a token pasted in its place)."""
+    unless not ``quoted`` (it may be a token pasted in its place). A systemd credential is the
+    service's own whatever its mode bits say: systemd writes it 0400 for root and grants the
+    service's user an ACL entry, which ``stat`` shows as group bits (mode 440)."""
+    if _is_credential(path):
+        return
     mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
     if mode & 0o077:
         raise ConfigError(f"{where} is open to other users (mode {mode:o}); it must be readable by its owner only: "
-                          f"chmod 600 {path if path is not None else 'it'}")
+                          f"chmod 600 {path if quoted else 'it'}")
+
+
+def _is_credential(path: Path) -> bool:
+    """``path`` lies in this service's systemd credentials folder (``$CREDENTIALS_DIRECTORY``,
+    ``/run/credentials/<unit>``), which only the service can read."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    return bool(folder) and os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
 
 
 def check_token_file(token_file: Path, field: str, *, readable: bool = True) -> None:
@@ -74,7 +85,7 @@ def check_token_file(token_file: Path, field: str, *, readable: bool = True) -> 
             raise ConfigError(f"{field}: not a regular file")
         if readable:
             with open(token_file, "rb") as handle:
-                check_private(handle, None, field)
+                check_private(handle, token_file, field, quoted=False)
     except FileNotFoundError:
         raise ConfigError(f"{field}: no such file (is it the token itself? give the path of a file holding it)") from None
     except OSError as exc:

@@ -196,8 +196,9 @@ def _restricted(adapters) -> str | None:
                 f"{first.name}'s; {instead}")
     named = ", ".join(f"{name} (its {' and '.join(fields)})" for name, fields in restricted.items())
     return (f"PEFT's merged adapter takes every adapter's target modules on each layer the first adapter, "
-            f"{first.name}, allows, and {named} restrict{'s' if len(restricted) == 1 else ''} the layers they "
-            f"adapt: PEFT makes modules there that no adapter has; {instead}")
+            f"{first.name}, allows, and {named} "
+            f"{'restricts the layers it adapts' if len(restricted) == 1 else 'restrict the layers they adapt'}: PEFT "
+            f"may make modules there that no adapter has; {instead}")
 
 
 def _check_svd_rank(rank: int, adapters) -> None:

@@ -18,7 +18,7 @@ are removed by the next publish.
 
 A full disk (``ENOSPC``, or ``EDQUOT`` past a quota) anywhere in that sequence raises
 :class:`DestinationFullError`, a destination the daemon's user may not write (read-only,
-permissions, a systemd sandbox without ``ReadWritePaths=``) :class:`DestinationError`; each
+permissions, a systemd sandbox without ``ReadWritePaths=``: EROFS, EACCES) :class:`DestinationError`; each
 names the destination and what to do, ``current`` is untouched and a partial copy stays
 hidden in ``versions/.staging-*`` until the next publish removes it.
 """
@@ -55,7 +55,7 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES)  # not EPERM: a file system without symlinks (vfat) says that too
 
 
 class DestinationError(IterisError, OSError):

@@ -455,6 +455,7 @@ def test_trained_base_biases_are_refused_by_name(workspace, tmp_path, capsys):
      (b'{"messages": [{"role": "user"}]}\n', 'messages[0] must have string "role" and "content"'),
      (b'{"messages": [{"role": "user", "content": "hi"}], "text": "x"}\n', ':1: a "messages" sample takes no "text"'),
      (b'{"id": 7, "messages": [{"role": "user", "content": "hi"}], "target": "x"}\n', 'sample takes no "target"'),
+     (b'{"messages": [{"role": "user", "content": "hi"}], "text_pair": null}\n', 'sample takes no "text_pair"'),
      (b'{"messages": [{"role": "user", "content": " "}]}\n', "has no content"),
      # valid JSON, yet no tokenizer takes a lone surrogate: a TypeError after the model load
      (b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', "calibration.jsonl:2: holds an unpaired surrogate escape"),

@@ -628,6 +628,7 @@ def test_a_sources_empty_or_malformed_answer(bert):
                          (Sample("u: hi", messages=(("u", "hi"),), text_pair="b"), 'a "messages" sample takes no "text_pair"'),
                          (Sample("u: hi", target="t", messages=(("u", "hi"),)), 'a "messages" sample takes no "target"'),
                          (Sample("u: ", messages=(("u", " "),)), '"messages" has no content'),
+                         (Sample("", messages=(("u", "hi"),)), 'a "messages" sample needs its plain rendering'),
                          (Sample("u: 7", messages=(("u", 7),)), '"messages" must be a non-empty list of'),
                          (Sample("\ud800"), "holds an unpaired surrogate")):
         available["bad"] = SimpleNamespace(load=lambda a, o, bad=bad: CalibrationSet((Sample("fine"), bad), "bad"))

@@ -889,22 +889,34 @@ for read in (lambda: hub_token(path), lambda: check_token_file(path, "destinatio
 def test_a_secret_file_the_services_user_cannot_read_says_how_a_service_gets_one(tmp_path):
     """Under the unit, the dynamic user owns no file in /etc: a root-owned 0600 token file or
     webhook secret said only "cannot read it (Permission denied)" and the service restarted
-    on it every 10 s (QA OPS). Under systemd ($INVOCATION_ID) the error says what works."""
+    on it every 10 s (QA OPS). Under systemd ($INVOCATION_ID and $NOTIFY_SOCKET, as the unit's
+    Type=notify gives) the error says what works. The file's folders are open to all: it is
+    the file's own mode that refuses it (pytest's folders are the owner's alone)."""
     import subprocess
     import sys
+    import tempfile
 
-    secret = tmp_path / "hf-write-token"
-    secret.write_text("hf_rootOwned1234\n")
-    secret.chmod(0o600)
-    said = {}
-    for under_systemd in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "INVOCATION_ID"}
-        if under_systemd:
-            env["INVOCATION_ID"] = "0123456789abcdef0123456789abcdef"
-        done = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, str(secret)], env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        said[under_systemd] = done.stdout.splitlines()
+    folder = Path(tempfile.mkdtemp(prefix="iteris-secret-"))
+    try:
+        folder.chmod(0o755)
+        secret = folder / "hf-write-token"
+        secret.write_text("hf_rootOwned1234\n")
+        secret.chmod(0o600)
+        said = {}
+        for under_systemd in (False, True):
+            env = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "NOTIFY_SOCKET")}
+            if under_systemd:
+                env.update(INVOCATION_ID="0123456789abcdef0123456789abcdef", NOTIFY_SOCKET="/run/systemd/notify")
+            done = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, str(secret)], env=env, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            said[under_systemd] = done.stdout.splitlines()
+        secret.chmod(0o644)  # readable now: read, and refused for its mode, by the checks that look at it
+        opened = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, str(secret)], capture_output=True, text=True,
+                                timeout=120).stdout.splitlines()
+    finally:
+        shutil.rmtree(folder)
+    assert all("is open to other users (mode 644)" in line for line in opened), opened
     hint = "a systemd service's user reads a secret as a credential: LoadCredential=NAME:PATH"
     assert len(said[True]) == 3 and all("cannot read it (Permission denied)" in line and hint in line
                                         for line in said[True]), said[True]
@@ -913,6 +925,40 @@ def test_a_secret_file_the_services_user_cannot_read_says_how_a_service_gets_one
     assert said[True][2].startswith(f"daemon.webhooks.secret_file {secret}: ")
     assert all(line.endswith("(Permission denied)") for line in said[False]), said[False]
     assert "hf_rootOwned" not in "".join(said[True] + said[False])
+
+
+_CREDENTIAL_ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in (
+    (0x01, 4, 0xFFFFFFFF), (0x02, 4, 65534), (0x04, 0, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)))
+"""systemd's credential ACL (``write_credential``): owner r--, the service's user r--, group ---,
+mask r--, other ---: ``stat`` shows the mask as group bits, mode 440."""
+
+
+def test_a_systemd_credential_named_as_a_token_file_is_taken_whatever_its_acl(tmp_path, monkeypatch):
+    """The README advises ``token_file = "/run/credentials/iteris-daemon.service/NAME"``; systemd
+    writes a credential 0400 for root with an ACL entry for the service's user, which stat shows
+    as mode 440, so the check refused it, at the config's load (review RV10). A file in
+    ``$CREDENTIALS_DIRECTORY`` is the service's own; the same file elsewhere is still refused."""
+    from iteris_daemon.config import WebhookSettings
+    from iteris_daemon.errors import ConfigError
+    from iteris_daemon.tokens import check_token_file, hub_token
+
+    credentials = tmp_path / "credentials" / "iteris-daemon.service"
+    credentials.mkdir(parents=True)
+    token = credentials / "hf-write-token"
+    token.write_text("hf_credential1234\n")
+    token.chmod(0o400)
+    try:
+        os.setxattr(token, "system.posix_acl_access", _CREDENTIAL_ACL)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on this file system: {exc}")
+    assert oct(token.stat().st_mode & 0o777) == "0o440"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    assert hub_token(token).get_secret_value() == "hf_credential1234"
+    check_token_file(token, "destinations.0.token_file")
+    assert WebhookSettings(listen="127.0.0.1:0", secret_file=token).secret() == b"hf_credential1234"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match=r"is open to other users \(mode 440\)"):
+        check_token_file(token, "destinations.0.token_file")
 
 
 @pytest.mark.parametrize("where", ["token_file", "credential"])
