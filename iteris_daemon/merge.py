@@ -446,6 +446,11 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
             if not overwrite:
                 what = "output folder exists and is not empty" if out.is_dir() else "exists and is not a folder"
                 raise OutputExistsError(f"{out}: {what} (use --overwrite to replace it)")
+            if out.is_dir() and not out.is_symlink() and not any((out / name).is_file()
+                                                                 for name in (CONFIG_NAME, REPORT_NAME)):
+                raise OutputExistsError(f"{out}: holds no merged adapter (no {CONFIG_NAME} or {REPORT_NAME}), so "
+                                        "--overwrite does not replace it: all its files would be deleted; remove it "
+                                        "yourself, or choose another --out")
     except OSError as exc:  # e.g. an unreadable folder
         raise OutputError(f"{out}: cannot use as the output folder: {exc.strerror or exc}") from None
     # The nearest ancestor that exists; the folders below it are created by the merge.

@@ -599,13 +599,24 @@ def test_a_bare_string_parameter_stays_a_string_whatever_it_starts_with():
 
 
 def test_existing_output_is_kept(workspace, capsys):
+    """A folder that is no merge's is kept with --overwrite too: `--out ~/project --overwrite`
+    (a typo) replaced the whole tree by the merge (QA CLI); a previous merge's is replaced."""
     base, adapters, tmp = workspace
     out = tmp / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     code, message = _merge(capsys, base, adapters, out)
     assert code == 2 and "--overwrite" in message
+    code, message = _merge(capsys, base, adapters, out, "--overwrite")
+    assert code == 2 and message == (f"iteris-daemon: error: {out}: holds no merged adapter (no adapter_config.json or "
+                                     "merge_report.json), so --overwrite does not replace it: all its files would be "
+                                     "deleted; remove it yourself, or choose another --out"), message
     assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    flags = ("--strategy", "task_arithmetic", "--no-eval")
+    assert _merge(capsys, base, adapters, out, *flags)[0] == 0  # empty: no --overwrite needed
+    assert _merge(capsys, base, adapters, out, *flags, "--overwrite")[0] == 0  # a merge's: replaced
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("which", ["adapter", "parent of an adapter", "base model", "calibration file's folder",
