@@ -454,6 +454,10 @@ class GroupConfig(_Strict):
         for field in ("sources", "ids"):
             if getattr(select, field) == []:
                 raise ValueError(f"{field} = [] selects nothing; leave it out to select by the other filters")
+        if any(not pattern for pattern in select.names):
+            raise ValueError('names: "" matches no adapter name; "*" matches every one')
+        if any(adapter_id < 1 for adapter_id in select.ids or ()):
+            raise ValueError("ids: adapter ids are 1 or more (`iteris-daemon adapters list` shows them)")
         return select
 
     @field_validator("destinations")

@@ -197,6 +197,9 @@ HUB_SOURCE = '[[sources]]\nname = "s"\nkind = "hub"\nrepos = ["acme/x"]\n'
     # Selected nothing, for ever.
     (GROUP + '[groups.select]\nsources = []\n' + FOLDER, "groups.0.select: sources = [] selects nothing; leave it out"),
     (GROUP + '[groups.select]\nids = []\n' + FOLDER, "groups.0.select: ids = [] selects nothing; leave it out"),
+    # ... as did an empty name pattern and an id below 1 (QA CFG), though this README said so.
+    (GROUP + '[groups.select]\nnames = ["a*", ""]\n' + FOLDER, 'groups.0.select: names: "" matches no adapter name'),
+    (GROUP + '[groups.select]\nids = [2, -1]\n' + FOLDER, "groups.0.select: ids: adapter ids are 1 or more"),
     # Taken for the working directory (a service's is /).
     (GROUP.replace('"b"', '""') + FOLDER, "groups.0.base_model: empty (it would be the working directory)"),
     ('[daemon]\nstate_dir = ""\n', "daemon.state_dir: empty (it would be the working directory)"),
