@@ -469,7 +469,9 @@ class _Alignment:
                                    definite=options.a2 > 0 or options.offdiag_scale < 1,
                                    fill=self._weighted_mean(p)).float().cpu()  # where the Grams resolve nothing
             if not torch.isfinite(new[p]).all():
-                raise MergeError(f"{p}: the solve produced NaN/Inf; raise a1/a2 or check the calibration data")
+                raise MergeError(f"{p}: the solve produced NaN/Inf (a1 = {options.a1:g}, a2 = {options.a2:g}): raise "
+                                 "them where they are near 0, lower them where they are huge, or check the "
+                                 "calibration data")
             if previous is not None:
                 self._track_change(p, previous[p], new[p])
         self.timing["solve_s"] += time.perf_counter() - started

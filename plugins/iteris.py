@@ -73,6 +73,14 @@ class IterISParams(FeatureParams):
         refuse_all_zero("task_weights", self.task_weights)
         return self
 
+    @model_validator(mode="after")
+    def _refinement_runs_by_block(self):
+        """Refinement distils block outputs: with whole-model passes it was skipped, with a
+        WARNING that blamed the model."""
+        if self.refine_steps and not self.blockwise:
+            raise ValueError("refine_steps needs blockwise = true (refinement works block by block)")
+        return self
+
 
 class IterIS:
     name = "iteris"

@@ -598,6 +598,15 @@ def test_a_bare_string_parameter_stays_a_string_whatever_it_starts_with():
         assert parse_param(f"label={value}") == ("label", value)
 
 
+def test_a_solve_that_overflows_under_a_huge_a1_names_the_values(workspace, capsys):
+    """``a1=1e300`` overflowed the solve, and the error advised to "raise a1/a2" (QA CLI): it
+    names the values now and says which way to move them."""
+    base, adapters, tmp = workspace
+    code, message = _merge(capsys, base, adapters, tmp / "out", "--param", "a1=1e300", "--param", "iterations=1")
+    _assert_refused(code, message, tmp / "out", "the solve produced NaN/Inf (a1 = 1e+300, a2 = 0.001): raise them "
+                    "where they are near 0, lower them where they are huge, or check the calibration data")
+
+
 def test_existing_output_is_kept(workspace, capsys):
     """A folder that is no merge's is kept with --overwrite too: `--out ~/project --overwrite`
     (a typo) replaced the whole tree by the merge (QA CLI); a previous merge's is replaced."""

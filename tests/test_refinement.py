@@ -2,7 +2,6 @@
 against hidden states that plain transformers models compute with the weights written
 in by hand: no engine code in the reference."""
 
-import logging
 import random
 import re
 
@@ -98,12 +97,16 @@ def test_refinement_keeps_the_rank(tiny, tmp_path, family):
     PeftModel.from_pretrained(model_class(TASK_TYPES[family]).from_pretrained(base_dir), tmp_path / "refined")
 
 
-def test_refinement_without_blocks_is_skipped_and_says_so(tiny, tmp_path, caplog):
+def test_refinement_with_whole_model_passes_is_refused_naming_both(tiny, tmp_path):
+    """``refine_steps=5 blockwise=false`` merged without refining, with a WARNING that blamed the
+    model ("needs block-by-block execution, which ... does not allow"; QA CLI): refused now,
+    before anything loads."""
+    from iteris_daemon.errors import ParameterError
+
     base_dir, adapter_dirs = tiny["bert"]
-    with caplog.at_level(logging.WARNING, logger="iteris_daemon.refinement"):
-        report = _merge(base_dir, adapter_dirs, tmp_path / "out", refine_steps=5, blockwise=False, iterations=1)
-    assert report["metrics"]["refinement"]["refined_blocks"] == 0
-    assert "refinement skipped: it needs block-by-block execution" in caplog.text
+    with pytest.raises(ParameterError, match=r"refine_steps needs blockwise = true"):
+        _merge(base_dir, adapter_dirs, tmp_path / "out", refine_steps=5, blockwise=False, iterations=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_cli_turns_refinement_on_and_reports_it(tiny, tmp_path, capsys):
