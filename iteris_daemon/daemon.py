@@ -61,7 +61,7 @@ from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
 from .logs import Repeated, counted
 from .paths import leftover_copies, private_dir, state_dir
-from .peers import Peers, shared_settings
+from .peers import Peers, presence
 from .retry import bound_requests
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, KEEP_DROPPED_SECONDS, discard_copies, groups_behind,
                      recover_interrupted, run_group, sync_group, worker_id)
@@ -645,6 +645,10 @@ class Daemon:
                 if webhooks is not None:
                     self._webhook.options = webhooks
                 self._reload_refused = None
+                try:  # the groups it runs now, for merge-now, at once rather than at the next catalog check
+                    self._check_peers()
+                except Exception as exc:  # the presence job says it again, as it fails
+                    log.debug("could not announce the reloaded groups: %s", exc)
                 self._warn_start_only(config.daemon)
                 warn_unlimited_cuda_workers(config.daemon.worker_memory_limit_mb, self._slots)  # the start's devices
                 log.info("configuration reloaded: %s", self._summary())
@@ -944,7 +948,7 @@ class Daemon:
         live = max(settings.claim_ttl_seconds, 3 * settings.catalog_check_seconds)
         with self.catalog_health.watching("peers"):
             self._shared = bool(self.peers.others(within=live))
-            for peer, differ in self.peers.disagreements(shared_settings(settings), within=live):
+            for peer, differ in self.peers.disagreements(presence(settings, self._groups), within=live):
                 log.warning("daemon %s, also on this catalog, has other settings: %s. Give every daemon on one catalog "
                             "the same [daemon.limits] and trust_remote_code: under different ones each judges the other's "
                             "adapter verdicts again at every look, and an adapter one accepts and the other refuses flips "

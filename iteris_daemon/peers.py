@@ -13,6 +13,7 @@ for :data:`FORGET_AFTER` (killed ones) are removed by the others.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,16 +27,25 @@ from .config import DaemonSettings
 FORGET_AFTER = timedelta(days=1)
 
 
+GROUPS = "groups"  # a daemon's row also names the groups it runs, which daemons need not share
+
+
 def shared_settings(settings: DaemonSettings) -> dict[str, Any]:
     """The ``[daemon]`` settings every daemon on one catalog must agree on."""
     return {"limits": settings.limits.model_dump(), "trust_remote_code": sorted(settings.trust_remote_code)}
+
+
+def presence(settings: DaemonSettings, groups: Iterable[str]) -> dict[str, Any]:
+    """What a daemon's row holds: the shared settings, and the groups it runs (``merge-now``
+    tells a group no running daemon has from one that waits for a daemon to start)."""
+    return {**shared_settings(settings), GROUPS: sorted(groups)}
 
 
 def differences(mine: dict[str, Any], theirs: dict[str, Any], labels: tuple[str, str] = ("here", "there"),
                 prefix: str = "") -> list[str]:
     """``"limits.max_rank: 4096 here, 64 there"`` for each setting that differs."""
     found = []
-    for key in sorted(set(mine) | set(theirs)):
+    for key in sorted((set(mine) | set(theirs)) - ({GROUPS} if not prefix else set())):
         here, there = mine.get(key), theirs.get(key)
         if isinstance(here, dict) and isinstance(there, dict):
             found += differences(here, there, labels, f"{prefix}{key}.")

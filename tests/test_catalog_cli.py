@@ -751,6 +751,35 @@ def test_merge_now_refuses_a_group_the_config_no_longer_has(tmp_path, capsys):
     catalog.close()
 
 
+@pytest.mark.parametrize("forced", [False, True])
+def test_merge_now_with_db_refuses_a_group_no_running_daemon_has(tmp_path, capsys, forced):
+    """`merge-now OLD --db` for a group the running daemon's config dropped said "the running
+    daemon starts it within seconds", and the request (forced, too) waited in the catalog: when
+    the group came back, weeks later maybe, a forced run went past the gates at once (QA STAT).
+    Daemons' rows now name their groups: refused, nothing requested, while none has it; a
+    daemon that has it, or one of a version whose row names none, takes the request."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = Catalog(url)
+    with catalog.session() as session:
+        session.add(MergeGroup(name="old", base_model="b", strategy="iteris"))
+        session.add(DaemonPresence(holder="host:1:daemon", settings={"limits": {}, "groups": ["new"]}))
+    flags = ["--force"] if forced else []
+    code, out, err = run(capsys, "merge-now", "old", "--db", url, *flags)
+    assert (code, out) == (2, "") and err == (
+        "iteris-daemon: error: group 'old' is in the catalog, but no running daemon has it in its config "
+        "(host:1:daemon): add it back and reload the daemon; nothing was requested\n"), err
+    with catalog.session() as session:
+        group = session.scalar(select(MergeGroup).where(MergeGroup.name == "old"))
+        assert group.requested_at is None and not group.force_requested
+    for groups in (["new", "old"], None):
+        with catalog.session() as session:
+            row = session.get(DaemonPresence, "host:1:daemon")
+            row.settings = {"limits": {}, **({"groups": groups} if groups is not None else {})}
+        code, out, _ = run(capsys, "merge-now", "old", "--db", url, *flags)
+        assert code == 0 and out.endswith("the running daemon starts it within seconds\n"), out
+    catalog.close()
+
+
 def test_status_with_the_config_details_only_its_groups(tmp_path, capsys):
     """A group dropped from the config (a SIGHUP reload) stays in the catalog with its runs;
     `status --config` listed it as if merged, with its last and next run, for ever."""

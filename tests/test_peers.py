@@ -86,6 +86,8 @@ def test_differences_name_each_setting():
                        {"limits": {"max_rank": 8, "max_tensors": 2}, "trust_remote_code": ["x"]},
                        ("here", "on b")) == ["limits.max_tensors: 1 here, 2 on b", "trust_remote_code: [] here, ['x'] on b"]
     assert differences(DEFAULTS, DEFAULTS) == []
+    # The groups a daemon runs are in its row (for merge-now) and are its own: not a difference.
+    assert differences({**DEFAULTS, "groups": ["a"]}, {**DEFAULTS, "groups": ["b", "c"]}) == []
 
 
 def test_status_lists_the_daemons_and_their_differences(tmp_path):
@@ -110,7 +112,7 @@ def test_a_running_daemon_warns_about_a_peer_and_leaves_the_catalog_when_it_stop
     state.mkdir(mode=0o700)
     catalog = Catalog(f"sqlite:///{state / 'catalog.db'}")
     try:
-        Peers(catalog, "elsewhere:4242:cafe").announce(LOWER_RANK)
+        Peers(catalog, "elsewhere:4242:cafe").announce({**LOWER_RANK, "groups": ["theirs"]})
         config = tmp_path / "daemon.toml"
         config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(state))}\n"
                           f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ncatalog_check_seconds = 0.5\n")
@@ -127,6 +129,9 @@ def test_a_running_daemon_warns_about_a_peer_and_leaves_the_catalog_when_it_stop
             assert "daemon elsewhere:4242:cafe, also on this catalog, has other settings: limits.max_rank: 4096 " \
                    "here, 64 there" in log[-1], "".join(log)
             assert len(_holders(catalog)) == 2
+            with catalog.session() as session:  # its row names the groups it runs: none in this config
+                own = [row.settings for row in session.scalars(select(DaemonPresence)) if row.holder != "elsewhere:4242:cafe"]
+            assert [settings.get("groups") for settings in own] == [[]], own
         finally:
             proc.terminate()
             rest = proc.communicate(timeout=60)[1]

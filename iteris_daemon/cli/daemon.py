@@ -125,6 +125,7 @@ def _status(args) -> int:
 
 def _merge_now(args) -> int:
     from ..catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc, utcnow
+    from ..peers import GROUPS
 
     configured = _configured_groups(_config(args))
     if configured is not None and args.group not in configured:
@@ -138,6 +139,14 @@ def _merge_now(args) -> int:
                               "(start the daemon, or send it SIGHUP after editing the config)")
         if group is None:
             raise ConfigError(f"no merge group named {args.group!r} (groups come from the daemon's config)")
+        now = catalog.now(session)  # the clock the daemons' rows were written by (a server's)
+        live = session.scalars(select(DaemonPresence).where(DaemonPresence.seen_at >= now - STALE_PRESENCE)).all()
+        if live and not any(args.group in (d.settings or {}).get(GROUPS, [args.group]) for d in live):
+            # Recorded, the request waited for the group's return, weeks later maybe, and a forced one then
+            # ran past the gates at once.
+            raise ConfigError(f"group {args.group!r} is in the catalog, but no running daemon has it in its config "
+                              f"({', '.join(d.holder for d in live)}): add it back and reload the daemon; nothing "
+                              "was requested")
         group.requested_at = utcnow()
         group.force_requested = group.force_requested or args.force
         last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0
@@ -145,7 +154,6 @@ def _merge_now(args) -> int:
         # A daemon removes its row as it stops, and refreshes it at each catalog check (30 s by
         # default), at least every minute; a killed one leaves it behind.
         seen = session.scalar(select(func.max(DaemonPresence.seen_at)))
-        now = catalog.now(session)  # the clock the daemons' rows were written by (a server's)
     if seen is None:
         where = "no daemon is using this catalog now: the run starts when one starts"
     elif now - seen > STALE_PRESENCE:
