@@ -139,7 +139,8 @@ def render(report: dict[str, Any]) -> str:
     if not report["sources"]:
         lines.append("  (none)")
     for s in report["sources"]:
-        health = "ok" if s["healthy"] else f"UNHEALTHY ({s['last_error']})"
+        health = ("removed (disabled: kept for the runs that merged its adapters)" if not s["enabled"]
+                  else "ok" if s["healthy"] else f"UNHEALTHY ({s['last_error']})")
         lines.append(f"  {s['name']:20} {s['kind']:6} {health}  last poll {s['last_poll_at'] or '-'}")
     lines.append("groups:")
     if not report["groups"] and not report.get("not_loaded"):

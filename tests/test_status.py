@@ -4,6 +4,7 @@ on the real folder source, catalog and folder publisher (the ``setup`` fixture o
 from __future__ import annotations
 
 import json
+import re
 import os
 from datetime import datetime, timezone
 
@@ -174,7 +175,10 @@ def test_a_disabled_sources_adapters_wait_for_no_merge(setup, capsys):
     with setup.catalog.session() as session:
         session.scalar(select(Source).where(Source.name == "team")).enabled = False
     assert json.loads(status(capsys, setup, "--json"))["groups"][0]["waiting"]["not_yet_merged"] == []
-    assert "not yet merged" not in status(capsys, setup)
+    text = status(capsys, setup)
+    assert "not yet merged" not in text
+    # ... and the source itself read "ok", as a watched one does (QA STAT)
+    assert re.search(r"^  team +local  removed \(disabled: kept for the runs that merged its adapters\)", text, re.M), text
 
 
 def test_an_adapter_two_sources_watch_is_merged_once_and_not_shown_waiting(setup, capsys):
