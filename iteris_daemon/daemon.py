@@ -874,6 +874,7 @@ class Daemon:
         if self._stopping.is_set():
             return
         with self.catalog_health.watching("catalog-check"):
+            self.catalog.check_file()
             self._follow_catalog_sources()
             busy = [s.name for s in (*list(self._local.values()), *list(self._hub.values())) if s.busy]
             if busy:  # what it registered so far is half of a change it reports when done

@@ -1104,6 +1104,35 @@ def test_a_failing_catalog_is_unhealthy_within_minutes_whatever_the_catalog_chec
         daemon.scheduler.shutdown(wait=False)
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_sqlite_catalog_deleted_under_the_daemon_makes_it_unhealthy(tmp_path, how):
+    """The catalog file deleted (or another put in its place) under a running daemon: it went
+    on registering and publishing into the deleted file, /healthz 200, `status` finding no
+    catalog, and a restart lost that history (QA OPS). Each catalog check now fails on it, so
+    /healthz says so within 3 checks, naming the file; the real file, really deleted."""
+    daemon, now = _daemon_on_a_fake_clock(tmp_path, "catalog_check_seconds = 30\n")
+    try:
+        for second in (0, 30):
+            now[0] = 1000.0 + second
+            daemon._catch_up()
+        assert daemon.health_problem() is None
+        path = tmp_path / "catalog.db"
+        if how == "deleted":
+            path.unlink()
+        else:
+            path.rename(tmp_path / "old.db")
+            Catalog(f"sqlite:///{path}").close()  # a new, empty catalog in its place
+        for second in range(60, 200, 30):
+            now[0] = 1000.0 + second
+            daemon._catch_up()
+        problem = daemon.health_problem()
+        assert problem is not None and "has failed job catalog-check" in problem, problem
+        assert f"the catalog file {path} was deleted or replaced while this process had it open" in problem, problem
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+        daemon.catalog.close()
+
+
 def test_a_catalog_that_stops_answering_is_unhealthy_within_minutes(tmp_path, monkeypatch):
     """A lock held on the catalog's tables, or a server that stops answering without closing
     the connection: no error ever comes, the tick waits for ever, and /healthz said ok for

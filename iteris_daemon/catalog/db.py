@@ -65,12 +65,16 @@ class CatalogLockedError(CatalogError):
     """Another process held the SQLite catalog's write lock for longer than the busy timeout."""
 
 
+class CatalogFileGone(CatalogError):
+    """The SQLite file a running process opened was deleted or replaced under it."""
+
+
 # What a database that cannot be read or written raises (its server down or restarting, a
 # lock held past the busy timeout, a full disk), as opposed to a bug.
 DATABASE_FAILURES = (DBAPIError, CatalogLockedError)
 # The same, with the file system's errors (a SQLite file): what the daemon's periodic jobs
 # catch, say and go on from.
-CATALOG_FAILURES = (*DATABASE_FAILURES, OSError)
+CATALOG_FAILURES = (*DATABASE_FAILURES, OSError, CatalogFileGone)
 
 
 def sqlite_url(path: Path) -> str:
@@ -336,6 +340,27 @@ class Catalog:
                 raise CatalogError(f"cannot open {'or migrate ' if create else ''}the catalog at {self.safe_url}: "
                                    f"{exc}".splitlines()[0]) from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._opened = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        """The SQLite file this catalog opened, as (device, inode); None for a server's."""
+        path = self.engine.url.database if self._sqlite else None
+        if not path or path == ":memory:":
+            return None
+        try:
+            found = os.stat(path)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def check_file(self) -> None:
+        """Raise :class:`CatalogFileGone` if the SQLite file was deleted or replaced since it was
+        opened: the daemon went on writing into the deleted file, its health ok, while
+        ``status`` found no catalog and a restart lost what it had recorded meanwhile."""
+        if self._opened is not None and self._file_identity() != self._opened:
+            raise CatalogFileGone(f"the catalog file {self.engine.url.database} was deleted or replaced while this "
+                               "process had it open: it writes into the file it opened, which nothing else reads; "
+                               "restart the daemon (what it recorded since is lost)")
 
     @property
     def safe_url(self) -> str:
