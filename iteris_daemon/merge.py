@@ -149,7 +149,11 @@ def load_adapters(specs: list[AdapterSpec], base_checked: bool = False,
     _tell_apart(adapters)
     if len({a.task_type for a in adapters}) > 1:  # before the base model loads (its class follows the task type)
         listing = ", ".join(f"{a.name}: {a.task_type or 'none'}" for a in adapters)
-        raise IncompatibleAdaptersError(f"adapters have different task types ({listing}); one merge has one model class")
+        untyped = None in {a.task_type for a in adapters}
+        raise IncompatibleAdaptersError(
+            f"adapters have different task types ({listing}); one merge has one model class"
+            + ("; an adapter without one is a plain model's to PEFT: if it was trained for a task (CAUSAL_LM, say), "
+               'set "task_type" in its adapter_config.json' if untyped else ""))
     # One spelling per base model: ./base and /srv/base may be one folder.
     bases = {model_location(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1 and not base_checked:

@@ -838,6 +838,14 @@ def test_adapters_of_different_task_types_are_named_before_the_model_loads(works
     _assert_refused(code, message, tmp / "out", f"adapters have different task types ({first.name}: "
                     f"{json.loads((first / 'adapter_config.json').read_text()).get('task_type') or 'none'}, "
                     f"{second.name}: FEATURE_EXTRACTION); one merge has one model class")
+    # An adapter saved without a task_type beside a CAUSAL_LM one: the error says how to fix it (QA CLI).
+    (second / "adapter_config.json").write_text(json.dumps({**config, "task_type": None}))
+    first_config = json.loads((first / "adapter_config.json").read_text())
+    (first / "adapter_config.json").write_text(json.dumps({**first_config, "task_type": "CAUSAL_LM"}))
+    code, message = _merge(capsys, tmp / "no-such-base", [first, second], tmp / "out")
+    _assert_refused(code, message, tmp / "out", f"({first.name}: CAUSAL_LM, {second.name}: none); one merge has one "
+                    "model class; an adapter without one is a plain model's to PEFT: if it was trained for a task "
+                    '(CAUSAL_LM, say), set "task_type" in its adapter_config.json')
 
 
 def test_an_unknown_modules_to_save_rule_is_refused(workspace, capsys):
