@@ -193,7 +193,9 @@ def gather_calibration(
             if data is None and required:
                 raise CalibrationError(
                     adapter.path,
-                    f"no calibration data for adapter {adapter.name} (asked: {', '.join(options.order)}): add "
+                    f"no calibration data for adapter {adapter.name} "
+                    f"({'asked: ' + ', '.join(options.order) if options.order else 'no source asked: the order is empty'}"
+                    "): add "
                     "calibration.jsonl to the folder or pass --adapter DIR=FILE.jsonl",
                 )
             found.append(data)
