@@ -848,6 +848,14 @@ def test_adapters_of_different_task_types_are_named_before_the_model_loads(works
                     '(CAUSAL_LM, say), set "task_type" in its adapter_config.json')
 
 
+def test_an_empty_calibration_order_is_named_as_such(workspace, capsys):
+    """`--calibration-order ""` ended in "no calibration data ... (asked: )" (QA CLI)."""
+    base, adapters, tmp = workspace
+    code, message = _merge(capsys, base, adapters, tmp / "out", "--calibration-order", "")
+    _assert_refused(code, message, tmp / "out", f"no calibration data for adapter {adapters[0].name} (no source asked: "
+                    "the order is empty): add calibration.jsonl")
+
+
 def test_an_unknown_modules_to_save_rule_is_refused(workspace, capsys):
     """Also when no adapter has modules_to_save: a typo is not silently ignored."""
     base, adapters, tmp = workspace
