@@ -92,14 +92,18 @@ STATE_LOCK = "daemon.lock"  # in the state folder: held by the daemon that uses 
 
 
 def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
-    """Configured sources are written into the catalog (the config wins); others stay, said in
-    the log, as are groups that select sources the catalog does not have."""
+    """Configured sources are written into the catalog (the config wins, saying what it changed:
+    a source of `sources add` that a config's of its name took over lost its adapters without a
+    word); others stay, said in the log, as are groups that select sources the catalog does not have."""
     for source in config.sources:
         def upsert(session, source=source) -> None:
             row = session.scalar(select(Source).where(Source.name == source.name))
             if row is None:
                 add_source(session, source.name, SourceKind(source.kind), source.settings())
             else:
+                if (row.kind.value, row.settings) != (source.kind, source.settings()):  # a source of the catalog's,
+                    log.info("source %s: the config's settings replace the catalog's (%s %s)", source.name,
+                             row.kind.value, row.settings)  # taken over by the config's of that name, say
                 row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
 
         catalog.write_retrying_conflict(upsert)

@@ -2015,6 +2015,17 @@ def test_sources_in_the_catalog_but_not_in_the_config_are_named_at_start(tmp_pat
     assert "also watching" not in caplog.text
     with catalog.session() as session:
         add_source(session, "old-name", SourceKind.local, {"paths": [str(tmp_path)]})
+        # a source of `sources add` that the config's of its name takes over: said, not silent (QA CFG)
+        add_source(session, "added", SourceKind.local, {"paths": ["/srv/loras"]})
+    with caplog.at_level(logging.INFO, logger="iteris_daemon"):
+        sync_sources(catalog, load_config(config))  # the config's own source, unchanged: nothing said
+        assert "replace the catalog's" not in caplog.text
+        elsewhere = tmp_path.with_name(f"{tmp_path.name}-elsewhere")
+        elsewhere.mkdir()
+        config.write_text(config.read_text() + '[[sources]]\nname = "added"\nkind = "local"\n'
+                          f'paths = [{json.dumps(str(elsewhere))}]\n')
+        sync_sources(catalog, load_config(config))
+    assert "source added: the config's settings replace the catalog's (local {'paths': ['/srv/loras']" in caplog.text
     sync_sources(catalog, load_config(config))
     assert "also watching source old-name from the catalog, not in the config" in caplog.text
     assert "`iteris-daemon sources remove NAME`" in caplog.text
