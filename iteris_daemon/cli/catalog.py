@@ -55,7 +55,11 @@ def register(commands) -> None:
 
     db = commands.add_parser("db", help="catalog database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    upgrade = db_commands.add_parser("upgrade", parents=[db_options], help="create or migrate the catalog to the current schema")
+    upgrade = db_commands.add_parser(
+        "upgrade", parents=[db_options], help="create or migrate the catalog to the current schema",
+        description="Create the catalog the options name if there is none, or migrate it to this iteris-daemon's "
+                    "schema (the daemon does so itself as it starts; the commands that only read refuse an older "
+                    "schema). Prints the revision it is at.")
     upgrade.set_defaults(handler=_db_upgrade)
     prune = db_commands.add_parser(
         "prune", parents=[db_options], help="delete old merge runs, adapter revisions and daemon rows",
@@ -117,7 +121,13 @@ def register(commands) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_sources_list)
 
-    remove = source_commands.add_parser("remove", parents=[db_options], help="remove a source and its adapters")
+    remove = source_commands.add_parser(
+        "remove", parents=[db_options], help="remove a source and its adapters",
+        description="Remove a source at once (no confirmation): its adapters are marked removed, and a running "
+                    "daemon stops watching it and merges its groups without them at its next catalog check. A source "
+                    "whose adapters past runs merged is disabled, kept for that history; `sources add` with its "
+                    "settings adds it again. A Hub source's downloads no other adapter uses are deleted. A source "
+                    "of --config's is refused: the daemon's config owns it.")
     remove.add_argument("name", help="the source's name (`sources list` shows them)")
     remove.set_defaults(handler=_sources_remove)
 
