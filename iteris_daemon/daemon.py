@@ -101,9 +101,9 @@ def sync_sources(catalog: Catalog, config: DaemonConfig) -> None:
             if row is None:
                 add_source(session, source.name, SourceKind(source.kind), source.settings())
             else:
-                if (row.kind.value, row.settings) != (source.kind, source.settings()):  # a source of the catalog's,
-                    log.info("source %s: the config's settings replace the catalog's (%s %s)", source.name,
-                             row.kind.value, row.settings)  # taken over by the config's of that name, say
+                if (row.kind.value, row.settings, row.enabled) != (source.kind, source.settings(), True):
+                    log.info("source %s: the catalog's %s source%s, %s, takes the config's settings", source.name,
+                             row.kind.value, "" if row.enabled else " (removed, enabled again)", row.settings)
                 row.kind, row.settings, row.enabled = SourceKind(source.kind), source.settings(), True
 
         catalog.write_retrying_conflict(upsert)
@@ -649,10 +649,6 @@ class Daemon:
                 if webhooks is not None:
                     self._webhook.options = webhooks
                 self._reload_refused = None
-                try:  # the groups it runs now, for merge-now, at once rather than at the next catalog check
-                    self._check_peers()
-                except Exception as exc:  # the presence job says it again, as it fails
-                    log.debug("could not announce the reloaded groups: %s", exc)
                 self._warn_start_only(config.daemon)
                 warn_unlimited_cuda_workers(config.daemon.worker_memory_limit_mb, self._slots)  # the start's devices
                 log.info("configuration reloaded: %s", self._summary())

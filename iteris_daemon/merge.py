@@ -190,12 +190,13 @@ def gather_calibration(
     with releasing({name: available[name] for name in options.order}):
         for adapter in adapters:
             data = first_calibration(adapter, options, available)
+            if data is None and required and not options.order:
+                raise CalibrationError(adapter.path, f"no calibration data for adapter {adapter.name}: "
+                                                     "--calibration-order names no source (its default: files,adapter)")
             if data is None and required:
                 raise CalibrationError(
                     adapter.path,
-                    f"no calibration data for adapter {adapter.name} "
-                    f"({'asked: ' + ', '.join(options.order) if options.order else 'no source asked: the order is empty'}"
-                    "): add "
+                    f"no calibration data for adapter {adapter.name} (asked: {', '.join(options.order)}): add "
                     "calibration.jsonl to the folder or pass --adapter DIR=FILE.jsonl",
                 )
             found.append(data)
@@ -452,11 +453,10 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
             if not overwrite:
                 what = "output folder exists and is not empty" if out.is_dir() else "exists and is not a folder"
                 raise OutputExistsError(f"{out}: {what} (use --overwrite to replace it)")
-            if out.is_dir() and not out.is_symlink() and not any((out / name).is_file()
-                                                                 for name in (CONFIG_NAME, REPORT_NAME)):
-                raise OutputExistsError(f"{out}: holds no merged adapter (no {CONFIG_NAME} or {REPORT_NAME}), so "
-                                        "--overwrite does not replace it: all its files would be deleted; remove it "
-                                        "yourself, or choose another --out")
+            if out.is_dir() and not out.is_symlink() and not (out / REPORT_NAME).is_file():
+                raise OutputExistsError(f"{out}: holds no merge (no {REPORT_NAME}: a trained adapter or any other "
+                                        "folder), so --overwrite does not replace it: all its files would be deleted; "
+                                        "remove it yourself, or choose another --out")
     except OSError as exc:  # e.g. an unreadable folder
         raise OutputError(f"{out}: cannot use as the output folder: {exc.strerror or exc}") from None
     # The nearest ancestor that exists; the folders below it are created by the merge.

@@ -95,7 +95,7 @@ class Peers:
         found = []
         for peer in self.others(within):
             differ = differences(settings, peer.settings)
-            key = (peer.holder, repr(sorted(peer.settings.items())))
+            key = (peer.holder, repr(sorted((k, v) for k, v in peer.settings.items() if k != GROUPS)))
             if differ and key not in self._warned:
                 self._warned.add(key)
                 found.append((peer, differ))

@@ -617,10 +617,14 @@ def test_existing_output_is_kept(workspace, capsys):
     code, message = _merge(capsys, base, adapters, out)
     assert code == 2 and "--overwrite" in message
     code, message = _merge(capsys, base, adapters, out, "--overwrite")
-    assert code == 2 and message == (f"iteris-daemon: error: {out}: holds no merged adapter (no adapter_config.json or "
-                                     "merge_report.json), so --overwrite does not replace it: all its files would be "
-                                     "deleted; remove it yourself, or choose another --out"), message
+    refused = (f"iteris-daemon: error: {out}: holds no merge (no merge_report.json: a trained adapter or any other "
+               "folder), so --overwrite does not replace it: all its files would be deleted; remove it yourself, or "
+               "choose another --out")
+    assert code == 2 and message == refused, message
+    (out / "adapter_config.json").write_text("{}")  # a training run's folder: an adapter, a checkpoint, its log
+    assert _merge(capsys, base, adapters, out, "--overwrite") == (2, refused)
     assert (out / "keep.txt").read_text() == "precious"
+    (out / "adapter_config.json").unlink()
     (out / "keep.txt").unlink()
     flags = ("--strategy", "task_arithmetic", "--no-eval")
     assert _merge(capsys, base, adapters, out, *flags)[0] == 0  # empty: no --overwrite needed
@@ -852,8 +856,8 @@ def test_an_empty_calibration_order_is_named_as_such(workspace, capsys):
     """`--calibration-order ""` ended in "no calibration data ... (asked: )" (QA CLI)."""
     base, adapters, tmp = workspace
     code, message = _merge(capsys, base, adapters, tmp / "out", "--calibration-order", "")
-    _assert_refused(code, message, tmp / "out", f"no calibration data for adapter {adapters[0].name} (no source asked: "
-                    "the order is empty): add calibration.jsonl")
+    _assert_refused(code, message, tmp / "out", f"no calibration data for adapter {adapters[0].name}: "
+                    "--calibration-order names no source (its default: files,adapter)")
 
 
 def test_an_unknown_modules_to_save_rule_is_refused(workspace, capsys):

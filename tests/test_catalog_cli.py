@@ -383,9 +383,9 @@ def test_commands_that_read_the_catalog_do_not_migrate_it(tmp_path, capsys):
     for argv in (["status"], ["adapters", "list"], ["sources", "list"], ["merge-now", "g"]):
         code, out, err = run(capsys, *argv, "--db", url)
         assert code == 2 and err == (f"iteris-daemon: error: the catalog at sqlite:///{path} is at schema revision "
-                                     "0007, older than this iteris-daemon's 0012: run `iteris-daemon db upgrade` naming "
-                                     "it as this command did, by --db, $ITERIS_DAEMON_DB or --config (or start the "
-                                     "daemon, which migrates it)\n"), err
+                                     "0007, older than this iteris-daemon's 0012: run `iteris-daemon db upgrade` with "
+                                     "this command's --db or --config, if it had one (or start the daemon, which "
+                                     "migrates it)\n"), err
     assert catalog_db.current_revision(engine) == "0007"
     assert run(capsys, "db", "upgrade", "--db", url)[0] == 0 and catalog_db.current_revision(engine) == "0012"
     with engine.begin() as connection:

@@ -1109,7 +1109,8 @@ def test_a_sqlite_catalog_deleted_under_the_daemon_makes_it_unhealthy(tmp_path, 
     """The catalog file deleted (or another put in its place) under a running daemon: it went
     on registering and publishing into the deleted file, /healthz 200, `status` finding no
     catalog, and a restart lost that history (QA OPS). Each catalog check now fails on it, so
-    /healthz says so within 3 checks, naming the file; the real file, really deleted."""
+    /healthz says so at the 4th (3 failures over 3 checks' time), naming the file; the real
+    file, really deleted."""
     daemon, now = _daemon_on_a_fake_clock(tmp_path, "catalog_check_seconds = 30\n")
     try:
         for second in (0, 30):
@@ -1122,9 +1123,12 @@ def test_a_sqlite_catalog_deleted_under_the_daemon_makes_it_unhealthy(tmp_path, 
         else:
             path.rename(tmp_path / "old.db")
             Catalog(f"sqlite:///{path}").close()  # a new, empty catalog in its place
-        for second in range(60, 200, 30):
+        for second in (60, 90, 120):
             now[0] = 1000.0 + second
             daemon._catch_up()
+        assert daemon.health_problem() is None  # 3 failures, 60 s since the first: not yet
+        now[0] = 1150.0
+        daemon._catch_up()
         problem = daemon.health_problem()
         assert problem is not None and "has failed job catalog-check" in problem, problem
         assert f"the catalog file {path} was deleted or replaced while this process had it open" in problem, problem
@@ -2019,13 +2023,14 @@ def test_sources_in_the_catalog_but_not_in_the_config_are_named_at_start(tmp_pat
         add_source(session, "added", SourceKind.local, {"paths": ["/srv/loras"]})
     with caplog.at_level(logging.INFO, logger="iteris_daemon"):
         sync_sources(catalog, load_config(config))  # the config's own source, unchanged: nothing said
-        assert "replace the catalog's" not in caplog.text
+        assert "takes the config's settings" not in caplog.text
         elsewhere = tmp_path.with_name(f"{tmp_path.name}-elsewhere")
         elsewhere.mkdir()
         config.write_text(config.read_text() + '[[sources]]\nname = "added"\nkind = "local"\n'
                           f'paths = [{json.dumps(str(elsewhere))}]\n')
         sync_sources(catalog, load_config(config))
-    assert "source added: the config's settings replace the catalog's (local {'paths': ['/srv/loras']" in caplog.text
+    assert "source added: the catalog's local source, {'paths': ['/srv/loras']" in caplog.text
+    assert "takes the config's settings" in caplog.text
     sync_sources(catalog, load_config(config))
     assert "also watching source old-name from the catalog, not in the config" in caplog.text
     assert "`iteris-daemon sources remove NAME`" in caplog.text

@@ -391,7 +391,7 @@ def test_a_module_regex_that_backtracks_is_refused_by_the_daemon_and_by_merge(wa
     for number, (field, value) in enumerate(EVIL_MODULE_REGEXES):
         _set_config(shutil.copytree(lora, watched.folder / f"evil{number}"), **{field: value})
     quick = shutil.copytree(lora, watched.folder / "zz-quick")
-    _set_config(quick, target_modules=r".*\.(query|key|value|dense)", exclude_modules=r".*pooler.*")
+    _set_config(quick, target_modules=r".*\.(query|key|value|dense)", exclude_modules=r".*classifier.*")
     watched.scan()
     found = watched.found()
     for number, reason in enumerate(EVIL_MODULE_REGEXES.values()):
@@ -433,7 +433,11 @@ def test_pattern_keys_and_module_entries_that_backtrack_in_re_are_refused(watche
         _set_config(shutil.copytree(lora, watched.folder / f"evil-{name}"), **fields)
     quick = shutil.copytree(lora, watched.folder / "zz-quick")
     _set_config(quick, alpha_pattern={r"layer\.\d+\.attention\.self\.(query|value)": 8.0},
-                modules_to_save=["pool(er)?"], layers_to_transform=[0, 1], layers_pattern="lay(er)?")
+                modules_to_save=["classifi(er)?"], layers_to_transform=[0, 1], layers_pattern="lay(er)?")
+    from safetensors.torch import load_file, save_file
+
+    weights = quick / "adapter_model.safetensors"  # the pooler's LoRA: no layer of those PEFT would adapt
+    save_file({k: v for k, v in load_file(weights).items() if ".pooler." not in k}, weights)
     watched.scan()
     found = watched.found()
     for name, (_, reason) in EVIL_PEFT_REGEXES.items():

@@ -3,6 +3,7 @@ no patterns) unless ``--exact-ranks``, the Hub id of the base model the inputs n
 ``fan_in_fan_out`` from the layers."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -104,14 +105,17 @@ def test_a_padded_merge_merged_again_counts_as_its_own_ranks(mixed, tmp_path, st
     """Merged again with another adapter, the padded merge gave other deltas than the same
     merge written at its exact ranks (TSV, Core Space, Iso-CTS share a budget out by the
     inputs' ranks; TIES and DARE truncate to their sum: up to 0.6 relative). Zero
-    components are left out when an adapter is read, so both merge alike."""
+    components are left out when an adapter is read, so both merge alike. Both go by one name
+    (DARE draws each adapter's mask by its name)."""
     base, padded, exact = mixed
+    padded, exact = (shutil.copytree(folder, tmp_path / kind / "merged") for kind, folder in
+                     (("padded", padded), ("exact", exact)))
     assert {m.A.shape[0] for m in load_adapter(padded).modules.values()} == {2, 6}
     third = build_adapter(base, tmp_path / "c", seed=3, family="llama", task_type=LLAMA, r=4, targets=["q_proj", "v_proj"])
     name, _, param = strategy.partition(":")
     deltas = []
     for first in (padded, exact):
-        out = tmp_path / f"again-{first.name}"
+        out = tmp_path / f"again-{first.parent.name}"
         assert cli_merge(base, [first, third], out, "--strategy", name, *(["--param", param] if param else []),
                          "--no-eval", "--exact-ranks") == 0
         deltas.append({path: module.B @ module.A for path, module in load_adapter(out).modules.items()})

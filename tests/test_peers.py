@@ -38,6 +38,8 @@ def test_a_live_peer_with_other_settings_is_reported_once_per_settings(catalog_u
         (peer, differ), = b.disagreements(DEFAULTS, within=60)
         assert peer.holder == "host-a:1:aaaa" and differ == ["limits.max_rank: 4096 here, 64 there"]
         assert b.disagreements(DEFAULTS, within=60) == []  # once per peer and settings
+        a.announce({**LOWER_RANK, "groups": ["reloaded"]})  # its groups are not settings: not said again
+        assert b.disagreements(DEFAULTS, within=60) == []
         a.announce(TRUSTING)
         (peer, differ), = b.disagreements(DEFAULTS, within=60)
         assert differ == ["trust_remote_code: [] here, ['acme/base'] there"]
@@ -115,7 +117,9 @@ def test_a_running_daemon_warns_about_a_peer_and_leaves_the_catalog_when_it_stop
         Peers(catalog, "elsewhere:4242:cafe").announce({**LOWER_RANK, "groups": ["theirs"]})
         config = tmp_path / "daemon.toml"
         config.write_text(f"[daemon]\nstate_dir = {json.dumps(str(state))}\n"
-                          f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ncatalog_check_seconds = 0.5\n")
+                          f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ncatalog_check_seconds = 0.5\n"
+                          '[[groups]]\nname = "unified"\nbase_model = "org/base"\nmin_adapters = 2\n'
+                          f'[[groups.destinations]]\nkind = "folder"\npath = {json.dumps(str(tmp_path / "out"))}\n')
         proc = subprocess.Popen([sys.executable, "-m", "iteris_daemon", "--log-format", "text", "run", "--config",
                                  str(config)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         log = []
@@ -129,9 +133,9 @@ def test_a_running_daemon_warns_about_a_peer_and_leaves_the_catalog_when_it_stop
             assert "daemon elsewhere:4242:cafe, also on this catalog, has other settings: limits.max_rank: 4096 " \
                    "here, 64 there" in log[-1], "".join(log)
             assert len(_holders(catalog)) == 2
-            with catalog.session() as session:  # its row names the groups it runs: none in this config
+            with catalog.session() as session:  # its row names the groups it runs (for merge-now)
                 own = [row.settings for row in session.scalars(select(DaemonPresence)) if row.holder != "elsewhere:4242:cafe"]
-            assert [settings.get("groups") for settings in own] == [[]], own
+            assert [settings.get("groups") for settings in own] == [["unified"]], own
         finally:
             proc.terminate()
             rest = proc.communicate(timeout=60)[1]

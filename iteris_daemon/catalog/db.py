@@ -305,8 +305,8 @@ def schema_mismatch(engine: Engine, may_migrate: bool) -> str | None:
                 "upgrade iteris-daemon, or use the version that wrote it")
     if not may_migrate:
         return (f"is at schema revision {current}, older than this iteris-daemon's {SCHEMA_HEAD}: run "
-                "`iteris-daemon db upgrade` naming it as this command did, by --db, $ITERIS_DAEMON_DB or --config (or "
-                "start the daemon, which migrates it)")
+                "`iteris-daemon db upgrade` with this command's --db or --config, if it had one (or start the "
+                "daemon, which migrates it)")
     return None
 
 

@@ -123,10 +123,10 @@ def register(commands) -> None:
 
     remove = source_commands.add_parser(
         "remove", parents=[db_options], help="remove a source and its adapters",
-        description="Remove a source at once (no confirmation): its adapters are marked removed, and a running "
-                    "daemon stops watching it and merges its groups without them at its next catalog check. A source "
-                    "whose adapters past runs merged is disabled, kept for that history; `sources add` with its "
-                    "settings adds it again. A Hub source's downloads no other adapter uses are deleted. A source "
+        description="Remove a source at once (no confirmation); a running daemon stops watching it and merges "
+                    "its groups without its adapters at its next catalog check. A source whose adapters no run "
+                    "merged is deleted with them; one whose adapters past runs merged is disabled, its adapters "
+                    "marked removed, kept for that history, and `sources add` with its settings adds it again. A Hub source's downloads no other adapter uses are deleted. A source "
                     "of --config's is refused: the daemon's config owns it.")
     remove.add_argument("name", help="the source's name (`sources list` shows them)")
     remove.set_defaults(handler=_sources_remove)

@@ -144,9 +144,10 @@ def _merge_now(args) -> int:
         if live and not any(args.group in (d.settings or {}).get(GROUPS, [args.group]) for d in live):
             # Recorded, the request waited for the group's return, weeks later maybe, and a forced one then
             # ran past the gates at once.
+            fix = ("reload the daemon (SIGHUP): it has not loaded this config's group yet, or runs another config"
+                   if configured is not None else "add it back and reload the daemon")
             raise ConfigError(f"group {args.group!r} is in the catalog, but no running daemon has it in its config "
-                              f"({', '.join(d.holder for d in live)}): add it back and reload the daemon; nothing "
-                              "was requested")
+                              f"({', '.join(d.holder for d in live)}): {fix}; nothing was requested")
         group.requested_at = utcnow()
         group.force_requested = group.force_requested or args.force
         last = session.scalar(select(MergeRun.id).where(MergeRun.group_id == group.id).order_by(MergeRun.id.desc()).limit(1)) or 0

@@ -71,7 +71,7 @@ def register(commands) -> None:
     )
     merge.add_argument("--out", required=True, type=user_path, metavar="DIR", help="output adapter folder")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out holding a previous merge (atomically; a "
-                       "folder without adapter_config.json or merge_report.json is refused)")
+                       "folder without merge_report.json is refused; a file is replaced)")
     merge.add_argument("--output-dtype", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the merged adapter's weights (default: the input adapters', the widest when they "
                             "differ)")
