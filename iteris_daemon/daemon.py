@@ -60,7 +60,7 @@ from .endpoints import DaemonMetrics, HttpServer, Webhook, WebhookOptions, metri
 from .devices import unavailable
 from .errors import ConfigError, IterisError, first_line
 from .logs import Repeated, counted
-from .paths import leftover_copies, private_dir, state_dir
+from .paths import private_dir, state_dir
 from .peers import Peers, presence
 from .retry import bound_requests
 from .runner import (CLAIMED_ELSEWHERE, INPUTS_PREFIX, KEEP_DROPPED_SECONDS, discard_copies, groups_behind,
@@ -512,10 +512,12 @@ class Daemon:
         self._bind_http(settings)
         for run_id in recover_interrupted(self.catalog):
             log.warning("run %d was interrupted when the daemon stopped; its group runs again", run_id)
-            for leftover in (self.work / f"run-{run_id}", *leftover_copies(self.work / f"run-{run_id}")):
-                shutil.rmtree(leftover, ignore_errors=True)  # its half-written or unpublished merge
-        for leftover in (*self.work.glob(f"{INPUTS_PREFIX}*"), *self.work.glob(f"{SHAPES_PREFIX}*")):  # killed runs' and workers' files
-            shutil.rmtree(leftover, ignore_errors=True)
+        # Killed runs' and workers' files: every run's folder (this daemon holds the state
+        # folder's lock; a kill after a run's end was recorded, before its folder went, left
+        # it), its half-written copies, gathered inputs and shape jobs' folders.
+        for pattern in ("run-*", ".run-*", f"{INPUTS_PREFIX}*", f"{SHAPES_PREFIX}*"):
+            for leftover in self.work.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.scheduler = new_scheduler(settings)
         self._slots = settings.slot_devices()
         for device in self._slots:

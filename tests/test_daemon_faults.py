@@ -1391,10 +1391,16 @@ def test_a_second_daemon_on_the_same_state_folder_is_refused_and_a_killed_one_le
                                               f"{state} (it holds {state / 'daemon.lock'}): one daemon per state "
                                               "folder; stop that one, or give this one another [daemon] state_dir")
     assert not second.logs("catalog") and running.is_dir()
+    # A run whose end was recorded, killed before its folder went, and a staging copy of its merge (QA OPS).
+    ended = [state / "runs" / "run-9", state / "runs" / ".run-9.x1y2"]
+    for folder in ended:
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
     assert first.kill() == -signal.SIGKILL
     third = daemons(config, tmp_path / "third.log", "third")
     third.wait_event("notify", r"^READY=1$")
-    assert not running.exists()  # its own start's cleanup: the killed daemon's leftovers
+    assert not running.exists() and not any(f.exists() for f in ended)  # its start's cleanup: the killed one's leftovers
+    assert (state / "runs").is_dir()
     assert (state / "daemon.lock").read_text() == f"{third.proc.pid}\n"
     assert third.stop() == 0, third.tail()
 
