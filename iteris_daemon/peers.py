@@ -25,6 +25,7 @@ from .catalog.models import DaemonPresence
 from .config import DaemonSettings
 
 FORGET_AFTER = timedelta(days=1)
+GONE_AFTER = timedelta(minutes=10)  # a daemon refreshes its row at least every minute: not seen for this long, gone
 
 
 GROUPS = "groups"  # a daemon's row also names the groups it runs, which daemons need not share

@@ -20,7 +20,7 @@ from .catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGrou
 from .catalog.registry import list_sources
 from .config import DaemonSettings, Selection
 from .figures import summary, task_figures
-from .peers import differences
+from .peers import FORGET_AFTER, GONE_AFTER, differences
 from .runner import merge_candidates, of_other_base_models, selected, unmerged
 
 CLAIM_TTL = DaemonSettings.model_fields["claim_ttl_seconds"].default  # without a config: the default
@@ -124,9 +124,12 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
                 "waiting": {"held_back": held_back, "not_yet_merged": new,
                             "other_base_model": of_other_base_models(candidates, group.base_model, selection)},
             })
+        # A killed daemon's row stays until another daemon forgets it (a day): with none alive,
+        # rows of any age were listed as "seen in the last day"; one not seen lately is marked.
         daemons = [{"holder": d.holder, "started_at": iso_utc(d.started_at), "seen_at": iso_utc(d.seen_at),
-                    "settings": d.settings}
-                   for d in session.scalars(select(DaemonPresence).order_by(DaemonPresence.seen_at.desc()))]
+                    "settings": d.settings, "live": now - d.seen_at.replace(tzinfo=None) <= GONE_AFTER}
+                   for d in session.scalars(select(DaemonPresence).where(DaemonPresence.seen_at >= now - FORGET_AFTER)
+                                            .order_by(DaemonPresence.seen_at.desc()))]
     report = {"sources": sources, "groups": groups, "daemons": daemons}
     if configured is not None:
         report["not_configured"] = not_configured
@@ -188,5 +191,6 @@ def render(report: dict[str, Any]) -> str:
     for d in report["daemons"]:
         differ = differences(d["settings"], first["settings"], ("here", f"on {first['holder']}")) if d is not first else []
         lines.append(f"  {d['holder']}  started {d['started_at']}, last seen {d['seen_at']}"
+                     + ("" if d["live"] else " (not seen for over 10 minutes: stopped or killed?)")
                      + (f"; OTHER SETTINGS: {'; '.join(differ)}" if differ else ""))
     return "\n".join(lines)

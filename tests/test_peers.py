@@ -106,6 +106,26 @@ def test_status_lists_the_daemons_and_their_differences(tmp_path):
     assert "limits.max_rank:" in other and "4096" in other and "64" in other
 
 
+def test_status_lists_only_daemons_seen_in_the_last_day_and_marks_those_gone(tmp_path):
+    """With no daemon alive to forget them, rows of any age were listed "seen in the last day"
+    (a killed daemon's, 200 days old), and one killed a minute ago read like a live one (QA STAT)."""
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    try:
+        with catalog.session() as session:
+            now = catalog.now(session)
+            for holder, age in (("live:1:a", timedelta(seconds=30)), ("killed:2:b", timedelta(minutes=11)),
+                                ("ancient:3:c", timedelta(days=200))):
+                session.add(DaemonPresence(holder=holder, settings=DEFAULTS, started_at=now - age, seen_at=now - age))
+        report = collect(catalog)
+        text = render(report)
+    finally:
+        catalog.close()
+    assert [(d["holder"], d["live"]) for d in report["daemons"]] == [("live:1:a", True), ("killed:2:b", False)]
+    lines = text.split("daemons (seen in the last day):\n", 1)[1].splitlines()
+    assert len(lines) == 2 and lines[0].startswith("  live:1:a ") and "not seen" not in lines[0], lines
+    assert lines[1].startswith("  killed:2:b ") and lines[1].endswith("(not seen for over 10 minutes: stopped or killed?)")
+
+
 def test_a_running_daemon_warns_about_a_peer_and_leaves_the_catalog_when_it_stops(tmp_path):
     """A real daemon: another daemon (a row written as a daemon writes it, seen just now)
     uses a lower max_rank. The daemon logs a warning naming the setting, keeps its own row

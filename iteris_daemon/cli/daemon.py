@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import time
-from datetime import timedelta
 
 from sqlalchemy import func, select
 
@@ -14,7 +13,6 @@ from ..errors import ConfigError
 from ..paths import user_path
 from .catalog import DB_ENV
 
-STALE_PRESENCE = timedelta(minutes=10)  # a daemon not seen for this long is taken for gone (merge-now's message)
 REFUSED = 3  # merge-now --wait: the run was refused by a publish gate, or skipped on a refusal; nothing was published
 MERGE_NOW_EPILOG = f"""\
 exit status:
@@ -125,7 +123,7 @@ def _status(args) -> int:
 
 def _merge_now(args) -> int:
     from ..catalog.models import DaemonPresence, MergeGroup, MergeRun, RunStatus, iso_utc, utcnow
-    from ..peers import GROUPS
+    from ..peers import GONE_AFTER, GROUPS
 
     configured = _configured_groups(_config(args))
     if configured is not None and args.group not in configured:
@@ -140,7 +138,7 @@ def _merge_now(args) -> int:
         if group is None:
             raise ConfigError(f"no merge group named {args.group!r} (groups come from the daemon's config)")
         now = catalog.now(session)  # the clock the daemons' rows were written by (a server's)
-        live = session.scalars(select(DaemonPresence).where(DaemonPresence.seen_at >= now - STALE_PRESENCE)).all()
+        live = session.scalars(select(DaemonPresence).where(DaemonPresence.seen_at >= now - GONE_AFTER)).all()
         if live and not any(args.group in (d.settings or {}).get(GROUPS, [args.group]) for d in live):
             # Recorded, the request waited for the group's return, weeks later maybe, and a forced one then
             # ran past the gates at once.
@@ -157,7 +155,7 @@ def _merge_now(args) -> int:
         seen = session.scalar(select(func.max(DaemonPresence.seen_at)))
     if seen is None:
         where = "no daemon is using this catalog now: the run starts when one starts"
-    elif now - seen > STALE_PRESENCE:
+    elif now - seen > GONE_AFTER:
         where = f"no daemon has been seen on this catalog since {iso_utc(seen)}: the run starts when one runs"
     else:
         where = "the running daemon starts it within seconds"
