@@ -125,7 +125,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
                        for adapter, data in zip(adapters, calibration)))
     base, head = base_and_head(adapters, request)
     base.require_text()  # every contender is scored on held-out text
-    rows = []
+    rows, interrupted = [], None
     for number, contender in enumerate(contenders, start=1):
         log.info("merging with %s (%d of %d)", contender.label, number, len(contenders))
         samples = engine_int(contender.params, "samples_per_task") if contender.strategy.needs_calibration else None
@@ -136,6 +136,11 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
             seconds = time.perf_counter() - started
             tasks = evaluate(base, adapters, list(held), result.modules, head, request.batch_size,
                              request.max_length, progress, **evaluation_settings(contender.params))
+        except KeyboardInterrupt:  # Ctrl-C an hour in: the rows finished are kept, and said
+            if not rows:
+                raise
+            interrupted = contender.label
+            break
         except Exception as exc:  # one contender's failure must not lose the other rows
             rows.append({"strategy": contender.label, "error": _failure(contender.label, exc)})
             if isinstance(exc, InputsChangedError):  # the next contenders get the adapters as they were read
@@ -152,6 +157,8 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
                    "held_out": [_shown(sample) for sample in h.samples]}
                   for a, data, k, h in zip(adapters, calibration, kept, held)],
         "strategies": rows,
+        **({"interrupted": {"at": interrupted, "not_run": [c.label for c in contenders[len(rows) + 1:]]}}
+           if interrupted else {}),
     }
 
 

@@ -134,6 +134,37 @@ def test_a_strategy_that_crashes_does_not_lose_the_other_rows(tiny, monkeypatch,
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_ctrl_c_keeps_the_rows_finished_before_it(tiny, monkeypatch, capsys, tmp_path):
+    """Ctrl-C during the second strategy of an hour-long comparison printed only
+    "interrupted", exit 130, the finished rows lost (QA CLI). The table and --json keep them
+    and say where it stopped; Ctrl-C during the first is the plain "interrupted". The Ctrl-C
+    is a stand-in strategy raising KeyboardInterrupt, as Python's SIGINT handler does."""
+    import iteris_daemon.compare as compare
+    from iteris_daemon.plugin_manager import get_strategy
+
+    class Interrupted:
+        name, description, needs_calibration = "interrupted", "Ctrl-C meanwhile", False
+        Params = get_strategy("ties").Params
+
+        def merge(self, inputs, params, progress):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "get_strategy", lambda name: Interrupted() if name == "interrupted" else get_strategy(name))
+    base_dir, adapter_dirs = tiny["bert"]
+    report = tmp_path / "report.json"
+    code = _compare(base_dir, adapter_dirs, "--strategy", "ties", "--strategy", "interrupted", "--strategy",
+                    "task_arithmetic", "--json", str(report))
+    captured = capsys.readouterr()
+    assert code == 130 and captured.out.splitlines()[2].split()[0] == "ties", captured.out
+    assert captured.err.splitlines()[-1] == ("iteris-daemon: interrupted while merging with interrupted: the table holds "
+                                             "the strategies finished before it; not run: task_arithmetic")
+    saved = json.loads(report.read_text())
+    assert [row["strategy"] for row in saved["strategies"]] == ["ties"]
+    assert saved["interrupted"] == {"at": "interrupted", "not_run": ["task_arithmetic"]}
+    assert _compare(base_dir, adapter_dirs, "--strategy", "interrupted", "--strategy", "ties") == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "iteris-daemon: interrupted"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--strategy", "nope"], "unknown strategy 'nope'; available: "),
     (["--strategy", "knots:bogus=1"], "strategy 'knots': bogus: Extra inputs are not permitted"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,11 @@ def _compare(args) -> int:
             args.json.write_text(safe_json.dumps(report, indent=2) + "\n")
         except OSError as exc:
             raise OutputError(f"{args.json}: cannot write the JSON report: {exc.strerror or exc}") from None
+    if stopped := report.get("interrupted"):
+        print(f"iteris-daemon: interrupted while merging with {stopped['at']}: the table holds the strategies "
+              f"finished before it{'; not run: ' + ', '.join(stopped['not_run']) if stopped['not_run'] else ''}",
+              file=sys.stderr)
+        return 130
     return 0 if any("error" not in row for row in report["strategies"]) else 1
 
 
