@@ -149,16 +149,22 @@ def _assert_disk_full_survived(error, dest: Path, old_version: str, before: dict
             assert {n: (entry / n).read_bytes() for n in ADAPTER_FILES} in complete, f"{entry.name} is incomplete"
 
 
+def _published_once(disk: Path, base: Path, adapter: Path):
+    """The folder publisher with a destination in ``disk`` that serves ``adapter`` (run 1):
+    (publisher, destination, settings, the version published)."""
+    folder = get_publisher("folder")
+    dest = disk / "news"
+    settings = folder.Settings(path=dest)
+    return folder, dest, settings, folder.publish(_publish_request(adapter, base, 1), settings).version
+
+
 def test_a_full_tmpfs_fails_the_publish_cleanly_and_keeps_current(made, tmp_path):
     """A real full disk: the destination is a 512 KiB tmpfs, filled up to leave less room
     than the new version's weights. The copy really fails with ENOSPC from the kernel."""
     base, (first, second) = made
     # skipped where no tmpfs can be mounted: the injected variant below runs instead
     with tmpfs(tmp_path / "disk", 512 << 10) as disk:
-        folder = get_publisher("folder")
-        dest = disk / "news"
-        settings = folder.Settings(path=dest)
-        old = folder.publish(_publish_request(first, base, 1), settings).version
+        folder, dest, settings, old = _published_once(disk, base, first)
         before = _files(dest / "current")
 
         weights = (second / "adapter_model.safetensors").stat().st_size
@@ -189,10 +195,7 @@ def test_a_read_only_destination_fails_the_publish_in_one_line_saying_what_to_do
 
     base, (first, second) = made
     with tmpfs(tmp_path / "disk", 4 << 20) as disk:
-        folder = get_publisher("folder")
-        dest = disk / "news"
-        settings = folder.Settings(path=dest)
-        old = folder.publish(_publish_request(first, base, 1), settings).version
+        folder, dest, settings, old = _published_once(disk, base, first)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         try:
             with pytest.raises(OSError) as raised:

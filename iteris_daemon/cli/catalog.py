@@ -126,8 +126,9 @@ def register(commands) -> None:
         description="Remove a source at once (no confirmation); a running daemon stops watching it and merges "
                     "its groups without its adapters at its next catalog check. A source whose adapters no run "
                     "merged is deleted with them; one whose adapters past runs merged is disabled, its adapters "
-                    "marked removed, kept for that history, and `sources add` with its settings adds it again. A Hub source's downloads no other adapter uses are deleted. A source "
-                    "of --config's is refused: the daemon's config owns it.")
+                    "marked removed, kept for that history, and `sources add` with its settings adds it again. A "
+                    "Hub source's downloads no other adapter uses are deleted. A source of --config's is refused: "
+                    "the daemon's config owns it.")
     remove.add_argument("name", help="the source's name (`sources list` shows them)")
     remove.set_defaults(handler=_sources_remove)
 
