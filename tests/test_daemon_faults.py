@@ -1750,6 +1750,7 @@ def test_the_catalog_check_triggers_a_group_once_per_selection(tmp_path, monkeyp
     triggered = []
     monkeypatch.setattr(daemon, "trigger", lambda name, delay: triggered.append((name, delay)))
     monkeypatch.setattr(daemon, "_follow_catalog_sources", lambda: None)  # the stand-in sources are in no catalog
+    daemon.catalog = SimpleNamespace(check_file=lambda: None)  # nor is there one: groups_behind is a stand-in
 
     daemon._catch_up()
     assert triggered == []  # not behind
