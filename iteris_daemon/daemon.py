@@ -35,6 +35,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
@@ -53,8 +54,8 @@ from .catalog.models import Adapter, MergeGroup, RunStatus, Source, SourceKind
 from .catalog.prune import RECENT_RUNS, prune
 from .catalog.registry import add_source, get_source, set_health
 from .catalog.shapes import SHAPES_PREFIX, CatalogShapes, in_worker
-from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, PruneSettings, destinations,
-                     load_config, watched_destination)
+from .config import (DaemonConfig, DaemonSettings, Destinations, GroupConfig, MetricsSettings, PruneSettings,
+                     WebhookSettings, destinations, load_config, watched_destination)
 from .crontab import CrontabTrigger
 from .endpoints import DaemonMetrics, HttpServer, Webhook, WebhookOptions, metrics_app, webhook_app
 from .devices import unavailable
@@ -664,22 +665,28 @@ class Daemon:
         log.error("reload failed, keeping the running configuration: %s", reason)
 
     def _warn_start_only(self, settings: DaemonSettings) -> None:
-        """A WARNING for each setting that only the start reads and ``settings`` changes:
+        """A WARNING for each setting that ``settings`` changes where only the start reads it:
         a reload that kept the old catalog, folders or devices said nothing of it."""
         started = self._started_with
-        in_use = {"database": lambda: self.catalog.safe_url, "state_dir": lambda: self.state,
-                  "cache_dir": lambda: self.cache, "device": lambda: ", ".join(self._slots),
-                  "devices": lambda: ", ".join(self._slots), "max_concurrent_merges": lambda: len(self._slots),
-                  "metrics": lambda: started.metrics.listen if started.metrics else "none",
-                  "webhooks": lambda: started.webhooks.listen if started.webhooks else "none"}
-        webhooks_at = (settings.webhooks and settings.webhooks.listen, started.webhooks and started.webhooks.listen)
-        same_slots = settings.slot_devices() == self._slots  # `device` under `devices`, say
-        for name, value in in_use.items():
-            if getattr(settings, name) != getattr(started, name) and not (
-                    same_slots and name in ("device", "devices", "max_concurrent_merges")) and not (
-                    name == "database" and self.database) and not (  # $ITERIS_DAEMON_DB names the catalog, start or not
-                    name == "webhooks" and webhooks_at[0] == webhooks_at[1]):  # its path, secret and limit do apply
-                log.warning("daemon.%s changed: takes effect at the next start; still using %s", name, value())
+
+        def listen(endpoint: MetricsSettings | WebhookSettings | None) -> str:
+            return endpoint.listen if endpoint else "none"
+
+        # setting: (what the start read of it, what is in use)
+        slots = (DaemonSettings.slot_devices, lambda: ", ".join(self._slots))  # `device` under `devices` is no change
+        read_at_start = {
+            "database": (lambda s: None if self.database else s.database,  # $ITERIS_DAEMON_DB names it, start or not
+                         lambda: self.catalog.safe_url),
+            "state_dir": (attrgetter("state_dir"), lambda: self.state),
+            "cache_dir": (attrgetter("cache_dir"), lambda: self.cache),
+            "device": slots, "devices": slots,
+            "max_concurrent_merges": (DaemonSettings.slot_devices, lambda: len(self._slots)),
+            "metrics": (attrgetter("metrics"), lambda: listen(started.metrics)),
+            "webhooks": (lambda s: listen(s.webhooks), lambda: listen(started.webhooks)),  # path, secret, limit apply
+        }
+        for name, (read, in_use) in read_at_start.items():
+            if getattr(settings, name) != getattr(started, name) and read(settings) != read(started):
+                log.warning("daemon.%s changed: takes effect at the next start; still using %s", name, in_use())
 
     # ------------------------------------------------------------------ wiring
     def _apply(self, config: DaemonConfig) -> None:

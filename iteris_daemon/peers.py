@@ -42,17 +42,23 @@ def presence(settings: DaemonSettings, groups: Iterable[str]) -> dict[str, Any]:
     return {**shared_settings(settings), GROUPS: sorted(groups)}
 
 
-def differences(mine: dict[str, Any], theirs: dict[str, Any], labels: tuple[str, str] = ("here", "there"),
-                prefix: str = "") -> list[str]:
-    """``"limits.max_rank: 4096 here, 64 there"`` for each setting that differs."""
-    found = []
-    for key in sorted((set(mine) | set(theirs)) - ({GROUPS} if not prefix else set())):
-        here, there = mine.get(key), theirs.get(key)
-        if isinstance(here, dict) and isinstance(there, dict):
-            found += differences(here, there, labels, f"{prefix}{key}.")
-        elif here != there:
-            found.append(f"{prefix}{key}: {here!r} {labels[0]}, {there!r} {labels[1]}")
-    return found
+def shared_part(row: dict[str, Any]) -> dict[str, Any]:
+    """A daemon row's settings but its groups."""
+    return {key: value for key, value in row.items() if key != GROUPS}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any], labels: tuple[str, str] = ("here", "there")) -> list[str]:
+    """``"limits.max_rank: 4096 here, 64 there"`` for each shared setting that differs (groups aside)."""
+    def walk(ours: dict[str, Any], others: dict[str, Any], prefix: str) -> list[str]:
+        found = []
+        for key in sorted(set(ours) | set(others)):
+            here, there = ours.get(key), others.get(key)
+            if isinstance(here, dict) and isinstance(there, dict):
+                found += walk(here, there, f"{prefix}{key}.")
+            elif here != there:
+                found.append(f"{prefix}{key}: {here!r} {labels[0]}, {there!r} {labels[1]}")
+        return found
+    return walk(shared_part(mine), shared_part(theirs), "")
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class Peers:
         found = []
         for peer in self.others(within):
             differ = differences(settings, peer.settings)
-            key = (peer.holder, repr(sorted((k, v) for k, v in peer.settings.items() if k != GROUPS)))
+            key = (peer.holder, repr(sorted(shared_part(peer.settings).items())))
             if differ and key not in self._warned:
                 self._warned.add(key)
                 found.append((peer, differ))

@@ -334,3 +334,43 @@ def test_a_reload_says_which_settings_wait_for_the_next_start(tmp_path):
         "daemon.devices changed: takes effect at the next start; still using cpu",
         f"daemon.state_dir changed: takes effect at the next start; still using {tmp_path / 'state'}"], warnings
     assert proc.returncode == 0 and not (tmp_path / "moved").exists()
+
+
+@pytest.mark.parametrize("before, after, warned", [
+    ({"device": "cpu"}, {"devices": ["cpu"]}, []),  # the same one slot, written another way
+    ({"devices": ["cpu"]}, {"devices": ["cpu", "cpu"]}, ["devices"]),
+    ({"devices": ["cpu", "cpu"], "max_concurrent_merges": 1}, {"devices": ["cpu", "cpu"]}, ["max_concurrent_merges"]),
+    ({"webhooks": {"listen": "127.0.0.1:1"}}, {"webhooks": {"listen": "127.0.0.1:1", "path": "/hook"}}, []),
+    ({"webhooks": {"listen": "127.0.0.1:1"}}, {"webhooks": {"listen": "127.0.0.1:2"}}, ["webhooks"]),
+    ({"metrics": {"listen": "127.0.0.1:1"}}, {}, ["metrics"]),
+    ({}, {"database": "sqlite:////elsewhere.db"}, ["database"]),
+    ({"state_dir": "/a"}, {"state_dir": "/b"}, ["state_dir"]),
+])
+def test_which_reloaded_settings_wait_for_the_next_start(before, after, warned, caplog):
+    """The settings only the start reads are warned about where what the start read of them
+    changes: a webhook's path, secret and body limit apply at a reload, its address does not."""
+    from types import SimpleNamespace
+
+    from iteris_daemon.config import DaemonSettings
+    from iteris_daemon.daemon import Daemon
+
+    started = DaemonSettings(**before)
+    running = SimpleNamespace(_started_with=started, database=None, _slots=started.slot_devices(), state=Path("/a"),
+                              cache=Path("/c"), catalog=SimpleNamespace(safe_url="sqlite:////here.db"))
+    with caplog.at_level("WARNING", logger="iteris_daemon.daemon"):
+        Daemon._warn_start_only(running, DaemonSettings(**after))
+    assert [r.getMessage().split(" ", 1)[0] for r in caplog.records] == [f"daemon.{name}" for name in warned]
+
+
+def test_a_catalog_named_by_the_environment_is_no_start_only_setting(caplog):
+    """With $ITERIS_DAEMON_DB naming the catalog, `database` in the file changes nothing."""
+    from types import SimpleNamespace
+
+    from iteris_daemon.config import DaemonSettings
+    from iteris_daemon.daemon import Daemon
+
+    running = SimpleNamespace(_started_with=DaemonSettings(), database="sqlite:////env.db", _slots=["cpu"],
+                              state=Path("/a"), cache=Path("/c"), catalog=SimpleNamespace(safe_url="sqlite:////env.db"))
+    with caplog.at_level("WARNING", logger="iteris_daemon.daemon"):
+        Daemon._warn_start_only(running, DaemonSettings(database="sqlite:////elsewhere.db"))
+    assert caplog.records == []
