@@ -80,6 +80,10 @@ def test_a_base_that_fits_is_loaded_whole(llama, caplog):
         source.load(load_adapter(adapters[0]), options)
     source.release()
     assert f"generate: base model {base} loaded whole, on cpu" in caplog.messages
+    # what is under way on a large base, where a batch takes minutes, and how long it took
+    assert ("generate: sampling 1 texts from adapter a0 (up to 2 new tokens each, batches of 8)"
+            in caplog.messages), caplog.messages
+    assert any(m.startswith("generate: adapter a0: 1 texts in ") for m in caplog.messages), caplog.messages
 
 
 def test_a_base_none_of_which_fits_in_memory_samples_from_disk_and_says_it_is_slow(llama, tmp_path, caplog):
