@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import safe_json
 from .errors import CalibrationError, ConfigError, IterisError, first_line
+from .paths import absolute
 from .strict import PLUGIN_SETTINGS
 
 CALIBRATION_NAME = "calibration.jsonl"
@@ -128,7 +129,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
             samples.append(sample)
     if not samples:
         raise CalibrationError(path, "calibration set is empty")
-    return CalibrationSet(tuple(samples), source=str(path))
+    return CalibrationSet(tuple(samples), source=str(absolute(path)))  # the report is read from anywhere
 
 
 def _not_unicode(sample: Sample) -> bool:

@@ -44,7 +44,7 @@ from .lowrank import refactor
 from .model import DTYPES, BaseModel
 from .model_card import merge_card
 from .oom import says_out_of_memory
-from .paths import as_if_created, model_location, overlap, real, replace_folder, staging_folder, trash_of
+from .paths import absolute, as_if_created, model_location, overlap, real, replace_folder, staging_folder, trash_of
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import (DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams,
                        check_per_adapter, engine_int, parse_params)
@@ -724,11 +724,12 @@ def run_merge(request: MergeRequest) -> dict[str, Any]:
     report = {
         "strategy": strategy.name,
         "params": params.model_dump(mode="json"),
-        "base_model": request.base_model,
+        # Folders by their absolute paths: the report is read away from the directory the merge ran in
+        "base_model": model_location(request.base_model),
         "inputs": [
             {
                 "name": a.name,
-                "path": spec.origin or str(a.path),
+                "path": spec.origin or str(absolute(a.path)),
                 "sha256": a.content_sha256,  # of the weights file
                 # alpha, rank and alpha patterns, targets: the config changes a merge as the weights do
                 "config_sha256": sha256_file(Path(a.path) / CONFIG_NAME),

@@ -535,6 +535,22 @@ def test_calibration_file_given_on_the_command_line_wins(workspace, capsys):
         str(given), str(adapters[1] / "calibration.jsonl")]
 
 
+def test_the_report_names_relative_paths_by_their_absolute_ones(workspace, capsys, monkeypatch):
+    """Given relative to the working directory, the base, the adapters and a calibration file
+    were written to the report as given: read anywhere else, "base" looks like a Hub id and
+    "a0" names nothing."""
+    base, adapters, tmp = workspace
+    monkeypatch.chdir(tmp)
+    shutil.copytree(base, tmp / "base")
+    shutil.copy(adapters[0] / "calibration.jsonl", tmp / "given.jsonl")
+    code, _ = _merge(capsys, "base", [f"{adapters[0].name}=given.jsonl", adapters[1].name], "out",
+                     "--strategy", "task_arithmetic")
+    report = json.loads((tmp / "out" / "merge_report.json").read_text())
+    assert code == 0 and report["base_model"] == str(tmp / "base")
+    assert [(i["path"], i["calibration"]["source"]) for i in report["inputs"]] == [
+        (str(adapters[0]), str(tmp / "given.jsonl")), (str(adapters[1]), str(adapters[1] / "calibration.jsonl"))]
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [
