@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import httpx2
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 _bound: list[float] = []  # the timeout bound_requests last set
+# Within `requests_bounded` (a source's poll): each read's timeout, and whether to stop
+_this_poll: ContextVar[tuple[float, Callable[[], bool]] | None] = ContextVar("hub_poll_bounds", default=None)
 
 
 def bound_requests(seconds: float) -> None:
@@ -43,14 +47,43 @@ def bound_requests(seconds: float) -> None:
     if _bound == [seconds]:
         return
     hooks = get_session().event_hooks  # the client's own (offline mode, request ids), kept
-    responses = [hook for hook in hooks.get("response", []) if hook is not _answer_retryable_at_once]  # a reload's
-    hooks = {**hooks, "response": [*responses, _answer_retryable_at_once]}
+    requests = [hook for hook in hooks.get("request", []) if hook is not _within_poll_bounds]  # a reload's
+    responses = [hook for hook in hooks.get("response", []) if hook is not _answer_retryable_at_once]
+    hooks = {**hooks, "request": [*requests, _within_poll_bounds], "response": [*responses, _answer_retryable_at_once]}
 
     def client() -> httpx2.Client:
         return httpx2.Client(event_hooks=hooks, follow_redirects=True, timeout=httpx2.Timeout(seconds))
 
     set_client_factory(client)
     _bound[:] = [seconds]
+
+
+@contextmanager
+def requests_bounded(timeout: float, stopping: Callable[[], bool]) -> Iterator[None]:
+    """Within it, this thread's Hub requests (under :func:`bound_requests`) wait at most
+    ``timeout`` for a connection and for each read, and none is sent once ``stopping()``
+    (:class:`Interrupted`). A download's GET takes the client's ``HF_HUB_DOWNLOAD_TIMEOUT``
+    whatever a source says, and the client resumes a stalled one 5 times on its own: a stop
+    waited out all six (a minute at the client's 10 s), and a poll held its repo for minutes."""
+    token = _this_poll.set((timeout, stopping))
+    try:
+        yield
+    finally:
+        _this_poll.reset(token)
+
+
+def _within_poll_bounds(request: httpx2.Request) -> None:
+    """The request hook of :func:`requests_bounded`."""
+    bounds = _this_poll.get()
+    if bounds is None:
+        return
+    timeout, stopping = bounds
+    if stopping():
+        raise Interrupted(f"{request.method} {request.url.path}: not sent, the daemon is stopping")
+    given = request.extensions.get("timeout") or {}
+    request.extensions = {**request.extensions, "timeout": {
+        phase: timeout if seconds is None else min(seconds, timeout)
+        for phase, seconds in {"connect": None, "read": None, "write": None, "pool": None, **given}.items()}}
 
 
 def _answer_retryable_at_once(response: httpx2.Response) -> None:

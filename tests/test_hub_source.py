@@ -31,6 +31,7 @@ from iteris_daemon.retry import Interrupted, hub_retrying
 import iteris_daemon.sources.hub as hub_module
 from iteris_daemon.sources.hub import HubSource, unsafe_path
 from iteris_daemon.validation import Limits
+from polling import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "hf_secret_source_token"
@@ -760,6 +761,41 @@ def test_a_stop_during_a_hanging_request_ends_the_poll_after_the_request_timeout
     adapters = _adapters(catalog)
     assert {adapters[name].status for name in ("acme/a", "acme/b")} == {AdapterStatus.registered}
     assert "interrupted" in _source_row(catalog).last_error
+
+
+def test_a_stop_during_a_stalled_download_sends_no_resume(env, bounded):
+    """The weights' GET stalls: the client resumed it 5 times on its own, a minute at its
+    10 s timeout, before the daemon's stop was looked at. Now no request is sent once the
+    daemon stops: the stalled GET is the only one, and nothing is judged."""
+    hub, catalog, source, (first, _), tmp = env
+    bounded(TIMEOUT)  # the daemon's client
+    hub.create_repo_direct("acme/a", adapter_files(first))
+    hub.inject(r"^GET /acme/a/resolve/[0-9a-f]+/adapter_model\.safetensors", ("stall",), times=1000)
+    poller = source(repos=["acme/a"], stopping=threading.Event(), timeout_seconds=1.0)
+    report, _ = _poll_while_stopping(poller, stop_after=0.5)
+    assert not (report.registered or report.rejected or report.removed)
+    weights = r"^GET /acme/a/resolve/[0-9a-f]+/adapter_model"
+    wait_for(lambda: hub.requests_matching(weights), what="the stalled GET to be logged")
+    time.sleep(2)  # a resume would come 1 s after the GET gave up
+    assert len(hub.requests_matching(weights)) == 1
+    assert not _adapters(catalog) and "interrupted" in _source_row(catalog).last_error
+
+
+def test_a_downloads_reads_wait_at_most_the_sources_timeout(env, bounded, monkeypatch, caplog):
+    """A download's GET took the client's own timeout (HF_HUB_DOWNLOAD_TIMEOUT, here a minute)
+    whatever ``timeout_seconds`` said: a Hub answering after 30 s held the poll 30 s. Given up
+    after the source's 1 s (the client says so, and resumes), the adapter is registered."""
+    from huggingface_hub import constants
+
+    hub, catalog, source, (first, _), tmp = env
+    bounded(TIMEOUT)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 60)
+    hub.create_repo_direct("acme/a", adapter_files(first))
+    hub.inject(r"^GET /acme/a/resolve/[0-9a-f]+/adapter_model\.safetensors", ("delay", 30), times=1)
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub.file_download"):
+        assert source(repos=["acme/a"], timeout_seconds=1.0).poll().registered == ["acme/a"]
+    given_up = [m for m in caplog.messages if "adapter_model.safetensors: timed out" in m]
+    assert len(given_up) == 1 and "Trying to resume download" in given_up[0], caplog.messages
 
 
 def test_hub_retrying_stops_waiting_and_attempting_once_stopping():

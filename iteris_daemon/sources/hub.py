@@ -12,9 +12,10 @@ recorded like a local adapter, with the commit sha as its revision. A listing
 that names a file outside the repo (``../``, absolute paths) is refused before
 anything is downloaded. Transient failures are retried with backoff (see
 :mod:`iteris_daemon.retry`); a repo that still fails marks the source unhealthy
-and the rest of the poll goes on. Every request has a timeout (``timeout_seconds``;
-downloads: the client's ``HF_HUB_DOWNLOAD_TIMEOUT``), and the listing and ``model_info``
-are retried by the daemon alone, not by the client as well.
+and the rest of the poll goes on. Every request has a timeout (``timeout_seconds``, or the
+client's ``HF_HUB_DOWNLOAD_TIMEOUT`` for a download where shorter), none is sent once the daemon
+stops (:func:`iteris_daemon.retry.requests_bounded`), and the listing and ``model_info`` are
+retried by the daemon alone, not by the client as well.
 
 Polls of one repo take turns within a process (scheduled, a webhook's); the cache keeps
 the commits registered adapters use now (each branch its own): a replaced or rejected
@@ -57,7 +58,7 @@ from ..logs import Repeated
 from ..hub_files import TooBig, bounded_progress, listed_hash, mismatch
 from ..config import MAX_SECONDS, MIN_PERIOD, HubEndpoint, HubRetrySettings, ModelSetting, PathSetting
 from ..adapter_config import CONFIG_NAME, PICKLED_NAMES, WEIGHTS_NAME, read_adapter_config
-from ..retry import Interrupted, hub_failure, hub_retrying, is_transient
+from ..retry import Interrupted, hub_failure, hub_retrying, is_transient, requests_bounded
 from ..tokens import hub_token, plain
 from ..validation import Limits, ShapeSource, validate_adapter, validation_context
 from .local import CALIBRATION_NAME, ScanReport, catalog_refusal
@@ -252,7 +253,8 @@ class HubSource:
         with self._polls_lock:
             self._polls += 1
         try:
-            return self._poll_counted(find_targets, only)
+            with requests_bounded(self.settings.timeout_seconds, self._stopping):
+                return self._poll_counted(find_targets, only)
         finally:
             with self._polls_lock:
                 self._polls -= 1
