@@ -21,7 +21,8 @@ FORMATS = ("auto", "journal", "text", "json")
 
 NOISY = ("transformers", "httpx", "httpx2", "urllib3", "huggingface_hub", "alembic", "watchdog", "apscheduler")
 
-TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+# A Hugging Face token: a user's (hf_), an OAuth app's (hf_oauth_), an organization's (api_org_)
+TOKEN = re.compile(r"(hf_(?:oauth_)?|api_org_)[A-Za-z0-9]{8,}")
 
 
 def counted(count: int, noun: str) -> str:
@@ -62,8 +63,8 @@ class Repeated:
 
 
 def redact(text: str) -> str:
-    """``text`` with every Hugging Face token replaced by ``hf_***``."""
-    return TOKEN.sub("hf_***", text)
+    """``text`` with every Hugging Face token replaced by its prefix and ``***`` (``hf_***``)."""
+    return TOKEN.sub(r"\1***", text)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")

@@ -354,6 +354,19 @@ def test_tokens_are_redacted(fmt: str) -> None:
     assert "hf_abc" in out
 
 
+@pytest.mark.parametrize("token, shown", [("hf_oauth_AbCdEf0123456789", "hf_oauth_***"),
+                                          ("api_org_AbCdEf0123456789", "api_org_***"),
+                                          ("hf_oauthAbCdEf0123456789", "hf_***")])
+def test_oauth_and_organization_tokens_are_redacted(token: str, shown: str) -> None:
+    """The pattern took only hf_ followed by letters and digits: an OAuth token's hf_oauth_
+    and an organization's api_org_ were written as they are."""
+    stream = io.StringIO()
+    setup_logging(fmt="text", stream=stream)
+    logging.getLogger("iteris_daemon.hub").warning("Illegal header value b'Bearer %s'", token)
+    out = stream.getvalue()
+    assert token not in out and f"b'Bearer {shown}'" in out, out
+
+
 def test_huggingface_hub_records_are_written_once_and_redacted() -> None:
     """huggingface_hub's own stderr handler printed each of its records a second time,
     without the redaction. A fresh process: the handler is added when the library's
