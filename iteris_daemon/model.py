@@ -261,6 +261,10 @@ def load_skeleton(name_or_path: str, adapter: LoraAdapter, trust_remote_code: bo
 IGNORE = -100
 """A ``labels`` entry that predicts nothing (padding), as transformers marks it."""
 
+Cut = tuple[Sample, int, bool]
+"""A sample a pass cut at max_length: its token count, and whether its text was longer than
+any max_length tokens and shortened before it was tokenized (the count is then a floor)."""
+
 POSITION_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 # Another modality's inputs a forward may take besides text (an image's, a video's, audio's).
 MODALITY_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
@@ -312,6 +316,19 @@ def embeddings(model: nn.Module, side: str) -> nn.Module | None:
         return getattr(model, f"get_{side}_embeddings")()
     except (AttributeError, NotImplementedError):
         return None
+
+
+def _chars_per_token(tokenizer) -> int:
+    """How many characters one token may cover, generously: the longest of the vocabulary's
+    tokens as written (a byte-level token's bytes, each a character), at least 256 (a word
+    the vocabulary cannot split is one unknown token)."""
+    if tokenizer is None:
+        return 256
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+    except (AttributeError, NotImplementedError, TypeError):  # a tokenizer without a vocabulary to list
+        longest = 0
+    return max(256, longest)
 
 
 def _max_tokens(config, tokenizer) -> int | None:
@@ -397,6 +414,7 @@ class BaseModel:
         # Per calibration source, how many of its samples a pass cut at max_length (the report's).
         self.samples_cut: dict[str, int] = {}
         self.max_tokens = _max_tokens(self.model.config, self.tokenizer)
+        self._chars_per_token = _chars_per_token(self.tokenizer)
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         # An encoder-decoder is teacher-forced on each sample's target, except under a
         # classification or span head (BART, T5 for sequence classification): that model
@@ -656,13 +674,13 @@ class BaseModel:
         order = sorted(range(len(data.samples)),
                        key=lambda i: len(data.samples[i].text) + len(data.samples[i].text_pair or ""))
         batches = []
-        cut: list[tuple[Sample, int]] = []
+        cut: list[Cut] = []
         for start in range(0, len(order), batch_size):
             chunk = [data.samples[i] for i in order[start : start + batch_size]]
             batch = self._encode(chunk, max_length, data.source, cut)
             if all(v.shape[-1] > 0 for v in batch.values()):
                 batches.append(batch)
-        counted = len({id(sample) for sample, _ in cut})
+        counted = len({id(sample) for sample, *_ in cut})
         self.samples_cut[data.source] = max(self.samples_cut.get(data.source, 0), counted)
         if cut:
             self._warn_cut(data, cut, max_length)
@@ -673,7 +691,7 @@ class BaseModel:
             self._warned.add((what, source))
             log.warning(message, *args)
 
-    def _warn_cut(self, data: CalibrationSet, cut: list[tuple[Sample, int]], max_length: int) -> None:
+    def _warn_cut(self, data: CalibrationSet, cut: list[Cut], max_length: int) -> None:
         """Warn of the samples of ``data`` cut at ``max_length`` tokens (with their full token
         counts; a sample whose text and target are both cut counts once): a conversation's cut
         falls on its end, the replies an adapter was trained on."""
@@ -681,15 +699,16 @@ class BaseModel:
             said = f"longer than the {max_length} tokens {self.name_or_path} reads and are cut there"
         else:
             said = f"longer than max_length {max_length} and are cut at it"
-        samples = list({id(s): s for s, _ in cut}.values())
+        samples = list({id(s): s for s, *_ in cut}.values())
         chats = sum(s.messages is not None for s in samples)
-        self._warn_once("cut", data.source, "%s: %d of %d samples are %s (the longest has %d tokens)%s%s", data.source,
-                        len(samples), len(data.samples), said, max(n for _, n in cut),
+        longest = max(cut, key=lambda entry: (entry[1], entry[2]))  # (sample, tokens, shortened first)
+        self._warn_once("cut", data.source, "%s: %d of %d samples are %s (the longest has %s%d tokens)%s%s", data.source,
+                        len(samples), len(data.samples), said, "more than " if longest[2] else "", longest[1],
                         f"; a conversation is cut at its end, its last replies ({chats} of the {len(samples)} cut)"
                         if chats else "",
                         "" if max_length == self.max_tokens else "; a larger max_length (a strategy parameter) keeps more")
 
-    def _encode(self, chunk, max_length: int, source: str, cut: list[tuple[Sample, int]]) -> dict[str, torch.Tensor]:
+    def _encode(self, chunk, max_length: int, source: str, cut: list[Cut]) -> dict[str, torch.Tensor]:
         if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
             rows = [self._tokens([s], [self._templated(s, source)], s.messages is None, max_length, cut,
                                  [s.text_pair])["input_ids"][0]
@@ -726,14 +745,21 @@ class BaseModel:
                                            "with text and a chat template the model holds")
 
     def _tokens(self, samples: list[Sample], texts: list[str], special: bool, max_length: int,
-                cut: list[tuple[Sample, int]], pairs: list[str | None] | None = None) -> dict[str, list[list[int]]]:
+                cut: list[Cut], pairs: list[str | None] | None = None) -> dict[str, list[list[int]]]:
         """``texts`` (one per sample, each with its ``pairs`` entry as second segment where not
         None) tokenized, those longer than ``max_length`` tokens cut at it, and each sample cut
-        added to ``cut`` with its full token count. Only the ones cut are tokenized a second
+        added to ``cut`` with its full token count (of its text shortened to what ``max_length``
+        tokens can cover, where longer). Only the ones cut are tokenized a second
         time, with the tokenizer's own truncation: it keeps the special tokens its
         post-processor adds (a trailing EOS too) and cuts the side it is set to, which the full
         ids alone do not tell; a pair is cut longest segment first (``truncation=True``)."""
         pairs = pairs or [None] * len(texts)
+        # Characters past what max_length tokens can hold are never tokenized: one line of a
+        # 64 MiB file took a worker 10 GB and minutes, to be cut at 128 tokens.
+        bound = (max_length + 1) * self._chars_per_token
+        shortened = [len(text) > bound or len(pair or "") > bound for text, pair in zip(texts, pairs)]
+        texts = [self._within(text, bound) for text in texts]
+        pairs = [None if pair is None else self._within(pair, bound) for pair in pairs]
         if any(pair is not None for pair in pairs):  # a batch call takes pairs for every text or none
             rows = [self.tokenizer(text, pair, add_special_tokens=special, verbose=False)
                     for text, pair in zip(texts, pairs)]
@@ -742,13 +768,20 @@ class BaseModel:
             tokens = {key: list(rows) for key, rows in self.tokenizer(texts, add_special_tokens=special,
                                                                        verbose=False).items()}
         for i, ids in enumerate(list(tokens["input_ids"])):
+            if len(ids) > max_length or shortened[i]:
+                cut.append((samples[i], len(ids), shortened[i]))
             if len(ids) > max_length:
-                cut.append((samples[i], len(ids)))
                 again = self.tokenizer(texts[i], pairs[i], add_special_tokens=special, truncation=True,
                                        max_length=max_length)
                 for key, rows in tokens.items():
                     rows[i] = again[key]
         return tokens
+
+    def _within(self, text: str, chars: int) -> str:
+        """``text``, at most ``chars`` of it, kept on the side the tokenizer's truncation keeps."""
+        if len(text) <= chars:
+            return text
+        return text[-chars:] if self.tokenizer.truncation_side == "left" else text[:chars]
 
     def _templated(self, sample, source: str) -> str:
         """The text a sample is tokenized from: a conversation through the chat template, whose
@@ -763,7 +796,7 @@ class BaseModel:
             raise CalibrationError(source, f"the base model's chat template refuses a conversation with roles "
                                            f"[{roles}]: {exc}".splitlines()[0]) from None
 
-    def _decoder_inputs(self, chunk, max_length: int, cut: list[tuple[Sample, int]]) -> dict[str, torch.Tensor]:
+    def _decoder_inputs(self, chunk, max_length: int, cut: list[Cut]) -> dict[str, torch.Tensor]:
         """Teacher forcing: row by row the decoder reads ``<start> + target[:-1]``, as many
         tokens as the target has (the start token alone when there is no target). The target
         itself travels as ``labels`` (-100 at padding): position j predicts its token j, the

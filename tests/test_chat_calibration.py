@@ -143,6 +143,34 @@ def test_samples_longer_than_max_length_are_cut_with_one_warning_per_source(llam
     assert sum("are cut" in r.getMessage() for r in caplog.records) == 1  # none for a set that fits
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_huge_sample_is_tokenized_only_as_far_as_max_length_can_reach(llama, caplog, monkeypatch, side):
+    """One 2.6 MB line (a 52 MB one took a merge worker past 10 GB and minutes) was tokenized
+    whole, twice, to be cut at 16 tokens. Only what 16 tokens can cover is tokenized now, on
+    the side the tokenizer's truncation keeps; the ids are still its own truncation's."""
+    base_dir, adapter_dirs = llama
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    tokenizer = base.tokenizer
+    tokenizer.truncation_side = side
+    huge = Sample(" ".join(f"market{i % 7} fell" for i in range(200_000)))  # 2.6 MB
+    expected = tokenizer(huge.text, truncation=True, max_length=16)["input_ids"]
+    longest = []
+    real_call = type(tokenizer).__call__
+
+    def counted(self, text, *args, **kwargs):
+        longest.append(max(map(len, text if isinstance(text, list) else [text])))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counted)
+    (batch,) = base.batches(CalibrationSet((huge, Sample("prices rose")), "tasks/huge.jsonl"), batch_size=4,
+                            max_length=16)
+    assert batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist() == expected
+    assert max(longest) <= 17 * max(256, max(map(len, tokenizer.get_vocab()))) < len(huge.text) // 100
+    said = [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()]
+    assert len(said) == 1 and "1 of 2 samples are longer than max_length 16" in said[0], said
+    assert "(the longest has more than " in said[0], said
+
+
 def test_targets_on_a_decoder_only_model_are_not_used_with_one_warning(llama, caplog):
     """{"text": prompt, "target": completion}, the common SFT layout, merged on a causal LM
     exactly as {"text": prompt} without a word: only a teacher-forced encoder-decoder reads a
