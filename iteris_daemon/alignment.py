@@ -101,6 +101,12 @@ def _check_token_rows(path: str, x: torch.Tensor, mask: torch.Tensor | None) -> 
     tokens routed to it; routing differs from model to model) has no such pairing."""
     if mask is None:
         return
+    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape[::-1]) != tuple(mask.shape):
+        # XLNet's and FSMT's (sequence, batch, features): the token count matches, and the
+        # padding mask, laid over it, zeroed tokens and kept padding in the Grams
+        raise MergeError(f"{path} reads its batch sequence first ({mask.shape[1]} tokens x {mask.shape[0]} sequences), "
+                         "where the padding mask of (sequences x tokens) does not fit its rows: merge it with a "
+                         "data-free strategy (task_arithmetic, ties, ...) and --no-eval")
     tokens = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:2])
     if tokens not in (mask.numel(), mask.shape[0]) and not (x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)):
         sees = ("only some tokens (a mixture-of-experts expert?)" if tokens < mask.numel() else

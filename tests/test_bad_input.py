@@ -1043,6 +1043,25 @@ def test_a_lora_on_experts_stored_one_by_one_is_refused_as_fused_experts(tmp_pat
         validate_adapter(adapter, base_model=str(base))
 
 
+def test_a_layer_reading_its_batch_sequence_first_is_refused_naming_it(tmp_path, capsys):
+    """XLNet's feed-forward layers read (tokens, sequences, features): the padding mask, laid
+    over those rows as (sequences, tokens), kept padding in the Grams and zeroed tokens, and
+    IterIS and RegMean merged silently by batch size (RegMean's delta 11-41% apart between
+    batch sizes 1 and 16, QA). Refused naming the layer; data-free without evaluation merges."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    tf.XLNetModel(tf.XLNetConfig(vocab_size=30522, d_model=32, n_layer=2, n_head=2, d_inner=64,
+                                 pad_token_id=0)).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    adapters = [build_adapter(base, tmp_path / f"a{seed}", seed=seed, family="bert", targets=["layer_1", "layer_2"])
+                for seed in range(2)]
+    for strategy in ("iteris", "regmean"):
+        code, message = _merge(capsys, base, adapters, tmp_path / strategy, "--strategy", strategy)
+        _assert_refused(code, message, tmp_path / strategy, "ff.layer_1 reads its batch sequence first (",
+                        "merge it with a data-free strategy")
+    assert cli_merge(base, adapters, tmp_path / "data-free", "--strategy", "task_arithmetic", "--no-eval") == 0
+
+
 def test_a_layer_reading_more_rows_than_the_batch_has_tokens_is_said_so():
     """LED, Longformer, PEGASUS-X pad to their attention window (FSMT's cross-attention reads the
     encoder's tokens): their refusal said the layer "sees only some tokens (a mixture-of-experts
