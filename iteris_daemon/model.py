@@ -710,10 +710,12 @@ class BaseModel:
 
     def _encode(self, chunk, max_length: int, source: str, cut: list[Cut]) -> dict[str, torch.Tensor]:
         if any(s.messages is not None for s in chunk) and self.tokenizer.chat_template:
+            # One by one, every key kept: a sentence pair's token types too (dropped, its second
+            # segment read as the first, when a conversation shared its batch)
             rows = [self._tokens([s], [self._templated(s, source)], s.messages is None, max_length, cut,
-                                 [s.text_pair])["input_ids"][0]
-                    for s in chunk]
-            encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+                                 [s.text_pair]) for s in chunk]
+            encoded = self.tokenizer.pad({key: [row[key][0] for row in rows] for key in rows[0]}, padding=True,
+                                         return_tensors="pt")
         else:
             tokens = self._tokens(chunk, [s.text for s in chunk], True, max_length, cut, [s.text_pair for s in chunk])
             encoded = self.tokenizer.pad(tokens, padding=True, return_tensors="pt")

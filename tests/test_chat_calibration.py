@@ -87,6 +87,28 @@ def test_a_conversation_is_tokenized_with_the_chat_template(llama, template, cap
     assert batch["attention_mask"][0].tolist() == [1] * len(ids)
 
 
+def test_a_sentence_pair_keeps_its_token_types_beside_a_conversation(tmp_path):
+    """A file may mix sentence pairs and conversations: a pair batched with a conversation
+    lost its token type ids (BERT read its second segment as the first), so the merge changed
+    with the batch size and the order of the samples (RegMean's delta 45% apart, QA)."""
+    base_dir = build_tiny_model("bert", tmp_path / "base", "SEQ_CLS")
+    adapter = build_adapter(base_dir, tmp_path / "a", seed=0, family="bert")
+    base = BaseModel(str(base_dir), [load_adapter(adapter)])
+    base.tokenizer.chat_template = TEMPLATE
+    pair = Sample("the market fell", text_pair="prices dropped late")
+    chat = Sample.conversation(tuple((m["role"], m["content"]) for m in CONVERSATION))
+    (together,) = base.batches(CalibrationSet((pair, chat), "mixed.jsonl"), batch_size=4, max_length=128)
+    (alone,) = base.batches(CalibrationSet((pair,), "pairs.jsonl"), batch_size=4, max_length=128)
+    expected = base.tokenizer("the market fell", "prices dropped late")
+    row = [i for i in range(2) if together["input_ids"][i][: len(expected["input_ids"])].tolist()
+           == expected["input_ids"]]
+    assert len(row) == 1 and set(expected["token_type_ids"]) == {0, 1}
+    width = len(expected["input_ids"])
+    assert together["token_type_ids"][row[0]][:width].tolist() == expected["token_type_ids"]
+    assert alone["token_type_ids"][0].tolist() == expected["token_type_ids"]
+    assert together["token_type_ids"][1 - row[0]].eq(0).all()  # the conversation: one segment
+
+
 def test_a_conversation_the_template_refuses_names_the_file(llama):
     """Llama-2- and Mistral-style templates raise on roles that do not alternate (a leading
     system message): a jinja2 traceback. Now a CalibrationError naming the set and roles."""
