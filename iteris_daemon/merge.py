@@ -427,15 +427,18 @@ def _prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
     (files and folders the merge reads), or cannot be written, before anything is loaded.
     The merge writes a staging folder in ``out.parent`` (created if missing) and renames it
     to ``out``; this checks that both will work, leaving nothing. Returns the folder to
-    write: ``out``, or the empty folder a symlink at ``out`` points to (``ln -s /bigdisk/merged
-    out``: the link was replaced by a folder on the link's own disk; with ``--overwrite`` over
-    a link to a folder that holds something, the link is replaced and that folder kept)."""
+    write: ``out``, or the folder a symlink at ``out`` points to where it is empty or, with
+    ``overwrite``, holds a previous merge (``ln -s /bigdisk/merged out``: the link was replaced
+    by a folder on the link's own disk, and what reads /bigdisk/merged kept the old merge);
+    with ``--overwrite`` over a link to a folder that holds anything else, the link is
+    replaced and that folder kept."""
     for path in inputs:
         if overlap(real(path), real(out)):
             raise OutputError(f"{out}: the output would replace or write into {path}, which the merge reads; "
                               "choose another --out")
     with suppress(OSError):  # an unreadable one is refused below
-        if out.is_symlink() and out.is_dir() and not any(out.iterdir()):
+        if out.is_symlink() and out.is_dir() and (
+                not any(out.iterdir()) or overwrite and (out / REPORT_NAME).is_file()):
             out = real(out)
     renamed = "the merge writes a new folder beside --out and renames it into place"
     if out.name in ("", ".", "..") or real(out) in (here := real(Path.cwd()), *here.parents):

@@ -706,6 +706,13 @@ def test_an_output_linked_to_an_empty_folder_is_written_there(workspace, capsys)
     assert code == 0 and out.is_symlink() and os.readlink(out) == str(bigdisk)
     assert (bigdisk / "adapter_model.safetensors").is_file() and (bigdisk / "merge_report.json").is_file()
     assert not [p.name for p in (tmp, bigdisk.parent) for p in p.iterdir() if p.name.startswith(".")]
+    # Again with --overwrite: the link was replaced by a folder on its own disk, and what reads
+    # /bigdisk/merged kept the old merge (QA DOC). The merge there is replaced, the link kept.
+    first = (bigdisk / "merge_report.json").read_text()
+    code, _ = _merge(capsys, base, adapters, out, "--strategy", "ties", "--no-eval", "--overwrite")
+    assert code == 0 and out.is_symlink() and os.readlink(out) == str(bigdisk)
+    assert json.loads((bigdisk / "merge_report.json").read_text())["strategy"] == "ties" != json.loads(first)["strategy"]
+    assert not [p.name for p in (tmp, bigdisk.parent) for p in p.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("where", [".", "..", "here"])
