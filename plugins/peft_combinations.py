@@ -8,7 +8,7 @@ import copy
 import itertools
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -34,8 +34,8 @@ COMBINATION_TYPES = {
     "magnitude_prune_svd": "magnitude pruning of dense deltas, then SVD",
 }
 
-# The add_weighted_adapter arguments each type reads (PEFT 0.21): one PeftParams serves every
-# type, and a parameter its type does not read is refused, not recorded and ignored.
+# The add_weighted_adapter arguments each type reads (PEFT 0.21): a type's parameters are
+# those it reads (`plugins --params` lists them), and another is refused, naming the types that read it.
 READERS = {
     "density": [t for t in COMBINATION_TYPES if any(k in t for k in ("ties", "dare", "prune"))],
     "majority_sign_method": [t for t in COMBINATION_TYPES if "ties" in t],
@@ -44,31 +44,49 @@ READERS = {
 }
 
 
+# Each with its type and field: a type's Params holds those READERS says it reads.
+READ_BY_SOME = {
+    "density": (float, Field(0.5, gt=0, le=1, description="fraction kept by ties/dare/magnitude_prune types")),
+    "svd_rank": (int | None, Field(None, ge=1, description="rank of *_svd results (PEFT default: largest input "
+                                                            "rank)")),
+    "majority_sign_method": (Literal["total", "frequency"], Field(
+        "total", description="ties types: the sign each entry keeps, by the sum of the deltas (total) or by "
+                             "how many deltas have it (frequency)")),
+    "seed": (int, Field(0, **SEED_BOUNDS, description="dare types: seed of PEFT's drop masks (fixed: merges are "
+                                                      "reproducible; PEFT draws them from torch's global generator)")),
+}
+
+
 class PeftParams(StrategyParams):
-    combination_type: ClassVar[str]  # set by each type's subclass (PeftCombination)
+    """What every type reads; :func:`params_of` adds what its type reads of :data:`READ_BY_SOME`."""
+
+    combination_type: ClassVar[str]
 
     weights: list[float] | None = Field(None, json_schema_extra=per_adapter(1.0),
                                         description="per-adapter weights, in --adapter order")
-    density: float = Field(0.5, gt=0, le=1, description="fraction kept by ties/dare/magnitude_prune types")
-    svd_rank: int | None = Field(None, ge=1, description="rank of *_svd results (PEFT default: largest input rank)")
-    majority_sign_method: Literal["total", "frequency"] = Field(
-        "total", description="ties types: the sign each entry keeps, by the sum of the deltas (total) or by "
-                             "how many deltas have it (frequency)")
-    seed: int = Field(0, **SEED_BOUNDS, description="dare types: seed of PEFT's drop masks (fixed: merges are "
-                                                  "reproducible; PEFT draws them from torch's global generator)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_by_the_type(cls, given: Any) -> Any:
+        """One the type does not read: refused naming the types that do (not "extra field")."""
+        for name in sorted(given.keys() & READERS.keys() if isinstance(given, dict) else ()):
+            if cls.combination_type not in READERS[name]:
+                raise ValueError(f"{name} is read only by " + ", ".join(f"peft_{t}" for t in READERS[name])
+                                 + f", not by peft_{cls.combination_type}")
+        return given
 
     @model_validator(mode="after")
     def _weights_not_all_zero(self):
         refuse_all_zero("weights", self.weights)
         return self
 
-    @model_validator(mode="after")
-    def _read_by_the_type(self):
-        for name in sorted(self.model_fields_set & READERS.keys()):
-            if self.combination_type not in READERS[name]:
-                raise ValueError(f"{name} is read only by " + ", ".join(f"peft_{t}" for t in READERS[name])
-                                 + f", not by peft_{self.combination_type}")
-        return self
+
+def params_of(combination_type: str) -> type[PeftParams]:
+    """``peft_<combination_type>``'s parameters: ``weights`` and what the type reads."""
+    read = {name: spec for name, spec in READ_BY_SOME.items() if combination_type in READERS[name]}
+    return type(f"PeftParams_{combination_type}", (PeftParams,), {
+        "__annotations__": {name: annotation for name, (annotation, _) in read.items()},
+        **{name: copy.deepcopy(field) for name, (_, field) in read.items()}, "combination_type": combination_type})
 
 
 class PeftCombination:
@@ -76,15 +94,15 @@ class PeftCombination:
 
     def __init__(self, combination_type: str, summary: str):
         self.combination_type = combination_type
-        self.Params = type(f"PeftParams_{combination_type}", (PeftParams,), {"combination_type": combination_type})
+        self.Params = params_of(combination_type)
         self.name = f"peft_{combination_type}"
         self.description = f"PEFT add_weighted_adapter({combination_type!r}): {summary}"
 
     def merge(self, inputs: MergeInputs, params: PeftParams, progress: Progress) -> MergedAdapter:
         adapters = inputs.adapters
-        if params.svd_rank is not None:
+        if getattr(params, "svd_rank", None) is not None:
             _check_svd_rank(params.svd_rank, adapters)
-        with _seeded(params.seed, inputs.device):  # PEFT draws its layers' init and DARE's masks
+        with _seeded(getattr(params, "seed", 0), inputs.device):  # PEFT draws its layers' init and DARE's masks
             model = self._combined(inputs, params)
         modules = {}
         prefix = "base_model.model."
@@ -117,7 +135,7 @@ class PeftCombination:
         for index, adapter in enumerate(adapters[1:], start=1):
             model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
         kwargs = {name: getattr(params, name) for name in ("density", "majority_sign_method", "svd_rank")
-                  if self.combination_type in READERS[name] and getattr(params, name) is not None}
+                  if getattr(params, name, None) is not None}
         try:
             model.add_weighted_adapter([f"t{i}" for i in range(len(adapters))], weights, "merged",
                                        combination_type=self.combination_type, **kwargs)

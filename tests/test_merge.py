@@ -256,6 +256,16 @@ def test_a_peft_parameter_its_type_does_not_read_is_refused(name, value):
                 parse_params(strategy, {name: value})
 
 
+def test_a_peft_types_parameters_are_what_it_reads():
+    """``plugins --params peft_svd`` listed density, majority_sign_method and seed (one model
+    served every type), which a merge then refused (QA DOC)."""
+    from iteris_daemon.plugin_manager import get_strategy
+
+    for combination_type in COMBINATION_TYPES:
+        fields = set(get_strategy(f"peft_{combination_type}").Params.model_fields)
+        assert fields == {"weights"} | {name for name, types in PEFT_READS.items() if combination_type in types}
+
+
 @pytest.mark.parametrize("combination_type", ["dare_linear_svd", "dare_ties_svd"])
 def test_peft_dare_types_are_reproducible_by_their_seed(bert, combination_type):
     """PEFT draws DARE's masks from torch's global generator, unseeded: the same inputs gave
