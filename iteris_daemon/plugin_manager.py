@@ -23,7 +23,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
     _refuse_shared_names()
     try:
         manager.load_setuptools_entrypoints(hookspecs.PROJECT)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit(0) at a plugin's import ended merge and run with exit 0
         _raise_for_broken_plugin(manager, exc)
     try:
         manager.check_pending()
@@ -54,7 +54,7 @@ def _refuse_shared_names() -> None:
                                   f"the {hookspecs.PROJECT!r} group")
 
 
-def _raise_for_broken_plugin(manager: pluggy.PluginManager, error: Exception) -> NoReturn:
+def _raise_for_broken_plugin(manager: pluggy.PluginManager, error: Exception | SystemExit) -> NoReturn:
     """A plugin failed to import or register: name its entry point and distribution.
 
     A broken plugin is a hard error, not a warning: strategies, calibration sources and
@@ -70,7 +70,7 @@ def _raise_for_broken_plugin(manager: pluggy.PluginManager, error: Exception) ->
                 continue
             try:
                 manager.register(ep.load(), name=ep.name)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 where = f"{dist.metadata['Name']} {dist.version}: {ep.value}"
                 advice = _checkout_hint(exc) or (f"iteris-daemon refuses to run with a broken plugin installed: "
                                                  f"fix or uninstall {dist.metadata['Name']!r}")
@@ -93,14 +93,15 @@ def _checkout_hint(exc: Exception) -> str:
             f"another folder")
 
 
-def _one_line(exc: Exception) -> str:
+def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if isinstance(exc, ImportError) and text else f"{type(exc).__name__}: {text}"
 
 
-# What separates a name from what follows it on the command line: ``--contender NAME:K=V``,
+# What separates a name from what follows it on the command line: ``compare --strategy NAME:K=V``,
 # ``--calibration-order NAME,NAME``.
-_SEPARATORS = {"strategy": (":", "--contender NAME:KEY=VALUE"), "calibration source": (",", "--calibration-order A,B")}
+_SEPARATORS = {"strategy": (":", "compare --strategy NAME:KEY=VALUE"),
+               "calibration source": (",", "--calibration-order A,B")}
 
 
 def _name_problem(name: object, what: str) -> str | None:

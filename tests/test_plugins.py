@@ -525,6 +525,9 @@ def _fake_distribution(site, name, entry_point, module_source=None):
          "plugin 'broken' (broken 0.1: no_such_module_xyz) cannot be loaded: No module named 'no_such_module_xyz'"),
         ("broken = broken_on_import", "raise RuntimeError('no GPU here')\n",
          "plugin 'broken' (broken 0.1: broken_on_import) cannot be loaded: RuntimeError: no GPU here"),
+        # argparse's parse_args() at module level: merge and run ended silently with exit 0
+        ("broken = exits_on_import", "import sys\nsys.exit(0)\n",
+         "plugin 'broken' (broken 0.1: exits_on_import) cannot be loaded: SystemExit: 0"),
     ],
 )
 def test_broken_plugin_is_named_in_one_line(tmp_path, entry_point, source, expected):
