@@ -567,10 +567,15 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
                 found = [WorkerFailed(f"calibration source {name}: {exc}", exc.kind, exc.error_type)] * len(pending)
         else:
             found = []
-            with releasing({name: source}):
-                for i in pending:
-                    _check_stop(should_stop)
-                    found.append(_ask(name, source, adapters[i], options))
+            try:
+                with releasing({name: source}):
+                    for i in pending:
+                        _check_stop(should_stop)
+                        found.append(_ask(name, source, adapters[i], options))
+            except MergeCancelled:
+                raise
+            except IterisError as exc:  # its release failed: what it answered is held back with that line (the
+                found = [exc] * len(pending)  # run was left unrecorded and tried again, for ever)
         for i, answer in zip(pending, found):
             answers[i] = answer
     return answers

@@ -108,12 +108,12 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     """Calibration samples from a source that needs torch, for each adapter in
     ``job["adapters"]``: per adapter the samples, None (no data), or the error that holds
     that adapter back (one bad adapter does not cost the others theirs); then the source
-    is released, also on a cancel."""
-    from .calibration import CalibrationOptions, ask, releasing
+    is released, also on a cancel. A release that fails holds every adapter back with its
+    line (the worker failing, the run was tried again and again, a plugin's bug taken for
+    the worker's)."""
+    from .calibration import CalibrationOptions
     from .errors import IterisError, MergeCancelled
-    from .oom import says_out_of_memory
     from .plugin_manager import calibration_sources
-    from .validation import read_layout
 
     given = job["options"]
     options = CalibrationOptions(order=tuple(given["order"]), files={k: Path(v) for k, v in given["files"].items()},
@@ -122,6 +122,20 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
                                  cache_dir=None if given.get("cache_dir") is None else Path(given["cache_dir"]),
                                  should_stop=stop.is_set)
     source = calibration_sources()[job["source"]]
+    try:
+        return _answers(job, source, options, stop)
+    except MergeCancelled:
+        raise
+    except IterisError as exc:  # its release failed
+        return [{"error": str(exc), "out_of_memory": False}] * len(job["adapters"])
+
+
+def _answers(job: dict[str, Any], source, options, stop: threading.Event) -> list[dict[str, Any] | None]:
+    """:func:`_calibration`'s answers, the source released after them."""
+    from .calibration import ask, releasing
+    from .errors import IterisError, MergeCancelled
+    from .validation import read_layout
+
     answers: list[dict[str, Any] | None] = []
     with releasing({job["source"]: source}):
         for entry in job["adapters"]:

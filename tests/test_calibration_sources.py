@@ -150,6 +150,33 @@ def test_a_calibration_plugins_failure_of_many_lines_is_told_in_one():
                            "for url http://hub/x.")
 
 
+def test_a_release_that_fails_in_the_daemon_holds_back_what_the_source_answered(bert, monkeypatch):
+    """An in-process source whose release raised: the error left the daemon's run unrecorded,
+    tried again with backoff for ever ("the run could not be carried out"); in a calibration
+    worker it failed the worker, taken for the worker's failure. Now each adapter it
+    answered is held back with the release's line, in the daemon and in the worker."""
+    from iteris_daemon import plugin_manager, worker
+    from iteris_daemon.calibration import Sample
+
+    class Store:
+        def load(self, adapter, options):
+            return CalibrationSet((Sample(f"about {adapter.name}"),), "store")
+
+        def release(self):
+            raise ValueError("handle already closed")
+
+    expected = "store: calibration source failed to release what it kept: ValueError: handle already closed"
+    answers = calibrate_all([SimpleNamespace(name="a"), SimpleNamespace(name="b")], CalibrationOptions(order=("store",)),
+                            {"store": Store()})
+    assert [str(answer) for answer in answers] == [expected] * 2
+    assert all(isinstance(answer, CalibrationError) for answer in answers)
+    monkeypatch.setattr(plugin_manager, "calibration_sources", lambda: {"store": Store()})
+    job = {"source": "store", "adapters": [{"path": str(f), "name": f.name} for f in bert[1][:2]],
+           "options": {"order": ["store"], "files": {}, "base_model": None, "samples": 1, "limit": None,
+                       "settings": {}}}
+    assert worker._calibration(job, threading.Event()) == [{"error": expected, "out_of_memory": False}] * 2
+
+
 def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_again(bert, tmp_path, monkeypatch):
     """The file's download is answered with other bytes of the same size, once: the
     adapter gets an error naming the file and both hashes, the bytes leave the cache,
