@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import pluggy
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownStrategyError
@@ -149,6 +151,7 @@ def _collect(hook, key: str, what: str) -> dict:
                               f"{settings[1].__module__}.{settings[1].__name__}, which refuses unknown keys")
         if what == "strategy":
             _check_per_adapter_defaults(name, where, model)
+            _check_given_as_json(name, where, model)
         if name in found and origins[name] == where:
             raise PluginError(f"{where} registers a {what} named {name!r} twice: rename one")
         if name in found:
@@ -181,6 +184,27 @@ def _check_per_adapter_defaults(name: str, where: str, params: type[StrategyPara
         if default is not None and not isinstance(default, (list, tuple)):
             raise PluginError(f"strategy {name!r} (from {where}): its parameter {field} is marked per_adapter, one "
                               f"value per adapter, so its default must be a list or None, not {default!r:.40}")
+
+
+def _check_given_as_json(name: str, where: str, params: type[StrategyParams]) -> None:
+    """Parameters arrive as JSON values (``--param``, a TOML table) and are recorded as JSON,
+    which the daemon's merge worker reads back, all strictly: a field whose default's own JSON
+    form its type refuses (an Enum, a Path, a tuple) could never be given, and was refused at
+    every merge, blaming the value."""
+    for field, info in params.model_fields.items():
+        if info.is_required():  # no default to try: a value given is checked where it is given
+            continue
+        typed = TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+        try:
+            typed.validate_python(typed.dump_python(info.get_default(call_default_factory=True), mode="json"),
+                                  strict=True)
+        except ValidationError as exc:
+            raise PluginError(f"strategy {name!r} (from {where}): its parameter {field} cannot be given as JSON, as "
+                              f"--param and the config give it ({exc.errors()[0]['msg']}): use Literal[...] for an "
+                              "Enum, str for a Path, list for a tuple") from None
+        except (PydanticSerializationError, TypeError, ValueError) as exc:
+            raise PluginError(f"strategy {name!r} (from {where}): its parameter {field}'s default cannot be "
+                              f"written as JSON ({_one_line(exc)})") from None
 
 
 def strategies() -> dict[str, MergeStrategy]:

@@ -1,12 +1,14 @@
 """Third-party plugins add strategies the same way the built-ins do."""
 
 import dataclasses
+import enum
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pydantic
@@ -372,6 +374,16 @@ class _ScalarWeights(_Nameless):
         weights: float = Field(1.0, json_schema_extra=per_adapter(1.0))
 
 
+class _Colour(enum.Enum):
+    red = "red"
+
+
+def _strategy_with(field: str, annotation, default) -> _Nameless:
+    """A strategy whose one parameter ``field`` is of ``annotation``, ``default``."""
+    params = type("Params", (StrategyParams,), {"__annotations__": {field: annotation}, field: default})
+    return type("_Typed", (_Nameless,), {"name": f"typed_{field}", "Params": params})()
+
+
 class _NoSettings:
     kind, Settings = "no_settings", None  # required: a config using it failed when read, in an AttributeError
 
@@ -407,6 +419,20 @@ def test_a_plugin_objects_name_and_required_model_are_checked_when_it_registers(
     assert capsys.readouterr().err == (
         "iteris-daemon: error: strategy 'scalar_weights' (from test_plugins): its parameter weights is marked "
         "per_adapter, one value per adapter, so its default must be a list or None, not 1.0\n")
+    # A type that JSON does not hold: every --param and config value was refused ("Input should be
+    # an instance of Colour"), blaming it, and the daemon's worker could not read back what was recorded
+    for field, annotation, default, refused in (("colour", _Colour, _Colour.red, "an instance of _Colour"),
+                                                ("out", Path, Path("/tmp/x"), "an instance of Path"),
+                                                ("sizes", tuple[float, ...], (1.0,), "a valid tuple")):
+        with registered("register_strategies", _strategy_with(field, annotation, default)):
+            assert main(["plugins"]) == 2
+        assert capsys.readouterr().err == (
+            f"iteris-daemon: error: strategy 'typed_{field}' (from test_plugins): its parameter {field} cannot be given "
+            f"as JSON, as --param and the config give it (Input should be {refused}): use Literal[...] for an Enum, "
+            "str for a Path, list for a tuple\n")
+    with registered("register_strategies", _strategy_with("mode", typing.Literal["a", "b"], "a")):
+        assert main(["plugins"]) == 0  # what the built-ins use
+    capsys.readouterr()
     with registered("register_publishers", _NoSettings()):
         assert main(["plugins"]) == 2
     assert capsys.readouterr().err == (
@@ -501,8 +527,9 @@ def test_parameters_json_cannot_hold_are_refused_before_the_merge(bert, tmp_path
         code = main(["merge", "--base-model", str(base_dir), "--strategy", "unwritable", "--out", str(tmp_path / "m"),
                      "-q", *(f"--adapter={a}" for a in adapters)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("iteris-daemon: error: strategy 'unwritable': its parameters cannot be written "
-                                        "as JSON (") and "Traceback" not in err, err
+    # refused when it registers (its default: an object), before any merge (it was refused at each)
+    assert code == 2 and err.startswith("iteris-daemon: error: strategy 'unwritable' (from test_plugins): its parameter "
+                                        "sentinel's default cannot be written as JSON (") and "Traceback" not in err, err
     assert not (tmp_path / "m").exists()
 
 
@@ -588,13 +615,20 @@ def test_a_checkout_without_an_editable_install_is_explained():
     assert _checkout_hint(RuntimeError("iteris_daemon.plugins")) == ""
 
 
+class _Window(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+    start: int = 1
+    share: float = 0.5
+
+
 class _Typed:
-    """A strategy whose parameters have no default, and a default made by a factory."""
+    """A strategy whose parameters have no default, a default made by a factory, a nested model."""
 
     class Params(StrategyParams):
         label: str
         weights: list[float] = []
         names: list[str] = Field(default_factory=lambda: ["a", "b"])
+        window: _Window = _Window()
 
     name = "typed"
     needs_calibration = False  # and no description: optional for a third-party plugin
@@ -625,10 +659,13 @@ def test_plugin_listing_copes_with_what_third_party_plugins_leave_out(capsys):
             capsys.readouterr().out)["strategies"]
         assert main(["plugins", "--params", "typed", "--json"]) == 0
         rows = json.loads(capsys.readouterr().out)
-        assert {row["name"]: row["default"] for row in rows} == {"label": None, "weights": [], "names": ["a", "b"]}
-        assert {row["name"]: row["required"] for row in rows} == {"label": True, "weights": False, "names": False}
-        assert parse_contender('typed:label="a:b":names=["x:y"]').params.model_dump() == {
-            "label": "a:b", "weights": [], "names": ["x:y"]}
+        # a nested model's default as it is written (it was the string "start=1 share=0.5")
+        assert {row["name"]: row["default"] for row in rows} == {"label": None, "weights": [], "names": ["a", "b"],
+                                                                 "window": {"start": 1, "share": 0.5}}
+        assert {row["name"]: row["required"] for row in rows} == {"label": True, "weights": False, "names": False,
+                                                                  "window": False}
+        assert parse_contender('typed:label="a:b":names=["x:y"]:window={"start":2}').params.model_dump() == {
+            "label": "a:b", "weights": [], "names": ["x:y"], "window": {"start": 2, "share": 0.5}}
         with pytest.raises(ParameterError, match="finite number"):
             parse_contender("typed:label=x:weights=[Infinity]")
     finally:
@@ -757,7 +794,7 @@ def test_plugins_params_names_what_it_cannot_tell_apart(capsys):
         assert ("'folder' names a strategy and a destination; write strategy:folder or destination:folder"
                 in capsys.readouterr().err)
         assert main(["plugins", "--params", "strategy:folder", "--json"]) == 0
-        assert {row["name"] for row in json.loads(capsys.readouterr().out)} == {"label", "weights", "names"}
+        assert {row["name"] for row in json.loads(capsys.readouterr().out)} == {"label", "weights", "names", "window"}
         assert main(["plugins", "--params", "calibration:folder"]) == 2
         assert "no calibration source named 'folder'" in capsys.readouterr().err
         assert main(["plugins", "--params", "publisher:folder"]) == 2

@@ -356,7 +356,14 @@ def _default(field) -> object:
     from a real one)."""
     if field.is_required():
         return None
-    return field.default_factory() if field.default_factory is not None else field.default
+    from pydantic import TypeAdapter
+    from pydantic_core import PydanticSerializationError
+
+    default = field.get_default(call_default_factory=True)
+    try:  # as a config or --param writes it: a nested model's {"a": 1}, not its repr "a=1"; a path as a string
+        return TypeAdapter(field.annotation).dump_python(default, mode="json")
+    except (PydanticSerializationError, TypeError, ValueError):  # what pydantic cannot dump: as it is
+        return default
 
 
 def _range(field) -> str | None:
