@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import safe_json
 from .errors import AdapterError
+from .paths import open_checked
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -258,11 +260,14 @@ def read_adapter_config(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[s
     if not config_path.is_file():
         raise AdapterError(path, f"no {CONFIG_NAME} (not a PEFT adapter folder)")
     try:
-        with open(config_path, "rb") as handle:
+        handle, info = open_checked(config_path, follow=True)  # a FIFO swapped in since is_file: not waited on
+        with handle:
+            if not stat.S_ISREG(info.st_mode):
+                raise AdapterError(config_path, "is not a regular file")
             raw = handle.read(max_bytes + 1)
         if len(raw) > max_bytes:
-            size = config_path.stat().st_size
-            raise AdapterError(config_path, f"file is {max(size, len(raw))} bytes, above the limit of {max_bytes}")
+            size = max(info.st_size, len(raw))
+            raise AdapterError(config_path, f"file is {size} bytes, above the limit of {max_bytes}")
         config = safe_json.loads(raw.decode("utf-8"))
     except ValueError as exc:  # not UTF-8, not JSON, nested too deep
         raise AdapterError(config_path, f"invalid JSON: {exc}") from None

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from pydantic import AfterValidator
 
@@ -179,3 +179,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def open_checked(path: Path, follow: bool) -> tuple[BinaryIO, os.stat_result]:
+    """``path`` opened for reading, never blocking on a FIFO (nor following a symlink unless
+    ``follow``), with the fstat of what was opened: a check of that is a check of what is read
+    (a file checked by name, then opened, may have been swapped for a FIFO in between)."""
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)), "rb")
+    return handle, os.fstat(handle.fileno())

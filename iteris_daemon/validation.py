@@ -32,6 +32,7 @@ from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, W
                              saved_whole)
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
+from .paths import open_checked
 from .shapes import BaseShapes, check_shapes, local_config_digest, skeleton_key
 
 log = logging.getLogger(__name__)
@@ -130,18 +131,11 @@ def folder_fingerprint(folder: Path, limits: Limits = Limits(), pickled_from: Pa
     return digest.hexdigest()
 
 
-def _open_regular(path: Path, follow: bool):
-    """``path`` opened for reading (never blocking on a FIFO, never through a symlink
-    unless ``follow``), with its fstat: what is checked is what is read."""
-    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)), "rb")
-    return handle, os.fstat(handle.fileno())
-
-
 def _file_identity(path: Path, limit: int, follow: bool) -> str | None:
     """The sha256 of a regular file of at most ``limit`` bytes, else a description that
     changes when the file does; None when there is no such file."""
     try:
-        handle, info = _open_regular(path, follow)
+        handle, info = open_checked(path, follow)
     except FileNotFoundError:
         return None
     except OSError:  # a symlink not followed, a link loop, no permission
@@ -168,7 +162,7 @@ def copy_adapter_file(source: Path, target: Path, limits: Limits, follow: bool =
     through a symlink unless ``follow``. Raises :class:`AdapterError` saying what it is
     instead; ``FileNotFoundError`` when there is nothing."""
     try:
-        handle, info = _open_regular(source, follow)
+        handle, info = open_checked(source, follow)
     except OSError as exc:
         if not follow and source.is_symlink():
             raise AdapterError(source, f"is a symlink; {source.name} must be a regular file of the adapter folder") from None
@@ -207,9 +201,14 @@ def check_calibration_file(folder: Path, limits: Limits) -> None:
 
 
 def read_weights(path: Path, limits: Limits) -> bytes:
-    """The weights file's bytes, refused unread past ``limits.max_weights_bytes``."""
-    with open(path, "rb") as handle:  # an OSError (no permission, vanished) is the caller's to explain
-        size = os.fstat(handle.fileno()).st_size
+    """The weights file's bytes, refused unread past ``limits.max_weights_bytes``. Checked
+    once open: a FIFO renamed over the file after it was seen held the scan (and the daemon's
+    stop) until something wrote to it."""
+    handle, info = open_checked(path, follow=True)  # an OSError (no permission, vanished) is the caller's to explain
+    with handle:
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterError(path, "is not a regular file")
+        size = info.st_size
         if size > limits.max_weights_bytes:
             raise AdapterError(path, f"file is {size} bytes, {limits.above('max_weights_bytes')}")
         data = handle.read(size)

@@ -142,6 +142,41 @@ def test_a_calibration_file_swapped_after_registration_is_seen_and_rejected(watc
     assert found["zz-after"] == (AdapterStatus.registered, None) and report.unchanged == 1
 
 
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_fifo_swapped_in_after_the_file_was_seen_is_refused_not_waited_on(made, tmp_path, monkeypatch, name):
+    """The weights and the config were checked by name (is_file) and then opened: a FIFO
+    renamed over one in between (a race QA won in 1-2 s) held the scan, and the daemon's stop,
+    until something wrote to it. What is opened is checked now."""
+    import threading
+
+    from iteris_daemon.adapter_config import read_adapter_config
+    from iteris_daemon.errors import AdapterError
+    from iteris_daemon.validation import read_weights
+
+    folder = shutil.copytree(made[1], tmp_path / "task")
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    monkeypatch.setattr(Path, "is_file", lambda self: True)  # as it was when seen, before the swap
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_weights(folder / name, Limits()) if name.endswith(".safetensors") else read_adapter_config(folder)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is the assertion's
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():  # blocked in open(): a writer lets it go, and the test fails
+        with open(folder / name, "wb"):
+            pass
+        reader.join(timeout=30)
+        pytest.fail(f"reading {name} waited on the FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], AdapterError), outcome
+    assert str(outcome[0]).endswith("is not a regular file"), outcome
+
+
 def test_a_calibration_file_past_the_limit_is_rejected_without_being_read(watched, made):
     _, lora = made
     folder = shutil.copytree(lora, watched.folder / "big")

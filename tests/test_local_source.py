@@ -474,7 +474,7 @@ def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, mon
     tests/test_sandbox.py)."""
     import builtins
 
-    from iteris_daemon import validation
+    from iteris_daemon import paths, validation
 
     catalog, watched, base, (lora, _) = setup
     shutil.copytree(lora, watched / "locked")
@@ -497,6 +497,7 @@ def test_an_unreadable_adapter_is_rejected_once_not_looked_at_forever(setup, mon
 
     monkeypatch.setattr(validation, "open", denying_open, raising=False)
     monkeypatch.setattr(validation, "os", DenyingOs())
+    monkeypatch.setattr(paths, "os", DenyingOs())  # where the weights are opened (open_checked)
     source = _source(catalog, watched, base)
     report = source.scan()
     assert report.rejected == [str(watched / "locked")] and not report.waiting
