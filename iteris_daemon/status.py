@@ -19,6 +19,7 @@ from .catalog.models import (Adapter, AdapterRevision, DaemonPresence, MergeGrou
                              iso_utc)
 from .catalog.registry import list_sources
 from .config import DaemonSettings, Selection
+from .logs import escape_controls
 from .figures import summary, task_figures
 from .peers import FORGET_AFTER, GONE_AFTER, differences
 from .runner import merge_candidates, of_other_base_models, selected, unmerged
@@ -193,4 +194,4 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {d['holder']}  started {d['started_at']}, last seen {d['seen_at']}"
                      + ("" if d["live"] else " (not seen for over 10 minutes: stopped or killed?)")
                      + (f"; OTHER SETTINGS: {'; '.join(differ)}" if differ else ""))
-    return "\n".join(lines)
+    return "\n".join(map(escape_controls, lines))  # names and errors as others wrote them: no escape sequences

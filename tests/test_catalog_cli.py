@@ -88,6 +88,27 @@ def test_sources_and_adapters_commands(made, tmp_path, capsys):
     assert run(capsys, "adapters", "list", "--json", *db)[1].strip() == "[]"
 
 
+def test_names_others_wrote_reach_the_terminal_escaped(made, tmp_path, capsys):
+    """A folder named with an escape sequence and a line break (clear the screen, retitle the
+    window, forge a line): the log escaped it, `status`, `sources list`, `adapters list` and
+    `adapters show` wrote it to the admin's terminal as it was (QA SEC)."""
+    base, lora = made
+    db = ["--db", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    watched = tmp_path / "watched\x1b]0;title\x07"
+    watched.mkdir()
+    evil = "evil\x1b[2J\nFAKE: line"
+    shutil.copytree(lora, watched / evil)
+    assert run(capsys, "sources", "add", "team", "--folder", str(watched), "--base-model", str(base), *db)[0] == 0
+    assert run(capsys, "sources", "scan", *db)[0] == 0
+    [row] = json.loads(run(capsys, "adapters", "list", "--json", *db)[1])
+    assert row["name"] == evil  # JSON keeps the name as it is (escaped by JSON itself)
+    for argv in (["status"], ["sources", "list"], ["adapters", "list"], ["adapters", "show", str(row["id"])]):
+        code, out, _ = run(capsys, *argv, *db)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out, (argv, out)
+        assert "\nFAKE" not in out, (argv, out)
+    assert "evil\\x1b[2J\\nFAKE: line" in run(capsys, "adapters", "list", *db)[1]
+
+
 def test_a_scan_keeps_a_base_models_shapes_in_the_catalog_for_every_later_scan(made, tmp_path, capsys, monkeypatch):
     """`sources scan` stores the layer shapes it computed in the catalog, where the daemon keeps
     them, and reads them there: a later scan (the daemon's too) checks another adapter of that

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
+from ..logs import escape_controls
 from ..paths import cache_dir, private_dir, user_path
 
 DB_ENV = "ITERIS_DAEMON_DB"
@@ -339,6 +340,13 @@ def _source_row(source) -> dict[str, Any]:
     }
 
 
+def say(line: str) -> None:
+    """Print a line of what the catalog holds as others wrote it (a folder's name, a Hub repo's,
+    their errors): control characters escaped, never an escape sequence that clears or retitles
+    the terminal, nor a line break that forges a line."""
+    print(escape_controls(line))
+
+
 def _sources_list(args) -> int:
     from ..catalog.registry import list_sources
 
@@ -352,7 +360,7 @@ def _sources_list(args) -> int:
     for row in rows:
         health = "ok" if row["healthy"] else f"UNHEALTHY: {row['last_error']}"
         where = row["settings"].get("paths") or row["settings"].get("repos") or row["settings"].get("author")
-        print(f"{row['name']:20} {row['kind']:6} {'enabled' if row['enabled'] else 'disabled':9} {health:12} {where}")
+        say(f"{row['name']:20} {row['kind']:6} {'enabled' if row['enabled'] else 'disabled':9} {health:12} {where}")
     return 0
 
 
@@ -536,10 +544,10 @@ def _adapters_list(args) -> int:
     if not rows:
         print("no adapters")
         return 0
-    print(f"{'ID':>5} {'STATUS':10} {'SOURCE':14} {'NAME':32} {'RANK':>4} {'REVISION':12} NOTE")
+    say(f"{'ID':>5} {'STATUS':10} {'SOURCE':14} {'NAME':32} {'RANK':>4} {'REVISION':12} NOTE")
     for row in rows:
         note = row["reason"] if row["status"] == "rejected" else (row["base_model"] or "")
-        print(f"{row['id']:>5} {row['status']:10} {row['source'][:14]:14} {row['name'][:32]:32} "
+        say(f"{row['id']:>5} {row['status']:10} {row['source'][:14]:14} {row['name'][:32]:32} "
               f"{row['rank'] or '-':>4} {(row['revision'] or '')[:12]:12} {note}")
     return 0
 
@@ -554,15 +562,15 @@ def _adapters_show(args) -> int:
     if args.json:
         print(json.dumps(row, indent=2))
         return 0
-    print(f"adapter {row['id']}: {row['name']} ({row['status']}) from source {row['source']}")
-    print(f"  location: {row['locator']}")
+    say(f"adapter {row['id']}: {row['name']} ({row['status']}) from source {row['source']}")
+    say(f"  location: {row['locator']}")
     for revision in row["revisions"]:
         current = " (current)" if revision["revision"] == row["revision"] else ""
-        print(f"  revision {revision['revision'][:12]}{current}: {revision['status']}, seen {revision['discovered_at']}")
+        say(f"  revision {revision['revision'][:12]}{current}: {revision['status']}, seen {revision['discovered_at']}")
         if revision["reason"]:
-            print(f"    reason: {revision['reason']}")
+            say(f"    reason: {revision['reason']}")
         else:
-            print(f"    base {revision['base_model']}, rank {revision['rank']}, alpha {revision['alpha']}, "
+            say(f"    base {revision['base_model']}, rank {revision['rank']}, alpha {revision['alpha']}, "
                   f"targets {revision['target_modules']}, {revision['size_bytes']} bytes, "
                   f"sha256 {revision['content_sha256']}, calibration {'yes' if revision['has_calibration'] else 'no'}")
     return 0
