@@ -527,6 +527,7 @@ class _Alignment:
             Q = None if first else recorder.Q.get(p)  # first: Xt = X, so fold forms Q = A G
             M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight * factors.get(p, 1.0), options.a1, options.a2,
                         options.offdiag_scale)
+            self._check_finite(p, M[p], rhs[p], task=i)  # the first task to make it so is named
 
     def _relative_change(self) -> float:
         """||D_new - D_old|| / ||D_new|| over all layers (inf after the first sweep)."""
@@ -535,15 +536,20 @@ class _Alignment:
         num, den = self.change
         return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
-    def _check_finite(self, path: str, M: torch.Tensor, rhs: list[torch.Tensor]) -> None:
-        """A system built from non-finite hidden states says so, naming the compute dtype:
-        float16 overflows where bfloat16 and float32 do not, and no ridge helps then."""
+    def _check_finite(self, path: str, M: torch.Tensor, rhs: list[torch.Tensor], task: int | None = None) -> None:
+        """A system built from non-finite hidden states says so, naming the compute dtype
+        (float16 overflows where bfloat16 and float32 do not, and no ridge helps then) and
+        the task whose pass made it so: an adapter with a huge lora_alpha or huge weights
+        (finite, so registered) failed every run of its group, in a line naming none."""
         if torch.isfinite(M).all() and all(torch.isfinite(r).all() for r in rhs):
             return
         compute = str(self.base.dtype).removeprefix("torch.")
+        adapter = "" if task is None else f" with adapter {self.adapters[task].name}"
         hint = ("float16 overflowed: merge with --dtype bfloat16 or float32 (a group's dtype)"
-                if self.base.dtype == torch.float16 else "check the calibration data")
-        raise MergeError(f"{path}: its inputs in the {compute} forward pass are not finite (NaN/Inf); {hint}")
+                if self.base.dtype == torch.float16 else
+                "check the calibration data" + ("" if task is None else f", and the adapter's lora_alpha and weights "
+                                                "(a delta this large overflows); merged without it, the others merge"))
+        raise MergeError(f"{path}: its inputs in the {compute} forward pass{adapter} are not finite (NaN/Inf); {hint}")
 
     def _track_change(self, p: str, old: torch.Tensor, new: torch.Tensor) -> None:
         BtB = self.B_cat[p].double().T @ self.B_cat[p].double()

@@ -706,10 +706,29 @@ def test_float16_overflow_names_the_layer_and_the_dtype(tiny, tmp_path):
     tensors = load_file(weights)
     norm = "model.layers.0.post_attention_layernorm.weight"
     save_file({**tensors, norm: tensors[norm] * 1e4}, weights, metadata={"format": "pt"})
-    with pytest.raises(MergeError, match=r"^model\.layers\.\S+: its inputs in the float16 forward pass are not finite "
-                                         r"\(NaN/Inf\); float16 overflowed: merge with --dtype bfloat16 or float32"):
+    with pytest.raises(MergeError, match=r"^model\.layers\.\S+: its inputs in the float16 forward pass with adapter "
+                                         r"\S+ are not finite \(NaN/Inf\); float16 overflowed: merge with --dtype "
+                                         r"bfloat16 or float32"):
         _merge(loud, adapter_dirs, tmp_path / "half", dtype="float16")
     assert _merge(loud, adapter_dirs, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("strategy", ["iteris", "regmean"])
+def test_an_adapter_whose_delta_overflows_is_named(tiny, tmp_path, strategy):
+    """lora_alpha = 3e38 (finite: registered) made every run of its group fail with "its
+    inputs ... are not finite; check the calibration data", naming no adapter (QA SEC): the
+    operator had to bisect the group. Now the adapter is named, first of the tasks."""
+    from iteris_daemon.errors import MergeError
+
+    base_dir, adapter_dirs = tiny["llama"]
+    loud = shutil.copytree(adapter_dirs[1], tmp_path / "loud")
+    config = json.loads((loud / "adapter_config.json").read_text())
+    (loud / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 3e38}))
+    with pytest.raises(MergeError, match=r": its inputs in the float32 forward pass with adapter loud are not finite "
+                                         r"\(NaN/Inf\); check the calibration data, and the adapter's lora_alpha"):
+        run_merge(MergeRequest(base_model=str(base_dir), adapters=[AdapterSpec(adapter_dirs[0]), AdapterSpec(loud)],
+                               out=tmp_path / "out", strategy=strategy, params={"iterations": 1} if strategy == "iteris" else {},
+                               quiet=True))
 
 
 def test_float16_outputs_that_overflow_past_the_adapted_layers_are_refused(tiny, tmp_path, capsys):
