@@ -694,7 +694,8 @@ class BaseModel:
     def _warn_cut(self, data: CalibrationSet, cut: list[Cut], max_length: int) -> None:
         """Warn of the samples of ``data`` cut at ``max_length`` tokens (with their full token
         counts; a sample whose text and target are both cut counts once): a conversation's cut
-        falls on its end, the replies an adapter was trained on."""
+        falls on its end, the replies an adapter was trained on (on its start, its template's
+        opening too, where the tokenizer truncates on the left)."""
         if max_length == self.max_tokens:
             said = f"longer than the {max_length} tokens {self.name_or_path} reads and are cut there"
         else:
@@ -702,10 +703,11 @@ class BaseModel:
         samples = list({id(s): s for s, *_ in cut}.values())
         chats = sum(s.messages is not None for s in samples)
         longest = max(cut, key=lambda entry: (entry[1], entry[2]))  # (sample, tokens, shortened first)
+        lost = ("start, its first turns (the tokenizer truncates on the left)"
+                if self.tokenizer.truncation_side == "left" else "end, its last replies")
         self._warn_once("cut", data.source, "%s: %d of %d samples are %s (the longest has %s%d tokens)%s%s", data.source,
                         len(samples), len(data.samples), said, "more than " if longest[2] else "", longest[1],
-                        f"; a conversation is cut at its end, its last replies ({chats} of the {len(samples)} cut)"
-                        if chats else "",
+                        f"; a conversation is cut at its {lost} ({chats} of the {len(samples)} cut)" if chats else "",
                         "" if max_length == self.max_tokens else "; a larger max_length (a strategy parameter) keeps more")
 
     def _encode(self, chunk, max_length: int, source: str, cut: list[Cut]) -> dict[str, torch.Tensor]:

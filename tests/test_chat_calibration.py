@@ -163,6 +163,13 @@ def test_samples_longer_than_max_length_are_cut_with_one_warning_per_source(llam
         "parameter) keeps more"]
     base.batches(CalibrationSet((short,), "tasks/short.jsonl"), batch_size=4, max_length=16)
     assert sum("are cut" in r.getMessage() for r in caplog.records) == 1  # none for a set that fits
+    tokenizer.truncation_side = "left"  # the start is cut, and said so (it said "at its end")
+    (batch,) = base.batches(CalibrationSet((chat,), "tasks/left.jsonl"), batch_size=4, max_length=16)
+    assert batch["input_ids"][0].tolist() == tokenizer(rendered, add_special_tokens=False, truncation=True,
+                                                       max_length=16)["input_ids"]
+    assert [r.getMessage() for r in caplog.records if "left.jsonl" in r.getMessage()][0].endswith(
+        "a conversation is cut at its start, its first turns (the tokenizer truncates on the left) (1 of the 1 cut); "
+        "a larger max_length (a strategy parameter) keeps more")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
