@@ -370,10 +370,15 @@ def checked(source: str, adapter: str, data: Any) -> CalibrationSet | None:
     written after the whole merge, and the daemon's run escaped, unrecorded."""
     if data is None:
         return None
-    if (not isinstance(data, CalibrationSet) or not isinstance(data.samples, (tuple, list))
-            or not all(isinstance(s, Sample) for s in data.samples)):
+    if not isinstance(data, CalibrationSet):
         raise CalibrationError(source, f"calibration source answered {type(data).__name__} for adapter "
                                        f"{adapter}, not a CalibrationSet of Samples")
+    if not isinstance(data.samples, (tuple, list)):  # a generator was read once, by whichever check came first
+        raise CalibrationError(source, f"calibration source answered a CalibrationSet for adapter {adapter} whose "
+                                       f"samples are a {type(data.samples).__name__}, not a tuple or list")
+    if wrong := next((s for s in data.samples if not isinstance(s, Sample)), None):
+        raise CalibrationError(source, f"calibration source answered a CalibrationSet for adapter {adapter} holding "
+                                       f"a {type(wrong).__name__}, not a Sample")
     if isinstance(data.source, os.PathLike):
         data = replace(data, source=str(data.source))
     if not isinstance(data.source, str):

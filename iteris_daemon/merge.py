@@ -602,9 +602,12 @@ def run_strategy(strategy: MergeStrategy, params: StrategyParams, inputs: MergeI
             raise
         raise MergeError(f"strategy {strategy.name} failed: {type(exc).__name__}: {exc}") from exc
     check_inputs_kept(strategy.name, given, adapters, calibration)
-    if not isinstance(result, MergedAdapter) or not isinstance(result.metrics, dict):
-        raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter "
-                         "(with a dict of metrics); nothing was written")
+    if not isinstance(result, MergedAdapter):
+        raise MergeError(f"strategy {strategy.name} returned {type(result).__name__}, not a MergedAdapter; "
+                         "nothing was written")
+    if not isinstance(result.metrics, dict):
+        raise MergeError(f"strategy {strategy.name} returned a MergedAdapter whose metrics are a "
+                         f"{type(result.metrics).__name__}, not a dict; nothing was written")
     check_result(strategy.name, result.modules, adapters)
     result.metrics = check_metrics(strategy.name, result.metrics, adapters)
     return result

@@ -619,14 +619,18 @@ def test_a_sources_empty_or_malformed_answer(bert):
 
     adapter = load_adapter(bert[1][0])
     answers = {"empty": CalibrationSet((), "nothing"), "strings": CalibrationSet(("a", "b"), "strings"),
-               "none": CalibrationSet(None, "none")}
+               "none": CalibrationSet(None, "none"), "generator": CalibrationSet((Sample(t) for t in "ab"), "gen")}
     available = {name: SimpleNamespace(load=lambda a, o, name=name: answers[name]) for name in answers}
     available["adapter"] = calibration_sources()["adapter"]
     found = first_calibration(adapter, CalibrationOptions(order=("empty", "adapter")), available)
     assert found.source.endswith("calibration.jsonl") and found.samples
     assert first_calibration(adapter, CalibrationOptions(order=("empty",)), available) is None
-    for wrong in ("strings", "none"):  # samples=None was a TypeError that ended a daemon run, not the adapter's
-        with pytest.raises(CalibrationError, match=f"^{wrong}: calibration source answered CalibrationSet for adapter"):
+    # samples=None was a TypeError that ended a daemon run, not the adapter's; what is wrong is said ("answered
+    # CalibrationSet ..., not a CalibrationSet of Samples" read as a contradiction, QA PLUG)
+    for wrong, said in (("strings", "holding a str, not a Sample"), ("none", "whose samples are a NoneType, not a"),
+                        ("generator", "whose samples are a generator, not a tuple or list")):
+        with pytest.raises(CalibrationError, match=f"^{wrong}: calibration source answered a CalibrationSet for adapter "
+                                                   f"{adapter.name} {said}"):
             first_calibration(adapter, CalibrationOptions(order=(wrong, "adapter")), available)
     # The daemon's path checks the same way: the empty set falls through, the strings hold the adapter back.
     empty_first, strings_first, none_first = (

@@ -191,6 +191,8 @@ class Misbehaving:
             return MergedAdapter(modules, {"iterations_run": "many"})
         elif self.mistake == "modules a list":
             return MergedAdapter(list(modules.items()))
+        elif self.mistake == "metrics a list":  # "returned MergedAdapter, not a MergedAdapter" (QA PLUG)
+            return MergedAdapter(modules, [("alignment_loss", 1.0)])
         elif self.mistake == "sparse":  # isfinite() raised NotImplementedError, a page of dispatcher text
             modules[path] = (B.to_sparse(), A)
         return MergedAdapter(modules)
@@ -227,6 +229,7 @@ class Misbehaving:
     ("iterations_run of another form", "returned metric 'iterations_run' as 'many'; that key is reserved"),
     # Found by QA writing a third-party strategy: tracebacks (an AttributeError; torch's dispatcher).
     ("modules a list", "strategy misbehaving returned modules as list, not a dict"),
+    ("metrics a list", "strategy misbehaving returned a MergedAdapter whose metrics are a list, not a dict"),
     ("sparse", "returned factors of layouts B torch.sparse_coo, A torch.strided for "),
     ("truncation_error of another form", "returned metric 'truncation_error' as 0.63; that key is reserved"),
     ("shared", None),
