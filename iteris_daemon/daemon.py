@@ -405,6 +405,17 @@ class RepoPolls:
                     return
 
 
+def checked_config(path: Path) -> DaemonConfig:
+    """The config at ``path`` as a start takes it, or the :class:`ConfigError` that stops one:
+    its fields, the plugins and their parameters, token files (at loading), the merge devices
+    on this host and the webhook's secret (the ports are bound at the start only)."""
+    config = load_config(path)
+    check_devices_here(config.daemon, path)
+    if config.daemon.webhooks is not None:
+        WebhookOptions.of(config.daemon.webhooks)
+    return config
+
+
 class Daemon:
     def __init__(self, config_path: Path, database: str | None = None):
         """``database``: the catalog, when named outside the config (as every command takes it:

@@ -19,6 +19,27 @@ GROUP = '[[groups]]\nname = "g"\nbase_model = "b"\n'
 FOLDER = '[[groups.destinations]]\nkind = "folder"\npath = "/tmp/x"\n'
 
 
+def test_run_check_refuses_what_a_start_refuses_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    """No command checked a config as the start does: `sources scan --config` and `status
+    --config` took a group's task_weights list, which `run` refused (the service failing at its
+    restart). `run --check` refuses it in the start's words, and opens no catalog."""
+    state = tmp_path / "state"
+    config = tmp_path / "daemon.toml"
+    monkeypatch.delenv("ITERIS_DAEMON_DB", raising=False)
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n' + GROUP + 'params = { task_weights = [1.0, 2.0] }\n'
+                      + FOLDER)
+    assert main(["run", "--config", str(config), "--check"]) == 2
+    assert capsys.readouterr().err.startswith(f"iteris-daemon: error: {config}: groups.0 (g): strategy 'iteris': "
+                                              "task_weights: a group's adapters change from run to run")
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\ndevice = "cuda:999"\n' + GROUP + FOLDER)
+    assert main(["run", "--config", str(config), "--check"]) == 2
+    assert "[daemon] device: 'cuda:999' is not available here" in capsys.readouterr().err  # as the start says
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n' + GROUP + FOLDER)
+    assert main(["run", "--config", str(config), "--check"]) == 0
+    assert capsys.readouterr().out == f"{config}: ok (0 sources, 1 group)\n"
+    assert not state.exists()  # nothing started, no catalog made
+
+
 def test_the_example_config_is_valid():
     config = load_config(EXAMPLE)
     assert [s.kind for s in config.sources] == ["local", "hub"]

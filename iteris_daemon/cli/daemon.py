@@ -46,6 +46,10 @@ def register(commands) -> None:
     )
     run.add_argument("--config", required=True, type=user_path, metavar="FILE",
                      help=f"daemon configuration (TOML); its catalog unless ${DB_ENV} names one, as for every command")
+    run.add_argument("--check", action="store_true",
+                     help="check the configuration as a start does (its fields, the plugins and their parameters, "
+                          "token and secret files, the merge devices on this host) and exit: 0 when it would start, "
+                          "2 with the error; nothing is started, the catalog is not opened")
     run.set_defaults(handler=_run)
 
     def config_options(groups: str) -> argparse.ArgumentParser:
@@ -83,9 +87,15 @@ def register(commands) -> None:
 
 
 def _run(args) -> int:
-    from ..daemon import Daemon
+    from ..daemon import Daemon, checked_config
     from .catalog import named_catalog
 
+    if args.check:  # before a restart or reload: `sources scan --config` and `status --config` check less
+        from ..logs import counted
+
+        config = checked_config(args.config)
+        print(f"{args.config}: ok ({counted(len(config.sources), 'source')}, {counted(len(config.groups), 'group')})")
+        return 0
     return Daemon(args.config, database=named_catalog(args)).run()
 
 
