@@ -62,6 +62,21 @@ def merged_inputs(session: Session, run_id: int) -> list[tuple[Adapter, AdapterR
     return [(revision.adapter, revision) for revision in revisions]
 
 
+def _left_out(session: Session, group_id: int, latest: MergeRun,
+              merged: list[tuple[Adapter, AdapterRevision]]) -> list[dict[str, Any]]:
+    """The adapters the succeeded run before ``latest`` merged and ``latest`` (``merged``:
+    its inputs) does not, each with its status now and, where rejected, the reason."""
+    before = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id, MergeRun.id < latest.id,
+                                                   MergeRun.status == RunStatus.succeeded)
+                            .order_by(MergeRun.id.desc()).limit(1))
+    kept = {adapter.id for adapter, _ in merged}
+    left = {adapter.id: adapter for adapter, _ in (merged_inputs(session, before.id) if before else [])
+            if adapter.id not in kept}
+    return [{"name": adapter.name, "status": adapter.status.value, "run_id": latest.id,
+             "reason": adapter.current.reason if adapter.current is not None else None}
+            for adapter in sorted(left.values(), key=lambda a: a.name)]
+
+
 def shown_run(run: MergeRun) -> dict[str, Any]:
     """A run as ``status`` shows it."""
     return {"id": run.id, "status": run.status.value, "started_at": iso_utc(run.started_at),
@@ -105,6 +120,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
                               and r.input_fingerprint == latest.input_fingerprint), None)
             merged += merged_inputs(session, unchanged.id) if unchanged else []
             held_back = (runs[0].metrics or {}).get("held_back", {}) if runs else {}
+            dropped = [entry for entry in (_left_out(session, group.id, latest, merged) if latest else [])
+                       if entry["name"] not in held_back]  # those say why they wait
             # the runner's own rule: the adapters its select never takes are no group's "not yet merged"
             selection = Selection.model_validate(group.selection or {})
             taken = selected(candidates, group.base_model, selection)
@@ -122,6 +139,9 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
                 "published": [{**entry, "run_id": run.id} for entry, run in served],
                 # what the last published merge scored on its calibration data (iteris_daemon.figures)
                 "quality": summary(task_figures((latest.metrics or {}).get("tasks"))) if latest else {},
+                # what the merge before the last published merged and it does not, with why: a
+                # rejected commit withdrew an adapter, and the smaller merge looked healthy
+                "left_out": dropped,
                 "waiting": {"held_back": held_back, "not_yet_merged": new,
                             "other_base_model": of_other_base_models(candidates, group.base_model, selection)},
             })
@@ -173,6 +193,9 @@ def render(report: dict[str, Any]) -> str:
                          f"{quality['worst_task']} {quality['worst_fidelity_gap']:.3f}"
                          + (f"; adds {quality['mean_added_loss']:.3f} nats/token to the tasks' next-token loss"
                             if "mean_added_loss" in quality else ""))
+        for left in g["left_out"]:
+            why = f": {left['reason']}" if left["reason"] else ""
+            lines.append(f"    left out by run #{left['run_id']}, merged before: {left['name']} ({left['status']}{why})")
         for name, reason in g["waiting"]["held_back"].items():
             lines.append(f"    waiting: {name}: {reason}")
         if g["waiting"]["not_yet_merged"]:

@@ -39,6 +39,22 @@ def test_not_yet_merged_names_only_what_the_groups_select_takes(setup, capsys):
     assert "    not yet merged: task1\n" in status(capsys, setup)
 
 
+def test_an_adapter_the_last_merge_left_out_is_shown_with_why(setup, capsys):
+    """A commit that broke an adapter's weights withdrew it: the group merged and published
+    the others, and `status` showed a healthy source and a succeeded run, nothing of the task
+    the published merge had lost (QA HUB)."""
+    group = setup.group(names=("task0", "task1"))
+    assert setup.run(group).status is RunStatus.succeeded
+    (setup.published.parent / "watched" / "task1" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    LocalFolderSource(setup.catalog, "team").scan()
+    assert setup.run(group).status is RunStatus.succeeded
+    [left] = json.loads(status(capsys, setup, "--json"))["groups"][0]["left_out"]
+    assert (left["name"], left["status"], left["run_id"]) == ("task1", "rejected", 2) and left["reason"]
+    assert f"    left out by run #2, merged before: task1 (rejected: {left['reason']})\n" in status(capsys, setup)
+    assert setup.run(group, force=True).status is RunStatus.succeeded  # the same inputs published again
+    assert json.loads(status(capsys, setup, "--json"))["groups"][0]["left_out"] == []
+
+
 def test_times_carry_their_zone(setup, capsys):
     """Catalog times are UTC; printed without a zone they read as local time."""
     assert setup.run(setup.group()).status is RunStatus.succeeded
