@@ -101,12 +101,14 @@ def _check_token_rows(path: str, x: torch.Tensor, mask: torch.Tensor | None) -> 
     tokens routed to it; routing differs from model to model) has no such pairing."""
     if mask is None:
         return
-    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape[::-1]) != tuple(mask.shape):
-        # XLNet's and FSMT's (sequence, batch, features): the token count matches, and the
-        # padding mask, laid over it, zeroed tokens and kept padding in the Grams
-        raise MergeError(f"{path} reads its batch sequence first ({mask.shape[1]} tokens x {mask.shape[0]} sequences), "
-                         "where the padding mask of (sequences x tokens) does not fit its rows: merge it with a "
-                         "data-free strategy (task_arithmetic, ties, ...) and --no-eval")
+    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape[::-1]) != tuple(mask.shape) and not bool(mask.all()):
+        # XLNet's and FSMT's (tokens, sequences, features): the row count matches, and the
+        # padding mask, laid over it, zeroed tokens and kept padding in the Grams. Without
+        # padding no row is masked, and the row order changes no sum. (A square batch, as many
+        # tokens as sequences, cannot be told apart; a run's other batches are.)
+        raise MergeError(f"{path} reads its batch sequence first ({mask.shape[1]} positions by {mask.shape[0]} "
+                         "sequences), where the padding mask does not fit its rows: merge it with batch_size = 1 "
+                         "(no padding), or with a data-free strategy (task_arithmetic, ties, ...) and --no-eval")
     tokens = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:2])
     if tokens not in (mask.numel(), mask.shape[0]) and not (x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)):
         sees = ("only some tokens (a mixture-of-experts expert?)" if tokens < mask.numel() else
@@ -527,7 +529,8 @@ class _Alignment:
             Q = None if first else recorder.Q.get(p)  # first: Xt = X, so fold forms Q = A G
             M[p] = fold(M[p], rhs[p], G, Q, info.module, info.weight * factors.get(p, 1.0), options.a1, options.a2,
                         options.offdiag_scale)
-            self._check_finite(p, M[p], rhs[p], task=i)  # the first task to make it so is named
+            # the first task to make it so is named where its stream is its own adapter's
+            self._check_finite(p, M[p], rhs[p], task=i if first else None)
 
     def _relative_change(self) -> float:
         """||D_new - D_old|| / ||D_new|| over all layers (inf after the first sweep)."""

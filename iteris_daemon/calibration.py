@@ -24,7 +24,6 @@ from pydantic import BaseModel, ValidationError
 
 from . import safe_json
 from .errors import CalibrationError, ConfigError, IterisError, first_line
-from .paths import absolute
 from .strict import PLUGIN_SETTINGS
 
 CALIBRATION_NAME = "calibration.jsonl"
@@ -129,7 +128,9 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
             samples.append(sample)
     if not samples:
         raise CalibrationError(path, "calibration set is empty")
-    return CalibrationSet(tuple(samples), source=str(absolute(path)))  # the report is read from anywhere
+    # The report is read from anywhere: absolute, links kept (the daemon names a snapshot's file
+    # by the adapter's own, replacing the snapshot's path, which a resolved link no longer holds)
+    return CalibrationSet(tuple(samples), source=str(Path(path).absolute()))
 
 
 def _not_unicode(sample: Sample) -> bool:

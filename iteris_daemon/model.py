@@ -760,10 +760,10 @@ class BaseModel:
         pairs = pairs or [None] * len(texts)
         # Characters past what max_length tokens can hold are never tokenized: one line of a
         # 64 MiB file took a worker 10 GB and minutes, to be cut at 128 tokens.
-        bound = (max_length + 1) * self._chars_per_token
-        shortened = [len(text) > bound or len(pair or "") > bound for text, pair in zip(texts, pairs)]
-        texts = [self._within(text, bound) for text in texts]
-        pairs = [None if pair is None else self._within(pair, bound) for pair in pairs]
+        whole = list(zip(texts, pairs))
+        texts = [self._enough_of(text, max_length) for text in texts]
+        pairs = [None if pair is None else self._enough_of(pair, max_length) for pair in pairs]
+        shortened = [(text, pair) != given for text, pair, given in zip(texts, pairs, whole)]
         if any(pair is not None for pair in pairs):  # a batch call takes pairs for every text or none
             rows = [self.tokenizer(text, pair, add_special_tokens=special, verbose=False)
                     for text, pair in zip(texts, pairs)]
@@ -781,11 +781,29 @@ class BaseModel:
                     rows[i] = again[key]
         return tokens
 
+    def _enough_of(self, text: str, max_length: int) -> str:
+        """``text``, or as much of it as gives more than ``max_length`` tokens, on the side the
+        tokenizer's truncation keeps: from what that many of the vocabulary's longest tokens
+        cover, doubled while it gives fewer (a tokenizer that drops whitespace, or reads a long
+        word as one unknown token, covers more characters with each)."""
+        chars = (max_length + 1) * self._chars_per_token
+        while chars < len(text):
+            part = self._within(text, chars)
+            if len(self.tokenizer(part, add_special_tokens=False, verbose=False)["input_ids"]) > max_length:
+                return part
+            chars *= 2
+        return text
+
     def _within(self, text: str, chars: int) -> str:
-        """``text``, at most ``chars`` of it, kept on the side the tokenizer's truncation keeps."""
-        if len(text) <= chars:
-            return text
-        return text[-chars:] if self.tokenizer.truncation_side == "left" else text[:chars]
+        """At most ``chars`` of ``text`` on the side the tokenizer's truncation keeps, cut at a
+        space where one lies in the last tenth (a word cut in two is tokenized otherwise)."""
+        if self.tokenizer.truncation_side == "left":
+            part = text[-chars:]
+            space = part.find(" ", 0, chars // 10)
+            return part if space < 0 else part[space:]
+        part = text[:chars]
+        space = part.rfind(" ", chars - chars // 10)
+        return part if space < 0 else part[:space]
 
     def _templated(self, sample, source: str) -> str:
         """The text a sample is tokenized from: a conversation through the chat template, whose

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import NoReturn
 
 import pluggy
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from . import hookspecs
@@ -191,20 +191,26 @@ def _check_given_as_json(name: str, where: str, params: type[StrategyParams]) ->
     which the daemon's merge worker reads back, all strictly: a field whose default's own JSON
     form its type refuses (an Enum, a Path, a tuple) could never be given, and was refused at
     every merge, blaming the value."""
-    for field, info in params.model_fields.items():
-        if info.is_required():  # no default to try: a value given is checked where it is given
-            continue
-        typed = TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+    try:
+        defaults = params()
+    except ValidationError:  # a required field: its value is checked where it is given
+        return
+    given = {}
+    for field in params.model_fields:
         try:
-            typed.validate_python(typed.dump_python(info.get_default(call_default_factory=True), mode="json"),
-                                  strict=True)
-        except ValidationError as exc:
-            raise PluginError(f"strategy {name!r} (from {where}): its parameter {field} cannot be given as JSON, as "
-                              f"--param and the config give it ({exc.errors()[0]['msg']}): use Literal[...] for an "
-                              "Enum, str for a Path, list for a tuple") from None
+            given |= defaults.model_dump(mode="json", include={field})
         except (PydanticSerializationError, TypeError, ValueError) as exc:
-            raise PluginError(f"strategy {name!r} (from {where}): its parameter {field}'s default cannot be "
-                              f"written as JSON ({_one_line(exc)})") from None
+            raise PluginError(f"strategy {name!r} (from {where}): its parameter {field}'s default cannot be written "
+                              f"as JSON ({_one_line(exc)})") from None
+    try:
+        params.model_validate(given)  # the model's own validators and strictness, as --param's values meet them
+    except ValidationError as exc:
+        # A type refused (not a validator's own rule, which judges the values together)
+        for error in exc.errors():
+            if error["loc"] and error["type"] not in ("value_error", "assertion_error"):
+                raise PluginError(f"strategy {name!r} (from {where}): its parameter {error['loc'][0]} cannot be given "
+                                  f"as JSON, as --param and the config give it ({error['msg']}): use Literal[...] "
+                                  "for an Enum, str for a Path, list for a tuple") from None
 
 
 def strategies() -> dict[str, MergeStrategy]:

@@ -575,7 +575,8 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
             except MergeCancelled:
                 raise
             except IterisError as exc:  # its release failed: what it answered is held back with that line (the
-                found = [exc] * len(pending)  # run was left unrecorded and tried again, for ever)
+                # run was left unrecorded and tried again, for ever); the next sources are asked where it had none
+                found = [None if answer is None else exc for answer in found] + [exc] * (len(pending) - len(found))
         for i, answer in zip(pending, found):
             answers[i] = answer
     return answers

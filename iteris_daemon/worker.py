@@ -122,21 +122,23 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
                                  cache_dir=None if given.get("cache_dir") is None else Path(given["cache_dir"]),
                                  should_stop=stop.is_set)
     source = calibration_sources()[job["source"]]
+    answers: list[dict[str, Any] | None] = []
     try:
-        return _answers(job, source, options, stop)
+        _answer(job, source, options, stop, answers)
     except MergeCancelled:
         raise
-    except IterisError as exc:  # its release failed
-        return [{"error": str(exc), "out_of_memory": False}] * len(job["adapters"])
+    except IterisError as exc:  # its release failed (where it had no data, the next sources are asked)
+        held = {"error": str(exc), "out_of_memory": False}
+        return [None if answer is None else held for answer in answers] + [held] * (len(job["adapters"]) - len(answers))
+    return answers
 
 
-def _answers(job: dict[str, Any], source, options, stop: threading.Event) -> list[dict[str, Any] | None]:
-    """:func:`_calibration`'s answers, the source released after them."""
+def _answer(job: dict[str, Any], source, options, stop: threading.Event, answers: list[dict[str, Any] | None]) -> None:
+    """:func:`_calibration`'s answers, appended to ``answers``; the source released after them."""
     from .calibration import ask, releasing
     from .errors import IterisError, MergeCancelled
     from .validation import read_layout
 
-    answers: list[dict[str, Any] | None] = []
     with releasing({job["source"]: source}):
         for entry in job["adapters"]:
             if stop.is_set():
@@ -151,7 +153,6 @@ def _answers(job: dict[str, Any], source, options, stop: threading.Event) -> lis
             answers.append(None if data is None else
                            {"samples": [s.to_json() for s in data.samples], "source": data.source,
                             "generated": data.generated})
-    return answers
 
 
 def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:

@@ -74,14 +74,11 @@ class IterISParams(FeatureParams):
         return self
 
     @model_validator(mode="after")
-    def _block_by_block_options(self):
-        """Options that work block by block, with ``blockwise = false``: refinement (it distils
-        block outputs) was skipped with a WARNING that blamed the model; the sequential schedule
-        ran as the joint one at 2.5 times its passes."""
+    def _refinement_runs_by_block(self):
+        """Refinement distils block outputs: with whole-model passes it was skipped, with a
+        WARNING that blamed the model."""
         if self.refine_steps and not self.blockwise:
             raise ValueError("refine_steps needs blockwise = true (refinement works block by block)")
-        if self.schedule == "sequential" and not self.blockwise:  # it ran as joint, at 2.5 times its passes
-            raise ValueError("schedule sequential needs blockwise = true (it feeds each merged block to the next)")
         return self
 
 

@@ -1054,7 +1054,8 @@ def test_a_layer_reading_its_batch_sequence_first_is_refused_naming_it(tmp_path,
     """XLNet's feed-forward layers read (tokens, sequences, features): the padding mask, laid
     over those rows as (sequences, tokens), kept padding in the Grams and zeroed tokens, and
     IterIS and RegMean merged silently by batch size (RegMean's delta 11-41% apart between
-    batch sizes 1 and 16, QA). Refused naming the layer; data-free without evaluation merges."""
+    batch sizes 1 and 16, QA). Refused naming the layer where a batch is padded; data-free without
+    evaluation merges, and so does one sample per batch (nothing to mask)."""
     base = tmp_path / "base"
     torch.manual_seed(0)
     tf.XLNetModel(tf.XLNetConfig(vocab_size=30522, d_model=32, n_layer=2, n_head=2, d_inner=64,
@@ -1065,8 +1066,10 @@ def test_a_layer_reading_its_batch_sequence_first_is_refused_naming_it(tmp_path,
     for strategy in ("iteris", "regmean"):
         code, message = _merge(capsys, base, adapters, tmp_path / strategy, "--strategy", strategy)
         _assert_refused(code, message, tmp_path / strategy, "ff.layer_1 reads its batch sequence first (",
-                        "merge it with a data-free strategy")
+                        "merge it with batch_size = 1 (no padding)")
     assert cli_merge(base, adapters, tmp_path / "data-free", "--strategy", "task_arithmetic", "--no-eval") == 0
+    # Without padding the row order changes no sum: one sample per batch merges (as it did)
+    assert cli_merge(base, adapters, tmp_path / "one", "--strategy", "regmean", "--param", "batch_size=1") == 0
 
 
 def test_a_layer_reading_more_rows_than_the_batch_has_tokens_is_said_so():

@@ -150,6 +150,18 @@ def test_a_calibration_plugins_failure_of_many_lines_is_told_in_one():
                            "for url http://hub/x.")
 
 
+def test_a_files_source_is_named_absolute_with_its_links_kept(tmp_path, monkeypatch):
+    """Relative, it is made absolute (the report is read elsewhere); through a symlink it keeps
+    the link: the daemon replaces a snapshot's path in it by the adapter's, and under systemd's
+    DynamicUser the state folder is a link (/var/lib/iteris-daemon -> private/...), which a
+    resolved path no longer held: reports named the deleted snapshot (review RV12)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "c.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    assert read_jsonl(Path("link") / "c.jsonl").source == str(tmp_path / "link" / "c.jsonl")
+
+
 def test_a_release_that_fails_in_the_daemon_holds_back_what_the_source_answered(bert, monkeypatch):
     """An in-process source whose release raised: the error left the daemon's run unrecorded,
     tried again with backoff for ever ("the run could not be carried out"); in a calibration
@@ -158,23 +170,28 @@ def test_a_release_that_fails_in_the_daemon_holds_back_what_the_source_answered(
     from iteris_daemon import plugin_manager, worker
     from iteris_daemon.calibration import Sample
 
-    class Store:
+    class Store:  # data for all but the last adapter: the next source answers for that one (review RV12)
+        def __init__(self, last: str):
+            self.last = last
+
         def load(self, adapter, options):
-            return CalibrationSet((Sample(f"about {adapter.name}"),), "store")
+            return None if adapter.name == self.last else CalibrationSet((Sample(f"about {adapter.name}"),), "store")
 
         def release(self):
             raise ValueError("handle already closed")
 
     expected = "store: calibration source failed to release what it kept: ValueError: handle already closed"
-    answers = calibrate_all([SimpleNamespace(name="a"), SimpleNamespace(name="b")], CalibrationOptions(order=("store",)),
-                            {"store": Store()})
-    assert [str(answer) for answer in answers] == [expected] * 2
-    assert all(isinstance(answer, CalibrationError) for answer in answers)
-    monkeypatch.setattr(plugin_manager, "calibration_sources", lambda: {"store": Store()})
-    job = {"source": "store", "adapters": [{"path": str(f), "name": f.name} for f in bert[1][:2]],
+    other = SimpleNamespace(load=lambda adapter, options: CalibrationSet((Sample("other"),), "other"))
+    answers = calibrate_all([SimpleNamespace(name=name) for name in "abc"], CalibrationOptions(order=("store", "other")),
+                            {"store": Store("c"), "other": other})
+    assert [str(answer) for answer in answers[:2]] == [expected] * 2 and answers[2].source == "other"
+    assert all(isinstance(answer, CalibrationError) for answer in answers[:2])
+    folders = bert[1][:2]
+    monkeypatch.setattr(plugin_manager, "calibration_sources", lambda: {"store": Store(folders[1].name)})
+    job = {"source": "store", "adapters": [{"path": str(f), "name": f.name} for f in folders],
            "options": {"order": ["store"], "files": {}, "base_model": None, "samples": 1, "limit": None,
                        "settings": {}}}
-    assert worker._calibration(job, threading.Event()) == [{"error": expected, "out_of_memory": False}] * 2
+    assert worker._calibration(job, threading.Event()) == [{"error": expected, "out_of_memory": False}, None]
 
 
 def test_a_hub_dataset_file_other_than_the_listing_says_is_removed_and_fetched_again(bert, tmp_path, monkeypatch):

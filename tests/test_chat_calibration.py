@@ -200,6 +200,20 @@ def test_a_huge_sample_is_tokenized_only_as_far_as_max_length_can_reach(llama, c
     assert "(the longest has more than " in said[0], said
 
 
+def test_a_long_text_of_few_tokens_is_tokenized_whole(llama, caplog):
+    """A tokenizer that drops whitespace, or reads a word over 100 characters as one [UNK],
+    covers more characters per token than its longest token: cut at what max_length such
+    tokens hold, these samples lost their content and were counted as cut (review RV12)."""
+    base_dir, adapter_dirs = llama
+    base = BaseModel(str(base_dir), [load_adapter(adapter_dirs[0])])
+    samples = (Sample("short answer:" + " " * 40_000 + " the real content of this sample"),
+               Sample("sequence " + "ACGT" * 10_000 + " is a gene"))
+    for sample in samples:
+        (batch,) = base.batches(CalibrationSet((sample,), "tasks/sparse.jsonl"), batch_size=4, max_length=64)
+        assert batch["input_ids"][0].tolist() == base.tokenizer(sample.text)["input_ids"]  # all of it, < 64 tokens
+    assert not [r for r in caplog.records if "are cut" in r.getMessage()]
+
+
 def test_targets_on_a_decoder_only_model_are_not_used_with_one_warning(llama, caplog):
     """{"text": prompt, "target": completion}, the common SFT layout, merged on a causal LM
     exactly as {"text": prompt} without a word: only a teacher-forced encoder-decoder reads a

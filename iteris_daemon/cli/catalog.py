@@ -443,6 +443,11 @@ def _sources_scan(args) -> int:
     if unusable:
         print(f"iteris-daemon: warning: {unusable}; folders are hashed in full and Hub sources cannot download",
               file=sys.stderr)
+    if any(kind is not SourceKind.local for _, kind, _ in targets):  # the daemon's Hub client: timeouts, 429s
+        from ..config import DaemonSettings
+        from ..retry import bound_requests
+
+        bound_requests((settings or DaemonSettings()).hub_timeout_seconds)
     code = 0
     for name, kind, source_settings in targets:
         if published is not None and (why := _refused(catalog, name, kind, source_settings, published)) is not None:
