@@ -1090,13 +1090,35 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
         if last.status is RunStatus.refused:
             return (f"inputs unchanged since run {last.id}, which was refused ({last.error}); merge-now --force "
                     "judges them again, under the gates now loaded")
-        if (last.metrics or {}).get("destinations", destinations_key(group)) == destinations_key(group):
+        if (last.metrics or {}).get("destinations", destinations_key(group)) != destinations_key(group):
+            log.info("group %s: its destinations changed since run %d: merging to publish to every one", group.name,
+                     last.id)
+        elif gone := _not_served(group, last):
+            log.warning("group %s: %s no longer serve%s what run %d published (removed by hand?): merging to "
+                        "publish it again", group.name, ", ".join(gone), "s" if len(gone) == 1 else "", last.id)
+        else:
             return "inputs unchanged since the last successful run"
-        log.info("group %s: its destinations changed since run %d: merging to publish to every one", group.name,
-                 last.id)
     if not force and served is not None and served.input_fingerprint == fingerprint:
         return f"inputs unchanged since run {served.id}, whose merge is published (run {last.id}'s was refused)"
     return None
+
+
+def _not_served(group: GroupConfig, last: MergeRun) -> list[str]:
+    """The destinations (``kind location``) whose publisher says they no longer serve what run
+    ``last`` published to them (its destinations are the group's, in order)."""
+    gone = []
+    for destination, entry in zip(group.destinations, (last.metrics or {}).get("published") or []):
+        publisher = get_publisher(destination["kind"])
+        if not callable(getattr(publisher, "serves", None)) or not isinstance(entry, dict):
+            continue
+        try:
+            settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+            if not publisher.serves(settings, entry.get("version")):
+                gone.append(f"{publisher.kind} {entry.get('location')}")
+        except Exception as exc:  # a plugin's bug: the record of the last publish is trusted
+            log.warning("publisher %s: serves() failed (%s); taking run %d's record of its publish", publisher.kind,
+                        first_line(exc), last.id)
+    return gone
 
 
 def origin(adapter: Adapter, revision: AdapterRevision) -> str | None:

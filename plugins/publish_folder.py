@@ -125,6 +125,10 @@ class FolderPublisher:
             log.warning("folder %s: could not prune old versions (%s); the next publish tries again", root, exc)
         return PublishResult(str(root), version, changed=True)
 
+    def serves(self, settings: FolderPublishSettings, version: str) -> bool:
+        """Whether ``current`` still points at ``version``, whose folder is there."""
+        return _current_name(settings.path) == version and (settings.path / VERSIONS / version).is_dir()
+
 
 def _check_adapter(folder: Path) -> None:
     missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]

@@ -55,6 +55,28 @@ def test_an_adapter_the_last_merge_left_out_is_shown_with_why(setup, capsys):
     assert json.loads(status(capsys, setup, "--json"))["groups"][0]["left_out"] == []
 
 
+@pytest.mark.parametrize("removed", ["destination", "current link"])
+def test_a_destination_removed_by_hand_is_published_to_again(setup, capsys, caplog, removed):
+    """The destination folder (or its `current` link) deleted by hand: every later run was
+    skipped, "inputs unchanged since the last successful run", a restart too, and `status`
+    named the version as served; consumers had nothing to load until an input changed (QA OPS2).
+    The folder publisher says whether it still serves what it published: the run publishes."""
+    import shutil
+
+    group = setup.group(names=("task0",))
+    assert setup.run(group).status is RunStatus.succeeded
+    assert setup.run(group).status is RunStatus.skipped  # unchanged, still served: nothing to do
+    if removed == "destination":
+        shutil.rmtree(setup.published)
+    else:
+        (setup.published / "current").unlink()
+    with caplog.at_level("WARNING", logger="iteris_daemon.runner"):
+        assert setup.run(group).status is RunStatus.succeeded
+    assert (setup.published / "current" / "adapter_model.safetensors").is_file()
+    assert any(f"folder {setup.published} no longer serves what run 1 published" in m for m in caplog.messages)
+    assert setup.run(group).status is RunStatus.skipped
+
+
 def test_times_carry_their_zone(setup, capsys):
     """Catalog times are UTC; printed without a zone they read as local time."""
     assert setup.run(setup.group()).status is RunStatus.succeeded
