@@ -993,6 +993,11 @@ class Daemon:
         """One run of group ``name`` on a free device. A group already merging is asked
         again a little later: waiting here would hold one of the merge threads (one per
         device), and another group's run, ready for the free device, would wait behind it."""
+        if any(source.busy for source in list(self._local.values())):
+            # A folder scan under way (a start's, a reload's) registers the adapters one by one:
+            # a reload that fixed a watched path merged and published a part of them
+            self.trigger(name, delay=BUSY_GROUP_RETRY_SECONDS)
+            return
         with self._locks_guard:
             group_lock = self._group_locks.setdefault(name, threading.Lock())
         if not group_lock.acquire(blocking=False):

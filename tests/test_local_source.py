@@ -772,6 +772,40 @@ def test_a_source_is_busy_while_it_examines(setup, monkeypatch):
     assert seen == [True] and not source.busy
 
 
+def test_a_started_source_is_busy_until_its_first_scan_is_done(setup, monkeypatch):
+    """A start's (and a reload's) scan runs in the source's thread: before it took its lock the
+    source was not busy, and the daemon's run at the start merged what the scan had not yet
+    registered again (a reload fixing a watched path published part of the adapters, QA OPS2)."""
+    import threading
+
+    catalog, watched, base, _ = setup
+    source = _source(catalog, watched, base)
+    go = threading.Event()
+    real = source.scan
+    monkeypatch.setattr(source, "scan", lambda: (go.wait(30), real())[1])
+    assert not source.busy  # never started: nothing under way
+    source.start()
+    try:
+        assert source.busy
+        go.set()
+        wait_for(lambda: not source.busy, what="the first scan to end")
+    finally:
+        source.stop()
+
+
+def test_a_daemons_run_waits_while_a_folder_source_scans():
+    """The run asks again a second later (the stand-in has nothing a run would use)."""
+    from types import SimpleNamespace
+
+    from iteris_daemon.daemon import BUSY_GROUP_RETRY_SECONDS, Daemon
+
+    asked = []
+    stand_in = SimpleNamespace(_local={"team": SimpleNamespace(busy=True)},
+                               trigger=lambda name, delay: asked.append((name, delay)))
+    Daemon._run(stand_in, "g")
+    assert asked == [("g", BUSY_GROUP_RETRY_SECONDS)]
+
+
 def test_a_trainers_checkpoints_are_not_adapters_of_their_own(setup, caplog):
     """A trainer saves its progress in ``output_dir/checkpoint-STEP/``, beside (or before)
     the adapter it saves at the end: each checkpoint was registered as an adapter of its

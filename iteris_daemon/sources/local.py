@@ -239,6 +239,8 @@ class LocalFolderSource:
         # under other limits is not used.
         self._hashed = StatCache(stat_cache, context=stat_context(limits))
         self._worker: threading.Thread | None = None
+        self._scanned = threading.Event()  # cleared by start() until its scan is done (see busy)
+        self._scanned.set()
         self._failures: dict[Path, int] = {}  # path -> examinations in a row that raised
         self._checkpoints: set[Path] = set()  # trainer's checkpoint folders the log named as not looked into
         self._base_model_problem: str | None = None  # why adapters of the scan under way wait on the base model
@@ -369,8 +371,9 @@ class LocalFolderSource:
 
     @property
     def busy(self) -> bool:
-        """A scan or an event's examination is under way: the catalog may hold part of it."""
-        return self._lock.locked()
+        """A scan or an event's examination is under way, or the scan a start asks for is yet to
+        come: the catalog may hold part of it."""
+        return self._lock.locked() or not self._scanned.is_set()
 
     def _stopped(self, report: ScanReport) -> ScanReport:
         """The daemon stops mid-scan: what was not reached waits for the next start's scan
@@ -645,6 +648,7 @@ class LocalFolderSource:
                 self._root_gone(root)
         self._observer.start()
         self._stop.clear()
+        self._scanned.clear()
         self._worker = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
         self._worker.start()
 
@@ -733,6 +737,8 @@ class LocalFolderSource:
             self.scan()
         except Exception:  # keep watching; the next event or restart retries
             log.exception("source %s: initial scan failed", self.name)
+        finally:
+            self._scanned.set()
         tick = min(0.25, self.settings.settle_seconds / 4)
         next_root_check = time.monotonic() + ROOT_CHECK_SECONDS
         while not self._stop.wait(tick):
