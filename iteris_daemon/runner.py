@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -440,6 +441,9 @@ class RefusedInput(AdapterError):
     will report it again."""
 
 
+_COPY_SIDE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # what writing a copy meets, never reading
+
+
 def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
                    limits: Limits = Limits()) -> tuple[AdapterLayout, str]:
     """Copy a selected revision's files into the run's own folder and check they are what
@@ -461,6 +465,9 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
             if name != CALIBRATION_NAME:
                 raise AdapterError(source / name, "vanished since it was registered") from None
         except OSError as exc:
+            if exc.errno in _COPY_SIDE:  # a full state folder read as the watched folder's fault
+                raise AdapterError(source / name, f"cannot be copied into this run's folder {into}: {exc.strerror} "
+                                                  "(the daemon's state folder, [daemon] state_dir)") from None
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
         except AdapterError as exc:
             if _source_holds_revision(adapter, revision, limits):

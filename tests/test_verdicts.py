@@ -321,6 +321,28 @@ def test_a_run_holds_back_what_its_limits_refuse_and_merges_the_rest(team, tmp_p
     assert held_back["task1"].startswith(str(watched / "task1" / (name or "adapter_config.json")))
 
 
+def test_a_full_state_folder_is_named_not_the_adapter(team, tmp_path, monkeypatch):
+    """ENOSPC copying an input into the run's folder read "watched/a0/adapter_model.safetensors:
+    cannot read: No space left on device", pointing at the watched folder (QA OPS2)."""
+    import errno as errors
+
+    import iteris_daemon.runner as runner
+
+    catalog, watched, base = team
+    LocalFolderSource(catalog, "team").scan()
+
+    def full(source, target, *args, **kwargs):
+        raise OSError(errors.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "copy_adapter_file", full)
+    with catalog.session() as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.name == "task1"))
+        _ = adapter.source
+        with pytest.raises(AdapterError, match=f"cannot be copied into this run's folder {tmp_path / 'a'}: No space "
+                                               r"left on device \(the daemon's state folder"):
+            snapshot_input(adapter, adapter.current, tmp_path / "a")
+
+
 def test_a_refusal_is_told_from_a_change(team, tmp_path):
     """The same limit failures on content that is no longer the registered one are a
     change: the run waits for the source to report it (and publishes nothing meanwhile)."""
