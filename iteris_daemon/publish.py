@@ -82,6 +82,6 @@ class Publisher(Protocol):
         """Publish ``request.adapter_dir``; raise on failure (the run is then not successful)."""
 
     # Optional: ``serves(settings, version) -> bool``, whether the destination still serves the
-    # ``version`` this publisher reported. False makes a run whose inputs are unchanged publish
-    # again (a folder removed by hand was never published to again); without it, or where it
-    # raises, the catalog's record of the last publish is trusted.
+    # ``version`` this publisher reported (or one an operator chose instead: a rollback). False
+    # makes a run whose inputs are unchanged publish again (a folder removed by hand was never
+    # published to again); without it, or where it raises, the catalog's record is trusted.

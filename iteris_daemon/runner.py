@@ -299,9 +299,9 @@ def select_inputs(catalog: Catalog, group: GroupConfig) -> list[tuple[Adapter, A
     with catalog.session(write=False) as session:
         matching = _matching(merge_candidates(session), group.base_model, group.select)
         selected = _one_per_location(matching)
-        kept = {_location(adapter): adapter for adapter, _ in selected}
+        kept = {location(adapter): adapter for adapter, _ in selected}
         for adapter, _ in matching:
-            other = kept[_location(adapter)]
+            other = kept[location(adapter)]
             if other.id != adapter.id:
                 log.warning("group %s: adapter %s of source %s is where adapter %s of source %s is; merged once",
                             group.name, adapter.name, adapter.source.name, other.name, other.source.name)
@@ -355,12 +355,12 @@ def _one_per_location(matching: list[tuple[Adapter, AdapterRevision]]) -> list[t
     adapter would count double. Of such pairs the newest revision is kept."""
     newest: dict[tuple, int] = {}  # location -> revision id kept
     for adapter, revision in matching:
-        key = _location(adapter)
+        key = location(adapter)
         newest[key] = max(newest.get(key, revision.id), revision.id)
-    return [(a, r) for a, r in matching if newest[_location(a)] == r.id]
+    return [(a, r) for a, r in matching if newest[location(a)] == r.id]
 
 
-def _location(adapter: Adapter) -> tuple:
+def location(adapter: Adapter) -> tuple:
     """Where ``adapter`` lies, one key however a source spells it: a folder, or a Hub repo's
     folder and branch (``acme/x`` and ``Acme/X@main`` are one)."""
     if adapter.source.kind is SourceKind.hub:
@@ -375,8 +375,8 @@ def unmerged(taken: list[tuple[Adapter, AdapterRevision]],
     revision id: two sources watching one folder register its content twice, and where
     :func:`_one_per_location` keeps the other source's revision, a run merges the same
     adapter (skipped, its inputs unchanged)."""
-    done = {(_location(adapter), revision.revision) for adapter, revision in merged}
-    return [(adapter, revision) for adapter, revision in taken if (_location(adapter), revision.revision) not in done]
+    done = {(location(adapter), revision.revision) for adapter, revision in merged}
+    return [(adapter, revision) for adapter, revision in taken if (location(adapter), revision.revision) not in done]
 
 
 def selection_key(group: GroupConfig) -> str:
@@ -441,6 +441,12 @@ class RefusedInput(AdapterError):
     will report it again."""
 
 
+class CopyFailed(AdapterError):
+    """An input could not be copied into the run's folder (the state folder full or not
+    writable): the run waits, whatever the source (a Hub adapter was held back, and the merge
+    of the others published)."""
+
+
 _COPY_SIDE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # what writing a copy meets, never reading
 
 
@@ -465,9 +471,9 @@ def snapshot_input(adapter: Adapter, revision: AdapterRevision, into: Path,
             if name != CALIBRATION_NAME:
                 raise AdapterError(source / name, "vanished since it was registered") from None
         except OSError as exc:
-            if exc.errno in _COPY_SIDE:  # a full state folder read as the watched folder's fault
-                raise AdapterError(source / name, f"cannot be copied into this run's folder {into}: {exc.strerror} "
-                                                  "(the daemon's state folder, [daemon] state_dir)") from None
+            if exc.errno in _COPY_SIDE or Path(exc.filename or source).is_relative_to(into):  # not the adapter's
+                raise CopyFailed(source / name, f"cannot be copied into this run's folder {into}: {exc.strerror} "
+                                                "(the daemon's state folder, [daemon] state_dir)") from None
             raise AdapterError(source / name, f"cannot read: {exc.strerror}") from None
         except AdapterError as exc:
             if _source_holds_revision(adapter, revision, limits):
@@ -635,7 +641,8 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             snapshots.append((adapter, revision, *snapshot_input(adapter, revision, into / str(index), limits)))
         except IterisError as exc:
             inputs.hold_back(adapter, revision, str(exc))
-            if adapter.source.kind is SourceKind.local and not isinstance(exc, RefusedInput):
+            if (adapter.source.kind is SourceKind.local or isinstance(exc, CopyFailed)) and not isinstance(
+                    exc, RefusedInput):
                 inputs.changing.append(adapter.name)
     absent = sorted(set(options.files) - {loaded.name for _, _, loaded, _ in snapshots})
     if absent and "files" in options.order:  # a typo in the mapping: its adapter read another source's data
@@ -1106,6 +1113,10 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
         else:
             return "inputs unchanged since the last successful run"
     if not force and served is not None and served.input_fingerprint == fingerprint:
+        if gone := _not_served(group, served):
+            log.warning("group %s: %s no longer serve%s what run %d published (removed by hand?): merging to "
+                        "publish it again", group.name, ", ".join(gone), "s" if len(gone) == 1 else "", served.id)
+            return None
         return f"inputs unchanged since run {served.id}, whose merge is published (run {last.id}'s was refused)"
     return None
 

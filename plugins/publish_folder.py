@@ -126,8 +126,10 @@ class FolderPublisher:
         return PublishResult(str(root), version, changed=True)
 
     def serves(self, settings: FolderPublishSettings, version: str) -> bool:
-        """Whether ``current`` still points at ``version``, whose folder is there."""
-        return _current_name(settings.path) == version and (settings.path / VERSIONS / version).is_dir()
+        """Whether ``current`` still points at a version that is there: ``version``, or one
+        an operator rolled back to by hand, which a merge must not undo."""
+        current = _current_name(settings.path)
+        return current is not None and (settings.path / VERSIONS / current).is_dir()
 
 
 def _check_adapter(folder: Path) -> None:

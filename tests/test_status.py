@@ -77,6 +77,21 @@ def test_a_destination_removed_by_hand_is_published_to_again(setup, capsys, capl
     assert setup.run(group).status is RunStatus.skipped
 
 
+def test_a_rollback_by_hand_is_not_undone(setup):
+    """`current` pointed back at the version before by hand (the publisher keeps some for it):
+    a run of unchanged inputs leaves it there (review RV13: the check first took any other
+    version for a destination that no longer serves)."""
+    assert setup.run(setup.group(names=("task0",))).status is RunStatus.succeeded
+    group = setup.group(names=("task0", "task1"), gates={"max_regression": None})
+    assert setup.run(group).status is RunStatus.succeeded
+    versions = sorted(p.name for p in (setup.published / "versions").iterdir())
+    assert len(versions) == 2
+    (setup.published / "current").unlink()
+    (setup.published / "current").symlink_to(f"versions/{versions[0]}")  # as the publisher writes it
+    assert setup.run(group).status is RunStatus.skipped
+    assert os.readlink(setup.published / "current").endswith(versions[0])
+
+
 def test_times_carry_their_zone(setup, capsys):
     """Catalog times are UTC; printed without a zone they read as local time."""
     assert setup.run(setup.group()).status is RunStatus.succeeded

@@ -338,9 +338,9 @@ def test_a_full_state_folder_is_named_not_the_adapter(team, tmp_path, monkeypatc
     with catalog.session() as session:
         adapter = session.scalar(select(Adapter).where(Adapter.name == "task1"))
         _ = adapter.source
-        with pytest.raises(AdapterError, match=f"cannot be copied into this run's folder {tmp_path / 'a'}: No space "
-                                               r"left on device \(the daemon's state folder"):
-            snapshot_input(adapter, adapter.current, tmp_path / "a")
+        with pytest.raises(runner.CopyFailed, match=f"cannot be copied into this run's folder {tmp_path / 'a'}: No "
+                                                    r"space left on device \(the daemon's state folder"):
+            snapshot_input(adapter, adapter.current, tmp_path / "a")  # a run waits on it, of any source
 
 
 def test_a_refusal_is_told_from_a_change(team, tmp_path):
