@@ -76,6 +76,7 @@ from .worker import CUDA_UNLIMITED
 log = logging.getLogger(__name__)
 TICK_SECONDS = 2.0  # how often merge-now requests and next-run times are looked at
 BUSY_GROUP_RETRY_SECONDS = 1.0  # a run asked for while its group merges is asked again this much later
+FIRST_SCAN_WAIT_SECONDS = 300.0  # the longest a run waits for a folder source's first scan (start, reload)
 MAX_DEBOUNCE_WAITS = 4  # a changed group runs at most this many debounce_seconds after the first change it waits for
 CATALOG_WARNING_SECONDS = 60.0  # a job the catalog keeps failing says so at most this often
 UNHEALTHY_AFTER_CHECKS = 3  # a job the catalog failed this often in a row, for as many catalog checks, is a problem
@@ -444,6 +445,7 @@ class Daemon:
         self._failed_attempts: dict[str, int] = {}  # group -> runs in a row not carried out or not published
         self._calibration_worker_failures: dict[str, int] = {}  # group -> runs in a row with one
         self._claimed_elsewhere: set[str] = set()  # groups whose last run found another daemon merging them
+        self._waiting_for_scans: dict[str, float] = {}  # group -> since when its run waits (monotonic)
         self._shared = False  # other daemons were live on the catalog at the presence job's last look
         self._started_with = self.config.daemon  # what run() read once; a reload does not change it
         self.catalog: Catalog | None = None
@@ -989,14 +991,28 @@ class Daemon:
         self.scheduler.add_job(self._run, "date", run_date=when, args=[group], id=f"trigger:{group}",
                                executor="merge", replace_existing=True, max_instances=2)
 
+    def _wait_for_first_scans(self, name: str) -> bool:
+        """Whether group ``name``'s run waits (asked again a second later) for a folder source's
+        first scan since its start or a reload, which registers the adapters one by one: a
+        reload that fixed a watched path merged and published a part of them. At most
+        :data:`FIRST_SCAN_WAIT_SECONDS`: a scan stuck (a stale network mount) holds no run for ever."""
+        scanning = sorted(s.name for s in list(self._local.values()) if s.starting)
+        since = self._waiting_for_scans.setdefault(name, time.monotonic()) if scanning else None
+        if since is None or time.monotonic() - since > FIRST_SCAN_WAIT_SECONDS:
+            if since is not None:
+                log.warning("group %s: source %s is still at its first scan after %.0f s: running without waiting "
+                            "for it", name, ", ".join(scanning), time.monotonic() - since)
+            self._waiting_for_scans.pop(name, None)
+            return False
+        if self.scheduler.get_job(f"trigger:{name}") is None:  # else that pending trigger asks again
+            self.trigger(name, delay=BUSY_GROUP_RETRY_SECONDS)
+        return True
+
     def _run(self, name: str) -> None:
         """One run of group ``name`` on a free device. A group already merging is asked
         again a little later: waiting here would hold one of the merge threads (one per
         device), and another group's run, ready for the free device, would wait behind it."""
-        if any(source.busy for source in list(self._local.values())):
-            # A folder scan under way (a start's, a reload's) registers the adapters one by one:
-            # a reload that fixed a watched path merged and published a part of them
-            self.trigger(name, delay=BUSY_GROUP_RETRY_SECONDS)
+        if self._wait_for_first_scans(name):
             return
         with self._locks_guard:
             group_lock = self._group_locks.setdefault(name, threading.Lock())

@@ -793,17 +793,31 @@ def test_a_started_source_is_busy_until_its_first_scan_is_done(setup, monkeypatc
         source.stop()
 
 
-def test_a_daemons_run_waits_while_a_folder_source_scans():
-    """The run asks again a second later (the stand-in has nothing a run would use)."""
+def test_a_daemons_run_waits_for_a_folder_sources_first_scan_for_a_while(monkeypatch, caplog):
+    """The run asks again a second later (the stand-in has nothing a run would use), not while a
+    source merely examines an event (every group waited on any source's lock, review RV13), and
+    not past FIRST_SCAN_WAIT_SECONDS: a scan stuck on a stale mount held every run for ever."""
     from types import SimpleNamespace
 
-    from iteris_daemon.daemon import BUSY_GROUP_RETRY_SECONDS, Daemon
+    import iteris_daemon.daemon as daemon_module
+    from iteris_daemon.daemon import BUSY_GROUP_RETRY_SECONDS, FIRST_SCAN_WAIT_SECONDS, Daemon
 
-    asked = []
-    stand_in = SimpleNamespace(_local={"team": SimpleNamespace(busy=True)},
+    asked, now = [], [100.0]
+    monkeypatch.setattr(daemon_module.time, "monotonic", lambda: now[0])
+    scanning = SimpleNamespace(name="team", starting=True, busy=True)
+    stand_in = SimpleNamespace(_local={"team": scanning}, _waiting_for_scans={},
+                               scheduler=SimpleNamespace(get_job=lambda job_id: None),
                                trigger=lambda name, delay: asked.append((name, delay)))
+    stand_in._wait_for_first_scans = lambda name: Daemon._wait_for_first_scans(stand_in, name)
     Daemon._run(stand_in, "g")
     assert asked == [("g", BUSY_GROUP_RETRY_SECONDS)]
+    assert Daemon._wait_for_first_scans(stand_in, "h") is True and asked[-1] == ("h", BUSY_GROUP_RETRY_SECONDS)
+    now[0] += FIRST_SCAN_WAIT_SECONDS + 1
+    with caplog.at_level("WARNING", logger="iteris_daemon.daemon"):
+        assert Daemon._wait_for_first_scans(stand_in, "g") is False  # stuck: the run goes ahead, said
+    assert any("group g: source team is still at its first scan" in m for m in caplog.messages)
+    scanning.starting = False  # an event examined (busy) after the first scan: no wait
+    assert Daemon._wait_for_first_scans(stand_in, "g") is False
 
 
 def test_a_trainers_checkpoints_are_not_adapters_of_their_own(setup, caplog):

@@ -373,7 +373,12 @@ class LocalFolderSource:
     def busy(self) -> bool:
         """A scan or an event's examination is under way, or the scan a start asks for is yet to
         come: the catalog may hold part of it."""
-        return self._lock.locked() or not self._scanned.is_set()
+        return self._lock.locked() or self.starting
+
+    @property
+    def starting(self) -> bool:
+        """The scan a start (or a reload's restart) asks for is not done yet."""
+        return not self._scanned.is_set()
 
     def _stopped(self, report: ScanReport) -> ScanReport:
         """The daemon stops mid-scan: what was not reached waits for the next start's scan
