@@ -550,7 +550,7 @@ class _Alignment:
         adapter = "" if task is None else f" with adapter {self.adapters[task].name}"
         hint = ("float16 overflowed: merge with --dtype bfloat16 or float32 (a group's dtype)"
                 if self.base.dtype == torch.float16 else
-                "check the calibration data" + ("" if task is None else f", and the adapter's lora_alpha and weights "
+                "check the calibration data" + ("" if task is None else ", and the adapter's lora_alpha and weights "
                                                 "(a delta this large overflows); merged without it, the others merge"))
         raise MergeError(f"{path}: its inputs in the {compute} forward pass{adapter} are not finite (NaN/Inf); {hint}")
 

@@ -130,7 +130,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CalibrationSet:
         raise CalibrationError(path, "calibration set is empty")
     # The report is read from anywhere: absolute, links kept (the daemon names a snapshot's file
     # by the adapter's own, replacing the snapshot's path, which a resolved link no longer holds)
-    return CalibrationSet(tuple(samples), source=str(Path(path).absolute()))
+    return CalibrationSet(tuple(samples), source=os.path.abspath(path))
 
 
 def _not_unicode(sample: Sample) -> bool:

@@ -190,24 +190,24 @@ def _check_given_as_json(name: str, where: str, params: type[StrategyParams]) ->
     """Parameters arrive as JSON values (``--param``, a TOML table) and are recorded as JSON,
     which the daemon's merge worker reads back, all strictly: a field whose default's own JSON
     form its type refuses (an Enum, a Path, a tuple) could never be given, and was refused at
-    every merge, blaming the value."""
-    try:
-        defaults = params()
-    except ValidationError:  # a required field: its value is checked where it is given
-        return
+    every merge, blaming the value. A required field has no default to try."""
+    defaults = params.model_construct()  # the defaults, unvalidated (a required field has none)
     given = {}
-    for field in params.model_fields:
+    for field, info in params.model_fields.items():
+        if info.is_required():
+            continue
         try:
-            given |= defaults.model_dump(mode="json", include={field})
+            given |= defaults.model_dump(mode="json", include={field}, by_alias=True)  # as a config names it
         except (PydanticSerializationError, TypeError, ValueError) as exc:
             raise PluginError(f"strategy {name!r} (from {where}): its parameter {field}'s default cannot be written "
                               f"as JSON ({_one_line(exc)})") from None
     try:
         params.model_validate(given)  # the model's own validators and strictness, as --param's values meet them
-    except ValidationError as exc:
-        # A type refused (not a validator's own rule, which judges the values together)
-        for error in exc.errors():
-            if error["loc"] and error["type"] not in ("value_error", "assertion_error"):
+    except (TypeError, ValueError) as exc:  # a validator's own rule, or a mistake in it: met at the merge
+        errors = exc.errors() if isinstance(exc, ValidationError) else []
+        # A type refused (not a validator's rule, which judges the values together, nor a field not given)
+        for error in errors:
+            if error["loc"] and error["type"] not in ("value_error", "assertion_error", "missing"):
                 raise PluginError(f"strategy {name!r} (from {where}): its parameter {error['loc'][0]} cannot be given "
                                   f"as JSON, as --param and the config give it ({error['msg']}): use Literal[...] "
                                   "for an Enum, str for a Path, list for a tuple") from None

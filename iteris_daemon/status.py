@@ -22,7 +22,7 @@ from .config import DaemonSettings, Selection
 from .logs import escape_controls
 from .figures import summary, task_figures
 from .peers import FORGET_AFTER, GONE_AFTER, differences
-from .runner import merge_candidates, of_other_base_models, selected, unmerged
+from .runner import location, merge_candidates, of_other_base_models, selected, unmerged
 
 CLAIM_TTL = DaemonSettings.model_fields["claim_ttl_seconds"].default  # without a config: the default
 RUNS_SHOWN = 50  # a group's newest runs read for its last run, skips and held-back adapters (db prune keeps them)
@@ -69,9 +69,9 @@ def _left_out(session: Session, group_id: int, latest: MergeRun,
     before = session.scalar(select(MergeRun).where(MergeRun.group_id == group_id, MergeRun.id < latest.id,
                                                    MergeRun.status == RunStatus.succeeded)
                             .order_by(MergeRun.id.desc()).limit(1))
-    kept = {adapter.id for adapter, _ in merged}
-    left = {adapter.id: adapter for adapter, _ in (merged_inputs(session, before.id) if before else [])
-            if adapter.id not in kept}
+    kept = {location(adapter) for adapter, _ in merged}  # by location: two sources may name one folder
+    left = {location(adapter): adapter for adapter, _ in (merged_inputs(session, before.id) if before else [])
+            if location(adapter) not in kept}
     return [{"name": adapter.name, "status": adapter.status.value, "run_id": latest.id,
              "reason": adapter.current.reason if adapter.current is not None else None}
             for adapter in sorted(left.values(), key=lambda a: a.name)]

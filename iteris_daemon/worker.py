@@ -108,9 +108,9 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     """Calibration samples from a source that needs torch, for each adapter in
     ``job["adapters"]``: per adapter the samples, None (no data), or the error that holds
     that adapter back (one bad adapter does not cost the others theirs); then the source
-    is released, also on a cancel. A release that fails holds every adapter back with its
-    line (the worker failing, the run was tried again and again, a plugin's bug taken for
-    the worker's)."""
+    is released, also on a cancel. A release that fails holds back each adapter the source
+    answered with its line (the worker failing, the run was tried again and again, a plugin's
+    bug taken for the worker's)."""
     from .calibration import CalibrationOptions
     from .errors import IterisError, MergeCancelled
     from .plugin_manager import calibration_sources

@@ -387,6 +387,24 @@ def _strategy_with(field: str, annotation, default) -> _Nameless:
     return type("_Typed", (_Nameless,), {"name": f"typed_{field}", "Params": params})()
 
 
+def test_a_parameter_no_json_gives_is_found_beside_a_required_one():
+    """A required field left the whole check out (its model had no defaults to build); an
+    aliased field (`lambda`) was refused as if its type were (review RV13)."""
+    from iteris_daemon.errors import PluginError
+    from iteris_daemon.plugin_manager import _check_given_as_json
+
+    class Required(StrategyParams):
+        need: int
+        colour: _Colour = _Colour.red
+
+    class Aliased(StrategyParams):
+        lambda_: float = Field(0.5, alias="lambda")
+
+    with pytest.raises(PluginError, match="its parameter colour cannot be given as JSON"):
+        _check_given_as_json("required", "test", Required)
+    _check_given_as_json("aliased", "test", Aliased)
+
+
 class _NoSettings:
     kind, Settings = "no_settings", None  # required: a config using it failed when read, in an AttributeError
 

@@ -47,9 +47,10 @@ def register(commands) -> None:
     run.add_argument("--config", required=True, type=user_path, metavar="FILE",
                      help=f"daemon configuration (TOML); its catalog unless ${DB_ENV} names one, as for every command")
     run.add_argument("--check", action="store_true",
-                     help="check the configuration as a start does (its fields, the plugins and their parameters, "
-                          "token and secret files, the merge devices on this host) and exit: 0 when it would start, "
-                          "2 with the error; nothing is started, the catalog is not opened")
+                     help="check the configuration as a start reads it (its fields, the plugins and their "
+                          "parameters, token and secret files, the merge devices on this host) and exit: 0 when it "
+                          "passes, 2 with the error; nothing is started: the state folder, its lock, the catalog and "
+                          "the ports are not checked")
     run.set_defaults(handler=_run)
 
     def config_options(groups: str) -> argparse.ArgumentParser:
