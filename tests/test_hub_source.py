@@ -565,7 +565,9 @@ def test_a_stop_ends_a_rate_limit_wait_inside_a_download(env, bounded):
     stop.set()
     polling.join(30)  # a guard against waiting out the hour, not a timing
     assert not polling.is_alive(), "still waiting out Retry-After after the stop"
-    assert len(hub.requests_matching(r"^HEAD /erin/s/resolve/")) == 2 and not reports[0].registered
+    # The client asks a failed HEAD once more at once, itself: sent where it goes before the stop, refused
+    # after it (no request is sent once the daemon stops, retry.requests_bounded)
+    assert len(hub.requests_matching(r"^HEAD /erin/s/resolve/")) in (1, 2) and not reports[0].registered
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"], ids=["lfs-sha256", "git-sha1"])
