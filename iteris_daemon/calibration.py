@@ -345,6 +345,13 @@ def _release_all(sources: Mapping[str, CalibrationSource], quiet: bool) -> None:
         raise failed
 
 
+def held_after_release(answers: list[T | None], count: int, held: T) -> list[T | None]:
+    """What ``count`` adapters get from a source whose ``release()`` failed after ``answers``:
+    each it answered is held back with ``held`` (its line), one it had no data for stays None,
+    for the next source to answer."""
+    return [None if answer is None else held for answer in answers] + [held] * (count - len(answers))
+
+
 def ask(name: str, source: CalibrationSource, adapter, options: CalibrationOptions) -> CalibrationSet | None:
     """Source ``name``'s answer for ``adapter``, :func:`checked`. Whatever it raises that is
     not an IterisError (a plugin's store unreachable, say) is a CalibrationError naming it,

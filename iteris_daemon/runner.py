@@ -57,7 +57,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from . import safe_json
-from .calibration import CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask, releasing
+from .calibration import (CALIBRATION_NAME, CalibrationOptions, CalibrationSet, Sample, ask, held_after_release,
+                          releasing)
 from .catalog import Catalog
 from .catalog.db import DATABASE_FAILURES
 from .catalog.models import (Adapter, AdapterRevision, AdapterStatus, MergeGroup, MergeRun, MergeRunInput, RunStatus,
@@ -587,9 +588,8 @@ def calibrate_all(adapters: list[AdapterLayout], options: CalibrationOptions,
                         found.append(_ask(name, source, adapters[i], options))
             except MergeCancelled:
                 raise
-            except IterisError as exc:  # its release failed: what it answered is held back with that line (the
-                # run was left unrecorded and tried again, for ever); the next sources are asked where it had none
-                found = [None if answer is None else exc for answer in found] + [exc] * (len(pending) - len(found))
+            except IterisError as exc:  # its release failed (the run was left unrecorded, tried again for ever)
+                found = held_after_release(found, len(pending), exc)
         for i, answer in zip(pending, found):
             answers[i] = answer
     return answers
@@ -1107,36 +1107,38 @@ def _skip_reason(catalog: Catalog, group: GroupConfig, inputs: Inputs, fingerpri
         if (last.metrics or {}).get("destinations", destinations_key(group)) != destinations_key(group):
             log.info("group %s: its destinations changed since run %d: merging to publish to every one", group.name,
                      last.id)
-        elif gone := _not_served(group, last):
-            log.warning("group %s: %s no longer serve%s what run %d published (removed by hand?): merging to "
-                        "publish it again", group.name, ", ".join(gone), "s" if len(gone) == 1 else "", last.id)
-        else:
+        elif _still_served(group, last):
             return "inputs unchanged since the last successful run"
-    if not force and served is not None and served.input_fingerprint == fingerprint:
-        if gone := _not_served(group, served):
-            log.warning("group %s: %s no longer serve%s what run %d published (removed by hand?): merging to "
-                        "publish it again", group.name, ", ".join(gone), "s" if len(gone) == 1 else "", served.id)
-            return None
+    if not force and served is not None and served.input_fingerprint == fingerprint and _still_served(group, served):
         return f"inputs unchanged since run {served.id}, whose merge is published (run {last.id}'s was refused)"
     return None
 
 
-def _not_served(group: GroupConfig, last: MergeRun) -> list[str]:
-    """The destinations (``kind location``) whose publisher says they no longer serve what run
-    ``last`` published to them (its destinations are the group's, in order)."""
+def _still_served(group: GroupConfig, run: MergeRun) -> bool:
+    """Whether every destination still serves what ``run`` published to it (its destinations
+    are the group's, in order), as the publishers that can tell say; a WARNING names those that
+    no longer do, whose merge is then published again."""
     gone = []
-    for destination, entry in zip(group.destinations, (last.metrics or {}).get("published") or []):
+    for destination, entry in zip(group.destinations, (run.metrics or {}).get("published") or []):
         publisher = get_publisher(destination["kind"])
         if not callable(getattr(publisher, "serves", None)) or not isinstance(entry, dict):
             continue
         try:
-            settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
-            if not publisher.serves(settings, entry.get("version")):
+            if not publisher.serves(destination_settings(destination)[1], entry.get("version")):
                 gone.append(f"{publisher.kind} {entry.get('location')}")
         except Exception as exc:  # a plugin's bug: the record of the last publish is trusted
             log.warning("publisher %s: serves() failed (%s); taking run %d's record of its publish", publisher.kind,
-                        first_line(exc), last.id)
-    return gone
+                        first_line(exc), run.id)
+    if gone:
+        log.warning("group %s: %s no longer serve%s what run %d published (removed by hand?): merging to publish it "
+                    "again", group.name, ", ".join(gone), "s" if len(gone) == 1 else "", run.id)
+    return not gone
+
+
+def destination_settings(destination: dict[str, Any]) -> tuple[Any, Any]:
+    """A group's destination table as its publisher and that publisher's validated settings."""
+    publisher = get_publisher(destination["kind"])
+    return publisher, publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
 
 
 def origin(adapter: Adapter, revision: AdapterRevision) -> str | None:
@@ -1202,8 +1204,7 @@ def publish_all(group: GroupConfig, run_id: int, folder: Path, report: dict, inp
     )
     published = []
     for number, destination in enumerate(group.destinations, start=1):
-        publisher = get_publisher(destination["kind"])
-        settings = publisher.Settings.model_validate({k: v for k, v in destination.items() if k != "kind"})
+        publisher, settings = destination_settings(destination)
         where = f"publisher {publisher.kind} (destination {number} of {len(group.destinations)})"
         try:
             try:

@@ -111,7 +111,7 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
     is released, also on a cancel. A release that fails holds back each adapter the source
     answered with its line (the worker failing, the run was tried again and again, a plugin's
     bug taken for the worker's)."""
-    from .calibration import CalibrationOptions
+    from .calibration import CalibrationOptions, held_after_release
     from .errors import IterisError, MergeCancelled
     from .plugin_manager import calibration_sources
 
@@ -127,9 +127,8 @@ def _calibration(job: dict[str, Any], stop: threading.Event) -> list[dict[str, A
         _answer(job, source, options, stop, answers)
     except MergeCancelled:
         raise
-    except IterisError as exc:  # its release failed (where it had no data, the next sources are asked)
-        held = {"error": str(exc), "out_of_memory": False}
-        return [None if answer is None else held for answer in answers] + [held] * (len(job["adapters"]) - len(answers))
+    except IterisError as exc:  # its release failed
+        return held_after_release(answers, len(job["adapters"]), {"error": str(exc), "out_of_memory": False})
     return answers
 
 
