@@ -665,6 +665,7 @@ class Daemon:
                 if webhooks is not None:
                     self._webhook.options = webhooks
                 self._reload_refused = None
+                self.metrics.reload_refused(False)
                 self._warn_start_only(config.daemon)
                 warn_unlimited_cuda_workers(config.daemon.worker_memory_limit_mb, self._slots)  # the start's devices
                 log.info("configuration reloaded: %s", self._summary())
@@ -673,9 +674,13 @@ class Daemon:
     def _refused_reload(self, reason: str) -> None:
         """A reload that kept the running configuration: said in the log, and in the status
         systemd shows (`systemctl status`) and ``iteris-daemon``'s summary until a reload goes
-        through: a config that the next start refuses went unnoticed for weeks."""
+        through (and in ``status`` and ``/metrics``): a config that the next start refuses went
+        unnoticed for weeks."""
         self._reload_refused = reason
         log.error("reload failed, keeping the running configuration: %s", reason)
+        self.metrics.reload_refused(True)
+        with suppress(JobLookupError):  # ``status`` shows it from this daemon's row, written now
+            self.scheduler.modify_job("peers", next_run_time=datetime.now(timezone.utc))
 
     def _warn_start_only(self, settings: DaemonSettings) -> None:
         """A WARNING for each setting that ``settings`` changes where only the start reads it:
@@ -971,7 +976,8 @@ class Daemon:
         live = max(settings.claim_ttl_seconds, 3 * settings.catalog_check_seconds)
         with self.catalog_health.watching("peers"):
             self._shared = bool(self.peers.others(within=live))
-            for peer, differ in self.peers.disagreements(presence(settings, self._groups), within=live):
+            row = presence(settings, self._groups, self._reload_refused)
+            for peer, differ in self.peers.disagreements(row, within=live):
                 log.warning("daemon %s, also on this catalog, has other settings: %s. Give every daemon on one catalog "
                             "the same [daemon.limits] and trust_remote_code: under different ones each judges the other's "
                             "adapter verdicts again at every look, and an adapter one accepts and the other refuses flips "

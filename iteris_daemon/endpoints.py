@@ -74,7 +74,7 @@ from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Select, and_, func, or_, select
@@ -310,6 +310,9 @@ class DaemonMetrics:
             "iteris_runs_not_carried_out", "Runs that ended without a record (this process): the catalog locked "
             "or unreachable; each is tried again (retry_seconds).", ["group"], registry=None)
         self.registry.register(_AtZero(self._runs_not_carried_out, configured))
+        self._reload_refused = Gauge(
+            "iteris_reload_refused", "1 while this daemon's last reload was refused: it runs the configuration before "
+            "it, and its next start reads the refused file.", registry=self.registry)
 
     def observe_merge(self, group: str, seconds: float) -> None:
         self._merge_duration.labels(group).observe(seconds)
@@ -329,6 +332,9 @@ class DaemonMetrics:
             for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start, so rate() sees the first one
                 self._webhook_requests.labels(outcome)
         return self._webhook_requests
+
+    def reload_refused(self, refused: bool) -> None:
+        self._reload_refused.set(int(refused))
 
     def run_not_carried_out(self, group: str) -> None:
         self._runs_not_carried_out.labels(group).inc()

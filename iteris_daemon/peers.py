@@ -23,12 +23,15 @@ from sqlalchemy import delete, select
 from .catalog import Catalog
 from .catalog.models import DaemonPresence
 from .config import DaemonSettings
+from .logs import redact
 
 FORGET_AFTER = timedelta(days=1)
 GONE_AFTER = timedelta(minutes=10)  # a daemon refreshes its row at least every minute: not seen for this long, gone
 
 
 GROUPS = "groups"  # a daemon's row also names the groups it runs, which daemons need not share
+RELOAD_REFUSED = "reload_refused"  # ... and, while its last reload was refused, why (for ``status``)
+_OWN = (GROUPS, RELOAD_REFUSED)
 
 
 def shared_settings(settings: DaemonSettings) -> dict[str, Any]:
@@ -36,19 +39,22 @@ def shared_settings(settings: DaemonSettings) -> dict[str, Any]:
     return {"limits": settings.limits.model_dump(), "trust_remote_code": sorted(settings.trust_remote_code)}
 
 
-def presence(settings: DaemonSettings, groups: Iterable[str]) -> dict[str, Any]:
-    """What a daemon's row holds: the shared settings, and the groups it runs (``merge-now``
-    tells a group no running daemon has from one that waits for a daemon to start)."""
-    return {**shared_settings(settings), GROUPS: sorted(groups)}
+def presence(settings: DaemonSettings, groups: Iterable[str], reload_refused: str | None = None) -> dict[str, Any]:
+    """What a daemon's row holds: the shared settings, the groups it runs (``merge-now``
+    tells a group no running daemon has from one that waits for a daemon to start) and why
+    its last reload was refused, if it was: a config the next start refuses, otherwise seen
+    only in the journal and ``systemctl status``."""
+    row = {**shared_settings(settings), GROUPS: sorted(groups)}
+    return row if reload_refused is None else {**row, RELOAD_REFUSED: redact(reload_refused)}
 
 
 def shared_part(row: dict[str, Any]) -> dict[str, Any]:
-    """A daemon row's settings but its groups."""
-    return {key: value for key, value in row.items() if key != GROUPS}
+    """A daemon row's shared settings: not its groups or its refused reload."""
+    return {key: value for key, value in row.items() if key not in _OWN}
 
 
 def differences(mine: dict[str, Any], theirs: dict[str, Any], labels: tuple[str, str] = ("here", "there")) -> list[str]:
-    """``"limits.max_rank: 4096 here, 64 there"`` for each shared setting that differs (groups aside)."""
+    """``"limits.max_rank: 4096 here, 64 there"`` for each shared setting that differs."""
     def walk(ours: dict[str, Any], others: dict[str, Any], prefix: str) -> list[str]:
         found = []
         for key in sorted(set(ours) | set(others)):

@@ -21,7 +21,7 @@ from .catalog.registry import list_sources
 from .config import DaemonSettings, Selection
 from .logs import escape_controls
 from .figures import summary, task_figures
-from .peers import FORGET_AFTER, GONE_AFTER, differences
+from .peers import FORGET_AFTER, GONE_AFTER, RELOAD_REFUSED, differences
 from .runner import location, merge_candidates, of_other_base_models, selected, unmerged
 
 CLAIM_TTL = DaemonSettings.model_fields["claim_ttl_seconds"].default  # without a config: the default
@@ -148,7 +148,8 @@ def collect(catalog: Catalog, configured: Collection[str] | None = None,
         # A killed daemon's row stays until another daemon forgets it (a day): with none alive,
         # rows of any age were listed as "seen in the last day"; one not seen lately is marked.
         daemons = [{"holder": d.holder, "started_at": iso_utc(d.started_at), "seen_at": iso_utc(d.seen_at),
-                    "settings": d.settings, "live": now - d.seen_at.replace(tzinfo=None) <= GONE_AFTER}
+                    "settings": d.settings, "reload_refused": d.settings.get(RELOAD_REFUSED),
+                    "live": now - d.seen_at.replace(tzinfo=None) <= GONE_AFTER}
                    for d in session.scalars(select(DaemonPresence).where(DaemonPresence.seen_at >= now - FORGET_AFTER)
                                             .order_by(DaemonPresence.seen_at.desc()))]
     report = {"sources": sources, "groups": groups, "daemons": daemons}
@@ -217,4 +218,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {d['holder']}  started {d['started_at']}, last seen {d['seen_at']}"
                      + ("" if d["live"] else " (not seen for over 10 minutes: stopped or killed?)")
                      + (f"; OTHER SETTINGS: {'; '.join(differ)}" if differ else ""))
+        if d["reload_refused"]:
+            lines.append(f"    its last reload was refused, it runs the configuration before it (its next start "
+                         f"reads the refused file): {d['reload_refused']}")
     return "\n".join(map(escape_controls, lines))  # names and errors as others wrote them: no escape sequences

@@ -1510,18 +1510,22 @@ def test_a_reload_renews_the_webhook_secret_and_a_refused_one_stays_in_the_statu
     start stayed in force (the new one got 401); and a refused reload left no sign but an ERROR
     line, systemd's status unchanged, until the next start failed on the config (QA CFG). Now
     the reload takes the new secret (and path), and the status (READY's STATUS, what `systemctl
-    status` shows) says the reload was refused until one goes through. Real HTTP to the webhook."""
+    status` shows) says the reload was refused until one goes through; so do `iteris-daemon
+    status` (from the daemon's catalog row, in the text and ``--json``) and ``/metrics``
+    (``iteris_reload_refused``), which said nothing of it. Real HTTP to the webhook and metrics."""
     import urllib.error
     import urllib.request
 
     from iteris_daemon.daemon import Daemon
+    from iteris_daemon.status import collect, render
 
     secret = tmp_path / "secret"
     secret.write_text("old-secret\n")
     secret.chmod(0o600)
     config = tmp_path / "daemon.toml"
     head = (f"[daemon]\nstate_dir = {json.dumps(str(tmp_path / 'state'))}\n"
-            f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n")
+            f"cache_dir = {json.dumps(str(tmp_path / 'cache'))}\ngrace_seconds = 1\n"
+            '[daemon.metrics]\nlisten = "127.0.0.1:0"\n')
     hooks = '[daemon.webhooks]\nlisten = "127.0.0.1:0"\nsecret_file = "secret"\npath = "{}"\n'
     config.write_text(head + hooks.format("/webhooks/hub"))
     daemon = Daemon(config)
@@ -1538,6 +1542,18 @@ def test_a_reload_renews_the_webhook_secret_and_a_refused_one_stays_in_the_statu
         except urllib.error.HTTPError as error:
             return error.code
 
+    def refused_metric() -> str:
+        port = next(server.port for server in daemon._servers if server.name == "metrics")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            return next(line for line in response.read().decode().splitlines()
+                        if line.startswith("iteris_reload_refused "))
+
+    def shown() -> tuple[str | None, str]:
+        """What ``status`` shows of this daemon, once its row is written (the peers job)."""
+        report = collect(daemon.catalog)
+        (row,) = report["daemons"] or [{"reload_refused": "(no row yet)"}]
+        return row["reload_refused"], render(report)
+
     def reload_and_wait(said: str) -> None:
         before = caplog.text.count(said)
         os.kill(os.getpid(), signal.SIGHUP)
@@ -1547,6 +1563,8 @@ def test_a_reload_renews_the_webhook_secret_and_a_refused_one_stays_in_the_statu
         wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.running, "the scheduler")
         daemon.notifier.ready = lambda status=None: statuses.append(status) or True
         seen["at start"] = answer("/webhooks/hub", "old-secret"), answer("/webhooks/hub", "new-secret")
+        wait_for(lambda: shown()[0] is None, "the daemon's row")
+        seen["metric at start"] = refused_metric()
         secret.write_text("new-secret\n")
         config.write_text(head + hooks.format("/hooks/hub"))
         reload_and_wait("configuration reloaded")
@@ -1555,9 +1573,13 @@ def test_a_reload_renews_the_webhook_secret_and_a_refused_one_stays_in_the_statu
         config.write_text(head + hooks.format("/hooks/hub") + "typo = 1\n")
         reload_and_wait("reload failed")
         seen["refused"] = statuses[-1]
+        wait_for(lambda: shown()[0] is not None, "the refusal in the daemon's row")
+        seen["status refused"], seen["metric refused"] = shown(), refused_metric()
         config.write_text(head + hooks.format("/hooks/hub"))
         reload_and_wait("configuration reloaded")
         seen["mended"] = statuses[-1]
+        wait_for(lambda: shown()[0] is None, "the refusal gone from the daemon's row")
+        seen["status mended"], seen["metric mended"] = shown(), refused_metric()
         os.kill(os.getpid(), signal.SIGTERM)
 
     with caplog.at_level(logging.INFO, logger="iteris_daemon"):
@@ -1568,6 +1590,14 @@ def test_a_reload_renews_the_webhook_secret_and_a_refused_one_stays_in_the_statu
                                       f"refused, running the configuration before it: {config}: "), seen
     assert "typo" in seen["refused"] and "\n" not in seen["refused"]
     assert seen["mended"] == "watching 0 folder and 0 hub sources, 0 merge groups", seen
+    reason, text = seen["status refused"]
+    assert reason.startswith(f"{config}: ") and "typo" in reason, reason
+    assert (f"\n    its last reload was refused, it runs the configuration before it (its next start reads the "
+            f"refused file): {reason}") in text, text
+    assert "OTHER SETTINGS" not in text  # the refusal is this daemon's own, not a setting daemons share
+    assert seen["status mended"][0] is None and "reload was refused" not in seen["status mended"][1]
+    assert (seen["metric at start"], seen["metric refused"], seen["metric mended"]) == (
+        "iteris_reload_refused 0.0", "iteris_reload_refused 1.0", "iteris_reload_refused 0.0"), seen
     assert "daemon.webhooks changed" not in caplog.text
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from iteris_daemon.catalog import Catalog
 from iteris_daemon.catalog.models import DaemonPresence, utcnow
 from iteris_daemon.config import DaemonSettings
-from iteris_daemon.peers import FORGET_AFTER, Peers, differences, shared_settings
+from iteris_daemon.peers import FORGET_AFTER, Peers, differences, presence, shared_settings
 from iteris_daemon.status import collect, render
 
 DEFAULTS = shared_settings(DaemonSettings())
@@ -90,6 +90,10 @@ def test_differences_name_each_setting():
     assert differences(DEFAULTS, DEFAULTS) == []
     # The groups a daemon runs are in its row (for merge-now) and are its own: not a difference.
     assert differences({**DEFAULTS, "groups": ["a"]}, {**DEFAULTS, "groups": ["b", "c"]}) == []
+    # So is why its last reload was refused (for `status`), which it writes redacted.
+    refused = presence(DaemonSettings(), ["a"], "x.toml: token = hf_" + "a" * 34)
+    assert refused["reload_refused"] == "x.toml: token = hf_***" and differences(refused, DEFAULTS) == []
+    assert "reload_refused" not in presence(DaemonSettings(), ["a"])
 
 
 def test_status_lists_the_daemons_and_their_differences(tmp_path):
