@@ -406,6 +406,47 @@ def test_upgrades_keep_every_row_of_every_table(catalog_url, start):
     engine.dispose()
 
 
+@pytest.mark.parametrize("start", _revisions()[:-1])
+def test_an_upgrade_stopped_before_its_commit_leaves_the_catalog_as_it_was(catalog_url, start, monkeypatch):
+    """An upgrade that fails after its last statement, before the commit (a restart, Ctrl-C,
+    a full disk at the end): on SQLite every CREATE/ALTER had committed on its own (pysqlite
+    opens no transaction before DDL), and every later upgrade failed on what was left
+    ("table _alembic_tmp_merge_groups already exists", "duplicate column name"), so no
+    command could open the catalog again (QA MIG). Now nothing of it stays: the schema,
+    revision and rows are those before, and the next upgrade goes through."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    engine = catalog_db.make_engine(catalog_url)
+    catalog_db.upgrade(engine, start)
+    metadata = sa.MetaData()
+    metadata.reflect(engine)
+    tables = [t for t in metadata.sorted_tables if t.name != "alembic_version"]
+    with engine.begin() as connection:
+        written = {t.name: [_fill(connection, t, i) for i in (1, 2)] for t in tables}
+    upgrade = command.upgrade
+
+    def stopped(*args, **kwargs):
+        upgrade(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "upgrade", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        catalog_db.upgrade(engine)
+    monkeypatch.setattr(command, "upgrade", upgrade)
+    engine.dispose()
+    assert catalog_db.current_revision(engine) == start
+    assert set(sa.inspect(engine).get_table_names()) == {t.name for t in metadata.sorted_tables}
+    with engine.connect() as connection:
+        for table in tables:
+            columns = [table.c[name] for name in written[table.name][0]]
+            assert [dict(r._mapping) for r in connection.execute(sa.select(*columns).order_by(*table.primary_key))
+                    ] == written[table.name], table.name
+    catalog_db.upgrade(engine)
+    assert catalog_db.current_revision(engine) == catalog_db.head_revision()
+    engine.dispose()
+
+
 def test_0011_keeps_the_counts_of_pruned_runs_and_goes_back_to_0010(catalog_url):
     """Upgraded from 0010 on a catalog holding runs, ``pruned_runs`` starts empty (the runs'
     rows are the whole count, as before); a prune then counts the runs it deletes there, so

@@ -234,6 +234,11 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
     DROP of a parent table (merge_groups) would cascade-delete its children's rows
     (merge_runs). The pragma cannot change inside a transaction, so it is set before
     one begins, and every reference is checked before the migration commits.
+
+    On SQLite the transaction is opened with an explicit ``BEGIN IMMEDIATE`` (see
+    :meth:`Catalog.session`): pysqlite opens none before DDL, so each ``CREATE``/``ALTER``
+    of a migration committed on its own, and an upgrade stopped part-way (a restart, a
+    full disk) left a table or column that every later upgrade stumbled on.
     """
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -242,6 +247,8 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
             connection.commit()
         try:
             with connection.begin():
+                if sqlite:
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
                 if connection.dialect.name == "postgresql":
                     connection.execute(text("SELECT pg_advisory_xact_lock(74837201)"))  # any fixed key
                 yield connection
