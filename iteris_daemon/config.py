@@ -428,14 +428,18 @@ class GroupConfig(_Strict):
         "auto", description="where block weights wait while another block is computed on (as merge --offload)")
     exact_ranks: bool = Field(False, description="write each layer at its own rank (as merge --exact-ranks; only "
                                                  "PEFT >= 0.15 loads it) instead of zero-padded to the largest")
+    modules_to_save_rule: str = Field(
+        "agree", min_length=1, description="adapters' modules_to_save (classifier heads) that differ: 'average', or an "
+                                           "adapter's name to take its own (as merge --modules-to-save-rule)")
     gates: Gates = Field(default_factory=Gates)
     destinations: list[dict[str, Any]] = Field(min_length=1)
 
     def precision(self) -> dict[str, str | bool]:
-        """The dtypes and ``exact_ranks`` set away from their defaults: the merge depends on
-        them (the run's input fingerprint includes them; with the defaults it is what it was
-        before they could be set). Where block weights wait does not change the merge."""
-        return {key: getattr(self, key) for key in ("dtype", "output_dtype", "exact_ranks")
+        """The dtypes, ``exact_ranks`` and ``modules_to_save_rule`` set away from their
+        defaults: the merge depends on them (the run's input fingerprint includes them; with
+        the defaults it is what it was before they could be set). Where block weights wait
+        does not change the merge."""
+        return {key: getattr(self, key) for key in ("dtype", "output_dtype", "exact_ranks", "modules_to_save_rule")
                 if getattr(self, key) != type(self).model_fields[key].default}
 
     @model_validator(mode="after")

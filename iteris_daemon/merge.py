@@ -321,6 +321,9 @@ def _delta_overflows(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, rows:
     return any(bool((B64[i:i + rows] @ A64).abs().max() > limit) for i in range(0, B64.shape[0], rows))
 
 
+_RULE_OPTION = "--modules-to-save-rule (a daemon group's modules_to_save_rule)"
+
+
 def check_heads(adapters: list[LoraAdapter], rule: str) -> None:
     """What refuses the ``modules_to_save`` of ``adapters`` whatever the base model, checked
     before it loads: an unknown rule (also when no adapter has modules_to_save, so that a
@@ -338,7 +341,7 @@ def check_heads(adapters: list[LoraAdapter], rule: str) -> None:
         raise IncompatibleAdaptersError(
             f"the adapters whose modules_to_save are merged differ in ensure_weight_tying (saved a tied copy: "
             f"{tying}): PEFT ties all of a merged adapter's copies or none; choose one adapter's with "
-            "--modules-to-save-rule ADAPTER_NAME")
+            f"{_RULE_OPTION} ADAPTER_NAME")
     for key in sorted({k for h in heads for k in h}):  # e.g. heads trained for different label counts
         shapes = {a.name: tuple(h[key].shape) for a, h in zip(adapters, heads) if key in h}
         if len(set(shapes.values())) > 1:  # one model holds one; each task's is evaluated in it
@@ -383,7 +386,7 @@ def merged_head(adapters: list[LoraAdapter], rule: str) -> dict[str, torch.Tenso
     if not agree:
         raise IncompatibleAdaptersError(
             "adapters carry different modules_to_save (e.g. classifier heads); choose a rule with "
-            "--modules-to-save-rule average|ADAPTER_NAME"
+            f"{_RULE_OPTION} average|ADAPTER_NAME"
         )
     return dict(first)
 

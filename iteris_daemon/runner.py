@@ -1159,7 +1159,7 @@ def merge_in_worker(group: GroupConfig, params: dict[str, Any], inputs: Inputs, 
         "request": {
             "base_model": group.base_model, "strategy": group.strategy, "params": params, "out": str(out),
             "device": device, "dtype": group.dtype, "output_dtype": group.output_dtype, "offload": group.offload,
-            "exact_ranks": group.exact_ranks,
+            "exact_ranks": group.exact_ranks, "modules_to_save_rule": group.modules_to_save_rule,
             "trust_remote_code": trust_remote_code, "reference": str(reference) if reference else None,
             "adapters": [{"path": str(path), "name": name, "origin": origin(adapter, r)}
                          for (adapter, r), path, name in zip(inputs.revisions, inputs.folders, inputs.names())],

@@ -168,6 +168,7 @@ def _merge(job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
         out=Path(request["out"]), strategy=request["strategy"], params=request["params"],
         device=request["device"], dtype=request["dtype"], output_dtype=request["output_dtype"],
         exact_ranks=request.get("exact_ranks", False),  # absent from a daemon started before it existed
+        modules_to_save_rule=request.get("modules_to_save_rule", "agree"),
         offload=request["offload"], overwrite=True, quiet=True, trust_remote_code=request["trust_remote_code"],
         calibration_sets=calibration, should_stop=stop.is_set,
         reference=Path(request["reference"]) if request.get("reference") else None,

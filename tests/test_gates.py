@@ -232,6 +232,42 @@ def test_a_groups_dtypes_and_offload_reach_its_merge_and_a_change_of_dtype_merge
     assert setup.run(exact).status is RunStatus.succeeded
 
 
+def test_a_group_merges_adapters_with_their_own_heads_by_its_modules_to_save_rule(tmp_path):
+    """Classifier LoRAs (SEQ_CLS: PEFT saves each one's head in modules_to_save) failed every
+    run of their group, "choose a rule with --modules-to-save-rule", a flag the daemon has
+    not (QA MIX). The group's ``modules_to_save_rule`` now reaches the merge: ``average``
+    publishes the mean of the heads, an adapter's name its own; a change of rule merges again."""
+    import torch
+    from safetensors.torch import load_file
+
+    from builders import build_adapter, build_tiny_model
+    from group_runs import Setup
+
+    base = build_tiny_model("bert", tmp_path / "cls-base", "SEQ_CLS")
+    adapters = [build_adapter(base, tmp_path / "made" / f"cls{seed}", seed=seed, family="bert", task_type="SEQ_CLS",
+                              targets=["query"]) for seed in (0, 1)]
+    heads = [load_file(a / "adapter_model.safetensors") for a in adapters]
+    setup = Setup(tmp_path, base, adapters)
+    try:
+        names = ("cls0", "cls1")
+        refused = setup.run(setup.group(names=names))
+        assert refused.status is RunStatus.failed and ("--modules-to-save-rule (a daemon group's modules_to_save_rule) "
+                                                       "average|ADAPTER_NAME") in refused.detail, refused.detail
+        for rule in ("average", "cls1"):
+            group = setup.group(names=names, modules_to_save_rule=rule)
+            assert group.precision() == {"modules_to_save_rule": rule}
+            outcome = setup.run(group)
+            assert outcome.status is RunStatus.succeeded, outcome.detail
+            published = load_file(setup.published / "current" / "adapter_model.safetensors")
+            saved = [key for key in published if "classifier" in key]
+            assert saved and all(key in heads[0] for key in saved), saved
+            for key in saved:
+                want = (heads[0][key] + heads[1][key]) / 2 if rule == "average" else heads[1][key]
+                torch.testing.assert_close(published[key], want)
+    finally:
+        setup.catalog.close()
+
+
 def test_a_stop_while_gathering_inputs_ends_the_run_before_the_next_adapter(setup):
     """A stop (SIGTERM) waited for every adapter's calibration file to be read, then started
     a merge worker only to cancel it; with dozens of large files longer than systemd waits.
