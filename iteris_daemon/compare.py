@@ -153,6 +153,7 @@ def run_compare(request: CompareRequest) -> dict[str, Any]:
         "base_model": request.base_model,
         "holdout": request.holdout,
         "seed": request.seed,
+        "dtype": request.dtype,
         "tasks": [{"name": a.name, "calibration": data.source, "merged_from": len(k.samples),
                    "held_out": [_shown(sample) for sample in h.samples]}
                   for a, data, k, h in zip(adapters, calibration, kept, held)],

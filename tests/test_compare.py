@@ -325,6 +325,45 @@ def test_the_held_out_samples_of_a_task_do_not_depend_on_the_order_of_the_adapte
         assert figures_reversed[task] == pytest.approx(values, rel=1e-6), task
 
 
+def test_a_daemon_group_is_compared_at_its_own_dtype(tiny, tmp_path, capsys, monkeypatch):
+    """``compare --group`` merged and scored a bfloat16 group in float32 (twice the memory its
+    base needs, at another precision), with nothing saying so (QA DT). It takes the group's
+    ``dtype`` (and ``offload``, ``modules_to_save_rule``) now, says the dtype in its report,
+    and refuses a command-line value that differs from the group's."""
+    base, adapters = tiny["bert"]
+    setup = Setup(tmp_path, base, adapters)
+    setup.catalog.close()
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"""
+[daemon]
+database = "sqlite:///{tmp_path / 'catalog.db'}"
+[[groups]]
+name = "unified"
+base_model = "{base}"
+strategy = "task_arithmetic"
+dtype = "bfloat16"
+select = {{names = ["{adapters[0].name}", "{adapters[1].name}"]}}
+[[groups.destinations]]
+kind = "folder"
+path = "{tmp_path / 'published'}"
+""")
+    monkeypatch.setattr(compare, "_runnable", lambda: [])
+    assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--json", str(tmp_path / "g.json")]) == 0
+    by_group = json.loads((tmp_path / "g.json").read_text())
+    watched = [tmp_path / "watched" / adapters[i].name for i in (0, 1)]
+    figures = {}
+    for dtype in ("float32", "bfloat16"):
+        assert _compare(base, watched, "--strategy", "task_arithmetic", "--dtype", dtype,
+                        "--json", str(tmp_path / f"{dtype}.json")) == 0
+        figures[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["strategies"][0]["tasks"]
+    (row,) = by_group["strategies"]
+    assert by_group["dtype"] == "bfloat16" and row["tasks"] == figures["bfloat16"] != figures["float32"]
+    capsys.readouterr()
+    assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--dtype", "float16"]) == 2
+    assert ("--dtype float16: --group compares at the group's dtype (bfloat16), as the daemon merges it; drop --dtype"
+            in capsys.readouterr().err)
+
+
 def test_a_daemon_group_is_compared_on_the_inputs_it_would_merge(tiny, tmp_path, capsys, monkeypatch):
     """``--group``: the adapters the group selects from the catalog (here two of three), with
     their calibration, and the group's own strategy first: the same figures as the same

@@ -33,6 +33,9 @@ to the tasks' next-token loss (nats per token). A strategy that cannot merge the
 or fails, is listed with its error; the exit status is 1 only when none could."""
 
 
+_GROUP_OPTIONS = ("dtype", "offload", "modules_to_save_rule")  # a group's merge options that a comparison uses
+
+
 def register(commands) -> None:
     compare = commands.add_parser(
         "compare",
@@ -64,7 +67,8 @@ def register(commands) -> None:
                          help="read the first N calibration samples of each task, held out and merged from "
                               "(default: 1000; 0: all)")
     compare.add_argument("--json", type=user_path, metavar="FILE", help="also write the full comparison here")
-    compare.set_defaults(handler=_compare)
+    compare.set_defaults(handler=_compare, option_defaults={option: compare.get_default(option)
+                                                            for option in _GROUP_OPTIONS})
 
 
 def _compare(args) -> int:
@@ -98,9 +102,11 @@ def _compare(args) -> int:
             raise ConfigError("--group needs --config, the daemon's config (its catalog and the group's settings)")
         if args.trust_remote_code:
             options["trust_remote_code"] = True
+        given = {option: getattr(args, option) for option in _GROUP_OPTIONS
+                 if getattr(args, option) != args.option_defaults[option]}
         with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
             report = run_compare(_group_request(load_config(args.config), args.group, Path(into),
-                                                named_catalog(args), **options))
+                                                named_catalog(args), given, **options))
     print(render(report))
     if args.json:
         try:
@@ -115,12 +121,17 @@ def _compare(args) -> int:
     return 0 if any("error" not in row for row in report["strategies"]) else 1
 
 
-def _group_request(config, name: str, into: Path, catalog_url: str | None, **options):
+
+
+def _group_request(config, name: str, into: Path, catalog_url: str | None, given: dict[str, str], **options):
     """A comparison of a daemon group's current inputs: the adapters it would merge now, copied
     into ``into`` as a run copies them, with the calibration its sources give; the group's own
-    strategy and parameters come first. ``catalog_url``: the catalog named outside the config
-    (``--db``, ``$ITERIS_DAEMON_DB``), as every command finds it; None: the config's.
-    ``options``: the other ``CompareRequest`` fields."""
+    strategy and parameters come first, at the group's ``dtype``, ``offload`` and
+    ``modules_to_save_rule`` (as the daemon merges it: a bfloat16 group was loaded in
+    float32, twice its memory, and scored at another precision). ``given``: those options
+    set on the command line, refused where they differ from the group's. ``catalog_url``: the
+    catalog named outside the config (``--db``, ``$ITERIS_DAEMON_DB``), as every command finds
+    it; None: the config's. ``options``: the other ``CompareRequest`` fields."""
     from ..catalog import Catalog
     from ..compare import CompareRequest, Contender
     from ..errors import ConfigError
@@ -133,6 +144,12 @@ def _group_request(config, name: str, into: Path, catalog_url: str | None, **opt
     if group is None:
         defined = ", ".join(g.name for g in config.groups) or "none"
         raise ConfigError(f"no merge group named {name!r} in the config (its groups: {defined})")
+    for option, value in given.items():
+        if value != getattr(group, option):
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} {value}: --group compares at the group's {option} ({getattr(group, option)}), "
+                              f"as the daemon merges it; drop {flag} (or change the group's {option})")
+    options.update({option: getattr(group, option) for option in _GROUP_OPTIONS})
     catalog = Catalog(catalog_url or config.daemon.catalog_url(), create=False)
     try:
         inputs = gather_inputs(catalog, group, needs_calibration=True, samples=None, into=into,
