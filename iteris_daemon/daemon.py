@@ -143,8 +143,13 @@ def lock_state(state: Path) -> int:
         raise ConfigError(f"another daemon{f' (pid {holder})' if holder.isdigit() else ''} uses the state folder "
                           f"{state} (it holds {path}): one daemon per state folder; stop that one, or give this one "
                           "another [daemon] state_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:  # a full disk: one line, not a traceback
+        os.close(fd)
+        raise ConfigError(f"cannot write the lock file {path} ({exc.strerror}); [daemon] state_dir sets its "
+                          "folder") from None
     return fd
 
 

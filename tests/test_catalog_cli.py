@@ -656,6 +656,58 @@ def test_a_password_in_the_query_or_holding_an_at_sign_is_never_shown(capsys):
     assert code == 2 and "S3cret" not in out + err and "K3y" not in out + err and "password=***" in err, err
 
 
+def test_a_full_or_read_only_catalog_gets_one_line_from_commands_that_write(catalog_url, made, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A SQLite catalog on a full disk (here its page limit reached), and a PostgreSQL server
+    that takes no writes (a hot standby; here default_transaction_read_only): `sources add`,
+    `sources remove` (and `merge-now`, `db prune`: the same session) ended in 55-100-line
+    tracebacks, and the daemon's start in 70-220 (QA MIG). Now one line naming the catalog
+    and the cause, exit 2; ``status`` still reads it. The daemon's jobs take it as a catalog
+    failure, tried again later (``DATABASE_FAILURES``)."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, text
+
+    from iteris_daemon.catalog import db
+
+    base, _ = made
+    assert db.CatalogWriteRefused in db.DATABASE_FAILURES
+    (tmp_path / "team").mkdir()
+    assert run(capsys, "sources", "add", "team", "--folder", str(tmp_path / "team"), "--base-model", str(base),
+               "--db", catalog_url)[0] == 0
+    if catalog_url.startswith("sqlite"):
+        with sqlite3.connect(make_url(catalog_url).database) as connection:
+            connection.execute("VACUUM")  # no free pages left to write into
+        pragmas = db._sqlite_pragmas
+
+        def full(dbapi_connection, *args, **kwargs) -> None:
+            pragmas(dbapi_connection, *args, **kwargs)
+            pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_connection.execute(f"PRAGMA max_page_count={pages}")
+
+        monkeypatch.setattr(db, "_sqlite_pragmas", full)
+        said = "its disk is full (database or disk is full); nothing was written"
+        folder = tmp_path.joinpath("other", *[chr(97 + i) * 250 for i in range(16)])  # a row bigger than the pages left
+        folder.mkdir(parents=True)
+    else:
+        owner = create_engine(catalog_url, isolation_level="AUTOCOMMIT")
+        with owner.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{make_url(catalog_url).database}" '
+                                    "SET default_transaction_read_only = on"))
+        owner.dispose()
+        said = "in a read-only transaction: a hot standby, a demoted primary, or default_transaction_read_only)"
+        folder = tmp_path / "other"
+        folder.mkdir()
+    writes = [["sources", "add", "other", "--folder", str(folder), "--base-model", str(base)]]
+    if not catalog_url.startswith("sqlite"):  # a delete needs no new page
+        writes.append(["sources", "remove", "team"])
+    for command in writes:
+        code, out, err = run(capsys, *command, "--db", catalog_url)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (command, err)
+        assert said in err, (command, err)
+    assert run(capsys, "status", "--db", catalog_url)[0] == 0
+
+
 def test_a_read_only_database_user_gets_one_line_from_commands_that_write(made, tmp_path, capsys):
     """A PostgreSQL role with SELECT rights only (a dashboard's, an auditor's): `status` and
     the listings work; `sources add`, `merge-now` and the daemon ended in 70-260-line

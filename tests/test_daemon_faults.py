@@ -1405,6 +1405,35 @@ def test_a_second_daemon_on_the_same_state_folder_is_refused_and_a_killed_one_le
     assert third.stop() == 0, third.tail()
 
 
+def test_a_state_folder_on_a_full_disk_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    """The lock file opened but its pid not written (a full disk: the file system is mocked
+    here, since a full one needs a mount): a raw ``OSError`` traceback ended the start (QA
+    MIG). Now a ConfigError naming the file and the setting, and the descriptor is closed."""
+    import errno
+
+    from iteris_daemon import daemon
+    from iteris_daemon.errors import ConfigError
+
+    opened: list[int] = []
+    real_open = os.open
+
+    def tracked(*args, **kwargs) -> int:
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(daemon.os, "open", tracked)
+    monkeypatch.setattr(daemon.os, "write", full)
+    with pytest.raises(ConfigError, match=r"cannot write the lock file .*daemon\.lock \(No space left on device\); "
+                                          r"\[daemon\] state_dir sets its folder"):
+        daemon.lock_state(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        os.fstat(opened[0])  # closed
+
+
 @pytest.mark.timeout(120)
 def test_stopping_never_deadlocks_with_a_job_that_uses_the_scheduler(tmp_path):
     """A job still running when SIGTERM arrives (a tick, a source reporting a change) may

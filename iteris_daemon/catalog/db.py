@@ -44,6 +44,7 @@ SCHEMA_HEAD = "0012"
 # so they use the server's clock; SQLite runs in this process, its clock is this host's.
 SERVER_CLOCK = {"postgresql": "SELECT clock_timestamp() AT TIME ZONE 'UTC'"}
 INSUFFICIENT_PRIVILEGE = "42501"  # SQLSTATE of a server's "permission denied" (a read-only role)
+READ_ONLY_TRANSACTION = "25006"  # ... and of a write to a server that takes none (a hot standby, a demoted primary)
 # libpq's defaults wait for ever: a server that stopped answering without closing the
 # connection (a host gone, a firewall dropping packets) held every job, and `status`, with no
 # word. A connect gives up after 10 s; an idle connection is probed after 30 s, and given up
@@ -69,9 +70,14 @@ class CatalogFileGone(CatalogError):
     """The SQLite file a running process opened was deleted or replaced under it."""
 
 
+class CatalogWriteRefused(CatalogError):
+    """The catalog took no write for now: its disk is full, or its server takes no writes
+    (a hot standby). A command says so in one line; the daemon's jobs try again later."""
+
+
 # What a database that cannot be read or written raises (its server down or restarting, a
 # lock held past the busy timeout, a full disk), as opposed to a bug.
-DATABASE_FAILURES = (DBAPIError, CatalogLockedError)
+DATABASE_FAILURES = (DBAPIError, CatalogLockedError, CatalogWriteRefused)
 # The same, with the file system's errors (a SQLite file): what the daemon's periodic jobs
 # catch, say and go on from.
 CATALOG_FAILURES = (*DATABASE_FAILURES, OSError, CatalogFileGone)
@@ -195,6 +201,16 @@ def _is_sqlite_read_only(exc: OperationalError) -> bool:
     """SQLITE_READONLY (any extended code): a write to a catalog opened read-only."""
     code = getattr(exc.orig, "sqlite_errorcode", None)
     return isinstance(code, int) and (code & 0xFF) == 8
+
+
+def _is_sqlite_full(exc: OperationalError) -> bool:
+    """SQLITE_FULL: the disk (or the database's page limit) is full."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) == 13
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
 
 
 def _alembic_config(connection):
@@ -411,11 +427,21 @@ class Catalog:
                     f"the catalog {self.safe_url} is locked by another process (still locked after waiting "
                     f"{self.busy_timeout:g} s); nothing was written, try again once it is released"
                 ) from exc
+            if self._sqlite and _is_sqlite_full(exc):
+                raise CatalogWriteRefused(f"the catalog {self.safe_url} cannot be written: its disk is full "
+                                          "(database or disk is full); nothing was written, free space there "
+                                          "(`db prune` needs some too)") from exc
             raise
         except ProgrammingError as exc:
-            if INSUFFICIENT_PRIVILEGE in (getattr(exc.orig, "sqlstate", None), getattr(exc.orig, "pgcode", None)):
+            if _sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
                 raise CatalogError(f"the catalog {self.safe_url} cannot be {'written' if write else 'read'} by this "
                                    f"database user ({first_line(exc.orig)}): nothing was written") from exc
+            raise
+        except DBAPIError as exc:  # psycopg's ReadOnlySqlTransaction is an InternalError
+            if write and _sqlstate(exc) == READ_ONLY_TRANSACTION:
+                raise CatalogWriteRefused(f"the catalog {self.safe_url} takes no writes ({first_line(exc.orig)}: a "
+                                          "hot standby, a demoted primary, or default_transaction_read_only); nothing "
+                                          "was written, point the URL at the primary") from exc
             raise
 
     def now(self, session: Session) -> datetime:
