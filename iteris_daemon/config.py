@@ -23,7 +23,7 @@ from .devices import check_device
 from .errors import ConfigError, IterisError
 from .adapter_config import MAX_CONFIG_BYTES
 from .strategy import DEFAULT_STRATEGY
-from .paths import LocalPath, ModelLocation, cache_dir, overlap, real, relative_to, state_dir
+from .paths import LocalPath, ModelLocation, absolute, cache_dir, overlap, real, relative_to, state_dir
 from .tokens import check_private, check_token_file, unreadable
 from .strict import STRICT
 from .validation import Limits
@@ -277,7 +277,9 @@ class DaemonSettings(_Strict):
     def _database_url(cls, url: str | None) -> str | None:
         """A URL SQLAlchemy reads, of a dialect it knows: a mistake was found only where the
         catalog opened, in an error naming neither this file nor this field. Shown with its
-        password masked."""
+        password masked. A SQLite file's relative path is taken from the config's folder, as
+        every path in it: from the working directory, each command run elsewhere made and
+        used a catalog of its own (and the daemon under systemd one under ``/``)."""
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -292,6 +294,11 @@ class DaemonSettings(_Strict):
         except (ArgumentError, ValueError):  # ValueError: a port that is no number
             raise ValueError(f"{mask_password(url)!r} is not a SQLAlchemy URL (a SQLite file is written "
                              "sqlite:////abs/path.db)") from None
+        parsed = make_url(url)
+        if (parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+                and not Path(parsed.database).expanduser().is_absolute()
+                and not parsed.query.get("uri")):  # a file: URI is SQLite's to read
+            return parsed.set(database=str(absolute(Path(parsed.database)))).render_as_string(hide_password=False)
         return url
 
     @model_validator(mode="after")

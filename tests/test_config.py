@@ -454,6 +454,21 @@ def test_paths_and_local_base_models_are_made_absolute(tmp_path, monkeypatch):
     assert (config.daemon.state_dir, config.daemon.cache_dir) == (home / "state", home / "cache")
     assert config.daemon.trust_remote_code == [base, "acme/coder"]
     assert config.daemon.catalog_url() == f"sqlite:///{home / 'state' / 'catalog.db'}"
+    # A SQLite catalog's relative path too (each command run elsewhere made a catalog of its
+    # own, QA MIG); "~", an absolute path, memory and a server's URL stay as written.
+    for given, read in (("sqlite:///rel/catalog.db", f"sqlite:///{work / 'rel' / 'catalog.db'}"),
+                        ("sqlite:///~/c.db", "sqlite:///~/c.db"), ("sqlite:////abs/c.db", "sqlite:////abs/c.db"),
+                        ("sqlite://", "sqlite://"), ("postgresql+psycopg://u:p@h/db", "postgresql+psycopg://u:p@h/db")):
+        path.write_text(f'[daemon]\ndatabase = "{given}"\n')
+        assert load_config(path).daemon.catalog_url() == read, given
+    path.write_text('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
+                    'trust_remote_code = ["./models/base", "acme/coder"]\n'
+                    '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'
+                    '[[sources]]\nname = "h"\nkind = "hub"\nrepos = ["acme/x"]\nbase_model = "acme/base"\n'
+                    '[[groups]]\nname = "g"\nbase_model = "./models/base"\n'
+                    '[groups.calibration.files]\nx = "~/x.jsonl"\n'
+                    '[[groups.destinations]]\nkind = "folder"\npath = "~/out"\n')
+    config = load_config(path)
     assert config.sources[0].settings() == {"paths": [str(home / "loras")], "base_model": base}  # as stored
     assert config.sources[1].settings() == {"repos": ["acme/x"], "base_model": "acme/base"}
     group = config.groups[0]
