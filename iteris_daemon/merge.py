@@ -336,6 +336,16 @@ def check_heads(adapters: list[LoraAdapter], rule: str) -> None:
     heads = [a.modules_to_save for a in adapters]
     if not any(heads):
         return
+    saved = {key.rsplit(".", 1)[0]: a.name for a in _head_sources(adapters, rule) for key in a.modules_to_save}
+    for adapter in adapters:
+        if clash := next((path for path in adapter.modules if path in saved), None):
+            # PEFT wraps a module modules_to_save names, and ignores a LoRA on it: the merge
+            # would be served without that delta, and scored with it
+            raise IncompatibleAdaptersError(
+                f"{clash} carries a LoRA in {adapter.name} and is saved whole (modules_to_save) in {saved[clash]}: "
+                "PEFT loads the saved module in its place and ignores a LoRA on it, so the merged adapter would lose "
+                f"{adapter.name}'s delta there; merge adapters that adapt that module one way, or take the heads of "
+                f"an adapter without it ({_RULE_OPTION} ADAPTER_NAME)")
     tying = {a.name: bool(a.tied_copies) for a in _head_sources(adapters, rule)}
     if len(set(tying.values())) > 1:  # one config says whether PEFT ties the saved copies
         raise IncompatibleAdaptersError(

@@ -804,6 +804,28 @@ def test_different_heads_need_a_rule(tmp_path, capsys):
         assert (tensor - (first.modules_to_save[key] + second.modules_to_save[key]) / 2).abs().max() < 1e-6
 
 
+def test_a_lora_on_a_module_another_adapter_saves_whole_is_refused(tmp_path, capsys):
+    """One adapter with a LoRA on ``lm_head``, another saving ``lm_head`` whole: the merged
+    config listed it in target_modules and modules_to_save, PEFT loaded the saved head and
+    ignored the LoRA on it without a word, and the report scored the delta the served model
+    lacks (QA MIX). Refused now, naming the module and both adapters, whatever the rule that
+    takes the saved head; the rule that takes the other adapter's (no head) merges."""
+    base = build_tiny_model("llama", tmp_path / "base", "CAUSAL_LM")
+    head_lora = build_adapter(base, tmp_path / "H", seed=5, family="llama", targets=["q_proj", "lm_head"],
+                              task_type="CAUSAL_LM", save_embedding_layers=False)
+    saved = build_adapter(base, tmp_path / "S", seed=6, family="llama", targets=["q_proj"], task_type="CAUSAL_LM",
+                          modules_to_save=["lm_head"])
+    for rule in ("agree", "S", "average"):
+        code, message = _merge(capsys, base, [head_lora, saved], tmp_path / "out", "--strategy", "task_arithmetic",
+                               "--modules-to-save-rule", rule, "--no-eval")
+        _assert_refused(code, message, tmp_path / "out", "lm_head carries a LoRA in H and is saved whole "
+                        "(modules_to_save) in S: PEFT loads the saved module in its place and ignores a LoRA on it")
+    code, _ = _merge(capsys, base, [head_lora, saved], tmp_path / "out", "--strategy", "task_arithmetic",
+                     "--modules-to-save-rule", "H", "--no-eval")
+    assert code == 0 and "lm_head" in load_adapter(tmp_path / "out").modules and not load_adapter(
+        tmp_path / "out").modules_to_save
+
+
 def test_the_label_count_comes_from_the_head(tmp_path, capsys):
     """A 3-label classifier adapter that also saves ``token_type_embeddings`` (2 rows) loaded
     its base with 2 labels, the smallest saved matrix: without disk offload the merge ended
