@@ -227,6 +227,17 @@ def _formatter(fmt: str, stream: TextIO) -> logging.Formatter:
     return TextFormatter()
 
 
+def say_fatal(logger: logging.Logger, message: str, stream: TextIO | None = None) -> None:
+    """The error a command ends on: a record in the log's format where a machine reads it
+    (the journal, whose ``journalctl -p err`` missed a plain line, and JSON, whose shipper
+    got one line that was no JSON), else ``iteris-daemon: error: ...`` for a person."""
+    handler = next((h for h in logging.getLogger().handlers if h.get_name() == "iteris-daemon"), None)
+    if handler is not None and isinstance(handler.formatter, (JournalFormatter, JsonFormatter)):
+        logger.error("%s", message)
+    else:
+        print(f"iteris-daemon: error: {message}", file=stream or sys.stderr)
+
+
 def setup_logging(verbose: bool = False, fmt: str = "auto", *, stream: TextIO | None = None) -> None:
     """Configure the root logger to write to ``stream`` (stderr) in format ``fmt``
     (one of :data:`FORMATS`). Calling it again replaces the handler it installed

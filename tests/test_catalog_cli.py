@@ -924,6 +924,27 @@ def test_global_options_go_before_or_after_the_command(monkeypatch, capsys, tmp_
     assert seen[1] == (False, "auto")
 
 
+@pytest.mark.parametrize("log_format", ["journal", "json", "text"])
+def test_the_error_a_command_ends_on_is_in_the_log_format(tmp_path, capsys, log_format):
+    """A bad config at `run` under the unit (journal format): the one line saying why the
+    service died was printed plain, with no ``<3>``, so journald stored it at info and
+    ``journalctl -p err`` did not show it; in JSON it was the one line that was no JSON (QA
+    CLI2). It is a record in the chosen format now; for a person (text) the plain line."""
+    config = tmp_path / "bad.toml"
+    config.write_text("[daemon]\nbogus = 1\n")
+    code, _, err = run(capsys, "--log-format", log_format, "run", "--config", str(config))
+    last = err.splitlines()[-1]
+    said = f"{config}: daemon.bogus: Extra inputs are not permitted"
+    if log_format == "journal":
+        assert last == f"<3>iteris_daemon.cli: {said}", err
+    elif log_format == "json":
+        record = json.loads(last)
+        assert (record["level"], record["message"]) == ("ERROR", said), err
+    else:
+        assert last == f"iteris-daemon: error: {said}", err
+    assert code == 2
+
+
 def _parsers(parser: argparse.ArgumentParser):
     yield parser
     for action in parser._actions:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import IterisError
-from ..logs import FORMATS, setup_logging
+from ..logs import FORMATS, say_fatal, setup_logging
 from . import catalog, compare, daemon, merge
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except IterisError as exc:
         if exc.__cause__ is not None:  # a plugin's or a library's failure behind the one line
             log.debug("caused by", exc_info=exc.__cause__)
-        print(f"iteris-daemon: error: {exc}", file=sys.stderr)
+        say_fatal(log, str(exc))
         return 2
 
 
