@@ -136,6 +136,49 @@ def test_a_scan_keeps_a_base_models_shapes_in_the_catalog_for_every_later_scan(m
     assert code == 0 and "1 registered," in out and "1 unchanged" in out, out
 
 
+def test_a_base_model_that_cannot_be_read_is_asked_once_a_minute_not_per_adapter(made, tmp_path):
+    """Shapes that could not be computed were asked again for every adapter: with the Hub
+    unreachable each one cost a worker start and a 30 s timeout, 11 minutes for a scan of
+    20 adapters, at every scan (QA LEAK). Now one failure answers every adapter of that
+    base model for a minute (each waits, saying why); after it the base model is asked again."""
+    from iteris_daemon.catalog.models import SourceKind
+    from iteris_daemon.catalog.registry import add_source, get_source
+    from iteris_daemon.catalog.shapes import FAILED_RETRY_SECONDS, CatalogShapes
+    from iteris_daemon.errors import BaseModelError
+    from iteris_daemon.sources.local import LocalFolderSource
+
+    _, lora = made
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copytree(lora, watched / name)
+    catalog = Catalog(url)
+    asked, now = [], [1000.0]
+
+    def unreachable(base, layout, trust_remote_code):
+        asked.append(layout.path.name)
+        raise BaseModelError(f"{base}: cannot reach the Hub")
+
+    try:
+        with catalog.session() as session:
+            add_source(session, "team", SourceKind.local, {"paths": [str(watched)], "base_model": "acme/base"})
+        shapes = CatalogShapes(catalog, unreachable, clock=lambda: now[0])
+        source = LocalFolderSource(catalog, "team", shapes=shapes)
+        report = source.scan()
+        assert len(asked) == 1 and len(report.waiting) == 3, (asked, report)
+        with catalog.session() as session:
+            assert "cannot reach the Hub" in get_source(session, "team").last_error
+        now[0] += FAILED_RETRY_SECONDS / 2
+        source.scan()
+        assert len(asked) == 1
+        now[0] += FAILED_RETRY_SECONDS
+        source.scan()
+        assert len(asked) == 2
+    finally:
+        catalog.close()
+
+
 def test_a_base_model_replaced_in_its_folder_is_measured_again(tmp_path, capsys):
     """The stored shapes are those of the base model's config: a wider model saved to the same
     folder (an updated checkpoint) is measured again, and its adapter registered. Its stored

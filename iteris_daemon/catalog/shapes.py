@@ -5,8 +5,10 @@ Computed once per (base model, adapter kind) ever, not per adapter: a scan of a 
 adapters of one base model computes them once, a restarted daemon or a ``sources scan``
 of its catalog not at all. The daemon computes them in a worker process (:func:`in_worker`),
 ``sources scan`` in its own. Shapes that could not be computed (a base model that cannot
-be read) are not cached: the next adapter asks again, as the base model may have become
-readable.
+be read) are not stored: they are asked again, as the base model may have become readable,
+but not before :data:`FAILED_RETRY_SECONDS`. Asked again per adapter, an unreachable Hub
+base cost a worker start and a 30 s timeout for each adapter of a scan (20 adapters: 11
+minutes), at each scan.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,21 +33,30 @@ from .models import BaseModelShapes
 log = logging.getLogger(__name__)
 SHAPES_PREFIX = ".shapes-"  # a shapes worker's files, in the daemon's work folder
 _ERRORS = {"BaseModelError": BaseModelError, "IncompatibleAdaptersError": IncompatibleAdaptersError}
+FAILED_RETRY_SECONDS = 60.0  # a base model that could not be read is asked again after this long
 
 
 class CatalogShapes:
     """Shapes cached in the catalog; missing ones computed by ``compute`` and stored."""
 
-    def __init__(self, catalog: Catalog, compute: ShapeSource):
-        self.catalog, self.compute = catalog, compute
+    def __init__(self, catalog: Catalog, compute: ShapeSource, clock: Callable[[], float] = time.monotonic):
+        self.catalog, self.compute, self._clock = catalog, compute, clock
         self._known: dict[str, BaseShapes] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # key -> when its base model could not be read, and why
         self._lock = threading.Lock()  # one computation at a time: concurrent scans of one base wait for its answer
 
     def __call__(self, base: str, layout: AdapterLayout, trust_remote_code: bool) -> BaseShapes:
         key = layout_key(base, layout, trust_remote_code)
         with self._lock:
             if key not in self._known:
-                self._known[key] = self._stored(key) or self._computed(key, base, layout, trust_remote_code)
+                if (failed := self._failed.get(key)) and self._clock() - failed[0] < FAILED_RETRY_SECONDS:
+                    raise BaseModelError(failed[1])
+                try:
+                    self._known[key] = self._stored(key) or self._computed(key, base, layout, trust_remote_code)
+                except BaseModelError as exc:
+                    self._failed[key] = (self._clock(), str(exc))
+                    raise
+                self._failed.pop(key, None)
             return self._known[key]
 
     def _stored(self, key: str) -> BaseShapes | None:
