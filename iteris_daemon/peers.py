@@ -13,6 +13,7 @@ for :data:`FORGET_AFTER` (killed ones) are removed by the others.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,8 +24,10 @@ from sqlalchemy import delete, select
 from .catalog import Catalog
 from .catalog.models import DaemonPresence
 from .config import DaemonSettings
-from .logs import redact
+from .logs import counted, redact
+from .runner import holder_is_dead
 
+log = logging.getLogger(__name__)
 FORGET_AFTER = timedelta(days=1)
 GONE_AFTER = timedelta(minutes=10)  # a daemon refreshes its row at least every minute: not seen for this long, gone
 
@@ -82,7 +85,10 @@ class Peers:
         self._warned: set[tuple[str, str]] = set()  # (peer, its settings) already warned about
 
     def announce(self, settings: dict[str, Any]) -> None:
-        """Write (or refresh) this daemon's row; forget daemons not seen for :data:`FORGET_AFTER`."""
+        """Write (or refresh) this daemon's row; forget daemons not seen for :data:`FORGET_AFTER`,
+        and at once those of this host that are no longer running (a daemon killed, restarted
+        by its unit: each crash left a row that ``status`` listed for a day, and that the next
+        daemon took for a live peer, keeping the run times the dead one wrote)."""
         with self.catalog.session() as session:
             now = self.catalog.now(session)
             row = session.get(DaemonPresence, self.holder)
@@ -91,6 +97,11 @@ class Peers:
             else:
                 row.settings, row.seen_at = settings, now
             session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < now - FORGET_AFTER))
+            dead = [holder for holder in session.scalars(select(DaemonPresence.holder))
+                    if holder != self.holder and holder_is_dead(holder)]
+            if dead:
+                session.execute(delete(DaemonPresence).where(DaemonPresence.holder.in_(dead)))
+                log.info("forgot %s of this host, no longer running: %s", counted(len(dead), "daemon"), ", ".join(dead))
 
     def others(self, within: float) -> list[Peer]:
         """The other daemons seen in the last ``within`` seconds."""

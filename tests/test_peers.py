@@ -5,6 +5,7 @@ PostgreSQL when the suite has one); the daemon's warning from a real daemon proc
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,6 +49,34 @@ def test_a_live_peer_with_other_settings_is_reported_once_per_settings(catalog_u
         assert _holders(catalog) == ["host-a:1:aaaa", "host-b:2:bbbb"]
         b.depart()
         assert _holders(catalog) == ["host-a:1:aaaa"]
+    finally:
+        catalog.close()
+
+
+def test_a_daemon_of_this_host_that_no_longer_runs_is_forgotten_at_the_next_announce(catalog_url):
+    """A daemon killed (a crash loop under Restart=) left its row: `status` listed each for a
+    day, and the next daemon took them for live peers for two minutes, keeping the run times
+    a dead one wrote (QA LEAK). Rows of this host and pid namespace whose process is gone
+    are deleted at the next announce; a live process's, and another host's, stay."""
+    import socket
+    import subprocess
+
+    from iteris_daemon.runner import pid_space, worker_id
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    space = pid_space()
+    dead = f"{socket.gethostname()}:{gone.pid}:dead0000" + (f":{space}" if space else "")
+    alive = f"{socket.gethostname()}:{os.getppid()}:live0000" + (f":{space}" if space else "")
+    catalog = Catalog(catalog_url)
+    try:
+        with catalog.session() as session:
+            now = catalog.now(session)
+            for holder in (dead, alive, "elsewhere:1:x"):  # as each wrote its row
+                session.add(DaemonPresence(holder=holder, settings=DEFAULTS, started_at=now, seen_at=now))
+        me = worker_id()
+        Peers(catalog, me).announce(DEFAULTS)
+        assert _holders(catalog) == sorted([alive, "elsewhere:1:x", me])
     finally:
         catalog.close()
 
