@@ -644,6 +644,10 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             if (adapter.source.kind is SourceKind.local or isinstance(exc, CopyFailed)) and not isinstance(
                     exc, RefusedInput):
                 inputs.changing.append(adapter.name)
+    outvoted = _outvoted([loaded.config for _, _, loaded, _ in snapshots])
+    for index, reason in outvoted.items():
+        inputs.hold_back(snapshots[index][0], snapshots[index][1], reason)
+    snapshots = [snapshot for index, snapshot in enumerate(snapshots) if index not in outvoted]
     absent = sorted(set(options.files) - {loaded.name for _, _, loaded, _ in snapshots})
     if absent and "files" in options.order:  # a typo in the mapping: its adapter read another source's data
         log.info("group %s: calibration.files names %s, not in this run", group.name, ", ".join(absent))
@@ -673,6 +677,30 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
         inputs.folders.append(loaded.path)
         inputs.contents.append(content)
     return inputs
+
+
+# What one merge's adapters must share (``merge.load_adapters`` refuses the rest), read from
+# their configs; None: not said (an adapter without a base revision goes with any).
+_SHARED = {"task type": lambda config: config.get("task_type") or "none",
+           "base model revision": lambda config: config.get("revision")}
+
+
+def _outvoted(configs: list[dict[str, Any]]) -> dict[int, str]:
+    """The adapters (index: why) whose task type or base model revision differs from the one
+    most of the others share: held back, so that one adapter trained for another task (or an
+    untyped one) does not fail every run of its group. Without a strict majority, none: the
+    merge then refuses them, naming each."""
+    outvoted: dict[int, str] = {}
+    for what, read in _SHARED.items():
+        said = {index: read(config) for index, config in enumerate(configs)
+                if index not in outvoted and read(config) is not None}
+        counts = Counter(said.values()).most_common()
+        if len(counts) > 1 and counts[0][1] * 2 > len(said):
+            for index, value in said.items():
+                if value != counts[0][0]:
+                    outvoted[index] = (f"its {what} ({value}) is not the one most of the group's adapters share "
+                                       f"({counts[0][0]}): one merge has one")
+    return outvoted
 
 
 class PartlyPublished(IterisError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -264,6 +265,44 @@ def test_a_group_merges_adapters_with_their_own_heads_by_its_modules_to_save_rul
             for key in saved:
                 want = (heads[0][key] + heads[1][key]) / 2 if rule == "average" else heads[1][key]
                 torch.testing.assert_close(published[key], want)
+    finally:
+        setup.catalog.close()
+
+
+def test_an_adapter_of_another_task_type_or_base_revision_is_held_back_not_failing_the_group(
+        tmp_path, runner_adapters):
+    """One adapter of another task type (an untyped one beside typed ones, say) or trained
+    on another revision of the base model was registered, then failed every run of its
+    group, "adapters have different task types", until someone removed it (QA MIX). The
+    one that differs from what most of the group's adapters share is held back now, saying
+    why, and the others merge; without a strict majority the run still fails, naming each."""
+    from group_runs import Setup
+
+    base, (task0, task1) = runner_adapters
+    made = tmp_path / "made"
+
+    def variant(source: Path, name: str, **config) -> Path:
+        shutil.copytree(source, made / name)
+        path = made / name / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+        return made / name
+
+    adapters = [variant(task0, "a", revision="v1"), variant(task1, "b", revision="v1"),
+                variant(task0, "typed", task_type="FEATURE_EXTRACTION"), variant(task1, "old", revision="v0")]
+    setup = Setup(tmp_path, base, adapters)
+    try:
+        outcome = setup.run(setup.group(names=("a", "b", "typed", "old")))
+        assert outcome.status is RunStatus.succeeded, outcome.detail
+        held = setup.run_row(outcome.run_id).metrics["held_back"]
+        assert held == {
+            "typed": "its task type (FEATURE_EXTRACTION) is not the one most of the group's adapters share (none): "
+                     "one merge has one",
+            "old": "its base model revision (v0) is not the one most of the group's adapters share (v1): one merge "
+                   "has one"}, held
+        report = json.loads((setup.published / "current" / "merge_report.json").read_text())
+        assert sorted(entry["name"] for entry in report["inputs"]) == ["a", "b"]
+        tie = setup.run(setup.group(names=("a", "typed")))
+        assert tie.status is RunStatus.failed and "adapters have different task types" in tie.detail, tie.detail
     finally:
         setup.catalog.close()
 
