@@ -1089,6 +1089,21 @@ def test_run_opens_the_catalog_every_command_opens(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "state" / "catalog.db").exists()
 
 
+def test_an_empty_catalog_variable_is_unset_for_every_command(tmp_path, capsys, monkeypatch):
+    """``ITERIS_DAEMON_DB=`` (empty): `run --config` used the config's catalog, `status
+    --config` the default one ("no catalog at ~/.local/state/...") (QA MIX). Both take it
+    as unset now: the config's catalog."""
+    from iteris_daemon.cli.catalog import named_catalog
+
+    monkeypatch.setenv("ITERIS_DAEMON_DB", "")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[daemon]\ndatabase = "sqlite:///{tmp_path / "c.db"}"\n')
+    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
+    code, out, err = run(capsys, "status", "--config", str(config))
+    assert code == 0 and "daemons (seen in the last day)" in out, err
+    assert named_catalog(build_parser().parse_args(["run", "--config", str(config)])) is None
+
+
 def test_relative_paths_in_the_config_are_taken_from_its_folder(made, tmp_path, capsys, monkeypatch):
     """They were taken from the working directory of whoever read the config: the daemon
     (in `/` under systemd) and an admin's `sources scan --config` from another folder had

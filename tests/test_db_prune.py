@@ -280,7 +280,8 @@ def test_prune_command(tmp_path, capsys):
     assert f"default and least: the {RECENT_RUNS} that `status` reads" in shown
     assert "iteris_merge_runs_total (their counts are kept in the catalog), so it does not drop" in shown
     for option, value, why in (("--older-than", "-1", "0 or more"), ("--older-than", "nan", "0 or more"),
-                               ("--keep-runs", str(RECENT_RUNS - 1), f"at least {RECENT_RUNS}")):
+                               ("--keep-runs", str(RECENT_RUNS - 1), f"at least {RECENT_RUNS}"),
+                               ("--dry-run", "--vacuum", "not allowed with argument")):  # vacuum was not run, silently
         with pytest.raises(SystemExit) as exit_:
             main(["db", "prune", *db, option, value])
         assert exit_.value.code == 2 and why in capsys.readouterr().err

@@ -34,8 +34,9 @@ def _db_options(config_help: str = "the daemon's config: the catalog it names (u
 
 
 def named_catalog(args) -> str | None:
-    """The catalog named outside any config: ``--db`` (``run`` has none), else $ITERIS_DAEMON_DB."""
-    return getattr(args, "db", None) or os.environ.get(DB_ENV)
+    """The catalog named outside any config: ``--db`` (``run`` has none), else $ITERIS_DAEMON_DB;
+    empty, as unset (``run`` read an empty variable so, `status` as the default catalog)."""
+    return getattr(args, "db", None) or os.environ.get(DB_ENV) or None
 
 
 def catalog_url(args, *, check_sources: bool = False) -> str | None:
@@ -80,10 +81,11 @@ def register(commands) -> None:
                        help="delete only what is older than DAYS days (default 90; 0: whatever nothing reads)")
     prune.add_argument("--keep-runs", type=_keep_runs, metavar="N",
                        help="keep each group's N newest runs (default and least: the 50 that `status` reads)")
-    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
-    prune.add_argument("--vacuum", action="store_true",
-                       help="then give the space back (not on a dry run): SQLite's VACUUM rewrites the file "
-                            "(daemons' writes wait while it runs), PostgreSQL's makes it reusable")
+    dry_or_vacuum = prune.add_mutually_exclusive_group()  # --vacuum on a dry run was silently not run
+    dry_or_vacuum.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    dry_or_vacuum.add_argument("--vacuum", action="store_true",
+                               help="then give the space back (not on a dry run): SQLite's VACUUM rewrites the file "
+                                    "(daemons' writes wait while it runs), PostgreSQL's makes it reusable")
     prune.set_defaults(handler=_db_prune)
 
     sources = commands.add_parser("sources", help="where adapters come from: local folders, Hub repos")
