@@ -20,7 +20,8 @@ A full disk (``ENOSPC``, or ``EDQUOT`` past a quota) anywhere in that sequence r
 :class:`DestinationFullError`, a destination the daemon's user may not write (read-only,
 permissions, a systemd sandbox without ``ReadWritePaths=``: EROFS, EACCES) :class:`DestinationError`; each
 names the destination and what to do, ``current`` is untouched and a partial copy stays
-hidden in ``versions/.staging-*`` until the next publish removes it.
+hidden in ``versions/.staging-*``, removed at once (it held the space a full disk's other
+users need; kept, it stayed until the next publish) or, if that fails too, by the next publish.
 """
 
 from __future__ import annotations
@@ -105,16 +106,17 @@ class FolderPublisher:
             return PublishResult(str(root), current, changed=False)
 
         version = f"run-{request.run_id}-{datetime.now(timezone.utc).strftime(_STAMP)}"
+        staging = versions / f"{_STAGING}{secrets.token_hex(4)}"
         try:
             versions.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(root)
-            staging = versions / f"{_STAGING}{secrets.token_hex(4)}"
             staging.mkdir()
             _copy_flushed(request.adapter_dir, staging)
             os.rename(staging, versions / version)
             _fsync_dir(versions)
             _point_current(root, version)
         except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # a partial copy (renamed already: a complete version)
             if exc.errno not in _FULL + _NOT_WRITABLE:
                 raise
             raise (DestinationFullError if exc.errno in _FULL else DestinationError)(root, exc, current) from exc
