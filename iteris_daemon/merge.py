@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 class AdapterSpec:
     path: Path
     calibration: Path | None = None
-    name: str | None = None  # default: the folder name
+    name: str | None = None  # default: the folder's name (paths.folder_name: ``.`` in b1 is b1)
     origin: str | None = None  # where the files came from, when ``path`` is a copy (shown in the report)
 
 

@@ -73,6 +73,14 @@ def user_path(text: str) -> Path:
         return Path(text)
 
 
+def folder_name(folder: Path) -> str:
+    """The name a folder goes by, ``.`` and ``..`` resolved first (``Path(".").name`` is "":
+    ``--adapter .`` made a task named "" in reports and model cards), links not followed (a
+    link ``current -> v3`` is ``current``, as its user named it)."""
+    whole = os.path.abspath(folder)
+    return Path(whole).name or whole  # the root has no name
+
+
 def model_location(name: str) -> str:
     """A base model as given: a local folder (``./model``, ``~/models/x``, or a relative path
     that exists) becomes its absolute path, as :func:`absolute`; anything else is a Hub repo

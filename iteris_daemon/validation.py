@@ -32,7 +32,7 @@ from .adapter_config import (CONFIG_NAME, KEY_PREFIX, LORA_KEY, PICKLED_NAMES, W
                              saved_whole)
 from .calibration import CALIBRATION_NAME
 from .errors import AdapterError, BaseModelError, IncompatibleAdaptersError, IterisError
-from .paths import open_checked
+from .paths import folder_name, open_checked
 from .shapes import BaseShapes, check_shapes, local_config_digest, skeleton_key
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def read_checked(folder: Path, limits: Limits = Limits(), name: str | None = Non
     data = read_weights(weights, limits)  # read once: header, values and hash come from the same bytes
     header = check_safetensors_header(weights, limits, data)
     start = 8 + struct.unpack("<Q", data[:8])[0]
-    layout = AdapterLayout(folder, config, content_sha256=hashlib.sha256(data).hexdigest(), name=name or folder.name)
+    layout = AdapterLayout(folder, config, content_sha256=hashlib.sha256(data).hexdigest(), name=name or folder_name(folder))
     embedding = next((key for key in header if ".lora_embedding_" in key), None)
     if embedding is not None:
         module = embedding.split(".lora_embedding_")[0].removeprefix(KEY_PREFIX)

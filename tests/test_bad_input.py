@@ -72,6 +72,43 @@ def test_an_adapter_folder_named_with_an_equals_sign(workspace, capsys, tmp_path
     _assert_refused(code, message, tmp / "out3", f"{adapters[1]}: calibration file is a folder, not a file")
 
 
+@pytest.mark.parametrize("command", ["merge", "compare"])
+@pytest.mark.parametrize("given, says", [
+    ("", "no folder given (an empty value: an unset shell variable?); the current folder is ."),
+    ("=calibration.jsonl", "=calibration.jsonl: no folder before '=' (DIR=CALIBRATION.jsonl; the current folder is .)"),
+])
+def test_an_adapter_given_without_a_folder_is_refused(workspace, capsys, monkeypatch, command, given, says):
+    """``--adapter "$UNSET"`` and ``--adapter =FILE`` merged the current folder (``Path("")``)
+    as a task named "" (QA CLI2); now argparse's usage error names the option, for merge and
+    for compare (one parser), before anything is read."""
+    base, adapters, tmp = workspace
+    monkeypatch.chdir(adapters[0])  # an adapter folder: it was merged
+    argv = [command, "--base-model", str(base), "--adapter", given, "--adapter", str(adapters[1]), "-q"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, *(["--out", str(tmp / "out")] if command == "merge" else [])])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and message.endswith(f"argument --adapter: {says}")
+    assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("given, inside", [(".", ""), ("..", "sub"), ("../.", "sub")])
+def test_an_adapter_given_as_dot_is_named_after_its_folder(workspace, capsys, monkeypatch, given, inside):
+    """``--adapter .`` named its task "" (``..``: "..") in the table, merge_report.json and
+    the model card (QA CLI2); now the folder's own name."""
+    base, adapters, tmp = workspace
+    (adapters[0] / "sub").mkdir()
+    monkeypatch.chdir(adapters[0] / inside)
+    code = cli_merge(base, [given, adapters[1]], tmp / "out", "--strategy", "task_arithmetic")
+    assert code == 0, capsys.readouterr().err
+    names = [adapters[0].name, adapters[1].name]
+    report = json.loads((tmp / "out" / "merge_report.json").read_text())
+    assert [i["name"] for i in report["inputs"]] == names and list(report["tasks"]) == names
+    assert [i["path"] for i in report["inputs"]] == [str(a) for a in adapters]
+    card = (tmp / "out" / "README.md").read_text()
+    assert f"| `{names[0]}` |" in card and "| `` |" not in card and "| `..` |" not in card
+    assert re.search(rf"^{names[0]} +\S", capsys.readouterr().out, re.M)  # its row of the table
+
+
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
 def test_missing_base_model(workspace, capsys, monkeypatch, spelling):
     """A path that can only be a local folder is said to be missing (transformers would

@@ -31,6 +31,13 @@ README.md is its model card (base model, inputs, figures) for the Hub."""
 def _adapter_spec(value: str):
     from ..merge import AdapterSpec
 
+    # Path("") is the current folder: an unset variable (--adapter "$DIR") or =FILE merged it, as a task named ""
+    if not value:
+        raise argparse.ArgumentTypeError("no folder given (an empty value: an unset shell variable?); the current "
+                                         "folder is .")
+    if value.startswith("=") and not user_path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no folder before '=' (DIR=CALIBRATION.jsonl; the current folder "
+                                         "is .)")
     if user_path(value).is_dir():  # a folder whose name holds "=" (a sweep's "lr=1e-4")
         return AdapterSpec(user_path(value))
     for at in (i for i, char in enumerate(value) if char == "="):  # the "=" after a folder that exists
