@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,7 +44,8 @@ from .lowrank import refactor
 from .model import DTYPES, BaseModel
 from .model_card import merge_card
 from .oom import says_out_of_memory
-from .paths import absolute, as_if_created, model_location, overlap, real, replace_folder, staging_folder, trash_of
+from .paths import (absolute, as_if_created, held_staging_folder, model_location, overlap, real,
+                    remove_abandoned_staging, replace_folder, staging_folder, trash_of)
 from .plugin_manager import calibration_sources, get_strategy
 from .strategy import (DEFAULT_STRATEGY, MergedAdapter, MergeInputs, MergeStrategy, Progress, StrategyParams,
                        check_per_adapter, engine_int, parse_params)
@@ -868,33 +869,39 @@ def _io_error(message: str) -> str:
 def _write_atomically(out: Path, overwrite: bool, config, modules, head, report, started) -> None:
     """Write the merge beside ``out`` and rename it into place. Something that appeared at
     ``out`` during the merge (a second merge to it, say) is not replaced without ``overwrite``:
-    the merge stays where it was written, named in the error."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_folder(out)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write the merge: {exc.strerror or exc}; nothing was written") from None
-    try:
-        save_adapter(staging, config, modules, head)
-        report["total_seconds"] = round(time.perf_counter() - started, 3)
-        (staging / REPORT_NAME).write_text(safe_json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (staging / CARD_NAME).write_text(merge_card(config, report), encoding="utf-8")  # the Hub's card, for any upload
-        as_if_created(staging)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, say: one line, as any other output error
-            why = getattr(exc, "strerror", None) or _io_error(str(exc))
-            raise OutputError(f"{out}: cannot write the merge: {why}; nothing was written") from None
-        raise
-    if not overwrite and (out.is_symlink() or out.exists()) and not _empty_folder(out):
-        raise OutputExistsError(f"{out}: appeared during the merge and is not empty, so it was left as it is; the "
-                                f"merge is in {staging} (move it, or merge again with --overwrite)")
-    try:
-        replace_folder(staging, out)
-    except OSError as exc:  # the merge is kept, and what it was to replace may be out of the way already
-        moved = trash_of(out)
-        raise OutputError(f"{out}: cannot put the merge in place: {exc.strerror or exc}; the merge is in {staging}"
-                          + (f", what was at {out} in {moved}" if moved.exists() else "")) from None
+    the merge stays where it was written, named in the error. First the partial copies that
+    merges to ``out`` killed while writing left beside it are deleted (gigabytes each, hidden,
+    one more per kill); never a running merge's (its staging folder is locked while written),
+    nor a whole one an error named (it holds merge_report.json, which is written last)."""
+    with ExitStack() as held:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for leftover in remove_abandoned_staging(out, keep=lambda folder: (folder / REPORT_NAME).exists()):
+                log.info("removed %s: a partial merge to %s, left by a merge killed while writing it", leftover, out)
+            staging = held.enter_context(held_staging_folder(out))
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the merge: {exc.strerror or exc}; nothing was written") from None
+        try:
+            save_adapter(staging, config, modules, head)
+            report["total_seconds"] = round(time.perf_counter() - started, 3)
+            (staging / CARD_NAME).write_text(merge_card(config, report), encoding="utf-8")  # the Hub's card
+            (staging / REPORT_NAME).write_text(safe_json.dumps(report, indent=2) + "\n", encoding="utf-8")  # last
+            as_if_created(staging)
+        except BaseException as exc:  # Ctrl-C, and SIGTERM (the CLI's: see cli.merge.sigterm_interrupts), too
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, (OSError, SafetensorError)):  # a full disk, say: one line, as any other output error
+                why = getattr(exc, "strerror", None) or _io_error(str(exc))
+                raise OutputError(f"{out}: cannot write the merge: {why}; nothing was written") from None
+            raise
+        if not overwrite and (out.is_symlink() or out.exists()) and not _empty_folder(out):
+            raise OutputExistsError(f"{out}: appeared during the merge and is not empty, so it was left as it is; the "
+                                    f"merge is in {staging} (move it, or merge again with --overwrite)")
+        try:
+            replace_folder(staging, out)
+        except OSError as exc:  # the merge is kept, and what it was to replace may be out of the way already
+            moved = trash_of(out)
+            raise OutputError(f"{out}: cannot put the merge in place: {exc.strerror or exc}; the merge is in "
+                              f"{staging}" + (f", what was at {out} in {moved}" if moved.exists() else "")) from None
 
 
 def _empty_folder(path: Path) -> bool:

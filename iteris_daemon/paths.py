@@ -4,13 +4,14 @@ otherwise. Both are created private (0700)."""
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, BinaryIO
@@ -155,6 +156,48 @@ def staging_folder(target: Path, beside: Path | None = None) -> Path:
     """A new empty folder to write ``target``'s next content into, hidden beside it (or in
     ``beside``), for :func:`replace_folder`."""
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=beside or target.parent))
+
+
+@contextmanager
+def held_staging_folder(target: Path) -> Iterator[Path]:
+    """:func:`staging_folder` beside ``target``, flocked until the context ends, before
+    anything is written in it: :func:`remove_abandoned_staging` tells the folder of a writer
+    that was killed (SIGKILL, the OOM killer: its lock is freed by the kernel) from a live
+    writer's, in this process or another, by whether it can take that lock."""
+    folder = staging_folder(target)
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with suppress(OSError):  # no flock on this file system (NFS may refuse one on a folder): none can take it
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        os.close(descriptor)  # frees the lock (the folder is in place, removed, or kept, by then)
+
+
+def remove_abandoned_staging(target: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """Delete the staging folders of ``target`` (:func:`held_staging_folder`'s) that killed
+    writers left, partial copies nothing else removes, and return them. One is left where its
+    lock cannot be taken (a live writer's, another user's, a file system without flock), where
+    it is empty (a writer between its mkdir and its lock), and where ``keep`` says so (a whole
+    merge that an error named for its user to move)."""
+    removed = []
+    for folder in leftover_copies(target):
+        if folder == trash_of(target) or "." in folder.name[len(target.name) + 2:]:  # .m.v2.* beside m: m.v2's
+            continue
+        try:
+            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile (put in place or removed), a link, not a folder, another user's
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if any(folder.iterdir()) and not keep(folder):  # removed while the lock is held
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        except OSError:  # BlockingIOError: its writer is alive; any other: not known to be dead
+            pass
+        finally:
+            os.close(descriptor)
+    return removed
 
 
 def leftover_copies(target: Path) -> list[Path]:

@@ -824,6 +824,69 @@ def test_an_output_that_appears_during_the_merge_is_not_replaced(workspace, caps
     assert (kept / "adapter_model.safetensors").is_file() and (kept / "merge_report.json").is_file()
 
 
+# ``merge ARGS`` in a process of its own that stops once the adapter is written into its
+# staging folder (gigabytes, for an LLM), says where, and waits there to be killed.
+_STALLED_WRITER = """
+import sys, time
+import iteris_daemon.merge as merge
+from iteris_daemon.cli import main
+save = merge.save_adapter
+def stalled(folder, *args, **kwargs):
+    save(folder, *args, **kwargs)
+    print(folder, flush=True)
+    time.sleep(600)
+merge.save_adapter = stalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_partial_copies_of_killed_merges_are_removed_by_the_next_merge_to_the_output(workspace, capsys):
+    """A merge killed while it wrote (SIGKILL, the OOM killer, or SIGTERM, which the CLI did
+    not handle) left its hidden staging folder ``.OUT.xxxxxxxx`` beside --out, a partial
+    adapter nothing removed, one more per kill (QA LEAK). Now SIGTERM stops the merge as
+    Ctrl-C does (its folder removed, exit 130), and the next merge to OUT removes the folders
+    of killed writers: never one whose writer still runs (its lock is held), a whole merge an
+    error named (it has merge_report.json), an empty folder (a writer between its mkdir and its
+    lock), another output's (``.out.v2.*``), or what a link points to."""
+    import signal
+    import subprocess
+    import sys
+
+    base, adapters, tmp = workspace
+    out = tmp / "out"
+    argv = ["merge", "--base-model", str(base), "--out", str(out), "-q", "--strategy", "task_arithmetic", "--no-eval",
+            *(f"--adapter={a}" for a in adapters)]
+    killed, live = (subprocess.Popen([sys.executable, "-c", _STALLED_WRITER, *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for _ in range(2))
+    try:
+        staging = {process: Path(process.stdout.readline().strip()) for process in (killed, live)}
+        for process, folder in staging.items():  # both got as far as a partial merge, beside --out
+            assert folder.parent == tmp and folder.name.startswith(".out."), process.stderr.read()
+            assert (folder / "adapter_model.safetensors").is_file() and not (folder / "merge_report.json").exists()
+        killed.kill()
+        assert killed.wait(timeout=60) == -signal.SIGKILL and staging[killed].is_dir()  # left behind
+        whole, empty, other, pointed = tmp / ".out.k33p1ng0", tmp / ".out.3mpty000", tmp / ".out.v2.abcdefgh", tmp / "p"
+        for folder in (whole, other, pointed):
+            shutil.copytree(staging[killed], folder)
+        (whole / "merge_report.json").write_text("{}")
+        empty.mkdir()
+        (tmp / ".out.l1nk0000").symlink_to(pointed)
+        assert cli_merge(base, adapters, out, "--strategy", "task_arithmetic", "--no-eval") == 0
+        assert (out / "merge_report.json").is_file()
+        assert not staging[killed].exists()
+        assert sorted(tmp.glob(".out.*")) == sorted([staging[live], whole, empty, other, tmp / ".out.l1nk0000"])
+        assert (staging[live] / "adapter_model.safetensors").is_file() and any(pointed.iterdir())
+        live.send_signal(signal.SIGTERM)  # as Ctrl-C: its staging folder is removed
+        assert live.wait(timeout=60) == 130 and live.stderr.read().endswith("iteris-daemon: interrupted\n")
+        assert not staging[live].exists() and (out / "merge_report.json").is_file()
+    finally:
+        for process in (killed, live):
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
+
+
 def test_different_heads_need_a_rule(tmp_path, capsys):
     """Adapters whose modules_to_save (classifier heads) differ are not silently merged."""
     base = build_tiny_model("bert", tmp_path / "cls-base", "SEQ_CLS")

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import OutputError
 from ..paths import overlap, real, user_path
 from .catalog import DB_ENV, named_catalog
-from .merge import add_input_arguments, calibration_options
+from .merge import add_input_arguments, calibration_options, sigterm_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,10 @@ def _compare(args) -> int:
     if args.group is None:
         if args.base_model is None or not args.adapter:
             raise ConfigError("give --base-model and --adapter, or --group with --config")
-        report = run_compare(CompareRequest(base_model=args.base_model, adapters=args.adapter,
-                                            trust_remote_code=args.trust_remote_code,
-                                            calibration=calibration_options(args), **options))
+        with sigterm_interrupts():
+            report = run_compare(CompareRequest(base_model=args.base_model, adapters=args.adapter,
+                                                trust_remote_code=args.trust_remote_code,
+                                                calibration=calibration_options(args), **options))
     else:
         if args.base_model is not None or args.adapter:
             raise ConfigError("--group takes the base model and adapters from the daemon's catalog (with --config): "
@@ -104,7 +105,7 @@ def _compare(args) -> int:
             options["trust_remote_code"] = True
         given = {option: getattr(args, option) for option in _GROUP_OPTIONS
                  if getattr(args, option) != args.option_defaults[option]}
-        with tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
+        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
             report = run_compare(_group_request(load_config(args.config), args.group, Path(into),
                                                 named_catalog(args), given, **options))
     print(render(report))

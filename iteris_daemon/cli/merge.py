@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -185,6 +189,26 @@ def _calibration_settings(given: list[str], order: tuple[str, ...]) -> dict[str,
     return tables
 
 
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's time limit) stops the command as Ctrl-C does, with a
+    KeyboardInterrupt: a merge being written removes its staging folder, compare --group its
+    copies of the inputs (SIGTERM's default ended the process at once and left them). The
+    previous handler is back afterwards; a thread other than the main one cannot set one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _merge(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -197,26 +221,27 @@ def _merge(args) -> int:
         raise ConfigError(f"--strategy is given twice ({', '.join(args.strategy)}): merge takes one; compare takes "
                           "several")
     params = unique_params(args.param, "--param ")
-    report = run_merge(
-        MergeRequest(
-            base_model=args.base_model,
-            adapters=args.adapter,
-            out=args.out,
-            strategy=args.strategy[0] if args.strategy else DEFAULT_STRATEGY,
-            params=params,
-            device=args.device,
-            dtype=args.dtype,
-            output_dtype=args.output_dtype,
-            exact_ranks=args.exact_ranks,
-            offload=args.offload,
-            trust_remote_code=args.trust_remote_code,
-            modules_to_save_rule=args.modules_to_save_rule,
-            overwrite=args.overwrite,
-            evaluate=not args.no_eval,
-            quiet=args.quiet,
-            calibration=calibration_options(args),
+    with sigterm_interrupts():
+        report = run_merge(
+            MergeRequest(
+                base_model=args.base_model,
+                adapters=args.adapter,
+                out=args.out,
+                strategy=args.strategy[0] if args.strategy else DEFAULT_STRATEGY,
+                params=params,
+                device=args.device,
+                dtype=args.dtype,
+                output_dtype=args.output_dtype,
+                exact_ranks=args.exact_ranks,
+                offload=args.offload,
+                trust_remote_code=args.trust_remote_code,
+                modules_to_save_rule=args.modules_to_save_rule,
+                overwrite=args.overwrite,
+                evaluate=not args.no_eval,
+                quiet=args.quiet,
+                calibration=calibration_options(args),
+            )
         )
-    )
     print(summarize(report, args.out))
     return 0
 
