@@ -16,7 +16,9 @@ the isometries ``U`` and ``V`` (the SVD of ``U M V^T`` is ``(U P) S (V Q)^T``,
 ``D = U M V^T`` gives exactly what the rule gives on the dense d_out x d_in deltas, at
 O((d_out + d_in) R^2 + R^3) per layer; no d_out x d_in matrix is ever formed. The result is
 written as ``B = U P S^1/2``, ``A = S^1/2 Q^T V^T`` (rank <= min(p, q)), or capped at
-``target_rank`` (best rank-k, its relative error reported as ``truncation_error``).
+``target_rank`` (best rank-k, its relative error reported as ``truncation_error``; for the
+flat spectra of Iso-C and Iso-CTS, the k directions the spectrum before flattening ranks first:
+:class:`Isotropic`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,36 @@ def _factors(layer: _Layer, M: torch.Tensor, rank: int | None) -> tuple[torch.Te
     return B, A, error
 
 
+@dataclass
+class Isotropic:
+    """A merge whose non-zero singular values are all ``value`` (Iso-C, Iso-CTS): the core ``M``
+    and ``before``, the core whose spectrum it flattened. Any k directions of a flat spectrum
+    are a best rank-k of it, so a cap taken from an SVD of ``M`` kept whichever round-off put
+    first (the merge changed by > 100 % with the adapters' order): ``target_rank`` keeps the k
+    directions with the largest singular values of ``before``, at ``value``."""
+
+    M: torch.Tensor
+    before: torch.Tensor
+    value: float
+
+
+def _isotropic_factors(layer: _Layer, merge: Isotropic, alpha: float, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A) of ``alpha`` times ``merge``, capped at ``rank``, and the cap's relative error
+    against the uncapped merge. The kept directions keep the method's ``value`` (the papers'
+    mean over the whole kept spectrum, not over the k written): so the capped merge is a
+    truncation of the uncapped one, a best rank-k of it (error sqrt((r - k) / r) for r
+    flat directions), and the cap does not rescale what it keeps."""
+    B, A, _ = _factors(layer, alpha * merge.M, None)
+    if rank is None or rank >= A.shape[0]:  # within the cap (or all zero: one zero direction)
+        return B, A, 0.0
+    P, S, Qh = torch.linalg.svd(merge.before, full_matrices=False)
+    keep = min(rank, _rank(S))
+    capped = merge.value * P[:, :keep] @ Qh[:keep]
+    error = float((capped - merge.M).norm() / merge.M.norm())
+    root = (alpha * merge.value) ** 0.5
+    return layer.U @ (P[:, :keep] * root), (root * Qh[:keep]) @ layer.V.T, error
+
+
 # ---------------------------------------------------------------------------------------------
 # The merging rules, on the cores
 
@@ -132,16 +164,18 @@ def task_arithmetic_core(layer: _Layer) -> torch.Tensor:
     return torch.stack(layer.cores).sum(0)
 
 
-def iso_c_core(layer: _Layer) -> torch.Tensor:
+def iso_c_core(layer: _Layer) -> Isotropic:
     """Iso-C: the task-arithmetic sum with its spectrum made flat at the mean singular value.
 
     ``Delta_TA = sum_i D_i = P S Q^T``,  ``Delta_Iso-C = mean(S) P Q^T`` (mean over the
-    non-zero singular values of Delta_TA, the only ones a LoRA sum has).
+    non-zero singular values of Delta_TA, the only ones a LoRA sum has). A rank cap keeps
+    Delta_TA's top directions (:class:`Isotropic`).
     """
-    P, S, Q = _svd(task_arithmetic_core(layer))
+    total = task_arithmetic_core(layer)
+    P, S, Q = _svd(total)
     if S.numel() == 0:
-        return layer.zeros()
-    return S.mean() * P @ Q.T
+        return Isotropic(layer.zeros(), total, 0.0)
+    return Isotropic(S.mean() * P @ Q.T, total, float(S.mean()))
 
 
 def _whitened_sum(Ps: list[torch.Tensor], Ss: list[torch.Tensor], Qs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,12 +210,13 @@ def iso_cts_sizes(dim: int, tasks: int, common_space_fraction: float) -> tuple[i
     return dim - per_task * tasks, per_task
 
 
-def iso_cts_core(layer: _Layer, common_space_fraction: float) -> torch.Tensor:
+def iso_cts_core(layer: _Layer, common_space_fraction: float) -> Isotropic:
     """Iso-CTS: common subspace = top-k singular vectors of Delta_TA; each task adds the top n
     singular vectors of its delta with the common subspace projected out,
     ``D_i - U_c U_c^T D_i``; all vectors concatenated and orthogonalised (polar factors),
     every singular value set to the mean of the kept ones:
-    ``Delta = mean(S) U_perp V_perp^T``."""
+    ``Delta = mean(S) U_perp V_perp^T``. A rank cap keeps the top directions of
+    ``U_perp diag(S) V_perp^T``, the merge before flattening (:class:`Isotropic`)."""
     k, n = iso_cts_sizes(layer.dim, len(layer.cores), common_space_fraction)
     P, S, Q = _svd(task_arithmetic_core(layer))
     k = min(k, S.numel())
@@ -194,14 +229,14 @@ def iso_cts_core(layer: _Layer, common_space_fraction: float) -> torch.Tensor:
         Ps.append(Pi[:, :m]), Ss.append(Si[:m]), Qs.append(Qi[:, :m])
     Ps.append(Pc), Ss.append(Sc), Qs.append(Qc)
     if sum(s.numel() for s in Ss) == 0:
-        return layer.zeros()
+        return Isotropic(layer.zeros(), layer.zeros(), 0.0)
     U, S, V = _whitened_sum(Ps, Ss, Qs)
-    return S.mean() * U @ V.T
+    return Isotropic(S.mean() * U @ V.T, (U * S) @ V.T, float(S.mean()))
 
 
 def core_space_core(
     layer: _Layer, method: Literal["ta", "tsv", "iso_c", "iso_cts"], common_space_fraction: float
-) -> torch.Tensor:
+) -> torch.Tensor | Isotropic:
     """Core Space's rule ``method`` on the cores; its TSV-Merge keeps ``int(R / N)``
     components per task (at least 1; ``R = _Layer.dim``)."""
     if method == "ta":
@@ -284,7 +319,7 @@ def _per_layer(inputs: MergeInputs, progress: Progress,
 
 def merge_layers(
     inputs: MergeInputs, params: _Params, progress: Progress,
-    layer_merge: Callable[[list[LoraModule], Owners], tuple[_Layer, torch.Tensor]],
+    layer_merge: Callable[[list[LoraModule], Owners], tuple[_Layer, torch.Tensor | Isotropic]],
 ) -> MergedAdapter:
     """Per layer: ``layer_merge(modules, owners)`` gives the bases and the merged core ``M``
     (``Delta = U M V^T``); ``alpha`` times it is written as LoRA factors, capped at
@@ -292,17 +327,19 @@ def merge_layers(
 
     def write(modules: list[LoraModule], owners: Owners) -> tuple[torch.Tensor, torch.Tensor, float]:
         layer, M = layer_merge(modules, owners)
+        if isinstance(M, Isotropic):
+            return _isotropic_factors(layer, M, params.alpha, params.target_rank)
         return _factors(layer, params.alpha * M, params.target_rank)
 
     return _per_layer(inputs, progress, write)
 
 
 def merge_cores(
-    inputs: MergeInputs, params: _Params, progress: Progress, rule: Callable[[_Layer], torch.Tensor]
+    inputs: MergeInputs, params: _Params, progress: Progress, rule: Callable[[_Layer], torch.Tensor | Isotropic]
 ) -> MergedAdapter:
     """Per layer: ``alpha * rule(cores)`` mapped back to LoRA factors (:func:`merge_layers`)."""
 
-    def core(modules: list[LoraModule], _owners: Owners) -> tuple[_Layer, torch.Tensor]:
+    def core(modules: list[LoraModule], _owners: Owners) -> tuple[_Layer, torch.Tensor | Isotropic]:
         layer = _layer(modules)
         return layer, rule(layer)
 

@@ -68,6 +68,14 @@ def reference_tsv(deltas, keep, alpha=1.0):
 
 
 def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
+    u, s, v = _iso_cts_whitened(deltas, common_space_fraction)
+    iso = torch.ones_like(s) * s.mean()
+    return alpha * torch.linalg.multi_dot((u, torch.diag(iso), v))
+
+
+def _iso_cts_whitened(deltas, common_space_fraction):
+    """Iso-CTS before the flattening: the orthogonalised common and task-specific singular
+    vectors and their singular values."""
     N, d = len(deltas), _core_dim(deltas)
     common = int(d * common_space_fraction)
     per_task = min(round((d - common) / N), d // N)  # the reference code's rounding, never past d
@@ -86,8 +94,22 @@ def reference_iso_cts(deltas, common_space_fraction=0.8, alpha=1.0):
     sum_u = torch.cat([*us, u_c], dim=1)
     sum_s = torch.cat([*ss, s_c])
     sum_v = torch.cat([*vs, v_c], dim=0)
-    iso = torch.ones_like(sum_s) * sum_s.mean()
-    return alpha * torch.linalg.multi_dot((_orthogonalise(sum_u), torch.diag(iso), _orthogonalise(sum_v)))
+    return _orthogonalise(sum_u), sum_s, _orthogonalise(sum_v)
+
+
+def reference_capped_isotropic(deltas, method, rank, alpha=1.0, common_space_fraction=0.8):
+    """Iso-C / Iso-CTS capped at ``rank``: the top ``rank`` singular directions of the merge
+    before its spectrum is flattened (Delta_TA for Iso-C; ``U_perp diag(S) V_perp^T`` for
+    Iso-CTS), each at the uncapped merge's isotropic value (the mean of Delta_TA's non-zero
+    singular values; of all of Iso-CTS' kept S)."""
+    if method == "iso_c":
+        before = sum(deltas)
+        value = torch.linalg.svdvals(before)[:_rank(before)].mean()
+    else:
+        u, s, v = _iso_cts_whitened(deltas, common_space_fraction)
+        before, value = torch.linalg.multi_dot((u, torch.diag(s), v)), s.mean()
+    U, _, Vh = torch.linalg.svd(before, full_matrices=False)
+    return alpha * value * U[:, :rank] @ Vh[:rank]
 
 
 def reference_tsv_m(deltas, fraction=None, alpha=1.0):
@@ -299,6 +321,33 @@ def test_target_rank_caps_and_reports_the_error(strategy, raw):
         errors.append(best)
     assert abs(capped.metrics["truncation_error"]["max"] - max(errors)) < 1e-10
     assert capped.metrics["truncation_error"]["layers"] == len(MODULES)
+
+
+@pytest.mark.parametrize("strategy, raw", [("iso_c", {}), ("iso_cts", {}), ("core_space", {"method": "iso_c"}),
+                                           ("core_space", {"method": "iso_cts", "common_space_fraction": 0.6})])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_isotropic_target_rank_keeps_the_top_directions_in_any_adapter_order(strategy, raw, seed):
+    """Iso-C and Iso-CTS flatten the spectrum, so every k of its directions is a best rank-k:
+    the cap took those an SVD of the flat matrix happened to put first, and the merge changed
+    by more than 100 % with the adapters' order (QA). Now the cap keeps the k directions with
+    the largest singular values before the flattening (Delta_TA's; Iso-CTS' whitened sum), at
+    the uncapped value, in either order, as the dense reference does; the error reported is
+    that of what is written against the uncapped merge."""
+    adapters = _adapters(seed)
+    method = raw.get("method", strategy)
+    fraction = raw.get("common_space_fraction", 0.8)
+    params = {"target_rank": 3, "alpha": 0.7, **raw}
+    forward, backward = _merge(strategy, adapters, **params), _merge(strategy, adapters[::-1], **params)
+    errors = []
+    for path in sorted(MODULES):
+        deltas = _deltas(adapters, path)
+        expected = reference_capped_isotropic(deltas, method, 3, 0.7, fraction)
+        for result in (forward, backward):
+            B, A = result.modules[path]
+            assert A.shape[0] == 3 and _relative(B @ A, expected) < 1e-9, path
+        errors.append(_relative(expected, reference_core_space(deltas, method, 0.7, fraction)))
+    for result in (forward, backward):
+        assert abs(result.metrics["truncation_error"]["max"] - max(errors)) < 1e-9
 
 
 @pytest.mark.parametrize("factor", ["B", "A"])
@@ -616,3 +665,4 @@ def test_run_merge_writes_what_peft_loads(bert, strategy, tmp_path):
     with torch.no_grad():
         output = model(**tokenizer(["the market fell late", "a bright film"], padding=True, return_tensors="pt"))[0]
     assert torch.isfinite(output).all()
+
