@@ -37,6 +37,10 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress
 RTOL = 1e-10
 """Singular values below ``RTOL`` x the largest count as zero (rank decisions, in float64)."""
 
+INPUT_ULPS = 8
+"""KnOTS' aligned entries below ``INPUT_ULPS`` float32 epsilons x the largest singular value
+are the inputs' rounding, not a task's contribution (:func:`_round_off`)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Linear algebra on the cores (float64)
@@ -373,10 +377,12 @@ def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torc
     factor has orthonormal rows, so the SVD of the small middle matrix ``P S Z^T`` gives
     ``U = U_B P`` and ``S V_i^T = S Z_i^T Q_i^T`` (``Z_i``: task i's rows of ``Z``).
 
-    Entries at round-off (at most ``RTOL`` x the largest singular value) are made exact
-    zeros: TIES' disjoint mean counts the tasks with a non-zero entry, and the round-off of
-    a task that has none there (a zero adapter, spans orthogonal to the others') would
-    halve the entry of the task that does."""
+    Entries at round-off are made exact zeros: TIES' disjoint mean counts the tasks with a
+    non-zero entry, and the round-off of a task that has none there (a zero adapter, spans
+    orthogonal to the others') would halve the entry of the task that does. Round-off is
+    judged at the inputs' precision (:func:`_round_off`): spans made orthogonal and stored in
+    float32 overlap by their rounding, ~1e-8 of the largest entry, and KnOTS of two such
+    adapters was 27-36 % off their sum at the float64 computation's ``RTOL``."""
     U_B = _basis(torch.cat([_unit(m.B) for m in modules], dim=1))
     Qs, middle = [], []
     for m in modules:
@@ -384,7 +390,7 @@ def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torc
         Qs.append(Q)
         middle.append((U_B.T @ m.B.double().cpu()) * m.scaling @ R.T)
     P, S, Z = _svd(torch.cat(middle, dim=1))
-    floor = RTOL * float(S[0]) if S.numel() else 0.0
+    floor = _round_off(modules) * float(S[0]) if S.numel() else 0.0
     components, start = [], 0
     for Q in Qs:
         rows = Z[start : start + Q.shape[1]]
@@ -392,6 +398,23 @@ def knots_components(modules: list[LoraModule]) -> tuple[torch.Tensor, list[torc
         C = (S[:, None] * rows.T) @ Q.T
         components.append(torch.where(C.abs() > floor, C, 0.0))
     return U_B @ P, components
+
+
+def _round_off(modules: list[LoraModule]) -> float:
+    """The relative size of the inputs' rounding in KnOTS' aligned entries: ``INPUT_ULPS``
+    float32 epsilons (9.5e-7) unless every factor is float64 (``RTOL``, the computation's).
+    Each entry is a sum of products of the factors, each known to half an ulp, so its
+    rounding is a fraction of an epsilon of the largest singular value, amplified where two
+    tasks' singular values nearly coincide (their directions mix by rounding / gap):
+    0.02-1.5 epsilons on 40 random float32 pairs with orthogonal spans, 4.7 on QA's pair
+    with singular values 0.1 % apart. Real entries can be as small (6 epsilons on the tests'
+    tiny BERT adapters), and TIES counts a task at an entry or not, so the floor is kept
+    near the rounding: below it a task is not told apart from its rounding. Narrower factors (bfloat16, float16) are judged as float32, the dtype
+    loaded adapters come in (:func:`iteris_daemon.lora.load_adapter`): a floor at their own
+    precision (~1e-2) would zero real entries."""
+    if all(t.dtype == torch.float64 for m in modules for t in (m.A, m.B)):
+        return RTOL
+    return INPUT_ULPS * torch.finfo(torch.float32).eps
 
 
 def knots_ties(components: list[torch.Tensor], density: float) -> torch.Tensor:

@@ -133,9 +133,10 @@ def reference_core_space(deltas, method="tsv", alpha=1.0, common_space_fraction=
     return reference_tsv(deltas, [per_task] * len(deltas), alpha)
 
 
-def reference_knots(deltas, density=1.0, alpha=1.0, drops=None):
+def reference_knots(deltas, density=1.0, alpha=1.0, drops=None, round_off=0.0):
     """KnOTS-TIES (Stoica et al., ICLR 2025): SVD of the concatenated deltas
-    ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]`` (non-zero singular values), tasks ``S V_i^T``;
+    ``[D_1 .. D_N] = U S [V_1^T .. V_N^T]`` (non-zero singular values), tasks ``S V_i^T``
+    (entries at most ``round_off`` x the largest singular value zero: the inputs' rounding);
     ``drops`` (DARE, optional): each task's keep mask and the drop rate; TIES: each task's
     ``round(density * size)`` largest magnitudes (the paper's top-k%; the reference code's
     ``kthvalue`` keeps one more), signs elected by the sum of values, disjoint mean;
@@ -145,6 +146,7 @@ def reference_knots(deltas, density=1.0, alpha=1.0, drops=None):
     k = int((S > 1e-10 * S[0]).sum())
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     tasks = [S[:, None] * Vh[:, i * d_in:(i + 1) * d_in] for i in range(len(deltas))]
+    tasks = [torch.where(T.abs() > round_off * S[0], T, 0.0) for T in tasks]
     if drops is not None:
         masks, rate = drops
         tasks = [T * m / (1 - rate) for T, m in zip(tasks, masks)]
@@ -600,6 +602,38 @@ def test_knots_counts_no_task_where_its_delta_is_zero():
         assert _relative(B @ A, expected) < 1e-9
 
 
+def _orthogonal_float32_pair(seed: int) -> tuple[LoraModule, LoraModule, LoraModule, LoraModule]:
+    """Two rank-4 tasks whose output and input spans are orthogonal in float64, and the same
+    two stored in float32 (as adapters are loaded), where the rounding makes them overlap."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(24, 8, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(40, 8, generator=g, dtype=torch.float64))
+    exact = [LoraModule(B=U[:, cols] @ torch.randn(4, 4, generator=g, dtype=torch.float64),
+                        A=torch.randn(4, 4, generator=g, dtype=torch.float64) @ V[:, cols].T, scaling=scaling)
+             for cols, scaling in ((slice(0, 4), 2.0), (slice(4, 8), 0.5))]
+    stored = [LoraModule(B=m.B.float(), A=m.A.float(), scaling=m.scaling) for m in exact]
+    return (*exact, *stored)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_knots_of_float32_tasks_on_orthogonal_spans_is_their_sum(seed):
+    """Tasks on orthogonal spans have disjoint aligned components, so KnOTS gives their sum
+    (the dense float64 reference says so for the exact factors). Stored in float32, the spans
+    overlap by their rounding (~1e-8 of the largest entry), which passed the round-off floor
+    of the float64 computation (1e-10): TIES counted both tasks at every entry and halved
+    them, 27-36 % off the sum (QA). The floor is now the inputs' precision: the sum, to float32's."""
+    first, second, *stored = _orthogonal_float32_pair(seed)
+    U, S, Vh = torch.linalg.svd(torch.cat([first.delta(), second.delta()], dim=1), full_matrices=False)
+    aligned = S[:8, None] * Vh[:8]  # each task's S V_i^T: at each entry, at most one is above round-off
+    assert float(torch.minimum(aligned[:, :40].abs(), aligned[:, 40:].abs()).max()) < 1e-12 * float(S[0])
+    expected = stored[0].delta().double() + stored[1].delta().double()
+    for modules in (stored, stored[::-1]):
+        adapters = [LoraAdapter(name=f"t{i}", path=Path(f"t{i}"), config={}, modules={"m": m})
+                    for i, m in enumerate(modules)]
+        B, A = _merge("knots", adapters).modules["m"]
+        assert _relative(B @ A, expected) < 1e-6
+
+
 @pytest.mark.parametrize("bad", [{"method": "ties"}, {"alpha": 0}, {"fraction": 0.5}, {"common_space_fraction": 1.5}])
 def test_parameters_are_validated(bad):
     from iteris_daemon.errors import ParameterError
@@ -633,12 +667,16 @@ def test_common_space_fraction_is_refused_with_a_method_that_does_not_read_it():
 # End to end on the tiny BERT: written, loadable by PEFT, equal to the references
 
 
+# KnOTS' aligned entries of float32 factors below 8 float32 epsilons of the largest singular
+# value are their rounding (the plugin's documented floor): one on the tiny BERT's adapters is.
+FLOAT32_ROUND_OFF = 8 * torch.finfo(torch.float32).eps
+
 REFERENCES = {
     "core_space": reference_core_space,
     "tsv": reference_tsv_m,
     "iso_c": reference_iso_c,
     "iso_cts": reference_iso_cts,
-    "knots": reference_knots,
+    "knots": lambda deltas: reference_knots(deltas, round_off=FLOAT32_ROUND_OFF),
     "wudi": reference_wudi,
 }
 
