@@ -228,6 +228,40 @@ def test_peft_types_combine_the_factors_alone_and_leave_a_streamed_base_streamed
         assert torch.allclose(B @ A, expected[path], atol=1e-6), path
 
 
+@pytest.mark.parametrize("combination_type, params", [
+    ("svd", ["weights=[1, -0.5, 2]", "svd_rank=3"]), ("svd", []), ("ties_svd", ["svd_rank=2", "density=0.6"]),
+    ("magnitude_prune_svd", ["svd_rank=2"]), ("dare_ties_svd", ["svd_rank=2", "density=1.0"])])
+def test_peft_svd_types_report_the_error_of_their_cut(bert, tmp_path, combination_type, params):
+    """PEFT's *_svd types cut the combination to ``svd_rank`` (the largest input rank by
+    default), and the report said ``rank_cap_error`` 0.0 where 17-62 % of the sum was dropped
+    (QA). Now each layer's error is measured: the largest equals ``||written - combination||
+    / ||combination||`` in dense float64, the combination being the weighted sum, or PEFT's
+    TIES / pruning of the dense deltas (``peft.utils.merge_utils``, what PEFT cuts; DARE at
+    density 1 drops nothing, so its masks are known)."""
+    from peft.utils import merge_utils
+
+    base_dir, adapter_dirs = bert
+    out = tmp_path / "m"
+    assert cli_merge(base_dir, adapter_dirs, out, "--strategy", f"peft_{combination_type}", "--no-eval",
+                     *[arg for param in params for arg in ("--param", param)]) == 0
+    raw = dict(param.split("=") for param in params)
+    weights = torch.tensor(json.loads(raw.get("weights", "[1, 1, 1]")), dtype=torch.float64)
+    density = float(raw.get("density", 0.5))
+    inputs, merged = [load_adapter(d) for d in adapter_dirs], load_adapter(out)
+    errors = []
+    for path, module in merged.modules.items():
+        deltas = [a.modules[path].delta().double() for a in inputs]
+        combination = {"svd": lambda: merge_utils.task_arithmetic(deltas, weights),
+                       "ties_svd": lambda: merge_utils.ties(deltas, weights, density),
+                       "dare_ties_svd": lambda: merge_utils.ties(deltas, weights, density),
+                       "magnitude_prune_svd": lambda: merge_utils.magnitude_prune(deltas, weights, density)}[
+            combination_type]()
+        errors.append(_relative_error(module.delta(), combination))
+    report = json.loads((out / "merge_report.json").read_text())
+    assert max(errors) > 0.1 and report["rank_cap_error"] == pytest.approx(max(errors), rel=1e-4)
+    assert report["metrics"]["truncation_error"] == {"max": report["rank_cap_error"], "layers": len(errors)}
+
+
 # What PEFT 0.21's add_weighted_adapter reads, by combination type (its source, not this project's table).
 PEFT_READS = {
     "density": {"ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
