@@ -614,7 +614,8 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
                   into: Path, limits: Limits = Limits(),
                   in_worker: Callable[[dict[str, Any], str], Any] | None = None,
                   should_stop: Callable[[], bool] = lambda: False, read_limit: int | None = None,
-                  cache_dir: Path | None = None, wait_for_dead_workers: bool = True) -> Inputs:
+                  cache_dir: Path | None = None, wait_for_dead_workers: bool = True,
+                  published: Path | None = None) -> Inputs:
     """Snapshot each selected adapter into ``into`` and load its calibration (its first
     ``samples``; sources read no further than that, or than ``read_limit`` where
     ``samples`` is None); an adapter that
@@ -623,7 +624,9 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
     not be reached, makes the run wait, see ``changing``; so does one whose calibration
     worker failed, unless not ``wait_for_dead_workers``).
     With ``in_worker`` (the daemon), sources that need torch are called through it; sources
-    that download keep their files under ``cache_dir`` (the daemon's)."""
+    that download keep their files under ``cache_dir`` (the daemon's). ``published``: the
+    group's last published adapter (its kept copy), whose task type and base revision the
+    adapters that differ are held back against (:func:`_outvoted`)."""
     sources = calibration_sources()
     if in_worker is not None:  # the group's own sources: another installed one is never asked
         sources = {name: InWorkerCalibration(source, in_worker) if getattr(source, "runs_in_worker", False) else source
@@ -644,7 +647,7 @@ def gather_inputs(catalog: Catalog, group: GroupConfig, needs_calibration: bool,
             if (adapter.source.kind is SourceKind.local or isinstance(exc, CopyFailed)) and not isinstance(
                     exc, RefusedInput):
                 inputs.changing.append(adapter.name)
-    outvoted = _outvoted([loaded.config for _, _, loaded, _ in snapshots])
+    outvoted = _outvoted([loaded.config for _, _, loaded, _ in snapshots], _published_config(published))
     for index, reason in outvoted.items():
         inputs.hold_back(snapshots[index][0], snapshots[index][1], reason)
     snapshots = [snapshot for index, snapshot in enumerate(snapshots) if index not in outvoted]
@@ -685,21 +688,36 @@ _SHARED = {"task type": lambda config: config.get("task_type") or "none",
            "base model revision": lambda config: config.get("revision")}
 
 
-def _outvoted(configs: list[dict[str, Any]]) -> dict[int, str]:
-    """The adapters (index: why) whose task type or base model revision differs from the one
-    most of the others share: held back, so that one adapter trained for another task (or an
-    untyped one) does not fail every run of its group. Without a strict majority, none: the
-    merge then refuses them, naming each."""
+def _published_config(published: Path | None) -> dict[str, Any] | None:
+    """The config of a group's kept published adapter (written by this daemon), if any."""
+    try:
+        return json.loads((published / CONFIG_NAME).read_text(encoding="utf-8")) if published else None
+    except (OSError, ValueError):
+        return None
+
+
+def _outvoted(configs: list[dict[str, Any]], published: dict[str, Any] | None = None) -> dict[int, str]:
+    """The adapters (index: why) whose task type or base model revision differs from the
+    group's: held back, so that one adapter trained for another task (or an untyped one)
+    does not fail every run of its group. The group's is the published merge's where an
+    adapter still has it (adapters of another task arriving in numbers must not replace what
+    its destinations serve), else the one more than half of them share; without such a
+    majority, none is held back: the merge then refuses them, naming each."""
     outvoted: dict[int, str] = {}
     for what, read in _SHARED.items():
         said = {index: read(config) for index, config in enumerate(configs)
                 if index not in outvoted and read(config) is not None}
+        served = read(published) if published is not None else None
         counts = Counter(said.values()).most_common()
-        if len(counts) > 1 and counts[0][1] * 2 > len(said):
-            for index, value in said.items():
-                if value != counts[0][0]:
-                    outvoted[index] = (f"its {what} ({value}) is not the one most of the group's adapters share "
-                                       f"({counts[0][0]}): one merge has one")
+        if served in said.values():
+            kept, whose = served, "the published merge's"
+        elif len(counts) > 1 and counts[0][1] * 2 > len(said):
+            kept, whose = counts[0][0], "the one most of the group's adapters share"
+        else:
+            continue
+        for index, value in said.items():
+            if value != kept:
+                outvoted[index] = f"its {what} ({value}) is not {whose} ({kept}): one merge has one"
     return outvoted
 
 
@@ -998,7 +1016,8 @@ def _run_claimed(catalog: Catalog, group: GroupConfig, claim: Claim, work_dir: P
     try:
         inputs = gather_inputs(catalog, group, strategy.needs_calibration, samples, snapshots, limits, in_worker,
                                should_stop, cache_dir=cache_dir,
-                               wait_for_dead_workers=wait_for_calibration_workers and not force)
+                               wait_for_dead_workers=wait_for_calibration_workers and not force,
+                               published=published_copy(work_dir, group_id))
     except MergeCancelled as exc:
         reason = str(claim.lost or exc)
         log.warning("group %s: cancelled while gathering inputs: %s", group.name, reason)

@@ -275,8 +275,12 @@ def test_an_adapter_of_another_task_type_or_base_revision_is_held_back_not_faili
     on another revision of the base model was registered, then failed every run of its
     group, "adapters have different task types", until someone removed it (QA MIX). The
     one that differs from what most of the group's adapters share is held back now, saying
-    why, and the others merge; without a strict majority the run still fails, naming each."""
+    why, and the others merge; without a strict majority the run still fails, naming each.
+    Adapters of another task arriving in numbers are held back against what the group
+    published, not made the group's (review RV14: they replaced what its destination served)."""
     from group_runs import Setup
+
+    from iteris_daemon.sources.local import LocalFolderSource
 
     base, (task0, task1) = runner_adapters
     made = tmp_path / "made"
@@ -291,6 +295,8 @@ def test_an_adapter_of_another_task_type_or_base_revision_is_held_back_not_faili
                 variant(task0, "typed", task_type="FEATURE_EXTRACTION"), variant(task1, "old", revision="v0")]
     setup = Setup(tmp_path, base, adapters)
     try:
+        tie = setup.run(setup.group(names=("a", "typed")))  # no majority, nothing published: no vote
+        assert tie.status is RunStatus.failed and "adapters have different task types" in tie.detail, tie.detail
         outcome = setup.run(setup.group(names=("a", "b", "typed", "old")))
         assert outcome.status is RunStatus.succeeded, outcome.detail
         held = setup.run_row(outcome.run_id).metrics["held_back"]
@@ -301,8 +307,14 @@ def test_an_adapter_of_another_task_type_or_base_revision_is_held_back_not_faili
                    "has one"}, held
         report = json.loads((setup.published / "current" / "merge_report.json").read_text())
         assert sorted(entry["name"] for entry in report["inputs"]) == ["a", "b"]
-        tie = setup.run(setup.group(names=("a", "typed")))
-        assert tie.status is RunStatus.failed and "adapters have different task types" in tie.detail, tie.detail
+        for name in ("f1", "f2", "f3"):
+            shutil.copytree(made / "typed", tmp_path / "watched" / name)
+        LocalFolderSource(setup.catalog, "team").scan()
+        crowd = setup.run(setup.group(names=("a", "b", "f1", "f2", "f3")))  # a and b still merged alone
+        assert crowd.status is RunStatus.skipped, crowd.detail
+        assert setup.run_row(crowd.run_id).metrics["held_back"] == {
+            name: "its task type (FEATURE_EXTRACTION) is not the published merge's (none): one merge has one"
+            for name in ("f1", "f2", "f3")}
     finally:
         setup.catalog.close()
 
