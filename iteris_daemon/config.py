@@ -298,7 +298,13 @@ class DaemonSettings(_Strict):
         if (parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
                 and not Path(parsed.database).expanduser().is_absolute()
                 and not parsed.query.get("uri")):  # a file: URI is SQLite's to read
-            return parsed.set(database=str(absolute(Path(parsed.database)))).render_as_string(hide_password=False)
+            anchored = absolute(Path(parsed.database))
+            if not anchored.exists() and Path(parsed.database).resolve().exists():
+                # where earlier releases found it: an empty catalog made here would re-register and re-publish all
+                raise ValueError(f"{parsed.database!r}: a relative path is taken from the config's folder, "
+                                 f"{anchored}, which does not exist; the catalog is at {Path(parsed.database).resolve()} "
+                                 "(from the working directory, as before 2026-12-07): give that path")
+            return parsed.set(database=str(anchored)).render_as_string(hide_password=False)
         return url
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from .catalog import Catalog
 from .catalog.models import DaemonPresence
 from .config import DaemonSettings
 from .logs import counted, redact
-from .runner import holder_is_dead
+from .runner import holder_is_dead, pid_space
 
 log = logging.getLogger(__name__)
 FORGET_AFTER = timedelta(days=1)
@@ -70,6 +70,15 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any], labels: tuple[str,
     return walk(shared_part(mine), shared_part(theirs), "")
 
 
+def _gone(holder: str) -> bool:
+    """Whether ``holder`` names this host's pid namespace and its process is gone. One that
+    names none (an older version's, a host where ``/proc`` does not tell) is judged by its
+    host name alone for claims, which must be taken over; its row is not deleted on that:
+    two containers of one host name, each at pid 1, would delete each other's."""
+    parts = holder.split(":")
+    return len(parts) > 3 and parts[3] == pid_space() and holder_is_dead(holder)
+
+
 @dataclass(frozen=True)
 class Peer:
     holder: str
@@ -98,7 +107,7 @@ class Peers:
                 row.settings, row.seen_at = settings, now
             session.execute(delete(DaemonPresence).where(DaemonPresence.seen_at < now - FORGET_AFTER))
             dead = [holder for holder in session.scalars(select(DaemonPresence.holder))
-                    if holder != self.holder and holder_is_dead(holder)]
+                    if holder != self.holder and _gone(holder)]
             if dead:
                 session.execute(delete(DaemonPresence).where(DaemonPresence.holder.in_(dead)))
                 log.info("forgot %s of this host, no longer running: %s", counted(len(dead), "daemon"), ", ".join(dead))

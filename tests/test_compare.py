@@ -359,9 +359,10 @@ path = "{tmp_path / 'published'}"
     (row,) = by_group["strategies"]
     assert by_group["dtype"] == "bfloat16" and row["tasks"] == figures["bfloat16"] != figures["float32"]
     capsys.readouterr()
-    assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--dtype", "float16"]) == 2
-    assert ("--dtype float16: --group compares at the group's dtype (bfloat16), as the daemon merges it; drop --dtype"
-            in capsys.readouterr().err)
+    for given in ("float16", "float32"):  # float32 given explicitly too, though the option's default (RV14)
+        assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--dtype", given]) == 2
+        assert (f"--dtype {given}: --group compares at the group's dtype (bfloat16), as the daemon merges it; drop "
+                "--dtype" in capsys.readouterr().err)
 
 
 def test_a_daemon_group_is_compared_on_the_inputs_it_would_merge(tiny, tmp_path, capsys, monkeypatch):

@@ -461,6 +461,14 @@ def test_paths_and_local_base_models_are_made_absolute(tmp_path, monkeypatch):
                         ("sqlite://", "sqlite://"), ("postgresql+psycopg://u:p@h/db", "postgresql+psycopg://u:p@h/db")):
         path.write_text(f'[daemon]\ndatabase = "{given}"\n')
         assert load_config(path).daemon.catalog_url() == read, given
+    # A catalog where earlier releases found it (the working directory's), none in the config's
+    # folder: refused naming both, not a new empty catalog (re-registering, re-publishing all).
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "catalog.db").touch()
+    path.write_text('[daemon]\ndatabase = "sqlite:///rel/catalog.db"\n')
+    with pytest.raises(ConfigError, match=f"{work / 'rel' / 'catalog.db'}, which does not exist; the catalog is at "
+                                          f"{tmp_path / 'rel' / 'catalog.db'} \\(from the working directory"):
+        load_config(path)
     path.write_text('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
                     'trust_remote_code = ["./models/base", "acme/coder"]\n'
                     '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'

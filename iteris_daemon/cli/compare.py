@@ -67,8 +67,10 @@ def register(commands) -> None:
                          help="read the first N calibration samples of each task, held out and merged from "
                               "(default: 1000; 0: all)")
     compare.add_argument("--json", type=user_path, metavar="FILE", help="also write the full comparison here")
+    # None: not given (a --group's own values apply), told apart from a default given explicitly
     compare.set_defaults(handler=_compare, option_defaults={option: compare.get_default(option)
-                                                            for option in _GROUP_OPTIONS})
+                                                            for option in _GROUP_OPTIONS},
+                         **{option: None for option in _GROUP_OPTIONS})
 
 
 def _compare(args) -> int:
@@ -85,6 +87,9 @@ def _compare(args) -> int:
         _check_json_path(args.json, local_inputs(args.base_model, args.adapter or []))
     if args.max_samples < 0:
         raise ConfigError(f"--max-samples must be 0 (all) or more, got {args.max_samples}")
+    given = {option: getattr(args, option) for option in _GROUP_OPTIONS if getattr(args, option) is not None}
+    for option, default in args.option_defaults.items():
+        setattr(args, option, given.get(option, default))
     options = dict(strategies=args.strategies, holdout=args.holdout, seed=args.seed, device=args.device,
                    dtype=args.dtype, offload=args.offload, modules_to_save_rule=args.modules_to_save_rule,
                    max_samples=args.max_samples or None, quiet=args.quiet)
@@ -103,8 +108,6 @@ def _compare(args) -> int:
             raise ConfigError("--group needs --config, the daemon's config (its catalog and the group's settings)")
         if args.trust_remote_code:
             options["trust_remote_code"] = True
-        given = {option: getattr(args, option) for option in _GROUP_OPTIONS
-                 if getattr(args, option) != args.option_defaults[option]}
         with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="iteris-compare-") as into:
             report = run_compare(_group_request(load_config(args.config), args.group, Path(into),
                                                 named_catalog(args), given, **options))
