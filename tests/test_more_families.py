@@ -506,3 +506,32 @@ def test_blocks_a_stand_in_cannot_capture_run_whole_model_passes(family, tmp_pat
     assert reason in caplog.text
     for name, whole in merged["false"].items():
         torch.testing.assert_close(merged["true"][name], whole, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_padding_stays_out_of_a_layer_that_reads_its_tokens_with_a_size_1_dimension(tmp_path):
+    """DeepSeek's multi-head latent attention (MLA; V2, V3, Kimi, MiniCPM3...) feeds
+    ``kv_b_proj`` (batch, 1, seq, d): the padding mask, matched on the first two dimensions,
+    was not applied, padding tokens went into that layer's Gram, and a RegMean or IterIS
+    merge moved 7-9 % between batch sizes 1 and 16, with no word (QA FAM2). The mask now
+    reaches every token row, so the batch size changes the merge at float level only."""
+    config = tf.DeepseekV3Config(
+        vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=32, first_k_dense_replace=2, n_shared_experts=1, n_group=1,
+        topk_group=1)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer().save_pretrained(tmp_path / "base")
+    targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    adapters = [build_adapter(tmp_path / "base", tmp_path / f"a{seed}", seed=seed, family="deepseek_v3",
+                              targets=targets, task_type="CAUSAL_LM", calibration=8) for seed in range(2)]
+    merged = {}
+    for batch_size in (1, 16):
+        out = tmp_path / f"bs{batch_size}"
+        assert cli_merge(tmp_path / "base", adapters, out, "--strategy", "regmean", "--param",
+                         f"batch_size={batch_size}", "--param", "accumulate_dtype=float64", "--no-eval") == 0
+        merged[batch_size] = load_adapter(out)
+    for path, module in merged[1].modules.items():
+        one, many = module.delta().double(), merged[16].modules[path].delta().double()
+        assert float((one - many).norm() / one.norm()) < 1e-5, path
