@@ -102,6 +102,16 @@ def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
+def _no_stack(model: nn.Module) -> str:
+    """Why no stack was found, naming a list of blocks of several kinds where there is one
+    (hybrids such as Jamba and Zamba2 alternate Mamba and attention blocks in one list)."""
+    for path, module in model.named_modules():
+        kinds = sorted({type(block).__name__ for block in module}) if isinstance(module, nn.ModuleList) else []
+        if len(kinds) > 1 and any(linear_kind(m) for m in module.modules()):
+            return f"no stack of identical blocks found ({path} mixes {', '.join(kinds)})"
+    return "no stack of identical blocks found"
+
+
 def block_plan(model: nn.Module, modules_to_save: Iterable[str] = ()) -> BlockPlan:
     """Find the stacks of blocks ``model`` runs one after another (none, with the reason,
     where it cannot run block by block: ``modules_to_save`` tensors inside a block, say).
@@ -113,7 +123,7 @@ def block_plan(model: nn.Module, modules_to_save: Iterable[str] = ()) -> BlockPl
     config = getattr(model, "config", None)
     candidates = _candidate_stacks(model)
     if not candidates:
-        return BlockPlan(reason="no stack of identical blocks found")
+        return BlockPlan(reason=_no_stack(model))
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if encoder_decoder:
         encoder = model.get_encoder()

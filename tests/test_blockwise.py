@@ -163,9 +163,24 @@ def _tiny_llama():
                                               num_attention_heads=2, vocab_size=64))
 
 
+def _tiny_jamba():
+    """A hybrid: Mamba and attention blocks alternate in one list (on the meta device)."""
+    import transformers as tf
+
+    config = tf.JambaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                            num_attention_heads=2, num_key_value_heads=1, attn_layer_period=2, attn_layer_offset=1,
+                            expert_layer_period=2, expert_layer_offset=1, num_experts=2, mamba_d_state=4,
+                            mamba_d_conv=2, mamba_expand=2)
+    with torch.device("meta"):
+        return tf.AutoModelForCausalLM.from_config(config)
+
+
 @pytest.mark.parametrize("make, reason", [
     (_llama_with_layers_shared, "model.layers holds one block at several depths"),
     (_llama_running_fewer_layers, "model.layers holds 2 blocks but the config runs 1 layers"),
+    # the reason said only "no stack of identical blocks found" (QA FAM2)
+    (_tiny_jamba, "no stack of identical blocks found (model.layers mixes JambaAttentionDecoderLayer, "
+                  "JambaMambaDecoderLayer)"),
 ])
 def test_blocks_not_called_once_each_run_whole(make, reason):
     """Streaming a stack runs each of its blocks once, in order: a model whose forward does
