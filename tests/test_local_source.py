@@ -285,12 +285,12 @@ def test_an_adapter_whose_weights_are_deleted_is_removed_until_they_are_back(set
     with _registered_and_watched(catalog, watched, base, lora, "task") as (source, reports):
         weights.unlink()
         wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.removed, "removal")
-        assert reports[-1].removed == [locator]
+        wait_for(lambda: reports[-1].removed == [locator], "the report, handed on after its commit")
         rescan = source.scan()
         assert rescan.waiting == [locator] and not rescan.changed  # still without weights: nothing new
         shutil.copy(lora / "adapter_model.safetensors", weights)
         wait_for(lambda: _adapters(catalog)["task"].status is AdapterStatus.registered, "registration again")
-        assert reports[-1].registered == [locator]
+        wait_for(lambda: reports[-1].registered == [locator], "the report, handed on after its commit")
     assert len(_adapters(catalog)["task"].revisions) == 1  # the same content: the same revision
 
     weights.unlink()  # while the daemon is stopped
@@ -552,7 +552,7 @@ def test_a_folder_that_may_not_be_looked_into_is_rejected_once_not_removed(setup
         wait_for(lambda: _adapters(catalog)["locked"].status is AdapterStatus.rejected, "the rejection")
         assert _adapters(catalog)["locked"].current.reason == (
             f"{locked}: cannot read: Permission denied; the daemon's user needs read access to the adapter's folder")
-        assert reports[-1].withdrawn == [str(locked)]
+        wait_for(lambda: reports[-1].withdrawn == [str(locked)], "the report, handed on after its commit")
         rescan = source.scan()  # the periodic one
         assert not rescan.changed and rescan.unchanged == 1
         assert _adapters(catalog)["locked"].status is AdapterStatus.rejected
@@ -560,7 +560,7 @@ def test_a_folder_that_may_not_be_looked_into_is_rejected_once_not_removed(setup
         monkeypatch.undo()
         locked.chmod(0o755)
         wait_for(lambda: _adapters(catalog)["locked"].status is AdapterStatus.registered, "registration again")
-        assert reports[-1].registered == [str(locked)]
+        wait_for(lambda: reports[-1].registered == [str(locked)], "the report, handed on after its commit")
         source.scan()
         assert _health(catalog) == (True, None)
     assert [r.levelname for r in caplog.records if "locked" in r.getMessage() and r.levelname != "INFO"] == ["WARNING"]
