@@ -37,6 +37,10 @@ from iteris_daemon.strategy import MergedAdapter, MergeInputs, Progress
 RTOL = 1e-10
 """Singular values below ``RTOL`` x the largest count as zero (rank decisions, in float64)."""
 
+FLAT_RTOL = 1e-6
+"""An isotropic merge's non-zero singular values within ``FLAT_RTOL`` of each other are flat
+(equal up to the rounding of its polar factors): :func:`_isotropic_factors`."""
+
 INPUT_ULPS = 8
 """KnOTS' aligned entries below ``INPUT_ULPS`` float32 epsilons x the largest singular value
 are the inputs' rounding, not a task's contribution (:func:`_round_off`)."""
@@ -147,10 +151,16 @@ def _isotropic_factors(layer: _Layer, merge: Isotropic, alpha: float, rank: int 
     against the uncapped merge. The kept directions keep the method's ``value`` (the papers'
     mean over the whole kept spectrum, not over the k written): so the capped merge is a
     truncation of the uncapped one, a best rank-k of it (error sqrt((r - k) / r) for r
-    flat directions), and the cap does not rescale what it keeps."""
+    flat directions), and the cap does not rescale what it keeps. Where the spectrum is not
+    flat after all (Iso-CTS's polar factors lose rank when the tasks' spans overlap whole),
+    the best rank-k of ``M`` itself (review RV15: ``before``'s directions were not ``M``'s)."""
     B, A, _ = _factors(layer, alpha * merge.M, None)
     if rank is None or rank >= A.shape[0]:  # within the cap (or all zero: one zero direction)
         return B, A, 0.0
+    spectrum = torch.linalg.svdvals(merge.M)
+    spectrum = spectrum[:_rank(spectrum)]
+    if float(spectrum[0] - spectrum[-1]) > FLAT_RTOL * float(spectrum[0]):
+        return _factors(layer, alpha * merge.M, rank)
     P, S, Qh = torch.linalg.svd(merge.before, full_matrices=False)
     keep = min(rank, _rank(S))
     capped = merge.value * P[:, :keep] @ Qh[:keep]

@@ -352,6 +352,29 @@ def test_isotropic_target_rank_keeps_the_top_directions_in_any_adapter_order(str
         assert abs(result.metrics["truncation_error"]["max"] - max(errors)) < 1e-9
 
 
+@pytest.mark.parametrize("fraction, rank", [(0.1, 2), (0.1, 4), (0.3, 2), (0.3, 4)])
+def test_iso_cts_target_rank_on_spans_that_overlap_whole_is_the_best_rank_k(fraction, rank):
+    """Tasks whose spans all lie in one 6-dimensional pair: Iso-CTS's polar factors lose rank
+    and its merge is not flat (548, 491, ..., 0.29), so the top directions of the spectrum
+    before flattening were not the merge's, and the cap wrote twice the error of the best
+    rank-k (review RV15). Where the merge is not flat, the cap is its best rank-k (the dense
+    reference's truncated SVD), with that error reported."""
+    g = torch.Generator().manual_seed(1)
+    shared_B, shared_A = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((100, 6), (6, 100)))
+    adapters = [LoraAdapter(name=f"t{i}", path=Path(f"t{i}"), config={}, modules={"layer": LoraModule(
+        B=shared_B @ torch.randn(6, 4, generator=g, dtype=torch.float64),
+        A=torch.randn(4, 6, generator=g, dtype=torch.float64) @ shared_A, scaling=1.0)}) for i in range(3)]
+    whole = _merge("iso_cts", adapters, common_space_fraction=fraction).modules["layer"]
+    uncapped = whole[0] @ whole[1]
+    P, S, Qh = torch.linalg.svd(uncapped)
+    assert float(S[0] - S[_rank(uncapped) - 1]) > 1e-3 * float(S[0])  # not flat: the case at hand
+    best = (P[:, :rank] * S[:rank]) @ Qh[:rank]
+    capped = _merge("iso_cts", adapters, common_space_fraction=fraction, target_rank=rank)
+    B, A = capped.modules["layer"]
+    assert _relative(B @ A, best) < 1e-9
+    assert abs(capped.metrics["truncation_error"]["max"] - _relative(best, uncapped)) < 1e-9
+
+
 @pytest.mark.parametrize("factor", ["B", "A"])
 def test_zero_adapters_give_a_zero_merge(factor):
     """Every adapter zero at a layer (B = 0 is PEFT's initialisation: an untrained layer):
