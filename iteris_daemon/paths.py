@@ -192,7 +192,8 @@ def remove_abandoned_staging(target: Path, keep: Callable[[Path], bool]) -> list
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if any(folder.iterdir()) and not keep(folder):  # removed while the lock is held
                 shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
+                if not folder.exists():  # what could not be removed is not said to be
+                    removed.append(folder)
         except OSError:  # BlockingIOError: its writer is alive; any other: not known to be dead
             pass
         finally:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import warnings
 from collections.abc import Iterator
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -16,6 +18,8 @@ from iteris_daemon import hookimpl
 from iteris_daemon.errors import MergeError, ParameterError
 from iteris_daemon.strategy import (SEED_BOUNDS, MergedAdapter, MergeInputs, Progress, StrategyParams, per_adapter,
                                     refuse_all_zero)
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,7 +125,7 @@ class PeftCombination:
         if left_out and (why := _restricted(adapters)):  # else the merge's own check names the layer
             raise MergeError(f"PEFT's {self.combination_type!r} left out layer {left_out[0]}, which "
                              f"{next(a.name for a in adapters if left_out[0] in a.modules)} adapts ({why})")
-        if not self.combination_type.endswith("svd"):
+        if not cut:  # not an *_svd type, or PEFT's cut not measured
             return MergedAdapter(modules)
         return MergedAdapter(modules, {"truncation_error": {"max": max(cut.values(), default=0.0), "layers": len(cut)}})
 
@@ -138,8 +142,9 @@ class PeftCombination:
                                               str(adapters[0].path), adapter_name="t0")
         for index, adapter in enumerate(adapters[1:], start=1):
             model.load_adapter(str(adapter.path), adapter_name=f"t{index}")
-        if self.combination_type.endswith("svd"):
-            _measure_svd_cuts(model, cut)
+        if self.combination_type.endswith("svd") and not _measure_svd_cuts(model, cut):
+            log.warning("PEFT %s's SVD combination is not the one this release measures: the error of its rank cut "
+                        "is not reported (rank_cap_error)", version("peft"))
         kwargs = {name: getattr(params, name) for name in ("density", "majority_sign_method", "svd_rank")
                   if getattr(params, name, None) is not None}
         try:
@@ -169,7 +174,10 @@ def _seeded(seed: int, device: str) -> Iterator[None]:
         yield
 
 
-def _measure_svd_cuts(model, cut: dict[str, float]) -> None:
+_MEASURED_ARGUMENTS = {"new_rank", "target_lora_A", "target_lora_B", "target"}
+
+
+def _measure_svd_cuts(model, cut: dict[str, float]) -> bool:
     """Have ``model``'s *_svd combinations record, per layer (its path in the base model), the
     relative Frobenius error of PEFT's SVD cut: ``||written - combination|| / ||combination||``,
     the combination being the dense one PEFT cuts (the weighted sum for ``svd``; after TIES,
@@ -181,11 +189,16 @@ def _measure_svd_cuts(model, cut: dict[str, float]) -> None:
     ``V^T``. Asked here for all ``min(d_out, d_in)`` of them and cut to ``new_rank`` after (the
     same factors: PEFT's clamp, the only step after the cut, is not used), the error is read
     off the factors: ``V^T``'s rows are orthonormal, so it is the norm of the dropped columns
-    of ``U S`` over that of all of them (Eckart-Young), with no further matrix formed."""
+    of ``U S`` over that of all of them (Eckart-Young), with no further matrix formed.
+
+    False, measuring nothing, where PEFT has no such method (a private one: another PEFT
+    release may rename it or its arguments); the merge is PEFT's all the same."""
     import inspect
 
     lora = model.base_model
-    svd_combination = lora._svd_generalized_task_arithmetic_weighted_adapter
+    svd_combination = getattr(lora, "_svd_generalized_task_arithmetic_weighted_adapter", None)
+    if svd_combination is None or not _MEASURED_ARGUMENTS <= set(inspect.signature(svd_combination).parameters):
+        return False
     signature = inspect.signature(svd_combination)
     names = {id(module): name.removeprefix("base_model.model.") for name, module in model.named_modules()}
 
@@ -201,6 +214,7 @@ def _measure_svd_cuts(model, cut: dict[str, float]) -> None:
         return A[:rank].clone(), B[:, :rank].clone()  # clones: the slices would hold the full factors
 
     lora._svd_generalized_task_arithmetic_weighted_adapter = measured
+    return True
 
 
 def _weightless_copy(model: nn.Module, device: str) -> nn.Module:

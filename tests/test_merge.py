@@ -3,6 +3,7 @@ the report, the baselines, and the properties IterIS promises."""
 
 import copy
 import json
+import logging
 import shutil
 
 import pytest
@@ -260,6 +261,33 @@ def test_peft_svd_types_report_the_error_of_their_cut(bert, tmp_path, combinatio
     report = json.loads((out / "merge_report.json").read_text())
     assert max(errors) > 0.1 and report["rank_cap_error"] == pytest.approx(max(errors), rel=1e-4)
     assert report["metrics"]["truncation_error"] == {"max": report["rank_cap_error"], "layers": len(errors)}
+
+
+def test_a_peft_without_the_measured_svd_method_still_merges_without_the_cut_error(bert, tmp_path, caplog,
+                                                                                  monkeypatch):
+    """The cut is measured through a private PEFT method; a release that renamed it or its
+    arguments failed every *_svd merge (review RV15). The merge is PEFT's all the same, with
+    a WARNING that its cut's error is not reported."""
+    from peft.tuners.lora import LoraModel
+
+    original = LoraModel._svd_generalized_task_arithmetic_weighted_adapter
+
+    def renamed(self, combination_type, adapters, weights, rank, module, target_lora_A, target_lora_B, *rest,
+                **options):
+        return original(self, combination_type, adapters, weights, rank, module, target_lora_A, target_lora_B, *rest,
+                        **options)
+
+    base_dir, adapter_dirs = bert
+    assert cli_merge(base_dir, adapter_dirs, tmp_path / "measured", "--strategy", "peft_svd", "--no-eval") == 0
+    monkeypatch.setattr(LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", renamed)
+    with caplog.at_level(logging.WARNING):
+        assert cli_merge(base_dir, adapter_dirs, tmp_path / "m", "--strategy", "peft_svd", "--no-eval") == 0
+    assert "the error of its rank cut is not reported (rank_cap_error)" in caplog.text
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert "truncation_error" not in report["metrics"]
+    measured, unmeasured = load_adapter(tmp_path / "measured"), load_adapter(tmp_path / "m")
+    for path, module in measured.modules.items():
+        assert torch.allclose(module.delta(), unmeasured.modules[path].delta(), atol=1e-6), path
 
 
 # What PEFT 0.21's add_weighted_adapter reads, by combination type (its source, not this project's table).
