@@ -325,14 +325,8 @@ def test_the_held_out_samples_of_a_task_do_not_depend_on_the_order_of_the_adapte
         assert figures_reversed[task] == pytest.approx(values, rel=1e-6), task
 
 
-def test_a_daemon_group_is_compared_at_its_own_dtype(tiny, tmp_path, capsys, monkeypatch):
-    """``compare --group`` merged and scored a bfloat16 group in float32 (twice the memory its
-    base needs, at another precision), with nothing saying so (QA DT). It takes the group's
-    ``dtype`` (and ``offload``, ``modules_to_save_rule``) now, says the dtype in its report,
-    and refuses a command-line value that differs from the group's."""
-    base, adapters = tiny["bert"]
-    setup = Setup(tmp_path, base, adapters)
-    setup.catalog.close()
+def _group_config(tmp_path, base, setting: str, *names: str):
+    """A daemon config whose task_arithmetic group ``unified`` selects ``names`` (and ``setting``)."""
     config = tmp_path / "daemon.toml"
     config.write_text(f"""
 [daemon]
@@ -341,12 +335,24 @@ database = "sqlite:///{tmp_path / 'catalog.db'}"
 name = "unified"
 base_model = "{base}"
 strategy = "task_arithmetic"
-dtype = "bfloat16"
-select = {{names = ["{adapters[0].name}", "{adapters[1].name}"]}}
+{setting}
+select = {{names = {json.dumps(list(names))}}}
 [[groups.destinations]]
 kind = "folder"
 path = "{tmp_path / 'published'}"
 """)
+    return config
+
+
+def test_a_daemon_group_is_compared_at_its_own_dtype(tiny, tmp_path, capsys, monkeypatch):
+    """``compare --group`` merged and scored a bfloat16 group in float32 (twice the memory its
+    base needs, at another precision), with nothing saying so (QA DT). It takes the group's
+    ``dtype`` (and ``offload``, ``modules_to_save_rule``) now, says the dtype in its report,
+    and refuses a command-line value that differs from the group's."""
+    base, adapters = tiny["bert"]
+    setup = Setup(tmp_path, base, adapters)
+    setup.catalog.close()
+    config = _group_config(tmp_path, base, 'dtype = "bfloat16"', adapters[0].name, adapters[1].name)
     monkeypatch.setattr(compare, "_runnable", lambda: [])
     assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--json", str(tmp_path / "g.json")]) == 0
     by_group = json.loads((tmp_path / "g.json").read_text())
@@ -372,20 +378,7 @@ def test_a_daemon_group_is_compared_on_the_inputs_it_would_merge(tiny, tmp_path,
     base, adapters = tiny["bert"]
     setup = Setup(tmp_path, base, adapters)  # a catalog whose folder source registered the three adapters
     setup.catalog.close()
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"""
-[daemon]
-database = "sqlite:///{tmp_path / 'catalog.db'}"
-[[groups]]
-name = "unified"
-base_model = "{base}"
-strategy = "task_arithmetic"
-params = {{scale = 0.5}}
-select = {{names = ["{adapters[0].name}", "{adapters[2].name}"]}}
-[[groups.destinations]]
-kind = "folder"
-path = "{tmp_path / 'published'}"
-""")
+    config = _group_config(tmp_path, base, "params = {scale = 0.5}", adapters[0].name, adapters[2].name)
     assert main(["compare", "-q", "--group", "unified", "--config", str(config), "--strategy", "ties",
                  "--json", str(tmp_path / "group.json")]) == 0
     by_group = json.loads((tmp_path / "group.json").read_text())

@@ -442,13 +442,14 @@ def test_paths_and_local_base_models_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     path = work / "config.toml"
-    path.write_text('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
-                    'trust_remote_code = ["./models/base", "acme/coder"]\n'
-                    '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'
-                    '[[sources]]\nname = "h"\nkind = "hub"\nrepos = ["acme/x"]\nbase_model = "acme/base"\n'
-                    '[[groups]]\nname = "g"\nbase_model = "./models/base"\n'
-                    '[groups.calibration.files]\nx = "~/x.jsonl"\n'
-                    '[[groups.destinations]]\nkind = "folder"\npath = "~/out"\n')
+    whole = ('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
+             'trust_remote_code = ["./models/base", "acme/coder"]\n'
+             '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'
+             '[[sources]]\nname = "h"\nkind = "hub"\nrepos = ["acme/x"]\nbase_model = "acme/base"\n'
+             '[[groups]]\nname = "g"\nbase_model = "./models/base"\n'
+             '[groups.calibration.files]\nx = "~/x.jsonl"\n'
+             '[[groups.destinations]]\nkind = "folder"\npath = "~/out"\n')
+    path.write_text(whole)
     config = load_config(path)
     base = str(work / "models" / "base")
     assert (config.daemon.state_dir, config.daemon.cache_dir) == (home / "state", home / "cache")
@@ -469,13 +470,7 @@ def test_paths_and_local_base_models_are_made_absolute(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=f"{work / 'rel' / 'catalog.db'}, which does not exist; the catalog is at "
                                           f"{tmp_path / 'rel' / 'catalog.db'} \\(from the working directory"):
         load_config(path)
-    path.write_text('[daemon]\nstate_dir = "~/state"\ncache_dir = "~/cache"\n'
-                    'trust_remote_code = ["./models/base", "acme/coder"]\n'
-                    '[[sources]]\nname = "s"\nkind = "local"\npaths = ["~/loras"]\nbase_model = "models/base"\n'
-                    '[[sources]]\nname = "h"\nkind = "hub"\nrepos = ["acme/x"]\nbase_model = "acme/base"\n'
-                    '[[groups]]\nname = "g"\nbase_model = "./models/base"\n'
-                    '[groups.calibration.files]\nx = "~/x.jsonl"\n'
-                    '[[groups.destinations]]\nkind = "folder"\npath = "~/out"\n')
+    path.write_text(whole)
     config = load_config(path)
     assert config.sources[0].settings() == {"paths": [str(home / "loras")], "base_model": base}  # as stored
     assert config.sources[1].settings() == {"repos": ["acme/x"], "base_model": "acme/base"}
